@@ -1,0 +1,421 @@
+//! `config.json` of `LlavaForConditionalGeneration` and `LlamaForCausalLM`, with the defaults transformers
+//! applies when a field is absent (saved configs often omit fields equal to the default).
+
+use crate::error::{read_json, EngineError, Result};
+use serde_json::Value;
+use std::path::Path;
+
+/// RoPE frequency scaling, as in transformers' `rope_scaling` / `rope_parameters`.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RopeScaling {
+    None,
+    /// Positions divided by `factor`.
+    Linear { factor: f64 },
+    /// Llama 3.x frequency-dependent scaling.
+    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: f64 },
+}
+
+#[derive(Clone, Debug)]
+pub struct LlamaConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub rope_scaling: RopeScaling,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    pub attention_bias: bool,
+    pub mlp_bias: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// Exact GELU (erf form), torch's default `gelu`.
+    Gelu,
+    /// `gelu_pytorch_tanh` / `gelu_new`: the tanh approximation.
+    GeluTanh,
+    /// CLIP's x * sigmoid(1.702 x).
+    QuickGelu,
+    Silu,
+}
+
+impl Activation {
+    fn parse(name: &str, path: &Path, field: &str) -> Result<Self> {
+        Ok(match name {
+            "gelu" => Activation::Gelu,
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Activation::GeluTanh,
+            "quick_gelu" => Activation::QuickGelu,
+            "silu" | "swish" => Activation::Silu,
+            other => {
+                return Err(EngineError::config(
+                    path,
+                    format!("{field} = \"{other}\" is not supported; use gelu, gelu_pytorch_tanh, quick_gelu or silu"),
+                ))
+            }
+        })
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ClipVisionConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_channels: usize,
+    pub image_size: usize,
+    pub patch_size: usize,
+    pub hidden_act: Activation,
+    pub layer_norm_eps: f64,
+}
+
+impl ClipVisionConfig {
+    pub fn num_patches(&self) -> usize {
+        (self.image_size / self.patch_size) * (self.image_size / self.patch_size)
+    }
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FeatureSelect {
+    /// Drop the CLS token.
+    Default,
+    /// Keep every token, CLS included.
+    Full,
+}
+
+#[derive(Clone, Debug)]
+pub struct LlavaConfig {
+    pub text: LlamaConfig,
+    pub vision: ClipVisionConfig,
+    pub image_token_id: u32,
+    /// Index into CLIP's hidden-state tuple (0 = embeddings after pre_layrnorm); negative counts from the end.
+    pub vision_feature_layer: i64,
+    pub vision_feature_select_strategy: FeatureSelect,
+    pub projector_hidden_act: Activation,
+    pub projector_bias: bool,
+}
+
+impl LlavaConfig {
+    /// Number of encoder layers to run to reach `vision_feature_layer`.
+    pub fn vision_layers_needed(&self) -> usize {
+        let n = self.vision.num_hidden_layers as i64;
+        let idx = if self.vision_feature_layer < 0 { n + 1 + self.vision_feature_layer } else { self.vision_feature_layer };
+        idx as usize
+    }
+    /// How many embedding rows one image becomes in the decoder input.
+    pub fn image_seq_len(&self) -> usize {
+        match self.vision_feature_select_strategy {
+            FeatureSelect::Default => self.vision.num_patches(),
+            FeatureSelect::Full => self.vision.num_patches() + 1,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub enum ModelConfig {
+    Llava(LlavaConfig),
+    Llama(LlamaConfig),
+}
+
+impl ModelConfig {
+    pub fn text(&self) -> &LlamaConfig {
+        match self {
+            ModelConfig::Llava(c) => &c.text,
+            ModelConfig::Llama(c) => c,
+        }
+    }
+    pub fn llava(&self) -> Option<&LlavaConfig> {
+        match self {
+            ModelConfig::Llava(c) => Some(c),
+            ModelConfig::Llama(_) => None,
+        }
+    }
+
+    /// Reads `DIR/config.json` (or a config file path).
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let raw: Value = read_json(path)?;
+        Self::from_value(&raw, path)
+    }
+
+    pub fn from_value(raw: &Value, path: &Path) -> Result<Self> {
+        let obj = raw.as_object().ok_or_else(|| EngineError::config(path, "config.json must be a JSON object"))?;
+        let archs: Vec<&str> = obj
+            .get("architectures")
+            .and_then(|a| a.as_array())
+            .map(|a| a.iter().filter_map(|s| s.as_str()).collect())
+            .unwrap_or_default();
+        let model_type = obj.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
+        let is_llava = archs.iter().any(|a| *a == "LlavaForConditionalGeneration") || model_type == "llava";
+        let is_llama = archs.iter().any(|a| *a == "LlamaForCausalLM") || model_type == "llama";
+        if is_llava {
+            Ok(ModelConfig::Llava(parse_llava(raw, path)?))
+        } else if is_llama {
+            Ok(ModelConfig::Llama(parse_llama(raw, None, path)?))
+        } else {
+            Err(EngineError::config(
+                path,
+                format!(
+                    "unknown architecture (architectures = {:?}, model_type = {:?}); supported: \
+                     LlavaForConditionalGeneration (model_type llava) and LlamaForCausalLM (model_type llama)",
+                    archs, model_type
+                ),
+            ))
+        }
+    }
+}
+
+// -- field helpers ------------------------------------------------------------------------------------------
+
+struct Fields<'a> {
+    obj: Option<&'a serde_json::Map<String, Value>>,
+    path: &'a Path,
+    section: &'a str,
+}
+
+impl<'a> Fields<'a> {
+    fn get(&self, key: &str) -> Option<&'a Value> {
+        self.obj.and_then(|o| o.get(key)).filter(|v| !v.is_null())
+    }
+    fn err(&self, key: &str, want: &str) -> EngineError {
+        EngineError::config(self.path, format!("{}{key} must be {want}", self.section))
+    }
+    fn usize_or(&self, key: &str, default: usize) -> Result<usize> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(v) => v.as_u64().map(|x| x as usize).ok_or_else(|| self.err(key, "a non-negative integer")),
+        }
+    }
+    fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v.as_u64().map(|x| Some(x as usize)).ok_or_else(|| self.err(key, "a non-negative integer")),
+        }
+    }
+    fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(v) => v.as_f64().ok_or_else(|| self.err(key, "a number")),
+        }
+    }
+    fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(v) => v.as_bool().ok_or_else(|| self.err(key, "true or false")),
+        }
+    }
+    fn opt_bool(&self, key: &str) -> Result<Option<bool>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v.as_bool().map(Some).ok_or_else(|| self.err(key, "true or false")),
+        }
+    }
+    fn str_or(&self, key: &str, default: &'a str) -> Result<&'a str> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(v) => v.as_str().ok_or_else(|| self.err(key, "a string")),
+        }
+    }
+    fn token_ids(&self, key: &str) -> Result<Vec<u32>> {
+        match self.get(key) {
+            None => Ok(vec![]),
+            Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).ok_or_else(|| self.err(key, "a token id or a list of ids")),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|x| x.as_u64().map(|x| x as u32).ok_or_else(|| self.err(key, "a token id or a list of ids")))
+                .collect(),
+            Some(_) => Err(self.err(key, "a token id or a list of ids")),
+        }
+    }
+}
+
+fn positive(path: &Path, section: &str, key: &str, v: usize) -> Result<usize> {
+    if v == 0 {
+        return Err(EngineError::config(path, format!("{section}{key} must be > 0")));
+    }
+    Ok(v)
+}
+
+fn parse_rope(f: &Fields, path: &Path) -> Result<(f64, RopeScaling)> {
+    // transformers 5 folds rope_theta and rope_scaling into `rope_parameters`.
+    let params = f.get("rope_parameters").or_else(|| f.get("rope_scaling"));
+    let mut theta = f.f64_or("rope_theta", 10000.0)?;
+    let scaling = match params {
+        None => RopeScaling::None,
+        Some(p) => {
+            let p = p.as_object().ok_or_else(|| f.err("rope_scaling", "an object"))?;
+            let pf = Fields { obj: Some(p), path, section: "rope_scaling." };
+            if let Some(t) = pf.get("rope_theta") {
+                theta = t.as_f64().ok_or_else(|| pf.err("rope_theta", "a number"))?;
+            }
+            let kind = pf.get("rope_type").or_else(|| pf.get("type")).and_then(|v| v.as_str()).unwrap_or("default");
+            match kind {
+                "default" => RopeScaling::None,
+                "linear" => RopeScaling::Linear { factor: pf.f64_or("factor", 1.0)? },
+                "llama3" => RopeScaling::Llama3 {
+                    factor: pf.f64_or("factor", 8.0)?,
+                    low_freq_factor: pf.f64_or("low_freq_factor", 1.0)?,
+                    high_freq_factor: pf.f64_or("high_freq_factor", 4.0)?,
+                    original_max_position_embeddings: pf.f64_or("original_max_position_embeddings", 8192.0)?,
+                },
+                other => {
+                    return Err(EngineError::config(
+                        path,
+                        format!("rope type \"{other}\" is not supported; supported: default, linear, llama3"),
+                    ))
+                }
+            }
+        }
+    };
+    Ok((theta, scaling))
+}
+
+/// `top` is the enclosing LLaVA config, consulted for fields that newer transformers keep at top level.
+fn parse_llama(raw: &Value, top: Option<&Value>, path: &Path) -> Result<LlamaConfig> {
+    let section = if top.is_some() { "text_config." } else { "" };
+    let f = Fields { obj: raw.as_object(), path, section };
+    let t = Fields { obj: top.and_then(|t| t.as_object()), path, section: "" };
+    let hidden_size = positive(path, section, "hidden_size", f.usize_or("hidden_size", 4096)?)?;
+    let num_attention_heads = positive(path, section, "num_attention_heads", f.usize_or("num_attention_heads", 32)?)?;
+    let num_key_value_heads = f.opt_usize("num_key_value_heads")?.unwrap_or(num_attention_heads);
+    if num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
+        return Err(EngineError::config(
+            path,
+            format!("{section}num_attention_heads ({num_attention_heads}) must be a multiple of num_key_value_heads ({num_key_value_heads})"),
+        ));
+    }
+    let head_dim = match f.opt_usize("head_dim")? {
+        Some(h) => h,
+        None => {
+            if hidden_size % num_attention_heads != 0 {
+                return Err(EngineError::config(path, format!("{section}hidden_size must be divisible by num_attention_heads")));
+            }
+            hidden_size / num_attention_heads
+        }
+    };
+    if head_dim % 2 != 0 {
+        return Err(EngineError::config(path, format!("{section}head_dim ({head_dim}) must be even for RoPE")));
+    }
+    let act = f.str_or("hidden_act", "silu")?;
+    if act != "silu" {
+        return Err(EngineError::config(path, format!("{section}hidden_act = \"{act}\" is not supported for LLaMA; expected silu")));
+    }
+    let (rope_theta, rope_scaling) = parse_rope(&f, path)?;
+    // Tied embeddings: text_config's flag, else the top-level flag (transformers 5 keeps it there).
+    let tie_word_embeddings = match f.opt_bool("tie_word_embeddings")? {
+        Some(b) => b,
+        None => t.opt_bool("tie_word_embeddings")?.unwrap_or(false),
+    };
+    let mut eos_token_ids = f.token_ids("eos_token_id")?;
+    if eos_token_ids.is_empty() {
+        eos_token_ids = t.token_ids("eos_token_id")?;
+    }
+    if eos_token_ids.is_empty() {
+        eos_token_ids = vec![2];
+    }
+    let bos = f.token_ids("bos_token_id")?.first().copied();
+    Ok(LlamaConfig {
+        vocab_size: positive(path, section, "vocab_size", f.usize_or("vocab_size", 32000)?)?,
+        hidden_size,
+        intermediate_size: positive(path, section, "intermediate_size", f.usize_or("intermediate_size", 11008)?)?,
+        num_hidden_layers: f.usize_or("num_hidden_layers", 32)?,
+        num_attention_heads,
+        num_key_value_heads,
+        head_dim,
+        rms_norm_eps: f.f64_or("rms_norm_eps", 1e-6)?,
+        rope_theta,
+        rope_scaling,
+        max_position_embeddings: f.usize_or("max_position_embeddings", 2048)?,
+        tie_word_embeddings,
+        attention_bias: f.bool_or("attention_bias", false)?,
+        mlp_bias: f.bool_or("mlp_bias", false)?,
+        bos_token_id: bos.or(Some(1)),
+        eos_token_ids,
+    })
+}
+
+fn parse_clip(raw: Option<&Value>, path: &Path) -> Result<ClipVisionConfig> {
+    // Absent vision_config: LlavaConfig's default is CLIP ViT-L/14 at 336 px.
+    let (dh, di, dl, dheads, dimg, dpatch) = if raw.is_none() { (1024, 4096, 24, 16, 336, 14) } else { (768, 3072, 12, 12, 224, 32) };
+    let section = "vision_config.";
+    let f = Fields { obj: raw.and_then(|r| r.as_object()), path, section };
+    let mt = f.str_or("model_type", "clip_vision_model")?;
+    if mt != "clip_vision_model" && mt != "clip" {
+        return Err(EngineError::config(path, format!("vision_config.model_type = \"{mt}\" is not supported; expected clip_vision_model")));
+    }
+    let cfg = ClipVisionConfig {
+        hidden_size: positive(path, section, "hidden_size", f.usize_or("hidden_size", dh)?)?,
+        intermediate_size: positive(path, section, "intermediate_size", f.usize_or("intermediate_size", di)?)?,
+        num_hidden_layers: f.usize_or("num_hidden_layers", dl)?,
+        num_attention_heads: positive(path, section, "num_attention_heads", f.usize_or("num_attention_heads", dheads)?)?,
+        num_channels: positive(path, section, "num_channels", f.usize_or("num_channels", 3)?)?,
+        image_size: positive(path, section, "image_size", f.usize_or("image_size", dimg)?)?,
+        patch_size: positive(path, section, "patch_size", f.usize_or("patch_size", dpatch)?)?,
+        hidden_act: Activation::parse(f.str_or("hidden_act", "quick_gelu")?, path, "vision_config.hidden_act")?,
+        layer_norm_eps: f.f64_or("layer_norm_eps", 1e-5)?,
+    };
+    if cfg.hidden_size % cfg.num_attention_heads != 0 {
+        return Err(EngineError::config(path, "vision_config.hidden_size must be divisible by num_attention_heads"));
+    }
+    if cfg.image_size % cfg.patch_size != 0 {
+        return Err(EngineError::config(path, "vision_config.image_size must be a multiple of patch_size"));
+    }
+    if cfg.num_channels != 3 {
+        return Err(EngineError::config(path, "vision_config.num_channels must be 3 (RGB)"));
+    }
+    Ok(cfg)
+}
+
+fn parse_llava(raw: &Value, path: &Path) -> Result<LlavaConfig> {
+    let f = Fields { obj: raw.as_object(), path, section: "" };
+    let text_raw = f.get("text_config").cloned().unwrap_or(Value::Object(Default::default()));
+    if let Some(mt) = text_raw.get("model_type").and_then(|v| v.as_str()) {
+        if mt != "llama" {
+            return Err(EngineError::config(path, format!("text_config.model_type = \"{mt}\" is not supported; expected llama")));
+        }
+    }
+    let text = parse_llama(&text_raw, Some(raw), path)?;
+    let vision = parse_clip(f.get("vision_config"), path)?;
+    let image_token_id = match f.opt_usize("image_token_id")? {
+        Some(v) => v,
+        None => f.usize_or("image_token_index", 32000)?,
+    } as u32;
+    let vision_feature_layer = match f.get("vision_feature_layer") {
+        None => -2,
+        Some(v) => v.as_i64().ok_or_else(|| {
+            EngineError::config(path, "vision_feature_layer must be one integer (lists of layers are not supported)")
+        })?,
+    };
+    let n = vision.num_hidden_layers as i64;
+    if vision_feature_layer > n || vision_feature_layer < -(n + 1) {
+        return Err(EngineError::config(
+            path,
+            format!("vision_feature_layer = {vision_feature_layer} is out of range for a vision tower with {n} layers (valid: -{} ..= {n})", n + 1),
+        ));
+    }
+    let strategy = match f.str_or("vision_feature_select_strategy", "default")? {
+        "default" => FeatureSelect::Default,
+        "full" => FeatureSelect::Full,
+        other => {
+            return Err(EngineError::config(path, format!("vision_feature_select_strategy = \"{other}\"; expected \"default\" or \"full\"")))
+        }
+    };
+    Ok(LlavaConfig {
+        text,
+        vision,
+        image_token_id,
+        vision_feature_layer,
+        vision_feature_select_strategy: strategy,
+        projector_hidden_act: Activation::parse(f.str_or("projector_hidden_act", "gelu")?, path, "projector_hidden_act")?,
+        projector_bias: f.bool_or("multimodal_projector_bias", true)?,
+    })
+}

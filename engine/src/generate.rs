@@ -1,0 +1,121 @@
+//! n answers per prompt in one batch: the image is encoded once, the prompt's KV cache is computed once and
+//! shared, and every answer has its own u64 seed and its own suffix cache. Same inputs and seeds give the same
+//! tokens bit for bit on one machine (every reduction has a fixed order; rayon splits only independent rows).
+
+use crate::adapter::Adapter;
+use crate::error::{EngineError, Result};
+use crate::image::PixelValues;
+use crate::llama::KvCache;
+use crate::llava::Model;
+use crate::rng::SplitMix64;
+use crate::sampling::{sample, SamplingParams};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// An end-of-sequence token was produced (it is not part of `tokens`).
+    Stop,
+    /// max_new_tokens reached.
+    Length,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Answer {
+    pub seed: u64,
+    pub tokens: Vec<u32>,
+    pub finish: FinishReason,
+}
+
+pub struct GenerateRequest<'a> {
+    /// Prompt ids with the image token once (if there is an image).
+    pub ids: &'a [u32],
+    pub pixels: Option<&'a PixelValues>,
+    /// One answer per seed.
+    pub seeds: &'a [u64],
+    pub params: SamplingParams,
+    /// Tokens that end an answer; defaults to the model's eos ids when empty.
+    pub stop_ids: Vec<u32>,
+}
+
+/// Samples `req.seeds.len()` answers to one prompt.
+pub fn generate(model: &Model, req: &GenerateRequest, adapter: Option<&Adapter>) -> Result<Vec<Answer>> {
+    req.params.validate().map_err(EngineError::Input)?;
+    if req.seeds.is_empty() {
+        return Ok(Vec::new());
+    }
+    let cfg = &model.llm.cfg;
+    let stop: Vec<u32> = if req.stop_ids.is_empty() { cfg.eos_token_ids.clone() } else { req.stop_ids.clone() };
+    let feats = match req.pixels {
+        Some(p) => Some(model.image_features(p, adapter)?),
+        None => None,
+    };
+    let (prefix, first_logits) = model.prefill(req.ids, feats.as_deref(), adapter)?;
+    let n = req.seeds.len();
+    let v = cfg.vocab_size;
+    let c = cfg.hidden_size;
+    let mut rngs: Vec<SplitMix64> = req.seeds.iter().map(|&s| SplitMix64::new(s)).collect();
+    let mut answers: Vec<Answer> = req.seeds.iter().map(|&seed| Answer { seed, tokens: Vec::new(), finish: FinishReason::Length }).collect();
+    let mut suffixes: Vec<KvCache> = (0..n).map(|_| KvCache::new(cfg.num_hidden_layers)).collect();
+    let mut active: Vec<usize> = (0..n).collect();
+    let mut seen: Vec<Vec<u32>> = vec![req.ids.to_vec(); n];
+
+    // First token of every answer comes from the shared prefill logits.
+    let mut next: Vec<u32> = Vec::with_capacity(n);
+    for i in 0..n {
+        if req.params.max_new_tokens == 0 {
+            break;
+        }
+        let mut l = first_logits.clone();
+        next.push(sample(&mut l, &seen[i], &req.params, &mut rngs[i]));
+    }
+    if req.params.max_new_tokens == 0 {
+        return Ok(answers);
+    }
+    loop {
+        // Record this step's tokens, drop finished answers.
+        let mut still = Vec::with_capacity(active.len());
+        let mut feed = Vec::with_capacity(active.len());
+        for (slot, &i) in active.iter().enumerate() {
+            let tok = next[slot];
+            if stop.contains(&tok) {
+                answers[i].finish = FinishReason::Stop;
+                continue;
+            }
+            answers[i].tokens.push(tok);
+            seen[i].push(tok);
+            if answers[i].tokens.len() >= req.params.max_new_tokens {
+                answers[i].finish = FinishReason::Length;
+                continue;
+            }
+            still.push(i);
+            feed.push(tok);
+        }
+        active = still;
+        if active.is_empty() {
+            break;
+        }
+        let mut x = Vec::with_capacity(active.len() * c); // (A, C)
+        model.llm.embed_into(&mut x, &feed);
+        {
+            let mut refs: Vec<&mut KvCache> = Vec::with_capacity(active.len());
+            // Borrow the active suffix caches mutably, in `active` order.
+            let mut rest: &mut [KvCache] = &mut suffixes;
+            let mut base = 0;
+            for &i in &active {
+                let (_, tail) = std::mem::take(&mut rest).split_at_mut(i - base);
+                let (cur, after) = tail.split_at_mut(1);
+                refs.push(&mut cur[0]);
+                rest = after;
+                base = i + 1;
+            }
+            model.llm.forward_shared_prefix(&mut x, &prefix, &mut refs, adapter);
+        }
+        let mut logits = model.llm.logits(&x, active.len(), adapter); // (A, V)
+        next.clear();
+        for (slot, &i) in active.iter().enumerate() {
+            let row = &mut logits[slot * v..(slot + 1) * v];
+            next.push(sample(row, &seen[i], &req.params, &mut rngs[i]));
+        }
+    }
+    Ok(answers)
+}

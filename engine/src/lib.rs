@@ -1,0 +1,26 @@
+//! rlaifd engine: model math for LLaVA-1.5-family checkpoints (CLIP ViT + projector + LLaMA decoder) and
+//! plain LLaMA models, on the CPU backend.
+//!
+//! Conventions (llm.c style): activations are plain `Vec<f32>` row-major buffers whose shape is written in a
+//! comment beside them, e.g. `// (T, C)`; sizes are `usize`. Weights are loaded once and never mutated;
+//! LoRA adapters live beside the base model and are passed into every forward call, so swapping an adapter
+//! costs nothing.
+
+pub mod adapter;
+pub mod clip;
+pub mod config;
+pub mod error;
+pub mod generate;
+pub mod image;
+pub mod linear;
+pub mod llama;
+pub mod llava;
+pub mod ops;
+pub mod rng;
+pub mod sampling;
+pub mod tokenizer;
+pub mod weights;
+
+pub use adapter::Adapter;
+pub use error::{EngineError, Result};
+pub use llava::Model;

@@ -1,0 +1,47 @@
+//! A `torch.nn.Linear` (weight (out, in), optional bias) that can carry a LoRA delta from an adapter.
+
+use crate::adapter::Adapter;
+use crate::error::Result;
+use crate::ops::{add_bias, matmul_nt, MatmulMode};
+use crate::weights::WeightStore;
+use std::sync::Arc;
+
+pub struct Linear {
+    /// Canonical module name, e.g. `language_model.layers.0.self_attn.q_proj` (see `adapter::canonical_module`).
+    pub name: String,
+    pub in_features: usize,
+    pub out_features: usize,
+    /// Shared so a tied lm_head can point at the embedding table.
+    pub weight: Arc<Vec<f32>>, // (out, in)
+    pub bias: Option<Vec<f32>>, // (out)
+}
+
+impl Linear {
+    /// Loads `{key}.weight` (and `{key}.bias` when `bias`).
+    pub fn load(ws: &WeightStore, key: &str, name: String, in_features: usize, out_features: usize, bias: bool) -> Result<Self> {
+        let weight = Arc::new(ws.f32(&format!("{key}.weight"), &[out_features, in_features])?);
+        let bias = if bias { Some(ws.f32(&format!("{key}.bias"), &[out_features])?) } else { None };
+        Ok(Linear { name, in_features, out_features, weight, bias })
+    }
+
+    /// y (rows, out) = x (rows, in) · Wᵀ + b + scale · (x · Aᵀ) · Bᵀ   (`Accumulate`: y += the same)
+    pub fn forward(&self, y: &mut [f32], x: &[f32], rows: usize, adapter: Option<&Adapter>, mode: MatmulMode) {
+        matmul_nt(y, x, &self.weight, rows, self.in_features, self.out_features, mode);
+        if let Some(b) = &self.bias {
+            add_bias(y, b);
+        }
+        if let Some(lora) = adapter.and_then(|a| a.module(&self.name)) {
+            let mut t = vec![0f32; rows * lora.r]; // (rows, r)
+            matmul_nt(&mut t, x, &lora.a, rows, self.in_features, lora.r, MatmulMode::Assign);
+            t.iter_mut().for_each(|v| *v *= lora.scale);
+            matmul_nt(y, &t, &lora.b, rows, lora.r, self.out_features, MatmulMode::Accumulate);
+        }
+    }
+
+    /// Convenience: returns a fresh (rows, out) buffer.
+    pub fn apply(&self, x: &[f32], rows: usize, adapter: Option<&Adapter>) -> Vec<f32> {
+        let mut y = vec![0f32; rows * self.out_features];
+        self.forward(&mut y, x, rows, adapter, MatmulMode::Assign);
+        y
+    }
+}

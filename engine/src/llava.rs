@@ -1,0 +1,251 @@
+//! The model a user points rlaifd at: LLaVA (CLIP + projector + LLaMA) or a text-only LLaMA, loaded from a
+//! Hugging Face directory in any of the llava-hf key layouts.
+
+use crate::adapter::{Adapter, ModelFamily};
+use crate::clip::ClipVision;
+use crate::config::{FeatureSelect, LlavaConfig, ModelConfig};
+use crate::error::{EngineError, Result};
+use crate::image::{ImageProcessorConfig, PixelValues};
+use crate::linear::Linear;
+use crate::llama::{KvCache, Llama};
+use crate::ops::{apply_activation, log_softmax_rows};
+use crate::weights::WeightStore;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// Where each part's keys live in the checkpoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyLayout {
+    /// e.g. "transformers-4.x", "transformers-4.52", "transformers-5", "llama"
+    pub name: &'static str,
+    pub text: String,
+    pub lm_head: String,
+    pub vision: String,
+    pub projector: String,
+}
+
+impl KeyLayout {
+    pub fn detect(ws: &WeightStore, llava: bool) -> Result<KeyLayout> {
+        if !llava {
+            return Ok(KeyLayout {
+                name: "llama",
+                text: "model.".into(),
+                lm_head: "lm_head".into(),
+                vision: String::new(),
+                projector: String::new(),
+            });
+        }
+        let candidates = [
+            ("transformers-4.x", "language_model.model.", "language_model.lm_head", "vision_tower.vision_model.", "multi_modal_projector."),
+            ("transformers-4.52", "model.language_model.", "lm_head", "model.vision_tower.vision_model.", "model.multi_modal_projector."),
+            ("transformers-5", "model.language_model.", "lm_head", "model.vision_tower.", "model.multi_modal_projector."),
+        ];
+        for (name, text, lm_head, vision, projector) in candidates {
+            if ws.contains(&format!("{text}embed_tokens.weight")) && ws.contains(&format!("{vision}embeddings.patch_embedding.weight")) {
+                return Ok(KeyLayout { name, text: text.into(), lm_head: lm_head.into(), vision: vision.into(), projector: projector.into() });
+            }
+        }
+        Err(EngineError::MissingTensor {
+            key: "language_model.model.embed_tokens.weight / model.language_model.embed_tokens.weight".into(),
+            searched: ws.source().to_string(),
+            hint: "; the checkpoint matches none of the llava-hf key layouts (transformers 4.x, 4.52+, 5.x)".into(),
+        })
+    }
+}
+
+pub struct Projector {
+    linear_1: Linear,
+    linear_2: Linear,
+    act: crate::config::Activation,
+}
+
+pub struct Model {
+    pub dir: PathBuf,
+    pub config: ModelConfig,
+    pub layout: KeyLayout,
+    pub vision: Option<ClipVision>,
+    pub projector: Option<Projector>,
+    pub llm: Llama,
+    pub image_processor: Option<ImageProcessorConfig>,
+    linear_shapes: HashMap<String, (usize, usize)>,
+}
+
+impl Model {
+    /// Loads config.json, the safetensors weights and (for LLaVA) preprocessor_config.json from `dir`.
+    pub fn load(dir: &Path) -> Result<Model> {
+        if !dir.is_dir() {
+            return Err(EngineError::io(dir, std::io::Error::new(std::io::ErrorKind::NotFound, "model directory does not exist")));
+        }
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let ws = WeightStore::open_dir(dir, "model")?;
+        let layout = KeyLayout::detect(&ws, config.llava().is_some())?;
+        let text = config.text();
+        let lm_head_key = if text.tie_word_embeddings {
+            None
+        } else if ws.contains(&format!("{}.weight", layout.lm_head)) {
+            Some(layout.lm_head.as_str())
+        } else {
+            return Err(EngineError::MissingTensor {
+                key: format!("{}.weight", layout.lm_head),
+                searched: ws.source().to_string(),
+                hint: "; config.json says tie_word_embeddings is false, so the checkpoint needs its own lm_head".into(),
+            });
+        };
+        let llm = Llama::load(&ws, &layout.text, lm_head_key, text)?;
+        let (vision, projector, image_processor) = match config.llava() {
+            None => (None, None, None),
+            Some(lc) => {
+                let vision = ClipVision::load(&ws, &layout.vision, &lc.vision, lc.vision_layers_needed())?;
+                let vin = lc.vision.hidden_size;
+                let c = lc.text.hidden_size;
+                let projector = Projector {
+                    linear_1: Linear::load(&ws, &format!("{}linear_1", layout.projector), "multi_modal_projector.linear_1".into(), vin, c, lc.projector_bias)?,
+                    linear_2: Linear::load(&ws, &format!("{}linear_2", layout.projector), "multi_modal_projector.linear_2".into(), c, c, lc.projector_bias)?,
+                    act: lc.projector_hidden_act,
+                };
+                let pp = dir.join("preprocessor_config.json");
+                let ip = if pp.is_file() {
+                    ImageProcessorConfig::from_file(&pp)?
+                } else {
+                    // No preprocessor_config.json: CLIP's processor at the tower's resolution.
+                    let n = lc.vision.image_size as u32;
+                    ImageProcessorConfig {
+                        size: crate::image::ResizeSize::ShortestEdge(n),
+                        crop_height: n,
+                        crop_width: n,
+                        ..Default::default()
+                    }
+                };
+                let (h, w) = ip.output_size();
+                if h != lc.vision.image_size || w != lc.vision.image_size {
+                    return Err(EngineError::config(
+                        &pp,
+                        format!("produces {h}x{w} images but the vision tower takes {0}x{0}; fix crop_size", lc.vision.image_size),
+                    ));
+                }
+                (Some(vision), Some(projector), Some(ip))
+            }
+        };
+        let mut linear_shapes = HashMap::new();
+        let linears = llm.linears().chain(vision.iter().flat_map(|v| v.linears())).chain(projector.iter().flat_map(|p| [&p.linear_1, &p.linear_2]));
+        for l in linears {
+            linear_shapes.insert(l.name.clone(), (l.in_features, l.out_features));
+        }
+        Ok(Model { dir: dir.to_path_buf(), config, layout, vision, projector, llm, image_processor, linear_shapes })
+    }
+
+    pub fn family(&self) -> ModelFamily {
+        if self.config.llava().is_some() {
+            ModelFamily::Llava
+        } else {
+            ModelFamily::Llama
+        }
+    }
+
+    /// Loads a PEFT LoRA adapter made for this model.
+    pub fn load_adapter(&self, dir: &Path) -> Result<Adapter> {
+        Adapter::load(dir, self.family(), &self.linear_shapes)
+    }
+
+    pub fn image_token_id(&self) -> Option<u32> {
+        self.config.llava().map(|c| c.image_token_id)
+    }
+
+    /// Decodes and preprocesses an image file for this model.
+    pub fn load_image(&self, path: &Path) -> Result<PixelValues> {
+        let ip = self.image_processor.as_ref().ok_or_else(|| EngineError::Input(format!("{} is a text-only model; it takes no image", self.dir.display())))?;
+        let img = crate::image::load_rgb8(path)?;
+        Ok(crate::image::preprocess(&img, ip)?)
+    }
+
+    /// Projected image features (N_img, C) for the decoder.
+    pub fn image_features(&self, pixels: &PixelValues, adapter: Option<&Adapter>) -> Result<Vec<f32>> {
+        let (Some(lc), Some(vision), Some(proj)) = (self.config.llava(), &self.vision, &self.projector) else {
+            return Err(EngineError::Input("this model has no vision tower".into()));
+        };
+        let hidden = vision.forward(&pixels.data, lc.vision_layers_needed(), adapter)?; // (N + 1, Dv)
+        let dv = lc.vision.hidden_size;
+        let feats = match lc.vision_feature_select_strategy {
+            FeatureSelect::Default => &hidden[dv..],
+            FeatureSelect::Full => &hidden[..],
+        };
+        let n = feats.len() / dv;
+        let mut h = proj.linear_1.apply(feats, n, adapter); // (N, C)
+        apply_activation(&mut h, proj.act);
+        Ok(proj.linear_2.apply(&h, n, adapter))
+    }
+
+    fn llava_cfg(&self) -> Option<&LlavaConfig> {
+        self.config.llava()
+    }
+
+    /// Decoder input (T, C) for `ids`, with the single image token replaced by the image features.
+    /// Returns the embeddings and, for each id, the row of its embedding (the image token's first row).
+    pub fn embed_inputs(&self, ids: &[u32], image_features: Option<&[f32]>) -> Result<(Vec<f32>, Vec<usize>)> {
+        let c = self.llm.cfg.hidden_size;
+        let vocab = self.llm.cfg.vocab_size;
+        let image_token = self.llava_cfg().map(|l| l.image_token_id);
+        let n_image_tokens = ids.iter().filter(|&&t| Some(t) == image_token).count();
+        match (n_image_tokens, image_features.is_some()) {
+            (0, false) | (1, true) => {}
+            (0, true) => return Err(EngineError::Input(format!("an image was given but the input ids hold no image token ({})", image_token.unwrap_or(0)))),
+            (1, false) => return Err(EngineError::Input("the input ids hold the image token but no image was given".into())),
+            (n, _) => return Err(EngineError::Input(format!("the input ids hold the image token {n} times; put it exactly once (rlaifd expands it)"))),
+        }
+        let mut out = Vec::with_capacity((ids.len() + 1024) * c);
+        let mut rows = Vec::with_capacity(ids.len());
+        for (j, &id) in ids.iter().enumerate() {
+            rows.push(out.len() / c);
+            if Some(id) == image_token {
+                out.extend_from_slice(image_features.unwrap_or_default());
+            } else if (id as usize) < vocab {
+                self.llm.embed_into(&mut out, &[id]);
+            } else {
+                return Err(EngineError::Input(format!("token id {id} at position {j} is outside the vocabulary (size {vocab})")));
+            }
+        }
+        Ok((out, rows))
+    }
+
+    /// log p(ids[j] | ids[..j], image) for every j >= 1 whose id is not the image token.
+    pub fn logprobs(&self, ids: &[u32], pixels: Option<&PixelValues>, adapter: Option<&Adapter>) -> Result<Vec<f32>> {
+        if ids.len() < 2 {
+            return Err(EngineError::Input("need at least 2 input ids to score".into()));
+        }
+        let feats = match pixels {
+            Some(p) => Some(self.image_features(p, adapter)?),
+            None => None,
+        };
+        let (mut x, rows) = self.embed_inputs(ids, feats.as_deref())?;
+        let c = self.llm.cfg.hidden_size;
+        let t = x.len() / c;
+        let mut cache = KvCache::new(self.llm.cfg.num_hidden_layers);
+        self.llm.forward_cached(&mut x, t, &mut cache, adapter);
+        // Only the rows that predict a scored token need the lm_head.
+        let image_token = self.image_token_id();
+        let targets: Vec<(usize, u32)> =
+            (1..ids.len()).filter(|&j| Some(ids[j]) != image_token).map(|j| (rows[j] - 1, ids[j])).collect();
+        let mut sel = Vec::with_capacity(targets.len() * c);
+        for &(r, _) in &targets {
+            sel.extend_from_slice(&x[r * c..(r + 1) * c]);
+        }
+        let v = self.llm.cfg.vocab_size;
+        let mut logits = self.llm.logits(&sel, targets.len(), adapter);
+        log_softmax_rows(&mut logits, v);
+        Ok(targets.iter().enumerate().map(|(i, &(_, tok))| logits[i * v + tok as usize]).collect())
+    }
+
+    /// Prefill: runs the prompt, returns its KV cache and the logits (V) of the next token.
+    pub fn prefill(&self, ids: &[u32], image_features: Option<&[f32]>, adapter: Option<&Adapter>) -> Result<(KvCache, Vec<f32>)> {
+        let (mut x, _) = self.embed_inputs(ids, image_features)?;
+        let c = self.llm.cfg.hidden_size;
+        let t = x.len() / c;
+        if t == 0 {
+            return Err(EngineError::Input("empty prompt".into()));
+        }
+        let mut cache = KvCache::new(self.llm.cfg.num_hidden_layers);
+        self.llm.forward_cached(&mut x, t, &mut cache, adapter);
+        let logits = self.llm.logits(&x[(t - 1) * c..], 1, adapter);
+        Ok((cache, logits))
+    }
+}

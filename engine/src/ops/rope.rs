@@ -1,0 +1,57 @@
+//! Rotary position embeddings, transformers' "rotate half" convention (not interleaved).
+
+use crate::config::RopeScaling;
+
+pub struct Rope {
+    /// (head_dim / 2) inverse frequencies after scaling.
+    inv_freq: Vec<f32>,
+    head_dim: usize,
+}
+
+impl Rope {
+    pub fn new(head_dim: usize, theta: f64, scaling: &RopeScaling) -> Self {
+        let half = head_dim / 2;
+        let mut inv_freq: Vec<f64> = (0..half).map(|i| 1.0 / theta.powf((2 * i) as f64 / head_dim as f64)).collect();
+        match *scaling {
+            RopeScaling::None => {}
+            RopeScaling::Linear { factor } => inv_freq.iter_mut().for_each(|f| *f /= factor),
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings: old_ctx } => {
+                let low_freq_wavelen = old_ctx / low_freq_factor;
+                let high_freq_wavelen = old_ctx / high_freq_factor;
+                for f in inv_freq.iter_mut() {
+                    let wavelen = 2.0 * std::f64::consts::PI / *f;
+                    if wavelen > low_freq_wavelen {
+                        *f /= factor;
+                    } else if wavelen >= high_freq_wavelen {
+                        let smooth = (old_ctx / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        *f = (1.0 - smooth) * *f / factor + smooth * *f;
+                    }
+                }
+            }
+        }
+        Rope { inv_freq: inv_freq.into_iter().map(|f| f as f32).collect(), head_dim }
+    }
+
+    /// Rotates x (rows, heads, head_dim) in place; row r sits at position `positions[r]`.
+    pub fn apply(&self, x: &mut [f32], heads: usize, positions: &[usize]) {
+        let hd = self.head_dim;
+        let half = hd / 2;
+        let mut cos = vec![0f32; half];
+        let mut sin = vec![0f32; half];
+        for (row, &pos) in x.chunks_exact_mut(heads * hd).zip(positions) {
+            for i in 0..half {
+                // f32 angle like transformers, then an accurate cos/sin of it.
+                let angle = (pos as f32 * self.inv_freq[i]) as f64;
+                cos[i] = angle.cos() as f32;
+                sin[i] = angle.sin() as f32;
+            }
+            for head in row.chunks_exact_mut(hd) {
+                for i in 0..half {
+                    let (a, b) = (head[i], head[i + half]);
+                    head[i] = a * cos[i] - b * sin[i];
+                    head[i + half] = b * cos[i] + a * sin[i];
+                }
+            }
+        }
+    }
+}
