@@ -67,6 +67,7 @@ pub fn canonical_module(path: &str, family: ModelFamily) -> Option<String> {
             ("model.vision_tower.vision_model.", "vision_tower."),
             ("vision_tower.vision_model.", "vision_tower."),
             ("model.vision_tower.", "vision_tower."),
+            ("vision_tower.", "vision_tower."),
             ("model.multi_modal_projector.", "multi_modal_projector."),
             ("multi_modal_projector.", "multi_modal_projector."),
             ("lm_head", "lm_head"),

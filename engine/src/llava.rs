@@ -35,21 +35,30 @@ impl KeyLayout {
                 projector: String::new(),
             });
         }
-        let candidates = [
-            ("transformers-4.x", "language_model.model.", "language_model.lm_head", "vision_tower.vision_model.", "multi_modal_projector."),
-            ("transformers-4.52", "model.language_model.", "lm_head", "model.vision_tower.vision_model.", "model.multi_modal_projector."),
-            ("transformers-5", "model.language_model.", "lm_head", "model.vision_tower.", "model.multi_modal_projector."),
-        ];
-        for (name, text, lm_head, vision, projector) in candidates {
-            if ws.contains(&format!("{text}embed_tokens.weight")) && ws.contains(&format!("{vision}embeddings.patch_embedding.weight")) {
-                return Ok(KeyLayout { name, text: text.into(), lm_head: lm_head.into(), vision: vision.into(), projector: projector.into() });
-            }
-        }
-        Err(EngineError::MissingTensor {
-            key: "language_model.model.embed_tokens.weight / model.language_model.embed_tokens.weight".into(),
-            searched: ws.source().to_string(),
-            hint: "; the checkpoint matches none of the llava-hf key layouts (transformers 4.x, 4.52+, 5.x)".into(),
-        })
+        // Each part is looked up on its own: the eras differ in every prefix, and some saves mix them.
+        let find = |cands: &[&str], probe: &str| cands.iter().find(|p| ws.contains(&format!("{p}{probe}"))).map(|p| p.to_string());
+        let text = find(&["language_model.model.", "model.language_model."], "embed_tokens.weight");
+        let vision = find(
+            &["vision_tower.vision_model.", "model.vision_tower.vision_model.", "model.vision_tower.", "vision_tower."],
+            "embeddings.patch_embedding.weight",
+        );
+        let projector = find(&["multi_modal_projector.", "model.multi_modal_projector."], "linear_1.weight");
+        let (Some(text), Some(vision), Some(projector)) = (text, vision, projector) else {
+            return Err(EngineError::MissingTensor {
+                key: "the decoder, vision tower or projector".into(),
+                searched: ws.source().to_string(),
+                hint: "; the checkpoint matches none of the llava-hf key layouts (transformers 4.x: language_model.model.*, \
+                       4.52+: model.language_model.*, 5.x: model.vision_tower.* without vision_model)"
+                    .into(),
+            });
+        };
+        let name = match (text.as_str(), vision.as_str()) {
+            ("language_model.model.", _) => "transformers-4.x",
+            (_, "model.vision_tower.vision_model.") => "transformers-4.52",
+            _ => "transformers-5",
+        };
+        let lm_head = if text == "language_model.model." { "language_model.lm_head" } else { "lm_head" };
+        Ok(KeyLayout { name, text, lm_head: lm_head.into(), vision, projector })
     }
 }
 
@@ -130,6 +139,16 @@ impl Model {
         let linears = llm.linears().chain(vision.iter().flat_map(|v| v.linears())).chain(projector.iter().flat_map(|p| [&p.linear_1, &p.linear_2]));
         for l in linears {
             linear_shapes.insert(l.name.clone(), (l.in_features, l.out_features));
+        }
+        // Vision layers past `vision_feature_layer` are never run, but adapters trained with peft may still
+        // carry LoRA weights for them (e.g. target "q_proj" matches every CLIP layer): accept and ignore them.
+        if let Some(lc) = config.llava() {
+            let (d, i) = (lc.vision.hidden_size, lc.vision.intermediate_size);
+            for l in lc.vision_layers_needed()..lc.vision.num_hidden_layers {
+                for (m, shape) in [("self_attn.q_proj", (d, d)), ("self_attn.k_proj", (d, d)), ("self_attn.v_proj", (d, d)), ("self_attn.out_proj", (d, d)), ("mlp.fc1", (d, i)), ("mlp.fc2", (i, d))] {
+                    linear_shapes.insert(format!("vision_tower.encoder.layers.{l}.{m}"), shape);
+                }
+            }
         }
         Ok(Model { dir: dir.to_path_buf(), config, layout, vision, projector, llm, image_processor, linear_shapes })
     }
