@@ -183,20 +183,34 @@ def main():
     # ---- Pillow resize, raw uint8 -------------------------------------------------------
     resize_targets = {
         "rgb_37x29.png": [(40, 32), (24, 24), (37, 64), (100, 29), (5, 3)],
-        "rgb_29x53.png": [(32, 58), (20, 53), (29, 20), (1, 1)],
+        "rgb_29x53.png": [(32, 58), (20, 53), (29, 20), (1, 1), (25, 10)],
         "rgba_64x48.png": [(42, 32)],
         "gray_20x20.png": [(32, 32), (7, 7)],
         "tiny_13x7.png": [(59, 32), (13, 1), (200, 9)],
-        "big_300x200.png": [(48, 32), (7, 5), (320, 7), (33, 50)],
+        "big_300x200.png": [(48, 32), (7, 5), (320, 7), (33, 50), (280, 9)],
     }
+    pillow_major = int(PIL.__version__.split(".")[0])
     for name, targets in resize_targets.items():
         im = load_rgb(name)
         for (w, h) in targets:
             for filt, code in (("bicubic", Image.Resampling.BICUBIC), ("bilinear", Image.Resampling.BILINEAR)):
-                if filt == "bilinear" and (w, h) not in targets[:2]:
+                if filt == "bilinear" and (w, h) not in targets[:2] and (name, w, h) != ("rgb_29x53.png", 25, 10):
                     continue
-                out = np.array(im.resize((w, h), resample=code, reducing_gap=None))
-                manifest["resize"].append({"image": name, "width": w, "height": h, "filter": filt, "rgb": put(out)})
+                direct = np.array(im.resize((w, h), resample=code, reducing_gap=None))
+                entry = {"image": name, "width": w, "height": h, "filter": filt, "rgb": put(direct)}
+                if w != im.width and h != im.height:
+                    # Both passes run; make each order explicit with two single-axis resizes
+                    # (a single-axis resize runs exactly one pass).
+                    h_first = np.array(im.resize((w, im.height), code, reducing_gap=None).resize((w, h), code, reducing_gap=None))
+                    v_first = np.array(im.resize((im.width, h), code, reducing_gap=None).resize((w, h), code, reducing_gap=None))
+                    dh, dw = im.height - h, im.width - w
+                    pil13_h_first = not (dh > 0 and dh > dw * 2)
+                    expect = h_first if (pillow_major < 13 or pil13_h_first) else v_first
+                    assert np.array_equal(direct, expect), f"Pillow {PIL.__version__} pass order not as modelled for {name} -> {w}x{h}"
+                    entry["orders_differ"] = bool(not np.array_equal(h_first, v_first))
+                    if not np.array_equal(direct, h_first):
+                        entry["horizontal_first_rgb"] = put(h_first)
+                manifest["resize"].append(entry)
 
     # ---- preprocessor configs + transformers pixel_values -------------------------------
     base = {
@@ -248,6 +262,13 @@ def main():
                 pv = proc(images=im, return_tensors="np")["pixel_values"][0]
                 assert pv.dtype == np.float32, pv.dtype
                 manifest["cases"].append({"image": iname, "config": cname, "pad_to_square": pad, "pixel_values": put(pv)})
+
+    # JPEG inputs end to end (the Rust JPEG decoder is not libjpeg-turbo: checked with a tolerance)
+    proc = ClipPil(**{k: v for k, v in configs["cfg_se24_crop24x20.json"].items() if k not in ("image_processor_type", "processor_class")})
+    for iname in ["rgb_40x30_q90_444.jpg", "rgb_40x30_q90_420.jpg"]:
+        pv = proc(images=load_rgb(iname), return_tensors="np")["pixel_values"][0]
+        manifest["cases"].append({"image": iname, "config": "cfg_se24_crop24x20.json", "pad_to_square": False,
+                                  "exact": False, "pixel_values": put(pv)})
 
     # ---- malformed inputs -----------------------------------------------------------------
     good = open(os.path.join(OUT, "rgb_37x29.png"), "rb").read()

@@ -9,6 +9,8 @@ use engine::{Adapter, Model};
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 
+mod bench;
+
 #[derive(Parser)]
 #[command(name = "rlaifd", version, about = "Continuous RLAIF-V self-alignment for LLaVA-family models")]
 struct Cli {
@@ -25,6 +27,8 @@ enum Command {
     Logprobs(LogprobsArgs),
     /// Sample answers for an image + prompt (or a JSONL batch of them).
     Generate(GenerateArgs),
+    /// Measure prefill and decode tokens/s on random inputs (see benches/llava_cpu.sh).
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Args)]
@@ -35,11 +39,15 @@ struct ModelArgs {
     /// PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors).
     #[arg(long)]
     adapter: Option<PathBuf>,
+    /// Widen 16-bit checkpoint weights to f32 at load instead of keeping them 16-bit (same results, 2x memory).
+    #[arg(long)]
+    f32_weights: bool,
 }
 
 impl ModelArgs {
     fn load(&self) -> Result<(Model, Option<Adapter>)> {
-        let model = Model::load(&self.model).with_context(|| format!("loading model {}", self.model.display()))?;
+        let opts = engine::LoadOptions { keep_16bit: !self.f32_weights };
+        let model = Model::load_with(&self.model, &opts).with_context(|| format!("loading model {}", self.model.display()))?;
         let adapter = match &self.adapter {
             Some(dir) => Some(model.load_adapter(dir).with_context(|| format!("loading adapter {}", dir.display()))?),
             None => None,
@@ -109,11 +117,29 @@ fn main() {
     let res = match cli.cmd {
         Command::Logprobs(a) => cmd_logprobs(a),
         Command::Generate(a) => cmd_generate(a),
+        Command::Bench(a) => bench::run(a),
     };
     if let Err(e) = res {
-        eprintln!("rlaifd: error: {e:#}");
+        eprintln!("rlaifd: error: {}", error_chain(&e));
         std::process::exit(1);
     }
+}
+
+/// `{e:#}` without repeats: engine errors already show their cause in their own message, so a cause whose text
+/// is already printed is skipped.
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if out.contains(&s) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&s);
+    }
+    out
 }
 
 fn parse_ids(raw: &[String]) -> Result<Vec<u32>> {

@@ -4,7 +4,7 @@ use crate::adapter::Adapter;
 use crate::config::ClipVisionConfig;
 use crate::error::{EngineError, Result};
 use crate::linear::Linear;
-use crate::ops::{apply_activation, attend_rows, layernorm, matmul_nt, KvSegment, MatmulMode};
+use crate::ops::{apply_activation, attend_dense, layernorm, matmul_nt, MatmulMode};
 use crate::weights::WeightStore;
 
 pub struct ClipLayer {
@@ -33,7 +33,7 @@ pub struct ClipVision {
 impl ClipVision {
     /// Loads the embeddings and the first `n_layers` encoder layers from keys under `prefix`
     /// (e.g. `vision_tower.vision_model.`).
-    pub fn load(ws: &WeightStore, prefix: &str, cfg: &ClipVisionConfig, n_layers: usize) -> Result<Self> {
+    pub fn load(ws: &WeightStore, prefix: &str, cfg: &ClipVisionConfig, n_layers: usize, keep_16bit: bool) -> Result<Self> {
         let d = cfg.hidden_size;
         let p = cfg.patch_size;
         let n = cfg.num_patches();
@@ -42,7 +42,7 @@ impl ClipVision {
         for i in 0..n_layers {
             let kp = format!("{prefix}encoder.layers.{i}.");
             let name = |s: &str| format!("vision_tower.encoder.layers.{i}.{s}");
-            let lin = |s: &str, fi, fo| Linear::load(ws, &format!("{kp}{s}"), name(s), fi, fo, true);
+            let lin = |s: &str, fi, fo| Linear::load(ws, &format!("{kp}{s}"), name(s), fi, fo, true, keep_16bit);
             layers.push(ClipLayer {
                 ln1_w: ws.f32(&format!("{kp}layer_norm1.weight"), &[d])?,
                 ln1_b: ws.f32(&format!("{kp}layer_norm1.bias"), &[d])?,
@@ -117,8 +117,7 @@ impl ClipVision {
             let q = layer.q.apply(&h, t, adapter); // (T, D)
             let k = layer.k.apply(&h, t, adapter);
             let v = layer.v.apply(&h, t, adapter);
-            let seg = KvSegment { k: &k, v: &v, len: t };
-            attend_rows(&mut att, &q, heads, heads, hd, scale, |_| (vec![seg], t));
+            attend_dense(&mut att, &q, &k, &v, t, t, 0, heads, heads, hd, scale, false);
             layer.o.forward(&mut x, &att, t, adapter, MatmulMode::Accumulate);
             layernorm(&mut h, &x, &layer.ln2_w, &layer.ln2_b, cfg.layer_norm_eps);
             let mut f = layer.fc1.apply(&h, t, adapter); // (T, I)

@@ -103,6 +103,8 @@ pub struct LlavaConfig {
     pub vision_feature_select_strategy: FeatureSelect,
     pub projector_hidden_act: Activation,
     pub projector_bias: bool,
+    /// Original-LLaVA `image_aspect_ratio: "pad"`: pad images to a square before preprocessing.
+    pub pad_to_square: bool,
 }
 
 impl LlavaConfig {
@@ -417,5 +419,6 @@ fn parse_llava(raw: &Value, path: &Path) -> Result<LlavaConfig> {
         vision_feature_select_strategy: strategy,
         projector_hidden_act: Activation::parse(f.str_or("projector_hidden_act", "gelu")?, path, "projector_hidden_act")?,
         projector_bias: f.bool_or("multimodal_projector_bias", true)?,
+        pad_to_square: f.str_or("image_aspect_ratio", "")? == "pad",
     })
 }

@@ -26,6 +26,7 @@ pub struct Answer {
     pub finish: FinishReason,
 }
 
+#[derive(Clone)]
 pub struct GenerateRequest<'a> {
     /// Prompt ids with the image token once (if there is an image).
     pub ids: &'a [u32],
@@ -37,11 +38,32 @@ pub struct GenerateRequest<'a> {
     pub stop_ids: Vec<u32>,
 }
 
+/// Where the time of one `generate` call went.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct GenerateStats {
+    /// Positions in the prompt after image expansion.
+    pub prompt_positions: usize,
+    /// Vision tower + projector + prompt prefill, seconds.
+    pub prefill_s: f64,
+    /// Batched decode steps (after the first token), and their total seconds.
+    pub decode_steps: usize,
+    /// Tokens produced by those steps, summed over answers.
+    pub decode_tokens: usize,
+    pub decode_s: f64,
+}
+
 /// Samples `req.seeds.len()` answers to one prompt.
 pub fn generate(model: &Model, req: &GenerateRequest, adapter: Option<&Adapter>) -> Result<Vec<Answer>> {
+    generate_with_stats(model, req, adapter).map(|(a, _)| a)
+}
+
+/// `generate`, also reporting timings.
+pub fn generate_with_stats(model: &Model, req: &GenerateRequest, adapter: Option<&Adapter>) -> Result<(Vec<Answer>, GenerateStats)> {
+    let mut stats = GenerateStats::default();
+    let t0 = std::time::Instant::now();
     req.params.validate().map_err(EngineError::Input)?;
     if req.seeds.is_empty() {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), stats));
     }
     let cfg = &model.llm.cfg;
     let stop: Vec<u32> = if req.stop_ids.is_empty() { cfg.eos_token_ids.clone() } else { req.stop_ids.clone() };
@@ -50,6 +72,9 @@ pub fn generate(model: &Model, req: &GenerateRequest, adapter: Option<&Adapter>)
         None => None,
     };
     let (prefix, first_logits) = model.prefill(req.ids, feats.as_deref(), adapter)?;
+    stats.prompt_positions = prefix.len;
+    stats.prefill_s = t0.elapsed().as_secs_f64();
+    let t1 = std::time::Instant::now();
     let n = req.seeds.len();
     let v = cfg.vocab_size;
     let c = cfg.hidden_size;
@@ -69,7 +94,7 @@ pub fn generate(model: &Model, req: &GenerateRequest, adapter: Option<&Adapter>)
         next.push(sample(&mut l, &seen[i], &req.params, &mut rngs[i]));
     }
     if req.params.max_new_tokens == 0 {
-        return Ok(answers);
+        return Ok((answers, stats));
     }
     loop {
         // Record this step's tokens, drop finished answers.
@@ -94,6 +119,8 @@ pub fn generate(model: &Model, req: &GenerateRequest, adapter: Option<&Adapter>)
         if active.is_empty() {
             break;
         }
+        stats.decode_steps += 1;
+        stats.decode_tokens += active.len();
         let mut x = Vec::with_capacity(active.len() * c); // (A, C)
         model.llm.embed_into(&mut x, &feed);
         {
@@ -117,5 +144,6 @@ pub fn generate(model: &Model, req: &GenerateRequest, adapter: Option<&Adapter>)
             next.push(sample(row, &seen[i], &req.params, &mut rngs[i]));
         }
     }
-    Ok(answers)
+    stats.decode_s = t1.elapsed().as_secs_f64();
+    Ok((answers, stats))
 }

@@ -23,4 +23,4 @@ pub mod weights;
 
 pub use adapter::Adapter;
 pub use error::{EngineError, Result};
-pub use llava::Model;
+pub use llava::{LoadOptions, Model};

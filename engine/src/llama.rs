@@ -4,9 +4,12 @@ use crate::adapter::Adapter;
 use crate::config::LlamaConfig;
 use crate::error::Result;
 use crate::linear::Linear;
-use crate::ops::{attend_rows, rmsnorm, silu_mul, KvSegment, MatmulMode, Rope};
+use crate::ops::{WeightBuf, attend_dense, attend_rows, rmsnorm, silu_mul, KvSegment, MatmulMode, Rope};
 use crate::weights::WeightStore;
 use std::sync::Arc;
+
+/// From this many query rows on, attention runs as per-head GEMMs instead of row by row.
+const DENSE_MIN_ROWS: usize = 16;
 
 pub struct LlamaLayer {
     input_norm: Vec<f32>, // (C)
@@ -22,7 +25,7 @@ pub struct LlamaLayer {
 
 pub struct Llama {
     pub cfg: LlamaConfig,
-    pub embed: Arc<Vec<f32>>, // (V, C)
+    pub embed: Arc<WeightBuf>, // (V, C)
     pub layers: Vec<LlamaLayer>,
     norm: Vec<f32>, // (C)
     /// Shares `embed` when the embeddings are tied.
@@ -47,7 +50,7 @@ impl KvCache {
 impl Llama {
     /// `prefix` is where decoder keys live (e.g. `model.language_model.`); `lm_head_key` the head's key
     /// without `.weight`, or None if tied.
-    pub fn load(ws: &WeightStore, prefix: &str, lm_head_key: Option<&str>, cfg: &LlamaConfig) -> Result<Self> {
+    pub fn load(ws: &WeightStore, prefix: &str, lm_head_key: Option<&str>, cfg: &LlamaConfig, keep_16bit: bool) -> Result<Self> {
         let c = cfg.hidden_size;
         let hd = cfg.head_dim;
         let (h, kvh, i_sz) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size);
@@ -55,7 +58,7 @@ impl Llama {
         for i in 0..cfg.num_hidden_layers {
             let kp = format!("{prefix}layers.{i}.");
             let name = |s: &str| format!("language_model.layers.{i}.{s}");
-            let lin = |s: &str, fi, fo, b| Linear::load(ws, &format!("{kp}{s}"), name(s), fi, fo, b);
+            let lin = |s: &str, fi, fo, b| Linear::load(ws, &format!("{kp}{s}"), name(s), fi, fo, b, keep_16bit);
             layers.push(LlamaLayer {
                 input_norm: ws.f32(&format!("{kp}input_layernorm.weight"), &[c])?,
                 q: lin("self_attn.q_proj", c, h * hd, cfg.attention_bias)?,
@@ -68,9 +71,9 @@ impl Llama {
                 down: lin("mlp.down_proj", i_sz, c, cfg.mlp_bias)?,
             });
         }
-        let embed = Arc::new(ws.f32(&format!("{prefix}embed_tokens.weight"), &[cfg.vocab_size, c])?);
+        let embed = Arc::new(ws.weight_buf(&format!("{prefix}embed_tokens.weight"), &[cfg.vocab_size, c], keep_16bit)?);
         let lm_head = match lm_head_key {
-            Some(k) => Linear::load(ws, k, "lm_head".into(), c, cfg.vocab_size, false)?,
+            Some(k) => Linear::load(ws, k, "lm_head".into(), c, cfg.vocab_size, false, keep_16bit)?,
             None => Linear { name: "lm_head".into(), in_features: c, out_features: cfg.vocab_size, weight: embed.clone(), bias: None },
         };
         Ok(Llama {
@@ -91,8 +94,9 @@ impl Llama {
     pub fn embed_into(&self, out: &mut Vec<f32>, ids: &[u32]) {
         let c = self.cfg.hidden_size;
         for &id in ids {
-            let i = id as usize;
-            out.extend_from_slice(&self.embed[i * c..(i + 1) * c]);
+            let at = out.len();
+            out.resize(at + c, 0.0);
+            self.embed.widen_into(id as usize * c, &mut out[at..]);
         }
     }
 
@@ -135,8 +139,12 @@ impl Llama {
         self.run_layers(x, rows, &positions, adapter, |li, q, k, v, out| {
             cache.k[li].extend_from_slice(k);
             cache.v[li].extend_from_slice(v);
-            let seg = KvSegment { k: &cache.k[li], v: &cache.v[li], len: start + rows };
-            attend_rows(out, q, heads, kvh, hd, scale, |r| (vec![seg], start + r + 1));
+            if rows >= DENSE_MIN_ROWS {
+                attend_dense(out, q, &cache.k[li], &cache.v[li], rows, start + rows, start, heads, kvh, hd, scale, true);
+            } else {
+                let seg = KvSegment { k: &cache.k[li], v: &cache.v[li], len: start + rows };
+                attend_rows(out, q, heads, kvh, hd, scale, |r| (vec![seg], start + r + 1));
+            }
         });
         cache.len += rows;
     }

@@ -62,6 +62,20 @@ impl KeyLayout {
     }
 }
 
+/// How to hold the weights in memory.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Keep F16/BF16 checkpoint weights 16-bit (half the memory and bytes streamed per token) and widen them
+    /// inside the matmul; widening is exact, so outputs are identical to converting at load. Default true.
+    pub keep_16bit: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { keep_16bit: true }
+    }
+}
+
 pub struct Projector {
     linear_1: Linear,
     linear_2: Linear,
@@ -81,7 +95,13 @@ pub struct Model {
 
 impl Model {
     /// Loads config.json, the safetensors weights and (for LLaVA) preprocessor_config.json from `dir`.
+    /// 16-bit weights stay 16-bit in memory (see `load_with`).
     pub fn load(dir: &Path) -> Result<Model> {
+        Self::load_with(dir, &LoadOptions::default())
+    }
+
+    pub fn load_with(dir: &Path, opts: &LoadOptions) -> Result<Model> {
+        let keep = opts.keep_16bit;
         if !dir.is_dir() {
             return Err(EngineError::io(dir, std::io::Error::new(std::io::ErrorKind::NotFound, "model directory does not exist")));
         }
@@ -100,16 +120,16 @@ impl Model {
                 hint: "; config.json says tie_word_embeddings is false, so the checkpoint needs its own lm_head".into(),
             });
         };
-        let llm = Llama::load(&ws, &layout.text, lm_head_key, text)?;
+        let llm = Llama::load(&ws, &layout.text, lm_head_key, text, keep)?;
         let (vision, projector, image_processor) = match config.llava() {
             None => (None, None, None),
             Some(lc) => {
-                let vision = ClipVision::load(&ws, &layout.vision, &lc.vision, lc.vision_layers_needed())?;
+                let vision = ClipVision::load(&ws, &layout.vision, &lc.vision, lc.vision_layers_needed(), keep)?;
                 let vin = lc.vision.hidden_size;
                 let c = lc.text.hidden_size;
                 let projector = Projector {
-                    linear_1: Linear::load(&ws, &format!("{}linear_1", layout.projector), "multi_modal_projector.linear_1".into(), vin, c, lc.projector_bias)?,
-                    linear_2: Linear::load(&ws, &format!("{}linear_2", layout.projector), "multi_modal_projector.linear_2".into(), c, c, lc.projector_bias)?,
+                    linear_1: Linear::load(&ws, &format!("{}linear_1", layout.projector), "multi_modal_projector.linear_1".into(), vin, c, lc.projector_bias, keep)?,
+                    linear_2: Linear::load(&ws, &format!("{}linear_2", layout.projector), "multi_modal_projector.linear_2".into(), c, c, lc.projector_bias, keep)?,
                     act: lc.projector_hidden_act,
                 };
                 let pp = dir.join("preprocessor_config.json");
@@ -125,6 +145,8 @@ impl Model {
                         ..Default::default()
                     }
                 };
+                let mut ip = ip;
+                ip.pad_to_square |= lc.pad_to_square;
                 let (h, w) = ip.output_size();
                 if h != lc.vision.image_size || w != lc.vision.image_size {
                     return Err(EngineError::config(
@@ -151,6 +173,11 @@ impl Model {
             }
         }
         Ok(Model { dir: dir.to_path_buf(), config, layout, vision, projector, llm, image_processor, linear_shapes })
+    }
+
+    /// How the decoder's weights are held in memory: "f32", "bf16" or "f16".
+    pub fn weight_dtype(&self) -> &'static str {
+        self.llm.embed.dtype()
     }
 
     pub fn family(&self) -> ModelFamily {

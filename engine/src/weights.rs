@@ -173,6 +173,22 @@ impl WeightStore {
         self.f32_any_shape(key)
     }
 
+    /// Loads a matrix; with `keep_16bit`, F16/BF16 tensors stay 16-bit in memory.
+    pub fn weight_buf(&self, key: &str, expected: &[usize], keep_16bit: bool) -> Result<crate::ops::WeightBuf> {
+        use crate::ops::WeightBuf;
+        let info = self.info(key)?;
+        let (path, mmap) = &self.files[info.file];
+        if info.shape != expected {
+            return Err(EngineError::Shape { path: path.clone(), key: key.into(), expected: expected.to_vec(), got: info.shape.clone() });
+        }
+        let bytes = &mmap[info.start..info.start + info.len];
+        Ok(match (info.dtype, keep_16bit) {
+            (Dtype::BF16, true) => WeightBuf::Bf16(bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]])).collect()),
+            (Dtype::F16, true) => WeightBuf::F16(bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]])).collect()),
+            _ => WeightBuf::F32(self.f32_any_shape(key)?),
+        })
+    }
+
     /// Loads `key` as f32 whatever its shape.
     pub fn f32_any_shape(&self, key: &str) -> Result<Vec<f32>> {
         let info = self.info(key)?;

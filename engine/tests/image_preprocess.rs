@@ -7,8 +7,8 @@
 use std::path::{Path, PathBuf};
 
 use engine::image::{
-    decode_rgb8, load_rgb8, preprocess, resize_bicubic_pil, resize_bilinear_pil, ImageError,
-    ImageProcessorConfig, ResizeSize,
+    decode_rgb8, load_rgb8, preprocess, resize_bicubic_pil, resize_bilinear_pil, resize_pil_with,
+    ImageError, ImageProcessorConfig, PassOrder, ResampleFilter, ResizeSize,
 };
 use serde_json::Value;
 
@@ -24,8 +24,13 @@ const PIXEL_VALUES_TOL: f32 = 1e-6;
 
 /// JPEG decoding: Pillow uses libjpeg(-turbo), the `image` crate uses zune-jpeg. Their IDCT /
 /// chroma upsampling can differ by a few levels, so JPEG decodes are compared with a tolerance
-/// (the PNG paths are exact).
-const JPEG_MAX_ABS_DIFF: u8 = 8;
+/// (the PNG paths are exact). Measured on the fixtures: 4:4:4 max 3, 4:2:0 max 10 (zune-jpeg
+/// rounds the vertical and horizontal chroma upsampling steps separately, libjpeg-turbo's
+/// "fancy" h2v2 upsampling does not), greyscale max 1.
+const JPEG_MAX_ABS_DIFF: u8 = 12;
+/// pixel_values of JPEG inputs inherit the decoder difference (one u8 level is ~0.015 after
+/// normalisation; measured max |diff| ~0.07 on the 4:2:0 fixture).
+const JPEG_PIXEL_VALUES_TOL: f32 = 0.2;
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(FIXTURES).join(name)
@@ -46,7 +51,9 @@ impl Fixtures {
     }
 
     fn list(&self, key: &str) -> &Vec<Value> {
-        self.manifest[key].as_array().unwrap_or_else(|| panic!("manifest has no {key} list"))
+        self.manifest[key]
+            .as_array()
+            .unwrap_or_else(|| panic!("manifest has no {key} list"))
     }
 
     fn shape(entry: &Value) -> Vec<usize> {
@@ -82,7 +89,11 @@ fn s(v: &Value) -> &str {
 
 /// Index and values of the first differing byte, for readable failures.
 fn first_diff(a: &[u8], b: &[u8]) -> Option<(usize, u8, u8)> {
-    a.iter().zip(b).enumerate().find(|(_, (x, y))| x != y).map(|(i, (x, y))| (i, *x, *y))
+    a.iter()
+        .zip(b)
+        .enumerate()
+        .find(|(_, (x, y))| x != y)
+        .map(|(i, (x, y))| (i, *x, *y))
 }
 
 #[test]
@@ -106,52 +117,115 @@ fn decode_and_rgb_conversion_match_pillow() {
                 first_diff(img.as_raw(), want)
             );
         } else {
-            let max = img.as_raw().iter().zip(want).map(|(a, b)| a.abs_diff(*b)).max().unwrap_or(0);
+            let max = img
+                .as_raw()
+                .iter()
+                .zip(want)
+                .map(|(a, b)| a.abs_diff(*b))
+                .max()
+                .unwrap_or(0);
             jpeg_report.push(format!("{name}: max |diff| {max}"));
-            assert!(max <= JPEG_MAX_ABS_DIFF, "{name}: JPEG decode differs from Pillow by {max}");
+            assert!(
+                max <= JPEG_MAX_ABS_DIFF,
+                "{name}: JPEG decode differs from Pillow by {max}"
+            );
         }
     }
     eprintln!("JPEG decode vs Pillow: {}", jpeg_report.join(", "));
 }
 
+/// Major version of the Pillow that produced the fixtures (its pass order differs before 13).
+fn pillow_major(fx: &Fixtures) -> u32 {
+    s(&fx.manifest["pillow"])
+        .split('.')
+        .next()
+        .and_then(|v| v.parse().ok())
+        .expect("pillow version")
+}
+
+fn pass_order_of(fx: &Fixtures) -> PassOrder {
+    if pillow_major(fx) >= 13 {
+        PassOrder::Pillow13
+    } else {
+        PassOrder::HorizontalFirst
+    }
+}
+
 #[test]
 fn resize_matches_pillow_bit_exactly() {
     let fx = Fixtures::load();
-    let mut n = 0;
+    let order = pass_order_of(&fx);
+    let (mut n, mut n_order_sensitive) = (0, 0);
     for e in fx.list("resize") {
         let name = s(&e["image"]);
-        let (w, h) = (e["width"].as_u64().unwrap() as u32, e["height"].as_u64().unwrap() as u32);
+        let (w, h) = (
+            e["width"].as_u64().unwrap() as u32,
+            e["height"].as_u64().unwrap() as u32,
+        );
         let src = load_rgb8(&fixture(name)).unwrap_or_else(|err| panic!("{name}: {err}"));
-        let out = match s(&e["filter"]) {
-            "bicubic" => resize_bicubic_pil(&src, w, h),
-            "bilinear" => resize_bilinear_pil(&src, w, h),
+        let filter = match s(&e["filter"]) {
+            "bicubic" => ResampleFilter::Bicubic,
+            "bilinear" => ResampleFilter::Bilinear,
             f => panic!("unknown filter {f}"),
         };
-        assert_eq!(out.dimensions(), (w, h));
+        // Direct `Image.resize` of the Pillow that generated the fixtures.
+        let out = resize_pil_with(&src, w, h, filter, order);
         let want = fx.u8s(&e["rgb"]);
         let diff = first_diff(out.as_raw(), want);
         assert!(
             diff.is_none(),
-            "{name} {}x{} -> {w}x{h} {}: differs from Pillow at (index, ours, pillow) {diff:?}",
+            "{name} {}x{} -> {w}x{h} {filter:?} {order:?}: differs from Pillow at (index, ours, pillow) {diff:?}",
             src.width(),
             src.height(),
-            s(&e["filter"])
         );
+        // The public helpers use Pillow 13's order.
+        if order == PassOrder::Pillow13 {
+            let helper = match filter {
+                ResampleFilter::Bicubic => resize_bicubic_pil(&src, w, h),
+                ResampleFilter::Bilinear => resize_bilinear_pil(&src, w, h),
+            };
+            assert_eq!(helper.as_raw(), out.as_raw());
+        }
+        // Pillow <= 12 order (always horizontal first), reproduced in Python with two
+        // single-axis resizes.
+        if e.get("orders_differ").is_some() {
+            let legacy = resize_pil_with(&src, w, h, filter, PassOrder::HorizontalFirst);
+            let want = e
+                .get("horizontal_first_rgb")
+                .map(|x| fx.u8s(x))
+                .unwrap_or(want);
+            let diff = first_diff(legacy.as_raw(), want);
+            assert!(
+                diff.is_none(),
+                "{name} -> {w}x{h} {filter:?} horizontal-first: {diff:?}"
+            );
+            if e.get("horizontal_first_rgb").is_some() {
+                n_order_sensitive += 1;
+            }
+        }
         n += 1;
     }
     assert!(n >= 20, "expected the manifest to list the resize cases");
+    if pillow_major(&fx) >= 13 {
+        assert!(
+            n_order_sensitive >= 2,
+            "fixtures should contain cases where the pass order matters"
+        );
+    }
 }
 
 #[test]
 fn pixel_values_match_transformers() {
     let fx = Fixtures::load();
     let mut worst = 0f32;
+    let mut jpeg_report = Vec::new();
     for e in fx.list("cases") {
         let (iname, cname) = (s(&e["image"]), s(&e["config"]));
         let pad = e["pad_to_square"].as_bool().unwrap();
         let mut cfg = ImageProcessorConfig::from_file(&fixture(cname))
             .unwrap_or_else(|err| panic!("{cname}: {err}"));
         cfg.pad_to_square = pad;
+        cfg.pass_order = pass_order_of(&fx);
         let img = load_rgb8(&fixture(iname)).unwrap_or_else(|err| panic!("{iname}: {err}"));
         let pv = preprocess(&img, &cfg).unwrap_or_else(|err| panic!("{iname} {cname}: {err}"));
         let shape = Fixtures::shape(&e["pixel_values"]);
@@ -175,15 +249,34 @@ fn pixel_values_match_transformers() {
                 at = i;
             }
         }
-        assert!(
-            max <= PIXEL_VALUES_TOL,
-            "{iname} {cname} pad={pad}: max |diff| {max} at flat index {at} (ours {}, transformers {})",
-            pv.data[at],
-            want[at]
-        );
-        worst = worst.max(max);
+        if e["exact"].as_bool().unwrap_or(true) {
+            assert!(
+                max <= PIXEL_VALUES_TOL,
+                "{iname} {cname} pad={pad}: max |diff| {max} at flat index {at} (ours {}, transformers {})",
+                pv.data[at],
+                want[at]
+            );
+            worst = worst.max(max);
+        } else {
+            let mean = pv
+                .data
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .sum::<f32>()
+                / want.len() as f32;
+            jpeg_report.push(format!("{iname}: max |diff| {max:.4}, mean {mean:.5}"));
+            assert!(
+                max <= JPEG_PIXEL_VALUES_TOL,
+                "{iname} {cname}: JPEG max |diff| {max}"
+            );
+        }
     }
-    eprintln!("pixel_values vs transformers: max |diff| over all cases = {worst:e}");
+    eprintln!("pixel_values vs transformers (PNG inputs): max |diff| over all cases = {worst:e}");
+    eprintln!(
+        "pixel_values vs transformers (JPEG inputs): {}",
+        jpeg_report.join(", ")
+    );
 }
 
 #[test]
@@ -195,7 +288,13 @@ fn configs_parse_like_transformers() {
     assert!(!c.pad_to_square);
 
     let c = ImageProcessorConfig::from_file(&fixture("cfg_hw18x26_crop20x24.json")).unwrap();
-    assert_eq!(c.size, ResizeSize::Exact { height: 18, width: 26 });
+    assert_eq!(
+        c.size,
+        ResizeSize::Exact {
+            height: 18,
+            width: 26
+        }
+    );
     assert_eq!(c.output_size(), (20, 24));
 
     // Legacy int sizes, bilinear, no crop, and an unknown field that must be ignored.
@@ -209,16 +308,19 @@ fn configs_parse_like_transformers() {
     // The fixture's rescale_factor string must parse to exactly 1/255 (as Python parses it).
     let c = ImageProcessorConfig::from_file(&fixture("cfg_se32_crop32.json")).unwrap();
     assert_eq!(c.rescale_factor.to_bits(), (1.0f64 / 255.0).to_bits());
-    assert_eq!(c, {
-        let mut d = ImageProcessorConfig::default();
-        d.size = ResizeSize::ShortestEdge(32);
-        d.crop_height = 32;
-        d.crop_width = 32;
-        d
-    });
+    assert_eq!(
+        c,
+        ImageProcessorConfig {
+            size: ResizeSize::ShortestEdge(32),
+            crop_height: 32,
+            crop_width: 32,
+            ..Default::default()
+        }
+    );
 
     // LLaVA's model-config key turns on pad_to_square.
-    let c = ImageProcessorConfig::from_json_str(r#"{"image_aspect_ratio": "pad"}"#, "inline").unwrap();
+    let c =
+        ImageProcessorConfig::from_json_str(r#"{"image_aspect_ratio": "pad"}"#, "inline").unwrap();
     assert!(c.pad_to_square);
     assert_eq!(c.output_size(), (336, 336));
 }
@@ -233,8 +335,14 @@ fn config_errors_name_the_file() {
     ] {
         let err = ImageProcessorConfig::from_file(&fixture(name)).expect_err(name);
         let msg = err.to_string();
-        assert!(msg.contains(name), "{name}: error does not name the file: {msg}");
-        assert!(msg.contains(needle), "{name}: error does not say what is wrong: {msg}");
+        assert!(
+            msg.contains(name),
+            "{name}: error does not name the file: {msg}"
+        );
+        assert!(
+            msg.contains(needle),
+            "{name}: error does not say what is wrong: {msg}"
+        );
     }
 }
 
@@ -245,13 +353,22 @@ fn malformed_images_give_errors_naming_the_file() {
         let name = s(&e["file"]);
         let err = load_rgb8(&fixture(name)).expect_err(name);
         let msg = err.to_string();
-        assert!(msg.contains(name), "{name}: error does not name the file: {msg}");
+        assert!(
+            msg.contains(name),
+            "{name}: error does not name the file: {msg}"
+        );
         match name {
             "huge_100000x100000.png" | "huge_9000x9000.png" => {
-                assert!(matches!(err, ImageError::TooLarge { .. }), "{name}: {err:?}")
+                assert!(
+                    matches!(err, ImageError::TooLarge { .. }),
+                    "{name}: {err:?}"
+                )
             }
             "tiny.gif" | "not_an_image.png" | "empty.png" => {
-                assert!(matches!(err, ImageError::UnsupportedFormat { .. }), "{name}: {err:?}")
+                assert!(
+                    matches!(err, ImageError::UnsupportedFormat { .. }),
+                    "{name}: {err:?}"
+                )
             }
             _ => assert!(
                 matches!(err, ImageError::Decode { .. } | ImageError::Empty { .. }),
@@ -262,10 +379,14 @@ fn malformed_images_give_errors_naming_the_file() {
     }
     // In-memory inputs are named by the caller.
     let bytes = std::fs::read(fixture("truncated.png")).unwrap();
-    let msg = decode_rgb8(&bytes, "request image #2").unwrap_err().to_string();
+    let msg = decode_rgb8(&bytes, "request image #2")
+        .unwrap_err()
+        .to_string();
     assert!(msg.contains("request image #2"), "{msg}");
     // Missing file.
-    let msg = load_rgb8(&fixture("no_such_image.png")).unwrap_err().to_string();
+    let msg = load_rgb8(&fixture("no_such_image.png"))
+        .unwrap_err()
+        .to_string();
     assert!(msg.contains("no_such_image.png"), "{msg}");
 }
 
@@ -285,10 +406,15 @@ fn preprocess_refuses_explosive_aspect_ratios() {
     assert_eq!(pv.data.len(), 3 * 336 * 336);
 
     let empty = image::RgbImage::new(0, 5);
-    assert!(matches!(preprocess(&empty, &cfg), Err(ImageError::Empty { .. })));
+    assert!(matches!(
+        preprocess(&empty, &cfg),
+        Err(ImageError::Empty { .. })
+    ));
 
     let mut bad = cfg.clone();
     bad.resample = 0;
-    let msg = preprocess(&image::RgbImage::new(4, 4), &bad).unwrap_err().to_string();
+    let msg = preprocess(&image::RgbImage::new(4, 4), &bad)
+        .unwrap_err()
+        .to_string();
     assert!(msg.contains("NEAREST"), "{msg}");
 }

@@ -202,3 +202,25 @@ fn log_softmax_matches_f64() {
         }
     }
 }
+
+#[test]
+fn dense_attention_equals_row_attention() {
+    let mut rng = SplitMix64::new(6);
+    let (heads, kvh, hd) = (4, 2, 8);
+    // A continuation chunk: 5 cached positions, then 20 new queries; and a full (non-causal) case.
+    let (start, tq) = (5, 20);
+    let tk = start + tq;
+    let q = randn(&mut rng, tq * heads * hd, 1.0);
+    let k = randn(&mut rng, tk * kvh * hd, 1.0);
+    let v = randn(&mut rng, tk * kvh * hd, 1.0);
+    let scale = 0.3;
+    for causal in [true, false] {
+        let mut a = vec![0f32; tq * heads * hd];
+        let mut b = vec![0f32; tq * heads * hd];
+        attend_dense(&mut a, &q, &k, &v, tq, tk, start, heads, kvh, hd, scale, causal);
+        let seg = KvSegment { k: &k, v: &v, len: tk };
+        attend_rows(&mut b, &q, heads, kvh, hd, scale, |r| (vec![seg], if causal { start + r + 1 } else { tk }));
+        let e = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+        assert!(e < 1e-5, "causal={causal}: {e}");
+    }
+}

@@ -64,3 +64,70 @@ where
         }
     });
 }
+
+/// Raw output pointer shared by the per-head tasks; each task writes only its own head's columns.
+struct SharedOut(*mut f32);
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+/// Many queries at once (prefill, vision tower): per head, S = Q·Kᵀ and O = P·V as GEMMs, heads in parallel.
+/// q: (Tq, H, hd) at positions `start ..`; k, v: (Tk, KVH, hd) at positions 0 .. Tk, Tk = start + Tq when
+/// causal. out: (Tq, H, hd).
+#[allow(clippy::too_many_arguments)]
+pub fn attend_dense(
+    out: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    tq: usize,
+    tk: usize,
+    start: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    scale: f32,
+    causal: bool,
+) {
+    let (hd, group) = (head_dim, heads / kv_heads);
+    assert_eq!(q.len(), tq * heads * hd);
+    assert_eq!(out.len(), tq * heads * hd);
+    assert!(k.len() >= tk * kv_heads * hd && v.len() >= tk * kv_heads * hd);
+    let out_ptr = SharedOut(out.as_mut_ptr());
+    let out_ref = &out_ptr;
+    (0..heads).into_par_iter().for_each(|h| {
+        let kvh = h / group;
+        let mut s = vec![0f32; tq * tk]; // (Tq, Tk)
+        // SAFETY: strides address q's head-h columns, k's and v's head-kvh columns, all within the asserted
+        // extents; `out` columns of head h are written by this task only.
+        unsafe {
+            gemm::gemm(
+                tq, tk, hd,
+                s.as_mut_ptr(), 1, tk as isize, false,
+                q.as_ptr().add(h * hd), 1, (heads * hd) as isize,
+                k.as_ptr().add(kvh * hd), (kv_heads * hd) as isize, 1,
+                0.0, scale, false, false, false, gemm::Parallelism::None,
+            );
+        }
+        for (i, row) in s.chunks_exact_mut(tk).enumerate() {
+            let visible = if causal { (start + i + 1).min(tk) } else { tk };
+            let max = row[..visible].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for x in row[..visible].iter_mut() {
+                *x = (*x - max).exp();
+                sum += *x;
+            }
+            let inv = 1.0 / sum;
+            row[..visible].iter_mut().for_each(|x| *x *= inv);
+            row[visible..].fill(0.0);
+        }
+        unsafe {
+            gemm::gemm(
+                tq, hd, tk,
+                out_ref.0.add(h * hd), 1, (heads * hd) as isize, false,
+                s.as_ptr(), 1, tk as isize,
+                v.as_ptr().add(kvh * hd), 1, (kv_heads * hd) as isize,
+                0.0, 1.0, false, false, false, gemm::Parallelism::None,
+            );
+        }
+    });
+}

@@ -9,8 +9,8 @@ pub mod rope;
 pub mod softmax;
 
 pub use act::{apply_activation, silu_mul};
-pub use attention::{attend_rows, KvSegment};
-pub use matmul::{matmul_nt, MatmulMode};
+pub use attention::{attend_dense, attend_rows, KvSegment};
+pub use matmul::{matmul_nt, matmul_nt_w, MatmulMode, WeightBuf};
 pub use norm::{layernorm, rmsnorm};
 pub use rope::Rope;
 pub use softmax::log_softmax_rows;
