@@ -221,15 +221,23 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     }
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    for job in &jobs {
+    // Decode every image before generating anything, so a bad input fails the whole command up front
+    // instead of after some answers were printed.
+    let mut pixels_per_job = Vec::with_capacity(jobs.len());
+    for (n, job) in jobs.iter().enumerate() {
+        pixels_per_job.push(match &job.image {
+            Some(p) => Some(model.load_image(p).with_context(|| match &a.batch {
+                Some(b) => format!("{} line {}", b.display(), n + 1),
+                None => "--image".to_string(),
+            })?),
+            None => None,
+        });
+    }
+    for (job, pixels) in jobs.iter().zip(&pixels_per_job) {
         let template = a.template.clone().unwrap_or_else(|| {
             if job.image.is_some() { LLAVA_15_TEMPLATE.to_string() } else { TEXT_TEMPLATE.to_string() }
         });
         let ids = tok.encode(&apply_template(&template, &job.prompt), true)?;
-        let pixels = match &job.image {
-            Some(p) => Some(model.load_image(p)?),
-            None => None,
-        };
         let req = GenerateRequest { ids: &ids, pixels: pixels.as_ref(), seeds: &seeds, params: params.clone(), stop_ids: vec![] };
         let answers = generate(&model, &req, adapter.as_ref())?;
         let texts: Vec<String> = answers.iter().map(|ans| tok.decode(&ans.tokens)).collect::<Result<_, _>>()?;

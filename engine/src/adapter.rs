@@ -146,8 +146,18 @@ impl Adapter {
             let (in_f, out_f) = linear_shapes[&canonical];
             let r = config.rank_pattern.iter().find(|(p, _)| pattern_matches(p, &module)).map(|(_, r)| *r).unwrap_or(config.r);
             let alpha = config.alpha_pattern.iter().find(|(p, _)| pattern_matches(p, &module)).map(|(_, a)| *a).unwrap_or(config.lora_alpha);
-            let a = ws.f32(&a_key, &[r, in_f])?;
-            let b = ws.f32(&b_key, &[out_f, r])?;
+            let shaped = |key: &str, want: &[usize]| {
+                ws.f32(key, want).map_err(|e| match e {
+                    EngineError::Shape { key, got, expected, .. } => err(format!(
+                        "{}: `{key}` has shape {got:?}, but this base model needs {expected:?} (r = {r}); \
+                         was the adapter trained on a different base model?",
+                        file.display()
+                    )),
+                    other => other,
+                })
+            };
+            let a = shaped(&a_key, &[r, in_f])?;
+            let b = shaped(&b_key, &[out_f, r])?;
             let scale = if config.use_rslora { alpha / (r as f64).sqrt() } else { alpha / r as f64 } as f32;
             if a.iter().chain(&b).any(|v| !v.is_finite()) {
                 return Err(err(format!("{}: module `{module}` has NaN or infinite weights", file.display())));

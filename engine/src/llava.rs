@@ -43,9 +43,15 @@ impl KeyLayout {
             "embeddings.patch_embedding.weight",
         );
         let projector = find(&["multi_modal_projector.", "model.multi_modal_projector."], "linear_1.weight");
-        let (Some(text), Some(vision), Some(projector)) = (text, vision, projector) else {
+        let (Some(text), Some(vision), Some(projector)) = (text.clone(), vision.clone(), projector.clone()) else {
+            let missing = [("decoder (…embed_tokens.weight)", text.is_none()), ("vision tower (…embeddings.patch_embedding.weight)", vision.is_none()), ("projector (…linear_1.weight)", projector.is_none())]
+                .iter()
+                .filter(|(_, m)| *m)
+                .map(|(n, _)| *n)
+                .collect::<Vec<_>>()
+                .join(", ");
             return Err(EngineError::MissingTensor {
-                key: "the decoder, vision tower or projector".into(),
+                key: missing,
                 searched: ws.source().to_string(),
                 hint: "; the checkpoint matches none of the llava-hf key layouts (transformers 4.x: language_model.model.*, \
                        4.52+: model.language_model.*, 5.x: model.vision_tower.* without vision_model)"

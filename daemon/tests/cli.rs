@@ -1,0 +1,313 @@
+//! The `rlaifd` binary's outside contracts: what goes to stdout (exactly the JSON asked for), exit status, and
+//! errors on stderr that name the problem. Uses the tiny fixtures in tests/fixtures/llava (tools/gen_fixtures.py),
+//! whose tokenizers are word-level over a ~60-word vocabulary ("what", "color", "is", "the", "box", "?", ...).
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+const TOL: f64 = 1e-3;
+/// f32 single file, LoRA adapter (4.x layout, old naming).
+const SINGLE: &str = "l15_4x_f32_gqa_tied_lora";
+/// f16, two shards, MQA, LoRA adapter (4.52 layout).
+const SHARDED: &str = "l15_452_f16_mqa_sharded_lora";
+const TEXT_ONLY: &str = "llama_text_only";
+const PROMPT: &str = "what color is the box ?";
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+}
+
+fn case(name: &str) -> PathBuf {
+    fixtures().join("llava").join(name)
+}
+
+fn expected(name: &str) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(case(name).join("expected.json")).unwrap()).unwrap()
+}
+
+fn rlaifd(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_rlaifd")).args(args).output().expect("run rlaifd")
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().expect("utf-8 path")
+}
+
+/// Asserts success and empty-looking stderr, returns stdout's lines parsed as JSON (each line one object).
+fn json_lines(what: &str, out: &Output) -> Vec<Value> {
+    let stdout = String::from_utf8(out.stdout.clone()).expect("stdout is UTF-8");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{what}: exit status {:?}\nstderr: {stderr}\nstdout: {stdout}", out.status.code());
+    assert!(stdout.ends_with('\n'), "{what}: stdout does not end with a newline: {stdout:?}");
+    stdout
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{what}: stdout line is not JSON ({e}): {l:?}"));
+            assert!(v.is_object(), "{what}: stdout line is not a JSON object: {l}");
+            v
+        })
+        .collect()
+}
+
+/// Asserts failure, nothing on stdout, and stderr mentioning every needle. Returns stderr.
+fn failure(what: &str, out: &Output, needles: &[&str]) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{what}: succeeded but should fail\nstdout: {stdout}");
+    assert!(out.status.code().is_some(), "{what}: killed by a signal (crash?): {:?}\nstderr: {stderr}", out.status);
+    assert!(!stderr.contains("panicked"), "{what}: PANICKED instead of erroring:\n{stderr}");
+    assert!(stdout.is_empty(), "{what}: wrote to stdout on failure: {stdout:?}");
+    for n in needles {
+        assert!(stderr.contains(n), "{what}: stderr does not mention `{n}`:\n{stderr}");
+    }
+    eprintln!("{what}: {}", stderr.trim());
+    stderr
+}
+
+fn floats(v: &Value) -> Vec<f64> {
+    v.as_array().expect("number list").iter().map(|x| x.as_f64().expect("number")).collect()
+}
+
+fn ids_arg(v: &Value) -> String {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap().to_string()).collect::<Vec<_>>().join(",")
+}
+
+fn assert_close(what: &str, got: &[f64], want: &[f64]) {
+    assert_eq!(got.len(), want.len(), "{what}: {} log-probs, expected {}", got.len(), want.len());
+    let d = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    assert!(d <= TOL, "{what}: log-probs differ from transformers by {d}");
+}
+
+/// A directory under the system temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let d = std::env::temp_dir().join(format!("rlaifd-cli-{}-{}-{tag}", std::process::id(), N.fetch_add(1, Ordering::SeqCst)));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        TempDir(d)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `generate --json` on one image + prompt.
+fn generate(name: &str, image: &Path, extra: &[&str]) -> Output {
+    let model = case(name).join("model");
+    let mut args = vec!["generate", "--model", p(&model), "--image", p(image), "--prompt", PROMPT, "--max-new-tokens", "8", "--json"];
+    args.extend_from_slice(extra);
+    rlaifd(&args)
+}
+
+fn answers(v: &Value) -> Vec<String> {
+    v["answers"].as_array().expect("answers list").iter().map(|a| a.as_str().expect("answer string").to_string()).collect()
+}
+
+// -- logprobs -----------------------------------------------------------------------------------------------
+
+#[test]
+fn logprobs_match_transformers_with_and_without_adapter() {
+    for name in [SINGLE, SHARDED] {
+        let exp = expected(name);
+        let model = case(name).join("model");
+        let adapter = case(name).join("adapter");
+        let image = case(name).join("image.png");
+        let ids = ids_arg(&exp["input_ids"]);
+        for (with_adapter, key) in [(false, "logprobs"), (true, "logprobs_adapter")] {
+            let mut args = vec!["logprobs", "--model", p(&model), "--image", p(&image), "--input-ids", &ids];
+            if with_adapter {
+                args.extend_from_slice(&["--adapter", p(&adapter)]);
+            }
+            let what = format!("{name} {key}");
+            let lines = json_lines(&what, &rlaifd(&args));
+            assert_eq!(lines.len(), 1, "{what}: expected exactly one JSON object on stdout, got {lines:?}");
+            let obj = lines[0].as_object().unwrap();
+            assert_eq!(obj.keys().collect::<Vec<_>>(), vec!["logprobs"], "{what}: unexpected keys");
+            assert_close(&what, &floats(&obj["logprobs"]), &floats(&exp[key]));
+        }
+    }
+}
+
+#[test]
+fn logprobs_text_only_model_without_image() {
+    let exp = expected(TEXT_ONLY);
+    let model = case(TEXT_ONLY).join("model");
+    let ids = ids_arg(&exp["input_ids"]);
+    let lines = json_lines("text-only logprobs", &rlaifd(&["logprobs", "--model", p(&model), "--input-ids", &ids]));
+    assert_eq!(lines.len(), 1);
+    assert_close("text-only logprobs", &floats(&lines[0]["logprobs"]), &floats(&exp["logprobs"]));
+    // Thread count does not change the numbers.
+    let one = rlaifd(&["--threads", "1", "logprobs", "--model", p(&model), "--input-ids", &ids]);
+    assert_eq!(json_lines("--threads 1", &one), lines, "--threads 1 changes the log-probs");
+}
+
+// -- generate -----------------------------------------------------------------------------------------------
+
+#[test]
+fn generate_single_prompt_json() {
+    let image = case(SINGLE).join("image.png");
+    for n in [1usize, 2] {
+        let lines = json_lines("generate --json", &generate(SINGLE, &image, &["--n", &n.to_string()]));
+        assert_eq!(lines.len(), 1, "one JSON line per prompt: {lines:?}");
+        let v = &lines[0];
+        assert_eq!(v["image"].as_str(), Some(p(&image)));
+        assert_eq!(v["prompt"].as_str(), Some(PROMPT));
+        assert_eq!(answers(v).len(), n, "--n {n}: {v}");
+    }
+}
+
+#[test]
+fn greedy_answers_are_identical_and_match_transformers() {
+    let image = case(SINGLE).join("image.png");
+    let lines = json_lines("greedy --n 3", &generate(SINGLE, &image, &["--n", "3", "--temperature", "0"]));
+    let a = answers(&lines[0]);
+    assert_eq!(a.len(), 3);
+    assert!(a.iter().all(|x| x == &a[0]), "greedy answers differ: {a:?}");
+
+    // The fixture's greedy continuation (transformers) of exactly this prompt, decoded with the word-level vocab.
+    let exp = expected(SINGLE);
+    assert_eq!(exp["greedy"]["prompt"].as_str(), Some(format!("USER: <image>\n{PROMPT} ASSISTANT:").as_str()));
+    let tok: Value = serde_json::from_str(&std::fs::read_to_string(case(SINGLE).join("model/tokenizer.json")).unwrap()).unwrap();
+    let vocab = tok["model"]["vocab"].as_object().unwrap();
+    let word = |id: u64| vocab.iter().find(|(_, v)| v.as_u64() == Some(id)).map(|(k, _)| k.clone()).unwrap();
+    let want: Vec<String> = exp["greedy"]["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap()).take_while(|&t| t != 2).take(8).map(word).collect();
+    assert_eq!(a[0].split_whitespace().collect::<Vec<_>>(), want, "greedy answer differs from transformers");
+}
+
+#[test]
+fn sampling_is_reproducible_per_seed() {
+    let image = case(SINGLE).join("image.png");
+    let args7 = ["--n", "4", "--temperature", "1.0", "--seed", "7"];
+    let run1 = generate(SINGLE, &image, &args7);
+    let run2 = generate(SINGLE, &image, &args7);
+    let l1 = json_lines("seed 7 run 1", &run1);
+    json_lines("seed 7 run 2", &run2);
+    assert_eq!(run1.stdout, run2.stdout, "same seed, different output");
+    let a7 = answers(&l1[0]);
+    assert_eq!(a7.len(), 4);
+    assert!(a7.iter().any(|x| x != &a7[0]), "4 sampled answers at temperature 1 are all identical: {a7:?}");
+
+    // Also with one worker thread: bit-reproducible on this machine whatever the thread count.
+    let mut one = vec!["--threads", "1"];
+    let model = case(SINGLE).join("model");
+    one.extend_from_slice(&["generate", "--model", p(&model), "--image", p(&image), "--prompt", PROMPT, "--max-new-tokens", "8", "--json"]);
+    one.extend_from_slice(&args7);
+    assert_eq!(rlaifd(&one).stdout, run1.stdout, "--threads 1 changes the sampled answers");
+
+    let run8 = generate(SINGLE, &image, &["--n", "4", "--temperature", "1.0", "--seed", "8"]);
+    let l8 = json_lines("seed 8", &run8);
+    assert_ne!(answers(&l8[0]), a7, "--seed 8 gives the same answers as --seed 7");
+}
+
+#[test]
+fn batch_file_gives_one_line_per_input_in_order() {
+    let t = TempDir::new("batch");
+    std::fs::create_dir_all(t.0.join("imgs")).unwrap();
+    std::fs::copy(case(SINGLE).join("image.png"), t.0.join("a.png")).unwrap();
+    std::fs::copy(case(SHARDED).join("image.png"), t.0.join("imgs/b.png")).unwrap();
+    std::fs::copy(fixtures().join("image/rgb_37x29.png"), t.0.join("imgs/c.png")).unwrap();
+    let jobs = [("a.png", PROMPT), ("imgs/b.png", "describe the image ."), ("imgs/c.png", "is there a red circle ?")];
+    let mut text = String::new();
+    for (img, prompt) in jobs {
+        text.push_str(&serde_json::json!({"image": img, "prompt": prompt}).to_string());
+        text.push('\n');
+    }
+    let batch = t.0.join("batch.jsonl");
+    std::fs::write(&batch, text).unwrap();
+    let model = case(SINGLE).join("model");
+    // Run from another directory: image paths are relative to the batch file, not the working directory.
+    let out = Command::new(env!("CARGO_BIN_EXE_rlaifd"))
+        .current_dir(std::env::temp_dir())
+        .args(["generate", "--model", p(&model), "--batch", p(&batch), "--n", "2", "--max-new-tokens", "8", "--json"])
+        .output()
+        .unwrap();
+    let lines = json_lines("batch", &out);
+    assert_eq!(lines.len(), jobs.len(), "one line per batch input: {lines:?}");
+    for ((img, prompt), v) in jobs.iter().zip(&lines) {
+        assert_eq!(v["image"].as_str(), Some(*img), "out of order or wrong image: {v}");
+        assert_eq!(v["prompt"].as_str(), Some(*prompt), "out of order or wrong prompt: {v}");
+        assert_eq!(answers(v).len(), 2, "{v}");
+    }
+    // The batch's first answer equals the single-prompt run on the same image and prompt.
+    let single = json_lines("single", &generate(SINGLE, &case(SINGLE).join("image.png"), &["--n", "2"]));
+    assert_eq!(answers(&single[0]), answers(&lines[0]));
+}
+
+// -- errors -------------------------------------------------------------------------------------------------
+
+#[test]
+fn nonexistent_model_dir() {
+    let t = TempDir::new("nomodel");
+    let gone = t.0.join("no_such_model_dir");
+    let image = case(SINGLE).join("image.png");
+    let err = failure(
+        "logprobs, nonexistent --model",
+        &rlaifd(&["logprobs", "--model", p(&gone), "--image", p(&image), "--input-ids", "1,2,3"]),
+        &["no_such_model_dir", "does not exist"],
+    );
+    assert_eq!(err.matches("does not exist").count(), 1, "the cause is repeated: {err}");
+    failure(
+        "generate, nonexistent --model",
+        &rlaifd(&["generate", "--model", p(&gone), "--image", p(&image), "--prompt", PROMPT, "--json"]),
+        &["no_such_model_dir", "does not exist"],
+    );
+}
+
+#[test]
+fn non_numeric_input_ids() {
+    let model = case(SINGLE).join("model");
+    for (ids, bad) in [("1,3,x,5", "`x`"), ("1,-3,5", "`-3`"), ("1,3.5", "`3.5`"), ("1,,5", "item 1")] {
+        failure(&format!("--input-ids {ids}"), &rlaifd(&["logprobs", "--model", p(&model), "--input-ids", ids]), &["--input-ids", bad]);
+    }
+}
+
+#[test]
+fn corrupt_image() {
+    let model = case(SINGLE).join("model");
+    for name in ["corrupt.png", "truncated.png"] {
+        let img = fixtures().join("image").join(name);
+        failure(
+            &format!("logprobs {name}"),
+            &rlaifd(&["logprobs", "--model", p(&model), "--image", p(&img), "--input-ids", "1,3,5,64,9,10"]),
+            &[name],
+        );
+        failure(&format!("generate {name}"), &generate(SINGLE, &img, &[]), &[name]);
+    }
+    let missing = fixtures().join("image/no_such_file.png");
+    failure("generate, missing image", &generate(SINGLE, &missing, &[]), &["no_such_file.png"]);
+}
+
+#[test]
+fn engine_input_errors_reach_stderr() {
+    let model = case(SINGLE).join("model");
+    let image = case(SINGLE).join("image.png");
+    failure(
+        "id outside the vocabulary",
+        &rlaifd(&["logprobs", "--model", p(&model), "--image", p(&image), "--input-ids", "1,3,5,64,999"]),
+        &["999", "vocabulary"],
+    );
+    failure(
+        "image token without --image",
+        &rlaifd(&["logprobs", "--model", p(&model), "--input-ids", "1,3,5,64,9"]),
+        &["image token", "no image"],
+    );
+    failure(
+        "adapter that does not exist",
+        &rlaifd(&["logprobs", "--model", p(&model), "--adapter", "/nonexistent/adapter_dir", "--input-ids", "1,3"]),
+        &["/nonexistent/adapter_dir"],
+    );
+    let other = case("l15_4x_bf16_gqa_rslora_old").join("adapter");
+    failure(
+        "adapter of another base model",
+        &rlaifd(&["logprobs", "--model", p(&model), "--adapter", p(&other), "--image", p(&image), "--input-ids", "1,3,5,64,9"]),
+        &["adapter_model.safetensors", "lora_A", "[8, 96]", "[8, 128]"],
+    );
+}
