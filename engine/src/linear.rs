@@ -2,7 +2,7 @@
 
 use crate::adapter::Adapter;
 use crate::error::Result;
-use crate::ops::{add_bias, matmul_nt, matmul_nt_w, MatmulMode, WeightBuf};
+use crate::ops::{add_bias, matmul_nt, MatmulMode, PackedMatrix};
 use crate::weights::WeightStore;
 use std::sync::Arc;
 
@@ -12,21 +12,21 @@ pub struct Linear {
     pub in_features: usize,
     pub out_features: usize,
     /// Shared so a tied lm_head can point at the embedding table.
-    pub weight: Arc<WeightBuf>, // (out, in)
+    pub weight: Arc<PackedMatrix>, // (out, in), packed
     pub bias: Option<Vec<f32>>, // (out)
 }
 
 impl Linear {
     /// Loads `{key}.weight` (and `{key}.bias` when `bias`); `keep_16bit` keeps F16/BF16 weights 16-bit.
     pub fn load(ws: &WeightStore, key: &str, name: String, in_features: usize, out_features: usize, bias: bool, keep_16bit: bool) -> Result<Self> {
-        let weight = Arc::new(ws.weight_buf(&format!("{key}.weight"), &[out_features, in_features], keep_16bit)?);
+        let weight = Arc::new(ws.packed(&format!("{key}.weight"), out_features, in_features, keep_16bit)?);
         let bias = if bias { Some(ws.f32(&format!("{key}.bias"), &[out_features])?) } else { None };
         Ok(Linear { name, in_features, out_features, weight, bias })
     }
 
     /// y (rows, out) = x (rows, in) · Wᵀ + b + scale · (x · Aᵀ) · Bᵀ   (`Accumulate`: y += the same)
     pub fn forward(&self, y: &mut [f32], x: &[f32], rows: usize, adapter: Option<&Adapter>, mode: MatmulMode) {
-        matmul_nt_w(y, x, &self.weight, rows, self.in_features, self.out_features, mode);
+        self.weight.matmul(y, x, rows, mode);
         if let Some(b) = &self.bias {
             add_bias(y, b);
         }

@@ -4,7 +4,7 @@ use crate::adapter::Adapter;
 use crate::config::LlamaConfig;
 use crate::error::Result;
 use crate::linear::Linear;
-use crate::ops::{WeightBuf, attend_dense, attend_rows, rmsnorm, silu_mul, KvSegment, MatmulMode, Rope};
+use crate::ops::{PackedMatrix, attend_dense, attend_rows, rmsnorm, silu_mul, KvSegment, MatmulMode, Rope};
 use crate::weights::WeightStore;
 use std::sync::Arc;
 
@@ -25,7 +25,7 @@ pub struct LlamaLayer {
 
 pub struct Llama {
     pub cfg: LlamaConfig,
-    pub embed: Arc<WeightBuf>, // (V, C)
+    pub embed: Arc<PackedMatrix>, // (V, C), packed (shared with a tied lm_head)
     pub layers: Vec<LlamaLayer>,
     norm: Vec<f32>, // (C)
     /// Shares `embed` when the embeddings are tied.
@@ -71,7 +71,7 @@ impl Llama {
                 down: lin("mlp.down_proj", i_sz, c, cfg.mlp_bias)?,
             });
         }
-        let embed = Arc::new(ws.weight_buf(&format!("{prefix}embed_tokens.weight"), &[cfg.vocab_size, c], keep_16bit)?);
+        let embed = Arc::new(ws.packed(&format!("{prefix}embed_tokens.weight"), cfg.vocab_size, c, keep_16bit)?);
         let lm_head = match lm_head_key {
             Some(k) => Linear::load(ws, k, "lm_head".into(), c, cfg.vocab_size, false, keep_16bit)?,
             None => Linear { name: "lm_head".into(), in_features: c, out_features: cfg.vocab_size, weight: embed.clone(), bias: None },
@@ -96,7 +96,7 @@ impl Llama {
         for &id in ids {
             let at = out.len();
             out.resize(at + c, 0.0);
-            self.embed.widen_into(id as usize * c, &mut out[at..]);
+            self.embed.row_into(id as usize, &mut out[at..]);
         }
     }
 

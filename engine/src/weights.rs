@@ -173,19 +173,25 @@ impl WeightStore {
         self.f32_any_shape(key)
     }
 
-    /// Loads a matrix; with `keep_16bit`, F16/BF16 tensors stay 16-bit in memory.
-    pub fn weight_buf(&self, key: &str, expected: &[usize], keep_16bit: bool) -> Result<crate::ops::WeightBuf> {
-        use crate::ops::WeightBuf;
+    /// Loads a (n, k) matrix packed for the matmul kernel; with `keep_16bit`, F16/BF16 tensors stay 16-bit.
+    pub fn packed(&self, key: &str, n: usize, k: usize, keep_16bit: bool) -> Result<crate::ops::PackedMatrix> {
+        use crate::ops::PackedMatrix;
         let info = self.info(key)?;
         let (path, mmap) = &self.files[info.file];
-        if info.shape != expected {
-            return Err(EngineError::Shape { path: path.clone(), key: key.into(), expected: expected.to_vec(), got: info.shape.clone() });
+        if info.shape != [n, k] {
+            return Err(EngineError::Shape { path: path.clone(), key: key.into(), expected: vec![n, k], got: info.shape.clone() });
         }
         let bytes = &mmap[info.start..info.start + info.len];
         Ok(match (info.dtype, keep_16bit) {
-            (Dtype::BF16, true) => WeightBuf::Bf16(bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]])).collect()),
-            (Dtype::F16, true) => WeightBuf::F16(bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]])).collect()),
-            _ => WeightBuf::F32(self.f32_any_shape(key)?),
+            (Dtype::BF16, true) => {
+                let v: Vec<half::bf16> = bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]])).collect();
+                PackedMatrix::from_bf16(&v, n, k)
+            }
+            (Dtype::F16, true) => {
+                let v: Vec<half::f16> = bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]])).collect();
+                PackedMatrix::from_f16(&v, n, k)
+            }
+            _ => PackedMatrix::from_f32(&self.f32_any_shape(key)?, n, k),
         })
     }
 

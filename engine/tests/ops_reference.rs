@@ -224,3 +224,39 @@ fn dense_attention_equals_row_attention() {
         assert!(e < 1e-5, "causal={causal}: {e}");
     }
 }
+
+#[test]
+fn packed_matmul_matches_f64_for_every_dtype_and_kernel() {
+    let mut rng = SplitMix64::new(7);
+    // n not a multiple of 32 (partial last panel), m covering every row-block size and several blocks.
+    for &(m, k, n) in &[(1, 40, 7), (2, 64, 33), (5, 100, 64), (6, 17, 95), (7, 130, 40), (13, 64, 100), (40, 96, 70)] {
+        let x = randn(&mut rng, m * k, 1.0);
+        let w = randn(&mut rng, n * k, 1.0);
+        let wb: Vec<half::bf16> = w.iter().map(|&v| half::bf16::from_f32(v)).collect();
+        let wh: Vec<half::f16> = w.iter().map(|&v| half::f16::from_f32(v)).collect();
+        let cases = [
+            (PackedMatrix::from_f32(&w, n, k), w.clone()),
+            (PackedMatrix::from_bf16(&wb, n, k), wb.iter().map(|v| v.to_f32()).collect::<Vec<_>>()),
+            (PackedMatrix::from_f16(&wh, n, k), wh.iter().map(|v| v.to_f32()).collect::<Vec<_>>()),
+        ];
+        for (pm, wf) in &cases {
+            assert_eq!(&pm.unpack_f32(), wf, "unpack round trip ({})", pm.dtype());
+            let r = matmul_ref(&x, wf, m, k, n);
+            for portable in [false, true] {
+                let mut y = vec![0f32; m * n];
+                let mut y2 = vec![1f32; m * n];
+                if portable {
+                    pm.matmul_portable(&mut y, &x, m, MatmulMode::Assign);
+                    pm.matmul_portable(&mut y2, &x, m, MatmulMode::Accumulate);
+                } else {
+                    pm.matmul(&mut y, &x, m, MatmulMode::Assign);
+                    pm.matmul(&mut y2, &x, m, MatmulMode::Accumulate);
+                }
+                let e = max_rel_err(&y, &r);
+                assert!(e < 1e-5, "packed {} portable={portable} ({m},{k},{n}): {e}", pm.dtype());
+                let r2: Vec<f64> = r.iter().map(|v| v + 1.0).collect();
+                assert!(max_rel_err(&y2, &r2) < 1e-5, "accumulate {} portable={portable}", pm.dtype());
+            }
+        }
+    }
+}

@@ -1,8 +1,22 @@
 //! Scaled dot-product attention over key/value segments (prompt prefix shared by many answers, plus each
 //! answer's own suffix), with GQA/MQA by head grouping.
 
-use super::matmul::dot;
 use rayon::prelude::*;
+
+/// Dot product with 16 independent partial sums (vectorizes; fixed order, so results are reproducible).
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let mut ca = a.chunks_exact(16);
+    let mut cb = b.chunks_exact(16);
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for l in 0..16 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
 
 /// A run of cached positions: k and v are (len, kv_heads, head_dim).
 #[derive(Clone, Copy)]

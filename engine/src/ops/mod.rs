@@ -5,13 +5,15 @@ pub mod act;
 pub mod attention;
 pub mod matmul;
 pub mod norm;
+pub mod packed;
 pub mod rope;
 pub mod softmax;
 
 pub use act::{apply_activation, silu_mul};
 pub use attention::{attend_dense, attend_rows, KvSegment};
-pub use matmul::{matmul_nt, matmul_nt_w, MatmulMode, WeightBuf};
+pub use matmul::{matmul_nt, MatmulMode};
 pub use norm::{layernorm, rmsnorm};
+pub use packed::PackedMatrix;
 pub use rope::Rope;
 pub use softmax::log_softmax_rows;
 
