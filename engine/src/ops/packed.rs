@@ -9,6 +9,7 @@
 //! result equals the f32 computation on the widened weights.
 
 use super::matmul::MatmulMode;
+use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
@@ -109,25 +110,40 @@ impl PackedMatrix {
         // Split the panels across threads; every task writes its own columns of y.
         let tasks = rayon::current_num_threads().max(1) * 4;
         let per_task = panels(n).div_ceil(tasks).max(1);
-        (0..panels(n)).into_par_iter().with_min_len(per_task).for_each(|p| {
-            let cols = NR.min(n - p * NR);
-            let mut i = 0;
-            while i < m {
-                let mr = MR_MAX.min(m - i);
-                // SAFETY: rows i..i+mr of x and y exist; panel p holds k * NR elements; columns
-                // p*NR..p*NR+cols of y belong to this task only.
-                unsafe {
-                    let yp = (y_addr as *mut f32).add(i * n + p * NR);
-                    let xp = x.as_ptr().add(i * k);
+        // With many rows (prefill) a 16-bit panel is widened once into f32 scratch and reused by every row
+        // block; with few rows (decode) it is widened in registers, so only 16-bit bytes cross memory.
+        let widen_panel = m > MR_MAX && !matches!(self.data, PackedData::F32(_));
+        (0..panels(n)).into_par_iter().with_min_len(per_task).for_each_init(
+            || if widen_panel { vec![0f32; k * NR] } else { Vec::new() },
+            |scratch, p| {
+                let cols = NR.min(n - p * NR);
+                if widen_panel {
+                    let range = p * k * NR..(p + 1) * k * NR;
                     match &self.data {
-                        PackedData::F32(v) => kernel.f32(mr, xp, k, v.as_ptr().add(p * k * NR), yp, n, cols, acc),
-                        PackedData::Bf16(v) => kernel.bf16(mr, xp, k, v.as_ptr().add(p * k * NR), yp, n, cols, acc),
-                        PackedData::F16(v) => kernel.f16(mr, xp, k, v.as_ptr().add(p * k * NR), yp, n, cols, acc),
+                        PackedData::Bf16(v) => v[range].convert_to_f32_slice(scratch),
+                        PackedData::F16(v) => v[range].convert_to_f32_slice(scratch),
+                        PackedData::F32(_) => unreachable!("f32 panels are used in place"),
                     }
                 }
-                i += mr;
-            }
-        });
+                let mut i = 0;
+                while i < m {
+                    let mr = MR_MAX.min(m - i);
+                    // SAFETY: rows i..i+mr of x and y exist; panel p holds k * NR elements; columns
+                    // p*NR..p*NR+cols of y belong to this task only.
+                    unsafe {
+                        let yp = (y_addr as *mut f32).add(i * n + p * NR);
+                        let xp = x.as_ptr().add(i * k);
+                        match &self.data {
+                            _ if widen_panel => kernel.f32(mr, xp, k, scratch.as_ptr(), yp, n, cols, acc),
+                            PackedData::F32(v) => kernel.f32(mr, xp, k, v.as_ptr().add(p * k * NR), yp, n, cols, acc),
+                            PackedData::Bf16(v) => kernel.bf16(mr, xp, k, v.as_ptr().add(p * k * NR), yp, n, cols, acc),
+                            PackedData::F16(v) => kernel.f16(mr, xp, k, v.as_ptr().add(p * k * NR), yp, n, cols, acc),
+                        }
+                    }
+                    i += mr;
+                }
+            },
+        );
     }
 }
 
