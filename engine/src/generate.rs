@@ -124,17 +124,10 @@ pub fn generate_with_stats(model: &Model, req: &GenerateRequest, adapter: Option
         let mut x = Vec::with_capacity(active.len() * c); // (A, C)
         model.llm.embed_into(&mut x, &feed);
         {
-            let mut refs: Vec<&mut KvCache> = Vec::with_capacity(active.len());
-            // Borrow the active suffix caches mutably, in `active` order.
-            let mut rest: &mut [KvCache] = &mut suffixes;
-            let mut base = 0;
-            for &i in &active {
-                let (_, tail) = std::mem::take(&mut rest).split_at_mut(i - base);
-                let (cur, after) = tail.split_at_mut(1);
-                refs.push(&mut cur[0]);
-                rest = after;
-                base = i + 1;
-            }
+            // `active` is ascending, so filtering in index order lines the caches up with the rows of x.
+            let mut is_active = vec![false; n];
+            active.iter().for_each(|&i| is_active[i] = true);
+            let mut refs: Vec<&mut KvCache> = suffixes.iter_mut().zip(&is_active).filter(|(_, &a)| a).map(|(s, _)| s).collect();
             model.llm.forward_shared_prefix(&mut x, &prefix, &mut refs, adapter);
         }
         let mut logits = model.llm.logits(&x, active.len(), adapter); // (A, V)

@@ -120,7 +120,8 @@ impl PackedMatrix {
                 if widen_panel {
                     let range = p * k * NR..(p + 1) * k * NR;
                     match &self.data {
-                        PackedData::Bf16(v) => v[range].convert_to_f32_slice(scratch),
+                        // bf16 -> f32 is a 16-bit shift; this loop vectorizes, unlike the generic slice helper.
+                        PackedData::Bf16(v) => scratch.iter_mut().zip(&v[range]).for_each(|(o, b)| *o = f32::from_bits((b.to_bits() as u32) << 16)),
                         PackedData::F16(v) => v[range].convert_to_f32_slice(scratch),
                         PackedData::F32(_) => unreachable!("f32 panels are used in place"),
                     }
