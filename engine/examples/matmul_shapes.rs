@@ -1,4 +1,5 @@
-//! Throughput of the model's matmul shapes, packed kernel vs the `gemm` crate, cold weights (12 layers' worth).
+//! Throughput of the model's matmul shapes: packed kernel (f32 and bf16 panels) vs the `gemm` crate, cold
+//! weights (12 layers' worth), median of 7.
 //!   cargo run --release -p engine --example matmul_shapes
 use engine::ops::{matmul_nt, MatmulMode, PackedMatrix};
 use std::time::Instant;
@@ -42,7 +43,7 @@ fn main() {
             let (g, p, b) = (median(t_gemm), median(t_packed), median(t_bf16));
             let bytes = (n * k * layers * 4) as f64;
             println!(
-                "m {m:>3} k {k:>4} n {n:>4}: gemm/skinny {:6.1} GFLOPS {:5.1} GB/s | packed f32 {:6.1} GFLOPS {:5.1} GB/s | packed bf16 {:6.1} GFLOPS {:5.1} GB/s(f32-eq)",
+                "m {m:>3} k {k:>4} n {n:>4}: gemm crate {:6.1} GFLOPS {:5.1} GB/s | packed f32 {:6.1} GFLOPS {:5.1} GB/s | packed bf16 {:6.1} GFLOPS {:5.1} GB/s(f32-eq)",
                 flops / g / 1e9, bytes / g / 1e9, flops / p / 1e9, bytes / p / 1e9, flops / b / 1e9, bytes / b / 1e9
             );
         }

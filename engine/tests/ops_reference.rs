@@ -228,8 +228,9 @@ fn dense_attention_equals_row_attention() {
 #[test]
 fn packed_matmul_matches_f64_for_every_dtype_and_kernel() {
     let mut rng = SplitMix64::new(7);
-    // n not a multiple of 32 (partial last panel), m covering every row-block size and several blocks.
-    for &(m, k, n) in &[(1, 40, 7), (2, 64, 33), (5, 100, 64), (6, 17, 95), (7, 130, 40), (13, 64, 100), (40, 96, 70)] {
+    // n not a multiple of 32 (partial last panel), m covering every row-block size and several blocks, and
+    // both 16-bit paths (widened in registers for m <= 24, widened once per panel above).
+    for &(m, k, n) in &[(1, 40, 7), (2, 64, 33), (5, 100, 64), (6, 17, 95), (7, 130, 40), (13, 64, 100), (25, 33, 64), (40, 96, 70)] {
         let x = randn(&mut rng, m * k, 1.0);
         let w = randn(&mut rng, n * k, 1.0);
         let wb: Vec<half::bf16> = w.iter().map(|&v| half::bf16::from_f32(v)).collect();

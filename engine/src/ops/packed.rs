@@ -112,7 +112,7 @@ impl PackedMatrix {
         let per_task = panels(n).div_ceil(tasks).max(1);
         // With many rows (prefill) a 16-bit panel is widened once into f32 scratch and reused by every row
         // block; with few rows (decode) it is widened in registers, so only 16-bit bytes cross memory.
-        let widen_panel = m > MR_MAX && !matches!(self.data, PackedData::F32(_));
+        let widen_panel = m > 4 * MR_MAX && !matches!(self.data, PackedData::F32(_));
         (0..panels(n)).into_par_iter().with_min_len(per_task).for_each_init(
             || if widen_panel { vec![0f32; k * NR] } else { Vec::new() },
             |scratch, p| {
