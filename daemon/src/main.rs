@@ -10,6 +10,7 @@ use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 
 mod bench;
+mod train_cli;
 
 #[derive(Parser)]
 #[command(name = "rlaifd", version, about = "Continuous RLAIF-V self-alignment for LLaVA-family models")]
@@ -27,6 +28,8 @@ enum Command {
     Logprobs(LogprobsArgs),
     /// Sample answers for an image + prompt (or a JSONL batch of them).
     Generate(GenerateArgs),
+    /// DPO loss of token-form pairs and its gradient w.r.t. every LoRA tensor of --adapter.
+    Grad(train_cli::GradArgs),
     /// Measure prefill and decode tokens/s on random inputs (see benches/llava_cpu.sh).
     Bench(bench::BenchArgs),
 }
@@ -118,6 +121,7 @@ fn main() {
         Command::Logprobs(a) => cmd_logprobs(a),
         Command::Generate(a) => cmd_generate(a),
         Command::Bench(a) => bench::run(a),
+        Command::Grad(a) => train_cli::cmd_grad(a),
     };
     if let Err(e) = res {
         eprintln!("rlaifd: error: {}", error_chain(&e));

@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 pub struct LoraPair {
     pub r: usize,
     pub scale: f32,
+    /// The tensors' keys in the adapter file (lora_A, lora_B), so gradients and saves keep the file's naming.
+    pub keys: (String, String),
     pub a: Vec<f32>, // (r, in)
     pub b: Vec<f32>, // (out, r)
 }
@@ -162,13 +164,20 @@ impl Adapter {
             if a.iter().chain(&b).any(|v| !v.is_finite()) {
                 return Err(err(format!("{}: module `{module}` has NaN or infinite weights", file.display())));
             }
-            modules.insert(canonical, LoraPair { r, scale, a, b });
+            modules.insert(canonical, LoraPair { r, scale, keys: (a_key.clone(), b_key.clone()), a, b });
         }
         Ok(Adapter { path: dir.to_path_buf(), config, modules })
     }
 
     pub fn module(&self, canonical: &str) -> Option<&LoraPair> {
         self.modules.get(canonical)
+    }
+
+    /// (canonical name, module) pairs, sorted by name.
+    pub fn modules(&self) -> Vec<(&str, &LoraPair)> {
+        let mut v: Vec<(&str, &LoraPair)> = self.modules.iter().map(|(k, m)| (k.as_str(), m)).collect();
+        v.sort_by(|a, b| a.0.cmp(b.0));
+        v
     }
 
     /// Canonical names of the modules this adapter changes, sorted.

@@ -4,7 +4,9 @@ use crate::adapter::Adapter;
 use crate::config::ClipVisionConfig;
 use crate::error::{EngineError, Result};
 use crate::linear::Linear;
-use crate::ops::{apply_activation, attend_dense, layernorm, matmul_nt, MatmulMode};
+use crate::ops::backward::{activation_bwd, attend_dense_bwd, layernorm_bwd};
+use crate::ops::{add_inplace, apply_activation, attend_dense, layernorm, matmul_nt, MatmulMode};
+use crate::train::LoraGrads;
 use crate::weights::WeightStore;
 
 pub struct ClipLayer {
@@ -125,5 +127,106 @@ impl ClipVision {
             layer.fc2.forward(&mut x, &f, t, adapter, MatmulMode::Accumulate);
         }
         Ok(x)
+    }
+}
+
+// -- training: forward with saved activations, and its backward -------------------------------------------
+
+/// Activations of one encoder layer kept for the backward pass.
+pub struct ClipLayerTape {
+    x0: Vec<f32>,  // (T, D) layer input
+    h1: Vec<f32>,  // (T, D) layer_norm1(x0)
+    q: Vec<f32>,   // (T, D)
+    k: Vec<f32>,   // (T, D)
+    v: Vec<f32>,   // (T, D)
+    att: Vec<f32>, // (T, D)
+    x1: Vec<f32>,  // (T, D) after the attention residual
+    h2: Vec<f32>,  // (T, D) layer_norm2(x1)
+    f: Vec<f32>,   // (T, I) fc1(h2), before the activation
+    fa: Vec<f32>,  // (T, I) act(f)
+}
+
+pub struct ClipTape {
+    pub tokens: usize,
+    layers: Vec<ClipLayerTape>,
+    /// (T, D) hidden state after the last layer run (what LLaVA takes its features from).
+    pub hidden: Vec<f32>,
+}
+
+impl ClipVision {
+    /// `forward` keeping activations for `backward_train`.
+    pub fn forward_train(&self, pixels: &[f32], n_layers: usize, adapter: Option<&Adapter>) -> Result<ClipTape> {
+        // The embeddings and pre_layrnorm are not trained here (LoRA never targets them), so they are not kept.
+        let mut x = self.forward(pixels, 0, adapter)?;
+        let cfg = &self.cfg;
+        let d = cfg.hidden_size;
+        let t = x.len() / d;
+        let (heads, hd) = (cfg.num_attention_heads, cfg.head_dim());
+        let scale = (hd as f32).powf(-0.5);
+        let mut layers = Vec::with_capacity(n_layers);
+        for layer in &self.layers[..n_layers] {
+            let mut h1 = vec![0f32; t * d];
+            layernorm(&mut h1, &x, &layer.ln1_w, &layer.ln1_b, cfg.layer_norm_eps);
+            let q = layer.q.apply(&h1, t, adapter);
+            let k = layer.k.apply(&h1, t, adapter);
+            let v = layer.v.apply(&h1, t, adapter);
+            let mut att = vec![0f32; t * d];
+            attend_dense(&mut att, &q, &k, &v, t, t, 0, heads, heads, hd, scale, false);
+            let mut x1 = x.clone();
+            layer.o.forward(&mut x1, &att, t, adapter, MatmulMode::Accumulate);
+            let mut h2 = vec![0f32; t * d];
+            layernorm(&mut h2, &x1, &layer.ln2_w, &layer.ln2_b, cfg.layer_norm_eps);
+            let f = layer.fc1.apply(&h2, t, adapter);
+            let mut fa = f.clone();
+            apply_activation(&mut fa, cfg.hidden_act);
+            let mut x2 = x1.clone();
+            layer.fc2.forward(&mut x2, &fa, t, adapter, MatmulMode::Accumulate);
+            layers.push(ClipLayerTape { x0: std::mem::replace(&mut x, x2), h1, q, k, v, att, x1, h2, f, fa });
+        }
+        Ok(ClipTape { tokens: t, layers, hidden: x })
+    }
+
+    /// Backward of `forward_train` from d hidden (T, D), down to the lowest layer that holds a LoRA module (the
+    /// layers below it have nothing to train). LoRA gradients accumulate into `grads`.
+    pub fn backward_train(&self, tape: &ClipTape, d_hidden: Vec<f32>, adapter: Option<&Adapter>, mut grads: Option<&mut LoraGrads>) {
+        let Some(ad) = adapter else { return };
+        let lowest = (0..tape.layers.len())
+            .find(|&i| {
+                let l = &self.layers[i];
+                [&l.q, &l.k, &l.v, &l.o, &l.fc1, &l.fc2].iter().any(|lin| ad.module(&lin.name).is_some())
+            });
+        let Some(lowest) = lowest else { return };
+        let cfg = &self.cfg;
+        let d = cfg.hidden_size;
+        let t = tape.tokens;
+        let (heads, hd, isz) = (cfg.num_attention_heads, cfg.head_dim(), cfg.intermediate_size);
+        let scale = (hd as f32).powf(-0.5);
+        let mut dx = d_hidden;
+        for (i, (layer, tp)) in self.layers.iter().zip(&tape.layers).enumerate().rev() {
+            if i < lowest {
+                break;
+            }
+            let mut dfa = vec![0f32; t * isz];
+            layer.fc2.backward(&mut dfa, &dx, &tp.fa, t, adapter, grads.as_deref_mut(), MatmulMode::Assign);
+            let mut df = vec![0f32; t * isz];
+            activation_bwd(&mut df, &dfa, &tp.f, cfg.hidden_act);
+            let mut dh2 = vec![0f32; t * d];
+            layer.fc1.backward(&mut dh2, &df, &tp.h2, t, adapter, grads.as_deref_mut(), MatmulMode::Assign);
+            let mut dx1 = vec![0f32; t * d];
+            layernorm_bwd(&mut dx1, None, None, &dh2, &tp.x1, &layer.ln2_w, cfg.layer_norm_eps);
+            add_inplace(&mut dx1, &dx);
+            let mut datt = vec![0f32; t * d];
+            layer.o.backward(&mut datt, &dx1, &tp.att, t, adapter, grads.as_deref_mut(), MatmulMode::Assign);
+            let (mut dq, mut dk, mut dv) = (vec![0f32; t * d], vec![0f32; t * d], vec![0f32; t * d]);
+            attend_dense_bwd(&mut dq, &mut dk, &mut dv, &datt, &tp.q, &tp.k, &tp.v, t, t, 0, heads, heads, hd, scale, false);
+            let mut dh1 = vec![0f32; t * d];
+            layer.q.backward(&mut dh1, &dq, &tp.h1, t, adapter, grads.as_deref_mut(), MatmulMode::Assign);
+            layer.k.backward(&mut dh1, &dk, &tp.h1, t, adapter, grads.as_deref_mut(), MatmulMode::Accumulate);
+            layer.v.backward(&mut dh1, &dv, &tp.h1, t, adapter, grads.as_deref_mut(), MatmulMode::Accumulate);
+            let mut dx0 = vec![0f32; t * d];
+            layernorm_bwd(&mut dx0, None, None, &dh1, &tp.x0, &layer.ln1_w, cfg.layer_norm_eps);
+            add_inplace(&mut dx0, &dx1);
+            dx = dx0;
+        }
     }
 }

@@ -19,6 +19,7 @@ pub mod ops;
 pub mod rng;
 pub mod sampling;
 pub mod tokenizer;
+pub mod train;
 pub mod weights;
 
 pub use adapter::Adapter;

@@ -2,7 +2,9 @@
 
 use crate::adapter::Adapter;
 use crate::error::Result;
+use crate::ops::backward::{matmul_nt_bwd_w, matmul_nt_bwd_x};
 use crate::ops::{add_bias, matmul_nt, MatmulMode, PackedMatrix};
+use crate::train::LoraGrads;
 use crate::weights::WeightStore;
 use std::sync::Arc;
 
@@ -14,6 +16,8 @@ pub struct Linear {
     /// Shared so a tied lm_head can point at the embedding table.
     pub weight: Arc<PackedMatrix>, // (out, in), packed
     pub bias: Option<Vec<f32>>, // (out)
+    /// Row-major f32 copy of the weight, made on first use by a backward pass (dx = dy · W).
+    pub unpacked: std::sync::OnceLock<Vec<f32>>,
 }
 
 impl Linear {
@@ -21,7 +25,7 @@ impl Linear {
     pub fn load(ws: &WeightStore, key: &str, name: String, in_features: usize, out_features: usize, bias: bool, keep_16bit: bool) -> Result<Self> {
         let weight = Arc::new(ws.packed(&format!("{key}.weight"), out_features, in_features, keep_16bit)?);
         let bias = if bias { Some(ws.f32(&format!("{key}.bias"), &[out_features])?) } else { None };
-        Ok(Linear { name, in_features, out_features, weight, bias })
+        Ok(Linear { name, in_features, out_features, weight, bias, unpacked: Default::default() })
     }
 
     /// y (rows, out) = x (rows, in) · Wᵀ + b + scale · (x · Aᵀ) · Bᵀ   (`Accumulate`: y += the same)
@@ -35,6 +39,30 @@ impl Linear {
             matmul_nt(&mut t, x, &lora.a, rows, self.in_features, lora.r, MatmulMode::Assign);
             t.iter_mut().for_each(|v| *v *= lora.scale);
             matmul_nt(y, &t, &lora.b, rows, lora.r, self.out_features, MatmulMode::Accumulate);
+        }
+    }
+
+    /// Backward of `forward` for input x (rows, in) and upstream dy (rows, out):
+    /// dx = dy · W + scale · (dy · B) · A, assigned or accumulated per `mode`; LoRA gradients
+    /// dA += scale · (dy · B)ᵀ · x and dB += scale · dyᵀ · (x · Aᵀ) accumulate into `grads` when it holds this
+    /// module. The base weight and bias are frozen here (full fine-tuning has its own path).
+    pub fn backward(&self, dx: &mut [f32], dy: &[f32], x: &[f32], rows: usize, adapter: Option<&Adapter>, grads: Option<&mut LoraGrads>, mode: MatmulMode) {
+        let (inf, outf) = (self.in_features, self.out_features);
+        let w = self.unpacked.get_or_init(|| self.weight.unpack_f32());
+        matmul_nt_bwd_x(dx, dy, w, rows, inf, outf, mode);
+        if let Some(lora) = adapter.and_then(|a| a.module(&self.name)) {
+            let r = lora.r;
+            let mut u = vec![0f32; rows * r]; // (rows, r) = dy · B
+            matmul_nt_bwd_x(&mut u, dy, &lora.b, rows, r, outf, MatmulMode::Assign);
+            u.iter_mut().for_each(|v| *v *= lora.scale);
+            matmul_nt_bwd_x(dx, &u, &lora.a, rows, inf, r, MatmulMode::Accumulate);
+            if let Some(g) = grads.and_then(|g| g.module_mut(&self.name)) {
+                matmul_nt_bwd_w(&mut g.da, &u, x, rows, inf, r);
+                let mut t = vec![0f32; rows * r]; // (rows, r) = x · Aᵀ
+                matmul_nt(&mut t, x, &lora.a, rows, inf, r, MatmulMode::Assign);
+                t.iter_mut().for_each(|v| *v *= lora.scale);
+                matmul_nt_bwd_w(&mut g.db, dy, &t, rows, r, outf);
+            }
         }
     }
 

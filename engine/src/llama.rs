@@ -4,7 +4,9 @@ use crate::adapter::Adapter;
 use crate::config::LlamaConfig;
 use crate::error::Result;
 use crate::linear::Linear;
-use crate::ops::{PackedMatrix, attend_dense, attend_rows, rmsnorm, silu_mul, KvSegment, MatmulMode, Rope};
+use crate::ops::backward::{attend_dense_bwd, rmsnorm_bwd, silu_mul_bwd};
+use crate::ops::{add_inplace, PackedMatrix, attend_dense, attend_rows, rmsnorm, silu_mul, KvSegment, MatmulMode, Rope};
+use crate::train::LoraGrads;
 use crate::weights::WeightStore;
 use std::sync::Arc;
 
@@ -74,7 +76,7 @@ impl Llama {
         let embed = Arc::new(ws.packed(&format!("{prefix}embed_tokens.weight"), cfg.vocab_size, c, keep_16bit)?);
         let lm_head = match lm_head_key {
             Some(k) => Linear::load(ws, k, "lm_head".into(), c, cfg.vocab_size, false, keep_16bit)?,
-            None => Linear { name: "lm_head".into(), in_features: c, out_features: cfg.vocab_size, weight: embed.clone(), bias: None },
+            None => Linear { name: "lm_head".into(), in_features: c, out_features: cfg.vocab_size, weight: embed.clone(), bias: None, unpacked: Default::default() },
         };
         Ok(Llama {
             cfg: cfg.clone(),
@@ -180,5 +182,143 @@ impl Llama {
         let mut h = vec![0f32; rows * c];
         rmsnorm(&mut h, x, &self.norm, self.cfg.rms_norm_eps);
         self.lm_head.apply(&h, rows, adapter)
+    }
+}
+
+// -- training: forward with saved activations, and its backward -------------------------------------------
+
+/// Activations of one decoder layer kept for the backward pass (T rows each).
+pub struct LlamaLayerTape {
+    x0: Vec<f32>,  // (T, C) layer input
+    h1: Vec<f32>,  // (T, C) input_layernorm(x0)
+    q: Vec<f32>,   // (T, H, hd) after RoPE
+    k: Vec<f32>,   // (T, KVH, hd) after RoPE
+    v: Vec<f32>,   // (T, KVH, hd)
+    att: Vec<f32>, // (T, H, hd) attention output
+    x1: Vec<f32>,  // (T, C) after the attention residual
+    h2: Vec<f32>,  // (T, C) post_attention_layernorm(x1)
+    g: Vec<f32>,   // (T, I) gate_proj(h2)
+    u: Vec<f32>,   // (T, I) up_proj(h2)
+    a: Vec<f32>,   // (T, I) silu(g) * u
+}
+
+/// A causal forward over one sequence (positions 0..T), with everything the backward needs.
+pub struct LlamaTape {
+    pub rows: usize,
+    layers: Vec<LlamaLayerTape>,
+    /// (T, C) output of the last layer (input of the final norm).
+    pub hidden: Vec<f32>,
+}
+
+impl Llama {
+    /// Forward over x (T, C) embeddings keeping activations. Returns the tape; `tape.hidden` is the last layer's
+    /// output.
+    pub fn forward_train(&self, x: Vec<f32>, adapter: Option<&Adapter>) -> LlamaTape {
+        let cfg = &self.cfg;
+        let c = cfg.hidden_size;
+        let rows = x.len() / c;
+        let (heads, kvh, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+        let positions: Vec<usize> = (0..rows).collect();
+        let scale = (hd as f32).powf(-0.5);
+        let mut layers = Vec::with_capacity(self.layers.len());
+        let mut x = x;
+        for layer in &self.layers {
+            let mut h1 = vec![0f32; rows * c];
+            rmsnorm(&mut h1, &x, &layer.input_norm, cfg.rms_norm_eps);
+            let mut q = layer.q.apply(&h1, rows, adapter);
+            let mut k = layer.k.apply(&h1, rows, adapter);
+            let v = layer.v.apply(&h1, rows, adapter);
+            self.rope.apply(&mut q, heads, &positions);
+            self.rope.apply(&mut k, kvh, &positions);
+            let mut att = vec![0f32; rows * heads * hd];
+            attend_dense(&mut att, &q, &k, &v, rows, rows, 0, heads, kvh, hd, scale, true);
+            let mut x1 = x.clone();
+            layer.o.forward(&mut x1, &att, rows, adapter, MatmulMode::Accumulate);
+            let mut h2 = vec![0f32; rows * c];
+            rmsnorm(&mut h2, &x1, &layer.post_norm, cfg.rms_norm_eps);
+            let g = layer.gate.apply(&h2, rows, adapter);
+            let u = layer.up.apply(&h2, rows, adapter);
+            let mut a = g.clone();
+            silu_mul(&mut a, &u);
+            let mut x2 = x1.clone();
+            layer.down.forward(&mut x2, &a, rows, adapter, MatmulMode::Accumulate);
+            layers.push(LlamaLayerTape { x0: std::mem::replace(&mut x, x2), h1, q, k, v, att, x1, h2, g, u, a });
+        }
+        LlamaTape { rows, layers, hidden: x }
+    }
+
+    /// Backward of `forward_train`: given d hidden (T, C), returns d embeddings (T, C); LoRA gradients
+    /// accumulate into `grads`.
+    pub fn backward_train(&self, tape: &LlamaTape, d_hidden: Vec<f32>, adapter: Option<&Adapter>, mut grads: Option<&mut LoraGrads>) -> Vec<f32> {
+        let cfg = &self.cfg;
+        let c = cfg.hidden_size;
+        let rows = tape.rows;
+        let (heads, kvh, hd, isz) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size);
+        let positions: Vec<usize> = (0..rows).collect();
+        let scale = (hd as f32).powf(-0.5);
+        let mut dx = d_hidden; // (T, C): gradient w.r.t. the current layer's output, then its input
+        for (layer, t) in self.layers.iter().zip(&tape.layers).rev() {
+            // x2 = x1 + down(a)
+            let mut da = vec![0f32; rows * isz];
+            layer.down.backward(&mut da, &dx, &t.a, rows, adapter, grads.as_deref_mut(), MatmulMode::Assign);
+            let mut dg = vec![0f32; rows * isz];
+            let mut du = vec![0f32; rows * isz];
+            silu_mul_bwd(&mut dg, &mut du, &da, &t.g, &t.u);
+            let mut dh2 = vec![0f32; rows * c];
+            layer.gate.backward(&mut dh2, &dg, &t.h2, rows, adapter, grads.as_deref_mut(), MatmulMode::Assign);
+            layer.up.backward(&mut dh2, &du, &t.h2, rows, adapter, grads.as_deref_mut(), MatmulMode::Accumulate);
+            let mut dx1 = vec![0f32; rows * c];
+            rmsnorm_bwd(&mut dx1, None, &dh2, &t.x1, &layer.post_norm, cfg.rms_norm_eps);
+            add_inplace(&mut dx1, &dx); // residual
+            // x1 = x0 + o(att)
+            let mut datt = vec![0f32; rows * heads * hd];
+            layer.o.backward(&mut datt, &dx1, &t.att, rows, adapter, grads.as_deref_mut(), MatmulMode::Assign);
+            let mut dq = vec![0f32; rows * heads * hd];
+            let mut dk = vec![0f32; rows * kvh * hd];
+            let mut dv = vec![0f32; rows * kvh * hd];
+            attend_dense_bwd(&mut dq, &mut dk, &mut dv, &datt, &t.q, &t.k, &t.v, rows, rows, 0, heads, kvh, hd, scale, true);
+            self.rope.apply_backward(&mut dq, heads, &positions);
+            self.rope.apply_backward(&mut dk, kvh, &positions);
+            let mut dh1 = vec![0f32; rows * c];
+            layer.q.backward(&mut dh1, &dq, &t.h1, rows, adapter, grads.as_deref_mut(), MatmulMode::Assign);
+            layer.k.backward(&mut dh1, &dk, &t.h1, rows, adapter, grads.as_deref_mut(), MatmulMode::Accumulate);
+            layer.v.backward(&mut dh1, &dv, &t.h1, rows, adapter, grads.as_deref_mut(), MatmulMode::Accumulate);
+            let mut dx0 = vec![0f32; rows * c];
+            rmsnorm_bwd(&mut dx0, None, &dh1, &t.x0, &layer.input_norm, cfg.rms_norm_eps);
+            add_inplace(&mut dx0, &dx1);
+            dx = dx0;
+        }
+        dx
+    }
+
+    /// Final norm + lm_head on selected rows of `hidden` (T, C); returns (normed rows (R, C), logits (R, V)).
+    pub fn head_rows(&self, hidden: &[f32], rows: &[usize], adapter: Option<&Adapter>) -> (Vec<f32>, Vec<f32>) {
+        let c = self.cfg.hidden_size;
+        let mut sel = Vec::with_capacity(rows.len() * c);
+        for &r in rows {
+            sel.extend_from_slice(&hidden[r * c..(r + 1) * c]);
+        }
+        let mut normed = vec![0f32; sel.len()];
+        rmsnorm(&mut normed, &sel, &self.norm, self.cfg.rms_norm_eps);
+        let logits = self.lm_head.apply(&normed, rows.len(), adapter);
+        (sel, logits)
+    }
+
+    /// Backward of `head_rows`: d logits (R, V) -> d hidden (T, C) (zero outside `rows`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn head_rows_backward(&self, sel: &[f32], dlogits: &[f32], rows: &[usize], total_rows: usize, adapter: Option<&Adapter>, grads: Option<&mut LoraGrads>) -> Vec<f32> {
+        let c = self.cfg.hidden_size;
+        let r = rows.len();
+        let mut normed = vec![0f32; sel.len()];
+        rmsnorm(&mut normed, sel, &self.norm, self.cfg.rms_norm_eps);
+        let mut dn = vec![0f32; r * c];
+        self.lm_head.backward(&mut dn, dlogits, &normed, r, adapter, grads, MatmulMode::Assign);
+        let mut dsel = vec![0f32; r * c];
+        rmsnorm_bwd(&mut dsel, None, &dn, sel, &self.norm, self.cfg.rms_norm_eps);
+        let mut dh = vec![0f32; total_rows * c];
+        for (i, &row) in rows.iter().enumerate() {
+            add_inplace(&mut dh[row * c..(row + 1) * c], &dsel[i * c..(i + 1) * c]);
+        }
+        dh
     }
 }

@@ -2,12 +2,15 @@
 //! Hugging Face directory in any of the llava-hf key layouts.
 
 use crate::adapter::{Adapter, ModelFamily};
-use crate::clip::ClipVision;
+use crate::clip::{ClipTape, ClipVision};
 use crate::config::{FeatureSelect, LlavaConfig, ModelConfig};
 use crate::error::{EngineError, Result};
 use crate::image::{ImageProcessorConfig, PixelValues};
 use crate::linear::Linear;
-use crate::llama::{KvCache, Llama};
+use crate::llama::{KvCache, Llama, LlamaTape};
+use crate::ops::backward::{activation_bwd, logprob_gather_fwd_bwd};
+use crate::ops::MatmulMode;
+use crate::train::LoraGrads;
 use crate::ops::{apply_activation, log_softmax_rows};
 use crate::weights::WeightStore;
 use std::collections::HashMap;
@@ -299,5 +302,141 @@ impl Model {
         self.llm.forward_cached(&mut x, t, &mut cache, adapter);
         let logits = self.llm.logits(&x[(t - 1) * c..], 1, adapter);
         Ok((cache, logits))
+    }
+}
+
+// -- training ------------------------------------------------------------------------------------------------
+
+/// The image path's activations for the backward pass.
+pub struct ImageTape {
+    vision: ClipTape,
+    proj_in: Vec<f32>, // (N, Dv) selected vision features
+    proj_h: Vec<f32>,  // (N, C) linear_1 output, before the activation
+    proj_a: Vec<f32>,  // (N, C) after the activation
+    /// (N, C) projected features, the decoder's image rows.
+    pub features: Vec<f32>,
+}
+
+/// One prompt + answer sequence scored under the policy, with its tape.
+pub struct ScoredSeq {
+    tape: LlamaTape,
+    /// Rows (expanded positions) whose logits predict the answer tokens, and those tokens.
+    rows: Vec<usize>,
+    targets: Vec<u32>,
+    sel: Vec<f32>,    // (A, C) hidden rows before the final norm
+    logits: Vec<f32>, // (A, V)
+    /// log p of each answer token.
+    pub token_logps: Vec<f32>,
+    /// (first row, count) of the image features inside the sequence.
+    image_rows: Option<(usize, usize)>,
+}
+
+impl ScoredSeq {
+    pub fn logp_sum(&self) -> f64 {
+        self.token_logps.iter().map(|&v| v as f64).sum()
+    }
+
+    /// The image rows (N, C) of a d-embeddings buffer (T, C) of this sequence.
+    pub fn image_rows_grad(&self, d_embeds: &[f32]) -> Vec<f32> {
+        let c = d_embeds.len() / self.tape.rows;
+        match self.image_rows {
+            Some((start, n)) => d_embeds[start * c..(start + n) * c].to_vec(),
+            None => Vec::new(),
+        }
+    }
+}
+
+impl Model {
+    fn answer_rows(&self, prompt: &[u32], answer: &[u32], feats: Option<&[f32]>) -> Result<(Vec<f32>, Vec<usize>, Vec<u32>, Option<(usize, usize)>)> {
+        if prompt.is_empty() {
+            return Err(EngineError::Input("empty prompt".into()));
+        }
+        let ids: Vec<u32> = prompt.iter().chain(answer).copied().collect();
+        let (x, rows) = self.embed_inputs(&ids, feats)?;
+        if let Some(&tok) = answer.iter().find(|&&t| Some(t) == self.image_token_id()) {
+            return Err(EngineError::Input(format!("answer holds the image token {tok}")));
+        }
+        let pred_rows: Vec<usize> = (prompt.len()..ids.len()).map(|j| rows[j] - 1).collect();
+        let image_rows = self.image_token_id().and_then(|it| ids.iter().position(|&t| t == it)).map(|p| {
+            let n = feats.map_or(0, |f| f.len() / self.llm.cfg.hidden_size);
+            (rows[p], n)
+        });
+        Ok((x, pred_rows, answer.to_vec(), image_rows))
+    }
+
+    /// Σ log p(answer | prompt, image) without keeping activations (reference model scoring).
+    pub fn answer_logp(&self, prompt: &[u32], answer: &[u32], feats: Option<&[f32]>, adapter: Option<&Adapter>) -> Result<f64> {
+        let (mut x, rows, targets, _) = self.answer_rows(prompt, answer, feats)?;
+        let c = self.llm.cfg.hidden_size;
+        let t = x.len() / c;
+        let mut cache = KvCache::new(self.llm.cfg.num_hidden_layers);
+        self.llm.forward_cached(&mut x, t, &mut cache, adapter);
+        let (_, mut logits) = self.llm.head_rows(&x, &rows, adapter);
+        let v = self.llm.cfg.vocab_size;
+        log_softmax_rows(&mut logits, v);
+        Ok(targets.iter().enumerate().map(|(i, &tok)| logits[i * v + tok as usize] as f64).sum())
+    }
+
+    /// Scores prompt + answer with the decoder, keeping what `score_backward` needs.
+    pub fn score_train(&self, prompt: &[u32], answer: &[u32], feats: Option<&[f32]>, adapter: Option<&Adapter>) -> Result<ScoredSeq> {
+        let (x, rows, targets, image_rows) = self.answer_rows(prompt, answer, feats)?;
+        let tape = self.llm.forward_train(x, adapter);
+        let (sel, logits) = self.llm.head_rows(&tape.hidden, &rows, adapter);
+        let v = self.llm.cfg.vocab_size;
+        let mut lp = logits.clone();
+        log_softmax_rows(&mut lp, v);
+        let token_logps = targets.iter().enumerate().map(|(i, &tok)| lp[i * v + tok as usize]).collect();
+        Ok(ScoredSeq { tape, rows, targets, sel, logits, token_logps, image_rows })
+    }
+
+    /// Backward of `score_train` for the loss gradient `d_logp_sum` = dL / d(Σ answer log-probs). Returns
+    /// d embeddings (T, C); LoRA gradients accumulate into `grads`.
+    pub fn score_backward(&self, seq: &ScoredSeq, d_logp_sum: f32, adapter: Option<&Adapter>, mut grads: Option<&mut LoraGrads>) -> Result<Vec<f32>> {
+        let v = self.llm.cfg.vocab_size;
+        let mut dlogits = vec![0f32; seq.logits.len()];
+        let dlogp = vec![d_logp_sum; seq.targets.len()];
+        logprob_gather_fwd_bwd(&mut dlogits, &seq.logits, &seq.targets, &dlogp, v);
+        let dh = self.llm.head_rows_backward(&seq.sel, &dlogits, &seq.rows, seq.tape.rows, adapter, grads.as_deref_mut());
+        Ok(self.llm.backward_train(&seq.tape, dh, adapter, grads))
+    }
+
+    /// Vision tower + projector keeping activations.
+    pub fn image_forward_train(&self, pixels: &PixelValues, adapter: Option<&Adapter>) -> Result<ImageTape> {
+        let (Some(lc), Some(vision), Some(proj)) = (self.config.llava(), &self.vision, &self.projector) else {
+            return Err(EngineError::Input("this model has no vision tower".into()));
+        };
+        let vt = vision.forward_train(&pixels.data, lc.vision_layers_needed(), adapter)?;
+        let dv = lc.vision.hidden_size;
+        let proj_in = match lc.vision_feature_select_strategy {
+            FeatureSelect::Default => vt.hidden[dv..].to_vec(),
+            FeatureSelect::Full => vt.hidden.clone(),
+        };
+        let n = proj_in.len() / dv;
+        let proj_h = proj.linear_1.apply(&proj_in, n, adapter);
+        let mut proj_a = proj_h.clone();
+        apply_activation(&mut proj_a, proj.act);
+        let features = proj.linear_2.apply(&proj_a, n, adapter);
+        Ok(ImageTape { vision: vt, proj_in, proj_h, proj_a, features })
+    }
+
+    /// Backward of `image_forward_train` from d features (N, C).
+    pub fn image_backward_train(&self, tape: &ImageTape, d_features: Vec<f32>, adapter: Option<&Adapter>, mut grads: Option<&mut LoraGrads>) {
+        let (Some(lc), Some(vision), Some(proj)) = (self.config.llava(), &self.vision, &self.projector) else { return };
+        let c = lc.text.hidden_size;
+        let dv = lc.vision.hidden_size;
+        let n = d_features.len() / c;
+        let mut d_a = vec![0f32; n * c];
+        proj.linear_2.backward(&mut d_a, &d_features, &tape.proj_a, n, adapter, grads.as_deref_mut(), MatmulMode::Assign);
+        let mut d_h = vec![0f32; n * c];
+        activation_bwd(&mut d_h, &d_a, &tape.proj_h, proj.act);
+        let mut d_in = vec![0f32; n * dv];
+        proj.linear_1.backward(&mut d_in, &d_h, &tape.proj_in, n, adapter, grads.as_deref_mut(), MatmulMode::Assign);
+        let mut d_hidden = vec![0f32; tape.vision.tokens * dv];
+        let off = match lc.vision_feature_select_strategy {
+            FeatureSelect::Default => dv,
+            FeatureSelect::Full => 0,
+        };
+        d_hidden[off..off + d_in.len()].copy_from_slice(&d_in);
+        vision.backward_train(&tape.vision, d_hidden, adapter, grads);
     }
 }

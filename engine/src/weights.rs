@@ -208,3 +208,33 @@ impl WeightStore {
         })
     }
 }
+
+/// Writes f32 tensors to a safetensors file atomically (temp file in the same directory, fsync, rename), so
+/// a crash never leaves a half-written file under `path`.
+pub fn write_f32_safetensors(path: &Path, tensors: &[(String, Vec<usize>, &[f32])]) -> Result<()> {
+    use std::io::Write;
+    let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
+    let mut views = Vec::with_capacity(tensors.len());
+    for ((name, shape, _), b) in tensors.iter().zip(&bytes) {
+        let view = safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), b)
+            .map_err(|e| EngineError::Safetensors { path: path.into(), msg: format!("tensor `{name}`: {e}") })?;
+        views.push((name.clone(), view));
+    }
+    let data = safetensors::serialize(views, None).map_err(|e| EngineError::Safetensors { path: path.into(), msg: e.to_string() })?;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(".{}.tmp-{}", path.file_name().and_then(|n| n.to_str()).unwrap_or("out"), std::process::id()));
+    let write = || -> std::io::Result<()> {
+        let mut f = File::create(&tmp)?;
+        f.write_all(&data)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        EngineError::io(path, e)
+    })
+}

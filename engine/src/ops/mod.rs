@@ -3,6 +3,7 @@
 
 pub mod act;
 pub mod attention;
+pub mod backward;
 pub mod matmul;
 pub mod norm;
 pub mod packed;
