@@ -21,6 +21,8 @@ pub struct LoraPair {
 #[derive(Deserialize, Debug, Clone)]
 pub struct AdapterConfig {
     #[serde(default)]
+    pub lora_dropout: f64,
+    #[serde(default)]
     pub peft_type: Option<String>,
     pub r: usize,
     pub lora_alpha: f64,
@@ -47,6 +49,8 @@ pub struct AdapterConfig {
 pub struct Adapter {
     pub path: PathBuf,
     pub config: AdapterConfig,
+    /// Dropout on the LoRA input during training (peft's `lora_dropout`); inference ignores it.
+    pub lora_dropout: f64,
     modules: HashMap<String, LoraPair>,
 }
 
@@ -166,7 +170,8 @@ impl Adapter {
             }
             modules.insert(canonical, LoraPair { r, scale, keys: (a_key.clone(), b_key.clone()), a, b });
         }
-        Ok(Adapter { path: dir.to_path_buf(), config, modules })
+        let lora_dropout = config.lora_dropout;
+        Ok(Adapter { path: dir.to_path_buf(), config, lora_dropout, modules })
     }
 
     pub fn module(&self, canonical: &str) -> Option<&LoraPair> {
@@ -186,4 +191,187 @@ impl Adapter {
         v.sort();
         v
     }
+}
+
+/// Which modules a new adapter targets, as peft's `target_modules`.
+#[derive(Clone, Debug)]
+pub enum TargetModules {
+    /// A module matches if its path equals a name or ends with `.name` (e.g. "q_proj").
+    Names(Vec<String>),
+    /// A module matches if the regex matches its whole path (e.g. `.*language_model.*\.(q_proj|v_proj)`).
+    Regex(String),
+}
+
+/// Settings of a new LoRA adapter, as peft's `LoraConfig`.
+#[derive(Clone, Debug)]
+pub struct LoraSpec {
+    pub r: usize,
+    pub lora_alpha: f64,
+    pub use_rslora: bool,
+    pub lora_dropout: f64,
+    pub target_modules: TargetModules,
+}
+
+impl Default for LoraSpec {
+    /// RLAIF-V's LoRA: r 64, alpha 16, every linear layer of the language model.
+    fn default() -> Self {
+        LoraSpec {
+            r: 64,
+            lora_alpha: 16.0,
+            use_rslora: false,
+            lora_dropout: 0.0,
+            target_modules: TargetModules::Regex(r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)".into()),
+        }
+    }
+}
+
+/// The module path peft sees for a canonical module of a model with this key layout (`layout` is
+/// `KeyLayout::name`; transformers 5 models, whatever their on-disk layout, use the 5.x in-memory names).
+pub fn peft_module_path(canonical: &str, family: ModelFamily, layout: &str, vision_prefix: &str) -> String {
+    let old = layout == "transformers-4.x" && vision_prefix == "vision_tower.vision_model.";
+    let (lm, head, vis, proj) = match (family, old, layout) {
+        (ModelFamily::Llama, _, _) => ("model.", "lm_head", "", ""),
+        (_, true, _) => ("language_model.model.", "language_model.lm_head", "vision_tower.vision_model.", "multi_modal_projector."),
+        (_, false, "transformers-4.52") => ("model.language_model.", "lm_head", "model.vision_tower.vision_model.", "model.multi_modal_projector."),
+        _ => ("model.language_model.", "lm_head", "model.vision_tower.", "model.multi_modal_projector."),
+    };
+    if canonical == "lm_head" {
+        head.to_string()
+    } else if let Some(rest) = canonical.strip_prefix("language_model.") {
+        format!("{lm}{rest}")
+    } else if let Some(rest) = canonical.strip_prefix("vision_tower.") {
+        format!("{vis}{rest}")
+    } else if let Some(rest) = canonical.strip_prefix("multi_modal_projector.") {
+        format!("{proj}{rest}")
+    } else {
+        canonical.to_string()
+    }
+}
+
+impl Adapter {
+    /// A fresh adapter as peft creates one: A kaiming-uniform (bound 1/sqrt(in_features)), B zero, so it starts
+    /// as the identity. `modules` maps canonical name -> (peft module path, in, out) for every linear layer.
+    pub fn create(spec: &LoraSpec, modules: &[(String, String, usize, usize)], seed: u64) -> Result<Self> {
+        let bad = |msg: String| EngineError::Input(msg);
+        if spec.r == 0 {
+            return Err(bad("LoRA r must be > 0".into()));
+        }
+        let regex = match &spec.target_modules {
+            TargetModules::Regex(r) => Some(Regex::new(&format!("^(?:{r})$")).map_err(|e| bad(format!("target modules regex `{r}`: {e}")))?),
+            TargetModules::Names(_) => None,
+        };
+        let matches = |path: &str| match (&spec.target_modules, &regex) {
+            (TargetModules::Names(names), _) => names.iter().any(|n| path == n || path.ends_with(&format!(".{n}"))),
+            (_, Some(re)) => re.is_match(path),
+            _ => false,
+        };
+        let scale = if spec.use_rslora { spec.lora_alpha / (spec.r as f64).sqrt() } else { spec.lora_alpha / spec.r as f64 } as f32;
+        let mut rng = crate::rng::SplitMix64::new(seed);
+        let mut sorted: Vec<&(String, String, usize, usize)> = modules.iter().collect();
+        sorted.sort_by(|a, b| a.1.cmp(&b.1));
+        let mut out = HashMap::new();
+        for (canonical, path, inf, outf) in sorted {
+            if !matches(path) {
+                continue;
+            }
+            let bound = 1.0 / (*inf as f64).sqrt();
+            let a = (0..spec.r * inf).map(|_| ((rng.next_f64() * 2.0 - 1.0) * bound) as f32).collect();
+            let keys = (format!("base_model.model.{path}.lora_A.weight"), format!("base_model.model.{path}.lora_B.weight"));
+            out.insert(canonical.clone(), LoraPair { r: spec.r, scale, keys, a, b: vec![0.0; outf * spec.r] });
+        }
+        if out.is_empty() {
+            return Err(bad(format!("target modules {:?} match no linear layer of the model", spec.target_modules)));
+        }
+        let target = match &spec.target_modules {
+            TargetModules::Names(n) => serde_json::json!(n),
+            TargetModules::Regex(r) => serde_json::json!(r),
+        };
+        let config = AdapterConfig {
+            lora_dropout: spec.lora_dropout,
+            peft_type: Some("LORA".into()),
+            r: spec.r,
+            lora_alpha: spec.lora_alpha,
+            use_rslora: spec.use_rslora,
+            use_dora: false,
+            fan_in_fan_out: false,
+            bias: Some("none".into()),
+            modules_to_save: None,
+            rank_pattern: BTreeMap::new(),
+            alpha_pattern: BTreeMap::new(),
+            target_modules: Some(target),
+            base_model_name_or_path: None,
+        };
+        Ok(Adapter { path: PathBuf::new(), config, lora_dropout: spec.lora_dropout, modules: out })
+    }
+
+    pub fn module_mut(&mut self, canonical: &str) -> Option<&mut LoraPair> {
+        self.modules.get_mut(canonical)
+    }
+
+    /// Writes a PEFT directory (adapter_config.json + adapter_model.safetensors, f32) atomically: into a
+    /// temporary sibling directory, fsync'd, then renamed over `dir`. `extra` files (e.g. optimizer state) are
+    /// written into the same directory before the rename. `base_model` is recorded in the config.
+    pub fn save(&self, dir: &Path, base_model: &Path, extra: &[(&str, Vec<u8>)]) -> Result<()> {
+        let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        std::fs::create_dir_all(parent).map_err(|e| EngineError::io(parent, e))?;
+        let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("adapter");
+        let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(|e| EngineError::io(&tmp, e))?;
+        let result = (|| -> Result<()> {
+            let mut cfg = serde_json::json!({
+                "peft_type": "LORA",
+                "task_type": null,
+                "r": self.config.r,
+                "lora_alpha": self.config.lora_alpha,
+                "lora_dropout": self.config.lora_dropout,
+                "use_rslora": self.config.use_rslora,
+                "use_dora": false,
+                "fan_in_fan_out": false,
+                "bias": "none",
+                "init_lora_weights": true,
+                "inference_mode": true,
+                "modules_to_save": null,
+                "rank_pattern": {},
+                "alpha_pattern": {},
+                "target_modules": self.config.target_modules,
+                "base_model_name_or_path": base_model.display().to_string(),
+            });
+            if self.modules.values().any(|m| m.r != self.config.r) {
+                cfg["rank_pattern"] = serde_json::json!(self.config.rank_pattern);
+                cfg["alpha_pattern"] = serde_json::json!(self.config.alpha_pattern);
+            }
+            let text = serde_json::to_string_pretty(&cfg).map_err(|e| EngineError::Input(e.to_string()))?;
+            write_synced(&tmp.join("adapter_config.json"), text.as_bytes())?;
+            let mut tensors = Vec::new();
+            for (_, m) in self.modules() {
+                let inf = m.a.len() / m.r;
+                let outf = m.b.len() / m.r;
+                tensors.push((m.keys.0.clone(), vec![m.r, inf], m.a.as_slice()));
+                tensors.push((m.keys.1.clone(), vec![outf, m.r], m.b.as_slice()));
+            }
+            crate::weights::write_f32_safetensors(&tmp.join("adapter_model.safetensors"), &tensors)?;
+            for (file, bytes) in extra {
+                write_synced(&tmp.join(file), bytes)?;
+            }
+            if dir.exists() {
+                std::fs::remove_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;
+            }
+            std::fs::rename(&tmp, dir).map_err(|e| EngineError::io(dir, e))?;
+            if let Ok(d) = std::fs::File::open(parent) {
+                let _ = d.sync_all();
+            }
+            Ok(())
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        result
+    }
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).map_err(|e| EngineError::io(path, e))?;
+    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| EngineError::io(path, e))
 }

@@ -31,8 +31,8 @@ pub fn rmsnorm_bwd(dx: &mut [f32], dw: Option<&mut [f32]>, dout: &[f32], x: &[f3
     assert_eq!(dx.len(), x.len(), "rmsnorm_bwd: dx is not the shape of x");
     assert_eq!(dout.len(), x.len(), "rmsnorm_bwd: dout is not the shape of x");
     let rows = x.len() / dim;
-    let mut invs = vec![0f64; rows]; // (rows)
-    let row = |((dxr, inv_out), (xr, dr)): ((&mut [f32], &mut f64), (&[f32], &[f32]))| {
+    // writes one row of dx, returns the row's inv
+    let row = |dxr: &mut [f32], xr: &[f32], dr: &[f32]| -> f64 {
         let ss: f64 = xr.iter().map(|&v| (v as f64) * (v as f64)).sum();
         let inv = 1.0 / (ss / dim as f64 + eps).sqrt();
         let gx: f64 = xr.iter().zip(dr).zip(w).map(|((&v, &d), &wj)| (d as f64) * (wj as f64) * (v as f64)).sum();
@@ -40,13 +40,13 @@ pub fn rmsnorm_bwd(dx: &mut [f32], dw: Option<&mut [f32]>, dout: &[f32], x: &[f3
         for (((o, &v), &d), &wj) in dxr.iter_mut().zip(xr).zip(dr).zip(w) {
             *o = (inv * (d as f64) * (wj as f64) - coef * v as f64) as f32;
         }
-        *inv_out = inv;
+        inv
     };
-    if rows >= PAR_ROWS {
-        dx.par_chunks_mut(dim).zip(invs.par_iter_mut()).zip(x.par_chunks(dim).zip(dout.par_chunks(dim))).for_each(row);
+    let invs: Vec<f64> = if rows >= PAR_ROWS {
+        dx.par_chunks_mut(dim).zip(x.par_chunks(dim)).zip(dout.par_chunks(dim)).map(|((o, xr), dr)| row(o, xr, dr)).collect()
     } else {
-        dx.chunks_mut(dim).zip(invs.iter_mut()).zip(x.chunks(dim).zip(dout.chunks(dim))).for_each(row);
-    }
+        dx.chunks_mut(dim).zip(x.chunks(dim)).zip(dout.chunks(dim)).map(|((o, xr), dr)| row(o, xr, dr)).collect()
+    }; // (rows)
     if let Some(dw) = dw {
         assert_eq!(dw.len(), dim, "rmsnorm_bwd: dw is not (dim)");
         let mut acc = vec![0f64; dim];
@@ -79,8 +79,8 @@ pub fn layernorm_bwd(
     assert_eq!(dout.len(), x.len(), "layernorm_bwd: dout is not the shape of x");
     let rows = x.len() / dim;
     let n = dim as f64;
-    let mut stats = vec![(0f64, 0f64); rows]; // (rows) of (mean, inv)
-    let row = |((dxr, st), (xr, dr)): ((&mut [f32], &mut (f64, f64)), (&[f32], &[f32]))| {
+    // writes one row of dx, returns the row's (mean, inv)
+    let row = |dxr: &mut [f32], xr: &[f32], dr: &[f32]| -> (f64, f64) {
         let mean: f64 = xr.iter().map(|&v| v as f64).sum::<f64>() / n;
         let var: f64 = xr.iter().map(|&v| (v as f64 - mean) * (v as f64 - mean)).sum::<f64>() / n;
         let inv = 1.0 / (var + eps).sqrt();
@@ -96,13 +96,13 @@ pub fn layernorm_bwd(
             let xhat = (v as f64 - mean) * inv;
             *o = (inv * ((d as f64) * (wj as f64) - g_mean - xhat * gx_mean)) as f32;
         }
-        *st = (mean, inv);
+        (mean, inv)
     };
-    if rows >= PAR_ROWS {
-        dx.par_chunks_mut(dim).zip(stats.par_iter_mut()).zip(x.par_chunks(dim).zip(dout.par_chunks(dim))).for_each(row);
+    let stats: Vec<(f64, f64)> = if rows >= PAR_ROWS {
+        dx.par_chunks_mut(dim).zip(x.par_chunks(dim)).zip(dout.par_chunks(dim)).map(|((o, xr), dr)| row(o, xr, dr)).collect()
     } else {
-        dx.chunks_mut(dim).zip(stats.iter_mut()).zip(x.chunks(dim).zip(dout.chunks(dim))).for_each(row);
-    }
+        dx.chunks_mut(dim).zip(x.chunks(dim)).zip(dout.chunks(dim)).map(|((o, xr), dr)| row(o, xr, dr)).collect()
+    }; // (rows)
     if let Some(dw) = dw {
         assert_eq!(dw.len(), dim, "layernorm_bwd: dw is not (dim)");
         let mut acc = vec![0f64; dim];
@@ -171,19 +171,22 @@ pub fn activation_bwd(dx: &mut [f32], dout: &[f32], x: &[f32], act: Activation) 
 pub fn silu_mul_bwd(dg: &mut [f32], du: &mut [f32], dout: &[f32], g: &[f32], u: &[f32]) {
     let n = g.len();
     assert!(dg.len() == n && du.len() == n && dout.len() == n && u.len() == n, "silu_mul_bwd: buffers differ in length");
-    let f = |(((dgi, dui), &d), (&gi, &ui)): (((&mut f32, &mut f32), &f32), (&f32, &f32))| {
-        let s = sigmoid(gi);
-        *dui = d * gi * s;
-        *dgi = d * ui * s * (1.0 + gi * (1.0 - s));
+    // one chunk of every buffer
+    let chunk = |dg: &mut [f32], du: &mut [f32], dout: &[f32], g: &[f32], u: &[f32]| {
+        for i in 0..g.len() {
+            let s = sigmoid(g[i]);
+            du[i] = dout[i] * g[i] * s;
+            dg[i] = dout[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+        }
     };
     if n >= PAR_MIN {
         dg.par_chunks_mut(4096)
             .zip(du.par_chunks_mut(4096))
             .zip(dout.par_chunks(4096))
             .zip(g.par_chunks(4096).zip(u.par_chunks(4096)))
-            .for_each(|(((a, b), d), (gc, uc))| a.iter_mut().zip(b.iter_mut()).zip(d).zip(gc.iter().zip(uc)).for_each(f));
+            .for_each(|(((a, b), d), (gc, uc))| chunk(a, b, d, gc, uc));
     } else {
-        dg.iter_mut().zip(du.iter_mut()).zip(dout).zip(g.iter().zip(u)).for_each(f);
+        chunk(dg, du, dout, g, u);
     }
 }
 
@@ -223,7 +226,7 @@ pub fn attend_dense_bwd(
     causal: bool,
 ) {
     let hd = head_dim;
-    assert!(kv_heads > 0 && heads % kv_heads == 0, "attend_dense_bwd: heads {heads} not a multiple of kv_heads {kv_heads}");
+    assert!(kv_heads > 0 && heads.is_multiple_of(kv_heads), "attend_dense_bwd: heads {heads} not a multiple of kv_heads {kv_heads}");
     let group = heads / kv_heads;
     let (q_stride, kv_stride) = (heads * hd, kv_heads * hd);
     assert_eq!(q.len(), tq * q_stride, "attend_dense_bwd: q is not (tq, heads, hd)");

@@ -1,5 +1,6 @@
 //! CPU backend: the ops every model is written with. Buffers are row-major f32 slices; shapes in comments.
-//! Gradient-free (inference) half of the op set; each op has a float64 reference test in `tests`.
+//! Forward ops here, their backward in `backward.rs`; each is checked against float64 (reference forwards in
+//! `tests/ops_reference.rs`, finite differences in `tests/backward_fd.rs`).
 
 pub mod act;
 pub mod attention;

@@ -1,0 +1,128 @@
+//! AdamW over a LoRA adapter's tensors, with gradient-norm clipping and a cosine schedule with linear warmup
+//! (transformers' `get_cosine_schedule_with_warmup`). Moments are f32; the state saves and restores exactly.
+
+use crate::adapter::Adapter;
+use crate::error::{EngineError, Result};
+use crate::train::LoraGrads;
+use std::collections::BTreeMap;
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct AdamWConfig {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Decoupled weight decay; applied to matrices only (every LoRA factor is a matrix).
+    pub weight_decay: f64,
+    /// Clip the global gradient norm to this (0 = off).
+    pub max_grad_norm: f64,
+    pub warmup_steps: usize,
+    pub total_steps: usize,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        AdamWConfig { lr: 1e-5, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, max_grad_norm: 1.0, warmup_steps: 0, total_steps: 1 }
+    }
+}
+
+impl AdamWConfig {
+    /// Learning rate at optimizer step `step` (0-based): linear warmup, then cosine decay to 0.
+    pub fn lr_at(&self, step: usize) -> f64 {
+        if step < self.warmup_steps {
+            return self.lr * (step + 1) as f64 / self.warmup_steps as f64;
+        }
+        let span = self.total_steps.saturating_sub(self.warmup_steps).max(1);
+        let progress = ((step - self.warmup_steps) as f64 / span as f64).min(1.0);
+        self.lr * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+    }
+}
+
+/// First and second moments per tensor, keyed by the adapter file's tensor names.
+pub struct AdamW {
+    pub cfg: AdamWConfig,
+    pub step: usize,
+    moments: BTreeMap<String, (Vec<f32>, Vec<f32>)>,
+}
+
+/// What one optimizer step did.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct StepInfo {
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+}
+
+impl AdamW {
+    pub fn new(cfg: AdamWConfig) -> Self {
+        AdamW { cfg, step: 0, moments: BTreeMap::new() }
+    }
+
+    /// One update of every adapter tensor from `grads` (already averaged over the batch).
+    pub fn step(&mut self, adapter: &mut Adapter, grads: &LoraGrads) -> Result<StepInfo> {
+        let names: Vec<String> = adapter.module_names().iter().map(|s| s.to_string()).collect();
+        let mut sq = 0f64;
+        for n in &names {
+            if let Some(g) = grads.module(n) {
+                sq += g.da.iter().chain(&g.db).map(|&v| (v as f64) * (v as f64)).sum::<f64>();
+            }
+        }
+        let grad_norm = sq.sqrt();
+        if !grad_norm.is_finite() {
+            return Err(EngineError::Input(format!("gradient norm is {grad_norm}; the step is skipped (NaN/inf in the loss?)")));
+        }
+        let clip = if self.cfg.max_grad_norm > 0.0 && grad_norm > self.cfg.max_grad_norm { self.cfg.max_grad_norm / (grad_norm + 1e-6) } else { 1.0 };
+        let lr = self.cfg.lr_at(self.step);
+        self.step += 1;
+        let t = self.step as f64;
+        let (b1, b2) = (self.cfg.beta1, self.cfg.beta2);
+        let bc1 = 1.0 - b1.powf(t);
+        let bc2 = 1.0 - b2.powf(t);
+        for n in &names {
+            let (Some(g), Some(m)) = (grads.module(n), adapter.module_mut(n)) else { continue };
+            for (key, p, gr) in [(m.keys.0.clone(), &mut m.a, &g.da), (m.keys.1.clone(), &mut m.b, &g.db)] {
+                let (m1, m2) = self.moments.entry(key).or_insert_with(|| (vec![0.0; p.len()], vec![0.0; p.len()]));
+                for i in 0..p.len() {
+                    let gi = gr[i] as f64 * clip;
+                    let mi = b1 * m1[i] as f64 + (1.0 - b1) * gi;
+                    let vi = b2 * m2[i] as f64 + (1.0 - b2) * gi * gi;
+                    m1[i] = mi as f32;
+                    m2[i] = vi as f32;
+                    let mut w = p[i] as f64;
+                    w *= 1.0 - lr * self.cfg.weight_decay;
+                    w -= lr * (mi / bc1) / ((vi / bc2).sqrt() + self.cfg.eps);
+                    p[i] = w as f32;
+                }
+            }
+        }
+        Ok(StepInfo { lr, grad_norm })
+    }
+
+    /// The moments as (name, values) tensors for saving: `{key}.exp_avg` and `{key}.exp_avg_sq`.
+    pub fn state_tensors(&self) -> Vec<(String, Vec<usize>, &[f32])> {
+        let mut out = Vec::new();
+        for (k, (m1, m2)) in &self.moments {
+            out.push((format!("{k}.exp_avg"), vec![m1.len()], m1.as_slice()));
+            out.push((format!("{k}.exp_avg_sq"), vec![m2.len()], m2.as_slice()));
+        }
+        out
+    }
+
+    /// Restores moments saved by `state_tensors`.
+    pub fn load_state(&mut self, step: usize, store: &crate::weights::WeightStore) -> Result<()> {
+        self.step = step;
+        self.moments.clear();
+        let mut keys: Vec<&str> = store.keys().filter(|k| k.ends_with(".exp_avg")).collect();
+        keys.sort();
+        for k in keys {
+            let base = k.trim_end_matches(".exp_avg");
+            let m1 = store.f32_any_shape(k)?;
+            let m2 = store.f32_any_shape(&format!("{base}.exp_avg_sq"))?;
+            if m1.len() != m2.len() {
+                return Err(EngineError::Input(format!("optimizer state for `{base}` has mismatched moment sizes")));
+            }
+            self.moments.insert(base.to_string(), (m1, m2));
+        }
+        Ok(())
+    }
+}
