@@ -30,6 +30,8 @@ enum Command {
     Generate(GenerateArgs),
     /// DPO loss of token-form pairs and its gradient w.r.t. every LoRA tensor of --adapter.
     Grad(train_cli::GradArgs),
+    /// Train a LoRA adapter with DPO on preference pairs.
+    TrainDpo(train_cli::TrainDpoArgs),
     /// Measure prefill and decode tokens/s on random inputs (see benches/llava_cpu.sh).
     Bench(bench::BenchArgs),
 }
@@ -122,6 +124,7 @@ fn main() {
         Command::Generate(a) => cmd_generate(a),
         Command::Bench(a) => bench::run(a),
         Command::Grad(a) => train_cli::cmd_grad(a),
+        Command::TrainDpo(a) => train_cli::cmd_train_dpo(a),
     };
     if let Err(e) = res {
         eprintln!("rlaifd: error: {}", error_chain(&e));

@@ -97,3 +97,262 @@ pub fn cmd_grad(a: GradArgs) -> Result<()> {
     println!("{}", serde_json::json!({ "loss": loss, "pairs": per_pair.len(), "per_pair": per_pair, "out": a.out }));
     Ok(())
 }
+
+#[derive(clap::Args)]
+pub struct TrainDpoArgs {
+    #[arg(long)]
+    model: PathBuf,
+    /// Start from this PEFT adapter (otherwise a fresh LoRA adapter is created with --r/--lora-alpha/--target-*).
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// JSONL pairs: token form {"image", "prompt_ids", "chosen_ids", "rejected_ids"} or the RLAIF-V dataset
+    /// schema {"image_path", "question", "chosen", "rejected"} (text, tokenized with the model's tokenizer and
+    /// chat template; answers end with EOS). Image paths are relative to the pairs file.
+    #[arg(long)]
+    pairs: PathBuf,
+    /// Output PEFT adapter directory (optimizer state and trainer_state.json beside the weights).
+    #[arg(long)]
+    out: PathBuf,
+    /// Continue the run saved in --out (same pairs and settings) from its last step.
+    #[arg(long)]
+    resume: bool,
+    /// Reference model: "start" (the policy at the start: --adapter, or the base for a fresh adapter) or "base".
+    #[arg(long, default_value = "start")]
+    reference: String,
+    #[arg(long, default_value_t = 0.1)]
+    beta: f64,
+    /// sigmoid (DPO), ipo, or length_normalized.
+    #[arg(long, default_value = "sigmoid")]
+    loss: String,
+    #[arg(long, default_value_t = 0.0)]
+    label_smoothing: f64,
+    /// NLL weight on the chosen answer (RPO); 0 = off.
+    #[arg(long, default_value_t = 0.0)]
+    nll_weight: f64,
+    #[arg(long, default_value_t = 1e-5)]
+    lr: f64,
+    #[arg(long, default_value_t = 4)]
+    epochs: usize,
+    /// Pairs per optimizer step (gradient accumulation).
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 0.05)]
+    warmup_ratio: f64,
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 64)]
+    r: usize,
+    #[arg(long, default_value_t = 16.0)]
+    lora_alpha: f64,
+    #[arg(long)]
+    use_rslora: bool,
+    /// Comma-separated module names (peft target_modules list), e.g. q_proj,v_proj.
+    #[arg(long, conflicts_with = "target_regex")]
+    target_modules: Option<String>,
+    /// Regex over full module paths (default: every linear layer of the language model).
+    #[arg(long)]
+    target_regex: Option<String>,
+    /// Save a resumable checkpoint every N steps (0 = only at the end).
+    #[arg(long, default_value_t = 0)]
+    save_every: usize,
+    /// Stop after this many optimizer steps in total (the schedule still spans all epochs); for resumable runs.
+    #[arg(long)]
+    stop_after: Option<usize>,
+}
+
+/// Pairs in token form; text pairs are tokenized with the model's tokenizer and the chat template.
+fn read_any_pairs(path: &Path, model: &Model) -> Result<Vec<TokenPairOwned>> {
+    let file = std::fs::File::open(path).with_context(|| format!("cannot open pairs file {}", path.display()))?;
+    let first = std::io::BufReader::new(file).lines().map_while(|l| l.ok()).find(|l| !l.trim().is_empty()).unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(&first).with_context(|| format!("{} line 1: not valid JSON", path.display()))?;
+    if v.get("prompt_ids").is_some() {
+        return read_token_pairs(path);
+    }
+    let tok = engine::tokenizer::TextTokenizer::from_file(&model.dir.join("tokenizer.json"))?;
+    let eos = *model.llm.cfg.eos_token_ids.first().unwrap_or(&2);
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let where_ = || format!("{} line {}", path.display(), n + 1);
+        let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{}: not valid JSON", where_()))?;
+        let field = |k: &str| -> Result<String> {
+            v.get(k).and_then(|s| s.as_str()).map(str::to_string).with_context(|| format!("{}: needs a string field \"{k}\" (RLAIF-V schema: image_path, question, chosen, rejected)", where_()))
+        };
+        let image = v.get("image_path").or_else(|| v.get("image")).and_then(|s| s.as_str()).map(|s| dir.join(s));
+        let template = if image.is_some() { engine::tokenizer::LLAVA_15_TEMPLATE } else { engine::tokenizer::TEXT_TEMPLATE };
+        let prompt_text = engine::tokenizer::apply_template(template, &field("question")?);
+        let prompt_ids = tok.encode(&prompt_text, true)?;
+        let answer = |a: String| -> Result<Vec<u32>> {
+            // Tokenize prompt + answer together (as training data is) and keep what follows the prompt.
+            let full = tok.encode(&format!("{prompt_text} {a}"), true)?;
+            let mut ids = if full.starts_with(&prompt_ids) { full[prompt_ids.len()..].to_vec() } else { tok.encode(&a, false)? };
+            ids.push(eos);
+            Ok(ids)
+        };
+        out.push(TokenPairOwned { image, chosen_ids: answer(field("chosen")?)?, rejected_ids: answer(field("rejected")?)?, prompt_ids });
+    }
+    if out.is_empty() {
+        bail!("{} holds no pairs", path.display());
+    }
+    Ok(out)
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct TrainerState {
+    step: usize,
+    total_steps: usize,
+    train: engine::train::trainer::TrainConfig,
+    optim: engine::train::optim::AdamWConfig,
+    reference: String,
+    pairs_file: String,
+    n_pairs: usize,
+    /// Reference log-probs, so a resumed run uses exactly the same ones.
+    references: Vec<(f64, f64)>,
+}
+
+fn save_run(out: &Path, model: &Model, adapter: &engine::Adapter, opt: &engine::train::optim::AdamW, state: &TrainerState) -> Result<()> {
+    let tmp_state = std::env::temp_dir().join(format!("rlaifd-optim-{}.safetensors", std::process::id()));
+    write_f32_safetensors(&tmp_state, &opt.state_tensors())?;
+    let optim_bytes = std::fs::read(&tmp_state)?;
+    let _ = std::fs::remove_file(&tmp_state);
+    let state_json = serde_json::to_vec_pretty(state)?;
+    adapter.save(out, &model.dir, &[("optimizer.safetensors", optim_bytes), ("trainer_state.json", state_json)])?;
+    Ok(())
+}
+
+pub fn cmd_train_dpo(a: TrainDpoArgs) -> Result<()> {
+    use engine::adapter::{LoraSpec, TargetModules};
+    use engine::train::dpo::{DpoConfig, DpoLoss};
+    use engine::train::optim::{AdamW, AdamWConfig};
+    use engine::train::trainer::{precompute_references, steps_per_epoch, train_dpo, TrainConfig};
+    use std::io::IsTerminal;
+
+    let model = Model::load(&a.model).with_context(|| format!("loading model {}", a.model.display()))?;
+    let loss = match a.loss.as_str() {
+        "sigmoid" => DpoLoss::Sigmoid,
+        "ipo" => DpoLoss::Ipo,
+        "length_normalized" => DpoLoss::LengthNormalized,
+        other => bail!("--loss {other}: expected sigmoid, ipo or length_normalized"),
+    };
+    if a.batch_size == 0 || a.epochs == 0 {
+        bail!("--batch-size and --epochs must be at least 1");
+    }
+    let pairs = read_any_pairs(&a.pairs, &model)?;
+    let images: Vec<Option<PixelValues>> = pairs
+        .iter()
+        .enumerate()
+        .map(|(i, p)| match &p.image {
+            Some(path) => model.load_image(path).map(Some).with_context(|| format!("{} line {}", a.pairs.display(), i + 1)),
+            None => Ok(None),
+        })
+        .collect::<Result<_>>()?;
+    let token_pairs: Vec<TokenPair> = pairs
+        .iter()
+        .zip(&images)
+        .map(|(p, img)| TokenPair { pixels: img.as_ref(), prompt_ids: &p.prompt_ids, chosen_ids: &p.chosen_ids, rejected_ids: &p.rejected_ids })
+        .collect();
+    let train_cfg = TrainConfig {
+        dpo: DpoConfig { beta: a.beta, loss, label_smoothing: a.label_smoothing, nll_weight: a.nll_weight },
+        epochs: a.epochs,
+        batch_size: a.batch_size,
+        seed: a.seed,
+    };
+    let total = steps_per_epoch(token_pairs.len(), a.batch_size) * a.epochs;
+    let optim_cfg = AdamWConfig {
+        lr: a.lr,
+        weight_decay: a.weight_decay,
+        max_grad_norm: a.max_grad_norm,
+        warmup_steps: (a.warmup_ratio * total as f64).ceil() as usize,
+        total_steps: total,
+        ..Default::default()
+    };
+
+    let (mut adapter, mut opt, refs, reference) = if a.resume {
+        let state: TrainerState = serde_json::from_slice(&std::fs::read(a.out.join("trainer_state.json")).with_context(|| {
+            format!("--resume: {} has no trainer_state.json (not a run saved by rlaifd train-dpo)", a.out.display())
+        })?)
+        .with_context(|| format!("{}: invalid trainer_state.json", a.out.display()))?;
+        if state.n_pairs != token_pairs.len() || state.train != train_cfg || state.optim != optim_cfg {
+            bail!("--resume: the pairs or settings differ from the saved run in {} (it used {} pairs, {:?})", a.out.display(), state.n_pairs, state.train);
+        }
+        let adapter = model.load_adapter(&a.out)?;
+        let mut opt = AdamW::new(optim_cfg.clone());
+        let store = engine::weights::WeightStore::open_files(&[a.out.join("optimizer.safetensors")])?;
+        opt.load_state(state.step, &store)?;
+        eprintln!("resuming {} at step {}/{}", a.out.display(), state.step, state.total_steps);
+        (adapter, opt, state.references, state.reference)
+    } else {
+        let start = match &a.adapter {
+            Some(dir) => Some(model.load_adapter(dir).with_context(|| format!("loading adapter {}", dir.display()))?),
+            None => None,
+        };
+        let reference = match a.reference.as_str() {
+            "base" | "start" => a.reference.clone(),
+            other => bail!("--reference {other}: expected start or base"),
+        };
+        eprintln!("computing reference log-probs for {} pairs ({})", token_pairs.len(), reference);
+        let refs = precompute_references(&model, if reference == "start" { start.as_ref() } else { None }, &token_pairs)?;
+        let adapter = match start {
+            Some(ad) => ad,
+            None => {
+                let targets = match (&a.target_modules, &a.target_regex) {
+                    (Some(list), _) => TargetModules::Names(list.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()),
+                    (None, Some(re)) => TargetModules::Regex(re.clone()),
+                    (None, None) => match model.config.llava() {
+                        Some(_) => LoraSpec::default().target_modules,
+                        None => TargetModules::Names(
+                            ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"].map(String::from).to_vec(),
+                        ),
+                    },
+                };
+                let spec = LoraSpec { r: a.r, lora_alpha: a.lora_alpha, use_rslora: a.use_rslora, lora_dropout: 0.0, target_modules: targets };
+                model.create_adapter(&spec, a.seed)?
+            }
+        };
+        (adapter, AdamW::new(optim_cfg.clone()), refs, reference)
+    };
+
+    let tty = std::io::stderr().is_terminal();
+    let mut state = TrainerState {
+        step: opt.step,
+        total_steps: total,
+        train: train_cfg.clone(),
+        optim: optim_cfg,
+        reference,
+        pairs_file: a.pairs.display().to_string(),
+        n_pairs: token_pairs.len(),
+        references: refs.clone(),
+    };
+    let end = a.stop_after.map_or(total, |s| s.min(total));
+    // Train in chunks between checkpoints so a crash loses at most `save_every` steps.
+    while opt.step < end {
+        let chunk_end = if a.save_every > 0 { (opt.step + a.save_every).min(end) } else { end };
+        train_dpo(&model, &mut adapter, &token_pairs, &refs, &train_cfg, &mut opt, Some(chunk_end), |log| {
+            println!("{}", serde_json::to_string(log).unwrap_or_default());
+            let msg = format!(
+                "step {}/{} loss {:.4} acc {:.2} margin {:.4} lr {:.2e} {:.1} pairs/s",
+                log.step, log.total_steps, log.loss, log.reward_accuracy, log.reward_margin, log.lr, log.pairs_per_s
+            );
+            if tty {
+                eprint!("\r{msg}   ");
+            } else {
+                eprintln!("{msg}");
+            }
+        })?;
+        state.step = opt.step;
+        save_run(&a.out, &model, &adapter, &opt, &state)?;
+    }
+    if tty {
+        eprintln!();
+    }
+    eprintln!("saved {} (step {}/{})", a.out.display(), opt.step, total);
+    Ok(())
+}

@@ -197,6 +197,17 @@ impl Model {
         }
     }
 
+    /// A fresh LoRA adapter for this model (peft initialisation), its keys in this checkpoint's naming.
+    pub fn create_adapter(&self, spec: &crate::adapter::LoraSpec, seed: u64) -> Result<Adapter> {
+        let mut modules: Vec<(String, String, usize, usize)> = self
+            .linear_shapes
+            .iter()
+            .map(|(name, &(i, o))| (name.clone(), crate::adapter::peft_module_path(name, self.family(), self.layout.name, &self.layout.vision), i, o))
+            .collect();
+        modules.sort();
+        Adapter::create(spec, &modules, seed)
+    }
+
     /// Loads a PEFT LoRA adapter made for this model.
     pub fn load_adapter(&self, dir: &Path) -> Result<Adapter> {
         Adapter::load(dir, self.family(), &self.linear_shapes)

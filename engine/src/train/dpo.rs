@@ -24,56 +24,137 @@ pub struct PairLogps {
     pub ref_rejected: f64,
 }
 
-/// -log σ(β · ((π_c − r_c) − (π_r − r_r))) and its derivatives w.r.t. π_c and π_r.
-pub fn dpo_sigmoid_loss(l: &PairLogps, beta: f64) -> (f64, f64, f64) {
-    let z = beta * ((l.policy_chosen - l.ref_chosen) - (l.policy_rejected - l.ref_rejected));
-    // -log σ(z) = softplus(-z), computed stably.
-    let loss = if z > 0.0 { (-z).exp().ln_1p() } else { -z + z.exp().ln_1p() };
-    let sig_neg = 1.0 / (1.0 + z.exp()); // σ(-z) = -d loss / d z
-    (loss, -beta * sig_neg, beta * sig_neg)
+/// Which preference loss.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DpoLoss {
+    /// DPO: −log σ(β·h), h = (π_c − r_c) − (π_r − r_r); with label smoothing ε (robust / conservative DPO):
+    /// −(1−ε)·log σ(β·h) − ε·log σ(−β·h).
+    Sigmoid,
+    /// IPO: (h − 1/(2β))².
+    Ipo,
+    /// Length-normalised DPO: h uses per-token averages, (π_c − r_c)/|c| − (π_r − r_r)/|r|.
+    LengthNormalized,
 }
 
-/// Mean DPO loss over `pairs` and its gradient, accumulated into `grads` (which the caller zeroes).
-/// The reference is the base model with the adapter disabled.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DpoConfig {
+    pub beta: f64,
+    pub loss: DpoLoss,
+    pub label_smoothing: f64,
+    /// Weight of the NLL term on the chosen answer (RPO), per token: −w·π_c/|c|. 0 = off (RLAIF-V default).
+    pub nll_weight: f64,
+}
+
+impl Default for DpoConfig {
+    fn default() -> Self {
+        DpoConfig { beta: 0.1, loss: DpoLoss::Sigmoid, label_smoothing: 0.0, nll_weight: 0.0 }
+    }
+}
+
+fn softplus(x: f64) -> f64 {
+    if x > 0.0 {
+        x + (-x).exp().ln_1p()
+    } else {
+        x.exp().ln_1p()
+    }
+}
+
+fn sigmoid(x: f64) -> f64 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// Loss of one pair and its derivatives w.r.t. π_c and π_r (summed answer log-probs under the policy).
+pub fn pair_loss(cfg: &DpoConfig, l: &PairLogps, len_c: usize, len_r: usize) -> (f64, f64, f64) {
+    let (lc, lr) = (len_c.max(1) as f64, len_r.max(1) as f64);
+    let (dc, dr) = (l.policy_chosen - l.ref_chosen, l.policy_rejected - l.ref_rejected);
+    let b = cfg.beta;
+    let (mut loss, mut d_pc, d_pr) = match cfg.loss {
+        DpoLoss::Sigmoid | DpoLoss::LengthNormalized => {
+            let (wc, wr) = if cfg.loss == DpoLoss::LengthNormalized { (1.0 / lc, 1.0 / lr) } else { (1.0, 1.0) };
+            let z = b * (dc * wc - dr * wr);
+            let e = cfg.label_smoothing;
+            let loss = (1.0 - e) * softplus(-z) + e * softplus(z);
+            let dz = -(1.0 - e) * sigmoid(-z) + e * sigmoid(z);
+            (loss, dz * b * wc, -dz * b * wr)
+        }
+        DpoLoss::Ipo => {
+            let h = dc - dr;
+            let target = 1.0 / (2.0 * b);
+            ((h - target).powi(2), 2.0 * (h - target), -2.0 * (h - target))
+        }
+    };
+    if cfg.nll_weight != 0.0 {
+        loss += -cfg.nll_weight * l.policy_chosen / lc;
+        d_pc += -cfg.nll_weight / lc;
+    }
+    (loss, d_pc, d_pr)
+}
+
+/// Reference log-probs (π_ref of chosen, rejected) of a pair: the base model with `reference` (None = no adapter).
+pub fn reference_logps(model: &Model, reference: Option<&Adapter>, p: &TokenPair) -> Result<(f64, f64)> {
+    let feats = match p.pixels {
+        Some(px) => Some(model.image_features(px, reference)?),
+        None => None,
+    };
+    let c = model.answer_logp(p.prompt_ids, p.chosen_ids, feats.as_deref(), reference)?;
+    let r = model.answer_logp(p.prompt_ids, p.rejected_ids, feats.as_deref(), reference)?;
+    Ok((c, r))
+}
+
+/// Forward and backward of one pair under the policy `adapter`, the loss scaled by `weight` (1 / batch size).
+/// Returns the unscaled loss and the pair's log-probs; LoRA gradients accumulate into `grads`.
+pub fn pair_forward_backward(
+    model: &Model,
+    adapter: &Adapter,
+    p: &TokenPair,
+    refs: (f64, f64),
+    cfg: &DpoConfig,
+    weight: f64,
+    grads: &mut LoraGrads,
+) -> Result<(f64, PairLogps)> {
+    if p.chosen_ids.is_empty() || p.rejected_ids.is_empty() {
+        return Err(EngineError::Input("chosen and rejected answers must not be empty".into()));
+    }
+    let img: Option<ImageTape> = match p.pixels {
+        Some(px) => Some(model.image_forward_train(px, Some(adapter))?),
+        None => None,
+    };
+    let feats = img.as_ref().map(|t| t.features.as_slice());
+    let sc = model.score_train(p.prompt_ids, p.chosen_ids, feats, Some(adapter))?;
+    let sr = model.score_train(p.prompt_ids, p.rejected_ids, feats, Some(adapter))?;
+    let l = PairLogps { policy_chosen: sc.logp_sum(), policy_rejected: sr.logp_sum(), ref_chosen: refs.0, ref_rejected: refs.1 };
+    let (loss, d_pc, d_pr) = pair_loss(cfg, &l, p.chosen_ids.len(), p.rejected_ids.len());
+    if !loss.is_finite() {
+        return Err(EngineError::Input(format!("the loss is {loss} (log-probs {l:?})")));
+    }
+    let d_embed_c = model.score_backward(&sc, (d_pc * weight) as f32, Some(adapter), Some(grads))?;
+    let d_embed_r = model.score_backward(&sr, (d_pr * weight) as f32, Some(adapter), Some(grads))?;
+    if let Some(t) = &img {
+        let mut d_feats = sc.image_rows_grad(&d_embed_c);
+        for (a, b) in d_feats.iter_mut().zip(sr.image_rows_grad(&d_embed_r)) {
+            *a += b;
+        }
+        model.image_backward_train(t, d_feats, Some(adapter), Some(grads));
+    }
+    Ok((loss, l))
+}
+
+/// Mean DPO (sigmoid) loss over `pairs` and its gradient, accumulated into `grads` (which the caller zeroes).
+/// The reference is the base model with the adapter disabled. This is `rlaifd grad`'s contract.
 pub fn dpo_loss_and_grads(model: &Model, adapter: &Adapter, pairs: &[TokenPair], beta: f64, grads: &mut LoraGrads) -> Result<(f64, Vec<PairLogps>)> {
     if pairs.is_empty() {
         return Err(EngineError::Input("no preference pairs".into()));
     }
-    let inv_n = 1.0 / pairs.len() as f64;
+    let cfg = DpoConfig { beta, ..Default::default() };
+    let weight = 1.0 / pairs.len() as f64;
     let mut total = 0.0;
     let mut all = Vec::with_capacity(pairs.len());
     for (i, p) in pairs.iter().enumerate() {
-        if p.chosen_ids.is_empty() || p.rejected_ids.is_empty() {
-            return Err(EngineError::Input(format!("pair {i}: chosen and rejected answers must not be empty")));
-        }
-        // Reference log-probs: no adapter, no tape.
-        let ref_feats = match p.pixels {
-            Some(px) => Some(model.image_features(px, None)?),
-            None => None,
-        };
-        let ref_c = model.answer_logp(p.prompt_ids, p.chosen_ids, ref_feats.as_deref(), None)?;
-        let ref_r = model.answer_logp(p.prompt_ids, p.rejected_ids, ref_feats.as_deref(), None)?;
-        // Policy with tapes.
-        let img: Option<ImageTape> = match p.pixels {
-            Some(px) => Some(model.image_forward_train(px, Some(adapter))?),
-            None => None,
-        };
-        let feats = img.as_ref().map(|t| t.features.as_slice());
-        let sc = model.score_train(p.prompt_ids, p.chosen_ids, feats, Some(adapter))?;
-        let sr = model.score_train(p.prompt_ids, p.rejected_ids, feats, Some(adapter))?;
-        let l = PairLogps { policy_chosen: sc.logp_sum(), policy_rejected: sr.logp_sum(), ref_chosen: ref_c, ref_rejected: ref_r };
-        let (loss, d_pc, d_pr) = dpo_sigmoid_loss(&l, beta);
-        total += loss * inv_n;
+        let refs = reference_logps(model, None, p).map_err(|e| EngineError::Input(format!("pair {i}: {e}")))?;
+        let (loss, l) = pair_forward_backward(model, adapter, p, refs, &cfg, weight, grads).map_err(|e| EngineError::Input(format!("pair {i}: {e}")))?;
+        total += loss * weight;
         all.push(l);
-        let d_embed_c = model.score_backward(&sc, (d_pc * inv_n) as f32, Some(adapter), Some(grads))?;
-        let d_embed_r = model.score_backward(&sr, (d_pr * inv_n) as f32, Some(adapter), Some(grads))?;
-        if let Some(t) = &img {
-            let mut d_feats = sc.image_rows_grad(&d_embed_c);
-            for (a, b) in d_feats.iter_mut().zip(sr.image_rows_grad(&d_embed_r)) {
-                *a += b;
-            }
-            model.image_backward_train(t, d_feats, Some(adapter), Some(grads));
-        }
     }
     Ok((total, all))
 }

@@ -4,6 +4,8 @@
 //! are assigned (`=`). So a batch's gradient is the sum of its examples' backward passes into one `LoraGrads`.
 
 pub mod dpo;
+pub mod optim;
+pub mod trainer;
 
 use crate::adapter::Adapter;
 use std::collections::HashMap;

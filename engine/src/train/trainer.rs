@@ -1,0 +1,115 @@
+//! The DPO training loop: deterministic shuffling per epoch, reference log-probs precomputed once per pair,
+//! gradient accumulation over a batch, AdamW steps, per-step metrics, and exact resume from a saved state.
+
+use crate::adapter::Adapter;
+use crate::error::Result;
+use crate::llava::Model;
+use crate::rng::SplitMix64;
+use crate::train::dpo::{pair_forward_backward, reference_logps, DpoConfig, TokenPair};
+use crate::train::optim::AdamW;
+use crate::train::LoraGrads;
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TrainConfig {
+    pub dpo: DpoConfig,
+    pub epochs: usize,
+    /// Pairs per optimizer step (gradients accumulated over them).
+    pub batch_size: usize,
+    /// Seed of the pair order.
+    pub seed: u64,
+}
+
+/// Metrics of one optimizer step (RLAIF-V / TRL names: rewards are β·(π − π_ref)).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct StepLog {
+    pub step: usize,
+    pub total_steps: usize,
+    pub epoch: usize,
+    pub loss: f64,
+    pub reward_accuracy: f64,
+    pub reward_margin: f64,
+    pub chosen_reward: f64,
+    pub rejected_reward: f64,
+    pub logp_chosen: f64,
+    pub logp_rejected: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub pairs_per_s: f64,
+}
+
+/// Optimizer steps per epoch for `n` pairs.
+pub fn steps_per_epoch(n: usize, batch_size: usize) -> usize {
+    n.div_ceil(batch_size.max(1))
+}
+
+/// The pair order of `epoch`: a Fisher-Yates shuffle seeded by (seed, epoch).
+pub fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
+    let mut rng = SplitMix64::new(seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut idx: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+        idx.swap(i, j);
+    }
+    idx
+}
+
+/// Reference log-probs of every pair under `reference` (None = the base model).
+pub fn precompute_references(model: &Model, reference: Option<&Adapter>, pairs: &[TokenPair]) -> Result<Vec<(f64, f64)>> {
+    pairs.iter().map(|p| reference_logps(model, reference, p)).collect()
+}
+
+/// Runs optimizer steps `opt.step ..` until `stop_after` steps in total (or the schedule's end), calling
+/// `on_step` after each. `refs[i]` are pair i's reference log-probs.
+pub fn train_dpo(
+    model: &Model,
+    adapter: &mut Adapter,
+    pairs: &[TokenPair],
+    refs: &[(f64, f64)],
+    cfg: &TrainConfig,
+    opt: &mut AdamW,
+    stop_after: Option<usize>,
+    mut on_step: impl FnMut(&StepLog),
+) -> Result<()> {
+    let per_epoch = steps_per_epoch(pairs.len(), cfg.batch_size);
+    let total = per_epoch * cfg.epochs;
+    let end = stop_after.map_or(total, |s| s.min(total));
+    while opt.step < end {
+        let t0 = std::time::Instant::now();
+        let epoch = opt.step / per_epoch;
+        let order = epoch_order(pairs.len(), cfg.seed, epoch);
+        let b = opt.step % per_epoch;
+        let batch = &order[b * cfg.batch_size..((b + 1) * cfg.batch_size).min(order.len())];
+        let mut grads = LoraGrads::zeros_like(adapter);
+        let weight = 1.0 / batch.len() as f64;
+        let (mut loss, mut acc, mut margin, mut cr, mut rr, mut lc, mut lr_) = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
+        for &i in batch {
+            let (l, lp) = pair_forward_backward(model, adapter, &pairs[i], refs[i], &cfg.dpo, weight, &mut grads)?;
+            let chosen_reward = cfg.dpo.beta * (lp.policy_chosen - lp.ref_chosen);
+            let rejected_reward = cfg.dpo.beta * (lp.policy_rejected - lp.ref_rejected);
+            loss += l * weight;
+            acc += if chosen_reward > rejected_reward { weight } else { 0.0 };
+            margin += (chosen_reward - rejected_reward) * weight;
+            cr += chosen_reward * weight;
+            rr += rejected_reward * weight;
+            lc += lp.policy_chosen * weight;
+            lr_ += lp.policy_rejected * weight;
+        }
+        let info = opt.step(adapter, &grads)?;
+        on_step(&StepLog {
+            step: opt.step,
+            total_steps: total,
+            epoch,
+            loss,
+            reward_accuracy: acc,
+            reward_margin: margin,
+            chosen_reward: cr,
+            rejected_reward: rr,
+            logp_chosen: lc,
+            logp_rejected: lr_,
+            lr: info.lr,
+            grad_norm: info.grad_norm,
+            pairs_per_s: batch.len() as f64 / t0.elapsed().as_secs_f64(),
+        });
+    }
+    Ok(())
+}
