@@ -1,0 +1,129 @@
+//! `rlaifd grad` and `rlaifd train-dpo` as outside callers use them.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn tmp(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("rlaifd-train-cli-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn run(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_rlaifd")).args(args).output().expect("run rlaifd");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn grad_prints_loss_and_writes_gradients_under_adapter_keys() {
+    let case = root().join("tests/fixtures/grad/l15_4x_f32_gqa_tied_lora");
+    let exp: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(case.join("expected.json")).unwrap()).unwrap();
+    let out = tmp("grad").join("grads.safetensors");
+    let (ok, stdout, stderr) = run(&[
+        "grad",
+        "--model", case.join(exp["model_dir"].as_str().unwrap()).to_str().unwrap(),
+        "--adapter", case.join(exp["adapter_dir"].as_str().unwrap()).to_str().unwrap(),
+        "--pairs", case.join("pairs.jsonl").to_str().unwrap(),
+        "--beta", &exp["beta"].to_string(),
+        "--out", out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
+    let loss = v["loss"].as_f64().unwrap();
+    assert!((loss - exp["loss"].as_f64().unwrap()).abs() < 1e-5, "{loss}");
+    let got = engine::weights::WeightStore::open_files(&[out.clone()]).unwrap();
+    let want = engine::weights::WeightStore::open_files(&[case.join("grads.safetensors")]).unwrap();
+    let mut keys: Vec<&str> = want.keys().collect();
+    keys.sort();
+    let mut got_keys: Vec<&str> = got.keys().collect();
+    got_keys.sort();
+    assert_eq!(keys, got_keys, "gradient file must hold exactly the adapter's tensor names");
+    for k in keys {
+        let (a, b) = (got.f32_any_shape(k).unwrap(), want.f32_any_shape(k).unwrap());
+        let norm: f32 = b.iter().map(|x| x * x).sum::<f32>().sqrt();
+        let diff: f32 = a.iter().zip(&b).map(|(x, y)| (x - y) * (x - y)).sum::<f32>().sqrt();
+        assert!(diff <= 1e-3 * norm.max(1e-12) || (norm == 0.0 && diff == 0.0), "{k}: {diff} vs norm {norm}");
+    }
+}
+
+fn train_args<'a>(model: &'a str, pairs: &'a str, out: &'a str) -> Vec<&'a str> {
+    vec![
+        "train-dpo", "--model", model, "--pairs", pairs, "--out", out, "--epochs", "4", "--batch-size", "2", "--lr", "1e-3", "--r", "4",
+        "--lora-alpha", "8", "--warmup-ratio", "0.25", "--seed", "5",
+    ]
+}
+
+#[test]
+fn train_dpo_resume_gives_the_same_weights_as_an_uninterrupted_run() {
+    let model = root().join("tests/fixtures/llava/llama_text_only/model");
+    let pairs = root().join("tests/fixtures/grad/llama_text_only/pairs.jsonl");
+    let d = tmp("resume");
+    let (straight, split) = (d.join("straight"), d.join("split"));
+    let (m, p) = (model.to_str().unwrap(), pairs.to_str().unwrap());
+    let (ok, stdout, stderr) = run(&train_args(m, p, straight.to_str().unwrap()));
+    assert!(ok, "{stderr}");
+    assert_eq!(stdout.lines().count(), 8, "one JSON log line per step (3 pairs / batch 2 = 2 steps x 4 epochs)");
+    let last: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    for key in ["loss", "reward_accuracy", "reward_margin", "logp_chosen", "logp_rejected", "lr", "grad_norm"] {
+        assert!(last[key].is_number(), "log line lacks {key}: {last}");
+    }
+    // Interrupted after 3 steps, then resumed.
+    let mut args = train_args(m, p, split.to_str().unwrap());
+    args.extend(["--stop-after", "3"]);
+    let (ok, stdout, stderr) = run(&args);
+    assert!(ok, "{stderr}");
+    assert_eq!(stdout.lines().count(), 3);
+    let mut args = train_args(m, p, split.to_str().unwrap());
+    args.push("--resume");
+    let (ok, stdout, stderr) = run(&args);
+    assert!(ok, "{stderr}");
+    assert_eq!(stdout.lines().count(), 5, "steps 4..8");
+    for f in ["adapter_model.safetensors", "optimizer.safetensors"] {
+        assert_eq!(std::fs::read(straight.join(f)).unwrap(), std::fs::read(split.join(f)).unwrap(), "{f} differs after resume");
+    }
+    // Resuming with other settings is refused and changes nothing.
+    let before = std::fs::read(split.join("adapter_model.safetensors")).unwrap();
+    let mut args = train_args(m, p, split.to_str().unwrap());
+    args.extend(["--resume", "--beta", "0.3"]);
+    let (ok, _, stderr) = run(&args);
+    assert!(!ok && stderr.contains("differ"), "{stderr}");
+    assert_eq!(before, std::fs::read(split.join("adapter_model.safetensors")).unwrap());
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn train_dpo_reads_the_rlaif_v_text_schema_with_images() {
+    let case = root().join("tests/fixtures/llava/l15_452_f16_mqa_sharded_lora");
+    let d = tmp("text");
+    std::fs::copy(case.join("image.png"), d.join("img.png")).unwrap();
+    let lines = [
+        r#"{"image_path": "img.png", "question": "is there a red circle ?", "chosen": "yes , there is a red circle .", "rejected": "no ."}"#,
+        r#"{"image_path": "img.png", "question": "what color is the box ?", "chosen": "the box is blue .", "rejected": "it is a red dog ."}"#,
+    ];
+    std::fs::write(d.join("pairs.jsonl"), lines.join("\n")).unwrap();
+    let out = d.join("adapter");
+    let (ok, stdout, stderr) = run(&[
+        "train-dpo", "--model", case.join("model").to_str().unwrap(), "--pairs", d.join("pairs.jsonl").to_str().unwrap(),
+        "--out", out.to_str().unwrap(), "--epochs", "2", "--batch-size", "2", "--r", "4", "--lr", "1e-3",
+    ]);
+    assert!(ok, "{stderr}");
+    assert_eq!(stdout.lines().count(), 2);
+    // The saved adapter loads and changes the model.
+    let model = engine::Model::load(&case.join("model")).unwrap();
+    let ad = model.load_adapter(&out).unwrap();
+    assert!(!ad.module_names().is_empty());
+    // A broken line is named and nothing is written.
+    std::fs::write(d.join("bad.jsonl"), format!("{}\n{{\"image_path\": \"img.png\", \"question\": 3}}\n", lines[0])).unwrap();
+    let out2 = d.join("adapter2");
+    let (ok, stdout, stderr) = run(&[
+        "train-dpo", "--model", case.join("model").to_str().unwrap(), "--pairs", d.join("bad.jsonl").to_str().unwrap(), "--out", out2.to_str().unwrap(),
+    ]);
+    assert!(!ok && stdout.is_empty() && stderr.contains("bad.jsonl line 2") && stderr.contains("question"), "{stderr}");
+    assert!(!out2.exists());
+    let _ = std::fs::remove_dir_all(&d);
+}
