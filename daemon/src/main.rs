@@ -32,6 +32,8 @@ enum Command {
     Grad(train_cli::GradArgs),
     /// Train a LoRA adapter with DPO on preference pairs.
     TrainDpo(train_cli::TrainDpoArgs),
+    /// Supervised fine-tuning (LoRA, or every parameter with --full) on prompt/answer examples.
+    TrainSft(train_cli::TrainSftArgs),
     /// Measure prefill and decode tokens/s on random inputs (see benches/llava_cpu.sh).
     Bench(bench::BenchArgs),
 }
@@ -125,6 +127,7 @@ fn main() {
         Command::Bench(a) => bench::run(a),
         Command::Grad(a) => train_cli::cmd_grad(a),
         Command::TrainDpo(a) => train_cli::cmd_train_dpo(a),
+        Command::TrainSft(a) => train_cli::cmd_train_sft(a),
     };
     if let Err(e) = res {
         eprintln!("rlaifd: error: {}", error_chain(&e));

@@ -3,7 +3,7 @@
 use anyhow::{bail, Context, Result};
 use engine::image::PixelValues;
 use engine::train::dpo::{dpo_loss_and_grads, TokenPair};
-use engine::train::LoraGrads;
+use engine::train::Grads;
 use engine::weights::write_f32_safetensors;
 use engine::{LoadOptions, Model};
 use std::io::BufRead;
@@ -91,7 +91,7 @@ pub fn cmd_grad(a: GradArgs) -> Result<()> {
         .zip(&images)
         .map(|(p, img)| TokenPair { pixels: img.as_ref(), prompt_ids: &p.prompt_ids, chosen_ids: &p.chosen_ids, rejected_ids: &p.rejected_ids })
         .collect();
-    let mut grads = LoraGrads::zeros_like(&adapter);
+    let mut grads = Grads::zeros_like(&adapter);
     let (loss, per_pair) = dpo_loss_and_grads(&model, &adapter, &token_pairs, a.beta, &mut grads)?;
     write_f32_safetensors(&a.out, &grads.named_tensors(&adapter))?;
     println!("{}", serde_json::json!({ "loss": loss, "pairs": per_pair.len(), "per_pair": per_pair, "out": a.out }));
@@ -354,5 +354,172 @@ pub fn cmd_train_dpo(a: TrainDpoArgs) -> Result<()> {
         eprintln!();
     }
     eprintln!("saved {} (step {}/{})", a.out.display(), opt.step, total);
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct TrainSftArgs {
+    #[arg(long)]
+    model: PathBuf,
+    /// JSONL examples: token form {"image", "prompt_ids", "answer_ids"} or text {"image", "prompt", "answer"}
+    /// (wrapped in the chat template, answer ends with EOS). Image paths are relative to the file.
+    #[arg(long)]
+    data: PathBuf,
+    /// Held-out examples (same format): their loss is printed before training and after every epoch.
+    #[arg(long)]
+    eval: Option<PathBuf>,
+    /// Output: a PEFT adapter directory, or with --full a Hugging Face model directory.
+    #[arg(long)]
+    out: PathBuf,
+    /// Train every parameter of the model instead of a LoRA adapter.
+    #[arg(long)]
+    full: bool,
+    #[arg(long, default_value_t = 1e-4)]
+    lr: f64,
+    #[arg(long, default_value_t = 1)]
+    epochs: usize,
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 0.05)]
+    warmup_ratio: f64,
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 64)]
+    r: usize,
+    #[arg(long, default_value_t = 16.0)]
+    lora_alpha: f64,
+    /// Comma-separated module names for LoRA (default: every linear layer of the language model).
+    #[arg(long)]
+    target_modules: Option<String>,
+}
+
+fn read_sft(path: &Path, model: &Model) -> Result<Vec<(Option<PathBuf>, Vec<u32>, Vec<u32>)>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tok: Option<engine::tokenizer::TextTokenizer> = None;
+    let eos = *model.llm.cfg.eos_token_ids.first().unwrap_or(&2);
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let where_ = format!("{} line {}", path.display(), n + 1);
+        let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{where_}: not valid JSON"))?;
+        let image = match v.get("image").or_else(|| v.get("image_path")) {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::String(s)) => Some(dir.join(s)),
+            Some(_) => bail!("{where_}: \"image\" must be a path string"),
+        };
+        if v.get("prompt_ids").is_some() {
+            out.push((image, ids_field(&v, "prompt_ids", path, n + 1)?, ids_field(&v, "answer_ids", path, n + 1)?));
+            continue;
+        }
+        let prompt = v.get("prompt").or_else(|| v.get("question")).and_then(|s| s.as_str());
+        let answer = v.get("answer").and_then(|s| s.as_str());
+        let (Some(prompt), Some(answer)) = (prompt, answer) else {
+            bail!("{where_}: needs \"prompt_ids\"/\"answer_ids\" or text fields \"prompt\" and \"answer\"")
+        };
+        if tok.is_none() {
+            tok = Some(engine::tokenizer::TextTokenizer::from_file(&model.dir.join("tokenizer.json"))?);
+        }
+        let tok = tok.as_ref().expect("tokenizer loaded above");
+        let template = if image.is_some() { engine::tokenizer::LLAVA_15_TEMPLATE } else { engine::tokenizer::TEXT_TEMPLATE };
+        let prompt_text = engine::tokenizer::apply_template(template, prompt);
+        let prompt_ids = tok.encode(&prompt_text, true)?;
+        let full = tok.encode(&format!("{prompt_text} {answer}"), true)?;
+        let mut answer_ids = if full.starts_with(&prompt_ids) { full[prompt_ids.len()..].to_vec() } else { tok.encode(answer, false)? };
+        answer_ids.push(eos);
+        out.push((image, prompt_ids, answer_ids));
+    }
+    if out.is_empty() {
+        bail!("{} holds no examples", path.display());
+    }
+    Ok(out)
+}
+
+pub fn cmd_train_sft(a: TrainSftArgs) -> Result<()> {
+    use engine::adapter::{LoraSpec, TargetModules};
+    use engine::train::optim::{AdamW, AdamWConfig};
+    use engine::train::sft::{sft_eval_loss, train_sft, SftConfig, SftExample, SftTarget};
+    use engine::train::trainer::steps_per_epoch;
+
+    let mut model = Model::load(&a.model).with_context(|| format!("loading model {}", a.model.display()))?;
+    if a.batch_size == 0 || a.epochs == 0 {
+        bail!("--batch-size and --epochs must be at least 1");
+    }
+    let load = |path: &Path, model: &Model| -> Result<(Vec<(Option<PathBuf>, Vec<u32>, Vec<u32>)>, Vec<Option<PixelValues>>)> {
+        let data = read_sft(path, model)?;
+        let images = data
+            .iter()
+            .enumerate()
+            .map(|(i, (img, _, _))| match img {
+                Some(p) => model.load_image(p).map(Some).with_context(|| format!("{} line {}", path.display(), i + 1)),
+                None => Ok(None),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((data, images))
+    };
+    let (train, train_px) = load(&a.data, &model)?;
+    let eval = match &a.eval {
+        Some(p) => Some(load(p, &model)?),
+        None => None,
+    };
+    fn examples<'a>(d: &'a [(Option<PathBuf>, Vec<u32>, Vec<u32>)], px: &'a [Option<PixelValues>]) -> Vec<SftExample<'a>> {
+        d.iter().zip(px).map(|((_, p, ans), img)| SftExample { pixels: img.as_ref(), prompt_ids: p, answer_ids: ans }).collect()
+    }
+    let total = steps_per_epoch(train.len(), a.batch_size) * a.epochs;
+    let mut opt = AdamW::new(AdamWConfig {
+        lr: a.lr,
+        weight_decay: a.weight_decay,
+        max_grad_norm: a.max_grad_norm,
+        warmup_steps: (a.warmup_ratio * total as f64).ceil() as usize,
+        total_steps: total,
+        ..Default::default()
+    });
+    let cfg = SftConfig { epochs: a.epochs, batch_size: a.batch_size, seed: a.seed };
+    let mut adapter = if a.full {
+        None
+    } else {
+        let targets = match &a.target_modules {
+            Some(list) => TargetModules::Names(list.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()),
+            None => match model.config.llava() {
+                Some(_) => LoraSpec::default().target_modules,
+                None => TargetModules::Names(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"].map(String::from).to_vec()),
+            },
+        };
+        Some(model.create_adapter(&LoraSpec { r: a.r, lora_alpha: a.lora_alpha, use_rslora: false, lora_dropout: 0.0, target_modules: targets }, a.seed)?)
+    };
+    let per_epoch = steps_per_epoch(train.len(), a.batch_size);
+    let report_eval = |model: &Model, adapter: Option<&engine::Adapter>, after: usize| -> Result<()> {
+        if let Some((d, px)) = &eval {
+            let loss = sft_eval_loss(model, adapter, &examples(d, px))?;
+            println!("{}", serde_json::json!({ "eval_loss": loss, "after_step": after }));
+            eprintln!("held-out loss after step {after}: {loss:.4}");
+        }
+        Ok(())
+    };
+    report_eval(&model, adapter.as_ref(), 0)?;
+    let train_ex = examples(&train, &train_px);
+    for epoch in 0..a.epochs {
+        let stop = Some((epoch + 1) * per_epoch);
+        let target = match adapter.as_mut() {
+            Some(ad) => SftTarget::Lora(ad),
+            None => SftTarget::Full,
+        };
+        train_sft(&mut model, target, &train_ex, &cfg, &mut opt, stop, |log| {
+            println!("{}", serde_json::to_string(log).unwrap_or_default());
+            eprintln!("step {}/{} loss {:.4} lr {:.2e} {:.0} tokens/s", log.step, log.total_steps, log.loss, log.lr, log.tokens_per_s);
+        })?;
+        report_eval(&model, adapter.as_ref(), opt.step)?;
+    }
+    match &adapter {
+        Some(ad) => ad.save(&a.out, &model.dir, &[])?,
+        None => model.save_checkpoint(&a.out)?,
+    }
+    eprintln!("saved {}", a.out.display());
     Ok(())
 }

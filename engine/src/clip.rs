@@ -4,9 +4,9 @@ use crate::adapter::Adapter;
 use crate::config::ClipVisionConfig;
 use crate::error::{EngineError, Result};
 use crate::linear::Linear;
-use crate::ops::backward::{activation_bwd, attend_dense_bwd, layernorm_bwd};
+use crate::ops::backward::{activation_bwd, attend_dense_bwd, layernorm_bwd, matmul_nt_bwd_w};
 use crate::ops::{add_inplace, apply_activation, attend_dense, layernorm, matmul_nt, MatmulMode};
-use crate::train::LoraGrads;
+use crate::train::Grads;
 use crate::weights::WeightStore;
 
 pub struct ClipLayer {
@@ -69,13 +69,9 @@ impl ClipVision {
         })
     }
 
-    pub fn linears(&self) -> impl Iterator<Item = &Linear> {
-        self.layers.iter().flat_map(|l| [&l.q, &l.k, &l.v, &l.o, &l.fc1, &l.fc2])
-    }
-
-    /// Hidden state after `n_layers` encoder layers (0 = the embeddings after pre_layrnorm).
-    /// pixels: (3, S, S) CHW. Returns (N + 1, D), CLS first.
-    pub fn forward(&self, pixels: &[f32], n_layers: usize, adapter: Option<&Adapter>) -> Result<Vec<f32>> {
+    /// Patch + class + position embeddings before pre_layrnorm: returns (im2col patches (N, 3·P·P),
+    /// embeddings (N + 1, D)).
+    fn embeddings(&self, pixels: &[f32]) -> Result<(Vec<f32>, Vec<f32>)> {
         let cfg = &self.cfg;
         let (d, p, s, c) = (cfg.hidden_size, cfg.patch_size, cfg.image_size, cfg.num_channels);
         if pixels.len() != c * s * s {
@@ -84,7 +80,6 @@ impl ClipVision {
                 pixels.len()
             )));
         }
-        assert!(n_layers <= self.layers.len(), "vision layers requested beyond those loaded");
         let g = s / p;
         let n = g * g;
         let t = n + 1;
@@ -106,6 +101,21 @@ impl ClipVision {
         emb[..d].copy_from_slice(&self.class_emb);
         matmul_nt(&mut emb[d..], &cols, &self.patch_w, n, kdim, d, MatmulMode::Assign);
         crate::ops::add_inplace(&mut emb, &self.pos_emb);
+        Ok((cols, emb))
+    }
+
+    pub fn linears(&self) -> impl Iterator<Item = &Linear> {
+        self.layers.iter().flat_map(|l| [&l.q, &l.k, &l.v, &l.o, &l.fc1, &l.fc2])
+    }
+
+    /// Hidden state after `n_layers` encoder layers (0 = the embeddings after pre_layrnorm).
+    /// pixels: (3, S, S) CHW. Returns (N + 1, D), CLS first.
+    pub fn forward(&self, pixels: &[f32], n_layers: usize, adapter: Option<&Adapter>) -> Result<Vec<f32>> {
+        let cfg = &self.cfg;
+        assert!(n_layers <= self.layers.len(), "vision layers requested beyond those loaded");
+        let (_, emb) = self.embeddings(pixels)?;
+        let d = cfg.hidden_size;
+        let t = emb.len() / d;
         let mut x = vec![0f32; t * d]; // (T, D) residual stream
         layernorm(&mut x, &emb, &self.pre_ln_w, &self.pre_ln_b, cfg.layer_norm_eps);
 
@@ -148,19 +158,39 @@ pub struct ClipLayerTape {
 
 pub struct ClipTape {
     pub tokens: usize,
+    cols: Vec<f32>, // (N, 3·P·P) im2col patches
+    emb: Vec<f32>,  // (T, D) embeddings before pre_layrnorm
     layers: Vec<ClipLayerTape>,
     /// (T, D) hidden state after the last layer run (what LLaVA takes its features from).
     pub hidden: Vec<f32>,
 }
 
+/// LayerNorm backward with its weight/bias gradients taken from `grads` under `{name}.weight` / `{name}.bias`.
+#[allow(clippy::too_many_arguments)]
+fn ln_backward(grads: &mut Option<&mut Grads>, name: &str, dx: &mut [f32], dout: &[f32], x: &[f32], w: &[f32], eps: f64) {
+    let (wn, bn) = (format!("{name}.weight"), format!("{name}.bias"));
+    let mut dw = grads.as_deref_mut().and_then(|g| g.take_param(&wn));
+    let mut db = grads.as_deref_mut().and_then(|g| g.take_param(&bn));
+    layernorm_bwd(dx, dw.as_deref_mut(), db.as_deref_mut(), dout, x, w, eps);
+    if let Some(g) = grads.as_deref_mut() {
+        if let Some(v) = dw {
+            g.put_param(wn, v);
+        }
+        if let Some(v) = db {
+            g.put_param(bn, v);
+        }
+    }
+}
+
 impl ClipVision {
     /// `forward` keeping activations for `backward_train`.
     pub fn forward_train(&self, pixels: &[f32], n_layers: usize, adapter: Option<&Adapter>) -> Result<ClipTape> {
-        // The embeddings and pre_layrnorm are not trained here (LoRA never targets them), so they are not kept.
-        let mut x = self.forward(pixels, 0, adapter)?;
         let cfg = &self.cfg;
+        let (cols, emb) = self.embeddings(pixels)?;
         let d = cfg.hidden_size;
-        let t = x.len() / d;
+        let t = emb.len() / d;
+        let mut x = vec![0f32; t * d];
+        layernorm(&mut x, &emb, &self.pre_ln_w, &self.pre_ln_b, cfg.layer_norm_eps);
         let (heads, hd) = (cfg.num_attention_heads, cfg.head_dim());
         let scale = (hd as f32).powf(-0.5);
         let mut layers = Vec::with_capacity(n_layers);
@@ -183,18 +213,24 @@ impl ClipVision {
             layer.fc2.forward(&mut x2, &fa, t, adapter, MatmulMode::Accumulate);
             layers.push(ClipLayerTape { x0: std::mem::replace(&mut x, x2), h1, q, k, v, att, x1, h2, f, fa });
         }
-        Ok(ClipTape { tokens: t, layers, hidden: x })
+        Ok(ClipTape { tokens: t, cols, emb, layers, hidden: x })
     }
 
-    /// Backward of `forward_train` from d hidden (T, D), down to the lowest layer that holds a LoRA module (the
-    /// layers below it have nothing to train). LoRA gradients accumulate into `grads`.
-    pub fn backward_train(&self, tape: &ClipTape, d_hidden: Vec<f32>, adapter: Option<&Adapter>, mut grads: Option<&mut LoraGrads>) {
-        let Some(ad) = adapter else { return };
-        let lowest = (0..tape.layers.len())
-            .find(|&i| {
-                let l = &self.layers[i];
-                [&l.q, &l.k, &l.v, &l.o, &l.fc1, &l.fc2].iter().any(|lin| ad.module(&lin.name).is_some())
-            });
+    /// Backward of `forward_train` from d hidden (T, D). With only LoRA to train it stops at the lowest layer
+    /// holding a LoRA module; with vision parameters in `grads` (full fine-tuning) it runs down to the patch
+    /// embedding. Gradients accumulate into `grads`.
+    pub fn backward_train(&self, tape: &ClipTape, d_hidden: Vec<f32>, adapter: Option<&Adapter>, mut grads: Option<&mut Grads>) {
+        let full = grads.as_deref().is_some_and(|g| g.trains_params_under("vision_tower."));
+        let lowest = if full {
+            Some(0)
+        } else {
+            adapter.and_then(|ad| {
+                (0..tape.layers.len()).find(|&i| {
+                    let l = &self.layers[i];
+                    [&l.q, &l.k, &l.v, &l.o, &l.fc1, &l.fc2].iter().any(|lin| ad.module(&lin.name).is_some())
+                })
+            })
+        };
         let Some(lowest) = lowest else { return };
         let cfg = &self.cfg;
         let d = cfg.hidden_size;
@@ -206,6 +242,7 @@ impl ClipVision {
             if i < lowest {
                 break;
             }
+            let ln = |k: &str| format!("vision_tower.encoder.layers.{i}.{k}");
             let mut dfa = vec![0f32; t * isz];
             layer.fc2.backward(&mut dfa, &dx, &tp.fa, t, adapter, grads.as_deref_mut(), MatmulMode::Assign);
             let mut df = vec![0f32; t * isz];
@@ -213,7 +250,7 @@ impl ClipVision {
             let mut dh2 = vec![0f32; t * d];
             layer.fc1.backward(&mut dh2, &df, &tp.h2, t, adapter, grads.as_deref_mut(), MatmulMode::Assign);
             let mut dx1 = vec![0f32; t * d];
-            layernorm_bwd(&mut dx1, None, None, &dh2, &tp.x1, &layer.ln2_w, cfg.layer_norm_eps);
+            ln_backward(&mut grads, &ln("layer_norm2"), &mut dx1, &dh2, &tp.x1, &layer.ln2_w, cfg.layer_norm_eps);
             add_inplace(&mut dx1, &dx);
             let mut datt = vec![0f32; t * d];
             layer.o.backward(&mut datt, &dx1, &tp.att, t, adapter, grads.as_deref_mut(), MatmulMode::Assign);
@@ -224,9 +261,116 @@ impl ClipVision {
             layer.k.backward(&mut dh1, &dk, &tp.h1, t, adapter, grads.as_deref_mut(), MatmulMode::Accumulate);
             layer.v.backward(&mut dh1, &dv, &tp.h1, t, adapter, grads.as_deref_mut(), MatmulMode::Accumulate);
             let mut dx0 = vec![0f32; t * d];
-            layernorm_bwd(&mut dx0, None, None, &dh1, &tp.x0, &layer.ln1_w, cfg.layer_norm_eps);
+            ln_backward(&mut grads, &ln("layer_norm1"), &mut dx0, &dh1, &tp.x0, &layer.ln1_w, cfg.layer_norm_eps);
             add_inplace(&mut dx0, &dx1);
             dx = dx0;
         }
+        if !full {
+            return;
+        }
+        // pre_layrnorm, then the embeddings: class token, positions, patch projection.
+        let mut demb = vec![0f32; t * d];
+        ln_backward(&mut grads, "vision_tower.pre_layrnorm", &mut demb, &dx, &tape.emb, &self.pre_ln_w, cfg.layer_norm_eps);
+        let Some(g) = grads else { return };
+        if let Some(pe) = g.param_mut("vision_tower.embeddings.position_embedding.weight") {
+            add_inplace(pe, &demb);
+        }
+        if let Some(ce) = g.param_mut("vision_tower.embeddings.class_embedding") {
+            add_inplace(ce, &demb[..d]);
+        }
+        if let Some(pw) = g.param_mut("vision_tower.embeddings.patch_embedding.weight") {
+            let kdim = tape.cols.len() / (t - 1);
+            matmul_nt_bwd_w(pw, &demb[d..], &tape.cols, t - 1, kdim, d);
+        }
+    }
+}
+
+impl ClipVision {
+    fn plain_params(&self) -> Vec<(String, Vec<usize>, &Vec<f32>)> {
+        let cfg = &self.cfg;
+        let (d, p, c) = (cfg.hidden_size, cfg.patch_size, cfg.num_channels);
+        let mut out = vec![
+            ("vision_tower.embeddings.patch_embedding.weight".to_string(), vec![d, c, p, p], &self.patch_w),
+            ("vision_tower.embeddings.class_embedding".to_string(), vec![d], &self.class_emb),
+            ("vision_tower.embeddings.position_embedding.weight".to_string(), vec![cfg.num_patches() + 1, d], &self.pos_emb),
+            ("vision_tower.pre_layrnorm.weight".to_string(), vec![d], &self.pre_ln_w),
+            ("vision_tower.pre_layrnorm.bias".to_string(), vec![d], &self.pre_ln_b),
+        ];
+        for (i, l) in self.layers.iter().enumerate() {
+            let n = |k: &str| format!("vision_tower.encoder.layers.{i}.{k}");
+            out.push((n("layer_norm1.weight"), vec![d], &l.ln1_w));
+            out.push((n("layer_norm1.bias"), vec![d], &l.ln1_b));
+            out.push((n("layer_norm2.weight"), vec![d], &l.ln2_w));
+            out.push((n("layer_norm2.bias"), vec![d], &l.ln2_b));
+        }
+        out
+    }
+
+    fn plain_mut(&mut self, name: &str) -> Option<&mut Vec<f32>> {
+        match name {
+            "vision_tower.embeddings.patch_embedding.weight" => return Some(&mut self.patch_w),
+            "vision_tower.embeddings.class_embedding" => return Some(&mut self.class_emb),
+            "vision_tower.embeddings.position_embedding.weight" => return Some(&mut self.pos_emb),
+            "vision_tower.pre_layrnorm.weight" => return Some(&mut self.pre_ln_w),
+            "vision_tower.pre_layrnorm.bias" => return Some(&mut self.pre_ln_b),
+            _ => {}
+        }
+        let rest = name.strip_prefix("vision_tower.encoder.layers.")?;
+        let (i, what) = rest.split_once('.')?;
+        let l = self.layers.get_mut(i.parse::<usize>().ok()?)?;
+        match what {
+            "layer_norm1.weight" => Some(&mut l.ln1_w),
+            "layer_norm1.bias" => Some(&mut l.ln1_b),
+            "layer_norm2.weight" => Some(&mut l.ln2_w),
+            "layer_norm2.bias" => Some(&mut l.ln2_b),
+            _ => None,
+        }
+    }
+
+    /// Every parameter of the loaded vision tower by canonical name (`vision_tower.…`) and shape.
+    pub fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let mut out: Vec<(String, Vec<usize>)> = self.plain_params().into_iter().map(|(n, s, _)| (n, s)).collect();
+        for lin in self.linears() {
+            out.push((format!("{}.weight", lin.name), vec![lin.out_features, lin.in_features]));
+            out.push((format!("{}.bias", lin.name), vec![lin.out_features]));
+        }
+        out
+    }
+
+    pub fn get_param(&self, name: &str) -> Option<Vec<f32>> {
+        if let Some((_, _, v)) = self.plain_params().into_iter().find(|(n, _, _)| n == name) {
+            return Some(v.clone());
+        }
+        for lin in self.linears() {
+            if name.strip_suffix(".weight") == Some(lin.name.as_str()) {
+                return Some(lin.weight.unpack_f32());
+            }
+            if name.strip_suffix(".bias") == Some(lin.name.as_str()) {
+                return lin.bias.clone();
+            }
+        }
+        None
+    }
+
+    pub fn set_param(&mut self, name: &str, values: &[f32]) -> bool {
+        if let Some(v) = self.plain_mut(name) {
+            v.copy_from_slice(values);
+            return true;
+        }
+        for l in self.layers.iter_mut() {
+            for lin in [&mut l.q, &mut l.k, &mut l.v, &mut l.o, &mut l.fc1, &mut l.fc2] {
+                if name.strip_suffix(".weight") == Some(lin.name.as_str()) {
+                    lin.set_weight(values);
+                    return true;
+                }
+                if name.strip_suffix(".bias") == Some(lin.name.as_str()) {
+                    if let Some(b) = lin.bias.as_mut() {
+                        b.copy_from_slice(values);
+                        return true;
+                    }
+                }
+            }
+        }
+        false
     }
 }

@@ -2,9 +2,9 @@
 
 use crate::adapter::Adapter;
 use crate::error::Result;
-use crate::ops::backward::{matmul_nt_bwd_w, matmul_nt_bwd_x};
+use crate::ops::backward::{bias_bwd, matmul_nt_bwd_w, matmul_nt_bwd_x};
 use crate::ops::{add_bias, matmul_nt, MatmulMode, PackedMatrix};
-use crate::train::LoraGrads;
+use crate::train::Grads;
 use crate::weights::WeightStore;
 use std::sync::Arc;
 
@@ -18,6 +18,9 @@ pub struct Linear {
     pub bias: Option<Vec<f32>>, // (out)
     /// Row-major f32 copy of the weight, made on first use by a backward pass (dx = dy · W).
     pub unpacked: std::sync::OnceLock<Vec<f32>>,
+    /// Prefix of this layer's parameter names for full fine-tuning (`{param}.weight`); differs from `name`
+    /// only for a tied lm_head, whose weight is the embedding table.
+    pub param: String,
 }
 
 impl Linear {
@@ -25,7 +28,7 @@ impl Linear {
     pub fn load(ws: &WeightStore, key: &str, name: String, in_features: usize, out_features: usize, bias: bool, keep_16bit: bool) -> Result<Self> {
         let weight = Arc::new(ws.packed(&format!("{key}.weight"), out_features, in_features, keep_16bit)?);
         let bias = if bias { Some(ws.f32(&format!("{key}.bias"), &[out_features])?) } else { None };
-        Ok(Linear { name, in_features, out_features, weight, bias, unpacked: Default::default() })
+        Ok(Linear { param: name.clone(), name, in_features, out_features, weight, bias, unpacked: Default::default() })
     }
 
     /// y (rows, out) = x (rows, in) · Wᵀ + b + scale · (x · Aᵀ) · Bᵀ   (`Accumulate`: y += the same)
@@ -43,10 +46,11 @@ impl Linear {
     }
 
     /// Backward of `forward` for input x (rows, in) and upstream dy (rows, out):
-    /// dx = dy · W + scale · (dy · B) · A, assigned or accumulated per `mode`; LoRA gradients
-    /// dA += scale · (dy · B)ᵀ · x and dB += scale · dyᵀ · (x · Aᵀ) accumulate into `grads` when it holds this
-    /// module. The base weight and bias are frozen here (full fine-tuning has its own path).
-    pub fn backward(&self, dx: &mut [f32], dy: &[f32], x: &[f32], rows: usize, adapter: Option<&Adapter>, grads: Option<&mut LoraGrads>, mode: MatmulMode) {
+    /// dx = dy · W + scale · (dy · B) · A, assigned or accumulated per `mode`. Into `grads`, when it holds them:
+    /// LoRA dA += scale · (dy · B)ᵀ · x, dB += scale · dyᵀ · (x · Aᵀ); base dW += dyᵀ · x, db += Σ_rows dy
+    /// (full fine-tuning, keyed `{name}.weight` / `{name}.bias`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(&self, dx: &mut [f32], dy: &[f32], x: &[f32], rows: usize, adapter: Option<&Adapter>, mut grads: Option<&mut Grads>, mode: MatmulMode) {
         let (inf, outf) = (self.in_features, self.out_features);
         let w = self.unpacked.get_or_init(|| self.weight.unpack_f32());
         matmul_nt_bwd_x(dx, dy, w, rows, inf, outf, mode);
@@ -56,7 +60,7 @@ impl Linear {
             matmul_nt_bwd_x(&mut u, dy, &lora.b, rows, r, outf, MatmulMode::Assign);
             u.iter_mut().for_each(|v| *v *= lora.scale);
             matmul_nt_bwd_x(dx, &u, &lora.a, rows, inf, r, MatmulMode::Accumulate);
-            if let Some(g) = grads.and_then(|g| g.module_mut(&self.name)) {
+            if let Some(g) = grads.as_deref_mut().and_then(|g| g.module_mut(&self.name)) {
                 matmul_nt_bwd_w(&mut g.da, &u, x, rows, inf, r);
                 let mut t = vec![0f32; rows * r]; // (rows, r) = x · Aᵀ
                 matmul_nt(&mut t, x, &lora.a, rows, inf, r, MatmulMode::Assign);
@@ -64,6 +68,20 @@ impl Linear {
                 matmul_nt_bwd_w(&mut g.db, dy, &t, rows, r, outf);
             }
         }
+        if let Some(g) = grads {
+            if let Some(dw) = g.param_mut(&format!("{}.weight", self.param)) {
+                matmul_nt_bwd_w(dw, dy, x, rows, inf, outf);
+            }
+            if let Some(db) = g.param_mut(&format!("{}.bias", self.param)) {
+                bias_bwd(db, dy);
+            }
+        }
+    }
+
+    /// Replaces the weight (and bias) with new f32 values (full fine-tuning updates).
+    pub fn set_weight(&mut self, w: &[f32]) {
+        self.weight = Arc::new(PackedMatrix::from_f32(w, self.out_features, self.in_features));
+        self.unpacked = Default::default();
     }
 
     /// Convenience: returns a fresh (rows, out) buffer.

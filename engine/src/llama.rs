@@ -6,7 +6,7 @@ use crate::error::Result;
 use crate::linear::Linear;
 use crate::ops::backward::{attend_dense_bwd, rmsnorm_bwd, silu_mul_bwd};
 use crate::ops::{add_inplace, PackedMatrix, attend_dense, attend_rows, rmsnorm, silu_mul, KvSegment, MatmulMode, Rope};
-use crate::train::LoraGrads;
+use crate::train::Grads;
 use crate::weights::WeightStore;
 use std::sync::Arc;
 
@@ -76,7 +76,15 @@ impl Llama {
         let embed = Arc::new(ws.packed(&format!("{prefix}embed_tokens.weight"), cfg.vocab_size, c, keep_16bit)?);
         let lm_head = match lm_head_key {
             Some(k) => Linear::load(ws, k, "lm_head".into(), c, cfg.vocab_size, false, keep_16bit)?,
-            None => Linear { name: "lm_head".into(), in_features: c, out_features: cfg.vocab_size, weight: embed.clone(), bias: None, unpacked: Default::default() },
+            None => Linear {
+                name: "lm_head".into(),
+                param: "language_model.embed_tokens".into(),
+                in_features: c,
+                out_features: cfg.vocab_size,
+                weight: embed.clone(),
+                bias: None,
+                unpacked: Default::default(),
+            },
         };
         Ok(Llama {
             cfg: cfg.clone(),
@@ -249,7 +257,7 @@ impl Llama {
 
     /// Backward of `forward_train`: given d hidden (T, C), returns d embeddings (T, C); LoRA gradients
     /// accumulate into `grads`.
-    pub fn backward_train(&self, tape: &LlamaTape, d_hidden: Vec<f32>, adapter: Option<&Adapter>, mut grads: Option<&mut LoraGrads>) -> Vec<f32> {
+    pub fn backward_train(&self, tape: &LlamaTape, d_hidden: Vec<f32>, adapter: Option<&Adapter>, mut grads: Option<&mut Grads>) -> Vec<f32> {
         let cfg = &self.cfg;
         let c = cfg.hidden_size;
         let rows = tape.rows;
@@ -257,7 +265,7 @@ impl Llama {
         let positions: Vec<usize> = (0..rows).collect();
         let scale = (hd as f32).powf(-0.5);
         let mut dx = d_hidden; // (T, C): gradient w.r.t. the current layer's output, then its input
-        for (layer, t) in self.layers.iter().zip(&tape.layers).rev() {
+        for (li, (layer, t)) in self.layers.iter().zip(&tape.layers).enumerate().rev() {
             // x2 = x1 + down(a)
             let mut da = vec![0f32; rows * isz];
             layer.down.backward(&mut da, &dx, &t.a, rows, adapter, grads.as_deref_mut(), MatmulMode::Assign);
@@ -268,7 +276,8 @@ impl Llama {
             layer.gate.backward(&mut dh2, &dg, &t.h2, rows, adapter, grads.as_deref_mut(), MatmulMode::Assign);
             layer.up.backward(&mut dh2, &du, &t.h2, rows, adapter, grads.as_deref_mut(), MatmulMode::Accumulate);
             let mut dx1 = vec![0f32; rows * c];
-            rmsnorm_bwd(&mut dx1, None, &dh2, &t.x1, &layer.post_norm, cfg.rms_norm_eps);
+            let dw = grads.as_deref_mut().and_then(|g| g.param_mut(&format!("language_model.layers.{li}.post_attention_layernorm.weight")));
+            rmsnorm_bwd(&mut dx1, dw.map(|v| v.as_mut_slice()), &dh2, &t.x1, &layer.post_norm, cfg.rms_norm_eps);
             add_inplace(&mut dx1, &dx); // residual
             // x1 = x0 + o(att)
             let mut datt = vec![0f32; rows * heads * hd];
@@ -284,7 +293,8 @@ impl Llama {
             layer.k.backward(&mut dh1, &dk, &t.h1, rows, adapter, grads.as_deref_mut(), MatmulMode::Accumulate);
             layer.v.backward(&mut dh1, &dv, &t.h1, rows, adapter, grads.as_deref_mut(), MatmulMode::Accumulate);
             let mut dx0 = vec![0f32; rows * c];
-            rmsnorm_bwd(&mut dx0, None, &dh1, &t.x0, &layer.input_norm, cfg.rms_norm_eps);
+            let dw = grads.as_deref_mut().and_then(|g| g.param_mut(&format!("language_model.layers.{li}.input_layernorm.weight")));
+            rmsnorm_bwd(&mut dx0, dw.map(|v| v.as_mut_slice()), &dh1, &t.x0, &layer.input_norm, cfg.rms_norm_eps);
             add_inplace(&mut dx0, &dx1);
             dx = dx0;
         }
@@ -306,19 +316,127 @@ impl Llama {
 
     /// Backward of `head_rows`: d logits (R, V) -> d hidden (T, C) (zero outside `rows`).
     #[allow(clippy::too_many_arguments)]
-    pub fn head_rows_backward(&self, sel: &[f32], dlogits: &[f32], rows: &[usize], total_rows: usize, adapter: Option<&Adapter>, grads: Option<&mut LoraGrads>) -> Vec<f32> {
+    pub fn head_rows_backward(&self, sel: &[f32], dlogits: &[f32], rows: &[usize], total_rows: usize, adapter: Option<&Adapter>, mut grads: Option<&mut Grads>) -> Vec<f32> {
         let c = self.cfg.hidden_size;
         let r = rows.len();
         let mut normed = vec![0f32; sel.len()];
         rmsnorm(&mut normed, sel, &self.norm, self.cfg.rms_norm_eps);
         let mut dn = vec![0f32; r * c];
-        self.lm_head.backward(&mut dn, dlogits, &normed, r, adapter, grads, MatmulMode::Assign);
+        self.lm_head.backward(&mut dn, dlogits, &normed, r, adapter, grads.as_deref_mut(), MatmulMode::Assign);
         let mut dsel = vec![0f32; r * c];
-        rmsnorm_bwd(&mut dsel, None, &dn, sel, &self.norm, self.cfg.rms_norm_eps);
+        let dw = grads.and_then(|g| g.param_mut("language_model.norm.weight"));
+        rmsnorm_bwd(&mut dsel, dw.map(|v| v.as_mut_slice()), &dn, sel, &self.norm, self.cfg.rms_norm_eps);
         let mut dh = vec![0f32; total_rows * c];
         for (i, &row) in rows.iter().enumerate() {
             add_inplace(&mut dh[row * c..(row + 1) * c], &dsel[i * c..(i + 1) * c]);
         }
         dh
+    }
+}
+
+impl Llama {
+    fn linears_mut(&mut self) -> impl Iterator<Item = &mut Linear> {
+        self.layers.iter_mut().flat_map(|l| [&mut l.q, &mut l.k, &mut l.v, &mut l.o, &mut l.gate, &mut l.up, &mut l.down]).chain(std::iter::once(&mut self.lm_head))
+    }
+
+    fn norm_mut(&mut self, name: &str) -> Option<&mut Vec<f32>> {
+        if name == "language_model.norm.weight" {
+            return Some(&mut self.norm);
+        }
+        let rest = name.strip_prefix("language_model.layers.")?;
+        let (i, what) = rest.split_once('.')?;
+        let layer = self.layers.get_mut(i.parse::<usize>().ok()?)?;
+        match what {
+            "input_layernorm.weight" => Some(&mut layer.input_norm),
+            "post_attention_layernorm.weight" => Some(&mut layer.post_norm),
+            _ => None,
+        }
+    }
+
+    /// Every parameter of the decoder by canonical name (`language_model.…`, `lm_head.weight`) and shape.
+    pub fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let cfg = &self.cfg;
+        let (c, v) = (cfg.hidden_size, cfg.vocab_size);
+        let mut out = vec![("language_model.embed_tokens.weight".to_string(), vec![v, c])];
+        for (i, l) in self.layers.iter().enumerate() {
+            out.push((format!("language_model.layers.{i}.input_layernorm.weight"), vec![c]));
+            out.push((format!("language_model.layers.{i}.post_attention_layernorm.weight"), vec![c]));
+            for lin in [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down] {
+                out.push((format!("{}.weight", lin.name), vec![lin.out_features, lin.in_features]));
+                if let Some(b) = &lin.bias {
+                    out.push((format!("{}.bias", lin.name), vec![b.len()]));
+                }
+            }
+        }
+        out.push(("language_model.norm.weight".to_string(), vec![c]));
+        if self.lm_head.param == "lm_head" {
+            out.push(("lm_head.weight".to_string(), vec![v, c]));
+        }
+        out
+    }
+
+    /// A parameter's current values (f32), by canonical name.
+    pub fn get_param(&self, name: &str) -> Option<Vec<f32>> {
+        if name == "language_model.embed_tokens.weight" {
+            return Some(self.embed.unpack_f32());
+        }
+        for lin in self.linears() {
+            if lin.param == lin.name {
+                if name.strip_suffix(".weight") == Some(lin.name.as_str()) {
+                    return Some(lin.weight.unpack_f32());
+                }
+                if name.strip_suffix(".bias") == Some(lin.name.as_str()) {
+                    return lin.bias.clone();
+                }
+            }
+        }
+        // Norms: borrow-free lookup through a clone of the matching buffer.
+        let c = self.cfg.hidden_size;
+        if name == "language_model.norm.weight" {
+            return Some(self.norm.clone());
+        }
+        let rest = name.strip_prefix("language_model.layers.")?;
+        let (i, what) = rest.split_once('.')?;
+        let layer = self.layers.get(i.parse::<usize>().ok()?)?;
+        let v = match what {
+            "input_layernorm.weight" => &layer.input_norm,
+            "post_attention_layernorm.weight" => &layer.post_norm,
+            _ => return None,
+        };
+        debug_assert_eq!(v.len(), c);
+        Some(v.clone())
+    }
+
+    /// Overwrites a parameter (full fine-tuning). Returns false for an unknown name.
+    pub fn set_param(&mut self, name: &str, values: &[f32]) -> bool {
+        if name == "language_model.embed_tokens.weight" {
+            self.embed = Arc::new(PackedMatrix::from_f32(values, self.cfg.vocab_size, self.cfg.hidden_size));
+            if self.lm_head.param != "lm_head" {
+                // Tied: the head is the embedding table.
+                self.lm_head.weight = self.embed.clone();
+                self.lm_head.unpacked = Default::default();
+            }
+            return true;
+        }
+        if let Some(v) = self.norm_mut(name) {
+            v.copy_from_slice(values);
+            return true;
+        }
+        for lin in self.linears_mut() {
+            if lin.param != lin.name {
+                continue;
+            }
+            if name.strip_suffix(".weight") == Some(lin.name.as_str()) {
+                lin.set_weight(values);
+                return true;
+            }
+            if name.strip_suffix(".bias") == Some(lin.name.as_str()) {
+                if let Some(b) = lin.bias.as_mut() {
+                    b.copy_from_slice(values);
+                    return true;
+                }
+            }
+        }
+        false
     }
 }

@@ -9,8 +9,8 @@ use crate::image::{ImageProcessorConfig, PixelValues};
 use crate::linear::Linear;
 use crate::llama::{KvCache, Llama, LlamaTape};
 use crate::ops::backward::{activation_bwd, logprob_gather_fwd_bwd};
-use crate::ops::MatmulMode;
-use crate::train::LoraGrads;
+use crate::ops::{add_inplace, MatmulMode};
+use crate::train::Grads;
 use crate::ops::{apply_activation, log_softmax_rows};
 use crate::weights::WeightStore;
 use std::collections::HashMap;
@@ -340,6 +340,9 @@ pub struct ScoredSeq {
     pub token_logps: Vec<f32>,
     /// (first row, count) of the image features inside the sequence.
     image_rows: Option<(usize, usize)>,
+    /// All ids of the sequence and the row of each (for the embedding gradient).
+    ids: Vec<u32>,
+    id_rows: Vec<usize>,
 }
 
 impl ScoredSeq {
@@ -358,7 +361,8 @@ impl ScoredSeq {
 }
 
 impl Model {
-    fn answer_rows(&self, prompt: &[u32], answer: &[u32], feats: Option<&[f32]>) -> Result<(Vec<f32>, Vec<usize>, Vec<u32>, Option<(usize, usize)>)> {
+    #[allow(clippy::type_complexity)]
+    fn answer_rows(&self, prompt: &[u32], answer: &[u32], feats: Option<&[f32]>) -> Result<(Vec<f32>, Vec<usize>, Vec<u32>, Option<(usize, usize)>, Vec<u32>, Vec<usize>)> {
         if prompt.is_empty() {
             return Err(EngineError::Input("empty prompt".into()));
         }
@@ -372,12 +376,12 @@ impl Model {
             let n = feats.map_or(0, |f| f.len() / self.llm.cfg.hidden_size);
             (rows[p], n)
         });
-        Ok((x, pred_rows, answer.to_vec(), image_rows))
+        Ok((x, pred_rows, answer.to_vec(), image_rows, ids, rows))
     }
 
     /// Σ log p(answer | prompt, image) without keeping activations (reference model scoring).
     pub fn answer_logp(&self, prompt: &[u32], answer: &[u32], feats: Option<&[f32]>, adapter: Option<&Adapter>) -> Result<f64> {
-        let (mut x, rows, targets, _) = self.answer_rows(prompt, answer, feats)?;
+        let (mut x, rows, targets, ..) = self.answer_rows(prompt, answer, feats)?;
         let c = self.llm.cfg.hidden_size;
         let t = x.len() / c;
         let mut cache = KvCache::new(self.llm.cfg.num_hidden_layers);
@@ -390,25 +394,35 @@ impl Model {
 
     /// Scores prompt + answer with the decoder, keeping what `score_backward` needs.
     pub fn score_train(&self, prompt: &[u32], answer: &[u32], feats: Option<&[f32]>, adapter: Option<&Adapter>) -> Result<ScoredSeq> {
-        let (x, rows, targets, image_rows) = self.answer_rows(prompt, answer, feats)?;
+        let (x, rows, targets, image_rows, ids, id_rows) = self.answer_rows(prompt, answer, feats)?;
         let tape = self.llm.forward_train(x, adapter);
         let (sel, logits) = self.llm.head_rows(&tape.hidden, &rows, adapter);
         let v = self.llm.cfg.vocab_size;
         let mut lp = logits.clone();
         log_softmax_rows(&mut lp, v);
         let token_logps = targets.iter().enumerate().map(|(i, &tok)| lp[i * v + tok as usize]).collect();
-        Ok(ScoredSeq { tape, rows, targets, sel, logits, token_logps, image_rows })
+        Ok(ScoredSeq { tape, rows, targets, sel, logits, token_logps, image_rows, ids, id_rows })
     }
 
     /// Backward of `score_train` for the loss gradient `d_logp_sum` = dL / d(Σ answer log-probs). Returns
     /// d embeddings (T, C); LoRA gradients accumulate into `grads`.
-    pub fn score_backward(&self, seq: &ScoredSeq, d_logp_sum: f32, adapter: Option<&Adapter>, mut grads: Option<&mut LoraGrads>) -> Result<Vec<f32>> {
+    pub fn score_backward(&self, seq: &ScoredSeq, d_logp_sum: f32, adapter: Option<&Adapter>, mut grads: Option<&mut Grads>) -> Result<Vec<f32>> {
         let v = self.llm.cfg.vocab_size;
         let mut dlogits = vec![0f32; seq.logits.len()];
         let dlogp = vec![d_logp_sum; seq.targets.len()];
         logprob_gather_fwd_bwd(&mut dlogits, &seq.logits, &seq.targets, &dlogp, v);
         let dh = self.llm.head_rows_backward(&seq.sel, &dlogits, &seq.rows, seq.tape.rows, adapter, grads.as_deref_mut());
-        Ok(self.llm.backward_train(&seq.tape, dh, adapter, grads))
+        let d_embeds = self.llm.backward_train(&seq.tape, dh, adapter, grads.as_deref_mut());
+        if let Some(table) = grads.and_then(|g| g.param_mut("language_model.embed_tokens.weight")) {
+            let c = self.llm.cfg.hidden_size;
+            let image = self.image_token_id();
+            for (&id, &row) in seq.ids.iter().zip(&seq.id_rows) {
+                if Some(id) != image {
+                    add_inplace(&mut table[id as usize * c..(id as usize + 1) * c], &d_embeds[row * c..(row + 1) * c]);
+                }
+            }
+        }
+        Ok(d_embeds)
     }
 
     /// Vision tower + projector keeping activations.
@@ -431,7 +445,7 @@ impl Model {
     }
 
     /// Backward of `image_forward_train` from d features (N, C).
-    pub fn image_backward_train(&self, tape: &ImageTape, d_features: Vec<f32>, adapter: Option<&Adapter>, mut grads: Option<&mut LoraGrads>) {
+    pub fn image_backward_train(&self, tape: &ImageTape, d_features: Vec<f32>, adapter: Option<&Adapter>, mut grads: Option<&mut Grads>) {
         let (Some(lc), Some(vision), Some(proj)) = (self.config.llava(), &self.vision, &self.projector) else { return };
         let c = lc.text.hidden_size;
         let dv = lc.vision.hidden_size;
@@ -449,5 +463,116 @@ impl Model {
         };
         d_hidden[off..off + d_in.len()].copy_from_slice(&d_in);
         vision.backward_train(&tape.vision, d_hidden, adapter, grads);
+    }
+}
+
+// -- full fine-tuning: parameters by canonical name, and checkpoint saving ------------------------------------
+
+impl Model {
+    /// Every trainable base parameter by canonical name and shape (decoder, projector, loaded vision layers).
+    pub fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let mut out = self.llm.param_shapes();
+        if let Some(p) = &self.projector {
+            for lin in [&p.linear_1, &p.linear_2] {
+                out.push((format!("{}.weight", lin.name), vec![lin.out_features, lin.in_features]));
+                if lin.bias.is_some() {
+                    out.push((format!("{}.bias", lin.name), vec![lin.out_features]));
+                }
+            }
+        }
+        if let Some(v) = &self.vision {
+            out.extend(v.param_shapes());
+        }
+        out
+    }
+
+    pub fn get_param(&self, name: &str) -> Option<Vec<f32>> {
+        if name.starts_with("vision_tower.") {
+            return self.vision.as_ref()?.get_param(name);
+        }
+        if name.starts_with("multi_modal_projector.") {
+            let p = self.projector.as_ref()?;
+            for lin in [&p.linear_1, &p.linear_2] {
+                if name.strip_suffix(".weight") == Some(lin.name.as_str()) {
+                    return Some(lin.weight.unpack_f32());
+                }
+                if name.strip_suffix(".bias") == Some(lin.name.as_str()) {
+                    return lin.bias.clone();
+                }
+            }
+            return None;
+        }
+        self.llm.get_param(name)
+    }
+
+    /// Overwrites a base parameter; false for an unknown name.
+    pub fn set_param(&mut self, name: &str, values: &[f32]) -> bool {
+        if name.starts_with("vision_tower.") {
+            return self.vision.as_mut().is_some_and(|v| v.set_param(name, values));
+        }
+        if name.starts_with("multi_modal_projector.") {
+            let Some(p) = self.projector.as_mut() else { return false };
+            for lin in [&mut p.linear_1, &mut p.linear_2] {
+                if name.strip_suffix(".weight") == Some(lin.name.as_str()) {
+                    lin.set_weight(values);
+                    return true;
+                }
+                if name.strip_suffix(".bias") == Some(lin.name.as_str()) {
+                    if let Some(b) = lin.bias.as_mut() {
+                        b.copy_from_slice(values);
+                        return true;
+                    }
+                }
+            }
+            return false;
+        }
+        self.llm.set_param(name, values)
+    }
+
+    /// Writes the model as a Hugging Face checkpoint directory (same key layout and config as the one it was
+    /// loaded from, weights f32), atomically: a temporary sibling directory, fsync'd, renamed over `dir`.
+    /// Tensors the engine does not hold (e.g. vision layers past the feature layer) are copied unchanged.
+    pub fn save_checkpoint(&self, dir: &Path) -> Result<()> {
+        let src = WeightStore::open_dir(&self.dir, "model")?;
+        let mut keys: Vec<String> = src.keys().map(str::to_string).collect();
+        keys.sort();
+        let mut values: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::with_capacity(keys.len());
+        for key in keys {
+            let shape = src.shape(&key).map(|s| s.to_vec()).unwrap_or_default();
+            let ours = crate::adapter::canonical_module(&key, self.family()).and_then(|c| self.get_param(&c));
+            let v = match ours {
+                Some(v) => v,
+                None => src.f32_any_shape(&key)?,
+            };
+            values.push((key, shape, v));
+        }
+        let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        std::fs::create_dir_all(parent).map_err(|e| EngineError::io(parent, e))?;
+        let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("model");
+        let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(|e| EngineError::io(&tmp, e))?;
+        let result = (|| -> Result<()> {
+            let tensors: Vec<(String, Vec<usize>, &[f32])> = values.iter().map(|(k, s, v)| (k.clone(), s.clone(), v.as_slice())).collect();
+            crate::weights::write_f32_safetensors(&tmp.join("model.safetensors"), &tensors)?;
+            // Everything else that describes the model (config, tokenizer, processor) is copied as is.
+            let entries = std::fs::read_dir(&self.dir).map_err(|e| EngineError::io(&self.dir, e))?;
+            for e in entries.flatten() {
+                let fname = e.file_name().to_string_lossy().to_string();
+                if fname.ends_with(".safetensors") || fname.ends_with(".safetensors.index.json") || !e.path().is_file() {
+                    continue;
+                }
+                std::fs::copy(e.path(), tmp.join(&fname)).map_err(|err| EngineError::io(e.path(), err))?;
+            }
+            if dir.exists() {
+                std::fs::remove_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;
+            }
+            std::fs::rename(&tmp, dir).map_err(|e| EngineError::io(dir, e))?;
+            Ok(())
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        result
     }
 }

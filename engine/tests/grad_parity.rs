@@ -3,7 +3,7 @@
 //! modules the loss does not reach must come out exactly zero).
 
 use engine::train::dpo::{dpo_loss_and_grads, TokenPair};
-use engine::train::LoraGrads;
+use engine::train::Grads;
 use engine::weights::WeightStore;
 use engine::Model;
 use serde_json::Value;
@@ -45,7 +45,7 @@ fn dpo_loss_and_lora_gradients_match_peft() {
             .map(|((p, c, r), px)| TokenPair { pixels: px.as_ref(), prompt_ids: p, chosen_ids: c, rejected_ids: r })
             .collect();
         let beta = exp["beta"].as_f64().unwrap();
-        let mut grads = LoraGrads::zeros_like(&adapter);
+        let mut grads = Grads::zeros_like(&adapter);
         let (loss, _) = dpo_loss_and_grads(&model, &adapter, &pairs, beta, &mut grads).unwrap();
         let want_loss = exp["loss"].as_f64().unwrap();
         assert!(((loss - want_loss) / want_loss).abs() < 1e-5, "{name}: loss {loss} vs {want_loss}");

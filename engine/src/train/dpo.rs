@@ -5,7 +5,7 @@ use crate::adapter::Adapter;
 use crate::error::{EngineError, Result};
 use crate::image::PixelValues;
 use crate::llava::{ImageTape, Model};
-use crate::train::LoraGrads;
+use crate::train::Grads;
 
 /// One preference pair in token form; the prompt holds the image token once when there is an image.
 pub struct TokenPair<'a> {
@@ -111,7 +111,7 @@ pub fn pair_forward_backward(
     refs: (f64, f64),
     cfg: &DpoConfig,
     weight: f64,
-    grads: &mut LoraGrads,
+    grads: &mut Grads,
 ) -> Result<(f64, PairLogps)> {
     if p.chosen_ids.is_empty() || p.rejected_ids.is_empty() {
         return Err(EngineError::Input("chosen and rejected answers must not be empty".into()));
@@ -142,7 +142,7 @@ pub fn pair_forward_backward(
 
 /// Mean DPO (sigmoid) loss over `pairs` and its gradient, accumulated into `grads` (which the caller zeroes).
 /// The reference is the base model with the adapter disabled. This is `rlaifd grad`'s contract.
-pub fn dpo_loss_and_grads(model: &Model, adapter: &Adapter, pairs: &[TokenPair], beta: f64, grads: &mut LoraGrads) -> Result<(f64, Vec<PairLogps>)> {
+pub fn dpo_loss_and_grads(model: &Model, adapter: &Adapter, pairs: &[TokenPair], beta: f64, grads: &mut Grads) -> Result<(f64, Vec<PairLogps>)> {
     if pairs.is_empty() {
         return Err(EngineError::Input("no preference pairs".into()));
     }

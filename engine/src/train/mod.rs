@@ -1,10 +1,11 @@
 //! Training: LoRA gradients through the whole LLaVA model (decoder, projector, vision tower) and the DPO loss.
 //!
 //! Gradient convention, everywhere in the engine: parameter gradients accumulate (`+=`), activation gradients
-//! are assigned (`=`). So a batch's gradient is the sum of its examples' backward passes into one `LoraGrads`.
+//! are assigned (`=`). So a batch's gradient is the sum of its examples' backward passes into one `Grads`.
 
 pub mod dpo;
 pub mod optim;
+pub mod sft;
 pub mod trainer;
 
 use crate::adapter::Adapter;
@@ -16,12 +17,15 @@ pub struct LoraModuleGrads {
     pub db: Vec<f32>, // (out, r)
 }
 
-/// Gradients for every module of an adapter, keyed by canonical module name.
-pub struct LoraGrads {
+/// Gradients of what is being trained: LoRA factors by canonical module name, and (for full fine-tuning)
+/// base parameters by canonical parameter name (`language_model.layers.0.self_attn.q_proj.weight`, see
+/// `Model::trainable_params`). Only entries present here are computed.
+pub struct Grads {
     modules: HashMap<String, LoraModuleGrads>,
+    params: HashMap<String, Vec<f32>>,
 }
 
-impl LoraGrads {
+impl Grads {
     /// Zero gradients shaped like `adapter`'s modules.
     pub fn zeros_like(adapter: &Adapter) -> Self {
         let modules = adapter
@@ -29,7 +33,7 @@ impl LoraGrads {
             .into_iter()
             .map(|(name, m)| (name.to_string(), LoraModuleGrads { da: vec![0.0; m.a.len()], db: vec![0.0; m.b.len()] }))
             .collect();
-        LoraGrads { modules }
+        Grads { modules, params: HashMap::new() }
     }
 
     pub fn module_mut(&mut self, name: &str) -> Option<&mut LoraModuleGrads> {
@@ -40,10 +44,41 @@ impl LoraGrads {
         self.modules.get(name)
     }
 
+    /// Zero gradients for base parameters (name, element count), and none for LoRA.
+    pub fn zeros_for_params(params: &[(String, usize)]) -> Self {
+        Grads { modules: HashMap::new(), params: params.iter().map(|(n, len)| (n.clone(), vec![0.0; *len])).collect() }
+    }
+
+    /// The gradient buffer of base parameter `name`, if it is being trained.
+    pub fn param_mut(&mut self, name: &str) -> Option<&mut Vec<f32>> {
+        self.params.get_mut(name)
+    }
+
+    /// Takes a parameter gradient out (to borrow two at once); `put_param` returns it.
+    pub fn take_param(&mut self, name: &str) -> Option<Vec<f32>> {
+        self.params.remove(name)
+    }
+
+    pub fn put_param(&mut self, name: String, grad: Vec<f32>) {
+        self.params.insert(name, grad);
+    }
+
+    pub fn param(&self, name: &str) -> Option<&[f32]> {
+        self.params.get(name).map(|v| v.as_slice())
+    }
+
+    /// Whether any base parameter under `prefix` is trained (lets a backward pass stop early).
+    pub fn trains_params_under(&self, prefix: &str) -> bool {
+        self.params.keys().any(|k| k.starts_with(prefix))
+    }
+
     /// Multiplies every gradient by `s` (e.g. 1 / batch size).
     pub fn scale(&mut self, s: f32) {
         for g in self.modules.values_mut() {
             g.da.iter_mut().chain(g.db.iter_mut()).for_each(|v| *v *= s);
+        }
+        for g in self.params.values_mut() {
+            g.iter_mut().for_each(|v| *v *= s);
         }
     }
 

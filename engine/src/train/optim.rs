@@ -3,7 +3,7 @@
 
 use crate::adapter::Adapter;
 use crate::error::{EngineError, Result};
-use crate::train::LoraGrads;
+use crate::train::Grads;
 use std::collections::BTreeMap;
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq)]
@@ -58,41 +58,66 @@ impl AdamW {
         AdamW { cfg, step: 0, moments: BTreeMap::new() }
     }
 
-    /// One update of every adapter tensor from `grads` (already averaged over the batch).
-    pub fn step(&mut self, adapter: &mut Adapter, grads: &LoraGrads) -> Result<StepInfo> {
-        let names: Vec<String> = adapter.module_names().iter().map(|s| s.to_string()).collect();
-        let mut sq = 0f64;
-        for n in &names {
-            if let Some(g) = grads.module(n) {
-                sq += g.da.iter().chain(&g.db).map(|&v| (v as f64) * (v as f64)).sum::<f64>();
-            }
-        }
+    /// Global gradient norm of the given gradient tensors; error if it is not finite.
+    fn norm_and_clip(&self, grads: &[&[f32]]) -> Result<(f64, f64)> {
+        let sq: f64 = grads.iter().map(|g| g.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>()).sum();
         let grad_norm = sq.sqrt();
         if !grad_norm.is_finite() {
             return Err(EngineError::Input(format!("gradient norm is {grad_norm}; the step is skipped (NaN/inf in the loss?)")));
         }
         let clip = if self.cfg.max_grad_norm > 0.0 && grad_norm > self.cfg.max_grad_norm { self.cfg.max_grad_norm / (grad_norm + 1e-6) } else { 1.0 };
-        let lr = self.cfg.lr_at(self.step);
-        self.step += 1;
+        Ok((grad_norm, clip))
+    }
+
+    /// AdamW on one tensor (decoupled weight decay when `decay`).
+    #[allow(clippy::too_many_arguments)]
+    fn update(&mut self, key: &str, p: &mut [f32], g: &[f32], lr: f64, clip: f64, decay: bool) {
         let t = self.step as f64;
         let (b1, b2) = (self.cfg.beta1, self.cfg.beta2);
-        let bc1 = 1.0 - b1.powf(t);
-        let bc2 = 1.0 - b2.powf(t);
+        let (bc1, bc2) = (1.0 - b1.powf(t), 1.0 - b2.powf(t));
+        let wd = if decay { self.cfg.weight_decay } else { 0.0 };
+        let eps = self.cfg.eps;
+        let (m1, m2) = self.moments.entry(key.to_string()).or_insert_with(|| (vec![0.0; p.len()], vec![0.0; p.len()]));
+        for i in 0..p.len() {
+            let gi = g[i] as f64 * clip;
+            let mi = b1 * m1[i] as f64 + (1.0 - b1) * gi;
+            let vi = b2 * m2[i] as f64 + (1.0 - b2) * gi * gi;
+            m1[i] = mi as f32;
+            m2[i] = vi as f32;
+            let mut w = p[i] as f64;
+            w *= 1.0 - lr * wd;
+            w -= lr * (mi / bc1) / ((vi / bc2).sqrt() + eps);
+            p[i] = w as f32;
+        }
+    }
+
+    /// One update of every adapter tensor from `grads` (already averaged over the batch).
+    pub fn step(&mut self, adapter: &mut Adapter, grads: &Grads) -> Result<StepInfo> {
+        let names: Vec<String> = adapter.module_names().iter().map(|s| s.to_string()).collect();
+        let gs: Vec<&[f32]> = names.iter().filter_map(|n| grads.module(n)).flat_map(|g| [g.da.as_slice(), g.db.as_slice()]).collect();
+        let (grad_norm, clip) = self.norm_and_clip(&gs)?;
+        let lr = self.cfg.lr_at(self.step);
+        self.step += 1;
         for n in &names {
             let (Some(g), Some(m)) = (grads.module(n), adapter.module_mut(n)) else { continue };
-            for (key, p, gr) in [(m.keys.0.clone(), &mut m.a, &g.da), (m.keys.1.clone(), &mut m.b, &g.db)] {
-                let (m1, m2) = self.moments.entry(key).or_insert_with(|| (vec![0.0; p.len()], vec![0.0; p.len()]));
-                for i in 0..p.len() {
-                    let gi = gr[i] as f64 * clip;
-                    let mi = b1 * m1[i] as f64 + (1.0 - b1) * gi;
-                    let vi = b2 * m2[i] as f64 + (1.0 - b2) * gi * gi;
-                    m1[i] = mi as f32;
-                    m2[i] = vi as f32;
-                    let mut w = p[i] as f64;
-                    w *= 1.0 - lr * self.cfg.weight_decay;
-                    w -= lr * (mi / bc1) / ((vi / bc2).sqrt() + self.cfg.eps);
-                    p[i] = w as f32;
-                }
+            let (ka, kb) = m.keys.clone();
+            self.update(&ka, &mut m.a, &g.da, lr, clip, true);
+            self.update(&kb, &mut m.b, &g.db, lr, clip, true);
+        }
+        Ok(StepInfo { lr, grad_norm })
+    }
+
+    /// One update of base parameters (full fine-tuning): `master` holds f32 master weights by canonical name
+    /// with their shapes; weight decay applies to matrices only. The caller writes them back into the model.
+    pub fn step_params(&mut self, master: &mut BTreeMap<String, (Vec<usize>, Vec<f32>)>, grads: &Grads) -> Result<StepInfo> {
+        let gs: Vec<&[f32]> = master.keys().filter_map(|n| grads.param(n)).collect();
+        let (grad_norm, clip) = self.norm_and_clip(&gs)?;
+        let lr = self.cfg.lr_at(self.step);
+        self.step += 1;
+        for (name, (shape, values)) in master.iter_mut() {
+            if let Some(g) = grads.param(name) {
+                let decay = shape.len() >= 2;
+                self.update(name, values, g, lr, clip, decay);
             }
         }
         Ok(StepInfo { lr, grad_norm })

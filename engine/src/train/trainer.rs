@@ -7,7 +7,7 @@ use crate::llava::Model;
 use crate::rng::SplitMix64;
 use crate::train::dpo::{pair_forward_backward, reference_logps, DpoConfig, TokenPair};
 use crate::train::optim::AdamW;
-use crate::train::LoraGrads;
+use crate::train::Grads;
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TrainConfig {
@@ -79,7 +79,7 @@ pub fn train_dpo(
         let order = epoch_order(pairs.len(), cfg.seed, epoch);
         let b = opt.step % per_epoch;
         let batch = &order[b * cfg.batch_size..((b + 1) * cfg.batch_size).min(order.len())];
-        let mut grads = LoraGrads::zeros_like(adapter);
+        let mut grads = Grads::zeros_like(adapter);
         let weight = 1.0 / batch.len() as f64;
         let (mut loss, mut acc, mut margin, mut cr, mut rr, mut lc, mut lr_) = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
         for &i in batch {

@@ -1,0 +1,148 @@
+//! Supervised fine-tuning: cross-entropy on answer tokens with the prompt masked (token-level mean over the
+//! batch), for a LoRA adapter or for every base parameter (full fine-tuning, e.g. training the ShapesWorld base
+//! model from scratch).
+
+use crate::adapter::Adapter;
+use crate::error::{EngineError, Result};
+use crate::image::PixelValues;
+use crate::llava::Model;
+use crate::train::optim::AdamW;
+use crate::train::trainer::{epoch_order, steps_per_epoch};
+use crate::train::Grads;
+use std::collections::BTreeMap;
+
+/// One example: prompt (image token once when there is an image) and the answer to learn.
+pub struct SftExample<'a> {
+    pub pixels: Option<&'a PixelValues>,
+    pub prompt_ids: &'a [u32],
+    pub answer_ids: &'a [u32],
+}
+
+/// Adds the gradient of `weight` · Σ_answer −log p to `grads`; returns Σ −log p over the answer tokens.
+pub fn sft_forward_backward(model: &Model, adapter: Option<&Adapter>, ex: &SftExample, weight: f64, grads: &mut Grads) -> Result<f64> {
+    if ex.answer_ids.is_empty() {
+        return Err(EngineError::Input("an SFT example needs a non-empty answer".into()));
+    }
+    let img = match ex.pixels {
+        Some(px) => Some(model.image_forward_train(px, adapter)?),
+        None => None,
+    };
+    let feats = img.as_ref().map(|t| t.features.as_slice());
+    let seq = model.score_train(ex.prompt_ids, ex.answer_ids, feats, adapter)?;
+    let nll = -seq.logp_sum();
+    if !nll.is_finite() {
+        return Err(EngineError::Input(format!("the loss is {nll}")));
+    }
+    let d_embeds = model.score_backward(&seq, -weight as f32, adapter, Some(grads))?;
+    if let Some(t) = &img {
+        model.image_backward_train(t, seq.image_rows_grad(&d_embeds), adapter, Some(grads));
+    }
+    Ok(nll)
+}
+
+/// Mean −log p per answer token over `examples` (no gradients): the held-out loss.
+pub fn sft_eval_loss(model: &Model, adapter: Option<&Adapter>, examples: &[SftExample]) -> Result<f64> {
+    let (mut nll, mut n) = (0.0, 0usize);
+    for ex in examples {
+        let feats = match ex.pixels {
+            Some(px) => Some(model.image_features(px, adapter)?),
+            None => None,
+        };
+        nll -= model.answer_logp(ex.prompt_ids, ex.answer_ids, feats.as_deref(), adapter)?;
+        n += ex.answer_ids.len();
+    }
+    Ok(nll / n.max(1) as f64)
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SftConfig {
+    pub epochs: usize,
+    /// Examples per optimizer step.
+    pub batch_size: usize,
+    pub seed: u64,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SftStepLog {
+    pub step: usize,
+    pub total_steps: usize,
+    pub epoch: usize,
+    /// Mean −log p per answer token of this batch (before the step).
+    pub loss: f64,
+    pub tokens: usize,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub tokens_per_s: f64,
+}
+
+/// What SFT trains.
+pub enum SftTarget<'a> {
+    Lora(&'a mut Adapter),
+    /// Every base parameter; f32 master weights live in the trainer and are written back after each step.
+    Full,
+}
+
+/// Runs optimizer steps until `stop_after` (or the end of the schedule), calling `on_step` after each.
+pub fn train_sft(
+    model: &mut Model,
+    mut target: SftTarget,
+    examples: &[SftExample],
+    cfg: &SftConfig,
+    opt: &mut AdamW,
+    stop_after: Option<usize>,
+    mut on_step: impl FnMut(&SftStepLog),
+) -> Result<()> {
+    let per_epoch = steps_per_epoch(examples.len(), cfg.batch_size);
+    let total = per_epoch * cfg.epochs;
+    let end = stop_after.map_or(total, |s| s.min(total));
+    let params: Vec<(String, Vec<usize>)> = model.param_shapes();
+    let mut master: BTreeMap<String, (Vec<usize>, Vec<f32>)> = BTreeMap::new();
+    if matches!(target, SftTarget::Full) {
+        for (name, shape) in &params {
+            let v = model.get_param(name).ok_or_else(|| EngineError::Input(format!("parameter {name} not found")))?;
+            master.insert(name.clone(), (shape.clone(), v));
+        }
+    }
+    while opt.step < end {
+        let t0 = std::time::Instant::now();
+        let epoch = opt.step / per_epoch;
+        let order = epoch_order(examples.len(), cfg.seed, epoch);
+        let b = opt.step % per_epoch;
+        let batch = &order[b * cfg.batch_size..((b + 1) * cfg.batch_size).min(order.len())];
+        let tokens: usize = batch.iter().map(|&i| examples[i].answer_ids.len()).sum();
+        let weight = 1.0 / tokens.max(1) as f64;
+        let mut nll = 0.0;
+        let info = match &mut target {
+            SftTarget::Lora(adapter) => {
+                let mut grads = Grads::zeros_like(adapter);
+                for &i in batch {
+                    nll += sft_forward_backward(model, Some(&**adapter), &examples[i], weight, &mut grads)?;
+                }
+                opt.step(adapter, &grads)?
+            }
+            SftTarget::Full => {
+                let sizes: Vec<(String, usize)> = params.iter().map(|(n, s)| (n.clone(), s.iter().product())).collect();
+                let mut grads = Grads::zeros_for_params(&sizes);
+                for &i in batch {
+                    nll += sft_forward_backward(model, None, &examples[i], weight, &mut grads)?;
+                }
+                let info = opt.step_params(&mut master, &grads)?;
+                for (name, (_, v)) in &master {
+                    model.set_param(name, v);
+                }
+                info
+            }
+        };
+        on_step(&SftStepLog {
+            step: opt.step,
+            total_steps: total,
+            epoch,
+            loss: nll * weight,
+            tokens,
+            lr: info.lr,
+            grad_norm: info.grad_norm,
+            tokens_per_s: tokens as f64 / t0.elapsed().as_secs_f64(),
+        });
+    }
+    Ok(())
+}
