@@ -40,8 +40,8 @@ fn loss_derivatives_match_finite_differences() {
 #[test]
 fn cosine_schedule_with_warmup() {
     let cfg = AdamWConfig { lr: 1.0, warmup_steps: 4, total_steps: 14, ..Default::default() };
-    assert_eq!(cfg.lr_at(0), 0.25);
-    assert_eq!(cfg.lr_at(3), 1.0);
+    assert_eq!(cfg.lr_at(0), 0.0);
+    assert_eq!(cfg.lr_at(3), 0.75);
     assert_eq!(cfg.lr_at(4), 1.0);
     assert!((cfg.lr_at(9) - 0.5).abs() < 1e-12, "half-way through the decay");
     assert!(cfg.lr_at(13) < 0.03 && cfg.lr_at(13) > 0.0);

@@ -27,10 +27,11 @@ impl Default for AdamWConfig {
 }
 
 impl AdamWConfig {
-    /// Learning rate at optimizer step `step` (0-based): linear warmup, then cosine decay to 0.
+    /// Learning rate at optimizer step `step` (0-based): linear warmup from 0, then cosine decay to 0 — exactly
+    /// transformers' `get_cosine_schedule_with_warmup` (whose first warmup step has lr 0).
     pub fn lr_at(&self, step: usize) -> f64 {
         if step < self.warmup_steps {
-            return self.lr * (step + 1) as f64 / self.warmup_steps as f64;
+            return self.lr * step as f64 / self.warmup_steps as f64;
         }
         let span = self.total_steps.saturating_sub(self.warmup_steps).max(1);
         let progress = ((step - self.warmup_steps) as f64 / span as f64).min(1.0);
