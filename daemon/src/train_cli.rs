@@ -162,6 +162,9 @@ pub struct TrainDpoArgs {
     /// Stop after this many optimizer steps in total (the schedule still spans all epochs); for resumable runs.
     #[arg(long)]
     stop_after: Option<usize>,
+    /// Recompute cheap activations (norm outputs, SwiGLU product) in the backward pass instead of storing them.
+    #[arg(long)]
+    recompute: bool,
 }
 
 /// Pairs in token form; text pairs are tokenized with the model's tokenizer and the chat template.
@@ -235,7 +238,9 @@ pub fn cmd_train_dpo(a: TrainDpoArgs) -> Result<()> {
     use engine::train::trainer::{precompute_references, steps_per_epoch, train_dpo, TrainConfig};
     use std::io::IsTerminal;
 
-    let model = Model::load(&a.model).with_context(|| format!("loading model {}", a.model.display()))?;
+    let mut model = Model::load(&a.model).with_context(|| format!("loading model {}", a.model.display()))?;
+    model.llm.recompute_cheap = a.recompute;
+    let model = model;
     let loss = match a.loss.as_str() {
         "sigmoid" => DpoLoss::Sigmoid,
         "ipo" => DpoLoss::Ipo,
@@ -294,6 +299,9 @@ pub fn cmd_train_dpo(a: TrainDpoArgs) -> Result<()> {
             Some(dir) => Some(model.load_adapter(dir).with_context(|| format!("loading adapter {}", dir.display()))?),
             None => None,
         };
+        if let Some(ad) = start.as_ref().filter(|ad| ad.lora_dropout > 0.0) {
+            eprintln!("note: {} has lora_dropout {}; rlaifd trains without LoRA dropout", ad.path.display(), ad.lora_dropout);
+        }
         let reference = match a.reference.as_str() {
             "base" | "start" => a.reference.clone(),
             other => bail!("--reference {other}: expected start or base"),
@@ -395,6 +403,9 @@ pub struct TrainSftArgs {
     /// Comma-separated module names for LoRA (default: every linear layer of the language model).
     #[arg(long)]
     target_modules: Option<String>,
+    /// Recompute cheap activations (norm outputs, SwiGLU product) in the backward pass instead of storing them.
+    #[arg(long)]
+    recompute: bool,
 }
 
 fn read_sft(path: &Path, model: &Model) -> Result<Vec<(Option<PathBuf>, Vec<u32>, Vec<u32>)>> {
@@ -448,6 +459,7 @@ pub fn cmd_train_sft(a: TrainSftArgs) -> Result<()> {
     use engine::train::trainer::steps_per_epoch;
 
     let mut model = Model::load(&a.model).with_context(|| format!("loading model {}", a.model.display()))?;
+    model.llm.recompute_cheap = a.recompute;
     if a.batch_size == 0 || a.epochs == 0 {
         bail!("--batch-size and --epochs must be at least 1");
     }

@@ -8,6 +8,7 @@ use crate::ops::backward::{attend_dense_bwd, rmsnorm_bwd, silu_mul_bwd};
 use crate::ops::{add_inplace, PackedMatrix, attend_dense, attend_rows, rmsnorm, silu_mul, KvSegment, MatmulMode, Rope};
 use crate::train::Grads;
 use crate::weights::WeightStore;
+use std::borrow::Cow;
 use std::sync::Arc;
 
 /// From this many query rows on, attention runs as per-head GEMMs instead of row by row.
@@ -33,6 +34,9 @@ pub struct Llama {
     /// Shares `embed` when the embeddings are tied.
     lm_head: Linear,
     rope: Rope,
+    /// Training: drop the cheap activations (the two RMSNorm outputs and silu(g)·u) from the tape and recompute
+    /// them in the backward pass, saving (2C + I) floats per position and layer.
+    pub recompute_cheap: bool,
 }
 
 /// Keys and values of one sequence's cached positions, per layer: (len, kv_heads, head_dim) each.
@@ -93,6 +97,7 @@ impl Llama {
             norm: ws.f32(&format!("{prefix}norm.weight"), &[c])?,
             lm_head,
             rope: Rope::new(hd, cfg.rope_theta, &cfg.rope_scaling),
+            recompute_cheap: false,
         })
     }
 
@@ -250,6 +255,7 @@ impl Llama {
             silu_mul(&mut a, &u);
             let mut x2 = x1.clone();
             layer.down.forward(&mut x2, &a, rows, adapter, MatmulMode::Accumulate);
+            let (h1, h2, a) = if self.recompute_cheap { (Vec::new(), Vec::new(), Vec::new()) } else { (h1, h2, a) };
             layers.push(LlamaLayerTape { x0: std::mem::replace(&mut x, x2), h1, q, k, v, att, x1, h2, g, u, a });
         }
         LlamaTape { rows, layers, hidden: x }
@@ -266,15 +272,27 @@ impl Llama {
         let scale = (hd as f32).powf(-0.5);
         let mut dx = d_hidden; // (T, C): gradient w.r.t. the current layer's output, then its input
         for (li, (layer, t)) in self.layers.iter().zip(&tape.layers).enumerate().rev() {
+            // Recompute what the tape dropped (see `recompute_cheap`).
+            let (h1, h2, a) = if t.h1.is_empty() {
+                let mut h1 = vec![0f32; rows * c];
+                rmsnorm(&mut h1, &t.x0, &layer.input_norm, cfg.rms_norm_eps);
+                let mut h2 = vec![0f32; rows * c];
+                rmsnorm(&mut h2, &t.x1, &layer.post_norm, cfg.rms_norm_eps);
+                let mut a = t.g.clone();
+                silu_mul(&mut a, &t.u);
+                (Cow::Owned(h1), Cow::Owned(h2), Cow::Owned(a))
+            } else {
+                (Cow::Borrowed(&t.h1), Cow::Borrowed(&t.h2), Cow::Borrowed(&t.a))
+            };
             // x2 = x1 + down(a)
             let mut da = vec![0f32; rows * isz];
-            layer.down.backward(&mut da, &dx, &t.a, rows, adapter, grads.as_deref_mut(), MatmulMode::Assign);
+            layer.down.backward(&mut da, &dx, &a, rows, adapter, grads.as_deref_mut(), MatmulMode::Assign);
             let mut dg = vec![0f32; rows * isz];
             let mut du = vec![0f32; rows * isz];
             silu_mul_bwd(&mut dg, &mut du, &da, &t.g, &t.u);
             let mut dh2 = vec![0f32; rows * c];
-            layer.gate.backward(&mut dh2, &dg, &t.h2, rows, adapter, grads.as_deref_mut(), MatmulMode::Assign);
-            layer.up.backward(&mut dh2, &du, &t.h2, rows, adapter, grads.as_deref_mut(), MatmulMode::Accumulate);
+            layer.gate.backward(&mut dh2, &dg, &h2, rows, adapter, grads.as_deref_mut(), MatmulMode::Assign);
+            layer.up.backward(&mut dh2, &du, &h2, rows, adapter, grads.as_deref_mut(), MatmulMode::Accumulate);
             let mut dx1 = vec![0f32; rows * c];
             let dw = grads.as_deref_mut().and_then(|g| g.param_mut(&format!("language_model.layers.{li}.post_attention_layernorm.weight")));
             rmsnorm_bwd(&mut dx1, dw.map(|v| v.as_mut_slice()), &dh2, &t.x1, &layer.post_norm, cfg.rms_norm_eps);
@@ -289,9 +307,9 @@ impl Llama {
             self.rope.apply_backward(&mut dq, heads, &positions);
             self.rope.apply_backward(&mut dk, kvh, &positions);
             let mut dh1 = vec![0f32; rows * c];
-            layer.q.backward(&mut dh1, &dq, &t.h1, rows, adapter, grads.as_deref_mut(), MatmulMode::Assign);
-            layer.k.backward(&mut dh1, &dk, &t.h1, rows, adapter, grads.as_deref_mut(), MatmulMode::Accumulate);
-            layer.v.backward(&mut dh1, &dv, &t.h1, rows, adapter, grads.as_deref_mut(), MatmulMode::Accumulate);
+            layer.q.backward(&mut dh1, &dq, &h1, rows, adapter, grads.as_deref_mut(), MatmulMode::Assign);
+            layer.k.backward(&mut dh1, &dk, &h1, rows, adapter, grads.as_deref_mut(), MatmulMode::Accumulate);
+            layer.v.backward(&mut dh1, &dv, &h1, rows, adapter, grads.as_deref_mut(), MatmulMode::Accumulate);
             let mut dx0 = vec![0f32; rows * c];
             let dw = grads.as_deref_mut().and_then(|g| g.param_mut(&format!("language_model.layers.{li}.input_layernorm.weight")));
             rmsnorm_bwd(&mut dx0, dw.map(|v| v.as_mut_slice()), &dh1, &t.x0, &layer.input_norm, cfg.rms_norm_eps);

@@ -69,3 +69,24 @@ fn dpo_loss_and_lora_gradients_match_peft() {
         println!("{name:<32} loss {loss:.7} (peft {want_loss:.7}), {} tensors, worst relative L2 {worst:.2e}", got.len());
     }
 }
+
+#[test]
+fn recomputing_cheap_activations_gives_identical_gradients() {
+    let dir = grad_fixtures().join("l15_4x_f32_gqa_tied_lora");
+    let exp: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let mut model = Model::load(&dir.join(exp["model_dir"].as_str().unwrap())).unwrap();
+    let line: Value = serde_json::from_str(std::fs::read_to_string(dir.join("pairs.jsonl")).unwrap().lines().next().unwrap()).unwrap();
+    let px = model.load_image(&dir.join(line["image"].as_str().unwrap())).unwrap();
+    let (p, c, r) = (ids(&line["prompt_ids"]), ids(&line["chosen_ids"]), ids(&line["rejected_ids"]));
+    let mut run = |recompute: bool| {
+        model.llm.recompute_cheap = recompute;
+        let pair = TokenPair { pixels: Some(&px), prompt_ids: &p, chosen_ids: &c, rejected_ids: &r };
+        let adapter = model.load_adapter(&dir.join(exp["adapter_dir"].as_str().unwrap())).unwrap();
+        let mut g = Grads::zeros_like(&adapter);
+        let (loss, _) = dpo_loss_and_grads(&model, &adapter, &[pair], 0.1, &mut g).unwrap();
+        (loss, g.named_tensors(&adapter).into_iter().map(|(k, _, v)| (k, v.to_vec())).collect::<Vec<_>>())
+    };
+    let (a, b) = (run(false), run(true));
+    assert_eq!(a.0, b.0);
+    assert_eq!(a.1, b.1, "recomputation must be bit-identical");
+}
