@@ -127,3 +127,36 @@ fn train_dpo_reads_the_rlaif_v_text_schema_with_images() {
     assert!(!out2.exists());
     let _ = std::fs::remove_dir_all(&d);
 }
+
+#[test]
+fn train_sft_full_writes_a_checkpoint_and_reports_held_out_loss() {
+    let case = root().join("tests/fixtures/llava/llama_text_only");
+    let d = tmp("sft");
+    let train: Vec<String> = ["is there a red circle ?", "is there a blue square ?", "do you see a cat ?", "is it dark ?"]
+        .iter()
+        .map(|q| format!(r#"{{"prompt": "{q}", "answer": "yes , it is ."}}"#))
+        .collect();
+    std::fs::write(d.join("train.jsonl"), train.join("\n")).unwrap();
+    std::fs::write(d.join("eval.jsonl"), r#"{"prompt": "is there a tree ?", "answer": "yes , it is ."}"#).unwrap();
+    let out = d.join("model");
+    let (ok, stdout, stderr) = run(&[
+        "train-sft", "--model", case.join("model").to_str().unwrap(), "--data", d.join("train.jsonl").to_str().unwrap(),
+        "--eval", d.join("eval.jsonl").to_str().unwrap(), "--out", out.to_str().unwrap(), "--full", "--epochs", "6",
+        "--batch-size", "2", "--lr", "3e-3",
+    ]);
+    assert!(ok, "{stderr}");
+    let evals: Vec<f64> = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["eval_loss"].as_f64())
+        .collect();
+    assert_eq!(evals.len(), 7, "before training and after each epoch");
+    assert!(evals[6] < 0.5 * evals[0], "held-out loss {evals:?}");
+    // The output is a loadable checkpoint with the tokenizer and config beside the weights.
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    let m = engine::Model::load(&out).unwrap();
+    assert_eq!(m.layout.name, "llama");
+    let _ = std::fs::remove_dir_all(&d);
+}
