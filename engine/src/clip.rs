@@ -341,15 +341,7 @@ impl ClipVision {
         if let Some((_, _, v)) = self.plain_params().into_iter().find(|(n, _, _)| n == name) {
             return Some(v.clone());
         }
-        for lin in self.linears() {
-            if name.strip_suffix(".weight") == Some(lin.name.as_str()) {
-                return Some(lin.weight.unpack_f32());
-            }
-            if name.strip_suffix(".bias") == Some(lin.name.as_str()) {
-                return lin.bias.clone();
-            }
-        }
-        None
+        self.linears().find_map(|lin| lin.get_param(name))
     }
 
     pub fn set_param(&mut self, name: &str, values: &[f32]) -> bool {
@@ -357,20 +349,6 @@ impl ClipVision {
             v.copy_from_slice(values);
             return true;
         }
-        for l in self.layers.iter_mut() {
-            for lin in [&mut l.q, &mut l.k, &mut l.v, &mut l.o, &mut l.fc1, &mut l.fc2] {
-                if name.strip_suffix(".weight") == Some(lin.name.as_str()) {
-                    lin.set_weight(values);
-                    return true;
-                }
-                if name.strip_suffix(".bias") == Some(lin.name.as_str()) {
-                    if let Some(b) = lin.bias.as_mut() {
-                        b.copy_from_slice(values);
-                        return true;
-                    }
-                }
-            }
-        }
-        false
+        self.layers.iter_mut().flat_map(|l| [&mut l.q, &mut l.k, &mut l.v, &mut l.o, &mut l.fc1, &mut l.fc2]).any(|lin| lin.set_param(name, values))
     }
 }

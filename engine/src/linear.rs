@@ -78,6 +78,33 @@ impl Linear {
         }
     }
 
+    /// `{name}.weight` / `{name}.bias` as f32, for a parameter name of this layer (None otherwise).
+    pub fn get_param(&self, param: &str) -> Option<Vec<f32>> {
+        if param.strip_suffix(".weight") == Some(self.param.as_str()) && self.param == self.name {
+            return Some(self.weight.unpack_f32());
+        }
+        if param.strip_suffix(".bias") == Some(self.param.as_str()) {
+            return self.bias.clone();
+        }
+        None
+    }
+
+    /// Overwrites `{name}.weight` or `{name}.bias`; false if `param` is not one of this layer's (a tied head's
+    /// weight is the embedding table and is set through it).
+    pub fn set_param(&mut self, param: &str, values: &[f32]) -> bool {
+        if param.strip_suffix(".weight") == Some(self.param.as_str()) && self.param == self.name {
+            self.set_weight(values);
+            return true;
+        }
+        if param.strip_suffix(".bias") == Some(self.param.as_str()) {
+            if let Some(b) = self.bias.as_mut() {
+                b.copy_from_slice(values);
+                return true;
+            }
+        }
+        false
+    }
+
     /// Replaces the weight (and bias) with new f32 values (full fine-tuning updates).
     pub fn set_weight(&mut self, w: &[f32]) {
         self.weight = Arc::new(PackedMatrix::from_f32(w, self.out_features, self.in_features));

@@ -398,15 +398,8 @@ impl Llama {
         if name == "language_model.embed_tokens.weight" {
             return Some(self.embed.unpack_f32());
         }
-        for lin in self.linears() {
-            if lin.param == lin.name {
-                if name.strip_suffix(".weight") == Some(lin.name.as_str()) {
-                    return Some(lin.weight.unpack_f32());
-                }
-                if name.strip_suffix(".bias") == Some(lin.name.as_str()) {
-                    return lin.bias.clone();
-                }
-            }
+        if let Some(v) = self.linears().find_map(|lin| lin.get_param(name)) {
+            return Some(v);
         }
         // Norms: borrow-free lookup through a clone of the matching buffer.
         let c = self.cfg.hidden_size;
@@ -440,21 +433,6 @@ impl Llama {
             v.copy_from_slice(values);
             return true;
         }
-        for lin in self.linears_mut() {
-            if lin.param != lin.name {
-                continue;
-            }
-            if name.strip_suffix(".weight") == Some(lin.name.as_str()) {
-                lin.set_weight(values);
-                return true;
-            }
-            if name.strip_suffix(".bias") == Some(lin.name.as_str()) {
-                if let Some(b) = lin.bias.as_mut() {
-                    b.copy_from_slice(values);
-                    return true;
-                }
-            }
-        }
-        false
+        self.linears_mut().any(|lin| lin.set_param(name, values))
     }
 }

@@ -492,15 +492,7 @@ impl Model {
         }
         if name.starts_with("multi_modal_projector.") {
             let p = self.projector.as_ref()?;
-            for lin in [&p.linear_1, &p.linear_2] {
-                if name.strip_suffix(".weight") == Some(lin.name.as_str()) {
-                    return Some(lin.weight.unpack_f32());
-                }
-                if name.strip_suffix(".bias") == Some(lin.name.as_str()) {
-                    return lin.bias.clone();
-                }
-            }
-            return None;
+            return [&p.linear_1, &p.linear_2].into_iter().find_map(|lin| lin.get_param(name));
         }
         self.llm.get_param(name)
     }
@@ -512,19 +504,7 @@ impl Model {
         }
         if name.starts_with("multi_modal_projector.") {
             let Some(p) = self.projector.as_mut() else { return false };
-            for lin in [&mut p.linear_1, &mut p.linear_2] {
-                if name.strip_suffix(".weight") == Some(lin.name.as_str()) {
-                    lin.set_weight(values);
-                    return true;
-                }
-                if name.strip_suffix(".bias") == Some(lin.name.as_str()) {
-                    if let Some(b) = lin.bias.as_mut() {
-                        b.copy_from_slice(values);
-                        return true;
-                    }
-                }
-            }
-            return false;
+            return [&mut p.linear_1, &mut p.linear_2].into_iter().any(|lin| lin.set_param(name, values));
         }
         self.llm.set_param(name, values)
     }
