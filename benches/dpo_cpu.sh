@@ -8,10 +8,15 @@
 #   image token once (196 patch rows after expansion), 40-token chosen and rejected answers.
 # Per-step pairs/s comes from each side's own step timer (reference pass and loading excluded); the whole command's
 # wall time and peak RSS (/usr/bin/time -v, "Maximum resident set size") are reported too. The reference log-probs
-# of both sides are compared (same work check). The rlaifd binary is copied before the runs, so a rebuild by
-# someone else during the benchmark cannot swap it; RLAIFD_BIN=path benchmarks a given binary instead of building.
-#   RUNS=3 THREADS=2 PAIRS=12 benches/dpo_cpu.sh   (EAGER=0 skips the eager-attention peer row; RETRIES=3 repeats a
-#   measurement disturbed by a compiler up to 3 times)
+# of both sides are compared (same-work check).
+#
+# Noise control (others compile on the dev machine): each measurement starts only when no rustc/cargo runs, and a
+# sampler records every second how much CPU the rest of the machine used (/proc/stat minus the measured process
+# tree). A step during which other processes used more than NOISE_MAX cores on average is "disturbed" and left out
+# of the medians; rounds (one run of every implementation, interleaved) repeat until every implementation has
+# RUNS x steps clean steps, at most MAX_ROUNDS rounds. The rlaifd binary is copied first, so a rebuild by someone
+# else cannot swap it mid-benchmark; RLAIFD_BIN=path benchmarks a given binary instead of building one.
+#   RUNS=3 THREADS=2 PAIRS=12 benches/dpo_cpu.sh       (EAGER=0 skips the eager-attention peer row)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-3}
@@ -19,7 +24,8 @@ THREADS=${THREADS:-2}
 PAIRS=${PAIRS:-12}
 BATCH=${BATCH:-4}
 EAGER=${EAGER:-1}
-RETRIES=${RETRIES:-3}
+NOISE_MAX=${NOISE_MAX:-0.05}
+MAX_ROUNDS=${MAX_ROUNDS:-$((RUNS * 3))}
 source "$(tools/pyenv.sh)"
 if [ -z "${RLAIFD_BIN:-}" ]; then
   cargo build --release -p rlaifd 2>&1 | tail -n 1
@@ -46,6 +52,62 @@ with open(os.path.join(d, "pairs.jsonl"), "w") as f:
         f.write(json.dumps({"image": name, "prompt_ids": prompt, "chosen_ids": ids(40), "rejected_ids": ids(40)}) + "\n")
 PY
 
+# runner: starts `/usr/bin/time -v -o TV cmd...`, writes the command's stdout lines prefixed with the wall-clock
+# time they arrived, and every second the CPU (in cores) used by everything except the measured process tree.
+cat > "$data/runner.py" <<'PY'
+import os, subprocess, sys, threading, time
+stdout_path, load_path, tv = sys.argv[1:4]
+cmd = sys.argv[5:]  # after "--"
+tick = os.sysconf("SC_CLK_TCK")
+
+def machine_busy():
+    f = open("/proc/stat").readline().split()[1:]
+    v = [int(x) for x in f]
+    return sum(v) - v[3] - v[4]  # all but idle and iowait
+
+def tree_busy(root):
+    kids, times = {}, {}
+    for p in os.listdir("/proc"):
+        if not p.isdigit():
+            continue
+        try:
+            s = open(f"/proc/{p}/stat").read()
+        except OSError:
+            continue
+        f = s[s.rindex(")") + 2:].split()
+        kids.setdefault(int(f[1]), []).append(int(p))
+        times[int(p)] = int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])  # utime stime cutime cstime
+    todo, tot = [root, os.getpid()], 0
+    while todo:
+        p = todo.pop()
+        tot += times.get(p, 0)
+        todo += kids.get(p, [])
+    return tot
+
+proc = subprocess.Popen(["/usr/bin/time", "-v", "-o", tv] + cmd, stdout=subprocess.PIPE, text=True, bufsize=1)
+stop = threading.Event()
+
+def sample():
+    with open(load_path, "w") as lf:
+        t0, m0, o0 = time.time(), machine_busy(), tree_busy(proc.pid)
+        while not stop.wait(1.0):
+            t1, m1, o1 = time.time(), machine_busy(), tree_busy(proc.pid)
+            lf.write(f"{t0:.3f} {t1:.3f} {max(0, (m1 - m0) - (o1 - o0)) / tick / (t1 - t0):.3f}\n")
+            lf.flush()
+            t0, m0, o0 = t1, m1, o1
+
+th = threading.Thread(target=sample, daemon=True)
+th.start()
+with open(stdout_path, "w") as out:
+    for line in proc.stdout:
+        out.write(f"{time.time():.3f} {line}")
+        out.flush()
+rc = proc.wait()
+stop.set()
+th.join()
+sys.exit(rc)
+PY
+
 bin="$data/rlaifd.bench-bin"
 cp "$RLAIFD_BIN" "$bin"
 echo "rlaifd binary: $RLAIFD_BIN sha256 $(sha256sum "$bin" | cut -c1-16); worktree HEAD $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- engine daemon || echo ' (engine/daemon modified in the worktree)')" >&2
@@ -53,95 +115,113 @@ res="$out/dpo_results.jsonl"
 waits="$out/dpo_waits.log"
 : > "$res"
 : > "$waits"
-# Others compile on this machine: wait until no compiler (or cargo, which also runs tests) is running.
+# Wait until no compiler (or cargo, which also runs tests) is running.
 wait_idle() {
   local t0=$SECONDS
   while pgrep -x rustc >/dev/null || pgrep -x cargo >/dev/null; do sleep 5; done
-  if [ $((SECONDS - t0)) -gt 0 ]; then echo "waited $((SECONDS - t0)) s before: $1" | tee -a "$waits" >&2; fi
+  if [ $((SECONDS - t0)) -gt 0 ]; then echo "waited $((SECONDS - t0)) s for compilers to finish before: $1" | tee -a "$waits" >&2; fi
 }
-# Runs a command under /usr/bin/time -v; appends its stdout's JSON lines tagged with impl/run, then a summary
-# row with the wall time and peak RSS of the whole command. A measurement during which a compiler ran is thrown
-# away and repeated (up to RETRIES times; the last try is kept, flagged "compiler_ran").
+# measure IMPL ROUND cmd...: appends one row per optimizer step (pairs/s, the other processes' mean CPU during the
+# step, clean or not) and one row for the whole command (wall, peak RSS, the other processes' mean CPU).
 measure() {
-  local impl=$1 run=$2; shift 2
-  local tv stdout t0 t1 mon busy try
-  tv=$(mktemp) stdout=$(mktemp)
-  for try in $(seq 0 "$RETRIES"); do
-    rm -f "$tv.busy"
-    wait_idle "$impl run $run"
-    ( while :; do if pgrep -x rustc >/dev/null || pgrep -x cargo >/dev/null; then touch "$tv.busy"; fi; sleep 2; done ) &
-    mon=$!
-    t0=$EPOCHREALTIME
-    /usr/bin/time -v -o "$tv" "$@" > "$stdout" 2> "$stdout.err" || { kill "$mon"; cat "$stdout.err" "$tv" >&2; exit 1; }
-    t1=$EPOCHREALTIME
-    kill "$mon"; wait "$mon" 2>/dev/null || true
-    busy=0
-    [ -e "$tv.busy" ] || break
-    busy=1
-    echo "a compiler ran during $impl run $run (try $((try + 1)))$([ "$try" -lt "$RETRIES" ] && echo ', repeating')" | tee -a "$waits" >&2
-  done
-  python - "$impl" "$run" "$stdout" "$tv" "$t0" "$t1" "$busy" >> "$res" <<'PY'
+  local impl=$1 round=$2; shift 2
+  local tmp
+  tmp=$(mktemp -d)
+  wait_idle "$impl round $round"
+  local t0=$EPOCHREALTIME
+  python "$data/runner.py" "$tmp/stdout" "$tmp/load" "$tmp/time" -- "$@" 2> "$tmp/stderr" || { cat "$tmp/stderr" >&2; exit 1; }
+  local t1=$EPOCHREALTIME
+  python - "$impl" "$round" "$tmp" "$t0" "$t1" "$NOISE_MAX" "$BATCH" >> "$res" <<'PY'
 import json, sys
-impl, run, stdout, tv, t0, t1 = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], float(sys.argv[5]), float(sys.argv[6])
-busy = sys.argv[7] == "1"
-rss_kb = next(int(l.split(":")[1]) for l in open(tv) if "Maximum resident set size" in l)
+impl, rnd, tmp, t0, t1, noise_max, bs = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4]), float(sys.argv[5]), float(sys.argv[6]), int(sys.argv[7])
+rss_kb = next(int(l.split(":")[1]) for l in open(f"{tmp}/time") if "Maximum resident set size" in l)
+load = [tuple(map(float, l.split())) for l in open(f"{tmp}/load")]
+def foreign(a, b):
+    """Mean cores used by other processes over [a, b] (intervals pro-rated)."""
+    tot = sum(c * max(0.0, min(b, e) - max(a, s)) for s, e, c in load)
+    return tot / max(b - a, 1e-9)
 extra = {}
-for line in open(stdout):
-    if not line.startswith("{"):
+for line in open(f"{tmp}/stdout"):
+    ts, _, body = line.partition(" ")
+    if not body.startswith("{"):
         continue
-    r = json.loads(line)
+    r = json.loads(body)
     if r.get("summary"):
         extra = r
         continue
-    print(json.dumps({"impl": impl, "run": run, "step": r["step"], "pairs_per_s": r["pairs_per_s"], "loss": r["loss"],
-                      "logp_chosen": r.get("logp_chosen"), "compiler_ran": busy}))
-print(json.dumps({"impl": impl, "run": run, "wall_s": t1 - t0, "peak_rss_mib": rss_kb / 1024, "compiler_ran": busy,
-                  "self_report": extra}))
+    step_s = r.get("step_s", r["pairs_per_s"] and bs / r["pairs_per_s"])
+    f = foreign(float(ts) - step_s, float(ts))
+    print(json.dumps({"impl": impl, "round": rnd, "step": r["step"], "pairs_per_s": r["pairs_per_s"], "loss": r["loss"],
+                      "logp_chosen": r.get("logp_chosen"), "foreign_cores": round(f, 3), "clean": f <= noise_max}))
+f = foreign(t0, t1)
+print(json.dumps({"impl": impl, "round": rnd, "wall_s": t1 - t0, "peak_rss_mib": rss_kb / 1024, "foreign_cores": round(f, 3),
+                  "clean": f <= noise_max, "self_report": extra}))
 PY
-  rm -f "$tv" "$tv.busy" "$stdout" "$stdout.err"
+  rm -rf "$tmp"
+}
+impls=("rlaifd" "pytorch+peft sdpa")
+[ "$EAGER" = 1 ] && impls+=("pytorch+peft eager")
+steps_per_run=$(( (PAIRS + BATCH - 1) / BATCH ))
+need=$((RUNS * steps_per_run))
+enough() {  # true when every implementation has $need clean steps
+  python - "$res" "$need" "${impls[@]}" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+need, impls = int(sys.argv[2]), sys.argv[3:]
+counts = {i: sum(1 for r in rows if r["impl"] == i and "step" in r and r["clean"]) for i in impls}
+print("clean steps so far: " + ", ".join(f"{i} {c}/{need}" for i, c in counts.items()), file=sys.stderr)
+sys.exit(0 if all(c >= need for c in counts.values()) else 1)
+PY
 }
 rl_out=$(mktemp -d)
-for i in $(seq "$RUNS"); do
-  echo "run $i/$RUNS" >&2
+for round in $(seq "$MAX_ROUNDS"); do
+  echo "round $round (at least $RUNS, at most $MAX_ROUNDS)" >&2
   rm -rf "$rl_out/adapter"
-  measure rlaifd "$i" "$bin" --threads "$THREADS" train-dpo --model "$model" --pairs "$data/pairs.jsonl" \
+  measure rlaifd "$round" "$bin" --threads "$THREADS" train-dpo --model "$model" --pairs "$data/pairs.jsonl" \
     --out "$rl_out/adapter" --epochs 1 --batch-size "$BATCH" --lr 1e-5 --beta 0.1 --r 64 --lora-alpha 16 --warmup-ratio 0
   python -c 'import json,sys; print(json.dumps({"impl": "rlaifd", "references": json.load(open(sys.argv[1]))["references"]}))' \
     "$rl_out/adapter/trainer_state.json" > "$data/rlaifd_refs.json"
-  measure "pytorch+peft sdpa" "$i" python tools/bench_dpo_peer.py --model "$model" --pairs "$data/pairs.jsonl" \
+  measure "pytorch+peft sdpa" "$round" python tools/bench_dpo_peer.py --model "$model" --pairs "$data/pairs.jsonl" \
     --threads "$THREADS" --batch-size "$BATCH" --attn sdpa
   if [ "$EAGER" = 1 ]; then
-    measure "pytorch+peft eager" "$i" python tools/bench_dpo_peer.py --model "$model" --pairs "$data/pairs.jsonl" \
+    measure "pytorch+peft eager" "$round" python tools/bench_dpo_peer.py --model "$model" --pairs "$data/pairs.jsonl" \
       --threads "$THREADS" --batch-size "$BATCH" --attn eager
   fi
+  if [ "$round" -ge "$RUNS" ] && enough; then break; fi
 done
 rm -rf "$rl_out"
-python - "$res" "$BATCH" <<'PY'
-import json, statistics, sys, collections
+python - "$res" "$BATCH" "$NOISE_MAX" <<'PY'
+import json, os, statistics, sys, collections
 rows = [json.loads(l) for l in open(sys.argv[1])]
+bs, noise_max = int(sys.argv[2]), float(sys.argv[3])
 steps, whole = collections.OrderedDict(), collections.OrderedDict()
 for r in rows:
     (steps if "step" in r else whole).setdefault(r["impl"], []).append(r)
-peer = statistics.median(r["pairs_per_s"] for r in steps["pytorch+peft sdpa"])
-print("| implementation | pairs/s per step (median) | min-max | ratio vs PyTorch sdpa | s/step | wall of whole command (median) | peak RSS MiB (median) | steps x runs |")
-print("|---|---|---|---|---|---|---|---|")
+med = lambda xs: statistics.median(xs) if xs else float("nan")
+clean = {i: [r["pairs_per_s"] for r in rs if r["clean"]] for i, rs in steps.items()}
+peer = med(clean["pytorch+peft sdpa"])
+print(f"| implementation | pairs/s per step (median, clean steps) | min-max | ratio vs PyTorch sdpa | s per 4-pair step "
+      f"| median of all steps | wall of whole command (median, clean runs) | peak RSS MiB (median) | clean steps / all |")
+print("|---|---|---|---|---|---|---|---|---|")
 for impl, rs in steps.items():
-    v = [r["pairs_per_s"] for r in rs]
-    m = statistics.median(v)
-    w = statistics.median(r["wall_s"] for r in whole[impl])
-    rss = statistics.median(r["peak_rss_mib"] for r in whole[impl])
-    bs = int(sys.argv[2])
-    print(f"| {impl} | {m:.3f} | {min(v):.3f}-{max(v):.3f} | {m / peer:.2f} | {bs / m:.2f} | {w:.1f} s | {rss:.0f} | {len(v)} |")
-import os
-dist = sorted({(r["impl"], r["run"]) for r in rows if r.get("compiler_ran")})
-print(f"\nruns during which a compiler was running: {dist if dist else 'none'}")
+    v = clean[impl]
+    m = med(v)
+    allv = med([r["pairs_per_s"] for r in rs])
+    w = med([r["wall_s"] for r in whole[impl] if r["clean"]])
+    rss = med([r["peak_rss_mib"] for r in whole[impl]])
+    print(f"| {impl} | {m:.3f} | {min(v, default=float('nan')):.3f}-{max(v, default=float('nan')):.3f} | {m / peer:.2f} "
+          f"| {bs / m:.2f} | {allv:.3f} | {w:.1f} s ({sum(r['clean'] for r in whole[impl])} of {len(whole[impl])}) "
+          f"| {rss:.0f} | {len(v)}/{len(rs)} |")
+print(f"\nclean = other processes used <= {noise_max} cores on average during the step (or the whole command)")
 rl = json.load(open(os.path.join(os.path.dirname(sys.argv[1]), "dpo", "rlaifd_refs.json")))["references"]
-pt = next(r["self_report"]["references"] for r in rows if r["impl"] == "pytorch+peft sdpa" and "self_report" in r)
+pt = next(r["self_report"]["references"] for r in whole["pytorch+peft sdpa"])
 d = max(abs(a - b) for x, y in zip(rl, pt) for a, b in zip(x, y))
-print(f"same work check: reference answer log-probs (sums over 40 tokens, ~-415), max |rlaifd - PyTorch| = {d:.2e} over {len(rl)} pairs")
+print(f"same-work check: reference answer log-probs (sums over 40 tokens, ~-415), max |rlaifd - PyTorch| = {d:.2e} "
+      f"over {len(rl)} pairs")
 for impl in steps:
     if impl != "rlaifd":
-        print(f"{impl}: reference pass {statistics.median(r['self_report']['ref_s'] for r in whole[impl]):.1f} s (median), "
-              f"import+load+refs+steps {statistics.median(r['self_report']['total_s'] for r in whole[impl]):.1f} s")
+        sr = [r["self_report"] for r in whole[impl] if r["clean"]] or [r["self_report"] for r in whole[impl]]
+        print(f"{impl}: reference pass {med([s['ref_s'] for s in sr]):.1f} s, python import+load+refs+steps "
+              f"{med([s['total_s'] for s in sr]):.1f} s (medians)")
 PY
-[ -s "$waits" ] && { echo "waits for compilers:" >&2; cat "$waits" >&2; } || echo "no waits for compilers" >&2
+if [ -s "$waits" ]; then echo "waits:" >&2; cat "$waits" >&2; else echo "no waits for compilers" >&2; fi

@@ -74,18 +74,78 @@ pub fn read_token_pairs(path: &Path) -> Result<Vec<TokenPairOwned>> {
     Ok(out)
 }
 
+/// Decodes the image of every line up front (a bad one fails the command before any work), naming the line.
+fn load_images<'a>(model: &Model, file: &Path, paths: impl Iterator<Item = Option<&'a PathBuf>>) -> Result<Vec<Option<PixelValues>>> {
+    paths
+        .enumerate()
+        .map(|(i, p)| match p {
+            Some(path) => model.load_image(path).map(Some).with_context(|| format!("{} line {}", file.display(), i + 1)),
+            None => Ok(None),
+        })
+        .collect()
+}
+
+/// Optimizer and batching settings shared by the training commands.
+#[derive(clap::Args)]
+pub struct OptimArgs {
+    /// Examples (pairs) per optimizer step; gradients are accumulated over them.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 0.05)]
+    warmup_ratio: f64,
+    /// AdamW decoupled weight decay (matrices only).
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    /// Clip the global gradient norm (0 = off).
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f64,
+    /// Seed of the data order and of new LoRA weights.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// LoRA rank of a new adapter.
+    #[arg(long, default_value_t = 64)]
+    r: usize,
+    #[arg(long, default_value_t = 16.0)]
+    lora_alpha: f64,
+    /// Comma-separated module names for a new adapter (peft target_modules list), e.g. q_proj,v_proj.
+    #[arg(long)]
+    target_modules: Option<String>,
+    /// Recompute cheap activations (norm outputs, SwiGLU product) in the backward pass instead of storing them.
+    #[arg(long)]
+    recompute: bool,
+}
+
+impl OptimArgs {
+    fn adamw(&self, lr: f64, total_steps: usize) -> engine::train::optim::AdamWConfig {
+        engine::train::optim::AdamWConfig {
+            lr,
+            weight_decay: self.weight_decay,
+            max_grad_norm: self.max_grad_norm,
+            warmup_steps: (self.warmup_ratio * total_steps as f64).ceil() as usize,
+            total_steps,
+            ..Default::default()
+        }
+    }
+
+    /// Targets of a new adapter: --target-modules, else `regex`, else every linear layer of the language model.
+    fn targets(&self, model: &Model, regex: Option<&String>) -> engine::adapter::TargetModules {
+        use engine::adapter::{LoraSpec, TargetModules};
+        match (&self.target_modules, regex) {
+            (Some(list), _) => TargetModules::Names(list.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()),
+            (None, Some(re)) => TargetModules::Regex(re.clone()),
+            (None, None) => match model.config.llava() {
+                Some(_) => LoraSpec::default().target_modules,
+                None => TargetModules::Names(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"].map(String::from).to_vec()),
+            },
+        }
+    }
+}
+
 pub fn cmd_grad(a: GradArgs) -> Result<()> {
     let model = Model::load_with(&a.model, &LoadOptions::default()).with_context(|| format!("loading model {}", a.model.display()))?;
     let adapter = model.load_adapter(&a.adapter).with_context(|| format!("loading adapter {}", a.adapter.display()))?;
     let pairs = read_token_pairs(&a.pairs)?;
-    let images: Vec<Option<PixelValues>> = pairs
-        .iter()
-        .enumerate()
-        .map(|(i, p)| match &p.image {
-            Some(path) => model.load_image(path).map(Some).with_context(|| format!("{} line {}", a.pairs.display(), i + 1)),
-            None => Ok(None),
-        })
-        .collect::<Result<_>>()?;
+    let images = load_images(&model, &a.pairs, pairs.iter().map(|p| p.image.as_ref()))?;
     let token_pairs: Vec<TokenPair> = pairs
         .iter()
         .zip(&images)
@@ -133,26 +193,10 @@ pub struct TrainDpoArgs {
     lr: f64,
     #[arg(long, default_value_t = 4)]
     epochs: usize,
-    /// Pairs per optimizer step (gradient accumulation).
-    #[arg(long, default_value_t = 8)]
-    batch_size: usize,
-    #[arg(long, default_value_t = 0.05)]
-    warmup_ratio: f64,
-    #[arg(long, default_value_t = 0.0)]
-    weight_decay: f64,
-    #[arg(long, default_value_t = 1.0)]
-    max_grad_norm: f64,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    #[arg(long, default_value_t = 64)]
-    r: usize,
-    #[arg(long, default_value_t = 16.0)]
-    lora_alpha: f64,
+    #[command(flatten)]
+    opt: OptimArgs,
     #[arg(long)]
     use_rslora: bool,
-    /// Comma-separated module names (peft target_modules list), e.g. q_proj,v_proj.
-    #[arg(long, conflicts_with = "target_regex")]
-    target_modules: Option<String>,
     /// Regex over full module paths (default: every linear layer of the language model).
     #[arg(long)]
     target_regex: Option<String>,
@@ -162,9 +206,6 @@ pub struct TrainDpoArgs {
     /// Stop after this many optimizer steps in total (the schedule still spans all epochs); for resumable runs.
     #[arg(long)]
     stop_after: Option<usize>,
-    /// Recompute cheap activations (norm outputs, SwiGLU product) in the backward pass instead of storing them.
-    #[arg(long)]
-    recompute: bool,
 }
 
 /// Pairs in token form; text pairs are tokenized with the model's tokenizer and the chat template.
@@ -232,14 +273,14 @@ fn save_run(out: &Path, model: &Model, adapter: &engine::Adapter, opt: &engine::
 }
 
 pub fn cmd_train_dpo(a: TrainDpoArgs) -> Result<()> {
-    use engine::adapter::{LoraSpec, TargetModules};
+    use engine::adapter::LoraSpec;
     use engine::train::dpo::{DpoConfig, DpoLoss};
-    use engine::train::optim::{AdamW, AdamWConfig};
+    use engine::train::optim::AdamW;
     use engine::train::trainer::{precompute_references, steps_per_epoch, train_dpo, TrainConfig};
     use std::io::IsTerminal;
 
     let mut model = Model::load(&a.model).with_context(|| format!("loading model {}", a.model.display()))?;
-    model.llm.recompute_cheap = a.recompute;
+    model.llm.recompute_cheap = a.opt.recompute;
     let model = model;
     let loss = match a.loss.as_str() {
         "sigmoid" => DpoLoss::Sigmoid,
@@ -247,18 +288,11 @@ pub fn cmd_train_dpo(a: TrainDpoArgs) -> Result<()> {
         "length_normalized" => DpoLoss::LengthNormalized,
         other => bail!("--loss {other}: expected sigmoid, ipo or length_normalized"),
     };
-    if a.batch_size == 0 || a.epochs == 0 {
+    if a.opt.batch_size == 0 || a.epochs == 0 {
         bail!("--batch-size and --epochs must be at least 1");
     }
     let pairs = read_any_pairs(&a.pairs, &model)?;
-    let images: Vec<Option<PixelValues>> = pairs
-        .iter()
-        .enumerate()
-        .map(|(i, p)| match &p.image {
-            Some(path) => model.load_image(path).map(Some).with_context(|| format!("{} line {}", a.pairs.display(), i + 1)),
-            None => Ok(None),
-        })
-        .collect::<Result<_>>()?;
+    let images = load_images(&model, &a.pairs, pairs.iter().map(|p| p.image.as_ref()))?;
     let token_pairs: Vec<TokenPair> = pairs
         .iter()
         .zip(&images)
@@ -267,18 +301,11 @@ pub fn cmd_train_dpo(a: TrainDpoArgs) -> Result<()> {
     let train_cfg = TrainConfig {
         dpo: DpoConfig { beta: a.beta, loss, label_smoothing: a.label_smoothing, nll_weight: a.nll_weight },
         epochs: a.epochs,
-        batch_size: a.batch_size,
-        seed: a.seed,
+        batch_size: a.opt.batch_size,
+        seed: a.opt.seed,
     };
-    let total = steps_per_epoch(token_pairs.len(), a.batch_size) * a.epochs;
-    let optim_cfg = AdamWConfig {
-        lr: a.lr,
-        weight_decay: a.weight_decay,
-        max_grad_norm: a.max_grad_norm,
-        warmup_steps: (a.warmup_ratio * total as f64).ceil() as usize,
-        total_steps: total,
-        ..Default::default()
-    };
+    let total = steps_per_epoch(token_pairs.len(), a.opt.batch_size) * a.epochs;
+    let optim_cfg = a.opt.adamw(a.lr, total);
 
     let (mut adapter, mut opt, refs, reference) = if a.resume {
         let state: TrainerState = serde_json::from_slice(&std::fs::read(a.out.join("trainer_state.json")).with_context(|| {
@@ -311,18 +338,9 @@ pub fn cmd_train_dpo(a: TrainDpoArgs) -> Result<()> {
         let adapter = match start {
             Some(ad) => ad,
             None => {
-                let targets = match (&a.target_modules, &a.target_regex) {
-                    (Some(list), _) => TargetModules::Names(list.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()),
-                    (None, Some(re)) => TargetModules::Regex(re.clone()),
-                    (None, None) => match model.config.llava() {
-                        Some(_) => LoraSpec::default().target_modules,
-                        None => TargetModules::Names(
-                            ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"].map(String::from).to_vec(),
-                        ),
-                    },
-                };
-                let spec = LoraSpec { r: a.r, lora_alpha: a.lora_alpha, use_rslora: a.use_rslora, lora_dropout: 0.0, target_modules: targets };
-                model.create_adapter(&spec, a.seed)?
+                let targets = a.opt.targets(&model, a.target_regex.as_ref());
+                let spec = LoraSpec { r: a.opt.r, lora_alpha: a.opt.lora_alpha, use_rslora: a.use_rslora, lora_dropout: 0.0, target_modules: targets };
+                model.create_adapter(&spec, a.opt.seed)?
             }
         };
         (adapter, AdamW::new(optim_cfg.clone()), refs, reference)
@@ -386,26 +404,8 @@ pub struct TrainSftArgs {
     lr: f64,
     #[arg(long, default_value_t = 1)]
     epochs: usize,
-    #[arg(long, default_value_t = 8)]
-    batch_size: usize,
-    #[arg(long, default_value_t = 0.05)]
-    warmup_ratio: f64,
-    #[arg(long, default_value_t = 0.0)]
-    weight_decay: f64,
-    #[arg(long, default_value_t = 1.0)]
-    max_grad_norm: f64,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    #[arg(long, default_value_t = 64)]
-    r: usize,
-    #[arg(long, default_value_t = 16.0)]
-    lora_alpha: f64,
-    /// Comma-separated module names for LoRA (default: every linear layer of the language model).
-    #[arg(long)]
-    target_modules: Option<String>,
-    /// Recompute cheap activations (norm outputs, SwiGLU product) in the backward pass instead of storing them.
-    #[arg(long)]
-    recompute: bool,
+    #[command(flatten)]
+    opt: OptimArgs,
 }
 
 fn read_sft(path: &Path, model: &Model) -> Result<Vec<(Option<PathBuf>, Vec<u32>, Vec<u32>)>> {
@@ -453,26 +453,19 @@ fn read_sft(path: &Path, model: &Model) -> Result<Vec<(Option<PathBuf>, Vec<u32>
 }
 
 pub fn cmd_train_sft(a: TrainSftArgs) -> Result<()> {
-    use engine::adapter::{LoraSpec, TargetModules};
-    use engine::train::optim::{AdamW, AdamWConfig};
+    use engine::adapter::LoraSpec;
+    use engine::train::optim::AdamW;
     use engine::train::sft::{sft_eval_loss, train_sft, SftConfig, SftExample, SftTarget};
     use engine::train::trainer::steps_per_epoch;
 
     let mut model = Model::load(&a.model).with_context(|| format!("loading model {}", a.model.display()))?;
-    model.llm.recompute_cheap = a.recompute;
-    if a.batch_size == 0 || a.epochs == 0 {
+    model.llm.recompute_cheap = a.opt.recompute;
+    if a.opt.batch_size == 0 || a.epochs == 0 {
         bail!("--batch-size and --epochs must be at least 1");
     }
     let load = |path: &Path, model: &Model| -> Result<(Vec<(Option<PathBuf>, Vec<u32>, Vec<u32>)>, Vec<Option<PixelValues>>)> {
         let data = read_sft(path, model)?;
-        let images = data
-            .iter()
-            .enumerate()
-            .map(|(i, (img, _, _))| match img {
-                Some(p) => model.load_image(p).map(Some).with_context(|| format!("{} line {}", path.display(), i + 1)),
-                None => Ok(None),
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let images = load_images(model, path, data.iter().map(|(img, _, _)| img.as_ref()))?;
         Ok((data, images))
     };
     let (train, train_px) = load(&a.data, &model)?;
@@ -483,29 +476,16 @@ pub fn cmd_train_sft(a: TrainSftArgs) -> Result<()> {
     fn examples<'a>(d: &'a [(Option<PathBuf>, Vec<u32>, Vec<u32>)], px: &'a [Option<PixelValues>]) -> Vec<SftExample<'a>> {
         d.iter().zip(px).map(|((_, p, ans), img)| SftExample { pixels: img.as_ref(), prompt_ids: p, answer_ids: ans }).collect()
     }
-    let total = steps_per_epoch(train.len(), a.batch_size) * a.epochs;
-    let mut opt = AdamW::new(AdamWConfig {
-        lr: a.lr,
-        weight_decay: a.weight_decay,
-        max_grad_norm: a.max_grad_norm,
-        warmup_steps: (a.warmup_ratio * total as f64).ceil() as usize,
-        total_steps: total,
-        ..Default::default()
-    });
-    let cfg = SftConfig { epochs: a.epochs, batch_size: a.batch_size, seed: a.seed };
+    let total = steps_per_epoch(train.len(), a.opt.batch_size) * a.epochs;
+    let mut opt = AdamW::new(a.opt.adamw(a.lr, total));
+    let cfg = SftConfig { epochs: a.epochs, batch_size: a.opt.batch_size, seed: a.opt.seed };
     let mut adapter = if a.full {
         None
     } else {
-        let targets = match &a.target_modules {
-            Some(list) => TargetModules::Names(list.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()),
-            None => match model.config.llava() {
-                Some(_) => LoraSpec::default().target_modules,
-                None => TargetModules::Names(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"].map(String::from).to_vec()),
-            },
-        };
-        Some(model.create_adapter(&LoraSpec { r: a.r, lora_alpha: a.lora_alpha, use_rslora: false, lora_dropout: 0.0, target_modules: targets }, a.seed)?)
+        let targets = a.opt.targets(&model, None);
+        Some(model.create_adapter(&LoraSpec { r: a.opt.r, lora_alpha: a.opt.lora_alpha, use_rslora: false, lora_dropout: 0.0, target_modules: targets }, a.opt.seed)?)
     };
-    let per_epoch = steps_per_epoch(train.len(), a.batch_size);
+    let per_epoch = steps_per_epoch(train.len(), a.opt.batch_size);
     let report_eval = |model: &Model, adapter: Option<&engine::Adapter>, after: usize| -> Result<()> {
         if let Some((d, px)) = &eval {
             let loss = sft_eval_loss(model, adapter, &examples(d, px))?;
