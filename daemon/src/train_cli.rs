@@ -107,6 +107,9 @@ pub struct OptimArgs {
     r: usize,
     #[arg(long, default_value_t = 16.0)]
     lora_alpha: f64,
+    /// LoRA dropout of a new adapter (an adapter given with --adapter keeps its own).
+    #[arg(long, default_value_t = 0.0)]
+    lora_dropout: f64,
     /// Comma-separated module names for a new adapter (peft target_modules list), e.g. q_proj,v_proj.
     #[arg(long)]
     target_modules: Option<String>,
@@ -116,6 +119,13 @@ pub struct OptimArgs {
 }
 
 impl OptimArgs {
+    fn validate(&self) -> Result<()> {
+        if !(0.0..1.0).contains(&self.lora_dropout) {
+            bail!("--lora-dropout must be in [0, 1), got {}", self.lora_dropout);
+        }
+        Ok(())
+    }
+
     fn adamw(&self, lr: f64, total_steps: usize) -> engine::train::optim::AdamWConfig {
         engine::train::optim::AdamWConfig {
             lr,
@@ -291,6 +301,7 @@ pub fn cmd_train_dpo(a: TrainDpoArgs) -> Result<()> {
     if a.opt.batch_size == 0 || a.epochs == 0 {
         bail!("--batch-size and --epochs must be at least 1");
     }
+    a.opt.validate()?;
     let pairs = read_any_pairs(&a.pairs, &model)?;
     let images = load_images(&model, &a.pairs, pairs.iter().map(|p| p.image.as_ref()))?;
     let token_pairs: Vec<TokenPair> = pairs
@@ -326,9 +337,6 @@ pub fn cmd_train_dpo(a: TrainDpoArgs) -> Result<()> {
             Some(dir) => Some(model.load_adapter(dir).with_context(|| format!("loading adapter {}", dir.display()))?),
             None => None,
         };
-        if let Some(ad) = start.as_ref().filter(|ad| ad.lora_dropout > 0.0) {
-            eprintln!("note: {} has lora_dropout {}; rlaifd trains without LoRA dropout", ad.path.display(), ad.lora_dropout);
-        }
         let reference = match a.reference.as_str() {
             "base" | "start" => a.reference.clone(),
             other => bail!("--reference {other}: expected start or base"),
@@ -339,7 +347,7 @@ pub fn cmd_train_dpo(a: TrainDpoArgs) -> Result<()> {
             Some(ad) => ad,
             None => {
                 let targets = a.opt.targets(&model, a.target_regex.as_ref());
-                let spec = LoraSpec { r: a.opt.r, lora_alpha: a.opt.lora_alpha, use_rslora: a.use_rslora, lora_dropout: 0.0, target_modules: targets };
+                let spec = LoraSpec { r: a.opt.r, lora_alpha: a.opt.lora_alpha, use_rslora: a.use_rslora, lora_dropout: a.opt.lora_dropout, target_modules: targets };
                 model.create_adapter(&spec, a.opt.seed)?
             }
         };
@@ -463,6 +471,7 @@ pub fn cmd_train_sft(a: TrainSftArgs) -> Result<()> {
     if a.opt.batch_size == 0 || a.epochs == 0 {
         bail!("--batch-size and --epochs must be at least 1");
     }
+    a.opt.validate()?;
     let load = |path: &Path, model: &Model| -> Result<(Vec<(Option<PathBuf>, Vec<u32>, Vec<u32>)>, Vec<Option<PixelValues>>)> {
         let data = read_sft(path, model)?;
         let images = load_images(model, path, data.iter().map(|(img, _, _)| img.as_ref()))?;
@@ -483,7 +492,7 @@ pub fn cmd_train_sft(a: TrainSftArgs) -> Result<()> {
         None
     } else {
         let targets = a.opt.targets(&model, None);
-        Some(model.create_adapter(&LoraSpec { r: a.opt.r, lora_alpha: a.opt.lora_alpha, use_rslora: false, lora_dropout: 0.0, target_modules: targets }, a.opt.seed)?)
+        Some(model.create_adapter(&LoraSpec { r: a.opt.r, lora_alpha: a.opt.lora_alpha, use_rslora: false, lora_dropout: a.opt.lora_dropout, target_modules: targets }, a.opt.seed)?)
     };
     let per_epoch = steps_per_epoch(train.len(), a.opt.batch_size);
     let report_eval = |model: &Model, adapter: Option<&engine::Adapter>, after: usize| -> Result<()> {

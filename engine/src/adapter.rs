@@ -49,10 +49,16 @@ pub struct AdapterConfig {
 pub struct Adapter {
     pub path: PathBuf,
     pub config: AdapterConfig,
-    /// Dropout on the LoRA input during training (peft's `lora_dropout`); inference ignores it.
+    /// Dropout on the LoRA input during training (peft's `lora_dropout`); active only while a dropout seed is
+    /// set (`set_dropout_seed`), so inference and reference scoring never drop anything.
     pub lora_dropout: f64,
+    /// Seed of the current training forward/backward's dropout masks, or `NO_DROPOUT`. Masks are a pure
+    /// function of (seed, module, element), so the backward pass regenerates exactly the forward's mask.
+    dropout_seed: std::sync::atomic::AtomicU64,
     modules: HashMap<String, LoraPair>,
 }
+
+const NO_DROPOUT: u64 = u64::MAX;
 
 /// Which key layout family a model's canonical names come from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -171,7 +177,7 @@ impl Adapter {
             modules.insert(canonical, LoraPair { r, scale, keys: (a_key.clone(), b_key.clone()), a, b });
         }
         let lora_dropout = config.lora_dropout;
-        Ok(Adapter { path: dir.to_path_buf(), config, lora_dropout, modules })
+        Ok(Adapter { path: dir.to_path_buf(), config, lora_dropout, dropout_seed: NO_DROPOUT.into(), modules })
     }
 
     pub fn module(&self, canonical: &str) -> Option<&LoraPair> {
@@ -301,7 +307,36 @@ impl Adapter {
             target_modules: Some(target),
             base_model_name_or_path: None,
         };
-        Ok(Adapter { path: PathBuf::new(), config, lora_dropout: spec.lora_dropout, modules: out })
+        Ok(Adapter { path: PathBuf::new(), config, lora_dropout: spec.lora_dropout, dropout_seed: NO_DROPOUT.into(), modules: out })
+    }
+
+    /// Turns LoRA dropout on with masks drawn from `seed` (None: off). Training sets a seed per sequence.
+    pub fn set_dropout_seed(&self, seed: Option<u64>) {
+        let v = seed.map(|s| if s == NO_DROPOUT { s - 1 } else { s }).unwrap_or(NO_DROPOUT);
+        self.dropout_seed.store(v, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// x with LoRA dropout applied for module `name` (kept elements scaled by 1/(1-p)), or None when dropout is
+    /// off. The mask depends only on (seed, name, element index).
+    pub fn dropout_input(&self, name: &str, x: &[f32]) -> Option<Vec<f32>> {
+        let seed = self.dropout_seed.load(std::sync::atomic::Ordering::Relaxed);
+        if seed == NO_DROPOUT || self.lora_dropout <= 0.0 {
+            return None;
+        }
+        let p = self.lora_dropout;
+        let keep = (1.0 / (1.0 - p)) as f32;
+        // FNV-1a of the module name separates the modules' masks.
+        let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+        let base = seed ^ h;
+        Some(
+            x.iter()
+                .enumerate()
+                .map(|(i, &v)| {
+                    let mut r = crate::rng::SplitMix64::new(base ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                    if r.next_f64() < p { 0.0 } else { v * keep }
+                })
+                .collect(),
+        )
     }
 
     pub fn module_mut(&mut self, canonical: &str) -> Option<&mut LoraPair> {

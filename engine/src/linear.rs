@@ -37,9 +37,11 @@ impl Linear {
         if let Some(b) = &self.bias {
             add_bias(y, b);
         }
-        if let Some(lora) = adapter.and_then(|a| a.module(&self.name)) {
+        if let (Some(ad), Some(lora)) = (adapter, adapter.and_then(|a| a.module(&self.name))) {
+            let dropped = ad.dropout_input(&self.name, x);
+            let xl = dropped.as_deref().unwrap_or(x); // LoRA's input (after dropout while training)
             let mut t = vec![0f32; rows * lora.r]; // (rows, r)
-            matmul_nt(&mut t, x, &lora.a, rows, self.in_features, lora.r, MatmulMode::Assign);
+            matmul_nt(&mut t, xl, &lora.a, rows, self.in_features, lora.r, MatmulMode::Assign);
             t.iter_mut().for_each(|v| *v *= lora.scale);
             matmul_nt(y, &t, &lora.b, rows, lora.r, self.out_features, MatmulMode::Accumulate);
         }
@@ -54,16 +56,30 @@ impl Linear {
         let (inf, outf) = (self.in_features, self.out_features);
         let w = self.unpacked.get_or_init(|| self.weight.unpack_f32());
         matmul_nt_bwd_x(dx, dy, w, rows, inf, outf, mode);
-        if let Some(lora) = adapter.and_then(|a| a.module(&self.name)) {
+        if let (Some(ad), Some(lora)) = (adapter, adapter.and_then(|a| a.module(&self.name))) {
             let r = lora.r;
+            // With dropout the LoRA branch saw xl = mask ⊙ x / (1-p): regenerate it (same mask as the forward).
+            let dropped = ad.dropout_input(&self.name, x);
+            let xl = dropped.as_deref().unwrap_or(x);
             let mut u = vec![0f32; rows * r]; // (rows, r) = dy · B
             matmul_nt_bwd_x(&mut u, dy, &lora.b, rows, r, outf, MatmulMode::Assign);
             u.iter_mut().for_each(|v| *v *= lora.scale);
-            matmul_nt_bwd_x(dx, &u, &lora.a, rows, inf, r, MatmulMode::Accumulate);
+            if dropped.is_some() {
+                // d xl = u · A, then through the mask: d x = d xl ⊙ (xl / x) = d xl ⊙ mask / (1-p).
+                let mut dxl = vec![0f32; rows * inf];
+                matmul_nt_bwd_x(&mut dxl, &u, &lora.a, rows, inf, r, MatmulMode::Assign);
+                // The same mask applied to ones is exactly mask / (1-p).
+                let scale = ad.dropout_input(&self.name, &vec![1.0; rows * inf]).unwrap_or_default();
+                for ((d, g), m) in dx.iter_mut().zip(&dxl).zip(&scale) {
+                    *d += g * m;
+                }
+            } else {
+                matmul_nt_bwd_x(dx, &u, &lora.a, rows, inf, r, MatmulMode::Accumulate);
+            }
             if let Some(g) = grads.as_deref_mut().and_then(|g| g.module_mut(&self.name)) {
-                matmul_nt_bwd_w(&mut g.da, &u, x, rows, inf, r);
-                let mut t = vec![0f32; rows * r]; // (rows, r) = x · Aᵀ
-                matmul_nt(&mut t, x, &lora.a, rows, inf, r, MatmulMode::Assign);
+                matmul_nt_bwd_w(&mut g.da, &u, xl, rows, inf, r);
+                let mut t = vec![0f32; rows * r]; // (rows, r) = xl · Aᵀ
+                matmul_nt(&mut t, xl, &lora.a, rows, inf, r, MatmulMode::Assign);
                 t.iter_mut().for_each(|v| *v *= lora.scale);
                 matmul_nt_bwd_w(&mut g.db, dy, &t, rows, r, outf);
             }

@@ -35,7 +35,7 @@ fn sft_loss_and_full_parameter_gradients_match_pytorch() {
         let mut loss = 0.0;
         for ((p, a), px) in owned.iter().zip(&pixels) {
             let ex = SftExample { pixels: px.as_ref(), prompt_ids: p, answer_ids: a };
-            loss += weight * sft_forward_backward(&model, None, &ex, weight, &mut grads).unwrap();
+            loss += weight * sft_forward_backward(&model, None, &ex, weight, &mut grads, None).unwrap();
         }
         let want_loss = exp["loss"].as_f64().unwrap();
         assert!(((loss - want_loss) / want_loss).abs() < 1e-5, "{name}: loss {loss} vs {want_loss}");

@@ -131,3 +131,56 @@ fn new_adapters_follow_peft_naming_and_init() {
     let err = model.create_adapter(&spec, 7).err().expect("no match").to_string();
     assert!(err.contains("qkv") && err.contains("match no linear layer"), "{err}");
 }
+
+#[test]
+fn lora_dropout_gradients_match_finite_differences() {
+    use engine::train::dpo::pair_forward_backward;
+    use engine::train::Grads;
+    let grad_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/grad/llama_text_only");
+    let model = Model::load(&fixture("llama_text_only").join("model")).unwrap();
+    let mut adapter = model.load_adapter(&grad_dir.join("adapter")).unwrap();
+    let owned = preference_pairs(&model);
+    let (p, c, r) = &owned[0];
+    let pair = TokenPair { pixels: None, prompt_ids: p, chosen_ids: c, rejected_ids: r };
+    let refs = precompute_references(&model, None, std::slice::from_ref(&pair)).unwrap()[0];
+    let cfg = DpoConfig { beta: 0.5, ..Default::default() };
+    let loss_with = |ad: &engine::Adapter, seed: Option<u64>| {
+        let mut g = Grads::zeros_like(ad);
+        let (l, _) = pair_forward_backward(&model, ad, &pair, refs, &cfg, 1.0, &mut g, seed).unwrap();
+        (l, g)
+    };
+    let (l_plain, _) = loss_with(&adapter, None);
+    adapter.lora_dropout = 0.3;
+    let (l_none, _) = loss_with(&adapter, None);
+    assert_eq!(l_plain, l_none, "no seed, no dropout");
+    let seed = Some(42);
+    let (l0, grads) = loss_with(&adapter, seed);
+    assert_ne!(l0, l_plain, "dropout changes the loss");
+    assert_eq!(loss_with(&adapter, seed).0, l0, "same seed, same masks");
+    // Finite differences through the dropped-out branch, in layer 0 (its gradient also flows back through
+    // layer 1's masked LoRA input) and layer 1.
+    let tensors: Vec<(String, Vec<f32>)> = grads.named_tensors(&adapter).into_iter().map(|(k, _, v)| (k, v.to_vec())).collect();
+    let mut checked = 0;
+    for (name, module) in [("language_model.layers.0.self_attn.q_proj", true), ("language_model.layers.0.mlp.up_proj", false), ("language_model.layers.1.mlp.down_proj", true)] {
+        let (ka, kb) = adapter.module(name).unwrap().keys.clone();
+        let key = if module { kb } else { ka };
+        let g = &tensors.iter().find(|(k, _)| *k == key).unwrap().1;
+        let idx = g.iter().enumerate().max_by(|a, b| a.1.abs().total_cmp(&b.1.abs())).unwrap().0;
+        let h = 1e-3f32;
+        let bump = |ad: &mut engine::Adapter, d: f32| {
+            let m = ad.module_mut(name).unwrap();
+            if module { m.b[idx] += d } else { m.a[idx] += d }
+        };
+        bump(&mut adapter, h);
+        let lp = loss_with(&adapter, seed).0;
+        bump(&mut adapter, -2.0 * h);
+        let lm = loss_with(&adapter, seed).0;
+        bump(&mut adapter, h);
+        let numeric = (lp - lm) / (2.0 * h as f64);
+        let rel = (numeric - g[idx] as f64).abs() / numeric.abs().max(1e-6);
+        println!("{key}[{idx}]: analytic {} numeric {numeric} (rel {rel:.1e})", g[idx]);
+        assert!(rel < 1e-3, "{key}: analytic {} vs numeric {numeric}", g[idx]);
+        checked += 1;
+    }
+    assert_eq!(checked, 3);
+}

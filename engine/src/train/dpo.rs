@@ -102,8 +102,25 @@ pub fn reference_logps(model: &Model, reference: Option<&Adapter>, p: &TokenPair
     Ok((c, r))
 }
 
+/// Turns an adapter's dropout off when dropped, whatever path leaves the training step.
+pub(crate) struct DropoutGuard<'a>(pub &'a Adapter);
+
+impl Drop for DropoutGuard<'_> {
+    fn drop(&mut self) {
+        self.0.set_dropout_seed(None);
+    }
+}
+
+/// Seed of the dropout masks of part `k` (image, chosen, rejected, ...) of a training example.
+pub(crate) fn part_seed(seed: Option<u64>, k: u64) -> Option<u64> {
+    seed.map(|s| crate::rng::SplitMix64::new(s ^ k.wrapping_mul(0xD1B5_4A32_D192_ED03)).next_u64())
+}
+
 /// Forward and backward of one pair under the policy `adapter`, the loss scaled by `weight` (1 / batch size).
-/// Returns the unscaled loss and the pair's log-probs; LoRA gradients accumulate into `grads`.
+/// Returns the unscaled loss and the pair's log-probs; LoRA gradients accumulate into `grads`. With
+/// `dropout_seed`, the adapter's LoRA dropout is applied with masks derived from it (the backward regenerates
+/// them); without, no dropout.
+#[allow(clippy::too_many_arguments)]
 pub fn pair_forward_backward(
     model: &Model,
     adapter: &Adapter,
@@ -112,29 +129,38 @@ pub fn pair_forward_backward(
     cfg: &DpoConfig,
     weight: f64,
     grads: &mut Grads,
+    dropout_seed: Option<u64>,
 ) -> Result<(f64, PairLogps)> {
     if p.chosen_ids.is_empty() || p.rejected_ids.is_empty() {
         return Err(EngineError::Input("chosen and rejected answers must not be empty".into()));
     }
+    let _guard = DropoutGuard(adapter);
+    let (s_img, s_c, s_r) = (part_seed(dropout_seed, 0), part_seed(dropout_seed, 1), part_seed(dropout_seed, 2));
+    adapter.set_dropout_seed(s_img);
     let img: Option<ImageTape> = match p.pixels {
         Some(px) => Some(model.image_forward_train(px, Some(adapter))?),
         None => None,
     };
     let feats = img.as_ref().map(|t| t.features.as_slice());
+    adapter.set_dropout_seed(s_c);
     let sc = model.score_train(p.prompt_ids, p.chosen_ids, feats, Some(adapter))?;
+    adapter.set_dropout_seed(s_r);
     let sr = model.score_train(p.prompt_ids, p.rejected_ids, feats, Some(adapter))?;
     let l = PairLogps { policy_chosen: sc.logp_sum(), policy_rejected: sr.logp_sum(), ref_chosen: refs.0, ref_rejected: refs.1 };
     let (loss, d_pc, d_pr) = pair_loss(cfg, &l, p.chosen_ids.len(), p.rejected_ids.len());
     if !loss.is_finite() {
         return Err(EngineError::Input(format!("the loss is {loss} (log-probs {l:?})")));
     }
+    adapter.set_dropout_seed(s_c);
     let d_embed_c = model.score_backward(&sc, (d_pc * weight) as f32, Some(adapter), Some(grads))?;
+    adapter.set_dropout_seed(s_r);
     let d_embed_r = model.score_backward(&sr, (d_pr * weight) as f32, Some(adapter), Some(grads))?;
     if let Some(t) = &img {
         let mut d_feats = sc.image_rows_grad(&d_embed_c);
         for (a, b) in d_feats.iter_mut().zip(sr.image_rows_grad(&d_embed_r)) {
             *a += b;
         }
+        adapter.set_dropout_seed(s_img);
         model.image_backward_train(t, d_feats, Some(adapter), Some(grads));
     }
     Ok((loss, l))
@@ -152,7 +178,7 @@ pub fn dpo_loss_and_grads(model: &Model, adapter: &Adapter, pairs: &[TokenPair],
     let mut all = Vec::with_capacity(pairs.len());
     for (i, p) in pairs.iter().enumerate() {
         let refs = reference_logps(model, None, p).map_err(|e| EngineError::Input(format!("pair {i}: {e}")))?;
-        let (loss, l) = pair_forward_backward(model, adapter, p, refs, &cfg, weight, grads).map_err(|e| EngineError::Input(format!("pair {i}: {e}")))?;
+        let (loss, l) = pair_forward_backward(model, adapter, p, refs, &cfg, weight, grads, None).map_err(|e| EngineError::Input(format!("pair {i}: {e}")))?;
         total += loss * weight;
         all.push(l);
     }

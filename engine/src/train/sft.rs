@@ -8,6 +8,7 @@ use crate::image::PixelValues;
 use crate::llava::Model;
 use crate::train::optim::AdamW;
 use crate::train::trainer::{epoch_order, steps_per_epoch};
+use crate::train::dpo::{part_seed, DropoutGuard};
 use crate::train::Grads;
 use std::collections::BTreeMap;
 
@@ -19,15 +20,25 @@ pub struct SftExample<'a> {
 }
 
 /// Adds the gradient of `weight` · Σ_answer −log p to `grads`; returns Σ −log p over the answer tokens.
-pub fn sft_forward_backward(model: &Model, adapter: Option<&Adapter>, ex: &SftExample, weight: f64, grads: &mut Grads) -> Result<f64> {
+/// `dropout_seed` turns the adapter's LoRA dropout on for this example (see `pair_forward_backward`).
+pub fn sft_forward_backward(model: &Model, adapter: Option<&Adapter>, ex: &SftExample, weight: f64, grads: &mut Grads, dropout_seed: Option<u64>) -> Result<f64> {
     if ex.answer_ids.is_empty() {
         return Err(EngineError::Input("an SFT example needs a non-empty answer".into()));
     }
+    let _guard = adapter.map(DropoutGuard);
+    let (s_img, s_seq) = (part_seed(dropout_seed, 0), part_seed(dropout_seed, 1));
+    let set = |s: Option<u64>| {
+        if let Some(a) = adapter {
+            a.set_dropout_seed(s);
+        }
+    };
+    set(s_img);
     let img = match ex.pixels {
         Some(px) => Some(model.image_forward_train(px, adapter)?),
         None => None,
     };
     let feats = img.as_ref().map(|t| t.features.as_slice());
+    set(s_seq);
     let seq = model.score_train(ex.prompt_ids, ex.answer_ids, feats, adapter)?;
     let nll = -seq.logp_sum();
     if !nll.is_finite() {
@@ -35,6 +46,7 @@ pub fn sft_forward_backward(model: &Model, adapter: Option<&Adapter>, ex: &SftEx
     }
     let d_embeds = model.score_backward(&seq, -weight as f32, adapter, Some(grads))?;
     if let Some(t) = &img {
+        set(s_img);
         model.image_backward_train(t, seq.image_rows_grad(&d_embeds), adapter, Some(grads));
     }
     Ok(nll)
@@ -116,7 +128,8 @@ pub fn train_sft(
             SftTarget::Lora(adapter) => {
                 let mut grads = Grads::zeros_like(adapter);
                 for &i in batch {
-                    nll += sft_forward_backward(model, Some(&**adapter), &examples[i], weight, &mut grads)?;
+                    let seed = (adapter.lora_dropout > 0.0).then(|| cfg.seed ^ ((opt.step as u64) << 32) ^ i as u64);
+                    nll += sft_forward_backward(model, Some(&**adapter), &examples[i], weight, &mut grads, seed)?;
                 }
                 opt.step(adapter, &grads)?
             }
@@ -124,7 +137,7 @@ pub fn train_sft(
                 let sizes: Vec<(String, usize)> = params.iter().map(|(n, s)| (n.clone(), s.iter().product())).collect();
                 let mut grads = Grads::zeros_for_params(&sizes);
                 for &i in batch {
-                    nll += sft_forward_backward(model, None, &examples[i], weight, &mut grads)?;
+                    nll += sft_forward_backward(model, None, &examples[i], weight, &mut grads, None)?;
                 }
                 let info = opt.step_params(&mut master, &grads)?;
                 for (name, (_, v)) in &master {

@@ -83,7 +83,9 @@ pub fn train_dpo(
         let weight = 1.0 / batch.len() as f64;
         let (mut loss, mut acc, mut margin, mut cr, mut rr, mut lc, mut lr_) = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
         for &i in batch {
-            let (l, lp) = pair_forward_backward(model, adapter, &pairs[i], refs[i], &cfg.dpo, weight, &mut grads)?;
+            // Dropout masks differ per step and pair, and replay exactly on resume.
+            let seed = (adapter.lora_dropout > 0.0).then(|| cfg.seed ^ ((opt.step as u64) << 32) ^ i as u64);
+            let (l, lp) = pair_forward_backward(model, adapter, &pairs[i], refs[i], &cfg.dpo, weight, &mut grads, seed)?;
             let chosen_reward = cfg.dpo.beta * (lp.policy_chosen - lp.ref_chosen);
             let rejected_reward = cfg.dpo.beta * (lp.policy_rejected - lp.ref_rejected);
             loss += l * weight;
