@@ -107,6 +107,9 @@ pub struct OptimArgs {
     r: usize,
     #[arg(long, default_value_t = 16.0)]
     lora_alpha: f64,
+    /// Also train the multimodal projector in full (saved in the adapter as peft `modules_to_save`).
+    #[arg(long)]
+    train_projector: bool,
     /// LoRA dropout of a new adapter (an adapter given with --adapter keeps its own).
     #[arg(long, default_value_t = 0.0)]
     lora_dropout: f64,
@@ -119,6 +122,14 @@ pub struct OptimArgs {
 }
 
 impl OptimArgs {
+    fn modules_to_save(&self, model: &Model) -> Result<Vec<String>> {
+        match (self.train_projector, model.config.llava()) {
+            (false, _) => Ok(Vec::new()),
+            (true, Some(_)) => Ok(vec!["multi_modal_projector".into()]),
+            (true, None) => bail!("--train-projector: {} is a text-only model without a projector", model.dir.display()),
+        }
+    }
+
     fn validate(&self) -> Result<()> {
         if !(0.0..1.0).contains(&self.lora_dropout) {
             bail!("--lora-dropout must be in [0, 1), got {}", self.lora_dropout);
@@ -347,7 +358,7 @@ pub fn cmd_train_dpo(a: TrainDpoArgs) -> Result<()> {
             Some(ad) => ad,
             None => {
                 let targets = a.opt.targets(&model, a.target_regex.as_ref());
-                let spec = LoraSpec { r: a.opt.r, lora_alpha: a.opt.lora_alpha, use_rslora: a.use_rslora, lora_dropout: a.opt.lora_dropout, target_modules: targets };
+                let spec = LoraSpec { r: a.opt.r, lora_alpha: a.opt.lora_alpha, use_rslora: a.use_rslora, lora_dropout: a.opt.lora_dropout, target_modules: targets, modules_to_save: a.opt.modules_to_save(&model)? };
                 model.create_adapter(&spec, a.opt.seed)?
             }
         };
@@ -492,7 +503,7 @@ pub fn cmd_train_sft(a: TrainSftArgs) -> Result<()> {
         None
     } else {
         let targets = a.opt.targets(&model, None);
-        Some(model.create_adapter(&LoraSpec { r: a.opt.r, lora_alpha: a.opt.lora_alpha, use_rslora: false, lora_dropout: a.opt.lora_dropout, target_modules: targets }, a.opt.seed)?)
+        Some(model.create_adapter(&LoraSpec { r: a.opt.r, lora_alpha: a.opt.lora_alpha, use_rslora: false, lora_dropout: a.opt.lora_dropout, target_modules: targets, modules_to_save: a.opt.modules_to_save(&model)? }, a.opt.seed)?)
     };
     let per_epoch = steps_per_epoch(train.len(), a.opt.batch_size);
     let report_eval = |model: &Model, adapter: Option<&engine::Adapter>, after: usize| -> Result<()> {

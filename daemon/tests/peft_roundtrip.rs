@@ -20,19 +20,23 @@ fn saved_adapters_load_in_peft_with_the_same_logprobs() {
     }
     let d = std::env::temp_dir().join(format!("rlaifd-peft-rt-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
-    for (case, pairs, with_image) in [
-        ("llama_text_only", "tests/fixtures/grad/llama_text_only/pairs.jsonl", false),
-        ("l15_4x_f32_gqa_tied_lora", "tests/fixtures/grad/l15_4x_f32_gqa_tied_lora/pairs.jsonl", true),
-        ("l15_452_f16_mqa_sharded_lora", "tests/fixtures/grad/l15_452_f16_mqa_sharded_lora/pairs.jsonl", true),
+    for (case, pairs, with_image, projector) in [
+        ("llama_text_only", "tests/fixtures/grad/llama_text_only/pairs.jsonl", false, false),
+        ("l15_4x_f32_gqa_tied_lora", "tests/fixtures/grad/l15_4x_f32_gqa_tied_lora/pairs.jsonl", true, false),
+        ("l15_452_f16_mqa_sharded_lora", "tests/fixtures/grad/l15_452_f16_mqa_sharded_lora/pairs.jsonl", true, false),
+        // LoRA + a trained projector, saved as peft modules_to_save.
+        ("l15_4x_f32_gqa_tied_lora", "tests/fixtures/grad/l15_4x_f32_gqa_tied_lora/pairs.jsonl", true, true),
     ] {
         let model_dir = root().join("tests/fixtures/llava").join(case).join("model");
-        let out = d.join(case);
-        let st = Command::new(env!("CARGO_BIN_EXE_rlaifd"))
-            .args(["train-dpo", "--model", model_dir.to_str().unwrap(), "--pairs", root().join(pairs).to_str().unwrap()])
+        let out = d.join(format!("{case}-{projector}"));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_rlaifd"));
+        cmd.args(["train-dpo", "--model", model_dir.to_str().unwrap(), "--pairs", root().join(pairs).to_str().unwrap()])
             .args(["--out", out.to_str().unwrap(), "--epochs", "3", "--batch-size", "3", "--r", "4", "--lr", "5e-3"])
-            .args(["--target-modules", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"])
-            .output()
-            .unwrap();
+            .args(["--target-modules", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"]);
+        if projector {
+            cmd.arg("--train-projector");
+        }
+        let st = cmd.output().unwrap();
         assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
         let exp: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(root().join("tests/fixtures/llava").join(case).join("expected.json")).unwrap()).unwrap();
@@ -58,7 +62,7 @@ fn saved_adapters_load_in_peft_with_the_same_logprobs() {
         let base: Vec<f64> = exp["logprobs"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
         let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
         let moved = a.iter().zip(&base).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
-        println!("{case}: peft vs rlaifd max |diff| {diff:.2e}; trained adapter moved log-probs by up to {moved:.3}");
+        println!("{case} (projector trained: {projector}): peft vs rlaifd max |diff| {diff:.2e}; trained adapter moved log-probs by up to {moved:.3}");
         assert_eq!(a.len(), b.len());
         assert!(diff <= 1e-3, "{case}: {diff}");
         assert!(moved > 1e-3, "{case}: the trained adapter changed nothing");

@@ -56,6 +56,17 @@ pub struct Adapter {
     /// function of (seed, module, element), so the backward pass regenerates exactly the forward's mask.
     dropout_seed: std::sync::atomic::AtomicU64,
     modules: HashMap<String, LoraPair>,
+    /// Whole parameters the adapter replaces (peft `modules_to_save`, e.g. a trainable projector), by
+    /// canonical parameter name: (key in the adapter file, values).
+    saved: BTreeMap<String, SavedParam>,
+}
+
+/// A whole parameter stored in an adapter (peft `modules_to_save`).
+pub struct SavedParam {
+    /// Its key in adapter_model.safetensors.
+    pub key: String,
+    pub shape: Vec<usize>,
+    pub values: Vec<f32>,
 }
 
 const NO_DROPOUT: u64 = u64::MAX;
@@ -89,6 +100,23 @@ pub fn canonical_module(path: &str, family: ModelFamily) -> Option<String> {
     rules.iter().find_map(|(from, to)| path.strip_prefix(from).map(|rest| format!("{to}{rest}")))
 }
 
+/// For a non-LoRA adapter key (after `base_model.model.`): the (module path, "weight"|"bias") it saves, if the
+/// module is one of `modules_to_save` (peft matches a module when its path ends with the name). peft writes
+/// these tensors without its internal `modules_to_save.default.` level; tolerate it anyway.
+fn saved_param(rest: &str, to_save: &[String]) -> Option<(String, String)> {
+    let rest = rest.replace(".modules_to_save.default.", ".");
+    let (module, param) = rest.rsplit_once('.')?;
+    if param != "weight" && param != "bias" {
+        return None;
+    }
+    let parts: Vec<&str> = module.split('.').collect();
+    let inside = (1..=parts.len()).any(|n| {
+        let prefix = parts[..n].join(".");
+        to_save.iter().any(|t| prefix == *t || prefix.ends_with(&format!(".{t}")))
+    });
+    inside.then(|| (module.to_string(), param.to_string()))
+}
+
 /// peft's pattern rule: a pattern matches a module if the module path ends with it at a `.` boundary.
 fn pattern_matches(pattern: &str, module: &str) -> bool {
     match Regex::new(&format!(r"^(?:.*\.)?(?:{pattern})$")) {
@@ -120,17 +148,16 @@ impl Adapter {
         if config.bias.as_deref().unwrap_or("none") != "none" {
             return Err(err(format!("bias = {:?} is not supported; only \"none\"", config.bias)));
         }
-        if config.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
-            return Err(err("modules_to_save is not supported (the adapter would replace whole modules)".into()));
-        }
+        let to_save: Vec<String> = config.modules_to_save.clone().unwrap_or_default();
         if config.r == 0 {
             return Err(err("r must be > 0".into()));
         }
         let ws = WeightStore::open_dir(dir, "adapter_model")?;
         let file = dir.join("adapter_model.safetensors");
 
-        // Group lora_A / lora_B by module path.
+        // Group lora_A / lora_B by module path; whole tensors of modules_to_save are kept aside.
         let mut found: BTreeMap<String, [Option<String>; 2]> = BTreeMap::new();
+        let mut saved = BTreeMap::new();
         for key in ws.keys() {
             let Some(rest) = key.strip_prefix("base_model.model.") else {
                 return Err(err(format!("{}: key `{key}` does not start with `base_model.model.` (not a PEFT LoRA file)", file.display())));
@@ -139,12 +166,21 @@ impl Adapter {
                 (m, 0)
             } else if let Some(m) = rest.strip_suffix(".lora_B.weight") {
                 (m, 1)
+            } else if let Some((module, param)) = saved_param(rest, &to_save) {
+                let canonical = canonical_module(&module, family).filter(|c| linear_shapes.contains_key(c)).ok_or_else(|| {
+                    err(format!("{}: `{key}` belongs to module `{module}`, which is not a linear layer of this base model", file.display()))
+                })?;
+                let (in_f, out_f) = linear_shapes[&canonical];
+                let want: Vec<usize> = if param == "weight" { vec![out_f, in_f] } else { vec![out_f] };
+                let values = ws.f32(key, &want)?;
+                saved.insert(format!("{canonical}.{param}"), SavedParam { key: key.to_string(), shape: want, values });
+                continue;
             } else {
-                return Err(err(format!("{}: key `{key}` is not a lora_A/lora_B weight; only plain LoRA tensors are supported", file.display())));
+                return Err(err(format!("{}: key `{key}` is not a lora_A/lora_B weight nor part of modules_to_save {to_save:?}", file.display())));
             };
             found.entry(module.to_string()).or_default()[slot] = Some(key.to_string());
         }
-        if found.is_empty() {
+        if found.is_empty() && saved.is_empty() {
             return Err(err(format!("{} holds no LoRA weights", file.display())));
         }
         let mut modules = HashMap::new();
@@ -177,7 +213,7 @@ impl Adapter {
             modules.insert(canonical, LoraPair { r, scale, keys: (a_key.clone(), b_key.clone()), a, b });
         }
         let lora_dropout = config.lora_dropout;
-        Ok(Adapter { path: dir.to_path_buf(), config, lora_dropout, dropout_seed: NO_DROPOUT.into(), modules })
+        Ok(Adapter { path: dir.to_path_buf(), config, lora_dropout, dropout_seed: NO_DROPOUT.into(), modules, saved })
     }
 
     pub fn module(&self, canonical: &str) -> Option<&LoraPair> {
@@ -216,6 +252,8 @@ pub struct LoraSpec {
     pub use_rslora: bool,
     pub lora_dropout: f64,
     pub target_modules: TargetModules,
+    /// Modules trained in full beside the LoRA factors (peft `modules_to_save`), e.g. "multi_modal_projector".
+    pub modules_to_save: Vec<String>,
 }
 
 impl Default for LoraSpec {
@@ -227,6 +265,7 @@ impl Default for LoraSpec {
             use_rslora: false,
             lora_dropout: 0.0,
             target_modules: TargetModules::Regex(r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)".into()),
+            modules_to_save: Vec::new(),
         }
     }
 }
@@ -256,8 +295,14 @@ pub fn peft_module_path(canonical: &str, family: ModelFamily, layout: &str, visi
 
 impl Adapter {
     /// A fresh adapter as peft creates one: A kaiming-uniform (bound 1/sqrt(in_features)), B zero, so it starts
-    /// as the identity. `modules` maps canonical name -> (peft module path, in, out) for every linear layer.
-    pub fn create(spec: &LoraSpec, modules: &[(String, String, usize, usize)], seed: u64) -> Result<Self> {
+    /// as the identity. `modules` maps canonical name -> (peft module path, in, out) for every linear layer;
+    /// `base_param` gives a base parameter's values (for `modules_to_save` copies).
+    pub fn create(
+        spec: &LoraSpec,
+        modules: &[(String, String, usize, usize)],
+        seed: u64,
+        base_param: &dyn Fn(&str) -> Option<Vec<f32>>,
+    ) -> Result<Self> {
         let bad = |msg: String| EngineError::Input(msg);
         if spec.r == 0 {
             return Err(bad("LoRA r must be > 0".into()));
@@ -285,6 +330,25 @@ impl Adapter {
             let keys = (format!("base_model.model.{path}.lora_A.weight"), format!("base_model.model.{path}.lora_B.weight"));
             out.insert(canonical.clone(), LoraPair { r: spec.r, scale, keys, a, b: vec![0.0; outf * spec.r] });
         }
+        let mut saved = BTreeMap::new();
+        for (canonical, path, inf, outf) in modules {
+            for param in ["weight", "bias"] {
+                if saved_param(&format!("{path}.{param}"), &spec.modules_to_save).is_none() {
+                    continue;
+                }
+                if let Some(values) = base_param(&format!("{canonical}.{param}")) {
+                    let shape = if param == "weight" { vec![*outf, *inf] } else { vec![*outf] };
+                    // Current peft (transformers 5) maps old LoRA key names itself but not whole saved modules,
+                    // so these keys always use the in-memory names of transformers 5.
+                    let old = ["language_model.", "vision_tower.", "multi_modal_projector."].iter().any(|p| path.starts_with(p));
+                    let path = if old { peft_module_path(canonical, ModelFamily::Llava, "transformers-5", "model.vision_tower.") } else { path.clone() };
+                    saved.insert(format!("{canonical}.{param}"), SavedParam { key: format!("base_model.model.{path}.{param}"), shape, values });
+                }
+            }
+        }
+        if !spec.modules_to_save.is_empty() && saved.is_empty() {
+            return Err(bad(format!("modules to save {:?} match no linear layer of the model", spec.modules_to_save)));
+        }
         if out.is_empty() {
             return Err(bad(format!("target modules {:?} match no linear layer of the model", spec.target_modules)));
         }
@@ -301,13 +365,13 @@ impl Adapter {
             use_dora: false,
             fan_in_fan_out: false,
             bias: Some("none".into()),
-            modules_to_save: None,
+            modules_to_save: (!spec.modules_to_save.is_empty()).then(|| spec.modules_to_save.clone()),
             rank_pattern: BTreeMap::new(),
             alpha_pattern: BTreeMap::new(),
             target_modules: Some(target),
             base_model_name_or_path: None,
         };
-        Ok(Adapter { path: PathBuf::new(), config, lora_dropout: spec.lora_dropout, dropout_seed: NO_DROPOUT.into(), modules: out })
+        Ok(Adapter { path: PathBuf::new(), config, lora_dropout: spec.lora_dropout, dropout_seed: NO_DROPOUT.into(), modules: out, saved })
     }
 
     /// Turns LoRA dropout on with masks drawn from `seed` (None: off). Training sets a seed per sequence.
@@ -339,6 +403,20 @@ impl Adapter {
         )
     }
 
+    /// The adapter's replacement for base parameter `param` (e.g. `multi_modal_projector.linear_1.weight`).
+    pub fn saved_param(&self, param: &str) -> Option<&[f32]> {
+        self.saved.get(param).map(|p| p.values.as_slice())
+    }
+
+    /// Every parameter the adapter replaces, by canonical name.
+    pub fn saved_params(&self) -> impl Iterator<Item = (&str, &SavedParam)> {
+        self.saved.iter().map(|(n, p)| (n.as_str(), p))
+    }
+
+    pub fn saved_params_mut(&mut self) -> impl Iterator<Item = (&str, &mut SavedParam)> {
+        self.saved.iter_mut().map(|(n, p)| (n.as_str(), p))
+    }
+
     pub fn module_mut(&mut self, canonical: &str) -> Option<&mut LoraPair> {
         self.modules.get_mut(canonical)
     }
@@ -366,7 +444,7 @@ impl Adapter {
                 "bias": "none",
                 "init_lora_weights": true,
                 "inference_mode": true,
-                "modules_to_save": null,
+                "modules_to_save": self.config.modules_to_save,
                 "rank_pattern": {},
                 "alpha_pattern": {},
                 "target_modules": self.config.target_modules,
@@ -384,6 +462,9 @@ impl Adapter {
                 let outf = m.b.len() / m.r;
                 tensors.push((m.keys.0.clone(), vec![m.r, inf], m.a.as_slice()));
                 tensors.push((m.keys.1.clone(), vec![outf, m.r], m.b.as_slice()));
+            }
+            for p in self.saved.values() {
+                tensors.push((p.key.clone(), p.shape.clone(), p.values.as_slice()));
             }
             crate::weights::write_f32_safetensors(&tmp.join("adapter_model.safetensors"), &tensors)?;
             for (file, bytes) in extra {

@@ -33,8 +33,13 @@ impl Linear {
 
     /// y (rows, out) = x (rows, in) · Wᵀ + b + scale · (x · Aᵀ) · Bᵀ   (`Accumulate`: y += the same)
     pub fn forward(&self, y: &mut [f32], x: &[f32], rows: usize, adapter: Option<&Adapter>, mode: MatmulMode) {
-        self.weight.matmul(y, x, rows, mode);
-        if let Some(b) = &self.bias {
+        // An adapter may replace the whole layer (peft modules_to_save, e.g. a trained projector).
+        match adapter.and_then(|a| a.saved_param(&format!("{}.weight", self.param))) {
+            Some(w) => matmul_nt(y, x, w, rows, self.in_features, self.out_features, mode),
+            None => self.weight.matmul(y, x, rows, mode),
+        }
+        let bias = adapter.and_then(|a| a.saved_param(&format!("{}.bias", self.param))).or(self.bias.as_deref());
+        if let Some(b) = bias {
             add_bias(y, b);
         }
         if let (Some(ad), Some(lora)) = (adapter, adapter.and_then(|a| a.module(&self.name))) {
@@ -54,7 +59,10 @@ impl Linear {
     #[allow(clippy::too_many_arguments)]
     pub fn backward(&self, dx: &mut [f32], dy: &[f32], x: &[f32], rows: usize, adapter: Option<&Adapter>, mut grads: Option<&mut Grads>, mode: MatmulMode) {
         let (inf, outf) = (self.in_features, self.out_features);
-        let w = self.unpacked.get_or_init(|| self.weight.unpack_f32());
+        let w = match adapter.and_then(|a| a.saved_param(&format!("{}.weight", self.param))) {
+            Some(w) => w,
+            None => self.unpacked.get_or_init(|| self.weight.unpack_f32()),
+        };
         matmul_nt_bwd_x(dx, dy, w, rows, inf, outf, mode);
         if let (Some(ad), Some(lora)) = (adapter, adapter.and_then(|a| a.module(&self.name))) {
             let r = lora.r;

@@ -205,7 +205,7 @@ impl Model {
             .map(|(name, &(i, o))| (name.clone(), crate::adapter::peft_module_path(name, self.family(), self.layout.name, &self.layout.vision), i, o))
             .collect();
         modules.sort();
-        Adapter::create(spec, &modules, seed)
+        Adapter::create(spec, &modules, seed, &|name| self.get_param(name))
     }
 
     /// Loads a PEFT LoRA adapter made for this model.

@@ -63,7 +63,7 @@ fn dpo_learns_a_preference_and_the_adapter_round_trips() {
     let model = Model::load(&fixture("llama_text_only").join("model")).unwrap();
     let owned = preference_pairs(&model);
     let pairs: Vec<TokenPair> = owned.iter().map(|(p, c, r)| TokenPair { pixels: None, prompt_ids: p, chosen_ids: c, rejected_ids: r }).collect();
-    let spec = LoraSpec { r: 4, lora_alpha: 8.0, use_rslora: false, lora_dropout: 0.0, target_modules: TargetModules::Names(vec!["q_proj".into(), "v_proj".into(), "down_proj".into()]) };
+    let spec = LoraSpec { r: 4, lora_alpha: 8.0, target_modules: TargetModules::Names(vec!["q_proj".into(), "v_proj".into(), "down_proj".into()]), ..Default::default() };
     let mut adapter = model.create_adapter(&spec, 1).unwrap();
     assert_eq!(adapter.module_names().len(), 6, "q/v/down in 2 layers");
     let refs = precompute_references(&model, None, &pairs).unwrap();
@@ -183,4 +183,74 @@ fn lora_dropout_gradients_match_finite_differences() {
         checked += 1;
     }
     assert_eq!(checked, 3);
+}
+
+#[test]
+fn trainable_projector_is_saved_as_modules_to_save_and_gets_correct_gradients() {
+    use engine::train::dpo::pair_forward_backward;
+    use engine::train::Grads;
+    let case = fixture("l15_452_f16_mqa_sharded_lora");
+    let model = Model::load(&case.join("model")).unwrap();
+    let spec = LoraSpec { r: 2, modules_to_save: vec!["multi_modal_projector".into()], ..Default::default() };
+    let mut adapter = model.create_adapter(&spec, 3).unwrap();
+    let saved: Vec<(String, String)> = adapter.saved_params().map(|(n, p)| (n.to_string(), p.key.clone())).collect();
+    assert_eq!(saved.len(), 4, "linear_1/linear_2 weight and bias: {saved:?}");
+    assert!(saved.iter().all(|(_, k)| k.starts_with("base_model.model.model.multi_modal_projector.linear_")), "{saved:?}");
+    // A fresh adapter (B = 0, projector = base copy) is the identity.
+    let px = model.load_image(&case.join("image.png")).unwrap();
+    let exp: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(case.join("expected.json")).unwrap()).unwrap();
+    let ids: Vec<u32> = exp["input_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    let base = model.logprobs(&ids, Some(&px), None).unwrap();
+    let fresh = model.logprobs(&ids, Some(&px), Some(&adapter)).unwrap();
+    assert!(base.iter().zip(&fresh).all(|(a, b)| (a - b).abs() < 1e-5));
+
+    // Finite differences on a projector weight element through the DPO loss.
+    let tok = engine::tokenizer::TextTokenizer::from_file(&model.dir.join("tokenizer.json")).unwrap();
+    let mut prompt = tok.encode("USER :", true).unwrap();
+    prompt.push(model.image_token_id().unwrap());
+    prompt.extend(tok.encode("is there a red circle ? ASSISTANT :", false).unwrap());
+    let (c, r) = (tok.encode("yes , a red circle .", false).unwrap(), tok.encode("no .", false).unwrap());
+    let pair = TokenPair { pixels: Some(&px), prompt_ids: &prompt, chosen_ids: &c, rejected_ids: &r };
+    // Give B some weight so the policy differs from the reference.
+    for name in adapter.module_names().iter().map(|s| s.to_string()).collect::<Vec<_>>() {
+        let m = adapter.module_mut(&name).unwrap();
+        m.b.iter_mut().enumerate().for_each(|(i, v)| *v = ((i % 7) as f32 - 3.0) * 0.05);
+    }
+    let refs = precompute_references(&model, None, std::slice::from_ref(&pair)).unwrap()[0];
+    let cfg = DpoConfig::default();
+    let loss = |ad: &engine::Adapter| {
+        let mut g = Grads::zeros_like(ad);
+        let (l, _) = pair_forward_backward(&model, ad, &pair, refs, &cfg, 1.0, &mut g, None).unwrap();
+        (l, g)
+    };
+    let (_, g) = loss(&adapter);
+    let gw = g.param("multi_modal_projector.linear_1.weight").unwrap().to_vec();
+    let idx = gw.iter().enumerate().max_by(|a, b| a.1.abs().total_cmp(&b.1.abs())).unwrap().0;
+    let h = 1e-3;
+    let bump = |ad: &mut engine::Adapter, d: f32| {
+        let p = ad.saved_params_mut().find(|(n, _)| *n == "multi_modal_projector.linear_1.weight").unwrap().1;
+        p.values[idx] += d;
+    };
+    bump(&mut adapter, h);
+    let lp = loss(&adapter).0;
+    bump(&mut adapter, -2.0 * h);
+    let lm = loss(&adapter).0;
+    bump(&mut adapter, h);
+    let numeric = (lp - lm) / (2.0 * h as f64);
+    assert!((numeric - gw[idx] as f64).abs() < 1e-3 * numeric.abs().max(1e-3), "projector grad {} vs numeric {numeric}", gw[idx]);
+
+    // Train a little; the projector moves; save and reload give the same outputs.
+    let refs_all = vec![refs];
+    let tcfg = TrainConfig { dpo: cfg, epochs: 3, batch_size: 1, seed: 0 };
+    let mut opt = AdamW::new(AdamWConfig { lr: 1e-2, total_steps: 3, ..Default::default() });
+    let before = adapter.saved_param("multi_modal_projector.linear_2.weight").unwrap().to_vec();
+    train_dpo(&model, &mut adapter, std::slice::from_ref(&pair), &refs_all, &tcfg, &mut opt, None, |_| {}).unwrap();
+    assert_ne!(before, adapter.saved_param("multi_modal_projector.linear_2.weight").unwrap());
+    let dir = std::env::temp_dir().join(format!("rlaifd-projector-{}", std::process::id()));
+    adapter.save(&dir, &model.dir, &[]).unwrap();
+    let cfg_json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg_json["modules_to_save"], serde_json::json!(["multi_modal_projector"]));
+    let loaded = model.load_adapter(&dir).unwrap();
+    assert_eq!(model.logprobs(&ids, Some(&px), Some(&adapter)).unwrap(), model.logprobs(&ids, Some(&px), Some(&loaded)).unwrap());
+    std::fs::remove_dir_all(&dir).unwrap();
 }

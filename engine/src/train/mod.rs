@@ -33,7 +33,9 @@ impl Grads {
             .into_iter()
             .map(|(name, m)| (name.to_string(), LoraModuleGrads { da: vec![0.0; m.a.len()], db: vec![0.0; m.b.len()] }))
             .collect();
-        Grads { modules, params: HashMap::new() }
+        // Whole parameters the adapter trains (modules_to_save) get base-style gradients.
+        let params = adapter.saved_params().map(|(name, p)| (name.to_string(), vec![0.0; p.values.len()])).collect();
+        Grads { modules, params }
     }
 
     pub fn module_mut(&mut self, name: &str) -> Option<&mut LoraModuleGrads> {
@@ -85,6 +87,11 @@ impl Grads {
     /// (file key, shape, values) of every gradient tensor, under the adapter file's own key names.
     pub fn named_tensors<'a>(&'a self, adapter: &'a Adapter) -> Vec<(String, Vec<usize>, &'a [f32])> {
         let mut out = Vec::new();
+        for (name, p) in adapter.saved_params() {
+            if let Some(g) = self.params.get(name) {
+                out.push((p.key.clone(), p.shape.clone(), g.as_slice()));
+            }
+        }
         for (name, m) in adapter.modules() {
             if let Some(g) = self.modules.get(name) {
                 let inf = m.a.len() / m.r;

@@ -95,7 +95,8 @@ impl AdamW {
     /// One update of every adapter tensor from `grads` (already averaged over the batch).
     pub fn step(&mut self, adapter: &mut Adapter, grads: &Grads) -> Result<StepInfo> {
         let names: Vec<String> = adapter.module_names().iter().map(|s| s.to_string()).collect();
-        let gs: Vec<&[f32]> = names.iter().filter_map(|n| grads.module(n)).flat_map(|g| [g.da.as_slice(), g.db.as_slice()]).collect();
+        let mut gs: Vec<&[f32]> = names.iter().filter_map(|n| grads.module(n)).flat_map(|g| [g.da.as_slice(), g.db.as_slice()]).collect();
+        gs.extend(adapter.saved_params().filter_map(|(n, _)| grads.param(n)));
         let (grad_norm, clip) = self.norm_and_clip(&gs)?;
         let lr = self.cfg.lr_at(self.step);
         self.step += 1;
@@ -104,6 +105,12 @@ impl AdamW {
             let (ka, kb) = m.keys.clone();
             self.update(&ka, &mut m.a, &g.da, lr, clip, true);
             self.update(&kb, &mut m.b, &g.db, lr, clip, true);
+        }
+        for (name, p) in adapter.saved_params_mut() {
+            if let Some(g) = grads.param(name) {
+                let decay = p.shape.len() >= 2;
+                self.update(&p.key, &mut p.values, g, lr, clip, decay);
+            }
         }
         Ok(StepInfo { lr, grad_norm })
     }
