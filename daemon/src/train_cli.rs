@@ -4,7 +4,7 @@ use anyhow::{bail, Context, Result};
 use engine::image::PixelValues;
 use engine::train::dpo::{dpo_loss_and_grads, TokenPair};
 use engine::train::Grads;
-use engine::weights::write_f32_safetensors;
+use engine::weights::{f32_safetensors_bytes, write_f32_safetensors};
 use engine::{LoadOptions, Model};
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
@@ -284,10 +284,7 @@ struct TrainerState {
 }
 
 fn save_run(out: &Path, model: &Model, adapter: &engine::Adapter, opt: &engine::train::optim::AdamW, state: &TrainerState) -> Result<()> {
-    let tmp_state = std::env::temp_dir().join(format!("rlaifd-optim-{}.safetensors", std::process::id()));
-    write_f32_safetensors(&tmp_state, &opt.state_tensors())?;
-    let optim_bytes = std::fs::read(&tmp_state)?;
-    let _ = std::fs::remove_file(&tmp_state);
+    let optim_bytes = f32_safetensors_bytes(&out.join("optimizer.safetensors"), &opt.state_tensors())?;
     let state_json = serde_json::to_vec_pretty(state)?;
     adapter.save(out, &model.dir, &[("optimizer.safetensors", optim_bytes), ("trainer_state.json", state_json)])?;
     Ok(())
@@ -425,6 +422,26 @@ pub struct TrainSftArgs {
     epochs: usize,
     #[command(flatten)]
     opt: OptimArgs,
+    /// Save a resumable checkpoint every N steps (0 = at epoch ends only).
+    #[arg(long, default_value_t = 0)]
+    save_every: usize,
+    /// Stop after this many optimizer steps in total (the schedule still spans all epochs).
+    #[arg(long)]
+    stop_after: Option<usize>,
+    /// Continue the run saved in --out (same data and settings) from its last step.
+    #[arg(long)]
+    resume: bool,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SftState {
+    step: usize,
+    total_steps: usize,
+    full: bool,
+    sft: engine::train::sft::SftConfig,
+    optim: engine::train::optim::AdamWConfig,
+    data_file: String,
+    n_examples: usize,
 }
 
 fn read_sft(path: &Path, model: &Model) -> Result<Vec<(Option<PathBuf>, Vec<u32>, Vec<u32>)>> {
@@ -497,9 +514,29 @@ pub fn cmd_train_sft(a: TrainSftArgs) -> Result<()> {
         d.iter().zip(px).map(|((_, p, ans), img)| SftExample { pixels: img.as_ref(), prompt_ids: p, answer_ids: ans }).collect()
     }
     let total = steps_per_epoch(train.len(), a.opt.batch_size) * a.epochs;
-    let mut opt = AdamW::new(a.opt.adamw(a.lr, total));
+    let optim_cfg = a.opt.adamw(a.lr, total);
+    let mut opt = AdamW::new(optim_cfg.clone());
     let cfg = SftConfig { epochs: a.epochs, batch_size: a.opt.batch_size, seed: a.opt.seed };
-    let mut adapter = if a.full {
+    let mut adapter = if a.resume {
+        let state: SftState = serde_json::from_slice(&std::fs::read(a.out.join("trainer_state.json")).with_context(|| {
+            format!("--resume: {} has no trainer_state.json (not a run saved by rlaifd train-sft)", a.out.display())
+        })?)
+        .with_context(|| format!("{}: invalid trainer_state.json", a.out.display()))?;
+        if state.n_examples != train.len() || state.sft != cfg || state.optim != optim_cfg || state.full != a.full {
+            bail!("--resume: the data or settings differ from the saved run in {}", a.out.display());
+        }
+        let store = engine::weights::WeightStore::open_files(&[a.out.join("optimizer.safetensors")])?;
+        opt.load_state(state.step, &store)?;
+        eprintln!("resuming {} at step {}/{}", a.out.display(), state.step, state.total_steps);
+        if a.full {
+            // The saved checkpoint holds the trained weights.
+            model = Model::load(&a.out).with_context(|| format!("loading {}", a.out.display()))?;
+            model.llm.recompute_cheap = a.opt.recompute;
+            None
+        } else {
+            Some(model.load_adapter(&a.out)?)
+        }
+    } else if a.full {
         None
     } else {
         let targets = a.opt.targets(&model, None);
@@ -514,23 +551,45 @@ pub fn cmd_train_sft(a: TrainSftArgs) -> Result<()> {
         }
         Ok(())
     };
-    report_eval(&model, adapter.as_ref(), 0)?;
+    if opt.step == 0 {
+        report_eval(&model, adapter.as_ref(), 0)?;
+    }
     let train_ex = examples(&train, &train_px);
-    for epoch in 0..a.epochs {
-        let stop = Some((epoch + 1) * per_epoch);
+    let end = a.stop_after.map_or(total, |s| s.min(total));
+    let base_dir = a.model.clone();
+    while opt.step < end {
+        // Train to the next epoch end or save point, whichever comes first.
+        let mut chunk_end = ((opt.step / per_epoch) + 1) * per_epoch;
+        if a.save_every > 0 {
+            chunk_end = chunk_end.min((opt.step / a.save_every + 1) * a.save_every);
+        }
+        let chunk_end = chunk_end.min(end);
         let target = match adapter.as_mut() {
             Some(ad) => SftTarget::Lora(ad),
             None => SftTarget::Full,
         };
-        train_sft(&mut model, target, &train_ex, &cfg, &mut opt, stop, |log| {
+        train_sft(&mut model, target, &train_ex, &cfg, &mut opt, Some(chunk_end), |log| {
             println!("{}", serde_json::to_string(log).unwrap_or_default());
             eprintln!("step {}/{} loss {:.4} lr {:.2e} {:.0} tokens/s", log.step, log.total_steps, log.loss, log.lr, log.tokens_per_s);
         })?;
-        report_eval(&model, adapter.as_ref(), opt.step)?;
-    }
-    match &adapter {
-        Some(ad) => ad.save(&a.out, &model.dir, &[])?,
-        None => model.save_checkpoint(&a.out)?,
+        if opt.step % per_epoch == 0 {
+            report_eval(&model, adapter.as_ref(), opt.step)?;
+        }
+        let state = SftState {
+            step: opt.step,
+            total_steps: total,
+            full: a.full,
+            sft: cfg.clone(),
+            optim: optim_cfg.clone(),
+            data_file: a.data.display().to_string(),
+            n_examples: train.len(),
+        };
+        let optim_bytes = f32_safetensors_bytes(&a.out.join("optimizer.safetensors"), &opt.state_tensors())?;
+        let extra = [("optimizer.safetensors", optim_bytes), ("trainer_state.json", serde_json::to_vec_pretty(&state)?)];
+        match &adapter {
+            Some(ad) => ad.save(&a.out, &base_dir, &extra)?,
+            None => model.save_checkpoint(&a.out, &extra)?,
+        }
     }
     eprintln!("saved {}", a.out.display());
     Ok(())

@@ -160,3 +160,46 @@ fn train_sft_full_writes_a_checkpoint_and_reports_held_out_loss() {
     assert_eq!(m.layout.name, "llama");
     let _ = std::fs::remove_dir_all(&d);
 }
+
+#[test]
+fn train_sft_resume_matches_an_uninterrupted_run_for_lora_and_full() {
+    let case = root().join("tests/fixtures/llava/llama_text_only");
+    let d = tmp("sft-resume");
+    let train: Vec<String> = ["is there a red circle ?", "is there a blue square ?", "do you see a cat ?", "is it dark ?", "is there a tree ?"]
+        .iter()
+        .map(|q| format!(r#"{{"prompt": "{q}", "answer": "no , it is not ."}}"#))
+        .collect();
+    std::fs::write(d.join("train.jsonl"), train.join("\n")).unwrap();
+    let (m, data) = (case.join("model"), d.join("train.jsonl"));
+    for (mode, weights) in [("lora", "adapter_model.safetensors"), ("full", "model.safetensors")] {
+        let (straight, split) = (d.join(format!("{mode}-straight")), d.join(format!("{mode}-split")));
+        let args = |out: &Path| -> Vec<String> {
+            let mut v: Vec<String> = ["train-sft", "--model", m.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap()]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+            v.extend(["--epochs", "3", "--batch-size", "2", "--lr", "2e-3", "--r", "4", "--seed", "9"].map(String::from));
+            if mode == "full" {
+                v.push("--full".into());
+            }
+            v
+        };
+        let run_v = |v: Vec<String>| run(&v.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+        let (ok, _, stderr) = run_v(args(&straight));
+        assert!(ok, "{stderr}");
+        let mut v = args(&split);
+        v.extend(["--stop-after", "4"].map(String::from));
+        let (ok, stdout, stderr) = run_v(v);
+        assert!(ok, "{stderr}");
+        assert_eq!(stdout.lines().filter(|l| l.contains("\"step\"")).count(), 4);
+        let mut v = args(&split);
+        v.push("--resume".into());
+        let (ok, stdout, stderr) = run_v(v);
+        assert!(ok, "{stderr}");
+        assert_eq!(stdout.lines().filter(|l| l.contains("\"step\"")).count(), 5, "steps 5..9 of 3 epochs x 3 steps");
+        for f in [weights, "optimizer.safetensors"] {
+            assert_eq!(std::fs::read(straight.join(f)).unwrap(), std::fs::read(split.join(f)).unwrap(), "{mode}: {f} differs after resume");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&d);
+}

@@ -512,7 +512,8 @@ impl Model {
     /// Writes the model as a Hugging Face checkpoint directory (same key layout and config as the one it was
     /// loaded from, weights f32), atomically: a temporary sibling directory, fsync'd, renamed over `dir`.
     /// Tensors the engine does not hold (e.g. vision layers past the feature layer) are copied unchanged.
-    pub fn save_checkpoint(&self, dir: &Path) -> Result<()> {
+    /// `extra` files (e.g. optimizer state) are written into the directory before the rename.
+    pub fn save_checkpoint(&self, dir: &Path, extra: &[(&str, Vec<u8>)]) -> Result<()> {
         let src = WeightStore::open_dir(&self.dir, "model")?;
         let mut keys: Vec<String> = src.keys().map(str::to_string).collect();
         keys.sort();
@@ -542,7 +543,13 @@ impl Model {
                 if fname.ends_with(".safetensors") || fname.ends_with(".safetensors.index.json") || !e.path().is_file() {
                     continue;
                 }
+                if extra.iter().any(|(name, _)| *name == fname) {
+                    continue;
+                }
                 std::fs::copy(e.path(), tmp.join(&fname)).map_err(|err| EngineError::io(e.path(), err))?;
+            }
+            for (name, bytes) in extra {
+                std::fs::write(tmp.join(name), bytes).map_err(|e| EngineError::io(tmp.join(name), e))?;
             }
             if dir.exists() {
                 std::fs::remove_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;

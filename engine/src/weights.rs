@@ -209,18 +209,23 @@ impl WeightStore {
     }
 }
 
-/// Writes f32 tensors to a safetensors file atomically (temp file in the same directory, fsync, rename), so
-/// a crash never leaves a half-written file under `path`.
-pub fn write_f32_safetensors(path: &Path, tensors: &[(String, Vec<usize>, &[f32])]) -> Result<()> {
-    use std::io::Write;
+/// f32 tensors serialized as a safetensors file image. `what` names the destination in errors.
+pub fn f32_safetensors_bytes(what: &Path, tensors: &[(String, Vec<usize>, &[f32])]) -> Result<Vec<u8>> {
     let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
     let mut views = Vec::with_capacity(tensors.len());
     for ((name, shape, _), b) in tensors.iter().zip(&bytes) {
         let view = safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), b)
-            .map_err(|e| EngineError::Safetensors { path: path.into(), msg: format!("tensor `{name}`: {e}") })?;
+            .map_err(|e| EngineError::Safetensors { path: what.into(), msg: format!("tensor `{name}`: {e}") })?;
         views.push((name.clone(), view));
     }
-    let data = safetensors::serialize(views, None).map_err(|e| EngineError::Safetensors { path: path.into(), msg: e.to_string() })?;
+    safetensors::serialize(views, None).map_err(|e| EngineError::Safetensors { path: what.into(), msg: e.to_string() })
+}
+
+/// Writes f32 tensors to a safetensors file atomically (temp file in the same directory, fsync, rename), so
+/// a crash never leaves a half-written file under `path`.
+pub fn write_f32_safetensors(path: &Path, tensors: &[(String, Vec<usize>, &[f32])]) -> Result<()> {
+    use std::io::Write;
+    let data = f32_safetensors_bytes(path, tensors)?;
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let tmp = dir.join(format!(".{}.tmp-{}", path.file_name().and_then(|n| n.to_str()).unwrap_or("out"), std::process::id()));
     let write = || -> std::io::Result<()> {

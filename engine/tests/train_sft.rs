@@ -53,7 +53,7 @@ fn sft_lowers_held_out_loss_with_lora_and_full_fine_tuning() {
     println!("full: held-out loss {before:.3} -> {full_after:.3}");
     assert!(full_after < 0.5 * before, "full SFT: {before} -> {full_after}");
     let out = std::env::temp_dir().join(format!("rlaifd-sft-full-{}", std::process::id()));
-    model.save_checkpoint(&out).unwrap();
+    model.save_checkpoint(&out, &[]).unwrap();
     let reloaded = Model::load(&out).unwrap();
     assert_eq!(reloaded.layout.name, base.layout.name, "the checkpoint keeps its key layout");
     let ids: Vec<u32> = held[0].0.iter().chain(&held[0].1).copied().collect();
