@@ -180,6 +180,14 @@ impl Adapter {
             };
             found.entry(module.to_string()).or_default()[slot] = Some(key.to_string());
         }
+        for t in &to_save {
+            let has = saved.values().any(|p: &SavedParam| {
+                p.key.strip_prefix("base_model.model.").and_then(|rest| saved_param(rest, std::slice::from_ref(t))).is_some()
+            });
+            if !has {
+                return Err(err(format!("adapter_config.json lists `{t}` in modules_to_save but {} holds no tensors for it", file.display())));
+            }
+        }
         if found.is_empty() && saved.is_empty() {
             return Err(err(format!("{} holds no LoRA weights", file.display())));
         }

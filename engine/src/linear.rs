@@ -16,8 +16,8 @@ pub struct Linear {
     /// Shared so a tied lm_head can point at the embedding table.
     pub weight: Arc<PackedMatrix>, // (out, in), packed
     pub bias: Option<Vec<f32>>, // (out)
-    /// Row-major f32 copy of the weight, made on first use by a backward pass (dx = dy · W).
-    pub unpacked: std::sync::OnceLock<Vec<f32>>,
+    /// Wᵀ packed for the matmul kernel, made on first use by a backward pass (dx = dy · W).
+    pub transposed: std::sync::OnceLock<PackedMatrix>,
     /// Prefix of this layer's parameter names for full fine-tuning (`{param}.weight`); differs from `name`
     /// only for a tied lm_head, whose weight is the embedding table.
     pub param: String,
@@ -28,7 +28,7 @@ impl Linear {
     pub fn load(ws: &WeightStore, key: &str, name: String, in_features: usize, out_features: usize, bias: bool, keep_16bit: bool) -> Result<Self> {
         let weight = Arc::new(ws.packed(&format!("{key}.weight"), out_features, in_features, keep_16bit)?);
         let bias = if bias { Some(ws.f32(&format!("{key}.bias"), &[out_features])?) } else { None };
-        Ok(Linear { param: name.clone(), name, in_features, out_features, weight, bias, unpacked: Default::default() })
+        Ok(Linear { param: name.clone(), name, in_features, out_features, weight, bias, transposed: Default::default() })
     }
 
     /// y (rows, out) = x (rows, in) · Wᵀ + b + scale · (x · Aᵀ) · Bᵀ   (`Accumulate`: y += the same)
@@ -59,11 +59,10 @@ impl Linear {
     #[allow(clippy::too_many_arguments)]
     pub fn backward(&self, dx: &mut [f32], dy: &[f32], x: &[f32], rows: usize, adapter: Option<&Adapter>, mut grads: Option<&mut Grads>, mode: MatmulMode) {
         let (inf, outf) = (self.in_features, self.out_features);
-        let w = match adapter.and_then(|a| a.saved_param(&format!("{}.weight", self.param))) {
-            Some(w) => w,
-            None => self.unpacked.get_or_init(|| self.weight.unpack_f32()),
-        };
-        matmul_nt_bwd_x(dx, dy, w, rows, inf, outf, mode);
+        match adapter.and_then(|a| a.saved_param(&format!("{}.weight", self.param))) {
+            Some(w) => matmul_nt_bwd_x(dx, dy, w, rows, inf, outf, mode),
+            None => self.transposed.get_or_init(|| self.weight.transposed()).matmul(dx, dy, rows, mode),
+        }
         if let (Some(ad), Some(lora)) = (adapter, adapter.and_then(|a| a.module(&self.name))) {
             let r = lora.r;
             // With dropout the LoRA branch saw xl = mask ⊙ x / (1-p): regenerate it (same mask as the forward).
@@ -132,7 +131,7 @@ impl Linear {
     /// Replaces the weight (and bias) with new f32 values (full fine-tuning updates).
     pub fn set_weight(&mut self, w: &[f32]) {
         self.weight = Arc::new(PackedMatrix::from_f32(w, self.out_features, self.in_features));
-        self.unpacked = Default::default();
+        self.transposed = Default::default();
     }
 
     /// Convenience: returns a fresh (rows, out) buffer.

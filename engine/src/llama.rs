@@ -87,7 +87,7 @@ impl Llama {
                 out_features: cfg.vocab_size,
                 weight: embed.clone(),
                 bias: None,
-                unpacked: Default::default(),
+                transposed: Default::default(),
             },
         };
         Ok(Llama {
@@ -425,7 +425,7 @@ impl Llama {
             if self.lm_head.param != "lm_head" {
                 // Tied: the head is the embedding table.
                 self.lm_head.weight = self.embed.clone();
-                self.lm_head.unpacked = Default::default();
+                self.lm_head.transposed = Default::default();
             }
             return true;
         }

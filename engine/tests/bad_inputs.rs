@@ -659,7 +659,7 @@ fn adapter_config_problems() {
     let msg = edit("bias", &|c| c["bias"] = json!("all"));
     assert_contains("bias", &msg, &["bias"]);
     let msg = edit("modules_to_save", &|c| c["modules_to_save"] = json!(["lm_head"]));
-    assert_contains("modules_to_save", &msg, &["modules_to_save"]);
+    assert_contains("modules_to_save", &msg, &["modules_to_save", "lm_head", "holds no tensors"]);
     let msg = edit("r = 0", &|c| c["r"] = json!(0));
     assert_contains("r = 0", &msg, &["r must be > 0"]);
     // A different r than the weights were saved with: a shape error naming the key and both shapes.

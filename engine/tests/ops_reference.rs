@@ -261,3 +261,26 @@ fn packed_matmul_matches_f64_for_every_dtype_and_kernel() {
         }
     }
 }
+
+#[test]
+fn packed_transpose_computes_dy_times_w() {
+    let mut rng = SplitMix64::new(8);
+    let (m, k, n) = (9, 70, 45);
+    let w = randn(&mut rng, n * k, 1.0);
+    let dy = randn(&mut rng, m * n, 1.0);
+    let wb: Vec<half::bf16> = w.iter().map(|&v| half::bf16::from_f32(v)).collect();
+    for (pm, wf) in [(PackedMatrix::from_f32(&w, n, k), w.clone()), (PackedMatrix::from_bf16(&wb, n, k), wb.iter().map(|v| v.to_f32()).collect())] {
+        let t = pm.transposed();
+        assert_eq!((t.n, t.k, t.dtype()), (k, n, pm.dtype()));
+        let mut dx = vec![0f32; m * k];
+        t.matmul(&mut dx, &dy, m, MatmulMode::Assign);
+        // dx = dy (m, n) · W (n, k)
+        let mut r = vec![0f64; m * k];
+        for i in 0..m {
+            for c in 0..k {
+                r[i * k + c] = (0..n).map(|j| dy[i * n + j] as f64 * wf[j * k + c] as f64).sum();
+            }
+        }
+        assert!(max_rel_err(&dx, &r) < 1e-5);
+    }
+}

@@ -80,6 +80,27 @@ impl PackedMatrix {
         }
     }
 
+    /// Wᵀ packed the same way (k output features of n inputs), in the same storage type: backward passes
+    /// compute dx = dy · W as dy · (Wᵀ)ᵀ with the same kernel.
+    pub fn transposed(&self) -> PackedMatrix {
+        let (n, k) = (self.n, self.k);
+        fn unpack_t<T: Copy + Default + Send + Sync>(v: &[T], n: usize, k: usize) -> Vec<T> {
+            // element (j, t) of W sits at panel j/NR, row t, column j%NR; write it at (t, j) of Wᵀ.
+            let mut out = vec![T::default(); k * n];
+            out.par_chunks_mut(n).enumerate().for_each(|(t, row)| {
+                for (j, o) in row.iter_mut().enumerate() {
+                    *o = v[(j / NR) * k * NR + t * NR + j % NR];
+                }
+            });
+            out
+        }
+        match &self.data {
+            PackedData::F32(v) => PackedMatrix::from_f32(&unpack_t(v, n, k), k, n),
+            PackedData::Bf16(v) => PackedMatrix::from_bf16(&unpack_t(v, n, k), k, n),
+            PackedData::F16(v) => PackedMatrix::from_f16(&unpack_t(v, n, k), k, n),
+        }
+    }
+
     /// W as a plain (n, k) f32 matrix.
     pub fn unpack_f32(&self) -> Vec<f32> {
         let mut out = vec![0f32; self.n * self.k];
