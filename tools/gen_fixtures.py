@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import math
 import os
@@ -40,8 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import peft
 import tokenizers
@@ -57,13 +55,11 @@ from transformers import (
     LlavaForConditionalGeneration,
 )
 
-try:  # transformers >= 5: the slow PIL processor is CLIPImageProcessorPil
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as SlowCLIPImageProcessor
-except ImportError:  # transformers 4.x: CLIPImageProcessor is the slow one
-    from transformers import CLIPImageProcessor as SlowCLIPImageProcessor
-
-transformers.logging.set_verbosity_error()
-transformers.utils.logging.disable_progress_bar()
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fixture_common import (BOS, EOS, IMAGE_ID, PAD_ID, TOKENIZER_SIZE, UNK,  # noqa: E402
+                            SlowCLIPImageProcessor, checkpoint_keys, compute_logprobs, deterministic_torch,
+                            dir_size, expand_ids, fixture_pixel_values, forward_logits, load_model, model_inputs,
+                            peft_saved, randomize_lora_, rename_adapter_key, rename_base_key, write_json)
 
 VERSIONS = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
             "tokenizers": tokenizers.__version__}
@@ -72,7 +68,8 @@ CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 # ---------------------------------------------------------------------------------------------
-# Shared tokenizer: <unk>=0 <s>=1 </s>=2, 61 words (3..63), <image>=64, <pad>=65  (66 tokens).
+# Shared tokenizer: <unk>=0 <s>=1 </s>=2, 61 words (3..63), <image>=64, <pad>=65  (66 tokens; the ids are
+# defined in tools/fixture_common.py).
 # Model vocab sizes are >= 66 (padded like llava-1.5's 32064 vs 32002 tokenizer entries).
 # ---------------------------------------------------------------------------------------------
 WORDS = [
@@ -82,11 +79,7 @@ WORDS = [
     "see", "do", "you", "it", "yes", "no", "one", "two", "three", "many", "with", "near", "far",
     "bright", "dark", "line", "dot", "sky", "tree", "cat", "dog", "show", "me", "please", "here",
 ]
-assert len(WORDS) == 61 and len(set(WORDS)) == 61
-UNK, BOS, EOS = 0, 1, 2
-IMAGE_ID = 64
-PAD_ID = 65
-TOKENIZER_SIZE = 66
+assert len(WORDS) == 61 and len(set(WORDS)) == 61 and 3 + len(WORDS) == IMAGE_ID
 
 
 def build_tokenizer() -> Tokenizer:
@@ -404,32 +397,6 @@ def manual_pixel_values(img: Image.Image, S: int) -> tuple[np.ndarray, tuple[int
     return r.transpose(2, 0, 1), (nh, nw)
 
 
-def expand_ids(ids: list[int], n: int) -> tuple[list[int], list[int]]:
-    out, pos = [], []
-    for t in ids:
-        pos.append(len(out))
-        out.extend([t] * n if t == IMAGE_ID else [t])
-    return out, pos
-
-
-@torch.no_grad()
-def forward_logits(model, ids: list[int], pv):
-    x = torch.tensor([ids])
-    kw = dict(input_ids=x, attention_mask=torch.ones_like(x))
-    if pv is not None:
-        kw["pixel_values"] = pv
-    return model(**kw).logits[0].float()
-
-
-@torch.no_grad()
-def compute_logprobs(model, ids, pv, n_img):
-    exp, pos = expand_ids(ids, n_img)
-    logits = forward_logits(model, exp, pv)
-    lsm = torch.log_softmax(logits, dim=-1)
-    lps = [float(lsm[pos[j] - 1, ids[j]]) for j in range(1, len(ids)) if ids[j] != IMAGE_ID]
-    return lps, logits
-
-
 @torch.no_grad()
 def compute_greedy(model, prompt_ids, pv, n_img):
     """Reference greedy by full recompute each step; cross-checked against model.generate (KV cache)."""
@@ -440,13 +407,9 @@ def compute_greedy(model, prompt_ids, pv, n_img):
         top = torch.topk(logits, 2)
         margins.append(float(top.values[0] - top.values[1]))
         new.append(int(top.indices[0]))
-    x = torch.tensor([exp])
-    kw = dict(input_ids=x, attention_mask=torch.ones_like(x),
-              generation_config=GenerationConfig(do_sample=False, max_new_tokens=MAX_NEW_TOKENS,
-                                                 min_new_tokens=0, eos_token_id=None, pad_token_id=PAD_ID,
-                                                 bos_token_id=BOS))
-    if pv is not None:
-        kw["pixel_values"] = pv
+    kw = model_inputs(exp, pv, generation_config=GenerationConfig(
+        do_sample=False, max_new_tokens=MAX_NEW_TOKENS, min_new_tokens=0, eos_token_id=None, pad_token_id=PAD_ID,
+        bos_token_id=BOS))
     g = model.generate(**kw)[0, len(exp):].tolist()
     assert g == new, f"generate() {g} != recompute greedy {new}"
     return new, margins
@@ -463,34 +426,7 @@ def greedy_ok(tokens, margins) -> str | None:
     return None
 
 
-# ----- key layouts ---------------------------------------------------------------------------
-def rename_base_key(k: str, layout: str) -> str:
-    """k is the in-memory transformers 5.x name (model.language_model.*, lm_head.weight, model.vision_tower.*,
-    model.multi_modal_projector.*)."""
-    if layout in ("5.x", "llama"):
-        return k
-    if layout == "4.52":
-        return re.sub(r"^model\.vision_tower\.", "model.vision_tower.vision_model.", k)
-    if layout == "4.x":
-        k = re.sub(r"^model\.language_model\.", "language_model.model.", k)
-        k = re.sub(r"^lm_head\.", "language_model.lm_head.", k)
-        k = re.sub(r"^model\.vision_tower\.", "vision_tower.vision_model.", k)
-        return re.sub(r"^model\.multi_modal_projector\.", "multi_modal_projector.", k)
-    if layout == "hybrid":
-        k = re.sub(r"^model\.language_model\.", "language_model.model.", k)
-        k = re.sub(r"^lm_head\.", "language_model.lm_head.", k)
-        k = re.sub(r"^model\.vision_tower\.", "vision_tower.", k)
-        return re.sub(r"^model\.multi_modal_projector\.", "multi_modal_projector.", k)
-    raise ValueError(layout)
-
-
-def rename_adapter_key(k: str, layout: str) -> str:
-    """k as peft writes it for the in-memory model: base_model.model.<module>.lora_X.weight"""
-    p = "base_model.model."
-    assert k.startswith(p), k
-    return p + rename_base_key(k[len(p):], layout)
-
-
+# ----- key layouts (rename_base_key / rename_adapter_key: tools/fixture_common.py) ----------------------
 def write_safetensors_checkpoint(sd: dict[str, torch.Tensor], out_dir: str, sharded: bool, metadata_extra=None):
     keys = sorted(sd)
     if not sharded:
@@ -516,16 +452,6 @@ def write_safetensors_checkpoint(sd: dict[str, torch.Tensor], out_dir: str, shar
         json.dump(index, f, indent=2)
         f.write("\n")
     return names
-
-
-def checkpoint_keys(model_dir: str) -> list[str]:
-    idx = os.path.join(model_dir, "model.safetensors.index.json")
-    files = sorted(set(json.load(open(idx))["weight_map"].values())) if os.path.exists(idx) else ["model.safetensors"]
-    keys = []
-    for fn in files:
-        with safe_open(os.path.join(model_dir, fn), "pt") as f:
-            keys += list(f.keys())
-    return sorted(keys)
 
 
 # ----- config styles -------------------------------------------------------------------------
@@ -597,16 +523,6 @@ def config_4x_style(full: dict, case, sparse: bool) -> dict:
     return dict(sorted(top.items()))
 
 
-def write_json(path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-
-
-def dir_size(path) -> int:
-    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
-
-
 # ---------------------------------------------------------------------------------------------
 # one case
 # ---------------------------------------------------------------------------------------------
@@ -667,13 +583,8 @@ def try_seed(case, seed, tok):
             r=ad["r"], lora_alpha=ad["lora_alpha"], target_modules=ad["target_modules"], lora_dropout=0.0,
             use_rslora=ad["use_rslora"], init_lora_weights=True))
         scaling = ad["lora_alpha"] / (math.sqrt(ad["r"]) if ad["use_rslora"] else ad["r"])
-        agen = torch.Generator().manual_seed(seed + 1)
+        randomize_lora_(pm, torch.Generator().manual_seed(seed + 1), ad["r"], scaling)
         with torch.no_grad():
-            for n, p in sorted(pm.named_parameters()):
-                if "lora_A" in n:
-                    p.copy_(torch.randn(p.shape, generator=agen) / math.sqrt(p.shape[1]))
-                elif "lora_B" in n:
-                    p.copy_(torch.randn(p.shape, generator=agen) * 0.5 / (scaling * math.sqrt(ad["r"])))
             for n, p in pm.named_parameters():
                 if "lora_" in n:
                     p.copy_(p.to(DTYPES[ad["dtype"]]).float())
@@ -764,10 +675,7 @@ def save_case(case, res, out_root, tok_json: str):
         if "image_features_adapter" in res:
             tensors["image_features_adapter"] = res["image_features_adapter"].contiguous()
         adir = os.path.join(cdir, "adapter")
-        with tempfile.TemporaryDirectory() as tmp:
-            res["pm"].save_pretrained(tmp)
-            acfg = json.load(open(os.path.join(tmp, "adapter_config.json")))
-            asd = load_file(os.path.join(tmp, "adapter_model.safetensors"))
+        acfg, asd = peft_saved(res["pm"])
         os.makedirs(adir)
         # the hybrid case keeps the adapter exactly as peft wrote it (5.x in-memory names)
         renamed = {rename_adapter_key(k, "5.x" if layout == "hybrid" else layout): v.to(DTYPES[ad["dtype"]])
@@ -843,23 +751,13 @@ def verify_case(case, out_root, tok) -> dict:
     cdir = os.path.join(out_root, case["name"])
     mdir = os.path.join(cdir, "model")
     exp = json.load(open(os.path.join(cdir, "expected.json")))
-    ref = load_file(os.path.join(cdir, "expected.safetensors"))
     report = {}
     t2 = Tokenizer.from_file(os.path.join(mdir, "tokenizer.json"))
     assert t2.encode(exp["prompt"]).ids == exp["input_ids"]
     assert t2.encode(exp["greedy"]["prompt"]).ids == exp["greedy"]["prompt_ids"]
 
-    cls = LlamaForCausalLM if case["vision"] is None else LlavaForConditionalGeneration
-    model, info = cls.from_pretrained(mdir, dtype=torch.float32, attn_implementation="eager",
-                                      output_loading_info=True)
-    model.eval()
-    problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
-    assert not problems, problems
-    pv = None
-    if case["vision"] is not None:
-        proc = SlowCLIPImageProcessor.from_pretrained(mdir)
-        pv = proc(images=Image.open(os.path.join(cdir, "image.png")), return_tensors="pt")["pixel_values"].float()
-        assert torch.equal(pv[0], ref["pixel_values"]), "pixel_values mismatch after reload"
+    model = load_model(mdir, case["vision"] is None)
+    pv = None if case["vision"] is None else fixture_pixel_values(mdir, cdir)
     lps, _ = compute_logprobs(model, exp["input_ids"], pv, exp["num_image_patches"])
     report["reload_base_maxdiff"] = max(abs(a - b) for a, b in zip(lps, exp["logprobs"]))
     assert report["reload_base_maxdiff"] < 1e-5, report
@@ -890,8 +788,7 @@ def main():
     ap.add_argument("--no-verify", action="store_true")
     args = ap.parse_args()
 
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
+    deterministic_torch()
     out_root = os.path.abspath(args.out)
     cases = [c for c in CASES if not args.only or c["name"] in args.only]
     if not args.only and os.path.isdir(out_root):

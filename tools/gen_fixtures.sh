@@ -5,8 +5,4 @@
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/.." && pwd)"
-"$here/pyenv.sh" >/dev/null
-venv="${RLAIFD_PYENV:-$here/.venv}"
-export PYTHONHASHSEED=0 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 CUDA_VISIBLE_DEVICES="" TOKENIZERS_PARALLELISM=false
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONWARNINGS=ignore
-exec "$venv/bin/python" "$here/gen_fixtures.py" --out "$root/tests/fixtures/llava" "$@"
+exec "$here/run_fixture_gen.sh" gen_fixtures.py --out "$root/tests/fixtures/llava" "$@"

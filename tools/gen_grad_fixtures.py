@@ -31,21 +31,16 @@ autograd recomputation.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import copy
 import json
 import math
 import os
 import re
-import shutil
 import sys
-import tempfile
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import peft
@@ -53,20 +48,16 @@ import tokenizers
 import transformers
 from peft import LoraConfig, PeftModel, get_peft_model
 from tokenizers import Tokenizer
-from transformers import LlamaForCausalLM, LlavaForConditionalGeneration
-from transformers.models.llama import modeling_llama
+from transformers import LlamaForCausalLM
 
-try:  # transformers >= 5: the slow PIL processor is CLIPImageProcessorPil
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as SlowCLIPImageProcessor
-except ImportError:  # transformers 4.x
-    from transformers import CLIPImageProcessor as SlowCLIPImageProcessor
-
-transformers.logging.set_verbosity_error()
-transformers.utils.logging.disable_progress_bar()
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fixture_common import (IMAGE_ID, UNK, answer_logps, checkpoint_tensors, compute_logprobs,  # noqa: E402
+                            derived_fixture_dirs, dir_size, f64_exact, fixture_pixel_values, load_model,
+                            peft_saved, randomize_lora_, rename_adapter_key, rename_base_key, unused_vision_keys,
+                            write_json)
 
 VERSIONS = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
             "tokenizers": tokenizers.__version__}
-IMAGE_ID, UNK = 64, 0
 
 DEFINITION = ("loss = mean_pairs -logsigmoid(beta*((pi_c-ref_c)-(pi_r-ref_r))); pi/ref = sum over answer tokens of "
               "log_softmax(logits[t-1])[tok_t] for input prompt_ids+answer_ids (image token expanded to "
@@ -126,72 +117,13 @@ CASES: list[dict[str, Any]] = [
 
 
 # ---------------------------------------------------------------------------------------------
-# helpers
+# helpers (the shared ones are in tools/fixture_common.py)
 # ---------------------------------------------------------------------------------------------
-def rename_base_key(k: str, layout: str) -> str:
-    """In-memory transformers 5.x name -> checkpoint name of a layout (same rules as tools/gen_fixtures.py)."""
-    if layout in ("5.x", "llama"):
-        return k
-    if layout == "4.52":
-        return re.sub(r"^model\.vision_tower\.", "model.vision_tower.vision_model.", k)
-    if layout in ("4.x", "hybrid"):
-        vis = "vision_tower.vision_model." if layout == "4.x" else "vision_tower."
-        k = re.sub(r"^model\.language_model\.", "language_model.model.", k)
-        k = re.sub(r"^lm_head\.", "language_model.lm_head.", k)
-        k = re.sub(r"^model\.vision_tower\.", vis, k)
-        return re.sub(r"^model\.multi_modal_projector\.", "multi_modal_projector.", k)
-    raise ValueError(layout)
-
-
-def checkpoint_tensors(model_dir: str) -> dict[str, torch.Tensor]:
-    idx = os.path.join(model_dir, "model.safetensors.index.json")
-    files = sorted(set(json.load(open(idx))["weight_map"].values())) if os.path.exists(idx) else ["model.safetensors"]
-    out = {}
-    for fn in files:
-        out.update(load_file(os.path.join(model_dir, fn)))
-    return out
-
-
 def st_dtypes(path: str) -> set[str]:
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         hdr = json.loads(f.read(n))
     return {v["dtype"] for k, v in hdr.items() if k != "__metadata__"}
-
-
-def expand(ids: list[int], n_img: int) -> list[int]:
-    out = []
-    for t in ids:
-        out.extend([t] * n_img if t == IMAGE_ID else [t])
-    return out
-
-
-def write_json(path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-
-
-def dir_size(path) -> int:
-    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
-
-
-@contextlib.contextmanager
-def f64_exact():
-    """For the float64 verification model: LlamaRMSNorm computes in float32 internally and eager attention
-    takes its softmax in float32; both would cap a float64 finite difference at float32 precision.  Inside this
-    context RMSNorm keeps the input dtype (the model is switched to sdpa attention separately)."""
-    orig = modeling_llama.LlamaRMSNorm.forward
-
-    def fwd(self, h):
-        var = h.pow(2).mean(-1, keepdim=True)
-        return self.weight * (h * torch.rsqrt(var + self.variance_epsilon))
-
-    modeling_llama.LlamaRMSNorm.forward = fwd
-    try:
-        yield
-    finally:
-        modeling_llama.LlamaRMSNorm.forward = orig
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,18 +133,8 @@ def create_llama_adapter(model_dir: str, adir: str, spec: dict) -> None:
     base = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
     pm = get_peft_model(base, LoraConfig(r=spec["r"], lora_alpha=spec["lora_alpha"],
                                          target_modules=spec["target_modules"], lora_dropout=0.0))
-    scaling = spec["lora_alpha"] / spec["r"]
-    gen = torch.Generator().manual_seed(spec["seed"])
-    with torch.no_grad():
-        for n, p in sorted(pm.named_parameters()):
-            if "lora_A" in n:
-                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[1]))
-            elif "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5 / (scaling * math.sqrt(spec["r"])))
-    with tempfile.TemporaryDirectory() as tmp:
-        pm.save_pretrained(tmp)
-        acfg = json.load(open(os.path.join(tmp, "adapter_config.json")))
-        asd = load_file(os.path.join(tmp, "adapter_model.safetensors"))
+    randomize_lora_(pm, torch.Generator().manual_seed(spec["seed"]), spec["r"], spec["lora_alpha"] / spec["r"])
+    acfg, asd = peft_saved(pm)
     assert asd and all(k.startswith("base_model.model.model.layers.") for k in asd), list(asd)[:3]
     assert all(bool((v != 0).any()) for v in asd.values())
     os.makedirs(adir)
@@ -224,12 +146,7 @@ def create_llama_adapter(model_dir: str, adir: str, spec: dict) -> None:
 
 
 def load_case(mdir: str, adir: str, text_only: bool, layout: str, adapter_key_layout: str):
-    cls = LlamaForCausalLM if text_only else LlavaForConditionalGeneration
-    model, info = cls.from_pretrained(mdir, dtype=torch.float32, attn_implementation="eager",
-                                      output_loading_info=True)
-    problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
-    assert not problems, problems
-    model.eval()
+    model = load_model(mdir, text_only)
     model.config.use_cache = False
 
     # the loaded weights are exactly the fixture's (16-bit checkpoints upcast to f32)
@@ -251,10 +168,7 @@ def load_case(mdir: str, adir: str, text_only: bool, layout: str, adapter_key_la
     for n, p in pm.named_parameters():
         if p.requires_grad:
             assert ".lora_A.default." in n or ".lora_B.default." in n, n
-            mem = n.replace(".default.", ".")
-            pre = "base_model.model."
-            fkey = pre + rename_base_key(mem[len(pre):], adapter_key_layout)
-            params[fkey] = p
+            params[rename_adapter_key(n.replace(".default.", "."), adapter_key_layout)] = p
         else:
             assert "lora_" not in n, n
     assert set(params) == set(stored), set(params) ^ set(stored)
@@ -267,18 +181,6 @@ def load_case(mdir: str, adir: str, text_only: bool, layout: str, adapter_key_la
 # ---------------------------------------------------------------------------------------------
 # DPO
 # ---------------------------------------------------------------------------------------------
-def answer_logps(model, prompt_ids, ans_ids, pv, n_img, dtype=torch.float32):
-    full = expand(prompt_ids + ans_ids, n_img)
-    P = len(expand(prompt_ids, n_img))
-    x = torch.tensor([full])
-    kw = dict(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False)
-    if pv is not None:
-        kw["pixel_values"] = pv
-    logits = model(**kw).logits[0].to(dtype)
-    lsm = torch.log_softmax(logits[P - 1:P - 1 + len(ans_ids)], dim=-1)
-    return lsm.gather(1, torch.tensor(ans_ids)[:, None])[:, 0]
-
-
 def dpo_loss(pm, pairs, pv, n_img, beta, dtype=torch.float32):
     terms, rows = [], []
     for p in pairs:
@@ -338,31 +240,17 @@ def run_case(case, llava_root, out_root):
     tok = Tokenizer.from_file(os.path.join(mdir, "tokenizer.json"))
     pv, image_rel = None, None
     if not text_only:
-        proc = SlowCLIPImageProcessor.from_pretrained(mdir)
-        pv = proc(images=Image.open(os.path.join(src, "image.png")), return_tensors="pt")["pixel_values"].float()
-        ref = load_file(os.path.join(src, "expected.safetensors"))
-        assert torch.equal(pv[0], ref["pixel_values"])
+        pv = fixture_pixel_values(mdir, src)
         image_rel = os.path.relpath(os.path.join(src, "image.png"), cdir)
 
     # the fixture's own reference logprobs are reproduced (loading + expansion are right)
-    ids = fix["input_ids"]
-    ans_pos = [j for j in range(1, len(ids)) if ids[j] != IMAGE_ID]
-    with torch.no_grad():
-        full = expand(ids, n_img)
-        x = torch.tensor([full])
-        kw = dict(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False)
-        if pv is not None:
-            kw["pixel_values"] = pv
-        with pm.disable_adapter():
-            lsm0 = torch.log_softmax(pm(**kw).logits[0].float(), -1)
-        lsm1 = torch.log_softmax(pm(**kw).logits[0].float(), -1)
-    pos = [len(expand(ids[:j], n_img)) for j in range(len(ids))]
-    base_lp = [float(lsm0[pos[j] - 1, ids[j]]) for j in ans_pos]
+    with pm.disable_adapter():
+        base_lp, _ = compute_logprobs(pm, fix["input_ids"], pv, n_img, use_cache=False)
     d_base = max(abs(a - b) for a, b in zip(base_lp, fix["logprobs"]))
     assert d_base < 1e-5, d_base
     d_ad = None
     if fix.get("logprobs_adapter"):
-        ad_lp = [float(lsm1[pos[j] - 1, ids[j]]) for j in ans_pos]
+        ad_lp, _ = compute_logprobs(pm, fix["input_ids"], pv, n_img, use_cache=False)
         d_ad = max(abs(a - b) for a, b in zip(ad_lp, fix["logprobs_adapter"]))
         assert d_ad < 1e-5, d_ad
 
@@ -393,15 +281,7 @@ def run_case(case, llava_root, out_root):
 
     zero_keys = sorted(k for k, g in grads.items() if not bool((g != 0).any()))
     # expected exact zeros: LoRA modules in vision layers past the feature layer
-    exp_zero = []
-    if not text_only:
-        nl = fix["knobs"]["vision"]["num_hidden_layers"]
-        fl = fix["knobs"]["vision_feature_layer"]
-        last_used = (nl + 1 + fl if fl < 0 else fl) - 1  # hidden_states[i] is the output of layer i-1
-        for k in grads:
-            m = re.search(r"vision_tower\..*encoder\.layers\.(\d+)\.", k)
-            if m and int(m.group(1)) > last_used:
-                exp_zero.append(k)
+    exp_zero = [] if text_only else unused_vision_keys(grads, fix["knobs"])
     assert zero_keys == sorted(exp_zero), (zero_keys, exp_zero)
     assert all(torch.isfinite(g).all() for g in grads.values())
 
@@ -493,17 +373,7 @@ def run_case(case, llava_root, out_root):
 
 
 def main():
-    here = os.path.dirname(os.path.abspath(__file__))
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--llava", default=os.path.join(here, "..", "tests", "fixtures", "llava"))
-    ap.add_argument("--out", default=os.path.join(here, "..", "tests", "fixtures", "grad"))
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
-    llava_root, out_root = os.path.abspath(args.llava), os.path.abspath(args.out)
-    if os.path.isdir(out_root):
-        shutil.rmtree(out_root)
-    os.makedirs(out_root)
+    llava_root, out_root = derived_fixture_dirs("grad")
     print(f"versions: {VERSIONS}")
     for case in CASES:
         e = run_case(case, llava_root, out_root)

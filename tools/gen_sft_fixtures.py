@@ -32,37 +32,27 @@ float32 autograd gradient.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import copy
 import json
 import os
 import re
-import shutil
 import sys
 from typing import Any
 
 import torch
-from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import tokenizers
 import transformers
 from tokenizers import Tokenizer
-from transformers import LlamaForCausalLM, LlavaForConditionalGeneration
-from transformers.models.llama import modeling_llama
 
-try:  # transformers >= 5: the slow PIL processor is CLIPImageProcessorPil
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as SlowCLIPImageProcessor
-except ImportError:  # transformers 4.x
-    from transformers import CLIPImageProcessor as SlowCLIPImageProcessor
-
-transformers.logging.set_verbosity_error()
-transformers.utils.logging.disable_progress_bar()
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fixture_common import (EOS, IMAGE_ID, UNK, answer_logps, checkpoint_tensors, compute_logprobs,  # noqa: E402
+                            derived_fixture_dirs, dir_size, f64_exact, fixture_pixel_values, load_model,
+                            rename_base_key, unused_vision_keys, write_json)
 
 VERSIONS = {"torch": torch.__version__, "transformers": transformers.__version__,
             "tokenizers": tokenizers.__version__}
-IMAGE_ID, UNK, EOS = 64, 0, 2
 
 DEFINITION = ("loss = (sum over examples of sum over answer tokens of -log_softmax(logits[t-1])[tok_t]) / "
               "(total answer tokens of all examples); input prompt_ids+answer_ids with the image token expanded to "
@@ -112,77 +102,10 @@ CASES: list[dict[str, Any]] = [
 
 
 # ---------------------------------------------------------------------------------------------
-# helpers
-# ---------------------------------------------------------------------------------------------
-def rename_base_key(k: str, layout: str) -> str:
-    """In-memory transformers 5.x name -> checkpoint name of a layout (same rules as tools/gen_fixtures.py)."""
-    if layout in ("5.x", "llama"):
-        return k
-    if layout == "4.52":
-        return re.sub(r"^model\.vision_tower\.", "model.vision_tower.vision_model.", k)
-    if layout in ("4.x", "hybrid"):
-        vis = "vision_tower.vision_model." if layout == "4.x" else "vision_tower."
-        k = re.sub(r"^model\.language_model\.", "language_model.model.", k)
-        k = re.sub(r"^lm_head\.", "language_model.lm_head.", k)
-        k = re.sub(r"^model\.vision_tower\.", vis, k)
-        return re.sub(r"^model\.multi_modal_projector\.", "multi_modal_projector.", k)
-    raise ValueError(layout)
-
-
-def checkpoint_tensors(model_dir: str) -> dict[str, torch.Tensor]:
-    idx = os.path.join(model_dir, "model.safetensors.index.json")
-    files = sorted(set(json.load(open(idx))["weight_map"].values())) if os.path.exists(idx) else ["model.safetensors"]
-    out = {}
-    for fn in files:
-        out.update(load_file(os.path.join(model_dir, fn)))
-    return out
-
-
-def expand(ids: list[int], n_img: int) -> list[int]:
-    out = []
-    for t in ids:
-        out.extend([t] * n_img if t == IMAGE_ID else [t])
-    return out
-
-
-def write_json(path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-
-
-def dir_size(path) -> int:
-    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
-
-
-@contextlib.contextmanager
-def f64_exact():
-    """For the float64 verification model: LlamaRMSNorm computes in float32 internally (and eager llama attention
-    takes its softmax in float32; the f64 model is switched to sdpa separately); both would cap a float64 finite
-    difference at float32 precision.  Inside this context RMSNorm keeps the input dtype."""
-    orig = modeling_llama.LlamaRMSNorm.forward
-
-    def fwd(self, h):
-        var = h.pow(2).mean(-1, keepdim=True)
-        return self.weight * (h * torch.rsqrt(var + self.variance_epsilon))
-
-    modeling_llama.LlamaRMSNorm.forward = fwd
-    try:
-        yield
-    finally:
-        modeling_llama.LlamaRMSNorm.forward = orig
-
-
-# ---------------------------------------------------------------------------------------------
 # model loading: every parameter trainable, mapped to the checkpoint's key names
 # ---------------------------------------------------------------------------------------------
 def load_case(mdir: str, text_only: bool, layout: str):
-    cls = LlamaForCausalLM if text_only else LlavaForConditionalGeneration
-    model, info = cls.from_pretrained(mdir, dtype=torch.float32, attn_implementation="eager",
-                                      output_loading_info=True)
-    problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
-    assert not problems, problems
-    model.eval()
+    model = load_model(mdir, text_only)
     model.config.use_cache = False
 
     ck = checkpoint_tensors(mdir)
@@ -216,18 +139,6 @@ def load_case(mdir: str, text_only: bool, layout: str):
 # ---------------------------------------------------------------------------------------------
 # SFT loss
 # ---------------------------------------------------------------------------------------------
-def answer_logps(model, prompt_ids, ans_ids, pv, n_img, dtype=torch.float32):
-    full = expand(prompt_ids + ans_ids, n_img)
-    P = len(expand(prompt_ids, n_img))
-    x = torch.tensor([full])
-    kw = dict(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False)
-    if pv is not None:
-        kw["pixel_values"] = pv
-    logits = model(**kw).logits[0].to(dtype)
-    lsm = torch.log_softmax(logits[P - 1:P - 1 + len(ans_ids)], dim=-1)
-    return lsm.gather(1, torch.tensor(ans_ids)[:, None])[:, 0]
-
-
 def sft_loss(model, examples, pv, n_img, dtype=torch.float32):
     n_tokens = sum(len(e["answer_ids"]) for e in examples)
     total, rows = None, []
@@ -268,23 +179,12 @@ def run_case(case, llava_root, out_root):
     tok = Tokenizer.from_file(os.path.join(mdir, "tokenizer.json"))
     pv, image_rel = None, None
     if not text_only:
-        proc = SlowCLIPImageProcessor.from_pretrained(mdir)
-        pv = proc(images=Image.open(os.path.join(src, "image.png")), return_tensors="pt")["pixel_values"].float()
-        ref = load_file(os.path.join(src, "expected.safetensors"))
-        assert torch.equal(pv[0], ref["pixel_values"])
+        pv = fixture_pixel_values(mdir, src)
         image_rel = os.path.relpath(os.path.join(src, "image.png"), cdir)
 
     # the fixture's own reference logprobs are reproduced (loading + expansion are right)
-    ids = fix["input_ids"]
-    ans_pos = [j for j in range(1, len(ids)) if ids[j] != IMAGE_ID]
-    with torch.no_grad():
-        x = torch.tensor([expand(ids, n_img)])
-        kw = dict(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False)
-        if pv is not None:
-            kw["pixel_values"] = pv
-        lsm0 = torch.log_softmax(model(**kw).logits[0].float(), -1)
-    pos = [len(expand(ids[:j], n_img)) for j in range(len(ids))]
-    d_base = max(abs(float(lsm0[pos[j] - 1, ids[j]]) - b) for j, b in zip(ans_pos, fix["logprobs"]))
+    base_lp, _ = compute_logprobs(model, fix["input_ids"], pv, n_img, use_cache=False)
+    d_base = max(abs(a - b) for a, b in zip(base_lp, fix["logprobs"]))
     assert d_base < 1e-5, d_base
 
     # examples
@@ -332,15 +232,7 @@ def run_case(case, llava_root, out_root):
 
     # expected exact zeros: vision layers past the feature layer + vision post_layernorm
     zero_keys = sorted(k for k, g in grads.items() if not bool((g != 0).any()))
-    exp_zero = []
-    if not text_only:
-        nl = fix["knobs"]["vision"]["num_hidden_layers"]
-        fl = fix["knobs"]["vision_feature_layer"]
-        last_used = (nl + 1 + fl if fl < 0 else fl) - 1  # hidden_states[i] is the output of layer i-1
-        for k in grads:
-            m = re.search(r"vision_tower\..*encoder\.layers\.(\d+)\.", k)
-            if (m and int(m.group(1)) > last_used) or re.search(r"vision_tower\..*post_layernorm\.", k):
-                exp_zero.append(k)
+    exp_zero = [] if text_only else unused_vision_keys(grads, fix["knobs"], post_layernorm=True)
     assert zero_keys == sorted(exp_zero), (zero_keys, exp_zero)
     assert all(torch.isfinite(g).all() for g in grads.values())
 
@@ -459,17 +351,7 @@ def run_case(case, llava_root, out_root):
 
 
 def main():
-    here = os.path.dirname(os.path.abspath(__file__))
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--llava", default=os.path.join(here, "..", "tests", "fixtures", "llava"))
-    ap.add_argument("--out", default=os.path.join(here, "..", "tests", "fixtures", "sft"))
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
-    llava_root, out_root = os.path.abspath(args.llava), os.path.abspath(args.out)
-    if os.path.isdir(out_root):
-        shutil.rmtree(out_root)
-    os.makedirs(out_root)
+    llava_root, out_root = derived_fixture_dirs("sft")
     print(f"versions: {VERSIONS}")
     for case in CASES:
         e = run_case(case, llava_root, out_root)
