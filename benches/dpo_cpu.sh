@@ -53,20 +53,21 @@ with open(os.path.join(d, "pairs.jsonl"), "w") as f:
 PY
 
 # runner: starts `/usr/bin/time -v -o TV cmd...`, writes the command's stdout lines prefixed with the wall-clock
-# time they arrived, and every second the CPU (in cores) used by everything except the measured process tree.
+# time they arrived, and every second the CPU (in cores) used by everything except the measured process tree, by
+# the tree itself, iowait, steal, and the tree's major page faults.
 cat > "$data/runner.py" <<'PY'
 import os, subprocess, sys, threading, time
 stdout_path, load_path, tv = sys.argv[1:4]
 cmd = sys.argv[5:]  # after "--"
 tick = os.sysconf("SC_CLK_TCK")
 
-def machine_busy():
-    f = open("/proc/stat").readline().split()[1:]
-    v = [int(x) for x in f]
-    return sum(v) - v[3] - v[4]  # all but idle and iowait
+def machine():
+    v = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    return sum(v) - v[3] - v[4], v[4], v[7]  # busy (all but idle and iowait), iowait, steal
 
-def tree_busy(root):
-    kids, times = {}, {}
+def tree():
+    """CPU ticks (utime+stime+cutime+cstime), major and minor faults of this runner's process tree."""
+    kids, info = {}, {}
     for p in os.listdir("/proc"):
         if not p.isdigit():
             continue
@@ -76,11 +77,11 @@ def tree_busy(root):
             continue
         f = s[s.rindex(")") + 2:].split()
         kids.setdefault(int(f[1]), []).append(int(p))
-        times[int(p)] = int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])  # utime stime cutime cstime
-    todo, tot = [root, os.getpid()], 0
+        info[int(p)] = (int(f[11]) + int(f[12]) + int(f[13]) + int(f[14]), int(f[9]) + int(f[10]), int(f[7]) + int(f[8]))
+    todo, tot = [os.getpid()], [0, 0, 0]  # the runner's own tree holds /usr/bin/time and the command
     while todo:
         p = todo.pop()
-        tot += times.get(p, 0)
+        tot = [a + b for a, b in zip(tot, info.get(p, (0, 0, 0)))]
         todo += kids.get(p, [])
     return tot
 
@@ -88,13 +89,16 @@ proc = subprocess.Popen(["/usr/bin/time", "-v", "-o", tv] + cmd, stdout=subproce
 stop = threading.Event()
 
 def sample():
+    # one line per second: start end foreign_cores own_cores iowait_cores steal_cores own_major_faults own_minor_faults
     with open(load_path, "w") as lf:
-        t0, m0, o0 = time.time(), machine_busy(), tree_busy(proc.pid)
+        t0, (m0, w0, s0), (o0, j0, n0) = time.time(), machine(), tree()
         while not stop.wait(1.0):
-            t1, m1, o1 = time.time(), machine_busy(), tree_busy(proc.pid)
-            lf.write(f"{t0:.3f} {t1:.3f} {max(0, (m1 - m0) - (o1 - o0)) / tick / (t1 - t0):.3f}\n")
+            t1, (m1, w1, s1), (o1, j1, n1) = time.time(), machine(), tree()
+            d = tick * (t1 - t0)
+            lf.write(f"{t0:.3f} {t1:.3f} {max(0, (m1 - m0) - (o1 - o0)) / d:.3f} {(o1 - o0) / d:.3f} "
+                     f"{(w1 - w0) / d:.3f} {(s1 - s0) / d:.3f} {max(0, j1 - j0)} {max(0, n1 - n0)}\n")
             lf.flush()
-            t0, m0, o0 = t1, m1, o1
+            t0, m0, w0, s0, o0, j0, n0 = t1, m1, w1, s1, o1, j1, n1
 
 th = threading.Thread(target=sample, daemon=True)
 th.start()
@@ -136,10 +140,16 @@ import json, sys
 impl, rnd, tmp, t0, t1, noise_max, bs = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4]), float(sys.argv[5]), float(sys.argv[6]), int(sys.argv[7])
 rss_kb = next(int(l.split(":")[1]) for l in open(f"{tmp}/time") if "Maximum resident set size" in l)
 load = [tuple(map(float, l.split())) for l in open(f"{tmp}/load")]
+def mean(a, b, col):
+    """Mean of load column `col` over [a, b] (one-second intervals pro-rated)."""
+    tot = sum(r[col] * max(0.0, min(b, r[1]) - max(a, r[0])) for r in load)
+    return round(tot / max(b - a, 1e-9), 3)
+def diag(a, b):
+    return {"foreign_cores": mean(a, b, 2), "own_cores": mean(a, b, 3), "iowait_cores": mean(a, b, 4),
+            "steal_cores": mean(a, b, 5), "major_faults": int(sum(r[6] for r in load if r[0] >= a - 0.5 and r[1] <= b + 0.5)),
+            "minor_faults": int(sum(r[7] for r in load if r[0] >= a - 0.5 and r[1] <= b + 0.5))}
 def foreign(a, b):
-    """Mean cores used by other processes over [a, b] (intervals pro-rated)."""
-    tot = sum(c * max(0.0, min(b, e) - max(a, s)) for s, e, c in load)
-    return tot / max(b - a, 1e-9)
+    return mean(a, b, 2)
 extra = {}
 for line in open(f"{tmp}/stdout"):
     ts, _, body = line.partition(" ")
@@ -150,12 +160,11 @@ for line in open(f"{tmp}/stdout"):
         extra = r
         continue
     step_s = r.get("step_s", r["pairs_per_s"] and bs / r["pairs_per_s"])
-    f = foreign(float(ts) - step_s, float(ts))
+    a, b = float(ts) - step_s, float(ts)
     print(json.dumps({"impl": impl, "round": rnd, "step": r["step"], "pairs_per_s": r["pairs_per_s"], "loss": r["loss"],
-                      "logp_chosen": r.get("logp_chosen"), "foreign_cores": round(f, 3), "clean": f <= noise_max}))
-f = foreign(t0, t1)
-print(json.dumps({"impl": impl, "round": rnd, "wall_s": t1 - t0, "peak_rss_mib": rss_kb / 1024, "foreign_cores": round(f, 3),
-                  "clean": f <= noise_max, "self_report": extra}))
+                      "logp_chosen": r.get("logp_chosen"), **diag(a, b), "clean": foreign(a, b) <= noise_max}))
+print(json.dumps({"impl": impl, "round": rnd, "wall_s": t1 - t0, "peak_rss_mib": rss_kb / 1024, **diag(t0, t1),
+                  "clean": foreign(t0, t1) <= noise_max, "self_report": extra}))
 PY
   rm -rf "$tmp"
 }
@@ -201,8 +210,9 @@ med = lambda xs: statistics.median(xs) if xs else float("nan")
 clean = {i: [r["pairs_per_s"] for r in rs if r["clean"]] for i, rs in steps.items()}
 peer = med(clean["pytorch+peft sdpa"])
 print(f"| implementation | pairs/s per step (median, clean steps) | min-max | ratio vs PyTorch sdpa | s per 4-pair step "
-      f"| median of all steps | wall of whole command (median, clean runs) | peak RSS MiB (median) | clean steps / all |")
-print("|---|---|---|---|---|---|---|---|---|")
+      f"| median of all steps | wall of whole command (median, clean runs) | peak RSS MiB (median) | clean steps / all "
+      f"| cores busy in clean steps (median) |")
+print("|---|---|---|---|---|---|---|---|---|---|")
 for impl, rs in steps.items():
     v = clean[impl]
     m = med(v)
@@ -211,7 +221,7 @@ for impl, rs in steps.items():
     rss = med([r["peak_rss_mib"] for r in whole[impl]])
     print(f"| {impl} | {m:.3f} | {min(v, default=float('nan')):.3f}-{max(v, default=float('nan')):.3f} | {m / peer:.2f} "
           f"| {bs / m:.2f} | {allv:.3f} | {w:.1f} s ({sum(r['clean'] for r in whole[impl])} of {len(whole[impl])}) "
-          f"| {rss:.0f} | {len(v)}/{len(rs)} |")
+          f"| {rss:.0f} | {len(v)}/{len(rs)} | {med([r['own_cores'] for r in rs if r['clean']]):.2f} |")
 print(f"\nclean = other processes used <= {noise_max} cores on average during the step (or the whole command)")
 rl = json.load(open(os.path.join(os.path.dirname(sys.argv[1]), "dpo", "rlaifd_refs.json")))["references"]
 pt = next(r["self_report"]["references"] for r in whole["pytorch+peft sdpa"])
