@@ -444,9 +444,16 @@ impl Model {
         Ok(ImageTape { vision: vt, proj_in, proj_h, proj_a, features })
     }
 
-    /// Backward of `image_forward_train` from d features (N, C).
+    /// Backward of `image_forward_train` from d features (N, C). Does nothing when neither the projector nor
+    /// the vision tower has anything to train (no LoRA there, no saved modules, no base parameters).
     pub fn image_backward_train(&self, tape: &ImageTape, d_features: Vec<f32>, adapter: Option<&Adapter>, mut grads: Option<&mut Grads>) {
         let (Some(lc), Some(vision), Some(proj)) = (self.config.llava(), &self.vision, &self.projector) else { return };
+        let image_side = |n: &str| n.starts_with("vision_tower.") || n.starts_with("multi_modal_projector.");
+        let trains = adapter.is_some_and(|a| a.module_names().iter().any(|n| image_side(n)) || a.saved_params().any(|(n, _)| image_side(n)))
+            || grads.as_deref().is_some_and(|g| g.trains_params_under("vision_tower.") || g.trains_params_under("multi_modal_projector."));
+        if !trains {
+            return;
+        }
         let c = lc.text.hidden_size;
         let dv = lc.vision.hidden_size;
         let n = d_features.len() / c;
