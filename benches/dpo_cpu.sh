@@ -10,12 +10,13 @@
 # wall time and peak RSS (/usr/bin/time -v, "Maximum resident set size") are reported too. The reference log-probs
 # of both sides are compared (same-work check).
 #
-# Noise control (others compile on the dev machine): each measurement starts only when no rustc/cargo runs, and a
-# sampler records every second how much CPU the rest of the machine used (/proc/stat minus the measured process
-# tree). A step during which other processes used more than NOISE_MAX cores on average is "disturbed" and left out
-# of the medians; rounds (one run of every implementation, interleaved) repeat until every implementation has
-# RUNS x steps clean steps, at most MAX_ROUNDS rounds. The rlaifd binary is copied first, so a rebuild by someone
-# else cannot swap it mid-benchmark; RLAIFD_BIN=path benchmarks a given binary instead of building one.
+# Noise control (others compile on the dev machine; shared with sft_cpu.sh through cpu_bench_common.sh and
+# cpu_bench_runner.py): each measurement starts only when no rustc/cargo runs, and a sampler records every second how
+# much CPU the rest of the machine used (/proc/stat minus the measured process tree). A step during which other
+# processes used more than NOISE_MAX cores on average is "disturbed" and left out of the medians; rounds (one run of
+# every implementation, interleaved) repeat until every implementation has RUNS x steps clean steps, at most
+# MAX_ROUNDS rounds. The rlaifd binary is copied first, so a rebuild by someone else cannot swap it mid-benchmark;
+# RLAIFD_BIN=path benchmarks a given binary instead of building one.
 #   RUNS=3 THREADS=2 PAIRS=12 benches/dpo_cpu.sh       (EAGER=0 skips the eager-attention peer row)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -52,136 +53,19 @@ with open(os.path.join(d, "pairs.jsonl"), "w") as f:
         f.write(json.dumps({"image": name, "prompt_ids": prompt, "chosen_ids": ids(40), "rejected_ids": ids(40)}) + "\n")
 PY
 
-# runner: starts `/usr/bin/time -v -o TV cmd...`, writes the command's stdout lines prefixed with the wall-clock
-# time they arrived, and every second the CPU (in cores) used by everything except the measured process tree, by
-# the tree itself, iowait, steal, and the tree's major page faults.
-cat > "$data/runner.py" <<'PY'
-import os, subprocess, sys, threading, time
-stdout_path, load_path, tv = sys.argv[1:4]
-cmd = sys.argv[5:]  # after "--"
-tick = os.sysconf("SC_CLK_TCK")
-
-def machine():
-    v = [int(x) for x in open("/proc/stat").readline().split()[1:]]
-    return sum(v) - v[3] - v[4], v[4], v[7]  # busy (all but idle and iowait), iowait, steal
-
-def tree():
-    """CPU ticks (utime+stime+cutime+cstime), major and minor faults of this runner's process tree."""
-    kids, info = {}, {}
-    for p in os.listdir("/proc"):
-        if not p.isdigit():
-            continue
-        try:
-            s = open(f"/proc/{p}/stat").read()
-        except OSError:
-            continue
-        f = s[s.rindex(")") + 2:].split()
-        kids.setdefault(int(f[1]), []).append(int(p))
-        info[int(p)] = (int(f[11]) + int(f[12]) + int(f[13]) + int(f[14]), int(f[9]) + int(f[10]), int(f[7]) + int(f[8]))
-    todo, tot = [os.getpid()], [0, 0, 0]  # the runner's own tree holds /usr/bin/time and the command
-    while todo:
-        p = todo.pop()
-        tot = [a + b for a, b in zip(tot, info.get(p, (0, 0, 0)))]
-        todo += kids.get(p, [])
-    return tot
-
-proc = subprocess.Popen(["/usr/bin/time", "-v", "-o", tv] + cmd, stdout=subprocess.PIPE, text=True, bufsize=1)
-stop = threading.Event()
-
-def sample():
-    # one line per second: start end foreign_cores own_cores iowait_cores steal_cores own_major_faults own_minor_faults
-    with open(load_path, "w") as lf:
-        t0, (m0, w0, s0), (o0, j0, n0) = time.time(), machine(), tree()
-        while not stop.wait(1.0):
-            t1, (m1, w1, s1), (o1, j1, n1) = time.time(), machine(), tree()
-            d = tick * (t1 - t0)
-            lf.write(f"{t0:.3f} {t1:.3f} {max(0, (m1 - m0) - (o1 - o0)) / d:.3f} {(o1 - o0) / d:.3f} "
-                     f"{(w1 - w0) / d:.3f} {(s1 - s0) / d:.3f} {max(0, j1 - j0)} {max(0, n1 - n0)}\n")
-            lf.flush()
-            t0, m0, w0, s0, o0, j0, n0 = t1, m1, w1, s1, o1, j1, n1
-
-th = threading.Thread(target=sample, daemon=True)
-th.start()
-with open(stdout_path, "w") as out:
-    for line in proc.stdout:
-        out.write(f"{time.time():.3f} {line}")
-        out.flush()
-rc = proc.wait()
-stop.set()
-th.join()
-sys.exit(rc)
-PY
-
 bin="$data/rlaifd.bench-bin"
 cp "$RLAIFD_BIN" "$bin"
 echo "rlaifd binary: $RLAIFD_BIN sha256 $(sha256sum "$bin" | cut -c1-16); worktree HEAD $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- engine daemon || echo ' (engine/daemon modified in the worktree)')" >&2
 res="$out/dpo_results.jsonl"
 waits="$out/dpo_waits.log"
+RATE_KEY=pairs_per_s UNITS_KEY="" ROW_EXTRA=logp_chosen
+source benches/cpu_bench_common.sh  # wait_idle, measure, enough
 : > "$res"
 : > "$waits"
-# Wait until no compiler (or cargo, which also runs tests) is running.
-wait_idle() {
-  local t0=$SECONDS
-  while pgrep -x rustc >/dev/null || pgrep -x cargo >/dev/null; do sleep 5; done
-  if [ $((SECONDS - t0)) -gt 0 ]; then echo "waited $((SECONDS - t0)) s for compilers to finish before: $1" | tee -a "$waits" >&2; fi
-}
-# measure IMPL ROUND cmd...: appends one row per optimizer step (pairs/s, the other processes' mean CPU during the
-# step, clean or not) and one row for the whole command (wall, peak RSS, the other processes' mean CPU).
-measure() {
-  local impl=$1 round=$2; shift 2
-  local tmp
-  tmp=$(mktemp -d)
-  wait_idle "$impl round $round"
-  local t0=$EPOCHREALTIME
-  python "$data/runner.py" "$tmp/stdout" "$tmp/load" "$tmp/time" -- "$@" 2> "$tmp/stderr" || { cat "$tmp/stderr" >&2; exit 1; }
-  local t1=$EPOCHREALTIME
-  python - "$impl" "$round" "$tmp" "$t0" "$t1" "$NOISE_MAX" "$BATCH" >> "$res" <<'PY'
-import json, sys
-impl, rnd, tmp, t0, t1, noise_max, bs = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4]), float(sys.argv[5]), float(sys.argv[6]), int(sys.argv[7])
-rss_kb = next(int(l.split(":")[1]) for l in open(f"{tmp}/time") if "Maximum resident set size" in l)
-load = [tuple(map(float, l.split())) for l in open(f"{tmp}/load")]
-def mean(a, b, col):
-    """Mean of load column `col` over [a, b] (one-second intervals pro-rated)."""
-    tot = sum(r[col] * max(0.0, min(b, r[1]) - max(a, r[0])) for r in load)
-    return round(tot / max(b - a, 1e-9), 3)
-def diag(a, b):
-    return {"foreign_cores": mean(a, b, 2), "own_cores": mean(a, b, 3), "iowait_cores": mean(a, b, 4),
-            "steal_cores": mean(a, b, 5), "major_faults": int(sum(r[6] for r in load if r[0] >= a - 0.5 and r[1] <= b + 0.5)),
-            "minor_faults": int(sum(r[7] for r in load if r[0] >= a - 0.5 and r[1] <= b + 0.5))}
-def foreign(a, b):
-    return mean(a, b, 2)
-extra = {}
-for line in open(f"{tmp}/stdout"):
-    ts, _, body = line.partition(" ")
-    if not body.startswith("{"):
-        continue
-    r = json.loads(body)
-    if r.get("summary"):
-        extra = r
-        continue
-    step_s = r.get("step_s", r["pairs_per_s"] and bs / r["pairs_per_s"])
-    a, b = float(ts) - step_s, float(ts)
-    print(json.dumps({"impl": impl, "round": rnd, "step": r["step"], "pairs_per_s": r["pairs_per_s"], "loss": r["loss"],
-                      "logp_chosen": r.get("logp_chosen"), **diag(a, b), "clean": foreign(a, b) <= noise_max}))
-print(json.dumps({"impl": impl, "round": rnd, "wall_s": t1 - t0, "peak_rss_mib": rss_kb / 1024, **diag(t0, t1),
-                  "clean": foreign(t0, t1) <= noise_max, "self_report": extra}))
-PY
-  rm -rf "$tmp"
-}
 impls=("rlaifd" "pytorch+peft sdpa")
 [ "$EAGER" = 1 ] && impls+=("pytorch+peft eager")
 steps_per_run=$(( (PAIRS + BATCH - 1) / BATCH ))
 need=$((RUNS * steps_per_run))
-enough() {  # true when every implementation has $need clean steps
-  python - "$res" "$need" "${impls[@]}" <<'PY'
-import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1])]
-need, impls = int(sys.argv[2]), sys.argv[3:]
-counts = {i: sum(1 for r in rows if r["impl"] == i and "step" in r and r["clean"]) for i in impls}
-print("clean steps so far: " + ", ".join(f"{i} {c}/{need}" for i, c in counts.items()), file=sys.stderr)
-sys.exit(0 if all(c >= need for c in counts.values()) else 1)
-PY
-}
 rl_out=$(mktemp -d)
 for round in $(seq "$MAX_ROUNDS"); do
   echo "round $round (at least $RUNS, at most $MAX_ROUNDS)" >&2
@@ -196,7 +80,7 @@ for round in $(seq "$MAX_ROUNDS"); do
     measure "pytorch+peft eager" "$round" python tools/bench_dpo_peer.py --model "$model" --pairs "$data/pairs.jsonl" \
       --threads "$THREADS" --batch-size "$BATCH" --attn eager
   fi
-  if [ "$round" -ge "$RUNS" ] && enough; then break; fi
+  if [ "$round" -ge "$RUNS" ] && enough "$need" "${impls[@]}"; then break; fi
 done
 rm -rf "$rl_out"
 python - "$res" "$BATCH" "$NOISE_MAX" <<'PY'
