@@ -10,6 +10,7 @@ use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 
 mod bench;
+mod shapes_cli;
 mod train_cli;
 
 #[derive(Parser)]
@@ -34,6 +35,9 @@ enum Command {
     TrainDpo(train_cli::TrainDpoArgs),
     /// Supervised fine-tuning (LoRA, or every parameter with --full) on prompt/answer examples.
     TrainSft(train_cli::TrainSftArgs),
+    /// ShapesWorld: generate images with exact ground truth, print the object vocabulary.
+    #[command(subcommand)]
+    Shapes(shapes_cli::ShapesCmd),
     /// Measure prefill and decode tokens/s on random inputs (see benches/llava_cpu.sh).
     Bench(bench::BenchArgs),
 }
@@ -125,6 +129,7 @@ fn main() {
         Command::Logprobs(a) => cmd_logprobs(a),
         Command::Generate(a) => cmd_generate(a),
         Command::Bench(a) => bench::run(a),
+        Command::Shapes(c) => shapes_cli::run(c),
         Command::Grad(a) => train_cli::cmd_grad(a),
         Command::TrainDpo(a) => train_cli::cmd_train_dpo(a),
         Command::TrainSft(a) => train_cli::cmd_train_sft(a),

@@ -311,3 +311,31 @@ fn engine_input_errors_reach_stderr() {
         &["adapter_model.safetensors", "lora_A", "[8, 96]", "[8, 128]"],
     );
 }
+
+#[test]
+fn shapes_gen_and_vocab() {
+    let bin = env!("CARGO_BIN_EXE_rlaifd");
+    let out = std::env::temp_dir().join(format!("rlaifd-shapes-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let run = |dir: &std::path::Path, count: &str| {
+        let o = std::process::Command::new(bin).args(["shapes", "gen", "--seed", "7", "--count", count, "--out", dir.to_str().unwrap()]).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        std::fs::read_to_string(dir.join("index.jsonl")).unwrap()
+    };
+    let a = run(&out.join("a"), "5");
+    let b = run(&out.join("b"), "5");
+    assert_eq!(a, b, "same seed, same index");
+    assert_eq!(std::fs::read(out.join("a/000003.png")).unwrap(), std::fs::read(out.join("b/000003.png")).unwrap());
+    let c = run(&out.join("c"), "8");
+    assert!(c.starts_with(&a), "image i of a seed does not depend on --count");
+    let vocab: Vec<String> = serde_json::from_slice(&std::process::Command::new(bin).args(["shapes", "vocab"]).output().unwrap().stdout).unwrap();
+    for line in a.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert!(out.join("a").join(v["image"].as_str().unwrap()).is_file());
+        for o in v["objects"].as_array().unwrap() {
+            assert!(vocab.contains(&o.as_str().unwrap().to_string()));
+        }
+    }
+    assert_eq!(std::fs::read_to_string(out.join("a/questions.jsonl")).unwrap().lines().count(), 5);
+    let _ = std::fs::remove_dir_all(&out);
+}

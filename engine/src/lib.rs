@@ -18,6 +18,7 @@ pub mod llava;
 pub mod ops;
 pub mod rng;
 pub mod sampling;
+pub mod shapes;
 pub mod tokenizer;
 pub mod train;
 pub mod weights;

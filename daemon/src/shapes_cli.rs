@@ -1,0 +1,64 @@
+//! `rlaifd shapes ...`: the ShapesWorld generator.
+
+use anyhow::{Context, Result};
+use engine::shapes::{instructions, vocabulary, Scene, WorldConfig};
+use std::io::Write;
+use std::path::PathBuf;
+
+#[derive(clap::Subcommand)]
+pub enum ShapesCmd {
+    /// Write COUNT images (PNG) and DIR/index.jsonl ({"image", "objects"} per line), plus DIR/questions.jsonl
+    /// (the instructions of each image with exact answers).
+    Gen {
+        #[arg(long)]
+        seed: u64,
+        #[arg(long)]
+        count: usize,
+        #[arg(long)]
+        out: PathBuf,
+        /// Image side in pixels.
+        #[arg(long, default_value_t = 64)]
+        size: u32,
+        #[arg(long, default_value_t = 4)]
+        max_objects: usize,
+    },
+    /// Print the JSON list of every object phrase.
+    Vocab,
+}
+
+pub fn run(cmd: ShapesCmd) -> Result<()> {
+    match cmd {
+        ShapesCmd::Vocab => {
+            println!("{}", serde_json::to_string(&vocabulary())?);
+            Ok(())
+        }
+        ShapesCmd::Gen { seed, count, out, size, max_objects } => {
+            if !(16..=1024).contains(&size) {
+                anyhow::bail!("--size must be between 16 and 1024 pixels (got {size})");
+            }
+            if max_objects == 0 {
+                anyhow::bail!("--max-objects must be at least 1");
+            }
+            std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+            let cfg = WorldConfig { size, max_objects, ..Default::default() };
+            let mut index = Vec::new();
+            let mut questions = Vec::new();
+            for i in 0..count {
+                // Image i of seed S is the same whatever COUNT is.
+                let s = engine::rng::SplitMix64::new(seed.wrapping_add(i as u64)).next_u64();
+                let scene = Scene::generate(&cfg, s);
+                let file = format!("{i:06}.png");
+                scene.render(&cfg, s).save(out.join(&file)).with_context(|| format!("cannot write {}", out.join(&file).display()))?;
+                writeln!(index, "{}", serde_json::json!({ "image": file, "objects": scene.phrases() }))?;
+                writeln!(questions, "{}", serde_json::json!({ "image": file, "instructions": instructions(&scene, s) }))?;
+                if count >= 1000 && (i + 1) % 1000 == 0 {
+                    eprintln!("{}/{count} images", i + 1);
+                }
+            }
+            std::fs::write(out.join("index.jsonl"), index).with_context(|| format!("cannot write {}/index.jsonl", out.display()))?;
+            std::fs::write(out.join("questions.jsonl"), questions)?;
+            eprintln!("wrote {count} images to {}", out.display());
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,255 @@
+//! ShapesWorld: procedurally rendered images whose objects are known exactly (the project's embedded default
+//! world and hallucination yardstick; see DESIGN.md). Everything is a pure function of a u64 seed.
+//!
+//! A scene holds 1..=max_objects non-overlapping objects, each a colour and a shape from fixed vocabularies.
+//! Objects co-occur: each object has a fixed "partner" that is added to the scene with probability
+//! `partner_prob` when the object is present, which makes partners the natural adversarial (POPE) negatives
+//! and the natural hallucinations of a model trained on noisy captions.
+
+use crate::rng::SplitMix64;
+use image::{Rgb, RgbImage};
+
+pub const COLORS: [(&str, [u8; 3]); 6] = [
+    ("red", [220, 40, 40]),
+    ("green", [40, 170, 60]),
+    ("blue", [40, 80, 220]),
+    ("yellow", [235, 205, 40]),
+    ("purple", [140, 60, 180]),
+    ("orange", [240, 130, 30]),
+];
+pub const SHAPES: [&str; 5] = ["circle", "square", "triangle", "diamond", "cross"];
+
+/// Every object phrase ("red circle", ...), colour-major.
+pub fn vocabulary() -> Vec<String> {
+    COLORS.iter().flat_map(|(c, _)| SHAPES.iter().map(move |s| format!("{c} {s}"))).collect()
+}
+
+/// Index of an object in `vocabulary()`.
+fn object_index(color: usize, shape: usize) -> usize {
+    color * SHAPES.len() + shape
+}
+
+/// The object that co-occurs with `obj`: a different colour and shape, fixed for the world.
+pub fn partner(obj: usize) -> usize {
+    let (c, s) = (obj / SHAPES.len(), obj % SHAPES.len());
+    object_index((c + 1) % COLORS.len(), (s + 2) % SHAPES.len())
+}
+
+/// How often each object is drawn as a scene's first object (some objects are "popular").
+fn popularity(obj: usize) -> f64 {
+    // A fixed, skewed prior: weight 1 + (obj * 7 mod 5), normalised by the caller.
+    1.0 + ((obj * 7) % 5) as f64
+}
+
+/// The objects ordered from most to least popular (POPE's "popular" negatives come first).
+pub fn popular_order() -> Vec<usize> {
+    let mut v: Vec<usize> = (0..COLORS.len() * SHAPES.len()).collect();
+    v.sort_by(|&a, &b| popularity(b).total_cmp(&popularity(a)).then(a.cmp(&b)));
+    v
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Object {
+    /// "red circle"
+    pub phrase: String,
+    pub color: usize,
+    pub shape: usize,
+    /// Centre (pixels) and radius of the bounding circle.
+    pub x: f32,
+    pub y: f32,
+    pub r: f32,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Scene {
+    pub objects: Vec<Object>,
+    pub size: u32,
+}
+
+#[derive(Clone, Debug)]
+pub struct WorldConfig {
+    /// Image side in pixels.
+    pub size: u32,
+    pub max_objects: usize,
+    pub partner_prob: f64,
+    /// Background noise amplitude (0..255 scale).
+    pub noise: f32,
+}
+
+impl Default for WorldConfig {
+    fn default() -> Self {
+        WorldConfig { size: 64, max_objects: 4, partner_prob: 0.6, noise: 6.0 }
+    }
+}
+
+fn pick_weighted(rng: &mut SplitMix64, weights: &[f64]) -> usize {
+    let total: f64 = weights.iter().sum();
+    let mut u = rng.next_f64() * total;
+    for (i, w) in weights.iter().enumerate() {
+        if u < *w {
+            return i;
+        }
+        u -= w;
+    }
+    weights.len() - 1
+}
+
+impl Scene {
+    /// The scene of `seed`: deterministic.
+    pub fn generate(cfg: &WorldConfig, seed: u64) -> Scene {
+        let mut rng = SplitMix64::new(seed ^ 0x5348_4150_4553_0001);
+        let n_objects = COLORS.len() * SHAPES.len();
+        let want = 1 + (rng.next_u64() % cfg.max_objects.max(1) as u64) as usize;
+        let weights: Vec<f64> = (0..n_objects).map(popularity).collect();
+        let mut chosen: Vec<usize> = Vec::new();
+        while chosen.len() < want {
+            // Partners of objects already present come in first; otherwise a popularity-weighted draw.
+            let next = chosen
+                .iter()
+                .map(|&o| partner(o))
+                .find(|p| !chosen.contains(p) && rng.next_f64() < cfg.partner_prob)
+                .unwrap_or_else(|| pick_weighted(&mut rng, &weights));
+            if !chosen.contains(&next) {
+                chosen.push(next);
+            }
+        }
+        // Place them without overlap (rejection sampling; objects that do not fit are dropped).
+        let s = cfg.size as f32;
+        let mut objects: Vec<Object> = Vec::new();
+        for obj in chosen {
+            for _attempt in 0..200 {
+                let r = s * (0.09 + 0.06 * rng.next_f64() as f32);
+                let x = r + 1.0 + (s - 2.0 * r - 2.0) * rng.next_f64() as f32;
+                let y = r + 1.0 + (s - 2.0 * r - 2.0) * rng.next_f64() as f32;
+                if objects.iter().all(|o| ((o.x - x).powi(2) + (o.y - y).powi(2)).sqrt() > o.r + r + 2.0) {
+                    let (color, shape) = (obj / SHAPES.len(), obj % SHAPES.len());
+                    objects.push(Object { phrase: format!("{} {}", COLORS[color].0, SHAPES[shape]), color, shape, x, y, r });
+                    break;
+                }
+            }
+        }
+        Scene { objects, size: cfg.size }
+    }
+
+    pub fn phrases(&self) -> Vec<String> {
+        self.objects.iter().map(|o| o.phrase.clone()).collect()
+    }
+
+    /// Renders the scene: mild background noise, shapes anti-aliased by 4x4 supersampling.
+    pub fn render(&self, cfg: &WorldConfig, seed: u64) -> RgbImage {
+        let mut rng = SplitMix64::new(seed ^ 0x4e4f_4953_4500_0002);
+        let n = self.size;
+        let mut img = RgbImage::new(n, n);
+        for p in img.pixels_mut() {
+            let v = (200.0 + cfg.noise * (rng.next_f64() as f32 * 2.0 - 1.0)).clamp(0.0, 255.0) as u8;
+            *p = Rgb([v, v, v]);
+        }
+        const SS: usize = 4;
+        for o in &self.objects {
+            let col = COLORS[o.color].1;
+            let (x0, x1) = ((o.x - o.r - 1.0).floor().max(0.0) as u32, ((o.x + o.r + 1.0).ceil() as u32).min(n - 1));
+            let (y0, y1) = ((o.y - o.r - 1.0).floor().max(0.0) as u32, ((o.y + o.r + 1.0).ceil() as u32).min(n - 1));
+            for py in y0..=y1 {
+                for px in x0..=x1 {
+                    let mut hits = 0;
+                    for sy in 0..SS {
+                        for sx in 0..SS {
+                            let fx = px as f32 + (sx as f32 + 0.5) / SS as f32;
+                            let fy = py as f32 + (sy as f32 + 0.5) / SS as f32;
+                            if inside(o.shape, (fx - o.x) / o.r, (fy - o.y) / o.r) {
+                                hits += 1;
+                            }
+                        }
+                    }
+                    if hits > 0 {
+                        let a = hits as f32 / (SS * SS) as f32;
+                        let p = img.get_pixel_mut(px, py);
+                        for c in 0..3 {
+                            p.0[c] = (a * col[c] as f32 + (1.0 - a) * p.0[c] as f32).round() as u8;
+                        }
+                    }
+                }
+            }
+        }
+        img
+    }
+}
+
+/// Whether the point (u, v), in units of the object's radius around its centre, is inside the shape.
+pub fn inside(shape: usize, u: f32, v: f32) -> bool {
+    match SHAPES[shape] {
+        "circle" => u * u + v * v <= 0.9 * 0.9,
+        "square" => u.abs() <= 0.7 && v.abs() <= 0.7,
+        // Upward triangle: apex at v = -0.9 (image y grows downwards), base at v = 0.5, half-width 0.78.
+        "triangle" => (-0.9..=0.5).contains(&v) && u.abs() <= 0.78 * (v + 0.9) / 1.4,
+        "diamond" => u.abs() + v.abs() <= 0.9,
+        _ => (u.abs() <= 0.28 && v.abs() <= 0.85) || (v.abs() <= 0.28 && u.abs() <= 0.85),
+    }
+}
+
+/// An instruction about a scene with its exact answer.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Instruction {
+    /// caption | existence | count | attribute
+    pub kind: &'static str,
+    pub prompt: String,
+    /// Exact answer (for captions: the clean object list; "yes"/"no" for existence).
+    pub answer: String,
+    /// For existence questions: "present", or the POPE negative split "random" | "popular" | "adversarial".
+    pub split: Option<&'static str>,
+}
+
+/// Captioning phrasings; the first is exactly "Describe the image.".
+pub const CAPTION_PROMPTS: [&str; 4] = ["Describe the image.", "What is in this picture?", "List the objects you see.", "Describe this image in detail."];
+
+/// A clean caption naming every object, e.g. "There is a red circle and a blue square."
+pub fn caption(scene: &Scene) -> String {
+    let names: Vec<String> = scene.objects.iter().map(|o| format!("a {}", o.phrase)).collect();
+    match names.len() {
+        0 => "The image is empty.".into(),
+        1 => format!("There is {}.", names[0]),
+        _ => format!("There is {} and {}.", names[..names.len() - 1].join(", "), names[names.len() - 1]),
+    }
+}
+
+/// The instructions of a scene: a caption, one existence question per present object plus one POPE negative
+/// of each split, a count and (when unambiguous) an attribute question. Deterministic per seed.
+pub fn instructions(scene: &Scene, seed: u64) -> Vec<Instruction> {
+    let mut rng = SplitMix64::new(seed ^ 0x5155_4553_5400_0003);
+    let vocab = vocabulary();
+    let present: Vec<usize> = scene.objects.iter().map(|o| object_index(o.color, o.shape)).collect();
+    let mut out = vec![Instruction {
+        kind: "caption",
+        prompt: CAPTION_PROMPTS[(rng.next_u64() % CAPTION_PROMPTS.len() as u64) as usize].into(),
+        answer: caption(scene),
+        split: None,
+    }];
+    let q = |obj: usize| format!("Is there a {} in the image?", vocab[obj]);
+    for &o in &present {
+        out.push(Instruction { kind: "existence", prompt: q(o), answer: "yes".into(), split: Some("present") });
+    }
+    let absent: Vec<usize> = (0..vocab.len()).filter(|o| !present.contains(o)).collect();
+    if !absent.is_empty() {
+        let random = absent[(rng.next_u64() % absent.len() as u64) as usize];
+        out.push(Instruction { kind: "existence", prompt: q(random), answer: "no".into(), split: Some("random") });
+        if let Some(&popular) = popular_order().iter().find(|o| !present.contains(o)) {
+            out.push(Instruction { kind: "existence", prompt: q(popular), answer: "no".into(), split: Some("popular") });
+        }
+        // Adversarial: an absent partner of a present object (what co-occurs with what is there).
+        if let Some(adv) = present.iter().map(|&o| partner(o)).find(|p| !present.contains(p)) {
+            out.push(Instruction { kind: "existence", prompt: q(adv), answer: "no".into(), split: Some("adversarial") });
+        }
+    }
+    let n = scene.objects.len();
+    let words = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"];
+    out.push(Instruction { kind: "count", prompt: "How many objects are there?".into(), answer: words.get(n).copied().unwrap_or("many").into(), split: None });
+    if let Some(o) = scene.objects.iter().find(|o| scene.objects.iter().filter(|p| p.shape == o.shape).count() == 1) {
+        out.push(Instruction {
+            kind: "attribute",
+            prompt: format!("What color is the {}?", SHAPES[o.shape]),
+            answer: COLORS[o.color].0.into(),
+            split: None,
+        });
+    }
+    out
+}

@@ -1,0 +1,126 @@
+//! ShapesWorld generator: deterministic, rendered pixels agree with the declared objects, and the
+//! instructions' answers are exact (POPE negatives absent, adversarial ones the co-occurring partners).
+
+use engine::shapes::*;
+
+fn scenes(n: u64) -> Vec<(u64, Scene)> {
+    let cfg = WorldConfig::default();
+    (0..n).map(|s| (s, Scene::generate(&cfg, s))).collect()
+}
+
+#[test]
+fn generation_is_deterministic_per_seed() {
+    let cfg = WorldConfig::default();
+    let a = Scene::generate(&cfg, 42);
+    assert_eq!(a, Scene::generate(&cfg, 42));
+    assert_eq!(a.render(&cfg, 42).into_raw(), Scene::generate(&cfg, 42).render(&cfg, 42).into_raw());
+    let differ = (0..20).filter(|&s| Scene::generate(&cfg, s) != Scene::generate(&cfg, s + 1000)).count();
+    assert!(differ >= 18, "different seeds give different scenes");
+    assert_eq!(instructions(&a, 42), instructions(&a, 42));
+}
+
+#[test]
+fn rendered_pixels_agree_with_the_objects() {
+    let cfg = WorldConfig::default();
+    for (seed, scene) in scenes(200) {
+        assert!(!scene.objects.is_empty() && scene.objects.len() <= cfg.max_objects);
+        let img = scene.render(&cfg, seed);
+        for (i, o) in scene.objects.iter().enumerate() {
+            // Every shape covers its centre: that pixel is exactly the object's colour.
+            let p = img.get_pixel(o.x as u32, o.y as u32).0;
+            let want = COLORS[o.color].1;
+            let d: i32 = (0..3).map(|c| (p[c] as i32 - want[c] as i32).abs()).max().unwrap();
+            assert!(d <= 2, "seed {seed}: {} centre pixel {p:?} vs {want:?}", o.phrase);
+            for q in &scene.objects[i + 1..] {
+                let dist = ((o.x - q.x).powi(2) + (o.y - q.y).powi(2)).sqrt();
+                assert!(dist > o.r + q.r, "seed {seed}: {} and {} overlap", o.phrase, q.phrase);
+            }
+        }
+        // Pixels outside every object's bounding circle are grey background (with mild noise).
+        for (x, y, p) in img.enumerate_pixels() {
+            let outside = scene.objects.iter().all(|o| ((x as f32 + 0.5 - o.x).powi(2) + (y as f32 + 0.5 - o.y).powi(2)).sqrt() > o.r + 1.5);
+            if outside {
+                let [r, g, b] = p.0;
+                assert!(r == g && g == b && (190..=210).contains(&r), "seed {seed}: background pixel ({x},{y}) = {:?}", p.0);
+            }
+        }
+        // Each object paints a meaningful area of its own colour (it is visible).
+        for o in &scene.objects {
+            let want = COLORS[o.color].1;
+            let area = img.pixels().filter(|p| (0..3).all(|c| (p.0[c] as i32 - want[c] as i32).abs() <= 2)).count();
+            assert!(area as f32 >= 0.5 * o.r * o.r, "seed {seed}: {} covers only {area} pixels", o.phrase);
+        }
+    }
+}
+
+#[test]
+fn vocabulary_and_partners() {
+    let v = vocabulary();
+    assert_eq!(v.len(), COLORS.len() * SHAPES.len());
+    let unique: std::collections::HashSet<&String> = v.iter().collect();
+    assert_eq!(unique.len(), v.len());
+    assert!(v.contains(&"red circle".to_string()));
+    for o in 0..v.len() {
+        assert_ne!(partner(o), o);
+        let (a, b) = (&v[o], &v[partner(o)]);
+        assert!(a.split(' ').zip(b.split(' ')).all(|(x, y)| x != y), "{a} and its partner {b} share a colour or shape");
+    }
+}
+
+#[test]
+fn partners_co_occur_more_than_chance() {
+    // The co-occurrence that makes adversarial negatives (and noisy-caption hallucinations) realistic.
+    let mut with_partner = 0;
+    let mut multi = 0;
+    let v = vocabulary();
+    for (_, s) in scenes(2000) {
+        if s.objects.len() < 2 {
+            continue;
+        }
+        multi += 1;
+        let idx: Vec<usize> = s.phrases().iter().map(|p| v.iter().position(|q| q == p).unwrap()).collect();
+        if idx.iter().any(|&o| idx.contains(&partner(o))) {
+            with_partner += 1;
+        }
+    }
+    assert!(with_partner as f64 / multi as f64 > 0.5, "{with_partner}/{multi} multi-object scenes hold a partner pair");
+}
+
+#[test]
+fn instructions_have_exact_answers() {
+    let v = vocabulary();
+    let mut splits = std::collections::HashMap::new();
+    for (seed, scene) in scenes(300) {
+        let phrases = scene.phrases();
+        let ins = instructions(&scene, seed);
+        let cap = &ins[0];
+        assert_eq!(cap.kind, "caption");
+        assert!(CAPTION_PROMPTS.contains(&cap.prompt.as_str()));
+        for p in &phrases {
+            assert!(cap.answer.contains(p.as_str()), "caption {:?} misses {p}", cap.answer);
+        }
+        for i in ins.iter().filter(|i| i.kind == "existence") {
+            let obj = i.prompt.trim_start_matches("Is there a ").trim_end_matches(" in the image?").to_string();
+            assert!(v.contains(&obj));
+            let present = phrases.contains(&obj);
+            assert_eq!(i.answer, if present { "yes" } else { "no" }, "{}", i.prompt);
+            let split = i.split.unwrap();
+            *splits.entry(split).or_insert(0) += 1;
+            if split == "adversarial" {
+                let o = v.iter().position(|q| *q == obj).unwrap();
+                assert!(phrases.iter().any(|p| partner(v.iter().position(|q| q == p).unwrap()) == o), "adversarial negative {obj} is no partner");
+            }
+        }
+        let count = ins.iter().find(|i| i.kind == "count").unwrap();
+        let words = ["zero", "one", "two", "three", "four", "five"];
+        assert_eq!(count.answer, words[phrases.len()]);
+        if let Some(a) = ins.iter().find(|i| i.kind == "attribute") {
+            let shape = a.prompt.trim_start_matches("What color is the ").trim_end_matches('?');
+            assert!(phrases.contains(&format!("{} {shape}", a.answer)), "{} -> {}", a.prompt, a.answer);
+        }
+    }
+    for s in ["present", "random", "popular", "adversarial"] {
+        assert!(splits.get(s).copied().unwrap_or(0) > 50, "split {s}: {splits:?}");
+    }
+    assert!(CAPTION_PROMPTS.contains(&"Describe the image."));
+}
