@@ -24,10 +24,20 @@ pub enum ShapesCmd {
     },
     /// Print the JSON list of every object phrase.
     Vocab,
+    /// Write ShapesWorld's word-level tokenizer.json.
+    Tokenizer {
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 pub fn run(cmd: ShapesCmd) -> Result<()> {
     match cmd {
+        ShapesCmd::Tokenizer { out } => {
+            let tok = engine::shapes::build_tokenizer().map_err(|e| anyhow::anyhow!("building the tokenizer: {e}"))?;
+            tok.save(&out, true).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", out.display()))?;
+            Ok(())
+        }
         ShapesCmd::Vocab => {
             println!("{}", serde_json::to_string(&vocabulary())?);
             Ok(())

@@ -11,6 +11,7 @@ pub mod clip;
 pub mod config;
 pub mod error;
 pub mod generate;
+pub mod hallucination;
 pub mod image;
 pub mod linear;
 pub mod llama;

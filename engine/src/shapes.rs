@@ -253,3 +253,70 @@ pub fn instructions(scene: &Scene, seed: u64) -> Vec<Instruction> {
     }
     out
 }
+
+/// Every word ShapesWorld prompts, answers and the chat template use (lower case; punctuation separate).
+pub fn words() -> Vec<String> {
+    let mut w: Vec<String> = Vec::new();
+    let mut add = |s: &str| {
+        for t in s.split_whitespace() {
+            if !w.iter().any(|x| x == t) {
+                w.push(t.to_string());
+            }
+        }
+    };
+    add("user : assistant : . , ? !");
+    for p in CAPTION_PROMPTS {
+        add(&p.to_lowercase().replace(['.', '?'], " "));
+    }
+    add("is there a an in the image what color how many objects are yes no it there's i see and with");
+    add("zero one two three four five six seven eight nine many empty");
+    for (c, _) in COLORS {
+        add(c);
+    }
+    for s in SHAPES {
+        add(s);
+        add(&format!("{s}s"));
+    }
+    add("crosses");
+    w
+}
+
+/// A word-level `tokenizer.json` for ShapesWorld (loadable by Hugging Face tokenizers): `<unk>`=0, `<s>`=1,
+/// `</s>`=2, `<pad>`=3, then the words of `words()`, then `<image>` last; lower-casing normalizer, whitespace
+/// and punctuation pre-tokenizer, BOS added by the post-processor.
+pub fn build_tokenizer() -> Result<tokenizers::Tokenizer, String> {
+    use tokenizers::models::wordlevel::WordLevel;
+    use tokenizers::normalizers::utils::Lowercase;
+    use tokenizers::pre_tokenizers::whitespace::Whitespace;
+    use tokenizers::processors::template::TemplateProcessing;
+    use tokenizers::{AddedToken, Tokenizer};
+    let mut vocab: std::collections::HashMap<String, u32> = std::collections::HashMap::new();
+    for (i, t) in ["<unk>", "<s>", "</s>", "<pad>"].iter().enumerate() {
+        vocab.insert(t.to_string(), i as u32);
+    }
+    for w in words() {
+        let id = vocab.len() as u32;
+        vocab.entry(w).or_insert(id);
+    }
+    let image_id = vocab.len() as u32;
+    vocab.insert("<image>".into(), image_id);
+    let model = WordLevel::builder().vocab(vocab.into_iter().collect()).unk_token("<unk>".into()).build().map_err(|e| e.to_string())?;
+    let mut tok = Tokenizer::new(model);
+    tok.with_normalizer(Some(Lowercase));
+    tok.with_pre_tokenizer(Some(Whitespace {}));
+    let post = TemplateProcessing::builder()
+        .try_single("<s> $A")
+        .map_err(|e| e.to_string())?
+        .special_tokens(vec![("<s>", 1)])
+        .build()
+        .map_err(|e| e.to_string())?;
+    tok.with_post_processor(Some(post));
+    tok.add_special_tokens(&[
+        AddedToken::from("<unk>", true),
+        AddedToken::from("<s>", true),
+        AddedToken::from("</s>", true),
+        AddedToken::from("<pad>", true),
+        AddedToken::from("<image>", true),
+    ]);
+    Ok(tok)
+}

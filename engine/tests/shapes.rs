@@ -124,3 +124,28 @@ fn instructions_have_exact_answers() {
     }
     assert!(CAPTION_PROMPTS.contains(&"Describe the image."));
 }
+
+#[test]
+fn tokenizer_covers_every_prompt_and_answer() {
+    let tok = build_tokenizer().unwrap();
+    let dir = std::env::temp_dir().join(format!("rlaifd-shapes-tok-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("tokenizer.json");
+    tok.save(&path, true).unwrap();
+    let t = engine::tokenizer::TextTokenizer::from_file(&path).unwrap();
+    let image = t.token_id("<image>").unwrap();
+    assert_eq!(image as usize, words().len() + 4, "<image> is the last id");
+    let ids = t.encode(&engine::tokenizer::apply_template(engine::tokenizer::LLAVA_15_TEMPLATE, "Describe the image."), true).unwrap();
+    assert_eq!(ids[0], 1, "BOS first");
+    assert_eq!(ids.iter().filter(|&&i| i == image).count(), 1);
+    for (seed, scene) in scenes(200) {
+        for i in instructions(&scene, seed) {
+            for text in [&i.prompt, &i.answer] {
+                let ids = t.encode(text, false).unwrap();
+                assert!(!ids.contains(&0), "unknown word in {text:?}");
+                assert_eq!(t.decode(&ids).unwrap(), text.to_lowercase().replace('.', " .").replace('?', " ?").replace(',', " ,").trim(), "round trip");
+            }
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
