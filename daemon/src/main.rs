@@ -10,6 +10,7 @@ use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 
 mod bench;
+mod eval_cli;
 mod shapes_cli;
 mod train_cli;
 
@@ -35,6 +36,9 @@ enum Command {
     TrainDpo(train_cli::TrainDpoArgs),
     /// Supervised fine-tuning (LoRA, or every parameter with --full) on prompt/answer examples.
     TrainSft(train_cli::TrainSftArgs),
+    /// Evaluate a model: exact hallucination metrics on held-out ShapesWorld images.
+    #[command(subcommand)]
+    Eval(eval_cli::EvalCmd),
     /// ShapesWorld: generate images with exact ground truth, print the object vocabulary.
     #[command(subcommand)]
     Shapes(shapes_cli::ShapesCmd),
@@ -130,6 +134,7 @@ fn main() {
         Command::Generate(a) => cmd_generate(a),
         Command::Bench(a) => bench::run(a),
         Command::Shapes(c) => shapes_cli::run(c),
+        Command::Eval(c) => eval_cli::run(c),
         Command::Grad(a) => train_cli::cmd_grad(a),
         Command::TrainDpo(a) => train_cli::cmd_train_dpo(a),
         Command::TrainSft(a) => train_cli::cmd_train_sft(a),

@@ -339,3 +339,28 @@ fn shapes_gen_and_vocab() {
     assert_eq!(std::fs::read_to_string(out.join("a/questions.jsonl")).unwrap().lines().count(), 5);
     let _ = std::fs::remove_dir_all(&out);
 }
+
+#[test]
+fn eval_hallucination_reports_every_metric() {
+    // A random tiny model: the numbers mean nothing, the pipeline and the report's shape do.
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/llava/l15_4x_f32_gqa_tied_lora/model");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_rlaifd"))
+        .args(["eval", "hallucination", "--model", model.to_str().unwrap(), "--count", "3", "--max-new-tokens", "6", "--json"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["images"], 3);
+    assert_eq!(v["caption"]["answers"], 3);
+    for k in ["chair_s", "chair_i", "cover", "mean_length"] {
+        assert!(v["caption"][k].is_number(), "{k}");
+    }
+    for split in ["random", "popular", "adversarial"] {
+        for k in ["accuracy", "precision", "recall", "f1", "yes_ratio"] {
+            let x = v["pope"][split][k].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&x), "{split} {k} = {x}");
+        }
+        assert!(v["pope"][split]["n"].as_u64().unwrap() >= 4, "present + negative questions");
+    }
+    assert!(v["amber_f1"].is_number());
+}
