@@ -36,6 +36,21 @@ enum Command {
     TrainDpo(train_cli::TrainDpoArgs),
     /// Supervised fine-tuning (LoRA, or every parameter with --full) on prompt/answer examples.
     TrainSft(train_cli::TrainSftArgs),
+    /// Write a randomly initialised checkpoint for a config.json (to train small models from scratch).
+    InitModel {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Standard deviation of the random matrices (transformers' initializer_range).
+        #[arg(long, default_value_t = 0.02)]
+        std: f32,
+        /// Files copied beside the weights (tokenizer.json, preprocessor_config.json, ...).
+        #[arg(long)]
+        copy: Vec<PathBuf>,
+    },
     /// Evaluate a model: exact hallucination metrics on held-out ShapesWorld images.
     #[command(subcommand)]
     Eval(eval_cli::EvalCmd),
@@ -135,6 +150,10 @@ fn main() {
         Command::Bench(a) => bench::run(a),
         Command::Shapes(c) => shapes_cli::run(c),
         Command::Eval(c) => eval_cli::run(c),
+        Command::InitModel { config, out, seed, std, copy } => {
+            let files: Vec<&Path> = copy.iter().map(|p| p.as_path()).collect();
+            engine::init::init_checkpoint(&config, &out, seed, std, &files).map_err(anyhow::Error::from)
+        }
         Command::Grad(a) => train_cli::cmd_grad(a),
         Command::TrainDpo(a) => train_cli::cmd_train_dpo(a),
         Command::TrainSft(a) => train_cli::cmd_train_sft(a),

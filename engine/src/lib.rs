@@ -13,6 +13,7 @@ pub mod error;
 pub mod generate;
 pub mod hallucination;
 pub mod image;
+pub mod init;
 pub mod linear;
 pub mod llama;
 pub mod llava;
