@@ -162,16 +162,21 @@ impl OptimArgs {
     }
 }
 
+/// The engine's borrowed view of pairs read from a file and their decoded images.
+fn borrow_pairs<'a>(pairs: &'a [TokenPairOwned], images: &'a [Option<PixelValues>]) -> Vec<TokenPair<'a>> {
+    pairs
+        .iter()
+        .zip(images)
+        .map(|(p, img)| TokenPair { pixels: img.as_ref(), prompt_ids: &p.prompt_ids, chosen_ids: &p.chosen_ids, rejected_ids: &p.rejected_ids })
+        .collect()
+}
+
 pub fn cmd_grad(a: GradArgs) -> Result<()> {
     let model = Model::load_with(&a.model, &LoadOptions::default()).with_context(|| format!("loading model {}", a.model.display()))?;
     let adapter = model.load_adapter(&a.adapter).with_context(|| format!("loading adapter {}", a.adapter.display()))?;
     let pairs = read_token_pairs(&a.pairs)?;
     let images = load_images(&model, &a.pairs, pairs.iter().map(|p| p.image.as_ref()))?;
-    let token_pairs: Vec<TokenPair> = pairs
-        .iter()
-        .zip(&images)
-        .map(|(p, img)| TokenPair { pixels: img.as_ref(), prompt_ids: &p.prompt_ids, chosen_ids: &p.chosen_ids, rejected_ids: &p.rejected_ids })
-        .collect();
+    let token_pairs = borrow_pairs(&pairs, &images);
     let mut grads = Grads::zeros_like(&adapter);
     let (loss, per_pair) = dpo_loss_and_grads(&model, &adapter, &token_pairs, a.beta, &mut grads)?;
     write_f32_safetensors(&a.out, &grads.named_tensors(&adapter))?;
@@ -312,11 +317,7 @@ pub fn cmd_train_dpo(a: TrainDpoArgs) -> Result<()> {
     a.opt.validate()?;
     let pairs = read_any_pairs(&a.pairs, &model)?;
     let images = load_images(&model, &a.pairs, pairs.iter().map(|p| p.image.as_ref()))?;
-    let token_pairs: Vec<TokenPair> = pairs
-        .iter()
-        .zip(&images)
-        .map(|(p, img)| TokenPair { pixels: img.as_ref(), prompt_ids: &p.prompt_ids, chosen_ids: &p.chosen_ids, rejected_ids: &p.rejected_ids })
-        .collect();
+    let token_pairs = borrow_pairs(&pairs, &images);
     let train_cfg = TrainConfig {
         dpo: DpoConfig { beta: a.beta, loss, label_smoothing: a.label_smoothing, nll_weight: a.nll_weight },
         epochs: a.epochs,

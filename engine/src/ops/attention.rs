@@ -79,6 +79,49 @@ where
     });
 }
 
+/// P (tq, tk) = softmax(scale · Q_h · K_kvhᵀ) of one query head (masked rows beyond the causal limit are 0).
+/// Shared by `attend_dense` and its backward, which recomputes P exactly this way.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn head_probs(
+    p: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    h: usize,
+    kvh: usize,
+    tq: usize,
+    tk: usize,
+    start: usize,
+    heads: usize,
+    kv_heads: usize,
+    hd: usize,
+    scale: f32,
+    causal: bool,
+) {
+    assert!(p.len() == tq * tk && q.len() >= tq * heads * hd && k.len() >= tk * kv_heads * hd && h < heads && kvh < kv_heads);
+    // SAFETY: strides address q's head-h columns and k's head-kvh columns within the asserted extents.
+    unsafe {
+        gemm::gemm(
+            tq, tk, hd,
+            p.as_mut_ptr(), 1, tk as isize, false,
+            q.as_ptr().add(h * hd), 1, (heads * hd) as isize,
+            k.as_ptr().add(kvh * hd), (kv_heads * hd) as isize, 1,
+            0.0, scale, false, false, false, gemm::Parallelism::None,
+        );
+    }
+    for (i, row) in p.chunks_exact_mut(tk).enumerate() {
+        let visible = if causal { (start + i + 1).min(tk) } else { tk };
+        let max = row[..visible].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0f32;
+        for x in row[..visible].iter_mut() {
+            *x = (*x - max).exp();
+            sum += *x;
+        }
+        let inv = 1.0 / sum;
+        row[..visible].iter_mut().for_each(|x| *x *= inv);
+        row[visible..].fill(0.0);
+    }
+}
+
 /// Raw output pointer shared by the per-head tasks; each task writes only its own head's columns.
 struct SharedOut(*mut f32);
 unsafe impl Send for SharedOut {}
@@ -111,29 +154,9 @@ pub fn attend_dense(
     (0..heads).into_par_iter().for_each(|h| {
         let kvh = h / group;
         let mut s = vec![0f32; tq * tk]; // (Tq, Tk)
-        // SAFETY: strides address q's head-h columns, k's and v's head-kvh columns, all within the asserted
-        // extents; `out` columns of head h are written by this task only.
-        unsafe {
-            gemm::gemm(
-                tq, tk, hd,
-                s.as_mut_ptr(), 1, tk as isize, false,
-                q.as_ptr().add(h * hd), 1, (heads * hd) as isize,
-                k.as_ptr().add(kvh * hd), (kv_heads * hd) as isize, 1,
-                0.0, scale, false, false, false, gemm::Parallelism::None,
-            );
-        }
-        for (i, row) in s.chunks_exact_mut(tk).enumerate() {
-            let visible = if causal { (start + i + 1).min(tk) } else { tk };
-            let max = row[..visible].iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for x in row[..visible].iter_mut() {
-                *x = (*x - max).exp();
-                sum += *x;
-            }
-            let inv = 1.0 / sum;
-            row[..visible].iter_mut().for_each(|x| *x *= inv);
-            row[visible..].fill(0.0);
-        }
+        head_probs(&mut s, q, k, h, kvh, tq, tk, start, heads, kv_heads, hd, scale, causal);
+        // SAFETY: v's head-kvh columns lie within the asserted extents; `out` columns of head h are written by
+        // this task only.
         unsafe {
             gemm::gemm(
                 tq, hd, tk,

@@ -251,28 +251,8 @@ pub fn attend_dense_bwd(
         let mut dp = vec![0f32; tq * tk]; // (tq, tk) dP, then dS·scale
         // SAFETY (all gemm calls below): strides address q's, dout's and dq's head-h columns and k's and v's
         // head-kvh columns within the asserted extents; this task alone writes dq's head-h columns; acc is ours.
-        unsafe {
-            // P = softmax(scale · Q_h · K_kvhᵀ), recomputed exactly as in attend_dense
-            gemm::gemm(
-                tq, tk, hd,
-                p.as_mut_ptr(), 1, tk as isize, false,
-                q.as_ptr().add(h * hd), 1, q_stride as isize,
-                k.as_ptr().add(kvh * hd), kv_stride as isize, 1,
-                0.0, scale, false, false, false, gemm::Parallelism::None,
-            );
-        }
-        for (i, row) in p.chunks_exact_mut(tk).enumerate() {
-            let visible = if causal { (start + i + 1).min(tk) } else { tk };
-            let max = row[..visible].iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for x in row[..visible].iter_mut() {
-                *x = (*x - max).exp();
-                sum += *x;
-            }
-            let inv = 1.0 / sum;
-            row[..visible].iter_mut().for_each(|x| *x *= inv);
-            row[visible..].fill(0.0);
-        }
+        // P = softmax(scale · Q_h · K_kvhᵀ), recomputed exactly as in attend_dense (same function).
+        super::attention::head_probs(&mut p, q, k, h, kvh, tq, tk, start, heads, kv_heads, hd, scale, causal);
         unsafe {
             // dP = dO_h · V_kvhᵀ   (tq, tk)
             gemm::gemm(
