@@ -76,3 +76,23 @@ print("clean steps so far: " + ", ".join(f"{i} {c}/{need}" for i, c in counts.it
 sys.exit(0 if all(c >= need for c in counts.values()) else 1)
 PY
 }
+
+# make_token_data KIND DIR N: N random 224 px images in DIR and DIR/pairs.jsonl (KIND dpo: chosen/rejected of 40
+# tokens) or DIR/data.jsonl (KIND sft: a 40-token answer); prompts are 30 tokens with the image token once.
+make_token_data() {
+  python - "$1" "$2" "$3" <<'PY'
+import json, os, sys
+import numpy as np
+from PIL import Image
+kind, d, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+rng = np.random.default_rng(0)
+with open(os.path.join(d, "pairs.jsonl" if kind == "dpo" else "data.jsonl"), "w") as f:
+    for i in range(n):
+        name = f"img{i:03d}.png"
+        Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)).save(os.path.join(d, name))
+        ids = lambda k: [int(x) for x in rng.integers(100, 30000, k)]
+        prompt = [1] + ids(3) + [32000] + ids(25)  # 30 tokens, image token once
+        answers = {"chosen_ids": ids(40), "rejected_ids": ids(40)} if kind == "dpo" else {"answer_ids": ids(40)}
+        f.write(json.dumps({"image": name, "prompt_ids": prompt, **answers}) + "\n")
+PY
+}

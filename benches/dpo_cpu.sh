@@ -38,20 +38,8 @@ model="$out/llava150m-f32"
 [ -f "$model/model.safetensors" ] || python tools/make_bench_model.py "$model" --dtype float32
 data="$out/dpo"
 mkdir -p "$data"
-python - "$data" "$PAIRS" <<'PY'
-import json, os, sys
-import numpy as np
-from PIL import Image
-d, n = sys.argv[1], int(sys.argv[2])
-rng = np.random.default_rng(0)
-with open(os.path.join(d, "pairs.jsonl"), "w") as f:
-    for i in range(n):
-        name = f"img{i:03d}.png"
-        Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)).save(os.path.join(d, name))
-        ids = lambda k: [int(x) for x in rng.integers(100, 30000, k)]
-        prompt = [1] + ids(3) + [32000] + ids(25)  # 30 tokens, image token once
-        f.write(json.dumps({"image": name, "prompt_ids": prompt, "chosen_ids": ids(40), "rejected_ids": ids(40)}) + "\n")
-PY
+source benches/cpu_bench_common.sh  # wait_idle, measure, enough, make_token_data
+make_token_data dpo "$data" "$PAIRS"
 
 bin="$data/rlaifd.bench-bin"
 cp "$RLAIFD_BIN" "$bin"
@@ -59,7 +47,6 @@ echo "rlaifd binary: $RLAIFD_BIN sha256 $(sha256sum "$bin" | cut -c1-16); worktr
 res="$out/dpo_results.jsonl"
 waits="$out/dpo_waits.log"
 RATE_KEY=pairs_per_s UNITS_KEY="" ROW_EXTRA=logp_chosen
-source benches/cpu_bench_common.sh  # wait_idle, measure, enough
 : > "$res"
 : > "$waits"
 impls=("rlaifd" "pytorch+peft sdpa")

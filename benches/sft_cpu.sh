@@ -37,20 +37,8 @@ model="$out/llava150m-f32"
 [ -f "$model/model.safetensors" ] || python tools/make_bench_model.py "$model" --dtype float32
 data="$out/sft"
 mkdir -p "$data"
-python - "$data" "$EXAMPLES" <<'PY'
-import json, os, sys
-import numpy as np
-from PIL import Image
-d, n = sys.argv[1], int(sys.argv[2])
-rng = np.random.default_rng(0)
-with open(os.path.join(d, "data.jsonl"), "w") as f:
-    for i in range(n):
-        name = f"img{i:03d}.png"
-        Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)).save(os.path.join(d, name))
-        ids = lambda k: [int(x) for x in rng.integers(100, 30000, k)]
-        prompt = [1] + ids(3) + [32000] + ids(25)  # 30 tokens, image token once
-        f.write(json.dumps({"image": name, "prompt_ids": prompt, "answer_ids": ids(40)}) + "\n")
-PY
+source benches/cpu_bench_common.sh  # wait_idle, measure, enough, make_token_data
+make_token_data sft "$data" "$EXAMPLES"
 
 bin="$data/rlaifd.bench-bin"
 cp "$RLAIFD_BIN" "$bin"
@@ -60,7 +48,6 @@ waits="$out/sft_waits.log"
 : > "$res"
 : > "$waits"
 RATE_KEY=tokens_per_s UNITS_KEY=tokens ROW_EXTRA="tokens grad_norm"
-source benches/cpu_bench_common.sh  # wait_idle, measure, enough
 impls=("rlaifd" "pytorch+peft sdpa")
 [ "$EAGER" = 1 ] && impls+=("pytorch+peft eager")
 steps_per_run=$(( (EXAMPLES + BATCH - 1) / BATCH ))

@@ -37,44 +37,16 @@ args = ap.parse_args()
 
 torch.set_num_threads(args.threads)
 torch.manual_seed(0)
-from peft import LoraConfig, get_peft_model  # noqa: E402
-from PIL import Image  # noqa: E402
-from transformers import CLIPImageProcessor, LlavaForConditionalGeneration  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_lora_common import image_features as _image_features, load_lora_llava, read_items  # noqa: E402
 
-base = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=torch.float32, attn_implementation=args.attn)
-cfg = base.config
-lora = LoraConfig(r=args.r, lora_alpha=args.lora_alpha, lora_dropout=0.0, bias="none",
-                  target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")
-model = get_peft_model(base, lora)
-model.train()  # no dropout anywhere in this config; train() only mirrors a trainer
+model, cfg, proc, n_img, img_tok = load_lora_llava(args.model, args.r, args.lora_alpha, args.attn)
 n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-vision_trainable = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "vision_tower" in n)
-assert vision_trainable == 0, "the vision tower must be frozen"
-
-proc = CLIPImageProcessor.from_pretrained(args.model)
-n_img = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
-if cfg.vision_feature_select_strategy == "full":
-    n_img += 1
-img_tok = cfg.image_token_index
-
-pairs = []
-pair_dir = os.path.dirname(os.path.abspath(args.pairs))
-for line in open(args.pairs):
-    if not line.strip():
-        continue
-    p = json.loads(line)
-    prompt = []
-    for t in p["prompt_ids"]:
-        prompt += [t] * n_img if t == img_tok else [t]
-    pixels = proc(images=Image.open(os.path.join(pair_dir, p["image"])).convert("RGB"), return_tensors="pt")["pixel_values"]
-    pairs.append(dict(pixels=pixels, prompt=prompt, chosen=p["chosen_ids"], rejected=p["rejected_ids"]))
+pairs = read_items(args.pairs, proc, n_img, img_tok)
 
 
 def image_features(pixels):
-    with torch.no_grad():
-        return model.get_image_features(pixel_values=pixels, vision_feature_layer=cfg.vision_feature_layer,
-                                        vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-                                        return_dict=True)
+    return _image_features(model, cfg, pixels)
 
 
 def answer_logp(prompt, answer, feats):
