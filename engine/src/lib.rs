@@ -10,6 +10,7 @@ pub mod adapter;
 pub mod clip;
 pub mod config;
 pub mod error;
+pub mod feedback;
 pub mod generate;
 pub mod hallucination;
 pub mod image;

@@ -189,6 +189,34 @@ impl Llama {
         }
     }
 
+    /// Several independent continuations ("branches") of one shared `prefix`, in one batch: x (rows, C) holds
+    /// the rows of every branch back to back, `lens[j]` rows for branch j. Row i of a branch sits at position
+    /// prefix.len + i and attends to the prefix and rows 0..=i of its own branch. Nothing is cached; x is
+    /// overwritten with the last layer's output. Used to ask many questions about one image in one pass.
+    pub fn forward_branches(&self, x: &mut [f32], lens: &[usize], prefix: &KvCache, adapter: Option<&Adapter>) {
+        let cfg = &self.cfg;
+        let (heads, kvh, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+        let rows: usize = lens.iter().sum();
+        // (branch start row, local index) of every row.
+        let mut owner = Vec::with_capacity(rows);
+        let mut start = 0;
+        for &l in lens {
+            owner.extend((0..l).map(|i| (start, i)));
+            start += l;
+        }
+        let positions: Vec<usize> = owner.iter().map(|&(_, i)| prefix.len + i).collect();
+        let scale = (hd as f32).powf(-0.5);
+        let width = kvh * hd;
+        self.run_layers(x, rows, &positions, adapter, |li, q, k, v, out| {
+            let pre = KvSegment { k: &prefix.k[li], v: &prefix.v[li], len: prefix.len };
+            attend_rows(out, q, heads, kvh, hd, scale, |r| {
+                let (b, i) = owner[r];
+                let own = KvSegment { k: &k[b * width..], v: &v[b * width..], len: i + 1 };
+                (vec![pre, own], prefix.len + i + 1)
+            });
+        });
+    }
+
     /// Final norm + lm_head on x (rows, C). Returns logits (rows, V).
     pub fn logits(&self, x: &[f32], rows: usize, adapter: Option<&Adapter>) -> Vec<f32> {
         let c = self.cfg.hidden_size;

@@ -301,6 +301,43 @@ impl Model {
         Ok(targets.iter().enumerate().map(|(i, &(_, tok))| logits[i * v + tok as usize]).collect())
     }
 
+    /// Next-token logits after each of several prompts that share `prefix` (ids with the image token once, if
+    /// any): the prefix (and image) run once, then every continuation in one batch. Returns one (V) row per
+    /// continuation; each continuation needs at least one id.
+    pub fn branch_logits(&self, prefix: &[u32], continuations: &[&[u32]], image_features: Option<&[f32]>, adapter: Option<&Adapter>) -> Result<Vec<Vec<f32>>> {
+        if continuations.is_empty() {
+            return Ok(Vec::new());
+        }
+        if continuations.iter().any(|c| c.is_empty()) {
+            return Err(EngineError::Input("every continuation needs at least one token".into()));
+        }
+        let (mut px, _) = self.embed_inputs(prefix, image_features)?;
+        let c = self.llm.cfg.hidden_size;
+        let mut cache = KvCache::new(self.llm.cfg.num_hidden_layers);
+        let t = px.len() / c;
+        if t > 0 {
+            self.llm.forward_cached(&mut px, t, &mut cache, adapter);
+        }
+        let lens: Vec<usize> = continuations.iter().map(|c| c.len()).collect();
+        let mut x = Vec::new();
+        for cont in continuations {
+            if cont.iter().any(|&id| Some(id) == self.image_token_id() || id as usize >= self.llm.cfg.vocab_size) {
+                return Err(EngineError::Input("a continuation holds an image token or an id outside the vocabulary".into()));
+            }
+            self.llm.embed_into(&mut x, cont);
+        }
+        self.llm.forward_branches(&mut x, &lens, &cache, adapter);
+        let mut ends = Vec::with_capacity(lens.len() * c);
+        let mut row = 0;
+        for l in &lens {
+            row += l;
+            ends.extend_from_slice(&x[(row - 1) * c..row * c]);
+        }
+        let logits = self.llm.logits(&ends, lens.len(), adapter);
+        let v = self.llm.cfg.vocab_size;
+        Ok(logits.chunks(v).map(|r| r.to_vec()).collect())
+    }
+
     /// Prefill: runs the prompt, returns its KV cache and the logits (V) of the next token.
     pub fn prefill(&self, ids: &[u32], image_features: Option<&[f32]>, adapter: Option<&Adapter>) -> Result<(KvCache, Vec<f32>)> {
         let (mut x, _) = self.embed_inputs(ids, image_features)?;

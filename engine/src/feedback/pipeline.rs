@@ -1,0 +1,119 @@
+//! One prompt through RLAIF-V: deconfounded sampling (n answers, identical decoding settings, one recorded
+//! seed each, decoded in one batch that shares the image and the prompt), divide (claims), conquer (labeler
+//! verdicts), score and candidate pairs. Pair sampling and length balancing are dataset-level and happen after.
+
+use crate::error::Result;
+use crate::feedback::claims::{Claim, ClaimExtractor};
+use crate::feedback::pairs::{candidate_pairs, pick_pairs, score};
+use crate::feedback::verify::{Labeler, Verdict};
+use crate::generate::{generate, FinishReason, GenerateRequest};
+use crate::image::PixelValues;
+use crate::rng::SplitMix64;
+use crate::sampling::SamplingParams;
+use crate::tokenizer::{apply_template, TextTokenizer};
+use crate::{Adapter, Model};
+use std::collections::HashMap;
+
+/// Every choice of a labeling run, recorded with its output so the run can be replayed.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct FeedbackConfig {
+    /// Answers sampled per prompt.
+    pub n: usize,
+    pub temperature: f32,
+    pub top_p: f32,
+    pub max_new_tokens: usize,
+    /// Pairs kept per prompt (at most).
+    pub pairs_per_prompt: usize,
+    /// Run seed: prompt i's answers use seeds derived from (seed, i); its pair draw too.
+    pub seed: u64,
+}
+
+impl Default for FeedbackConfig {
+    fn default() -> Self {
+        FeedbackConfig { n: 10, temperature: 0.7, top_p: 1.0, max_new_tokens: 512, pairs_per_prompt: 2, seed: 0 }
+    }
+}
+
+impl FeedbackConfig {
+    /// Seed of answer `j` of prompt `prompt_index`.
+    pub fn answer_seed(&self, prompt_index: u64, j: usize) -> u64 {
+        SplitMix64::new(self.seed ^ prompt_index.wrapping_mul(0x9e37_79b9_7f4a_7c15)).next_u64().wrapping_add(j as u64)
+    }
+
+    /// Seed of the pair draw of prompt `prompt_index`.
+    pub fn pair_seed(&self, prompt_index: u64) -> u64 {
+        SplitMix64::new(self.seed ^ 0x5041_4952 ^ prompt_index.wrapping_mul(0xbf58_476d_1ce4_e5b9)).next_u64()
+    }
+}
+
+/// One sampled answer with its claims and the labeler's verdicts.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct LabeledAnswer {
+    pub seed: u64,
+    pub text: String,
+    pub tokens: Vec<u32>,
+    pub finish: FinishReason,
+    pub claims: Vec<Claim>,
+    pub verdicts: Vec<Verdict>,
+    /// −(rejected claims); None without claims.
+    pub score: Option<i64>,
+}
+
+/// A prompt's labeled answers and the pairs drawn from them (indices into `answers`).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct PromptFeedback {
+    pub answers: Vec<LabeledAnswer>,
+    pub candidates: usize,
+    pub pairs: Vec<(usize, usize)>,
+}
+
+/// The policy side: model, adapter, tokenizer, template.
+pub struct Policy<'a> {
+    pub model: &'a Model,
+    pub adapter: Option<&'a Adapter>,
+    pub tokenizer: &'a TextTokenizer,
+    pub template: &'a str,
+}
+
+/// Samples, labels, scores and pairs one prompt (`prompt_index` fixes its seeds).
+pub fn label_prompt(
+    policy: &Policy,
+    labeler: &Labeler,
+    extractor: &dyn ClaimExtractor,
+    pixels: Option<&PixelValues>,
+    question: &str,
+    prompt_index: u64,
+    cfg: &FeedbackConfig,
+) -> Result<PromptFeedback> {
+    let ids = policy.tokenizer.encode(&apply_template(policy.template, question), true)?;
+    let seeds: Vec<u64> = (0..cfg.n).map(|j| cfg.answer_seed(prompt_index, j)).collect();
+    let params = SamplingParams { temperature: cfg.temperature, top_p: cfg.top_p, max_new_tokens: cfg.max_new_tokens, ..Default::default() };
+    let req = GenerateRequest { ids: &ids, pixels, seeds: &seeds, params, stop_ids: vec![] };
+    let sampled = generate(policy.model, &req, policy.adapter)?;
+    let mut answers = Vec::with_capacity(sampled.len());
+    for a in sampled {
+        let text = policy.tokenizer.decode(&a.tokens)?;
+        let claims = extractor.extract(question, &text)?;
+        answers.push(LabeledAnswer { seed: a.seed, text, tokens: a.tokens, finish: a.finish, claims, verdicts: Vec::new(), score: None });
+    }
+    // Each distinct question is asked once per prompt (answers repeat claims).
+    let mut distinct: Vec<String> = Vec::new();
+    let mut at: HashMap<String, usize> = HashMap::new();
+    for c in answers.iter().flat_map(|a| &a.claims) {
+        if !at.contains_key(&c.question) {
+            at.insert(c.question.clone(), distinct.len());
+            distinct.push(c.question.clone());
+        }
+    }
+    let verdicts = labeler.verify(pixels, &distinct)?;
+    for a in &mut answers {
+        a.verdicts = a.claims.iter().map(|c| verdicts[at[&c.question]]).collect();
+        let accepted: Vec<bool> = a.verdicts.iter().map(|v| v.accepted).collect();
+        a.score = score(&accepted);
+    }
+    let texts: Vec<&str> = answers.iter().map(|a| a.text.as_str()).collect();
+    let scores: Vec<Option<i64>> = answers.iter().map(|a| a.score).collect();
+    let cands = candidate_pairs(&texts, &scores);
+    let pairs = pick_pairs(&cands, cfg.pairs_per_prompt, cfg.pair_seed(prompt_index));
+    Ok(PromptFeedback { answers, candidates: cands.len(), pairs })
+}
