@@ -38,6 +38,8 @@ struct Report {
     images: usize,
     caption: CaptionMetrics,
     pope: std::collections::BTreeMap<String, BinaryMetrics>,
+    /// Every existence question (present objects and all three negative splits), "yes" positive.
+    existence: BinaryMetrics,
     amber_f1: f64,
 }
 
@@ -87,7 +89,7 @@ pub fn run(cmd: EvalCmd) -> Result<()> {
         pope.insert(split.to_string(), binary_metrics(&items, true));
     }
     let all: Vec<(Option<bool>, bool)> = yn.iter().map(|&(_, p, l)| (p, l)).collect();
-    let report = Report { images: count, caption, pope, amber_f1: binary_metrics(&all, false).f1 };
+    let report = Report { images: count, caption, pope, existence: binary_metrics(&all, true), amber_f1: binary_metrics(&all, false).f1 };
     if json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
@@ -98,6 +100,8 @@ pub fn run(cmd: EvalCmd) -> Result<()> {
         for (split, b) in &report.pope {
             println!("{:<12} {:>8.3} {:>9.3} {:>7.3} {:>7.3} {:>9.3}", split, b.accuracy, b.precision, b.recall, b.f1, b.yes_ratio);
         }
+        let e = &report.existence;
+        println!("{:<12} {:>8.3} {:>9.3} {:>7.3} {:>7.3} {:>9.3}", "all", e.accuracy, e.precision, e.recall, e.f1, e.yes_ratio);
         println!("AMBER discriminative F1 (\"no\" positive): {:.3}", report.amber_f1);
     }
     Ok(())

@@ -1,9 +1,9 @@
 //! `rlaifd shapes ...`: the ShapesWorld generator.
 
 use anyhow::{Context, Result};
-use engine::shapes::{instructions, vocabulary, Scene, WorldConfig};
+use engine::shapes::{instructions, sft_examples, vocabulary, Scene, WorldConfig};
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(clap::Subcommand)]
 pub enum ShapesCmd {
@@ -17,6 +17,25 @@ pub enum ShapesCmd {
         #[arg(long)]
         out: PathBuf,
         /// Image side in pixels.
+        #[arg(long, default_value_t = 64)]
+        size: u32,
+        #[arg(long, default_value_t = 4)]
+        max_objects: usize,
+    },
+    /// Write COUNT images, DIR/index.jsonl and DIR/sft.jsonl: training examples for a base model
+    /// ({"image", "prompt", "answer", "kind"}) whose captions carry co-occurrence noise (they sometimes name an
+    /// absent partner of a present object) while yes/no, count and attribute answers are exact.
+    Sft {
+        #[arg(long)]
+        seed: u64,
+        #[arg(long)]
+        count: usize,
+        #[arg(long)]
+        out: PathBuf,
+        /// Probability that a caption names the absent partner of a strongly co-occurring object (weak ones get a
+        /// fifth of it); 0 gives clean captions.
+        #[arg(long, default_value_t = 0.7)]
+        caption_noise: f64,
         #[arg(long, default_value_t = 64)]
         size: u32,
         #[arg(long, default_value_t = 4)]
@@ -43,32 +62,58 @@ pub fn run(cmd: ShapesCmd) -> Result<()> {
             Ok(())
         }
         ShapesCmd::Gen { seed, count, out, size, max_objects } => {
-            if !(16..=1024).contains(&size) {
-                anyhow::bail!("--size must be between 16 and 1024 pixels (got {size})");
-            }
-            if max_objects == 0 {
-                anyhow::bail!("--max-objects must be at least 1");
-            }
-            std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
-            let cfg = WorldConfig { size, max_objects, ..Default::default() };
-            let mut index = Vec::new();
             let mut questions = Vec::new();
-            for i in 0..count {
-                // Image i of seed S is the same whatever COUNT is.
-                let s = engine::rng::SplitMix64::new(seed.wrapping_add(i as u64)).next_u64();
-                let scene = Scene::generate(&cfg, s);
-                let file = format!("{i:06}.png");
-                scene.render(&cfg, s).save(out.join(&file)).with_context(|| format!("cannot write {}", out.join(&file).display()))?;
-                writeln!(index, "{}", serde_json::json!({ "image": file, "objects": scene.phrases() }))?;
-                writeln!(questions, "{}", serde_json::json!({ "image": file, "instructions": instructions(&scene, s) }))?;
-                if count >= 1000 && (i + 1) % 1000 == 0 {
-                    eprintln!("{}/{count} images", i + 1);
-                }
+            write_scenes(seed, count, &out, size, max_objects, |file, scene, s| {
+                writeln!(questions, "{}", serde_json::json!({ "image": file, "instructions": instructions(scene, s) }))?;
+                Ok(())
+            })?;
+            std::fs::write(out.join("questions.jsonl"), questions).with_context(|| format!("cannot write {}/questions.jsonl", out.display()))?;
+            Ok(())
+        }
+        ShapesCmd::Sft { seed, count, out, caption_noise, size, max_objects } => {
+            if !(0.0..=1.0).contains(&caption_noise) {
+                anyhow::bail!("--caption-noise must be a probability in [0, 1] (got {caption_noise})");
             }
-            std::fs::write(out.join("index.jsonl"), index).with_context(|| format!("cannot write {}/index.jsonl", out.display()))?;
-            std::fs::write(out.join("questions.jsonl"), questions)?;
-            eprintln!("wrote {count} images to {}", out.display());
+            let mut lines = Vec::new();
+            let mut n = 0usize;
+            write_scenes(seed, count, &out, size, max_objects, |file, scene, s| {
+                for (kind, prompt, answer) in sft_examples(scene, s, caption_noise) {
+                    writeln!(lines, "{}", serde_json::json!({ "image": file, "prompt": prompt, "answer": answer, "kind": kind }))?;
+                    n += 1;
+                }
+                Ok(())
+            })?;
+            std::fs::write(out.join("sft.jsonl"), lines).with_context(|| format!("cannot write {}/sft.jsonl", out.display()))?;
+            eprintln!("wrote {n} examples to {}/sft.jsonl", out.display());
             Ok(())
         }
     }
+}
+
+/// Renders COUNT scenes of SEED into DIR (PNG) with DIR/index.jsonl, calling `each(file, scene, scene_seed)`.
+/// Image i of seed S is the same whatever COUNT is.
+fn write_scenes(seed: u64, count: usize, out: &Path, size: u32, max_objects: usize, mut each: impl FnMut(&str, &Scene, u64) -> Result<()>) -> Result<()> {
+    if !(16..=1024).contains(&size) {
+        anyhow::bail!("--size must be between 16 and 1024 pixels (got {size})");
+    }
+    if max_objects == 0 {
+        anyhow::bail!("--max-objects must be at least 1");
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let cfg = WorldConfig { size, max_objects, ..Default::default() };
+    let mut index = Vec::new();
+    for i in 0..count {
+        let s = engine::rng::SplitMix64::new(seed.wrapping_add(i as u64)).next_u64();
+        let scene = Scene::generate(&cfg, s);
+        let file = format!("{i:06}.png");
+        scene.render(&cfg, s).save(out.join(&file)).with_context(|| format!("cannot write {}", out.join(&file).display()))?;
+        writeln!(index, "{}", serde_json::json!({ "image": file, "objects": scene.phrases() }))?;
+        each(&file, &scene, s)?;
+        if count >= 1000 && (i + 1) % 1000 == 0 {
+            eprintln!("{}/{count} images", i + 1);
+        }
+    }
+    std::fs::write(out.join("index.jsonl"), index).with_context(|| format!("cannot write {}/index.jsonl", out.display()))?;
+    eprintln!("wrote {count} images to {}", out.display());
+    Ok(())
 }

@@ -74,6 +74,26 @@ impl Grads {
         self.params.keys().any(|k| k.starts_with(prefix))
     }
 
+    /// Adds `other` (same shapes) into `self`, then zeroes `other` so its buffers can be reused.
+    pub fn absorb(&mut self, other: &mut Grads) {
+        for (name, g) in other.modules.iter_mut() {
+            if let Some(acc) = self.modules.get_mut(name) {
+                acc.da.iter_mut().zip(g.da.iter_mut()).chain(acc.db.iter_mut().zip(g.db.iter_mut())).for_each(|(a, b)| {
+                    *a += *b;
+                    *b = 0.0;
+                });
+            }
+        }
+        for (name, g) in other.params.iter_mut() {
+            if let Some(acc) = self.params.get_mut(name) {
+                acc.iter_mut().zip(g.iter_mut()).for_each(|(a, b)| {
+                    *a += *b;
+                    *b = 0.0;
+                });
+            }
+        }
+    }
+
     /// Multiplies every gradient by `s` (e.g. 1 / batch size).
     pub fn scale(&mut self, s: f32) {
         for g in self.modules.values_mut() {

@@ -123,22 +123,24 @@ pub fn train_sft(
         let batch = &order[b * cfg.batch_size..((b + 1) * cfg.batch_size).min(order.len())];
         let tokens: usize = batch.iter().map(|&i| examples[i].answer_ids.len()).sum();
         let weight = 1.0 / tokens.max(1) as f64;
-        let mut nll = 0.0;
+        let nll;
         let info = match &mut target {
             SftTarget::Lora(adapter) => {
-                let mut grads = Grads::zeros_like(adapter);
-                for &i in batch {
-                    let seed = (adapter.lora_dropout > 0.0).then(|| cfg.seed ^ ((opt.step as u64) << 32) ^ i as u64);
-                    nll += sft_forward_backward(model, Some(&**adapter), &examples[i], weight, &mut grads, seed)?;
-                }
+                let shared: &Adapter = adapter;
+                let dropout = shared.lora_dropout > 0.0;
+                let (loss, grads) = batch_grads(batch, !dropout, || Grads::zeros_like(shared), |i, g| {
+                    let seed = dropout.then(|| cfg.seed ^ ((opt.step as u64) << 32) ^ i as u64);
+                    sft_forward_backward(model, Some(shared), &examples[i], weight, g, seed)
+                })?;
+                nll = loss;
                 opt.step(adapter, &grads)?
             }
             SftTarget::Full => {
                 let sizes: Vec<(String, usize)> = params.iter().map(|(n, s)| (n.clone(), s.iter().product())).collect();
-                let mut grads = Grads::zeros_for_params(&sizes);
-                for &i in batch {
-                    nll += sft_forward_backward(model, None, &examples[i], weight, &mut grads, None)?;
-                }
+                let (loss, grads) = batch_grads(batch, true, || Grads::zeros_for_params(&sizes), |i, g| {
+                    sft_forward_backward(model, None, &examples[i], weight, g, None)
+                })?;
+                nll = loss;
                 let info = opt.step_params(&mut master, &grads)?;
                 for (name, (_, v)) in &master {
                     model.set_param(name, v);
@@ -158,4 +160,33 @@ pub fn train_sft(
         });
     }
     Ok(())
+}
+
+/// Sum over `batch` of `one(example index, grads)`: each example's gradient is computed into its own buffer and
+/// the buffers are added in batch order, so the result does not depend on the thread count. With `parallel`,
+/// rayon runs as many examples at once as it has threads (examples share the model read-only; LoRA dropout
+/// keeps its seed on the adapter, so callers pass false when dropout is on).
+fn batch_grads(
+    batch: &[usize],
+    parallel: bool,
+    zeros: impl Fn() -> Grads + Sync,
+    one: impl Fn(usize, &mut Grads) -> Result<f64> + Sync,
+) -> Result<(f64, Grads)> {
+    use rayon::prelude::*;
+    let mut acc = zeros();
+    let width = if parallel { rayon::current_num_threads().clamp(1, batch.len().max(1)) } else { 1 };
+    let mut bufs: Vec<Grads> = (0..width).map(|_| zeros()).collect();
+    let mut total = 0.0;
+    for wave in batch.chunks(width) {
+        let losses: Vec<Result<f64>> = if width > 1 {
+            bufs.par_iter_mut().zip(wave.par_iter()).map(|(g, &i)| one(i, g)).collect()
+        } else {
+            bufs.iter_mut().zip(wave).map(|(g, &i)| one(i, g)).collect()
+        };
+        for (loss, g) in losses.into_iter().zip(bufs.iter_mut()) {
+            total += loss?;
+            acc.absorb(g);
+        }
+    }
+    Ok((total, acc))
 }
