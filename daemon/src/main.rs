@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 mod bench;
 mod eval_cli;
+mod label_cli;
 mod shapes_cli;
 mod train_cli;
 
@@ -36,6 +37,9 @@ enum Command {
     TrainDpo(train_cli::TrainDpoArgs),
     /// Supervised fine-tuning (LoRA, or every parameter with --full) on prompt/answer examples.
     TrainSft(train_cli::TrainSftArgs),
+    /// RLAIF-V feedback offline: sample n answers per prompt, verify their claims with a labeler, write
+    /// preference pairs (RLAIF-V dataset schema plus scores, claims and verdicts).
+    Label(label_cli::LabelArgs),
     /// Write a randomly initialised checkpoint for a config.json (to train small models from scratch).
     InitModel {
         #[arg(long)]
@@ -135,6 +139,17 @@ struct GenerateArgs {
     /// One JSON line per input instead of plain text.
     #[arg(long)]
     json: bool,
+    /// Self-feedback (RLAIF-V): sample N answers from the policy (--adapter) and return the one with the highest
+    /// length-normalised implicit reward (beta/|y|)·Σ[log πθ − log πref]; the reference is the base model or
+    /// --reference-adapter.
+    #[arg(long, conflicts_with = "n")]
+    best_of: Option<usize>,
+    /// DPO beta of the implicit reward (only scales it; the pick does not depend on it).
+    #[arg(long, default_value_t = 0.1, requires = "best_of")]
+    beta: f64,
+    /// Reference adapter for --best-of (default: the base model without adapter).
+    #[arg(long, requires = "best_of")]
+    reference_adapter: Option<PathBuf>,
 }
 
 fn main() {
@@ -157,6 +172,7 @@ fn main() {
         Command::Grad(a) => train_cli::cmd_grad(a),
         Command::TrainDpo(a) => train_cli::cmd_train_dpo(a),
         Command::TrainSft(a) => train_cli::cmd_train_sft(a),
+        Command::Label(a) => label_cli::cmd_label(a),
     };
     if let Err(e) = res {
         eprintln!("rlaifd: error: {}", error_chain(&e));
@@ -250,7 +266,21 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         max_new_tokens: a.max_new_tokens,
     };
     params.validate().map_err(|e| anyhow::anyhow!(e))?;
-    let seeds: Vec<u64> = (0..a.n as u64).map(|i| a.seed.wrapping_add(i)).collect();
+    let count = match a.best_of {
+        Some(0) => bail!("--best-of must be at least 1"),
+        Some(n) => {
+            if a.model.adapter.is_none() {
+                bail!("--best-of ranks answers by the implicit reward of a DPO-trained adapter: give --adapter");
+            }
+            n
+        }
+        None => a.n,
+    };
+    let reference = match &a.reference_adapter {
+        Some(d) => Some(model.load_adapter(d).with_context(|| format!("loading reference adapter {}", d.display()))?),
+        None => None,
+    };
+    let seeds: Vec<u64> = (0..count as u64).map(|i| a.seed.wrapping_add(i)).collect();
     if let Some(id) = model.image_token_id() {
         if let Some(tid) = tok.token_id("<image>") {
             if tid != id {
@@ -278,16 +308,29 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         });
         let ids = tok.encode(&apply_template(&template, &job.prompt), true)?;
         let req = GenerateRequest { ids: &ids, pixels: pixels.as_ref(), seeds: &seeds, params: params.clone(), stop_ids: vec![] };
-        let answers = generate(&model, &req, adapter.as_ref())?;
+        let (answers, best_of) = match a.best_of {
+            None => (generate(&model, &req, adapter.as_ref())?, None),
+            Some(_) => {
+                let b = engine::feedback::reward::best_of_n(&model, adapter.as_ref(), reference.as_ref(), &req, a.beta)?;
+                let texts: Vec<String> = b.answers.iter().map(|ans| tok.decode(&ans.tokens)).collect::<Result<_, _>>()?;
+                let info = serde_json::json!({ "candidates": texts, "seeds": seeds, "rewards": b.rewards, "best": b.best });
+                (vec![b.answers[b.best].clone()], Some(info))
+            }
+        };
+        let seeds_out: Vec<u64> = answers.iter().map(|x| x.seed).collect();
         let texts: Vec<String> = answers.iter().map(|ans| tok.decode(&ans.tokens)).collect::<Result<_, _>>()?;
         if a.json {
             let line = serde_json::json!({
                 "image": job.image_field,
                 "prompt": job.prompt,
                 "answers": texts,
-                "seeds": seeds,
+                "seeds": seeds_out,
                 "finish": answers.iter().map(|a| a.finish).collect::<Vec<_>>(),
             });
+            let mut line = line;
+            if let Some(info) = best_of {
+                line["best_of"] = info;
+            }
             writeln!(out, "{line}")?;
         } else {
             for t in &texts {

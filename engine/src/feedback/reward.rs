@@ -3,7 +3,7 @@
 //! ranks N sampled answers and the best is returned.
 
 use crate::error::{EngineError, Result};
-use crate::generate::{generate, Answer, GenerateRequest};
+use crate::generate::{generate, Answer, FinishReason, GenerateRequest};
 use crate::{Adapter, Model};
 
 /// r(y) for one answer (`answer` ids without EOS). The policy is base + `policy`, the reference base +
@@ -21,7 +21,7 @@ pub fn implicit_reward(
     beta: f64,
 ) -> Result<f64> {
     if answer.is_empty() {
-        // Nothing to compare; an empty answer never wins against a non-empty one.
+        // Nothing to compare (max_new_tokens 0); an empty answer never wins against a non-empty one.
         return Ok(f64::NEG_INFINITY);
     }
     let lp = model.answer_logp(prompt, answer, policy_feats, policy)?;
@@ -47,9 +47,17 @@ pub fn best_of_n(model: &Model, policy: Option<&Adapter>, reference: Option<&Ada
         Some(px) => (Some(model.image_features(px, policy)?), Some(model.image_features(px, reference)?)),
         None => (None, None),
     };
+    // Scored as DPO trains: an answer that stopped includes its end-of-sequence token.
+    let eos = req.stop_ids.first().or(model.llm.cfg.eos_token_ids.first()).copied();
     let rewards: Vec<f64> = answers
         .iter()
-        .map(|a| implicit_reward(model, policy, reference, req.ids, &a.tokens, pf.as_deref(), rf.as_deref(), beta))
+        .map(|a| {
+            let mut ids = a.tokens.clone();
+            if let (FinishReason::Stop, Some(e)) = (a.finish, eos) {
+                ids.push(e);
+            }
+            implicit_reward(model, policy, reference, req.ids, &ids, pf.as_deref(), rf.as_deref(), beta)
+        })
         .collect::<Result<_>>()?;
     let best = rewards.iter().enumerate().fold(0, |b, (i, r)| if *r > rewards[b] { i } else { b });
     Ok(BestOf { answers, rewards, best })
