@@ -150,3 +150,40 @@ fn rule_extractor_gives_questions_for_general_english() {
     assert!(claims.iter().all(|c| c.question.ends_with('?')), "{claims:?}");
     assert!(claims.iter().all(|c| !c.text.to_lowercase().contains("lovely")), "opinions are dropped: {claims:?}");
 }
+
+#[test]
+fn labeler_verdicts_equal_one_question_at_a_time() {
+    use engine::feedback::verify::{Labeler, YES_NO_SUFFIX};
+    use engine::tokenizer::{apply_template, LLAVA_15_TEMPLATE};
+    let case = fixture("l15_4x_f32_gqa_tied_lora");
+    let m = Model::load(&case.join("model")).unwrap();
+    let tok = TextTokenizer::from_file(&case.join("model/tokenizer.json")).unwrap();
+    let img = m.load_image(&case.join("image.png")).unwrap();
+    let adapter = m.load_adapter(&case.join("adapter")).unwrap();
+    let labeler = Labeler::new(&m, Some(&adapter), &tok, LLAVA_15_TEMPLATE).unwrap();
+    let questions: Vec<String> = ["is the box red ?", "is there a circle ?", "what color is the box ?"].iter().map(|s| s.to_string()).collect();
+    let got = labeler.verify(Some(&img), &questions).unwrap();
+    let feats = m.image_features(&img, Some(&adapter)).unwrap();
+    for (q, v) in questions.iter().zip(&got) {
+        let ids = tok.encode(&apply_template(LLAVA_15_TEMPLATE, &format!("{q}{YES_NO_SUFFIX}")), true).unwrap();
+        let (_, logits) = m.prefill(&ids, Some(&feats), Some(&adapter)).unwrap();
+        let want = Verdict::from_logits(&logits, &labeler.yes_no);
+        assert!((want.p_yes - v.p_yes).abs() < 1e-5 && (want.p_no - v.p_no).abs() < 1e-5, "{q}: {v:?} vs {want:?}");
+        assert_eq!(want.accepted, v.accepted);
+    }
+    assert!(labeler.verify(Some(&img), &[]).unwrap().is_empty());
+}
+
+#[test]
+fn llm_extractor_runs_a_text_model_and_is_deterministic() {
+    use engine::feedback::claims::LlmExtractor;
+    let case = fixture("llama_text_only");
+    let m = Model::load(&case.join("model")).unwrap();
+    let tok = TextTokenizer::from_file(&case.join("model/tokenizer.json")).unwrap();
+    let ex = LlmExtractor { model: &m, adapter: None, tokenizer: &tok, source: "fixture".into(), max_new_tokens: 12 };
+    let a = ex.extract("describe", "the box is red . the ball is blue .").unwrap();
+    assert_eq!(a, ex.extract("describe", "the box is red . the ball is blue .").unwrap(), "greedy: same claims");
+    assert!(a.iter().all(|c| c.question.ends_with('?')), "{a:?}");
+    assert!(ex.extract("describe", "   ").unwrap().is_empty());
+    assert_eq!(ex.name(), "llm:fixture");
+}
