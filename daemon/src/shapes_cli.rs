@@ -1,7 +1,7 @@
 //! `rlaifd shapes ...`: the ShapesWorld generator.
 
 use anyhow::{Context, Result};
-use engine::shapes::{instructions, sft_examples, vocabulary, Scene, WorldConfig};
+use engine::shapes::{instructions, sft_examples, vocabulary, CaptionOrder, Scene, WorldConfig};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -36,6 +36,9 @@ pub enum ShapesCmd {
         /// fifth of it); 0 gives clean captions.
         #[arg(long, default_value_t = 0.7)]
         caption_noise: f64,
+        /// The order captions list objects in: canonical (vocabulary order) or reading (rows, left to right).
+        #[arg(long, default_value = "canonical")]
+        caption_order: String,
         #[arg(long, default_value_t = 64)]
         size: u32,
         #[arg(long, default_value_t = 4)]
@@ -70,14 +73,19 @@ pub fn run(cmd: ShapesCmd) -> Result<()> {
             std::fs::write(out.join("questions.jsonl"), questions).with_context(|| format!("cannot write {}/questions.jsonl", out.display()))?;
             Ok(())
         }
-        ShapesCmd::Sft { seed, count, out, caption_noise, size, max_objects } => {
+        ShapesCmd::Sft { seed, count, out, caption_noise, caption_order, size, max_objects } => {
+            let caption_order = match caption_order.as_str() {
+                "canonical" => CaptionOrder::Canonical,
+                "reading" => CaptionOrder::Reading,
+                other => anyhow::bail!("--caption-order {other}: expected canonical or reading"),
+            };
             if !(0.0..=1.0).contains(&caption_noise) {
                 anyhow::bail!("--caption-noise must be a probability in [0, 1] (got {caption_noise})");
             }
             let mut lines = Vec::new();
             let mut n = 0usize;
             write_scenes(seed, count, &out, size, max_objects, |file, scene, s| {
-                for (kind, prompt, answer) in sft_examples(scene, s, caption_noise) {
+                for (kind, prompt, answer) in sft_examples(scene, s, caption_noise, caption_order) {
                     writeln!(lines, "{}", serde_json::json!({ "image": file, "prompt": prompt, "answer": answer, "kind": kind }))?;
                     n += 1;
                 }

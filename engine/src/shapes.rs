@@ -221,9 +221,19 @@ pub fn reading_order(scene: &Scene) -> Vec<&Object> {
     v
 }
 
-/// A clean caption naming every object in reading order, e.g. "There is a red circle and a blue square."
+/// The order a caption lists objects in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CaptionOrder {
+    /// Vocabulary order (colour-major): what is present decides the caption, not where it is, which a small
+    /// model learns far sooner than a spatial scan.
+    Canonical,
+    /// Reading order (see `reading_order`).
+    Reading,
+}
+
+/// A clean caption naming every object in vocabulary order, e.g. "There is a red circle and a blue square."
 pub fn caption(scene: &Scene) -> String {
-    caption_of(&reading_order(scene).iter().map(|o| o.phrase.clone()).collect::<Vec<_>>())
+    noisy_caption(scene, 0, 0.0, CaptionOrder::Canonical).0
 }
 
 /// How often captions name an object's absent partner, relative to the caption noise: half the objects co-occur
@@ -238,9 +248,10 @@ pub fn cooccurrence_strength(obj: usize) -> f64 {
 }
 
 /// A caption with the noise of detailed-caption data: after each present object (reading order) whose partner is
-/// absent, the partner is named too with probability `noise * cooccurrence_strength(object)`. Returns the
-/// caption and the hallucinated phrases. Deterministic per seed.
-pub fn noisy_caption(scene: &Scene, seed: u64, noise: f64) -> (String, Vec<String>) {
+/// absent, the partner is named too with probability `noise * cooccurrence_strength(object)`; the names are then
+/// listed in `order` (canonical: sorted by vocabulary index). Returns the caption and the hallucinated phrases.
+/// Deterministic per seed; the draws do not depend on the order.
+pub fn noisy_caption(scene: &Scene, seed: u64, noise: f64, order: CaptionOrder) -> (String, Vec<String>) {
     let mut rng = SplitMix64::new(seed ^ 0x4e4f_4953_5943_0004);
     let vocab = vocabulary();
     let present: Vec<usize> = scene.objects.iter().map(|o| object_index(o.color, o.shape)).collect();
@@ -254,6 +265,9 @@ pub fn noisy_caption(scene: &Scene, seed: u64, noise: f64) -> (String, Vec<Strin
             names.push(vocab[p].clone());
             added.push(vocab[p].clone());
         }
+    }
+    if order == CaptionOrder::Canonical {
+        names.sort_by_key(|n| vocab.iter().position(|v| v == n));
     }
     (caption_of(&names), added)
 }
@@ -386,14 +400,14 @@ pub fn build_tokenizer() -> Result<tokenizers::Tokenizer, String> {
 /// noise (see `noisy_caption`), and clean answers to every existence question of `instructions` plus one "no"
 /// per absent partner of a present object, the count and the attribute question. Each is
 /// (kind, prompt, answer); captions hallucinate, yes/no answers never do.
-pub fn sft_examples(scene: &Scene, seed: u64, caption_noise: f64) -> Vec<(&'static str, String, String)> {
+pub fn sft_examples(scene: &Scene, seed: u64, caption_noise: f64, order: CaptionOrder) -> Vec<(&'static str, String, String)> {
     let vocab = vocabulary();
     let mut out = Vec::new();
     let present: Vec<usize> = scene.objects.iter().map(|o| object_index(o.color, o.shape)).collect();
     let mut asked: Vec<String> = Vec::new();
     for ins in instructions(scene, seed) {
         if ins.kind == "caption" {
-            out.push(("caption", ins.prompt, noisy_caption(scene, seed, caption_noise).0));
+            out.push(("caption", ins.prompt, noisy_caption(scene, seed, caption_noise, order).0));
         } else {
             asked.push(ins.prompt.clone());
             out.push((ins.kind, ins.prompt, ins.answer));

@@ -152,14 +152,21 @@ fn tokenizer_covers_every_prompt_and_answer() {
 
 #[test]
 fn noisy_captions_only_add_absent_partners_and_yes_no_answers_stay_exact() {
-    use engine::shapes::{caption, noisy_caption, partner, sft_examples};
+    use engine::shapes::{caption, noisy_caption, partner, sft_examples, CaptionOrder};
     let v = vocabulary();
     let (mut noisy, mut total) = (0, 0);
     for (seed, scene) in scenes(1000) {
         let phrases = scene.phrases();
-        assert_eq!(noisy_caption(&scene, seed, 0.0).0, caption(&scene), "no noise: the clean caption");
-        let (text, added) = noisy_caption(&scene, seed, 0.7);
-        assert_eq!((text.clone(), added.clone()), noisy_caption(&scene, seed, 0.7), "deterministic per seed");
+        assert_eq!(noisy_caption(&scene, seed, 0.0, CaptionOrder::Canonical).0, caption(&scene), "no noise: the clean caption");
+        let (text, added) = noisy_caption(&scene, seed, 0.7, CaptionOrder::Canonical);
+        assert_eq!((text.clone(), added.clone()), noisy_caption(&scene, seed, 0.7, CaptionOrder::Canonical), "deterministic per seed");
+        // Canonical order lists the same names as reading order, sorted by vocabulary index.
+        let (reading, added_r) = noisy_caption(&scene, seed, 0.7, CaptionOrder::Reading);
+        assert_eq!(added, added_r);
+        assert_eq!(engine::hallucination::mentions(&reading), engine::hallucination::mentions(&text));
+        let idx: Vec<usize> = text.trim_start_matches("There is ").trim_end_matches('.').replace(" and ", ", ").split(", ")
+            .map(|n| v.iter().position(|q| n.ends_with(q.as_str())).unwrap()).collect();
+        assert!(idx.windows(2).all(|w| w[0] < w[1]), "{text} is not in vocabulary order");
         let mentioned = engine::hallucination::mentions(&text);
         for p in &phrases {
             assert!(mentioned.contains(p), "caption {text:?} misses {p}");
@@ -173,7 +180,7 @@ fn noisy_captions_only_add_absent_partners_and_yes_no_answers_stay_exact() {
         assert_eq!(mentioned.len(), phrases.len() + added.len());
         noisy += usize::from(!added.is_empty());
         total += 1;
-        for (kind, prompt, answer) in sft_examples(&scene, seed, 0.7) {
+        for (kind, prompt, answer) in sft_examples(&scene, seed, 0.7, CaptionOrder::Canonical) {
             match kind {
                 "caption" => assert_eq!(answer, text),
                 "existence" => {

@@ -1,5 +1,6 @@
 //! RLAIF-V's "conquer": the labeler answers each claim's yes/no question, read from its next-token distribution
-//! after "<question> Please answer yes or no." (no generation). A claim is accepted iff
+//! after "<question> Please answer yes or no." (no generation; the suffix is left out for a tokenizer that cannot
+//! spell it). A claim is accepted iff
 //! p(yes) + p(Yes) > p(no) + p(No), strictly: a tie rejects.
 
 use crate::error::{EngineError, Result};
@@ -87,11 +88,17 @@ pub struct Labeler<'a> {
     /// Chat template with `{prompt}` (and `<image>` for multimodal prompts).
     pub template: &'a str,
     pub yes_no: YesNoTokens,
+    /// `YES_NO_SUFFIX`, or "" when the labeler's tokenizer cannot spell it (a word would become an unknown
+    /// token, e.g. ShapesWorld's closed vocabulary), since unknown tokens would only confuse the labeler.
+    pub suffix: &'static str,
 }
 
 impl<'a> Labeler<'a> {
     pub fn new(model: &'a Model, adapter: Option<&'a Adapter>, tokenizer: &'a TextTokenizer, template: &'a str) -> Result<Self> {
-        Ok(Labeler { model, adapter, tokenizer, template, yes_no: YesNoTokens::from_tokenizer(tokenizer)? })
+        let unknown = |id: &u32| tokenizer.token_text(*id).is_none_or(|t| matches!(t.as_str(), "<unk>" | "[UNK]" | "<|unk|>"));
+        let spells_suffix = tokenizer.encode(YES_NO_SUFFIX, false).is_ok_and(|ids| !ids.is_empty() && !ids.iter().any(unknown));
+        let suffix = if spells_suffix { YES_NO_SUFFIX } else { "" };
+        Ok(Labeler { model, adapter, tokenizer, template, yes_no: YesNoTokens::from_tokenizer(tokenizer)?, suffix })
     }
 
     /// Verdicts on `questions` about one image: the image is encoded once, the common prompt prefix runs once,
@@ -106,7 +113,7 @@ impl<'a> Labeler<'a> {
         };
         let prompts: Vec<Vec<u32>> = questions
             .iter()
-            .map(|q| self.tokenizer.encode(&apply_template(self.template, &format!("{q}{YES_NO_SUFFIX}")), true))
+            .map(|q| self.tokenizer.encode(&apply_template(self.template, &format!("{q}{}", self.suffix)), true))
             .collect::<Result<_>>()?;
         // Shared prefix: the longest common one, leaving every prompt at least one token of its own and
         // holding the image token (which cannot sit in a continuation).
