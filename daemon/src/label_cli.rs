@@ -60,23 +60,11 @@ struct PromptLine {
 }
 
 fn read_prompts(path: &Path) -> Result<Vec<PromptLine>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read prompts file {}", path.display()))?;
-    let dir = path.parent().unwrap_or(Path::new("."));
     let mut out = Vec::new();
-    for (n, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let where_ = format!("{} line {}", path.display(), n + 1);
-        let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{where_}: not valid JSON"))?;
+    for (_, where_, v, image) in crate::train_cli::jsonl_with_images(path)? {
         let question = match v.get("question").or_else(|| v.get("prompt")) {
             Some(serde_json::Value::String(s)) if !s.trim().is_empty() => s.clone(),
             _ => bail!("{where_}: needs a non-empty string field \"question\""),
-        };
-        let image = match v.get("image").or_else(|| v.get("image_path")) {
-            None | Some(serde_json::Value::Null) => None,
-            Some(serde_json::Value::String(s)) => Some(dir.join(s)),
-            Some(_) => bail!("{where_}: \"image\" must be a path string"),
         };
         out.push(PromptLine { image, question });
     }

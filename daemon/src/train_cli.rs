@@ -445,11 +445,11 @@ struct SftState {
     n_examples: usize,
 }
 
-fn read_sft(path: &Path, model: &Model) -> Result<Vec<(Option<PathBuf>, Vec<u32>, Vec<u32>)>> {
+/// The non-empty lines of a JSONL file, parsed: (1-based line, "FILE line N", value, image path relative to the
+/// file if any, from "image" or "image_path"). Errors name the file and line.
+pub(crate) fn jsonl_with_images(path: &Path) -> Result<Vec<(usize, String, serde_json::Value, Option<PathBuf>)>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tok: Option<engine::tokenizer::TextTokenizer> = None;
-    let eos = *model.llm.cfg.eos_token_ids.first().unwrap_or(&2);
     let mut out = Vec::new();
     for (n, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -462,8 +462,18 @@ fn read_sft(path: &Path, model: &Model) -> Result<Vec<(Option<PathBuf>, Vec<u32>
             Some(serde_json::Value::String(s)) => Some(dir.join(s)),
             Some(_) => bail!("{where_}: \"image\" must be a path string"),
         };
+        out.push((n + 1, where_, v, image));
+    }
+    Ok(out)
+}
+
+fn read_sft(path: &Path, model: &Model) -> Result<Vec<(Option<PathBuf>, Vec<u32>, Vec<u32>)>> {
+    let mut tok: Option<engine::tokenizer::TextTokenizer> = None;
+    let eos = *model.llm.cfg.eos_token_ids.first().unwrap_or(&2);
+    let mut out = Vec::new();
+    for (line, where_, v, image) in jsonl_with_images(path)? {
         if v.get("prompt_ids").is_some() {
-            out.push((image, ids_field(&v, "prompt_ids", path, n + 1)?, ids_field(&v, "answer_ids", path, n + 1)?));
+            out.push((image, ids_field(&v, "prompt_ids", path, line)?, ids_field(&v, "answer_ids", path, line)?));
             continue;
         }
         let prompt = v.get("prompt").or_else(|| v.get("question")).and_then(|s| s.as_str());

@@ -173,3 +173,31 @@ fn label_pairs_prefer_answers_that_hallucinate_less() {
     assert!(verdict_acc >= yes_no_acc - 0.02, "verdict accuracy {verdict_acc} vs yes/no accuracy {yes_no_acc}");
     std::fs::remove_dir_all(&d).ok();
 }
+
+#[test]
+fn label_rejects_bad_input_naming_it_and_writes_nothing() {
+    let d = tmp("bad");
+    let model = base_model();
+    let out = d.join("pairs.jsonl");
+    let run = |prompts: &str, extra: &[&str]| {
+        let p = d.join("p.jsonl");
+        std::fs::write(&p, prompts).unwrap();
+        let mut args = vec!["label", "--model", model.to_str().unwrap(), "--prompts", p.to_str().unwrap(), "--out", out.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let o = Command::new(env!("CARGO_BIN_EXE_rlaifd")).args(&args).output().unwrap();
+        assert!(!o.status.success(), "{prompts:?} {extra:?} was accepted");
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let e = run("{\"image\": \"x.png\"}\n", &[]);
+    assert!(e.contains("p.jsonl line 1") && e.contains("question"), "{e}");
+    let e = run("\n{\"question\": \"Describe the image.\"}\nnot json\n", &[]);
+    assert!(e.contains("line 3") && e.contains("not valid JSON"), "{e}");
+    let e = run("{\"image\": \"missing.png\", \"question\": \"Describe the image.\"}\n", &[]);
+    assert!(e.contains("missing.png"), "{e}");
+    let e = run("{\"question\": \"q\"}\n", &["--n", "1"]);
+    assert!(e.contains("--n"), "{e}");
+    let e = run("{\"question\": \"q\"}\n", &["--extractor", "magic"]);
+    assert!(e.contains("--extractor magic"), "{e}");
+    assert!(!out.exists(), "a failed run leaves no output");
+    std::fs::remove_dir_all(&d).ok();
+}
