@@ -37,7 +37,7 @@ fn eval_report() -> &'static Value {
 }
 
 #[test]
-#[ignore = "issue 4 is open: the committed model answers yes/no at 91.6 % but its CHAIR_i is 66.8 %, above the 15-35 % band (assets/shapes-base/README.md)"]
+#[ignore = "issue 4 is open: the committed model answers yes/no at 91.8 % but its CHAIR_i is 62.6 %, above the 15-35 % band (assets/shapes-base/README.md)"]
 fn committed_base_model_hallucinates_in_captions_but_answers_yes_no_well() {
     let r = eval_report();
     let chair_i = r["caption"]["chair_i"].as_f64().unwrap();
@@ -141,7 +141,7 @@ fn label_writes_replayable_pairs_whose_claims_are_the_mentions_and_feeds_train_d
 }
 
 #[test]
-#[ignore = "needs the issue-4 model: the committed one confuses shapes of one colour and believes its own confusions when asked (verdict accuracy on its own claims ~40 %), so self-labels cannot yet separate answers"]
+#[ignore = "needs the issue-4 model: the committed one confuses shapes of one colour and believes its own confusions when asked (verdict accuracy on its own claims 32 % on the test's 40 prompts), so self-labels cannot yet separate answers"]
 fn label_pairs_prefer_answers_that_hallucinate_less() {
     let d = tmp("label-quality");
     let (prompts, truth) = prompts(&d);
