@@ -189,3 +189,23 @@ fn llm_extractor_runs_a_text_model_and_is_deterministic() {
     assert!(ex.extract("describe", "   ").unwrap().is_empty());
     assert_eq!(ex.name(), "llm:fixture");
 }
+
+#[test]
+fn labeler_keeps_the_yes_no_suffix_when_the_tokenizer_can_spell_it() {
+    use engine::feedback::verify::{Labeler, YES_NO_SUFFIX};
+    use tokenizers::models::wordlevel::WordLevel;
+    let words = ["<unk>", "please", "answer", "yes", "or", "no", "."];
+    let vocab: std::collections::HashMap<String, u32> = words.iter().enumerate().map(|(i, w)| (w.to_string(), i as u32)).collect();
+    let mut t = tokenizers::Tokenizer::new(WordLevel::builder().vocab(vocab.into_iter().collect()).unk_token("<unk>".into()).build().unwrap());
+    t.with_normalizer(Some(tokenizers::normalizers::utils::Lowercase));
+    t.with_pre_tokenizer(Some(tokenizers::pre_tokenizers::whitespace::Whitespace {}));
+    let dir = std::env::temp_dir().join(format!("rlaifd-suffix-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("tokenizer.json");
+    t.save(&path, false).unwrap();
+    let tok = TextTokenizer::from_file(&path).unwrap();
+    let m = Model::load(&fixture("l15_4x_f32_gqa_tied_lora").join("model")).unwrap();
+    let labeler = Labeler::new(&m, None, &tok, "{prompt}").unwrap();
+    assert_eq!(labeler.suffix, YES_NO_SUFFIX);
+    std::fs::remove_dir_all(&dir).ok();
+}
