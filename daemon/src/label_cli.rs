@@ -136,14 +136,13 @@ pub fn cmd_label(a: LabelArgs) -> Result<()> {
         Some((m, t)) => Labeler::new(m, None, t, template(m))?,
     };
 
-    let extractor_model = match (a.extractor.as_str(), a.extractor_model.as_str()) {
-        ("llm", "self") | (_, "self") => None,
-        ("llm", dir) => {
-            let m = Model::load(Path::new(dir)).with_context(|| format!("loading extractor model {dir}"))?;
-            let t = TextTokenizer::from_file(&m.dir.join("tokenizer.json"))?;
-            Some((m, t))
-        }
-        _ => None,
+    let extractor_model = if a.extractor == "llm" && a.extractor_model != "self" {
+        let dir = &a.extractor_model;
+        let m = Model::load(Path::new(dir)).with_context(|| format!("loading extractor model {dir}"))?;
+        let t = TextTokenizer::from_file(&m.dir.join("tokenizer.json"))?;
+        Some((m, t))
+    } else {
+        None
     };
     let extractor: Box<dyn ClaimExtractor + '_> = match a.extractor.as_str() {
         "auto" if is_shapes_tokenizer(&tok) => Box::new(ShapesExtractor),
@@ -170,8 +169,11 @@ pub fn cmd_label(a: LabelArgs) -> Result<()> {
     let tty = std::io::stderr().is_terminal();
     let t0 = std::time::Instant::now();
     let (mut answers, mut claims, mut rejected, mut candidates, mut unscored) = (0usize, 0usize, 0usize, 0usize, 0usize);
-    // (prompt index, chosen, rejected) with the answers of each prompt kept for the output.
-    let mut drawn: Vec<(usize, LabeledAnswer, LabeledAnswer)> = Vec::new();
+    // Reference log-probs (the policy at labeling time), once per pair with the image encoded once per prompt;
+    // named as TRL's precomputed columns.
+    let eos = *model.llm.cfg.eos_token_ids.first().unwrap_or(&2);
+    // (prompt index, chosen, rejected, reference log-probs of both).
+    let mut drawn: Vec<(usize, LabeledAnswer, LabeledAnswer, (f64, f64))> = Vec::new();
     for (i, p) in prompts.iter().enumerate() {
         let pixels = match &p.image {
             Some(path) => Some(model.load_image(path).with_context(|| format!("{} prompt {}", a.prompts.display(), i + 1))?),
@@ -183,8 +185,23 @@ pub fn cmd_label(a: LabelArgs) -> Result<()> {
         rejected += fb.answers.iter().flat_map(|x| &x.verdicts).filter(|v| !v.accepted).count();
         unscored += fb.answers.iter().filter(|x| x.score.is_none()).count();
         candidates += fb.candidates;
-        for &(c, r) in &fb.pairs {
-            drawn.push((i, fb.answers[c].clone(), fb.answers[r].clone()));
+        if !fb.pairs.is_empty() {
+            let prompt_ids = tok.encode(&engine::tokenizer::apply_template(policy.template, &p.question), true)?;
+            let feats = match &pixels {
+                Some(px) => Some(model.image_features(px, adapter.as_ref())?),
+                None => None,
+            };
+            let logp = |ans: &LabeledAnswer| -> Result<f64> {
+                let mut ids = ans.tokens.clone();
+                if ans.finish == engine::generate::FinishReason::Stop {
+                    ids.push(eos);
+                }
+                Ok(model.answer_logp(&prompt_ids, &ids, feats.as_deref(), adapter.as_ref())?)
+            };
+            for &(c, r) in &fb.pairs {
+                let refs = (logp(&fb.answers[c])?, logp(&fb.answers[r])?);
+                drawn.push((i, fb.answers[c].clone(), fb.answers[r].clone(), refs));
+            }
         }
         let done = i + 1;
         if tty {
@@ -198,35 +215,17 @@ pub fn cmd_label(a: LabelArgs) -> Result<()> {
         eprintln!();
     }
     let words = |s: &str| s.split_whitespace().count();
-    let lens: Vec<(usize, usize)> = drawn.iter().map(|(_, c, r)| (words(&c.text), words(&r.text))).collect();
+    let lens: Vec<(usize, usize)> = drawn.iter().map(|(_, c, r, _)| (words(&c.text), words(&r.text))).collect();
     let balance = length_balance(&lens);
     let keep = if a.no_length_balance { vec![true; drawn.len()] } else { balance.keep.clone() };
 
-    // Reference log-probs (the policy at labeling time), once per pair; named as TRL's precomputed columns.
-    let eos = *model.llm.cfg.eos_token_ids.first().unwrap_or(&2);
     let mut lines = Vec::new();
     let mut kept = 0usize;
-    for ((i, c, r), k) in drawn.iter().zip(&keep) {
+    for ((i, c, r, refs), k) in drawn.iter().zip(&keep) {
         if !k {
             continue;
         }
         let p = &prompts[*i];
-        let prompt_ids = tok.encode(&engine::tokenizer::apply_template(policy.template, &p.question), true)?;
-        let pixels = match &p.image {
-            Some(path) => Some(model.load_image(path)?),
-            None => None,
-        };
-        let feats = match &pixels {
-            Some(px) => Some(model.image_features(px, adapter.as_ref())?),
-            None => None,
-        };
-        let logp = |ans: &LabeledAnswer| -> Result<f64> {
-            let mut ids = ans.tokens.clone();
-            if ans.finish == engine::generate::FinishReason::Stop {
-                ids.push(eos);
-            }
-            Ok(model.answer_logp(&prompt_ids, &ids, feats.as_deref(), adapter.as_ref())?)
-        };
         let mut line = serde_json::json!({
             "question": p.question,
             "chosen": c.text,
@@ -237,8 +236,8 @@ pub fn cmd_label(a: LabelArgs) -> Result<()> {
             "rejected_seed": r.seed,
             "chosen_claims": claims_json(c),
             "rejected_claims": claims_json(r),
-            "ref_chosen_logps": logp(c)?,
-            "ref_rejected_logps": logp(r)?,
+            "ref_chosen_logps": refs.0,
+            "ref_rejected_logps": refs.1,
             "prompt_index": i,
         });
         if let Some(img) = &p.image {

@@ -34,6 +34,18 @@ impl Rope {
 
     /// Rotates x (rows, heads, head_dim) in place; row r sits at position `positions[r]`.
     pub fn apply(&self, x: &mut [f32], heads: usize, positions: &[usize]) {
+        self.rotate(x, heads, positions, 1.0);
+    }
+
+    /// Backward of `apply`: dx (rows, heads, head_dim), the gradient at the rotated output, becomes in place the
+    /// gradient at the input. The rotation is orthogonal, so this is the rotation by the negative angle (same
+    /// f32 angles as `apply`).
+    pub fn apply_backward(&self, dx: &mut [f32], heads: usize, positions: &[usize]) {
+        self.rotate(dx, heads, positions, -1.0);
+    }
+
+    /// Rotation by `sign` times each position's angles.
+    fn rotate(&self, x: &mut [f32], heads: usize, positions: &[usize], sign: f32) {
         let hd = self.head_dim;
         let half = hd / 2;
         let mut cos = vec![0f32; half];
@@ -43,37 +55,13 @@ impl Rope {
                 // f32 angle like transformers, then an accurate cos/sin of it.
                 let angle = (pos as f32 * self.inv_freq[i]) as f64;
                 cos[i] = angle.cos() as f32;
-                sin[i] = angle.sin() as f32;
+                sin[i] = sign * angle.sin() as f32;
             }
             for head in row.chunks_exact_mut(hd) {
                 for i in 0..half {
                     let (a, b) = (head[i], head[i + half]);
                     head[i] = a * cos[i] - b * sin[i];
                     head[i + half] = b * cos[i] + a * sin[i];
-                }
-            }
-        }
-    }
-
-    /// Backward of `apply`: dx (rows, heads, head_dim), the gradient at the rotated output, becomes in place the
-    /// gradient at the input. The rotation is orthogonal, so this is the rotation by the negative angle (same
-    /// f32 angles as `apply`).
-    pub fn apply_backward(&self, dx: &mut [f32], heads: usize, positions: &[usize]) {
-        let hd = self.head_dim;
-        let half = hd / 2;
-        let mut cos = vec![0f32; half];
-        let mut sin = vec![0f32; half];
-        for (row, &pos) in dx.chunks_exact_mut(heads * hd).zip(positions) {
-            for i in 0..half {
-                let angle = (pos as f32 * self.inv_freq[i]) as f64;
-                cos[i] = angle.cos() as f32;
-                sin[i] = angle.sin() as f32;
-            }
-            for head in row.chunks_exact_mut(hd) {
-                for i in 0..half {
-                    let (a, b) = (head[i], head[i + half]);
-                    head[i] = a * cos[i] + b * sin[i];
-                    head[i + half] = b * cos[i] - a * sin[i];
                 }
             }
         }
