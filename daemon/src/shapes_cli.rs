@@ -39,6 +39,7 @@ pub enum ShapesCmd {
         /// The order captions list objects in: canonical (vocabulary order) or reading (rows, left to right).
         #[arg(long, default_value = "canonical")]
         caption_order: String,
+        /// Image side in pixels.
         #[arg(long, default_value_t = 64)]
         size: u32,
         #[arg(long, default_value_t = 4)]

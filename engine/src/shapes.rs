@@ -353,6 +353,8 @@ pub fn words() -> Vec<String> {
         add(&format!("{s}s"));
     }
     add("crosses");
+    // The labeler's yes/no suffix (feedback::verify::YES_NO_SUFFIX), so a ShapesWorld model can label itself.
+    add("please answer yes or no");
     w
 }
 
@@ -397,14 +399,19 @@ pub fn build_tokenizer() -> Result<tokenizers::Tokenizer, String> {
 }
 
 /// Supervised examples of one scene for training a base model: one caption (random phrasing) carrying caption
-/// noise (see `noisy_caption`), and clean answers to every existence question of `instructions` plus one "no"
-/// per absent partner of a present object, the count and the attribute question. Each is
-/// (kind, prompt, answer); captions hallucinate, yes/no answers never do.
+/// noise (see `noisy_caption`), and clean answers to every existence question of `instructions`, plus one "no"
+/// per absent partner of a present object and two hard negatives (an absent object sharing a present object's
+/// colour, one sharing a present object's shape: they teach the model to bind colour to shape), the count and the
+/// attribute question. Half the existence questions carry the labeler's suffix (`feedback::verify::YES_NO_SUFFIX`), so the model
+/// answers the labeler's questions as it answers plain ones. Each is (kind, prompt, answer); captions
+/// hallucinate, yes/no answers never do.
 pub fn sft_examples(scene: &Scene, seed: u64, caption_noise: f64, order: CaptionOrder) -> Vec<(&'static str, String, String)> {
     let vocab = vocabulary();
+    let mut rng = SplitMix64::new(seed ^ 0x4841_5244_4e45_0005);
     let mut out = Vec::new();
     let present: Vec<usize> = scene.objects.iter().map(|o| object_index(o.color, o.shape)).collect();
     let mut asked: Vec<String> = Vec::new();
+    let q = |obj: usize| format!("Is there {} in the image?", with_article(&vocab[obj]));
     for ins in instructions(scene, seed) {
         if ins.kind == "caption" {
             out.push(("caption", ins.prompt, noisy_caption(scene, seed, caption_noise, order).0));
@@ -413,12 +420,26 @@ pub fn sft_examples(scene: &Scene, seed: u64, caption_noise: f64, order: Caption
             out.push((ins.kind, ins.prompt, ins.answer));
         }
     }
-    for &o in &present {
-        let p = partner(o);
-        let q = format!("Is there {} in the image?", with_article(&vocab[p]));
-        if !present.contains(&p) && !asked.contains(&q) {
-            asked.push(q.clone());
-            out.push(("existence", q, "no".into()));
+    let mut negatives: Vec<usize> = present.iter().map(|&o| partner(o)).collect();
+    if let Some(&o) = present.get((rng.next_u64() % present.len().max(1) as u64) as usize) {
+        let (c, s) = (o / SHAPES.len(), o % SHAPES.len());
+        let same_color: Vec<usize> = (0..SHAPES.len()).map(|t| object_index(c, t)).filter(|x| !present.contains(x)).collect();
+        let same_shape: Vec<usize> = (0..COLORS.len()).map(|k| object_index(k, s)).filter(|x| !present.contains(x)).collect();
+        for group in [same_color, same_shape] {
+            if !group.is_empty() {
+                negatives.push(group[(rng.next_u64() % group.len() as u64) as usize]);
+            }
+        }
+    }
+    for n in negatives {
+        if !present.contains(&n) && !asked.contains(&q(n)) {
+            asked.push(q(n));
+            out.push(("existence", q(n), "no".into()));
+        }
+    }
+    for ex in out.iter_mut().filter(|e| e.0 == "existence") {
+        if rng.next_u64() % 2 == 0 {
+            ex.1.push_str(crate::feedback::verify::YES_NO_SUFFIX);
         }
     }
     out

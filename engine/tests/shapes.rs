@@ -154,7 +154,7 @@ fn tokenizer_covers_every_prompt_and_answer() {
 fn noisy_captions_only_add_absent_partners_and_yes_no_answers_stay_exact() {
     use engine::shapes::{caption, noisy_caption, partner, sft_examples, CaptionOrder};
     let v = vocabulary();
-    let (mut noisy, mut total) = (0, 0);
+    let (mut noisy, mut total, mut with_suffix, mut existence) = (0, 0, 0, 0);
     for (seed, scene) in scenes(1000) {
         let phrases = scene.phrases();
         assert_eq!(noisy_caption(&scene, seed, 0.0, CaptionOrder::Canonical).0, caption(&scene), "no noise: the clean caption");
@@ -180,20 +180,32 @@ fn noisy_captions_only_add_absent_partners_and_yes_no_answers_stay_exact() {
         assert_eq!(mentioned.len(), phrases.len() + added.len());
         noisy += usize::from(!added.is_empty());
         total += 1;
+        let (mut same_color, mut same_shape) = (false, false);
         for (kind, prompt, answer) in sft_examples(&scene, seed, 0.7, CaptionOrder::Canonical) {
             match kind {
                 "caption" => assert_eq!(answer, text),
                 "existence" => {
                     let obj = engine::hallucination::mentions(&prompt).into_iter().next().unwrap();
                     assert_eq!(answer, if phrases.contains(&obj) { "yes" } else { "no" }, "{prompt}");
+                    let (c, s) = obj.split_once(' ').unwrap();
+                    let absent = !phrases.contains(&obj);
+                    same_color |= absent && phrases.iter().any(|p| p.starts_with(&format!("{c} ")));
+                    same_shape |= absent && phrases.iter().any(|p| p.ends_with(&format!(" {s}")));
+                    with_suffix += usize::from(prompt.ends_with(engine::feedback::verify::YES_NO_SUFFIX));
+                    existence += 1;
                 }
                 _ => {}
             }
         }
+        // Hard negatives: an absent object sharing a present colour, one sharing a present shape (when any is absent).
+        assert!(same_color && same_shape, "seed {seed}: no hard negatives for {phrases:?}");
     }
     // Noise 0.7 on strongly co-occurring objects, 0.14 on the others: a realistic minority of captions.
     let share = noisy as f64 / total as f64;
     assert!((0.2..0.6).contains(&share), "{share} of captions hallucinate");
+    // Half the existence questions carry the labeler's suffix, so the model answers the labeler as it answers users.
+    let suffixed = with_suffix as f64 / existence as f64;
+    assert!((0.45..0.55).contains(&suffixed), "{suffixed} of existence questions carry the suffix");
 }
 
 #[test]
