@@ -1,11 +1,7 @@
 //! `rlaifd eval hallucination`: exact hallucination metrics of a model on freshly generated ShapesWorld images.
 
 use anyhow::{Context, Result};
-use engine::generate::{generate, GenerateRequest};
-use engine::hallucination::{binary_metrics, caption_metrics, yes_no, BinaryMetrics, CaptionMetrics};
-use engine::sampling::SamplingParams;
-use engine::shapes::{instructions, Scene, WorldConfig};
-use engine::tokenizer::{apply_template, TextTokenizer, LLAVA_15_TEMPLATE};
+use engine::tokenizer::TextTokenizer;
 use engine::Model;
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -23,24 +19,14 @@ pub enum EvalCmd {
         seed: u64,
         #[arg(long, default_value_t = 200)]
         count: usize,
-        /// Image side in pixels.
-        #[arg(long, default_value_t = 64)]
-        size: u32,
+        /// Image side in pixels (default: the model's input size, its preprocessor's crop).
+        #[arg(long)]
+        size: Option<u32>,
         #[arg(long, default_value_t = 64)]
         max_new_tokens: usize,
         #[arg(long)]
         json: bool,
     },
-}
-
-#[derive(serde::Serialize)]
-struct Report {
-    images: usize,
-    caption: CaptionMetrics,
-    pope: std::collections::BTreeMap<String, BinaryMetrics>,
-    /// Every existence question (present objects and all three negative splits), "yes" positive.
-    existence: BinaryMetrics,
-    amber_f1: f64,
 }
 
 pub fn run(cmd: EvalCmd) -> Result<()> {
@@ -52,44 +38,21 @@ pub fn run(cmd: EvalCmd) -> Result<()> {
     };
     let ip = m.image_processor.clone().with_context(|| format!("{} is a text-only model; hallucination eval needs images", model.display()))?;
     let tok = TextTokenizer::from_file(&m.dir.join("tokenizer.json"))?;
-    let cfg = WorldConfig { size, ..Default::default() };
-    let ask = |pixels: &engine::image::PixelValues, prompt: &str, max: usize| -> Result<String> {
-        let ids = tok.encode(&apply_template(LLAVA_15_TEMPLATE, prompt), true)?;
-        let params = SamplingParams { temperature: 0.0, max_new_tokens: max, ..Default::default() };
-        let req = GenerateRequest { ids: &ids, pixels: Some(pixels), seeds: &[0], params, stop_ids: vec![] };
-        let a = generate(&m, &req, ad.as_ref())?;
-        Ok(tok.decode(&a[0].tokens)?)
-    };
-    let mut captions: Vec<(String, Vec<String>)> = Vec::new();
-    let mut yn: Vec<(&'static str, Option<bool>, bool)> = Vec::new();
+    let size = size.unwrap_or(ip.crop_width);
+    if !(16..=1024).contains(&size) {
+        anyhow::bail!("--size must be between 16 and 1024 pixels (got {size})");
+    }
     let tty = std::io::stderr().is_terminal();
-    for i in 0..count {
-        let s = engine::rng::SplitMix64::new(seed.wrapping_add(i as u64)).next_u64();
-        let scene = Scene::generate(&cfg, s);
-        let pixels = engine::image::preprocess(&scene.render(&cfg, s), &ip)?;
-        captions.push((ask(&pixels, "Describe the image.", max_new_tokens)?, scene.phrases()));
-        for q in instructions(&scene, s).into_iter().filter(|q| q.kind == "existence") {
-            let answer = ask(&pixels, &q.prompt, 4)?;
-            yn.push((q.split.unwrap_or("present"), yes_no(&answer), q.answer == "yes"));
-        }
+    let report = rlaifd::shapes_eval::evaluate(&m, ad.as_ref(), &tok, &ip, seed, count, size, max_new_tokens, |i| {
         if tty {
-            eprint!("\r{}/{count} images", i + 1);
-        } else if (i + 1) % 50 == 0 || i + 1 == count {
-            eprintln!("{}/{count} images", i + 1);
+            eprint!("\r{i}/{count} images");
+            if i == count {
+                eprintln!();
+            }
+        } else if i % 50 == 0 || i == count {
+            eprintln!("{i}/{count} images");
         }
-    }
-    if tty {
-        eprintln!();
-    }
-    let caption = caption_metrics(captions.iter().map(|(a, t)| (a.as_str(), t.as_slice())));
-    let mut pope = std::collections::BTreeMap::new();
-    for split in ["random", "popular", "adversarial"] {
-        // Each POPE split: the questions about present objects plus that split's negatives.
-        let items: Vec<(Option<bool>, bool)> = yn.iter().filter(|(s, _, _)| *s == "present" || *s == split).map(|&(_, p, l)| (p, l)).collect();
-        pope.insert(split.to_string(), binary_metrics(&items, true));
-    }
-    let all: Vec<(Option<bool>, bool)> = yn.iter().map(|&(_, p, l)| (p, l)).collect();
-    let report = Report { images: count, caption, pope, existence: binary_metrics(&all, true), amber_f1: binary_metrics(&all, false).f1 };
+    })?;
     if json {
         println!("{}", serde_json::to_string(&report)?);
     } else {

@@ -63,6 +63,15 @@ enum Command {
     Shapes(shapes_cli::ShapesCmd),
     /// Measure prefill and decode tokens/s on random inputs (see benches/llava_cpu.sh).
     Bench(bench::BenchArgs),
+    /// Run the RLAIF-V loop on the embedded default (bundled ShapesWorld model labeling itself, generated
+    /// prompts, PostgreSQL) for K iterations; print the lineage and a JSON summary.
+    Demo(rlaifd::demo::DemoArgs),
+    /// Apply the database migrations (also done at start-up by every command that uses the database).
+    Migrate {
+        /// PostgreSQL URL (default: $DATABASE_URL, else postgres://postgres@127.0.0.1:5432/rlaifd).
+        #[arg(long)]
+        database_url: Option<String>,
+    },
 }
 
 #[derive(Args)]
@@ -173,11 +182,22 @@ fn main() {
         Command::TrainDpo(a) => train_cli::cmd_train_dpo(a),
         Command::TrainSft(a) => train_cli::cmd_train_sft(a),
         Command::Label(a) => label_cli::cmd_label(a),
+        Command::Demo(a) => async_main(rlaifd::demo::run(a)),
+        Command::Migrate { database_url } => async_main(async move {
+            let url = database_url.unwrap_or_else(rlaifd::db::url_from_env);
+            rlaifd::db::open(&url, 1).await?;
+            eprintln!("{}: migrations applied", rlaifd::db::redacted(&url));
+            Ok(())
+        }),
     };
     if let Err(e) = res {
         eprintln!("rlaifd: error: {}", error_chain(&e));
         std::process::exit(1);
     }
+}
+
+fn async_main(f: impl std::future::Future<Output = Result<()>>) -> Result<()> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?.block_on(f)
 }
 
 /// `{e:#}` without repeats: engine errors already show their cause in their own message, so a cause whose text

@@ -8,6 +8,7 @@ use engine::weights::{f32_safetensors_bytes, write_f32_safetensors};
 use engine::{LoadOptions, Model};
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 #[derive(clap::Args)]
 pub struct GradArgs {
@@ -75,11 +76,21 @@ pub fn read_token_pairs(path: &Path) -> Result<Vec<TokenPairOwned>> {
 }
 
 /// Decodes the image of every line up front (a bad one fails the command before any work), naming the line.
-fn load_images<'a>(model: &Model, file: &Path, paths: impl Iterator<Item = Option<&'a PathBuf>>) -> Result<Vec<Option<PixelValues>>> {
+/// The decoded image of each line (None for text-only lines). Lines naming the same file share one decoded copy:
+/// SFT data asks several questions about each image.
+fn load_images<'a>(model: &Model, file: &Path, paths: impl Iterator<Item = Option<&'a PathBuf>>) -> Result<Vec<Option<Arc<PixelValues>>>> {
+    let mut seen: std::collections::HashMap<&'a PathBuf, Arc<PixelValues>> = std::collections::HashMap::new();
     paths
         .enumerate()
         .map(|(i, p)| match p {
-            Some(path) => model.load_image(path).map(Some).with_context(|| format!("{} line {}", file.display(), i + 1)),
+            Some(path) => {
+                if let Some(px) = seen.get(path) {
+                    return Ok(Some(px.clone()));
+                }
+                let px = Arc::new(model.load_image(path).with_context(|| format!("{} line {}", file.display(), i + 1))?);
+                seen.insert(path, px.clone());
+                Ok(Some(px))
+            }
             None => Ok(None),
         })
         .collect()
@@ -163,11 +174,11 @@ impl OptimArgs {
 }
 
 /// The engine's borrowed view of pairs read from a file and their decoded images.
-fn borrow_pairs<'a>(pairs: &'a [TokenPairOwned], images: &'a [Option<PixelValues>]) -> Vec<TokenPair<'a>> {
+fn borrow_pairs<'a>(pairs: &'a [TokenPairOwned], images: &'a [Option<Arc<PixelValues>>]) -> Vec<TokenPair<'a>> {
     pairs
         .iter()
         .zip(images)
-        .map(|(p, img)| TokenPair { pixels: img.as_ref(), prompt_ids: &p.prompt_ids, chosen_ids: &p.chosen_ids, rejected_ids: &p.rejected_ids })
+        .map(|(p, img)| TokenPair { pixels: img.as_deref(), prompt_ids: &p.prompt_ids, chosen_ids: &p.chosen_ids, rejected_ids: &p.rejected_ids })
         .collect()
 }
 
@@ -511,7 +522,7 @@ pub fn cmd_train_sft(a: TrainSftArgs) -> Result<()> {
         bail!("--batch-size and --epochs must be at least 1");
     }
     a.opt.validate()?;
-    let load = |path: &Path, model: &Model| -> Result<(Vec<(Option<PathBuf>, Vec<u32>, Vec<u32>)>, Vec<Option<PixelValues>>)> {
+    let load = |path: &Path, model: &Model| -> Result<(Vec<(Option<PathBuf>, Vec<u32>, Vec<u32>)>, Vec<Option<Arc<PixelValues>>>)> {
         let data = read_sft(path, model)?;
         let images = load_images(model, path, data.iter().map(|(img, _, _)| img.as_ref()))?;
         Ok((data, images))
@@ -521,8 +532,8 @@ pub fn cmd_train_sft(a: TrainSftArgs) -> Result<()> {
         Some(p) => Some(load(p, &model)?),
         None => None,
     };
-    fn examples<'a>(d: &'a [(Option<PathBuf>, Vec<u32>, Vec<u32>)], px: &'a [Option<PixelValues>]) -> Vec<SftExample<'a>> {
-        d.iter().zip(px).map(|((_, p, ans), img)| SftExample { pixels: img.as_ref(), prompt_ids: p, answer_ids: ans }).collect()
+    fn examples<'a>(d: &'a [(Option<PathBuf>, Vec<u32>, Vec<u32>)], px: &'a [Option<Arc<PixelValues>>]) -> Vec<SftExample<'a>> {
+        d.iter().zip(px).map(|((_, p, ans), img)| SftExample { pixels: img.as_deref(), prompt_ids: p, answer_ids: ans }).collect()
     }
     let total = steps_per_epoch(train.len(), a.opt.batch_size) * a.epochs;
     let optim_cfg = a.opt.adamw(a.lr, total);

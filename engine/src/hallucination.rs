@@ -44,7 +44,7 @@ pub fn mentions(text: &str) -> BTreeSet<String> {
     out
 }
 
-#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct CaptionMetrics {
     pub answers: usize,
     /// Answers with at least one hallucinated object / answers.
@@ -91,7 +91,7 @@ pub fn yes_no(text: &str) -> Option<bool> {
     })
 }
 
-#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct BinaryMetrics {
     pub n: usize,
     pub accuracy: f64,

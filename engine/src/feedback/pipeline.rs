@@ -85,18 +85,40 @@ pub fn label_prompt(
     prompt_index: u64,
     cfg: &FeedbackConfig,
 ) -> Result<PromptFeedback> {
-    let ids = policy.tokenizer.encode(&apply_template(policy.template, question), true)?;
     let seeds: Vec<u64> = (0..cfg.n).map(|j| cfg.answer_seed(prompt_index, j)).collect();
+    let sampled = sample_answers(policy, pixels, question, &seeds, cfg)?;
+    label_answers(labeler, extractor, pixels, question, sampled, cfg.pairs_per_prompt, cfg.pair_seed(prompt_index))
+}
+
+/// Deconfounded sampling: one answer per seed, identical decoding settings, decoded in one batch that shares the
+/// image and the prompt. The answers come back unlabeled (no claims, no verdicts, no score).
+pub fn sample_answers(policy: &Policy, pixels: Option<&PixelValues>, question: &str, seeds: &[u64], cfg: &FeedbackConfig) -> Result<Vec<LabeledAnswer>> {
+    let ids = policy.tokenizer.encode(&apply_template(policy.template, question), true)?;
     let params = SamplingParams { temperature: cfg.temperature, top_p: cfg.top_p, max_new_tokens: cfg.max_new_tokens, ..Default::default() };
-    let req = GenerateRequest { ids: &ids, pixels, seeds: &seeds, params, stop_ids: vec![] };
+    let req = GenerateRequest { ids: &ids, pixels, seeds, params, stop_ids: vec![] };
     let sampled = generate(policy.model, &req, policy.adapter)?;
     let mut answers = Vec::with_capacity(sampled.len());
     for a in sampled {
         let text = policy.tokenizer.decode(&a.tokens)?;
-        let claims = extractor.extract(question, &text)?;
-        answers.push(LabeledAnswer { seed: a.seed, text, tokens: a.tokens, finish: a.finish, claims, verdicts: Vec::new(), score: None });
+        answers.push(LabeledAnswer { seed: a.seed, text, tokens: a.tokens, finish: a.finish, claims: Vec::new(), verdicts: Vec::new(), score: None });
     }
-    // Each distinct question is asked once per prompt (answers repeat claims).
+    Ok(answers)
+}
+
+/// Divide and conquer on one prompt's answers: claims, the labeler's verdict on each distinct question (asked
+/// once per prompt), scores, candidate pairs and at most `k` pairs drawn with `pair_seed`.
+pub fn label_answers(
+    labeler: &Labeler,
+    extractor: &dyn ClaimExtractor,
+    pixels: Option<&PixelValues>,
+    question: &str,
+    mut answers: Vec<LabeledAnswer>,
+    k: usize,
+    pair_seed: u64,
+) -> Result<PromptFeedback> {
+    for a in &mut answers {
+        a.claims = extractor.extract(question, &a.text)?;
+    }
     let mut distinct: Vec<String> = Vec::new();
     let mut at: HashMap<String, usize> = HashMap::new();
     for c in answers.iter().flat_map(|a| &a.claims) {
@@ -114,6 +136,6 @@ pub fn label_prompt(
     let texts: Vec<&str> = answers.iter().map(|a| a.text.as_str()).collect();
     let scores: Vec<Option<i64>> = answers.iter().map(|a| a.score).collect();
     let cands = candidate_pairs(&texts, &scores);
-    let pairs = pick_pairs(&cands, cfg.pairs_per_prompt, cfg.pair_seed(prompt_index));
+    let pairs = pick_pairs(&cands, k, pair_seed);
     Ok(PromptFeedback { answers, candidates: cands.len(), pairs })
 }

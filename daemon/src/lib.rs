@@ -1,0 +1,8 @@
+//! rlaifd's daemon side as a library (the `rlaifd` binary and the integration tests use it): PostgreSQL
+//! schema and store, and the RLAIF-V loop's stages on top of the engine.
+
+pub mod db;
+pub mod store;
+pub mod shapes_eval;
+pub mod rlaif;
+pub mod demo;

@@ -1,0 +1,73 @@
+//! Exact hallucination metrics of a model on freshly generated ShapesWorld images (`rlaifd eval hallucination`,
+//! and the checkpointer's gate on ShapesWorld).
+
+use anyhow::Result;
+use engine::generate::{generate, GenerateRequest};
+use engine::hallucination::{binary_metrics, caption_metrics, yes_no, BinaryMetrics, CaptionMetrics};
+use engine::image::ImageProcessorConfig;
+use engine::sampling::SamplingParams;
+use engine::shapes::{instructions, Scene, WorldConfig};
+use engine::tokenizer::{apply_template, TextTokenizer, LLAVA_15_TEMPLATE};
+use engine::{Adapter, Model};
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Report {
+    pub images: usize,
+    pub caption: CaptionMetrics,
+    pub pope: std::collections::BTreeMap<String, BinaryMetrics>,
+    /// Every existence question (present objects and all three negative splits), "yes" positive.
+    pub existence: BinaryMetrics,
+    pub amber_f1: f64,
+}
+
+impl Report {
+    /// The flat metrics stored with a checkpoint (and read by the SQL views).
+    pub fn summary(&self) -> serde_json::Value {
+        serde_json::json!({
+            "chair_i": self.caption.chair_i,
+            "chair_s": self.caption.chair_s,
+            "cover": self.caption.cover,
+            "mean_length": self.caption.mean_length,
+            "existence_accuracy": self.existence.accuracy,
+            "pope_f1": self.existence.f1,
+            "amber_f1": self.amber_f1,
+            "images": self.images,
+        })
+    }
+}
+
+/// Greedy "Describe the image." captions (CHAIR/Cover) and yes/no existence answers (POPE splits, AMBER F1) on
+/// COUNT images of SEED at SIZE pixels. `progress(i)` after image i (1-based).
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate(m: &Model, ad: Option<&Adapter>, tok: &TextTokenizer, ip: &ImageProcessorConfig, seed: u64, count: usize, size: u32, max_new_tokens: usize, mut progress: impl FnMut(usize)) -> Result<Report> {
+    let cfg = WorldConfig { size, ..Default::default() };
+    let ask = |pixels: &engine::image::PixelValues, prompt: &str, max: usize| -> Result<String> {
+        let ids = tok.encode(&apply_template(LLAVA_15_TEMPLATE, prompt), true)?;
+        let params = SamplingParams { temperature: 0.0, max_new_tokens: max, ..Default::default() };
+        let req = GenerateRequest { ids: &ids, pixels: Some(pixels), seeds: &[0], params, stop_ids: vec![] };
+        let a = generate(m, &req, ad)?;
+        Ok(tok.decode(&a[0].tokens)?)
+    };
+    let mut captions: Vec<(String, Vec<String>)> = Vec::new();
+    let mut yn: Vec<(&'static str, Option<bool>, bool)> = Vec::new();
+    for i in 0..count {
+        let s = engine::rng::SplitMix64::new(seed.wrapping_add(i as u64)).next_u64();
+        let scene = Scene::generate(&cfg, s);
+        let pixels = engine::image::preprocess(&scene.render(&cfg, s), ip)?;
+        captions.push((ask(&pixels, "Describe the image.", max_new_tokens)?, scene.phrases()));
+        for q in instructions(&scene, s).into_iter().filter(|q| q.kind == "existence") {
+            let answer = ask(&pixels, &q.prompt, 4)?;
+            yn.push((q.split.unwrap_or("present"), yes_no(&answer), q.answer == "yes"));
+        }
+        progress(i + 1);
+    }
+    let caption = caption_metrics(captions.iter().map(|(a, t)| (a.as_str(), t.as_slice())));
+    let mut pope = std::collections::BTreeMap::new();
+    for split in ["random", "popular", "adversarial"] {
+        // Each POPE split: the questions about present objects plus that split's negatives.
+        let items: Vec<(Option<bool>, bool)> = yn.iter().filter(|(s, _, _)| *s == "present" || *s == split).map(|&(_, p, l)| (p, l)).collect();
+        pope.insert(split.to_string(), binary_metrics(&items, true));
+    }
+    let all: Vec<(Option<bool>, bool)> = yn.iter().map(|&(_, p, l)| (p, l)).collect();
+    Ok(Report { images: count, caption, pope, existence: binary_metrics(&all, true), amber_f1: binary_metrics(&all, false).f1 })
+}

@@ -1,0 +1,156 @@
+//! The loop's store against real PostgreSQL (a fresh database per test): migrations, uniqueness that makes
+//! retries harmless, leased job claims under concurrency.
+
+mod common;
+
+use rlaifd::store::{self, NewClaim, NewPair, NewPrompt, NewResponse};
+use sqlx::Row;
+
+fn png(seed: u8) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(8, 8, |x, y| image::Rgb([seed, x as u8 * 20, y as u8 * 20]));
+    let mut out = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png).unwrap();
+    out
+}
+
+async fn prompt(pool: &sqlx::PgPool, seed: u8) -> i64 {
+    let sha = store::insert_image(pool, &png(seed)).await.unwrap();
+    store::insert_prompt(pool, &NewPrompt { image_sha256: Some(sha), instruction: "Describe the image.".into(), source: "test".into(), split: "train".into(), ground_truth: None }).await.unwrap()
+}
+
+async fn count(pool: &sqlx::PgPool, table: &str) -> i64 {
+    sqlx::query_scalar(&format!("SELECT count(*) FROM {table}")).fetch_one(pool).await.unwrap()
+}
+
+#[tokio::test]
+async fn migrations_create_the_lineage_schema_and_rerun_as_no_ops() {
+    let db = common::fresh("migrate").await;
+    // A second start-up (and the CLI) applies nothing new and fails nothing.
+    rlaifd::db::open(&db.url, 1).await.unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rlaifd")).args(["migrate", "--database-url", &db.url]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let tables: Vec<String> = sqlx::query_scalar("SELECT table_name::text FROM information_schema.tables WHERE table_schema = 'public' ORDER BY 1").fetch_all(&db.pool).await.unwrap();
+    for t in ["checkpoints", "claims", "events", "images", "iterations", "jobs", "pairs", "prompts", "responses", "training_runs"] {
+        assert!(tables.contains(&t.to_string()), "missing table {t}: {tables:?}");
+    }
+    let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success").fetch_one(&db.pool).await.unwrap();
+    assert_eq!(applied as usize, rlaifd::db::MIGRATOR.iter().count());
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn a_bad_database_url_is_refused_with_the_server_named() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rlaifd")).args(["migrate", "--database-url", "postgres://postgres@127.0.0.1:1/nope"]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("127.0.0.1:1") && err.contains("DATABASE_URL"), "{err}");
+}
+
+#[tokio::test]
+async fn retried_stages_store_nothing_twice() {
+    let db = common::fresh("dupes").await;
+    let pool = &db.pool;
+    let p = prompt(pool, 1).await;
+    assert_eq!(prompt(pool, 1).await, p, "the same image + instruction is one prompt");
+    assert_eq!(count(pool, "images").await, 1);
+    // An image that does not decode is refused and stores nothing.
+    assert!(store::insert_image(pool, b"\x89PNG\r\n\x1a\nnot really").await.is_err());
+    assert_eq!(count(pool, "images").await, 1);
+
+    let base = store::ensure_base(pool, "/models/base", None).await.unwrap();
+    assert_eq!(base.status, "promoted");
+    assert_eq!(store::ensure_base(pool, "/models/base", None).await.unwrap(), base);
+    // A second promoted checkpoint is impossible.
+    let second = sqlx::query("INSERT INTO checkpoints (parent_id, iteration, kind, path, status) VALUES ($1, 1, 'lora', '/x', 'promoted')").bind(base.id).execute(pool).await;
+    assert!(second.is_err(), "two promoted checkpoints");
+
+    let cfg = serde_json::json!({});
+    let it = store::start_iteration(pool, &cfg, &[p], false).await.unwrap();
+    assert_eq!(store::start_iteration(pool, &cfg, &[p], false).await.unwrap(), it, "starting is idempotent while one is open");
+    let jobs = store::claim_jobs(pool, "sample", "w1", 10, 60.0).await.unwrap();
+    assert_eq!(jobs.len(), 1);
+    let answers: Vec<NewResponse> = (0..3).map(|s| NewResponse { seed: s, text: format!("answer {s}"), tokens: vec![5, 6, s as u32], finish: "stop".into() }).collect();
+    let dec = serde_json::json!({ "temperature": 0.7 });
+    assert!(store::finish_sample(pool, &jobs[0], "w1", base.id, &dec, &answers).await.unwrap());
+    // The same job finished again (a worker that did not know it was done) stores nothing.
+    assert!(!store::finish_sample(pool, &jobs[0], "w1", base.id, &dec, &answers).await.unwrap());
+    assert_eq!(count(pool, "responses").await, 3);
+    let rows = store::responses(pool, p, base.id, &[2, 0, 1]).await.unwrap();
+    assert_eq!(rows.iter().map(|r| r.seed).collect::<Vec<_>>(), vec![2, 0, 1], "in the order of the seeds asked for");
+    assert_eq!(rows[0].tokens, vec![5, 6, 2]);
+
+    let label = store::claim_jobs(pool, "label", "w2", 10, 60.0).await.unwrap();
+    assert_eq!(label.len(), 1, "a finished sample job queues exactly one label job");
+    let claim = |ok: bool| NewClaim { claim: "There is a red circle.".into(), question: "Is there a red circle in the image?".into(), p_yes: if ok { 0.9 } else { 0.1 }, p_no: if ok { 0.1 } else { 0.9 }, accepted: ok };
+    let labeled = vec![(rows[1].id, Some(0), vec![claim(true)]), (rows[2].id, Some(-1), vec![claim(false)]), (rows[0].id, None, vec![])];
+    let pairs = vec![NewPair { chosen_id: rows[1].id, rejected_id: rows[2].id, score_gap: 1, ref_logp_chosen: -3.0, ref_logp_rejected: -4.0 }];
+    assert!(store::finish_label(pool, &label[0], "w2", "self:1", base.id, &labeled, &pairs).await.unwrap());
+    assert!(!store::finish_label(pool, &label[0], "w2", "self:1", base.id, &labeled, &pairs).await.unwrap());
+    assert_eq!((count(pool, "claims").await, count(pool, "pairs").await), (2, 1));
+    // The schema itself refuses a duplicate pair and a pair of an answer with itself.
+    let dup = sqlx::query("INSERT INTO pairs (iteration_id, prompt_id, chosen_id, rejected_id, score_gap, ref_checkpoint_id, ref_logp_chosen, ref_logp_rejected) VALUES ($1, $2, $3, $4, 1, $5, 0, 0)");
+    assert!(dup.bind(it.id).bind(p).bind(rows[1].id).bind(rows[2].id).bind(base.id).execute(pool).await.is_err());
+    let same = sqlx::query("INSERT INTO pairs (iteration_id, prompt_id, chosen_id, rejected_id, score_gap, ref_checkpoint_id, ref_logp_chosen, ref_logp_rejected) VALUES ($1, $2, $3, $3, 1, $4, 0, 0)");
+    assert!(same.bind(it.id).bind(p).bind(rows[1].id).bind(base.id).execute(pool).await.is_err());
+    assert_eq!(store::job_counts(pool, it.id).await.unwrap(), (0, 2, 0));
+    let scores: Vec<Option<i32>> = sqlx::query("SELECT score FROM responses ORDER BY seed").fetch_all(pool).await.unwrap().iter().map(|r| r.get("score")).collect();
+    assert_eq!(scores, vec![Some(0), Some(-1), None], "seeds 0, 1, 2");
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn concurrent_workers_never_share_a_job_and_dead_workers_leases_expire() {
+    let db = common::fresh("claims").await;
+    let pool = db.pool.clone();
+    let mut ids = Vec::new();
+    for s in 0..20 {
+        ids.push(prompt(&pool, s).await);
+    }
+    store::ensure_base(&pool, "/models/base", None).await.unwrap();
+    let it = store::start_iteration(&pool, &serde_json::json!({}), &ids, false).await.unwrap();
+    let mut tasks = Vec::new();
+    for w in 0..4 {
+        let pool = pool.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut mine = Vec::new();
+            loop {
+                let got = store::claim_jobs(&pool, "sample", &format!("w{w}"), 2, 60.0).await.unwrap();
+                if got.is_empty() {
+                    break;
+                }
+                mine.extend(got.into_iter().map(|j| j.id));
+            }
+            mine
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    all.sort();
+    let n = all.len();
+    all.dedup();
+    assert_eq!((n, all.len()), (20, 20), "every job claimed exactly once");
+
+    // A worker that dies keeps its lease until it expires; then another worker gets the job, and the dead
+    // worker's late result is refused.
+    let db2 = common::fresh("lease").await;
+    let pool2 = &db2.pool;
+    let p = prompt(pool2, 1).await;
+    let base = store::ensure_base(pool2, "/models/base", None).await.unwrap();
+    store::start_iteration(pool2, &serde_json::json!({}), &[p], false).await.unwrap();
+    let dead = store::claim_jobs(pool2, "sample", "dead", 1, 0.2).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert!(store::claim_jobs(pool2, "sample", "alive", 1, 60.0).await.unwrap().is_empty(), "the lease still holds");
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    let retry = store::claim_jobs(pool2, "sample", "alive", 1, 60.0).await.unwrap();
+    assert_eq!((retry.len(), retry[0].id, retry[0].attempts), (1, dead[0].id, 2));
+    let a = [NewResponse { seed: 1, text: "x".into(), tokens: vec![1], finish: "stop".into() }];
+    assert!(!store::finish_sample(pool2, &dead[0], "dead", base.id, &serde_json::json!({}), &a).await.unwrap());
+    assert_eq!(count(pool2, "responses").await, 0);
+    assert!(store::finish_sample(pool2, &retry[0], "alive", base.id, &serde_json::json!({}), &a).await.unwrap());
+    assert_eq!(count(pool2, "responses").await, 1);
+    let _ = it;
+    db.drop_db().await;
+    db2.drop_db().await;
+}
