@@ -89,7 +89,7 @@ pub async fn ensure_shapes_prompts(pool: &sqlx::PgPool, seed: u64, count: usize,
 
 fn bar(done: usize, total: usize) -> String {
     let w = 30;
-    let filled = if total == 0 { w } else { (done * w / total).min(w) };
+    let filled = (done * w).checked_div(total).unwrap_or(w).min(w);
     format!("[{}{}] {done}/{total}", "#".repeat(filled), " ".repeat(w - filled))
 }
 
@@ -113,8 +113,6 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         let m = crate::rlaif::evaluate(&engine, &cfg, &base).await?;
         store::set_metrics(&pool, base.id, &m).await?;
     }
-    // One spare iteration's worth, for iterations that sample more prompts to reach pairs_per_iteration.
-    ensure_shapes_prompts(&pool, a.seed, (a.iterations + 1) * cfg.prompts_per_iteration, engine.ip.crop_width).await?;
     let tty = std::io::stderr().is_terminal();
     let progress: Arc<dyn Fn(Stage, usize, usize) + Send + Sync> = Arc::new(move |stage, done, total| {
         let name = match stage {
@@ -132,8 +130,19 @@ pub async fn run(a: DemoArgs) -> Result<()> {
             eprintln!("  {name:<18} {done}/{total}");
         }
     });
-    let owner = format!("demo:{}", std::process::id());
+    // One demo worker per state directory: a restart reclaims the jobs its killed predecessor held.
+    let owner = format!("demo:{}", a.state_dir.display());
+    let released = store::release_leases(&pool, &owner).await?;
+    if released > 0 {
+        eprintln!("resuming: {released} job(s) left running by a previous run returned to the queue");
+    }
     while (store::finished_iterations(&pool).await? as usize) < a.iterations {
+        // Fresh prompts for the iteration (an iteration short of pairs samples more, so top up each time).
+        let unused = store::count_unused_train_prompts(&pool).await? as usize;
+        if unused < 2 * cfg.prompts_per_iteration {
+            let total = store::count_prompts(&pool, "train").await? as usize;
+            ensure_shapes_prompts(&pool, a.seed, total + 2 * cfg.prompts_per_iteration - unused, engine.ip.crop_width).await?;
+        }
         let n = store::finished_iterations(&pool).await? + 1;
         eprintln!("iteration {n}/{}", a.iterations);
         let out = run_iteration(&pool, &engine, &cfg, &owner, progress.clone()).await?;

@@ -125,7 +125,7 @@ impl LoopConfig {
         if self.eval_count == 0 {
             return bad("eval_count", "must be at least 1");
         }
-        if !(self.lease_s >= 1.0) || self.max_attempts < 1 {
+        if self.lease_s.is_nan() || self.lease_s < 1.0 || self.max_attempts < 1 {
             return bad("lease_s/max_attempts", "lease at least 1 s, at least 1 attempt");
         }
         Ok(())

@@ -89,6 +89,10 @@ pub async fn unused_train_prompts(pool: &PgPool, limit: i64) -> Result<Vec<i64>>
     .await?)
 }
 
+pub async fn count_unused_train_prompts(pool: &PgPool) -> Result<i64> {
+    Ok(sqlx::query_scalar("SELECT count(*) FROM prompts p WHERE p.split = 'train' AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.prompt_id = p.id AND j.kind = 'sample')").fetch_one(pool).await?)
+}
+
 pub async fn count_prompts(pool: &PgPool, split: &str) -> Result<i64> {
     Ok(sqlx::query_scalar("SELECT count(*) FROM prompts WHERE split = $1").bind(split).fetch_one(pool).await?)
 }
@@ -282,6 +286,16 @@ async fn hold_lease(tx: &mut Transaction<'_, Postgres>, job: i64, owner: &str) -
     Ok(status == "running" && holder.as_deref() == Some(owner))
 }
 
+/// Returns `owner`'s running jobs to the queue: a worker restarting under the same name calls this, since
+/// whatever it held before it stopped is abandoned. Returns how many jobs were released.
+pub async fn release_leases(pool: &PgPool, owner: &str) -> Result<u64> {
+    let n = sqlx::query("UPDATE jobs SET status = 'pending', lease_owner = NULL, lease_until = NULL WHERE status = 'running' AND lease_owner = $1").bind(owner).execute(pool).await?.rows_affected();
+    if n > 0 {
+        event(pool, "leases_released", owner, serde_json::json!({ "jobs": n })).await?;
+    }
+    Ok(n)
+}
+
 /// Marks a job failed (after too many attempts) or returns it to the queue, recording the error.
 pub async fn fail_job(pool: &PgPool, job: &Job, error: &str, max_attempts: i32) -> Result<()> {
     let status = if job.attempts >= max_attempts { "failed" } else { "pending" };
@@ -459,6 +473,7 @@ pub async fn iteration_pairs(pool: &PgPool, iteration_id: i64) -> Result<Vec<Pai
 
 /// Records a trained candidate and its training run (one transaction). Idempotent per iteration: a second call
 /// returns the first candidate.
+#[allow(clippy::too_many_arguments)]
 pub async fn add_candidate(pool: &PgPool, it: &IterationRow, path: &str, sha256: &str, pair_ids: &[i64], steps: i32, losses: &serde_json::Value, config: &serde_json::Value, started_at: chrono::DateTime<chrono::Utc>) -> Result<CheckpointRow> {
     let mut tx = pool.begin().await?;
     let current: Option<i64> = sqlx::query_scalar("SELECT candidate_id FROM iterations WHERE id = $1 FOR UPDATE").bind(it.id).fetch_one(&mut *tx).await?;
