@@ -24,6 +24,14 @@ static N: AtomicUsize = AtomicUsize::new(0);
 pub async fn fresh(tag: &str) -> TestDb {
     let name = format!("rlaifd_t_{tag}_{}_{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
     let admin = sqlx::PgPool::connect_with(server().database("postgres")).await.expect("PostgreSQL must run for these tests (see README: Test)");
+    // Databases left by test processes that died (a failed assertion skips the drop) are removed here.
+    let stale: Vec<String> = sqlx::query_scalar("SELECT datname::text FROM pg_database WHERE datname LIKE 'rlaifd\\_t\\_%'").fetch_all(&admin).await.unwrap();
+    for db in stale {
+        let pid = db.rsplit('_').nth(1).and_then(|p| p.parse::<u32>().ok());
+        if pid.is_some_and(|p| p != std::process::id() && !std::path::Path::new(&format!("/proc/{p}")).exists()) {
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)")).execute(&admin).await;
+        }
+    }
     sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).execute(&admin).await.unwrap();
     sqlx::query(&format!("CREATE DATABASE \"{name}\"")).execute(&admin).await.unwrap();
     admin.close().await;
