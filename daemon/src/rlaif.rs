@@ -324,15 +324,17 @@ pub async fn run_training(pool: &PgPool, engine: &Arc<Engine>, cfg: &LoopConfig,
     let words = |s: &str| s.split_whitespace().count();
     let balance = length_balance(&pairs.iter().map(|p| (words(&p.chosen_text), words(&p.rejected_text))).collect::<Vec<_>>());
     let kept: Vec<&store::PairRow> = pairs.iter().zip(&balance.keep).filter(|(_, k)| **k || !cfg.length_balance).map(|(p, _)| p).collect();
-    let mut images: HashMap<String, Arc<PixelValues>> = HashMap::new();
+    let mut encoded: HashMap<String, Vec<u8>> = HashMap::new();
     for p in &kept {
         if let Some(sha) = &p.image_sha256 {
-            if !images.contains_key(sha) {
-                let bytes = store::image_bytes(pool, sha).await?;
-                images.insert(sha.clone(), Arc::new(engine.pixels(&bytes)?));
+            if !encoded.contains_key(sha) {
+                encoded.insert(sha.clone(), store::image_bytes(pool, sha).await?);
             }
         }
     }
+    // Decoding and preprocessing is CPU work: off the async runtime.
+    let e = engine.clone();
+    let images: HashMap<String, Arc<PixelValues>> = blocking(move || encoded.into_iter().map(|(sha, b)| Ok((sha, Arc::new(e.pixels(&b)?)))).collect()).await?;
     let eos = *engine.model.llm.cfg.eos_token_ids.first().unwrap_or(&2);
     // (prompt ids, chosen ids, rejected ids, image, reference log-probs)
     type Owned = (Vec<u32>, Vec<u32>, Vec<u32>, Option<Arc<PixelValues>>, (f64, f64));
@@ -388,6 +390,7 @@ pub async fn run_training(pool: &PgPool, engine: &Arc<Engine>, cfg: &LoopConfig,
     store::add_candidate(pool, it, &out_dir.display().to_string(), &sha, &pair_ids, steps as i32, &serde_json::Value::Array(losses), &train_cfg, started).await
 }
 
+/// The seed of a new adapter's weights, from its directory name (kept: the BENCHMARKS figures were measured with it).
 fn it_seed(dir: &Path) -> u64 {
     dir.file_name().and_then(|n| n.to_str()).map_or(0, |n| n.bytes().fold(0u64, |h, b| h.wrapping_mul(131).wrapping_add(b as u64)))
 }

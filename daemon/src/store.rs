@@ -146,7 +146,7 @@ pub async fn ensure_base(pool: &PgPool, path: &str, metrics: Option<&serde_json:
             .bind(metrics)
             .fetch_one(&mut *tx)
             .await?;
-            event_tx(&mut tx, "base_registered", "checkpointer", serde_json::json!({ "checkpoint": r.id, "path": path, "status": status })).await?;
+            event(&mut *tx, "base_registered", "checkpointer", serde_json::json!({ "checkpoint": r.id, "path": path, "status": status })).await?;
             r
         }
     };
@@ -159,14 +159,9 @@ pub async fn set_metrics(pool: &PgPool, id: i64, metrics: &serde_json::Value) ->
     Ok(())
 }
 
-/// Appends to the audit log.
-pub async fn event(pool: &PgPool, kind: &str, actor: &str, detail: serde_json::Value) -> Result<()> {
-    sqlx::query("INSERT INTO events (kind, actor, detail) VALUES ($1, $2, $3)").bind(kind).bind(actor).bind(detail).execute(pool).await?;
-    Ok(())
-}
-
-async fn event_tx(tx: &mut Transaction<'_, Postgres>, kind: &str, actor: &str, detail: serde_json::Value) -> Result<()> {
-    sqlx::query("INSERT INTO events (kind, actor, detail) VALUES ($1, $2, $3)").bind(kind).bind(actor).bind(detail).execute(&mut **tx).await?;
+/// Appends to the audit log (on the pool, or inside a transaction with `&mut *tx`).
+pub async fn event<'e>(ex: impl sqlx::PgExecutor<'e>, kind: &str, actor: &str, detail: serde_json::Value) -> Result<()> {
+    sqlx::query("INSERT INTO events (kind, actor, detail) VALUES ($1, $2, $3)").bind(kind).bind(actor).bind(detail).execute(ex).await?;
     Ok(())
 }
 
@@ -225,7 +220,7 @@ pub async fn start_iteration(pool: &PgPool, config: &serde_json::Value, prompt_i
     for &p in prompt_ids {
         sqlx::query("INSERT INTO jobs (iteration_id, kind, prompt_id) VALUES ($1, 'sample', $2) ON CONFLICT DO NOTHING").bind(it.id).bind(p).execute(&mut *tx).await?;
     }
-    event_tx(&mut tx, "iteration_started", "trainer", serde_json::json!({ "iteration": number, "policy": policy, "reference": reference, "prompts": prompt_ids.len() })).await?;
+    event(&mut *tx, "iteration_started", "trainer", serde_json::json!({ "iteration": number, "policy": policy, "reference": reference, "prompts": prompt_ids.len() })).await?;
     tx.commit().await?;
     Ok(it)
 }
@@ -501,7 +496,7 @@ pub async fn add_candidate(pool: &PgPool, it: &IterationRow, path: &str, sha256:
         .execute(&mut *tx)
         .await?;
     sqlx::query("UPDATE iterations SET candidate_id = $2, stage = 'evaluating' WHERE id = $1").bind(it.id).bind(row.id).execute(&mut *tx).await?;
-    event_tx(&mut tx, "candidate_saved", "checkpointer", serde_json::json!({ "checkpoint": row.id, "iteration": it.number, "path": path, "sha256": sha256, "pairs": pair_ids.len() })).await?;
+    event(&mut *tx, "candidate_saved", "checkpointer", serde_json::json!({ "checkpoint": row.id, "iteration": it.number, "path": path, "sha256": sha256, "pairs": pair_ids.len() })).await?;
     tx.commit().await?;
     Ok(row)
 }
@@ -518,7 +513,7 @@ pub async fn decide(pool: &PgPool, id: i64, promote: bool, metrics: &serde_json:
     let new_status = if promote { "promoted" } else if status == "candidate" { "rejected" } else { status.as_str() };
     sqlx::query("UPDATE checkpoints SET status = $2, metrics = $3, decided_at = now() WHERE id = $1").bind(id).bind(new_status).bind(metrics).execute(&mut *tx).await?;
     sqlx::query("UPDATE iterations SET stage = 'done', finished_at = now() WHERE candidate_id = $1 AND stage = 'evaluating'").bind(id).execute(&mut *tx).await?;
-    event_tx(&mut tx, if promote { "promoted" } else { "rejected" }, actor, serde_json::json!({ "checkpoint": id, "reason": reason, "metrics": metrics })).await?;
+    event(&mut *tx, if promote { "promoted" } else { "rejected" }, actor, serde_json::json!({ "checkpoint": id, "reason": reason, "metrics": metrics })).await?;
     tx.commit().await?;
     Ok(())
 }
