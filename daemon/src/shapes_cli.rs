@@ -1,7 +1,7 @@
 //! `rlaifd shapes ...`: the ShapesWorld generator.
 
 use anyhow::{Context, Result};
-use engine::shapes::{instructions, sft_examples, vocabulary, CaptionOrder, Scene, WorldConfig};
+use engine::shapes::{instructions, labeler_examples, sft_examples, vocabulary, CaptionOrder, Scene, WorldConfig};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -44,6 +44,10 @@ pub enum ShapesCmd {
         size: u32,
         #[arg(long, default_value_t = 4)]
         max_objects: usize,
+        /// What to write: "base" (captions, yes/no, count and attribute questions) or "labeler" (only the
+        /// labeler's yes/no question, balanced, with the absent objects a captioner confuses).
+        #[arg(long, default_value = "base")]
+        mix: String,
     },
     /// Print the JSON list of every object phrase.
     Vocab,
@@ -74,7 +78,12 @@ pub fn run(cmd: ShapesCmd) -> Result<()> {
             std::fs::write(out.join("questions.jsonl"), questions).with_context(|| format!("cannot write {}/questions.jsonl", out.display()))?;
             Ok(())
         }
-        ShapesCmd::Sft { seed, count, out, caption_noise, caption_order, size, max_objects } => {
+        ShapesCmd::Sft { seed, count, out, caption_noise, caption_order, size, max_objects, mix } => {
+            let labeler = match mix.as_str() {
+                "base" => false,
+                "labeler" => true,
+                other => anyhow::bail!("--mix {other}: expected base or labeler"),
+            };
             let caption_order = match caption_order.as_str() {
                 "canonical" => CaptionOrder::Canonical,
                 "reading" => CaptionOrder::Reading,
@@ -86,7 +95,8 @@ pub fn run(cmd: ShapesCmd) -> Result<()> {
             let mut lines = Vec::new();
             let mut n = 0usize;
             write_scenes(seed, count, &out, size, max_objects, |file, scene, s| {
-                for (kind, prompt, answer) in sft_examples(scene, s, caption_noise, caption_order) {
+                let examples = if labeler { labeler_examples(scene, s) } else { sft_examples(scene, s, caption_noise, caption_order) };
+                for (kind, prompt, answer) in examples {
                     writeln!(lines, "{}", serde_json::json!({ "image": file, "prompt": prompt, "answer": answer, "kind": kind }))?;
                     n += 1;
                 }

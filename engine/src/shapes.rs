@@ -287,6 +287,42 @@ fn caption_of(phrases: &[String]) -> String {
     }
 }
 
+/// Training examples for a ShapesWorld labeler: only the labeler's own question ("Is there a red circle in the
+/// image? Please answer yes or no."), balanced between yes and no. Each present object is asked about twice, and
+/// two absent objects per present one are drawn from the confusions a captioner makes: the other shapes of its
+/// colour, its colour on another present object's shape (a binding error), its co-occurrence partner and its shape
+/// in another colour. Deterministic per seed.
+pub fn labeler_examples(scene: &Scene, seed: u64) -> Vec<(&'static str, String, String)> {
+    let vocab = vocabulary();
+    let mut rng = SplitMix64::new(seed ^ 0x4c41_4245_4c45_0006);
+    let q = |obj: usize| format!("Is there {} in the image?{}", with_article(&vocab[obj]), crate::feedback::verify::YES_NO_SUFFIX);
+    let present: Vec<usize> = scene.objects.iter().map(|o| object_index(o.color, o.shape)).collect();
+    let mut out = Vec::new();
+    let mut asked: Vec<usize> = Vec::new();
+    for &o in &present {
+        let (c, s) = (o / SHAPES.len(), o % SHAPES.len());
+        let mut pool: Vec<usize> = (0..SHAPES.len()).map(|t| object_index(c, t)).collect();
+        pool.extend(present.iter().map(|&p| object_index(c, p % SHAPES.len())));
+        pool.push(partner(o));
+        pool.push(object_index((c + 1 + (rng.next_u64() % (COLORS.len() as u64 - 1)) as usize) % COLORS.len(), s));
+        pool.retain(|x| !present.contains(x) && !asked.contains(x));
+        pool.dedup();
+        for _ in 0..2 {
+            if pool.is_empty() {
+                break;
+            }
+            let n = pool.swap_remove((rng.next_u64() % pool.len() as u64) as usize);
+            pool.retain(|&x| x != n);
+            asked.push(n);
+            out.push(("existence", q(n), "no".to_string()));
+        }
+        for _ in 0..2 {
+            out.push(("existence", q(o), "yes".to_string()));
+        }
+    }
+    out
+}
+
 /// The instructions of a scene: a caption, one existence question per present object plus one POPE negative
 /// of each split, a count and (when unambiguous) an attribute question. Deterministic per seed.
 pub fn instructions(scene: &Scene, seed: u64) -> Vec<Instruction> {

@@ -224,3 +224,38 @@ fn objects_sit_in_distinct_grid_cells_and_captions_read_in_rows() {
         assert!(order.windows(2).all(|w| w[0] < w[1]), "seed {seed}: reading order {order:?}");
     }
 }
+
+#[test]
+fn labeler_examples_are_balanced_exact_and_ask_about_the_confusions() {
+    let (mut yes, mut no, mut same_color, mut binding, mut scenes_n) = (0, 0, 0, 0, 0);
+    for (seed, scene) in scenes(500) {
+        let phrases = scene.phrases();
+        let ex = labeler_examples(&scene, seed);
+        assert_eq!(ex, labeler_examples(&scene, seed), "deterministic per seed");
+        let mut negatives = Vec::new();
+        for (kind, prompt, answer) in ex {
+            assert_eq!(kind, "existence");
+            assert!(prompt.ends_with(engine::feedback::verify::YES_NO_SUFFIX), "{prompt}: the labeler's exact question");
+            let obj = engine::hallucination::mentions(&prompt).into_iter().next().unwrap();
+            assert_eq!(answer, if phrases.contains(&obj) { "yes" } else { "no" }, "{prompt} in {phrases:?}");
+            if answer == "yes" {
+                yes += 1;
+            } else {
+                assert!(!negatives.contains(&obj), "{obj} asked twice");
+                negatives.push(obj.clone());
+                no += 1;
+                let (c, s) = obj.split_once(' ').unwrap();
+                let col = phrases.iter().any(|p| p.starts_with(&format!("{c} ")));
+                same_color += usize::from(col);
+                binding += usize::from(col && phrases.iter().any(|p| p.ends_with(&format!(" {s}"))));
+            }
+        }
+        scenes_n += usize::from(!phrases.is_empty());
+    }
+    assert!(scenes_n > 400);
+    // Two yes per present object, up to two no: about balanced.
+    assert!((no as f64) > 0.85 * yes as f64 && no <= yes, "{yes} yes, {no} no");
+    // Most negatives share a present object's colour; some are binding errors (a present colour on a present shape).
+    assert!(same_color as f64 > 0.6 * no as f64, "{same_color} of {no} negatives share a present colour");
+    assert!(binding as f64 > 0.1 * no as f64, "{binding} of {no} negatives are binding errors");
+}
