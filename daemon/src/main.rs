@@ -66,6 +66,11 @@ enum Command {
     /// Run the RLAIF-V loop on the embedded default (bundled ShapesWorld model labeling itself, generated
     /// prompts, PostgreSQL) for K iterations; print the lineage and a JSON summary.
     Demo(rlaifd::demo::DemoArgs),
+    /// Run the daemon: the RLAIF-V loop's actors, the OpenAI-compatible HTTP server and the control socket
+    /// (configuration: config/default.toml < /etc/rlaifd/rlaifd.toml or --config < RLAIFD__SECTION__KEY).
+    Serve(rlaifd::serve::ServeArgs),
+    /// Send a command to a running daemon's control socket and print the JSON reply.
+    Ctl(rlaifd::control::CtlArgs),
     /// Apply the database migrations (also done at start-up by every command that uses the database).
     Migrate {
         /// PostgreSQL URL (default: $DATABASE_URL, else postgres://postgres@127.0.0.1:5432/rlaifd).
@@ -183,6 +188,8 @@ fn main() {
         Command::TrainSft(a) => train_cli::cmd_train_sft(a),
         Command::Label(a) => label_cli::cmd_label(a),
         Command::Demo(a) => async_main(rlaifd::demo::run(a)),
+        Command::Serve(a) => rlaifd::serve::run(a),
+        Command::Ctl(a) => rlaifd::control::ctl(a),
         Command::Migrate { database_url } => async_main(async move {
             let url = database_url.unwrap_or_else(rlaifd::db::url_from_env);
             rlaifd::db::open(&url, 1).await?;

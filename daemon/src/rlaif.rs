@@ -1,7 +1,7 @@
 //! The RLAIF-V loop's stages on top of the store: sample (n answers per prompt from the promoted policy), label
 //! (claims, verdicts, scores, pairs with reference log-probs), train (DPO LoRA from the policy) and evaluate
-//! (gate the candidate on held-out metrics, promote or reject). Each stage is idempotent and runs off the async
-//! runtime (`spawn_blocking`) for its model math; the actors and the demo drive them.
+//! (gate the candidate on held-out metrics, promote or reject). Each stage is idempotent and runs on the
+//! engine thread (`Engine::run`, by priority) for its model math; the actors and the demo drive them.
 
 use crate::store::{self, CheckpointRow, IterationRow, Job, NewClaim, NewPair, NewResponse};
 use anyhow::{bail, Context, Result};
@@ -22,6 +22,7 @@ use sqlx::PgPool;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use crate::worker::{Priority, Slice, Worker};
 
 /// Every knob of the loop (the `[loop]` section of the config).
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -40,7 +41,8 @@ pub struct LoopConfig {
     pub pairs_per_iteration: usize,
     /// "policy" (the policy at the start of the iteration, RLAIF-V's choice) or "base".
     pub reference: String,
-    /// Who verifies claims: "self" (the policy, as RLAIF-V 12B) or "base".
+    /// Who verifies claims: "self" (the policy, as RLAIF-V 12B), "base", or a separate labeler model directory
+    /// (as RLAIF-V 7B, labeled by a stronger model).
     pub labeler: String,
     pub beta: f64,
     /// RLAIF-V's length balancing of each iteration's pairs (drop pairs whose chosen answer is much shorter).
@@ -116,8 +118,8 @@ impl LoopConfig {
         if !matches!(self.reference.as_str(), "policy" | "base") {
             return bad("reference", "expected \"policy\" or \"base\"");
         }
-        if !matches!(self.labeler.as_str(), "self" | "base") {
-            return bad("labeler", "expected \"self\" or \"base\"");
+        if self.labeler.trim().is_empty() {
+            return bad("labeler", "expected \"self\", \"base\" or a labeler model directory");
         }
         if !(self.beta > 0.0 && self.lr > 0.0 && self.lr.is_finite()) || self.epochs == 0 || self.batch_size == 0 || self.lora_r == 0 {
             return bad("beta/lr/epochs/batch_size/lora_r", "must be positive");
@@ -154,6 +156,10 @@ pub struct Engine {
     pub tok: TextTokenizer,
     pub ip: ImageProcessorConfig,
     pub state_dir: PathBuf,
+    /// A separate labeler model (`loop.labeler = DIR`) and its tokenizer.
+    pub labeler: Option<(Model, TextTokenizer, PathBuf)>,
+    /// The engine thread every model computation runs on, by priority.
+    pub worker: Worker,
     adapters: Mutex<HashMap<i64, Arc<Adapter>>>,
 }
 
@@ -170,7 +176,24 @@ impl Engine {
         let tok = TextTokenizer::from_file(&model_dir.join("tokenizer.json"))?;
         let ip = model.image_processor.clone().with_context(|| format!("{} has no vision tower; the loop needs a LLaVA model", model_dir.display()))?;
         std::fs::create_dir_all(state_dir.join("checkpoints")).with_context(|| format!("cannot create {}/checkpoints", state_dir.display()))?;
-        Ok(Engine { model, tok, ip, state_dir: state_dir.to_path_buf(), adapters: Mutex::new(HashMap::new()) })
+        Ok(Engine { model, tok, ip, state_dir: state_dir.to_path_buf(), labeler: None, worker: Worker::start("rlaifd-engine"), adapters: Mutex::new(HashMap::new()) })
+    }
+
+    /// Loads the labeler `loop.labeler` names when it is a model directory ("self" and "base" need nothing).
+    pub fn with_labeler(mut self, labeler: &str) -> Result<Engine> {
+        if matches!(labeler, "self" | "base") {
+            return Ok(self);
+        }
+        let dir = PathBuf::from(labeler);
+        let model = Model::load(&dir).with_context(|| format!("loading the labeler loop.labeler = {labeler:?}"))?;
+        let tok = TextTokenizer::from_file(&dir.join("tokenizer.json")).with_context(|| format!("loading the labeler's tokenizer from {labeler}"))?;
+        self.labeler = Some((model, tok, dir));
+        Ok(self)
+    }
+
+    /// Runs `f` on the engine thread at `prio`.
+    pub async fn run<T: Send + 'static>(&self, prio: Priority, f: impl FnOnce(&Slice) -> Result<T> + Send + 'static) -> Result<T> {
+        self.worker.run(prio, f).await
     }
 
     /// The adapter of a checkpoint (None for the base). A file whose sha256 differs from the row is refused.
@@ -197,16 +220,13 @@ impl Engine {
     }
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f).await.context("engine task panicked")?
-}
 
 async fn prompt_pixels(pool: &PgPool, engine: &Arc<Engine>, p: &store::PromptRow) -> Result<Option<Arc<PixelValues>>> {
     match &p.image_sha256 {
         Some(sha) => {
             let bytes = store::image_bytes(pool, sha).await?;
             let e = engine.clone();
-            Ok(Some(Arc::new(blocking(move || e.pixels(&bytes)).await?)))
+            Ok(Some(Arc::new(engine.run(Priority::Feedback, move |_| e.pixels(&bytes)).await?)))
         }
         None => Ok(None),
     }
@@ -227,7 +247,7 @@ pub async fn run_sample_job(pool: &PgPool, engine: &Arc<Engine>, cfg: &LoopConfi
     let pixels = prompt_pixels(pool, engine, &prompt).await?;
     let seeds = cfg.answer_seeds(it.number, prompt.id);
     let (e, fcfg, question) = (engine.clone(), cfg.feedback(), prompt.instruction.clone());
-    let answers = blocking(move || {
+    let answers = engine.run(Priority::Feedback, move |_| {
         let adapter = e.adapter(&policy_row)?;
         let policy = Policy { model: &e.model, adapter: adapter.as_deref(), tokenizer: &e.tok, template: LLAVA_15_TEMPLATE };
         Ok(sample_answers(&policy, pixels.as_deref(), &question, &seeds, &fcfg)?)
@@ -245,6 +265,9 @@ pub async fn run_label_job(pool: &PgPool, engine: &Arc<Engine>, cfg: &LoopConfig
     let policy_row = store::checkpoint(pool, it.policy_id).await?;
     let reference_row = store::checkpoint(pool, it.reference_id).await?;
     let labeler_row = if cfg.labeler == "self" { policy_row.clone() } else { store::base(pool).await? };
+    if !matches!(cfg.labeler.as_str(), "self" | "base") && engine.labeler.is_none() {
+        bail!("loop.labeler = {:?} names a model directory, but the engine was loaded without it", cfg.labeler);
+    }
     let prompt = store::prompt(pool, job.prompt_id).await?;
     let pixels = prompt_pixels(pool, engine, &prompt).await?;
     let seeds = cfg.answer_seeds(it.number, prompt.id);
@@ -266,10 +289,20 @@ pub async fn run_label_job(pool: &PgPool, engine: &Arc<Engine>, cfg: &LoopConfig
         .collect();
     let ids: Vec<i64> = stored.iter().map(|r| r.id).collect();
     let (e, question, k, pair_seed) = (engine.clone(), prompt.instruction.clone(), cfg.pairs_per_prompt, cfg.pair_seed(it.number, prompt.id));
-    let labeler_name = if cfg.labeler == "self" { format!("self:{}", policy_row.id) } else { "base".to_string() };
-    let (labeled, pairs) = blocking(move || {
-        let lab_adapter = e.adapter(&labeler_row)?;
-        let labeler = Labeler::new(&e.model, lab_adapter.as_deref(), &e.tok, LLAVA_15_TEMPLATE)?;
+    let labeler_name = match cfg.labeler.as_str() {
+        "self" => format!("self:{}", policy_row.id),
+        "base" => "base".to_string(),
+        dir => format!("model:{dir}"),
+    };
+    let (labeled, pairs) = engine.run(Priority::Feedback, move |_| {
+        let lab_adapter = match &e.labeler {
+            Some(_) => None,
+            None => e.adapter(&labeler_row)?,
+        };
+        let labeler = match &e.labeler {
+            Some((m, tok, _)) => Labeler::new(m, None, tok, LLAVA_15_TEMPLATE)?,
+            None => Labeler::new(&e.model, lab_adapter.as_deref(), &e.tok, LLAVA_15_TEMPLATE)?,
+        };
         let fb = label_answers(&labeler, &ShapesExtractor, pixels.as_deref(), &question, answers, k, pair_seed)?;
         let ref_adapter = e.adapter(&reference_row)?;
         let prompt_ids = e.tok.encode(&engine::tokenizer::apply_template(LLAVA_15_TEMPLATE, &question), true)?;
@@ -334,7 +367,7 @@ pub async fn run_training(pool: &PgPool, engine: &Arc<Engine>, cfg: &LoopConfig,
     }
     // Decoding and preprocessing is CPU work: off the async runtime.
     let e = engine.clone();
-    let images: HashMap<String, Arc<PixelValues>> = blocking(move || encoded.into_iter().map(|(sha, b)| Ok((sha, Arc::new(e.pixels(&b)?)))).collect()).await?;
+    let images: HashMap<String, Arc<PixelValues>> = engine.run(Priority::Feedback, move |_| encoded.into_iter().map(|(sha, b)| Ok((sha, Arc::new(e.pixels(&b)?)))).collect()).await?;
     let eos = *engine.model.llm.cfg.eos_token_ids.first().unwrap_or(&2);
     // (prompt ids, chosen ids, rejected ids, image, reference log-probs)
     type Owned = (Vec<u32>, Vec<u32>, Vec<u32>, Option<Arc<PixelValues>>, (f64, f64));
@@ -355,7 +388,7 @@ pub async fn run_training(pool: &PgPool, engine: &Arc<Engine>, cfg: &LoopConfig,
     let out_dir = engine.state_dir.join("checkpoints").join(format!("iter-{:04}", it.number));
     let (e, c) = (engine.clone(), cfg.clone());
     let dir = out_dir.clone();
-    let (steps, losses) = blocking(move || {
+    let (steps, losses) = engine.run(Priority::Train, move |slice| {
         let mut adapter = match e.adapter(&policy_row)? {
             Some(a) => e.model.load_adapter(&a.path)?,
             None => {
@@ -372,6 +405,8 @@ pub async fn run_training(pool: &PgPool, engine: &Arc<Engine>, cfg: &LoopConfig,
         train_dpo(&e.model, &mut adapter, &tp, &refs, &tcfg, &mut opt, None, |log| {
             losses.push(serde_json::json!({ "step": log.step, "loss": log.loss, "reward_accuracy": log.reward_accuracy, "reward_margin": log.reward_margin }));
             progress(log.step, log.total_steps, log.loss);
+            // Training runs in slices: serving requests queued meanwhile run between optimizer steps.
+            slice.yield_to_urgent();
         })?;
         if losses.iter().any(|l| !l["loss"].as_f64().is_some_and(f64::is_finite)) {
             bail!("training diverged (non-finite loss); candidate discarded");
@@ -398,9 +433,9 @@ fn it_seed(dir: &Path) -> u64 {
 /// Held-out exact metrics of a checkpoint (ShapesWorld), as stored with it.
 pub async fn evaluate(engine: &Arc<Engine>, cfg: &LoopConfig, c: &CheckpointRow) -> Result<serde_json::Value> {
     let (e, c, cfg) = (engine.clone(), c.clone(), cfg.clone());
-    blocking(move || {
+    engine.run(Priority::Feedback, move |slice| {
         let adapter = e.adapter(&c)?;
-        let report = crate::shapes_eval::evaluate(&e.model, adapter.as_deref(), &e.tok, &e.ip, cfg.eval_seed, cfg.eval_count, e.ip.crop_width, 64, |_| {})?;
+        let report = crate::shapes_eval::evaluate(&e.model, adapter.as_deref(), &e.tok, &e.ip, cfg.eval_seed, cfg.eval_count, e.ip.crop_width, 64, |_| slice.yield_to_urgent())?;
         Ok(report.summary())
     })
     .await
@@ -473,6 +508,57 @@ async fn drain_jobs(pool: &PgPool, engine: &Arc<Engine>, cfg: &LoopConfig, it: &
     }
 }
 
+/// What [`advance_sampling`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SamplingStep {
+    /// Sample or label jobs are still open: nothing to do yet.
+    Open,
+    /// Too few pairs: sample jobs for more prompts were queued.
+    MorePrompts,
+    /// Enough pairs (or no prompts left): the iteration moved to training.
+    Training,
+}
+
+/// Moves an iteration in the sampling stage on once its jobs are done: to training when it has
+/// `pairs_per_iteration` pairs (or no unused prompts are left), else queues more prompts. An iteration that ends
+/// with no pairs at all is marked failed (an error).
+pub async fn advance_sampling(pool: &PgPool, cfg: &LoopConfig, it: &IterationRow) -> Result<SamplingStep> {
+    let (open, _, _) = store::job_counts(pool, it.id).await?;
+    if open > 0 {
+        return Ok(SamplingStep::Open);
+    }
+    // Too few pairs (answers that all scored the same make none): sample more prompts while any are left.
+    let pairs = store::iteration_pairs(pool, it.id).await?.len();
+    if pairs < cfg.pairs_per_iteration {
+        let more = store::unused_train_prompts(pool, cfg.prompts_per_iteration as i64).await?;
+        if !more.is_empty() {
+            store::add_sample_jobs(pool, it.id, &more).await?;
+            return Ok(SamplingStep::MorePrompts);
+        }
+    }
+    if pairs == 0 {
+        store::set_stage(pool, it.id, "failed").await?;
+        store::event(pool, "iteration_failed", "trainer", serde_json::json!({ "iteration": it.number, "reason": "no pairs" })).await?;
+        bail!("iteration {}: labeling produced no pairs", it.number);
+    }
+    store::set_stage(pool, it.id, "training").await?;
+    Ok(SamplingStep::Training)
+}
+
+/// Starts the next iteration from the promoted checkpoint on `prompts_per_iteration` unused training prompts
+/// (the open one is returned if there is one).
+pub async fn start_iteration(pool: &PgPool, cfg: &LoopConfig) -> Result<IterationRow> {
+    if let Some(it) = store::open_iteration(pool).await? {
+        return Ok(it);
+    }
+    let prompts = store::unused_train_prompts(pool, cfg.prompts_per_iteration as i64).await?;
+    if prompts.is_empty() {
+        bail!("no unused training prompts left (import more prompts or generate them)");
+    }
+    let config = serde_json::to_value(cfg)?;
+    store::start_iteration(pool, &config, &prompts, cfg.reference == "base").await
+}
+
 /// Where an iteration stands, for progress display.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stage {
@@ -496,38 +582,15 @@ pub struct IterationOutcome {
 /// time, each stored with its job's completion), train the candidate, gate it. A rerun after a crash picks up
 /// where the database says the iteration stands.
 pub async fn run_iteration(pool: &PgPool, engine: &Arc<Engine>, cfg: &LoopConfig, owner: &str, progress: Arc<dyn Fn(Stage, usize, usize) + Send + Sync>) -> Result<IterationOutcome> {
-    let it = match store::open_iteration(pool).await? {
-        Some(it) => it,
-        None => {
-            let prompts = store::unused_train_prompts(pool, cfg.prompts_per_iteration as i64).await?;
-            if prompts.is_empty() {
-                bail!("no unused training prompts left (import more prompts or generate them)");
-            }
-            let config = serde_json::to_value(cfg)?;
-            store::start_iteration(pool, &config, &prompts, cfg.reference == "base").await?
-        }
-    };
+    let it = start_iteration(pool, cfg).await?;
     if it.stage == "sampling" {
         loop {
             drain_jobs(pool, engine, cfg, &it, owner, &progress).await?;
-            // Too few pairs (answers that all scored the same make none): sample more prompts while any are left.
-            let pairs = store::iteration_pairs(pool, it.id).await?.len();
-            if pairs >= cfg.pairs_per_iteration {
-                break;
+            match advance_sampling(pool, cfg, &it).await? {
+                SamplingStep::Training => break,
+                SamplingStep::MorePrompts | SamplingStep::Open => continue,
             }
-            let more = store::unused_train_prompts(pool, cfg.prompts_per_iteration as i64).await?;
-            if more.is_empty() {
-                break;
-            }
-            store::add_sample_jobs(pool, it.id, &more).await?;
         }
-        let pairs = store::iteration_pairs(pool, it.id).await?.len();
-        if pairs == 0 {
-            store::set_stage(pool, it.id, "failed").await?;
-            store::event(pool, "iteration_failed", "trainer", serde_json::json!({ "iteration": it.number, "reason": "no pairs" })).await?;
-            bail!("iteration {}: labeling produced no pairs", it.number);
-        }
-        store::set_stage(pool, it.id, "training").await?;
     }
     let p = progress.clone();
     let cand = run_training(pool, engine, cfg, &it, move |s, t, _| p(Stage::Train, s, t)).await;

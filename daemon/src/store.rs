@@ -13,15 +13,17 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 /// Stores an image (PNG/JPEG bytes) once; returns its sha256. The bytes must decode.
-pub async fn insert_image(pool: &PgPool, bytes: &[u8]) -> Result<String> {
+/// Stores an image (idempotent: content-addressed); on the pool or inside a transaction (`&mut tx`).
+pub async fn insert_image<'a>(db: impl sqlx::Acquire<'a, Database = Postgres>, bytes: &[u8]) -> Result<String> {
     let img = engine::image::decode_rgb8(bytes, "image")?;
+    let mut conn = db.acquire().await?;
     let sha = sha256_hex(bytes);
     sqlx::query("INSERT INTO images (sha256, bytes, width, height) VALUES ($1, $2, $3, $4) ON CONFLICT (sha256) DO NOTHING")
         .bind(&sha)
         .bind(bytes)
         .bind(img.width() as i32)
         .bind(img.height() as i32)
-        .execute(pool)
+        .execute(&mut *conn)
         .await?;
     Ok(sha)
 }
@@ -41,7 +43,8 @@ pub struct NewPrompt {
 }
 
 /// Inserts a prompt (or finds the identical one); returns its id.
-pub async fn insert_prompt(pool: &PgPool, p: &NewPrompt) -> Result<i64> {
+pub async fn insert_prompt<'a>(db: impl sqlx::Acquire<'a, Database = Postgres>, p: &NewPrompt) -> Result<i64> {
+    let mut conn = db.acquire().await?;
     let id: Option<i64> = sqlx::query_scalar(
         "INSERT INTO prompts (image_sha256, instruction, source, split, ground_truth) VALUES ($1, $2, $3, $4, $5)
          ON CONFLICT (image_sha256, instruction, split) DO NOTHING RETURNING id",
@@ -51,7 +54,7 @@ pub async fn insert_prompt(pool: &PgPool, p: &NewPrompt) -> Result<i64> {
     .bind(&p.source)
     .bind(&p.split)
     .bind(&p.ground_truth)
-    .fetch_optional(pool)
+    .fetch_optional(&mut *conn)
     .await?;
     if let Some(id) = id {
         return Ok(id);
@@ -60,7 +63,7 @@ pub async fn insert_prompt(pool: &PgPool, p: &NewPrompt) -> Result<i64> {
         .bind(&p.image_sha256)
         .bind(&p.instruction)
         .bind(&p.split)
-        .fetch_one(pool)
+        .fetch_one(&mut *conn)
         .await?)
 }
 

@@ -1,0 +1,222 @@
+//! The daemon's configuration: `config/default.toml` (embedded) < `/etc/rlaifd/rlaifd.toml` or `--config FILE` <
+//! `RLAIFD__SECTION__KEY` environment variables. Unknown keys, wrong types and invalid values are refused at
+//! start with the key named.
+
+use crate::rlaif::LoopConfig;
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+
+/// The embedded defaults (the repository's `config/default.toml`).
+pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
+/// The system-wide file read when no `--config` is given (if it exists).
+pub const SYSTEM_FILE: &str = "/etc/rlaifd/rlaifd.toml";
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub database: DatabaseConfig,
+    pub model: ModelConfig,
+    pub state: StateConfig,
+    pub server: ServerConfig,
+    pub control: ControlConfig,
+    pub daemon: DaemonConfig,
+    pub log: LogConfig,
+    #[serde(rename = "loop")]
+    pub loop_: LoopConfig,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    pub url: String,
+    pub max_connections: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub path: PathBuf,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    pub dir: PathBuf,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    pub bind: String,
+    pub token: String,
+    pub max_body_bytes: usize,
+    pub max_image_side: u32,
+    pub max_tokens: usize,
+    pub max_n: usize,
+    pub workers: usize,
+    pub join_prompt_pool: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlConfig {
+    pub socket: PathBuf,
+    pub group: String,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonConfig {
+    pub auto_iterate: bool,
+    pub prompt_source: String,
+    pub poll_s: f64,
+    pub max_iterations: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    pub format: String,
+    pub level: String,
+}
+
+impl Config {
+    /// The layered configuration: defaults, then `file` (or the system file when it exists), then the environment.
+    pub fn load(file: Option<&Path>) -> Result<Config> {
+        Self::load_with_env(file, std::env::vars())
+    }
+
+    /// `load` with an explicit environment (tests).
+    pub fn load_with_env(file: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Config> {
+        let mut b = config::Config::builder().add_source(config::File::from_str(DEFAULT_TOML, config::FileFormat::Toml));
+        let file = match file {
+            Some(f) => {
+                if !f.is_file() {
+                    bail!("config file {} does not exist (give an existing TOML file to --config)", f.display());
+                }
+                Some(f.to_path_buf())
+            }
+            None => Some(PathBuf::from(SYSTEM_FILE)).filter(|p| p.is_file()),
+        };
+        if let Some(f) = &file {
+            // Read it ourselves: the error then names the file, and invalid UTF-8 is caught here.
+            let text = std::fs::read(f).with_context(|| format!("cannot read config file {}", f.display()))?;
+            let text = String::from_utf8(text).map_err(|_| anyhow::anyhow!("config file {} is not UTF-8 text", f.display()))?;
+            toml_syntax_check(&text).with_context(|| format!("config file {} is not valid TOML", f.display()))?;
+            b = b.add_source(config::File::from_str(&text, config::FileFormat::Toml));
+        }
+        let vars: config::Map<String, String> = env.into_iter().filter(|(k, _)| k.starts_with("RLAIFD__")).collect();
+        for k in vars.keys() {
+            let rest = &k["RLAIFD__".len()..];
+            if rest.split("__").count() != 2 {
+                bail!("environment variable {k}: expected RLAIFD__SECTION__KEY (e.g. RLAIFD__SERVER__BIND)");
+            }
+        }
+        b = b.add_source(config::Environment::with_prefix("RLAIFD").prefix_separator("__").separator("__").try_parsing(true).source(Some(vars)));
+        let merged = b.build().map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
+        let cfg: Config = merged.try_deserialize().map_err(|e| anyhow::anyhow!("configuration{}: {e}", file.as_ref().map(|f| format!(" ({})", f.display())).unwrap_or_default()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        self.loop_.validate()?;
+        if self.database.url.trim().is_empty() {
+            bail!("database.url is empty (e.g. postgres://postgres@127.0.0.1:5432/rlaifd)");
+        }
+        if self.database.max_connections == 0 {
+            bail!("database.max_connections must be at least 1");
+        }
+        let addr: std::net::SocketAddr = self.server.bind.parse().map_err(|_| anyhow::anyhow!("server.bind {:?} is not an IP:port address (e.g. 127.0.0.1:8080)", self.server.bind))?;
+        if !addr.ip().is_loopback() && self.server.token.trim().is_empty() {
+            bail!("server.bind {} is not a loopback address: set server.token (clients then send Authorization: Bearer TOKEN)", self.server.bind);
+        }
+        if self.server.max_body_bytes < 1024 {
+            bail!("server.max_body_bytes must be at least 1024");
+        }
+        if self.server.max_image_side < 16 {
+            bail!("server.max_image_side must be at least 16");
+        }
+        if self.server.max_tokens == 0 || self.server.max_n == 0 || self.server.workers == 0 {
+            bail!("server.max_tokens, server.max_n and server.workers must be at least 1");
+        }
+        if self.control.socket.as_os_str().is_empty() {
+            bail!("control.socket is empty");
+        }
+        if !matches!(self.daemon.prompt_source.as_str(), "shapes" | "none") {
+            bail!("daemon.prompt_source {:?}: expected \"shapes\" or \"none\"", self.daemon.prompt_source);
+        }
+        if !(self.daemon.poll_s.is_finite() && self.daemon.poll_s >= 0.05) {
+            bail!("daemon.poll_s must be at least 0.05 seconds");
+        }
+        if !matches!(self.log.format.as_str(), "pretty" | "json") {
+            bail!("log.format {:?}: expected \"pretty\" or \"json\"", self.log.format);
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|e| anyhow::anyhow!("log.level {:?}: {e}", self.log.level))?;
+        Ok(())
+    }
+
+    /// The control socket's path (relative paths are under the state directory).
+    pub fn socket_path(&self) -> PathBuf {
+        if self.control.socket.is_absolute() {
+            self.control.socket.clone()
+        } else {
+            self.state.dir.join(&self.control.socket)
+        }
+    }
+}
+
+/// A TOML syntax check with the line of the first error (the `config` crate's message lacks the file).
+fn toml_syntax_check(text: &str) -> Result<()> {
+    config::Config::builder().add_source(config::File::from_str(text, config::FileFormat::Toml)).build().map(|_| ()).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(kv: &[(&str, &str)]) -> Vec<(String, String)> {
+        kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_load_and_match_the_loop_defaults() {
+        let c = Config::load_with_env(None, env(&[])).unwrap();
+        assert_eq!(c.loop_, LoopConfig::default(), "config/default.toml's [loop] and LoopConfig::default agree");
+        assert_eq!(c.server.bind, "127.0.0.1:8080");
+    }
+
+    #[test]
+    fn layers_file_then_environment_and_errors_name_the_key() {
+        let d = std::env::temp_dir().join(format!("rlaifd-config-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        let f = d.join("a.toml");
+        std::fs::write(&f, "[loop]\nn = 6\n[server]\nmax_n = 4\n").unwrap();
+        let c = Config::load_with_env(Some(&f), env(&[("RLAIFD__SERVER__MAX_N", "3"), ("OTHER", "x")])).unwrap();
+        assert_eq!((c.loop_.n, c.server.max_n), (6, 3), "file over defaults, environment over file");
+        let err = |text: &str, e: &[(&str, &str)]| {
+            std::fs::write(&f, text).unwrap();
+            format!("{:#}", Config::load_with_env(Some(&f), env(e)).unwrap_err())
+        };
+        let e = err("[loop]\nnn = 3\n", &[]);
+        assert!(e.contains("nn"), "{e}");
+        let e = err("[server]\nmax_n = \"many\"\n", &[]);
+        assert!(e.contains("max_n"), "{e}");
+        let e = err("[loop]\nn = 1\n", &[]);
+        assert!(e.contains("loop.n"), "{e}");
+        let e = err("[loop\nn = 1\n", &[]);
+        assert!(e.contains("a.toml") && e.contains("TOML"), "{e}");
+        let e = err("", &[("RLAIFD__SERVER__BIND", "0.0.0.0:80")]);
+        assert!(e.contains("server.bind") && e.contains("token"), "{e}");
+        let e = err("", &[("RLAIFD__SERVER__MAX_TOKENS", "lots")]);
+        assert!(e.contains("max_tokens"), "{e}");
+        let e = err("", &[("RLAIFD__BIND", "x")]);
+        assert!(e.contains("RLAIFD__BIND"), "{e}");
+        std::fs::write(&f, [0xff, 0xfe, b'\n']).unwrap();
+        let e = format!("{:#}", Config::load_with_env(Some(&f), env(&[])).unwrap_err());
+        assert!(e.contains("UTF-8"), "{e}");
+        let e = format!("{:#}", Config::load_with_env(Some(&d.join("missing.toml")), env(&[])).unwrap_err());
+        assert!(e.contains("missing.toml"), "{e}");
+        std::fs::remove_dir_all(&d).ok();
+    }
+}

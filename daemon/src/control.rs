@@ -1,0 +1,480 @@
+//! The Control actor and `rlaifd ctl`: a Unix stream socket (mode 0660), one JSON object per line each way.
+//! Commands: `status`, `pause`, `resume`, `iterate`, `promote <id>`, `rollback [<id>]`, `eval <id>`,
+//! `import-prompts <file>`, `drain`, `reload-config`. A malformed or unknown command gets `{"ok": false,
+//! "error": ...}` and changes nothing; every command, accepted or not, is recorded in `events`.
+
+use crate::config::Config;
+use crate::serve::{Daemon, Wake};
+use crate::store;
+use crate::worker::{Priority, PRIORITIES};
+use actix::prelude::*;
+use anyhow::{bail, Context as _, Result};
+use serde_json::{json, Value};
+use std::io::{BufRead, Write};
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+
+/// Longest command line accepted.
+pub const MAX_LINE: usize = 64 * 1024;
+/// Most prompts one `import-prompts` file may hold.
+pub const MAX_IMPORT: usize = 100_000;
+
+/// A parsed command.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Command {
+    Status,
+    Pause,
+    Resume,
+    Iterate,
+    Promote(i64),
+    Rollback(Option<i64>),
+    Eval(i64),
+    ImportPrompts(PathBuf),
+    Drain,
+    ReloadConfig,
+}
+
+/// Parses one command line: `{"cmd": "promote", "id": 5}`. Unknown fields are refused too.
+pub fn parse(line: &str) -> Result<Command> {
+    let v: Value = serde_json::from_str(line).map_err(|e| anyhow::anyhow!("not a JSON object: {e}"))?;
+    let Some(obj) = v.as_object() else { bail!("expected a JSON object like {{\"cmd\": \"status\"}}") };
+    let Some(cmd) = obj.get("cmd").and_then(|c| c.as_str()) else { bail!("missing \"cmd\" (a string: status, pause, resume, iterate, promote, rollback, eval, import-prompts, drain, reload-config)") };
+    let allowed: &[&str] = match cmd {
+        "promote" | "eval" | "rollback" => &["cmd", "id"],
+        "import-prompts" => &["cmd", "file"],
+        _ => &["cmd"],
+    };
+    if let Some(k) = obj.keys().find(|k| !allowed.contains(&k.as_str())) {
+        bail!("{cmd}: unexpected field {k:?}");
+    }
+    let id = || -> Result<Option<i64>> {
+        match obj.get("id") {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => match v.as_i64() {
+                Some(i) if i > 0 => Ok(Some(i)),
+                _ => bail!("{cmd}: \"id\" must be a positive integer checkpoint id (got {v})"),
+            },
+        }
+    };
+    let need = |x: Option<i64>| x.ok_or_else(|| anyhow::anyhow!("{cmd} needs \"id\": the checkpoint id (see `rlaifd ctl status` or the checkpoints table)"));
+    Ok(match cmd {
+        "status" => Command::Status,
+        "pause" => Command::Pause,
+        "resume" => Command::Resume,
+        "iterate" => Command::Iterate,
+        "drain" => Command::Drain,
+        "reload-config" => Command::ReloadConfig,
+        "promote" => Command::Promote(need(id()?)?),
+        "eval" => Command::Eval(need(id()?)?),
+        "rollback" => Command::Rollback(id()?),
+        "import-prompts" => {
+            let Some(f) = obj.get("file").and_then(|f| f.as_str()).filter(|f| !f.is_empty()) else { bail!("import-prompts needs \"file\": the path of a JSONL prompts file") };
+            if f.contains('\0') {
+                bail!("import-prompts: the file name contains a NUL byte");
+            }
+            Command::ImportPrompts(PathBuf::from(f))
+        }
+        other => bail!("unknown command {other:?} (status, pause, resume, iterate, promote, rollback, eval, import-prompts, drain, reload-config)"),
+    })
+}
+
+/// The Control actor: accepts connections on the socket; each connection is served by its own task.
+pub struct Control {
+    d: Arc<Daemon>,
+    listener: Option<tokio::net::UnixListener>,
+    wake: Recipient<Wake>,
+}
+
+impl Actor for Control {
+    type Context = Context<Self>;
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        let Some(listener) = self.listener.take() else { return };
+        let (d, wake) = (self.d.clone(), self.wake.clone());
+        ctx.spawn(
+            async move {
+                loop {
+                    match listener.accept().await {
+                        Ok((stream, _)) => {
+                            let (d, wake) = (d.clone(), wake.clone());
+                            actix::spawn(async move {
+                                if let Err(e) = connection(stream, &d, &wake).await {
+                                    tracing::debug!(error = %e, "control connection ended");
+                                }
+                            });
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "control socket accept failed");
+                            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                        }
+                    }
+                }
+            }
+            .into_actor(self),
+        );
+    }
+}
+
+/// Binds the socket (mode 0660, group `control.group`) and starts the Control actor.
+pub fn start(d: Arc<Daemon>, wake: Recipient<Wake>) -> Result<Addr<Control>> {
+    let cfg = d.config();
+    let path = cfg.socket_path();
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+            bail!("another rlaifd is listening on {} (stop it, or set control.socket elsewhere)", path.display());
+        }
+        std::fs::remove_file(&path).with_context(|| format!("cannot remove the stale socket {}", path.display()))?;
+    }
+    let listener = tokio::net::UnixListener::bind(&path).with_context(|| format!("cannot bind the control socket {}", path.display()))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660)).with_context(|| format!("cannot chmod 0660 {}", path.display()))?;
+    if !cfg.control.group.is_empty() {
+        let gid = group_id(&cfg.control.group).with_context(|| format!("control.group {:?} is not a group of this system (see /etc/group)", cfg.control.group))?;
+        std::os::unix::fs::chown(&path, None, Some(gid)).with_context(|| format!("cannot give {} to group {}", path.display(), cfg.control.group))?;
+    }
+    tracing::info!(socket = %path.display(), "control socket listening");
+    Ok(Control { d, listener: Some(listener), wake }.start())
+}
+
+fn group_id(name: &str) -> Option<u32> {
+    let groups = std::fs::read_to_string("/etc/group").ok()?;
+    groups.lines().find_map(|l| {
+        let mut f = l.split(':');
+        (f.next()? == name).then(|| f.nth(1)?.parse().ok())?
+    })
+}
+
+async fn connection(stream: tokio::net::UnixStream, d: &Arc<Daemon>, wake: &Recipient<Wake>) -> Result<()> {
+    let (r, mut w) = stream.into_split();
+    let mut r = tokio::io::BufReader::new(r);
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        let n = (&mut r).take(MAX_LINE as u64 + 1).read_until(b'\n', &mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        let too_long = buf.len() > MAX_LINE;
+        let reply = if too_long {
+            json!({ "ok": false, "error": format!("command longer than {MAX_LINE} bytes") })
+        } else {
+            match std::str::from_utf8(&buf) {
+                Ok(line) if line.trim().is_empty() => continue,
+                Ok(line) => handle_line(line.trim(), d, wake).await,
+                Err(_) => {
+                    let _ = store::event(&d.pool, "control_rejected", "control", json!({ "error": "not UTF-8" })).await;
+                    json!({ "ok": false, "error": "the command is not UTF-8 text" })
+                }
+            }
+        };
+        w.write_all(format!("{reply}\n").as_bytes()).await?;
+        if too_long {
+            return Ok(());
+        }
+    }
+}
+
+/// Runs one command line and returns the reply; records it in `events`.
+pub async fn handle_line(line: &str, d: &Arc<Daemon>, wake: &Recipient<Wake>) -> Value {
+    let cmd = match parse(line) {
+        Ok(c) => c,
+        Err(e) => {
+            let shown: String = line.chars().take(200).collect();
+            let _ = store::event(&d.pool, "control_rejected", "control", json!({ "line": shown, "error": format!("{e:#}") })).await;
+            return json!({ "ok": false, "error": format!("{e:#}") });
+        }
+    };
+    let r = execute(&cmd, d, wake).await;
+    let (detail, reply) = match r {
+        Ok(mut v) => {
+            v["ok"] = json!(true);
+            (json!({ "command": format!("{cmd:?}"), "ok": true }), v)
+        }
+        Err(e) => (json!({ "command": format!("{cmd:?}"), "ok": false, "error": format!("{e:#}") }), json!({ "ok": false, "error": format!("{e:#}") })),
+    };
+    let _ = store::event(&d.pool, "control", "control", detail).await;
+    tracing::info!(command = ?cmd, ok = reply["ok"].as_bool(), "control command");
+    wake.do_send(Wake);
+    reply
+}
+
+async fn execute(cmd: &Command, d: &Arc<Daemon>, _wake: &Recipient<Wake>) -> Result<Value> {
+    let pool = &d.pool;
+    match cmd {
+        Command::Status => status(d).await,
+        Command::Pause => {
+            d.paused.store(true, Ordering::SeqCst);
+            Ok(json!({ "paused": true }))
+        }
+        Command::Resume => {
+            d.paused.store(false, Ordering::SeqCst);
+            Ok(json!({ "paused": false }))
+        }
+        Command::Iterate => {
+            if d.paused.load(Ordering::SeqCst) {
+                bail!("the loop is paused: `resume` first");
+            }
+            if let Some(it) = store::open_iteration(pool).await? {
+                bail!("iteration {} is already running (stage {})", it.number, it.stage);
+            }
+            d.iterate_requested.store(true, Ordering::SeqCst);
+            Ok(json!({ "requested": true }))
+        }
+        Command::Promote(id) => {
+            let c = store::checkpoint(pool, *id).await?;
+            if c.status == "promoted" {
+                bail!("checkpoint {id} is already promoted");
+            }
+            promote(d, &c, "control", &format!("promoted by control (was {})", c.status)).await
+        }
+        Command::Rollback(id) => {
+            let current = store::promoted(pool).await?.context("no promoted checkpoint")?;
+            let target = match id {
+                Some(i) => *i,
+                None => current.parent_id.with_context(|| format!("checkpoint {} is the base model: there is nothing to roll back to", current.id))?,
+            };
+            if target == current.id {
+                bail!("checkpoint {target} is the one being served");
+            }
+            let c = store::checkpoint(pool, target).await?;
+            let v = promote(d, &c, "control", &format!("rollback from checkpoint {}", current.id)).await?;
+            store::event(pool, "rollback", "control", json!({ "from": current.id, "to": target })).await?;
+            Ok(v)
+        }
+        Command::Eval(id) => {
+            let c = store::checkpoint(pool, *id).await?;
+            let cfg = d.config();
+            let m = crate::rlaif::evaluate(&d.engine, &cfg.loop_, &c).await?;
+            store::set_metrics(pool, c.id, &m).await?;
+            Ok(json!({ "checkpoint": c.id, "metrics": m }))
+        }
+        Command::ImportPrompts(file) => import_prompts(d, file).await,
+        Command::Drain => {
+            d.draining.store(true, Ordering::SeqCst);
+            d.stop.notify_one();
+            Ok(json!({ "draining": true }))
+        }
+        Command::ReloadConfig => reload(d),
+    }
+}
+
+/// Makes `c` the promoted checkpoint (after checking its files load) and hot-swaps it in.
+async fn promote(d: &Arc<Daemon>, c: &store::CheckpointRow, actor: &str, reason: &str) -> Result<Value> {
+    // Load first: a checkpoint whose files are missing or altered is refused before anything changes.
+    let (e, row) = (d.engine.clone(), c.clone());
+    d.engine.run(Priority::Serve, move |_| e.adapter(&row).map(|_| ())).await.with_context(|| format!("checkpoint {} cannot be loaded; nothing changed", c.id))?;
+    let metrics = c.metrics.clone().unwrap_or(json!({}));
+    store::decide(&d.pool, c.id, true, &metrics, reason, actor).await?;
+    let generation = d.hot_swap(&store::checkpoint(&d.pool, c.id).await?).await?;
+    Ok(json!({ "promoted": c.id, "generation": generation }))
+}
+
+async fn status(d: &Arc<Daemon>) -> Result<Value> {
+    let pool = &d.pool;
+    let s = d.serving();
+    let open = store::open_iteration(pool).await?;
+    let last: Option<(i32, String)> = sqlx::query_as("SELECT number, stage FROM iterations ORDER BY number DESC LIMIT 1").fetch_optional(pool).await?;
+    let jobs: Vec<(String, String, i64)> = sqlx::query_as("SELECT kind, status, count(*) FROM jobs WHERE status IN ('pending', 'running') GROUP BY kind, status").fetch_all(pool).await?;
+    let mut queues = json!({ "sample": { "pending": 0, "running": 0 }, "label": { "pending": 0, "running": 0 } });
+    for (k, st, n) in jobs {
+        queues[k][st] = json!(n);
+    }
+    let engine_queue: serde_json::Map<String, Value> = PRIORITIES.iter().zip(d.engine.worker.depths()).map(|(p, n)| (p.name().to_string(), json!(n))).collect();
+    let last_decided: Option<(i64, String, Option<Value>)> = sqlx::query_as("SELECT id, status, metrics FROM checkpoints WHERE decided_at IS NOT NULL ORDER BY decided_at DESC LIMIT 1").fetch_optional(pool).await?;
+    let actors = d.actors.lock().map(|a| serde_json::to_value(&*a).unwrap_or_default()).unwrap_or_default();
+    Ok(json!({
+        "iteration": last.as_ref().map(|l| l.0),
+        "stage": if d.draining.load(Ordering::SeqCst) { "draining".to_string() } else if d.paused.load(Ordering::SeqCst) { "paused".to_string() } else { open.as_ref().map_or("idle".to_string(), |i| i.stage.clone()) },
+        "open_iteration": open.as_ref().map(|i| json!({ "number": i.number, "stage": i.stage, "policy": i.policy_id, "candidate": i.candidate_id })),
+        "paused": d.paused.load(Ordering::SeqCst),
+        "queues": queues,
+        "engine_queue": engine_queue,
+        "current": { "checkpoint": s.checkpoint.id, "generation": s.generation, "metrics": s.checkpoint.metrics, "lineage": s.lineage },
+        "candidate": open.as_ref().and_then(|i| i.candidate_id),
+        "last_decision": last_decided.map(|(id, st, m)| json!({ "checkpoint": id, "status": st, "metrics": m })),
+        "actors": actors,
+        "uptime_s": d.started.elapsed().as_secs_f64(),
+    }))
+}
+
+/// A prompts file's image path: relative, inside the file's directory (no `..`, no absolute paths).
+fn image_path(base: &Path, rel: &str, line: usize, file: &Path) -> Result<PathBuf> {
+    let p = Path::new(rel);
+    if p.is_absolute() || p.components().any(|c| !matches!(c, Component::Normal(_) | Component::CurDir)) {
+        bail!("{} line {line}: image {rel:?} must be a path inside the file's directory (no absolute paths, no ..)", file.display());
+    }
+    Ok(base.join(p))
+}
+
+async fn import_prompts(d: &Arc<Daemon>, file: &Path) -> Result<Value> {
+    if !file.is_absolute() {
+        bail!("import-prompts: {} is not an absolute path (`rlaifd ctl` makes it absolute; raw clients must)", file.display());
+    }
+    let text = tokio::fs::read(file).await.with_context(|| format!("cannot read {}", file.display()))?;
+    let text = String::from_utf8(text).map_err(|_| anyhow::anyhow!("{} is not UTF-8 text", file.display()))?;
+    let base = file.parent().unwrap_or(Path::new("/")).to_path_buf();
+    // Validate every line (and decode every image) before storing anything.
+    let mut rows = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let n = i + 1;
+        if line.trim().is_empty() {
+            continue;
+        }
+        if rows.len() >= MAX_IMPORT {
+            bail!("{}: more than {MAX_IMPORT} prompts; split the file", file.display());
+        }
+        let v: Value = serde_json::from_str(line).map_err(|e| anyhow::anyhow!("{} line {n}: not valid JSON: {e}", file.display()))?;
+        let q = v.get("question").and_then(|q| q.as_str()).filter(|q| !q.trim().is_empty()).with_context(|| format!("{} line {n}: missing \"question\" (non-empty text)", file.display()))?;
+        let split = v.get("split").and_then(|s| s.as_str()).unwrap_or("train");
+        if !matches!(split, "train" | "heldout") {
+            bail!("{} line {n}: \"split\" must be train or heldout", file.display());
+        }
+        let image = match v.get("image").and_then(|x| x.as_str()) {
+            Some(rel) => {
+                let p = image_path(&base, rel, n, file)?;
+                let bytes = tokio::fs::read(&p).await.with_context(|| format!("{} line {n}: cannot read image {}", file.display(), p.display()))?;
+                engine::image::decode_rgb8(&bytes, &p.display().to_string()).with_context(|| format!("{} line {n}", file.display()))?;
+                Some(bytes)
+            }
+            None => None,
+        };
+        rows.push((image, q.to_string(), split.to_string()));
+    }
+    if rows.is_empty() {
+        bail!("{} holds no prompts (one JSON object per line: {{\"image\": path, \"question\": text}})", file.display());
+    }
+    let mut tx = d.pool.begin().await?;
+    let before: i64 = sqlx::query_scalar("SELECT count(*) FROM prompts").fetch_one(&mut *tx).await?;
+    for (image, q, split) in &rows {
+        let sha = match image {
+            Some(b) => Some(store::insert_image(&mut *tx, b).await?),
+            None => None,
+        };
+        store::insert_prompt(&mut *tx, &store::NewPrompt { image_sha256: sha, instruction: q.clone(), source: format!("import:{}", file.display()), split: split.clone(), ground_truth: None }).await?;
+    }
+    let after: i64 = sqlx::query_scalar("SELECT count(*) FROM prompts").fetch_one(&mut *tx).await?;
+    tx.commit().await?;
+    Ok(json!({ "file": file.display().to_string(), "lines": rows.len(), "imported": after - before, "duplicates": rows.len() as i64 - (after - before) }))
+}
+
+/// Re-reads the configuration; applies [loop], [daemon], [log] and the server's limits and token. Keys that need
+/// a restart are listed. An invalid file changes nothing.
+fn reload(d: &Arc<Daemon>) -> Result<Value> {
+    let mut new = Config::load(d.config_file.as_deref()).context("reload-config: the configuration is invalid; nothing changed")?;
+    let old = d.config();
+    new.state.dir = old.state.dir.clone();
+    new.model.path = old.model.path.clone();
+    let mut restart = Vec::new();
+    if new.database != old.database {
+        restart.push("database");
+    }
+    if new.server.bind != old.server.bind || new.server.workers != old.server.workers {
+        restart.push("server.bind/server.workers");
+    }
+    if new.control != old.control {
+        restart.push("control");
+    }
+    if new.loop_.labeler != old.loop_.labeler {
+        restart.push("loop.labeler");
+        new.loop_.labeler = old.loop_.labeler.clone();
+    }
+    let mut applied = new.clone();
+    applied.database = old.database.clone();
+    applied.server.bind = old.server.bind.clone();
+    applied.server.workers = old.server.workers;
+    applied.control = old.control.clone();
+    let changed = applied != old;
+    match d.cfg.write() {
+        Ok(mut c) => *c = applied,
+        Err(p) => *p.into_inner() = applied,
+    }
+    Ok(json!({ "changed": changed, "restart_required": restart }))
+}
+
+/// `rlaifd ctl`'s arguments.
+#[derive(clap::Args, Clone, Debug)]
+pub struct CtlArgs {
+    /// The control socket (default: control.socket of the configuration).
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// Configuration file to find the socket in (default: /etc/rlaifd/rlaifd.toml when it exists).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// status | pause | resume | iterate | promote ID | rollback [ID] | eval ID | import-prompts FILE | drain | reload-config
+    #[arg(required = true, num_args = 1..)]
+    pub command: Vec<String>,
+}
+
+/// The JSON line for a command given as words.
+pub fn command_line(words: &[String]) -> Result<String> {
+    let (cmd, rest) = words.split_first().context("no command given")?;
+    let id = |s: &str| -> Result<i64> { s.parse::<i64>().ok().filter(|i| *i > 0).with_context(|| format!("{cmd}: {s:?} is not a checkpoint id")) };
+    let v = match (cmd.as_str(), rest) {
+        ("promote" | "eval", [i]) => json!({ "cmd": cmd, "id": id(i)? }),
+        ("rollback", []) => json!({ "cmd": cmd }),
+        ("rollback", [i]) => json!({ "cmd": cmd, "id": id(i)? }),
+        ("import-prompts", [f]) => {
+            let p = std::fs::canonicalize(f).with_context(|| format!("import-prompts: cannot find {f}"))?;
+            json!({ "cmd": cmd, "file": p.display().to_string() })
+        }
+        ("status" | "pause" | "resume" | "iterate" | "drain" | "reload-config", []) => json!({ "cmd": cmd }),
+        _ => bail!("usage: rlaifd ctl status | pause | resume | iterate | promote ID | rollback [ID] | eval ID | import-prompts FILE | drain | reload-config"),
+    };
+    Ok(v.to_string())
+}
+
+/// Sends one command and prints the reply; Err when the daemon answered `ok: false`.
+pub fn ctl(a: CtlArgs) -> Result<()> {
+    let socket = match &a.socket {
+        Some(s) => s.clone(),
+        None => Config::load(a.config.as_deref())?.socket_path(),
+    };
+    let line = command_line(&a.command)?;
+    let mut s = std::os::unix::net::UnixStream::connect(&socket).with_context(|| format!("cannot connect to {} (is rlaifd running? --socket names another socket)", socket.display()))?;
+    s.write_all(format!("{line}\n").as_bytes())?;
+    let mut reply = String::new();
+    std::io::BufReader::new(&s).read_line(&mut reply).with_context(|| format!("reading the reply from {}", socket.display()))?;
+    let v: Value = serde_json::from_str(reply.trim()).with_context(|| format!("the daemon's reply is not JSON: {reply:?}"))?;
+    println!("{}", serde_json::to_string_pretty(&v)?);
+    if v["ok"].as_bool() != Some(true) {
+        bail!("{}", v["error"].as_str().unwrap_or("the command failed"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_parse_and_malformed_ones_are_named() {
+        assert_eq!(parse(r#"{"cmd":"status"}"#).unwrap(), Command::Status);
+        assert_eq!(parse(r#"{"cmd":"promote","id":5}"#).unwrap(), Command::Promote(5));
+        assert_eq!(parse(r#"{"cmd":"rollback"}"#).unwrap(), Command::Rollback(None));
+        assert_eq!(parse(r#"{"cmd":"import-prompts","file":"/x/p.jsonl"}"#).unwrap(), Command::ImportPrompts("/x/p.jsonl".into()));
+        for (line, needle) in [
+            ("status", "not a JSON object"),
+            ("[1]", "expected a JSON object"),
+            (r#"{"command":"status"}"#, "missing \"cmd\""),
+            (r#"{"cmd":"launch"}"#, "unknown command \"launch\""),
+            (r#"{"cmd":"promote"}"#, "needs \"id\""),
+            (r#"{"cmd":"promote","id":"5; DROP TABLE checkpoints"}"#, "positive integer"),
+            (r#"{"cmd":"eval","id":-1}"#, "positive integer"),
+            (r#"{"cmd":"pause","id":1}"#, "unexpected field \"id\""),
+            (r#"{"cmd":"import-prompts"}"#, "needs \"file\""),
+        ] {
+            let e = format!("{:#}", parse(line).unwrap_err());
+            assert!(e.contains(needle), "{line}: {e}");
+        }
+        assert!(image_path(Path::new("/data"), "../etc/passwd", 1, Path::new("/data/p.jsonl")).is_err());
+        assert!(image_path(Path::new("/data"), "/etc/passwd", 1, Path::new("/data/p.jsonl")).is_err());
+        assert_eq!(image_path(Path::new("/data"), "img/a.png", 1, Path::new("/data/p.jsonl")).unwrap(), PathBuf::from("/data/img/a.png"));
+        assert_eq!(command_line(&["promote".into(), "7".into()]).unwrap(), r#"{"cmd":"promote","id":7}"#);
+        assert!(command_line(&["promote".into()]).is_err());
+        assert!(command_line(&["promote".into(), "x".into()]).is_err());
+    }
+}

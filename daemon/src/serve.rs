@@ -1,0 +1,542 @@
+//! `rlaifd serve`: the daemon. Long-running actix actors run RLAIF-V without a person in the loop — Sampler,
+//! Labeler, Trainer and Checkpointer claim their work from PostgreSQL (so several daemons can share a database),
+//! woken by LISTEN/NOTIFY and a poll; a Supervisor restarts a failed actor with backoff. The Server actor
+//! (actix-web) answers OpenAI-style requests on the promoted checkpoint and the Control actor takes commands on a
+//! Unix socket. Every model computation runs on the engine thread by priority (serving first).
+
+use crate::config::Config;
+use crate::rlaif::{self, Engine, SamplingStep};
+use crate::store::{self, CheckpointRow};
+use crate::worker::Priority;
+use actix::prelude::*;
+use anyhow::{Context as _, Result};
+use engine::Adapter;
+use sqlx::PgPool;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+use tracing::{error, info, warn, Instrument};
+
+/// What the Server answers with: one adapter generation. A request holds its `Arc` from start to finish, so a
+/// hot-swap never changes the weights under a request in flight.
+pub struct Serving {
+    pub generation: u64,
+    pub checkpoint: CheckpointRow,
+    pub adapter: Option<Arc<Adapter>>,
+    /// The checkpoint's parent adapter: the reference of the implicit reward (best-of-N).
+    pub reference: Option<Arc<Adapter>>,
+    /// Checkpoint ids from the base to this one.
+    pub lineage: Vec<i64>,
+}
+
+/// Request counters and latency for /metrics.
+#[derive(Default)]
+pub struct Metrics {
+    pub requests: Mutex<BTreeMap<(String, u16), u64>>,
+    pub latency_sum_s: Mutex<f64>,
+    pub latency_count: AtomicU64,
+    /// Latency histogram buckets (seconds, cumulative counts computed on output).
+    pub latency_buckets: Mutex<[u64; LATENCY_BOUNDS.len()]>,
+    pub swaps: AtomicU64,
+}
+
+pub const LATENCY_BOUNDS: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
+
+impl Metrics {
+    pub fn observe(&self, route: &str, status: u16, seconds: f64) {
+        if let Ok(mut r) = self.requests.lock() {
+            *r.entry((route.to_string(), status)).or_default() += 1;
+        }
+        if let Ok(mut s) = self.latency_sum_s.lock() {
+            *s += seconds;
+        }
+        self.latency_count.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut b) = self.latency_buckets.lock() {
+            if let Some(i) = LATENCY_BOUNDS.iter().position(|&u| seconds <= u) {
+                b[i] += 1;
+            }
+        }
+    }
+}
+
+/// How each actor is doing (for `status`).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct ActorState {
+    pub busy: bool,
+    pub restarts: u32,
+    pub last_error: Option<String>,
+    pub jobs_done: u64,
+}
+
+/// Everything the actors, the server and the control socket share.
+pub struct Daemon {
+    pub cfg: RwLock<Config>,
+    pub config_file: Option<PathBuf>,
+    pub pool: PgPool,
+    pub engine: Arc<Engine>,
+    pub serving: RwLock<Arc<Serving>>,
+    pub paused: AtomicBool,
+    pub draining: AtomicBool,
+    pub iterate_requested: AtomicBool,
+    pub metrics: Metrics,
+    pub actors: Mutex<BTreeMap<&'static str, ActorState>>,
+    /// This daemon's lease owner name (host:pid).
+    pub owner: String,
+    pub stop: tokio::sync::Notify,
+    pub started: Instant,
+    generation: AtomicU64,
+}
+
+impl Daemon {
+    pub fn config(&self) -> Config {
+        self.cfg.read().map(|c| c.clone()).unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    pub fn serving(&self) -> Arc<Serving> {
+        self.serving.read().map(|s| s.clone()).unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    fn actor(&self, name: &'static str, f: impl FnOnce(&mut ActorState)) {
+        if let Ok(mut a) = self.actors.lock() {
+            f(a.entry(name).or_default());
+        }
+    }
+
+    /// Loads `c` (adapter checked against its sha256) and makes it the served generation. Requests in flight keep
+    /// the generation they started with.
+    pub async fn hot_swap(&self, c: &CheckpointRow) -> Result<u64> {
+        let lineage = lineage(&self.pool, c.id).await?;
+        let parent = match c.parent_id {
+            Some(p) => Some(store::checkpoint(&self.pool, p).await?),
+            None => None,
+        };
+        let (e, row) = (self.engine.clone(), c.clone());
+        let (adapter, reference) = self
+            .engine
+            .run(Priority::Serve, move |_| {
+                let a = e.adapter(&row)?;
+                let r = match &parent {
+                    Some(p) => e.adapter(p)?,
+                    None => None,
+                };
+                Ok((a, r))
+            })
+            .await?;
+        let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        let next = Arc::new(Serving { generation, checkpoint: c.clone(), adapter, reference, lineage });
+        match self.serving.write() {
+            Ok(mut s) => *s = next,
+            Err(p) => *p.into_inner() = next,
+        }
+        self.metrics.swaps.fetch_add(1, Ordering::Relaxed);
+        info!(checkpoint = c.id, generation, "hot-swapped the served checkpoint");
+        Ok(generation)
+    }
+}
+
+/// Checkpoint ids from the base to `id`.
+pub async fn lineage(pool: &PgPool, id: i64) -> Result<Vec<i64>> {
+    let ids: Vec<i64> = sqlx::query_scalar(
+        "WITH RECURSIVE up(id, parent_id, depth) AS (SELECT id, parent_id, 0 FROM checkpoints WHERE id = $1
+         UNION ALL SELECT c.id, c.parent_id, up.depth + 1 FROM checkpoints c JOIN up ON c.id = up.parent_id)
+         SELECT id FROM up ORDER BY depth DESC",
+    )
+    .bind(id)
+    .fetch_all(pool)
+    .await?;
+    Ok(ids)
+}
+
+/// The roles of the loop's actors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Sampler,
+    Labeler,
+    Trainer,
+    Checkpointer,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Sampler => "sampler",
+            Role::Labeler => "labeler",
+            Role::Trainer => "trainer",
+            Role::Checkpointer => "checkpointer",
+        }
+    }
+}
+
+/// Wakes an actor now (LISTEN/NOTIFY, a control command, or its own poll).
+#[derive(Message, Clone, Copy)]
+#[rtype(result = "()")]
+pub struct Wake;
+
+/// One loop actor: claims and runs the work of its role, one item at a time, until none is left, then waits for a
+/// wake-up. An error stops it; the actix Supervisor restarts it after a backoff.
+pub struct LoopActor {
+    role: Role,
+    d: Arc<Daemon>,
+    busy: bool,
+    failures: u32,
+    not_before: Instant,
+}
+
+impl LoopActor {
+    pub fn new(role: Role, d: Arc<Daemon>) -> LoopActor {
+        LoopActor { role, d, busy: false, failures: 0, not_before: Instant::now() }
+    }
+
+    fn tick(&mut self, ctx: &mut Context<Self>) {
+        if self.busy || Instant::now() < self.not_before {
+            return;
+        }
+        self.busy = true;
+        let (role, d) = (self.role, self.d.clone());
+        d.actor(role.name(), |a| a.busy = true);
+        let span = tracing::info_span!("actor", role = role.name());
+        let fut = async move { step(role, &d).await }.instrument(span);
+        ctx.spawn(fut.into_actor(self).map(|res, act, ctx| {
+            act.busy = false;
+            act.d.actor(act.role.name(), |a| a.busy = false);
+            match res {
+                Ok(true) => {
+                    act.failures = 0;
+                    act.d.actor(act.role.name(), |a| a.jobs_done += 1);
+                    ctx.notify(Wake);
+                }
+                Ok(false) => act.failures = 0,
+                Err(e) => {
+                    let msg = format!("{e:#}");
+                    error!(actor = act.role.name(), error = %msg, "actor failed; the supervisor restarts it");
+                    act.d.actor(act.role.name(), |a| a.last_error = Some(msg.clone()));
+                    let (pool, name) = (act.d.pool.clone(), act.role.name());
+                    actix::spawn(async move {
+                        let _ = store::event(&pool, "actor_failed", name, serde_json::json!({ "error": msg })).await;
+                    });
+                    ctx.stop();
+                }
+            }
+        }));
+    }
+}
+
+impl Actor for LoopActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        let poll = Duration::from_secs_f64(self.d.config().daemon.poll_s);
+        ctx.run_interval(poll, |act, ctx| act.tick(ctx));
+        ctx.notify(Wake);
+    }
+}
+
+impl Supervised for LoopActor {
+    fn restarting(&mut self, _ctx: &mut Context<Self>) {
+        self.failures += 1;
+        self.busy = false;
+        // 1 s, 2 s, 4 s ... at most 60 s.
+        let backoff = Duration::from_secs(1u64 << self.failures.min(6)).min(Duration::from_secs(60));
+        self.not_before = Instant::now() + backoff;
+        self.d.actor(self.role.name(), |a| a.restarts += 1);
+        warn!(actor = self.role.name(), restarts = self.failures, backoff_s = backoff.as_secs(), "restarting actor");
+    }
+}
+
+impl Handler<Wake> for LoopActor {
+    type Result = ();
+    fn handle(&mut self, _: Wake, ctx: &mut Context<Self>) {
+        self.tick(ctx);
+    }
+}
+
+/// The Supervisor: starts the loop actors under actix supervision, fans wake-ups out to them and listens to
+/// PostgreSQL notifications.
+pub struct Supervisor {
+    d: Arc<Daemon>,
+    actors: Vec<Addr<LoopActor>>,
+}
+
+impl Supervisor {
+    pub fn new(d: Arc<Daemon>) -> Supervisor {
+        Supervisor { d, actors: Vec::new() }
+    }
+}
+
+impl Actor for Supervisor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        for role in [Role::Checkpointer, Role::Sampler, Role::Labeler, Role::Trainer] {
+            let d = self.d.clone();
+            self.d.actor(role.name(), |_| {});
+            self.actors.push(actix::Supervisor::start(move |_| LoopActor::new(role, d)));
+        }
+        // LISTEN/NOTIFY: the schema's triggers notify channel `rlaifd` on new jobs, pairs and checkpoints.
+        let (d, me) = (self.d.clone(), ctx.address());
+        ctx.spawn(
+            async move {
+                loop {
+                    match sqlx::postgres::PgListener::connect_with(&d.pool).await {
+                        Ok(mut l) => {
+                            if l.listen("rlaifd").await.is_ok() {
+                                while let Ok(_n) = l.recv().await {
+                                    me.do_send(Wake);
+                                }
+                            }
+                        }
+                        Err(e) => warn!(error = %e, "LISTEN failed; polling only, retrying in 5 s"),
+                    }
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                }
+            }
+            .into_actor(self),
+        );
+    }
+}
+
+impl Handler<Wake> for Supervisor {
+    type Result = ();
+    fn handle(&mut self, _: Wake, _: &mut Context<Self>) {
+        for a in &self.actors {
+            a.do_send(Wake);
+        }
+    }
+}
+
+/// One unit of an actor's work. Ok(true): it did something (run again at once); Ok(false): nothing to do.
+async fn step(role: Role, d: &Arc<Daemon>) -> Result<bool> {
+    let cfg = d.config();
+    match role {
+        Role::Checkpointer => checkpointer_step(d, &cfg).await,
+        _ if d.paused.load(Ordering::SeqCst) || d.draining.load(Ordering::SeqCst) => Ok(false),
+        Role::Sampler | Role::Labeler => {
+            let kind = if role == Role::Sampler { "sample" } else { "label" };
+            let Some(job) = store::claim_jobs(&d.pool, kind, &d.owner, 1, cfg.loop_.lease_s).await?.into_iter().next() else { return Ok(false) };
+            let span = tracing::info_span!("job", kind, id = job.id, prompt = job.prompt_id, iteration = job.iteration_id);
+            let r = async {
+                if kind == "sample" {
+                    rlaif::run_sample_job(&d.pool, &d.engine, &cfg.loop_, &job, &d.owner).await
+                } else {
+                    rlaif::run_label_job(&d.pool, &d.engine, &cfg.loop_, &job, &d.owner).await
+                }
+            }
+            .instrument(span)
+            .await;
+            if let Err(e) = r {
+                warn!(job = job.id, error = %format!("{e:#}"), "job failed");
+                store::fail_job(&d.pool, &job, &format!("{e:#}"), cfg.loop_.max_attempts).await?;
+            }
+            Ok(true)
+        }
+        Role::Trainer => trainer_step(d, &cfg).await,
+    }
+}
+
+/// Starts iterations (automatically or on `iterate`), moves sampling on, trains candidates.
+async fn trainer_step(d: &Arc<Daemon>, cfg: &Config) -> Result<bool> {
+    let pool = &d.pool;
+    let Some(it) = store::open_iteration(pool).await? else {
+        let finished = store::finished_iterations(pool).await? as u64;
+        let requested = d.iterate_requested.swap(false, Ordering::SeqCst);
+        let auto = cfg.daemon.auto_iterate && (cfg.daemon.max_iterations == 0 || finished < cfg.daemon.max_iterations);
+        if !(requested || auto) {
+            return Ok(false);
+        }
+        top_up_prompts(d, cfg).await?;
+        let it = rlaif::start_iteration(pool, &cfg.loop_).await?;
+        info!(iteration = it.number, policy = it.policy_id, "iteration started");
+        return Ok(true);
+    };
+    match it.stage.as_str() {
+        "sampling" => match rlaif::advance_sampling(pool, &cfg.loop_, &it).await? {
+            SamplingStep::Open => Ok(false),
+            SamplingStep::MorePrompts => Ok(true),
+            SamplingStep::Training => Ok(true),
+        },
+        "training" => {
+            let span = tracing::info_span!("train", iteration = it.number);
+            let n = it.number;
+            let r = rlaif::run_training(pool, &d.engine, &cfg.loop_, &it, move |s, t, loss| {
+                if s == t || s % 10 == 0 {
+                    info!(iteration = n, step = s, steps = t, loss, "training");
+                }
+            })
+            .instrument(span)
+            .await;
+            if let Err(e) = r {
+                let reason = format!("{e:#}");
+                store::set_stage(pool, it.id, "failed").await?;
+                store::event(pool, "iteration_failed", "trainer", serde_json::json!({ "iteration": it.number, "reason": reason })).await?;
+                warn!(iteration = it.number, error = %reason, "training failed; the iteration is marked failed");
+            }
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
+}
+
+/// Keeps enough unused training prompts for the next iteration when the daemon generates its own (ShapesWorld).
+async fn top_up_prompts(d: &Arc<Daemon>, cfg: &Config) -> Result<()> {
+    if cfg.daemon.prompt_source != "shapes" {
+        return Ok(());
+    }
+    let unused = store::count_unused_train_prompts(&d.pool).await? as usize;
+    let want = 2 * cfg.loop_.prompts_per_iteration;
+    if unused < want {
+        let total = store::count_prompts(&d.pool, "train").await? as usize;
+        crate::demo::ensure_shapes_prompts(&d.pool, cfg.loop_.seed, total + want - unused, d.engine.ip.crop_width).await?;
+    }
+    Ok(())
+}
+
+/// Gates candidates and keeps the served generation on the promoted checkpoint (whoever promoted it: this
+/// daemon, `rlaifd ctl promote`, or another daemon on the same database).
+async fn checkpointer_step(d: &Arc<Daemon>, cfg: &Config) -> Result<bool> {
+    let pool = &d.pool;
+    if let Some(p) = store::promoted(pool).await? {
+        if p.id != d.serving().checkpoint.id {
+            match d.hot_swap(&p).await {
+                Ok(_) => return Ok(true),
+                Err(e) => {
+                    // A promoted checkpoint that cannot be loaded (missing or altered files) is never served.
+                    let reason = format!("{e:#}");
+                    error!(checkpoint = p.id, error = %reason, "cannot serve the promoted checkpoint; rolling back to its parent");
+                    if let Some(parent) = p.parent_id {
+                        store::decide(pool, parent, true, &store::checkpoint(pool, parent).await?.metrics.unwrap_or_default(), &format!("checkpoint {} cannot be loaded: {reason}", p.id), "checkpointer").await?;
+                        sqlx::query("UPDATE checkpoints SET status = 'rejected' WHERE id = $1").bind(p.id).execute(pool).await?;
+                    }
+                    return Ok(true);
+                }
+            }
+        }
+    }
+    if d.paused.load(Ordering::SeqCst) || d.draining.load(Ordering::SeqCst) {
+        return Ok(false);
+    }
+    let Some(it) = store::open_iteration(pool).await? else { return Ok(false) };
+    if it.stage != "evaluating" {
+        return Ok(false);
+    }
+    let span = tracing::info_span!("gate", iteration = it.number, candidate = it.candidate_id);
+    let (promoted, metrics) = rlaif::run_gate(pool, &d.engine, &cfg.loop_, &it).instrument(span).await?;
+    info!(iteration = it.number, promoted, chair_i = metrics["chair_i"].as_f64(), cover = metrics["cover"].as_f64(), "candidate gated");
+    Ok(true)
+}
+
+/// Command-line options of `rlaifd serve`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ServeArgs {
+    /// Configuration file (default: /etc/rlaifd/rlaifd.toml when it exists); see config/default.toml.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Check the configuration, print it as JSON and exit.
+    #[arg(long)]
+    pub check_config: bool,
+}
+
+fn init_tracing(cfg: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log.level).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = if cfg.log.format == "json" { b.json().try_init() } else { b.try_init() };
+}
+
+/// Absolute form of a configured path (checkpoint rows and the socket outlive the working directory).
+fn absolute(p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir().map(|c| c.join(p)).unwrap_or_else(|_| p.to_path_buf())
+    }
+}
+
+/// Runs the daemon until SIGTERM/SIGINT or `drain`.
+pub fn run(args: ServeArgs) -> Result<()> {
+    let mut cfg = Config::load(args.config.as_deref())?;
+    if args.check_config {
+        println!("{}", serde_json::to_string_pretty(&cfg)?);
+        return Ok(());
+    }
+    cfg.state.dir = absolute(&cfg.state.dir);
+    cfg.model.path = absolute(&cfg.model.path);
+    init_tracing(&cfg);
+    let system = actix::System::new();
+    let res = system.block_on(async move { run_async(cfg, args.config).await });
+    if let Err(e) = &res {
+        error!(error = %format!("{e:#}"), "rlaifd stopped");
+        eprintln!("rlaifd: {e:#}");
+    }
+    // Everything is stored and the leases are released: exit without running the actors' destructors, which
+    // would touch the database outside the (now stopped) runtime.
+    std::process::exit(if res.is_ok() { 0 } else { 1 });
+}
+
+async fn run_async(cfg: Config, config_file: Option<PathBuf>) -> Result<()> {
+    crate::notify::status("connecting to PostgreSQL");
+    std::fs::create_dir_all(&cfg.state.dir).with_context(|| format!("cannot create state.dir {}", cfg.state.dir.display()))?;
+    let pool = crate::db::open(&cfg.database.url, cfg.database.max_connections).await?;
+    info!(database = %crate::db::redacted(&cfg.database.url), "database ready (migrated)");
+    crate::notify::status("loading the model");
+    let (model_dir, state, labeler) = (cfg.model.path.clone(), cfg.state.dir.clone(), cfg.loop_.labeler.clone());
+    let engine = Arc::new(tokio::task::spawn_blocking(move || Engine::load(&model_dir, &state)?.with_labeler(&labeler)).await.context("loading the model")??);
+    let base = store::ensure_base(&pool, &cfg.model.path.display().to_string(), None).await?;
+    let promoted = store::promoted(&pool).await?.unwrap_or(base.clone());
+    let owner = format!("{}:{}", hostname(), std::process::id());
+    let d = Arc::new(Daemon {
+        cfg: RwLock::new(cfg.clone()),
+        config_file,
+        pool: pool.clone(),
+        engine,
+        serving: RwLock::new(Arc::new(Serving { generation: 0, checkpoint: base.clone(), adapter: None, reference: None, lineage: vec![base.id] })),
+        paused: AtomicBool::new(false),
+        draining: AtomicBool::new(false),
+        iterate_requested: AtomicBool::new(false),
+        metrics: Metrics::default(),
+        actors: Mutex::new(BTreeMap::new()),
+        owner,
+        stop: tokio::sync::Notify::new(),
+        started: Instant::now(),
+        generation: AtomicU64::new(0),
+    });
+    d.hot_swap(&promoted).await.with_context(|| format!("loading the promoted checkpoint {}", promoted.id))?;
+    store::event(&pool, "daemon_started", "supervisor", serde_json::json!({ "owner": d.owner, "pid": std::process::id(), "serving": promoted.id })).await?;
+    let server = crate::server::start(d.clone())?;
+    let server_handle = server.handle();
+    actix::spawn(server);
+    let sup = Supervisor::new(d.clone()).start();
+    let control = crate::control::start(d.clone(), sup.clone().recipient())?;
+    crate::notify::ready(&format!("serving checkpoint {} on {}", promoted.id, cfg.server.bind));
+    let watchdog = crate::notify::spawn_watchdog();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let why = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+        _ = d.stop.notified() => "drain",
+    };
+    info!(reason = why, "shutting down: finishing current work");
+    crate::notify::stopping(&format!("stopping ({why})"));
+    d.draining.store(true, Ordering::SeqCst);
+    // Finish what is running (a job, a training slice loop, a gate), then stop.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while d.actors.lock().map(|a| a.values().any(|s| s.busy)).unwrap_or(false) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    server_handle.stop(true).await;
+    drop(control);
+    let released = store::release_leases(&pool, &d.owner).await.unwrap_or(0);
+    let _ = store::event(&pool, "daemon_stopped", "supervisor", serde_json::json!({ "owner": d.owner, "reason": why, "leases_released": released })).await;
+    let _ = std::fs::remove_file(d.config().socket_path());
+    drop(watchdog);
+    d.engine.worker.close();
+    let _ = tokio::time::timeout(Duration::from_secs(5), pool.close()).await;
+    info!("stopped");
+    System::current().stop();
+    Ok(())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "host".into())
+}

@@ -1,0 +1,438 @@
+//! The Server actor: actix-web with OpenAI-compatible `POST /v1/chat/completions` (text and an image as a data
+//! URL; `n`, `temperature`, `top_p`, `max_tokens`, `seed`, `best_of`), `GET /v1/models` (the served checkpoint
+//! and its lineage), `GET /healthz` and `GET /metrics` (Prometheus text). Each request takes the served
+//! generation once, at its start, and finishes on it: a hot-swap never changes weights under a request.
+
+use crate::serve::{Daemon, LATENCY_BOUNDS};
+use crate::store;
+use crate::worker::{Priority, PRIORITIES};
+use actix_web::dev::Service as _;
+use actix_web::http::StatusCode;
+use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer, ResponseError};
+use anyhow::{Context, Result};
+use base64::Engine as _;
+use engine::generate::{generate, FinishReason, GenerateRequest};
+use engine::sampling::SamplingParams;
+use engine::tokenizer::{apply_template, LLAVA_15_TEMPLATE, TEXT_TEMPLATE};
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// An error answered as OpenAI does: `{"error": {"message", "type", "code"}}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError { status, message: message.into() }
+    }
+    fn bad(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, message)
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        self.status
+    }
+    fn error_response(&self) -> HttpResponse {
+        let kind = match self.status.as_u16() {
+            400 | 413 | 415 | 404 | 405 => "invalid_request_error",
+            401 => "authentication_error",
+            503 => "unavailable",
+            _ => "server_error",
+        };
+        HttpResponse::build(self.status).json(serde_json::json!({ "error": { "message": self.message, "type": kind, "code": self.status.as_u16() } }))
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct ChatRequest {
+    #[serde(default)]
+    #[allow(dead_code)]
+    model: Option<String>,
+    messages: Vec<Message>,
+    n: Option<usize>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    max_tokens: Option<usize>,
+    seed: Option<u64>,
+    best_of: Option<usize>,
+    stream: Option<bool>,
+}
+
+#[derive(serde::Deserialize)]
+struct Message {
+    role: String,
+    content: Content,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+#[derive(serde::Deserialize)]
+#[serde(tag = "type")]
+enum Part {
+    #[serde(rename = "text")]
+    Text { text: String },
+    #[serde(rename = "image_url")]
+    ImageUrl { image_url: ImageUrl },
+}
+
+#[derive(serde::Deserialize)]
+struct ImageUrl {
+    url: String,
+}
+
+/// The request reduced to what the model takes.
+struct Parsed {
+    text: String,
+    image: Option<Vec<u8>>,
+    n: usize,
+    best_of: Option<usize>,
+    params: SamplingParams,
+    seed: u64,
+}
+
+fn decode_data_url(url: &str) -> Result<Vec<u8>, ApiError> {
+    let Some(rest) = url.strip_prefix("data:") else {
+        return Err(ApiError::bad("image_url.url must be a data URL (data:image/png;base64,... or data:image/jpeg;base64,...); rlaifd does not fetch URLs"));
+    };
+    let Some((meta, data)) = rest.split_once(',') else { return Err(ApiError::bad("image_url.url: a data URL needs a comma before its data")) };
+    if !meta.ends_with(";base64") {
+        return Err(ApiError::bad("image_url.url: the data URL must be base64-encoded (data:image/png;base64,...)"));
+    }
+    let mime = meta.trim_end_matches(";base64");
+    if !matches!(mime, "image/png" | "image/jpeg" | "image/jpg") {
+        return Err(ApiError::bad(format!("image_url.url: media type {mime:?} is not supported (image/png or image/jpeg)")));
+    }
+    base64::engine::general_purpose::STANDARD.decode(data.trim()).map_err(|e| ApiError::bad(format!("image_url.url: invalid base64 data: {e}")))
+}
+
+fn parse(body: &[u8], d: &Daemon) -> Result<Parsed, ApiError> {
+    let cfg = d.config().server;
+    let req: ChatRequest = serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("the body is not a valid chat request: {e}")))?;
+    if req.stream == Some(true) {
+        return Err(ApiError::bad("stream: true is not supported; omit it for one JSON response"));
+    }
+    let mut text = String::new();
+    let mut image = None;
+    let mut users = 0;
+    for (i, m) in req.messages.iter().enumerate() {
+        match m.role.as_str() {
+            "system" | "user" => {}
+            "assistant" | "tool" => return Err(ApiError::bad(format!("messages[{i}]: multi-turn conversations are not supported; send one user message (and an optional system message)"))),
+            other => return Err(ApiError::bad(format!("messages[{i}].role {other:?}: expected system or user"))),
+        }
+        users += usize::from(m.role == "user");
+        let parts: Vec<&Part> = match &m.content {
+            Content::Text(t) => {
+                push_text(&mut text, t);
+                Vec::new()
+            }
+            Content::Parts(p) => p.iter().collect(),
+        };
+        for p in parts {
+            match p {
+                Part::Text { text: t } => push_text(&mut text, t),
+                Part::ImageUrl { image_url } => {
+                    if m.role != "user" {
+                        return Err(ApiError::bad(format!("messages[{i}]: images go in the user message")));
+                    }
+                    if image.is_some() {
+                        return Err(ApiError::bad("only one image per request is supported"));
+                    }
+                    image = Some(decode_data_url(&image_url.url)?);
+                }
+            }
+        }
+    }
+    if users != 1 {
+        return Err(ApiError::bad(format!("messages: expected exactly one user message, got {users}")));
+    }
+    if text.trim().is_empty() {
+        return Err(ApiError::bad("messages: the user message has no text"));
+    }
+    let n = req.n.unwrap_or(1);
+    if n == 0 || n > cfg.max_n {
+        return Err(ApiError::bad(format!("n must be between 1 and {} (server.max_n), got {n}", cfg.max_n)));
+    }
+    if let Some(b) = req.best_of {
+        if b < n || b > cfg.max_n {
+            return Err(ApiError::bad(format!("best_of must be between n ({n}) and {} (server.max_n), got {b}", cfg.max_n)));
+        }
+    }
+    let max_tokens = req.max_tokens.unwrap_or(cfg.max_tokens.min(256));
+    if max_tokens == 0 || max_tokens > cfg.max_tokens {
+        return Err(ApiError::bad(format!("max_tokens must be between 1 and {} (server.max_tokens), got {max_tokens}", cfg.max_tokens)));
+    }
+    let params = SamplingParams { temperature: req.temperature.unwrap_or(1.0), top_p: req.top_p.unwrap_or(1.0), max_new_tokens: max_tokens, ..Default::default() };
+    params.validate().map_err(ApiError::bad)?;
+    let seed = req.seed.unwrap_or_else(|| engine::rng::SplitMix64::new(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|t| t.as_nanos() as u64).unwrap_or(0)).next_u64() >> 1);
+    Ok(Parsed { text, image, n, best_of: req.best_of, params, seed })
+}
+
+fn push_text(acc: &mut String, t: &str) {
+    if !acc.is_empty() && !t.is_empty() {
+        acc.push('\n');
+    }
+    acc.push_str(t);
+}
+
+fn check_auth(req: &HttpRequest, d: &Daemon) -> Result<(), ApiError> {
+    let token = d.config().server.token;
+    if token.is_empty() {
+        return Ok(());
+    }
+    let given = req.headers().get("authorization").and_then(|h| h.to_str().ok()).and_then(|h| h.strip_prefix("Bearer ")).unwrap_or("");
+    // Constant-time comparison.
+    let ok = given.len() == token.len() && given.bytes().zip(token.bytes()).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0;
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::new(StatusCode::UNAUTHORIZED, "missing or wrong bearer token (Authorization: Bearer TOKEN)"))
+    }
+}
+
+async fn chat(req: HttpRequest, payload: web::Payload, d: web::Data<Arc<Daemon>>) -> Result<HttpResponse, ApiError> {
+    check_auth(&req, &d)?;
+    let ct = req.headers().get("content-type").and_then(|h| h.to_str().ok()).unwrap_or("");
+    if !ct.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("application/json") {
+        return Err(ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, format!("Content-Type must be application/json (got {ct:?})")));
+    }
+    let limit = d.config().server.max_body_bytes;
+    let body = match payload.to_bytes_limited(limit).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => return Err(ApiError::bad(format!("reading the body: {e}"))),
+        Err(_) => return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("the body is larger than {limit} bytes (server.max_body_bytes)"))),
+    };
+    let p = parse(&body, &d)?;
+    let serving = d.serving();
+    let max_side = d.config().server.max_image_side;
+    let (dd, s) = (d.get_ref().clone(), serving.clone());
+    let image = p.image.clone();
+    let (text, n, best_of, params, seed) = (p.text.clone(), p.n, p.best_of, p.params.clone(), p.seed);
+    let t0 = Instant::now();
+    let out = d
+        .engine
+        .run(Priority::Serve, move |_| {
+            let e = &dd.engine;
+            let pixels = match &image {
+                Some(bytes) => {
+                    let img = engine::image::decode_rgb8(bytes, "request image").map_err(|e| anyhow::anyhow!(ApiErrorKind::Bad(e.to_string())))?;
+                    if img.width() > max_side || img.height() > max_side {
+                        return Err(anyhow::anyhow!(ApiErrorKind::Bad(format!("the image is {}x{}, larger than {max_side} pixels per side (server.max_image_side)", img.width(), img.height()))));
+                    }
+                    Some(engine::image::preprocess(&img, &e.ip).map_err(|e| anyhow::anyhow!(ApiErrorKind::Bad(e.to_string())))?)
+                }
+                None => None,
+            };
+            let template = if pixels.is_some() { LLAVA_15_TEMPLATE } else { TEXT_TEMPLATE };
+            let ids = e.tok.encode(&apply_template(template, &text), true)?;
+            let count = best_of.unwrap_or(n);
+            let seeds: Vec<u64> = (0..count as u64).map(|i| seed.wrapping_add(i)).collect();
+            let req = GenerateRequest { ids: &ids, pixels: pixels.as_ref(), seeds: &seeds, params, stop_ids: vec![] };
+            let (answers, rewards) = match best_of {
+                Some(_) => {
+                    let b = engine::feedback::reward::best_of_n(&e.model, s.adapter.as_deref(), s.reference.as_deref(), &req, dd.config().loop_.beta)?;
+                    let mut order: Vec<usize> = (0..b.answers.len()).collect();
+                    order.sort_by(|&x, &y| b.rewards[y].total_cmp(&b.rewards[x]).then(x.cmp(&y)));
+                    order.truncate(n);
+                    (order.iter().map(|&i| b.answers[i].clone()).collect::<Vec<_>>(), Some(order.iter().map(|&i| b.rewards[i]).collect::<Vec<f64>>()))
+                }
+                None => (generate(&e.model, &req, s.adapter.as_deref())?, None),
+            };
+            let texts: Vec<String> = answers.iter().map(|a| e.tok.decode(&a.tokens)).collect::<Result<_, _>>()?;
+            Ok((ids.len(), answers, texts, rewards))
+        })
+        .await;
+    let (prompt_tokens, answers, texts, rewards) = match out {
+        Ok(x) => x,
+        Err(e) => {
+            return Err(match e.downcast_ref::<ApiErrorKind>() {
+                Some(ApiErrorKind::Bad(m)) => ApiError::bad(m.clone()),
+                None => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+            })
+        }
+    };
+    let completion: usize = answers.iter().map(|a| a.tokens.len()).sum();
+    let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|t| t.as_secs()).unwrap_or(0);
+    let choices: Vec<serde_json::Value> = texts
+        .iter()
+        .zip(&answers)
+        .enumerate()
+        .map(|(i, (t, a))| {
+            serde_json::json!({ "index": i, "message": { "role": "assistant", "content": t },
+                "finish_reason": if a.finish == FinishReason::Stop { "stop" } else { "length" } })
+        })
+        .collect();
+    if d.config().server.join_prompt_pool {
+        if let Some(bytes) = &p.image {
+            join_pool(&d, bytes, &p.text).await;
+        }
+    }
+    Ok(HttpResponse::Ok().json(serde_json::json!({
+        "id": format!("chatcmpl-{}-{}", serving.generation, seed),
+        "object": "chat.completion",
+        "created": created,
+        "model": format!("rlaifd-checkpoint-{}", serving.checkpoint.id),
+        "choices": choices,
+        "usage": { "prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion },
+        "rlaifd": { "checkpoint": serving.checkpoint.id, "generation": serving.generation, "seed": seed,
+                    "seeds": answers.iter().map(|a| a.seed).collect::<Vec<_>>(), "rewards": rewards, "engine_s": t0.elapsed().as_secs_f64() },
+    })))
+}
+
+/// A request-side error raised on the engine thread (a bad image): answered 400, not 500.
+#[derive(Debug)]
+enum ApiErrorKind {
+    Bad(String),
+}
+impl std::fmt::Display for ApiErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ApiErrorKind::Bad(m) => f.write_str(m),
+        }
+    }
+}
+impl std::error::Error for ApiErrorKind {}
+
+/// Opt-in (server.join_prompt_pool): a served image prompt joins the training pool.
+async fn join_pool(d: &Daemon, image: &[u8], text: &str) {
+    let r = async {
+        let sha = store::insert_image(&d.pool, image).await?;
+        store::insert_prompt(&d.pool, &store::NewPrompt { image_sha256: Some(sha), instruction: text.to_string(), source: "served".into(), split: "train".into(), ground_truth: None }).await
+    }
+    .await;
+    if let Err(e) = r {
+        tracing::warn!(error = %format!("{e:#}"), "a served prompt could not join the prompt pool");
+    }
+}
+
+async fn models(req: HttpRequest, d: web::Data<Arc<Daemon>>) -> Result<HttpResponse, ApiError> {
+    check_auth(&req, &d)?;
+    let s = d.serving();
+    let mut lineage = Vec::new();
+    for id in &s.lineage {
+        if let Ok(c) = store::checkpoint(&d.pool, *id).await {
+            lineage.push(serde_json::json!({ "checkpoint": c.id, "iteration": c.iteration, "status": c.status, "metrics": c.metrics }));
+        }
+    }
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "object": "list", "data": [{
+        "id": format!("rlaifd-checkpoint-{}", s.checkpoint.id), "object": "model", "owned_by": "rlaifd",
+        "checkpoint": s.checkpoint.id, "generation": s.generation, "iteration": s.checkpoint.iteration,
+        "adapter": if s.checkpoint.kind == "base" { serde_json::Value::Null } else { s.checkpoint.path.clone().into() },
+        "metrics": s.checkpoint.metrics, "lineage": lineage }] })))
+}
+
+async fn healthz(d: web::Data<Arc<Daemon>>) -> HttpResponse {
+    let s = d.serving();
+    HttpResponse::Ok().json(serde_json::json!({ "status": "ok", "checkpoint": s.checkpoint.id, "generation": s.generation,
+        "paused": d.paused.load(Ordering::SeqCst), "draining": d.draining.load(Ordering::SeqCst) }))
+}
+
+async fn metrics(req: HttpRequest, d: web::Data<Arc<Daemon>>) -> Result<HttpResponse, ApiError> {
+    check_auth(&req, &d)?;
+    let mut o = String::new();
+    let m = &d.metrics;
+    let _ = writeln!(o, "# HELP rlaifd_requests_total HTTP requests by route and status.\n# TYPE rlaifd_requests_total counter");
+    if let Ok(r) = m.requests.lock() {
+        for ((route, status), n) in r.iter() {
+            let _ = writeln!(o, "rlaifd_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}");
+        }
+    }
+    let _ = writeln!(o, "# HELP rlaifd_request_duration_seconds HTTP request latency.\n# TYPE rlaifd_request_duration_seconds histogram");
+    let buckets = m.latency_buckets.lock().map(|b| *b).unwrap_or_default();
+    let mut cum = 0;
+    for (b, n) in LATENCY_BOUNDS.iter().zip(buckets) {
+        cum += n;
+        let _ = writeln!(o, "rlaifd_request_duration_seconds_bucket{{le=\"{b}\"}} {cum}");
+    }
+    let count = m.latency_count.load(Ordering::Relaxed);
+    let _ = writeln!(o, "rlaifd_request_duration_seconds_bucket{{le=\"+Inf\"}} {count}");
+    let _ = writeln!(o, "rlaifd_request_duration_seconds_sum {}", m.latency_sum_s.lock().map(|s| *s).unwrap_or(0.0));
+    let _ = writeln!(o, "rlaifd_request_duration_seconds_count {count}");
+    let _ = writeln!(o, "# HELP rlaifd_engine_queue_depth Tasks waiting for the engine thread.\n# TYPE rlaifd_engine_queue_depth gauge");
+    for (p, n) in PRIORITIES.iter().zip(d.engine.worker.depths()) {
+        let _ = writeln!(o, "rlaifd_engine_queue_depth{{priority=\"{}\"}} {n}", p.name());
+    }
+    let jobs: Vec<(String, String, i64)> = sqlx::query_as("SELECT kind, status, count(*) FROM jobs GROUP BY kind, status ORDER BY kind, status").fetch_all(&d.pool).await.unwrap_or_default();
+    let _ = writeln!(o, "# HELP rlaifd_jobs Loop jobs by kind and status.\n# TYPE rlaifd_jobs gauge");
+    for (k, s, n) in jobs {
+        let _ = writeln!(o, "rlaifd_jobs{{kind=\"{k}\",status=\"{s}\"}} {n}");
+    }
+    let iteration: Option<i32> = sqlx::query_scalar("SELECT max(number) FROM iterations").fetch_one(&d.pool).await.unwrap_or(None);
+    let pairs: i64 = sqlx::query_scalar("SELECT count(*) FROM pairs").fetch_one(&d.pool).await.unwrap_or(0);
+    let s = d.serving();
+    let _ = writeln!(o, "# TYPE rlaifd_iteration gauge\nrlaifd_iteration {}", iteration.unwrap_or(0));
+    let _ = writeln!(o, "# TYPE rlaifd_pairs_total counter\nrlaifd_pairs_total {pairs}");
+    let _ = writeln!(o, "# TYPE rlaifd_serving_checkpoint gauge\nrlaifd_serving_checkpoint {}", s.checkpoint.id);
+    let _ = writeln!(o, "# TYPE rlaifd_serving_generation gauge\nrlaifd_serving_generation {}", s.generation);
+    let _ = writeln!(o, "# TYPE rlaifd_hot_swaps_total counter\nrlaifd_hot_swaps_total {}", m.swaps.load(Ordering::Relaxed));
+    let _ = writeln!(o, "# TYPE rlaifd_paused gauge\nrlaifd_paused {}", u8::from(d.paused.load(Ordering::SeqCst)));
+    if let Some(metrics) = &s.checkpoint.metrics {
+        let _ = writeln!(o, "# HELP rlaifd_hallucination Held-out hallucination metrics of the served checkpoint.\n# TYPE rlaifd_hallucination gauge");
+        for k in ["chair_i", "chair_s", "cover"] {
+            if let Some(v) = metrics.get(k).and_then(|v| v.as_f64()) {
+                let _ = writeln!(o, "rlaifd_hallucination{{metric=\"{k}\",checkpoint=\"{}\"}} {v}", s.checkpoint.id);
+            }
+        }
+    }
+    Ok(HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(o))
+}
+
+async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    Err(ApiError::new(StatusCode::NOT_FOUND, format!("no route {} {} (routes: POST /v1/chat/completions, GET /v1/models, /healthz, /metrics)", req.method(), req.path())))
+}
+
+/// Binds the HTTP server (server.bind; port 0 picks one) and writes the bound address to STATE/server.addr.
+pub fn start(d: Arc<Daemon>) -> Result<actix_web::dev::Server> {
+    let cfg = d.config();
+    let data = web::Data::new(d.clone());
+    let dm = d.clone();
+    let server = HttpServer::new(move || {
+        let dm = dm.clone();
+        App::new()
+            .app_data(data.clone())
+            .wrap_fn(move |req, srv| {
+                let t0 = Instant::now();
+                let route = req.match_pattern().unwrap_or_else(|| "other".into());
+                let fut = srv.call(req);
+                let dm = dm.clone();
+                async move {
+                    let res = fut.await?;
+                    dm.metrics.observe(&route, res.status().as_u16(), t0.elapsed().as_secs_f64());
+                    Ok(res)
+                }
+            })
+            .route("/v1/chat/completions", web::post().to(chat))
+            .route("/v1/models", web::get().to(models))
+            .route("/healthz", web::get().to(healthz))
+            .route("/metrics", web::get().to(metrics))
+            .default_service(web::to(not_found))
+    })
+    .workers(cfg.server.workers)
+    .disable_signals()
+    .shutdown_timeout(60)
+    .bind(&cfg.server.bind)
+    .with_context(|| format!("cannot listen on server.bind {}", cfg.server.bind))?;
+    let addrs = server.addrs();
+    let addr = addrs.first().context("the server bound no address")?;
+    std::fs::write(cfg.state.dir.join("server.addr"), addr.to_string()).with_context(|| format!("cannot write {}/server.addr", cfg.state.dir.display()))?;
+    tracing::info!(%addr, "HTTP server listening");
+    Ok(server.run())
+}

@@ -1,0 +1,404 @@
+//! `rlaifd serve` as users run it: a real process on real PostgreSQL with the bundled model. The HTTP API (good
+//! and bad requests), every control command (and malformed ones, which change nothing), an iteration started by
+//! `iterate` that promotes and hot-swaps, rollback, import, reload, drain; and a hot-swap every few hundred
+//! milliseconds while clients send concurrent requests: zero failed requests, none mixing two generations.
+
+mod common;
+
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn model() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../assets/shapes-base")
+}
+
+fn rlaifd(args: &[&str]) -> std::process::Output {
+    let o = Command::new(env!("CARGO_BIN_EXE_rlaifd")).args(args).output().unwrap();
+    assert!(o.status.success(), "rlaifd {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    o
+}
+
+struct Daemon {
+    child: Child,
+    dir: PathBuf,
+    config: PathBuf,
+    addr: String,
+    socket: PathBuf,
+}
+
+impl Daemon {
+    fn start(dir: &Path, db_url: &str, extra: &str) -> Daemon {
+        std::fs::create_dir_all(dir).unwrap();
+        let config = dir.join("rlaifd.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[database]\nurl = \"{db_url}\"\n[model]\npath = \"{}\"\n[state]\ndir = \"{}\"\n[server]\nbind = \"127.0.0.1:0\"\nmax_body_bytes = 65536\nmax_image_side = 256\n\
+                 [daemon]\nauto_iterate = false\npoll_s = 0.2\n[loop]\nn = 4\nmax_new_tokens = 24\nprompts_per_iteration = 6\npairs_per_iteration = 1\neval_count = 4\nepochs = 1\nbatch_size = 2\npromote_margin = -1.0\nmax_cover_drop = 1.0\n{extra}",
+                model().display(),
+                dir.join("state").display()
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.join("daemon.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_rlaifd")).args(["serve", "--config"]).arg(&config).stdout(Stdio::null()).stderr(log).spawn().unwrap();
+        let mut d = Daemon { child, dir: dir.to_path_buf(), config, addr: String::new(), socket: dir.join("state/control.sock") };
+        let t0 = Instant::now();
+        loop {
+            if let Ok(a) = std::fs::read_to_string(dir.join("state/server.addr")) {
+                if d.socket.exists() {
+                    d.addr = a.trim().to_string();
+                    break;
+                }
+            }
+            if let Ok(Some(s)) = d.child.try_wait() {
+                panic!("rlaifd serve exited with {s}: {}", d.log());
+            }
+            assert!(t0.elapsed() < Duration::from_secs(60), "the daemon did not come up: {}", d.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        d
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    /// One request, one connection; returns (status, body).
+    fn http(&self, method: &str, path: &str, content_type: &str, body: &[u8]) -> (u16, String) {
+        http(&self.addr, method, path, content_type, body)
+    }
+
+    fn ctl_raw(&self, line: &str) -> Value {
+        let mut s = std::os::unix::net::UnixStream::connect(&self.socket).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
+        s.write_all(line.as_bytes()).unwrap();
+        s.write_all(b"\n").unwrap();
+        let mut reply = String::new();
+        BufReader::new(&s).read_line(&mut reply).unwrap();
+        serde_json::from_str(&reply).unwrap_or_else(|e| panic!("reply {reply:?}: {e}"))
+    }
+
+    fn ctl(&self, cmd: Value) -> Value {
+        self.ctl_raw(&cmd.to_string())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn http(addr: &str, method: &str, path: &str, content_type: &str, body: &[u8]) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+    s.write_all(head.as_bytes()).unwrap();
+    // A server may answer (413) before reading everything: ignore a failed write of the rest.
+    let _ = s.write_all(body);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).to_string();
+    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("no HTTP status in {text:?}"));
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    // Chunked bodies: keep the JSON part.
+    let body = match (body.find('{'), body.rfind('}')) {
+        (Some(a), Some(b)) if !body.starts_with('{') => body[a..=b].to_string(),
+        _ => body,
+    };
+    (status, body)
+}
+
+fn b64(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+fn chat_body(image: &[u8], text: &str, extra: Value) -> Vec<u8> {
+    let mut v = json!({ "model": "rlaifd", "messages": [{ "role": "user", "content": [
+        { "type": "text", "text": text },
+        { "type": "image_url", "image_url": { "url": format!("data:image/png;base64,{}", b64(image)) } } ] }] });
+    for (k, x) in extra.as_object().unwrap() {
+        v[k] = x.clone();
+    }
+    v.to_string().into_bytes()
+}
+
+async fn counts(pool: &sqlx::PgPool) -> Vec<i64> {
+    let mut v = Vec::new();
+    for t in ["checkpoints", "iterations", "prompts", "images", "jobs", "pairs"] {
+        v.push(sqlx::query_scalar(&format!("SELECT count(*) FROM {t}")).fetch_one(pool).await.unwrap());
+    }
+    v.push(sqlx::query_scalar("SELECT count(*) FROM checkpoints WHERE status = 'promoted'").fetch_one(pool).await.unwrap());
+    v
+}
+
+fn shapes_png(dir: &Path, seed: &str) -> Vec<u8> {
+    let out = dir.join(format!("img-{seed}"));
+    rlaifd(&["shapes", "gen", "--seed", seed, "--count", "1", "--out", out.to_str().unwrap()]);
+    std::fs::read(out.join("000000.png")).unwrap()
+}
+
+fn png(w: u32, h: u32) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    image::RgbImage::from_pixel(w, h, image::Rgb([200, 30, 30])).write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png).unwrap();
+    bytes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_serves_http_and_obeys_every_control_command() {
+    let db = common::fresh("serve").await;
+    let dir = std::env::temp_dir().join(format!("rlaifd-serve-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let d = Daemon::start(&dir, &db.url, "");
+    let pool = &db.pool;
+    let img = shapes_png(&dir, "4242");
+
+    // Health, models, one good request (greedy, twice: same answer) and n = 2 with a seed.
+    let (st, body) = d.http("GET", "/healthz", "text/plain", b"");
+    assert_eq!(st, 200, "{body}");
+    let h: Value = serde_json::from_str(&body).unwrap();
+    let base_id = h["checkpoint"].as_i64().unwrap();
+    assert_eq!(h["generation"], 1);
+    let (st, body) = d.http("GET", "/v1/models", "text/plain", b"");
+    assert_eq!(st, 200);
+    let m: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(m["data"][0]["checkpoint"].as_i64(), Some(base_id));
+    assert_eq!(m["data"][0]["lineage"].as_array().unwrap().len(), 1);
+    let ask = |extra: Value| -> Value {
+        let (st, body) = d.http("POST", "/v1/chat/completions", "application/json", &chat_body(&img, "Describe the image.", extra));
+        assert_eq!(st, 200, "{body}");
+        serde_json::from_str(&body).unwrap()
+    };
+    let a = ask(json!({ "temperature": 0.0, "max_tokens": 32 }));
+    let text = a["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    assert!(!engine::hallucination::mentions(&text).is_empty(), "a caption names objects: {text:?}");
+    assert_eq!(a["choices"][0]["message"]["role"], "assistant");
+    assert!(a["usage"]["completion_tokens"].as_u64().unwrap() > 0);
+    assert_eq!(ask(json!({ "temperature": 0.0, "max_tokens": 32 }))["choices"][0]["message"]["content"].as_str().unwrap(), text, "greedy is deterministic");
+    let two = ask(json!({ "n": 2, "seed": 7, "temperature": 0.9, "max_tokens": 32 }));
+    assert_eq!(two["choices"].as_array().unwrap().len(), 2);
+    assert_eq!(two, { let mut again = ask(json!({ "n": 2, "seed": 7, "temperature": 0.9, "max_tokens": 32 })); again["created"] = two["created"].clone(); again["rlaifd"]["engine_s"] = two["rlaifd"]["engine_s"].clone(); again }, "same seed, same answers");
+
+    // Bad requests: a clear error each, the daemon stays up, nothing in the database changes.
+    let before = counts(pool).await;
+    let big = vec![b'x'; 70_000];
+    let bad: Vec<(&str, &str, Vec<u8>, u16, &str)> = vec![
+        ("POST", "application/json", b"{not json".to_vec(), 400, "not a valid chat request"),
+        ("POST", "text/plain", chat_body(&img, "Describe the image.", json!({})), 415, "application/json"),
+        ("POST", "application/json", big, 413, "max_body_bytes"),
+        ("POST", "application/json", chat_body(&png(300, 300), "Describe.", json!({})), 400, "max_image_side"),
+        ("POST", "application/json", chat_body(b"\x89PNG\r\n\x1a\ntruncated", "Describe.", json!({})), 400, "request image"),
+        ("POST", "application/json", json!({ "messages": [{ "role": "user", "content": [{ "type": "image_url", "image_url": { "url": "data:image/png;base64,@@@" } }, { "type": "text", "text": "hi" }] }] }).to_string().into_bytes(), 400, "base64"),
+        ("POST", "application/json", json!({ "messages": [{ "role": "user", "content": [{ "type": "image_url", "image_url": { "url": "http://example.com/a.png" } }, { "type": "text", "text": "hi" }] }] }).to_string().into_bytes(), 400, "data URL"),
+        ("POST", "application/json", chat_body(&img, "Describe.", json!({ "n": 100 })), 400, "max_n"),
+        ("POST", "application/json", chat_body(&img, "Describe.", json!({ "max_tokens": 100000 })), 400, "max_tokens"),
+        ("POST", "application/json", chat_body(&img, "Describe.", json!({ "stream": true })), 400, "stream"),
+        ("POST", "application/json", chat_body(&img, "Describe.", json!({ "temperature": -1 })), 400, "temperature"),
+        ("POST", "application/json", json!({ "messages": [{ "role": "user", "content": "a" }, { "role": "assistant", "content": "b" }, { "role": "user", "content": "c" }] }).to_string().into_bytes(), 400, "multi-turn"),
+        ("POST", "application/json", json!({ "messages": [] }).to_string().into_bytes(), 400, "exactly one user message"),
+        ("POST", "application/json", json!({ "messages": [{ "role": "user", "content": "'; DROP TABLE prompts; --" }], "max_tokens": 4 }).to_string().into_bytes(), 200, ""),
+    ];
+    for (method, ct, body, want, needle) in bad {
+        let (st, text) = d.http(method, "/v1/chat/completions", ct, &body);
+        assert_eq!(st, want, "{text}");
+        if want != 200 {
+            let v: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("error body is not JSON: {text}"));
+            assert!(v["error"]["message"].as_str().unwrap().contains(needle), "{needle}: {text}");
+        }
+    }
+    assert_eq!(d.http("GET", "/nope", "text/plain", b"").0, 404);
+    assert_eq!(d.http("GET", "/healthz", "text/plain", b"").0, 200, "still up");
+    assert_eq!(counts(pool).await, before, "bad requests changed the database");
+
+    // Malformed and refused control commands: an error object each, nothing changes, each is in the audit log.
+    for line in ["hello", "[1,2]", r#"{"cmd":"launch"}"#, r#"{"cmd":"promote"}"#, r#"{"cmd":"promote","id":"1; DELETE FROM checkpoints"}"#, r#"{"cmd":"promote","id":99999}"#, r#"{"cmd":"rollback"}"#, r#"{"cmd":"eval","id":0}"#, r#"{"cmd":"pause","x":1}"#, r#"{"cmd":"import-prompts","file":"relative.jsonl"}"#] {
+        let r = d.ctl_raw(line);
+        assert_eq!(r["ok"], false, "{line}: {r}");
+        assert!(!r["error"].as_str().unwrap().is_empty());
+    }
+    assert_eq!(counts(pool).await, before, "malformed commands changed the database");
+    let logged: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE kind IN ('control', 'control_rejected')").fetch_one(pool).await.unwrap();
+    assert!(logged >= 10, "every command is logged ({logged})");
+    let meta = std::fs::metadata(&d.socket).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660, "socket mode");
+
+    // status, pause (iterate refused), resume, iterate: one iteration runs, its candidate is promoted and served.
+    let s = d.ctl(json!({ "cmd": "status" }));
+    assert_eq!((s["ok"].as_bool(), s["current"]["checkpoint"].as_i64(), s["stage"].as_str()), (Some(true), Some(base_id), Some("idle")), "{s}");
+    assert_eq!(d.ctl(json!({ "cmd": "pause" }))["paused"], true);
+    assert_eq!(d.ctl(json!({ "cmd": "status" }))["stage"], "paused");
+    assert_eq!(d.ctl(json!({ "cmd": "iterate" }))["ok"], false);
+    assert_eq!(d.ctl(json!({ "cmd": "resume" }))["ok"], true);
+    assert_eq!(d.ctl(json!({ "cmd": "iterate" }))["ok"], true);
+    let t0 = Instant::now();
+    let cand = loop {
+        let s = d.ctl(json!({ "cmd": "status" }));
+        if s["current"]["checkpoint"].as_i64() != Some(base_id) {
+            break s["current"]["checkpoint"].as_i64().unwrap();
+        }
+        assert!(t0.elapsed() < Duration::from_secs(300), "no promotion after 300 s: {s}\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let it: (i32, String) = sqlx::query_as("SELECT number, stage FROM iterations").fetch_one(pool).await.unwrap();
+    assert_eq!(it, (1, "done".to_string()));
+    let h: Value = serde_json::from_str(&d.http("GET", "/healthz", "", b"").1).unwrap();
+    assert_eq!((h["checkpoint"].as_i64(), h["generation"].as_i64()), (Some(cand), Some(2)), "hot-swapped");
+    let m: Value = serde_json::from_str(&d.http("GET", "/v1/models", "", b"").1).unwrap();
+    let lineage: Vec<i64> = m["data"][0]["lineage"].as_array().unwrap().iter().map(|x| x["checkpoint"].as_i64().unwrap()).collect();
+    assert_eq!(lineage, vec![base_id, cand]);
+    assert_eq!(d.ctl(json!({ "cmd": "iterate" }))["ok"], true, "a second request is accepted while idle");
+    assert_eq!(d.ctl(json!({ "cmd": "pause" }))["ok"], true);
+    // Let the second iteration's start settle, then leave it paused.
+    std::thread::sleep(Duration::from_millis(500));
+
+    // eval, rollback (to the parent), promote back.
+    let e = d.ctl(json!({ "cmd": "eval", "id": cand }));
+    assert!(e["metrics"]["chair_i"].as_f64().is_some(), "{e}");
+    let r = d.ctl(json!({ "cmd": "rollback" }));
+    assert_eq!((r["ok"].as_bool(), r["promoted"].as_i64()), (Some(true), Some(base_id)), "{r}");
+    let h: Value = serde_json::from_str(&d.http("GET", "/healthz", "", b"").1).unwrap();
+    assert_eq!(h["checkpoint"].as_i64(), Some(base_id));
+    let r = d.ctl(json!({ "cmd": "promote", "id": cand }));
+    assert_eq!(r["promoted"].as_i64(), Some(cand), "{r}");
+    assert_eq!(sqlx::query_scalar::<_, i64>("SELECT count(*) FROM events WHERE kind = 'rollback'").fetch_one(pool).await.unwrap(), 1);
+
+    // import-prompts: a traversal or a broken line refuses the whole file; a good file imports (idempotently).
+    let pdir = dir.join("prompts");
+    std::fs::create_dir_all(pdir.join("img")).unwrap();
+    std::fs::write(pdir.join("img/a.png"), &img).unwrap();
+    std::fs::write(pdir.join("img/b.png"), shapes_png(&dir, "4243")).unwrap();
+    let before = counts(pool).await;
+    std::fs::write(pdir.join("bad.jsonl"), "{\"image\": \"img/a.png\", \"question\": \"Describe the image.\"}\n{\"image\": \"../../etc/passwd\", \"question\": \"x\"}\n").unwrap();
+    let r = d.ctl(json!({ "cmd": "import-prompts", "file": pdir.join("bad.jsonl") }));
+    assert!(r["error"].as_str().unwrap().contains("line 2"), "{r}");
+    std::fs::write(pdir.join("bad2.jsonl"), "{\"image\": \"img/a.png\", \"question\": \"Describe the image.\"}\nnot json\n").unwrap();
+    assert_eq!(d.ctl(json!({ "cmd": "import-prompts", "file": pdir.join("bad2.jsonl") }))["ok"], false);
+    assert_eq!(counts(pool).await, before, "a refused import stored nothing");
+    std::fs::write(pdir.join("good.jsonl"), "{\"image\": \"img/a.png\", \"question\": \"What is in the picture?\"}\n\n{\"image\": \"img/b.png\", \"question\": \"What is in the picture?\"}\n").unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_rlaifd")).args(["ctl", "--socket"]).arg(&d.socket).arg("import-prompts").arg(pdir.join("good.jsonl")).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["imported"], 2, "{r}");
+    assert_eq!(d.ctl(json!({ "cmd": "import-prompts", "file": pdir.join("good.jsonl") }))["imported"], 0, "importing twice adds nothing");
+
+    // reload-config: a valid change applies; an invalid file changes nothing.
+    let cfg_text = std::fs::read_to_string(&d.config).unwrap();
+    std::fs::write(&d.config, cfg_text.replace("n = 4", "n = 5")).unwrap();
+    let r = d.ctl(json!({ "cmd": "reload-config" }));
+    assert_eq!((r["ok"].as_bool(), r["changed"].as_bool()), (Some(true), Some(true)), "{r}");
+    std::fs::write(&d.config, cfg_text.replace("n = 4", "n = 1")).unwrap();
+    let r = d.ctl(json!({ "cmd": "reload-config" }));
+    assert!(r["error"].as_str().unwrap().contains("loop.n"), "{r}");
+    std::fs::write(&d.config, &cfg_text).unwrap();
+
+    // /metrics in Prometheus text.
+    let (st, text) = d.http("GET", "/metrics", "", b"");
+    assert_eq!(st, 200);
+    for want in ["rlaifd_requests_total{route=\"/v1/chat/completions\",status=\"200\"}", "rlaifd_requests_total{route=\"/v1/chat/completions\",status=\"400\"}", "rlaifd_request_duration_seconds_count", &format!("rlaifd_serving_checkpoint {cand}"), "rlaifd_pairs_total", "rlaifd_engine_queue_depth{priority=\"serve\"}", "rlaifd_hallucination{metric=\"chair_i\""] {
+        assert!(text.contains(want), "/metrics lacks {want}:\n{text}");
+    }
+
+    // drain: the daemon finishes and exits 0; its leases are released.
+    let r = d.ctl(json!({ "cmd": "drain" }));
+    assert_eq!(r["draining"], true);
+    let mut d = d;
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = d.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(120), "drain did not stop the daemon");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "exit status {status}: {}", d.log());
+    assert_eq!(sqlx::query_scalar::<_, i64>("SELECT count(*) FROM events WHERE kind = 'daemon_stopped'").fetch_one(pool).await.unwrap(), 1);
+    assert_eq!(sqlx::query_scalar::<_, i64>("SELECT count(*) FROM jobs WHERE status = 'running'").fetch_one(pool).await.unwrap(), 0);
+    drop(d);
+    db.drop_db().await;
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_swaps_under_concurrent_requests_fail_none_and_never_mix_generations() {
+    let db = common::fresh("swap").await;
+    let dir = std::env::temp_dir().join(format!("rlaifd-swap-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    // A second checkpoint whose answers differ from the base's: a LoRA adapter fitted hard on a few examples.
+    let data = dir.join("sft");
+    rlaifd(&["shapes", "sft", "--seed", "3", "--count", "16", "--out", data.to_str().unwrap()]);
+    let adapter = dir.join("adapter");
+    rlaifd(&["train-sft", "--model", model().to_str().unwrap(), "--data", data.join("sft.jsonl").to_str().unwrap(), "--out", adapter.to_str().unwrap(), "--r", "8", "--lr", "0.01", "--stop-after", "12", "--batch-size", "4"]);
+    let d = Daemon::start(&dir, &db.url, "");
+    let pool = &db.pool;
+    let base: i64 = sqlx::query_scalar("SELECT id FROM checkpoints WHERE kind = 'base'").fetch_one(pool).await.unwrap();
+    let sha = rlaifd::rlaif::adapter_sha256(&adapter).unwrap();
+    let other: i64 = sqlx::query_scalar("INSERT INTO checkpoints (parent_id, iteration, kind, path, sha256, status) VALUES ($1, 0, 'lora', $2, $3, 'rejected') RETURNING id")
+        .bind(base)
+        .bind(adapter.display().to_string())
+        .bind(sha)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    let img = shapes_png(&dir, "5151");
+    let body = chat_body(&img, "Describe the image.", json!({ "temperature": 0.8, "seed": 11, "max_tokens": 32, "n": 2 }));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let (addr, body, stop) = (d.addr.clone(), body.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut seen = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    let (st, text) = http(&addr, "POST", "/v1/chat/completions", "application/json", &body);
+                    seen.push((st, text));
+                }
+                seen
+            })
+        })
+        .collect();
+    let t0 = Instant::now();
+    let mut swaps = 0;
+    while t0.elapsed() < Duration::from_secs(20) {
+        let target = if swaps % 2 == 0 { other } else { base };
+        let r = d.ctl(json!({ "cmd": "promote", "id": target }));
+        assert_eq!(r["ok"], true, "{r}");
+        swaps += 1;
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut by_checkpoint: std::collections::BTreeMap<i64, std::collections::BTreeSet<String>> = Default::default();
+    let (mut total, mut failed) = (0, 0);
+    for c in clients {
+        for (st, text) in c.join().unwrap() {
+            total += 1;
+            if st != 200 {
+                failed += 1;
+                eprintln!("failed request: {st} {text}");
+                continue;
+            }
+            let v: Value = serde_json::from_str(&text).unwrap();
+            let answers: Vec<String> = v["choices"].as_array().unwrap().iter().map(|c| c["message"]["content"].as_str().unwrap().to_string()).collect();
+            by_checkpoint.entry(v["rlaifd"]["checkpoint"].as_i64().unwrap()).or_default().insert(answers.join(" | "));
+        }
+    }
+    println!("{total} requests during {swaps} hot-swaps, {failed} failed; answers per checkpoint: {by_checkpoint:?}");
+    assert_eq!(failed, 0, "failed requests during hot-swaps");
+    assert!(total >= 20 && swaps >= 20, "{total} requests, {swaps} swaps");
+    // Same seed, same prompt: each generation always gives the same answers. A request that mixed two
+    // generations would show a third variant.
+    assert_eq!(by_checkpoint.len(), 2, "both checkpoints served");
+    for (c, answers) in &by_checkpoint {
+        assert_eq!(answers.len(), 1, "checkpoint {c} gave different answers to the same seeded request: {answers:?}");
+    }
+    assert_ne!(by_checkpoint[&base], by_checkpoint[&other], "the two checkpoints answer differently (else this test proves nothing)");
+    drop(d);
+    db.drop_db().await;
+    std::fs::remove_dir_all(&dir).ok();
+}
