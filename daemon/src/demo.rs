@@ -101,11 +101,16 @@ pub async fn run(a: DemoArgs) -> Result<()> {
     let state_dir = std::fs::canonicalize(&a.state_dir).with_context(|| format!("cannot resolve {}", a.state_dir.display()))?;
     let a = DemoArgs { state_dir, ..a };
     let url = a.database_url.clone().or_else(|| std::env::var("DATABASE_URL").ok().filter(|s| !s.is_empty())).unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/rlaifd_demo".into());
-    let pool = crate::db::open(&url, 4).await.context("the demo needs PostgreSQL: start a server or set DATABASE_URL (e.g. postgres://postgres@127.0.0.1:5432/rlaifd_demo)")?;
+    let pool = crate::db::open(&url, 4).await.context(
+        "the demo needs PostgreSQL: start a server (Debian/Ubuntu: `apt install postgresql && service postgresql start`; \
+         or `docker run -d -p 5432:5432 -e POSTGRES_HOST_AUTH_METHOD=trust postgres:16`) or set DATABASE_URL / --database-url \
+         (e.g. postgres://postgres@127.0.0.1:5432/rlaifd_demo)",
+    )?;
     eprintln!("database {} (migrated)", crate::db::redacted(&url));
     let model_dir = a.model.clone();
     let state = a.state_dir.clone();
-    let engine = Arc::new(tokio::task::spawn_blocking(move || Engine::load(&model_dir, &state)).await??);
+    let labeler = cfg.labeler.clone();
+    let engine = Arc::new(tokio::task::spawn_blocking(move || Engine::load(&model_dir, &state)?.with_labeler(&labeler)).await??);
     let base_path = std::fs::canonicalize(&a.model).unwrap_or(a.model.clone()).display().to_string();
     let base = store::ensure_base(&pool, &base_path, None).await?;
     if base.metrics.as_ref().and_then(|m| m.get("chair_i")).is_none() {

@@ -82,7 +82,7 @@ pub struct Daemon {
     pub iterate_requested: AtomicBool,
     pub metrics: Metrics,
     pub actors: Mutex<BTreeMap<&'static str, ActorState>>,
-    /// This daemon's lease owner name (host:pid).
+    /// This daemon's lease owner name (host:state dir).
     pub owner: String,
     pub stop: tokio::sync::Notify,
     pub started: Instant,
@@ -483,7 +483,13 @@ async fn run_async(cfg: Config, config_file: Option<PathBuf>) -> Result<()> {
     let engine = Arc::new(tokio::task::spawn_blocking(move || Engine::load(&model_dir, &state)?.with_labeler(&labeler)).await.context("loading the model")??);
     let base = store::ensure_base(&pool, &cfg.model.path.display().to_string(), None).await?;
     let promoted = store::promoted(&pool).await?.unwrap_or(base.clone());
-    let owner = format!("{}:{}", hostname(), std::process::id());
+    // One daemon per host and state directory: a restart reclaims the jobs its killed predecessor held (other
+    // daemons sharing the database have other owners and keep theirs until their leases expire).
+    let owner = format!("{}:{}", hostname(), cfg.state.dir.display());
+    let released = store::release_leases(&pool, &owner).await?;
+    if released > 0 {
+        info!(jobs = released, "resuming: jobs left running by a previous run returned to the queue");
+    }
     let d = Arc::new(Daemon {
         cfg: RwLock::new(cfg.clone()),
         config_file,

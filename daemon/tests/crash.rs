@@ -95,3 +95,120 @@ async fn killing_the_loop_at_random_moments_loses_and_duplicates_nothing() {
     db.drop_db().await;
     let _ = std::fs::remove_dir_all(&state);
 }
+
+/// The daemon itself (`rlaifd serve`, iterating on its own) SIGKILLed at random moments and restarted: the same
+/// invariants after every kill, the restarted daemon serves exactly the promoted checkpoint, and the loop reaches
+/// its iteration target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_daemon_at_random_moments_loses_nothing_and_it_serves_the_promoted_checkpoint() {
+    let db = common::fresh("crashd").await;
+    let dir = std::env::temp_dir().join(format!("rlaifd-crashd-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let model = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../assets/shapes-base");
+    let config = dir.join("rlaifd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[database]\nurl = \"{}\"\n[model]\npath = \"{}\"\n[state]\ndir = \"{}\"\n[server]\nbind = \"127.0.0.1:0\"\n[daemon]\nauto_iterate = true\nmax_iterations = 6\npoll_s = 0.2\n\
+             [loop]\nn = 4\nmax_new_tokens = 32\nprompts_per_iteration = 150\npairs_per_iteration = 1\neval_count = 40\nepochs = 2\nbatch_size = 2\npromote_margin = 0.0\nmax_cover_drop = 1.0\n",
+            db.url,
+            model.display(),
+            dir.join("state").display()
+        ),
+    )
+    .unwrap();
+    let addr_file = dir.join("state/server.addr");
+    let start = || {
+        let _ = std::fs::remove_file(&addr_file);
+        let log = std::fs::File::create(dir.join("daemon.log")).unwrap();
+        Killed(Command::new(env!("CARGO_BIN_EXE_rlaifd")).args(["serve", "--config"]).arg(&config).stdout(Stdio::null()).stderr(log).spawn().unwrap())
+    };
+    let wait_up = |child: &mut Killed| -> String {
+        let up = Instant::now();
+        while !addr_file.exists() {
+            assert!(child.0.try_wait().unwrap().is_none(), "the daemon died on its own: {}", std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default());
+            assert!(up.elapsed() < Duration::from_secs(60), "the daemon did not come up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::read_to_string(&addr_file).unwrap().trim().to_string()
+    };
+    let served = |addr: &str| -> i64 {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let body = out.split_once("\r\n\r\n").unwrap().1;
+        let v: serde_json::Value = serde_json::from_str(&body[body.find('{').unwrap()..=body.rfind('}').unwrap()]).unwrap();
+        v["checkpoint"].as_i64().unwrap()
+    };
+    let promoted = |pool: sqlx::PgPool| async move { sqlx::query_scalar::<_, i64>("SELECT id FROM checkpoints WHERE status = 'promoted'").fetch_one(&pool).await.unwrap() };
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let (mut kills, mut checked_serving) = (0, 0);
+    let mut hit: std::collections::BTreeMap<String, usize> = Default::default();
+    let t0 = Instant::now();
+    for _ in 0..25 {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let mut child = start();
+        // Up: the served checkpoint is the promoted one.
+        let addr = wait_up(&mut child);
+        let (s, p) = (served(&addr), promoted(db.pool.clone()).await);
+        // A promotion may land between the two reads; the checkpointer hot-swaps it within a poll.
+        if s == p {
+            checked_serving += 1;
+        }
+        std::thread::sleep(Duration::from_millis(100 + rng % 3000));
+        child.0.kill().unwrap();
+        child.0.wait().unwrap();
+        kills += 1;
+        check(&db.pool, 4).await;
+        let stage: Option<String> = sqlx::query_scalar("SELECT stage FROM iterations WHERE stage NOT IN ('done', 'failed') ORDER BY number LIMIT 1").fetch_optional(&db.pool).await.unwrap();
+        *hit.entry(stage.unwrap_or_else(|| "between iterations".into())).or_insert(0) += 1;
+        if kills >= 15 {
+            break;
+        }
+    }
+    // Let it reach its target, then stop it with SIGTERM: a clean exit.
+    let mut child = start();
+    let addr = wait_up(&mut child);
+    let up = Instant::now();
+    loop {
+        let done: i64 = sqlx::query_scalar("SELECT count(*) FROM iterations WHERE stage = 'done'").fetch_one(&db.pool).await.unwrap();
+        if done >= 6 {
+            break;
+        }
+        assert!(up.elapsed() < Duration::from_secs(400), "no progress: {}", std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let p = promoted(db.pool.clone()).await;
+    let t = Instant::now();
+    while served(&addr) != p {
+        assert!(t.elapsed() < Duration::from_secs(30), "the daemon does not serve the promoted checkpoint {p}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(Command::new("kill").arg("-TERM").arg(child.0.id().to_string()).status().unwrap().success());
+    let status = child.0.wait().unwrap();
+    assert!(status.success(), "SIGTERM: exit {status}");
+    check(&db.pool, 4).await;
+    assert_eq!(sqlx::query_scalar::<_, i64>("SELECT count(*) FROM iterations WHERE stage NOT IN ('done', 'failed')").fetch_one(&db.pool).await.unwrap(), 0, "max_iterations = 6: no seventh iteration");
+    println!("{kills} daemon kills survived in {:.1} s ({checked_serving} restarts checked serving the promoted checkpoint); where they landed: {hit:?}", t0.elapsed().as_secs_f64());
+    assert!(kills >= 15, "only {kills} kills");
+    assert!(hit.contains_key("sampling") && (hit.contains_key("training") || hit.contains_key("evaluating")), "kills missed the loop's stages: {hit:?}");
+    assert!(checked_serving >= kills / 2, "restarts did not serve the promoted checkpoint");
+    db.drop_db().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A child process killed when dropped (a failed assertion must not leave a daemon running).
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

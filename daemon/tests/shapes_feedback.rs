@@ -140,12 +140,17 @@ fn label_writes_replayable_pairs_whose_claims_are_the_mentions_and_feeds_train_d
 }
 
 #[test]
-#[ignore = "issue 5's bar is not met yet by self-labeling: with the committed model (yes/no accuracy 96.5 %) its verdicts on its own sampled claims are right 84.5 % of the time and the chosen answer hallucinates less in 81.8 % of the 22 pairs (needs >= 90 % and verdict accuracy >= yes/no accuracy); the model believes its own shape confusions"]
 fn label_pairs_prefer_answers_that_hallucinate_less() {
     let d = tmp("label-quality");
     let (prompts, truth) = prompts(&d);
     let out = d.join("pairs.jsonl");
-    label(&prompts, &out, "5");
+    // The RLAIF-V 7B recipe: a stronger labeler than the policy (assets/shapes-labeler; self-labeling is
+    // measured in its README: the base model believes its own shape confusions).
+    let labeler = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../assets/shapes-labeler");
+    rlaifd(&[
+        "label", "--model", base_model().to_str().unwrap(), "--labeler", labeler.to_str().unwrap(), "--prompts", prompts.to_str().unwrap(),
+        "--out", out.to_str().unwrap(), "--n", "8", "--seed", "5", "--max-new-tokens", "48",
+    ]);
     let pairs = read_pairs(&out);
     let hallucinated = |text: &str, objs: &[String]| mentions(text).iter().filter(|m| !objs.contains(m)).count();
     let (mut better, mut verdicts, mut correct) = (0, 0, 0);
@@ -164,12 +169,15 @@ fn label_pairs_prefer_answers_that_hallucinate_less() {
     let share = better as f64 / pairs.len().max(1) as f64;
     let verdict_acc = correct as f64 / verdicts.max(1) as f64;
     let yes_no_acc = eval_report()["existence"]["accuracy"].as_f64().unwrap();
-    println!("{} pairs, chosen hallucinates less in {:.1} %, verdict accuracy {verdict_acc:.3} (model yes/no accuracy {yes_no_acc:.3})", pairs.len(), 100.0 * share);
+    let out = rlaifd(&["eval", "hallucination", "--model", labeler.to_str().unwrap(), "--seed", "1000000", "--count", "200", "--json"]);
+    let labeler_yes_no: f64 = serde_json::from_slice::<Value>(&out.stdout).unwrap()["existence"]["accuracy"].as_f64().unwrap();
+    println!("{} pairs, chosen hallucinates less in {:.1} %, verdict accuracy {verdict_acc:.3} (policy yes/no accuracy {yes_no_acc:.3}, labeler's {labeler_yes_no:.3})", pairs.len(), 100.0 * share);
     assert!(pairs.len() >= 10, "only {} pairs from 40 prompts", pairs.len());
     assert!(share >= 0.9, "chosen hallucinates less in only {:.1} % of pairs", 100.0 * share);
-    // Verdicts on the model's own claims are at least as accurate as its yes/no answers on POPE questions (2
-    // points of slack for the sample size).
-    assert!(verdict_acc >= yes_no_acc - 0.02, "verdict accuracy {verdict_acc} vs yes/no accuracy {yes_no_acc}");
+    // Verdicts on the policy's claims are at least as accurate as the policy's yes/no answers on POPE questions,
+    // and within 2 points (the sample size) of the labeler's own.
+    assert!(verdict_acc >= yes_no_acc, "verdict accuracy {verdict_acc} vs the policy's yes/no accuracy {yes_no_acc}");
+    assert!(verdict_acc >= labeler_yes_no - 0.02, "verdict accuracy {verdict_acc} vs the labeler's yes/no accuracy {labeler_yes_no}");
     std::fs::remove_dir_all(&d).ok();
 }
 
