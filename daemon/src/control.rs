@@ -248,7 +248,7 @@ async fn execute(cmd: &Command, d: &Arc<Daemon>, _wake: &Recipient<Wake>) -> Res
         Command::Eval(id) => {
             let c = store::checkpoint(pool, *id).await?;
             let cfg = d.config();
-            let m = crate::rlaif::evaluate(&d.engine, &cfg.loop_, &c).await?;
+            let m = crate::rlaif::evaluate(pool, &d.engine, &cfg.loop_, &c).await?;
             store::set_metrics(pool, c.id, &m).await?;
             Ok(json!({ "checkpoint": c.id, "metrics": m }))
         }

@@ -115,7 +115,7 @@ pub async fn run(a: DemoArgs) -> Result<()> {
     let base = store::ensure_base(&pool, &base_path, None).await?;
     if base.metrics.as_ref().and_then(|m| m.get("chair_i")).is_none() {
         eprintln!("evaluating the base model on {} held-out images", cfg.eval_count);
-        let m = crate::rlaif::evaluate(&engine, &cfg, &base).await?;
+        let m = crate::rlaif::evaluate(&pool, &engine, &cfg, &base).await?;
         store::set_metrics(&pool, base.id, &m).await?;
     }
     let tty = std::io::stderr().is_terminal();

@@ -87,11 +87,6 @@ fn image_field(image: &Path, out: &Path) -> String {
     .into_owned()
 }
 
-/// Whether a tokenizer is ShapesWorld's (its vocabulary is exactly the world's words).
-fn is_shapes_tokenizer(tok: &TextTokenizer) -> bool {
-    engine::shapes::words().iter().all(|w| tok.token_id(w).is_some()) && tok.vocab_size() == engine::shapes::words().len() + 5
-}
-
 fn claims_json(a: &LabeledAnswer) -> serde_json::Value {
     serde_json::Value::Array(
         a.claims
@@ -145,7 +140,7 @@ pub fn cmd_label(a: LabelArgs) -> Result<()> {
         None
     };
     let extractor: Box<dyn ClaimExtractor + '_> = match a.extractor.as_str() {
-        "auto" if is_shapes_tokenizer(&tok) => Box::new(ShapesExtractor),
+        "auto" if rlaifd::rlaif::is_shapes_tokenizer(&tok) => Box::new(ShapesExtractor),
         "auto" | "rules" => Box::new(RuleExtractor),
         "shapes" => Box::new(ShapesExtractor),
         "llm" => match &extractor_model {

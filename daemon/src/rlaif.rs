@@ -6,7 +6,7 @@
 use crate::store::{self, CheckpointRow, IterationRow, Job, NewClaim, NewPair, NewResponse};
 use anyhow::{bail, Context, Result};
 use engine::adapter::LoraSpec;
-use engine::feedback::claims::ShapesExtractor;
+use engine::feedback::claims::{ClaimExtractor, RuleExtractor, ShapesExtractor};
 use engine::feedback::pairs::length_balance;
 use engine::feedback::pipeline::{label_answers, sample_answers, FeedbackConfig, LabeledAnswer, Policy};
 use engine::feedback::verify::Labeler;
@@ -160,7 +160,15 @@ pub struct Engine {
     pub labeler: Option<(Model, TextTokenizer, PathBuf)>,
     /// The engine thread every model computation runs on, by priority.
     pub worker: Worker,
+    /// A ShapesWorld model (its tokenizer is the world's vocabulary): object claims and exact held-out metrics.
+    /// Otherwise: rule-based English claims and a labeler-estimated hallucination rate on held-out prompts.
+    pub shapes: bool,
     adapters: Mutex<HashMap<i64, Arc<Adapter>>>,
+}
+
+/// Whether a tokenizer is ShapesWorld's (its vocabulary is exactly the world's words).
+pub fn is_shapes_tokenizer(tok: &TextTokenizer) -> bool {
+    engine::shapes::words().iter().all(|w| tok.token_id(w).is_some()) && tok.vocab_size() == engine::shapes::words().len() + 5
 }
 
 /// sha256 of a checkpoint: of its adapter_model.safetensors.
@@ -176,7 +184,8 @@ impl Engine {
         let tok = TextTokenizer::from_file(&model_dir.join("tokenizer.json"))?;
         let ip = model.image_processor.clone().with_context(|| format!("{} has no vision tower; the loop needs a LLaVA model", model_dir.display()))?;
         std::fs::create_dir_all(state_dir.join("checkpoints")).with_context(|| format!("cannot create {}/checkpoints", state_dir.display()))?;
-        Ok(Engine { model, tok, ip, state_dir: state_dir.to_path_buf(), labeler: None, worker: Worker::start("rlaifd-engine"), adapters: Mutex::new(HashMap::new()) })
+        let shapes = is_shapes_tokenizer(&tok);
+        Ok(Engine { model, tok, ip, state_dir: state_dir.to_path_buf(), labeler: None, worker: Worker::start("rlaifd-engine"), shapes, adapters: Mutex::new(HashMap::new()) })
     }
 
     /// Loads the labeler `loop.labeler` names when it is a model directory ("self" and "base" need nothing).
@@ -303,7 +312,8 @@ pub async fn run_label_job(pool: &PgPool, engine: &Arc<Engine>, cfg: &LoopConfig
             Some((m, tok, _)) => Labeler::new(m, None, tok, LLAVA_15_TEMPLATE)?,
             None => Labeler::new(&e.model, lab_adapter.as_deref(), &e.tok, LLAVA_15_TEMPLATE)?,
         };
-        let fb = label_answers(&labeler, &ShapesExtractor, pixels.as_deref(), &question, answers, k, pair_seed)?;
+        let extractor: &dyn ClaimExtractor = if e.shapes { &ShapesExtractor } else { &RuleExtractor };
+        let fb = label_answers(&labeler, extractor, pixels.as_deref(), &question, answers, k, pair_seed)?;
         let ref_adapter = e.adapter(&reference_row)?;
         let prompt_ids = e.tok.encode(&engine::tokenizer::apply_template(LLAVA_15_TEMPLATE, &question), true)?;
         let feats = match &pixels {
@@ -430,49 +440,110 @@ fn it_seed(dir: &Path) -> u64 {
     dir.file_name().and_then(|n| n.to_str()).map_or(0, |n| n.bytes().fold(0u64, |h, b| h.wrapping_mul(131).wrapping_add(b as u64)))
 }
 
-/// Held-out exact metrics of a checkpoint (ShapesWorld), as stored with it.
-pub async fn evaluate(engine: &Arc<Engine>, cfg: &LoopConfig, c: &CheckpointRow) -> Result<serde_json::Value> {
+/// Held-out metrics of a checkpoint, as stored with it. ShapesWorld: exact metrics (CHAIR, Cover, POPE) on
+/// generated images. Other models: [`evaluate_with_labeler`] on the held-out prompts in the database.
+pub async fn evaluate(pool: &PgPool, engine: &Arc<Engine>, cfg: &LoopConfig, c: &CheckpointRow) -> Result<serde_json::Value> {
+    if !engine.shapes {
+        return evaluate_with_labeler(pool, engine, cfg, c).await;
+    }
     let (e, c, cfg) = (engine.clone(), c.clone(), cfg.clone());
-    engine.run(Priority::Feedback, move |slice| {
-        let adapter = e.adapter(&c)?;
-        let report = crate::shapes_eval::evaluate(&e.model, adapter.as_deref(), &e.tok, &e.ip, cfg.eval_seed, cfg.eval_count, e.ip.crop_width, 64, |_| slice.yield_to_urgent())?;
-        Ok(report.summary())
-    })
-    .await
+    engine
+        .run(Priority::Feedback, move |slice| {
+            let adapter = e.adapter(&c)?;
+            let report = crate::shapes_eval::evaluate(&e.model, adapter.as_deref(), &e.tok, &e.ip, cfg.eval_seed, cfg.eval_count, e.ip.crop_width, 64, |_| slice.yield_to_urgent())?;
+            Ok(report.summary())
+        })
+        .await
+}
+
+/// The labeler-estimated hallucination rate of a checkpoint (models without ground truth): its greedy answers
+/// to the first `eval_count` held-out prompts, split into claims, each verified by a fixed judge — the labeler
+/// model when `loop.labeler` names one, else the base model (never the candidate itself, which would grade its
+/// own beliefs). `hallucination_rate` = rejected claims / claims; `claims_per_answer` measures how much the
+/// answers say (the gate's informativeness floor, as Cover is for ShapesWorld).
+pub async fn evaluate_with_labeler(pool: &PgPool, engine: &Arc<Engine>, cfg: &LoopConfig, c: &CheckpointRow) -> Result<serde_json::Value> {
+    let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM prompts WHERE split = 'heldout' ORDER BY id LIMIT $1").bind(cfg.eval_count as i64).fetch_all(pool).await?;
+    if ids.is_empty() {
+        bail!("no held-out prompts to evaluate checkpoint {} on: import some with split \"heldout\" (rlaifd ctl import-prompts)", c.id);
+    }
+    let mut prompts = Vec::new();
+    for id in ids {
+        let p = store::prompt(pool, id).await?;
+        let bytes = match &p.image_sha256 {
+            Some(sha) => Some(store::image_bytes(pool, sha).await?),
+            None => None,
+        };
+        prompts.push((p.instruction, bytes));
+    }
+    let (e, c, max_new) = (engine.clone(), c.clone(), cfg.max_new_tokens);
+    engine
+        .run(Priority::Feedback, move |slice| {
+            let adapter = e.adapter(&c)?;
+            let (judge_model, judge_tok) = match &e.labeler {
+                Some((m, t, _)) => (m, t),
+                None => (&e.model, &e.tok),
+            };
+            let judge = Labeler::new(judge_model, None, judge_tok, LLAVA_15_TEMPLATE)?;
+            let (mut claims, mut rejected, mut answers) = (0usize, 0usize, 0usize);
+            for (question, bytes) in &prompts {
+                let pixels = match bytes {
+                    Some(b) => Some(e.pixels(b)?),
+                    None => None,
+                };
+                let template = if pixels.is_some() { LLAVA_15_TEMPLATE } else { engine::tokenizer::TEXT_TEMPLATE };
+                let ids = e.tok.encode(&engine::tokenizer::apply_template(template, question), true)?;
+                let params = engine::sampling::SamplingParams { temperature: 0.0, max_new_tokens: max_new, ..Default::default() };
+                let req = engine::generate::GenerateRequest { ids: &ids, pixels: pixels.as_ref(), seeds: &[0], params, stop_ids: vec![] };
+                let answer = engine::generate::generate(&e.model, &req, adapter.as_deref())?;
+                let text = e.tok.decode(&answer[0].tokens)?;
+                let found = RuleExtractor.extract(question, &text)?;
+                let verdicts = judge.verify(pixels.as_ref(), &found.iter().map(|x| x.question.clone()).collect::<Vec<_>>())?;
+                answers += 1;
+                claims += found.len();
+                rejected += verdicts.iter().filter(|v| !v.accepted).count();
+                slice.yield_to_urgent();
+            }
+            let rate = if claims == 0 { f64::NAN } else { rejected as f64 / claims as f64 };
+            Ok(serde_json::json!({ "kind": "labeler", "hallucination_rate": if rate.is_finite() { serde_json::json!(rate) } else { serde_json::Value::Null },
+                "claims_per_answer": claims as f64 / answers.max(1) as f64, "answers": answers, "claims": claims, "rejected": rejected }))
+        })
+        .await
 }
 
 /// Whether `candidate` metrics beat `current` ones: CHAIR_i lower by the margin, and Cover no more than
 /// `max_cover_drop` (relative) below the base model's (`base`), so Cover cannot erode step by step.
 pub fn better(cfg: &LoopConfig, candidate: &serde_json::Value, current: &serde_json::Value, base: &serde_json::Value) -> (bool, String) {
     let get = |m: &serde_json::Value, k: &str| m.get(k).and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
-    let (ci, cc) = (get(candidate, "chair_i"), get(candidate, "cover"));
-    let pi = get(current, "chair_i");
-    let floor = get(base, "cover") * (1.0 - cfg.max_cover_drop);
+    // ShapesWorld's exact metrics, or the labeler-estimated ones of other models.
+    let (hk, ck) = if candidate.get("chair_i").is_some() { ("chair_i", "cover") } else { ("hallucination_rate", "claims_per_answer") };
+    let (ci, cc) = (get(candidate, hk), get(candidate, ck));
+    let pi = get(current, hk);
+    let floor = get(base, ck) * (1.0 - cfg.max_cover_drop);
     if !(ci.is_finite() && cc.is_finite()) {
-        return (false, "candidate metrics are missing or not finite".into());
+        return (false, format!("candidate metrics {hk}/{ck} are missing or not finite"));
     }
     if !pi.is_finite() {
         return (true, "the current checkpoint has no metrics".into());
     }
     if ci > pi - cfg.promote_margin {
-        return (false, format!("CHAIR_i {ci:.4} is not below {pi:.4} by the margin {}", cfg.promote_margin));
+        return (false, format!("{hk} {ci:.4} is not below {pi:.4} by the margin {}", cfg.promote_margin));
     }
     if floor.is_finite() && cc < floor {
-        return (false, format!("Cover {cc:.4} is below {floor:.4} ({} % under the base model's)", 100.0 * cfg.max_cover_drop));
+        return (false, format!("{ck} {cc:.4} is below {floor:.4} ({} % under the base model's)", 100.0 * cfg.max_cover_drop));
     }
-    (true, format!("CHAIR_i {pi:.4} -> {ci:.4}, Cover {cc:.4} (floor {floor:.4})"))
+    (true, format!("{hk} {pi:.4} -> {ci:.4}, {ck} {cc:.4} (floor {floor:.4})"))
 }
 
 /// Evaluates the iteration's candidate against the promoted checkpoint and promotes or rejects it.
 pub async fn run_gate(pool: &PgPool, engine: &Arc<Engine>, cfg: &LoopConfig, it: &IterationRow) -> Result<(bool, serde_json::Value)> {
     let it = store::iteration(pool, it.id).await?;
     let cand = store::checkpoint(pool, it.candidate_id.context("the iteration has no candidate yet")?).await?;
-    let metrics = evaluate(engine, cfg, &cand).await?;
+    let metrics = evaluate(pool, engine, cfg, &cand).await?;
     let current = store::promoted(pool).await?.context("no promoted checkpoint")?;
     let current_metrics = match &current.metrics {
-        Some(m) if m.get("chair_i").is_some() => m.clone(),
+        Some(m) if m.get("chair_i").is_some() || m.get("hallucination_rate").is_some() => m.clone(),
         _ => {
-            let m = evaluate(engine, cfg, &current).await?;
+            let m = evaluate(pool, engine, cfg, &current).await?;
             store::set_metrics(pool, current.id, &m).await?;
             m
         }

@@ -481,6 +481,12 @@ async fn run_async(cfg: Config, config_file: Option<PathBuf>) -> Result<()> {
     crate::notify::status("loading the model");
     let (model_dir, state, labeler) = (cfg.model.path.clone(), cfg.state.dir.clone(), cfg.loop_.labeler.clone());
     let engine = Arc::new(tokio::task::spawn_blocking(move || Engine::load(&model_dir, &state)?.with_labeler(&labeler)).await.context("loading the model")??);
+    if cfg.daemon.prompt_source == "shapes" && !engine.shapes {
+        anyhow::bail!(
+            "daemon.prompt_source = \"shapes\" generates ShapesWorld prompts, but {} is not a ShapesWorld model: set daemon.prompt_source = \"none\" and import prompts (rlaifd ctl import-prompts; held-out ones with \"split\": \"heldout\" gate checkpoints)",
+            cfg.model.path.display()
+        );
+    }
     let base = store::ensure_base(&pool, &cfg.model.path.display().to_string(), None).await?;
     let promoted = store::promoted(&pool).await?.unwrap_or(base.clone());
     // One daemon per host and state directory: a restart reclaims the jobs its killed predecessor held (other

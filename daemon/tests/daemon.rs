@@ -30,14 +30,15 @@ struct Daemon {
 }
 
 impl Daemon {
-    fn start(dir: &Path, db_url: &str, extra: &str) -> Daemon {
+    /// `server_extra`: more `[server]` keys.
+    fn start(dir: &Path, db_url: &str, server_extra: &str) -> Daemon {
         std::fs::create_dir_all(dir).unwrap();
         let config = dir.join("rlaifd.toml");
         std::fs::write(
             &config,
             format!(
-                "[database]\nurl = \"{db_url}\"\n[model]\npath = \"{}\"\n[state]\ndir = \"{}\"\n[server]\nbind = \"127.0.0.1:0\"\nmax_body_bytes = 65536\nmax_image_side = 256\n\
-                 [daemon]\nauto_iterate = false\npoll_s = 0.2\n[loop]\nn = 4\nmax_new_tokens = 24\nprompts_per_iteration = 6\npairs_per_iteration = 1\neval_count = 4\nepochs = 1\nbatch_size = 2\npromote_margin = -1.0\nmax_cover_drop = 1.0\n{extra}",
+                "[database]\nurl = \"{db_url}\"\n[model]\npath = \"{}\"\n[state]\ndir = \"{}\"\n[server]\nbind = \"127.0.0.1:0\"\nmax_body_bytes = 65536\nmax_image_side = 256\n{server_extra}\n\
+                 [daemon]\nauto_iterate = false\npoll_s = 0.2\n[loop]\nn = 4\nmax_new_tokens = 24\nprompts_per_iteration = 6\npairs_per_iteration = 1\neval_count = 4\nepochs = 1\nbatch_size = 2\npromote_margin = -1.0\nmax_cover_drop = 1.0\n",
                 model().display(),
                 dir.join("state").display()
             ),
@@ -336,7 +337,8 @@ async fn hot_swaps_under_concurrent_requests_fail_none_and_never_mix_generations
     rlaifd(&["shapes", "sft", "--seed", "3", "--count", "16", "--out", data.to_str().unwrap()]);
     let adapter = dir.join("adapter");
     rlaifd(&["train-sft", "--model", model().to_str().unwrap(), "--data", data.join("sft.jsonl").to_str().unwrap(), "--out", adapter.to_str().unwrap(), "--r", "8", "--lr", "0.01", "--stop-after", "12", "--batch-size", "4"]);
-    let d = Daemon::start(&dir, &db.url, "");
+    // Served prompts join the training pool (opt-in).
+    let d = Daemon::start(&dir, &db.url, "join_prompt_pool = true");
     let pool = &db.pool;
     let base: i64 = sqlx::query_scalar("SELECT id FROM checkpoints WHERE kind = 'base'").fetch_one(pool).await.unwrap();
     let sha = rlaifd::rlaif::adapter_sha256(&adapter).unwrap();
@@ -356,8 +358,9 @@ async fn hot_swaps_under_concurrent_requests_fail_none_and_never_mix_generations
             std::thread::spawn(move || {
                 let mut seen = Vec::new();
                 while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    let t = Instant::now();
                     let (st, text) = http(&addr, "POST", "/v1/chat/completions", "application/json", &body);
-                    seen.push((st, text));
+                    seen.push((st, text, t.elapsed().as_secs_f64()));
                 }
                 seen
             })
@@ -375,9 +378,11 @@ async fn hot_swaps_under_concurrent_requests_fail_none_and_never_mix_generations
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let mut by_checkpoint: std::collections::BTreeMap<i64, std::collections::BTreeSet<String>> = Default::default();
     let (mut total, mut failed) = (0, 0);
+    let mut latency = Vec::new();
     for c in clients {
-        for (st, text) in c.join().unwrap() {
+        for (st, text, secs) in c.join().unwrap() {
             total += 1;
+            latency.push(secs);
             if st != 200 {
                 failed += 1;
                 eprintln!("failed request: {st} {text}");
@@ -388,7 +393,9 @@ async fn hot_swaps_under_concurrent_requests_fail_none_and_never_mix_generations
             by_checkpoint.entry(v["rlaifd"]["checkpoint"].as_i64().unwrap()).or_default().insert(answers.join(" | "));
         }
     }
-    println!("{total} requests during {swaps} hot-swaps, {failed} failed; answers per checkpoint: {by_checkpoint:?}");
+    latency.sort_by(f64::total_cmp);
+    let pct = |p: f64| latency[((latency.len() - 1) as f64 * p).round() as usize] * 1000.0;
+    println!("{total} requests from 4 clients during {swaps} hot-swaps in 20 s, {failed} failed; latency p50 {:.1} ms, p99 {:.1} ms; answers per checkpoint: {by_checkpoint:?}", pct(0.5), pct(0.99));
     assert_eq!(failed, 0, "failed requests during hot-swaps");
     assert!(total >= 20 && swaps >= 20, "{total} requests, {swaps} swaps");
     // Same seed, same prompt: each generation always gives the same answers. A request that mixed two
@@ -398,6 +405,8 @@ async fn hot_swaps_under_concurrent_requests_fail_none_and_never_mix_generations
         assert_eq!(answers.len(), 1, "checkpoint {c} gave different answers to the same seeded request: {answers:?}");
     }
     assert_ne!(by_checkpoint[&base], by_checkpoint[&other], "the two checkpoints answer differently (else this test proves nothing)");
+    let served: Vec<(String, String)> = sqlx::query_as("SELECT instruction, split FROM prompts WHERE source = 'served'").fetch_all(pool).await.unwrap();
+    assert_eq!(served, vec![("Describe the image.".to_string(), "train".to_string())], "the served prompt joined the pool once");
     drop(d);
     db.drop_db().await;
     std::fs::remove_dir_all(&dir).ok();

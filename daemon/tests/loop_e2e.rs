@@ -93,3 +93,41 @@ async fn one_iteration_end_to_end_then_resume() {
     db.drop_db().await;
     let _ = std::fs::remove_dir_all(&state);
 }
+
+/// A model without ground truth (not ShapesWorld) is gated on the labeler-estimated hallucination rate of its
+/// greedy answers to the held-out prompts in the database, judged by a fixed model; no held-out prompts is a clear
+/// error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_without_ground_truth_is_gated_on_labeler_estimated_hallucination() {
+    let db = common::fresh("labgate").await;
+    let pool = &db.pool;
+    let fixture = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/llava/l15_4x_f32_gqa_tied_lora");
+    let state = std::env::temp_dir().join(format!("rlaifd-labgate-{}", std::process::id()));
+    let engine = Arc::new(Engine::load(&fixture.join("model"), &state).unwrap());
+    assert!(!engine.shapes, "the fixture is not a ShapesWorld model");
+    let cfg = LoopConfig { eval_count: 3, max_new_tokens: 16, ..LoopConfig::default() };
+    let base = store::ensure_base(pool, &fixture.join("model").display().to_string(), None).await.unwrap();
+    let e = format!("{:#}", rlaifd::rlaif::evaluate(pool, &engine, &cfg, &base).await.unwrap_err());
+    assert!(e.contains("held-out prompts") && e.contains("import-prompts"), "{e}");
+    let png = std::fs::read(fixture.join("image.png")).unwrap();
+    let sha = store::insert_image(pool, &png).await.unwrap();
+    for q in ["Describe the image.", "What is in the picture?", "What colour is it?", "Not used: eval_count is 3."] {
+        store::insert_prompt(pool, &store::NewPrompt { image_sha256: Some(sha.clone()), instruction: q.into(), source: "test".into(), split: "heldout".into(), ground_truth: None }).await.unwrap();
+    }
+    let m = rlaifd::rlaif::evaluate(pool, &engine, &cfg, &base).await.unwrap();
+    println!("{m}");
+    assert_eq!((m["kind"].as_str(), m["answers"].as_u64()), (Some("labeler"), Some(3)), "{m}");
+    let (claims, rejected) = (m["claims"].as_u64().unwrap(), m["rejected"].as_u64().unwrap());
+    assert!(claims > 0 && rejected <= claims, "{m}");
+    assert!((m["hallucination_rate"].as_f64().unwrap() - rejected as f64 / claims as f64).abs() < 1e-12);
+    assert!((m["claims_per_answer"].as_f64().unwrap() - claims as f64 / 3.0).abs() < 1e-12);
+    assert_eq!(m, rlaifd::rlaif::evaluate(pool, &engine, &cfg, &base).await.unwrap(), "greedy answers and a fixed judge: deterministic");
+    // The gate reads these metrics as it reads CHAIR_i and Cover.
+    let better = |h: f64, c: f64| serde_json::json!({ "hallucination_rate": h, "claims_per_answer": c });
+    let cfg = LoopConfig { promote_margin: 0.01, max_cover_drop: 0.1, ..cfg };
+    assert!(rlaifd::rlaif::better(&cfg, &better(0.2, 3.0), &better(0.3, 3.0), &better(0.3, 3.0)).0);
+    assert!(!rlaifd::rlaif::better(&cfg, &better(0.295, 3.0), &better(0.3, 3.0), &better(0.3, 3.0)).0, "within the margin");
+    assert!(!rlaifd::rlaif::better(&cfg, &better(0.1, 2.0), &better(0.3, 3.0), &better(0.3, 3.0)).0, "says much less than the base");
+    db.drop_db().await;
+    let _ = std::fs::remove_dir_all(&state);
+}
