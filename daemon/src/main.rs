@@ -71,6 +71,13 @@ enum Command {
     Serve(rlaifd::serve::ServeArgs),
     /// Send a command to a running daemon's control socket and print the JSON reply.
     Ctl(rlaifd::control::CtlArgs),
+    /// Compile every CUDA kernel with NVRTC (through the same code the daemon uses at start-up; no GPU needed)
+    /// and print one row per kernel file.
+    Kernels {
+        /// Target architectures (sm_80, sm_90, ...).
+        #[arg(long, default_values = ["sm_80", "sm_90"])]
+        arch: Vec<String>,
+    },
     /// Apply the database migrations (also done at start-up by every command that uses the database).
     Migrate {
         /// PostgreSQL URL (default: $DATABASE_URL, else postgres://postgres@127.0.0.1:5432/rlaifd).
@@ -166,6 +173,26 @@ struct GenerateArgs {
     reference_adapter: Option<PathBuf>,
 }
 
+fn cmd_kernels(archs: &[String]) -> Result<()> {
+    engine::cuda::nvrtc_status().map_err(anyhow::Error::msg)?;
+    let includes = engine::cuda::include_dirs();
+    println!("CUDA headers: {}", includes.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
+    let mut n = 0;
+    for a in archs {
+        let cc = a.strip_prefix("sm_").and_then(|d| d.parse::<i32>().ok()).with_context(|| format!("--arch {a}: expected sm_XY, e.g. sm_90"))?;
+        let arch = engine::cuda::arch_name(cc / 10, cc % 10);
+        if arch != a {
+            bail!("--arch {a}: not an architecture rlaifd targets (sm_70 ... sm_120)");
+        }
+        for c in engine::cuda::compile_all(arch)? {
+            println!("{arch:<7} {:<14} {:>8} bytes of PTX  {}", c.file, c.ptx.to_src().len(), c.kernels.join(" "));
+            n += c.kernels.len();
+        }
+    }
+    println!("ok: {n} kernels compiled");
+    Ok(())
+}
+
 fn main() {
     let cli = Cli::parse();
     if let Some(t) = cli.threads {
@@ -189,6 +216,7 @@ fn main() {
         Command::Label(a) => label_cli::cmd_label(a),
         Command::Demo(a) => async_main(rlaifd::demo::run(a)),
         Command::Serve(a) => rlaifd::serve::run(a),
+        Command::Kernels { arch } => cmd_kernels(&arch),
         Command::Ctl(a) => rlaifd::control::ctl(a),
         Command::Migrate { database_url } => async_main(async move {
             let url = database_url.unwrap_or_else(rlaifd::db::url_from_env);

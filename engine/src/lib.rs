@@ -9,6 +9,7 @@
 pub mod adapter;
 pub mod clip;
 pub mod config;
+pub mod cuda;
 pub mod error;
 pub mod feedback;
 pub mod generate;
