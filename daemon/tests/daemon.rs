@@ -186,6 +186,10 @@ async fn daemon_serves_http_and_obeys_every_control_command() {
     assert_eq!(two["choices"].as_array().unwrap().len(), 2);
     assert_eq!(two, { let mut again = ask(json!({ "n": 2, "seed": 7, "temperature": 0.9, "max_tokens": 32 })); again["created"] = two["created"].clone(); again["rlaifd"]["engine_s"] = two["rlaifd"]["engine_s"].clone(); again }, "same seed, same answers");
 
+    // Self-feedback best-of-N: 3 samples ranked by the implicit reward, the best returned with its reward.
+    let best = ask(json!({ "best_of": 3, "seed": 5, "temperature": 0.9, "max_tokens": 32 }));
+    assert_eq!((best["choices"].as_array().unwrap().len(), best["rlaifd"]["rewards"].as_array().map(|r| r.len())), (1, Some(1)), "{best}");
+
     // Bad requests: a clear error each, the daemon stays up, nothing in the database changes.
     let before = counts(pool).await;
     let big = vec![b'x'; 70_000];
@@ -409,5 +413,35 @@ async fn hot_swaps_under_concurrent_requests_fail_none_and_never_mix_generations
     assert_eq!(served, vec![("Describe the image.".to_string(), "train".to_string())], "the served prompt joined the pool once");
     drop(d);
     db.drop_db().await;
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn serve_refuses_an_invalid_configuration_naming_the_key_and_checks_a_good_one() {
+    let dir = std::env::temp_dir().join(format!("rlaifd-badcfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("rlaifd.toml");
+    for (text, env, needle) in [
+        ("[server]\nbind = \"127.0.0.1:8080\"\nworkerz = 2\n", None, "workerz"),
+        ("[loop]\nbeta = \"high\"\n", None, "beta"),
+        ("[daemon]\nprompt_source = \"web\"\n", None, "daemon.prompt_source"),
+        ("", Some(("RLAIFD__SERVER__BIND", "0.0.0.0:8080")), "server.token"),
+        ("[log\n", None, "not valid TOML"),
+    ] {
+        std::fs::write(&f, text).unwrap();
+        let mut c = Command::new(env!("CARGO_BIN_EXE_rlaifd"));
+        c.args(["serve", "--config"]).arg(&f);
+        if let Some((k, v)) = env {
+            c.env(k, v);
+        }
+        let o = c.output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(needle), "{text:?}: {err}");
+    }
+    std::fs::write(&f, "[loop]\nn = 6\n").unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_rlaifd")).args(["serve", "--check-config", "--config"]).arg(&f).env("RLAIFD__SERVER__MAX_N", "3").output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!((v["loop"]["n"].as_u64(), v["server"]["max_n"].as_u64()), (Some(6), Some(3)));
     std::fs::remove_dir_all(&dir).ok();
 }
