@@ -54,6 +54,9 @@ pub struct ServerConfig {
     pub max_tokens: usize,
     pub max_n: usize,
     pub workers: usize,
+    /// Chat requests per second per client address (token bucket, burst `rate_burst`); 0 disables.
+    pub rate_per_s: f64,
+    pub rate_burst: f64,
     pub join_prompt_pool: bool,
 }
 
@@ -139,6 +142,9 @@ impl Config {
         }
         if self.server.max_tokens == 0 || self.server.max_n == 0 || self.server.workers == 0 {
             bail!("server.max_tokens, server.max_n and server.workers must be at least 1");
+        }
+        if !(self.server.rate_per_s.is_finite() && self.server.rate_per_s >= 0.0 && self.server.rate_burst.is_finite() && self.server.rate_burst >= 1.0) {
+            bail!("server.rate_per_s must be >= 0 (0: no limit) and server.rate_burst >= 1");
         }
         if self.control.socket.as_os_str().is_empty() {
             bail!("control.socket is empty");

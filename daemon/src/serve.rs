@@ -40,11 +40,35 @@ pub struct Metrics {
     /// Latency histogram buckets (seconds, cumulative counts computed on output).
     pub latency_buckets: Mutex<[u64; LATENCY_BOUNDS.len()]>,
     pub swaps: AtomicU64,
+    /// Rate limiting: tokens and last refill per client address.
+    pub buckets: Mutex<std::collections::HashMap<std::net::IpAddr, (f64, Instant)>>,
 }
 
 pub const LATENCY_BOUNDS: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
 
 impl Metrics {
+    /// Takes one request token for `ip` (rate tokens per second, at most `burst`); false: over the limit.
+    pub fn admit(&self, ip: std::net::IpAddr, rate: f64, burst: f64) -> bool {
+        if rate <= 0.0 {
+            return true;
+        }
+        let Ok(mut b) = self.buckets.lock() else { return true };
+        let now = Instant::now();
+        if b.len() > 100_000 {
+            // Bound the table: forget clients idle long enough to have refilled.
+            b.retain(|_, (_, t)| now.duration_since(*t).as_secs_f64() * rate < burst);
+        }
+        let (tokens, last) = b.entry(ip).or_insert((burst, now));
+        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * rate).min(burst);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
     pub fn observe(&self, route: &str, status: u16, seconds: f64) {
         if let Ok(mut r) = self.requests.lock() {
             *r.entry((route.to_string(), status)).or_default() += 1;

@@ -48,6 +48,7 @@ impl ResponseError for ApiError {
     fn error_response(&self) -> HttpResponse {
         let kind = match self.status.as_u16() {
             400 | 413 | 415 | 404 | 405 => "invalid_request_error",
+            429 => "rate_limit_error",
             401 => "authentication_error",
             503 => "unavailable",
             _ => "server_error",
@@ -210,6 +211,12 @@ fn check_auth(req: &HttpRequest, d: &Daemon) -> Result<(), ApiError> {
 
 async fn chat(req: HttpRequest, payload: web::Payload, d: web::Data<Arc<Daemon>>) -> Result<HttpResponse, ApiError> {
     check_auth(&req, &d)?;
+    let server_cfg = d.config().server;
+    if let Some(peer) = req.peer_addr() {
+        if !d.metrics.admit(peer.ip(), server_cfg.rate_per_s, server_cfg.rate_burst) {
+            return Err(ApiError::new(StatusCode::TOO_MANY_REQUESTS, format!("rate limit: at most {} requests per second per client (server.rate_per_s)", server_cfg.rate_per_s)));
+        }
+    }
     let ct = req.headers().get("content-type").and_then(|h| h.to_str().ok()).unwrap_or("");
     if !ct.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("application/json") {
         return Err(ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, format!("Content-Type must be application/json (got {ct:?})")));

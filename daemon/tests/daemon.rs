@@ -445,3 +445,41 @@ fn serve_refuses_an_invalid_configuration_naming_the_key_and_checks_a_good_one()
     assert_eq!((v["loop"]["n"].as_u64(), v["server"]["max_n"].as_u64()), (Some(6), Some(3)));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bearer_token_guards_every_route_but_healthz_and_the_rate_limit_answers_429() {
+    let db = common::fresh("auth").await;
+    let dir = std::env::temp_dir().join(format!("rlaifd-auth-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let d = Daemon::start(&dir, &db.url, "token = \"s3cret\"\nrate_per_s = 0.5\nrate_burst = 3.0");
+    let get = |path: &str, auth: Option<&str>| -> u16 {
+        let mut s = std::net::TcpStream::connect(&d.addr).unwrap();
+        let auth = auth.map(|a| format!("Authorization: {a}\r\n")).unwrap_or_default();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n").as_bytes()).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    assert_eq!(get("/healthz", None), 200, "health checks need no token");
+    for path in ["/v1/models", "/metrics"] {
+        assert_eq!(get(path, None), 401, "{path} without a token");
+        assert_eq!(get(path, Some("Bearer wrong")), 401, "{path} with a wrong token");
+        assert_eq!(get(path, Some("Bearer s3cret")), 200, "{path} with the token");
+    }
+    assert_eq!(d.http("POST", "/v1/chat/completions", "application/json", b"{}").0, 401, "chat without a token");
+    // Burst 3, then 0.5 per second: of 6 quick authorised requests, 3 pass and the rest get 429.
+    let body = json!({ "messages": [{ "role": "user", "content": "hello" }], "max_tokens": 2 }).to_string();
+    let mut codes = Vec::new();
+    for _ in 0..6 {
+        let mut s = std::net::TcpStream::connect(&d.addr).unwrap();
+        s.write_all(format!("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cret\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).as_bytes()).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        codes.push(out.split_whitespace().nth(1).unwrap().parse::<u16>().unwrap());
+    }
+    assert_eq!(codes.iter().filter(|&&c| c == 200).count(), 3, "{codes:?}");
+    assert_eq!(codes.iter().filter(|&&c| c == 429).count(), 3, "{codes:?}");
+    drop(d);
+    db.drop_db().await;
+    std::fs::remove_dir_all(&dir).ok();
+}
