@@ -264,7 +264,14 @@ async fn execute(cmd: &Command, d: &Arc<Daemon>, _wake: &Recipient<Wake>) -> Res
 
 /// Makes `c` the promoted checkpoint (after checking its files load) and hot-swaps it in.
 async fn promote(d: &Arc<Daemon>, c: &store::CheckpointRow, actor: &str, reason: &str) -> Result<Value> {
-    // Load first: a checkpoint whose files are missing or altered is refused before anything changes.
+    // Check the files on disk (even when the adapter is cached in memory) and load: a checkpoint whose files are
+    // missing or altered is refused before anything changes.
+    if c.kind != "base" {
+        let sha = crate::rlaif::adapter_sha256(std::path::Path::new(&c.path)).with_context(|| format!("checkpoint {} cannot be loaded; nothing changed", c.id))?;
+        if c.sha256.as_deref() != Some(sha.as_str()) {
+            bail!("checkpoint {} at {}: adapter_model.safetensors has sha256 {sha}, the database recorded {:?}; refusing it, nothing changed", c.id, c.path, c.sha256);
+        }
+    }
     let (e, row) = (d.engine.clone(), c.clone());
     d.engine.run(Priority::Serve, move |_| e.adapter(&row).map(|_| ())).await.with_context(|| format!("checkpoint {} cannot be loaded; nothing changed", c.id))?;
     let metrics = c.metrics.clone().unwrap_or(json!({}));
