@@ -91,7 +91,7 @@ impl Config {
 
     /// `load` with an explicit environment (tests).
     pub fn load_with_env(file: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Config> {
-        let mut b = config::Config::builder().add_source(config::File::from_str(DEFAULT_TOML, config::FileFormat::Toml));
+        let b = config::Config::builder().add_source(config::File::from_str(DEFAULT_TOML, config::FileFormat::Toml));
         let file = match file {
             Some(f) => {
                 if !f.is_file() {
@@ -101,12 +101,26 @@ impl Config {
             }
             None => Some(PathBuf::from(SYSTEM_FILE)).filter(|p| p.is_file()),
         };
+        let mut text = None;
         if let Some(f) = &file {
+            text = Some(std::fs::read(f).with_context(|| format!("cannot read config file {}", f.display()))?);
+        }
+        Self::layered(b, text.as_deref(), file.as_deref(), env)
+    }
+
+    /// The defaults overlaid with `bytes` (a TOML document) and no environment: what `--config` with a file of
+    /// these bytes gives. The fuzz targets call this.
+    pub fn from_toml_bytes(bytes: &[u8]) -> Result<Config> {
+        let b = config::Config::builder().add_source(config::File::from_str(DEFAULT_TOML, config::FileFormat::Toml));
+        Self::layered(b, Some(bytes), Some(Path::new("<input>")), std::iter::empty())
+    }
+
+    fn layered(mut b: config::ConfigBuilder<config::builder::DefaultState>, text: Option<&[u8]>, file: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Config> {
+        if let (Some(text), Some(f)) = (text, file) {
             // Read it ourselves: the error then names the file, and invalid UTF-8 is caught here.
-            let text = std::fs::read(f).with_context(|| format!("cannot read config file {}", f.display()))?;
-            let text = String::from_utf8(text).map_err(|_| anyhow::anyhow!("config file {} is not UTF-8 text", f.display()))?;
-            toml_syntax_check(&text).with_context(|| format!("config file {} is not valid TOML", f.display()))?;
-            b = b.add_source(config::File::from_str(&text, config::FileFormat::Toml));
+            let text = std::str::from_utf8(text).map_err(|_| anyhow::anyhow!("config file {} is not UTF-8 text", f.display()))?;
+            toml_syntax_check(text).with_context(|| format!("config file {} is not valid TOML", f.display()))?;
+            b = b.add_source(config::File::from_str(text, config::FileFormat::Toml));
         }
         let vars: config::Map<String, String> = env.into_iter().filter(|(k, _)| k.starts_with("RLAIFD__")).collect();
         for k in vars.keys() {
@@ -117,7 +131,7 @@ impl Config {
         }
         b = b.add_source(config::Environment::with_prefix("RLAIFD").prefix_separator("__").separator("__").try_parsing(true).source(Some(vars)));
         let merged = b.build().map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
-        let cfg: Config = merged.try_deserialize().map_err(|e| anyhow::anyhow!("configuration{}: {e}", file.as_ref().map(|f| format!(" ({})", f.display())).unwrap_or_default()))?;
+        let cfg: Config = merged.try_deserialize().map_err(|e| anyhow::anyhow!("configuration{}: {e}", file.map(|f| format!(" ({})", f.display())).unwrap_or_default()))?;
         cfg.validate()?;
         Ok(cfg)
     }

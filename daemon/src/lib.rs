@@ -12,3 +12,4 @@ pub mod serve;
 pub mod server;
 pub mod control;
 pub mod notify;
+pub mod fuzz_targets;

@@ -124,8 +124,13 @@ fn decode_data_url(url: &str) -> Result<Vec<u8>, ApiError> {
     base64::engine::general_purpose::STANDARD.decode(data.trim()).map_err(|e| ApiError::bad(format!("image_url.url: invalid base64 data: {e}")))
 }
 
-fn parse(body: &[u8], d: &Daemon) -> Result<Parsed, ApiError> {
-    let cfg = d.config().server;
+/// Validates a chat request body against the server's limits (what `POST /v1/chat/completions` does before any
+/// model work): Err with the message a client would get. The fuzz targets call this.
+pub fn validate_chat_request(body: &[u8], cfg: &crate::config::ServerConfig) -> Result<(), String> {
+    parse(body, cfg).map(|_| ()).map_err(|e| e.message)
+}
+
+fn parse(body: &[u8], cfg: &crate::config::ServerConfig) -> Result<Parsed, ApiError> {
     let req: ChatRequest = serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("the body is not a valid chat request: {e}")))?;
     if req.stream == Some(true) {
         return Err(ApiError::bad("stream: true is not supported; omit it for one JSON response"));
@@ -227,7 +232,7 @@ async fn chat(req: HttpRequest, payload: web::Payload, d: web::Data<Arc<Daemon>>
         Ok(Err(e)) => return Err(ApiError::bad(format!("reading the body: {e}"))),
         Err(_) => return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("the body is larger than {limit} bytes (server.max_body_bytes)"))),
     };
-    let p = parse(&body, &d)?;
+    let p = parse(&body, &d.config().server)?;
     let serving = d.serving();
     let max_side = d.config().server.max_image_side;
     let (dd, s) = (d.get_ref().clone(), serving.clone());
