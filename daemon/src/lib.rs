@@ -13,3 +13,4 @@ pub mod server;
 pub mod control;
 pub mod notify;
 pub mod fuzz_targets;
+pub mod failpoint;

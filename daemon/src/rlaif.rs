@@ -429,6 +429,7 @@ pub async fn run_training(pool: &PgPool, engine: &Arc<Engine>, cfg: &LoopConfig,
         Ok((total, losses))
     })
     .await?;
+    crate::failpoint::hit("train_saved");
     let sha = adapter_sha256(&out_dir)?;
     let train_cfg = serde_json::json!({ "beta": cfg.beta, "nll_weight": cfg.nll_weight, "lr": cfg.lr, "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lora_r": cfg.lora_r,
         "lora_alpha": cfg.lora_alpha, "reference": cfg.reference, "length_balance_r": if cfg.length_balance { Some(balance.r) } else { None }, "pairs_total": pairs.len() });
@@ -552,6 +553,9 @@ pub async fn run_gate(pool: &PgPool, engine: &Arc<Engine>, cfg: &LoopConfig, it:
     let base_metrics = if base.id == current.id { current_metrics.clone() } else { base.metrics.clone().unwrap_or_default() };
     let (promote, reason) = better(cfg, &metrics, &current_metrics, &base_metrics);
     store::decide(pool, cand.id, promote, &metrics, &reason, "checkpointer").await?;
+    if promote {
+        crate::failpoint::hit("decided");
+    }
     Ok((promote, metrics))
 }
 

@@ -148,6 +148,9 @@ impl Daemon {
                 Ok((a, r))
             })
             .await?;
+        if self.generation.load(Ordering::SeqCst) > 0 {
+            crate::failpoint::hit("hot_swap");
+        }
         let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
         let next = Arc::new(Serving { generation, checkpoint: c.clone(), adapter, reference, lineage });
         match self.serving.write() {

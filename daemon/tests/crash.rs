@@ -209,3 +209,84 @@ impl Drop for Killed {
         let _ = self.0.wait();
     }
 }
+
+/// Crashes placed exactly where they hurt most (failpoints abort the process): after a checkpoint directory is
+/// written but before its row exists, after a promotion commits but before the hot-swap, and while hot-swapping.
+/// After each, the invariants hold, the restarted daemon serves the promoted checkpoint and the loop goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crashes_at_checkpoint_write_promotion_and_hot_swap_leave_a_consistent_state() {
+    let db = common::fresh("failpt").await;
+    let dir = std::env::temp_dir().join(format!("rlaifd-failpt-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let model = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../assets/shapes-base");
+    let config = dir.join("rlaifd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[database]\nurl = \"{}\"\n[model]\npath = \"{}\"\n[state]\ndir = \"{}\"\n[server]\nbind = \"127.0.0.1:0\"\n[daemon]\nauto_iterate = true\npoll_s = 0.2\n\
+             [loop]\nn = 4\nmax_new_tokens = 24\nprompts_per_iteration = 30\npairs_per_iteration = 1\neval_count = 10\nepochs = 1\nbatch_size = 2\npromote_margin = -1.0\nmax_cover_drop = 1.0\n",
+            db.url,
+            model.display(),
+            dir.join("state").display()
+        ),
+    )
+    .unwrap();
+    let addr_file = dir.join("state/server.addr");
+    let start = |failpoint: &str| {
+        let _ = std::fs::remove_file(&addr_file);
+        let log = std::fs::File::create(dir.join(format!("daemon-{failpoint}.log"))).unwrap();
+        Killed(Command::new(env!("CARGO_BIN_EXE_rlaifd")).args(["serve", "--config"]).arg(&config).env("RLAIFD_FAILPOINTS", failpoint).stdout(Stdio::null()).stderr(log).spawn().unwrap())
+    };
+    let healthz = |addr: &str| -> i64 {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let body = out.split_once("\r\n\r\n").unwrap().1;
+        serde_json::from_str::<serde_json::Value>(&body[body.find('{').unwrap()..=body.rfind('}').unwrap()]).unwrap()["checkpoint"].as_i64().unwrap()
+    };
+    let done = |pool: sqlx::PgPool| async move { sqlx::query_scalar::<_, i64>("SELECT count(*) FROM iterations WHERE stage = 'done'").fetch_one(&pool).await.unwrap() };
+    for fp in ["train_saved", "decided", "hot_swap"] {
+        // Armed: the daemon runs until it reaches the point and aborts there.
+        let mut child = start(fp);
+        let t0 = Instant::now();
+        let status = loop {
+            if let Some(s) = child.0.try_wait().unwrap() {
+                break s;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(180), "failpoint {fp} was never reached");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(!status.success(), "{fp}: the daemon aborted");
+        let log = std::fs::read_to_string(dir.join(format!("daemon-{fp}.log"))).unwrap();
+        assert!(log.contains(&format!("failpoint {fp} reached")), "{fp}: {log}");
+        check(&db.pool, 4).await;
+        let before = done(db.pool.clone()).await;
+        // Disarmed: the restarted daemon serves the promoted checkpoint and finishes another iteration.
+        let mut child = start("none");
+        let t0 = Instant::now();
+        while !addr_file.exists() {
+            assert!(child.0.try_wait().unwrap().is_none() && t0.elapsed() < Duration::from_secs(60), "restart after {fp} failed");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        let addr = std::fs::read_to_string(&addr_file).unwrap().trim().to_string();
+        loop {
+            let d = done(db.pool.clone()).await;
+            let p: i64 = sqlx::query_scalar("SELECT id FROM checkpoints WHERE status = 'promoted'").fetch_one(&db.pool).await.unwrap();
+            if d > before && healthz(&addr) == p {
+                break;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(180), "no progress after the {fp} crash");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(Command::new("kill").arg("-TERM").arg(child.0.id().to_string()).status().unwrap().success());
+        assert!(child.0.wait().unwrap().success(), "{fp}: clean SIGTERM after recovery");
+        check(&db.pool, 4).await;
+        println!("failpoint {fp}: aborted there, recovered, {} iterations done", done(db.pool.clone()).await);
+    }
+    db.drop_db().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
