@@ -96,6 +96,31 @@ async fn killing_the_loop_at_random_moments_loses_and_duplicates_nothing() {
     let _ = std::fs::remove_dir_all(&state);
 }
 
+/// Writes a daemon configuration for `db_url` under `dir` ([daemon] and [loop] keys given) and returns its path.
+fn daemon_config(dir: &std::path::Path, db_url: &str, daemon: &str, loop_: &str) -> std::path::PathBuf {
+    let model = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../assets/shapes-base");
+    let config = dir.join("rlaifd.toml");
+    let text = format!(
+        "[database]\nurl = \"{db_url}\"\n[model]\npath = \"{}\"\n[state]\ndir = \"{}\"\n[server]\nbind = \"127.0.0.1:0\"\n[daemon]\n{daemon}[loop]\n{loop_}",
+        model.display(),
+        dir.join("state").display()
+    );
+    std::fs::write(&config, text).unwrap();
+    config
+}
+
+/// The checkpoint a running daemon serves (GET /healthz).
+fn served_checkpoint(addr: &str) -> i64 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let body = out.split_once("\r\n\r\n").unwrap().1;
+    let v: serde_json::Value = serde_json::from_str(&body[body.find('{').unwrap()..=body.rfind('}').unwrap()]).unwrap();
+    v["checkpoint"].as_i64().unwrap()
+}
+
 /// The daemon itself (`rlaifd serve`, iterating on its own) SIGKILLed at random moments and restarted: the same
 /// invariants after every kill, the restarted daemon serves exactly the promoted checkpoint, and the loop reaches
 /// its iteration target.
@@ -105,19 +130,7 @@ async fn killing_the_daemon_at_random_moments_loses_nothing_and_it_serves_the_pr
     let dir = std::env::temp_dir().join(format!("rlaifd-crashd-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let model = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../assets/shapes-base");
-    let config = dir.join("rlaifd.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[database]\nurl = \"{}\"\n[model]\npath = \"{}\"\n[state]\ndir = \"{}\"\n[server]\nbind = \"127.0.0.1:0\"\n[daemon]\nauto_iterate = true\nmax_iterations = 8\npoll_s = 0.2\n\
-             [loop]\nn = 4\nmax_new_tokens = 32\nprompts_per_iteration = 150\npairs_per_iteration = 1\neval_count = 40\nepochs = 2\nbatch_size = 2\npromote_margin = 0.0\nmax_cover_drop = 1.0\n",
-            db.url,
-            model.display(),
-            dir.join("state").display()
-        ),
-    )
-    .unwrap();
+    let config = daemon_config(&dir, &db.url, "auto_iterate = true\nmax_iterations = 8\npoll_s = 0.2\n", "n = 4\nmax_new_tokens = 32\nprompts_per_iteration = 150\npairs_per_iteration = 1\neval_count = 40\nepochs = 2\nbatch_size = 2\npromote_margin = 0.0\nmax_cover_drop = 1.0\n");
     let addr_file = dir.join("state/server.addr");
     let start = || {
         let _ = std::fs::remove_file(&addr_file);
@@ -134,16 +147,7 @@ async fn killing_the_daemon_at_random_moments_loses_nothing_and_it_serves_the_pr
         std::thread::sleep(Duration::from_millis(20));
         std::fs::read_to_string(&addr_file).unwrap().trim().to_string()
     };
-    let served = |addr: &str| -> i64 {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(addr).unwrap();
-        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        let body = out.split_once("\r\n\r\n").unwrap().1;
-        let v: serde_json::Value = serde_json::from_str(&body[body.find('{').unwrap()..=body.rfind('}').unwrap()]).unwrap();
-        v["checkpoint"].as_i64().unwrap()
-    };
+    let served = served_checkpoint;
     let promoted = |pool: sqlx::PgPool| async move { sqlx::query_scalar::<_, i64>("SELECT id FROM checkpoints WHERE status = 'promoted'").fetch_one(&pool).await.unwrap() };
     let mut rng = 0x9e37_79b9_7f4a_7c15u64;
     let (mut kills, mut checked_serving) = (0, 0);
@@ -219,34 +223,14 @@ async fn crashes_at_checkpoint_write_promotion_and_hot_swap_leave_a_consistent_s
     let dir = std::env::temp_dir().join(format!("rlaifd-failpt-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let model = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../assets/shapes-base");
-    let config = dir.join("rlaifd.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[database]\nurl = \"{}\"\n[model]\npath = \"{}\"\n[state]\ndir = \"{}\"\n[server]\nbind = \"127.0.0.1:0\"\n[daemon]\nauto_iterate = true\npoll_s = 0.2\n\
-             [loop]\nn = 4\nmax_new_tokens = 24\nprompts_per_iteration = 30\npairs_per_iteration = 1\neval_count = 10\nepochs = 1\nbatch_size = 2\npromote_margin = -1.0\nmax_cover_drop = 1.0\n",
-            db.url,
-            model.display(),
-            dir.join("state").display()
-        ),
-    )
-    .unwrap();
+    let config = daemon_config(&dir, &db.url, "auto_iterate = true\npoll_s = 0.2\n", "n = 4\nmax_new_tokens = 24\nprompts_per_iteration = 30\npairs_per_iteration = 1\neval_count = 10\nepochs = 1\nbatch_size = 2\npromote_margin = -1.0\nmax_cover_drop = 1.0\n");
     let addr_file = dir.join("state/server.addr");
     let start = |failpoint: &str| {
         let _ = std::fs::remove_file(&addr_file);
         let log = std::fs::File::create(dir.join(format!("daemon-{failpoint}.log"))).unwrap();
         Killed(Command::new(env!("CARGO_BIN_EXE_rlaifd")).args(["serve", "--config"]).arg(&config).env("RLAIFD_FAILPOINTS", failpoint).stdout(Stdio::null()).stderr(log).spawn().unwrap())
     };
-    let healthz = |addr: &str| -> i64 {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(addr).unwrap();
-        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        let body = out.split_once("\r\n\r\n").unwrap().1;
-        serde_json::from_str::<serde_json::Value>(&body[body.find('{').unwrap()..=body.rfind('}').unwrap()]).unwrap()["checkpoint"].as_i64().unwrap()
-    };
+    let healthz = served_checkpoint;
     let done = |pool: sqlx::PgPool| async move { sqlx::query_scalar::<_, i64>("SELECT count(*) FROM iterations WHERE stage = 'done'").fetch_one(&pool).await.unwrap() };
     for fp in ["train_saved", "decided", "hot_swap"] {
         // Armed: the daemon runs until it reaches the point and aborts there.

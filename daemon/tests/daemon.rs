@@ -356,7 +356,10 @@ async fn hot_swaps_under_concurrent_requests_fail_none_and_never_mix_generations
     let img = shapes_png(&dir, "5151");
     let body = chat_body(&img, "Describe the image.", json!({ "temperature": 0.8, "seed": 11, "max_tokens": 32, "n": 2 }));
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let clients: Vec<_> = (0..4)
+    // RLAIFD_LOAD_CLIENTS / RLAIFD_LOAD_SECONDS make this a longer load run (RELIABILITY.md); CI uses 4 for 20 s.
+    let n_clients: usize = std::env::var("RLAIFD_LOAD_CLIENTS").ok().and_then(|s| s.parse().ok()).unwrap_or(4);
+    let seconds: u64 = std::env::var("RLAIFD_LOAD_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(20);
+    let clients: Vec<_> = (0..n_clients)
         .map(|_| {
             let (addr, body, stop) = (d.addr.clone(), body.clone(), stop.clone());
             std::thread::spawn(move || {
@@ -372,7 +375,7 @@ async fn hot_swaps_under_concurrent_requests_fail_none_and_never_mix_generations
         .collect();
     let t0 = Instant::now();
     let mut swaps = 0;
-    while t0.elapsed() < Duration::from_secs(20) {
+    while t0.elapsed() < Duration::from_secs(seconds) {
         let target = if swaps % 2 == 0 { other } else { base };
         let r = d.ctl(json!({ "cmd": "promote", "id": target }));
         assert_eq!(r["ok"], true, "{r}");
@@ -399,7 +402,7 @@ async fn hot_swaps_under_concurrent_requests_fail_none_and_never_mix_generations
     }
     latency.sort_by(f64::total_cmp);
     let pct = |p: f64| latency[((latency.len() - 1) as f64 * p).round() as usize] * 1000.0;
-    println!("{total} requests from 4 clients during {swaps} hot-swaps in 20 s, {failed} failed; latency p50 {:.1} ms, p99 {:.1} ms; answers per checkpoint: {by_checkpoint:?}", pct(0.5), pct(0.99));
+    println!("{total} requests from {n_clients} clients during {swaps} hot-swaps in {seconds} s, {failed} failed; latency p50 {:.1} ms, p99 {:.1} ms; answers per checkpoint: {by_checkpoint:?}", pct(0.5), pct(0.99));
     assert_eq!(failed, 0, "failed requests during hot-swaps");
     assert!(total >= 20 && swaps >= 20, "{total} requests, {swaps} swaps");
     // Same seed, same prompt: each generation always gives the same answers. A request that mixed two
