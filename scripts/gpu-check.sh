@@ -3,7 +3,8 @@
 # the Python environment's nvidia packages), with the prebuilt binaries of scripts/build-gpu-bins
 # (target/gpu-bins/). Builds nothing. Logs go to $OUT (default ./gpu-check-out).
 #   1. rlaifd kernels: every kernel compiled by the daemon's NVRTC path for this GPU's and the target archs.
-#   2. cuda_parity: every kernel against float64 references on random inputs (rel. L2 <= 1e-2).
+#   2. cuda_parity: every kernel and the cuBLASLt linear against float64 references on random inputs (rel. L2
+#      <= 1e-2).
 # Not yet here (issue 7 remainder): end-to-end fixtures on the CUDA model, decode/prefill benchmarks against
 # transformers.
 set -uo pipefail

@@ -13,6 +13,7 @@
 //! repetition penalty (bit-identical choices on both backends) at a cost far below one decode step.
 
 use crate::error::{EngineError, Result};
+use cudarc::cublaslt::{CudaBlasLT, Matmul, MatmulConfig};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 use half::f16;
 use std::collections::HashMap;
@@ -65,6 +66,16 @@ pub fn driver_status() -> std::result::Result<(), String> {
         Ok(())
     } else {
         Err("libcuda.so.1 (the NVIDIA driver) was not found: no GPU on this machine, or the driver is not installed".into())
+    }
+}
+
+/// Whether cuBLASLt (the GEMMs) can be loaded (Err: why not).
+pub fn cublaslt_status() -> std::result::Result<(), String> {
+    // SAFETY: as above.
+    if unsafe { cudarc::cublaslt::sys::is_culib_present() } {
+        Ok(())
+    } else {
+        Err("libcublasLt (CUDA 13) was not found: install the CUDA toolkit or `pip install nvidia-cublas`, and put its lib directory on LD_LIBRARY_PATH".into())
     }
 }
 
@@ -180,6 +191,7 @@ pub struct Gpu {
     pub name: String,
     _modules: Vec<Arc<CudaModule>>,
     funcs: HashMap<String, CudaFunction>,
+    blas: CudaBlasLT,
 }
 
 fn derr(e: cudarc::driver::DriverError) -> EngineError {
@@ -205,6 +217,9 @@ impl Gpu {
         if let Err(why) = nvrtc_status() {
             return Ok(Err(why));
         }
+        if let Err(why) = cublaslt_status() {
+            return Ok(Err(why));
+        }
         let ctx = match CudaContext::new(ordinal) {
             Ok(c) => c,
             Err(e) => return Ok(Err(format!("no CUDA device {ordinal}: {e:?}"))),
@@ -223,7 +238,8 @@ impl Gpu {
             modules.push(m);
         }
         let stream = ctx.default_stream();
-        Ok(Ok(Gpu { ctx, stream, arch, name, _modules: modules, funcs }))
+        let blas = CudaBlasLT::new(stream.clone()).map_err(|e| err(format!("cuBLASLt: {e:?}")))?;
+        Ok(Ok(Gpu { ctx, stream, arch, name, _modules: modules, funcs, blas }))
     }
 
     fn f(&self, name: &str) -> Result<&CudaFunction> {
@@ -242,6 +258,44 @@ impl Gpu {
     /// An fp16 buffer filled with NaN, so a kernel that skips an output is caught.
     pub fn poisoned_f16(&self, n: usize) -> Result<CudaSlice<f16>> {
         self.stream.clone_htod(&vec![f16::NAN; n.max(1)]).map_err(derr)
+    }
+
+    /// y[m, n] = x[m, k] W[n, k]^T (a linear layer, row-major) on device buffers: cuBLASLt, fp16 in and out,
+    /// fp32 compute. cuBLAS is column-major: this is C (n x m) = op(A) B with A = W (k x n, transposed) and
+    /// B = x (k x m), which is y in row-major order.
+    pub fn linear_device(&self, x: &CudaSlice<f16>, w: &CudaSlice<f16>, y: &mut CudaSlice<f16>, m: usize, k: usize, n: usize) -> Result<()> {
+        if x.len() < m * k || w.len() < n * k || y.len() < m * n {
+            return Err(err(format!("linear: buffers too small for m {m}, k {k}, n {n}")));
+        }
+        let cfg = MatmulConfig {
+            transa: true,
+            transb: false,
+            transc: false,
+            m: n as u64,
+            n: m as u64,
+            k: k as u64,
+            alpha: 1.0,
+            lda: k as i64,
+            ldb: k as i64,
+            beta: 0.0,
+            ldc: n as i64,
+            stride_a: None,
+            stride_b: None,
+            stride_c: None,
+            stride_bias: None,
+            batch_size: None,
+        };
+        // SAFETY: the buffer sizes were checked against the shapes above.
+        unsafe { self.blas.matmul(cfg, w, x, y, None, None) }.map_err(|e| err(format!("cuBLASLt matmul {m}x{k}x{n}: {e:?}")))
+    }
+
+    /// `linear_device` on host data.
+    pub fn linear(&self, x: &[f32], w: &[f32], k: usize) -> Result<Vec<f32>> {
+        let (m, n) = (x.len() / k.max(1), w.len() / k.max(1));
+        let (dx, dw) = (self.upload_f16(x)?, self.upload_f16(w)?);
+        let mut y = self.poisoned_f16(m * n)?;
+        self.linear_device(&dx, &dw, &mut y, m, k, n)?;
+        self.download_f16(&y)
     }
 
     pub fn f32_to_f16(&self, x: &[f32]) -> Result<Vec<f32>> {

@@ -156,6 +156,25 @@ fn rope_lora_and_logprob_kernels_match_float64() {
     }
 }
 
+#[test]
+fn cublaslt_linear_matches_float64() {
+    let Some(g) = gpu() else { return };
+    let mut rng = SplitMix64::new(4);
+    // (m, k, n): decode (one row), a ShapesWorld layer, an odd shape, prefill of a LLaVA-7B projection.
+    for &(m, k, n) in &[(1usize, 4096usize, 4096usize), (37, 96, 288), (13, 300, 77), (640, 4096, 1024)] {
+        let x = randn(&mut rng, m * k, 1.0);
+        let w = randn(&mut rng, n * k, 0.05);
+        let (xh, wh) = (h(&x), h(&w));
+        let mut want = vec![0.0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                want[i * n + j] = (0..k).map(|c| xh[i * k + c] * wh[j * k + c]).sum();
+            }
+        }
+        check(&format!("cublaslt linear f16 m{m} k{k} n{n}"), &g.linear(&x, &w, k).unwrap(), &want);
+    }
+}
+
 /// float64 attention of one query row against keys 0..=limit.
 fn attend(q: &[f64], ks: &[&[f64]], vs: &[&[f64]], d: usize) -> Vec<f64> {
     let scale = 1.0 / (d as f64).sqrt();
