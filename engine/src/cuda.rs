@@ -45,7 +45,7 @@ pub fn kernel_names(src: &str) -> Vec<String> {
     re.captures_iter(src).map(|c| c[1].to_string()).collect()
 }
 
-fn err(msg: impl Into<String>) -> EngineError {
+pub(crate) fn err(msg: impl Into<String>) -> EngineError {
     EngineError::Input(msg.into())
 }
 
@@ -194,16 +194,16 @@ pub struct Gpu {
     blas: CudaBlasLT,
 }
 
-fn derr(e: cudarc::driver::DriverError) -> EngineError {
+pub(crate) fn derr(e: cudarc::driver::DriverError) -> EngineError {
     err(format!("CUDA: {e:?}"))
 }
 
-fn cfg1(n: usize, block: u32) -> LaunchConfig {
+pub(crate) fn cfg1(n: usize, block: u32) -> LaunchConfig {
     let blocks = n.div_ceil(block as usize).clamp(1, 65_535 * 8) as u32;
     LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 }
 }
 
-fn to_i32(v: usize, what: &str) -> Result<i32> {
+pub(crate) fn to_i32(v: usize, what: &str) -> Result<i32> {
     i32::try_from(v).map_err(|_| err(format!("{what} = {v} does not fit the kernels' 32-bit indices")))
 }
 
@@ -242,7 +242,7 @@ impl Gpu {
         Ok(Ok(Gpu { ctx, stream, arch, name, _modules: modules, funcs, blas }))
     }
 
-    fn f(&self, name: &str) -> Result<&CudaFunction> {
+    pub(crate) fn f(&self, name: &str) -> Result<&CudaFunction> {
         self.funcs.get(name).ok_or_else(|| err(format!("kernel {name} is not loaded")))
     }
 

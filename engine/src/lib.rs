@@ -10,6 +10,7 @@ pub mod adapter;
 pub mod clip;
 pub mod config;
 pub mod cuda;
+pub mod cuda_llama;
 pub mod error;
 pub mod feedback;
 pub mod generate;

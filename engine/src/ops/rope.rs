@@ -32,6 +32,21 @@ impl Rope {
         Rope { inv_freq: inv_freq.into_iter().map(|f| f as f32).collect(), head_dim }
     }
 
+    /// cos and sin tables (max_pos, head_dim / 2), computed as `apply` does (f32 angle, accurate cos/sin): the
+    /// CUDA rope kernel reads these.
+    pub fn tables(&self, max_pos: usize) -> (Vec<f32>, Vec<f32>) {
+        let half = self.head_dim / 2;
+        let (mut c, mut s) = (Vec::with_capacity(max_pos * half), Vec::with_capacity(max_pos * half));
+        for pos in 0..max_pos {
+            for i in 0..half {
+                let angle = (pos as f32 * self.inv_freq[i]) as f64;
+                c.push(angle.cos() as f32);
+                s.push(angle.sin() as f32);
+            }
+        }
+        (c, s)
+    }
+
     /// Rotates x (rows, heads, head_dim) in place; row r sits at position `positions[r]`.
     pub fn apply(&self, x: &mut [f32], heads: usize, positions: &[usize]) {
         self.rotate(x, heads, positions, 1.0);

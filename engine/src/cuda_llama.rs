@@ -1,0 +1,207 @@
+//! The LLaMA decoder on the GPU (CUDA, first part): weights uploaded once as fp16, a KV cache on the device,
+//! every op one of `kernels/*.cu` or a cuBLASLt GEMM, fp32 accumulation throughout. Text tokens only for now (no
+//! vision tower, no LoRA, no attention/MLP biases); `engine/tests/cuda_llama.rs` checks it against the CPU
+//! backend. Not yet wired into generation or the daemon.
+
+use crate::config::LlamaConfig;
+use crate::cuda::{cfg1, derr, err, to_i32, Gpu};
+use crate::error::Result;
+use crate::ops::Rope;
+use crate::weights::WeightStore;
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use half::f16;
+
+struct Layer {
+    input_norm: CudaSlice<f16>,
+    q: CudaSlice<f16>,
+    k: CudaSlice<f16>,
+    v: CudaSlice<f16>,
+    o: CudaSlice<f16>,
+    post_norm: CudaSlice<f16>,
+    gate: CudaSlice<f16>,
+    up: CudaSlice<f16>,
+    down: CudaSlice<f16>,
+}
+
+pub struct GpuLlama {
+    pub cfg: LlamaConfig,
+    embed: CudaSlice<f16>,
+    layers: Vec<Layer>,
+    norm: CudaSlice<f16>,
+    /// None: tied to `embed`.
+    lm_head: Option<CudaSlice<f16>>,
+    cos: CudaSlice<f32>,
+    sin: CudaSlice<f32>,
+    pub max_positions: usize,
+}
+
+/// Keys and values of every layer for up to `capacity` positions, on the device.
+pub struct GpuKvCache {
+    k: Vec<CudaSlice<f16>>,
+    v: Vec<CudaSlice<f16>>,
+    pub len: usize,
+    pub capacity: usize,
+}
+
+impl GpuLlama {
+    /// Uploads the decoder of `ws` (keys under `prefix`, lm_head at `lm_head_key`, or tied when None) as fp16.
+    pub fn load(gpu: &Gpu, ws: &WeightStore, prefix: &str, lm_head_key: Option<&str>, cfg: &LlamaConfig, max_positions: usize) -> Result<GpuLlama> {
+        if cfg.attention_bias || cfg.mlp_bias {
+            return Err(err("the CUDA decoder does not support attention or MLP biases yet"));
+        }
+        if cfg.head_dim > 128 || cfg.head_dim % 2 != 0 {
+            return Err(err(format!("the CUDA attention kernels take an even head_dim of at most 128 (got {})", cfg.head_dim)));
+        }
+        let c = cfg.hidden_size;
+        let (h, kvh, hd, i) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size);
+        let up = |key: String, shape: &[usize]| -> Result<CudaSlice<f16>> { gpu.upload_f16(&ws.f32(&key, shape)?) };
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for l in 0..cfg.num_hidden_layers {
+            let kp = format!("{prefix}layers.{l}.");
+            layers.push(Layer {
+                input_norm: up(format!("{kp}input_layernorm.weight"), &[c])?,
+                q: up(format!("{kp}self_attn.q_proj.weight"), &[h * hd, c])?,
+                k: up(format!("{kp}self_attn.k_proj.weight"), &[kvh * hd, c])?,
+                v: up(format!("{kp}self_attn.v_proj.weight"), &[kvh * hd, c])?,
+                o: up(format!("{kp}self_attn.o_proj.weight"), &[c, h * hd])?,
+                post_norm: up(format!("{kp}post_attention_layernorm.weight"), &[c])?,
+                gate: up(format!("{kp}mlp.gate_proj.weight"), &[i, c])?,
+                up: up(format!("{kp}mlp.up_proj.weight"), &[i, c])?,
+                down: up(format!("{kp}mlp.down_proj.weight"), &[c, i])?,
+            });
+        }
+        let embed = up(format!("{prefix}embed_tokens.weight"), &[cfg.vocab_size, c])?;
+        let lm_head = match lm_head_key {
+            Some(k) => Some(up(format!("{k}.weight"), &[cfg.vocab_size, c])?),
+            None => None,
+        };
+        let (cos, sin) = Rope::new(hd, cfg.rope_theta, &cfg.rope_scaling).tables(max_positions);
+        Ok(GpuLlama {
+            cfg: cfg.clone(),
+            embed,
+            layers,
+            norm: up(format!("{prefix}norm.weight"), &[c])?,
+            lm_head,
+            cos: gpu.stream.clone_htod(&cos).map_err(derr)?,
+            sin: gpu.stream.clone_htod(&sin).map_err(derr)?,
+            max_positions,
+        })
+    }
+
+    pub fn new_cache(&self, gpu: &Gpu, capacity: usize) -> Result<GpuKvCache> {
+        let w = self.cfg.num_key_value_heads * self.cfg.head_dim;
+        let mut k = Vec::new();
+        let mut v = Vec::new();
+        for _ in 0..self.cfg.num_hidden_layers {
+            k.push(gpu.stream.alloc_zeros::<f16>(capacity * w).map_err(derr)?);
+            v.push(gpu.stream.alloc_zeros::<f16>(capacity * w).map_err(derr)?);
+        }
+        Ok(GpuKvCache { k, v, len: 0, capacity })
+    }
+
+    /// Runs `ids` (positions cache.len ..) through the decoder, appending to the cache; returns the logits of
+    /// every row, (rows, vocab), widened to f32.
+    pub fn forward(&self, gpu: &Gpu, ids: &[u32], cache: &mut GpuKvCache) -> Result<Vec<f32>> {
+        let cfg = &self.cfg;
+        let rows = ids.len();
+        let (c, h, kvh, hd, inter, vocab) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size, cfg.vocab_size);
+        let start = cache.len;
+        if rows == 0 || start + rows > cache.capacity || start + rows > self.max_positions {
+            return Err(err(format!("forward: {rows} rows at position {start} exceed the cache ({}) or the RoPE table ({})", cache.capacity, self.max_positions)));
+        }
+        let s = &gpu.stream;
+        let alloc = |n: usize| s.alloc_zeros::<f16>(n).map_err(derr);
+        // Embeddings.
+        let id32: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
+        let dids = s.clone_htod(&id32).map_err(derr)?;
+        let mut flag = s.alloc_zeros::<i32>(1).map_err(derr)?;
+        let mut x = alloc(rows * c)?;
+        {
+            let (n, d, v) = (to_i32(rows, "rows")?, to_i32(c, "hidden")?, to_i32(vocab, "vocab")?);
+            let mut b = s.launch_builder(gpu.f("embedding_gather_f16")?);
+            b.arg(&mut x).arg(&self.embed).arg(&dids).arg(&n).arg(&d).arg(&v).arg(&mut flag);
+            unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+        }
+        if let Some(&bad) = s.clone_dtoh(&flag).map_err(derr)?.first().filter(|&&f| f > 0) {
+            return Err(err(format!("token id {} at position {} is outside the vocabulary of {vocab}", ids[(bad - 1) as usize], bad - 1)));
+        }
+        let pos: Vec<i32> = (start..start + rows).map(|p| p as i32).collect();
+        let dpos = s.clone_htod(&pos).map_err(derr)?;
+        let (mut hbuf, mut q, mut k, mut v, mut att, mut tmp) = (alloc(rows * c)?, alloc(rows * h * hd)?, alloc(rows * kvh * hd)?, alloc(rows * kvh * hd)?, alloc(rows * h * hd)?, alloc(rows * c)?);
+        let (mut g, mut u, mut a) = (alloc(rows * inter)?, alloc(rows * inter)?, alloc(rows * inter)?);
+        let w = kvh * hd;
+        for (li, l) in self.layers.iter().enumerate() {
+            self.rmsnorm(gpu, &mut hbuf, &x, &l.input_norm, rows)?;
+            gpu.linear_device(&hbuf, &l.q, &mut q, rows, c, h * hd)?;
+            gpu.linear_device(&hbuf, &l.k, &mut k, rows, c, w)?;
+            gpu.linear_device(&hbuf, &l.v, &mut v, rows, c, w)?;
+            self.rope(gpu, &mut q, &dpos, rows, h)?;
+            self.rope(gpu, &mut k, &dpos, rows, kvh)?;
+            s.memcpy_dtod(&k, &mut cache.k[li].slice_mut(start * w..(start + rows) * w)).map_err(derr)?;
+            s.memcpy_dtod(&v, &mut cache.v[li].slice_mut(start * w..(start + rows) * w)).map_err(derr)?;
+            {
+                let (nq, nk, hq, hk, d) = (to_i32(rows, "rows")?, to_i32(start + rows, "positions")?, to_i32(h, "heads")?, to_i32(kvh, "kv heads")?, to_i32(hd, "head_dim")?);
+                let (qs, ks) = (hq * d, hk * d);
+                let scale = 1.0f32 / (hd as f32).sqrt();
+                let causal = 1i32;
+                let mut b = s.launch_builder(gpu.f("flash_attn_prefill_f16")?);
+                b.arg(&mut att).arg(&q).arg(&cache.k[li]).arg(&cache.v[li]).arg(&nq).arg(&nk).arg(&hq).arg(&hk).arg(&d).arg(&qs).arg(&ks).arg(&qs).arg(&scale).arg(&causal);
+                unsafe { b.launch(LaunchConfig { grid_dim: (rows.div_ceil(16) as u32, h as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+            }
+            gpu.linear_device(&att, &l.o, &mut tmp, rows, h * hd, c)?;
+            self.residual_add(gpu, &mut x, &tmp, rows * c)?;
+            self.rmsnorm(gpu, &mut hbuf, &x, &l.post_norm, rows)?;
+            gpu.linear_device(&hbuf, &l.gate, &mut g, rows, c, inter)?;
+            gpu.linear_device(&hbuf, &l.up, &mut u, rows, c, inter)?;
+            {
+                let (r, ci) = (rows as i64, to_i32(inter, "intermediate")?);
+                let mut b = s.launch_builder(gpu.f("swiglu_f16")?);
+                b.arg(&mut a).arg(&g).arg(&u).arg(&r).arg(&ci).arg(&ci);
+                unsafe { b.launch(cfg1(rows * inter, 256)) }.map_err(derr)?;
+            }
+            gpu.linear_device(&a, &l.down, &mut tmp, rows, inter, c)?;
+            self.residual_add(gpu, &mut x, &tmp, rows * c)?;
+        }
+        cache.len += rows;
+        self.rmsnorm(gpu, &mut hbuf, &x, &self.norm, rows)?;
+        let mut logits = alloc(rows * vocab)?;
+        gpu.linear_device(&hbuf, self.lm_head.as_ref().unwrap_or(&self.embed), &mut logits, rows, c, vocab)?;
+        gpu.download_f16(&logits)
+    }
+
+    fn rmsnorm(&self, gpu: &Gpu, out: &mut CudaSlice<f16>, x: &CudaSlice<f16>, w: &CudaSlice<f16>, rows: usize) -> Result<()> {
+        let cols = to_i32(self.cfg.hidden_size, "hidden")?;
+        let eps = self.cfg.rms_norm_eps as f32;
+        let mut b = gpu.stream.launch_builder(gpu.f("rmsnorm_f16")?);
+        b.arg(out).arg(x).arg(w).arg(&cols).arg(&eps);
+        unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+        Ok(())
+    }
+
+    fn rope(&self, gpu: &Gpu, x: &mut CudaSlice<f16>, pos: &CudaSlice<i32>, rows: usize, heads: usize) -> Result<()> {
+        let hd = self.cfg.head_dim;
+        let (t, hh, d, stride) = (to_i32(rows, "rows")?, to_i32(heads, "heads")?, to_i32(hd, "head_dim")?, to_i32(heads * hd, "stride")?);
+        let mut b = gpu.stream.launch_builder(gpu.f("rope_f16")?);
+        b.arg(x).arg(pos).arg(&self.cos).arg(&self.sin).arg(&t).arg(&hh).arg(&d).arg(&stride);
+        unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, heads as u32, 1), block_dim: (64, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+        Ok(())
+    }
+
+    fn residual_add(&self, gpu: &Gpu, y: &mut CudaSlice<f16>, x: &CudaSlice<f16>, n: usize) -> Result<()> {
+        let nn = n as i64;
+        let mut b = gpu.stream.launch_builder(gpu.f("residual_add_f16")?);
+        b.arg(y).arg(x).arg(&nn);
+        unsafe { b.launch(cfg1(n, 256)) }.map_err(derr)?;
+        Ok(())
+    }
+}
+
+/// Loads the decoder of a Hugging Face LLaMA/LLaVA directory onto the GPU.
+pub fn load_dir(gpu: &Gpu, dir: &std::path::Path, max_positions: usize) -> Result<GpuLlama> {
+    let config = crate::config::ModelConfig::from_file(&dir.join("config.json"))?;
+    let ws = WeightStore::open_dir(dir, "model")?;
+    let layout = crate::llava::KeyLayout::detect(&ws, config.llava().is_some())?;
+    let text = config.text();
+    let lm_head = if text.tie_word_embeddings { None } else { Some(layout.lm_head.as_str()) };
+    GpuLlama::load(gpu, &ws, &layout.text, lm_head, text, max_positions)
+}

@@ -1,0 +1,75 @@
+//! The LLaMA decoder on the GPU against the CPU backend, on the tiny parity fixtures (text tokens): log-probs of
+//! every position within 5e-2, the same greedy tokens for 12 steps of incremental decoding, and incremental
+//! decoding agreeing with one full forward. Prints why and passes where no GPU exists.
+
+use engine::cuda::Gpu;
+use engine::generate::{generate, GenerateRequest};
+use engine::sampling::{argmax, SamplingParams};
+use engine::Model;
+use std::path::PathBuf;
+
+fn log_softmax(row: &[f32]) -> Vec<f64> {
+    let mx = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lse = mx + row.iter().map(|&v| (v as f64 - mx).exp()).sum::<f64>().ln();
+    row.iter().map(|&v| v as f64 - lse).collect()
+}
+
+#[test]
+fn gpu_decoder_matches_the_cpu_backend_on_the_fixtures() {
+    let gpu = match Gpu::open(0) {
+        Ok(Ok(g)) => g,
+        Ok(Err(why)) => {
+            println!("SKIPPED: no GPU: {why}");
+            return;
+        }
+        Err(e) => panic!("a GPU is present but the kernels do not build: {e}"),
+    };
+    // RLAIFD_ROOT: the checkout, when this binary runs elsewhere than where it was built (scripts/gpu-check.sh).
+    let root = std::env::var("RLAIFD_ROOT").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")).join("tests/fixtures/llava");
+    // Text LLaMA (MHA), LLaVA decoders with GQA + tied embeddings and with MQA.
+    for case in ["llama_text_only", "l15_4x_f32_gqa_tied_lora", "l15_5x_f16_tied_mqa"] {
+        let dir = root.join(case).join("model");
+        let cpu = Model::load(&dir).unwrap();
+        let dev = engine::cuda_llama::load_dir(&gpu, &dir, 256).unwrap();
+        let vocab = cpu.llm.cfg.vocab_size;
+        let image = cpu.image_token_id();
+        let mut rng = engine::rng::SplitMix64::new(7);
+        let ids: Vec<u32> = std::iter::from_fn(|| Some((3 + rng.next_u64() % (vocab as u64 - 3)) as u32)).filter(|&t| Some(t) != image).take(40).collect();
+        // 1. Log-probs of every next token, one full forward.
+        let want = cpu.logprobs(&ids, None, None).unwrap();
+        let mut cache = dev.new_cache(&gpu, 256).unwrap();
+        let logits = dev.forward(&gpu, &ids, &mut cache).unwrap();
+        let got: Vec<f64> = (1..ids.len()).map(|j| log_softmax(&logits[(j - 1) * vocab..j * vocab])[ids[j] as usize]).collect();
+        let max_err = got.iter().zip(&want).map(|(g, w)| (g - *w as f64).abs()).fold(0.0, f64::max);
+        println!("{case}: max |log-prob difference| {max_err:.2e} over {} positions", got.len());
+        assert!(max_err <= 5e-2, "{case}: log-probs differ by {max_err}");
+        // 2. Greedy decoding: prefill, then one token at a time from the device cache.
+        let prompt = &ids[..10];
+        let params = SamplingParams { temperature: 0.0, max_new_tokens: 12, ..Default::default() };
+        let req = GenerateRequest { ids: prompt, pixels: None, seeds: &[0], params, stop_ids: vec![u32::MAX] };
+        let cpu_tokens = generate(&cpu, &req, None).unwrap().remove(0).tokens;
+        let mut cache = dev.new_cache(&gpu, 256).unwrap();
+        let mut logits = dev.forward(&gpu, prompt, &mut cache).unwrap();
+        let mut gpu_tokens = Vec::new();
+        for _ in 0..12 {
+            let last = &logits[logits.len() - vocab..];
+            let t = argmax(last);
+            gpu_tokens.push(t);
+            logits = dev.forward(&gpu, &[t], &mut cache).unwrap();
+        }
+        println!("{case}: greedy CPU {cpu_tokens:?} GPU {gpu_tokens:?}");
+        assert_eq!(gpu_tokens, cpu_tokens, "{case}: greedy tokens differ");
+        // 3. Incremental decoding ends where one full forward over the same tokens ends.
+        let mut all = prompt.to_vec();
+        all.extend_from_slice(&gpu_tokens[..11]);
+        let mut fresh = dev.new_cache(&gpu, 256).unwrap();
+        let full = dev.forward(&gpu, &all, &mut fresh).unwrap();
+        let (a, b) = (log_softmax(&full[full.len() - vocab..]), log_softmax(&logits));
+        let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+        assert!(diff <= 5e-2, "{case}: incremental and full forward differ by {diff}");
+        // A token outside the vocabulary is an error naming it, not a crash.
+        let mut c = dev.new_cache(&gpu, 8).unwrap();
+        let e = dev.forward(&gpu, &[1, vocab as u32 + 3], &mut c).unwrap_err().to_string();
+        assert!(e.contains("position 1"), "{e}");
+    }
+}
