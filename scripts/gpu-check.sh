@@ -7,8 +7,10 @@
 #      <= 1e-2).
 #   3. cuda_llama: the fp16 LLaMA decoder on the GPU against the CPU backend on the tiny fixtures (log-probs within
 #      5e-2, same greedy tokens). Needs the fixtures: run from a checkout (tests/fixtures is in the tree).
-# Not yet here (issue 7 remainder): the vision tower and LoRA on the GPU, decode/prefill benchmarks against
-# transformers.
+#   4. rlaifd bench-gpu: prefill (640 tokens) and batch-1 decode of a random-weight LLaVA-1.5-7B-shaped decoder,
+#      copy bandwidth and roofline; then benches/gpu_peer.py, transformers fp16 on the same GPU (if torch is there).
+# Not yet here (issue 7 remainder): the vision tower and LoRA on the GPU, n=10 sampling with a shared prefix on
+# the GPU (the peer's n=10 figure is measured already).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-check-out}
@@ -44,4 +46,14 @@ grep -E "CUDA device|SKIPPED|rel L2|test result|panicked" "$OUT/parity.log" | ta
 echo "== cuda_llama" | tee "$OUT/llama.log"
 "$bins/cuda_llama" --nocapture --test-threads 1 >> "$OUT/llama.log" 2>&1 || status=1
 grep -E "SKIPPED|log-prob|greedy|test result|panicked" "$OUT/llama.log" | tail -n 20
+echo "== bench-gpu (rlaifd)" | tee "$OUT/bench.log"
+timeout 300 "$bins/rlaifd" bench-gpu --shape llava7b --prompt 640 --decode 128 --reps 3 >> "$OUT/bench.log" 2>&1 || status=1
+tail -n 2 "$OUT/bench.log"
+if [ -n "$py" ] && "$py" -c "import torch, transformers" 2>/dev/null; then
+  echo "== bench peer (transformers)" | tee "$OUT/peer.log"
+  timeout 300 "$py" benches/gpu_peer.py --shape llava7b --prompt 640 --decode 128 --reps 3 >> "$OUT/peer.log" 2>&1 || status=1
+  tail -n 2 "$OUT/peer.log"
+else
+  echo "== bench peer skipped: no torch/transformers in $py" | tee "$OUT/peer.log"
+fi
 exit $status

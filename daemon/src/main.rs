@@ -78,6 +78,20 @@ enum Command {
         #[arg(long, default_values = ["sm_80", "sm_90"])]
         arch: Vec<String>,
     },
+    /// GPU decode and prefill speed of a random-weight LLaMA decoder at batch 1 (LLaVA-1.5-7B's language model by
+    /// default), with the device's copy bandwidth and the memory-bandwidth roofline; see scripts/gpu-check.sh.
+    BenchGpu {
+        /// llava7b (hidden 4096, 32 layers, vocabulary 32064) or tiny (for a quick check).
+        #[arg(long, default_value = "llava7b")]
+        shape: String,
+        /// Prompt tokens (LLaVA-1.5: 576 image tokens + about 64 of text).
+        #[arg(long, default_value_t = 640)]
+        prompt: usize,
+        #[arg(long, default_value_t = 128)]
+        decode: usize,
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+    },
     /// Apply the database migrations (also done at start-up by every command that uses the database).
     Migrate {
         /// PostgreSQL URL (default: $DATABASE_URL, else postgres://postgres@127.0.0.1:5432/rlaifd).
@@ -193,6 +207,57 @@ fn cmd_kernels(archs: &[String]) -> Result<()> {
     Ok(())
 }
 
+fn cmd_bench_gpu(shape: &str, prompt: usize, decode: usize, reps: usize) -> Result<()> {
+    let (hidden, inter, layers, heads) = match shape {
+        "llava7b" => (4096, 11008, 32, 32),
+        "tiny" => (256, 688, 4, 8),
+        other => bail!("--shape {other}: expected llava7b or tiny"),
+    };
+    let cfg = engine::config::LlamaConfig {
+        vocab_size: 32064,
+        hidden_size: hidden,
+        intermediate_size: inter,
+        num_hidden_layers: layers,
+        num_attention_heads: heads,
+        num_key_value_heads: heads,
+        head_dim: hidden / heads,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10000.0,
+        rope_scaling: engine::config::RopeScaling::None,
+        max_position_embeddings: 4096,
+        tie_word_embeddings: false,
+        attention_bias: false,
+        mlp_bias: false,
+        bos_token_id: Some(1),
+        eos_token_ids: vec![2],
+    };
+    let gpu = match engine::cuda::Gpu::open(0)? {
+        Ok(g) => g,
+        Err(why) => bail!("no GPU: {why}"),
+    };
+    let r = engine::cuda_llama::bench(&gpu, &cfg, prompt, decode, reps)?;
+    let median = |v: &[f64]| {
+        let mut s = v.to_vec();
+        s.sort_by(f64::total_cmp);
+        s[s.len() / 2]
+    };
+    let tps = median(&r.decode_tokens_per_s);
+    println!(
+        "{}: {shape} decoder, batch 1: prefill {} tokens {:.1} ms (median of {}), decode {:.1} tokens/s (median), copy bandwidth {:.0} GB/s, weights {:.2} GB, roofline {:.1} tokens/s, {:.0} % of it",
+        r.device,
+        r.prompt_tokens,
+        median(&r.prefill_ms),
+        r.prefill_ms.len(),
+        tps,
+        r.copy_gb_per_s,
+        r.weight_bytes as f64 / 1e9,
+        r.roofline_tokens_per_s,
+        100.0 * tps / r.roofline_tokens_per_s
+    );
+    println!("{}", serde_json::to_string(&r)?);
+    Ok(())
+}
+
 fn main() {
     let cli = Cli::parse();
     if let Some(t) = cli.threads {
@@ -217,6 +282,7 @@ fn main() {
         Command::Demo(a) => async_main(rlaifd::demo::run(a)),
         Command::Serve(a) => rlaifd::serve::run(a),
         Command::Kernels { arch } => cmd_kernels(&arch),
+        Command::BenchGpu { shape, prompt, decode, reps } => cmd_bench_gpu(&shape, prompt, decode, reps),
         Command::Ctl(a) => rlaifd::control::ctl(a),
         Command::Migrate { database_url } => async_main(async move {
             let url = database_url.unwrap_or_else(rlaifd::db::url_from_env);

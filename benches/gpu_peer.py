@@ -1,0 +1,68 @@
+#!/usr/bin/env python3
+"""The side-by-side peer for `rlaifd bench-gpu`: transformers on the same GPU, fp16, a random-weight LLaMA decoder of
+LLaVA-1.5-7B's language-model shape (or --shape tiny). Measures prefill latency for --prompt tokens, greedy decode
+tokens/s at batch 1 (generate with a fixed number of new tokens), and sampling throughput with
+num_return_sequences=10. Medians of --reps runs after a warm-up. Prints one JSON line.
+Usage (GPU host with torch and transformers): python3 benches/gpu_peer.py [--shape llava7b] [--prompt 640]
+[--decode 128] [--reps 3]"""
+import argparse, json, statistics, time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="llava7b", choices=["llava7b", "tiny"])
+    ap.add_argument("--prompt", type=int, default=640)
+    ap.add_argument("--decode", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--device", default="cuda")
+    a = ap.parse_args()
+    hidden, inter, layers, heads = (4096, 11008, 32, 32) if a.shape == "llava7b" else (256, 688, 4, 8)
+    cfg = LlamaConfig(vocab_size=32064, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=heads, rms_norm_eps=1e-5, rope_theta=10000.0,
+                      max_position_embeddings=4096, tie_word_embeddings=False)
+    dtype = torch.float16 if a.device == "cuda" else torch.float32
+    torch.manual_seed(0)
+    with torch.device(a.device):
+        model = LlamaForCausalLM(cfg).to(dtype).eval()
+    dev = torch.device(a.device)
+    ids = torch.tensor([[1 + (i * 7919) % 32063 for i in range(a.prompt)]], device=dev)
+
+    def sync():
+        if a.device == "cuda":
+            torch.cuda.synchronize()
+
+    prefill, decode, sample10 = [], [], []
+    with torch.inference_mode():
+        for rep in range(a.reps + 1):
+            sync()
+            t = time.perf_counter()
+            model(ids, use_cache=True)
+            sync()
+            pf = time.perf_counter() - t
+            t = time.perf_counter()
+            model.generate(ids, max_new_tokens=a.decode, min_new_tokens=a.decode, do_sample=False, pad_token_id=0)
+            sync()
+            gen = time.perf_counter() - t
+            t = time.perf_counter()
+            model.generate(ids, max_new_tokens=a.decode, min_new_tokens=a.decode, do_sample=True, temperature=0.7,
+                           num_return_sequences=10, pad_token_id=0)
+            sync()
+            g10 = time.perf_counter() - t
+            if rep == 0:
+                continue  # warm-up
+            prefill.append(pf * 1e3)
+            decode.append(a.decode / max(gen - pf, 1e-9))
+            sample10.append(10 * a.decode / g10)
+    name = torch.cuda.get_device_name(0) if a.device == "cuda" else "cpu"
+    print(json.dumps({"peer": "transformers " + __import__("transformers").__version__, "torch": torch.__version__,
+                      "device": name, "shape": a.shape, "prompt_tokens": a.prompt, "decode_tokens": a.decode,
+                      "prefill_ms": statistics.median(prefill), "decode_tokens_per_s": statistics.median(decode),
+                      "n10_sampling_tokens_per_s": statistics.median(sample10),
+                      "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if a.device == "cuda" else None}))
+
+
+if __name__ == "__main__":
+    main()
