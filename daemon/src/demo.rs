@@ -1,13 +1,13 @@
-//! `rlaifd demo`: the loop on the embedded default (the bundled ShapesWorld model labeling itself, generated
-//! prompts, PostgreSQL), K iterations, then the lineage, a plot and one JSON line.
+//! `rlaifd demo`: the daemon (`serve::run_async`: actors, HTTP server, control socket) on the embedded default —
+//! the bundled ShapesWorld model labeling itself, generated prompts, PostgreSQL — until K iterations are done,
+//! then the lineage, a plot and one JSON line.
 
-use crate::rlaif::{run_iteration, Engine, LoopConfig, Stage};
+use crate::rlaif::LoopConfig;
 use crate::store;
 use anyhow::{Context, Result};
 use engine::shapes::{Scene, WorldConfig, CAPTION_PROMPTS};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct DemoArgs {
@@ -93,74 +93,132 @@ fn bar(done: usize, total: usize) -> String {
     format!("[{}{}] {done}/{total}", "#".repeat(filled), " ".repeat(w - filled))
 }
 
-pub async fn run(a: DemoArgs) -> Result<()> {
+/// The daemon's configuration for the demo: the embedded defaults with the demo's loop settings, the state
+/// directory, the database, an HTTP port picked by the system and iterations up to K.
+pub fn daemon_config(a: &DemoArgs, url: &str) -> Result<crate::config::Config> {
+    let mut cfg = crate::config::Config::from_toml_bytes(b"")?;
+    cfg.database.url = url.to_string();
+    cfg.database.max_connections = 4;
+    cfg.model.path = std::fs::canonicalize(&a.model).with_context(|| format!("--model {}: no such directory", a.model.display()))?;
+    cfg.state.dir = a.state_dir.clone();
+    cfg.server.bind = "127.0.0.1:0".into();
+    cfg.daemon.auto_iterate = true;
+    cfg.daemon.prompt_source = "shapes".into();
+    cfg.daemon.poll_s = 0.2;
+    cfg.daemon.max_iterations = a.iterations as u64;
+    cfg.log.level = "warn".into();
+    cfg.loop_ = demo_config(a)?;
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// Runs the daemon (actors, HTTP server, control socket) on the embedded default until K iterations are done,
+/// showing each stage's progress, then prints the lineage, writes the plot and prints one JSON line.
+pub fn run(a: DemoArgs) -> Result<()> {
     let t0 = std::time::Instant::now();
-    let cfg = demo_config(&a)?;
     std::fs::create_dir_all(&a.state_dir).with_context(|| format!("cannot create state directory {}", a.state_dir.display()))?;
     // Checkpoint rows record absolute paths, so the lineage stays valid from any working directory.
     let state_dir = std::fs::canonicalize(&a.state_dir).with_context(|| format!("cannot resolve {}", a.state_dir.display()))?;
     let a = DemoArgs { state_dir, ..a };
     let url = a.database_url.clone().or_else(|| std::env::var("DATABASE_URL").ok().filter(|s| !s.is_empty())).unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/rlaifd_demo".into());
-    let pool = crate::db::open(&url, 4).await.context(
-        "the demo needs PostgreSQL: start a server (Debian/Ubuntu: `apt install postgresql && service postgresql start`; \
-         or `docker run -d -p 5432:5432 -e POSTGRES_HOST_AUTH_METHOD=trust postgres:16`) or set DATABASE_URL / --database-url \
-         (e.g. postgres://postgres@127.0.0.1:5432/rlaifd_demo)",
-    )?;
-    eprintln!("database {} (migrated)", crate::db::redacted(&url));
-    let model_dir = a.model.clone();
-    let state = a.state_dir.clone();
-    let labeler = cfg.labeler.clone();
-    let engine = Arc::new(tokio::task::spawn_blocking(move || Engine::load(&model_dir, &state)?.with_labeler(&labeler)).await??);
-    let base_path = std::fs::canonicalize(&a.model).unwrap_or(a.model.clone()).display().to_string();
-    let base = store::ensure_base(&pool, &base_path, None).await?;
-    if base.metrics.as_ref().and_then(|m| m.get("chair_i")).is_none() {
-        eprintln!("evaluating the base model on {} held-out images", cfg.eval_count);
-        let m = crate::rlaif::evaluate(&pool, &engine, &cfg, &base).await?;
-        store::set_metrics(&pool, base.id, &m).await?;
+    let cfg = daemon_config(&a, &url)?;
+    crate::serve::init_tracing(&cfg);
+    eprintln!("rlaifd demo: the daemon on {} (database {}, state {}), {} iterations", cfg.model.path.display(), crate::db::redacted(&url), a.state_dir.display(), a.iterations);
+    let k = a.iterations;
+    let res = actix::System::new().block_on(async move {
+        let why = crate::serve::run_async(cfg, None, Some(Box::pin(watch(url.clone(), k)))).await.context(
+            "the demo needs PostgreSQL: start a server (Debian/Ubuntu: `apt install postgresql && service postgresql start`; \
+             or `docker run -d -p 5432:5432 -e POSTGRES_HOST_AUTH_METHOD=trust postgres:16`) or set DATABASE_URL / --database-url \
+             (e.g. postgres://postgres@127.0.0.1:5432/rlaifd_demo)",
+        )?;
+        if why != "finished" {
+            anyhow::bail!("the demo stopped early ({why}); run it again to resume");
+        }
+        let pool = crate::db::connect(&url, 2).await?;
+        report(&pool, &a, t0).await
+    });
+    // Everything is stored: exit without running the actors' destructors outside the runtime (as `serve` does).
+    match res {
+        Ok(()) => std::process::exit(0),
+        Err(e) => {
+            eprintln!("rlaifd: {e:#}");
+            std::process::exit(1)
+        }
     }
+}
+
+/// Shows the loop's progress from the database until `k` iterations are done ("finished"), or until three
+/// iterations failed ("failed").
+async fn watch(url: String, k: usize) -> &'static str {
+    let pool = loop {
+        match crate::db::connect(&url, 1).await {
+            Ok(p) => break p,
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(500)).await,
+        }
+    };
     let tty = std::io::stderr().is_terminal();
-    let progress: Arc<dyn Fn(Stage, usize, usize) + Send + Sync> = Arc::new(move |stage, done, total| {
-        let name = match stage {
-            Stage::Sample => "sample+label",
-            Stage::Label => "label",
-            Stage::Train => "train (DPO steps)",
-            Stage::Evaluate => "evaluate",
-        };
-        if tty {
-            eprint!("\r  {name:<18} {}   ", bar(done, total));
-            if done == total {
+    let mut reported: i64 = 0;
+    let mut last_key = (0, String::new(), usize::MAX);
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let Ok(done) = store::finished_iterations(&pool).await else { continue };
+        // Newly decided candidates.
+        let decided: Vec<(i64, i32, String, Option<serde_json::Value>, i64)> = sqlx::query_as(
+            "SELECT c.id, c.iteration, c.status, c.metrics, (SELECT count(*) FROM pairs p JOIN iterations i ON i.id = p.iteration_id WHERE i.candidate_id = c.id)
+             FROM checkpoints c WHERE c.kind = 'lora' AND c.decided_at IS NOT NULL AND c.id > $1 ORDER BY c.id",
+        )
+        .bind(reported)
+        .fetch_all(&pool)
+        .await
+        .unwrap_or_default();
+        for (id, it, status, m, pairs) in decided {
+            let f = |k: &str| m.as_ref().and_then(|m| m.get(k)).and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
+            let verdict = if status == "rejected" { "rejected" } else { "promoted" };
+            if tty {
                 eprintln!();
             }
-        } else if done == total || done % 10 == 0 {
-            eprintln!("  {name:<18} {done}/{total}");
+            eprintln!("  iteration {it}: checkpoint {id} {verdict} (CHAIR_i {:.3}, Cover {:.3}, {pairs} pairs)", f("chair_i"), f("cover"));
+            reported = id;
         }
-    });
-    // One demo worker per state directory: a restart reclaims the jobs its killed predecessor held.
-    let owner = format!("demo:{}", a.state_dir.display());
-    let released = store::release_leases(&pool, &owner).await?;
-    if released > 0 {
-        eprintln!("resuming: {released} job(s) left running by a previous run returned to the queue");
-    }
-    while (store::finished_iterations(&pool).await? as usize) < a.iterations {
-        // Fresh prompts for the iteration (an iteration short of pairs samples more, so top up each time).
-        let unused = store::count_unused_train_prompts(&pool).await? as usize;
-        if unused < 2 * cfg.prompts_per_iteration {
-            let total = store::count_prompts(&pool, "train").await? as usize;
-            ensure_shapes_prompts(&pool, a.seed, total + 2 * cfg.prompts_per_iteration - unused, engine.ip.crop_width).await?;
+        let failed: i64 = sqlx::query_scalar("SELECT count(*) FROM iterations WHERE stage = 'failed'").fetch_one(&pool).await.unwrap_or(0);
+        if done as usize >= k {
+            return "finished";
         }
-        let n = store::finished_iterations(&pool).await? + 1;
-        eprintln!("iteration {n}/{}", a.iterations);
-        let out = run_iteration(&pool, &engine, &cfg, &owner, progress.clone()).await?;
-        eprintln!(
-            "  checkpoint {} {} (CHAIR_i {:.3}, Cover {:.3}, {} pairs)",
-            out.candidate,
-            if out.promoted { "promoted" } else { "rejected" },
-            out.metrics["chair_i"].as_f64().unwrap_or(f64::NAN),
-            out.metrics["cover"].as_f64().unwrap_or(f64::NAN),
-            out.pairs
-        );
+        if failed >= 3 {
+            let why: Option<String> = sqlx::query_scalar("SELECT detail->>'reason' FROM events WHERE kind = 'iteration_failed' ORDER BY id DESC LIMIT 1").fetch_optional(&pool).await.ok().flatten();
+            eprintln!("three iterations failed; the last: {}", why.unwrap_or_default());
+            return "failed";
+        }
+        // The open iteration's stage and, while sampling, its jobs.
+        let Some(it) = store::open_iteration(&pool).await.ok().flatten() else { continue };
+        let (open, jobs_done, _) = store::job_counts(&pool, it.id).await.unwrap_or((0, 0, 0));
+        let total = (open + jobs_done).max(1) as usize;
+        let name = match it.stage.as_str() {
+            "sampling" => "sample+label",
+            "training" => "train (DPO)",
+            "evaluating" => "evaluate",
+            s => s,
+        };
+        let line = if it.stage == "sampling" { format!("iteration {}/{k} {name:<13} {}", it.number, bar(jobs_done as usize, total)) } else { format!("iteration {}/{k} {name}", it.number) };
+        if tty {
+            eprint!("\r  {line:<70}");
+        } else {
+            // Without a terminal: one line per stage and per tenth of the jobs.
+            let key = (it.number, it.stage.clone(), if it.stage == "sampling" { jobs_done as usize * 10 / total } else { 0 });
+            if key != last_key {
+                eprintln!("  {line}");
+                last_key = key;
+            }
+        }
     }
-    let rows = store::checkpoints(&pool).await?;
+}
+
+/// The lineage table, the plot and the JSON summary.
+async fn report(pool: &sqlx::PgPool, a: &DemoArgs, t0: std::time::Instant) -> Result<()> {
+    if std::io::stderr().is_terminal() {
+        eprintln!();
+    }
+    let rows = store::checkpoints(pool).await?;
     println!("{:<4} {:<7} {:<5} {:<10} {:>8} {:>8} {:>8} {:>9}", "id", "parent", "iter", "status", "CHAIR_i", "CHAIR_s", "Cover", "yes/no");
     let f = |m: &Option<serde_json::Value>, k: &str| m.as_ref().and_then(|m| m.get(k)).and_then(|v| v.as_f64()).map_or("-".to_string(), |v| format!("{:.3}", v));
     for r in &rows {
@@ -178,8 +236,8 @@ pub async fn run(a: DemoArgs) -> Result<()> {
     }
     let plot = a.state_dir.join("hallucination.svg");
     write_plot(&plot, &rows)?;
-    let promoted = store::promoted(&pool).await?.context("no promoted checkpoint")?;
-    let base = store::base(&pool).await?;
+    let promoted = store::promoted(pool).await?.context("no promoted checkpoint")?;
+    let base = store::base(pool).await?;
     let summary = serde_json::json!({
         "base": base.metrics,
         "promoted": { "checkpoint": promoted.id, "adapter": if promoted.kind == "base" { serde_json::Value::Null } else { promoted.path.clone().into() }, "metrics": promoted.metrics },

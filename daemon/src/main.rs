@@ -279,7 +279,7 @@ fn main() {
         Command::TrainDpo(a) => train_cli::cmd_train_dpo(a),
         Command::TrainSft(a) => train_cli::cmd_train_sft(a),
         Command::Label(a) => label_cli::cmd_label(a),
-        Command::Demo(a) => async_main(rlaifd::demo::run(a)),
+        Command::Demo(a) => rlaifd::demo::run(a),
         Command::Serve(a) => rlaifd::serve::run(a),
         Command::Kernels { arch } => cmd_kernels(&arch),
         Command::BenchGpu { shape, prompt, decode, reps } => cmd_bench_gpu(&shape, prompt, decode, reps),

@@ -103,6 +103,8 @@ pub struct Daemon {
     pub serving: RwLock<Arc<Serving>>,
     pub paused: AtomicBool,
     pub draining: AtomicBool,
+    /// Set when the daemon shuts down: actors start nothing more (the pool is about to close).
+    pub stopped: AtomicBool,
     pub iterate_requested: AtomicBool,
     pub metrics: Metrics,
     pub actors: Mutex<BTreeMap<&'static str, ActorState>>,
@@ -217,7 +219,7 @@ impl LoopActor {
     }
 
     fn tick(&mut self, ctx: &mut Context<Self>) {
-        if self.busy || Instant::now() < self.not_before {
+        if self.busy || Instant::now() < self.not_before || self.d.stopped.load(Ordering::SeqCst) {
             return;
         }
         self.busy = true;
@@ -464,7 +466,7 @@ pub struct ServeArgs {
     pub check_config: bool,
 }
 
-fn init_tracing(cfg: &Config) {
+pub(crate) fn init_tracing(cfg: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log.level).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let _ = if cfg.log.format == "json" { b.json().try_init() } else { b.try_init() };
@@ -487,10 +489,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
         return Ok(());
     }
     cfg.state.dir = absolute(&cfg.state.dir);
-    cfg.model.path = absolute(&cfg.model.path);
+    // Checkpoint rows record this path: canonical, so every way of naming the model finds the same base row.
+    cfg.model.path = std::fs::canonicalize(&cfg.model.path).unwrap_or_else(|_| absolute(&cfg.model.path));
     init_tracing(&cfg);
     let system = actix::System::new();
-    let res = system.block_on(async move { run_async(cfg, args.config).await });
+    let res = system.block_on(async move { run_async(cfg, args.config, None).await.map(|_| ()) });
     if let Err(e) = &res {
         error!(error = %format!("{e:#}"), "rlaifd stopped");
         eprintln!("rlaifd: {e:#}");
@@ -500,7 +503,12 @@ pub fn run(args: ServeArgs) -> Result<()> {
     std::process::exit(if res.is_ok() { 0 } else { 1 });
 }
 
-async fn run_async(cfg: Config, config_file: Option<PathBuf>) -> Result<()> {
+/// Something that ends the daemon besides SIGTERM, SIGINT and `drain` (the demo's "K iterations finished").
+pub type Until = std::pin::Pin<Box<dyn std::future::Future<Output = &'static str>>>;
+
+/// Runs the daemon until SIGTERM, SIGINT, `drain` or `until`; returns what stopped it. `rlaifd serve` and
+/// `rlaifd demo` both run this inside an actix system.
+pub async fn run_async(cfg: Config, config_file: Option<PathBuf>, until: Option<Until>) -> Result<&'static str> {
     crate::notify::status("connecting to PostgreSQL");
     std::fs::create_dir_all(&cfg.state.dir).with_context(|| format!("cannot create state.dir {}", cfg.state.dir.display()))?;
     let pool = crate::db::open(&cfg.database.url, cfg.database.max_connections).await?;
@@ -531,6 +539,7 @@ async fn run_async(cfg: Config, config_file: Option<PathBuf>) -> Result<()> {
         serving: RwLock::new(Arc::new(Serving { generation: 0, checkpoint: base.clone(), adapter: None, reference: None, lineage: vec![base.id] })),
         paused: AtomicBool::new(false),
         draining: AtomicBool::new(false),
+        stopped: AtomicBool::new(false),
         iterate_requested: AtomicBool::new(false),
         metrics: Metrics::default(),
         actors: Mutex::new(BTreeMap::new()),
@@ -554,6 +563,12 @@ async fn run_async(cfg: Config, config_file: Option<PathBuf>) -> Result<()> {
         _ = term.recv() => "SIGTERM",
         _ = int.recv() => "SIGINT",
         _ = d.stop.notified() => "drain",
+        w = async move {
+            match until {
+                Some(f) => f.await,
+                None => std::future::pending().await,
+            }
+        } => w,
     };
     info!(reason = why, "shutting down: finishing current work");
     crate::notify::stopping(&format!("stopping ({why})"));
@@ -562,6 +577,10 @@ async fn run_async(cfg: Config, config_file: Option<PathBuf>) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(120);
     while d.actors.lock().map(|a| a.values().any(|s| s.busy)).unwrap_or(false) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    d.stopped.store(true, Ordering::SeqCst);
+    while d.actors.lock().map(|a| a.values().any(|s| s.busy)).unwrap_or(false) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     server_handle.stop(true).await;
     drop(control);
@@ -572,8 +591,7 @@ async fn run_async(cfg: Config, config_file: Option<PathBuf>) -> Result<()> {
     d.engine.worker.close();
     let _ = tokio::time::timeout(Duration::from_secs(5), pool.close()).await;
     info!("stopped");
-    System::current().stop();
-    Ok(())
+    Ok(why)
 }
 
 fn hostname() -> String {
