@@ -211,11 +211,14 @@ pub struct LoopActor {
     busy: bool,
     failures: u32,
     not_before: Instant,
+    /// After a restart: return this role's jobs still leased to this daemon before claiming new ones (the failed
+    /// attempt may have been unable to record its failure, e.g. with the database down).
+    reclaim: bool,
 }
 
 impl LoopActor {
     pub fn new(role: Role, d: Arc<Daemon>) -> LoopActor {
-        LoopActor { role, d, busy: false, failures: 0, not_before: Instant::now() }
+        LoopActor { role, d, busy: false, failures: 0, not_before: Instant::now(), reclaim: false }
     }
 
     fn tick(&mut self, ctx: &mut Context<Self>) {
@@ -223,10 +226,22 @@ impl LoopActor {
             return;
         }
         self.busy = true;
-        let (role, d) = (self.role, self.d.clone());
+        let (role, d, reclaim) = (self.role, self.d.clone(), std::mem::take(&mut self.reclaim));
         d.actor(role.name(), |a| a.busy = true);
         let span = tracing::info_span!("actor", role = role.name());
-        let fut = async move { step(role, &d).await }.instrument(span);
+        let fut = async move {
+            if reclaim {
+                let kind = if role == Role::Sampler { "sample" } else { "label" };
+                if matches!(role, Role::Sampler | Role::Labeler) {
+                    let n = store::release_kind_leases(&d.pool, &d.owner, kind).await?;
+                    if n > 0 {
+                        info!(jobs = n, kind, "returned jobs left leased by the failed attempt");
+                    }
+                }
+            }
+            step(role, &d).await
+        }
+        .instrument(span);
         ctx.spawn(fut.into_actor(self).map(|res, act, ctx| {
             act.busy = false;
             act.d.actor(act.role.name(), |a| a.busy = false);
@@ -266,6 +281,7 @@ impl Supervised for LoopActor {
     fn restarting(&mut self, _ctx: &mut Context<Self>) {
         self.failures += 1;
         self.busy = false;
+        self.reclaim = true;
         // 1 s, 2 s, 4 s ... at most 60 s.
         let backoff = Duration::from_secs(1u64 << self.failures.min(6)).min(Duration::from_secs(60));
         self.not_before = Instant::now() + backoff;

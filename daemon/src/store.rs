@@ -294,6 +294,21 @@ pub async fn release_leases(pool: &PgPool, owner: &str) -> Result<u64> {
     Ok(n)
 }
 
+/// Returns `owner`'s running jobs of `kind` to the queue: an actor restarted after an error calls this for its
+/// own kind (it held at most the job whose failure could not be recorded). Returns how many were released.
+pub async fn release_kind_leases(pool: &PgPool, owner: &str, kind: &str) -> Result<u64> {
+    let n = sqlx::query("UPDATE jobs SET status = 'pending', lease_owner = NULL, lease_until = NULL WHERE status = 'running' AND lease_owner = $1 AND kind = $2")
+        .bind(owner)
+        .bind(kind)
+        .execute(pool)
+        .await?
+        .rows_affected();
+    if n > 0 {
+        event(pool, "leases_released", owner, serde_json::json!({ "jobs": n, "kind": kind })).await?;
+    }
+    Ok(n)
+}
+
 /// Marks a job failed (after too many attempts) or returns it to the queue, recording the error.
 pub async fn fail_job(pool: &PgPool, job: &Job, error: &str, max_attempts: i32) -> Result<()> {
     let status = if job.attempts >= max_attempts { "failed" } else { "pending" };
