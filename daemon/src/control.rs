@@ -344,7 +344,8 @@ async fn import_prompts(d: &Arc<Daemon>, file: &Path) -> Result<Value> {
             Some(rel) => {
                 let p = image_path(&base, rel, n, file)?;
                 let bytes = tokio::fs::read(&p).await.with_context(|| format!("{} line {n}: cannot read image {}", file.display(), p.display()))?;
-                engine::image::decode_rgb8(&bytes, &p.display().to_string()).with_context(|| format!("{} line {n}", file.display()))?;
+                let (b, what) = (bytes, p.display().to_string());
+                let bytes = tokio::task::spawn_blocking(move || engine::image::decode_rgb8(&b, &what).map(|_| b)).await.context("image decode task")?.with_context(|| format!("{} line {n}", file.display()))?;
                 Some(bytes)
             }
             None => None,

@@ -71,9 +71,16 @@ pub async fn ensure_shapes_prompts(pool: &sqlx::PgPool, seed: u64, count: usize,
     let cfg = WorldConfig { size, ..Default::default() };
     for i in have..count {
         let s = engine::rng::SplitMix64::new(seed.wrapping_add(2_000_000 + i as u64)).next_u64();
-        let scene = Scene::generate(&cfg, s);
-        let mut png = Vec::new();
-        scene.render(&cfg, s).write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
+        let c = cfg.clone();
+        // Rendering and PNG encoding are CPU work: off the async runtime.
+        let (scene, png) = tokio::task::spawn_blocking(move || -> Result<(Scene, Vec<u8>)> {
+            let scene = Scene::generate(&c, s);
+            let mut png = Vec::new();
+            scene.render(&c, s).write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
+            Ok((scene, png))
+        })
+        .await
+        .context("scene rendering task")??;
         let sha = store::insert_image(pool, &png).await?;
         let p = store::NewPrompt {
             image_sha256: Some(sha),

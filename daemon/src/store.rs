@@ -15,14 +15,16 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 /// Stores an image (PNG/JPEG bytes) once; returns its sha256. The bytes must decode.
 /// Stores an image (idempotent: content-addressed); on the pool or inside a transaction (`&mut tx`).
 pub async fn insert_image<'a>(db: impl sqlx::Acquire<'a, Database = Postgres>, bytes: &[u8]) -> Result<String> {
-    let img = engine::image::decode_rgb8(bytes, "image")?;
+    // Decoding (the check that the bytes are an image we can use) is CPU work: off the async runtime.
+    let owned = bytes.to_vec();
+    let (width, height) = tokio::task::spawn_blocking(move || engine::image::decode_rgb8(&owned, "image").map(|i| (i.width(), i.height()))).await.context("image decode task")??;
     let mut conn = db.acquire().await?;
     let sha = sha256_hex(bytes);
     sqlx::query("INSERT INTO images (sha256, bytes, width, height) VALUES ($1, $2, $3, $4) ON CONFLICT (sha256) DO NOTHING")
         .bind(&sha)
         .bind(bytes)
-        .bind(img.width() as i32)
-        .bind(img.height() as i32)
+        .bind(width as i32)
+        .bind(height as i32)
         .execute(&mut *conn)
         .await?;
     Ok(sha)
