@@ -436,6 +436,19 @@ pub async fn run_training(pool: &PgPool, engine: &Arc<Engine>, cfg: &LoopConfig,
     store::add_candidate(pool, it, &out_dir.display().to_string(), &sha, &pair_ids, steps as i32, &serde_json::Value::Array(losses), &train_cfg, started).await
 }
 
+/// `run_training`, marking the iteration failed (with the reason in `events`) when training fails; the error is
+/// returned after it is recorded.
+pub async fn train_or_fail(pool: &PgPool, engine: &Arc<Engine>, cfg: &LoopConfig, it: &IterationRow, progress: impl FnMut(usize, usize, f64) + Send + 'static) -> Result<CheckpointRow> {
+    match run_training(pool, engine, cfg, it, progress).await {
+        Ok(c) => Ok(c),
+        Err(e) => {
+            store::set_stage(pool, it.id, "failed").await?;
+            store::event(pool, "iteration_failed", "trainer", serde_json::json!({ "iteration": it.number, "reason": format!("{e:#}") })).await?;
+            Err(e)
+        }
+    }
+}
+
 /// The seed of a new adapter's weights, from its directory name (kept: the BENCHMARKS figures were measured with it).
 fn it_seed(dir: &Path) -> u64 {
     dir.file_name().and_then(|n| n.to_str()).map_or(0, |n| n.bytes().fold(0u64, |h, b| h.wrapping_mul(131).wrapping_add(b as u64)))
@@ -668,15 +681,7 @@ pub async fn run_iteration(pool: &PgPool, engine: &Arc<Engine>, cfg: &LoopConfig
         }
     }
     let p = progress.clone();
-    let cand = run_training(pool, engine, cfg, &it, move |s, t, _| p(Stage::Train, s, t)).await;
-    let cand = match cand {
-        Ok(c) => c,
-        Err(e) => {
-            store::set_stage(pool, it.id, "failed").await?;
-            store::event(pool, "iteration_failed", "trainer", serde_json::json!({ "iteration": it.number, "reason": format!("{e:#}") })).await?;
-            return Err(e);
-        }
-    };
+    let cand = train_or_fail(pool, engine, cfg, &it, move |s, t, _| p(Stage::Train, s, t)).await?;
     progress(Stage::Evaluate, 0, 1);
     let (promoted, metrics) = run_gate(pool, engine, cfg, &it).await?;
     progress(Stage::Evaluate, 1, 1);

@@ -404,7 +404,7 @@ async fn trainer_step(d: &Arc<Daemon>, cfg: &Config) -> Result<bool> {
         "training" => {
             let span = tracing::info_span!("train", iteration = it.number);
             let n = it.number;
-            let r = rlaif::run_training(pool, &d.engine, &cfg.loop_, &it, move |s, t, loss| {
+            let r = rlaif::train_or_fail(pool, &d.engine, &cfg.loop_, &it, move |s, t, loss| {
                 if s == t || s % 10 == 0 {
                     info!(iteration = n, step = s, steps = t, loss, "training");
                 }
@@ -412,10 +412,7 @@ async fn trainer_step(d: &Arc<Daemon>, cfg: &Config) -> Result<bool> {
             .instrument(span)
             .await;
             if let Err(e) = r {
-                let reason = format!("{e:#}");
-                store::set_stage(pool, it.id, "failed").await?;
-                store::event(pool, "iteration_failed", "trainer", serde_json::json!({ "iteration": it.number, "reason": reason })).await?;
-                warn!(iteration = it.number, error = %reason, "training failed; the iteration is marked failed");
+                warn!(iteration = it.number, error = %format!("{e:#}"), "training failed; the iteration is marked failed");
             }
             Ok(true)
         }

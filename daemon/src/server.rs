@@ -200,7 +200,10 @@ fn push_text(acc: &mut String, t: &str) {
 }
 
 fn check_auth(req: &HttpRequest, d: &Daemon) -> Result<(), ApiError> {
-    let token = d.config().server.token;
+    check_token(req, &d.config().server.token)
+}
+
+fn check_token(req: &HttpRequest, token: &str) -> Result<(), ApiError> {
     if token.is_empty() {
         return Ok(());
     }
@@ -215,8 +218,10 @@ fn check_auth(req: &HttpRequest, d: &Daemon) -> Result<(), ApiError> {
 }
 
 async fn chat(req: HttpRequest, payload: web::Payload, d: web::Data<Arc<Daemon>>) -> Result<HttpResponse, ApiError> {
-    check_auth(&req, &d)?;
-    let server_cfg = d.config().server;
+    // One snapshot of the configuration for the whole request (a reload-config meanwhile applies to the next).
+    let cfg = d.config();
+    let server_cfg = &cfg.server;
+    check_token(&req, &server_cfg.token)?;
     if let Some(peer) = req.peer_addr() {
         if !d.metrics.admit(peer.ip(), server_cfg.rate_per_s, server_cfg.rate_burst) {
             return Err(ApiError::new(StatusCode::TOO_MANY_REQUESTS, format!("rate limit: at most {} requests per second per client (server.rate_per_s)", server_cfg.rate_per_s)));
@@ -226,15 +231,15 @@ async fn chat(req: HttpRequest, payload: web::Payload, d: web::Data<Arc<Daemon>>
     if !ct.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("application/json") {
         return Err(ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, format!("Content-Type must be application/json (got {ct:?})")));
     }
-    let limit = d.config().server.max_body_bytes;
+    let limit = server_cfg.max_body_bytes;
     let body = match payload.to_bytes_limited(limit).await {
         Ok(Ok(b)) => b,
         Ok(Err(e)) => return Err(ApiError::bad(format!("reading the body: {e}"))),
         Err(_) => return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("the body is larger than {limit} bytes (server.max_body_bytes)"))),
     };
-    let p = parse(&body, &d.config().server)?;
+    let p = parse(&body, server_cfg)?;
     let serving = d.serving();
-    let max_side = d.config().server.max_image_side;
+    let (max_side, beta) = (server_cfg.max_image_side, cfg.loop_.beta);
     let (dd, s) = (d.get_ref().clone(), serving.clone());
     let image = p.image.clone();
     let (text, n, best_of, params, seed) = (p.text.clone(), p.n, p.best_of, p.params.clone(), p.seed);
@@ -260,7 +265,7 @@ async fn chat(req: HttpRequest, payload: web::Payload, d: web::Data<Arc<Daemon>>
             let req = GenerateRequest { ids: &ids, pixels: pixels.as_ref(), seeds: &seeds, params, stop_ids: vec![] };
             let (answers, rewards) = match best_of {
                 Some(_) => {
-                    let b = engine::feedback::reward::best_of_n(&e.model, s.adapter.as_deref(), s.reference.as_deref(), &req, dd.config().loop_.beta)?;
+                    let b = engine::feedback::reward::best_of_n(&e.model, s.adapter.as_deref(), s.reference.as_deref(), &req, beta)?;
                     let mut order: Vec<usize> = (0..b.answers.len()).collect();
                     order.sort_by(|&x, &y| b.rewards[y].total_cmp(&b.rewards[x]).then(x.cmp(&y)));
                     order.truncate(n);
@@ -292,7 +297,7 @@ async fn chat(req: HttpRequest, payload: web::Payload, d: web::Data<Arc<Daemon>>
                 "finish_reason": if a.finish == FinishReason::Stop { "stop" } else { "length" } })
         })
         .collect();
-    if d.config().server.join_prompt_pool {
+    if server_cfg.join_prompt_pool {
         if let Some(bytes) = &p.image {
             join_pool(&d, bytes, &p.text).await;
         }
