@@ -318,16 +318,87 @@ impl Gpu {
         Ok(self.stream.clone_dtoh(&out).map_err(derr)?)
     }
 
+    // -- launches on device buffers (the decoder uses these; the host wrappers below upload, call, download) --
+
+    /// out = RMSNorm of `rows` rows of x by w (w.len() columns).
+    pub fn rmsnorm_dev(&self, out: &mut CudaSlice<f16>, x: &CudaSlice<f16>, w: &CudaSlice<f16>, rows: usize, eps: f32) -> Result<()> {
+        let c = to_i32(w.len(), "cols")?;
+        let mut b = self.stream.launch_builder(self.f("rmsnorm_f16")?);
+        b.arg(out).arg(x).arg(w).arg(&c).arg(&eps);
+        unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+        Ok(())
+    }
+
+    /// RoPE in place on x (tokens = pos.len() rows of `heads` x `head_dim`), tables [max_pos, head_dim / 2].
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_dev(&self, x: &mut CudaSlice<f16>, pos: &CudaSlice<i32>, cos: &CudaSlice<f32>, sin: &CudaSlice<f32>, tokens: usize, heads: usize, head_dim: usize) -> Result<()> {
+        let (t, h, d, stride) = (to_i32(tokens, "tokens")?, to_i32(heads, "heads")?, to_i32(head_dim, "head_dim")?, to_i32(heads * head_dim, "stride")?);
+        let mut b = self.stream.launch_builder(self.f("rope_f16")?);
+        b.arg(x).arg(pos).arg(cos).arg(sin).arg(&t).arg(&h).arg(&d).arg(&stride);
+        unsafe { b.launch(LaunchConfig { grid_dim: (tokens as u32, heads as u32, 1), block_dim: (64, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+        Ok(())
+    }
+
+    /// out = silu(gate) * up over `rows` x `cols`.
+    pub fn swiglu_dev(&self, out: &mut CudaSlice<f16>, gate: &CudaSlice<f16>, up: &CudaSlice<f16>, rows: usize, cols: usize) -> Result<()> {
+        let (r, c) = (rows as i64, to_i32(cols, "cols")?);
+        let mut b = self.stream.launch_builder(self.f("swiglu_f16")?);
+        b.arg(out).arg(gate).arg(up).arg(&r).arg(&c).arg(&c);
+        unsafe { b.launch(cfg1(rows * cols, 256)) }.map_err(derr)?;
+        Ok(())
+    }
+
+    /// y += x over n elements.
+    pub fn residual_add_dev(&self, y: &mut CudaSlice<f16>, x: &CudaSlice<f16>, n: usize) -> Result<()> {
+        let nn = n as i64;
+        let mut b = self.stream.launch_builder(self.f("residual_add_f16")?);
+        b.arg(y).arg(x).arg(&nn);
+        unsafe { b.launch(cfg1(n, 256)) }.map_err(derr)?;
+        Ok(())
+    }
+
+    /// out = rows of `table` ([vocab, dim]) for `ids`; an id outside the vocabulary is an error naming it.
+    pub fn embedding_dev(&self, out: &mut CudaSlice<f16>, table: &CudaSlice<f16>, dim: usize, ids: &[i32]) -> Result<()> {
+        let vocab = table.len() / dim.max(1);
+        let di = self.stream.clone_htod(ids).map_err(derr)?;
+        let mut e = self.stream.alloc_zeros::<i32>(1).map_err(derr)?;
+        let (n, d, v) = (to_i32(ids.len(), "tokens")?, to_i32(dim, "dim")?, to_i32(vocab, "vocab")?);
+        let mut b = self.stream.launch_builder(self.f("embedding_gather_f16")?);
+        b.arg(out).arg(table).arg(&di).arg(&n).arg(&d).arg(&v).arg(&mut e);
+        unsafe { b.launch(LaunchConfig { grid_dim: (ids.len().max(1) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+        let flag = self.stream.clone_dtoh(&e).map_err(derr)?[0];
+        if flag > 0 {
+            let at = (flag - 1) as usize;
+            return Err(err(format!("token id {} at position {at} is outside the vocabulary of {vocab}", ids[at])));
+        }
+        Ok(())
+    }
+
+    /// out [n_q, heads_q, d] = attention of q [n_q, heads_q, d] over the first n_k rows of k/v [.., heads_kv, d];
+    /// causal: query i sees keys up to i + n_k - n_q (a cached prefix).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_prefill_dev(&self, out: &mut CudaSlice<f16>, q: &CudaSlice<f16>, k: &CudaSlice<f16>, v: &CudaSlice<f16>, n_q: usize, n_k: usize, heads_q: usize, heads_kv: usize, head_dim: usize, causal: bool) -> Result<()> {
+        if head_dim > 128 || heads_kv == 0 || heads_q % heads_kv != 0 {
+            return Err(err(format!("attention: head_dim {head_dim} (at most 128), heads {heads_q}/{heads_kv} (a multiple)")));
+        }
+        let (nq, nk, hq, hk, d) = (to_i32(n_q, "n_q")?, to_i32(n_k, "n_k")?, to_i32(heads_q, "heads")?, to_i32(heads_kv, "heads")?, to_i32(head_dim, "head_dim")?);
+        let (qs, ks) = (hq * d, hk * d);
+        let scale = 1.0f32 / (head_dim as f32).sqrt();
+        let c = i32::from(causal);
+        let mut b = self.stream.launch_builder(self.f("flash_attn_prefill_f16")?);
+        b.arg(out).arg(q).arg(k).arg(v).arg(&nq).arg(&nk).arg(&hq).arg(&hk).arg(&d).arg(&qs).arg(&ks).arg(&qs).arg(&scale).arg(&c);
+        let grid = (n_q.div_ceil(16).max(1) as u32, heads_q as u32, 1);
+        unsafe { b.launch(LaunchConfig { grid_dim: grid, block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+        Ok(())
+    }
+
+    // -- host wrappers: upload as fp16, run, download widened (parity tests) --
+
     /// RMSNorm of `rows` rows of `x` by `w`.
     pub fn rmsnorm(&self, x: &[f32], w: &[f32], eps: f32) -> Result<Vec<f32>> {
-        let cols = w.len();
-        let rows = x.len() / cols.max(1);
         let (dx, dw) = (self.upload_f16(x)?, self.upload_f16(w)?);
         let mut out = self.poisoned_f16(x.len())?;
-        let c = to_i32(cols, "cols")?;
-        let mut b = self.stream.launch_builder(self.f("rmsnorm_f16")?);
-        b.arg(&mut out).arg(&dx).arg(&dw).arg(&c).arg(&eps);
-        unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+        self.rmsnorm_dev(&mut out, &dx, &dw, x.len() / w.len().max(1), eps)?;
         self.download_f16(&out)
     }
 
@@ -344,27 +415,18 @@ impl Gpu {
     }
 
     /// RoPE in place on x[tokens, heads, head_dim] at `pos`, with cos/sin tables [max_pos, head_dim/2].
-    #[allow(clippy::too_many_arguments)]
     pub fn rope(&self, x: &[f32], pos: &[i32], cos: &[f32], sin: &[f32], heads: usize, head_dim: usize) -> Result<Vec<f32>> {
-        let tokens = pos.len();
         let mut dx = self.upload_f16(x)?;
         let (dp, dc, ds) = (self.stream.clone_htod(pos).map_err(derr)?, self.stream.clone_htod(cos).map_err(derr)?, self.stream.clone_htod(sin).map_err(derr)?);
-        let (t, h, d, stride) = (to_i32(tokens, "tokens")?, to_i32(heads, "heads")?, to_i32(head_dim, "head_dim")?, to_i32(heads * head_dim, "stride")?);
-        let mut b = self.stream.launch_builder(self.f("rope_f16")?);
-        b.arg(&mut dx).arg(&dp).arg(&dc).arg(&ds).arg(&t).arg(&h).arg(&d).arg(&stride);
-        unsafe { b.launch(LaunchConfig { grid_dim: (tokens as u32, heads as u32, 1), block_dim: (64, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+        self.rope_dev(&mut dx, &dp, &dc, &ds, pos.len(), heads, head_dim)?;
         self.download_f16(&dx)
     }
 
     /// silu(gate) * up, elementwise over `rows` x `cols`.
     pub fn swiglu(&self, gate: &[f32], up: &[f32], cols: usize) -> Result<Vec<f32>> {
-        let rows = gate.len() / cols.max(1);
         let (dg, du) = (self.upload_f16(gate)?, self.upload_f16(up)?);
         let mut out = self.poisoned_f16(gate.len())?;
-        let (r, c) = (rows as i64, to_i32(cols, "cols")?);
-        let mut b = self.stream.launch_builder(self.f("swiglu_f16")?);
-        b.arg(&mut out).arg(&dg).arg(&du).arg(&r).arg(&c).arg(&c);
-        unsafe { b.launch(cfg1(gate.len(), 256)) }.map_err(derr)?;
+        self.swiglu_dev(&mut out, &dg, &du, gate.len() / cols.max(1), cols)?;
         self.download_f16(&out)
     }
 
@@ -391,50 +453,26 @@ impl Gpu {
     pub fn residual_add(&self, y: &[f32], x: &[f32]) -> Result<Vec<f32>> {
         let mut dy = self.upload_f16(y)?;
         let dx = self.upload_f16(x)?;
-        let n = y.len() as i64;
-        let mut b = self.stream.launch_builder(self.f("residual_add_f16")?);
-        b.arg(&mut dy).arg(&dx).arg(&n);
-        unsafe { b.launch(cfg1(y.len(), 256)) }.map_err(derr)?;
+        self.residual_add_dev(&mut dy, &dx, y.len())?;
         self.download_f16(&dy)
     }
 
     /// Rows of `table` ([vocab, dim]) for `ids`; an id outside the vocabulary is an error naming its position.
     pub fn embedding(&self, table: &[f32], dim: usize, ids: &[i32]) -> Result<Vec<f32>> {
-        let vocab = table.len() / dim.max(1);
         let dt = self.upload_f16(table)?;
-        let di = self.stream.clone_htod(ids).map_err(derr)?;
-        let mut e = self.stream.alloc_zeros::<i32>(1).map_err(derr)?;
         let mut out = self.poisoned_f16(ids.len() * dim)?;
-        let (n, d, v) = (to_i32(ids.len(), "tokens")?, to_i32(dim, "dim")?, to_i32(vocab, "vocab")?);
-        let mut b = self.stream.launch_builder(self.f("embedding_gather_f16")?);
-        b.arg(&mut out).arg(&dt).arg(&di).arg(&n).arg(&d).arg(&v).arg(&mut e);
-        unsafe { b.launch(LaunchConfig { grid_dim: (ids.len().max(1) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
-        let flag = self.stream.clone_dtoh(&e).map_err(derr)?[0];
-        if flag > 0 {
-            let at = (flag - 1) as usize;
-            return Err(err(format!("token id {} at position {at} is outside the vocabulary of {vocab}", ids[at])));
-        }
+        self.embedding_dev(&mut out, &dt, dim, ids)?;
         self.download_f16(&out)
     }
 
     /// Attention prefill: q [n_q, heads_q, d], k/v [n_k, heads_kv, d] -> [n_q, heads_q, d].
     #[allow(clippy::too_many_arguments)]
     pub fn attention_prefill(&self, q: &[f32], k: &[f32], v: &[f32], heads_q: usize, heads_kv: usize, head_dim: usize, causal: bool) -> Result<Vec<f32>> {
-        if head_dim > 128 || heads_kv == 0 || heads_q % heads_kv != 0 {
-            return Err(err(format!("attention: head_dim {head_dim} (at most 128), heads {heads_q}/{heads_kv} (a multiple)")));
-        }
-        let n_q = q.len() / (heads_q * head_dim);
-        let n_k = k.len() / (heads_kv * head_dim);
+        let n_q = q.len() / (heads_q * head_dim).max(1);
+        let n_k = k.len() / (heads_kv * head_dim).max(1);
         let (dq, dk, dv) = (self.upload_f16(q)?, self.upload_f16(k)?, self.upload_f16(v)?);
         let mut out = self.poisoned_f16(q.len())?;
-        let (nq, nk, hq, hk, d) = (to_i32(n_q, "n_q")?, to_i32(n_k, "n_k")?, to_i32(heads_q, "heads")?, to_i32(heads_kv, "heads")?, to_i32(head_dim, "head_dim")?);
-        let (qs, ks) = (hq * d, hk * d);
-        let scale = 1.0f32 / (head_dim as f32).sqrt();
-        let c = i32::from(causal);
-        let mut b = self.stream.launch_builder(self.f("flash_attn_prefill_f16")?);
-        b.arg(&mut out).arg(&dq).arg(&dk).arg(&dv).arg(&nq).arg(&nk).arg(&hq).arg(&hk).arg(&d).arg(&qs).arg(&ks).arg(&qs).arg(&scale).arg(&c);
-        let grid = (n_q.div_ceil(16).max(1) as u32, heads_q as u32, 1);
-        unsafe { b.launch(LaunchConfig { grid_dim: grid, block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+        self.attention_prefill_dev(&mut out, &dq, &dk, &dv, n_q, n_k, heads_q, heads_kv, head_dim, causal)?;
         self.download_f16(&out)
     }
 

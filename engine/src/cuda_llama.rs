@@ -4,11 +4,11 @@
 //! backend. Not yet wired into generation or the daemon.
 
 use crate::config::LlamaConfig;
-use crate::cuda::{cfg1, derr, err, to_i32, Gpu};
+use crate::cuda::{cfg1, derr, err, Gpu};
 use crate::error::Result;
 use crate::ops::Rope;
 use crate::weights::WeightStore;
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, PushKernelArg};
 use half::f16;
 
 struct Layer {
@@ -164,59 +164,36 @@ impl GpuLlama {
         }
         let s = &gpu.stream;
         let alloc = |n: usize| s.alloc_zeros::<f16>(n).map_err(derr);
-        // Embeddings.
         let id32: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
-        let dids = s.clone_htod(&id32).map_err(derr)?;
-        let mut flag = s.alloc_zeros::<i32>(1).map_err(derr)?;
         let mut x = alloc(rows * c)?;
-        {
-            let (n, d, v) = (to_i32(rows, "rows")?, to_i32(c, "hidden")?, to_i32(vocab, "vocab")?);
-            let mut b = s.launch_builder(gpu.f("embedding_gather_f16")?);
-            b.arg(&mut x).arg(&self.embed).arg(&dids).arg(&n).arg(&d).arg(&v).arg(&mut flag);
-            unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
-        }
-        if let Some(&bad) = s.clone_dtoh(&flag).map_err(derr)?.first().filter(|&&f| f > 0) {
-            return Err(err(format!("token id {} at position {} is outside the vocabulary of {vocab}", ids[(bad - 1) as usize], bad - 1)));
-        }
+        gpu.embedding_dev(&mut x, &self.embed, c, &id32)?;
         let pos: Vec<i32> = (start..start + rows).map(|p| p as i32).collect();
         let dpos = s.clone_htod(&pos).map_err(derr)?;
         let (mut hbuf, mut q, mut k, mut v, mut att, mut tmp) = (alloc(rows * c)?, alloc(rows * h * hd)?, alloc(rows * kvh * hd)?, alloc(rows * kvh * hd)?, alloc(rows * h * hd)?, alloc(rows * c)?);
         let (mut g, mut u, mut a) = (alloc(rows * inter)?, alloc(rows * inter)?, alloc(rows * inter)?);
         let w = kvh * hd;
+        let eps = cfg.rms_norm_eps as f32;
         for (li, l) in self.layers.iter().enumerate() {
-            self.rmsnorm(gpu, &mut hbuf, &x, &l.input_norm, rows)?;
+            gpu.rmsnorm_dev(&mut hbuf, &x, &l.input_norm, rows, eps)?;
             gpu.linear_device(&hbuf, &l.q, &mut q, rows, c, h * hd)?;
             gpu.linear_device(&hbuf, &l.k, &mut k, rows, c, w)?;
             gpu.linear_device(&hbuf, &l.v, &mut v, rows, c, w)?;
-            self.rope(gpu, &mut q, &dpos, rows, h)?;
-            self.rope(gpu, &mut k, &dpos, rows, kvh)?;
+            gpu.rope_dev(&mut q, &dpos, &self.cos, &self.sin, rows, h, hd)?;
+            gpu.rope_dev(&mut k, &dpos, &self.cos, &self.sin, rows, kvh, hd)?;
             s.memcpy_dtod(&k, &mut cache.k[li].slice_mut(start * w..(start + rows) * w)).map_err(derr)?;
             s.memcpy_dtod(&v, &mut cache.v[li].slice_mut(start * w..(start + rows) * w)).map_err(derr)?;
-            {
-                let (nq, nk, hq, hk, d) = (to_i32(rows, "rows")?, to_i32(start + rows, "positions")?, to_i32(h, "heads")?, to_i32(kvh, "kv heads")?, to_i32(hd, "head_dim")?);
-                let (qs, ks) = (hq * d, hk * d);
-                let scale = 1.0f32 / (hd as f32).sqrt();
-                let causal = 1i32;
-                let mut b = s.launch_builder(gpu.f("flash_attn_prefill_f16")?);
-                b.arg(&mut att).arg(&q).arg(&cache.k[li]).arg(&cache.v[li]).arg(&nq).arg(&nk).arg(&hq).arg(&hk).arg(&d).arg(&qs).arg(&ks).arg(&qs).arg(&scale).arg(&causal);
-                unsafe { b.launch(LaunchConfig { grid_dim: (rows.div_ceil(16) as u32, h as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
-            }
+            gpu.attention_prefill_dev(&mut att, &q, &cache.k[li], &cache.v[li], rows, start + rows, h, kvh, hd, true)?;
             gpu.linear_device(&att, &l.o, &mut tmp, rows, h * hd, c)?;
-            self.residual_add(gpu, &mut x, &tmp, rows * c)?;
-            self.rmsnorm(gpu, &mut hbuf, &x, &l.post_norm, rows)?;
+            gpu.residual_add_dev(&mut x, &tmp, rows * c)?;
+            gpu.rmsnorm_dev(&mut hbuf, &x, &l.post_norm, rows, eps)?;
             gpu.linear_device(&hbuf, &l.gate, &mut g, rows, c, inter)?;
             gpu.linear_device(&hbuf, &l.up, &mut u, rows, c, inter)?;
-            {
-                let (r, ci) = (rows as i64, to_i32(inter, "intermediate")?);
-                let mut b = s.launch_builder(gpu.f("swiglu_f16")?);
-                b.arg(&mut a).arg(&g).arg(&u).arg(&r).arg(&ci).arg(&ci);
-                unsafe { b.launch(cfg1(rows * inter, 256)) }.map_err(derr)?;
-            }
+            gpu.swiglu_dev(&mut a, &g, &u, rows, inter)?;
             gpu.linear_device(&a, &l.down, &mut tmp, rows, inter, c)?;
-            self.residual_add(gpu, &mut x, &tmp, rows * c)?;
+            gpu.residual_add_dev(&mut x, &tmp, rows * c)?;
         }
         cache.len += rows;
-        self.rmsnorm(gpu, &mut hbuf, &x, &self.norm, rows)?;
+        gpu.rmsnorm_dev(&mut hbuf, &x, &self.norm, rows, eps)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         if all_rows {
             let mut logits = alloc(rows * vocab)?;
@@ -228,32 +205,6 @@ impl GpuLlama {
         let mut logits = alloc(vocab)?;
         gpu.linear_device(&last, head, &mut logits, 1, c, vocab)?;
         gpu.download_f16(&logits)
-    }
-
-    fn rmsnorm(&self, gpu: &Gpu, out: &mut CudaSlice<f16>, x: &CudaSlice<f16>, w: &CudaSlice<f16>, rows: usize) -> Result<()> {
-        let cols = to_i32(self.cfg.hidden_size, "hidden")?;
-        let eps = self.cfg.rms_norm_eps as f32;
-        let mut b = gpu.stream.launch_builder(gpu.f("rmsnorm_f16")?);
-        b.arg(out).arg(x).arg(w).arg(&cols).arg(&eps);
-        unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
-        Ok(())
-    }
-
-    fn rope(&self, gpu: &Gpu, x: &mut CudaSlice<f16>, pos: &CudaSlice<i32>, rows: usize, heads: usize) -> Result<()> {
-        let hd = self.cfg.head_dim;
-        let (t, hh, d, stride) = (to_i32(rows, "rows")?, to_i32(heads, "heads")?, to_i32(hd, "head_dim")?, to_i32(heads * hd, "stride")?);
-        let mut b = gpu.stream.launch_builder(gpu.f("rope_f16")?);
-        b.arg(x).arg(pos).arg(&self.cos).arg(&self.sin).arg(&t).arg(&hh).arg(&d).arg(&stride);
-        unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, heads as u32, 1), block_dim: (64, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
-        Ok(())
-    }
-
-    fn residual_add(&self, gpu: &Gpu, y: &mut CudaSlice<f16>, x: &CudaSlice<f16>, n: usize) -> Result<()> {
-        let nn = n as i64;
-        let mut b = gpu.stream.launch_builder(gpu.f("residual_add_f16")?);
-        b.arg(y).arg(x).arg(&nn);
-        unsafe { b.launch(cfg1(n, 256)) }.map_err(derr)?;
-        Ok(())
     }
 }
 
