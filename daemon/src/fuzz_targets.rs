@@ -53,5 +53,8 @@ pub fn chat(data: &[u8]) {
     let _ = crate::server::validate_chat_request(data, &cfg);
 }
 
+/// A fuzz target: arbitrary bytes in, nothing out.
+pub type Target = fn(&[u8]);
+
 /// Every target by name.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[("safetensors", safetensors), ("control", control), ("config", config), ("image", image), ("chat", chat)];
+pub const TARGETS: &[(&str, Target)] = &[("safetensors", safetensors), ("control", control), ("config", config), ("image", image), ("chat", chat)];

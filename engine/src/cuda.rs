@@ -315,7 +315,7 @@ impl Gpu {
         let mut b = self.stream.launch_builder(self.f("f16_to_f32")?);
         b.arg(&mut out).arg(&src).arg(&n);
         unsafe { b.launch(cfg1(x.len(), 256)) }.map_err(derr)?;
-        Ok(self.stream.clone_dtoh(&out).map_err(derr)?)
+        self.stream.clone_dtoh(&out).map_err(derr)
     }
 
     // -- launches on device buffers (the decoder uses these; the host wrappers below upload, call, download) --
@@ -378,7 +378,7 @@ impl Gpu {
     /// causal: query i sees keys up to i + n_k - n_q (a cached prefix).
     #[allow(clippy::too_many_arguments)]
     pub fn attention_prefill_dev(&self, out: &mut CudaSlice<f16>, q: &CudaSlice<f16>, k: &CudaSlice<f16>, v: &CudaSlice<f16>, n_q: usize, n_k: usize, heads_q: usize, heads_kv: usize, head_dim: usize, causal: bool) -> Result<()> {
-        if head_dim > 128 || heads_kv == 0 || heads_q % heads_kv != 0 {
+        if head_dim > 128 || heads_kv == 0 || !heads_q.is_multiple_of(heads_kv) {
             return Err(err(format!("attention: head_dim {head_dim} (at most 128), heads {heads_q}/{heads_kv} (a multiple)")));
         }
         let (nq, nk, hq, hk, d) = (to_i32(n_q, "n_q")?, to_i32(n_k, "n_k")?, to_i32(heads_q, "heads")?, to_i32(heads_kv, "heads")?, to_i32(head_dim, "head_dim")?);
@@ -480,7 +480,7 @@ impl Gpu {
     /// and each sequence's suffix cache (suffix[b] holds suf_len[b] rows of [heads_kv, d]).
     #[allow(clippy::too_many_arguments)]
     pub fn attention_decode(&self, q: &[f32], prefix_k: &[f32], prefix_v: &[f32], suffix_k: &[Vec<f32>], suffix_v: &[Vec<f32>], heads_q: usize, heads_kv: usize, head_dim: usize) -> Result<Vec<f32>> {
-        if head_dim > 128 || heads_kv == 0 || heads_q % heads_kv != 0 {
+        if head_dim > 128 || heads_kv == 0 || !heads_q.is_multiple_of(heads_kv) {
             return Err(err(format!("attention: head_dim {head_dim} (at most 128), heads {heads_q}/{heads_kv} (a multiple)")));
         }
         let bsz = suffix_k.len();

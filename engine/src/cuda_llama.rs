@@ -49,7 +49,7 @@ impl GpuLlama {
         if cfg.attention_bias || cfg.mlp_bias {
             return Err(err("the CUDA decoder does not support attention or MLP biases yet"));
         }
-        if cfg.head_dim > 128 || cfg.head_dim % 2 != 0 {
+        if cfg.head_dim > 128 || !cfg.head_dim.is_multiple_of(2) {
             return Err(err(format!("the CUDA attention kernels take an even head_dim of at most 128 (got {})", cfg.head_dim)));
         }
         let c = cfg.hidden_size;
