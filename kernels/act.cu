@@ -36,3 +36,33 @@ extern "C" __global__ void bias_add_f16(__half* __restrict__ x, const __half* __
 extern "C" __global__ void residual_add_f16(__half* __restrict__ y, const __half* __restrict__ x, long long n) {
     GRID_STRIDE(i, n) y[i] = __float2half_rn(__half2float(y[i]) + __half2float(x[i]));
 }
+
+// Backward of swiglu_f16: with s = sigmoid(g), dg = dout * u * s * (1 + g (1 - s)), du = dout * g * s.
+extern "C" __global__ void swiglu_bwd_f16(__half* __restrict__ dg, __half* __restrict__ du, const __half* __restrict__ dout,
+                                          const __half* __restrict__ gate, const __half* __restrict__ up, long long n) {
+    GRID_STRIDE(i, n) {
+        const float g = __half2float(gate[i]), u = __half2float(up[i]), d = __half2float(dout[i]);
+        const float s = 1.0f / (1.0f + __expf(-g));
+        dg[i] = __float2half_rn(d * u * s * (1.0f + g * (1.0f - s)));
+        du[i] = __float2half_rn(d * g * s);
+    }
+}
+
+// Backward of gelu_f16 (erf form): dx = dout * (Phi(x) + x phi(x)), x the saved pre-activation.
+extern "C" __global__ void gelu_bwd_f16(__half* __restrict__ dx, const __half* __restrict__ dout, const __half* __restrict__ x, long long n) {
+    GRID_STRIDE(i, n) {
+        const float v = __half2float(x[i]);
+        const float cdf = 0.5f * (1.0f + erff(v * 0.70710678118654752f));
+        const float pdf = __expf(-0.5f * v * v) * 0.39894228040143268f;
+        dx[i] = __float2half_rn(__half2float(dout[i]) * (cdf + v * pdf));
+    }
+}
+
+// Backward of quick_gelu_f16: with s = sigmoid(1.702 x), dx = dout * (s + 1.702 x s (1 - s)).
+extern "C" __global__ void quick_gelu_bwd_f16(__half* __restrict__ dx, const __half* __restrict__ dout, const __half* __restrict__ x, long long n) {
+    GRID_STRIDE(i, n) {
+        const float v = __half2float(x[i]);
+        const float s = 1.0f / (1.0f + __expf(-1.702f * v));
+        dx[i] = __float2half_rn(__half2float(dout[i]) * (s + 1.702f * v * s * (1.0f - s)));
+    }
+}

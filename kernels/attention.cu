@@ -2,8 +2,9 @@
 //  - flash_attn_prefill_f16: tiled prefill, causal (text; with an offset so a suffix can attend a cached prefix)
 //    or full (vision tower); GQA/MQA by mapping query head h to kv head h / (heads_q / heads_kv).
 //  - attn_decode_f16: one new token per sequence against a shared prefix cache (the image and prompt, computed
-//    once for the n answers of a prompt) plus the sequence's own suffix cache; keys split across the block's
-//    warps, partial softmax states combined at the end.
+//    once for the n answers of a prompt) plus the sequence's own suffix cache; keys split into chunks across
+//    blocks (flash-decoding), partial softmax states merged by attn_decode_combine_f16.
+//  - kv_store_f16: writes the keys and values of a fused QKV buffer into a cache (prefill or n-sequence decode).
 // head_dim <= 128 (LLaVA-1.5: 128 in the decoder, 64 in CLIP ViT-L).
 #include "common.cuh"
 
@@ -15,10 +16,12 @@
 #define RPW (QROWS / WARPS)  // query rows per warp
 
 // q: [n_q, heads_q, D] rows of q_stride elements; k, v: [n_k, heads_kv, D] rows of kv_stride; out: rows of o_stride.
+// lse (may be null): [n_q, heads_q] log-sum-exp of each row's scaled scores, for the backward pass.
 // grid (ceil(n_q / 16), heads_q), block 128.
 extern "C" __global__ void __launch_bounds__(128) flash_attn_prefill_f16(
     __half* __restrict__ out, const __half* __restrict__ q, const __half* __restrict__ k, const __half* __restrict__ v,
-    int n_q, int n_k, int heads_q, int heads_kv, int head_dim, int q_stride, int kv_stride, int o_stride, float scale, int causal) {
+    int n_q, int n_k, int heads_q, int heads_kv, int head_dim, int q_stride, int kv_stride, int o_stride, float scale, int causal,
+    float* __restrict__ lse) {
     __shared__ float qs[QROWS][MAX_D];
     __shared__ __half ks[BC][MAX_D + 2];
     __shared__ __half vs[BC][MAX_D];
@@ -88,57 +91,60 @@ extern "C" __global__ void __launch_bounds__(128) flash_attn_prefill_f16(
             const int d = lane + WARP * i;
             if (d < head_dim) out[(long long)qi * o_stride + h * head_dim + d] = __float2half_rn(acc[rr][i] * inv);
         }
+        // The softmax statistics the backward pass recomputes probabilities from (scaled-score domain).
+        if (lse && lane == 0) lse[(long long)qi * heads_q + h] = l[rr] > 0.0f ? m[rr] + logf(l[rr]) : -INFINITY;
     }
 }
 
-// One query token per sequence b. Keys 0..prefix_len-1 come from the shared prefix cache (rows of prefix_stride
-// elements), keys prefix_len..prefix_len+suf_len[b]-1 from sequence b's suffix cache (sequence b starts at
-// b * suf_seq_stride, rows of suf_stride). grid (B, heads_q), block 128.
+// One query token per sequence b (flash-decoding). Keys 0..prefix_len-1 come from the shared prefix cache (rows
+// of prefix_stride elements), keys prefix_len..prefix_len+suf_len[b]-1 from sequence b's suffix cache (sequence b
+// starts at b * suf_seq_stride, rows of suf_stride). The keys are split into chunks of `chunk`, one block each, so
+// a single sequence still fills the GPU; within a block each warp takes every 4th key and reads it coalesced (a
+// lane holds elements d = lane + 32 i). grid (B, heads_q, nsplit), block 128.
+// nsplit == 1: the block writes out directly. Otherwise it writes its partial softmax state to
+// part[((b * heads_q + h) * nsplit + s) * (head_dim + 2) ..] = (max, sum, acc[head_dim]) and attn_decode_combine_f16
+// merges the chunks.
 extern "C" __global__ void __launch_bounds__(128) attn_decode_f16(
     __half* __restrict__ out, const __half* __restrict__ q, const __half* __restrict__ pk, const __half* __restrict__ pv,
     int prefix_len, int prefix_stride, const __half* __restrict__ sk, const __half* __restrict__ sv, const int* __restrict__ suf_len,
-    long long suf_seq_stride, int suf_stride, int heads_q, int heads_kv, int head_dim, int q_stride, int o_stride, float scale) {
-    __shared__ float qs[MAX_D];
+    long long suf_seq_stride, int suf_stride, int heads_q, int heads_kv, int head_dim, int q_stride, int o_stride, float scale,
+    float* __restrict__ part, int chunk) {
     __shared__ float wm[WARPS], wl[WARPS];
     __shared__ float wacc[WARPS][MAX_D];
-    const int b = blockIdx.x, h = blockIdx.y, hk = h / (heads_q / heads_kv);
+    const int b = blockIdx.x, h = blockIdx.y, s = blockIdx.z, nsplit = gridDim.z, hk = h / (heads_q / heads_kv);
     const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
-    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) qs[d] = __half2float(q[(long long)b * q_stride + h * head_dim + d]) * scale;
-    __syncthreads();
+    float qv[DPL];
+#pragma unroll
+    for (int i = 0; i < DPL; i++) {
+        const int d = lane + WARP * i;
+        qv[i] = d < head_dim ? __half2float(q[(long long)b * q_stride + h * head_dim + d]) * scale : 0.0f;
+    }
     const int total = prefix_len + suf_len[b];
-    auto key_row = [&](const __half* pre, const __half* suf, int j) -> const __half* {
-        return j < prefix_len ? pre + (long long)j * prefix_stride + hk * head_dim
-                              : suf + (long long)b * suf_seq_stride + (long long)(j - prefix_len) * suf_stride + hk * head_dim;
-    };
+    const int j0 = s * chunk, j1 = min(j0 + chunk, total);
     float m = -INFINITY, l = 0.0f, acc[DPL];
 #pragma unroll
     for (int i = 0; i < DPL; i++) acc[i] = 0.0f;
-    for (int base = warp * WARP; base < total; base += WARPS * WARP) {
-        const int j = base + lane;
-        float s = -INFINITY;
-        if (j < total) {
-            const __half* kr = key_row(pk, sk, j);
-            float dot = 0.0f;
-            for (int d = 0; d < head_dim; d++) dot += qs[d] * __half2float(kr[d]);
-            s = dot;
-        }
-        const float m_new = fmaxf(m, warp_max(s));  // finite: key `base` is valid
-        const float p = j < total ? __expf(s - m_new) : 0.0f;
-        const float corr = __expf(m - m_new);
-        l = l * corr + warp_sum(p);
+    for (int j = j0 + warp; j < j1; j += WARPS) {
+        const long long at = j < prefix_len ? (long long)j * prefix_stride + hk * head_dim
+                                            : (long long)b * suf_seq_stride + (long long)(j - prefix_len) * suf_stride + hk * head_dim;
+        const __half* kr = (j < prefix_len ? pk : sk) + at;
+        const __half* vr = (j < prefix_len ? pv : sv) + at;
+        float kd[DPL], vd[DPL];
 #pragma unroll
-        for (int i = 0; i < DPL; i++) acc[i] *= corr;
-        for (int jj = 0; jj < WARP; jj++) {
-            const float pj = __shfl_sync(FULL_MASK, p, jj);
-            const int key = base + jj;
-            if (key >= total) break;  // uniform
-            const __half* vr = key_row(pv, sv, key);
-#pragma unroll
-            for (int i = 0; i < DPL; i++) {
-                const int d = lane + WARP * i;
-                if (d < head_dim) acc[i] += pj * __half2float(vr[d]);
-            }
+        for (int i = 0; i < DPL; i++) {
+            const int d = lane + WARP * i;
+            kd[i] = d < head_dim ? __half2float(kr[d]) : 0.0f;
+            vd[i] = d < head_dim ? __half2float(vr[d]) : 0.0f;
         }
+        float dot = 0.0f;
+#pragma unroll
+        for (int i = 0; i < DPL; i++) dot += qv[i] * kd[i];
+        dot = warp_sum(dot);
+        const float m_new = fmaxf(m, dot);
+        const float corr = __expf(m - m_new), p = __expf(dot - m_new);
+        l = l * corr + p;
+#pragma unroll
+        for (int i = 0; i < DPL; i++) acc[i] = acc[i] * corr + p * vd[i];
         m = m_new;
     }
     if (lane == 0) {
@@ -151,19 +157,249 @@ extern "C" __global__ void __launch_bounds__(128) attn_decode_f16(
         if (d < head_dim) wacc[warp][d] = acc[i];
     }
     __syncthreads();
-    if (warp == 0) {
-        float M = -INFINITY;
-        for (int w = 0; w < WARPS; w++) M = fmaxf(M, wm[w]);
-        float L = 0.0f, f[WARPS];
-        for (int w = 0; w < WARPS; w++) {
-            f[w] = wm[w] == -INFINITY ? 0.0f : __expf(wm[w] - M);
-            L += wl[w] * f[w];
-        }
+    float M = -INFINITY;
+    for (int w = 0; w < WARPS; w++) M = fmaxf(M, wm[w]);
+    float f[WARPS], L = 0.0f;
+    for (int w = 0; w < WARPS; w++) {
+        f[w] = wm[w] == -INFINITY ? 0.0f : __expf(wm[w] - M);
+        L += wl[w] * f[w];
+    }
+    if (nsplit == 1) {
         const float inv = L > 0.0f ? 1.0f / L : 0.0f;
-        for (int d = lane; d < head_dim; d += WARP) {
+        for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
             float o = 0.0f;
             for (int w = 0; w < WARPS; w++) o += wacc[w][d] * f[w];
             out[(long long)b * o_stride + h * head_dim + d] = __float2half_rn(o * inv);
+        }
+        return;
+    }
+    float* ps = part + ((long long)(b * heads_q + h) * nsplit + s) * (head_dim + 2);
+    if (threadIdx.x == 0) {
+        ps[0] = M;
+        ps[1] = L;
+    }
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        float o = 0.0f;
+        for (int w = 0; w < WARPS; w++) o += wacc[w][d] * f[w];
+        ps[2 + d] = o;
+    }
+}
+
+// Merges attn_decode_f16's nsplit partial states of (b, h) into out. grid (B, heads_q), block 128.
+extern "C" __global__ void __launch_bounds__(128) attn_decode_combine_f16(__half* __restrict__ out, const float* __restrict__ part, int nsplit,
+                                                                          int heads_q, int head_dim, int o_stride) {
+    const int b = blockIdx.x, h = blockIdx.y;
+    const float* pb = part + (long long)(b * heads_q + h) * nsplit * (head_dim + 2);
+    float M = -INFINITY;
+    for (int s = 0; s < nsplit; s++) M = fmaxf(M, pb[s * (head_dim + 2)]);
+    float L = 0.0f;
+    for (int s = 0; s < nsplit; s++) {
+        const float ms = pb[s * (head_dim + 2)];
+        if (ms != -INFINITY) L += pb[s * (head_dim + 2) + 1] * __expf(ms - M);
+    }
+    const float inv = L > 0.0f ? 1.0f / L : 0.0f;
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        float o = 0.0f;
+        for (int s = 0; s < nsplit; s++) {
+            const float ms = pb[s * (head_dim + 2)];
+            if (ms != -INFINITY) o += pb[s * (head_dim + 2) + 2 + d] * __expf(ms - M);
+        }
+        out[(long long)b * o_stride + h * head_dim + d] = __float2half_rn(o * inv);
+    }
+}
+
+// Stores the keys and values of a fused QKV buffer (rows of qkv_stride: q, then k at k_off, v at v_off, w elements
+// each) into the caches. lens != null (decoding n sequences): row r is sequence r's newest token, stored at
+// position lens[r] - 1 of sequence r (sequences seq_stride apart; positions read on the device, so a captured CUDA
+// graph replays every step). lens == null (prefill of one sequence): row r goes to position start + r.
+extern "C" __global__ void kv_store_f16(__half* __restrict__ kc, __half* __restrict__ vc, const __half* __restrict__ qkv, int rows, int w,
+                                        int qkv_stride, int k_off, int v_off, long long seq_stride, const int* __restrict__ lens, int start) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)rows * w) return;
+    const int r = i / w, e = i % w;
+    const long long dst = lens ? r * seq_stride + (long long)(lens[r] - 1) * w + e : (long long)(start + r) * w + e;
+    kc[dst] = qkv[(long long)r * qkv_stride + k_off + e];
+    vc[dst] = qkv[(long long)r * qkv_stride + v_off + e];
+}
+
+// ---- Backward (training): flash-style, the probabilities recomputed from the forward's saved log-sum-exp.
+// With P = softmax(scale Q K^T) (masked), dP = dO V^T, delta_i = sum_d dO[i, d] O[i, d]:
+// dS = P o (dP - delta), dQ = scale dS K, dK = scale dS^T Q, dV = P^T dO. Two kernels, no atomics: one over query
+// tiles for dQ, one over key tiles for dK and dV (summed over the query heads of a GQA group).
+
+// delta[i, h] = sum_d dout[i, h, d] * out[i, h, d]. grid (n_q, heads_q), block 32.
+extern "C" __global__ void attn_bwd_delta_f16(float* __restrict__ delta, const __half* __restrict__ dout, const __half* __restrict__ out,
+                                              int heads_q, int head_dim, int stride) {
+    const long long i = blockIdx.x;
+    const int h = blockIdx.y;
+    float s = 0.0f;
+    for (int d = threadIdx.x; d < head_dim; d += WARP)
+        s += __half2float(dout[i * stride + h * head_dim + d]) * __half2float(out[i * stride + h * head_dim + d]);
+    s = warp_sum(s);
+    if (threadIdx.x == 0) delta[i * heads_q + h] = s;
+}
+
+// dQ. Same tiling as the forward: grid (ceil(n_q / 16), heads_q), block 128, a warp per 4 query rows, a lane per key.
+// q, dq, dout rows of q_stride; k, v rows of kv_stride.
+extern "C" __global__ void __launch_bounds__(128) flash_attn_bwd_dq_f16(
+    __half* __restrict__ dq, const __half* __restrict__ q, const __half* __restrict__ k, const __half* __restrict__ v,
+    const __half* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
+    int n_q, int n_k, int heads_q, int heads_kv, int head_dim, int q_stride, int kv_stride, float scale, int causal) {
+    __shared__ float qs[QROWS][MAX_D];
+    __shared__ float dos[QROWS][MAX_D];
+    __shared__ __half ks[BC][MAX_D + 2];
+    __shared__ __half vs[BC][MAX_D + 2];
+    const int h = blockIdx.y, hk = h / (heads_q / heads_kv);
+    const int q0 = blockIdx.x * QROWS;
+    const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    const int offset = n_k - n_q;
+    for (int idx = threadIdx.x; idx < QROWS * head_dim; idx += blockDim.x) {
+        const int r = idx / head_dim, d = idx % head_dim, qi = q0 + r;
+        const long long at = (long long)qi * q_stride + h * head_dim + d;
+        qs[r][d] = qi < n_q ? __half2float(q[at]) * scale : 0.0f;
+        dos[r][d] = qi < n_q ? __half2float(dout[at]) : 0.0f;
+    }
+    float acc[RPW][DPL], li[RPW], di[RPW];
+#pragma unroll
+    for (int rr = 0; rr < RPW; rr++) {
+        const int qi = q0 + warp + rr * WARPS;
+        li[rr] = qi < n_q ? lse[(long long)qi * heads_q + h] : 0.0f;
+        di[rr] = qi < n_q ? delta[(long long)qi * heads_q + h] : 0.0f;
+#pragma unroll
+        for (int i = 0; i < DPL; i++) acc[rr][i] = 0.0f;
+    }
+    const int kmax = causal ? min(n_k, q0 + QROWS + offset) : n_k;
+    for (int k0 = 0; k0 < kmax; k0 += BC) {
+        __syncthreads();
+        for (int idx = threadIdx.x; idx < BC * head_dim; idx += blockDim.x) {
+            const int j = idx / head_dim, d = idx % head_dim, kj = k0 + j;
+            const long long at = (long long)kj * kv_stride + hk * head_dim + d;
+            ks[j][d] = kj < n_k ? k[at] : __float2half(0.0f);
+            vs[j][d] = kj < n_k ? v[at] : __float2half(0.0f);
+        }
+        __syncthreads();
+#pragma unroll
+        for (int rr = 0; rr < RPW; rr++) {
+            const int r = warp + rr * WARPS, qi = q0 + r;
+            if (qi >= n_q) continue;  // uniform across the warp
+            const int kj = k0 + lane;
+            const bool valid = kj < n_k && (!causal || kj <= qi + offset);
+            float ds = 0.0f;
+            if (valid) {
+                float s = 0.0f, dp = 0.0f;
+                for (int d = 0; d < head_dim; d++) {
+                    s += qs[r][d] * __half2float(ks[lane][d]);
+                    dp += dos[r][d] * __half2float(vs[lane][d]);
+                }
+                const float p = __expf(s - li[rr]);
+                ds = p * (dp - di[rr]);
+            }
+            for (int j = 0; j < BC; j++) {
+                const float dsj = __shfl_sync(FULL_MASK, ds, j);
+#pragma unroll
+                for (int i = 0; i < DPL; i++) {
+                    const int d = lane + WARP * i;
+                    if (d < head_dim) acc[rr][i] += dsj * __half2float(ks[j][d]);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int rr = 0; rr < RPW; rr++) {
+        const int qi = q0 + warp + rr * WARPS;
+        if (qi >= n_q) continue;
+#pragma unroll
+        for (int i = 0; i < DPL; i++) {
+            const int d = lane + WARP * i;
+            if (d < head_dim) dq[(long long)qi * q_stride + h * head_dim + d] = __float2half_rn(acc[rr][i] * scale);
+        }
+    }
+}
+
+// dK and dV. grid (ceil(n_k / 16), heads_kv), block 128: a warp per 4 key rows, a lane per query of a 32-query
+// tile; every query head of the group is visited. dk, dv rows of kv_stride.
+extern "C" __global__ void __launch_bounds__(128) flash_attn_bwd_dkdv_f16(
+    __half* __restrict__ dk, __half* __restrict__ dv, const __half* __restrict__ q, const __half* __restrict__ k,
+    const __half* __restrict__ v, const __half* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
+    int n_q, int n_k, int heads_q, int heads_kv, int head_dim, int q_stride, int kv_stride, float scale, int causal) {
+    __shared__ float kr[QROWS][MAX_D];
+    __shared__ float vr[QROWS][MAX_D];
+    __shared__ __half qt[BC][MAX_D + 2];
+    __shared__ __half dot[BC][MAX_D + 2];
+    __shared__ float lt[BC], dt[BC];
+    const int hk = blockIdx.y, group = heads_q / heads_kv;
+    const int j0 = blockIdx.x * QROWS;
+    const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    const int offset = n_k - n_q;
+    for (int idx = threadIdx.x; idx < QROWS * head_dim; idx += blockDim.x) {
+        const int r = idx / head_dim, d = idx % head_dim, kj = j0 + r;
+        const long long at = (long long)kj * kv_stride + hk * head_dim + d;
+        kr[r][d] = kj < n_k ? __half2float(k[at]) * scale : 0.0f;
+        vr[r][d] = kj < n_k ? __half2float(v[at]) : 0.0f;
+    }
+    float ak[RPW][DPL], av[RPW][DPL];
+#pragma unroll
+    for (int rr = 0; rr < RPW; rr++)
+#pragma unroll
+        for (int i = 0; i < DPL; i++) ak[rr][i] = av[rr][i] = 0.0f;
+    // causal: key j is seen by queries i >= j - offset
+    const int qmin = causal ? max(0, j0 - offset) : 0;
+    for (int h = hk * group; h < (hk + 1) * group; h++) {
+        for (int i0 = (qmin / BC) * BC; i0 < n_q; i0 += BC) {
+            __syncthreads();
+            for (int idx = threadIdx.x; idx < BC * head_dim; idx += blockDim.x) {
+                const int r = idx / head_dim, d = idx % head_dim, qi = i0 + r;
+                const long long at = (long long)qi * q_stride + h * head_dim + d;
+                qt[r][d] = qi < n_q ? q[at] : __float2half(0.0f);
+                dot[r][d] = qi < n_q ? dout[at] : __float2half(0.0f);
+            }
+            if (threadIdx.x < BC) {
+                const int qi = i0 + threadIdx.x;
+                lt[threadIdx.x] = qi < n_q ? lse[(long long)qi * heads_q + h] : 0.0f;
+                dt[threadIdx.x] = qi < n_q ? delta[(long long)qi * heads_q + h] : 0.0f;
+            }
+            __syncthreads();
+#pragma unroll
+            for (int rr = 0; rr < RPW; rr++) {
+                const int r = warp + rr * WARPS, kj = j0 + r;
+                if (kj >= n_k) continue;  // uniform across the warp
+                const int qi = i0 + lane;
+                const bool valid = qi < n_q && (!causal || kj <= qi + offset);
+                float p = 0.0f, ds = 0.0f;
+                if (valid) {
+                    float s = 0.0f, dp = 0.0f;
+                    for (int d = 0; d < head_dim; d++) {
+                        s += kr[r][d] * __half2float(qt[lane][d]);
+                        dp += vr[r][d] * __half2float(dot[lane][d]);
+                    }
+                    p = __expf(s - lt[lane]);
+                    ds = p * (dp - dt[lane]);
+                }
+                for (int j = 0; j < BC; j++) {
+                    const float pj = __shfl_sync(FULL_MASK, p, j), dsj = __shfl_sync(FULL_MASK, ds, j);
+#pragma unroll
+                    for (int i = 0; i < DPL; i++) {
+                        const int d = lane + WARP * i;
+                        if (d < head_dim) {
+                            av[rr][i] += pj * __half2float(dot[j][d]);
+                            ak[rr][i] += dsj * __half2float(qt[j][d]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int rr = 0; rr < RPW; rr++) {
+        const int kj = j0 + warp + rr * WARPS;
+        if (kj >= n_k) continue;
+#pragma unroll
+        for (int i = 0; i < DPL; i++) {
+            const int d = lane + WARP * i;
+            if (d < head_dim) {
+                dk[(long long)kj * kv_stride + hk * head_dim + d] = __float2half_rn(ak[rr][i] * scale);
+                dv[(long long)kj * kv_stride + hk * head_dim + d] = __float2half_rn(av[rr][i]);
+            }
         }
     }
 }

@@ -7,10 +7,9 @@
 #      <= 1e-2).
 #   3. cuda_llama: the fp16 LLaMA decoder on the GPU against the CPU backend on the tiny fixtures (log-probs within
 #      5e-2, same greedy tokens). Needs the fixtures: run from a checkout (tests/fixtures is in the tree).
-#   4. rlaifd bench-gpu: prefill (640 tokens) and batch-1 decode of a random-weight LLaVA-1.5-7B-shaped decoder,
+#   2b. cuda_train_parity: every backward kernel and AdamW against the CPU backend (rel. L2 <= 2e-2).
+#   4. rlaifd bench-gpu: prefill (640 tokens), batch-1 decode and n=10 sampling of a random-weight LLaVA-1.5-7B-shaped decoder,
 #      copy bandwidth and roofline; then benches/gpu_peer.py, transformers fp16 on the same GPU (if torch is there).
-# Not yet here (issue 7 remainder): the vision tower and LoRA on the GPU, n=10 sampling with a shared prefix on
-# the GPU (the peer's n=10 figure is measured already).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-check-out}
@@ -37,22 +36,30 @@ export LD_LIBRARY_PATH="${libs#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export RLAIFD_ROOT=$PWD
 { nvidia-smi || true; echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"; echo "RLAIFD_CUDA_INCLUDE=${RLAIFD_CUDA_INCLUDE:-}"; } > "$OUT/env.log" 2>&1
 status=0
-echo "== rlaifd kernels" | tee "$OUT/kernels.log"
-"$bins/rlaifd" kernels --arch sm_80 --arch sm_90 >> "$OUT/kernels.log" 2>&1 || status=1
-tail -n 2 "$OUT/kernels.log"
-echo "== cuda_parity" | tee "$OUT/parity.log"
-"$bins/cuda_parity" --nocapture --test-threads 1 >> "$OUT/parity.log" 2>&1 || status=1
-grep -E "CUDA device|SKIPPED|rel L2|test result|panicked" "$OUT/parity.log" | tail -n 60
-echo "== cuda_llama" | tee "$OUT/llama.log"
-"$bins/cuda_llama" --nocapture --test-threads 1 >> "$OUT/llama.log" 2>&1 || status=1
+# stage NAME LOG SECONDS CMD...: runs CMD under a time limit, appending to $OUT/LOG; a failure marks the run failed.
+stage() {
+  local name=$1 log=$2 secs=$3
+  shift 3
+  echo "== $name" | tee -a "$OUT/$log"
+  local t0=$SECONDS
+  timeout "$secs" "$@" >> "$OUT/$log" 2>&1
+  local rc=$?
+  [ $rc -ne 0 ] && { status=1; echo "   FAILED (exit $rc)" | tee -a "$OUT/$log"; }
+  echo "   ($((SECONDS - t0)) s)"
+}
+stage "rlaifd kernels" kernels.log 120 "$bins/rlaifd" kernels --arch sm_80 --arch sm_90
+tail -n 1 "$OUT/kernels.log"
+stage "cuda_parity (inference kernels)" parity.log 180 "$bins/cuda_parity" --nocapture --test-threads 1
+grep -E "CUDA device|SKIPPED|rel L2|test result|panicked" "$OUT/parity.log" | tail -n 70
+stage "cuda_train_parity (backward kernels, AdamW)" parity.log 180 "$bins/cuda_train_parity" --nocapture --test-threads 1
+grep -E "SKIPPED|bwd|adamw|logprob_gather_f16|test result|panicked" "$OUT/parity.log" | tail -n 80
+stage "cuda_llama (decoder vs CPU backend)" llama.log 180 "$bins/cuda_llama" --nocapture --test-threads 1
 grep -E "SKIPPED|log-prob|greedy|test result|panicked" "$OUT/llama.log" | tail -n 20
-echo "== bench-gpu (rlaifd)" | tee "$OUT/bench.log"
-timeout 300 "$bins/rlaifd" bench-gpu --shape llava7b --prompt 640 --decode 128 --reps 3 >> "$OUT/bench.log" 2>&1 || status=1
-tail -n 2 "$OUT/bench.log"
+stage "bench-gpu (rlaifd)" bench.log 300 "$bins/rlaifd" bench-gpu --shape llava7b --prompt 640 --decode 128 --reps 3 --n 10
+grep -vE '^\{' "$OUT/bench.log" | tail -n 4
 if [ -n "$py" ] && "$py" -c "import torch, transformers" 2>/dev/null; then
-  echo "== bench peer (transformers)" | tee "$OUT/peer.log"
-  timeout 300 "$py" benches/gpu_peer.py --shape llava7b --prompt 640 --decode 128 --reps 3 >> "$OUT/peer.log" 2>&1 || status=1
-  tail -n 2 "$OUT/peer.log"
+  stage "bench peer (transformers)" peer.log 300 env PYTHONUNBUFFERED=1 "$py" benches/gpu_peer.py --shape llava7b --prompt 640 --decode 128 --reps 3
+  tail -n 1 "$OUT/peer.log"
 else
   echo "== bench peer skipped: no torch/transformers in $py" | tee "$OUT/peer.log"
 fi

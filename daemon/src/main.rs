@@ -91,6 +91,9 @@ enum Command {
         decode: usize,
         #[arg(long, default_value_t = 3)]
         reps: usize,
+        /// Answers sampled together after one shared prefill (the n-answer row).
+        #[arg(long, default_value_t = 10)]
+        n: usize,
     },
     /// Apply the database migrations (also done at start-up by every command that uses the database).
     Migrate {
@@ -207,7 +210,10 @@ fn cmd_kernels(archs: &[String]) -> Result<()> {
     Ok(())
 }
 
-fn cmd_bench_gpu(shape: &str, prompt: usize, decode: usize, reps: usize) -> Result<()> {
+fn cmd_bench_gpu(shape: &str, prompt: usize, decode: usize, reps: usize, n: usize) -> Result<()> {
+    if n == 0 || n > 16 || reps == 0 || decode == 0 || prompt == 0 {
+        bail!("bench-gpu: --n must be 1..=16 and --reps, --decode, --prompt at least 1");
+    }
     let (hidden, inter, layers, heads) = match shape {
         "llava7b" => (4096, 11008, 32, 32),
         "tiny" => (256, 688, 4, 8),
@@ -235,7 +241,7 @@ fn cmd_bench_gpu(shape: &str, prompt: usize, decode: usize, reps: usize) -> Resu
         Ok(g) => g,
         Err(why) => bail!("no GPU: {why}"),
     };
-    let r = engine::cuda_llama::bench(&gpu, &cfg, prompt, decode, reps)?;
+    let r = engine::cuda_llama::bench(&gpu, &cfg, prompt, decode, reps, n)?;
     let median = |v: &[f64]| {
         let mut s = v.to_vec();
         s.sort_by(f64::total_cmp);
@@ -254,6 +260,16 @@ fn cmd_bench_gpu(shape: &str, prompt: usize, decode: usize, reps: usize) -> Resu
         r.roofline_tokens_per_s,
         100.0 * tps / r.roofline_tokens_per_s
     );
+    println!(
+        "  decode without graph replay: {:.1} tokens/s; through cuBLASLt: {:.1} tokens/s; n={} sampling after one shared prefill: {:.1} tokens/s (medians)",
+        median(&r.decode_tokens_per_s_no_graph),
+        median(&r.decode_tokens_per_s_cublaslt),
+        r.n,
+        median(&r.n_sampling_tokens_per_s)
+    );
+    for (op, us) in &r.ops_us {
+        println!("  {op:<44} {us:>9.1} us");
+    }
     println!("{}", serde_json::to_string(&r)?);
     Ok(())
 }
@@ -282,7 +298,7 @@ fn main() {
         Command::Demo(a) => rlaifd::demo::run(a),
         Command::Serve(a) => rlaifd::serve::run(a),
         Command::Kernels { arch } => cmd_kernels(&arch),
-        Command::BenchGpu { shape, prompt, decode, reps } => cmd_bench_gpu(&shape, prompt, decode, reps),
+        Command::BenchGpu { shape, prompt, decode, reps, n } => cmd_bench_gpu(&shape, prompt, decode, reps, n),
         Command::Ctl(a) => rlaifd::control::ctl(a),
         Command::Migrate { database_url } => async_main(async move {
             let url = database_url.unwrap_or_else(rlaifd::db::url_from_env);

@@ -28,9 +28,11 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("attention.cu", include_str!("../../kernels/attention.cu")),
     ("convert.cu", include_str!("../../kernels/convert.cu")),
     ("embedding.cu", include_str!("../../kernels/embedding.cu")),
+    ("gemv.cu", include_str!("../../kernels/gemv.cu")),
     ("logprob.cu", include_str!("../../kernels/logprob.cu")),
     ("lora.cu", include_str!("../../kernels/lora.cu")),
     ("norm.cu", include_str!("../../kernels/norm.cu")),
+    ("optim.cu", include_str!("../../kernels/optim.cu")),
     ("rope.cu", include_str!("../../kernels/rope.cu")),
 ];
 
@@ -192,6 +194,10 @@ pub struct Gpu {
     _modules: Vec<Arc<CudaModule>>,
     funcs: HashMap<String, CudaFunction>,
     blas: CudaBlasLT,
+    /// Whether `matmul_dev` takes the hand-written GEMV for decode-sized products (default on; `bench-gpu` turns
+    /// it off to measure cuBLASLt alone).
+    pub gemv: std::sync::atomic::AtomicBool,
+    sms: usize,
 }
 
 pub(crate) fn derr(e: cudarc::driver::DriverError) -> EngineError {
@@ -239,7 +245,8 @@ impl Gpu {
         }
         let stream = ctx.default_stream();
         let blas = CudaBlasLT::new(stream.clone()).map_err(|e| err(format!("cuBLASLt: {e:?}")))?;
-        Ok(Ok(Gpu { ctx, stream, arch, name, _modules: modules, funcs, blas }))
+        let sms = ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(derr)?.max(1) as usize;
+        Ok(Ok(Gpu { ctx, stream, arch, name, _modules: modules, funcs, blas, gemv: std::sync::atomic::AtomicBool::new(true), sms }))
     }
 
     pub(crate) fn f(&self, name: &str) -> Result<&CudaFunction> {
@@ -289,6 +296,45 @@ impl Gpu {
         unsafe { self.blas.matmul(cfg, w, x, y, None, None) }.map_err(|e| err(format!("cuBLASLt matmul {m}x{k}x{n}: {e:?}")))
     }
 
+    /// The largest decode batch the GEMV kernels take.
+    pub const GEMV_MAX_ROWS: usize = 16;
+
+    /// y[m, n] = x[m, k] W[n, k]^T with the hand-written GEMV (`kernels/gemv.cu`): m <= 16, k a multiple of 8.
+    pub fn gemv_dev(&self, x: &CudaSlice<f16>, w: &CudaSlice<f16>, y: &mut CudaSlice<f16>, m: usize, k: usize, n: usize) -> Result<()> {
+        if m == 0 || m > Self::GEMV_MAX_ROWS || !k.is_multiple_of(8) || x.len() < m * k || w.len() < n * k || y.len() < m * n {
+            return Err(err(format!("gemv: m {m} (1..=16), k {k} (a multiple of 8), n {n} or buffer sizes out of range")));
+        }
+        let kernel = match m {
+            1 => "gemv_m1_f16",
+            2..=4 => "gemv_m4_f16",
+            _ => "gemv_m16_f16",
+        };
+        let (mi, ki, ni) = (to_i32(m, "m")?, to_i32(k, "k")?, to_i32(n, "n")?);
+        let mut b = self.stream.launch_builder(self.f(kernel)?);
+        b.arg(y).arg(x).arg(w).arg(&mi).arg(&ki).arg(&ni);
+        unsafe { b.launch(LaunchConfig { grid_dim: (n.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+        Ok(())
+    }
+
+    /// A linear layer on device buffers: the GEMV kernel for decode-sized m (bandwidth-bound, no per-call library
+    /// overhead), cuBLASLt otherwise.
+    pub fn matmul_dev(&self, x: &CudaSlice<f16>, w: &CudaSlice<f16>, y: &mut CudaSlice<f16>, m: usize, k: usize, n: usize) -> Result<()> {
+        if m <= Self::GEMV_MAX_ROWS && k.is_multiple_of(8) && self.gemv.load(std::sync::atomic::Ordering::Relaxed) {
+            self.gemv_dev(x, w, y, m, k, n)
+        } else {
+            self.linear_device(x, w, y, m, k, n)
+        }
+    }
+
+    /// `gemv_dev` on host data.
+    pub fn gemv(&self, x: &[f32], w: &[f32], k: usize) -> Result<Vec<f32>> {
+        let (m, n) = (x.len() / k.max(1), w.len() / k.max(1));
+        let (dx, dw) = (self.upload_f16(x)?, self.upload_f16(w)?);
+        let mut y = self.poisoned_f16(m * n)?;
+        self.gemv_dev(&dx, &dw, &mut y, m, k, n)?;
+        self.download_f16(&y)
+    }
+
     /// `linear_device` on host data.
     pub fn linear(&self, x: &[f32], w: &[f32], k: usize) -> Result<Vec<f32>> {
         let (m, n) = (x.len() / k.max(1), w.len() / k.max(1));
@@ -332,10 +378,52 @@ impl Gpu {
     /// RoPE in place on x (tokens = pos.len() rows of `heads` x `head_dim`), tables [max_pos, head_dim / 2].
     #[allow(clippy::too_many_arguments)]
     pub fn rope_dev(&self, x: &mut CudaSlice<f16>, pos: &CudaSlice<i32>, cos: &CudaSlice<f32>, sin: &CudaSlice<f32>, tokens: usize, heads: usize, head_dim: usize) -> Result<()> {
-        let (t, h, d, stride) = (to_i32(tokens, "tokens")?, to_i32(heads, "heads")?, to_i32(head_dim, "head_dim")?, to_i32(heads * head_dim, "stride")?);
+        self.rope_strided_dev(x, pos, cos, sin, tokens, heads, head_dim, heads * head_dim)
+    }
+
+    /// RoPE on the first `heads` heads of rows `stride` elements apart (q and k of a fused QKV buffer in one launch).
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_strided_dev(&self, x: &mut CudaSlice<f16>, pos: &CudaSlice<i32>, cos: &CudaSlice<f32>, sin: &CudaSlice<f32>, tokens: usize, heads: usize, head_dim: usize, stride: usize) -> Result<()> {
+        if pos.len() < tokens || x.len() < tokens.saturating_sub(1) * stride + heads * head_dim {
+            return Err(err(format!("rope: {tokens} rows of {heads} x {head_dim} (stride {stride}) exceed the buffers")));
+        }
+        let (t, h, d, st) = (to_i32(tokens, "tokens")?, to_i32(heads, "heads")?, to_i32(head_dim, "head_dim")?, to_i32(stride, "stride")?);
         let mut b = self.stream.launch_builder(self.f("rope_f16")?);
-        b.arg(x).arg(pos).arg(cos).arg(sin).arg(&t).arg(&h).arg(&d).arg(&stride);
+        b.arg(x).arg(pos).arg(cos).arg(sin).arg(&t).arg(&h).arg(&d).arg(&st);
         unsafe { b.launch(LaunchConfig { grid_dim: (tokens as u32, heads as u32, 1), block_dim: (64, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+        Ok(())
+    }
+
+    /// x += r (in place), then out = RMSNorm of x by w, over `rows` rows (`add_rmsnorm_f16`).
+    pub fn add_rmsnorm_dev(&self, out: &mut CudaSlice<f16>, x: &mut CudaSlice<f16>, r: &CudaSlice<f16>, w: &CudaSlice<f16>, rows: usize, eps: f32) -> Result<()> {
+        let c = to_i32(w.len(), "cols")?;
+        let mut b = self.stream.launch_builder(self.f("add_rmsnorm_f16")?);
+        b.arg(out).arg(x).arg(r).arg(w).arg(&c).arg(&eps);
+        unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+        Ok(())
+    }
+
+    /// out = silu(gate) * up where gu holds `rows` rows of [gate (cols) | up (cols)] (a fused gate/up projection).
+    pub fn swiglu_fused_dev(&self, out: &mut CudaSlice<f16>, gu: &CudaSlice<f16>, rows: usize, cols: usize) -> Result<()> {
+        if gu.len() < rows * 2 * cols || out.len() < rows * cols {
+            return Err(err("swiglu: buffers too small"));
+        }
+        let (r, c, st) = (rows as i64, to_i32(cols, "cols")?, to_i32(2 * cols, "stride")?);
+        let up = gu.slice(cols..);
+        let mut b = self.stream.launch_builder(self.f("swiglu_f16")?);
+        b.arg(out).arg(gu).arg(&up).arg(&r).arg(&c).arg(&st);
+        unsafe { b.launch(cfg1(rows * cols, 256)) }.map_err(derr)?;
+        Ok(())
+    }
+
+    /// out = table rows for device ids (already checked against the vocabulary on the host); `flag` is a scratch
+    /// int the kernel may set. Capturable in a CUDA graph (no host round trip).
+    pub fn embedding_ids_dev(&self, out: &mut CudaSlice<f16>, table: &CudaSlice<f16>, dim: usize, ids: &CudaSlice<i32>, n: usize, flag: &mut CudaSlice<i32>) -> Result<()> {
+        let vocab = table.len() / dim.max(1);
+        let (nn, d, v) = (to_i32(n, "tokens")?, to_i32(dim, "dim")?, to_i32(vocab, "vocab")?);
+        let mut b = self.stream.launch_builder(self.f("embedding_gather_f16")?);
+        b.arg(out).arg(table).arg(ids).arg(&nn).arg(&d).arg(&v).arg(flag);
+        unsafe { b.launch(LaunchConfig { grid_dim: (n.max(1) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
         Ok(())
     }
 
@@ -378,17 +466,106 @@ impl Gpu {
     /// causal: query i sees keys up to i + n_k - n_q (a cached prefix).
     #[allow(clippy::too_many_arguments)]
     pub fn attention_prefill_dev(&self, out: &mut CudaSlice<f16>, q: &CudaSlice<f16>, k: &CudaSlice<f16>, v: &CudaSlice<f16>, n_q: usize, n_k: usize, heads_q: usize, heads_kv: usize, head_dim: usize, causal: bool) -> Result<()> {
+        self.attention_prefill_lse_dev(out, None, q, k, v, n_q, n_k, heads_q, heads_kv, head_dim, causal)
+    }
+
+    /// `attention_prefill_dev` that also saves each row's log-sum-exp ([n_q, heads_q], fp32) for the backward pass.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_prefill_lse_dev(&self, out: &mut CudaSlice<f16>, lse: Option<&mut CudaSlice<f32>>, q: &CudaSlice<f16>, k: &CudaSlice<f16>, v: &CudaSlice<f16>, n_q: usize, n_k: usize, heads_q: usize, heads_kv: usize, head_dim: usize, causal: bool) -> Result<()> {
+        self.attention_prefill_strided_dev(out, lse, q, heads_q * head_dim, k, v, n_q, n_k, heads_q, heads_kv, head_dim, causal)
+    }
+
+    /// `attention_prefill_lse_dev` with query rows `q_stride` elements apart (q inside a fused QKV buffer).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_prefill_strided_dev(&self, out: &mut CudaSlice<f16>, lse: Option<&mut CudaSlice<f32>>, q: &CudaSlice<f16>, q_stride: usize, k: &CudaSlice<f16>, v: &CudaSlice<f16>, n_q: usize, n_k: usize, heads_q: usize, heads_kv: usize, head_dim: usize, causal: bool) -> Result<()> {
+        if lse.as_ref().is_some_and(|l| l.len() < n_q * heads_q) || n_k < n_q && causal {
+            return Err(err(format!("attention: lse buffer shorter than {n_q} x {heads_q}, or fewer keys ({n_k}) than queries")));
+        }
         if head_dim > 128 || heads_kv == 0 || !heads_q.is_multiple_of(heads_kv) {
             return Err(err(format!("attention: head_dim {head_dim} (at most 128), heads {heads_q}/{heads_kv} (a multiple)")));
         }
         let (nq, nk, hq, hk, d) = (to_i32(n_q, "n_q")?, to_i32(n_k, "n_k")?, to_i32(heads_q, "heads")?, to_i32(heads_kv, "heads")?, to_i32(head_dim, "head_dim")?);
-        let (qs, ks) = (hq * d, hk * d);
+        let (qs, ks, os) = (to_i32(q_stride, "q stride")?, hk * d, hq * d);
         let scale = 1.0f32 / (head_dim as f32).sqrt();
         let c = i32::from(causal);
+        let null = 0u64;
         let mut b = self.stream.launch_builder(self.f("flash_attn_prefill_f16")?);
-        b.arg(out).arg(q).arg(k).arg(v).arg(&nq).arg(&nk).arg(&hq).arg(&hk).arg(&d).arg(&qs).arg(&ks).arg(&qs).arg(&scale).arg(&c);
+        b.arg(out).arg(q).arg(k).arg(v).arg(&nq).arg(&nk).arg(&hq).arg(&hk).arg(&d).arg(&qs).arg(&ks).arg(&os).arg(&scale).arg(&c);
+        match lse {
+            Some(l) => b.arg(l),
+            None => b.arg(&null),
+        };
         let grid = (n_q.div_ceil(16).max(1) as u32, heads_q as u32, 1);
         unsafe { b.launch(LaunchConfig { grid_dim: grid, block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+        Ok(())
+    }
+
+    /// How `attention_decode_dev` splits `max_total` keys for `bsz` sequences of `heads_q` heads: (chunk, nsplit),
+    /// enough chunks to give every SM a few blocks, each at least 32 keys (8 per warp).
+    pub fn decode_split(&self, max_total: usize, bsz: usize, heads_q: usize) -> (usize, usize) {
+        let per_seq = (4 * self.sms).div_ceil((bsz * heads_q).max(1)).max(1);
+        let chunk = max_total.div_ceil(per_seq).max(32);
+        (chunk, max_total.div_ceil(chunk).max(1))
+    }
+
+    /// Floats of the partial-state workspace `attention_decode_dev` needs.
+    pub fn decode_part_len(&self, max_total: usize, bsz: usize, heads_q: usize, head_dim: usize) -> usize {
+        let (_, nsplit) = self.decode_split(max_total, bsz, heads_q);
+        if nsplit > 1 { bsz * heads_q * nsplit * (head_dim + 2) } else { 1 }
+    }
+
+    /// Decode attention on device buffers (flash-decoding): one query per sequence, q rows `q_stride` apart (heads_q
+    /// x d each), keys 0..prefix_len from the shared prefix cache (rows of heads_kv * d), then suf_lens[b] keys from
+    /// sequence b's suffix cache (sequence b at b * suf_seq_stride); out [bsz, heads_q, d]. `max_total` (prefix_len
+    /// plus the suffix capacity) fixes the split, so a captured graph replays for every step; `part` is the
+    /// workspace (`decode_part_len`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_decode_dev(&self, out: &mut CudaSlice<f16>, q: &CudaSlice<f16>, q_stride: usize, pk: &CudaSlice<f16>, pv: &CudaSlice<f16>, prefix_len: usize, sk: &CudaSlice<f16>, sv: &CudaSlice<f16>, suf_lens: &CudaSlice<i32>, suf_seq_stride: usize, bsz: usize, max_total: usize, heads_q: usize, heads_kv: usize, head_dim: usize, part: &mut CudaSlice<f32>) -> Result<()> {
+        if head_dim > 128 || heads_kv == 0 || !heads_q.is_multiple_of(heads_kv) || bsz == 0 || suf_lens.len() < bsz {
+            return Err(err(format!("attention: head_dim {head_dim} (at most 128), heads {heads_q}/{heads_kv} (a multiple), batch {bsz}")));
+        }
+        let (chunk, nsplit) = self.decode_split(max_total, bsz, heads_q);
+        if part.len() < self.decode_part_len(max_total, bsz, heads_q, head_dim) {
+            return Err(err("attention: decode workspace too small"));
+        }
+        let row = to_i32(heads_kv * head_dim, "row")?;
+        let (pl, hq, hk, d) = (to_i32(prefix_len, "prefix length")?, to_i32(heads_q, "heads")?, to_i32(heads_kv, "heads")?, to_i32(head_dim, "head_dim")?);
+        let (qs, os, ch, ns) = (to_i32(q_stride, "q stride")?, hq * d, to_i32(chunk, "chunk")?, to_i32(nsplit, "splits")?);
+        let seq_stride = suf_seq_stride as i64;
+        let scale = 1.0f32 / (head_dim as f32).sqrt();
+        let mut b = self.stream.launch_builder(self.f("attn_decode_f16")?);
+        b.arg(&mut *out).arg(q).arg(pk).arg(pv).arg(&pl).arg(&row).arg(sk).arg(sv).arg(suf_lens).arg(&seq_stride).arg(&row).arg(&hq).arg(&hk).arg(&d).arg(&qs).arg(&os).arg(&scale).arg(&mut *part).arg(&ch);
+        unsafe { b.launch(LaunchConfig { grid_dim: (bsz as u32, heads_q as u32, nsplit as u32), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+        if nsplit > 1 {
+            let mut b = self.stream.launch_builder(self.f("attn_decode_combine_f16")?);
+            b.arg(out).arg(&*part).arg(&ns).arg(&hq).arg(&d).arg(&os);
+            unsafe { b.launch(LaunchConfig { grid_dim: (bsz as u32, heads_q as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+        }
+        Ok(())
+    }
+
+    /// Stores the keys and values of a fused QKV buffer (`rows` rows of `qkv_stride`: k at `k_off`, v at `v_off`,
+    /// `w` elements each) into caches `kc`/`vc`: with `lens`, row r is sequence r's newest token, stored at position
+    /// lens[r] - 1 of sequence r (sequences `seq_stride` apart); without, row r goes to position start + r.
+    #[allow(clippy::too_many_arguments)]
+    pub fn kv_store_dev(&self, kc: &mut CudaSlice<f16>, vc: &mut CudaSlice<f16>, qkv: &CudaSlice<f16>, rows: usize, w: usize, qkv_stride: usize, k_off: usize, v_off: usize, seq_stride: usize, lens: Option<&CudaSlice<i32>>, start: usize) -> Result<()> {
+        let need = match lens {
+            Some(_) => rows * seq_stride.max(w),
+            None => (start + rows) * w,
+        };
+        if kc.len() < need || vc.len() < need || qkv.len() < rows * qkv_stride {
+            return Err(err(format!("kv store: {rows} rows at position {start} do not fit the cache")));
+        }
+        let (r, wi, qs, ko, vo, st, s0) = (to_i32(rows, "rows")?, to_i32(w, "row")?, to_i32(qkv_stride, "stride")?, to_i32(k_off, "k offset")?, to_i32(v_off, "v offset")?, seq_stride as i64, to_i32(start, "start")?);
+        let null = 0u64;
+        let mut b = self.stream.launch_builder(self.f("kv_store_f16")?);
+        b.arg(kc).arg(vc).arg(qkv).arg(&r).arg(&wi).arg(&qs).arg(&ko).arg(&vo).arg(&st);
+        match lens {
+            Some(l) => b.arg(l),
+            None => b.arg(&null),
+        };
+        b.arg(&s0);
+        unsafe { b.launch(cfg1(rows * w, 256)) }.map_err(derr)?;
         Ok(())
     }
 
@@ -400,6 +577,14 @@ impl Gpu {
         let mut out = self.poisoned_f16(x.len())?;
         self.rmsnorm_dev(&mut out, &dx, &dw, x.len() / w.len().max(1), eps)?;
         self.download_f16(&out)
+    }
+
+    /// x + r and the RMSNorm of it by w (`add_rmsnorm_f16`): (sum, normed).
+    pub fn add_rmsnorm(&self, x: &[f32], r: &[f32], w: &[f32], eps: f32) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (mut dx, dr, dw) = (self.upload_f16(x)?, self.upload_f16(r)?, self.upload_f16(w)?);
+        let mut out = self.poisoned_f16(x.len())?;
+        self.add_rmsnorm_dev(&mut out, &mut dx, &dr, &dw, x.len() / w.len().max(1), eps)?;
+        Ok((self.download_f16(&dx)?, self.download_f16(&out)?))
     }
 
     pub fn layernorm(&self, x: &[f32], w: &[f32], bias: &[f32], eps: f32) -> Result<Vec<f32>> {
@@ -497,14 +682,10 @@ impl Gpu {
         let (dq, dpk, dpv, dsk, dsv) = (self.upload_f16(q)?, self.upload_f16(prefix_k)?, self.upload_f16(prefix_v)?, self.upload_f16(&sk)?, self.upload_f16(&sv)?);
         let dl = self.stream.clone_htod(&lens).map_err(derr)?;
         let mut out = self.poisoned_f16(q.len())?;
-        let plen = to_i32(prefix_k.len() / row, "prefix length")?;
-        let (r, hq, hk, d) = (to_i32(row, "row")?, to_i32(heads_q, "heads")?, to_i32(heads_kv, "heads")?, to_i32(head_dim, "head_dim")?);
-        let seq_stride = (max_s * row) as i64;
-        let qs = hq * d;
-        let scale = 1.0f32 / (head_dim as f32).sqrt();
-        let mut b = self.stream.launch_builder(self.f("attn_decode_f16")?);
-        b.arg(&mut out).arg(&dq).arg(&dpk).arg(&dpv).arg(&plen).arg(&r).arg(&dsk).arg(&dsv).arg(&dl).arg(&seq_stride).arg(&r).arg(&hq).arg(&hk).arg(&d).arg(&qs).arg(&qs).arg(&scale);
-        unsafe { b.launch(LaunchConfig { grid_dim: (bsz as u32, heads_q as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+        let plen = prefix_k.len() / row;
+        let max_total = plen + lens.iter().copied().max().unwrap_or(0) as usize;
+        let mut part = self.stream.alloc_zeros::<f32>(self.decode_part_len(max_total, bsz, heads_q, head_dim)).map_err(derr)?;
+        self.attention_decode_dev(&mut out, &dq, heads_q * head_dim, &dpk, &dpv, plen, &dsk, &dsv, &dl, max_s * row, bsz, max_total, heads_q, heads_kv, head_dim, &mut part)?;
         self.download_f16(&out)
     }
 
@@ -537,5 +718,283 @@ impl Gpu {
         b.arg(&mut out).arg(&mut lse).arg(&dl).arg(&dy).arg(&v);
         unsafe { b.launch(LaunchConfig { grid_dim: (rows.max(1) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
         Ok((self.stream.clone_dtoh(&out).map_err(derr)?, self.stream.clone_dtoh(&lse).map_err(derr)?))
+    }
+
+    // -- training (CUDA II): backward kernels and the optimizer --
+
+    fn f32_buf(&self, n: usize, fill: f32) -> Result<CudaSlice<f32>> {
+        self.stream.clone_htod(&vec![fill; n.max(1)]).map_err(derr)
+    }
+
+    /// Backward of `rmsnorm_dev`: dx (fp16), and dw accumulated into `dw` (fp32) when given.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rmsnorm_bwd_dev(&self, dx: &mut CudaSlice<f16>, dw: Option<&mut CudaSlice<f32>>, dout: &CudaSlice<f16>, x: &CudaSlice<f16>, w: &CudaSlice<f16>, rows: usize, eps: f32) -> Result<()> {
+        let c = to_i32(w.len(), "cols")?;
+        let null = 0u64;
+        let mut b = self.stream.launch_builder(self.f("rmsnorm_bwd_f16")?);
+        b.arg(dx);
+        match dw {
+            Some(d) => b.arg(d),
+            None => b.arg(&null),
+        };
+        b.arg(dout).arg(x).arg(w).arg(&c).arg(&eps);
+        unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+        Ok(())
+    }
+
+    /// Host wrapper: (dx, dw) of RMSNorm.
+    pub fn rmsnorm_bwd(&self, dout: &[f32], x: &[f32], w: &[f32], eps: f32) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (dd, dx_, dw_) = (self.upload_f16(dout)?, self.upload_f16(x)?, self.upload_f16(w)?);
+        let mut dx = self.poisoned_f16(x.len())?;
+        let mut dw = self.f32_buf(w.len(), 0.0)?;
+        self.rmsnorm_bwd_dev(&mut dx, Some(&mut dw), &dd, &dx_, &dw_, x.len() / w.len().max(1), eps)?;
+        Ok((self.download_f16(&dx)?, self.stream.clone_dtoh(&dw).map_err(derr)?))
+    }
+
+    /// Host wrapper: (dx, dw, db) of LayerNorm.
+    pub fn layernorm_bwd(&self, dout: &[f32], x: &[f32], w: &[f32], eps: f32) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        let cols = w.len();
+        let (dd, dx_, dw_) = (self.upload_f16(dout)?, self.upload_f16(x)?, self.upload_f16(w)?);
+        let mut dx = self.poisoned_f16(x.len())?;
+        let (mut dw, mut db) = (self.f32_buf(cols, 0.0)?, self.f32_buf(cols, 0.0)?);
+        let c = to_i32(cols, "cols")?;
+        let mut b = self.stream.launch_builder(self.f("layernorm_bwd_f16")?);
+        b.arg(&mut dx).arg(&mut dw).arg(&mut db).arg(&dd).arg(&dx_).arg(&dw_).arg(&c).arg(&eps);
+        unsafe { b.launch(LaunchConfig { grid_dim: ((x.len() / cols.max(1)) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+        Ok((self.download_f16(&dx)?, self.stream.clone_dtoh(&dw).map_err(derr)?, self.stream.clone_dtoh(&db).map_err(derr)?))
+    }
+
+    /// Backward of `swiglu_dev` over n elements: (dgate, dup).
+    pub fn swiglu_bwd_dev(&self, dg: &mut CudaSlice<f16>, du: &mut CudaSlice<f16>, dout: &CudaSlice<f16>, g: &CudaSlice<f16>, u: &CudaSlice<f16>, n: usize) -> Result<()> {
+        let nn = n as i64;
+        let mut b = self.stream.launch_builder(self.f("swiglu_bwd_f16")?);
+        b.arg(dg).arg(du).arg(dout).arg(g).arg(u).arg(&nn);
+        unsafe { b.launch(cfg1(n, 256)) }.map_err(derr)?;
+        Ok(())
+    }
+
+    pub fn swiglu_bwd(&self, dout: &[f32], g: &[f32], u: &[f32]) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (dd, dg_, du_) = (self.upload_f16(dout)?, self.upload_f16(g)?, self.upload_f16(u)?);
+        let (mut dg, mut du) = (self.poisoned_f16(g.len())?, self.poisoned_f16(g.len())?);
+        self.swiglu_bwd_dev(&mut dg, &mut du, &dd, &dg_, &du_, g.len())?;
+        Ok((self.download_f16(&dg)?, self.download_f16(&du)?))
+    }
+
+    /// "gelu_bwd_f16" or "quick_gelu_bwd_f16": dx from dout and the saved pre-activation x.
+    pub fn activation_bwd(&self, kernel: &str, dout: &[f32], x: &[f32]) -> Result<Vec<f32>> {
+        let (dd, dx_) = (self.upload_f16(dout)?, self.upload_f16(x)?);
+        let mut dx = self.poisoned_f16(x.len())?;
+        let n = x.len() as i64;
+        let mut b = self.stream.launch_builder(self.f(kernel)?);
+        b.arg(&mut dx).arg(&dd).arg(&dx_).arg(&n);
+        unsafe { b.launch(cfg1(x.len(), 256)) }.map_err(derr)?;
+        self.download_f16(&dx)
+    }
+
+    /// Backward of `rope_dev`, in place on the gradient.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_bwd_dev(&self, dx: &mut CudaSlice<f16>, pos: &CudaSlice<i32>, cos: &CudaSlice<f32>, sin: &CudaSlice<f32>, tokens: usize, heads: usize, head_dim: usize) -> Result<()> {
+        let (t, h, d, stride) = (to_i32(tokens, "tokens")?, to_i32(heads, "heads")?, to_i32(head_dim, "head_dim")?, to_i32(heads * head_dim, "stride")?);
+        let mut b = self.stream.launch_builder(self.f("rope_bwd_f16")?);
+        b.arg(dx).arg(pos).arg(cos).arg(sin).arg(&t).arg(&h).arg(&d).arg(&stride);
+        unsafe { b.launch(LaunchConfig { grid_dim: (tokens as u32, heads as u32, 1), block_dim: (64, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+        Ok(())
+    }
+
+    pub fn rope_bwd(&self, dx: &[f32], pos: &[i32], cos: &[f32], sin: &[f32], heads: usize, head_dim: usize) -> Result<Vec<f32>> {
+        let mut d = self.upload_f16(dx)?;
+        let (dp, dc, ds) = (self.stream.clone_htod(pos).map_err(derr)?, self.stream.clone_htod(cos).map_err(derr)?, self.stream.clone_htod(sin).map_err(derr)?);
+        self.rope_bwd_dev(&mut d, &dp, &dc, &ds, pos.len(), heads, head_dim)?;
+        self.download_f16(&d)
+    }
+
+    /// Embedding backward: dtable ([vocab, dim], fp32) with the rows of `dout` added at `ids`.
+    pub fn embedding_bwd(&self, vocab: usize, dim: usize, dout: &[f32], ids: &[i32]) -> Result<Vec<f32>> {
+        let dd = self.upload_f16(dout)?;
+        let di = self.stream.clone_htod(ids).map_err(derr)?;
+        let mut dt = self.f32_buf(vocab * dim, 0.0)?;
+        let (n, d, v) = (to_i32(ids.len(), "tokens")?, to_i32(dim, "dim")?, to_i32(vocab, "vocab")?);
+        let mut b = self.stream.launch_builder(self.f("embedding_bwd_f32")?);
+        b.arg(&mut dt).arg(&dd).arg(&di).arg(&n).arg(&d).arg(&v);
+        unsafe { b.launch(LaunchConfig { grid_dim: (ids.len().max(1) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+        self.stream.clone_dtoh(&dt).map_err(derr)
+    }
+
+    /// Attention backward on device buffers: given q, k, v, the forward's output `out` and log-sum-exp `lse`
+    /// (`attention_prefill_lse_dev`) and dout, writes dq [n_q, heads_q, d], dk and dv [n_k, heads_kv, d] (GQA:
+    /// summed over each group's query heads).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_bwd_dev(&self, dq: &mut CudaSlice<f16>, dk: &mut CudaSlice<f16>, dv: &mut CudaSlice<f16>, q: &CudaSlice<f16>, k: &CudaSlice<f16>, v: &CudaSlice<f16>, out: &CudaSlice<f16>, lse: &CudaSlice<f32>, dout: &CudaSlice<f16>, n_q: usize, n_k: usize, heads_q: usize, heads_kv: usize, head_dim: usize, causal: bool) -> Result<()> {
+        if head_dim > 128 || heads_kv == 0 || !heads_q.is_multiple_of(heads_kv) || (causal && n_k < n_q) {
+            return Err(err(format!("attention backward: head_dim {head_dim} (at most 128), heads {heads_q}/{heads_kv} (a multiple), {n_q} queries over {n_k} keys")));
+        }
+        let (nq, nk, hq, hk, d) = (to_i32(n_q, "n_q")?, to_i32(n_k, "n_k")?, to_i32(heads_q, "heads")?, to_i32(heads_kv, "heads")?, to_i32(head_dim, "head_dim")?);
+        let (qs, ks) = (hq * d, hk * d);
+        let scale = 1.0f32 / (head_dim as f32).sqrt();
+        let c = i32::from(causal);
+        let mut delta = self.stream.alloc_zeros::<f32>(n_q * heads_q).map_err(derr)?;
+        let mut b = self.stream.launch_builder(self.f("attn_bwd_delta_f16")?);
+        b.arg(&mut delta).arg(dout).arg(out).arg(&hq).arg(&d).arg(&qs);
+        unsafe { b.launch(LaunchConfig { grid_dim: (n_q as u32, heads_q as u32, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+        let mut b = self.stream.launch_builder(self.f("flash_attn_bwd_dq_f16")?);
+        b.arg(dq).arg(q).arg(k).arg(v).arg(dout).arg(lse).arg(&delta).arg(&nq).arg(&nk).arg(&hq).arg(&hk).arg(&d).arg(&qs).arg(&ks).arg(&scale).arg(&c);
+        unsafe { b.launch(LaunchConfig { grid_dim: (n_q.div_ceil(16) as u32, heads_q as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+        let mut b = self.stream.launch_builder(self.f("flash_attn_bwd_dkdv_f16")?);
+        b.arg(dk).arg(dv).arg(q).arg(k).arg(v).arg(dout).arg(lse).arg(&delta).arg(&nq).arg(&nk).arg(&hq).arg(&hk).arg(&d).arg(&qs).arg(&ks).arg(&scale).arg(&c);
+        unsafe { b.launch(LaunchConfig { grid_dim: (n_k.div_ceil(16) as u32, heads_kv as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+        Ok(())
+    }
+
+    /// Host wrapper: the forward (saving lse), then (dq, dk, dv).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_bwd(&self, q: &[f32], k: &[f32], v: &[f32], dout: &[f32], heads_q: usize, heads_kv: usize, head_dim: usize, causal: bool) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        let n_q = q.len() / (heads_q * head_dim).max(1);
+        let n_k = k.len() / (heads_kv * head_dim).max(1);
+        let (dq_, dk_, dv_, dd) = (self.upload_f16(q)?, self.upload_f16(k)?, self.upload_f16(v)?, self.upload_f16(dout)?);
+        let mut out = self.poisoned_f16(q.len())?;
+        let mut lse = self.f32_buf(n_q * heads_q, f32::NAN)?;
+        self.attention_prefill_lse_dev(&mut out, Some(&mut lse), &dq_, &dk_, &dv_, n_q, n_k, heads_q, heads_kv, head_dim, causal)?;
+        let (mut dq, mut dk, mut dv) = (self.poisoned_f16(q.len())?, self.poisoned_f16(k.len())?, self.poisoned_f16(v.len())?);
+        self.attention_bwd_dev(&mut dq, &mut dk, &mut dv, &dq_, &dk_, &dv_, &out, &lse, &dd, n_q, n_k, heads_q, heads_kv, head_dim, causal)?;
+        Ok((self.download_f16(&dq)?, self.download_f16(&dk)?, self.download_f16(&dv)?))
+    }
+
+    /// Log-probs of `labels` under fp16 logits rows ([rows, vocab]) and, in place, their gradient for upstream
+    /// weights `dlogp` (`logprob_gather_f16` then `logprob_bwd_f16`): returns (logp, dlogits).
+    pub fn logprob_fwd_bwd_f16(&self, logits: &[f32], vocab: usize, labels: &[i32], dlogp: &[f32]) -> Result<(Vec<f32>, Vec<f32>)> {
+        let rows = labels.len();
+        let mut dl = self.upload_f16(logits)?;
+        let (dy, dw) = (self.stream.clone_htod(labels).map_err(derr)?, self.stream.clone_htod(dlogp).map_err(derr)?);
+        let (mut out, mut lse) = (self.f32_buf(rows, f32::NAN)?, self.f32_buf(rows, f32::NAN)?);
+        let v = to_i32(vocab, "vocab")?;
+        let cfg = LaunchConfig { grid_dim: (rows.max(1) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let mut b = self.stream.launch_builder(self.f("logprob_gather_f16")?);
+        b.arg(&mut out).arg(&mut lse).arg(&dl).arg(&dy).arg(&v);
+        unsafe { b.launch(cfg) }.map_err(derr)?;
+        let mut b = self.stream.launch_builder(self.f("logprob_bwd_f16")?);
+        b.arg(&mut dl).arg(&lse).arg(&dy).arg(&dw).arg(&v);
+        unsafe { b.launch(cfg) }.map_err(derr)?;
+        Ok((self.stream.clone_dtoh(&out).map_err(derr)?, self.download_f16(&dl)?))
+    }
+
+    /// Sum of squares (fp64) of a device fp32 buffer: non-finite when any element is (the overflow check).
+    pub fn sumsq_dev(&self, g: &CudaSlice<f32>) -> Result<f64> {
+        let mut acc = self.stream.alloc_zeros::<f64>(1).map_err(derr)?;
+        let n = g.len() as i64;
+        let mut b = self.stream.launch_builder(self.f("grad_sumsq_f32")?);
+        b.arg(&mut acc).arg(g).arg(&n);
+        unsafe { b.launch(LaunchConfig { grid_dim: (g.len().div_ceil(256).clamp(1, 1024) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+        Ok(self.stream.clone_dtoh(&acc).map_err(derr)?[0])
+    }
+
+    /// acc += g (fp16 gradient into the fp32 accumulator).
+    pub fn grad_accumulate_dev(&self, acc: &mut CudaSlice<f32>, g: &CudaSlice<f16>) -> Result<()> {
+        let n = acc.len().min(g.len()) as i64;
+        let mut b = self.stream.launch_builder(self.f("grad_accumulate_f32")?);
+        b.arg(acc).arg(g).arg(&n);
+        unsafe { b.launch(cfg1(n as usize, 256)) }.map_err(derr)?;
+        Ok(())
+    }
+
+    /// One AdamW step (see `kernels/optim.cu`) on fp32 master weights, moments and gradient (zeroed after); the
+    /// fp16 copy is refreshed when given. `step` is 1-based (bias correction); `gscale` = clip factor / loss scale.
+    #[allow(clippy::too_many_arguments)]
+    pub fn adamw_dev(&self, p: &mut CudaSlice<f32>, m: &mut CudaSlice<f32>, v: &mut CudaSlice<f32>, g: &mut CudaSlice<f32>, p16: Option<&mut CudaSlice<f16>>, cfg: &AdamW, step: u32, gscale: f32) -> Result<()> {
+        let n = p.len();
+        if m.len() != n || v.len() != n || g.len() != n || p16.as_ref().is_some_and(|h| h.len() != n) {
+            return Err(err("adamw: parameter, moment and gradient buffers differ in length"));
+        }
+        let (bc1, bc2) = (1.0 - cfg.beta1.powi(step as i32), 1.0 - cfg.beta2.powi(step as i32));
+        let nn = n as i64;
+        let null = 0u64;
+        let mut b = self.stream.launch_builder(self.f("adamw_f32")?);
+        b.arg(p).arg(m).arg(v).arg(g);
+        match p16 {
+            Some(h) => b.arg(h),
+            None => b.arg(&null),
+        };
+        b.arg(&nn).arg(&cfg.lr).arg(&cfg.beta1).arg(&cfg.beta2).arg(&cfg.eps).arg(&cfg.weight_decay).arg(&bc1).arg(&bc2).arg(&gscale);
+        unsafe { b.launch(cfg1(n, 256)) }.map_err(derr)?;
+        Ok(())
+    }
+}
+
+/// AdamW hyper-parameters for `Gpu::adamw_dev` (fp32, as the kernel takes them).
+#[derive(Clone, Copy, Debug)]
+pub struct AdamW {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+}
+
+/// Dynamic loss scaling for fp16 training: the loss is multiplied by `scale` before the backward pass; a step whose
+/// gradients overflow (non-finite) is skipped and the scale halved; after `growth_interval` good steps in a row the
+/// scale doubles (up to 2^24).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LossScaler {
+    pub scale: f32,
+    pub growth_interval: u32,
+    good_steps: u32,
+    pub skipped: u64,
+}
+
+impl LossScaler {
+    pub fn new(initial: f32, growth_interval: u32) -> LossScaler {
+        LossScaler { scale: initial, growth_interval: growth_interval.max(1), good_steps: 0, skipped: 0 }
+    }
+
+    /// Given the sum of squares of the scaled gradients (`Gpu::sumsq_dev`): None when they overflowed (the step
+    /// must be skipped; the scale is halved), else Some((unscaled gradient norm, factor)), the factor AdamW
+    /// multiplies the scaled gradients by: unscale, then clip the global norm to `max_norm` (0 = no clipping).
+    /// A run of `growth_interval` good steps doubles the scale for the next step.
+    pub fn step(&mut self, scaled_sumsq: f64, max_norm: f64) -> Option<(f64, f32)> {
+        if !scaled_sumsq.is_finite() {
+            self.scale = (self.scale / 2.0).max(1.0);
+            self.good_steps = 0;
+            self.skipped += 1;
+            return None;
+        }
+        let norm = scaled_sumsq.sqrt() / self.scale as f64;
+        let clip = if max_norm > 0.0 && norm > max_norm { max_norm / (norm + 1e-6) } else { 1.0 };
+        let factor = (clip / self.scale as f64) as f32;
+        self.good_steps += 1;
+        if self.good_steps >= self.growth_interval {
+            self.scale = (self.scale * 2.0).min(16_777_216.0);
+            self.good_steps = 0;
+        }
+        Some((norm, factor))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LossScaler;
+
+    #[test]
+    fn loss_scaler_skips_overflow_lowers_then_grows_and_unscales_with_the_scale_of_the_step() {
+        let mut s = LossScaler::new(65536.0, 3);
+        // Overflow: skipped, scale halved.
+        assert_eq!(s.step(f64::INFINITY, 1.0), None);
+        assert_eq!(s.step(f64::NAN, 1.0), None);
+        assert_eq!((s.scale, s.skipped), (16384.0, 2));
+        // A good step: gradient norm 0.5 after unscaling, below the clip: factor = 1 / scale.
+        let sumsq = (0.5f64 * 16384.0).powi(2);
+        let (norm, f) = s.step(sumsq, 1.0).unwrap();
+        assert!((norm - 0.5).abs() < 1e-12 && (f - 1.0 / 16384.0).abs() < 1e-12, "{norm} {f}");
+        // Above the clip: norm 4 is clipped to 1.
+        let (norm, f) = s.step((4.0f64 * 16384.0).powi(2), 1.0).unwrap();
+        assert!((norm - 4.0).abs() < 1e-9 && ((f as f64) * 4.0 * 16384.0 - 1.0).abs() < 1e-5, "{norm} {f}");
+        // The third good step in a row doubles the scale, but this step is still unscaled by the old one.
+        let (_, f) = s.step(1.0, 0.0).unwrap();
+        assert_eq!(f, 1.0 / 16384.0);
+        assert_eq!(s.scale, 32768.0);
+        // Never below 1.
+        let mut t = LossScaler::new(2.0, 10);
+        for _ in 0..5 {
+            assert_eq!(t.step(f64::INFINITY, 1.0), None);
+        }
+        assert_eq!(t.scale, 1.0);
     }
 }

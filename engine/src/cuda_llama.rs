@@ -1,25 +1,30 @@
-//! The LLaMA decoder on the GPU (CUDA, first part): weights uploaded once as fp16, a KV cache on the device,
-//! every op one of `kernels/*.cu` or a cuBLASLt GEMM, fp32 accumulation throughout. Text tokens only for now (no
-//! vision tower, no LoRA, no attention/MLP biases); `engine/tests/cuda_llama.rs` checks it against the CPU
-//! backend. Not yet wired into generation or the daemon.
+//! The LLaMA decoder on the GPU (CUDA, first part): weights uploaded once as fp16 (q/k/v and gate/up fused into
+//! one matrix each, so a layer is four GEMMs), a KV cache on the device, every op one of `kernels/*.cu` or a GEMM
+//! (the hand-written GEMV at decode batch sizes, cuBLASLt otherwise), fp32 accumulation throughout. Text tokens
+//! only for now (no vision tower, no LoRA, no attention/MLP biases).
+//!
+//! Decoding n answers to one prompt ([`DecodeSession`]): the prompt is prefilled once into a shared prefix cache;
+//! the n sequences then step together, each with its own suffix cache, against that prefix. Every buffer of a step
+//! is allocated once per session and the per-step values (token ids, positions, suffix lengths) live in device
+//! memory, so the first step is captured as a CUDA graph and replayed for every later step: one launch per token
+//! instead of ~350. `engine/tests/cuda_llama.rs` checks all of it against the CPU backend.
 
 use crate::config::LlamaConfig;
 use crate::cuda::{cfg1, derr, err, Gpu};
 use crate::error::Result;
 use crate::ops::Rope;
 use crate::weights::WeightStore;
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use cudarc::driver::{CudaGraph, CudaSlice, PushKernelArg};
 use half::f16;
 
 struct Layer {
     input_norm: CudaSlice<f16>,
-    q: CudaSlice<f16>,
-    k: CudaSlice<f16>,
-    v: CudaSlice<f16>,
+    /// [(heads + 2 kv_heads) head_dim, hidden]: the q rows, then k, then v.
+    qkv: CudaSlice<f16>,
     o: CudaSlice<f16>,
     post_norm: CudaSlice<f16>,
-    gate: CudaSlice<f16>,
-    up: CudaSlice<f16>,
+    /// [2 intermediate, hidden]: the gate rows, then up.
+    gate_up: CudaSlice<f16>,
     down: CudaSlice<f16>,
 }
 
@@ -43,30 +48,97 @@ pub struct GpuKvCache {
     pub capacity: usize,
 }
 
+/// Every buffer one forward pass over `rows` rows needs, allocated once (a captured graph refers to them).
+struct Scratch {
+    rows: usize,
+    x: CudaSlice<f16>,
+    h: CudaSlice<f16>,
+    qkv: CudaSlice<f16>,
+    att: CudaSlice<f16>,
+    tmp: CudaSlice<f16>,
+    gu: CudaSlice<f16>,
+    act: CudaSlice<f16>,
+    logits: CudaSlice<f16>,
+    ids: CudaSlice<i32>,
+    pos: CudaSlice<i32>,
+    flag: CudaSlice<i32>,
+    part: CudaSlice<f32>,
+}
+
+/// How a forward pass attends.
+enum Attend<'a> {
+    /// `rows` new tokens of one sequence appended to `cache` at position `start`.
+    Prefill { cache: &'a mut GpuKvCache, start: usize },
+    /// One new token for each of `rows` sequences: the shared `prefix` plus each sequence's suffix.
+    Decode { prefix: &'a GpuKvCache, suffix: &'a mut GpuSuffixCache },
+}
+
+/// The n answers of one prompt decoding together: each sequence's own keys and values after the shared prefix,
+/// `capacity` positions per sequence, and their current lengths (on the device: `lens`).
+pub struct GpuSuffixCache {
+    k: Vec<CudaSlice<f16>>,
+    v: Vec<CudaSlice<f16>>,
+    lens: CudaSlice<i32>,
+    pub bsz: usize,
+    pub len: usize,
+    pub capacity: usize,
+}
+
+/// n sequences decoding together after one shared prefill (see the module documentation).
+pub struct DecodeSession {
+    prefix: GpuKvCache,
+    suffix: GpuSuffixCache,
+    scratch: Scratch,
+    graph: Option<CudaGraph>,
+    /// Capture the first step as a CUDA graph and replay it (default); false launches every kernel each step.
+    pub use_graph: bool,
+}
+
+impl DecodeSession {
+    pub fn bsz(&self) -> usize {
+        self.suffix.bsz
+    }
+
+    /// Tokens decoded per sequence so far.
+    pub fn len(&self) -> usize {
+        self.suffix.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.suffix.len == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.suffix.capacity
+    }
+}
+
 impl GpuLlama {
     /// Uploads the decoder of `ws` (keys under `prefix`, lm_head at `lm_head_key`, or tied when None) as fp16.
     pub fn load(gpu: &Gpu, ws: &WeightStore, prefix: &str, lm_head_key: Option<&str>, cfg: &LlamaConfig, max_positions: usize) -> Result<GpuLlama> {
         if cfg.attention_bias || cfg.mlp_bias {
             return Err(err("the CUDA decoder does not support attention or MLP biases yet"));
         }
-        if cfg.head_dim > 128 || !cfg.head_dim.is_multiple_of(2) {
-            return Err(err(format!("the CUDA attention kernels take an even head_dim of at most 128 (got {})", cfg.head_dim)));
-        }
+        check_shape(cfg)?;
         let c = cfg.hidden_size;
         let (h, kvh, hd, i) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size);
         let up = |key: String, shape: &[usize]| -> Result<CudaSlice<f16>> { gpu.upload_f16(&ws.f32(&key, shape)?) };
+        let cat = |keys: &[(String, usize)]| -> Result<CudaSlice<f16>> {
+            let mut all = Vec::new();
+            for (key, rows) in keys {
+                all.extend(ws.f32(key, &[*rows, c])?);
+            }
+            gpu.upload_f16(&all)
+        };
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
             let kp = format!("{prefix}layers.{l}.");
             layers.push(Layer {
                 input_norm: up(format!("{kp}input_layernorm.weight"), &[c])?,
-                q: up(format!("{kp}self_attn.q_proj.weight"), &[h * hd, c])?,
-                k: up(format!("{kp}self_attn.k_proj.weight"), &[kvh * hd, c])?,
-                v: up(format!("{kp}self_attn.v_proj.weight"), &[kvh * hd, c])?,
+                qkv: cat(&[(format!("{kp}self_attn.q_proj.weight"), h * hd), (format!("{kp}self_attn.k_proj.weight"), kvh * hd), (format!("{kp}self_attn.v_proj.weight"), kvh * hd)])?,
                 o: up(format!("{kp}self_attn.o_proj.weight"), &[c, h * hd])?,
                 post_norm: up(format!("{kp}post_attention_layernorm.weight"), &[c])?,
-                gate: up(format!("{kp}mlp.gate_proj.weight"), &[i, c])?,
-                up: up(format!("{kp}mlp.up_proj.weight"), &[i, c])?,
+                gate_up: cat(&[(format!("{kp}mlp.gate_proj.weight"), i), (format!("{kp}mlp.up_proj.weight"), i)])?,
                 down: up(format!("{kp}mlp.down_proj.weight"), &[c, i])?,
             });
         }
@@ -75,22 +147,19 @@ impl GpuLlama {
             Some(k) => Some(up(format!("{k}.weight"), &[cfg.vocab_size, c])?),
             None => None,
         };
-        let (cos, sin) = Rope::new(hd, cfg.rope_theta, &cfg.rope_scaling).tables(max_positions);
-        Ok(GpuLlama {
-            cfg: cfg.clone(),
-            embed,
-            layers,
-            norm: up(format!("{prefix}norm.weight"), &[c])?,
-            lm_head,
-            cos: gpu.stream.clone_htod(&cos).map_err(derr)?,
-            sin: gpu.stream.clone_htod(&sin).map_err(derr)?,
-            max_positions,
-        })
+        let norm = up(format!("{prefix}norm.weight"), &[c])?;
+        Self::assemble(gpu, cfg, embed, layers, norm, lm_head, max_positions)
+    }
+
+    fn assemble(gpu: &Gpu, cfg: &LlamaConfig, embed: CudaSlice<f16>, layers: Vec<Layer>, norm: CudaSlice<f16>, lm_head: Option<CudaSlice<f16>>, max_positions: usize) -> Result<GpuLlama> {
+        let (cos, sin) = Rope::new(cfg.head_dim, cfg.rope_theta, &cfg.rope_scaling).tables(max_positions);
+        Ok(GpuLlama { cfg: cfg.clone(), embed, layers, norm, lm_head, cos: gpu.stream.clone_htod(&cos).map_err(derr)?, sin: gpu.stream.clone_htod(&sin).map_err(derr)?, max_positions })
     }
 
     /// A decoder of `cfg`'s shape with random weights generated on the device (benchmarks): matrices uniform with
     /// standard deviation 0.02, norm weights 1.
     pub fn random(gpu: &Gpu, cfg: &LlamaConfig, max_positions: usize, seed: u64) -> Result<GpuLlama> {
+        check_shape(cfg)?;
         let c = cfg.hidden_size;
         let (h, kvh, hd, i) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size);
         let mut n = 0u64;
@@ -108,21 +177,17 @@ impl GpuLlama {
         for _ in 0..cfg.num_hidden_layers {
             layers.push(Layer {
                 input_norm: fill(c, 0.0, 1.0)?,
-                q: fill(h * hd * c, w, 0.0)?,
-                k: fill(kvh * hd * c, w, 0.0)?,
-                v: fill(kvh * hd * c, w, 0.0)?,
+                qkv: fill((h + 2 * kvh) * hd * c, w, 0.0)?,
                 o: fill(c * h * hd, w, 0.0)?,
                 post_norm: fill(c, 0.0, 1.0)?,
-                gate: fill(i * c, w, 0.0)?,
-                up: fill(i * c, w, 0.0)?,
+                gate_up: fill(2 * i * c, w, 0.0)?,
                 down: fill(c * i, w, 0.0)?,
             });
         }
         let embed = fill(cfg.vocab_size * c, w, 0.0)?;
         let lm_head = Some(fill(cfg.vocab_size * c, w, 0.0)?);
         let norm = fill(c, 0.0, 1.0)?;
-        let (cos, sin) = Rope::new(hd, cfg.rope_theta, &cfg.rope_scaling).tables(max_positions);
-        Ok(GpuLlama { cfg: cfg.clone(), embed, layers, norm, lm_head, cos: gpu.stream.clone_htod(&cos).map_err(derr)?, sin: gpu.stream.clone_htod(&sin).map_err(derr)?, max_positions })
+        Self::assemble(gpu, cfg, embed, layers, norm, lm_head, max_positions)
     }
 
     /// Bytes of weights one decode step reads (every matrix once, the embedding row aside).
@@ -137,10 +202,99 @@ impl GpuLlama {
         let mut k = Vec::new();
         let mut v = Vec::new();
         for _ in 0..self.cfg.num_hidden_layers {
-            k.push(gpu.stream.alloc_zeros::<f16>(capacity * w).map_err(derr)?);
-            v.push(gpu.stream.alloc_zeros::<f16>(capacity * w).map_err(derr)?);
+            k.push(gpu.stream.alloc_zeros::<f16>(capacity.max(1) * w).map_err(derr)?);
+            v.push(gpu.stream.alloc_zeros::<f16>(capacity.max(1) * w).map_err(derr)?);
         }
         Ok(GpuKvCache { k, v, len: 0, capacity })
+    }
+
+    fn new_suffix_cache(&self, gpu: &Gpu, bsz: usize, capacity: usize) -> Result<GpuSuffixCache> {
+        let w = self.cfg.num_key_value_heads * self.cfg.head_dim;
+        let mut k = Vec::new();
+        let mut v = Vec::new();
+        for _ in 0..self.cfg.num_hidden_layers {
+            k.push(gpu.stream.alloc_zeros::<f16>(bsz * capacity.max(1) * w).map_err(derr)?);
+            v.push(gpu.stream.alloc_zeros::<f16>(bsz * capacity.max(1) * w).map_err(derr)?);
+        }
+        Ok(GpuSuffixCache { k, v, lens: gpu.stream.alloc_zeros::<i32>(bsz).map_err(derr)?, bsz, len: 0, capacity })
+    }
+
+    fn scratch(&self, gpu: &Gpu, rows: usize, logit_rows: usize, part_len: usize) -> Result<Scratch> {
+        let cfg = &self.cfg;
+        let (c, h, kvh, hd, i) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size);
+        let s = &gpu.stream;
+        let a = |n: usize| s.alloc_zeros::<f16>(n.max(1)).map_err(derr);
+        Ok(Scratch {
+            rows,
+            x: a(rows * c)?,
+            h: a(rows * c)?,
+            qkv: a(rows * (h + 2 * kvh) * hd)?,
+            att: a(rows * h * hd)?,
+            tmp: a(rows * c)?,
+            gu: a(rows * 2 * i)?,
+            act: a(rows * i)?,
+            logits: a(logit_rows * cfg.vocab_size)?,
+            ids: s.alloc_zeros::<i32>(rows.max(1)).map_err(derr)?,
+            pos: s.alloc_zeros::<i32>(rows.max(1)).map_err(derr)?,
+            flag: s.alloc_zeros::<i32>(1).map_err(derr)?,
+            part: s.alloc_zeros::<f32>(part_len.max(1)).map_err(derr)?,
+        })
+    }
+
+    fn check_ids(&self, ids: &[u32]) -> Result<Vec<i32>> {
+        let vocab = self.cfg.vocab_size;
+        ids.iter()
+            .enumerate()
+            .map(|(at, &t)| if (t as usize) < vocab { Ok(t as i32) } else { Err(err(format!("token id {t} at position {at} is outside the vocabulary of {vocab}"))) })
+            .collect()
+    }
+
+    /// Enqueues one forward pass over `s.rows` rows whose ids and positions are already in `s.ids`/`s.pos`; leaves
+    /// the final-norm output in `s.h`. Launches only: no allocation, copy or synchronisation (graph-capturable).
+    fn enqueue_layers(&self, gpu: &Gpu, s: &mut Scratch, mode: &mut Attend) -> Result<()> {
+        let cfg = &self.cfg;
+        let rows = s.rows;
+        let (c, h, kvh, hd, inter) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size);
+        let (w, nqkv) = (kvh * hd, (h + 2 * kvh) * hd);
+        let eps = cfg.rms_norm_eps as f32;
+        gpu.embedding_ids_dev(&mut s.x, &self.embed, c, &s.ids, rows, &mut s.flag)?;
+        for (li, l) in self.layers.iter().enumerate() {
+            if li == 0 {
+                gpu.rmsnorm_dev(&mut s.h, &s.x, &l.input_norm, rows, eps)?;
+            } else {
+                gpu.add_rmsnorm_dev(&mut s.h, &mut s.x, &s.tmp, &l.input_norm, rows, eps)?;
+            }
+            gpu.matmul_dev(&s.h, &l.qkv, &mut s.qkv, rows, c, nqkv)?;
+            gpu.rope_strided_dev(&mut s.qkv, &s.pos, &self.cos, &self.sin, rows, h + kvh, hd, nqkv)?;
+            match mode {
+                Attend::Prefill { cache, start } => {
+                    let start = *start;
+                    gpu.kv_store_dev(&mut cache.k[li], &mut cache.v[li], &s.qkv, rows, w, nqkv, h * hd, (h + kvh) * hd, 0, None, start)?;
+                    if rows == 1 {
+                        // One new token: flash-decoding over the cache (the prefill kernel would give the GPU one
+                        // block per head); the cache is the "prefix", with an empty suffix.
+                        gpu.attention_decode_dev(&mut s.att, &s.qkv, nqkv, &cache.k[li], &cache.v[li], start + 1, &cache.k[li], &cache.v[li], &s.flag, 0, 1, start + 1, h, kvh, hd, &mut s.part)?;
+                    } else {
+                        gpu.attention_prefill_strided_dev(&mut s.att, None, &s.qkv, nqkv, &cache.k[li], &cache.v[li], rows, start + rows, h, kvh, hd, true)?;
+                    }
+                }
+                Attend::Decode { prefix, suffix } => {
+                    let seq_stride = suffix.capacity * w;
+                    gpu.kv_store_dev(&mut suffix.k[li], &mut suffix.v[li], &s.qkv, rows, w, nqkv, h * hd, (h + kvh) * hd, seq_stride, Some(&suffix.lens), 0)?;
+                    gpu.attention_decode_dev(&mut s.att, &s.qkv, nqkv, &prefix.k[li], &prefix.v[li], prefix.len, &suffix.k[li], &suffix.v[li], &suffix.lens, seq_stride, rows, prefix.len + suffix.capacity, h, kvh, hd, &mut s.part)?;
+                }
+            }
+            gpu.matmul_dev(&s.att, &l.o, &mut s.tmp, rows, h * hd, c)?;
+            gpu.add_rmsnorm_dev(&mut s.h, &mut s.x, &s.tmp, &l.post_norm, rows, eps)?;
+            gpu.matmul_dev(&s.h, &l.gate_up, &mut s.gu, rows, c, 2 * inter)?;
+            gpu.swiglu_fused_dev(&mut s.act, &s.gu, rows, inter)?;
+            gpu.matmul_dev(&s.act, &l.down, &mut s.tmp, rows, inter, c)?;
+        }
+        gpu.add_rmsnorm_dev(&mut s.h, &mut s.x, &s.tmp, &self.norm, rows, eps)
+    }
+
+    fn head(&self) -> &CudaSlice<f16> {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
     }
 
     /// Runs `ids` (positions cache.len ..) through the decoder, appending to the cache; returns the logits of
@@ -155,57 +309,121 @@ impl GpuLlama {
     }
 
     fn forward_rows(&self, gpu: &Gpu, ids: &[u32], cache: &mut GpuKvCache, all_rows: bool) -> Result<Vec<f32>> {
-        let cfg = &self.cfg;
+        let (c, vocab) = (self.cfg.hidden_size, self.cfg.vocab_size);
         let rows = ids.len();
-        let (c, h, kvh, hd, inter, vocab) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size, cfg.vocab_size);
         let start = cache.len;
         if rows == 0 || start + rows > cache.capacity || start + rows > self.max_positions {
             return Err(err(format!("forward: {rows} rows at position {start} exceed the cache ({}) or the RoPE table ({})", cache.capacity, self.max_positions)));
         }
-        let s = &gpu.stream;
-        let alloc = |n: usize| s.alloc_zeros::<f16>(n).map_err(derr);
-        let id32: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
-        let mut x = alloc(rows * c)?;
-        gpu.embedding_dev(&mut x, &self.embed, c, &id32)?;
+        let id32 = self.check_ids(ids)?;
+        let part = gpu.decode_part_len(start + 1, 1, self.cfg.num_attention_heads, self.cfg.head_dim);
+        let mut s = self.scratch(gpu, rows, if all_rows { rows } else { 1 }, part)?;
+        gpu.stream.memcpy_htod(&id32, &mut s.ids).map_err(derr)?;
         let pos: Vec<i32> = (start..start + rows).map(|p| p as i32).collect();
-        let dpos = s.clone_htod(&pos).map_err(derr)?;
-        let (mut hbuf, mut q, mut k, mut v, mut att, mut tmp) = (alloc(rows * c)?, alloc(rows * h * hd)?, alloc(rows * kvh * hd)?, alloc(rows * kvh * hd)?, alloc(rows * h * hd)?, alloc(rows * c)?);
-        let (mut g, mut u, mut a) = (alloc(rows * inter)?, alloc(rows * inter)?, alloc(rows * inter)?);
-        let w = kvh * hd;
-        let eps = cfg.rms_norm_eps as f32;
-        for (li, l) in self.layers.iter().enumerate() {
-            gpu.rmsnorm_dev(&mut hbuf, &x, &l.input_norm, rows, eps)?;
-            gpu.linear_device(&hbuf, &l.q, &mut q, rows, c, h * hd)?;
-            gpu.linear_device(&hbuf, &l.k, &mut k, rows, c, w)?;
-            gpu.linear_device(&hbuf, &l.v, &mut v, rows, c, w)?;
-            gpu.rope_dev(&mut q, &dpos, &self.cos, &self.sin, rows, h, hd)?;
-            gpu.rope_dev(&mut k, &dpos, &self.cos, &self.sin, rows, kvh, hd)?;
-            s.memcpy_dtod(&k, &mut cache.k[li].slice_mut(start * w..(start + rows) * w)).map_err(derr)?;
-            s.memcpy_dtod(&v, &mut cache.v[li].slice_mut(start * w..(start + rows) * w)).map_err(derr)?;
-            gpu.attention_prefill_dev(&mut att, &q, &cache.k[li], &cache.v[li], rows, start + rows, h, kvh, hd, true)?;
-            gpu.linear_device(&att, &l.o, &mut tmp, rows, h * hd, c)?;
-            gpu.residual_add_dev(&mut x, &tmp, rows * c)?;
-            gpu.rmsnorm_dev(&mut hbuf, &x, &l.post_norm, rows, eps)?;
-            gpu.linear_device(&hbuf, &l.gate, &mut g, rows, c, inter)?;
-            gpu.linear_device(&hbuf, &l.up, &mut u, rows, c, inter)?;
-            gpu.swiglu_dev(&mut a, &g, &u, rows, inter)?;
-            gpu.linear_device(&a, &l.down, &mut tmp, rows, inter, c)?;
-            gpu.residual_add_dev(&mut x, &tmp, rows * c)?;
-        }
+        gpu.stream.memcpy_htod(&pos, &mut s.pos).map_err(derr)?;
+        self.enqueue_layers(gpu, &mut s, &mut Attend::Prefill { cache, start })?;
         cache.len += rows;
-        gpu.rmsnorm_dev(&mut hbuf, &x, &self.norm, rows, eps)?;
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         if all_rows {
-            let mut logits = alloc(rows * vocab)?;
-            gpu.linear_device(&hbuf, head, &mut logits, rows, c, vocab)?;
-            return gpu.download_f16(&logits);
+            gpu.matmul_dev(&s.h, self.head(), &mut s.logits, rows, c, vocab)?;
+        } else {
+            gpu.stream.memcpy_dtod(&s.h.slice((rows - 1) * c..rows * c), &mut s.tmp.slice_mut(0..c)).map_err(derr)?;
+            gpu.matmul_dev(&s.tmp, self.head(), &mut s.logits, 1, c, vocab)?;
         }
-        let mut last = alloc(c)?;
-        s.memcpy_dtod(&hbuf.slice((rows - 1) * c..rows * c), &mut last).map_err(derr)?;
-        let mut logits = alloc(vocab)?;
-        gpu.linear_device(&last, head, &mut logits, 1, c, vocab)?;
-        gpu.download_f16(&logits)
+        gpu.download_f16(&s.logits)
     }
+
+    /// Prefills `prompt` once and prepares `bsz` sequences of up to `max_new` tokens each to decode against it.
+    /// Returns the session and the prompt's last logits row (from which each sequence samples its first token).
+    pub fn start_decode(&self, gpu: &Gpu, prompt: &[u32], bsz: usize, max_new: usize) -> Result<(DecodeSession, Vec<f32>)> {
+        if bsz == 0 || bsz > 1024 || prompt.is_empty() || prompt.len() + max_new > self.max_positions {
+            return Err(err(format!("decode: {bsz} sequences of a {}-token prompt plus {max_new} new tokens (at most {} positions)", prompt.len(), self.max_positions)));
+        }
+        let mut prefix = self.new_cache(gpu, prompt.len())?;
+        let first = self.forward_last(gpu, prompt, &mut prefix)?;
+        let suffix = self.new_suffix_cache(gpu, bsz, max_new)?;
+        let part = gpu.decode_part_len(prompt.len() + max_new, bsz, self.cfg.num_attention_heads, self.cfg.head_dim);
+        let scratch = self.scratch(gpu, bsz, bsz, part)?;
+        Ok((DecodeSession { prefix, suffix, scratch, graph: None, use_graph: true }, first))
+    }
+
+    /// One step of every sequence of `sess`: `tokens[b]` is sequence b's newest token; returns the next-token logits
+    /// of every sequence, (bsz, vocab).
+    pub fn decode_step(&self, gpu: &Gpu, sess: &mut DecodeSession, tokens: &[u32]) -> Result<Vec<f32>> {
+        let bsz = sess.suffix.bsz;
+        if tokens.len() != bsz || sess.suffix.len >= sess.suffix.capacity {
+            return Err(err(format!("decode: {} tokens for {bsz} sequences, {} of {} positions used", tokens.len(), sess.suffix.len, sess.suffix.capacity)));
+        }
+        let id32 = self.check_ids(tokens)?;
+        let s = &gpu.stream;
+        s.memcpy_htod(&id32, &mut sess.scratch.ids).map_err(derr)?;
+        s.memcpy_htod(&vec![(sess.prefix.len + sess.suffix.len) as i32; bsz], &mut sess.scratch.pos).map_err(derr)?;
+        s.memcpy_htod(&vec![(sess.suffix.len + 1) as i32; bsz], &mut sess.suffix.lens).map_err(derr)?;
+        let (c, vocab) = (self.cfg.hidden_size, self.cfg.vocab_size);
+        let DecodeSession { prefix, suffix, scratch, graph, use_graph } = sess;
+        if graph.is_none() && *use_graph {
+            s.begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(derr)?;
+            let enq = self.enqueue_layers(gpu, scratch, &mut Attend::Decode { prefix: &*prefix, suffix: &mut *suffix }).and_then(|_| gpu.matmul_dev(&scratch.h, self.head(), &mut scratch.logits, bsz, c, vocab));
+            let captured = s.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
+            enq?;
+            *graph = captured.map_err(|e| err(format!("CUDA graph capture of a decode step failed: {e:?}")))?;
+        }
+        match graph {
+            Some(g) if *use_graph => g.launch().map_err(derr)?,
+            _ => {
+                self.enqueue_layers(gpu, scratch, &mut Attend::Decode { prefix: &*prefix, suffix: &mut *suffix })?;
+                gpu.matmul_dev(&scratch.h, self.head(), &mut scratch.logits, bsz, c, vocab)?;
+            }
+        }
+        suffix.len += 1;
+        gpu.download_f16(&scratch.logits)
+    }
+
+    /// n answers to one prompt: the prompt is prefilled once, then the n sequences decode together against that
+    /// shared prefix (`DecodeSession`), each sampled on the host with its own seed (`crate::sampling`, as on the CPU
+    /// backend). Stops a sequence at a token of `stop_ids`; returns each sequence's new tokens.
+    pub fn generate_n(&self, gpu: &Gpu, prompt: &[u32], seeds: &[u64], params: &crate::sampling::SamplingParams, stop_ids: &[u32]) -> Result<Vec<Vec<u32>>> {
+        use rayon::prelude::*;
+        let n = seeds.len();
+        let vocab = self.cfg.vocab_size;
+        let max_new = params.max_new_tokens;
+        if n == 0 || max_new == 0 {
+            return Ok(vec![Vec::new(); n]);
+        }
+        let (mut sess, first) = self.start_decode(gpu, prompt, n, max_new)?;
+        let mut rngs: Vec<crate::rng::SplitMix64> = seeds.iter().map(|&s| crate::rng::SplitMix64::new(s)).collect();
+        let mut out: Vec<Vec<u32>> = vec![Vec::new(); n];
+        let mut done = vec![false; n];
+        // Sampling sorts the vocabulary per row: the n rows are sampled in parallel so the host keeps up.
+        let mut step: Vec<u32> = rngs.par_iter_mut().map(|rng| crate::sampling::sample(&mut first.clone(), prompt, params, rng)).collect();
+        loop {
+            for b in 0..n {
+                if !done[b] {
+                    out[b].push(step[b]);
+                    done[b] = stop_ids.contains(&step[b]) || out[b].len() >= max_new;
+                }
+            }
+            if done.iter().all(|&d| d) {
+                break;
+            }
+            let mut logits = self.decode_step(gpu, &mut sess, &step)?;
+            // A finished sequence keeps feeding its last token; its rows are ignored.
+            step.par_iter_mut().zip(rngs.par_iter_mut()).zip(logits.par_chunks_mut(vocab)).zip(out.par_iter()).zip(done.par_iter()).for_each(|((((t, rng), row), answer), &fin)| {
+                if !fin {
+                    let mut seen = prompt.to_vec();
+                    seen.extend_from_slice(answer);
+                    *t = crate::sampling::sample(row, &seen, params, rng);
+                }
+            });
+        }
+        Ok(out)
+    }
+}
+
+fn check_shape(cfg: &LlamaConfig) -> Result<()> {
+    if cfg.head_dim > 128 || !cfg.head_dim.is_multiple_of(2) || cfg.num_key_value_heads == 0 || !cfg.num_attention_heads.is_multiple_of(cfg.num_key_value_heads) {
+        return Err(err(format!("the CUDA attention kernels take an even head_dim of at most 128 and heads a multiple of kv heads (got head_dim {}, heads {}/{})", cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads)));
+    }
+    Ok(())
 }
 
 /// Loads the decoder of a Hugging Face LLaMA/LLaVA directory onto the GPU.
@@ -225,24 +443,38 @@ pub struct BenchReport {
     pub prompt_tokens: usize,
     pub prefill_ms: Vec<f64>,
     pub decode_tokens: usize,
+    /// Batch-1 greedy decode: GEMV kernels, each step replayed as a CUDA graph (the default path).
     pub decode_tokens_per_s: Vec<f64>,
+    /// The same launching every kernel each step (no graph).
+    pub decode_tokens_per_s_no_graph: Vec<f64>,
+    /// The same with every linear layer through cuBLASLt (graph).
+    pub decode_tokens_per_s_cublaslt: Vec<f64>,
+    /// n answers sampled together (temperature 0.7) after one shared prefill: n * decode_tokens over the whole
+    /// time, prefill included (as transformers' generate with num_return_sequences = n is timed).
+    pub n: usize,
+    pub n_sampling_tokens_per_s: Vec<f64>,
     /// Device-to-device copy bandwidth, GB/s (bytes read + written per second).
     pub copy_gb_per_s: f64,
     pub weight_bytes: u64,
     /// Decode tokens/s if every step only streamed the weights at `copy_gb_per_s`.
     pub roofline_tokens_per_s: f64,
+    /// Microseconds per call of each piece of a decode step (GPU time of 50 back-to-back launches, or host time),
+    /// at batch 1 and batch n: where a step's time goes.
+    pub ops_us: Vec<(String, f64)>,
 }
 
-/// Decode and prefill speed of a random-weight decoder of `cfg`'s shape at batch 1: `reps` times, a prefill of
-/// `prompt` tokens then `decode` greedy steps (each copying its logits row to the host, as sampling does), plus the
-/// device's copy bandwidth for the roofline.
-pub fn bench(gpu: &Gpu, cfg: &LlamaConfig, prompt: usize, decode: usize, reps: usize) -> Result<BenchReport> {
+/// Decode and prefill speed of a random-weight decoder of `cfg`'s shape: `reps` times (after one warm-up), a
+/// prefill of `prompt` tokens then `decode` greedy steps at batch 1 (each copying its logits row to the host, as
+/// sampling does) with graph replay, without it, and through cuBLASLt; then `n` sampled answers sharing the prefill;
+/// plus the device's copy bandwidth for the roofline and a per-op breakdown.
+pub fn bench(gpu: &Gpu, cfg: &LlamaConfig, prompt: usize, decode: usize, reps: usize, n: usize) -> Result<BenchReport> {
+    use std::sync::atomic::Ordering;
     let model = GpuLlama::random(gpu, cfg, prompt + decode + 1, 1)?;
     let sync = || gpu.stream.synchronize().map_err(derr);
     // Copy bandwidth: 1 GiB buffers, a warm-up copy, then 5 timed copies.
-    let n = 1usize << 29;
-    let src = gpu.stream.alloc_zeros::<f16>(n).map_err(derr)?;
-    let mut dst = gpu.stream.alloc_zeros::<f16>(n).map_err(derr)?;
+    let len = 1usize << 29;
+    let src = gpu.stream.alloc_zeros::<f16>(len).map_err(derr)?;
+    let mut dst = gpu.stream.alloc_zeros::<f16>(len).map_err(derr)?;
     gpu.stream.memcpy_dtod(&src, &mut dst).map_err(derr)?;
     sync()?;
     let t = std::time::Instant::now();
@@ -250,28 +482,119 @@ pub fn bench(gpu: &Gpu, cfg: &LlamaConfig, prompt: usize, decode: usize, reps: u
         gpu.stream.memcpy_dtod(&src, &mut dst).map_err(derr)?;
     }
     sync()?;
-    let copy_gb_per_s = 5.0 * 2.0 * (n * 2) as f64 / t.elapsed().as_secs_f64() / 1e9;
+    let copy_gb_per_s = 5.0 * 2.0 * (len * 2) as f64 / t.elapsed().as_secs_f64() / 1e9;
     drop((src, dst));
     let ids: Vec<u32> = (0..prompt).map(|i| (1 + i * 7919 % (cfg.vocab_size - 1)) as u32).collect();
-    let (mut prefill_ms, mut tps) = (Vec::new(), Vec::new());
-    for _ in 0..reps.max(1) + 1 {
-        let mut cache = model.new_cache(gpu, prompt + decode + 1)?;
+    let (mut prefill_ms, mut tps, mut tps_plain, mut tps_blas, mut tps_n) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    // Greedy batch-1 decoding; returns tokens/s of the decode steps (prefill excluded) and the prefill time.
+    let greedy = |graph: bool| -> Result<(f64, f64)> {
         sync()?;
         let t = std::time::Instant::now();
-        let mut logits = model.forward_last(gpu, &ids, &mut cache)?;
+        let (mut sess, mut logits) = model.start_decode(gpu, &ids, 1, decode)?;
         let pf = t.elapsed().as_secs_f64() * 1e3;
+        sess.use_graph = graph;
         let t = std::time::Instant::now();
         for _ in 0..decode {
             let tok = crate::sampling::argmax(&logits);
-            logits = model.forward_last(gpu, &[tok], &mut cache)?;
+            logits = model.decode_step(gpu, &mut sess, &[tok])?;
         }
+        Ok((decode as f64 / t.elapsed().as_secs_f64(), pf))
+    };
+    let params = crate::sampling::SamplingParams { temperature: 0.7, max_new_tokens: decode, ..Default::default() };
+    let seeds: Vec<u64> = (0..n as u64).collect();
+    for rep in 0..reps.max(1) + 1 {
+        let (fast, pf) = greedy(true)?;
+        let (plain, _) = greedy(false)?;
+        gpu.gemv.store(false, Ordering::Relaxed);
+        let blas = greedy(true);
+        gpu.gemv.store(true, Ordering::Relaxed);
+        let (blas, _) = blas?;
+        sync()?;
+        let t = std::time::Instant::now();
+        let answers = model.generate_n(gpu, &ids, &seeds, &params, &[])?;
+        let tokens: usize = answers.iter().map(|a| a.len()).sum();
         let secs = t.elapsed().as_secs_f64();
-        prefill_ms.push(pf);
-        tps.push(decode as f64 / secs);
+        // The first repetition warms up (module loading, allocator, cuBLASLt heuristics) and is dropped.
+        if rep > 0 {
+            prefill_ms.push(pf);
+            tps.push(fast);
+            tps_plain.push(plain);
+            tps_blas.push(blas);
+            tps_n.push(tokens as f64 / secs);
+        }
     }
-    // The first repetition warms up (module loading, allocator, cuBLASLt heuristics) and is dropped.
-    prefill_ms.remove(0);
-    tps.remove(0);
+    let ops_us = op_breakdown(gpu, &model, prompt + decode, n)?;
     let weight_bytes = model.weight_bytes();
-    Ok(BenchReport { device: gpu.name.clone(), prompt_tokens: prompt, prefill_ms, decode_tokens: decode, decode_tokens_per_s: tps, copy_gb_per_s, weight_bytes, roofline_tokens_per_s: copy_gb_per_s * 1e9 / weight_bytes as f64 })
+    Ok(BenchReport {
+        device: gpu.name.clone(),
+        prompt_tokens: prompt,
+        prefill_ms,
+        decode_tokens: decode,
+        decode_tokens_per_s: tps,
+        decode_tokens_per_s_no_graph: tps_plain,
+        decode_tokens_per_s_cublaslt: tps_blas,
+        n,
+        n_sampling_tokens_per_s: tps_n,
+        copy_gb_per_s,
+        weight_bytes,
+        roofline_tokens_per_s: copy_gb_per_s * 1e9 / weight_bytes as f64,
+        ops_us,
+    })
+}
+
+/// GPU time per call of each op of one decoder layer (and the head, and host sampling) at batch 1 and `n`.
+fn op_breakdown(gpu: &Gpu, model: &GpuLlama, keys: usize, n: usize) -> Result<Vec<(String, f64)>> {
+    use std::sync::atomic::Ordering;
+    let cfg = &model.cfg;
+    let (c, h, kvh, hd, inter, vocab) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size, cfg.vocab_size);
+    let nqkv = (h + 2 * kvh) * hd;
+    let l = &model.layers[0];
+    let mut out = Vec::new();
+    let time = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
+        f()?;
+        gpu.stream.synchronize().map_err(derr)?;
+        let t = std::time::Instant::now();
+        for _ in 0..50 {
+            f()?;
+        }
+        gpu.stream.synchronize().map_err(derr)?;
+        Ok(t.elapsed().as_secs_f64() * 1e6 / 50.0)
+    };
+    for m in [1usize, n] {
+        let mut s = model.scratch(gpu, m, m, gpu.decode_part_len(keys, m, h, hd))?;
+        let kc = gpu.stream.alloc_zeros::<f16>(m * keys * kvh * hd).map_err(derr)?;
+        let lens = gpu.stream.clone_htod(&vec![1i32; m]).map_err(derr)?;
+        for (name, w, k, nn) in [("qkv", &l.qkv, c, nqkv), ("o", &l.o, h * hd, c), ("gate_up", &l.gate_up, c, 2 * inter), ("down", &l.down, inter, c), ("lm_head", model.head(), c, vocab)] {
+            let x = gpu.stream.alloc_zeros::<f16>(m * k).map_err(derr)?;
+            let mut y = gpu.stream.alloc_zeros::<f16>(m * nn).map_err(derr)?;
+            let us = time(&mut || gpu.matmul_dev(&x, w, &mut y, m, k, nn))?;
+            out.push((format!("gemv {name} m{m} ({:.0} GB/s)", (nn * k * 2) as f64 / us / 1e3), us));
+            gpu.gemv.store(false, Ordering::Relaxed);
+            let us = time(&mut || gpu.matmul_dev(&x, w, &mut y, m, k, nn));
+            gpu.gemv.store(true, Ordering::Relaxed);
+            let us = us?;
+            out.push((format!("cublaslt {name} m{m} ({:.0} GB/s)", (nn * k * 2) as f64 / us / 1e3), us));
+        }
+        let Scratch { h: hb, x, tmp, qkv, att, gu, act, pos, part, .. } = &mut s;
+        out.push((format!("add_rmsnorm m{m}"), time(&mut || gpu.add_rmsnorm_dev(hb, x, tmp, &l.post_norm, m, 1e-5))?));
+        out.push((format!("rope q+k m{m}"), time(&mut || gpu.rope_strided_dev(qkv, pos, &model.cos, &model.sin, m, h + kvh, hd, nqkv))?));
+        let (mut kc2, mut vc2) = (kc.clone(), kc.clone());
+        out.push((format!("kv_store m{m}"), time(&mut || gpu.kv_store_dev(&mut kc2, &mut vc2, qkv, m, kvh * hd, nqkv, h * hd, (h + kvh) * hd, keys * kvh * hd, Some(&lens), 0))?));
+        out.push((format!("attn_decode {keys} keys m{m}"), time(&mut || gpu.attention_decode_dev(att, qkv, nqkv, &kc, &kc, keys - 1, &kc, &kc, &lens, 0, m, keys, h, kvh, hd, part))?));
+        out.push((format!("swiglu m{m}"), time(&mut || gpu.swiglu_fused_dev(act, gu, m, inter))?));
+        // Host: sampling m rows of the vocabulary in parallel (temperature 0.7), as generate_n does.
+        let params = crate::sampling::SamplingParams { temperature: 0.7, ..Default::default() };
+        let mut rng = crate::rng::SplitMix64::new(3);
+        let rows: Vec<Vec<f32>> = (0..m).map(|_| (0..vocab).map(|_| rng.next_f64() as f32 * 10.0).collect()).collect();
+        let t = std::time::Instant::now();
+        for _ in 0..10 {
+            use rayon::prelude::*;
+            let _: Vec<u32> = rows.par_iter().enumerate().map(|(i, r)| crate::sampling::sample(&mut r.clone(), &[], &params, &mut crate::rng::SplitMix64::new(i as u64))).collect();
+        }
+        out.push((format!("host sample m{m} rows"), t.elapsed().as_secs_f64() * 1e6 / 10.0));
+        if n == 1 {
+            break;
+        }
+    }
+    Ok(out)
 }

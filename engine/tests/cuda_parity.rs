@@ -79,6 +79,17 @@ fn elementwise_norm_and_embedding_kernels_match_float64() {
         check(&format!("bias_add_f16 {rows}x{cols}"), &g.bias_add(&x, &b).unwrap(), &want);
         let want: Vec<f64> = xh.iter().zip(h(&up)).map(|(a, b)| a + b).collect();
         check(&format!("residual_add_f16 {rows}x{cols}"), &g.residual_add(&x, &up).unwrap(), &want);
+        // The decoder's fused residual add + RMSNorm: the sum (rounded to fp16, as stored) and its norm.
+        let sum: Vec<f64> = xh.iter().zip(h(&up)).map(|(a, b)| half::f16::from_f64(a + b).to_f64()).collect();
+        let mut want = Vec::new();
+        for r in 0..rows {
+            let row = &sum[r * cols..(r + 1) * cols];
+            let ms = row.iter().map(|v| v * v).sum::<f64>() / cols as f64;
+            want.extend(row.iter().zip(&wh).map(|(v, w)| v / (ms + 1e-6).sqrt() * w));
+        }
+        let (got_sum, got) = g.add_rmsnorm(&x, &up, &w, 1e-6).unwrap();
+        check(&format!("add_rmsnorm_f16 sum {rows}x{cols}"), &got_sum, &sum);
+        check(&format!("add_rmsnorm_f16 {rows}x{cols}"), &got, &want);
         check(&format!("f32_to_f16 {}", x.len()), &g.f32_to_f16(&x).unwrap(), &xh);
         check(&format!("f16_to_f32 {}", x.len()), &g.f16_to_f32(&x).unwrap(), &xh);
         // Embedding: rows of a [vocab, cols] table.
@@ -99,7 +110,7 @@ fn rope_lora_and_logprob_kernels_match_float64() {
     let mut rng = SplitMix64::new(2);
     for &(tokens, heads, d) in &[(1usize, 1usize, 16usize), (9, 4, 24), (70, 8, 128)] {
         let x = randn(&mut rng, tokens * heads * d, 1.0);
-        let max_pos = 200;
+        let max_pos = 256;
         let half = d / 2;
         let (mut cos, mut sin) = (Vec::new(), Vec::new());
         for p in 0..max_pos {
@@ -175,6 +186,29 @@ fn cublaslt_linear_matches_float64() {
     }
 }
 
+#[test]
+fn gemv_kernels_match_float64() {
+    let Some(g) = gpu() else { return };
+    let mut rng = SplitMix64::new(5);
+    // (m, k, n): batch-1 decode of a LLaVA-7B projection, the 10-answer batch through the MLP's down projection,
+    // odd feature counts, each kernel width (1, 4, 16) and m below it.
+    for &(m, k, n) in &[(1usize, 4096usize, 4096usize), (10, 11008, 520), (3, 64, 41), (4, 96, 288), (16, 256, 33), (7, 8, 5)] {
+        let x = randn(&mut rng, m * k, 1.0);
+        let w = randn(&mut rng, n * k, 0.05);
+        let (xh, wh) = (h(&x), h(&w));
+        let mut want = vec![0.0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                want[i * n + j] = (0..k).map(|c| xh[i * k + c] * wh[j * k + c]).sum();
+            }
+        }
+        check(&format!("gemv f16 m{m} k{k} n{n}"), &g.gemv(&x, &w, k).unwrap(), &want);
+    }
+    // Shapes it does not take are errors, not wrong answers.
+    assert!(g.gemv(&[0.0; 17 * 8], &[0.0; 8], 8).is_err(), "m = 17");
+    assert!(g.gemv(&[0.0; 12], &[0.0; 12], 12).is_err(), "k = 12 (not a multiple of 8)");
+}
+
 /// float64 attention of one query row against keys 0..=limit.
 fn attend(q: &[f64], ks: &[&[f64]], vs: &[&[f64]], d: usize) -> Vec<f64> {
     let scale = 1.0 / (d as f64).sqrt();
@@ -212,7 +246,8 @@ fn attention_kernels_match_float64() {
         check(&format!("flash_attn_prefill_f16 q{n_q} k{n_k} h{hq}/{hkv} d{d} causal {causal}"), &got, &want);
     }
     // Decode: n sequences share a prefix (image + prompt) and each has its own suffix of another length.
-    for &(bsz, prefix, hq, hkv, d) in &[(1usize, 5usize, 1usize, 1usize, 16usize), (10, 600, 8, 8, 128), (4, 33, 4, 2, 24)] {
+    // One sequence over a long cache (split across many blocks), ten answers over a LLaVA-sized prefix, GQA.
+    for &(bsz, prefix, hq, hkv, d) in &[(1usize, 5usize, 1usize, 1usize, 16usize), (1, 700, 32, 32, 128), (10, 600, 8, 8, 128), (4, 33, 4, 2, 24)] {
         let row = hkv * d;
         let pk = randn(&mut rng, prefix * row, 1.0);
         let pv = randn(&mut rng, prefix * row, 1.0);
@@ -259,7 +294,7 @@ fn embedded_kernel_sources_define_the_expected_kernels() {
         assert!(!names.is_empty(), "{f} defines no kernel");
         all.extend(names);
     }
-    for k in ["embedding_gather_f16", "rmsnorm_f16", "layernorm_f16", "rope_f16", "flash_attn_prefill_f16", "attn_decode_f16", "swiglu_f16", "gelu_f16", "quick_gelu_f16", "bias_add_f16", "residual_add_f16", "lora_down_f16", "lora_up_add_f16", "logprob_gather_f32", "f32_to_f16", "f16_to_f32"] {
+    for k in ["embedding_gather_f16", "rmsnorm_f16", "layernorm_f16", "rope_f16", "flash_attn_prefill_f16", "attn_decode_f16", "attn_decode_combine_f16", "kv_store_f16", "add_rmsnorm_f16", "flash_attn_bwd_dq_f16", "flash_attn_bwd_dkdv_f16", "attn_bwd_delta_f16", "rmsnorm_bwd_f16", "layernorm_bwd_f16", "swiglu_bwd_f16", "gelu_bwd_f16", "quick_gelu_bwd_f16", "rope_bwd_f16", "embedding_bwd_f32", "logprob_gather_f16", "logprob_bwd_f16", "adamw_f32", "grad_sumsq_f32", "grad_accumulate_f32", "gemv_m1_f16", "gemv_m4_f16", "gemv_m16_f16", "swiglu_f16", "gelu_f16", "quick_gelu_f16", "bias_add_f16", "residual_add_f16", "lora_down_f16", "lora_up_add_f16", "logprob_gather_f32", "f32_to_f16", "f16_to_f32"] {
         assert!(all.iter().any(|n| n == k), "kernel {k} is missing");
     }
     assert_eq!(engine::cuda::arch_name(9, 0), "sm_90");

@@ -1,0 +1,109 @@
+#!/usr/bin/env python3
+"""The side-by-side peer for the GPU training benchmark (`rlaifd bench-gpu-train`): PyTorch + peft on the same GPU,
+a random-weight LLaMA decoder of LLaVA-1.5-7B's language-model shape (or --shape tiny) in fp16, LoRA r=64 on every
+linear layer of the decoder (fp32 adapter weights), fp16 autocast with a GradScaler, AdamW, gradient clipping at 1.
+One DPO step = one pair: chosen and rejected sequences of --seq tokens (the 576 image positions are text tokens
+here, as in our benchmark), answers of --answer tokens, reference log-probs precomputed (constants). Also one SFT
+step on one sequence. Medians of --reps steps after --warmup. Prints one JSON line.
+Usage (GPU host with torch, transformers and peft): python3 benches/gpu_peer_dpo.py [--shape llava7b] [--seq 700]"""
+import argparse, json, statistics, time
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="llava7b", choices=["llava7b", "tiny"])
+    ap.add_argument("--seq", type=int, default=700)
+    ap.add_argument("--answer", type=int, default=60)
+    ap.add_argument("--rank", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--device", default="cuda")
+    a = ap.parse_args()
+    hidden, inter, layers, heads = (4096, 11008, 32, 32) if a.shape == "llava7b" else (256, 688, 4, 8)
+    cfg = LlamaConfig(vocab_size=32064, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=heads, rms_norm_eps=1e-5, rope_theta=10000.0,
+                      max_position_embeddings=4096, tie_word_embeddings=False)
+    dev = torch.device(a.device)
+    cuda = a.device == "cuda"
+    torch.manual_seed(0)
+    with dev:
+        model = LlamaForCausalLM(cfg).to(torch.float16 if cuda else torch.float32)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = get_peft_model(model, LoraConfig(r=a.rank, lora_alpha=2 * a.rank, lora_dropout=0.0, target_modules=targets))
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    scaler = torch.amp.GradScaler(enabled=cuda)
+    ids = torch.tensor([[1 + (i * 7919 + s * 104729) % 32063 for i in range(a.seq)] for s in range(2)], device=dev)
+    ref = torch.tensor([-150.0, -160.0], device=dev)
+    beta = 0.1
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def answer_logps(logits, ids):
+        # logits of the last answer+1 positions predict the answer tokens
+        lp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+        return lp.gather(-1, ids[:, -a.answer:].unsqueeze(-1)).squeeze(-1).sum(-1)
+
+    def dpo_step():
+        with torch.autocast(a.device, dtype=torch.float16, enabled=cuda):
+            logits = model(ids, logits_to_keep=a.answer + 1).logits
+        logp = answer_logps(logits, ids)
+        margin = beta * ((logp[0] - ref[0]) - (logp[1] - ref[1]))
+        loss = -F.logsigmoid(margin)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+
+    def sft_step():
+        with torch.autocast(a.device, dtype=torch.float16, enabled=cuda):
+            logits = model(ids[:1], logits_to_keep=a.answer + 1).logits
+        loss = -answer_logps(logits, ids[:1]).sum() / a.answer
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+
+    dpo, sft = [], []
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    for rep in range(a.warmup + a.reps):
+        sync()
+        t = time.perf_counter()
+        dpo_step()
+        sync()
+        if rep >= a.warmup:
+            dpo.append(time.perf_counter() - t)
+    peak = torch.cuda.max_memory_allocated() / 1e9 if cuda else None
+    for rep in range(a.warmup + a.reps):
+        sync()
+        t = time.perf_counter()
+        sft_step()
+        sync()
+        if rep >= a.warmup:
+            sft.append(time.perf_counter() - t)
+    name = torch.cuda.get_device_name(0) if cuda else "cpu"
+    import peft, transformers
+    print(json.dumps({"peer": f"torch {torch.__version__} + transformers {transformers.__version__} + peft {peft.__version__}",
+                      "device": name, "shape": a.shape, "seq": a.seq, "answer": a.answer, "rank": a.rank,
+                      "dpo_step_ms": statistics.median(dpo) * 1e3, "dpo_pairs_per_s": 1.0 / statistics.median(dpo),
+                      "dpo_peak_memory_gb": peak, "sft_tokens_per_s": a.seq / statistics.median(sft),
+                      "trainable_params": sum(p.numel() for p in params)}))
+
+
+if __name__ == "__main__":
+    main()
