@@ -66,3 +66,17 @@ extern "C" __global__ void quick_gelu_bwd_f16(__half* __restrict__ dx, const __h
         dx[i] = __float2half_rn(__half2float(dout[i]) * (s + 1.702f * v * s * (1.0f - s)));
     }
 }
+
+// swiglu_bwd_f16 on the fused [rows, 2 cols] gate/up layout: dgu[r, c] = dgate, dgu[r, cols + c] = dup, from
+// dout [rows, cols] and the saved gu.
+extern "C" __global__ void swiglu_bwd_fused_f16(__half* __restrict__ dgu, const __half* __restrict__ dout, const __half* __restrict__ gu,
+                                                long long rows, int cols) {
+    GRID_STRIDE(i, rows * cols) {
+        const long long r = i / cols, c = i % cols;
+        const long long gi = r * 2 * cols + c, ui = gi + cols;
+        const float g = __half2float(gu[gi]), u = __half2float(gu[ui]), d = __half2float(dout[i]);
+        const float s = 1.0f / (1.0f + __expf(-g));
+        dgu[gi] = __float2half_rn(d * u * s * (1.0f + g * (1.0f - s)));
+        dgu[ui] = __float2half_rn(d * g * s);
+    }
+}

@@ -240,11 +240,11 @@ extern "C" __global__ void attn_bwd_delta_f16(float* __restrict__ delta, const _
 }
 
 // dQ. Same tiling as the forward: grid (ceil(n_q / 16), heads_q), block 128, a warp per 4 query rows, a lane per key.
-// q, dq, dout rows of q_stride; k, v rows of kv_stride.
+// q and dq rows of q_stride, k and v rows of kv_stride, dout rows of o_stride (q, k, v may sit in one fused buffer).
 extern "C" __global__ void __launch_bounds__(128) flash_attn_bwd_dq_f16(
     __half* __restrict__ dq, const __half* __restrict__ q, const __half* __restrict__ k, const __half* __restrict__ v,
     const __half* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
-    int n_q, int n_k, int heads_q, int heads_kv, int head_dim, int q_stride, int kv_stride, float scale, int causal) {
+    int n_q, int n_k, int heads_q, int heads_kv, int head_dim, int q_stride, int kv_stride, int o_stride, float scale, int causal) {
     __shared__ float qs[QROWS][MAX_D];
     __shared__ float dos[QROWS][MAX_D];
     __shared__ __half ks[BC][MAX_D + 2];
@@ -257,7 +257,7 @@ extern "C" __global__ void __launch_bounds__(128) flash_attn_bwd_dq_f16(
         const int r = idx / head_dim, d = idx % head_dim, qi = q0 + r;
         const long long at = (long long)qi * q_stride + h * head_dim + d;
         qs[r][d] = qi < n_q ? __half2float(q[at]) * scale : 0.0f;
-        dos[r][d] = qi < n_q ? __half2float(dout[at]) : 0.0f;
+        dos[r][d] = qi < n_q ? __half2float(dout[(long long)qi * o_stride + h * head_dim + d]) : 0.0f;
     }
     float acc[RPW][DPL], li[RPW], di[RPW];
 #pragma unroll
@@ -321,7 +321,7 @@ extern "C" __global__ void __launch_bounds__(128) flash_attn_bwd_dq_f16(
 extern "C" __global__ void __launch_bounds__(128) flash_attn_bwd_dkdv_f16(
     __half* __restrict__ dk, __half* __restrict__ dv, const __half* __restrict__ q, const __half* __restrict__ k,
     const __half* __restrict__ v, const __half* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
-    int n_q, int n_k, int heads_q, int heads_kv, int head_dim, int q_stride, int kv_stride, float scale, int causal) {
+    int n_q, int n_k, int heads_q, int heads_kv, int head_dim, int q_stride, int kv_stride, int o_stride, float scale, int causal) {
     __shared__ float kr[QROWS][MAX_D];
     __shared__ float vr[QROWS][MAX_D];
     __shared__ __half qt[BC][MAX_D + 2];
@@ -349,9 +349,8 @@ extern "C" __global__ void __launch_bounds__(128) flash_attn_bwd_dkdv_f16(
             __syncthreads();
             for (int idx = threadIdx.x; idx < BC * head_dim; idx += blockDim.x) {
                 const int r = idx / head_dim, d = idx % head_dim, qi = i0 + r;
-                const long long at = (long long)qi * q_stride + h * head_dim + d;
-                qt[r][d] = qi < n_q ? q[at] : __float2half(0.0f);
-                dot[r][d] = qi < n_q ? dout[at] : __float2half(0.0f);
+                qt[r][d] = qi < n_q ? q[(long long)qi * q_stride + h * head_dim + d] : __float2half(0.0f);
+                dot[r][d] = qi < n_q ? dout[(long long)qi * o_stride + h * head_dim + d] : __float2half(0.0f);
             }
             if (threadIdx.x < BC) {
                 const int qi = i0 + threadIdx.x;

@@ -3,13 +3,17 @@
 # the Python environment's nvidia packages), with the prebuilt binaries of scripts/build-gpu-bins
 # (target/gpu-bins/). Builds nothing. Logs go to $OUT (default ./gpu-check-out).
 #   1. rlaifd kernels: every kernel compiled by the daemon's NVRTC path for this GPU's and the target archs.
-#   2. cuda_parity: every kernel and the cuBLASLt linear against float64 references on random inputs (rel. L2
-#      <= 1e-2).
+#   2. cuda_parity: every inference kernel, the GEMV kernels and the cuBLASLt linear against float64 references on
+#      random inputs (rel. L2 <= 1e-2); cuda_train_parity: every backward kernel and AdamW against the CPU backend
+#      (rel. L2 <= 2e-2).
 #   3. cuda_llama: the fp16 LLaMA decoder on the GPU against the CPU backend on the tiny fixtures (log-probs within
-#      5e-2, same greedy tokens). Needs the fixtures: run from a checkout (tests/fixtures is in the tree).
-#   2b. cuda_train_parity: every backward kernel and AdamW against the CPU backend (rel. L2 <= 2e-2).
-#   4. rlaifd bench-gpu: prefill (640 tokens), batch-1 decode and n=10 sampling of a random-weight LLaVA-1.5-7B-shaped decoder,
-#      copy bandwidth and roofline; then benches/gpu_peer.py, transformers fp16 on the same GPU (if torch is there).
+#      5e-2, same greedy tokens, n sequences decoding against a shared prefix, graph replay = direct launches);
+#      cuda_train: GPU LoRA DPO (loss, log-probs, every LoRA gradient) against the CPU backend, and a short GPU DPO
+#      run. Needs the fixtures: run from a checkout (tests/fixtures is in the tree).
+#   4. rlaifd bench-gpu: prefill (640 tokens), batch-1 decode and n=10 sampling of a random-weight LLaVA-1.5-7B-
+#      shaped decoder, copy bandwidth and roofline, a per-op breakdown; rlaifd bench-gpu-train: DPO and SFT steps
+#      with LoRA r=64 on every linear layer, 700-token sequences; then the peers on the same GPU (if torch is there):
+#      benches/gpu_peer.py (transformers fp16) and benches/gpu_peer_dpo.py (PyTorch + peft, fp16 autocast).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-check-out}
@@ -55,11 +59,19 @@ stage "cuda_train_parity (backward kernels, AdamW)" parity.log 180 "$bins/cuda_t
 grep -E "SKIPPED|bwd|adamw|logprob_gather_f16|test result|panicked" "$OUT/parity.log" | tail -n 80
 stage "cuda_llama (decoder vs CPU backend)" llama.log 180 "$bins/cuda_llama" --nocapture --test-threads 1
 grep -E "SKIPPED|log-prob|greedy|test result|panicked" "$OUT/llama.log" | tail -n 20
+stage "cuda_train (GPU DPO vs CPU backend, short DPO run)" llama.log 180 "$bins/cuda_train" --nocapture --test-threads 1
+grep -E "SKIPPED|loss CPU|LoRA gradients|GPU DPO|test result|panicked" "$OUT/llama.log" | tail -n 12
 stage "bench-gpu (rlaifd)" bench.log 300 "$bins/rlaifd" bench-gpu --shape llava7b --prompt 640 --decode 128 --reps 3 --n 10
 grep -vE '^\{' "$OUT/bench.log" | tail -n 4
+stage "bench-gpu-train (rlaifd)" bench.log 300 "$bins/rlaifd" bench-gpu-train --shape llava7b --seq 700 --answer 60 --rank 64 --reps 5 --warmup 2
+grep -E "DPO step" "$OUT/bench.log" | tail -n 1
 if [ -n "$py" ] && "$py" -c "import torch, transformers" 2>/dev/null; then
   stage "bench peer (transformers)" peer.log 300 env PYTHONUNBUFFERED=1 "$py" benches/gpu_peer.py --shape llava7b --prompt 640 --decode 128 --reps 3
   tail -n 1 "$OUT/peer.log"
+  if "$py" -c "import peft" 2>/dev/null; then
+    stage "bench peer (PyTorch + peft DPO/SFT)" peer.log 300 env PYTHONUNBUFFERED=1 "$py" benches/gpu_peer_dpo.py --shape llava7b --seq 700 --answer 60 --rank 64 --reps 5 --warmup 2
+    tail -n 1 "$OUT/peer.log"
+  fi
 else
   echo "== bench peer skipped: no torch/transformers in $py" | tee "$OUT/peer.log"
 fi

@@ -95,7 +95,27 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         n: usize,
     },
-    /// Apply the database migrations (also done at start-up by every command that uses the database).
+    /// GPU training speed: DPO (one pair per step) and SFT steps of a LoRA adapter on every linear layer of a
+    /// random-weight LLaMA decoder (LLaVA-1.5-7B's language model by default), with peak device memory; see
+    /// scripts/gpu-check.sh and benches/gpu_peer_dpo.py.
+    BenchGpuTrain {
+        /// llava7b or tiny.
+        #[arg(long, default_value = "llava7b")]
+        shape: String,
+        /// Tokens per sequence (LLaVA-1.5: 576 image positions + prompt + answer).
+        #[arg(long, default_value_t = 700)]
+        seq: usize,
+        /// Answer tokens (the log-probs DPO compares).
+        #[arg(long, default_value_t = 60)]
+        answer: usize,
+        #[arg(long, default_value_t = 64)]
+        rank: usize,
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+    },
+    /// Apply the database (also done at start-up by every command that uses the database).
     Migrate {
         /// PostgreSQL URL (default: $DATABASE_URL, else postgres://postgres@127.0.0.1:5432/rlaifd).
         #[arg(long)]
@@ -214,29 +234,7 @@ fn cmd_bench_gpu(shape: &str, prompt: usize, decode: usize, reps: usize, n: usiz
     if n == 0 || n > 16 || reps == 0 || decode == 0 || prompt == 0 {
         bail!("bench-gpu: --n must be 1..=16 and --reps, --decode, --prompt at least 1");
     }
-    let (hidden, inter, layers, heads) = match shape {
-        "llava7b" => (4096, 11008, 32, 32),
-        "tiny" => (256, 688, 4, 8),
-        other => bail!("--shape {other}: expected llava7b or tiny"),
-    };
-    let cfg = engine::config::LlamaConfig {
-        vocab_size: 32064,
-        hidden_size: hidden,
-        intermediate_size: inter,
-        num_hidden_layers: layers,
-        num_attention_heads: heads,
-        num_key_value_heads: heads,
-        head_dim: hidden / heads,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10000.0,
-        rope_scaling: engine::config::RopeScaling::None,
-        max_position_embeddings: 4096,
-        tie_word_embeddings: false,
-        attention_bias: false,
-        mlp_bias: false,
-        bos_token_id: Some(1),
-        eos_token_ids: vec![2],
-    };
+    let cfg = bench_shape(shape)?;
     let gpu = match engine::cuda::Gpu::open(0)? {
         Ok(g) => g,
         Err(why) => bail!("no GPU: {why}"),
@@ -274,6 +272,63 @@ fn cmd_bench_gpu(shape: &str, prompt: usize, decode: usize, reps: usize, n: usiz
     Ok(())
 }
 
+/// The decoder shapes the GPU benchmarks run: LLaVA-1.5-7B's language model, or a tiny one for a quick check.
+fn bench_shape(shape: &str) -> Result<engine::config::LlamaConfig> {
+    let (hidden, inter, layers, heads) = match shape {
+        "llava7b" => (4096, 11008, 32, 32),
+        "tiny" => (256, 688, 4, 8),
+        other => bail!("--shape {other}: expected llava7b or tiny"),
+    };
+    Ok(engine::config::LlamaConfig {
+        vocab_size: 32064,
+        hidden_size: hidden,
+        intermediate_size: inter,
+        num_hidden_layers: layers,
+        num_attention_heads: heads,
+        num_key_value_heads: heads,
+        head_dim: hidden / heads,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10000.0,
+        rope_scaling: engine::config::RopeScaling::None,
+        max_position_embeddings: 4096,
+        tie_word_embeddings: false,
+        attention_bias: false,
+        mlp_bias: false,
+        bos_token_id: Some(1),
+        eos_token_ids: vec![2],
+    })
+}
+
+fn cmd_bench_gpu_train(shape: &str, seq: usize, answer: usize, rank: usize, reps: usize, warmup: usize) -> Result<()> {
+    if reps == 0 || rank == 0 || answer == 0 || answer >= seq {
+        bail!("bench-gpu-train: --reps and --rank must be at least 1 and --answer between 1 and --seq - 1");
+    }
+    let cfg = bench_shape(shape)?;
+    let gpu = match engine::cuda::Gpu::open(0)? {
+        Ok(g) => g,
+        Err(why) => bail!("no GPU: {why}"),
+    };
+    let r = engine::cuda_train::bench(&gpu, &cfg, seq, answer, rank, reps, warmup)?;
+    let median = |v: &[f64]| {
+        let mut s = v.to_vec();
+        s.sort_by(f64::total_cmp);
+        s[s.len() / 2]
+    };
+    let ms = median(&r.dpo_step_ms);
+    println!(
+        "{}: {shape} decoder, LoRA r={rank} on every linear layer ({} trainable parameters), sequences of {seq} tokens: DPO step {ms:.1} ms ({:.2} pairs/s, median of {}), peak memory {:.1} GB; SFT {:.0} tokens/s; {} overflow steps skipped",
+        r.device,
+        r.trainable_params,
+        1e3 / ms,
+        r.dpo_step_ms.len(),
+        r.dpo_peak_memory_gb,
+        median(&r.sft_tokens_per_s),
+        r.skipped_steps
+    );
+    println!("{}", serde_json::to_string(&r)?);
+    Ok(())
+}
+
 fn main() {
     let cli = Cli::parse();
     if let Some(t) = cli.threads {
@@ -299,6 +354,7 @@ fn main() {
         Command::Serve(a) => rlaifd::serve::run(a),
         Command::Kernels { arch } => cmd_kernels(&arch),
         Command::BenchGpu { shape, prompt, decode, reps, n } => cmd_bench_gpu(&shape, prompt, decode, reps, n),
+        Command::BenchGpuTrain { shape, seq, answer, rank, reps, warmup } => cmd_bench_gpu_train(&shape, seq, answer, rank, reps, warmup),
         Command::Ctl(a) => rlaifd::control::ctl(a),
         Command::Migrate { database_url } => async_main(async move {
             let url = database_url.unwrap_or_else(rlaifd::db::url_from_env);

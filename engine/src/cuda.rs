@@ -243,10 +243,86 @@ impl Gpu {
             }
             modules.push(m);
         }
-        let stream = ctx.default_stream();
+        // One non-blocking stream for everything (the legacy default stream cannot be captured into a CUDA graph).
+        // SAFETY: all work of this context goes through that one stream, so cudarc's cross-stream event tracking
+        // is not needed.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(derr)?;
+        // Keep freed device memory in the pool instead of returning it at every synchronisation (allocations stay
+        // cheap between decode steps and training passes; like a framework's caching allocator).
+        let pool = Self::mem_pool(&ctx)?;
+        let mut keep = u64::MAX;
+        // SAFETY: a valid pool of this device and a u64 attribute value, as the driver API specifies.
+        unsafe { cudarc::driver::sys::cuMemPoolSetAttribute(pool, cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, &mut keep as *mut u64 as *mut _) }.result().map_err(derr)?;
         let blas = CudaBlasLT::new(stream.clone()).map_err(|e| err(format!("cuBLASLt: {e:?}")))?;
         let sms = ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(derr)?.max(1) as usize;
         Ok(Ok(Gpu { ctx, stream, arch, name, _modules: modules, funcs, blas, gemv: std::sync::atomic::AtomicBool::new(true), sms }))
+    }
+
+    fn mem_pool(ctx: &CudaContext) -> Result<cudarc::driver::sys::CUmemoryPool> {
+        let mut pool = std::ptr::null_mut();
+        ctx.bind_to_thread().map_err(derr)?;
+        // SAFETY: writes the device's default pool handle into `pool`.
+        unsafe { cudarc::driver::sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) }.result().map_err(derr)?;
+        Ok(pool)
+    }
+
+    /// The most device memory allocated at once since the last `reset_peak_memory` (bytes; every buffer of this
+    /// crate comes from the device's default pool), like torch.cuda.max_memory_allocated.
+    pub fn peak_memory(&self) -> Result<u64> {
+        let pool = Self::mem_pool(&self.ctx)?;
+        let mut v = 0u64;
+        // SAFETY: reads a u64 attribute of a valid pool.
+        unsafe { cudarc::driver::sys::cuMemPoolGetAttribute(pool, cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, &mut v as *mut u64 as *mut _) }.result().map_err(derr)?;
+        Ok(v)
+    }
+
+    pub fn reset_peak_memory(&self) -> Result<()> {
+        self.stream.synchronize().map_err(derr)?;
+        let pool = Self::mem_pool(&self.ctx)?;
+        let mut zero = 0u64;
+        // SAFETY: resets the high-water mark of a valid pool (the attribute takes 0).
+        unsafe { cudarc::driver::sys::cuMemPoolSetAttribute(pool, cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, &mut zero as *mut u64 as *mut _) }.result().map_err(derr)
+    }
+
+    /// The device address of a buffer plus `offset` elements, for kernels that take a sub-matrix (a column block of
+    /// a fused buffer). The caller keeps the buffer alive and in bounds for the launch.
+    pub(crate) fn dptr<T>(&self, s: &CudaSlice<T>, offset: usize) -> u64 {
+        use cudarc::driver::DevicePtr;
+        let (p, _guard) = s.device_ptr(&self.stream);
+        p + (offset * std::mem::size_of::<T>()) as u64
+    }
+
+    /// C = alpha op(A) op(B) + beta C on row-major fp16 matrices (fp32 compute), with leading dimensions, so column
+    /// blocks of wider buffers work: op(A) is m x k (A stored m x k, or k x m when `ta`), op(B) is k x n (B stored
+    /// k x n, or n x k when `tb`), C is m x n. cuBLASLt is column-major: this is C^T = op(B)^T op(A)^T.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm(&self, a: &cudarc::driver::CudaView<f16>, lda: usize, ta: bool, b: &cudarc::driver::CudaView<f16>, ldb: usize, tb: bool, c: &mut cudarc::driver::CudaViewMut<f16>, ldc: usize, m: usize, n: usize, k: usize, alpha: f32, beta: f32) -> Result<()> {
+        let a_need = if ta { (k - 1) * lda + m } else { (m - 1) * lda + k };
+        let b_need = if tb { (n - 1) * ldb + k } else { (k - 1) * ldb + n };
+        if m == 0 || n == 0 || k == 0 || a.len() < a_need || b.len() < b_need || c.len() < (m - 1) * ldc + n {
+            return Err(err(format!("gemm {m}x{k}x{n}: a sub-matrix exceeds its buffer")));
+        }
+        let cfg = MatmulConfig {
+            transa: tb,
+            transb: ta,
+            transc: false,
+            m: n as u64,
+            n: m as u64,
+            k: k as u64,
+            alpha,
+            lda: ldb as i64,
+            ldb: lda as i64,
+            beta,
+            ldc: ldc as i64,
+            stride_a: None,
+            stride_b: None,
+            stride_c: None,
+            stride_bias: None,
+            batch_size: None,
+        };
+        // SAFETY: every operand's extent was checked against its view above.
+        unsafe { self.blas.matmul(cfg, b, a, c, None, None) }.map_err(|e| err(format!("cuBLASLt gemm {m}x{k}x{n}: {e:?}")))
     }
 
     pub(crate) fn f(&self, name: &str) -> Result<&CudaFunction> {
@@ -837,10 +913,10 @@ impl Gpu {
         b.arg(&mut delta).arg(dout).arg(out).arg(&hq).arg(&d).arg(&qs);
         unsafe { b.launch(LaunchConfig { grid_dim: (n_q as u32, heads_q as u32, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
         let mut b = self.stream.launch_builder(self.f("flash_attn_bwd_dq_f16")?);
-        b.arg(dq).arg(q).arg(k).arg(v).arg(dout).arg(lse).arg(&delta).arg(&nq).arg(&nk).arg(&hq).arg(&hk).arg(&d).arg(&qs).arg(&ks).arg(&scale).arg(&c);
+        b.arg(dq).arg(q).arg(k).arg(v).arg(dout).arg(lse).arg(&delta).arg(&nq).arg(&nk).arg(&hq).arg(&hk).arg(&d).arg(&qs).arg(&ks).arg(&qs).arg(&scale).arg(&c);
         unsafe { b.launch(LaunchConfig { grid_dim: (n_q.div_ceil(16) as u32, heads_q as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
         let mut b = self.stream.launch_builder(self.f("flash_attn_bwd_dkdv_f16")?);
-        b.arg(dk).arg(dv).arg(q).arg(k).arg(v).arg(dout).arg(lse).arg(&delta).arg(&nq).arg(&nk).arg(&hq).arg(&hk).arg(&d).arg(&qs).arg(&ks).arg(&scale).arg(&c);
+        b.arg(dk).arg(dv).arg(q).arg(k).arg(v).arg(dout).arg(lse).arg(&delta).arg(&nq).arg(&nk).arg(&hq).arg(&hk).arg(&d).arg(&qs).arg(&ks).arg(&qs).arg(&scale).arg(&c);
         unsafe { b.launch(LaunchConfig { grid_dim: (n_k.div_ceil(16) as u32, heads_kv as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
         Ok(())
     }

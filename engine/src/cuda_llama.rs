@@ -17,26 +17,26 @@ use crate::weights::WeightStore;
 use cudarc::driver::{CudaGraph, CudaSlice, PushKernelArg};
 use half::f16;
 
-struct Layer {
-    input_norm: CudaSlice<f16>,
+pub(crate) struct Layer {
+    pub(crate) input_norm: CudaSlice<f16>,
     /// [(heads + 2 kv_heads) head_dim, hidden]: the q rows, then k, then v.
-    qkv: CudaSlice<f16>,
-    o: CudaSlice<f16>,
-    post_norm: CudaSlice<f16>,
+    pub(crate) qkv: CudaSlice<f16>,
+    pub(crate) o: CudaSlice<f16>,
+    pub(crate) post_norm: CudaSlice<f16>,
     /// [2 intermediate, hidden]: the gate rows, then up.
-    gate_up: CudaSlice<f16>,
-    down: CudaSlice<f16>,
+    pub(crate) gate_up: CudaSlice<f16>,
+    pub(crate) down: CudaSlice<f16>,
 }
 
 pub struct GpuLlama {
     pub cfg: LlamaConfig,
-    embed: CudaSlice<f16>,
-    layers: Vec<Layer>,
-    norm: CudaSlice<f16>,
+    pub(crate) embed: CudaSlice<f16>,
+    pub(crate) layers: Vec<Layer>,
+    pub(crate) norm: CudaSlice<f16>,
     /// None: tied to `embed`.
-    lm_head: Option<CudaSlice<f16>>,
-    cos: CudaSlice<f32>,
-    sin: CudaSlice<f32>,
+    pub(crate) lm_head: Option<CudaSlice<f16>>,
+    pub(crate) cos: CudaSlice<f32>,
+    pub(crate) sin: CudaSlice<f32>,
     pub max_positions: usize,
 }
 
@@ -92,6 +92,8 @@ pub struct DecodeSession {
     graph: Option<CudaGraph>,
     /// Capture the first step as a CUDA graph and replay it (default); false launches every kernel each step.
     pub use_graph: bool,
+    /// Why graph replay was turned off, if capture failed.
+    pub graph_error: Option<String>,
 }
 
 impl DecodeSession {
@@ -293,7 +295,7 @@ impl GpuLlama {
         gpu.add_rmsnorm_dev(&mut s.h, &mut s.x, &s.tmp, &self.norm, rows, eps)
     }
 
-    fn head(&self) -> &CudaSlice<f16> {
+    pub(crate) fn head(&self) -> &CudaSlice<f16> {
         self.lm_head.as_ref().unwrap_or(&self.embed)
     }
 
@@ -343,7 +345,7 @@ impl GpuLlama {
         let suffix = self.new_suffix_cache(gpu, bsz, max_new)?;
         let part = gpu.decode_part_len(prompt.len() + max_new, bsz, self.cfg.num_attention_heads, self.cfg.head_dim);
         let scratch = self.scratch(gpu, bsz, bsz, part)?;
-        Ok((DecodeSession { prefix, suffix, scratch, graph: None, use_graph: true }, first))
+        Ok((DecodeSession { prefix, suffix, scratch, graph: None, use_graph: true, graph_error: None }, first))
     }
 
     /// One step of every sequence of `sess`: `tokens[b]` is sequence b's newest token; returns the next-token logits
@@ -359,13 +361,19 @@ impl GpuLlama {
         s.memcpy_htod(&vec![(sess.prefix.len + sess.suffix.len) as i32; bsz], &mut sess.scratch.pos).map_err(derr)?;
         s.memcpy_htod(&vec![(sess.suffix.len + 1) as i32; bsz], &mut sess.suffix.lens).map_err(derr)?;
         let (c, vocab) = (self.cfg.hidden_size, self.cfg.vocab_size);
-        let DecodeSession { prefix, suffix, scratch, graph, use_graph } = sess;
+        let DecodeSession { prefix, suffix, scratch, graph, use_graph, graph_error } = sess;
         if graph.is_none() && *use_graph {
             s.begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(derr)?;
             let enq = self.enqueue_layers(gpu, scratch, &mut Attend::Decode { prefix: &*prefix, suffix: &mut *suffix }).and_then(|_| gpu.matmul_dev(&scratch.h, self.head(), &mut scratch.logits, bsz, c, vocab));
             let captured = s.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
-            enq?;
-            *graph = captured.map_err(|e| err(format!("CUDA graph capture of a decode step failed: {e:?}")))?;
+            match (enq, captured) {
+                (Ok(()), Ok(Some(g))) => *graph = Some(g),
+                // Nothing captured ran: fall back to launching the kernels (and say why).
+                (enq, captured) => {
+                    *use_graph = false;
+                    *graph_error = Some(format!("CUDA graph capture of a decode step failed ({enq:?}, {:?}); launching kernels directly", captured.map(|g| g.is_some())));
+                }
+            }
         }
         match graph {
             Some(g) if *use_graph => g.launch().map_err(derr)?,
@@ -497,6 +505,9 @@ pub fn bench(gpu: &Gpu, cfg: &LlamaConfig, prompt: usize, decode: usize, reps: u
         for _ in 0..decode {
             let tok = crate::sampling::argmax(&logits);
             logits = model.decode_step(gpu, &mut sess, &[tok])?;
+        }
+        if let Some(e) = &sess.graph_error {
+            eprintln!("bench: {e}");
         }
         Ok((decode as f64 / t.elapsed().as_secs_f64(), pf))
     };

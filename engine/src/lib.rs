@@ -11,6 +11,7 @@ pub mod clip;
 pub mod config;
 pub mod cuda;
 pub mod cuda_llama;
+pub mod cuda_train;
 pub mod error;
 pub mod feedback;
 pub mod generate;

@@ -48,6 +48,25 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
+/// Token ids ordered by logit, descending, ties in index order (the order of a stable sort by `f32::total_cmp`),
+/// computed as one unstable sort of u64 keys (logit's total-order bits inverted, then the index): several times
+/// faster than sorting indices through the logits, which matters when n answers sample each step.
+pub fn sorted_desc(logits: &[f32]) -> Vec<u32> {
+    let mut keys: Vec<u64> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            // f32::total_cmp's key: flip the magnitude bits of negatives, compare as i32; as u32 with the sign bit
+            // flipped; inverted for descending order.
+            let b = v.to_bits() as i32;
+            let k = (b ^ ((((b >> 31) as u32) >> 1) as i32)) as u32 ^ 0x8000_0000;
+            ((!k as u64) << 32) | i as u64
+        })
+        .collect();
+    keys.sort_unstable();
+    keys.into_iter().map(|k| k as u32).collect()
+}
+
 /// Picks the next token. `seen` are the tokens the repetition penalty applies to (prompt + answer so far);
 /// `logits` is modified.
 pub fn sample(logits: &mut [f32], seen: &[u32], p: &SamplingParams, rng: &mut SplitMix64) -> u32 {
@@ -64,9 +83,7 @@ pub fn sample(logits: &mut [f32], seen: &[u32], p: &SamplingParams, rng: &mut Sp
     if p.temperature == 0.0 {
         return argmax(logits);
     }
-    // Candidates sorted by logit, descending (stable, so ties keep index order).
-    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
-    idx.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
+    let mut idx = sorted_desc(logits);
     if p.top_k > 0 && p.top_k < idx.len() {
         idx.truncate(p.top_k);
     }
@@ -98,4 +115,27 @@ pub fn sample(logits: &mut [f32], seen: &[u32], p: &SamplingParams, rng: &mut Sp
         u -= q;
     }
     idx[probs.len() - 1]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sorted_desc_is_the_stable_descending_total_order() {
+        let mut rng = SplitMix64::new(9);
+        // Ties (values on a coarse grid), signed zeros, infinities, a NaN: the order must be exactly the stable
+        // sort by total_cmp the sampler always used, or sampled answers would change.
+        let mut logits: Vec<f32> = (0..5000).map(|_| ((rng.next_f64() * 40.0 - 20.0).round() / 4.0) as f32).collect();
+        logits[7] = -0.0;
+        logits[8] = 0.0;
+        logits[9] = f32::INFINITY;
+        logits[10] = f32::NEG_INFINITY;
+        logits[11] = f32::NAN;
+        logits[12] = f32::MAX;
+        logits[13] = -f32::MIN_POSITIVE;
+        let mut want: Vec<u32> = (0..logits.len() as u32).collect();
+        want.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
+        assert_eq!(sorted_desc(&logits), want);
+    }
 }

@@ -1,0 +1,553 @@
+//! CUDA II: LoRA training of the GPU decoder (`cuda_llama::GpuLlama`) in mixed precision. fp16 weights and
+//! activations; the LoRA factors of every linear layer (q, k, v, o, gate, up, down) kept as fp32 master weights
+//! with fp16 copies for the passes; gradients of one backward pass in fp16, loss-scaled, added into fp32
+//! accumulators; dynamic loss scaling (`cuda::LossScaler`: an overflowing step is skipped and the scale halved);
+//! gradient clipping on the unscaled norm; AdamW (`kernels/optim.cu`). Every op is a kernel of `kernels/*.cu`
+//! (forward and backward) or a cuBLASLt GEMM; the log-probs of the answer are computed one block of rows at a time
+//! (`logprob_gather_f16`, `logprob_bwd_f16`), so the softmax over the vocabulary never exists for more than one
+//! block. Text tokens only (no vision tower yet). `engine/tests/cuda_train.rs` checks the DPO loss and every LoRA
+//! gradient against the CPU backend.
+
+use crate::adapter::Adapter;
+use crate::config::LlamaConfig;
+use crate::cuda::{derr, err, to_i32, AdamW, Gpu, LossScaler};
+use crate::cuda_llama::GpuLlama;
+use crate::error::Result;
+use crate::train::dpo::{pair_loss, DpoConfig, PairLogps};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use half::f16;
+
+/// The decoder's linear layers LoRA trains, in slot order.
+pub const PROJECTIONS: [&str; 7] = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"];
+const Q: usize = 0;
+const K: usize = 1;
+const V: usize = 2;
+const O: usize = 3;
+const G: usize = 4;
+const U: usize = 5;
+const D: usize = 6;
+/// Answer rows whose logits exist at once.
+const LOGIT_BLOCK: usize = 256;
+
+/// (in, out) features of projection `j`.
+fn projection_shape(cfg: &LlamaConfig, j: usize) -> (usize, usize) {
+    let (c, h, kvh, hd, i) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size);
+    match j {
+        Q => (c, h * hd),
+        K | V => (c, kvh * hd),
+        O => (h * hd, c),
+        G | U => (c, i),
+        _ => (i, c),
+    }
+}
+
+/// Where one module's factors sit in the flat parameter buffers: A (r, in) at `a`, B (out, r) at `b`.
+#[derive(Clone, Copy, Debug)]
+struct Slot {
+    n_in: usize,
+    n_out: usize,
+    a: usize,
+    b: usize,
+}
+
+/// The LoRA adapter of every linear layer of the decoder, on the device, with its optimizer state.
+pub struct GpuLora {
+    pub r: usize,
+    pub scale: f32,
+    slots: Vec<[Slot; 7]>,
+    /// Every parameter in one flat buffer each: fp32 master weights, their fp16 copies (what the passes read),
+    /// the accumulated loss-scaled gradients (fp32), AdamW's moments.
+    p32: CudaSlice<f32>,
+    p16: CudaSlice<f16>,
+    g32: CudaSlice<f32>,
+    m: CudaSlice<f32>,
+    v: CudaSlice<f32>,
+    /// One backward pass's fp16 gradients, added into `g32` after the pass.
+    g16: CudaSlice<f16>,
+    /// Optimizer steps taken (skipped overflow steps excluded).
+    pub steps: u32,
+    pub scaler: LossScaler,
+}
+
+/// What one training step measured.
+#[derive(Clone, Debug)]
+pub struct StepReport {
+    /// The loss (unscaled).
+    pub loss: f64,
+    pub logps: PairLogps,
+    /// The unscaled gradient norm before clipping; None when the step overflowed and was skipped (or when no
+    /// optimizer step was asked for).
+    pub grad_norm: Option<f64>,
+    /// The loss scale the step ran with.
+    pub loss_scale: f32,
+}
+
+/// Saved activations of one layer for the backward pass.
+struct LayerTape {
+    x_in: CudaSlice<f16>,
+    h1: CudaSlice<f16>,
+    /// After RoPE.
+    qkv: CudaSlice<f16>,
+    att: CudaSlice<f16>,
+    lse: CudaSlice<f32>,
+    x_mid: CudaSlice<f16>,
+    h2: CudaSlice<f16>,
+    gu: CudaSlice<f16>,
+    act: CudaSlice<f16>,
+    /// x A^T of each module (rows, r).
+    t: Vec<CudaSlice<f16>>,
+}
+
+/// One sequence's forward pass, kept for its backward.
+struct SeqTape {
+    rows: usize,
+    answer_start: usize,
+    layers: Vec<LayerTape>,
+    x_final: CudaSlice<f16>,
+    hf: CudaSlice<f16>,
+    labels: CudaSlice<i32>,
+    lse: CudaSlice<f32>,
+    logp_sum: f64,
+}
+
+impl GpuLora {
+    fn build(gpu: &Gpu, cfg: &LlamaConfig, r: usize, scale: f32, mut values: impl FnMut(usize, usize, Slot) -> Result<(Vec<f32>, Vec<f32>)>) -> Result<GpuLora> {
+        if r == 0 {
+            return Err(err("LoRA rank must be at least 1"));
+        }
+        let mut slots = Vec::with_capacity(cfg.num_hidden_layers);
+        let mut total = 0usize;
+        for _ in 0..cfg.num_hidden_layers {
+            let mut layer = [Slot { n_in: 0, n_out: 0, a: 0, b: 0 }; 7];
+            for (j, slot) in layer.iter_mut().enumerate() {
+                let (n_in, n_out) = projection_shape(cfg, j);
+                *slot = Slot { n_in, n_out, a: total, b: total + r * n_in };
+                total += r * (n_in + n_out);
+            }
+            slots.push(layer);
+        }
+        let mut host = vec![0.0f32; total];
+        for (l, layer) in slots.iter().enumerate() {
+            for (j, sl) in layer.iter().enumerate() {
+                let (a, b) = values(l, j, *sl)?;
+                if a.len() != r * sl.n_in || b.len() != sl.n_out * r {
+                    return Err(err(format!("LoRA layer {l} {}: A has {} values and B {} (expected {} and {})", PROJECTIONS[j], a.len(), b.len(), r * sl.n_in, sl.n_out * r)));
+                }
+                host[sl.a..sl.a + a.len()].copy_from_slice(&a);
+                host[sl.b..sl.b + b.len()].copy_from_slice(&b);
+            }
+        }
+        let s = &gpu.stream;
+        let zeros = || s.alloc_zeros::<f32>(total).map_err(derr);
+        Ok(GpuLora {
+            r,
+            scale,
+            slots,
+            p32: s.clone_htod(&host).map_err(derr)?,
+            p16: gpu.upload_f16(&host)?,
+            g32: zeros()?,
+            m: zeros()?,
+            v: zeros()?,
+            g16: s.alloc_zeros::<f16>(total).map_err(derr)?,
+            steps: 0,
+            scaler: LossScaler::new(65536.0, 2000),
+        })
+    }
+
+    /// Random factors (benchmarks): A uniform in ±1/sqrt(in) as peft initialises it, B uniform in ±0.01 (peft
+    /// starts B at 0; non-zero here so every gradient path carries values). Scale alpha / r.
+    pub fn random(gpu: &Gpu, cfg: &LlamaConfig, r: usize, alpha: f32, seed: u64) -> Result<GpuLora> {
+        let mut rng = crate::rng::SplitMix64::new(seed);
+        Self::build(gpu, cfg, r, alpha / r as f32, |_, _, sl| {
+            let bound = 1.0 / (sl.n_in as f64).sqrt();
+            let a = (0..r * sl.n_in).map(|_| ((rng.next_f64() * 2.0 - 1.0) * bound) as f32).collect();
+            let b = (0..sl.n_out * r).map(|_| ((rng.next_f64() * 2.0 - 1.0) * 0.01) as f32).collect();
+            Ok((a, b))
+        })
+    }
+
+    /// The decoder modules of a PEFT adapter (every one of the seven projections of every layer, one rank and
+    /// scale; modules elsewhere, such as the vision tower's, are not trained here).
+    pub fn from_adapter(gpu: &Gpu, cfg: &LlamaConfig, adapter: &Adapter) -> Result<GpuLora> {
+        let name = |l: usize, j: usize| format!("language_model.layers.{l}.{}", PROJECTIONS[j]);
+        let first = adapter.module(&name(0, 0)).ok_or_else(|| err(format!("the adapter has no module {} (the GPU trainer needs LoRA on all seven projections of every decoder layer)", name(0, 0))))?;
+        let (r, scale) = (first.r, first.scale);
+        Self::build(gpu, cfg, r, scale, |l, j, _| {
+            let m = adapter.module(&name(l, j)).ok_or_else(|| err(format!("the adapter has no module {} (the GPU trainer needs LoRA on all seven projections of every decoder layer)", name(l, j))))?;
+            if m.r != r || m.scale != scale {
+                return Err(err(format!("{}: rank {} and scale {} differ from the adapter's first module ({r}, {scale})", name(l, j), m.r, m.scale)));
+            }
+            Ok((m.a.clone(), m.b.clone()))
+        })
+    }
+
+    /// Trainable parameters.
+    pub fn param_count(&self) -> usize {
+        self.p32.len()
+    }
+
+    /// The accumulated (loss-scaled) gradients of layer `l`, projection `j` (index into `PROJECTIONS`): (dA, dB).
+    pub fn grads(&self, gpu: &Gpu, l: usize, j: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        let sl = self.slots.get(l).and_then(|x| x.get(j)).ok_or_else(|| err(format!("no LoRA module at layer {l}, slot {j}")))?;
+        let all = gpu.stream.clone_dtoh(&self.g32).map_err(derr)?;
+        Ok((all[sl.a..sl.a + self.r * sl.n_in].to_vec(), all[sl.b..sl.b + sl.n_out * self.r].to_vec()))
+    }
+
+    /// The current factors of layer `l`, projection `j`: (A, B) from the fp32 masters.
+    pub fn factors(&self, gpu: &Gpu, l: usize, j: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        let sl = self.slots.get(l).and_then(|x| x.get(j)).ok_or_else(|| err(format!("no LoRA module at layer {l}, slot {j}")))?;
+        let all = gpu.stream.clone_dtoh(&self.p32).map_err(derr)?;
+        Ok((all[sl.a..sl.a + self.r * sl.n_in].to_vec(), all[sl.b..sl.b + sl.n_out * self.r].to_vec()))
+    }
+
+    /// y[:, y_off..y_off + out] += scale * (x A^T) B^T for `rows` rows (y rows `ldy` apart); t = x A^T is kept.
+    #[allow(clippy::too_many_arguments)]
+    fn lora_fwd(&self, gpu: &Gpu, l: usize, j: usize, x: &CudaSlice<f16>, t: &mut CudaSlice<f16>, y: &mut CudaSlice<f16>, y_off: usize, ldy: usize, rows: usize) -> Result<()> {
+        let (sl, r) = (self.slots[l][j], self.r);
+        gpu.gemm(&x.slice(..), sl.n_in, false, &self.p16.slice(sl.a..sl.a + r * sl.n_in), sl.n_in, true, &mut t.slice_mut(..), r, rows, r, sl.n_in, 1.0, 0.0)?;
+        gpu.gemm(&t.slice(..), r, false, &self.p16.slice(sl.b..sl.b + sl.n_out * r), r, true, &mut y.slice_mut(y_off..), ldy, rows, sl.n_out, r, self.scale, 1.0)
+    }
+
+    /// Backward of `lora_fwd`: given dy (columns dy_off.. of rows ldy apart), writes dA and dB into `g16` and adds
+    /// the LoRA path's input gradient into dx.
+    #[allow(clippy::too_many_arguments)]
+    fn lora_bwd(&mut self, gpu: &Gpu, l: usize, j: usize, x: &CudaSlice<f16>, t: &CudaSlice<f16>, dy: &CudaSlice<f16>, dy_off: usize, ldy: usize, dx: &mut CudaSlice<f16>, rows: usize) -> Result<()> {
+        let (sl, r, s) = (self.slots[l][j], self.r, self.scale);
+        let mut dt = gpu.stream.alloc_zeros::<f16>(rows * r).map_err(derr)?;
+        // dB = s dy^T t; dt = s dy B; dA = dt^T x; dx += dt A.
+        gpu.gemm(&dy.slice(dy_off..), ldy, true, &t.slice(..), r, false, &mut self.g16.slice_mut(sl.b..sl.b + sl.n_out * r), r, sl.n_out, r, rows, s, 0.0)?;
+        gpu.gemm(&dy.slice(dy_off..), ldy, false, &self.p16.slice(sl.b..sl.b + sl.n_out * r), r, false, &mut dt.slice_mut(..), r, rows, r, sl.n_out, s, 0.0)?;
+        gpu.gemm(&dt.slice(..), r, true, &x.slice(..), sl.n_in, false, &mut self.g16.slice_mut(sl.a..sl.a + r * sl.n_in), sl.n_in, r, sl.n_in, rows, 1.0, 0.0)?;
+        gpu.gemm(&dt.slice(..), r, false, &self.p16.slice(sl.a..sl.a + r * sl.n_in), sl.n_in, false, &mut dx.slice_mut(..), sl.n_in, rows, sl.n_in, r, 1.0, 1.0)
+    }
+
+    /// The forward pass of `ids` under base + this adapter, saving what the backward needs; the log-probs of
+    /// ids[answer_start..] (each predicted from the position before it).
+    fn forward(&self, gpu: &Gpu, model: &GpuLlama, ids: &[u32], answer_start: usize) -> Result<SeqTape> {
+        let cfg = &model.cfg;
+        let rows = ids.len();
+        if answer_start == 0 || answer_start >= rows || rows > model.max_positions {
+            return Err(err(format!("training sequence of {rows} tokens with the answer from {answer_start} (needs a prompt, an answer and at most {} positions)", model.max_positions)));
+        }
+        if let Some((at, t)) = ids.iter().enumerate().find(|(_, &t)| t as usize >= cfg.vocab_size) {
+            return Err(err(format!("token id {t} at position {at} is outside the vocabulary of {}", cfg.vocab_size)));
+        }
+        let (c, h, kvh, hd, inter, vocab) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size, cfg.vocab_size);
+        let nqkv = (h + 2 * kvh) * hd;
+        let eps = cfg.rms_norm_eps as f32;
+        let s = &gpu.stream;
+        let a = |n: usize| s.alloc_zeros::<f16>(n).map_err(derr);
+        let ids32: Vec<i32> = ids.iter().map(|&t| t as i32).collect();
+        let dids = s.clone_htod(&ids32).map_err(derr)?;
+        let pos: Vec<i32> = (0..rows as i32).collect();
+        let dpos = s.clone_htod(&pos).map_err(derr)?;
+        let mut flag = s.alloc_zeros::<i32>(1).map_err(derr)?;
+        let mut x = a(rows * c)?;
+        gpu.embedding_ids_dev(&mut x, &model.embed, c, &dids, rows, &mut flag)?;
+        let mut layers = Vec::with_capacity(model.layers.len());
+        for (li, l) in model.layers.iter().enumerate() {
+            let x_in = x.try_clone().map_err(derr)?;
+            let mut h1 = a(rows * c)?;
+            gpu.rmsnorm_dev(&mut h1, &x, &l.input_norm, rows, eps)?;
+            let mut qkv = a(rows * nqkv)?;
+            gpu.linear_device(&h1, &l.qkv, &mut qkv, rows, c, nqkv)?;
+            let mut t = Vec::with_capacity(7);
+            for _ in 0..7 {
+                t.push(a(rows * self.r)?);
+            }
+            for (j, off) in [(Q, 0), (K, h * hd), (V, (h + kvh) * hd)] {
+                self.lora_fwd(gpu, li, j, &h1, &mut t[j], &mut qkv, off, nqkv, rows)?;
+            }
+            gpu.rope_strided_dev(&mut qkv, &dpos, &model.cos, &model.sin, rows, h + kvh, hd, nqkv)?;
+            let mut att = a(rows * h * hd)?;
+            let mut lse = s.alloc_zeros::<f32>(rows * h).map_err(derr)?;
+            attention_fwd(gpu, cfg, &qkv, &mut att, &mut lse, rows)?;
+            let mut tmp = a(rows * c)?;
+            gpu.linear_device(&att, &l.o, &mut tmp, rows, h * hd, c)?;
+            self.lora_fwd(gpu, li, O, &att, &mut t[O], &mut tmp, 0, c, rows)?;
+            gpu.residual_add_dev(&mut x, &tmp, rows * c)?;
+            let x_mid = x.try_clone().map_err(derr)?;
+            let mut h2 = a(rows * c)?;
+            gpu.rmsnorm_dev(&mut h2, &x, &l.post_norm, rows, eps)?;
+            let mut gu = a(rows * 2 * inter)?;
+            gpu.linear_device(&h2, &l.gate_up, &mut gu, rows, c, 2 * inter)?;
+            self.lora_fwd(gpu, li, G, &h2, &mut t[G], &mut gu, 0, 2 * inter, rows)?;
+            self.lora_fwd(gpu, li, U, &h2, &mut t[U], &mut gu, inter, 2 * inter, rows)?;
+            let mut act = a(rows * inter)?;
+            gpu.swiglu_fused_dev(&mut act, &gu, rows, inter)?;
+            gpu.linear_device(&act, &l.down, &mut tmp, rows, inter, c)?;
+            self.lora_fwd(gpu, li, D, &act, &mut t[D], &mut tmp, 0, c, rows)?;
+            gpu.residual_add_dev(&mut x, &tmp, rows * c)?;
+            layers.push(LayerTape { x_in, h1, qkv, att, lse, x_mid, h2, gu, act, t });
+        }
+        let mut hf = a(rows * c)?;
+        gpu.rmsnorm_dev(&mut hf, &x, &model.norm, rows, eps)?;
+        let n_ans = rows - answer_start;
+        let labels = s.clone_htod(&ids32[answer_start..]).map_err(derr)?;
+        let logp = s.alloc_zeros::<f32>(n_ans).map_err(derr)?;
+        let lse = s.alloc_zeros::<f32>(n_ans).map_err(derr)?;
+        let mut logits = a(LOGIT_BLOCK.min(n_ans) * vocab)?;
+        let v32 = to_i32(vocab, "vocab")?;
+        for b0 in (0..n_ans).step_by(LOGIT_BLOCK) {
+            let nb = LOGIT_BLOCK.min(n_ans - b0);
+            let first = (answer_start - 1 + b0) * c;
+            gpu.gemm(&hf.slice(first..), c, false, &model.head().slice(..), c, true, &mut logits.slice_mut(..), vocab, nb, vocab, c, 1.0, 0.0)?;
+            let (po, lo, yo) = (gpu.dptr(&logp, b0), gpu.dptr(&lse, b0), gpu.dptr(&labels, b0));
+            let mut b = s.launch_builder(gpu.f("logprob_gather_f16")?);
+            b.arg(&po).arg(&lo).arg(&logits).arg(&yo).arg(&v32);
+            unsafe { b.launch(LaunchConfig { grid_dim: (nb as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+        }
+        let logp_sum = s.clone_dtoh(&logp).map_err(derr)?.iter().map(|&v| v as f64).sum();
+        Ok(SeqTape { rows, answer_start, layers, x_final: x, hf, labels, lse, logp_sum })
+    }
+
+    /// The backward pass of `tape` for a loss whose derivative with respect to each answer token's log-prob is
+    /// `dlogp` (already multiplied by the loss scale); the LoRA gradients are added into the fp32 accumulators.
+    fn backward(&mut self, gpu: &Gpu, model: &GpuLlama, tape: &SeqTape, dlogp: f32) -> Result<()> {
+        let cfg = &model.cfg;
+        let rows = tape.rows;
+        let (c, h, kvh, hd, inter, vocab) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size, cfg.vocab_size);
+        let nqkv = (h + 2 * kvh) * hd;
+        let eps = cfg.rms_norm_eps as f32;
+        let s = gpu.stream.clone();
+        let a = |n: usize| s.alloc_zeros::<f16>(n).map_err(derr);
+        // The head, one block of answer rows at a time: recompute the logits, turn them into their gradient in
+        // place, and multiply back into the hidden rows.
+        let n_ans = rows - tape.answer_start;
+        let dl = s.clone_htod(&vec![dlogp; n_ans]).map_err(derr)?;
+        let mut dhf = a(rows * c)?;
+        let mut logits = a(LOGIT_BLOCK.min(n_ans) * vocab)?;
+        let v32 = to_i32(vocab, "vocab")?;
+        for b0 in (0..n_ans).step_by(LOGIT_BLOCK) {
+            let nb = LOGIT_BLOCK.min(n_ans - b0);
+            let first = (tape.answer_start - 1 + b0) * c;
+            gpu.gemm(&tape.hf.slice(first..), c, false, &model.head().slice(..), c, true, &mut logits.slice_mut(..), vocab, nb, vocab, c, 1.0, 0.0)?;
+            let (lo, yo, wo) = (gpu.dptr(&tape.lse, b0), gpu.dptr(&tape.labels, b0), gpu.dptr(&dl, b0));
+            let mut b = s.launch_builder(gpu.f("logprob_bwd_f16")?);
+            b.arg(&mut logits).arg(&lo).arg(&yo).arg(&wo).arg(&v32);
+            unsafe { b.launch(LaunchConfig { grid_dim: (nb as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+            gpu.gemm(&logits.slice(..), vocab, false, &model.head().slice(..), c, false, &mut dhf.slice_mut(first..), c, nb, c, vocab, 1.0, 0.0)?;
+        }
+        let mut dx = a(rows * c)?;
+        gpu.rmsnorm_bwd_dev(&mut dx, None, &dhf, &tape.x_final, &model.norm, rows, eps)?;
+        drop((dhf, logits));
+        let mut tmp = a(rows * c)?;
+        let mut dh = a(rows * c)?;
+        for li in (0..model.layers.len()).rev() {
+            let (l, lt) = (&model.layers[li], &tape.layers[li]);
+            // MLP: x_out = x_mid + down(swiglu(gate_up(rmsnorm(x_mid)))).
+            let mut dact = a(rows * inter)?;
+            gpu.gemm(&dx.slice(..), c, false, &l.down.slice(..), inter, false, &mut dact.slice_mut(..), inter, rows, inter, c, 1.0, 0.0)?;
+            self.lora_bwd(gpu, li, D, &lt.act, &lt.t[D], &dx, 0, c, &mut dact, rows)?;
+            let mut dgu = a(rows * 2 * inter)?;
+            swiglu_bwd(gpu, &mut dgu, &dact, &lt.gu, rows, inter)?;
+            drop(dact);
+            gpu.gemm(&dgu.slice(..), 2 * inter, false, &l.gate_up.slice(..), c, false, &mut dh.slice_mut(..), c, rows, c, 2 * inter, 1.0, 0.0)?;
+            self.lora_bwd(gpu, li, G, &lt.h2, &lt.t[G], &dgu, 0, 2 * inter, &mut dh, rows)?;
+            self.lora_bwd(gpu, li, U, &lt.h2, &lt.t[U], &dgu, inter, 2 * inter, &mut dh, rows)?;
+            drop(dgu);
+            gpu.rmsnorm_bwd_dev(&mut tmp, None, &dh, &lt.x_mid, &l.post_norm, rows, eps)?;
+            gpu.residual_add_dev(&mut dx, &tmp, rows * c)?;
+            // Attention: x_mid = x_in + o(attention(rope(qkv(rmsnorm(x_in))))).
+            let mut datt = a(rows * h * hd)?;
+            gpu.gemm(&dx.slice(..), c, false, &l.o.slice(..), h * hd, false, &mut datt.slice_mut(..), h * hd, rows, h * hd, c, 1.0, 0.0)?;
+            self.lora_bwd(gpu, li, O, &lt.att, &lt.t[O], &dx, 0, c, &mut datt, rows)?;
+            let mut dqkv = a(rows * nqkv)?;
+            attention_bwd(gpu, cfg, lt, &datt, &mut dqkv, rows)?;
+            drop(datt);
+            rope_bwd(gpu, model, &mut dqkv, rows)?;
+            gpu.gemm(&dqkv.slice(..), nqkv, false, &l.qkv.slice(..), c, false, &mut dh.slice_mut(..), c, rows, c, nqkv, 1.0, 0.0)?;
+            for (j, off) in [(Q, 0), (K, h * hd), (V, (h + kvh) * hd)] {
+                self.lora_bwd(gpu, li, j, &lt.h1, &lt.t[j], &dqkv, off, nqkv, &mut dh, rows)?;
+            }
+            gpu.rmsnorm_bwd_dev(&mut tmp, None, &dh, &lt.x_in, &l.input_norm, rows, eps)?;
+            gpu.residual_add_dev(&mut dx, &tmp, rows * c)?;
+        }
+        gpu.grad_accumulate_dev(&mut self.g32, &self.g16)
+    }
+
+    /// Checks the accumulated gradients, then (unless they overflowed) takes one AdamW step with them, unscaled
+    /// and clipped to `max_grad_norm`; the accumulators are zeroed either way. Returns the unscaled gradient norm,
+    /// None for a skipped step.
+    pub fn optimizer_step(&mut self, gpu: &Gpu, opt: &AdamW, max_grad_norm: f64) -> Result<Option<f64>> {
+        let sumsq = gpu.sumsq_dev(&self.g32)?;
+        match self.scaler.step(sumsq, max_grad_norm) {
+            None => {
+                gpu.stream.memset_zeros(&mut self.g32).map_err(derr)?;
+                Ok(None)
+            }
+            Some((norm, factor)) => {
+                self.steps += 1;
+                gpu.adamw_dev(&mut self.p32, &mut self.m, &mut self.v, &mut self.g32, Some(&mut self.p16), opt, self.steps, factor)?;
+                Ok(Some(norm))
+            }
+        }
+    }
+
+    /// One DPO pair: forward passes of prompt+chosen and prompt+rejected under base + adapter, the loss of
+    /// `crate::train::dpo::pair_loss` against the reference log-probs `refs` (chosen, rejected), both backward
+    /// passes (gradients loss-scaled, accumulated), then an optimizer step when `opt` is given (with its clipping
+    /// norm). Without `opt` the scaled gradients stay accumulated (`grads`, divided by `scaler.scale`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn dpo_step(&mut self, gpu: &Gpu, model: &GpuLlama, prompt: &[u32], chosen: &[u32], rejected: &[u32], refs: (f64, f64), cfg: &DpoConfig, opt: Option<(&AdamW, f64)>) -> Result<StepReport> {
+        if chosen.is_empty() || rejected.is_empty() {
+            return Err(err("chosen and rejected answers must not be empty"));
+        }
+        let seq = |a: &[u32]| [prompt, a].concat();
+        let tc = self.forward(gpu, model, &seq(chosen), prompt.len())?;
+        let tr = self.forward(gpu, model, &seq(rejected), prompt.len())?;
+        let logps = PairLogps { policy_chosen: tc.logp_sum, policy_rejected: tr.logp_sum, ref_chosen: refs.0, ref_rejected: refs.1 };
+        let (loss, d_pc, d_pr) = pair_loss(cfg, &logps, chosen.len(), rejected.len());
+        if !loss.is_finite() {
+            return Err(err(format!("the loss is {loss} (log-probs {logps:?})")));
+        }
+        let scale = self.scaler.scale;
+        self.backward(gpu, model, &tc, (d_pc * scale as f64) as f32)?;
+        drop(tc);
+        self.backward(gpu, model, &tr, (d_pr * scale as f64) as f32)?;
+        drop(tr);
+        let grad_norm = match opt {
+            Some((o, clip)) => self.optimizer_step(gpu, o, clip)?,
+            None => None,
+        };
+        Ok(StepReport { loss, logps, grad_norm, loss_scale: scale })
+    }
+
+    /// One SFT example: the mean negative log-likelihood of `answer` after `prompt`, its backward pass and an
+    /// optimizer step when `opt` is given. Returns the loss.
+    pub fn sft_step(&mut self, gpu: &Gpu, model: &GpuLlama, prompt: &[u32], answer: &[u32], opt: Option<(&AdamW, f64)>) -> Result<(f64, Option<f64>)> {
+        if answer.is_empty() {
+            return Err(err("the answer must not be empty"));
+        }
+        let t = self.forward(gpu, model, &[prompt, answer].concat(), prompt.len())?;
+        let n = answer.len() as f64;
+        let loss = -t.logp_sum / n;
+        self.backward(gpu, model, &t, (-1.0 / n * self.scaler.scale as f64) as f32)?;
+        drop(t);
+        let norm = match opt {
+            Some((o, clip)) => self.optimizer_step(gpu, o, clip)?,
+            None => None,
+        };
+        Ok((loss, norm))
+    }
+
+    /// Summed log-prob of `answer` after `prompt` under base + adapter (no tape kept).
+    pub fn answer_logp(&self, gpu: &Gpu, model: &GpuLlama, prompt: &[u32], answer: &[u32]) -> Result<f64> {
+        Ok(self.forward(gpu, model, &[prompt, answer].concat(), prompt.len())?.logp_sum)
+    }
+}
+
+/// Causal attention of a fused QKV buffer (after RoPE) into `att`, saving each row's log-sum-exp.
+fn attention_fwd(gpu: &Gpu, cfg: &LlamaConfig, qkv: &CudaSlice<f16>, att: &mut CudaSlice<f16>, lse: &mut CudaSlice<f32>, rows: usize) -> Result<()> {
+    let (h, kvh, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+    let (q, k, v) = (gpu.dptr(qkv, 0), gpu.dptr(qkv, h * hd), gpu.dptr(qkv, (h + kvh) * hd));
+    let (n, hq, hk, d) = (to_i32(rows, "rows")?, to_i32(h, "heads")?, to_i32(kvh, "heads")?, to_i32(hd, "head_dim")?);
+    let (st, os) = (to_i32((h + 2 * kvh) * hd, "stride")?, hq * d);
+    let (scale, causal) = (1.0f32 / (hd as f32).sqrt(), 1i32);
+    let mut b = gpu.stream.launch_builder(gpu.f("flash_attn_prefill_f16")?);
+    b.arg(att).arg(&q).arg(&k).arg(&v).arg(&n).arg(&n).arg(&hq).arg(&hk).arg(&d).arg(&st).arg(&st).arg(&os).arg(&scale).arg(&causal).arg(lse);
+    unsafe { b.launch(LaunchConfig { grid_dim: (rows.div_ceil(16) as u32, h as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+    Ok(())
+}
+
+/// Backward of `attention_fwd`: dq, dk, dv written into the fused `dqkv` (before RoPE's backward).
+fn attention_bwd(gpu: &Gpu, cfg: &LlamaConfig, lt: &LayerTape, datt: &CudaSlice<f16>, dqkv: &mut CudaSlice<f16>, rows: usize) -> Result<()> {
+    let (h, kvh, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+    let (n, hq, hk, d) = (to_i32(rows, "rows")?, to_i32(h, "heads")?, to_i32(kvh, "heads")?, to_i32(hd, "head_dim")?);
+    let (st, os) = (to_i32((h + 2 * kvh) * hd, "stride")?, hq * d);
+    let (scale, causal) = (1.0f32 / (hd as f32).sqrt(), 1i32);
+    let s = &gpu.stream;
+    let mut delta = s.alloc_zeros::<f32>(rows * h).map_err(derr)?;
+    let mut b = s.launch_builder(gpu.f("attn_bwd_delta_f16")?);
+    b.arg(&mut delta).arg(datt).arg(&lt.att).arg(&hq).arg(&d).arg(&os);
+    unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, h as u32, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+    let (q, k, v) = (gpu.dptr(&lt.qkv, 0), gpu.dptr(&lt.qkv, h * hd), gpu.dptr(&lt.qkv, (h + kvh) * hd));
+    let (dq, dk, dv) = (gpu.dptr(dqkv, 0), gpu.dptr(dqkv, h * hd), gpu.dptr(dqkv, (h + kvh) * hd));
+    let mut b = s.launch_builder(gpu.f("flash_attn_bwd_dq_f16")?);
+    b.arg(&dq).arg(&q).arg(&k).arg(&v).arg(datt).arg(&lt.lse).arg(&delta).arg(&n).arg(&n).arg(&hq).arg(&hk).arg(&d).arg(&st).arg(&st).arg(&os).arg(&scale).arg(&causal);
+    unsafe { b.launch(LaunchConfig { grid_dim: (rows.div_ceil(16) as u32, h as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+    let mut b = s.launch_builder(gpu.f("flash_attn_bwd_dkdv_f16")?);
+    b.arg(&dk).arg(&dv).arg(&q).arg(&k).arg(&v).arg(datt).arg(&lt.lse).arg(&delta).arg(&n).arg(&n).arg(&hq).arg(&hk).arg(&d).arg(&st).arg(&st).arg(&os).arg(&scale).arg(&causal);
+    unsafe { b.launch(LaunchConfig { grid_dim: (rows.div_ceil(16) as u32, kvh as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+    Ok(())
+}
+
+/// RoPE's backward on the q and k columns of a fused dqkv.
+fn rope_bwd(gpu: &Gpu, model: &GpuLlama, dqkv: &mut CudaSlice<f16>, rows: usize) -> Result<()> {
+    let cfg = &model.cfg;
+    let (h, kvh, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+    let pos: Vec<i32> = (0..rows as i32).collect();
+    let dpos = gpu.stream.clone_htod(&pos).map_err(derr)?;
+    let (t, nh, d, st) = (to_i32(rows, "rows")?, to_i32(h + kvh, "heads")?, to_i32(hd, "head_dim")?, to_i32((h + 2 * kvh) * hd, "stride")?);
+    let mut b = gpu.stream.launch_builder(gpu.f("rope_bwd_f16")?);
+    b.arg(dqkv).arg(&dpos).arg(&model.cos).arg(&model.sin).arg(&t).arg(&nh).arg(&d).arg(&st);
+    unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, (h + kvh) as u32, 1), block_dim: (64, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+    Ok(())
+}
+
+/// SwiGLU's backward into the fused gate/up gradient.
+fn swiglu_bwd(gpu: &Gpu, dgu: &mut CudaSlice<f16>, dout: &CudaSlice<f16>, gu: &CudaSlice<f16>, rows: usize, cols: usize) -> Result<()> {
+    let (r, c) = (rows as i64, to_i32(cols, "cols")?);
+    let mut b = gpu.stream.launch_builder(gpu.f("swiglu_bwd_fused_f16")?);
+    b.arg(dgu).arg(dout).arg(gu).arg(&r).arg(&c);
+    unsafe { b.launch(crate::cuda::cfg1(rows * cols, 256)) }.map_err(derr)?;
+    Ok(())
+}
+
+/// What `bench` measured: DPO and SFT steps of a LoRA adapter on a random-weight decoder.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct TrainBenchReport {
+    pub device: String,
+    pub seq: usize,
+    pub answer: usize,
+    pub rank: usize,
+    pub trainable_params: usize,
+    /// One pair (chosen + rejected sequences of `seq` tokens), optimizer step included.
+    pub dpo_step_ms: Vec<f64>,
+    /// Device memory allocated at the peak of a DPO step (weights, adapter, optimizer state, activations).
+    pub dpo_peak_memory_gb: f64,
+    /// One sequence of `seq` tokens, optimizer step included.
+    pub sft_tokens_per_s: Vec<f64>,
+    pub skipped_steps: u64,
+}
+
+/// Times `reps` DPO steps (after `warmup`) and as many SFT steps of a rank-`rank` adapter on every linear layer of
+/// a random-weight decoder of `cfg`'s shape, sequences of `seq` tokens with answers of `answer` tokens.
+pub fn bench(gpu: &Gpu, cfg: &LlamaConfig, seq: usize, answer: usize, rank: usize, reps: usize, warmup: usize) -> Result<TrainBenchReport> {
+    if answer == 0 || answer >= seq {
+        return Err(err(format!("answer length {answer} must be between 1 and the sequence length {seq} - 1")));
+    }
+    let model = GpuLlama::random(gpu, cfg, seq + 1, 1)?;
+    let mut lora = GpuLora::random(gpu, cfg, rank, 2.0 * rank as f32, 2)?;
+    let v = cfg.vocab_size as u64;
+    let tok = |i: usize, k: u64| (1 + (i as u64 * 7919 + k * 104_729) % (v - 1)) as u32;
+    let prompt: Vec<u32> = (0..seq - answer).map(|i| tok(i, 0)).collect();
+    let chosen: Vec<u32> = (0..answer).map(|i| tok(i, 1)).collect();
+    let rejected: Vec<u32> = (0..answer).map(|i| tok(i, 2)).collect();
+    let opt = AdamW { lr: 1e-5, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
+    let dpo = DpoConfig { beta: 0.1, ..Default::default() };
+    let sync = || gpu.stream.synchronize().map_err(derr);
+    let mut dpo_ms = Vec::new();
+    gpu.reset_peak_memory()?;
+    for rep in 0..warmup + reps {
+        sync()?;
+        let t = std::time::Instant::now();
+        lora.dpo_step(gpu, &model, &prompt, &chosen, &rejected, (-150.0, -160.0), &dpo, Some((&opt, 1.0)))?;
+        sync()?;
+        if rep >= warmup {
+            dpo_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let peak = gpu.peak_memory()? as f64 / 1e9;
+    let mut sft = Vec::new();
+    for rep in 0..warmup + reps {
+        sync()?;
+        let t = std::time::Instant::now();
+        lora.sft_step(gpu, &model, &prompt, &chosen, Some((&opt, 1.0)))?;
+        sync()?;
+        if rep >= warmup {
+            sft.push(seq as f64 / t.elapsed().as_secs_f64());
+        }
+    }
+    Ok(TrainBenchReport { device: gpu.name.clone(), seq, answer, rank, trainable_params: lora.param_count(), dpo_step_ms: dpo_ms, dpo_peak_memory_gb: peak, sft_tokens_per_s: sft, skipped_steps: lora.scaler.skipped })
+}
