@@ -372,42 +372,34 @@ impl Gpu {
         unsafe { self.blas.matmul(cfg, w, x, y, None, None) }.map_err(|e| err(format!("cuBLASLt matmul {m}x{k}x{n}: {e:?}")))
     }
 
-    /// The largest decode batch the GEMV kernels take.
-    pub const GEMV_MAX_ROWS: usize = 16;
-
-    /// y[m, n] = x[m, k] W[n, k]^T with the hand-written GEMV (`kernels/gemv.cu`): m <= 16, k a multiple of 8.
-    pub fn gemv_dev(&self, x: &CudaSlice<f16>, w: &CudaSlice<f16>, y: &mut CudaSlice<f16>, m: usize, k: usize, n: usize) -> Result<()> {
-        if m == 0 || m > Self::GEMV_MAX_ROWS || !k.is_multiple_of(8) || x.len() < m * k || w.len() < n * k || y.len() < m * n {
-            return Err(err(format!("gemv: m {m} (1..=16), k {k} (a multiple of 8), n {n} or buffer sizes out of range")));
+    /// y[n] = x[k] W[n, k]^T with the hand-written GEMV (`kernels/gemv.cu`): one row, k a multiple of 8.
+    pub fn gemv_dev(&self, x: &CudaSlice<f16>, w: &CudaSlice<f16>, y: &mut CudaSlice<f16>, k: usize, n: usize) -> Result<()> {
+        if !k.is_multiple_of(8) || x.len() < k || w.len() < n * k || y.len() < n {
+            return Err(err(format!("gemv: k {k} (a multiple of 8), n {n} or buffer sizes out of range")));
         }
-        let kernel = match m {
-            1 => "gemv_m1_f16",
-            2..=4 => "gemv_m4_f16",
-            _ => "gemv_m16_f16",
-        };
-        let (mi, ki, ni) = (to_i32(m, "m")?, to_i32(k, "k")?, to_i32(n, "n")?);
-        let mut b = self.stream.launch_builder(self.f(kernel)?);
-        b.arg(y).arg(x).arg(w).arg(&mi).arg(&ki).arg(&ni);
+        let (ki, ni) = (to_i32(k, "k")?, to_i32(n, "n")?);
+        let mut b = self.stream.launch_builder(self.f("gemv_m1_f16")?);
+        b.arg(y).arg(x).arg(w).arg(&ki).arg(&ni);
         unsafe { b.launch(LaunchConfig { grid_dim: (n.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
         Ok(())
     }
 
-    /// A linear layer on device buffers: the GEMV kernel for decode-sized m (bandwidth-bound, no per-call library
-    /// overhead), cuBLASLt otherwise.
+    /// A linear layer on device buffers: the GEMV kernel for one row (a batch-1 decode step: bandwidth-bound, no
+    /// library call), cuBLASLt otherwise (from two rows on it matches the weight stream as well; BENCHMARKS.md).
     pub fn matmul_dev(&self, x: &CudaSlice<f16>, w: &CudaSlice<f16>, y: &mut CudaSlice<f16>, m: usize, k: usize, n: usize) -> Result<()> {
-        if m <= Self::GEMV_MAX_ROWS && k.is_multiple_of(8) && self.gemv.load(std::sync::atomic::Ordering::Relaxed) {
-            self.gemv_dev(x, w, y, m, k, n)
+        if m == 1 && k.is_multiple_of(8) && self.gemv.load(std::sync::atomic::Ordering::Relaxed) {
+            self.gemv_dev(x, w, y, k, n)
         } else {
             self.linear_device(x, w, y, m, k, n)
         }
     }
 
-    /// `gemv_dev` on host data.
-    pub fn gemv(&self, x: &[f32], w: &[f32], k: usize) -> Result<Vec<f32>> {
-        let (m, n) = (x.len() / k.max(1), w.len() / k.max(1));
+    /// `gemv_dev` on host data: x [k] against W [n, k].
+    pub fn gemv(&self, x: &[f32], w: &[f32]) -> Result<Vec<f32>> {
+        let (k, n) = (x.len(), w.len() / x.len().max(1));
         let (dx, dw) = (self.upload_f16(x)?, self.upload_f16(w)?);
-        let mut y = self.poisoned_f16(m * n)?;
-        self.gemv_dev(&dx, &dw, &mut y, m, k, n)?;
+        let mut y = self.poisoned_f16(n)?;
+        self.gemv_dev(&dx, &dw, &mut y, k, n)?;
         self.download_f16(&y)
     }
 
@@ -447,7 +439,7 @@ impl Gpu {
         let c = to_i32(w.len(), "cols")?;
         let mut b = self.stream.launch_builder(self.f("rmsnorm_f16")?);
         b.arg(out).arg(x).arg(w).arg(&c).arg(&eps);
-        unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+        unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
         Ok(())
     }
 
@@ -475,7 +467,8 @@ impl Gpu {
         let c = to_i32(w.len(), "cols")?;
         let mut b = self.stream.launch_builder(self.f("add_rmsnorm_f16")?);
         b.arg(out).arg(x).arg(r).arg(w).arg(&c).arg(&eps);
-        unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+        // 1024 threads: at decode batch sizes there are only a few rows, so each row's latency is what counts.
+        unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
         Ok(())
     }
 
@@ -577,9 +570,10 @@ impl Gpu {
     }
 
     /// How `attention_decode_dev` splits `max_total` keys for `bsz` sequences of `heads_q` heads: (chunk, nsplit),
-    /// enough chunks to give every SM a few blocks, each at least 32 keys (8 per warp).
+    /// enough chunks for about 16 blocks per SM (each warp's keys are a latency-bound chain), each at least 32 keys
+    /// (8 per warp).
     pub fn decode_split(&self, max_total: usize, bsz: usize, heads_q: usize) -> (usize, usize) {
-        let per_seq = (4 * self.sms).div_ceil((bsz * heads_q).max(1)).max(1);
+        let per_seq = (16 * self.sms).div_ceil((bsz * heads_q).max(1)).max(1);
         let chunk = max_total.div_ceil(per_seq).max(32);
         (chunk, max_total.div_ceil(chunk).max(1))
     }

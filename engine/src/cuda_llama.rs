@@ -1,6 +1,6 @@
 //! The LLaMA decoder on the GPU (CUDA, first part): weights uploaded once as fp16 (q/k/v and gate/up fused into
 //! one matrix each, so a layer is four GEMMs), a KV cache on the device, every op one of `kernels/*.cu` or a GEMM
-//! (the hand-written GEMV at decode batch sizes, cuBLASLt otherwise), fp32 accumulation throughout. Text tokens
+//! (the hand-written GEMV for one row, cuBLASLt otherwise), fp32 accumulation throughout. Text tokens
 //! only for now (no vision tower, no LoRA, no attention/MLP biases).
 //!
 //! Decoding n answers to one prompt ([`DecodeSession`]): the prompt is prefilled once into a shared prefix cache;
@@ -451,7 +451,7 @@ pub struct BenchReport {
     pub prompt_tokens: usize,
     pub prefill_ms: Vec<f64>,
     pub decode_tokens: usize,
-    /// Batch-1 greedy decode: GEMV kernels, each step replayed as a CUDA graph (the default path).
+    /// Batch-1 greedy decode: the GEMV kernel, each step replayed as a CUDA graph (the default path).
     pub decode_tokens_per_s: Vec<f64>,
     /// The same launching every kernel each step (no graph).
     pub decode_tokens_per_s_no_graph: Vec<f64>,
@@ -578,8 +578,10 @@ fn op_breakdown(gpu: &Gpu, model: &GpuLlama, keys: usize, n: usize) -> Result<Ve
         for (name, w, k, nn) in [("qkv", &l.qkv, c, nqkv), ("o", &l.o, h * hd, c), ("gate_up", &l.gate_up, c, 2 * inter), ("down", &l.down, inter, c), ("lm_head", model.head(), c, vocab)] {
             let x = gpu.stream.alloc_zeros::<f16>(m * k).map_err(derr)?;
             let mut y = gpu.stream.alloc_zeros::<f16>(m * nn).map_err(derr)?;
-            let us = time(&mut || gpu.matmul_dev(&x, w, &mut y, m, k, nn))?;
-            out.push((format!("gemv {name} m{m} ({:.0} GB/s)", (nn * k * 2) as f64 / us / 1e3), us));
+            if m == 1 {
+                let us = time(&mut || gpu.matmul_dev(&x, w, &mut y, m, k, nn))?;
+                out.push((format!("gemv {name} m{m} ({:.0} GB/s)", (nn * k * 2) as f64 / us / 1e3), us));
+            }
             gpu.gemv.store(false, Ordering::Relaxed);
             let us = time(&mut || gpu.matmul_dev(&x, w, &mut y, m, k, nn));
             gpu.gemv.store(true, Ordering::Relaxed);
