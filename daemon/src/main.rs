@@ -240,11 +240,6 @@ fn cmd_bench_gpu(shape: &str, prompt: usize, decode: usize, reps: usize, n: usiz
         Err(why) => bail!("no GPU: {why}"),
     };
     let r = engine::cuda_llama::bench(&gpu, &cfg, prompt, decode, reps, n)?;
-    let median = |v: &[f64]| {
-        let mut s = v.to_vec();
-        s.sort_by(f64::total_cmp);
-        s[s.len() / 2]
-    };
     let tps = median(&r.decode_tokens_per_s);
     println!(
         "{}: {shape} decoder, batch 1: prefill {} tokens {:.1} ms (median of {}), decode {:.1} tokens/s (median), copy bandwidth {:.0} GB/s, weights {:.2} GB, roofline {:.1} tokens/s, {:.0} % of it",
@@ -270,6 +265,13 @@ fn cmd_bench_gpu(shape: &str, prompt: usize, decode: usize, reps: usize, n: usiz
     }
     println!("{}", serde_json::to_string(&r)?);
     Ok(())
+}
+
+/// The median of a benchmark's repetitions (at least one).
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    s.get(s.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 /// The decoder shapes the GPU benchmarks run: LLaVA-1.5-7B's language model, or a tiny one for a quick check.
@@ -309,11 +311,6 @@ fn cmd_bench_gpu_train(shape: &str, seq: usize, answer: usize, rank: usize, reps
         Err(why) => bail!("no GPU: {why}"),
     };
     let r = engine::cuda_train::bench(&gpu, &cfg, seq, answer, rank, reps, warmup)?;
-    let median = |v: &[f64]| {
-        let mut s = v.to_vec();
-        s.sort_by(f64::total_cmp);
-        s[s.len() / 2]
-    };
     let ms = median(&r.dpo_step_ms);
     println!(
         "{}: {shape} decoder, LoRA r={rank} on every linear layer ({} trainable parameters), sequences of {seq} tokens: DPO step {ms:.1} ms ({:.2} pairs/s, median of {}), peak memory {:.1} GB; SFT {:.0} tokens/s; {} overflow steps skipped",
