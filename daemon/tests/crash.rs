@@ -214,8 +214,8 @@ impl Drop for Killed {
     }
 }
 
-/// Crashes placed exactly where they hurt most (failpoints abort the process): after a checkpoint directory is
-/// written but before its row exists, after a promotion commits but before the hot-swap, and while hot-swapping.
+/// Crashes placed exactly where they hurt most (failpoints abort the process): in the middle of writing a
+/// checkpoint's files, after a checkpoint directory is written but before its row exists, after a promotion commits but before the hot-swap, and while hot-swapping.
 /// After each, the invariants hold, the restarted daemon serves the promoted checkpoint and the loop goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crashes_at_checkpoint_write_promotion_and_hot_swap_leave_a_consistent_state() {
@@ -232,7 +232,7 @@ async fn crashes_at_checkpoint_write_promotion_and_hot_swap_leave_a_consistent_s
     };
     let healthz = served_checkpoint;
     let done = |pool: sqlx::PgPool| async move { sqlx::query_scalar::<_, i64>("SELECT count(*) FROM iterations WHERE stage = 'done'").fetch_one(&pool).await.unwrap() };
-    for fp in ["train_saved", "decided", "hot_swap"] {
+    for fp in ["adapter_save", "train_saved", "decided", "hot_swap"] {
         // Armed: the daemon runs until it reaches the point and aborts there.
         let mut child = start(fp);
         let t0 = Instant::now();
@@ -247,6 +247,12 @@ async fn crashes_at_checkpoint_write_promotion_and_hot_swap_leave_a_consistent_s
         let log = std::fs::read_to_string(dir.join(format!("daemon-{fp}.log"))).unwrap();
         assert!(log.contains(&format!("failpoint {fp} reached")), "{fp}: {log}");
         check(&db.pool, 4).await;
+        if fp == "adapter_save" {
+            // The abort came mid-write: a temporary directory with the config but not the weights, which no row
+            // names (check() above verified every row's files).
+            let tmp: Vec<std::path::PathBuf> = std::fs::read_dir(dir.join("state/checkpoints")).unwrap().flatten().map(|e| e.path()).filter(|p| p.to_string_lossy().contains(".tmp-")).collect();
+            assert!(tmp.len() == 1 && tmp[0].join("adapter_config.json").exists() && !tmp[0].join("adapter_model.safetensors").exists(), "adapter_save: {tmp:?}");
+        }
         let before = done(db.pool.clone()).await;
         // Disarmed: the restarted daemon serves the promoted checkpoint and finishes another iteration.
         let mut child = start("none");
@@ -269,6 +275,9 @@ async fn crashes_at_checkpoint_write_promotion_and_hot_swap_leave_a_consistent_s
         assert!(Command::new("kill").arg("-TERM").arg(child.0.id().to_string()).status().unwrap().success());
         assert!(child.0.wait().unwrap().success(), "{fp}: clean SIGTERM after recovery");
         check(&db.pool, 4).await;
+        // No half-written checkpoint directory is left behind (the retried save removes the dead process's).
+        let leftovers: Vec<String> = std::fs::read_dir(dir.join("state/checkpoints")).map(|r| r.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.contains(".tmp-")).collect()).unwrap_or_default();
+        assert!(leftovers.is_empty(), "{fp}: temporary checkpoint directories left: {leftovers:?}");
         println!("failpoint {fp}: aborted there, recovered, {} iterations done", done(db.pool.clone()).await);
     }
     db.drop_db().await;

@@ -437,7 +437,16 @@ impl Adapter {
         std::fs::create_dir_all(parent).map_err(|e| EngineError::io(parent, e))?;
         let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("adapter");
         let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&tmp);
+        // Temporary directories of this name left by a process that died mid-save (any pid) are garbage: one
+        // writer saves a given name at a time.
+        let stale = format!(".{name}.tmp-");
+        if let Ok(entries) = std::fs::read_dir(parent) {
+            for e in entries.flatten() {
+                if e.file_name().to_str().is_some_and(|f| f.starts_with(&stale)) {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
         std::fs::create_dir_all(&tmp).map_err(|e| EngineError::io(&tmp, e))?;
         let result = (|| -> Result<()> {
             let mut cfg = serde_json::json!({
@@ -464,6 +473,7 @@ impl Adapter {
             }
             let text = serde_json::to_string_pretty(&cfg).map_err(|e| EngineError::Input(e.to_string()))?;
             write_synced(&tmp.join("adapter_config.json"), text.as_bytes())?;
+            crate::failpoint::hit("adapter_save");
             let mut tensors = Vec::new();
             for (_, m) in self.modules() {
                 let inf = m.a.len() / m.r;

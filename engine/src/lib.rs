@@ -13,6 +13,7 @@ pub mod cuda;
 pub mod cuda_llama;
 pub mod cuda_train;
 pub mod error;
+pub mod failpoint;
 pub mod feedback;
 pub mod generate;
 pub mod hallucination;
