@@ -329,3 +329,77 @@ async fn diverged_training_unwritable_checkpoints_and_corrupt_adapters_are_refus
     db.drop_db().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Unmounts (lazily) a test's tmpfs when dropped, whatever way the test ends.
+struct Mounted(PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// A full disk under the checkpoints (a 64 KiB tmpfs: an adapter's config fits, its weights do not): the candidate
+/// is discarded with the error logged, nothing half-written stays, the base keeps serving; once space returns the
+/// loop trains, promotes and serves a checkpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_discards_the_candidate_and_the_loop_continues_when_space_returns() {
+    let dir = std::env::temp_dir().join(format!("rlaifd-diskfull-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let ckpt = dir.join("state/checkpoints");
+    std::fs::create_dir_all(&ckpt).unwrap();
+    match Command::new("mount").args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"]).arg(&ckpt).stderr(Stdio::piped()).output() {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => {
+            println!("SKIPPED: cannot mount a small tmpfs to fill (needs root): {}", String::from_utf8_lossy(&o.stderr).trim());
+            return;
+        }
+        Err(e) => {
+            println!("SKIPPED: no mount command: {e}");
+            return;
+        }
+    }
+    let mounted = Mounted(ckpt.clone());
+    let db = common::fresh("diskfull").await;
+    let pool = &db.pool;
+    let (daemon, addr, socket) = start(&dir, &db.url, "");
+    let t0 = Instant::now();
+    let reason = loop {
+        let r: Option<String> = sqlx::query_scalar("SELECT detail->>'reason' FROM events WHERE kind = 'iteration_failed' LIMIT 1").fetch_optional(pool).await.unwrap();
+        if let Some(r) = r {
+            break r;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(120), "the full disk did not fail an iteration: {}", std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(reason.contains("cannot write") && reason.contains("No space left"), "failed for another reason: {reason}");
+    assert_eq!(sqlx::query_scalar::<_, i64>("SELECT count(*) FROM checkpoints WHERE kind = 'lora'").fetch_one(pool).await.unwrap(), 0, "no candidate row");
+    let base: i64 = sqlx::query_scalar("SELECT id FROM checkpoints WHERE kind = 'base'").fetch_one(pool).await.unwrap();
+    assert_eq!(ctl(&socket, json!({ "cmd": "status" }))["current"]["checkpoint"].as_i64(), Some(base), "still serving the base");
+    assert_eq!(chat(&addr), 200);
+    let left: Vec<String> = std::fs::read_dir(&ckpt).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    assert!(left.is_empty(), "the failed save left {left:?}");
+    // Space returns: the loop goes on by itself.
+    assert!(Command::new("mount").args(["-o", "remount,size=256m"]).arg(&ckpt).status().unwrap().success());
+    let t0 = Instant::now();
+    let cand = loop {
+        let c: Option<i64> = sqlx::query_scalar("SELECT id FROM checkpoints WHERE kind = 'lora' AND status = 'promoted'").fetch_optional(pool).await.unwrap();
+        if let Some(c) = c {
+            break c;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(180), "no promotion once space returned: {}", std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    ctl(&socket, json!({ "cmd": "pause" }));
+    let t0 = Instant::now();
+    while ctl(&socket, json!({ "cmd": "status" }))["current"]["checkpoint"].as_i64() != Some(cand) {
+        assert!(t0.elapsed() < Duration::from_secs(30), "the promoted checkpoint is not served");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!("disk full: iteration failed ({reason}); after space returned checkpoint {cand} was promoted and served");
+    no_duplicates(pool).await;
+    assert!(term(daemon).success());
+    db.drop_db().await;
+    drop(mounted);
+    let _ = std::fs::remove_dir_all(&dir);
+}

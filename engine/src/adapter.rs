@@ -434,7 +434,7 @@ impl Adapter {
     /// written into the same directory before the rename. `base_model` is recorded in the config.
     pub fn save(&self, dir: &Path, base_model: &Path, extra: &[(&str, Vec<u8>)]) -> Result<()> {
         let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        std::fs::create_dir_all(parent).map_err(|e| EngineError::io(parent, e))?;
+        std::fs::create_dir_all(parent).map_err(|e| EngineError::write(parent, e))?;
         let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("adapter");
         let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
         // Temporary directories of this name left by a process that died mid-save (any pid) are garbage: one
@@ -447,7 +447,7 @@ impl Adapter {
                 }
             }
         }
-        std::fs::create_dir_all(&tmp).map_err(|e| EngineError::io(&tmp, e))?;
+        std::fs::create_dir_all(&tmp).map_err(|e| EngineError::write(&tmp, e))?;
         let result = (|| -> Result<()> {
             let mut cfg = serde_json::json!({
                 "peft_type": "LORA",
@@ -489,9 +489,9 @@ impl Adapter {
                 write_synced(&tmp.join(file), bytes)?;
             }
             if dir.exists() {
-                std::fs::remove_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;
+                std::fs::remove_dir_all(dir).map_err(|e| EngineError::write(dir, e))?;
             }
-            std::fs::rename(&tmp, dir).map_err(|e| EngineError::io(dir, e))?;
+            std::fs::rename(&tmp, dir).map_err(|e| EngineError::write(dir, e))?;
             if let Ok(d) = std::fs::File::open(parent) {
                 let _ = d.sync_all();
             }
@@ -506,6 +506,6 @@ impl Adapter {
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
-    let mut f = std::fs::File::create(path).map_err(|e| EngineError::io(path, e))?;
-    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| EngineError::io(path, e))
+    let mut f = std::fs::File::create(path).map_err(|e| EngineError::write(path, e))?;
+    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| EngineError::write(path, e))
 }

@@ -9,6 +9,11 @@ pub enum EngineError {
     #[error("cannot read {path}: {source}")]
     Io { path: PathBuf, #[source] source: std::io::Error },
 
+    /// Writing (or creating, renaming, removing) a file failed: a full disk, a read-only or blocked path. The OS
+    /// error is part of the message (and not repeated as a source).
+    #[error("cannot write {path}: {err}")]
+    Write { path: PathBuf, err: std::io::Error },
+
     #[error("{path}: invalid JSON: {source}")]
     Json { path: PathBuf, #[source] source: serde_json::Error },
 
@@ -43,6 +48,9 @@ pub enum EngineError {
 impl EngineError {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         EngineError::Io { path: path.into(), source }
+    }
+    pub fn write(path: impl Into<PathBuf>, err: std::io::Error) -> Self {
+        EngineError::Write { path: path.into(), err }
     }
     pub fn config(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
         EngineError::Config { path: path.into(), msg: msg.into() }

@@ -101,7 +101,7 @@ pub fn init_checkpoint(config_path: &Path, out: &Path, seed: u64, std: f32, extr
             }
         })
         .collect();
-    std::fs::create_dir_all(out).map_err(|e| EngineError::io(out, e))?;
+    std::fs::create_dir_all(out).map_err(|e| EngineError::write(out, e))?;
     let tensors: Vec<(String, Vec<usize>, &[f32])> = specs.iter().zip(&values).map(|((k, s, _), v)| (k.clone(), s.clone(), v.as_slice())).collect();
     crate::weights::write_f32_safetensors(&out.join("model.safetensors"), &tensors)?;
     std::fs::copy(config_path, out.join("config.json")).map_err(|e| EngineError::io(config_path, e))?;

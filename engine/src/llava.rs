@@ -572,11 +572,11 @@ impl Model {
             values.push((key, shape, v));
         }
         let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        std::fs::create_dir_all(parent).map_err(|e| EngineError::io(parent, e))?;
+        std::fs::create_dir_all(parent).map_err(|e| EngineError::write(parent, e))?;
         let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("model");
         let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp).map_err(|e| EngineError::io(&tmp, e))?;
+        std::fs::create_dir_all(&tmp).map_err(|e| EngineError::write(&tmp, e))?;
         let result = (|| -> Result<()> {
             let tensors: Vec<(String, Vec<usize>, &[f32])> = values.iter().map(|(k, s, v)| (k.clone(), s.clone(), v.as_slice())).collect();
             crate::weights::write_f32_safetensors(&tmp.join("model.safetensors"), &tensors)?;
@@ -593,12 +593,12 @@ impl Model {
                 std::fs::copy(e.path(), tmp.join(&fname)).map_err(|err| EngineError::io(e.path(), err))?;
             }
             for (name, bytes) in extra {
-                std::fs::write(tmp.join(name), bytes).map_err(|e| EngineError::io(tmp.join(name), e))?;
+                std::fs::write(tmp.join(name), bytes).map_err(|e| EngineError::write(tmp.join(name), e))?;
             }
             if dir.exists() {
-                std::fs::remove_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;
+                std::fs::remove_dir_all(dir).map_err(|e| EngineError::write(dir, e))?;
             }
-            std::fs::rename(&tmp, dir).map_err(|e| EngineError::io(dir, e))?;
+            std::fs::rename(&tmp, dir).map_err(|e| EngineError::write(dir, e))?;
             Ok(())
         })();
         if result.is_err() {

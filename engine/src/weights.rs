@@ -240,6 +240,6 @@ pub fn write_f32_safetensors(path: &Path, tensors: &[(String, Vec<usize>, &[f32]
     };
     write().map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
-        EngineError::io(path, e)
+        EngineError::write(path, e)
     })
 }
