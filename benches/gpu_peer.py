@@ -11,6 +11,14 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 
+def llama_config(shape):
+    """LLaVA-1.5-7B's language model (or a tiny decoder for a quick check), as rlaifd's bench-gpu builds it."""
+    hidden, inter, layers, heads = (4096, 11008, 32, 32) if shape == "llava7b" else (256, 688, 4, 8)
+    return LlamaConfig(vocab_size=32064, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=heads, rms_norm_eps=1e-5, rope_theta=10000.0,
+                       max_position_embeddings=4096, tie_word_embeddings=False)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="llava7b", choices=["llava7b", "tiny"])
@@ -19,10 +27,7 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--device", default="cuda")
     a = ap.parse_args()
-    hidden, inter, layers, heads = (4096, 11008, 32, 32) if a.shape == "llava7b" else (256, 688, 4, 8)
-    cfg = LlamaConfig(vocab_size=32064, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=heads, rms_norm_eps=1e-5, rope_theta=10000.0,
-                      max_position_embeddings=4096, tie_word_embeddings=False)
+    cfg = llama_config(a.shape)
     dtype = torch.float16 if a.device == "cuda" else torch.float32
     torch.manual_seed(0)
     with torch.device(a.device):

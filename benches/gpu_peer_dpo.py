@@ -11,7 +11,9 @@ import argparse, json, statistics, time
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
+
+from gpu_peer import llama_config
 
 
 def main():
@@ -24,10 +26,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--device", default="cuda")
     a = ap.parse_args()
-    hidden, inter, layers, heads = (4096, 11008, 32, 32) if a.shape == "llava7b" else (256, 688, 4, 8)
-    cfg = LlamaConfig(vocab_size=32064, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=heads, rms_norm_eps=1e-5, rope_theta=10000.0,
-                      max_position_embeddings=4096, tie_word_embeddings=False)
+    cfg = llama_config(a.shape)
     dev = torch.device(a.device)
     cuda = a.device == "cuda"
     torch.manual_seed(0)
@@ -54,12 +53,8 @@ def main():
         lp = F.log_softmax(logits[:, :-1].float(), dim=-1)
         return lp.gather(-1, ids[:, -a.answer:].unsqueeze(-1)).squeeze(-1).sum(-1)
 
-    def dpo_step():
-        with torch.autocast(a.device, dtype=torch.float16, enabled=cuda):
-            logits = model(ids, logits_to_keep=a.answer + 1).logits
-        logp = answer_logps(logits, ids)
-        margin = beta * ((logp[0] - ref[0]) - (logp[1] - ref[1]))
-        loss = -F.logsigmoid(margin)
+    def update(loss):
+        # loss-scaled backward, unscale, clip at 1, AdamW step (skipped by the scaler on overflow)
         scaler.scale(loss).backward()
         scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -67,16 +62,17 @@ def main():
         scaler.update()
         opt.zero_grad(set_to_none=True)
 
+    def dpo_step():
+        with torch.autocast(a.device, dtype=torch.float16, enabled=cuda):
+            logits = model(ids, logits_to_keep=a.answer + 1).logits
+        logp = answer_logps(logits, ids)
+        margin = beta * ((logp[0] - ref[0]) - (logp[1] - ref[1]))
+        update(-F.logsigmoid(margin))
+
     def sft_step():
         with torch.autocast(a.device, dtype=torch.float16, enabled=cuda):
             logits = model(ids[:1], logits_to_keep=a.answer + 1).logits
-        loss = -answer_logps(logits, ids[:1]).sum() / a.answer
-        scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
+        update(-answer_logps(logits, ids[:1]).sum() / a.answer)
 
     dpo, sft = [], []
     if cuda:

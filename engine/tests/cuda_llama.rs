@@ -3,11 +3,13 @@
 //! decoding agreeing with one full forward, and n answers decoding together against a shared prefix. Prints why and
 //! passes where no GPU exists.
 
-use engine::cuda::Gpu;
 use engine::generate::{generate, GenerateRequest};
 use engine::sampling::{argmax, SamplingParams};
 use engine::Model;
 use std::path::PathBuf;
+
+mod gpu_common;
+use gpu_common::gpu;
 
 fn log_softmax(row: &[f32]) -> Vec<f64> {
     let mx = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
@@ -17,15 +19,7 @@ fn log_softmax(row: &[f32]) -> Vec<f64> {
 
 #[test]
 fn gpu_decoder_matches_the_cpu_backend_on_the_fixtures() {
-    let gpu = match Gpu::open(0) {
-        Ok(Ok(g)) => g,
-        Ok(Err(why)) => {
-            println!("SKIPPED: no GPU: {why}");
-            return;
-        }
-        Err(e) => panic!("a GPU is present but the kernels do not build: {e}"),
-    };
-    // RLAIFD_ROOT: the checkout, when this binary runs elsewhere than where it was built (scripts/gpu-check.sh).
+    let Some(gpu) = gpu() else { return };
     let root = std::env::var("RLAIFD_ROOT").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")).join("tests/fixtures/llava");
     // Text LLaMA (MHA), LLaVA decoders with GQA + tied embeddings and with MQA.
     for case in ["llama_text_only", "l15_4x_f32_gqa_tied_lora", "l15_5x_f16_tied_mqa"] {

@@ -3,22 +3,11 @@
 //! Tolerance: relative L2 error <= 1e-2 (fp16 storage, fp32 accumulation). Where no GPU exists the test prints
 //! why and passes; `scripts/gpu-check.sh` runs it on a GPU host.
 
-use engine::cuda::Gpu;
 use engine::rng::SplitMix64;
 
-fn gpu() -> Option<Gpu> {
-    match Gpu::open(0) {
-        Ok(Ok(g)) => {
-            println!("CUDA device: {} ({})", g.name, g.arch);
-            Some(g)
-        }
-        Ok(Err(why)) => {
-            println!("SKIPPED: no GPU: {why}");
-            None
-        }
-        Err(e) => panic!("a GPU is present but the kernels do not build: {e}"),
-    }
-}
+mod gpu_common;
+use gpu_common::gpu;
+
 
 fn randn(rng: &mut SplitMix64, n: usize, scale: f32) -> Vec<f32> {
     (0..n).map(|_| (rng.next_f64() as f32 * 2.0 - 1.0) * scale).collect()
@@ -271,7 +260,7 @@ fn attention_kernels_match_float64() {
 #[test]
 fn embedded_kernel_sources_define_the_expected_kernels() {
     // Runs everywhere: the registry holds every file of kernels/ and every kernel carries its dtype.
-    let root = std::env::var("RLAIFD_ROOT").map(std::path::PathBuf::from).unwrap_or_else(|_| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".."));
+    let root = gpu_common::root();
     let files: Vec<String> = std::fs::read_dir(root.join("kernels"))
         .unwrap()
         .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().to_string()))

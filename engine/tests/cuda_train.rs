@@ -9,22 +9,19 @@ use engine::train::Grads;
 use engine::Model;
 use std::path::PathBuf;
 
+mod gpu_common;
+use gpu_common::gpu;
+
 const CASE: &str = "l15_4x_f32_gqa_tied_lora";
 
-fn gpu() -> Option<Gpu> {
-    match Gpu::open(0) {
-        Ok(Ok(g)) => Some(g),
-        Ok(Err(why)) => {
-            println!("SKIPPED: no GPU: {why}");
-            None
-        }
-        Err(e) => panic!("a GPU is present but the kernels do not build: {e}"),
-    }
-}
-
-fn fixture() -> PathBuf {
-    // RLAIFD_ROOT: the checkout, when this binary runs elsewhere than where it was built (scripts/gpu-check.sh).
-    std::env::var("RLAIFD_ROOT").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")).join("tests/fixtures/llava").join(CASE)
+/// The fixture on both backends: the CPU model and its adapter, the decoder on the GPU and the adapter there.
+fn setup(gpu: &Gpu) -> (Model, engine::Adapter, engine::cuda_llama::GpuLlama, GpuLora) {
+    let dir: PathBuf = gpu_common::root().join("tests/fixtures/llava").join(CASE);
+    let cpu = Model::load(&dir.join("model")).unwrap();
+    let adapter = cpu.load_adapter(&dir.join("adapter")).unwrap();
+    let dev = engine::cuda_llama::load_dir(gpu, &dir.join("model"), 256).unwrap();
+    let lora = GpuLora::from_adapter(gpu, &dev.cfg, &adapter).unwrap();
+    (cpu, adapter, dev, lora)
 }
 
 fn tokens(rng: &mut engine::rng::SplitMix64, n: usize, vocab: usize, avoid: Option<u32>) -> Vec<u32> {
@@ -34,11 +31,7 @@ fn tokens(rng: &mut engine::rng::SplitMix64, n: usize, vocab: usize, avoid: Opti
 #[test]
 fn gpu_dpo_loss_and_lora_gradients_match_the_cpu_backend() {
     let Some(gpu) = gpu() else { return };
-    let dir = fixture();
-    let cpu = Model::load(&dir.join("model")).unwrap();
-    let adapter = cpu.load_adapter(&dir.join("adapter")).unwrap();
-    let dev = engine::cuda_llama::load_dir(&gpu, &dir.join("model"), 256).unwrap();
-    let mut lora = GpuLora::from_adapter(&gpu, &dev.cfg, &adapter).unwrap();
+    let (cpu, adapter, dev, mut lora) = setup(&gpu);
     let vocab = cpu.llm.cfg.vocab_size;
     let mut rng = engine::rng::SplitMix64::new(21);
     let image = cpu.image_token_id();
@@ -84,11 +77,7 @@ fn gpu_dpo_loss_and_lora_gradients_match_the_cpu_backend() {
 #[test]
 fn a_short_gpu_dpo_run_raises_reward_accuracy_and_skips_overflowing_steps() {
     let Some(gpu) = gpu() else { return };
-    let dir = fixture();
-    let cpu = Model::load(&dir.join("model")).unwrap();
-    let adapter = cpu.load_adapter(&dir.join("adapter")).unwrap();
-    let dev = engine::cuda_llama::load_dir(&gpu, &dir.join("model"), 256).unwrap();
-    let mut lora = GpuLora::from_adapter(&gpu, &dev.cfg, &adapter).unwrap();
+    let (_, _, dev, mut lora) = setup(&gpu);
     let vocab = dev.cfg.vocab_size;
     let mut rng = engine::rng::SplitMix64::new(22);
     let pairs: Vec<(Vec<u32>, Vec<u32>, Vec<u32>)> = (0..4).map(|_| (tokens(&mut rng, 8, vocab, None), tokens(&mut rng, 5, vocab, None), tokens(&mut rng, 5, vocab, None))).collect();

@@ -9,19 +9,9 @@ use engine::ops::backward as bw;
 use engine::ops::Rope;
 use engine::rng::SplitMix64;
 
-fn gpu() -> Option<Gpu> {
-    match Gpu::open(0) {
-        Ok(Ok(g)) => {
-            println!("CUDA device: {} ({})", g.name, g.arch);
-            Some(g)
-        }
-        Ok(Err(why)) => {
-            println!("SKIPPED: no GPU: {why}");
-            None
-        }
-        Err(e) => panic!("a GPU is present but the kernels do not build: {e}"),
-    }
-}
+mod gpu_common;
+use gpu_common::gpu;
+
 
 /// Uniform in [-scale, scale), rounded to fp16 (what the device stores).
 fn randh(rng: &mut SplitMix64, n: usize, scale: f32) -> Vec<f32> {
