@@ -164,7 +164,18 @@ async fn connection(stream: tokio::net::UnixStream, d: &Arc<Daemon>, wake: &Reci
         } else {
             match std::str::from_utf8(&buf) {
                 Ok(line) if line.trim().is_empty() => continue,
-                Ok(line) => handle_line(line.trim(), d, wake).await,
+                Ok(line) => {
+                    let (reply, stop) = handle_line(line.trim(), d, wake).await;
+                    if stop {
+                        // Stop only once the reply is out: a daemon with nothing running exits within
+                        // milliseconds, which used to close this connection before `drain` was answered.
+                        w.write_all(format!("{reply}\n").as_bytes()).await?;
+                        w.flush().await?;
+                        d.stop.notify_one();
+                        continue;
+                    }
+                    reply
+                }
                 Err(_) => {
                     let _ = store::event(&d.pool, "control_rejected", "control", json!({ "error": "not UTF-8" })).await;
                     json!({ "ok": false, "error": "the command is not UTF-8 text" })
@@ -178,17 +189,19 @@ async fn connection(stream: tokio::net::UnixStream, d: &Arc<Daemon>, wake: &Reci
     }
 }
 
-/// Runs one command line and returns the reply; records it in `events`.
-pub async fn handle_line(line: &str, d: &Arc<Daemon>, wake: &Recipient<Wake>) -> Value {
+/// Runs one command line and returns the reply, and whether the daemon should stop once it is sent (an
+/// accepted `drain`); records the command in `events`.
+pub async fn handle_line(line: &str, d: &Arc<Daemon>, wake: &Recipient<Wake>) -> (Value, bool) {
     let cmd = match parse(line) {
         Ok(c) => c,
         Err(e) => {
             let shown: String = line.chars().take(200).collect();
             let _ = store::event(&d.pool, "control_rejected", "control", json!({ "line": shown, "error": format!("{e:#}") })).await;
-            return json!({ "ok": false, "error": format!("{e:#}") });
+            return (json!({ "ok": false, "error": format!("{e:#}") }), false);
         }
     };
     let r = execute(&cmd, d, wake).await;
+    let stop = matches!(cmd, Command::Drain) && r.is_ok();
     let (detail, reply) = match r {
         Ok(mut v) => {
             v["ok"] = json!(true);
@@ -199,7 +212,7 @@ pub async fn handle_line(line: &str, d: &Arc<Daemon>, wake: &Recipient<Wake>) ->
     let _ = store::event(&d.pool, "control", "control", detail).await;
     tracing::info!(command = ?cmd, ok = reply["ok"].as_bool(), "control command");
     wake.do_send(Wake);
-    reply
+    (reply, stop)
 }
 
 async fn execute(cmd: &Command, d: &Arc<Daemon>, _wake: &Recipient<Wake>) -> Result<Value> {
@@ -254,8 +267,8 @@ async fn execute(cmd: &Command, d: &Arc<Daemon>, _wake: &Recipient<Wake>) -> Res
         }
         Command::ImportPrompts(file) => import_prompts(d, file).await,
         Command::Drain => {
+            // The caller wakes the shutdown after the reply is written.
             d.draining.store(true, Ordering::SeqCst);
-            d.stop.notify_one();
             Ok(json!({ "draining": true }))
         }
         Command::ReloadConfig => reload(d),
