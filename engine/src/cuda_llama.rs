@@ -1,7 +1,9 @@
 //! The LLaMA decoder on the GPU (CUDA, first part): weights uploaded once as fp16 (q/k/v and gate/up fused into
 //! one matrix each, so a layer is four GEMMs), a KV cache on the device, every op one of `kernels/*.cu` or a GEMM
 //! (the hand-written GEMV for one row, cuBLASLt otherwise), fp32 accumulation throughout. Text tokens
-//! only for now (no vision tower, no LoRA, no attention/MLP biases).
+//! or decoder input rows computed on the host (`Input::Embeds`: a LLaVA prompt with its image features spliced
+//! in by the CPU vision tower), optionally with a LoRA adapter applied unmerged (`GpuLora::for_inference`: two
+//! small GEMMs beside each projection). No attention/MLP biases.
 //!
 //! Decoding n answers to one prompt ([`DecodeSession`]): the prompt is prefilled once into a shared prefix cache;
 //! the n sequences then step together, each with its own suffix cache, against that prefix. Every buffer of a step
@@ -11,6 +13,7 @@
 
 use crate::config::LlamaConfig;
 use crate::cuda::{cfg1, derr, err, Gpu};
+use crate::cuda_train::GpuLora;
 use crate::error::Result;
 use crate::ops::Rope;
 use crate::weights::WeightStore;
@@ -63,6 +66,18 @@ struct Scratch {
     pos: CudaSlice<i32>,
     flag: CudaSlice<i32>,
     part: CudaSlice<f32>,
+    /// x A^T of the LoRA module being applied (rows, r).
+    lt: CudaSlice<f16>,
+}
+
+/// What a forward pass starts from.
+#[derive(Clone, Copy)]
+pub enum Input<'a> {
+    /// Token ids, looked up in the embedding table on the device.
+    Ids(&'a [u32]),
+    /// Decoder input rows (rows, hidden) made on the host: a LLaVA prompt's text embeddings with the image
+    /// features in place of the image token (`llava::Model::embed_inputs`).
+    Embeds(&'a [f32]),
 }
 
 /// How a forward pass attends.
@@ -94,6 +109,12 @@ pub struct DecodeSession {
     pub use_graph: bool,
     /// Why graph replay was turned off, if capture failed.
     pub graph_error: Option<String>,
+    /// The adapter the session decodes with (its address; 0: none): a captured graph holds its buffers.
+    lora_key: usize,
+}
+
+fn lora_key(lora: Option<&GpuLora>) -> usize {
+    lora.map_or(0, |l| l as *const GpuLora as usize)
 }
 
 impl DecodeSession {
@@ -221,7 +242,7 @@ impl GpuLlama {
         Ok(GpuSuffixCache { k, v, lens: gpu.stream.alloc_zeros::<i32>(bsz).map_err(derr)?, bsz, len: 0, capacity })
     }
 
-    fn scratch(&self, gpu: &Gpu, rows: usize, logit_rows: usize, part_len: usize) -> Result<Scratch> {
+    fn scratch(&self, gpu: &Gpu, rows: usize, logit_rows: usize, part_len: usize, lora_r: usize) -> Result<Scratch> {
         let cfg = &self.cfg;
         let (c, h, kvh, hd, i) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size);
         let s = &gpu.stream;
@@ -240,6 +261,7 @@ impl GpuLlama {
             pos: s.alloc_zeros::<i32>(rows.max(1)).map_err(derr)?,
             flag: s.alloc_zeros::<i32>(1).map_err(derr)?,
             part: s.alloc_zeros::<f32>(part_len.max(1)).map_err(derr)?,
+            lt: a(rows * lora_r)?,
         })
     }
 
@@ -251,15 +273,18 @@ impl GpuLlama {
             .collect()
     }
 
-    /// Enqueues one forward pass over `s.rows` rows whose ids and positions are already in `s.ids`/`s.pos`; leaves
-    /// the final-norm output in `s.h`. Launches only: no allocation, copy or synchronisation (graph-capturable).
-    fn enqueue_layers(&self, gpu: &Gpu, s: &mut Scratch, mode: &mut Attend) -> Result<()> {
+    /// Enqueues one forward pass over `s.rows` rows whose ids (or, when `gather` is false, input rows: `s.x`) and
+    /// positions are already in `s.ids`/`s.pos`; leaves the final-norm output in `s.h`. Launches only: no
+    /// allocation, copy or synchronisation (graph-capturable).
+    fn enqueue_layers(&self, gpu: &Gpu, s: &mut Scratch, mode: &mut Attend, gather: bool, lora: Option<&GpuLora>) -> Result<()> {
         let cfg = &self.cfg;
         let rows = s.rows;
         let (c, h, kvh, hd, inter) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size);
         let (w, nqkv) = (kvh * hd, (h + 2 * kvh) * hd);
         let eps = cfg.rms_norm_eps as f32;
-        gpu.embedding_ids_dev(&mut s.x, &self.embed, c, &s.ids, rows, &mut s.flag)?;
+        if gather {
+            gpu.embedding_ids_dev(&mut s.x, &self.embed, c, &s.ids, rows, &mut s.flag)?;
+        }
         for (li, l) in self.layers.iter().enumerate() {
             if li == 0 {
                 gpu.rmsnorm_dev(&mut s.h, &s.x, &l.input_norm, rows, eps)?;
@@ -267,6 +292,11 @@ impl GpuLlama {
                 gpu.add_rmsnorm_dev(&mut s.h, &mut s.x, &s.tmp, &l.input_norm, rows, eps)?;
             }
             gpu.matmul_dev(&s.h, &l.qkv, &mut s.qkv, rows, c, nqkv)?;
+            if let Some(a) = lora {
+                for (j, off) in [(0, 0), (1, h * hd), (2, (h + kvh) * hd)] {
+                    a.lora_fwd(gpu, li, j, &s.h, &mut s.lt, &mut s.qkv, off, nqkv, rows)?;
+                }
+            }
             gpu.rope_strided_dev(&mut s.qkv, &s.pos, &self.cos, &self.sin, rows, h + kvh, hd, nqkv)?;
             match mode {
                 Attend::Prefill { cache, start } => {
@@ -287,10 +317,20 @@ impl GpuLlama {
                 }
             }
             gpu.matmul_dev(&s.att, &l.o, &mut s.tmp, rows, h * hd, c)?;
+            if let Some(a) = lora {
+                a.lora_fwd(gpu, li, 3, &s.att, &mut s.lt, &mut s.tmp, 0, c, rows)?;
+            }
             gpu.add_rmsnorm_dev(&mut s.h, &mut s.x, &s.tmp, &l.post_norm, rows, eps)?;
             gpu.matmul_dev(&s.h, &l.gate_up, &mut s.gu, rows, c, 2 * inter)?;
+            if let Some(a) = lora {
+                a.lora_fwd(gpu, li, 4, &s.h, &mut s.lt, &mut s.gu, 0, 2 * inter, rows)?;
+                a.lora_fwd(gpu, li, 5, &s.h, &mut s.lt, &mut s.gu, inter, 2 * inter, rows)?;
+            }
             gpu.swiglu_fused_dev(&mut s.act, &s.gu, rows, inter)?;
             gpu.matmul_dev(&s.act, &l.down, &mut s.tmp, rows, inter, c)?;
+            if let Some(a) = lora {
+                a.lora_fwd(gpu, li, 6, &s.act, &mut s.lt, &mut s.tmp, 0, c, rows)?;
+            }
         }
         gpu.add_rmsnorm_dev(&mut s.h, &mut s.x, &s.tmp, &self.norm, rows, eps)
     }
@@ -302,55 +342,96 @@ impl GpuLlama {
     /// Runs `ids` (positions cache.len ..) through the decoder, appending to the cache; returns the logits of
     /// every row, (rows, vocab), widened to f32.
     pub fn forward(&self, gpu: &Gpu, ids: &[u32], cache: &mut GpuKvCache) -> Result<Vec<f32>> {
-        self.forward_rows(gpu, ids, cache, true)
+        self.forward_input(gpu, Input::Ids(ids), cache, Some(0), None)
     }
 
     /// `forward` returning the logits of the last row only (vocab): what prefill and decoding need.
     pub fn forward_last(&self, gpu: &Gpu, ids: &[u32], cache: &mut GpuKvCache) -> Result<Vec<f32>> {
-        self.forward_rows(gpu, ids, cache, false)
+        self.forward_input(gpu, Input::Ids(ids), cache, None, None)
     }
 
-    fn forward_rows(&self, gpu: &Gpu, ids: &[u32], cache: &mut GpuKvCache, all_rows: bool) -> Result<Vec<f32>> {
+    /// Runs `input` (positions cache.len ..) through the decoder under `lora`, appending to the cache. Returns the
+    /// logits of rows `from..` ((rows - from, vocab), widened to f32), or of the last row only when `from` is None.
+    pub fn forward_input(&self, gpu: &Gpu, input: Input, cache: &mut GpuKvCache, from: Option<usize>, lora: Option<&GpuLora>) -> Result<Vec<f32>> {
         let (c, vocab) = (self.cfg.hidden_size, self.cfg.vocab_size);
-        let rows = ids.len();
+        let rows = self.input_rows(input)?;
         let start = cache.len;
         if rows == 0 || start + rows > cache.capacity || start + rows > self.max_positions {
             return Err(err(format!("forward: {rows} rows at position {start} exceed the cache ({}) or the RoPE table ({})", cache.capacity, self.max_positions)));
         }
-        let id32 = self.check_ids(ids)?;
+        let first = from.unwrap_or(rows - 1);
+        if first >= rows {
+            return Err(err(format!("forward: logits from row {first} of {rows}")));
+        }
         let part = gpu.decode_part_len(start + 1, 1, self.cfg.num_attention_heads, self.cfg.head_dim);
-        let mut s = self.scratch(gpu, rows, if all_rows { rows } else { 1 }, part)?;
-        gpu.stream.memcpy_htod(&id32, &mut s.ids).map_err(derr)?;
+        let mut s = self.scratch(gpu, rows, rows - first, part, lora.map_or(1, |l| l.r))?;
+        self.load_input(gpu, input, &mut s)?;
         let pos: Vec<i32> = (start..start + rows).map(|p| p as i32).collect();
         gpu.stream.memcpy_htod(&pos, &mut s.pos).map_err(derr)?;
-        self.enqueue_layers(gpu, &mut s, &mut Attend::Prefill { cache, start })?;
+        self.enqueue_layers(gpu, &mut s, &mut Attend::Prefill { cache, start }, matches!(input, Input::Ids(_)), lora)?;
         cache.len += rows;
-        if all_rows {
-            gpu.matmul_dev(&s.h, self.head(), &mut s.logits, rows, c, vocab)?;
-        } else {
-            gpu.stream.memcpy_dtod(&s.h.slice((rows - 1) * c..rows * c), &mut s.tmp.slice_mut(0..c)).map_err(derr)?;
-            gpu.matmul_dev(&s.tmp, self.head(), &mut s.logits, 1, c, vocab)?;
-        }
+        let n = rows - first;
+        gpu.gemm(&s.h.slice(first * c..), c, false, &self.head().slice(..), c, true, &mut s.logits.slice_mut(..), vocab, n, vocab, c, 1.0, 0.0)?;
         gpu.download_f16(&s.logits)
+    }
+
+    fn input_rows(&self, input: Input) -> Result<usize> {
+        let c = self.cfg.hidden_size;
+        match input {
+            Input::Ids(ids) => Ok(ids.len()),
+            Input::Embeds(x) if x.len().is_multiple_of(c) => Ok(x.len() / c),
+            Input::Embeds(x) => Err(err(format!("decoder input of {} values is not a whole number of rows of {c}", x.len()))),
+        }
+    }
+
+    /// Puts the ids (checked against the vocabulary) or the input rows (as fp16) of `input` into `s`.
+    fn load_input(&self, gpu: &Gpu, input: Input, s: &mut Scratch) -> Result<()> {
+        match input {
+            Input::Ids(ids) => {
+                let id32 = self.check_ids(ids)?;
+                gpu.stream.memcpy_htod(&id32, &mut s.ids).map_err(derr)
+            }
+            Input::Embeds(x) => {
+                if let Some(at) = x.iter().position(|v| !v.is_finite()) {
+                    return Err(err(format!("decoder input value {at} is {}", x[at])));
+                }
+                let h: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
+                gpu.stream.memcpy_htod(&h, &mut s.x).map_err(derr)
+            }
+        }
     }
 
     /// Prefills `prompt` once and prepares `bsz` sequences of up to `max_new` tokens each to decode against it.
     /// Returns the session and the prompt's last logits row (from which each sequence samples its first token).
     pub fn start_decode(&self, gpu: &Gpu, prompt: &[u32], bsz: usize, max_new: usize) -> Result<(DecodeSession, Vec<f32>)> {
-        if bsz == 0 || bsz > 1024 || prompt.is_empty() || prompt.len() + max_new > self.max_positions {
-            return Err(err(format!("decode: {bsz} sequences of a {}-token prompt plus {max_new} new tokens (at most {} positions)", prompt.len(), self.max_positions)));
+        self.start_decode_input(gpu, Input::Ids(prompt), bsz, max_new, None)
+    }
+
+    /// `start_decode` from any input, under `lora` (every step of the session must pass the same adapter).
+    pub fn start_decode_input(&self, gpu: &Gpu, prompt: Input, bsz: usize, max_new: usize, lora: Option<&GpuLora>) -> Result<(DecodeSession, Vec<f32>)> {
+        let len = self.input_rows(prompt)?;
+        if bsz == 0 || bsz > 1024 || len == 0 || len + max_new > self.max_positions {
+            return Err(err(format!("decode: {bsz} sequences of a {len}-position prompt plus {max_new} new tokens (at most {} positions)", self.max_positions)));
         }
-        let mut prefix = self.new_cache(gpu, prompt.len())?;
-        let first = self.forward_last(gpu, prompt, &mut prefix)?;
+        let mut prefix = self.new_cache(gpu, len)?;
+        let first = self.forward_input(gpu, prompt, &mut prefix, None, lora)?;
         let suffix = self.new_suffix_cache(gpu, bsz, max_new)?;
-        let part = gpu.decode_part_len(prompt.len() + max_new, bsz, self.cfg.num_attention_heads, self.cfg.head_dim);
-        let scratch = self.scratch(gpu, bsz, bsz, part)?;
-        Ok((DecodeSession { prefix, suffix, scratch, graph: None, use_graph: true, graph_error: None }, first))
+        let part = gpu.decode_part_len(len + max_new, bsz, self.cfg.num_attention_heads, self.cfg.head_dim);
+        let scratch = self.scratch(gpu, bsz, bsz, part, lora.map_or(1, |l| l.r))?;
+        Ok((DecodeSession { prefix, suffix, scratch, graph: None, use_graph: true, graph_error: None, lora_key: lora_key(lora) }, first))
     }
 
     /// One step of every sequence of `sess`: `tokens[b]` is sequence b's newest token; returns the next-token logits
     /// of every sequence, (bsz, vocab).
     pub fn decode_step(&self, gpu: &Gpu, sess: &mut DecodeSession, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.decode_step_lora(gpu, sess, tokens, None)
+    }
+
+    /// `decode_step` under the adapter the session was started with.
+    pub fn decode_step_lora(&self, gpu: &Gpu, sess: &mut DecodeSession, tokens: &[u32], lora: Option<&GpuLora>) -> Result<Vec<f32>> {
+        if lora_key(lora) != sess.lora_key {
+            return Err(err("decode: a step must use the adapter its session was started with"));
+        }
         let bsz = sess.suffix.bsz;
         if tokens.len() != bsz || sess.suffix.len >= sess.suffix.capacity {
             return Err(err(format!("decode: {} tokens for {bsz} sequences, {} of {} positions used", tokens.len(), sess.suffix.len, sess.suffix.capacity)));
@@ -361,10 +442,10 @@ impl GpuLlama {
         s.memcpy_htod(&vec![(sess.prefix.len + sess.suffix.len) as i32; bsz], &mut sess.scratch.pos).map_err(derr)?;
         s.memcpy_htod(&vec![(sess.suffix.len + 1) as i32; bsz], &mut sess.suffix.lens).map_err(derr)?;
         let (c, vocab) = (self.cfg.hidden_size, self.cfg.vocab_size);
-        let DecodeSession { prefix, suffix, scratch, graph, use_graph, graph_error } = sess;
+        let DecodeSession { prefix, suffix, scratch, graph, use_graph, graph_error, .. } = sess;
         if graph.is_none() && *use_graph {
             s.begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(derr)?;
-            let enq = self.enqueue_layers(gpu, scratch, &mut Attend::Decode { prefix: &*prefix, suffix: &mut *suffix }).and_then(|_| gpu.matmul_dev(&scratch.h, self.head(), &mut scratch.logits, bsz, c, vocab));
+            let enq = self.enqueue_layers(gpu, scratch, &mut Attend::Decode { prefix: &*prefix, suffix: &mut *suffix }, true, lora).and_then(|_| gpu.matmul_dev(&scratch.h, self.head(), &mut scratch.logits, bsz, c, vocab));
             let captured = s.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
             match (enq, captured) {
                 (Ok(()), Ok(Some(g))) => *graph = Some(g),
@@ -378,7 +459,7 @@ impl GpuLlama {
         match graph {
             Some(g) if *use_graph => g.launch().map_err(derr)?,
             _ => {
-                self.enqueue_layers(gpu, scratch, &mut Attend::Decode { prefix: &*prefix, suffix: &mut *suffix })?;
+                self.enqueue_layers(gpu, scratch, &mut Attend::Decode { prefix: &*prefix, suffix: &mut *suffix }, true, lora)?;
                 gpu.matmul_dev(&scratch.h, self.head(), &mut scratch.logits, bsz, c, vocab)?;
             }
         }
@@ -572,7 +653,7 @@ fn op_breakdown(gpu: &Gpu, model: &GpuLlama, keys: usize, n: usize) -> Result<Ve
         Ok(t.elapsed().as_secs_f64() * 1e6 / 50.0)
     };
     for m in [1usize, n] {
-        let mut s = model.scratch(gpu, m, m, gpu.decode_part_len(keys, m, h, hd))?;
+        let mut s = model.scratch(gpu, m, m, gpu.decode_part_len(keys, m, h, hd), 1)?;
         let kc = gpu.stream.alloc_zeros::<f16>(m * keys * kvh * hd).map_err(derr)?;
         let lens = gpu.stream.clone_htod(&vec![1i32; m]).map_err(derr)?;
         for (name, w, k, nn) in [("qkv", &l.qkv, c, nqkv), ("o", &l.o, h * hd, c), ("gate_up", &l.gate_up, c, 2 * inter), ("down", &l.down, inter, c), ("lm_head", model.head(), c, vocab)] {

@@ -67,6 +67,8 @@ pub struct GpuLora {
     /// Optimizer steps taken (skipped overflow steps excluded).
     pub steps: u32,
     pub scaler: LossScaler,
+    /// False for an adapter uploaded for inference only (`for_inference`): no gradient or optimizer buffers.
+    pub trainable: bool,
 }
 
 /// What one training step measured.
@@ -111,7 +113,11 @@ struct SeqTape {
 }
 
 impl GpuLora {
-    fn build(gpu: &Gpu, cfg: &LlamaConfig, r: usize, scale: f32, mut values: impl FnMut(usize, usize, Slot) -> Result<(Vec<f32>, Vec<f32>)>) -> Result<GpuLora> {
+    fn build(gpu: &Gpu, cfg: &LlamaConfig, r: usize, scale: f32, values: impl FnMut(usize, usize, Slot) -> Result<(Vec<f32>, Vec<f32>)>) -> Result<GpuLora> {
+        Self::build_with(gpu, cfg, r, scale, true, values)
+    }
+
+    fn build_with(gpu: &Gpu, cfg: &LlamaConfig, r: usize, scale: f32, trainable: bool, mut values: impl FnMut(usize, usize, Slot) -> Result<(Vec<f32>, Vec<f32>)>) -> Result<GpuLora> {
         if r == 0 {
             return Err(err("LoRA rank must be at least 1"));
         }
@@ -138,7 +144,10 @@ impl GpuLora {
             }
         }
         let s = &gpu.stream;
-        let zeros = || s.alloc_zeros::<f32>(total).map_err(derr);
+        // Inference needs only the fp16 factors (and the masters, for `factors`): one element stands in for the
+        // gradient and moment buffers.
+        let state = if trainable { total } else { 1 };
+        let zeros = || s.alloc_zeros::<f32>(state).map_err(derr);
         Ok(GpuLora {
             r,
             scale,
@@ -148,9 +157,10 @@ impl GpuLora {
             g32: zeros()?,
             m: zeros()?,
             v: zeros()?,
-            g16: s.alloc_zeros::<f16>(total).map_err(derr)?,
+            g16: s.alloc_zeros::<f16>(state).map_err(derr)?,
             steps: 0,
             scaler: LossScaler::new(65536.0, 2000),
+            trainable,
         })
     }
 
@@ -181,6 +191,27 @@ impl GpuLora {
         })
     }
 
+    /// The decoder modules of a PEFT adapter for inference (`cuda_llama` forward passes): projections the adapter
+    /// leaves out get zero factors, so any subset of the seven works; every module needs the same rank and scale.
+    /// Err (with the reason) for what the GPU decoder cannot apply: LoRA on the lm_head or the embeddings, or
+    /// whole decoder parameters the adapter replaces (`modules_to_save`). Modules of the vision tower and the
+    /// projector are ignored here (the image path applies them).
+    pub fn for_inference(gpu: &Gpu, cfg: &LlamaConfig, adapter: &Adapter) -> Result<GpuLora> {
+        let (r, scale) = inference_rank(cfg, adapter)?;
+        Self::build_with(gpu, cfg, r, scale, false, |l, j, sl| match adapter.module(&format!("language_model.layers.{l}.{}", PROJECTIONS[j])) {
+            Some(m) => Ok((m.a.clone(), m.b.clone())),
+            None => Ok((vec![0.0; r * sl.n_in], vec![0.0; sl.n_out * r])),
+        })
+    }
+
+    fn check_trainable(&self) -> Result<()> {
+        if self.trainable {
+            Ok(())
+        } else {
+            Err(err("this adapter was uploaded for inference only (GpuLora::for_inference); it has no gradient buffers"))
+        }
+    }
+
     /// Trainable parameters.
     pub fn param_count(&self) -> usize {
         self.p32.len()
@@ -188,6 +219,7 @@ impl GpuLora {
 
     /// The accumulated (loss-scaled) gradients of layer `l`, projection `j` (index into `PROJECTIONS`): (dA, dB).
     pub fn grads(&self, gpu: &Gpu, l: usize, j: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        self.check_trainable()?;
         let sl = self.slots.get(l).and_then(|x| x.get(j)).ok_or_else(|| err(format!("no LoRA module at layer {l}, slot {j}")))?;
         let all = gpu.stream.clone_dtoh(&self.g32).map_err(derr)?;
         Ok((all[sl.a..sl.a + self.r * sl.n_in].to_vec(), all[sl.b..sl.b + sl.n_out * self.r].to_vec()))
@@ -202,7 +234,7 @@ impl GpuLora {
 
     /// y[:, y_off..y_off + out] += scale * (x A^T) B^T for `rows` rows (y rows `ldy` apart); t = x A^T is kept.
     #[allow(clippy::too_many_arguments)]
-    fn lora_fwd(&self, gpu: &Gpu, l: usize, j: usize, x: &CudaSlice<f16>, t: &mut CudaSlice<f16>, y: &mut CudaSlice<f16>, y_off: usize, ldy: usize, rows: usize) -> Result<()> {
+    pub(crate) fn lora_fwd(&self, gpu: &Gpu, l: usize, j: usize, x: &CudaSlice<f16>, t: &mut CudaSlice<f16>, y: &mut CudaSlice<f16>, y_off: usize, ldy: usize, rows: usize) -> Result<()> {
         let (sl, r) = (self.slots[l][j], self.r);
         gpu.gemm(&x.slice(..), sl.n_in, false, &self.p16.slice(sl.a..sl.a + r * sl.n_in), sl.n_in, true, &mut t.slice_mut(..), r, rows, r, sl.n_in, 1.0, 0.0)?;
         gpu.gemm(&t.slice(..), r, false, &self.p16.slice(sl.b..sl.b + sl.n_out * r), r, true, &mut y.slice_mut(y_off..), ldy, rows, sl.n_out, r, self.scale, 1.0)
@@ -370,6 +402,7 @@ impl GpuLora {
     /// and clipped to `max_grad_norm`; the accumulators are zeroed either way. Returns the unscaled gradient norm,
     /// None for a skipped step.
     pub fn optimizer_step(&mut self, gpu: &Gpu, opt: &AdamW, max_grad_norm: f64) -> Result<Option<f64>> {
+        self.check_trainable()?;
         let sumsq = gpu.sumsq_dev(&self.g32)?;
         match self.scaler.step(sumsq, max_grad_norm) {
             None => {
@@ -390,6 +423,7 @@ impl GpuLora {
     /// norm). Without `opt` the scaled gradients stay accumulated (`grads`, divided by `scaler.scale`).
     #[allow(clippy::too_many_arguments)]
     pub fn dpo_step(&mut self, gpu: &Gpu, model: &GpuLlama, prompt: &[u32], chosen: &[u32], rejected: &[u32], refs: (f64, f64), cfg: &DpoConfig, opt: Option<(&AdamW, f64)>) -> Result<StepReport> {
+        self.check_trainable()?;
         if chosen.is_empty() || rejected.is_empty() {
             return Err(err("chosen and rejected answers must not be empty"));
         }
@@ -416,6 +450,7 @@ impl GpuLora {
     /// One SFT example: the mean negative log-likelihood of `answer` after `prompt`, its backward pass and an
     /// optimizer step when `opt` is given. Returns the loss.
     pub fn sft_step(&mut self, gpu: &Gpu, model: &GpuLlama, prompt: &[u32], answer: &[u32], opt: Option<(&AdamW, f64)>) -> Result<(f64, Option<f64>)> {
+        self.check_trainable()?;
         if answer.is_empty() {
             return Err(err("the answer must not be empty"));
         }
@@ -435,6 +470,32 @@ impl GpuLora {
     pub fn answer_logp(&self, gpu: &Gpu, model: &GpuLlama, prompt: &[u32], answer: &[u32]) -> Result<f64> {
         Ok(self.forward(gpu, model, &[prompt, answer].concat(), prompt.len())?.logp_sum)
     }
+}
+
+/// The one rank and scale of an adapter's decoder modules, or why the GPU decoder cannot apply it (see
+/// `GpuLora::for_inference`). Needs no GPU, so the CPU-only tests check it.
+pub fn inference_rank(cfg: &LlamaConfig, adapter: &Adapter) -> Result<(usize, f32)> {
+    if let Some((p, _)) = adapter.saved_params().find(|(p, _)| !p.starts_with("vision_tower.") && !p.starts_with("multi_modal_projector.")) {
+        return Err(err(format!("the adapter replaces {p} (modules_to_save); the GPU decoder applies LoRA only")));
+    }
+    let mut rank: Option<(usize, f32, String)> = None;
+    for (name, m) in adapter.modules() {
+        if name.starts_with("vision_tower.") || name.starts_with("multi_modal_projector.") {
+            continue;
+        }
+        let known = (0..cfg.num_hidden_layers).any(|l| PROJECTIONS.iter().any(|p| name == format!("language_model.layers.{l}.{p}")));
+        if !known {
+            return Err(err(format!("the adapter has LoRA on {name}; the GPU decoder applies it only to the seven projections of the decoder layers")));
+        }
+        match &rank {
+            None => rank = Some((m.r, m.scale, name.to_string())),
+            Some((r, s, first)) if (*r, *s) != (m.r, m.scale) => {
+                return Err(err(format!("{name}: rank {} and scale {} differ from {first}'s ({r}, {s}); the GPU decoder needs one rank and scale", m.r, m.scale)))
+            }
+            Some(_) => {}
+        }
+    }
+    rank.map(|(r, s, _)| (r, s)).ok_or_else(|| err("the adapter has no LoRA module in the decoder"))
 }
 
 /// Causal attention of a fused QKV buffer (after RoPE) into `att`, saving each row's log-sum-exp.

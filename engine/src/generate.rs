@@ -57,8 +57,16 @@ pub fn generate(model: &Model, req: &GenerateRequest, adapter: Option<&Adapter>)
     generate_with_stats(model, req, adapter).map(|(a, _)| a)
 }
 
-/// `generate`, also reporting timings.
+/// `generate`, also reporting timings. Runs on the model's backend (`Model::set_backend`; the CPU by default).
 pub fn generate_with_stats(model: &Model, req: &GenerateRequest, adapter: Option<&Adapter>) -> Result<(Vec<Answer>, GenerateStats)> {
+    match model.backend() {
+        Some(b) => b.generate(model, req, adapter),
+        None => generate_cpu(model, req, adapter),
+    }
+}
+
+/// `generate_with_stats` on the CPU backend.
+pub fn generate_cpu(model: &Model, req: &GenerateRequest, adapter: Option<&Adapter>) -> Result<(Vec<Answer>, GenerateStats)> {
     let mut stats = GenerateStats::default();
     let t0 = std::time::Instant::now();
     req.params.validate().map_err(EngineError::Input)?;

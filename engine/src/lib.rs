@@ -7,6 +7,7 @@
 //! costs nothing.
 
 pub mod adapter;
+pub mod backend;
 pub mod clip;
 pub mod config;
 pub mod cuda;

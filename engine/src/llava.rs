@@ -100,6 +100,8 @@ pub struct Model {
     pub llm: Llama,
     pub image_processor: Option<ImageProcessorConfig>,
     linear_shapes: HashMap<String, (usize, usize)>,
+    /// Where generation and scoring run (`crate::backend`); None: the CPU.
+    backend: Option<std::sync::Arc<dyn crate::backend::Backend>>,
 }
 
 impl Model {
@@ -181,7 +183,22 @@ impl Model {
                 }
             }
         }
-        Ok(Model { dir: dir.to_path_buf(), config, layout, vision, projector, llm, image_processor, linear_shapes })
+        Ok(Model { dir: dir.to_path_buf(), config, layout, vision, projector, llm, image_processor, linear_shapes, backend: None })
+    }
+
+    /// Runs generation and answer scoring on `backend` from now on (`crate::backend::select`).
+    pub fn set_backend(&mut self, backend: std::sync::Arc<dyn crate::backend::Backend>) {
+        self.backend = Some(backend);
+    }
+
+    /// The backend generation and scoring run on, if one was set (None: the CPU).
+    pub fn backend(&self) -> Option<&std::sync::Arc<dyn crate::backend::Backend>> {
+        self.backend.as_ref()
+    }
+
+    /// What generation and scoring run on: "cpu" or the device's description.
+    pub fn device(&self) -> String {
+        self.backend.as_ref().map_or_else(|| "cpu".into(), |b| b.device())
     }
 
     /// How the decoder's weights are held in memory: "f32", "bf16" or "f16".
@@ -416,8 +433,17 @@ impl Model {
         Ok((x, pred_rows, answer.to_vec(), image_rows, ids, rows))
     }
 
-    /// Σ log p(answer | prompt, image) without keeping activations (reference model scoring).
+    /// Σ log p(answer | prompt, image) without keeping activations (reference model scoring), on the model's
+    /// backend.
     pub fn answer_logp(&self, prompt: &[u32], answer: &[u32], feats: Option<&[f32]>, adapter: Option<&Adapter>) -> Result<f64> {
+        match &self.backend {
+            Some(b) => b.answer_logp(self, prompt, answer, feats, adapter),
+            None => self.answer_logp_cpu(prompt, answer, feats, adapter),
+        }
+    }
+
+    /// `answer_logp` on the CPU backend.
+    pub fn answer_logp_cpu(&self, prompt: &[u32], answer: &[u32], feats: Option<&[f32]>, adapter: Option<&Adapter>) -> Result<f64> {
         let (mut x, rows, targets, ..) = self.answer_rows(prompt, answer, feats)?;
         let c = self.llm.cfg.hidden_size;
         let t = x.len() / c;

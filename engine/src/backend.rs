@@ -1,0 +1,348 @@
+//! Where the model math of generation and scoring runs: the CPU backend (always there) or a CUDA device.
+//!
+//! A `Model` carries its backend (`Model::set_backend`; none means the CPU). `generate::generate` and
+//! `Model::answer_logp` dispatch through it, so every caller (the sampler, the labeler's reference scoring, the
+//! server, best-of-n, evaluation) runs on the device the daemon picked with `--device` / `model.device`.
+//!
+//! The CUDA backend runs the decoder on the GPU (`cuda_llama::GpuLlama`, weights uploaded once as fp16, the
+//! prompt prefilled once and the n answers decoded together against it, LoRA applied unmerged from
+//! `cuda_train::GpuLora::for_inference`). The vision tower and projector still run on the CPU: their output rows
+//! are spliced into the prompt on the host and uploaded (`cuda_llama::Input::Embeds`). Sampling is on the host, as
+//! on the CPU backend (`crate::sampling`: the same function and the same per-answer RNG streams). What the GPU
+//! decoder cannot apply (an adapter with LoRA on the lm_head, or whole decoder parameters) runs on the CPU, with a
+//! warning on stderr once per adapter.
+
+use crate::adapter::Adapter;
+use crate::cuda::Gpu;
+use crate::cuda_llama::{GpuLlama, Input};
+use crate::cuda_train::GpuLora;
+use crate::error::{EngineError, Result};
+use crate::generate::{Answer, FinishReason, GenerateRequest, GenerateStats};
+use crate::llava::Model;
+use crate::rng::SplitMix64;
+use std::sync::{Arc, Mutex};
+
+/// A device as the user names it: `auto`, `cpu`, `cuda` (device 0) or `cuda:N`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceSpec {
+    /// CUDA device 0 when one is usable, else the CPU.
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for DeviceSpec {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.trim() {
+            "auto" => Ok(DeviceSpec::Auto),
+            "cpu" => Ok(DeviceSpec::Cpu),
+            "cuda" => Ok(DeviceSpec::Cuda(0)),
+            other => match other.strip_prefix("cuda:") {
+                Some(n) => n.parse::<usize>().map(DeviceSpec::Cuda).map_err(|_| format!("device {s:?}: the part after \"cuda:\" must be a device number, e.g. cuda:0")),
+                None => Err(format!("unknown device {s:?}: use auto, cpu, cuda or cuda:N")),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        match self {
+            DeviceSpec::Auto => write!(f, "auto"),
+            DeviceSpec::Cpu => write!(f, "cpu"),
+            DeviceSpec::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+/// The operations whose math a backend runs. Both take the `Model` for its configuration, tokenizer-independent
+/// input checks and the parts that stay on the CPU.
+pub trait Backend: Send + Sync {
+    /// What it runs on, e.g. "cpu" or "cuda:0 (NVIDIA H200, sm_90)".
+    fn device(&self) -> String;
+    /// `generate::generate_with_stats` on this backend.
+    fn generate(&self, model: &Model, req: &GenerateRequest, adapter: Option<&Adapter>) -> Result<(Vec<Answer>, GenerateStats)>;
+    /// `Model::answer_logp` on this backend.
+    fn answer_logp(&self, model: &Model, prompt: &[u32], answer: &[u32], feats: Option<&[f32]>, adapter: Option<&Adapter>) -> Result<f64>;
+}
+
+/// The CPU backend (`crate::llama`, `crate::ops`).
+pub struct CpuBackend;
+
+impl Backend for CpuBackend {
+    fn device(&self) -> String {
+        "cpu".into()
+    }
+    fn generate(&self, model: &Model, req: &GenerateRequest, adapter: Option<&Adapter>) -> Result<(Vec<Answer>, GenerateStats)> {
+        crate::generate::generate_cpu(model, req, adapter)
+    }
+    fn answer_logp(&self, model: &Model, prompt: &[u32], answer: &[u32], feats: Option<&[f32]>, adapter: Option<&Adapter>) -> Result<f64> {
+        model.answer_logp_cpu(prompt, answer, feats, adapter)
+    }
+}
+
+/// Opens the backend `spec` names for `model`. Returns it and a line saying what was chosen and, for `auto`
+/// without a usable GPU, why not. An explicit `cuda[:N]` that cannot be used is an error naming the reason and the
+/// way out.
+pub fn select(spec: DeviceSpec, model: &Model) -> Result<(Arc<dyn Backend>, String)> {
+    match spec {
+        DeviceSpec::Cpu => Ok((Arc::new(CpuBackend), "cpu (asked for)".into())),
+        DeviceSpec::Cuda(n) => match CudaBackend::open(n, model) {
+            Ok(b) => {
+                let d = b.device();
+                Ok((Arc::new(b), d))
+            }
+            Err(why) => Err(EngineError::Input(format!("device cuda:{n} cannot be used: {why} (use --device cpu, or auto to fall back to the CPU)"))),
+        },
+        DeviceSpec::Auto => match CudaBackend::open(0, model) {
+            Ok(b) => {
+                let d = b.device();
+                Ok((Arc::new(b), d))
+            }
+            Err(why) => Ok((Arc::new(CpuBackend), format!("cpu (no usable GPU: {why})"))),
+        },
+    }
+}
+
+/// Adapters kept on the device at once (the policy, the reference, the served checkpoint and one more).
+const ADAPTER_SLOTS: usize = 4;
+
+/// The CUDA backend of one device.
+pub struct CudaBackend {
+    label: String,
+    state: Mutex<CudaState>,
+}
+
+struct CudaState {
+    gpu: Gpu,
+    llama: GpuLlama,
+    /// Uploaded adapters, most recently used last: (fingerprint, adapter).
+    adapters: Vec<(u64, Arc<GpuLora>)>,
+    /// Fingerprints of adapters found unsupported (warned about once; they run on the CPU).
+    refused: Vec<u64>,
+}
+
+/// Identifies an adapter's decoder factors by value (its path and a hash of every decoder module): an adapter
+/// changed in place (training) or a new one at a reused address gets a new upload.
+fn fingerprint(adapter: &Adapter) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut mix = |v: u64| h = (h ^ v).wrapping_mul(0x0100_0000_01b3);
+    adapter.path.to_string_lossy().bytes().for_each(|b| mix(b as u64));
+    for (name, m) in adapter.modules() {
+        if !name.starts_with("language_model.") {
+            continue;
+        }
+        name.bytes().for_each(|b| mix(b as u64));
+        mix(m.r as u64);
+        mix(m.scale.to_bits() as u64);
+        // Two lanes per step keep hashing cheap next to a forward pass.
+        for ch in m.a.chunks(2).chain(m.b.chunks(2)) {
+            mix(ch.iter().fold(0u64, |acc, v| (acc << 32) | v.to_bits() as u64));
+        }
+    }
+    h
+}
+
+impl CudaBackend {
+    /// Opens device `ordinal`, compiles the kernels and uploads `model`'s decoder. Err(reason) when there is no
+    /// usable GPU or the decoder cannot run there.
+    pub fn open(ordinal: usize, model: &Model) -> std::result::Result<CudaBackend, String> {
+        let gpu = match Gpu::open(ordinal) {
+            Ok(Ok(g)) => g,
+            Ok(Err(why)) => return Err(why),
+            Err(e) => return Err(format!("the CUDA kernels cannot be built: {e}")),
+        };
+        let max_positions = model.llm.cfg.max_position_embeddings.max(1);
+        let llama = crate::cuda_llama::load_dir(&gpu, &model.dir, max_positions).map_err(|e| format!("the decoder of {} cannot run on the GPU: {e}", model.dir.display()))?;
+        let label = format!("cuda:{ordinal} ({}, {})", gpu.name, gpu.arch);
+        Ok(CudaBackend { label, state: Mutex::new(CudaState { gpu, llama, adapters: Vec::new(), refused: Vec::new() }) })
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, CudaState>> {
+        self.state.lock().map_err(|_| EngineError::Input("the CUDA backend's state is poisoned (an earlier call panicked)".into()))
+    }
+}
+
+impl CudaState {
+    /// The device copy of `adapter`'s decoder factors: Ok(None) for no adapter, Err(reason) when the GPU decoder
+    /// cannot apply it (the caller runs on the CPU).
+    fn lora(&mut self, adapter: Option<&Adapter>) -> std::result::Result<Option<Arc<GpuLora>>, ()> {
+        let Some(a) = adapter else { return Ok(None) };
+        let key = fingerprint(a);
+        if self.refused.contains(&key) {
+            return Err(());
+        }
+        if let Some(i) = self.adapters.iter().position(|(k, _)| *k == key) {
+            let hit = self.adapters.remove(i);
+            let l = hit.1.clone();
+            self.adapters.push(hit);
+            return Ok(Some(l));
+        }
+        match GpuLora::for_inference(&self.gpu, &self.llama.cfg, a) {
+            Ok(l) => {
+                let l = Arc::new(l);
+                if self.adapters.len() >= ADAPTER_SLOTS {
+                    self.adapters.remove(0);
+                }
+                self.adapters.push((key, l.clone()));
+                Ok(Some(l))
+            }
+            Err(e) => {
+                eprintln!("rlaifd engine: adapter {} runs on the CPU: {e}", a.path.display());
+                self.refused.push(key);
+                Err(())
+            }
+        }
+    }
+}
+
+/// The decoder input of `ids` (with `feats` in place of the image token): the ids themselves when there is no
+/// image, else the rows `Model::embed_inputs` builds on the host.
+fn decoder_input(model: &Model, ids: &[u32], feats: Option<&[f32]>) -> Result<Option<Vec<f32>>> {
+    let has_image = model.image_token_id().is_some_and(|t| ids.contains(&t));
+    if feats.is_none() && !has_image {
+        return Ok(None);
+    }
+    Ok(Some(model.embed_inputs(ids, feats)?.0))
+}
+
+impl Backend for CudaBackend {
+    fn device(&self) -> String {
+        self.label.clone()
+    }
+
+    fn generate(&self, model: &Model, req: &GenerateRequest, adapter: Option<&Adapter>) -> Result<(Vec<Answer>, GenerateStats)> {
+        use rayon::prelude::*;
+        let mut stats = GenerateStats::default();
+        let t0 = std::time::Instant::now();
+        req.params.validate().map_err(EngineError::Input)?;
+        if req.seeds.is_empty() {
+            return Ok((Vec::new(), stats));
+        }
+        let mut guard = self.lock()?;
+        let st = &mut *guard;
+        let Ok(lora) = st.lora(adapter) else {
+            drop(guard);
+            return crate::generate::generate_cpu(model, req, adapter);
+        };
+        let cfg = &model.llm.cfg;
+        let stop: Vec<u32> = if req.stop_ids.is_empty() { cfg.eos_token_ids.clone() } else { req.stop_ids.clone() };
+        let feats = match req.pixels {
+            Some(p) => Some(model.image_features(p, adapter)?),
+            None => None,
+        };
+        let rows = decoder_input(model, req.ids, feats.as_deref())?;
+        let input = match &rows {
+            Some(x) => Input::Embeds(x),
+            None => Input::Ids(req.ids),
+        };
+        let n = req.seeds.len();
+        let max_new = req.params.max_new_tokens;
+        let mut answers: Vec<Answer> = req.seeds.iter().map(|&seed| Answer { seed, tokens: Vec::new(), finish: FinishReason::Length }).collect();
+        if max_new == 0 {
+            return Ok((answers, stats));
+        }
+        let (mut sess, first) = st.llama.start_decode_input(&st.gpu, input, n, max_new, lora.as_deref())?;
+        stats.prompt_positions = rows.as_ref().map_or(req.ids.len(), |x| x.len() / cfg.hidden_size);
+        stats.prefill_s = t0.elapsed().as_secs_f64();
+        let t1 = std::time::Instant::now();
+        let v = cfg.vocab_size;
+        let mut rngs: Vec<SplitMix64> = req.seeds.iter().map(|&s| SplitMix64::new(s)).collect();
+        let mut seen: Vec<Vec<u32>> = vec![req.ids.to_vec(); n];
+        let mut next: Vec<u32> = rngs.par_iter_mut().zip(seen.par_iter()).map(|(rng, s)| crate::sampling::sample(&mut first.clone(), s, &req.params, rng)).collect();
+        let mut active = vec![true; n];
+        loop {
+            // Record this step's tokens (as the CPU backend does: a stop token ends the answer unrecorded).
+            for i in 0..n {
+                if !active[i] {
+                    continue;
+                }
+                let tok = next[i];
+                if stop.contains(&tok) {
+                    answers[i].finish = FinishReason::Stop;
+                    active[i] = false;
+                    continue;
+                }
+                answers[i].tokens.push(tok);
+                seen[i].push(tok);
+                if answers[i].tokens.len() >= max_new {
+                    answers[i].finish = FinishReason::Length;
+                    active[i] = false;
+                }
+            }
+            let live = active.iter().filter(|&&a| a).count();
+            if live == 0 {
+                break;
+            }
+            stats.decode_steps += 1;
+            stats.decode_tokens += live;
+            // Every sequence steps (the batch shape stays fixed for the captured graph); a finished one feeds its
+            // last id and its row is ignored.
+            let feed: Vec<u32> = (0..n).map(|i| *seen[i].last().unwrap_or(&next[i])).collect();
+            let mut logits = st.llama.decode_step_lora(&st.gpu, &mut sess, &feed, lora.as_deref())?;
+            next.par_iter_mut().zip(rngs.par_iter_mut()).zip(logits.par_chunks_mut(v)).zip(seen.par_iter()).zip(active.par_iter()).for_each(|((((t, rng), row), s), &live)| {
+                if live {
+                    *t = crate::sampling::sample(row, s, &req.params, rng);
+                }
+            });
+        }
+        stats.decode_s = t1.elapsed().as_secs_f64();
+        Ok((answers, stats))
+    }
+
+    fn answer_logp(&self, model: &Model, prompt: &[u32], answer: &[u32], feats: Option<&[f32]>, adapter: Option<&Adapter>) -> Result<f64> {
+        if prompt.is_empty() {
+            return Err(EngineError::Input("empty prompt".into()));
+        }
+        if let Some(&tok) = answer.iter().find(|&&t| Some(t) == model.image_token_id()) {
+            return Err(EngineError::Input(format!("answer holds the image token {tok}")));
+        }
+        let ids: Vec<u32> = prompt.iter().chain(answer).copied().collect();
+        // Checks the ids and the image token, and gives the row of every id.
+        let (x, id_rows) = model.embed_inputs(&ids, feats)?;
+        if answer.is_empty() {
+            return Ok(0.0);
+        }
+        let mut guard = self.lock()?;
+        let st = &mut *guard;
+        let Ok(lora) = st.lora(adapter) else {
+            drop(guard);
+            return model.answer_logp_cpu(prompt, answer, feats, adapter);
+        };
+        let c = model.llm.cfg.hidden_size;
+        let v = model.llm.cfg.vocab_size;
+        let total = x.len() / c;
+        // The answer is text after the prompt: its ids sit on consecutive rows, each predicted by the row before.
+        let from = id_rows[prompt.len()] - 1;
+        let mut cache = st.llama.new_cache(&st.gpu, total)?;
+        let logits = st.llama.forward_input(&st.gpu, Input::Embeds(&x), &mut cache, Some(from), lora.as_deref())?;
+        let mut sum = 0.0f64;
+        for (i, &tok) in answer.iter().enumerate() {
+            let row = &logits[i * v..(i + 1) * v];
+            let max = row.iter().fold(f32::NEG_INFINITY, |m, &z| m.max(z)) as f64;
+            let lse = max + row.iter().map(|&z| (z as f64 - max).exp()).sum::<f64>().ln();
+            sum += row[tok as usize] as f64 - lse;
+        }
+        Ok(sum)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_names_parse_and_print_back() {
+        for (s, d) in [("auto", DeviceSpec::Auto), ("cpu", DeviceSpec::Cpu), ("cuda", DeviceSpec::Cuda(0)), ("cuda:3", DeviceSpec::Cuda(3)), (" cpu ", DeviceSpec::Cpu)] {
+            assert_eq!(s.parse::<DeviceSpec>(), Ok(d), "{s}");
+        }
+        assert_eq!(DeviceSpec::Cuda(3).to_string(), "cuda:3");
+        assert_eq!("cuda".parse::<DeviceSpec>().map(|d| d.to_string()), Ok("cuda:0".into()));
+        let e = "gpu".parse::<DeviceSpec>().unwrap_err();
+        assert!(e.contains("\"gpu\"") && e.contains("cuda:N"), "{e}");
+        let e = "cuda:x".parse::<DeviceSpec>().unwrap_err();
+        assert!(e.contains("device number"), "{e}");
+        assert!("cuda:-1".parse::<DeviceSpec>().is_err());
+    }
+}

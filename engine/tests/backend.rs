@@ -1,0 +1,81 @@
+//! Device selection and the backend dispatch, on any machine: `--device` names parse or are refused with the fix,
+//! `auto` falls back to the CPU (saying why) where no GPU is usable while an explicit `cuda` is an error, a model
+//! on the CPU backend computes exactly what it computes with no backend set, and the rule that decides which
+//! adapters the GPU decoder can apply (the others run on the CPU).
+
+use engine::adapter::{LoraSpec, TargetModules};
+use engine::backend::{select, CpuBackend, DeviceSpec};
+use engine::cuda_train::inference_rank;
+use engine::generate::{generate, GenerateRequest};
+use engine::sampling::SamplingParams;
+use engine::Model;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+fn shapes() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../assets/shapes-base")
+}
+
+#[test]
+fn auto_falls_back_to_the_cpu_without_a_gpu_and_an_explicit_cuda_is_refused() {
+    let model = Model::load(&shapes()).unwrap();
+    let (b, what) = select(DeviceSpec::Cpu, &model).unwrap();
+    assert_eq!((b.device(), what.as_str()), ("cpu".to_string(), "cpu (asked for)"));
+    let gpu_usable = matches!(engine::cuda::Gpu::open(0), Ok(Ok(_)));
+    let (b, what) = select(DeviceSpec::Auto, &model).unwrap();
+    if gpu_usable {
+        assert!(b.device().starts_with("cuda:0"), "{what}");
+    } else {
+        assert_eq!(b.device(), "cpu");
+        assert!(what.starts_with("cpu (no usable GPU: "), "{what}");
+        let e = select(DeviceSpec::Cuda(0), &model).err().expect("cuda:0 without a GPU must be refused").to_string();
+        assert!(e.contains("cuda:0 cannot be used") && e.contains("--device cpu"), "{e}");
+        println!("auto: {what}\ncuda:0: {e}");
+    }
+    let e = select(DeviceSpec::Cuda(7), &model).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(gpu_usable || e.contains("cuda:7"), "{e}");
+}
+
+#[test]
+fn a_model_on_the_cpu_backend_computes_what_it_computes_without_one() {
+    let plain = Model::load(&shapes()).unwrap();
+    let mut on_cpu = Model::load(&shapes()).unwrap();
+    on_cpu.set_backend(Arc::new(CpuBackend));
+    assert_eq!((plain.device(), on_cpu.device()), ("cpu".to_string(), "cpu".to_string()));
+    let tok = engine::tokenizer::TextTokenizer::from_file(&shapes().join("tokenizer.json")).unwrap();
+    let ids = tok.encode("USER: Describe the image. ASSISTANT:", true).unwrap();
+    let params = SamplingParams { temperature: 0.7, max_new_tokens: 12, ..Default::default() };
+    let req = GenerateRequest { ids: &ids, pixels: None, seeds: &[1, 2, 3], params, stop_ids: vec![] };
+    let a = generate(&plain, &req, None).unwrap();
+    let b = generate(&on_cpu, &req, None).unwrap();
+    assert_eq!(a.iter().map(|x| &x.tokens).collect::<Vec<_>>(), b.iter().map(|x| &x.tokens).collect::<Vec<_>>());
+    let ans = &a[0].tokens;
+    assert_eq!(plain.answer_logp(&ids, ans, None, None).unwrap().to_bits(), on_cpu.answer_logp(&ids, ans, None, None).unwrap().to_bits());
+}
+
+#[test]
+fn the_gpu_decoder_takes_lora_on_decoder_projections_only() {
+    let model = Model::load(&shapes()).unwrap();
+    let cfg = &model.llm.cfg;
+    let spec = |targets: TargetModules, save: &[&str]| LoraSpec { r: 8, lora_alpha: 16.0, target_modules: targets, modules_to_save: save.iter().map(|s| s.to_string()).collect(), ..LoraSpec::default() };
+    let names = |v: &[&str]| TargetModules::Names(v.iter().map(|s| s.to_string()).collect());
+    // The loop's adapter (every decoder projection), and a subset (the rest count as zero).
+    let full = model.create_adapter(&spec(LoraSpec::default().target_modules, &[]), 1).unwrap();
+    assert_eq!(inference_rank(cfg, &full).unwrap(), (8, 2.0));
+    let qv = model.create_adapter(&spec(names(&["q_proj", "v_proj"]), &[]), 1).unwrap();
+    assert_eq!(inference_rank(cfg, &qv).unwrap(), (8, 2.0));
+    // LoRA on the vision tower and projector is applied by the (CPU) image path: accepted beside the decoder's.
+    let all = model.create_adapter(&spec(TargetModules::Regex(r".*(q_proj|fc1|linear_1)".into()), &[]), 1).unwrap();
+    assert!(all.module_names().iter().any(|n| n.starts_with("vision_tower.")), "{:?}", all.module_names());
+    assert_eq!(inference_rank(cfg, &all).unwrap(), (8, 2.0));
+    // Refused, with the reason: LoRA on the lm_head, a replaced decoder parameter, nothing in the decoder.
+    let head = model.create_adapter(&spec(names(&["q_proj", "lm_head"]), &[]), 1).unwrap();
+    let e = inference_rank(cfg, &head).unwrap_err().to_string();
+    assert!(e.contains("lm_head"), "{e}");
+    let saved = model.create_adapter(&spec(names(&["q_proj"]), &["lm_head"]), 1).unwrap();
+    let e = inference_rank(cfg, &saved).unwrap_err().to_string();
+    assert!(e.contains("lm_head") && e.contains("modules_to_save"), "{e}");
+    let vision = model.create_adapter(&spec(TargetModules::Regex(r".*vision_tower.*q_proj".into()), &[]), 1).unwrap();
+    let e = inference_rank(cfg, &vision).unwrap_err().to_string();
+    assert!(e.contains("no LoRA module in the decoder"), "{e}");
+}

@@ -1,0 +1,95 @@
+//! The CUDA backend (`engine::backend`) against the CPU backend on the bundled ShapesWorld model, the way the
+//! daemon uses it: an image prompt (vision tower on the CPU, decoder on the GPU), a LoRA adapter on every decoder
+//! projection applied on the device, greedy and sampled generation through `generate::generate`, and reference
+//! scoring through `Model::answer_logp`. An adapter the GPU decoder cannot apply runs on the CPU with identical
+//! results. Prints why and passes where no GPU exists.
+
+use engine::adapter::{LoraSpec, TargetModules};
+use engine::backend::{select, DeviceSpec};
+use engine::generate::{generate, FinishReason, GenerateRequest};
+use engine::sampling::SamplingParams;
+use engine::shapes::{Scene, WorldConfig};
+use engine::tokenizer::{apply_template, TextTokenizer, LLAVA_15_TEMPLATE};
+use engine::{Adapter, Model};
+
+mod gpu_common;
+use gpu_common::root;
+
+/// An adapter on every decoder projection with non-zero B (peft starts B at zero, which would hide a LoRA bug).
+fn adapter(model: &Model, targets: TargetModules, seed: u64) -> Adapter {
+    let spec = LoraSpec { r: 8, lora_alpha: 16.0, target_modules: targets, ..LoraSpec::default() };
+    let mut a = model.create_adapter(&spec, seed).unwrap();
+    let names: Vec<String> = a.module_names().iter().map(|s| s.to_string()).collect();
+    let mut rng = engine::rng::SplitMix64::new(seed ^ 0xb);
+    for n in names {
+        let m = a.module_mut(&n).unwrap();
+        m.b.iter_mut().for_each(|v| *v = ((rng.next_f64() * 2.0 - 1.0) * 0.05) as f32);
+    }
+    a
+}
+
+#[test]
+fn cuda_backend_matches_the_cpu_backend_on_shapesworld_with_an_image_and_lora() {
+    let dir = root().join("assets/shapes-base");
+    let cpu = Model::load(&dir).unwrap();
+    let mut dev = Model::load(&dir).unwrap();
+    match select(DeviceSpec::Cuda(0), &dev) {
+        Ok((b, what)) => {
+            println!("backend: {what}");
+            dev.set_backend(b);
+        }
+        Err(e) => {
+            println!("SKIPPED: no GPU: {e}");
+            return;
+        }
+    }
+    let tok = TextTokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
+    let wc = WorldConfig::default();
+    let ip = cpu.image_processor.clone().unwrap();
+    let lora = adapter(&cpu, LoraSpec::default().target_modules, 3);
+    let ids = tok.encode(&apply_template(LLAVA_15_TEMPLATE, "Describe the image."), true).unwrap();
+    let mut worst_mean = 0.0f64;
+    for seed in 0..4u64 {
+        let scene = Scene::generate(&wc, seed);
+        let pixels = engine::image::preprocess(&scene.render(&wc, seed), &ip).unwrap();
+        for ad in [None, Some(&lora)] {
+            // Greedy: the same tokens.
+            let params = SamplingParams { temperature: 0.0, max_new_tokens: 24, ..Default::default() };
+            let req = GenerateRequest { ids: &ids, pixels: Some(&pixels), seeds: &[0], params, stop_ids: vec![] };
+            let want = generate(&cpu, &req, ad).unwrap().remove(0);
+            let got = generate(&dev, &req, ad).unwrap().remove(0);
+            println!("scene {seed} lora {}: CPU {:?} GPU {:?}", ad.is_some(), tok.decode(&want.tokens).unwrap(), tok.decode(&got.tokens).unwrap());
+            assert_eq!((&got.tokens, got.finish), (&want.tokens, want.finish), "scene {seed}, lora {}: greedy answers differ", ad.is_some());
+            // Reference scoring of that answer: per-token mean log-prob within 5e-2.
+            let feats = cpu.image_features(&pixels, ad).unwrap();
+            let lw = cpu.answer_logp(&ids, &want.tokens, Some(&feats), ad).unwrap();
+            let lg = dev.answer_logp(&ids, &want.tokens, Some(&feats), ad).unwrap();
+            let mean = (lg - lw).abs() / want.tokens.len().max(1) as f64;
+            worst_mean = worst_mean.max(mean);
+            assert!(mean <= 5e-2, "scene {seed}: answer log-prob {lg} on the GPU, {lw} on the CPU");
+        }
+    }
+    println!("worst per-token |log-prob difference| {worst_mean:.2e}");
+    // Sampling n = 6: every answer ends as the CPU backend's would (stop token unrecorded, or the length cap),
+    // and the same seeds give the same answers again.
+    let scene = Scene::generate(&wc, 9);
+    let pixels = engine::image::preprocess(&scene.render(&wc, 9), &ip).unwrap();
+    let params = SamplingParams { temperature: 0.7, max_new_tokens: 20, ..Default::default() };
+    let seeds = [11u64, 12, 13, 14, 15, 16];
+    let req = GenerateRequest { ids: &ids, pixels: Some(&pixels), seeds: &seeds, params: params.clone(), stop_ids: vec![] };
+    let a = generate(&dev, &req, Some(&lora)).unwrap();
+    let b = generate(&dev, &req, Some(&lora)).unwrap();
+    let eos = cpu.llm.cfg.eos_token_ids.clone();
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x.tokens, y.tokens, "seed {}: sampling is not repeatable", x.seed);
+        assert!(!x.tokens.iter().any(|t| eos.contains(t)), "an answer holds the stop token");
+        assert!(x.finish == FinishReason::Stop || x.tokens.len() == 20, "seed {}: {:?} after {} tokens", x.seed, x.finish, x.tokens.len());
+    }
+    // An adapter with LoRA on the lm_head is not for the GPU decoder: it runs on the CPU, token for token.
+    let head = adapter(&cpu, TargetModules::Names(vec!["q_proj".into(), "lm_head".into()]), 5);
+    assert!(head.module("lm_head").is_some(), "the adapter should carry lm_head: {:?}", head.module_names());
+    let req = GenerateRequest { ids: &ids, pixels: Some(&pixels), seeds: &seeds, params, stop_ids: vec![] };
+    let want = generate(&cpu, &req, Some(&head)).unwrap();
+    let got = generate(&dev, &req, Some(&head)).unwrap();
+    assert_eq!(got.iter().map(|a| &a.tokens).collect::<Vec<_>>(), want.iter().map(|a| &a.tokens).collect::<Vec<_>>());
+}
