@@ -36,6 +36,15 @@ pub struct DatabaseConfig {
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
     pub path: PathBuf,
+    /// "auto", "cpu", "cuda" or "cuda:N" (`engine::backend::DeviceSpec`).
+    pub device: String,
+}
+
+impl ModelConfig {
+    /// The device `device` names (checked by `Config::validate`).
+    pub fn device_spec(&self) -> Result<engine::backend::DeviceSpec> {
+        self.device.parse().map_err(|e| anyhow::anyhow!("model.device: {e}"))
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -138,6 +147,7 @@ impl Config {
 
     pub fn validate(&self) -> Result<()> {
         self.loop_.validate()?;
+        self.model.device_spec()?;
         if self.database.url.trim().is_empty() {
             bail!("database.url is empty (e.g. postgres://postgres@127.0.0.1:5432/rlaifd)");
         }

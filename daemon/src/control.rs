@@ -318,6 +318,7 @@ async fn status(d: &Arc<Daemon>) -> Result<Value> {
         "last_decision": last_decided.map(|(id, st, m)| json!({ "checkpoint": id, "status": st, "metrics": m })),
         "actors": actors,
         "uptime_s": d.started.elapsed().as_secs_f64(),
+        "device": d.engine.model.device(),
     }))
 }
 
@@ -398,6 +399,10 @@ fn reload(d: &Arc<Daemon>) -> Result<Value> {
     }
     if new.control != old.control {
         restart.push("control");
+    }
+    if new.model.device != old.model.device {
+        restart.push("model.device");
+        new.model.device = old.model.device.clone();
     }
     if new.loop_.labeler != old.loop_.labeler {
         restart.push("loop.labeler");

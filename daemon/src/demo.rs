@@ -35,6 +35,9 @@ pub struct DemoArgs {
     /// Seed of the prompts and of the loop.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Where generation and scoring run: auto, cpu, cuda or cuda:N (model.device).
+    #[arg(long, default_value = "auto")]
+    pub device: String,
 }
 
 /// The demo's loop settings: RLAIF-V's, except for what a 2 MB model whose answers are a dozen words needs.
@@ -108,6 +111,8 @@ pub fn daemon_config(a: &DemoArgs, url: &str) -> Result<crate::config::Config> {
     cfg.database.max_connections = 4;
     cfg.model.path = std::fs::canonicalize(&a.model).with_context(|| format!("--model {}: no such directory", a.model.display()))?;
     cfg.state.dir = a.state_dir.clone();
+    cfg.model.device = a.device.clone();
+    cfg.model.device_spec().map_err(|e| anyhow::anyhow!("--device: {e:#}"))?;
     cfg.server.bind = "127.0.0.1:0".into();
     cfg.daemon.auto_iterate = true;
     cfg.daemon.prompt_source = "shapes".into();

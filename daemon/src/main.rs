@@ -134,12 +134,21 @@ struct ModelArgs {
     /// Widen 16-bit checkpoint weights to f32 at load instead of keeping them 16-bit (same results, 2x memory).
     #[arg(long)]
     f32_weights: bool,
+    /// Where generation runs: auto (a CUDA GPU when usable), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
 }
 
 impl ModelArgs {
     fn load(&self) -> Result<(Model, Option<Adapter>)> {
+        let device: engine::backend::DeviceSpec = self.device.parse().map_err(|e| anyhow::anyhow!("--device: {e}"))?;
         let opts = engine::LoadOptions { keep_16bit: !self.f32_weights };
-        let model = Model::load_with(&self.model, &opts).with_context(|| format!("loading model {}", self.model.display()))?;
+        let mut model = Model::load_with(&self.model, &opts).with_context(|| format!("loading model {}", self.model.display()))?;
+        let (backend, chosen) = engine::backend::select(device, &model)?;
+        if backend.device() != "cpu" {
+            eprintln!("rlaifd: generating on {chosen}");
+        }
+        model.set_backend(backend);
         let adapter = match &self.adapter {
             Some(dir) => Some(model.load_adapter(dir).with_context(|| format!("loading adapter {}", dir.display()))?),
             None => None,

@@ -179,13 +179,22 @@ pub fn adapter_sha256(dir: &Path) -> Result<String> {
 }
 
 impl Engine {
+    /// Loads the model for the CPU backend.
     pub fn load(model_dir: &Path, state_dir: &Path) -> Result<Engine> {
-        let model = Model::load(model_dir).with_context(|| format!("loading model {}", model_dir.display()))?;
+        Self::load_on(model_dir, state_dir, engine::backend::DeviceSpec::Cpu).map(|(e, _)| e)
+    }
+
+    /// Loads the model and puts generation and scoring on `device`. Returns the engine and a line saying which
+    /// device was chosen (and, for `auto` without a usable GPU, why not).
+    pub fn load_on(model_dir: &Path, state_dir: &Path, device: engine::backend::DeviceSpec) -> Result<(Engine, String)> {
+        let mut model = Model::load(model_dir).with_context(|| format!("loading model {}", model_dir.display()))?;
+        let (backend, chosen) = engine::backend::select(device, &model).with_context(|| format!("model.device = \"{device}\""))?;
+        model.set_backend(backend);
         let tok = TextTokenizer::from_file(&model_dir.join("tokenizer.json"))?;
         let ip = model.image_processor.clone().with_context(|| format!("{} has no vision tower; the loop needs a LLaVA model", model_dir.display()))?;
         std::fs::create_dir_all(state_dir.join("checkpoints")).with_context(|| format!("cannot create {}/checkpoints", state_dir.display()))?;
         let shapes = is_shapes_tokenizer(&tok);
-        Ok(Engine { model, tok, ip, state_dir: state_dir.to_path_buf(), labeler: None, worker: Worker::start("rlaifd-engine"), shapes, adapters: Mutex::new(HashMap::new()) })
+        Ok((Engine { model, tok, ip, state_dir: state_dir.to_path_buf(), labeler: None, worker: Worker::start("rlaifd-engine"), shapes, adapters: Mutex::new(HashMap::new()) }, chosen))
     }
 
     /// Loads the labeler `loop.labeler` names when it is a model directory ("self" and "base" need nothing).

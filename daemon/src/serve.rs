@@ -477,6 +477,9 @@ pub struct ServeArgs {
     /// Check the configuration, print it as JSON and exit.
     #[arg(long)]
     pub check_config: bool,
+    /// Where generation and scoring run: auto, cpu, cuda or cuda:N (overrides model.device).
+    #[arg(long)]
+    pub device: Option<String>,
 }
 
 pub(crate) fn init_tracing(cfg: &Config) {
@@ -497,6 +500,10 @@ fn absolute(p: &Path) -> PathBuf {
 /// Runs the daemon until SIGTERM/SIGINT or `drain`.
 pub fn run(args: ServeArgs) -> Result<()> {
     let mut cfg = Config::load(args.config.as_deref())?;
+    if let Some(d) = &args.device {
+        cfg.model.device = d.clone();
+        cfg.model.device_spec().map_err(|e| anyhow::anyhow!("--device: {e:#}"))?;
+    }
     if args.check_config {
         println!("{}", serde_json::to_string_pretty(&cfg)?);
         return Ok(());
@@ -527,8 +534,15 @@ pub async fn run_async(cfg: Config, config_file: Option<PathBuf>, until: Option<
     let pool = crate::db::open(&cfg.database.url, cfg.database.max_connections).await?;
     info!(database = %crate::db::redacted(&cfg.database.url), "database ready (migrated)");
     crate::notify::status("loading the model");
-    let (model_dir, state, labeler) = (cfg.model.path.clone(), cfg.state.dir.clone(), cfg.loop_.labeler.clone());
-    let engine = Arc::new(tokio::task::spawn_blocking(move || Engine::load(&model_dir, &state)?.with_labeler(&labeler)).await.context("loading the model")??);
+    let (model_dir, state, labeler, device) = (cfg.model.path.clone(), cfg.state.dir.clone(), cfg.loop_.labeler.clone(), cfg.model.device_spec()?);
+    let (engine, chosen) = tokio::task::spawn_blocking(move || -> Result<(Engine, String)> {
+        let (e, chosen) = Engine::load_on(&model_dir, &state, device)?;
+        Ok((e.with_labeler(&labeler)?, chosen))
+    })
+    .await
+    .context("loading the model")??;
+    let engine = Arc::new(engine);
+    info!(device = %chosen, "generation and scoring device");
     if cfg.daemon.prompt_source == "shapes" && !engine.shapes {
         anyhow::bail!(
             "daemon.prompt_source = \"shapes\" generates ShapesWorld prompts, but {} is not a ShapesWorld model: set daemon.prompt_source = \"none\" and import prompts (rlaifd ctl import-prompts; held-out ones with \"split\": \"heldout\" gate checkpoints)",
@@ -562,7 +576,7 @@ pub async fn run_async(cfg: Config, config_file: Option<PathBuf>, until: Option<
         generation: AtomicU64::new(0),
     });
     d.hot_swap(&promoted).await.with_context(|| format!("loading the promoted checkpoint {}", promoted.id))?;
-    store::event(&pool, "daemon_started", "supervisor", serde_json::json!({ "owner": d.owner, "pid": std::process::id(), "serving": promoted.id })).await?;
+    store::event(&pool, "daemon_started", "supervisor", serde_json::json!({ "owner": d.owner, "pid": std::process::id(), "serving": promoted.id, "device": chosen })).await?;
     let server = crate::server::start(d.clone())?;
     let server_handle = server.handle();
     actix::spawn(server);

@@ -359,7 +359,7 @@ async fn models(req: HttpRequest, d: web::Data<Arc<Daemon>>) -> Result<HttpRespo
 async fn healthz(d: web::Data<Arc<Daemon>>) -> HttpResponse {
     let s = d.serving();
     HttpResponse::Ok().json(serde_json::json!({ "status": "ok", "checkpoint": s.checkpoint.id, "generation": s.generation,
-        "paused": d.paused.load(Ordering::SeqCst), "draining": d.draining.load(Ordering::SeqCst) }))
+        "paused": d.paused.load(Ordering::SeqCst), "draining": d.draining.load(Ordering::SeqCst), "device": d.engine.model.device() }))
 }
 
 async fn metrics(req: HttpRequest, d: web::Data<Arc<Daemon>>) -> Result<HttpResponse, ApiError> {

@@ -244,6 +244,22 @@ fn batch_file_gives_one_line_per_input_in_order() {
 // -- errors -------------------------------------------------------------------------------------------------
 
 #[test]
+fn device_choice_is_checked_and_auto_falls_back_to_the_cpu() {
+    let image = case(SINGLE).join("image.png");
+    failure("generate --device gpu", &generate(SINGLE, &image, &["--device", "gpu"]), &["--device", "\"gpu\"", "cuda:N"]);
+    if engine::cuda::driver_status().is_ok() {
+        println!("SKIPPED (the no-GPU half): this machine has a CUDA driver");
+        return;
+    }
+    // No GPU: an explicit cuda is refused with the way out; auto gives the CPU's answers, with nothing extra said.
+    failure("generate --device cuda", &generate(SINGLE, &image, &["--device", "cuda"]), &["cuda:0 cannot be used", "--device cpu"]);
+    let cpu = generate(SINGLE, &image, &["--n", "2", "--temperature", "0.7", "--device", "cpu"]);
+    let auto = generate(SINGLE, &image, &["--n", "2", "--temperature", "0.7"]);
+    assert_eq!(json_lines("--device cpu", &cpu), json_lines("--device auto", &auto));
+    assert!(auto.stderr.is_empty(), "{}", String::from_utf8_lossy(&auto.stderr));
+}
+
+#[test]
 fn nonexistent_model_dir() {
     let t = TempDir::new("nomodel");
     let gone = t.0.join("no_such_model_dir");

@@ -166,6 +166,13 @@ async fn daemon_serves_http_and_obeys_every_control_command() {
     let h: Value = serde_json::from_str(&body).unwrap();
     let base_id = h["checkpoint"].as_i64().unwrap();
     assert_eq!(h["generation"], 1);
+    // Where it generates: the CPU here unless a CUDA driver exists (model.device = "auto"), also in the audit log.
+    if engine::cuda::driver_status().is_err() {
+        assert_eq!(h["device"], "cpu", "{h}");
+    }
+    let started: Value = sqlx::query_scalar("SELECT detail FROM events WHERE kind = 'daemon_started'").fetch_one(pool).await.unwrap();
+    let first_word = |v: &Value| v.as_str().and_then(|s| s.split(' ').next()).map(String::from);
+    assert_eq!(first_word(&started["device"]), first_word(&h["device"]), "{started}");
     let (st, body) = d.http("GET", "/v1/models", "text/plain", b"");
     assert_eq!(st, 200);
     let m: Value = serde_json::from_str(&body).unwrap();
@@ -430,6 +437,8 @@ fn serve_refuses_an_invalid_configuration_naming_the_key_and_checks_a_good_one()
         ("[daemon]\nprompt_source = \"web\"\n", None, "daemon.prompt_source"),
         ("", Some(("RLAIFD__SERVER__BIND", "0.0.0.0:8080")), "server.token"),
         ("[log\n", None, "not valid TOML"),
+        ("[model]\ndevice = \"gpu\"\n", None, "model.device"),
+        ("", Some(("RLAIFD__MODEL__DEVICE", "cuda:one")), "model.device"),
     ] {
         std::fs::write(&f, text).unwrap();
         let mut c = Command::new(env!("CARGO_BIN_EXE_rlaifd"));

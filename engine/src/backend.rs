@@ -93,7 +93,7 @@ pub fn select(spec: DeviceSpec, model: &Model) -> Result<(Arc<dyn Backend>, Stri
                 let d = b.device();
                 Ok((Arc::new(b), d))
             }
-            Err(why) => Err(EngineError::Input(format!("device cuda:{n} cannot be used: {why} (use --device cpu, or auto to fall back to the CPU)"))),
+            Err(why) => Err(EngineError::Device(format!("device cuda:{n} cannot be used: {why} (use --device cpu, or auto to fall back to the CPU)"))),
         },
         DeviceSpec::Auto => match CudaBackend::open(0, model) {
             Ok(b) => {

@@ -43,6 +43,10 @@ pub enum EngineError {
 
     #[error("invalid input: {0}")]
     Input(String),
+
+    /// A compute device that cannot be used (the message names it, the reason and the way out).
+    #[error("{0}")]
+    Device(String),
 }
 
 impl EngineError {
