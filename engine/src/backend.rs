@@ -11,6 +11,10 @@
 //! on the CPU backend (`crate::sampling`: the same function and the same per-answer RNG streams). What the GPU
 //! decoder cannot apply (an adapter with LoRA on the lm_head, or whole decoder parameters) runs on the CPU, with a
 //! warning on stderr once per adapter.
+//!
+//! DPO training (`train::trainer::train_dpo`) runs on the GPU too (`cuda_train::train_dpo_gpu`) for the adapters the
+//! loop trains (LoRA on the seven projections of every decoder layer, no dropout, a fresh run); any other run stays
+//! on the CPU trainer, with the reason on stderr.
 
 use crate::adapter::Adapter;
 use crate::cuda::Gpu;
@@ -20,6 +24,9 @@ use crate::error::{EngineError, Result};
 use crate::generate::{Answer, FinishReason, GenerateRequest, GenerateStats};
 use crate::llava::Model;
 use crate::rng::SplitMix64;
+use crate::train::dpo::TokenPair;
+use crate::train::optim::AdamW;
+use crate::train::trainer::{StepLog, TrainConfig};
 use std::sync::{Arc, Mutex};
 
 /// A device as the user names it: `auto`, `cpu`, `cuda` (device 0) or `cuda:N`.
@@ -65,6 +72,11 @@ pub trait Backend: Send + Sync {
     fn generate(&self, model: &Model, req: &GenerateRequest, adapter: Option<&Adapter>) -> Result<(Vec<Answer>, GenerateStats)>;
     /// `Model::answer_logp` on this backend.
     fn answer_logp(&self, model: &Model, prompt: &[u32], answer: &[u32], feats: Option<&[f32]>, adapter: Option<&Adapter>) -> Result<f64>;
+    /// `train::trainer::train_dpo` on this backend; None when it leaves this run to the CPU trainer.
+    #[allow(clippy::too_many_arguments)]
+    fn train_dpo(&self, _model: &Model, _adapter: &mut Adapter, _pairs: &[TokenPair], _refs: &[(f64, f64)], _cfg: &TrainConfig, _opt: &mut AdamW, _stop_after: Option<usize>, _on_step: &mut dyn FnMut(&StepLog)) -> Option<Result<()>> {
+        None
+    }
 }
 
 /// The CPU backend (`crate::llama`, `crate::ops`).
@@ -325,6 +337,23 @@ impl Backend for CudaBackend {
             sum += row[tok as usize] as f64 - lse;
         }
         Ok(sum)
+    }
+
+    fn train_dpo(&self, model: &Model, adapter: &mut Adapter, pairs: &[TokenPair], refs: &[(f64, f64)], cfg: &TrainConfig, opt: &mut AdamW, stop_after: Option<usize>, on_step: &mut dyn FnMut(&StepLog)) -> Option<Result<()>> {
+        let guard = match self.lock() {
+            Ok(g) => g,
+            Err(e) => return Some(Err(e)),
+        };
+        if let Some(why) = crate::cuda_train::gpu_trainable(&guard.llama.cfg, adapter, opt, stop_after) {
+            eprintln!("rlaifd engine: training on the CPU: {why}");
+            return None;
+        }
+        let r = crate::cuda_train::train_dpo_gpu(&guard.gpu, &guard.llama, model, adapter, pairs, refs, cfg, opt, on_step);
+        Some(r.map(|skipped| {
+            if skipped > 0 {
+                eprintln!("rlaifd engine: {skipped} GPU training steps overflowed in fp16 and were skipped (loss scale lowered)");
+            }
+        }))
     }
 }
 

@@ -11,7 +11,7 @@
 use crate::adapter::Adapter;
 use crate::config::LlamaConfig;
 use crate::cuda::{derr, err, to_i32, AdamW, Gpu, LossScaler};
-use crate::cuda_llama::GpuLlama;
+use crate::cuda_llama::{GpuLlama, Input};
 use crate::error::Result;
 use crate::train::dpo::{pair_loss, DpoConfig, PairLogps};
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
@@ -256,11 +256,25 @@ impl GpuLora {
     /// The forward pass of `ids` under base + this adapter, saving what the backward needs; the log-probs of
     /// ids[answer_start..] (each predicted from the position before it).
     fn forward(&self, gpu: &Gpu, model: &GpuLlama, ids: &[u32], answer_start: usize) -> Result<SeqTape> {
+        self.forward_seq(gpu, model, Input::Ids(ids), ids.get(answer_start..).unwrap_or_default(), answer_start)
+    }
+
+    /// `forward` of any input (`Input::Embeds`: rows made on the host, e.g. with image features) whose rows
+    /// `answer_start..` are the answer tokens `answer`.
+    fn forward_seq(&self, gpu: &Gpu, model: &GpuLlama, seq: Input, answer: &[u32], answer_start: usize) -> Result<SeqTape> {
         let cfg = &model.cfg;
-        let rows = ids.len();
-        if answer_start == 0 || answer_start >= rows || rows > model.max_positions {
-            return Err(err(format!("training sequence of {rows} tokens with the answer from {answer_start} (needs a prompt, an answer and at most {} positions)", model.max_positions)));
+        let rows = match seq {
+            Input::Ids(ids) => ids.len(),
+            Input::Embeds(x) if x.len().is_multiple_of(cfg.hidden_size) => x.len() / cfg.hidden_size,
+            Input::Embeds(x) => return Err(err(format!("training input of {} values is not a whole number of rows of {}", x.len(), cfg.hidden_size))),
+        };
+        if answer_start == 0 || answer_start >= rows || rows > model.max_positions || answer.len() != rows - answer_start {
+            return Err(err(format!("training sequence of {rows} positions with {} answer tokens from {answer_start} (needs a prompt, an answer and at most {} positions)", answer.len(), model.max_positions)));
         }
+        let ids: &[u32] = match seq {
+            Input::Ids(ids) => ids,
+            Input::Embeds(_) => answer,
+        };
         if let Some((at, t)) = ids.iter().enumerate().find(|(_, &t)| t as usize >= cfg.vocab_size) {
             return Err(err(format!("token id {t} at position {at} is outside the vocabulary of {}", cfg.vocab_size)));
         }
@@ -269,13 +283,24 @@ impl GpuLora {
         let eps = cfg.rms_norm_eps as f32;
         let s = &gpu.stream;
         let a = |n: usize| s.alloc_zeros::<f16>(n).map_err(derr);
-        let ids32: Vec<i32> = ids.iter().map(|&t| t as i32).collect();
-        let dids = s.clone_htod(&ids32).map_err(derr)?;
         let pos: Vec<i32> = (0..rows as i32).collect();
         let dpos = s.clone_htod(&pos).map_err(derr)?;
-        let mut flag = s.alloc_zeros::<i32>(1).map_err(derr)?;
-        let mut x = a(rows * c)?;
-        gpu.embedding_ids_dev(&mut x, &model.embed, c, &dids, rows, &mut flag)?;
+        let mut x = match seq {
+            Input::Ids(ids) => {
+                let ids32: Vec<i32> = ids.iter().map(|&t| t as i32).collect();
+                let dids = s.clone_htod(&ids32).map_err(derr)?;
+                let mut flag = s.alloc_zeros::<i32>(1).map_err(derr)?;
+                let mut x = a(rows * c)?;
+                gpu.embedding_ids_dev(&mut x, &model.embed, c, &dids, rows, &mut flag)?;
+                x
+            }
+            Input::Embeds(e) => {
+                if let Some(at) = e.iter().position(|v| !v.is_finite()) {
+                    return Err(err(format!("training input value {at} is {}", e[at])));
+                }
+                gpu.upload_f16(e)?
+            }
+        };
         let mut layers = Vec::with_capacity(model.layers.len());
         for (li, l) in model.layers.iter().enumerate() {
             let x_in = x.try_clone().map_err(derr)?;
@@ -315,7 +340,7 @@ impl GpuLora {
         let mut hf = a(rows * c)?;
         gpu.rmsnorm_dev(&mut hf, &x, &model.norm, rows, eps)?;
         let n_ans = rows - answer_start;
-        let labels = s.clone_htod(&ids32[answer_start..]).map_err(derr)?;
+        let labels = s.clone_htod(&answer.iter().map(|&t| t as i32).collect::<Vec<i32>>()).map_err(derr)?;
         let logp = s.alloc_zeros::<f32>(n_ans).map_err(derr)?;
         let lse = s.alloc_zeros::<f32>(n_ans).map_err(derr)?;
         let mut logits = a(LOGIT_BLOCK.min(n_ans) * vocab)?;
@@ -428,23 +453,50 @@ impl GpuLora {
             return Err(err("chosen and rejected answers must not be empty"));
         }
         let seq = |a: &[u32]| [prompt, a].concat();
-        let tc = self.forward(gpu, model, &seq(chosen), prompt.len())?;
-        let tr = self.forward(gpu, model, &seq(rejected), prompt.len())?;
-        let logps = PairLogps { policy_chosen: tc.logp_sum, policy_rejected: tr.logp_sum, ref_chosen: refs.0, ref_rejected: refs.1 };
-        let (loss, d_pc, d_pr) = pair_loss(cfg, &logps, chosen.len(), rejected.len());
-        if !loss.is_finite() {
-            return Err(err(format!("the loss is {loss} (log-probs {logps:?})")));
-        }
+        let (sc, sr) = (seq(chosen), seq(rejected));
         let scale = self.scaler.scale;
-        self.backward(gpu, model, &tc, (d_pc * scale as f64) as f32)?;
-        drop(tc);
-        self.backward(gpu, model, &tr, (d_pr * scale as f64) as f32)?;
-        drop(tr);
+        let (loss, logps) = self.dpo_pair(gpu, model, (Input::Ids(&sc), chosen, prompt.len()), (Input::Ids(&sr), rejected, prompt.len()), refs, cfg, 1.0)?;
         let grad_norm = match opt {
             Some((o, clip)) => self.optimizer_step(gpu, o, clip)?,
             None => None,
         };
         Ok(StepReport { loss, logps, grad_norm, loss_scale: scale })
+    }
+
+    /// Forward and backward passes of one pair, each answer given as (input rows, answer ids, first answer row);
+    /// the gradients of `weight` times the pair's loss are added to the accumulators (loss-scaled). Returns the
+    /// loss (unweighted, unscaled) and the log-probs.
+    fn dpo_pair(&mut self, gpu: &Gpu, model: &GpuLlama, chosen: (Input, &[u32], usize), rejected: (Input, &[u32], usize), refs: (f64, f64), cfg: &DpoConfig, weight: f64) -> Result<(f64, PairLogps)> {
+        let tc = self.forward_seq(gpu, model, chosen.0, chosen.1, chosen.2)?;
+        let tr = self.forward_seq(gpu, model, rejected.0, rejected.1, rejected.2)?;
+        let logps = PairLogps { policy_chosen: tc.logp_sum, policy_rejected: tr.logp_sum, ref_chosen: refs.0, ref_rejected: refs.1 };
+        let (loss, d_pc, d_pr) = pair_loss(cfg, &logps, chosen.1.len(), rejected.1.len());
+        if !loss.is_finite() {
+            return Err(err(format!("the loss is {loss} (log-probs {logps:?})")));
+        }
+        let scale = self.scaler.scale as f64 * weight;
+        self.backward(gpu, model, &tc, (d_pc * scale) as f32)?;
+        drop(tc);
+        self.backward(gpu, model, &tr, (d_pr * scale) as f32)?;
+        Ok((loss, logps))
+    }
+
+    /// Writes the current factors (the fp32 masters) into `adapter`'s decoder modules, which must be the ones
+    /// this adapter was built from (`from_adapter`).
+    pub fn write_back(&self, gpu: &Gpu, adapter: &mut Adapter) -> Result<()> {
+        let all = gpu.stream.clone_dtoh(&self.p32).map_err(derr)?;
+        for (l, layer) in self.slots.iter().enumerate() {
+            for (j, sl) in layer.iter().enumerate() {
+                let name = format!("language_model.layers.{l}.{}", PROJECTIONS[j]);
+                let m = adapter.module_mut(&name).ok_or_else(|| err(format!("the adapter has no module {name}")))?;
+                if m.a.len() != self.r * sl.n_in || m.b.len() != sl.n_out * self.r {
+                    return Err(err(format!("{name}: the adapter's factors do not have this GPU copy's shape")));
+                }
+                m.a.copy_from_slice(&all[sl.a..sl.a + self.r * sl.n_in]);
+                m.b.copy_from_slice(&all[sl.b..sl.b + sl.n_out * self.r]);
+            }
+        }
+        Ok(())
     }
 
     /// One SFT example: the mean negative log-likelihood of `answer` after `prompt`, its backward pass and an
@@ -611,4 +663,122 @@ pub fn bench(gpu: &Gpu, cfg: &LlamaConfig, seq: usize, answer: usize, rank: usiz
         }
     }
     Ok(TrainBenchReport { device: gpu.name.clone(), seq, answer, rank, trainable_params: lora.param_count(), dpo_step_ms: dpo_ms, dpo_peak_memory_gb: peak, sft_tokens_per_s: sft, skipped_steps: lora.scaler.skipped })
+}
+
+/// Why `train_dpo_gpu` cannot train `adapter` with `opt` (the caller then trains on the CPU), or None.
+pub fn gpu_trainable(cfg: &LlamaConfig, adapter: &Adapter, opt: &crate::train::optim::AdamW, stop_after: Option<usize>) -> Option<String> {
+    if adapter.lora_dropout > 0.0 {
+        return Some(format!("lora_dropout = {} (the GPU trainer has no dropout)", adapter.lora_dropout));
+    }
+    if opt.step > 0 || stop_after.is_some() {
+        return Some("resuming or pausing a run (the GPU trainer keeps its optimizer moments on the device)".into());
+    }
+    if let Some((name, _)) = adapter.saved_params().next() {
+        return Some(format!("the adapter trains the whole parameter {name} (modules_to_save)"));
+    }
+    if let Err(e) = inference_rank(cfg, adapter) {
+        return Some(e.to_string());
+    }
+    if let Some((name, _)) = adapter.modules().into_iter().find(|(n, _)| !n.starts_with("language_model.")) {
+        return Some(format!("the adapter has LoRA on {name} (the GPU trainer trains the decoder's projections only)"));
+    }
+    for l in 0..cfg.num_hidden_layers {
+        for p in PROJECTIONS {
+            if adapter.module(&format!("language_model.layers.{l}.{p}")).is_none() {
+                return Some(format!("the adapter has no LoRA on language_model.layers.{l}.{p} (the GPU trainer needs all seven projections of every layer)"));
+            }
+        }
+    }
+    None
+}
+
+/// `train::trainer::train_dpo` on the GPU, step for step the same schedule (pair order, batches, learning rate,
+/// clipping, metrics), for an adapter `gpu_trainable` accepts: each answer's input rows (the prompt's text
+/// embeddings with the image features of the CPU vision tower, then the answer's) are made on the host, the
+/// decoder's forward and backward passes run on the device in fp16 with fp32 LoRA masters and dynamic loss
+/// scaling; a step whose gradients overflow is skipped (its `grad_norm` is NaN). The trained factors are written
+/// back into `adapter`. Returns the number of skipped steps.
+#[allow(clippy::too_many_arguments)]
+pub fn train_dpo_gpu(
+    gpu: &Gpu,
+    gmodel: &GpuLlama,
+    model: &crate::llava::Model,
+    adapter: &mut Adapter,
+    pairs: &[crate::train::dpo::TokenPair],
+    refs: &[(f64, f64)],
+    cfg: &crate::train::trainer::TrainConfig,
+    opt: &mut crate::train::optim::AdamW,
+    on_step: &mut dyn FnMut(&crate::train::trainer::StepLog),
+) -> Result<u64> {
+    use crate::train::trainer::{epoch_order, steps_per_epoch, StepLog};
+    if pairs.len() != refs.len() {
+        return Err(err(format!("{} pairs but {} reference log-prob pairs", pairs.len(), refs.len())));
+    }
+    let mut gl = GpuLora::from_adapter(gpu, &gmodel.cfg, adapter)?;
+    let per_epoch = steps_per_epoch(pairs.len(), cfg.batch_size);
+    let total = per_epoch * cfg.epochs;
+    let c = gmodel.cfg.hidden_size;
+    // The image features do not depend on the decoder's LoRA: once per image.
+    let mut feats: std::collections::HashMap<*const crate::image::PixelValues, Vec<f32>> = std::collections::HashMap::new();
+    while opt.step < total {
+        let t0 = std::time::Instant::now();
+        let epoch = opt.step / per_epoch;
+        let order = epoch_order(pairs.len(), cfg.seed, epoch);
+        let b = opt.step % per_epoch;
+        let batch = &order[b * cfg.batch_size..((b + 1) * cfg.batch_size).min(order.len())];
+        let weight = 1.0 / batch.len() as f64;
+        let (mut loss, mut acc, mut margin, mut cr, mut rr, mut lc, mut lr_) = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
+        for &i in batch {
+            let p = &pairs[i];
+            let f = match p.pixels {
+                Some(px) => {
+                    let key = px as *const crate::image::PixelValues;
+                    if !feats.contains_key(&key) {
+                        feats.insert(key, model.image_features(px, None)?);
+                    }
+                    feats.get(&key).map(|v| v.as_slice())
+                }
+                None => None,
+            };
+            let rows = |answer: &[u32]| -> Result<(Vec<f32>, usize)> {
+                let (x, _) = model.embed_inputs(&[p.prompt_ids, answer].concat(), f)?;
+                let n = x.len() / c;
+                Ok((x, n.saturating_sub(answer.len())))
+            };
+            let (xc, sc) = rows(p.chosen_ids)?;
+            let (xr, sr) = rows(p.rejected_ids)?;
+            let (l, lp) = gl.dpo_pair(gpu, gmodel, (Input::Embeds(&xc), p.chosen_ids, sc), (Input::Embeds(&xr), p.rejected_ids, sr), refs[i], &cfg.dpo, weight)?;
+            let chosen_reward = cfg.dpo.beta * (lp.policy_chosen - lp.ref_chosen);
+            let rejected_reward = cfg.dpo.beta * (lp.policy_rejected - lp.ref_rejected);
+            loss += l * weight;
+            acc += if chosen_reward > rejected_reward { weight } else { 0.0 };
+            margin += (chosen_reward - rejected_reward) * weight;
+            cr += chosen_reward * weight;
+            rr += rejected_reward * weight;
+            lc += lp.policy_chosen * weight;
+            lr_ += lp.policy_rejected * weight;
+        }
+        let lr = opt.cfg.lr_at(opt.step);
+        opt.step += 1;
+        let o = &opt.cfg;
+        let hyper = AdamW { lr: lr as f32, beta1: o.beta1 as f32, beta2: o.beta2 as f32, eps: o.eps as f32, weight_decay: o.weight_decay as f32 };
+        let norm = gl.optimizer_step(gpu, &hyper, o.max_grad_norm)?;
+        on_step(&StepLog {
+            step: opt.step,
+            total_steps: total,
+            epoch,
+            loss,
+            reward_accuracy: acc,
+            reward_margin: margin,
+            chosen_reward: cr,
+            rejected_reward: rr,
+            logp_chosen: lc,
+            logp_rejected: lr_,
+            lr,
+            grad_norm: norm.unwrap_or(f64::NAN),
+            pairs_per_s: batch.len() as f64 / t0.elapsed().as_secs_f64(),
+        });
+    }
+    gl.write_back(gpu, adapter)?;
+    Ok(gl.scaler.skipped)
 }

@@ -59,7 +59,8 @@ pub fn precompute_references(model: &Model, reference: Option<&Adapter>, pairs: 
 }
 
 /// Runs optimizer steps `opt.step ..` until `stop_after` steps in total (or the schedule's end), calling
-/// `on_step` after each. `refs[i]` are pair i's reference log-probs.
+/// `on_step` after each. `refs[i]` are pair i's reference log-probs. Runs on the model's backend when it trains
+/// this run (`backend::Backend::train_dpo`: the CUDA backend for the loop's adapters), else on the CPU.
 pub fn train_dpo(
     model: &Model,
     adapter: &mut Adapter,
@@ -70,6 +71,11 @@ pub fn train_dpo(
     stop_after: Option<usize>,
     mut on_step: impl FnMut(&StepLog),
 ) -> Result<()> {
+    if let Some(b) = model.backend() {
+        if let Some(r) = b.train_dpo(model, adapter, pairs, refs, cfg, opt, stop_after, &mut on_step) {
+            return r;
+        }
+    }
     let per_epoch = steps_per_epoch(pairs.len(), cfg.batch_size);
     let total = per_epoch * cfg.epochs;
     let end = stop_after.map_or(total, |s| s.min(total));
