@@ -72,6 +72,8 @@ pub trait Backend: Send + Sync {
     fn generate(&self, model: &Model, req: &GenerateRequest, adapter: Option<&Adapter>) -> Result<(Vec<Answer>, GenerateStats)>;
     /// `Model::answer_logp` on this backend.
     fn answer_logp(&self, model: &Model, prompt: &[u32], answer: &[u32], feats: Option<&[f32]>, adapter: Option<&Adapter>) -> Result<f64>;
+    /// `Model::branch_logits` (the labeler's yes/no verification) on this backend.
+    fn branch_logits(&self, model: &Model, prefix: &[u32], continuations: &[&[u32]], feats: Option<&[f32]>, adapter: Option<&Adapter>) -> Result<Vec<Vec<f32>>>;
     /// `train::trainer::train_dpo` on this backend; None when it leaves this run to the CPU trainer.
     #[allow(clippy::too_many_arguments)]
     fn train_dpo(&self, _model: &Model, _adapter: &mut Adapter, _pairs: &[TokenPair], _refs: &[(f64, f64)], _cfg: &TrainConfig, _opt: &mut AdamW, _stop_after: Option<usize>, _on_step: &mut dyn FnMut(&StepLog)) -> Option<Result<()>> {
@@ -91,6 +93,9 @@ impl Backend for CpuBackend {
     }
     fn answer_logp(&self, model: &Model, prompt: &[u32], answer: &[u32], feats: Option<&[f32]>, adapter: Option<&Adapter>) -> Result<f64> {
         model.answer_logp_cpu(prompt, answer, feats, adapter)
+    }
+    fn branch_logits(&self, model: &Model, prefix: &[u32], continuations: &[&[u32]], feats: Option<&[f32]>, adapter: Option<&Adapter>) -> Result<Vec<Vec<f32>>> {
+        model.branch_logits_cpu(prefix, continuations, feats, adapter)
     }
 }
 
@@ -337,6 +342,47 @@ impl Backend for CudaBackend {
             sum += row[tok as usize] as f64 - lse;
         }
         Ok(sum)
+    }
+
+    /// The prefix runs once into a shared cache; the continuations then step together one token at a time (a
+    /// decode session whose sequence b feeds continuation b's tokens, a finished one repeating its last), and each
+    /// keeps the logits of its own last token.
+    fn branch_logits(&self, model: &Model, prefix: &[u32], continuations: &[&[u32]], feats: Option<&[f32]>, adapter: Option<&Adapter>) -> Result<Vec<Vec<f32>>> {
+        if continuations.is_empty() {
+            return Ok(Vec::new());
+        }
+        if continuations.iter().any(|c| c.is_empty()) {
+            return Err(EngineError::Input("every continuation needs at least one token".into()));
+        }
+        let vocab = model.llm.cfg.vocab_size;
+        if continuations.iter().any(|c| c.iter().any(|&id| Some(id) == model.image_token_id() || id as usize >= vocab)) {
+            return Err(EngineError::Input("a continuation holds an image token or an id outside the vocabulary".into()));
+        }
+        // An empty prefix (no shared part) has nothing to prefill: the CPU handles that rare case.
+        if prefix.is_empty() {
+            return model.branch_logits_cpu(prefix, continuations, feats, adapter);
+        }
+        let rows = model.embed_inputs(prefix, feats)?.0;
+        let mut guard = self.lock()?;
+        let st = &mut *guard;
+        let Ok(lora) = st.lora(adapter) else {
+            drop(guard);
+            return model.branch_logits_cpu(prefix, continuations, feats, adapter);
+        };
+        let n = continuations.len();
+        let longest = continuations.iter().map(|c| c.len()).max().unwrap_or(1);
+        let (mut sess, _) = st.llama.start_decode_input(&st.gpu, Input::Embeds(&rows), n, longest, lora.as_deref())?;
+        let mut out = vec![Vec::new(); n];
+        for t in 0..longest {
+            let feed: Vec<u32> = continuations.iter().map(|c| c[t.min(c.len() - 1)]).collect();
+            let logits = st.llama.decode_step_lora(&st.gpu, &mut sess, &feed, lora.as_deref())?;
+            for (b, c) in continuations.iter().enumerate() {
+                if c.len() == t + 1 {
+                    out[b] = logits[b * vocab..(b + 1) * vocab].to_vec();
+                }
+            }
+        }
+        Ok(out)
     }
 
     fn train_dpo(&self, model: &Model, adapter: &mut Adapter, pairs: &[TokenPair], refs: &[(f64, f64)], cfg: &TrainConfig, opt: &mut AdamW, stop_after: Option<usize>, on_step: &mut dyn FnMut(&StepLog)) -> Option<Result<()>> {

@@ -322,6 +322,14 @@ impl Model {
     /// any): the prefix (and image) run once, then every continuation in one batch. Returns one (V) row per
     /// continuation; each continuation needs at least one id.
     pub fn branch_logits(&self, prefix: &[u32], continuations: &[&[u32]], image_features: Option<&[f32]>, adapter: Option<&Adapter>) -> Result<Vec<Vec<f32>>> {
+        match &self.backend {
+            Some(b) => b.branch_logits(self, prefix, continuations, image_features, adapter),
+            None => self.branch_logits_cpu(prefix, continuations, image_features, adapter),
+        }
+    }
+
+    /// `branch_logits` on the CPU backend.
+    pub fn branch_logits_cpu(&self, prefix: &[u32], continuations: &[&[u32]], image_features: Option<&[f32]>, adapter: Option<&Adapter>) -> Result<Vec<Vec<f32>>> {
         if continuations.is_empty() {
             return Ok(Vec::new());
         }

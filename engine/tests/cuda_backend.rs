@@ -16,15 +16,16 @@ use engine::{Adapter, Model};
 mod gpu_common;
 use gpu_common::root;
 
-/// An adapter on every decoder projection with non-zero B (peft starts B at zero, which would hide a LoRA bug).
-fn adapter(model: &Model, targets: TargetModules, seed: u64) -> Adapter {
+/// An adapter on every decoder projection with B uniform in ±`b` (peft starts B at zero, which would hide a LoRA
+/// bug).
+fn adapter(model: &Model, targets: TargetModules, seed: u64, b: f64) -> Adapter {
     let spec = LoraSpec { r: 8, lora_alpha: 16.0, target_modules: targets, ..LoraSpec::default() };
     let mut a = model.create_adapter(&spec, seed).unwrap();
     let names: Vec<String> = a.module_names().iter().map(|s| s.to_string()).collect();
     let mut rng = engine::rng::SplitMix64::new(seed ^ 0xb);
     for n in names {
         let m = a.module_mut(&n).unwrap();
-        m.b.iter_mut().for_each(|v| *v = ((rng.next_f64() * 2.0 - 1.0) * 0.05) as f32);
+        m.b.iter_mut().for_each(|v| *v = ((rng.next_f64() * 2.0 - 1.0) * b) as f32);
     }
     a
 }
@@ -47,7 +48,10 @@ fn cuda_backend_matches_the_cpu_backend_on_shapesworld_with_an_image_and_lora() 
     let tok = TextTokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
     let wc = WorldConfig::default();
     let ip = cpu.image_processor.clone().unwrap();
-    let lora = adapter(&cpu, LoraSpec::default().target_modules, 3);
+    let lora = adapter(&cpu, LoraSpec::default().target_modules, 3, 0.05);
+    // Strong enough to move every log-prob (B in ±0.3 shifts ShapesWorld's per-token log-probs by 3-9 nats), so a
+    // LoRA the GPU ignored or misapplied cannot pass the scoring check below.
+    let strong = adapter(&cpu, LoraSpec::default().target_modules, 3, 0.3);
     let ids = tok.encode(&apply_template(LLAVA_15_TEMPLATE, "Describe the image."), true).unwrap();
     let mut worst_mean = 0.0f64;
     for seed in 0..4u64 {
@@ -68,6 +72,16 @@ fn cuda_backend_matches_the_cpu_backend_on_shapesworld_with_an_image_and_lora() 
             let mean = (lg - lw).abs() / want.tokens.len().max(1) as f64;
             worst_mean = worst_mean.max(mean);
             assert!(mean <= 5e-2, "scene {seed}: answer log-prob {lg} on the GPU, {lw} on the CPU");
+            if ad.is_none() {
+                let n = want.tokens.len().max(1) as f64;
+                let base = cpu.answer_logp(&ids, &want.tokens, Some(&feats), None).unwrap();
+                let sw = cpu.answer_logp(&ids, &want.tokens, Some(&feats), Some(&strong)).unwrap();
+                let sg = dev.answer_logp(&ids, &want.tokens, Some(&feats), Some(&strong)).unwrap();
+                assert!((sw - base).abs() / n > 0.5, "scene {seed}: the strong adapter barely moves the log-probs ({base} vs {sw})");
+                let d = (sg - sw).abs() / n;
+                worst_mean = worst_mean.max(d);
+                assert!(d <= 5e-2, "scene {seed}, strong adapter: answer log-prob {sg} on the GPU, {sw} on the CPU");
+            }
         }
     }
     println!("worst per-token |log-prob difference| {worst_mean:.2e}");
@@ -87,7 +101,7 @@ fn cuda_backend_matches_the_cpu_backend_on_shapesworld_with_an_image_and_lora() 
         assert!(x.finish == FinishReason::Stop || x.tokens.len() == 20, "seed {}: {:?} after {} tokens", x.seed, x.finish, x.tokens.len());
     }
     // An adapter with LoRA on the lm_head is not for the GPU decoder: it runs on the CPU, token for token.
-    let head = adapter(&cpu, TargetModules::Names(vec!["q_proj".into(), "lm_head".into()]), 5);
+    let head = adapter(&cpu, TargetModules::Names(vec!["q_proj".into(), "lm_head".into()]), 5, 0.05);
     assert!(head.module("lm_head").is_some(), "the adapter should carry lm_head: {:?}", head.module_names());
     let req = GenerateRequest { ids: &ids, pixels: Some(&pixels), seeds: &seeds, params, stop_ids: vec![] };
     let want = generate(&cpu, &req, Some(&head)).unwrap();
@@ -170,4 +184,41 @@ fn gpu_dpo_on_shapesworld_images_tracks_the_cpu_trainer_and_learns_the_pairs() {
     assert!(got.iter().all(|l| l.grad_norm.is_finite()), "a step overflowed in fp16 and was skipped");
     // The trained factors came back from the device.
     assert!(trained.modules().iter().any(|(_, m)| m.b.iter().any(|&v| v != 0.0)), "the adapter's B factors are still zero");
+}
+
+#[test]
+fn labeler_verdicts_on_the_gpu_match_the_cpu_backend() {
+    use engine::feedback::verify::{Labeler, YES_NO_SUFFIX};
+    let dir = root().join("assets/shapes-labeler");
+    let cpu = Model::load(&dir).unwrap();
+    let mut dev = Model::load(&dir).unwrap();
+    match select(DeviceSpec::Cuda(0), &dev) {
+        Ok((b, _)) => dev.set_backend(b),
+        Err(e) => {
+            println!("SKIPPED: no GPU: {e}");
+            return;
+        }
+    }
+    let tok = TextTokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
+    let wc = WorldConfig::default();
+    let ip = cpu.image_processor.clone().unwrap();
+    let (mut worst, mut questions_total) = (0.0f64, 0usize);
+    for seed in 0..6u64 {
+        let scene = Scene::generate(&wc, seed);
+        let pixels = engine::image::preprocess(&scene.render(&wc, seed), &ip).unwrap();
+        let questions: Vec<String> = engine::shapes::labeler_examples(&scene, seed).into_iter().map(|(_, q, _)| q.trim_end_matches(YES_NO_SUFFIX).to_string()).collect();
+        let want = Labeler::new(&cpu, None, &tok, LLAVA_15_TEMPLATE).unwrap().verify(Some(&pixels), &questions).unwrap();
+        let got = Labeler::new(&dev, None, &tok, LLAVA_15_TEMPLATE).unwrap().verify(Some(&pixels), &questions).unwrap();
+        assert_eq!(got.len(), want.len());
+        for ((q, w), g) in questions.iter().zip(&want).zip(&got) {
+            let d = (w.p_yes - g.p_yes).abs().max((w.p_no - g.p_no).abs());
+            worst = worst.max(d);
+            assert!(d <= 2e-2, "{q}: p(yes) {} / p(no) {} on the GPU, {} / {} on the CPU", g.p_yes, g.p_no, w.p_yes, w.p_no);
+            if (w.p_yes - w.p_no).abs() > 0.05 {
+                assert_eq!(g.accepted, w.accepted, "{q}: the verdict flips");
+            }
+        }
+        questions_total += questions.len();
+    }
+    println!("{questions_total} questions, worst |p difference| {worst:.2e}");
 }
