@@ -10,8 +10,9 @@
 #      5e-2, same greedy tokens, n sequences decoding against a shared prefix, graph replay = direct launches);
 #      cuda_train: GPU LoRA DPO (loss, log-probs, every LoRA gradient) against the CPU backend, and a short GPU DPO
 #      run; cuda_backend: the daemon's CUDA backend on the bundled ShapesWorld model (image prompts with the CPU
-#      vision tower, LoRA on the device: greedy tokens, answer log-probs, sampling, the CPU fallback) and GPU DPO on
-#      ShapesWorld pairs with images against the CPU trainer. Needs the fixtures and assets/: run from a checkout.
+#      vision tower on the GPU, LoRA on the device: greedy tokens, answer log-probs, sampling, the CPU fallback), the GPU image
+#      path (vision tower + projector) on every fixture, labeler verdicts, and GPU DPO on ShapesWorld pairs with
+#      images against the CPU trainer. Needs the fixtures and assets/: run from a checkout.
 #   4. rlaifd bench-gpu: prefill (640 tokens), batch-1 decode and n=10 sampling of a random-weight LLaVA-1.5-7B-
 #      shaped decoder, copy bandwidth and roofline, a per-op breakdown; rlaifd bench-gpu-train: DPO and SFT steps
 #      with LoRA r=64 on every linear layer, 700-token sequences; then the peers on the same GPU (if torch is there):
@@ -64,7 +65,7 @@ grep -E "SKIPPED|log-prob|greedy|test result|panicked" "$OUT/llama.log" | tail -
 stage "cuda_train (GPU DPO vs CPU backend, short DPO run)" llama.log 180 "$bins/cuda_train" --nocapture --test-threads 1
 grep -E "SKIPPED|loss CPU|LoRA gradients|GPU DPO|test result|panicked" "$OUT/llama.log" | tail -n 12
 stage "cuda_backend (daemon backend on ShapesWorld: generation, scoring, DPO with images)" backend.log 180 "$bins/cuda_backend" --nocapture --test-threads 1
-grep -E "SKIPPED|backend:|scene|worst|step|test result|panicked" "$OUT/backend.log" | tail -n 30
+grep -E "SKIPPED|backend:|scene|worst|step|image features|questions|test result|panicked" "$OUT/backend.log" | tail -n 40
 stage "bench-gpu (rlaifd)" bench.log 300 "$bins/rlaifd" bench-gpu --shape llava7b --prompt 640 --decode 128 --reps 3 --n 10
 grep -vE '^\{' "$OUT/bench.log" | tail -n 4
 stage "bench-gpu-train (rlaifd)" bench.log 300 "$bins/rlaifd" bench-gpu-train --shape llava7b --seq 700 --answer 60 --rank 64 --reps 5 --warmup 2

@@ -6,8 +6,10 @@
 //!
 //! The CUDA backend runs the decoder on the GPU (`cuda_llama::GpuLlama`, weights uploaded once as fp16, the
 //! prompt prefilled once and the n answers decoded together against it, LoRA applied unmerged from
-//! `cuda_train::GpuLora::for_inference`). The vision tower and projector still run on the CPU: their output rows
-//! are spliced into the prompt on the host and uploaded (`cuda_llama::Input::Embeds`). Sampling is on the host, as
+//! `cuda_train::GpuLora::for_inference`). The vision tower and projector run on the device too
+//! (`cuda_clip::GpuVision`, no LoRA: an adapter that changes the image path gets its features from the CPU); the
+//! features are spliced into the prompt's embedding rows on the host and uploaded (`cuda_llama::Input::Embeds`).
+//! Sampling is on the host, as
 //! on the CPU backend (`crate::sampling`: the same function and the same per-answer RNG streams). What the GPU
 //! decoder cannot apply (an adapter with LoRA on the lm_head, or whole decoder parameters) runs on the CPU, with a
 //! warning on stderr once per adapter.
@@ -72,6 +74,10 @@ pub trait Backend: Send + Sync {
     fn generate(&self, model: &Model, req: &GenerateRequest, adapter: Option<&Adapter>) -> Result<(Vec<Answer>, GenerateStats)>;
     /// `Model::answer_logp` on this backend.
     fn answer_logp(&self, model: &Model, prompt: &[u32], answer: &[u32], feats: Option<&[f32]>, adapter: Option<&Adapter>) -> Result<f64>;
+    /// `Model::image_features` (vision tower and projector) on this backend.
+    fn image_features(&self, model: &Model, pixels: &crate::image::PixelValues, adapter: Option<&Adapter>) -> Result<Vec<f32>> {
+        model.image_features_cpu(pixels, adapter)
+    }
     /// `Model::branch_logits` (the labeler's yes/no verification) on this backend.
     fn branch_logits(&self, model: &Model, prefix: &[u32], continuations: &[&[u32]], feats: Option<&[f32]>, adapter: Option<&Adapter>) -> Result<Vec<Vec<f32>>>;
     /// `train::trainer::train_dpo` on this backend; None when it leaves this run to the CPU trainer.
@@ -134,6 +140,9 @@ pub struct CudaBackend {
 struct CudaState {
     gpu: Gpu,
     llama: GpuLlama,
+    /// The image path on the device; None for a text model, or (with a note on stderr at start) one the GPU
+    /// kernels cannot run: the CPU computes the features then.
+    vision: Option<crate::cuda_clip::GpuVision>,
     /// Uploaded adapters, most recently used last: (fingerprint, adapter).
     adapters: Vec<(u64, Arc<GpuLora>)>,
     /// Fingerprints of adapters found unsupported (warned about once; they run on the CPU).
@@ -172,8 +181,18 @@ impl CudaBackend {
         };
         let max_positions = model.llm.cfg.max_position_embeddings.max(1);
         let llama = crate::cuda_llama::load_dir(&gpu, &model.dir, max_positions).map_err(|e| format!("the decoder of {} cannot run on the GPU: {e}", model.dir.display()))?;
+        let vision = match model.config.llava() {
+            None => None,
+            Some(_) => match crate::cuda_clip::GpuVision::load_dir(&gpu, &model.dir) {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    eprintln!("rlaifd engine: the image path of {} runs on the CPU: {e}", model.dir.display());
+                    None
+                }
+            },
+        };
         let label = format!("cuda:{ordinal} ({}, {})", gpu.name, gpu.arch);
-        Ok(CudaBackend { label, state: Mutex::new(CudaState { gpu, llama, adapters: Vec::new(), refused: Vec::new() }) })
+        Ok(CudaBackend { label, state: Mutex::new(CudaState { gpu, llama, vision, adapters: Vec::new(), refused: Vec::new() }) })
     }
 
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, CudaState>> {
@@ -181,7 +200,22 @@ impl CudaBackend {
     }
 }
 
+/// Whether `adapter` changes the image path (LoRA on the vision tower or projector, or replaced parameters there):
+/// the GPU image path applies no adapter, so such an adapter's features come from the CPU.
+fn touches_image_path(adapter: Option<&Adapter>) -> bool {
+    let image = |n: &str| n.starts_with("vision_tower.") || n.starts_with("multi_modal_projector.");
+    adapter.is_some_and(|a| a.module_names().into_iter().any(image) || a.saved_params().any(|(n, _)| image(n)))
+}
+
 impl CudaState {
+    /// Projected image features: on the device when the image path is there and `adapter` leaves it alone.
+    fn features(&self, model: &Model, pixels: &crate::image::PixelValues, adapter: Option<&Adapter>) -> Result<Vec<f32>> {
+        match &self.vision {
+            Some(v) if !touches_image_path(adapter) => v.features(&self.gpu, &pixels.data),
+            _ => model.image_features_cpu(pixels, adapter),
+        }
+    }
+
     /// The device copy of `adapter`'s decoder factors: Ok(None) for no adapter, Err(reason) when the GPU decoder
     /// cannot apply it (the caller runs on the CPU).
     fn lora(&mut self, adapter: Option<&Adapter>) -> std::result::Result<Option<Arc<GpuLora>>, ()> {
@@ -246,7 +280,7 @@ impl Backend for CudaBackend {
         let cfg = &model.llm.cfg;
         let stop: Vec<u32> = if req.stop_ids.is_empty() { cfg.eos_token_ids.clone() } else { req.stop_ids.clone() };
         let feats = match req.pixels {
-            Some(p) => Some(model.image_features(p, adapter)?),
+            Some(p) => Some(st.features(model, p, adapter)?),
             None => None,
         };
         let rows = decoder_input(model, req.ids, feats.as_deref())?;
@@ -385,6 +419,10 @@ impl Backend for CudaBackend {
         Ok(out)
     }
 
+    fn image_features(&self, model: &Model, pixels: &crate::image::PixelValues, adapter: Option<&Adapter>) -> Result<Vec<f32>> {
+        self.lock()?.features(model, pixels, adapter)
+    }
+
     fn train_dpo(&self, model: &Model, adapter: &mut Adapter, pairs: &[TokenPair], refs: &[(f64, f64)], cfg: &TrainConfig, opt: &mut AdamW, stop_after: Option<usize>, on_step: &mut dyn FnMut(&StepLog)) -> Option<Result<()>> {
         let guard = match self.lock() {
             Ok(g) => g,
@@ -394,7 +432,9 @@ impl Backend for CudaBackend {
             eprintln!("rlaifd engine: training on the CPU: {why}");
             return None;
         }
-        let r = crate::cuda_train::train_dpo_gpu(&guard.gpu, &guard.llama, model, adapter, pairs, refs, cfg, opt, on_step);
+        let st = &*guard;
+        let mut features = |px: &crate::image::PixelValues| st.features(model, px, None);
+        let r = crate::cuda_train::train_dpo_gpu(&st.gpu, &st.llama, model, adapter, pairs, refs, cfg, opt, &mut features, on_step);
         Some(r.map(|skipped| {
             if skipped > 0 {
                 eprintln!("rlaifd engine: {skipped} GPU training steps overflowed in fp16 and were skipped (loss scale lowered)");

@@ -696,8 +696,9 @@ pub fn gpu_trainable(cfg: &LlamaConfig, adapter: &Adapter, opt: &crate::train::o
 /// clipping, metrics), for an adapter `gpu_trainable` accepts: each answer's input rows (the prompt's text
 /// embeddings with the image features of the CPU vision tower, then the answer's) are made on the host, the
 /// decoder's forward and backward passes run on the device in fp16 with fp32 LoRA masters and dynamic loss
-/// scaling; a step whose gradients overflow is skipped (its `grad_norm` is NaN). The trained factors are written
-/// back into `adapter`. Returns the number of skipped steps.
+/// scaling; a step whose gradients overflow is skipped (its `grad_norm` is NaN). `features` gives an image's
+/// projected features (the image path has no LoRA here). The trained factors are written back into `adapter`.
+/// Returns the number of skipped steps.
 #[allow(clippy::too_many_arguments)]
 pub fn train_dpo_gpu(
     gpu: &Gpu,
@@ -708,6 +709,7 @@ pub fn train_dpo_gpu(
     refs: &[(f64, f64)],
     cfg: &crate::train::trainer::TrainConfig,
     opt: &mut crate::train::optim::AdamW,
+    features: &mut dyn FnMut(&crate::image::PixelValues) -> Result<Vec<f32>>,
     on_step: &mut dyn FnMut(&crate::train::trainer::StepLog),
 ) -> Result<u64> {
     use crate::train::trainer::{epoch_order, steps_per_epoch, StepLog};
@@ -734,7 +736,7 @@ pub fn train_dpo_gpu(
                 Some(px) => {
                     let key = px as *const crate::image::PixelValues;
                     if !feats.contains_key(&key) {
-                        feats.insert(key, model.image_features(px, None)?);
+                        feats.insert(key, features(px)?);
                     }
                     feats.get(&key).map(|v| v.as_slice())
                 }

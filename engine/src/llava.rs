@@ -241,8 +241,16 @@ impl Model {
         Ok(crate::image::preprocess(&img, ip)?)
     }
 
-    /// Projected image features (N_img, C) for the decoder.
+    /// Projected image features (N_img, C) for the decoder, on the model's backend.
     pub fn image_features(&self, pixels: &PixelValues, adapter: Option<&Adapter>) -> Result<Vec<f32>> {
+        match &self.backend {
+            Some(b) => b.image_features(self, pixels, adapter),
+            None => self.image_features_cpu(pixels, adapter),
+        }
+    }
+
+    /// `image_features` on the CPU backend.
+    pub fn image_features_cpu(&self, pixels: &PixelValues, adapter: Option<&Adapter>) -> Result<Vec<f32>> {
         let (Some(lc), Some(vision), Some(proj)) = (self.config.llava(), &self.vision, &self.projector) else {
             return Err(EngineError::Input("this model has no vision tower".into()));
         };

@@ -222,3 +222,36 @@ fn labeler_verdicts_on_the_gpu_match_the_cpu_backend() {
     }
     println!("{questions_total} questions, worst |p difference| {worst:.2e}");
 }
+
+#[test]
+fn gpu_image_path_matches_the_cpu_vision_tower_and_projector() {
+    let Some(gpu) = gpu_common::gpu() else { return };
+    let fixtures = root().join("tests/fixtures/llava");
+    let mut dirs = vec![root().join("assets/shapes-base"), root().join("assets/shapes-labeler")];
+    // Every fixture layout (transformers 4.x/4.52/5, sharded, f16/bf16/f32, both feature selections).
+    let mut cases: Vec<_> = std::fs::read_dir(&fixtures).unwrap().filter_map(|e| e.ok()).map(|e| e.path().join("model")).filter(|d| d.join("config.json").is_file()).collect();
+    cases.sort();
+    dirs.extend(cases);
+    for dir in dirs {
+        let cpu = Model::load(&dir).unwrap();
+        if cpu.config.llava().is_none() {
+            continue;
+        }
+        let vision = engine::cuda_clip::GpuVision::load_dir(&gpu, &dir).unwrap();
+        let ip = cpu.image_processor.clone().unwrap();
+        let (s, _) = ip.output_size();
+        let mut rng = engine::rng::SplitMix64::new(3);
+        // Random normalised pixels: every patch and channel differs, unlike a rendered scene's flat colours.
+        let pixels: Vec<f32> = (0..3 * s * s).map(|_| (rng.next_f64() * 4.0 - 2.0) as f32).collect();
+        let px = engine::image::PixelValues { data: pixels.clone(), channels: 3, height: s, width: s };
+        let want = cpu.image_features(&px, None).unwrap();
+        let got = vision.features(&gpu, &pixels).unwrap();
+        assert_eq!(got.len(), want.len(), "{}", dir.display());
+        let num: f64 = got.iter().zip(&want).map(|(g, w)| ((g - w) as f64).powi(2)).sum();
+        let den: f64 = want.iter().map(|w| (*w as f64).powi(2)).sum();
+        let rel = (num / den.max(1e-30)).sqrt();
+        println!("{}: image features ({} values) rel L2 {rel:.2e}", dir.display(), want.len());
+        assert!(rel <= 1e-2, "{}: rel L2 {rel}", dir.display());
+        assert!(vision.features(&gpu, &pixels[1..]).is_err(), "a wrong pixel count must be refused");
+    }
+}

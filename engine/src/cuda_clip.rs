@@ -1,0 +1,210 @@
+//! The LLaVA image path on the GPU: the CLIP vision tower up to the feature layer, then the projector, in fp16
+//! with fp32 accumulation, as `clip::ClipVision::forward` + `llava::Model::image_features` compute it on the CPU.
+//! The patch embedding is a GEMM over the image's patches (im2col on the host, as the CPU backend does), attention
+//! is the flash prefill kernel without the causal mask, every linear layer a cuBLASLt GEMM plus a bias kernel.
+//! No LoRA here: an adapter with vision or projector modules runs its image path on the CPU
+//! (`backend::CudaBackend`). `engine/tests/cuda_backend.rs` checks the features against the CPU backend.
+
+use crate::config::{Activation, ClipVisionConfig, FeatureSelect};
+use crate::cuda::{cfg1, derr, err, to_i32, Gpu};
+use crate::error::Result;
+use crate::weights::WeightStore;
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use half::f16;
+
+/// A linear layer on the device: weight (out, in), bias (out) or none.
+struct Lin {
+    w: CudaSlice<f16>,
+    b: Option<CudaSlice<f16>>,
+    n_in: usize,
+    n_out: usize,
+}
+
+struct Layer {
+    ln1: (CudaSlice<f16>, CudaSlice<f16>),
+    q: Lin,
+    k: Lin,
+    v: Lin,
+    o: Lin,
+    ln2: (CudaSlice<f16>, CudaSlice<f16>),
+    fc1: Lin,
+    fc2: Lin,
+}
+
+/// The vision tower (the layers LLaVA reads) and the projector of a LLaVA model, on the device.
+pub struct GpuVision {
+    cfg: ClipVisionConfig,
+    select: FeatureSelect,
+    /// (D, C·P·P), the conv kernel flattened as (c, ky, kx) like the im2col rows.
+    patch: CudaSlice<f16>,
+    /// (T, D): the position embeddings, with the class embedding added to row 0 (the class token's patch row is 0).
+    pos_class: CudaSlice<f16>,
+    pre_ln: (CudaSlice<f16>, CudaSlice<f16>),
+    layers: Vec<Layer>,
+    proj1: Lin,
+    proj_act: Activation,
+    proj2: Lin,
+}
+
+fn act_kernel(a: Activation) -> Option<&'static str> {
+    match a {
+        Activation::Gelu => Some("gelu_f16"),
+        Activation::QuickGelu => Some("quick_gelu_f16"),
+        Activation::GeluTanh | Activation::Silu => None,
+    }
+}
+
+impl GpuVision {
+    /// Uploads the image path of the LLaVA model in `dir` (its config, weights and key layout).
+    pub fn load_dir(gpu: &Gpu, dir: &std::path::Path) -> Result<GpuVision> {
+        let config = crate::config::ModelConfig::from_file(&dir.join("config.json"))?;
+        let lc = config.llava().ok_or_else(|| err("the model has no vision tower"))?.clone();
+        let ws = WeightStore::open_dir(dir, "model")?;
+        let layout = crate::llava::KeyLayout::detect(&ws, true)?;
+        let cfg = lc.vision.clone();
+        for a in [cfg.hidden_act, lc.projector_hidden_act] {
+            if act_kernel(a).is_none() {
+                return Err(err(format!("the GPU image path has no kernel for the activation {a:?}")));
+            }
+        }
+        if cfg.head_dim() > 128 || !cfg.head_dim().is_multiple_of(2) {
+            return Err(err(format!("the GPU attention takes an even head_dim of at most 128 (the vision tower has {})", cfg.head_dim())));
+        }
+        let (d, p, c, n) = (cfg.hidden_size, cfg.patch_size, cfg.num_channels, cfg.num_patches());
+        let up = |key: &str, shape: &[usize]| -> Result<CudaSlice<f16>> { gpu.upload_f16(&ws.f32(key, shape)?) };
+        let lin = |key: &str, n_in: usize, n_out: usize, bias: bool| -> Result<Lin> {
+            Ok(Lin { w: up(&format!("{key}.weight"), &[n_out, n_in])?, b: if bias { Some(up(&format!("{key}.bias"), &[n_out])?) } else { None }, n_in, n_out })
+        };
+        let vp = &layout.vision;
+        let mut layers = Vec::new();
+        for i in 0..lc.vision_layers_needed() {
+            let kp = format!("{vp}encoder.layers.{i}.");
+            let ln = |s: &str| -> Result<(CudaSlice<f16>, CudaSlice<f16>)> { Ok((up(&format!("{kp}{s}.weight"), &[d])?, up(&format!("{kp}{s}.bias"), &[d])?)) };
+            layers.push(Layer {
+                ln1: ln("layer_norm1")?,
+                q: lin(&format!("{kp}self_attn.q_proj"), d, d, true)?,
+                k: lin(&format!("{kp}self_attn.k_proj"), d, d, true)?,
+                v: lin(&format!("{kp}self_attn.v_proj"), d, d, true)?,
+                o: lin(&format!("{kp}self_attn.out_proj"), d, d, true)?,
+                ln2: ln("layer_norm2")?,
+                fc1: lin(&format!("{kp}mlp.fc1"), d, cfg.intermediate_size, true)?,
+                fc2: lin(&format!("{kp}mlp.fc2"), cfg.intermediate_size, d, true)?,
+            });
+        }
+        let mut pos = ws.f32(&format!("{vp}embeddings.position_embedding.weight"), &[n + 1, d])?;
+        let class = ws.f32(&format!("{vp}embeddings.class_embedding"), &[d])?;
+        pos[..d].iter_mut().zip(&class).for_each(|(p, c)| *p += c);
+        let ct = lc.text.hidden_size;
+        let pp = &layout.projector;
+        Ok(GpuVision {
+            patch: up(&format!("{vp}embeddings.patch_embedding.weight"), &[d, c, p, p])?,
+            pos_class: gpu.upload_f16(&pos)?,
+            pre_ln: (up(&format!("{vp}pre_layrnorm.weight"), &[d])?, up(&format!("{vp}pre_layrnorm.bias"), &[d])?),
+            layers,
+            proj1: lin(&format!("{pp}linear_1"), d, ct, lc.projector_bias)?,
+            proj_act: lc.projector_hidden_act,
+            proj2: lin(&format!("{pp}linear_2"), ct, ct, lc.projector_bias)?,
+            select: lc.vision_feature_select_strategy,
+            cfg,
+        })
+    }
+
+    /// Projected image features (N_img, C) of preprocessed pixels (3, S, S), as `Model::image_features` without an
+    /// adapter.
+    pub fn features(&self, gpu: &Gpu, pixels: &[f32]) -> Result<Vec<f32>> {
+        let cfg = &self.cfg;
+        let (d, p, s, ch) = (cfg.hidden_size, cfg.patch_size, cfg.image_size, cfg.num_channels);
+        if pixels.len() != ch * s * s {
+            return Err(err(format!("pixel_values has {} values, the vision tower needs {ch}x{s}x{s}", pixels.len())));
+        }
+        if let Some(at) = pixels.iter().position(|v| !v.is_finite()) {
+            return Err(err(format!("pixel value {at} is {}", pixels[at])));
+        }
+        let g = s / p;
+        let t = g * g + 1;
+        let kdim = ch * p * p;
+        // im2col with a zero row for the class token: (T, C·P·P).
+        let mut cols = vec![0f32; t * kdim];
+        for gy in 0..g {
+            for gx in 0..g {
+                let row = &mut cols[(1 + gy * g + gx) * kdim..(2 + gy * g + gx) * kdim];
+                for c in 0..ch {
+                    for ky in 0..p {
+                        let src = c * s * s + (gy * p + ky) * s + gx * p;
+                        row[(c * p + ky) * p..(c * p + ky) * p + p].copy_from_slice(&pixels[src..src + p]);
+                    }
+                }
+            }
+        }
+        let st = &gpu.stream;
+        let a = |n: usize| st.alloc_zeros::<f16>(n).map_err(derr);
+        let dcols = gpu.upload_f16(&cols)?;
+        let mut emb = a(t * d)?;
+        gpu.linear_device(&dcols, &self.patch, &mut emb, t, kdim, d)?;
+        gpu.residual_add_dev(&mut emb, &self.pos_class, t * d)?;
+        let eps = cfg.layer_norm_eps as f32;
+        let mut x = a(t * d)?;
+        layernorm_dev(gpu, &mut x, &emb, &self.pre_ln, t, d, eps)?;
+        let (mut h, mut q, mut k, mut v, mut att, mut tmp) = (a(t * d)?, a(t * d)?, a(t * d)?, a(t * d)?, a(t * d)?, a(t * d)?);
+        let mut f = a(t * cfg.intermediate_size)?;
+        let heads = cfg.num_attention_heads;
+        let act = act_kernel(cfg.hidden_act).ok_or_else(|| err("vision activation"))?;
+        for l in &self.layers {
+            layernorm_dev(gpu, &mut h, &x, &l.ln1, t, d, eps)?;
+            linear(gpu, &l.q, &h, &mut q, t)?;
+            linear(gpu, &l.k, &h, &mut k, t)?;
+            linear(gpu, &l.v, &h, &mut v, t)?;
+            gpu.attention_prefill_strided_dev(&mut att, None, &q, d, &k, &v, t, t, heads, heads, cfg.head_dim(), false)?;
+            linear(gpu, &l.o, &att, &mut tmp, t)?;
+            gpu.residual_add_dev(&mut x, &tmp, t * d)?;
+            layernorm_dev(gpu, &mut h, &x, &l.ln2, t, d, eps)?;
+            linear(gpu, &l.fc1, &h, &mut f, t)?;
+            activation_dev(gpu, act, &mut f, t * cfg.intermediate_size)?;
+            linear(gpu, &l.fc2, &f, &mut tmp, t)?;
+            gpu.residual_add_dev(&mut x, &tmp, t * d)?;
+        }
+        let (first, rows) = match self.select {
+            FeatureSelect::Default => (1, t - 1),
+            FeatureSelect::Full => (0, t),
+        };
+        let mut sel = a(rows * d)?;
+        st.memcpy_dtod(&x.slice(first * d..t * d), &mut sel.slice_mut(..)).map_err(derr)?;
+        let ct = self.proj1.n_out;
+        let mut p1 = a(rows * ct)?;
+        linear(gpu, &self.proj1, &sel, &mut p1, rows)?;
+        activation_dev(gpu, act_kernel(self.proj_act).ok_or_else(|| err("projector activation"))?, &mut p1, rows * ct)?;
+        let mut p2 = a(rows * ct)?;
+        linear(gpu, &self.proj2, &p1, &mut p2, rows)?;
+        gpu.download_f16(&p2)
+    }
+}
+
+/// y (rows, out) = x (rows, in) W^T + b.
+fn linear(gpu: &Gpu, l: &Lin, x: &CudaSlice<f16>, y: &mut CudaSlice<f16>, rows: usize) -> Result<()> {
+    gpu.linear_device(x, &l.w, y, rows, l.n_in, l.n_out)?;
+    if let Some(b) = &l.b {
+        let (r, c) = (rows as i64, to_i32(l.n_out, "cols")?);
+        let mut lb = gpu.stream.launch_builder(gpu.f("bias_add_f16")?);
+        lb.arg(&mut *y).arg(b).arg(&r).arg(&c);
+        unsafe { lb.launch(cfg1(rows * l.n_out, 256)) }.map_err(derr)?;
+    }
+    Ok(())
+}
+
+/// out (rows, cols) = LayerNorm(x) with (weight, bias).
+fn layernorm_dev(gpu: &Gpu, out: &mut CudaSlice<f16>, x: &CudaSlice<f16>, wb: &(CudaSlice<f16>, CudaSlice<f16>), rows: usize, cols: usize, eps: f32) -> Result<()> {
+    let c = to_i32(cols, "cols")?;
+    let mut b = gpu.stream.launch_builder(gpu.f("layernorm_f16")?);
+    b.arg(out).arg(x).arg(&wb.0).arg(&wb.1).arg(&c).arg(&eps);
+    unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+    Ok(())
+}
+
+/// An elementwise activation kernel in place over `n` values.
+fn activation_dev(gpu: &Gpu, kernel: &str, x: &mut CudaSlice<f16>, n: usize) -> Result<()> {
+    let nn = n as i64;
+    let mut b = gpu.stream.launch_builder(gpu.f(kernel)?);
+    b.arg(x).arg(&nn);
+    unsafe { b.launch(cfg1(n, 256)) }.map_err(derr)?;
+    Ok(())
+}
