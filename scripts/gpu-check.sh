@@ -9,10 +9,10 @@
 #   3. cuda_llama: the fp16 LLaMA decoder on the GPU against the CPU backend on the tiny fixtures (log-probs within
 #      5e-2, same greedy tokens, n sequences decoding against a shared prefix, graph replay = direct launches);
 #      cuda_train: GPU LoRA DPO (loss, log-probs, every LoRA gradient) against the CPU backend, and a short GPU DPO
-#      run; cuda_backend: the daemon's CUDA backend on the bundled ShapesWorld model (image prompts with the CPU
-#      vision tower on the GPU, LoRA on the device: greedy tokens, answer log-probs, sampling, the CPU fallback), the GPU image
-#      path (vision tower + projector) on every fixture, labeler verdicts, and GPU DPO on ShapesWorld pairs with
-#      images against the CPU trainer. Needs the fixtures and assets/: run from a checkout.
+#      run; cuda_backend: the daemon's CUDA backend on the bundled ShapesWorld model (image prompts, LoRA on the
+#      device: greedy tokens, answer log-probs, sampling, the CPU fallback), the GPU image path (vision tower +
+#      projector) on every fixture, labeler verdicts, and GPU DPO on ShapesWorld pairs with images against the CPU
+#      trainer. Needs the fixtures and assets/: run from a checkout.
 #   4. rlaifd bench-gpu: prefill (640 tokens), batch-1 decode and n=10 sampling of a random-weight LLaVA-1.5-7B-
 #      shaped decoder, copy bandwidth and roofline, a per-op breakdown; rlaifd bench-gpu-train: DPO and SFT steps
 #      with LoRA r=64 on every linear layer, 700-token sequences; then the peers on the same GPU (if torch is there):
