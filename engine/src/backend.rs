@@ -301,7 +301,7 @@ impl Backend for CudaBackend {
         let v = cfg.vocab_size;
         let mut rngs: Vec<SplitMix64> = req.seeds.iter().map(|&s| SplitMix64::new(s)).collect();
         let mut seen: Vec<Vec<u32>> = vec![req.ids.to_vec(); n];
-        let mut next: Vec<u32> = rngs.par_iter_mut().zip(seen.par_iter()).map(|(rng, s)| crate::sampling::sample(&mut first.clone(), s, &req.params, rng)).collect();
+        let mut next: Vec<u32> = rngs.par_iter_mut().zip(seen.par_iter()).map(|(rng, s)| crate::sampling::sample_fast(&mut first.clone(), s, &req.params, rng)).collect();
         let mut active = vec![true; n];
         loop {
             // Record this step's tokens (as the CPU backend does: a stop token ends the answer unrecorded).
@@ -334,7 +334,7 @@ impl Backend for CudaBackend {
             let mut logits = st.llama.decode_step_lora(&st.gpu, &mut sess, &feed, lora.as_deref())?;
             next.par_iter_mut().zip(rngs.par_iter_mut()).zip(logits.par_chunks_mut(v)).zip(seen.par_iter()).zip(active.par_iter()).for_each(|((((t, rng), row), s), &live)| {
                 if live {
-                    *t = crate::sampling::sample(row, s, &req.params, rng);
+                    *t = crate::sampling::sample_fast(row, s, &req.params, rng);
                 }
             });
         }

@@ -483,7 +483,7 @@ impl GpuLlama {
         let mut out: Vec<Vec<u32>> = vec![Vec::new(); n];
         let mut done = vec![false; n];
         // Sampling sorts the vocabulary per row: the n rows are sampled in parallel so the host keeps up.
-        let mut step: Vec<u32> = rngs.par_iter_mut().map(|rng| crate::sampling::sample(&mut first.clone(), prompt, params, rng)).collect();
+        let mut step: Vec<u32> = rngs.par_iter_mut().map(|rng| crate::sampling::sample_fast(&mut first.clone(), prompt, params, rng)).collect();
         loop {
             for b in 0..n {
                 if !done[b] {
@@ -500,7 +500,7 @@ impl GpuLlama {
                 if !fin {
                     let mut seen = prompt.to_vec();
                     seen.extend_from_slice(answer);
-                    *t = crate::sampling::sample(row, &seen, params, rng);
+                    *t = crate::sampling::sample_fast(row, &seen, params, rng);
                 }
             });
         }
@@ -683,7 +683,7 @@ fn op_breakdown(gpu: &Gpu, model: &GpuLlama, keys: usize, n: usize) -> Result<Ve
         let t = std::time::Instant::now();
         for _ in 0..10 {
             use rayon::prelude::*;
-            let _: Vec<u32> = rows.par_iter().enumerate().map(|(i, r)| crate::sampling::sample(&mut r.clone(), &[], &params, &mut crate::rng::SplitMix64::new(i as u64))).collect();
+            let _: Vec<u32> = rows.par_iter().enumerate().map(|(i, r)| crate::sampling::sample_fast(&mut r.clone(), &[], &params, &mut crate::rng::SplitMix64::new(i as u64))).collect();
         }
         out.push((format!("host sample m{m} rows"), t.elapsed().as_secs_f64() * 1e6 / 10.0));
         if n == 1 {
