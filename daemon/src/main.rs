@@ -331,6 +331,7 @@ fn cmd_bench_gpu_train(shape: &str, seq: usize, answer: usize, rank: usize, reps
         median(&r.sft_tokens_per_s),
         r.skipped_steps
     );
+    println!("with activation recomputation: DPO step {:.1} ms, peak memory {:.1} GB", median(&r.dpo_recompute_step_ms), r.dpo_recompute_peak_memory_gb);
     println!("{}", serde_json::to_string(&r)?);
     Ok(())
 }

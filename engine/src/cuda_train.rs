@@ -69,6 +69,10 @@ pub struct GpuLora {
     pub scaler: LossScaler,
     /// False for an adapter uploaded for inference only (`for_inference`): no gradient or optimizer buffers.
     pub trainable: bool,
+    /// Activation recomputation: a forward pass keeps only each layer's input, and the backward pass runs each
+    /// layer again before differentiating it (about one more forward pass of time for a fraction of the memory,
+    /// to fit long sequences). Off by default.
+    pub recompute: bool,
 }
 
 /// What one training step measured.
@@ -104,7 +108,12 @@ struct LayerTape {
 struct SeqTape {
     rows: usize,
     answer_start: usize,
+    /// Every layer's saved activations; empty with activation recomputation, which keeps `inputs` instead.
     layers: Vec<LayerTape>,
+    /// Each layer's input, with activation recomputation (`GpuLora::recompute`).
+    inputs: Vec<CudaSlice<f16>>,
+    /// Positions 0..rows (RoPE), for recomputing a layer.
+    pos: CudaSlice<i32>,
     x_final: CudaSlice<f16>,
     hf: CudaSlice<f16>,
     labels: CudaSlice<i32>,
@@ -161,6 +170,7 @@ impl GpuLora {
             steps: 0,
             scaler: LossScaler::new(65536.0, 2000),
             trainable,
+            recompute: false,
         })
     }
 
@@ -278,8 +288,7 @@ impl GpuLora {
         if let Some((at, t)) = ids.iter().enumerate().find(|(_, &t)| t as usize >= cfg.vocab_size) {
             return Err(err(format!("token id {t} at position {at} is outside the vocabulary of {}", cfg.vocab_size)));
         }
-        let (c, h, kvh, hd, inter, vocab) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size, cfg.vocab_size);
-        let nqkv = (h + 2 * kvh) * hd;
+        let (c, vocab) = (cfg.hidden_size, cfg.vocab_size);
         let eps = cfg.rms_norm_eps as f32;
         let s = &gpu.stream;
         let a = |n: usize| s.alloc_zeros::<f16>(n).map_err(derr);
@@ -302,40 +311,15 @@ impl GpuLora {
             }
         };
         let mut layers = Vec::with_capacity(model.layers.len());
-        for (li, l) in model.layers.iter().enumerate() {
-            let x_in = x.try_clone().map_err(derr)?;
-            let mut h1 = a(rows * c)?;
-            gpu.rmsnorm_dev(&mut h1, &x, &l.input_norm, rows, eps)?;
-            let mut qkv = a(rows * nqkv)?;
-            gpu.linear_device(&h1, &l.qkv, &mut qkv, rows, c, nqkv)?;
-            let mut t = Vec::with_capacity(7);
-            for _ in 0..7 {
-                t.push(a(rows * self.r)?);
+        let mut inputs = Vec::new();
+        for li in 0..model.layers.len() {
+            let tape = self.layer_forward(gpu, model, li, &mut x, &dpos, rows)?;
+            if self.recompute {
+                // Keep the layer's input only; the backward pass runs the layer again from it.
+                inputs.push(tape.x_in);
+            } else {
+                layers.push(tape);
             }
-            for (j, off) in [(Q, 0), (K, h * hd), (V, (h + kvh) * hd)] {
-                self.lora_fwd(gpu, li, j, &h1, &mut t[j], &mut qkv, off, nqkv, rows)?;
-            }
-            gpu.rope_strided_dev(&mut qkv, &dpos, &model.cos, &model.sin, rows, h + kvh, hd, nqkv)?;
-            let mut att = a(rows * h * hd)?;
-            let mut lse = s.alloc_zeros::<f32>(rows * h).map_err(derr)?;
-            attention_fwd(gpu, cfg, &qkv, &mut att, &mut lse, rows)?;
-            let mut tmp = a(rows * c)?;
-            gpu.linear_device(&att, &l.o, &mut tmp, rows, h * hd, c)?;
-            self.lora_fwd(gpu, li, O, &att, &mut t[O], &mut tmp, 0, c, rows)?;
-            gpu.residual_add_dev(&mut x, &tmp, rows * c)?;
-            let x_mid = x.try_clone().map_err(derr)?;
-            let mut h2 = a(rows * c)?;
-            gpu.rmsnorm_dev(&mut h2, &x, &l.post_norm, rows, eps)?;
-            let mut gu = a(rows * 2 * inter)?;
-            gpu.linear_device(&h2, &l.gate_up, &mut gu, rows, c, 2 * inter)?;
-            self.lora_fwd(gpu, li, G, &h2, &mut t[G], &mut gu, 0, 2 * inter, rows)?;
-            self.lora_fwd(gpu, li, U, &h2, &mut t[U], &mut gu, inter, 2 * inter, rows)?;
-            let mut act = a(rows * inter)?;
-            gpu.swiglu_fused_dev(&mut act, &gu, rows, inter)?;
-            gpu.linear_device(&act, &l.down, &mut tmp, rows, inter, c)?;
-            self.lora_fwd(gpu, li, D, &act, &mut t[D], &mut tmp, 0, c, rows)?;
-            gpu.residual_add_dev(&mut x, &tmp, rows * c)?;
-            layers.push(LayerTape { x_in, h1, qkv, att, lse, x_mid, h2, gu, act, t });
         }
         let mut hf = a(rows * c)?;
         gpu.rmsnorm_dev(&mut hf, &x, &model.norm, rows, eps)?;
@@ -355,7 +339,51 @@ impl GpuLora {
             unsafe { b.launch(LaunchConfig { grid_dim: (nb as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
         }
         let logp_sum = s.clone_dtoh(&logp).map_err(derr)?.iter().map(|&v| v as f64).sum();
-        Ok(SeqTape { rows, answer_start, layers, x_final: x, hf, labels, lse, logp_sum })
+        Ok(SeqTape { rows, answer_start, layers, inputs, pos: dpos, x_final: x, hf, labels, lse, logp_sum })
+    }
+
+    /// Layer `li`'s forward pass over `x` (rows, hidden), in place, returning what its backward pass needs.
+    fn layer_forward(&self, gpu: &Gpu, model: &GpuLlama, li: usize, x: &mut CudaSlice<f16>, dpos: &CudaSlice<i32>, rows: usize) -> Result<LayerTape> {
+        let cfg = &model.cfg;
+        let l = &model.layers[li];
+        let (c, h, kvh, hd, inter) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size);
+        let nqkv = (h + 2 * kvh) * hd;
+        let eps = cfg.rms_norm_eps as f32;
+        let s = &gpu.stream;
+        let a = |n: usize| s.alloc_zeros::<f16>(n).map_err(derr);
+        let x_in = x.try_clone().map_err(derr)?;
+        let mut h1 = a(rows * c)?;
+        gpu.rmsnorm_dev(&mut h1, x, &l.input_norm, rows, eps)?;
+        let mut qkv = a(rows * nqkv)?;
+        gpu.linear_device(&h1, &l.qkv, &mut qkv, rows, c, nqkv)?;
+        let mut t = Vec::with_capacity(7);
+        for _ in 0..7 {
+            t.push(a(rows * self.r)?);
+        }
+        for (j, off) in [(Q, 0), (K, h * hd), (V, (h + kvh) * hd)] {
+            self.lora_fwd(gpu, li, j, &h1, &mut t[j], &mut qkv, off, nqkv, rows)?;
+        }
+        gpu.rope_strided_dev(&mut qkv, dpos, &model.cos, &model.sin, rows, h + kvh, hd, nqkv)?;
+        let mut att = a(rows * h * hd)?;
+        let mut lse = s.alloc_zeros::<f32>(rows * h).map_err(derr)?;
+        attention_fwd(gpu, cfg, &qkv, &mut att, &mut lse, rows)?;
+        let mut tmp = a(rows * c)?;
+        gpu.linear_device(&att, &l.o, &mut tmp, rows, h * hd, c)?;
+        self.lora_fwd(gpu, li, O, &att, &mut t[O], &mut tmp, 0, c, rows)?;
+        gpu.residual_add_dev(x, &tmp, rows * c)?;
+        let x_mid = x.try_clone().map_err(derr)?;
+        let mut h2 = a(rows * c)?;
+        gpu.rmsnorm_dev(&mut h2, x, &l.post_norm, rows, eps)?;
+        let mut gu = a(rows * 2 * inter)?;
+        gpu.linear_device(&h2, &l.gate_up, &mut gu, rows, c, 2 * inter)?;
+        self.lora_fwd(gpu, li, G, &h2, &mut t[G], &mut gu, 0, 2 * inter, rows)?;
+        self.lora_fwd(gpu, li, U, &h2, &mut t[U], &mut gu, inter, 2 * inter, rows)?;
+        let mut act = a(rows * inter)?;
+        gpu.swiglu_fused_dev(&mut act, &gu, rows, inter)?;
+        gpu.linear_device(&act, &l.down, &mut tmp, rows, inter, c)?;
+        self.lora_fwd(gpu, li, D, &act, &mut t[D], &mut tmp, 0, c, rows)?;
+        gpu.residual_add_dev(x, &tmp, rows * c)?;
+        Ok(LayerTape { x_in, h1, qkv, att, lse, x_mid, h2, gu, act, t })
     }
 
     /// The backward pass of `tape` for a loss whose derivative with respect to each answer token's log-prob is
@@ -391,7 +419,16 @@ impl GpuLora {
         let mut tmp = a(rows * c)?;
         let mut dh = a(rows * c)?;
         for li in (0..model.layers.len()).rev() {
-            let (l, lt) = (&model.layers[li], &tape.layers[li]);
+            let recomputed;
+            let lt = match tape.layers.get(li) {
+                Some(lt) => lt,
+                None => {
+                    let mut x = tape.inputs.get(li).ok_or_else(|| err(format!("no saved input of layer {li}")))?.try_clone().map_err(derr)?;
+                    recomputed = self.layer_forward(gpu, model, li, &mut x, &tape.pos, rows)?;
+                    &recomputed
+                }
+            };
+            let l = &model.layers[li];
             // MLP: x_out = x_mid + down(swiglu(gate_up(rmsnorm(x_mid)))).
             let mut dact = a(rows * inter)?;
             gpu.gemm(&dx.slice(..), c, false, &l.down.slice(..), inter, false, &mut dact.slice_mut(..), inter, rows, inter, c, 1.0, 0.0)?;
@@ -621,6 +658,9 @@ pub struct TrainBenchReport {
     pub dpo_peak_memory_gb: f64,
     /// One sequence of `seq` tokens, optimizer step included.
     pub sft_tokens_per_s: Vec<f64>,
+    /// The DPO step again with activation recomputation (`GpuLora::recompute`): time and peak memory.
+    pub dpo_recompute_step_ms: Vec<f64>,
+    pub dpo_recompute_peak_memory_gb: f64,
     pub skipped_steps: u64,
 }
 
@@ -662,7 +702,32 @@ pub fn bench(gpu: &Gpu, cfg: &LlamaConfig, seq: usize, answer: usize, rank: usiz
             sft.push(seq as f64 / t.elapsed().as_secs_f64());
         }
     }
-    Ok(TrainBenchReport { device: gpu.name.clone(), seq, answer, rank, trainable_params: lora.param_count(), dpo_step_ms: dpo_ms, dpo_peak_memory_gb: peak, sft_tokens_per_s: sft, skipped_steps: lora.scaler.skipped })
+    lora.recompute = true;
+    gpu.reset_peak_memory()?;
+    let mut re_ms = Vec::new();
+    for rep in 0..warmup + reps {
+        sync()?;
+        let t = std::time::Instant::now();
+        lora.dpo_step(gpu, &model, &prompt, &chosen, &rejected, (-150.0, -160.0), &dpo, Some((&opt, 1.0)))?;
+        sync()?;
+        if rep >= warmup {
+            re_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let re_peak = gpu.peak_memory()? as f64 / 1e9;
+    Ok(TrainBenchReport {
+        device: gpu.name.clone(),
+        seq,
+        answer,
+        rank,
+        trainable_params: lora.param_count(),
+        dpo_step_ms: dpo_ms,
+        dpo_peak_memory_gb: peak,
+        sft_tokens_per_s: sft,
+        dpo_recompute_step_ms: re_ms,
+        dpo_recompute_peak_memory_gb: re_peak,
+        skipped_steps: lora.scaler.skipped,
+    })
 }
 
 /// Why `train_dpo_gpu` cannot train `adapter` with `opt` (the caller then trains on the CPU), or None.
