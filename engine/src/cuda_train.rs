@@ -503,6 +503,7 @@ impl GpuLora {
     /// Forward and backward passes of one pair, each answer given as (input rows, answer ids, first answer row);
     /// the gradients of `weight` times the pair's loss are added to the accumulators (loss-scaled). Returns the
     /// loss (unweighted, unscaled) and the log-probs.
+    #[allow(clippy::too_many_arguments)]
     fn dpo_pair(&mut self, gpu: &Gpu, model: &GpuLlama, chosen: (Input, &[u32], usize), rejected: (Input, &[u32], usize), refs: (f64, f64), cfg: &DpoConfig, weight: f64) -> Result<(f64, PairLogps)> {
         let tc = self.forward_seq(gpu, model, chosen.0, chosen.1, chosen.2)?;
         let tr = self.forward_seq(gpu, model, rejected.0, rejected.1, rejected.2)?;
@@ -800,10 +801,11 @@ pub fn train_dpo_gpu(
             let f = match p.pixels {
                 Some(px) => {
                     let key = px as *const crate::image::PixelValues;
-                    if !feats.contains_key(&key) {
-                        feats.insert(key, features(px)?);
-                    }
-                    feats.get(&key).map(|v| v.as_slice())
+                    let f = match feats.entry(key) {
+                        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                        std::collections::hash_map::Entry::Vacant(e) => e.insert(features(px)?),
+                    };
+                    Some(f.as_slice())
                 }
                 None => None,
             };
