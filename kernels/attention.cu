@@ -4,7 +4,8 @@
 //  - attn_decode_f16: one new token per sequence against a shared prefix cache (the image and prompt, computed
 //    once for the n answers of a prompt) plus the sequence's own suffix cache; keys split into chunks across
 //    blocks (flash-decoding), partial softmax states merged by attn_decode_combine_f16.
-//  - kv_store_f16: writes the keys and values of a fused QKV buffer into a cache (prefill or n-sequence decode).
+//  - kv_store_f16: writes the keys and values of a fused QKV buffer into a cache (prefill or n-sequence decode);
+//    rope_kv_store_f16: RoPE on q and k and that store in one kernel.
 // head_dim <= 128 (LLaVA-1.5: 128 in the decoder, 64 in CLIP ViT-L).
 #include "common.cuh"
 
@@ -220,6 +221,38 @@ extern "C" __global__ void kv_store_f16(__half* __restrict__ kc, __half* __restr
     const long long dst = lens ? r * seq_stride + (long long)(lens[r] - 1) * w + e : (long long)(start + r) * w + e;
     kc[dst] = qkv[(long long)r * qkv_stride + k_off + e];
     vc[dst] = qkv[(long long)r * qkv_stride + v_off + e];
+}
+
+// RoPE and the cache store in one pass (what rope_f16 on the q and k heads of a fused QKV buffer, then kv_store_f16,
+// do): q heads are rotated in place; k heads are rotated, written back and stored in the key cache; v heads are
+// stored in the value cache. The stored values are the same fp16 numbers the two kernels would store. Rows, the
+// cache destination (lens / start) and strides as kv_store_f16; pos, cos and sin as rope_f16.
+// grid (rows, heads_q + heads_kv), block 64.
+extern "C" __global__ void rope_kv_store_f16(__half* __restrict__ qkv, __half* __restrict__ kc, __half* __restrict__ vc, const int* __restrict__ pos,
+                                             const float* __restrict__ cos_t, const float* __restrict__ sin_t, int heads_q, int heads_kv, int head_dim,
+                                             int qkv_stride, long long seq_stride, const int* __restrict__ lens, int start) {
+    const int r = blockIdx.x, h = blockIdx.y;
+    const int half_d = head_dim / 2, w = heads_kv * head_dim;
+    const int p = pos[r];
+    __half* x = qkv + (long long)r * qkv_stride + (long long)h * head_dim;  // q head h, or k head h - heads_q
+    const bool is_k = h >= heads_q;
+    const long long dst = lens ? r * seq_stride + (long long)(lens[r] - 1) * w : (long long)(start + r) * w;
+    const int j = h - heads_q;  // kv head, when is_k
+    for (int i = threadIdx.x; i < half_d; i += blockDim.x) {
+        const float c = cos_t[(long long)p * half_d + i], s = sin_t[(long long)p * half_d + i];
+        const float x1 = __half2float(x[i]), x2 = __half2float(x[i + half_d]);
+        const __half y1 = __float2half_rn(x1 * c - x2 * s), y2 = __float2half_rn(x2 * c + x1 * s);
+        x[i] = y1;
+        x[i + half_d] = y2;
+        if (is_k) {
+            kc[dst + j * head_dim + i] = y1;
+            kc[dst + j * head_dim + i + half_d] = y2;
+        }
+    }
+    if (is_k) {
+        const __half* v = qkv + (long long)r * qkv_stride + (long long)(heads_q + heads_kv + j) * head_dim;
+        for (int i = threadIdx.x; i < head_dim; i += blockDim.x) vc[dst + j * head_dim + i] = v[i];
+    }
 }
 
 // ---- Backward (training): flash-style, the probabilities recomputed from the forward's saved log-sum-exp.

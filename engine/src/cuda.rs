@@ -375,6 +375,9 @@ pub struct Gpu {
     /// Whether `matmul_dev` takes the hand-written GEMV for decode-sized products (default on; `bench-gpu` turns
     /// it off to measure cuBLASLt alone).
     pub gemv: std::sync::atomic::AtomicBool,
+    /// Whether the decoder uses the fused kernels (RoPE + cache store, SwiGLU + down-projection GEMV) where they
+    /// apply (default on; `bench-gpu` also measures without them).
+    pub fuse: std::sync::atomic::AtomicBool,
     sms: usize,
 }
 
@@ -434,7 +437,7 @@ impl Gpu {
         unsafe { cudarc::driver::sys::cuMemPoolSetAttribute(pool, cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, &mut keep as *mut u64 as *mut _) }.result().map_err(derr)?;
         let blas = Lt::new(&stream, major)?;
         let sms = ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(derr)?.max(1) as usize;
-        Ok(Ok(Gpu { ctx, stream, arch, name, _modules: modules, funcs, blas, gemv: std::sync::atomic::AtomicBool::new(true), sms }))
+        Ok(Ok(Gpu { ctx, stream, arch, name, _modules: modules, funcs, blas, gemv: std::sync::atomic::AtomicBool::new(true), fuse: std::sync::atomic::AtomicBool::new(true), sms }))
     }
 
     fn mem_pool(ctx: &CudaContext) -> Result<cudarc::driver::sys::CUmemoryPool> {
@@ -544,6 +547,29 @@ impl Gpu {
         } else {
             self.linear_device(x, w, y, m, k, n)
         }
+    }
+
+    /// y[n] = (silu(gate) * up)[k] W[n, k]^T for one row, gu = [gate | up] (2k values): `gemv_swiglu_m1_f16`, the
+    /// SwiGLU of a batch-1 decode step fused into the down projection. k a multiple of 8.
+    pub fn gemv_swiglu_dev(&self, gu: &CudaSlice<f16>, w: &CudaSlice<f16>, y: &mut CudaSlice<f16>, k: usize, n: usize) -> Result<()> {
+        if !k.is_multiple_of(8) || gu.len() < 2 * k || w.len() < n * k || y.len() < n {
+            return Err(err(format!("gemv_swiglu: k {k} (a multiple of 8), n {n} or buffer sizes out of range")));
+        }
+        let (ki, ni) = (to_i32(k, "k")?, to_i32(n, "n")?);
+        let mut b = self.stream.launch_builder(self.f("gemv_swiglu_m1_f16")?);
+        b.arg(y).arg(gu).arg(w).arg(&ki).arg(&ni);
+        unsafe { b.launch(LaunchConfig { grid_dim: (n.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+        Ok(())
+    }
+
+    /// `gemv_swiglu_dev` on host data: gu [2k] against W [n, k].
+    pub fn gemv_swiglu(&self, gu: &[f32], w: &[f32]) -> Result<Vec<f32>> {
+        let k = gu.len() / 2;
+        let n = w.len() / k.max(1);
+        let (dg, dw) = (self.upload_f16(gu)?, self.upload_f16(w)?);
+        let mut y = self.poisoned_f16(n)?;
+        self.gemv_swiglu_dev(&dg, &dw, &mut y, k, n)?;
+        self.download_f16(&y)
     }
 
     /// `gemv_dev` on host data: x [k] against W [n, k].
@@ -770,6 +796,57 @@ impl Gpu {
     /// `w` elements each) into caches `kc`/`vc`: with `lens`, row r is sequence r's newest token, stored at position
     /// lens[r] - 1 of sequence r (sequences `seq_stride` apart); without, row r goes to position start + r.
     #[allow(clippy::too_many_arguments)]
+    /// RoPE on the q and k heads of a fused QKV buffer (rows of `qkv_stride`: q heads, k heads, v heads) and the
+    /// store of k and v into the caches, in one kernel (`rope_kv_store_f16`): what `rope_strided_dev` over the q and
+    /// k heads followed by `kv_store_dev` do, with the same destinations (`lens` per sequence, else `start`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_kv_store_dev(&self, qkv: &mut CudaSlice<f16>, kc: &mut CudaSlice<f16>, vc: &mut CudaSlice<f16>, pos: &CudaSlice<i32>, cos: &CudaSlice<f32>, sin: &CudaSlice<f32>, rows: usize, heads_q: usize, heads_kv: usize, head_dim: usize, qkv_stride: usize, seq_stride: usize, lens: Option<&CudaSlice<i32>>, start: usize) -> Result<()> {
+        let w = heads_kv * head_dim;
+        let need = match lens {
+            Some(_) => rows * seq_stride.max(w),
+            None => (start + rows) * w,
+        };
+        if rows == 0 || kc.len() < need || vc.len() < need || qkv.len() < rows * qkv_stride || qkv_stride < (heads_q + 2 * heads_kv) * head_dim || pos.len() < rows {
+            return Err(err(format!("rope + kv store: {rows} rows at position {start} do not fit the buffers")));
+        }
+        let (hq, hk, d, qs, st, s0) = (to_i32(heads_q, "heads")?, to_i32(heads_kv, "heads")?, to_i32(head_dim, "head_dim")?, to_i32(qkv_stride, "stride")?, seq_stride as i64, to_i32(start, "start")?);
+        let null = 0u64;
+        let mut b = self.stream.launch_builder(self.f("rope_kv_store_f16")?);
+        b.arg(qkv).arg(kc).arg(vc).arg(pos).arg(cos).arg(sin).arg(&hq).arg(&hk).arg(&d).arg(&qs).arg(&st);
+        match lens {
+            Some(l) => b.arg(l),
+            None => b.arg(&null),
+        };
+        b.arg(&s0);
+        unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, (heads_q + heads_kv) as u32, 1), block_dim: (64, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+        Ok(())
+    }
+
+    /// `rope_kv_store_dev` on host data, one sequence appended at `start` of caches of `capacity` rows: returns
+    /// (qkv after RoPE, key cache, value cache), next to what `rope_strided_dev` + `kv_store_dev` give (parity).
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    pub fn rope_kv_store_pair(&self, qkv: &[f32], pos: &[i32], cos: &[f32], sin: &[f32], heads_q: usize, heads_kv: usize, head_dim: usize, start: usize, capacity: usize) -> Result<[(Vec<f32>, Vec<f32>, Vec<f32>); 2]> {
+        let stride = (heads_q + 2 * heads_kv) * head_dim;
+        let rows = pos.len();
+        let w = heads_kv * head_dim;
+        let (dp, dc, ds) = (self.stream.clone_htod(pos).map_err(derr)?, self.stream.clone_htod(cos).map_err(derr)?, self.stream.clone_htod(sin).map_err(derr)?);
+        let mut out = Vec::new();
+        for fused in [true, false] {
+            let mut dq = self.upload_f16(qkv)?;
+            let (mut kc, mut vc) = (self.poisoned_f16(capacity * w)?, self.poisoned_f16(capacity * w)?);
+            if fused {
+                self.rope_kv_store_dev(&mut dq, &mut kc, &mut vc, &dp, &dc, &ds, rows, heads_q, heads_kv, head_dim, stride, 0, None, start)?;
+            } else {
+                self.rope_strided_dev(&mut dq, &dp, &dc, &ds, rows, heads_q + heads_kv, head_dim, stride)?;
+                self.kv_store_dev(&mut kc, &mut vc, &dq, rows, w, stride, heads_q * head_dim, (heads_q + heads_kv) * head_dim, 0, None, start)?;
+            }
+            out.push((self.download_f16(&dq)?, self.download_f16(&kc)?, self.download_f16(&vc)?));
+        }
+        let unfused = out.pop().ok_or_else(|| err("rope_kv_store_pair"))?;
+        let fused = out.pop().ok_or_else(|| err("rope_kv_store_pair"))?;
+        Ok([fused, unfused])
+    }
+
     pub fn kv_store_dev(&self, kc: &mut CudaSlice<f16>, vc: &mut CudaSlice<f16>, qkv: &CudaSlice<f16>, rows: usize, w: usize, qkv_stride: usize, k_off: usize, v_off: usize, seq_stride: usize, lens: Option<&CudaSlice<i32>>, start: usize) -> Result<()> {
         let need = match lens {
             Some(_) => rows * seq_stride.max(w),

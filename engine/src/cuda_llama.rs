@@ -9,7 +9,9 @@
 //! the n sequences then step together, each with its own suffix cache, against that prefix. Every buffer of a step
 //! is allocated once per session and the per-step values (token ids, positions, suffix lengths) live in device
 //! memory, so the first step is captured as a CUDA graph and replayed for every later step: one launch per token
-//! instead of ~350. `engine/tests/cuda_llama.rs` checks all of it against the CPU backend.
+//! instead of ~350. Where they apply the step uses fused kernels (`Gpu::fuse`, on by default): RoPE with the cache
+//! store, and at batch 1 SwiGLU inside the down projection's GEMV. `engine/tests/cuda_llama.rs` checks all of it
+//! against the CPU backend, and the fused path against the unfused one.
 
 use crate::config::LlamaConfig;
 use crate::cuda::{cfg1, derr, err, Gpu};
@@ -297,11 +299,18 @@ impl GpuLlama {
                     a.lora_fwd(gpu, li, j, &s.h, &mut s.lt, &mut s.qkv, off, nqkv, rows)?;
                 }
             }
-            gpu.rope_strided_dev(&mut s.qkv, &s.pos, &self.cos, &self.sin, rows, h + kvh, hd, nqkv)?;
+            let fuse = gpu.fuse.load(std::sync::atomic::Ordering::Relaxed);
+            if !fuse {
+                gpu.rope_strided_dev(&mut s.qkv, &s.pos, &self.cos, &self.sin, rows, h + kvh, hd, nqkv)?;
+            }
             match mode {
                 Attend::Prefill { cache, start } => {
                     let start = *start;
-                    gpu.kv_store_dev(&mut cache.k[li], &mut cache.v[li], &s.qkv, rows, w, nqkv, h * hd, (h + kvh) * hd, 0, None, start)?;
+                    if fuse {
+                        gpu.rope_kv_store_dev(&mut s.qkv, &mut cache.k[li], &mut cache.v[li], &s.pos, &self.cos, &self.sin, rows, h, kvh, hd, nqkv, 0, None, start)?;
+                    } else {
+                        gpu.kv_store_dev(&mut cache.k[li], &mut cache.v[li], &s.qkv, rows, w, nqkv, h * hd, (h + kvh) * hd, 0, None, start)?;
+                    }
                     if rows == 1 {
                         // One new token: flash-decoding over the cache (the prefill kernel would give the GPU one
                         // block per head); the cache is the "prefix", with an empty suffix.
@@ -312,7 +321,11 @@ impl GpuLlama {
                 }
                 Attend::Decode { prefix, suffix } => {
                     let seq_stride = suffix.capacity * w;
-                    gpu.kv_store_dev(&mut suffix.k[li], &mut suffix.v[li], &s.qkv, rows, w, nqkv, h * hd, (h + kvh) * hd, seq_stride, Some(&suffix.lens), 0)?;
+                    if fuse {
+                        gpu.rope_kv_store_dev(&mut s.qkv, &mut suffix.k[li], &mut suffix.v[li], &s.pos, &self.cos, &self.sin, rows, h, kvh, hd, nqkv, seq_stride, Some(&suffix.lens), 0)?;
+                    } else {
+                        gpu.kv_store_dev(&mut suffix.k[li], &mut suffix.v[li], &s.qkv, rows, w, nqkv, h * hd, (h + kvh) * hd, seq_stride, Some(&suffix.lens), 0)?;
+                    }
                     gpu.attention_decode_dev(&mut s.att, &s.qkv, nqkv, &prefix.k[li], &prefix.v[li], prefix.len, &suffix.k[li], &suffix.v[li], &suffix.lens, seq_stride, rows, prefix.len + suffix.capacity, h, kvh, hd, &mut s.part)?;
                 }
             }
@@ -326,8 +339,14 @@ impl GpuLlama {
                 a.lora_fwd(gpu, li, 4, &s.h, &mut s.lt, &mut s.gu, 0, 2 * inter, rows)?;
                 a.lora_fwd(gpu, li, 5, &s.h, &mut s.lt, &mut s.gu, inter, 2 * inter, rows)?;
             }
-            gpu.swiglu_fused_dev(&mut s.act, &s.gu, rows, inter)?;
-            gpu.matmul_dev(&s.act, &l.down, &mut s.tmp, rows, inter, c)?;
+            // Batch 1 without LoRA on down (which reads the activation): SwiGLU inside the down GEMV.
+            let gemv = gpu.gemv.load(std::sync::atomic::Ordering::Relaxed);
+            if fuse && gemv && rows == 1 && lora.is_none() && inter.is_multiple_of(8) {
+                gpu.gemv_swiglu_dev(&s.gu, &l.down, &mut s.tmp, inter, c)?;
+            } else {
+                gpu.swiglu_fused_dev(&mut s.act, &s.gu, rows, inter)?;
+                gpu.matmul_dev(&s.act, &l.down, &mut s.tmp, rows, inter, c)?;
+            }
             if let Some(a) = lora {
                 a.lora_fwd(gpu, li, 6, &s.act, &mut s.lt, &mut s.tmp, 0, c, rows)?;
             }
@@ -538,6 +557,8 @@ pub struct BenchReport {
     pub decode_tokens_per_s_no_graph: Vec<f64>,
     /// The same with every linear layer through cuBLASLt (graph).
     pub decode_tokens_per_s_cublaslt: Vec<f64>,
+    /// The default path without the fused kernels (RoPE + cache store, SwiGLU + down GEMV).
+    pub decode_tokens_per_s_unfused: Vec<f64>,
     /// n answers sampled together (temperature 0.7) after one shared prefill: n * decode_tokens over the whole
     /// time, prefill included (as transformers' generate with num_return_sequences = n is timed).
     pub n: usize,
@@ -574,7 +595,7 @@ pub fn bench(gpu: &Gpu, cfg: &LlamaConfig, prompt: usize, decode: usize, reps: u
     let copy_gb_per_s = 5.0 * 2.0 * (len * 2) as f64 / t.elapsed().as_secs_f64() / 1e9;
     drop((src, dst));
     let ids: Vec<u32> = (0..prompt).map(|i| (1 + i * 7919 % (cfg.vocab_size - 1)) as u32).collect();
-    let (mut prefill_ms, mut tps, mut tps_plain, mut tps_blas, mut tps_n) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut prefill_ms, mut tps, mut tps_plain, mut tps_blas, mut tps_n, mut tps_unfused) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     // Greedy batch-1 decoding; returns tokens/s of the decode steps (prefill excluded) and the prefill time.
     let greedy = |graph: bool| -> Result<(f64, f64)> {
         sync()?;
@@ -601,6 +622,10 @@ pub fn bench(gpu: &Gpu, cfg: &LlamaConfig, prompt: usize, decode: usize, reps: u
         let blas = greedy(true);
         gpu.gemv.store(true, Ordering::Relaxed);
         let (blas, _) = blas?;
+        gpu.fuse.store(false, Ordering::Relaxed);
+        let unfused = greedy(true);
+        gpu.fuse.store(true, Ordering::Relaxed);
+        let (unfused, _) = unfused?;
         sync()?;
         let t = std::time::Instant::now();
         let answers = model.generate_n(gpu, &ids, &seeds, &params, &[])?;
@@ -612,6 +637,7 @@ pub fn bench(gpu: &Gpu, cfg: &LlamaConfig, prompt: usize, decode: usize, reps: u
             tps.push(fast);
             tps_plain.push(plain);
             tps_blas.push(blas);
+            tps_unfused.push(unfused);
             tps_n.push(tokens as f64 / secs);
         }
     }
@@ -625,6 +651,7 @@ pub fn bench(gpu: &Gpu, cfg: &LlamaConfig, prompt: usize, decode: usize, reps: u
         decode_tokens_per_s: tps,
         decode_tokens_per_s_no_graph: tps_plain,
         decode_tokens_per_s_cublaslt: tps_blas,
+        decode_tokens_per_s_unfused: tps_unfused,
         n,
         n_sampling_tokens_per_s: tps_n,
         copy_gb_per_s,
@@ -676,6 +703,12 @@ fn op_breakdown(gpu: &Gpu, model: &GpuLlama, keys: usize, n: usize) -> Result<Ve
         out.push((format!("kv_store m{m}"), time(&mut || gpu.kv_store_dev(&mut kc2, &mut vc2, qkv, m, kvh * hd, nqkv, h * hd, (h + kvh) * hd, keys * kvh * hd, Some(&lens), 0))?));
         out.push((format!("attn_decode {keys} keys m{m}"), time(&mut || gpu.attention_decode_dev(att, qkv, nqkv, &kc, &kc, keys - 1, &kc, &kc, &lens, 0, m, keys, h, kvh, hd, part))?));
         out.push((format!("swiglu m{m}"), time(&mut || gpu.swiglu_fused_dev(act, gu, m, inter))?));
+        out.push((format!("fused rope + kv_store m{m}"), time(&mut || gpu.rope_kv_store_dev(qkv, &mut kc2, &mut vc2, pos, &model.cos, &model.sin, m, h, kvh, hd, nqkv, keys * kvh * hd, Some(&lens), 0))?));
+        if m == 1 {
+            let bw = |us: f64| (c * inter * 2) as f64 / us / 1e3;
+            let us = time(&mut || gpu.gemv_swiglu_dev(gu, &l.down, tmp, inter, c))?;
+            out.push((format!("fused swiglu + gemv down m1 ({:.0} GB/s)", bw(us)), us));
+        }
         // Host: sampling m rows of the vocabulary in parallel (temperature 0.7), as generate_n does.
         let params = crate::sampling::SamplingParams { temperature: 0.7, ..Default::default() };
         let mut rng = crate::rng::SplitMix64::new(3);

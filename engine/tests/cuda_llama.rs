@@ -107,3 +107,36 @@ fn gpu_decoder_matches_the_cpu_backend_on_the_fixtures() {
         assert!(e.contains("position 1"), "{e}");
     }
 }
+
+#[test]
+fn fused_decode_kernels_give_the_unfused_logits() {
+    use std::sync::atomic::Ordering;
+    let Some(gpu) = gpu() else { return };
+    let root = gpu_common::root().join("tests/fixtures/llava");
+    for case in ["llama_text_only", "l15_4x_f32_gqa_tied_lora", "l15_5x_f16_tied_mqa"] {
+        let dev = engine::cuda_llama::load_dir(&gpu, &root.join(case).join("model"), 256).unwrap();
+        let vocab = dev.cfg.vocab_size;
+        let prompt: Vec<u32> = (0..11).map(|i| (3 + i * 5 % (vocab - 3)) as u32).collect();
+        // Prefill (RoPE + cache store fused), then batch-1 steps (also SwiGLU + down GEMV fused) and 3 sequences.
+        let run = |fuse: bool, bsz: usize| -> Vec<f32> {
+            gpu.fuse.store(fuse, Ordering::Relaxed);
+            let (mut sess, first) = dev.start_decode(&gpu, &prompt, bsz, 6).unwrap();
+            let mut all = first.clone();
+            let mut toks = vec![argmax(&first); bsz];
+            for _ in 0..5 {
+                let logits = dev.decode_step(&gpu, &mut sess, &toks).unwrap();
+                toks = logits.chunks(vocab).map(argmax).collect();
+                all.extend_from_slice(&logits);
+            }
+            gpu.fuse.store(true, Ordering::Relaxed);
+            all
+        };
+        for bsz in [1usize, 3] {
+            let (fused, unfused) = (run(true, bsz), run(false, bsz));
+            let scale = unfused.iter().map(|v| v.abs()).fold(1.0f32, f32::max);
+            let worst = fused.iter().zip(&unfused).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            println!("{case} bsz {bsz}: fused vs unfused kernels, max |logit difference| {worst:e} (largest logit {scale})");
+            assert!(worst <= 1e-3 * scale, "{case} bsz {bsz}: fused decode differs by {worst}");
+        }
+    }
+}

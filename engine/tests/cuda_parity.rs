@@ -192,6 +192,53 @@ fn gemv_kernel_matches_float64() {
     assert!(g.gemv(&[0.0; 12], &[0.0; 24]).is_err(), "k = 12 (not a multiple of 8)");
 }
 
+#[test]
+fn fused_decode_kernels_match_float64_and_their_unfused_pairs() {
+    let Some(g) = gpu() else { return };
+    let mut rng = SplitMix64::new(6);
+    // SwiGLU inside the down GEMV: (k, n) of LLaVA-7B's down projection, ShapesWorld's, a tiny one.
+    for &(k, n) in &[(11008usize, 4096usize), (256, 96), (8, 5)] {
+        let gu = randn(&mut rng, 2 * k, 2.0);
+        let w = randn(&mut rng, n * k, 0.05);
+        let (gh, wh) = (h(&gu), h(&w));
+        let act: Vec<f64> = (0..k).map(|c| gh[c] / (1.0 + (-gh[c]).exp()) * gh[k + c]).collect();
+        let want: Vec<f64> = (0..n).map(|j| (0..k).map(|c| act[c] * wh[j * k + c]).sum()).collect();
+        let got = g.gemv_swiglu(&gu, &w).unwrap();
+        check(&format!("gemv_swiglu_m1_f16 k{k} n{n}"), &got, &want);
+        // The same numbers as swiglu_f16 then gemv_m1_f16 (the activation is rounded to fp16 the same way).
+        let unfused = g.gemv(&g.swiglu(&gu[..k], &gu[k..], k).unwrap(), &w).unwrap();
+        let worst = got.iter().zip(&unfused).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        println!("gemv_swiglu_m1_f16 k{k} n{n}: max |fused - unfused| {worst:e}");
+        assert!(worst <= 1e-3 * unfused.iter().map(|v| v.abs()).fold(1.0f32, f32::max), "k{k} n{n}: fused differs from unfused by {worst}");
+    }
+    assert!(g.gemv_swiglu(&[0.0; 24], &[0.0; 24]).is_err(), "k = 12 (not a multiple of 8)");
+    // RoPE + cache store in one kernel against rope_f16 then kv_store_f16: the same fp16 values, bit for bit.
+    for &(rows, hq, hkv, d, start) in &[(1usize, 4usize, 4usize, 24usize, 0usize), (9, 8, 2, 128, 5), (3, 32, 32, 128, 700)] {
+        let stride = (hq + 2 * hkv) * d;
+        let qkv = randn(&mut rng, rows * stride, 1.0);
+        let half = d / 2;
+        let max_pos = start + rows + 1;
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        for p in 0..max_pos {
+            for i in 0..half {
+                let a = p as f64 / 10000f64.powf(2.0 * i as f64 / d as f64);
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
+            }
+        }
+        let pos: Vec<i32> = (start..start + rows).map(|p| p as i32).collect();
+        let [fused, unfused] = g.rope_kv_store_pair(&qkv, &pos, &cos, &sin, hq, hkv, d, start, start + rows).unwrap();
+        let w = hkv * d;
+        let (a, b) = (&fused, &unfused);
+        assert!(a.0.iter().zip(&b.0).all(|(x, y)| x.to_bits() == y.to_bits()), "rope_kv_store_f16 {rows}x{hq}/{hkv}x{d}: q/k after RoPE differ");
+        for (name, x, y) in [("keys", &a.1, &b.1), ("values", &a.2, &b.2)] {
+            // Rows before `start` are poison in both; the stored rows must be equal.
+            assert!(x[start * w..].iter().zip(&y[start * w..]).all(|(p, q)| p.to_bits() == q.to_bits()), "rope_kv_store_f16 {rows}x{hq}/{hkv}x{d}: stored {name} differ");
+        }
+        println!("rope_kv_store_f16 {rows} rows, heads {hq}/{hkv}, d {d}, at {start}: identical to rope_f16 + kv_store_f16");
+    }
+}
+
 /// float64 attention of one query row against keys 0..=limit.
 fn attend(q: &[f64], ks: &[&[f64]], vs: &[&[f64]], d: usize) -> Vec<f64> {
     let scale = 1.0 / (d as f64).sqrt();
@@ -277,7 +324,7 @@ fn embedded_kernel_sources_define_the_expected_kernels() {
         assert!(!names.is_empty(), "{f} defines no kernel");
         all.extend(names);
     }
-    for k in ["embedding_gather_f16", "rmsnorm_f16", "layernorm_f16", "rope_f16", "flash_attn_prefill_f16", "attn_decode_f16", "attn_decode_combine_f16", "kv_store_f16", "add_rmsnorm_f16", "flash_attn_bwd_dq_f16", "flash_attn_bwd_dkdv_f16", "attn_bwd_delta_f16", "rmsnorm_bwd_f16", "layernorm_bwd_f16", "swiglu_bwd_f16", "gelu_bwd_f16", "quick_gelu_bwd_f16", "rope_bwd_f16", "embedding_bwd_f32", "logprob_gather_f16", "logprob_bwd_f16", "adamw_f32", "grad_sumsq_f32", "grad_accumulate_f32", "gemv_m1_f16", "swiglu_f16", "gelu_f16", "quick_gelu_f16", "bias_add_f16", "residual_add_f16", "lora_down_f16", "lora_up_add_f16", "logprob_gather_f32", "f32_to_f16", "f16_to_f32"] {
+    for k in ["embedding_gather_f16", "rmsnorm_f16", "layernorm_f16", "rope_f16", "flash_attn_prefill_f16", "attn_decode_f16", "attn_decode_combine_f16", "kv_store_f16", "add_rmsnorm_f16", "flash_attn_bwd_dq_f16", "flash_attn_bwd_dkdv_f16", "attn_bwd_delta_f16", "rmsnorm_bwd_f16", "layernorm_bwd_f16", "swiglu_bwd_f16", "gelu_bwd_f16", "quick_gelu_bwd_f16", "rope_bwd_f16", "embedding_bwd_f32", "logprob_gather_f16", "logprob_bwd_f16", "adamw_f32", "grad_sumsq_f32", "grad_accumulate_f32", "gemv_m1_f16", "gemv_swiglu_m1_f16", "rope_kv_store_f16", "swiglu_f16", "gelu_f16", "quick_gelu_f16", "bias_add_f16", "residual_add_f16", "lora_down_f16", "lora_up_add_f16", "logprob_gather_f32", "f32_to_f16", "f16_to_f32"] {
         assert!(all.iter().any(|n| n == k), "kernel {k} is missing");
     }
     assert_eq!(engine::cuda::arch_name(9, 0), "sm_90");
