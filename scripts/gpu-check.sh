@@ -13,7 +13,8 @@
 #      device: greedy tokens, answer log-probs, sampling, the CPU fallback), the GPU image path (vision tower +
 #      projector) on every fixture, labeler verdicts, and GPU DPO on ShapesWorld pairs with images against the CPU
 #      trainer. Needs the fixtures and assets/: run from a checkout.
-#   4. rlaifd bench-gpu: prefill (640 tokens), batch-1 decode and n=10 sampling of a random-weight LLaVA-1.5-7B-
+#   4. rlaifd generate --device cuda on generated ShapesWorld images (the CLI end to end), and --device cpu beside it.
+#   5. rlaifd bench-gpu: prefill (640 tokens), batch-1 decode and n=10 sampling of a random-weight LLaVA-1.5-7B-
 #      shaped decoder, copy bandwidth and roofline, a per-op breakdown; rlaifd bench-gpu-train: DPO and SFT steps
 #      with LoRA r=64 on every linear layer, 700-token sequences; then the peers on the same GPU (if torch is there):
 #      benches/gpu_peer.py (transformers fp16) and benches/gpu_peer_dpo.py (PyTorch + peft, fp16 autocast).
@@ -66,6 +67,13 @@ stage "cuda_train (GPU DPO vs CPU backend, short DPO run)" llama.log 180 "$bins/
 grep -E "SKIPPED|loss CPU|LoRA gradients|GPU DPO|test result|panicked" "$OUT/llama.log" | tail -n 12
 stage "cuda_backend (daemon backend on ShapesWorld: generation, scoring, DPO with images)" backend.log 180 "$bins/cuda_backend" --nocapture --test-threads 1
 grep -E "SKIPPED|backend:|scene|worst|step|image features|questions|test result|panicked" "$OUT/backend.log" | tail -n 40
+# The CLI end to end on the GPU: ShapesWorld images through `rlaifd generate --device cuda` (vision tower, decoder,
+# sampling), the same prompts on the CPU for comparison.
+"$bins/rlaifd" shapes gen --seed 7 --count 3 --out "$OUT/shapes" >/dev/null 2>&1
+printf '{"image": "%s", "prompt": "Describe the image."}\n' 000000.png 000001.png 000002.png > "$OUT/shapes/batch.jsonl" 2>/dev/null
+stage "generate --device cuda (ShapesWorld, greedy)" generate.log 120 "$bins/rlaifd" generate --model assets/shapes-base --batch "$OUT/shapes/batch.jsonl" --max-new-tokens 24 --json --device cuda
+stage "generate --device cpu (the same prompts)" generate.log 120 "$bins/rlaifd" generate --model assets/shapes-base --batch "$OUT/shapes/batch.jsonl" --max-new-tokens 24 --json --device cpu
+grep -E '^\{|generating on|error' "$OUT/generate.log" | tail -n 8
 stage "bench-gpu (rlaifd)" bench.log 300 "$bins/rlaifd" bench-gpu --shape llava7b --prompt 640 --decode 128 --reps 3 --n 10
 grep -vE '^\{' "$OUT/bench.log" | tail -n 4
 stage "bench-gpu-train (rlaifd)" bench.log 300 "$bins/rlaifd" bench-gpu-train --shape llava7b --seq 700 --answer 60 --rank 64 --reps 5 --warmup 2
