@@ -109,8 +109,11 @@ fn cuda_backend_matches_the_cpu_backend_on_shapesworld_with_an_image_and_lora() 
     assert_eq!(got.iter().map(|a| &a.tokens).collect::<Vec<_>>(), want.iter().map(|a| &a.tokens).collect::<Vec<_>>());
 }
 
+/// A scene, its prompt ids, the chosen and the rejected answer ids.
+type Pair = (Scene, Vec<u32>, Vec<u32>, Vec<u32>);
+
 /// ShapesWorld preference pairs with images: the true caption over one naming an absent object.
-fn shapes_pairs(tok: &TextTokenizer, eos: u32, count: usize) -> Vec<(Scene, Vec<u32>, Vec<u32>, Vec<u32>)> {
+fn shapes_pairs(tok: &TextTokenizer, eos: u32, count: usize) -> Vec<Pair> {
     let wc = WorldConfig::default();
     let prompt = tok.encode(&apply_template(LLAVA_15_TEMPLATE, "Describe the image."), true).unwrap();
     let ans = |s: &str| {
@@ -132,7 +135,7 @@ fn shapes_pairs(tok: &TextTokenizer, eos: u32, count: usize) -> Vec<(Scene, Vec<
 }
 
 /// DPO with LoRA on every decoder projection over `pairs`; returns the step logs and the trained adapter.
-fn train(model: &Model, pairs: &[(Scene, Vec<u32>, Vec<u32>, Vec<u32>)]) -> (Vec<engine::train::trainer::StepLog>, Adapter) {
+fn train(model: &Model, pairs: &[Pair]) -> (Vec<engine::train::trainer::StepLog>, Adapter) {
     use engine::train::{dpo::TokenPair, optim::{AdamW, AdamWConfig}, trainer::{precompute_references, train_dpo, TrainConfig}};
     let wc = WorldConfig::default();
     let ip = model.image_processor.clone().unwrap();

@@ -127,8 +127,8 @@ fn activation_recomputation_gives_the_same_loss_and_gradients() {
     // The same kernels on the same inputs in the same order: identical, bit for bit.
     assert_eq!(a.loss.to_bits(), b.loss.to_bits(), "loss {} vs {}", a.loss, b.loss);
     for l in 0..dev.cfg.num_hidden_layers {
-        for j in 0..PROJECTIONS.len() {
-            assert_eq!(plain.grads(&gpu, l, j).unwrap(), recompute.grads(&gpu, l, j).unwrap(), "layer {l} {}", PROJECTIONS[j]);
+        for (j, proj) in PROJECTIONS.iter().enumerate() {
+            assert_eq!(plain.grads(&gpu, l, j).unwrap(), recompute.grads(&gpu, l, j).unwrap(), "layer {l} {proj}");
         }
     }
     println!("activation recomputation: loss {} and all {} LoRA gradients identical", a.loss, dev.cfg.num_hidden_layers * 7);
