@@ -52,6 +52,10 @@ pub struct LabelArgs {
     /// Keep every drawn pair (skip the paper's length balancing).
     #[arg(long)]
     no_length_balance: bool,
+    /// Where sampling and labeling run: auto (a CUDA GPU when usable), cpu, cuda or cuda:N. The same seed gives
+    /// the same bytes on one device; a GPU samples other (equally likely) answers than the CPU.
+    #[arg(long, default_value = "auto")]
+    device: String,
 }
 
 struct PromptLine {
@@ -101,7 +105,16 @@ pub fn cmd_label(a: LabelArgs) -> Result<()> {
     if a.n < 2 {
         bail!("--n must be at least 2 to form pairs (got {})", a.n);
     }
-    let model = Model::load(&a.model).with_context(|| format!("loading model {}", a.model.display()))?;
+    let device: engine::backend::DeviceSpec = a.device.parse().map_err(|e| anyhow::anyhow!("--device: {e}"))?;
+    let on = |mut m: Model| -> Result<Model> {
+        let (b, _) = engine::backend::select(device, &m)?;
+        m.set_backend(b);
+        Ok(m)
+    };
+    let model = on(Model::load(&a.model).with_context(|| format!("loading model {}", a.model.display()))?)?;
+    if model.device() != "cpu" {
+        eprintln!("rlaifd label: on {}", model.device());
+    }
     let adapter = match &a.adapter {
         Some(d) => Some(model.load_adapter(d).with_context(|| format!("loading adapter {}", d.display()))?),
         None => None,
@@ -118,7 +131,7 @@ pub fn cmd_label(a: LabelArgs) -> Result<()> {
     let other_labeler = match a.labeler.as_str() {
         "self" => None,
         dir => {
-            let m = Model::load(Path::new(dir)).with_context(|| format!("loading labeler {dir} (--labeler takes \"self\" or a model directory)"))?;
+            let m = on(Model::load(Path::new(dir)).with_context(|| format!("loading labeler {dir} (--labeler takes \"self\" or a model directory)"))?)?;
             if has_images && m.image_processor.is_none() {
                 bail!("labeler {dir} is text-only but the prompts have images: it must see them to verify claims");
             }
@@ -260,7 +273,7 @@ pub fn cmd_label(a: LabelArgs) -> Result<()> {
         "seconds": t0.elapsed().as_secs_f64(),
     });
     let meta = serde_json::json!({
-        "model": a.model, "adapter": a.adapter, "labeler": a.labeler, "extractor": extractor.name(),
+        "model": a.model, "adapter": a.adapter, "device": model.device(), "labeler": a.labeler, "extractor": extractor.name(),
         "prompts_file": a.prompts, "config": cfg, "summary": summary,
     });
     write_atomic(&a.out, &lines)?;

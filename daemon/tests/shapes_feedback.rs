@@ -123,6 +123,9 @@ fn label_writes_replayable_pairs_whose_claims_are_the_mentions_and_feeds_train_d
     assert!(gap("mean_words_chosen_after", "mean_words_rejected_after") <= gap("mean_words_chosen_before", "mean_words_rejected_before"));
     assert_eq!(meta["config"]["seed"], 5);
     assert_eq!(meta["extractor"], "shapes");
+    // The device is recorded (auto: the CPU on a machine without a CUDA driver).
+    let device = meta["device"].as_str().unwrap_or_default();
+    assert!(device == "cpu" || (device.starts_with("cuda:") && engine::cuda::driver_status().is_ok()), "device {device:?}");
 
     // Same seed, same pairs, byte for byte; another seed draws other answers.
     let again = d.join("again.jsonl");
