@@ -201,6 +201,14 @@ impl CudaBackend {
     }
 }
 
+/// Where an adapter's decoder runs (`CudaState::lora`).
+enum LoraOn {
+    /// On the device, with these factors (None: no adapter).
+    Gpu(Option<Arc<GpuLora>>),
+    /// On the CPU backend.
+    Cpu,
+}
+
 /// Whether `adapter` changes the image path (LoRA on the vision tower or projector, or replaced parameters there):
 /// the GPU image path applies no adapter, so such an adapter's features come from the CPU.
 fn touches_image_path(adapter: Option<&Adapter>) -> bool {
@@ -217,35 +225,32 @@ impl CudaState {
         }
     }
 
-    /// The device copy of `adapter`'s decoder factors: Ok(None) for no adapter, Err(reason) when the GPU decoder
-    /// cannot apply it (the caller runs on the CPU).
-    fn lora(&mut self, adapter: Option<&Adapter>) -> std::result::Result<Option<Arc<GpuLora>>, ()> {
-        let Some(a) = adapter else { return Ok(None) };
+    /// Where `adapter` runs: on the device (its decoder factors uploaded once, kept among the last
+    /// `ADAPTER_SLOTS`), or on the CPU when the GPU decoder cannot apply it (said once on stderr). A device error
+    /// (out of memory, say) is an error, not a reason to fall back.
+    fn lora(&mut self, adapter: Option<&Adapter>) -> Result<LoraOn> {
+        let Some(a) = adapter else { return Ok(LoraOn::Gpu(None)) };
         let key = fingerprint(a);
         if self.refused.contains(&key) {
-            return Err(());
+            return Ok(LoraOn::Cpu);
         }
         if let Some(i) = self.adapters.iter().position(|(k, _)| *k == key) {
             let hit = self.adapters.remove(i);
             let l = hit.1.clone();
             self.adapters.push(hit);
-            return Ok(Some(l));
+            return Ok(LoraOn::Gpu(Some(l)));
         }
-        match GpuLora::for_inference(&self.gpu, &self.llama.cfg, a) {
-            Ok(l) => {
-                let l = Arc::new(l);
-                if self.adapters.len() >= ADAPTER_SLOTS {
-                    self.adapters.remove(0);
-                }
-                self.adapters.push((key, l.clone()));
-                Ok(Some(l))
-            }
-            Err(e) => {
-                eprintln!("rlaifd engine: adapter {} runs on the CPU: {e}", a.path.display());
-                self.refused.push(key);
-                Err(())
-            }
+        if let Err(e) = crate::cuda_train::inference_rank(&self.llama.cfg, a) {
+            eprintln!("rlaifd engine: adapter {} runs on the CPU: {e}", a.path.display());
+            self.refused.push(key);
+            return Ok(LoraOn::Cpu);
         }
+        let l = Arc::new(GpuLora::for_inference(&self.gpu, &self.llama.cfg, a)?);
+        if self.adapters.len() >= ADAPTER_SLOTS {
+            self.adapters.remove(0);
+        }
+        self.adapters.push((key, l.clone()));
+        Ok(LoraOn::Gpu(Some(l)))
     }
 }
 
@@ -274,7 +279,7 @@ impl Backend for CudaBackend {
         }
         let mut guard = self.lock()?;
         let st = &mut *guard;
-        let Ok(lora) = st.lora(adapter) else {
+        let LoraOn::Gpu(lora) = st.lora(adapter)? else {
             drop(guard);
             return crate::generate::generate_cpu(model, req, adapter);
         };
@@ -358,7 +363,7 @@ impl Backend for CudaBackend {
         }
         let mut guard = self.lock()?;
         let st = &mut *guard;
-        let Ok(lora) = st.lora(adapter) else {
+        let LoraOn::Gpu(lora) = st.lora(adapter)? else {
             drop(guard);
             return model.answer_logp_cpu(prompt, answer, feats, adapter);
         };
@@ -400,7 +405,7 @@ impl Backend for CudaBackend {
         let rows = model.embed_inputs(prefix, feats)?.0;
         let mut guard = self.lock()?;
         let st = &mut *guard;
-        let Ok(lora) = st.lora(adapter) else {
+        let LoraOn::Gpu(lora) = st.lora(adapter)? else {
             drop(guard);
             return model.branch_logits_cpu(prefix, continuations, feats, adapter);
         };
