@@ -77,7 +77,7 @@ grep -E '^\{|generating on|error' "$OUT/generate.log" | tail -n 8
 stage "bench-gpu (rlaifd)" bench.log 300 "$bins/rlaifd" bench-gpu --shape llava7b --prompt 640 --decode 128 --reps 3 --n 10
 grep -vE '^\{' "$OUT/bench.log" | tail -n 4
 stage "bench-gpu-train (rlaifd)" bench.log 300 "$bins/rlaifd" bench-gpu-train --shape llava7b --seq 700 --answer 60 --rank 64 --reps 5 --warmup 2
-grep -E "DPO step" "$OUT/bench.log" | tail -n 2
+grep -E "DPO step" "$OUT/bench.log" | tail -n 3
 if [ -n "$py" ] && "$py" -c "import torch, transformers" 2>/dev/null; then
   stage "bench peer (transformers)" peer.log 300 env PYTHONUNBUFFERED=1 "$py" benches/gpu_peer.py --shape llava7b --prompt 640 --decode 128 --reps 3
   tail -n 1 "$OUT/peer.log"

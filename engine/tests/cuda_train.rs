@@ -1,7 +1,8 @@
 //! CUDA II end to end: LoRA DPO on the GPU decoder against the CPU backend on a tiny fixture (the loss, both
 //! answers' log-probs and every LoRA gradient of the decoder), and a short GPU DPO run whose reward accuracy rises
-//! while dynamic loss scaling skips the steps that overflow, and activation recomputation changing nothing but
-//! memory. Prints why and passes where no GPU exists.
+//! while dynamic loss scaling skips the steps that overflow; activation recomputation changing nothing but memory,
+//! and a pair's prompt run once for both answers giving the gradients of two whole sequences. Prints why and
+//! passes where no GPU exists.
 
 use engine::cuda::{AdamW, Gpu, LossScaler};
 use engine::cuda_train::{GpuLora, PROJECTIONS};
@@ -132,4 +133,43 @@ fn activation_recomputation_gives_the_same_loss_and_gradients() {
         }
     }
     println!("activation recomputation: loss {} and all {} LoRA gradients identical", a.loss, dev.cfg.num_hidden_layers * 7);
+}
+
+#[test]
+fn sharing_the_prompt_of_a_pair_gives_the_same_loss_and_gradients() {
+    let Some(gpu) = gpu() else { return };
+    let (cpu, _, dev, mut plain) = setup(&gpu);
+    let (_, _, _, mut shared) = setup(&gpu);
+    shared.share_prompt = true;
+    let vocab = cpu.llm.cfg.vocab_size;
+    let mut rng = engine::rng::SplitMix64::new(8);
+    let image = cpu.image_token_id();
+    let (prompt, chosen, rejected) = (tokens(&mut rng, 30, vocab, image), tokens(&mut rng, 9, vocab, image), tokens(&mut rng, 1, vocab, image));
+    let cfg = DpoConfig { beta: 0.5, ..Default::default() };
+    plain.scaler = LossScaler::new(1024.0, 1000);
+    shared.scaler = LossScaler::new(1024.0, 1000);
+    let a = plain.dpo_step(&gpu, &dev, &prompt, &chosen, &rejected, (-20.0, -3.0), &cfg, None).unwrap();
+    let b = shared.dpo_step(&gpu, &dev, &prompt, &chosen, &rejected, (-20.0, -3.0), &cfg, None).unwrap();
+    println!("shared prompt: loss {:.6} vs {:.6}; log-probs chosen {:.4}/{:.4}, rejected {:.4}/{:.4}", b.loss, a.loss, b.logps.policy_chosen, a.logps.policy_chosen, b.logps.policy_rejected, a.logps.policy_rejected);
+    assert!((a.loss - b.loss).abs() <= 1e-3, "loss {} shared vs {} whole", b.loss, a.loss);
+    assert!((a.logps.policy_chosen - b.logps.policy_chosen).abs() <= 2e-2 && (a.logps.policy_rejected - b.logps.policy_rejected).abs() <= 2e-2, "answer log-probs differ");
+    let (mut num, mut den, mut worst) = (0.0f64, 0.0f64, 0.0f64);
+    for l in 0..dev.cfg.num_hidden_layers {
+        for (j, proj) in PROJECTIONS.iter().enumerate() {
+            let (wa, wb) = plain.grads(&gpu, l, j).unwrap();
+            let (ga, gb) = shared.grads(&gpu, l, j).unwrap();
+            let (mut n1, mut d1) = (0.0f64, 0.0f64);
+            for (g, w) in ga.iter().chain(&gb).zip(wa.iter().chain(&wb)) {
+                assert!(g.is_finite(), "layer {l} {proj}: non-finite gradient");
+                n1 += ((g - w) as f64).powi(2);
+                d1 += (*w as f64).powi(2);
+            }
+            num += n1;
+            den += d1;
+            worst = worst.max((n1 / d1.max(1e-30)).sqrt());
+        }
+    }
+    let total = (num / den).sqrt();
+    println!("shared prompt: LoRA gradients relative L2 {total:.2e} overall, worst module {worst:.2e} (a one-token rejected answer included)");
+    assert!(total <= 1e-2 && worst <= 3e-2, "LoRA gradients differ: {total} overall, {worst} worst");
 }
