@@ -960,18 +960,22 @@ pub fn bench(gpu: &Gpu, cfg: &LlamaConfig, seq: usize, answer: usize, rank: usiz
     let opt = AdamW { lr: 1e-5, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
     let dpo = DpoConfig { beta: 0.1, ..Default::default() };
     let sync = || gpu.stream.synchronize().map_err(derr);
-    let mut dpo_ms = Vec::new();
-    gpu.reset_peak_memory()?;
-    for rep in 0..warmup + reps {
-        sync()?;
-        let t = std::time::Instant::now();
-        lora.dpo_step(gpu, &model, &prompt, &chosen, &rejected, (-150.0, -160.0), &dpo, Some((&opt, 1.0)))?;
-        sync()?;
-        if rep >= warmup {
-            dpo_ms.push(t.elapsed().as_secs_f64() * 1e3);
+    // `reps` timed DPO steps after `warmup` (ms each), and the peak memory over all of them (GB).
+    let dpo_steps = |lora: &mut GpuLora| -> Result<(Vec<f64>, f64)> {
+        gpu.reset_peak_memory()?;
+        let mut ms = Vec::new();
+        for rep in 0..warmup + reps {
+            sync()?;
+            let t = std::time::Instant::now();
+            lora.dpo_step(gpu, &model, &prompt, &chosen, &rejected, (-150.0, -160.0), &dpo, Some((&opt, 1.0)))?;
+            sync()?;
+            if rep >= warmup {
+                ms.push(t.elapsed().as_secs_f64() * 1e3);
+            }
         }
-    }
-    let peak = gpu.peak_memory()? as f64 / 1e9;
+        Ok((ms, gpu.peak_memory()? as f64 / 1e9))
+    };
+    let (dpo_ms, peak) = dpo_steps(&mut lora)?;
     let mut sft = Vec::new();
     for rep in 0..warmup + reps {
         sync()?;
@@ -983,32 +987,10 @@ pub fn bench(gpu: &Gpu, cfg: &LlamaConfig, seq: usize, answer: usize, rank: usiz
         }
     }
     lora.recompute = true;
-    gpu.reset_peak_memory()?;
-    let mut re_ms = Vec::new();
-    for rep in 0..warmup + reps {
-        sync()?;
-        let t = std::time::Instant::now();
-        lora.dpo_step(gpu, &model, &prompt, &chosen, &rejected, (-150.0, -160.0), &dpo, Some((&opt, 1.0)))?;
-        sync()?;
-        if rep >= warmup {
-            re_ms.push(t.elapsed().as_secs_f64() * 1e3);
-        }
-    }
-    let re_peak = gpu.peak_memory()? as f64 / 1e9;
+    let (re_ms, re_peak) = dpo_steps(&mut lora)?;
     lora.recompute = false;
     lora.share_prompt = true;
-    gpu.reset_peak_memory()?;
-    let mut sh_ms = Vec::new();
-    for rep in 0..warmup + reps {
-        sync()?;
-        let t = std::time::Instant::now();
-        lora.dpo_step(gpu, &model, &prompt, &chosen, &rejected, (-150.0, -160.0), &dpo, Some((&opt, 1.0)))?;
-        sync()?;
-        if rep >= warmup {
-            sh_ms.push(t.elapsed().as_secs_f64() * 1e3);
-        }
-    }
-    let sh_peak = gpu.peak_memory()? as f64 / 1e9;
+    let (sh_ms, sh_peak) = dpo_steps(&mut lora)?;
     Ok(TrainBenchReport {
         device: gpu.name.clone(),
         seq,
@@ -1073,7 +1055,7 @@ pub fn train_dpo_gpu(
     features: &mut dyn FnMut(&crate::image::PixelValues) -> Result<Vec<f32>>,
     on_step: &mut dyn FnMut(&crate::train::trainer::StepLog),
 ) -> Result<u64> {
-    use crate::train::trainer::{epoch_order, steps_per_epoch, StepLog};
+    use crate::train::trainer::{epoch_order, steps_per_epoch};
     if pairs.len() != refs.len() {
         return Err(err(format!("{} pairs but {} reference log-prob pairs", pairs.len(), refs.len())));
     }
@@ -1090,7 +1072,7 @@ pub fn train_dpo_gpu(
         let b = opt.step % per_epoch;
         let batch = &order[b * cfg.batch_size..((b + 1) * cfg.batch_size).min(order.len())];
         let weight = 1.0 / batch.len() as f64;
-        let (mut loss, mut acc, mut margin, mut cr, mut rr, mut lc, mut lr_) = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
+        let mut m = crate::train::trainer::StepMetrics::default();
         for &i in batch {
             let p = &pairs[i];
             let f = match p.pixels {
@@ -1120,36 +1102,14 @@ pub fn train_dpo_gpu(
                 let (xr, sr) = rows(p.rejected_ids)?;
                 gl.dpo_pair(gpu, gmodel, (Input::Embeds(&xc), p.chosen_ids, sc), (Input::Embeds(&xr), p.rejected_ids, sr), refs[i], &cfg.dpo, weight)?
             };
-            let chosen_reward = cfg.dpo.beta * (lp.policy_chosen - lp.ref_chosen);
-            let rejected_reward = cfg.dpo.beta * (lp.policy_rejected - lp.ref_rejected);
-            loss += l * weight;
-            acc += if chosen_reward > rejected_reward { weight } else { 0.0 };
-            margin += (chosen_reward - rejected_reward) * weight;
-            cr += chosen_reward * weight;
-            rr += rejected_reward * weight;
-            lc += lp.policy_chosen * weight;
-            lr_ += lp.policy_rejected * weight;
+            m.add(cfg.dpo.beta, l, &lp, weight);
         }
         let lr = opt.cfg.lr_at(opt.step);
         opt.step += 1;
         let o = &opt.cfg;
         let hyper = AdamW { lr: lr as f32, beta1: o.beta1 as f32, beta2: o.beta2 as f32, eps: o.eps as f32, weight_decay: o.weight_decay as f32 };
         let norm = gl.optimizer_step(gpu, &hyper, o.max_grad_norm)?;
-        on_step(&StepLog {
-            step: opt.step,
-            total_steps: total,
-            epoch,
-            loss,
-            reward_accuracy: acc,
-            reward_margin: margin,
-            chosen_reward: cr,
-            rejected_reward: rr,
-            logp_chosen: lc,
-            logp_rejected: lr_,
-            lr,
-            grad_norm: norm.unwrap_or(f64::NAN),
-            pairs_per_s: batch.len() as f64 / t0.elapsed().as_secs_f64(),
-        });
+        on_step(&m.log(opt.step, total, epoch, lr, norm.unwrap_or(f64::NAN), batch.len(), t0));
     }
     gl.write_back(gpu, adapter)?;
     Ok(gl.scaler.skipped)

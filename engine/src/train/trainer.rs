@@ -37,6 +37,53 @@ pub struct StepLog {
     pub pairs_per_s: f64,
 }
 
+/// The batch averages of one step's metrics, added pair by pair (shared by the CPU and the GPU trainer).
+#[derive(Default)]
+pub(crate) struct StepMetrics {
+    loss: f64,
+    acc: f64,
+    margin: f64,
+    chosen: f64,
+    rejected: f64,
+    logp_chosen: f64,
+    logp_rejected: f64,
+}
+
+impl StepMetrics {
+    /// Adds one pair's loss and log-probs with `weight` (1 / batch size).
+    pub(crate) fn add(&mut self, beta: f64, loss: f64, lp: &crate::train::dpo::PairLogps, weight: f64) {
+        let chosen_reward = beta * (lp.policy_chosen - lp.ref_chosen);
+        let rejected_reward = beta * (lp.policy_rejected - lp.ref_rejected);
+        self.loss += loss * weight;
+        self.acc += if chosen_reward > rejected_reward { weight } else { 0.0 };
+        self.margin += (chosen_reward - rejected_reward) * weight;
+        self.chosen += chosen_reward * weight;
+        self.rejected += rejected_reward * weight;
+        self.logp_chosen += lp.policy_chosen * weight;
+        self.logp_rejected += lp.policy_rejected * weight;
+    }
+
+    /// The step's log: `step` (1-based) of `total_steps`, `pairs` pairs since `t0`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn log(&self, step: usize, total_steps: usize, epoch: usize, lr: f64, grad_norm: f64, pairs: usize, t0: std::time::Instant) -> StepLog {
+        StepLog {
+            step,
+            total_steps,
+            epoch,
+            loss: self.loss,
+            reward_accuracy: self.acc,
+            reward_margin: self.margin,
+            chosen_reward: self.chosen,
+            rejected_reward: self.rejected,
+            logp_chosen: self.logp_chosen,
+            logp_rejected: self.logp_rejected,
+            lr,
+            grad_norm,
+            pairs_per_s: pairs as f64 / t0.elapsed().as_secs_f64(),
+        }
+    }
+}
+
 /// Optimizer steps per epoch for `n` pairs.
 pub fn steps_per_epoch(n: usize, batch_size: usize) -> usize {
     n.div_ceil(batch_size.max(1))
@@ -87,37 +134,15 @@ pub fn train_dpo(
         let batch = &order[b * cfg.batch_size..((b + 1) * cfg.batch_size).min(order.len())];
         let mut grads = Grads::zeros_like(adapter);
         let weight = 1.0 / batch.len() as f64;
-        let (mut loss, mut acc, mut margin, mut cr, mut rr, mut lc, mut lr_) = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
+        let mut m = StepMetrics::default();
         for &i in batch {
             // Dropout masks differ per step and pair, and replay exactly on resume.
             let seed = (adapter.lora_dropout > 0.0).then(|| cfg.seed ^ ((opt.step as u64) << 32) ^ i as u64);
             let (l, lp) = pair_forward_backward(model, adapter, &pairs[i], refs[i], &cfg.dpo, weight, &mut grads, seed)?;
-            let chosen_reward = cfg.dpo.beta * (lp.policy_chosen - lp.ref_chosen);
-            let rejected_reward = cfg.dpo.beta * (lp.policy_rejected - lp.ref_rejected);
-            loss += l * weight;
-            acc += if chosen_reward > rejected_reward { weight } else { 0.0 };
-            margin += (chosen_reward - rejected_reward) * weight;
-            cr += chosen_reward * weight;
-            rr += rejected_reward * weight;
-            lc += lp.policy_chosen * weight;
-            lr_ += lp.policy_rejected * weight;
+            m.add(cfg.dpo.beta, l, &lp, weight);
         }
         let info = opt.step(adapter, &grads)?;
-        on_step(&StepLog {
-            step: opt.step,
-            total_steps: total,
-            epoch,
-            loss,
-            reward_accuracy: acc,
-            reward_margin: margin,
-            chosen_reward: cr,
-            rejected_reward: rr,
-            logp_chosen: lc,
-            logp_rejected: lr_,
-            lr: info.lr,
-            grad_norm: info.grad_norm,
-            pairs_per_s: batch.len() as f64 / t0.elapsed().as_secs_f64(),
-        });
+        on_step(&m.log(opt.step, total, epoch, info.lr, info.grad_norm, batch.len(), t0));
     }
     Ok(())
 }
