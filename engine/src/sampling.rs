@@ -67,19 +67,26 @@ pub fn sorted_desc(logits: &[f32]) -> Vec<u32> {
     keys.into_iter().map(|k| k as u32).collect()
 }
 
+/// CTRL-style repetition penalty (as transformers): each token of `seen`, once, has its logit divided by
+/// `penalty` when positive and multiplied by it when negative. 1.0 leaves the logits alone.
+fn apply_repetition_penalty(logits: &mut [f32], seen: &[u32], penalty: f32) {
+    if penalty == 1.0 {
+        return;
+    }
+    let mut done = std::collections::HashSet::new();
+    for &t in seen {
+        let t = t as usize;
+        if t < logits.len() && done.insert(t) {
+            let v = logits[t];
+            logits[t] = if v < 0.0 { v * penalty } else { v / penalty };
+        }
+    }
+}
+
 /// Picks the next token. `seen` are the tokens the repetition penalty applies to (prompt + answer so far);
 /// `logits` is modified.
 pub fn sample(logits: &mut [f32], seen: &[u32], p: &SamplingParams, rng: &mut SplitMix64) -> u32 {
-    if p.repetition_penalty != 1.0 {
-        let mut done = std::collections::HashSet::new();
-        for &t in seen {
-            let t = t as usize;
-            if t < logits.len() && done.insert(t) {
-                let v = logits[t];
-                logits[t] = if v < 0.0 { v * p.repetition_penalty } else { v / p.repetition_penalty };
-            }
-        }
-    }
+    apply_repetition_penalty(logits, seen, p.repetition_penalty);
     if p.temperature == 0.0 {
         return argmax(logits);
     }
@@ -126,16 +133,7 @@ pub fn sample_fast(logits: &mut [f32], seen: &[u32], p: &SamplingParams, rng: &m
     if p.temperature == 0.0 || p.top_k > 0 || p.top_p < 1.0 || logits.is_empty() {
         return sample(logits, seen, p, rng);
     }
-    if p.repetition_penalty != 1.0 {
-        let mut done = std::collections::HashSet::new();
-        for &t in seen {
-            let t = t as usize;
-            if t < logits.len() && done.insert(t) {
-                let v = logits[t];
-                logits[t] = if v < 0.0 { v * p.repetition_penalty } else { v / p.repetition_penalty };
-            }
-        }
-    }
+    apply_repetition_penalty(logits, seen, p.repetition_penalty);
     let inv_t = 1.0 / p.temperature as f64;
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
     let mut total = 0.0f64;

@@ -16,6 +16,22 @@ use engine::{Adapter, Model};
 mod gpu_common;
 use gpu_common::root;
 
+/// The model in `dir` on CUDA device 0, or None (with the reason printed: the test passes skipped) without a GPU.
+fn on_gpu(dir: &std::path::Path) -> Option<Model> {
+    let mut dev = Model::load(dir).unwrap();
+    match select(DeviceSpec::Cuda(0), &dev) {
+        Ok((b, what)) => {
+            println!("backend: {what}");
+            dev.set_backend(b);
+            Some(dev)
+        }
+        Err(e) => {
+            println!("SKIPPED: no GPU: {e}");
+            None
+        }
+    }
+}
+
 /// An adapter on every decoder projection with B uniform in ±`b` (peft starts B at zero, which would hide a LoRA
 /// bug).
 fn adapter(model: &Model, targets: TargetModules, seed: u64, b: f64) -> Adapter {
@@ -34,17 +50,7 @@ fn adapter(model: &Model, targets: TargetModules, seed: u64, b: f64) -> Adapter 
 fn cuda_backend_matches_the_cpu_backend_on_shapesworld_with_an_image_and_lora() {
     let dir = root().join("assets/shapes-base");
     let cpu = Model::load(&dir).unwrap();
-    let mut dev = Model::load(&dir).unwrap();
-    match select(DeviceSpec::Cuda(0), &dev) {
-        Ok((b, what)) => {
-            println!("backend: {what}");
-            dev.set_backend(b);
-        }
-        Err(e) => {
-            println!("SKIPPED: no GPU: {e}");
-            return;
-        }
-    }
+    let Some(dev) = on_gpu(&dir) else { return };
     let tok = TextTokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
     let wc = WorldConfig::default();
     let ip = cpu.image_processor.clone().unwrap();
@@ -156,17 +162,7 @@ fn train(model: &Model, pairs: &[Pair]) -> (Vec<engine::train::trainer::StepLog>
 fn gpu_dpo_on_shapesworld_images_tracks_the_cpu_trainer_and_learns_the_pairs() {
     let dir = root().join("assets/shapes-base");
     let cpu = Model::load(&dir).unwrap();
-    let mut dev = Model::load(&dir).unwrap();
-    match select(DeviceSpec::Cuda(0), &dev) {
-        Ok((b, what)) => {
-            println!("backend: {what}");
-            dev.set_backend(b);
-        }
-        Err(e) => {
-            println!("SKIPPED: no GPU: {e}");
-            return;
-        }
-    }
+    let Some(dev) = on_gpu(&dir) else { return };
     let tok = TextTokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
     let pairs = shapes_pairs(&tok, cpu.llm.cfg.eos_token_ids[0], 8);
     let (want, _) = train(&cpu, &pairs);
@@ -194,14 +190,7 @@ fn labeler_verdicts_on_the_gpu_match_the_cpu_backend() {
     use engine::feedback::verify::{Labeler, YES_NO_SUFFIX};
     let dir = root().join("assets/shapes-labeler");
     let cpu = Model::load(&dir).unwrap();
-    let mut dev = Model::load(&dir).unwrap();
-    match select(DeviceSpec::Cuda(0), &dev) {
-        Ok((b, _)) => dev.set_backend(b),
-        Err(e) => {
-            println!("SKIPPED: no GPU: {e}");
-            return;
-        }
-    }
+    let Some(dev) = on_gpu(&dir) else { return };
     let tok = TextTokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
     let wc = WorldConfig::default();
     let ip = cpu.image_processor.clone().unwrap();

@@ -29,6 +29,19 @@ fn check(name: &str, got: &[f32], want: &[f64]) {
 }
 
 /// fp16 rounding of the inputs, as the device sees them.
+/// RoPE tables [max_pos, d/2] with theta 10000.
+fn rope_tables(d: usize, max_pos: usize) -> (Vec<f32>, Vec<f32>) {
+    let (mut cos, mut sin) = (Vec::new(), Vec::new());
+    for p in 0..max_pos {
+        for i in 0..d / 2 {
+            let a = p as f64 / 10000f64.powf(2.0 * i as f64 / d as f64);
+            cos.push(a.cos() as f32);
+            sin.push(a.sin() as f32);
+        }
+    }
+    (cos, sin)
+}
+
 fn h(x: &[f32]) -> Vec<f64> {
     x.iter().map(|&v| half::f16::from_f32(v).to_f64()).collect()
 }
@@ -99,16 +112,8 @@ fn rope_lora_and_logprob_kernels_match_float64() {
     let mut rng = SplitMix64::new(2);
     for &(tokens, heads, d) in &[(1usize, 1usize, 16usize), (9, 4, 24), (70, 8, 128)] {
         let x = randn(&mut rng, tokens * heads * d, 1.0);
-        let max_pos = 256;
         let half = d / 2;
-        let (mut cos, mut sin) = (Vec::new(), Vec::new());
-        for p in 0..max_pos {
-            for i in 0..half {
-                let a = p as f64 / 10000f64.powf(2.0 * i as f64 / d as f64);
-                cos.push(a.cos() as f32);
-                sin.push(a.sin() as f32);
-            }
-        }
+        let (cos, sin) = rope_tables(d, 256);
         let pos: Vec<i32> = (0..tokens).map(|t| (t * 3 + 1) as i32).collect();
         let xh = h(&x);
         let mut want = xh.clone();
@@ -216,16 +221,7 @@ fn fused_decode_kernels_match_float64_and_their_unfused_pairs() {
     for &(rows, hq, hkv, d, start) in &[(1usize, 4usize, 4usize, 24usize, 0usize), (9, 8, 2, 128, 5), (3, 32, 32, 128, 700)] {
         let stride = (hq + 2 * hkv) * d;
         let qkv = randn(&mut rng, rows * stride, 1.0);
-        let half = d / 2;
-        let max_pos = start + rows + 1;
-        let (mut cos, mut sin) = (Vec::new(), Vec::new());
-        for p in 0..max_pos {
-            for i in 0..half {
-                let a = p as f64 / 10000f64.powf(2.0 * i as f64 / d as f64);
-                cos.push(a.cos() as f32);
-                sin.push(a.sin() as f32);
-            }
-        }
+        let (cos, sin) = rope_tables(d, start + rows + 1);
         let pos: Vec<i32> = (start..start + rows).map(|p| p as i32).collect();
         let [fused, unfused] = g.rope_kv_store_pair(&qkv, &pos, &cos, &sin, hq, hkv, d, start, start + rows).unwrap();
         let w = hkv * d;
