@@ -2,13 +2,15 @@
 """The side-by-side peer for `rlaifd bench-gpu`: transformers on the same GPU, fp16, a random-weight LLaMA decoder of
 LLaVA-1.5-7B's language-model shape (or --shape tiny). Measures prefill latency for --prompt tokens, greedy decode
 tokens/s at batch 1 (generate with a fixed number of new tokens), and sampling throughput with
-num_return_sequences=10. Medians of --reps runs after a warm-up. Prints one JSON line.
+num_return_sequences=10, and LLaVA-1.5's image path (CLIP ViT-L/14-336 and the projector, random weights, the
+features read from the second-to-last layer as transformers' LLaVA does). Medians of --reps runs after a warm-up.
+Prints one JSON line.
 Usage (GPU host with torch and transformers): python3 benches/gpu_peer.py [--shape llava7b] [--prompt 640]
 [--decode 128] [--reps 3]"""
 import argparse, json, statistics, time
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
 
 def llama_config(shape):
@@ -17,6 +19,34 @@ def llama_config(shape):
     return LlamaConfig(vocab_size=32064, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                        num_attention_heads=heads, num_key_value_heads=heads, rms_norm_eps=1e-5, rope_theta=10000.0,
                        max_position_embeddings=4096, tie_word_embeddings=False)
+
+
+def image_path(shape, text_hidden, device, dtype, reps):
+    """Milliseconds per image of LLaVA-1.5's image path (rlaifd's `cuda_clip::bench_shape`): the CLIP tower with
+    every hidden state, the second-to-last without its CLS row, then Linear-GELU-Linear."""
+    if shape == "llava7b":
+        vc = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                              image_size=336, patch_size=14, hidden_act="quick_gelu")
+    else:
+        vc = CLIPVisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                              image_size=64, patch_size=16, hidden_act="quick_gelu")
+    with torch.device(device):
+        tower = CLIPVisionModel(vc).to(dtype).eval()
+        proj = torch.nn.Sequential(torch.nn.Linear(vc.hidden_size, text_hidden), torch.nn.GELU(),
+                                   torch.nn.Linear(text_hidden, text_hidden)).to(dtype).eval()
+    pixels = torch.randn(1, 3, vc.image_size, vc.image_size, device=device, dtype=dtype)
+    times = []
+    with torch.inference_mode():
+        for rep in range(reps + 1):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            hidden = tower(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+            feats = proj(hidden).float().cpu()
+            if rep > 0:
+                times.append((time.perf_counter() - t) * 1e3)
+    assert feats.shape[1] == (vc.image_size // vc.patch_size) ** 2
+    return statistics.median(times)
 
 
 def main():
@@ -61,11 +91,12 @@ def main():
             prefill.append(pf * 1e3)
             decode.append(a.decode / max(gen - pf, 1e-9))
             sample10.append(10 * a.decode / g10)
+    image_ms = image_path(a.shape, cfg.hidden_size, a.device, dtype, a.reps)
     name = torch.cuda.get_device_name(0) if a.device == "cuda" else "cpu"
     print(json.dumps({"peer": "transformers " + __import__("transformers").__version__, "torch": torch.__version__,
                       "device": name, "shape": a.shape, "prompt_tokens": a.prompt, "decode_tokens": a.decode,
                       "prefill_ms": statistics.median(prefill), "decode_tokens_per_s": statistics.median(decode),
-                      "n10_sampling_tokens_per_s": statistics.median(sample10),
+                      "n10_sampling_tokens_per_s": statistics.median(sample10), "image_path_ms": image_ms,
                       "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if a.device == "cuda" else None}))
 
 

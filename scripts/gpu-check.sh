@@ -75,7 +75,7 @@ stage "generate --device cuda (ShapesWorld, greedy)" generate.log 120 "$bins/rla
 stage "generate --device cpu (the same prompts)" generate.log 120 "$bins/rlaifd" generate --model assets/shapes-base --batch "$OUT/shapes/batch.jsonl" --max-new-tokens 24 --json --device cpu
 grep -E '^\{|generating on|error' "$OUT/generate.log" | tail -n 8
 stage "bench-gpu (rlaifd)" bench.log 300 "$bins/rlaifd" bench-gpu --shape llava7b --prompt 640 --decode 128 --reps 3 --n 10
-grep -vE '^\{' "$OUT/bench.log" | tail -n 4
+grep -vE '^\{' "$OUT/bench.log" | tail -n 5
 stage "bench-gpu-train (rlaifd)" bench.log 300 "$bins/rlaifd" bench-gpu-train --shape llava7b --seq 700 --answer 60 --rank 64 --reps 5 --warmup 2
 grep -E "DPO step" "$OUT/bench.log" | tail -n 3
 if [ -n "$py" ] && "$py" -c "import torch, transformers" 2>/dev/null; then

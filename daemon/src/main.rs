@@ -274,6 +274,10 @@ fn cmd_bench_gpu(shape: &str, prompt: usize, decode: usize, reps: usize, n: usiz
         println!("  {op:<44} {us:>9.1} us");
     }
     println!("{}", serde_json::to_string(&r)?);
+    // The image path before the prefill: vision tower to its feature layer, projector (random weights).
+    let (vcfg, layers) = engine::cuda_clip::bench_shape(shape == "tiny");
+    let ms = engine::cuda_clip::bench(&gpu, &vcfg, layers, cfg.hidden_size, reps)?;
+    println!("  image path ({}x{} image, {layers} vision layers, projector): {:.2} ms (median of {}); {}", vcfg.image_size, vcfg.image_size, median(&ms), ms.len(), serde_json::json!({ "image_path_ms": ms }));
     Ok(())
 }
 

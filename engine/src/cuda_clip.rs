@@ -109,6 +109,46 @@ impl GpuVision {
         })
     }
 
+    /// An image path of `cfg`'s shape (`n_layers` encoder layers, the CLS row dropped, a GELU projector with biases
+    /// to `text_hidden`) with random weights generated on the device (benchmarks): matrices uniform with standard
+    /// deviation 0.02, norm weights 1, biases 0.
+    pub fn random(gpu: &Gpu, cfg: &ClipVisionConfig, n_layers: usize, text_hidden: usize, seed: u64) -> Result<GpuVision> {
+        let (d, p, c, n, i) = (cfg.hidden_size, cfg.patch_size, cfg.num_channels, cfg.num_patches(), cfg.intermediate_size);
+        let mut k = 0u64;
+        let mut fill = |len: usize, scale: f32, offset: f32| -> Result<CudaSlice<f16>> {
+            k += 1;
+            gpu.fill_uniform(len, scale, offset, seed.wrapping_mul(0x9e37_79b9).wrapping_add(k))
+        };
+        let w = 0.02f32 * 3f32.sqrt();
+        let mut lin = |n_in: usize, n_out: usize| -> Result<Lin> { Ok(Lin { w: fill(n_out * n_in, w, 0.0)?, b: Some(fill(n_out, 0.0, 0.0)?), n_in, n_out }) };
+        let mut layers = Vec::new();
+        for _ in 0..n_layers {
+            layers.push(Layer {
+                q: lin(d, d)?,
+                k: lin(d, d)?,
+                v: lin(d, d)?,
+                o: lin(d, d)?,
+                fc1: lin(d, i)?,
+                fc2: lin(i, d)?,
+                ln1: (gpu.fill_uniform(d, 0.0, 1.0, 1)?, gpu.fill_uniform(d, 0.0, 0.0, 1)?),
+                ln2: (gpu.fill_uniform(d, 0.0, 1.0, 1)?, gpu.fill_uniform(d, 0.0, 0.0, 1)?),
+            });
+        }
+        let proj1 = lin(d, text_hidden)?;
+        let proj2 = lin(text_hidden, text_hidden)?;
+        Ok(GpuVision {
+            cfg: cfg.clone(),
+            select: FeatureSelect::Default,
+            patch: gpu.fill_uniform(d * c * p * p, w, 0.0, seed ^ 1)?,
+            pos_class: gpu.fill_uniform((n + 1) * d, w, 0.0, seed ^ 2)?,
+            pre_ln: (gpu.fill_uniform(d, 0.0, 1.0, 1)?, gpu.fill_uniform(d, 0.0, 0.0, 1)?),
+            layers,
+            proj1,
+            proj_act: Activation::Gelu,
+            proj2,
+        })
+    }
+
     /// Projected image features (N_img, C) of preprocessed pixels (3, S, S), as `Model::image_features` without an
     /// adapter.
     pub fn features(&self, gpu: &Gpu, pixels: &[f32]) -> Result<Vec<f32>> {
@@ -207,4 +247,44 @@ fn activation_dev(gpu: &Gpu, kernel: &str, x: &mut CudaSlice<f16>, n: usize) -> 
     b.arg(x).arg(&nn);
     unsafe { b.launch(cfg1(n, 256)) }.map_err(derr)?;
     Ok(())
+}
+
+/// LLaVA-1.5's image path: CLIP ViT-L/14 at 336 pixels (1024 wide, 24 layers, 16 heads, quick_gelu), of which the
+/// features come from layer 23 (`vision_feature_layer` -2), then the projector to `text_hidden`; or a tiny one.
+pub fn bench_shape(tiny: bool) -> (ClipVisionConfig, usize) {
+    let (hidden, inter, layers, heads, image, patch) = if tiny { (128, 512, 4, 4, 64, 16) } else { (1024, 4096, 24, 16, 336, 14) };
+    let cfg = ClipVisionConfig {
+        hidden_size: hidden,
+        intermediate_size: inter,
+        num_hidden_layers: layers,
+        num_attention_heads: heads,
+        num_channels: 3,
+        image_size: image,
+        patch_size: patch,
+        hidden_act: Activation::QuickGelu,
+        layer_norm_eps: 1e-5,
+    };
+    (cfg, layers - 1)
+}
+
+/// Milliseconds per image of the image path (`features`, upload and download included) of a random-weight tower of
+/// `cfg`'s shape with `n_layers` layers: `reps` runs after one warm-up.
+pub fn bench(gpu: &Gpu, cfg: &ClipVisionConfig, n_layers: usize, text_hidden: usize, reps: usize) -> Result<Vec<f64>> {
+    let v = GpuVision::random(gpu, cfg, n_layers, text_hidden, 5)?;
+    let s = cfg.image_size;
+    let mut rng = crate::rng::SplitMix64::new(9);
+    let pixels: Vec<f32> = (0..cfg.num_channels * s * s).map(|_| (rng.next_f64() * 4.0 - 2.0) as f32).collect();
+    let mut out = Vec::new();
+    for rep in 0..reps + 1 {
+        gpu.stream.synchronize().map_err(derr)?;
+        let t = std::time::Instant::now();
+        let f = v.features(gpu, &pixels)?;
+        if rep > 0 {
+            out.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        if f.len() != cfg.num_patches() * text_hidden {
+            return Err(err(format!("image path bench: {} features", f.len())));
+        }
+    }
+    Ok(out)
 }

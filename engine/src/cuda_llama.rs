@@ -14,12 +14,12 @@
 //! against the CPU backend, and the fused path against the unfused one.
 
 use crate::config::LlamaConfig;
-use crate::cuda::{cfg1, derr, err, Gpu};
+use crate::cuda::{derr, err, Gpu};
 use crate::cuda_train::GpuLora;
 use crate::error::Result;
 use crate::ops::Rope;
 use crate::weights::WeightStore;
-use cudarc::driver::{CudaGraph, CudaSlice, PushKernelArg};
+use cudarc::driver::{CudaGraph, CudaSlice};
 use half::f16;
 
 pub(crate) struct Layer {
@@ -190,12 +190,7 @@ impl GpuLlama {
         let mut n = 0u64;
         let mut fill = |len: usize, scale: f32, offset: f32| -> Result<CudaSlice<f16>> {
             n += 1;
-            let mut t = gpu.stream.alloc_zeros::<f16>(len).map_err(derr)?;
-            let (l, sd) = (len as i64, seed.wrapping_mul(0x9e37_79b9).wrapping_add(n));
-            let mut b = gpu.stream.launch_builder(gpu.f("fill_uniform_f16")?);
-            b.arg(&mut t).arg(&l).arg(&sd).arg(&scale).arg(&offset);
-            unsafe { b.launch(cfg1(len, 256)) }.map_err(derr)?;
-            Ok(t)
+            gpu.fill_uniform(len, scale, offset, seed.wrapping_mul(0x9e37_79b9).wrapping_add(n))
         };
         let w = 0.02f32 * 3f32.sqrt();
         let mut layers = Vec::new();
