@@ -145,7 +145,7 @@ impl ModelArgs {
         let opts = engine::LoadOptions { keep_16bit: !self.f32_weights };
         let mut model = Model::load_with(&self.model, &opts).with_context(|| format!("loading model {}", self.model.display()))?;
         let (backend, chosen) = engine::backend::select(device, &model)?;
-        if backend.device() != "cpu" {
+        if backend.spec() != engine::backend::DeviceSpec::Cpu {
             eprintln!("rlaifd: generating on {chosen}");
         }
         model.set_backend(backend);

@@ -191,13 +191,13 @@ impl Engine {
     pub fn load_on(model_dir: &Path, state_dir: &Path, device: engine::backend::DeviceSpec) -> Result<(Engine, String)> {
         let mut model = Model::load(model_dir).with_context(|| format!("loading model {}", model_dir.display()))?;
         let (backend, chosen) = engine::backend::select(device, &model).with_context(|| format!("model.device = \"{device}\""))?;
-        let on_gpu = backend.device().strip_prefix("cuda:").and_then(|r| r.split(' ').next()).and_then(|n| n.parse().ok()).map(engine::backend::DeviceSpec::Cuda);
+        let on = backend.spec();
         model.set_backend(backend);
         let tok = TextTokenizer::from_file(&model_dir.join("tokenizer.json"))?;
         let ip = model.image_processor.clone().with_context(|| format!("{} has no vision tower; the loop needs a LLaVA model", model_dir.display()))?;
         std::fs::create_dir_all(state_dir.join("checkpoints")).with_context(|| format!("cannot create {}/checkpoints", state_dir.display()))?;
         let shapes = is_shapes_tokenizer(&tok);
-        Ok((Engine { model, tok, ip, state_dir: state_dir.to_path_buf(), labeler: None, worker: Worker::start("rlaifd-engine"), shapes, adapters: Mutex::new(HashMap::new()), device: on_gpu.unwrap_or(engine::backend::DeviceSpec::Cpu) }, chosen))
+        Ok((Engine { model, tok, ip, state_dir: state_dir.to_path_buf(), labeler: None, worker: Worker::start("rlaifd-engine"), shapes, adapters: Mutex::new(HashMap::new()), device: on }, chosen))
     }
 
     /// Loads the labeler `loop.labeler` names when it is a model directory ("self" and "base" need nothing).

@@ -23,9 +23,8 @@ use crate::cuda::Gpu;
 use crate::cuda_llama::{GpuLlama, Input};
 use crate::cuda_train::GpuLora;
 use crate::error::{EngineError, Result};
-use crate::generate::{Answer, FinishReason, GenerateRequest, GenerateStats};
+use crate::generate::{Answer, GenerateRequest, GenerateStats};
 use crate::llava::Model;
-use crate::rng::SplitMix64;
 use crate::train::dpo::TokenPair;
 use crate::train::optim::AdamW;
 use crate::train::trainer::{StepLog, TrainConfig};
@@ -70,6 +69,8 @@ impl std::fmt::Display for DeviceSpec {
 pub trait Backend: Send + Sync {
     /// What it runs on, e.g. "cpu" or "cuda:0 (NVIDIA H200, sm_90)".
     fn device(&self) -> String;
+    /// The device as `select` takes it (a second model, e.g. a labeler, goes to the same one).
+    fn spec(&self) -> DeviceSpec;
     /// `generate::generate_with_stats` on this backend.
     fn generate(&self, model: &Model, req: &GenerateRequest, adapter: Option<&Adapter>) -> Result<(Vec<Answer>, GenerateStats)>;
     /// `Model::answer_logp` on this backend.
@@ -93,6 +94,9 @@ pub struct CpuBackend;
 impl Backend for CpuBackend {
     fn device(&self) -> String {
         "cpu".into()
+    }
+    fn spec(&self) -> DeviceSpec {
+        DeviceSpec::Cpu
     }
     fn generate(&self, model: &Model, req: &GenerateRequest, adapter: Option<&Adapter>) -> Result<(Vec<Answer>, GenerateStats)> {
         crate::generate::generate_cpu(model, req, adapter)
@@ -133,6 +137,7 @@ const ADAPTER_SLOTS: usize = 4;
 
 /// The CUDA backend of one device.
 pub struct CudaBackend {
+    ordinal: usize,
     label: String,
     state: Mutex<CudaState>,
 }
@@ -193,7 +198,7 @@ impl CudaBackend {
             },
         };
         let label = format!("cuda:{ordinal} ({}, {})", gpu.name, gpu.arch);
-        Ok(CudaBackend { label, state: Mutex::new(CudaState { gpu, llama, vision, adapters: Vec::new(), refused: Vec::new() }) })
+        Ok(CudaBackend { ordinal, label, state: Mutex::new(CudaState { gpu, llama, vision, adapters: Vec::new(), refused: Vec::new() }) })
     }
 
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, CudaState>> {
@@ -269,13 +274,15 @@ impl Backend for CudaBackend {
         self.label.clone()
     }
 
+    fn spec(&self) -> DeviceSpec {
+        DeviceSpec::Cuda(self.ordinal)
+    }
+
     fn generate(&self, model: &Model, req: &GenerateRequest, adapter: Option<&Adapter>) -> Result<(Vec<Answer>, GenerateStats)> {
-        use rayon::prelude::*;
-        let mut stats = GenerateStats::default();
         let t0 = std::time::Instant::now();
         req.params.validate().map_err(EngineError::Input)?;
         if req.seeds.is_empty() {
-            return Ok((Vec::new(), stats));
+            return Ok((Vec::new(), GenerateStats::default()));
         }
         let mut guard = self.lock()?;
         let st = &mut *guard;
@@ -294,57 +301,10 @@ impl Backend for CudaBackend {
             Some(x) => Input::Embeds(x),
             None => Input::Ids(req.ids),
         };
-        let n = req.seeds.len();
-        let max_new = req.params.max_new_tokens;
-        let mut answers: Vec<Answer> = req.seeds.iter().map(|&seed| Answer { seed, tokens: Vec::new(), finish: FinishReason::Length }).collect();
-        if max_new == 0 {
-            return Ok((answers, stats));
-        }
-        let (mut sess, first) = st.llama.start_decode_input(&st.gpu, input, n, max_new, lora.as_deref())?;
-        stats.prompt_positions = rows.as_ref().map_or(req.ids.len(), |x| x.len() / cfg.hidden_size);
-        stats.prefill_s = t0.elapsed().as_secs_f64();
-        let t1 = std::time::Instant::now();
-        let v = cfg.vocab_size;
-        let mut rngs: Vec<SplitMix64> = req.seeds.iter().map(|&s| SplitMix64::new(s)).collect();
-        let mut seen: Vec<Vec<u32>> = vec![req.ids.to_vec(); n];
-        let mut next: Vec<u32> = rngs.par_iter_mut().zip(seen.par_iter()).map(|(rng, s)| crate::sampling::sample_fast(&mut first.clone(), s, &req.params, rng)).collect();
-        let mut active = vec![true; n];
-        loop {
-            // Record this step's tokens (as the CPU backend does: a stop token ends the answer unrecorded).
-            for i in 0..n {
-                if !active[i] {
-                    continue;
-                }
-                let tok = next[i];
-                if stop.contains(&tok) {
-                    answers[i].finish = FinishReason::Stop;
-                    active[i] = false;
-                    continue;
-                }
-                answers[i].tokens.push(tok);
-                seen[i].push(tok);
-                if answers[i].tokens.len() >= max_new {
-                    answers[i].finish = FinishReason::Length;
-                    active[i] = false;
-                }
-            }
-            let live = active.iter().filter(|&&a| a).count();
-            if live == 0 {
-                break;
-            }
-            stats.decode_steps += 1;
-            stats.decode_tokens += live;
-            // Every sequence steps (the batch shape stays fixed for the captured graph): each feeds its newest draw
-            // (a finished one its stop token or last token, a valid id either way) and a finished row is ignored.
-            let feed = next.clone();
-            let mut logits = st.llama.decode_step_lora(&st.gpu, &mut sess, &feed, lora.as_deref())?;
-            next.par_iter_mut().zip(rngs.par_iter_mut()).zip(logits.par_chunks_mut(v)).zip(seen.par_iter()).zip(active.par_iter()).for_each(|((((t, rng), row), s), &live)| {
-                if live {
-                    *t = crate::sampling::sample_fast(row, s, &req.params, rng);
-                }
-            });
-        }
-        stats.decode_s = t1.elapsed().as_secs_f64();
+        let before = t0.elapsed().as_secs_f64();
+        let (answers, mut stats) = st.llama.sample_answers(&st.gpu, input, req.ids, req.seeds, &req.params, &stop, lora.as_deref())?;
+        // The prefill time includes the image path.
+        stats.prefill_s += before;
         Ok((answers, stats))
     }
 

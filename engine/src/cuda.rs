@@ -274,6 +274,9 @@ impl LtPlan {
     }
 }
 
+/// Plans kept at most (a decoder uses a few dozen shapes per sequence length).
+const MAX_PLANS: usize = 4096;
+
 /// cuBLASLt: a handle, a workspace, and a plan per GEMM shape (descriptors and the heuristic's algorithm, which
 /// cudarc's `matmul` would otherwise rebuild and query on every call: ~50 times per layer in a training pass).
 struct Lt {
@@ -333,6 +336,10 @@ impl Lt {
         use cudarc::driver::DevicePtr;
         shape.align = [align_of(a), align_of(b), align_of(c)];
         let mut plans = self.plans.lock().map_err(|_| "the cuBLASLt plan cache is poisoned".to_string())?;
+        // Training sequences of every length make new shapes: keep the cache bounded (plans are cheap to remake).
+        if plans.len() >= MAX_PLANS && !plans.contains_key(&shape) {
+            plans.clear();
+        }
         let plan = match plans.entry(shape) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => e.insert(LtPlan::new(self.handle, &shape, self.workspace.len())?),
@@ -361,6 +368,17 @@ impl Lt {
             "cublasLtMatmul",
         )
     }
+}
+
+/// Where an attention call's q, k and v rows (or their gradients) start on the device and how many elements apart
+/// their rows are, so they can be column blocks of one fused QKV buffer.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct AttnRows {
+    pub q: u64,
+    pub k: u64,
+    pub v: u64,
+    pub q_stride: usize,
+    pub kv_stride: usize,
 }
 
 /// A device with every kernel loaded.
@@ -518,22 +536,22 @@ impl Gpu {
         if x.len() < m * k || w.len() < n * k || y.len() < m * n {
             return Err(err(format!("linear: buffers too small for m {m}, k {k}, n {n}")));
         }
-        use cudarc::driver::{DevicePtr, DevicePtrMut};
-        let (pw, _gw) = w.device_ptr(&self.stream);
-        let (px, _gx) = x.device_ptr(&self.stream);
-        let (py, _gy) = y.device_ptr_mut(&self.stream);
-        let shape = LtShape { transa: true, transb: false, m: n as u64, n: m as u64, k: k as u64, lda: k as i64, ldb: k as i64, ldc: n as i64, align: [0; 3] };
-        // SAFETY: the buffer sizes were checked against the shapes above.
-        unsafe { self.blas.matmul(&self.stream, shape, pw, px, py, 1.0, 0.0) }.map_err(|e| err(format!("cuBLASLt matmul {m}x{k}x{n}: {e}")))
+        self.gemm(&x.slice(..), k, false, &w.slice(..), k, true, &mut y.slice_mut(..), n, m, n, k, 1.0, 0.0)
     }
 
     /// y[n] = x[k] W[n, k]^T with the hand-written GEMV (`kernels/gemv.cu`): one row, k a multiple of 8.
     pub fn gemv_dev(&self, x: &CudaSlice<f16>, w: &CudaSlice<f16>, y: &mut CudaSlice<f16>, k: usize, n: usize) -> Result<()> {
-        if !k.is_multiple_of(8) || x.len() < k || w.len() < n * k || y.len() < n {
-            return Err(err(format!("gemv: k {k} (a multiple of 8), n {n} or buffer sizes out of range")));
+        self.gemv_launch("gemv_m1_f16", x, k, w, y, k, n)
+    }
+
+    /// One of the `gemv.cu` kernels: x (`x_len` values) against W [n, k] into y [n], k a multiple of 8.
+    #[allow(clippy::too_many_arguments)]
+    fn gemv_launch(&self, kernel: &str, x: &CudaSlice<f16>, x_len: usize, w: &CudaSlice<f16>, y: &mut CudaSlice<f16>, k: usize, n: usize) -> Result<()> {
+        if !k.is_multiple_of(8) || x.len() < x_len || w.len() < n * k || y.len() < n {
+            return Err(err(format!("{kernel}: k {k} (a multiple of 8), n {n} or buffer sizes out of range")));
         }
         let (ki, ni) = (to_i32(k, "k")?, to_i32(n, "n")?);
-        let mut b = self.stream.launch_builder(self.f("gemv_m1_f16")?);
+        let mut b = self.stream.launch_builder(self.f(kernel)?);
         b.arg(y).arg(x).arg(w).arg(&ki).arg(&ni);
         unsafe { b.launch(LaunchConfig { grid_dim: (n.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
         Ok(())
@@ -552,14 +570,7 @@ impl Gpu {
     /// y[n] = (silu(gate) * up)[k] W[n, k]^T for one row, gu = [gate | up] (2k values): `gemv_swiglu_m1_f16`, the
     /// SwiGLU of a batch-1 decode step fused into the down projection. k a multiple of 8.
     pub fn gemv_swiglu_dev(&self, gu: &CudaSlice<f16>, w: &CudaSlice<f16>, y: &mut CudaSlice<f16>, k: usize, n: usize) -> Result<()> {
-        if !k.is_multiple_of(8) || gu.len() < 2 * k || w.len() < n * k || y.len() < n {
-            return Err(err(format!("gemv_swiglu: k {k} (a multiple of 8), n {n} or buffer sizes out of range")));
-        }
-        let (ki, ni) = (to_i32(k, "k")?, to_i32(n, "n")?);
-        let mut b = self.stream.launch_builder(self.f("gemv_swiglu_m1_f16")?);
-        b.arg(y).arg(gu).arg(w).arg(&ki).arg(&ni);
-        unsafe { b.launch(LaunchConfig { grid_dim: (n.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
-        Ok(())
+        self.gemv_launch("gemv_swiglu_m1_f16", gu, 2 * k, w, y, k, n)
     }
 
     /// `gemv_swiglu_dev` on host data: gu [2k] against W [n, k].
@@ -736,19 +747,27 @@ impl Gpu {
     /// `attention_prefill_lse_dev` with query rows `q_stride` elements apart (q inside a fused QKV buffer).
     #[allow(clippy::too_many_arguments)]
     pub fn attention_prefill_strided_dev(&self, out: &mut CudaSlice<f16>, lse: Option<&mut CudaSlice<f32>>, q: &CudaSlice<f16>, q_stride: usize, k: &CudaSlice<f16>, v: &CudaSlice<f16>, n_q: usize, n_k: usize, heads_q: usize, heads_kv: usize, head_dim: usize, causal: bool) -> Result<()> {
-        if lse.as_ref().is_some_and(|l| l.len() < n_q * heads_q) || n_k < n_q && causal {
-            return Err(err(format!("attention: lse buffer shorter than {n_q} x {heads_q}, or fewer keys ({n_k}) than queries")));
+        if n_k < n_q && causal {
+            return Err(err(format!("attention: fewer keys ({n_k}) than queries ({n_q})")));
         }
-        if head_dim > 128 || heads_kv == 0 || !heads_q.is_multiple_of(heads_kv) {
-            return Err(err(format!("attention: head_dim {head_dim} (at most 128), heads {heads_q}/{heads_kv} (a multiple)")));
+        let rows = AttnRows { q: self.dptr(q, 0), k: self.dptr(k, 0), v: self.dptr(v, 0), q_stride, kv_stride: heads_kv * head_dim };
+        self.attention_fwd_at(out, lse, rows, n_q, n_k, heads_q, heads_kv, head_dim, causal)
+    }
+
+    /// `flash_attn_prefill_f16` on operands given by address and row stride (`AttnRows`): out [n_q, heads_q, d]
+    /// and, when given, each row's log-sum-exp. The caller keeps the operands alive and large enough.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn attention_fwd_at(&self, out: &mut CudaSlice<f16>, lse: Option<&mut CudaSlice<f32>>, x: AttnRows, n_q: usize, n_k: usize, heads_q: usize, heads_kv: usize, head_dim: usize, causal: bool) -> Result<()> {
+        if head_dim > 128 || heads_kv == 0 || !heads_q.is_multiple_of(heads_kv) || out.len() < n_q * heads_q * head_dim || lse.as_ref().is_some_and(|l| l.len() < n_q * heads_q) {
+            return Err(err(format!("attention: head_dim {head_dim} (at most 128), heads {heads_q}/{heads_kv} (a multiple), {n_q} output and lse rows")));
         }
         let (nq, nk, hq, hk, d) = (to_i32(n_q, "n_q")?, to_i32(n_k, "n_k")?, to_i32(heads_q, "heads")?, to_i32(heads_kv, "heads")?, to_i32(head_dim, "head_dim")?);
-        let (qs, ks, os) = (to_i32(q_stride, "q stride")?, hk * d, hq * d);
+        let (qs, ks, os) = (to_i32(x.q_stride, "q stride")?, to_i32(x.kv_stride, "kv stride")?, hq * d);
         let scale = 1.0f32 / (head_dim as f32).sqrt();
         let c = i32::from(causal);
         let null = 0u64;
         let mut b = self.stream.launch_builder(self.f("flash_attn_prefill_f16")?);
-        b.arg(out).arg(q).arg(k).arg(v).arg(&nq).arg(&nk).arg(&hq).arg(&hk).arg(&d).arg(&qs).arg(&ks).arg(&os).arg(&scale).arg(&c);
+        b.arg(out).arg(&x.q).arg(&x.k).arg(&x.v).arg(&nq).arg(&nk).arg(&hq).arg(&hk).arg(&d).arg(&qs).arg(&ks).arg(&os).arg(&scale).arg(&c);
         match lse {
             Some(l) => b.arg(l),
             None => b.arg(&null),
@@ -803,10 +822,6 @@ impl Gpu {
         Ok(())
     }
 
-    /// Stores the keys and values of a fused QKV buffer (`rows` rows of `qkv_stride`: k at `k_off`, v at `v_off`,
-    /// `w` elements each) into caches `kc`/`vc`: with `lens`, row r is sequence r's newest token, stored at position
-    /// lens[r] - 1 of sequence r (sequences `seq_stride` apart); without, row r goes to position start + r.
-    #[allow(clippy::too_many_arguments)]
     /// RoPE on the q and k heads of a fused QKV buffer (rows of `qkv_stride`: q heads, k heads, v heads) and the
     /// store of k and v into the caches, in one kernel (`rope_kv_store_f16`): what `rope_strided_dev` over the q and
     /// k heads followed by `kv_store_dev` do, with the same destinations (`lens` per sequence, else `start`).
@@ -858,6 +873,10 @@ impl Gpu {
         Ok([fused, unfused])
     }
 
+    /// Stores the keys and values of a fused QKV buffer (`rows` rows of `qkv_stride`: k at `k_off`, v at `v_off`,
+    /// `w` elements each) into caches `kc`/`vc`: with `lens`, row r is sequence r's newest token, stored at position
+    /// lens[r] - 1 of sequence r (sequences `seq_stride` apart); without, row r goes to position start + r.
+    #[allow(clippy::too_many_arguments)]
     pub fn kv_store_dev(&self, kc: &mut CudaSlice<f16>, vc: &mut CudaSlice<f16>, qkv: &CudaSlice<f16>, rows: usize, w: usize, qkv_stride: usize, k_off: usize, v_off: usize, seq_stride: usize, lens: Option<&CudaSlice<i32>>, start: usize) -> Result<()> {
         let need = match lens {
             Some(_) => rows * seq_stride.max(w),
@@ -1135,22 +1154,36 @@ impl Gpu {
     /// summed over each group's query heads).
     #[allow(clippy::too_many_arguments)]
     pub fn attention_bwd_dev(&self, dq: &mut CudaSlice<f16>, dk: &mut CudaSlice<f16>, dv: &mut CudaSlice<f16>, q: &CudaSlice<f16>, k: &CudaSlice<f16>, v: &CudaSlice<f16>, out: &CudaSlice<f16>, lse: &CudaSlice<f32>, dout: &CudaSlice<f16>, n_q: usize, n_k: usize, heads_q: usize, heads_kv: usize, head_dim: usize, causal: bool) -> Result<()> {
-        if head_dim > 128 || heads_kv == 0 || !heads_q.is_multiple_of(heads_kv) || (causal && n_k < n_q) {
+        let (qs, ks) = (heads_q * head_dim, heads_kv * head_dim);
+        let grads = AttnRows { q: self.dptr(dq, 0), k: self.dptr(dk, 0), v: self.dptr(dv, 0), q_stride: qs, kv_stride: ks };
+        let rows = AttnRows { q: self.dptr(q, 0), k: self.dptr(k, 0), v: self.dptr(v, 0), q_stride: qs, kv_stride: ks };
+        self.attention_bwd_at(grads, rows, out, lse, dout, n_q, n_k, heads_q, heads_kv, head_dim, causal)
+    }
+
+    /// The attention backward kernels on operands given by address and row stride: dq, dk, dv into `grads` (same
+    /// strides as `x`), from the forward's output `out`, its log-sum-exp and dout ([n_q, heads_q, d] rows). The
+    /// caller keeps the operands alive and large enough.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn attention_bwd_at(&self, grads: AttnRows, x: AttnRows, out: &CudaSlice<f16>, lse: &CudaSlice<f32>, dout: &CudaSlice<f16>, n_q: usize, n_k: usize, heads_q: usize, heads_kv: usize, head_dim: usize, causal: bool) -> Result<()> {
+        if head_dim > 128 || heads_kv == 0 || !heads_q.is_multiple_of(heads_kv) || (causal && n_k < n_q) || grads.q_stride != x.q_stride || grads.kv_stride != x.kv_stride {
             return Err(err(format!("attention backward: head_dim {head_dim} (at most 128), heads {heads_q}/{heads_kv} (a multiple), {n_q} queries over {n_k} keys")));
         }
+        if out.len() < n_q * heads_q * head_dim || dout.len() < n_q * heads_q * head_dim || lse.len() < n_q * heads_q {
+            return Err(err(format!("attention backward: output, its gradient or lse shorter than {n_q} rows")));
+        }
         let (nq, nk, hq, hk, d) = (to_i32(n_q, "n_q")?, to_i32(n_k, "n_k")?, to_i32(heads_q, "heads")?, to_i32(heads_kv, "heads")?, to_i32(head_dim, "head_dim")?);
-        let (qs, ks) = (hq * d, hk * d);
+        let (qs, ks, os) = (to_i32(x.q_stride, "q stride")?, to_i32(x.kv_stride, "kv stride")?, hq * d);
         let scale = 1.0f32 / (head_dim as f32).sqrt();
         let c = i32::from(causal);
         let mut delta = self.stream.alloc_zeros::<f32>(n_q * heads_q).map_err(derr)?;
         let mut b = self.stream.launch_builder(self.f("attn_bwd_delta_f16")?);
-        b.arg(&mut delta).arg(dout).arg(out).arg(&hq).arg(&d).arg(&qs);
+        b.arg(&mut delta).arg(dout).arg(out).arg(&hq).arg(&d).arg(&os);
         unsafe { b.launch(LaunchConfig { grid_dim: (n_q as u32, heads_q as u32, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
         let mut b = self.stream.launch_builder(self.f("flash_attn_bwd_dq_f16")?);
-        b.arg(dq).arg(q).arg(k).arg(v).arg(dout).arg(lse).arg(&delta).arg(&nq).arg(&nk).arg(&hq).arg(&hk).arg(&d).arg(&qs).arg(&ks).arg(&qs).arg(&scale).arg(&c);
+        b.arg(&grads.q).arg(&x.q).arg(&x.k).arg(&x.v).arg(dout).arg(lse).arg(&delta).arg(&nq).arg(&nk).arg(&hq).arg(&hk).arg(&d).arg(&qs).arg(&ks).arg(&os).arg(&scale).arg(&c);
         unsafe { b.launch(LaunchConfig { grid_dim: (n_q.div_ceil(16) as u32, heads_q as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
         let mut b = self.stream.launch_builder(self.f("flash_attn_bwd_dkdv_f16")?);
-        b.arg(dk).arg(dv).arg(q).arg(k).arg(v).arg(dout).arg(lse).arg(&delta).arg(&nq).arg(&nk).arg(&hq).arg(&hk).arg(&d).arg(&qs).arg(&ks).arg(&qs).arg(&scale).arg(&c);
+        b.arg(&grads.k).arg(&grads.v).arg(&x.q).arg(&x.k).arg(&x.v).arg(dout).arg(lse).arg(&delta).arg(&nq).arg(&nk).arg(&hq).arg(&hk).arg(&d).arg(&qs).arg(&ks).arg(&os).arg(&scale).arg(&c);
         unsafe { b.launch(LaunchConfig { grid_dim: (n_k.div_ceil(16) as u32, heads_kv as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
         Ok(())
     }

@@ -1,8 +1,8 @@
 //! The LLaMA decoder on the GPU (CUDA, first part): weights uploaded once as fp16 (q/k/v and gate/up fused into
 //! one matrix each, so a layer is four GEMMs), a KV cache on the device, every op one of `kernels/*.cu` or a GEMM
 //! (the hand-written GEMV for one row, cuBLASLt otherwise), fp32 accumulation throughout. Text tokens
-//! or decoder input rows computed on the host (`Input::Embeds`: a LLaVA prompt with its image features spliced
-//! in by the CPU vision tower), optionally with a LoRA adapter applied unmerged (`GpuLora::for_inference`: two
+//! or decoder input rows made on the host (`Input::Embeds`: a LLaVA prompt's text embeddings with its image
+//! features spliced in), optionally with a LoRA adapter applied unmerged (`GpuLora::for_inference`: two
 //! small GEMMs beside each projection). No attention/MLP biases.
 //!
 //! Decoding n answers to one prompt ([`DecodeSession`]): the prompt is prefilled once into a shared prefix cache;
@@ -17,6 +17,7 @@ use crate::config::LlamaConfig;
 use crate::cuda::{derr, err, Gpu};
 use crate::cuda_train::GpuLora;
 use crate::error::Result;
+use crate::generate::{Answer, FinishReason, GenerateStats};
 use crate::ops::Rope;
 use crate::weights::WeightStore;
 use cudarc::driver::{CudaGraph, CudaSlice};
@@ -294,18 +295,22 @@ impl GpuLlama {
                     a.lora_fwd(gpu, li, j, &s.h, &mut s.lt, &mut s.qkv, off, nqkv, rows)?;
                 }
             }
+            // RoPE on q and k, and k and v into this layer's cache: the prefill cache at `start`, or each decoding
+            // sequence's suffix cache at its length.
             let fuse = gpu.fuse.load(std::sync::atomic::Ordering::Relaxed);
-            if !fuse {
+            let (kc, vc, seq_stride, lens, start) = match mode {
+                Attend::Prefill { cache, start } => (&mut cache.k[li], &mut cache.v[li], 0, None, *start),
+                Attend::Decode { suffix, .. } => (&mut suffix.k[li], &mut suffix.v[li], suffix.capacity * w, Some(&suffix.lens), 0),
+            };
+            if fuse {
+                gpu.rope_kv_store_dev(&mut s.qkv, kc, vc, &s.pos, &self.cos, &self.sin, rows, h, kvh, hd, nqkv, seq_stride, lens, start)?;
+            } else {
                 gpu.rope_strided_dev(&mut s.qkv, &s.pos, &self.cos, &self.sin, rows, h + kvh, hd, nqkv)?;
+                gpu.kv_store_dev(kc, vc, &s.qkv, rows, w, nqkv, h * hd, (h + kvh) * hd, seq_stride, lens, start)?;
             }
             match mode {
                 Attend::Prefill { cache, start } => {
                     let start = *start;
-                    if fuse {
-                        gpu.rope_kv_store_dev(&mut s.qkv, &mut cache.k[li], &mut cache.v[li], &s.pos, &self.cos, &self.sin, rows, h, kvh, hd, nqkv, 0, None, start)?;
-                    } else {
-                        gpu.kv_store_dev(&mut cache.k[li], &mut cache.v[li], &s.qkv, rows, w, nqkv, h * hd, (h + kvh) * hd, 0, None, start)?;
-                    }
                     if rows == 1 {
                         // One new token: flash-decoding over the cache (the prefill kernel would give the GPU one
                         // block per head); the cache is the "prefix", with an empty suffix.
@@ -315,13 +320,7 @@ impl GpuLlama {
                     }
                 }
                 Attend::Decode { prefix, suffix } => {
-                    let seq_stride = suffix.capacity * w;
-                    if fuse {
-                        gpu.rope_kv_store_dev(&mut s.qkv, &mut suffix.k[li], &mut suffix.v[li], &s.pos, &self.cos, &self.sin, rows, h, kvh, hd, nqkv, seq_stride, Some(&suffix.lens), 0)?;
-                    } else {
-                        gpu.kv_store_dev(&mut suffix.k[li], &mut suffix.v[li], &s.qkv, rows, w, nqkv, h * hd, (h + kvh) * hd, seq_stride, Some(&suffix.lens), 0)?;
-                    }
-                    gpu.attention_decode_dev(&mut s.att, &s.qkv, nqkv, &prefix.k[li], &prefix.v[li], prefix.len, &suffix.k[li], &suffix.v[li], &suffix.lens, seq_stride, rows, prefix.len + suffix.capacity, h, kvh, hd, &mut s.part)?;
+                    gpu.attention_decode_dev(&mut s.att, &s.qkv, nqkv, &prefix.k[li], &prefix.v[li], prefix.len, &suffix.k[li], &suffix.v[li], &suffix.lens, suffix.capacity * w, rows, prefix.len + suffix.capacity, h, kvh, hd, &mut s.part)?;
                 }
             }
             gpu.matmul_dev(&s.att, &l.o, &mut s.tmp, rows, h * hd, c)?;
@@ -481,44 +480,70 @@ impl GpuLlama {
         gpu.download_f16(&scratch.logits)
     }
 
-    /// n answers to one prompt: the prompt is prefilled once, then the n sequences decode together against that
-    /// shared prefix (`DecodeSession`), each sampled on the host with its own seed (`crate::sampling`, as on the CPU
-    /// backend). Stops a sequence at a token of `stop_ids`; returns each sequence's new tokens.
+    /// n answers to one prompt (ids only; see `sample_answers`): each answer's tokens, a stop token excluded.
     pub fn generate_n(&self, gpu: &Gpu, prompt: &[u32], seeds: &[u64], params: &crate::sampling::SamplingParams, stop_ids: &[u32]) -> Result<Vec<Vec<u32>>> {
+        Ok(self.sample_answers(gpu, Input::Ids(prompt), prompt, seeds, params, stop_ids, None)?.0.into_iter().map(|a| a.tokens).collect())
+    }
+
+    /// n answers to one prompt under `lora`: the prompt is prefilled once, then the n sequences decode together
+    /// against that shared prefix (`DecodeSession`), each drawn on the host with its own seed
+    /// (`sampling::sample_fast`, the n rows in parallel; the repetition penalty sees `prompt_ids` and the answer).
+    /// An answer ends at a token of `stop` (not recorded: `FinishReason::Stop`) or at `max_new_tokens`, as on the
+    /// CPU backend. Returns the answers and where the time went (the prefill timed from the call).
+    #[allow(clippy::too_many_arguments)]
+    pub fn sample_answers(&self, gpu: &Gpu, prompt: Input, prompt_ids: &[u32], seeds: &[u64], params: &crate::sampling::SamplingParams, stop: &[u32], lora: Option<&GpuLora>) -> Result<(Vec<Answer>, GenerateStats)> {
         use rayon::prelude::*;
+        let t0 = std::time::Instant::now();
+        let mut stats = GenerateStats::default();
         let n = seeds.len();
-        let vocab = self.cfg.vocab_size;
         let max_new = params.max_new_tokens;
+        let mut answers: Vec<Answer> = seeds.iter().map(|&seed| Answer { seed, tokens: Vec::new(), finish: FinishReason::Length }).collect();
         if n == 0 || max_new == 0 {
-            return Ok(vec![Vec::new(); n]);
+            return Ok((answers, stats));
         }
-        let (mut sess, first) = self.start_decode(gpu, prompt, n, max_new)?;
+        stats.prompt_positions = self.input_rows(prompt)?;
+        let (mut sess, first) = self.start_decode_input(gpu, prompt, n, max_new, lora)?;
+        stats.prefill_s = t0.elapsed().as_secs_f64();
+        let t1 = std::time::Instant::now();
+        let v = self.cfg.vocab_size;
         let mut rngs: Vec<crate::rng::SplitMix64> = seeds.iter().map(|&s| crate::rng::SplitMix64::new(s)).collect();
-        let mut out: Vec<Vec<u32>> = vec![Vec::new(); n];
-        let mut done = vec![false; n];
-        // Sampling sorts the vocabulary per row: the n rows are sampled in parallel so the host keeps up.
-        let mut step: Vec<u32> = rngs.par_iter_mut().map(|rng| crate::sampling::sample_fast(&mut first.clone(), prompt, params, rng)).collect();
+        let mut seen: Vec<Vec<u32>> = vec![prompt_ids.to_vec(); n];
+        let mut next: Vec<u32> = rngs.par_iter_mut().zip(seen.par_iter()).map(|(rng, s)| crate::sampling::sample_fast(&mut first.clone(), s, params, rng)).collect();
+        let mut active = vec![true; n];
         loop {
-            for b in 0..n {
-                if !done[b] {
-                    out[b].push(step[b]);
-                    done[b] = stop_ids.contains(&step[b]) || out[b].len() >= max_new;
+            for i in 0..n {
+                if !active[i] {
+                    continue;
+                }
+                let tok = next[i];
+                if stop.contains(&tok) {
+                    answers[i].finish = FinishReason::Stop;
+                    active[i] = false;
+                    continue;
+                }
+                answers[i].tokens.push(tok);
+                seen[i].push(tok);
+                if answers[i].tokens.len() >= max_new {
+                    active[i] = false;
                 }
             }
-            if done.iter().all(|&d| d) {
+            let live = active.iter().filter(|&&a| a).count();
+            if live == 0 {
                 break;
             }
-            let mut logits = self.decode_step(gpu, &mut sess, &step)?;
-            // A finished sequence keeps feeding its last token; its rows are ignored.
-            step.par_iter_mut().zip(rngs.par_iter_mut()).zip(logits.par_chunks_mut(vocab)).zip(out.par_iter()).zip(done.par_iter()).for_each(|((((t, rng), row), answer), &fin)| {
-                if !fin {
-                    let mut seen = prompt.to_vec();
-                    seen.extend_from_slice(answer);
-                    *t = crate::sampling::sample_fast(row, &seen, params, rng);
+            stats.decode_steps += 1;
+            stats.decode_tokens += live;
+            // Every sequence steps (the batch shape stays fixed for the captured graph): each feeds its newest draw
+            // (a finished one its stop token or last token, a valid id either way) and a finished row is ignored.
+            let mut logits = self.decode_step_lora(gpu, &mut sess, &next, lora)?;
+            next.par_iter_mut().zip(rngs.par_iter_mut()).zip(logits.par_chunks_mut(v)).zip(seen.par_iter()).zip(active.par_iter()).for_each(|((((t, rng), row), s), &live)| {
+                if live {
+                    *t = crate::sampling::sample_fast(row, s, params, rng);
                 }
             });
         }
-        Ok(out)
+        stats.decode_s = t1.elapsed().as_secs_f64();
+        Ok((answers, stats))
     }
 }
 

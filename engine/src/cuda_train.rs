@@ -10,7 +10,7 @@
 
 use crate::adapter::Adapter;
 use crate::config::LlamaConfig;
-use crate::cuda::{derr, err, to_i32, AdamW, Gpu, LossScaler};
+use crate::cuda::{derr, err, to_i32, AdamW, AttnRows, Gpu, LossScaler};
 use crate::cuda_llama::{GpuLlama, Input};
 use crate::error::Result;
 use crate::train::dpo::{pair_loss, DpoConfig, PairLogps};
@@ -301,43 +301,18 @@ impl GpuLora {
     /// `answer_start..` are the answer tokens `answer`.
     fn forward_seq(&self, gpu: &Gpu, model: &GpuLlama, seq: Input, answer: &[u32], answer_start: usize) -> Result<SeqTape> {
         let cfg = &model.cfg;
-        let rows = match seq {
-            Input::Ids(ids) => ids.len(),
-            Input::Embeds(x) if x.len().is_multiple_of(cfg.hidden_size) => x.len() / cfg.hidden_size,
-            Input::Embeds(x) => return Err(err(format!("training input of {} values is not a whole number of rows of {}", x.len(), cfg.hidden_size))),
-        };
+        // The answer's labels are checked here; the input (ids or rows) by `input_rows`.
+        check_labels(cfg, answer)?;
+        let (mut x, rows) = self.input_rows(gpu, model, seq)?;
         if answer_start == 0 || answer_start >= rows || rows > model.max_positions || answer.len() != rows - answer_start {
             return Err(err(format!("training sequence of {rows} positions with {} answer tokens from {answer_start} (needs a prompt, an answer and at most {} positions)", answer.len(), model.max_positions)));
         }
-        let ids: &[u32] = match seq {
-            Input::Ids(ids) => ids,
-            Input::Embeds(_) => answer,
-        };
-        if let Some((at, t)) = ids.iter().enumerate().find(|(_, &t)| t as usize >= cfg.vocab_size) {
-            return Err(err(format!("token id {t} at position {at} is outside the vocabulary of {}", cfg.vocab_size)));
-        }
-        let (c, vocab) = (cfg.hidden_size, cfg.vocab_size);
+        let c = cfg.hidden_size;
         let eps = cfg.rms_norm_eps as f32;
         let s = &gpu.stream;
         let a = |n: usize| s.alloc_zeros::<f16>(n).map_err(derr);
         let pos: Vec<i32> = (0..rows as i32).collect();
         let dpos = s.clone_htod(&pos).map_err(derr)?;
-        let mut x = match seq {
-            Input::Ids(ids) => {
-                let ids32: Vec<i32> = ids.iter().map(|&t| t as i32).collect();
-                let dids = s.clone_htod(&ids32).map_err(derr)?;
-                let mut flag = s.alloc_zeros::<i32>(1).map_err(derr)?;
-                let mut x = a(rows * c)?;
-                gpu.embedding_ids_dev(&mut x, &model.embed, c, &dids, rows, &mut flag)?;
-                x
-            }
-            Input::Embeds(e) => {
-                if let Some(at) = e.iter().position(|v| !v.is_finite()) {
-                    return Err(err(format!("training input value {at} is {}", e[at])));
-                }
-                gpu.upload_f16(e)?
-            }
-        };
         let mut layers = Vec::with_capacity(model.layers.len());
         let mut inputs = Vec::new();
         for li in 0..model.layers.len() {
@@ -351,22 +326,7 @@ impl GpuLora {
         }
         let mut hf = a(rows * c)?;
         gpu.rmsnorm_dev(&mut hf, &x, &model.norm, rows, eps)?;
-        let n_ans = rows - answer_start;
-        let labels = s.clone_htod(&answer.iter().map(|&t| t as i32).collect::<Vec<i32>>()).map_err(derr)?;
-        let logp = s.alloc_zeros::<f32>(n_ans).map_err(derr)?;
-        let lse = s.alloc_zeros::<f32>(n_ans).map_err(derr)?;
-        let mut logits = a(LOGIT_BLOCK.min(n_ans) * vocab)?;
-        let v32 = to_i32(vocab, "vocab")?;
-        for b0 in (0..n_ans).step_by(LOGIT_BLOCK) {
-            let nb = LOGIT_BLOCK.min(n_ans - b0);
-            let first = (answer_start - 1 + b0) * c;
-            gpu.gemm(&hf.slice(first..), c, false, &model.head().slice(..), c, true, &mut logits.slice_mut(..), vocab, nb, vocab, c, 1.0, 0.0)?;
-            let (po, lo, yo) = (gpu.dptr(&logp, b0), gpu.dptr(&lse, b0), gpu.dptr(&labels, b0));
-            let mut b = s.launch_builder(gpu.f("logprob_gather_f16")?);
-            b.arg(&po).arg(&lo).arg(&logits).arg(&yo).arg(&v32);
-            unsafe { b.launch(LaunchConfig { grid_dim: (nb as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
-        }
-        let logp_sum = s.clone_dtoh(&logp).map_err(derr)?.iter().map(|&v| v as f64).sum();
+        let (labels, lse, logp_sum) = head_forward(gpu, model, &hf, answer_start - 1, answer)?;
         Ok(SeqTape { rows, answer_start, layers, inputs, pos: dpos, x_final: x, hf, labels, lse, logp_sum })
     }
 
@@ -428,14 +388,12 @@ impl GpuLora {
     /// tokens (the first predicted by the prompt's last row, each later one by the answer row before it).
     fn forward_answer(&self, gpu: &Gpu, model: &GpuLlama, prompt: &ChunkTape, seq: Input, answer: &[u32]) -> Result<AnswerTape> {
         let cfg = &model.cfg;
-        let (c, vocab) = (cfg.hidden_size, cfg.vocab_size);
+        let c = cfg.hidden_size;
         let (mut x, rows) = self.input_rows(gpu, model, seq)?;
         if rows == 0 || rows != answer.len() || prompt.rows + rows > model.max_positions {
             return Err(err(format!("an answer of {rows} rows for {} tokens after a {}-position prompt (at most {} positions)", answer.len(), prompt.rows, model.max_positions)));
         }
-        if let Some((at, t)) = answer.iter().enumerate().find(|(_, &t)| t as usize >= vocab) {
-            return Err(err(format!("answer token {t} at {at} is outside the vocabulary of {vocab}")));
-        }
+        check_labels(cfg, answer)?;
         let chunk = self.forward_chunk(gpu, model, &mut x, rows, prompt.rows, Some(prompt))?;
         let s = &gpu.stream;
         let a = |n: usize| s.alloc_zeros::<f16>(n).map_err(derr);
@@ -445,20 +403,7 @@ impl GpuLora {
         if rows > 1 {
             s.memcpy_dtod(&chunk.hf.slice(..(rows - 1) * c), &mut pred.slice_mut(c..)).map_err(derr)?;
         }
-        let labels = s.clone_htod(&answer.iter().map(|&t| t as i32).collect::<Vec<i32>>()).map_err(derr)?;
-        let logp = s.alloc_zeros::<f32>(rows).map_err(derr)?;
-        let lse = s.alloc_zeros::<f32>(rows).map_err(derr)?;
-        let mut logits = a(LOGIT_BLOCK.min(rows) * vocab)?;
-        let v32 = to_i32(vocab, "vocab")?;
-        for b0 in (0..rows).step_by(LOGIT_BLOCK) {
-            let nb = LOGIT_BLOCK.min(rows - b0);
-            gpu.gemm(&pred.slice(b0 * c..), c, false, &model.head().slice(..), c, true, &mut logits.slice_mut(..), vocab, nb, vocab, c, 1.0, 0.0)?;
-            let (po, lo, yo) = (gpu.dptr(&logp, b0), gpu.dptr(&lse, b0), gpu.dptr(&labels, b0));
-            let mut b = s.launch_builder(gpu.f("logprob_gather_f16")?);
-            b.arg(&po).arg(&lo).arg(&logits).arg(&yo).arg(&v32);
-            unsafe { b.launch(LaunchConfig { grid_dim: (nb as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
-        }
-        let logp_sum = s.clone_dtoh(&logp).map_err(derr)?.iter().map(|&v| v as f64).sum();
+        let (labels, lse, logp_sum) = head_forward(gpu, model, &pred, 0, answer)?;
         Ok(AnswerTape { chunk, pred, labels, lse, logp_sum })
     }
 
@@ -468,29 +413,18 @@ impl GpuLora {
     /// added into the accumulators. The same gradients as two whole sequences, from one pass over the prompt.
     fn backward_shared(&mut self, gpu: &Gpu, model: &GpuLlama, prompt: &ChunkTape, answers: [(&AnswerTape, f32); 2]) -> Result<()> {
         let cfg = &model.cfg;
-        let (c, h, kvh, hd, vocab) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.vocab_size);
+        let (c, h, kvh, hd) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
         let nqkv = (h + 2 * kvh) * hd;
         let eps = cfg.rms_norm_eps as f32;
         let s = gpu.stream.clone();
         let a = |n: usize| s.alloc_zeros::<f16>(n).map_err(derr);
         let p = prompt.rows;
-        let v32 = to_i32(vocab, "vocab")?;
         let mut dlast = a(c)?;
         let mut dxs = Vec::with_capacity(2);
         for (at, dlogp) in answers {
             let rows = at.chunk.rows;
-            let dl = s.clone_htod(&vec![dlogp; rows]).map_err(derr)?;
             let mut dpred = a(rows * c)?;
-            let mut logits = a(LOGIT_BLOCK.min(rows) * vocab)?;
-            for b0 in (0..rows).step_by(LOGIT_BLOCK) {
-                let nb = LOGIT_BLOCK.min(rows - b0);
-                gpu.gemm(&at.pred.slice(b0 * c..), c, false, &model.head().slice(..), c, true, &mut logits.slice_mut(..), vocab, nb, vocab, c, 1.0, 0.0)?;
-                let (lo, yo, wo) = (gpu.dptr(&at.lse, b0), gpu.dptr(&at.labels, b0), gpu.dptr(&dl, b0));
-                let mut b = s.launch_builder(gpu.f("logprob_bwd_f16")?);
-                b.arg(&mut logits).arg(&lo).arg(&yo).arg(&wo).arg(&v32);
-                unsafe { b.launch(LaunchConfig { grid_dim: (nb as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
-                gpu.gemm(&logits.slice(..), vocab, false, &model.head().slice(..), c, false, &mut dpred.slice_mut(b0 * c..), c, nb, c, vocab, 1.0, 0.0)?;
-            }
+            head_backward(gpu, model, &at.pred, 0, &at.labels, &at.lse, dlogp, &mut dpred)?;
             // Row 0 predicted from the prompt's last row; row i > 0 from answer row i - 1 (the last answer row
             // predicts nothing).
             let mut first = a(c)?;
@@ -602,30 +536,17 @@ impl GpuLora {
     fn backward(&mut self, gpu: &Gpu, model: &GpuLlama, tape: &SeqTape, dlogp: f32) -> Result<()> {
         let cfg = &model.cfg;
         let rows = tape.rows;
-        let (c, vocab) = (cfg.hidden_size, cfg.vocab_size);
+        let c = cfg.hidden_size;
         let eps = cfg.rms_norm_eps as f32;
         let s = gpu.stream.clone();
         let a = |n: usize| s.alloc_zeros::<f16>(n).map_err(derr);
         // The head, one block of answer rows at a time: recompute the logits, turn them into their gradient in
         // place, and multiply back into the hidden rows.
-        let n_ans = rows - tape.answer_start;
-        let dl = s.clone_htod(&vec![dlogp; n_ans]).map_err(derr)?;
         let mut dhf = a(rows * c)?;
-        let mut logits = a(LOGIT_BLOCK.min(n_ans) * vocab)?;
-        let v32 = to_i32(vocab, "vocab")?;
-        for b0 in (0..n_ans).step_by(LOGIT_BLOCK) {
-            let nb = LOGIT_BLOCK.min(n_ans - b0);
-            let first = (tape.answer_start - 1 + b0) * c;
-            gpu.gemm(&tape.hf.slice(first..), c, false, &model.head().slice(..), c, true, &mut logits.slice_mut(..), vocab, nb, vocab, c, 1.0, 0.0)?;
-            let (lo, yo, wo) = (gpu.dptr(&tape.lse, b0), gpu.dptr(&tape.labels, b0), gpu.dptr(&dl, b0));
-            let mut b = s.launch_builder(gpu.f("logprob_bwd_f16")?);
-            b.arg(&mut logits).arg(&lo).arg(&yo).arg(&wo).arg(&v32);
-            unsafe { b.launch(LaunchConfig { grid_dim: (nb as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
-            gpu.gemm(&logits.slice(..), vocab, false, &model.head().slice(..), c, false, &mut dhf.slice_mut(first..), c, nb, c, vocab, 1.0, 0.0)?;
-        }
+        head_backward(gpu, model, &tape.hf, tape.answer_start - 1, &tape.labels, &tape.lse, dlogp, &mut dhf)?;
         let mut dx = a(rows * c)?;
         gpu.rmsnorm_bwd_dev(&mut dx, None, &dhf, &tape.x_final, &model.norm, rows, eps)?;
-        drop((dhf, logits));
+        drop(dhf);
         for li in (0..model.layers.len()).rev() {
             let recomputed;
             let lt = match tape.layers.get(li) {
@@ -741,12 +662,11 @@ impl GpuLora {
         if chosen.is_empty() || rejected.is_empty() {
             return Err(err("chosen and rejected answers must not be empty"));
         }
-        let seq = |a: &[u32]| [prompt, a].concat();
-        let (sc, sr) = (seq(chosen), seq(rejected));
         let scale = self.scaler.scale;
         let (loss, logps) = if self.share_prompt && !self.recompute {
             self.dpo_pair_shared(gpu, model, Input::Ids(prompt), (Input::Ids(chosen), chosen), (Input::Ids(rejected), rejected), refs, cfg, 1.0)?
         } else {
+            let (sc, sr) = ([prompt, chosen].concat(), [prompt, rejected].concat());
             self.dpo_pair(gpu, model, (Input::Ids(&sc), chosen, prompt.len()), (Input::Ids(&sr), rejected, prompt.len()), refs, cfg, 1.0)?
         };
         let grad_norm = match opt {
@@ -844,6 +764,62 @@ pub fn inference_rank(cfg: &LlamaConfig, adapter: &Adapter) -> Result<(usize, f3
     rank.map(|(r, s, _)| (r, s)).ok_or_else(|| err("the adapter has no LoRA module in the decoder"))
 }
 
+/// An answer's tokens must be ids of the vocabulary (they index the logits).
+fn check_labels(cfg: &LlamaConfig, answer: &[u32]) -> Result<()> {
+    match answer.iter().enumerate().find(|(_, &t)| t as usize >= cfg.vocab_size) {
+        Some((at, t)) => Err(err(format!("answer token {t} at {at} is outside the vocabulary of {}", cfg.vocab_size))),
+        None => Ok(()),
+    }
+}
+
+/// The log-probs of `answer` under the head: rows `first..` of the final-norm output `hf` each predict the next
+/// answer token, one block of rows at a time (the softmax over the vocabulary never exists for more rows). Returns
+/// the labels and each row's log-sum-exp on the device (for `head_backward`) and the summed log-prob.
+fn head_forward(gpu: &Gpu, model: &GpuLlama, hf: &CudaSlice<f16>, first: usize, answer: &[u32]) -> Result<(CudaSlice<i32>, CudaSlice<f32>, f64)> {
+    let (c, vocab) = (model.cfg.hidden_size, model.cfg.vocab_size);
+    let n = answer.len();
+    let s = &gpu.stream;
+    let labels = s.clone_htod(&answer.iter().map(|&t| t as i32).collect::<Vec<i32>>()).map_err(derr)?;
+    let logp = s.alloc_zeros::<f32>(n).map_err(derr)?;
+    let lse = s.alloc_zeros::<f32>(n).map_err(derr)?;
+    let mut logits = s.alloc_zeros::<f16>(LOGIT_BLOCK.min(n) * vocab).map_err(derr)?;
+    let v32 = to_i32(vocab, "vocab")?;
+    for b0 in (0..n).step_by(LOGIT_BLOCK) {
+        let nb = LOGIT_BLOCK.min(n - b0);
+        gpu.gemm(&hf.slice((first + b0) * c..), c, false, &model.head().slice(..), c, true, &mut logits.slice_mut(..), vocab, nb, vocab, c, 1.0, 0.0)?;
+        let (po, lo, yo) = (gpu.dptr(&logp, b0), gpu.dptr(&lse, b0), gpu.dptr(&labels, b0));
+        let mut b = s.launch_builder(gpu.f("logprob_gather_f16")?);
+        b.arg(&po).arg(&lo).arg(&logits).arg(&yo).arg(&v32);
+        unsafe { b.launch(LaunchConfig { grid_dim: (nb as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+    }
+    let logp_sum = s.clone_dtoh(&logp).map_err(derr)?.iter().map(|&v| v as f64).sum();
+    Ok((labels, lse, logp_sum))
+}
+
+/// Backward of `head_forward` for a loss whose derivative with respect to each token's log-prob is `dlogp`: the
+/// logits recomputed a block at a time, turned into their gradient in place, and multiplied back into rows
+/// `first..` of `dhf` (assigned).
+#[allow(clippy::too_many_arguments)]
+fn head_backward(gpu: &Gpu, model: &GpuLlama, hf: &CudaSlice<f16>, first: usize, labels: &CudaSlice<i32>, lse: &CudaSlice<f32>, dlogp: f32, dhf: &mut CudaSlice<f16>) -> Result<()> {
+    let (c, vocab) = (model.cfg.hidden_size, model.cfg.vocab_size);
+    let n = labels.len();
+    let s = &gpu.stream;
+    let dl = s.clone_htod(&vec![dlogp; n]).map_err(derr)?;
+    let mut logits = s.alloc_zeros::<f16>(LOGIT_BLOCK.min(n) * vocab).map_err(derr)?;
+    let v32 = to_i32(vocab, "vocab")?;
+    for b0 in (0..n).step_by(LOGIT_BLOCK) {
+        let nb = LOGIT_BLOCK.min(n - b0);
+        let row = (first + b0) * c;
+        gpu.gemm(&hf.slice(row..), c, false, &model.head().slice(..), c, true, &mut logits.slice_mut(..), vocab, nb, vocab, c, 1.0, 0.0)?;
+        let (lo, yo, wo) = (gpu.dptr(lse, b0), gpu.dptr(labels, b0), gpu.dptr(&dl, b0));
+        let mut b = s.launch_builder(gpu.f("logprob_bwd_f16")?);
+        b.arg(&mut logits).arg(&lo).arg(&yo).arg(&wo).arg(&v32);
+        unsafe { b.launch(LaunchConfig { grid_dim: (nb as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+        gpu.gemm(&logits.slice(..), vocab, false, &model.head().slice(..), c, false, &mut dhf.slice_mut(row..), c, nb, c, vocab, 1.0, 0.0)?;
+    }
+    Ok(())
+}
+
 /// Causal attention of a fused QKV buffer (after RoPE) into `att`, saving each row's log-sum-exp.
 fn attention_fwd(gpu: &Gpu, cfg: &LlamaConfig, qkv: &CudaSlice<f16>, att: &mut CudaSlice<f16>, lse: &mut CudaSlice<f32>, rows: usize) -> Result<()> {
     attention_fwd_at(gpu, cfg, qkv, 0, rows, rows, att, lse)
@@ -855,17 +831,17 @@ fn attention_fwd(gpu: &Gpu, cfg: &LlamaConfig, qkv: &CudaSlice<f16>, att: &mut C
 fn attention_fwd_at(gpu: &Gpu, cfg: &LlamaConfig, qkv: &CudaSlice<f16>, q_row: usize, n_q: usize, n_k: usize, att: &mut CudaSlice<f16>, lse: &mut CudaSlice<f32>) -> Result<()> {
     let (h, kvh, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
     let nqkv = (h + 2 * kvh) * hd;
-    if qkv.len() < n_k * nqkv || q_row + n_q > n_k || att.len() < n_q * h * hd || lse.len() < n_q * h {
+    if qkv.len() < n_k * nqkv || q_row + n_q > n_k {
         return Err(err(format!("attention: {n_q} queries from row {q_row} over {n_k} keys exceed the buffers")));
     }
-    let (q, k, v) = (gpu.dptr(qkv, q_row * nqkv), gpu.dptr(qkv, h * hd), gpu.dptr(qkv, (h + kvh) * hd));
-    let (nq, nk, hq, hk, d) = (to_i32(n_q, "rows")?, to_i32(n_k, "rows")?, to_i32(h, "heads")?, to_i32(kvh, "heads")?, to_i32(hd, "head_dim")?);
-    let (st, os) = (to_i32(nqkv, "stride")?, hq * d);
-    let (scale, causal) = (1.0f32 / (hd as f32).sqrt(), 1i32);
-    let mut b = gpu.stream.launch_builder(gpu.f("flash_attn_prefill_f16")?);
-    b.arg(att).arg(&q).arg(&k).arg(&v).arg(&nq).arg(&nk).arg(&hq).arg(&hk).arg(&d).arg(&st).arg(&st).arg(&os).arg(&scale).arg(&causal).arg(lse);
-    unsafe { b.launch(LaunchConfig { grid_dim: (n_q.div_ceil(16) as u32, h as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
-    Ok(())
+    gpu.attention_fwd_at(att, Some(lse), fused_rows(gpu, cfg, qkv, q_row), n_q, n_k, h, kvh, hd, true)
+}
+
+/// q (from row `q_row`), k and v (from row 0) of a fused QKV buffer.
+fn fused_rows(gpu: &Gpu, cfg: &LlamaConfig, qkv: &CudaSlice<f16>, q_row: usize) -> AttnRows {
+    let (h, kvh, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+    let nqkv = (h + 2 * kvh) * hd;
+    AttnRows { q: gpu.dptr(qkv, q_row * nqkv), k: gpu.dptr(qkv, h * hd), v: gpu.dptr(qkv, (h + kvh) * hd), q_stride: nqkv, kv_stride: nqkv }
 }
 
 /// Backward of `attention_fwd`: dq, dk, dv written into the fused `dqkv` (before RoPE's backward).
@@ -879,26 +855,10 @@ fn attention_bwd(gpu: &Gpu, cfg: &LlamaConfig, lt: &LayerTape, datt: &CudaSlice<
 fn attention_bwd_at(gpu: &Gpu, cfg: &LlamaConfig, qkv: &CudaSlice<f16>, dqkv: &mut CudaSlice<f16>, q_row: usize, n_q: usize, n_k: usize, att: &CudaSlice<f16>, lse: &CudaSlice<f32>, datt: &CudaSlice<f16>) -> Result<()> {
     let (h, kvh, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
     let nqkv = (h + 2 * kvh) * hd;
-    if qkv.len() < n_k * nqkv || dqkv.len() < n_k * nqkv || q_row + n_q > n_k || datt.len() < n_q * h * hd || att.len() < n_q * h * hd {
+    if qkv.len() < n_k * nqkv || dqkv.len() < n_k * nqkv || q_row + n_q > n_k {
         return Err(err(format!("attention backward: {n_q} queries from row {q_row} over {n_k} keys exceed the buffers")));
     }
-    let (nq, nk, hq, hk, d) = (to_i32(n_q, "rows")?, to_i32(n_k, "rows")?, to_i32(h, "heads")?, to_i32(kvh, "heads")?, to_i32(hd, "head_dim")?);
-    let (st, os) = (to_i32(nqkv, "stride")?, hq * d);
-    let (scale, causal) = (1.0f32 / (hd as f32).sqrt(), 1i32);
-    let s = &gpu.stream;
-    let mut delta = s.alloc_zeros::<f32>(n_q * h).map_err(derr)?;
-    let mut b = s.launch_builder(gpu.f("attn_bwd_delta_f16")?);
-    b.arg(&mut delta).arg(datt).arg(att).arg(&hq).arg(&d).arg(&os);
-    unsafe { b.launch(LaunchConfig { grid_dim: (n_q as u32, h as u32, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
-    let (q, k, v) = (gpu.dptr(qkv, q_row * nqkv), gpu.dptr(qkv, h * hd), gpu.dptr(qkv, (h + kvh) * hd));
-    let (dq, dk, dv) = (gpu.dptr(dqkv, q_row * nqkv), gpu.dptr(dqkv, h * hd), gpu.dptr(dqkv, (h + kvh) * hd));
-    let mut b = s.launch_builder(gpu.f("flash_attn_bwd_dq_f16")?);
-    b.arg(&dq).arg(&q).arg(&k).arg(&v).arg(datt).arg(lse).arg(&delta).arg(&nq).arg(&nk).arg(&hq).arg(&hk).arg(&d).arg(&st).arg(&st).arg(&os).arg(&scale).arg(&causal);
-    unsafe { b.launch(LaunchConfig { grid_dim: (n_q.div_ceil(16) as u32, h as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
-    let mut b = s.launch_builder(gpu.f("flash_attn_bwd_dkdv_f16")?);
-    b.arg(&dk).arg(&dv).arg(&q).arg(&k).arg(&v).arg(datt).arg(lse).arg(&delta).arg(&nq).arg(&nk).arg(&hq).arg(&hk).arg(&d).arg(&st).arg(&st).arg(&os).arg(&scale).arg(&causal);
-    unsafe { b.launch(LaunchConfig { grid_dim: (n_k.div_ceil(16) as u32, kvh as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
-    Ok(())
+    gpu.attention_bwd_at(fused_rows(gpu, cfg, dqkv, q_row), fused_rows(gpu, cfg, qkv, q_row), att, lse, datt, n_q, n_k, h, kvh, hd, true)
 }
 
 /// RoPE's backward on the q and k columns of a fused dqkv.

@@ -5,7 +5,7 @@
 //! passes where no GPU exists.
 
 use engine::cuda::{AdamW, Gpu, LossScaler};
-use engine::cuda_train::{GpuLora, PROJECTIONS};
+use engine::cuda_train::{GpuLora, StepReport, PROJECTIONS};
 use engine::train::dpo::{pair_forward_backward, reference_logps, DpoConfig, TokenPair};
 use engine::train::Grads;
 use engine::Model;
@@ -112,19 +112,29 @@ fn a_short_gpu_dpo_run_raises_reward_accuracy_and_skips_overflowing_steps() {
     assert!(loss1 < loss0 - 0.1, "the DPO loss did not fall: {loss0} -> {loss1}");
 }
 
+/// One DPO step (gradients kept, no optimizer step) on a random pair of the fixture, twice: with the adapter as it
+/// is and with a second copy changed by `variant`. Returns both reports, both adapters and the decoder.
+#[allow(clippy::type_complexity)]
+fn two_ways(gpu: &Gpu, seed: u64, rejected_len: usize, variant: impl FnOnce(&mut GpuLora)) -> ((StepReport, StepReport), (GpuLora, GpuLora), engine::cuda_llama::GpuLlama) {
+    let (cpu, _, dev, mut plain) = setup(gpu);
+    let (_, _, _, mut other) = setup(gpu);
+    variant(&mut other);
+    let vocab = cpu.llm.cfg.vocab_size;
+    let mut rng = engine::rng::SplitMix64::new(seed);
+    let image = cpu.image_token_id();
+    let (prompt, chosen, rejected) = (tokens(&mut rng, 30, vocab, image), tokens(&mut rng, 9, vocab, image), tokens(&mut rng, rejected_len, vocab, image));
+    let cfg = DpoConfig { beta: 0.5, ..Default::default() };
+    plain.scaler = LossScaler::new(1024.0, 1000);
+    other.scaler = LossScaler::new(1024.0, 1000);
+    let a = plain.dpo_step(gpu, &dev, &prompt, &chosen, &rejected, (-20.0, -18.0), &cfg, None).unwrap();
+    let b = other.dpo_step(gpu, &dev, &prompt, &chosen, &rejected, (-20.0, -18.0), &cfg, None).unwrap();
+    ((a, b), (plain, other), dev)
+}
+
 #[test]
 fn activation_recomputation_gives_the_same_loss_and_gradients() {
     let Some(gpu) = gpu() else { return };
-    let (cpu, _, dev, mut plain) = setup(&gpu);
-    let (_, _, _, mut recompute) = setup(&gpu);
-    recompute.recompute = true;
-    let vocab = cpu.llm.cfg.vocab_size;
-    let mut rng = engine::rng::SplitMix64::new(5);
-    let image = cpu.image_token_id();
-    let (prompt, chosen, rejected) = (tokens(&mut rng, 30, vocab, image), tokens(&mut rng, 9, vocab, image), tokens(&mut rng, 7, vocab, image));
-    let cfg = DpoConfig { beta: 0.5, ..Default::default() };
-    let a = plain.dpo_step(&gpu, &dev, &prompt, &chosen, &rejected, (-20.0, -18.0), &cfg, None).unwrap();
-    let b = recompute.dpo_step(&gpu, &dev, &prompt, &chosen, &rejected, (-20.0, -18.0), &cfg, None).unwrap();
+    let ((a, b), (plain, recompute), dev) = two_ways(&gpu, 5, 7, |l| l.recompute = true);
     // The same kernels on the same inputs in the same order: identical, bit for bit.
     assert_eq!(a.loss.to_bits(), b.loss.to_bits(), "loss {} vs {}", a.loss, b.loss);
     for l in 0..dev.cfg.num_hidden_layers {
@@ -138,18 +148,8 @@ fn activation_recomputation_gives_the_same_loss_and_gradients() {
 #[test]
 fn sharing_the_prompt_of_a_pair_gives_the_same_loss_and_gradients() {
     let Some(gpu) = gpu() else { return };
-    let (cpu, _, dev, mut plain) = setup(&gpu);
-    let (_, _, _, mut shared) = setup(&gpu);
-    shared.share_prompt = true;
-    let vocab = cpu.llm.cfg.vocab_size;
-    let mut rng = engine::rng::SplitMix64::new(8);
-    let image = cpu.image_token_id();
-    let (prompt, chosen, rejected) = (tokens(&mut rng, 30, vocab, image), tokens(&mut rng, 9, vocab, image), tokens(&mut rng, 1, vocab, image));
-    let cfg = DpoConfig { beta: 0.5, ..Default::default() };
-    plain.scaler = LossScaler::new(1024.0, 1000);
-    shared.scaler = LossScaler::new(1024.0, 1000);
-    let a = plain.dpo_step(&gpu, &dev, &prompt, &chosen, &rejected, (-20.0, -3.0), &cfg, None).unwrap();
-    let b = shared.dpo_step(&gpu, &dev, &prompt, &chosen, &rejected, (-20.0, -3.0), &cfg, None).unwrap();
+    // A one-token rejected answer: predicted by the prompt's last row alone.
+    let ((a, b), (plain, shared), dev) = two_ways(&gpu, 8, 1, |l| l.share_prompt = true);
     println!("shared prompt: loss {:.6} vs {:.6}; log-probs chosen {:.4}/{:.4}, rejected {:.4}/{:.4}", b.loss, a.loss, b.logps.policy_chosen, a.logps.policy_chosen, b.logps.policy_rejected, a.logps.policy_rejected);
     assert!((a.loss - b.loss).abs() <= 1e-3, "loss {} shared vs {} whole", b.loss, a.loss);
     assert!((a.logps.policy_chosen - b.logps.policy_chosen).abs() <= 2e-2 && (a.logps.policy_rejected - b.logps.policy_rejected).abs() <= 2e-2, "answer log-probs differ");
