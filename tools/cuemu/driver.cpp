@@ -1,0 +1,368 @@
+// cuemu's CUDA driver API: the functions cudarc calls for rlaifd, on host memory. One emulated device, "sm_90";
+// device addresses are host addresses (256-byte aligned, like cudaMalloc's); every stream runs its work at once,
+// in order, on the calling thread; a captured graph is the list of captured calls, replayed in order. Freshly
+// allocated memory is filled with 0xff bytes (NaN in fp16 and fp32), so a kernel that reads what nobody wrote
+// shows NaN instead of a lucky zero. All calls are serialised by one lock.
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "driver.h"
+
+namespace cuemu {
+
+std::recursive_mutex& lock() {
+    static std::recursive_mutex m;
+    return m;
+}
+
+namespace {
+
+struct Graph {
+    std::vector<Call> ops;
+};
+
+struct Stream {
+    Graph* capture = nullptr;  // non-null while capturing
+};
+
+struct Event {
+    double t = 0;
+};
+
+struct Module {
+    int unused = 0;
+};
+
+std::map<uintptr_t, size_t>& allocations() {
+    static std::map<uintptr_t, size_t> a;
+    return a;
+}
+size_t used_now = 0, used_high = 0;
+thread_local int current_ctx = 0;
+int ctx_token = 1;
+Stream default_stream;
+std::string last_launch_error;
+
+constexpr size_t TOTAL_MEMORY = size_t(16) << 30;
+
+Stream* stream_of(void* s) { return s ? static_cast<Stream*>(s) : &default_stream; }
+
+double now_ms() {
+    using namespace std::chrono;
+    return duration<double, std::milli>(steady_clock::now().time_since_epoch()).count();
+}
+
+int alloc(uint64_t* out, size_t bytes) {
+    const size_t size = ((bytes ? bytes : 1) + 255) / 256 * 256;
+    void* p = std::aligned_alloc(256, size);
+    if (!p) return CUDA_ERROR_OUT_OF_MEMORY;
+    std::memset(p, 0xff, size);
+    allocations()[reinterpret_cast<uintptr_t>(p)] = size;
+    used_now += size;
+    if (used_now > used_high) used_high = used_now;
+    *out = reinterpret_cast<uint64_t>(p);
+    return CUDA_SUCCESS;
+}
+
+int release(uint64_t ptr) {
+    auto& a = allocations();
+    auto it = a.find(uintptr_t(ptr));
+    if (it == a.end()) return ptr == 0 ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
+    used_now -= it->second;
+    a.erase(it);
+    std::free(reinterpret_cast<void*>(ptr));
+    return CUDA_SUCCESS;
+}
+
+}  // namespace
+
+// Runs `op` now, or records it when the stream is capturing a graph.
+int submit(void* stream, Call op) {
+    Stream* s = stream_of(stream);
+    if (s->capture) {
+        s->capture->ops.push_back(std::move(op));
+        return CUDA_SUCCESS;
+    }
+    op();
+    if (!last_launch_error.empty()) {
+        std::fprintf(stderr, "cuemu: %s\n", last_launch_error.c_str());
+        last_launch_error.clear();
+        return CUDA_ERROR_LAUNCH_FAILED;
+    }
+    return CUDA_SUCCESS;
+}
+
+}  // namespace cuemu
+
+using namespace cuemu;
+
+#define LOCK std::lock_guard<std::recursive_mutex> guard(cuemu::lock())
+
+extern "C" {
+
+int cuInit(unsigned) { return CUDA_SUCCESS; }
+int cuDriverGetVersion(int* v) {
+    *v = 13000;
+    return CUDA_SUCCESS;
+}
+int cuDeviceGetCount(int* n) {
+    *n = 1;
+    return CUDA_SUCCESS;
+}
+int cuDeviceGet(int* dev, int ordinal) {
+    if (ordinal != 0) return CUDA_ERROR_INVALID_DEVICE;
+    *dev = 0;
+    return CUDA_SUCCESS;
+}
+int cuDeviceGetName(char* name, int len, int) {
+    std::snprintf(name, size_t(len), "%s", "cuemu (CUDA emulated on the CPU, not a GPU)");
+    return CUDA_SUCCESS;
+}
+int cuDeviceTotalMem_v2(size_t* bytes, int) {
+    *bytes = TOTAL_MEMORY;
+    return CUDA_SUCCESS;
+}
+int cuDeviceGetAttribute(int* v, int attr, int) {
+    switch (attr) {
+        case 16: *v = 4; break;      // multiprocessors
+        case 75: *v = 9; break;      // compute capability major
+        case 76: *v = 0; break;      // minor
+        case 115: *v = 1; break;     // memory pools supported
+        case 1: *v = 1024; break;    // max threads per block
+        case 8: *v = 49152; break;   // shared memory per block
+        case 10: *v = 32; break;     // warp size
+        case 97: *v = 232448; break; // shared memory per block (opt-in)
+        default: *v = 0;
+    }
+    return CUDA_SUCCESS;
+}
+int cuDevicePrimaryCtxRetain(void** ctx, int) {
+    *ctx = &ctx_token;
+    return CUDA_SUCCESS;
+}
+int cuDevicePrimaryCtxRelease_v2(int) { return CUDA_SUCCESS; }
+int cuCtxGetCurrent(void** ctx) {
+    *ctx = current_ctx ? &ctx_token : nullptr;
+    return CUDA_SUCCESS;
+}
+int cuCtxSetCurrent(void* ctx) {
+    current_ctx = ctx ? 1 : 0;
+    return CUDA_SUCCESS;
+}
+int cuCtxSynchronize() { return CUDA_SUCCESS; }
+int cuCtxGetLimit(size_t* v, int) {
+    *v = 0;
+    return CUDA_SUCCESS;
+}
+int cuCtxSetLimit(int, size_t) { return CUDA_SUCCESS; }
+
+int cuGetErrorName(int e, const char** s) {
+    *s = e == CUDA_SUCCESS ? "CUDA_SUCCESS" : e == CUDA_ERROR_LAUNCH_FAILED ? "CUDA_ERROR_LAUNCH_FAILED" : "CUDA_ERROR (cuemu)";
+    return CUDA_SUCCESS;
+}
+int cuGetErrorString(int e, const char** s) {
+    *s = e == CUDA_SUCCESS ? "no error" : e == CUDA_ERROR_LAUNCH_FAILED ? "cuemu: a kernel launch failed (see stderr)" : "cuemu: error";
+    return CUDA_SUCCESS;
+}
+
+int cuStreamCreate(void** s, unsigned) {
+    *s = new Stream();
+    return CUDA_SUCCESS;
+}
+int cuStreamCreateWithPriority(void** s, unsigned, int) { return cuStreamCreate(s, 0); }
+int cuStreamDestroy_v2(void* s) {
+    if (s && s != &default_stream) delete static_cast<Stream*>(s);
+    return CUDA_SUCCESS;
+}
+int cuStreamSynchronize(void*) { return CUDA_SUCCESS; }
+int cuStreamWaitEvent(void*, void*, unsigned) { return CUDA_SUCCESS; }
+int cuStreamQuery(void*) { return CUDA_SUCCESS; }
+int cuStreamIsCapturing(void* s, int* status) {
+    *status = stream_of(s)->capture ? 1 : 0;
+    return CUDA_SUCCESS;
+}
+int cuStreamBeginCapture_v2(void* s, int) {
+    LOCK;
+    Stream* st = stream_of(s);
+    if (st->capture) return CUDA_ERROR_ILLEGAL_STATE;
+    st->capture = new Graph();
+    return CUDA_SUCCESS;
+}
+int cuStreamEndCapture(void* s, void** graph) {
+    LOCK;
+    Stream* st = stream_of(s);
+    if (!st->capture) return CUDA_ERROR_ILLEGAL_STATE;
+    *graph = st->capture;
+    st->capture = nullptr;
+    return CUDA_SUCCESS;
+}
+int cuGraphInstantiateWithFlags(void** exec, void* graph, unsigned long long) {
+    *exec = new Graph(*static_cast<Graph*>(graph));
+    return CUDA_SUCCESS;
+}
+int cuGraphUpload(void*, void*) { return CUDA_SUCCESS; }
+int cuGraphLaunch(void* exec, void* stream) {
+    LOCK;
+    for (auto& op : static_cast<Graph*>(exec)->ops) {
+        int r = submit(stream, op);
+        if (r != CUDA_SUCCESS) return r;
+    }
+    return CUDA_SUCCESS;
+}
+int cuGraphDestroy(void* g) {
+    delete static_cast<Graph*>(g);
+    return CUDA_SUCCESS;
+}
+int cuGraphExecDestroy(void* g) {
+    delete static_cast<Graph*>(g);
+    return CUDA_SUCCESS;
+}
+
+int cuEventCreate(void** e, unsigned) {
+    *e = new Event();
+    return CUDA_SUCCESS;
+}
+int cuEventDestroy_v2(void* e) {
+    delete static_cast<Event*>(e);
+    return CUDA_SUCCESS;
+}
+int cuEventRecord(void* e, void* s) {
+    LOCK;
+    Event* ev = static_cast<Event*>(e);
+    return submit(s, [ev] { ev->t = now_ms(); });
+}
+int cuEventRecordWithFlags(void* e, void* s, unsigned) { return cuEventRecord(e, s); }
+int cuEventSynchronize(void*) { return CUDA_SUCCESS; }
+int cuEventQuery(void*) { return CUDA_SUCCESS; }
+int cuEventElapsedTime(float* ms, void* a, void* b) {
+    *ms = float(static_cast<Event*>(b)->t - static_cast<Event*>(a)->t);
+    return CUDA_SUCCESS;
+}
+int cuEventElapsedTime_v2(float* ms, void* a, void* b) { return cuEventElapsedTime(ms, a, b); }
+
+int cuMemAlloc_v2(uint64_t* p, size_t n) {
+    LOCK;
+    return alloc(p, n);
+}
+int cuMemAllocAsync(uint64_t* p, size_t n, void* s) {
+    LOCK;
+    if (stream_of(s)->capture) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
+    return alloc(p, n);
+}
+int cuMemFree_v2(uint64_t p) {
+    LOCK;
+    return release(p);
+}
+int cuMemFreeAsync(uint64_t p, void* s) {
+    LOCK;
+    if (stream_of(s)->capture) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
+    return release(p);
+}
+int cuMemGetInfo_v2(size_t* free_b, size_t* total) {
+    LOCK;
+    *total = TOTAL_MEMORY;
+    *free_b = TOTAL_MEMORY > used_now ? TOTAL_MEMORY - used_now : 0;
+    return CUDA_SUCCESS;
+}
+int cuMemcpyHtoDAsync_v2(uint64_t dst, const void* src, size_t n, void* s) {
+    LOCK;
+    return submit(s, [=] { std::memcpy(reinterpret_cast<void*>(dst), src, n); });
+}
+int cuMemcpyHtoD_v2(uint64_t dst, const void* src, size_t n) { return cuMemcpyHtoDAsync_v2(dst, src, n, nullptr); }
+int cuMemcpyDtoHAsync_v2(void* dst, uint64_t src, size_t n, void* s) {
+    LOCK;
+    return submit(s, [=] { std::memcpy(dst, reinterpret_cast<const void*>(src), n); });
+}
+int cuMemcpyDtoH_v2(void* dst, uint64_t src, size_t n) { return cuMemcpyDtoHAsync_v2(dst, src, n, nullptr); }
+int cuMemcpyDtoDAsync_v2(uint64_t dst, uint64_t src, size_t n, void* s) {
+    LOCK;
+    return submit(s, [=] { std::memmove(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), n); });
+}
+int cuMemcpyDtoD_v2(uint64_t dst, uint64_t src, size_t n) { return cuMemcpyDtoDAsync_v2(dst, src, n, nullptr); }
+int cuMemsetD8Async(uint64_t dst, unsigned char v, size_t n, void* s) {
+    LOCK;
+    return submit(s, [=] { std::memset(reinterpret_cast<void*>(dst), v, n); });
+}
+int cuMemsetD8_v2(uint64_t dst, unsigned char v, size_t n) { return cuMemsetD8Async(dst, v, n, nullptr); }
+int cuMemsetD32Async(uint64_t dst, unsigned v, size_t n, void* s) {
+    LOCK;
+    return submit(s, [=] {
+        unsigned* p = reinterpret_cast<unsigned*>(dst);
+        for (size_t i = 0; i < n; i++) p[i] = v;
+    });
+}
+
+int cuDeviceGetDefaultMemPool(void** pool, int) {
+    static int token;
+    *pool = &token;
+    return CUDA_SUCCESS;
+}
+int cuDeviceGetMemPool(void** pool, int d) { return cuDeviceGetDefaultMemPool(pool, d); }
+int cuMemPoolSetAttribute(void*, int attr, void* v) {
+    LOCK;
+    if (attr == 8) used_high = *static_cast<uint64_t*>(v) ? used_high : used_now;  // reset the high-water mark
+    return CUDA_SUCCESS;
+}
+int cuMemPoolGetAttribute(void*, int attr, void* v) {
+    LOCK;
+    uint64_t r = 0;
+    if (attr == 7) r = used_now;
+    if (attr == 8) r = used_high;
+    if (attr == 5) r = used_now;
+    if (attr == 6) r = used_high;
+    *static_cast<uint64_t*>(v) = r;
+    return CUDA_SUCCESS;
+}
+int cuMemPoolTrimTo(void*, size_t) { return CUDA_SUCCESS; }
+
+int cuModuleLoadData(void** m, const void* image) {
+    if (!image || std::strncmp(static_cast<const char*>(image), "// cuemu", 8) != 0) return CUDA_ERROR_INVALID_IMAGE;
+    *m = new Module();
+    return CUDA_SUCCESS;
+}
+int cuModuleUnload(void* m) {
+    delete static_cast<Module*>(m);
+    return CUDA_SUCCESS;
+}
+int cuModuleGetFunction(void** f, void*, const char* name) {
+    const Kernel* k = find_kernel(name);
+    if (!k) return CUDA_ERROR_NOT_FOUND;
+    *f = const_cast<Kernel*>(k);
+    return CUDA_SUCCESS;
+}
+int cuFuncGetAttribute(int* v, int attr, void*) {
+    *v = attr == 0 ? 1024 : 0;  // max threads per block; registers, shared and local sizes unknown here
+    return CUDA_SUCCESS;
+}
+int cuFuncSetAttribute(void*, int, int) { return CUDA_SUCCESS; }
+int cuFuncSetCacheConfig(void*, int) { return CUDA_SUCCESS; }
+
+int cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz, unsigned smem, void* s, void** params,
+                   void** extra) {
+    LOCK;
+    if (extra) return CUDA_ERROR_NOT_SUPPORTED;
+    const Kernel* k = static_cast<const Kernel*>(f);
+    Call call = k->bind(params);
+    const std::string name = k->name;
+    const dim3 grid{gx, gy, gz}, block{bx, by, bz};
+    return submit(s, [=] {
+        std::string e = run_grid(name, call, grid, block, smem);
+        if (!e.empty()) last_launch_error = e;
+    });
+}
+int cuLaunchHostFunc(void* s, void (*fn)(void*), void* data) {
+    LOCK;
+    return submit(s, [=] { fn(data); });
+}
+
+int cuProfilerStart() { return CUDA_SUCCESS; }
+int cuProfilerStop() { return CUDA_SUCCESS; }
+
+}  // extern "C"

@@ -1,0 +1,26 @@
+// cuemu's driver internals shared with the fake cuBLASLt.
+#pragma once
+#include <mutex>
+
+#include "runtime.h"
+
+enum {
+    CUDA_SUCCESS = 0,
+    CUDA_ERROR_INVALID_VALUE = 1,
+    CUDA_ERROR_OUT_OF_MEMORY = 2,
+    CUDA_ERROR_INVALID_DEVICE = 101,
+    CUDA_ERROR_INVALID_IMAGE = 200,
+    CUDA_ERROR_ILLEGAL_STATE = 401,
+    CUDA_ERROR_NOT_FOUND = 500,
+    CUDA_ERROR_LAUNCH_FAILED = 719,
+    CUDA_ERROR_NOT_SUPPORTED = 801,
+    CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED = 900,
+};
+
+namespace cuemu {
+// The lock every API call holds.
+std::recursive_mutex& lock();
+// Runs `op` on `stream` now, or records it while the stream captures a graph; a failed launch returns
+// CUDA_ERROR_LAUNCH_FAILED after printing why.
+int submit(void* stream, Call op);
+}  // namespace cuemu

@@ -1,0 +1,178 @@
+// cuemu: the part of the CUDA device API that rlaifd's kernels use, for compiling kernels/*.cu as C++ and running
+// them on the CPU (tests only, see tools/cuemu/README.md). Each CUDA thread is a fiber; one block runs at a time on
+// the launching host thread, so `__shared__` variables can be plain statics. Barriers and warp shuffles switch
+// fibers (driver.cpp). Not used by the daemon: NVRTC compiles the same sources for real GPUs.
+#pragma once
+#include <math.h>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+#define __align__(n) alignas(n)
+
+struct uint3 {
+    unsigned x, y, z;
+};
+struct dim3 {
+    unsigned x, y, z;
+};
+struct alignas(16) uint4 {
+    unsigned x, y, z, w;
+};
+struct alignas(8) float2 {
+    float x, y;
+};
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
+inline float2 make_float2(float x, float y) { return float2{x, y}; }
+
+// fp16 storage with IEEE round-to-nearest-even conversions (GCC's _Float16).
+struct __half {
+    uint16_t bits;
+};
+struct alignas(4) __half2 {
+    __half x, y;
+};
+inline float __half2float(__half h) {
+    _Float16 f;
+    std::memcpy(&f, &h.bits, 2);
+    return (float)f;
+}
+inline __half __float2half_rn(float v) {
+    _Float16 f = (_Float16)v;
+    __half h;
+    std::memcpy(&h.bits, &f, 2);
+    return h;
+}
+inline __half __float2half(float v) { return __float2half_rn(v); }
+inline float2 __half22float2(__half2 h) { return float2{__half2float(h.x), __half2float(h.y)}; }
+inline __half2 __floats2half2_rn(float a, float b) { return __half2{__float2half_rn(a), __float2half_rn(b)}; }
+
+// The per-fiber and per-block state the driver keeps (driver.cpp).
+namespace cuemu {
+struct ThreadView {
+    uint3 tid;
+    uint3 bid;
+    dim3 bdim;
+    dim3 gdim;
+    int lane;
+    int warp;
+};
+extern thread_local ThreadView* cur;
+void syncthreads();
+void syncwarp();
+uint64_t* warp_slots();
+void* dyn_smem();
+
+template <class T>
+T shfl(T v, int src) {
+    static_assert(sizeof(T) <= 8, "cuemu shuffles up to 8 bytes");
+    uint64_t* slots = warp_slots();
+    uint64_t b = 0;
+    std::memcpy(&b, &v, sizeof(T));
+    slots[cur->lane] = b;
+    syncwarp();
+    uint64_t s = slots[src];
+    syncwarp();
+    T r;
+    std::memcpy(&r, &s, sizeof(T));
+    return r;
+}
+}  // namespace cuemu
+
+#define threadIdx (cuemu::cur->tid)
+#define blockIdx (cuemu::cur->bid)
+#define blockDim (cuemu::cur->bdim)
+#define gridDim (cuemu::cur->gdim)
+
+inline void __syncthreads() { cuemu::syncthreads(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { cuemu::syncwarp(); }
+
+// Lanes are grouped in segments of `width`; a source outside the caller's segment gives the caller's own value.
+template <class T>
+T __shfl_sync(unsigned, T v, int src, int width = 32) {
+    const int lane = cuemu::cur->lane, base = lane & ~(width - 1);
+    return cuemu::shfl(v, base + (src & (width - 1)));
+}
+template <class T>
+T __shfl_xor_sync(unsigned, T v, int mask, int width = 32) {
+    const int lane = cuemu::cur->lane, src = lane ^ mask;
+    return cuemu::shfl(v, (src & ~(width - 1)) == (lane & ~(width - 1)) ? src : lane);
+}
+template <class T>
+T __shfl_down_sync(unsigned, T v, unsigned delta, int width = 32) {
+    const int lane = cuemu::cur->lane;
+    return cuemu::shfl(v, (lane & (width - 1)) + (int)delta < width ? lane + (int)delta : lane);
+}
+template <class T>
+T __shfl_up_sync(unsigned, T v, unsigned delta, int width = 32) {
+    const int lane = cuemu::cur->lane;
+    return cuemu::shfl(v, (lane & (width - 1)) >= (int)delta ? lane - (int)delta : lane);
+}
+
+// One fiber runs at a time, so atomics are plain read-modify-writes.
+inline float atomicAdd(float* p, float v) {
+    float o = *p;
+    *p = o + v;
+    return o;
+}
+inline double atomicAdd(double* p, double v) {
+    double o = *p;
+    *p = o + v;
+    return o;
+}
+inline int atomicAdd(int* p, int v) {
+    int o = *p;
+    *p = o + v;
+    return o;
+}
+inline unsigned atomicAdd(unsigned* p, unsigned v) {
+    unsigned o = *p;
+    *p = o + v;
+    return o;
+}
+inline int atomicCAS(int* p, int cmp, int v) {
+    int o = *p;
+    if (o == cmp) *p = v;
+    return o;
+}
+inline unsigned atomicCAS(unsigned* p, unsigned cmp, unsigned v) {
+    unsigned o = *p;
+    if (o == cmp) *p = v;
+    return o;
+}
+inline float atomicMax(float* p, float v) = delete;  // not a CUDA overload: catch it at compile time
+
+template <class T>
+inline T __ldg(const T* p) {
+    return *p;
+}
+
+inline float __expf(float x) { return std::exp(x); }
+inline float __logf(float x) { return std::log(x); }
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+inline float __fdividef(float a, float b) { return a / b; }
+inline float __int_as_float(int i) {
+    float f;
+    std::memcpy(&f, &i, 4);
+    return f;
+}
+inline int __float_as_int(float f) {
+    int i;
+    std::memcpy(&i, &f, 4);
+    return i;
+}
+inline float __saturatef(float x) { return x < 0.0f ? 0.0f : (x > 1.0f ? 1.0f : x); }
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
+inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
+inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
+inline long long min(long long a, long long b) { return a < b ? a : b; }
+inline long long max(long long a, long long b) { return a > b ? a : b; }
+inline float min(float a, float b) { return fminf(a, b); }
+inline float max(float a, float b) { return fmaxf(a, b); }
