@@ -337,7 +337,7 @@ fn cmd_bench_gpu_train(shape: &str, seq: usize, answer: usize, rank: usize, reps
         r.skipped_steps
     );
     println!("with activation recomputation: DPO step {:.1} ms, peak memory {:.1} GB", median(&r.dpo_recompute_step_ms), r.dpo_recompute_peak_memory_gb);
-    println!("with the prompt shared by both answers: DPO step {:.1} ms, peak memory {:.1} GB", median(&r.dpo_shared_step_ms), r.dpo_shared_peak_memory_gb);
+    println!("as two whole sequences (the prompt not shared): DPO step {:.1} ms, peak memory {:.1} GB", median(&r.dpo_whole_step_ms), r.dpo_whole_peak_memory_gb);
     println!("{}", serde_json::to_string(&r)?);
     Ok(())
 }

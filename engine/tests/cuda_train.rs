@@ -112,13 +112,14 @@ fn a_short_gpu_dpo_run_raises_reward_accuracy_and_skips_overflowing_steps() {
     assert!(loss1 < loss0 - 0.1, "the DPO loss did not fall: {loss0} -> {loss1}");
 }
 
-/// One DPO step (gradients kept, no optimizer step) on a random pair of the fixture, twice: with the adapter as it
-/// is and with a second copy changed by `variant`. Returns both reports, both adapters and the decoder.
+/// One DPO step (gradients kept, no optimizer step) on a random pair of the fixture, twice: with one copy of the
+/// adapter set up by `first` and another by `second`. Returns both reports, both adapters and the decoder.
 #[allow(clippy::type_complexity)]
-fn two_ways(gpu: &Gpu, seed: u64, rejected_len: usize, variant: impl FnOnce(&mut GpuLora)) -> ((StepReport, StepReport), (GpuLora, GpuLora), engine::cuda_llama::GpuLlama) {
+fn two_ways(gpu: &Gpu, seed: u64, rejected_len: usize, first: impl FnOnce(&mut GpuLora), second: impl FnOnce(&mut GpuLora)) -> ((StepReport, StepReport), (GpuLora, GpuLora), engine::cuda_llama::GpuLlama) {
     let (cpu, _, dev, mut plain) = setup(gpu);
     let (_, _, _, mut other) = setup(gpu);
-    variant(&mut other);
+    first(&mut plain);
+    second(&mut other);
     let vocab = cpu.llm.cfg.vocab_size;
     let mut rng = engine::rng::SplitMix64::new(seed);
     let image = cpu.image_token_id();
@@ -134,7 +135,12 @@ fn two_ways(gpu: &Gpu, seed: u64, rejected_len: usize, variant: impl FnOnce(&mut
 #[test]
 fn activation_recomputation_gives_the_same_loss_and_gradients() {
     let Some(gpu) = gpu() else { return };
-    let ((a, b), (plain, recompute), dev) = two_ways(&gpu, 5, 7, |l| l.recompute = true);
+    // Recomputation runs whole sequences (it ignores `share_prompt`): compare it with whole sequences.
+    let whole = |l: &mut GpuLora| l.share_prompt = false;
+    let ((a, b), (plain, recompute), dev) = two_ways(&gpu, 5, 7, whole, |l| {
+        whole(l);
+        l.recompute = true;
+    });
     // The same kernels on the same inputs in the same order: identical, bit for bit.
     assert_eq!(a.loss.to_bits(), b.loss.to_bits(), "loss {} vs {}", a.loss, b.loss);
     for l in 0..dev.cfg.num_hidden_layers {
@@ -148,8 +154,8 @@ fn activation_recomputation_gives_the_same_loss_and_gradients() {
 #[test]
 fn sharing_the_prompt_of_a_pair_gives_the_same_loss_and_gradients() {
     let Some(gpu) = gpu() else { return };
-    // A one-token rejected answer: predicted by the prompt's last row alone.
-    let ((a, b), (plain, shared), dev) = two_ways(&gpu, 8, 1, |l| l.share_prompt = true);
+    // A one-token rejected answer: predicted by the prompt's last row alone. The shared prompt is the default.
+    let ((a, b), (plain, shared), dev) = two_ways(&gpu, 8, 1, |l| l.share_prompt = false, |l| assert!(l.share_prompt, "sharing the prompt is the default"));
     println!("shared prompt: loss {:.6} vs {:.6}; log-probs chosen {:.4}/{:.4}, rejected {:.4}/{:.4}", b.loss, a.loss, b.logps.policy_chosen, a.logps.policy_chosen, b.logps.policy_rejected, a.logps.policy_rejected);
     assert!((a.loss - b.loss).abs() <= 1e-3, "loss {} shared vs {} whole", b.loss, a.loss);
     assert!((a.logps.policy_chosen - b.logps.policy_chosen).abs() <= 2e-2 && (a.logps.policy_rejected - b.logps.policy_rejected).abs() <= 2e-2, "answer log-probs differ");

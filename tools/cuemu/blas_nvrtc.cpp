@@ -165,7 +165,6 @@ int cublasLtMatmulAlgoGetHeuristic(void*, void* d, void* a, void* b, void* c, vo
 
 int cublasLtMatmul(void*, void* desc, const void* alpha, const void* a, void* adesc, const void* b, void* bdesc, const void* beta, const void* c,
                    void* cdesc, void* d, void* ddesc, const void*, void*, size_t, void* stream) {
-    std::lock_guard<std::recursive_mutex> guard(lock());
     const Desc x = *static_cast<const Desc*>(desc);
     const Layout la = *static_cast<Layout*>(adesc), lb = *static_cast<Layout*>(bdesc), lc = *static_cast<Layout*>(cdesc),
                  ld = *static_cast<Layout*>(ddesc);

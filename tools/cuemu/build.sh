@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
 # Builds cuemu (CUDA emulated on the CPU, for tests; see tools/cuemu/README.md) into target/cuemu:
 # libcuemu.so with every kernel of kernels/*.cu compiled as C++, and the names cudarc loads (libcuda.so,
-# libnvrtc.so, libcublasLt.so) as links to it. Rebuilds only what changed. Needs g++ (12 or later: _Float16).
+# libnvrtc.so, libcublasLt.so) as links to it, then runs cuemu's own tests (selftest.cpp). Rebuilds only what
+# changed. Needs g++ (12 or later: _Float16).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 out="$root/target/cuemu"
 src="$root/tools/cuemu"
 mkdir -p "$out/gen" "$out/obj"
 CXX="${CXX:-g++}"
+if ! command -v "$CXX" >/dev/null; then
+    echo "cuemu: $CXX not found: install a C++ compiler with _Float16 (g++ 12 or later: apt-get install g++), or set CXX" >&2
+    exit 1
+fi
 flags=(-std=c++17 -O2 -g -fPIC -fno-strict-aliasing -Wall -Wno-unknown-pragmas -Wno-unused-function -Wno-unused-variable -I "$src/include" -I "$root/kernels")
 
 compile() {  # compile SRC OBJ [deps...]: only when the object is older than any input
@@ -54,6 +59,10 @@ for o in "${objs[@]}"; do [[ "$o" -nt "$lib" ]] && relink=1; done
 if [[ $relink == 1 ]]; then
     "$CXX" -shared -o "$lib" "${objs[@]}" -lpthread
 fi
+if [[ "$src/selftest.cpp" -nt "$out/selftest" || "$lib" -nt "$out/selftest" ]]; then
+    "$CXX" "${flags[@]}" "$src/selftest.cpp" -o "$out/selftest" -L "$out" -lcuemu -Wl,-rpath,"$out"
+fi
+"$out/selftest"
 for name in libcuda.so libnvrtc.so libcublasLt.so; do
     ln -sf libcuemu.so "$out/$name"
 done

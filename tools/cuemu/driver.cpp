@@ -2,7 +2,8 @@
 // device addresses are host addresses (256-byte aligned, like cudaMalloc's); every stream runs its work at once,
 // in order, on the calling thread; a captured graph is the list of captured calls, replayed in order. Freshly
 // allocated memory is filled with 0xff bytes (NaN in fp16 and fp32), so a kernel that reads what nobody wrote
-// shows NaN instead of a lucky zero. All calls are serialised by one lock.
+// shows NaN instead of a lucky zero. Memory bookkeeping is under one lock; kernels run on the calling thread, so
+// threads with their own streams (parallel tests) run their kernels at the same time.
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -48,7 +49,7 @@ size_t used_now = 0, used_high = 0;
 thread_local int current_ctx = 0;
 int ctx_token = 1;
 Stream default_stream;
-std::string last_launch_error;
+thread_local std::string last_launch_error;
 
 constexpr size_t TOTAL_MEMORY = size_t(16) << 30;
 
@@ -189,15 +190,13 @@ int cuStreamIsCapturing(void* s, int* status) {
     return CUDA_SUCCESS;
 }
 int cuStreamBeginCapture_v2(void* s, int) {
-    LOCK;
-    Stream* st = stream_of(s);
+        Stream* st = stream_of(s);
     if (st->capture) return CUDA_ERROR_ILLEGAL_STATE;
     st->capture = new Graph();
     return CUDA_SUCCESS;
 }
 int cuStreamEndCapture(void* s, void** graph) {
-    LOCK;
-    Stream* st = stream_of(s);
+        Stream* st = stream_of(s);
     if (!st->capture) return CUDA_ERROR_ILLEGAL_STATE;
     *graph = st->capture;
     st->capture = nullptr;
@@ -209,8 +208,7 @@ int cuGraphInstantiateWithFlags(void** exec, void* graph, unsigned long long) {
 }
 int cuGraphUpload(void*, void*) { return CUDA_SUCCESS; }
 int cuGraphLaunch(void* exec, void* stream) {
-    LOCK;
-    for (auto& op : static_cast<Graph*>(exec)->ops) {
+        for (auto& op : static_cast<Graph*>(exec)->ops) {
         int r = submit(stream, op);
         if (r != CUDA_SUCCESS) return r;
     }
@@ -234,8 +232,7 @@ int cuEventDestroy_v2(void* e) {
     return CUDA_SUCCESS;
 }
 int cuEventRecord(void* e, void* s) {
-    LOCK;
-    Event* ev = static_cast<Event*>(e);
+        Event* ev = static_cast<Event*>(e);
     return submit(s, [ev] { ev->t = now_ms(); });
 }
 int cuEventRecordWithFlags(void* e, void* s, unsigned) { return cuEventRecord(e, s); }
@@ -272,28 +269,23 @@ int cuMemGetInfo_v2(size_t* free_b, size_t* total) {
     return CUDA_SUCCESS;
 }
 int cuMemcpyHtoDAsync_v2(uint64_t dst, const void* src, size_t n, void* s) {
-    LOCK;
-    return submit(s, [=] { std::memcpy(reinterpret_cast<void*>(dst), src, n); });
+        return submit(s, [=] { std::memcpy(reinterpret_cast<void*>(dst), src, n); });
 }
 int cuMemcpyHtoD_v2(uint64_t dst, const void* src, size_t n) { return cuMemcpyHtoDAsync_v2(dst, src, n, nullptr); }
 int cuMemcpyDtoHAsync_v2(void* dst, uint64_t src, size_t n, void* s) {
-    LOCK;
-    return submit(s, [=] { std::memcpy(dst, reinterpret_cast<const void*>(src), n); });
+        return submit(s, [=] { std::memcpy(dst, reinterpret_cast<const void*>(src), n); });
 }
 int cuMemcpyDtoH_v2(void* dst, uint64_t src, size_t n) { return cuMemcpyDtoHAsync_v2(dst, src, n, nullptr); }
 int cuMemcpyDtoDAsync_v2(uint64_t dst, uint64_t src, size_t n, void* s) {
-    LOCK;
-    return submit(s, [=] { std::memmove(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), n); });
+        return submit(s, [=] { std::memmove(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), n); });
 }
 int cuMemcpyDtoD_v2(uint64_t dst, uint64_t src, size_t n) { return cuMemcpyDtoDAsync_v2(dst, src, n, nullptr); }
 int cuMemsetD8Async(uint64_t dst, unsigned char v, size_t n, void* s) {
-    LOCK;
-    return submit(s, [=] { std::memset(reinterpret_cast<void*>(dst), v, n); });
+        return submit(s, [=] { std::memset(reinterpret_cast<void*>(dst), v, n); });
 }
 int cuMemsetD8_v2(uint64_t dst, unsigned char v, size_t n) { return cuMemsetD8Async(dst, v, n, nullptr); }
 int cuMemsetD32Async(uint64_t dst, unsigned v, size_t n, void* s) {
-    LOCK;
-    return submit(s, [=] {
+        return submit(s, [=] {
         unsigned* p = reinterpret_cast<unsigned*>(dst);
         for (size_t i = 0; i < n; i++) p[i] = v;
     });
@@ -346,8 +338,7 @@ int cuFuncSetCacheConfig(void*, int) { return CUDA_SUCCESS; }
 
 int cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz, unsigned smem, void* s, void** params,
                    void** extra) {
-    LOCK;
-    if (extra) return CUDA_ERROR_NOT_SUPPORTED;
+        if (extra) return CUDA_ERROR_NOT_SUPPORTED;
     const Kernel* k = static_cast<const Kernel*>(f);
     Call call = k->bind(params);
     const std::string name = k->name;
@@ -358,8 +349,7 @@ int cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, 
     });
 }
 int cuLaunchHostFunc(void* s, void (*fn)(void*), void* data) {
-    LOCK;
-    return submit(s, [=] { fn(data); });
+        return submit(s, [=] { fn(data); });
 }
 
 int cuProfilerStart() { return CUDA_SUCCESS; }

@@ -18,7 +18,7 @@ enum {
 };
 
 namespace cuemu {
-// The lock every API call holds.
+// The lock of the memory bookkeeping (allocations, the pool statistics).
 std::recursive_mutex& lock();
 // Runs `op` on `stream` now, or records it while the stream captures a graph; a failed launch returns
 // CUDA_ERROR_LAUNCH_FAILED after printing why.

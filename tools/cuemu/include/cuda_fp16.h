@@ -1,6 +1,6 @@
 // cuemu: the part of the CUDA device API that rlaifd's kernels use, for compiling kernels/*.cu as C++ and running
 // them on the CPU (tests only, see tools/cuemu/README.md). Each CUDA thread is a fiber; one block runs at a time on
-// the launching host thread, so `__shared__` variables can be plain statics. Barriers and warp shuffles switch
+// the launching host thread, so `__shared__` variables can be statics, one copy per host thread. Barriers and warp shuffles switch
 // fibers (driver.cpp). Not used by the daemon: NVRTC compiles the same sources for real GPUs.
 #pragma once
 #include <math.h>
@@ -13,7 +13,7 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define __shared__ static
+#define __shared__ static thread_local
 #define __align__(n) alignas(n)
 
 struct uint3 {
