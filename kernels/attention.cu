@@ -255,6 +255,156 @@ extern "C" __global__ void rope_kv_store_f16(__half* __restrict__ qkv, __half* _
     }
 }
 
+// ---- Tensor-core prefill (sm_80+): flash_attn_mma_d64_f16 and flash_attn_mma_d128_f16, the same contract as
+// flash_attn_prefill_f16 (and the same log-sum-exp for the backward pass) for head sizes 64 (CLIP) and 128 (LLaMA).
+// A block takes 64 query rows of one head, 16 per warp, kept in registers as mma A fragments. For each tile of 64
+// keys (K and V staged in shared memory, 16-byte loads): S = Q K^T with mma.sync m16n8k16 (fp32), scaled and
+// masked, an online softmax over the rows (each row's values sit in the 4 lanes of a quad: two shuffles), and
+// O += P V with P taken straight from the score registers as fp16 A fragments (the layout of two 8-column C tiles
+// is that of one 16-column A tile). Needs 16-byte aligned k and v rows (the launcher checks).
+#define MMA_Q 64
+#define MMA_K 64
+#define MMA_PAD 8  // halves of padding per shared row: rows 16 bytes off the bank pattern
+
+template <int D>
+__device__ __forceinline__ void flash_attn_mma_body(
+    __half* __restrict__ out, const __half* __restrict__ q, const __half* __restrict__ k, const __half* __restrict__ v,
+    int n_q, int n_k, int heads_q, int heads_kv, int q_stride, int kv_stride, int o_stride, float scale, int causal,
+    float* __restrict__ lse) {
+    __shared__ __align__(16) __half ks[MMA_K][D + MMA_PAD];
+    __shared__ __align__(16) __half vs[MMA_K][D + MMA_PAD];
+    const int h = blockIdx.y, hk = h / (heads_q / heads_kv);
+    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, g = lane / 4, t = lane % 4;
+    const int q0 = blockIdx.x * MMA_Q, r0 = q0 + warp * 16 + g, r1 = r0 + 8;
+    const int offset = n_k - n_q;  // causal: query i sees keys j <= i + offset
+    const __half* qh = q + h * D;
+    auto qpair = [&](int row, int col) -> unsigned {
+        return row < n_q ? *reinterpret_cast<const unsigned*>(qh + (long long)row * q_stride + col) : 0u;
+    };
+    unsigned qf[D / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk++) {
+        const int c = kk * 16 + 2 * t;
+        qf[kk][0] = qpair(r0, c);
+        qf[kk][1] = qpair(r1, c);
+        qf[kk][2] = qpair(r0, c + 8);
+        qf[kk][3] = qpair(r1, c + 8);
+    }
+    float o[D / 8][4];
+#pragma unroll
+    for (int n = 0; n < D / 8; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
+    const int kmax = causal ? min(n_k, q0 + MMA_Q + offset) : n_k;
+    const int last_row = q0 + warp * 16 + 15;
+    for (int k0 = 0; k0 < kmax; k0 += MMA_K) {
+        __syncthreads();
+        for (int idx = threadIdx.x; idx < MMA_K * (D / 8); idx += blockDim.x) {
+            const int j = idx / (D / 8), c = (idx % (D / 8)) * 8, kj = k0 + j;
+            uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
+            if (kj < n_k) {
+                const long long at = (long long)kj * kv_stride + hk * D + c;
+                kv = *reinterpret_cast<const uint4*>(k + at);
+                vv = *reinterpret_cast<const uint4*>(v + at);
+            }
+            *reinterpret_cast<uint4*>(&ks[j][c]) = kv;
+            *reinterpret_cast<uint4*>(&vs[j][c]) = vv;
+        }
+        __syncthreads();
+        if (causal && k0 > last_row + offset) continue;  // the whole tile is in this warp's future (uniform)
+        float s[MMA_K / 8][4];
+#pragma unroll
+        for (int n = 0; n < MMA_K / 8; n++) {
+            s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+#pragma unroll
+            for (int kk = 0; kk < D / 16; kk++) {
+                const unsigned b[2] = {*reinterpret_cast<const unsigned*>(&ks[n * 8 + g][kk * 16 + 2 * t]),
+                                       *reinterpret_cast<const unsigned*>(&ks[n * 8 + g][kk * 16 + 8 + 2 * t])};
+                mma_16816(s[n], qf[kk], b, s[n]);
+            }
+        }
+        float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+        for (int n = 0; n < MMA_K / 8; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int col = k0 + n * 8 + 2 * t + (e & 1), row = e < 2 ? r0 : r1;
+                const bool ok = col < n_k && (!causal || col <= row + offset);
+                s[n][e] = ok ? s[n][e] * scale : -INFINITY;
+                if (e < 2) mx0 = fmaxf(mx0, s[n][e]);
+                else mx1 = fmaxf(mx1, s[n][e]);
+            }
+        mx0 = fmaxf(mx0, __shfl_xor_sync(FULL_MASK, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(FULL_MASK, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(FULL_MASK, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(FULL_MASK, mx1, 2));
+        const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+        // A row with no visible key yet keeps p = 0 (exp(-inf)) against a finite base.
+        const float b0 = mn0 == -INFINITY ? 0.0f : mn0, b1 = mn1 == -INFINITY ? 0.0f : mn1;
+        const float c0 = __expf(m0 - b0), c1 = __expf(m1 - b1);
+        float sum0 = 0.0f, sum1 = 0.0f;
+#pragma unroll
+        for (int n = 0; n < MMA_K / 8; n++) {
+            s[n][0] = __expf(s[n][0] - b0);
+            s[n][1] = __expf(s[n][1] - b0);
+            s[n][2] = __expf(s[n][2] - b1);
+            s[n][3] = __expf(s[n][3] - b1);
+            sum0 += s[n][0] + s[n][1];
+            sum1 += s[n][2] + s[n][3];
+        }
+        sum0 += __shfl_xor_sync(FULL_MASK, sum0, 1);
+        sum0 += __shfl_xor_sync(FULL_MASK, sum0, 2);
+        sum1 += __shfl_xor_sync(FULL_MASK, sum1, 1);
+        sum1 += __shfl_xor_sync(FULL_MASK, sum1, 2);
+        l0 = l0 * c0 + sum0;
+        l1 = l1 * c1 + sum1;
+#pragma unroll
+        for (int n = 0; n < D / 8; n++) {
+            o[n][0] *= c0;
+            o[n][1] *= c0;
+            o[n][2] *= c1;
+            o[n][3] *= c1;
+        }
+#pragma unroll
+        for (int kk = 0; kk < MMA_K / 16; kk++) {
+            const unsigned a[4] = {pack_f2(s[2 * kk][0], s[2 * kk][1]), pack_f2(s[2 * kk][2], s[2 * kk][3]),
+                                   pack_f2(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack_f2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+            const int kr = kk * 16 + 2 * t;
+#pragma unroll
+            for (int n = 0; n < D / 8; n++) {
+                const int c = n * 8 + g;
+                const unsigned b[2] = {pack_h2(vs[kr][c], vs[kr + 1][c]), pack_h2(vs[kr + 8][c], vs[kr + 9][c])};
+                mma_16816(o[n], a, b, o[n]);
+            }
+        }
+        m0 = mn0;
+        m1 = mn1;
+    }
+    const float i0 = l0 > 0.0f ? 1.0f / l0 : 0.0f, i1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
+    __half* oh = out + h * D;
+#pragma unroll
+    for (int n = 0; n < D / 8; n++) {
+        const int c = n * 8 + 2 * t;
+        if (r0 < n_q) *reinterpret_cast<unsigned*>(oh + (long long)r0 * o_stride + c) = pack_f2(o[n][0] * i0, o[n][1] * i0);
+        if (r1 < n_q) *reinterpret_cast<unsigned*>(oh + (long long)r1 * o_stride + c) = pack_f2(o[n][2] * i1, o[n][3] * i1);
+    }
+    if (lse && t == 0) {
+        if (r0 < n_q) lse[(long long)r0 * heads_q + h] = l0 > 0.0f ? m0 + logf(l0) : -INFINITY;
+        if (r1 < n_q) lse[(long long)r1 * heads_q + h] = l1 > 0.0f ? m1 + logf(l1) : -INFINITY;
+    }
+}
+
+// grid (ceil(n_q / 64), heads_q), block 128; arguments as flash_attn_prefill_f16 without head_dim.
+extern "C" __global__ void __launch_bounds__(128) flash_attn_mma_d64_f16(
+    __half* __restrict__ out, const __half* __restrict__ q, const __half* __restrict__ k, const __half* __restrict__ v,
+    int n_q, int n_k, int heads_q, int heads_kv, int q_stride, int kv_stride, int o_stride, float scale, int causal, float* __restrict__ lse) {
+    flash_attn_mma_body<64>(out, q, k, v, n_q, n_k, heads_q, heads_kv, q_stride, kv_stride, o_stride, scale, causal, lse);
+}
+extern "C" __global__ void __launch_bounds__(128) flash_attn_mma_d128_f16(
+    __half* __restrict__ out, const __half* __restrict__ q, const __half* __restrict__ k, const __half* __restrict__ v,
+    int n_q, int n_k, int heads_q, int heads_kv, int q_stride, int kv_stride, int o_stride, float scale, int causal, float* __restrict__ lse) {
+    flash_attn_mma_body<128>(out, q, k, v, n_q, n_k, heads_q, heads_kv, q_stride, kv_stride, o_stride, scale, causal, lse);
+}
+
 // ---- Backward (training): flash-style, the probabilities recomputed from the forward's saved log-sum-exp.
 // With P = softmax(scale Q K^T) (masked), dP = dO V^T, delta_i = sum_d dO[i, d] O[i, d]:
 // dS = P o (dP - delta), dQ = scale dS K, dK = scale dS^T Q, dV = P^T dO. Two kernels, no atomics: one over query

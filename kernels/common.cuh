@@ -45,3 +45,26 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
     float t = lane < warps ? scratch[lane] : -INFINITY;
     return warp_max(t);
 }
+
+// Two halves in one 32-bit register, the first in the low 16 bits (the operand layout of mma.sync).
+__device__ __forceinline__ unsigned pack_h2(__half lo, __half hi) {
+    return (unsigned)__half_as_ushort(lo) | ((unsigned)__half_as_ushort(hi) << 16);
+}
+__device__ __forceinline__ unsigned pack_f2(float lo, float hi) { return pack_h2(__float2half_rn(lo), __float2half_rn(hi)); }
+
+// d = a b + c on the tensor cores, one warp: A 16x16 (row-major), B 16x8 (column-major), fp16 operands, fp32 C and
+// D. Fragments as the PTX ISA lays them out for mma.m16n8k16 (lane l, g = l / 4, t = l % 4): a0 = A[g][2t, 2t+1],
+// a1 = A[g+8][2t..], a2 = A[g][2t+8..], a3 = A[g+8][2t+8..]; b0 = B[2t, 2t+1][g], b1 = B[2t+8, 2t+9][g];
+// c0, c1 = C[g][2t, 2t+1], c2, c3 = C[g+8][2t, 2t+1]. sm_80 and later only (the launchers check).
+__device__ __forceinline__ void mma_16816(float d[4], const unsigned a[4], const unsigned b[2], const float c[4]) {
+#if defined(CUEMU)
+    cuemu::mma_m16n8k16(d, a, b, c);
+#elif __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%10, %11, %12, %13};\n"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+#else
+    __trap();
+#endif
+}

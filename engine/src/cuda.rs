@@ -396,6 +396,9 @@ pub struct Gpu {
     /// Whether the decoder uses the fused kernels (RoPE + cache store, SwiGLU + down-projection GEMV) where they
     /// apply (default on; `bench-gpu` also measures without them).
     pub fuse: std::sync::atomic::AtomicBool,
+    /// Whether attention forward passes use the tensor-core kernels (`flash_attn_mma_d{64,128}_f16`) where they
+    /// apply: head size 64 or 128, 16-byte aligned key/value rows, sm_80 or later (the default there).
+    pub mma_attention: std::sync::atomic::AtomicBool,
     sms: usize,
 }
 
@@ -455,7 +458,7 @@ impl Gpu {
         unsafe { cudarc::driver::sys::cuMemPoolSetAttribute(pool, cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, &mut keep as *mut u64 as *mut _) }.result().map_err(derr)?;
         let blas = Lt::new(&stream, major)?;
         let sms = ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(derr)?.max(1) as usize;
-        Ok(Ok(Gpu { ctx, stream, arch, name, _modules: modules, funcs, blas, gemv: std::sync::atomic::AtomicBool::new(true), fuse: std::sync::atomic::AtomicBool::new(true), sms }))
+        Ok(Ok(Gpu { ctx, stream, arch, name, _modules: modules, funcs, blas, gemv: std::sync::atomic::AtomicBool::new(true), fuse: std::sync::atomic::AtomicBool::new(true), mma_attention: std::sync::atomic::AtomicBool::new(major >= 8), sms }))
     }
 
     fn mem_pool(ctx: &CudaContext) -> Result<cudarc::driver::sys::CUmemoryPool> {
@@ -754,8 +757,8 @@ impl Gpu {
         self.attention_fwd_at(out, lse, rows, n_q, n_k, heads_q, heads_kv, head_dim, causal)
     }
 
-    /// `flash_attn_prefill_f16` on operands given by address and row stride (`AttnRows`): out [n_q, heads_q, d]
-    /// and, when given, each row's log-sum-exp. The caller keeps the operands alive and large enough.
+    /// `flash_attn_prefill_f16`, or its tensor-core twin where `mma_attention` allows, on operands given by address
+    /// and row stride (`AttnRows`): out [n_q, heads_q, d] and, when given, each row's log-sum-exp. The caller keeps the operands alive and large enough.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn attention_fwd_at(&self, out: &mut CudaSlice<f16>, lse: Option<&mut CudaSlice<f32>>, x: AttnRows, n_q: usize, n_k: usize, heads_q: usize, heads_kv: usize, head_dim: usize, causal: bool) -> Result<()> {
         if head_dim > 128 || heads_kv == 0 || !heads_q.is_multiple_of(heads_kv) || out.len() < n_q * heads_q * head_dim || lse.as_ref().is_some_and(|l| l.len() < n_q * heads_q) {
@@ -766,13 +769,29 @@ impl Gpu {
         let scale = 1.0f32 / (head_dim as f32).sqrt();
         let c = i32::from(causal);
         let null = 0u64;
-        let mut b = self.stream.launch_builder(self.f("flash_attn_prefill_f16")?);
-        b.arg(out).arg(&x.q).arg(&x.k).arg(&x.v).arg(&nq).arg(&nk).arg(&hq).arg(&hk).arg(&d).arg(&qs).arg(&ks).arg(&os).arg(&scale).arg(&c);
+        // The tensor-core kernel: 64 query rows per block, k and v staged with 16-byte loads, q and out by pairs.
+        let mma = self.mma_attention.load(std::sync::atomic::Ordering::Relaxed)
+            && (head_dim == 64 || head_dim == 128)
+            && (x.k | x.v) % 16 == 0
+            && x.kv_stride % 8 == 0
+            && (x.q | self.dptr(out, 0)) % 4 == 0
+            && x.q_stride % 2 == 0;
+        let kernel = match (mma, head_dim) {
+            (true, 64) => "flash_attn_mma_d64_f16",
+            (true, _) => "flash_attn_mma_d128_f16",
+            _ => "flash_attn_prefill_f16",
+        };
+        let mut b = self.stream.launch_builder(self.f(kernel)?);
+        b.arg(out).arg(&x.q).arg(&x.k).arg(&x.v).arg(&nq).arg(&nk).arg(&hq).arg(&hk);
+        if !mma {
+            b.arg(&d);
+        }
+        b.arg(&qs).arg(&ks).arg(&os).arg(&scale).arg(&c);
         match lse {
             Some(l) => b.arg(l),
             None => b.arg(&null),
         };
-        let grid = (n_q.div_ceil(16).max(1) as u32, heads_q as u32, 1);
+        let grid = (n_q.div_ceil(if mma { 64 } else { 16 }).max(1) as u32, heads_q as u32, 1);
         unsafe { b.launch(LaunchConfig { grid_dim: grid, block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
         Ok(())
     }

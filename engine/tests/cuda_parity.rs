@@ -251,7 +251,13 @@ fn attention_kernels_match_float64() {
     let mut rng = SplitMix64::new(3);
     // (n_q, n_k, heads_q, heads_kv, d, causal): text (causal, with and without a cached prefix), vision (full), GQA,
     // MQA, head sizes of ShapesWorld (24), CLIP-L (64) and LLaMA (128).
-    for &(n_q, n_k, hq, hkv, d, causal) in &[(1usize, 1usize, 1usize, 1usize, 16usize, true), (37, 37, 4, 4, 24, true), (20, 90, 8, 2, 64, true), (577, 577, 4, 4, 64, false), (64, 640, 8, 1, 128, true)] {
+    // Head sizes 64 and 128 run twice: the tensor-core kernels (flash_attn_mma_d*_f16, the default on sm_80+) and
+    // the scalar one; partial tiles of 64 rows and keys, a prefix offset that is not a tile multiple, and a query
+    // block whose first rows see no key of a tile are included.
+    let shapes = [(1usize, 1usize, 1usize, 1usize, 16usize, true), (37, 37, 4, 4, 24, true), (20, 90, 8, 2, 64, true), (577, 577, 4, 4, 64, false), (64, 640, 8, 1, 128, true), (130, 130, 2, 2, 64, true), (70, 203, 4, 2, 128, true), (1, 1, 2, 1, 128, true), (150, 100, 2, 2, 128, false)];
+    let mma_default = g.mma_attention.load(std::sync::atomic::Ordering::Relaxed);
+    let runs = shapes.iter().flat_map(|&s| [(s, false), (s, true)]).filter(|&((.., d, _), mma)| !mma || (mma_default && (d == 64 || d == 128)));
+    for ((n_q, n_k, hq, hkv, d, causal), mma) in runs {
         let q = randn(&mut rng, n_q * hq * d, 1.0);
         let k = randn(&mut rng, n_k * hkv * d, 1.0);
         let v = randn(&mut rng, n_k * hkv * d, 1.0);
@@ -268,9 +274,12 @@ fn attention_kernels_match_float64() {
                 want[(i * hq + hh) * d..(i * hq + hh + 1) * d].copy_from_slice(&o);
             }
         }
+        g.mma_attention.store(mma, std::sync::atomic::Ordering::Relaxed);
         let got = g.attention_prefill(&q, &k, &v, hq, hkv, d, causal).unwrap();
-        check(&format!("flash_attn_prefill_f16 q{n_q} k{n_k} h{hq}/{hkv} d{d} causal {causal}"), &got, &want);
+        let kernel = if mma { format!("flash_attn_mma_d{d}_f16") } else { "flash_attn_prefill_f16".into() };
+        check(&format!("{kernel} q{n_q} k{n_k} h{hq}/{hkv} d{d} causal {causal}"), &got, &want);
     }
+    g.mma_attention.store(mma_default, std::sync::atomic::Ordering::Relaxed);
     // Decode: n sequences share a prefix (image + prompt) and each has its own suffix of another length.
     // One sequence over a long cache (split across many blocks), ten answers over a LLaVA-sized prefix, GQA.
     for &(bsz, prefix, hq, hkv, d) in &[(1usize, 5usize, 1usize, 1usize, 16usize), (1, 700, 32, 32, 128), (10, 600, 8, 8, 128), (4, 33, 4, 2, 24)] {

@@ -65,6 +65,7 @@ struct Warp {
     int live = 0, count = 0;
     uint64_t gen = 0;
     uint64_t slots[WARP_SIZE] = {};
+    uint32_t exchange[WARP_SIZE * 16] = {};
 };
 
 struct Block {
@@ -159,6 +160,8 @@ void syncwarp() {
 }
 
 uint64_t* warp_slots() { return blk->warps[cur->warp].slots; }
+
+uint32_t* warp_exchange() { return blk->warps[cur->warp].exchange; }
 
 void* dyn_smem() { return blk->smem.data(); }
 

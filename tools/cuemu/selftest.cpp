@@ -61,6 +61,23 @@ static void divergent(int* out) {
         out[threadIdx.x] = __shfl_sync(FULL_MASK, int(threadIdx.x), 0);
 }
 
+// One mma.sync m16n8k16: every lane builds its fragments from row-major A (16x16), B (16x8) and C (16x8) by the
+// PTX ISA layout and writes its four results back to D.
+static void mma(const float* a, const float* b, const float* c, float* d) {
+    const int lane = threadIdx.x, g = lane / 4, t = lane % 4;
+    auto pa = [&](int r, int k) { return pack_f2(a[r * 16 + k], a[r * 16 + k + 1]); };
+    auto pb = [&](int k, int n) { return pack_f2(b[k * 8 + n], b[(k + 1) * 8 + n]); };
+    const unsigned af[4] = {pa(g, 2 * t), pa(g + 8, 2 * t), pa(g, 2 * t + 8), pa(g + 8, 2 * t + 8)};
+    const unsigned bf[2] = {pb(2 * t, g), pb(2 * t + 8, g)};
+    const float cf[4] = {c[g * 8 + 2 * t], c[g * 8 + 2 * t + 1], c[(g + 8) * 8 + 2 * t], c[(g + 8) * 8 + 2 * t + 1]};
+    float df[4];
+    mma_16816(df, af, bf, cf);
+    d[g * 8 + 2 * t] = df[0];
+    d[g * 8 + 2 * t + 1] = df[1];
+    d[(g + 8) * 8 + 2 * t] = df[2];
+    d[(g + 8) * 8 + 2 * t + 1] = df[3];
+}
+
 int main() {
     using cuemu::run_grid;
     {
@@ -111,6 +128,23 @@ int main() {
         EXPECT(e.find("deadlock") != std::string::npos, "divergent barriers were not reported: '%s'", e.c_str());
     }
     {
+        // Small integers: exact in fp16, so the product is exact in fp32.
+        std::vector<float> a(256), b(128), c(128), d(128, -1.0f);
+        for (int i = 0; i < 256; i++) a[i] = float((i * 7) % 11) - 5.0f;
+        for (int i = 0; i < 128; i++) b[i] = float((i * 5) % 9) - 4.0f;
+        for (int i = 0; i < 128; i++) c[i] = float(i % 13) * 0.5f;
+        const float *pa = a.data(), *pb = b.data(), *pc = c.data();
+        float* pd = d.data();
+        std::string e = run_grid("mma", [=] { mma(pa, pb, pc, pd); }, dim3{1, 1, 1}, dim3{32, 1, 1}, 0);
+        EXPECT(e.empty(), "mma: %s", e.c_str());
+        for (int r = 0; r < 16; r++)
+            for (int n = 0; n < 8; n++) {
+                float want = c[r * 8 + n];
+                for (int k = 0; k < 16; k++) want += a[r * 16 + k] * b[k * 8 + n];
+                EXPECT(d[r * 8 + n] == want, "mma D[%d][%d] = %f, want %f", r, n, d[r * 8 + n], want);
+            }
+    }
+    {
         const __half h = __float2half_rn(1.0f + 1.0f / 4096.0f);  // halfway between two fp16 values: to even
         EXPECT(__half2float(h) == 1.0f, "fp16 rounding: %f", __half2float(h));
         EXPECT(__half2float(__float2half_rn(65520.0f)) == INFINITY, "fp16 overflow");
@@ -120,6 +154,6 @@ int main() {
         std::fprintf(stderr, "cuemu selftest: %d failures\n", failures);
         return 1;
     }
-    std::printf("cuemu selftest: shuffles, block sums, early exits, deadlock detection and fp16 rounding pass\n");
+    std::printf("cuemu selftest: shuffles, block sums, early exits, deadlock detection, mma.sync and fp16 rounding pass\n");
     return 0;
 }

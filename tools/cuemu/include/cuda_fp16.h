@@ -13,8 +13,9 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
+#define CUEMU 1
 #define __shared__ static thread_local
-#define __align__(n) alignas(n)
+#define __align__(n) __attribute__((aligned(n)))
 
 struct uint3 {
     unsigned x, y, z;
@@ -50,6 +51,8 @@ inline __half __float2half_rn(float v) {
     return h;
 }
 inline __half __float2half(float v) { return __float2half_rn(v); }
+inline unsigned short __half_as_ushort(__half h) { return h.bits; }
+inline __half __ushort_as_half(unsigned short b) { return __half{b}; }
 inline float2 __half22float2(__half2 h) { return float2{__half2float(h.x), __half2float(h.y)}; }
 inline __half2 __floats2half2_rn(float a, float b) { return __half2{__float2half_rn(a), __float2half_rn(b)}; }
 
@@ -67,6 +70,7 @@ extern thread_local ThreadView* cur;
 void syncthreads();
 void syncwarp();
 uint64_t* warp_slots();
+uint32_t* warp_exchange();  // 32 lanes x 16 words, for warp-wide matrix operations
 void* dyn_smem();
 
 template <class T>
@@ -82,6 +86,41 @@ T shfl(T v, int src) {
     T r;
     std::memcpy(&r, &s, sizeof(T));
     return r;
+}
+// mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32, with the fragment layout of the PTX ISA: lane l, g = l / 4,
+// t = l % 4. A (16x16, row-major): a0 = A[g][2t, 2t+1], a1 = A[g+8][2t..], a2 = A[g][2t+8..], a3 = A[g+8][2t+8..];
+// B (16x8, column-major): b0 = B[2t, 2t+1][g], b1 = B[2t+8, 2t+9][g]; C and D (16x8): c0, c1 = C[g][2t, 2t+1],
+// c2, c3 = C[g+8][2t, 2t+1]. Each register of A and B holds two halves, the lower-indexed one in the low 16 bits.
+inline void mma_m16n8k16(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4]) {
+    uint32_t* x = warp_exchange();
+    const int lane = cur->lane;
+    for (int i = 0; i < 4; i++) x[lane * 16 + i] = a[i];
+    for (int i = 0; i < 2; i++) x[lane * 16 + 4 + i] = b[i];
+    syncwarp();
+    auto half_at = [](uint32_t w, int hi) {
+        __half h;
+        h.bits = uint16_t(hi ? w >> 16 : w & 0xffff);
+        return __half2float(h);
+    };
+    // A[r][k] and B[k][n] from the lanes that hold them.
+    auto A = [&](int r, int k) {
+        const int g = r % 8, t = (k % 8) / 2, reg = (r >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0);
+        return half_at(x[(g * 4 + t) * 16 + reg], k % 2);
+    };
+    auto B = [&](int k, int n) {
+        const int t = (k % 8) / 2, reg = k >= 8 ? 1 : 0;
+        return half_at(x[(n * 4 + t) * 16 + 4 + reg], k % 2);
+    };
+    const int g = lane / 4, t = lane % 4;
+    float out[4];
+    for (int i = 0; i < 4; i++) {
+        const int r = g + (i >= 2 ? 8 : 0), n = 2 * t + (i % 2);
+        float s = 0.0f;
+        for (int k = 0; k < 16; k++) s += A(r, k) * B(k, n);
+        out[i] = c[i] + s;
+    }
+    syncwarp();
+    for (int i = 0; i < 4; i++) d[i] = out[i];
 }
 }  // namespace cuemu
 
