@@ -585,3 +585,237 @@ extern "C" __global__ void __launch_bounds__(128) flash_attn_bwd_dkdv_f16(
         }
     }
 }
+
+// ---- Tensor-core backward (sm_80+), head sizes 64 and 128: the same contract as flash_attn_bwd_dq_f16 and
+// flash_attn_bwd_dkdv_f16 (attn_bwd_delta_f16 first). Scores, dP and the products run on mma.sync m16n8k16 with
+// fp32 accumulation, 16 keys (dQ) or 16 queries (dK, dV) at a time, so each chunk's P and dS go from the score
+// registers straight into A fragments.
+
+// dQ: grid (ceil(n_q / 64), heads_q), block 128; a warp keeps its 16 rows of Q and dO as A fragments.
+template <int D>
+__device__ __forceinline__ void flash_attn_bwd_dq_mma_body(
+    __half* __restrict__ dq, const __half* __restrict__ q, const __half* __restrict__ k, const __half* __restrict__ v,
+    const __half* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
+    int n_q, int n_k, int heads_q, int heads_kv, int q_stride, int kv_stride, int o_stride, float scale, int causal) {
+    __shared__ __align__(16) __half ks[MMA_K][D + MMA_PAD];
+    __shared__ __align__(16) __half vs[MMA_K][D + MMA_PAD];
+    const int h = blockIdx.y, hk = h / (heads_q / heads_kv);
+    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, g = lane / 4, t = lane % 4;
+    const int q0 = blockIdx.x * MMA_Q, r0 = q0 + warp * 16 + g, r1 = r0 + 8;
+    const int offset = n_k - n_q;
+    auto pair = [&](const __half* base, int stride, int row, int col) -> unsigned {
+        return row < n_q ? *reinterpret_cast<const unsigned*>(base + (long long)row * stride + h * D + col) : 0u;
+    };
+    unsigned qf[D / 16][4], df[D / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk++) {
+        const int c = kk * 16 + 2 * t;
+        qf[kk][0] = pair(q, q_stride, r0, c);
+        qf[kk][1] = pair(q, q_stride, r1, c);
+        qf[kk][2] = pair(q, q_stride, r0, c + 8);
+        qf[kk][3] = pair(q, q_stride, r1, c + 8);
+        df[kk][0] = pair(dout, o_stride, r0, c);
+        df[kk][1] = pair(dout, o_stride, r1, c);
+        df[kk][2] = pair(dout, o_stride, r0, c + 8);
+        df[kk][3] = pair(dout, o_stride, r1, c + 8);
+    }
+    const float lse0 = r0 < n_q ? lse[(long long)r0 * heads_q + h] : 0.0f, lse1 = r1 < n_q ? lse[(long long)r1 * heads_q + h] : 0.0f;
+    const float dl0 = r0 < n_q ? delta[(long long)r0 * heads_q + h] : 0.0f, dl1 = r1 < n_q ? delta[(long long)r1 * heads_q + h] : 0.0f;
+    float acc[D / 8][4];
+#pragma unroll
+    for (int n = 0; n < D / 8; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+    const int kmax = causal ? min(n_k, q0 + MMA_Q + offset) : n_k;
+    const int last_row = q0 + warp * 16 + 15;
+    for (int k0 = 0; k0 < kmax; k0 += MMA_K) {
+        __syncthreads();
+        for (int idx = threadIdx.x; idx < MMA_K * (D / 8); idx += blockDim.x) {
+            const int j = idx / (D / 8), c = (idx % (D / 8)) * 8, kj = k0 + j;
+            uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
+            if (kj < n_k) {
+                const long long at = (long long)kj * kv_stride + hk * D + c;
+                kv = *reinterpret_cast<const uint4*>(k + at);
+                vv = *reinterpret_cast<const uint4*>(v + at);
+            }
+            *reinterpret_cast<uint4*>(&ks[j][c]) = kv;
+            *reinterpret_cast<uint4*>(&vs[j][c]) = vv;
+        }
+        __syncthreads();
+        if (causal && k0 > last_row + offset) continue;  // uniform across the warp
+#pragma unroll
+        for (int ch = 0; ch < MMA_K / 16; ch++) {
+            float s[2][4], dp[2][4];
+#pragma unroll
+            for (int n = 0; n < 2; n++) {
+                s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+                dp[n][0] = dp[n][1] = dp[n][2] = dp[n][3] = 0.0f;
+                const int kn = ch * 16 + n * 8 + g;
+#pragma unroll
+                for (int kk = 0; kk < D / 16; kk++) {
+                    const unsigned bk[2] = {*reinterpret_cast<const unsigned*>(&ks[kn][kk * 16 + 2 * t]), *reinterpret_cast<const unsigned*>(&ks[kn][kk * 16 + 8 + 2 * t])};
+                    const unsigned bv[2] = {*reinterpret_cast<const unsigned*>(&vs[kn][kk * 16 + 2 * t]), *reinterpret_cast<const unsigned*>(&vs[kn][kk * 16 + 8 + 2 * t])};
+                    mma_16816(s[n], qf[kk], bk, s[n]);
+                    mma_16816(dp[n], df[kk], bv, dp[n]);
+                }
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int row = e < 2 ? r0 : r1, col = k0 + ch * 16 + n * 8 + 2 * t + (e & 1);
+                    const bool ok = row < n_q && col < n_k && (!causal || col <= row + offset);
+                    const float p = ok ? __expf(s[n][e] * scale - (e < 2 ? lse0 : lse1)) : 0.0f;
+                    dp[n][e] = p * (dp[n][e] - (e < 2 ? dl0 : dl1));  // dS
+                }
+            }
+            const unsigned a[4] = {pack_f2(dp[0][0], dp[0][1]), pack_f2(dp[0][2], dp[0][3]), pack_f2(dp[1][0], dp[1][1]), pack_f2(dp[1][2], dp[1][3])};
+            const int kr = ch * 16 + 2 * t;
+#pragma unroll
+            for (int n = 0; n < D / 8; n++) {
+                const int c = n * 8 + g;
+                const unsigned b[2] = {pack_h2(ks[kr][c], ks[kr + 1][c]), pack_h2(ks[kr + 8][c], ks[kr + 9][c])};
+                mma_16816(acc[n], a, b, acc[n]);
+            }
+        }
+    }
+    __half* dh = dq + h * D;
+#pragma unroll
+    for (int n = 0; n < D / 8; n++) {
+        const int c = n * 8 + 2 * t;
+        if (r0 < n_q) *reinterpret_cast<unsigned*>(dh + (long long)r0 * q_stride + c) = pack_f2(acc[n][0] * scale, acc[n][1] * scale);
+        if (r1 < n_q) *reinterpret_cast<unsigned*>(dh + (long long)r1 * q_stride + c) = pack_f2(acc[n][2] * scale, acc[n][3] * scale);
+    }
+}
+
+// dK and dV: grid (ceil(n_k / 64), heads_kv), block 128, dynamic shared memory 4 * 64 * (D + 8) halves (the block's
+// keys and values, then a 64-query tile of Q and dO). A warp owns 16 keys; every query head of the group is
+// visited.
+template <int D>
+__device__ __forceinline__ void flash_attn_bwd_dkdv_mma_body(
+    __half* __restrict__ dk, __half* __restrict__ dv, const __half* __restrict__ q, const __half* __restrict__ k,
+    const __half* __restrict__ v, const __half* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
+    int n_q, int n_k, int heads_q, int heads_kv, int q_stride, int kv_stride, int o_stride, float scale, int causal, __half* smem) {
+    typedef __half Row[D + MMA_PAD];
+    Row* kt = reinterpret_cast<Row*>(smem);
+    Row* vt = kt + MMA_K;
+    Row* qt = vt + MMA_K;
+    Row* dt = qt + MMA_Q;
+    __shared__ float lt[MMA_Q], dlt[MMA_Q];
+    const int hk = blockIdx.y, group = heads_q / heads_kv;
+    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, g = lane / 4, t = lane % 4;
+    const int j0 = blockIdx.x * MMA_K, kw = warp * 16, kr0 = j0 + kw + g, kr1 = kr0 + 8;
+    const int offset = n_k - n_q;  // key j is seen by queries i >= j - offset
+    for (int idx = threadIdx.x; idx < MMA_K * (D / 8); idx += blockDim.x) {
+        const int j = idx / (D / 8), c = (idx % (D / 8)) * 8, kj = j0 + j;
+        uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
+        if (kj < n_k) {
+            const long long at = (long long)kj * kv_stride + hk * D + c;
+            kv = *reinterpret_cast<const uint4*>(k + at);
+            vv = *reinterpret_cast<const uint4*>(v + at);
+        }
+        *reinterpret_cast<uint4*>(&kt[j][c]) = kv;
+        *reinterpret_cast<uint4*>(&vt[j][c]) = vv;
+    }
+    float ak[D / 8][4], av[D / 8][4];
+#pragma unroll
+    for (int n = 0; n < D / 8; n++) ak[n][0] = ak[n][1] = ak[n][2] = ak[n][3] = av[n][0] = av[n][1] = av[n][2] = av[n][3] = 0.0f;
+    const int qmin = causal ? max(0, j0 - offset) : 0;
+    for (int h = hk * group; h < (hk + 1) * group; h++) {
+        for (int i0 = (qmin / MMA_Q) * MMA_Q; i0 < n_q; i0 += MMA_Q) {
+            __syncthreads();
+            for (int idx = threadIdx.x; idx < MMA_Q * (D / 8); idx += blockDim.x) {
+                const int r = idx / (D / 8), c = (idx % (D / 8)) * 8, qi = i0 + r;
+                uint4 qv = make_uint4(0, 0, 0, 0), dv4 = make_uint4(0, 0, 0, 0);
+                if (qi < n_q) {
+                    qv = *reinterpret_cast<const uint4*>(q + (long long)qi * q_stride + h * D + c);
+                    dv4 = *reinterpret_cast<const uint4*>(dout + (long long)qi * o_stride + h * D + c);
+                }
+                *reinterpret_cast<uint4*>(&qt[r][c]) = qv;
+                *reinterpret_cast<uint4*>(&dt[r][c]) = dv4;
+            }
+            if (threadIdx.x < MMA_Q) {
+                const int qi = i0 + threadIdx.x;
+                lt[threadIdx.x] = qi < n_q ? lse[(long long)qi * heads_q + h] : 0.0f;
+                dlt[threadIdx.x] = qi < n_q ? delta[(long long)qi * heads_q + h] : 0.0f;
+            }
+            __syncthreads();
+            if (causal && j0 + kw > i0 + MMA_Q - 1 + offset) continue;  // no query of the tile sees these keys (uniform)
+#pragma unroll
+            for (int ch = 0; ch < MMA_Q / 16; ch++) {
+                float st[2][4], dpt[2][4];  // S^T and dP^T: this warp's 16 keys x 16 queries
+#pragma unroll
+                for (int n = 0; n < 2; n++) st[n][0] = st[n][1] = st[n][2] = st[n][3] = dpt[n][0] = dpt[n][1] = dpt[n][2] = dpt[n][3] = 0.0f;
+#pragma unroll
+                for (int kk = 0; kk < D / 16; kk++) {
+                    const int c = kk * 16 + 2 * t;
+                    const unsigned a_k[4] = {*reinterpret_cast<const unsigned*>(&kt[kw + g][c]), *reinterpret_cast<const unsigned*>(&kt[kw + g + 8][c]),
+                                             *reinterpret_cast<const unsigned*>(&kt[kw + g][c + 8]), *reinterpret_cast<const unsigned*>(&kt[kw + g + 8][c + 8])};
+                    const unsigned a_v[4] = {*reinterpret_cast<const unsigned*>(&vt[kw + g][c]), *reinterpret_cast<const unsigned*>(&vt[kw + g + 8][c]),
+                                             *reinterpret_cast<const unsigned*>(&vt[kw + g][c + 8]), *reinterpret_cast<const unsigned*>(&vt[kw + g + 8][c + 8])};
+#pragma unroll
+                    for (int n = 0; n < 2; n++) {
+                        const int qn = ch * 16 + n * 8 + g;
+                        const unsigned bq[2] = {*reinterpret_cast<const unsigned*>(&qt[qn][c]), *reinterpret_cast<const unsigned*>(&qt[qn][c + 8])};
+                        const unsigned bd[2] = {*reinterpret_cast<const unsigned*>(&dt[qn][c]), *reinterpret_cast<const unsigned*>(&dt[qn][c + 8])};
+                        mma_16816(st[n], a_k, bq, st[n]);
+                        mma_16816(dpt[n], a_v, bd, dpt[n]);
+                    }
+                }
+#pragma unroll
+                for (int n = 0; n < 2; n++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        const int key = e < 2 ? kr0 : kr1, ql = ch * 16 + n * 8 + 2 * t + (e & 1), qi = i0 + ql;
+                        const bool ok = qi < n_q && key < n_k && (!causal || key <= qi + offset);
+                        const float p = ok ? __expf(st[n][e] * scale - lt[ql]) : 0.0f;
+                        st[n][e] = p;
+                        dpt[n][e] = p * (dpt[n][e] - dlt[ql]);  // dS^T
+                    }
+                const unsigned ap[4] = {pack_f2(st[0][0], st[0][1]), pack_f2(st[0][2], st[0][3]), pack_f2(st[1][0], st[1][1]), pack_f2(st[1][2], st[1][3])};
+                const unsigned as[4] = {pack_f2(dpt[0][0], dpt[0][1]), pack_f2(dpt[0][2], dpt[0][3]), pack_f2(dpt[1][0], dpt[1][1]), pack_f2(dpt[1][2], dpt[1][3])};
+                const int qr = ch * 16 + 2 * t;
+#pragma unroll
+                for (int n = 0; n < D / 8; n++) {
+                    const int c = n * 8 + g;
+                    const unsigned bd[2] = {pack_h2(dt[qr][c], dt[qr + 1][c]), pack_h2(dt[qr + 8][c], dt[qr + 9][c])};
+                    const unsigned bq[2] = {pack_h2(qt[qr][c], qt[qr + 1][c]), pack_h2(qt[qr + 8][c], qt[qr + 9][c])};
+                    mma_16816(av[n], ap, bd, av[n]);
+                    mma_16816(ak[n], as, bq, ak[n]);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int n = 0; n < D / 8; n++) {
+        const int c = hk * D + n * 8 + 2 * t;
+        if (kr0 < n_k) {
+            *reinterpret_cast<unsigned*>(dk + (long long)kr0 * kv_stride + c) = pack_f2(ak[n][0] * scale, ak[n][1] * scale);
+            *reinterpret_cast<unsigned*>(dv + (long long)kr0 * kv_stride + c) = pack_f2(av[n][0], av[n][1]);
+        }
+        if (kr1 < n_k) {
+            *reinterpret_cast<unsigned*>(dk + (long long)kr1 * kv_stride + c) = pack_f2(ak[n][2] * scale, ak[n][3] * scale);
+            *reinterpret_cast<unsigned*>(dv + (long long)kr1 * kv_stride + c) = pack_f2(av[n][2], av[n][3]);
+        }
+    }
+}
+
+#define DQ_MMA_ARGS                                                                                                            \
+    __half *__restrict__ dq, const __half *__restrict__ q, const __half *__restrict__ k, const __half *__restrict__ v,          \
+        const __half *__restrict__ dout, const float *__restrict__ lse, const float *__restrict__ delta, int n_q, int n_k, \
+        int heads_q, int heads_kv, int q_stride, int kv_stride, int o_stride, float scale, int causal
+#define DKDV_MMA_ARGS                                                                                                           \
+    __half *__restrict__ dk, __half *__restrict__ dv, const __half *__restrict__ q, const __half *__restrict__ k,            \
+        const __half *__restrict__ v, const __half *__restrict__ dout, const float *__restrict__ lse,                       \
+        const float *__restrict__ delta, int n_q, int n_k, int heads_q, int heads_kv, int q_stride, int kv_stride, int o_stride, \
+        float scale, int causal
+
+extern "C" __global__ void __launch_bounds__(128) flash_attn_bwd_dq_mma_d64_f16(DQ_MMA_ARGS) {
+    flash_attn_bwd_dq_mma_body<64>(dq, q, k, v, dout, lse, delta, n_q, n_k, heads_q, heads_kv, q_stride, kv_stride, o_stride, scale, causal);
+}
+extern "C" __global__ void __launch_bounds__(128) flash_attn_bwd_dq_mma_d128_f16(DQ_MMA_ARGS) {
+    flash_attn_bwd_dq_mma_body<128>(dq, q, k, v, dout, lse, delta, n_q, n_k, heads_q, heads_kv, q_stride, kv_stride, o_stride, scale, causal);
+}
+extern "C" __global__ void __launch_bounds__(128) flash_attn_bwd_dkdv_mma_d64_f16(DKDV_MMA_ARGS) {
+    extern __shared__ __half dkdv_smem64[];
+    flash_attn_bwd_dkdv_mma_body<64>(dk, dv, q, k, v, dout, lse, delta, n_q, n_k, heads_q, heads_kv, q_stride, kv_stride, o_stride, scale, causal, dkdv_smem64);
+}
+extern "C" __global__ void __launch_bounds__(128) flash_attn_bwd_dkdv_mma_d128_f16(DKDV_MMA_ARGS) {
+    extern __shared__ __half dkdv_smem128[];
+    flash_attn_bwd_dkdv_mma_body<128>(dk, dv, q, k, v, dout, lse, delta, n_q, n_k, heads_q, heads_kv, q_stride, kv_stride, o_stride, scale, causal, dkdv_smem128);
+}

@@ -300,6 +300,12 @@ impl Drop for Lt {
     }
 }
 
+/// Dynamic shared memory of `flash_attn_bwd_dkdv_mma_d{64,128}_f16`: 64 rows each of keys, values, queries and
+/// output gradients, `head_dim` + 8 halves per row.
+fn dkdv_mma_smem(head_dim: usize) -> usize {
+    4 * 64 * (head_dim + 8) * 2
+}
+
 /// The alignment of a device address in bytes, capped at 256 (what cuBLASLt's heuristic asks about).
 fn align_of(ptr: u64) -> u32 {
     if ptr == 0 {
@@ -396,8 +402,9 @@ pub struct Gpu {
     /// Whether the decoder uses the fused kernels (RoPE + cache store, SwiGLU + down-projection GEMV) where they
     /// apply (default on; `bench-gpu` also measures without them).
     pub fuse: std::sync::atomic::AtomicBool,
-    /// Whether attention forward passes use the tensor-core kernels (`flash_attn_mma_d{64,128}_f16`) where they
-    /// apply: head size 64 or 128, 16-byte aligned key/value rows, sm_80 or later (the default there).
+    /// Whether attention uses the tensor-core kernels (`flash_attn_mma_d{64,128}_f16` forward,
+    /// `flash_attn_bwd_{dq,dkdv}_mma_d{64,128}_f16` backward) where they apply: head size 64 or 128, 16-byte
+    /// aligned rows, sm_80 or later (the default there).
     pub mma_attention: std::sync::atomic::AtomicBool,
     sms: usize,
 }
@@ -444,6 +451,13 @@ impl Gpu {
                 funcs.insert(k.clone(), f);
             }
             modules.push(m);
+        }
+        if major >= 8 {
+            // The tensor-core dK/dV kernel stages 64 keys, values, queries and output gradients: 68 KiB at head
+            // size 128, past the 48 KiB a launch gets without asking.
+            if let Some(f) = funcs.get("flash_attn_bwd_dkdv_mma_d128_f16") {
+                f.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, dkdv_mma_smem(128) as i32).map_err(derr)?;
+            }
         }
         // One non-blocking stream for everything (the legacy default stream cannot be captured into a CUDA graph).
         // SAFETY: all work of this context goes through that one stream, so cudarc's cross-stream event tracking
@@ -1198,12 +1212,30 @@ impl Gpu {
         let mut b = self.stream.launch_builder(self.f("attn_bwd_delta_f16")?);
         b.arg(&mut delta).arg(dout).arg(out).arg(&hq).arg(&d).arg(&os);
         unsafe { b.launch(LaunchConfig { grid_dim: (n_q as u32, heads_q as u32, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
-        let mut b = self.stream.launch_builder(self.f("flash_attn_bwd_dq_f16")?);
-        b.arg(&grads.q).arg(&x.q).arg(&x.k).arg(&x.v).arg(dout).arg(lse).arg(&delta).arg(&nq).arg(&nk).arg(&hq).arg(&hk).arg(&d).arg(&qs).arg(&ks).arg(&os).arg(&scale).arg(&c);
-        unsafe { b.launch(LaunchConfig { grid_dim: (n_q.div_ceil(16) as u32, heads_q as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
-        let mut b = self.stream.launch_builder(self.f("flash_attn_bwd_dkdv_f16")?);
-        b.arg(&grads.k).arg(&grads.v).arg(&x.q).arg(&x.k).arg(&x.v).arg(dout).arg(lse).arg(&delta).arg(&nq).arg(&nk).arg(&hq).arg(&hk).arg(&d).arg(&qs).arg(&ks).arg(&os).arg(&scale).arg(&c);
-        unsafe { b.launch(LaunchConfig { grid_dim: (n_k.div_ceil(16) as u32, heads_kv as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+        // The tensor-core kernels: 16-byte loads of q, k, v and dout rows, gradients stored by pairs.
+        let dout_ptr = self.dptr(dout, 0);
+        let mma = self.mma_attention.load(std::sync::atomic::Ordering::Relaxed)
+            && (head_dim == 64 || head_dim == 128)
+            && (x.q | x.k | x.v | dout_ptr) % 16 == 0
+            && (x.q_stride | x.kv_stride | (heads_q * head_dim)) % 8 == 0
+            && (grads.q | grads.k | grads.v) % 4 == 0;
+        let pick = |mma_name: &str, plain: &'static str| if mma { format!("{mma_name}_d{head_dim}_f16") } else { plain.to_string() };
+        let mut b = self.stream.launch_builder(self.f(&pick("flash_attn_bwd_dq_mma", "flash_attn_bwd_dq_f16"))?);
+        b.arg(&grads.q).arg(&x.q).arg(&x.k).arg(&x.v).arg(dout).arg(lse).arg(&delta).arg(&nq).arg(&nk).arg(&hq).arg(&hk);
+        if !mma {
+            b.arg(&d);
+        }
+        b.arg(&qs).arg(&ks).arg(&os).arg(&scale).arg(&c);
+        let rows = if mma { 64 } else { 16 };
+        unsafe { b.launch(LaunchConfig { grid_dim: (n_q.div_ceil(rows) as u32, heads_q as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+        let mut b = self.stream.launch_builder(self.f(&pick("flash_attn_bwd_dkdv_mma", "flash_attn_bwd_dkdv_f16"))?);
+        b.arg(&grads.k).arg(&grads.v).arg(&x.q).arg(&x.k).arg(&x.v).arg(dout).arg(lse).arg(&delta).arg(&nq).arg(&nk).arg(&hq).arg(&hk);
+        if !mma {
+            b.arg(&d);
+        }
+        b.arg(&qs).arg(&ks).arg(&os).arg(&scale).arg(&c);
+        let smem = if mma { dkdv_mma_smem(head_dim) as u32 } else { 0 };
+        unsafe { b.launch(LaunchConfig { grid_dim: (n_k.div_ceil(rows) as u32, heads_kv as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: smem }) }.map_err(derr)?;
         Ok(())
     }
 

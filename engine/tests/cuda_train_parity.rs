@@ -91,8 +91,13 @@ fn flash_attention_backward_matches_the_cpu_backend() {
     let Some(g) = gpu() else { return };
     let mut rng = SplitMix64::new(12);
     // (n_q, n_k, heads_q, heads_kv, d, causal): text with and without a cached prefix, GQA, MQA, the vision tower
-    // (full), ShapesWorld's and LLaMA's head sizes, a LLaVA-length sequence.
-    for &(n_q, n_k, hq, hkv, d, causal) in &[(1usize, 1usize, 1usize, 1usize, 16usize, true), (37, 37, 4, 4, 24, true), (20, 90, 8, 2, 64, true), (65, 65, 4, 4, 64, false), (48, 48, 4, 1, 128, true), (700, 700, 2, 2, 128, true)] {
+    // (full), ShapesWorld's and LLaMA's head sizes, a LLaVA-length sequence. Head sizes 64 and 128 run twice: the
+    // tensor-core kernels (forward and backward, the default on sm_80+) and the scalar ones; partial 64-row tiles
+    // and a prefix offset that is not a tile multiple are included.
+    let shapes = [(1usize, 1usize, 1usize, 1usize, 16usize, true), (37, 37, 4, 4, 24, true), (20, 90, 8, 2, 64, true), (65, 65, 4, 4, 64, false), (48, 48, 4, 1, 128, true), (700, 700, 2, 2, 128, true), (70, 203, 4, 2, 128, true), (130, 130, 2, 2, 64, true)];
+    let mma_default = g.mma_attention.load(std::sync::atomic::Ordering::Relaxed);
+    let runs = shapes.iter().flat_map(|&s| [(s, false), (s, true)]).filter(|&((.., d, _), mma)| !mma || (mma_default && (d == 64 || d == 128)));
+    for ((n_q, n_k, hq, hkv, d, causal), mma) in runs {
         let q = randh(&mut rng, n_q * hq * d, 1.0);
         let k = randh(&mut rng, n_k * hkv * d, 1.0);
         let v = randh(&mut rng, n_k * hkv * d, 1.0);
@@ -100,12 +105,14 @@ fn flash_attention_backward_matches_the_cpu_backend() {
         let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
         let scale = 1.0 / (d as f32).sqrt();
         bw::attend_dense_bwd(&mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, n_q, n_k, n_k - n_q, hq, hkv, d, scale, causal);
+        g.mma_attention.store(mma, std::sync::atomic::Ordering::Relaxed);
         let (gq, gk, gv) = g.attention_bwd(&q, &k, &v, &dout, hq, hkv, d, causal).unwrap();
-        let name = format!("q{n_q} k{n_k} h{hq}/{hkv} d{d} causal {causal}");
+        let name = format!("q{n_q} k{n_k} h{hq}/{hkv} d{d} causal {causal}{}", if mma { " (mma)" } else { "" });
         check(&format!("flash_attn_bwd dq {name}"), &gq, &dq);
         check(&format!("flash_attn_bwd dk {name}"), &gk, &dk);
         check(&format!("flash_attn_bwd dv {name}"), &gv, &dv);
     }
+    g.mma_attention.store(mma_default, std::sync::atomic::Ordering::Relaxed);
 }
 
 #[test]
