@@ -270,6 +270,7 @@ fn cmd_bench_gpu(shape: &str, prompt: usize, decode: usize, reps: usize, n: usiz
         r.n,
         median(&r.n_sampling_tokens_per_s)
     );
+    println!("  prefill with the scalar attention kernel (no tensor cores): {:.1} ms (median)", median(&r.prefill_ms_scalar_attention));
     for (op, us) in &r.ops_us {
         println!("  {op:<44} {us:>9.1} us");
     }
@@ -338,6 +339,7 @@ fn cmd_bench_gpu_train(shape: &str, seq: usize, answer: usize, rank: usize, reps
     );
     println!("with activation recomputation: DPO step {:.1} ms, peak memory {:.1} GB", median(&r.dpo_recompute_step_ms), r.dpo_recompute_peak_memory_gb);
     println!("as two whole sequences (the prompt not shared): DPO step {:.1} ms, peak memory {:.1} GB", median(&r.dpo_whole_step_ms), r.dpo_whole_peak_memory_gb);
+    println!("with the scalar attention kernels (no tensor cores): DPO step {:.1} ms", median(&r.dpo_scalar_attention_step_ms));
     println!("{}", serde_json::to_string(&r)?);
     Ok(())
 }

@@ -570,6 +570,8 @@ pub struct BenchReport {
     pub device: String,
     pub prompt_tokens: usize,
     pub prefill_ms: Vec<f64>,
+    /// The prefill with the scalar attention kernel instead of the tensor-core one (`Gpu::mma_attention` off).
+    pub prefill_ms_scalar_attention: Vec<f64>,
     pub decode_tokens: usize,
     /// Batch-1 greedy decode: the GEMV kernel, each step replayed as a CUDA graph (the default path).
     pub decode_tokens_per_s: Vec<f64>,
@@ -616,6 +618,21 @@ pub fn bench(gpu: &Gpu, cfg: &LlamaConfig, prompt: usize, decode: usize, reps: u
     drop((src, dst));
     let ids: Vec<u32> = (0..prompt).map(|i| (1 + i * 7919 % (cfg.vocab_size - 1)) as u32).collect();
     let (mut prefill_ms, mut tps, mut tps_plain, mut tps_blas, mut tps_n, mut tps_unfused) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut prefill_scalar = Vec::new();
+    let mma_default = gpu.mma_attention.load(Ordering::Relaxed);
+    // A prefill alone with the scalar attention kernel (ms).
+    let prefill_without_mma = || -> Result<f64> {
+        gpu.mma_attention.store(false, Ordering::Relaxed);
+        let r = (|| {
+            sync()?;
+            let t = std::time::Instant::now();
+            let _ = model.start_decode(gpu, &ids, 1, 1)?;
+            sync()?;
+            Ok(t.elapsed().as_secs_f64() * 1e3)
+        })();
+        gpu.mma_attention.store(mma_default, Ordering::Relaxed);
+        r
+    };
     // Greedy batch-1 decoding; returns tokens/s of the decode steps (prefill excluded) and the prefill time.
     let greedy = |graph: bool| -> Result<(f64, f64)> {
         sync()?;
@@ -646,6 +663,7 @@ pub fn bench(gpu: &Gpu, cfg: &LlamaConfig, prompt: usize, decode: usize, reps: u
         let unfused = greedy(true);
         gpu.fuse.store(true, Ordering::Relaxed);
         let (unfused, _) = unfused?;
+        let pf_scalar = prefill_without_mma()?;
         sync()?;
         let t = std::time::Instant::now();
         let answers = model.generate_n(gpu, &ids, &seeds, &params, &[])?;
@@ -654,6 +672,7 @@ pub fn bench(gpu: &Gpu, cfg: &LlamaConfig, prompt: usize, decode: usize, reps: u
         // The first repetition warms up (module loading, allocator, cuBLASLt heuristics) and is dropped.
         if rep > 0 {
             prefill_ms.push(pf);
+            prefill_scalar.push(pf_scalar);
             tps.push(fast);
             tps_plain.push(plain);
             tps_blas.push(blas);
@@ -667,6 +686,7 @@ pub fn bench(gpu: &Gpu, cfg: &LlamaConfig, prompt: usize, decode: usize, reps: u
         device: gpu.name.clone(),
         prompt_tokens: prompt,
         prefill_ms,
+        prefill_ms_scalar_attention: prefill_scalar,
         decode_tokens: decode,
         decode_tokens_per_s: tps,
         decode_tokens_per_s_no_graph: tps_plain,

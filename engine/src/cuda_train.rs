@@ -901,6 +901,8 @@ pub struct TrainBenchReport {
     /// The DPO step again as two whole sequences (`GpuLora::share_prompt` off; the default runs the prompt once).
     pub dpo_whole_step_ms: Vec<f64>,
     pub dpo_whole_peak_memory_gb: f64,
+    /// The default DPO step with the scalar attention kernels instead of the tensor-core ones.
+    pub dpo_scalar_attention_step_ms: Vec<f64>,
     pub skipped_steps: u64,
 }
 
@@ -952,6 +954,11 @@ pub fn bench(gpu: &Gpu, cfg: &LlamaConfig, seq: usize, answer: usize, rank: usiz
     lora.share_prompt = false;
     let (wh_ms, wh_peak) = dpo_steps(&mut lora)?;
     lora.share_prompt = true;
+    let mma_default = gpu.mma_attention.load(std::sync::atomic::Ordering::Relaxed);
+    gpu.mma_attention.store(false, std::sync::atomic::Ordering::Relaxed);
+    let scalar = dpo_steps(&mut lora);
+    gpu.mma_attention.store(mma_default, std::sync::atomic::Ordering::Relaxed);
+    let (sc_ms, _) = scalar?;
     Ok(TrainBenchReport {
         device: gpu.name.clone(),
         seq,
@@ -965,6 +972,7 @@ pub fn bench(gpu: &Gpu, cfg: &LlamaConfig, seq: usize, answer: usize, rank: usiz
         dpo_recompute_peak_memory_gb: re_peak,
         dpo_whole_step_ms: wh_ms,
         dpo_whole_peak_memory_gb: wh_peak,
+        dpo_scalar_attention_step_ms: sc_ms,
         skipped_steps: lora.scaler.skipped,
     })
 }

@@ -1,8 +1,8 @@
 //! CUDA II end to end: LoRA DPO on the GPU decoder against the CPU backend on a tiny fixture (the loss, both
 //! answers' log-probs and every LoRA gradient of the decoder), and a short GPU DPO run whose reward accuracy rises
 //! while dynamic loss scaling skips the steps that overflow; activation recomputation changing nothing but memory,
-//! and a pair's prompt run once for both answers giving the gradients of two whole sequences. Prints why and
-//! passes where no GPU exists.
+//! and a pair's prompt run once for both answers giving the gradients of two whole sequences; the tensor-core
+//! attention kernels giving the scalar kernels' loss and gradients. Prints why and passes where no GPU exists.
 
 use engine::cuda::{AdamW, Gpu, LossScaler};
 use engine::cuda_train::{GpuLora, StepReport, PROJECTIONS};
@@ -178,4 +178,75 @@ fn sharing_the_prompt_of_a_pair_gives_the_same_loss_and_gradients() {
     let total = (num / den).sqrt();
     println!("shared prompt: LoRA gradients relative L2 {total:.2e} overall, worst module {worst:.2e} (a one-token rejected answer included)");
     assert!(total <= 1e-2 && worst <= 3e-2, "LoRA gradients differ: {total} overall, {worst} worst");
+}
+
+/// A LLaMA shape whose heads are `head_dim` wide (the fixtures' are narrower), for the tensor-core attention paths.
+fn wide_heads(head_dim: usize) -> engine::config::LlamaConfig {
+    engine::config::LlamaConfig {
+        vocab_size: 512,
+        hidden_size: 4 * head_dim,
+        intermediate_size: 256,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10000.0,
+        rope_scaling: engine::config::RopeScaling::None,
+        max_position_embeddings: 512,
+        tie_word_embeddings: false,
+        attention_bias: false,
+        mlp_bias: false,
+        bos_token_id: Some(1),
+        eos_token_ids: vec![2],
+    }
+}
+
+#[test]
+fn tensor_core_attention_gives_the_scalar_kernels_dpo_loss_and_gradients() {
+    let Some(gpu) = gpu() else { return };
+    if !gpu.mma_attention.load(std::sync::atomic::Ordering::Relaxed) {
+        println!("SKIPPED: {} has no tensor-core attention (sm_80 or later)", gpu.name);
+        return;
+    }
+    // Head sizes 64 (CLIP) and 128 (LLaMA), GQA; q, k and v inside the fused QKV buffer; the prompt shared by both
+    // answers (the default, at 64) and whole sequences (at 128); a prompt longer than one 64-row tile.
+    for (head_dim, share) in [(64, true), (128, false)] {
+        let cfg = wide_heads(head_dim);
+        let model = engine::cuda_llama::GpuLlama::random(&gpu, &cfg, 256, 3).unwrap();
+        let mut rng = engine::rng::SplitMix64::new(head_dim as u64);
+        let (prompt, chosen, rejected) = (tokens(&mut rng, 100, cfg.vocab_size, None), tokens(&mut rng, 30, cfg.vocab_size, None), tokens(&mut rng, 23, cfg.vocab_size, None));
+        let dpo = DpoConfig { beta: 0.5, ..Default::default() };
+        let run = |mma: bool| {
+            gpu.mma_attention.store(mma, std::sync::atomic::Ordering::Relaxed);
+            let mut lora = GpuLora::random(&gpu, &cfg, 8, 16.0, 5).unwrap();
+            lora.share_prompt = share;
+            lora.scaler = LossScaler::new(1024.0, 1000);
+            let rep = lora.dpo_step(&gpu, &model, &prompt, &chosen, &rejected, (-190.0, -150.0), &dpo, None).unwrap();
+            (rep, lora)
+        };
+        let (a, plain) = run(false);
+        let (b, mma) = run(true);
+        gpu.mma_attention.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (mut num, mut den) = (0.0f64, 0.0f64);
+        for l in 0..cfg.num_hidden_layers {
+            for (j, proj) in PROJECTIONS.iter().enumerate() {
+                let (wa, wb) = plain.grads(&gpu, l, j).unwrap();
+                let (ga, gb) = mma.grads(&gpu, l, j).unwrap();
+                for (g, w) in ga.iter().chain(&gb).zip(wa.iter().chain(&wb)) {
+                    assert!(g.is_finite(), "head size {head_dim}, layer {l} {proj}: non-finite gradient");
+                    num += ((g - w) as f64).powi(2);
+                    den += (*w as f64).powi(2);
+                }
+            }
+        }
+        let rel = (num / den).sqrt();
+        println!(
+            "head size {head_dim}, shared prompt {share}: loss {:.6} (mma) vs {:.6} (scalar); log-probs chosen {:.4}/{:.4}; LoRA gradients relative L2 {rel:.2e}",
+            b.loss, a.loss, b.logps.policy_chosen, a.logps.policy_chosen
+        );
+        assert!((a.loss - b.loss).abs() <= 1e-3 * a.loss.abs().max(1.0), "loss {} with tensor cores vs {}", b.loss, a.loss);
+        assert!((a.logps.policy_chosen - b.logps.policy_chosen).abs() <= 2e-2 && (a.logps.policy_rejected - b.logps.policy_rejected).abs() <= 2e-2, "answer log-probs differ");
+        assert!(rel <= 1e-2, "LoRA gradients differ: relative L2 {rel}");
+    }
 }
