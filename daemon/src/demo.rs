@@ -137,7 +137,10 @@ pub fn run(a: DemoArgs) -> Result<()> {
     crate::serve::init_tracing(&cfg);
     eprintln!("rlaifd demo: the daemon on {} (database {}, state {}), {} iterations", cfg.model.path.display(), crate::db::redacted(&url), a.state_dir.display(), a.iterations);
     let k = a.iterations;
-    let res = actix::System::new().block_on(async move {
+    // Kept to the end: dropping the system drops the actors' pending futures, whose database connections need
+    // the runtime (a SIGTERM or Ctrl-C mid-run would abort with a panic in a destructor).
+    let system = actix::System::new();
+    let res = system.block_on(async move {
         let why = crate::serve::run_async(cfg, None, Some(Box::pin(watch(url.clone(), k)))).await.context(
             "the demo needs PostgreSQL: start a server (Debian/Ubuntu: `apt install postgresql && service postgresql start`; \
              or `docker run -d -p 5432:5432 -e POSTGRES_HOST_AUTH_METHOD=trust postgres:16`) or set DATABASE_URL / --database-url \

@@ -96,6 +96,52 @@ async fn killing_the_loop_at_random_moments_loses_and_duplicates_nothing() {
     let _ = std::fs::remove_dir_all(&state);
 }
 
+/// SIGTERM mid-iteration (as `systemctl stop` or a terminal's Ctrl-C sends): the demo finishes the work in hand,
+/// says how to resume and exits 1, without a panic (dropping the actor system outside its runtime used to abort
+/// the process), and the database holds the invariants.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_the_demo_with_a_message_not_a_panic() {
+    let db = common::fresh("sigterm").await;
+    let state = std::env::temp_dir().join(format!("rlaifd-sigterm-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&state);
+    let model = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../assets/shapes-base");
+    let log = state.with_extension("stderr");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rlaifd"))
+        .args(["demo", "--iterations", "1", "--prompts-per-iteration", "400", "--eval-count", "4", "--set", "n=4", "--set", "max_new_tokens=24"])
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--database-url")
+        .arg(&db.url)
+        .arg("--model")
+        .arg(&model)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    // Wait until sampling has stored answers, so the stop lands mid-iteration with actors busy.
+    let t0 = Instant::now();
+    loop {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM responses").fetch_one(&db.pool).await.unwrap_or(0);
+        if n > 0 {
+            break;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "the demo ended before sampling: {}", std::fs::read_to_string(&log).unwrap_or_default());
+        assert!(t0.elapsed() < Duration::from_secs(120), "no answer stored after 120 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let st = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(st.success());
+    let status = child.wait().unwrap();
+    let err = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(!err.contains("panicked"), "the demo panicked on SIGTERM:\n{err}");
+    assert_eq!(status.code(), Some(1), "exit status {status:?} after SIGTERM:\n{err}");
+    assert!(err.contains("the demo stopped early (SIGTERM); run it again to resume"), "{err}");
+    check(&db.pool, 4).await;
+    db.drop_db().await;
+    let _ = std::fs::remove_dir_all(&state);
+    let _ = std::fs::remove_file(&log);
+}
+
 /// Writes a daemon configuration for `db_url` under `dir` ([daemon] and [loop] keys given) and returns its path.
 fn daemon_config(dir: &std::path::Path, db_url: &str, daemon: &str, loop_: &str) -> std::path::PathBuf {
     let model = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../assets/shapes-base");
