@@ -18,9 +18,15 @@
 #      shaped decoder, copy bandwidth and roofline, a per-op breakdown; rlaifd bench-gpu-train: DPO and SFT steps
 #      with LoRA r=64 on every linear layer, 700-token sequences; then the peers on the same GPU (if torch is there):
 #      benches/gpu_peer.py (transformers fp16) and benches/gpu_peer_dpo.py (PyTorch + peft, fp16 autocast).
+#
+# A rehearsal without a GPU (checks this script, its arguments and the binaries, not the GPU):
+#   CUEMU=1 SHAPE=tiny PROMPT=70 DECODE=4 SEQ=80 ANSWER=10 RANK=8 REPS=1 LIMIT_SCALE=10 OUT=/tmp/rehearsal scripts/gpu-check.sh
+# runs every stage on cuemu (tools/cuemu, built by tools/cuemu/build.sh) with a tiny benchmark shape.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-check-out}
+SHAPE=${SHAPE:-llava7b} PROMPT=${PROMPT:-640} DECODE=${DECODE:-128} SEQ=${SEQ:-700} ANSWER=${ANSWER:-60} RANK=${RANK:-64} REPS=${REPS:-}
+LIMIT_SCALE=${LIMIT_SCALE:-1}
 mkdir -p "$OUT"
 bins=target/gpu-bins
 [ -x "$bins/rlaifd" ] || { echo "no $bins/rlaifd: run scripts/build-gpu-bins on the build machine and carry target/gpu-bins" >&2; exit 2; }
@@ -40,6 +46,9 @@ PY
   [ -n "$inc" ] && export RLAIFD_CUDA_INCLUDE="$inc${RLAIFD_CUDA_INCLUDE:+:$RLAIFD_CUDA_INCLUDE}"
 fi
 export LD_LIBRARY_PATH="${libs#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+if [ -n "${CUEMU:-}" ]; then
+  export LD_LIBRARY_PATH="$PWD/target/cuemu:$LD_LIBRARY_PATH" RLAIFD_CUDA_INCLUDE="$PWD/tools/cuemu/include"
+fi
 # The test binaries were built elsewhere: point them at this checkout's kernels/ and tests/fixtures/.
 export RLAIFD_ROOT=$PWD
 { nvidia-smi || true; echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"; echo "RLAIFD_CUDA_INCLUDE=${RLAIFD_CUDA_INCLUDE:-}"; } > "$OUT/env.log" 2>&1
@@ -50,7 +59,7 @@ stage() {
   shift 3
   echo "== $name" | tee -a "$OUT/$log"
   local t0=$SECONDS
-  timeout "$secs" "$@" >> "$OUT/$log" 2>&1
+  timeout "$((secs * LIMIT_SCALE))" "$@" >> "$OUT/$log" 2>&1
   local rc=$?
   [ $rc -ne 0 ] && { status=1; echo "   FAILED (exit $rc)" | tee -a "$OUT/$log"; }
   echo "   ($((SECONDS - t0)) s)"
@@ -74,15 +83,15 @@ printf '{"image": "%s", "prompt": "Describe the image."}\n' 000000.png 000001.pn
 stage "generate --device cuda (ShapesWorld, greedy)" generate.log 120 "$bins/rlaifd" generate --model assets/shapes-base --batch "$OUT/shapes/batch.jsonl" --max-new-tokens 24 --json --device cuda
 stage "generate --device cpu (the same prompts)" generate.log 120 "$bins/rlaifd" generate --model assets/shapes-base --batch "$OUT/shapes/batch.jsonl" --max-new-tokens 24 --json --device cpu
 grep -E '^\{|generating on|error' "$OUT/generate.log" | tail -n 8
-stage "bench-gpu (rlaifd)" bench.log 300 "$bins/rlaifd" bench-gpu --shape llava7b --prompt 640 --decode 128 --reps 3 --n 10
+stage "bench-gpu (rlaifd)" bench.log 300 "$bins/rlaifd" bench-gpu --shape "$SHAPE" --prompt "$PROMPT" --decode "$DECODE" --reps "${REPS:-3}" --n 10
 grep -vE '^\{' "$OUT/bench.log" | tail -n 5
-stage "bench-gpu-train (rlaifd)" bench.log 300 "$bins/rlaifd" bench-gpu-train --shape llava7b --seq 700 --answer 60 --rank 64 --reps 5 --warmup 2
+stage "bench-gpu-train (rlaifd)" bench.log 300 "$bins/rlaifd" bench-gpu-train --shape "$SHAPE" --seq "$SEQ" --answer "$ANSWER" --rank "$RANK" --reps "${REPS:-5}" --warmup 2
 grep -E "DPO step" "$OUT/bench.log" | tail -n 3
 if [ -n "$py" ] && "$py" -c "import torch, transformers" 2>/dev/null; then
-  stage "bench peer (transformers)" peer.log 300 env PYTHONUNBUFFERED=1 "$py" benches/gpu_peer.py --shape llava7b --prompt 640 --decode 128 --reps 3
+  stage "bench peer (transformers)" peer.log 300 env PYTHONUNBUFFERED=1 "$py" benches/gpu_peer.py --shape "$SHAPE" --prompt "$PROMPT" --decode "$DECODE" --reps "${REPS:-3}"
   tail -n 1 "$OUT/peer.log"
   if "$py" -c "import peft" 2>/dev/null; then
-    stage "bench peer (PyTorch + peft DPO/SFT)" peer.log 300 env PYTHONUNBUFFERED=1 "$py" benches/gpu_peer_dpo.py --shape llava7b --seq 700 --answer 60 --rank 64 --reps 5 --warmup 2
+    stage "bench peer (PyTorch + peft DPO/SFT)" peer.log 300 env PYTHONUNBUFFERED=1 "$py" benches/gpu_peer_dpo.py --shape "$SHAPE" --seq "$SEQ" --answer "$ANSWER" --rank "$RANK" --reps "${REPS:-5}" --warmup 2
     tail -n 1 "$OUT/peer.log"
   fi
 else

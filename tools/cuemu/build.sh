@@ -48,19 +48,26 @@ for cu in "$root"/kernels/*.cu; do
     objs+=("$out/obj/$base.o")
 done
 flags+=(-I "$src")
-for f in runtime driver blas_nvrtc; do
+for f in driver blas_nvrtc; do
     compile "$src/$f.cpp" "$out/obj/$f.o"
     objs+=("$out/obj/$f.o")
 done
+# The fiber runtime is a library of its own: its few thread-local pointers use the initial-exec TLS model (fast),
+# which a library may only do when its whole TLS block is small, and the kernels' `__shared__` arrays are not.
+compile "$src/runtime.cpp" "$out/obj/runtime.o"
+rt="$out/libcuemu_rt.so"
+if [[ ! -f "$rt" || "$out/obj/runtime.o" -nt "$rt" ]]; then
+    "$CXX" -shared -o "$rt" "$out/obj/runtime.o" -lpthread
+fi
 lib="$out/libcuemu.so"
 relink=0
 [[ -f "$lib" ]] || relink=1
-for o in "${objs[@]}"; do [[ "$o" -nt "$lib" ]] && relink=1; done
+for o in "${objs[@]}" "$rt"; do [[ "$o" -nt "$lib" ]] && relink=1; done
 if [[ $relink == 1 ]]; then
-    "$CXX" -shared -o "$lib" "${objs[@]}" -lpthread
+    "$CXX" -shared -o "$lib" "${objs[@]}" -L "$out" -lcuemu_rt -Wl,-rpath,'$ORIGIN' -lpthread
 fi
 if [[ "$src/selftest.cpp" -nt "$out/selftest" || "$lib" -nt "$out/selftest" ]]; then
-    "$CXX" "${flags[@]}" "$src/selftest.cpp" -o "$out/selftest" -L "$out" -lcuemu -Wl,-rpath,"$out"
+    "$CXX" "${flags[@]}" "$src/selftest.cpp" -o "$out/selftest" -L "$out" -lcuemu -lcuemu_rt -Wl,-rpath,"$out"
 fi
 "$out/selftest"
 for name in libcuda.so libnvrtc.so libcublasLt.so; do

@@ -45,7 +45,22 @@ cuemu_switch:
 
 namespace cuemu {
 
-thread_local ThreadView* cur = nullptr;
+// The scheduler's per-thread pointers use the initial-exec TLS model (a few words of the static TLS block), so
+// each access is one instruction rather than a __tls_get_addr call: they are read at every barrier.
+#define CUEMU_TLS thread_local __attribute__((tls_model("initial-exec")))
+CUEMU_TLS ThreadView* cur = nullptr;
+
+static const float* build_half_table() {
+    static float t[65536];
+    for (uint32_t i = 0; i < 65536; i++) {
+        const uint16_t b = uint16_t(i);
+        _Float16 f;
+        std::memcpy(&f, &b, 2);
+        t[i] = (float)f;
+    }
+    return t;
+}
+const float* const half_table = build_half_table();
 
 namespace {
 
@@ -64,8 +79,8 @@ struct Fiber {
 struct Warp {
     int live = 0, count = 0;
     uint64_t gen = 0;
-    uint64_t slots[WARP_SIZE] = {};
-    uint32_t exchange[WARP_SIZE * 16] = {};
+    uint64_t slots[2][WARP_SIZE] = {};
+    uint32_t exchange[2][WARP_SIZE * 16] = {};
 };
 
 struct Block {
@@ -77,11 +92,11 @@ struct Block {
     std::vector<unsigned char> smem;
 };
 
-thread_local Block* blk = nullptr;
-thread_local Fiber* fib = nullptr;
-thread_local void* sched_sp = nullptr;
-thread_local const Call* body = nullptr;
-thread_local std::vector<unsigned char>* stacks = nullptr;
+CUEMU_TLS Block* blk = nullptr;
+CUEMU_TLS Fiber* fib = nullptr;
+CUEMU_TLS void* sched_sp = nullptr;
+CUEMU_TLS const Call* body = nullptr;
+CUEMU_TLS std::vector<unsigned char>* stacks = nullptr;
 
 std::map<std::string, Kernel>& registry() {
     static std::map<std::string, Kernel> r;
@@ -159,9 +174,15 @@ void syncwarp() {
     fib->wait = NONE;
 }
 
-uint64_t* warp_slots() { return blk->warps[cur->warp].slots; }
+uint64_t* warp_slots() {
+    Warp& w = blk->warps[cur->warp];
+    return w.slots[w.gen & 1];
+}
 
-uint32_t* warp_exchange() { return blk->warps[cur->warp].exchange; }
+uint32_t* warp_exchange() {
+    Warp& w = blk->warps[cur->warp];
+    return w.exchange[w.gen & 1];
+}
 
 void* dyn_smem() { return blk->smem.data(); }
 

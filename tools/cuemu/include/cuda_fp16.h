@@ -39,11 +39,10 @@ struct __half {
 struct alignas(4) __half2 {
     __half x, y;
 };
-inline float __half2float(__half h) {
-    _Float16 f;
-    std::memcpy(&f, &h.bits, 2);
-    return (float)f;
+namespace cuemu {
+extern const float* const half_table;  // all 65536 fp16 values as floats (driver-side, built once)
 }
+inline float __half2float(__half h) { return cuemu::half_table[h.bits]; }
 inline __half __float2half_rn(float v) {
     _Float16 f = (_Float16)v;
     __half h;
@@ -66,23 +65,24 @@ struct ThreadView {
     int lane;
     int warp;
 };
-extern thread_local ThreadView* cur;
+extern thread_local ThreadView* cur __attribute__((tls_model("initial-exec")));
 void syncthreads();
 void syncwarp();
-uint64_t* warp_slots();
-uint32_t* warp_exchange();  // 32 lanes x 16 words, for warp-wide matrix operations
+uint64_t* warp_slots();      // 32 words, one per lane; the other half of a pair after each warp barrier
+uint32_t* warp_exchange();  // 32 lanes x 16 words, for warp-wide matrix operations; alternates likewise
 void* dyn_smem();
 
 template <class T>
 T shfl(T v, int src) {
     static_assert(sizeof(T) <= 8, "cuemu shuffles up to 8 bytes");
+    // The warp's slots alternate between barriers, so one barrier per shuffle is enough: a lane cannot write
+    // these slots again before every lane has passed the next barrier, that is, has read them.
     uint64_t* slots = warp_slots();
     uint64_t b = 0;
     std::memcpy(&b, &v, sizeof(T));
     slots[cur->lane] = b;
     syncwarp();
     uint64_t s = slots[src];
-    syncwarp();
     T r;
     std::memcpy(&r, &s, sizeof(T));
     return r;
@@ -119,8 +119,7 @@ inline void mma_m16n8k16(float d[4], const uint32_t a[4], const uint32_t b[2], c
         for (int k = 0; k < 16; k++) s += A(r, k) * B(k, n);
         out[i] = c[i] + s;
     }
-    syncwarp();
-    for (int i = 0; i < 4; i++) d[i] = out[i];
+    for (int i = 0; i < 4; i++) d[i] = out[i];  // (the exchange alternates between barriers, as the slots do)
 }
 }  // namespace cuemu
 
