@@ -266,6 +266,95 @@ extern "C" __global__ void rope_kv_store_f16(__half* __restrict__ qkv, __half* _
 #define MMA_K 64
 #define MMA_PAD 8  // halves of padding per shared row: rows 16 bytes off the bank pattern
 
+// Helpers of the tensor-core kernels (a lane's g = lane / 4 and t = lane % 4 as in mma_16816).
+
+// Rows r0..r0+63 of a [rows, D] operand (rows `stride` elements apart, columns from `col`) into a shared tile,
+// zeros past row n; 16-byte loads, the whole block.
+template <int D>
+__device__ __forceinline__ void stage_tile(__half (*dst)[D + MMA_PAD], const __half* __restrict__ src, int r0, int n, int stride, int col) {
+    for (int idx = threadIdx.x; idx < 64 * (D / 8); idx += blockDim.x) {
+        const int j = idx / (D / 8), c = (idx % (D / 8)) * 8, r = r0 + j;
+        uint4 x = make_uint4(0, 0, 0, 0);
+        if (r < n) x = *reinterpret_cast<const uint4*>(src + (long long)r * stride + col + c);
+        *reinterpret_cast<uint4*>(&dst[j][c]) = x;
+    }
+}
+
+// A fragments of this warp's 16 rows (r0 = its first row + g, and r0 + 8) of a [rows, D] operand in global memory
+// (rows `stride` apart, columns from `col`), zeros past row n.
+template <int D>
+__device__ __forceinline__ void load_a_rows(unsigned f[D / 16][4], const __half* __restrict__ src, int r0, int n, int stride, int col) {
+    const int t = threadIdx.x % 4;
+    auto pair = [&](int row, int c) -> unsigned { return row < n ? *reinterpret_cast<const unsigned*>(src + (long long)row * stride + col + c) : 0u; };
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk++) {
+        const int c = kk * 16 + 2 * t;
+        f[kk][0] = pair(r0, c);
+        f[kk][1] = pair(r0 + 8, c);
+        f[kk][2] = pair(r0, c + 8);
+        f[kk][3] = pair(r0 + 8, c + 8);
+    }
+}
+
+// The same from a shared tile, rows w0 + g and w0 + g + 8, columns kk * 16 on.
+template <int D>
+__device__ __forceinline__ void tile_a(unsigned a[4], const __half (*tile)[D + MMA_PAD], int w0, int kk) {
+    const int g = (threadIdx.x % WARP) / 4, c = kk * 16 + 2 * (threadIdx.x % 4);
+    a[0] = *reinterpret_cast<const unsigned*>(&tile[w0 + g][c]);
+    a[1] = *reinterpret_cast<const unsigned*>(&tile[w0 + g + 8][c]);
+    a[2] = *reinterpret_cast<const unsigned*>(&tile[w0 + g][c + 8]);
+    a[3] = *reinterpret_cast<const unsigned*>(&tile[w0 + g + 8][c + 8]);
+}
+
+// B = tile^T (k runs along a row: B[k][n] = tile[n0 + n][kk * 16 + k]): two 32-bit loads.
+template <int D>
+__device__ __forceinline__ void tile_b_t(unsigned b[2], const __half (*tile)[D + MMA_PAD], int n0, int kk) {
+    const int g = (threadIdx.x % WARP) / 4, c = kk * 16 + 2 * (threadIdx.x % 4);
+    b[0] = *reinterpret_cast<const unsigned*>(&tile[n0 + g][c]);
+    b[1] = *reinterpret_cast<const unsigned*>(&tile[n0 + g][c + 8]);
+}
+
+// B = tile (k runs down a column: B[k][n] = tile[k0 + k][n0 + n]): four 16-bit loads.
+template <int D>
+__device__ __forceinline__ void tile_b(unsigned b[2], const __half (*tile)[D + MMA_PAD], int k0, int n0) {
+    const int g = (threadIdx.x % WARP) / 4, k = k0 + 2 * (threadIdx.x % 4), c = n0 + g;
+    b[0] = pack_h2(tile[k][c], tile[k + 1][c]);
+    b[1] = pack_h2(tile[k + 8][c], tile[k + 9][c]);
+}
+
+// P (or dS) of two 8-column C tiles as the A fragment of one 16-column k step.
+__device__ __forceinline__ void c_to_a(unsigned a[4], const float x[2][4]) {
+    a[0] = pack_f2(x[0][0], x[0][1]);
+    a[1] = pack_f2(x[0][2], x[0][3]);
+    a[2] = pack_f2(x[1][0], x[1][1]);
+    a[3] = pack_f2(x[1][2], x[1][3]);
+}
+
+// acc[n] += a . tile[k0..k0+15][n*8..n*8+7] for every 8-column block of D: O += P V, dQ += dS K, dK += dS^T Q,
+// dV += P^T dO.
+template <int D>
+__device__ __forceinline__ void mma_rows(float acc[D / 8][4], const unsigned a[4], const __half (*tile)[D + MMA_PAD], int k0) {
+#pragma unroll
+    for (int n = 0; n < D / 8; n++) {
+        unsigned b[2];
+        tile_b<D>(b, tile, k0, n * 8);
+        mma_16816(acc[n], a, b, acc[n]);
+    }
+}
+
+// This lane's accumulators of rows r0 and r0 + 8, times `scale`, as fp16 pairs into rows `stride` apart, rows
+// past n skipped.
+template <int D>
+__device__ __forceinline__ void store_rows(__half* __restrict__ dst, int stride, int r0, int n, const float acc[D / 8][4], float s0, float s1) {
+    const int t = threadIdx.x % 4;
+#pragma unroll
+    for (int j = 0; j < D / 8; j++) {
+        const int c = j * 8 + 2 * t;
+        if (r0 < n) *reinterpret_cast<unsigned*>(dst + (long long)r0 * stride + c) = pack_f2(acc[j][0] * s0, acc[j][1] * s0);
+        if (r0 + 8 < n) *reinterpret_cast<unsigned*>(dst + (long long)(r0 + 8) * stride + c) = pack_f2(acc[j][2] * s1, acc[j][3] * s1);
+    }
+}
+
 template <int D>
 __device__ __forceinline__ void flash_attn_mma_body(
     __half* __restrict__ out, const __half* __restrict__ q, const __half* __restrict__ k, const __half* __restrict__ v,
@@ -274,22 +363,11 @@ __device__ __forceinline__ void flash_attn_mma_body(
     __shared__ __align__(16) __half ks[MMA_K][D + MMA_PAD];
     __shared__ __align__(16) __half vs[MMA_K][D + MMA_PAD];
     const int h = blockIdx.y, hk = h / (heads_q / heads_kv);
-    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, g = lane / 4, t = lane % 4;
-    const int q0 = blockIdx.x * MMA_Q, r0 = q0 + warp * 16 + g, r1 = r0 + 8;
+    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, t = lane % 4;
+    const int q0 = blockIdx.x * MMA_Q, r0 = q0 + warp * 16 + lane / 4, r1 = r0 + 8;
     const int offset = n_k - n_q;  // causal: query i sees keys j <= i + offset
-    const __half* qh = q + h * D;
-    auto qpair = [&](int row, int col) -> unsigned {
-        return row < n_q ? *reinterpret_cast<const unsigned*>(qh + (long long)row * q_stride + col) : 0u;
-    };
     unsigned qf[D / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < D / 16; kk++) {
-        const int c = kk * 16 + 2 * t;
-        qf[kk][0] = qpair(r0, c);
-        qf[kk][1] = qpair(r1, c);
-        qf[kk][2] = qpair(r0, c + 8);
-        qf[kk][3] = qpair(r1, c + 8);
-    }
+    load_a_rows<D>(qf, q, r0, n_q, q_stride, h * D);
     float o[D / 8][4];
 #pragma unroll
     for (int n = 0; n < D / 8; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
@@ -298,17 +376,8 @@ __device__ __forceinline__ void flash_attn_mma_body(
     const int last_row = q0 + warp * 16 + 15;
     for (int k0 = 0; k0 < kmax; k0 += MMA_K) {
         __syncthreads();
-        for (int idx = threadIdx.x; idx < MMA_K * (D / 8); idx += blockDim.x) {
-            const int j = idx / (D / 8), c = (idx % (D / 8)) * 8, kj = k0 + j;
-            uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
-            if (kj < n_k) {
-                const long long at = (long long)kj * kv_stride + hk * D + c;
-                kv = *reinterpret_cast<const uint4*>(k + at);
-                vv = *reinterpret_cast<const uint4*>(v + at);
-            }
-            *reinterpret_cast<uint4*>(&ks[j][c]) = kv;
-            *reinterpret_cast<uint4*>(&vs[j][c]) = vv;
-        }
+        stage_tile<D>(ks, k, k0, n_k, kv_stride, hk * D);
+        stage_tile<D>(vs, v, k0, n_k, kv_stride, hk * D);
         __syncthreads();
         if (causal && k0 > last_row + offset) continue;  // the whole tile is in this warp's future (uniform)
         float s[MMA_K / 8][4];
@@ -317,8 +386,8 @@ __device__ __forceinline__ void flash_attn_mma_body(
             s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
 #pragma unroll
             for (int kk = 0; kk < D / 16; kk++) {
-                const unsigned b[2] = {*reinterpret_cast<const unsigned*>(&ks[n * 8 + g][kk * 16 + 2 * t]),
-                                       *reinterpret_cast<const unsigned*>(&ks[n * 8 + g][kk * 16 + 8 + 2 * t])};
+                unsigned b[2];
+                tile_b_t<D>(b, ks, n * 8, kk);
                 mma_16816(s[n], qf[kk], b, s[n]);
             }
         }
@@ -333,6 +402,7 @@ __device__ __forceinline__ void flash_attn_mma_body(
                 if (e < 2) mx0 = fmaxf(mx0, s[n][e]);
                 else mx1 = fmaxf(mx1, s[n][e]);
             }
+        // Each row's values sit in the 4 lanes of a quad.
         mx0 = fmaxf(mx0, __shfl_xor_sync(FULL_MASK, mx0, 1));
         mx0 = fmaxf(mx0, __shfl_xor_sync(FULL_MASK, mx0, 2));
         mx1 = fmaxf(mx1, __shfl_xor_sync(FULL_MASK, mx1, 1));
@@ -366,27 +436,14 @@ __device__ __forceinline__ void flash_attn_mma_body(
         }
 #pragma unroll
         for (int kk = 0; kk < MMA_K / 16; kk++) {
-            const unsigned a[4] = {pack_f2(s[2 * kk][0], s[2 * kk][1]), pack_f2(s[2 * kk][2], s[2 * kk][3]),
-                                   pack_f2(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack_f2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-            const int kr = kk * 16 + 2 * t;
-#pragma unroll
-            for (int n = 0; n < D / 8; n++) {
-                const int c = n * 8 + g;
-                const unsigned b[2] = {pack_h2(vs[kr][c], vs[kr + 1][c]), pack_h2(vs[kr + 8][c], vs[kr + 9][c])};
-                mma_16816(o[n], a, b, o[n]);
-            }
+            unsigned a[4];
+            c_to_a(a, &s[2 * kk]);
+            mma_rows<D>(o, a, vs, kk * 16);
         }
         m0 = mn0;
         m1 = mn1;
     }
-    const float i0 = l0 > 0.0f ? 1.0f / l0 : 0.0f, i1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
-    __half* oh = out + h * D;
-#pragma unroll
-    for (int n = 0; n < D / 8; n++) {
-        const int c = n * 8 + 2 * t;
-        if (r0 < n_q) *reinterpret_cast<unsigned*>(oh + (long long)r0 * o_stride + c) = pack_f2(o[n][0] * i0, o[n][1] * i0);
-        if (r1 < n_q) *reinterpret_cast<unsigned*>(oh + (long long)r1 * o_stride + c) = pack_f2(o[n][2] * i1, o[n][3] * i1);
-    }
+    store_rows<D>(out + h * D, o_stride, r0, n_q, o, l0 > 0.0f ? 1.0f / l0 : 0.0f, l1 > 0.0f ? 1.0f / l1 : 0.0f);
     if (lse && t == 0) {
         if (r0 < n_q) lse[(long long)r0 * heads_q + h] = l0 > 0.0f ? m0 + logf(l0) : -INFINITY;
         if (r1 < n_q) lse[(long long)r1 * heads_q + h] = l1 > 0.0f ? m1 + logf(l1) : -INFINITY;
@@ -600,25 +657,12 @@ __device__ __forceinline__ void flash_attn_bwd_dq_mma_body(
     __shared__ __align__(16) __half ks[MMA_K][D + MMA_PAD];
     __shared__ __align__(16) __half vs[MMA_K][D + MMA_PAD];
     const int h = blockIdx.y, hk = h / (heads_q / heads_kv);
-    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, g = lane / 4, t = lane % 4;
-    const int q0 = blockIdx.x * MMA_Q, r0 = q0 + warp * 16 + g, r1 = r0 + 8;
+    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, t = lane % 4;
+    const int q0 = blockIdx.x * MMA_Q, r0 = q0 + warp * 16 + lane / 4, r1 = r0 + 8;
     const int offset = n_k - n_q;
-    auto pair = [&](const __half* base, int stride, int row, int col) -> unsigned {
-        return row < n_q ? *reinterpret_cast<const unsigned*>(base + (long long)row * stride + h * D + col) : 0u;
-    };
     unsigned qf[D / 16][4], df[D / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < D / 16; kk++) {
-        const int c = kk * 16 + 2 * t;
-        qf[kk][0] = pair(q, q_stride, r0, c);
-        qf[kk][1] = pair(q, q_stride, r1, c);
-        qf[kk][2] = pair(q, q_stride, r0, c + 8);
-        qf[kk][3] = pair(q, q_stride, r1, c + 8);
-        df[kk][0] = pair(dout, o_stride, r0, c);
-        df[kk][1] = pair(dout, o_stride, r1, c);
-        df[kk][2] = pair(dout, o_stride, r0, c + 8);
-        df[kk][3] = pair(dout, o_stride, r1, c + 8);
-    }
+    load_a_rows<D>(qf, q, r0, n_q, q_stride, h * D);
+    load_a_rows<D>(df, dout, r0, n_q, o_stride, h * D);
     const float lse0 = r0 < n_q ? lse[(long long)r0 * heads_q + h] : 0.0f, lse1 = r1 < n_q ? lse[(long long)r1 * heads_q + h] : 0.0f;
     const float dl0 = r0 < n_q ? delta[(long long)r0 * heads_q + h] : 0.0f, dl1 = r1 < n_q ? delta[(long long)r1 * heads_q + h] : 0.0f;
     float acc[D / 8][4];
@@ -628,31 +672,22 @@ __device__ __forceinline__ void flash_attn_bwd_dq_mma_body(
     const int last_row = q0 + warp * 16 + 15;
     for (int k0 = 0; k0 < kmax; k0 += MMA_K) {
         __syncthreads();
-        for (int idx = threadIdx.x; idx < MMA_K * (D / 8); idx += blockDim.x) {
-            const int j = idx / (D / 8), c = (idx % (D / 8)) * 8, kj = k0 + j;
-            uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
-            if (kj < n_k) {
-                const long long at = (long long)kj * kv_stride + hk * D + c;
-                kv = *reinterpret_cast<const uint4*>(k + at);
-                vv = *reinterpret_cast<const uint4*>(v + at);
-            }
-            *reinterpret_cast<uint4*>(&ks[j][c]) = kv;
-            *reinterpret_cast<uint4*>(&vs[j][c]) = vv;
-        }
+        stage_tile<D>(ks, k, k0, n_k, kv_stride, hk * D);
+        stage_tile<D>(vs, v, k0, n_k, kv_stride, hk * D);
         __syncthreads();
         if (causal && k0 > last_row + offset) continue;  // uniform across the warp
 #pragma unroll
         for (int ch = 0; ch < MMA_K / 16; ch++) {
-            float s[2][4], dp[2][4];
+            float s[2][4], dp[2][4];  // S and dP of this warp's rows against 16 keys
 #pragma unroll
             for (int n = 0; n < 2; n++) {
                 s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
                 dp[n][0] = dp[n][1] = dp[n][2] = dp[n][3] = 0.0f;
-                const int kn = ch * 16 + n * 8 + g;
 #pragma unroll
                 for (int kk = 0; kk < D / 16; kk++) {
-                    const unsigned bk[2] = {*reinterpret_cast<const unsigned*>(&ks[kn][kk * 16 + 2 * t]), *reinterpret_cast<const unsigned*>(&ks[kn][kk * 16 + 8 + 2 * t])};
-                    const unsigned bv[2] = {*reinterpret_cast<const unsigned*>(&vs[kn][kk * 16 + 2 * t]), *reinterpret_cast<const unsigned*>(&vs[kn][kk * 16 + 8 + 2 * t])};
+                    unsigned bk[2], bv[2];
+                    tile_b_t<D>(bk, ks, ch * 16 + n * 8, kk);
+                    tile_b_t<D>(bv, vs, ch * 16 + n * 8, kk);
                     mma_16816(s[n], qf[kk], bk, s[n]);
                     mma_16816(dp[n], df[kk], bv, dp[n]);
                 }
@@ -664,23 +699,12 @@ __device__ __forceinline__ void flash_attn_bwd_dq_mma_body(
                     dp[n][e] = p * (dp[n][e] - (e < 2 ? dl0 : dl1));  // dS
                 }
             }
-            const unsigned a[4] = {pack_f2(dp[0][0], dp[0][1]), pack_f2(dp[0][2], dp[0][3]), pack_f2(dp[1][0], dp[1][1]), pack_f2(dp[1][2], dp[1][3])};
-            const int kr = ch * 16 + 2 * t;
-#pragma unroll
-            for (int n = 0; n < D / 8; n++) {
-                const int c = n * 8 + g;
-                const unsigned b[2] = {pack_h2(ks[kr][c], ks[kr + 1][c]), pack_h2(ks[kr + 8][c], ks[kr + 9][c])};
-                mma_16816(acc[n], a, b, acc[n]);
-            }
+            unsigned a[4];
+            c_to_a(a, dp);
+            mma_rows<D>(acc, a, ks, ch * 16);
         }
     }
-    __half* dh = dq + h * D;
-#pragma unroll
-    for (int n = 0; n < D / 8; n++) {
-        const int c = n * 8 + 2 * t;
-        if (r0 < n_q) *reinterpret_cast<unsigned*>(dh + (long long)r0 * q_stride + c) = pack_f2(acc[n][0] * scale, acc[n][1] * scale);
-        if (r1 < n_q) *reinterpret_cast<unsigned*>(dh + (long long)r1 * q_stride + c) = pack_f2(acc[n][2] * scale, acc[n][3] * scale);
-    }
+    store_rows<D>(dq + h * D, q_stride, r0, n_q, acc, scale, scale);
 }
 
 // dK and dV: grid (ceil(n_k / 64), heads_kv), block 128, dynamic shared memory 4 * 64 * (D + 8) halves (the block's
@@ -698,20 +722,11 @@ __device__ __forceinline__ void flash_attn_bwd_dkdv_mma_body(
     Row* dt = qt + MMA_Q;
     __shared__ float lt[MMA_Q], dlt[MMA_Q];
     const int hk = blockIdx.y, group = heads_q / heads_kv;
-    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, g = lane / 4, t = lane % 4;
-    const int j0 = blockIdx.x * MMA_K, kw = warp * 16, kr0 = j0 + kw + g, kr1 = kr0 + 8;
+    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, t = lane % 4;
+    const int j0 = blockIdx.x * MMA_K, kw = warp * 16, kr0 = j0 + kw + lane / 4, kr1 = kr0 + 8;
     const int offset = n_k - n_q;  // key j is seen by queries i >= j - offset
-    for (int idx = threadIdx.x; idx < MMA_K * (D / 8); idx += blockDim.x) {
-        const int j = idx / (D / 8), c = (idx % (D / 8)) * 8, kj = j0 + j;
-        uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
-        if (kj < n_k) {
-            const long long at = (long long)kj * kv_stride + hk * D + c;
-            kv = *reinterpret_cast<const uint4*>(k + at);
-            vv = *reinterpret_cast<const uint4*>(v + at);
-        }
-        *reinterpret_cast<uint4*>(&kt[j][c]) = kv;
-        *reinterpret_cast<uint4*>(&vt[j][c]) = vv;
-    }
+    stage_tile<D>(kt, k, j0, n_k, kv_stride, hk * D);
+    stage_tile<D>(vt, v, j0, n_k, kv_stride, hk * D);
     float ak[D / 8][4], av[D / 8][4];
 #pragma unroll
     for (int n = 0; n < D / 8; n++) ak[n][0] = ak[n][1] = ak[n][2] = ak[n][3] = av[n][0] = av[n][1] = av[n][2] = av[n][3] = 0.0f;
@@ -719,16 +734,8 @@ __device__ __forceinline__ void flash_attn_bwd_dkdv_mma_body(
     for (int h = hk * group; h < (hk + 1) * group; h++) {
         for (int i0 = (qmin / MMA_Q) * MMA_Q; i0 < n_q; i0 += MMA_Q) {
             __syncthreads();
-            for (int idx = threadIdx.x; idx < MMA_Q * (D / 8); idx += blockDim.x) {
-                const int r = idx / (D / 8), c = (idx % (D / 8)) * 8, qi = i0 + r;
-                uint4 qv = make_uint4(0, 0, 0, 0), dv4 = make_uint4(0, 0, 0, 0);
-                if (qi < n_q) {
-                    qv = *reinterpret_cast<const uint4*>(q + (long long)qi * q_stride + h * D + c);
-                    dv4 = *reinterpret_cast<const uint4*>(dout + (long long)qi * o_stride + h * D + c);
-                }
-                *reinterpret_cast<uint4*>(&qt[r][c]) = qv;
-                *reinterpret_cast<uint4*>(&dt[r][c]) = dv4;
-            }
+            stage_tile<D>(qt, q, i0, n_q, q_stride, h * D);
+            stage_tile<D>(dt, dout, i0, n_q, o_stride, h * D);
             if (threadIdx.x < MMA_Q) {
                 const int qi = i0 + threadIdx.x;
                 lt[threadIdx.x] = qi < n_q ? lse[(long long)qi * heads_q + h] : 0.0f;
@@ -743,16 +750,14 @@ __device__ __forceinline__ void flash_attn_bwd_dkdv_mma_body(
                 for (int n = 0; n < 2; n++) st[n][0] = st[n][1] = st[n][2] = st[n][3] = dpt[n][0] = dpt[n][1] = dpt[n][2] = dpt[n][3] = 0.0f;
 #pragma unroll
                 for (int kk = 0; kk < D / 16; kk++) {
-                    const int c = kk * 16 + 2 * t;
-                    const unsigned a_k[4] = {*reinterpret_cast<const unsigned*>(&kt[kw + g][c]), *reinterpret_cast<const unsigned*>(&kt[kw + g + 8][c]),
-                                             *reinterpret_cast<const unsigned*>(&kt[kw + g][c + 8]), *reinterpret_cast<const unsigned*>(&kt[kw + g + 8][c + 8])};
-                    const unsigned a_v[4] = {*reinterpret_cast<const unsigned*>(&vt[kw + g][c]), *reinterpret_cast<const unsigned*>(&vt[kw + g + 8][c]),
-                                             *reinterpret_cast<const unsigned*>(&vt[kw + g][c + 8]), *reinterpret_cast<const unsigned*>(&vt[kw + g + 8][c + 8])};
+                    unsigned a_k[4], a_v[4];
+                    tile_a<D>(a_k, kt, kw, kk);
+                    tile_a<D>(a_v, vt, kw, kk);
 #pragma unroll
                     for (int n = 0; n < 2; n++) {
-                        const int qn = ch * 16 + n * 8 + g;
-                        const unsigned bq[2] = {*reinterpret_cast<const unsigned*>(&qt[qn][c]), *reinterpret_cast<const unsigned*>(&qt[qn][c + 8])};
-                        const unsigned bd[2] = {*reinterpret_cast<const unsigned*>(&dt[qn][c]), *reinterpret_cast<const unsigned*>(&dt[qn][c + 8])};
+                        unsigned bq[2], bd[2];
+                        tile_b_t<D>(bq, qt, ch * 16 + n * 8, kk);
+                        tile_b_t<D>(bd, dt, ch * 16 + n * 8, kk);
                         mma_16816(st[n], a_k, bq, st[n]);
                         mma_16816(dpt[n], a_v, bd, dpt[n]);
                     }
@@ -767,32 +772,16 @@ __device__ __forceinline__ void flash_attn_bwd_dkdv_mma_body(
                         st[n][e] = p;
                         dpt[n][e] = p * (dpt[n][e] - dlt[ql]);  // dS^T
                     }
-                const unsigned ap[4] = {pack_f2(st[0][0], st[0][1]), pack_f2(st[0][2], st[0][3]), pack_f2(st[1][0], st[1][1]), pack_f2(st[1][2], st[1][3])};
-                const unsigned as[4] = {pack_f2(dpt[0][0], dpt[0][1]), pack_f2(dpt[0][2], dpt[0][3]), pack_f2(dpt[1][0], dpt[1][1]), pack_f2(dpt[1][2], dpt[1][3])};
-                const int qr = ch * 16 + 2 * t;
-#pragma unroll
-                for (int n = 0; n < D / 8; n++) {
-                    const int c = n * 8 + g;
-                    const unsigned bd[2] = {pack_h2(dt[qr][c], dt[qr + 1][c]), pack_h2(dt[qr + 8][c], dt[qr + 9][c])};
-                    const unsigned bq[2] = {pack_h2(qt[qr][c], qt[qr + 1][c]), pack_h2(qt[qr + 8][c], qt[qr + 9][c])};
-                    mma_16816(av[n], ap, bd, av[n]);
-                    mma_16816(ak[n], as, bq, ak[n]);
-                }
+                unsigned ap[4], as[4];
+                c_to_a(ap, st);
+                c_to_a(as, dpt);
+                mma_rows<D>(av, ap, dt, ch * 16);
+                mma_rows<D>(ak, as, qt, ch * 16);
             }
         }
     }
-#pragma unroll
-    for (int n = 0; n < D / 8; n++) {
-        const int c = hk * D + n * 8 + 2 * t;
-        if (kr0 < n_k) {
-            *reinterpret_cast<unsigned*>(dk + (long long)kr0 * kv_stride + c) = pack_f2(ak[n][0] * scale, ak[n][1] * scale);
-            *reinterpret_cast<unsigned*>(dv + (long long)kr0 * kv_stride + c) = pack_f2(av[n][0], av[n][1]);
-        }
-        if (kr1 < n_k) {
-            *reinterpret_cast<unsigned*>(dk + (long long)kr1 * kv_stride + c) = pack_f2(ak[n][2] * scale, ak[n][3] * scale);
-            *reinterpret_cast<unsigned*>(dv + (long long)kr1 * kv_stride + c) = pack_f2(av[n][2], av[n][3]);
-        }
-    }
+    store_rows<D>(dk + hk * D, kv_stride, kr0, n_k, ak, scale, scale);
+    store_rows<D>(dv + hk * D, kv_stride, kr0, n_k, av, 1.0f, 1.0f);
 }
 
 #define DQ_MMA_ARGS                                                                                                            \

@@ -145,33 +145,25 @@ const Kernel* find_kernel(const std::string& name) {
     return it == registry().end() ? nullptr : &it->second;
 }
 
-void syncthreads() {
-    Block& b = *blk;
-    const uint64_t g = b.gen;
-    b.events++;
-    if (++b.count == b.live) {
-        b.count = 0;
-        b.gen++;
+// Arrives at a barrier of `live` threads (count and generation given) and waits until all have arrived.
+static void barrier(int& count, int live, uint64_t& gen, Wait kind) {
+    const uint64_t g = gen;
+    blk->events++;
+    if (++count == live) {
+        count = 0;
+        gen++;
         return;
     }
-    fib->wait = BLOCK_BARRIER;
-    while (b.gen == g) to_scheduler();
+    fib->wait = kind;
+    while (gen == g) to_scheduler();
     fib->wait = NONE;
 }
 
+void syncthreads() { barrier(blk->count, blk->live, blk->gen, BLOCK_BARRIER); }
+
 void syncwarp() {
-    Block& b = *blk;
-    Warp& w = b.warps[cur->warp];
-    const uint64_t g = w.gen;
-    b.events++;
-    if (++w.count == w.live) {
-        w.count = 0;
-        w.gen++;
-        return;
-    }
-    fib->wait = WARP_BARRIER;
-    while (w.gen == g) to_scheduler();
-    fib->wait = NONE;
+    Warp& w = blk->warps[cur->warp];
+    barrier(w.count, w.live, w.gen, WARP_BARRIER);
 }
 
 uint64_t* warp_slots() {

@@ -153,38 +153,19 @@ T __shfl_up_sync(unsigned, T v, unsigned delta, int width = 32) {
     return cuemu::shfl(v, (lane & (width - 1)) >= (int)delta ? lane - (int)delta : lane);
 }
 
-// One fiber runs at a time, so atomics are plain read-modify-writes.
-inline float atomicAdd(float* p, float v) {
-    float o = *p;
+// Fibers of one block run one at a time, so atomics are plain read-modify-writes.
+template <class T>
+inline T atomicAdd(T* p, T v) {
+    T o = *p;
     *p = o + v;
     return o;
 }
-inline double atomicAdd(double* p, double v) {
-    double o = *p;
-    *p = o + v;
-    return o;
-}
-inline int atomicAdd(int* p, int v) {
-    int o = *p;
-    *p = o + v;
-    return o;
-}
-inline unsigned atomicAdd(unsigned* p, unsigned v) {
-    unsigned o = *p;
-    *p = o + v;
-    return o;
-}
-inline int atomicCAS(int* p, int cmp, int v) {
-    int o = *p;
+template <class T>
+inline T atomicCAS(T* p, T cmp, T v) {
+    T o = *p;
     if (o == cmp) *p = v;
     return o;
 }
-inline unsigned atomicCAS(unsigned* p, unsigned cmp, unsigned v) {
-    unsigned o = *p;
-    if (o == cmp) *p = v;
-    return o;
-}
-inline float atomicMax(float* p, float v) = delete;  // not a CUDA overload: catch it at compile time
 
 template <class T>
 inline T __ldg(const T* p) {
