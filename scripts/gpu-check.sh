@@ -22,6 +22,8 @@
 # A rehearsal without a GPU (checks this script, its arguments and the binaries, not the GPU):
 #   CUEMU=1 SHAPE=tiny PROMPT=70 DECODE=4 SEQ=80 ANSWER=10 RANK=8 REPS=1 LIMIT_SCALE=10 OUT=/tmp/rehearsal scripts/gpu-check.sh
 # runs every stage on cuemu (tools/cuemu, built by tools/cuemu/build.sh) with a tiny benchmark shape.
+# RLAIFD_CUDA_MMA_ATTENTION=0 runs everything with the scalar attention kernels instead of the tensor-core ones (for
+# when those fail on the hardware: the binaries cannot be rebuilt on the GPU host).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-check-out}

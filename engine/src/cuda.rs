@@ -300,6 +300,12 @@ impl Drop for Lt {
     }
 }
 
+/// Whether `RLAIFD_CUDA_MMA_ATTENTION` leaves the tensor-core attention kernels on (unset or anything but `0`): a
+/// switch for GPU hosts that run prebuilt binaries (`scripts/gpu-check.sh`) to fall back to the scalar kernels.
+fn mma_attention_allowed() -> bool {
+    !matches!(std::env::var("RLAIFD_CUDA_MMA_ATTENTION").as_deref().map(str::trim), Ok("0"))
+}
+
 /// Dynamic shared memory of `flash_attn_bwd_dkdv_mma_d{64,128}_f16`: 64 rows each of keys, values, queries and
 /// output gradients, `head_dim` + 8 halves per row.
 fn dkdv_mma_smem(head_dim: usize) -> usize {
@@ -404,7 +410,7 @@ pub struct Gpu {
     pub fuse: std::sync::atomic::AtomicBool,
     /// Whether attention uses the tensor-core kernels (`flash_attn_mma_d{64,128}_f16` forward,
     /// `flash_attn_bwd_{dq,dkdv}_mma_d{64,128}_f16` backward) where they apply: head size 64 or 128, 16-byte
-    /// aligned rows, sm_80 or later (the default there).
+    /// aligned rows, sm_80 or later (the default there, unless `RLAIFD_CUDA_MMA_ATTENTION=0`).
     pub mma_attention: std::sync::atomic::AtomicBool,
     sms: usize,
 }
@@ -472,7 +478,7 @@ impl Gpu {
         unsafe { cudarc::driver::sys::cuMemPoolSetAttribute(pool, cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, &mut keep as *mut u64 as *mut _) }.result().map_err(derr)?;
         let blas = Lt::new(&stream, major)?;
         let sms = ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(derr)?.max(1) as usize;
-        Ok(Ok(Gpu { ctx, stream, arch, name, _modules: modules, funcs, blas, gemv: std::sync::atomic::AtomicBool::new(true), fuse: std::sync::atomic::AtomicBool::new(true), mma_attention: std::sync::atomic::AtomicBool::new(major >= 8), sms }))
+        Ok(Ok(Gpu { ctx, stream, arch, name, _modules: modules, funcs, blas, gemv: std::sync::atomic::AtomicBool::new(true), fuse: std::sync::atomic::AtomicBool::new(true), mma_attention: std::sync::atomic::AtomicBool::new(major >= 8 && mma_attention_allowed()), sms }))
     }
 
     fn mem_pool(ctx: &CudaContext) -> Result<cudarc::driver::sys::CUmemoryPool> {

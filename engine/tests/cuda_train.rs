@@ -206,7 +206,7 @@ fn wide_heads(head_dim: usize) -> engine::config::LlamaConfig {
 fn tensor_core_attention_gives_the_scalar_kernels_dpo_loss_and_gradients() {
     let Some(gpu) = gpu() else { return };
     if !gpu.mma_attention.load(std::sync::atomic::Ordering::Relaxed) {
-        println!("SKIPPED: {} has no tensor-core attention (sm_80 or later)", gpu.name);
+        println!("SKIPPED: tensor-core attention is off on {} (it needs sm_80 or later, and RLAIFD_CUDA_MMA_ATTENTION unset or not 0)", gpu.name);
         return;
     }
     // Head sizes 64 (CLIP) and 128 (LLaMA), GQA; q, k and v inside the fused QKV buffer; the prompt shared by both
