@@ -1225,8 +1225,12 @@ impl Gpu {
             && (x.q | x.k | x.v | dout_ptr) % 16 == 0
             && (x.q_stride | x.kv_stride | (heads_q * head_dim)) % 8 == 0
             && (grads.q | grads.k | grads.v) % 4 == 0;
-        let pick = |mma_name: &str, plain: &'static str| if mma { format!("{mma_name}_d{head_dim}_f16") } else { plain.to_string() };
-        let mut b = self.stream.launch_builder(self.f(&pick("flash_attn_bwd_dq_mma", "flash_attn_bwd_dq_f16"))?);
+        let (dq_kernel, dkdv_kernel) = match (mma, head_dim) {
+            (true, 64) => ("flash_attn_bwd_dq_mma_d64_f16", "flash_attn_bwd_dkdv_mma_d64_f16"),
+            (true, _) => ("flash_attn_bwd_dq_mma_d128_f16", "flash_attn_bwd_dkdv_mma_d128_f16"),
+            _ => ("flash_attn_bwd_dq_f16", "flash_attn_bwd_dkdv_f16"),
+        };
+        let mut b = self.stream.launch_builder(self.f(dq_kernel)?);
         b.arg(&grads.q).arg(&x.q).arg(&x.k).arg(&x.v).arg(dout).arg(lse).arg(&delta).arg(&nq).arg(&nk).arg(&hq).arg(&hk);
         if !mma {
             b.arg(&d);
@@ -1234,7 +1238,7 @@ impl Gpu {
         b.arg(&qs).arg(&ks).arg(&os).arg(&scale).arg(&c);
         let rows = if mma { 64 } else { 16 };
         unsafe { b.launch(LaunchConfig { grid_dim: (n_q.div_ceil(rows) as u32, heads_q as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
-        let mut b = self.stream.launch_builder(self.f(&pick("flash_attn_bwd_dkdv_mma", "flash_attn_bwd_dkdv_f16"))?);
+        let mut b = self.stream.launch_builder(self.f(dkdv_kernel)?);
         b.arg(&grads.k).arg(&grads.v).arg(&x.q).arg(&x.k).arg(&x.v).arg(dout).arg(lse).arg(&delta).arg(&nq).arg(&nk).arg(&hq).arg(&hk);
         if !mma {
             b.arg(&d);

@@ -1024,7 +1024,7 @@ pub fn train_dpo_gpu(
     features: &mut dyn FnMut(&crate::image::PixelValues) -> Result<Vec<f32>>,
     on_step: &mut dyn FnMut(&crate::train::trainer::StepLog),
 ) -> Result<u64> {
-    use crate::train::trainer::{epoch_order, steps_per_epoch};
+    use crate::train::trainer::{step_batch, steps_per_epoch};
     if pairs.len() != refs.len() {
         return Err(err(format!("{} pairs but {} reference log-prob pairs", pairs.len(), refs.len())));
     }
@@ -1037,9 +1037,7 @@ pub fn train_dpo_gpu(
     while opt.step < total {
         let t0 = std::time::Instant::now();
         let epoch = opt.step / per_epoch;
-        let order = epoch_order(pairs.len(), cfg.seed, epoch);
-        let b = opt.step % per_epoch;
-        let batch = &order[b * cfg.batch_size..((b + 1) * cfg.batch_size).min(order.len())];
+        let batch = &step_batch(pairs.len(), cfg.batch_size, cfg.seed, opt.step);
         let weight = 1.0 / batch.len() as f64;
         let mut m = crate::train::trainer::StepMetrics::default();
         for &i in batch {

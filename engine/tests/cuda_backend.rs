@@ -17,6 +17,16 @@ mod gpu_common;
 use gpu_common::root;
 
 /// The model in `dir` on CUDA device 0, or None (with the reason printed: the test passes skipped) without a GPU.
+/// The bundled model `asset` (under assets/) on the CPU and on the GPU, and its tokenizer; None (skipped) without a
+/// GPU.
+fn both(asset: &str) -> Option<(Model, Model, TextTokenizer)> {
+    let dir = root().join("assets").join(asset);
+    let cpu = Model::load(&dir).unwrap();
+    let dev = on_gpu(&dir)?;
+    let tok = TextTokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
+    Some((cpu, dev, tok))
+}
+
 fn on_gpu(dir: &std::path::Path) -> Option<Model> {
     let mut dev = Model::load(dir).unwrap();
     match select(DeviceSpec::Cuda(0), &dev) {
@@ -48,10 +58,7 @@ fn adapter(model: &Model, targets: TargetModules, seed: u64, b: f64) -> Adapter 
 
 #[test]
 fn cuda_backend_matches_the_cpu_backend_on_shapesworld_with_an_image_and_lora() {
-    let dir = root().join("assets/shapes-base");
-    let cpu = Model::load(&dir).unwrap();
-    let Some(dev) = on_gpu(&dir) else { return };
-    let tok = TextTokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
+    let Some((cpu, dev, tok)) = both("shapes-base") else { return };
     let wc = WorldConfig::default();
     let ip = cpu.image_processor.clone().unwrap();
     let lora = adapter(&cpu, LoraSpec::default().target_modules, 3, 0.05);
@@ -160,10 +167,7 @@ fn train(model: &Model, pairs: &[Pair]) -> (Vec<engine::train::trainer::StepLog>
 
 #[test]
 fn gpu_dpo_on_shapesworld_images_tracks_the_cpu_trainer_and_learns_the_pairs() {
-    let dir = root().join("assets/shapes-base");
-    let cpu = Model::load(&dir).unwrap();
-    let Some(dev) = on_gpu(&dir) else { return };
-    let tok = TextTokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
+    let Some((cpu, dev, tok)) = both("shapes-base") else { return };
     let pairs = shapes_pairs(&tok, cpu.llm.cfg.eos_token_ids[0], 8);
     let (want, _) = train(&cpu, &pairs);
     let (got, trained) = train(&dev, &pairs);
@@ -188,10 +192,7 @@ fn gpu_dpo_on_shapesworld_images_tracks_the_cpu_trainer_and_learns_the_pairs() {
 #[test]
 fn labeler_verdicts_on_the_gpu_match_the_cpu_backend() {
     use engine::feedback::verify::{Labeler, YES_NO_SUFFIX};
-    let dir = root().join("assets/shapes-labeler");
-    let cpu = Model::load(&dir).unwrap();
-    let Some(dev) = on_gpu(&dir) else { return };
-    let tok = TextTokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
+    let Some((cpu, dev, tok)) = both("shapes-labeler") else { return };
     let wc = WorldConfig::default();
     let ip = cpu.image_processor.clone().unwrap();
     let (mut worst, mut questions_total) = (0.0f64, 0usize);

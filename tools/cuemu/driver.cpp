@@ -341,10 +341,9 @@ int cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, 
         if (extra) return CUDA_ERROR_NOT_SUPPORTED;
     const Kernel* k = static_cast<const Kernel*>(f);
     Call call = k->bind(params);
-    const std::string name = k->name;
     const dim3 grid{gx, gy, gz}, block{bx, by, bz};
-    return submit(s, [=] {
-        std::string e = run_grid(name, call, grid, block, smem);
+    return submit(s, [=] {  // k points into the registry, which lives as long as the library
+        std::string e = run_grid(k->name, call, grid, block, smem);
         if (!e.empty()) last_launch_error = e;
     });
 }

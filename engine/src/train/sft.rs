@@ -7,7 +7,7 @@ use crate::error::{EngineError, Result};
 use crate::image::PixelValues;
 use crate::llava::Model;
 use crate::train::optim::AdamW;
-use crate::train::trainer::{epoch_order, steps_per_epoch};
+use crate::train::trainer::{step_batch, steps_per_epoch};
 use crate::train::dpo::{part_seed, DropoutGuard};
 use crate::train::Grads;
 use std::collections::BTreeMap;
@@ -118,9 +118,7 @@ pub fn train_sft(
     while opt.step < end {
         let t0 = std::time::Instant::now();
         let epoch = opt.step / per_epoch;
-        let order = epoch_order(examples.len(), cfg.seed, epoch);
-        let b = opt.step % per_epoch;
-        let batch = &order[b * cfg.batch_size..((b + 1) * cfg.batch_size).min(order.len())];
+        let batch = &step_batch(examples.len(), cfg.batch_size, cfg.seed, opt.step);
         let tokens: usize = batch.iter().map(|&i| examples[i].answer_ids.len()).sum();
         let weight = 1.0 / tokens.max(1) as f64;
         let nll;

@@ -100,6 +100,16 @@ pub fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
     idx
 }
 
+/// The items (indices into `n`) of optimizer step `step`: its slice of its epoch's order (the last batch of an
+/// epoch may be short). Shared by every trainer, so a run resumes and crosses devices with the same batches.
+pub fn step_batch(n: usize, batch_size: usize, seed: u64, step: usize) -> Vec<usize> {
+    let per_epoch = steps_per_epoch(n, batch_size).max(1);
+    let bs = batch_size.max(1);
+    let order = epoch_order(n, seed, step / per_epoch);
+    let b = step % per_epoch;
+    order[(b * bs).min(order.len())..((b + 1) * bs).min(order.len())].to_vec()
+}
+
 /// Reference log-probs of every pair under `reference` (None = the base model).
 pub fn precompute_references(model: &Model, reference: Option<&Adapter>, pairs: &[TokenPair]) -> Result<Vec<(f64, f64)>> {
     pairs.iter().map(|p| reference_logps(model, reference, p)).collect()
@@ -129,9 +139,7 @@ pub fn train_dpo(
     while opt.step < end {
         let t0 = std::time::Instant::now();
         let epoch = opt.step / per_epoch;
-        let order = epoch_order(pairs.len(), cfg.seed, epoch);
-        let b = opt.step % per_epoch;
-        let batch = &order[b * cfg.batch_size..((b + 1) * cfg.batch_size).min(order.len())];
+        let batch = &step_batch(pairs.len(), cfg.batch_size, cfg.seed, opt.step);
         let mut grads = Grads::zeros_like(adapter);
         let weight = 1.0 / batch.len() as f64;
         let mut m = StepMetrics::default();
