@@ -12,7 +12,8 @@
 #      run; cuda_backend: the daemon's CUDA backend on the bundled ShapesWorld model (image prompts, LoRA on the
 #      device: greedy tokens, answer log-probs, sampling, the CPU fallback), the GPU image path (vision tower +
 #      projector) on every fixture, labeler verdicts, and GPU DPO on ShapesWorld pairs with images against the CPU
-#      trainer. Needs the fixtures and assets/: run from a checkout.
+#      trainer, paused, saved and resumed on the GPU or the CPU; train_cli: `rlaifd train-dpo --device cuda`, paused
+#      and resumed on either device. Needs the fixtures and assets/: run from a checkout.
 #   4. rlaifd generate --device cuda on generated ShapesWorld images (the CLI end to end), and --device cpu beside it.
 #   5. rlaifd bench-gpu: prefill (640 tokens), batch-1 decode and n=10 sampling of a random-weight LLaVA-1.5-7B-
 #      shaped decoder, copy bandwidth and roofline, a per-op breakdown; rlaifd bench-gpu-train: DPO and SFT steps
@@ -77,7 +78,9 @@ grep -E "SKIPPED|log-prob|greedy|test result|panicked" "$OUT/llama.log" | tail -
 stage "cuda_train (GPU DPO vs CPU backend, short DPO run)" llama.log 180 "$bins/cuda_train" --nocapture --test-threads 1
 grep -E "SKIPPED|loss CPU|LoRA gradients|GPU DPO|test result|panicked" "$OUT/llama.log" | tail -n 12
 stage "cuda_backend (daemon backend on ShapesWorld: generation, scoring, DPO with images)" backend.log 180 "$bins/cuda_backend" --nocapture --test-threads 1
-grep -E "SKIPPED|backend:|scene|worst|step|image features|questions|test result|panicked" "$OUT/backend.log" | tail -n 40
+grep -E "SKIPPED|backend:|scene|worst|step|image features|questions|trained|test result|panicked" "$OUT/backend.log" | tail -n 40
+stage "train_cli (rlaifd train-dpo --device cuda, paused and resumed on the GPU or the CPU)" backend.log 180 env RLAIFD_BIN="$bins/rlaifd" "$bins/train_cli" --nocapture --test-threads 1 on_the_gpu
+grep -E "SKIPPED|training on|resumed|trained weights|test result|panicked" "$OUT/backend.log" | tail -n 6
 # The CLI end to end on the GPU: ShapesWorld images through `rlaifd generate --device cuda` (vision tower, decoder,
 # sampling), the same prompts on the CPU for comparison.
 "$bins/rlaifd" shapes gen --seed 7 --count 3 --out "$OUT/shapes" >/dev/null 2>&1

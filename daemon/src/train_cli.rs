@@ -243,6 +243,10 @@ pub struct TrainDpoArgs {
     /// Stop after this many optimizer steps in total (the schedule still spans all epochs); for resumable runs.
     #[arg(long)]
     stop_after: Option<usize>,
+    /// Where the model math runs: auto (a CUDA GPU when usable), cpu, cuda or cuda:N. A run saved on one device
+    /// resumes on either.
+    #[arg(long, default_value = "auto")]
+    device: String,
 }
 
 /// Pairs in token form; text pairs are tokenized with the model's tokenizer and the chat template.
@@ -297,6 +301,9 @@ struct TrainerState {
     n_pairs: usize,
     /// Reference log-probs, so a resumed run uses exactly the same ones.
     references: Vec<(f64, f64)>,
+    /// The GPU trainer's loss scale and skipped steps (absent for a run that never trained on a GPU).
+    #[serde(default)]
+    loss_scale: Option<engine::cuda::LossScaler>,
 }
 
 fn save_run(out: &Path, model: &Model, adapter: &engine::Adapter, opt: &engine::train::optim::AdamW, state: &TrainerState) -> Result<()> {
@@ -313,8 +320,14 @@ pub fn cmd_train_dpo(a: TrainDpoArgs) -> Result<()> {
     use engine::train::trainer::{precompute_references, steps_per_epoch, train_dpo, TrainConfig};
     use std::io::IsTerminal;
 
+    let device: engine::backend::DeviceSpec = a.device.parse().map_err(|e| anyhow::anyhow!("--device: {e}"))?;
     let mut model = Model::load(&a.model).with_context(|| format!("loading model {}", a.model.display()))?;
     model.llm.recompute_cheap = a.opt.recompute;
+    let (backend, chosen) = engine::backend::select(device, &model)?;
+    if backend.spec() != engine::backend::DeviceSpec::Cpu {
+        eprintln!("rlaifd: training on {chosen}");
+    }
+    model.set_backend(backend);
     let model = model;
     let loss = match a.loss.as_str() {
         "sigmoid" => DpoLoss::Sigmoid,
@@ -350,6 +363,7 @@ pub fn cmd_train_dpo(a: TrainDpoArgs) -> Result<()> {
         let mut opt = AdamW::new(optim_cfg.clone());
         let store = engine::weights::WeightStore::open_files(&[a.out.join("optimizer.safetensors")])?;
         opt.load_state(state.step, &store)?;
+        opt.scaler = state.loss_scale.clone();
         eprintln!("resuming {} at step {}/{}", a.out.display(), state.step, state.total_steps);
         (adapter, opt, state.references, state.reference)
     } else {
@@ -384,6 +398,7 @@ pub fn cmd_train_dpo(a: TrainDpoArgs) -> Result<()> {
         pairs_file: a.pairs.display().to_string(),
         n_pairs: token_pairs.len(),
         references: refs.clone(),
+        loss_scale: opt.scaler.clone(),
     };
     let end = a.stop_after.map_or(total, |s| s.min(total));
     // Train in chunks between checkpoints so a crash loses at most `save_every` steps.
@@ -402,6 +417,7 @@ pub fn cmd_train_dpo(a: TrainDpoArgs) -> Result<()> {
             }
         })?;
         state.step = opt.step;
+        state.loss_scale = opt.scaler.clone();
         save_run(&a.out, &model, &adapter, &opt, &state)?;
     }
     if tty {

@@ -3,8 +3,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// The checkout: $RLAIFD_ROOT when the binary runs elsewhere than where it was built (scripts/gpu-check.sh).
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    std::env::var("RLAIFD_ROOT").map(PathBuf::from).unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
 }
 
 fn tmp(tag: &str) -> PathBuf {
@@ -15,7 +16,9 @@ fn tmp(tag: &str) -> PathBuf {
 }
 
 fn run(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_rlaifd")).args(args).output().expect("run rlaifd");
+    // $RLAIFD_BIN: the rlaifd binary beside this test's on a GPU host (scripts/gpu-check.sh).
+    let bin = std::env::var("RLAIFD_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_rlaifd").to_string());
+    let out = Command::new(bin).args(args).output().expect("run rlaifd");
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
@@ -52,10 +55,88 @@ fn grad_prints_loss_and_writes_gradients_under_adapter_keys() {
 }
 
 fn train_args<'a>(model: &'a str, pairs: &'a str, out: &'a str) -> Vec<&'a str> {
+    train_args_on("cpu", model, pairs, out)
+}
+
+fn train_args_on<'a>(device: &'a str, model: &'a str, pairs: &'a str, out: &'a str) -> Vec<&'a str> {
     vec![
         "train-dpo", "--model", model, "--pairs", pairs, "--out", out, "--epochs", "4", "--batch-size", "2", "--lr", "1e-3", "--r", "4",
-        "--lora-alpha", "8", "--warmup-ratio", "0.25", "--seed", "5",
+        "--lora-alpha", "8", "--warmup-ratio", "0.25", "--seed", "5", "--device", device,
     ]
+}
+
+/// Every tensor of a safetensors file, by name.
+fn tensors(path: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
+    let store = engine::weights::WeightStore::open_files(&[path.to_path_buf()]).unwrap();
+    store.keys().map(|k| (k.to_string(), store.f32_any_shape(k).unwrap())).collect()
+}
+
+/// Relative L2 distance between the same tensors of two safetensors files.
+fn distance(a: &Path, b: &Path) -> f64 {
+    let (ta, tb) = (tensors(a), tensors(b));
+    assert_eq!(ta.keys().collect::<Vec<_>>(), tb.keys().collect::<Vec<_>>(), "{} and {} hold different tensors", a.display(), b.display());
+    let (mut d, mut n) = (0.0f64, 0.0f64);
+    for (k, x) in &ta {
+        for (u, v) in x.iter().zip(&tb[k]) {
+            d += (*u as f64 - *v as f64).powi(2);
+            n += (*u as f64).powi(2);
+        }
+    }
+    (d / n.max(1e-30)).sqrt()
+}
+
+/// `rlaifd train-dpo --device cuda` trains on the GPU (not the CPU fallback), and a run paused there resumes on the
+/// GPU where it stopped or crosses to the CPU with its moments, step count and loss scale. Prints why and passes
+/// where no GPU exists (scripts/emu-check runs it on cuemu).
+#[test]
+fn train_dpo_on_the_gpu_pauses_and_resumes_on_the_gpu_or_the_cpu() {
+    let model = root().join("tests/fixtures/llava/llama_text_only/model");
+    let pairs = root().join("tests/fixtures/grad/llama_text_only/pairs.jsonl");
+    let d = tmp("gpu-resume");
+    let (m, p) = (model.to_str().unwrap(), pairs.to_str().unwrap());
+    let dir = |name: &str| d.join(name).to_str().unwrap().to_string();
+    let (gpu, gpu_split, cpu, crossed) = (dir("gpu"), dir("gpu-split"), dir("cpu"), dir("crossed"));
+    let (ok, stdout, stderr) = run(&train_args_on("cuda", m, p, &gpu));
+    if !ok && stderr.contains("cannot be used") {
+        println!("SKIPPED: no GPU: {}", stderr.trim());
+        return;
+    }
+    assert!(ok, "{stderr}");
+    println!("{}", stderr.lines().find(|l| l.contains("training on")).unwrap_or("?"));
+    assert!(stderr.contains("training on cuda:0") && !stderr.contains("training on the CPU"), "not trained on the GPU: {stderr}");
+    assert_eq!(stdout.lines().count(), 8);
+    let state: serde_json::Value = serde_json::from_slice(&std::fs::read(Path::new(&gpu).join("trainer_state.json")).unwrap()).unwrap();
+    assert!(state["loss_scale"]["scale"].as_f64().unwrap_or(0.0) >= 1.0, "trainer_state.json lacks the loss scale: {state}");
+    // Paused after 3 steps on the GPU, resumed on the GPU.
+    let mut args = train_args_on("cuda", m, p, &gpu_split);
+    args.extend(["--stop-after", "3"]);
+    let (ok, _, stderr) = run(&args);
+    assert!(ok, "{stderr}");
+    let mut args = train_args_on("cuda", m, p, &gpu_split);
+    args.push("--resume");
+    let (ok, stdout, stderr) = run(&args);
+    assert!(ok && stdout.lines().count() == 5, "{stderr}");
+    let f = |d: &str, name: &str| Path::new(d).join(name);
+    let (dw, dm) = (distance(&f(&gpu, "adapter_model.safetensors"), &f(&gpu_split, "adapter_model.safetensors")), distance(&f(&gpu, "optimizer.safetensors"), &f(&gpu_split, "optimizer.safetensors")));
+    println!("GPU in one go vs paused and resumed on the GPU: weights {dw:.2e}, moments {dm:.2e} (relative L2)");
+    assert!(dw <= 1e-3 && dm <= 1e-3, "resuming on the GPU changed the run: weights {dw:.2e}, moments {dm:.2e}");
+    // Paused after 3 steps on the GPU, resumed on the CPU: ends near a whole CPU run.
+    let (ok, _, stderr) = run(&train_args_on("cpu", m, p, &cpu));
+    assert!(ok, "{stderr}");
+    let mut args = train_args_on("cuda", m, p, &crossed);
+    args.extend(["--stop-after", "3"]);
+    let (ok, _, stderr) = run(&args);
+    assert!(ok, "{stderr}");
+    let mut args = train_args_on("cpu", m, p, &crossed);
+    args.push("--resume");
+    let (ok, stdout, stderr) = run(&args);
+    assert!(ok && stdout.lines().count() == 5, "{stderr}");
+    let w = "adapter_model.safetensors";
+    let (cross, devices) = (distance(&f(&cpu, w), &f(&crossed, w)), distance(&f(&cpu, w), &f(&gpu, w)));
+    println!("trained weights vs a CPU run: GPU then CPU {cross:.2e}, GPU only {devices:.2e}");
+    // Lost moments or a restarted bias correction move the weights far more than fp16 rounding does.
+    assert!(cross <= 2.0 * devices + 1e-3, "GPU then CPU ends {cross:.2e} from the CPU run (the GPU run {devices:.2e})");
+    let _ = std::fs::remove_dir_all(&d);
 }
 
 #[test]

@@ -15,8 +15,8 @@
 //! warning on stderr once per adapter.
 //!
 //! DPO training (`train::trainer::train_dpo`) runs on the GPU too (`cuda_train::train_dpo_gpu`) for the adapters the
-//! loop trains (LoRA on the seven projections of every decoder layer, no dropout, a fresh run); any other run stays
-//! on the CPU trainer, with the reason on stderr.
+//! loop trains (LoRA on the seven projections of every decoder layer, no dropout), fresh or resumed from an
+//! optimizer state saved on either device; any other run stays on the CPU trainer, with the reason on stderr.
 
 use crate::adapter::Adapter;
 use crate::cuda::Gpu;
@@ -394,13 +394,13 @@ impl Backend for CudaBackend {
             Ok(g) => g,
             Err(e) => return Some(Err(e)),
         };
-        if let Some(why) = crate::cuda_train::gpu_trainable(&guard.llama.cfg, adapter, opt, stop_after) {
+        if let Some(why) = crate::cuda_train::gpu_trainable(&guard.llama.cfg, adapter) {
             eprintln!("rlaifd engine: training on the CPU: {why}");
             return None;
         }
         let st = &*guard;
         let mut features = |px: &crate::image::PixelValues| st.features(model, px, None);
-        let r = crate::cuda_train::train_dpo_gpu(&st.gpu, &st.llama, model, adapter, pairs, refs, cfg, opt, &mut features, on_step);
+        let r = crate::cuda_train::train_dpo_gpu(&st.gpu, &st.llama, model, adapter, pairs, refs, cfg, opt, stop_after, &mut features, on_step);
         Some(r.map(|skipped| {
             if skipped > 0 {
                 eprintln!("rlaifd engine: {skipped} GPU training steps overflowed in fp16 and were skipped (loss scale lowered)");

@@ -1335,8 +1335,9 @@ pub struct AdamW {
 
 /// Dynamic loss scaling for fp16 training: the loss is multiplied by `scale` before the backward pass; a step whose
 /// gradients overflow (non-finite) is skipped and the scale halved; after `growth_interval` good steps in a row the
-/// scale doubles (up to 2^24).
-#[derive(Clone, Debug, PartialEq)]
+/// scale doubles (up to 2^24). Saved with the optimizer state (`train::optim::AdamW::scaler`), so a paused run
+/// resumes with the scale it had.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LossScaler {
     pub scale: f32,
     pub growth_interval: u32,

@@ -713,6 +713,62 @@ impl GpuLora {
         Ok(())
     }
 
+    /// Continues the optimizer state of `opt` for `adapter` (the adapter this copy was built from): its AdamW
+    /// moments (by the adapter's tensor names; zero for a tensor not updated yet), its update count and its loss
+    /// scale, so a run paused on either device goes on here exactly where it stopped.
+    pub fn load_optimizer(&mut self, gpu: &Gpu, adapter: &Adapter, opt: &crate::train::optim::AdamW) -> Result<()> {
+        self.check_trainable()?;
+        let total = self.p32.len();
+        let (mut m, mut v) = (vec![0.0f32; total], vec![0.0f32; total]);
+        for (name, keys, slots) in self.named_slots(adapter)? {
+            for (key, at, len) in [(&keys.0, slots.0, slots.1), (&keys.1, slots.2, slots.3)] {
+                if let Some((mk, vk)) = opt.moments(key) {
+                    if mk.len() != len || vk.len() != len {
+                        return Err(err(format!("optimizer state for {key} ({name}) has {} values, the tensor {len}", mk.len())));
+                    }
+                    m[at..at + len].copy_from_slice(mk);
+                    v[at..at + len].copy_from_slice(vk);
+                }
+            }
+        }
+        self.m = gpu.stream.clone_htod(&m).map_err(derr)?;
+        self.v = gpu.stream.clone_htod(&v).map_err(derr)?;
+        self.steps = opt.updates() as u32;
+        if let Some(s) = &opt.scaler {
+            self.scaler = s.clone();
+        }
+        Ok(())
+    }
+
+    /// Hands the optimizer state back to `opt` (the inverse of `load_optimizer`): the moments under the adapter's
+    /// tensor names and the loss scale; `opt.step` is the caller's.
+    pub fn store_optimizer(&self, gpu: &Gpu, adapter: &Adapter, opt: &mut crate::train::optim::AdamW) -> Result<()> {
+        self.check_trainable()?;
+        let m = gpu.stream.clone_dtoh(&self.m).map_err(derr)?;
+        let v = gpu.stream.clone_dtoh(&self.v).map_err(derr)?;
+        for (_, keys, slots) in self.named_slots(adapter)? {
+            for (key, at, len) in [(&keys.0, slots.0, slots.1), (&keys.1, slots.2, slots.3)] {
+                opt.set_moments(key, m[at..at + len].to_vec(), v[at..at + len].to_vec());
+            }
+        }
+        opt.scaler = Some(self.scaler.clone());
+        Ok(())
+    }
+
+    /// Every module as (name, its (A, B) tensor names in the adapter file, (A offset, A len, B offset, B len)).
+    #[allow(clippy::type_complexity)]
+    fn named_slots(&self, adapter: &Adapter) -> Result<Vec<(String, (String, String), (usize, usize, usize, usize))>> {
+        let mut out = Vec::with_capacity(self.slots.len() * 7);
+        for (l, layer) in self.slots.iter().enumerate() {
+            for (j, sl) in layer.iter().enumerate() {
+                let name = format!("language_model.layers.{l}.{}", PROJECTIONS[j]);
+                let m = adapter.module(&name).ok_or_else(|| err(format!("the adapter has no module {name}")))?;
+                out.push((name, m.keys.clone(), (sl.a, self.r * sl.n_in, sl.b, sl.n_out * self.r)));
+            }
+        }
+        Ok(out)
+    }
+
     /// One SFT example: the mean negative log-likelihood of `answer` after `prompt`, its backward pass and an
     /// optimizer step when `opt` is given. Returns the loss.
     pub fn sft_step(&mut self, gpu: &Gpu, model: &GpuLlama, prompt: &[u32], answer: &[u32], opt: Option<(&AdamW, f64)>) -> Result<(f64, Option<f64>)> {
@@ -977,13 +1033,10 @@ pub fn bench(gpu: &Gpu, cfg: &LlamaConfig, seq: usize, answer: usize, rank: usiz
     })
 }
 
-/// Why `train_dpo_gpu` cannot train `adapter` with `opt` (the caller then trains on the CPU), or None.
-pub fn gpu_trainable(cfg: &LlamaConfig, adapter: &Adapter, opt: &crate::train::optim::AdamW, stop_after: Option<usize>) -> Option<String> {
+/// Why `train_dpo_gpu` cannot train `adapter` (the caller then trains on the CPU), or None.
+pub fn gpu_trainable(cfg: &LlamaConfig, adapter: &Adapter) -> Option<String> {
     if adapter.lora_dropout > 0.0 {
         return Some(format!("lora_dropout = {} (the GPU trainer has no dropout)", adapter.lora_dropout));
-    }
-    if opt.step > 0 || stop_after.is_some() {
-        return Some("resuming or pausing a run (the GPU trainer keeps its optimizer moments on the device)".into());
     }
     if let Some((name, _)) = adapter.saved_params().next() {
         return Some(format!("the adapter trains the whole parameter {name} (modules_to_save)"));
@@ -1009,8 +1062,10 @@ pub fn gpu_trainable(cfg: &LlamaConfig, adapter: &Adapter, opt: &crate::train::o
 /// embeddings with the image features of the CPU vision tower, then the answer's) are made on the host, the
 /// decoder's forward and backward passes run on the device in fp16 with fp32 LoRA masters and dynamic loss
 /// scaling; a step whose gradients overflow is skipped (its `grad_norm` is NaN). `features` gives an image's
-/// projected features (the image path has no LoRA here). The trained factors are written back into `adapter`.
-/// Returns the number of skipped steps.
+/// projected features (the image path has no LoRA here). Runs from `opt.step` until `stop_after` steps in total
+/// (or the schedule's end), continuing `opt`'s moments and loss scale; the trained factors are written back into
+/// `adapter` and the optimizer state into `opt`, so the run can be saved and resumed on either device. Returns
+/// the number of steps this call skipped.
 #[allow(clippy::too_many_arguments)]
 pub fn train_dpo_gpu(
     gpu: &Gpu,
@@ -1021,6 +1076,7 @@ pub fn train_dpo_gpu(
     refs: &[(f64, f64)],
     cfg: &crate::train::trainer::TrainConfig,
     opt: &mut crate::train::optim::AdamW,
+    stop_after: Option<usize>,
     features: &mut dyn FnMut(&crate::image::PixelValues) -> Result<Vec<f32>>,
     on_step: &mut dyn FnMut(&crate::train::trainer::StepLog),
 ) -> Result<u64> {
@@ -1029,12 +1085,15 @@ pub fn train_dpo_gpu(
         return Err(err(format!("{} pairs but {} reference log-prob pairs", pairs.len(), refs.len())));
     }
     let mut gl = GpuLora::from_adapter(gpu, &gmodel.cfg, adapter)?;
+    gl.load_optimizer(gpu, adapter, opt)?;
+    let skipped_before = gl.scaler.skipped;
     let per_epoch = steps_per_epoch(pairs.len(), cfg.batch_size);
     let total = per_epoch * cfg.epochs;
+    let end = stop_after.map_or(total, |s| s.min(total));
     let c = gmodel.cfg.hidden_size;
     // The image features do not depend on the decoder's LoRA: once per image.
     let mut feats: std::collections::HashMap<*const crate::image::PixelValues, Vec<f32>> = std::collections::HashMap::new();
-    while opt.step < total {
+    while opt.step < end {
         let t0 = std::time::Instant::now();
         let epoch = opt.step / per_epoch;
         let batch = &step_batch(pairs.len(), cfg.batch_size, cfg.seed, opt.step);
@@ -1079,5 +1138,6 @@ pub fn train_dpo_gpu(
         on_step(&m.log(opt.step, total, epoch, lr, norm.unwrap_or(f64::NAN), batch.len(), t0));
     }
     gl.write_back(gpu, adapter)?;
-    Ok(gl.scaler.skipped)
+    gl.store_optimizer(gpu, adapter, opt)?;
+    Ok(gl.scaler.skipped - skipped_before)
 }

@@ -149,20 +149,53 @@ fn shapes_pairs(tok: &TextTokenizer, eos: u32, count: usize) -> Vec<Pair> {
 
 /// DPO with LoRA on every decoder projection over `pairs`; returns the step logs and the trained adapter.
 fn train(model: &Model, pairs: &[Pair]) -> (Vec<engine::train::trainer::StepLog>, Adapter) {
+    train_paused(model, model, pairs, None)
+}
+
+/// `train`, paused after `pause` steps on `first`: the adapter and the optimizer state (moments, step, loss scale)
+/// saved to disk as `rlaifd train-dpo` saves them, loaded back, and the run finished on `second`.
+fn train_paused(first: &Model, second: &Model, pairs: &[Pair], pause: Option<usize>) -> (Vec<engine::train::trainer::StepLog>, Adapter) {
     use engine::train::{dpo::TokenPair, optim::{AdamW, AdamWConfig}, trainer::{precompute_references, train_dpo, TrainConfig}};
     let wc = WorldConfig::default();
-    let ip = model.image_processor.clone().unwrap();
+    let ip = first.image_processor.clone().unwrap();
     let pixels: Vec<_> = pairs.iter().enumerate().map(|(i, (s, ..))| engine::image::preprocess(&s.render(&wc, i as u64), &ip).unwrap()).collect();
     let tp: Vec<TokenPair> = pairs.iter().zip(&pixels).map(|((_, p, c, r), px)| TokenPair { pixels: Some(px), prompt_ids: p, chosen_ids: c, rejected_ids: r }).collect();
-    let refs = precompute_references(model, None, &tp).unwrap();
+    let refs = precompute_references(first, None, &tp).unwrap();
     let spec = LoraSpec { r: 8, lora_alpha: 16.0, ..LoraSpec::default() };
-    let mut adapter = model.create_adapter(&spec, 17).unwrap();
+    let mut adapter = first.create_adapter(&spec, 17).unwrap();
     let cfg = TrainConfig { dpo: Default::default(), epochs: 4, batch_size: 4, seed: 5 };
     let total = engine::train::trainer::steps_per_epoch(tp.len(), cfg.batch_size) * cfg.epochs;
-    let mut opt = AdamW::new(AdamWConfig { lr: 2e-3, total_steps: total, ..Default::default() });
+    let ocfg = AdamWConfig { lr: 2e-3, total_steps: total, ..Default::default() };
+    let mut opt = AdamW::new(ocfg.clone());
     let mut logs = Vec::new();
-    train_dpo(model, &mut adapter, &tp, &refs, &cfg, &mut opt, None, |l| logs.push(l.clone())).unwrap();
+    if let Some(k) = pause {
+        train_dpo(first, &mut adapter, &tp, &refs, &cfg, &mut opt, Some(k), |l| logs.push(l.clone())).unwrap();
+        assert_eq!((opt.step, logs.len()), (k, k), "the run did not stop after {k} steps");
+        let dir = std::env::temp_dir().join(format!("rlaifd-paused-{}-{k}", std::process::id()));
+        let state = engine::weights::f32_safetensors_bytes(&dir.join("optimizer.safetensors"), &opt.state_tensors()).unwrap();
+        let scaler = serde_json::to_vec(&opt.scaler).unwrap();
+        adapter.save(&dir, &first.dir, &[("optimizer.safetensors", state), ("scaler.json", scaler)]).unwrap();
+        adapter = second.load_adapter(&dir).unwrap();
+        opt = AdamW::new(ocfg);
+        opt.load_state(k, &engine::weights::WeightStore::open_files(&[dir.join("optimizer.safetensors")]).unwrap()).unwrap();
+        opt.scaler = serde_json::from_slice(&std::fs::read(dir.join("scaler.json")).unwrap()).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+    train_dpo(second, &mut adapter, &tp, &refs, &cfg, &mut opt, None, |l| logs.push(l.clone())).unwrap();
     (logs, adapter)
+}
+
+/// Relative L2 distance between two adapters' factors.
+fn adapter_distance(a: &Adapter, b: &Adapter) -> f64 {
+    let (mut d, mut n) = (0.0f64, 0.0f64);
+    for (name, m) in a.modules() {
+        let o = b.module(name).unwrap();
+        for (x, y) in m.a.iter().chain(&m.b).zip(o.a.iter().chain(&o.b)) {
+            d += (*x as f64 - *y as f64).powi(2);
+            n += (*x as f64).powi(2);
+        }
+    }
+    (d / n.max(1e-30)).sqrt()
 }
 
 #[test]
@@ -247,4 +280,37 @@ fn gpu_image_path_matches_the_cpu_vision_tower_and_projector() {
         assert!(rel <= 1e-2, "{}: rel L2 {rel}", dir.display());
         assert!(vision.features(&gpu, &pixels[1..]).is_err(), "a wrong pixel count must be refused");
     }
+}
+
+#[test]
+fn a_gpu_dpo_run_paused_and_saved_resumes_on_the_gpu_or_the_cpu_where_it_stopped() {
+    let Some((cpu, dev, tok)) = both("shapes-base") else { return };
+    let pairs = shapes_pairs(&tok, cpu.llm.cfg.eos_token_ids[0], 8);
+    // 8 steps in one go on the GPU, against 3 steps, a save and a reload, then 5 more on the GPU.
+    let (straight, a_straight) = train(&dev, &pairs);
+    let (paused, a_paused) = train_paused(&dev, &dev, &pairs, Some(3));
+    assert_eq!(paused.len(), straight.len());
+    for (s, p) in straight.iter().zip(&paused) {
+        println!("step {}: loss in one go {:.6}, paused at 3 {:.6}; grad norm {:.5} / {:.5}", s.step, s.loss, p.loss, s.grad_norm, p.grad_norm);
+        assert_eq!((s.step, s.lr), (p.step, p.lr));
+        // The same computation on the same device: only the fp32 round trip of the masters through the file
+        // (exact) and the device's reduction order can differ.
+        assert!((s.loss - p.loss).abs() <= 1e-4 && (s.grad_norm - p.grad_norm).abs() <= 1e-3 * s.grad_norm.max(1e-3), "step {}: {s:?} vs {p:?}", s.step);
+    }
+    let d = adapter_distance(&a_straight, &a_paused);
+    println!("trained factors, in one go vs paused and resumed on the GPU: relative L2 {d:.2e}");
+    assert!(d <= 1e-4, "resuming on the GPU changed the trained factors by {d:.2e}");
+    // 3 steps on the GPU, resumed on the CPU: the CPU trainer continues with the GPU's moments and step count, and
+    // ends where a whole CPU run ends (within the devices' difference: fp16 vs f32).
+    let (want, a_cpu) = train(&cpu, &pairs);
+    let (crossed, a_crossed) = train_paused(&dev, &cpu, &pairs, Some(3));
+    for (w, c) in want.iter().zip(&crossed) {
+        println!("step {}: loss CPU {:.4}, GPU then CPU {:.4}", w.step, w.loss, c.loss);
+        assert!((w.loss - c.loss).abs() <= 0.02 + 0.05 * w.loss, "step {}: {} (GPU then CPU) vs {} (CPU)", w.step, c.loss, w.loss);
+    }
+    let d_cross = adapter_distance(&a_cpu, &a_crossed);
+    let d_devices = adapter_distance(&a_cpu, &a_straight);
+    println!("trained factors vs the CPU run: GPU then CPU {d_cross:.2e}, GPU only {d_devices:.2e}");
+    // Lost moments or a restarted bias correction would move the factors far more than fp16 rounding does.
+    assert!(d_cross <= 2.0 * d_devices + 1e-3, "GPU then CPU is {d_cross:.2e} from the CPU run, the GPU run {d_devices:.2e}");
 }

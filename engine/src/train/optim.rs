@@ -42,8 +42,14 @@ impl AdamWConfig {
 /// First and second moments per tensor, keyed by the adapter file's tensor names.
 pub struct AdamW {
     pub cfg: AdamWConfig,
+    /// Optimizer steps of the schedule done, skipped fp16 overflow steps included (the learning rate and the
+    /// batches follow it).
     pub step: usize,
     moments: BTreeMap<String, (Vec<f32>, Vec<f32>)>,
+    /// The GPU trainer's dynamic loss scale once a run has trained on the GPU (None: fresh, or CPU only). Its
+    /// `skipped` steps updated nothing, so the moments' bias correction counts `step - skipped` updates; a run
+    /// paused on one device resumes on either with the same moments, scale and count.
+    pub scaler: Option<crate::cuda::LossScaler>,
 }
 
 /// What one optimizer step did.
@@ -56,7 +62,22 @@ pub struct StepInfo {
 
 impl AdamW {
     pub fn new(cfg: AdamWConfig) -> Self {
-        AdamW { cfg, step: 0, moments: BTreeMap::new() }
+        AdamW { cfg, step: 0, moments: BTreeMap::new(), scaler: None }
+    }
+
+    /// Updates the moments have had: steps taken, less those skipped on fp16 overflow (the bias correction's t).
+    pub fn updates(&self) -> usize {
+        self.step.saturating_sub(self.scaler.as_ref().map_or(0, |s| s.skipped as usize))
+    }
+
+    /// The (first, second) moments of tensor `key`, None before its first update.
+    pub fn moments(&self, key: &str) -> Option<(&[f32], &[f32])> {
+        self.moments.get(key).map(|(m, v)| (m.as_slice(), v.as_slice()))
+    }
+
+    /// Replaces the moments of tensor `key` (a device trainer hands its state back).
+    pub fn set_moments(&mut self, key: &str, m: Vec<f32>, v: Vec<f32>) {
+        self.moments.insert(key.to_string(), (m, v));
     }
 
     /// Global gradient norm of the given gradient tensors; error if it is not finite.
@@ -73,7 +94,7 @@ impl AdamW {
     /// AdamW on one tensor (decoupled weight decay when `decay`).
     #[allow(clippy::too_many_arguments)]
     fn update(&mut self, key: &str, p: &mut [f32], g: &[f32], lr: f64, clip: f64, decay: bool) {
-        let t = self.step as f64;
+        let t = self.updates() as f64;
         let (b1, b2) = (self.cfg.beta1, self.cfg.beta2);
         let (bc1, bc2) = (1.0 - b1.powf(t), 1.0 - b2.powf(t));
         let wd = if decay { self.cfg.weight_decay } else { 0.0 };
