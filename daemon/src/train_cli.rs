@@ -459,6 +459,10 @@ pub struct TrainSftArgs {
     /// Continue the run saved in --out (same data and settings) from its last step.
     #[arg(long)]
     resume: bool,
+    /// Where a LoRA run's model math runs: auto (a CUDA GPU when usable), cpu, cuda or cuda:N (a run saved on one
+    /// device resumes on either). --full trains on the CPU.
+    #[arg(long, default_value = "auto")]
+    device: String,
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -470,6 +474,9 @@ struct SftState {
     optim: engine::train::optim::AdamWConfig,
     data_file: String,
     n_examples: usize,
+    /// The GPU trainer's loss scale and skipped steps (absent for a run that never trained on a GPU).
+    #[serde(default)]
+    loss_scale: Option<engine::cuda::LossScaler>,
 }
 
 /// The non-empty lines of a JSONL file, parsed: (1-based line, "FILE line N", value, image path relative to the
@@ -532,6 +539,10 @@ pub fn cmd_train_sft(a: TrainSftArgs) -> Result<()> {
     use engine::train::sft::{sft_eval_loss, train_sft, SftConfig, SftExample, SftTarget};
     use engine::train::trainer::steps_per_epoch;
 
+    let device: engine::backend::DeviceSpec = a.device.parse().map_err(|e| anyhow::anyhow!("--device: {e}"))?;
+    if a.full && matches!(device, engine::backend::DeviceSpec::Cuda(_)) {
+        bail!("--full trains every parameter on the CPU (the GPU trainer trains LoRA adapters): use --device cpu or auto, or drop --full");
+    }
     let mut model = Model::load(&a.model).with_context(|| format!("loading model {}", a.model.display()))?;
     model.llm.recompute_cheap = a.opt.recompute;
     if a.opt.batch_size == 0 || a.epochs == 0 {
@@ -565,6 +576,7 @@ pub fn cmd_train_sft(a: TrainSftArgs) -> Result<()> {
         }
         let store = engine::weights::WeightStore::open_files(&[a.out.join("optimizer.safetensors")])?;
         opt.load_state(state.step, &store)?;
+        opt.scaler = state.loss_scale.clone();
         eprintln!("resuming {} at step {}/{}", a.out.display(), state.step, state.total_steps);
         if a.full {
             // The saved checkpoint holds the trained weights.
@@ -580,6 +592,14 @@ pub fn cmd_train_sft(a: TrainSftArgs) -> Result<()> {
         let targets = a.opt.targets(&model, None);
         Some(model.create_adapter(&LoraSpec { r: a.opt.r, lora_alpha: a.opt.lora_alpha, use_rslora: false, lora_dropout: a.opt.lora_dropout, target_modules: targets, modules_to_save: a.opt.modules_to_save(&model)? }, a.opt.seed)?)
     };
+    if !a.full {
+        // Full fine-tuning changes the model's own weights, which a device backend holds a copy of: CPU only.
+        let (backend, chosen) = engine::backend::select(device, &model)?;
+        if backend.spec() != engine::backend::DeviceSpec::Cpu {
+            eprintln!("rlaifd: training on {chosen}");
+        }
+        model.set_backend(backend);
+    }
     let per_epoch = steps_per_epoch(train.len(), a.opt.batch_size);
     let report_eval = |model: &Model, adapter: Option<&engine::Adapter>, after: usize| -> Result<()> {
         if let Some((d, px)) = &eval {
@@ -621,6 +641,7 @@ pub fn cmd_train_sft(a: TrainSftArgs) -> Result<()> {
             optim: optim_cfg.clone(),
             data_file: a.data.display().to_string(),
             n_examples: train.len(),
+            loss_scale: opt.scaler.clone(),
         };
         let optim_bytes = f32_safetensors_bytes(&a.out.join("optimizer.safetensors"), &opt.state_tensors())?;
         let extra = [("optimizer.safetensors", optim_bytes), ("trainer_state.json", serde_json::to_vec_pretty(&state)?)];

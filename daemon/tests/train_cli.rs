@@ -74,6 +74,7 @@ fn tensors(path: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
 /// Relative L2 distance between the same tensors of two safetensors files.
 fn distance(a: &Path, b: &Path) -> f64 {
     let (ta, tb) = (tensors(a), tensors(b));
+    assert!(!ta.is_empty(), "{} holds no tensors", a.display());
     assert_eq!(ta.keys().collect::<Vec<_>>(), tb.keys().collect::<Vec<_>>(), "{} and {} hold different tensors", a.display(), b.display());
     let (mut d, mut n) = (0.0f64, 0.0f64);
     for (k, x) in &ta {
@@ -85,18 +86,20 @@ fn distance(a: &Path, b: &Path) -> f64 {
     (d / n.max(1e-30)).sqrt()
 }
 
-/// `rlaifd train-dpo --device cuda` trains on the GPU (not the CPU fallback), and a run paused there resumes on the
-/// GPU where it stopped or crosses to the CPU with its moments, step count and loss scale. Prints why and passes
-/// where no GPU exists (scripts/emu-check runs it on cuemu).
-#[test]
-fn train_dpo_on_the_gpu_pauses_and_resumes_on_the_gpu_or_the_cpu() {
-    let model = root().join("tests/fixtures/llava/llama_text_only/model");
-    let pairs = root().join("tests/fixtures/grad/llama_text_only/pairs.jsonl");
-    let d = tmp("gpu-resume");
-    let (m, p) = (model.to_str().unwrap(), pairs.to_str().unwrap());
+/// A `rlaifd train-*` run (`args(device, out)`, `steps` optimizer steps) on the GPU: it trains there (not on the
+/// CPU fallback), records the loss scale, and a run paused after `pause` steps resumes on the GPU where it stopped
+/// or crosses to the CPU with its moments, step count and loss scale. `weights` names the trained file. Prints why
+/// and passes where no GPU exists (scripts/emu-check runs it on cuemu).
+fn gpu_run_pauses_and_resumes(d: &Path, args: &dyn Fn(&str, &str) -> Vec<String>, steps: usize, pause: usize, weights: &str) {
     let dir = |name: &str| d.join(name).to_str().unwrap().to_string();
     let (gpu, gpu_split, cpu, crossed) = (dir("gpu"), dir("gpu-split"), dir("cpu"), dir("crossed"));
-    let (ok, stdout, stderr) = run(&train_args_on("cuda", m, p, &gpu));
+    let go = |device: &str, out: &str, extra: &[&str]| {
+        let mut v = args(device, out);
+        v.extend(extra.iter().map(|s| s.to_string()));
+        let (ok, stdout, stderr) = run(&v.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+        (ok, stdout.lines().filter(|l| l.contains("\"step\"")).count(), stderr)
+    };
+    let (ok, n, stderr) = go("cuda", &gpu, &[]);
     if !ok && stderr.contains("cannot be used") {
         println!("SKIPPED: no GPU: {}", stderr.trim());
         return;
@@ -104,38 +107,41 @@ fn train_dpo_on_the_gpu_pauses_and_resumes_on_the_gpu_or_the_cpu() {
     assert!(ok, "{stderr}");
     println!("{}", stderr.lines().find(|l| l.contains("training on")).unwrap_or("?"));
     assert!(stderr.contains("training on cuda:0") && !stderr.contains("training on the CPU"), "not trained on the GPU: {stderr}");
-    assert_eq!(stdout.lines().count(), 8);
+    assert_eq!(n, steps, "one JSON log line per step");
     let state: serde_json::Value = serde_json::from_slice(&std::fs::read(Path::new(&gpu).join("trainer_state.json")).unwrap()).unwrap();
     assert!(state["loss_scale"]["scale"].as_f64().unwrap_or(0.0) >= 1.0, "trainer_state.json lacks the loss scale: {state}");
-    // Paused after 3 steps on the GPU, resumed on the GPU.
-    let mut args = train_args_on("cuda", m, p, &gpu_split);
-    args.extend(["--stop-after", "3"]);
-    let (ok, _, stderr) = run(&args);
-    assert!(ok, "{stderr}");
-    let mut args = train_args_on("cuda", m, p, &gpu_split);
-    args.push("--resume");
-    let (ok, stdout, stderr) = run(&args);
-    assert!(ok && stdout.lines().count() == 5, "{stderr}");
+    // Paused on the GPU, resumed on the GPU.
+    let (ok, n, stderr) = go("cuda", &gpu_split, &["--stop-after", &pause.to_string()]);
+    assert!(ok && n == pause, "{stderr}");
+    let (ok, n, stderr) = go("cuda", &gpu_split, &["--resume"]);
+    assert!(ok && n == steps - pause, "{stderr}");
     let f = |d: &str, name: &str| Path::new(d).join(name);
-    let (dw, dm) = (distance(&f(&gpu, "adapter_model.safetensors"), &f(&gpu_split, "adapter_model.safetensors")), distance(&f(&gpu, "optimizer.safetensors"), &f(&gpu_split, "optimizer.safetensors")));
+    let (dw, dm) = (distance(&f(&gpu, weights), &f(&gpu_split, weights)), distance(&f(&gpu, "optimizer.safetensors"), &f(&gpu_split, "optimizer.safetensors")));
     println!("GPU in one go vs paused and resumed on the GPU: weights {dw:.2e}, moments {dm:.2e} (relative L2)");
     assert!(dw <= 1e-3 && dm <= 1e-3, "resuming on the GPU changed the run: weights {dw:.2e}, moments {dm:.2e}");
-    // Paused after 3 steps on the GPU, resumed on the CPU: ends near a whole CPU run.
-    let (ok, _, stderr) = run(&train_args_on("cpu", m, p, &cpu));
+    // Paused on the GPU, resumed on the CPU: ends near a whole CPU run.
+    let (ok, _, stderr) = go("cpu", &cpu, &[]);
     assert!(ok, "{stderr}");
-    let mut args = train_args_on("cuda", m, p, &crossed);
-    args.extend(["--stop-after", "3"]);
-    let (ok, _, stderr) = run(&args);
+    let (ok, _, stderr) = go("cuda", &crossed, &["--stop-after", &pause.to_string()]);
     assert!(ok, "{stderr}");
-    let mut args = train_args_on("cpu", m, p, &crossed);
-    args.push("--resume");
-    let (ok, stdout, stderr) = run(&args);
-    assert!(ok && stdout.lines().count() == 5, "{stderr}");
-    let w = "adapter_model.safetensors";
-    let (cross, devices) = (distance(&f(&cpu, w), &f(&crossed, w)), distance(&f(&cpu, w), &f(&gpu, w)));
+    let (ok, n, stderr) = go("cpu", &crossed, &["--resume"]);
+    assert!(ok && n == steps - pause, "{stderr}");
+    let (cross, devices) = (distance(&f(&cpu, weights), &f(&crossed, weights)), distance(&f(&cpu, weights), &f(&gpu, weights)));
     println!("trained weights vs a CPU run: GPU then CPU {cross:.2e}, GPU only {devices:.2e}");
-    // Lost moments or a restarted bias correction move the weights far more than fp16 rounding does.
-    assert!(cross <= 2.0 * devices + 1e-3, "GPU then CPU ends {cross:.2e} from the CPU run (the GPU run {devices:.2e})");
+    // fp16 rounding in the first steps moves the weights by about 1e-3 (cuemu: 4e-4 for DPO, 9e-4 for SFT); losing
+    // the moments at the crossing moves them by 1e-2 or more (measured on cuemu by dropping them: 1.0e-2 and 1.9e-2).
+    // The GPU-only run may skip an overflowing step the CPU takes, so it is printed, not compared.
+    assert!(cross <= 4e-3, "GPU then CPU ends {cross:.2e} from the CPU run (the GPU run {devices:.2e})");
+}
+
+#[test]
+fn train_dpo_on_the_gpu_pauses_and_resumes_on_the_gpu_or_the_cpu() {
+    let model = root().join("tests/fixtures/llava/llama_text_only/model");
+    let pairs = root().join("tests/fixtures/grad/llama_text_only/pairs.jsonl");
+    let d = tmp("gpu-resume");
+    let (m, p) = (model.to_str().unwrap(), pairs.to_str().unwrap());
+    let args = |device: &str, out: &str| train_args_on(device, m, p, out).into_iter().map(String::from).collect();
+    gpu_run_pauses_and_resumes(&d, &args, 8, 3, "adapter_model.safetensors");
     let _ = std::fs::remove_dir_all(&d);
 }
 
@@ -246,12 +252,7 @@ fn train_sft_full_writes_a_checkpoint_and_reports_held_out_loss() {
 fn train_sft_resume_matches_an_uninterrupted_run_for_lora_and_full() {
     let case = root().join("tests/fixtures/llava/llama_text_only");
     let d = tmp("sft-resume");
-    let train: Vec<String> = ["is there a red circle ?", "is there a blue square ?", "do you see a cat ?", "is it dark ?", "is there a tree ?"]
-        .iter()
-        .map(|q| format!(r#"{{"prompt": "{q}", "answer": "no , it is not ."}}"#))
-        .collect();
-    std::fs::write(d.join("train.jsonl"), train.join("\n")).unwrap();
-    let (m, data) = (case.join("model"), d.join("train.jsonl"));
+    let (m, data) = (case.join("model"), sft_data(&d));
     for (mode, weights) in [("lora", "adapter_model.safetensors"), ("full", "model.safetensors")] {
         let (straight, split) = (d.join(format!("{mode}-straight")), d.join(format!("{mode}-split")));
         let args = |out: &Path| -> Vec<String> {
@@ -259,7 +260,7 @@ fn train_sft_resume_matches_an_uninterrupted_run_for_lora_and_full() {
                 .iter()
                 .map(|s| s.to_string())
                 .collect();
-            v.extend(["--epochs", "3", "--batch-size", "2", "--lr", "2e-3", "--r", "4", "--seed", "9"].map(String::from));
+            v.extend(["--epochs", "3", "--batch-size", "2", "--lr", "2e-3", "--r", "4", "--seed", "9", "--device", "cpu"].map(String::from));
             if mode == "full" {
                 v.push("--full".into());
             }
@@ -282,5 +283,34 @@ fn train_sft_resume_matches_an_uninterrupted_run_for_lora_and_full() {
             assert_eq!(std::fs::read(straight.join(f)).unwrap(), std::fs::read(split.join(f)).unwrap(), "{mode}: {f} differs after resume");
         }
     }
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+/// The SFT examples of `train_sft_resume_matches_an_uninterrupted_run_for_lora_and_full`, written into `d`.
+fn sft_data(d: &Path) -> PathBuf {
+    let train: Vec<String> = ["is there a red circle ?", "is there a blue square ?", "do you see a cat ?", "is it dark ?", "is there a tree ?"]
+        .iter()
+        .map(|q| format!(r#"{{"prompt": "{q}", "answer": "no , it is not ."}}"#))
+        .collect();
+    std::fs::write(d.join("train.jsonl"), train.join("\n")).unwrap();
+    d.join("train.jsonl")
+}
+
+#[test]
+fn train_sft_with_lora_on_the_gpu_pauses_and_resumes_on_the_gpu_or_the_cpu() {
+    let model = root().join("tests/fixtures/llava/llama_text_only/model");
+    let d = tmp("sft-gpu-resume");
+    let data = sft_data(&d);
+    let (m, data) = (model.to_str().unwrap().to_string(), data.to_str().unwrap().to_string());
+    let args = |device: &str, out: &str| -> Vec<String> {
+        ["train-sft", "--model", &m, "--data", &data, "--out", out, "--epochs", "3", "--batch-size", "2", "--lr", "2e-3", "--r", "4", "--seed", "9", "--device", device]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    };
+    gpu_run_pauses_and_resumes(&d, &args, 9, 4, "adapter_model.safetensors");
+    // Full fine-tuning changes the weights a GPU backend keeps a copy of: refused on the GPU, with the way out.
+    let (ok, _, stderr) = run(&["train-sft", "--model", &m, "--data", &data, "--out", d.join("full").to_str().unwrap(), "--full", "--device", "cuda"]);
+    assert!(!ok && stderr.contains("--full") && stderr.contains("--device cpu"), "{stderr}");
     let _ = std::fs::remove_dir_all(&d);
 }

@@ -16,7 +16,8 @@
 //!
 //! DPO training (`train::trainer::train_dpo`) runs on the GPU too (`cuda_train::train_dpo_gpu`) for the adapters the
 //! loop trains (LoRA on the seven projections of every decoder layer, no dropout), fresh or resumed from an
-//! optimizer state saved on either device; any other run stays on the CPU trainer, with the reason on stderr.
+//! optimizer state saved on either device; so does LoRA SFT (`train::sft::train_sft`, `cuda_train::train_sft_gpu`).
+//! Any other run stays on the CPU trainer, with the reason on stderr.
 
 use crate::adapter::Adapter;
 use crate::cuda::Gpu;
@@ -27,6 +28,7 @@ use crate::generate::{Answer, GenerateRequest, GenerateStats};
 use crate::llava::Model;
 use crate::train::dpo::TokenPair;
 use crate::train::optim::AdamW;
+use crate::train::sft::{SftConfig, SftExample, SftStepLog};
 use crate::train::trainer::{StepLog, TrainConfig};
 use std::sync::{Arc, Mutex};
 
@@ -84,6 +86,11 @@ pub trait Backend: Send + Sync {
     /// `train::trainer::train_dpo` on this backend; None when it leaves this run to the CPU trainer.
     #[allow(clippy::too_many_arguments)]
     fn train_dpo(&self, _model: &Model, _adapter: &mut Adapter, _pairs: &[TokenPair], _refs: &[(f64, f64)], _cfg: &TrainConfig, _opt: &mut AdamW, _stop_after: Option<usize>, _on_step: &mut dyn FnMut(&StepLog)) -> Option<Result<()>> {
+        None
+    }
+    /// `train::sft::train_sft` of a LoRA adapter on this backend; None when it leaves this run to the CPU trainer.
+    #[allow(clippy::too_many_arguments)]
+    fn train_sft(&self, _model: &Model, _adapter: &mut Adapter, _examples: &[SftExample], _cfg: &SftConfig, _opt: &mut AdamW, _stop_after: Option<usize>, _on_step: &mut dyn FnMut(&SftStepLog)) -> Option<Result<()>> {
         None
     }
 }
@@ -401,11 +408,28 @@ impl Backend for CudaBackend {
         let st = &*guard;
         let mut features = |px: &crate::image::PixelValues| st.features(model, px, None);
         let r = crate::cuda_train::train_dpo_gpu(&st.gpu, &st.llama, model, adapter, pairs, refs, cfg, opt, stop_after, &mut features, on_step);
-        Some(r.map(|skipped| {
-            if skipped > 0 {
-                eprintln!("rlaifd engine: {skipped} GPU training steps overflowed in fp16 and were skipped (loss scale lowered)");
-            }
-        }))
+        Some(r.map(report_skipped))
+    }
+    fn train_sft(&self, model: &Model, adapter: &mut Adapter, examples: &[SftExample], cfg: &SftConfig, opt: &mut AdamW, stop_after: Option<usize>, on_step: &mut dyn FnMut(&SftStepLog)) -> Option<Result<()>> {
+        let guard = match self.lock() {
+            Ok(g) => g,
+            Err(e) => return Some(Err(e)),
+        };
+        if let Some(why) = crate::cuda_train::gpu_trainable(&guard.llama.cfg, adapter) {
+            eprintln!("rlaifd engine: training on the CPU: {why}");
+            return None;
+        }
+        let st = &*guard;
+        let mut features = |px: &crate::image::PixelValues| st.features(model, px, None);
+        let r = crate::cuda_train::train_sft_gpu(&st.gpu, &st.llama, model, adapter, examples, cfg, opt, stop_after, &mut features, on_step);
+        Some(r.map(report_skipped))
+    }
+}
+
+/// Says on stderr how many GPU training steps overflowed in fp16 (each skipped, the loss scale lowered).
+fn report_skipped(skipped: u64) {
+    if skipped > 0 {
+        eprintln!("rlaifd engine: {skipped} GPU training steps overflowed in fp16 and were skipped (loss scale lowered)");
     }
 }
 

@@ -1033,7 +1033,7 @@ pub fn bench(gpu: &Gpu, cfg: &LlamaConfig, seq: usize, answer: usize, rank: usiz
     })
 }
 
-/// Why `train_dpo_gpu` cannot train `adapter` (the caller then trains on the CPU), or None.
+/// Why `train_dpo_gpu` and `train_sft_gpu` cannot train `adapter` (the caller then trains on the CPU), or None.
 pub fn gpu_trainable(cfg: &LlamaConfig, adapter: &Adapter) -> Option<String> {
     if adapter.lora_dropout > 0.0 {
         return Some(format!("lora_dropout = {} (the GPU trainer has no dropout)", adapter.lora_dropout));
@@ -1091,8 +1091,7 @@ pub fn train_dpo_gpu(
     let total = per_epoch * cfg.epochs;
     let end = stop_after.map_or(total, |s| s.min(total));
     let c = gmodel.cfg.hidden_size;
-    // The image features do not depend on the decoder's LoRA: once per image.
-    let mut feats: std::collections::HashMap<*const crate::image::PixelValues, Vec<f32>> = std::collections::HashMap::new();
+    let mut feats = FeatureCache::default();
     while opt.step < end {
         let t0 = std::time::Instant::now();
         let epoch = opt.step / per_epoch;
@@ -1101,17 +1100,7 @@ pub fn train_dpo_gpu(
         let mut m = crate::train::trainer::StepMetrics::default();
         for &i in batch {
             let p = &pairs[i];
-            let f = match p.pixels {
-                Some(px) => {
-                    let key = px as *const crate::image::PixelValues;
-                    let f = match feats.entry(key) {
-                        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                        std::collections::hash_map::Entry::Vacant(e) => e.insert(features(px)?),
-                    };
-                    Some(f.as_slice())
-                }
-                None => None,
-            };
+            let f = feats.get(p.pixels, features)?;
             let (l, lp) = if gl.share_prompt && !gl.recompute {
                 // The prompt's rows (image features included) once; each answer's own token rows.
                 let (xp, _) = model.embed_inputs(p.prompt_ids, f)?;
@@ -1130,12 +1119,104 @@ pub fn train_dpo_gpu(
             };
             m.add(cfg.dpo.beta, l, &lp, weight);
         }
+        let (lr, norm) = gl.schedule_step(gpu, opt)?;
+        on_step(&m.log(opt.step, total, epoch, lr, norm, batch.len(), t0));
+    }
+    gl.write_back(gpu, adapter)?;
+    gl.store_optimizer(gpu, adapter, opt)?;
+    Ok(gl.scaler.skipped - skipped_before)
+}
+
+/// Each image's projected features, computed once per training call (they do not depend on the decoder's LoRA).
+#[derive(Default)]
+struct FeatureCache(std::collections::HashMap<*const crate::image::PixelValues, Vec<f32>>);
+
+impl FeatureCache {
+    fn get(&mut self, px: Option<&crate::image::PixelValues>, features: &mut dyn FnMut(&crate::image::PixelValues) -> Result<Vec<f32>>) -> Result<Option<&[f32]>> {
+        let Some(px) = px else { return Ok(None) };
+        let f = match self.0.entry(px as *const crate::image::PixelValues) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(features(px)?),
+        };
+        Ok(Some(f.as_slice()))
+    }
+}
+
+impl GpuLora {
+    /// The optimizer step `opt.step` of the schedule with the accumulated gradients (its learning rate, `opt`'s
+    /// betas, epsilon, weight decay and clipping), then `opt.step` advances (a skipped overflow step too). Returns
+    /// (learning rate, unscaled gradient norm; NaN for a skipped step).
+    fn schedule_step(&mut self, gpu: &Gpu, opt: &mut crate::train::optim::AdamW) -> Result<(f64, f64)> {
         let lr = opt.cfg.lr_at(opt.step);
         opt.step += 1;
         let o = &opt.cfg;
         let hyper = AdamW { lr: lr as f32, beta1: o.beta1 as f32, beta2: o.beta2 as f32, eps: o.eps as f32, weight_decay: o.weight_decay as f32 };
-        let norm = gl.optimizer_step(gpu, &hyper, o.max_grad_norm)?;
-        on_step(&m.log(opt.step, total, epoch, lr, norm.unwrap_or(f64::NAN), batch.len(), t0));
+        let norm = self.optimizer_step(gpu, &hyper, o.max_grad_norm)?;
+        Ok((lr, norm.unwrap_or(f64::NAN)))
+    }
+}
+
+/// `train::sft::train_sft` of a LoRA adapter on the GPU, for an adapter `gpu_trainable` accepts: the same
+/// batches, learning rate, clipping and per-token loss (each example's prompt rows with its image's features,
+/// `features`, made on the host; the decoder's passes on the device in fp16 with dynamic loss scaling). Runs from
+/// `opt.step` until `stop_after` steps in total (or the schedule's end), continuing and handing back `opt`'s
+/// state as `train_dpo_gpu` does. Returns the number of steps this call skipped.
+#[allow(clippy::too_many_arguments)]
+pub fn train_sft_gpu(
+    gpu: &Gpu,
+    gmodel: &GpuLlama,
+    model: &crate::llava::Model,
+    adapter: &mut Adapter,
+    examples: &[crate::train::sft::SftExample],
+    cfg: &crate::train::sft::SftConfig,
+    opt: &mut crate::train::optim::AdamW,
+    stop_after: Option<usize>,
+    features: &mut dyn FnMut(&crate::image::PixelValues) -> Result<Vec<f32>>,
+    on_step: &mut dyn FnMut(&crate::train::sft::SftStepLog),
+) -> Result<u64> {
+    use crate::train::trainer::{step_batch, steps_per_epoch};
+    let mut gl = GpuLora::from_adapter(gpu, &gmodel.cfg, adapter)?;
+    gl.load_optimizer(gpu, adapter, opt)?;
+    let skipped_before = gl.scaler.skipped;
+    let per_epoch = steps_per_epoch(examples.len(), cfg.batch_size);
+    let total = per_epoch * cfg.epochs;
+    let end = stop_after.map_or(total, |s| s.min(total));
+    let c = gmodel.cfg.hidden_size;
+    let mut feats = FeatureCache::default();
+    while opt.step < end {
+        let t0 = std::time::Instant::now();
+        let epoch = opt.step / per_epoch;
+        let batch = &step_batch(examples.len(), cfg.batch_size, cfg.seed, opt.step);
+        let tokens: usize = batch.iter().map(|&i| examples[i].answer_ids.len()).sum();
+        // The loss is the mean over the batch's answer tokens.
+        let weight = 1.0 / tokens.max(1) as f64;
+        let mut nll = 0.0;
+        for &i in batch {
+            let ex = &examples[i];
+            if ex.answer_ids.is_empty() {
+                return Err(err("an SFT example needs a non-empty answer"));
+            }
+            let f = feats.get(ex.pixels, features)?;
+            let (x, _) = model.embed_inputs(&[ex.prompt_ids, ex.answer_ids].concat(), f)?;
+            let rows = x.len() / c;
+            let t = gl.forward_seq(gpu, gmodel, Input::Embeds(&x), ex.answer_ids, rows.saturating_sub(ex.answer_ids.len()))?;
+            if !t.logp_sum.is_finite() {
+                return Err(err(format!("the loss is {}", -t.logp_sum)));
+            }
+            nll -= t.logp_sum;
+            gl.backward(gpu, gmodel, &t, (-weight * gl.scaler.scale as f64) as f32)?;
+        }
+        let (lr, grad_norm) = gl.schedule_step(gpu, opt)?;
+        on_step(&crate::train::sft::SftStepLog {
+            step: opt.step,
+            total_steps: total,
+            epoch,
+            loss: nll * weight,
+            tokens,
+            lr,
+            grad_norm,
+            tokens_per_s: tokens as f64 / t0.elapsed().as_secs_f64(),
+        });
     }
     gl.write_back(gpu, adapter)?;
     gl.store_optimizer(gpu, adapter, opt)?;

@@ -3,7 +3,8 @@
 //! projection applied on the device, greedy and sampled generation through `generate::generate`, and reference
 //! scoring through `Model::answer_logp`. An adapter the GPU decoder cannot apply runs on the CPU with identical
 //! results. DPO on ShapesWorld pairs with images through `train::trainer::train_dpo` runs on the GPU trainer and
-//! follows the CPU trainer. Prints why and passes where no GPU exists.
+//! follows the CPU trainer, also when paused and resumed on either device; so does LoRA SFT with images. Prints why
+//! and passes where no GPU exists.
 
 use engine::adapter::{LoraSpec, TargetModules};
 use engine::backend::{select, DeviceSpec};
@@ -313,4 +314,38 @@ fn a_gpu_dpo_run_paused_and_saved_resumes_on_the_gpu_or_the_cpu_where_it_stopped
     println!("trained factors vs the CPU run: GPU then CPU {d_cross:.2e}, GPU only {d_devices:.2e}");
     // Lost moments or a restarted bias correction would move the factors far more than fp16 rounding does.
     assert!(d_cross <= 2.0 * d_devices + 1e-3, "GPU then CPU is {d_cross:.2e} from the CPU run, the GPU run {d_devices:.2e}");
+}
+
+/// LoRA SFT on the ShapesWorld captions of `pairs` (the chosen answers), with images; returns the step logs.
+fn sft(model: &mut Model, pairs: &[Pair]) -> Vec<engine::train::sft::SftStepLog> {
+    use engine::train::{optim::{AdamW, AdamWConfig}, sft::{train_sft, SftConfig, SftExample, SftTarget}};
+    let wc = WorldConfig::default();
+    let ip = model.image_processor.clone().unwrap();
+    let pixels: Vec<_> = pairs.iter().enumerate().map(|(i, (s, ..))| engine::image::preprocess(&s.render(&wc, i as u64), &ip).unwrap()).collect();
+    let ex: Vec<SftExample> = pairs.iter().zip(&pixels).map(|((_, p, c, _), px)| SftExample { pixels: Some(px), prompt_ids: p, answer_ids: c }).collect();
+    let mut adapter = model.create_adapter(&LoraSpec { r: 8, lora_alpha: 16.0, ..LoraSpec::default() }, 23).unwrap();
+    let cfg = SftConfig { epochs: 3, batch_size: 4, seed: 2 };
+    let total = engine::train::trainer::steps_per_epoch(ex.len(), cfg.batch_size) * cfg.epochs;
+    let mut opt = AdamW::new(AdamWConfig { lr: 2e-3, total_steps: total, ..Default::default() });
+    // A loss scale small enough that no step overflows, so the runs take the same steps.
+    opt.scaler = Some(engine::cuda::LossScaler::new(256.0, 1000));
+    let mut logs = Vec::new();
+    train_sft(model, SftTarget::Lora(&mut adapter), &ex, &cfg, &mut opt, None, |l| logs.push(l.clone())).unwrap();
+    logs
+}
+
+#[test]
+fn gpu_lora_sft_on_shapesworld_images_tracks_the_cpu_trainer() {
+    let Some((mut cpu, mut dev, tok)) = both("shapes-base") else { return };
+    let pairs = shapes_pairs(&tok, cpu.llm.cfg.eos_token_ids[0], 8);
+    let want = sft(&mut cpu, &pairs);
+    let got = sft(&mut dev, &pairs);
+    assert_eq!(got.len(), want.len());
+    for (w, g) in want.iter().zip(&got) {
+        println!("SFT step {}: loss CPU {:.5} GPU {:.5}, grad norm {:.4} / {:.4}, {} tokens", w.step, w.loss, g.loss, w.grad_norm, g.grad_norm, g.tokens);
+        assert_eq!((w.tokens, w.lr), (g.tokens, g.lr), "step {}: a different batch or schedule", w.step);
+        // Per-token losses (nats) and gradient norms within fp16 rounding of the CPU trainer's.
+        assert!((w.loss - g.loss).abs() <= 2e-2, "step {}: loss {} on the GPU, {} on the CPU", w.step, g.loss, w.loss);
+        assert!((w.grad_norm - g.grad_norm).abs() <= 2e-2 * w.grad_norm + 1e-3, "step {}: grad norm {} on the GPU, {} on the CPU", w.step, g.grad_norm, w.grad_norm);
+    }
 }

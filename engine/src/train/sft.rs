@@ -94,7 +94,8 @@ pub enum SftTarget<'a> {
     Full,
 }
 
-/// Runs optimizer steps until `stop_after` (or the end of the schedule), calling `on_step` after each.
+/// Runs optimizer steps until `stop_after` (or the end of the schedule), calling `on_step` after each. A LoRA
+/// target runs on the model's backend when it trains this run (`backend::Backend::train_sft`), else on the CPU.
 pub fn train_sft(
     model: &mut Model,
     mut target: SftTarget,
@@ -104,6 +105,11 @@ pub fn train_sft(
     stop_after: Option<usize>,
     mut on_step: impl FnMut(&SftStepLog),
 ) -> Result<()> {
+    if let (SftTarget::Lora(adapter), Some(b)) = (&mut target, model.backend()) {
+        if let Some(r) = b.train_sft(model, adapter, examples, cfg, opt, stop_after, &mut on_step) {
+            return r;
+        }
+    }
     let per_epoch = steps_per_epoch(examples.len(), cfg.batch_size);
     let total = per_epoch * cfg.epochs;
     let end = stop_after.map_or(total, |s| s.min(total));
