@@ -397,9 +397,7 @@ impl Adapter {
         }
         let p = self.lora_dropout;
         let keep = (1.0 / (1.0 - p)) as f32;
-        // FNV-1a of the module name separates the modules' masks.
-        let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
-        let base = seed ^ h;
+        let base = dropout_base(seed, name);
         Some(
             x.iter()
                 .enumerate()
@@ -508,4 +506,12 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
     let mut f = std::fs::File::create(path).map_err(|e| EngineError::write(path, e))?;
     f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| EngineError::write(path, e))
+}
+
+/// The seed of module `name`'s dropout mask under a sequence's dropout seed: the FNV-1a hash of the name separates
+/// the modules' masks. Element i of the module's input is dropped when the first SplitMix64 output seeded with
+/// `dropout_base(seed, name) ^ i * 0x9E3779B97F4A7C15` gives u < p (`Adapter::dropout_input`; the GPU trainer's
+/// `lora_dropout_f16` draws the same masks).
+pub fn dropout_base(seed: u64, name: &str) -> u64 {
+    seed ^ name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
 }

@@ -15,7 +15,7 @@
 //! warning on stderr once per adapter.
 //!
 //! DPO training (`train::trainer::train_dpo`) runs on the GPU too (`cuda_train::train_dpo_gpu`) for the adapters the
-//! loop trains (LoRA on the seven projections of every decoder layer, no dropout), fresh or resumed from an
+//! loop trains (LoRA on the seven projections of every decoder layer, with or without dropout), fresh or resumed from an
 //! optimizer state saved on either device; so does LoRA SFT (`train::sft::train_sft`, `cuda_train::train_sft_gpu`).
 //! Any other run stays on the CPU trainer, with the reason on stderr.
 

@@ -737,6 +737,25 @@ impl Gpu {
         Ok(())
     }
 
+    /// out[..n] = x with LoRA dropout (`kernels/lora.cu`: the CPU backend's mask for mask seed `base`, drop
+    /// probability `p`, kept elements scaled by 1 / (1 - p)).
+    pub fn lora_dropout_dev(&self, out: &mut CudaSlice<f16>, x: &CudaSlice<f16>, n: usize, base: u64, p: f64) -> Result<()> {
+        let (nn, thr, keep) = (n as i64, dropout_threshold(p), (1.0 / (1.0 - p)) as f32);
+        let mut b = self.stream.launch_builder(self.f("lora_dropout_f16")?);
+        b.arg(out).arg(x).arg(&nn).arg(&base).arg(&thr).arg(&keep);
+        unsafe { b.launch(cfg1(n, 256)) }.map_err(derr)?;
+        Ok(())
+    }
+
+    /// dx[..n] += dxl through the mask of `lora_dropout_dev` with the same `base` and `p`.
+    pub fn lora_dropout_bwd_add_dev(&self, dx: &mut CudaSlice<f16>, dxl: &CudaSlice<f16>, n: usize, base: u64, p: f64) -> Result<()> {
+        let (nn, thr, keep) = (n as i64, dropout_threshold(p), (1.0 / (1.0 - p)) as f32);
+        let mut b = self.stream.launch_builder(self.f("lora_dropout_bwd_add_f16")?);
+        b.arg(dx).arg(dxl).arg(&nn).arg(&base).arg(&thr).arg(&keep);
+        unsafe { b.launch(cfg1(n, 256)) }.map_err(derr)?;
+        Ok(())
+    }
+
     /// out = rows of `table` ([vocab, dim]) for `ids`; an id outside the vocabulary is an error naming it.
     pub fn embedding_dev(&self, out: &mut CudaSlice<f16>, table: &CudaSlice<f16>, dim: usize, ids: &[i32]) -> Result<()> {
         let vocab = table.len() / dim.max(1);
@@ -1331,6 +1350,12 @@ pub struct AdamW {
     pub beta2: f32,
     pub eps: f32,
     pub weight_decay: f32,
+}
+
+/// The integer form of the CPU's dropout test `u < p` for u = k / 2^53 (k the top 53 bits of a SplitMix64
+/// output): k < ceil(p * 2^53), exact because scaling by 2^53 is.
+pub fn dropout_threshold(p: f64) -> u64 {
+    (p.clamp(0.0, 1.0) * (1u64 << 53) as f64).ceil() as u64
 }
 
 /// Dynamic loss scaling for fp16 training: the loss is multiplied by `scale` before the backward pass; a step whose

@@ -5,8 +5,9 @@
 //! gradient clipping on the unscaled norm; AdamW (`kernels/optim.cu`). Every op is a kernel of `kernels/*.cu`
 //! (forward and backward) or a cuBLASLt GEMM; the log-probs of the answer are computed one block of rows at a time
 //! (`logprob_gather_f16`, `logprob_bwd_f16`), so the softmax over the vocabulary never exists for more than one
-//! block. Text tokens only (no vision tower yet). `engine/tests/cuda_train.rs` checks the DPO loss and every LoRA
-//! gradient against the CPU backend.
+//! block. LoRA dropout draws the CPU trainer's masks (`kernels/lora.cu`). The decoder only: image features come in
+//! as input rows (`train_dpo_gpu`, `train_sft_gpu`). `engine/tests/cuda_train.rs` checks the DPO loss and every
+//! LoRA gradient against the CPU backend.
 
 use crate::adapter::Adapter;
 use crate::config::LlamaConfig;
@@ -55,6 +56,11 @@ pub struct GpuLora {
     pub r: usize,
     pub scale: f32,
     slots: Vec<[Slot; 7]>,
+    /// LoRA dropout probability while training (peft's `lora_dropout`; from the adapter), and each module's mask
+    /// seed offset (`adapter::dropout_base` of its name): a sequence trained with a dropout seed draws the CPU
+    /// trainer's masks.
+    pub dropout: f64,
+    mask_names: Vec<[u64; 7]>,
     /// Every parameter in one flat buffer each: fp32 master weights, their fp16 copies (what the passes read),
     /// the accumulated loss-scaled gradients (fp32), AdamW's moments.
     p32: CudaSlice<f32>,
@@ -106,6 +112,8 @@ struct LayerTape {
     act: CudaSlice<f16>,
     /// x A^T of each module (rows, r).
     t: Vec<CudaSlice<f16>>,
+    /// The dropout seed the forward pass drew its masks with (None: no dropout); the backward redraws them.
+    drop: Option<u64>,
 }
 
 /// A chunk of rows after the layers: a shared prompt, or an answer attending one.
@@ -144,6 +152,8 @@ struct SeqTape {
     labels: CudaSlice<i32>,
     lse: CudaSlice<f32>,
     logp_sum: f64,
+    /// The forward pass's dropout seed (a recomputed layer draws the same masks).
+    drop: Option<u64>,
 }
 
 impl GpuLora {
@@ -182,10 +192,13 @@ impl GpuLora {
         // gradient and moment buffers.
         let state = if trainable { total } else { 1 };
         let zeros = || s.alloc_zeros::<f32>(state).map_err(derr);
+        let mask_names = (0..cfg.num_hidden_layers).map(|l| std::array::from_fn(|j| crate::adapter::dropout_base(0, &format!("language_model.layers.{l}.{}", PROJECTIONS[j])))).collect();
         Ok(GpuLora {
             r,
             scale,
             slots,
+            dropout: 0.0,
+            mask_names,
             p32: s.clone_htod(&host).map_err(derr)?,
             p16: gpu.upload_f16(&host)?,
             g32: zeros()?,
@@ -218,13 +231,15 @@ impl GpuLora {
         let name = |l: usize, j: usize| format!("language_model.layers.{l}.{}", PROJECTIONS[j]);
         let first = adapter.module(&name(0, 0)).ok_or_else(|| err(format!("the adapter has no module {} (the GPU trainer needs LoRA on all seven projections of every decoder layer)", name(0, 0))))?;
         let (r, scale) = (first.r, first.scale);
-        Self::build(gpu, cfg, r, scale, |l, j, _| {
+        let mut gl = Self::build(gpu, cfg, r, scale, |l, j, _| {
             let m = adapter.module(&name(l, j)).ok_or_else(|| err(format!("the adapter has no module {} (the GPU trainer needs LoRA on all seven projections of every decoder layer)", name(l, j))))?;
             if m.r != r || m.scale != scale {
                 return Err(err(format!("{}: rank {} and scale {} differ from the adapter's first module ({r}, {scale})", name(l, j), m.r, m.scale)));
             }
             Ok((m.a.clone(), m.b.clone()))
-        })
+        })?;
+        gl.dropout = adapter.lora_dropout;
+        Ok(gl)
     }
 
     /// The decoder modules of a PEFT adapter for inference (`cuda_llama` forward passes): projections the adapter
@@ -269,18 +284,35 @@ impl GpuLora {
     }
 
     /// y[:, y_off..y_off + out] += scale * (x A^T) B^T for `rows` rows (y rows `ldy` apart); t = x A^T is kept.
+    /// With a dropout seed `drop`, x is the module's dropped-out input (its mask drawn as the CPU trainer's).
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn lora_fwd(&self, gpu: &Gpu, l: usize, j: usize, x: &CudaSlice<f16>, t: &mut CudaSlice<f16>, y: &mut CudaSlice<f16>, y_off: usize, ldy: usize, rows: usize) -> Result<()> {
+    pub(crate) fn lora_fwd(&self, gpu: &Gpu, l: usize, j: usize, x: &CudaSlice<f16>, t: &mut CudaSlice<f16>, y: &mut CudaSlice<f16>, y_off: usize, ldy: usize, rows: usize, drop: Option<u64>) -> Result<()> {
         let (sl, r) = (self.slots[l][j], self.r);
+        let dropped = self.dropped_input(gpu, l, j, x, rows, drop)?;
+        let x = dropped.as_ref().unwrap_or(x);
         gpu.gemm(&x.slice(..), sl.n_in, false, &self.p16.slice(sl.a..sl.a + r * sl.n_in), sl.n_in, true, &mut t.slice_mut(..), r, rows, r, sl.n_in, 1.0, 0.0)?;
         gpu.gemm(&t.slice(..), r, false, &self.p16.slice(sl.b..sl.b + sl.n_out * r), r, true, &mut y.slice_mut(y_off..), ldy, rows, sl.n_out, r, self.scale, 1.0)
     }
 
+    /// Module (l, j)'s input `x` (rows, in) after LoRA dropout under the sequence's dropout seed `drop`; None
+    /// without dropout (the input is used as is).
+    fn dropped_input(&self, gpu: &Gpu, l: usize, j: usize, x: &CudaSlice<f16>, rows: usize, drop: Option<u64>) -> Result<Option<CudaSlice<f16>>> {
+        let Some(seed) = drop.filter(|_| self.dropout > 0.0) else { return Ok(None) };
+        let n = rows * self.slots[l][j].n_in;
+        let mut xl = gpu.stream.alloc_zeros::<f16>(n).map_err(derr)?;
+        gpu.lora_dropout_dev(&mut xl, x, n, seed ^ self.mask_names[l][j], self.dropout)?;
+        Ok(Some(xl))
+    }
+
     /// Backward of `lora_fwd`: given dy (columns dy_off.. of rows ldy apart), writes dA and dB into `g16` and adds
     /// the LoRA path's input gradient into dx.
+    /// With the forward's dropout seed `drop`, the mask is drawn again: dA from the dropped-out input, and the
+    /// input gradient only through the kept elements (scaled as they were).
     #[allow(clippy::too_many_arguments)]
-    fn lora_bwd(&mut self, gpu: &Gpu, l: usize, j: usize, x: &CudaSlice<f16>, t: &CudaSlice<f16>, dy: &CudaSlice<f16>, dy_off: usize, ldy: usize, dx: &mut CudaSlice<f16>, rows: usize, acc: bool) -> Result<()> {
+    fn lora_bwd(&mut self, gpu: &Gpu, l: usize, j: usize, x: &CudaSlice<f16>, t: &CudaSlice<f16>, dy: &CudaSlice<f16>, dy_off: usize, ldy: usize, dx: &mut CudaSlice<f16>, rows: usize, acc: bool, drop: Option<u64>) -> Result<()> {
         let (sl, r, s) = (self.slots[l][j], self.r, self.scale);
+        let dropped = self.dropped_input(gpu, l, j, x, rows, drop)?;
+        let x = dropped.as_ref().unwrap_or(x);
         // Several chunks of one pass (a shared prompt and its answers) add their gradients: beta 1 after the first.
         let beta = if acc { 1.0 } else { 0.0 };
         let mut dt = gpu.stream.alloc_zeros::<f16>(rows * r).map_err(derr)?;
@@ -288,18 +320,26 @@ impl GpuLora {
         gpu.gemm(&dy.slice(dy_off..), ldy, true, &t.slice(..), r, false, &mut self.g16.slice_mut(sl.b..sl.b + sl.n_out * r), r, sl.n_out, r, rows, s, beta)?;
         gpu.gemm(&dy.slice(dy_off..), ldy, false, &self.p16.slice(sl.b..sl.b + sl.n_out * r), r, false, &mut dt.slice_mut(..), r, rows, r, sl.n_out, s, 0.0)?;
         gpu.gemm(&dt.slice(..), r, true, &x.slice(..), sl.n_in, false, &mut self.g16.slice_mut(sl.a..sl.a + r * sl.n_in), sl.n_in, r, sl.n_in, rows, 1.0, beta)?;
-        gpu.gemm(&dt.slice(..), r, false, &self.p16.slice(sl.a..sl.a + r * sl.n_in), sl.n_in, false, &mut dx.slice_mut(..), sl.n_in, rows, sl.n_in, r, 1.0, 1.0)
+        let Some(seed) = drop.filter(|_| dropped.is_some()) else {
+            return gpu.gemm(&dt.slice(..), r, false, &self.p16.slice(sl.a..sl.a + r * sl.n_in), sl.n_in, false, &mut dx.slice_mut(..), sl.n_in, rows, sl.n_in, r, 1.0, 1.0);
+        };
+        // d x_dropped = dt A, then through the mask into dx.
+        let n = rows * sl.n_in;
+        let mut dxl = gpu.stream.alloc_zeros::<f16>(n).map_err(derr)?;
+        gpu.gemm(&dt.slice(..), r, false, &self.p16.slice(sl.a..sl.a + r * sl.n_in), sl.n_in, false, &mut dxl.slice_mut(..), sl.n_in, rows, sl.n_in, r, 1.0, 0.0)?;
+        gpu.lora_dropout_bwd_add_dev(dx, &dxl, n, seed ^ self.mask_names[l][j], self.dropout)
     }
 
     /// The forward pass of `ids` under base + this adapter, saving what the backward needs; the log-probs of
     /// ids[answer_start..] (each predicted from the position before it).
     fn forward(&self, gpu: &Gpu, model: &GpuLlama, ids: &[u32], answer_start: usize) -> Result<SeqTape> {
-        self.forward_seq(gpu, model, Input::Ids(ids), ids.get(answer_start..).unwrap_or_default(), answer_start)
+        self.forward_seq(gpu, model, Input::Ids(ids), ids.get(answer_start..).unwrap_or_default(), answer_start, None)
     }
 
     /// `forward` of any input (`Input::Embeds`: rows made on the host, e.g. with image features) whose rows
-    /// `answer_start..` are the answer tokens `answer`.
-    fn forward_seq(&self, gpu: &Gpu, model: &GpuLlama, seq: Input, answer: &[u32], answer_start: usize) -> Result<SeqTape> {
+    /// `answer_start..` are the answer tokens `answer`, with LoRA dropout masks drawn from `drop` (None: none).
+    #[allow(clippy::too_many_arguments)]
+    fn forward_seq(&self, gpu: &Gpu, model: &GpuLlama, seq: Input, answer: &[u32], answer_start: usize, drop: Option<u64>) -> Result<SeqTape> {
         let cfg = &model.cfg;
         // The answer's labels are checked here; the input (ids or rows) by `input_rows`.
         check_labels(cfg, answer)?;
@@ -316,7 +356,7 @@ impl GpuLora {
         let mut layers = Vec::with_capacity(model.layers.len());
         let mut inputs = Vec::new();
         for li in 0..model.layers.len() {
-            let tape = self.layer_forward(gpu, model, li, &mut x, &dpos, rows)?;
+            let tape = self.layer_forward(gpu, model, li, &mut x, &dpos, rows, drop)?;
             if self.recompute {
                 // Keep the layer's input only; the backward pass runs the layer again from it.
                 inputs.push(tape.x_in);
@@ -327,7 +367,7 @@ impl GpuLora {
         let mut hf = a(rows * c)?;
         gpu.rmsnorm_dev(&mut hf, &x, &model.norm, rows, eps)?;
         let (labels, lse, logp_sum) = head_forward(gpu, model, &hf, answer_start - 1, answer)?;
-        Ok(SeqTape { rows, answer_start, layers, inputs, pos: dpos, x_final: x, hf, labels, lse, logp_sum })
+        Ok(SeqTape { rows, answer_start, layers, inputs, pos: dpos, x_final: x, hf, labels, lse, logp_sum, drop })
     }
 
     /// The rows of `seq` on the device (ids looked up in the embedding table, or host rows uploaded), checked.
@@ -377,7 +417,7 @@ impl GpuLora {
         let dpos = s.clone_htod(&pos).map_err(derr)?;
         let mut layers = Vec::with_capacity(model.layers.len());
         for li in 0..model.layers.len() {
-            layers.push(self.layer_forward_ctx(gpu, model, li, x, &dpos, rows, ctx.map(|t| &t.layers[li].qkv))?);
+            layers.push(self.layer_forward_ctx(gpu, model, li, x, &dpos, rows, ctx.map(|t| &t.layers[li].qkv), None)?);
         }
         let mut hf = s.alloc_zeros::<f16>(rows * c).map_err(derr)?;
         gpu.rmsnorm_dev(&mut hf, x, &model.norm, rows, model.cfg.rms_norm_eps as f32)?;
@@ -472,14 +512,15 @@ impl GpuLora {
     }
 
     /// Layer `li`'s forward pass over `x` (rows, hidden), in place, returning what its backward pass needs.
-    fn layer_forward(&self, gpu: &Gpu, model: &GpuLlama, li: usize, x: &mut CudaSlice<f16>, dpos: &CudaSlice<i32>, rows: usize) -> Result<LayerTape> {
-        self.layer_forward_ctx(gpu, model, li, x, dpos, rows, None)
+    #[allow(clippy::too_many_arguments)]
+    fn layer_forward(&self, gpu: &Gpu, model: &GpuLlama, li: usize, x: &mut CudaSlice<f16>, dpos: &CudaSlice<i32>, rows: usize, drop: Option<u64>) -> Result<LayerTape> {
+        self.layer_forward_ctx(gpu, model, li, x, dpos, rows, None, drop)
     }
 
     /// `layer_forward` of rows that attend a context's keys and values first (`ctx`: a shared prompt's qkv at this
     /// layer, after RoPE) and then their own, causally.
     #[allow(clippy::too_many_arguments)]
-    fn layer_forward_ctx(&self, gpu: &Gpu, model: &GpuLlama, li: usize, x: &mut CudaSlice<f16>, dpos: &CudaSlice<i32>, rows: usize, ctx: Option<&CudaSlice<f16>>) -> Result<LayerTape> {
+    fn layer_forward_ctx(&self, gpu: &Gpu, model: &GpuLlama, li: usize, x: &mut CudaSlice<f16>, dpos: &CudaSlice<i32>, rows: usize, ctx: Option<&CudaSlice<f16>>, drop: Option<u64>) -> Result<LayerTape> {
         let cfg = &model.cfg;
         let l = &model.layers[li];
         let (c, h, kvh, hd, inter) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size);
@@ -497,7 +538,7 @@ impl GpuLora {
             t.push(a(rows * self.r)?);
         }
         for (j, off) in [(Q, 0), (K, h * hd), (V, (h + kvh) * hd)] {
-            self.lora_fwd(gpu, li, j, &h1, &mut t[j], &mut qkv, off, nqkv, rows)?;
+            self.lora_fwd(gpu, li, j, &h1, &mut t[j], &mut qkv, off, nqkv, rows, drop)?;
         }
         gpu.rope_strided_dev(&mut qkv, dpos, &model.cos, &model.sin, rows, h + kvh, hd, nqkv)?;
         let mut att = a(rows * h * hd)?;
@@ -514,21 +555,21 @@ impl GpuLora {
         }
         let mut tmp = a(rows * c)?;
         gpu.linear_device(&att, &l.o, &mut tmp, rows, h * hd, c)?;
-        self.lora_fwd(gpu, li, O, &att, &mut t[O], &mut tmp, 0, c, rows)?;
+        self.lora_fwd(gpu, li, O, &att, &mut t[O], &mut tmp, 0, c, rows, drop)?;
         gpu.residual_add_dev(x, &tmp, rows * c)?;
         let x_mid = x.try_clone().map_err(derr)?;
         let mut h2 = a(rows * c)?;
         gpu.rmsnorm_dev(&mut h2, x, &l.post_norm, rows, eps)?;
         let mut gu = a(rows * 2 * inter)?;
         gpu.linear_device(&h2, &l.gate_up, &mut gu, rows, c, 2 * inter)?;
-        self.lora_fwd(gpu, li, G, &h2, &mut t[G], &mut gu, 0, 2 * inter, rows)?;
-        self.lora_fwd(gpu, li, U, &h2, &mut t[U], &mut gu, inter, 2 * inter, rows)?;
+        self.lora_fwd(gpu, li, G, &h2, &mut t[G], &mut gu, 0, 2 * inter, rows, drop)?;
+        self.lora_fwd(gpu, li, U, &h2, &mut t[U], &mut gu, inter, 2 * inter, rows, drop)?;
         let mut act = a(rows * inter)?;
         gpu.swiglu_fused_dev(&mut act, &gu, rows, inter)?;
         gpu.linear_device(&act, &l.down, &mut tmp, rows, inter, c)?;
-        self.lora_fwd(gpu, li, D, &act, &mut t[D], &mut tmp, 0, c, rows)?;
+        self.lora_fwd(gpu, li, D, &act, &mut t[D], &mut tmp, 0, c, rows, drop)?;
         gpu.residual_add_dev(x, &tmp, rows * c)?;
-        Ok(LayerTape { x_in, h1, qkv, att, lse, x_mid, h2, gu, act, t })
+        Ok(LayerTape { x_in, h1, qkv, att, lse, x_mid, h2, gu, act, t, drop })
     }
 
     /// The backward pass of `tape` for a loss whose derivative with respect to each answer token's log-prob is
@@ -553,7 +594,7 @@ impl GpuLora {
                 Some(lt) => lt,
                 None => {
                     let mut x = tape.inputs.get(li).ok_or_else(|| err(format!("no saved input of layer {li}")))?.try_clone().map_err(derr)?;
-                    recomputed = self.layer_forward(gpu, model, li, &mut x, &tape.pos, rows)?;
+                    recomputed = self.layer_forward(gpu, model, li, &mut x, &tape.pos, rows, tape.drop)?;
                     &recomputed
                 }
             };
@@ -582,20 +623,20 @@ impl GpuLora {
         // MLP: x_out = x_mid + down(swiglu(gate_up(rmsnorm(x_mid)))).
         let mut dact = a(rows * inter)?;
         gpu.gemm(&dx.slice(..), c, false, &l.down.slice(..), inter, false, &mut dact.slice_mut(..), inter, rows, inter, c, 1.0, 0.0)?;
-        self.lora_bwd(gpu, li, D, &lt.act, &lt.t[D], dx, 0, c, &mut dact, rows, acc)?;
+        self.lora_bwd(gpu, li, D, &lt.act, &lt.t[D], dx, 0, c, &mut dact, rows, acc, lt.drop)?;
         let mut dgu = a(rows * 2 * inter)?;
         swiglu_bwd(gpu, &mut dgu, &dact, &lt.gu, rows, inter)?;
         drop(dact);
         gpu.gemm(&dgu.slice(..), 2 * inter, false, &l.gate_up.slice(..), c, false, &mut dh.slice_mut(..), c, rows, c, 2 * inter, 1.0, 0.0)?;
-        self.lora_bwd(gpu, li, G, &lt.h2, &lt.t[G], &dgu, 0, 2 * inter, &mut dh, rows, acc)?;
-        self.lora_bwd(gpu, li, U, &lt.h2, &lt.t[U], &dgu, inter, 2 * inter, &mut dh, rows, acc)?;
+        self.lora_bwd(gpu, li, G, &lt.h2, &lt.t[G], &dgu, 0, 2 * inter, &mut dh, rows, acc, lt.drop)?;
+        self.lora_bwd(gpu, li, U, &lt.h2, &lt.t[U], &dgu, inter, 2 * inter, &mut dh, rows, acc, lt.drop)?;
         drop(dgu);
         gpu.rmsnorm_bwd_dev(&mut tmp, None, &dh, &lt.x_mid, &l.post_norm, rows, eps)?;
         gpu.residual_add_dev(dx, &tmp, rows * c)?;
         // Attention: x_mid = x_in + o(attention(rope(qkv(rmsnorm(x_in))))).
         let mut datt = a(rows * h * hd)?;
         gpu.gemm(&dx.slice(..), c, false, &l.o.slice(..), h * hd, false, &mut datt.slice_mut(..), h * hd, rows, h * hd, c, 1.0, 0.0)?;
-        self.lora_bwd(gpu, li, O, &lt.att, &lt.t[O], dx, 0, c, &mut datt, rows, acc)?;
+        self.lora_bwd(gpu, li, O, &lt.att, &lt.t[O], dx, 0, c, &mut datt, rows, acc, lt.drop)?;
         let mut dqkv = match ctx {
             None => {
                 let mut dqkv = a(rows * nqkv)?;
@@ -627,7 +668,7 @@ impl GpuLora {
         rope_bwd(gpu, model, &mut dqkv, pos, rows)?;
         gpu.gemm(&dqkv.slice(..), nqkv, false, &l.qkv.slice(..), c, false, &mut dh.slice_mut(..), c, rows, c, nqkv, 1.0, 0.0)?;
         for (j, off) in [(Q, 0), (K, h * hd), (V, (h + kvh) * hd)] {
-            self.lora_bwd(gpu, li, j, &lt.h1, &lt.t[j], &dqkv, off, nqkv, &mut dh, rows, acc)?;
+            self.lora_bwd(gpu, li, j, &lt.h1, &lt.t[j], &dqkv, off, nqkv, &mut dh, rows, acc, lt.drop)?;
         }
         gpu.rmsnorm_bwd_dev(&mut tmp, None, &dh, &lt.x_in, &l.input_norm, rows, eps)?;
         gpu.residual_add_dev(dx, &tmp, rows * c)
@@ -658,16 +699,25 @@ impl GpuLora {
     /// norm). Without `opt` the scaled gradients stay accumulated (`grads`, divided by `scaler.scale`).
     #[allow(clippy::too_many_arguments)]
     pub fn dpo_step(&mut self, gpu: &Gpu, model: &GpuLlama, prompt: &[u32], chosen: &[u32], rejected: &[u32], refs: (f64, f64), cfg: &DpoConfig, opt: Option<(&AdamW, f64)>) -> Result<StepReport> {
+        self.dpo_step_dropout(gpu, model, prompt, chosen, rejected, refs, cfg, opt, None)
+    }
+
+    /// `dpo_step` with LoRA dropout (probability `dropout`) drawn from `dropout_seed` as
+    /// `train::dpo::pair_forward_backward` draws it for the same seed (None: no dropout).
+    #[allow(clippy::too_many_arguments)]
+    pub fn dpo_step_dropout(&mut self, gpu: &Gpu, model: &GpuLlama, prompt: &[u32], chosen: &[u32], rejected: &[u32], refs: (f64, f64), cfg: &DpoConfig, opt: Option<(&AdamW, f64)>, dropout_seed: Option<u64>) -> Result<StepReport> {
         self.check_trainable()?;
         if chosen.is_empty() || rejected.is_empty() {
             return Err(err("chosen and rejected answers must not be empty"));
         }
         let scale = self.scaler.scale;
-        let (loss, logps) = if self.share_prompt && !self.recompute {
+        let seed = dropout_seed.filter(|_| self.dropout > 0.0);
+        let (loss, logps) = if self.share_prompt && !self.recompute && seed.is_none() {
             self.dpo_pair_shared(gpu, model, Input::Ids(prompt), (Input::Ids(chosen), chosen), (Input::Ids(rejected), rejected), refs, cfg, 1.0)?
         } else {
             let (sc, sr) = ([prompt, chosen].concat(), [prompt, rejected].concat());
-            self.dpo_pair(gpu, model, (Input::Ids(&sc), chosen, prompt.len()), (Input::Ids(&sr), rejected, prompt.len()), refs, cfg, 1.0)?
+            let drops = (crate::train::dpo::part_seed(seed, 1), crate::train::dpo::part_seed(seed, 2));
+            self.dpo_pair(gpu, model, (Input::Ids(&sc), chosen, prompt.len()), (Input::Ids(&sr), rejected, prompt.len()), refs, cfg, 1.0, drops)?
         };
         let grad_norm = match opt {
             Some((o, clip)) => self.optimizer_step(gpu, o, clip)?,
@@ -680,9 +730,9 @@ impl GpuLora {
     /// the gradients of `weight` times the pair's loss are added to the accumulators (loss-scaled). Returns the
     /// loss (unweighted, unscaled) and the log-probs.
     #[allow(clippy::too_many_arguments)]
-    fn dpo_pair(&mut self, gpu: &Gpu, model: &GpuLlama, chosen: (Input, &[u32], usize), rejected: (Input, &[u32], usize), refs: (f64, f64), cfg: &DpoConfig, weight: f64) -> Result<(f64, PairLogps)> {
-        let tc = self.forward_seq(gpu, model, chosen.0, chosen.1, chosen.2)?;
-        let tr = self.forward_seq(gpu, model, rejected.0, rejected.1, rejected.2)?;
+    fn dpo_pair(&mut self, gpu: &Gpu, model: &GpuLlama, chosen: (Input, &[u32], usize), rejected: (Input, &[u32], usize), refs: (f64, f64), cfg: &DpoConfig, weight: f64, drops: (Option<u64>, Option<u64>)) -> Result<(f64, PairLogps)> {
+        let tc = self.forward_seq(gpu, model, chosen.0, chosen.1, chosen.2, drops.0)?;
+        let tr = self.forward_seq(gpu, model, rejected.0, rejected.1, rejected.2, drops.1)?;
         let logps = PairLogps { policy_chosen: tc.logp_sum, policy_rejected: tr.logp_sum, ref_chosen: refs.0, ref_rejected: refs.1 };
         let (loss, d_pc, d_pr) = pair_loss(cfg, &logps, chosen.1.len(), rejected.1.len());
         if !loss.is_finite() {
@@ -1035,9 +1085,6 @@ pub fn bench(gpu: &Gpu, cfg: &LlamaConfig, seq: usize, answer: usize, rank: usiz
 
 /// Why `train_dpo_gpu` and `train_sft_gpu` cannot train `adapter` (the caller then trains on the CPU), or None.
 pub fn gpu_trainable(cfg: &LlamaConfig, adapter: &Adapter) -> Option<String> {
-    if adapter.lora_dropout > 0.0 {
-        return Some(format!("lora_dropout = {} (the GPU trainer has no dropout)", adapter.lora_dropout));
-    }
     if let Some((name, _)) = adapter.saved_params().next() {
         return Some(format!("the adapter trains the whole parameter {name} (modules_to_save)"));
     }
@@ -1101,7 +1148,11 @@ pub fn train_dpo_gpu(
         for &i in batch {
             let p = &pairs[i];
             let f = feats.get(p.pixels, features)?;
-            let (l, lp) = if gl.share_prompt && !gl.recompute {
+            // Dropout masks as the CPU trainer draws them (train::trainer::train_dpo, dpo::pair_forward_backward):
+            // per step, pair and answer. The two answers' prompt rows then differ, so they run whole.
+            let seed = (gl.dropout > 0.0).then(|| crate::train::trainer::dropout_seed(cfg.seed, opt.step, i));
+            let drops = (crate::train::dpo::part_seed(seed, 1), crate::train::dpo::part_seed(seed, 2));
+            let (l, lp) = if gl.share_prompt && !gl.recompute && seed.is_none() {
                 // The prompt's rows (image features included) once; each answer's own token rows.
                 let (xp, _) = model.embed_inputs(p.prompt_ids, f)?;
                 let (xc, _) = model.embed_inputs(p.chosen_ids, None)?;
@@ -1115,7 +1166,7 @@ pub fn train_dpo_gpu(
                 };
                 let (xc, sc) = rows(p.chosen_ids)?;
                 let (xr, sr) = rows(p.rejected_ids)?;
-                gl.dpo_pair(gpu, gmodel, (Input::Embeds(&xc), p.chosen_ids, sc), (Input::Embeds(&xr), p.rejected_ids, sr), refs[i], &cfg.dpo, weight)?
+                gl.dpo_pair(gpu, gmodel, (Input::Embeds(&xc), p.chosen_ids, sc), (Input::Embeds(&xr), p.rejected_ids, sr), refs[i], &cfg.dpo, weight, drops)?
             };
             m.add(cfg.dpo.beta, l, &lp, weight);
         }
@@ -1199,7 +1250,9 @@ pub fn train_sft_gpu(
             let f = feats.get(ex.pixels, features)?;
             let (x, _) = model.embed_inputs(&[ex.prompt_ids, ex.answer_ids].concat(), f)?;
             let rows = x.len() / c;
-            let t = gl.forward_seq(gpu, gmodel, Input::Embeds(&x), ex.answer_ids, rows.saturating_sub(ex.answer_ids.len()))?;
+            // Dropout masks as the CPU trainer draws them (train::sft::train_sft, sft_forward_backward).
+            let seed = (gl.dropout > 0.0).then(|| crate::train::trainer::dropout_seed(cfg.seed, opt.step, i));
+            let t = gl.forward_seq(gpu, gmodel, Input::Embeds(&x), ex.answer_ids, rows.saturating_sub(ex.answer_ids.len()), crate::train::dpo::part_seed(seed, 1))?;
             if !t.logp_sum.is_finite() {
                 return Err(err(format!("the loss is {}", -t.logp_sum)));
             }

@@ -2,7 +2,8 @@
 //! answers' log-probs and every LoRA gradient of the decoder), and a short GPU DPO run whose reward accuracy rises
 //! while dynamic loss scaling skips the steps that overflow; activation recomputation changing nothing but memory,
 //! and a pair's prompt run once for both answers giving the gradients of two whole sequences; the tensor-core
-//! attention kernels giving the scalar kernels' loss and gradients. Prints why and passes where no GPU exists.
+//! attention kernels giving the scalar kernels' loss and gradients; LoRA dropout drawing the CPU trainer's masks.
+//! Prints why and passes where no GPU exists.
 
 use engine::cuda::{AdamW, Gpu, LossScaler};
 use engine::cuda_train::{GpuLora, StepReport, PROJECTIONS};
@@ -49,15 +50,24 @@ fn gpu_dpo_loss_and_lora_gradients_match_the_cpu_backend() {
     assert!((step.loss - cpu_loss).abs() <= 1e-2, "DPO loss: GPU {} vs CPU {cpu_loss}", step.loss);
     assert!((step.logps.policy_chosen - cpu_l.policy_chosen).abs() <= 0.1 && (step.logps.policy_rejected - cpu_l.policy_rejected).abs() <= 0.1, "answer log-probs differ");
     // Every LoRA gradient of the decoder (the GPU's are loss-scaled).
+    let (total, worst) = gradient_error(&gpu, &dev, &lora, &mut grads, 1024.0);
+    println!("LoRA gradients ({} modules): relative L2 error {total:.2e} overall, worst module {} at {:.2e}", dev.cfg.num_hidden_layers * 7, worst.1, worst.0);
+    assert!(total <= 2e-2, "LoRA gradients: relative L2 error {total}");
+    assert!(worst.0 <= 5e-2, "LoRA gradients of {}: relative L2 error {}", worst.1, worst.0);
+}
+
+/// Relative L2 error of the GPU's accumulated LoRA gradients (loss-scaled by `scale`) against the CPU's `grads`:
+/// overall, and the worst module's (error, name).
+fn gradient_error(gpu: &Gpu, dev: &engine::cuda_llama::GpuLlama, lora: &GpuLora, grads: &mut Grads, scale: f64) -> (f64, (f64, String)) {
     let (mut num, mut den, mut worst) = (0.0f64, 0.0f64, (0.0f64, String::new()));
     for l in 0..dev.cfg.num_hidden_layers {
         for (j, proj) in PROJECTIONS.iter().enumerate() {
             let name = format!("language_model.layers.{l}.{proj}");
             let want = grads.module_mut(&name).unwrap_or_else(|| panic!("CPU grads have no {name}"));
-            let (ga, gb) = lora.grads(&gpu, l, j).unwrap();
+            let (ga, gb) = lora.grads(gpu, l, j).unwrap();
             let (mut n1, mut d1) = (0.0f64, 0.0f64);
             for (g, w) in ga.iter().chain(&gb).zip(want.da.iter().chain(&want.db)) {
-                let g = *g as f64 / 1024.0;
+                let g = *g as f64 / scale;
                 assert!(g.is_finite(), "{name}: non-finite gradient");
                 n1 += (g - *w as f64).powi(2);
                 d1 += (*w as f64).powi(2);
@@ -70,10 +80,40 @@ fn gpu_dpo_loss_and_lora_gradients_match_the_cpu_backend() {
             }
         }
     }
-    let total = (num / den).sqrt();
-    println!("LoRA gradients ({} modules): relative L2 error {total:.2e} overall, worst module {} at {:.2e}", dev.cfg.num_hidden_layers * 7, worst.1, worst.0);
-    assert!(total <= 2e-2, "LoRA gradients: relative L2 error {total}");
-    assert!(worst.0 <= 5e-2, "LoRA gradients of {}: relative L2 error {}", worst.1, worst.0);
+    ((num / den).sqrt(), worst)
+}
+
+/// With LoRA dropout the GPU trainer draws the CPU trainer's masks: the same loss and LoRA gradients for the same
+/// dropout seed, and gradients far off for another seed (so the comparison sees the masks).
+#[test]
+fn gpu_dpo_with_lora_dropout_matches_the_cpu_trainer_mask_for_mask() {
+    let Some(gpu) = gpu() else { return };
+    let (cpu, mut adapter, dev, _) = setup(&gpu);
+    adapter.lora_dropout = 0.3;
+    let vocab = cpu.llm.cfg.vocab_size;
+    let mut rng = engine::rng::SplitMix64::new(33);
+    let image = cpu.image_token_id();
+    let (prompt, chosen, rejected) = (tokens(&mut rng, 12, vocab, image), tokens(&mut rng, 8, vocab, image), tokens(&mut rng, 6, vocab, image));
+    let pair = TokenPair { pixels: None, prompt_ids: &prompt, chosen_ids: &chosen, rejected_ids: &rejected };
+    let refs = reference_logps(&cpu, None, &pair).unwrap();
+    let cfg = DpoConfig { beta: 0.5, ..Default::default() };
+    let mut grads = Grads::zeros_like(&adapter);
+    let seed = 0x5eed;
+    let (cpu_loss, _) = pair_forward_backward(&cpu, &adapter, &pair, refs, &cfg, 1.0, &mut grads, Some(seed)).unwrap();
+    let mut errors = Vec::new();
+    for s in [seed, seed + 1] {
+        let mut lora = GpuLora::from_adapter(&gpu, &dev.cfg, &adapter).unwrap();
+        assert_eq!(lora.dropout, 0.3, "the GPU copy lost the adapter's dropout");
+        lora.scaler = LossScaler::new(1024.0, 1000);
+        let step = lora.dpo_step_dropout(&gpu, &dev, &prompt, &chosen, &rejected, refs, &cfg, None, Some(s)).unwrap();
+        let (total, worst) = gradient_error(&gpu, &dev, &lora, &mut grads, 1024.0);
+        println!("dropout seed {s:#x}: loss CPU (seed {seed:#x}) {cpu_loss:.5} GPU {:.5}; LoRA gradients relative L2 {total:.2e}, worst {} {:.2e}", step.loss, worst.1, worst.0);
+        errors.push((step.loss, total, worst.0));
+    }
+    let (loss, total, worst) = errors[0];
+    assert!((loss - cpu_loss).abs() <= 1e-2, "DPO loss with dropout: GPU {loss} vs CPU {cpu_loss}");
+    assert!(total <= 2e-2 && worst <= 5e-2, "LoRA gradients with dropout: relative L2 {total} overall, {worst} worst");
+    assert!(errors[1].1 >= 10.0 * total && errors[1].1 >= 0.1, "another seed's masks give gradients as close to the CPU's ({:.2e}): the masks are not compared", errors[1].1);
 }
 
 #[test]

@@ -174,3 +174,37 @@ fn logprob_backward_and_adamw_match_references() {
 fn stream(g: &Gpu, x: &[f32]) -> cudarc::driver::CudaSlice<f32> {
     g.stream.clone_htod(x).unwrap()
 }
+
+/// LoRA dropout's masks on the device are the CPU trainer's (`Adapter::dropout_input`) element for element, forward
+/// and backward; so the GPU and CPU trainers drop the same inputs.
+#[test]
+fn lora_dropout_masks_match_the_cpu_trainer_exactly() {
+    let Some(g) = gpu() else { return };
+    let model = engine::Model::load(&gpu_common::root().join("assets/shapes-base")).unwrap();
+    let mut adapter = model.create_adapter(&engine::adapter::LoraSpec { r: 4, lora_alpha: 8.0, ..Default::default() }, 1).unwrap();
+    let mut rng = SplitMix64::new(5);
+    for (p, seed, name, n) in [(0.1, 7u64, "language_model.layers.0.self_attn.q_proj", 4099usize), (0.5, u64::MAX - 3, "language_model.layers.1.mlp.down_proj", 70_000)] {
+        adapter.lora_dropout = p;
+        adapter.set_dropout_seed(Some(seed));
+        let x = randh(&mut rng, n, 3.0);
+        let want: Vec<f32> = adapter.dropout_input(name, &x).unwrap().iter().map(|&v| half::f16::from_f32(v).to_f32()).collect();
+        let base = engine::adapter::dropout_base(seed, name);
+        let dx_ = g.upload_f16(&x).unwrap();
+        let mut out = g.upload_f16(&vec![f32::NAN; n]).unwrap();
+        g.lora_dropout_dev(&mut out, &dx_, n, base, p).unwrap();
+        let got = g.download_f16(&out).unwrap();
+        let differ = got.iter().zip(&want).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+        let dropped = want.iter().zip(&x).filter(|(w, x)| **w == 0.0 && **x != 0.0).count() as f64 / n as f64;
+        println!("lora_dropout_f16 p={p} n={n}: {differ} of {n} elements differ from the CPU's; {:.3} dropped", dropped);
+        assert_eq!(differ, 0, "p={p}: the device's dropout differs from the CPU trainer's in {differ} elements");
+        assert!((dropped - p).abs() < 0.02, "dropped fraction {dropped} for p={p}");
+        // Backward: dx += dxl through the same mask (the CPU's: dxl * dropout_input(ones)).
+        let (d0, dl) = (randh(&mut rng, n, 1.0), randh(&mut rng, n, 1.0));
+        let mask = adapter.dropout_input(name, &vec![1.0; n]).unwrap();
+        let want: Vec<f32> = d0.iter().zip(&dl).zip(&mask).map(|((a, b), m)| half::f16::from_f32(a + b * m).to_f32()).collect();
+        let mut dx = g.upload_f16(&d0).unwrap();
+        g.lora_dropout_bwd_add_dev(&mut dx, &g.upload_f16(&dl).unwrap(), n, base, p).unwrap();
+        check(&format!("lora_dropout_bwd_add_f16 p={p} n={n}"), &g.download_f16(&dx).unwrap(), &want);
+        adapter.set_dropout_seed(None);
+    }
+}

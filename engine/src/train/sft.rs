@@ -7,7 +7,7 @@ use crate::error::{EngineError, Result};
 use crate::image::PixelValues;
 use crate::llava::Model;
 use crate::train::optim::AdamW;
-use crate::train::trainer::{step_batch, steps_per_epoch};
+use crate::train::trainer::{dropout_seed, step_batch, steps_per_epoch};
 use crate::train::dpo::{part_seed, DropoutGuard};
 use crate::train::Grads;
 use std::collections::BTreeMap;
@@ -133,7 +133,7 @@ pub fn train_sft(
                 let shared: &Adapter = adapter;
                 let dropout = shared.lora_dropout > 0.0;
                 let (loss, grads) = batch_grads(batch, !dropout, || Grads::zeros_like(shared), |i, g| {
-                    let seed = dropout.then(|| cfg.seed ^ ((opt.step as u64) << 32) ^ i as u64);
+                    let seed = dropout.then(|| dropout_seed(cfg.seed, opt.step, i));
                     sft_forward_backward(model, Some(shared), &examples[i], weight, g, seed)
                 })?;
                 nll = loss;

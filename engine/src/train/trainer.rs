@@ -110,6 +110,12 @@ pub fn step_batch(n: usize, batch_size: usize, seed: u64, step: usize) -> Vec<us
     order[(b * bs).min(order.len())..((b + 1) * bs).min(order.len())].to_vec()
 }
 
+/// The LoRA dropout seed of item `i` at optimizer step `step` of a run seeded `seed`: every trainer (CPU and GPU,
+/// DPO and SFT) draws its masks from it, so devices and resumed runs drop the same elements.
+pub fn dropout_seed(seed: u64, step: usize, i: usize) -> u64 {
+    seed ^ ((step as u64) << 32) ^ i as u64
+}
+
 /// Reference log-probs of every pair under `reference` (None = the base model).
 pub fn precompute_references(model: &Model, reference: Option<&Adapter>, pairs: &[TokenPair]) -> Result<Vec<(f64, f64)>> {
     pairs.iter().map(|p| reference_logps(model, reference, p)).collect()
@@ -145,7 +151,7 @@ pub fn train_dpo(
         let mut m = StepMetrics::default();
         for &i in batch {
             // Dropout masks differ per step and pair, and replay exactly on resume.
-            let seed = (adapter.lora_dropout > 0.0).then(|| cfg.seed ^ ((opt.step as u64) << 32) ^ i as u64);
+            let seed = (adapter.lora_dropout > 0.0).then(|| dropout_seed(cfg.seed, opt.step, i));
             let (l, lp) = pair_forward_backward(model, adapter, &pairs[i], refs[i], &cfg.dpo, weight, &mut grads, seed)?;
             m.add(cfg.dpo.beta, l, &lp, weight);
         }
