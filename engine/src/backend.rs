@@ -7,7 +7,7 @@
 //! The CUDA backend runs the decoder on the GPU (`cuda_llama::GpuLlama`, weights uploaded once as fp16, the
 //! prompt prefilled once and the n answers decoded together against it, LoRA applied unmerged from
 //! `cuda_train::GpuLora::for_inference`). The vision tower and projector run on the device too
-//! (`cuda_clip::GpuVision`, no LoRA: an adapter that changes the image path gets its features from the CPU); the
+//! (`cuda_clip::GpuVision`, with an adapter's LoRA and replaced linear layers there: `cuda_clip::GpuVisionAdapter`); the
 //! features are spliced into the prompt's embedding rows on the host and uploaded (`cuda_llama::Input::Embeds`).
 //! Sampling is on the host, as
 //! on the CPU backend (`crate::sampling`: the same function and the same per-answer RNG streams). What the GPU
@@ -159,25 +159,51 @@ struct CudaState {
     adapters: Vec<(u64, Arc<GpuLora>)>,
     /// Fingerprints of adapters found unsupported (warned about once; they run on the CPU).
     refused: Vec<u64>,
+    /// The same for adapters' image-path changes (`cuda_clip::GpuVisionAdapter`), by `fingerprint(_, IMAGE_PATH)`.
+    vision_adapters: Vec<(u64, Arc<crate::cuda_clip::GpuVisionAdapter>)>,
+    vision_refused: Vec<u64>,
 }
 
-/// Identifies an adapter's decoder factors by value: its path, its modules' names, ranks, scales and sizes, and
-/// every 61st value of each factor (all of them change in a training step). An adapter changed in place or a new one
+/// Where an adapter's image path runs (`CudaState::vision_adapter`).
+enum VisionOn {
+    /// On the device, with these changes (None: the adapter changes nothing there).
+    Gpu(Option<Arc<crate::cuda_clip::GpuVisionAdapter>>),
+    /// On the CPU backend.
+    Cpu,
+}
+
+/// The module-name prefixes of the decoder and of the image path (`fingerprint`).
+const DECODER: &[&str] = &["language_model."];
+const IMAGE_PATH: &[&str] = &["vision_tower.", "multi_modal_projector."];
+
+/// Identifies an adapter's factors in one part of the model (`DECODER` or `IMAGE_PATH`, by module name prefix) by
+/// value: its path, its modules' names, ranks, scales and sizes, every 61st value of each factor (all of them change
+/// in a training step) and the same of the parameters it replaces there. An adapter changed in place or a new one
 /// at a reused address gets a new upload, and hashing stays ~1 ms for a 7B model's adapter (per call).
-fn fingerprint(adapter: &Adapter) -> u64 {
+fn fingerprint(adapter: &Adapter, part: &[&str]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let mut mix = |v: u64| h = (h ^ v).wrapping_mul(0x0100_0000_01b3);
+    let mix_values = |f: &[f32], mix: &mut dyn FnMut(u64)| {
+        mix(f.len() as u64);
+        f.iter().step_by(61).chain(f.last()).for_each(|v| mix(v.to_bits() as u64));
+    };
+    let ours = |name: &str| part.iter().any(|p| name.starts_with(p));
     adapter.path.to_string_lossy().bytes().for_each(|b| mix(b as u64));
     for (name, m) in adapter.modules() {
-        if !name.starts_with("language_model.") {
+        if !ours(name) {
             continue;
         }
         name.bytes().for_each(|b| mix(b as u64));
         mix(m.r as u64);
         mix(m.scale.to_bits() as u64);
         for f in [&m.a, &m.b] {
-            mix(f.len() as u64);
-            f.iter().step_by(61).chain(f.last()).for_each(|v| mix(v.to_bits() as u64));
+            mix_values(f, &mut mix);
+        }
+    }
+    for (name, p) in adapter.saved_params() {
+        if ours(name) {
+            name.bytes().for_each(|b| mix(b as u64));
+            mix_values(&p.values, &mut mix);
         }
     }
     h
@@ -205,7 +231,7 @@ impl CudaBackend {
             },
         };
         let label = format!("cuda:{ordinal} ({}, {})", gpu.name, gpu.arch);
-        Ok(CudaBackend { ordinal, label, state: Mutex::new(CudaState { gpu, llama, vision, adapters: Vec::new(), refused: Vec::new() }) })
+        Ok(CudaBackend { ordinal, label, state: Mutex::new(CudaState { gpu, llama, vision, adapters: Vec::new(), refused: Vec::new(), vision_adapters: Vec::new(), vision_refused: Vec::new() }) })
     }
 
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, CudaState>> {
@@ -221,20 +247,58 @@ enum LoraOn {
     Cpu,
 }
 
-/// Whether `adapter` changes the image path (LoRA on the vision tower or projector, or replaced parameters there):
-/// the GPU image path applies no adapter, so such an adapter's features come from the CPU.
+/// Whether `adapter` changes the image path (LoRA on the vision tower or projector, or replaced parameters there).
 fn touches_image_path(adapter: Option<&Adapter>) -> bool {
-    let image = |n: &str| n.starts_with("vision_tower.") || n.starts_with("multi_modal_projector.");
-    adapter.is_some_and(|a| a.module_names().into_iter().any(image) || a.saved_params().any(|(n, _)| image(n)))
+    use crate::cuda_clip::in_image_path;
+    adapter.is_some_and(|a| a.module_names().into_iter().any(in_image_path) || a.saved_params().any(|(n, _)| in_image_path(n)))
 }
 
 impl CudaState {
-    /// Projected image features: on the device when the image path is there and `adapter` leaves it alone.
-    fn features(&self, model: &Model, pixels: &crate::image::PixelValues, adapter: Option<&Adapter>) -> Result<Vec<f32>> {
-        match &self.vision {
-            Some(v) if !touches_image_path(adapter) => v.features(&self.gpu, &pixels.data),
+    /// Projected image features under `adapter`: on the device when the image path is there and can apply what the
+    /// adapter changes in it, else on the CPU.
+    fn features(&mut self, model: &Model, pixels: &crate::image::PixelValues, adapter: Option<&Adapter>) -> Result<Vec<f32>> {
+        let on = self.vision_adapter(adapter)?;
+        self.features_on(model, pixels, adapter, &on)
+    }
+
+    /// `features` with the adapter's image path already placed (`vision_adapter`).
+    fn features_on(&self, model: &Model, pixels: &crate::image::PixelValues, adapter: Option<&Adapter>, on: &VisionOn) -> Result<Vec<f32>> {
+        match (&self.vision, on) {
+            (Some(v), VisionOn::Gpu(va)) => v.features(&self.gpu, &pixels.data, va.as_deref()),
             _ => model.image_features_cpu(pixels, adapter),
         }
+    }
+
+    /// Where `adapter`'s image path runs: on the device (its image-path changes uploaded once, kept among the
+    /// last `ADAPTER_SLOTS`), or on the CPU when there is no GPU image path or it cannot apply them (said once on
+    /// stderr).
+    fn vision_adapter(&mut self, adapter: Option<&Adapter>) -> Result<VisionOn> {
+        let (Some(v), Some(a)) = (&self.vision, adapter.filter(|a| touches_image_path(Some(a)))) else {
+            return Ok(if self.vision.is_some() { VisionOn::Gpu(None) } else { VisionOn::Cpu });
+        };
+        let key = fingerprint(a, IMAGE_PATH);
+        if self.vision_refused.contains(&key) {
+            return Ok(VisionOn::Cpu);
+        }
+        if let Some(i) = self.vision_adapters.iter().position(|(k, _)| *k == key) {
+            let hit = self.vision_adapters.remove(i);
+            let va = hit.1.clone();
+            self.vision_adapters.push(hit);
+            return Ok(VisionOn::Gpu(Some(va)));
+        }
+        if let Some(why) = crate::cuda_clip::GpuVisionAdapter::unsupported(v, a) {
+            eprintln!("rlaifd engine: the image path of adapter {} runs on the CPU: {why}", a.path.display());
+            self.vision_refused.push(key);
+            return Ok(VisionOn::Cpu);
+        }
+        // A device error (out of memory, say) is an error, not a reason to fall back.
+        let Some(va) = crate::cuda_clip::GpuVisionAdapter::upload(&self.gpu, v, a)? else { return Ok(VisionOn::Gpu(None)) };
+        let va = Arc::new(va);
+        if self.vision_adapters.len() >= ADAPTER_SLOTS {
+            self.vision_adapters.remove(0);
+        }
+        self.vision_adapters.push((key, va.clone()));
+        Ok(VisionOn::Gpu(Some(va)))
     }
 
     /// Where `adapter` runs: on the device (its decoder factors uploaded once, kept among the last
@@ -242,7 +306,7 @@ impl CudaState {
     /// (out of memory, say) is an error, not a reason to fall back.
     fn lora(&mut self, adapter: Option<&Adapter>) -> Result<LoraOn> {
         let Some(a) = adapter else { return Ok(LoraOn::Gpu(None)) };
-        let key = fingerprint(a);
+        let key = fingerprint(a, DECODER);
         if self.refused.contains(&key) {
             return Ok(LoraOn::Cpu);
         }
@@ -406,7 +470,7 @@ impl Backend for CudaBackend {
             return None;
         }
         let st = &*guard;
-        let mut features = |px: &crate::image::PixelValues| st.features(model, px, None);
+        let mut features = |px: &crate::image::PixelValues| st.features_on(model, px, None, &VisionOn::Gpu(None));
         let r = crate::cuda_train::train_dpo_gpu(&st.gpu, &st.llama, model, adapter, pairs, refs, cfg, opt, stop_after, &mut features, on_step);
         Some(r.map(report_skipped))
     }
@@ -420,7 +484,7 @@ impl Backend for CudaBackend {
             return None;
         }
         let st = &*guard;
-        let mut features = |px: &crate::image::PixelValues| st.features(model, px, None);
+        let mut features = |px: &crate::image::PixelValues| st.features_on(model, px, None, &VisionOn::Gpu(None));
         let r = crate::cuda_train::train_sft_gpu(&st.gpu, &st.llama, model, adapter, examples, cfg, opt, stop_after, &mut features, on_step);
         Some(r.map(report_skipped))
     }
@@ -458,12 +522,21 @@ mod tests {
         let spec = crate::adapter::LoraSpec { r: 4, lora_alpha: 8.0, ..Default::default() };
         let a = model.create_adapter(&spec, 1).unwrap();
         let mut b = model.create_adapter(&spec, 1).unwrap();
-        assert_eq!(fingerprint(&a), fingerprint(&b), "the same adapter twice");
+        assert_eq!(fingerprint(&a, DECODER), fingerprint(&b, DECODER), "the same adapter twice");
         // A step of training moves every value of B (a sampled one included).
         let name = b.module_names()[0].to_string();
         b.module_mut(&name).unwrap().b.iter_mut().for_each(|v| *v += 1e-3);
-        assert_ne!(fingerprint(&a), fingerprint(&b));
+        assert_ne!(fingerprint(&a, DECODER), fingerprint(&b, DECODER));
         let c = model.create_adapter(&spec, 2).unwrap();
-        assert_ne!(fingerprint(&a), fingerprint(&c), "another seed");
+        assert_ne!(fingerprint(&a, DECODER), fingerprint(&c, DECODER), "another seed");
+        // The image path's part: changed by its own modules only.
+        let both = crate::adapter::LoraSpec { target_modules: crate::adapter::TargetModules::Regex(r".*(q_proj|fc1|linear_1)".into()), ..spec };
+        let (a, mut b) = (model.create_adapter(&both, 1).unwrap(), model.create_adapter(&both, 1).unwrap());
+        let vision = b.module_names().into_iter().find(|n| n.starts_with("vision_tower.")).expect("a vision module").to_string();
+        let decoder = b.module_names().into_iter().find(|n| n.starts_with("language_model.")).expect("a decoder module").to_string();
+        b.module_mut(&decoder).unwrap().b.iter_mut().for_each(|v| *v += 1e-3);
+        assert_eq!(fingerprint(&a, IMAGE_PATH), fingerprint(&b, IMAGE_PATH), "a decoder change moved the image path's fingerprint");
+        b.module_mut(&vision).unwrap().b.iter_mut().for_each(|v| *v += 1e-3);
+        assert_ne!(fingerprint(&a, IMAGE_PATH), fingerprint(&b, IMAGE_PATH));
     }
 }

@@ -2,8 +2,10 @@
 //! with fp32 accumulation, as `clip::ClipVision::forward` + `llava::Model::image_features` compute it on the CPU.
 //! The patch embedding is a GEMM over the image's patches (im2col on the host, as the CPU backend does), attention
 //! is the flash prefill kernel without the causal mask, every linear layer a cuBLASLt GEMM plus a bias kernel.
-//! No LoRA here: an adapter with vision or projector modules runs its image path on the CPU
-//! (`backend::CudaBackend`). `engine/tests/cuda_backend.rs` checks the features against the CPU backend.
+//! An adapter's changes to the image path (`GpuVisionAdapter`: LoRA on the tower's and the projector's linear
+//! layers, applied unmerged, and the weights and biases of linear layers it replaces, peft `modules_to_save`) apply
+//! here too; an adapter that changes anything else there runs its image path on the CPU (`backend::CudaBackend`). `engine/tests/cuda_backend.rs` checks
+//! the features against the CPU backend, with and without such an adapter.
 
 use crate::config::{Activation, ClipVisionConfig, FeatureSelect};
 use crate::cuda::{cfg1, derr, err, to_i32, Gpu};
@@ -12,12 +14,90 @@ use crate::weights::WeightStore;
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::f16;
 
-/// A linear layer on the device: weight (out, in), bias (out) or none.
+/// A linear layer on the device: weight (out, in), bias (out) or none; `name` is its canonical name (the CPU
+/// backend's `Linear::name`, e.g. `vision_tower.encoder.layers.0.self_attn.q_proj`), which adapters key it by.
 struct Lin {
+    name: String,
     w: CudaSlice<f16>,
     b: Option<CudaSlice<f16>>,
     n_in: usize,
     n_out: usize,
+}
+
+/// One linear layer's changes under an adapter: LoRA factors A (r, in) and B (out, r) with their scale, and the
+/// weight or bias the adapter replaces.
+#[derive(Default)]
+struct LinAdapter {
+    lora: Option<(CudaSlice<f16>, CudaSlice<f16>, usize, f32)>,
+    w: Option<CudaSlice<f16>>,
+    b: Option<CudaSlice<f16>>,
+}
+
+/// What a PEFT adapter changes in the image path, on the device (`GpuVision::features` applies it), by linear layer.
+pub struct GpuVisionAdapter {
+    lins: std::collections::HashMap<String, LinAdapter>,
+}
+
+impl GpuVisionAdapter {
+    /// Why the GPU image path cannot apply what `adapter` changes in it (LoRA or a replaced parameter on anything but
+    /// its linear layers, a shape that does not fit), or None. The caller then computes the features on the CPU.
+    pub fn unsupported(vision: &GpuVision, adapter: &crate::adapter::Adapter) -> Option<String> {
+        let lin = |name: &str| vision.linears().find(|l| l.name == name);
+        for (name, m) in adapter.modules().into_iter().filter(|(n, _)| vision.feeds_features(n)) {
+            let Some(l) = lin(name) else { return Some(format!("the GPU image path has no linear layer {name} for the adapter's LoRA")) };
+            if m.a.len() != m.r * l.n_in || m.b.len() != l.n_out * m.r {
+                return Some(format!("{name}: LoRA factors of {} and {} values do not fit a {}x{} layer at rank {}", m.a.len(), m.b.len(), l.n_out, l.n_in, m.r));
+            }
+        }
+        for (name, p) in adapter.saved_params().filter(|(n, _)| vision.feeds_features(n)) {
+            let (layer, what) = name.rsplit_once('.').unwrap_or((name, ""));
+            let fits = match lin(layer) {
+                Some(l) => (what == "weight" && p.values.len() == l.n_out * l.n_in) || (what == "bias" && p.values.len() == l.n_out),
+                None => false,
+            };
+            if !fits {
+                return Some(format!("the GPU image path cannot apply the replaced parameter {name} ({} values)", p.values.len()));
+            }
+        }
+        None
+    }
+
+    /// Uploads `adapter`'s LoRA modules on the tower's and the projector's linear layers and the linear layers'
+    /// parameters it replaces (what `unsupported` accepts); None when it changes nothing there.
+    pub fn upload(gpu: &Gpu, vision: &GpuVision, adapter: &crate::adapter::Adapter) -> Result<Option<GpuVisionAdapter>> {
+        if let Some(why) = Self::unsupported(vision, adapter) {
+            return Err(err(why));
+        }
+        let mut lins: std::collections::HashMap<String, LinAdapter> = std::collections::HashMap::new();
+        for (name, m) in adapter.modules().into_iter().filter(|(n, _)| vision.feeds_features(n)) {
+            lins.entry(name.to_string()).or_default().lora = Some((gpu.upload_f16(&m.a)?, gpu.upload_f16(&m.b)?, m.r, m.scale));
+        }
+        for (name, p) in adapter.saved_params().filter(|(n, _)| vision.feeds_features(n)) {
+            let (layer, what) = name.rsplit_once('.').unwrap_or((name, ""));
+            let e = lins.entry(layer.to_string()).or_default();
+            let v = Some(gpu.upload_f16(&p.values)?);
+            if what == "weight" {
+                e.w = v;
+            } else {
+                e.b = v;
+            }
+        }
+        Ok((!lins.is_empty()).then_some(GpuVisionAdapter { lins }))
+    }
+}
+
+/// Whether canonical name `name` is in the image path (the vision tower or the projector).
+pub fn in_image_path(name: &str) -> bool {
+    name.starts_with("vision_tower.") || name.starts_with("multi_modal_projector.")
+}
+
+impl GpuVision {
+    /// Whether `name` is in the image path and changes the features: not in a tower layer after the one the
+    /// features are read from (those layers are not run).
+    fn feeds_features(&self, name: &str) -> bool {
+        let layer = name.strip_prefix("vision_tower.encoder.layers.").and_then(|r| r.split('.').next()).and_then(|i| i.parse::<usize>().ok());
+        in_image_path(name) && layer.is_none_or(|i| i < self.layers.len())
+    }
 }
 
 struct Layer {
@@ -72,23 +152,24 @@ impl GpuVision {
         }
         let (d, p, c, n) = (cfg.hidden_size, cfg.patch_size, cfg.num_channels, cfg.num_patches());
         let up = |key: &str, shape: &[usize]| -> Result<CudaSlice<f16>> { gpu.upload_f16(&ws.f32(key, shape)?) };
-        let lin = |key: &str, n_in: usize, n_out: usize, bias: bool| -> Result<Lin> {
-            Ok(Lin { w: up(&format!("{key}.weight"), &[n_out, n_in])?, b: if bias { Some(up(&format!("{key}.bias"), &[n_out])?) } else { None }, n_in, n_out })
+        let lin = |key: &str, name: String, n_in: usize, n_out: usize, bias: bool| -> Result<Lin> {
+            Ok(Lin { name, w: up(&format!("{key}.weight"), &[n_out, n_in])?, b: if bias { Some(up(&format!("{key}.bias"), &[n_out])?) } else { None }, n_in, n_out })
         };
         let vp = &layout.vision;
         let mut layers = Vec::new();
         for i in 0..lc.vision_layers_needed() {
             let kp = format!("{vp}encoder.layers.{i}.");
             let ln = |s: &str| -> Result<(CudaSlice<f16>, CudaSlice<f16>)> { Ok((up(&format!("{kp}{s}.weight"), &[d])?, up(&format!("{kp}{s}.bias"), &[d])?)) };
+            let tl = |s: &str, n_in: usize, n_out: usize| lin(&format!("{kp}{s}"), format!("vision_tower.encoder.layers.{i}.{s}"), n_in, n_out, true);
             layers.push(Layer {
                 ln1: ln("layer_norm1")?,
-                q: lin(&format!("{kp}self_attn.q_proj"), d, d, true)?,
-                k: lin(&format!("{kp}self_attn.k_proj"), d, d, true)?,
-                v: lin(&format!("{kp}self_attn.v_proj"), d, d, true)?,
-                o: lin(&format!("{kp}self_attn.out_proj"), d, d, true)?,
+                q: tl("self_attn.q_proj", d, d)?,
+                k: tl("self_attn.k_proj", d, d)?,
+                v: tl("self_attn.v_proj", d, d)?,
+                o: tl("self_attn.out_proj", d, d)?,
                 ln2: ln("layer_norm2")?,
-                fc1: lin(&format!("{kp}mlp.fc1"), d, cfg.intermediate_size, true)?,
-                fc2: lin(&format!("{kp}mlp.fc2"), cfg.intermediate_size, d, true)?,
+                fc1: tl("mlp.fc1", d, cfg.intermediate_size)?,
+                fc2: tl("mlp.fc2", cfg.intermediate_size, d)?,
             });
         }
         let mut pos = ws.f32(&format!("{vp}embeddings.position_embedding.weight"), &[n + 1, d])?;
@@ -101,9 +182,9 @@ impl GpuVision {
             pos_class: gpu.upload_f16(&pos)?,
             pre_ln: (up(&format!("{vp}pre_layrnorm.weight"), &[d])?, up(&format!("{vp}pre_layrnorm.bias"), &[d])?),
             layers,
-            proj1: lin(&format!("{pp}linear_1"), d, ct, lc.projector_bias)?,
+            proj1: lin(&format!("{pp}linear_1"), "multi_modal_projector.linear_1".into(), d, ct, lc.projector_bias)?,
             proj_act: lc.projector_hidden_act,
-            proj2: lin(&format!("{pp}linear_2"), ct, ct, lc.projector_bias)?,
+            proj2: lin(&format!("{pp}linear_2"), "multi_modal_projector.linear_2".into(), ct, ct, lc.projector_bias)?,
             select: lc.vision_feature_select_strategy,
             cfg,
         })
@@ -120,7 +201,7 @@ impl GpuVision {
             gpu.fill_uniform(len, scale, offset, seed.wrapping_mul(0x9e37_79b9).wrapping_add(k))
         };
         let w = 0.02f32 * 3f32.sqrt();
-        let mut lin = |n_in: usize, n_out: usize| -> Result<Lin> { Ok(Lin { w: fill(n_out * n_in, w, 0.0)?, b: Some(fill(n_out, 0.0, 0.0)?), n_in, n_out }) };
+        let mut lin = |n_in: usize, n_out: usize| -> Result<Lin> { Ok(Lin { name: String::new(), w: fill(n_out * n_in, w, 0.0)?, b: Some(fill(n_out, 0.0, 0.0)?), n_in, n_out }) };
         let mut layers = Vec::new();
         for _ in 0..n_layers {
             layers.push(Layer {
@@ -149,9 +230,14 @@ impl GpuVision {
         })
     }
 
-    /// Projected image features (N_img, C) of preprocessed pixels (3, S, S), as `Model::image_features` without an
-    /// adapter.
-    pub fn features(&self, gpu: &Gpu, pixels: &[f32]) -> Result<Vec<f32>> {
+    /// Every linear layer: the tower's, then the projector's.
+    fn linears(&self) -> impl Iterator<Item = &Lin> {
+        self.layers.iter().flat_map(|l| [&l.q, &l.k, &l.v, &l.o, &l.fc1, &l.fc2]).chain([&self.proj1, &self.proj2])
+    }
+
+    /// Projected image features (N_img, C) of preprocessed pixels (3, S, S), as `Model::image_features` computes
+    /// them under the adapter `ad` uploads (None: no adapter).
+    pub fn features(&self, gpu: &Gpu, pixels: &[f32], ad: Option<&GpuVisionAdapter>) -> Result<Vec<f32>> {
         let cfg = &self.cfg;
         let (d, p, s, ch) = (cfg.hidden_size, cfg.patch_size, cfg.image_size, cfg.num_channels);
         if pixels.len() != ch * s * s {
@@ -191,16 +277,16 @@ impl GpuVision {
         let act = act_kernel(cfg.hidden_act).ok_or_else(|| err("vision activation"))?;
         for l in &self.layers {
             layernorm_dev(gpu, &mut h, &x, &l.ln1, t, d, eps)?;
-            linear(gpu, &l.q, &h, &mut q, t)?;
-            linear(gpu, &l.k, &h, &mut k, t)?;
-            linear(gpu, &l.v, &h, &mut v, t)?;
+            linear(gpu, &l.q, &h, &mut q, t, ad)?;
+            linear(gpu, &l.k, &h, &mut k, t, ad)?;
+            linear(gpu, &l.v, &h, &mut v, t, ad)?;
             gpu.attention_prefill_strided_dev(&mut att, None, &q, d, &k, &v, t, t, heads, heads, cfg.head_dim(), false)?;
-            linear(gpu, &l.o, &att, &mut tmp, t)?;
+            linear(gpu, &l.o, &att, &mut tmp, t, ad)?;
             gpu.residual_add_dev(&mut x, &tmp, t * d)?;
             layernorm_dev(gpu, &mut h, &x, &l.ln2, t, d, eps)?;
-            linear(gpu, &l.fc1, &h, &mut f, t)?;
+            linear(gpu, &l.fc1, &h, &mut f, t, ad)?;
             activation_dev(gpu, act, &mut f, t * cfg.intermediate_size)?;
-            linear(gpu, &l.fc2, &f, &mut tmp, t)?;
+            linear(gpu, &l.fc2, &f, &mut tmp, t, ad)?;
             gpu.residual_add_dev(&mut x, &tmp, t * d)?;
         }
         let (first, rows) = match self.select {
@@ -211,22 +297,29 @@ impl GpuVision {
         st.memcpy_dtod(&x.slice(first * d..t * d), &mut sel.slice_mut(..)).map_err(derr)?;
         let ct = self.proj1.n_out;
         let mut p1 = a(rows * ct)?;
-        linear(gpu, &self.proj1, &sel, &mut p1, rows)?;
+        linear(gpu, &self.proj1, &sel, &mut p1, rows, ad)?;
         activation_dev(gpu, act_kernel(self.proj_act).ok_or_else(|| err("projector activation"))?, &mut p1, rows * ct)?;
         let mut p2 = a(rows * ct)?;
-        linear(gpu, &self.proj2, &p1, &mut p2, rows)?;
+        linear(gpu, &self.proj2, &p1, &mut p2, rows, ad)?;
         gpu.download_f16(&p2)
     }
 }
 
-/// y (rows, out) = x (rows, in) W^T + b.
-fn linear(gpu: &Gpu, l: &Lin, x: &CudaSlice<f16>, y: &mut CudaSlice<f16>, rows: usize) -> Result<()> {
-    gpu.linear_device(x, &l.w, y, rows, l.n_in, l.n_out)?;
-    if let Some(b) = &l.b {
+/// y (rows, out) = x (rows, in) W^T + b + scale (x A^T) B^T, with what the adapter `ad` changes in this layer (its
+/// weight or bias replaced, its LoRA factors), as the CPU backend's `Linear::forward`.
+fn linear(gpu: &Gpu, l: &Lin, x: &CudaSlice<f16>, y: &mut CudaSlice<f16>, rows: usize, ad: Option<&GpuVisionAdapter>) -> Result<()> {
+    let la = ad.and_then(|a| a.lins.get(&l.name));
+    gpu.linear_device(x, la.and_then(|a| a.w.as_ref()).unwrap_or(&l.w), y, rows, l.n_in, l.n_out)?;
+    if let Some(b) = la.and_then(|a| a.b.as_ref()).or(l.b.as_ref()) {
         let (r, c) = (rows as i64, to_i32(l.n_out, "cols")?);
         let mut lb = gpu.stream.launch_builder(gpu.f("bias_add_f16")?);
         lb.arg(&mut *y).arg(b).arg(&r).arg(&c);
         unsafe { lb.launch(cfg1(rows * l.n_out, 256)) }.map_err(derr)?;
+    }
+    if let Some((a, b, r, scale)) = la.and_then(|a| a.lora.as_ref()) {
+        let mut t = gpu.stream.alloc_zeros::<f16>(rows * r).map_err(derr)?;
+        gpu.gemm(&x.slice(..), l.n_in, false, &a.slice(..), l.n_in, true, &mut t.slice_mut(..), *r, rows, *r, l.n_in, 1.0, 0.0)?;
+        gpu.gemm(&t.slice(..), *r, false, &b.slice(..), *r, true, &mut y.slice_mut(..), l.n_out, rows, l.n_out, *r, *scale, 1.0)?;
     }
     Ok(())
 }
@@ -278,7 +371,7 @@ pub fn bench(gpu: &Gpu, cfg: &ClipVisionConfig, n_layers: usize, text_hidden: us
     for rep in 0..reps + 1 {
         gpu.stream.synchronize().map_err(derr)?;
         let t = std::time::Instant::now();
-        let f = v.features(gpu, &pixels)?;
+        let f = v.features(gpu, &pixels, None)?;
         if rep > 0 {
             out.push(t.elapsed().as_secs_f64() * 1e3);
         }

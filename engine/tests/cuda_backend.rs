@@ -121,6 +121,18 @@ fn cuda_backend_matches_the_cpu_backend_on_shapesworld_with_an_image_and_lora() 
     let want = generate(&cpu, &req, Some(&head)).unwrap();
     let got = generate(&dev, &req, Some(&head)).unwrap();
     assert_eq!(got.iter().map(|a| &a.tokens).collect::<Vec<_>>(), want.iter().map(|a| &a.tokens).collect::<Vec<_>>());
+    // An adapter on the decoder and the image path (vision tower and projector) runs wholly on the device: its image
+    // features come from the GPU image path (within fp16 rounding of the CPU's, not bit-equal as a CPU fallback's
+    // would be), and the greedy answer is the CPU's.
+    let both_parts = adapter(&cpu, TargetModules::Regex(r".*(q_proj|v_proj|out_proj|fc1|linear_1|down_proj)".into()), 7, 0.05);
+    let want = cpu.image_features(&pixels, Some(&both_parts)).unwrap();
+    let got = dev.image_features(&pixels, Some(&both_parts)).unwrap();
+    let e = rel_l2(&got, &want);
+    println!("image features under a vision + decoder adapter through the backend: rel L2 {e:.2e}");
+    assert!(e <= 1e-2 && e > 0.0, "image features under the adapter: rel L2 {e} (0 means the CPU computed them)");
+    let params = SamplingParams { temperature: 0.0, max_new_tokens: 24, ..Default::default() };
+    let req = GenerateRequest { ids: &ids, pixels: Some(&pixels), seeds: &[0], params, stop_ids: vec![] };
+    assert_eq!(generate(&dev, &req, Some(&both_parts)).unwrap()[0].tokens, generate(&cpu, &req, Some(&both_parts)).unwrap()[0].tokens);
 }
 
 /// A scene, its prompt ids, the chosen and the rejected answer ids.
@@ -272,15 +284,44 @@ fn gpu_image_path_matches_the_cpu_vision_tower_and_projector() {
         let pixels: Vec<f32> = (0..3 * s * s).map(|_| (rng.next_f64() * 4.0 - 2.0) as f32).collect();
         let px = engine::image::PixelValues { data: pixels.clone(), channels: 3, height: s, width: s };
         let want = cpu.image_features(&px, None).unwrap();
-        let got = vision.features(&gpu, &pixels).unwrap();
-        assert_eq!(got.len(), want.len(), "{}", dir.display());
-        let num: f64 = got.iter().zip(&want).map(|(g, w)| ((g - w) as f64).powi(2)).sum();
-        let den: f64 = want.iter().map(|w| (*w as f64).powi(2)).sum();
-        let rel = (num / den.max(1e-30)).sqrt();
+        let got = vision.features(&gpu, &pixels, None).unwrap();
+        let rel = rel_l2(&got, &want);
         println!("{}: image features ({} values) rel L2 {rel:.2e}", dir.display(), want.len());
         assert!(rel <= 1e-2, "{}: rel L2 {rel}", dir.display());
-        assert!(vision.features(&gpu, &pixels[1..]).is_err(), "a wrong pixel count must be refused");
+        assert!(vision.features(&gpu, &pixels[1..], None).is_err(), "a wrong pixel count must be refused");
+        // Under an adapter with LoRA on the tower's attention and MLP and on the projector, the projector's second
+        // layer replaced (peft modules_to_save): applied on the device as the CPU backend applies it.
+        let spec = LoraSpec {
+            r: 4,
+            lora_alpha: 8.0,
+            target_modules: TargetModules::Regex(r".*(vision_tower.*(q_proj|v_proj|out_proj|fc1|fc2)|linear_1)".into()),
+            modules_to_save: vec!["linear_2".into()],
+            ..LoraSpec::default()
+        };
+        let mut ad = cpu.create_adapter(&spec, 5).unwrap();
+        let names: Vec<String> = ad.module_names().iter().map(|s| s.to_string()).collect();
+        for n in &names {
+            ad.module_mut(n).unwrap().b.iter_mut().for_each(|v| *v = ((rng.next_f64() * 2.0 - 1.0) * 0.1) as f32);
+        }
+        for (_, p) in ad.saved_params_mut() {
+            p.values.iter_mut().for_each(|v| *v *= 1.0 + ((rng.next_f64() - 0.5) * 0.5) as f32);
+        }
+        assert_eq!(engine::cuda_clip::GpuVisionAdapter::unsupported(&vision, &ad), None, "{}", dir.display());
+        let va = engine::cuda_clip::GpuVisionAdapter::upload(&gpu, &vision, &ad).unwrap().expect("the adapter changes the image path");
+        let want_ad = cpu.image_features(&px, Some(&ad)).unwrap();
+        let got_ad = vision.features(&gpu, &pixels, Some(&va)).unwrap();
+        let (rel_ad, moved) = (rel_l2(&got_ad, &want_ad), rel_l2(&want, &want_ad));
+        println!("{}: with a vision/projector adapter ({} LoRA modules, projector layer replaced) rel L2 {rel_ad:.2e} (the adapter moves the features by {moved:.2e})", dir.display(), names.len());
+        assert!(rel_ad <= 1e-2 && moved >= 10.0 * rel_ad, "{}: rel L2 {rel_ad} under the adapter, which moves the features by {moved}", dir.display());
     }
+}
+
+/// Relative L2 distance of `got` from `want`.
+fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let num: f64 = got.iter().zip(want).map(|(g, w)| ((g - w) as f64).powi(2)).sum();
+    let den: f64 = want.iter().map(|w| (*w as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
 }
 
 #[test]
