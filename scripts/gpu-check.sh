@@ -25,6 +25,8 @@
 # runs every stage on cuemu (tools/cuemu, built by tools/cuemu/build.sh) with a tiny benchmark shape.
 # RLAIFD_CUDA_MMA_ATTENTION=0 runs everything with the scalar attention kernels instead of the tensor-core ones (for
 # when those fail on the hardware: the binaries cannot be rebuilt on the GPU host).
+# PARTS=tests,bench,peer (the default: all) picks the parts to run, so a session whose commands are time-limited can
+# split the run in two (PARTS=tests, then PARTS=bench,peer) into the same $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-check-out}
@@ -56,6 +58,8 @@ fi
 export RLAIFD_ROOT=$PWD
 { nvidia-smi || true; echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"; echo "RLAIFD_CUDA_INCLUDE=${RLAIFD_CUDA_INCLUDE:-}"; } > "$OUT/env.log" 2>&1
 status=0
+PARTS=${PARTS:-tests,bench,peer}
+part() { [[ ",$PARTS," == *",$1,"* ]]; }
 # stage NAME LOG SECONDS CMD...: runs CMD under a time limit, appending to $OUT/LOG; a failure marks the run failed.
 stage() {
   local name=$1 log=$2 secs=$3
@@ -67,6 +71,7 @@ stage() {
   [ $rc -ne 0 ] && { status=1; echo "   FAILED (exit $rc)" | tee -a "$OUT/$log"; }
   echo "   ($((SECONDS - t0)) s)"
 }
+if part tests; then
 stage "rlaifd kernels" kernels.log 120 "$bins/rlaifd" kernels --arch sm_80 --arch sm_90
 tail -n 1 "$OUT/kernels.log"
 stage "cuda_parity (inference kernels)" parity.log 180 "$bins/cuda_parity" --nocapture --test-threads 1
@@ -88,11 +93,16 @@ printf '{"image": "%s", "prompt": "Describe the image."}\n' 000000.png 000001.pn
 stage "generate --device cuda (ShapesWorld, greedy)" generate.log 120 "$bins/rlaifd" generate --model assets/shapes-base --batch "$OUT/shapes/batch.jsonl" --max-new-tokens 24 --json --device cuda
 stage "generate --device cpu (the same prompts)" generate.log 120 "$bins/rlaifd" generate --model assets/shapes-base --batch "$OUT/shapes/batch.jsonl" --max-new-tokens 24 --json --device cpu
 grep -E '^\{|generating on|error' "$OUT/generate.log" | tail -n 8
+fi
+if part bench; then
 stage "bench-gpu (rlaifd)" bench.log 300 "$bins/rlaifd" bench-gpu --shape "$SHAPE" --prompt "$PROMPT" --decode "$DECODE" --reps "${REPS:-3}" --n 10
 grep -vE '^\{' "$OUT/bench.log" | tail -n 5
 stage "bench-gpu-train (rlaifd)" bench.log 300 "$bins/rlaifd" bench-gpu-train --shape "$SHAPE" --seq "$SEQ" --answer "$ANSWER" --rank "$RANK" --reps "${REPS:-5}" --warmup 2
 grep -E "DPO step" "$OUT/bench.log" | tail -n 3
-if [ -n "$py" ] && "$py" -c "import torch, transformers" 2>/dev/null; then
+fi
+if ! part peer; then
+  :
+elif [ -n "$py" ] && "$py" -c "import torch, transformers" 2>/dev/null; then
   stage "bench peer (transformers)" peer.log 300 env PYTHONUNBUFFERED=1 "$py" benches/gpu_peer.py --shape "$SHAPE" --prompt "$PROMPT" --decode "$DECODE" --reps "${REPS:-3}"
   tail -n 1 "$OUT/peer.log"
   if "$py" -c "import peft" 2>/dev/null; then
