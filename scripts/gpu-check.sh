@@ -77,11 +77,11 @@ tail -n 1 "$OUT/kernels.log"
 stage "cuda_parity (inference kernels)" parity.log 180 "$bins/cuda_parity" --nocapture --test-threads 1
 grep -E "CUDA device|SKIPPED|rel L2|test result|panicked" "$OUT/parity.log" | tail -n 70
 stage "cuda_train_parity (backward kernels, AdamW)" parity.log 180 "$bins/cuda_train_parity" --nocapture --test-threads 1
-grep -E "SKIPPED|bwd|adamw|logprob_gather_f16|test result|panicked" "$OUT/parity.log" | tail -n 80
+grep -E "SKIPPED|bwd|adamw|logprob_gather_f16|lora_dropout|test result|panicked" "$OUT/parity.log" | tail -n 80
 stage "cuda_llama (decoder vs CPU backend)" llama.log 180 "$bins/cuda_llama" --nocapture --test-threads 1
 grep -E "SKIPPED|log-prob|greedy|test result|panicked" "$OUT/llama.log" | tail -n 20
 stage "cuda_train (GPU DPO vs CPU backend, short DPO run)" llama.log 180 "$bins/cuda_train" --nocapture --test-threads 1
-grep -E "SKIPPED|loss CPU|LoRA gradients|GPU DPO|test result|panicked" "$OUT/llama.log" | tail -n 12
+grep -E "SKIPPED|loss CPU|LoRA gradients|GPU DPO|dropout seed|test result|panicked" "$OUT/llama.log" | tail -n 14
 stage "cuda_backend (daemon backend on ShapesWorld: generation, scoring, DPO with images)" backend.log 180 "$bins/cuda_backend" --nocapture --test-threads 1
 grep -E "SKIPPED|backend:|scene|worst|step|image features|questions|trained|test result|panicked" "$OUT/backend.log" | tail -n 40
 stage "train_cli (rlaifd train-dpo --device cuda, paused and resumed on the GPU or the CPU)" backend.log 180 env RLAIFD_BIN="$bins/rlaifd" "$bins/train_cli" --nocapture --test-threads 1 on_the_gpu

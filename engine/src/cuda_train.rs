@@ -60,7 +60,7 @@ pub struct GpuLora {
     /// seed offset (`adapter::dropout_base` of its name): a sequence trained with a dropout seed draws the CPU
     /// trainer's masks.
     pub dropout: f64,
-    mask_names: Vec<[u64; 7]>,
+    mask_offsets: Vec<[u64; 7]>,
     /// Every parameter in one flat buffer each: fp32 master weights, their fp16 copies (what the passes read),
     /// the accumulated loss-scaled gradients (fp32), AdamW's moments.
     p32: CudaSlice<f32>,
@@ -192,13 +192,13 @@ impl GpuLora {
         // gradient and moment buffers.
         let state = if trainable { total } else { 1 };
         let zeros = || s.alloc_zeros::<f32>(state).map_err(derr);
-        let mask_names = (0..cfg.num_hidden_layers).map(|l| std::array::from_fn(|j| crate::adapter::dropout_base(0, &format!("language_model.layers.{l}.{}", PROJECTIONS[j])))).collect();
+        let mask_offsets = (0..cfg.num_hidden_layers).map(|l| std::array::from_fn(|j| crate::adapter::dropout_base(0, &format!("language_model.layers.{l}.{}", PROJECTIONS[j])))).collect();
         Ok(GpuLora {
             r,
             scale,
             slots,
             dropout: 0.0,
-            mask_names,
+            mask_offsets,
             p32: s.clone_htod(&host).map_err(derr)?,
             p16: gpu.upload_f16(&host)?,
             g32: zeros()?,
@@ -300,7 +300,7 @@ impl GpuLora {
         let Some(seed) = drop.filter(|_| self.dropout > 0.0) else { return Ok(None) };
         let n = rows * self.slots[l][j].n_in;
         let mut xl = gpu.stream.alloc_zeros::<f16>(n).map_err(derr)?;
-        gpu.lora_dropout_dev(&mut xl, x, n, seed ^ self.mask_names[l][j], self.dropout)?;
+        gpu.lora_dropout_dev(&mut xl, x, n, seed ^ self.mask_offsets[l][j], self.dropout)?;
         Ok(Some(xl))
     }
 
@@ -327,7 +327,7 @@ impl GpuLora {
         let n = rows * sl.n_in;
         let mut dxl = gpu.stream.alloc_zeros::<f16>(n).map_err(derr)?;
         gpu.gemm(&dt.slice(..), r, false, &self.p16.slice(sl.a..sl.a + r * sl.n_in), sl.n_in, false, &mut dxl.slice_mut(..), sl.n_in, rows, sl.n_in, r, 1.0, 0.0)?;
-        gpu.lora_dropout_bwd_add_dev(dx, &dxl, n, seed ^ self.mask_names[l][j], self.dropout)
+        gpu.lora_dropout_bwd_add_dev(dx, &dxl, n, seed ^ self.mask_offsets[l][j], self.dropout)
     }
 
     /// The forward pass of `ids` under base + this adapter, saving what the backward needs; the log-probs of
@@ -770,15 +770,13 @@ impl GpuLora {
         self.check_trainable()?;
         let total = self.p32.len();
         let (mut m, mut v) = (vec![0.0f32; total], vec![0.0f32; total]);
-        for (name, keys, slots) in self.named_slots(adapter)? {
-            for (key, at, len) in [(&keys.0, slots.0, slots.1), (&keys.1, slots.2, slots.3)] {
-                if let Some((mk, vk)) = opt.moments(key) {
-                    if mk.len() != len || vk.len() != len {
-                        return Err(err(format!("optimizer state for {key} ({name}) has {} values, the tensor {len}", mk.len())));
-                    }
-                    m[at..at + len].copy_from_slice(mk);
-                    v[at..at + len].copy_from_slice(vk);
+        for (name, key, at) in self.tensors(adapter)? {
+            if let Some((mk, vk)) = opt.moments(&key) {
+                if mk.len() != at.len() || vk.len() != at.len() {
+                    return Err(err(format!("optimizer state for {key} ({name}) has {} values, the tensor {}", mk.len(), at.len())));
                 }
+                m[at.clone()].copy_from_slice(mk);
+                v[at].copy_from_slice(vk);
             }
         }
         self.m = gpu.stream.clone_htod(&m).map_err(derr)?;
@@ -796,24 +794,22 @@ impl GpuLora {
         self.check_trainable()?;
         let m = gpu.stream.clone_dtoh(&self.m).map_err(derr)?;
         let v = gpu.stream.clone_dtoh(&self.v).map_err(derr)?;
-        for (_, keys, slots) in self.named_slots(adapter)? {
-            for (key, at, len) in [(&keys.0, slots.0, slots.1), (&keys.1, slots.2, slots.3)] {
-                opt.set_moments(key, m[at..at + len].to_vec(), v[at..at + len].to_vec());
-            }
+        for (_, key, at) in self.tensors(adapter)? {
+            opt.set_moments(&key, m[at.clone()].to_vec(), v[at].to_vec());
         }
         opt.scaler = Some(self.scaler.clone());
         Ok(())
     }
 
-    /// Every module as (name, its (A, B) tensor names in the adapter file, (A offset, A len, B offset, B len)).
-    #[allow(clippy::type_complexity)]
-    fn named_slots(&self, adapter: &Adapter) -> Result<Vec<(String, (String, String), (usize, usize, usize, usize))>> {
-        let mut out = Vec::with_capacity(self.slots.len() * 7);
+    /// Every LoRA factor as (module name, its tensor name in `adapter`'s file, its place in the flat buffers).
+    fn tensors(&self, adapter: &Adapter) -> Result<Vec<(String, String, std::ops::Range<usize>)>> {
+        let mut out = Vec::with_capacity(self.slots.len() * 14);
         for (l, layer) in self.slots.iter().enumerate() {
             for (j, sl) in layer.iter().enumerate() {
                 let name = format!("language_model.layers.{l}.{}", PROJECTIONS[j]);
                 let m = adapter.module(&name).ok_or_else(|| err(format!("the adapter has no module {name}")))?;
-                out.push((name, m.keys.clone(), (sl.a, self.r * sl.n_in, sl.b, sl.n_out * self.r)));
+                out.push((name.clone(), m.keys.0.clone(), sl.a..sl.a + self.r * sl.n_in));
+                out.push((name, m.keys.1.clone(), sl.b..sl.b + sl.n_out * self.r));
             }
         }
         Ok(out)
