@@ -461,20 +461,18 @@ impl Backend for CudaBackend {
     }
 
     fn train_dpo(&self, model: &Model, adapter: &mut Adapter, pairs: &[TokenPair], refs: &[(f64, f64)], cfg: &TrainConfig, opt: &mut AdamW, stop_after: Option<usize>, on_step: &mut dyn FnMut(&StepLog)) -> Option<Result<()>> {
-        let guard = match self.lock() {
-            Ok(g) => g,
-            Err(e) => return Some(Err(e)),
-        };
-        if let Some(why) = crate::cuda_train::gpu_trainable(&guard.llama.cfg, adapter) {
-            eprintln!("rlaifd engine: training on the CPU: {why}");
-            return None;
-        }
-        let st = &*guard;
-        let mut features = |px: &crate::image::PixelValues| st.features_on(model, px, None, &VisionOn::Gpu(None));
-        let r = crate::cuda_train::train_dpo_gpu(&st.gpu, &st.llama, model, adapter, pairs, refs, cfg, opt, stop_after, &mut features, on_step);
-        Some(r.map(report_skipped))
+        self.train_on_gpu(model, adapter, |st, adapter, features| crate::cuda_train::train_dpo_gpu(&st.gpu, &st.llama, model, adapter, pairs, refs, cfg, opt, stop_after, features, on_step))
     }
     fn train_sft(&self, model: &Model, adapter: &mut Adapter, examples: &[SftExample], cfg: &SftConfig, opt: &mut AdamW, stop_after: Option<usize>, on_step: &mut dyn FnMut(&SftStepLog)) -> Option<Result<()>> {
+        self.train_on_gpu(model, adapter, |st, adapter, features| crate::cuda_train::train_sft_gpu(&st.gpu, &st.llama, model, adapter, examples, cfg, opt, stop_after, features, on_step))
+    }
+}
+
+impl CudaBackend {
+    /// A GPU trainer's run (`run`, given the device, the adapter and the image features of the GPU image path) for
+    /// `adapter`, or None (the reason on stderr) when the GPU trainer cannot train it and the CPU trainer should.
+    #[allow(clippy::type_complexity)]
+    fn train_on_gpu(&self, model: &Model, adapter: &mut Adapter, run: impl FnOnce(&CudaState, &mut Adapter, &mut dyn FnMut(&crate::image::PixelValues) -> Result<Vec<f32>>) -> Result<u64>) -> Option<Result<()>> {
         let guard = match self.lock() {
             Ok(g) => g,
             Err(e) => return Some(Err(e)),
@@ -484,9 +482,9 @@ impl Backend for CudaBackend {
             return None;
         }
         let st = &*guard;
+        // The GPU trainer trains the decoder only, so the adapter leaves the image path alone.
         let mut features = |px: &crate::image::PixelValues| st.features_on(model, px, None, &VisionOn::Gpu(None));
-        let r = crate::cuda_train::train_sft_gpu(&st.gpu, &st.llama, model, adapter, examples, cfg, opt, stop_after, &mut features, on_step);
-        Some(r.map(report_skipped))
+        Some(run(st, adapter, &mut features).map(report_skipped))
     }
 }
 

@@ -1123,22 +1123,11 @@ pub fn train_dpo_gpu(
     features: &mut dyn FnMut(&crate::image::PixelValues) -> Result<Vec<f32>>,
     on_step: &mut dyn FnMut(&crate::train::trainer::StepLog),
 ) -> Result<u64> {
-    use crate::train::trainer::{step_batch, steps_per_epoch};
     if pairs.len() != refs.len() {
         return Err(err(format!("{} pairs but {} reference log-prob pairs", pairs.len(), refs.len())));
     }
-    let mut gl = GpuLora::from_adapter(gpu, &gmodel.cfg, adapter)?;
-    gl.load_optimizer(gpu, adapter, opt)?;
-    let skipped_before = gl.scaler.skipped;
-    let per_epoch = steps_per_epoch(pairs.len(), cfg.batch_size);
-    let total = per_epoch * cfg.epochs;
-    let end = stop_after.map_or(total, |s| s.min(total));
     let c = gmodel.cfg.hidden_size;
-    let mut feats = FeatureCache::default();
-    while opt.step < end {
-        let t0 = std::time::Instant::now();
-        let epoch = opt.step / per_epoch;
-        let batch = &step_batch(pairs.len(), cfg.batch_size, cfg.seed, opt.step);
+    let accumulate = |gl: &mut GpuLora, feats: &mut FeatureCache, batch: &[usize], step: usize| -> Result<crate::train::trainer::StepMetrics> {
         let weight = 1.0 / batch.len() as f64;
         let mut m = crate::train::trainer::StepMetrics::default();
         for &i in batch {
@@ -1146,7 +1135,7 @@ pub fn train_dpo_gpu(
             let f = feats.get(p.pixels, features)?;
             // Dropout masks as the CPU trainer draws them (train::trainer::train_dpo, dpo::pair_forward_backward):
             // per step, pair and answer. The two answers' prompt rows then differ, so they run whole.
-            let seed = (gl.dropout > 0.0).then(|| crate::train::trainer::dropout_seed(cfg.seed, opt.step, i));
+            let seed = (gl.dropout > 0.0).then(|| crate::train::trainer::dropout_seed(cfg.seed, step, i));
             let drops = (crate::train::dpo::part_seed(seed, 1), crate::train::dpo::part_seed(seed, 2));
             let (l, lp) = if gl.share_prompt && !gl.recompute && seed.is_none() {
                 // The prompt's rows (image features included) once; each answer's own token rows.
@@ -1166,8 +1155,55 @@ pub fn train_dpo_gpu(
             };
             m.add(cfg.dpo.beta, l, &lp, weight);
         }
-        let (lr, norm) = gl.schedule_step(gpu, opt)?;
-        on_step(&m.log(opt.step, total, epoch, lr, norm, batch.len(), t0));
+        Ok(m)
+    };
+    let log = |m: crate::train::trainer::StepMetrics, batch: &[usize], d: StepDone| on_step(&m.log(d.step, d.total, d.epoch, d.lr, d.grad_norm, batch.len(), d.t0));
+    run_schedule(gpu, gmodel, adapter, opt, (pairs.len(), cfg.batch_size, cfg.epochs, cfg.seed), stop_after, accumulate, log)
+}
+
+/// An optimizer step `run_schedule` took.
+struct StepDone {
+    /// Steps done, this one included.
+    step: usize,
+    total: usize,
+    epoch: usize,
+    lr: f64,
+    /// NaN for a step skipped on fp16 overflow.
+    grad_norm: f64,
+    t0: std::time::Instant,
+}
+
+/// The schedule of both GPU trainers (`train::trainer::step_batch`: `shape` = items, batch size, epochs, seed): the
+/// adapter uploaded with `opt`'s state, then from `opt.step` until `stop_after` steps in total (or the schedule's
+/// end) `accumulate(gpu copy, image features, batch, step)` adds a batch's gradients, an optimizer step follows and
+/// `log` reports it; the trained factors and the optimizer state go back into `adapter` and `opt`. Returns the
+/// number of steps skipped on fp16 overflow.
+#[allow(clippy::too_many_arguments)]
+fn run_schedule<R>(
+    gpu: &Gpu,
+    gmodel: &GpuLlama,
+    adapter: &mut Adapter,
+    opt: &mut crate::train::optim::AdamW,
+    shape: (usize, usize, usize, u64),
+    stop_after: Option<usize>,
+    mut accumulate: impl FnMut(&mut GpuLora, &mut FeatureCache, &[usize], usize) -> Result<R>,
+    mut log: impl FnMut(R, &[usize], StepDone),
+) -> Result<u64> {
+    let (n, batch_size, epochs, seed) = shape;
+    let mut gl = GpuLora::from_adapter(gpu, &gmodel.cfg, adapter)?;
+    gl.load_optimizer(gpu, adapter, opt)?;
+    let skipped_before = gl.scaler.skipped;
+    let per_epoch = crate::train::trainer::steps_per_epoch(n, batch_size);
+    let total = per_epoch * epochs;
+    let end = stop_after.map_or(total, |s| s.min(total));
+    let mut feats = FeatureCache::default();
+    while opt.step < end {
+        let t0 = std::time::Instant::now();
+        let epoch = opt.step / per_epoch;
+        let batch = &crate::train::trainer::step_batch(n, batch_size, seed, opt.step);
+        let r = accumulate(&mut gl, &mut feats, batch, opt.step)?;
+        let (lr, grad_norm) = gl.schedule_step(gpu, opt)?;
+        log(r, batch, StepDone { step: opt.step, total, epoch, lr, grad_norm, t0 });
     }
     gl.write_back(gpu, adapter)?;
     gl.store_optimizer(gpu, adapter, opt)?;
@@ -1221,19 +1257,8 @@ pub fn train_sft_gpu(
     features: &mut dyn FnMut(&crate::image::PixelValues) -> Result<Vec<f32>>,
     on_step: &mut dyn FnMut(&crate::train::sft::SftStepLog),
 ) -> Result<u64> {
-    use crate::train::trainer::{step_batch, steps_per_epoch};
-    let mut gl = GpuLora::from_adapter(gpu, &gmodel.cfg, adapter)?;
-    gl.load_optimizer(gpu, adapter, opt)?;
-    let skipped_before = gl.scaler.skipped;
-    let per_epoch = steps_per_epoch(examples.len(), cfg.batch_size);
-    let total = per_epoch * cfg.epochs;
-    let end = stop_after.map_or(total, |s| s.min(total));
     let c = gmodel.cfg.hidden_size;
-    let mut feats = FeatureCache::default();
-    while opt.step < end {
-        let t0 = std::time::Instant::now();
-        let epoch = opt.step / per_epoch;
-        let batch = &step_batch(examples.len(), cfg.batch_size, cfg.seed, opt.step);
+    let accumulate = |gl: &mut GpuLora, feats: &mut FeatureCache, batch: &[usize], step: usize| -> Result<(f64, usize)> {
         let tokens: usize = batch.iter().map(|&i| examples[i].answer_ids.len()).sum();
         // The loss is the mean over the batch's answer tokens.
         let weight = 1.0 / tokens.max(1) as f64;
@@ -1247,7 +1272,7 @@ pub fn train_sft_gpu(
             let (x, _) = model.embed_inputs(&[ex.prompt_ids, ex.answer_ids].concat(), f)?;
             let rows = x.len() / c;
             // Dropout masks as the CPU trainer draws them (train::sft::train_sft, sft_forward_backward).
-            let seed = (gl.dropout > 0.0).then(|| crate::train::trainer::dropout_seed(cfg.seed, opt.step, i));
+            let seed = (gl.dropout > 0.0).then(|| crate::train::trainer::dropout_seed(cfg.seed, step, i));
             let t = gl.forward_seq(gpu, gmodel, Input::Embeds(&x), ex.answer_ids, rows.saturating_sub(ex.answer_ids.len()), crate::train::dpo::part_seed(seed, 1))?;
             if !t.logp_sum.is_finite() {
                 return Err(err(format!("the loss is {}", -t.logp_sum)));
@@ -1255,19 +1280,19 @@ pub fn train_sft_gpu(
             nll -= t.logp_sum;
             gl.backward(gpu, gmodel, &t, (-weight * gl.scaler.scale as f64) as f32)?;
         }
-        let (lr, grad_norm) = gl.schedule_step(gpu, opt)?;
+        Ok((nll * weight, tokens))
+    };
+    let log = |(loss, tokens): (f64, usize), _: &[usize], d: StepDone| {
         on_step(&crate::train::sft::SftStepLog {
-            step: opt.step,
-            total_steps: total,
-            epoch,
-            loss: nll * weight,
+            step: d.step,
+            total_steps: d.total,
+            epoch: d.epoch,
+            loss,
             tokens,
-            lr,
-            grad_norm,
-            tokens_per_s: tokens as f64 / t0.elapsed().as_secs_f64(),
-        });
-    }
-    gl.write_back(gpu, adapter)?;
-    gl.store_optimizer(gpu, adapter, opt)?;
-    Ok(gl.scaler.skipped - skipped_before)
+            lr: d.lr,
+            grad_norm: d.grad_norm,
+            tokens_per_s: tokens as f64 / d.t0.elapsed().as_secs_f64(),
+        })
+    };
+    run_schedule(gpu, gmodel, adapter, opt, (examples.len(), cfg.batch_size, cfg.epochs, cfg.seed), stop_after, accumulate, log)
 }

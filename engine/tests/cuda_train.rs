@@ -31,14 +31,19 @@ fn tokens(rng: &mut engine::rng::SplitMix64, n: usize, vocab: usize, avoid: Opti
     std::iter::from_fn(|| Some((3 + rng.next_u64() % (vocab as u64 - 3)) as u32)).filter(|&t| Some(t) != avoid).take(n).collect()
 }
 
+/// A random pair of the fixture's vocabulary (no image token): prompt of 12 tokens, chosen 8, rejected 6.
+fn random_pair(cpu: &Model, seed: u64) -> (Vec<u32>, Vec<u32>, Vec<u32>) {
+    let vocab = cpu.llm.cfg.vocab_size;
+    let mut rng = engine::rng::SplitMix64::new(seed);
+    let image = cpu.image_token_id();
+    (tokens(&mut rng, 12, vocab, image), tokens(&mut rng, 8, vocab, image), tokens(&mut rng, 6, vocab, image))
+}
+
 #[test]
 fn gpu_dpo_loss_and_lora_gradients_match_the_cpu_backend() {
     let Some(gpu) = gpu() else { return };
     let (cpu, adapter, dev, mut lora) = setup(&gpu);
-    let vocab = cpu.llm.cfg.vocab_size;
-    let mut rng = engine::rng::SplitMix64::new(21);
-    let image = cpu.image_token_id();
-    let (prompt, chosen, rejected) = (tokens(&mut rng, 12, vocab, image), tokens(&mut rng, 8, vocab, image), tokens(&mut rng, 6, vocab, image));
+    let (prompt, chosen, rejected) = random_pair(&cpu, 21);
     let pair = TokenPair { pixels: None, prompt_ids: &prompt, chosen_ids: &chosen, rejected_ids: &rejected };
     let refs = reference_logps(&cpu, None, &pair).unwrap();
     let cfg = DpoConfig { beta: 0.5, ..Default::default() };
@@ -90,10 +95,7 @@ fn gpu_dpo_with_lora_dropout_matches_the_cpu_trainer_mask_for_mask() {
     let Some(gpu) = gpu() else { return };
     let (cpu, mut adapter, dev, _) = setup(&gpu);
     adapter.lora_dropout = 0.3;
-    let vocab = cpu.llm.cfg.vocab_size;
-    let mut rng = engine::rng::SplitMix64::new(33);
-    let image = cpu.image_token_id();
-    let (prompt, chosen, rejected) = (tokens(&mut rng, 12, vocab, image), tokens(&mut rng, 8, vocab, image), tokens(&mut rng, 6, vocab, image));
+    let (prompt, chosen, rejected) = random_pair(&cpu, 33);
     let pair = TokenPair { pixels: None, prompt_ids: &prompt, chosen_ids: &chosen, rejected_ids: &rejected };
     let refs = reference_logps(&cpu, None, &pair).unwrap();
     let cfg = DpoConfig { beta: 0.5, ..Default::default() };
