@@ -127,7 +127,8 @@ pub struct OptimArgs {
     /// Comma-separated module names for a new adapter (peft target_modules list), e.g. q_proj,v_proj.
     #[arg(long)]
     target_modules: Option<String>,
-    /// Recompute cheap activations (norm outputs, SwiGLU product) in the backward pass instead of storing them.
+    /// Trade compute for memory: recompute cheap activations (norm outputs, SwiGLU product) in the backward pass
+    /// instead of storing them; on the GPU, each layer's activations from its saved input.
     #[arg(long)]
     recompute: bool,
 }

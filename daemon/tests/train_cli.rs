@@ -142,6 +142,18 @@ fn train_dpo_on_the_gpu_pauses_and_resumes_on_the_gpu_or_the_cpu() {
     let (m, p) = (model.to_str().unwrap(), pairs.to_str().unwrap());
     let args = |device: &str, out: &str| train_args_on(device, m, p, out).into_iter().map(String::from).collect();
     gpu_run_pauses_and_resumes(&d, &args, 8, 3, "adapter_model.safetensors");
+    // --recompute (each layer run again in the backward pass, whole sequences) trains the same weights.
+    if d.join("gpu").is_dir() {
+        let re = d.join("recompute");
+        let mut v = train_args_on("cuda", m, p, re.to_str().unwrap());
+        v.push("--recompute");
+        let (ok, _, stderr) = run(&v);
+        assert!(ok, "{stderr}");
+        let w = "adapter_model.safetensors";
+        let e = distance(&d.join("gpu").join(w), &re.join(w));
+        println!("GPU with --recompute vs without: weights {e:.2e} (relative L2)");
+        assert!(e <= 1e-3, "--recompute changed the trained weights by {e:.2e}");
+    }
     let _ = std::fs::remove_dir_all(&d);
 }
 

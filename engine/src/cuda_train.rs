@@ -1158,7 +1158,7 @@ pub fn train_dpo_gpu(
         Ok(m)
     };
     let log = |m: crate::train::trainer::StepMetrics, batch: &[usize], d: StepDone| on_step(&m.log(d.step, d.total, d.epoch, d.lr, d.grad_norm, batch.len(), d.t0));
-    run_schedule(gpu, gmodel, adapter, opt, (pairs.len(), cfg.batch_size, cfg.epochs, cfg.seed), stop_after, accumulate, log)
+    run_schedule(gpu, gmodel, adapter, opt, (pairs.len(), cfg.batch_size, cfg.epochs, cfg.seed), stop_after, model.llm.recompute_cheap, accumulate, log)
 }
 
 /// An optimizer step `run_schedule` took.
@@ -1176,8 +1176,9 @@ struct StepDone {
 /// The schedule of both GPU trainers (`train::trainer::step_batch`: `shape` = items, batch size, epochs, seed): the
 /// adapter uploaded with `opt`'s state, then from `opt.step` until `stop_after` steps in total (or the schedule's
 /// end) `accumulate(gpu copy, image features, batch, step)` adds a batch's gradients, an optimizer step follows and
-/// `log` reports it; the trained factors and the optimizer state go back into `adapter` and `opt`. Returns the
-/// number of steps skipped on fp16 overflow.
+/// `log` reports it; the trained factors and the optimizer state go back into `adapter` and `opt`. `recompute`
+/// (the model's `recompute_cheap`, `--recompute`) turns on `GpuLora::recompute`. Returns the number of steps
+/// skipped on fp16 overflow.
 #[allow(clippy::too_many_arguments)]
 fn run_schedule<R>(
     gpu: &Gpu,
@@ -1186,11 +1187,13 @@ fn run_schedule<R>(
     opt: &mut crate::train::optim::AdamW,
     shape: (usize, usize, usize, u64),
     stop_after: Option<usize>,
+    recompute: bool,
     mut accumulate: impl FnMut(&mut GpuLora, &mut FeatureCache, &[usize], usize) -> Result<R>,
     mut log: impl FnMut(R, &[usize], StepDone),
 ) -> Result<u64> {
     let (n, batch_size, epochs, seed) = shape;
     let mut gl = GpuLora::from_adapter(gpu, &gmodel.cfg, adapter)?;
+    gl.recompute = recompute;
     gl.load_optimizer(gpu, adapter, opt)?;
     let skipped_before = gl.scaler.skipped;
     let per_epoch = crate::train::trainer::steps_per_epoch(n, batch_size);
@@ -1294,5 +1297,5 @@ pub fn train_sft_gpu(
             tokens_per_s: tokens as f64 / d.t0.elapsed().as_secs_f64(),
         })
     };
-    run_schedule(gpu, gmodel, adapter, opt, (examples.len(), cfg.batch_size, cfg.epochs, cfg.seed), stop_after, accumulate, log)
+    run_schedule(gpu, gmodel, adapter, opt, (examples.len(), cfg.batch_size, cfg.epochs, cfg.seed), stop_after, model.llm.recompute_cheap, accumulate, log)
 }
