@@ -275,8 +275,9 @@ fn attention_kernels_match_float64() {
             }
         }
         g.mma_attention.store(mma, std::sync::atomic::Ordering::Relaxed);
-        let got = g.attention_prefill(&q, &k, &v, hq, hkv, d, causal).unwrap();
         let kernel = if mma { format!("flash_attn_mma_d{d}_f16") } else { "flash_attn_prefill_f16".into() };
+        // A launch error names the kernel too (scripts/gpu-check.sh looks for "mma" in a failure).
+        let got = g.attention_prefill(&q, &k, &v, hq, hkv, d, causal).unwrap_or_else(|e| panic!("{kernel}: {e}"));
         check(&format!("{kernel} q{n_q} k{n_k} h{hq}/{hkv} d{d} causal {causal}"), &got, &want);
     }
     g.mma_attention.store(mma_default, std::sync::atomic::Ordering::Relaxed);

@@ -106,8 +106,9 @@ fn flash_attention_backward_matches_the_cpu_backend() {
         let scale = 1.0 / (d as f32).sqrt();
         bw::attend_dense_bwd(&mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, n_q, n_k, n_k - n_q, hq, hkv, d, scale, causal);
         g.mma_attention.store(mma, std::sync::atomic::Ordering::Relaxed);
-        let (gq, gk, gv) = g.attention_bwd(&q, &k, &v, &dout, hq, hkv, d, causal).unwrap();
         let name = format!("q{n_q} k{n_k} h{hq}/{hkv} d{d} causal {causal}{}", if mma { " (mma)" } else { "" });
+        // A launch error names the kernels too (scripts/gpu-check.sh looks for "mma" in a failure).
+        let (gq, gk, gv) = g.attention_bwd(&q, &k, &v, &dout, hq, hkv, d, causal).unwrap_or_else(|e| panic!("flash_attn_bwd {name}: {e}"));
         check(&format!("flash_attn_bwd dq {name}"), &gq, &dq);
         check(&format!("flash_attn_bwd dk {name}"), &gk, &dk);
         check(&format!("flash_attn_bwd dv {name}"), &gv, &dv);
