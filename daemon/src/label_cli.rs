@@ -105,7 +105,7 @@ pub fn cmd_label(a: LabelArgs) -> Result<()> {
     if a.n < 2 {
         bail!("--n must be at least 2 to form pairs (got {})", a.n);
     }
-    let device: engine::backend::DeviceSpec = a.device.parse().map_err(|e| anyhow::anyhow!("--device: {e}"))?;
+    let device = crate::train_cli::parse_device(&a.device)?;
     let on = |mut m: Model| -> Result<Model> {
         let (b, _) = engine::backend::select(device, &m)?;
         m.set_backend(b);

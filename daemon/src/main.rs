@@ -141,14 +141,10 @@ struct ModelArgs {
 
 impl ModelArgs {
     fn load(&self) -> Result<(Model, Option<Adapter>)> {
-        let device: engine::backend::DeviceSpec = self.device.parse().map_err(|e| anyhow::anyhow!("--device: {e}"))?;
+        let device = train_cli::parse_device(&self.device)?;
         let opts = engine::LoadOptions { keep_16bit: !self.f32_weights };
         let mut model = Model::load_with(&self.model, &opts).with_context(|| format!("loading model {}", self.model.display()))?;
-        let (backend, chosen) = engine::backend::select(device, &model)?;
-        if backend.spec() != engine::backend::DeviceSpec::Cpu {
-            eprintln!("rlaifd: generating on {chosen}");
-        }
-        model.set_backend(backend);
+        train_cli::put_on_device(&mut model, device, "generating")?;
         let adapter = match &self.adapter {
             Some(dir) => Some(model.load_adapter(dir).with_context(|| format!("loading adapter {}", dir.display()))?),
             None => None,

@@ -307,6 +307,22 @@ struct TrainerState {
     loss_scale: Option<engine::cuda::LossScaler>,
 }
 
+/// `--device`: auto, cpu, cuda or cuda:N.
+pub(crate) fn parse_device(s: &str) -> Result<engine::backend::DeviceSpec> {
+    s.parse().map_err(|e| anyhow::anyhow!("--device: {e}"))
+}
+
+/// Puts `model`'s math on `device` (auto: a usable GPU, else the CPU) and says on stderr what it is `doing` on,
+/// unless that is the CPU.
+pub(crate) fn put_on_device(model: &mut Model, device: engine::backend::DeviceSpec, doing: &str) -> Result<()> {
+    let (backend, chosen) = engine::backend::select(device, model)?;
+    if backend.spec() != engine::backend::DeviceSpec::Cpu {
+        eprintln!("rlaifd: {doing} on {chosen}");
+    }
+    model.set_backend(backend);
+    Ok(())
+}
+
 fn save_run(out: &Path, model: &Model, adapter: &engine::Adapter, opt: &engine::train::optim::AdamW, state: &TrainerState) -> Result<()> {
     let optim_bytes = f32_safetensors_bytes(&out.join("optimizer.safetensors"), &opt.state_tensors())?;
     let state_json = serde_json::to_vec_pretty(state)?;
@@ -321,14 +337,10 @@ pub fn cmd_train_dpo(a: TrainDpoArgs) -> Result<()> {
     use engine::train::trainer::{precompute_references, steps_per_epoch, train_dpo, TrainConfig};
     use std::io::IsTerminal;
 
-    let device: engine::backend::DeviceSpec = a.device.parse().map_err(|e| anyhow::anyhow!("--device: {e}"))?;
+    let device = parse_device(&a.device)?;
     let mut model = Model::load(&a.model).with_context(|| format!("loading model {}", a.model.display()))?;
     model.llm.recompute_cheap = a.opt.recompute;
-    let (backend, chosen) = engine::backend::select(device, &model)?;
-    if backend.spec() != engine::backend::DeviceSpec::Cpu {
-        eprintln!("rlaifd: training on {chosen}");
-    }
-    model.set_backend(backend);
+    put_on_device(&mut model, device, "training")?;
     let model = model;
     let loss = match a.loss.as_str() {
         "sigmoid" => DpoLoss::Sigmoid,
@@ -540,7 +552,7 @@ pub fn cmd_train_sft(a: TrainSftArgs) -> Result<()> {
     use engine::train::sft::{sft_eval_loss, train_sft, SftConfig, SftExample, SftTarget};
     use engine::train::trainer::steps_per_epoch;
 
-    let device: engine::backend::DeviceSpec = a.device.parse().map_err(|e| anyhow::anyhow!("--device: {e}"))?;
+    let device = parse_device(&a.device)?;
     if a.full && matches!(device, engine::backend::DeviceSpec::Cuda(_)) {
         bail!("--full trains every parameter on the CPU (the GPU trainer trains LoRA adapters): use --device cpu or auto, or drop --full");
     }
@@ -595,11 +607,7 @@ pub fn cmd_train_sft(a: TrainSftArgs) -> Result<()> {
     };
     if !a.full {
         // Full fine-tuning changes the model's own weights, which a device backend holds a copy of: CPU only.
-        let (backend, chosen) = engine::backend::select(device, &model)?;
-        if backend.spec() != engine::backend::DeviceSpec::Cpu {
-            eprintln!("rlaifd: training on {chosen}");
-        }
-        model.set_backend(backend);
+        put_on_device(&mut model, device, "training")?;
     }
     let per_epoch = steps_per_epoch(train.len(), a.opt.batch_size);
     let report_eval = |model: &Model, adapter: Option<&engine::Adapter>, after: usize| -> Result<()> {

@@ -172,9 +172,27 @@ enum VisionOn {
     Cpu,
 }
 
-/// The module-name prefixes of the decoder and of the image path (`fingerprint`).
+/// The module-name prefixes of the decoder (`fingerprint`; the image path's are `cuda_clip::IMAGE_PATH`).
 const DECODER: &[&str] = &["language_model."];
-const IMAGE_PATH: &[&str] = &["vision_tower.", "multi_modal_projector."];
+use crate::cuda_clip::IMAGE_PATH;
+
+/// The entry under `key` of a most-recently-used-last cache, moved to the back; None when absent.
+fn cache_get<T: Clone>(cache: &mut Vec<(u64, T)>, key: u64) -> Option<T> {
+    let i = cache.iter().position(|(k, _)| *k == key)?;
+    let hit = cache.remove(i);
+    let v = hit.1.clone();
+    cache.push(hit);
+    Some(v)
+}
+
+/// Adds `value` under `key` to a most-recently-used-last cache of `ADAPTER_SLOTS` entries, evicting the oldest.
+fn cache_put<T: Clone>(cache: &mut Vec<(u64, T)>, key: u64, value: T) -> T {
+    if cache.len() >= ADAPTER_SLOTS {
+        cache.remove(0);
+    }
+    cache.push((key, value.clone()));
+    value
+}
 
 /// Identifies an adapter's factors in one part of the model (`DECODER` or `IMAGE_PATH`, by module name prefix) by
 /// value: its path, its modules' names, ranks, scales and sizes, every 61st value of each factor (all of them change
@@ -280,10 +298,7 @@ impl CudaState {
         if self.vision_refused.contains(&key) {
             return Ok(VisionOn::Cpu);
         }
-        if let Some(i) = self.vision_adapters.iter().position(|(k, _)| *k == key) {
-            let hit = self.vision_adapters.remove(i);
-            let va = hit.1.clone();
-            self.vision_adapters.push(hit);
+        if let Some(va) = cache_get(&mut self.vision_adapters, key) {
             return Ok(VisionOn::Gpu(Some(va)));
         }
         if let Some(why) = crate::cuda_clip::GpuVisionAdapter::unsupported(v, a) {
@@ -293,12 +308,7 @@ impl CudaState {
         }
         // A device error (out of memory, say) is an error, not a reason to fall back.
         let Some(va) = crate::cuda_clip::GpuVisionAdapter::upload(&self.gpu, v, a)? else { return Ok(VisionOn::Gpu(None)) };
-        let va = Arc::new(va);
-        if self.vision_adapters.len() >= ADAPTER_SLOTS {
-            self.vision_adapters.remove(0);
-        }
-        self.vision_adapters.push((key, va.clone()));
-        Ok(VisionOn::Gpu(Some(va)))
+        Ok(VisionOn::Gpu(Some(cache_put(&mut self.vision_adapters, key, Arc::new(va)))))
     }
 
     /// Where `adapter` runs: on the device (its decoder factors uploaded once, kept among the last
@@ -310,10 +320,7 @@ impl CudaState {
         if self.refused.contains(&key) {
             return Ok(LoraOn::Cpu);
         }
-        if let Some(i) = self.adapters.iter().position(|(k, _)| *k == key) {
-            let hit = self.adapters.remove(i);
-            let l = hit.1.clone();
-            self.adapters.push(hit);
+        if let Some(l) = cache_get(&mut self.adapters, key) {
             return Ok(LoraOn::Gpu(Some(l)));
         }
         if let Err(e) = crate::cuda_train::inference_rank(&self.llama.cfg, a) {
@@ -322,11 +329,7 @@ impl CudaState {
             return Ok(LoraOn::Cpu);
         }
         let l = Arc::new(GpuLora::for_inference(&self.gpu, &self.llama.cfg, a)?);
-        if self.adapters.len() >= ADAPTER_SLOTS {
-            self.adapters.remove(0);
-        }
-        self.adapters.push((key, l.clone()));
-        Ok(LoraOn::Gpu(Some(l)))
+        Ok(LoraOn::Gpu(Some(cache_put(&mut self.adapters, key, l))))
     }
 }
 

@@ -4,8 +4,8 @@
 //! is the flash prefill kernel without the causal mask, every linear layer a cuBLASLt GEMM plus a bias kernel.
 //! An adapter's changes to the image path (`GpuVisionAdapter`: LoRA on the tower's and the projector's linear
 //! layers, applied unmerged, and the weights and biases of linear layers it replaces, peft `modules_to_save`) apply
-//! here too; an adapter that changes anything else there runs its image path on the CPU (`backend::CudaBackend`). `engine/tests/cuda_backend.rs` checks
-//! the features against the CPU backend, with and without such an adapter.
+//! here too; an adapter that changes anything else there runs its image path on the CPU (`backend::CudaBackend`).
+//! `engine/tests/cuda_backend.rs` checks the features against the CPU backend, with and without such an adapter.
 
 use crate::config::{Activation, ClipVisionConfig, FeatureSelect};
 use crate::cuda::{cfg1, derr, err, to_i32, Gpu};
@@ -86,9 +86,12 @@ impl GpuVisionAdapter {
     }
 }
 
-/// Whether canonical name `name` is in the image path (the vision tower or the projector).
+/// The canonical-name prefixes of the image path: the vision tower and the projector.
+pub const IMAGE_PATH: &[&str] = &["vision_tower.", "multi_modal_projector."];
+
+/// Whether canonical name `name` is in the image path (`IMAGE_PATH`).
 pub fn in_image_path(name: &str) -> bool {
-    name.starts_with("vision_tower.") || name.starts_with("multi_modal_projector.")
+    IMAGE_PATH.iter().any(|p| name.starts_with(p))
 }
 
 impl GpuVision {
