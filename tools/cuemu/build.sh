@@ -15,16 +15,20 @@ if ! command -v "$CXX" >/dev/null; then
 fi
 flags=(-std=c++17 -O2 -g -fPIC -fno-strict-aliasing -Wall -Wno-unknown-pragmas -Wno-unused-function -Wno-unused-variable -I "$src/include" -I "$root/kernels")
 
+# Kernel code (and the self-test's) is instrumented for the checker (check.cpp): GCC's ThreadSanitizer pass calls a
+# hook at every load and store; the hooks are cuemu's own, not ThreadSanitizer's runtime.
+instrument=(-fsanitize=thread --param=tsan-instrument-func-entry-exit=0)
+
 compile() {  # compile SRC OBJ [deps...]: only when the object is older than any input
     local s="$1" o="$2"
     shift 2
     local stale=0
     [[ -f "$o" ]] || stale=1
-    for d in "$s" "$@" "$src/include/cuda_fp16.h" "$src/runtime.h" "$src/driver.h" "$0"; do
+    for d in "$s" "$@" "$src/include/cuda_fp16.h" "$src/runtime.h" "$src/driver.h" "$src/check.h" "$src/fiber.h" "$0"; do
         [[ "$d" -nt "$o" ]] && stale=1
     done
     if [[ $stale == 1 ]]; then
-        "$CXX" "${flags[@]}" -c "$s" -o "$o"
+        "$CXX" "${flags[@]}" ${extra[@]+"${extra[@]}"} -c "$s" -o "$o"
     fi
 }
 
@@ -44,7 +48,9 @@ for cu in "$root"/kernels/*.cu; do
     } >"$gen.new"
     if ! cmp -s "$gen.new" "$gen"; then mv "$gen.new" "$gen"; else rm "$gen.new"; fi
     flags+=(-I "$src")
+    extra=("${instrument[@]}")
     compile "$gen" "$out/obj/$base.o" "$root/kernels/common.cuh"
+    extra=()
     objs+=("$out/obj/$base.o")
 done
 flags+=(-I "$src")
@@ -55,19 +61,23 @@ done
 # The fiber runtime is a library of its own: its few thread-local pointers use the initial-exec TLS model (fast),
 # which a library may only do when its whole TLS block is small, and the kernels' `__shared__` arrays are not.
 compile "$src/runtime.cpp" "$out/obj/runtime.o"
+compile "$src/check.cpp" "$out/obj/check.o"
 rt="$out/libcuemu_rt.so"
-if [[ ! -f "$rt" || "$out/obj/runtime.o" -nt "$rt" ]]; then
-    "$CXX" -shared -o "$rt" "$out/obj/runtime.o" -lpthread
+if [[ ! -f "$rt" || "$out/obj/runtime.o" -nt "$rt" || "$out/obj/check.o" -nt "$rt" ]]; then
+    "$CXX" -shared -o "$rt" "$out/obj/runtime.o" "$out/obj/check.o" -lpthread -ldl
 fi
 lib="$out/libcuemu.so"
 relink=0
 [[ -f "$lib" ]] || relink=1
 for o in "${objs[@]}" "$rt"; do [[ "$o" -nt "$lib" ]] && relink=1; done
 if [[ $relink == 1 ]]; then
-    "$CXX" -shared -o "$lib" "${objs[@]}" -L "$out" -lcuemu_rt -Wl,-rpath,'$ORIGIN' -lpthread
+    # -z defs: a hook the instrumentation calls that check.cpp does not define fails here, not at load time.
+    "$CXX" -shared -Wl,-z,defs -o "$lib" "${objs[@]}" -L "$out" -lcuemu_rt -Wl,-rpath,'$ORIGIN' -lpthread
 fi
 if [[ "$src/selftest.cpp" -nt "$out/selftest" || "$lib" -nt "$out/selftest" ]]; then
-    "$CXX" "${flags[@]}" "$src/selftest.cpp" -o "$out/selftest" -L "$out" -lcuemu -lcuemu_rt -Wl,-rpath,"$out"
+    # Compiled instrumented, linked without ThreadSanitizer's runtime (cuemu's hooks stand in for it).
+    "$CXX" "${flags[@]}" "${instrument[@]}" -c "$src/selftest.cpp" -o "$out/obj/selftest.o"
+    "$CXX" "$out/obj/selftest.o" -o "$out/selftest" -L "$out" -lcuemu -lcuemu_rt -Wl,-rpath,"$out"
 fi
 "$out/selftest"
 for name in libcuda.so libnvrtc.so libcublasLt.so; do

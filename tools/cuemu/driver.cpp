@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "check.h"
 #include "driver.h"
 
 namespace cuemu {
@@ -62,7 +63,8 @@ double now_ms() {
 
 int alloc(uint64_t* out, size_t bytes) {
     const size_t size = ((bytes ? bytes : 1) + 255) / 256 * 256;
-    void* p = std::aligned_alloc(256, size);
+    // From the checker's arena (exact bounds, see check.cpp), or from the heap where no arena could be reserved.
+    void* p = arena_reserved() ? device_alloc(bytes) : std::aligned_alloc(256, size);
     if (!p) return CUDA_ERROR_OUT_OF_MEMORY;
     std::memset(p, 0xff, size);
     allocations()[reinterpret_cast<uintptr_t>(p)] = size;
@@ -78,8 +80,20 @@ int release(uint64_t ptr) {
     if (it == a.end()) return ptr == 0 ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
     used_now -= it->second;
     a.erase(it);
-    std::free(reinterpret_cast<void*>(ptr));
+    if (arena_reserved())
+        device_free(reinterpret_cast<void*>(ptr));
+    else
+        std::free(reinterpret_cast<void*>(ptr));
     return CUDA_SUCCESS;
+}
+
+// A copy or fill whose device range is not inside one live allocation fails with the reason on stderr (on a GPU
+// it would fault, or silently write over a neighbour).
+bool bad_range(const char* op, uint64_t p, size_t n) {
+    const std::string e = device_range_error(reinterpret_cast<const void*>(p), n);
+    if (e.empty()) return false;
+    std::fprintf(stderr, "cuemu: %s %s\n", op, e.c_str());
+    return true;
 }
 
 }  // namespace
@@ -269,22 +283,27 @@ int cuMemGetInfo_v2(size_t* free_b, size_t* total) {
     return CUDA_SUCCESS;
 }
 int cuMemcpyHtoDAsync_v2(uint64_t dst, const void* src, size_t n, void* s) {
+    if (bad_range("a host-to-device copy into", dst, n)) return CUDA_ERROR_INVALID_VALUE;
         return submit(s, [=] { std::memcpy(reinterpret_cast<void*>(dst), src, n); });
 }
 int cuMemcpyHtoD_v2(uint64_t dst, const void* src, size_t n) { return cuMemcpyHtoDAsync_v2(dst, src, n, nullptr); }
 int cuMemcpyDtoHAsync_v2(void* dst, uint64_t src, size_t n, void* s) {
+    if (bad_range("a device-to-host copy from", src, n)) return CUDA_ERROR_INVALID_VALUE;
         return submit(s, [=] { std::memcpy(dst, reinterpret_cast<const void*>(src), n); });
 }
 int cuMemcpyDtoH_v2(void* dst, uint64_t src, size_t n) { return cuMemcpyDtoHAsync_v2(dst, src, n, nullptr); }
 int cuMemcpyDtoDAsync_v2(uint64_t dst, uint64_t src, size_t n, void* s) {
+    if (bad_range("a device-to-device copy from", src, n) || bad_range("a device-to-device copy into", dst, n)) return CUDA_ERROR_INVALID_VALUE;
         return submit(s, [=] { std::memmove(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), n); });
 }
 int cuMemcpyDtoD_v2(uint64_t dst, uint64_t src, size_t n) { return cuMemcpyDtoDAsync_v2(dst, src, n, nullptr); }
 int cuMemsetD8Async(uint64_t dst, unsigned char v, size_t n, void* s) {
+    if (bad_range("a memset of", dst, n)) return CUDA_ERROR_INVALID_VALUE;
         return submit(s, [=] { std::memset(reinterpret_cast<void*>(dst), v, n); });
 }
 int cuMemsetD8_v2(uint64_t dst, unsigned char v, size_t n) { return cuMemsetD8Async(dst, v, n, nullptr); }
 int cuMemsetD32Async(uint64_t dst, unsigned v, size_t n, void* s) {
+    if (bad_range("a memset of", dst, n * 4)) return CUDA_ERROR_INVALID_VALUE;
         return submit(s, [=] {
         unsigned* p = reinterpret_cast<unsigned*>(dst);
         for (size_t i = 0; i < n; i++) p[i] = v;

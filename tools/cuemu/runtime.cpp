@@ -10,6 +10,8 @@
 #include <sstream>
 #include <vector>
 
+#include "check.h"
+#include "fiber.h"
 #include "runtime.h"
 
 extern "C" void cuemu_switch(void** save_sp, void* to_sp);
@@ -45,9 +47,6 @@ cuemu_switch:
 
 namespace cuemu {
 
-// The scheduler's per-thread pointers use the initial-exec TLS model (a few words of the static TLS block), so
-// each access is one instruction rather than a __tls_get_addr call: they are read at every barrier.
-#define CUEMU_TLS thread_local __attribute__((tls_model("initial-exec")))
 CUEMU_TLS ThreadView* cur = nullptr;
 
 static const float* build_half_table() {
@@ -62,38 +61,13 @@ static const float* build_half_table() {
 }
 const float* const half_table = build_half_table();
 
+CUEMU_TLS Block* blk = nullptr;
+CUEMU_TLS Fiber* fib = nullptr;
+
 namespace {
 
 constexpr size_t STACK = 64 << 10;
-constexpr int WARP_SIZE = 32;
 
-enum Wait { NONE = 0, BLOCK_BARRIER = 1, WARP_BARRIER = 2 };
-
-struct Fiber {
-    void* sp = nullptr;
-    ThreadView view{};
-    bool done = false;
-    Wait wait = NONE;
-};
-
-struct Warp {
-    int live = 0, count = 0;
-    uint64_t gen = 0;
-    uint64_t slots[2][WARP_SIZE] = {};
-    uint32_t exchange[2][WARP_SIZE * 16] = {};
-};
-
-struct Block {
-    std::vector<Fiber> fibers;
-    std::vector<Warp> warps;
-    int live = 0, count = 0;
-    uint64_t gen = 0;
-    uint64_t events = 0;  // arrivals, releases and ends: progress
-    std::vector<unsigned char> smem;
-};
-
-CUEMU_TLS Block* blk = nullptr;
-CUEMU_TLS Fiber* fib = nullptr;
 CUEMU_TLS void* sched_sp = nullptr;
 CUEMU_TLS const Call* body = nullptr;
 CUEMU_TLS std::vector<unsigned char>* stacks = nullptr;
@@ -138,7 +112,12 @@ void* init_stack(unsigned char* base) {
 
 }  // namespace
 
-Registrar::Registrar(const char* name, const char* file, Binder bind) { registry()[name] = Kernel{name, file, bind}; }
+Registrar::Registrar(const char* name, const char* file, Binder bind) {
+    static bool first = true;
+    if (first) register_kernel_module(reinterpret_cast<const void*>(bind));  // the module holding the kernels
+    first = false;
+    registry()[name] = Kernel{name, file, bind};
+}
 
 const Kernel* find_kernel(const std::string& name) {
     auto it = registry().find(name);
@@ -198,6 +177,7 @@ std::string run_grid(const std::string& name, const Call& call, dim3 grid, dim3 
     const Call* saved_body = body;
     blk = &b;
     body = &call;
+    check_launch_begin(name);
     std::string failure;
     for (unsigned bz = 0; bz < grid.z && failure.empty(); bz++)
         for (unsigned by = 0; by < grid.y && failure.empty(); by++)
@@ -206,7 +186,8 @@ std::string run_grid(const std::string& name, const Call& call, dim3 grid, dim3 
                 b.count = 0;
                 b.events = 0;
                 // Shared memory starts as garbage on the GPU: NaN-like bytes catch a read before a write.
-                b.smem.assign(smem, 0xff);
+                // (Past it, a guard the checker watches: reads and writes there are out of bounds.)
+                b.smem.assign(smem + DYN_GUARD, 0xff);
                 for (int w = 0; w < nwarps; w++) {
                     b.warps[w].live = std::min(WARP_SIZE, n - w * WARP_SIZE);
                     b.warps[w].count = 0;
@@ -223,6 +204,7 @@ std::string run_grid(const std::string& name, const Call& call, dim3 grid, dim3 
                     f.view.warp = t / WARP_SIZE;
                     f.sp = init_stack(stacks->data() + size_t(t) * STACK);
                 }
+                check_block_begin();
                 while (b.live > 0) {
                     const uint64_t before = b.events;
                     for (auto& f : b.fibers) {
@@ -247,6 +229,8 @@ std::string run_grid(const std::string& name, const Call& call, dim3 grid, dim3 
                     }
                 }
             }
+    std::string violation = check_launch_end();
+    if (failure.empty()) failure = violation;
     blk = saved_blk;
     fib = saved_fib;
     cur = saved_cur;

@@ -5,8 +5,15 @@
 #include <string>
 #include <vector>
 
+#include "check.h"
 #include "common.cuh"
 #include "runtime.h"
+
+extern "C" {
+int cuMemAlloc_v2(uint64_t* p, size_t n);
+int cuMemFree_v2(uint64_t p);
+int cuMemcpyHtoD_v2(uint64_t dst, const void* src, size_t n);
+}
 
 static int failures = 0;
 #define EXPECT(cond, ...)                               \
@@ -51,6 +58,7 @@ static void early_exit(int* out) {
     seen[threadIdx.x] = int(threadIdx.x);
     __syncthreads();
     out[threadIdx.x] = seen[(threadIdx.x + 1) % blockDim.x];  // poisoned (0xffffffff = -1) where the thread ended
+    // (and those reads of what no thread wrote fail the launch: the checker reports them)
 }
 
 // Threads of one warp at different barriers: the launch must fail, not hang.
@@ -78,8 +86,149 @@ static void mma(const float* a, const float* b, const float* c, float* d) {
     d[(g + 8) * 8 + 2 * t + 1] = df[3];
 }
 
+// The checker's cases (check.cpp). `mode` picks the pattern; each is a race or not as the comment says.
+static void shared_patterns(int mode, int* out) {
+    __shared__ int buf[64];
+    __shared__ int counter;
+    const int t = threadIdx.x;
+    if (mode != 7) {  // every slot written first, so what follows is about the race alone
+        buf[t] = -1;
+        __syncthreads();
+    }
+    switch (mode) {
+        case 0:  // write, no barrier, read another thread's slot: a race (read after write)
+            buf[t] = t;
+            out[t] = buf[(t + 1) % 64];
+            break;
+        case 1:  // the same with __syncthreads: fine
+            buf[t] = t;
+            __syncthreads();
+            out[t] = buf[(t + 1) % 64];
+            break;
+        case 2:  // within a warp, ordered by __syncwarp: fine
+            buf[t] = t;
+            __syncwarp();
+            out[t] = buf[(t & ~31) + (t + 1) % 32];
+            break;
+        case 3:  // across warps, only __syncwarp between: a race
+            buf[t] = t;
+            __syncwarp();
+            out[t] = buf[(t + 32) % 64];
+            break;
+        case 4:  // read, then another thread overwrites what was read, no barrier: a race (write after read)
+            out[t] = buf[t ^ 1];
+            buf[t] = t;
+            break;
+        case 5:  // every thread adds to one counter atomically: fine
+            if (t == 0) counter = 0;
+            __syncthreads();
+            atomicAdd(&counter, 1);
+            __syncthreads();
+            out[t] = counter;
+            break;
+        case 6:  // a value shared through a shuffle, then shared memory read after __syncthreads: fine
+            buf[t] = __shfl_xor_sync(FULL_MASK, t, 1);
+            __syncthreads();
+            out[t] = buf[63 - t];
+            break;
+        case 7:  // a read of what no thread of this block wrote (here: the previous launch's values): an error
+            out[t] = buf[t];
+            break;
+    }
+}
+
+// Blocks of one launch sharing device memory (`p`: 64 ints). `mode` picks the pattern, as in shared_patterns.
+static void block_patterns(int mode, int* p) {
+    const int b = blockIdx.x, t = threadIdx.x;
+    switch (mode) {
+        case 0:  // every block writes the same word: a race
+            if (t == 0) p[0] = b;
+            break;
+        case 1:  // each block reads its neighbour's word, then writes its own: a race
+            if (t == 0) p[b] = p[(b + 1) % 4] + 1;
+            break;
+        case 2:  // each block its own words: fine
+            p[b * 16 + t % 16] = b;
+            break;
+        case 3:  // every block adds to one word atomically: fine
+            if (t == 0) atomicAdd(p, 1);
+            break;
+        case 4:  // every block reads one word no block writes: fine
+            p[16 + b] = p[0];
+            break;
+    }
+}
+
+static void read_at(const int* p, int i, int* out) {
+    if (threadIdx.x == 0) *out = p[i];
+}
+
+static void dyn_read(int i, int* out) {
+    int* d = static_cast<int*>(cuemu::dyn_smem());
+    if (threadIdx.x == 0) {
+        d[i] = 1;
+        *out = d[i];
+    }
+}
+
+static void checker() {
+    using cuemu::run_grid;
+    std::vector<int> out(64);
+    int* o = out.data();
+    const char* shapes[] = {"read after write, no barrier", "__syncthreads", "__syncwarp in a warp", "__syncwarp across warps",
+                            "write after read, no barrier", "atomicAdd", "shuffle then __syncthreads", "read before any write"};
+    const bool racy[] = {true, false, false, true, true, false, false, true};
+    for (int mode = 0; mode < 8; mode++) {
+        const std::string e = run_grid("shared_patterns", [mode, o] { shared_patterns(mode, o); }, dim3{2, 1, 1}, dim3{64, 1, 1}, 0);
+        const bool found = e.find(mode == 7 ? "read of unwritten shared memory" : "shared-memory race") != std::string::npos;
+        if (std::getenv("CUEMU_SELFTEST_VERBOSE") && !e.empty()) std::printf("%s: %s\n", shapes[mode], e.c_str());
+        EXPECT(found == racy[mode], "checker, %s: %s", shapes[mode], e.empty() ? "no race reported" : e.c_str());
+        if (racy[mode]) EXPECT(e.find("shared_patterns(int, int*)::buf") != std::string::npos, "checker, %s: the report does not name `buf`: %s", shapes[mode], e.c_str());
+    }
+    uint64_t dev = 0;
+    EXPECT(cuMemAlloc_v2(&dev, 100) == 0, "cuMemAlloc_v2 failed");
+    int* p = reinterpret_cast<int*>(dev);
+    int* res = o;
+    std::string e = run_grid("read_at", [p, res] { read_at(p, 24, res); }, dim3{1, 1, 1}, dim3{32, 1, 1}, 0);
+    EXPECT(e.empty(), "checker: an in-bounds read was reported: %s", e.c_str());
+    e = run_grid("read_at", [p, res] { read_at(p, 25, res); }, dim3{1, 1, 1}, dim3{32, 1, 1}, 0);
+    EXPECT(e.find("out-of-bounds read") != std::string::npos && e.find("100-byte device allocation (4 bytes past its end)") != std::string::npos,
+           "checker: a read past the end of a 100-byte allocation: %s", e.empty() ? "not reported" : e.c_str());
+    if (std::getenv("CUEMU_SELFTEST_VERBOSE")) std::printf("%s\n", e.c_str());
+    e = run_grid("read_at", [p, res] { read_at(p, -1, res); }, dim3{1, 1, 1}, dim3{32, 1, 1}, 0);
+    if (std::getenv("CUEMU_SELFTEST_VERBOSE")) std::printf("%s\n", e.c_str());
+    EXPECT(e.find("out-of-bounds read") != std::string::npos, "checker: a read before the start of an allocation: %s", e.empty() ? "not reported" : e.c_str());
+    {
+        uint64_t words = 0;
+        EXPECT(cuMemAlloc_v2(&words, 64 * sizeof(int)) == 0, "cuMemAlloc_v2 failed");
+        int* w = reinterpret_cast<int*>(words);
+        const char* names[] = {"blocks writing one word", "blocks reading their neighbour's word", "blocks with their own words", "blocks adding atomically",
+                               "blocks reading one word"};
+        const bool bad[] = {true, true, false, false, false};
+        for (int mode = 0; mode < 5; mode++) {
+            const std::string r = run_grid("block_patterns", [mode, w] { block_patterns(mode, w); }, dim3{4, 1, 1}, dim3{32, 1, 1}, 0);
+            if (std::getenv("CUEMU_SELFTEST_VERBOSE") && !r.empty()) std::printf("%s: %s\n", names[mode], r.c_str());
+            EXPECT((r.find("race between blocks") != std::string::npos) == bad[mode], "checker, %s: %s", names[mode], r.empty() ? "no race reported" : r.c_str());
+        }
+        EXPECT(cuMemFree_v2(words) == 0, "cuMemFree_v2 failed");
+    }
+    int host[32] = {};
+    EXPECT(cuMemcpyHtoD_v2(dev, host, 100) == 0, "checker: a 100-byte copy into 100 bytes was refused");
+    EXPECT(cuMemcpyHtoD_v2(dev, host, 104) != 0, "checker: a 104-byte copy into 100 bytes was not refused");
+    EXPECT(cuMemFree_v2(dev) == 0, "cuMemFree_v2 failed");
+    e = run_grid("read_at", [p, res] { read_at(p, 0, res); }, dim3{1, 1, 1}, dim3{32, 1, 1}, 0);
+    EXPECT(e.find("freed") != std::string::npos, "checker: a read of freed device memory: %s", e.empty() ? "not reported" : e.c_str());
+    e = run_grid("dyn_read", [res] { dyn_read(9, res); }, dim3{1, 1, 1}, dim3{32, 1, 1}, 40);
+    EXPECT(e.empty(), "checker: an in-bounds dynamic shared access was reported: %s", e.c_str());
+    e = run_grid("dyn_read", [res] { dyn_read(10, res); }, dim3{1, 1, 1}, dim3{32, 1, 1}, 40);
+    EXPECT(e.find("out-of-bounds write of dynamic shared memory") != std::string::npos, "checker: a write past 40 bytes of dynamic shared memory: %s",
+           e.empty() ? "not reported" : e.c_str());
+}
+
 int main() {
     using cuemu::run_grid;
+    cuemu::register_kernel_module(reinterpret_cast<const void*>(&checker));  // this program's `__shared__` arrays
+    checker();
     {
         std::vector<int> out(64 * 8, -7);
         int* p = out.data();
@@ -114,7 +263,7 @@ int main() {
         std::vector<int> out(40, -7);
         int* p = out.data();
         std::string e = run_grid("early_exit", [p] { early_exit(p); }, dim3{1, 1, 1}, dim3{40, 1, 1}, 40 * sizeof(int));
-        EXPECT(e.empty(), "early_exit: %s", e.c_str());
+        EXPECT(e.find("read of unwritten shared memory") != std::string::npos, "early_exit: the reads of unwritten slots: %s", e.empty() ? "not reported" : e.c_str());
         for (int t = 0; t < 40; t++) {
             const int n = (t + 1) % 40;
             const int want = t % 3 == 0 ? -7 : (n % 3 == 0 ? -1 : n);
@@ -154,6 +303,6 @@ int main() {
         std::fprintf(stderr, "cuemu selftest: %d failures\n", failures);
         return 1;
     }
-    std::printf("cuemu selftest: shuffles, block sums, early exits, deadlock detection, mma.sync and fp16 rounding pass\n");
+    std::printf("cuemu selftest: shuffles, block sums, early exits, deadlock detection, mma.sync, fp16 rounding and the checker (races, bounds) pass\n");
     return 0;
 }

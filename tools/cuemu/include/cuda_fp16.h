@@ -153,15 +153,21 @@ T __shfl_up_sync(unsigned, T v, unsigned delta, int width = 32) {
     return cuemu::shfl(v, (lane & (width - 1)) >= (int)delta ? lane - (int)delta : lane);
 }
 
-// Fibers of one block run one at a time, so atomics are plain read-modify-writes.
+// Fibers of one block run one at a time, so atomics are plain read-modify-writes. They are hidden from the
+// checker's race detection (atomics do not race) but still checked for bounds (check.cpp).
+namespace cuemu {
+void note_atomic(const void* p, size_t n, const void* ret);
+}
 template <class T>
-inline T atomicAdd(T* p, T v) {
+__attribute__((no_sanitize_thread, noinline)) T atomicAdd(T* p, T v) {
+    cuemu::note_atomic(p, sizeof(T), __builtin_return_address(0));
     T o = *p;
     *p = o + v;
     return o;
 }
 template <class T>
-inline T atomicCAS(T* p, T cmp, T v) {
+__attribute__((no_sanitize_thread, noinline)) T atomicCAS(T* p, T cmp, T v) {
+    cuemu::note_atomic(p, sizeof(T), __builtin_return_address(0));
     T o = *p;
     if (o == cmp) *p = v;
     return o;
