@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "check.h"
 #include "driver.h"
 
 namespace {
@@ -177,7 +178,31 @@ int cublasLtMatmul(void*, void* desc, const void* alpha, const void* a, void* ad
     const float al = *static_cast<const float*>(alpha), be = *static_cast<const float*>(beta);
     const __half *pa = static_cast<const __half*>(a), *pb = static_cast<const __half*>(b), *pc = static_cast<const __half*>(c);
     __half* pd = static_cast<__half*>(d);
-    const int r = submit(stream, [=] { matmul(x.transa, x.transb, m, n, k, al, pa, la.ld, pb, lb.ld, be, pc, lc.ld, pd, ld.ld); });
+    for (const Layout* l : {&la, &lb, &lc, &ld})
+        if (l->ld < int64_t(l->rows)) {
+            std::fprintf(stderr, "cuemu: cublasLtMatmul with a leading dimension %ld below its %lu rows\n", (long)l->ld, (unsigned long)l->rows);
+            return STATUS_INVALID_VALUE;
+        }
+    // Checked when it runs (a graph replay included): each matrix inside one live device allocation, D not
+    // overlapping A or B (cuBLAS leaves that undefined).
+    const int r = submit(stream, [=] {
+        const char* names[] = {"A", "B", "C", "D"};
+        const void* ptrs[] = {pa, pb, pc, pd};
+        const Layout* ls[] = {&la, &lb, &lc, &ld};
+        size_t bytes[4];
+        for (int i = 0; i < 4; i++) {
+            bytes[i] = ls[i]->rows && ls[i]->cols ? ((ls[i]->cols - 1) * uint64_t(ls[i]->ld) + ls[i]->rows) * sizeof(__half) : 0;
+            if (i == 2 && be == 0.0f) continue;  // C is not read
+            const std::string e = device_range_error(ptrs[i], bytes[i]);
+            if (!e.empty()) return operation_failed("cublasLtMatmul (m " + std::to_string(m) + ", n " + std::to_string(n) + ", k " + std::to_string(k) + "): matrix " + names[i] + " is " + e);
+        }
+        const auto overlap = [&](int i) {
+            const uintptr_t a0 = uintptr_t(ptrs[i]), d0 = uintptr_t(pd);
+            return bytes[i] && bytes[3] && a0 < d0 + bytes[3] && d0 < a0 + bytes[i];
+        };
+        if (overlap(0) || overlap(1)) return operation_failed("cublasLtMatmul: the output D overlaps an input (A or B)");
+        matmul(x.transa, x.transb, m, n, k, al, pa, la.ld, pb, lb.ld, be, pc, lc.ld, pd, ld.ld);
+    });
     return r == CUDA_SUCCESS ? STATUS_SUCCESS : 13;  // CUBLAS_STATUS_EXECUTION_FAILED
 }
 

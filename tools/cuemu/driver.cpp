@@ -98,6 +98,10 @@ bool bad_range(const char* op, uint64_t p, size_t n) {
 
 }  // namespace
 
+void operation_failed(const std::string& why) {
+    if (last_launch_error.empty()) last_launch_error = why;
+}
+
 // Runs `op` now, or records it when the stream is capturing a graph.
 int submit(void* stream, Call op) {
     Stream* s = stream_of(stream);

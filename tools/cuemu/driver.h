@@ -1,6 +1,7 @@
 // cuemu's driver internals shared with the fake cuBLASLt.
 #pragma once
 #include <mutex>
+#include <string>
 
 #include "runtime.h"
 
@@ -23,4 +24,6 @@ std::recursive_mutex& lock();
 // Runs `op` on `stream` now, or records it while the stream captures a graph; a failed launch returns
 // CUDA_ERROR_LAUNCH_FAILED after printing why.
 int submit(void* stream, Call op);
+// Fails the stream operation running now (submit then returns CUDA_ERROR_LAUNCH_FAILED after printing `why`).
+void operation_failed(const std::string& why);
 }  // namespace cuemu

@@ -13,6 +13,26 @@ extern "C" {
 int cuMemAlloc_v2(uint64_t* p, size_t n);
 int cuMemFree_v2(uint64_t p);
 int cuMemcpyHtoD_v2(uint64_t dst, const void* src, size_t n);
+int cublasLtMatmulDescCreate(void** d, int compute, int scale);
+int cublasLtMatmulDescDestroy(void* d);
+int cublasLtMatrixLayoutCreate(void** l, int type, uint64_t rows, uint64_t cols, int64_t ld);
+int cublasLtMatrixLayoutDestroy(void* l);
+int cublasLtMatmul(void*, void* desc, const void* alpha, const void* a, void* adesc, const void* b, void* bdesc, const void* beta, const void* c,
+                   void* cdesc, void* d, void* ddesc, const void*, void*, size_t, void* stream);
+}
+
+// An 8x8x8 fp16 GEMM through the cuBLASLt stand-in on device buffers a, b, d; 0 when it ran.
+static int gemm8(uint64_t a, uint64_t b, uint64_t d) {
+    void *desc = nullptr, *l = nullptr;
+    cublasLtMatmulDescCreate(&desc, 68, 0);
+    cublasLtMatrixLayoutCreate(&l, 2, 8, 8, 8);
+    const float one = 1.0f, zero = 0.0f;
+    const void *pa = reinterpret_cast<void*>(a), *pb = reinterpret_cast<void*>(b);
+    void* pd = reinterpret_cast<void*>(d);
+    const int r = cublasLtMatmul(nullptr, desc, &one, pa, l, pb, l, &zero, pd, l, pd, l, nullptr, nullptr, 0, nullptr);
+    cublasLtMatrixLayoutDestroy(l);
+    cublasLtMatmulDescDestroy(desc);
+    return r;
 }
 
 static int failures = 0;
@@ -211,6 +231,18 @@ static void checker() {
             EXPECT((r.find("race between blocks") != std::string::npos) == bad[mode], "checker, %s: %s", names[mode], r.empty() ? "no race reported" : r.c_str());
         }
         EXPECT(cuMemFree_v2(words) == 0, "cuMemFree_v2 failed");
+    }
+    std::fprintf(stderr, "cuemu selftest: the three refusals printed next are expected\n");
+    {
+        uint64_t a = 0, b = 0, small = 0, d = 0;
+        cuMemAlloc_v2(&a, 128);
+        cuMemAlloc_v2(&b, 128);
+        cuMemAlloc_v2(&small, 64);
+        cuMemAlloc_v2(&d, 128);
+        EXPECT(gemm8(a, b, d) == 0, "checker: an 8x8x8 GEMM on 128-byte matrices was refused");
+        EXPECT(gemm8(a, small, d) != 0, "checker: a GEMM reading 128 bytes of B from a 64-byte allocation was not refused");
+        EXPECT(gemm8(a, b, a) != 0, "checker: a GEMM writing over its input A was not refused");
+        for (uint64_t p : {a, b, small, d}) cuMemFree_v2(p);
     }
     int host[32] = {};
     EXPECT(cuMemcpyHtoD_v2(dev, host, 100) == 0, "checker: a 100-byte copy into 100 bytes was refused");
