@@ -21,7 +21,9 @@
 #include <dlfcn.h>
 #include <elf.h>
 #include <link.h>
+#include <fcntl.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -30,6 +32,7 @@
 #include <cstring>
 #include <fstream>
 #include <mutex>
+#include <set>
 #include <sstream>
 #include <vector>
 
@@ -147,10 +150,22 @@ struct ThreadState {
     uint64_t device = 0, shared = 0, blocks = 0;  // accesses and blocks checked in this launch
 };
 
-// Totals over the process, printed at exit when CUEMU_CHECK_STATS is set.
+// Totals over the process, printed at exit when CUEMU_CHECK_STATS is set. The names of the kernels launched
+// are appended, one per line, to the file CUEMU_LAUNCHED names (scripts/emu-check: kernels no test launched).
 struct Totals {
     std::atomic<uint64_t> launches{0}, blocks{0}, device{0}, shared{0}, pages{0}, failed{0};
+    std::mutex names_m;
+    std::set<std::string> names;
     ~Totals() {
+        if (const char* f = std::getenv("CUEMU_LAUNCHED")) {
+            std::string all;
+            for (const std::string& n : names) all += n + "\n";
+            const int fd = open(f, O_WRONLY | O_APPEND | O_CREAT, 0644);
+            if (fd >= 0) {
+                if (write(fd, all.data(), all.size()) != ssize_t(all.size())) std::fprintf(stderr, "cuemu: could not append to %s\n", f);
+                close(fd);
+            }
+        }
         if (!std::getenv("CUEMU_CHECK_STATS")) return;
         std::fprintf(stderr,
                      "cuemu checker: %llu launches, %llu blocks; %llu device-memory and %llu shared-memory accesses checked; %llu device pages "
@@ -472,6 +487,10 @@ void check_launch_begin(const std::string& name) {
     ThreadState& s = state();
     s.name = &name;
     s.launch = launches.fetch_add(1) + 1;
+    {
+        std::lock_guard<std::mutex> g(totals.names_m);
+        totals.names.insert(name);
+    }
     if (s.launch == 0) s.launch = launches.fetch_add(1) + 1;  // 0 marks cells no launch touched
     s.failure.clear();
     s.violations = 0;
