@@ -12,6 +12,7 @@
 //    interleaving here and may give another on a GPU. A read of shared memory that no thread of the block has
 //    written is an error too (garbage on a GPU; here an earlier block's values). Dynamic shared memory is also
 //    checked for bounds;
+//  - warps: a shuffle reading a lane that has exited (or does not exist), an mma.sync without all 32 lanes;
 //  - device memory written by kernels: two blocks of one launch touching the same bytes, at least one writing
 //    (atomics aside). Blocks run one after another here, in any order and at once on a GPU. Only pages a kernel
 //    has written are tracked (weights, uploaded once, are not), from the first launch that writes them.
@@ -413,6 +414,32 @@ inline void check(const void* p, size_t n, bool write, const void* ret) {
 }  // namespace
 
 bool arena_reserved() { return arena.size != 0; }
+
+// The lanes of `mask` that the running thread's warp lacks: exited, or no such thread (a block size not a multiple
+// of 32).
+static std::string gone_lanes(uint32_t mask) {
+    const int base = cur->warp * WARP_SIZE, n = int(blk->fibers.size());
+    std::string gone;
+    for (int l = 0; l < WARP_SIZE; l++) {
+        if (!(mask >> l & 1)) continue;
+        gone += (gone.empty() ? "" : ", ") + std::to_string(l) + (base + l >= n ? " (no such thread)" : " (exited)");
+    }
+    return gone;
+}
+
+__attribute__((noinline)) void note_shuffle(int src, int parity) {
+    if (!arena.enabled || (blk->warps[cur->warp].members[parity] >> src & 1)) return;
+    if (!first_violation()) return;
+    fail("shuffle from a missing lane in " + where() + ": it reads lane " + gone_lanes(1u << src) +
+             " of its warp, which did not take part, so the value is undefined on a GPU",
+         __builtin_return_address(0));
+}
+
+__attribute__((noinline)) void note_mma(int parity) {
+    const uint32_t missing = ~blk->warps[cur->warp].members[parity];
+    if (!arena.enabled || missing == 0 || !first_violation()) return;
+    fail("mma.sync without the whole warp in " + where() + ": lanes " + gone_lanes(missing) + " do not take part (mma.sync needs all 32)", __builtin_return_address(0));
+}
 
 void note_atomic(const void* p, size_t n, const void* ret) {
     if (!fib || !arena.enabled) return;

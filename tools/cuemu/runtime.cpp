@@ -79,6 +79,20 @@ std::map<std::string, Kernel>& registry() {
 
 void to_scheduler() { cuemu_switch(&fib->sp, sched_sp); }
 
+// Ends a warp barrier: remembers which lanes took part (live now: every one of them has arrived), for the
+// checker's shuffle and mma.sync checks, and releases them.
+void release_warp(Warp& w, int warp) {
+    uint32_t m = 0;
+    const int n = int(blk->fibers.size());
+    for (int l = 0; l < WARP_SIZE; l++) {
+        const int t = warp * WARP_SIZE + l;
+        if (t < n && !blk->fibers[t].done) m |= 1u << l;
+    }
+    w.members[w.gen & 1] = m;
+    w.count = 0;
+    w.gen++;
+}
+
 [[noreturn]] void fiber_main() {
     (*body)();
     Block& b = *blk;
@@ -91,10 +105,7 @@ void to_scheduler() { cuemu_switch(&fib->sp, sched_sp); }
         b.count = 0;
         b.gen++;
     }
-    if (w.count > 0 && w.count == w.live) {
-        w.count = 0;
-        w.gen++;
-    }
+    if (w.count > 0 && w.count == w.live) release_warp(w, fib->view.warp);
     to_scheduler();
     std::abort();  // an ended fiber is never resumed
 }
@@ -142,8 +153,18 @@ void syncthreads() { barrier(blk->count, blk->live, blk->gen, BLOCK_BARRIER); }
 
 void syncwarp() {
     Warp& w = blk->warps[cur->warp];
-    barrier(w.count, w.live, w.gen, WARP_BARRIER);
+    const uint64_t g = w.gen;
+    blk->events++;
+    if (++w.count == w.live) {
+        release_warp(w, cur->warp);
+        return;
+    }
+    fib->wait = WARP_BARRIER;
+    while (w.gen == g) to_scheduler();
+    fib->wait = NONE;
 }
+
+int warp_parity() { return int(blk->warps[cur->warp].gen & 1); }
 
 uint64_t* warp_slots() {
     Warp& w = blk->warps[cur->warp];

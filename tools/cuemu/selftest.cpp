@@ -179,6 +179,13 @@ static void block_patterns(int mode, int* p) {
     }
 }
 
+// Shuffles after some lanes exited: reading an exited lane is an error (mode 0), reading live ones is not (1).
+static void exited_lanes(int mode, int* out) {
+    const int t = threadIdx.x;
+    if (t >= 20) return;
+    out[t] = mode == 0 ? __shfl_xor_sync(FULL_MASK, t, 16) : __shfl_xor_sync(FULL_MASK, t, 1);
+}
+
 static void read_at(const int* p, int i, int* out) {
     if (threadIdx.x == 0) *out = p[i];
 }
@@ -231,6 +238,12 @@ static void checker() {
             EXPECT((r.find("race between blocks") != std::string::npos) == bad[mode], "checker, %s: %s", names[mode], r.empty() ? "no race reported" : r.c_str());
         }
         EXPECT(cuMemFree_v2(words) == 0, "cuMemFree_v2 failed");
+    }
+    for (int mode = 0; mode < 2; mode++) {
+        const std::string r = run_grid("exited_lanes", [mode, o] { exited_lanes(mode, o); }, dim3{1, 1, 1}, dim3{32, 1, 1}, 0);
+        if (std::getenv("CUEMU_SELFTEST_VERBOSE") && !r.empty()) std::printf("%s\n", r.c_str());
+        EXPECT((r.find("shuffle from a missing lane") != std::string::npos) == (mode == 0), "checker, shuffles after lanes 20-31 exited (mode %d): %s", mode,
+               r.empty() ? "nothing reported" : r.c_str());
     }
     std::fprintf(stderr, "cuemu selftest: the three refusals printed next are expected\n");
     {
@@ -324,6 +337,11 @@ int main() {
                 for (int k = 0; k < 16; k++) want += a[r * 16 + k] * b[k * 8 + n];
                 EXPECT(d[r * 8 + n] == want, "mma D[%d][%d] = %f, want %f", r, n, d[r * 8 + n], want);
             }
+        // Half a warp: lanes 16-31 do not exist, which mma.sync does not allow.
+        const std::string half = run_grid("mma", [=] { mma(pa, pb, pc, pd); }, dim3{1, 1, 1}, dim3{16, 1, 1}, 0);
+        EXPECT(half.find("mma.sync without the whole warp") != std::string::npos && half.find("16 (no such thread)") != std::string::npos,
+               "checker, mma.sync on half a warp: %s", half.empty() ? "nothing reported" : half.c_str());
+
     }
     {
         const __half h = __float2half_rn(1.0f + 1.0f / 4096.0f);  // halfway between two fp16 values: to even

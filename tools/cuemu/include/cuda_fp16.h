@@ -71,6 +71,11 @@ void syncwarp();
 uint64_t* warp_slots();      // 32 words, one per lane; the other half of a pair after each warp barrier
 uint32_t* warp_exchange();  // 32 lanes x 16 words, for warp-wide matrix operations; alternates likewise
 void* dyn_smem();
+// The checker (check.cpp), after a warp barrier: a shuffle that reads lane `src` (its value is undefined on a GPU
+// when that lane has exited or does not exist), an mma.sync (every lane of the warp must take part).
+void note_shuffle(int src, int parity);
+void note_mma(int parity);
+int warp_parity();  // of the warp barrier the running thread is about to reach
 
 template <class T>
 T shfl(T v, int src) {
@@ -78,10 +83,12 @@ T shfl(T v, int src) {
     // The warp's slots alternate between barriers, so one barrier per shuffle is enough: a lane cannot write
     // these slots again before every lane has passed the next barrier, that is, has read them.
     uint64_t* slots = warp_slots();
+    const int parity = warp_parity();
     uint64_t b = 0;
     std::memcpy(&b, &v, sizeof(T));
     slots[cur->lane] = b;
     syncwarp();
+    note_shuffle(src, parity);
     uint64_t s = slots[src];
     T r;
     std::memcpy(&r, &s, sizeof(T));
@@ -93,10 +100,12 @@ T shfl(T v, int src) {
 // c2, c3 = C[g+8][2t, 2t+1]. Each register of A and B holds two halves, the lower-indexed one in the low 16 bits.
 inline void mma_m16n8k16(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4]) {
     uint32_t* x = warp_exchange();
+    const int parity = warp_parity();
     const int lane = cur->lane;
     for (int i = 0; i < 4; i++) x[lane * 16 + i] = a[i];
     for (int i = 0; i < 2; i++) x[lane * 16 + 4 + i] = b[i];
     syncwarp();
+    note_mma(parity);
     auto half_at = [](uint32_t w, int hi) {
         __half h;
         h.bits = uint16_t(hi ? w >> 16 : w & 0xffff);
