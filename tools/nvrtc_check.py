@@ -63,12 +63,29 @@ def ptxas_info(ptxas, ptx, arch):
     return info
 
 
+def max_threads(ptx, name):
+    """The .maxntid of a kernel's PTX entry (from __launch_bounds__), as threads per block; 0 when it has none."""
+    at = ptx.find(f".entry {name}(")
+    if at < 0:
+        return 0
+    head = ptx[at:ptx.find("{", at)]
+    m = re.search(r"\.maxntid\s+(\d+)(?:,\s*(\d+))?(?:,\s*(\d+))?", head)
+    if not m:
+        return 0
+    n = 1
+    for g in m.groups():
+        n *= int(g) if g else 1
+    return n
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--nvrtc", required=True)
     ap.add_argument("--include", action="append", default=[])
     ap.add_argument("--ptxas")
     ap.add_argument("--arch", action="append")
+    ap.add_argument("--table", help="also write kernel, arch, registers, static shared bytes and .maxntid (0: none) "
+                    "as tab-separated rows to this file (cuemu checks every launch against them)")
     ap.add_argument("dir")
     a = ap.parse_args()
     archs = a.arch or ["sm_80", "sm_90"]
@@ -81,6 +98,7 @@ def main():
     print(f"NVRTC {major.value}.{minor.value}; {len(files)} kernel files; archs {' '.join(archs)}")
     print(f"{'file':<16} {'kernel':<26} {'arch':<6} {'regs':>5} {'spill B':>8} {'smem B':>7}")
     failed, rows = 0, 0
+    table = []
     for f in files:
         path = os.path.join(a.dir, f)
         names = re.findall(r'extern\s+"C"\s+__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)', open(path).read())
@@ -104,9 +122,20 @@ def main():
                     failed += 1
                 r, s, m = info.get(n, ("-", "-", "-"))
                 print(f"{f:<16} {n:<26} {arch:<6} {r:>5} {s:>8} {m:>7}")
+                if n in info:
+                    table.append(f"{n}\t{arch}\t{r}\t{m}\t{max_threads(ptx, n)}")
                 rows += 1
     if failed:
         sys.exit(f"{failed} kernel problem(s)")
+    if a.table:
+        if not a.ptxas:
+            sys.exit("--table needs --ptxas (registers and shared memory come from ptxas -v)")
+        os.makedirs(os.path.dirname(os.path.abspath(a.table)), exist_ok=True)
+        with open(a.table + ".tmp", "w") as t:
+            t.write("# kernel\tarch\tregisters\tstatic shared bytes\tmax threads per block (.maxntid, 0: none); from tools/nvrtc_check.py\n")
+            t.write("\n".join(table) + "\n")
+        os.replace(a.table + ".tmp", a.table)
+        print(f"wrote {a.table} ({len(table)} rows)")
     print(f"ok: {rows} kernel builds")
 
 

@@ -4,13 +4,17 @@
 // allocated memory is filled with 0xff bytes (NaN in fp16 and fp32), so a kernel that reads what nobody wrote
 // shows NaN instead of a lucky zero. Memory bookkeeping is under one lock; kernels run on the calling thread, so
 // threads with their own streams (parallel tests) run their kernels at the same time.
+#include <dlfcn.h>
+
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -94,6 +98,83 @@ bool bad_range(const char* op, uint64_t p, size_t n) {
     if (e.empty()) return false;
     std::fprintf(stderr, "cuemu: %s %s\n", op, e.c_str());
     return true;
+}
+
+// What ptxas says a kernel needs on one architecture (scripts/check-kernels writes the table).
+struct Resources {
+    std::string arch;
+    int registers = 0, static_smem = 0, max_threads = 0;
+};
+
+// target/kernel-resources.tsv (next to this library's directory), or the file CUEMU_RESOURCES names; read once.
+const std::multimap<std::string, Resources>& resource_table() {
+    static std::multimap<std::string, Resources> table;
+    static std::once_flag once;
+    std::call_once(once, [] {
+        std::string path;
+        if (const char* e = std::getenv("CUEMU_RESOURCES")) {
+            path = e;
+        } else {
+            Dl_info info;
+            if (dladdr(reinterpret_cast<const void*>(&resource_table), &info) && info.dli_fname) {
+                path = info.dli_fname;
+                path = path.substr(0, path.rfind('/') + 1) + "../kernel-resources.tsv";
+            }
+        }
+        std::ifstream f(path);
+        std::string line;
+        while (std::getline(f, line)) {
+            if (line.empty() || line[0] == '#') continue;
+            std::istringstream row(line);
+            std::string name;
+            Resources r;
+            if (row >> name >> r.arch >> r.registers >> r.static_smem >> r.max_threads) table.emplace(name, r);
+        }
+        if (table.empty())
+            std::fprintf(stderr,
+                         "cuemu: no kernel resource table at %s (run scripts/check-kernels): launches are not checked against registers, shared "
+                         "memory and __launch_bounds__\n",
+                         path.c_str());
+    });
+    return table;
+}
+
+std::map<const void*, int>& max_dynamic_smem() {  // cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES) per kernel
+    static std::map<const void*, int> m;
+    return m;
+}
+
+// Why a GPU of an architecture in the table would refuse this launch, or "". Limits: 65536 registers per block
+// (allocated per warp in units of 256, i.e. per thread rounded up to a multiple of 8); shared memory 48 KiB per
+// block unless the kernel opts in to more dynamic memory, at most 163 KiB (sm_80) or 227 KiB (sm_90) in all; no
+// more threads than __launch_bounds__ allows.
+std::string refused_launch(const Kernel* k, unsigned threads, unsigned smem) {
+    int opt_in = -1;
+    {
+        std::lock_guard<std::recursive_mutex> g(lock());
+        auto it = max_dynamic_smem().find(k);
+        if (it != max_dynamic_smem().end()) opt_in = it->second;
+    }
+    auto range = resource_table().equal_range(k->name);
+    for (auto it = range.first; it != range.second; ++it) {
+        const Resources& r = it->second;
+        const long regs = long((r.registers + 7) / 8 * 8) * 32 * long((threads + 31) / 32);
+        const long max_total = r.arch == "sm_80" ? 166912 : 232448;
+        std::ostringstream o;
+        if (regs > 65536)
+            o << threads << " threads of " << r.registers << " registers need " << regs << " registers, more than a block's 65536";
+        else if (r.max_threads && int(threads) > r.max_threads)
+            o << threads << " threads, more than its __launch_bounds__ of " << r.max_threads;
+        else if (opt_in < 0 && long(smem) + r.static_smem > 49152)
+            o << smem << " bytes of dynamic shared memory with " << r.static_smem
+              << " static exceed 48 KiB without cuFuncSetAttribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES)";
+        else if (opt_in >= 0 && long(smem) > opt_in)
+            o << smem << " bytes of dynamic shared memory, more than the " << opt_in << " the kernel opted in to";
+        else if (long(smem) + r.static_smem > max_total)
+            o << smem << " + " << r.static_smem << " bytes of shared memory, more than a block's " << max_total;
+        if (!o.str().empty()) return k->name + " on " + r.arch + ": " + o.str();
+    }
+    return "";
 }
 
 }  // namespace
@@ -356,13 +437,24 @@ int cuFuncGetAttribute(int* v, int attr, void*) {
     *v = attr == 0 ? 1024 : 0;  // max threads per block; registers, shared and local sizes unknown here
     return CUDA_SUCCESS;
 }
-int cuFuncSetAttribute(void*, int, int) { return CUDA_SUCCESS; }
+int cuFuncSetAttribute(void* f, int attr, int v) {
+    if (attr == 8) {  // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+        LOCK;
+        max_dynamic_smem()[f] = v;
+    }
+    return CUDA_SUCCESS;
+}
 int cuFuncSetCacheConfig(void*, int) { return CUDA_SUCCESS; }
 
 int cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz, unsigned smem, void* s, void** params,
                    void** extra) {
         if (extra) return CUDA_ERROR_NOT_SUPPORTED;
     const Kernel* k = static_cast<const Kernel*>(f);
+    const std::string refused = refused_launch(k, bx * by * bz, smem);
+    if (!refused.empty()) {
+        std::fprintf(stderr, "cuemu: a GPU would refuse this launch: %s\n", refused.c_str());
+        return CUDA_ERROR_INVALID_VALUE;
+    }
     Call call = k->bind(params);
     const dim3 grid{gx, gy, gz}, block{bx, by, bz};
     return submit(s, [=] {  // k points into the registry, which lives as long as the library

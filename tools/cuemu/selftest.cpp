@@ -198,6 +198,42 @@ static void dyn_read(int i, int* out) {
     }
 }
 
+extern "C" {
+int cuModuleLoadData(void** m, const void* image);
+int cuModuleGetFunction(void** f, void* m, const char* name);
+int cuFuncSetAttribute(void* f, int attr, int v);
+int cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz, unsigned smem, void* s, void** params,
+                   void** extra);
+}
+
+// Launches checked against a resource table (as scripts/check-kernels writes it): a made-up row for gelu_f16 of
+// 100 registers and __launch_bounds__(512) on sm_90.
+static void launch_limits() {
+    const char* table = "/tmp/cuemu-selftest-resources.tsv";
+    FILE* f = std::fopen(table, "w");
+    std::fprintf(f, "# kernel arch registers static maxntid\ngelu_f16\tsm_90\t100\t1024\t512\n");
+    std::fclose(f);
+    setenv("CUEMU_RESOURCES", table, 1);  // read at the first cuLaunchKernel
+    void *m = nullptr, *k = nullptr;
+    EXPECT(cuModuleLoadData(&m, "// cuemu selftest") == 0 && cuModuleGetFunction(&k, m, "gelu_f16") == 0, "no gelu_f16 in the build");
+    uint64_t buf = 0;
+    cuMemAlloc_v2(&buf, 64);
+    long long n = 0;
+    void* params[] = {&buf, &n};
+    auto launch = [&](unsigned threads, unsigned smem) { return cuLaunchKernel(k, 1, 1, 1, threads, 1, 1, smem, nullptr, params, nullptr); };
+    std::fprintf(stderr, "cuemu selftest: the four refusals printed next are expected\n");
+    EXPECT(launch(512, 0) == 0, "checker: 512 threads of 100 registers (51200 of 65536) were refused");
+    EXPECT(launch(640, 0) != 0, "checker: 640 threads of 100 registers (more than 65536) were not refused");
+    EXPECT(launch(256, 0) == 0 && launch(544, 0) != 0, "checker: __launch_bounds__(512): 256 threads refused or 544 not refused");
+    EXPECT(launch(128, 48 * 1024 - 1024) == 0, "checker: 47 KiB of dynamic shared memory (+1 KiB static) were refused");
+    EXPECT(launch(128, 48 * 1024) != 0, "checker: 48 KiB of dynamic shared memory (+1 KiB static) without opting in were not refused");
+    cuFuncSetAttribute(k, 8, 100 * 1024);
+    EXPECT(launch(128, 100 * 1024) == 0 && launch(128, 100 * 1024 + 4) != 0, "checker: opting in to 100 KiB of dynamic shared memory");
+    cuMemFree_v2(buf);
+    unsetenv("CUEMU_RESOURCES");
+    std::remove(table);
+}
+
 static void checker() {
     using cuemu::run_grid;
     std::vector<int> out(64);
@@ -274,6 +310,7 @@ int main() {
     using cuemu::run_grid;
     cuemu::register_kernel_module(reinterpret_cast<const void*>(&checker));  // this program's `__shared__` arrays
     checker();
+    launch_limits();
     {
         std::vector<int> out(64 * 8, -7);
         int* p = out.data();
