@@ -12,6 +12,7 @@
 //    interleaving here and may give another on a GPU. A read of shared memory that no thread of the block has
 //    written is an error too (garbage on a GPU; here an earlier block's values). Dynamic shared memory is also
 //    checked for bounds;
+//  - alignment: a load or store of device or shared memory not aligned to its size (a GPU faults);
 //  - warps: a shuffle reading a lane that has exited (or does not exist), an mma.sync without all 32 lanes;
 //  - device memory written by kernels: two blocks of one launch touching the same bytes, at least one writing
 //    (atomics aside). Blocks run one after another here, in any order and at once on a GPU. Only pages a kernel
@@ -388,7 +389,18 @@ void global_access(uintptr_t a, size_t n, bool write, const void* ret) {
     }
 }
 
-inline void check(const void* p, size_t n, bool write, const void* ret) {
+// A GPU faults on a load or store that is not aligned to its size ("misaligned address").
+void misaligned(uintptr_t a, size_t n, const char* kind, const char* space, const void* ret) {
+    if (!first_violation()) return;
+    std::ostringstream o;
+    o << "misaligned " << n << "-byte " << kind << " of " << space << " in " << where() << ": address 0x" << std::hex << a
+      << " is not a multiple of " << std::dec << n << " (a GPU faults)";
+    fail(o.str(), ret);
+}
+
+// `aligned`: the instrumentation's plain hooks (an access of a naturally aligned type); its "unaligned" hooks come
+// from code the compiler knows may be unaligned on the host (merged or vectorized accesses) and are not checked.
+inline void check(const void* p, size_t n, bool write, const void* ret, bool aligned = false) {
     if (!fib || !arena.enabled) return;
     const uintptr_t a = reinterpret_cast<uintptr_t>(p);
     if (a - arena.base < arena.size) {
@@ -396,13 +408,20 @@ inline void check(const void* p, size_t n, bool write, const void* ret) {
             if (first_violation()) fail(std::string(write ? "out-of-bounds write in " : "out-of-bounds read in ") + where() + ": " + describe_device(a, n), ret);
             return;
         }
+        if (aligned && (a & (n - 1))) return misaligned(a, n, write ? "write" : "read", "device memory", ret);
         return global_access(a, n, write, ret);
     }
     ThreadState& s = state();
     for (Region& r : s.statics)
-        if (a - r.lo < r.size) return shared_access(r, a, n, write, ret);
+        if (a - r.lo < r.size) {
+            if (aligned && (a & (n - 1))) return misaligned(a, n, write ? "write" : "read", "shared memory", ret);
+            return shared_access(r, a, n, write, ret);
+        }
     Region& d = s.dyn;
-    if (a - d.lo < d.size) return shared_access(d, a, n, write, ret);
+    if (a - d.lo < d.size) {
+        if (aligned && (a & (n - 1))) return misaligned(a, n, write ? "write" : "read", "dynamic shared memory", ret);
+        return shared_access(d, a, n, write, ret);
+    }
     if (a - d.lo < d.size + DYN_GUARD && d.lo && first_violation()) {
         std::ostringstream o;
         o << "out-of-bounds " << (write ? "write" : "read") << " of dynamic shared memory in " << where() << ": " << n << " bytes at byte " << (a - d.lo)
@@ -433,6 +452,18 @@ __attribute__((noinline)) void note_shuffle(int src, int parity) {
     fail("shuffle from a missing lane in " + where() + ": it reads lane " + gone_lanes(1u << src) +
              " of its warp, which did not take part, so the value is undefined on a GPU",
          __builtin_return_address(0));
+}
+
+__attribute__((noinline)) void note_vector(const void* p, unsigned n) {
+    if (!fib || !arena.enabled) return;
+    const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+    if (!(a & (n - 1))) return;
+    const char* space = nullptr;
+    if (a - arena.base < arena.size) space = "device memory";
+    for (const Region& r : state().statics)
+        if (a - r.lo < r.size) space = "shared memory";
+    if (a - state().dyn.lo < state().dyn.size) space = "dynamic shared memory";
+    if (space) misaligned(a, n, "vector access", space, __builtin_return_address(0));
 }
 
 __attribute__((noinline)) void note_mma(int parity) {
@@ -580,8 +611,8 @@ void __tsan_init() {}
 void __tsan_func_entry(void*) {}
 void __tsan_func_exit() {}
 #define CUEMU_HOOKS(N)                                                                                                          \
-    void __tsan_read##N(void* p) { check(p, N, false, __builtin_return_address(0)); }                                          \
-    void __tsan_write##N(void* p) { check(p, N, true, __builtin_return_address(0)); }                                          \
+    void __tsan_read##N(void* p) { check(p, N, false, __builtin_return_address(0), true); }                                    \
+    void __tsan_write##N(void* p) { check(p, N, true, __builtin_return_address(0), true); }                                    \
     void __tsan_unaligned_read##N(void* p) { check(p, N, false, __builtin_return_address(0)); }                                \
     void __tsan_unaligned_write##N(void* p) { check(p, N, true, __builtin_return_address(0)); }                                \
     void __tsan_volatile_read##N(void* p) { check(p, N, false, __builtin_return_address(0)); }                                 \

@@ -186,6 +186,15 @@ static void exited_lanes(int mode, int* out) {
     out[t] = mode == 0 ? __shfl_xor_sync(FULL_MASK, t, 16) : __shfl_xor_sync(FULL_MASK, t, 1);
 }
 
+// A 16-byte vector load from `p` + `offset` bytes, and a 4-byte one: a GPU needs both aligned to their size.
+static void vector_load(const unsigned char* p, int offset, int wide, unsigned* out) {
+    if (threadIdx.x != 0) return;
+    if (wide)
+        *reinterpret_cast<uint4*>(out) = *reinterpret_cast<const uint4*>(p + offset);
+    else
+        *out = *reinterpret_cast<const unsigned*>(p + offset);
+}
+
 static void read_at(const int* p, int i, int* out) {
     if (threadIdx.x == 0) *out = p[i];
 }
@@ -280,6 +289,22 @@ static void checker() {
         if (std::getenv("CUEMU_SELFTEST_VERBOSE") && !r.empty()) std::printf("%s\n", r.c_str());
         EXPECT((r.find("shuffle from a missing lane") != std::string::npos) == (mode == 0), "checker, shuffles after lanes 20-31 exited (mode %d): %s", mode,
                r.empty() ? "nothing reported" : r.c_str());
+    }
+    {
+        uint64_t buf = 0;
+        cuMemAlloc_v2(&buf, 64);
+        const unsigned char* src = reinterpret_cast<const unsigned char*>(buf);
+        alignas(16) unsigned host[4];
+        unsigned* dst = host;
+        const int cases[4][3] = {{16, 1, 0}, {8, 1, 1}, {4, 0, 0}, {2, 0, 1}};  // offset, 16-byte?, misaligned?
+        for (const auto& c : cases) {
+            const int off = c[0], wide = c[1];
+            const std::string r = run_grid("vector_load", [=] { vector_load(src, off, wide, dst); }, dim3{1, 1, 1}, dim3{32, 1, 1}, 0);
+            if (std::getenv("CUEMU_SELFTEST_VERBOSE") && !r.empty()) std::printf("%s\n", r.c_str());
+            EXPECT((r.find("misaligned") != std::string::npos) == bool(c[2]), "checker: a %d-byte load at byte %d: %s", wide ? 16 : 4, off,
+                   r.empty() ? "nothing reported" : r.c_str());
+        }
+        cuMemFree_v2(buf);
     }
     std::fprintf(stderr, "cuemu selftest: the three refusals printed next are expected\n");
     {

@@ -23,13 +23,31 @@ struct uint3 {
 struct dim3 {
     unsigned x, y, z;
 };
+namespace cuemu {
+// The checker (check.cpp): a vector load or store of `n` bytes at `p` (a GPU faults unless p is n-aligned).
+void note_vector(const void* p, unsigned n);
+}
+// Copies note their address: a 16-byte vector access (`*reinterpret_cast<const uint4*>(p)`) is split into four
+// 4-byte accesses on the host, so the checker could not see its alignment otherwise.
 struct alignas(16) uint4 {
     unsigned x, y, z, w;
+    uint4() = default;
+    uint4(unsigned a, unsigned b, unsigned c, unsigned d) : x(a), y(b), z(c), w(d) {}
+    uint4(const uint4& o) : x(o.x), y(o.y), z(o.z), w(o.w) { cuemu::note_vector(&o, 16); }
+    uint4& operator=(const uint4& o) {
+        cuemu::note_vector(&o, 16);
+        cuemu::note_vector(this, 16);
+        x = o.x;
+        y = o.y;
+        z = o.z;
+        w = o.w;
+        return *this;
+    }
 };
 struct alignas(8) float2 {
     float x, y;
 };
-inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4(x, y, z, w); }
 inline float2 make_float2(float x, float y) { return float2{x, y}; }
 
 // fp16 storage with IEEE round-to-nearest-even conversions (GCC's _Float16).
