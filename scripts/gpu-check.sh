@@ -26,8 +26,10 @@
 # RLAIFD_CUDA_MMA_ATTENTION=0 runs everything with the scalar attention kernels instead of the tensor-core ones (for
 # when those fail on the hardware: the binaries cannot be rebuilt on the GPU host). The script sets it itself for
 # the stages after the parity tests when a tensor-core attention check failed there ($OUT/mma-failed).
-# PARTS=tests,bench,peer (the default: all) picks the parts to run, so a session whose commands are time-limited can
-# split the run in two (PARTS=tests, then PARTS=bench,peer) into the same $OUT.
+# PARTS=tests,bench,peer (the default) picks the parts to run, so a session whose commands are time-limited can
+# split the run in two (PARTS=tests, then PARTS=bench,peer) into the same $OUT. PARTS=sanitize (not in the default;
+# for device time left over) runs the kernel parity tests under NVIDIA's compute-sanitizer (memcheck, racecheck,
+# synccheck), the hardware's own check of what cuemu's checker checks on the CPU (tools/cuemu/README.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-check-out}
@@ -127,5 +129,18 @@ elif [ -n "$py" ] && "$py" -c "import torch, transformers" 2>/dev/null; then
   fi
 else
   echo "== bench peer skipped: no torch/transformers in $py" | tee "$OUT/peer.log"
+fi
+if part sanitize; then
+  san=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
+  if [ -z "$san" ]; then
+    echo "== sanitize skipped: no compute-sanitizer on PATH or in /usr/local/cuda/bin" | tee "$OUT/sanitize.log"
+  else
+    for tool in memcheck racecheck synccheck; do
+      for t in cuda_parity cuda_train_parity; do
+        stage "compute-sanitizer --tool $tool $t" sanitize.log 150 "$san" --tool "$tool" --error-exitcode 3 "$bins/$t" --test-threads 1
+      done
+    done
+    grep -E "^== |ERROR SUMMARY|test result|FAILED" "$OUT/sanitize.log" | tail -n 30
+  fi
 fi
 exit $status
