@@ -198,17 +198,15 @@ fn train_paused(first: &Model, second: &Model, pairs: &[Pair], pause: Option<usi
     (logs, adapter)
 }
 
-/// Relative L2 distance between two adapters' factors.
+/// Relative L2 distance of `b`'s factors from `a`'s.
 fn adapter_distance(a: &Adapter, b: &Adapter) -> f64 {
-    let (mut d, mut n) = (0.0f64, 0.0f64);
+    let (mut want, mut got) = (Vec::new(), Vec::new());
     for (name, m) in a.modules() {
         let o = b.module(name).unwrap();
-        for (x, y) in m.a.iter().chain(&m.b).zip(o.a.iter().chain(&o.b)) {
-            d += (*x as f64 - *y as f64).powi(2);
-            n += (*x as f64).powi(2);
-        }
+        want.extend(m.a.iter().chain(&m.b));
+        got.extend(o.a.iter().chain(&o.b));
     }
-    (d / n.max(1e-30)).sqrt()
+    rel_l2(&got, &want)
 }
 
 #[test]
@@ -319,7 +317,7 @@ fn gpu_image_path_matches_the_cpu_vision_tower_and_projector() {
 /// Relative L2 distance of `got` from `want`.
 fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
     assert_eq!(got.len(), want.len());
-    let num: f64 = got.iter().zip(want).map(|(g, w)| ((g - w) as f64).powi(2)).sum();
+    let num: f64 = got.iter().zip(want).map(|(g, w)| (*g as f64 - *w as f64).powi(2)).sum();
     let den: f64 = want.iter().map(|w| (*w as f64).powi(2)).sum();
     (num / den.max(1e-30)).sqrt()
 }

@@ -27,6 +27,7 @@ struct Fiber {
 struct Warp {
     int live = 0, count = 0;
     uint64_t gen = 0;  // warp barriers passed (__syncwarp, shuffles, mma.sync)
+    uint32_t live_lanes = 0;   // lanes that exist and have not ended
     uint32_t members[2] = {};  // the lanes that took part in the barrier that ended a generation (by parity)
     uint64_t slots[2][WARP_SIZE] = {};
     uint32_t exchange[2][WARP_SIZE * 16] = {};

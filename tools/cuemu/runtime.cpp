@@ -79,16 +79,10 @@ std::map<std::string, Kernel>& registry() {
 
 void to_scheduler() { cuemu_switch(&fib->sp, sched_sp); }
 
-// Ends a warp barrier: remembers which lanes took part (live now: every one of them has arrived), for the
+// Ends a warp barrier: remembers which lanes took part (the live ones: every one of them has arrived), for the
 // checker's shuffle and mma.sync checks, and releases them.
-void release_warp(Warp& w, int warp) {
-    uint32_t m = 0;
-    const int n = int(blk->fibers.size());
-    for (int l = 0; l < WARP_SIZE; l++) {
-        const int t = warp * WARP_SIZE + l;
-        if (t < n && !blk->fibers[t].done) m |= 1u << l;
-    }
-    w.members[w.gen & 1] = m;
+void release_warp(Warp& w) {
+    w.members[w.gen & 1] = w.live_lanes;
     w.count = 0;
     w.gen++;
 }
@@ -100,12 +94,13 @@ void release_warp(Warp& w, int warp) {
     fib->done = true;
     b.live--;
     w.live--;
+    w.live_lanes &= ~(1u << fib->view.lane);
     b.events++;
     if (b.count > 0 && b.count == b.live) {
         b.count = 0;
         b.gen++;
     }
-    if (w.count > 0 && w.count == w.live) release_warp(w, fib->view.warp);
+    if (w.count > 0 && w.count == w.live) release_warp(w);
     to_scheduler();
     std::abort();  // an ended fiber is never resumed
 }
@@ -156,7 +151,7 @@ void syncwarp() {
     const uint64_t g = w.gen;
     blk->events++;
     if (++w.count == w.live) {
-        release_warp(w, cur->warp);
+        release_warp(w);
         return;
     }
     fib->wait = WARP_BARRIER;
@@ -211,6 +206,7 @@ std::string run_grid(const std::string& name, const Call& call, dim3 grid, dim3 
                 b.smem.assign(smem + DYN_GUARD, 0xff);
                 for (int w = 0; w < nwarps; w++) {
                     b.warps[w].live = std::min(WARP_SIZE, n - w * WARP_SIZE);
+                    b.warps[w].live_lanes = b.warps[w].live == WARP_SIZE ? ~0u : (1u << b.warps[w].live) - 1;
                     b.warps[w].count = 0;
                 }
                 for (int t = 0; t < n; t++) {
