@@ -15,8 +15,8 @@
 //! warning on stderr once per adapter.
 //!
 //! DPO training (`train::trainer::train_dpo`) runs on the GPU too (`cuda_train::train_dpo_gpu`) for the adapters the
-//! loop trains (LoRA on the seven projections of every decoder layer, with or without dropout), fresh or resumed from an
-//! optimizer state saved on either device; so does LoRA SFT (`train::sft::train_sft`, `cuda_train::train_sft_gpu`).
+//! loop trains (LoRA on the seven projections of every decoder layer, with or without dropout) and for LoRA on any
+//! subset of those projections, fresh or resumed from an optimizer state saved on either device; so does LoRA SFT (`train::sft::train_sft`, `cuda_train::train_sft_gpu`).
 //! Any other run stays on the CPU trainer, with the reason on stderr.
 
 use crate::adapter::Adapter;
@@ -464,10 +464,10 @@ impl Backend for CudaBackend {
     }
 
     fn train_dpo(&self, model: &Model, adapter: &mut Adapter, pairs: &[TokenPair], refs: &[(f64, f64)], cfg: &TrainConfig, opt: &mut AdamW, stop_after: Option<usize>, on_step: &mut dyn FnMut(&StepLog)) -> Option<Result<()>> {
-        self.train_on_gpu(model, adapter, |st, adapter, features| crate::cuda_train::train_dpo_gpu(&st.gpu, &st.llama, model, adapter, pairs, refs, cfg, opt, stop_after, features, on_step))
+        self.train_on_gpu(model, adapter, |st, adapter, features| crate::cuda_train::train_dpo_gpu(&st.gpu, &st.llama, model, adapter, pairs, refs, cfg, opt, stop_after, st.vision.as_ref(), features, on_step))
     }
     fn train_sft(&self, model: &Model, adapter: &mut Adapter, examples: &[SftExample], cfg: &SftConfig, opt: &mut AdamW, stop_after: Option<usize>, on_step: &mut dyn FnMut(&SftStepLog)) -> Option<Result<()>> {
-        self.train_on_gpu(model, adapter, |st, adapter, features| crate::cuda_train::train_sft_gpu(&st.gpu, &st.llama, model, adapter, examples, cfg, opt, stop_after, features, on_step))
+        self.train_on_gpu(model, adapter, |st, adapter, features| crate::cuda_train::train_sft_gpu(&st.gpu, &st.llama, model, adapter, examples, cfg, opt, stop_after, st.vision.as_ref(), features, on_step))
     }
 }
 
@@ -480,12 +480,18 @@ impl CudaBackend {
             Ok(g) => g,
             Err(e) => return Some(Err(e)),
         };
-        if let Some(why) = crate::cuda_train::gpu_trainable(&guard.llama.cfg, adapter) {
+        let why = crate::cuda_train::gpu_trainable(&guard.llama.cfg, adapter).or_else(|| match (&guard.vision, touches_image_path(Some(adapter))) {
+            (_, false) => None,
+            (None, true) => Some("the adapter has LoRA on the image path, which runs on the CPU for this model".to_string()),
+            (Some(v), true) => crate::cuda_clip::GpuVisionAdapter::unsupported(v, adapter),
+        });
+        if let Some(why) = why {
             eprintln!("rlaifd engine: training on the CPU: {why}");
             return None;
         }
         let st = &*guard;
-        // The GPU trainer trains the decoder only, so the adapter leaves the image path alone.
+        // Features of the image path without the adapter's changes: used when the adapter has none (with image-path
+        // LoRA the trainer computes each image's features under it, on the device).
         let mut features = |px: &crate::image::PixelValues| st.features_on(model, px, None, &VisionOn::Gpu(None));
         Some(run(st, adapter, &mut features).map(report_skipped))
     }

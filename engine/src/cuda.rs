@@ -1172,11 +1172,34 @@ impl Gpu {
     pub fn activation_bwd(&self, kernel: &str, dout: &[f32], x: &[f32]) -> Result<Vec<f32>> {
         let (dd, dx_) = (self.upload_f16(dout)?, self.upload_f16(x)?);
         let mut dx = self.poisoned_f16(x.len())?;
-        let n = x.len() as i64;
-        let mut b = self.stream.launch_builder(self.f(kernel)?);
-        b.arg(&mut dx).arg(&dd).arg(&dx_).arg(&n);
-        unsafe { b.launch(cfg1(x.len(), 256)) }.map_err(derr)?;
+        self.activation_bwd_dev(kernel, &mut dx, &dd, &dx_, x.len())?;
         self.download_f16(&dx)
+    }
+
+    /// `activation_bwd` on the device over the first `n` values.
+    pub fn activation_bwd_dev(&self, kernel: &str, dx: &mut CudaSlice<f16>, dout: &CudaSlice<f16>, x: &CudaSlice<f16>, n: usize) -> Result<()> {
+        if dx.len() < n || dout.len() < n || x.len() < n {
+            return Err(err(format!("{kernel}: {n} values asked of buffers of {}, {} and {}", dx.len(), dout.len(), x.len())));
+        }
+        let nn = n as i64;
+        let mut b = self.stream.launch_builder(self.f(kernel)?);
+        b.arg(dx).arg(dout).arg(x).arg(&nn);
+        unsafe { b.launch(cfg1(n, 256)) }.map_err(derr)?;
+        Ok(())
+    }
+
+    /// dx (rows, cols) of LayerNorm with weight `w` from dout and the saved input x (no weight or bias gradient).
+    #[allow(clippy::too_many_arguments)]
+    pub fn layernorm_bwd_dx_dev(&self, dx: &mut CudaSlice<f16>, dout: &CudaSlice<f16>, x: &CudaSlice<f16>, w: &CudaSlice<f16>, rows: usize, cols: usize, eps: f32) -> Result<()> {
+        if w.len() != cols || [dx.len(), dout.len(), x.len()].iter().any(|&l| l < rows * cols) {
+            return Err(err(format!("layernorm backward: buffers too small for {rows}x{cols}")));
+        }
+        let c = to_i32(cols, "cols")?;
+        let null = 0u64;
+        let mut b = self.stream.launch_builder(self.f("layernorm_bwd_f16")?);
+        b.arg(dx).arg(&null).arg(&null).arg(dout).arg(x).arg(w).arg(&c).arg(&eps);
+        unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+        Ok(())
     }
 
     /// Backward of `rope_dev`, in place on the gradient.
@@ -1309,6 +1332,19 @@ impl Gpu {
         b.arg(&mut acc).arg(g).arg(&n);
         unsafe { b.launch(LaunchConfig { grid_dim: (g.len().div_ceil(256).clamp(1, 1024) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
         Ok(self.stream.clone_dtoh(&acc).map_err(derr)?[0])
+    }
+
+    /// acc[offset..offset + g.len()] += g.
+    pub fn grad_accumulate_at(&self, acc: &mut CudaSlice<f32>, offset: usize, g: &CudaSlice<f16>) -> Result<()> {
+        if offset + g.len() > acc.len() {
+            return Err(err(format!("gradient accumulation: {} values at {offset} of an accumulator of {}", g.len(), acc.len())));
+        }
+        let n = g.len() as i64;
+        let mut view = acc.slice_mut(offset..offset + g.len());
+        let mut b = self.stream.launch_builder(self.f("grad_accumulate_f32")?);
+        b.arg(&mut view).arg(g).arg(&n);
+        unsafe { b.launch(cfg1(g.len(), 256)) }.map_err(derr)?;
+        Ok(())
     }
 
     /// acc += g (fp16 gradient into the fp32 accumulator).

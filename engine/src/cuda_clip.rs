@@ -16,12 +16,12 @@ use half::f16;
 
 /// A linear layer on the device: weight (out, in), bias (out) or none; `name` is its canonical name (the CPU
 /// backend's `Linear::name`, e.g. `vision_tower.encoder.layers.0.self_attn.q_proj`), which adapters key it by.
-struct Lin {
-    name: String,
-    w: CudaSlice<f16>,
-    b: Option<CudaSlice<f16>>,
-    n_in: usize,
-    n_out: usize,
+pub(crate) struct Lin {
+    pub(crate) name: String,
+    pub(crate) w: CudaSlice<f16>,
+    pub(crate) b: Option<CudaSlice<f16>>,
+    pub(crate) n_in: usize,
+    pub(crate) n_out: usize,
 }
 
 /// One linear layer's changes under an adapter: LoRA factors A (r, in) and B (out, r) with their scale, and the
@@ -97,39 +97,39 @@ pub fn in_image_path(name: &str) -> bool {
 impl GpuVision {
     /// Whether `name` is in the image path and changes the features: not in a tower layer after the one the
     /// features are read from (those layers are not run).
-    fn feeds_features(&self, name: &str) -> bool {
+    pub(crate) fn feeds_features(&self, name: &str) -> bool {
         let layer = name.strip_prefix("vision_tower.encoder.layers.").and_then(|r| r.split('.').next()).and_then(|i| i.parse::<usize>().ok());
         in_image_path(name) && layer.is_none_or(|i| i < self.layers.len())
     }
 }
 
-struct Layer {
-    ln1: (CudaSlice<f16>, CudaSlice<f16>),
-    q: Lin,
-    k: Lin,
-    v: Lin,
-    o: Lin,
-    ln2: (CudaSlice<f16>, CudaSlice<f16>),
-    fc1: Lin,
-    fc2: Lin,
+pub(crate) struct Layer {
+    pub(crate) ln1: (CudaSlice<f16>, CudaSlice<f16>),
+    pub(crate) q: Lin,
+    pub(crate) k: Lin,
+    pub(crate) v: Lin,
+    pub(crate) o: Lin,
+    pub(crate) ln2: (CudaSlice<f16>, CudaSlice<f16>),
+    pub(crate) fc1: Lin,
+    pub(crate) fc2: Lin,
 }
 
 /// The vision tower (the layers LLaVA reads) and the projector of a LLaVA model, on the device.
 pub struct GpuVision {
-    cfg: ClipVisionConfig,
-    select: FeatureSelect,
+    pub(crate) cfg: ClipVisionConfig,
+    pub(crate) select: FeatureSelect,
     /// (D, C·P·P), the conv kernel flattened as (c, ky, kx) like the im2col rows.
     patch: CudaSlice<f16>,
     /// (T, D): the position embeddings, with the class embedding added to row 0 (the class token's patch row is 0).
     pos_class: CudaSlice<f16>,
     pre_ln: (CudaSlice<f16>, CudaSlice<f16>),
-    layers: Vec<Layer>,
-    proj1: Lin,
-    proj_act: Activation,
-    proj2: Lin,
+    pub(crate) layers: Vec<Layer>,
+    pub(crate) proj1: Lin,
+    pub(crate) proj_act: Activation,
+    pub(crate) proj2: Lin,
 }
 
-fn act_kernel(a: Activation) -> Option<&'static str> {
+pub(crate) fn act_kernel(a: Activation) -> Option<&'static str> {
     match a {
         Activation::Gelu => Some("gelu_f16"),
         Activation::QuickGelu => Some("quick_gelu_f16"),
@@ -242,6 +242,53 @@ impl GpuVision {
     /// them under the adapter `ad` uploads (None: no adapter).
     pub fn features(&self, gpu: &Gpu, pixels: &[f32], ad: Option<&GpuVisionAdapter>) -> Result<Vec<f32>> {
         let cfg = &self.cfg;
+        let d = cfg.hidden_size;
+        let (mut x, t) = self.embed(gpu, pixels)?;
+        let st = &gpu.stream;
+        let a = |n: usize| st.alloc_zeros::<f16>(n).map_err(derr);
+        let eps = cfg.layer_norm_eps as f32;
+        let (mut h, mut q, mut k, mut v, mut att, mut tmp) = (a(t * d)?, a(t * d)?, a(t * d)?, a(t * d)?, a(t * d)?, a(t * d)?);
+        let mut f = a(t * cfg.intermediate_size)?;
+        let heads = cfg.num_attention_heads;
+        let act = act_kernel(cfg.hidden_act).ok_or_else(|| err("vision activation"))?;
+        for l in &self.layers {
+            layernorm_dev(gpu, &mut h, &x, &l.ln1, t, d, eps)?;
+            linear(gpu, &l.q, &h, &mut q, t, ad)?;
+            linear(gpu, &l.k, &h, &mut k, t, ad)?;
+            linear(gpu, &l.v, &h, &mut v, t, ad)?;
+            gpu.attention_prefill_strided_dev(&mut att, None, &q, d, &k, &v, t, t, heads, heads, cfg.head_dim(), false)?;
+            linear(gpu, &l.o, &att, &mut tmp, t, ad)?;
+            gpu.residual_add_dev(&mut x, &tmp, t * d)?;
+            layernorm_dev(gpu, &mut h, &x, &l.ln2, t, d, eps)?;
+            linear(gpu, &l.fc1, &h, &mut f, t, ad)?;
+            activation_dev(gpu, act, &mut f, t * cfg.intermediate_size)?;
+            linear(gpu, &l.fc2, &f, &mut tmp, t, ad)?;
+            gpu.residual_add_dev(&mut x, &tmp, t * d)?;
+        }
+        let (first, rows) = self.selected(t);
+        let mut sel = a(rows * d)?;
+        st.memcpy_dtod(&x.slice(first * d..t * d), &mut sel.slice_mut(..)).map_err(derr)?;
+        let ct = self.proj1.n_out;
+        let mut p1 = a(rows * ct)?;
+        linear(gpu, &self.proj1, &sel, &mut p1, rows, ad)?;
+        activation_dev(gpu, act_kernel(self.proj_act).ok_or_else(|| err("projector activation"))?, &mut p1, rows * ct)?;
+        let mut p2 = a(rows * ct)?;
+        linear(gpu, &self.proj2, &p1, &mut p2, rows, ad)?;
+        gpu.download_f16(&p2)
+    }
+
+    /// The first row and the number of rows of the tower's output the projector reads (of `t` rows).
+    pub(crate) fn selected(&self, t: usize) -> (usize, usize) {
+        match self.select {
+            FeatureSelect::Default => (1, t - 1),
+            FeatureSelect::Full => (0, t),
+        }
+    }
+
+    /// The input of the tower's first layer (T, D) for preprocessed pixels (3, S, S): patch embedding, position
+    /// and class embeddings, the pre-layernorm; and T.
+    pub(crate) fn embed(&self, gpu: &Gpu, pixels: &[f32]) -> Result<(CudaSlice<f16>, usize)> {
+        let cfg = &self.cfg;
         let (d, p, s, ch) = (cfg.hidden_size, cfg.patch_size, cfg.image_size, cfg.num_channels);
         if pixels.len() != ch * s * s {
             return Err(err(format!("pixel_values has {} values, the vision tower needs {ch}x{s}x{s}", pixels.len())));
@@ -271,40 +318,9 @@ impl GpuVision {
         let mut emb = a(t * d)?;
         gpu.linear_device(&dcols, &self.patch, &mut emb, t, kdim, d)?;
         gpu.residual_add_dev(&mut emb, &self.pos_class, t * d)?;
-        let eps = cfg.layer_norm_eps as f32;
         let mut x = a(t * d)?;
-        layernorm_dev(gpu, &mut x, &emb, &self.pre_ln, t, d, eps)?;
-        let (mut h, mut q, mut k, mut v, mut att, mut tmp) = (a(t * d)?, a(t * d)?, a(t * d)?, a(t * d)?, a(t * d)?, a(t * d)?);
-        let mut f = a(t * cfg.intermediate_size)?;
-        let heads = cfg.num_attention_heads;
-        let act = act_kernel(cfg.hidden_act).ok_or_else(|| err("vision activation"))?;
-        for l in &self.layers {
-            layernorm_dev(gpu, &mut h, &x, &l.ln1, t, d, eps)?;
-            linear(gpu, &l.q, &h, &mut q, t, ad)?;
-            linear(gpu, &l.k, &h, &mut k, t, ad)?;
-            linear(gpu, &l.v, &h, &mut v, t, ad)?;
-            gpu.attention_prefill_strided_dev(&mut att, None, &q, d, &k, &v, t, t, heads, heads, cfg.head_dim(), false)?;
-            linear(gpu, &l.o, &att, &mut tmp, t, ad)?;
-            gpu.residual_add_dev(&mut x, &tmp, t * d)?;
-            layernorm_dev(gpu, &mut h, &x, &l.ln2, t, d, eps)?;
-            linear(gpu, &l.fc1, &h, &mut f, t, ad)?;
-            activation_dev(gpu, act, &mut f, t * cfg.intermediate_size)?;
-            linear(gpu, &l.fc2, &f, &mut tmp, t, ad)?;
-            gpu.residual_add_dev(&mut x, &tmp, t * d)?;
-        }
-        let (first, rows) = match self.select {
-            FeatureSelect::Default => (1, t - 1),
-            FeatureSelect::Full => (0, t),
-        };
-        let mut sel = a(rows * d)?;
-        st.memcpy_dtod(&x.slice(first * d..t * d), &mut sel.slice_mut(..)).map_err(derr)?;
-        let ct = self.proj1.n_out;
-        let mut p1 = a(rows * ct)?;
-        linear(gpu, &self.proj1, &sel, &mut p1, rows, ad)?;
-        activation_dev(gpu, act_kernel(self.proj_act).ok_or_else(|| err("projector activation"))?, &mut p1, rows * ct)?;
-        let mut p2 = a(rows * ct)?;
-        linear(gpu, &self.proj2, &p1, &mut p2, rows, ad)?;
-        gpu.download_f16(&p2)
+        layernorm_dev(gpu, &mut x, &emb, &self.pre_ln, t, d, cfg.layer_norm_eps as f32)?;
+        Ok((x, t))
     }
 }
 
@@ -314,10 +330,7 @@ fn linear(gpu: &Gpu, l: &Lin, x: &CudaSlice<f16>, y: &mut CudaSlice<f16>, rows: 
     let la = ad.and_then(|a| a.lins.get(&l.name));
     gpu.linear_device(x, la.and_then(|a| a.w.as_ref()).unwrap_or(&l.w), y, rows, l.n_in, l.n_out)?;
     if let Some(b) = la.and_then(|a| a.b.as_ref()).or(l.b.as_ref()) {
-        let (r, c) = (rows as i64, to_i32(l.n_out, "cols")?);
-        let mut lb = gpu.stream.launch_builder(gpu.f("bias_add_f16")?);
-        lb.arg(&mut *y).arg(b).arg(&r).arg(&c);
-        unsafe { lb.launch(cfg1(rows * l.n_out, 256)) }.map_err(derr)?;
+        bias_add(gpu, y, b, rows, l.n_out)?;
     }
     if let Some((a, b, r, scale)) = la.and_then(|a| a.lora.as_ref()) {
         let mut t = gpu.stream.alloc_zeros::<f16>(rows * r).map_err(derr)?;
@@ -327,8 +340,17 @@ fn linear(gpu: &Gpu, l: &Lin, x: &CudaSlice<f16>, y: &mut CudaSlice<f16>, rows: 
     Ok(())
 }
 
+/// y (rows, cols) += b on every row.
+pub(crate) fn bias_add(gpu: &Gpu, y: &mut CudaSlice<f16>, b: &CudaSlice<f16>, rows: usize, cols: usize) -> Result<()> {
+    let (r, c) = (rows as i64, to_i32(cols, "cols")?);
+    let mut lb = gpu.stream.launch_builder(gpu.f("bias_add_f16")?);
+    lb.arg(y).arg(b).arg(&r).arg(&c);
+    unsafe { lb.launch(cfg1(rows * cols, 256)) }.map_err(derr)?;
+    Ok(())
+}
+
 /// out (rows, cols) = LayerNorm(x) with (weight, bias).
-fn layernorm_dev(gpu: &Gpu, out: &mut CudaSlice<f16>, x: &CudaSlice<f16>, wb: &(CudaSlice<f16>, CudaSlice<f16>), rows: usize, cols: usize, eps: f32) -> Result<()> {
+pub(crate) fn layernorm_dev(gpu: &Gpu, out: &mut CudaSlice<f16>, x: &CudaSlice<f16>, wb: &(CudaSlice<f16>, CudaSlice<f16>), rows: usize, cols: usize, eps: f32) -> Result<()> {
     let c = to_i32(cols, "cols")?;
     let mut b = gpu.stream.launch_builder(gpu.f("layernorm_f16")?);
     b.arg(out).arg(x).arg(&wb.0).arg(&wb.1).arg(&c).arg(&eps);
@@ -337,7 +359,7 @@ fn layernorm_dev(gpu: &Gpu, out: &mut CudaSlice<f16>, x: &CudaSlice<f16>, wb: &(
 }
 
 /// An elementwise activation kernel in place over `n` values.
-fn activation_dev(gpu: &Gpu, kernel: &str, x: &mut CudaSlice<f16>, n: usize) -> Result<()> {
+pub(crate) fn activation_dev(gpu: &Gpu, kernel: &str, x: &mut CudaSlice<f16>, n: usize) -> Result<()> {
     let nn = n as i64;
     let mut b = gpu.stream.launch_builder(gpu.f(kernel)?);
     b.arg(x).arg(&nn);

@@ -292,7 +292,7 @@ impl GpuLlama {
             gpu.matmul_dev(&s.h, &l.qkv, &mut s.qkv, rows, c, nqkv)?;
             if let Some(a) = lora {
                 for (j, off) in [(0, 0), (1, h * hd), (2, (h + kvh) * hd)] {
-                    a.lora_fwd(gpu, li, j, &s.h, &mut s.lt, &mut s.qkv, off, nqkv, rows, None)?;
+                    a.lora_fwd(gpu, li, j, &s.h, Some(&mut s.lt), &mut s.qkv, off, nqkv, rows, None)?;
                 }
             }
             // RoPE on q and k, and k and v into this layer's cache: the prefill cache at `start`, or each decoding
@@ -325,13 +325,13 @@ impl GpuLlama {
             }
             gpu.matmul_dev(&s.att, &l.o, &mut s.tmp, rows, h * hd, c)?;
             if let Some(a) = lora {
-                a.lora_fwd(gpu, li, 3, &s.att, &mut s.lt, &mut s.tmp, 0, c, rows, None)?;
+                a.lora_fwd(gpu, li, 3, &s.att, Some(&mut s.lt), &mut s.tmp, 0, c, rows, None)?;
             }
             gpu.add_rmsnorm_dev(&mut s.h, &mut s.x, &s.tmp, &l.post_norm, rows, eps)?;
             gpu.matmul_dev(&s.h, &l.gate_up, &mut s.gu, rows, c, 2 * inter)?;
             if let Some(a) = lora {
-                a.lora_fwd(gpu, li, 4, &s.h, &mut s.lt, &mut s.gu, 0, 2 * inter, rows, None)?;
-                a.lora_fwd(gpu, li, 5, &s.h, &mut s.lt, &mut s.gu, inter, 2 * inter, rows, None)?;
+                a.lora_fwd(gpu, li, 4, &s.h, Some(&mut s.lt), &mut s.gu, 0, 2 * inter, rows, None)?;
+                a.lora_fwd(gpu, li, 5, &s.h, Some(&mut s.lt), &mut s.gu, inter, 2 * inter, rows, None)?;
             }
             // Batch 1 without LoRA on down (which reads the activation): SwiGLU inside the down GEMV.
             let gemv = gpu.gemv.load(std::sync::atomic::Ordering::Relaxed);
@@ -342,7 +342,7 @@ impl GpuLlama {
                 gpu.matmul_dev(&s.act, &l.down, &mut s.tmp, rows, inter, c)?;
             }
             if let Some(a) = lora {
-                a.lora_fwd(gpu, li, 6, &s.act, &mut s.lt, &mut s.tmp, 0, c, rows, None)?;
+                a.lora_fwd(gpu, li, 6, &s.act, Some(&mut s.lt), &mut s.tmp, 0, c, rows, None)?;
             }
         }
         gpu.add_rmsnorm_dev(&mut s.h, &mut s.x, &s.tmp, &self.norm, rows, eps)

@@ -1,5 +1,6 @@
 //! CUDA II: LoRA training of the GPU decoder (`cuda_llama::GpuLlama`) in mixed precision. fp16 weights and
-//! activations; the LoRA factors of every linear layer (q, k, v, o, gate, up, down) kept as fp32 master weights
+//! activations; the LoRA factors of the linear layers (q, k, v, o, gate, up, down, or any subset: a projection
+//! without LoRA has no buffers and no LoRA passes) kept as fp32 master weights
 //! with fp16 copies for the passes; gradients of one backward pass in fp16, loss-scaled, added into fp32
 //! accumulators; dynamic loss scaling (`cuda::LossScaler`: an overflowing step is skipped and the scale halved);
 //! gradient clipping on the unscaled norm; AdamW (`kernels/optim.cu`). Every op is a kernel of `kernels/*.cu`
@@ -42,16 +43,19 @@ fn projection_shape(cfg: &LlamaConfig, j: usize) -> (usize, usize) {
     }
 }
 
-/// Where one module's factors sit in the flat parameter buffers: A (r, in) at `a`, B (out, r) at `b`.
+/// Where one module's factors sit in the flat parameter buffers: A (r, in) at `a`, B (out, r) at `b`. A
+/// projection the adapter leaves out is absent: it has no storage, and its LoRA passes are skipped.
 #[derive(Clone, Copy, Debug)]
 struct Slot {
     n_in: usize,
     n_out: usize,
     a: usize,
     b: usize,
+    present: bool,
 }
 
-/// The LoRA adapter of every linear layer of the decoder, on the device, with its optimizer state.
+/// The LoRA adapter of the decoder's linear layers (any subset of the seven projections of each layer), on the
+/// device, with its optimizer state.
 pub struct GpuLora {
     pub r: usize,
     pub scale: f32,
@@ -68,8 +72,14 @@ pub struct GpuLora {
     g32: CudaSlice<f32>,
     m: CudaSlice<f32>,
     v: CudaSlice<f32>,
-    /// One backward pass's fp16 gradients, added into `g32` after the pass.
+    /// One backward pass's fp16 gradients of the decoder's modules, added into `g32` after the pass.
     g16: CudaSlice<f16>,
+    /// LoRA modules of the image path (linear layers of the vision tower and the projector) trained beside the
+    /// decoder's, by canonical name; their factors follow the decoder's in the flat buffers, from `dec_total`.
+    image: Vec<ImageSlot>,
+    dec_total: usize,
+    /// One image backward pass's fp16 gradients of those modules (`image` offsets minus `dec_total`).
+    g16_img: CudaSlice<f16>,
     /// Optimizer steps taken (skipped overflow steps excluded).
     pub steps: u32,
     pub scaler: LossScaler,
@@ -83,6 +93,29 @@ pub struct GpuLora {
     /// answers, 760 rows per pass instead of 1400. On by default (the loss and gradients of two whole sequences
     /// within fp16 rounding: `tests/cuda_train.rs`); ignored with `recompute`, which runs whole sequences.
     pub share_prompt: bool,
+}
+
+/// A LoRA module of the image path in the flat buffers: A (r, in) at `a`, B (out, r) at `b`, its own rank and
+/// scale, and its dropout mask offset (`adapter::dropout_base` of its name).
+#[derive(Clone, Debug)]
+struct ImageSlot {
+    name: String,
+    n_in: usize,
+    n_out: usize,
+    r: usize,
+    scale: f32,
+    a: usize,
+    b: usize,
+    mask_offset: u64,
+}
+
+/// An image-path LoRA module's initial values for `GpuLora::build_with`.
+struct ImageInit {
+    name: String,
+    r: usize,
+    scale: f32,
+    a: Vec<f32>,
+    b: Vec<f32>,
 }
 
 /// What one training step measured.
@@ -110,8 +143,8 @@ struct LayerTape {
     h2: CudaSlice<f16>,
     gu: CudaSlice<f16>,
     act: CudaSlice<f16>,
-    /// x A^T of each module (rows, r).
-    t: Vec<CudaSlice<f16>>,
+    /// x A^T of each module (rows, r); None for a projection without LoRA.
+    t: Vec<Option<CudaSlice<f16>>>,
     /// The dropout seed the forward pass drew its masks with (None: no dropout); the backward redraws them.
     drop: Option<u64>,
 }
@@ -157,28 +190,52 @@ struct SeqTape {
 }
 
 impl GpuLora {
-    fn build(gpu: &Gpu, cfg: &LlamaConfig, r: usize, scale: f32, values: impl FnMut(usize, usize, Slot) -> Result<(Vec<f32>, Vec<f32>)>) -> Result<GpuLora> {
-        Self::build_with(gpu, cfg, r, scale, true, values)
+    fn build(gpu: &Gpu, cfg: &LlamaConfig, r: usize, scale: f32, mut values: impl FnMut(usize, usize, Slot) -> Result<(Vec<f32>, Vec<f32>)>) -> Result<GpuLora> {
+        Self::build_with(gpu, cfg, r, scale, true, |_, _| true, |l, j, sl| values(l, j, sl), Vec::new())
     }
 
-    fn build_with(gpu: &Gpu, cfg: &LlamaConfig, r: usize, scale: f32, trainable: bool, mut values: impl FnMut(usize, usize, Slot) -> Result<(Vec<f32>, Vec<f32>)>) -> Result<GpuLora> {
+    /// The flat buffers for rank `r`: projection (l, j) has LoRA where `present(l, j)`, its initial factors (A, B)
+    /// from `values`.
+    /// `image`: LoRA modules of the image path trained beside them (after the decoder's in the buffers).
+    #[allow(clippy::too_many_arguments)]
+    fn build_with(gpu: &Gpu, cfg: &LlamaConfig, r: usize, scale: f32, trainable: bool, present: impl Fn(usize, usize) -> bool, mut values: impl FnMut(usize, usize, Slot) -> Result<(Vec<f32>, Vec<f32>)>, image: Vec<ImageInit>) -> Result<GpuLora> {
         if r == 0 {
             return Err(err("LoRA rank must be at least 1"));
         }
         let mut slots = Vec::with_capacity(cfg.num_hidden_layers);
         let mut total = 0usize;
-        for _ in 0..cfg.num_hidden_layers {
-            let mut layer = [Slot { n_in: 0, n_out: 0, a: 0, b: 0 }; 7];
+        for l in 0..cfg.num_hidden_layers {
+            let mut layer = [Slot { n_in: 0, n_out: 0, a: 0, b: 0, present: false }; 7];
             for (j, slot) in layer.iter_mut().enumerate() {
                 let (n_in, n_out) = projection_shape(cfg, j);
-                *slot = Slot { n_in, n_out, a: total, b: total + r * n_in };
-                total += r * (n_in + n_out);
+                let present = present(l, j);
+                *slot = Slot { n_in, n_out, a: total, b: total + r * n_in, present };
+                if present {
+                    total += r * (n_in + n_out);
+                }
             }
             slots.push(layer);
         }
+        if total == 0 {
+            return Err(err("the adapter has no LoRA module in the decoder"));
+        }
+        let dec_total = total;
+        let mut image_slots = Vec::with_capacity(image.len());
+        for m in &image {
+            if m.r == 0 || m.a.is_empty() || !m.a.len().is_multiple_of(m.r) || !m.b.len().is_multiple_of(m.r) {
+                return Err(err(format!("{}: LoRA factors of {} and {} values do not fit rank {}", m.name, m.a.len(), m.b.len(), m.r)));
+            }
+            let (n_in, n_out) = (m.a.len() / m.r, m.b.len() / m.r);
+            image_slots.push(ImageSlot { name: m.name.clone(), n_in, n_out, r: m.r, scale: m.scale, a: total, b: total + m.a.len(), mask_offset: crate::adapter::dropout_base(0, &m.name) });
+            total += m.a.len() + m.b.len();
+        }
         let mut host = vec![0.0f32; total];
+        for (sl, m) in image_slots.iter().zip(&image) {
+            host[sl.a..sl.a + m.a.len()].copy_from_slice(&m.a);
+            host[sl.b..sl.b + m.b.len()].copy_from_slice(&m.b);
+        }
         for (l, layer) in slots.iter().enumerate() {
-            for (j, sl) in layer.iter().enumerate() {
+            for (j, sl) in layer.iter().enumerate().filter(|(_, sl)| sl.present) {
                 let (a, b) = values(l, j, *sl)?;
                 if a.len() != r * sl.n_in || b.len() != sl.n_out * r {
                     return Err(err(format!("LoRA layer {l} {}: A has {} values and B {} (expected {} and {})", PROJECTIONS[j], a.len(), b.len(), r * sl.n_in, sl.n_out * r)));
@@ -204,7 +261,10 @@ impl GpuLora {
             g32: zeros()?,
             m: zeros()?,
             v: zeros()?,
-            g16: s.alloc_zeros::<f16>(state).map_err(derr)?,
+            g16: s.alloc_zeros::<f16>(if trainable { dec_total } else { 1 }).map_err(derr)?,
+            g16_img: s.alloc_zeros::<f16>(if trainable { (total - dec_total).max(1) } else { 1 }).map_err(derr)?,
+            image: image_slots,
+            dec_total,
             steps: 0,
             scaler: LossScaler::new(65536.0, 2000),
             trainable,
@@ -225,34 +285,58 @@ impl GpuLora {
         })
     }
 
-    /// The decoder modules of a PEFT adapter (every one of the seven projections of every layer, one rank and
-    /// scale; modules elsewhere, such as the vision tower's, are not trained here).
+    /// The decoder modules of a PEFT adapter, for training: any subset of the seven projections of each layer
+    /// (the ones left out have no LoRA and stay without it), one rank and scale (`inference_rank` says what else
+    /// the GPU decoder refuses). Modules elsewhere, such as the vision tower's, are not trained here
+    /// (`gpu_trainable` sends such an adapter to the CPU trainer).
     pub fn from_adapter(gpu: &Gpu, cfg: &LlamaConfig, adapter: &Adapter) -> Result<GpuLora> {
-        let name = |l: usize, j: usize| format!("language_model.layers.{l}.{}", PROJECTIONS[j]);
-        let first = adapter.module(&name(0, 0)).ok_or_else(|| err(format!("the adapter has no module {} (the GPU trainer needs LoRA on all seven projections of every decoder layer)", name(0, 0))))?;
-        let (r, scale) = (first.r, first.scale);
-        let mut gl = Self::build(gpu, cfg, r, scale, |l, j, _| {
-            let m = adapter.module(&name(l, j)).ok_or_else(|| err(format!("the adapter has no module {} (the GPU trainer needs LoRA on all seven projections of every decoder layer)", name(l, j))))?;
-            if m.r != r || m.scale != scale {
-                return Err(err(format!("{}: rank {} and scale {} differ from the adapter's first module ({r}, {scale})", name(l, j), m.r, m.scale)));
-            }
-            Ok((m.a.clone(), m.b.clone()))
-        })?;
+        let mut gl = Self::from_adapter_with(gpu, cfg, adapter, true)?;
         gl.dropout = adapter.lora_dropout;
         Ok(gl)
     }
 
-    /// The decoder modules of a PEFT adapter for inference (`cuda_llama` forward passes): projections the adapter
-    /// leaves out get zero factors, so any subset of the seven works; every module needs the same rank and scale.
-    /// Err (with the reason) for what the GPU decoder cannot apply: LoRA on the lm_head or the embeddings, or
-    /// whole decoder parameters the adapter replaces (`modules_to_save`). Modules of the vision tower and the
-    /// projector are ignored here (the image path applies them).
+    /// The decoder modules of a PEFT adapter for inference (`cuda_llama` forward passes), as `from_adapter` takes
+    /// them but without gradient or optimizer buffers. Err (with the reason) for what the GPU decoder cannot
+    /// apply: LoRA on the lm_head or the embeddings, ranks or scales that differ, or whole decoder parameters the
+    /// adapter replaces (`modules_to_save`). Modules of the vision tower and the projector are ignored here (the
+    /// image path applies them).
     pub fn for_inference(gpu: &Gpu, cfg: &LlamaConfig, adapter: &Adapter) -> Result<GpuLora> {
+        Self::from_adapter_with(gpu, cfg, adapter, false)
+    }
+
+    fn from_adapter_with(gpu: &Gpu, cfg: &LlamaConfig, adapter: &Adapter, trainable: bool) -> Result<GpuLora> {
         let (r, scale) = inference_rank(cfg, adapter)?;
-        Self::build_with(gpu, cfg, r, scale, false, |l, j, sl| match adapter.module(&format!("language_model.layers.{l}.{}", PROJECTIONS[j])) {
-            Some(m) => Ok((m.a.clone(), m.b.clone())),
-            None => Ok((vec![0.0; r * sl.n_in], vec![0.0; sl.n_out * r])),
-        })
+        let module = |l: usize, j: usize| adapter.module(&format!("language_model.layers.{l}.{}", PROJECTIONS[j]));
+        // Training takes the image path's LoRA modules too (`GpuLora::image_forward`); inference leaves them to the
+        // image path's own upload (`cuda_clip::GpuVisionAdapter`).
+        let image = match trainable {
+            true => adapter.modules().into_iter().filter(|(n, _)| crate::cuda_clip::in_image_path(n)).map(|(n, m)| ImageInit { name: n.to_string(), r: m.r, scale: m.scale, a: m.a.clone(), b: m.b.clone() }).collect(),
+            false => Vec::new(),
+        };
+        Self::build_with(
+            gpu,
+            cfg,
+            r,
+            scale,
+            trainable,
+            |l, j| module(l, j).is_some(),
+            |l, j, _| {
+                let m = module(l, j).ok_or_else(|| err(format!("the adapter lost language_model.layers.{l}.{}", PROJECTIONS[j])))?;
+                Ok((m.a.clone(), m.b.clone()))
+            },
+            image,
+        )
+    }
+
+    /// Whether this copy trains LoRA modules of the image path (so each image's features are computed with them,
+    /// and their gradients flow back from the decoder's input rows).
+    pub fn trains_image_path(&self) -> bool {
+        !self.image.is_empty()
+    }
+
+    /// Whether layer `l`'s projection `j` has LoRA.
+    pub fn has_module(&self, l: usize, j: usize) -> bool {
+        self.slots.get(l).and_then(|x| x.get(j)).is_some_and(|sl| sl.present)
     }
 
     fn check_trainable(&self) -> Result<()> {
@@ -268,66 +352,64 @@ impl GpuLora {
         self.p32.len()
     }
 
+    /// Layer `l`'s projection `j`, or an error naming it when it has no LoRA.
+    fn slot(&self, l: usize, j: usize) -> Result<Slot> {
+        match self.slots.get(l).and_then(|x| x.get(j)) {
+            Some(sl) if sl.present => Ok(*sl),
+            _ => Err(err(format!("no LoRA module at layer {l}, slot {j}"))),
+        }
+    }
+
     /// The accumulated (loss-scaled) gradients of layer `l`, projection `j` (index into `PROJECTIONS`): (dA, dB).
     pub fn grads(&self, gpu: &Gpu, l: usize, j: usize) -> Result<(Vec<f32>, Vec<f32>)> {
         self.check_trainable()?;
-        let sl = self.slots.get(l).and_then(|x| x.get(j)).ok_or_else(|| err(format!("no LoRA module at layer {l}, slot {j}")))?;
+        let sl = self.slot(l, j)?;
         let all = gpu.stream.clone_dtoh(&self.g32).map_err(derr)?;
         Ok((all[sl.a..sl.a + self.r * sl.n_in].to_vec(), all[sl.b..sl.b + sl.n_out * self.r].to_vec()))
     }
 
     /// The current factors of layer `l`, projection `j`: (A, B) from the fp32 masters.
     pub fn factors(&self, gpu: &Gpu, l: usize, j: usize) -> Result<(Vec<f32>, Vec<f32>)> {
-        let sl = self.slots.get(l).and_then(|x| x.get(j)).ok_or_else(|| err(format!("no LoRA module at layer {l}, slot {j}")))?;
+        let sl = self.slot(l, j)?;
         let all = gpu.stream.clone_dtoh(&self.p32).map_err(derr)?;
         Ok((all[sl.a..sl.a + self.r * sl.n_in].to_vec(), all[sl.b..sl.b + sl.n_out * self.r].to_vec()))
     }
 
+    /// Where layer `l`'s projection `j` sits in the flat buffers.
+    fn geom(&self, l: usize, j: usize) -> Geom {
+        let sl = self.slots[l][j];
+        Geom { a: sl.a, b: sl.b, n_in: sl.n_in, n_out: sl.n_out, r: self.r, scale: self.scale }
+    }
+
+    /// The dropout mask of layer `l`'s projection `j` for a sequence drawn with seed `drop` (None: no dropout).
+    fn mask(&self, l: usize, j: usize, drop: Option<u64>) -> Option<(u64, f64)> {
+        drop.filter(|_| self.dropout > 0.0).map(|seed| (seed ^ self.mask_offsets[l][j], self.dropout))
+    }
+
     /// y[:, y_off..y_off + out] += scale * (x A^T) B^T for `rows` rows (y rows `ldy` apart); t = x A^T is kept.
     /// With a dropout seed `drop`, x is the module's dropped-out input (its mask drawn as the CPU trainer's).
+    /// Nothing for a projection without LoRA (`t` may then be None).
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn lora_fwd(&self, gpu: &Gpu, l: usize, j: usize, x: &CudaSlice<f16>, t: &mut CudaSlice<f16>, y: &mut CudaSlice<f16>, y_off: usize, ldy: usize, rows: usize, drop: Option<u64>) -> Result<()> {
-        let (sl, r) = (self.slots[l][j], self.r);
-        let dropped = self.dropped_input(gpu, l, j, x, rows, drop)?;
-        let x = dropped.as_ref().unwrap_or(x);
-        gpu.gemm(&x.slice(..), sl.n_in, false, &self.p16.slice(sl.a..sl.a + r * sl.n_in), sl.n_in, true, &mut t.slice_mut(..), r, rows, r, sl.n_in, 1.0, 0.0)?;
-        gpu.gemm(&t.slice(..), r, false, &self.p16.slice(sl.b..sl.b + sl.n_out * r), r, true, &mut y.slice_mut(y_off..), ldy, rows, sl.n_out, r, self.scale, 1.0)
+    pub(crate) fn lora_fwd(&self, gpu: &Gpu, l: usize, j: usize, x: &CudaSlice<f16>, t: Option<&mut CudaSlice<f16>>, y: &mut CudaSlice<f16>, y_off: usize, ldy: usize, rows: usize, drop: Option<u64>) -> Result<()> {
+        if !self.slots[l][j].present {
+            return Ok(());
+        }
+        let t = t.ok_or_else(|| err(format!("no buffer for x A^T of LoRA layer {l} {}", PROJECTIONS[j])))?;
+        lora_apply(gpu, &self.p16, self.geom(l, j), x, t, y, y_off, ldy, rows, self.mask(l, j, drop))
     }
 
-    /// Module (l, j)'s input `x` (rows, in) after LoRA dropout under the sequence's dropout seed `drop`; None
-    /// without dropout (the input is used as is).
-    fn dropped_input(&self, gpu: &Gpu, l: usize, j: usize, x: &CudaSlice<f16>, rows: usize, drop: Option<u64>) -> Result<Option<CudaSlice<f16>>> {
-        let Some(seed) = drop.filter(|_| self.dropout > 0.0) else { return Ok(None) };
-        let n = rows * self.slots[l][j].n_in;
-        let mut xl = gpu.stream.alloc_zeros::<f16>(n).map_err(derr)?;
-        gpu.lora_dropout_dev(&mut xl, x, n, seed ^ self.mask_offsets[l][j], self.dropout)?;
-        Ok(Some(xl))
-    }
-
-    /// Backward of `lora_fwd`: given dy (columns dy_off.. of rows ldy apart), writes dA and dB into `g16` and adds
-    /// the LoRA path's input gradient into dx.
-    /// With the forward's dropout seed `drop`, the mask is drawn again: dA from the dropped-out input, and the
-    /// input gradient only through the kept elements (scaled as they were).
+    /// Backward of `lora_fwd`: given dy (columns dy_off.. of rows ldy apart), writes dA and dB into `g16` (added
+    /// with `acc`) and adds the LoRA path's input gradient into dx; with the forward's dropout seed, through the
+    /// same masks. Nothing for a projection without LoRA.
     #[allow(clippy::too_many_arguments)]
-    fn lora_bwd(&mut self, gpu: &Gpu, l: usize, j: usize, x: &CudaSlice<f16>, t: &CudaSlice<f16>, dy: &CudaSlice<f16>, dy_off: usize, ldy: usize, dx: &mut CudaSlice<f16>, rows: usize, acc: bool, drop: Option<u64>) -> Result<()> {
-        let (sl, r, s) = (self.slots[l][j], self.r, self.scale);
-        let dropped = self.dropped_input(gpu, l, j, x, rows, drop)?;
-        let x = dropped.as_ref().unwrap_or(x);
+    fn lora_bwd(&mut self, gpu: &Gpu, l: usize, j: usize, x: &CudaSlice<f16>, t: Option<&CudaSlice<f16>>, dy: &CudaSlice<f16>, dy_off: usize, ldy: usize, dx: &mut CudaSlice<f16>, rows: usize, acc: bool, drop: Option<u64>) -> Result<()> {
+        if !self.slots[l][j].present {
+            return Ok(());
+        }
+        let t = t.ok_or_else(|| err(format!("no saved x A^T of LoRA layer {l} {}", PROJECTIONS[j])))?;
+        let (g, mask) = (self.geom(l, j), self.mask(l, j, drop));
         // Several chunks of one pass (a shared prompt and its answers) add their gradients: beta 1 after the first.
-        let beta = if acc { 1.0 } else { 0.0 };
-        let mut dt = gpu.stream.alloc_zeros::<f16>(rows * r).map_err(derr)?;
-        // dB = s dy^T t; dt = s dy B; dA = dt^T x; dx += dt A.
-        gpu.gemm(&dy.slice(dy_off..), ldy, true, &t.slice(..), r, false, &mut self.g16.slice_mut(sl.b..sl.b + sl.n_out * r), r, sl.n_out, r, rows, s, beta)?;
-        gpu.gemm(&dy.slice(dy_off..), ldy, false, &self.p16.slice(sl.b..sl.b + sl.n_out * r), r, false, &mut dt.slice_mut(..), r, rows, r, sl.n_out, s, 0.0)?;
-        gpu.gemm(&dt.slice(..), r, true, &x.slice(..), sl.n_in, false, &mut self.g16.slice_mut(sl.a..sl.a + r * sl.n_in), sl.n_in, r, sl.n_in, rows, 1.0, beta)?;
-        let Some(seed) = drop.filter(|_| dropped.is_some()) else {
-            return gpu.gemm(&dt.slice(..), r, false, &self.p16.slice(sl.a..sl.a + r * sl.n_in), sl.n_in, false, &mut dx.slice_mut(..), sl.n_in, rows, sl.n_in, r, 1.0, 1.0);
-        };
-        // d x_dropped = dt A, then through the mask into dx.
-        let n = rows * sl.n_in;
-        let mut dxl = gpu.stream.alloc_zeros::<f16>(n).map_err(derr)?;
-        gpu.gemm(&dt.slice(..), r, false, &self.p16.slice(sl.a..sl.a + r * sl.n_in), sl.n_in, false, &mut dxl.slice_mut(..), sl.n_in, rows, sl.n_in, r, 1.0, 0.0)?;
-        gpu.lora_dropout_bwd_add_dev(dx, &dxl, n, seed ^ self.mask_offsets[l][j], self.dropout)
+        lora_grads(gpu, &self.p16, &mut self.g16, 0, g, x, t, dy, dy_off, ldy, Some(dx), rows, if acc { 1.0 } else { 0.0 }, mask)
     }
 
     /// The forward pass of `ids` under base + this adapter, saving what the backward needs; the log-probs of
@@ -451,7 +533,8 @@ impl GpuLora {
     /// loss-scaled): the answers' head rows and layers, the prompt getting its last row's share of both heads and,
     /// at every layer, the gradients of the keys and values the answers attended; LoRA gradients of all three
     /// added into the accumulators. The same gradients as two whole sequences, from one pass over the prompt.
-    fn backward_shared(&mut self, gpu: &Gpu, model: &GpuLlama, prompt: &ChunkTape, answers: [(&AnswerTape, f32); 2]) -> Result<()> {
+    /// Returns the gradient of the prompt's input rows (loss-scaled).
+    fn backward_shared(&mut self, gpu: &Gpu, model: &GpuLlama, prompt: &ChunkTape, answers: [(&AnswerTape, f32); 2]) -> Result<CudaSlice<f16>> {
         let cfg = &model.cfg;
         let (c, h, kvh, hd) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
         let nqkv = (h + 2 * kvh) * hd;
@@ -490,14 +573,16 @@ impl GpuLora {
             }
             self.layer_backward(gpu, model, li, &prompt.layers[li], &mut dx_p, p, &prompt.pos, None, Some(&dctx), true)?;
         }
-        gpu.grad_accumulate_dev(&mut self.g32, &self.g16)
+        gpu.grad_accumulate_dev(&mut self.g32, &self.g16)?;
+        Ok(dx_p)
     }
 
     /// `dpo_pair` with the prompt run once for both answers (`share_prompt`): the prompt's rows go through the
     /// decoder once, each answer attends its keys and values, and the backward pass sums both answers' gradients
     /// into the prompt's. Answers are given as their own input rows and ids.
     #[allow(clippy::too_many_arguments)]
-    fn dpo_pair_shared(&mut self, gpu: &Gpu, model: &GpuLlama, prompt: Input, chosen: (Input, &[u32]), rejected: (Input, &[u32]), refs: (f64, f64), cfg: &DpoConfig, weight: f64) -> Result<(f64, PairLogps)> {
+    /// Also returns the gradient of the prompt's input rows (loss-scaled).
+    fn dpo_pair_shared(&mut self, gpu: &Gpu, model: &GpuLlama, prompt: Input, chosen: (Input, &[u32]), rejected: (Input, &[u32]), refs: (f64, f64), cfg: &DpoConfig, weight: f64) -> Result<(f64, PairLogps, Vec<CudaSlice<f16>>)> {
         let pt = self.forward_prompt(gpu, model, prompt)?;
         let tc = self.forward_answer(gpu, model, &pt, chosen.0, chosen.1)?;
         let tr = self.forward_answer(gpu, model, &pt, rejected.0, rejected.1)?;
@@ -507,8 +592,8 @@ impl GpuLora {
             return Err(err(format!("the loss is {loss} (log-probs {logps:?})")));
         }
         let scale = self.scaler.scale as f64 * weight;
-        self.backward_shared(gpu, model, &pt, [(&tc, (d_pc * scale) as f32), (&tr, (d_pr * scale) as f32)])?;
-        Ok((loss, logps))
+        let dx = self.backward_shared(gpu, model, &pt, [(&tc, (d_pc * scale) as f32), (&tr, (d_pr * scale) as f32)])?;
+        Ok((loss, logps, vec![dx]))
     }
 
     /// Layer `li`'s forward pass over `x` (rows, hidden), in place, returning what its backward pass needs.
@@ -534,11 +619,11 @@ impl GpuLora {
         let mut qkv = a(rows * nqkv)?;
         gpu.linear_device(&h1, &l.qkv, &mut qkv, rows, c, nqkv)?;
         let mut t = Vec::with_capacity(7);
-        for _ in 0..7 {
-            t.push(a(rows * self.r)?);
+        for j in 0..7 {
+            t.push(if self.has_module(li, j) { Some(a(rows * self.r)?) } else { None });
         }
         for (j, off) in [(Q, 0), (K, h * hd), (V, (h + kvh) * hd)] {
-            self.lora_fwd(gpu, li, j, &h1, &mut t[j], &mut qkv, off, nqkv, rows, drop)?;
+            self.lora_fwd(gpu, li, j, &h1, t[j].as_mut(), &mut qkv, off, nqkv, rows, drop)?;
         }
         gpu.rope_strided_dev(&mut qkv, dpos, &model.cos, &model.sin, rows, h + kvh, hd, nqkv)?;
         let mut att = a(rows * h * hd)?;
@@ -555,26 +640,27 @@ impl GpuLora {
         }
         let mut tmp = a(rows * c)?;
         gpu.linear_device(&att, &l.o, &mut tmp, rows, h * hd, c)?;
-        self.lora_fwd(gpu, li, O, &att, &mut t[O], &mut tmp, 0, c, rows, drop)?;
+        self.lora_fwd(gpu, li, O, &att, t[O].as_mut(), &mut tmp, 0, c, rows, drop)?;
         gpu.residual_add_dev(x, &tmp, rows * c)?;
         let x_mid = x.try_clone().map_err(derr)?;
         let mut h2 = a(rows * c)?;
         gpu.rmsnorm_dev(&mut h2, x, &l.post_norm, rows, eps)?;
         let mut gu = a(rows * 2 * inter)?;
         gpu.linear_device(&h2, &l.gate_up, &mut gu, rows, c, 2 * inter)?;
-        self.lora_fwd(gpu, li, G, &h2, &mut t[G], &mut gu, 0, 2 * inter, rows, drop)?;
-        self.lora_fwd(gpu, li, U, &h2, &mut t[U], &mut gu, inter, 2 * inter, rows, drop)?;
+        self.lora_fwd(gpu, li, G, &h2, t[G].as_mut(), &mut gu, 0, 2 * inter, rows, drop)?;
+        self.lora_fwd(gpu, li, U, &h2, t[U].as_mut(), &mut gu, inter, 2 * inter, rows, drop)?;
         let mut act = a(rows * inter)?;
         gpu.swiglu_fused_dev(&mut act, &gu, rows, inter)?;
         gpu.linear_device(&act, &l.down, &mut tmp, rows, inter, c)?;
-        self.lora_fwd(gpu, li, D, &act, &mut t[D], &mut tmp, 0, c, rows, drop)?;
+        self.lora_fwd(gpu, li, D, &act, t[D].as_mut(), &mut tmp, 0, c, rows, drop)?;
         gpu.residual_add_dev(x, &tmp, rows * c)?;
         Ok(LayerTape { x_in, h1, qkv, att, lse, x_mid, h2, gu, act, t, drop })
     }
 
     /// The backward pass of `tape` for a loss whose derivative with respect to each answer token's log-prob is
     /// `dlogp` (already multiplied by the loss scale); the LoRA gradients are added into the fp32 accumulators.
-    fn backward(&mut self, gpu: &Gpu, model: &GpuLlama, tape: &SeqTape, dlogp: f32) -> Result<()> {
+    /// Returns the gradient of the input rows (rows, hidden; loss-scaled).
+    fn backward(&mut self, gpu: &Gpu, model: &GpuLlama, tape: &SeqTape, dlogp: f32) -> Result<CudaSlice<f16>> {
         let cfg = &model.cfg;
         let rows = tape.rows;
         let c = cfg.hidden_size;
@@ -600,7 +686,8 @@ impl GpuLora {
             };
             self.layer_backward(gpu, model, li, lt, &mut dx, rows, &tape.pos, None, None, false)?;
         }
-        gpu.grad_accumulate_dev(&mut self.g32, &self.g16)
+        gpu.grad_accumulate_dev(&mut self.g32, &self.g16)?;
+        Ok(dx)
     }
 
     /// Layer `li`'s backward pass for `rows` rows at positions `pos`: from `dx` (the gradient of the layer's output)
@@ -623,20 +710,20 @@ impl GpuLora {
         // MLP: x_out = x_mid + down(swiglu(gate_up(rmsnorm(x_mid)))).
         let mut dact = a(rows * inter)?;
         gpu.gemm(&dx.slice(..), c, false, &l.down.slice(..), inter, false, &mut dact.slice_mut(..), inter, rows, inter, c, 1.0, 0.0)?;
-        self.lora_bwd(gpu, li, D, &lt.act, &lt.t[D], dx, 0, c, &mut dact, rows, acc, lt.drop)?;
+        self.lora_bwd(gpu, li, D, &lt.act, lt.t[D].as_ref(), dx, 0, c, &mut dact, rows, acc, lt.drop)?;
         let mut dgu = a(rows * 2 * inter)?;
         swiglu_bwd(gpu, &mut dgu, &dact, &lt.gu, rows, inter)?;
         drop(dact);
         gpu.gemm(&dgu.slice(..), 2 * inter, false, &l.gate_up.slice(..), c, false, &mut dh.slice_mut(..), c, rows, c, 2 * inter, 1.0, 0.0)?;
-        self.lora_bwd(gpu, li, G, &lt.h2, &lt.t[G], &dgu, 0, 2 * inter, &mut dh, rows, acc, lt.drop)?;
-        self.lora_bwd(gpu, li, U, &lt.h2, &lt.t[U], &dgu, inter, 2 * inter, &mut dh, rows, acc, lt.drop)?;
+        self.lora_bwd(gpu, li, G, &lt.h2, lt.t[G].as_ref(), &dgu, 0, 2 * inter, &mut dh, rows, acc, lt.drop)?;
+        self.lora_bwd(gpu, li, U, &lt.h2, lt.t[U].as_ref(), &dgu, inter, 2 * inter, &mut dh, rows, acc, lt.drop)?;
         drop(dgu);
         gpu.rmsnorm_bwd_dev(&mut tmp, None, &dh, &lt.x_mid, &l.post_norm, rows, eps)?;
         gpu.residual_add_dev(dx, &tmp, rows * c)?;
         // Attention: x_mid = x_in + o(attention(rope(qkv(rmsnorm(x_in))))).
         let mut datt = a(rows * h * hd)?;
         gpu.gemm(&dx.slice(..), c, false, &l.o.slice(..), h * hd, false, &mut datt.slice_mut(..), h * hd, rows, h * hd, c, 1.0, 0.0)?;
-        self.lora_bwd(gpu, li, O, &lt.att, &lt.t[O], dx, 0, c, &mut datt, rows, acc, lt.drop)?;
+        self.lora_bwd(gpu, li, O, &lt.att, lt.t[O].as_ref(), dx, 0, c, &mut datt, rows, acc, lt.drop)?;
         let mut dqkv = match ctx {
             None => {
                 let mut dqkv = a(rows * nqkv)?;
@@ -668,7 +755,7 @@ impl GpuLora {
         rope_bwd(gpu, model, &mut dqkv, pos, rows)?;
         gpu.gemm(&dqkv.slice(..), nqkv, false, &l.qkv.slice(..), c, false, &mut dh.slice_mut(..), c, rows, c, nqkv, 1.0, 0.0)?;
         for (j, off) in [(Q, 0), (K, h * hd), (V, (h + kvh) * hd)] {
-            self.lora_bwd(gpu, li, j, &lt.h1, &lt.t[j], &dqkv, off, nqkv, &mut dh, rows, acc, lt.drop)?;
+            self.lora_bwd(gpu, li, j, &lt.h1, lt.t[j].as_ref(), &dqkv, off, nqkv, &mut dh, rows, acc, lt.drop)?;
         }
         gpu.rmsnorm_bwd_dev(&mut tmp, None, &dh, &lt.x_in, &l.input_norm, rows, eps)?;
         gpu.residual_add_dev(dx, &tmp, rows * c)
@@ -712,7 +799,7 @@ impl GpuLora {
         }
         let scale = self.scaler.scale;
         let seed = dropout_seed.filter(|_| self.dropout > 0.0);
-        let (loss, logps) = if self.share_prompt && !self.recompute && seed.is_none() {
+        let (loss, logps, _) = if self.share_prompt && !self.recompute && seed.is_none() {
             self.dpo_pair_shared(gpu, model, Input::Ids(prompt), (Input::Ids(chosen), chosen), (Input::Ids(rejected), rejected), refs, cfg, 1.0)?
         } else {
             let (sc, sr) = ([prompt, chosen].concat(), [prompt, rejected].concat());
@@ -730,7 +817,8 @@ impl GpuLora {
     /// the gradients of `weight` times the pair's loss are added to the accumulators (loss-scaled). Returns the
     /// loss (unweighted, unscaled) and the log-probs.
     #[allow(clippy::too_many_arguments)]
-    fn dpo_pair(&mut self, gpu: &Gpu, model: &GpuLlama, chosen: (Input, &[u32], usize), rejected: (Input, &[u32], usize), refs: (f64, f64), cfg: &DpoConfig, weight: f64, drops: (Option<u64>, Option<u64>)) -> Result<(f64, PairLogps)> {
+    /// Also returns the gradients of both sequences' input rows (loss-scaled).
+    fn dpo_pair(&mut self, gpu: &Gpu, model: &GpuLlama, chosen: (Input, &[u32], usize), rejected: (Input, &[u32], usize), refs: (f64, f64), cfg: &DpoConfig, weight: f64, drops: (Option<u64>, Option<u64>)) -> Result<(f64, PairLogps, Vec<CudaSlice<f16>>)> {
         let tc = self.forward_seq(gpu, model, chosen.0, chosen.1, chosen.2, drops.0)?;
         let tr = self.forward_seq(gpu, model, rejected.0, rejected.1, rejected.2, drops.1)?;
         let logps = PairLogps { policy_chosen: tc.logp_sum, policy_rejected: tr.logp_sum, ref_chosen: refs.0, ref_rejected: refs.1 };
@@ -739,10 +827,10 @@ impl GpuLora {
             return Err(err(format!("the loss is {loss} (log-probs {logps:?})")));
         }
         let scale = self.scaler.scale as f64 * weight;
-        self.backward(gpu, model, &tc, (d_pc * scale) as f32)?;
+        let dc = self.backward(gpu, model, &tc, (d_pc * scale) as f32)?;
         drop(tc);
-        self.backward(gpu, model, &tr, (d_pr * scale) as f32)?;
-        Ok((loss, logps))
+        let dr = self.backward(gpu, model, &tr, (d_pr * scale) as f32)?;
+        Ok((loss, logps, vec![dc, dr]))
     }
 
     /// Writes the current factors (the fp32 masters) into `adapter`'s decoder modules, which must be the ones
@@ -750,7 +838,7 @@ impl GpuLora {
     pub fn write_back(&self, gpu: &Gpu, adapter: &mut Adapter) -> Result<()> {
         let all = gpu.stream.clone_dtoh(&self.p32).map_err(derr)?;
         for (l, layer) in self.slots.iter().enumerate() {
-            for (j, sl) in layer.iter().enumerate() {
+            for (j, sl) in layer.iter().enumerate().filter(|(_, sl)| sl.present) {
                 let name = format!("language_model.layers.{l}.{}", PROJECTIONS[j]);
                 let m = adapter.module_mut(&name).ok_or_else(|| err(format!("the adapter has no module {name}")))?;
                 if m.a.len() != self.r * sl.n_in || m.b.len() != sl.n_out * self.r {
@@ -759,6 +847,14 @@ impl GpuLora {
                 m.a.copy_from_slice(&all[sl.a..sl.a + self.r * sl.n_in]);
                 m.b.copy_from_slice(&all[sl.b..sl.b + sl.n_out * self.r]);
             }
+        }
+        for sl in &self.image {
+            let m = adapter.module_mut(&sl.name).ok_or_else(|| err(format!("the adapter has no module {}", sl.name)))?;
+            if m.a.len() != sl.r * sl.n_in || m.b.len() != sl.n_out * sl.r {
+                return Err(err(format!("{}: the adapter's factors do not have this GPU copy's shape", sl.name)));
+            }
+            m.a.copy_from_slice(&all[sl.a..sl.a + sl.r * sl.n_in]);
+            m.b.copy_from_slice(&all[sl.b..sl.b + sl.n_out * sl.r]);
         }
         Ok(())
     }
@@ -805,12 +901,17 @@ impl GpuLora {
     fn tensors(&self, adapter: &Adapter) -> Result<Vec<(String, String, std::ops::Range<usize>)>> {
         let mut out = Vec::with_capacity(self.slots.len() * 14);
         for (l, layer) in self.slots.iter().enumerate() {
-            for (j, sl) in layer.iter().enumerate() {
+            for (j, sl) in layer.iter().enumerate().filter(|(_, sl)| sl.present) {
                 let name = format!("language_model.layers.{l}.{}", PROJECTIONS[j]);
                 let m = adapter.module(&name).ok_or_else(|| err(format!("the adapter has no module {name}")))?;
                 out.push((name.clone(), m.keys.0.clone(), sl.a..sl.a + self.r * sl.n_in));
                 out.push((name, m.keys.1.clone(), sl.b..sl.b + sl.n_out * self.r));
             }
+        }
+        for sl in &self.image {
+            let m = adapter.module(&sl.name).ok_or_else(|| err(format!("the adapter has no module {}", sl.name)))?;
+            out.push((sl.name.clone(), m.keys.0.clone(), sl.a..sl.a + sl.r * sl.n_in));
+            out.push((sl.name.clone(), m.keys.1.clone(), sl.b..sl.b + sl.n_out * sl.r));
         }
         Ok(out)
     }
@@ -838,6 +939,279 @@ impl GpuLora {
     pub fn answer_logp(&self, gpu: &Gpu, model: &GpuLlama, prompt: &[u32], answer: &[u32]) -> Result<f64> {
         Ok(self.forward(gpu, model, &[prompt, answer].concat(), prompt.len())?.logp_sum)
     }
+}
+
+/// The image path's forward pass under the adapter's image-path LoRA (`GpuLora::image_forward`), kept for its
+/// backward.
+pub(crate) struct ImageTape {
+    /// Tokens of the tower (patches and the class token).
+    t: usize,
+    /// The lowest tower layer with LoRA; the layers before it keep no tape (nothing below it is trained).
+    first: usize,
+    layers: Vec<ImageLayerTape>,
+    /// The projector's input rows, its first layer's output before and after the activation, and x A^T of its
+    /// two layers' LoRA.
+    sel: CudaSlice<f16>,
+    p1: CudaSlice<f16>,
+    pa: CudaSlice<f16>,
+    proj_t: [Option<CudaSlice<f16>>; 2],
+    /// The projected features (rows, text hidden).
+    pub(crate) features: CudaSlice<f16>,
+    pub(crate) rows: usize,
+    drop: Option<u64>,
+}
+
+/// One tower layer's saved activations.
+struct ImageLayerTape {
+    x_in: CudaSlice<f16>,
+    h1: CudaSlice<f16>,
+    q: CudaSlice<f16>,
+    k: CudaSlice<f16>,
+    v: CudaSlice<f16>,
+    att: CudaSlice<f16>,
+    lse: CudaSlice<f32>,
+    x_mid: CudaSlice<f16>,
+    h2: CudaSlice<f16>,
+    /// fc1's output before and after the activation.
+    fpre: CudaSlice<f16>,
+    fact: CudaSlice<f16>,
+    /// x A^T of q, k, v, out_proj, fc1, fc2 (None: no LoRA there).
+    t: [Option<CudaSlice<f16>>; 6],
+}
+
+fn act_bwd_kernel(a: crate::config::Activation) -> Result<&'static str> {
+    match a {
+        crate::config::Activation::Gelu => Ok("gelu_bwd_f16"),
+        crate::config::Activation::QuickGelu => Ok("quick_gelu_bwd_f16"),
+        other => Err(err(format!("the GPU image path has no backward kernel for the activation {other:?}"))),
+    }
+}
+
+impl GpuLora {
+    /// The image-path module named `name`, if this copy trains it.
+    fn image_slot(&self, name: &str) -> Option<&ImageSlot> {
+        self.image.iter().find(|sl| sl.name == name)
+    }
+
+    fn image_geom(sl: &ImageSlot) -> Geom {
+        Geom { a: sl.a, b: sl.b, n_in: sl.n_in, n_out: sl.n_out, r: sl.r, scale: sl.scale }
+    }
+
+    fn image_mask(&self, sl: &ImageSlot, drop: Option<u64>) -> Option<(u64, f64)> {
+        drop.filter(|_| self.dropout > 0.0).map(|seed| (seed ^ sl.mask_offset, self.dropout))
+    }
+
+    /// y = x W^T + b of a linear layer of the image path, plus its LoRA when this copy trains one there (x dropped
+    /// out under `drop`); returns x A^T for the backward.
+    fn image_linear(&self, gpu: &Gpu, lin: &crate::cuda_clip::Lin, x: &CudaSlice<f16>, y: &mut CudaSlice<f16>, rows: usize, drop: Option<u64>) -> Result<Option<CudaSlice<f16>>> {
+        gpu.linear_device(x, &lin.w, y, rows, lin.n_in, lin.n_out)?;
+        if let Some(b) = &lin.b {
+            crate::cuda_clip::bias_add(gpu, y, b, rows, lin.n_out)?;
+        }
+        let Some(sl) = self.image_slot(&lin.name) else { return Ok(None) };
+        let mut t = gpu.stream.alloc_zeros::<f16>(rows * sl.r).map_err(derr)?;
+        lora_apply(gpu, &self.p16, Self::image_geom(sl), x, &mut t, y, 0, lin.n_out, rows, self.image_mask(sl, drop))?;
+        Ok(Some(t))
+    }
+
+    /// Backward of `image_linear` from dy: dx = dy W (added into dx with `acc`), plus the LoRA path's share, whose
+    /// factor gradients go into `g16_img`. `dx` None: the input gradient is not needed.
+    #[allow(clippy::too_many_arguments)]
+    fn image_linear_bwd(&mut self, gpu: &Gpu, lin: &crate::cuda_clip::Lin, x: &CudaSlice<f16>, t: Option<&CudaSlice<f16>>, dy: &CudaSlice<f16>, mut dx: Option<&mut CudaSlice<f16>>, rows: usize, acc: bool, drop: Option<u64>) -> Result<()> {
+        if let Some(dx) = dx.as_deref_mut() {
+            gpu.gemm(&dy.slice(..), lin.n_out, false, &lin.w.slice(..), lin.n_in, false, &mut dx.slice_mut(..), lin.n_in, rows, lin.n_in, lin.n_out, 1.0, if acc { 1.0 } else { 0.0 })?;
+        }
+        let Some(sl) = self.image_slot(&lin.name).cloned() else { return Ok(()) };
+        let t = t.ok_or_else(|| err(format!("no saved x A^T of {}", lin.name)))?;
+        let mask = self.image_mask(&sl, drop);
+        // Each image-path module runs once per image: its gradients overwrite the last image's.
+        lora_grads(gpu, &self.p16, &mut self.g16_img, self.dec_total, Self::image_geom(&sl), x, t, dy, 0, lin.n_out, dx, rows, 0.0, mask)
+    }
+
+    /// The image path's forward pass for preprocessed pixels under base + this copy's image-path LoRA (dropout
+    /// masks from `drop`, as the CPU trainer's image part draws them), keeping what `image_backward` needs.
+    pub(crate) fn image_forward(&self, gpu: &Gpu, vision: &crate::cuda_clip::GpuVision, pixels: &[f32], drop: Option<u64>) -> Result<ImageTape> {
+        use crate::cuda_clip::{act_kernel, activation_dev, layernorm_dev};
+        let cfg = &vision.cfg;
+        let (d, inter, heads) = (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads);
+        let eps = cfg.layer_norm_eps as f32;
+        let st = &gpu.stream;
+        let a = |n: usize| st.alloc_zeros::<f16>(n).map_err(derr);
+        let act = act_kernel(cfg.hidden_act).ok_or_else(|| err("vision activation"))?;
+        let (mut x, t) = vision.embed(gpu, pixels)?;
+        let first = vision.layers.iter().position(|l| [&l.q, &l.k, &l.v, &l.o, &l.fc1, &l.fc2].iter().any(|lin| self.image_slot(&lin.name).is_some())).unwrap_or(vision.layers.len());
+        let mut layers = Vec::new();
+        for (li, l) in vision.layers.iter().enumerate() {
+            let x_in = x.try_clone().map_err(derr)?;
+            let mut h1 = a(t * d)?;
+            layernorm_dev(gpu, &mut h1, &x, &l.ln1, t, d, eps)?;
+            let (mut q, mut k, mut v) = (a(t * d)?, a(t * d)?, a(t * d)?);
+            let tq = self.image_linear(gpu, &l.q, &h1, &mut q, t, drop)?;
+            let tk = self.image_linear(gpu, &l.k, &h1, &mut k, t, drop)?;
+            let tv = self.image_linear(gpu, &l.v, &h1, &mut v, t, drop)?;
+            let mut att = a(t * d)?;
+            let mut lse = st.alloc_zeros::<f32>(t * heads).map_err(derr)?;
+            gpu.attention_prefill_strided_dev(&mut att, Some(&mut lse), &q, d, &k, &v, t, t, heads, heads, cfg.head_dim(), false)?;
+            let mut tmp = a(t * d)?;
+            let to = self.image_linear(gpu, &l.o, &att, &mut tmp, t, drop)?;
+            gpu.residual_add_dev(&mut x, &tmp, t * d)?;
+            let x_mid = x.try_clone().map_err(derr)?;
+            let mut h2 = a(t * d)?;
+            layernorm_dev(gpu, &mut h2, &x, &l.ln2, t, d, eps)?;
+            let mut fpre = a(t * inter)?;
+            let tf1 = self.image_linear(gpu, &l.fc1, &h2, &mut fpre, t, drop)?;
+            let mut fact = fpre.try_clone().map_err(derr)?;
+            activation_dev(gpu, act, &mut fact, t * inter)?;
+            let tf2 = self.image_linear(gpu, &l.fc2, &fact, &mut tmp, t, drop)?;
+            gpu.residual_add_dev(&mut x, &tmp, t * d)?;
+            if li >= first {
+                layers.push(ImageLayerTape { x_in, h1, q, k, v, att, lse, x_mid, h2, fpre, fact, t: [tq, tk, tv, to, tf1, tf2] });
+            }
+        }
+        let (row0, rows) = vision.selected(t);
+        let ct = vision.proj1.n_out;
+        let mut sel = a(rows * d)?;
+        st.memcpy_dtod(&x.slice(row0 * d..t * d), &mut sel.slice_mut(..)).map_err(derr)?;
+        let mut p1 = a(rows * ct)?;
+        let t1 = self.image_linear(gpu, &vision.proj1, &sel, &mut p1, rows, drop)?;
+        let mut pa = p1.try_clone().map_err(derr)?;
+        activation_dev(gpu, act_kernel(vision.proj_act).ok_or_else(|| err("projector activation"))?, &mut pa, rows * ct)?;
+        let mut features = a(rows * ct)?;
+        let t2 = self.image_linear(gpu, &vision.proj2, &pa, &mut features, rows, drop)?;
+        Ok(ImageTape { t, first, layers, sel, p1, pa, proj_t: [t1, t2], features, rows, drop })
+    }
+
+    /// Backward of `image_forward` from the features' gradient `dfeat` (rows, text hidden; loss-scaled): the
+    /// image path's LoRA gradients, added into the fp32 accumulators.
+    pub(crate) fn image_backward(&mut self, gpu: &Gpu, vision: &crate::cuda_clip::GpuVision, tape: &ImageTape, dfeat: &CudaSlice<f16>) -> Result<()> {
+        let cfg = &vision.cfg;
+        let (d, inter, heads) = (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads);
+        let eps = cfg.layer_norm_eps as f32;
+        let st = gpu.stream.clone();
+        let a = |n: usize| st.alloc_zeros::<f16>(n).map_err(derr);
+        let (t, rows, dseed) = (tape.t, tape.rows, tape.drop);
+        let ct = vision.proj1.n_out;
+        // The projector: features = linear_2(act(linear_1(sel))).
+        let mut dpa = a(rows * ct)?;
+        self.image_linear_bwd(gpu, &vision.proj2, &tape.pa, tape.proj_t[1].as_ref(), dfeat, Some(&mut dpa), rows, false, dseed)?;
+        let mut dp1 = a(rows * ct)?;
+        gpu.activation_bwd_dev(act_bwd_kernel(vision.proj_act)?, &mut dp1, &dpa, &tape.p1, rows * ct)?;
+        drop(dpa);
+        let tower = tape.first < vision.layers.len();
+        let mut dsel = if tower { Some(a(rows * d)?) } else { None };
+        self.image_linear_bwd(gpu, &vision.proj1, &tape.sel, tape.proj_t[0].as_ref(), &dp1, dsel.as_mut(), rows, false, dseed)?;
+        if let Some(dsel) = dsel {
+            // The tower's output rows the projector read get their gradient; the rest (the class token's) none.
+            let mut dx = a(t * d)?;
+            let (row0, _) = vision.selected(t);
+            st.memcpy_dtod(&dsel.slice(..), &mut dx.slice_mut(row0 * d..(row0 + rows) * d)).map_err(derr)?;
+            let act = act_bwd_kernel(cfg.hidden_act)?;
+            for li in (tape.first..vision.layers.len()).rev() {
+                let (l, lt) = (&vision.layers[li], &tape.layers[li - tape.first]);
+                // MLP: x_out = x_mid + fc2(act(fc1(ln2(x_mid)))).
+                let mut dfact = a(t * inter)?;
+                self.image_linear_bwd(gpu, &l.fc2, &lt.fact, lt.t[5].as_ref(), &dx, Some(&mut dfact), t, false, dseed)?;
+                let mut dfpre = a(t * inter)?;
+                gpu.activation_bwd_dev(act, &mut dfpre, &dfact, &lt.fpre, t * inter)?;
+                drop(dfact);
+                let mut dh = a(t * d)?;
+                self.image_linear_bwd(gpu, &l.fc1, &lt.h2, lt.t[4].as_ref(), &dfpre, Some(&mut dh), t, false, dseed)?;
+                let mut tmp = a(t * d)?;
+                gpu.layernorm_bwd_dx_dev(&mut tmp, &dh, &lt.x_mid, &l.ln2.0, t, d, eps)?;
+                gpu.residual_add_dev(&mut dx, &tmp, t * d)?;
+                // Attention: x_mid = x_in + out_proj(attention(q, k, v of ln1(x_in))), no mask.
+                let mut datt = a(t * d)?;
+                self.image_linear_bwd(gpu, &l.o, &lt.att, lt.t[3].as_ref(), &dx, Some(&mut datt), t, false, dseed)?;
+                let (mut dq, mut dk, mut dv) = (a(t * d)?, a(t * d)?, a(t * d)?);
+                gpu.attention_bwd_dev(&mut dq, &mut dk, &mut dv, &lt.q, &lt.k, &lt.v, &lt.att, &lt.lse, &datt, t, t, heads, heads, cfg.head_dim(), false)?;
+                drop(datt);
+                // The lowest trained layer needs no input gradient.
+                let below = li > tape.first;
+                let mut dh1 = if below { Some(a(t * d)?) } else { None };
+                self.image_linear_bwd(gpu, &l.q, &lt.h1, lt.t[0].as_ref(), &dq, dh1.as_mut(), t, false, dseed)?;
+                self.image_linear_bwd(gpu, &l.k, &lt.h1, lt.t[1].as_ref(), &dk, dh1.as_mut(), t, true, dseed)?;
+                self.image_linear_bwd(gpu, &l.v, &lt.h1, lt.t[2].as_ref(), &dv, dh1.as_mut(), t, true, dseed)?;
+                if let Some(dh1) = dh1 {
+                    gpu.layernorm_bwd_dx_dev(&mut tmp, &dh1, &lt.x_in, &l.ln1.0, t, d, eps)?;
+                    gpu.residual_add_dev(&mut dx, &tmp, t * d)?;
+                }
+            }
+        }
+        let base = self.dec_total;
+        gpu.grad_accumulate_at(&mut self.g32, base, &self.g16_img)
+    }
+
+    /// `image_backward` from the decoder's input-row gradients `dxs` of one example (each holding the image's
+    /// feature rows from row `row0`; a shared prompt gives one, two whole sequences two), summed.
+    fn image_backward_from_rows(&mut self, gpu: &Gpu, vision: &crate::cuda_clip::GpuVision, tape: &ImageTape, dxs: &[CudaSlice<f16>], row0: usize, c: usize) -> Result<()> {
+        let n = tape.rows * c;
+        let st = gpu.stream.clone();
+        let mut dfeat = st.alloc_zeros::<f16>(n).map_err(derr)?;
+        let mut part = st.alloc_zeros::<f16>(n).map_err(derr)?;
+        for dx in dxs {
+            if dx.len() < (row0 * c) + n {
+                return Err(err(format!("the decoder's input gradient has {} rows, the image's features end at row {}", dx.len() / c, row0 + tape.rows)));
+            }
+            st.memcpy_dtod(&dx.slice(row0 * c..row0 * c + n), &mut part.slice_mut(..)).map_err(derr)?;
+            gpu.residual_add_dev(&mut dfeat, &part, n)?;
+        }
+        self.image_backward(gpu, vision, tape, &dfeat)
+    }
+}
+
+/// Where one LoRA module's factors sit in a flat fp16 buffer (A (r, in) at `a`, B (out, r) at `b`), its rank and
+/// scale.
+#[derive(Clone, Copy, Debug)]
+struct Geom {
+    a: usize,
+    b: usize,
+    n_in: usize,
+    n_out: usize,
+    r: usize,
+    scale: f32,
+}
+
+/// `x` (n values) after LoRA dropout with `mask` = (seed, probability); None without dropout.
+fn dropped(gpu: &Gpu, x: &CudaSlice<f16>, n: usize, mask: Option<(u64, f64)>) -> Result<Option<CudaSlice<f16>>> {
+    let Some((seed, p)) = mask else { return Ok(None) };
+    let mut xl = gpu.stream.alloc_zeros::<f16>(n).map_err(derr)?;
+    gpu.lora_dropout_dev(&mut xl, x, n, seed, p)?;
+    Ok(Some(xl))
+}
+
+/// y[:, y_off..y_off + out] += scale (x A^T) B^T for `rows` rows (y rows `ldy` apart), x dropped out under `mask`;
+/// t = x A^T (rows, r) is kept for the backward.
+#[allow(clippy::too_many_arguments)]
+fn lora_apply(gpu: &Gpu, p16: &CudaSlice<f16>, g: Geom, x: &CudaSlice<f16>, t: &mut CudaSlice<f16>, y: &mut CudaSlice<f16>, y_off: usize, ldy: usize, rows: usize, mask: Option<(u64, f64)>) -> Result<()> {
+    let xd = dropped(gpu, x, rows * g.n_in, mask)?;
+    let x = xd.as_ref().unwrap_or(x);
+    gpu.gemm(&x.slice(..), g.n_in, false, &p16.slice(g.a..g.a + g.r * g.n_in), g.n_in, true, &mut t.slice_mut(..), g.r, rows, g.r, g.n_in, 1.0, 0.0)?;
+    gpu.gemm(&t.slice(..), g.r, false, &p16.slice(g.b..g.b + g.n_out * g.r), g.r, true, &mut y.slice_mut(y_off..), ldy, rows, g.n_out, g.r, g.scale, 1.0)
+}
+
+/// Backward of `lora_apply` from dy (columns dy_off.. of rows ldy apart): dB = s dy^T t and dA = (s dy B)^T x_dropped
+/// written into `grad` at the factors' places less `base` (beta: 0 overwrites, 1 adds), and the LoRA path's input
+/// gradient (s dy B) A added into dx when given, through the dropout mask the forward drew.
+#[allow(clippy::too_many_arguments)]
+fn lora_grads(gpu: &Gpu, p16: &CudaSlice<f16>, grad: &mut CudaSlice<f16>, base: usize, g: Geom, x: &CudaSlice<f16>, t: &CudaSlice<f16>, dy: &CudaSlice<f16>, dy_off: usize, ldy: usize, dx: Option<&mut CudaSlice<f16>>, rows: usize, beta: f32, mask: Option<(u64, f64)>) -> Result<()> {
+    let (r, s) = (g.r, g.scale);
+    let xd = dropped(gpu, x, rows * g.n_in, mask)?;
+    let x = xd.as_ref().unwrap_or(x);
+    let (ga, gb) = (g.a - base, g.b - base);
+    let mut dt = gpu.stream.alloc_zeros::<f16>(rows * r).map_err(derr)?;
+    gpu.gemm(&dy.slice(dy_off..), ldy, true, &t.slice(..), r, false, &mut grad.slice_mut(gb..gb + g.n_out * r), r, g.n_out, r, rows, s, beta)?;
+    gpu.gemm(&dy.slice(dy_off..), ldy, false, &p16.slice(g.b..g.b + g.n_out * r), r, false, &mut dt.slice_mut(..), r, rows, r, g.n_out, s, 0.0)?;
+    gpu.gemm(&dt.slice(..), r, true, &x.slice(..), g.n_in, false, &mut grad.slice_mut(ga..ga + r * g.n_in), g.n_in, r, g.n_in, rows, 1.0, beta)?;
+    let Some(dx) = dx else { return Ok(()) };
+    let a = p16.slice(g.a..g.a + r * g.n_in);
+    let Some((seed, p)) = mask else {
+        return gpu.gemm(&dt.slice(..), r, false, &a, g.n_in, false, &mut dx.slice_mut(..), g.n_in, rows, g.n_in, r, 1.0, 1.0);
+    };
+    // d x_dropped = dt A, then through the mask into dx.
+    let n = rows * g.n_in;
+    let mut dxl = gpu.stream.alloc_zeros::<f16>(n).map_err(derr)?;
+    gpu.gemm(&dt.slice(..), r, false, &a, g.n_in, false, &mut dxl.slice_mut(..), g.n_in, rows, g.n_in, r, 1.0, 0.0)?;
+    gpu.lora_dropout_bwd_add_dev(dx, &dxl, n, seed, p)
 }
 
 /// The one rank and scale of an adapter's decoder modules, or why the GPU decoder cannot apply it (see
@@ -1087,15 +1461,8 @@ pub fn gpu_trainable(cfg: &LlamaConfig, adapter: &Adapter) -> Option<String> {
     if let Err(e) = inference_rank(cfg, adapter) {
         return Some(e.to_string());
     }
-    if let Some((name, _)) = adapter.modules().into_iter().find(|(n, _)| !n.starts_with("language_model.")) {
-        return Some(format!("the adapter has LoRA on {name} (the GPU trainer trains the decoder's projections only)"));
-    }
-    for l in 0..cfg.num_hidden_layers {
-        for p in PROJECTIONS {
-            if adapter.module(&format!("language_model.layers.{l}.{p}")).is_none() {
-                return Some(format!("the adapter has no LoRA on language_model.layers.{l}.{p} (the GPU trainer needs all seven projections of every layer)"));
-            }
-        }
+    if let Some((name, _)) = adapter.modules().into_iter().find(|(n, _)| !n.starts_with("language_model.") && !crate::cuda_clip::in_image_path(n)) {
+        return Some(format!("the adapter has LoRA on {name} (the GPU trainer trains the decoder's projections and the image path's linear layers)"));
     }
     None
 }
@@ -1120,45 +1487,104 @@ pub fn train_dpo_gpu(
     cfg: &crate::train::trainer::TrainConfig,
     opt: &mut crate::train::optim::AdamW,
     stop_after: Option<usize>,
+    vision: Option<&crate::cuda_clip::GpuVision>,
     features: &mut dyn FnMut(&crate::image::PixelValues) -> Result<Vec<f32>>,
     on_step: &mut dyn FnMut(&crate::train::trainer::StepLog),
 ) -> Result<u64> {
     if pairs.len() != refs.len() {
         return Err(err(format!("{} pairs but {} reference log-prob pairs", pairs.len(), refs.len())));
     }
-    let c = gmodel.cfg.hidden_size;
     let accumulate = |gl: &mut GpuLora, feats: &mut FeatureCache, batch: &[usize], step: usize| -> Result<crate::train::trainer::StepMetrics> {
         let weight = 1.0 / batch.len() as f64;
         let mut m = crate::train::trainer::StepMetrics::default();
         for &i in batch {
             let p = &pairs[i];
-            let f = feats.get(p.pixels, features)?;
-            // Dropout masks as the CPU trainer draws them (train::trainer::train_dpo, dpo::pair_forward_backward):
-            // per step, pair and answer. The two answers' prompt rows then differ, so they run whole.
+            // Dropout seeds as the CPU trainer draws them (train::trainer::train_dpo): per step and pair.
             let seed = (gl.dropout > 0.0).then(|| crate::train::trainer::dropout_seed(cfg.seed, step, i));
-            let drops = (crate::train::dpo::part_seed(seed, 1), crate::train::dpo::part_seed(seed, 2));
-            let (l, lp) = if gl.share_prompt && !gl.recompute && seed.is_none() {
-                // The prompt's rows (image features included) once; each answer's own token rows.
-                let (xp, _) = model.embed_inputs(p.prompt_ids, f)?;
-                let (xc, _) = model.embed_inputs(p.chosen_ids, None)?;
-                let (xr, _) = model.embed_inputs(p.rejected_ids, None)?;
-                gl.dpo_pair_shared(gpu, gmodel, Input::Embeds(&xp), (Input::Embeds(&xc), p.chosen_ids), (Input::Embeds(&xr), p.rejected_ids), refs[i], &cfg.dpo, weight)?
-            } else {
-                let rows = |answer: &[u32]| -> Result<(Vec<f32>, usize)> {
-                    let (x, _) = model.embed_inputs(&[p.prompt_ids, answer].concat(), f)?;
-                    let n = x.len() / c;
-                    Ok((x, n.saturating_sub(answer.len())))
-                };
-                let (xc, sc) = rows(p.chosen_ids)?;
-                let (xr, sr) = rows(p.rejected_ids)?;
-                gl.dpo_pair(gpu, gmodel, (Input::Embeds(&xc), p.chosen_ids, sc), (Input::Embeds(&xr), p.rejected_ids, sr), refs[i], &cfg.dpo, weight, drops)?
-            };
+            let fixed = if gl.trains_image_path() { None } else { feats.get(p.pixels, features)? };
+            let (l, lp) = gl.pair_gradients(gpu, gmodel, model, vision, p, fixed, refs[i], &cfg.dpo, weight, seed)?;
             m.add(cfg.dpo.beta, l, &lp, weight);
         }
         Ok(m)
     };
     let log = |m: crate::train::trainer::StepMetrics, batch: &[usize], d: StepDone| on_step(&m.log(d.step, d.total, d.epoch, d.lr, d.grad_norm, batch.len(), d.t0));
     run_schedule(gpu, gmodel, adapter, opt, (pairs.len(), cfg.batch_size, cfg.epochs, cfg.seed), stop_after, model.llm.recompute_cheap, accumulate, log)
+}
+
+impl GpuLora {
+    /// One DPO pair's forward and backward passes, its gradients (`weight` times the pair's loss, loss-scaled)
+    /// added to the accumulators, as `train::dpo::pair_forward_backward` computes them on the CPU: with its image
+    /// (`vision`: the image path on the device, needed when this copy trains the image path's LoRA; `fixed`: the
+    /// image's features otherwise), and LoRA dropout drawn from `seed` (None: none). Returns the loss and log-probs.
+    #[allow(clippy::too_many_arguments)]
+    pub fn pair_gradients(&mut self, gpu: &Gpu, gmodel: &GpuLlama, model: &crate::llava::Model, vision: Option<&crate::cuda_clip::GpuVision>, p: &crate::train::dpo::TokenPair, fixed: Option<&[f32]>, refs: (f64, f64), cfg: &DpoConfig, weight: f64, seed: Option<u64>) -> Result<(f64, PairLogps)> {
+        self.check_trainable()?;
+        let c = gmodel.cfg.hidden_size;
+        let seed = seed.filter(|_| self.dropout > 0.0);
+        // Masks per part (image, chosen, rejected) as the CPU trainer draws them; the two answers' prompt rows then
+        // differ, so they run whole.
+        let drops = (crate::train::dpo::part_seed(seed, 1), crate::train::dpo::part_seed(seed, 2));
+        let img = self.example_image(gpu, vision, p.pixels, fixed, crate::train::dpo::part_seed(seed, 0))?;
+        let f = img.features.as_deref();
+        let (l, lp, dxs) = if self.share_prompt && !self.recompute && seed.is_none() {
+            // The prompt's rows (image features included) once; each answer's own token rows.
+            let (xp, _) = model.embed_inputs(p.prompt_ids, f)?;
+            let (xc, _) = model.embed_inputs(p.chosen_ids, None)?;
+            let (xr, _) = model.embed_inputs(p.rejected_ids, None)?;
+            self.dpo_pair_shared(gpu, gmodel, Input::Embeds(&xp), (Input::Embeds(&xc), p.chosen_ids), (Input::Embeds(&xr), p.rejected_ids), refs, cfg, weight)?
+        } else {
+            let rows = |answer: &[u32]| -> Result<(Vec<f32>, usize)> {
+                let (x, _) = model.embed_inputs(&[p.prompt_ids, answer].concat(), f)?;
+                let n = x.len() / c;
+                Ok((x, n.saturating_sub(answer.len())))
+            };
+            let (xc, sc) = rows(p.chosen_ids)?;
+            let (xr, sr) = rows(p.rejected_ids)?;
+            self.dpo_pair(gpu, gmodel, (Input::Embeds(&xc), p.chosen_ids, sc), (Input::Embeds(&xr), p.rejected_ids, sr), refs, cfg, weight, drops)?
+        };
+        if let (Some(tape), Some(f), Some(v)) = (&img.tape, f, vision) {
+            self.image_backward_from_rows(gpu, v, tape, &dxs, image_row(model, p.prompt_ids, f)?, c)?;
+        }
+        Ok((l, lp))
+    }
+
+    /// An example's image (`px`): under this copy's image-path LoRA when it trains one (computed on the device
+    /// with `drop`'s masks, the tape kept), else the `fixed` features.
+    fn example_image<'f>(&self, gpu: &Gpu, vision: Option<&crate::cuda_clip::GpuVision>, px: Option<&crate::image::PixelValues>, fixed: Option<&'f [f32]>, drop: Option<u64>) -> Result<ExampleImage<'f>> {
+        match (px, self.trains_image_path()) {
+            (Some(px), true) => {
+                let v = vision.ok_or_else(|| err("the adapter trains the image path, but the model's image path is not on the GPU"))?;
+                let tape = self.image_forward(gpu, v, &px.data, drop)?;
+                let host = gpu.download_f16(&tape.features)?;
+                Ok(ExampleImage { features: Some(std::borrow::Cow::Owned(host)), tape: Some(tape) })
+            }
+            (Some(_), false) if fixed.is_none() => Err(err("an image without its features")),
+            _ => Ok(ExampleImage { features: fixed.map(std::borrow::Cow::Borrowed), tape: None }),
+        }
+    }
+
+    /// The accumulated (loss-scaled) gradients of the image-path module `name` (canonical): (dA, dB).
+    pub fn image_grads(&self, gpu: &Gpu, name: &str) -> Result<(Vec<f32>, Vec<f32>)> {
+        self.check_trainable()?;
+        let sl = self.image_slot(name).ok_or_else(|| err(format!("no image-path LoRA module {name}")))?;
+        let all = gpu.stream.clone_dtoh(&self.g32).map_err(derr)?;
+        Ok((all[sl.a..sl.a + sl.r * sl.n_in].to_vec(), all[sl.b..sl.b + sl.n_out * sl.r].to_vec()))
+    }
+}
+
+/// An example's image for the decoder: its features, and the image path's tape when the GPU copy trains the image
+/// path (the features are then computed under the current LoRA at every step, on the device); else the features
+/// of the image path without LoRA, computed once per run (cached).
+struct ExampleImage<'f> {
+    features: Option<std::borrow::Cow<'f, [f32]>>,
+    tape: Option<ImageTape>,
+}
+
+/// The first input row of the image's features in `prompt` (given with them, `features`).
+fn image_row(model: &crate::llava::Model, prompt: &[u32], features: &[f32]) -> Result<usize> {
+    let at = model.image_token_id().and_then(|id| prompt.iter().position(|&t| t == id)).ok_or_else(|| err("an image was given but the prompt holds no image token"))?;
+    let (_, rows) = model.embed_inputs(prompt, Some(features))?;
+    Ok(rows[at])
 }
 
 /// An optimizer step `run_schedule` took.
@@ -1257,6 +1683,7 @@ pub fn train_sft_gpu(
     cfg: &crate::train::sft::SftConfig,
     opt: &mut crate::train::optim::AdamW,
     stop_after: Option<usize>,
+    vision: Option<&crate::cuda_clip::GpuVision>,
     features: &mut dyn FnMut(&crate::image::PixelValues) -> Result<Vec<f32>>,
     on_step: &mut dyn FnMut(&crate::train::sft::SftStepLog),
 ) -> Result<u64> {
@@ -1271,17 +1698,23 @@ pub fn train_sft_gpu(
             if ex.answer_ids.is_empty() {
                 return Err(err("an SFT example needs a non-empty answer"));
             }
-            let f = feats.get(ex.pixels, features)?;
-            let (x, _) = model.embed_inputs(&[ex.prompt_ids, ex.answer_ids].concat(), f)?;
-            let rows = x.len() / c;
             // Dropout masks as the CPU trainer draws them (train::sft::train_sft, sft_forward_backward).
             let seed = (gl.dropout > 0.0).then(|| crate::train::trainer::dropout_seed(cfg.seed, step, i));
+            let fixed = if gl.trains_image_path() { None } else { feats.get(ex.pixels, features)? };
+            let img = gl.example_image(gpu, vision, ex.pixels, fixed, crate::train::dpo::part_seed(seed, 0))?;
+            let f = img.features.as_deref();
+            let (x, _) = model.embed_inputs(&[ex.prompt_ids, ex.answer_ids].concat(), f)?;
+            let rows = x.len() / c;
             let t = gl.forward_seq(gpu, gmodel, Input::Embeds(&x), ex.answer_ids, rows.saturating_sub(ex.answer_ids.len()), crate::train::dpo::part_seed(seed, 1))?;
             if !t.logp_sum.is_finite() {
                 return Err(err(format!("the loss is {}", -t.logp_sum)));
             }
             nll -= t.logp_sum;
-            gl.backward(gpu, gmodel, &t, (-weight * gl.scaler.scale as f64) as f32)?;
+            let dx = gl.backward(gpu, gmodel, &t, (-weight * gl.scaler.scale as f64) as f32)?;
+            drop(t);
+            if let (Some(tape), Some(f), Some(v)) = (&img.tape, f, vision) {
+                gl.image_backward_from_rows(gpu, v, tape, std::slice::from_ref(&dx), image_row(model, ex.prompt_ids, f)?, c)?;
+            }
         }
         Ok((nll * weight, tokens))
     };

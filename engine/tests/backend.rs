@@ -92,9 +92,21 @@ fn the_gpu_trainer_takes_the_loops_adapters_and_leaves_the_rest_to_the_cpu() {
     // With LoRA dropout too (the GPU draws the CPU trainer's masks).
     let dropout = model.create_adapter(&spec(LoraSpec::default().target_modules, 0.05), 1).unwrap();
     assert_eq!(gpu_trainable(cfg, &dropout), None);
-    // A subset of projections, LoRA outside the decoder: the CPU, with why.
+    // Any subset of the decoder's projections (peft's classic q_proj + v_proj, or some layers only): the GPU.
     let qv = model.create_adapter(&spec(TargetModules::Regex(r".*language_model.*\.(q_proj|v_proj)".into()), 0.0), 1).unwrap();
-    assert!(gpu_trainable(cfg, &qv).unwrap().contains("all seven projections"));
+    assert_eq!(gpu_trainable(cfg, &qv), None);
+    let one_layer = model.create_adapter(&spec(TargetModules::Regex(r".*language_model.*layers\.0\.mlp\..*".into()), 0.0), 1).unwrap();
+    assert_eq!(one_layer.module_names().len(), 3, "{:?}", one_layer.module_names());
+    assert_eq!(gpu_trainable(cfg, &one_layer), None);
+    // A whole parameter trained, no decoder LoRA at all: the CPU, with why.
+    let saved = model.create_adapter(&LoraSpec { modules_to_save: vec!["multi_modal_projector".into()], ..spec(LoraSpec::default().target_modules, 0.0) }, 1).unwrap();
+    assert!(gpu_trainable(cfg, &saved).unwrap().contains("modules_to_save"), "{:?}", gpu_trainable(cfg, &saved));
+    let none = model.create_adapter(&spec(TargetModules::Regex(r".*vision_tower.*q_proj".into()), 0.0), 1).unwrap();
+    assert!(gpu_trainable(cfg, &none).unwrap().contains("no LoRA module in the decoder"), "{:?}", gpu_trainable(cfg, &none));
     let vision = model.create_adapter(&spec(TargetModules::Regex(r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj|fc1)".into()), 0.0), 1).unwrap();
-    assert!(gpu_trainable(cfg, &vision).unwrap().contains("vision_tower."), "{:?}", gpu_trainable(cfg, &vision));
+    // LoRA on the image path's linear layers beside the decoder's: the GPU too (the backend sends it to the CPU
+    // where the model's image path is not on the device or cannot apply it: cuda_backend.rs).
+    assert_eq!(gpu_trainable(cfg, &vision), None);
+    let head = model.create_adapter(&spec(TargetModules::Names(vec!["q_proj".into(), "lm_head".into()]), 0.0), 1).unwrap();
+    assert!(gpu_trainable(cfg, &head).unwrap().contains("lm_head"), "{:?}", gpu_trainable(cfg, &head));
 }

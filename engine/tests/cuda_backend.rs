@@ -3,7 +3,8 @@
 //! projection applied on the device, greedy and sampled generation through `generate::generate`, and reference
 //! scoring through `Model::answer_logp`. An adapter the GPU decoder cannot apply runs on the CPU with identical
 //! results. DPO on ShapesWorld pairs with images through `train::trainer::train_dpo` runs on the GPU trainer and
-//! follows the CPU trainer, also when paused and resumed on either device; so does LoRA SFT with images. Prints why
+//! follows the CPU trainer, also when paused and resumed on either device, and so does an adapter on the decoder's
+//! q_proj and v_proj only; so does LoRA SFT with images. Prints why
 //! and passes where no GPU exists.
 
 use engine::adapter::{LoraSpec, TargetModules};
@@ -160,21 +161,26 @@ fn shapes_pairs(tok: &TextTokenizer, eos: u32, count: usize) -> Vec<Pair> {
         .collect()
 }
 
-/// DPO with LoRA on every decoder projection over `pairs`; returns the step logs and the trained adapter.
-fn train(model: &Model, pairs: &[Pair]) -> (Vec<engine::train::trainer::StepLog>, Adapter) {
-    train_paused(model, model, pairs, None)
+/// A DPO run's step logs, its trained adapter, and whether the GPU trainer took any of its steps (it leaves its
+/// fp16 loss scale in the optimizer state; the CPU trainer does not).
+type Run = (Vec<engine::train::trainer::StepLog>, Adapter, bool);
+
+/// DPO with LoRA on every decoder projection over `pairs`.
+fn train(model: &Model, pairs: &[Pair]) -> Run {
+    train_paused(model, model, pairs, None, LoraSpec::default().target_modules)
 }
 
-/// `train`, paused after `pause` steps on `first`: the adapter and the optimizer state (moments, step, loss scale)
-/// saved to disk as `rlaifd train-dpo` saves them, loaded back, and the run finished on `second`.
-fn train_paused(first: &Model, second: &Model, pairs: &[Pair], pause: Option<usize>) -> (Vec<engine::train::trainer::StepLog>, Adapter) {
+/// `train` of LoRA on `targets`, paused after `pause` steps on `first`: the adapter and the optimizer state
+/// (moments, step, loss scale) saved to disk as `rlaifd train-dpo` saves them, loaded back, and the run finished on
+/// `second`.
+fn train_paused(first: &Model, second: &Model, pairs: &[Pair], pause: Option<usize>, targets: TargetModules) -> Run {
     use engine::train::{dpo::TokenPair, optim::{AdamW, AdamWConfig}, trainer::{precompute_references, train_dpo, TrainConfig}};
     let wc = WorldConfig::default();
     let ip = first.image_processor.clone().unwrap();
     let pixels: Vec<_> = pairs.iter().enumerate().map(|(i, (s, ..))| engine::image::preprocess(&s.render(&wc, i as u64), &ip).unwrap()).collect();
     let tp: Vec<TokenPair> = pairs.iter().zip(&pixels).map(|((_, p, c, r), px)| TokenPair { pixels: Some(px), prompt_ids: p, chosen_ids: c, rejected_ids: r }).collect();
     let refs = precompute_references(first, None, &tp).unwrap();
-    let spec = LoraSpec { r: 8, lora_alpha: 16.0, ..LoraSpec::default() };
+    let spec = LoraSpec { r: 8, lora_alpha: 16.0, target_modules: targets, ..LoraSpec::default() };
     let mut adapter = first.create_adapter(&spec, 17).unwrap();
     let cfg = TrainConfig { dpo: Default::default(), epochs: 4, batch_size: 4, seed: 5 };
     let total = engine::train::trainer::steps_per_epoch(tp.len(), cfg.batch_size) * cfg.epochs;
@@ -195,7 +201,7 @@ fn train_paused(first: &Model, second: &Model, pairs: &[Pair], pause: Option<usi
         std::fs::remove_dir_all(&dir).unwrap();
     }
     train_dpo(second, &mut adapter, &tp, &refs, &cfg, &mut opt, None, |l| logs.push(l.clone())).unwrap();
-    (logs, adapter)
+    (logs, adapter, opt.scaler.is_some())
 }
 
 /// Relative L2 distance of `b`'s factors from `a`'s.
@@ -213,8 +219,9 @@ fn adapter_distance(a: &Adapter, b: &Adapter) -> f64 {
 fn gpu_dpo_on_shapesworld_images_tracks_the_cpu_trainer_and_learns_the_pairs() {
     let Some((cpu, dev, tok)) = both("shapes-base") else { return };
     let pairs = shapes_pairs(&tok, cpu.llm.cfg.eos_token_ids[0], 8);
-    let (want, _) = train(&cpu, &pairs);
-    let (got, trained) = train(&dev, &pairs);
+    let (want, _, cpu_only) = train(&cpu, &pairs);
+    let (got, trained, on_gpu) = train(&dev, &pairs);
+    assert!(on_gpu && !cpu_only, "the GPU trainer did not take the loop's adapter (GPU {on_gpu}, CPU {cpu_only})");
     for (w, g) in want.iter().zip(&got) {
         println!("step {}: loss CPU {:.4} GPU {:.4}, reward accuracy {:.2} / {:.2}, grad norm {:.3} / {:.3}", w.step, w.loss, g.loss, w.reward_accuracy, g.reward_accuracy, w.grad_norm, g.grad_norm);
     }
@@ -231,6 +238,69 @@ fn gpu_dpo_on_shapesworld_images_tracks_the_cpu_trainer_and_learns_the_pairs() {
     assert!(got.iter().all(|l| l.grad_norm.is_finite()), "a step overflowed in fp16 and was skipped");
     // The trained factors came back from the device.
     assert!(trained.modules().iter().any(|(_, m)| m.b.iter().any(|&v| v != 0.0)), "the adapter's B factors are still zero");
+}
+
+/// peft's classic LoRA, q_proj and v_proj only (of the decoder), trains on the GPU trainer too, follows the CPU
+/// trainer and keeps to those modules.
+#[test]
+fn gpu_dpo_of_a_q_and_v_adapter_tracks_the_cpu_trainer() {
+    let Some((cpu, dev, tok)) = both("shapes-base") else { return };
+    let pairs = shapes_pairs(&tok, cpu.llm.cfg.eos_token_ids[0], 8);
+    // The decoder's q_proj and v_proj (peft's names alone would also pick the vision tower's q_proj and v_proj).
+    let qv = || TargetModules::Regex(r".*language_model.*\.(q_proj|v_proj)".into());
+    let (want, a_cpu, _) = train_paused(&cpu, &cpu, &pairs, None, qv());
+    let (got, a_gpu, on_gpu) = train_paused(&dev, &dev, &pairs, None, qv());
+    assert!(on_gpu, "the q+v adapter trained on the CPU");
+    for (w, g) in want.iter().zip(&got) {
+        println!("q+v step {}: loss CPU {:.4} GPU {:.4}, reward accuracy {:.2} / {:.2}", w.step, w.loss, g.loss, w.reward_accuracy, g.reward_accuracy);
+    }
+    assert_eq!(got.len(), want.len());
+    for k in 0..3 {
+        assert!((got[k].loss - want[k].loss).abs() <= 0.02 + 0.05 * want[k].loss, "step {}: loss {} on the GPU, {} on the CPU", k + 1, got[k].loss, want[k].loss);
+    }
+    assert!(got.last().unwrap().loss < got[0].loss, "the GPU run did not learn: {:?}", got.last());
+    let names = a_cpu.module_names();
+    assert!(!names.is_empty() && names.iter().all(|n| n.ends_with("q_proj") || n.ends_with("v_proj")), "{names:?}");
+    assert_eq!(a_gpu.module_names(), names, "the GPU run changed which modules the adapter has");
+    let d = adapter_distance(&a_cpu, &a_gpu);
+    println!("q+v adapter trained on the GPU vs the CPU: relative L2 {d:.2e}");
+    assert!(d <= 5e-2, "q+v adapter: relative L2 {d} from the CPU run");
+}
+
+/// LoRA on the image path too (the vision tower's q_proj, v_proj and fc1, the projector's two layers) trains on the
+/// GPU trainer, each image's features computed under the current LoRA on the device and the gradient carried
+/// back from the decoder's image rows: it follows the CPU trainer, and the image path's factors move as the CPU's
+/// do.
+#[test]
+fn gpu_dpo_trains_image_path_lora_as_the_cpu_trainer() {
+    let Some((cpu, dev, tok)) = both("shapes-base") else { return };
+    let pairs = shapes_pairs(&tok, cpu.llm.cfg.eos_token_ids[0], 8);
+    let targets = || TargetModules::Regex(r".*(q_proj|v_proj|fc1|linear_1|linear_2)".into());
+    let (want, a_cpu, _) = train_paused(&cpu, &cpu, &pairs, None, targets());
+    let (got, a_gpu, on_gpu) = train_paused(&dev, &dev, &pairs, None, targets());
+    assert!(on_gpu, "the image-path adapter trained on the CPU");
+    for (w, g) in want.iter().zip(&got) {
+        println!("image path step {}: loss CPU {:.4} GPU {:.4}, grad norm {:.4} / {:.4}", w.step, w.loss, g.loss, w.grad_norm, g.grad_norm);
+    }
+    assert_eq!(got.len(), want.len());
+    for k in 0..3 {
+        assert!((got[k].loss - want[k].loss).abs() <= 0.02 + 0.05 * want[k].loss, "step {}: loss {} on the GPU, {} on the CPU", k + 1, got[k].loss, want[k].loss);
+        assert!((got[k].grad_norm - want[k].grad_norm).abs() <= 0.05 * want[k].grad_norm + 1e-3, "step {}: grad norm {} on the GPU, {} on the CPU", k + 1, got[k].grad_norm, want[k].grad_norm);
+    }
+    // The image path's factors: moved from where they started, and to where the CPU trainer moved them.
+    let init = cpu.create_adapter(&LoraSpec { r: 8, lora_alpha: 16.0, target_modules: targets(), ..LoraSpec::default() }, 17).unwrap();
+    let (mut start, mut want_f, mut got_f) = (Vec::new(), Vec::new(), Vec::new());
+    for (name, m) in a_cpu.modules().into_iter().filter(|(n, _)| engine::cuda_clip::in_image_path(n)) {
+        let (g, i) = (a_gpu.module(name).unwrap(), init.module(name).unwrap());
+        want_f.extend(m.a.iter().chain(&m.b));
+        got_f.extend(g.a.iter().chain(&g.b));
+        start.extend(i.a.iter().chain(&i.b));
+    }
+    assert!(!want_f.is_empty(), "no image-path module");
+    let (moved, off) = (rel_l2(&want_f, &start), rel_l2(&got_f, &want_f));
+    println!("image-path factors: the CPU run moved them by rel L2 {moved:.2e}; the GPU run ends {off:.2e} from it");
+    assert!(moved > 1e-2, "the image path barely trained ({moved:.2e})");
+    assert!(off <= 0.1 * moved, "the GPU trained the image path to {off:.2e} from the CPU run (which moved it {moved:.2e})");
 }
 
 #[test]
@@ -327,8 +397,8 @@ fn a_gpu_dpo_run_paused_and_saved_resumes_on_the_gpu_or_the_cpu_where_it_stopped
     let Some((cpu, dev, tok)) = both("shapes-base") else { return };
     let pairs = shapes_pairs(&tok, cpu.llm.cfg.eos_token_ids[0], 8);
     // 8 steps in one go on the GPU, against 3 steps, a save and a reload, then 5 more on the GPU.
-    let (straight, a_straight) = train(&dev, &pairs);
-    let (paused, a_paused) = train_paused(&dev, &dev, &pairs, Some(3));
+    let (straight, a_straight, _) = train(&dev, &pairs);
+    let (paused, a_paused, _) = train_paused(&dev, &dev, &pairs, Some(3), LoraSpec::default().target_modules);
     assert_eq!(paused.len(), straight.len());
     for (s, p) in straight.iter().zip(&paused) {
         println!("step {}: loss in one go {:.6}, paused at 3 {:.6}; grad norm {:.5} / {:.5}", s.step, s.loss, p.loss, s.grad_norm, p.grad_norm);
@@ -342,8 +412,8 @@ fn a_gpu_dpo_run_paused_and_saved_resumes_on_the_gpu_or_the_cpu_where_it_stopped
     assert!(d <= 1e-4, "resuming on the GPU changed the trained factors by {d:.2e}");
     // 3 steps on the GPU, resumed on the CPU: the CPU trainer continues with the GPU's moments and step count, and
     // ends where a whole CPU run ends (within the devices' difference: fp16 vs f32).
-    let (want, a_cpu) = train(&cpu, &pairs);
-    let (crossed, a_crossed) = train_paused(&dev, &cpu, &pairs, Some(3));
+    let (want, a_cpu, _) = train(&cpu, &pairs);
+    let (crossed, a_crossed, _) = train_paused(&dev, &cpu, &pairs, Some(3), LoraSpec::default().target_modules);
     for (w, c) in want.iter().zip(&crossed) {
         println!("step {}: loss CPU {:.4}, GPU then CPU {:.4}", w.step, w.loss, c.loss);
         assert!((w.loss - c.loss).abs() <= 0.02 + 0.05 * w.loss, "step {}: {} (GPU then CPU) vs {} (CPU)", w.step, c.loss, w.loss);

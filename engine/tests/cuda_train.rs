@@ -2,7 +2,8 @@
 //! answers' log-probs and every LoRA gradient of the decoder), and a short GPU DPO run whose reward accuracy rises
 //! while dynamic loss scaling skips the steps that overflow; activation recomputation changing nothing but memory,
 //! and a pair's prompt run once for both answers giving the gradients of two whole sequences; the tensor-core
-//! attention kernels giving the scalar kernels' loss and gradients; LoRA dropout drawing the CPU trainer's masks.
+//! attention kernels giving the scalar kernels' loss and gradients; LoRA dropout drawing the CPU trainer's masks; an
+//! adapter on a subset of the projections training only its own modules.
 //! Prints why and passes where no GPU exists.
 
 use engine::cuda::{AdamW, Gpu, LossScaler};
@@ -61,6 +62,127 @@ fn gpu_dpo_loss_and_lora_gradients_match_the_cpu_backend() {
     assert!(worst.0 <= 5e-2, "LoRA gradients of {}: relative L2 error {}", worst.1, worst.0);
 }
 
+/// An adapter with LoRA on some projections only (q_proj and v_proj everywhere, down_proj of the first layer: the
+/// GPU decoder gives the others no LoRA at all): the DPO loss and the gradients of the modules it has as on the CPU
+/// backend, and optimizer steps that train those modules and give the adapter no new one.
+#[test]
+fn a_subset_adapter_trains_its_own_modules_as_the_cpu_backend() {
+    use engine::adapter::{LoraSpec, TargetModules};
+    let Some(gpu) = gpu() else { return };
+    let (cpu, _, dev, _) = setup(&gpu);
+    let spec = LoraSpec { r: 4, lora_alpha: 8.0, target_modules: TargetModules::Regex(r".*language_model.*\.(q_proj|v_proj|layers\.0\.mlp\.down_proj)".into()), ..LoraSpec::default() };
+    let mut adapter = cpu.create_adapter(&spec, 9).unwrap();
+    let names: Vec<String> = adapter.module_names().iter().map(|s| s.to_string()).collect();
+    assert_eq!(names.len(), 2 * dev.cfg.num_hidden_layers + 1, "{names:?}");
+    // B non-zero (peft starts it at zero), so every gradient path carries values.
+    let mut rng = engine::rng::SplitMix64::new(4);
+    for n in &names {
+        adapter.module_mut(n).unwrap().b.iter_mut().for_each(|v| *v = ((rng.next_f64() * 2.0 - 1.0) * 0.05) as f32);
+    }
+    let mut lora = GpuLora::from_adapter(&gpu, &dev.cfg, &adapter).unwrap();
+    let full = GpuLora::from_adapter(&gpu, &dev.cfg, &cpu.load_adapter(&gpu_common::root().join("tests/fixtures/llava").join(CASE).join("adapter")).unwrap()).unwrap();
+    println!("trainable parameters: {} for {} modules (the fixture's adapter on every projection: {})", lora.param_count(), names.len(), full.param_count());
+    assert!(lora.param_count() < full.param_count() / 2, "the modules the adapter leaves out take memory");
+    let (prompt, chosen, rejected) = random_pair(&cpu, 45);
+    let pair = TokenPair { pixels: None, prompt_ids: &prompt, chosen_ids: &chosen, rejected_ids: &rejected };
+    let refs = reference_logps(&cpu, None, &pair).unwrap();
+    let cfg = DpoConfig { beta: 0.5, ..Default::default() };
+    let mut grads = Grads::zeros_like(&adapter);
+    let (cpu_loss, _) = pair_forward_backward(&cpu, &adapter, &pair, refs, &cfg, 1.0, &mut grads, None).unwrap();
+    lora.scaler = LossScaler::new(1024.0, 1000);
+    let step = lora.dpo_step(&gpu, &dev, &prompt, &chosen, &rejected, refs, &cfg, None).unwrap();
+    let (total, worst) = gradient_error(&gpu, &dev, &lora, &mut grads, 1024.0);
+    println!("subset adapter: loss CPU {cpu_loss:.5} GPU {:.5}; LoRA gradients relative L2 {total:.2e}, worst {} {:.2e}", step.loss, worst.1, worst.0);
+    assert!((step.loss - cpu_loss).abs() <= 1e-2, "DPO loss: GPU {} vs CPU {cpu_loss}", step.loss);
+    assert!(total <= 2e-2 && worst.0 <= 5e-2, "LoRA gradients: relative L2 {total} overall, {} worst ({})", worst.0, worst.1);
+    // Three optimizer steps: the loss falls, the factors move, and they go back into the adapter's own modules.
+    let opt = AdamW { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
+    let before: Vec<(Vec<f32>, Vec<f32>)> = names.iter().map(|n| adapter.module(n).map(|m| (m.a.clone(), m.b.clone())).unwrap()).collect();
+    let mut losses = Vec::new();
+    for _ in 0..3 {
+        let r = lora.dpo_step(&gpu, &dev, &prompt, &chosen, &rejected, refs, &cfg, Some((&opt, 1.0))).unwrap();
+        assert!(r.grad_norm.is_some(), "a step overflowed");
+        losses.push(r.loss);
+    }
+    assert!(losses[2] < losses[0], "the loss did not fall: {losses:?}");
+    lora.write_back(&gpu, &mut adapter).unwrap();
+    assert_eq!(adapter.module_names(), names, "training changed which modules the adapter has");
+    for (n, (a0, b0)) in names.iter().zip(&before) {
+        let m = adapter.module(n).unwrap();
+        assert!(&m.a != a0 && &m.b != b0, "{n}: not trained");
+    }
+}
+
+/// LoRA on the image path (the vision tower's q, v, out_proj, fc1 and fc2 and both projector layers) beside the
+/// decoder's q and v: an image pair's DPO loss and every LoRA gradient, the image path's included, as the CPU
+/// backend computes them; with the prompt shared by both answers, and with LoRA dropout (whole sequences, masks
+/// drawn per part as the CPU trainer's).
+#[test]
+fn image_path_lora_gradients_match_the_cpu_backend() {
+    use engine::adapter::{LoraSpec, TargetModules};
+    let Some(gpu) = gpu() else { return };
+    let (cpu, _, dev, _) = setup(&gpu);
+    let dir: PathBuf = gpu_common::root().join("tests/fixtures/llava").join(CASE).join("model");
+    let vision = engine::cuda_clip::GpuVision::load_dir(&gpu, &dir).unwrap();
+    let spec = LoraSpec { r: 4, lora_alpha: 8.0, target_modules: TargetModules::Regex(r".*(q_proj|v_proj|out_proj|fc1|fc2|linear_1|linear_2)".into()), ..LoraSpec::default() };
+    let mut adapter = cpu.create_adapter(&spec, 11).unwrap();
+    let names: Vec<String> = adapter.module_names().iter().map(|s| s.to_string()).collect();
+    let image: Vec<&String> = names.iter().filter(|n| engine::cuda_clip::in_image_path(n)).collect();
+    assert!(image.iter().any(|n| n.starts_with("vision_tower.encoder.layers.0.")) && image.iter().any(|n| n.contains("linear_2")), "{image:?}");
+    let mut rng = engine::rng::SplitMix64::new(6);
+    for n in &names {
+        adapter.module_mut(n).unwrap().b.iter_mut().for_each(|v| *v = ((rng.next_f64() * 2.0 - 1.0) * 0.1) as f32);
+    }
+    // An image of random pixels and a prompt holding the image token once.
+    let side = cpu.config.llava().unwrap().vision.image_size;
+    let pixels = engine::image::PixelValues { data: (0..3 * side * side).map(|_| (rng.next_f64() * 4.0 - 2.0) as f32).collect(), channels: 3, height: side, width: side };
+    let (mut prompt, chosen, rejected) = random_pair(&cpu, 57);
+    prompt.insert(3, cpu.image_token_id().unwrap());
+    let pair = TokenPair { pixels: Some(&pixels), prompt_ids: &prompt, chosen_ids: &chosen, rejected_ids: &rejected };
+    let refs = reference_logps(&cpu, None, &pair).unwrap();
+    let cfg = DpoConfig { beta: 0.5, ..Default::default() };
+    let vision_layers = cpu.config.llava().unwrap().vision_layers_needed();
+    assert!(vision_layers < cpu.config.llava().unwrap().vision.num_hidden_layers, "the fixture reads its features from the last tower layer");
+    for (dropout, seed) in [(0.0, None), (0.2, Some(0xd0u64))] {
+        adapter.lora_dropout = dropout;
+        let mut grads = Grads::zeros_like(&adapter);
+        let (cpu_loss, _) = pair_forward_backward(&cpu, &adapter, &pair, refs, &cfg, 1.0, &mut grads, seed).unwrap();
+        let mut lora = GpuLora::from_adapter(&gpu, &dev.cfg, &adapter).unwrap();
+        assert!(lora.trains_image_path());
+        lora.scaler = LossScaler::new(1024.0, 1000);
+        let (loss, _) = lora.pair_gradients(&gpu, &dev, &cpu, Some(&vision), &pair, None, refs, &cfg, 1.0, seed).unwrap();
+        let (total, worst) = gradient_error(&gpu, &dev, &lora, &mut grads, 1024.0);
+        let (mut num, mut den, mut worst_img) = (0.0f64, 0.0f64, (0.0f64, String::new()));
+        for n in &image {
+            let want = grads.module_mut(n).unwrap();
+            let (ga, gb) = lora.image_grads(&gpu, n).unwrap();
+            let (mut n1, mut d1) = (0.0f64, 0.0f64);
+            for (g, w) in ga.iter().chain(&gb).zip(want.da.iter().chain(&want.db)) {
+                let g = *g as f64 / 1024.0;
+                assert!(g.is_finite(), "{n}: non-finite gradient");
+                n1 += (g - *w as f64).powi(2);
+                d1 += (*w as f64).powi(2);
+            }
+            // Tower layers after the one the features come from get no gradient on either device.
+            let feeds = !n.starts_with(&format!("vision_tower.encoder.layers.{}.", vision_layers));
+            assert_eq!(d1 > 0.0, feeds, "{n}: CPU gradient norm^2 {d1}");
+            if !feeds {
+                assert_eq!(n1, 0.0, "{n}: a gradient on the GPU for a layer the features do not come from");
+            }
+            num += n1;
+            den += d1;
+            if (n1 / d1).sqrt() > worst_img.0 {
+                worst_img = ((n1 / d1).sqrt(), n.to_string());
+            }
+        }
+        let img_total = (num / den).sqrt();
+        println!("image-path LoRA, dropout {dropout}: loss CPU {cpu_loss:.5} GPU {loss:.5}; decoder gradients rel L2 {total:.2e} (worst {} {:.2e}); image path {img_total:.2e} (worst {} {:.2e})", worst.1, worst.0, worst_img.1, worst_img.0);
+        assert!((loss - cpu_loss).abs() <= 1e-2, "dropout {dropout}: DPO loss GPU {loss} vs CPU {cpu_loss}");
+        assert!(total <= 2e-2 && worst.0 <= 5e-2, "dropout {dropout}: decoder LoRA gradients rel L2 {total}, worst {worst:?}");
+        assert!(img_total <= 2e-2 && worst_img.0 <= 5e-2, "dropout {dropout}: image-path LoRA gradients rel L2 {img_total}, worst {worst_img:?}");
+    }
+}
+
 /// Relative L2 error of the GPU's accumulated LoRA gradients (loss-scaled by `scale`) against the CPU's `grads`:
 /// overall, and the worst module's (error, name).
 fn gradient_error(gpu: &Gpu, dev: &engine::cuda_llama::GpuLlama, lora: &GpuLora, grads: &mut Grads, scale: f64) -> (f64, (f64, String)) {
@@ -68,6 +190,12 @@ fn gradient_error(gpu: &Gpu, dev: &engine::cuda_llama::GpuLlama, lora: &GpuLora,
     for l in 0..dev.cfg.num_hidden_layers {
         for (j, proj) in PROJECTIONS.iter().enumerate() {
             let name = format!("language_model.layers.{l}.{proj}");
+            // The GPU copy has LoRA exactly where the adapter has it.
+            assert_eq!(lora.has_module(l, j), grads.module_mut(&name).is_some(), "{name}: LoRA on one side only");
+            if !lora.has_module(l, j) {
+                assert!(lora.grads(gpu, l, j).is_err(), "{name}: gradients of a module the adapter does not have");
+                continue;
+            }
             let want = grads.module_mut(&name).unwrap_or_else(|| panic!("CPU grads have no {name}"));
             let (ga, gb) = lora.grads(gpu, l, j).unwrap();
             let (mut n1, mut d1) = (0.0f64, 0.0f64);
