@@ -15,8 +15,10 @@
 //! warning on stderr once per adapter.
 //!
 //! DPO training (`train::trainer::train_dpo`) runs on the GPU too (`cuda_train::train_dpo_gpu`) for the adapters the
-//! loop trains (LoRA on the seven projections of every decoder layer, with or without dropout) and for LoRA on any
-//! subset of those projections, fresh or resumed from an optimizer state saved on either device; so does LoRA SFT (`train::sft::train_sft`, `cuda_train::train_sft_gpu`).
+//! loop trains (LoRA on the seven projections of every decoder layer, with or without dropout), for LoRA on any
+//! subset of those projections, and for adapters that also train the image path (LoRA on the vision tower's and the
+//! projector's linear layers, the projector's weights and biases in full) when the image path runs on the device;
+//! fresh or resumed from an optimizer state saved on either device; so does LoRA SFT (`train::sft::train_sft`, `cuda_train::train_sft_gpu`).
 //! Any other run stays on the CPU trainer, with the reason on stderr.
 
 use crate::adapter::Adapter;

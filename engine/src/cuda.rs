@@ -1361,15 +1361,31 @@ impl Gpu {
     #[allow(clippy::too_many_arguments)]
     pub fn adamw_dev(&self, p: &mut CudaSlice<f32>, m: &mut CudaSlice<f32>, v: &mut CudaSlice<f32>, g: &mut CudaSlice<f32>, p16: Option<&mut CudaSlice<f16>>, cfg: &AdamW, step: u32, gscale: f32) -> Result<()> {
         let n = p.len();
-        if m.len() != n || v.len() != n || g.len() != n || p16.as_ref().is_some_and(|h| h.len() != n) {
+        self.adamw_range(p, m, v, g, p16, 0..n, cfg, step, gscale)
+    }
+
+    /// `adamw_dev` on the elements `range` of the buffers only (e.g. parameters without weight decay).
+    #[allow(clippy::too_many_arguments)]
+    pub fn adamw_range(&self, p: &mut CudaSlice<f32>, m: &mut CudaSlice<f32>, v: &mut CudaSlice<f32>, g: &mut CudaSlice<f32>, p16: Option<&mut CudaSlice<f16>>, range: std::ops::Range<usize>, cfg: &AdamW, step: u32, gscale: f32) -> Result<()> {
+        let len = p.len();
+        if m.len() != len || v.len() != len || g.len() != len || p16.as_ref().is_some_and(|h| h.len() != len) {
             return Err(err("adamw: parameter, moment and gradient buffers differ in length"));
+        }
+        if range.start > range.end || range.end > len {
+            return Err(err(format!("adamw: elements {range:?} of {len}")));
+        }
+        let n = range.len();
+        if n == 0 {
+            return Ok(());
         }
         let (bc1, bc2) = (1.0 - cfg.beta1.powi(step as i32), 1.0 - cfg.beta2.powi(step as i32));
         let nn = n as i64;
         let null = 0u64;
+        let (mut p, mut m, mut v, mut g) = (p.slice_mut(range.clone()), m.slice_mut(range.clone()), v.slice_mut(range.clone()), g.slice_mut(range.clone()));
+        let mut h = p16.map(|h| h.slice_mut(range));
         let mut b = self.stream.launch_builder(self.f("adamw_f32")?);
-        b.arg(p).arg(m).arg(v).arg(g);
-        match p16 {
+        b.arg(&mut p).arg(&mut m).arg(&mut v).arg(&mut g);
+        match h.as_mut() {
             Some(h) => b.arg(h),
             None => b.arg(&null),
         };

@@ -6,6 +6,8 @@
 //! layers, applied unmerged, and the weights and biases of linear layers it replaces, peft `modules_to_save`) apply
 //! here too; an adapter that changes anything else there runs its image path on the CPU (`backend::CudaBackend`).
 //! `engine/tests/cuda_backend.rs` checks the features against the CPU backend, with and without such an adapter.
+//! Training the image path (its activations kept, its backward pass) is `cuda_train::GpuLora::image_forward` and
+//! `image_backward`.
 
 use crate::config::{Activation, ClipVisionConfig, FeatureSelect};
 use crate::cuda::{cfg1, derr, err, to_i32, Gpu};
@@ -330,7 +332,7 @@ fn linear(gpu: &Gpu, l: &Lin, x: &CudaSlice<f16>, y: &mut CudaSlice<f16>, rows: 
     let la = ad.and_then(|a| a.lins.get(&l.name));
     gpu.linear_device(x, la.and_then(|a| a.w.as_ref()).unwrap_or(&l.w), y, rows, l.n_in, l.n_out)?;
     if let Some(b) = la.and_then(|a| a.b.as_ref()).or(l.b.as_ref()) {
-        bias_add(gpu, y, b, rows, l.n_out)?;
+        bias_add(gpu, y, &b.slice(..), rows, l.n_out)?;
     }
     if let Some((a, b, r, scale)) = la.and_then(|a| a.lora.as_ref()) {
         let mut t = gpu.stream.alloc_zeros::<f16>(rows * r).map_err(derr)?;
@@ -341,7 +343,10 @@ fn linear(gpu: &Gpu, l: &Lin, x: &CudaSlice<f16>, y: &mut CudaSlice<f16>, rows: 
 }
 
 /// y (rows, cols) += b on every row.
-pub(crate) fn bias_add(gpu: &Gpu, y: &mut CudaSlice<f16>, b: &CudaSlice<f16>, rows: usize, cols: usize) -> Result<()> {
+pub(crate) fn bias_add(gpu: &Gpu, y: &mut CudaSlice<f16>, b: &cudarc::driver::CudaView<f16>, rows: usize, cols: usize) -> Result<()> {
+    if b.len() < cols || y.len() < rows * cols {
+        return Err(err(format!("bias add: a bias of {} for {rows}x{cols}", b.len())));
+    }
     let (r, c) = (rows as i64, to_i32(cols, "cols")?);
     let mut lb = gpu.stream.launch_builder(gpu.f("bias_add_f16")?);
     lb.arg(y).arg(b).arg(&r).arg(&c);

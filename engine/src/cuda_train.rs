@@ -6,9 +6,17 @@
 //! gradient clipping on the unscaled norm; AdamW (`kernels/optim.cu`). Every op is a kernel of `kernels/*.cu`
 //! (forward and backward) or a cuBLASLt GEMM; the log-probs of the answer are computed one block of rows at a time
 //! (`logprob_gather_f16`, `logprob_bwd_f16`), so the softmax over the vocabulary never exists for more than one
-//! block. LoRA dropout draws the CPU trainer's masks (`kernels/lora.cu`). The decoder only: image features come in
-//! as input rows (`train_dpo_gpu`, `train_sft_gpu`). `engine/tests/cuda_train.rs` checks the DPO loss and every
-//! LoRA gradient against the CPU backend.
+//! block. LoRA dropout draws the CPU trainer's masks (`kernels/lora.cu`). Image features come in as input rows
+//! (`train_dpo_gpu`, `train_sft_gpu`). `engine/tests/cuda_train.rs` checks the DPO loss and every LoRA gradient
+//! against the CPU backend.
+//!
+//! The image path trains here too when the adapter has LoRA on the vision tower's or the projector's linear layers,
+//! or replaces the projector's weights and biases (peft `modules_to_save`, `--train-projector`): each image's
+//! features are computed under the current values with the activations kept (`GpuLora::image_forward`), the
+//! decoder's backward pass returns the gradient of its input rows, and the image rows' share runs back through the
+//! projector and the tower's layers down to the lowest one with LoRA (`image_backward`: layer norms, unmasked
+//! attention, activations). Those parameters sit after the decoder's in the same flat buffers, so loss scaling,
+//! clipping and AdamW treat them as one (biases without weight decay, as on the CPU).
 
 use crate::adapter::Adapter;
 use crate::config::LlamaConfig;
@@ -77,6 +85,11 @@ pub struct GpuLora {
     /// LoRA modules of the image path (linear layers of the vision tower and the projector) trained beside the
     /// decoder's, by canonical name; their factors follow the decoder's in the flat buffers, from `dec_total`.
     image: Vec<ImageSlot>,
+    /// Parameters of the image path's linear layers the adapter replaces and trains in full (peft
+    /// `modules_to_save`, e.g. the projector with `--train-projector`), after the LoRA factors; the biases last,
+    /// from `no_decay`, as AdamW leaves them without weight decay (as the CPU trainer does vectors).
+    image_params: Vec<ImageParam>,
+    no_decay: usize,
     dec_total: usize,
     /// One image backward pass's fp16 gradients of those modules (`image` offsets minus `dec_total`).
     g16_img: CudaSlice<f16>,
@@ -107,6 +120,17 @@ struct ImageSlot {
     a: usize,
     b: usize,
     mask_offset: u64,
+}
+
+/// A weight or bias of an image-path linear layer trained in full: `len` values at `at` of the flat buffers.
+#[derive(Clone, Debug)]
+struct ImageParam {
+    /// Its canonical name (`multi_modal_projector.linear_1.weight`) and its layer's.
+    name: String,
+    layer: String,
+    weight: bool,
+    at: usize,
+    len: usize,
 }
 
 /// An image-path LoRA module's initial values for `GpuLora::build_with`.
@@ -190,15 +214,16 @@ struct SeqTape {
 }
 
 impl GpuLora {
-    fn build(gpu: &Gpu, cfg: &LlamaConfig, r: usize, scale: f32, mut values: impl FnMut(usize, usize, Slot) -> Result<(Vec<f32>, Vec<f32>)>) -> Result<GpuLora> {
-        Self::build_with(gpu, cfg, r, scale, true, |_, _| true, |l, j, sl| values(l, j, sl), Vec::new())
+    fn build(gpu: &Gpu, cfg: &LlamaConfig, r: usize, scale: f32, values: impl FnMut(usize, usize, Slot) -> Result<(Vec<f32>, Vec<f32>)>) -> Result<GpuLora> {
+        Self::build_with(gpu, cfg, r, scale, true, |_, _| true, values, Vec::new(), Vec::new())
     }
 
     /// The flat buffers for rank `r`: projection (l, j) has LoRA where `present(l, j)`, its initial factors (A, B)
     /// from `values`.
-    /// `image`: LoRA modules of the image path trained beside them (after the decoder's in the buffers).
+    /// `image`: LoRA modules of the image path trained beside them (after the decoder's in the buffers);
+    /// `params`: (canonical name, values) of image-path linear layers' weights and biases trained in full.
     #[allow(clippy::too_many_arguments)]
-    fn build_with(gpu: &Gpu, cfg: &LlamaConfig, r: usize, scale: f32, trainable: bool, present: impl Fn(usize, usize) -> bool, mut values: impl FnMut(usize, usize, Slot) -> Result<(Vec<f32>, Vec<f32>)>, image: Vec<ImageInit>) -> Result<GpuLora> {
+    fn build_with(gpu: &Gpu, cfg: &LlamaConfig, r: usize, scale: f32, trainable: bool, present: impl Fn(usize, usize) -> bool, mut values: impl FnMut(usize, usize, Slot) -> Result<(Vec<f32>, Vec<f32>)>, image: Vec<ImageInit>, mut params: Vec<(String, Vec<f32>)>) -> Result<GpuLora> {
         if r == 0 {
             return Err(err("LoRA rank must be at least 1"));
         }
@@ -229,10 +254,29 @@ impl GpuLora {
             image_slots.push(ImageSlot { name: m.name.clone(), n_in, n_out, r: m.r, scale: m.scale, a: total, b: total + m.a.len(), mask_offset: crate::adapter::dropout_base(0, &m.name) });
             total += m.a.len() + m.b.len();
         }
+        // Weights, then biases (no weight decay) at the end.
+        params.sort_by_key(|(name, _)| name.ends_with(".bias"));
+        let mut image_params = Vec::with_capacity(params.len());
+        let mut no_decay = None;
+        for (name, v) in &params {
+            let (layer, what) = name.rsplit_once('.').ok_or_else(|| err(format!("{name}: not a parameter of a layer")))?;
+            if what != "weight" && what != "bias" {
+                return Err(err(format!("{name}: the GPU trainer trains weights and biases of linear layers only")));
+            }
+            if what == "bias" {
+                no_decay.get_or_insert(total);
+            }
+            image_params.push(ImageParam { name: name.clone(), layer: layer.to_string(), weight: what == "weight", at: total, len: v.len() });
+            total += v.len();
+        }
+        let no_decay = no_decay.unwrap_or(total);
         let mut host = vec![0.0f32; total];
         for (sl, m) in image_slots.iter().zip(&image) {
             host[sl.a..sl.a + m.a.len()].copy_from_slice(&m.a);
             host[sl.b..sl.b + m.b.len()].copy_from_slice(&m.b);
+        }
+        for (pp, (_, v)) in image_params.iter().zip(&params) {
+            host[pp.at..pp.at + pp.len].copy_from_slice(v);
         }
         for (l, layer) in slots.iter().enumerate() {
             for (j, sl) in layer.iter().enumerate().filter(|(_, sl)| sl.present) {
@@ -264,6 +308,8 @@ impl GpuLora {
             g16: s.alloc_zeros::<f16>(if trainable { dec_total } else { 1 }).map_err(derr)?,
             g16_img: s.alloc_zeros::<f16>(if trainable { (total - dec_total).max(1) } else { 1 }).map_err(derr)?,
             image: image_slots,
+            image_params,
+            no_decay,
             dec_total,
             steps: 0,
             scaler: LossScaler::new(65536.0, 2000),
@@ -309,9 +355,12 @@ impl GpuLora {
         let module = |l: usize, j: usize| adapter.module(&format!("language_model.layers.{l}.{}", PROJECTIONS[j]));
         // Training takes the image path's LoRA modules too (`GpuLora::image_forward`); inference leaves them to the
         // image path's own upload (`cuda_clip::GpuVisionAdapter`).
-        let image = match trainable {
-            true => adapter.modules().into_iter().filter(|(n, _)| crate::cuda_clip::in_image_path(n)).map(|(n, m)| ImageInit { name: n.to_string(), r: m.r, scale: m.scale, a: m.a.clone(), b: m.b.clone() }).collect(),
-            false => Vec::new(),
+        let (image, params) = match trainable {
+            true => (
+                adapter.modules().into_iter().filter(|(n, _)| crate::cuda_clip::in_image_path(n)).map(|(n, m)| ImageInit { name: n.to_string(), r: m.r, scale: m.scale, a: m.a.clone(), b: m.b.clone() }).collect(),
+                adapter.saved_params().filter(|(n, _)| crate::cuda_clip::in_image_path(n)).map(|(n, p)| (n.to_string(), p.values.clone())).collect(),
+            ),
+            false => (Vec::new(), Vec::new()),
         };
         Self::build_with(
             gpu,
@@ -325,13 +374,14 @@ impl GpuLora {
                 Ok((m.a.clone(), m.b.clone()))
             },
             image,
+            params,
         )
     }
 
     /// Whether this copy trains LoRA modules of the image path (so each image's features are computed with them,
     /// and their gradients flow back from the decoder's input rows).
     pub fn trains_image_path(&self) -> bool {
-        !self.image.is_empty()
+        !self.image.is_empty() || !self.image_params.is_empty()
     }
 
     /// Whether layer `l`'s projection `j` has LoRA.
@@ -774,7 +824,11 @@ impl GpuLora {
             }
             Some((norm, factor)) => {
                 self.steps += 1;
-                gpu.adamw_dev(&mut self.p32, &mut self.m, &mut self.v, &mut self.g32, Some(&mut self.p16), opt, self.steps, factor)?;
+                let (nd, total) = (self.no_decay, self.p32.len());
+                gpu.adamw_range(&mut self.p32, &mut self.m, &mut self.v, &mut self.g32, Some(&mut self.p16), 0..nd, opt, self.steps, factor)?;
+                // Biases trained in full: no weight decay (the CPU trainer's AdamW decays matrices only).
+                let plain = AdamW { weight_decay: 0.0, ..*opt };
+                gpu.adamw_range(&mut self.p32, &mut self.m, &mut self.v, &mut self.g32, Some(&mut self.p16), nd..total, &plain, self.steps, factor)?;
                 Ok(Some(norm))
             }
         }
@@ -856,6 +910,13 @@ impl GpuLora {
             m.a.copy_from_slice(&all[sl.a..sl.a + sl.r * sl.n_in]);
             m.b.copy_from_slice(&all[sl.b..sl.b + sl.n_out * sl.r]);
         }
+        for pp in &self.image_params {
+            let (_, p) = adapter.saved_params_mut().find(|(n, _)| *n == pp.name).ok_or_else(|| err(format!("the adapter does not train {}", pp.name)))?;
+            if p.values.len() != pp.len {
+                return Err(err(format!("{}: the adapter's values do not have this GPU copy's shape", pp.name)));
+            }
+            p.values.copy_from_slice(&all[pp.at..pp.at + pp.len]);
+        }
         Ok(())
     }
 
@@ -912,6 +973,10 @@ impl GpuLora {
             let m = adapter.module(&sl.name).ok_or_else(|| err(format!("the adapter has no module {}", sl.name)))?;
             out.push((sl.name.clone(), m.keys.0.clone(), sl.a..sl.a + sl.r * sl.n_in));
             out.push((sl.name.clone(), m.keys.1.clone(), sl.b..sl.b + sl.n_out * sl.r));
+        }
+        for pp in &self.image_params {
+            let (_, p) = adapter.saved_params().find(|(n, _)| *n == pp.name).ok_or_else(|| err(format!("the adapter does not train {}", pp.name)))?;
+            out.push((pp.name.clone(), p.key.clone(), pp.at..pp.at + pp.len));
         }
         Ok(out)
     }
@@ -993,6 +1058,19 @@ impl GpuLora {
         self.image.iter().find(|sl| sl.name == name)
     }
 
+    /// The weight (`weight`) or bias of image-path layer `layer` this copy trains in full, if it does.
+    fn image_param(&self, layer: &str, weight: bool) -> Option<&ImageParam> {
+        self.image_params.iter().find(|p| p.layer == layer && p.weight == weight)
+    }
+
+    /// The weight image-path layer `lin` runs with: the one this copy trains, or the model's.
+    fn image_weight<'a>(&'a self, lin: &'a crate::cuda_clip::Lin) -> cudarc::driver::CudaView<'a, f16> {
+        match self.image_param(&lin.name, true) {
+            Some(pp) => self.p16.slice(pp.at..pp.at + pp.len),
+            None => lin.w.slice(..),
+        }
+    }
+
     fn image_geom(sl: &ImageSlot) -> Geom {
         Geom { a: sl.a, b: sl.b, n_in: sl.n_in, n_out: sl.n_out, r: sl.r, scale: sl.scale }
     }
@@ -1004,9 +1082,14 @@ impl GpuLora {
     /// y = x W^T + b of a linear layer of the image path, plus its LoRA when this copy trains one there (x dropped
     /// out under `drop`); returns x A^T for the backward.
     fn image_linear(&self, gpu: &Gpu, lin: &crate::cuda_clip::Lin, x: &CudaSlice<f16>, y: &mut CudaSlice<f16>, rows: usize, drop: Option<u64>) -> Result<Option<CudaSlice<f16>>> {
-        gpu.linear_device(x, &lin.w, y, rows, lin.n_in, lin.n_out)?;
-        if let Some(b) = &lin.b {
-            crate::cuda_clip::bias_add(gpu, y, b, rows, lin.n_out)?;
+        gpu.gemm(&x.slice(..), lin.n_in, false, &self.image_weight(lin), lin.n_in, true, &mut y.slice_mut(..), lin.n_out, rows, lin.n_out, lin.n_in, 1.0, 0.0)?;
+        match self.image_param(&lin.name, false) {
+            Some(pp) => crate::cuda_clip::bias_add(gpu, y, &self.p16.slice(pp.at..pp.at + pp.len), rows, lin.n_out)?,
+            None => {
+                if let Some(b) = &lin.b {
+                    crate::cuda_clip::bias_add(gpu, y, &b.slice(..), rows, lin.n_out)?;
+                }
+            }
         }
         let Some(sl) = self.image_slot(&lin.name) else { return Ok(None) };
         let mut t = gpu.stream.alloc_zeros::<f16>(rows * sl.r).map_err(derr)?;
@@ -1019,7 +1102,16 @@ impl GpuLora {
     #[allow(clippy::too_many_arguments)]
     fn image_linear_bwd(&mut self, gpu: &Gpu, lin: &crate::cuda_clip::Lin, x: &CudaSlice<f16>, t: Option<&CudaSlice<f16>>, dy: &CudaSlice<f16>, mut dx: Option<&mut CudaSlice<f16>>, rows: usize, acc: bool, drop: Option<u64>) -> Result<()> {
         if let Some(dx) = dx.as_deref_mut() {
-            gpu.gemm(&dy.slice(..), lin.n_out, false, &lin.w.slice(..), lin.n_in, false, &mut dx.slice_mut(..), lin.n_in, rows, lin.n_in, lin.n_out, 1.0, if acc { 1.0 } else { 0.0 })?;
+            gpu.gemm(&dy.slice(..), lin.n_out, false, &self.image_weight(lin), lin.n_in, false, &mut dx.slice_mut(..), lin.n_in, rows, lin.n_in, lin.n_out, 1.0, if acc { 1.0 } else { 0.0 })?;
+        }
+        // A weight trained in full: dW = dy^T x (the input before any LoRA dropout); a bias: the column sums of dy.
+        let base = self.dec_total;
+        if let Some(pp) = self.image_param(&lin.name, true).cloned() {
+            gpu.gemm(&dy.slice(..), lin.n_out, true, &x.slice(..), lin.n_in, false, &mut self.g16_img.slice_mut(pp.at - base..pp.at - base + pp.len), lin.n_in, lin.n_out, lin.n_in, rows, 1.0, 0.0)?;
+        }
+        if let Some(pp) = self.image_param(&lin.name, false).cloned() {
+            let ones = gpu.upload_f16(&vec![1.0f32; rows])?;
+            gpu.gemm(&ones.slice(..), rows, false, &dy.slice(..), lin.n_out, false, &mut self.g16_img.slice_mut(pp.at - base..pp.at - base + pp.len), lin.n_out, 1, lin.n_out, rows, 1.0, 0.0)?;
         }
         let Some(sl) = self.image_slot(&lin.name).cloned() else { return Ok(()) };
         let t = t.ok_or_else(|| err(format!("no saved x A^T of {}", lin.name)))?;
@@ -1039,7 +1131,8 @@ impl GpuLora {
         let a = |n: usize| st.alloc_zeros::<f16>(n).map_err(derr);
         let act = act_kernel(cfg.hidden_act).ok_or_else(|| err("vision activation"))?;
         let (mut x, t) = vision.embed(gpu, pixels)?;
-        let first = vision.layers.iter().position(|l| [&l.q, &l.k, &l.v, &l.o, &l.fc1, &l.fc2].iter().any(|lin| self.image_slot(&lin.name).is_some())).unwrap_or(vision.layers.len());
+        let trained = |lin: &crate::cuda_clip::Lin| self.image_slot(&lin.name).is_some() || self.image_params.iter().any(|p| p.layer == lin.name);
+        let first = vision.layers.iter().position(|l| [&l.q, &l.k, &l.v, &l.o, &l.fc1, &l.fc2].into_iter().any(trained)).unwrap_or(vision.layers.len());
         let mut layers = Vec::new();
         for (li, l) in vision.layers.iter().enumerate() {
             let x_in = x.try_clone().map_err(derr)?;
@@ -1455,8 +1548,8 @@ pub fn bench(gpu: &Gpu, cfg: &LlamaConfig, seq: usize, answer: usize, rank: usiz
 
 /// Why `train_dpo_gpu` and `train_sft_gpu` cannot train `adapter` (the caller then trains on the CPU), or None.
 pub fn gpu_trainable(cfg: &LlamaConfig, adapter: &Adapter) -> Option<String> {
-    if let Some((name, _)) = adapter.saved_params().next() {
-        return Some(format!("the adapter trains the whole parameter {name} (modules_to_save)"));
+    if let Some((name, _)) = adapter.saved_params().find(|(n, _)| !crate::cuda_clip::in_image_path(n)) {
+        return Some(format!("the adapter trains the whole parameter {name} (modules_to_save; the GPU trainer trains whole weights and biases of the image path's linear layers only)"));
     }
     if let Err(e) = inference_rank(cfg, adapter) {
         return Some(e.to_string());
@@ -1561,6 +1654,15 @@ impl GpuLora {
             (Some(_), false) if fixed.is_none() => Err(err("an image without its features")),
             _ => Ok(ExampleImage { features: fixed.map(std::borrow::Cow::Borrowed), tape: None }),
         }
+    }
+
+    /// The accumulated (loss-scaled) gradient of the image-path parameter `name` (canonical, e.g.
+    /// `multi_modal_projector.linear_1.weight`) this copy trains in full.
+    pub fn image_param_grad(&self, gpu: &Gpu, name: &str) -> Result<Vec<f32>> {
+        self.check_trainable()?;
+        let pp = self.image_params.iter().find(|p| p.name == name).ok_or_else(|| err(format!("no image-path parameter {name} trained in full")))?;
+        let all = gpu.stream.clone_dtoh(&self.g32).map_err(derr)?;
+        Ok(all[pp.at..pp.at + pp.len].to_vec())
     }
 
     /// The accumulated (loss-scaled) gradients of the image-path module `name` (canonical): (dA, dB).

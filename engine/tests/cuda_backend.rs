@@ -167,24 +167,28 @@ type Run = (Vec<engine::train::trainer::StepLog>, Adapter, bool);
 
 /// DPO with LoRA on every decoder projection over `pairs`.
 fn train(model: &Model, pairs: &[Pair]) -> Run {
-    train_paused(model, model, pairs, None, LoraSpec::default().target_modules)
+    train_paused(model, model, pairs, None, lora_spec(LoraSpec::default().target_modules), 0.0)
 }
 
-/// `train` of LoRA on `targets`, paused after `pause` steps on `first`: the adapter and the optimizer state
-/// (moments, step, loss scale) saved to disk as `rlaifd train-dpo` saves them, loaded back, and the run finished on
-/// `second`.
-fn train_paused(first: &Model, second: &Model, pairs: &[Pair], pause: Option<usize>, targets: TargetModules) -> Run {
+/// LoRA of rank 8 on `targets`.
+fn lora_spec(targets: TargetModules) -> LoraSpec {
+    LoraSpec { r: 8, lora_alpha: 16.0, target_modules: targets, ..LoraSpec::default() }
+}
+
+/// `train` of the adapter `spec` makes (AdamW's weight decay `decay`), paused after `pause` steps on `first`: the
+/// adapter and the optimizer state (moments, step, loss scale) saved to disk as `rlaifd train-dpo` saves them,
+/// loaded back, and the run finished on `second`.
+fn train_paused(first: &Model, second: &Model, pairs: &[Pair], pause: Option<usize>, spec: LoraSpec, decay: f64) -> Run {
     use engine::train::{dpo::TokenPair, optim::{AdamW, AdamWConfig}, trainer::{precompute_references, train_dpo, TrainConfig}};
     let wc = WorldConfig::default();
     let ip = first.image_processor.clone().unwrap();
     let pixels: Vec<_> = pairs.iter().enumerate().map(|(i, (s, ..))| engine::image::preprocess(&s.render(&wc, i as u64), &ip).unwrap()).collect();
     let tp: Vec<TokenPair> = pairs.iter().zip(&pixels).map(|((_, p, c, r), px)| TokenPair { pixels: Some(px), prompt_ids: p, chosen_ids: c, rejected_ids: r }).collect();
     let refs = precompute_references(first, None, &tp).unwrap();
-    let spec = LoraSpec { r: 8, lora_alpha: 16.0, target_modules: targets, ..LoraSpec::default() };
     let mut adapter = first.create_adapter(&spec, 17).unwrap();
     let cfg = TrainConfig { dpo: Default::default(), epochs: 4, batch_size: 4, seed: 5 };
     let total = engine::train::trainer::steps_per_epoch(tp.len(), cfg.batch_size) * cfg.epochs;
-    let ocfg = AdamWConfig { lr: 2e-3, total_steps: total, ..Default::default() };
+    let ocfg = AdamWConfig { lr: 2e-3, total_steps: total, weight_decay: decay, ..Default::default() };
     let mut opt = AdamW::new(ocfg.clone());
     let mut logs = Vec::new();
     if let Some(k) = pause {
@@ -247,9 +251,10 @@ fn gpu_dpo_of_a_q_and_v_adapter_tracks_the_cpu_trainer() {
     let Some((cpu, dev, tok)) = both("shapes-base") else { return };
     let pairs = shapes_pairs(&tok, cpu.llm.cfg.eos_token_ids[0], 8);
     // The decoder's q_proj and v_proj (peft's names alone would also pick the vision tower's q_proj and v_proj).
+    let pairs = &pairs[..4];
     let qv = || TargetModules::Regex(r".*language_model.*\.(q_proj|v_proj)".into());
-    let (want, a_cpu, _) = train_paused(&cpu, &cpu, &pairs, None, qv());
-    let (got, a_gpu, on_gpu) = train_paused(&dev, &dev, &pairs, None, qv());
+    let (want, a_cpu, _) = train_paused(&cpu, &cpu, pairs, None, lora_spec(qv()), 0.0);
+    let (got, a_gpu, on_gpu) = train_paused(&dev, &dev, pairs, None, lora_spec(qv()), 0.0);
     assert!(on_gpu, "the q+v adapter trained on the CPU");
     for (w, g) in want.iter().zip(&got) {
         println!("q+v step {}: loss CPU {:.4} GPU {:.4}, reward accuracy {:.2} / {:.2}", w.step, w.loss, g.loss, w.reward_accuracy, g.reward_accuracy);
@@ -270,37 +275,47 @@ fn gpu_dpo_of_a_q_and_v_adapter_tracks_the_cpu_trainer() {
 /// LoRA on the image path too (the vision tower's q_proj, v_proj and fc1, the projector's two layers) trains on the
 /// GPU trainer, each image's features computed under the current LoRA on the device and the gradient carried
 /// back from the decoder's image rows: it follows the CPU trainer, and the image path's factors move as the CPU's
-/// do.
+/// do. So does the projector trained in full (`--train-projector`) beside LoRA, with weight decay on its weights
+/// and none on its biases as on the CPU.
 #[test]
-fn gpu_dpo_trains_image_path_lora_as_the_cpu_trainer() {
+fn gpu_dpo_trains_the_image_path_as_the_cpu_trainer() {
     let Some((cpu, dev, tok)) = both("shapes-base") else { return };
     let pairs = shapes_pairs(&tok, cpu.llm.cfg.eos_token_ids[0], 8);
-    let targets = || TargetModules::Regex(r".*(q_proj|v_proj|fc1|linear_1|linear_2)".into());
-    let (want, a_cpu, _) = train_paused(&cpu, &cpu, &pairs, None, targets());
-    let (got, a_gpu, on_gpu) = train_paused(&dev, &dev, &pairs, None, targets());
-    assert!(on_gpu, "the image-path adapter trained on the CPU");
-    for (w, g) in want.iter().zip(&got) {
-        println!("image path step {}: loss CPU {:.4} GPU {:.4}, grad norm {:.4} / {:.4}", w.step, w.loss, g.loss, w.grad_norm, g.grad_norm);
+    let lora = lora_spec(TargetModules::Regex(r".*(q_proj|v_proj|fc1|linear_1|linear_2)".into()));
+    let projector = LoraSpec { modules_to_save: vec!["multi_modal_projector".into()], ..lora_spec(TargetModules::Regex(r".*(q_proj|v_proj)".into())) };
+    for (what, spec, decay) in [("image-path LoRA", lora, 0.0), ("projector in full", projector, 0.1)] {
+        let (want, a_cpu, _) = train_paused(&cpu, &cpu, &pairs, None, spec.clone(), decay);
+        let (got, a_gpu, on_gpu) = train_paused(&dev, &dev, &pairs, None, spec.clone(), decay);
+        assert!(on_gpu, "{what}: trained on the CPU");
+        for (w, g) in want.iter().zip(&got) {
+            println!("{what}, step {}: loss CPU {:.4} GPU {:.4}, grad norm {:.4} / {:.4}", w.step, w.loss, g.loss, w.grad_norm, g.grad_norm);
+        }
+        assert_eq!(got.len(), want.len());
+        for k in 0..3 {
+            assert!((got[k].loss - want[k].loss).abs() <= 0.02 + 0.05 * want[k].loss, "{what}, step {}: loss {} on the GPU, {} on the CPU", k + 1, got[k].loss, want[k].loss);
+            assert!((got[k].grad_norm - want[k].grad_norm).abs() <= 0.05 * want[k].grad_norm + 1e-3, "{what}, step {}: grad norm {} on the GPU, {} on the CPU", k + 1, got[k].grad_norm, want[k].grad_norm);
+        }
+        // The image path's trained values: moved from where they started, and to where the CPU trainer moved them.
+        let init = cpu.create_adapter(&spec, 17).unwrap();
+        let (mut start, mut want_f, mut got_f) = (Vec::new(), Vec::new(), Vec::new());
+        for (name, m) in a_cpu.modules().into_iter().filter(|(n, _)| engine::cuda_clip::in_image_path(n)) {
+            let (g, i) = (a_gpu.module(name).unwrap(), init.module(name).unwrap());
+            want_f.extend(m.a.iter().chain(&m.b));
+            got_f.extend(g.a.iter().chain(&g.b));
+            start.extend(i.a.iter().chain(&i.b));
+        }
+        for (name, p) in a_cpu.saved_params() {
+            let find = |a: &Adapter| a.saved_params().find(|(n, _)| *n == name).map(|(_, p)| p.values.clone()).unwrap();
+            want_f.extend(&p.values);
+            got_f.extend(find(&a_gpu));
+            start.extend(find(&init));
+        }
+        assert!(!want_f.is_empty(), "{what}: nothing of the image path trained");
+        let (moved, off) = (rel_l2(&want_f, &start), rel_l2(&got_f, &want_f));
+        println!("{what}: the CPU run moved the image path's values by rel L2 {moved:.2e}; the GPU run ends {off:.2e} from it");
+        assert!(moved > 1e-3, "{what}: the image path barely trained ({moved:.2e})");
+        assert!(off <= 0.1 * moved, "{what}: the GPU trained the image path to {off:.2e} from the CPU run (which moved it {moved:.2e})");
     }
-    assert_eq!(got.len(), want.len());
-    for k in 0..3 {
-        assert!((got[k].loss - want[k].loss).abs() <= 0.02 + 0.05 * want[k].loss, "step {}: loss {} on the GPU, {} on the CPU", k + 1, got[k].loss, want[k].loss);
-        assert!((got[k].grad_norm - want[k].grad_norm).abs() <= 0.05 * want[k].grad_norm + 1e-3, "step {}: grad norm {} on the GPU, {} on the CPU", k + 1, got[k].grad_norm, want[k].grad_norm);
-    }
-    // The image path's factors: moved from where they started, and to where the CPU trainer moved them.
-    let init = cpu.create_adapter(&LoraSpec { r: 8, lora_alpha: 16.0, target_modules: targets(), ..LoraSpec::default() }, 17).unwrap();
-    let (mut start, mut want_f, mut got_f) = (Vec::new(), Vec::new(), Vec::new());
-    for (name, m) in a_cpu.modules().into_iter().filter(|(n, _)| engine::cuda_clip::in_image_path(n)) {
-        let (g, i) = (a_gpu.module(name).unwrap(), init.module(name).unwrap());
-        want_f.extend(m.a.iter().chain(&m.b));
-        got_f.extend(g.a.iter().chain(&g.b));
-        start.extend(i.a.iter().chain(&i.b));
-    }
-    assert!(!want_f.is_empty(), "no image-path module");
-    let (moved, off) = (rel_l2(&want_f, &start), rel_l2(&got_f, &want_f));
-    println!("image-path factors: the CPU run moved them by rel L2 {moved:.2e}; the GPU run ends {off:.2e} from it");
-    assert!(moved > 1e-2, "the image path barely trained ({moved:.2e})");
-    assert!(off <= 0.1 * moved, "the GPU trained the image path to {off:.2e} from the CPU run (which moved it {moved:.2e})");
 }
 
 #[test]
@@ -398,7 +413,7 @@ fn a_gpu_dpo_run_paused_and_saved_resumes_on_the_gpu_or_the_cpu_where_it_stopped
     let pairs = shapes_pairs(&tok, cpu.llm.cfg.eos_token_ids[0], 8);
     // 8 steps in one go on the GPU, against 3 steps, a save and a reload, then 5 more on the GPU.
     let (straight, a_straight, _) = train(&dev, &pairs);
-    let (paused, a_paused, _) = train_paused(&dev, &dev, &pairs, Some(3), LoraSpec::default().target_modules);
+    let (paused, a_paused, _) = train_paused(&dev, &dev, &pairs, Some(3), lora_spec(LoraSpec::default().target_modules), 0.0);
     assert_eq!(paused.len(), straight.len());
     for (s, p) in straight.iter().zip(&paused) {
         println!("step {}: loss in one go {:.6}, paused at 3 {:.6}; grad norm {:.5} / {:.5}", s.step, s.loss, p.loss, s.grad_norm, p.grad_norm);
@@ -413,7 +428,7 @@ fn a_gpu_dpo_run_paused_and_saved_resumes_on_the_gpu_or_the_cpu_where_it_stopped
     // 3 steps on the GPU, resumed on the CPU: the CPU trainer continues with the GPU's moments and step count, and
     // ends where a whole CPU run ends (within the devices' difference: fp16 vs f32).
     let (want, a_cpu, _) = train(&cpu, &pairs);
-    let (crossed, a_crossed, _) = train_paused(&dev, &cpu, &pairs, Some(3), LoraSpec::default().target_modules);
+    let (crossed, a_crossed, _) = train_paused(&dev, &cpu, &pairs, Some(3), lora_spec(LoraSpec::default().target_modules), 0.0);
     for (w, c) in want.iter().zip(&crossed) {
         println!("step {}: loss CPU {:.4}, GPU then CPU {:.4}", w.step, w.loss, c.loss);
         assert!((w.loss - c.loss).abs() <= 0.02 + 0.05 * w.loss, "step {}: {} (GPU then CPU) vs {} (CPU)", w.step, c.loss, w.loss);
@@ -432,7 +447,9 @@ fn sft(model: &mut Model, pairs: &[Pair]) -> Vec<engine::train::sft::SftStepLog>
     let ip = model.image_processor.clone().unwrap();
     let pixels: Vec<_> = pairs.iter().enumerate().map(|(i, (s, ..))| engine::image::preprocess(&s.render(&wc, i as u64), &ip).unwrap()).collect();
     let ex: Vec<SftExample> = pairs.iter().zip(&pixels).map(|((_, p, c, _), px)| SftExample { pixels: Some(px), prompt_ids: p, answer_ids: c }).collect();
-    let mut adapter = model.create_adapter(&LoraSpec { r: 8, lora_alpha: 16.0, ..LoraSpec::default() }, 23).unwrap();
+    // LoRA on every decoder projection, and on the image path (the tower's fc1, the projector's second layer).
+    let mut adapter = model.create_adapter(&lora_spec(TargetModules::Regex(r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)|.*(fc1|linear_2)".into())), 23).unwrap();
+    assert!(adapter.module_names().iter().any(|n| n.starts_with("vision_tower.")), "{:?}", adapter.module_names());
     let cfg = SftConfig { epochs: 3, batch_size: 4, seed: 2 };
     let total = engine::train::trainer::steps_per_epoch(ex.len(), cfg.batch_size) * cfg.epochs;
     let mut opt = AdamW::new(AdamWConfig { lr: 2e-3, total_steps: total, ..Default::default() });
@@ -443,6 +460,7 @@ fn sft(model: &mut Model, pairs: &[Pair]) -> Vec<engine::train::sft::SftStepLog>
     logs
 }
 
+/// LoRA SFT with images on the GPU trainer (LoRA on the decoder and on the image path) follows the CPU trainer.
 #[test]
 fn gpu_lora_sft_on_shapesworld_images_tracks_the_cpu_trainer() {
     let Some((mut cpu, mut dev, tok)) = both("shapes-base") else { return };
@@ -450,6 +468,8 @@ fn gpu_lora_sft_on_shapesworld_images_tracks_the_cpu_trainer() {
     let want = sft(&mut cpu, &pairs);
     let got = sft(&mut dev, &pairs);
     assert_eq!(got.len(), want.len());
+    // A CPU fallback would repeat the CPU run's losses bit for bit.
+    assert!(got.iter().zip(&want).any(|(g, w)| g.loss != w.loss), "the SFT run with image-path LoRA trained on the CPU");
     for (w, g) in want.iter().zip(&got) {
         println!("SFT step {}: loss CPU {:.5} GPU {:.5}, grad norm {:.4} / {:.4}, {} tokens", w.step, w.loss, g.loss, w.grad_norm, g.grad_norm, g.tokens);
         assert_eq!((w.tokens, w.lr), (g.tokens, g.lr), "step {}: a different batch or schedule", w.step);

@@ -116,7 +116,7 @@ fn a_subset_adapter_trains_its_own_modules_as_the_cpu_backend() {
 /// LoRA on the image path (the vision tower's q, v, out_proj, fc1 and fc2 and both projector layers) beside the
 /// decoder's q and v: an image pair's DPO loss and every LoRA gradient, the image path's included, as the CPU
 /// backend computes them; with the prompt shared by both answers, and with LoRA dropout (whole sequences, masks
-/// drawn per part as the CPU trainer's).
+/// drawn per part as the CPU trainer's). The same with the projector's weights and biases trained in full.
 #[test]
 fn image_path_lora_gradients_match_the_cpu_backend() {
     use engine::adapter::{LoraSpec, TargetModules};
@@ -125,10 +125,22 @@ fn image_path_lora_gradients_match_the_cpu_backend() {
     let dir: PathBuf = gpu_common::root().join("tests/fixtures/llava").join(CASE).join("model");
     let vision = engine::cuda_clip::GpuVision::load_dir(&gpu, &dir).unwrap();
     let spec = LoraSpec { r: 4, lora_alpha: 8.0, target_modules: TargetModules::Regex(r".*(q_proj|v_proj|out_proj|fc1|fc2|linear_1|linear_2)".into()), ..LoraSpec::default() };
-    let mut adapter = cpu.create_adapter(&spec, 11).unwrap();
+    let adapter_a = cpu.create_adapter(&spec, 11).unwrap();
+    // And the projector trained in full beside LoRA elsewhere (`--train-projector`: peft modules_to_save).
+    let spec_b = LoraSpec { target_modules: TargetModules::Regex(r".*(q_proj|v_proj|fc1)".into()), modules_to_save: vec!["multi_modal_projector".into()], ..spec.clone() };
+    let adapter_b = cpu.create_adapter(&spec_b, 12).unwrap();
+    assert_eq!(adapter_b.saved_params().count(), 4, "the projector's two weights and biases");
+    assert!(adapter_a.module_names().iter().any(|n| n.starts_with("multi_modal_projector.linear_2")), "{:?}", adapter_a.module_names());
+    for (mut adapter, cases) in [(adapter_a, vec![(0.0, None), (0.2, Some(0xd0u64))]), (adapter_b, vec![(0.0, None)])] {
+        check_image_path_pair(&gpu, &cpu, &dev, &vision, &mut adapter, &cases);
+    }
+}
+
+/// `image_path_lora_gradients_match_the_cpu_backend` for one adapter and its (dropout, dropout seed) cases.
+fn check_image_path_pair(gpu: &Gpu, cpu: &Model, dev: &engine::cuda_llama::GpuLlama, vision: &engine::cuda_clip::GpuVision, adapter: &mut engine::Adapter, cases: &[(f64, Option<u64>)]) {
     let names: Vec<String> = adapter.module_names().iter().map(|s| s.to_string()).collect();
     let image: Vec<&String> = names.iter().filter(|n| engine::cuda_clip::in_image_path(n)).collect();
-    assert!(image.iter().any(|n| n.starts_with("vision_tower.encoder.layers.0.")) && image.iter().any(|n| n.contains("linear_2")), "{image:?}");
+    assert!(image.iter().any(|n| n.starts_with("vision_tower.encoder.layers.0.")), "{image:?}");
     let mut rng = engine::rng::SplitMix64::new(6);
     for n in &names {
         adapter.module_mut(n).unwrap().b.iter_mut().for_each(|v| *v = ((rng.next_f64() * 2.0 - 1.0) * 0.1) as f32);
@@ -136,26 +148,26 @@ fn image_path_lora_gradients_match_the_cpu_backend() {
     // An image of random pixels and a prompt holding the image token once.
     let side = cpu.config.llava().unwrap().vision.image_size;
     let pixels = engine::image::PixelValues { data: (0..3 * side * side).map(|_| (rng.next_f64() * 4.0 - 2.0) as f32).collect(), channels: 3, height: side, width: side };
-    let (mut prompt, chosen, rejected) = random_pair(&cpu, 57);
+    let (mut prompt, chosen, rejected) = random_pair(cpu, 57);
     prompt.insert(3, cpu.image_token_id().unwrap());
     let pair = TokenPair { pixels: Some(&pixels), prompt_ids: &prompt, chosen_ids: &chosen, rejected_ids: &rejected };
-    let refs = reference_logps(&cpu, None, &pair).unwrap();
+    let refs = reference_logps(cpu, None, &pair).unwrap();
     let cfg = DpoConfig { beta: 0.5, ..Default::default() };
     let vision_layers = cpu.config.llava().unwrap().vision_layers_needed();
     assert!(vision_layers < cpu.config.llava().unwrap().vision.num_hidden_layers, "the fixture reads its features from the last tower layer");
-    for (dropout, seed) in [(0.0, None), (0.2, Some(0xd0u64))] {
+    for &(dropout, seed) in cases {
         adapter.lora_dropout = dropout;
-        let mut grads = Grads::zeros_like(&adapter);
-        let (cpu_loss, _) = pair_forward_backward(&cpu, &adapter, &pair, refs, &cfg, 1.0, &mut grads, seed).unwrap();
-        let mut lora = GpuLora::from_adapter(&gpu, &dev.cfg, &adapter).unwrap();
+        let mut grads = Grads::zeros_like(adapter);
+        let (cpu_loss, _) = pair_forward_backward(cpu, adapter, &pair, refs, &cfg, 1.0, &mut grads, seed).unwrap();
+        let mut lora = GpuLora::from_adapter(gpu, &dev.cfg, adapter).unwrap();
         assert!(lora.trains_image_path());
         lora.scaler = LossScaler::new(1024.0, 1000);
-        let (loss, _) = lora.pair_gradients(&gpu, &dev, &cpu, Some(&vision), &pair, None, refs, &cfg, 1.0, seed).unwrap();
-        let (total, worst) = gradient_error(&gpu, &dev, &lora, &mut grads, 1024.0);
+        let (loss, _) = lora.pair_gradients(gpu, dev, cpu, Some(vision), &pair, None, refs, &cfg, 1.0, seed).unwrap();
+        let (total, worst) = gradient_error(gpu, dev, &lora, &mut grads, 1024.0);
         let (mut num, mut den, mut worst_img) = (0.0f64, 0.0f64, (0.0f64, String::new()));
         for n in &image {
             let want = grads.module_mut(n).unwrap();
-            let (ga, gb) = lora.image_grads(&gpu, n).unwrap();
+            let (ga, gb) = lora.image_grads(gpu, n).unwrap();
             let (mut n1, mut d1) = (0.0f64, 0.0f64);
             for (g, w) in ga.iter().chain(&gb).zip(want.da.iter().chain(&want.db)) {
                 let g = *g as f64 / 1024.0;
@@ -176,6 +188,21 @@ fn image_path_lora_gradients_match_the_cpu_backend() {
             }
         }
         let img_total = (num / den).sqrt();
+        let (mut pn, mut pd) = (0.0f64, 0.0f64);
+        for (name, _) in adapter.saved_params() {
+            let want = grads.param(name).unwrap_or_else(|| panic!("CPU grads have no {name}"));
+            let got = lora.image_param_grad(gpu, name).unwrap();
+            assert_eq!(got.len(), want.len(), "{name}");
+            for (g, w) in got.iter().zip(want) {
+                pn += (*g as f64 / 1024.0 - *w as f64).powi(2);
+                pd += (*w as f64).powi(2);
+            }
+        }
+        let saved = if pd > 0.0 { (pn / pd).sqrt() } else { 0.0 };
+        if pd > 0.0 {
+            println!("projector trained in full: gradients rel L2 {saved:.2e} ({} tensors)", adapter.saved_params().count());
+        }
+        assert!(saved <= 2e-2, "dropout {dropout}: gradients of the projector's weights and biases: rel L2 {saved}");
         println!("image-path LoRA, dropout {dropout}: loss CPU {cpu_loss:.5} GPU {loss:.5}; decoder gradients rel L2 {total:.2e} (worst {} {:.2e}); image path {img_total:.2e} (worst {} {:.2e})", worst.1, worst.0, worst_img.1, worst_img.0);
         assert!((loss - cpu_loss).abs() <= 1e-2, "dropout {dropout}: DPO loss GPU {loss} vs CPU {cpu_loss}");
         assert!(total <= 2e-2 && worst.0 <= 5e-2, "dropout {dropout}: decoder LoRA gradients rel L2 {total}, worst {worst:?}");
