@@ -157,6 +157,29 @@ fn train_dpo_on_the_gpu_pauses_and_resumes_on_the_gpu_or_the_cpu() {
     let _ = std::fs::remove_dir_all(&d);
 }
 
+/// The image path trained on the GPU from the CLI: LoRA named peft-style (`q_proj,v_proj,fc1` also picks the vision
+/// tower's) and `--train-projector` (its weights and biases saved as `modules_to_save`), on a LLaVA fixture with
+/// image pairs; pausing and resuming on either device carries the moments of every one of them.
+#[test]
+fn train_dpo_of_the_image_path_on_the_gpu_pauses_and_resumes_on_the_gpu_or_the_cpu() {
+    let model = root().join("tests/fixtures/llava/l15_4x_f32_gqa_tied_lora/model");
+    let pairs = root().join("tests/fixtures/grad/l15_4x_f32_gqa_tied_lora/pairs.jsonl");
+    let d = tmp("gpu-image-path");
+    let (m, p) = (model.to_str().unwrap(), pairs.to_str().unwrap());
+    let args = |device: &str, out: &str| {
+        let mut v: Vec<String> = train_args_on(device, m, p, out).into_iter().map(String::from).collect();
+        v.extend(["--target-modules", "q_proj,v_proj,fc1", "--train-projector"].map(String::from));
+        v
+    };
+    gpu_run_pauses_and_resumes(&d, &args, 8, 3, "adapter_model.safetensors");
+    if d.join("gpu").is_dir() {
+        let t = tensors(&d.join("gpu").join("adapter_model.safetensors"));
+        let (vision, projector) = (t.keys().filter(|k| k.contains("vision_tower") && k.contains("lora_")).count(), t.keys().filter(|k| k.contains("multi_modal_projector")).count());
+        assert!(vision > 0 && projector == 4, "the adapter should hold vision-tower LoRA and the projector's 4 tensors: {:?}", t.keys().collect::<Vec<_>>());
+    }
+    let _ = std::fs::remove_dir_all(&d);
+}
+
 #[test]
 fn train_dpo_resume_gives_the_same_weights_as_an_uninterrupted_run() {
     let model = root().join("tests/fixtures/llava/llama_text_only/model");
