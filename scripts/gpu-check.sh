@@ -99,7 +99,7 @@ stage "cuda_llama (decoder vs CPU backend)" llama.log 180 "$bins/cuda_llama" --n
 grep -E "SKIPPED|log-prob|greedy|test result|panicked" "$OUT/llama.log" | tail -n 20
 stage "cuda_train (GPU DPO vs CPU backend, short DPO run)" llama.log 180 "$bins/cuda_train" --nocapture --test-threads 1
 grep -E "SKIPPED|loss CPU|LoRA gradients|GPU DPO|dropout seed|test result|panicked" "$OUT/llama.log" | tail -n 14
-stage "cuda_backend (daemon backend on ShapesWorld: generation, scoring, DPO with images)" backend.log 180 "$bins/cuda_backend" --nocapture --test-threads 1
+stage "cuda_backend (daemon backend on ShapesWorld: generation, scoring, DPO with images)" backend.log 300 "$bins/cuda_backend" --nocapture --test-threads 1
 grep -E "SKIPPED|backend:|scene|worst|step|image features|questions|trained|test result|panicked" "$OUT/backend.log" | tail -n 40
 stage "train_cli (rlaifd train-dpo --device cuda, paused and resumed on the GPU or the CPU)" backend.log 180 env RLAIFD_BIN="$bins/rlaifd" "$bins/train_cli" --nocapture --test-threads 1 on_the_gpu
 grep -E "SKIPPED|training on|resumed|trained weights|test result|panicked" "$OUT/backend.log" | tail -n 6
@@ -116,7 +116,7 @@ mma_check
 stage "bench-gpu (rlaifd)" bench.log 300 "$bins/rlaifd" bench-gpu --shape "$SHAPE" --prompt "$PROMPT" --decode "$DECODE" --reps "${REPS:-3}" --n 10
 grep -vE '^\{' "$OUT/bench.log" | tail -n 5
 stage "bench-gpu-train (rlaifd)" bench.log 300 "$bins/rlaifd" bench-gpu-train --shape "$SHAPE" --seq "$SEQ" --answer "$ANSWER" --rank "$RANK" --reps "${REPS:-5}" --warmup 2
-grep -E "DPO step" "$OUT/bench.log" | tail -n 3
+grep -E "DPO step|image path" "$OUT/bench.log" | tail -n 4
 fi
 if ! part peer; then
   :

@@ -337,6 +337,16 @@ fn cmd_bench_gpu_train(shape: &str, seq: usize, answer: usize, rank: usize, reps
     println!("as two whole sequences (the prompt not shared): DPO step {:.1} ms, peak memory {:.1} GB", median(&r.dpo_whole_step_ms), r.dpo_whole_peak_memory_gb);
     println!("with the scalar attention kernels (no tensor cores): DPO step {:.1} ms", median(&r.dpo_scalar_attention_step_ms));
     println!("{}", serde_json::to_string(&r)?);
+    // Training the image path too: what its passes add per image (one image per DPO pair).
+    let (vision, layers) = engine::cuda_clip::bench_shape(shape == "tiny");
+    let img = engine::cuda_train::bench_image_path(&gpu, &vision, layers, cfg.hidden_size, rank, reps, warmup)?;
+    println!(
+        "image path trained too (LoRA r={rank} on every linear layer of a {layers}-layer tower of width {} and the projector): forward + backward {:.1} ms per image (median of {})",
+        vision.hidden_size,
+        median(&img),
+        img.len()
+    );
+    println!("{}", serde_json::json!({ "image_path_train_ms": img }));
     Ok(())
 }
 

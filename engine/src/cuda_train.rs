@@ -1475,6 +1475,70 @@ pub struct TrainBenchReport {
     pub skipped_steps: u64,
 }
 
+/// Milliseconds per image of the image path's training passes (`GpuLora::image_forward` and `image_backward`
+/// from a random features gradient, no optimizer step) with LoRA of rank `rank` on every linear layer of a
+/// random-weight tower of `vision`'s shape (`n_layers` layers) and of the projector to `text_hidden`: `reps`
+/// timed after `warmup`. What training the image path adds to a DPO pair (one image per pair).
+pub fn bench_image_path(gpu: &Gpu, vision: &crate::config::ClipVisionConfig, n_layers: usize, text_hidden: usize, rank: usize, reps: usize, warmup: usize) -> Result<Vec<f64>> {
+    let v = crate::cuda_clip::GpuVision::random(gpu, vision, n_layers, text_hidden, 5)?;
+    // A one-layer decoder stands in (the flat buffers start with the decoder's modules); the image path's modules
+    // follow, A as peft initialises it, B non-zero so every gradient path carries values.
+    let dec = LlamaConfig {
+        vocab_size: 32,
+        hidden_size: 64,
+        intermediate_size: 128,
+        num_hidden_layers: 1,
+        num_attention_heads: 1,
+        num_key_value_heads: 1,
+        head_dim: 64,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10000.0,
+        rope_scaling: crate::config::RopeScaling::None,
+        max_position_embeddings: 64,
+        tie_word_embeddings: false,
+        attention_bias: false,
+        mlp_bias: false,
+        bos_token_id: None,
+        eos_token_ids: vec![],
+    };
+    let mut rng = crate::rng::SplitMix64::new(3);
+    let mut uniform = |n: usize, bound: f64| -> Vec<f32> { (0..n).map(|_| ((rng.next_f64() * 2.0 - 1.0) * bound) as f32).collect() };
+    let image = v
+        .layers
+        .iter()
+        .flat_map(|l| [&l.q, &l.k, &l.v, &l.o, &l.fc1, &l.fc2])
+        .chain([&v.proj1, &v.proj2])
+        .enumerate()
+        .map(|(i, lin)| ImageInit { name: format!("bench.{i}"), r: rank, scale: 2.0, a: uniform(rank * lin.n_in, 1.0 / (lin.n_in as f64).sqrt()), b: uniform(lin.n_out * rank, 0.01) })
+        .collect::<Vec<_>>();
+    let names: Vec<String> = image.iter().map(|m| m.name.clone()).collect();
+    let mut gl = GpuLora::build_with(gpu, &dec, rank, 2.0, true, |_, _| true, |_, _, sl| Ok((vec![0.0; rank * sl.n_in], vec![0.0; sl.n_out * rank])), image, Vec::new())?;
+    // The random tower's layers are unnamed: name them as the slots.
+    let mut v = v;
+    for (lin, name) in v.layers.iter_mut().flat_map(|l| [&mut l.q, &mut l.k, &mut l.v, &mut l.o, &mut l.fc1, &mut l.fc2]).chain([&mut v.proj1, &mut v.proj2]).zip(&names) {
+        lin.name = name.clone();
+    }
+    let s = vision.image_size;
+    let pixels: Vec<f32> = uniform(vision.num_channels * s * s, 2.0);
+    let dfeat = gpu.upload_f16(&uniform(vision.num_patches() * text_hidden, 1e-3))?;
+    let mut out = Vec::new();
+    for rep in 0..warmup + reps {
+        gpu.stream.synchronize().map_err(derr)?;
+        let t = std::time::Instant::now();
+        let tape = gl.image_forward(gpu, &v, &pixels, None)?;
+        gl.image_backward(gpu, &v, &tape, &dfeat)?;
+        gpu.stream.synchronize().map_err(derr)?;
+        if rep >= warmup {
+            out.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let g = gpu.stream.clone_dtoh(&gl.g32).map_err(derr)?;
+    if g.iter().any(|x| !x.is_finite()) || g.iter().all(|&x| x == 0.0) {
+        return Err(err("image path bench: the gradients are not finite or all zero"));
+    }
+    Ok(out)
+}
+
 /// Times `reps` DPO steps (after `warmup`) and as many SFT steps of a rank-`rank` adapter on every linear layer of
 /// a random-weight decoder of `cfg`'s shape, sequences of `seq` tokens with answers of `answer` tokens.
 pub fn bench(gpu: &Gpu, cfg: &LlamaConfig, seq: usize, answer: usize, rank: usize, reps: usize, warmup: usize) -> Result<TrainBenchReport> {
