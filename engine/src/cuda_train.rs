@@ -331,10 +331,10 @@ impl GpuLora {
         })
     }
 
-    /// The decoder modules of a PEFT adapter, for training: any subset of the seven projections of each layer
-    /// (the ones left out have no LoRA and stay without it), one rank and scale (`inference_rank` says what else
-    /// the GPU decoder refuses). Modules elsewhere, such as the vision tower's, are not trained here
-    /// (`gpu_trainable` sends such an adapter to the CPU trainer).
+    /// A PEFT adapter, for training: its decoder modules (any subset of the seven projections of each layer, the
+    /// ones left out have no LoRA and stay without it; one rank and scale, `inference_rank` says what else the GPU
+    /// decoder refuses), and what it trains of the image path (LoRA on its linear layers, their weights and biases
+    /// in full), trained with a `cuda_clip::GpuVision` that can apply them (`GpuVisionAdapter::unsupported`).
     pub fn from_adapter(gpu: &Gpu, cfg: &LlamaConfig, adapter: &Adapter) -> Result<GpuLora> {
         let mut gl = Self::from_adapter_with(gpu, cfg, adapter, true)?;
         gl.dropout = adapter.lora_dropout;
@@ -378,8 +378,8 @@ impl GpuLora {
         )
     }
 
-    /// Whether this copy trains LoRA modules of the image path (so each image's features are computed with them,
-    /// and their gradients flow back from the decoder's input rows).
+    /// Whether this copy trains anything of the image path (so each image's features are computed under it, and
+    /// the gradients flow back from the decoder's input rows).
     pub fn trains_image_path(&self) -> bool {
         !self.image.is_empty() || !self.image_params.is_empty()
     }
@@ -1135,7 +1135,9 @@ impl GpuLora {
         let first = vision.layers.iter().position(|l| [&l.q, &l.k, &l.v, &l.o, &l.fc1, &l.fc2].into_iter().any(trained)).unwrap_or(vision.layers.len());
         let mut layers = Vec::new();
         for (li, l) in vision.layers.iter().enumerate() {
-            let x_in = x.try_clone().map_err(derr)?;
+            // Below the lowest trained layer nothing is kept.
+            let keep = li >= first;
+            let x_in = if keep { Some(x.try_clone().map_err(derr)?) } else { None };
             let mut h1 = a(t * d)?;
             layernorm_dev(gpu, &mut h1, &x, &l.ln1, t, d, eps)?;
             let (mut q, mut k, mut v) = (a(t * d)?, a(t * d)?, a(t * d)?);
@@ -1148,7 +1150,7 @@ impl GpuLora {
             let mut tmp = a(t * d)?;
             let to = self.image_linear(gpu, &l.o, &att, &mut tmp, t, drop)?;
             gpu.residual_add_dev(&mut x, &tmp, t * d)?;
-            let x_mid = x.try_clone().map_err(derr)?;
+            let x_mid = if keep { Some(x.try_clone().map_err(derr)?) } else { None };
             let mut h2 = a(t * d)?;
             layernorm_dev(gpu, &mut h2, &x, &l.ln2, t, d, eps)?;
             let mut fpre = a(t * inter)?;
@@ -1157,7 +1159,7 @@ impl GpuLora {
             activation_dev(gpu, act, &mut fact, t * inter)?;
             let tf2 = self.image_linear(gpu, &l.fc2, &fact, &mut tmp, t, drop)?;
             gpu.residual_add_dev(&mut x, &tmp, t * d)?;
-            if li >= first {
+            if let (Some(x_in), Some(x_mid)) = (x_in, x_mid) {
                 layers.push(ImageLayerTape { x_in, h1, q, k, v, att, lse, x_mid, h2, fpre, fact, t: [tq, tk, tv, to, tf1, tf2] });
             }
         }

@@ -98,8 +98,11 @@ fn the_gpu_trainer_takes_the_loops_adapters_and_leaves_the_rest_to_the_cpu() {
     let one_layer = model.create_adapter(&spec(TargetModules::Regex(r".*language_model.*layers\.0\.mlp\..*".into()), 0.0), 1).unwrap();
     assert_eq!(one_layer.module_names().len(), 3, "{:?}", one_layer.module_names());
     assert_eq!(gpu_trainable(cfg, &one_layer), None);
-    // A whole parameter trained, no decoder LoRA at all: the CPU, with why.
-    let saved = model.create_adapter(&LoraSpec { modules_to_save: vec!["multi_modal_projector".into()], ..spec(LoraSpec::default().target_modules, 0.0) }, 1).unwrap();
+    // The projector trained in full (--train-projector): the GPU (the backend checks its image path can).
+    let projector = model.create_adapter(&LoraSpec { modules_to_save: vec!["multi_modal_projector".into()], ..spec(LoraSpec::default().target_modules, 0.0) }, 1).unwrap();
+    assert_eq!(gpu_trainable(cfg, &projector), None);
+    // A decoder parameter trained in full, no decoder LoRA at all: the CPU, with why.
+    let saved = model.create_adapter(&LoraSpec { modules_to_save: vec!["lm_head".into()], ..spec(LoraSpec::default().target_modules, 0.0) }, 1).unwrap();
     assert!(gpu_trainable(cfg, &saved).unwrap().contains("modules_to_save"), "{:?}", gpu_trainable(cfg, &saved));
     let none = model.create_adapter(&spec(TargetModules::Regex(r".*vision_tower.*q_proj".into()), 0.0), 1).unwrap();
     assert!(gpu_trainable(cfg, &none).unwrap().contains("no LoRA module in the decoder"), "{:?}", gpu_trainable(cfg, &none));
