@@ -280,7 +280,8 @@ fn gpu_dpo_of_a_q_and_v_adapter_tracks_the_cpu_trainer() {
 #[test]
 fn gpu_dpo_trains_the_image_path_as_the_cpu_trainer() {
     let Some((cpu, dev, tok)) = both("shapes-base") else { return };
-    let pairs = shapes_pairs(&tok, cpu.llm.cfg.eos_token_ids[0], 8);
+    // 4 pairs, one step per epoch: 4 steps per run (four runs; the CPU ones dominate the time on cuemu).
+    let pairs = shapes_pairs(&tok, cpu.llm.cfg.eos_token_ids[0], 4);
     let lora = lora_spec(TargetModules::Regex(r".*(q_proj|v_proj|fc1|linear_1|linear_2)".into()));
     let projector = LoraSpec { modules_to_save: vec!["multi_modal_projector".into()], ..lora_spec(TargetModules::Regex(r".*(q_proj|v_proj)".into())) };
     for (what, spec, decay) in [("image-path LoRA", lora, 0.0), ("projector in full", projector, 0.1)] {
