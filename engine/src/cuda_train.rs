@@ -1685,15 +1685,19 @@ impl GpuLora {
         let drops = (crate::train::dpo::part_seed(seed, 1), crate::train::dpo::part_seed(seed, 2));
         let img = self.example_image(gpu, vision, p.pixels, fixed, crate::train::dpo::part_seed(seed, 0))?;
         let f = img.features.as_deref();
+        // The input row where the image's features start (the prompt is both sequences' prefix).
+        let mut image_row = None;
         let (l, lp, dxs) = if self.share_prompt && !self.recompute && seed.is_none() {
             // The prompt's rows (image features included) once; each answer's own token rows.
-            let (xp, _) = model.embed_inputs(p.prompt_ids, f)?;
+            let (xp, rp) = model.embed_inputs(p.prompt_ids, f)?;
+            image_row = image_start(model, p.prompt_ids, &rp);
             let (xc, _) = model.embed_inputs(p.chosen_ids, None)?;
             let (xr, _) = model.embed_inputs(p.rejected_ids, None)?;
             self.dpo_pair_shared(gpu, gmodel, Input::Embeds(&xp), (Input::Embeds(&xc), p.chosen_ids), (Input::Embeds(&xr), p.rejected_ids), refs, cfg, weight)?
         } else {
-            let rows = |answer: &[u32]| -> Result<(Vec<f32>, usize)> {
-                let (x, _) = model.embed_inputs(&[p.prompt_ids, answer].concat(), f)?;
+            let mut rows = |answer: &[u32]| -> Result<(Vec<f32>, usize)> {
+                let (x, r) = model.embed_inputs(&[p.prompt_ids, answer].concat(), f)?;
+                image_row = image_start(model, p.prompt_ids, &r);
                 let n = x.len() / c;
                 Ok((x, n.saturating_sub(answer.len())))
             };
@@ -1701,8 +1705,9 @@ impl GpuLora {
             let (xr, sr) = rows(p.rejected_ids)?;
             self.dpo_pair(gpu, gmodel, (Input::Embeds(&xc), p.chosen_ids, sc), (Input::Embeds(&xr), p.rejected_ids, sr), refs, cfg, weight, drops)?
         };
-        if let (Some(tape), Some(f), Some(v)) = (&img.tape, f, vision) {
-            self.image_backward_from_rows(gpu, v, tape, &dxs, image_row(model, p.prompt_ids, f)?, c)?;
+        if let (Some(tape), Some(v)) = (&img.tape, vision) {
+            let at = image_row.ok_or_else(|| err("an image was given but the prompt holds no image token"))?;
+            self.image_backward_from_rows(gpu, v, tape, &dxs, at, c)?;
         }
         Ok((l, lp))
     }
@@ -1748,11 +1753,11 @@ struct ExampleImage<'f> {
     tape: Option<ImageTape>,
 }
 
-/// The first input row of the image's features in `prompt` (given with them, `features`).
-fn image_row(model: &crate::llava::Model, prompt: &[u32], features: &[f32]) -> Result<usize> {
-    let at = model.image_token_id().and_then(|id| prompt.iter().position(|&t| t == id)).ok_or_else(|| err("an image was given but the prompt holds no image token"))?;
-    let (_, rows) = model.embed_inputs(prompt, Some(features))?;
-    Ok(rows[at])
+/// The first input row of the image's features, from the row map `embed_inputs` returned for a sequence that
+/// starts with `prompt`; None when the prompt holds no image token.
+fn image_start(model: &crate::llava::Model, prompt: &[u32], rows: &[usize]) -> Option<usize> {
+    let at = model.image_token_id().and_then(|id| prompt.iter().position(|&t| t == id))?;
+    rows.get(at).copied()
 }
 
 /// An optimizer step `run_schedule` took.
@@ -1871,7 +1876,7 @@ pub fn train_sft_gpu(
             let fixed = if gl.trains_image_path() { None } else { feats.get(ex.pixels, features)? };
             let img = gl.example_image(gpu, vision, ex.pixels, fixed, crate::train::dpo::part_seed(seed, 0))?;
             let f = img.features.as_deref();
-            let (x, _) = model.embed_inputs(&[ex.prompt_ids, ex.answer_ids].concat(), f)?;
+            let (x, row_of) = model.embed_inputs(&[ex.prompt_ids, ex.answer_ids].concat(), f)?;
             let rows = x.len() / c;
             let t = gl.forward_seq(gpu, gmodel, Input::Embeds(&x), ex.answer_ids, rows.saturating_sub(ex.answer_ids.len()), crate::train::dpo::part_seed(seed, 1))?;
             if !t.logp_sum.is_finite() {
@@ -1880,8 +1885,9 @@ pub fn train_sft_gpu(
             nll -= t.logp_sum;
             let dx = gl.backward(gpu, gmodel, &t, (-weight * gl.scaler.scale as f64) as f32)?;
             drop(t);
-            if let (Some(tape), Some(f), Some(v)) = (&img.tape, f, vision) {
-                gl.image_backward_from_rows(gpu, v, tape, std::slice::from_ref(&dx), image_row(model, ex.prompt_ids, f)?, c)?;
+            if let (Some(tape), Some(v)) = (&img.tape, vision) {
+                let at = image_start(model, ex.prompt_ids, &row_of).ok_or_else(|| err("an image was given but the prompt holds no image token"))?;
+                gl.image_backward_from_rows(gpu, v, tape, std::slice::from_ref(&dx), at, c)?;
             }
         }
         Ok((nll * weight, tokens))
