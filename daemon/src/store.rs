@@ -352,6 +352,8 @@ pub async fn finish_sample(pool: &PgPool, job: &Job, owner: &str, checkpoint_id:
         .await?;
     }
     sqlx::query("INSERT INTO jobs (iteration_id, kind, prompt_id) VALUES ($1, 'label', $2) ON CONFLICT DO NOTHING").bind(job.iteration_id).bind(job.prompt_id).execute(&mut *tx).await?;
+    // Crash test: abort with the answers inserted and the transaction still open.
+    crate::failpoint::hit("sample_tx");
     sqlx::query("UPDATE jobs SET status = 'done', finished_at = now(), lease_until = NULL WHERE id = $1").bind(job.id).execute(&mut *tx).await?;
     tx.commit().await?;
     Ok(true)
@@ -440,6 +442,8 @@ pub async fn finish_label(pool: &PgPool, job: &Job, owner: &str, labeler: &str, 
         .execute(&mut *tx)
         .await?;
     }
+    // Crash test: abort with the claims, scores and pairs written and the transaction still open.
+    crate::failpoint::hit("label_tx");
     sqlx::query("UPDATE jobs SET status = 'done', finished_at = now(), lease_until = NULL WHERE id = $1").bind(job.id).execute(&mut *tx).await?;
     tx.commit().await?;
     Ok(true)

@@ -32,6 +32,28 @@ async fn check(pool: &sqlx::PgPool, n: i64) {
     assert_eq!(q("SELECT count(*) FROM iterations WHERE candidate_id IS NOT NULL AND stage IN ('sampling', 'training')").await.unwrap(), 0);
 }
 
+/// Where a kill landed, read from what the dead process left: the open iteration's stage; within sampling, the
+/// kinds of job it held leases on (a label job also builds the prompt's pairs with their reference log-probs); a
+/// half-written checkpoint directory under `checkpoints`.
+async fn landed(pool: &sqlx::PgPool, checkpoints: &std::path::Path) -> String {
+    let open: Option<(i64, String)> = sqlx::query_as("SELECT id, stage FROM iterations WHERE stage NOT IN ('done', 'failed') ORDER BY number LIMIT 1").fetch_optional(pool).await.unwrap();
+    let Some((id, stage)) = open else { return "between iterations".into() };
+    let writing = std::fs::read_dir(checkpoints).map(|r| r.flatten().any(|e| e.file_name().to_string_lossy().contains(".tmp-"))).unwrap_or(false);
+    if writing {
+        return "checkpoint write".into();
+    }
+    if stage != "sampling" {
+        return stage;
+    }
+    let kinds: Vec<String> = sqlx::query_scalar("SELECT DISTINCT kind FROM jobs WHERE iteration_id = $1 AND status = 'running' ORDER BY kind").bind(id).fetch_all(pool).await.unwrap();
+    match kinds.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+        [] => "sampling stage, no job held".into(),
+        ["sample"] => "sampling".into(),
+        ["label"] => "labeling and pairing".into(),
+        _ => "sampling and labeling".into(),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_loop_at_random_moments_loses_and_duplicates_nothing() {
     let db = common::fresh("crash").await;
@@ -75,9 +97,7 @@ async fn killing_the_loop_at_random_moments_loses_and_duplicates_nothing() {
         if finished {
             break;
         }
-        // Where the kill landed: the open iteration's stage, or before/between iterations.
-        let stage: Option<String> = sqlx::query_scalar("SELECT stage FROM iterations WHERE stage NOT IN ('done', 'failed') ORDER BY number LIMIT 1").fetch_optional(&db.pool).await.unwrap();
-        *hit.entry(stage.unwrap_or_else(|| "between iterations".into())).or_insert(0) += 1;
+        *hit.entry(landed(&db.pool, &state.join("checkpoints")).await).or_insert(0) += 1;
     }
     // Let it finish.
     let out = Command::new(env!("CARGO_BIN_EXE_rlaifd")).args(&args).output().unwrap();
@@ -91,7 +111,8 @@ async fn killing_the_loop_at_random_moments_loses_and_duplicates_nothing() {
     assert_eq!(summary["iterations"], 6);
     println!("{kills} kills survived in {:.1} s; where they landed: {hit:?}", t0.elapsed().as_secs_f64());
     assert!(kills >= 10, "only {kills} kills landed; the schedule is too slow for this machine");
-    assert!(hit.contains_key("sampling") && (hit.contains_key("training") || hit.contains_key("evaluating")), "kills missed the loop's stages: {hit:?}");
+    let sampled = hit.keys().any(|k| k.contains("sampling") || k.contains("labeling"));
+    assert!(sampled && ["training", "checkpoint write", "evaluating"].iter().any(|k| hit.contains_key(*k)), "kills missed the loop's stages: {hit:?}");
     db.drop_db().await;
     let _ = std::fs::remove_dir_all(&state);
 }
@@ -216,8 +237,7 @@ async fn killing_the_daemon_at_random_moments_loses_nothing_and_it_serves_the_pr
         child.0.wait().unwrap();
         kills += 1;
         check(&db.pool, 4).await;
-        let stage: Option<String> = sqlx::query_scalar("SELECT stage FROM iterations WHERE stage NOT IN ('done', 'failed') ORDER BY number LIMIT 1").fetch_optional(&db.pool).await.unwrap();
-        *hit.entry(stage.unwrap_or_else(|| "between iterations".into())).or_insert(0) += 1;
+        *hit.entry(landed(&db.pool, &dir.join("state/checkpoints")).await).or_insert(0) += 1;
     }
     // Let it reach its target, then stop it with SIGTERM: a clean exit.
     let mut child = start();
@@ -244,7 +264,8 @@ async fn killing_the_daemon_at_random_moments_loses_nothing_and_it_serves_the_pr
     assert_eq!(sqlx::query_scalar::<_, i64>("SELECT count(*) FROM iterations WHERE stage NOT IN ('done', 'failed')").fetch_one(&db.pool).await.unwrap(), 0, "max_iterations = 8: no ninth iteration");
     println!("{kills} daemon kills survived in {:.1} s ({checked_serving} restarts checked serving the promoted checkpoint); where they landed: {hit:?}", t0.elapsed().as_secs_f64());
     assert!(kills >= 30, "only {kills} kills");
-    assert!(hit.contains_key("sampling") && (hit.contains_key("training") || hit.contains_key("evaluating")), "kills missed the loop's stages: {hit:?}");
+    let sampled = hit.keys().any(|k| k.contains("sampling") || k.contains("labeling"));
+    assert!(sampled && ["training", "checkpoint write", "evaluating"].iter().any(|k| hit.contains_key(*k)), "kills missed the loop's stages: {hit:?}");
     assert!(checked_serving >= kills / 2, "restarts did not serve the promoted checkpoint");
     db.drop_db().await;
     let _ = std::fs::remove_dir_all(&dir);
@@ -260,11 +281,13 @@ impl Drop for Killed {
     }
 }
 
-/// Crashes placed exactly where they hurt most (failpoints abort the process): in the middle of writing a
-/// checkpoint's files, after a checkpoint directory is written but before its row exists, after a promotion commits but before the hot-swap, and while hot-swapping.
+/// Crashes placed exactly where they hurt most (failpoints abort the process): inside a sample job's and a label
+/// job's transaction (answers, or claims, scores and pairs inserted, not committed), in the middle of writing a
+/// checkpoint's files, after a checkpoint directory is written but before its row exists, after a promotion commits
+/// but before the hot-swap, and while hot-swapping.
 /// After each, the invariants hold, the restarted daemon serves the promoted checkpoint and the loop goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn crashes_at_checkpoint_write_promotion_and_hot_swap_leave_a_consistent_state() {
+async fn crashes_at_job_commits_checkpoint_write_promotion_and_hot_swap_leave_a_consistent_state() {
     let db = common::fresh("failpt").await;
     let dir = std::env::temp_dir().join(format!("rlaifd-failpt-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -278,7 +301,7 @@ async fn crashes_at_checkpoint_write_promotion_and_hot_swap_leave_a_consistent_s
     };
     let healthz = served_checkpoint;
     let done = |pool: sqlx::PgPool| async move { sqlx::query_scalar::<_, i64>("SELECT count(*) FROM iterations WHERE stage = 'done'").fetch_one(&pool).await.unwrap() };
-    for fp in ["adapter_save", "train_saved", "decided", "hot_swap"] {
+    for fp in ["sample_tx", "label_tx", "adapter_save", "train_saved", "decided", "hot_swap"] {
         // Armed: the daemon runs until it reaches the point and aborts there.
         let mut child = start(fp);
         let t0 = Instant::now();
@@ -293,6 +316,25 @@ async fn crashes_at_checkpoint_write_promotion_and_hot_swap_leave_a_consistent_s
         let log = std::fs::read_to_string(dir.join(format!("daemon-{fp}.log"))).unwrap();
         assert!(log.contains(&format!("failpoint {fp} reached")), "{fp}: {log}");
         check(&db.pool, 4).await;
+        if let Some(kind) = fp.strip_suffix("_tx").map(|k| if k == "sample" { "sample" } else { "label" }) {
+            // The abort came inside the job's transaction: PostgreSQL rolled it back, so the job the dead process
+            // held is still open and nothing of its result is stored.
+            let open: Vec<(i64, i64)> = sqlx::query_as("SELECT j.prompt_id, i.policy_id FROM jobs j JOIN iterations i ON i.id = j.iteration_id WHERE j.kind = $1 AND j.status = 'running'").bind(kind).fetch_all(&db.pool).await.unwrap();
+            assert!(!open.is_empty(), "{fp}: no {kind} job was in flight");
+            for (prompt, policy) in open {
+                let stored: i64 = if kind == "sample" {
+                    sqlx::query_scalar("SELECT count(*) FROM responses WHERE prompt_id = $1 AND checkpoint_id = $2").bind(prompt).bind(policy).fetch_one(&db.pool).await.unwrap()
+                } else {
+                    sqlx::query_scalar("SELECT (SELECT count(*) FROM claims c JOIN responses r ON r.id = c.response_id WHERE r.prompt_id = $1 AND r.checkpoint_id = $2) + (SELECT count(*) FROM pairs p JOIN responses c ON c.id = p.chosen_id WHERE p.prompt_id = $1 AND c.checkpoint_id = $2) + (SELECT count(*) FROM responses WHERE prompt_id = $1 AND checkpoint_id = $2 AND score IS NOT NULL)")
+                        .bind(prompt)
+                        .bind(policy)
+                        .fetch_one(&db.pool)
+                        .await
+                        .unwrap()
+                };
+                assert_eq!(stored, 0, "{fp}: prompt {prompt}'s uncommitted {kind} result is visible");
+            }
+        }
         if fp == "adapter_save" {
             // The abort came mid-write: a temporary directory with the config but not the weights, which no row
             // names (check() above verified every row's files).
