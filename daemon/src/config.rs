@@ -69,6 +69,15 @@ pub struct ServerConfig {
     pub join_prompt_pool: bool,
 }
 
+/// The id of the group `name` in /etc/group.
+pub fn group_id(name: &str) -> Option<u32> {
+    let groups = std::fs::read_to_string("/etc/group").ok()?;
+    groups.lines().find_map(|l| {
+        let mut f = l.split(':');
+        (f.next()? == name).then(|| f.nth(1)?.parse().ok())?
+    })
+}
+
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ControlConfig {
@@ -172,6 +181,9 @@ impl Config {
         }
         if self.control.socket.as_os_str().is_empty() {
             bail!("control.socket is empty");
+        }
+        if !self.control.group.is_empty() && group_id(&self.control.group).is_none() {
+            bail!("control.group {:?} is not a group of this system (see /etc/group; empty: the daemon's own group)", self.control.group);
         }
         if !matches!(self.daemon.prompt_source.as_str(), "shapes" | "none") {
             bail!("daemon.prompt_source {:?}: expected \"shapes\" or \"none\"", self.daemon.prompt_source);

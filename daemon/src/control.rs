@@ -133,19 +133,11 @@ pub fn start(d: Arc<Daemon>, wake: Recipient<Wake>) -> Result<Addr<Control>> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660)).with_context(|| format!("cannot chmod 0660 {}", path.display()))?;
     if !cfg.control.group.is_empty() {
-        let gid = group_id(&cfg.control.group).with_context(|| format!("control.group {:?} is not a group of this system (see /etc/group)", cfg.control.group))?;
+        let gid = crate::config::group_id(&cfg.control.group).with_context(|| format!("control.group {:?} is not a group of this system (see /etc/group)", cfg.control.group))?;
         std::os::unix::fs::chown(&path, None, Some(gid)).with_context(|| format!("cannot give {} to group {}", path.display(), cfg.control.group))?;
     }
     tracing::info!(socket = %path.display(), "control socket listening");
     Ok(Control { d, listener: Some(listener), wake }.start())
-}
-
-fn group_id(name: &str) -> Option<u32> {
-    let groups = std::fs::read_to_string("/etc/group").ok()?;
-    groups.lines().find_map(|l| {
-        let mut f = l.split(':');
-        (f.next()? == name).then(|| f.nth(1)?.parse().ok())?
-    })
 }
 
 async fn connection(stream: tokio::net::UnixStream, d: &Arc<Daemon>, wake: &Recipient<Wake>) -> Result<()> {

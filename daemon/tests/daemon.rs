@@ -156,7 +156,21 @@ async fn daemon_serves_http_and_obeys_every_control_command() {
     let db = common::fresh("serve").await;
     let dir = std::env::temp_dir().join(format!("rlaifd-serve-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let d = Daemon::start(&dir, &db.url, "");
+    // The control socket goes to control.group: as root, a group other than the test's own (the socket then
+    // shows the chown happened); else the test's own group, the only one it may give files to.
+    std::fs::create_dir_all(&dir).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    let own = std::fs::metadata(&dir).unwrap();
+    let groups = std::fs::read_to_string("/etc/group").unwrap();
+    let group = groups
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            Some((f.first()?.to_string(), f.get(2)?.parse::<u32>().ok()?))
+        })
+        .find(|&(_, gid)| if own.uid() == 0 { gid != own.gid() } else { gid == own.gid() })
+        .expect("a group in /etc/group");
+    let d = Daemon::start(&dir, &db.url, &format!("[control]\ngroup = \"{}\"\n", group.0));
     let pool = &db.pool;
     let img = shapes_png(&dir, "4242");
 
@@ -240,6 +254,7 @@ async fn daemon_serves_http_and_obeys_every_control_command() {
     let meta = std::fs::metadata(&d.socket).unwrap();
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(meta.permissions().mode() & 0o777, 0o660, "socket mode");
+    assert_eq!(meta.gid(), group.1, "the control socket belongs to control.group {}", group.0);
 
     // status, pause (iterate refused), resume, iterate: one iteration runs, its candidate is promoted and served.
     let s = d.ctl(json!({ "cmd": "status" }));
@@ -439,6 +454,7 @@ fn serve_refuses_an_invalid_configuration_naming_the_key_and_checks_a_good_one()
         ("[log\n", None, "not valid TOML"),
         ("[model]\ndevice = \"gpu\"\n", None, "model.device"),
         ("", Some(("RLAIFD__MODEL__DEVICE", "cuda:one")), "model.device"),
+        ("[control]\ngroup = \"rlaifd-no-such-group\"\n", None, "control.group \"rlaifd-no-such-group\" is not a group"),
     ] {
         std::fs::write(&f, text).unwrap();
         let mut c = Command::new(env!("CARGO_BIN_EXE_rlaifd"));
