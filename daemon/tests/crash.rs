@@ -61,7 +61,7 @@ async fn killing_the_loop_at_random_moments_loses_and_duplicates_nothing() {
     let _ = std::fs::remove_dir_all(&state);
     let model = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../assets/shapes-base");
     let args: Vec<String> = [
-        "demo", "--iterations", "6", "--prompts-per-iteration", "8", "--eval-count", "4", "--set", "n=4", "--set", "max_new_tokens=24",
+        "demo", "--iterations", "6", "--prompts-per-iteration", "12", "--eval-count", "4", "--set", "n=4", "--set", "max_new_tokens=24",
         "--set", "batch_size=2", "--set", "epochs=2", "--set", "promote_margin=0.0", "--set", "max_cover_drop=1.0",
     ]
     .iter()
