@@ -34,11 +34,11 @@ async fn check(pool: &sqlx::PgPool, n: i64) {
 
 /// Where a kill landed, read from what the dead process left: the open iteration's stage; within sampling, the
 /// kinds of job it held leases on (a label job also builds the prompt's pairs with their reference log-probs); a
-/// half-written checkpoint directory under `checkpoints`.
-async fn landed(pool: &sqlx::PgPool, checkpoints: &std::path::Path) -> String {
+/// half-written checkpoint directory of its own (process `pid`) under `checkpoints`.
+async fn landed(pool: &sqlx::PgPool, checkpoints: &std::path::Path, pid: u32) -> String {
     let open: Option<(i64, String)> = sqlx::query_as("SELECT id, stage FROM iterations WHERE stage NOT IN ('done', 'failed') ORDER BY number LIMIT 1").fetch_optional(pool).await.unwrap();
     let Some((id, stage)) = open else { return "between iterations".into() };
-    let writing = std::fs::read_dir(checkpoints).map(|r| r.flatten().any(|e| e.file_name().to_string_lossy().contains(".tmp-"))).unwrap_or(false);
+    let writing = std::fs::read_dir(checkpoints).map(|r| r.flatten().any(|e| e.file_name().to_string_lossy().ends_with(&format!(".tmp-{pid}")))).unwrap_or(false);
     if writing {
         return "checkpoint write".into();
     }
@@ -79,6 +79,7 @@ async fn killing_the_loop_at_random_moments_loses_and_duplicates_nothing() {
         let delay = Duration::from_millis(20 + rng % 700);
         let log = state.with_extension("stderr");
         let mut child = Command::new(env!("CARGO_BIN_EXE_rlaifd")).args(&args).stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap()).spawn().unwrap();
+        let pid = child.id();
         let start = Instant::now();
         let finished = loop {
             if let Some(status) = child.try_wait().unwrap() {
@@ -97,7 +98,7 @@ async fn killing_the_loop_at_random_moments_loses_and_duplicates_nothing() {
         if finished {
             break;
         }
-        *hit.entry(landed(&db.pool, &state.join("checkpoints")).await).or_insert(0) += 1;
+        *hit.entry(landed(&db.pool, &state.join("checkpoints"), pid).await).or_insert(0) += 1;
     }
     // Let it finish.
     let out = Command::new(env!("CARGO_BIN_EXE_rlaifd")).args(&args).output().unwrap();
@@ -233,11 +234,12 @@ async fn killing_the_daemon_at_random_moments_loses_nothing_and_it_serves_the_pr
             checked_serving += 1;
         }
         std::thread::sleep(Duration::from_millis(100 + rng % 3000));
+        let pid = child.0.id();
         child.0.kill().unwrap();
         child.0.wait().unwrap();
         kills += 1;
         check(&db.pool, 4).await;
-        *hit.entry(landed(&db.pool, &dir.join("state/checkpoints")).await).or_insert(0) += 1;
+        *hit.entry(landed(&db.pool, &dir.join("state/checkpoints"), pid).await).or_insert(0) += 1;
     }
     // Let it reach its target, then stop it with SIGTERM: a clean exit.
     let mut child = start();
