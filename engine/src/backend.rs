@@ -318,6 +318,11 @@ impl CudaState {
     /// (out of memory, say) is an error, not a reason to fall back.
     fn lora(&mut self, adapter: Option<&Adapter>) -> Result<LoraOn> {
         let Some(a) = adapter else { return Ok(LoraOn::Gpu(None)) };
+        // An adapter that changes only the image path leaves the decoder as it is: the GPU decoder without LoRA.
+        let outside = |n: &str| !crate::cuda_clip::in_image_path(n);
+        if !a.module_names().into_iter().any(outside) && !a.saved_params().any(|(n, _)| outside(n)) {
+            return Ok(LoraOn::Gpu(None));
+        }
         let key = fingerprint(a, DECODER);
         if self.refused.contains(&key) {
             return Ok(LoraOn::Cpu);

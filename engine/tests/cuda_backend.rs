@@ -2,10 +2,10 @@
 //! daemon uses it: an image prompt (vision tower on the CPU, decoder on the GPU), a LoRA adapter on every decoder
 //! projection applied on the device, greedy and sampled generation through `generate::generate`, and reference
 //! scoring through `Model::answer_logp`. An adapter the GPU decoder cannot apply runs on the CPU with identical
-//! results. DPO on ShapesWorld pairs with images through `train::trainer::train_dpo` runs on the GPU trainer and
-//! follows the CPU trainer, also when paused and resumed on either device, and so does an adapter on the decoder's
-//! q_proj and v_proj only; so does LoRA SFT with images. Prints why
-//! and passes where no GPU exists.
+//! results; one that changes only the image path keeps the decoder on the GPU. DPO on ShapesWorld pairs with
+//! images through `train::trainer::train_dpo` runs on the GPU trainer and follows the CPU trainer, also when paused
+//! and resumed on either device, and so does an adapter on the decoder's q_proj and v_proj only; so does LoRA SFT
+//! with images. Prints why and passes where no GPU exists.
 
 use engine::adapter::{LoraSpec, TargetModules};
 use engine::backend::{select, DeviceSpec};
@@ -134,6 +134,18 @@ fn cuda_backend_matches_the_cpu_backend_on_shapesworld_with_an_image_and_lora() 
     let params = SamplingParams { temperature: 0.0, max_new_tokens: 24, ..Default::default() };
     let req = GenerateRequest { ids: &ids, pixels: Some(&pixels), seeds: &[0], params, stop_ids: vec![] };
     assert_eq!(generate(&dev, &req, Some(&both_parts)).unwrap()[0].tokens, generate(&cpu, &req, Some(&both_parts)).unwrap()[0].tokens);
+    // An adapter on the image path only leaves the decoder on the device, without LoRA: the answer's log-prob is
+    // within fp16 rounding of the CPU's, not bit-equal as a CPU fallback's would be.
+    let vision_only = adapter(&cpu, TargetModules::Regex(r".*(vision_tower.*(q_proj|fc1)|linear_1)".into()), 9, 0.05);
+    assert!(vision_only.module_names().iter().all(|n| engine::cuda_clip::in_image_path(n)), "{:?}", vision_only.module_names());
+    let want = generate(&cpu, &req, Some(&vision_only)).unwrap().remove(0);
+    assert_eq!(generate(&dev, &req, Some(&vision_only)).unwrap()[0].tokens, want.tokens, "an image-path-only adapter: greedy answers differ");
+    let feats = cpu.image_features(&pixels, Some(&vision_only)).unwrap();
+    let lw = cpu.answer_logp(&ids, &want.tokens, Some(&feats), Some(&vision_only)).unwrap();
+    let lg = dev.answer_logp(&ids, &want.tokens, Some(&feats), Some(&vision_only)).unwrap();
+    let d = (lg - lw).abs() / want.tokens.len().max(1) as f64;
+    println!("image-path-only adapter: answer log-prob CPU {lw:.5} GPU {lg:.5}");
+    assert!(d <= 5e-2 && lg != lw, "an image-path-only adapter: answer log-prob {lg} on the GPU, {lw} on the CPU (equal means the CPU scored it)");
 }
 
 /// A scene, its prompt ids, the chosen and the rejected answer ids.
