@@ -54,6 +54,12 @@ async fn landed(pool: &sqlx::PgPool, checkpoints: &std::path::Path, pid: u32) ->
     }
 }
 
+/// Kills (counted by `landed`) hit the feedback stages and the training or evaluation after them.
+fn assert_kills_reached_the_stages(hit: &std::collections::BTreeMap<String, usize>) {
+    let feedback = hit.keys().any(|k| k.contains("sampling") || k.contains("labeling"));
+    assert!(feedback && ["training", "checkpoint write", "evaluating"].iter().any(|k| hit.contains_key(*k)), "kills missed the loop's stages: {hit:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_loop_at_random_moments_loses_and_duplicates_nothing() {
     let db = common::fresh("crash").await;
@@ -112,8 +118,7 @@ async fn killing_the_loop_at_random_moments_loses_and_duplicates_nothing() {
     assert_eq!(summary["iterations"], 6);
     println!("{kills} kills survived in {:.1} s; where they landed: {hit:?}", t0.elapsed().as_secs_f64());
     assert!(kills >= 10, "only {kills} kills landed; the schedule is too slow for this machine");
-    let sampled = hit.keys().any(|k| k.contains("sampling") || k.contains("labeling"));
-    assert!(sampled && ["training", "checkpoint write", "evaluating"].iter().any(|k| hit.contains_key(*k)), "kills missed the loop's stages: {hit:?}");
+    assert_kills_reached_the_stages(&hit);
     db.drop_db().await;
     let _ = std::fs::remove_dir_all(&state);
 }
@@ -266,8 +271,7 @@ async fn killing_the_daemon_at_random_moments_loses_nothing_and_it_serves_the_pr
     assert_eq!(sqlx::query_scalar::<_, i64>("SELECT count(*) FROM iterations WHERE stage NOT IN ('done', 'failed')").fetch_one(&db.pool).await.unwrap(), 0, "max_iterations = 8: no ninth iteration");
     println!("{kills} daemon kills survived in {:.1} s ({checked_serving} restarts checked serving the promoted checkpoint); where they landed: {hit:?}", t0.elapsed().as_secs_f64());
     assert!(kills >= 30, "only {kills} kills");
-    let sampled = hit.keys().any(|k| k.contains("sampling") || k.contains("labeling"));
-    assert!(sampled && ["training", "checkpoint write", "evaluating"].iter().any(|k| hit.contains_key(*k)), "kills missed the loop's stages: {hit:?}");
+    assert_kills_reached_the_stages(&hit);
     assert!(checked_serving >= kills / 2, "restarts did not serve the promoted checkpoint");
     db.drop_db().await;
     let _ = std::fs::remove_dir_all(&dir);
@@ -318,7 +322,7 @@ async fn crashes_at_job_commits_checkpoint_write_promotion_and_hot_swap_leave_a_
         let log = std::fs::read_to_string(dir.join(format!("daemon-{fp}.log"))).unwrap();
         assert!(log.contains(&format!("failpoint {fp} reached")), "{fp}: {log}");
         check(&db.pool, 4).await;
-        if let Some(kind) = fp.strip_suffix("_tx").map(|k| if k == "sample" { "sample" } else { "label" }) {
+        if let Some(kind) = fp.strip_suffix("_tx") {
             // The abort came inside the job's transaction: PostgreSQL rolled it back, so the job the dead process
             // held is still open and nothing of its result is stored.
             let open: Vec<(i64, i64)> = sqlx::query_as("SELECT j.prompt_id, i.policy_id FROM jobs j JOIN iterations i ON i.id = j.iteration_id WHERE j.kind = $1 AND j.status = 'running'").bind(kind).fetch_all(&db.pool).await.unwrap();
