@@ -105,6 +105,10 @@ extern "C" __global__ void __launch_bounds__(128) flash_attn_prefill_f16(
 // nsplit == 1: the block writes out directly. Otherwise it writes its partial softmax state to
 // part[((b * heads_q + h) * nsplit + s) * (head_dim + 2) ..] = (max, sum, acc[head_dim]) and attn_decode_combine_f16
 // merges the chunks.
+static_assert(DPL == 4, "attn_decode_f16 unpacks 4 head elements per lane");
+#define KPW 4  // keys each warp of attn_decode_f16 loads before it scores them (memory requests in flight)
+
+// Each lane holds head elements lane * DPL .. lane * DPL + DPL - 1 (one 8-byte load per key row when head_dim % 4 == 0).
 extern "C" __global__ void __launch_bounds__(128) attn_decode_f16(
     __half* __restrict__ out, const __half* __restrict__ q, const __half* __restrict__ pk, const __half* __restrict__ pv,
     int prefix_len, int prefix_stride, const __half* __restrict__ sk, const __half* __restrict__ sv, const int* __restrict__ suf_len,
@@ -114,10 +118,11 @@ extern "C" __global__ void __launch_bounds__(128) attn_decode_f16(
     __shared__ float wacc[WARPS][MAX_D];
     const int b = blockIdx.x, h = blockIdx.y, s = blockIdx.z, nsplit = gridDim.z, hk = h / (heads_q / heads_kv);
     const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    const bool vec = head_dim % 4 == 0;  // rows 8-byte aligned: every row offset is a multiple of head_dim
     float qv[DPL];
 #pragma unroll
     for (int i = 0; i < DPL; i++) {
-        const int d = lane + WARP * i;
+        const int d = lane * DPL + i;
         qv[i] = d < head_dim ? __half2float(q[(long long)b * q_stride + h * head_dim + d]) * scale : 0.0f;
     }
     const int total = prefix_len + suf_len[b];
@@ -125,28 +130,54 @@ extern "C" __global__ void __launch_bounds__(128) attn_decode_f16(
     float m = -INFINITY, l = 0.0f, acc[DPL];
 #pragma unroll
     for (int i = 0; i < DPL; i++) acc[i] = 0.0f;
-    for (int j = j0 + warp; j < j1; j += WARPS) {
-        const long long at = j < prefix_len ? (long long)j * prefix_stride + hk * head_dim
-                                            : (long long)b * suf_seq_stride + (long long)(j - prefix_len) * suf_stride + hk * head_dim;
-        const __half* kr = (j < prefix_len ? pk : sk) + at;
-        const __half* vr = (j < prefix_len ? pv : sv) + at;
-        float kd[DPL], vd[DPL];
+    // Keys j0 + warp, + WARPS, + 2 WARPS, ... in order; KPW of them loaded at once, then scored one by one.
+    for (int jb = j0 + warp; jb < j1; jb += WARPS * KPW) {
+        float kd[KPW][DPL], vd[KPW][DPL];
 #pragma unroll
-        for (int i = 0; i < DPL; i++) {
-            const int d = lane + WARP * i;
-            kd[i] = d < head_dim ? __half2float(kr[d]) : 0.0f;
-            vd[i] = d < head_dim ? __half2float(vr[d]) : 0.0f;
+        for (int t = 0; t < KPW; t++) {
+            const int j = jb + t * WARPS;
+#pragma unroll
+            for (int i = 0; i < DPL; i++) kd[t][i] = vd[t][i] = 0.0f;
+            if (j >= j1) continue;  // uniform across the warp
+            const long long at = j < prefix_len ? (long long)j * prefix_stride + hk * head_dim
+                                                : (long long)b * suf_seq_stride + (long long)(j - prefix_len) * suf_stride + hk * head_dim;
+            const __half* kr = (j < prefix_len ? pk : sk) + at;
+            const __half* vr = (j < prefix_len ? pv : sv) + at;
+            const int d0 = lane * DPL;
+            if (vec && d0 < head_dim) {
+                const uint2 kw = __ldg(reinterpret_cast<const uint2*>(kr + d0));
+                const uint2 vw = __ldg(reinterpret_cast<const uint2*>(vr + d0));
+                const float2 k01 = __half22float2(*reinterpret_cast<const __half2*>(&kw.x)), k23 = __half22float2(*reinterpret_cast<const __half2*>(&kw.y));
+                const float2 v01 = __half22float2(*reinterpret_cast<const __half2*>(&vw.x)), v23 = __half22float2(*reinterpret_cast<const __half2*>(&vw.y));
+                kd[t][0] = k01.x; kd[t][1] = k01.y; kd[t][2] = k23.x; kd[t][3] = k23.y;
+                vd[t][0] = v01.x; vd[t][1] = v01.y; vd[t][2] = v23.x; vd[t][3] = v23.y;
+            } else if (!vec) {
+#pragma unroll
+                for (int i = 0; i < DPL; i++) {
+                    const int d = d0 + i;
+                    kd[t][i] = d < head_dim ? __half2float(kr[d]) : 0.0f;
+                    vd[t][i] = d < head_dim ? __half2float(vr[d]) : 0.0f;
+                }
+            }
         }
-        float dot = 0.0f;
+        float dot[KPW];
 #pragma unroll
-        for (int i = 0; i < DPL; i++) dot += qv[i] * kd[i];
-        dot = warp_sum(dot);
-        const float m_new = fmaxf(m, dot);
-        const float corr = __expf(m - m_new), p = __expf(dot - m_new);
-        l = l * corr + p;
+        for (int t = 0; t < KPW; t++) {
+            dot[t] = 0.0f;
 #pragma unroll
-        for (int i = 0; i < DPL; i++) acc[i] = acc[i] * corr + p * vd[i];
-        m = m_new;
+            for (int i = 0; i < DPL; i++) dot[t] += qv[i] * kd[t][i];
+            dot[t] = warp_sum(dot[t]);
+        }
+#pragma unroll
+        for (int t = 0; t < KPW; t++) {
+            if (jb + t * WARPS >= j1) break;  // uniform across the warp
+            const float m_new = fmaxf(m, dot[t]);
+            const float corr = __expf(m - m_new), p = __expf(dot[t] - m_new);
+            l = l * corr + p;
+#pragma unroll
+            for (int i = 0; i < DPL; i++) acc[i] = acc[i] * corr + p * vd[t][i];
+            m = m_new;
+        }
     }
     if (lane == 0) {
         wm[warp] = m;
@@ -154,7 +185,7 @@ extern "C" __global__ void __launch_bounds__(128) attn_decode_f16(
     }
 #pragma unroll
     for (int i = 0; i < DPL; i++) {
-        const int d = lane + WARP * i;
+        const int d = lane * DPL + i;
         if (d < head_dim) wacc[warp][d] = acc[i];
     }
     __syncthreads();

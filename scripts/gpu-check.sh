@@ -137,7 +137,11 @@ if part sanitize; then
   else
     for tool in memcheck racecheck synccheck; do
       for t in cuda_parity cuda_train_parity; do
-        stage "compute-sanitizer --tool $tool $t" sanitize.log 150 "$san" --tool "$tool" --error-exitcode 3 "$bins/$t" --test-threads 1
+        # racecheck reports hazards inside cuBLASLt's own Hopper GEMM kernels (nvjet_*, which synchronise through
+        # hardware barriers it does not model; seen on an H200): it checks rlaifd's kernels, not NVIDIA's.
+        excl=()
+        [ "$tool" = racecheck ] && excl=(--kernel-name-exclude kns=nvjet)
+        stage "compute-sanitizer --tool $tool $t" sanitize.log 150 "$san" --tool "$tool" "${excl[@]}" --error-exitcode 3 "$bins/$t" --test-threads 1
       done
     done
     grep -E "^== |ERROR SUMMARY|test result|FAILED" "$OUT/sanitize.log" | tail -n 30

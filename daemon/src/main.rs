@@ -259,7 +259,7 @@ fn cmd_bench_gpu(shape: &str, prompt: usize, decode: usize, reps: usize, n: usiz
         100.0 * tps / r.roofline_tokens_per_s
     );
     println!(
-        "  decode without graph replay: {:.1} tokens/s; through cuBLASLt: {:.1} tokens/s; without the fused kernels: {:.1} tokens/s; n={} sampling after one shared prefill: {:.1} tokens/s (medians)",
+        "  decode without graph replay: {:.1} tokens/s; through cuBLASLt: {:.1} tokens/s; without the fused RoPE + cache store: {:.1} tokens/s; n={} sampling after one shared prefill: {:.1} tokens/s (medians)",
         median(&r.decode_tokens_per_s_no_graph),
         median(&r.decode_tokens_per_s_cublaslt),
         median(&r.decode_tokens_per_s_unfused),
@@ -267,6 +267,9 @@ fn cmd_bench_gpu(shape: &str, prompt: usize, decode: usize, reps: usize, n: usiz
         median(&r.n_sampling_tokens_per_s)
     );
     println!("  prefill with the scalar attention kernel (no tensor cores): {:.1} ms (median)", median(&r.prefill_ms_scalar_attention));
+    for line in &r.gemv_tuning {
+        println!("  batch-1 projection, {line}");
+    }
     for (op, us) in &r.ops_us {
         println!("  {op:<44} {us:>9.1} us");
     }

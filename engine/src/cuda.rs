@@ -149,26 +149,36 @@ pub fn arch_name(major: i32, minor: i32) -> &'static str {
 }
 
 /// One compiled kernel file.
+#[derive(Clone)]
 pub struct Compiled {
     pub file: &'static str,
     pub kernels: Vec<String>,
     pub ptx: cudarc::nvrtc::Ptx,
 }
 
-/// Compiles every kernel file for `arch`. An NVRTC error names the file, its kernels and shows NVRTC's log.
+/// What `compile_all` made in this process, per architecture: every `Gpu::open` after the first (a test binary
+/// opens the device once per test) loads the same PTX instead of compiling again.
+static COMPILED: std::sync::Mutex<Vec<(&'static str, Vec<Compiled>)>> = std::sync::Mutex::new(Vec::new());
+
+/// Compiles every kernel file for `arch`, the files in parallel, once per process and architecture. An NVRTC error
+/// names the file, its kernels and shows NVRTC's log.
 pub fn compile_all(arch: &'static str) -> Result<Vec<Compiled>> {
+    let mut done = COMPILED.lock().map_err(|_| err("the compiled-kernel cache is poisoned"))?;
+    if let Some((_, c)) = done.iter().find(|(a, _)| *a == arch) {
+        return Ok(c.clone());
+    }
     nvrtc_status().map_err(err)?;
     let includes = include_dirs();
     if includes.is_empty() {
         return Err(err("cuda_fp16.h was not found: set RLAIFD_CUDA_INCLUDE or CUDA_HOME, or `pip install nvidia-cuda-runtime` (CUDA 13)"));
     }
-    let mut out = Vec::new();
-    for (file, _) in SOURCES {
-        let src = source(file).expect("embedded source");
+    let include_paths: Vec<String> = includes.iter().map(|p| p.display().to_string()).collect();
+    let compile = |file: &'static str| -> Result<Compiled> {
+        let src = source(file).ok_or_else(|| err(format!("kernels/{file}: no such embedded source")))?;
         let kernels = kernel_names(&src);
         let opts = cudarc::nvrtc::CompileOptions {
             arch: Some(arch),
-            include_paths: includes.iter().map(|p| p.display().to_string()).collect(),
+            include_paths: include_paths.clone(),
             options: vec!["--std=c++17".into()],
             name: Some(file.to_string()),
             ..Default::default()
@@ -180,9 +190,35 @@ pub fn compile_all(arch: &'static str) -> Result<Vec<Compiled>> {
             };
             err(format!("NVRTC could not compile kernels/{file} (kernels {}) for {arch}:\n{log}", kernels.join(", ")))
         })?;
-        out.push(Compiled { file, kernels, ptx });
-    }
+        Ok(Compiled { file, kernels, ptx })
+    };
+    // NVRTC programs are independent: one thread per file (start-up time is the slowest file, not the sum).
+    let out = std::thread::scope(|s| {
+        let handles: Vec<_> = SOURCES.iter().map(|&(file, _)| s.spawn(move || compile(file))).collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err(err("an NVRTC compile thread panicked"))))
+            .collect::<Result<Vec<_>>>()
+    })?;
+    done.push((arch, out.clone()));
     Ok(out)
+}
+
+/// How a one-row product (a batch-1 decode projection) runs: `gemv_m1_f16` with this many warps per output
+/// feature, or cuBLASLt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GemvChoice {
+    Gemv(usize),
+    Blas,
+}
+
+impl std::fmt::Display for GemvChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GemvChoice::Gemv(s) => write!(f, "gemv/{s}"),
+            GemvChoice::Blas => write!(f, "cublaslt"),
+        }
+    }
 }
 
 /// One GEMM's shape in cuBLASLt's (column-major) terms, and the alignment (bytes, up to 256) of its A, B and C
@@ -405,8 +441,11 @@ pub struct Gpu {
     /// Whether `matmul_dev` takes the hand-written GEMV for decode-sized products (default on; `bench-gpu` turns
     /// it off to measure cuBLASLt alone).
     pub gemv: std::sync::atomic::AtomicBool,
-    /// Whether the decoder uses the fused kernels (RoPE + cache store, SwiGLU + down-projection GEMV) where they
-    /// apply (default on; `bench-gpu` also measures without them).
+    /// How `matmul_dev` computes a one-row product of each (k, n) shape `tune_gemv` measured; other shapes take
+    /// `gemv_m1_f16` with one warp per output feature.
+    gemv_plan: std::sync::Mutex<HashMap<(usize, usize), GemvChoice>>,
+    /// Whether the decoder uses the fused kernel for RoPE + cache store where it applies (default on; `bench-gpu`
+    /// also measures without it).
     pub fuse: std::sync::atomic::AtomicBool,
     /// Whether attention uses the tensor-core kernels (`flash_attn_mma_d{64,128}_f16` forward,
     /// `flash_attn_bwd_{dq,dkdv}_mma_d{64,128}_f16` backward) where they apply: head size 64 or 128, 16-byte
@@ -478,7 +517,7 @@ impl Gpu {
         unsafe { cudarc::driver::sys::cuMemPoolSetAttribute(pool, cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, &mut keep as *mut u64 as *mut _) }.result().map_err(derr)?;
         let blas = Lt::new(&stream, major)?;
         let sms = ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(derr)?.max(1) as usize;
-        Ok(Ok(Gpu { ctx, stream, arch, name, _modules: modules, funcs, blas, gemv: std::sync::atomic::AtomicBool::new(true), fuse: std::sync::atomic::AtomicBool::new(true), mma_attention: std::sync::atomic::AtomicBool::new(major >= 8 && mma_attention_allowed()), sms }))
+        Ok(Ok(Gpu { ctx, stream, arch, name, _modules: modules, funcs, blas, gemv: std::sync::atomic::AtomicBool::new(true), gemv_plan: Default::default(), fuse: std::sync::atomic::AtomicBool::new(true), mma_attention: std::sync::atomic::AtomicBool::new(major >= 8 && mma_attention_allowed()), sms }))
     }
 
     fn mem_pool(ctx: &CudaContext) -> Result<cudarc::driver::sys::CUmemoryPool> {
@@ -562,48 +601,88 @@ impl Gpu {
         self.gemm(&x.slice(..), k, false, &w.slice(..), k, true, &mut y.slice_mut(..), n, m, n, k, 1.0, 0.0)
     }
 
-    /// y[n] = x[k] W[n, k]^T with the hand-written GEMV (`kernels/gemv.cu`): one row, k a multiple of 8.
+    /// y[n] = x[k] W[n, k]^T with the hand-written GEMV (`kernels/gemv.cu`): one row, k a multiple of 8, one warp
+    /// per output feature.
     pub fn gemv_dev(&self, x: &CudaSlice<f16>, w: &CudaSlice<f16>, y: &mut CudaSlice<f16>, k: usize, n: usize) -> Result<()> {
-        self.gemv_launch("gemv_m1_f16", x, k, w, y, k, n)
+        self.gemv_split_dev(x, w, y, k, n, 1)
     }
 
-    /// One of the `gemv.cu` kernels: x (`x_len` values) against W [n, k] into y [n], k a multiple of 8.
-    #[allow(clippy::too_many_arguments)]
-    fn gemv_launch(&self, kernel: &str, x: &CudaSlice<f16>, x_len: usize, w: &CudaSlice<f16>, y: &mut CudaSlice<f16>, k: usize, n: usize) -> Result<()> {
-        if !k.is_multiple_of(8) || x.len() < x_len || w.len() < n * k || y.len() < n {
-            return Err(err(format!("{kernel}: k {k} (a multiple of 8), n {n} or buffer sizes out of range")));
+    /// `gemv_dev` with `split` warps per output feature (1, 2, 4 or 8), each summing every split-th stretch of the
+    /// row.
+    pub fn gemv_split_dev(&self, x: &CudaSlice<f16>, w: &CudaSlice<f16>, y: &mut CudaSlice<f16>, k: usize, n: usize, split: usize) -> Result<()> {
+        if !k.is_multiple_of(8) || ![1, 2, 4, 8].contains(&split) || x.len() < k || w.len() < n * k || y.len() < n {
+            return Err(err(format!("gemv_m1_f16: k {k} (a multiple of 8), split {split} (1, 2, 4 or 8), n {n} or buffer sizes out of range")));
         }
-        let (ki, ni) = (to_i32(k, "k")?, to_i32(n, "n")?);
-        let mut b = self.stream.launch_builder(self.f(kernel)?);
-        b.arg(y).arg(x).arg(w).arg(&ki).arg(&ni);
-        unsafe { b.launch(LaunchConfig { grid_dim: (n.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+        let (ki, ni, si) = (to_i32(k, "k")?, to_i32(n, "n")?, split as i32);
+        let mut b = self.stream.launch_builder(self.f("gemv_m1_f16")?);
+        b.arg(y).arg(x).arg(w).arg(&ki).arg(&ni).arg(&si);
+        unsafe { b.launch(LaunchConfig { grid_dim: ((n * split).div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
         Ok(())
     }
 
-    /// A linear layer on device buffers: the GEMV kernel for one row (a batch-1 decode step: bandwidth-bound, no
-    /// library call), cuBLASLt otherwise (from two rows on it matches the weight stream as well; BENCHMARKS.md).
+    /// A linear layer on device buffers. One row (a batch-1 decode step: bandwidth-bound) goes through the GEMV
+    /// kernel, or cuBLASLt where `tune_gemv` found it faster for the shape; more rows through cuBLASLt (from two
+    /// rows on it matches the weight stream as well; BENCHMARKS.md).
     pub fn matmul_dev(&self, x: &CudaSlice<f16>, w: &CudaSlice<f16>, y: &mut CudaSlice<f16>, m: usize, k: usize, n: usize) -> Result<()> {
         if m == 1 && k.is_multiple_of(8) && self.gemv.load(std::sync::atomic::Ordering::Relaxed) {
-            self.gemv_dev(x, w, y, k, n)
+            let choice = self.gemv_plan.lock().map_err(|_| err("the GEMV plan is poisoned"))?.get(&(k, n)).copied();
+            match choice {
+                Some(GemvChoice::Blas) => self.linear_device(x, w, y, m, k, n),
+                Some(GemvChoice::Gemv(split)) => self.gemv_split_dev(x, w, y, k, n, split),
+                None => self.gemv_dev(x, w, y, k, n),
+            }
         } else {
             self.linear_device(x, w, y, m, k, n)
         }
     }
 
-    /// y[n] = (silu(gate) * up)[k] W[n, k]^T for one row, gu = [gate | up] (2k values): `gemv_swiglu_m1_f16`, the
-    /// SwiGLU of a batch-1 decode step fused into the down projection. k a multiple of 8.
-    pub fn gemv_swiglu_dev(&self, gu: &CudaSlice<f16>, w: &CudaSlice<f16>, y: &mut CudaSlice<f16>, k: usize, n: usize) -> Result<()> {
-        self.gemv_launch("gemv_swiglu_m1_f16", gu, 2 * k, w, y, k, n)
+    /// How a one-row product of shape (k, n) runs, if `tune_gemv` measured it.
+    pub fn gemv_choice(&self, k: usize, n: usize) -> Option<GemvChoice> {
+        self.gemv_plan.lock().ok()?.get(&(k, n)).copied()
     }
 
-    /// `gemv_swiglu_dev` on host data: gu [2k] against W [n, k].
-    pub fn gemv_swiglu(&self, gu: &[f32], w: &[f32]) -> Result<Vec<f32>> {
-        let k = gu.len() / 2;
-        let n = w.len() / k.max(1);
-        let (dg, dw) = (self.upload_f16(gu)?, self.upload_f16(w)?);
-        let mut y = self.poisoned_f16(n)?;
-        self.gemv_swiglu_dev(&dg, &dw, &mut y, k, n)?;
-        self.download_f16(&y)
+    /// Measures, for each one-row product shape (k, n) with its weight matrices (a decoder's layers: together
+    /// larger than the L2 cache, as a decode step reads them), `gemv_m1_f16` with 1, 2, 4 and 8 warps per output
+    /// feature and cuBLASLt, and keeps the fastest for `matmul_dev`. Returns one line per shape: the times (us per
+    /// product, median of 3 passes over the matrices after a warm-up pass) and the pick.
+    pub fn tune_gemv(&self, shapes: &[(usize, usize, Vec<&CudaSlice<f16>>)]) -> Result<Vec<String>> {
+        let mut lines = Vec::new();
+        for (k, n, ws) in shapes {
+            let (k, n) = (*k, *n);
+            if ws.is_empty() || !k.is_multiple_of(8) {
+                continue;
+            }
+            let x = self.stream.alloc_zeros::<f16>(k).map_err(derr)?;
+            let mut y = self.stream.alloc_zeros::<f16>(n).map_err(derr)?;
+            let mut best: Option<(GemvChoice, f64)> = None;
+            let mut times = Vec::new();
+            for choice in [GemvChoice::Gemv(1), GemvChoice::Gemv(2), GemvChoice::Gemv(4), GemvChoice::Gemv(8), GemvChoice::Blas] {
+                let mut pass = || -> Result<f64> {
+                    self.stream.synchronize().map_err(derr)?;
+                    let t = std::time::Instant::now();
+                    for w in ws {
+                        match choice {
+                            GemvChoice::Gemv(split) => self.gemv_split_dev(&x, w, &mut y, k, n, split)?,
+                            GemvChoice::Blas => self.linear_device(&x, w, &mut y, 1, k, n)?,
+                        }
+                    }
+                    self.stream.synchronize().map_err(derr)?;
+                    Ok(t.elapsed().as_secs_f64() * 1e6 / ws.len() as f64)
+                };
+                pass()?;
+                let mut t = [pass()?, pass()?, pass()?];
+                t.sort_by(f64::total_cmp);
+                times.push(format!("{choice} {:.1}", t[1]));
+                if best.is_none_or(|(_, b)| t[1] < b) {
+                    best = Some((choice, t[1]));
+                }
+            }
+            if let Some((choice, _)) = best {
+                self.gemv_plan.lock().map_err(|_| err("the GEMV plan is poisoned"))?.insert((k, n), choice);
+                lines.push(format!("k {k} n {n}: {} us -> {choice}", times.join(", ")));
+            }
+        }
+        Ok(lines)
     }
 
     /// `len` values offset + scale * u, u uniform in [-1, 1), generated on the device from `seed` (random weights

@@ -9,9 +9,10 @@
 //! the n sequences then step together, each with its own suffix cache, against that prefix. Every buffer of a step
 //! is allocated once per session and the per-step values (token ids, positions, suffix lengths) live in device
 //! memory, so the first step is captured as a CUDA graph and replayed for every later step: one launch per token
-//! instead of ~350. Where they apply the step uses fused kernels (`Gpu::fuse`, on by default): RoPE with the cache
-//! store, and at batch 1 SwiGLU inside the down projection's GEMV. `engine/tests/cuda_llama.rs` checks all of it
-//! against the CPU backend, and the fused path against the unfused one.
+//! instead of ~350. RoPE and the cache store run as one kernel (`Gpu::fuse`, on by default). A decoder of
+//! LLaVA's size measures at load which GEMV split (or cuBLASLt) is fastest for each batch-1 projection on this
+//! device (`GpuLlama::tune_decode`). `engine/tests/cuda_llama.rs` checks all of it against the CPU backend, and the
+//! fused path against the unfused one.
 
 use crate::config::LlamaConfig;
 use crate::cuda::{derr, err, Gpu};
@@ -44,7 +45,13 @@ pub struct GpuLlama {
     pub(crate) cos: CudaSlice<f32>,
     pub(crate) sin: CudaSlice<f32>,
     pub max_positions: usize,
+    /// What `tune_decode` measured when the model loaded (empty for decoders narrower than `TUNE_MIN_HIDDEN`).
+    pub gemv_tuning: Vec<String>,
 }
+
+/// Decoders at least this wide measure their batch-1 projections at load (`GpuLlama::tune_decode`); narrower ones
+/// (the test fixtures, ShapesWorld) take `gemv_m1_f16` with a warp per output feature.
+pub const TUNE_MIN_HIDDEN: usize = 1024;
 
 /// Keys and values of every layer for up to `capacity` positions, on the device.
 pub struct GpuKvCache {
@@ -179,7 +186,27 @@ impl GpuLlama {
 
     fn assemble(gpu: &Gpu, cfg: &LlamaConfig, embed: CudaSlice<f16>, layers: Vec<Layer>, norm: CudaSlice<f16>, lm_head: Option<CudaSlice<f16>>, max_positions: usize) -> Result<GpuLlama> {
         let (cos, sin) = Rope::new(cfg.head_dim, cfg.rope_theta, &cfg.rope_scaling).tables(max_positions);
-        Ok(GpuLlama { cfg: cfg.clone(), embed, layers, norm, lm_head, cos: gpu.stream.clone_htod(&cos).map_err(derr)?, sin: gpu.stream.clone_htod(&sin).map_err(derr)?, max_positions })
+        let mut model = GpuLlama { cfg: cfg.clone(), embed, layers, norm, lm_head, cos: gpu.stream.clone_htod(&cos).map_err(derr)?, sin: gpu.stream.clone_htod(&sin).map_err(derr)?, max_positions, gemv_tuning: Vec::new() };
+        if cfg.hidden_size >= TUNE_MIN_HIDDEN {
+            model.gemv_tuning = model.tune_decode(gpu)?;
+        }
+        Ok(model)
+    }
+
+    /// Measures how each batch-1 decode projection (q/k/v, o, gate/up, down, the head) runs fastest on this device
+    /// (`Gpu::tune_gemv`, over every layer's matrix) and keeps it for the decode steps: tens of milliseconds once,
+    /// before any decode step is captured as a graph.
+    pub fn tune_decode(&self, gpu: &Gpu) -> Result<Vec<String>> {
+        let cfg = &self.cfg;
+        let (c, h, kvh, hd, inter) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size);
+        let all = |f: fn(&Layer) -> &CudaSlice<f16>| self.layers.iter().map(f).collect::<Vec<_>>();
+        gpu.tune_gemv(&[
+            (c, (h + 2 * kvh) * hd, all(|l| &l.qkv)),
+            (h * hd, c, all(|l| &l.o)),
+            (c, 2 * inter, all(|l| &l.gate_up)),
+            (inter, c, all(|l| &l.down)),
+            (c, cfg.vocab_size, vec![self.head()]),
+        ])
     }
 
     /// A decoder of `cfg`'s shape with random weights generated on the device (benchmarks): matrices uniform with
@@ -333,14 +360,8 @@ impl GpuLlama {
                 a.lora_fwd(gpu, li, 4, &s.h, Some(&mut s.lt), &mut s.gu, 0, 2 * inter, rows, None)?;
                 a.lora_fwd(gpu, li, 5, &s.h, Some(&mut s.lt), &mut s.gu, inter, 2 * inter, rows, None)?;
             }
-            // Batch 1 without LoRA on down (which reads the activation): SwiGLU inside the down GEMV.
-            let gemv = gpu.gemv.load(std::sync::atomic::Ordering::Relaxed);
-            if fuse && gemv && rows == 1 && lora.is_none() && inter.is_multiple_of(8) {
-                gpu.gemv_swiglu_dev(&s.gu, &l.down, &mut s.tmp, inter, c)?;
-            } else {
-                gpu.swiglu_fused_dev(&mut s.act, &s.gu, rows, inter)?;
-                gpu.matmul_dev(&s.act, &l.down, &mut s.tmp, rows, inter, c)?;
-            }
+            gpu.swiglu_fused_dev(&mut s.act, &s.gu, rows, inter)?;
+            gpu.matmul_dev(&s.act, &l.down, &mut s.tmp, rows, inter, c)?;
             if let Some(a) = lora {
                 a.lora_fwd(gpu, li, 6, &s.act, Some(&mut s.lt), &mut s.tmp, 0, c, rows, None)?;
             }
@@ -579,8 +600,10 @@ pub struct BenchReport {
     pub decode_tokens_per_s_no_graph: Vec<f64>,
     /// The same with every linear layer through cuBLASLt (graph).
     pub decode_tokens_per_s_cublaslt: Vec<f64>,
-    /// The default path without the fused kernels (RoPE + cache store, SwiGLU + down GEMV).
+    /// The default path without the fused RoPE + cache store kernel.
     pub decode_tokens_per_s_unfused: Vec<f64>,
+    /// What the model measured at load to pick each batch-1 projection's kernel (`GpuLlama::tune_decode`).
+    pub gemv_tuning: Vec<String>,
     /// n answers sampled together (temperature 0.7) after one shared prefill: n * decode_tokens over the whole
     /// time, prefill included (as transformers' generate with num_return_sequences = n is timed).
     pub n: usize,
@@ -692,6 +715,7 @@ pub fn bench(gpu: &Gpu, cfg: &LlamaConfig, prompt: usize, decode: usize, reps: u
         decode_tokens_per_s_no_graph: tps_plain,
         decode_tokens_per_s_cublaslt: tps_blas,
         decode_tokens_per_s_unfused: tps_unfused,
+        gemv_tuning: model.gemv_tuning.clone(),
         n,
         n_sampling_tokens_per_s: tps_n,
         copy_gb_per_s,
@@ -727,8 +751,9 @@ fn op_breakdown(gpu: &Gpu, model: &GpuLlama, keys: usize, n: usize) -> Result<Ve
             let x = gpu.stream.alloc_zeros::<f16>(m * k).map_err(derr)?;
             let mut y = gpu.stream.alloc_zeros::<f16>(m * nn).map_err(derr)?;
             if m == 1 {
+                let pick = gpu.gemv_choice(k, nn).unwrap_or(crate::cuda::GemvChoice::Gemv(1));
                 let us = time(&mut || gpu.matmul_dev(&x, w, &mut y, m, k, nn))?;
-                out.push((format!("gemv {name} m{m} ({:.0} GB/s)", (nn * k * 2) as f64 / us / 1e3), us));
+                out.push((format!("{pick} {name} m{m} ({:.0} GB/s)", (nn * k * 2) as f64 / us / 1e3), us));
             }
             gpu.gemv.store(false, Ordering::Relaxed);
             let us = time(&mut || gpu.matmul_dev(&x, w, &mut y, m, k, nn));
@@ -744,11 +769,6 @@ fn op_breakdown(gpu: &Gpu, model: &GpuLlama, keys: usize, n: usize) -> Result<Ve
         out.push((format!("attn_decode {keys} keys m{m}"), time(&mut || gpu.attention_decode_dev(att, qkv, nqkv, &kc, &kc, keys - 1, &kc, &kc, &lens, 0, m, keys, h, kvh, hd, part))?));
         out.push((format!("swiglu m{m}"), time(&mut || gpu.swiglu_fused_dev(act, gu, m, inter))?));
         out.push((format!("fused rope + kv_store m{m}"), time(&mut || gpu.rope_kv_store_dev(qkv, &mut kc2, &mut vc2, pos, &model.cos, &model.sin, m, h, kvh, hd, nqkv, keys * kvh * hd, Some(&lens), 0))?));
-        if m == 1 {
-            let bw = |us: f64| (c * inter * 2) as f64 / us / 1e3;
-            let us = time(&mut || gpu.gemv_swiglu_dev(gu, &l.down, tmp, inter, c))?;
-            out.push((format!("fused swiglu + gemv down m1 ({:.0} GB/s)", bw(us)), us));
-        }
         // Host: sampling m rows of the vocabulary in parallel (temperature 0.7), as generate_n does.
         let params = crate::sampling::SamplingParams { temperature: 0.7, ..Default::default() };
         let mut rng = crate::rng::SplitMix64::new(3);

@@ -44,9 +44,24 @@ struct alignas(16) uint4 {
         return *this;
     }
 };
+// The same for an 8-byte vector access.
+struct alignas(8) uint2 {
+    unsigned x, y;
+    uint2() = default;
+    uint2(unsigned a, unsigned b) : x(a), y(b) {}
+    uint2(const uint2& o) : x(o.x), y(o.y) { cuemu::note_vector(&o, 8); }
+    uint2& operator=(const uint2& o) {
+        cuemu::note_vector(&o, 8);
+        cuemu::note_vector(this, 8);
+        x = o.x;
+        y = o.y;
+        return *this;
+    }
+};
 struct alignas(8) float2 {
     float x, y;
 };
+inline uint2 make_uint2(unsigned x, unsigned y) { return uint2(x, y); }
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4(x, y, z, w); }
 inline float2 make_float2(float x, float y) { return float2{x, y}; }
 
