@@ -259,7 +259,7 @@ fn cmd_bench_gpu(shape: &str, prompt: usize, decode: usize, reps: usize, n: usiz
         100.0 * tps / r.roofline_tokens_per_s
     );
     println!(
-        "  decode without graph replay: {:.1} tokens/s; through cuBLASLt: {:.1} tokens/s; without the fused RoPE + cache store: {:.1} tokens/s; n={} sampling after one shared prefill: {:.1} tokens/s (medians)",
+        "  decode without graph replay: {:.1} tokens/s; through cuBLASLt: {:.1} tokens/s; without the fused kernels: {:.1} tokens/s; n={} sampling after one shared prefill: {:.1} tokens/s (medians)",
         median(&r.decode_tokens_per_s_no_graph),
         median(&r.decode_tokens_per_s_cublaslt),
         median(&r.decode_tokens_per_s_unfused),

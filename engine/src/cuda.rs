@@ -444,8 +444,8 @@ pub struct Gpu {
     /// How `matmul_dev` computes a one-row product of each (k, n) shape `tune_gemv` measured; other shapes take
     /// `gemv_m1_f16` with one warp per output feature.
     gemv_plan: std::sync::Mutex<HashMap<(usize, usize), GemvChoice>>,
-    /// Whether the decoder uses the fused kernel for RoPE + cache store where it applies (default on; `bench-gpu`
-    /// also measures without it).
+    /// Whether the decoder uses the fused kernels where they apply: RoPE + cache store, and at batch 1 SwiGLU as
+    /// the gate/up GEMV's epilogue (default on; `bench-gpu` also measures without them).
     pub fuse: std::sync::atomic::AtomicBool,
     /// Whether attention uses the tensor-core kernels (`flash_attn_mma_d{64,128}_f16` forward,
     /// `flash_attn_bwd_{dq,dkdv}_mma_d{64,128}_f16` backward) where they apply: head size 64 or 128, 16-byte
@@ -618,6 +618,30 @@ impl Gpu {
         b.arg(y).arg(x).arg(w).arg(&ki).arg(&ni).arg(&si);
         unsafe { b.launch(LaunchConfig { grid_dim: ((n * split).div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
         Ok(())
+    }
+
+    /// act[inter] = silu(x W_gate^T) * (x W_up^T) for one row, w = [W_gate | W_up] ([2 inter, k], a fused gate/up
+    /// projection): `gemv_swiglu_m1_f16`, the gate/up GEMV with SwiGLU as its epilogue (the values `matmul_dev` +
+    /// `swiglu_fused_dev` give). `split` warps per row (1, 2 or 4), k a multiple of 8.
+    pub fn gemv_swiglu_dev(&self, x: &CudaSlice<f16>, w: &CudaSlice<f16>, act: &mut CudaSlice<f16>, k: usize, inter: usize, split: usize) -> Result<()> {
+        if !k.is_multiple_of(8) || ![1, 2, 4].contains(&split) || x.len() < k || w.len() < 2 * inter * k || act.len() < inter {
+            return Err(err(format!("gemv_swiglu_m1_f16: k {k} (a multiple of 8), split {split} (1, 2 or 4), inter {inter} or buffer sizes out of range")));
+        }
+        let (ki, ii, si) = (to_i32(k, "k")?, to_i32(inter, "inter")?, split as i32);
+        let mut b = self.stream.launch_builder(self.f("gemv_swiglu_m1_f16")?);
+        b.arg(act).arg(x).arg(w).arg(&ki).arg(&ii).arg(&si);
+        unsafe { b.launch(LaunchConfig { grid_dim: ((2 * inter * split).div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+        Ok(())
+    }
+
+    /// `gemv_swiglu_dev` on host data: x [k] against [W_gate | W_up] [2 inter, k].
+    pub fn gemv_swiglu(&self, x: &[f32], w: &[f32], split: usize) -> Result<Vec<f32>> {
+        let k = x.len();
+        let inter = w.len() / (2 * k).max(1);
+        let (dx, dw) = (self.upload_f16(x)?, self.upload_f16(w)?);
+        let mut y = self.poisoned_f16(inter)?;
+        self.gemv_swiglu_dev(&dx, &dw, &mut y, k, inter, split)?;
+        self.download_f16(&y)
     }
 
     /// A linear layer on device buffers. One row (a batch-1 decode step: bandwidth-bound) goes through the GEMV

@@ -9,7 +9,8 @@
 //! the n sequences then step together, each with its own suffix cache, against that prefix. Every buffer of a step
 //! is allocated once per session and the per-step values (token ids, positions, suffix lengths) live in device
 //! memory, so the first step is captured as a CUDA graph and replayed for every later step: one launch per token
-//! instead of ~350. RoPE and the cache store run as one kernel (`Gpu::fuse`, on by default). A decoder of
+//! instead of ~350. Where they apply the step uses fused kernels (`Gpu::fuse`, on by default): RoPE with the cache
+//! store, and at batch 1 SwiGLU as the gate/up GEMV's epilogue. A decoder of
 //! LLaVA's size measures at load which GEMV split (or cuBLASLt) is fastest for each batch-1 projection on this
 //! device (`GpuLlama::tune_decode`). `engine/tests/cuda_llama.rs` checks all of it against the CPU backend, and the
 //! fused path against the unfused one.
@@ -355,12 +356,27 @@ impl GpuLlama {
                 a.lora_fwd(gpu, li, 3, &s.att, Some(&mut s.lt), &mut s.tmp, 0, c, rows, None)?;
             }
             gpu.add_rmsnorm_dev(&mut s.h, &mut s.x, &s.tmp, &l.post_norm, rows, eps)?;
-            gpu.matmul_dev(&s.h, &l.gate_up, &mut s.gu, rows, c, 2 * inter)?;
-            if let Some(a) = lora {
-                a.lora_fwd(gpu, li, 4, &s.h, Some(&mut s.lt), &mut s.gu, 0, 2 * inter, rows, None)?;
-                a.lora_fwd(gpu, li, 5, &s.h, Some(&mut s.lt), &mut s.gu, inter, 2 * inter, rows, None)?;
+            // Batch 1 without LoRA on gate/up (which adds into their output): SwiGLU as the GEMV's epilogue, with
+            // the split the projection was tuned to (unless cuBLASLt won it).
+            let split = match gpu.gemv_choice(c, 2 * inter) {
+                None => Some(1),
+                Some(crate::cuda::GemvChoice::Gemv(s)) => Some(s.min(4)),
+                Some(crate::cuda::GemvChoice::Blas) => None,
+            };
+            let gemv = gpu.gemv.load(std::sync::atomic::Ordering::Relaxed);
+            match split {
+                Some(split) if fuse && gemv && rows == 1 && lora.is_none() && c.is_multiple_of(8) => {
+                    gpu.gemv_swiglu_dev(&s.h, &l.gate_up, &mut s.act, c, inter, split)?;
+                }
+                _ => {
+                    gpu.matmul_dev(&s.h, &l.gate_up, &mut s.gu, rows, c, 2 * inter)?;
+                    if let Some(a) = lora {
+                        a.lora_fwd(gpu, li, 4, &s.h, Some(&mut s.lt), &mut s.gu, 0, 2 * inter, rows, None)?;
+                        a.lora_fwd(gpu, li, 5, &s.h, Some(&mut s.lt), &mut s.gu, inter, 2 * inter, rows, None)?;
+                    }
+                    gpu.swiglu_fused_dev(&mut s.act, &s.gu, rows, inter)?;
+                }
             }
-            gpu.swiglu_fused_dev(&mut s.act, &s.gu, rows, inter)?;
             gpu.matmul_dev(&s.act, &l.down, &mut s.tmp, rows, inter, c)?;
             if let Some(a) = lora {
                 a.lora_fwd(gpu, li, 6, &s.act, Some(&mut s.lt), &mut s.tmp, 0, c, rows, None)?;
@@ -600,7 +616,7 @@ pub struct BenchReport {
     pub decode_tokens_per_s_no_graph: Vec<f64>,
     /// The same with every linear layer through cuBLASLt (graph).
     pub decode_tokens_per_s_cublaslt: Vec<f64>,
-    /// The default path without the fused RoPE + cache store kernel.
+    /// The default path without the fused kernels (RoPE + cache store, SwiGLU in the gate/up GEMV).
     pub decode_tokens_per_s_unfused: Vec<f64>,
     /// What the model measured at load to pick each batch-1 projection's kernel (`GpuLlama::tune_decode`).
     pub gemv_tuning: Vec<String>,
@@ -769,6 +785,14 @@ fn op_breakdown(gpu: &Gpu, model: &GpuLlama, keys: usize, n: usize) -> Result<Ve
         out.push((format!("attn_decode {keys} keys m{m}"), time(&mut || gpu.attention_decode_dev(att, qkv, nqkv, &kc, &kc, keys - 1, &kc, &kc, &lens, 0, m, keys, h, kvh, hd, part))?));
         out.push((format!("swiglu m{m}"), time(&mut || gpu.swiglu_fused_dev(act, gu, m, inter))?));
         out.push((format!("fused rope + kv_store m{m}"), time(&mut || gpu.rope_kv_store_dev(qkv, &mut kc2, &mut vc2, pos, &model.cos, &model.sin, m, h, kvh, hd, nqkv, keys * kvh * hd, Some(&lens), 0))?));
+        if m == 1 {
+            let split = match gpu.gemv_choice(c, 2 * inter) {
+                Some(crate::cuda::GemvChoice::Gemv(s)) => s.min(4),
+                _ => 1,
+            };
+            let us = time(&mut || gpu.gemv_swiglu_dev(hb, &l.gate_up, act, c, inter, split))?;
+            out.push((format!("gate_up gemv/{split} + swiglu epilogue m1 ({:.0} GB/s)", (2 * inter * c * 2) as f64 / us / 1e3), us));
+        }
         // Host: sampling m rows of the vocabulary in parallel (temperature 0.7), as generate_n does.
         let params = crate::sampling::SamplingParams { temperature: 0.7, ..Default::default() };
         let mut rng = crate::rng::SplitMix64::new(3);

@@ -117,7 +117,7 @@ fn fused_decode_kernels_give_the_unfused_logits() {
         let dev = engine::cuda_llama::load_dir(&gpu, &root.join(case).join("model"), 256).unwrap();
         let vocab = dev.cfg.vocab_size;
         let prompt: Vec<u32> = (0..11).map(|i| (3 + i * 5 % (vocab - 3)) as u32).collect();
-        // Prefill (RoPE + cache store fused), then batch-1 steps and 3 sequences.
+        // Prefill (RoPE + cache store fused), then batch-1 steps (also SwiGLU as the gate/up GEMV epilogue) and 3 sequences.
         let run = |fuse: bool, bsz: usize| -> Vec<f32> {
             gpu.fuse.store(fuse, Ordering::Relaxed);
             let (mut sess, first) = dev.start_decode(&gpu, &prompt, bsz, 6).unwrap();

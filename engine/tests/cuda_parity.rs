@@ -216,9 +216,30 @@ fn gemv_kernel_matches_float64() {
 }
 
 #[test]
-fn fused_rope_and_cache_store_matches_its_unfused_pair() {
+fn fused_decode_kernels_match_float64_and_their_unfused_pairs() {
     let Some(g) = gpu() else { return };
     let mut rng = SplitMix64::new(6);
+    // SwiGLU as the gate/up GEMV's epilogue: (k, inter) of LLaVA-7B's MLP, ShapesWorld's, a tiny one; 1, 2 and 4
+    // warps per row.
+    for &(k, inter) in &[(4096usize, 11008usize), (96, 256), (8, 5)] {
+        let x = randn(&mut rng, k, 1.0);
+        let w = randn(&mut rng, 2 * inter * k, 0.05);
+        let (xh, wh) = (h(&x), h(&w));
+        let dot = |r: usize| -> f64 { (0..k).map(|c| xh[c] * wh[r * k + c]).sum() };
+        let want: Vec<f64> = (0..inter).map(|c| dot(c) / (1.0 + (-dot(c)).exp()) * dot(inter + c)).collect();
+        // The unfused pair: gemv_m1_f16 into [gate | up], then swiglu_f16.
+        let gu = g.gemv(&x, &w).unwrap();
+        let unfused = g.swiglu(&gu[..inter], &gu[inter..], inter).unwrap();
+        for split in [1usize, 2, 4] {
+            let got = g.gemv_swiglu(&x, &w, split).unwrap();
+            check(&format!("gemv_swiglu_m1_f16 k{k} inter{inter} split {split}"), &got, &want);
+            let worst = got.iter().zip(&unfused).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            let scale = unfused.iter().map(|v| v.abs()).fold(1e-3f32, f32::max);
+            println!("gemv_swiglu_m1_f16 k{k} inter{inter} split {split}: max |fused - unfused| {worst:e} (largest |value| {scale:e})");
+            assert!(worst <= 5e-3 * scale, "k{k} inter{inter} split {split}: fused differs from unfused by {worst}");
+        }
+    }
+    assert!(g.gemv_swiglu(&[0.0; 8], &[0.0; 16], 8).is_err(), "split 8");
     // RoPE + cache store in one kernel against rope_f16 then kv_store_f16: the same fp16 values, bit for bit.
     for &(rows, hq, hkv, d, start) in &[(1usize, 4usize, 4usize, 24usize, 0usize), (9, 8, 2, 128, 5), (3, 32, 32, 128, 700)] {
         let stride = (hq + 2 * hkv) * d;
@@ -333,7 +354,7 @@ fn embedded_kernel_sources_define_the_expected_kernels() {
         assert!(!names.is_empty(), "{f} defines no kernel");
         all.extend(names);
     }
-    for k in ["embedding_gather_f16", "rmsnorm_f16", "layernorm_f16", "rope_f16", "flash_attn_prefill_f16", "attn_decode_f16", "attn_decode_combine_f16", "kv_store_f16", "add_rmsnorm_f16", "flash_attn_bwd_dq_f16", "flash_attn_bwd_dkdv_f16", "attn_bwd_delta_f16", "rmsnorm_bwd_f16", "layernorm_bwd_f16", "swiglu_bwd_f16", "gelu_bwd_f16", "quick_gelu_bwd_f16", "rope_bwd_f16", "embedding_bwd_f32", "logprob_gather_f16", "logprob_bwd_f16", "adamw_f32", "grad_sumsq_f32", "grad_accumulate_f32", "gemv_m1_f16", "rope_kv_store_f16", "swiglu_f16", "gelu_f16", "quick_gelu_f16", "bias_add_f16", "residual_add_f16", "lora_down_f16", "lora_up_add_f16", "logprob_gather_f32", "f32_to_f16", "f16_to_f32"] {
+    for k in ["embedding_gather_f16", "rmsnorm_f16", "layernorm_f16", "rope_f16", "flash_attn_prefill_f16", "attn_decode_f16", "attn_decode_combine_f16", "kv_store_f16", "add_rmsnorm_f16", "flash_attn_bwd_dq_f16", "flash_attn_bwd_dkdv_f16", "attn_bwd_delta_f16", "rmsnorm_bwd_f16", "layernorm_bwd_f16", "swiglu_bwd_f16", "gelu_bwd_f16", "quick_gelu_bwd_f16", "rope_bwd_f16", "embedding_bwd_f32", "logprob_gather_f16", "logprob_bwd_f16", "adamw_f32", "grad_sumsq_f32", "grad_accumulate_f32", "gemv_m1_f16", "gemv_swiglu_m1_f16", "rope_kv_store_f16", "swiglu_f16", "gelu_f16", "quick_gelu_f16", "bias_add_f16", "residual_add_f16", "lora_down_f16", "lora_up_add_f16", "logprob_gather_f32", "f32_to_f16", "f16_to_f32"] {
         assert!(all.iter().any(|n| n == k), "kernel {k} is missing");
     }
     assert_eq!(engine::cuda::arch_name(9, 0), "sm_90");
