@@ -665,6 +665,23 @@ impl Gpu {
         self.gemv_plan.lock().ok()?.get(&(k, n)).copied()
     }
 
+    /// GPU time per call of `op(0..calls)` (us): a warm-up pass, then the median of 3 timed passes over the calls.
+    pub fn time_passes(&self, calls: usize, op: &mut dyn FnMut(usize) -> Result<()>) -> Result<f64> {
+        let mut pass = || -> Result<f64> {
+            self.stream.synchronize().map_err(derr)?;
+            let t = std::time::Instant::now();
+            for i in 0..calls {
+                op(i)?;
+            }
+            self.stream.synchronize().map_err(derr)?;
+            Ok(t.elapsed().as_secs_f64() * 1e6 / calls.max(1) as f64)
+        };
+        pass()?;
+        let mut t = [pass()?, pass()?, pass()?];
+        t.sort_by(f64::total_cmp);
+        Ok(t[1])
+    }
+
     /// Measures, for each one-row product shape (k, n) with its weight matrices (a decoder's layers: together
     /// larger than the L2 cache, as a decode step reads them), `gemv_m1_f16` with 1, 2, 4 and 8 warps per output
     /// feature and cuBLASLt, and keeps the fastest for `matmul_dev`. Returns one line per shape: the times (us per
@@ -681,24 +698,13 @@ impl Gpu {
             let mut best: Option<(GemvChoice, f64)> = None;
             let mut times = Vec::new();
             for choice in [GemvChoice::Gemv(1), GemvChoice::Gemv(2), GemvChoice::Gemv(4), GemvChoice::Gemv(8), GemvChoice::Blas] {
-                let mut pass = || -> Result<f64> {
-                    self.stream.synchronize().map_err(derr)?;
-                    let t = std::time::Instant::now();
-                    for w in ws {
-                        match choice {
-                            GemvChoice::Gemv(split) => self.gemv_split_dev(&x, w, &mut y, k, n, split)?,
-                            GemvChoice::Blas => self.linear_device(&x, w, &mut y, 1, k, n)?,
-                        }
-                    }
-                    self.stream.synchronize().map_err(derr)?;
-                    Ok(t.elapsed().as_secs_f64() * 1e6 / ws.len() as f64)
-                };
-                pass()?;
-                let mut t = [pass()?, pass()?, pass()?];
-                t.sort_by(f64::total_cmp);
-                times.push(format!("{choice} {:.1}", t[1]));
-                if best.is_none_or(|(_, b)| t[1] < b) {
-                    best = Some((choice, t[1]));
+                let us = self.time_passes(ws.len(), &mut |i| match choice {
+                    GemvChoice::Gemv(split) => self.gemv_split_dev(&x, ws[i], &mut y, k, n, split),
+                    GemvChoice::Blas => self.linear_device(&x, ws[i], &mut y, 1, k, n),
+                })?;
+                times.push(format!("{choice} {us:.1}"));
+                if best.is_none_or(|(_, b)| us < b) {
+                    best = Some((choice, us));
                 }
             }
             if let Some((choice, _)) = best {

@@ -48,6 +48,9 @@ pub struct GpuLlama {
     pub max_positions: usize,
     /// What `tune_decode` measured when the model loaded (empty for decoders narrower than `TUNE_MIN_HIDDEN`).
     pub gemv_tuning: Vec<String>,
+    /// Batch-1 steps without LoRA on gate/up: SwiGLU as the gate/up GEMV's epilogue with this many warps per row
+    /// (`gemv_swiglu_m1_f16`), or None for the projection then `swiglu_f16` (what `tune_decode` measured faster).
+    pub(crate) swiglu_split: Option<usize>,
 }
 
 /// Decoders at least this wide measure their batch-1 projections at load (`GpuLlama::tune_decode`); narrower ones
@@ -187,7 +190,7 @@ impl GpuLlama {
 
     fn assemble(gpu: &Gpu, cfg: &LlamaConfig, embed: CudaSlice<f16>, layers: Vec<Layer>, norm: CudaSlice<f16>, lm_head: Option<CudaSlice<f16>>, max_positions: usize) -> Result<GpuLlama> {
         let (cos, sin) = Rope::new(cfg.head_dim, cfg.rope_theta, &cfg.rope_scaling).tables(max_positions);
-        let mut model = GpuLlama { cfg: cfg.clone(), embed, layers, norm, lm_head, cos: gpu.stream.clone_htod(&cos).map_err(derr)?, sin: gpu.stream.clone_htod(&sin).map_err(derr)?, max_positions, gemv_tuning: Vec::new() };
+        let mut model = GpuLlama { cfg: cfg.clone(), embed, layers, norm, lm_head, cos: gpu.stream.clone_htod(&cos).map_err(derr)?, sin: gpu.stream.clone_htod(&sin).map_err(derr)?, max_positions, gemv_tuning: Vec::new(), swiglu_split: Some(1) };
         if cfg.hidden_size >= TUNE_MIN_HIDDEN {
             model.gemv_tuning = model.tune_decode(gpu)?;
         }
@@ -195,19 +198,43 @@ impl GpuLlama {
     }
 
     /// Measures how each batch-1 decode projection (q/k/v, o, gate/up, down, the head) runs fastest on this device
-    /// (`Gpu::tune_gemv`, over every layer's matrix) and keeps it for the decode steps: tens of milliseconds once,
-    /// before any decode step is captured as a graph.
-    pub fn tune_decode(&self, gpu: &Gpu) -> Result<Vec<String>> {
+    /// (`Gpu::tune_gemv`, over every layer's matrix), then whether gate/up with SwiGLU as its epilogue beats the
+    /// projection so chosen followed by `swiglu_f16`, and keeps both for the decode steps: tens of milliseconds
+    /// once, before any decode step is captured as a graph.
+    pub fn tune_decode(&mut self, gpu: &Gpu) -> Result<Vec<String>> {
         let cfg = &self.cfg;
         let (c, h, kvh, hd, inter) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size);
         let all = |f: fn(&Layer) -> &CudaSlice<f16>| self.layers.iter().map(f).collect::<Vec<_>>();
-        gpu.tune_gemv(&[
+        let mut lines = gpu.tune_gemv(&[
             (c, (h + 2 * kvh) * hd, all(|l| &l.qkv)),
             (h * hd, c, all(|l| &l.o)),
             (c, 2 * inter, all(|l| &l.gate_up)),
             (inter, c, all(|l| &l.down)),
             (c, cfg.vocab_size, vec![self.head()]),
-        ])
+        ])?;
+        if !c.is_multiple_of(8) {
+            self.swiglu_split = None;
+            return Ok(lines);
+        }
+        let x = gpu.stream.alloc_zeros::<f16>(c).map_err(derr)?;
+        let mut gu = gpu.stream.alloc_zeros::<f16>(2 * inter).map_err(derr)?;
+        let mut act = gpu.stream.alloc_zeros::<f16>(inter).map_err(derr)?;
+        let layers = &self.layers;
+        let separate = gpu.time_passes(layers.len(), &mut |i| {
+            gpu.matmul_dev(&x, &layers[i].gate_up, &mut gu, 1, c, 2 * inter)?;
+            gpu.swiglu_fused_dev(&mut act, &gu, 1, inter)
+        })?;
+        let (mut best, mut best_us, mut times) = (None, separate, vec![format!("separate {separate:.1}")]);
+        for split in [1usize, 2, 4] {
+            let us = gpu.time_passes(layers.len(), &mut |i| gpu.gemv_swiglu_dev(&x, &layers[i].gate_up, &mut act, c, inter, split))?;
+            times.push(format!("epilogue/{split} {us:.1}"));
+            if us < best_us {
+                (best, best_us) = (Some(split), us);
+            }
+        }
+        self.swiglu_split = best;
+        lines.push(format!("gate/up + SwiGLU: {} us -> {}", times.join(", "), best.map_or("separate".to_string(), |s| format!("epilogue/{s}"))));
+        Ok(lines)
     }
 
     /// A decoder of `cfg`'s shape with random weights generated on the device (benchmarks): matrices uniform with
@@ -356,15 +383,10 @@ impl GpuLlama {
                 a.lora_fwd(gpu, li, 3, &s.att, Some(&mut s.lt), &mut s.tmp, 0, c, rows, None)?;
             }
             gpu.add_rmsnorm_dev(&mut s.h, &mut s.x, &s.tmp, &l.post_norm, rows, eps)?;
-            // Batch 1 without LoRA on gate/up (which adds into their output): SwiGLU as the GEMV's epilogue, with
-            // the split the projection was tuned to (unless cuBLASLt won it).
-            let split = match gpu.gemv_choice(c, 2 * inter) {
-                None => Some(1),
-                Some(crate::cuda::GemvChoice::Gemv(s)) => Some(s.min(4)),
-                Some(crate::cuda::GemvChoice::Blas) => None,
-            };
+            // Batch 1 without LoRA on gate/up (which adds into their output): SwiGLU as the GEMV's epilogue, unless
+            // `tune_decode` found the separate pair faster.
             let gemv = gpu.gemv.load(std::sync::atomic::Ordering::Relaxed);
-            match split {
+            match self.swiglu_split {
                 Some(split) if fuse && gemv && rows == 1 && lora.is_none() && c.is_multiple_of(8) => {
                     gpu.gemv_swiglu_dev(&s.h, &l.gate_up, &mut s.act, c, inter, split)?;
                 }
@@ -786,10 +808,7 @@ fn op_breakdown(gpu: &Gpu, model: &GpuLlama, keys: usize, n: usize) -> Result<Ve
         out.push((format!("swiglu m{m}"), time(&mut || gpu.swiglu_fused_dev(act, gu, m, inter))?));
         out.push((format!("fused rope + kv_store m{m}"), time(&mut || gpu.rope_kv_store_dev(qkv, &mut kc2, &mut vc2, pos, &model.cos, &model.sin, m, h, kvh, hd, nqkv, keys * kvh * hd, Some(&lens), 0))?));
         if m == 1 {
-            let split = match gpu.gemv_choice(c, 2 * inter) {
-                Some(crate::cuda::GemvChoice::Gemv(s)) => s.min(4),
-                _ => 1,
-            };
+            let split = model.swiglu_split.unwrap_or(1);
             let us = time(&mut || gpu.gemv_swiglu_dev(hb, &l.gate_up, act, c, inter, split))?;
             out.push((format!("gate_up gemv/{split} + swiglu epilogue m1 ({:.0} GB/s)", (2 * inter * c * 2) as f64 / us / 1e3), us));
         }
