@@ -649,8 +649,7 @@ impl Gpu {
     /// rows on it matches the weight stream as well; BENCHMARKS.md).
     pub fn matmul_dev(&self, x: &CudaSlice<f16>, w: &CudaSlice<f16>, y: &mut CudaSlice<f16>, m: usize, k: usize, n: usize) -> Result<()> {
         if m == 1 && k.is_multiple_of(8) && self.gemv.load(std::sync::atomic::Ordering::Relaxed) {
-            let choice = self.gemv_plan.lock().map_err(|_| err("the GEMV plan is poisoned"))?.get(&(k, n)).copied();
-            match choice {
+            match self.gemv_choice(k, n) {
                 Some(GemvChoice::Blas) => self.linear_device(x, w, y, m, k, n),
                 Some(GemvChoice::Gemv(split)) => self.gemv_split_dev(x, w, y, k, n, split),
                 None => self.gemv_dev(x, w, y, k, n),
