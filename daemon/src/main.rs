@@ -247,7 +247,7 @@ fn cmd_bench_gpu(shape: &str, prompt: usize, decode: usize, reps: usize, n: usiz
     let r = engine::cuda_llama::bench(&gpu, &cfg, prompt, decode, reps, n)?;
     let tps = median(&r.decode_tokens_per_s);
     println!(
-        "{}: {shape} decoder, batch 1: prefill {} tokens {:.1} ms (median of {}), decode {:.1} tokens/s (median), copy bandwidth {:.0} GB/s, weights {:.2} GB, roofline {:.1} tokens/s, {:.0} % of it",
+        "{}: {shape} decoder, batch 1: prefill {} tokens {:.1} ms (median of {}), decode {:.1} tokens/s (median), copy bandwidth {:.0} GB/s, weights {:.2} GB, roofline {:.1} tokens/s, {:.1} % of it",
         r.device,
         r.prompt_tokens,
         median(&r.prefill_ms),
@@ -258,6 +258,8 @@ fn cmd_bench_gpu(shape: &str, prompt: usize, decode: usize, reps: usize, n: usiz
         r.roofline_tokens_per_s,
         100.0 * tps / r.roofline_tokens_per_s
     );
+    let tps_dev = median(&r.decode_tokens_per_s_device_argmax);
+    println!("  decode with the argmax on the device (temperature 0): {tps_dev:.1} tokens/s (median), {:.1} % of the roofline", 100.0 * tps_dev / r.roofline_tokens_per_s);
     println!(
         "  decode without graph replay: {:.1} tokens/s; through cuBLASLt: {:.1} tokens/s; without the fused kernels: {:.1} tokens/s; n={} sampling after one shared prefill: {:.1} tokens/s (medians)",
         median(&r.decode_tokens_per_s_no_graph),

@@ -119,6 +119,11 @@ pub struct DecodeSession {
     suffix: GpuSuffixCache,
     scratch: Scratch,
     graph: Option<CudaGraph>,
+    /// The greedy step (`decode_step_greedy`: the logits step plus the device's argmax), captured on its first use.
+    greedy_graph: Option<CudaGraph>,
+    /// Whether the device's ids, positions and lengths already hold the next step's inputs: the last step was a
+    /// greedy one, which leaves its picks there.
+    device_fed: bool,
     /// Capture the first step as a CUDA graph and replay it (default); false launches every kernel each step.
     pub use_graph: bool,
     /// Why graph replay was turned off, if capture failed.
@@ -490,7 +495,7 @@ impl GpuLlama {
         let suffix = self.new_suffix_cache(gpu, bsz, max_new)?;
         let part = gpu.decode_part_len(len + max_new, bsz, self.cfg.num_attention_heads, self.cfg.head_dim);
         let scratch = self.scratch(gpu, bsz, bsz, part, lora.map_or(1, |l| l.r))?;
-        Ok((DecodeSession { prefix, suffix, scratch, graph: None, use_graph: true, graph_error: None, lora_key: lora_key(lora) }, first))
+        Ok((DecodeSession { prefix, suffix, scratch, graph: None, greedy_graph: None, device_fed: false, use_graph: true, graph_error: None, lora_key: lora_key(lora) }, first))
     }
 
     /// One step of every sequence of `sess`: `tokens[b]` is sequence b's newest token; returns the next-token logits
@@ -501,23 +506,56 @@ impl GpuLlama {
 
     /// `decode_step` under the adapter the session was started with.
     pub fn decode_step_lora(&self, gpu: &Gpu, sess: &mut DecodeSession, tokens: &[u32], lora: Option<&GpuLora>) -> Result<Vec<f32>> {
+        self.step(gpu, sess, Some(tokens), false, lora)?;
+        gpu.download_f16(&sess.scratch.logits)
+    }
+
+    /// One greedy step of every sequence of `sess` with the choice made on the device (`argmax_step_f16`): only
+    /// the picks come back to the host, not the logits. `tokens[b]` is sequence b's newest token, or None to feed
+    /// each sequence the token the previous greedy step picked for it (nothing is uploaded then). Returns each
+    /// sequence's pick: `sampling::argmax` of its next-token logits, what `decode_step` would let the host pick.
+    pub fn decode_step_greedy(&self, gpu: &Gpu, sess: &mut DecodeSession, tokens: Option<&[u32]>, lora: Option<&GpuLora>) -> Result<Vec<u32>> {
+        self.step(gpu, sess, tokens, true, lora)?;
+        let picks = gpu.stream.clone_dtoh(&sess.scratch.ids).map_err(derr)?;
+        Ok(picks[..sess.suffix.bsz].iter().map(|&t| t as u32).collect())
+    }
+
+    /// Runs one decode step of `sess` (its captured graph, capturing it on first use): feeds `tokens` (uploaded
+    /// with the step's positions), or with None what a greedy step left on the device; `greedy` adds the device's
+    /// argmax, which leaves the picks, positions and lengths of the next step in place.
+    fn step(&self, gpu: &Gpu, sess: &mut DecodeSession, tokens: Option<&[u32]>, greedy: bool, lora: Option<&GpuLora>) -> Result<()> {
         if lora_key(lora) != sess.lora_key {
             return Err(err("decode: a step must use the adapter its session was started with"));
         }
         let bsz = sess.suffix.bsz;
-        if tokens.len() != bsz || sess.suffix.len >= sess.suffix.capacity {
-            return Err(err(format!("decode: {} tokens for {bsz} sequences, {} of {} positions used", tokens.len(), sess.suffix.len, sess.suffix.capacity)));
+        if tokens.is_some_and(|t| t.len() != bsz) || sess.suffix.len >= sess.suffix.capacity {
+            return Err(err(format!("decode: {} tokens for {bsz} sequences, {} of {} positions used", tokens.map_or(0, |t| t.len()), sess.suffix.len, sess.suffix.capacity)));
         }
-        let id32 = self.check_ids(tokens)?;
         let s = &gpu.stream;
-        s.memcpy_htod(&id32, &mut sess.scratch.ids).map_err(derr)?;
-        s.memcpy_htod(&vec![(sess.prefix.len + sess.suffix.len) as i32; bsz], &mut sess.scratch.pos).map_err(derr)?;
-        s.memcpy_htod(&vec![(sess.suffix.len + 1) as i32; bsz], &mut sess.suffix.lens).map_err(derr)?;
+        match tokens {
+            Some(tokens) => {
+                let id32 = self.check_ids(tokens)?;
+                s.memcpy_htod(&id32, &mut sess.scratch.ids).map_err(derr)?;
+                s.memcpy_htod(&vec![(sess.prefix.len + sess.suffix.len) as i32; bsz], &mut sess.scratch.pos).map_err(derr)?;
+                s.memcpy_htod(&vec![(sess.suffix.len + 1) as i32; bsz], &mut sess.suffix.lens).map_err(derr)?;
+            }
+            None if !sess.device_fed => return Err(err("decode: a step without tokens must follow a greedy step (it feeds that step's picks)")),
+            None => {}
+        }
         let (c, vocab) = (self.cfg.hidden_size, self.cfg.vocab_size);
-        let DecodeSession { prefix, suffix, scratch, graph, use_graph, graph_error, .. } = sess;
+        let DecodeSession { prefix, suffix, scratch, graph, greedy_graph, device_fed, use_graph, graph_error, .. } = sess;
+        let enqueue = |scratch: &mut Scratch, suffix: &mut GpuSuffixCache| -> Result<()> {
+            self.enqueue_layers(gpu, scratch, &mut Attend::Decode { prefix: &*prefix, suffix: &mut *suffix }, true, lora)?;
+            gpu.matmul_dev(&scratch.h, self.head(), &mut scratch.logits, bsz, c, vocab)?;
+            if greedy {
+                gpu.argmax_step_dev(&mut scratch.ids, &scratch.logits, bsz, vocab, Some((&mut scratch.pos, &mut suffix.lens)))?;
+            }
+            Ok(())
+        };
+        let graph = if greedy { greedy_graph } else { graph };
         if graph.is_none() && *use_graph {
             s.begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(derr)?;
-            let enq = self.enqueue_layers(gpu, scratch, &mut Attend::Decode { prefix: &*prefix, suffix: &mut *suffix }, true, lora).and_then(|_| gpu.matmul_dev(&scratch.h, self.head(), &mut scratch.logits, bsz, c, vocab));
+            let enq = enqueue(scratch, suffix);
             let captured = s.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
             match (enq, captured) {
                 (Ok(()), Ok(Some(g))) => *graph = Some(g),
@@ -528,15 +566,15 @@ impl GpuLlama {
                 }
             }
         }
+        // From here the step runs: a failure leaves the device state unknown, so the next step must upload.
+        *device_fed = false;
         match graph {
             Some(g) if *use_graph => g.launch().map_err(derr)?,
-            _ => {
-                self.enqueue_layers(gpu, scratch, &mut Attend::Decode { prefix: &*prefix, suffix: &mut *suffix }, true, lora)?;
-                gpu.matmul_dev(&scratch.h, self.head(), &mut scratch.logits, bsz, c, vocab)?;
-            }
+            _ => enqueue(scratch, suffix)?,
         }
         suffix.len += 1;
-        gpu.download_f16(&scratch.logits)
+        *device_fed = greedy;
+        Ok(())
     }
 
     /// n answers to one prompt (ids only; see `sample_answers`): each answer's tokens, a stop token excluded.
@@ -546,7 +584,8 @@ impl GpuLlama {
 
     /// n answers to one prompt under `lora`: the prompt is prefilled once, then the n sequences decode together
     /// against that shared prefix (`DecodeSession`), each drawn on the host with its own seed
-    /// (`sampling::sample_fast`, the n rows in parallel; the repetition penalty sees `prompt_ids` and the answer).
+    /// (`sampling::sample_fast`, the n rows in parallel; the repetition penalty sees `prompt_ids` and the answer),
+    /// or, greedy without a repetition penalty, picked on the device (`decode_step_greedy`: the same tokens).
     /// An answer ends at a token of `stop` (not recorded: `FinishReason::Stop`) or at `max_new_tokens`, as on the
     /// CPU backend. Returns the answers and where the time went (the prefill timed from the call).
     #[allow(clippy::too_many_arguments)]
@@ -569,6 +608,9 @@ impl GpuLlama {
         let mut seen: Vec<Vec<u32>> = vec![prompt_ids.to_vec(); n];
         let mut next: Vec<u32> = rngs.par_iter_mut().zip(seen.par_iter()).map(|(rng, s)| crate::sampling::sample_fast(&mut first.clone(), s, params, rng)).collect();
         let mut active = vec![true; n];
+        // Greedy without a repetition penalty is the argmax of the logits: chosen on the device, so each step
+        // copies n ids to the host instead of n rows of logits.
+        let greedy = params.temperature == 0.0 && params.repetition_penalty == 1.0;
         loop {
             for i in 0..n {
                 if !active[i] {
@@ -594,6 +636,17 @@ impl GpuLlama {
             stats.decode_tokens += live;
             // Every sequence steps (the batch shape stays fixed for the captured graph): each feeds its newest draw
             // (a finished one its stop token or last token, a valid id either way) and a finished row is ignored.
+            if greedy {
+                // The picks stay on the device for the next step; only they come back.
+                let fed = sess.device_fed;
+                let picks = self.decode_step_greedy(gpu, &mut sess, if fed { None } else { Some(&next) }, lora)?;
+                for ((t, p), &live) in next.iter_mut().zip(picks).zip(&active) {
+                    if live {
+                        *t = p;
+                    }
+                }
+                continue;
+            }
             let mut logits = self.decode_step_lora(gpu, &mut sess, &next, lora)?;
             next.par_iter_mut().zip(rngs.par_iter_mut()).zip(logits.par_chunks_mut(v)).zip(seen.par_iter()).zip(active.par_iter()).for_each(|((((t, rng), row), s), &live)| {
                 if live {
@@ -634,6 +687,8 @@ pub struct BenchReport {
     pub decode_tokens: usize,
     /// Batch-1 greedy decode: the GEMV kernel, each step replayed as a CUDA graph (the default path).
     pub decode_tokens_per_s: Vec<f64>,
+    /// The same with the argmax on the device (`decode_step_greedy`): one id copied back per step, not the logits.
+    pub decode_tokens_per_s_device_argmax: Vec<f64>,
     /// The same launching every kernel each step (no graph).
     pub decode_tokens_per_s_no_graph: Vec<f64>,
     /// The same with every linear layer through cuBLASLt (graph).
@@ -679,7 +734,7 @@ pub fn bench(gpu: &Gpu, cfg: &LlamaConfig, prompt: usize, decode: usize, reps: u
     drop((src, dst));
     let ids: Vec<u32> = (0..prompt).map(|i| (1 + i * 7919 % (cfg.vocab_size - 1)) as u32).collect();
     let (mut prefill_ms, mut tps, mut tps_plain, mut tps_blas, mut tps_n, mut tps_unfused) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let mut prefill_scalar = Vec::new();
+    let (mut prefill_scalar, mut tps_device) = (Vec::new(), Vec::new());
     let mma_default = gpu.mma_attention.load(Ordering::Relaxed);
     // A prefill alone with the scalar attention kernel (ms).
     let prefill_without_mma = || -> Result<f64> {
@@ -711,10 +766,23 @@ pub fn bench(gpu: &Gpu, cfg: &LlamaConfig, prompt: usize, decode: usize, reps: u
         }
         Ok((decode as f64 / t.elapsed().as_secs_f64(), pf))
     };
+    // The same with the argmax on the device (`decode_step_greedy`, what sampling at temperature 0 does): only
+    // the pick comes back each step.
+    let greedy_device = || -> Result<f64> {
+        sync()?;
+        let (mut sess, logits) = model.start_decode(gpu, &ids, 1, decode)?;
+        let first = [crate::sampling::argmax(&logits)];
+        let t = std::time::Instant::now();
+        for step in 0..decode {
+            model.decode_step_greedy(gpu, &mut sess, if step == 0 { Some(&first) } else { None }, None)?;
+        }
+        Ok(decode as f64 / t.elapsed().as_secs_f64())
+    };
     let params = crate::sampling::SamplingParams { temperature: 0.7, max_new_tokens: decode, ..Default::default() };
     let seeds: Vec<u64> = (0..n as u64).collect();
     for rep in 0..reps.max(1) + 1 {
         let (fast, pf) = greedy(true)?;
+        let on_device = greedy_device()?;
         let (plain, _) = greedy(false)?;
         gpu.gemv.store(false, Ordering::Relaxed);
         let blas = greedy(true);
@@ -735,6 +803,7 @@ pub fn bench(gpu: &Gpu, cfg: &LlamaConfig, prompt: usize, decode: usize, reps: u
             prefill_ms.push(pf);
             prefill_scalar.push(pf_scalar);
             tps.push(fast);
+            tps_device.push(on_device);
             tps_plain.push(plain);
             tps_blas.push(blas);
             tps_unfused.push(unfused);
@@ -750,6 +819,7 @@ pub fn bench(gpu: &Gpu, cfg: &LlamaConfig, prompt: usize, decode: usize, reps: u
         prefill_ms_scalar_attention: prefill_scalar,
         decode_tokens: decode,
         decode_tokens_per_s: tps,
+        decode_tokens_per_s_device_argmax: tps_device,
         decode_tokens_per_s_no_graph: tps_plain,
         decode_tokens_per_s_cublaslt: tps_blas,
         decode_tokens_per_s_unfused: tps_unfused,

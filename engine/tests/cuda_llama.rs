@@ -83,6 +83,24 @@ fn gpu_decoder_matches_the_cpu_backend_on_the_fixtures() {
                 step[b] = t;
             }
         }
+        // 5. The argmax on the device (greedy at temperature 0): each step picks what the host picks from the logits
+        //    step's rows, fed from the device after the first step, with graph replay and without; a logits step
+        //    can follow (it uploads its inputs) and sees the same sequences.
+        for graph in [true, false] {
+            let (mut host, _) = dev.start_decode(&gpu, prompt, 3, 8).unwrap();
+            let (mut dsess, _) = dev.start_decode(&gpu, prompt, 3, 8).unwrap();
+            dsess.use_graph = graph;
+            assert!(dev.decode_step_greedy(&gpu, &mut dsess, None, None).unwrap_err().to_string().contains("greedy step"), "a first step without tokens");
+            let mut toks = vec![argmax(&first), ids[10], ids[11]];
+            for s in 0..6 {
+                let logits = dev.decode_step(&gpu, &mut host, &toks).unwrap();
+                let want: Vec<u32> = logits.chunks(vocab).map(argmax).collect();
+                let got = dev.decode_step_greedy(&gpu, &mut dsess, if s == 0 { Some(&toks) } else { None }, None).unwrap();
+                assert_eq!(got, want, "{case}: device argmax at step {s} (graph {graph})");
+                toks = want;
+            }
+            assert_eq!(dev.decode_step(&gpu, &mut dsess, &toks).unwrap(), dev.decode_step(&gpu, &mut host, &toks).unwrap(), "{case}: a logits step after greedy ones");
+        }
         assert!(dev.decode_step(&gpu, &mut sess, &[1, 2]).is_err(), "a step needs one token per sequence");
         assert!(dev.decode_step(&gpu, &mut sess, &[1, 2, vocab as u32]).unwrap_err().to_string().contains("position 2"), "a token outside the vocabulary is named");
         let mut worst = 0.0f64;

@@ -218,6 +218,46 @@ fn gemv_kernel_matches_float64() {
 }
 
 #[test]
+fn device_argmax_picks_what_the_host_picks() {
+    let Some(g) = gpu() else { return };
+    let mut rng = SplitMix64::new(21);
+    for &(rows, vocab) in &[(1usize, 32064usize), (3, 1000), (2, 7)] {
+        let mut x = randn(&mut rng, rows * vocab, 4.0);
+        if vocab == 1000 {
+            // Row 0: a three-way tie for the largest (the first wins; 17 and 273 are 256 apart, so one thread of the
+            // kernel scans both) and a NaN before it; row 1: a NaN first logit (the host keeps index 0: nothing
+            // compares greater); row 2: every logit -inf (index 0).
+            x[17] = 50.0;
+            x[273] = 50.0;
+            x[400] = 50.0;
+            x[3] = f32::NAN;
+            x[vocab] = f32::NAN;
+            x[2 * vocab..3 * vocab].fill(f32::NEG_INFINITY);
+        }
+        // The host sees the fp16 logits widened, as decode_step hands them over.
+        let xh: Vec<f32> = x.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect();
+        let want: Vec<i32> = xh.chunks(vocab).map(|r| engine::sampling::argmax(r) as i32).collect();
+        let logits = g.upload_f16(&x).unwrap();
+        let mut ids = g.stream.clone_htod(&vec![-1i32; rows]).unwrap();
+        let mut pos = g.stream.clone_htod(&(0..rows as i32).map(|r| 10 * r).collect::<Vec<_>>()).unwrap();
+        let mut lens = g.stream.clone_htod(&vec![5i32; rows]).unwrap();
+        g.argmax_step_dev(&mut ids, &logits, rows, vocab, Some((&mut pos, &mut lens))).unwrap();
+        assert_eq!(g.stream.clone_dtoh(&ids).unwrap(), want, "argmax of {rows} rows of {vocab}");
+        assert_eq!(g.stream.clone_dtoh(&pos).unwrap(), (0..rows as i32).map(|r| 10 * r + 1).collect::<Vec<_>>(), "positions advance by one");
+        assert_eq!(g.stream.clone_dtoh(&lens).unwrap(), vec![6; rows], "lengths advance by one");
+        let mut again = g.stream.clone_htod(&vec![-1i32; rows]).unwrap();
+        g.argmax_step_dev(&mut again, &logits, rows, vocab, None).unwrap();
+        assert_eq!(g.stream.clone_dtoh(&again).unwrap(), want, "without advancing");
+        if vocab == 1000 {
+            assert_eq!(&want, &[17, 0, 0], "the edge cases are the ones meant");
+        }
+    }
+    let logits = g.upload_f16(&[0.0; 6]).unwrap();
+    let mut ids = g.stream.clone_htod(&[0i32; 2]).unwrap();
+    assert!(g.argmax_step_dev(&mut ids, &logits, 2, 4, None).is_err(), "8 logits asked of a buffer of 6");
+}
+
+#[test]
 fn fused_decode_kernels_match_float64_and_their_unfused_pairs() {
     let Some(g) = gpu() else { return };
     let mut rng = SplitMix64::new(6);
@@ -356,7 +396,7 @@ fn embedded_kernel_sources_define_the_expected_kernels() {
         assert!(!names.is_empty(), "{f} defines no kernel");
         all.extend(names);
     }
-    for k in ["embedding_gather_f16", "rmsnorm_f16", "layernorm_f16", "rope_f16", "flash_attn_prefill_f16", "attn_decode_f16", "attn_decode_combine_f16", "kv_store_f16", "add_rmsnorm_f16", "flash_attn_bwd_dq_f16", "flash_attn_bwd_dkdv_f16", "attn_bwd_delta_f16", "rmsnorm_bwd_f16", "layernorm_bwd_f16", "swiglu_bwd_f16", "gelu_bwd_f16", "quick_gelu_bwd_f16", "rope_bwd_f16", "embedding_bwd_f32", "logprob_gather_f16", "logprob_bwd_f16", "adamw_f32", "grad_sumsq_f32", "grad_accumulate_f32", "gemv_m1_f16", "gemv_swiglu_m1_f16", "rope_kv_store_f16", "swiglu_f16", "gelu_f16", "quick_gelu_f16", "bias_add_f16", "residual_add_f16", "lora_down_f16", "lora_up_add_f16", "logprob_gather_f32", "f32_to_f16", "f16_to_f32"] {
+    for k in ["embedding_gather_f16", "rmsnorm_f16", "layernorm_f16", "rope_f16", "flash_attn_prefill_f16", "attn_decode_f16", "attn_decode_combine_f16", "kv_store_f16", "add_rmsnorm_f16", "flash_attn_bwd_dq_f16", "flash_attn_bwd_dkdv_f16", "attn_bwd_delta_f16", "rmsnorm_bwd_f16", "layernorm_bwd_f16", "swiglu_bwd_f16", "gelu_bwd_f16", "quick_gelu_bwd_f16", "rope_bwd_f16", "embedding_bwd_f32", "logprob_gather_f16", "logprob_bwd_f16", "adamw_f32", "grad_sumsq_f32", "grad_accumulate_f32", "gemv_m1_f16", "gemv_swiglu_m1_f16", "rope_kv_store_f16", "swiglu_f16", "gelu_f16", "quick_gelu_f16", "bias_add_f16", "residual_add_f16", "lora_down_f16", "lora_up_add_f16", "logprob_gather_f32", "f32_to_f16", "f16_to_f32", "argmax_step_f16"] {
         assert!(all.iter().any(|n| n == k), "kernel {k} is missing");
     }
     assert_eq!(engine::cuda::arch_name(9, 0), "sm_90");
