@@ -4,7 +4,8 @@
 // weight row, four vectors in flight per lane; the partial sums meet in shared memory. More warps per feature keep
 // more loads in flight for short, wide matrices (LLaVA-7B's down projection: 4096 features of 11008); which split
 // (or cuBLASLt) is fastest for a shape is measured on the device when a large decoder loads (`Gpu::tune_gemv`).
-// gemv_swiglu_m1_f16 is the gate/up projection with SwiGLU as its epilogue.
+// gemv_swiglu_m1_f16 is the gate/up projection with SwiGLU as its epilogue; gemv_add_rmsnorm_m1_f16 a projection
+// followed, in its last block, by the residual add and RMSNorm that come after it.
 // x is small and stays in L1/L2. fp32 accumulation. Requires k % 8 == 0 and 16-byte aligned rows (the launcher
 // checks k; cudarc allocations are 256-byte aligned). block 256 (8 warps: 8 / split features), grid
 // ceil(n * split / 8).
@@ -41,8 +42,9 @@ __device__ __forceinline__ float gemv_part(const __half* __restrict__ x, const _
     return warp_sum(acc);
 }
 
-extern "C" __global__ void __launch_bounds__(256) gemv_m1_f16(__half* __restrict__ y, const __half* __restrict__ x, const __half* __restrict__ w, int k, int n, int split) {
-    __shared__ float part[GEMV_WARPS];
+// The block's share of y = W x: GEMV_WARPS / split output features, `split` warps each. Every thread returns
+// (no early exit), so a caller can still synchronise the block.
+__device__ __forceinline__ void gemv_block(__half* __restrict__ y, const __half* __restrict__ x, const __half* __restrict__ w, int k, int n, int split, float* part) {
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
     const int g = blockIdx.x * GEMV_WARPS + warp;
     const int c = g / split, p = g % split;
@@ -59,6 +61,44 @@ extern "C" __global__ void __launch_bounds__(256) gemv_m1_f16(__half* __restrict
         for (int q = 0; q < split; q++) s += part[warp + q];
         y[c] = __float2half_rn(s);
     }
+}
+
+extern "C" __global__ void __launch_bounds__(256) gemv_m1_f16(__half* __restrict__ y, const __half* __restrict__ x, const __half* __restrict__ w, int k, int n, int split) {
+    __shared__ float part[GEMV_WARPS];
+    gemv_block(y, x, w, k, n, split, part);
+}
+
+// gemv_m1_f16 (t = W x) followed by what add_rmsnorm_f16 does with t, in the same launch: the residual stream
+// h += t in place, then out = h / sqrt(mean(h^2) + eps) * norm_w (the o projection and the norm after attention;
+// the down projection and the next layer's input norm). The block that takes the last ticket of `counter` (after
+// a fence: the others' t is then visible to it) does the row's add and norm, then resets the counter for the next
+// launch; so no launch of its own, nor the wait for one, between the projection and the next. The same fp16
+// roundings as the pair (t rounded as stored, h + t rounded before squaring); the sum of squares is added in
+// another order (256 threads, not 1024). counter: one unsigned int, 0 before the launch (and after it).
+extern "C" __global__ void __launch_bounds__(256) gemv_add_rmsnorm_m1_f16(__half* __restrict__ out, __half* __restrict__ h, __half* __restrict__ t,
+                                                                          const __half* __restrict__ norm_w, const __half* __restrict__ x,
+                                                                          const __half* __restrict__ w, int k, int n, int split, float eps,
+                                                                          unsigned* __restrict__ counter) {
+    __shared__ float part[GEMV_WARPS];
+    __shared__ float scratch[32];
+    __shared__ bool last;
+    gemv_block(t, x, w, k, n, split, part);
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(counter, 1u) == gridDim.x - 1;
+    __syncthreads();
+    if (!last) return;  // uniform across the block
+    __threadfence();
+    float ss = 0.0f;
+    for (int c = threadIdx.x; c < n; c += blockDim.x) {
+        const __half s = __float2half_rn(__half2float(h[c]) + __half2float(__ldcg(t + c)));
+        h[c] = s;
+        const float v = __half2float(s);
+        ss += v * v;
+    }
+    const float inv = rsqrtf(block_sum(ss, scratch) / n + eps);
+    for (int c = threadIdx.x; c < n; c += blockDim.x) out[c] = __float2half_rn(__half2float(h[c]) * inv * __half2float(norm_w[c]));
+    if (threadIdx.x == 0) *counter = 0;
 }
 
 // The fused gate/up projection of a batch-1 decode step with SwiGLU as its epilogue: w is [gate (inter rows) |

@@ -446,13 +446,17 @@ pub struct Gpu {
     /// `gemv_m1_f16` with one warp per output feature.
     gemv_plan: std::sync::Mutex<HashMap<(usize, usize), GemvChoice>>,
     /// Whether the decoder uses the fused kernels where they apply: RoPE + cache store, and at batch 1 SwiGLU as
-    /// the gate/up GEMV's epilogue (default on; `bench-gpu` also measures without them).
+    /// the gate/up GEMV's epilogue and the residual add + RMSNorm in the o and down GEMVs (default on; `bench-gpu`
+    /// also measures without them).
     pub fuse: std::sync::atomic::AtomicBool,
     /// Whether attention uses the tensor-core kernels (`flash_attn_mma_d{64,128}_f16` forward,
     /// `flash_attn_bwd_{dq,dkdv}_mma_d{64,128}_f16` backward) where they apply: head size 64 or 128, 16-byte
     /// aligned rows, sm_80 or later (the default there, unless `RLAIFD_CUDA_MMA_ATTENTION=0`).
     pub mma_attention: std::sync::atomic::AtomicBool,
     sms: usize,
+    /// The ticket counter of `gemv_add_rmsnorm_m1_f16` (0 between launches: its last block resets it). One is
+    /// enough: the launches of the one stream run one after another.
+    ticket: CudaSlice<u32>,
 }
 
 pub(crate) fn derr(e: cudarc::driver::DriverError) -> EngineError {
@@ -518,7 +522,8 @@ impl Gpu {
         unsafe { cudarc::driver::sys::cuMemPoolSetAttribute(pool, cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, &mut keep as *mut u64 as *mut _) }.result().map_err(derr)?;
         let blas = Lt::new(&stream, major)?;
         let sms = ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(derr)?.max(1) as usize;
-        Ok(Ok(Gpu { ctx, stream, arch, name, _modules: modules, funcs, blas, gemv: std::sync::atomic::AtomicBool::new(true), gemv_plan: Default::default(), fuse: std::sync::atomic::AtomicBool::new(true), mma_attention: std::sync::atomic::AtomicBool::new(major >= 8 && mma_attention_allowed()), sms }))
+        let ticket = stream.alloc_zeros::<u32>(1).map_err(derr)?;
+        Ok(Ok(Gpu { ctx, stream, arch, name, _modules: modules, funcs, blas, gemv: std::sync::atomic::AtomicBool::new(true), gemv_plan: Default::default(), fuse: std::sync::atomic::AtomicBool::new(true), mma_attention: std::sync::atomic::AtomicBool::new(major >= 8 && mma_attention_allowed()), sms, ticket }))
     }
 
     fn mem_pool(ctx: &CudaContext) -> Result<cudarc::driver::sys::CUmemoryPool> {
@@ -623,6 +628,22 @@ impl Gpu {
         let (ki, ni, si) = (to_i32(k, "k")?, to_i32(n, "n")?, split as i32);
         let mut b = self.stream.launch_builder(self.f("gemv_m1_f16")?);
         b.arg(y).arg(x).arg(w).arg(&ki).arg(&ni).arg(&si);
+        unsafe { b.launch(LaunchConfig { grid_dim: ((n * split).div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+        Ok(())
+    }
+
+    /// t = x W^T for one row (`split` warps per output feature, as `gemv_split_dev`), then the residual add and
+    /// RMSNorm that follow it in a decoder: h += t, out = h / sqrt(mean(h^2) + eps) * norm_w, all in one launch
+    /// (`gemv_add_rmsnorm_m1_f16`: its last block does the add and the norm). The values of `gemv_split_dev` then
+    /// `add_rmsnorm_dev`, the sum of squares added in another order.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemv_add_rmsnorm_dev(&self, out: &mut CudaSlice<f16>, h: &mut CudaSlice<f16>, t: &mut CudaSlice<f16>, norm_w: &CudaSlice<f16>, x: &CudaSlice<f16>, w: &CudaSlice<f16>, k: usize, n: usize, split: usize, eps: f32) -> Result<()> {
+        if !k.is_multiple_of(8) || ![1, 2, 4, 8].contains(&split) || x.len() < k || w.len() < n * k || [t.len(), h.len(), out.len(), norm_w.len()].iter().any(|&l| l < n) {
+            return Err(err(format!("gemv_add_rmsnorm_m1_f16: k {k} (a multiple of 8), split {split} (1, 2, 4 or 8), n {n} or buffer sizes out of range")));
+        }
+        let (ki, ni, si) = (to_i32(k, "k")?, to_i32(n, "n")?, split as i32);
+        let mut b = self.stream.launch_builder(self.f("gemv_add_rmsnorm_m1_f16")?);
+        b.arg(out).arg(h).arg(t).arg(norm_w).arg(x).arg(w).arg(&ki).arg(&ni).arg(&si).arg(&eps).arg(&self.ticket);
         unsafe { b.launch(LaunchConfig { grid_dim: ((n * split).div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
         Ok(())
     }

@@ -51,6 +51,10 @@ pub struct GpuLlama {
     /// Batch-1 steps without LoRA on gate/up: SwiGLU as the gate/up GEMV's epilogue with this many warps per row
     /// (`gemv_swiglu_m1_f16`), or None for the projection then `swiglu_f16` (what `tune_decode` measured faster).
     pub(crate) swiglu_split: Option<usize>,
+    /// Batch-1 steps without LoRA on the o and down projections: each projection with the residual add and RMSNorm
+    /// after it in the same launch (`gemv_add_rmsnorm_m1_f16`) with this many warps per row, or None for the
+    /// projection then `add_rmsnorm_f16` (what `tune_decode` measured faster). [o, down].
+    pub(crate) norm_split: [Option<usize>; 2],
 }
 
 /// Decoders at least this wide measure their batch-1 projections at load (`GpuLlama::tune_decode`); narrower ones
@@ -195,7 +199,7 @@ impl GpuLlama {
 
     fn assemble(gpu: &Gpu, cfg: &LlamaConfig, embed: CudaSlice<f16>, layers: Vec<Layer>, norm: CudaSlice<f16>, lm_head: Option<CudaSlice<f16>>, max_positions: usize) -> Result<GpuLlama> {
         let (cos, sin) = Rope::new(cfg.head_dim, cfg.rope_theta, &cfg.rope_scaling).tables(max_positions);
-        let mut model = GpuLlama { cfg: cfg.clone(), embed, layers, norm, lm_head, cos: gpu.stream.clone_htod(&cos).map_err(derr)?, sin: gpu.stream.clone_htod(&sin).map_err(derr)?, max_positions, gemv_tuning: Vec::new(), swiglu_split: Some(1) };
+        let mut model = GpuLlama { cfg: cfg.clone(), embed, layers, norm, lm_head, cos: gpu.stream.clone_htod(&cos).map_err(derr)?, sin: gpu.stream.clone_htod(&sin).map_err(derr)?, max_positions, gemv_tuning: Vec::new(), swiglu_split: Some(1), norm_split: [Some(1); 2] };
         if cfg.hidden_size >= TUNE_MIN_HIDDEN {
             model.gemv_tuning = model.tune_decode(gpu)?;
         }
@@ -204,8 +208,9 @@ impl GpuLlama {
 
     /// Measures how each batch-1 decode projection (q/k/v, o, gate/up, down, the head) runs fastest on this device
     /// (`Gpu::tune_gemv`, over every layer's matrix), then whether gate/up with SwiGLU as its epilogue beats the
-    /// projection so chosen followed by `swiglu_f16`, and keeps both for the decode steps: tens of milliseconds
-    /// once, before any decode step is captured as a graph.
+    /// projection so chosen followed by `swiglu_f16`, and whether the o and down projections with the residual add
+    /// and RMSNorm in the same launch beat the projection followed by `add_rmsnorm_f16`; keeps all for the decode
+    /// steps: tens of milliseconds once, before any decode step is captured as a graph.
     pub fn tune_decode(&mut self, gpu: &Gpu) -> Result<Vec<String>> {
         let cfg = &self.cfg;
         let (c, h, kvh, hd, inter) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size);
@@ -219,6 +224,7 @@ impl GpuLlama {
         ])?;
         if !c.is_multiple_of(8) {
             self.swiglu_split = None;
+            self.norm_split = [None; 2];
             return Ok(lines);
         }
         let x = gpu.stream.alloc_zeros::<f16>(c).map_err(derr)?;
@@ -239,6 +245,28 @@ impl GpuLlama {
         }
         self.swiglu_split = best;
         lines.push(format!("gate/up + SwiGLU: {} us -> {}", times.join(", "), best.map_or("separate".to_string(), |s| format!("epilogue/{s}"))));
+        // The o and down projections with the residual add + RMSNorm after them: the projection as tuned above
+        // followed by `add_rmsnorm_f16`, against both in one launch.
+        let eps = self.cfg.rms_norm_eps as f32;
+        let (mut out, mut res, mut t) = (gpu.stream.alloc_zeros::<f16>(c).map_err(derr)?, gpu.stream.alloc_zeros::<f16>(c).map_err(derr)?, gpu.stream.alloc_zeros::<f16>(c).map_err(derr)?);
+        for (which, name, k) in [(0usize, "o", h * hd), (1, "down", inter)] {
+            let input = gpu.stream.alloc_zeros::<f16>(k).map_err(derr)?;
+            let w = |i: usize| if which == 0 { &layers[i].o } else { &layers[i].down };
+            let separate = gpu.time_passes(layers.len(), &mut |i| {
+                gpu.matmul_dev(&input, w(i), &mut t, 1, k, c)?;
+                gpu.add_rmsnorm_dev(&mut out, &mut res, &t, &layers[i].post_norm, 1, eps)
+            })?;
+            let (mut best, mut best_us, mut times) = (None, separate, vec![format!("separate {separate:.1}")]);
+            for split in [1usize, 2, 4] {
+                let us = gpu.time_passes(layers.len(), &mut |i| gpu.gemv_add_rmsnorm_dev(&mut out, &mut res, &mut t, &layers[i].post_norm, &input, w(i), k, c, split, eps))?;
+                times.push(format!("one launch/{split} {us:.1}"));
+                if us < best_us {
+                    (best, best_us) = (Some(split), us);
+                }
+            }
+            self.norm_split[which] = best;
+            lines.push(format!("{name} + add + RMSNorm: {} us -> {}", times.join(", "), best.map_or("separate".to_string(), |s| format!("one launch/{s}"))));
+        }
         Ok(lines)
     }
 
@@ -343,12 +371,15 @@ impl GpuLlama {
         if gather {
             gpu.embedding_ids_dev(&mut s.x, &self.embed, c, &s.ids, rows, &mut s.flag)?;
         }
+        // The first layer's input norm (no layers: the final norm); every later norm comes with the residual add
+        // after a projection.
+        gpu.rmsnorm_dev(&mut s.h, &s.x, self.layers.first().map_or(&self.norm, |l| &l.input_norm), rows, eps)?;
+        // At batch 1 without LoRA on it, a projection followed by the residual add and a norm is one launch (unless
+        // `tune_decode` found the pair faster).
+        let fuse = gpu.fuse.load(std::sync::atomic::Ordering::Relaxed);
+        let gemv = gpu.gemv.load(std::sync::atomic::Ordering::Relaxed);
+        let norm_split = |which: usize, k: usize| if fuse && gemv && rows == 1 && lora.is_none() && k.is_multiple_of(8) { self.norm_split[which] } else { None };
         for (li, l) in self.layers.iter().enumerate() {
-            if li == 0 {
-                gpu.rmsnorm_dev(&mut s.h, &s.x, &l.input_norm, rows, eps)?;
-            } else {
-                gpu.add_rmsnorm_dev(&mut s.h, &mut s.x, &s.tmp, &l.input_norm, rows, eps)?;
-            }
             gpu.matmul_dev(&s.h, &l.qkv, &mut s.qkv, rows, c, nqkv)?;
             if let Some(a) = lora {
                 for (j, off) in [(0, 0), (1, h * hd), (2, (h + kvh) * hd)] {
@@ -357,7 +388,6 @@ impl GpuLlama {
             }
             // RoPE on q and k, and k and v into this layer's cache: the prefill cache at `start`, or each decoding
             // sequence's suffix cache at its length.
-            let fuse = gpu.fuse.load(std::sync::atomic::Ordering::Relaxed);
             let (kc, vc, seq_stride, lens, start) = match mode {
                 Attend::Prefill { cache, start } => (&mut cache.k[li], &mut cache.v[li], 0, None, *start),
                 Attend::Decode { suffix, .. } => (&mut suffix.k[li], &mut suffix.v[li], suffix.capacity * w, Some(&suffix.lens), 0),
@@ -383,14 +413,18 @@ impl GpuLlama {
                     gpu.attention_decode_dev(&mut s.att, &s.qkv, nqkv, &prefix.k[li], &prefix.v[li], prefix.len, &suffix.k[li], &suffix.v[li], &suffix.lens, suffix.capacity * w, rows, prefix.len + suffix.capacity, h, kvh, hd, &mut s.part)?;
                 }
             }
-            gpu.matmul_dev(&s.att, &l.o, &mut s.tmp, rows, h * hd, c)?;
-            if let Some(a) = lora {
-                a.lora_fwd(gpu, li, 3, &s.att, Some(&mut s.lt), &mut s.tmp, 0, c, rows, None)?;
+            match norm_split(0, h * hd) {
+                Some(split) => gpu.gemv_add_rmsnorm_dev(&mut s.h, &mut s.x, &mut s.tmp, &l.post_norm, &s.att, &l.o, h * hd, c, split, eps)?,
+                None => {
+                    gpu.matmul_dev(&s.att, &l.o, &mut s.tmp, rows, h * hd, c)?;
+                    if let Some(a) = lora {
+                        a.lora_fwd(gpu, li, 3, &s.att, Some(&mut s.lt), &mut s.tmp, 0, c, rows, None)?;
+                    }
+                    gpu.add_rmsnorm_dev(&mut s.h, &mut s.x, &s.tmp, &l.post_norm, rows, eps)?;
+                }
             }
-            gpu.add_rmsnorm_dev(&mut s.h, &mut s.x, &s.tmp, &l.post_norm, rows, eps)?;
             // Batch 1 without LoRA on gate/up (which adds into their output): SwiGLU as the GEMV's epilogue, unless
             // `tune_decode` found the separate pair faster.
-            let gemv = gpu.gemv.load(std::sync::atomic::Ordering::Relaxed);
             match self.swiglu_split {
                 Some(split) if fuse && gemv && rows == 1 && lora.is_none() && c.is_multiple_of(8) => {
                     gpu.gemv_swiglu_dev(&s.h, &l.gate_up, &mut s.act, c, inter, split)?;
@@ -404,12 +438,20 @@ impl GpuLlama {
                     gpu.swiglu_fused_dev(&mut s.act, &s.gu, rows, inter)?;
                 }
             }
-            gpu.matmul_dev(&s.act, &l.down, &mut s.tmp, rows, inter, c)?;
-            if let Some(a) = lora {
-                a.lora_fwd(gpu, li, 6, &s.act, Some(&mut s.lt), &mut s.tmp, 0, c, rows, None)?;
+            // The residual add, then the next layer's input norm (after the last layer: the final norm).
+            let next_norm = self.layers.get(li + 1).map_or(&self.norm, |n| &n.input_norm);
+            match norm_split(1, inter) {
+                Some(split) => gpu.gemv_add_rmsnorm_dev(&mut s.h, &mut s.x, &mut s.tmp, next_norm, &s.act, &l.down, inter, c, split, eps)?,
+                None => {
+                    gpu.matmul_dev(&s.act, &l.down, &mut s.tmp, rows, inter, c)?;
+                    if let Some(a) = lora {
+                        a.lora_fwd(gpu, li, 6, &s.act, Some(&mut s.lt), &mut s.tmp, 0, c, rows, None)?;
+                    }
+                    gpu.add_rmsnorm_dev(&mut s.h, &mut s.x, &s.tmp, next_norm, rows, eps)?;
+                }
             }
         }
-        gpu.add_rmsnorm_dev(&mut s.h, &mut s.x, &s.tmp, &self.norm, rows, eps)
+        Ok(())
     }
 
     pub(crate) fn head(&self) -> &CudaSlice<f16> {
@@ -693,7 +735,8 @@ pub struct BenchReport {
     pub decode_tokens_per_s_no_graph: Vec<f64>,
     /// The same with every linear layer through cuBLASLt (graph).
     pub decode_tokens_per_s_cublaslt: Vec<f64>,
-    /// The default path without the fused kernels (RoPE + cache store, SwiGLU in the gate/up GEMV).
+    /// The default path without the fused kernels (RoPE + cache store, SwiGLU in the gate/up GEMV, the residual add
+    /// and RMSNorm in the o and down GEMVs).
     pub decode_tokens_per_s_unfused: Vec<f64>,
     /// What the model measured at load to pick each batch-1 projection's kernel (`GpuLlama::tune_decode`).
     pub gemv_tuning: Vec<String>,
@@ -713,7 +756,8 @@ pub struct BenchReport {
 
 /// Decode and prefill speed of a random-weight decoder of `cfg`'s shape: `reps` times (after one warm-up), a
 /// prefill of `prompt` tokens then `decode` greedy steps at batch 1 (each copying its logits row to the host, as
-/// sampling does) with graph replay, without it, and through cuBLASLt; then `n` sampled answers sharing the prefill;
+/// sampling with a temperature does) with graph replay, with the argmax on the device instead, without graph
+/// replay, through cuBLASLt and without the fused kernels; then `n` sampled answers sharing the prefill;
 /// plus the device's copy bandwidth for the roofline and a per-op breakdown.
 pub fn bench(gpu: &Gpu, cfg: &LlamaConfig, prompt: usize, decode: usize, reps: usize, n: usize) -> Result<BenchReport> {
     use std::sync::atomic::Ordering;

@@ -258,6 +258,50 @@ fn device_argmax_picks_what_the_host_picks() {
 }
 
 #[test]
+fn gemv_with_the_residual_add_and_rmsnorm_matches_float64_and_the_pair() {
+    let Some(g) = gpu() else { return };
+    let mut rng = SplitMix64::new(8);
+    let eps = 1e-5f32;
+    let bits = |d: &cudarc::driver::CudaSlice<half::f16>| g.stream.clone_dtoh(d).unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    // (k, n): LLaVA-7B's o projection, ShapesWorld-sized, a tiny one with n not a multiple of a block's features.
+    for &(k, n, splits) in &[(4096usize, 4096usize, &[1usize, 2][..]), (96, 288, &[1, 2, 4, 8][..]), (8, 5, &[1, 2, 4, 8][..])] {
+        for &split in splits {
+            // Twice each: the launch's ticket counter must be back at 0 for the next launch.
+            for round in 0..2 {
+                let (x, w, res, nw) = (randn(&mut rng, k, 1.0), randn(&mut rng, n * k, 0.05), randn(&mut rng, n, 1.0), randn(&mut rng, n, 1.0));
+                let (xh, wh, rh, nh) = (h(&x), h(&w), h(&res), h(&nw));
+                // float64, with the kernel's two fp16 roundings: the projection as stored, the residual sum.
+                let t: Vec<f64> = (0..n).map(|j| (0..k).map(|c| xh[c] * wh[j * k + c]).sum::<f64>()).collect();
+                let hn: Vec<f64> = (0..n).map(|j| half::f16::from_f64(rh[j] + half::f16::from_f64(t[j]).to_f64()).to_f64()).collect();
+                let inv = 1.0 / (hn.iter().map(|v| v * v).sum::<f64>() / n as f64 + eps as f64).sqrt();
+                let want: Vec<f64> = (0..n).map(|j| hn[j] * inv * nh[j]).collect();
+                let (dx, dw, dn) = (g.upload_f16(&x).unwrap(), g.upload_f16(&w).unwrap(), g.upload_f16(&nw).unwrap());
+                let (mut dh, mut dt, mut dout) = (g.upload_f16(&res).unwrap(), g.poisoned_f16(n).unwrap(), g.poisoned_f16(n).unwrap());
+                g.gemv_add_rmsnorm_dev(&mut dout, &mut dh, &mut dt, &dn, &dx, &dw, k, n, split, eps).unwrap();
+                let name = format!("gemv_add_rmsnorm_m1_f16 k{k} n{n} split {split} (launch {})", round + 1);
+                check(&name, &g.download_f16(&dout).unwrap(), &want);
+                check(&format!("{name}: residual stream"), &g.download_f16(&dh).unwrap(), &hn);
+                // The pair it replaces: gemv_m1_f16, then add_rmsnorm_f16. The projection and the residual stream are
+                // the same fp16 numbers; the norm differs only by the order its sum of squares is added in.
+                let (mut ph, mut pt, mut pout) = (g.upload_f16(&res).unwrap(), g.poisoned_f16(n).unwrap(), g.poisoned_f16(n).unwrap());
+                g.gemv_split_dev(&dx, &dw, &mut pt, k, n, split).unwrap();
+                g.add_rmsnorm_dev(&mut pout, &mut ph, &pt, &dn, 1, eps).unwrap();
+                assert_eq!(bits(&dt), bits(&pt), "{name}: the projection differs from gemv_m1_f16's");
+                assert_eq!(bits(&dh), bits(&ph), "{name}: the residual stream differs from add_rmsnorm_f16's");
+                let (a, b) = (g.download_f16(&dout).unwrap(), g.download_f16(&pout).unwrap());
+                let scale = b.iter().map(|v| v.abs()).fold(1e-3f32, f32::max);
+                let worst = a.iter().zip(&b).map(|(p, q)| (p - q).abs()).fold(0.0f32, f32::max);
+                assert!(worst <= 2e-3 * scale, "{name}: the norm differs from add_rmsnorm_f16's by {worst} (largest {scale})");
+            }
+        }
+    }
+    let (dx, dw, dn) = (g.upload_f16(&[0.0; 12]).unwrap(), g.upload_f16(&[0.0; 36]).unwrap(), g.upload_f16(&[1.0; 3]).unwrap());
+    let (mut dh, mut dt, mut dout) = (g.poisoned_f16(3).unwrap(), g.poisoned_f16(3).unwrap(), g.poisoned_f16(3).unwrap());
+    assert!(g.gemv_add_rmsnorm_dev(&mut dout, &mut dh, &mut dt, &dn, &dx, &dw, 12, 3, 1, eps).is_err(), "k = 12 (not a multiple of 8)");
+    assert!(g.gemv_add_rmsnorm_dev(&mut dout, &mut dh, &mut dt, &dn, &dx, &dw, 8, 3, 3, eps).is_err(), "split 3");
+}
+
+#[test]
 fn fused_decode_kernels_match_float64_and_their_unfused_pairs() {
     let Some(g) = gpu() else { return };
     let mut rng = SplitMix64::new(6);
@@ -396,7 +440,7 @@ fn embedded_kernel_sources_define_the_expected_kernels() {
         assert!(!names.is_empty(), "{f} defines no kernel");
         all.extend(names);
     }
-    for k in ["embedding_gather_f16", "rmsnorm_f16", "layernorm_f16", "rope_f16", "flash_attn_prefill_f16", "attn_decode_f16", "attn_decode_combine_f16", "kv_store_f16", "add_rmsnorm_f16", "flash_attn_bwd_dq_f16", "flash_attn_bwd_dkdv_f16", "attn_bwd_delta_f16", "rmsnorm_bwd_f16", "layernorm_bwd_f16", "swiglu_bwd_f16", "gelu_bwd_f16", "quick_gelu_bwd_f16", "rope_bwd_f16", "embedding_bwd_f32", "logprob_gather_f16", "logprob_bwd_f16", "adamw_f32", "grad_sumsq_f32", "grad_accumulate_f32", "gemv_m1_f16", "gemv_swiglu_m1_f16", "rope_kv_store_f16", "swiglu_f16", "gelu_f16", "quick_gelu_f16", "bias_add_f16", "residual_add_f16", "lora_down_f16", "lora_up_add_f16", "logprob_gather_f32", "f32_to_f16", "f16_to_f32", "argmax_step_f16"] {
+    for k in ["embedding_gather_f16", "rmsnorm_f16", "layernorm_f16", "rope_f16", "flash_attn_prefill_f16", "attn_decode_f16", "attn_decode_combine_f16", "kv_store_f16", "add_rmsnorm_f16", "flash_attn_bwd_dq_f16", "flash_attn_bwd_dkdv_f16", "attn_bwd_delta_f16", "rmsnorm_bwd_f16", "layernorm_bwd_f16", "swiglu_bwd_f16", "gelu_bwd_f16", "quick_gelu_bwd_f16", "rope_bwd_f16", "embedding_bwd_f32", "logprob_gather_f16", "logprob_bwd_f16", "adamw_f32", "grad_sumsq_f32", "grad_accumulate_f32", "gemv_m1_f16", "gemv_swiglu_m1_f16", "rope_kv_store_f16", "swiglu_f16", "gelu_f16", "quick_gelu_f16", "bias_add_f16", "residual_add_f16", "lora_down_f16", "lora_up_add_f16", "logprob_gather_f32", "f32_to_f16", "f16_to_f32", "argmax_step_f16", "gemv_add_rmsnorm_m1_f16"] {
         assert!(all.iter().any(|n| n == k), "kernel {k} is missing");
     }
     assert_eq!(engine::cuda::arch_name(9, 0), "sm_90");

@@ -36,6 +36,8 @@
 #include <mutex>
 #include <set>
 #include <sstream>
+#include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include "check.h"
@@ -150,6 +152,12 @@ struct ThreadState {
     std::string failure;
     uint64_t violations = 0;
     uint64_t device = 0, shared = 0, blocks = 0;  // accesses and blocks checked in this launch
+    // Release and acquire between blocks (__threadfence, then an atomic): per address of this launch's atomics,
+    // the blocks that had fenced before theirs; the blocks whose writes the running block has acquired (an atomic
+    // of its own on an address they released at); whether the running block has fenced.
+    std::unordered_map<uintptr_t, std::vector<uint16_t>> released;
+    std::unordered_set<uint16_t> acquired;
+    bool fenced = false;
 };
 
 // Totals over the process, printed at exit when CUEMU_CHECK_STATS is set. The names of the kernels launched
@@ -360,6 +368,13 @@ void cross_block(const char* verb, uintptr_t a, size_t n, uint16_t other, const 
     fail(o.str(), ret);
 }
 
+// Whether the running block has acquired what block `b` (MANY_BLOCKS: several blocks; then every block that ran
+// before it in this launch) did before its release.
+bool acquired(const ThreadState& s, uint16_t b) {
+    if (s.acquired.empty()) return false;
+    return b == MANY_BLOCKS ? s.acquired.size() + 1 >= s.blocks : s.acquired.count(b) > 0;
+}
+
 void global_access(uintptr_t a, size_t n, bool write, const void* ret) {
     ThreadState& s = state();
     s.device++;
@@ -379,9 +394,9 @@ void global_access(uintptr_t a, size_t n, bool write, const void* ret) {
         }
         GlobalCell& c = page[u % CELLS_PER_PAGE];
         if (c.launch != s.launch) c = GlobalCell{s.launch, 0, 0};
-        if (c.w && c.w != s.block) return cross_block(write ? "writes" : "reads", a, n, c.w, "wrote", ret);
+        if (c.w && c.w != s.block && !acquired(s, c.w)) return cross_block(write ? "writes" : "reads", a, n, c.w, "wrote", ret);
         if (write) {
-            if (c.r && c.r != s.block) return cross_block("writes", a, n, c.r, "read", ret);
+            if (c.r && c.r != s.block && !acquired(s, c.r)) return cross_block("writes", a, n, c.r, "read", ret);
             c.w = s.block;
         } else {
             c.r = (c.r == 0 || c.r == s.block) ? s.block : MANY_BLOCKS;
@@ -472,9 +487,19 @@ __attribute__((noinline)) void note_mma(int parity) {
     fail("mma.sync without the whole warp in " + where() + ": lanes " + gone_lanes(missing) + " do not take part (mma.sync needs all 32)", __builtin_return_address(0));
 }
 
+void note_fence() {
+    if (fib) state().fenced = true;
+}
+
 void note_atomic(const void* p, size_t n, const void* ret) {
     if (!fib || !arena.enabled) return;
     const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+    {
+        ThreadState& s = state();
+        std::vector<uint16_t>& rel = s.released[a];
+        s.acquired.insert(rel.begin(), rel.end());
+        if (s.fenced && (rel.empty() || rel.back() != s.block)) rel.push_back(s.block);
+    }
     if (a - arena.base < arena.size && !inside(a, n) && first_violation()) fail(std::string("out-of-bounds atomic in ") + where() + ": " + describe_device(a, n), ret);
 }
 
@@ -545,6 +570,7 @@ void check_launch_begin(const std::string& name) {
     ThreadState& s = state();
     s.name = &name;
     s.launch = launches.fetch_add(1) + 1;
+    s.released.clear();
     {
         std::lock_guard<std::mutex> g(totals.names_m);
         totals.names.insert(name);
@@ -579,6 +605,8 @@ void check_block_begin() {
     const ThreadView& v = blk->fibers[0].view;
     const uint64_t linear = (uint64_t(v.bid.z) * v.gdim.y + v.bid.y) * v.gdim.x + v.bid.x;
     s.block = uint16_t(linear % 65534 + 1);
+    s.acquired.clear();
+    s.fenced = false;
     s.dyn.lo = reinterpret_cast<uintptr_t>(blk->smem.data());
     s.dyn.size = blk->smem.size() - DYN_GUARD;
     if (s.dyn.shadow.size() < s.dyn.size / 2 + 1) s.dyn.shadow.resize(s.dyn.size / 2 + 1);

@@ -178,6 +178,20 @@ static void block_patterns(int mode, int* p) {
         case 4:  // every block reads one word no block writes: fine
             p[16 + b] = p[0];
             break;
+        case 5:  // the last block (by an atomic ticket, after a fence) reads every block's word and resets: fine
+        case 6:  // the same without the fence: a race
+            if (t == 0) {
+                p[b] = b + 1;
+                if (mode == 5) __threadfence();
+                if (atomicAdd(reinterpret_cast<unsigned*>(p + 63), 1u) == gridDim.x - 1) {
+                    if (mode == 5) __threadfence();
+                    int sum = 0;
+                    for (int i = 0; i < (int)gridDim.x; i++) sum += p[i];
+                    p[32] = sum;
+                    p[63] = 0;
+                }
+            }
+            break;
     }
 }
 
@@ -282,9 +296,14 @@ static void checker() {
         EXPECT(cuMemAlloc_v2(&words, 64 * sizeof(int)) == 0, "cuMemAlloc_v2 failed");
         int* w = reinterpret_cast<int*>(words);
         const char* names[] = {"blocks writing one word", "blocks reading their neighbour's word", "blocks with their own words", "blocks adding atomically",
-                               "blocks reading one word"};
-        const bool bad[] = {true, true, false, false, false};
-        for (int mode = 0; mode < 5; mode++) {
+                               "blocks reading one word", "the last block reading the others' words after fences and a ticket",
+                               "the last block reading the others' words without fences"};
+        const bool bad[] = {true, true, false, false, false, false, true};
+        for (int mode = 0; mode < 7; mode++) {
+            if (mode >= 5) {
+                const int zero = 0;
+                EXPECT(cuMemcpyHtoD_v2(words + 63 * sizeof(int), &zero, sizeof(int)) == 0, "cuMemcpyHtoD_v2 failed");
+            }
             const std::string r = run_grid("block_patterns", [mode, w] { block_patterns(mode, w); }, dim3{4, 1, 1}, dim3{32, 1, 1}, 0);
             if (std::getenv("CUEMU_SELFTEST_VERBOSE") && !r.empty()) std::printf("%s: %s\n", names[mode], r.c_str());
             EXPECT((r.find("race between blocks") != std::string::npos) == bad[mode], "checker, %s: %s", names[mode], r.empty() ? "no race reported" : r.c_str());

@@ -197,9 +197,14 @@ T __shfl_up_sync(unsigned, T v, unsigned delta, int width = 32) {
 
 // Fibers of one block run one at a time, so atomics are plain read-modify-writes. They are hidden from the
 // checker's race detection (atomics do not race) but still checked for bounds (check.cpp).
+// __threadfence before an atomic releases the block's earlier writes to whichever block's atomic on the same
+// address comes later (which acquires them): the "last block" pattern, where the block that takes the last ticket
+// of a counter reads what the others wrote. The checker then does not call those accesses a race between blocks.
 namespace cuemu {
 void note_atomic(const void* p, size_t n, const void* ret);
+void note_fence();
 }
+inline void __threadfence() { cuemu::note_fence(); }
 template <class T>
 __attribute__((no_sanitize_thread, noinline)) T atomicAdd(T* p, T v) {
     cuemu::note_atomic(p, sizeof(T), __builtin_return_address(0));
@@ -217,6 +222,11 @@ __attribute__((no_sanitize_thread, noinline)) T atomicCAS(T* p, T cmp, T v) {
 
 template <class T>
 inline T __ldg(const T* p) {
+    return *p;
+}
+// A load that bypasses L1 (written by another block of the launch, seen after a fence and an atomic).
+template <class T>
+inline T __ldcg(const T* p) {
     return *p;
 }
 
