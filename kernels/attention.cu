@@ -103,19 +103,45 @@ extern "C" __global__ void __launch_bounds__(128) flash_attn_prefill_f16(
 // a single sequence still fills the GPU; within a block each warp takes every 4th key and reads it coalesced (a
 // lane holds elements d = lane + 32 i). grid (B, heads_q, nsplit), block 128.
 // nsplit == 1: the block writes out directly. Otherwise it writes its partial softmax state to
-// part[((b * heads_q + h) * nsplit + s) * (head_dim + 2) ..] = (max, sum, acc[head_dim]) and attn_decode_combine_f16
-// merges the chunks.
+// part[((b * heads_q + h) * nsplit + s) * (head_dim + 2) ..] = (max, sum, acc[head_dim]), and the chunks are merged
+// either by attn_decode_combine_f16 (combine_here == 0) or, combine_here != 0, by the last of the nsplit blocks of
+// (b, h) to finish: each takes a ticket of the counter at (unsigned) part[B * heads_q * nsplit * (head_dim + 2) +
+// b * heads_q + h] after a fence, and the one that takes the last ticket merges the chunks (the same arithmetic as
+// attn_decode_combine_f16) and resets the counter. Those counters are 0 before the launch and after it.
 static_assert(DPL == 4, "attn_decode_f16 unpacks 4 head elements per lane");
 #define KPW 4  // keys each warp of attn_decode_f16 loads before it scores them (memory requests in flight)
+
+// The nsplit partial states pb[s * (head_dim + 2) ..] = (max, sum, acc[head_dim]) of one (sequence, head) merged
+// into its output row: the block's threads take the head elements in turn. The states come through L2 (__ldcg):
+// the blocks that wrote them may have run on other SMs in this very launch.
+__device__ __forceinline__ void attn_decode_merge(__half* __restrict__ orow, const float* __restrict__ pb, int nsplit, int head_dim) {
+    float M = -INFINITY;
+    for (int s = 0; s < nsplit; s++) M = fmaxf(M, __ldcg(pb + s * (head_dim + 2)));
+    float L = 0.0f;
+    for (int s = 0; s < nsplit; s++) {
+        const float ms = __ldcg(pb + s * (head_dim + 2));
+        if (ms != -INFINITY) L += __ldcg(pb + s * (head_dim + 2) + 1) * __expf(ms - M);
+    }
+    const float inv = L > 0.0f ? 1.0f / L : 0.0f;
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        float o = 0.0f;
+        for (int s = 0; s < nsplit; s++) {
+            const float ms = __ldcg(pb + s * (head_dim + 2));
+            if (ms != -INFINITY) o += __ldcg(pb + s * (head_dim + 2) + 2 + d) * __expf(ms - M);
+        }
+        orow[d] = __float2half_rn(o * inv);
+    }
+}
 
 // Each lane holds head elements lane * DPL .. lane * DPL + DPL - 1 (one 8-byte load per key row when head_dim % 4 == 0).
 extern "C" __global__ void __launch_bounds__(128) attn_decode_f16(
     __half* __restrict__ out, const __half* __restrict__ q, const __half* __restrict__ pk, const __half* __restrict__ pv,
     int prefix_len, int prefix_stride, const __half* __restrict__ sk, const __half* __restrict__ sv, const int* __restrict__ suf_len,
     long long suf_seq_stride, int suf_stride, int heads_q, int heads_kv, int head_dim, int q_stride, int o_stride, float scale,
-    float* __restrict__ part, int chunk) {
+    float* __restrict__ part, int chunk, int combine_here) {
     __shared__ float wm[WARPS], wl[WARPS];
     __shared__ float wacc[WARPS][MAX_D];
+    __shared__ bool last;
     const int b = blockIdx.x, h = blockIdx.y, s = blockIdx.z, nsplit = gridDim.z, hk = h / (heads_q / heads_kv);
     const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
     const bool vec = head_dim % 4 == 0;  // rows 8-byte aligned: every row offset is a multiple of head_dim
@@ -215,29 +241,23 @@ extern "C" __global__ void __launch_bounds__(128) attn_decode_f16(
         for (int w = 0; w < WARPS; w++) o += wacc[w][d] * f[w];
         ps[2 + d] = o;
     }
+    if (!combine_here) return;
+    __threadfence();
+    __syncthreads();
+    unsigned* counter = reinterpret_cast<unsigned*>(part + (long long)gridDim.x * heads_q * nsplit * (head_dim + 2)) + b * heads_q + h;
+    if (threadIdx.x == 0) last = atomicAdd(counter, 1u) == (unsigned)nsplit - 1;
+    __syncthreads();
+    if (!last) return;  // uniform across the block
+    __threadfence();
+    attn_decode_merge(out + (long long)b * o_stride + h * head_dim, part + (long long)(b * heads_q + h) * nsplit * (head_dim + 2), nsplit, head_dim);
+    if (threadIdx.x == 0) *counter = 0;
 }
 
 // Merges attn_decode_f16's nsplit partial states of (b, h) into out. grid (B, heads_q), block 128.
 extern "C" __global__ void __launch_bounds__(128) attn_decode_combine_f16(__half* __restrict__ out, const float* __restrict__ part, int nsplit,
                                                                           int heads_q, int head_dim, int o_stride) {
     const int b = blockIdx.x, h = blockIdx.y;
-    const float* pb = part + (long long)(b * heads_q + h) * nsplit * (head_dim + 2);
-    float M = -INFINITY;
-    for (int s = 0; s < nsplit; s++) M = fmaxf(M, pb[s * (head_dim + 2)]);
-    float L = 0.0f;
-    for (int s = 0; s < nsplit; s++) {
-        const float ms = pb[s * (head_dim + 2)];
-        if (ms != -INFINITY) L += pb[s * (head_dim + 2) + 1] * __expf(ms - M);
-    }
-    const float inv = L > 0.0f ? 1.0f / L : 0.0f;
-    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-        float o = 0.0f;
-        for (int s = 0; s < nsplit; s++) {
-            const float ms = pb[s * (head_dim + 2)];
-            if (ms != -INFINITY) o += pb[s * (head_dim + 2) + 2 + d] * __expf(ms - M);
-        }
-        out[(long long)b * o_stride + h * head_dim + d] = __float2half_rn(o * inv);
-    }
+    attn_decode_merge(out + (long long)b * o_stride + h * head_dim, part + (long long)(b * heads_q + h) * nsplit * (head_dim + 2), nsplit, head_dim);
 }
 
 // Stores the keys and values of a fused QKV buffer (rows of qkv_stride: q, then k at k_off, v at v_off, w elements

@@ -445,9 +445,9 @@ pub struct Gpu {
     /// How `matmul_dev` computes a one-row product of each (k, n) shape `tune_gemv` measured; other shapes take
     /// `gemv_m1_f16` with one warp per output feature.
     gemv_plan: std::sync::Mutex<HashMap<(usize, usize), GemvChoice>>,
-    /// Whether the decoder uses the fused kernels where they apply: RoPE + cache store, and at batch 1 SwiGLU as
-    /// the gate/up GEMV's epilogue and the residual add + RMSNorm in the o and down GEMVs (default on; `bench-gpu`
-    /// also measures without them).
+    /// Whether the decoder uses the fused kernels where they apply: RoPE + cache store, decode attention's chunks
+    /// merged by each head's last block, and at batch 1 SwiGLU as the gate/up GEMV's epilogue and the residual
+    /// add + RMSNorm in the o and down GEMVs (default on; `bench-gpu` also measures without them).
     pub fuse: std::sync::atomic::AtomicBool,
     /// Whether attention uses the tensor-core kernels (`flash_attn_mma_d{64,128}_f16` forward,
     /// `flash_attn_bwd_{dq,dkdv}_mma_d{64,128}_f16` backward) where they apply: head size 64 or 128, 16-byte
@@ -981,17 +981,19 @@ impl Gpu {
         (chunk, max_total.div_ceil(chunk).max(1))
     }
 
-    /// Floats of the partial-state workspace `attention_decode_dev` needs.
+    /// Floats of the workspace `attention_decode_dev` needs: the partial states, then a ticket counter per
+    /// (sequence, head). It must start zeroed (the counters; each launch leaves them at 0).
     pub fn decode_part_len(&self, max_total: usize, bsz: usize, heads_q: usize, head_dim: usize) -> usize {
         let (_, nsplit) = self.decode_split(max_total, bsz, heads_q);
-        if nsplit > 1 { bsz * heads_q * nsplit * (head_dim + 2) } else { 1 }
+        if nsplit > 1 { bsz * heads_q * (nsplit * (head_dim + 2) + 1) } else { 1 }
     }
 
     /// Decode attention on device buffers (flash-decoding): one query per sequence, q rows `q_stride` apart (heads_q
     /// x d each), keys 0..prefix_len from the shared prefix cache (rows of heads_kv * d), then suf_lens[b] keys from
     /// sequence b's suffix cache (sequence b at b * suf_seq_stride); out [bsz, heads_q, d]. `max_total` (prefix_len
     /// plus the suffix capacity) fixes the split, so a captured graph replays for every step; `part` is the
-    /// workspace (`decode_part_len`).
+    /// workspace (`decode_part_len`, zeroed when allocated). With `fuse` on, each head's last block merges the
+    /// chunks; off, `attn_decode_combine_f16` does.
     #[allow(clippy::too_many_arguments)]
     pub fn attention_decode_dev(&self, out: &mut CudaSlice<f16>, q: &CudaSlice<f16>, q_stride: usize, pk: &CudaSlice<f16>, pv: &CudaSlice<f16>, prefix_len: usize, sk: &CudaSlice<f16>, sv: &CudaSlice<f16>, suf_lens: &CudaSlice<i32>, suf_seq_stride: usize, bsz: usize, max_total: usize, heads_q: usize, heads_kv: usize, head_dim: usize, part: &mut CudaSlice<f32>) -> Result<()> {
         if head_dim > 128 || heads_kv == 0 || !heads_q.is_multiple_of(heads_kv) || bsz == 0 || suf_lens.len() < bsz {
@@ -1006,10 +1008,12 @@ impl Gpu {
         let (qs, os, ch, ns) = (to_i32(q_stride, "q stride")?, hq * d, to_i32(chunk, "chunk")?, to_i32(nsplit, "splits")?);
         let seq_stride = suf_seq_stride as i64;
         let scale = 1.0f32 / (head_dim as f32).sqrt();
+        // The chunks merged by the last block of each head (fused, the default), or by a second launch.
+        let here = i32::from(self.fuse.load(std::sync::atomic::Ordering::Relaxed));
         let mut b = self.stream.launch_builder(self.f("attn_decode_f16")?);
-        b.arg(&mut *out).arg(q).arg(pk).arg(pv).arg(&pl).arg(&row).arg(sk).arg(sv).arg(suf_lens).arg(&seq_stride).arg(&row).arg(&hq).arg(&hk).arg(&d).arg(&qs).arg(&os).arg(&scale).arg(&mut *part).arg(&ch);
+        b.arg(&mut *out).arg(q).arg(pk).arg(pv).arg(&pl).arg(&row).arg(sk).arg(sv).arg(suf_lens).arg(&seq_stride).arg(&row).arg(&hq).arg(&hk).arg(&d).arg(&qs).arg(&os).arg(&scale).arg(&mut *part).arg(&ch).arg(&here);
         unsafe { b.launch(LaunchConfig { grid_dim: (bsz as u32, heads_q as u32, nsplit as u32), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
-        if nsplit > 1 {
+        if nsplit > 1 && here == 0 {
             let mut b = self.stream.launch_builder(self.f("attn_decode_combine_f16")?);
             b.arg(out).arg(&*part).arg(&ns).arg(&hq).arg(&d).arg(&os);
             unsafe { b.launch(LaunchConfig { grid_dim: (bsz as u32, heads_q as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;

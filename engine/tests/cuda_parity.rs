@@ -417,6 +417,43 @@ fn attention_kernels_match_float64() {
         }
         let got = g.attention_decode(&q, &pk, &pv, &sk, &sv, hq, hkv, d).unwrap();
         check(&format!("attn_decode_f16 b{bsz} prefix{prefix} h{hq}/{hkv} d{d}"), &got, &want);
+        // The chunks merged by a second launch (attn_decode_combine_f16) instead of each head's last block: the
+        // same arithmetic, so the same numbers.
+        g.fuse.store(false, std::sync::atomic::Ordering::Relaxed);
+        let separate = g.attention_decode(&q, &pk, &pv, &sk, &sv, hq, hkv, d);
+        g.fuse.store(true, std::sync::atomic::Ordering::Relaxed);
+        let separate = separate.unwrap();
+        assert!(got.iter().zip(&separate).all(|(a, b)| a.to_bits() == b.to_bits()), "attn_decode_f16 b{bsz} prefix{prefix}: merged in the last block vs by attn_decode_combine_f16");
+    }
+}
+
+#[test]
+fn decode_attention_reuses_its_workspace_launch_after_launch() {
+    // A decode session keeps one workspace for every layer and step: the per-head ticket counters the last block
+    // uses must be back at 0 after each launch, or the next launch would merge nothing.
+    let Some(g) = gpu() else { return };
+    let mut rng = SplitMix64::new(31);
+    let (bsz, prefix, cap, hq, hkv, d) = (2usize, 100usize, 10usize, 4usize, 4usize, 32usize);
+    let row = hkv * d;
+    let max_total = prefix + cap;
+    assert!(g.decode_split(max_total, bsz, hq).1 > 1, "the shape must split the keys");
+    let up = |v: Vec<f32>| g.upload_f16(&v).unwrap();
+    let (q, pk, pv) = (up(randn(&mut rng, bsz * hq * d, 1.0)), up(randn(&mut rng, prefix * row, 1.0)), up(randn(&mut rng, prefix * row, 1.0)));
+    let (sk, sv) = (up(randn(&mut rng, bsz * cap * row, 1.0)), up(randn(&mut rng, bsz * cap * row, 1.0)));
+    let lens = g.stream.clone_htod(&[3i32, 7]).unwrap();
+    let mut part = g.stream.alloc_zeros::<f32>(g.decode_part_len(max_total, bsz, hq, d)).unwrap();
+    let mut runs = Vec::new();
+    for fused in [true, true, true, false, true] {
+        g.fuse.store(fused, std::sync::atomic::Ordering::Relaxed);
+        let mut out = g.poisoned_f16(bsz * hq * d).unwrap();
+        let r = g.attention_decode_dev(&mut out, &q, hq * d, &pk, &pv, prefix, &sk, &sv, &lens, cap * row, bsz, max_total, hq, hkv, d, &mut part);
+        g.fuse.store(true, std::sync::atomic::Ordering::Relaxed);
+        r.unwrap();
+        runs.push(g.stream.clone_dtoh(&out).unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+    }
+    assert!(runs[0].iter().all(|&b| !half::f16::from_bits(b).is_nan()), "every output written");
+    for (i, r) in runs.iter().enumerate().skip(1) {
+        assert_eq!(r, &runs[0], "launch {} on the same workspace gives other numbers (launch 4 merges with attn_decode_combine_f16)", i + 1);
     }
 }
 
