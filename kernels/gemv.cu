@@ -124,3 +124,64 @@ extern "C" __global__ void __launch_bounds__(256) gemv_swiglu_m1_f16(__half* __r
         act[c] = __float2half_rn(gv / (1.0f + __expf(-gv)) * uv);
     }
 }
+
+// The fused q/k/v projection of a batch-1 decode step with RoPE and the cache store as its epilogue: what
+// gemv_m1_f16 (qkv = W x, `split` warps per feature) followed by rope_kv_store_f16 do, in one launch, the same fp16
+// numbers. The output features go in pairs, 2 * split warps a pair: (d, d + head_dim / 2) of a q or k head, which
+// RoPE rotates together (position pos[0], tables cos/sin as rope_f16), and (d, d + 1) of a v head. Each pair is
+// rounded to fp16 as gemv_m1_f16 stores it, then rotated as rope_kv_store_f16 rotates it; q and k go back into
+// qkv (rows [q heads | k heads | v heads]), k and v into the caches at row lens[0] - 1 (lens != null: a decode
+// step) or `start` (lens == null). split 1, 2 or 4: grid ceil(features * split / 8), block 256.
+extern "C" __global__ void __launch_bounds__(256) gemv_qkv_rope_m1_f16(__half* __restrict__ qkv, __half* __restrict__ kc, __half* __restrict__ vc,
+                                                                       const __half* __restrict__ x, const __half* __restrict__ w, int k, int heads_q,
+                                                                       int heads_kv, int head_dim, int split, const int* __restrict__ pos,
+                                                                       const float* __restrict__ cos_t, const float* __restrict__ sin_t,
+                                                                       const int* __restrict__ lens, int start) {
+    __shared__ float part[GEMV_WARPS];
+    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    const int half_d = head_dim / 2, kvw = heads_kv * head_dim;
+    const int rot_pairs = (heads_q + heads_kv) * half_d, pairs = rot_pairs + kvw / 2;
+    const int g = blockIdx.x * GEMV_WARPS + warp;
+    const int u = g / (2 * split), which = (g % (2 * split)) / split, p = g % split;
+    // The pair's two features: a q or k head's (i, i + half_d), or a v head's (2 v, 2 v + 1).
+    int fa = 0, fb = 0;
+    if (u < rot_pairs) {
+        const int head = u / half_d, i = u % half_d;
+        fa = head * head_dim + i;
+        fb = fa + half_d;
+    } else if (u < pairs) {
+        fa = (heads_q + heads_kv) * head_dim + 2 * (u - rot_pairs);
+        fb = fa + 1;
+    }
+    // uniform across the warp
+    const float acc = u < pairs ? gemv_part(x, w + (long long)(which ? fb : fa) * k, k / 8, split, p, lane) : 0.0f;
+    if (lane == 0) part[warp] = acc;
+    __syncthreads();
+    if (u >= pairs || which != 0 || p != 0 || lane != 0) return;
+    float sa = 0.0f, sb = 0.0f;
+    for (int q = 0; q < split; q++) {
+        sa += part[warp + q];
+        sb += part[warp + split + q];
+    }
+    const __half ya = __float2half_rn(sa), yb = __float2half_rn(sb);
+    const long long dst = lens ? (long long)(lens[0] - 1) * kvw : (long long)start * kvw;
+    if (u < rot_pairs) {
+        const int head = u / half_d, i = u % half_d, at = pos[0];
+        const float c = cos_t[(long long)at * half_d + i], s = sin_t[(long long)at * half_d + i];
+        const float x1 = __half2float(ya), x2 = __half2float(yb);
+        const __half y1 = __float2half_rn(x1 * c - x2 * s), y2 = __float2half_rn(x2 * c + x1 * s);
+        qkv[fa] = y1;
+        qkv[fb] = y2;
+        if (head >= heads_q) {
+            const int j = head - heads_q;
+            kc[dst + j * head_dim + i] = y1;
+            kc[dst + j * head_dim + i + half_d] = y2;
+        }
+    } else {
+        const int e = fa - (heads_q + heads_kv) * head_dim;  // within the v heads
+        qkv[fa] = ya;
+        qkv[fb] = yb;
+        vc[dst + e] = ya;
+        vc[dst + e + 1] = yb;
+    }
+}

@@ -1047,6 +1047,33 @@ impl Gpu {
         Ok(())
     }
 
+    /// One row through the fused q/k/v projection (`split` warps per feature: 1, 2 or 4) with RoPE and the cache
+    /// store as its epilogue (`gemv_qkv_rope_m1_f16`): what `gemv_split_dev` into `qkv` followed by
+    /// `rope_kv_store_dev` (one row) give, the same fp16 numbers. The cache row: `lens[0] - 1` (a decode step;
+    /// `seq_stride`, the cache's rows times heads_kv * head_dim, only bounds the check) or `start`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemv_qkv_rope_dev(&self, qkv: &mut CudaSlice<f16>, kc: &mut CudaSlice<f16>, vc: &mut CudaSlice<f16>, x: &CudaSlice<f16>, w: &CudaSlice<f16>, k: usize, heads_q: usize, heads_kv: usize, head_dim: usize, split: usize, pos: &CudaSlice<i32>, cos: &CudaSlice<f32>, sin: &CudaSlice<f32>, seq_stride: usize, lens: Option<&CudaSlice<i32>>, start: usize) -> Result<()> {
+        let (f, kvw) = ((heads_q + 2 * heads_kv) * head_dim, heads_kv * head_dim);
+        let need = match lens {
+            Some(_) => seq_stride.max(kvw),
+            None => (start + 1) * kvw,
+        };
+        if !k.is_multiple_of(8) || ![1, 2, 4].contains(&split) || !head_dim.is_multiple_of(2) || x.len() < k || w.len() < f * k || qkv.len() < f || kc.len() < need || vc.len() < need || pos.is_empty() {
+            return Err(err(format!("gemv_qkv_rope_m1_f16: k {k} (a multiple of 8), split {split} (1, 2 or 4), head_dim {head_dim} (even), heads {heads_q}/{heads_kv}, cache row {start} or buffer sizes out of range")));
+        }
+        let (ki, hq, hk, d, si, s0) = (to_i32(k, "k")?, to_i32(heads_q, "heads")?, to_i32(heads_kv, "heads")?, to_i32(head_dim, "head_dim")?, split as i32, to_i32(start, "start")?);
+        let null = 0u64;
+        let mut b = self.stream.launch_builder(self.f("gemv_qkv_rope_m1_f16")?);
+        b.arg(qkv).arg(kc).arg(vc).arg(x).arg(w).arg(&ki).arg(&hq).arg(&hk).arg(&d).arg(&si).arg(pos).arg(cos).arg(sin);
+        match lens {
+            Some(l) => b.arg(l),
+            None => b.arg(&null),
+        };
+        b.arg(&s0);
+        unsafe { b.launch(LaunchConfig { grid_dim: ((f * split).div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+        Ok(())
+    }
+
     /// `rope_kv_store_dev` on host data, one sequence appended at `start` of caches of `capacity` rows: returns
     /// (qkv after RoPE, key cache, value cache), next to what `rope_strided_dev` + `kv_store_dev` give (parity).
     #[allow(clippy::too_many_arguments, clippy::type_complexity)]

@@ -55,6 +55,10 @@ pub struct GpuLlama {
     /// after it in the same launch (`gemv_add_rmsnorm_m1_f16`) with this many warps per row, or None for the
     /// projection then `add_rmsnorm_f16` (what `tune_decode` measured faster). [o, down].
     pub(crate) norm_split: [Option<usize>; 2],
+    /// Batch-1 steps without LoRA on q/k/v: the q/k/v projection with RoPE and the cache store as its epilogue
+    /// (`gemv_qkv_rope_m1_f16`) with this many warps per feature, or None for the projection then
+    /// `rope_kv_store_f16` (what `tune_decode` measured faster).
+    pub(crate) qkv_split: Option<usize>,
 }
 
 /// Decoders at least this wide measure their batch-1 projections at load (`GpuLlama::tune_decode`); narrower ones
@@ -199,7 +203,7 @@ impl GpuLlama {
 
     fn assemble(gpu: &Gpu, cfg: &LlamaConfig, embed: CudaSlice<f16>, layers: Vec<Layer>, norm: CudaSlice<f16>, lm_head: Option<CudaSlice<f16>>, max_positions: usize) -> Result<GpuLlama> {
         let (cos, sin) = Rope::new(cfg.head_dim, cfg.rope_theta, &cfg.rope_scaling).tables(max_positions);
-        let mut model = GpuLlama { cfg: cfg.clone(), embed, layers, norm, lm_head, cos: gpu.stream.clone_htod(&cos).map_err(derr)?, sin: gpu.stream.clone_htod(&sin).map_err(derr)?, max_positions, gemv_tuning: Vec::new(), swiglu_split: Some(1), norm_split: [Some(1); 2] };
+        let mut model = GpuLlama { cfg: cfg.clone(), embed, layers, norm, lm_head, cos: gpu.stream.clone_htod(&cos).map_err(derr)?, sin: gpu.stream.clone_htod(&sin).map_err(derr)?, max_positions, gemv_tuning: Vec::new(), swiglu_split: Some(1), norm_split: [Some(1); 2], qkv_split: Some(1) };
         if cfg.hidden_size >= TUNE_MIN_HIDDEN {
             model.gemv_tuning = model.tune_decode(gpu)?;
         }
@@ -208,9 +212,10 @@ impl GpuLlama {
 
     /// Measures how each batch-1 decode projection (q/k/v, o, gate/up, down, the head) runs fastest on this device
     /// (`Gpu::tune_gemv`, over every layer's matrix), then whether gate/up with SwiGLU as its epilogue beats the
-    /// projection so chosen followed by `swiglu_f16`, and whether the o and down projections with the residual add
-    /// and RMSNorm in the same launch beat the projection followed by `add_rmsnorm_f16`; keeps all for the decode
-    /// steps: tens of milliseconds once, before any decode step is captured as a graph.
+    /// projection so chosen followed by `swiglu_f16`, whether q/k/v with RoPE and the cache store in the same
+    /// launch beats the projection followed by `rope_kv_store_f16`, and whether the o and down projections with the
+    /// residual add and RMSNorm in the same launch beat the projection followed by `add_rmsnorm_f16`; keeps all
+    /// for the decode steps: tens of milliseconds once, before any decode step is captured as a graph.
     pub fn tune_decode(&mut self, gpu: &Gpu) -> Result<Vec<String>> {
         let cfg = &self.cfg;
         let (c, h, kvh, hd, inter) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size);
@@ -225,6 +230,7 @@ impl GpuLlama {
         if !c.is_multiple_of(8) {
             self.swiglu_split = None;
             self.norm_split = [None; 2];
+            self.qkv_split = None;
             return Ok(lines);
         }
         let x = gpu.stream.alloc_zeros::<f16>(c).map_err(derr)?;
@@ -245,6 +251,26 @@ impl GpuLlama {
         }
         self.swiglu_split = best;
         lines.push(format!("gate/up + SwiGLU: {} us -> {}", times.join(", "), best.map_or("separate".to_string(), |s| format!("epilogue/{s}"))));
+        // The q/k/v projection with RoPE and the cache store: the projection as tuned above followed by
+        // `rope_kv_store_f16`, against both in one launch.
+        let nqkv = (h + 2 * kvh) * hd;
+        let mut qkv = gpu.stream.alloc_zeros::<f16>(nqkv).map_err(derr)?;
+        let (mut kc, mut vc) = (gpu.stream.alloc_zeros::<f16>(kvh * hd).map_err(derr)?, gpu.stream.alloc_zeros::<f16>(kvh * hd).map_err(derr)?);
+        let pos = gpu.stream.alloc_zeros::<i32>(1).map_err(derr)?;
+        let separate = gpu.time_passes(layers.len(), &mut |i| {
+            gpu.matmul_dev(&x, &layers[i].qkv, &mut qkv, 1, c, nqkv)?;
+            gpu.rope_kv_store_dev(&mut qkv, &mut kc, &mut vc, &pos, &self.cos, &self.sin, 1, h, kvh, hd, nqkv, 0, None, 0)
+        })?;
+        let (mut best, mut best_us, mut times) = (None, separate, vec![format!("separate {separate:.1}")]);
+        for split in [1usize, 2, 4] {
+            let us = gpu.time_passes(layers.len(), &mut |i| gpu.gemv_qkv_rope_dev(&mut qkv, &mut kc, &mut vc, &x, &layers[i].qkv, c, h, kvh, hd, split, &pos, &self.cos, &self.sin, 0, None, 0))?;
+            times.push(format!("one launch/{split} {us:.1}"));
+            if us < best_us {
+                (best, best_us) = (Some(split), us);
+            }
+        }
+        self.qkv_split = best;
+        lines.push(format!("q/k/v + RoPE + cache store: {} us -> {}", times.join(", "), best.map_or("separate".to_string(), |s| format!("one launch/{s}"))));
         // The o and down projections with the residual add + RMSNorm after them: the projection as tuned above
         // followed by `add_rmsnorm_f16`, against both in one launch.
         let eps = self.cfg.rms_norm_eps as f32;
@@ -379,24 +405,30 @@ impl GpuLlama {
         let fuse = gpu.fuse.load(std::sync::atomic::Ordering::Relaxed);
         let gemv = gpu.gemv.load(std::sync::atomic::Ordering::Relaxed);
         let norm_split = |which: usize, k: usize| if fuse && gemv && rows == 1 && lora.is_none() && k.is_multiple_of(8) { self.norm_split[which] } else { None };
+        let qkv_split = if fuse && gemv && rows == 1 && lora.is_none() && c.is_multiple_of(8) { self.qkv_split } else { None };
         for (li, l) in self.layers.iter().enumerate() {
-            gpu.matmul_dev(&s.h, &l.qkv, &mut s.qkv, rows, c, nqkv)?;
-            if let Some(a) = lora {
-                for (j, off) in [(0, 0), (1, h * hd), (2, (h + kvh) * hd)] {
-                    a.lora_fwd(gpu, li, j, &s.h, Some(&mut s.lt), &mut s.qkv, off, nqkv, rows, None)?;
-                }
-            }
-            // RoPE on q and k, and k and v into this layer's cache: the prefill cache at `start`, or each decoding
-            // sequence's suffix cache at its length.
+            // The q/k/v projection, RoPE on q and k, and k and v into this layer's cache: the prefill cache at
+            // `start`, or each decoding sequence's suffix cache at its length. At batch 1 without LoRA on q/k/v,
+            // one launch (unless `tune_decode` found the pair faster).
             let (kc, vc, seq_stride, lens, start) = match mode {
                 Attend::Prefill { cache, start } => (&mut cache.k[li], &mut cache.v[li], 0, None, *start),
                 Attend::Decode { suffix, .. } => (&mut suffix.k[li], &mut suffix.v[li], suffix.capacity * w, Some(&suffix.lens), 0),
             };
-            if fuse {
-                gpu.rope_kv_store_dev(&mut s.qkv, kc, vc, &s.pos, &self.cos, &self.sin, rows, h, kvh, hd, nqkv, seq_stride, lens, start)?;
+            if let Some(split) = qkv_split {
+                gpu.gemv_qkv_rope_dev(&mut s.qkv, kc, vc, &s.h, &l.qkv, c, h, kvh, hd, split, &s.pos, &self.cos, &self.sin, seq_stride, lens, start)?;
             } else {
-                gpu.rope_strided_dev(&mut s.qkv, &s.pos, &self.cos, &self.sin, rows, h + kvh, hd, nqkv)?;
-                gpu.kv_store_dev(kc, vc, &s.qkv, rows, w, nqkv, h * hd, (h + kvh) * hd, seq_stride, lens, start)?;
+                gpu.matmul_dev(&s.h, &l.qkv, &mut s.qkv, rows, c, nqkv)?;
+                if let Some(a) = lora {
+                    for (j, off) in [(0, 0), (1, h * hd), (2, (h + kvh) * hd)] {
+                        a.lora_fwd(gpu, li, j, &s.h, Some(&mut s.lt), &mut s.qkv, off, nqkv, rows, None)?;
+                    }
+                }
+                if fuse {
+                    gpu.rope_kv_store_dev(&mut s.qkv, kc, vc, &s.pos, &self.cos, &self.sin, rows, h, kvh, hd, nqkv, seq_stride, lens, start)?;
+                } else {
+                    gpu.rope_strided_dev(&mut s.qkv, &s.pos, &self.cos, &self.sin, rows, h + kvh, hd, nqkv)?;
+                    gpu.kv_store_dev(kc, vc, &s.qkv, rows, w, nqkv, h * hd, (h + kvh) * hd, seq_stride, lens, start)?;
+                }
             }
             match mode {
                 Attend::Prefill { cache, start } => {
@@ -919,9 +951,33 @@ fn op_breakdown(gpu: &Gpu, model: &GpuLlama, keys: usize, n: usize) -> Result<Ve
         let (mut kc2, mut vc2) = (kc.clone(), kc.clone());
         out.push((format!("kv_store m{m}"), time(&mut || gpu.kv_store_dev(&mut kc2, &mut vc2, qkv, m, kvh * hd, nqkv, h * hd, (h + kvh) * hd, keys * kvh * hd, Some(&lens), 0))?));
         out.push((format!("attn_decode {keys} keys m{m}"), time(&mut || gpu.attention_decode_dev(att, qkv, nqkv, &kc, &kc, keys - 1, &kc, &kc, &lens, 0, m, keys, h, kvh, hd, part))?));
+        // The same with the chunks merged by a second launch (attn_decode_combine_f16), as without the fused kernels.
+        gpu.fuse.store(false, Ordering::Relaxed);
+        let us = time(&mut || gpu.attention_decode_dev(att, qkv, nqkv, &kc, &kc, keys - 1, &kc, &kc, &lens, 0, m, keys, h, kvh, hd, part));
+        gpu.fuse.store(true, Ordering::Relaxed);
+        out.push((format!("attn_decode {keys} keys m{m}, merged by a 2nd launch"), us?));
         out.push((format!("swiglu m{m}"), time(&mut || gpu.swiglu_fused_dev(act, gu, m, inter))?));
         out.push((format!("fused rope + kv_store m{m}"), time(&mut || gpu.rope_kv_store_dev(qkv, &mut kc2, &mut vc2, pos, &model.cos, &model.sin, m, h, kvh, hd, nqkv, keys * kvh * hd, Some(&lens), 0))?));
         if m == 1 {
+            // q/k/v with RoPE and the cache store in one launch, as the tuner kept it (or one warp per feature).
+            let split = model.qkv_split.unwrap_or(1);
+            let (mut kc3, mut vc3) = (kc.clone(), kc.clone());
+            let us = time(&mut || gpu.gemv_qkv_rope_dev(qkv, &mut kc3, &mut vc3, hb, &l.qkv, c, h, kvh, hd, split, pos, &model.cos, &model.sin, keys * kvh * hd, Some(&lens), 0))?;
+            out.push((format!("qkv gemv/{split} + RoPE + cache store, one launch m1"), us));
+            // The o and down projections with the residual add + RMSNorm in one launch, as the tuner kept them (or
+            // with one warp per row where it kept the pair), against that pair.
+            for (which, name, w, k) in [(0usize, "o", &l.o, h * hd), (1, "down", &l.down, inter)] {
+                let split = model.norm_split[which].unwrap_or(1);
+                let xin = gpu.stream.alloc_zeros::<f16>(k).map_err(derr)?;
+                let mut t = gpu.stream.alloc_zeros::<f16>(c).map_err(derr)?;
+                let us = time(&mut || gpu.gemv_add_rmsnorm_dev(hb, x, &mut t, &l.post_norm, &xin, w, k, c, split, 1e-5))?;
+                out.push((format!("{name} gemv/{split} + add + RMSNorm, one launch m1"), us));
+                let us = time(&mut || {
+                    gpu.matmul_dev(&xin, w, &mut t, 1, k, c)?;
+                    gpu.add_rmsnorm_dev(hb, x, &t, &l.post_norm, 1, 1e-5)
+                })?;
+                out.push((format!("{name} projection, then add_rmsnorm m1"), us));
+            }
             let split = model.swiglu_split.unwrap_or(1);
             let us = time(&mut || gpu.gemv_swiglu_dev(hb, &l.gate_up, act, c, inter, split))?;
             out.push((format!("gate_up gemv/{split} + swiglu epilogue m1 ({:.0} GB/s)", (2 * inter * c * 2) as f64 / us / 1e3), us));

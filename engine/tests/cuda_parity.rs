@@ -258,6 +258,67 @@ fn device_argmax_picks_what_the_host_picks() {
 }
 
 #[test]
+fn qkv_gemv_with_rope_and_the_cache_store_gives_the_pairs_numbers() {
+    let Some(g) = gpu() else { return };
+    let mut rng = SplitMix64::new(9);
+    let bits = |d: &cudarc::driver::CudaSlice<half::f16>| g.stream.clone_dtoh(d).unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    // (k, heads_q, heads_kv, head_dim): MHA at LLaVA-7B's head size, GQA, MQA with a head size not a multiple of 4.
+    for &(k, hq, hkv, d) in &[(256usize, 4usize, 4usize, 128usize), (96, 6, 2, 16), (64, 4, 1, 18)] {
+        let f = (hq + 2 * hkv) * d;
+        let kvw = hkv * d;
+        let (cap, at) = (6usize, 4usize);
+        let (cos, sin) = rope_tables(d, 16);
+        let (x, w) = (randn(&mut rng, k, 1.0), randn(&mut rng, f * k, 0.05));
+        let (xh, wh) = (h(&x), h(&w));
+        let (dx, dw) = (g.upload_f16(&x).unwrap(), g.upload_f16(&w).unwrap());
+        let (dcos, dsin) = (g.stream.clone_htod(&cos).unwrap(), g.stream.clone_htod(&sin).unwrap());
+        let pos = g.stream.clone_htod(&[11i32]).unwrap();
+        // float64 of the rotated q heads (from the projection rounded to fp16, as stored).
+        let y: Vec<f64> = (0..f).map(|j| half::f16::from_f64((0..k).map(|c| xh[c] * wh[j * k + c]).sum::<f64>()).to_f64()).collect();
+        let mut want_q = vec![0.0; hq * d];
+        for hh in 0..hq {
+            for i in 0..d / 2 {
+                let (c, s_) = (cos[11 * d / 2 + i] as f64, sin[11 * d / 2 + i] as f64);
+                let (x1, x2) = (y[hh * d + i], y[hh * d + i + d / 2]);
+                want_q[hh * d + i] = x1 * c - x2 * s_;
+                want_q[hh * d + i + d / 2] = x2 * c + x1 * s_;
+            }
+        }
+        for split in [1usize, 2, 4] {
+            // A decode step (cache row lens[0] - 1) and a one-row prefill (cache row `start`).
+            for decode in [true, false] {
+                let lens = g.stream.clone_htod(&[at as i32 + 1]).unwrap();
+                let lens_arg = if decode { Some(&lens) } else { None };
+                let run = |fused: bool| {
+                    let (mut qkv, mut kc, mut vc) = (g.poisoned_f16(f).unwrap(), g.poisoned_f16(cap * kvw).unwrap(), g.poisoned_f16(cap * kvw).unwrap());
+                    if fused {
+                        g.gemv_qkv_rope_dev(&mut qkv, &mut kc, &mut vc, &dx, &dw, k, hq, hkv, d, split, &pos, &dcos, &dsin, cap * kvw, lens_arg, at).unwrap();
+                    } else {
+                        g.gemv_split_dev(&dx, &dw, &mut qkv, k, f, split).unwrap();
+                        g.rope_kv_store_dev(&mut qkv, &mut kc, &mut vc, &pos, &dcos, &dsin, 1, hq, hkv, d, f, cap * kvw, lens_arg, at).unwrap();
+                    }
+                    (bits(&qkv), bits(&kc), bits(&vc))
+                };
+                let (fused, pair) = (run(true), run(false));
+                let name = format!("gemv_qkv_rope_m1_f16 k{k} heads {hq}/{hkv} d{d} split {split} ({})", if decode { "decode" } else { "prefill" });
+                assert_eq!(fused.0, pair.0, "{name}: q/k/v after RoPE differ from gemv_m1_f16 + rope_kv_store_f16");
+                // Only the cache row the step writes is defined (the rest is poison in both).
+                let row = at * kvw..(at + 1) * kvw;
+                assert_eq!(fused.1[row.clone()], pair.1[row.clone()], "{name}: stored keys differ");
+                assert_eq!(fused.2[row.clone()], pair.2[row], "{name}: stored values differ");
+                let q: Vec<f32> = fused.0[..hq * d].iter().map(|&b| half::f16::from_bits(b).to_f32()).collect();
+                check(&name, &q, &want_q);
+            }
+        }
+    }
+    let (dx, dw) = (g.upload_f16(&[0.0; 8]).unwrap(), g.upload_f16(&[0.0; 8 * 12]).unwrap());
+    let (mut qkv, mut kc, mut vc) = (g.poisoned_f16(12).unwrap(), g.poisoned_f16(4).unwrap(), g.poisoned_f16(4).unwrap());
+    let (pos, t) = (g.stream.clone_htod(&[0i32]).unwrap(), g.stream.clone_htod(&[1.0f32; 4]).unwrap());
+    assert!(g.gemv_qkv_rope_dev(&mut qkv, &mut kc, &mut vc, &dx, &dw, 8, 2, 1, 4, 8, &pos, &t, &t, 4, None, 0).is_err(), "split 8");
+    assert!(g.gemv_qkv_rope_dev(&mut qkv, &mut kc, &mut vc, &dx, &dw, 8, 2, 1, 4, 1, &pos, &t, &t, 4, None, 1).is_err(), "cache row 1 of a one-row cache");
+}
+
+#[test]
 fn gemv_with_the_residual_add_and_rmsnorm_matches_float64_and_the_pair() {
     let Some(g) = gpu() else { return };
     let mut rng = SplitMix64::new(8);
@@ -477,7 +538,7 @@ fn embedded_kernel_sources_define_the_expected_kernels() {
         assert!(!names.is_empty(), "{f} defines no kernel");
         all.extend(names);
     }
-    for k in ["embedding_gather_f16", "rmsnorm_f16", "layernorm_f16", "rope_f16", "flash_attn_prefill_f16", "attn_decode_f16", "attn_decode_combine_f16", "kv_store_f16", "add_rmsnorm_f16", "flash_attn_bwd_dq_f16", "flash_attn_bwd_dkdv_f16", "attn_bwd_delta_f16", "rmsnorm_bwd_f16", "layernorm_bwd_f16", "swiglu_bwd_f16", "gelu_bwd_f16", "quick_gelu_bwd_f16", "rope_bwd_f16", "embedding_bwd_f32", "logprob_gather_f16", "logprob_bwd_f16", "adamw_f32", "grad_sumsq_f32", "grad_accumulate_f32", "gemv_m1_f16", "gemv_swiglu_m1_f16", "rope_kv_store_f16", "swiglu_f16", "gelu_f16", "quick_gelu_f16", "bias_add_f16", "residual_add_f16", "lora_down_f16", "lora_up_add_f16", "logprob_gather_f32", "f32_to_f16", "f16_to_f32", "argmax_step_f16", "gemv_add_rmsnorm_m1_f16"] {
+    for k in ["embedding_gather_f16", "rmsnorm_f16", "layernorm_f16", "rope_f16", "flash_attn_prefill_f16", "attn_decode_f16", "attn_decode_combine_f16", "kv_store_f16", "add_rmsnorm_f16", "flash_attn_bwd_dq_f16", "flash_attn_bwd_dkdv_f16", "attn_bwd_delta_f16", "rmsnorm_bwd_f16", "layernorm_bwd_f16", "swiglu_bwd_f16", "gelu_bwd_f16", "quick_gelu_bwd_f16", "rope_bwd_f16", "embedding_bwd_f32", "logprob_gather_f16", "logprob_bwd_f16", "adamw_f32", "grad_sumsq_f32", "grad_accumulate_f32", "gemv_m1_f16", "gemv_swiglu_m1_f16", "rope_kv_store_f16", "swiglu_f16", "gelu_f16", "quick_gelu_f16", "bias_add_f16", "residual_add_f16", "lora_down_f16", "lora_up_add_f16", "logprob_gather_f32", "f32_to_f16", "f16_to_f32", "argmax_step_f16", "gemv_add_rmsnorm_m1_f16", "gemv_qkv_rope_m1_f16"] {
         assert!(all.iter().any(|n| n == k), "kernel {k} is missing");
     }
     assert_eq!(engine::cuda::arch_name(9, 0), "sm_90");
