@@ -124,35 +124,108 @@ pub fn sample(logits: &mut [f32], seen: &[u32], p: &SamplingParams, rng: &mut Sp
     idx[probs.len() - 1]
 }
 
+/// e^x for x <= 0 in f32, about 1e-7 relative error; 0 below -87.3 (where f32 runs out of normal numbers), for
+/// -inf and for NaN. Branch-free, so a loop over a slice vectorizes, unlike the libm call of `f32::exp`: x = n ln 2
+/// + r with |r| <= ln 2 / 2 (n rounded by the 1.5 * 2^23 trick), e^r by its Taylor polynomial to degree 7 (error
+/// below 1e-8 there), times 2^n put into the exponent bits.
+#[inline(always)]
+pub fn exp_nonpositive_f32(x: f32) -> f32 {
+    const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding and subtracting it rounds to an integer
+    let keep = x >= -87.3; // false for NaN
+    // Comparisons, not f32::max/min (whose NaN rules cost the vectorized loop extra instructions).
+    let x = if x < -87.3 {
+        -87.3
+    } else if x > 0.0 {
+        0.0
+    } else {
+        x
+    };
+    let t = x * std::f32::consts::LOG2_E + ROUND;
+    let n = t - ROUND;
+    // n as an integer: the low bits of t's mantissa (no float-to-int conversion).
+    let ni = (t.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
+    // ln 2 in two parts, so n * LN2_HI is exact for |n| <= 128.
+    let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6;
+    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    let y = p * f32::from_bits(((ni + 127) as u32) << 23);
+    if keep {
+        y
+    } else {
+        0.0
+    }
+}
+
+/// Tokens per block of `sample_fast`'s draw: the draw finds the block by the blocks' sums, then the token in it.
+const DRAW_BLOCK: usize = 256;
+
 /// `sample`'s distribution without its sort, for the GPU backend (where a host step per token is time the device
-/// sits idle): with top_k and top_p off, the draw walks the probabilities in vocabulary order, one exp and one
-/// add per token instead of a sort of the vocabulary. Each token keeps the same probability as under `sample`, but
-/// a given draw can land on a different token, so the same seed gives other (equally likely) answers than
-/// `sample`; still the same answers every time. With top_k or top_p on, or temperature 0, it is `sample`.
+/// sits idle): with top_k and top_p off, the draw walks the probabilities in vocabulary order instead of a sort of
+/// the vocabulary. The weights exp((logit - max) / T) are computed in f32 (`exp_nonpositive_f32`, vectorized;
+/// about 1e-7 relative to the exact value) and summed in f64 per block of 256 tokens; the draw picks a block by
+/// those sums, then the token in it. Each token keeps the same probability as under `sample` to within that
+/// rounding, but a given draw can land on a different token, so the same seed gives other (equally likely)
+/// answers than `sample`; still the same answers every time. With top_k or top_p on, temperature 0, or no finite
+/// logit, it is `sample`.
 pub fn sample_fast(logits: &mut [f32], seen: &[u32], p: &SamplingParams, rng: &mut SplitMix64) -> u32 {
     if p.temperature == 0.0 || p.top_k > 0 || p.top_p < 1.0 || logits.is_empty() {
         return sample(logits, seen, p, rng);
     }
     apply_repetition_penalty(logits, seen, p.repetition_penalty);
-    let inv_t = 1.0 / p.temperature as f64;
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let mut total = 0.0f64;
-    for v in logits.iter_mut() {
-        // The weight replaces the logit (f32 is plenty for a probability relative to the largest).
-        let w = ((*v as f64 - max) * inv_t).exp();
-        total += w;
-        *v = w as f32;
+    // The largest logit, NaN ignored (8 running maxima: independent comparisons).
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let mut it = logits.chunks_exact(8);
+    for c in &mut it {
+        for (m, &v) in lanes.iter_mut().zip(c) {
+            *m = if v > *m { v } else { *m };
+        }
     }
+    let max = it.remainder().iter().chain(&lanes).fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+    if !max.is_finite() {
+        // The penalty is applied already.
+        return sample(logits, &[], p, rng);
+    }
+    let inv_t = 1.0 / p.temperature;
+    // The weight replaces the logit (f32 is plenty for a probability relative to the largest).
+    for v in logits.iter_mut() {
+        *v = exp_nonpositive_f32((*v - max) * inv_t);
+    }
+    let sums: Vec<f64> = logits
+        .chunks(DRAW_BLOCK)
+        .map(|b| {
+            // Four running sums, so the additions need not wait on each other.
+            let mut acc = [0.0f64; 4];
+            let mut it = b.chunks_exact(4);
+            for q in &mut it {
+                for (a, &w) in acc.iter_mut().zip(q) {
+                    *a += w as f64;
+                }
+            }
+            let tail: f64 = it.remainder().iter().map(|&w| w as f64).sum();
+            (acc[0] + acc[1]) + (acc[2] + acc[3]) + tail
+        })
+        .collect();
+    let total: f64 = sums.iter().sum();
     let mut u = rng.next_f64() * total;
-    let mut last = 0;
-    for (i, &w) in logits.iter().enumerate() {
+    // The block holding the draw (the last block with weight if rounding leaves u past the end), then the token:
+    // past the block's end the last token with weight in it.
+    let mut at = sums.iter().rposition(|&s| s > 0.0).unwrap_or(0);
+    for (i, &s) in sums.iter().enumerate() {
+        if u < s {
+            at = i;
+            break;
+        }
+        u -= s;
+    }
+    let base = at * DRAW_BLOCK;
+    let mut last = base;
+    for (i, &w) in logits[base..(base + DRAW_BLOCK).min(logits.len())].iter().enumerate() {
         let w = w as f64;
         if w > 0.0 {
             if u < w {
-                return i as u32;
+                return (base + i) as u32;
             }
             u -= w;
-            last = i;
+            last = base + i;
         }
     }
     last as u32
@@ -178,6 +251,24 @@ mod tests {
         let mut want: Vec<u32> = (0..logits.len() as u32).collect();
         want.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
         assert_eq!(sorted_desc(&logits), want);
+    }
+
+    #[test]
+    fn exp_nonpositive_f32_is_within_2e7_of_the_exact_value() {
+        // Every 1/1000 on [-87, 0], against f64 exp.
+        let mut worst = 0.0f64;
+        for i in 0..=87_000 {
+            let x = -(i as f64) / 1000.0;
+            let got = exp_nonpositive_f32(x as f32) as f64;
+            let want = (x as f32 as f64).exp();
+            worst = worst.max((got - want).abs() / want);
+        }
+        assert!(worst < 2e-7, "worst relative error {worst:e}");
+        assert_eq!(exp_nonpositive_f32(0.0), 1.0);
+        // A masked (-inf) or broken (NaN) logit never gets drawn.
+        for x in [-87.4f32, -1000.0, f32::NEG_INFINITY, f32::NAN] {
+            assert_eq!(exp_nonpositive_f32(x), 0.0, "{x}");
+        }
     }
 
     #[test]
@@ -217,5 +308,28 @@ mod tests {
         }
         let again = |seed| sample_fast(&mut logits.clone(), &[], &p, &mut SplitMix64::new(seed));
         assert!((0..50).all(|s| again(s) == again(s)));
+        // A vocabulary of several draw blocks (256 tokens each) with the mass in five tokens of different blocks,
+        // the first and last among them, and the rest masked (-inf) or NaN: the five at their softmax
+        // probabilities, never a masked or NaN one.
+        let mut big = vec![f32::NEG_INFINITY; 2000];
+        let live = [(0usize, 1.0f32), (300, 0.2), (777, 1.5), (1500, -0.5), (1999, 0.9)];
+        for &(i, l) in &live {
+            big[i] = l;
+        }
+        big[1000] = f32::NAN;
+        let w: Vec<f64> = live.iter().map(|&(_, l)| ((l as f64 - 1.5) / 0.7).exp()).collect();
+        let z: f64 = w.iter().sum();
+        let mut rng = SplitMix64::new(13);
+        let n = 100_000;
+        let mut counts = std::collections::HashMap::new();
+        for _ in 0..n {
+            *counts.entry(sample_fast(&mut big.clone(), &[], &p, &mut rng) as usize).or_insert(0usize) += 1;
+        }
+        assert!(counts.keys().all(|t| live.iter().any(|&(i, _)| i == *t)), "drew a masked or NaN token: {counts:?}");
+        for (k, &(i, _)) in live.iter().enumerate() {
+            let (c, q) = (counts.get(&i).copied().unwrap_or(0), w[k] / z);
+            let sd = (n as f64 * q * (1.0 - q)).sqrt();
+            assert!((c as f64 - n as f64 * q).abs() <= 4.0 * sd + 1.0, "token {i}: {c} draws, expected {:.0}", n as f64 * q);
+        }
     }
 }
