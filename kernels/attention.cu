@@ -141,7 +141,6 @@ extern "C" __global__ void __launch_bounds__(128) attn_decode_f16(
     float* __restrict__ part, int chunk, int combine_here) {
     __shared__ float wm[WARPS], wl[WARPS];
     __shared__ float wacc[WARPS][MAX_D];
-    __shared__ bool last;
     const int b = blockIdx.x, h = blockIdx.y, s = blockIdx.z, nsplit = gridDim.z, hk = h / (heads_q / heads_kv);
     const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
     const bool vec = head_dim % 4 == 0;  // rows 8-byte aligned: every row offset is a multiple of head_dim
@@ -242,13 +241,8 @@ extern "C" __global__ void __launch_bounds__(128) attn_decode_f16(
         ps[2 + d] = o;
     }
     if (!combine_here) return;
-    __threadfence();
-    __syncthreads();
     unsigned* counter = reinterpret_cast<unsigned*>(part + (long long)gridDim.x * heads_q * nsplit * (head_dim + 2)) + b * heads_q + h;
-    if (threadIdx.x == 0) last = atomicAdd(counter, 1u) == (unsigned)nsplit - 1;
-    __syncthreads();
-    if (!last) return;  // uniform across the block
-    __threadfence();
+    if (!last_to_arrive(counter, nsplit)) return;
     attn_decode_merge(out + (long long)b * o_stride + h * head_dim, part + (long long)(b * heads_q + h) * nsplit * (head_dim + 2), nsplit, head_dim);
     if (threadIdx.x == 0) *counter = 0;
 }

@@ -46,6 +46,20 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
     return warp_max(t);
 }
 
+// The "last block" pattern: each of `arrivals` blocks calls this after its writes; it returns true (in every
+// thread) only in the block that arrives last, which then sees the others' writes (read them with __ldcg: they
+// may sit in another SM's L1 no more than in this one's). Fence, then a ticket of `counter` (0 before the first
+// arrival); the last block must set it back to 0 for the next launch. Every thread of the block must call it.
+__device__ __forceinline__ bool last_to_arrive(unsigned* counter, unsigned arrivals) {
+    __shared__ bool last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(counter, 1u) == arrivals - 1;
+    __syncthreads();
+    if (last) __threadfence();
+    return last;
+}
+
 // Two halves in one 32-bit register, the first in the low 16 bits (the operand layout of mma.sync).
 __device__ __forceinline__ unsigned pack_h2(__half lo, __half hi) {
     return (unsigned)__half_as_ushort(lo) | ((unsigned)__half_as_ushort(hi) << 16);

@@ -81,14 +81,8 @@ extern "C" __global__ void __launch_bounds__(256) gemv_add_rmsnorm_m1_f16(__half
                                                                           unsigned* __restrict__ counter) {
     __shared__ float part[GEMV_WARPS];
     __shared__ float scratch[32];
-    __shared__ bool last;
     gemv_block(t, x, w, k, n, split, part);
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) last = atomicAdd(counter, 1u) == gridDim.x - 1;
-    __syncthreads();
-    if (!last) return;  // uniform across the block
-    __threadfence();
+    if (!last_to_arrive(counter, gridDim.x)) return;
     float ss = 0.0f;
     for (int c = threadIdx.x; c < n; c += blockDim.x) {
         const __half s = __float2half_rn(__half2float(h[c]) + __half2float(__ldcg(t + c)));
@@ -101,6 +95,30 @@ extern "C" __global__ void __launch_bounds__(256) gemv_add_rmsnorm_m1_f16(__half
     if (threadIdx.x == 0) *counter = 0;
 }
 
+// Output features taken in pairs, 2 * split warps a pair (GEMV_WARPS / (2 split) pairs a block): the pair this
+// warp works on.
+__device__ __forceinline__ int gemv_pair_index(int split) { return (blockIdx.x * GEMV_WARPS + threadIdx.x / WARP) / (2 * split); }
+
+// The two dot products of a pair, x . wa and x . wb (rows of k; `valid` false: a pair past the end), the first
+// `split` warps of the pair on wa, the next on wb. Every thread reaches the block barrier; returns true in the one
+// thread that holds the sums (sa, sb), each added in the order gemv_m1_f16 adds them.
+__device__ __forceinline__ bool gemv_pair(const __half* __restrict__ x, const __half* __restrict__ wa, const __half* __restrict__ wb, int k, int split,
+                                         bool valid, float* part, float& sa, float& sb) {
+    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    const int r = (blockIdx.x * GEMV_WARPS + warp) % (2 * split), which = r / split, p = r % split;
+    // uniform across the warp
+    const float acc = valid ? gemv_part(x, which ? wb : wa, k / 8, split, p, lane) : 0.0f;
+    if (lane == 0) part[warp] = acc;
+    __syncthreads();
+    if (!valid || r != 0 || lane != 0) return false;
+    sa = sb = 0.0f;
+    for (int q = 0; q < split; q++) {
+        sa += part[warp + q];
+        sb += part[warp + split + q];
+    }
+    return true;
+}
+
 // The fused gate/up projection of a batch-1 decode step with SwiGLU as its epilogue: w is [gate (inter rows) |
 // up (inter rows)] of k each, and act[c] = silu(gate_c) * up_c, where gate_c = x . w[c] and up_c = x . w[inter + c]
 // are rounded to fp16 first, exactly as gemv_m1_f16 stores them and swiglu_f16 reads them (the same numbers,
@@ -108,21 +126,11 @@ extern "C" __global__ void __launch_bounds__(256) gemv_add_rmsnorm_m1_f16(__half
 // grid ceil(inter * 2 * split / 8), block 256.
 extern "C" __global__ void __launch_bounds__(256) gemv_swiglu_m1_f16(__half* __restrict__ act, const __half* __restrict__ x, const __half* __restrict__ w, int k, int inter, int split) {
     __shared__ float part[GEMV_WARPS];
-    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
-    const int g = blockIdx.x * GEMV_WARPS + warp;
-    const int c = g / (2 * split), r = g % (2 * split), which = r / split, p = r % split;
-    const float acc = c < inter ? gemv_part(x, w + ((long long)which * inter + c) * k, k / 8, split, p, lane) : 0.0f;
-    if (lane == 0) part[warp] = acc;
-    __syncthreads();
-    if (c < inter && r == 0 && lane == 0) {
-        float gs = 0.0f, us = 0.0f;
-        for (int q = 0; q < split; q++) {
-            gs += part[warp + q];
-            us += part[warp + split + q];
-        }
-        const float gv = __half2float(__float2half_rn(gs)), uv = __half2float(__float2half_rn(us));
-        act[c] = __float2half_rn(gv / (1.0f + __expf(-gv)) * uv);
-    }
+    const int c = gemv_pair_index(split);
+    float gs, us;
+    if (!gemv_pair(x, w + (long long)c * k, w + ((long long)inter + c) * k, k, split, c < inter, part, gs, us)) return;
+    const float gv = __half2float(__float2half_rn(gs)), uv = __half2float(__float2half_rn(us));
+    act[c] = __float2half_rn(gv / (1.0f + __expf(-gv)) * uv);
 }
 
 // The fused q/k/v projection of a batch-1 decode step with RoPE and the cache store as its epilogue: what
@@ -138,11 +146,9 @@ extern "C" __global__ void __launch_bounds__(256) gemv_qkv_rope_m1_f16(__half* _
                                                                        const float* __restrict__ cos_t, const float* __restrict__ sin_t,
                                                                        const int* __restrict__ lens, int start) {
     __shared__ float part[GEMV_WARPS];
-    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
     const int half_d = head_dim / 2, kvw = heads_kv * head_dim;
     const int rot_pairs = (heads_q + heads_kv) * half_d, pairs = rot_pairs + kvw / 2;
-    const int g = blockIdx.x * GEMV_WARPS + warp;
-    const int u = g / (2 * split), which = (g % (2 * split)) / split, p = g % split;
+    const int u = gemv_pair_index(split);
     // The pair's two features: a q or k head's (i, i + half_d), or a v head's (2 v, 2 v + 1).
     int fa = 0, fb = 0;
     if (u < rot_pairs) {
@@ -153,16 +159,8 @@ extern "C" __global__ void __launch_bounds__(256) gemv_qkv_rope_m1_f16(__half* _
         fa = (heads_q + heads_kv) * head_dim + 2 * (u - rot_pairs);
         fb = fa + 1;
     }
-    // uniform across the warp
-    const float acc = u < pairs ? gemv_part(x, w + (long long)(which ? fb : fa) * k, k / 8, split, p, lane) : 0.0f;
-    if (lane == 0) part[warp] = acc;
-    __syncthreads();
-    if (u >= pairs || which != 0 || p != 0 || lane != 0) return;
-    float sa = 0.0f, sb = 0.0f;
-    for (int q = 0; q < split; q++) {
-        sa += part[warp + q];
-        sb += part[warp + split + q];
-    }
+    float sa, sb;
+    if (!gemv_pair(x, w + (long long)fa * k, w + (long long)fb * k, k, split, u < pairs, part, sa, sb)) return;
     const __half ya = __float2half_rn(sa), yb = __float2half_rn(sb);
     const long long dst = lens ? (long long)(lens[0] - 1) * kvw : (long long)start * kvw;
     if (u < rot_pairs) {
