@@ -463,6 +463,11 @@ pub(crate) fn derr(e: cudarc::driver::DriverError) -> EngineError {
     err(format!("CUDA: {e:?}"))
 }
 
+/// The launch of a `gemv.cu` kernel that puts `warps` warps to work: blocks of 8 warps (256 threads).
+fn gemv_cfg(warps: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (warps.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+}
+
 pub(crate) fn cfg1(n: usize, block: u32) -> LaunchConfig {
     let blocks = n.div_ceil(block as usize).clamp(1, 65_535 * 8) as u32;
     LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 }
@@ -628,7 +633,7 @@ impl Gpu {
         let (ki, ni, si) = (to_i32(k, "k")?, to_i32(n, "n")?, split as i32);
         let mut b = self.stream.launch_builder(self.f("gemv_m1_f16")?);
         b.arg(y).arg(x).arg(w).arg(&ki).arg(&ni).arg(&si);
-        unsafe { b.launch(LaunchConfig { grid_dim: ((n * split).div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+        unsafe { b.launch(gemv_cfg(n * split)) }.map_err(derr)?;
         Ok(())
     }
 
@@ -644,7 +649,7 @@ impl Gpu {
         let (ki, ni, si) = (to_i32(k, "k")?, to_i32(n, "n")?, split as i32);
         let mut b = self.stream.launch_builder(self.f("gemv_add_rmsnorm_m1_f16")?);
         b.arg(out).arg(h).arg(t).arg(norm_w).arg(x).arg(w).arg(&ki).arg(&ni).arg(&si).arg(&eps).arg(&self.ticket);
-        unsafe { b.launch(LaunchConfig { grid_dim: ((n * split).div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+        unsafe { b.launch(gemv_cfg(n * split)) }.map_err(derr)?;
         Ok(())
     }
 
@@ -658,7 +663,7 @@ impl Gpu {
         let (ki, ii, si) = (to_i32(k, "k")?, to_i32(inter, "inter")?, split as i32);
         let mut b = self.stream.launch_builder(self.f("gemv_swiglu_m1_f16")?);
         b.arg(act).arg(x).arg(w).arg(&ki).arg(&ii).arg(&si);
-        unsafe { b.launch(LaunchConfig { grid_dim: ((2 * inter * split).div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+        unsafe { b.launch(gemv_cfg(2 * inter * split)) }.map_err(derr)?;
         Ok(())
     }
 
@@ -1070,7 +1075,7 @@ impl Gpu {
             None => b.arg(&null),
         };
         b.arg(&s0);
-        unsafe { b.launch(LaunchConfig { grid_dim: ((f * split).div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+        unsafe { b.launch(gemv_cfg(f * split)) }.map_err(derr)?;
         Ok(())
     }
 

@@ -236,62 +236,48 @@ impl GpuLlama {
         let x = gpu.stream.alloc_zeros::<f16>(c).map_err(derr)?;
         let mut gu = gpu.stream.alloc_zeros::<f16>(2 * inter).map_err(derr)?;
         let mut act = gpu.stream.alloc_zeros::<f16>(inter).map_err(derr)?;
-        let layers = &self.layers;
-        let separate = gpu.time_passes(layers.len(), &mut |i| {
-            gpu.matmul_dev(&x, &layers[i].gate_up, &mut gu, 1, c, 2 * inter)?;
-            gpu.swiglu_fused_dev(&mut act, &gu, 1, inter)
-        })?;
-        let (mut best, mut best_us, mut times) = (None, separate, vec![format!("separate {separate:.1}")]);
-        for split in [1usize, 2, 4] {
-            let us = gpu.time_passes(layers.len(), &mut |i| gpu.gemv_swiglu_dev(&x, &layers[i].gate_up, &mut act, c, inter, split))?;
-            times.push(format!("epilogue/{split} {us:.1}"));
-            if us < best_us {
-                (best, best_us) = (Some(split), us);
+        let (layers, n) = (&self.layers, self.layers.len());
+        let (best, line) = pick_fused(gpu, n, "gate/up + SwiGLU", "epilogue", &mut |split, i| match split {
+            Some(split) => gpu.gemv_swiglu_dev(&x, &layers[i].gate_up, &mut act, c, inter, split),
+            None => {
+                gpu.matmul_dev(&x, &layers[i].gate_up, &mut gu, 1, c, 2 * inter)?;
+                gpu.swiglu_fused_dev(&mut act, &gu, 1, inter)
             }
-        }
+        })?;
         self.swiglu_split = best;
-        lines.push(format!("gate/up + SwiGLU: {} us -> {}", times.join(", "), best.map_or("separate".to_string(), |s| format!("epilogue/{s}"))));
+        lines.push(line);
         // The q/k/v projection with RoPE and the cache store: the projection as tuned above followed by
         // `rope_kv_store_f16`, against both in one launch.
         let nqkv = (h + 2 * kvh) * hd;
         let mut qkv = gpu.stream.alloc_zeros::<f16>(nqkv).map_err(derr)?;
         let (mut kc, mut vc) = (gpu.stream.alloc_zeros::<f16>(kvh * hd).map_err(derr)?, gpu.stream.alloc_zeros::<f16>(kvh * hd).map_err(derr)?);
         let pos = gpu.stream.alloc_zeros::<i32>(1).map_err(derr)?;
-        let separate = gpu.time_passes(layers.len(), &mut |i| {
-            gpu.matmul_dev(&x, &layers[i].qkv, &mut qkv, 1, c, nqkv)?;
-            gpu.rope_kv_store_dev(&mut qkv, &mut kc, &mut vc, &pos, &self.cos, &self.sin, 1, h, kvh, hd, nqkv, 0, None, 0)
-        })?;
-        let (mut best, mut best_us, mut times) = (None, separate, vec![format!("separate {separate:.1}")]);
-        for split in [1usize, 2, 4] {
-            let us = gpu.time_passes(layers.len(), &mut |i| gpu.gemv_qkv_rope_dev(&mut qkv, &mut kc, &mut vc, &x, &layers[i].qkv, c, h, kvh, hd, split, &pos, &self.cos, &self.sin, 0, None, 0))?;
-            times.push(format!("one launch/{split} {us:.1}"));
-            if us < best_us {
-                (best, best_us) = (Some(split), us);
+        let (cos, sin) = (&self.cos, &self.sin);
+        let (best, line) = pick_fused(gpu, n, "q/k/v + RoPE + cache store", "one launch", &mut |split, i| match split {
+            Some(split) => gpu.gemv_qkv_rope_dev(&mut qkv, &mut kc, &mut vc, &x, &layers[i].qkv, c, h, kvh, hd, split, &pos, cos, sin, 0, None, 0),
+            None => {
+                gpu.matmul_dev(&x, &layers[i].qkv, &mut qkv, 1, c, nqkv)?;
+                gpu.rope_kv_store_dev(&mut qkv, &mut kc, &mut vc, &pos, cos, sin, 1, h, kvh, hd, nqkv, 0, None, 0)
             }
-        }
+        })?;
         self.qkv_split = best;
-        lines.push(format!("q/k/v + RoPE + cache store: {} us -> {}", times.join(", "), best.map_or("separate".to_string(), |s| format!("one launch/{s}"))));
+        lines.push(line);
         // The o and down projections with the residual add + RMSNorm after them: the projection as tuned above
         // followed by `add_rmsnorm_f16`, against both in one launch.
         let eps = self.cfg.rms_norm_eps as f32;
         let (mut out, mut res, mut t) = (gpu.stream.alloc_zeros::<f16>(c).map_err(derr)?, gpu.stream.alloc_zeros::<f16>(c).map_err(derr)?, gpu.stream.alloc_zeros::<f16>(c).map_err(derr)?);
-        for (which, name, k) in [(0usize, "o", h * hd), (1, "down", inter)] {
+        for (which, name, k) in [(0usize, "o + add + RMSNorm", h * hd), (1, "down + add + RMSNorm", inter)] {
             let input = gpu.stream.alloc_zeros::<f16>(k).map_err(derr)?;
             let w = |i: usize| if which == 0 { &layers[i].o } else { &layers[i].down };
-            let separate = gpu.time_passes(layers.len(), &mut |i| {
-                gpu.matmul_dev(&input, w(i), &mut t, 1, k, c)?;
-                gpu.add_rmsnorm_dev(&mut out, &mut res, &t, &layers[i].post_norm, 1, eps)
-            })?;
-            let (mut best, mut best_us, mut times) = (None, separate, vec![format!("separate {separate:.1}")]);
-            for split in [1usize, 2, 4] {
-                let us = gpu.time_passes(layers.len(), &mut |i| gpu.gemv_add_rmsnorm_dev(&mut out, &mut res, &mut t, &layers[i].post_norm, &input, w(i), k, c, split, eps))?;
-                times.push(format!("one launch/{split} {us:.1}"));
-                if us < best_us {
-                    (best, best_us) = (Some(split), us);
+            let (best, line) = pick_fused(gpu, n, name, "one launch", &mut |split, i| match split {
+                Some(split) => gpu.gemv_add_rmsnorm_dev(&mut out, &mut res, &mut t, &layers[i].post_norm, &input, w(i), k, c, split, eps),
+                None => {
+                    gpu.matmul_dev(&input, w(i), &mut t, 1, k, c)?;
+                    gpu.add_rmsnorm_dev(&mut out, &mut res, &t, &layers[i].post_norm, 1, eps)
                 }
-            }
+            })?;
             self.norm_split[which] = best;
-            lines.push(format!("{name} + add + RMSNorm: {} us -> {}", times.join(", "), best.map_or("separate".to_string(), |s| format!("one launch/{s}"))));
+            lines.push(line);
         }
         Ok(lines)
     }
@@ -731,6 +717,22 @@ impl GpuLlama {
         stats.decode_s = t1.elapsed().as_secs_f64();
         Ok((answers, stats))
     }
+}
+
+/// Times a batch-1 pair of launches (`op(None, layer)`) against the kernel that fuses them with 1, 2 and 4 warps per
+/// feature (`op(Some(split), layer)`), each over all `layers` layers (`Gpu::time_passes`). Returns the fastest
+/// split, or None where the pair won, and the line `tune_decode` reports ("label: times -> pick").
+fn pick_fused(gpu: &Gpu, layers: usize, label: &str, tag: &str, op: &mut dyn FnMut(Option<usize>, usize) -> Result<()>) -> Result<(Option<usize>, String)> {
+    let separate = gpu.time_passes(layers, &mut |i| op(None, i))?;
+    let (mut best, mut best_us, mut times) = (None, separate, vec![format!("separate {separate:.1}")]);
+    for split in [1usize, 2, 4] {
+        let us = gpu.time_passes(layers, &mut |i| op(Some(split), i))?;
+        times.push(format!("{tag}/{split} {us:.1}"));
+        if us < best_us {
+            (best, best_us) = (Some(split), us);
+        }
+    }
+    Ok((best, format!("{label}: {} us -> {}", times.join(", "), best.map_or("separate".to_string(), |s| format!("{tag}/{s}")))))
 }
 
 fn check_shape(cfg: &LlamaConfig) -> Result<()> {
