@@ -3,7 +3,8 @@
 //    or full (vision tower); GQA/MQA by mapping query head h to kv head h / (heads_q / heads_kv).
 //  - attn_decode_f16: one new token per sequence against a shared prefix cache (the image and prompt, computed
 //    once for the n answers of a prompt) plus the sequence's own suffix cache; keys split into chunks across
-//    blocks (flash-decoding), partial softmax states merged by attn_decode_combine_f16.
+//    blocks (flash-decoding), partial softmax states merged by the last block of each head to finish (or by
+//    attn_decode_combine_f16).
 //  - kv_store_f16: writes the keys and values of a fused QKV buffer into a cache (prefill or n-sequence decode);
 //    rope_kv_store_f16: RoPE on q and k and that store in one kernel.
 // head_dim <= 128 (LLaVA-1.5: 128 in the decoder, 64 in CLIP ViT-L).
@@ -100,8 +101,9 @@ extern "C" __global__ void __launch_bounds__(128) flash_attn_prefill_f16(
 // One query token per sequence b (flash-decoding). Keys 0..prefix_len-1 come from the shared prefix cache (rows
 // of prefix_stride elements), keys prefix_len..prefix_len+suf_len[b]-1 from sequence b's suffix cache (sequence b
 // starts at b * suf_seq_stride, rows of suf_stride). The keys are split into chunks of `chunk`, one block each, so
-// a single sequence still fills the GPU; within a block each warp takes every 4th key and reads it coalesced (a
-// lane holds elements d = lane + 32 i). grid (B, heads_q, nsplit), block 128.
+// a single sequence still fills the GPU; within a block each warp takes every 4th key, loads 8 such keys' rows at
+// once (KPW; a lane holds elements 4 lane .. 4 lane + 3, one 8-byte load per row), then scores them in order.
+// grid (B, heads_q, nsplit), block 128.
 // nsplit == 1: the block writes out directly. Otherwise it writes its partial softmax state to
 // part[((b * heads_q + h) * nsplit + s) * (head_dim + 2) ..] = (max, sum, acc[head_dim]), and the chunks are merged
 // either by attn_decode_combine_f16 (combine_here == 0) or, combine_here != 0, by the last of the nsplit blocks of
@@ -109,28 +111,54 @@ extern "C" __global__ void __launch_bounds__(128) flash_attn_prefill_f16(
 // b * heads_q + h] after a fence, and the one that takes the last ticket merges the chunks (the same arithmetic as
 // attn_decode_combine_f16) and resets the counter. Those counters are 0 before the launch and after it.
 static_assert(DPL == 4, "attn_decode_f16 unpacks 4 head elements per lane");
-#define KPW 4  // keys each warp of attn_decode_f16 loads before it scores them (memory requests in flight)
+// Element i (0..3) of 4 halves packed in a uint2 (the first in the low bits of x), widened.
+__device__ __forceinline__ float half4_at(uint2 w, int i) {
+    const unsigned u = i < 2 ? w.x : w.y;
+    return __half2float(__ushort_as_half((unsigned short)(i % 2 == 0 ? u & 0xffffu : u >> 16)));
+}
+#define KPW 8  // keys each warp of attn_decode_f16 loads before it scores them (memory requests in flight)
 
 // The nsplit partial states pb[s * (head_dim + 2) ..] = (max, sum, acc[head_dim]) of one (sequence, head) merged
-// into its output row: the block's threads take the head elements in turn. The states come through L2 (__ldcg):
-// the blocks that wrote them may have run on other SMs in this very launch.
+// into its output row: thread d makes head element d (blockDim.x == WARPS * WARP >= head_dim). The states come
+// through L2 (__ldcg): the blocks that wrote them may have run on other SMs in this very launch. The merge is on
+// the launch's critical path and bound by L2 latency, so its loads are independent, not a chain per split: each
+// thread loads one split's (max, sum) (a loop only past 128 splits), the weights exp(max_s - M) are computed once
+// into shared memory, and the weighted rows are loaded 8 splits at a time. The sums run over s in order, as a
+// loop over s would add them.
 __device__ __forceinline__ void attn_decode_merge(__half* __restrict__ orow, const float* __restrict__ pb, int nsplit, int head_dim) {
-    float M = -INFINITY;
-    for (int s = 0; s < nsplit; s++) M = fmaxf(M, __ldcg(pb + s * (head_dim + 2)));
-    float L = 0.0f;
-    for (int s = 0; s < nsplit; s++) {
-        const float ms = __ldcg(pb + s * (head_dim + 2));
-        if (ms != -INFINITY) L += __ldcg(pb + s * (head_dim + 2) + 1) * __expf(ms - M);
+    constexpr int TILE = WARPS * WARP;
+    __shared__ float sw[TILE], sl[TILE], scratch[WARP];
+    const int t = threadIdx.x, stride = head_dim + 2;
+    float m0 = -INFINITY, l0 = 0.0f;
+    if (t < nsplit) {
+        m0 = __ldcg(pb + t * stride);
+        l0 = __ldcg(pb + t * stride + 1);
     }
-    const float inv = L > 0.0f ? 1.0f / L : 0.0f;
-    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-        float o = 0.0f;
-        for (int s = 0; s < nsplit; s++) {
-            const float ms = __ldcg(pb + s * (head_dim + 2));
-            if (ms != -INFINITY) o += __ldcg(pb + s * (head_dim + 2) + 2 + d) * __expf(ms - M);
+    float mx = m0;
+    for (int s = t + TILE; s < nsplit; s += TILE) mx = fmaxf(mx, __ldcg(pb + (long long)s * stride));
+    const float M = block_max(mx, scratch);
+    float L = 0.0f, o = 0.0f;
+    for (int base = 0; base < nsplit; base += TILE) {
+        float ms = m0, ls = l0;
+        if (base > 0) {
+            const int s = base + t;
+            ms = s < nsplit ? __ldcg(pb + (long long)s * stride) : -INFINITY;
+            ls = s < nsplit ? __ldcg(pb + (long long)s * stride + 1) : 0.0f;
+            __syncthreads();  // every thread is done with the previous tile's weights
         }
-        orow[d] = __float2half_rn(o * inv);
+        // A split without keys (max -inf) adds nothing.
+        sw[t] = ms == -INFINITY ? 0.0f : __expf(ms - M);
+        sl[t] = ms == -INFINITY ? 0.0f : ls;
+        __syncthreads();
+        const int n = min(TILE, nsplit - base);
+        for (int i = 0; i < n; i++) L += sl[i] * sw[i];
+        if (t < head_dim) {
+            const float* col = pb + (long long)base * stride + 2 + t;
+#pragma unroll 8
+            for (int i = 0; i < n; i++) o += __ldcg(col + (long long)i * stride) * sw[i];
+        }
     }
+    if (t < head_dim) orow[t] = __float2half_rn(o * (L > 0.0f ? 1.0f / L : 0.0f));
 }
 
 // Each lane holds head elements lane * DPL .. lane * DPL + DPL - 1 (one 8-byte load per key row when head_dim % 4 == 0).
@@ -157,12 +185,12 @@ extern "C" __global__ void __launch_bounds__(128) attn_decode_f16(
     for (int i = 0; i < DPL; i++) acc[i] = 0.0f;
     // Keys j0 + warp, + WARPS, + 2 WARPS, ... in order; KPW of them loaded at once, then scored one by one.
     for (int jb = j0 + warp; jb < j1; jb += WARPS * KPW) {
-        float kd[KPW][DPL], vd[KPW][DPL];
+        // Kept as loaded (4 halves in a uint2 per key), widened where they are used: half the registers.
+        uint2 kw[KPW], vw[KPW];
 #pragma unroll
         for (int t = 0; t < KPW; t++) {
             const int j = jb + t * WARPS;
-#pragma unroll
-            for (int i = 0; i < DPL; i++) kd[t][i] = vd[t][i] = 0.0f;
+            kw[t] = vw[t] = make_uint2(0u, 0u);
             if (j >= j1) continue;  // uniform across the warp
             const long long at = j < prefix_len ? (long long)j * prefix_stride + hk * head_dim
                                                 : (long long)b * suf_seq_stride + (long long)(j - prefix_len) * suf_stride + hk * head_dim;
@@ -170,19 +198,18 @@ extern "C" __global__ void __launch_bounds__(128) attn_decode_f16(
             const __half* vr = (j < prefix_len ? pv : sv) + at;
             const int d0 = lane * DPL;
             if (vec && d0 < head_dim) {
-                const uint2 kw = __ldg(reinterpret_cast<const uint2*>(kr + d0));
-                const uint2 vw = __ldg(reinterpret_cast<const uint2*>(vr + d0));
-                const float2 k01 = __half22float2(*reinterpret_cast<const __half2*>(&kw.x)), k23 = __half22float2(*reinterpret_cast<const __half2*>(&kw.y));
-                const float2 v01 = __half22float2(*reinterpret_cast<const __half2*>(&vw.x)), v23 = __half22float2(*reinterpret_cast<const __half2*>(&vw.y));
-                kd[t][0] = k01.x; kd[t][1] = k01.y; kd[t][2] = k23.x; kd[t][3] = k23.y;
-                vd[t][0] = v01.x; vd[t][1] = v01.y; vd[t][2] = v23.x; vd[t][3] = v23.y;
+                kw[t] = __ldg(reinterpret_cast<const uint2*>(kr + d0));
+                vw[t] = __ldg(reinterpret_cast<const uint2*>(vr + d0));
             } else if (!vec) {
+                __half kh[DPL], vh[DPL];
 #pragma unroll
                 for (int i = 0; i < DPL; i++) {
                     const int d = d0 + i;
-                    kd[t][i] = d < head_dim ? __half2float(kr[d]) : 0.0f;
-                    vd[t][i] = d < head_dim ? __half2float(vr[d]) : 0.0f;
+                    kh[i] = d < head_dim ? kr[d] : __float2half_rn(0.0f);
+                    vh[i] = d < head_dim ? vr[d] : __float2half_rn(0.0f);
                 }
+                kw[t] = make_uint2(pack_h2(kh[0], kh[1]), pack_h2(kh[2], kh[3]));
+                vw[t] = make_uint2(pack_h2(vh[0], vh[1]), pack_h2(vh[2], vh[3]));
             }
         }
         float dot[KPW];
@@ -190,7 +217,7 @@ extern "C" __global__ void __launch_bounds__(128) attn_decode_f16(
         for (int t = 0; t < KPW; t++) {
             dot[t] = 0.0f;
 #pragma unroll
-            for (int i = 0; i < DPL; i++) dot[t] += qv[i] * kd[t][i];
+            for (int i = 0; i < DPL; i++) dot[t] += qv[i] * half4_at(kw[t], i);
             dot[t] = warp_sum(dot[t]);
         }
 #pragma unroll
@@ -200,7 +227,7 @@ extern "C" __global__ void __launch_bounds__(128) attn_decode_f16(
             const float corr = __expf(m - m_new), p = __expf(dot[t] - m_new);
             l = l * corr + p;
 #pragma unroll
-            for (int i = 0; i < DPL; i++) acc[i] = acc[i] * corr + p * vd[t][i];
+            for (int i = 0; i < DPL; i++) acc[i] = acc[i] * corr + p * half4_at(vw[t], i);
             m = m_new;
         }
     }

@@ -454,6 +454,10 @@ pub struct Gpu {
     /// aligned rows, sm_80 or later (the default there, unless `RLAIFD_CUDA_MMA_ATTENTION=0`).
     pub mma_attention: std::sync::atomic::AtomicBool,
     sms: usize,
+    /// Blocks of `attn_decode_f16` one SM holds at once (the driver's occupancy for 128 threads, at load; 8 if it
+    /// cannot tell): `decode_split` fits the chunks of all heads into one wave of them. Tests change it to reach
+    /// other splits.
+    pub decode_blocks_per_sm: std::sync::atomic::AtomicUsize,
     /// The ticket counter of `gemv_add_rmsnorm_m1_f16` (0 between launches: its last block resets it). One is
     /// enough: the launches of the one stream run one after another.
     ticket: CudaSlice<u32>,
@@ -528,7 +532,9 @@ impl Gpu {
         let blas = Lt::new(&stream, major)?;
         let sms = ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(derr)?.max(1) as usize;
         let ticket = stream.alloc_zeros::<u32>(1).map_err(derr)?;
-        Ok(Ok(Gpu { ctx, stream, arch, name, _modules: modules, funcs, blas, gemv: std::sync::atomic::AtomicBool::new(true), gemv_plan: Default::default(), fuse: std::sync::atomic::AtomicBool::new(true), mma_attention: std::sync::atomic::AtomicBool::new(major >= 8 && mma_attention_allowed()), sms, ticket }))
+        let per_sm = funcs.get("attn_decode_f16").and_then(|f| f.occupancy_max_active_blocks_per_multiprocessor(128, 0, None).ok()).filter(|&n| n > 0).map_or(8, |n| n.min(32) as usize);
+        let decode_blocks_per_sm = std::sync::atomic::AtomicUsize::new(per_sm);
+        Ok(Ok(Gpu { ctx, stream, arch, name, _modules: modules, funcs, blas, gemv: std::sync::atomic::AtomicBool::new(true), gemv_plan: Default::default(), fuse: std::sync::atomic::AtomicBool::new(true), mma_attention: std::sync::atomic::AtomicBool::new(major >= 8 && mma_attention_allowed()), sms, decode_blocks_per_sm, ticket }))
     }
 
     fn mem_pool(ctx: &CudaContext) -> Result<cudarc::driver::sys::CUmemoryPool> {
@@ -977,11 +983,14 @@ impl Gpu {
         Ok(())
     }
 
-    /// How `attention_decode_dev` splits `max_total` keys for `bsz` sequences of `heads_q` heads: (chunk, nsplit),
-    /// enough chunks for about 16 blocks per SM (each warp's keys are a latency-bound chain), each at least 32 keys
-    /// (8 per warp).
+    /// How `attention_decode_dev` splits `max_total` keys for `bsz` sequences of `heads_q` heads: (chunk, nsplit).
+    /// The blocks of all chunks fit on the GPU at once where they can (`decode_blocks_per_sm` times the SMs): each
+    /// warp's keys are a latency-bound chain of loads, so a second wave of blocks adds its latency while the total
+    /// chain stays as long, and fewer chunks leave less to merge. Each chunk is at least 32 keys (8 per warp: one
+    /// round of loads).
     pub fn decode_split(&self, max_total: usize, bsz: usize, heads_q: usize) -> (usize, usize) {
-        let per_seq = (16 * self.sms).div_ceil((bsz * heads_q).max(1)).max(1);
+        let slots = self.decode_blocks_per_sm.load(std::sync::atomic::Ordering::Relaxed).max(1) * self.sms;
+        let per_seq = (slots / (bsz * heads_q).max(1)).max(1);
         let chunk = max_total.div_ceil(per_seq).max(32);
         (chunk, max_total.div_ceil(chunk).max(1))
     }

@@ -952,7 +952,16 @@ fn op_breakdown(gpu: &Gpu, model: &GpuLlama, keys: usize, n: usize) -> Result<Ve
         out.push((format!("rope q+k m{m}"), time(&mut || gpu.rope_strided_dev(qkv, pos, &model.cos, &model.sin, m, h + kvh, hd, nqkv))?));
         let (mut kc2, mut vc2) = (kc.clone(), kc.clone());
         out.push((format!("kv_store m{m}"), time(&mut || gpu.kv_store_dev(&mut kc2, &mut vc2, qkv, m, kvh * hd, nqkv, h * hd, (h + kvh) * hd, keys * kvh * hd, Some(&lens), 0))?));
-        out.push((format!("attn_decode {keys} keys m{m}"), time(&mut || gpu.attention_decode_dev(att, qkv, nqkv, &kc, &kc, keys - 1, &kc, &kc, &lens, 0, m, keys, h, kvh, hd, part))?));
+        let (chunk, nsplit) = gpu.decode_split(keys, m, h);
+        let per_sm = gpu.decode_blocks_per_sm.load(Ordering::Relaxed);
+        out.push((format!("attn_decode {keys} keys m{m} ({nsplit} chunks of {chunk}: {per_sm} blocks per SM)"), time(&mut || gpu.attention_decode_dev(att, qkv, nqkv, &kc, &kc, keys - 1, &kc, &kc, &lens, 0, m, keys, h, kvh, hd, part))?));
+        // The same split into chunks for 16 blocks per SM (more than fit at once where the kernel's occupancy is
+        // lower), with a workspace of its own.
+        gpu.decode_blocks_per_sm.store(16, Ordering::Relaxed);
+        let (chunk16, nsplit16) = gpu.decode_split(keys, m, h);
+        let us = gpu.stream.alloc_zeros::<f32>(gpu.decode_part_len(keys, m, h, hd)).map_err(derr).and_then(|mut part16| time(&mut || gpu.attention_decode_dev(att, qkv, nqkv, &kc, &kc, keys - 1, &kc, &kc, &lens, 0, m, keys, h, kvh, hd, &mut part16)));
+        gpu.decode_blocks_per_sm.store(per_sm, Ordering::Relaxed);
+        out.push((format!("attn_decode {keys} keys m{m} ({nsplit16} chunks of {chunk16}: 16 blocks per SM)"), us?));
         // The same with the chunks merged by a second launch (attn_decode_combine_f16), as without the fused kernels.
         gpu.fuse.store(false, Ordering::Relaxed);
         let us = time(&mut || gpu.attention_decode_dev(att, qkv, nqkv, &kc, &kc, keys - 1, &kc, &kc, &lens, 0, m, keys, h, kvh, hd, part));

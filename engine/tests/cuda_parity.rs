@@ -453,8 +453,10 @@ fn attention_kernels_match_float64() {
     g.mma_attention.store(mma_default, std::sync::atomic::Ordering::Relaxed);
     // Decode: n sequences share a prefix (image + prompt) and each has its own suffix of another length.
     // One sequence over a long cache (split across many blocks), ten answers over a LLaVA-sized prefix, GQA, and a
-    // head size not a multiple of 4 (the kernel's element-wise loads instead of 8-byte ones).
-    for &(bsz, prefix, hq, hkv, d) in &[(1usize, 5usize, 1usize, 1usize, 16usize), (1, 700, 32, 32, 128), (10, 600, 8, 8, 128), (4, 33, 4, 2, 24), (3, 45, 6, 3, 18)] {
+    // head size not a multiple of 4 (the kernel's element-wise loads instead of 8-byte ones), and a cache long
+    // enough for more than 128 chunks of 32 keys.
+    let mut most_chunks = 0;
+    for &(bsz, prefix, hq, hkv, d) in &[(1usize, 5usize, 1usize, 1usize, 16usize), (1, 700, 32, 32, 128), (10, 600, 8, 8, 128), (4, 33, 4, 2, 24), (3, 45, 6, 3, 18), (1, 4500, 1, 1, 16)] {
         let row = hkv * d;
         let pk = randn(&mut rng, prefix * row, 1.0);
         let pv = randn(&mut rng, prefix * row, 1.0);
@@ -476,16 +478,26 @@ fn attention_kernels_match_float64() {
                 want[(b * hq + hh) * d..(b * hq + hh + 1) * d].copy_from_slice(&o);
             }
         }
-        let got = g.attention_decode(&q, &pk, &pv, &sk, &sv, hq, hkv, d).unwrap();
-        check(&format!("attn_decode_f16 b{bsz} prefix{prefix} h{hq}/{hkv} d{d}"), &got, &want);
-        // The chunks merged by a second launch (attn_decode_combine_f16) instead of each head's last block: the
-        // same arithmetic, so the same numbers.
-        g.fuse.store(false, std::sync::atomic::Ordering::Relaxed);
-        let separate = g.attention_decode(&q, &pk, &pv, &sk, &sv, hq, hkv, d);
-        g.fuse.store(true, std::sync::atomic::Ordering::Relaxed);
-        let separate = separate.unwrap();
-        assert!(got.iter().zip(&separate).all(|(a, b)| a.to_bits() == b.to_bits()), "attn_decode_f16 b{bsz} prefix{prefix}: merged in the last block vs by attn_decode_combine_f16");
+        // As the GPU splits the keys (one wave of blocks), then into many more chunks, past the 128 the merge
+        // takes in one tile.
+        let per_sm = g.decode_blocks_per_sm.load(std::sync::atomic::Ordering::Relaxed);
+        for blocks in [per_sm, 64] {
+            g.decode_blocks_per_sm.store(blocks, std::sync::atomic::Ordering::Relaxed);
+            let nsplit = g.decode_split(prefix + sk.iter().map(|s| s.len() / row).max().unwrap_or(0), bsz, hq).1;
+            most_chunks = most_chunks.max(nsplit);
+            let got = g.attention_decode(&q, &pk, &pv, &sk, &sv, hq, hkv, d).unwrap();
+            check(&format!("attn_decode_f16 b{bsz} prefix{prefix} h{hq}/{hkv} d{d}, {nsplit} chunks"), &got, &want);
+            // The chunks merged by a second launch (attn_decode_combine_f16) instead of each head's last block:
+            // the same arithmetic, so the same numbers.
+            g.fuse.store(false, std::sync::atomic::Ordering::Relaxed);
+            let separate = g.attention_decode(&q, &pk, &pv, &sk, &sv, hq, hkv, d);
+            g.fuse.store(true, std::sync::atomic::Ordering::Relaxed);
+            let separate = separate.unwrap();
+            assert!(got.iter().zip(&separate).all(|(a, b)| a.to_bits() == b.to_bits()), "attn_decode_f16 b{bsz} prefix{prefix} {nsplit} chunks: merged in the last block vs by attn_decode_combine_f16");
+        }
+        g.decode_blocks_per_sm.store(per_sm, std::sync::atomic::Ordering::Relaxed);
     }
+    assert!(most_chunks > 128, "no case split the keys into more than 128 chunks (the merge's second tile)");
 }
 
 #[test]

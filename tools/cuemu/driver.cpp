@@ -6,6 +6,7 @@
 // threads with their own streams (parallel tests) run their kernels at the same time.
 #include <dlfcn.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -436,6 +437,30 @@ int cuModuleGetFunction(void** f, void*, const char* name) {
 int cuFuncGetAttribute(int* v, int attr, void*) {
     *v = attr == 0 ? 1024 : 0;  // max threads per block; registers, shared and local sizes unknown here
     return CUDA_SUCCESS;
+}
+// Blocks of `threads` threads that fit on one SM at once, as the occupancy calculator counts them: registers
+// (allocated per warp in units of 256 of an SM's 65536), shared memory (an SM's 228 KiB on sm_90, 164 KiB on
+// sm_80, 1 KiB reserved per block), threads (2048 per SM) and 32 blocks. With the kernel's resources from
+// target/kernel-resources.tsv (the tighter arch where both are listed); without them, threads and blocks only.
+int cuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(int* n, void* f, int threads, size_t smem, unsigned) {
+    if (threads <= 0 || threads > 1024) return CUDA_ERROR_INVALID_VALUE;
+    const Kernel* k = static_cast<const Kernel*>(f);
+    const int warps = (threads + 31) / 32;
+    int best = std::min(32, 64 / warps);
+    auto range = resource_table().equal_range(k->name);
+    for (auto it = range.first; it != range.second; ++it) {
+        const Resources& r = it->second;
+        const int per_warp = (r.registers * 32 + 255) / 256 * 256;
+        const int by_regs = per_warp > 0 ? 65536 / per_warp / warps : 32;
+        const long per_sm = r.arch == "sm_80" ? 167936 : 233472;
+        const long by_smem = per_sm / (long(smem) + r.static_smem + 1024);
+        best = std::min<long>(best, std::min<long>(by_regs, by_smem));
+    }
+    *n = best;
+    return CUDA_SUCCESS;
+}
+int cuOccupancyMaxActiveBlocksPerMultiprocessor(int* n, void* f, int threads, size_t smem) {
+    return cuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(n, f, threads, smem, 0);
 }
 int cuFuncSetAttribute(void* f, int attr, int v) {
     if (attr == 8) {  // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
