@@ -1153,7 +1153,7 @@ impl Gpu {
             Some((p, l)) => b.arg(p).arg(l),
             None => b.arg(&null).arg(&null),
         };
-        unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+        unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
         Ok(())
     }
 

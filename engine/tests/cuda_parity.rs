@@ -221,14 +221,20 @@ fn gemv_kernel_matches_float64() {
 fn device_argmax_picks_what_the_host_picks() {
     let Some(g) = gpu() else { return };
     let mut rng = SplitMix64::new(21);
-    for &(rows, vocab) in &[(1usize, 32064usize), (3, 1000), (2, 7)] {
+    // Vocabularies a multiple of 8 (the kernel's 16-byte loads) and not (one logit at a time).
+    for &(rows, vocab) in &[(1usize, 32064usize), (3, 1000), (2, 7), (2, 1501)] {
         let mut x = randn(&mut rng, rows * vocab, 4.0);
+        if vocab == 32064 {
+            // A tie that one thread of the kernel scans in two of its 16-byte loads (1024 threads x 8 logits apart).
+            x[3] = 60.0;
+            x[3 + 8192] = 60.0;
+        }
         if vocab == 1000 {
-            // Row 0: a three-way tie for the largest (the first wins; 17 and 273 are 256 apart, so one thread of the
-            // kernel scans both) and a NaN before it; row 1: a NaN first logit (the host keeps index 0: nothing
-            // compares greater); row 2: every logit -inf (index 0).
+            // Row 0: a three-way tie for the largest (the first wins; 17 and 18 are in one 16-byte load, the
+            // second of a pair after the first of the next, 400 in another thread's) and a NaN before it; row 1: a
+            // NaN first logit (the host keeps index 0: nothing compares greater); row 2: every logit -inf (index 0).
             x[17] = 50.0;
-            x[273] = 50.0;
+            x[18] = 50.0;
             x[400] = 50.0;
             x[3] = f32::NAN;
             x[vocab] = f32::NAN;
@@ -250,6 +256,9 @@ fn device_argmax_picks_what_the_host_picks() {
         assert_eq!(g.stream.clone_dtoh(&again).unwrap(), want, "without advancing");
         if vocab == 1000 {
             assert_eq!(&want, &[17, 0, 0], "the edge cases are the ones meant");
+        }
+        if vocab == 32064 {
+            assert_eq!(&want, &[3], "the tie is the largest");
         }
     }
     let logits = g.upload_f16(&[0.0; 6]).unwrap();
