@@ -46,6 +46,68 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
     return warp_max(t);
 }
 
+// One row's residual add and RMSNorm by the whole block: x[c] = round(x[c] + r[c]) in place (the residual stream),
+// then y[c] = round(x[c] * rsqrt(mean(x^2) + eps) * w[c]); every thread gets there (block barriers inside). r is
+// read through L2 (__ldcg), so other blocks of the same launch may have written it (after a fence). With cols % 8
+// == 0 and 16-byte aligned rows, 8 halves per 16-byte load and 4 loads per thread in flight: a row of 4096 is one
+// round of loads per pass (a chain of one load per element would be several round trips on the decode step's
+// critical path). Each thread adds its squares in increasing column order.
+__device__ __forceinline__ void add_rmsnorm_row(__half* __restrict__ y, __half* __restrict__ x, const __half* __restrict__ r, const __half* __restrict__ w,
+                                                int cols, float eps, float* scratch /* >= 32 floats */) {
+    const bool vec = cols % 8 == 0 && ((reinterpret_cast<unsigned long long>(x) | reinterpret_cast<unsigned long long>(r) |
+                                        reinterpret_cast<unsigned long long>(w) | reinterpret_cast<unsigned long long>(y)) % 16) == 0;
+    float ss = 0.0f;
+    if (vec) {
+        uint4* x8 = reinterpret_cast<uint4*>(x);
+        const uint4* r8 = reinterpret_cast<const uint4*>(r);
+#pragma unroll 4
+        for (int c = threadIdx.x; c < cols / 8; c += blockDim.x) {
+            uint4 xv = x8[c];
+            const uint4 rv = __ldcg(r8 + c);
+            __half2* xh = reinterpret_cast<__half2*>(&xv);
+            const __half2* rh = reinterpret_cast<const __half2*>(&rv);
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const float2 a = __half22float2(xh[j]), b = __half22float2(rh[j]);
+                xh[j] = __floats2half2_rn(a.x + b.x, a.y + b.y);
+                const float2 v = __half22float2(xh[j]);
+                ss += v.x * v.x;
+                ss += v.y * v.y;
+            }
+            x8[c] = xv;
+        }
+    } else {
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+            const __half s = __float2half_rn(__half2float(x[c]) + __half2float(__ldcg(r + c)));
+            x[c] = s;
+            const float v = __half2float(s);
+            ss += v * v;
+        }
+    }
+    const float inv = rsqrtf(block_sum(ss, scratch) / cols + eps);
+    if (vec) {
+        const uint4* x8 = reinterpret_cast<const uint4*>(x);
+        const uint4* w8 = reinterpret_cast<const uint4*>(w);
+        uint4* y8 = reinterpret_cast<uint4*>(y);
+#pragma unroll 4
+        for (int c = threadIdx.x; c < cols / 8; c += blockDim.x) {
+            const uint4 xv = x8[c], wv = w8[c];
+            uint4 yv;
+            const __half2* xh = reinterpret_cast<const __half2*>(&xv);
+            const __half2* wh = reinterpret_cast<const __half2*>(&wv);
+            __half2* yh = reinterpret_cast<__half2*>(&yv);
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const float2 a = __half22float2(xh[j]), b = __half22float2(wh[j]);
+                yh[j] = __floats2half2_rn(a.x * inv * b.x, a.y * inv * b.y);
+            }
+            y8[c] = yv;
+        }
+    } else {
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) y[c] = __float2half_rn(__half2float(x[c]) * inv * __half2float(w[c]));
+    }
+}
+
 // The "last block" pattern: each of `arrivals` blocks calls this after its writes; it returns true (in every
 // thread) only in the block that arrives last, which then sees the others' writes (read them with __ldcg: they
 // may sit in another SM's L1 no more than in this one's). Fence, then a ticket of `counter` (0 before the first

@@ -83,15 +83,7 @@ extern "C" __global__ void __launch_bounds__(256) gemv_add_rmsnorm_m1_f16(__half
     __shared__ float scratch[32];
     gemv_block(t, x, w, k, n, split, part);
     if (!last_to_arrive(counter, gridDim.x)) return;
-    float ss = 0.0f;
-    for (int c = threadIdx.x; c < n; c += blockDim.x) {
-        const __half s = __float2half_rn(__half2float(h[c]) + __half2float(__ldcg(t + c)));
-        h[c] = s;
-        const float v = __half2float(s);
-        ss += v * v;
-    }
-    const float inv = rsqrtf(block_sum(ss, scratch) / n + eps);
-    for (int c = threadIdx.x; c < n; c += blockDim.x) out[c] = __float2half_rn(__half2float(h[c]) * inv * __half2float(norm_w[c]));
+    add_rmsnorm_row(out, h, t, norm_w, n, eps, scratch);
     if (threadIdx.x == 0) *counter = 0;
 }
 

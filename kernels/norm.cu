@@ -99,15 +99,5 @@ extern "C" __global__ void add_rmsnorm_f16(__half* __restrict__ y, __half* __res
                                            const __half* __restrict__ w, int cols, float eps) {
     __shared__ float scratch[32];
     const long long row = blockIdx.x;
-    __half* xr = x + row * cols;
-    const __half* rr = r + row * cols;
-    float ss = 0.0f;
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-        const __half s = __float2half_rn(__half2float(xr[c]) + __half2float(rr[c]));
-        xr[c] = s;
-        const float v = __half2float(s);
-        ss += v * v;
-    }
-    const float inv = rsqrtf(block_sum(ss, scratch) / cols + eps);
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) y[row * cols + c] = __float2half_rn(__half2float(xr[c]) * inv * __half2float(w[c]));
+    add_rmsnorm_row(y + row * cols, x + row * cols, r + row * cols, w, cols, eps, scratch);
 }
