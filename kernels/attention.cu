@@ -110,6 +110,7 @@ extern "C" __global__ void __launch_bounds__(128) flash_attn_prefill_f16(
 // (b, h) to finish: each takes a ticket of the counter at (unsigned) part[B * heads_q * nsplit * (head_dim + 2) +
 // b * heads_q + h] after a fence, and the one that takes the last ticket merges the chunks (the same arithmetic as
 // attn_decode_combine_f16) and resets the counter. Those counters are 0 before the launch and after it.
+// pf (may be null): bytes to prefetch into L2 for the op after this one (the o projection's weights).
 static_assert(DPL == 4, "attn_decode_f16 unpacks 4 head elements per lane");
 // Element i (0..3) of 4 halves packed in a uint2 (the first in the low bits of x), widened.
 __device__ __forceinline__ float half4_at(uint2 w, int i) {
@@ -166,7 +167,7 @@ extern "C" __global__ void __launch_bounds__(128) attn_decode_f16(
     __half* __restrict__ out, const __half* __restrict__ q, const __half* __restrict__ pk, const __half* __restrict__ pv,
     int prefix_len, int prefix_stride, const __half* __restrict__ sk, const __half* __restrict__ sv, const int* __restrict__ suf_len,
     long long suf_seq_stride, int suf_stride, int heads_q, int heads_kv, int head_dim, int q_stride, int o_stride, float scale,
-    float* __restrict__ part, int chunk, int combine_here) {
+    float* __restrict__ part, int chunk, int combine_here, const char* __restrict__ pf, long long pf_bytes) {
     __shared__ float wm[WARPS], wl[WARPS];
     __shared__ float wacc[WARPS][MAX_D];
     const int b = blockIdx.x, h = blockIdx.y, s = blockIdx.z, nsplit = gridDim.z, hk = h / (heads_q / heads_kv);
@@ -230,6 +231,14 @@ extern "C" __global__ void __launch_bounds__(128) attn_decode_f16(
             for (int i = 0; i < DPL; i++) acc[i] = acc[i] * corr + p * half4_at(vw[t], i);
             m = m_new;
         }
+    }
+    // pf != null: the next op's weights (pf_bytes of them) warmed into L2 while the GPU waits on this launch's
+    // chains of loads; each thread prefetches every (threads of the launch)-th 128-byte line, after its own loads
+    // so none queues ahead of them.
+    if (pf) {
+        const long long threads = (long long)gridDim.x * gridDim.y * gridDim.z * blockDim.x;
+        const long long id = (((long long)blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x) * blockDim.x + threadIdx.x;
+        for (long long off = id * 128; off < pf_bytes; off += threads * 128) prefetch_l2(pf + off);
     }
     if (lane == 0) {
         wm[warp] = m;

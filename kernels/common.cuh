@@ -128,6 +128,16 @@ __device__ __forceinline__ unsigned pack_h2(__half lo, __half hi) {
 }
 __device__ __forceinline__ unsigned pack_f2(float lo, float hi) { return pack_h2(__float2half_rn(lo), __float2half_rn(hi)); }
 
+// A hint to bring the 128-byte line holding p into L2: nothing is written, nothing waits for it. cuemu reads the
+// byte instead, so its checker catches an address out of bounds.
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+#if defined(CUEMU)
+    (void)*static_cast<const volatile char*>(p);
+#else
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+#endif
+}
+
 // d = a b + c on the tensor cores, one warp: A 16x16 (row-major), B 16x8 (column-major), fp16 operands, fp32 C and
 // D. Fragments as the PTX ISA lays them out for mma.m16n8k16 (lane l, g = l / 4, t = l % 4): a0 = A[g][2t, 2t+1],
 // a1 = A[g+8][2t..], a2 = A[g][2t+8..], a3 = A[g+8][2t+8..]; b0 = B[2t, 2t+1][g], b1 = B[2t+8, 2t+9][g];

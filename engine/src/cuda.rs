@@ -1007,9 +1007,10 @@ impl Gpu {
     /// sequence b's suffix cache (sequence b at b * suf_seq_stride); out [bsz, heads_q, d]. `max_total` (prefix_len
     /// plus the suffix capacity) fixes the split, so a captured graph replays for every step; `part` is the
     /// workspace (`decode_part_len`, zeroed when allocated). With `fuse` on, each head's last block merges the
-    /// chunks; off, `attn_decode_combine_f16` does.
+    /// chunks; off, `attn_decode_combine_f16` does. `prefetch`: weights the next op reads (the o projection's),
+    /// brought into L2 by the launch's threads after their own loads.
     #[allow(clippy::too_many_arguments)]
-    pub fn attention_decode_dev(&self, out: &mut CudaSlice<f16>, q: &CudaSlice<f16>, q_stride: usize, pk: &CudaSlice<f16>, pv: &CudaSlice<f16>, prefix_len: usize, sk: &CudaSlice<f16>, sv: &CudaSlice<f16>, suf_lens: &CudaSlice<i32>, suf_seq_stride: usize, bsz: usize, max_total: usize, heads_q: usize, heads_kv: usize, head_dim: usize, part: &mut CudaSlice<f32>) -> Result<()> {
+    pub fn attention_decode_dev(&self, out: &mut CudaSlice<f16>, q: &CudaSlice<f16>, q_stride: usize, pk: &CudaSlice<f16>, pv: &CudaSlice<f16>, prefix_len: usize, sk: &CudaSlice<f16>, sv: &CudaSlice<f16>, suf_lens: &CudaSlice<i32>, suf_seq_stride: usize, bsz: usize, max_total: usize, heads_q: usize, heads_kv: usize, head_dim: usize, part: &mut CudaSlice<f32>, prefetch: Option<&CudaSlice<f16>>) -> Result<()> {
         if head_dim > 128 || heads_kv == 0 || !heads_q.is_multiple_of(heads_kv) || bsz == 0 || suf_lens.len() < bsz {
             return Err(err(format!("attention: head_dim {head_dim} (at most 128), heads {heads_q}/{heads_kv} (a multiple), batch {bsz}")));
         }
@@ -1026,6 +1027,12 @@ impl Gpu {
         let here = i32::from(self.fuse.load(std::sync::atomic::Ordering::Relaxed));
         let mut b = self.stream.launch_builder(self.f("attn_decode_f16")?);
         b.arg(&mut *out).arg(q).arg(pk).arg(pv).arg(&pl).arg(&row).arg(sk).arg(sv).arg(suf_lens).arg(&seq_stride).arg(&row).arg(&hq).arg(&hk).arg(&d).arg(&qs).arg(&os).arg(&scale).arg(&mut *part).arg(&ch).arg(&here);
+        let (null, pf_bytes) = (0u64, prefetch.map_or(0i64, |w| (w.len() * 2) as i64));
+        match prefetch {
+            Some(w) => b.arg(w),
+            None => b.arg(&null),
+        };
+        b.arg(&pf_bytes);
         unsafe { b.launch(LaunchConfig { grid_dim: (bsz as u32, heads_q as u32, nsplit as u32), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
         if nsplit > 1 && here == 0 {
             let mut b = self.stream.launch_builder(self.f("attn_decode_combine_f16")?);
@@ -1273,7 +1280,7 @@ impl Gpu {
         let plen = prefix_k.len() / row;
         let max_total = plen + lens.iter().copied().max().unwrap_or(0) as usize;
         let mut part = self.stream.alloc_zeros::<f32>(self.decode_part_len(max_total, bsz, heads_q, head_dim)).map_err(derr)?;
-        self.attention_decode_dev(&mut out, &dq, heads_q * head_dim, &dpk, &dpv, plen, &dsk, &dsv, &dl, max_s * row, bsz, max_total, heads_q, heads_kv, head_dim, &mut part)?;
+        self.attention_decode_dev(&mut out, &dq, heads_q * head_dim, &dpk, &dpv, plen, &dsk, &dsv, &dl, max_s * row, bsz, max_total, heads_q, heads_kv, head_dim, &mut part, None)?;
         self.download_f16(&out)
     }
 

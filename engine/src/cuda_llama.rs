@@ -59,6 +59,9 @@ pub struct GpuLlama {
     /// (`gemv_qkv_rope_m1_f16`) with this many warps per feature, or None for the projection then
     /// `rope_kv_store_f16` (what `tune_decode` measured faster).
     pub(crate) qkv_split: Option<usize>,
+    /// Whether a batch-1 step's attention prefetches the o projection's weights into L2 (with the fused kernels
+    /// on; on by default, kept where `tune_decode` measured attention + o projection faster with it).
+    pub(crate) prefetch_o: bool,
 }
 
 /// Decoders at least this wide measure their batch-1 projections at load (`GpuLlama::tune_decode`); narrower ones
@@ -203,7 +206,7 @@ impl GpuLlama {
 
     fn assemble(gpu: &Gpu, cfg: &LlamaConfig, embed: CudaSlice<f16>, layers: Vec<Layer>, norm: CudaSlice<f16>, lm_head: Option<CudaSlice<f16>>, max_positions: usize) -> Result<GpuLlama> {
         let (cos, sin) = Rope::new(cfg.head_dim, cfg.rope_theta, &cfg.rope_scaling).tables(max_positions);
-        let mut model = GpuLlama { cfg: cfg.clone(), embed, layers, norm, lm_head, cos: gpu.stream.clone_htod(&cos).map_err(derr)?, sin: gpu.stream.clone_htod(&sin).map_err(derr)?, max_positions, gemv_tuning: Vec::new(), swiglu_split: Some(1), norm_split: [Some(1); 2], qkv_split: Some(1) };
+        let mut model = GpuLlama { cfg: cfg.clone(), embed, layers, norm, lm_head, cos: gpu.stream.clone_htod(&cos).map_err(derr)?, sin: gpu.stream.clone_htod(&sin).map_err(derr)?, max_positions, gemv_tuning: Vec::new(), swiglu_split: Some(1), norm_split: [Some(1); 2], qkv_split: Some(1), prefetch_o: true };
         if cfg.hidden_size >= TUNE_MIN_HIDDEN {
             model.gemv_tuning = model.tune_decode(gpu)?;
         }
@@ -279,6 +282,30 @@ impl GpuLlama {
             self.norm_split[which] = best;
             lines.push(line);
         }
+        // The o projection's weights prefetched into L2 by the attention before it (whose blocks wait on chains of
+        // loads, leaving memory bandwidth unused): attention over 512 keys, then the o projection as tuned above,
+        // with and without.
+        let keys = 512;
+        let (kc, vc) = (gpu.stream.alloc_zeros::<f16>(keys * kvh * hd).map_err(derr)?, gpu.stream.alloc_zeros::<f16>(keys * kvh * hd).map_err(derr)?);
+        let lens = gpu.stream.alloc_zeros::<i32>(1).map_err(derr)?;
+        let mut part = gpu.stream.alloc_zeros::<f32>(gpu.decode_part_len(keys, 1, h, hd)).map_err(derr)?;
+        let mut att = gpu.stream.alloc_zeros::<f16>(h * hd).map_err(derr)?;
+        let o_split = self.norm_split[0];
+        let mut pair = |prefetch: bool, i: usize| -> Result<()> {
+            let l = &layers[i];
+            gpu.attention_decode_dev(&mut att, &qkv, nqkv, &kc, &vc, keys, &kc, &vc, &lens, 0, 1, keys, h, kvh, hd, &mut part, prefetch.then_some(&l.o))?;
+            match o_split {
+                Some(split) => gpu.gemv_add_rmsnorm_dev(&mut out, &mut res, &mut t, &l.post_norm, &att, &l.o, h * hd, c, split, eps),
+                None => {
+                    gpu.matmul_dev(&att, &l.o, &mut t, 1, h * hd, c)?;
+                    gpu.add_rmsnorm_dev(&mut out, &mut res, &t, &l.post_norm, 1, eps)
+                }
+            }
+        };
+        let without = gpu.time_passes(n, &mut |i| pair(false, i))?;
+        let with = gpu.time_passes(n, &mut |i| pair(true, i))?;
+        self.prefetch_o = with < without;
+        lines.push(format!("attention {keys} keys + o projection: {without:.1} us, prefetching o {with:.1} us -> {}", if self.prefetch_o { "prefetch" } else { "no prefetch" }));
         Ok(lines)
     }
 
@@ -392,6 +419,7 @@ impl GpuLlama {
         let gemv = gpu.gemv.load(std::sync::atomic::Ordering::Relaxed);
         let norm_split = |which: usize, k: usize| if fuse && gemv && rows == 1 && lora.is_none() && k.is_multiple_of(8) { self.norm_split[which] } else { None };
         let qkv_split = if fuse && gemv && rows == 1 && lora.is_none() && c.is_multiple_of(8) { self.qkv_split } else { None };
+        let prefetch_o = fuse && rows == 1 && self.prefetch_o;
         for (li, l) in self.layers.iter().enumerate() {
             // The q/k/v projection, RoPE on q and k, and k and v into this layer's cache: the prefill cache at
             // `start`, or each decoding sequence's suffix cache at its length. At batch 1 without LoRA on q/k/v,
@@ -422,13 +450,13 @@ impl GpuLlama {
                     if rows == 1 {
                         // One new token: flash-decoding over the cache (the prefill kernel would give the GPU one
                         // block per head); the cache is the "prefix", with an empty suffix.
-                        gpu.attention_decode_dev(&mut s.att, &s.qkv, nqkv, &cache.k[li], &cache.v[li], start + 1, &cache.k[li], &cache.v[li], &s.flag, 0, 1, start + 1, h, kvh, hd, &mut s.part)?;
+                        gpu.attention_decode_dev(&mut s.att, &s.qkv, nqkv, &cache.k[li], &cache.v[li], start + 1, &cache.k[li], &cache.v[li], &s.flag, 0, 1, start + 1, h, kvh, hd, &mut s.part, prefetch_o.then_some(&l.o))?;
                     } else {
                         gpu.attention_prefill_strided_dev(&mut s.att, None, &s.qkv, nqkv, &cache.k[li], &cache.v[li], rows, start + rows, h, kvh, hd, true)?;
                     }
                 }
                 Attend::Decode { prefix, suffix } => {
-                    gpu.attention_decode_dev(&mut s.att, &s.qkv, nqkv, &prefix.k[li], &prefix.v[li], prefix.len, &suffix.k[li], &suffix.v[li], &suffix.lens, suffix.capacity * w, rows, prefix.len + suffix.capacity, h, kvh, hd, &mut s.part)?;
+                    gpu.attention_decode_dev(&mut s.att, &s.qkv, nqkv, &prefix.k[li], &prefix.v[li], prefix.len, &suffix.k[li], &suffix.v[li], &suffix.lens, suffix.capacity * w, rows, prefix.len + suffix.capacity, h, kvh, hd, &mut s.part, prefetch_o.then_some(&l.o))?;
                 }
             }
             match norm_split(0, h * hd) {
@@ -954,17 +982,17 @@ fn op_breakdown(gpu: &Gpu, model: &GpuLlama, keys: usize, n: usize) -> Result<Ve
         out.push((format!("kv_store m{m}"), time(&mut || gpu.kv_store_dev(&mut kc2, &mut vc2, qkv, m, kvh * hd, nqkv, h * hd, (h + kvh) * hd, keys * kvh * hd, Some(&lens), 0))?));
         let (chunk, nsplit) = gpu.decode_split(keys, m, h);
         let per_sm = gpu.decode_blocks_per_sm.load(Ordering::Relaxed);
-        out.push((format!("attn_decode {keys} keys m{m} ({nsplit} chunks of {chunk}: {per_sm} blocks per SM)"), time(&mut || gpu.attention_decode_dev(att, qkv, nqkv, &kc, &kc, keys - 1, &kc, &kc, &lens, 0, m, keys, h, kvh, hd, part))?));
+        out.push((format!("attn_decode {keys} keys m{m} ({nsplit} chunks of {chunk}: {per_sm} blocks per SM)"), time(&mut || gpu.attention_decode_dev(att, qkv, nqkv, &kc, &kc, keys - 1, &kc, &kc, &lens, 0, m, keys, h, kvh, hd, part, None))?));
         // The same split into chunks for 16 blocks per SM (more than fit at once where the kernel's occupancy is
         // lower), with a workspace of its own.
         gpu.decode_blocks_per_sm.store(16, Ordering::Relaxed);
         let (chunk16, nsplit16) = gpu.decode_split(keys, m, h);
-        let us = gpu.stream.alloc_zeros::<f32>(gpu.decode_part_len(keys, m, h, hd)).map_err(derr).and_then(|mut part16| time(&mut || gpu.attention_decode_dev(att, qkv, nqkv, &kc, &kc, keys - 1, &kc, &kc, &lens, 0, m, keys, h, kvh, hd, &mut part16)));
+        let us = gpu.stream.alloc_zeros::<f32>(gpu.decode_part_len(keys, m, h, hd)).map_err(derr).and_then(|mut part16| time(&mut || gpu.attention_decode_dev(att, qkv, nqkv, &kc, &kc, keys - 1, &kc, &kc, &lens, 0, m, keys, h, kvh, hd, &mut part16, None)));
         gpu.decode_blocks_per_sm.store(per_sm, Ordering::Relaxed);
         out.push((format!("attn_decode {keys} keys m{m} ({nsplit16} chunks of {chunk16}: 16 blocks per SM)"), us?));
         // The same with the chunks merged by a second launch (attn_decode_combine_f16), as without the fused kernels.
         gpu.fuse.store(false, Ordering::Relaxed);
-        let us = time(&mut || gpu.attention_decode_dev(att, qkv, nqkv, &kc, &kc, keys - 1, &kc, &kc, &lens, 0, m, keys, h, kvh, hd, part));
+        let us = time(&mut || gpu.attention_decode_dev(att, qkv, nqkv, &kc, &kc, keys - 1, &kc, &kc, &lens, 0, m, keys, h, kvh, hd, part, None));
         gpu.fuse.store(true, Ordering::Relaxed);
         out.push((format!("attn_decode {keys} keys m{m}, merged by a 2nd launch"), us?));
         out.push((format!("swiglu m{m}"), time(&mut || gpu.swiglu_fused_dev(act, gu, m, inter))?));
