@@ -60,7 +60,8 @@ pub struct GpuLlama {
     /// `rope_kv_store_f16` (what `tune_decode` measured faster).
     pub(crate) qkv_split: Option<usize>,
     /// Whether a batch-1 step's attention prefetches the o projection's weights into L2 (with the fused kernels
-    /// on; on by default, kept where `tune_decode` measured attention + o projection faster with it).
+    /// on): only where `tune_decode` measured attention + o projection faster with it. Off by default: on an H200
+    /// at LLaVA-1.5-7B's shape it was slower (26.0 against 24.7 us, BENCHMARKS.md).
     pub(crate) prefetch_o: bool,
 }
 
@@ -206,7 +207,7 @@ impl GpuLlama {
 
     fn assemble(gpu: &Gpu, cfg: &LlamaConfig, embed: CudaSlice<f16>, layers: Vec<Layer>, norm: CudaSlice<f16>, lm_head: Option<CudaSlice<f16>>, max_positions: usize) -> Result<GpuLlama> {
         let (cos, sin) = Rope::new(cfg.head_dim, cfg.rope_theta, &cfg.rope_scaling).tables(max_positions);
-        let mut model = GpuLlama { cfg: cfg.clone(), embed, layers, norm, lm_head, cos: gpu.stream.clone_htod(&cos).map_err(derr)?, sin: gpu.stream.clone_htod(&sin).map_err(derr)?, max_positions, gemv_tuning: Vec::new(), swiglu_split: Some(1), norm_split: [Some(1); 2], qkv_split: Some(1), prefetch_o: true };
+        let mut model = GpuLlama { cfg: cfg.clone(), embed, layers, norm, lm_head, cos: gpu.stream.clone_htod(&cos).map_err(derr)?, sin: gpu.stream.clone_htod(&sin).map_err(derr)?, max_positions, gemv_tuning: Vec::new(), swiglu_split: Some(1), norm_split: [Some(1); 2], qkv_split: Some(1), prefetch_o: false };
         if cfg.hidden_size >= TUNE_MIN_HIDDEN {
             model.gemv_tuning = model.tune_decode(gpu)?;
         }
