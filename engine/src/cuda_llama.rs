@@ -273,13 +273,7 @@ impl GpuLlama {
         for (which, name, k) in [(0usize, "o + add + RMSNorm", h * hd), (1, "down + add + RMSNorm", inter)] {
             let input = gpu.stream.alloc_zeros::<f16>(k).map_err(derr)?;
             let w = |i: usize| if which == 0 { &layers[i].o } else { &layers[i].down };
-            let (best, line) = pick_fused(gpu, n, name, "one launch", &mut |split, i| match split {
-                Some(split) => gpu.gemv_add_rmsnorm_dev(&mut out, &mut res, &mut t, &layers[i].post_norm, &input, w(i), k, c, split, eps),
-                None => {
-                    gpu.matmul_dev(&input, w(i), &mut t, 1, k, c)?;
-                    gpu.add_rmsnorm_dev(&mut out, &mut res, &t, &layers[i].post_norm, 1, eps)
-                }
-            })?;
+            let (best, line) = pick_fused(gpu, n, name, "one launch", &mut |split, i| proj_add_rmsnorm_m1(gpu, &mut out, &mut res, &mut t, &layers[i].post_norm, &input, w(i), k, c, split, eps))?;
             self.norm_split[which] = best;
             lines.push(line);
         }
@@ -295,13 +289,7 @@ impl GpuLlama {
         let mut pair = |prefetch: bool, i: usize| -> Result<()> {
             let l = &layers[i];
             gpu.attention_decode_dev(&mut att, &qkv, nqkv, &kc, &vc, keys, &kc, &vc, &lens, 0, 1, keys, h, kvh, hd, &mut part, prefetch.then_some(&l.o))?;
-            match o_split {
-                Some(split) => gpu.gemv_add_rmsnorm_dev(&mut out, &mut res, &mut t, &l.post_norm, &att, &l.o, h * hd, c, split, eps),
-                None => {
-                    gpu.matmul_dev(&att, &l.o, &mut t, 1, h * hd, c)?;
-                    gpu.add_rmsnorm_dev(&mut out, &mut res, &t, &l.post_norm, 1, eps)
-                }
-            }
+            proj_add_rmsnorm_m1(gpu, &mut out, &mut res, &mut t, &l.post_norm, &att, &l.o, h * hd, c, o_split, eps)
         };
         let without = gpu.time_passes(n, &mut |i| pair(false, i))?;
         let with = gpu.time_passes(n, &mut |i| pair(true, i))?;
@@ -764,6 +752,20 @@ fn pick_fused(gpu: &Gpu, layers: usize, label: &str, tag: &str, op: &mut dyn FnM
     Ok((best, format!("{label}: {} us -> {}", times.join(", "), best.map_or("separate".to_string(), |s| format!("{tag}/{s}")))))
 }
 
+/// One row's o or down projection (x (k) by w (n, k) into t), then the residual add into h and the RMSNorm into
+/// out: in one launch with `split` warps per row (`gemv_add_rmsnorm_m1_f16`), or (None) the projection as
+/// `matmul_dev` runs it, then `add_rmsnorm_f16`. The tuner's and the per-op breakdown's unit of work.
+#[allow(clippy::too_many_arguments)]
+fn proj_add_rmsnorm_m1(gpu: &Gpu, out: &mut CudaSlice<f16>, h: &mut CudaSlice<f16>, t: &mut CudaSlice<f16>, norm_w: &CudaSlice<f16>, x: &CudaSlice<f16>, w: &CudaSlice<f16>, k: usize, n: usize, split: Option<usize>, eps: f32) -> Result<()> {
+    match split {
+        Some(split) => gpu.gemv_add_rmsnorm_dev(out, h, t, norm_w, x, w, k, n, split, eps),
+        None => {
+            gpu.matmul_dev(x, w, t, 1, k, n)?;
+            gpu.add_rmsnorm_dev(out, h, t, norm_w, 1, eps)
+        }
+    }
+}
+
 fn check_shape(cfg: &LlamaConfig) -> Result<()> {
     if cfg.head_dim > 128 || !cfg.head_dim.is_multiple_of(2) || cfg.num_key_value_heads == 0 || !cfg.num_attention_heads.is_multiple_of(cfg.num_key_value_heads) {
         return Err(err(format!("the CUDA attention kernels take an even head_dim of at most 128 and heads a multiple of kv heads (got head_dim {}, heads {}/{})", cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads)));
@@ -1010,12 +1012,9 @@ fn op_breakdown(gpu: &Gpu, model: &GpuLlama, keys: usize, n: usize) -> Result<Ve
                 let split = model.norm_split[which].unwrap_or(1);
                 let xin = gpu.stream.alloc_zeros::<f16>(k).map_err(derr)?;
                 let mut t = gpu.stream.alloc_zeros::<f16>(c).map_err(derr)?;
-                let us = time(&mut || gpu.gemv_add_rmsnorm_dev(hb, x, &mut t, &l.post_norm, &xin, w, k, c, split, 1e-5))?;
+                let us = time(&mut || proj_add_rmsnorm_m1(gpu, hb, x, &mut t, &l.post_norm, &xin, w, k, c, Some(split), 1e-5))?;
                 out.push((format!("{name} gemv/{split} + add + RMSNorm, one launch m1"), us));
-                let us = time(&mut || {
-                    gpu.matmul_dev(&xin, w, &mut t, 1, k, c)?;
-                    gpu.add_rmsnorm_dev(hb, x, &t, &l.post_norm, 1, 1e-5)
-                })?;
+                let us = time(&mut || proj_add_rmsnorm_m1(gpu, hb, x, &mut t, &l.post_norm, &xin, w, k, c, None, 1e-5))?;
                 out.push((format!("{name} projection, then add_rmsnorm m1"), us));
             }
             let split = model.swiglu_split.unwrap_or(1);
