@@ -27,7 +27,7 @@
 # when those fail on the hardware: the binaries cannot be rebuilt on the GPU host). The script sets it itself for
 # the stages after the parity tests when a tensor-core attention check failed there ($OUT/mma-failed).
 # On an H200 (2026-11-27) the default run took 213 s: tests ~85 s, bench ~30 s, peers ~100 s (plus ~35 s to start
-# the machine); PARTS=sanitize 89 s. Run 6 (PARTS=tests,bench,peer,sanitize in one call) took 302 s.
+# the machine); PARTS=sanitize 89 s. Run 6 (PARTS=tests,bench,peer,sanitize in one call) took 302 s; run 7 (tests,bench,sanitize) 191 s.
 # PARTS=tests,bench,peer (the default) picks the parts to run, so a session whose commands are time-limited can
 # split the run in two (PARTS=tests, then PARTS=bench,peer) into the same $OUT. PARTS=sanitize (not in the default;
 # for device time left over) runs the kernel parity tests under NVIDIA's compute-sanitizer (memcheck, racecheck,
