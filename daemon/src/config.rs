@@ -57,17 +57,64 @@ pub struct StateConfig {
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
     pub bind: String,
-    pub token: String,
+    pub token: Secret,
     pub max_body_bytes: usize,
     pub max_image_side: u32,
     pub max_tokens: usize,
     pub max_n: usize,
     pub workers: usize,
+    /// Chat requests in flight at once (reading their body, queued or running); more get 503.
+    pub max_pending: usize,
+    /// Seconds one chat request may take from arrival (queueing included); past it the engine stops it (503).
+    pub request_timeout_s: f64,
+    /// Most memory one request's model work may take, MiB; 0: half of the memory available at start-up.
+    pub max_request_mb: u64,
     /// Chat requests per second per client address (token bucket, burst `rate_burst`); 0 disables.
     pub rate_per_s: f64,
     pub rate_burst: f64,
     pub join_prompt_pool: bool,
 }
+
+/// A secret (the bearer token): compared and sent, never shown. Debug and Serialize print `<redacted>` (or "" when
+/// unset), so `--check-config`, logs and error messages cannot leak it.
+#[derive(Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Secret {
+        Secret(s.into())
+    }
+    /// The secret itself, for the comparison that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+    fn shown(&self) -> &'static str {
+        if self.0.is_empty() {
+            ""
+        } else {
+            "<redacted>"
+        }
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.shown())
+    }
+}
+
+impl serde::Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.shown())
+    }
+}
+
+/// Shortest bearer token accepted (characters).
+pub const MIN_TOKEN_LEN: usize = 16;
 
 /// The id of the group `name` in /etc/group.
 pub fn group_id(name: &str) -> Option<u32> {
@@ -83,6 +130,9 @@ pub fn group_id(name: &str) -> Option<u32> {
 pub struct ControlConfig {
     pub socket: PathBuf,
     pub group: String,
+    /// The folder whose files `import-prompts` may read (symlinks resolved); empty: any absolute path the daemon
+    /// can read.
+    pub import_dir: PathBuf,
 }
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -164,8 +214,18 @@ impl Config {
             bail!("database.max_connections must be at least 1");
         }
         let addr: std::net::SocketAddr = self.server.bind.parse().map_err(|_| anyhow::anyhow!("server.bind {:?} is not an IP:port address (e.g. 127.0.0.1:8080)", self.server.bind))?;
-        if !addr.ip().is_loopback() && self.server.token.trim().is_empty() {
+        let token = self.server.token.expose();
+        if !addr.ip().is_loopback() && token.is_empty() {
             bail!("server.bind {} is not a loopback address: set server.token (clients then send Authorization: Bearer TOKEN)", self.server.bind);
+        }
+        if !token.is_empty() {
+            let chars = token.chars().count();
+            if chars < MIN_TOKEN_LEN {
+                bail!("server.token is {chars} characters long: use at least {MIN_TOKEN_LEN} (e.g. `openssl rand -hex 32`)");
+            }
+            if token.chars().any(|c| c.is_whitespace() || c.is_control() || !c.is_ascii()) {
+                bail!("server.token holds whitespace, control or non-ASCII characters, which an Authorization header cannot carry: use printable ASCII (e.g. `openssl rand -hex 32`)");
+            }
         }
         if self.server.max_body_bytes < 1024 {
             bail!("server.max_body_bytes must be at least 1024");
@@ -173,8 +233,14 @@ impl Config {
         if self.server.max_image_side < 16 {
             bail!("server.max_image_side must be at least 16");
         }
-        if self.server.max_tokens == 0 || self.server.max_n == 0 || self.server.workers == 0 {
-            bail!("server.max_tokens, server.max_n and server.workers must be at least 1");
+        if self.server.max_tokens == 0 || self.server.max_n == 0 || self.server.workers == 0 || self.server.max_pending == 0 {
+            bail!("server.max_tokens, server.max_n, server.workers and server.max_pending must be at least 1");
+        }
+        if !(self.server.request_timeout_s.is_finite() && self.server.request_timeout_s >= 0.1) {
+            bail!("server.request_timeout_s must be at least 0.1 seconds");
+        }
+        if !self.control.import_dir.as_os_str().is_empty() && !self.control.import_dir.is_absolute() {
+            bail!("control.import_dir {} must be an absolute path (or empty: any absolute path)", self.control.import_dir.display());
         }
         if !(self.server.rate_per_s.is_finite() && self.server.rate_per_s >= 0.0 && self.server.rate_burst.is_finite() && self.server.rate_burst >= 1.0) {
             bail!("server.rate_per_s must be >= 0 (0: no limit) and server.rate_burst >= 1");
@@ -196,6 +262,14 @@ impl Config {
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|e| anyhow::anyhow!("log.level {:?}: {e}", self.log.level))?;
         Ok(())
+    }
+
+    /// What `--check-config` prints and logs show: the token redacted (`Secret`) and the database URL without its
+    /// password.
+    pub fn redacted(&self) -> Config {
+        let mut c = self.clone();
+        c.database.url = crate::db::redacted(&c.database.url);
+        c
     }
 
     /// The control socket's path (relative paths are under the state directory).

@@ -1,7 +1,10 @@
 //! The Control actor and `rlaifd ctl`: a Unix stream socket (mode 0660), one JSON object per line each way.
 //! Commands: `status`, `pause`, `resume`, `iterate`, `promote <id>`, `rollback [<id>]`, `eval <id>`,
 //! `import-prompts <file>`, `drain`, `reload-config`. A malformed or unknown command gets `{"ok": false,
-//! "error": ...}` and changes nothing; every command, accepted or not, is recorded in `events`.
+//! "error": ...}` and changes nothing; every command, accepted or not, is recorded in `events` (refused lines
+//! beyond a few per peer and minute as one summary row per minute, so a client cannot flood the table).
+//! Files a command names are read only when they are regular files within a size cap and a read timeout, their
+//! real path (symlinks resolved) inside the allowed folder; no error shows a file's bytes.
 
 use crate::config::Config;
 use crate::serve::{Daemon, Wake};
@@ -11,15 +14,33 @@ use actix::prelude::*;
 use anyhow::{bail, Context as _, Result};
 use serde_json::{json, Value};
 use std::io::{BufRead, Write};
+use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
 /// Longest command line accepted.
 pub const MAX_LINE: usize = 64 * 1024;
 /// Most prompts one `import-prompts` file may hold.
 pub const MAX_IMPORT: usize = 100_000;
+/// Largest prompts file `import-prompts` reads.
+pub const MAX_IMPORT_BYTES: u64 = 64 << 20;
+/// Largest image file a prompts file may name.
+pub const MAX_IMPORT_IMAGE_BYTES: u64 = 32 << 20;
+/// Most image bytes one import holds in memory before it stores them (distinct files and repeats alike).
+pub const MAX_IMPORT_TOTAL_IMAGE_BYTES: u64 = 512 << 20;
+/// How long reading one named file may take.
+pub const FILE_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Control connections open at once; more are answered with an error and closed.
+pub const MAX_CONNECTIONS: usize = 32;
+/// How long a connection may stay silent before it is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Refused lines per peer and minute written to `events` one row each; the rest are counted into one
+/// `control_rejected_summary` row for that minute.
+pub const REFUSALS_IN_FULL_PER_MINUTE: u32 = 10;
+const AUDIT_WINDOW: Duration = Duration::from_secs(60);
 
 /// A parsed command.
 #[derive(Clone, Debug, PartialEq)]
@@ -87,21 +108,104 @@ pub struct Control {
     wake: Recipient<Wake>,
 }
 
+/// Who sent a line: the peer's uid and pid (SO_PEERCRED).
+#[derive(Clone, Copy, Debug)]
+pub struct Peer {
+    pub uid: u32,
+    pub pid: Option<i32>,
+}
+
+/// Refused lines per peer uid and minute: the first `REFUSALS_IN_FULL_PER_MINUTE` get a row each, the rest a count.
+#[derive(Default)]
+pub struct RefusalAudit {
+    windows: Mutex<HashMap<u32, RefusalWindow>>,
+}
+
+struct RefusalWindow {
+    opened: Instant,
+    opened_at: chrono::DateTime<chrono::Utc>,
+    in_full: u32,
+    counted: u64,
+    last_error: String,
+}
+
+impl RefusalAudit {
+    /// Notes one refusal by `uid`: whether it gets its own row, and the summary of the peer's previous minute
+    /// when that minute ended with refusals only counted.
+    fn note(&self, uid: u32, error: &str, now: Instant) -> (bool, Option<Value>) {
+        let Ok(mut w) = self.windows.lock() else { return (true, None) };
+        let mut summary = None;
+        if let Some(old) = w.get(&uid).filter(|o| now.duration_since(o.opened) >= AUDIT_WINDOW) {
+            summary = old.summary(uid);
+            w.remove(&uid);
+        }
+        let win = w.entry(uid).or_insert_with(|| RefusalWindow { opened: now, opened_at: chrono::Utc::now(), in_full: 0, counted: 0, last_error: String::new() });
+        if win.in_full < REFUSALS_IN_FULL_PER_MINUTE {
+            win.in_full += 1;
+            (true, summary)
+        } else {
+            win.counted += 1;
+            win.last_error = error.chars().take(200).collect();
+            (false, summary)
+        }
+    }
+
+    /// Summaries of every minute that has ended (their windows are closed).
+    fn take_ended(&self, now: Instant) -> Vec<Value> {
+        let Ok(mut w) = self.windows.lock() else { return Vec::new() };
+        let ended: Vec<u32> = w.iter().filter(|(_, o)| now.duration_since(o.opened) >= AUDIT_WINDOW).map(|(u, _)| *u).collect();
+        ended.into_iter().filter_map(|u| w.remove(&u).and_then(|o| o.summary(u))).collect()
+    }
+}
+
+impl RefusalWindow {
+    fn summary(&self, uid: u32) -> Option<Value> {
+        (self.counted > 0).then(|| {
+            json!({ "peer_uid": uid, "since": self.opened_at.to_rfc3339(), "seconds": AUDIT_WINDOW.as_secs(), "written_in_full": self.in_full,
+                    "counted": self.counted, "last_error": self.last_error })
+        })
+    }
+}
+
+async fn write_summaries(pool: &sqlx::PgPool, summaries: Vec<Value>) {
+    for s in summaries {
+        tracing::warn!(detail = %s, "control lines refused beyond the per-minute audit limit");
+        let _ = store::event(pool, "control_rejected_summary", "control", s).await;
+    }
+}
+
 impl Actor for Control {
     type Context = Context<Self>;
     fn started(&mut self, ctx: &mut Context<Self>) {
         let Some(listener) = self.listener.take() else { return };
         let (d, wake) = (self.d.clone(), self.wake.clone());
+        let audit = Arc::new(RefusalAudit::default());
+        let open = Arc::new(AtomicUsize::new(0));
+        let (flush_pool, flush_audit) = (d.pool.clone(), audit.clone());
+        ctx.spawn(
+            async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(10)).await;
+                    write_summaries(&flush_pool, flush_audit.take_ended(Instant::now())).await;
+                }
+            }
+            .into_actor(self),
+        );
         ctx.spawn(
             async move {
                 loop {
                     match listener.accept().await {
                         Ok((stream, _)) => {
-                            let (d, wake) = (d.clone(), wake.clone());
+                            let (d, wake, audit, open) = (d.clone(), wake.clone(), audit.clone(), open.clone());
                             actix::spawn(async move {
-                                if let Err(e) = connection(stream, &d, &wake).await {
+                                if open.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+                                    let mut stream = stream;
+                                    let reply = json!({ "ok": false, "error": format!("too many control connections open ({MAX_CONNECTIONS}); retry later") });
+                                    let _ = stream.write_all(format!("{reply}\n").as_bytes()).await;
+                                } else if let Err(e) = connection(stream, &d, &wake, &audit).await {
                                     tracing::debug!(error = %e, "control connection ended");
                                 }
+                                open.fetch_sub(1, Ordering::SeqCst);
                             });
                         }
                         Err(e) => {
@@ -140,38 +244,77 @@ pub fn start(d: Arc<Daemon>, wake: Recipient<Wake>) -> Result<Addr<Control>> {
     Ok(Control { d, listener: Some(listener), wake }.start())
 }
 
-async fn connection(stream: tokio::net::UnixStream, d: &Arc<Daemon>, wake: &Recipient<Wake>) -> Result<()> {
+/// A line as it may be shown and stored: invalid UTF-8 replaced, control characters (NUL included) escaped,
+/// at most 200 characters.
+pub fn shown_line(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let mut out = String::new();
+    for c in text.trim_end_matches(['\n', '\r']).chars().take(200) {
+        if c.is_control() {
+            out.push_str(&format!("\\u{{{:04x}}}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Records a refused line in `events` (within the per-peer limit) and returns the reply.
+async fn refuse(d: &Arc<Daemon>, audit: &RefusalAudit, peer: Peer, line: &[u8], error: String) -> Value {
+    let error = shown_line(error.as_bytes());
+    let (in_full, summary) = audit.note(peer.uid, &error, Instant::now());
+    if let Some(s) = summary {
+        write_summaries(&d.pool, vec![s]).await;
+    }
+    if in_full {
+        let detail = json!({ "line": shown_line(line), "bytes": line.len(), "error": error, "peer_uid": peer.uid, "peer_pid": peer.pid });
+        if let Err(e) = store::event(&d.pool, "control_rejected", "control", detail).await {
+            tracing::warn!(error = %format!("{e:#}"), "a refused control line could not be recorded in events");
+        }
+    }
+    json!({ "ok": false, "error": error })
+}
+
+async fn connection(stream: tokio::net::UnixStream, d: &Arc<Daemon>, wake: &Recipient<Wake>, audit: &RefusalAudit) -> Result<()> {
+    let peer = match stream.peer_cred() {
+        Ok(c) => Peer { uid: c.uid(), pid: c.pid() },
+        Err(_) => Peer { uid: u32::MAX, pid: None },
+    };
     let (r, mut w) = stream.into_split();
     let mut r = tokio::io::BufReader::new(r);
     let mut buf = Vec::new();
     loop {
         buf.clear();
-        let n = (&mut r).take(MAX_LINE as u64 + 1).read_until(b'\n', &mut buf).await?;
+        let n = match tokio::time::timeout(IDLE_TIMEOUT, (&mut r).take(MAX_LINE as u64 + 1).read_until(b'\n', &mut buf)).await {
+            Ok(n) => n?,
+            Err(_) => return Ok(()),
+        };
         if n == 0 {
             return Ok(());
         }
         let too_long = buf.len() > MAX_LINE;
         let reply = if too_long {
-            json!({ "ok": false, "error": format!("command longer than {MAX_LINE} bytes") })
+            refuse(d, audit, peer, &buf, format!("command longer than {MAX_LINE} bytes")).await
         } else {
             match std::str::from_utf8(&buf) {
                 Ok(line) if line.trim().is_empty() => continue,
-                Ok(line) => {
-                    let (reply, stop) = handle_line(line.trim(), d, wake).await;
-                    if stop {
-                        // Stop only once the reply is out: a daemon with nothing running exits within
-                        // milliseconds, which used to close this connection before `drain` was answered.
-                        w.write_all(format!("{reply}\n").as_bytes()).await?;
-                        w.flush().await?;
-                        d.stop.notify_one();
-                        continue;
+                Ok(line) if line.contains('\0') => refuse(d, audit, peer, &buf, "the command holds a NUL byte".into()).await,
+                Ok(line) => match parse(line.trim()) {
+                    Err(e) => refuse(d, audit, peer, &buf, format!("{e:#}")).await,
+                    Ok(cmd) => {
+                        let (reply, stop) = handle_command(cmd, d, wake, peer).await;
+                        if stop {
+                            // Stop only once the reply is out: a daemon with nothing running exits within
+                            // milliseconds, which used to close this connection before `drain` was answered.
+                            w.write_all(format!("{reply}\n").as_bytes()).await?;
+                            w.flush().await?;
+                            d.stop.notify_one();
+                            continue;
+                        }
+                        reply
                     }
-                    reply
-                }
-                Err(_) => {
-                    let _ = store::event(&d.pool, "control_rejected", "control", json!({ "error": "not UTF-8" })).await;
-                    json!({ "ok": false, "error": "the command is not UTF-8 text" })
-                }
+                },
+                Err(_) => refuse(d, audit, peer, &buf, "the command is not UTF-8 text".into()).await,
             }
         };
         w.write_all(format!("{reply}\n").as_bytes()).await?;
@@ -181,27 +324,24 @@ async fn connection(stream: tokio::net::UnixStream, d: &Arc<Daemon>, wake: &Reci
     }
 }
 
-/// Runs one command line and returns the reply, and whether the daemon should stop once it is sent (an
+/// Runs one parsed command and returns the reply, and whether the daemon should stop once it is sent (an
 /// accepted `drain`); records the command in `events`.
-pub async fn handle_line(line: &str, d: &Arc<Daemon>, wake: &Recipient<Wake>) -> (Value, bool) {
-    let cmd = match parse(line) {
-        Ok(c) => c,
-        Err(e) => {
-            let shown: String = line.chars().take(200).collect();
-            let _ = store::event(&d.pool, "control_rejected", "control", json!({ "line": shown, "error": format!("{e:#}") })).await;
-            return (json!({ "ok": false, "error": format!("{e:#}") }), false);
-        }
-    };
+pub async fn handle_command(cmd: Command, d: &Arc<Daemon>, wake: &Recipient<Wake>, peer: Peer) -> (Value, bool) {
     let r = execute(&cmd, d, wake).await;
     let stop = matches!(cmd, Command::Drain) && r.is_ok();
     let (detail, reply) = match r {
         Ok(mut v) => {
             v["ok"] = json!(true);
-            (json!({ "command": format!("{cmd:?}"), "ok": true }), v)
+            (json!({ "command": format!("{cmd:?}"), "ok": true, "peer_uid": peer.uid, "peer_pid": peer.pid }), v)
         }
-        Err(e) => (json!({ "command": format!("{cmd:?}"), "ok": false, "error": format!("{e:#}") }), json!({ "ok": false, "error": format!("{e:#}") })),
+        Err(e) => {
+            let error = shown_line(format!("{e:#}").as_bytes());
+            (json!({ "command": shown_line(format!("{cmd:?}").as_bytes()), "ok": false, "error": error, "peer_uid": peer.uid, "peer_pid": peer.pid }), json!({ "ok": false, "error": format!("{e:#}") }))
+        }
     };
-    let _ = store::event(&d.pool, "control", "control", detail).await;
+    if let Err(e) = store::event(&d.pool, "control", "control", detail).await {
+        tracing::warn!(error = %format!("{e:#}"), "a control command could not be recorded in events");
+    }
     tracing::info!(command = ?cmd, ok = reply["ok"].as_bool(), "control command");
     wake.do_send(Wake);
     (reply, stop)
@@ -314,7 +454,8 @@ async fn status(d: &Arc<Daemon>) -> Result<Value> {
     }))
 }
 
-/// A prompts file's image path: relative, inside the file's directory (no `..`, no absolute paths).
+/// A prompts file's image path: relative, inside the file's directory (no `..`, no absolute paths). Symlinks
+/// are resolved when the file is read (`read_named_file`) and must stay inside too.
 fn image_path(base: &Path, rel: &str, line: usize, file: &Path) -> Result<PathBuf> {
     let p = Path::new(rel);
     if p.is_absolute() || p.components().any(|c| !matches!(c, Component::Normal(_) | Component::CurDir)) {
@@ -323,15 +464,73 @@ fn image_path(base: &Path, rel: &str, line: usize, file: &Path) -> Result<PathBu
     Ok(base.join(p))
 }
 
+/// Reads a file a control command names: its real path (symlinks resolved) inside `inside` when given, a regular
+/// file (not a FIFO, device, socket or directory), at most `max` bytes, within `FILE_READ_TIMEOUT`. Returns the
+/// real path and the bytes; errors name the path and never show the file's content.
+pub async fn read_named_file(path: &Path, inside: Option<&Path>, max: u64) -> Result<(PathBuf, Vec<u8>)> {
+    let (p, dir) = (path.to_path_buf(), inside.map(Path::to_path_buf));
+    let task = tokio::task::spawn_blocking(move || read_named_file_now(&p, dir.as_deref(), max));
+    match tokio::time::timeout(FILE_READ_TIMEOUT, task).await {
+        Err(_) => bail!("{}: not read within {} s (a stalled filesystem?); nothing changed", path.display(), FILE_READ_TIMEOUT.as_secs()),
+        Ok(Err(e)) => bail!("{}: reading failed: {e}", path.display()),
+        Ok(Ok(r)) => r,
+    }
+}
+
+fn read_named_file_now(path: &Path, inside: Option<&Path>, max: u64) -> Result<(PathBuf, Vec<u8>)> {
+    use std::io::Read;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let real = std::fs::canonicalize(path).with_context(|| format!("cannot find {}", path.display()))?;
+    if let Some(dir) = inside {
+        let dir = std::fs::canonicalize(dir).with_context(|| format!("cannot find the folder {}", dir.display()))?;
+        if !real.starts_with(&dir) {
+            bail!("{} resolves to {}, outside {}: files must stay inside that folder (symlinks included)", path.display(), real.display(), dir.display());
+        }
+    }
+    // Non-blocking open: a FIFO never waits for a writer; no-follow: the resolved path cannot be swapped for a link.
+    let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_CLOEXEC).open(&real).with_context(|| format!("cannot open {}", path.display()))?;
+    let meta = f.metadata().with_context(|| format!("cannot stat {}", path.display()))?;
+    let t = meta.file_type();
+    if !t.is_file() {
+        let kind = if t.is_dir() {
+            "a directory"
+        } else if t.is_fifo() {
+            "a FIFO"
+        } else if t.is_char_device() || t.is_block_device() {
+            "a device"
+        } else if t.is_socket() {
+            "a socket"
+        } else {
+            "not a regular file"
+        };
+        bail!("{} is {kind}: name a regular file", path.display());
+    }
+    if meta.len() > max {
+        bail!("{} is {} bytes, more than the limit of {max} bytes", path.display(), meta.len());
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    f.take(max + 1).read_to_end(&mut bytes).with_context(|| format!("cannot read {}", path.display()))?;
+    if bytes.len() as u64 > max {
+        bail!("{} grew past the limit of {max} bytes while it was read", path.display());
+    }
+    Ok((real, bytes))
+}
+
 async fn import_prompts(d: &Arc<Daemon>, file: &Path) -> Result<Value> {
     if !file.is_absolute() {
         bail!("import-prompts: {} is not an absolute path (`rlaifd ctl` makes it absolute; raw clients must)", file.display());
     }
-    let text = tokio::fs::read(file).await.with_context(|| format!("cannot read {}", file.display()))?;
+    let cfg = d.config();
+    let root = Some(cfg.control.import_dir.as_path()).filter(|p| !p.as_os_str().is_empty());
+    let (real, text) = read_named_file(file, root, MAX_IMPORT_BYTES).await.context("import-prompts")?;
     let text = String::from_utf8(text).map_err(|_| anyhow::anyhow!("{} is not UTF-8 text", file.display()))?;
-    let base = file.parent().unwrap_or(Path::new("/")).to_path_buf();
+    // Images must stay inside the prompts file's (real) folder.
+    let base = real.parent().unwrap_or(Path::new("/")).to_path_buf();
+    let (e, max_side) = (&d.engine, cfg.server.max_image_side);
+    let ctx = e.model.context_len();
     // Validate every line (and decode every image) before storing anything.
     let mut rows = Vec::new();
+    let mut image_bytes = 0u64;
     for (i, line) in text.lines().enumerate() {
         let n = i + 1;
         if line.trim().is_empty() {
@@ -349,13 +548,31 @@ async fn import_prompts(d: &Arc<Daemon>, file: &Path) -> Result<Value> {
         let image = match v.get("image").and_then(|x| x.as_str()) {
             Some(rel) => {
                 let p = image_path(&base, rel, n, file)?;
-                let bytes = tokio::fs::read(&p).await.with_context(|| format!("{} line {n}: cannot read image {}", file.display(), p.display()))?;
-                let (b, what) = (bytes, p.display().to_string());
-                let bytes = tokio::task::spawn_blocking(move || engine::image::decode_rgb8(&b, &what).map(|_| b)).await.context("image decode task")?.with_context(|| format!("{} line {n}", file.display()))?;
+                let (_, bytes) = read_named_file(&p, Some(&base), MAX_IMPORT_IMAGE_BYTES).await.with_context(|| format!("{} line {n}: image", file.display()))?;
+                image_bytes += bytes.len() as u64;
+                if image_bytes > MAX_IMPORT_TOTAL_IMAGE_BYTES {
+                    bail!("{}: its images add up to more than {MAX_IMPORT_TOTAL_IMAGE_BYTES} bytes by line {n}; split the file", file.display());
+                }
+                let what = p.display().to_string();
+                let (w, h) = engine::image::header_dimensions(&bytes, &what).with_context(|| format!("{} line {n}", file.display()))?;
+                if w > max_side || h > max_side {
+                    bail!("{} line {n}: image {} is {w}x{h}, larger than {max_side} pixels per side (server.max_image_side)", file.display(), p.display());
+                }
+                let bytes = tokio::task::spawn_blocking(move || engine::image::decode_rgb8_within(&bytes, &what, max_side).map(|_| bytes)).await.context("image decode task")?.with_context(|| format!("{} line {n}", file.display()))?;
                 Some(bytes)
             }
             None => None,
         };
+        // The question must leave room for an answer in the model's context (checked on the bytes first).
+        let too_long = || anyhow::anyhow!("{} line {n}: the question does not fit the model's context of {ctx} tokens with room for an answer; shorten it", file.display());
+        if q.len() > ctx.saturating_mul(crate::server::MAX_PROMPT_BYTES_PER_TOKEN) {
+            return Err(too_long());
+        }
+        let template = if image.is_some() { engine::tokenizer::LLAVA_15_TEMPLATE } else { engine::tokenizer::TEXT_TEMPLATE };
+        let ids = e.tok.encode(&engine::tokenizer::apply_template(template, q), true).with_context(|| format!("{} line {n}: the question cannot be tokenized", file.display()))?;
+        if e.model.prompt_positions(&ids) >= ctx {
+            return Err(too_long());
+        }
         rows.push((image, q.to_string(), split.to_string()));
     }
     if rows.is_empty() {
@@ -376,18 +593,26 @@ async fn import_prompts(d: &Arc<Daemon>, file: &Path) -> Result<Value> {
 }
 
 /// Re-reads the configuration; applies [loop], [daemon], [log] and the server's limits and token. Keys that need
-/// a restart are listed. An invalid file changes nothing.
+/// a restart are listed, except `server.bind` and `server.workers`: a change to them is refused whole, and so is
+/// any configuration that would not pass its checks on the address the server still listens on (an empty or
+/// short token off loopback). An invalid or refused file changes nothing.
 fn reload(d: &Arc<Daemon>) -> Result<Value> {
     let mut new = Config::load(d.config_file.as_deref()).context("reload-config: the configuration is invalid; nothing changed")?;
     let old = d.config();
     new.state.dir = old.state.dir.clone();
     new.model.path = old.model.path.clone();
+    if new.server.bind != old.server.bind || new.server.workers != old.server.workers {
+        bail!(
+            "reload-config: server.bind/server.workers changed ({} with {} workers -> {} with {} workers); the listener cannot change while running, so nothing changed: restart the daemon to apply it (or restore the old values to reload the rest)",
+            old.server.bind,
+            old.server.workers,
+            new.server.bind,
+            new.server.workers
+        );
+    }
     let mut restart = Vec::new();
     if new.database != old.database {
         restart.push("database");
-    }
-    if new.server.bind != old.server.bind || new.server.workers != old.server.workers {
-        restart.push("server.bind/server.workers");
     }
     if new.control != old.control {
         restart.push("control");
@@ -400,11 +625,15 @@ fn reload(d: &Arc<Daemon>) -> Result<Value> {
         restart.push("loop.labeler");
         new.loop_.labeler = old.loop_.labeler.clone();
     }
+    if new.server.max_request_mb != old.server.max_request_mb {
+        restart.push("server.max_request_mb");
+    }
     let mut applied = new.clone();
     applied.database = old.database.clone();
-    applied.server.bind = old.server.bind.clone();
-    applied.server.workers = old.server.workers;
     applied.control = old.control.clone();
+    applied.server.max_request_mb = old.server.max_request_mb;
+    // What would be in force, checked against the listener that stays: never weaker than the checks at start.
+    applied.validate().context("reload-config: the configuration would not be safe on the running listener; nothing changed")?;
     let changed = applied != old;
     match d.cfg.write() {
         Ok(mut c) => *c = applied,
@@ -492,7 +721,52 @@ mod tests {
         assert!(image_path(Path::new("/data"), "/etc/passwd", 1, Path::new("/data/p.jsonl")).is_err());
         assert_eq!(image_path(Path::new("/data"), "img/a.png", 1, Path::new("/data/p.jsonl")).unwrap(), PathBuf::from("/data/img/a.png"));
         assert_eq!(command_line(&["promote".into(), "7".into()]).unwrap(), r#"{"cmd":"promote","id":7}"#);
+        assert_eq!(shown_line(b"{\"cmd\":\"a\0b\"}\n"), "{\"cmd\":\"a\\u{0000}b\"}");
+        assert_eq!(shown_line(b"x\xffy"), "x\u{fffd}y");
         assert!(command_line(&["promote".into()]).is_err());
         assert!(command_line(&["promote".into(), "x".into()]).is_err());
+    }
+
+    #[test]
+    fn refusals_past_ten_a_minute_are_counted_into_one_summary_per_peer() {
+        let a = RefusalAudit::default();
+        let t0 = Instant::now();
+        let full: Vec<bool> = (0..25).map(|i| a.note(1000, &format!("bad {i}"), t0 + Duration::from_millis(i)).0).collect();
+        assert_eq!(full.iter().filter(|&&f| f).count(), 10, "the first ten of the minute in full");
+        assert!(full[..10].iter().all(|&f| f));
+        assert!(a.note(1001, "other peer", t0).0, "another peer has its own minute");
+        assert!(a.take_ended(t0 + Duration::from_secs(59)).is_empty(), "the minute has not ended");
+        let s = a.take_ended(t0 + Duration::from_secs(61));
+        assert_eq!(s.len(), 1, "only the peer with counted refusals: {s:?}");
+        assert_eq!((s[0]["peer_uid"].as_u64(), s[0]["counted"].as_u64(), s[0]["last_error"].as_str()), (Some(1000), Some(15), Some("bad 24")));
+        // A new minute starts in full again; a refusal after an ended minute returns that minute's summary.
+        for i in 0..12 {
+            a.note(1000, "again", t0 + Duration::from_secs(70) + Duration::from_millis(i));
+        }
+        let (full, summary) = a.note(1000, "later", t0 + Duration::from_secs(140));
+        assert!(full);
+        assert_eq!(summary.map(|s| s["counted"].clone()), Some(json!(2)));
+    }
+
+    #[tokio::test]
+    async fn named_files_must_be_regular_bounded_and_inside_their_folder() {
+        let d = std::env::temp_dir().join(format!("rlaifd-named-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(d.join("in")).unwrap();
+        std::fs::write(d.join("in/a.jsonl"), "{}").unwrap();
+        std::fs::write(d.join("out.jsonl"), "secret").unwrap();
+        std::os::unix::fs::symlink(d.join("out.jsonl"), d.join("in/link.jsonl")).unwrap();
+        let inside = Some(d.join("in"));
+        let (real, bytes) = read_named_file(&d.join("in/a.jsonl"), inside.as_deref(), 10).await.unwrap();
+        assert_eq!((real, bytes), (std::fs::canonicalize(d.join("in/a.jsonl")).unwrap(), b"{}".to_vec()));
+        let e = format!("{:#}", read_named_file(&d.join("in/link.jsonl"), inside.as_deref(), 10).await.unwrap_err());
+        assert!(e.contains("outside") && !e.contains("secret"), "{e}");
+        let e = format!("{:#}", read_named_file(&d.join("in/../out.jsonl"), inside.as_deref(), 10).await.unwrap_err());
+        assert!(e.contains("outside"), "{e}");
+        let e = format!("{:#}", read_named_file(&d.join("in/a.jsonl"), inside.as_deref(), 1).await.unwrap_err());
+        assert!(e.contains("more than the limit of 1 bytes"), "{e}");
+        let e = format!("{:#}", read_named_file(Path::new("/dev/null"), None, 10).await.unwrap_err());
+        assert!(e.contains("a device"), "{e}");
+        std::fs::remove_dir_all(&d).ok();
     }
 }

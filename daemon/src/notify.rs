@@ -32,14 +32,28 @@ pub fn stopping(status: &str) {
     send(&format!("STOPPING=1\nSTATUS={status}"));
 }
 
-/// Pings the watchdog at half of `$WATCHDOG_USEC` while the returned guard lives (nothing when unset).
-pub fn spawn_watchdog() -> Option<tokio::task::JoinHandle<()>> {
+/// Pings the watchdog every half of `$WATCHDOG_USEC` while the returned guard lives (nothing when unset), but
+/// only for a period in which the engine thread answered a heartbeat (`Worker::heartbeat`): a stuck engine
+/// thread or device stops the pings, and systemd restarts the daemon after `WatchdogSec`.
+pub fn spawn_watchdog(engine: crate::worker::Worker) -> Option<tokio::task::JoinHandle<()>> {
     let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
     let every = Duration::from_micros(usec / 2).max(Duration::from_millis(100));
     Some(actix::spawn(async move {
+        let mut stuck_since: Option<std::time::Instant> = None;
         loop {
-            send("WATCHDOG=1");
+            let asked = engine.heartbeat();
             tokio::time::sleep(every).await;
+            if engine.answered(asked) {
+                send("WATCHDOG=1");
+                if let Some(t) = stuck_since.take() {
+                    tracing::warn!(stuck_s = t.elapsed().as_secs_f64(), "the engine thread answers heartbeats again; watchdog pings resumed");
+                    status("engine thread answering again");
+                }
+            } else if stuck_since.is_none() {
+                stuck_since = Some(std::time::Instant::now());
+                tracing::error!(wait_s = every.as_secs_f64(), "the engine thread did not answer a heartbeat; watchdog pings stopped (systemd restarts the daemon after WatchdogSec unless it recovers)");
+                status("engine thread not answering heartbeats: watchdog pings stopped");
+            }
         }
     }))
 }

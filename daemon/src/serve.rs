@@ -44,6 +44,9 @@ pub struct Metrics {
     pub buckets: Mutex<std::collections::HashMap<std::net::IpAddr, (f64, Instant)>>,
 }
 
+/// Client addresses the rate limiter tracks at most.
+pub const MAX_RATE_CLIENTS: usize = 100_000;
+
 pub const LATENCY_BOUNDS: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
 
 impl Metrics {
@@ -54,9 +57,13 @@ impl Metrics {
         }
         let Ok(mut b) = self.buckets.lock() else { return true };
         let now = Instant::now();
-        if b.len() > 100_000 {
+        if b.len() >= MAX_RATE_CLIENTS {
             // Bound the table: forget clients idle long enough to have refilled.
             b.retain(|_, (_, t)| now.duration_since(*t).as_secs_f64() * rate < burst);
+        }
+        if b.len() >= MAX_RATE_CLIENTS && !b.contains_key(&ip) {
+            // Every known client is still limited: a new one waits (fail closed) rather than the table growing.
+            return false;
         }
         let (tokens, last) = b.entry(ip).or_insert((burst, now));
         *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * rate).min(burst);
@@ -107,6 +114,8 @@ pub struct Daemon {
     pub stopped: AtomicBool,
     pub iterate_requested: AtomicBool,
     pub metrics: Metrics,
+    /// Chat requests in flight (`server.max_pending`).
+    pub chat_in_flight: std::sync::atomic::AtomicUsize,
     pub actors: Mutex<BTreeMap<&'static str, ActorState>>,
     /// This daemon's lease owner name (host:state dir).
     pub owner: String,
@@ -505,7 +514,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         cfg.model.device_spec().map_err(|e| anyhow::anyhow!("--device: {e:#}"))?;
     }
     if args.check_config {
-        println!("{}", serde_json::to_string_pretty(&cfg)?);
+        println!("{}", serde_json::to_string_pretty(&cfg.redacted())?);
         return Ok(());
     }
     cfg.state.dir = absolute(&cfg.state.dir);
@@ -541,6 +550,8 @@ pub async fn run_async(cfg: Config, config_file: Option<PathBuf>, until: Option<
     })
     .await
     .context("loading the model")??;
+    let mut engine = engine;
+    set_request_budget(&mut engine, &cfg)?;
     let engine = Arc::new(engine);
     info!(device = %chosen, "generation and scoring device");
     if cfg.daemon.prompt_source == "shapes" && !engine.shapes {
@@ -569,6 +580,7 @@ pub async fn run_async(cfg: Config, config_file: Option<PathBuf>, until: Option<
         stopped: AtomicBool::new(false),
         iterate_requested: AtomicBool::new(false),
         metrics: Metrics::default(),
+        chat_in_flight: std::sync::atomic::AtomicUsize::new(0),
         actors: Mutex::new(BTreeMap::new()),
         owner,
         stop: tokio::sync::Notify::new(),
@@ -583,7 +595,7 @@ pub async fn run_async(cfg: Config, config_file: Option<PathBuf>, until: Option<
     let sup = Supervisor::new(d.clone()).start();
     let control = crate::control::start(d.clone(), sup.clone().recipient())?;
     crate::notify::ready(&format!("serving checkpoint {} on {}", promoted.id, cfg.server.bind));
-    let watchdog = crate::notify::spawn_watchdog();
+    let watchdog = crate::notify::spawn_watchdog(d.engine.worker.clone());
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let why = tokio::select! {
@@ -619,6 +631,35 @@ pub async fn run_async(cfg: Config, config_file: Option<PathBuf>, until: Option<
     let _ = tokio::time::timeout(Duration::from_secs(5), pool.close()).await;
     info!("stopped");
     Ok(why)
+}
+
+/// The most memory one generation request may take (`server.max_request_mb`, 0: half of what is available now,
+/// with the model loaded). Logs it beside what the largest request the configuration allows would need.
+fn set_request_budget(engine: &mut Engine, cfg: &Config) -> Result<()> {
+    const MIB: u64 = 1 << 20;
+    let budget = match cfg.server.max_request_mb {
+        0 => mem_available_bytes().map(|b| b / 2).context("server.max_request_mb = 0 reads MemAvailable from /proc/meminfo, which is missing: set server.max_request_mb")?,
+        mb => mb.saturating_mul(MIB),
+    };
+    let m = &engine.model;
+    let ctx = m.context_len();
+    let largest = engine::limits::RequestShape { prompt_positions: 1, answers: cfg.server.max_n.max(cfg.loop_.n), max_new_tokens: ctx.saturating_sub(1) };
+    let need = m.generate_memory_bytes(largest);
+    if need > budget {
+        warn!(budget_mib = budget / MIB, largest_mib = need.div_ceil(MIB), context = ctx, answers = largest.answers, "the largest request the configuration allows needs more than the per-request memory budget; such requests are refused with 400 (raise server.max_request_mb or lower server.max_n / loop.n)");
+    } else {
+        info!(budget_mib = budget / MIB, largest_mib = need.div_ceil(MIB), context = ctx, "per-request memory budget");
+    }
+    engine.model.set_request_budget(Some(budget));
+    Ok(())
+}
+
+/// MemAvailable of /proc/meminfo, bytes.
+fn mem_available_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 fn hostname() -> String {

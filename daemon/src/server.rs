@@ -15,7 +15,7 @@ use engine::generate::{generate, FinishReason, GenerateRequest};
 use engine::sampling::SamplingParams;
 use engine::tokenizer::{apply_template, LLAVA_15_TEMPLATE, TEXT_TEMPLATE};
 use std::fmt::Write as _;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -105,9 +105,22 @@ struct Parsed {
     image: Option<Vec<u8>>,
     n: usize,
     best_of: Option<usize>,
+    /// `params.max_new_tokens` is `max_tokens` when the client gave it, else the server's default (which the
+    /// prompt's length may lower to fit the context).
     params: SamplingParams,
+    max_tokens_given: bool,
     seed: u64,
 }
+
+/// A prompt longer than this many bytes per token of the model's context cannot fit (no vocabulary this engine
+/// loads has tokens that long): refused before tokenizing, so tokenizing is bounded too.
+pub const MAX_PROMPT_BYTES_PER_TOKEN: usize = 64;
+
+/// Open HTTP connections per server worker.
+pub const MAX_CONNECTIONS_PER_WORKER: usize = 1024;
+
+/// How long a client may take to send its body.
+const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 fn decode_data_url(url: &str) -> Result<Vec<u8>, ApiError> {
     let Some(rest) = url.strip_prefix("data:") else {
@@ -189,7 +202,7 @@ fn parse(body: &[u8], cfg: &crate::config::ServerConfig) -> Result<Parsed, ApiEr
     let params = SamplingParams { temperature: req.temperature.unwrap_or(1.0), top_p: req.top_p.unwrap_or(1.0), max_new_tokens: max_tokens, ..Default::default() };
     params.validate().map_err(ApiError::bad)?;
     let seed = req.seed.unwrap_or_else(|| engine::rng::SplitMix64::new(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|t| t.as_nanos() as u64).unwrap_or(0)).next_u64() >> 1);
-    Ok(Parsed { text, image, n, best_of: req.best_of, params, seed })
+    Ok(Parsed { text, image, n, best_of: req.best_of, params, max_tokens_given: req.max_tokens.is_some(), seed })
 }
 
 fn push_text(acc: &mut String, t: &str) {
@@ -203,7 +216,8 @@ fn check_auth(req: &HttpRequest, d: &Daemon) -> Result<(), ApiError> {
     check_token(req, &d.config().server.token)
 }
 
-fn check_token(req: &HttpRequest, token: &str) -> Result<(), ApiError> {
+fn check_token(req: &HttpRequest, token: &crate::config::Secret) -> Result<(), ApiError> {
+    let token = token.expose();
     if token.is_empty() {
         return Ok(());
     }
@@ -217,7 +231,89 @@ fn check_token(req: &HttpRequest, token: &str) -> Result<(), ApiError> {
     }
 }
 
+/// One chat request in flight (`server.max_pending`); the count drops when it is dropped.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn admit(count: &'a AtomicUsize, max: usize) -> Option<InFlight<'a>> {
+        if count.fetch_add(1, Ordering::SeqCst) >= max {
+            count.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        Some(InFlight(count))
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// What the model will be asked: the prompt's ids and the answer length, checked against the context and the
+/// engine's memory budget before any model work.
+struct Planned {
+    ids: Vec<u32>,
+    max_new_tokens: usize,
+}
+
+/// Bounds a parsed request before it reaches the engine: the prompt's bytes (before tokenizing), the image's
+/// side (from its header), prompt plus `max_tokens` against the model's context, and the request's memory.
+fn plan(p: &Parsed, e: &crate::rlaif::Engine, max_image_side: u32) -> Result<Planned, ApiError> {
+    let ctx = e.model.context_len();
+    let max_bytes = ctx.saturating_mul(MAX_PROMPT_BYTES_PER_TOKEN);
+    if p.text.len() > max_bytes {
+        return Err(ApiError::bad(format!(
+            "the prompt is {} bytes, more than the model's context of {ctx} tokens can hold (at most {max_bytes} bytes); shorten it",
+            p.text.len()
+        )));
+    }
+    if let Some(bytes) = &p.image {
+        let (w, h) = engine::image::header_dimensions(bytes, "request image").map_err(|e| ApiError::bad(e.to_string()))?;
+        if w > max_image_side || h > max_image_side {
+            return Err(ApiError::bad(format!("the image is {w}x{h}, larger than {max_image_side} pixels per side (server.max_image_side)")));
+        }
+    }
+    let template = if p.image.is_some() { LLAVA_15_TEMPLATE } else { TEXT_TEMPLATE };
+    let ids = e.tok.encode(&apply_template(template, &p.text), true).map_err(|e| ApiError::bad(format!("the prompt cannot be tokenized: {e}")))?;
+    let positions = e.model.prompt_positions(&ids);
+    let asked = p.params.max_new_tokens;
+    let max_new_tokens = if p.max_tokens_given {
+        if positions + asked > ctx {
+            return Err(ApiError::bad(format!(
+                "the prompt takes {positions} tokens (template and image included) and max_tokens is {asked}: {} in all, more than the model's context of {ctx} tokens; shorten the prompt or lower max_tokens",
+                positions + asked
+            )));
+        }
+        asked
+    } else {
+        // No max_tokens: as long as the context allows, up to the server's default.
+        asked.min(ctx.saturating_sub(positions))
+    };
+    if max_new_tokens == 0 {
+        return Err(ApiError::bad(format!("the prompt takes {positions} tokens (template and image included), the model's whole context of {ctx}: no room for an answer; shorten the prompt")));
+    }
+    let shape = engine::limits::RequestShape { prompt_positions: positions, answers: p.best_of.unwrap_or(p.n), max_new_tokens };
+    e.model.check_request(shape, e.model.request_budget()).map_err(|e| ApiError::bad(format!("{e}")))?;
+    Ok(Planned { ids, max_new_tokens })
+}
+
+/// An error from the engine thread as the client sees it: a bad input 400, a spent time budget or a stopped
+/// engine 503, anything else 500.
+fn engine_failure(e: anyhow::Error, timeout_s: f64) -> ApiError {
+    if let Some(ApiErrorKind::Bad(m)) = e.downcast_ref::<ApiErrorKind>() {
+        return ApiError::bad(m.clone());
+    }
+    match e.downcast_ref::<engine::EngineError>() {
+        Some(engine::EngineError::Input(m)) => ApiError::bad(m.clone()),
+        Some(engine::EngineError::Image(i)) => ApiError::bad(i.to_string()),
+        Some(engine::EngineError::Interrupted(why)) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("{why} (server.request_timeout_s = {timeout_s}); retry with a smaller max_tokens or n, or later")),
+        _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+    }
+}
+
 async fn chat(req: HttpRequest, payload: web::Payload, d: web::Data<Arc<Daemon>>) -> Result<HttpResponse, ApiError> {
+    let arrived = Instant::now();
     // One snapshot of the configuration for the whole request (a reload-config meanwhile applies to the next).
     let cfg = d.config();
     let server_cfg = &cfg.server;
@@ -231,35 +327,42 @@ async fn chat(req: HttpRequest, payload: web::Payload, d: web::Data<Arc<Daemon>>
     if !ct.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("application/json") {
         return Err(ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, format!("Content-Type must be application/json (got {ct:?})")));
     }
+    // Before the body is read: requests in flight hold at most max_pending bodies.
+    let Some(_in_flight) = InFlight::admit(&d.chat_in_flight, server_cfg.max_pending) else {
+        return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("the server is busy: {} chat requests in flight (server.max_pending); retry later", server_cfg.max_pending)));
+    };
     let limit = server_cfg.max_body_bytes;
-    let body = match payload.to_bytes_limited(limit).await {
-        Ok(Ok(b)) => b,
-        Ok(Err(e)) => return Err(ApiError::bad(format!("reading the body: {e}"))),
-        Err(_) => return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("the body is larger than {limit} bytes (server.max_body_bytes)"))),
+    let body = match tokio::time::timeout(BODY_READ_TIMEOUT, payload.to_bytes_limited(limit)).await {
+        Err(_) => return Err(ApiError::new(StatusCode::REQUEST_TIMEOUT, format!("the body did not arrive within {} s", BODY_READ_TIMEOUT.as_secs()))),
+        Ok(Ok(Ok(b))) => b,
+        Ok(Ok(Err(e))) => return Err(ApiError::bad(format!("reading the body: {e}"))),
+        Ok(Err(_)) => return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("the body is larger than {limit} bytes (server.max_body_bytes)"))),
     };
     let p = parse(&body, server_cfg)?;
+    drop(body);
+    let (max_side, beta, timeout_s) = (server_cfg.max_image_side, cfg.loop_.beta, server_cfg.request_timeout_s);
+    let planned = plan(&p, &d.engine, max_side)?;
     let serving = d.serving();
-    let (max_side, beta) = (server_cfg.max_image_side, cfg.loop_.beta);
     let (dd, s) = (d.get_ref().clone(), serving.clone());
     let image = p.image.clone();
-    let (text, n, best_of, params, seed) = (p.text.clone(), p.n, p.best_of, p.params.clone(), p.seed);
+    let (n, best_of, seed) = (p.n, p.best_of, p.seed);
+    let params = SamplingParams { max_new_tokens: planned.max_new_tokens, ..p.params.clone() };
+    let ids = planned.ids;
+    let budget = std::time::Duration::from_secs_f64(timeout_s).saturating_sub(arrived.elapsed());
     let t0 = Instant::now();
     let out = d
         .engine
-        .run(Priority::Serve, move |_| {
+        .worker
+        .run_within(Priority::Serve, Some(budget), move |_| {
+            crate::failpoint::stall("engine_stall");
             let e = &dd.engine;
             let pixels = match &image {
                 Some(bytes) => {
-                    let img = engine::image::decode_rgb8(bytes, "request image").map_err(|e| anyhow::anyhow!(ApiErrorKind::Bad(e.to_string())))?;
-                    if img.width() > max_side || img.height() > max_side {
-                        return Err(anyhow::anyhow!(ApiErrorKind::Bad(format!("the image is {}x{}, larger than {max_side} pixels per side (server.max_image_side)", img.width(), img.height()))));
-                    }
+                    let img = engine::image::decode_rgb8_within(bytes, "request image", max_side).map_err(|e| anyhow::anyhow!(ApiErrorKind::Bad(e.to_string())))?;
                     Some(engine::image::preprocess(&img, &e.ip).map_err(|e| anyhow::anyhow!(ApiErrorKind::Bad(e.to_string())))?)
                 }
                 None => None,
             };
-            let template = if pixels.is_some() { LLAVA_15_TEMPLATE } else { TEXT_TEMPLATE };
-            let ids = e.tok.encode(&apply_template(template, &text), true)?;
             let count = best_of.unwrap_or(n);
             let seeds: Vec<u64> = (0..count as u64).map(|i| seed.wrapping_add(i)).collect();
             let req = GenerateRequest { ids: &ids, pixels: pixels.as_ref(), seeds: &seeds, params, stop_ids: vec![] };
@@ -274,18 +377,10 @@ async fn chat(req: HttpRequest, payload: web::Payload, d: web::Data<Arc<Daemon>>
                 None => (generate(&e.model, &req, s.adapter.as_deref())?, None),
             };
             let texts: Vec<String> = answers.iter().map(|a| e.tok.decode(&a.tokens)).collect::<Result<_, _>>()?;
-            Ok((ids.len(), answers, texts, rewards))
+            Ok((e.model.prompt_positions(&ids), answers, texts, rewards))
         })
         .await;
-    let (prompt_tokens, answers, texts, rewards) = match out {
-        Ok(x) => x,
-        Err(e) => {
-            return Err(match e.downcast_ref::<ApiErrorKind>() {
-                Some(ApiErrorKind::Bad(m)) => ApiError::bad(m.clone()),
-                None => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
-            })
-        }
-    };
+    let (prompt_tokens, answers, texts, rewards) = out.map_err(|e| engine_failure(e, timeout_s))?;
     let completion: usize = answers.iter().map(|a| a.tokens.len()).sum();
     let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|t| t.as_secs()).unwrap_or(0);
     let choices: Vec<serde_json::Value> = texts
@@ -443,6 +538,9 @@ pub fn start(d: Arc<Daemon>) -> Result<actix_web::dev::Server> {
             .default_service(web::to(not_found))
     })
     .workers(cfg.server.workers)
+    // Bounded connections per worker (each holds buffers); clients get 5 s to send their headers.
+    .max_connections(MAX_CONNECTIONS_PER_WORKER)
+    .client_request_timeout(std::time::Duration::from_secs(5))
     .disable_signals()
     .shutdown_timeout(60)
     .bind(&cfg.server.bind)

@@ -5,151 +5,11 @@
 
 mod common;
 
+use common::daemon::{chat_body, counts, http, model, png, rlaifd, shapes_png, Daemon};
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::io::{Read, Write};
+use std::process::Command;
 use std::time::{Duration, Instant};
-
-fn model() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../assets/shapes-base")
-}
-
-fn rlaifd(args: &[&str]) -> std::process::Output {
-    let o = Command::new(env!("CARGO_BIN_EXE_rlaifd")).args(args).output().unwrap();
-    assert!(o.status.success(), "rlaifd {args:?}: {}", String::from_utf8_lossy(&o.stderr));
-    o
-}
-
-struct Daemon {
-    child: Child,
-    dir: PathBuf,
-    config: PathBuf,
-    addr: String,
-    socket: PathBuf,
-}
-
-impl Daemon {
-    /// `server_extra`: more `[server]` keys.
-    fn start(dir: &Path, db_url: &str, server_extra: &str) -> Daemon {
-        std::fs::create_dir_all(dir).unwrap();
-        let config = dir.join("rlaifd.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[database]\nurl = \"{db_url}\"\n[model]\npath = \"{}\"\n[state]\ndir = \"{}\"\n[server]\nbind = \"127.0.0.1:0\"\nmax_body_bytes = 65536\nmax_image_side = 256\n{server_extra}\n\
-                 [daemon]\nauto_iterate = false\npoll_s = 0.2\n[loop]\nn = 4\nmax_new_tokens = 24\nprompts_per_iteration = 6\npairs_per_iteration = 1\neval_count = 4\nepochs = 1\nbatch_size = 2\npromote_margin = -1.0\nmax_cover_drop = 1.0\n",
-                model().display(),
-                dir.join("state").display()
-            ),
-        )
-        .unwrap();
-        let log = std::fs::File::create(dir.join("daemon.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_rlaifd")).args(["serve", "--config"]).arg(&config).stdout(Stdio::null()).stderr(log).spawn().unwrap();
-        let mut d = Daemon { child, dir: dir.to_path_buf(), config, addr: String::new(), socket: dir.join("state/control.sock") };
-        let t0 = Instant::now();
-        loop {
-            if let Ok(a) = std::fs::read_to_string(dir.join("state/server.addr")) {
-                if d.socket.exists() {
-                    d.addr = a.trim().to_string();
-                    break;
-                }
-            }
-            if let Ok(Some(s)) = d.child.try_wait() {
-                panic!("rlaifd serve exited with {s}: {}", d.log());
-            }
-            assert!(t0.elapsed() < Duration::from_secs(60), "the daemon did not come up: {}", d.log());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        d
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
-    }
-
-    /// One request, one connection; returns (status, body).
-    fn http(&self, method: &str, path: &str, content_type: &str, body: &[u8]) -> (u16, String) {
-        http(&self.addr, method, path, content_type, body)
-    }
-
-    fn ctl_raw(&self, line: &str) -> Value {
-        let mut s = std::os::unix::net::UnixStream::connect(&self.socket).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
-        s.write_all(line.as_bytes()).unwrap();
-        s.write_all(b"\n").unwrap();
-        let mut reply = String::new();
-        BufReader::new(&s).read_line(&mut reply).unwrap();
-        serde_json::from_str(&reply).unwrap_or_else(|e| panic!("reply {reply:?}: {e}"))
-    }
-
-    fn ctl(&self, cmd: Value) -> Value {
-        self.ctl_raw(&cmd.to_string())
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn http(addr: &str, method: &str, path: &str, content_type: &str, body: &[u8]) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-    let head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
-    s.write_all(head.as_bytes()).unwrap();
-    // A server may answer (413) before reading everything: ignore a failed write of the rest.
-    let _ = s.write_all(body);
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    let text = String::from_utf8_lossy(&out).to_string();
-    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("no HTTP status in {text:?}"));
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    // Chunked bodies: keep the JSON part.
-    let body = match (body.find('{'), body.rfind('}')) {
-        (Some(a), Some(b)) if !body.starts_with('{') => body[a..=b].to_string(),
-        _ => body,
-    };
-    (status, body)
-}
-
-fn b64(bytes: &[u8]) -> String {
-    use base64::Engine as _;
-    base64::engine::general_purpose::STANDARD.encode(bytes)
-}
-
-fn chat_body(image: &[u8], text: &str, extra: Value) -> Vec<u8> {
-    let mut v = json!({ "model": "rlaifd", "messages": [{ "role": "user", "content": [
-        { "type": "text", "text": text },
-        { "type": "image_url", "image_url": { "url": format!("data:image/png;base64,{}", b64(image)) } } ] }] });
-    for (k, x) in extra.as_object().unwrap() {
-        v[k] = x.clone();
-    }
-    v.to_string().into_bytes()
-}
-
-async fn counts(pool: &sqlx::PgPool) -> Vec<i64> {
-    let mut v = Vec::new();
-    for t in ["checkpoints", "iterations", "prompts", "images", "jobs", "pairs"] {
-        v.push(sqlx::query_scalar(&format!("SELECT count(*) FROM {t}")).fetch_one(pool).await.unwrap());
-    }
-    v.push(sqlx::query_scalar("SELECT count(*) FROM checkpoints WHERE status = 'promoted'").fetch_one(pool).await.unwrap());
-    v
-}
-
-fn shapes_png(dir: &Path, seed: &str) -> Vec<u8> {
-    let out = dir.join(format!("img-{seed}"));
-    rlaifd(&["shapes", "gen", "--seed", seed, "--count", "1", "--out", out.to_str().unwrap()]);
-    std::fs::read(out.join("000000.png")).unwrap()
-}
-
-fn png(w: u32, h: u32) -> Vec<u8> {
-    let mut bytes = Vec::new();
-    image::RgbImage::from_pixel(w, h, image::Rgb([200, 30, 30])).write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png).unwrap();
-    bytes
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemon_serves_http_and_obeys_every_control_command() {
@@ -479,7 +339,7 @@ async fn bearer_token_guards_every_route_but_healthz_and_the_rate_limit_answers_
     let db = common::fresh("auth").await;
     let dir = std::env::temp_dir().join(format!("rlaifd-auth-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let d = Daemon::start(&dir, &db.url, "token = \"s3cret\"\nrate_per_s = 0.5\nrate_burst = 3.0");
+    let d = Daemon::start(&dir, &db.url, "token = \"s3cret-s3cret-s3cret\"\nrate_per_s = 0.5\nrate_burst = 3.0");
     let get = |path: &str, auth: Option<&str>| -> u16 {
         let mut s = std::net::TcpStream::connect(&d.addr).unwrap();
         let auth = auth.map(|a| format!("Authorization: {a}\r\n")).unwrap_or_default();
@@ -492,7 +352,7 @@ async fn bearer_token_guards_every_route_but_healthz_and_the_rate_limit_answers_
     for path in ["/v1/models", "/metrics"] {
         assert_eq!(get(path, None), 401, "{path} without a token");
         assert_eq!(get(path, Some("Bearer wrong")), 401, "{path} with a wrong token");
-        assert_eq!(get(path, Some("Bearer s3cret")), 200, "{path} with the token");
+        assert_eq!(get(path, Some("Bearer s3cret-s3cret-s3cret")), 200, "{path} with the token");
     }
     assert_eq!(d.http("POST", "/v1/chat/completions", "application/json", b"{}").0, 401, "chat without a token");
     // Burst 3, then 0.5 per second: of 6 quick authorised requests, 3 pass and the rest get 429.
@@ -500,7 +360,7 @@ async fn bearer_token_guards_every_route_but_healthz_and_the_rate_limit_answers_
     let mut codes = Vec::new();
     for _ in 0..6 {
         let mut s = std::net::TcpStream::connect(&d.addr).unwrap();
-        s.write_all(format!("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cret\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).as_bytes()).unwrap();
+        s.write_all(format!("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cret-s3cret-s3cret\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).as_bytes()).unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).unwrap();
         codes.push(out.split_whitespace().nth(1).unwrap().parse::<u16>().unwrap());

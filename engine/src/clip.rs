@@ -125,6 +125,7 @@ impl ClipVision {
         let mut h = vec![0f32; t * d];
         let mut att = vec![0f32; t * d];
         for layer in &self.layers[..n_layers] {
+            crate::interrupt::beat();
             layernorm(&mut h, &x, &layer.ln1_w, &layer.ln1_b, cfg.layer_norm_eps);
             let q = layer.q.apply(&h, t, adapter); // (T, D)
             let k = layer.k.apply(&h, t, adapter);
@@ -195,6 +196,7 @@ impl ClipVision {
         let scale = (hd as f32).powf(-0.5);
         let mut layers = Vec::with_capacity(n_layers);
         for layer in &self.layers[..n_layers] {
+            crate::interrupt::beat();
             let mut h1 = vec![0f32; t * d];
             layernorm(&mut h1, &x, &layer.ln1_w, &layer.ln1_b, cfg.layer_norm_eps);
             let q = layer.q.apply(&h1, t, adapter);
@@ -239,6 +241,7 @@ impl ClipVision {
         let scale = (hd as f32).powf(-0.5);
         let mut dx = d_hidden;
         for (i, (layer, tp)) in self.layers.iter().zip(&tape.layers).enumerate().rev() {
+            crate::interrupt::beat();
             if i < lowest {
                 break;
             }

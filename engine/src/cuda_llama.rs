@@ -709,6 +709,7 @@ impl GpuLlama {
             if live == 0 {
                 break;
             }
+            crate::interrupt::check()?;
             stats.decode_steps += 1;
             stats.decode_tokens += live;
             // Every sequence steps (the batch shape stays fixed for the captured graph): each feeds its newest draw

@@ -44,6 +44,10 @@ pub enum EngineError {
     #[error("invalid input: {0}")]
     Input(String),
 
+    /// Work stopped at one of its interruption points (`crate::interrupt`): a deadline passed, the client left.
+    #[error("{0}")]
+    Interrupted(String),
+
     /// A compute device that cannot be used (the message names it, the reason and the way out).
     #[error("{0}")]
     Device(String),

@@ -5,6 +5,8 @@
 //! checkpoint save: the config written into the temporary directory, the weights not yet), `train_saved`
 //! (checkpoint directory written, no database row yet), `decided` (promotion committed, not yet hot-swapped),
 //! `hot_swap` (new adapters loaded, the served generation not yet replaced).
+//! Stalls instead of aborts (`stall`): `engine_stall` (the engine thread stops inside a chat request, as a hung
+//! GPU call would, and never reaches another interruption point).
 
 use std::sync::OnceLock;
 
@@ -18,5 +20,15 @@ pub fn hit(name: &str) {
     if armed().iter().any(|a| a == name) {
         eprintln!("rlaifd: failpoint {name} reached: aborting");
         std::process::abort();
+    }
+}
+
+/// Blocks the calling thread for good when `name` is armed (a hung device call, seen from outside).
+pub fn stall(name: &str) {
+    if armed().iter().any(|a| a == name) {
+        eprintln!("rlaifd: failpoint {name} reached: this thread stops here");
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
     }
 }

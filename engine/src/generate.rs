@@ -6,6 +6,7 @@ use crate::adapter::Adapter;
 use crate::error::{EngineError, Result};
 use crate::image::PixelValues;
 use crate::llama::KvCache;
+use crate::limits::RequestShape;
 use crate::llava::Model;
 use crate::rng::SplitMix64;
 use crate::sampling::{sample, SamplingParams};
@@ -58,7 +59,18 @@ pub fn generate(model: &Model, req: &GenerateRequest, adapter: Option<&Adapter>)
 }
 
 /// `generate`, also reporting timings. Runs on the model's backend (`Model::set_backend`; the CPU by default).
+/// A prompt at or past the model's context, or a request over the model's memory budget, is refused before any
+/// work (`crate::limits`); answers that would run past the context end there (`FinishReason::Length`).
 pub fn generate_with_stats(model: &Model, req: &GenerateRequest, adapter: Option<&Adapter>) -> Result<(Vec<Answer>, GenerateStats)> {
+    let shape = RequestShape { prompt_positions: model.prompt_positions(req.ids), answers: req.seeds.len(), max_new_tokens: req.params.max_new_tokens };
+    let max_new = model.check_request(shape, model.request_budget())?;
+    let clamped;
+    let req = if max_new < req.params.max_new_tokens {
+        clamped = GenerateRequest { params: SamplingParams { max_new_tokens: max_new, ..req.params.clone() }, ..req.clone() };
+        &clamped
+    } else {
+        req
+    };
     match model.backend() {
         Some(b) => b.generate(model, req, adapter),
         None => generate_cpu(model, req, adapter),
@@ -127,6 +139,7 @@ pub fn generate_cpu(model: &Model, req: &GenerateRequest, adapter: Option<&Adapt
         if active.is_empty() {
             break;
         }
+        crate::interrupt::check()?;
         stats.decode_steps += 1;
         stats.decode_tokens += active.len();
         let mut x = Vec::with_capacity(active.len() * c); // (A, C)

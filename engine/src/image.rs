@@ -526,17 +526,47 @@ pub fn load_rgb8(path: &Path) -> Result<RgbImage, ImageError> {
 /// Decodes an in-memory PNG or JPEG and converts it to 8-bit RGB like PIL's `convert("RGB")`.
 /// `what` names the input in error messages (a file name, "request image 2", ...).
 pub fn decode_rgb8(bytes: &[u8], what: &str) -> Result<RgbImage, ImageError> {
-    let dynimg = decode_dynamic(bytes, what)?;
+    decode_rgb8_within(bytes, what, MAX_IMAGE_SIDE)
+}
+
+/// `decode_rgb8` for images at most `max_side` pixels per side (and within the global limits): the side is read
+/// from the PNG or JPEG header and a larger image is refused before any pixel buffer exists.
+pub fn decode_rgb8_within(bytes: &[u8], what: &str, max_side: u32) -> Result<RgbImage, ImageError> {
+    let dynimg = decode_dynamic(bytes, what, max_side.min(MAX_IMAGE_SIDE))?;
     Ok(to_rgb8_like_pil(dynimg))
 }
 
-fn decode_dynamic(bytes: &[u8], what: &str) -> Result<DynamicImage, ImageError> {
-    if bytes.is_empty() {
-        return Err(ImageError::UnsupportedFormat {
-            what: what.to_string(),
-            detail: "the data is empty (0 bytes)".into(),
-        });
+/// The width and height a PNG or JPEG header declares, without decoding any pixel.
+pub fn header_dimensions(bytes: &[u8], what: &str) -> Result<(u32, u32), ImageError> {
+    let format = sniff_format(bytes, what)?;
+    image::ImageReader::with_format(Cursor::new(bytes), format).into_dimensions().map_err(|e| classify_decode_error(e, what, format_name(format)))
+}
+
+fn format_name(format: ImageFormat) -> &'static str {
+    if format == ImageFormat::Png {
+        "PNG"
+    } else {
+        "JPEG"
     }
+}
+
+/// PNG or JPEG by signature; errors name what the data looks like, never its bytes (they may be a secret file's).
+fn sniff_format(bytes: &[u8], what: &str) -> Result<ImageFormat, ImageError> {
+    if bytes.is_empty() {
+        return Err(ImageError::UnsupportedFormat { what: what.to_string(), detail: "the data is empty (0 bytes)".into() });
+    }
+    match image::guess_format(bytes) {
+        Ok(f @ (ImageFormat::Png | ImageFormat::Jpeg)) => Ok(f),
+        Ok(other) => Err(ImageError::UnsupportedFormat { what: what.to_string(), detail: format!("it looks like {other:?}") }),
+        Err(_) => {
+            let text = bytes.iter().take(64).all(|b| b.is_ascii_graphic() || b.is_ascii_whitespace());
+            let looks = if text { "it looks like text" } else { "it is not an image format this build knows" };
+            Err(ImageError::UnsupportedFormat { what: what.to_string(), detail: format!("the data does not start with a PNG or JPEG signature ({looks})") })
+        }
+    }
+}
+
+fn decode_dynamic(bytes: &[u8], what: &str, max_side: u32) -> Result<DynamicImage, ImageError> {
     if bytes.len() as u64 > MAX_ENCODED_BYTES {
         return Err(ImageError::TooLarge {
             what: what.to_string(),
@@ -546,30 +576,8 @@ fn decode_dynamic(bytes: &[u8], what: &str) -> Result<DynamicImage, ImageError> 
             ),
         });
     }
-    let format = match image::guess_format(bytes) {
-        Ok(f @ (ImageFormat::Png | ImageFormat::Jpeg)) => f,
-        Ok(other) => {
-            return Err(ImageError::UnsupportedFormat {
-                what: what.to_string(),
-                detail: format!("it looks like {other:?}"),
-            })
-        }
-        Err(_) => {
-            let head: Vec<String> = bytes.iter().take(8).map(|b| format!("{b:02x}")).collect();
-            return Err(ImageError::UnsupportedFormat {
-                what: what.to_string(),
-                detail: format!(
-                    "the data does not start with a PNG or JPEG signature (first bytes: {})",
-                    head.join(" ")
-                ),
-            });
-        }
-    };
-    let fmt_name = if format == ImageFormat::Png {
-        "PNG"
-    } else {
-        "JPEG"
-    };
+    let format = sniff_format(bytes, what)?;
+    let fmt_name = format_name(format);
     let map_err = |e: image::ImageError| classify_decode_error(e, what, fmt_name);
 
     let mut limits = image::Limits::default();
@@ -584,6 +592,9 @@ fn decode_dynamic(bytes: &[u8], what: &str) -> Result<DynamicImage, ImageError> 
     let decoder = reader.into_decoder().map_err(map_err)?;
     let (w, h) = decoder.dimensions();
     check_dims(w as u64, h as u64, what)?;
+    if w > max_side || h > max_side {
+        return Err(ImageError::TooLarge { what: what.to_string(), detail: format!("it is {w}x{h} pixels, more than {max_side} per side") });
+    }
     DynamicImage::from_decoder(decoder).map_err(map_err)
 }
 

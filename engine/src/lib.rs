@@ -21,6 +21,8 @@ pub mod generate;
 pub mod hallucination;
 pub mod image;
 pub mod init;
+pub mod interrupt;
+pub mod limits;
 pub mod linear;
 pub mod llama;
 pub mod llava;

@@ -128,6 +128,7 @@ impl Llama {
         let mut h = vec![0f32; rows * c]; // (R, C)
         let mut att = vec![0f32; rows * heads * hd]; // (R, H, hd)
         for (li, layer) in self.layers.iter().enumerate() {
+            crate::interrupt::beat();
             rmsnorm(&mut h, x, &layer.input_norm, cfg.rms_norm_eps);
             let mut q = layer.q.apply(&h, rows, adapter); // (R, H, hd)
             let mut k = layer.k.apply(&h, rows, adapter); // (R, KVH, hd)
@@ -264,6 +265,7 @@ impl Llama {
         let mut layers = Vec::with_capacity(self.layers.len());
         let mut x = x;
         for layer in &self.layers {
+            crate::interrupt::beat();
             let mut h1 = vec![0f32; rows * c];
             rmsnorm(&mut h1, &x, &layer.input_norm, cfg.rms_norm_eps);
             let mut q = layer.q.apply(&h1, rows, adapter);
@@ -300,6 +302,7 @@ impl Llama {
         let scale = (hd as f32).powf(-0.5);
         let mut dx = d_hidden; // (T, C): gradient w.r.t. the current layer's output, then its input
         for (li, (layer, t)) in self.layers.iter().zip(&tape.layers).enumerate().rev() {
+            crate::interrupt::beat();
             // Recompute what the tape dropped (see `recompute_cheap`).
             let (h1, h2, a) = if t.h1.is_empty() {
                 let mut h1 = vec![0f32; rows * c];

@@ -102,6 +102,8 @@ pub struct Model {
     linear_shapes: HashMap<String, (usize, usize)>,
     /// Where generation and scoring run (`crate::backend`); None: the CPU.
     backend: Option<std::sync::Arc<dyn crate::backend::Backend>>,
+    /// Most bytes one generation request may take (`crate::limits`); None: only the context bounds it.
+    pub(crate) request_budget: Option<u64>,
 }
 
 impl Model {
@@ -183,7 +185,7 @@ impl Model {
                 }
             }
         }
-        Ok(Model { dir: dir.to_path_buf(), config, layout, vision, projector, llm, image_processor, linear_shapes, backend: None })
+        Ok(Model { dir: dir.to_path_buf(), config, layout, vision, projector, llm, image_processor, linear_shapes, backend: None, request_budget: None })
     }
 
     /// Runs generation and answer scoring on `backend` from now on (`crate::backend::select`).

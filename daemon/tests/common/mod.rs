@@ -2,6 +2,8 @@
 //! postgres://postgres@127.0.0.1:5432/postgres), migrated, dropped when the guard goes.
 #![allow(dead_code)]
 
+pub mod daemon;
+
 use sqlx::postgres::PgConnectOptions;
 use sqlx::PgPool;
 use std::str::FromStr;
