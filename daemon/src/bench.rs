@@ -55,7 +55,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let seeds: Vec<u64> = (0..a.n.max(1) as u64).collect();
     let params = SamplingParams { temperature: 0.0, max_new_tokens: a.new_tokens + 1, ..Default::default() };
     let req = GenerateRequest { ids: &ids, pixels: pixels.as_ref(), seeds: &seeds, params, stop_ids: vec![u32::MAX] };
-    generate_with_stats(&model, &GenerateRequest { params: SamplingParams { max_new_tokens: 2, ..req.params.clone() }, ..req.clone() }, None)?;
+    generate_with_stats(
+        &model,
+        &GenerateRequest { params: SamplingParams { max_new_tokens: 2, ..req.params.clone() }, ..req.clone() },
+        None,
+    )?;
     let (mut pre, mut dec) = (Vec::new(), Vec::new());
     let mut positions = 0;
     for _ in 0..a.runs.max(1) {

@@ -183,10 +183,16 @@ impl Config {
         Self::layered(b, Some(bytes), Some(Path::new("<input>")), std::iter::empty())
     }
 
-    fn layered(mut b: config::ConfigBuilder<config::builder::DefaultState>, text: Option<&[u8]>, file: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Config> {
+    fn layered(
+        mut b: config::ConfigBuilder<config::builder::DefaultState>,
+        text: Option<&[u8]>,
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config> {
         if let (Some(text), Some(f)) = (text, file) {
             // Read it ourselves: the error then names the file, and invalid UTF-8 is caught here.
-            let text = std::str::from_utf8(text).map_err(|_| anyhow::anyhow!("config file {} is not UTF-8 text", f.display()))?;
+            let text = std::str::from_utf8(text)
+                .map_err(|_| anyhow::anyhow!("config file {} is not UTF-8 text", f.display()))?;
             toml_syntax_check(text).with_context(|| format!("config file {} is not valid TOML", f.display()))?;
             b = b.add_source(config::File::from_str(text, config::FileFormat::Toml));
         }
@@ -197,9 +203,17 @@ impl Config {
                 bail!("environment variable {k}: expected RLAIFD__SECTION__KEY (e.g. RLAIFD__SERVER__BIND)");
             }
         }
-        b = b.add_source(config::Environment::with_prefix("RLAIFD").prefix_separator("__").separator("__").try_parsing(true).source(Some(vars)));
+        b = b.add_source(
+            config::Environment::with_prefix("RLAIFD")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true)
+                .source(Some(vars)),
+        );
         let merged = b.build().map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
-        let cfg: Config = merged.try_deserialize().map_err(|e| anyhow::anyhow!("configuration{}: {e}", file.map(|f| format!(" ({})", f.display())).unwrap_or_default()))?;
+        let cfg: Config = merged.try_deserialize().map_err(|e| {
+            anyhow::anyhow!("configuration{}: {e}", file.map(|f| format!(" ({})", f.display())).unwrap_or_default())
+        })?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -213,7 +227,9 @@ impl Config {
         if self.database.max_connections == 0 {
             bail!("database.max_connections must be at least 1");
         }
-        let addr: std::net::SocketAddr = self.server.bind.parse().map_err(|_| anyhow::anyhow!("server.bind {:?} is not an IP:port address (e.g. 127.0.0.1:8080)", self.server.bind))?;
+        let addr: std::net::SocketAddr = self.server.bind.parse().map_err(|_| {
+            anyhow::anyhow!("server.bind {:?} is not an IP:port address (e.g. 127.0.0.1:8080)", self.server.bind)
+        })?;
         let token = self.server.token.expose();
         if !addr.ip().is_loopback() && token.is_empty() {
             bail!("server.bind {} is not a loopback address: set server.token (clients then send Authorization: Bearer TOKEN)", self.server.bind);
@@ -233,23 +249,37 @@ impl Config {
         if self.server.max_image_side < 16 {
             bail!("server.max_image_side must be at least 16");
         }
-        if self.server.max_tokens == 0 || self.server.max_n == 0 || self.server.workers == 0 || self.server.max_pending == 0 {
+        if self.server.max_tokens == 0
+            || self.server.max_n == 0
+            || self.server.workers == 0
+            || self.server.max_pending == 0
+        {
             bail!("server.max_tokens, server.max_n, server.workers and server.max_pending must be at least 1");
         }
         if !(self.server.request_timeout_s.is_finite() && self.server.request_timeout_s >= 0.1) {
             bail!("server.request_timeout_s must be at least 0.1 seconds");
         }
         if !self.control.import_dir.as_os_str().is_empty() && !self.control.import_dir.is_absolute() {
-            bail!("control.import_dir {} must be an absolute path (or empty: any absolute path)", self.control.import_dir.display());
+            bail!(
+                "control.import_dir {} must be an absolute path (or empty: any absolute path)",
+                self.control.import_dir.display()
+            );
         }
-        if !(self.server.rate_per_s.is_finite() && self.server.rate_per_s >= 0.0 && self.server.rate_burst.is_finite() && self.server.rate_burst >= 1.0) {
+        if !(self.server.rate_per_s.is_finite()
+            && self.server.rate_per_s >= 0.0
+            && self.server.rate_burst.is_finite()
+            && self.server.rate_burst >= 1.0)
+        {
             bail!("server.rate_per_s must be >= 0 (0: no limit) and server.rate_burst >= 1");
         }
         if self.control.socket.as_os_str().is_empty() {
             bail!("control.socket is empty");
         }
         if !self.control.group.is_empty() && group_id(&self.control.group).is_none() {
-            bail!("control.group {:?} is not a group of this system (see /etc/group; empty: the daemon's own group)", self.control.group);
+            bail!(
+                "control.group {:?} is not a group of this system (see /etc/group; empty: the daemon's own group)",
+                self.control.group
+            );
         }
         if !matches!(self.daemon.prompt_source.as_str(), "shapes" | "none") {
             bail!("daemon.prompt_source {:?}: expected \"shapes\" or \"none\"", self.daemon.prompt_source);
@@ -260,7 +290,8 @@ impl Config {
         if !matches!(self.log.format.as_str(), "pretty" | "json") {
             bail!("log.format {:?}: expected \"pretty\" or \"json\"", self.log.format);
         }
-        tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|e| anyhow::anyhow!("log.level {:?}: {e}", self.log.level))?;
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| anyhow::anyhow!("log.level {:?}: {e}", self.log.level))?;
         Ok(())
     }
 
@@ -284,7 +315,11 @@ impl Config {
 
 /// A TOML syntax check with the line of the first error (the `config` crate's message lacks the file).
 fn toml_syntax_check(text: &str) -> Result<()> {
-    config::Config::builder().add_source(config::File::from_str(text, config::FileFormat::Toml)).build().map(|_| ()).map_err(|e| anyhow::anyhow!("{e}"))
+    config::Config::builder()
+        .add_source(config::File::from_str(text, config::FileFormat::Toml))
+        .build()
+        .map(|_| ())
+        .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 #[cfg(test)]

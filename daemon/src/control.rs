@@ -13,8 +13,8 @@ use crate::worker::{Priority, PRIORITIES};
 use actix::prelude::*;
 use anyhow::{bail, Context as _, Result};
 use serde_json::{json, Value};
-use std::io::{BufRead, Write};
 use std::collections::HashMap;
+use std::io::{BufRead, Write};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -61,7 +61,9 @@ pub enum Command {
 pub fn parse(line: &str) -> Result<Command> {
     let v: Value = serde_json::from_str(line).map_err(|e| anyhow::anyhow!("not a JSON object: {e}"))?;
     let Some(obj) = v.as_object() else { bail!("expected a JSON object like {{\"cmd\": \"status\"}}") };
-    let Some(cmd) = obj.get("cmd").and_then(|c| c.as_str()) else { bail!("missing \"cmd\" (a string: status, pause, resume, iterate, promote, rollback, eval, import-prompts, drain, reload-config)") };
+    let Some(cmd) = obj.get("cmd").and_then(|c| c.as_str()) else {
+        bail!("missing \"cmd\" (a string: status, pause, resume, iterate, promote, rollback, eval, import-prompts, drain, reload-config)")
+    };
     let allowed: &[&str] = match cmd {
         "promote" | "eval" | "rollback" => &["cmd", "id"],
         "import-prompts" => &["cmd", "file"],
@@ -79,7 +81,11 @@ pub fn parse(line: &str) -> Result<Command> {
             },
         }
     };
-    let need = |x: Option<i64>| x.ok_or_else(|| anyhow::anyhow!("{cmd} needs \"id\": the checkpoint id (see `rlaifd ctl status` or the checkpoints table)"));
+    let need = |x: Option<i64>| {
+        x.ok_or_else(|| {
+            anyhow::anyhow!("{cmd} needs \"id\": the checkpoint id (see `rlaifd ctl status` or the checkpoints table)")
+        })
+    };
     Ok(match cmd {
         "status" => Command::Status,
         "pause" => Command::Pause,
@@ -139,7 +145,13 @@ impl RefusalAudit {
             summary = old.summary(uid);
             w.remove(&uid);
         }
-        let win = w.entry(uid).or_insert_with(|| RefusalWindow { opened: now, opened_at: chrono::Utc::now(), in_full: 0, counted: 0, last_error: String::new() });
+        let win = w.entry(uid).or_insert_with(|| RefusalWindow {
+            opened: now,
+            opened_at: chrono::Utc::now(),
+            in_full: 0,
+            counted: 0,
+            last_error: String::new(),
+        });
         if win.in_full < REFUSALS_IN_FULL_PER_MINUTE {
             win.in_full += 1;
             (true, summary)
@@ -153,7 +165,8 @@ impl RefusalAudit {
     /// Summaries of every minute that has ended (their windows are closed).
     fn take_ended(&self, now: Instant) -> Vec<Value> {
         let Ok(mut w) = self.windows.lock() else { return Vec::new() };
-        let ended: Vec<u32> = w.iter().filter(|(_, o)| now.duration_since(o.opened) >= AUDIT_WINDOW).map(|(u, _)| *u).collect();
+        let ended: Vec<u32> =
+            w.iter().filter(|(_, o)| now.duration_since(o.opened) >= AUDIT_WINDOW).map(|(u, _)| *u).collect();
         ended.into_iter().filter_map(|u| w.remove(&u).and_then(|o| o.summary(u))).collect()
     }
 }
@@ -233,12 +246,17 @@ pub fn start(d: Arc<Daemon>, wake: Recipient<Wake>) -> Result<Addr<Control>> {
         }
         std::fs::remove_file(&path).with_context(|| format!("cannot remove the stale socket {}", path.display()))?;
     }
-    let listener = tokio::net::UnixListener::bind(&path).with_context(|| format!("cannot bind the control socket {}", path.display()))?;
+    let listener = tokio::net::UnixListener::bind(&path)
+        .with_context(|| format!("cannot bind the control socket {}", path.display()))?;
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660)).with_context(|| format!("cannot chmod 0660 {}", path.display()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("cannot chmod 0660 {}", path.display()))?;
     if !cfg.control.group.is_empty() {
-        let gid = crate::config::group_id(&cfg.control.group).with_context(|| format!("control.group {:?} is not a group of this system (see /etc/group)", cfg.control.group))?;
-        std::os::unix::fs::chown(&path, None, Some(gid)).with_context(|| format!("cannot give {} to group {}", path.display(), cfg.control.group))?;
+        let gid = crate::config::group_id(&cfg.control.group).with_context(|| {
+            format!("control.group {:?} is not a group of this system (see /etc/group)", cfg.control.group)
+        })?;
+        std::os::unix::fs::chown(&path, None, Some(gid))
+            .with_context(|| format!("cannot give {} to group {}", path.display(), cfg.control.group))?;
     }
     tracing::info!(socket = %path.display(), "control socket listening");
     Ok(Control { d, listener: Some(listener), wake }.start())
@@ -275,7 +293,12 @@ async fn refuse(d: &Arc<Daemon>, audit: &RefusalAudit, peer: Peer, line: &[u8], 
     json!({ "ok": false, "error": error })
 }
 
-async fn connection(stream: tokio::net::UnixStream, d: &Arc<Daemon>, wake: &Recipient<Wake>, audit: &RefusalAudit) -> Result<()> {
+async fn connection(
+    stream: tokio::net::UnixStream,
+    d: &Arc<Daemon>,
+    wake: &Recipient<Wake>,
+    audit: &RefusalAudit,
+) -> Result<()> {
     let peer = match stream.peer_cred() {
         Ok(c) => Peer { uid: c.uid(), pid: c.pid() },
         Err(_) => Peer { uid: u32::MAX, pid: None },
@@ -285,7 +308,9 @@ async fn connection(stream: tokio::net::UnixStream, d: &Arc<Daemon>, wake: &Reci
     let mut buf = Vec::new();
     loop {
         buf.clear();
-        let n = match tokio::time::timeout(IDLE_TIMEOUT, (&mut r).take(MAX_LINE as u64 + 1).read_until(b'\n', &mut buf)).await {
+        let n = match tokio::time::timeout(IDLE_TIMEOUT, (&mut r).take(MAX_LINE as u64 + 1).read_until(b'\n', &mut buf))
+            .await
+        {
             Ok(n) => n?,
             Err(_) => return Ok(()),
         };
@@ -298,7 +323,9 @@ async fn connection(stream: tokio::net::UnixStream, d: &Arc<Daemon>, wake: &Reci
         } else {
             match std::str::from_utf8(&buf) {
                 Ok(line) if line.trim().is_empty() => continue,
-                Ok(line) if line.contains('\0') => refuse(d, audit, peer, &buf, "the command holds a NUL byte".into()).await,
+                Ok(line) if line.contains('\0') => {
+                    refuse(d, audit, peer, &buf, "the command holds a NUL byte".into()).await
+                }
                 Ok(line) => match parse(line.trim()) {
                     Err(e) => refuse(d, audit, peer, &buf, format!("{e:#}")).await,
                     Ok(cmd) => {
@@ -336,7 +363,10 @@ pub async fn handle_command(cmd: Command, d: &Arc<Daemon>, wake: &Recipient<Wake
         }
         Err(e) => {
             let error = shown_line(format!("{e:#}").as_bytes());
-            (json!({ "command": shown_line(format!("{cmd:?}").as_bytes()), "ok": false, "error": error, "peer_uid": peer.uid, "peer_pid": peer.pid }), json!({ "ok": false, "error": format!("{e:#}") }))
+            (
+                json!({ "command": shown_line(format!("{cmd:?}").as_bytes()), "ok": false, "error": error, "peer_uid": peer.uid, "peer_pid": peer.pid }),
+                json!({ "ok": false, "error": format!("{e:#}") }),
+            )
         }
     };
     if let Err(e) = store::event(&d.pool, "control", "control", detail).await {
@@ -380,7 +410,9 @@ async fn execute(cmd: &Command, d: &Arc<Daemon>, _wake: &Recipient<Wake>) -> Res
             let current = store::promoted(pool).await?.context("no promoted checkpoint")?;
             let target = match id {
                 Some(i) => *i,
-                None => current.parent_id.with_context(|| format!("checkpoint {} is the base model: there is nothing to roll back to", current.id))?,
+                None => current.parent_id.with_context(|| {
+                    format!("checkpoint {} is the base model: there is nothing to roll back to", current.id)
+                })?,
             };
             if target == current.id {
                 bail!("checkpoint {target} is the one being served");
@@ -412,13 +444,17 @@ async fn promote(d: &Arc<Daemon>, c: &store::CheckpointRow, actor: &str, reason:
     // Check the files on disk (even when the adapter is cached in memory) and load: a checkpoint whose files are
     // missing or altered is refused before anything changes.
     if c.kind != "base" {
-        let sha = crate::rlaif::adapter_sha256(std::path::Path::new(&c.path)).with_context(|| format!("checkpoint {} cannot be loaded; nothing changed", c.id))?;
+        let sha = crate::rlaif::adapter_sha256(std::path::Path::new(&c.path))
+            .with_context(|| format!("checkpoint {} cannot be loaded; nothing changed", c.id))?;
         if c.sha256.as_deref() != Some(sha.as_str()) {
             bail!("checkpoint {} at {}: adapter_model.safetensors has sha256 {sha}, the database recorded {:?}; refusing it, nothing changed", c.id, c.path, c.sha256);
         }
     }
     let (e, row) = (d.engine.clone(), c.clone());
-    d.engine.run(Priority::Serve, move |_| e.adapter(&row).map(|_| ())).await.with_context(|| format!("checkpoint {} cannot be loaded; nothing changed", c.id))?;
+    d.engine
+        .run(Priority::Serve, move |_| e.adapter(&row).map(|_| ()))
+        .await
+        .with_context(|| format!("checkpoint {} cannot be loaded; nothing changed", c.id))?;
     let metrics = c.metrics.clone().unwrap_or(json!({}));
     store::decide(&d.pool, c.id, true, &metrics, reason, actor).await?;
     let generation = d.hot_swap(&store::checkpoint(&d.pool, c.id).await?).await?;
@@ -429,14 +465,26 @@ async fn status(d: &Arc<Daemon>) -> Result<Value> {
     let pool = &d.pool;
     let s = d.serving();
     let open = store::open_iteration(pool).await?;
-    let last: Option<(i32, String)> = sqlx::query_as("SELECT number, stage FROM iterations ORDER BY number DESC LIMIT 1").fetch_optional(pool).await?;
-    let jobs: Vec<(String, String, i64)> = sqlx::query_as("SELECT kind, status, count(*) FROM jobs WHERE status IN ('pending', 'running') GROUP BY kind, status").fetch_all(pool).await?;
+    let last: Option<(i32, String)> =
+        sqlx::query_as("SELECT number, stage FROM iterations ORDER BY number DESC LIMIT 1")
+            .fetch_optional(pool)
+            .await?;
+    let jobs: Vec<(String, String, i64)> = sqlx::query_as(
+        "SELECT kind, status, count(*) FROM jobs WHERE status IN ('pending', 'running') GROUP BY kind, status",
+    )
+    .fetch_all(pool)
+    .await?;
     let mut queues = json!({ "sample": { "pending": 0, "running": 0 }, "label": { "pending": 0, "running": 0 } });
     for (k, st, n) in jobs {
         queues[k][st] = json!(n);
     }
-    let engine_queue: serde_json::Map<String, Value> = PRIORITIES.iter().zip(d.engine.worker.depths()).map(|(p, n)| (p.name().to_string(), json!(n))).collect();
-    let last_decided: Option<(i64, String, Option<Value>)> = sqlx::query_as("SELECT id, status, metrics FROM checkpoints WHERE decided_at IS NOT NULL ORDER BY decided_at DESC LIMIT 1").fetch_optional(pool).await?;
+    let engine_queue: serde_json::Map<String, Value> =
+        PRIORITIES.iter().zip(d.engine.worker.depths()).map(|(p, n)| (p.name().to_string(), json!(n))).collect();
+    let last_decided: Option<(i64, String, Option<Value>)> = sqlx::query_as(
+        "SELECT id, status, metrics FROM checkpoints WHERE decided_at IS NOT NULL ORDER BY decided_at DESC LIMIT 1",
+    )
+    .fetch_optional(pool)
+    .await?;
     let actors = d.actors.lock().map(|a| serde_json::to_value(&*a).unwrap_or_default()).unwrap_or_default();
     Ok(json!({
         "iteration": last.as_ref().map(|l| l.0),
@@ -459,7 +507,10 @@ async fn status(d: &Arc<Daemon>) -> Result<Value> {
 fn image_path(base: &Path, rel: &str, line: usize, file: &Path) -> Result<PathBuf> {
     let p = Path::new(rel);
     if p.is_absolute() || p.components().any(|c| !matches!(c, Component::Normal(_) | Component::CurDir)) {
-        bail!("{} line {line}: image {rel:?} must be a path inside the file's directory (no absolute paths, no ..)", file.display());
+        bail!(
+            "{} line {line}: image {rel:?} must be a path inside the file's directory (no absolute paths, no ..)",
+            file.display()
+        );
     }
     Ok(base.join(p))
 }
@@ -471,7 +522,11 @@ pub async fn read_named_file(path: &Path, inside: Option<&Path>, max: u64) -> Re
     let (p, dir) = (path.to_path_buf(), inside.map(Path::to_path_buf));
     let task = tokio::task::spawn_blocking(move || read_named_file_now(&p, dir.as_deref(), max));
     match tokio::time::timeout(FILE_READ_TIMEOUT, task).await {
-        Err(_) => bail!("{}: not read within {} s (a stalled filesystem?); nothing changed", path.display(), FILE_READ_TIMEOUT.as_secs()),
+        Err(_) => bail!(
+            "{}: not read within {} s (a stalled filesystem?); nothing changed",
+            path.display(),
+            FILE_READ_TIMEOUT.as_secs()
+        ),
         Ok(Err(e)) => bail!("{}: reading failed: {e}", path.display()),
         Ok(Ok(r)) => r,
     }
@@ -484,11 +539,20 @@ fn read_named_file_now(path: &Path, inside: Option<&Path>, max: u64) -> Result<(
     if let Some(dir) = inside {
         let dir = std::fs::canonicalize(dir).with_context(|| format!("cannot find the folder {}", dir.display()))?;
         if !real.starts_with(&dir) {
-            bail!("{} resolves to {}, outside {}: files must stay inside that folder (symlinks included)", path.display(), real.display(), dir.display());
+            bail!(
+                "{} resolves to {}, outside {}: files must stay inside that folder (symlinks included)",
+                path.display(),
+                real.display(),
+                dir.display()
+            );
         }
     }
     // Non-blocking open: a FIFO never waits for a writer; no-follow: the resolved path cannot be swapped for a link.
-    let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_CLOEXEC).open(&real).with_context(|| format!("cannot open {}", path.display()))?;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&real)
+        .with_context(|| format!("cannot open {}", path.display()))?;
     let meta = f.metadata().with_context(|| format!("cannot stat {}", path.display()))?;
     let t = meta.file_type();
     if !t.is_file() {
@@ -518,7 +582,10 @@ fn read_named_file_now(path: &Path, inside: Option<&Path>, max: u64) -> Result<(
 
 async fn import_prompts(d: &Arc<Daemon>, file: &Path) -> Result<Value> {
     if !file.is_absolute() {
-        bail!("import-prompts: {} is not an absolute path (`rlaifd ctl` makes it absolute; raw clients must)", file.display());
+        bail!(
+            "import-prompts: {} is not an absolute path (`rlaifd ctl` makes it absolute; raw clients must)",
+            file.display()
+        );
     }
     let cfg = d.config();
     let root = Some(cfg.control.import_dir.as_path()).filter(|p| !p.as_os_str().is_empty());
@@ -539,8 +606,13 @@ async fn import_prompts(d: &Arc<Daemon>, file: &Path) -> Result<Value> {
         if rows.len() >= MAX_IMPORT {
             bail!("{}: more than {MAX_IMPORT} prompts; split the file", file.display());
         }
-        let v: Value = serde_json::from_str(line).map_err(|e| anyhow::anyhow!("{} line {n}: not valid JSON: {e}", file.display()))?;
-        let q = v.get("question").and_then(|q| q.as_str()).filter(|q| !q.trim().is_empty()).with_context(|| format!("{} line {n}: missing \"question\" (non-empty text)", file.display()))?;
+        let v: Value = serde_json::from_str(line)
+            .map_err(|e| anyhow::anyhow!("{} line {n}: not valid JSON: {e}", file.display()))?;
+        let q = v
+            .get("question")
+            .and_then(|q| q.as_str())
+            .filter(|q| !q.trim().is_empty())
+            .with_context(|| format!("{} line {n}: missing \"question\" (non-empty text)", file.display()))?;
         let split = v.get("split").and_then(|s| s.as_str()).unwrap_or("train");
         if !matches!(split, "train" | "heldout") {
             bail!("{} line {n}: \"split\" must be train or heldout", file.display());
@@ -548,35 +620,52 @@ async fn import_prompts(d: &Arc<Daemon>, file: &Path) -> Result<Value> {
         let image = match v.get("image").and_then(|x| x.as_str()) {
             Some(rel) => {
                 let p = image_path(&base, rel, n, file)?;
-                let (_, bytes) = read_named_file(&p, Some(&base), MAX_IMPORT_IMAGE_BYTES).await.with_context(|| format!("{} line {n}: image", file.display()))?;
+                let (_, bytes) = read_named_file(&p, Some(&base), MAX_IMPORT_IMAGE_BYTES)
+                    .await
+                    .with_context(|| format!("{} line {n}: image", file.display()))?;
                 image_bytes += bytes.len() as u64;
                 if image_bytes > MAX_IMPORT_TOTAL_IMAGE_BYTES {
                     bail!("{}: its images add up to more than {MAX_IMPORT_TOTAL_IMAGE_BYTES} bytes by line {n}; split the file", file.display());
                 }
                 let what = p.display().to_string();
-                let (w, h) = engine::image::header_dimensions(&bytes, &what).with_context(|| format!("{} line {n}", file.display()))?;
+                let (w, h) = engine::image::header_dimensions(&bytes, &what)
+                    .with_context(|| format!("{} line {n}", file.display()))?;
                 if w > max_side || h > max_side {
                     bail!("{} line {n}: image {} is {w}x{h}, larger than {max_side} pixels per side (server.max_image_side)", file.display(), p.display());
                 }
-                let bytes = tokio::task::spawn_blocking(move || engine::image::decode_rgb8_within(&bytes, &what, max_side).map(|_| bytes)).await.context("image decode task")?.with_context(|| format!("{} line {n}", file.display()))?;
+                let bytes = tokio::task::spawn_blocking(move || {
+                    engine::image::decode_rgb8_within(&bytes, &what, max_side).map(|_| bytes)
+                })
+                .await
+                .context("image decode task")?
+                .with_context(|| format!("{} line {n}", file.display()))?;
                 Some(bytes)
             }
             None => None,
         };
         // The question must leave room for an answer in the model's context (checked on the bytes first).
-        let too_long = || anyhow::anyhow!("{} line {n}: the question does not fit the model's context of {ctx} tokens with room for an answer; shorten it", file.display());
+        let too_long = || {
+            anyhow::anyhow!("{} line {n}: the question does not fit the model's context of {ctx} tokens with room for an answer; shorten it", file.display())
+        };
         if q.len() > ctx.saturating_mul(crate::server::MAX_PROMPT_BYTES_PER_TOKEN) {
             return Err(too_long());
         }
-        let template = if image.is_some() { engine::tokenizer::LLAVA_15_TEMPLATE } else { engine::tokenizer::TEXT_TEMPLATE };
-        let ids = e.tok.encode(&engine::tokenizer::apply_template(template, q), true).with_context(|| format!("{} line {n}: the question cannot be tokenized", file.display()))?;
+        let template =
+            if image.is_some() { engine::tokenizer::LLAVA_15_TEMPLATE } else { engine::tokenizer::TEXT_TEMPLATE };
+        let ids = e
+            .tok
+            .encode(&engine::tokenizer::apply_template(template, q), true)
+            .with_context(|| format!("{} line {n}: the question cannot be tokenized", file.display()))?;
         if e.model.prompt_positions(&ids) >= ctx {
             return Err(too_long());
         }
         rows.push((image, q.to_string(), split.to_string()));
     }
     if rows.is_empty() {
-        bail!("{} holds no prompts (one JSON object per line: {{\"image\": path, \"question\": text}})", file.display());
+        bail!(
+            "{} holds no prompts (one JSON object per line: {{\"image\": path, \"question\": text}})",
+            file.display()
+        );
     }
     let mut tx = d.pool.begin().await?;
     let before: i64 = sqlx::query_scalar("SELECT count(*) FROM prompts").fetch_one(&mut *tx).await?;
@@ -585,11 +674,23 @@ async fn import_prompts(d: &Arc<Daemon>, file: &Path) -> Result<Value> {
             Some(b) => Some(store::insert_image(&mut *tx, b).await?),
             None => None,
         };
-        store::insert_prompt(&mut *tx, &store::NewPrompt { image_sha256: sha, instruction: q.clone(), source: format!("import:{}", file.display()), split: split.clone(), ground_truth: None }).await?;
+        store::insert_prompt(
+            &mut *tx,
+            &store::NewPrompt {
+                image_sha256: sha,
+                instruction: q.clone(),
+                source: format!("import:{}", file.display()),
+                split: split.clone(),
+                ground_truth: None,
+            },
+        )
+        .await?;
     }
     let after: i64 = sqlx::query_scalar("SELECT count(*) FROM prompts").fetch_one(&mut *tx).await?;
     tx.commit().await?;
-    Ok(json!({ "file": file.display().to_string(), "lines": rows.len(), "imported": after - before, "duplicates": rows.len() as i64 - (after - before) }))
+    Ok(
+        json!({ "file": file.display().to_string(), "lines": rows.len(), "imported": after - before, "duplicates": rows.len() as i64 - (after - before) }),
+    )
 }
 
 /// Re-reads the configuration; applies [loop], [daemon], [log] and the server's limits and token. Keys that need
@@ -597,7 +698,8 @@ async fn import_prompts(d: &Arc<Daemon>, file: &Path) -> Result<Value> {
 /// any configuration that would not pass its checks on the address the server still listens on (an empty or
 /// short token off loopback). An invalid or refused file changes nothing.
 fn reload(d: &Arc<Daemon>) -> Result<Value> {
-    let mut new = Config::load(d.config_file.as_deref()).context("reload-config: the configuration is invalid; nothing changed")?;
+    let mut new = Config::load(d.config_file.as_deref())
+        .context("reload-config: the configuration is invalid; nothing changed")?;
     let old = d.config();
     new.state.dir = old.state.dir.clone();
     new.model.path = old.model.path.clone();
@@ -633,7 +735,9 @@ fn reload(d: &Arc<Daemon>) -> Result<Value> {
     applied.control = old.control.clone();
     applied.server.max_request_mb = old.server.max_request_mb;
     // What would be in force, checked against the listener that stays: never weaker than the checks at start.
-    applied.validate().context("reload-config: the configuration would not be safe on the running listener; nothing changed")?;
+    applied
+        .validate()
+        .context("reload-config: the configuration would not be safe on the running listener; nothing changed")?;
     let changed = applied != old;
     match d.cfg.write() {
         Ok(mut c) => *c = applied,
@@ -659,7 +763,9 @@ pub struct CtlArgs {
 /// The JSON line for a command given as words.
 pub fn command_line(words: &[String]) -> Result<String> {
     let (cmd, rest) = words.split_first().context("no command given")?;
-    let id = |s: &str| -> Result<i64> { s.parse::<i64>().ok().filter(|i| *i > 0).with_context(|| format!("{cmd}: {s:?} is not a checkpoint id")) };
+    let id = |s: &str| -> Result<i64> {
+        s.parse::<i64>().ok().filter(|i| *i > 0).with_context(|| format!("{cmd}: {s:?} is not a checkpoint id"))
+    };
     let v = match (cmd.as_str(), rest) {
         ("promote" | "eval", [i]) => json!({ "cmd": cmd, "id": id(i)? }),
         ("rollback", []) => json!({ "cmd": cmd }),
@@ -681,11 +787,16 @@ pub fn ctl(a: CtlArgs) -> Result<()> {
         None => Config::load(a.config.as_deref())?.socket_path(),
     };
     let line = command_line(&a.command)?;
-    let mut s = std::os::unix::net::UnixStream::connect(&socket).with_context(|| format!("cannot connect to {} (is rlaifd running? --socket names another socket)", socket.display()))?;
+    let mut s = std::os::unix::net::UnixStream::connect(&socket).with_context(|| {
+        format!("cannot connect to {} (is rlaifd running? --socket names another socket)", socket.display())
+    })?;
     s.write_all(format!("{line}\n").as_bytes())?;
     let mut reply = String::new();
-    std::io::BufReader::new(&s).read_line(&mut reply).with_context(|| format!("reading the reply from {}", socket.display()))?;
-    let v: Value = serde_json::from_str(reply.trim()).with_context(|| format!("the daemon's reply is not JSON: {reply:?}"))?;
+    std::io::BufReader::new(&s)
+        .read_line(&mut reply)
+        .with_context(|| format!("reading the reply from {}", socket.display()))?;
+    let v: Value =
+        serde_json::from_str(reply.trim()).with_context(|| format!("the daemon's reply is not JSON: {reply:?}"))?;
     println!("{}", serde_json::to_string_pretty(&v)?);
     if v["ok"].as_bool() != Some(true) {
         bail!("{}", v["error"].as_str().unwrap_or("the command failed"));
@@ -702,7 +813,10 @@ mod tests {
         assert_eq!(parse(r#"{"cmd":"status"}"#).unwrap(), Command::Status);
         assert_eq!(parse(r#"{"cmd":"promote","id":5}"#).unwrap(), Command::Promote(5));
         assert_eq!(parse(r#"{"cmd":"rollback"}"#).unwrap(), Command::Rollback(None));
-        assert_eq!(parse(r#"{"cmd":"import-prompts","file":"/x/p.jsonl"}"#).unwrap(), Command::ImportPrompts("/x/p.jsonl".into()));
+        assert_eq!(
+            parse(r#"{"cmd":"import-prompts","file":"/x/p.jsonl"}"#).unwrap(),
+            Command::ImportPrompts("/x/p.jsonl".into())
+        );
         for (line, needle) in [
             ("status", "not a JSON object"),
             ("[1]", "expected a JSON object"),
@@ -719,7 +833,10 @@ mod tests {
         }
         assert!(image_path(Path::new("/data"), "../etc/passwd", 1, Path::new("/data/p.jsonl")).is_err());
         assert!(image_path(Path::new("/data"), "/etc/passwd", 1, Path::new("/data/p.jsonl")).is_err());
-        assert_eq!(image_path(Path::new("/data"), "img/a.png", 1, Path::new("/data/p.jsonl")).unwrap(), PathBuf::from("/data/img/a.png"));
+        assert_eq!(
+            image_path(Path::new("/data"), "img/a.png", 1, Path::new("/data/p.jsonl")).unwrap(),
+            PathBuf::from("/data/img/a.png")
+        );
         assert_eq!(command_line(&["promote".into(), "7".into()]).unwrap(), r#"{"cmd":"promote","id":7}"#);
         assert_eq!(shown_line(b"{\"cmd\":\"a\0b\"}\n"), "{\"cmd\":\"a\\u{0000}b\"}");
         assert_eq!(shown_line(b"x\xffy"), "x\u{fffd}y");
@@ -731,14 +848,18 @@ mod tests {
     fn refusals_past_ten_a_minute_are_counted_into_one_summary_per_peer() {
         let a = RefusalAudit::default();
         let t0 = Instant::now();
-        let full: Vec<bool> = (0..25).map(|i| a.note(1000, &format!("bad {i}"), t0 + Duration::from_millis(i)).0).collect();
+        let full: Vec<bool> =
+            (0..25).map(|i| a.note(1000, &format!("bad {i}"), t0 + Duration::from_millis(i)).0).collect();
         assert_eq!(full.iter().filter(|&&f| f).count(), 10, "the first ten of the minute in full");
         assert!(full[..10].iter().all(|&f| f));
         assert!(a.note(1001, "other peer", t0).0, "another peer has its own minute");
         assert!(a.take_ended(t0 + Duration::from_secs(59)).is_empty(), "the minute has not ended");
         let s = a.take_ended(t0 + Duration::from_secs(61));
         assert_eq!(s.len(), 1, "only the peer with counted refusals: {s:?}");
-        assert_eq!((s[0]["peer_uid"].as_u64(), s[0]["counted"].as_u64(), s[0]["last_error"].as_str()), (Some(1000), Some(15), Some("bad 24")));
+        assert_eq!(
+            (s[0]["peer_uid"].as_u64(), s[0]["counted"].as_u64(), s[0]["last_error"].as_str()),
+            (Some(1000), Some(15), Some("bad 24"))
+        );
         // A new minute starts in full again; a refusal after an ended minute returns that minute's summary.
         for i in 0..12 {
             a.note(1000, "again", t0 + Duration::from_secs(70) + Duration::from_millis(i));

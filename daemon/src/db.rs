@@ -20,20 +20,32 @@ pub fn url_from_env() -> String {
 /// The URL without its password, for messages and logs.
 pub fn redacted(url: &str) -> String {
     match PgConnectOptions::from_str(url) {
-        Ok(o) => format!("postgres://{}@{}:{}/{}", o.get_username(), o.get_host(), o.get_port(), o.get_database().unwrap_or("")),
+        Ok(o) => format!(
+            "postgres://{}@{}:{}/{}",
+            o.get_username(),
+            o.get_host(),
+            o.get_port(),
+            o.get_database().unwrap_or("")
+        ),
         Err(_) => "<unparsable database URL>".into(),
     }
 }
 
 /// A pool on `url`. Errors say which server was tried and how to point rlaifd elsewhere.
 pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool> {
-    let opts = PgConnectOptions::from_str(url).with_context(|| format!("invalid database URL {} (expected postgres://user@host:port/db)", redacted(url)))?;
+    let opts = PgConnectOptions::from_str(url)
+        .with_context(|| format!("invalid database URL {} (expected postgres://user@host:port/db)", redacted(url)))?;
     PgPoolOptions::new()
         .max_connections(max_connections.max(1))
         .acquire_timeout(Duration::from_secs(10))
         .connect_with(opts)
         .await
-        .with_context(|| format!("cannot connect to PostgreSQL at {} (set DATABASE_URL, or --database-url, to a reachable server)", redacted(url)))
+        .with_context(|| {
+            format!(
+                "cannot connect to PostgreSQL at {} (set DATABASE_URL, or --database-url, to a reachable server)",
+                redacted(url)
+            )
+        })
 }
 
 /// Creates database `name` on the server of `server` (any database of it) if it does not exist.
@@ -46,10 +58,16 @@ pub async fn create_database(server: &PgConnectOptions, name: &str) -> Result<()
         .acquire_timeout(Duration::from_secs(10))
         .connect_with(server.clone().database("postgres"))
         .await
-        .with_context(|| format!("cannot connect to the postgres database of {}:{}", server.get_host(), server.get_port()))?;
-    let exists: Option<i32> = sqlx::query_scalar("SELECT 1 FROM pg_database WHERE datname = $1").bind(name).fetch_optional(&admin).await?;
+        .with_context(|| {
+            format!("cannot connect to the postgres database of {}:{}", server.get_host(), server.get_port())
+        })?;
+    let exists: Option<i32> =
+        sqlx::query_scalar("SELECT 1 FROM pg_database WHERE datname = $1").bind(name).fetch_optional(&admin).await?;
     if exists.is_none() {
-        sqlx::query(&format!("CREATE DATABASE \"{name}\"")).execute(&admin).await.with_context(|| format!("creating database {name}"))?;
+        sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+            .execute(&admin)
+            .await
+            .with_context(|| format!("creating database {name}"))?;
     }
     admin.close().await;
     Ok(())
@@ -80,5 +98,10 @@ pub async fn open(url: &str, max_connections: u32) -> Result<PgPool> {
 }
 
 fn is_missing_database(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| c.downcast_ref::<sqlx::Error>().and_then(|s| s.as_database_error()).and_then(|d| d.code()).is_some_and(|code| code == "3D000"))
+    e.chain().any(|c| {
+        c.downcast_ref::<sqlx::Error>()
+            .and_then(|s| s.as_database_error())
+            .and_then(|d| d.code())
+            .is_some_and(|code| code == "3D000")
+    })
 }

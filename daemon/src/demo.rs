@@ -59,7 +59,9 @@ pub fn demo_config(a: &DemoArgs) -> Result<LoopConfig> {
     };
     let mut v = serde_json::to_value(&cfg)?;
     for o in &a.overrides {
-        let Some((k, val)) = o.split_once('=') else { anyhow::bail!("--set {o}: expected KEY=VALUE, e.g. --set lr=1e-4") };
+        let Some((k, val)) = o.split_once('=') else {
+            anyhow::bail!("--set {o}: expected KEY=VALUE, e.g. --set lr=1e-4")
+        };
         let Some(slot) = v.get_mut(k.trim()) else { anyhow::bail!("--set {o}: unknown loop setting {k:?}") };
         *slot = serde_json::from_str(val.trim()).unwrap_or_else(|_| serde_json::Value::String(val.trim().to_string()));
     }
@@ -109,7 +111,8 @@ pub fn daemon_config(a: &DemoArgs, url: &str) -> Result<crate::config::Config> {
     let mut cfg = crate::config::Config::from_toml_bytes(b"")?;
     cfg.database.url = url.to_string();
     cfg.database.max_connections = 4;
-    cfg.model.path = std::fs::canonicalize(&a.model).with_context(|| format!("--model {}: no such directory", a.model.display()))?;
+    cfg.model.path =
+        std::fs::canonicalize(&a.model).with_context(|| format!("--model {}: no such directory", a.model.display()))?;
     cfg.state.dir = a.state_dir.clone();
     cfg.model.device = a.device.clone();
     cfg.model.device_spec().map_err(|e| anyhow::anyhow!("--device: {e:#}"))?;
@@ -128,14 +131,26 @@ pub fn daemon_config(a: &DemoArgs, url: &str) -> Result<crate::config::Config> {
 /// showing each stage's progress, then prints the lineage, writes the plot and prints one JSON line.
 pub fn run(a: DemoArgs) -> Result<()> {
     let t0 = std::time::Instant::now();
-    std::fs::create_dir_all(&a.state_dir).with_context(|| format!("cannot create state directory {}", a.state_dir.display()))?;
+    std::fs::create_dir_all(&a.state_dir)
+        .with_context(|| format!("cannot create state directory {}", a.state_dir.display()))?;
     // Checkpoint rows record absolute paths, so the lineage stays valid from any working directory.
-    let state_dir = std::fs::canonicalize(&a.state_dir).with_context(|| format!("cannot resolve {}", a.state_dir.display()))?;
+    let state_dir =
+        std::fs::canonicalize(&a.state_dir).with_context(|| format!("cannot resolve {}", a.state_dir.display()))?;
     let a = DemoArgs { state_dir, ..a };
-    let url = a.database_url.clone().or_else(|| std::env::var("DATABASE_URL").ok().filter(|s| !s.is_empty())).unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/rlaifd_demo".into());
+    let url = a
+        .database_url
+        .clone()
+        .or_else(|| std::env::var("DATABASE_URL").ok().filter(|s| !s.is_empty()))
+        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/rlaifd_demo".into());
     let cfg = daemon_config(&a, &url)?;
     crate::serve::init_tracing(&cfg);
-    eprintln!("rlaifd demo: the daemon on {} (database {}, state {}), {} iterations", cfg.model.path.display(), crate::db::redacted(&url), a.state_dir.display(), a.iterations);
+    eprintln!(
+        "rlaifd demo: the daemon on {} (database {}, state {}), {} iterations",
+        cfg.model.path.display(),
+        crate::db::redacted(&url),
+        a.state_dir.display(),
+        a.iterations
+    );
     let k = a.iterations;
     // Kept to the end: dropping the system drops the actors' pending futures, whose database connections need
     // the runtime (a SIGTERM or Ctrl-C mid-run would abort with a panic in a destructor).
@@ -192,15 +207,28 @@ async fn watch(url: String, k: usize) -> &'static str {
             if tty {
                 eprintln!();
             }
-            eprintln!("  iteration {it}: checkpoint {id} {verdict} (CHAIR_i {:.3}, Cover {:.3}, {pairs} pairs)", f("chair_i"), f("cover"));
+            eprintln!(
+                "  iteration {it}: checkpoint {id} {verdict} (CHAIR_i {:.3}, Cover {:.3}, {pairs} pairs)",
+                f("chair_i"),
+                f("cover")
+            );
             reported = id;
         }
-        let failed: i64 = sqlx::query_scalar("SELECT count(*) FROM iterations WHERE stage = 'failed'").fetch_one(&pool).await.unwrap_or(0);
+        let failed: i64 = sqlx::query_scalar("SELECT count(*) FROM iterations WHERE stage = 'failed'")
+            .fetch_one(&pool)
+            .await
+            .unwrap_or(0);
         if done as usize >= k {
             return "finished";
         }
         if failed >= 3 {
-            let why: Option<String> = sqlx::query_scalar("SELECT detail->>'reason' FROM events WHERE kind = 'iteration_failed' ORDER BY id DESC LIMIT 1").fetch_optional(&pool).await.ok().flatten();
+            let why: Option<String> = sqlx::query_scalar(
+                "SELECT detail->>'reason' FROM events WHERE kind = 'iteration_failed' ORDER BY id DESC LIMIT 1",
+            )
+            .fetch_optional(&pool)
+            .await
+            .ok()
+            .flatten();
             eprintln!("three iterations failed; the last: {}", why.unwrap_or_default());
             return "failed";
         }
@@ -214,12 +242,17 @@ async fn watch(url: String, k: usize) -> &'static str {
             "evaluating" => "evaluate",
             s => s,
         };
-        let line = if it.stage == "sampling" { format!("iteration {}/{k} {name:<13} {}", it.number, bar(jobs_done as usize, total)) } else { format!("iteration {}/{k} {name}", it.number) };
+        let line = if it.stage == "sampling" {
+            format!("iteration {}/{k} {name:<13} {}", it.number, bar(jobs_done as usize, total))
+        } else {
+            format!("iteration {}/{k} {name}", it.number)
+        };
         if tty {
             eprint!("\r  {line:<70}");
         } else {
             // Without a terminal: one line per stage and per tenth of the jobs.
-            let key = (it.number, it.stage.clone(), if it.stage == "sampling" { jobs_done as usize * 10 / total } else { 0 });
+            let key =
+                (it.number, it.stage.clone(), if it.stage == "sampling" { jobs_done as usize * 10 / total } else { 0 });
             if key != last_key {
                 eprintln!("  {line}");
                 last_key = key;
@@ -234,8 +267,13 @@ async fn report(pool: &sqlx::PgPool, a: &DemoArgs, t0: std::time::Instant) -> Re
         eprintln!();
     }
     let rows = store::checkpoints(pool).await?;
-    println!("{:<4} {:<7} {:<5} {:<10} {:>8} {:>8} {:>8} {:>9}", "id", "parent", "iter", "status", "CHAIR_i", "CHAIR_s", "Cover", "yes/no");
-    let f = |m: &Option<serde_json::Value>, k: &str| m.as_ref().and_then(|m| m.get(k)).and_then(|v| v.as_f64()).map_or("-".to_string(), |v| format!("{:.3}", v));
+    println!(
+        "{:<4} {:<7} {:<5} {:<10} {:>8} {:>8} {:>8} {:>9}",
+        "id", "parent", "iter", "status", "CHAIR_i", "CHAIR_s", "Cover", "yes/no"
+    );
+    let f = |m: &Option<serde_json::Value>, k: &str| {
+        m.as_ref().and_then(|m| m.get(k)).and_then(|v| v.as_f64()).map_or("-".to_string(), |v| format!("{:.3}", v))
+    };
     for r in &rows {
         println!(
             "{:<4} {:<7} {:<5} {:<10} {:>8} {:>8} {:>8} {:>9}",
@@ -284,17 +322,27 @@ pub fn write_plot(path: &Path, rows: &[store::CheckpointRow]) -> Result<()> {
         let promoted: Vec<(f64, f64)> = rows
             .iter()
             .filter(|r| r.status == "promoted" || r.status == "retired")
-            .filter_map(|r| r.metrics.as_ref().and_then(|m| m.get(key)).and_then(|v| v.as_f64()).map(|v| (r.iteration as f64, v)))
+            .filter_map(|r| {
+                r.metrics.as_ref().and_then(|m| m.get(key)).and_then(|v| v.as_f64()).map(|v| (r.iteration as f64, v))
+            })
             .collect();
         let pts: Vec<String> = promoted.iter().map(|&(i, v)| format!("{:.1},{:.1}", x(i), y(v))).collect();
         s += &format!("<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>\n", pts.join(" "));
         for r in rows {
             if let Some(v) = r.metrics.as_ref().and_then(|m| m.get(key)).and_then(|v| v.as_f64()) {
                 let fill = if r.status == "rejected" { "white" } else { color };
-                s += &format!("<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"4\" fill=\"{fill}\" stroke=\"{color}\"/>\n", x(r.iteration as f64), y(v));
+                s += &format!(
+                    "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"4\" fill=\"{fill}\" stroke=\"{color}\"/>\n",
+                    x(r.iteration as f64),
+                    y(v)
+                );
             }
         }
-        s += &format!("<text x=\"{}\" y=\"{label_y}\" fill=\"{color}\">{}</text>\n", w - m - 80.0, if key == "chair_i" { "CHAIR_i" } else { "Cover" });
+        s += &format!(
+            "<text x=\"{}\" y=\"{label_y}\" fill=\"{color}\">{}</text>\n",
+            w - m - 80.0,
+            if key == "chair_i" { "CHAIR_i" } else { "Cover" }
+        );
     }
     s += "</svg>\n";
     std::fs::write(path, s).with_context(|| format!("cannot write {}", path.display()))

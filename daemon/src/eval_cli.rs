@@ -36,7 +36,10 @@ pub fn run(cmd: EvalCmd) -> Result<()> {
         Some(d) => Some(m.load_adapter(d).with_context(|| format!("loading adapter {}", d.display()))?),
         None => None,
     };
-    let ip = m.image_processor.clone().with_context(|| format!("{} is a text-only model; hallucination eval needs images", model.display()))?;
+    let ip = m
+        .image_processor
+        .clone()
+        .with_context(|| format!("{} is a text-only model; hallucination eval needs images", model.display()))?;
     let tok = TextTokenizer::from_file(&m.dir.join("tokenizer.json"))?;
     let size = size.unwrap_or(ip.crop_width);
     if !(16..=1024).contains(&size) {
@@ -58,13 +61,28 @@ pub fn run(cmd: EvalCmd) -> Result<()> {
     } else {
         let c = &report.caption;
         println!("ShapesWorld hallucination, {} held-out images (seed {seed})", report.images);
-        println!("captions  CHAIR_s {:.1} %  CHAIR_i {:.1} %  Cover {:.1} %  mean length {:.1} words", 100.0 * c.chair_s, 100.0 * c.chair_i, 100.0 * c.cover, c.mean_length);
-        println!("{:<12} {:>8} {:>9} {:>7} {:>7} {:>9}", "POPE split", "accuracy", "precision", "recall", "F1", "yes-ratio");
+        println!(
+            "captions  CHAIR_s {:.1} %  CHAIR_i {:.1} %  Cover {:.1} %  mean length {:.1} words",
+            100.0 * c.chair_s,
+            100.0 * c.chair_i,
+            100.0 * c.cover,
+            c.mean_length
+        );
+        println!(
+            "{:<12} {:>8} {:>9} {:>7} {:>7} {:>9}",
+            "POPE split", "accuracy", "precision", "recall", "F1", "yes-ratio"
+        );
         for (split, b) in &report.pope {
-            println!("{:<12} {:>8.3} {:>9.3} {:>7.3} {:>7.3} {:>9.3}", split, b.accuracy, b.precision, b.recall, b.f1, b.yes_ratio);
+            println!(
+                "{:<12} {:>8.3} {:>9.3} {:>7.3} {:>7.3} {:>9.3}",
+                split, b.accuracy, b.precision, b.recall, b.f1, b.yes_ratio
+            );
         }
         let e = &report.existence;
-        println!("{:<12} {:>8.3} {:>9.3} {:>7.3} {:>7.3} {:>9.3}", "all", e.accuracy, e.precision, e.recall, e.f1, e.yes_ratio);
+        println!(
+            "{:<12} {:>8.3} {:>9.3} {:>7.3} {:>7.3} {:>9.3}",
+            "all", e.accuracy, e.precision, e.recall, e.f1, e.yes_ratio
+        );
         println!("AMBER discriminative F1 (\"no\" positive): {:.3}", report.amber_f1);
     }
     Ok(())

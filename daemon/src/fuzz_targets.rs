@@ -6,7 +6,8 @@ use std::io::Write;
 
 /// A safetensors file: open it as a checkpoint and read every tensor as f32.
 pub fn safetensors(data: &[u8]) {
-    let dir = std::env::temp_dir().join(format!("rlaifd-fuzz-st-{}-{:?}", std::process::id(), std::thread::current().id()));
+    let dir =
+        std::env::temp_dir().join(format!("rlaifd-fuzz-st-{}-{:?}", std::process::id(), std::thread::current().id()));
     if std::fs::create_dir_all(&dir).is_err() {
         return;
     }
@@ -41,7 +42,9 @@ pub fn image(data: &[u8]) {
     if let Ok(img) = engine::image::decode_rgb8(data, "fuzz input") {
         // The bundled model's processor (64 px), parsed once per call: cheap next to decoding.
         let json = include_str!("../../assets/shapes-base/preprocessor_config.json");
-        if let Ok(cfg) = engine::image::ImageProcessorConfig::from_json_str(json, "assets/shapes-base/preprocessor_config.json") {
+        if let Ok(cfg) =
+            engine::image::ImageProcessorConfig::from_json_str(json, "assets/shapes-base/preprocessor_config.json")
+        {
             let _ = engine::image::preprocess(&img, &cfg);
         }
     }
@@ -57,4 +60,5 @@ pub fn chat(data: &[u8]) {
 pub type Target = fn(&[u8]);
 
 /// Every target by name.
-pub const TARGETS: &[(&str, Target)] = &[("safetensors", safetensors), ("control", control), ("config", config), ("image", image), ("chat", chat)];
+pub const TARGETS: &[(&str, Target)] =
+    &[("safetensors", safetensors), ("control", control), ("config", config), ("image", image), ("chat", chat)];

@@ -131,7 +131,8 @@ pub fn cmd_label(a: LabelArgs) -> Result<()> {
     let other_labeler = match a.labeler.as_str() {
         "self" => None,
         dir => {
-            let m = on(Model::load(Path::new(dir)).with_context(|| format!("loading labeler {dir} (--labeler takes \"self\" or a model directory)"))?)?;
+            let m = on(Model::load(Path::new(dir))
+                .with_context(|| format!("loading labeler {dir} (--labeler takes \"self\" or a model directory)"))?)?;
             if has_images && m.image_processor.is_none() {
                 bail!("labeler {dir} is text-only but the prompts have images: it must see them to verify claims");
             }
@@ -157,8 +158,20 @@ pub fn cmd_label(a: LabelArgs) -> Result<()> {
         "auto" | "rules" => Box::new(RuleExtractor),
         "shapes" => Box::new(ShapesExtractor),
         "llm" => match &extractor_model {
-            None => Box::new(LlmExtractor { model: &model, adapter: adapter.as_ref(), tokenizer: &tok, source: "self".into(), max_new_tokens: 256 }),
-            Some((m, t)) => Box::new(LlmExtractor { model: m, adapter: None, tokenizer: t, source: a.extractor_model.clone(), max_new_tokens: 256 }),
+            None => Box::new(LlmExtractor {
+                model: &model,
+                adapter: adapter.as_ref(),
+                tokenizer: &tok,
+                source: "self".into(),
+                max_new_tokens: 256,
+            }),
+            Some((m, t)) => Box::new(LlmExtractor {
+                model: m,
+                adapter: None,
+                tokenizer: t,
+                source: a.extractor_model.clone(),
+                max_new_tokens: 256,
+            }),
         },
         other => bail!("--extractor {other}: expected auto, shapes, rules or llm"),
     };
@@ -171,12 +184,18 @@ pub fn cmd_label(a: LabelArgs) -> Result<()> {
         pairs_per_prompt: a.pairs_per_prompt,
         seed: a.seed,
     };
-    let params = engine::sampling::SamplingParams { temperature: cfg.temperature, top_p: cfg.top_p, max_new_tokens: cfg.max_new_tokens, ..Default::default() };
+    let params = engine::sampling::SamplingParams {
+        temperature: cfg.temperature,
+        top_p: cfg.top_p,
+        max_new_tokens: cfg.max_new_tokens,
+        ..Default::default()
+    };
     params.validate().map_err(|e| anyhow::anyhow!("sampling settings: {e}"))?;
 
     let tty = std::io::stderr().is_terminal();
     let t0 = std::time::Instant::now();
-    let (mut answers, mut claims, mut rejected, mut candidates, mut unscored) = (0usize, 0usize, 0usize, 0usize, 0usize);
+    let (mut answers, mut claims, mut rejected, mut candidates, mut unscored) =
+        (0usize, 0usize, 0usize, 0usize, 0usize);
     // Reference log-probs (the policy at labeling time), once per pair with the image encoded once per prompt;
     // named as TRL's precomputed columns.
     let eos = *model.llm.cfg.eos_token_ids.first().unwrap_or(&2);
@@ -184,7 +203,9 @@ pub fn cmd_label(a: LabelArgs) -> Result<()> {
     let mut drawn: Vec<(usize, LabeledAnswer, LabeledAnswer, (f64, f64))> = Vec::new();
     for (i, p) in prompts.iter().enumerate() {
         let pixels = match &p.image {
-            Some(path) => Some(model.load_image(path).with_context(|| format!("{} prompt {}", a.prompts.display(), i + 1))?),
+            Some(path) => {
+                Some(model.load_image(path).with_context(|| format!("{} prompt {}", a.prompts.display(), i + 1))?)
+            }
             None => None,
         };
         let fb = label_prompt(&policy, &labeler, extractor.as_ref(), pixels.as_ref(), &p.question, i as u64, &cfg)?;

@@ -143,7 +143,8 @@ impl ModelArgs {
     fn load(&self) -> Result<(Model, Option<Adapter>)> {
         let device = train_cli::parse_device(&self.device)?;
         let opts = engine::LoadOptions { keep_16bit: !self.f32_weights };
-        let mut model = Model::load_with(&self.model, &opts).with_context(|| format!("loading model {}", self.model.display()))?;
+        let mut model =
+            Model::load_with(&self.model, &opts).with_context(|| format!("loading model {}", self.model.display()))?;
         train_cli::put_on_device(&mut model, device, "generating")?;
         let adapter = match &self.adapter {
             Some(dir) => Some(model.load_adapter(dir).with_context(|| format!("loading adapter {}", dir.display()))?),
@@ -221,7 +222,10 @@ fn cmd_kernels(archs: &[String]) -> Result<()> {
     println!("CUDA headers: {}", includes.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
     let mut n = 0;
     for a in archs {
-        let cc = a.strip_prefix("sm_").and_then(|d| d.parse::<i32>().ok()).with_context(|| format!("--arch {a}: expected sm_XY, e.g. sm_90"))?;
+        let cc = a
+            .strip_prefix("sm_")
+            .and_then(|d| d.parse::<i32>().ok())
+            .with_context(|| format!("--arch {a}: expected sm_XY, e.g. sm_90"))?;
         let arch = engine::cuda::arch_name(cc / 10, cc % 10);
         if arch != a {
             bail!("--arch {a}: not an architecture rlaifd targets (sm_70 ... sm_120)");
@@ -268,7 +272,10 @@ fn cmd_bench_gpu(shape: &str, prompt: usize, decode: usize, reps: usize, n: usiz
         r.n,
         median(&r.n_sampling_tokens_per_s)
     );
-    println!("  prefill with the scalar attention kernel (no tensor cores): {:.1} ms (median)", median(&r.prefill_ms_scalar_attention));
+    println!(
+        "  prefill with the scalar attention kernel (no tensor cores): {:.1} ms (median)",
+        median(&r.prefill_ms_scalar_attention)
+    );
     for line in &r.gemv_tuning {
         println!("  batch-1 projection, {line}");
     }
@@ -279,7 +286,14 @@ fn cmd_bench_gpu(shape: &str, prompt: usize, decode: usize, reps: usize, n: usiz
     // The image path before the prefill: vision tower to its feature layer, projector (random weights).
     let (vcfg, layers) = engine::cuda_clip::bench_shape(shape == "tiny");
     let ms = engine::cuda_clip::bench(&gpu, &vcfg, layers, cfg.hidden_size, reps)?;
-    println!("  image path ({}x{} image, {layers} vision layers, projector): {:.2} ms (median of {}); {}", vcfg.image_size, vcfg.image_size, median(&ms), ms.len(), serde_json::json!({ "image_path_ms": ms }));
+    println!(
+        "  image path ({}x{} image, {layers} vision layers, projector): {:.2} ms (median of {}); {}",
+        vcfg.image_size,
+        vcfg.image_size,
+        median(&ms),
+        ms.len(),
+        serde_json::json!({ "image_path_ms": ms })
+    );
     Ok(())
 }
 
@@ -338,9 +352,20 @@ fn cmd_bench_gpu_train(shape: &str, seq: usize, answer: usize, rank: usize, reps
         median(&r.sft_tokens_per_s),
         r.skipped_steps
     );
-    println!("with activation recomputation: DPO step {:.1} ms, peak memory {:.1} GB", median(&r.dpo_recompute_step_ms), r.dpo_recompute_peak_memory_gb);
-    println!("as two whole sequences (the prompt not shared): DPO step {:.1} ms, peak memory {:.1} GB", median(&r.dpo_whole_step_ms), r.dpo_whole_peak_memory_gb);
-    println!("with the scalar attention kernels (no tensor cores): DPO step {:.1} ms", median(&r.dpo_scalar_attention_step_ms));
+    println!(
+        "with activation recomputation: DPO step {:.1} ms, peak memory {:.1} GB",
+        median(&r.dpo_recompute_step_ms),
+        r.dpo_recompute_peak_memory_gb
+    );
+    println!(
+        "as two whole sequences (the prompt not shared): DPO step {:.1} ms, peak memory {:.1} GB",
+        median(&r.dpo_whole_step_ms),
+        r.dpo_whole_peak_memory_gb
+    );
+    println!(
+        "with the scalar attention kernels (no tensor cores): DPO step {:.1} ms",
+        median(&r.dpo_scalar_attention_step_ms)
+    );
     println!("{}", serde_json::to_string(&r)?);
     // Training the image path too: what its passes add per image (one image per DPO pair).
     let (vision, layers) = engine::cuda_clip::bench_shape(shape == "tiny");
@@ -380,7 +405,9 @@ fn main() {
         Command::Serve(a) => rlaifd::serve::run(a),
         Command::Kernels { arch } => cmd_kernels(&arch),
         Command::BenchGpu { shape, prompt, decode, reps, n } => cmd_bench_gpu(&shape, prompt, decode, reps, n),
-        Command::BenchGpuTrain { shape, seq, answer, rank, reps, warmup } => cmd_bench_gpu_train(&shape, seq, answer, rank, reps, warmup),
+        Command::BenchGpuTrain { shape, seq, answer, rank, reps, warmup } => {
+            cmd_bench_gpu_train(&shape, seq, answer, rank, reps, warmup)
+        }
         Command::Ctl(a) => rlaifd::control::ctl(a),
         Command::Migrate { database_url } => async_main(async move {
             let url = database_url.unwrap_or_else(rlaifd::db::url_from_env);
@@ -396,7 +423,11 @@ fn main() {
 }
 
 fn async_main(f: impl std::future::Future<Output = Result<()>>) -> Result<()> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?.block_on(f)
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(f)
 }
 
 /// `{e:#}` without repeats: engine errors already show their cause in their own message, so a cause whose text
@@ -420,7 +451,9 @@ fn parse_ids(raw: &[String]) -> Result<Vec<u32>> {
     raw.iter()
         .enumerate()
         .map(|(i, s)| {
-            s.trim().parse::<u32>().with_context(|| format!("--input-ids: item {i} (`{s}`) is not a token id (a non-negative integer)"))
+            s.trim()
+                .parse::<u32>()
+                .with_context(|| format!("--input-ids: item {i} (`{s}`) is not a token id (a non-negative integer)"))
         })
         .collect()
 }
@@ -452,8 +485,8 @@ fn read_batch(path: &Path) -> Result<Vec<Job>> {
         if line.trim().is_empty() {
             continue;
         }
-        let v: serde_json::Value =
-            serde_json::from_str(&line).with_context(|| format!("{} line {}: not valid JSON", path.display(), n + 1))?;
+        let v: serde_json::Value = serde_json::from_str(&line)
+            .with_context(|| format!("{} line {}: not valid JSON", path.display(), n + 1))?;
         let prompt = v.get("prompt").and_then(|p| p.as_str());
         let Some(prompt) = prompt else { bail!("{} line {}: needs a string field \"prompt\"", path.display(), n + 1) };
         let image_field = match v.get("image") {
@@ -469,7 +502,11 @@ fn read_batch(path: &Path) -> Result<Vec<Job>> {
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let jobs = match (&a.batch, &a.prompt) {
         (Some(b), _) => read_batch(b)?,
-        (None, Some(p)) => vec![Job { image: a.image.clone(), image_field: a.image.as_ref().map(|p| p.display().to_string()), prompt: p.clone() }],
+        (None, Some(p)) => vec![Job {
+            image: a.image.clone(),
+            image_field: a.image.as_ref().map(|p| p.display().to_string()),
+            prompt: p.clone(),
+        }],
         (None, None) => bail!("give --prompt (with --image for a LLaVA model) or --batch FILE.jsonl"),
     };
     if a.n == 0 {
@@ -523,16 +560,29 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     }
     for (job, pixels) in jobs.iter().zip(&pixels_per_job) {
         let template = a.template.clone().unwrap_or_else(|| {
-            if job.image.is_some() { LLAVA_15_TEMPLATE.to_string() } else { TEXT_TEMPLATE.to_string() }
+            if job.image.is_some() {
+                LLAVA_15_TEMPLATE.to_string()
+            } else {
+                TEXT_TEMPLATE.to_string()
+            }
         });
         let ids = tok.encode(&apply_template(&template, &job.prompt), true)?;
-        let req = GenerateRequest { ids: &ids, pixels: pixels.as_ref(), seeds: &seeds, params: params.clone(), stop_ids: vec![] };
+        let req = GenerateRequest {
+            ids: &ids,
+            pixels: pixels.as_ref(),
+            seeds: &seeds,
+            params: params.clone(),
+            stop_ids: vec![],
+        };
         let (answers, best_of) = match a.best_of {
             None => (generate(&model, &req, adapter.as_ref())?, None),
             Some(_) => {
-                let b = engine::feedback::reward::best_of_n(&model, adapter.as_ref(), reference.as_ref(), &req, a.beta)?;
-                let texts: Vec<String> = b.answers.iter().map(|ans| tok.decode(&ans.tokens)).collect::<Result<_, _>>()?;
-                let info = serde_json::json!({ "candidates": texts, "seeds": seeds, "rewards": b.rewards, "best": b.best });
+                let b =
+                    engine::feedback::reward::best_of_n(&model, adapter.as_ref(), reference.as_ref(), &req, a.beta)?;
+                let texts: Vec<String> =
+                    b.answers.iter().map(|ans| tok.decode(&ans.tokens)).collect::<Result<_, _>>()?;
+                let info =
+                    serde_json::json!({ "candidates": texts, "seeds": seeds, "rewards": b.rewards, "best": b.best });
                 (vec![b.answers[b.best].clone()], Some(info))
             }
         };

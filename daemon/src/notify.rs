@@ -46,7 +46,10 @@ pub fn spawn_watchdog(engine: crate::worker::Worker) -> Option<tokio::task::Join
             if engine.answered(asked) {
                 send("WATCHDOG=1");
                 if let Some(t) = stuck_since.take() {
-                    tracing::warn!(stuck_s = t.elapsed().as_secs_f64(), "the engine thread answers heartbeats again; watchdog pings resumed");
+                    tracing::warn!(
+                        stuck_s = t.elapsed().as_secs_f64(),
+                        "the engine thread answers heartbeats again; watchdog pings resumed"
+                    );
                     status("engine thread answering again");
                 }
             } else if stuck_since.is_none() {

@@ -4,6 +4,7 @@
 //! engine thread (`Engine::run`, by priority) for its model math; the actors and the demo drive them.
 
 use crate::store::{self, CheckpointRow, IterationRow, Job, NewClaim, NewPair, NewResponse};
+use crate::worker::{Priority, Slice, Worker};
 use anyhow::{bail, Context, Result};
 use engine::adapter::LoraSpec;
 use engine::feedback::claims::{ClaimExtractor, RuleExtractor, ShapesExtractor};
@@ -22,7 +23,6 @@ use sqlx::PgPool;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use crate::worker::{Priority, Slice, Worker};
 
 /// Every knob of the loop (the `[loop]` section of the config).
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -121,7 +121,11 @@ impl LoopConfig {
         if self.labeler.trim().is_empty() {
             return bad("labeler", "expected \"self\", \"base\" or a labeler model directory");
         }
-        if !(self.beta > 0.0 && self.lr > 0.0 && self.lr.is_finite()) || self.epochs == 0 || self.batch_size == 0 || self.lora_r == 0 {
+        if !(self.beta > 0.0 && self.lr > 0.0 && self.lr.is_finite())
+            || self.epochs == 0
+            || self.batch_size == 0
+            || self.lora_r == 0
+        {
             return bad("beta/lr/epochs/batch_size/lora_r", "must be positive");
         }
         if self.eval_count == 0 {
@@ -134,18 +138,34 @@ impl LoopConfig {
     }
 
     fn feedback(&self) -> FeedbackConfig {
-        FeedbackConfig { n: self.n, temperature: self.temperature, top_p: self.top_p, max_new_tokens: self.max_new_tokens, pairs_per_prompt: self.pairs_per_prompt, seed: self.seed }
+        FeedbackConfig {
+            n: self.n,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            max_new_tokens: self.max_new_tokens,
+            pairs_per_prompt: self.pairs_per_prompt,
+            seed: self.seed,
+        }
     }
 
     /// The answer seeds of a prompt in an iteration: distinct across iterations, so a policy kept for two
     /// iterations still gets fresh samples (and `responses` stays unique per prompt/checkpoint/seed).
     pub fn answer_seeds(&self, iteration: i32, prompt_id: i64) -> Vec<u64> {
-        let base = SplitMix64::new(self.seed ^ (iteration as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (prompt_id as u64).wrapping_mul(0xbf58_476d_1ce4_e5b9)).next_u64() >> 2;
+        let base = SplitMix64::new(
+            self.seed
+                ^ (iteration as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                ^ (prompt_id as u64).wrapping_mul(0xbf58_476d_1ce4_e5b9),
+        )
+        .next_u64()
+            >> 2;
         (0..self.n as u64).map(|j| base + j).collect()
     }
 
     fn pair_seed(&self, iteration: i32, prompt_id: i64) -> u64 {
-        SplitMix64::new(self.seed ^ 0x5041_4952 ^ (iteration as u64).wrapping_mul(0x94d0_49bb_1331_11eb) ^ prompt_id as u64).next_u64()
+        SplitMix64::new(
+            self.seed ^ 0x5041_4952 ^ (iteration as u64).wrapping_mul(0x94d0_49bb_1331_11eb) ^ prompt_id as u64,
+        )
+        .next_u64()
     }
 }
 
@@ -170,7 +190,8 @@ pub struct Engine {
 
 /// Whether a tokenizer is ShapesWorld's (its vocabulary is exactly the world's words).
 pub fn is_shapes_tokenizer(tok: &TextTokenizer) -> bool {
-    engine::shapes::words().iter().all(|w| tok.token_id(w).is_some()) && tok.vocab_size() == engine::shapes::words().len() + 5
+    engine::shapes::words().iter().all(|w| tok.token_id(w).is_some())
+        && tok.vocab_size() == engine::shapes::words().len() + 5
 }
 
 /// sha256 of a checkpoint: of its adapter_model.safetensors.
@@ -188,16 +209,38 @@ impl Engine {
 
     /// Loads the model and puts generation and scoring on `device`. Returns the engine and a line saying which
     /// device was chosen (and, for `auto` without a usable GPU, why not).
-    pub fn load_on(model_dir: &Path, state_dir: &Path, device: engine::backend::DeviceSpec) -> Result<(Engine, String)> {
+    pub fn load_on(
+        model_dir: &Path,
+        state_dir: &Path,
+        device: engine::backend::DeviceSpec,
+    ) -> Result<(Engine, String)> {
         let mut model = Model::load(model_dir).with_context(|| format!("loading model {}", model_dir.display()))?;
-        let (backend, chosen) = engine::backend::select(device, &model).with_context(|| format!("model.device = \"{device}\""))?;
+        let (backend, chosen) =
+            engine::backend::select(device, &model).with_context(|| format!("model.device = \"{device}\""))?;
         let on = backend.spec();
         model.set_backend(backend);
         let tok = TextTokenizer::from_file(&model_dir.join("tokenizer.json"))?;
-        let ip = model.image_processor.clone().with_context(|| format!("{} has no vision tower; the loop needs a LLaVA model", model_dir.display()))?;
-        std::fs::create_dir_all(state_dir.join("checkpoints")).with_context(|| format!("cannot create {}/checkpoints", state_dir.display()))?;
+        let ip = model
+            .image_processor
+            .clone()
+            .with_context(|| format!("{} has no vision tower; the loop needs a LLaVA model", model_dir.display()))?;
+        std::fs::create_dir_all(state_dir.join("checkpoints"))
+            .with_context(|| format!("cannot create {}/checkpoints", state_dir.display()))?;
         let shapes = is_shapes_tokenizer(&tok);
-        Ok((Engine { model, tok, ip, state_dir: state_dir.to_path_buf(), labeler: None, worker: Worker::start("rlaifd-engine"), shapes, adapters: Mutex::new(HashMap::new()), device: on }, chosen))
+        Ok((
+            Engine {
+                model,
+                tok,
+                ip,
+                state_dir: state_dir.to_path_buf(),
+                labeler: None,
+                worker: Worker::start("rlaifd-engine"),
+                shapes,
+                adapters: Mutex::new(HashMap::new()),
+                device: on,
+            },
+            chosen,
+        ))
     }
 
     /// Loads the labeler `loop.labeler` names when it is a model directory ("self" and "base" need nothing).
@@ -207,15 +250,21 @@ impl Engine {
         }
         let dir = PathBuf::from(labeler);
         let mut model = Model::load(&dir).with_context(|| format!("loading the labeler loop.labeler = {labeler:?}"))?;
-        let (backend, _) = engine::backend::select(self.device, &model).with_context(|| format!("putting the labeler {labeler} on {}", self.device))?;
+        let (backend, _) = engine::backend::select(self.device, &model)
+            .with_context(|| format!("putting the labeler {labeler} on {}", self.device))?;
         model.set_backend(backend);
-        let tok = TextTokenizer::from_file(&dir.join("tokenizer.json")).with_context(|| format!("loading the labeler's tokenizer from {labeler}"))?;
+        let tok = TextTokenizer::from_file(&dir.join("tokenizer.json"))
+            .with_context(|| format!("loading the labeler's tokenizer from {labeler}"))?;
         self.labeler = Some((model, tok, dir));
         Ok(self)
     }
 
     /// Runs `f` on the engine thread at `prio`.
-    pub async fn run<T: Send + 'static>(&self, prio: Priority, f: impl FnOnce(&Slice) -> Result<T> + Send + 'static) -> Result<T> {
+    pub async fn run<T: Send + 'static>(
+        &self,
+        prio: Priority,
+        f: impl FnOnce(&Slice) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
         self.worker.run(prio, f).await
     }
 
@@ -232,7 +281,9 @@ impl Engine {
         if c.sha256.as_deref() != Some(sha.as_str()) {
             bail!("checkpoint {} at {}: adapter_model.safetensors has sha256 {sha}, the database recorded {:?}; refusing to load it", c.id, c.path, c.sha256);
         }
-        let a = Arc::new(self.model.load_adapter(dir).with_context(|| format!("loading checkpoint {} from {}", c.id, c.path))?);
+        let a = Arc::new(
+            self.model.load_adapter(dir).with_context(|| format!("loading checkpoint {} from {}", c.id, c.path))?,
+        );
         self.adapters.lock().map_err(|_| anyhow::anyhow!("adapter cache poisoned"))?.insert(c.id, a.clone());
         Ok(Some(a))
     }
@@ -242,7 +293,6 @@ impl Engine {
         Ok(engine::image::preprocess(&img, &self.ip)?)
     }
 }
-
 
 async fn prompt_pixels(pool: &PgPool, engine: &Arc<Engine>, p: &store::PromptRow) -> Result<Option<Arc<PixelValues>>> {
     match &p.image_sha256 {
@@ -263,27 +313,45 @@ fn finish_name(f: FinishReason) -> &'static str {
 }
 
 /// Samples one claimed sample job. Returns whether its result was stored (false: the lease was lost).
-pub async fn run_sample_job(pool: &PgPool, engine: &Arc<Engine>, cfg: &LoopConfig, job: &Job, owner: &str) -> Result<bool> {
+pub async fn run_sample_job(
+    pool: &PgPool,
+    engine: &Arc<Engine>,
+    cfg: &LoopConfig,
+    job: &Job,
+    owner: &str,
+) -> Result<bool> {
     let it = store::iteration(pool, job.iteration_id).await?;
     let policy_row = store::checkpoint(pool, it.policy_id).await?;
     let prompt = store::prompt(pool, job.prompt_id).await?;
     let pixels = prompt_pixels(pool, engine, &prompt).await?;
     let seeds = cfg.answer_seeds(it.number, prompt.id);
     let (e, fcfg, question) = (engine.clone(), cfg.feedback(), prompt.instruction.clone());
-    let answers = engine.run(Priority::Feedback, move |_| {
-        let adapter = e.adapter(&policy_row)?;
-        let policy = Policy { model: &e.model, adapter: adapter.as_deref(), tokenizer: &e.tok, template: LLAVA_15_TEMPLATE };
-        Ok(sample_answers(&policy, pixels.as_deref(), &question, &seeds, &fcfg)?)
-    })
-    .await?;
-    let rows: Vec<NewResponse> = answers.into_iter().map(|a| NewResponse { seed: a.seed, text: a.text, tokens: a.tokens, finish: finish_name(a.finish).into() }).collect();
-    let decoding = serde_json::json!({ "temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens });
+    let answers = engine
+        .run(Priority::Feedback, move |_| {
+            let adapter = e.adapter(&policy_row)?;
+            let policy =
+                Policy { model: &e.model, adapter: adapter.as_deref(), tokenizer: &e.tok, template: LLAVA_15_TEMPLATE };
+            Ok(sample_answers(&policy, pixels.as_deref(), &question, &seeds, &fcfg)?)
+        })
+        .await?;
+    let rows: Vec<NewResponse> = answers
+        .into_iter()
+        .map(|a| NewResponse { seed: a.seed, text: a.text, tokens: a.tokens, finish: finish_name(a.finish).into() })
+        .collect();
+    let decoding =
+        serde_json::json!({ "temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens });
     store::finish_sample(pool, job, owner, it.policy_id, &decoding, &rows).await
 }
 
 /// Labels one claimed label job: claims and verdicts for the prompt's answers, scores, pairs with reference
 /// log-probs. Returns whether its result was stored.
-pub async fn run_label_job(pool: &PgPool, engine: &Arc<Engine>, cfg: &LoopConfig, job: &Job, owner: &str) -> Result<bool> {
+pub async fn run_label_job(
+    pool: &PgPool,
+    engine: &Arc<Engine>,
+    cfg: &LoopConfig,
+    job: &Job,
+    owner: &str,
+) -> Result<bool> {
     let it = store::iteration(pool, job.iteration_id).await?;
     let policy_row = store::checkpoint(pool, it.policy_id).await?;
     let reference_row = store::checkpoint(pool, it.reference_id).await?;
@@ -296,7 +364,13 @@ pub async fn run_label_job(pool: &PgPool, engine: &Arc<Engine>, cfg: &LoopConfig
     let seeds = cfg.answer_seeds(it.number, prompt.id);
     let stored = store::responses(pool, prompt.id, it.policy_id, &seeds).await?;
     if stored.len() != seeds.len() {
-        bail!("prompt {}: {} of {} answers are stored for checkpoint {}", prompt.id, stored.len(), seeds.len(), it.policy_id);
+        bail!(
+            "prompt {}: {} of {} answers are stored for checkpoint {}",
+            prompt.id,
+            stored.len(),
+            seeds.len(),
+            it.policy_id
+        );
     }
     let answers: Vec<LabeledAnswer> = stored
         .iter()
@@ -311,49 +385,70 @@ pub async fn run_label_job(pool: &PgPool, engine: &Arc<Engine>, cfg: &LoopConfig
         })
         .collect();
     let ids: Vec<i64> = stored.iter().map(|r| r.id).collect();
-    let (e, question, k, pair_seed) = (engine.clone(), prompt.instruction.clone(), cfg.pairs_per_prompt, cfg.pair_seed(it.number, prompt.id));
+    let (e, question, k, pair_seed) =
+        (engine.clone(), prompt.instruction.clone(), cfg.pairs_per_prompt, cfg.pair_seed(it.number, prompt.id));
     let labeler_name = match cfg.labeler.as_str() {
         "self" => format!("self:{}", policy_row.id),
         "base" => "base".to_string(),
         dir => format!("model:{dir}"),
     };
-    let (labeled, pairs) = engine.run(Priority::Feedback, move |_| {
-        let lab_adapter = match &e.labeler {
-            Some(_) => None,
-            None => e.adapter(&labeler_row)?,
-        };
-        let labeler = match &e.labeler {
-            Some((m, tok, _)) => Labeler::new(m, None, tok, LLAVA_15_TEMPLATE)?,
-            None => Labeler::new(&e.model, lab_adapter.as_deref(), &e.tok, LLAVA_15_TEMPLATE)?,
-        };
-        let extractor: &dyn ClaimExtractor = if e.shapes { &ShapesExtractor } else { &RuleExtractor };
-        let fb = label_answers(&labeler, extractor, pixels.as_deref(), &question, answers, k, pair_seed)?;
-        let ref_adapter = e.adapter(&reference_row)?;
-        let prompt_ids = e.tok.encode(&engine::tokenizer::apply_template(LLAVA_15_TEMPLATE, &question), true)?;
-        let feats = match &pixels {
-            Some(px) => Some(e.model.image_features(px, ref_adapter.as_deref())?),
-            None => None,
-        };
-        let eos = *e.model.llm.cfg.eos_token_ids.first().unwrap_or(&2);
-        let logp = |a: &LabeledAnswer| -> Result<f64> { Ok(e.model.answer_logp(&prompt_ids, &answer_ids(a, eos), feats.as_deref(), ref_adapter.as_deref())?) };
-        let mut pairs = Vec::new();
-        for &(c, r) in &fb.pairs {
-            let (ca, ra) = (&fb.answers[c], &fb.answers[r]);
-            let gap = ca.score.unwrap_or(0) - ra.score.unwrap_or(0);
-            pairs.push(NewPair { chosen_id: ids[c], rejected_id: ids[r], score_gap: gap, ref_logp_chosen: logp(ca)?, ref_logp_rejected: logp(ra)? });
-        }
-        let labeled: Vec<(i64, Option<i64>, Vec<NewClaim>)> = fb
-            .answers
-            .iter()
-            .zip(&ids)
-            .map(|(a, &id)| {
-                let claims = a.claims.iter().zip(&a.verdicts).map(|(c, v)| NewClaim { claim: c.text.clone(), question: c.question.clone(), p_yes: v.p_yes, p_no: v.p_no, accepted: v.accepted }).collect();
-                (id, a.score, claims)
-            })
-            .collect();
-        Ok((labeled, pairs))
-    })
-    .await?;
+    let (labeled, pairs) = engine
+        .run(Priority::Feedback, move |_| {
+            let lab_adapter = match &e.labeler {
+                Some(_) => None,
+                None => e.adapter(&labeler_row)?,
+            };
+            let labeler = match &e.labeler {
+                Some((m, tok, _)) => Labeler::new(m, None, tok, LLAVA_15_TEMPLATE)?,
+                None => Labeler::new(&e.model, lab_adapter.as_deref(), &e.tok, LLAVA_15_TEMPLATE)?,
+            };
+            let extractor: &dyn ClaimExtractor = if e.shapes { &ShapesExtractor } else { &RuleExtractor };
+            let fb = label_answers(&labeler, extractor, pixels.as_deref(), &question, answers, k, pair_seed)?;
+            let ref_adapter = e.adapter(&reference_row)?;
+            let prompt_ids = e.tok.encode(&engine::tokenizer::apply_template(LLAVA_15_TEMPLATE, &question), true)?;
+            let feats = match &pixels {
+                Some(px) => Some(e.model.image_features(px, ref_adapter.as_deref())?),
+                None => None,
+            };
+            let eos = *e.model.llm.cfg.eos_token_ids.first().unwrap_or(&2);
+            let logp = |a: &LabeledAnswer| -> Result<f64> {
+                Ok(e.model.answer_logp(&prompt_ids, &answer_ids(a, eos), feats.as_deref(), ref_adapter.as_deref())?)
+            };
+            let mut pairs = Vec::new();
+            for &(c, r) in &fb.pairs {
+                let (ca, ra) = (&fb.answers[c], &fb.answers[r]);
+                let gap = ca.score.unwrap_or(0) - ra.score.unwrap_or(0);
+                pairs.push(NewPair {
+                    chosen_id: ids[c],
+                    rejected_id: ids[r],
+                    score_gap: gap,
+                    ref_logp_chosen: logp(ca)?,
+                    ref_logp_rejected: logp(ra)?,
+                });
+            }
+            let labeled: Vec<(i64, Option<i64>, Vec<NewClaim>)> = fb
+                .answers
+                .iter()
+                .zip(&ids)
+                .map(|(a, &id)| {
+                    let claims = a
+                        .claims
+                        .iter()
+                        .zip(&a.verdicts)
+                        .map(|(c, v)| NewClaim {
+                            claim: c.text.clone(),
+                            question: c.question.clone(),
+                            p_yes: v.p_yes,
+                            p_no: v.p_no,
+                            accepted: v.accepted,
+                        })
+                        .collect();
+                    (id, a.score, claims)
+                })
+                .collect();
+            Ok((labeled, pairs))
+        })
+        .await?;
     store::finish_label(pool, job, owner, &labeler_name, it.reference_id, &labeled, &pairs).await
 }
 
@@ -368,7 +463,13 @@ fn answer_ids(a: &LabeledAnswer, eos: u32) -> Vec<u32> {
 
 /// Trains the iteration's candidate with DPO on its pairs (length-balanced), starting from the policy's adapter
 /// (or a fresh LoRA on the base), saves it atomically under the state directory and records it. Idempotent.
-pub async fn run_training(pool: &PgPool, engine: &Arc<Engine>, cfg: &LoopConfig, it: &IterationRow, mut progress: impl FnMut(usize, usize, f64) + Send + 'static) -> Result<CheckpointRow> {
+pub async fn run_training(
+    pool: &PgPool,
+    engine: &Arc<Engine>,
+    cfg: &LoopConfig,
+    it: &IterationRow,
+    mut progress: impl FnMut(usize, usize, f64) + Send + 'static,
+) -> Result<CheckpointRow> {
     if let Some(c) = store::iteration(pool, it.id).await?.candidate_id {
         return store::checkpoint(pool, c).await;
     }
@@ -379,8 +480,10 @@ pub async fn run_training(pool: &PgPool, engine: &Arc<Engine>, cfg: &LoopConfig,
         bail!("iteration {} has no pairs to train on", it.number);
     }
     let words = |s: &str| s.split_whitespace().count();
-    let balance = length_balance(&pairs.iter().map(|p| (words(&p.chosen_text), words(&p.rejected_text))).collect::<Vec<_>>());
-    let kept: Vec<&store::PairRow> = pairs.iter().zip(&balance.keep).filter(|(_, k)| **k || !cfg.length_balance).map(|(p, _)| p).collect();
+    let balance =
+        length_balance(&pairs.iter().map(|p| (words(&p.chosen_text), words(&p.rejected_text))).collect::<Vec<_>>());
+    let kept: Vec<&store::PairRow> =
+        pairs.iter().zip(&balance.keep).filter(|(_, k)| **k || !cfg.length_balance).map(|(p, _)| p).collect();
     let mut encoded: HashMap<String, Vec<u8>> = HashMap::new();
     for p in &kept {
         if let Some(sha) = &p.image_sha256 {
@@ -391,13 +494,18 @@ pub async fn run_training(pool: &PgPool, engine: &Arc<Engine>, cfg: &LoopConfig,
     }
     // Decoding and preprocessing is CPU work: off the async runtime.
     let e = engine.clone();
-    let images: HashMap<String, Arc<PixelValues>> = engine.run(Priority::Feedback, move |_| encoded.into_iter().map(|(sha, b)| Ok((sha, Arc::new(e.pixels(&b)?)))).collect()).await?;
+    let images: HashMap<String, Arc<PixelValues>> = engine
+        .run(Priority::Feedback, move |_| {
+            encoded.into_iter().map(|(sha, b)| Ok((sha, Arc::new(e.pixels(&b)?)))).collect()
+        })
+        .await?;
     let eos = *engine.model.llm.cfg.eos_token_ids.first().unwrap_or(&2);
     // (prompt ids, chosen ids, rejected ids, image, reference log-probs)
     type Owned = (Vec<u32>, Vec<u32>, Vec<u32>, Option<Arc<PixelValues>>, (f64, f64));
     let mut owned: Vec<Owned> = Vec::new();
     for p in &kept {
-        let prompt_ids = engine.tok.encode(&engine::tokenizer::apply_template(LLAVA_15_TEMPLATE, &p.instruction), true)?;
+        let prompt_ids =
+            engine.tok.encode(&engine::tokenizer::apply_template(LLAVA_15_TEMPLATE, &p.instruction), true)?;
         // Stored tokens exclude EOS; answers that ended by themselves get it back for training.
         let ids = |t: &[i32], finish: &str| -> Vec<u32> {
             let mut v: Vec<u32> = t.iter().map(|&x| x as u32).collect();
@@ -406,7 +514,13 @@ pub async fn run_training(pool: &PgPool, engine: &Arc<Engine>, cfg: &LoopConfig,
             }
             v
         };
-        owned.push((prompt_ids, ids(&p.chosen_tokens, &p.chosen_finish), ids(&p.rejected_tokens, &p.rejected_finish), p.image_sha256.as_ref().and_then(|s| images.get(s).cloned()), (p.ref_logp_chosen, p.ref_logp_rejected)));
+        owned.push((
+            prompt_ids,
+            ids(&p.chosen_tokens, &p.chosen_finish),
+            ids(&p.rejected_tokens, &p.rejected_finish),
+            p.image_sha256.as_ref().and_then(|s| images.get(s).cloned()),
+            (p.ref_logp_chosen, p.ref_logp_rejected),
+        ));
     }
     let pair_ids: Vec<i64> = kept.iter().map(|p| p.id).collect();
     let out_dir = engine.state_dir.join("checkpoints").join(format!("iter-{:04}", it.number));
@@ -447,17 +561,40 @@ pub async fn run_training(pool: &PgPool, engine: &Arc<Engine>, cfg: &LoopConfig,
     let sha = adapter_sha256(&out_dir)?;
     let train_cfg = serde_json::json!({ "beta": cfg.beta, "nll_weight": cfg.nll_weight, "lr": cfg.lr, "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lora_r": cfg.lora_r,
         "lora_alpha": cfg.lora_alpha, "reference": cfg.reference, "length_balance_r": if cfg.length_balance { Some(balance.r) } else { None }, "pairs_total": pairs.len() });
-    store::add_candidate(pool, it, &out_dir.display().to_string(), &sha, &pair_ids, steps as i32, &serde_json::Value::Array(losses), &train_cfg, started).await
+    store::add_candidate(
+        pool,
+        it,
+        &out_dir.display().to_string(),
+        &sha,
+        &pair_ids,
+        steps as i32,
+        &serde_json::Value::Array(losses),
+        &train_cfg,
+        started,
+    )
+    .await
 }
 
 /// `run_training`, marking the iteration failed (with the reason in `events`) when training fails; the error is
 /// returned after it is recorded.
-pub async fn train_or_fail(pool: &PgPool, engine: &Arc<Engine>, cfg: &LoopConfig, it: &IterationRow, progress: impl FnMut(usize, usize, f64) + Send + 'static) -> Result<CheckpointRow> {
+pub async fn train_or_fail(
+    pool: &PgPool,
+    engine: &Arc<Engine>,
+    cfg: &LoopConfig,
+    it: &IterationRow,
+    progress: impl FnMut(usize, usize, f64) + Send + 'static,
+) -> Result<CheckpointRow> {
     match run_training(pool, engine, cfg, it, progress).await {
         Ok(c) => Ok(c),
         Err(e) => {
             store::set_stage(pool, it.id, "failed").await?;
-            store::event(pool, "iteration_failed", "trainer", serde_json::json!({ "iteration": it.number, "reason": format!("{e:#}") })).await?;
+            store::event(
+                pool,
+                "iteration_failed",
+                "trainer",
+                serde_json::json!({ "iteration": it.number, "reason": format!("{e:#}") }),
+            )
+            .await?;
             Err(e)
         }
     }
@@ -465,12 +602,19 @@ pub async fn train_or_fail(pool: &PgPool, engine: &Arc<Engine>, cfg: &LoopConfig
 
 /// The seed of a new adapter's weights, from its directory name (kept: the BENCHMARKS figures were measured with it).
 fn it_seed(dir: &Path) -> u64 {
-    dir.file_name().and_then(|n| n.to_str()).map_or(0, |n| n.bytes().fold(0u64, |h, b| h.wrapping_mul(131).wrapping_add(b as u64)))
+    dir.file_name()
+        .and_then(|n| n.to_str())
+        .map_or(0, |n| n.bytes().fold(0u64, |h, b| h.wrapping_mul(131).wrapping_add(b as u64)))
 }
 
 /// Held-out metrics of a checkpoint, as stored with it. ShapesWorld: exact metrics (CHAIR, Cover, POPE) on
 /// generated images. Other models: [`evaluate_with_labeler`] on the held-out prompts in the database.
-pub async fn evaluate(pool: &PgPool, engine: &Arc<Engine>, cfg: &LoopConfig, c: &CheckpointRow) -> Result<serde_json::Value> {
+pub async fn evaluate(
+    pool: &PgPool,
+    engine: &Arc<Engine>,
+    cfg: &LoopConfig,
+    c: &CheckpointRow,
+) -> Result<serde_json::Value> {
     if !engine.shapes {
         return evaluate_with_labeler(pool, engine, cfg, c).await;
     }
@@ -478,7 +622,17 @@ pub async fn evaluate(pool: &PgPool, engine: &Arc<Engine>, cfg: &LoopConfig, c: 
     engine
         .run(Priority::Feedback, move |slice| {
             let adapter = e.adapter(&c)?;
-            let report = crate::shapes_eval::evaluate(&e.model, adapter.as_deref(), &e.tok, &e.ip, cfg.eval_seed, cfg.eval_count, e.ip.crop_width, 64, |_| slice.yield_to_urgent())?;
+            let report = crate::shapes_eval::evaluate(
+                &e.model,
+                adapter.as_deref(),
+                &e.tok,
+                &e.ip,
+                cfg.eval_seed,
+                cfg.eval_count,
+                e.ip.crop_width,
+                64,
+                |_| slice.yield_to_urgent(),
+            )?;
             Ok(report.summary())
         })
         .await
@@ -489,8 +643,16 @@ pub async fn evaluate(pool: &PgPool, engine: &Arc<Engine>, cfg: &LoopConfig, c: 
 /// model when `loop.labeler` names one, else the base model (never the candidate itself, which would grade its
 /// own beliefs). `hallucination_rate` = rejected claims / claims; `claims_per_answer` measures how much the
 /// answers say (the gate's informativeness floor, as Cover is for ShapesWorld).
-pub async fn evaluate_with_labeler(pool: &PgPool, engine: &Arc<Engine>, cfg: &LoopConfig, c: &CheckpointRow) -> Result<serde_json::Value> {
-    let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM prompts WHERE split = 'heldout' ORDER BY id LIMIT $1").bind(cfg.eval_count as i64).fetch_all(pool).await?;
+pub async fn evaluate_with_labeler(
+    pool: &PgPool,
+    engine: &Arc<Engine>,
+    cfg: &LoopConfig,
+    c: &CheckpointRow,
+) -> Result<serde_json::Value> {
+    let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM prompts WHERE split = 'heldout' ORDER BY id LIMIT $1")
+        .bind(cfg.eval_count as i64)
+        .fetch_all(pool)
+        .await?;
     if ids.is_empty() {
         bail!("no held-out prompts to evaluate checkpoint {} on: import some with split \"heldout\" (rlaifd ctl import-prompts)", c.id);
     }
@@ -540,10 +702,19 @@ pub async fn evaluate_with_labeler(pool: &PgPool, engine: &Arc<Engine>, cfg: &Lo
 
 /// Whether `candidate` metrics beat `current` ones: CHAIR_i lower by the margin, and Cover no more than
 /// `max_cover_drop` (relative) below the base model's (`base`), so Cover cannot erode step by step.
-pub fn better(cfg: &LoopConfig, candidate: &serde_json::Value, current: &serde_json::Value, base: &serde_json::Value) -> (bool, String) {
+pub fn better(
+    cfg: &LoopConfig,
+    candidate: &serde_json::Value,
+    current: &serde_json::Value,
+    base: &serde_json::Value,
+) -> (bool, String) {
     let get = |m: &serde_json::Value, k: &str| m.get(k).and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
     // ShapesWorld's exact metrics, or the labeler-estimated ones of other models.
-    let (hk, ck) = if candidate.get("chair_i").is_some() { ("chair_i", "cover") } else { ("hallucination_rate", "claims_per_answer") };
+    let (hk, ck) = if candidate.get("chair_i").is_some() {
+        ("chair_i", "cover")
+    } else {
+        ("hallucination_rate", "claims_per_answer")
+    };
     let (ci, cc) = (get(candidate, hk), get(candidate, ck));
     let pi = get(current, hk);
     let floor = get(base, ck) * (1.0 - cfg.max_cover_drop);
@@ -557,13 +728,21 @@ pub fn better(cfg: &LoopConfig, candidate: &serde_json::Value, current: &serde_j
         return (false, format!("{hk} {ci:.4} is not below {pi:.4} by the margin {}", cfg.promote_margin));
     }
     if floor.is_finite() && cc < floor {
-        return (false, format!("{ck} {cc:.4} is below {floor:.4} ({} % under the base model's)", 100.0 * cfg.max_cover_drop));
+        return (
+            false,
+            format!("{ck} {cc:.4} is below {floor:.4} ({} % under the base model's)", 100.0 * cfg.max_cover_drop),
+        );
     }
     (true, format!("{hk} {pi:.4} -> {ci:.4}, {ck} {cc:.4} (floor {floor:.4})"))
 }
 
 /// Evaluates the iteration's candidate against the promoted checkpoint and promotes or rejects it.
-pub async fn run_gate(pool: &PgPool, engine: &Arc<Engine>, cfg: &LoopConfig, it: &IterationRow) -> Result<(bool, serde_json::Value)> {
+pub async fn run_gate(
+    pool: &PgPool,
+    engine: &Arc<Engine>,
+    cfg: &LoopConfig,
+    it: &IterationRow,
+) -> Result<(bool, serde_json::Value)> {
     let it = store::iteration(pool, it.id).await?;
     let cand = store::checkpoint(pool, it.candidate_id.context("the iteration has no candidate yet")?).await?;
     let metrics = evaluate(pool, engine, cfg, &cand).await?;
@@ -577,7 +756,8 @@ pub async fn run_gate(pool: &PgPool, engine: &Arc<Engine>, cfg: &LoopConfig, it:
         }
     };
     let base = store::base(pool).await?;
-    let base_metrics = if base.id == current.id { current_metrics.clone() } else { base.metrics.clone().unwrap_or_default() };
+    let base_metrics =
+        if base.id == current.id { current_metrics.clone() } else { base.metrics.clone().unwrap_or_default() };
     let (promote, reason) = better(cfg, &metrics, &current_metrics, &base_metrics);
     store::decide(pool, cand.id, promote, &metrics, &reason, "checkpointer").await?;
     if promote {
@@ -587,13 +767,24 @@ pub async fn run_gate(pool: &PgPool, engine: &Arc<Engine>, cfg: &LoopConfig, it:
 }
 
 /// Runs sample and label jobs of the iteration until none is open (jobs other workers hold are waited for).
-async fn drain_jobs(pool: &PgPool, engine: &Arc<Engine>, cfg: &LoopConfig, it: &IterationRow, owner: &str, progress: &Arc<dyn Fn(Stage, usize, usize) + Send + Sync>) -> Result<()> {
+async fn drain_jobs(
+    pool: &PgPool,
+    engine: &Arc<Engine>,
+    cfg: &LoopConfig,
+    it: &IterationRow,
+    owner: &str,
+    progress: &Arc<dyn Fn(Stage, usize, usize) + Send + Sync>,
+) -> Result<()> {
     loop {
         let mut worked = false;
         for kind in ["sample", "label"] {
             for job in store::claim_jobs(pool, kind, owner, 1, cfg.lease_s).await? {
                 worked = true;
-                let r = if kind == "sample" { run_sample_job(pool, engine, cfg, &job, owner).await } else { run_label_job(pool, engine, cfg, &job, owner).await };
+                let r = if kind == "sample" {
+                    run_sample_job(pool, engine, cfg, &job, owner).await
+                } else {
+                    run_label_job(pool, engine, cfg, &job, owner).await
+                };
                 if let Err(e) = r {
                     store::fail_job(pool, &job, &format!("{e:#}"), cfg.max_attempts).await?;
                 }
@@ -640,7 +831,13 @@ pub async fn advance_sampling(pool: &PgPool, cfg: &LoopConfig, it: &IterationRow
     }
     if pairs == 0 {
         store::set_stage(pool, it.id, "failed").await?;
-        store::event(pool, "iteration_failed", "trainer", serde_json::json!({ "iteration": it.number, "reason": "no pairs" })).await?;
+        store::event(
+            pool,
+            "iteration_failed",
+            "trainer",
+            serde_json::json!({ "iteration": it.number, "reason": "no pairs" }),
+        )
+        .await?;
         bail!("iteration {}: labeling produced no pairs", it.number);
     }
     store::set_stage(pool, it.id, "training").await?;
@@ -683,7 +880,13 @@ pub struct IterationOutcome {
 /// Runs the open iteration (or starts the next one) to its end: sample and label every prompt (one job at a
 /// time, each stored with its job's completion), train the candidate, gate it. A rerun after a crash picks up
 /// where the database says the iteration stands.
-pub async fn run_iteration(pool: &PgPool, engine: &Arc<Engine>, cfg: &LoopConfig, owner: &str, progress: Arc<dyn Fn(Stage, usize, usize) + Send + Sync>) -> Result<IterationOutcome> {
+pub async fn run_iteration(
+    pool: &PgPool,
+    engine: &Arc<Engine>,
+    cfg: &LoopConfig,
+    owner: &str,
+    progress: Arc<dyn Fn(Stage, usize, usize) + Send + Sync>,
+) -> Result<IterationOutcome> {
     let it = start_iteration(pool, cfg).await?;
     if it.stage == "sampling" {
         loop {

@@ -368,8 +368,12 @@ async fn step(role: Role, d: &Arc<Daemon>) -> Result<bool> {
         _ if d.paused.load(Ordering::SeqCst) || d.draining.load(Ordering::SeqCst) => Ok(false),
         Role::Sampler | Role::Labeler => {
             let kind = if role == Role::Sampler { "sample" } else { "label" };
-            let Some(job) = store::claim_jobs(&d.pool, kind, &d.owner, 1, cfg.loop_.lease_s).await?.into_iter().next() else { return Ok(false) };
-            let span = tracing::info_span!("job", kind, id = job.id, prompt = job.prompt_id, iteration = job.iteration_id);
+            let Some(job) = store::claim_jobs(&d.pool, kind, &d.owner, 1, cfg.loop_.lease_s).await?.into_iter().next()
+            else {
+                return Ok(false);
+            };
+            let span =
+                tracing::info_span!("job", kind, id = job.id, prompt = job.prompt_id, iteration = job.iteration_id);
             let r = async {
                 if kind == "sample" {
                     rlaif::run_sample_job(&d.pool, &d.engine, &cfg.loop_, &job, &d.owner).await
@@ -438,7 +442,8 @@ async fn top_up_prompts(d: &Arc<Daemon>, cfg: &Config) -> Result<()> {
     let want = 2 * cfg.loop_.prompts_per_iteration;
     if unused < want {
         let total = store::count_prompts(&d.pool, "train").await? as usize;
-        crate::demo::ensure_shapes_prompts(&d.pool, cfg.loop_.seed, total + want - unused, d.engine.ip.crop_width).await?;
+        crate::demo::ensure_shapes_prompts(&d.pool, cfg.loop_.seed, total + want - unused, d.engine.ip.crop_width)
+            .await?;
     }
     Ok(())
 }
@@ -456,8 +461,19 @@ async fn checkpointer_step(d: &Arc<Daemon>, cfg: &Config) -> Result<bool> {
                     let reason = format!("{e:#}");
                     error!(checkpoint = p.id, error = %reason, "cannot serve the promoted checkpoint; rolling back to its parent");
                     if let Some(parent) = p.parent_id {
-                        store::decide(pool, parent, true, &store::checkpoint(pool, parent).await?.metrics.unwrap_or_default(), &format!("checkpoint {} cannot be loaded: {reason}", p.id), "checkpointer").await?;
-                        sqlx::query("UPDATE checkpoints SET status = 'rejected' WHERE id = $1").bind(p.id).execute(pool).await?;
+                        store::decide(
+                            pool,
+                            parent,
+                            true,
+                            &store::checkpoint(pool, parent).await?.metrics.unwrap_or_default(),
+                            &format!("checkpoint {} cannot be loaded: {reason}", p.id),
+                            "checkpointer",
+                        )
+                        .await?;
+                        sqlx::query("UPDATE checkpoints SET status = 'rejected' WHERE id = $1")
+                            .bind(p.id)
+                            .execute(pool)
+                            .await?;
                     }
                     return Ok(true);
                 }
@@ -473,7 +489,13 @@ async fn checkpointer_step(d: &Arc<Daemon>, cfg: &Config) -> Result<bool> {
     }
     let span = tracing::info_span!("gate", iteration = it.number, candidate = it.candidate_id);
     let (promoted, metrics) = rlaif::run_gate(pool, &d.engine, &cfg.loop_, &it).instrument(span).await?;
-    info!(iteration = it.number, promoted, chair_i = metrics["chair_i"].as_f64(), cover = metrics["cover"].as_f64(), "candidate gated");
+    info!(
+        iteration = it.number,
+        promoted,
+        chair_i = metrics["chair_i"].as_f64(),
+        cover = metrics["cover"].as_f64(),
+        "candidate gated"
+    );
     Ok(true)
 }
 
@@ -492,7 +514,8 @@ pub struct ServeArgs {
 }
 
 pub(crate) fn init_tracing(cfg: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log.level).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log.level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let _ = if cfg.log.format == "json" { b.json().try_init() } else { b.try_init() };
 }
@@ -539,11 +562,13 @@ pub type Until = std::pin::Pin<Box<dyn std::future::Future<Output = &'static str
 /// `rlaifd demo` both run this inside an actix system.
 pub async fn run_async(cfg: Config, config_file: Option<PathBuf>, until: Option<Until>) -> Result<&'static str> {
     crate::notify::status("connecting to PostgreSQL");
-    std::fs::create_dir_all(&cfg.state.dir).with_context(|| format!("cannot create state.dir {}", cfg.state.dir.display()))?;
+    std::fs::create_dir_all(&cfg.state.dir)
+        .with_context(|| format!("cannot create state.dir {}", cfg.state.dir.display()))?;
     let pool = crate::db::open(&cfg.database.url, cfg.database.max_connections).await?;
     info!(database = %crate::db::redacted(&cfg.database.url), "database ready (migrated)");
     crate::notify::status("loading the model");
-    let (model_dir, state, labeler, device) = (cfg.model.path.clone(), cfg.state.dir.clone(), cfg.loop_.labeler.clone(), cfg.model.device_spec()?);
+    let (model_dir, state, labeler, device) =
+        (cfg.model.path.clone(), cfg.state.dir.clone(), cfg.loop_.labeler.clone(), cfg.model.device_spec()?);
     let (engine, chosen) = tokio::task::spawn_blocking(move || -> Result<(Engine, String)> {
         let (e, chosen) = Engine::load_on(&model_dir, &state, device)?;
         Ok((e.with_labeler(&labeler)?, chosen))
@@ -574,7 +599,13 @@ pub async fn run_async(cfg: Config, config_file: Option<PathBuf>, until: Option<
         config_file,
         pool: pool.clone(),
         engine,
-        serving: RwLock::new(Arc::new(Serving { generation: 0, checkpoint: base.clone(), adapter: None, reference: None, lineage: vec![base.id] })),
+        serving: RwLock::new(Arc::new(Serving {
+            generation: 0,
+            checkpoint: base.clone(),
+            adapter: None,
+            reference: None,
+            lineage: vec![base.id],
+        })),
         paused: AtomicBool::new(false),
         draining: AtomicBool::new(false),
         stopped: AtomicBool::new(false),
@@ -588,7 +619,13 @@ pub async fn run_async(cfg: Config, config_file: Option<PathBuf>, until: Option<
         generation: AtomicU64::new(0),
     });
     d.hot_swap(&promoted).await.with_context(|| format!("loading the promoted checkpoint {}", promoted.id))?;
-    store::event(&pool, "daemon_started", "supervisor", serde_json::json!({ "owner": d.owner, "pid": std::process::id(), "serving": promoted.id, "device": chosen })).await?;
+    store::event(
+        &pool,
+        "daemon_started",
+        "supervisor",
+        serde_json::json!({ "owner": d.owner, "pid": std::process::id(), "serving": promoted.id, "device": chosen }),
+    )
+    .await?;
     let server = crate::server::start(d.clone())?;
     let server_handle = server.handle();
     actix::spawn(server);
@@ -596,8 +633,10 @@ pub async fn run_async(cfg: Config, config_file: Option<PathBuf>, until: Option<
     let control = crate::control::start(d.clone(), sup.clone().recipient())?;
     crate::notify::ready(&format!("serving checkpoint {} on {}", promoted.id, cfg.server.bind));
     let watchdog = crate::notify::spawn_watchdog(d.engine.worker.clone());
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .context("installing the SIGINT handler")?;
     let why = tokio::select! {
         _ = term.recv() => "SIGTERM",
         _ = int.recv() => "SIGINT",
@@ -624,7 +663,13 @@ pub async fn run_async(cfg: Config, config_file: Option<PathBuf>, until: Option<
     server_handle.stop(true).await;
     drop(control);
     let released = store::release_leases(&pool, &d.owner).await.unwrap_or(0);
-    let _ = store::event(&pool, "daemon_stopped", "supervisor", serde_json::json!({ "owner": d.owner, "reason": why, "leases_released": released })).await;
+    let _ = store::event(
+        &pool,
+        "daemon_stopped",
+        "supervisor",
+        serde_json::json!({ "owner": d.owner, "reason": why, "leases_released": released }),
+    )
+    .await;
     let _ = std::fs::remove_file(d.config().socket_path());
     drop(watchdog);
     d.engine.worker.close();
@@ -643,7 +688,11 @@ fn set_request_budget(engine: &mut Engine, cfg: &Config) -> Result<()> {
     };
     let m = &engine.model;
     let ctx = m.context_len();
-    let largest = engine::limits::RequestShape { prompt_positions: 1, answers: cfg.server.max_n.max(cfg.loop_.n), max_new_tokens: ctx.saturating_sub(1) };
+    let largest = engine::limits::RequestShape {
+        prompt_positions: 1,
+        answers: cfg.server.max_n.max(cfg.loop_.n),
+        max_new_tokens: ctx.saturating_sub(1),
+    };
     let need = m.generate_memory_bytes(largest);
     if need > budget {
         warn!(budget_mib = budget / MIB, largest_mib = need.div_ceil(MIB), context = ctx, answers = largest.answers, "the largest request the configuration allows needs more than the per-request memory budget; such requests are refused with 400 (raise server.max_request_mb or lower server.max_n / loop.n)");

@@ -53,7 +53,9 @@ impl ResponseError for ApiError {
             503 => "unavailable",
             _ => "server_error",
         };
-        HttpResponse::build(self.status).json(serde_json::json!({ "error": { "message": self.message, "type": kind, "code": self.status.as_u16() } }))
+        HttpResponse::build(self.status).json(
+            serde_json::json!({ "error": { "message": self.message, "type": kind, "code": self.status.as_u16() } }),
+        )
     }
 }
 
@@ -126,15 +128,21 @@ fn decode_data_url(url: &str) -> Result<Vec<u8>, ApiError> {
     let Some(rest) = url.strip_prefix("data:") else {
         return Err(ApiError::bad("image_url.url must be a data URL (data:image/png;base64,... or data:image/jpeg;base64,...); rlaifd does not fetch URLs"));
     };
-    let Some((meta, data)) = rest.split_once(',') else { return Err(ApiError::bad("image_url.url: a data URL needs a comma before its data")) };
+    let Some((meta, data)) = rest.split_once(',') else {
+        return Err(ApiError::bad("image_url.url: a data URL needs a comma before its data"));
+    };
     if !meta.ends_with(";base64") {
         return Err(ApiError::bad("image_url.url: the data URL must be base64-encoded (data:image/png;base64,...)"));
     }
     let mime = meta.trim_end_matches(";base64");
     if !matches!(mime, "image/png" | "image/jpeg" | "image/jpg") {
-        return Err(ApiError::bad(format!("image_url.url: media type {mime:?} is not supported (image/png or image/jpeg)")));
+        return Err(ApiError::bad(format!(
+            "image_url.url: media type {mime:?} is not supported (image/png or image/jpeg)"
+        )));
     }
-    base64::engine::general_purpose::STANDARD.decode(data.trim()).map_err(|e| ApiError::bad(format!("image_url.url: invalid base64 data: {e}")))
+    base64::engine::general_purpose::STANDARD
+        .decode(data.trim())
+        .map_err(|e| ApiError::bad(format!("image_url.url: invalid base64 data: {e}")))
 }
 
 /// Validates a chat request body against the server's limits (what `POST /v1/chat/completions` does before any
@@ -144,7 +152,8 @@ pub fn validate_chat_request(body: &[u8], cfg: &crate::config::ServerConfig) -> 
 }
 
 fn parse(body: &[u8], cfg: &crate::config::ServerConfig) -> Result<Parsed, ApiError> {
-    let req: ChatRequest = serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("the body is not a valid chat request: {e}")))?;
+    let req: ChatRequest = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad(format!("the body is not a valid chat request: {e}")))?;
     if req.stream == Some(true) {
         return Err(ApiError::bad("stream: true is not supported; omit it for one JSON response"));
     }
@@ -192,16 +201,36 @@ fn parse(body: &[u8], cfg: &crate::config::ServerConfig) -> Result<Parsed, ApiEr
     }
     if let Some(b) = req.best_of {
         if b < n || b > cfg.max_n {
-            return Err(ApiError::bad(format!("best_of must be between n ({n}) and {} (server.max_n), got {b}", cfg.max_n)));
+            return Err(ApiError::bad(format!(
+                "best_of must be between n ({n}) and {} (server.max_n), got {b}",
+                cfg.max_n
+            )));
         }
     }
     let max_tokens = req.max_tokens.unwrap_or(cfg.max_tokens.min(256));
     if max_tokens == 0 || max_tokens > cfg.max_tokens {
-        return Err(ApiError::bad(format!("max_tokens must be between 1 and {} (server.max_tokens), got {max_tokens}", cfg.max_tokens)));
+        return Err(ApiError::bad(format!(
+            "max_tokens must be between 1 and {} (server.max_tokens), got {max_tokens}",
+            cfg.max_tokens
+        )));
     }
-    let params = SamplingParams { temperature: req.temperature.unwrap_or(1.0), top_p: req.top_p.unwrap_or(1.0), max_new_tokens: max_tokens, ..Default::default() };
+    let params = SamplingParams {
+        temperature: req.temperature.unwrap_or(1.0),
+        top_p: req.top_p.unwrap_or(1.0),
+        max_new_tokens: max_tokens,
+        ..Default::default()
+    };
     params.validate().map_err(ApiError::bad)?;
-    let seed = req.seed.unwrap_or_else(|| engine::rng::SplitMix64::new(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|t| t.as_nanos() as u64).unwrap_or(0)).next_u64() >> 1);
+    let seed = req.seed.unwrap_or_else(|| {
+        engine::rng::SplitMix64::new(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|t| t.as_nanos() as u64)
+                .unwrap_or(0),
+        )
+        .next_u64()
+            >> 1
+    });
     Ok(Parsed { text, image, n, best_of: req.best_of, params, max_tokens_given: req.max_tokens.is_some(), seed })
 }
 
@@ -221,7 +250,12 @@ fn check_token(req: &HttpRequest, token: &crate::config::Secret) -> Result<(), A
     if token.is_empty() {
         return Ok(());
     }
-    let given = req.headers().get("authorization").and_then(|h| h.to_str().ok()).and_then(|h| h.strip_prefix("Bearer ")).unwrap_or("");
+    let given = req
+        .headers()
+        .get("authorization")
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .unwrap_or("");
     // Constant-time comparison.
     let ok = given.len() == token.len() && given.bytes().zip(token.bytes()).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0;
     if ok {
@@ -269,13 +303,19 @@ fn plan(p: &Parsed, e: &crate::rlaif::Engine, max_image_side: u32) -> Result<Pla
         )));
     }
     if let Some(bytes) = &p.image {
-        let (w, h) = engine::image::header_dimensions(bytes, "request image").map_err(|e| ApiError::bad(e.to_string()))?;
+        let (w, h) =
+            engine::image::header_dimensions(bytes, "request image").map_err(|e| ApiError::bad(e.to_string()))?;
         if w > max_image_side || h > max_image_side {
-            return Err(ApiError::bad(format!("the image is {w}x{h}, larger than {max_image_side} pixels per side (server.max_image_side)")));
+            return Err(ApiError::bad(format!(
+                "the image is {w}x{h}, larger than {max_image_side} pixels per side (server.max_image_side)"
+            )));
         }
     }
     let template = if p.image.is_some() { LLAVA_15_TEMPLATE } else { TEXT_TEMPLATE };
-    let ids = e.tok.encode(&apply_template(template, &p.text), true).map_err(|e| ApiError::bad(format!("the prompt cannot be tokenized: {e}")))?;
+    let ids = e
+        .tok
+        .encode(&apply_template(template, &p.text), true)
+        .map_err(|e| ApiError::bad(format!("the prompt cannot be tokenized: {e}")))?;
     let positions = e.model.prompt_positions(&ids);
     let asked = p.params.max_new_tokens;
     let max_new_tokens = if p.max_tokens_given {
@@ -293,7 +333,8 @@ fn plan(p: &Parsed, e: &crate::rlaif::Engine, max_image_side: u32) -> Result<Pla
     if max_new_tokens == 0 {
         return Err(ApiError::bad(format!("the prompt takes {positions} tokens (template and image included), the model's whole context of {ctx}: no room for an answer; shorten the prompt")));
     }
-    let shape = engine::limits::RequestShape { prompt_positions: positions, answers: p.best_of.unwrap_or(p.n), max_new_tokens };
+    let shape =
+        engine::limits::RequestShape { prompt_positions: positions, answers: p.best_of.unwrap_or(p.n), max_new_tokens };
     e.model.check_request(shape, e.model.request_budget()).map_err(|e| ApiError::bad(format!("{e}")))?;
     Ok(Planned { ids, max_new_tokens })
 }
@@ -307,7 +348,10 @@ fn engine_failure(e: anyhow::Error, timeout_s: f64) -> ApiError {
     match e.downcast_ref::<engine::EngineError>() {
         Some(engine::EngineError::Input(m)) => ApiError::bad(m.clone()),
         Some(engine::EngineError::Image(i)) => ApiError::bad(i.to_string()),
-        Some(engine::EngineError::Interrupted(why)) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("{why} (server.request_timeout_s = {timeout_s}); retry with a smaller max_tokens or n, or later")),
+        Some(engine::EngineError::Interrupted(why)) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{why} (server.request_timeout_s = {timeout_s}); retry with a smaller max_tokens or n, or later"),
+        ),
         _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
     }
 }
@@ -320,23 +364,48 @@ async fn chat(req: HttpRequest, payload: web::Payload, d: web::Data<Arc<Daemon>>
     check_token(&req, &server_cfg.token)?;
     if let Some(peer) = req.peer_addr() {
         if !d.metrics.admit(peer.ip(), server_cfg.rate_per_s, server_cfg.rate_burst) {
-            return Err(ApiError::new(StatusCode::TOO_MANY_REQUESTS, format!("rate limit: at most {} requests per second per client (server.rate_per_s)", server_cfg.rate_per_s)));
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "rate limit: at most {} requests per second per client (server.rate_per_s)",
+                    server_cfg.rate_per_s
+                ),
+            ));
         }
     }
     let ct = req.headers().get("content-type").and_then(|h| h.to_str().ok()).unwrap_or("");
     if !ct.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("application/json") {
-        return Err(ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, format!("Content-Type must be application/json (got {ct:?})")));
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("Content-Type must be application/json (got {ct:?})"),
+        ));
     }
     // Before the body is read: requests in flight hold at most max_pending bodies.
     let Some(_in_flight) = InFlight::admit(&d.chat_in_flight, server_cfg.max_pending) else {
-        return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("the server is busy: {} chat requests in flight (server.max_pending); retry later", server_cfg.max_pending)));
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "the server is busy: {} chat requests in flight (server.max_pending); retry later",
+                server_cfg.max_pending
+            ),
+        ));
     };
     let limit = server_cfg.max_body_bytes;
     let body = match tokio::time::timeout(BODY_READ_TIMEOUT, payload.to_bytes_limited(limit)).await {
-        Err(_) => return Err(ApiError::new(StatusCode::REQUEST_TIMEOUT, format!("the body did not arrive within {} s", BODY_READ_TIMEOUT.as_secs()))),
+        Err(_) => {
+            return Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                format!("the body did not arrive within {} s", BODY_READ_TIMEOUT.as_secs()),
+            ))
+        }
         Ok(Ok(Ok(b))) => b,
         Ok(Ok(Err(e))) => return Err(ApiError::bad(format!("reading the body: {e}"))),
-        Ok(Err(_)) => return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("the body is larger than {limit} bytes (server.max_body_bytes)"))),
+        Ok(Err(_)) => {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the body is larger than {limit} bytes (server.max_body_bytes)"),
+            ))
+        }
     };
     let p = parse(&body, server_cfg)?;
     drop(body);
@@ -358,8 +427,12 @@ async fn chat(req: HttpRequest, payload: web::Payload, d: web::Data<Arc<Daemon>>
             let e = &dd.engine;
             let pixels = match &image {
                 Some(bytes) => {
-                    let img = engine::image::decode_rgb8_within(bytes, "request image", max_side).map_err(|e| anyhow::anyhow!(ApiErrorKind::Bad(e.to_string())))?;
-                    Some(engine::image::preprocess(&img, &e.ip).map_err(|e| anyhow::anyhow!(ApiErrorKind::Bad(e.to_string())))?)
+                    let img = engine::image::decode_rgb8_within(bytes, "request image", max_side)
+                        .map_err(|e| anyhow::anyhow!(ApiErrorKind::Bad(e.to_string())))?;
+                    Some(
+                        engine::image::preprocess(&img, &e.ip)
+                            .map_err(|e| anyhow::anyhow!(ApiErrorKind::Bad(e.to_string())))?,
+                    )
                 }
                 None => None,
             };
@@ -368,11 +441,20 @@ async fn chat(req: HttpRequest, payload: web::Payload, d: web::Data<Arc<Daemon>>
             let req = GenerateRequest { ids: &ids, pixels: pixels.as_ref(), seeds: &seeds, params, stop_ids: vec![] };
             let (answers, rewards) = match best_of {
                 Some(_) => {
-                    let b = engine::feedback::reward::best_of_n(&e.model, s.adapter.as_deref(), s.reference.as_deref(), &req, beta)?;
+                    let b = engine::feedback::reward::best_of_n(
+                        &e.model,
+                        s.adapter.as_deref(),
+                        s.reference.as_deref(),
+                        &req,
+                        beta,
+                    )?;
                     let mut order: Vec<usize> = (0..b.answers.len()).collect();
                     order.sort_by(|&x, &y| b.rewards[y].total_cmp(&b.rewards[x]).then(x.cmp(&y)));
                     order.truncate(n);
-                    (order.iter().map(|&i| b.answers[i].clone()).collect::<Vec<_>>(), Some(order.iter().map(|&i| b.rewards[i]).collect::<Vec<f64>>()))
+                    (
+                        order.iter().map(|&i| b.answers[i].clone()).collect::<Vec<_>>(),
+                        Some(order.iter().map(|&i| b.rewards[i]).collect::<Vec<f64>>()),
+                    )
                 }
                 None => (generate(&e.model, &req, s.adapter.as_deref())?, None),
             };
@@ -427,7 +509,17 @@ impl std::error::Error for ApiErrorKind {}
 async fn join_pool(d: &Daemon, image: &[u8], text: &str) {
     let r = async {
         let sha = store::insert_image(&d.pool, image).await?;
-        store::insert_prompt(&d.pool, &store::NewPrompt { image_sha256: Some(sha), instruction: text.to_string(), source: "served".into(), split: "train".into(), ground_truth: None }).await
+        store::insert_prompt(
+            &d.pool,
+            &store::NewPrompt {
+                image_sha256: Some(sha),
+                instruction: text.to_string(),
+                source: "served".into(),
+                split: "train".into(),
+                ground_truth: None,
+            },
+        )
+        .await
     }
     .await;
     if let Err(e) = r {
@@ -461,7 +553,10 @@ async fn metrics(req: HttpRequest, d: web::Data<Arc<Daemon>>) -> Result<HttpResp
     check_auth(&req, &d)?;
     let mut o = String::new();
     let m = &d.metrics;
-    let _ = writeln!(o, "# HELP rlaifd_requests_total HTTP requests by route and status.\n# TYPE rlaifd_requests_total counter");
+    let _ = writeln!(
+        o,
+        "# HELP rlaifd_requests_total HTTP requests by route and status.\n# TYPE rlaifd_requests_total counter"
+    );
     if let Ok(r) = m.requests.lock() {
         for ((route, status), n) in r.iter() {
             let _ = writeln!(o, "rlaifd_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}");
@@ -478,23 +573,35 @@ async fn metrics(req: HttpRequest, d: web::Data<Arc<Daemon>>) -> Result<HttpResp
     let _ = writeln!(o, "rlaifd_request_duration_seconds_bucket{{le=\"+Inf\"}} {count}");
     let _ = writeln!(o, "rlaifd_request_duration_seconds_sum {}", m.latency_sum_s.lock().map(|s| *s).unwrap_or(0.0));
     let _ = writeln!(o, "rlaifd_request_duration_seconds_count {count}");
-    let _ = writeln!(o, "# HELP rlaifd_engine_queue_depth Tasks waiting for the engine thread.\n# TYPE rlaifd_engine_queue_depth gauge");
+    let _ = writeln!(
+        o,
+        "# HELP rlaifd_engine_queue_depth Tasks waiting for the engine thread.\n# TYPE rlaifd_engine_queue_depth gauge"
+    );
     for (p, n) in PRIORITIES.iter().zip(d.engine.worker.depths()) {
         let _ = writeln!(o, "rlaifd_engine_queue_depth{{priority=\"{}\"}} {n}", p.name());
     }
-    let jobs: Vec<(String, String, i64)> = sqlx::query_as("SELECT kind, status, count(*) FROM jobs GROUP BY kind, status ORDER BY kind, status").fetch_all(&d.pool).await.unwrap_or_default();
+    let jobs: Vec<(String, String, i64)> =
+        sqlx::query_as("SELECT kind, status, count(*) FROM jobs GROUP BY kind, status ORDER BY kind, status")
+            .fetch_all(&d.pool)
+            .await
+            .unwrap_or_default();
     let _ = writeln!(o, "# HELP rlaifd_jobs Loop jobs by kind and status.\n# TYPE rlaifd_jobs gauge");
     for (k, s, n) in jobs {
         let _ = writeln!(o, "rlaifd_jobs{{kind=\"{k}\",status=\"{s}\"}} {n}");
     }
-    let iteration: Option<i32> = sqlx::query_scalar("SELECT max(number) FROM iterations").fetch_one(&d.pool).await.unwrap_or(None);
+    let iteration: Option<i32> =
+        sqlx::query_scalar("SELECT max(number) FROM iterations").fetch_one(&d.pool).await.unwrap_or(None);
     let pairs: i64 = sqlx::query_scalar("SELECT count(*) FROM pairs").fetch_one(&d.pool).await.unwrap_or(0);
     let s = d.serving();
     let _ = writeln!(o, "# TYPE rlaifd_iteration gauge\nrlaifd_iteration {}", iteration.unwrap_or(0));
     let _ = writeln!(o, "# TYPE rlaifd_pairs_total counter\nrlaifd_pairs_total {pairs}");
     let _ = writeln!(o, "# TYPE rlaifd_serving_checkpoint gauge\nrlaifd_serving_checkpoint {}", s.checkpoint.id);
     let _ = writeln!(o, "# TYPE rlaifd_serving_generation gauge\nrlaifd_serving_generation {}", s.generation);
-    let _ = writeln!(o, "# TYPE rlaifd_hot_swaps_total counter\nrlaifd_hot_swaps_total {}", m.swaps.load(Ordering::Relaxed));
+    let _ = writeln!(
+        o,
+        "# TYPE rlaifd_hot_swaps_total counter\nrlaifd_hot_swaps_total {}",
+        m.swaps.load(Ordering::Relaxed)
+    );
     let _ = writeln!(o, "# TYPE rlaifd_paused gauge\nrlaifd_paused {}", u8::from(d.paused.load(Ordering::SeqCst)));
     if let Some(metrics) = &s.checkpoint.metrics {
         let _ = writeln!(o, "# HELP rlaifd_hallucination Held-out hallucination metrics of the served checkpoint.\n# TYPE rlaifd_hallucination gauge");
@@ -508,7 +615,14 @@ async fn metrics(req: HttpRequest, d: web::Data<Arc<Daemon>>) -> Result<HttpResp
 }
 
 async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
-    Err(ApiError::new(StatusCode::NOT_FOUND, format!("no route {} {} (routes: POST /v1/chat/completions, GET /v1/models, /healthz, /metrics)", req.method(), req.path())))
+    Err(ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!(
+            "no route {} {} (routes: POST /v1/chat/completions, GET /v1/models, /healthz, /metrics)",
+            req.method(),
+            req.path()
+        ),
+    ))
 }
 
 /// Binds the HTTP server (server.bind; port 0 picks one) and writes the bound address to STATE/server.addr.
@@ -547,7 +661,8 @@ pub fn start(d: Arc<Daemon>) -> Result<actix_web::dev::Server> {
     .with_context(|| format!("cannot listen on server.bind {}", cfg.server.bind))?;
     let addrs = server.addrs();
     let addr = addrs.first().context("the server bound no address")?;
-    std::fs::write(cfg.state.dir.join("server.addr"), addr.to_string()).with_context(|| format!("cannot write {}/server.addr", cfg.state.dir.display()))?;
+    std::fs::write(cfg.state.dir.join("server.addr"), addr.to_string())
+        .with_context(|| format!("cannot write {}/server.addr", cfg.state.dir.display()))?;
     tracing::info!(%addr, "HTTP server listening");
     Ok(server.run())
 }

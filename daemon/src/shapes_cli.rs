@@ -72,10 +72,15 @@ pub fn run(cmd: ShapesCmd) -> Result<()> {
         ShapesCmd::Gen { seed, count, out, size, max_objects } => {
             let mut questions = Vec::new();
             write_scenes(seed, count, &out, size, max_objects, |file, scene, s| {
-                writeln!(questions, "{}", serde_json::json!({ "image": file, "instructions": instructions(scene, s) }))?;
+                writeln!(
+                    questions,
+                    "{}",
+                    serde_json::json!({ "image": file, "instructions": instructions(scene, s) })
+                )?;
                 Ok(())
             })?;
-            std::fs::write(out.join("questions.jsonl"), questions).with_context(|| format!("cannot write {}/questions.jsonl", out.display()))?;
+            std::fs::write(out.join("questions.jsonl"), questions)
+                .with_context(|| format!("cannot write {}/questions.jsonl", out.display()))?;
             Ok(())
         }
         ShapesCmd::Sft { seed, count, out, caption_noise, caption_order, size, max_objects, mix } => {
@@ -95,14 +100,23 @@ pub fn run(cmd: ShapesCmd) -> Result<()> {
             let mut lines = Vec::new();
             let mut n = 0usize;
             write_scenes(seed, count, &out, size, max_objects, |file, scene, s| {
-                let examples = if labeler { labeler_examples(scene, s) } else { sft_examples(scene, s, caption_noise, caption_order) };
+                let examples = if labeler {
+                    labeler_examples(scene, s)
+                } else {
+                    sft_examples(scene, s, caption_noise, caption_order)
+                };
                 for (kind, prompt, answer) in examples {
-                    writeln!(lines, "{}", serde_json::json!({ "image": file, "prompt": prompt, "answer": answer, "kind": kind }))?;
+                    writeln!(
+                        lines,
+                        "{}",
+                        serde_json::json!({ "image": file, "prompt": prompt, "answer": answer, "kind": kind })
+                    )?;
                     n += 1;
                 }
                 Ok(())
             })?;
-            std::fs::write(out.join("sft.jsonl"), lines).with_context(|| format!("cannot write {}/sft.jsonl", out.display()))?;
+            std::fs::write(out.join("sft.jsonl"), lines)
+                .with_context(|| format!("cannot write {}/sft.jsonl", out.display()))?;
             eprintln!("wrote {n} examples to {}/sft.jsonl", out.display());
             Ok(())
         }
@@ -111,7 +125,14 @@ pub fn run(cmd: ShapesCmd) -> Result<()> {
 
 /// Renders COUNT scenes of SEED into DIR (PNG) with DIR/index.jsonl, calling `each(file, scene, scene_seed)`.
 /// Image i of seed S is the same whatever COUNT is.
-fn write_scenes(seed: u64, count: usize, out: &Path, size: u32, max_objects: usize, mut each: impl FnMut(&str, &Scene, u64) -> Result<()>) -> Result<()> {
+fn write_scenes(
+    seed: u64,
+    count: usize,
+    out: &Path,
+    size: u32,
+    max_objects: usize,
+    mut each: impl FnMut(&str, &Scene, u64) -> Result<()>,
+) -> Result<()> {
     if !(16..=1024).contains(&size) {
         anyhow::bail!("--size must be between 16 and 1024 pixels (got {size})");
     }
@@ -125,14 +146,18 @@ fn write_scenes(seed: u64, count: usize, out: &Path, size: u32, max_objects: usi
         let s = engine::rng::SplitMix64::new(seed.wrapping_add(i as u64)).next_u64();
         let scene = Scene::generate(&cfg, s);
         let file = format!("{i:06}.png");
-        scene.render(&cfg, s).save(out.join(&file)).with_context(|| format!("cannot write {}", out.join(&file).display()))?;
+        scene
+            .render(&cfg, s)
+            .save(out.join(&file))
+            .with_context(|| format!("cannot write {}", out.join(&file).display()))?;
         writeln!(index, "{}", serde_json::json!({ "image": file, "objects": scene.phrases() }))?;
         each(&file, &scene, s)?;
         if count >= 1000 && (i + 1) % 1000 == 0 {
             eprintln!("{}/{count} images", i + 1);
         }
     }
-    std::fs::write(out.join("index.jsonl"), index).with_context(|| format!("cannot write {}/index.jsonl", out.display()))?;
+    std::fs::write(out.join("index.jsonl"), index)
+        .with_context(|| format!("cannot write {}/index.jsonl", out.display()))?;
     eprintln!("wrote {count} images to {}", out.display());
     Ok(())
 }

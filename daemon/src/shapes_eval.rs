@@ -39,7 +39,17 @@ impl Report {
 /// Greedy "Describe the image." captions (CHAIR/Cover) and yes/no existence answers (POPE splits, AMBER F1) on
 /// COUNT images of SEED at SIZE pixels. `progress(i)` after image i (1-based).
 #[allow(clippy::too_many_arguments)]
-pub fn evaluate(m: &Model, ad: Option<&Adapter>, tok: &TextTokenizer, ip: &ImageProcessorConfig, seed: u64, count: usize, size: u32, max_new_tokens: usize, mut progress: impl FnMut(usize)) -> Result<Report> {
+pub fn evaluate(
+    m: &Model,
+    ad: Option<&Adapter>,
+    tok: &TextTokenizer,
+    ip: &ImageProcessorConfig,
+    seed: u64,
+    count: usize,
+    size: u32,
+    max_new_tokens: usize,
+    mut progress: impl FnMut(usize),
+) -> Result<Report> {
     let cfg = WorldConfig { size, ..Default::default() };
     let ask = |pixels: &engine::image::PixelValues, prompt: &str, max: usize| -> Result<String> {
         let ids = tok.encode(&apply_template(LLAVA_15_TEMPLATE, prompt), true)?;
@@ -65,9 +75,16 @@ pub fn evaluate(m: &Model, ad: Option<&Adapter>, tok: &TextTokenizer, ip: &Image
     let mut pope = std::collections::BTreeMap::new();
     for split in ["random", "popular", "adversarial"] {
         // Each POPE split: the questions about present objects plus that split's negatives.
-        let items: Vec<(Option<bool>, bool)> = yn.iter().filter(|(s, _, _)| *s == "present" || *s == split).map(|&(_, p, l)| (p, l)).collect();
+        let items: Vec<(Option<bool>, bool)> =
+            yn.iter().filter(|(s, _, _)| *s == "present" || *s == split).map(|&(_, p, l)| (p, l)).collect();
         pope.insert(split.to_string(), binary_metrics(&items, true));
     }
     let all: Vec<(Option<bool>, bool)> = yn.iter().map(|&(_, p, l)| (p, l)).collect();
-    Ok(Report { images: count, caption, pope, existence: binary_metrics(&all, true), amber_f1: binary_metrics(&all, false).f1 })
+    Ok(Report {
+        images: count,
+        caption,
+        pope,
+        existence: binary_metrics(&all, true),
+        amber_f1: binary_metrics(&all, false).f1,
+    })
 }

@@ -17,21 +17,31 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 pub async fn insert_image<'a>(db: impl sqlx::Acquire<'a, Database = Postgres>, bytes: &[u8]) -> Result<String> {
     // Decoding (the check that the bytes are an image we can use) is CPU work: off the async runtime.
     let owned = bytes.to_vec();
-    let (width, height) = tokio::task::spawn_blocking(move || engine::image::decode_rgb8(&owned, "image").map(|i| (i.width(), i.height()))).await.context("image decode task")??;
+    let (width, height) = tokio::task::spawn_blocking(move || {
+        engine::image::decode_rgb8(&owned, "image").map(|i| (i.width(), i.height()))
+    })
+    .await
+    .context("image decode task")??;
     let mut conn = db.acquire().await?;
     let sha = sha256_hex(bytes);
-    sqlx::query("INSERT INTO images (sha256, bytes, width, height) VALUES ($1, $2, $3, $4) ON CONFLICT (sha256) DO NOTHING")
-        .bind(&sha)
-        .bind(bytes)
-        .bind(width as i32)
-        .bind(height as i32)
-        .execute(&mut *conn)
-        .await?;
+    sqlx::query(
+        "INSERT INTO images (sha256, bytes, width, height) VALUES ($1, $2, $3, $4) ON CONFLICT (sha256) DO NOTHING",
+    )
+    .bind(&sha)
+    .bind(bytes)
+    .bind(width as i32)
+    .bind(height as i32)
+    .execute(&mut *conn)
+    .await?;
     Ok(sha)
 }
 
 pub async fn image_bytes(pool: &PgPool, sha: &str) -> Result<Vec<u8>> {
-    sqlx::query_scalar("SELECT bytes FROM images WHERE sha256 = $1").bind(sha).fetch_optional(pool).await?.with_context(|| format!("image {sha} is not in the database"))
+    sqlx::query_scalar("SELECT bytes FROM images WHERE sha256 = $1")
+        .bind(sha)
+        .fetch_optional(pool)
+        .await?
+        .with_context(|| format!("image {sha} is not in the database"))
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -61,12 +71,14 @@ pub async fn insert_prompt<'a>(db: impl sqlx::Acquire<'a, Database = Postgres>, 
     if let Some(id) = id {
         return Ok(id);
     }
-    Ok(sqlx::query_scalar("SELECT id FROM prompts WHERE image_sha256 IS NOT DISTINCT FROM $1 AND instruction = $2 AND split = $3")
-        .bind(&p.image_sha256)
-        .bind(&p.instruction)
-        .bind(&p.split)
-        .fetch_one(&mut *conn)
-        .await?)
+    Ok(sqlx::query_scalar(
+        "SELECT id FROM prompts WHERE image_sha256 IS NOT DISTINCT FROM $1 AND instruction = $2 AND split = $3",
+    )
+    .bind(&p.image_sha256)
+    .bind(&p.instruction)
+    .bind(&p.split)
+    .fetch_one(&mut *conn)
+    .await?)
 }
 
 #[derive(Clone, Debug, sqlx::FromRow)]
@@ -79,7 +91,11 @@ pub struct PromptRow {
 }
 
 pub async fn prompt(pool: &PgPool, id: i64) -> Result<PromptRow> {
-    sqlx::query_as("SELECT id, image_sha256, instruction, split, ground_truth FROM prompts WHERE id = $1").bind(id).fetch_optional(pool).await?.with_context(|| format!("prompt {id} does not exist"))
+    sqlx::query_as("SELECT id, image_sha256, instruction, split, ground_truth FROM prompts WHERE id = $1")
+        .bind(id)
+        .fetch_optional(pool)
+        .await?
+        .with_context(|| format!("prompt {id} does not exist"))
 }
 
 /// Training prompts no iteration has sampled yet, oldest first.
@@ -117,16 +133,25 @@ pub struct CheckpointRow {
 const CHECKPOINT_COLS: &str = "id, parent_id, iteration, kind, path, sha256, status, metrics";
 
 pub async fn checkpoint(pool: &PgPool, id: i64) -> Result<CheckpointRow> {
-    sqlx::query_as(&format!("SELECT {CHECKPOINT_COLS} FROM checkpoints WHERE id = $1")).bind(id).fetch_optional(pool).await?.with_context(|| format!("checkpoint {id} does not exist"))
+    sqlx::query_as(&format!("SELECT {CHECKPOINT_COLS} FROM checkpoints WHERE id = $1"))
+        .bind(id)
+        .fetch_optional(pool)
+        .await?
+        .with_context(|| format!("checkpoint {id} does not exist"))
 }
 
 /// The base model's row (the lineage's root).
 pub async fn base(pool: &PgPool) -> Result<CheckpointRow> {
-    sqlx::query_as(&format!("SELECT {CHECKPOINT_COLS} FROM checkpoints WHERE kind = 'base' ORDER BY id LIMIT 1")).fetch_optional(pool).await?.context("no base checkpoint registered")
+    sqlx::query_as(&format!("SELECT {CHECKPOINT_COLS} FROM checkpoints WHERE kind = 'base' ORDER BY id LIMIT 1"))
+        .fetch_optional(pool)
+        .await?
+        .context("no base checkpoint registered")
 }
 
 pub async fn promoted(pool: &PgPool) -> Result<Option<CheckpointRow>> {
-    Ok(sqlx::query_as(&format!("SELECT {CHECKPOINT_COLS} FROM checkpoints WHERE status = 'promoted'")).fetch_optional(pool).await?)
+    Ok(sqlx::query_as(&format!("SELECT {CHECKPOINT_COLS} FROM checkpoints WHERE status = 'promoted'"))
+        .fetch_optional(pool)
+        .await?)
 }
 
 pub async fn checkpoints(pool: &PgPool) -> Result<Vec<CheckpointRow>> {
@@ -137,11 +162,17 @@ pub async fn checkpoints(pool: &PgPool) -> Result<Vec<CheckpointRow>> {
 pub async fn ensure_base(pool: &PgPool, path: &str, metrics: Option<&serde_json::Value>) -> Result<CheckpointRow> {
     let mut tx = pool.begin().await?;
     sqlx::query("LOCK TABLE checkpoints IN SHARE ROW EXCLUSIVE MODE").execute(&mut *tx).await?;
-    let existing: Option<CheckpointRow> = sqlx::query_as(&format!("SELECT {CHECKPOINT_COLS} FROM checkpoints WHERE kind = 'base' AND path = $1")).bind(path).fetch_optional(&mut *tx).await?;
+    let existing: Option<CheckpointRow> =
+        sqlx::query_as(&format!("SELECT {CHECKPOINT_COLS} FROM checkpoints WHERE kind = 'base' AND path = $1"))
+            .bind(path)
+            .fetch_optional(&mut *tx)
+            .await?;
     let row = match existing {
         Some(r) => r,
         None => {
-            let any_promoted: Option<i64> = sqlx::query_scalar("SELECT id FROM checkpoints WHERE status = 'promoted'").fetch_optional(&mut *tx).await?;
+            let any_promoted: Option<i64> = sqlx::query_scalar("SELECT id FROM checkpoints WHERE status = 'promoted'")
+                .fetch_optional(&mut *tx)
+                .await?;
             let status = if any_promoted.is_some() { "retired" } else { "promoted" };
             let r: CheckpointRow = sqlx::query_as(&format!(
                 "INSERT INTO checkpoints (parent_id, iteration, kind, path, status, metrics, decided_at) VALUES (NULL, 0, 'base', $1, $2, $3, now()) RETURNING {CHECKPOINT_COLS}"
@@ -151,7 +182,13 @@ pub async fn ensure_base(pool: &PgPool, path: &str, metrics: Option<&serde_json:
             .bind(metrics)
             .fetch_one(&mut *tx)
             .await?;
-            event(&mut *tx, "base_registered", "checkpointer", serde_json::json!({ "checkpoint": r.id, "path": path, "status": status })).await?;
+            event(
+                &mut *tx,
+                "base_registered",
+                "checkpointer",
+                serde_json::json!({ "checkpoint": r.id, "path": path, "status": status }),
+            )
+            .await?;
             r
         }
     };
@@ -165,8 +202,18 @@ pub async fn set_metrics(pool: &PgPool, id: i64, metrics: &serde_json::Value) ->
 }
 
 /// Appends to the audit log (on the pool, or inside a transaction with `&mut *tx`).
-pub async fn event<'e>(ex: impl sqlx::PgExecutor<'e>, kind: &str, actor: &str, detail: serde_json::Value) -> Result<()> {
-    sqlx::query("INSERT INTO events (kind, actor, detail) VALUES ($1, $2, $3)").bind(kind).bind(actor).bind(detail).execute(ex).await?;
+pub async fn event<'e>(
+    ex: impl sqlx::PgExecutor<'e>,
+    kind: &str,
+    actor: &str,
+    detail: serde_json::Value,
+) -> Result<()> {
+    sqlx::query("INSERT INTO events (kind, actor, detail) VALUES ($1, $2, $3)")
+        .bind(kind)
+        .bind(actor)
+        .bind(detail)
+        .execute(ex)
+        .await?;
     Ok(())
 }
 
@@ -185,11 +232,19 @@ const ITERATION_COLS: &str = "id, number, policy_id, reference_id, stage, candid
 
 /// The iteration still in progress (not done or failed), if any.
 pub async fn open_iteration(pool: &PgPool) -> Result<Option<IterationRow>> {
-    Ok(sqlx::query_as(&format!("SELECT {ITERATION_COLS} FROM iterations WHERE stage NOT IN ('done', 'failed') ORDER BY number LIMIT 1")).fetch_optional(pool).await?)
+    Ok(sqlx::query_as(&format!(
+        "SELECT {ITERATION_COLS} FROM iterations WHERE stage NOT IN ('done', 'failed') ORDER BY number LIMIT 1"
+    ))
+    .fetch_optional(pool)
+    .await?)
 }
 
 pub async fn iteration(pool: &PgPool, id: i64) -> Result<IterationRow> {
-    sqlx::query_as(&format!("SELECT {ITERATION_COLS} FROM iterations WHERE id = $1")).bind(id).fetch_optional(pool).await?.with_context(|| format!("iteration {id} does not exist"))
+    sqlx::query_as(&format!("SELECT {ITERATION_COLS} FROM iterations WHERE id = $1"))
+        .bind(id)
+        .fetch_optional(pool)
+        .await?
+        .with_context(|| format!("iteration {id} does not exist"))
 }
 
 pub async fn finished_iterations(pool: &PgPool) -> Result<i64> {
@@ -198,21 +253,36 @@ pub async fn finished_iterations(pool: &PgPool) -> Result<i64> {
 
 /// Starts the next iteration from the promoted checkpoint with sample jobs for `prompt_ids`, unless one is open
 /// (then that one is returned: starting is idempotent).
-pub async fn start_iteration(pool: &PgPool, config: &serde_json::Value, prompt_ids: &[i64], reference_is_base: bool) -> Result<IterationRow> {
+pub async fn start_iteration(
+    pool: &PgPool,
+    config: &serde_json::Value,
+    prompt_ids: &[i64],
+    reference_is_base: bool,
+) -> Result<IterationRow> {
     let mut tx = pool.begin().await?;
     sqlx::query("LOCK TABLE iterations IN SHARE ROW EXCLUSIVE MODE").execute(&mut *tx).await?;
-    let open: Option<IterationRow> = sqlx::query_as(&format!("SELECT {ITERATION_COLS} FROM iterations WHERE stage NOT IN ('done', 'failed') ORDER BY number LIMIT 1")).fetch_optional(&mut *tx).await?;
+    let open: Option<IterationRow> = sqlx::query_as(&format!(
+        "SELECT {ITERATION_COLS} FROM iterations WHERE stage NOT IN ('done', 'failed') ORDER BY number LIMIT 1"
+    ))
+    .fetch_optional(&mut *tx)
+    .await?;
     if let Some(it) = open {
         tx.commit().await?;
         return Ok(it);
     }
-    let policy: i64 = sqlx::query_scalar("SELECT id FROM checkpoints WHERE status = 'promoted'").fetch_optional(&mut *tx).await?.context("no promoted checkpoint to sample from")?;
+    let policy: i64 = sqlx::query_scalar("SELECT id FROM checkpoints WHERE status = 'promoted'")
+        .fetch_optional(&mut *tx)
+        .await?
+        .context("no promoted checkpoint to sample from")?;
     let reference = if reference_is_base {
-        sqlx::query_scalar("SELECT id FROM checkpoints WHERE kind = 'base' ORDER BY id LIMIT 1").fetch_one(&mut *tx).await?
+        sqlx::query_scalar("SELECT id FROM checkpoints WHERE kind = 'base' ORDER BY id LIMIT 1")
+            .fetch_one(&mut *tx)
+            .await?
     } else {
         policy
     };
-    let number: i32 = sqlx::query_scalar("SELECT COALESCE(max(number), 0) + 1 FROM iterations").fetch_one(&mut *tx).await?;
+    let number: i32 =
+        sqlx::query_scalar("SELECT COALESCE(max(number), 0) + 1 FROM iterations").fetch_one(&mut *tx).await?;
     let it: IterationRow = sqlx::query_as(&format!(
         "INSERT INTO iterations (number, policy_id, reference_id, stage, config) VALUES ($1, $2, $3, 'sampling', $4) RETURNING {ITERATION_COLS}"
     ))
@@ -223,7 +293,13 @@ pub async fn start_iteration(pool: &PgPool, config: &serde_json::Value, prompt_i
     .fetch_one(&mut *tx)
     .await?;
     for &p in prompt_ids {
-        sqlx::query("INSERT INTO jobs (iteration_id, kind, prompt_id) VALUES ($1, 'sample', $2) ON CONFLICT DO NOTHING").bind(it.id).bind(p).execute(&mut *tx).await?;
+        sqlx::query(
+            "INSERT INTO jobs (iteration_id, kind, prompt_id) VALUES ($1, 'sample', $2) ON CONFLICT DO NOTHING",
+        )
+        .bind(it.id)
+        .bind(p)
+        .execute(&mut *tx)
+        .await?;
     }
     event(&mut *tx, "iteration_started", "trainer", serde_json::json!({ "iteration": number, "policy": policy, "reference": reference, "prompts": prompt_ids.len() })).await?;
     tx.commit().await?;
@@ -234,7 +310,13 @@ pub async fn start_iteration(pool: &PgPool, config: &serde_json::Value, prompt_i
 pub async fn add_sample_jobs(pool: &PgPool, iteration_id: i64, prompt_ids: &[i64]) -> Result<()> {
     let mut tx = pool.begin().await?;
     for &p in prompt_ids {
-        sqlx::query("INSERT INTO jobs (iteration_id, kind, prompt_id) VALUES ($1, 'sample', $2) ON CONFLICT DO NOTHING").bind(iteration_id).bind(p).execute(&mut *tx).await?;
+        sqlx::query(
+            "INSERT INTO jobs (iteration_id, kind, prompt_id) VALUES ($1, 'sample', $2) ON CONFLICT DO NOTHING",
+        )
+        .bind(iteration_id)
+        .bind(p)
+        .execute(&mut *tx)
+        .await?;
     }
     tx.commit().await?;
     Ok(())
@@ -242,12 +324,14 @@ pub async fn add_sample_jobs(pool: &PgPool, iteration_id: i64, prompt_ids: &[i64
 
 pub async fn set_stage(pool: &PgPool, iteration_id: i64, stage: &str) -> Result<()> {
     let done = matches!(stage, "done" | "failed");
-    sqlx::query("UPDATE iterations SET stage = $2, finished_at = CASE WHEN $3 THEN now() ELSE finished_at END WHERE id = $1")
-        .bind(iteration_id)
-        .bind(stage)
-        .bind(done)
-        .execute(pool)
-        .await?;
+    sqlx::query(
+        "UPDATE iterations SET stage = $2, finished_at = CASE WHEN $3 THEN now() ELSE finished_at END WHERE id = $1",
+    )
+    .bind(iteration_id)
+    .bind(stage)
+    .bind(done)
+    .execute(pool)
+    .await?;
     Ok(())
 }
 
@@ -280,7 +364,11 @@ pub async fn claim_jobs(pool: &PgPool, kind: &str, owner: &str, limit: i64, leas
 /// Locks `job` in `tx` and checks `owner` still holds its lease; a job done meanwhile (by another worker whose
 /// lease outlived ours) makes the caller drop its result.
 async fn hold_lease(tx: &mut Transaction<'_, Postgres>, job: i64, owner: &str) -> Result<bool> {
-    let row = sqlx::query("SELECT status, lease_owner FROM jobs WHERE id = $1 FOR UPDATE").bind(job).fetch_optional(&mut **tx).await?.with_context(|| format!("job {job} vanished"))?;
+    let row = sqlx::query("SELECT status, lease_owner FROM jobs WHERE id = $1 FOR UPDATE")
+        .bind(job)
+        .fetch_optional(&mut **tx)
+        .await?
+        .with_context(|| format!("job {job} vanished"))?;
     let status: String = row.get("status");
     let holder: Option<String> = row.get("lease_owner");
     Ok(status == "running" && holder.as_deref() == Some(owner))
@@ -314,7 +402,12 @@ pub async fn release_kind_leases(pool: &PgPool, owner: &str, kind: &str) -> Resu
 /// Marks a job failed (after too many attempts) or returns it to the queue, recording the error.
 pub async fn fail_job(pool: &PgPool, job: &Job, error: &str, max_attempts: i32) -> Result<()> {
     let status = if job.attempts >= max_attempts { "failed" } else { "pending" };
-    sqlx::query("UPDATE jobs SET status = $2, error = $3, lease_owner = NULL, lease_until = NULL WHERE id = $1").bind(job.id).bind(status).bind(error).execute(pool).await?;
+    sqlx::query("UPDATE jobs SET status = $2, error = $3, lease_owner = NULL, lease_until = NULL WHERE id = $1")
+        .bind(job.id)
+        .bind(status)
+        .bind(error)
+        .execute(pool)
+        .await?;
     event(pool, "job_failed", &job.kind, serde_json::json!({ "job": job.id, "prompt": job.prompt_id, "attempt": job.attempts, "error": error, "requeued": status == "pending" })).await
 }
 
@@ -329,7 +422,14 @@ pub struct NewResponse {
 
 /// Finishes a sample job: its answers (one per seed), a label job for the prompt, the job marked done, all in one
 /// transaction. Returns false (and stores nothing) when the lease was lost.
-pub async fn finish_sample(pool: &PgPool, job: &Job, owner: &str, checkpoint_id: i64, decoding: &serde_json::Value, answers: &[NewResponse]) -> Result<bool> {
+pub async fn finish_sample(
+    pool: &PgPool,
+    job: &Job,
+    owner: &str,
+    checkpoint_id: i64,
+    decoding: &serde_json::Value,
+    answers: &[NewResponse],
+) -> Result<bool> {
     let mut tx = pool.begin().await?;
     if !hold_lease(&mut tx, job.id, owner).await? {
         return Ok(false);
@@ -351,10 +451,17 @@ pub async fn finish_sample(pool: &PgPool, job: &Job, owner: &str, checkpoint_id:
         .execute(&mut *tx)
         .await?;
     }
-    sqlx::query("INSERT INTO jobs (iteration_id, kind, prompt_id) VALUES ($1, 'label', $2) ON CONFLICT DO NOTHING").bind(job.iteration_id).bind(job.prompt_id).execute(&mut *tx).await?;
+    sqlx::query("INSERT INTO jobs (iteration_id, kind, prompt_id) VALUES ($1, 'label', $2) ON CONFLICT DO NOTHING")
+        .bind(job.iteration_id)
+        .bind(job.prompt_id)
+        .execute(&mut *tx)
+        .await?;
     // Crash test: abort with the answers inserted and the transaction still open.
     crate::failpoint::hit("sample_tx");
-    sqlx::query("UPDATE jobs SET status = 'done', finished_at = now(), lease_until = NULL WHERE id = $1").bind(job.id).execute(&mut *tx).await?;
+    sqlx::query("UPDATE jobs SET status = 'done', finished_at = now(), lease_until = NULL WHERE id = $1")
+        .bind(job.id)
+        .execute(&mut *tx)
+        .await?;
     tx.commit().await?;
     Ok(true)
 }
@@ -402,13 +509,25 @@ pub struct NewPair {
 
 /// Finishes a label job: claims and verdicts per response (`labeled[i]` = (response id, score, claims)), the
 /// pairs, the job marked done, in one transaction. Returns false (storing nothing) when the lease was lost.
-pub async fn finish_label(pool: &PgPool, job: &Job, owner: &str, labeler: &str, ref_checkpoint_id: i64, labeled: &[(i64, Option<i64>, Vec<NewClaim>)], pairs: &[NewPair]) -> Result<bool> {
+pub async fn finish_label(
+    pool: &PgPool,
+    job: &Job,
+    owner: &str,
+    labeler: &str,
+    ref_checkpoint_id: i64,
+    labeled: &[(i64, Option<i64>, Vec<NewClaim>)],
+    pairs: &[NewPair],
+) -> Result<bool> {
     let mut tx = pool.begin().await?;
     if !hold_lease(&mut tx, job.id, owner).await? {
         return Ok(false);
     }
     for (response, score, claims) in labeled {
-        sqlx::query("UPDATE responses SET score = $2 WHERE id = $1").bind(response).bind(score.map(|s| s as i32)).execute(&mut *tx).await?;
+        sqlx::query("UPDATE responses SET score = $2 WHERE id = $1")
+            .bind(response)
+            .bind(score.map(|s| s as i32))
+            .execute(&mut *tx)
+            .await?;
         for (idx, c) in claims.iter().enumerate() {
             sqlx::query(
                 "INSERT INTO claims (response_id, idx, claim, question, p_yes, p_no, accepted, labeler) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
@@ -444,7 +563,10 @@ pub async fn finish_label(pool: &PgPool, job: &Job, owner: &str, labeler: &str, 
     }
     // Crash test: abort with the claims, scores and pairs written and the transaction still open.
     crate::failpoint::hit("label_tx");
-    sqlx::query("UPDATE jobs SET status = 'done', finished_at = now(), lease_until = NULL WHERE id = $1").bind(job.id).execute(&mut *tx).await?;
+    sqlx::query("UPDATE jobs SET status = 'done', finished_at = now(), lease_until = NULL WHERE id = $1")
+        .bind(job.id)
+        .execute(&mut *tx)
+        .await?;
     tx.commit().await?;
     Ok(true)
 }
@@ -493,9 +615,22 @@ pub async fn iteration_pairs(pool: &PgPool, iteration_id: i64) -> Result<Vec<Pai
 /// Records a trained candidate and its training run (one transaction). Idempotent per iteration: a second call
 /// returns the first candidate.
 #[allow(clippy::too_many_arguments)]
-pub async fn add_candidate(pool: &PgPool, it: &IterationRow, path: &str, sha256: &str, pair_ids: &[i64], steps: i32, losses: &serde_json::Value, config: &serde_json::Value, started_at: chrono::DateTime<chrono::Utc>) -> Result<CheckpointRow> {
+pub async fn add_candidate(
+    pool: &PgPool,
+    it: &IterationRow,
+    path: &str,
+    sha256: &str,
+    pair_ids: &[i64],
+    steps: i32,
+    losses: &serde_json::Value,
+    config: &serde_json::Value,
+    started_at: chrono::DateTime<chrono::Utc>,
+) -> Result<CheckpointRow> {
     let mut tx = pool.begin().await?;
-    let current: Option<i64> = sqlx::query_scalar("SELECT candidate_id FROM iterations WHERE id = $1 FOR UPDATE").bind(it.id).fetch_one(&mut *tx).await?;
+    let current: Option<i64> = sqlx::query_scalar("SELECT candidate_id FROM iterations WHERE id = $1 FOR UPDATE")
+        .bind(it.id)
+        .fetch_one(&mut *tx)
+        .await?;
     if let Some(c) = current {
         tx.commit().await?;
         return checkpoint(pool, c).await;
@@ -519,7 +654,11 @@ pub async fn add_candidate(pool: &PgPool, it: &IterationRow, path: &str, sha256:
         .bind(started_at)
         .execute(&mut *tx)
         .await?;
-    sqlx::query("UPDATE iterations SET candidate_id = $2, stage = 'evaluating' WHERE id = $1").bind(it.id).bind(row.id).execute(&mut *tx).await?;
+    sqlx::query("UPDATE iterations SET candidate_id = $2, stage = 'evaluating' WHERE id = $1")
+        .bind(it.id)
+        .bind(row.id)
+        .execute(&mut *tx)
+        .await?;
     event(&mut *tx, "candidate_saved", "checkpointer", serde_json::json!({ "checkpoint": row.id, "iteration": it.number, "path": path, "sha256": sha256, "pairs": pair_ids.len() })).await?;
     tx.commit().await?;
     Ok(row)
@@ -527,17 +666,52 @@ pub async fn add_candidate(pool: &PgPool, it: &IterationRow, path: &str, sha256:
 
 /// Promotes `id` (the previously promoted checkpoint is retired) or rejects it, records its metrics and why,
 /// and closes its iteration, in one transaction.
-pub async fn decide(pool: &PgPool, id: i64, promote: bool, metrics: &serde_json::Value, reason: &str, actor: &str) -> Result<()> {
+pub async fn decide(
+    pool: &PgPool,
+    id: i64,
+    promote: bool,
+    metrics: &serde_json::Value,
+    reason: &str,
+    actor: &str,
+) -> Result<()> {
     let mut tx = pool.begin().await?;
-    let status: Option<String> = sqlx::query_scalar("SELECT status FROM checkpoints WHERE id = $1 FOR UPDATE").bind(id).fetch_optional(&mut *tx).await?;
+    let status: Option<String> = sqlx::query_scalar("SELECT status FROM checkpoints WHERE id = $1 FOR UPDATE")
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
     let Some(status) = status else { bail!("checkpoint {id} does not exist") };
     if promote {
-        sqlx::query("UPDATE checkpoints SET status = 'retired' WHERE status = 'promoted' AND id <> $1").bind(id).execute(&mut *tx).await?;
+        sqlx::query("UPDATE checkpoints SET status = 'retired' WHERE status = 'promoted' AND id <> $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
     }
-    let new_status = if promote { "promoted" } else if status == "candidate" { "rejected" } else { status.as_str() };
-    sqlx::query("UPDATE checkpoints SET status = $2, metrics = $3, decided_at = now() WHERE id = $1").bind(id).bind(new_status).bind(metrics).execute(&mut *tx).await?;
-    sqlx::query("UPDATE iterations SET stage = 'done', finished_at = now() WHERE candidate_id = $1 AND stage = 'evaluating'").bind(id).execute(&mut *tx).await?;
-    event(&mut *tx, if promote { "promoted" } else { "rejected" }, actor, serde_json::json!({ "checkpoint": id, "reason": reason, "metrics": metrics })).await?;
+    let new_status = if promote {
+        "promoted"
+    } else if status == "candidate" {
+        "rejected"
+    } else {
+        status.as_str()
+    };
+    sqlx::query("UPDATE checkpoints SET status = $2, metrics = $3, decided_at = now() WHERE id = $1")
+        .bind(id)
+        .bind(new_status)
+        .bind(metrics)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(
+        "UPDATE iterations SET stage = 'done', finished_at = now() WHERE candidate_id = $1 AND stage = 'evaluating'",
+    )
+    .bind(id)
+    .execute(&mut *tx)
+    .await?;
+    event(
+        &mut *tx,
+        if promote { "promoted" } else { "rejected" },
+        actor,
+        serde_json::json!({ "checkpoint": id, "reason": reason, "metrics": metrics }),
+    )
+    .await?;
     tx.commit().await?;
     Ok(())
 }

@@ -56,7 +56,8 @@ pub fn read_token_pairs(path: &Path) -> Result<Vec<TokenPairOwned>> {
         if line.trim().is_empty() {
             continue;
         }
-        let v: serde_json::Value = serde_json::from_str(&line).with_context(|| format!("{} line {}: not valid JSON", path.display(), n + 1))?;
+        let v: serde_json::Value = serde_json::from_str(&line)
+            .with_context(|| format!("{} line {}: not valid JSON", path.display(), n + 1))?;
         let image = match v.get("image") {
             None | Some(serde_json::Value::Null) => None,
             Some(serde_json::Value::String(s)) => Some(dir.join(s)),
@@ -78,7 +79,11 @@ pub fn read_token_pairs(path: &Path) -> Result<Vec<TokenPairOwned>> {
 /// Decodes the image of every line up front (a bad one fails the command before any work), naming the line.
 /// The decoded image of each line (None for text-only lines). Lines naming the same file share one decoded copy:
 /// SFT data asks several questions about each image.
-fn load_images<'a>(model: &Model, file: &Path, paths: impl Iterator<Item = Option<&'a PathBuf>>) -> Result<Vec<Option<Arc<PixelValues>>>> {
+fn load_images<'a>(
+    model: &Model,
+    file: &Path,
+    paths: impl Iterator<Item = Option<&'a PathBuf>>,
+) -> Result<Vec<Option<Arc<PixelValues>>>> {
     let mut seen: std::collections::HashMap<&'a PathBuf, Arc<PixelValues>> = std::collections::HashMap::new();
     paths
         .enumerate()
@@ -87,7 +92,8 @@ fn load_images<'a>(model: &Model, file: &Path, paths: impl Iterator<Item = Optio
                 if let Some(px) = seen.get(path) {
                     return Ok(Some(px.clone()));
                 }
-                let px = Arc::new(model.load_image(path).with_context(|| format!("{} line {}", file.display(), i + 1))?);
+                let px =
+                    Arc::new(model.load_image(path).with_context(|| format!("{} line {}", file.display(), i + 1))?);
                 seen.insert(path, px.clone());
                 Ok(Some(px))
             }
@@ -138,7 +144,9 @@ impl OptimArgs {
         match (self.train_projector, model.config.llava()) {
             (false, _) => Ok(Vec::new()),
             (true, Some(_)) => Ok(vec!["multi_modal_projector".into()]),
-            (true, None) => bail!("--train-projector: {} is a text-only model without a projector", model.dir.display()),
+            (true, None) => {
+                bail!("--train-projector: {} is a text-only model without a projector", model.dir.display())
+            }
         }
     }
 
@@ -164,11 +172,17 @@ impl OptimArgs {
     fn targets(&self, model: &Model, regex: Option<&String>) -> engine::adapter::TargetModules {
         use engine::adapter::{LoraSpec, TargetModules};
         match (&self.target_modules, regex) {
-            (Some(list), _) => TargetModules::Names(list.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()),
+            (Some(list), _) => {
+                TargetModules::Names(list.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect())
+            }
             (None, Some(re)) => TargetModules::Regex(re.clone()),
             (None, None) => match model.config.llava() {
                 Some(_) => LoraSpec::default().target_modules,
-                None => TargetModules::Names(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"].map(String::from).to_vec()),
+                None => TargetModules::Names(
+                    ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+                        .map(String::from)
+                        .to_vec(),
+                ),
             },
         }
     }
@@ -179,12 +193,18 @@ fn borrow_pairs<'a>(pairs: &'a [TokenPairOwned], images: &'a [Option<Arc<PixelVa
     pairs
         .iter()
         .zip(images)
-        .map(|(p, img)| TokenPair { pixels: img.as_deref(), prompt_ids: &p.prompt_ids, chosen_ids: &p.chosen_ids, rejected_ids: &p.rejected_ids })
+        .map(|(p, img)| TokenPair {
+            pixels: img.as_deref(),
+            prompt_ids: &p.prompt_ids,
+            chosen_ids: &p.chosen_ids,
+            rejected_ids: &p.rejected_ids,
+        })
         .collect()
 }
 
 pub fn cmd_grad(a: GradArgs) -> Result<()> {
-    let model = Model::load_with(&a.model, &LoadOptions::default()).with_context(|| format!("loading model {}", a.model.display()))?;
+    let model = Model::load_with(&a.model, &LoadOptions::default())
+        .with_context(|| format!("loading model {}", a.model.display()))?;
     let adapter = model.load_adapter(&a.adapter).with_context(|| format!("loading adapter {}", a.adapter.display()))?;
     let pairs = read_token_pairs(&a.pairs)?;
     let images = load_images(&model, &a.pairs, pairs.iter().map(|p| p.image.as_ref()))?;
@@ -253,8 +273,10 @@ pub struct TrainDpoArgs {
 /// Pairs in token form; text pairs are tokenized with the model's tokenizer and the chat template.
 fn read_any_pairs(path: &Path, model: &Model) -> Result<Vec<TokenPairOwned>> {
     let file = std::fs::File::open(path).with_context(|| format!("cannot open pairs file {}", path.display()))?;
-    let first = std::io::BufReader::new(file).lines().map_while(|l| l.ok()).find(|l| !l.trim().is_empty()).unwrap_or_default();
-    let v: serde_json::Value = serde_json::from_str(&first).with_context(|| format!("{} line 1: not valid JSON", path.display()))?;
+    let first =
+        std::io::BufReader::new(file).lines().map_while(|l| l.ok()).find(|l| !l.trim().is_empty()).unwrap_or_default();
+    let v: serde_json::Value =
+        serde_json::from_str(&first).with_context(|| format!("{} line 1: not valid JSON", path.display()))?;
     if v.get("prompt_ids").is_some() {
         return read_token_pairs(path);
     }
@@ -268,22 +290,35 @@ fn read_any_pairs(path: &Path, model: &Model) -> Result<Vec<TokenPairOwned>> {
             continue;
         }
         let where_ = || format!("{} line {}", path.display(), n + 1);
-        let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{}: not valid JSON", where_()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("{}: not valid JSON", where_()))?;
         let field = |k: &str| -> Result<String> {
-            v.get(k).and_then(|s| s.as_str()).map(str::to_string).with_context(|| format!("{}: needs a string field \"{k}\" (RLAIF-V schema: image_path, question, chosen, rejected)", where_()))
+            v.get(k).and_then(|s| s.as_str()).map(str::to_string).with_context(|| {
+                format!(
+                    "{}: needs a string field \"{k}\" (RLAIF-V schema: image_path, question, chosen, rejected)",
+                    where_()
+                )
+            })
         };
         let image = v.get("image_path").or_else(|| v.get("image")).and_then(|s| s.as_str()).map(|s| dir.join(s));
-        let template = if image.is_some() { engine::tokenizer::LLAVA_15_TEMPLATE } else { engine::tokenizer::TEXT_TEMPLATE };
+        let template =
+            if image.is_some() { engine::tokenizer::LLAVA_15_TEMPLATE } else { engine::tokenizer::TEXT_TEMPLATE };
         let prompt_text = engine::tokenizer::apply_template(template, &field("question")?);
         let prompt_ids = tok.encode(&prompt_text, true)?;
         let answer = |a: String| -> Result<Vec<u32>> {
             // Tokenize prompt + answer together (as training data is) and keep what follows the prompt.
             let full = tok.encode(&format!("{prompt_text} {a}"), true)?;
-            let mut ids = if full.starts_with(&prompt_ids) { full[prompt_ids.len()..].to_vec() } else { tok.encode(&a, false)? };
+            let mut ids =
+                if full.starts_with(&prompt_ids) { full[prompt_ids.len()..].to_vec() } else { tok.encode(&a, false)? };
             ids.push(eos);
             Ok(ids)
         };
-        out.push(TokenPairOwned { image, chosen_ids: answer(field("chosen")?)?, rejected_ids: answer(field("rejected")?)?, prompt_ids });
+        out.push(TokenPairOwned {
+            image,
+            chosen_ids: answer(field("chosen")?)?,
+            rejected_ids: answer(field("rejected")?)?,
+            prompt_ids,
+        });
     }
     if out.is_empty() {
         bail!("{} holds no pairs", path.display());
@@ -323,7 +358,13 @@ pub(crate) fn put_on_device(model: &mut Model, device: engine::backend::DeviceSp
     Ok(())
 }
 
-fn save_run(out: &Path, model: &Model, adapter: &engine::Adapter, opt: &engine::train::optim::AdamW, state: &TrainerState) -> Result<()> {
+fn save_run(
+    out: &Path,
+    model: &Model,
+    adapter: &engine::Adapter,
+    opt: &engine::train::optim::AdamW,
+    state: &TrainerState,
+) -> Result<()> {
     let optim_bytes = f32_safetensors_bytes(&out.join("optimizer.safetensors"), &opt.state_tensors())?;
     let state_json = serde_json::to_vec_pretty(state)?;
     adapter.save(out, &model.dir, &[("optimizer.safetensors", optim_bytes), ("trainer_state.json", state_json)])?;
@@ -365,12 +406,18 @@ pub fn cmd_train_dpo(a: TrainDpoArgs) -> Result<()> {
     let optim_cfg = a.opt.adamw(a.lr, total);
 
     let (mut adapter, mut opt, refs, reference) = if a.resume {
-        let state: TrainerState = serde_json::from_slice(&std::fs::read(a.out.join("trainer_state.json")).with_context(|| {
-            format!("--resume: {} has no trainer_state.json (not a run saved by rlaifd train-dpo)", a.out.display())
-        })?)
-        .with_context(|| format!("{}: invalid trainer_state.json", a.out.display()))?;
+        let state: TrainerState =
+            serde_json::from_slice(&std::fs::read(a.out.join("trainer_state.json")).with_context(|| {
+                format!("--resume: {} has no trainer_state.json (not a run saved by rlaifd train-dpo)", a.out.display())
+            })?)
+            .with_context(|| format!("{}: invalid trainer_state.json", a.out.display()))?;
         if state.n_pairs != token_pairs.len() || state.train != train_cfg || state.optim != optim_cfg {
-            bail!("--resume: the pairs or settings differ from the saved run in {} (it used {} pairs, {:?})", a.out.display(), state.n_pairs, state.train);
+            bail!(
+                "--resume: the pairs or settings differ from the saved run in {} (it used {} pairs, {:?})",
+                a.out.display(),
+                state.n_pairs,
+                state.train
+            );
         }
         let adapter = model.load_adapter(&a.out)?;
         let mut opt = AdamW::new(optim_cfg.clone());
@@ -389,12 +436,20 @@ pub fn cmd_train_dpo(a: TrainDpoArgs) -> Result<()> {
             other => bail!("--reference {other}: expected start or base"),
         };
         eprintln!("computing reference log-probs for {} pairs ({})", token_pairs.len(), reference);
-        let refs = precompute_references(&model, if reference == "start" { start.as_ref() } else { None }, &token_pairs)?;
+        let refs =
+            precompute_references(&model, if reference == "start" { start.as_ref() } else { None }, &token_pairs)?;
         let adapter = match start {
             Some(ad) => ad,
             None => {
                 let targets = a.opt.targets(&model, a.target_regex.as_ref());
-                let spec = LoraSpec { r: a.opt.r, lora_alpha: a.opt.lora_alpha, use_rslora: a.use_rslora, lora_dropout: a.opt.lora_dropout, target_modules: targets, modules_to_save: a.opt.modules_to_save(&model)? };
+                let spec = LoraSpec {
+                    r: a.opt.r,
+                    lora_alpha: a.opt.lora_alpha,
+                    use_rslora: a.use_rslora,
+                    lora_dropout: a.opt.lora_dropout,
+                    target_modules: targets,
+                    modules_to_save: a.opt.modules_to_save(&model)?,
+                };
                 model.create_adapter(&spec, a.opt.seed)?
             }
         };
@@ -492,9 +547,15 @@ struct SftState {
     loss_scale: Option<engine::cuda::LossScaler>,
 }
 
+/// One line of a JSONL file: its number, its text, its JSON and its image path (resolved against the file).
+pub(crate) type JsonlLine = (usize, String, serde_json::Value, Option<PathBuf>);
+/// One SFT example: image path, prompt ids, answer ids.
+type SftLine = (Option<PathBuf>, Vec<u32>, Vec<u32>);
+type Pixels = Arc<PixelValues>;
+
 /// The non-empty lines of a JSONL file, parsed: (1-based line, "FILE line N", value, image path relative to the
 /// file if any, from "image" or "image_path"). Errors name the file and line.
-pub(crate) fn jsonl_with_images(path: &Path) -> Result<Vec<(usize, String, serde_json::Value, Option<PathBuf>)>> {
+pub(crate) fn jsonl_with_images(path: &Path) -> Result<Vec<JsonlLine>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let dir = path.parent().unwrap_or(Path::new("."));
     let mut out = Vec::new();
@@ -514,7 +575,7 @@ pub(crate) fn jsonl_with_images(path: &Path) -> Result<Vec<(usize, String, serde
     Ok(out)
 }
 
-fn read_sft(path: &Path, model: &Model) -> Result<Vec<(Option<PathBuf>, Vec<u32>, Vec<u32>)>> {
+fn read_sft(path: &Path, model: &Model) -> Result<Vec<SftLine>> {
     let mut tok: Option<engine::tokenizer::TextTokenizer> = None;
     let eos = *model.llm.cfg.eos_token_ids.first().unwrap_or(&2);
     let mut out = Vec::new();
@@ -532,11 +593,13 @@ fn read_sft(path: &Path, model: &Model) -> Result<Vec<(Option<PathBuf>, Vec<u32>
             tok = Some(engine::tokenizer::TextTokenizer::from_file(&model.dir.join("tokenizer.json"))?);
         }
         let tok = tok.as_ref().expect("tokenizer loaded above");
-        let template = if image.is_some() { engine::tokenizer::LLAVA_15_TEMPLATE } else { engine::tokenizer::TEXT_TEMPLATE };
+        let template =
+            if image.is_some() { engine::tokenizer::LLAVA_15_TEMPLATE } else { engine::tokenizer::TEXT_TEMPLATE };
         let prompt_text = engine::tokenizer::apply_template(template, prompt);
         let prompt_ids = tok.encode(&prompt_text, true)?;
         let full = tok.encode(&format!("{prompt_text} {answer}"), true)?;
-        let mut answer_ids = if full.starts_with(&prompt_ids) { full[prompt_ids.len()..].to_vec() } else { tok.encode(answer, false)? };
+        let mut answer_ids =
+            if full.starts_with(&prompt_ids) { full[prompt_ids.len()..].to_vec() } else { tok.encode(answer, false)? };
         answer_ids.push(eos);
         out.push((image, prompt_ids, answer_ids));
     }
@@ -562,7 +625,7 @@ pub fn cmd_train_sft(a: TrainSftArgs) -> Result<()> {
         bail!("--batch-size and --epochs must be at least 1");
     }
     a.opt.validate()?;
-    let load = |path: &Path, model: &Model| -> Result<(Vec<(Option<PathBuf>, Vec<u32>, Vec<u32>)>, Vec<Option<Arc<PixelValues>>>)> {
+    let load = |path: &Path, model: &Model| -> Result<(Vec<SftLine>, Vec<Option<Pixels>>)> {
         let data = read_sft(path, model)?;
         let images = load_images(model, path, data.iter().map(|(img, _, _)| img.as_ref()))?;
         Ok((data, images))
@@ -572,18 +635,25 @@ pub fn cmd_train_sft(a: TrainSftArgs) -> Result<()> {
         Some(p) => Some(load(p, &model)?),
         None => None,
     };
-    fn examples<'a>(d: &'a [(Option<PathBuf>, Vec<u32>, Vec<u32>)], px: &'a [Option<Arc<PixelValues>>]) -> Vec<SftExample<'a>> {
-        d.iter().zip(px).map(|((_, p, ans), img)| SftExample { pixels: img.as_deref(), prompt_ids: p, answer_ids: ans }).collect()
+    fn examples<'a>(
+        d: &'a [(Option<PathBuf>, Vec<u32>, Vec<u32>)],
+        px: &'a [Option<Arc<PixelValues>>],
+    ) -> Vec<SftExample<'a>> {
+        d.iter()
+            .zip(px)
+            .map(|((_, p, ans), img)| SftExample { pixels: img.as_deref(), prompt_ids: p, answer_ids: ans })
+            .collect()
     }
     let total = steps_per_epoch(train.len(), a.opt.batch_size) * a.epochs;
     let optim_cfg = a.opt.adamw(a.lr, total);
     let mut opt = AdamW::new(optim_cfg.clone());
     let cfg = SftConfig { epochs: a.epochs, batch_size: a.opt.batch_size, seed: a.opt.seed };
     let mut adapter = if a.resume {
-        let state: SftState = serde_json::from_slice(&std::fs::read(a.out.join("trainer_state.json")).with_context(|| {
-            format!("--resume: {} has no trainer_state.json (not a run saved by rlaifd train-sft)", a.out.display())
-        })?)
-        .with_context(|| format!("{}: invalid trainer_state.json", a.out.display()))?;
+        let state: SftState =
+            serde_json::from_slice(&std::fs::read(a.out.join("trainer_state.json")).with_context(|| {
+                format!("--resume: {} has no trainer_state.json (not a run saved by rlaifd train-sft)", a.out.display())
+            })?)
+            .with_context(|| format!("{}: invalid trainer_state.json", a.out.display()))?;
         if state.n_examples != train.len() || state.sft != cfg || state.optim != optim_cfg || state.full != a.full {
             bail!("--resume: the data or settings differ from the saved run in {}", a.out.display());
         }
@@ -603,7 +673,17 @@ pub fn cmd_train_sft(a: TrainSftArgs) -> Result<()> {
         None
     } else {
         let targets = a.opt.targets(&model, None);
-        Some(model.create_adapter(&LoraSpec { r: a.opt.r, lora_alpha: a.opt.lora_alpha, use_rslora: false, lora_dropout: a.opt.lora_dropout, target_modules: targets, modules_to_save: a.opt.modules_to_save(&model)? }, a.opt.seed)?)
+        Some(model.create_adapter(
+            &LoraSpec {
+                r: a.opt.r,
+                lora_alpha: a.opt.lora_alpha,
+                use_rslora: false,
+                lora_dropout: a.opt.lora_dropout,
+                target_modules: targets,
+                modules_to_save: a.opt.modules_to_save(&model)?,
+            },
+            a.opt.seed,
+        )?)
     };
     if !a.full {
         // Full fine-tuning changes the model's own weights, which a device backend holds a copy of: CPU only.
@@ -627,8 +707,8 @@ pub fn cmd_train_sft(a: TrainSftArgs) -> Result<()> {
     while opt.step < end {
         // Train to the next epoch end or save point, whichever comes first.
         let mut chunk_end = ((opt.step / per_epoch) + 1) * per_epoch;
-        if a.save_every > 0 {
-            chunk_end = chunk_end.min((opt.step / a.save_every + 1) * a.save_every);
+        if let Some(saves) = opt.step.checked_div(a.save_every) {
+            chunk_end = chunk_end.min((saves + 1) * a.save_every);
         }
         let chunk_end = chunk_end.min(end);
         let target = match adapter.as_mut() {
@@ -637,9 +717,12 @@ pub fn cmd_train_sft(a: TrainSftArgs) -> Result<()> {
         };
         train_sft(&mut model, target, &train_ex, &cfg, &mut opt, Some(chunk_end), |log| {
             println!("{}", serde_json::to_string(log).unwrap_or_default());
-            eprintln!("step {}/{} loss {:.4} lr {:.2e} {:.0} tokens/s", log.step, log.total_steps, log.loss, log.lr, log.tokens_per_s);
+            eprintln!(
+                "step {}/{} loss {:.4} lr {:.2e} {:.0} tokens/s",
+                log.step, log.total_steps, log.loss, log.lr, log.tokens_per_s
+            );
         })?;
-        if opt.step % per_epoch == 0 {
+        if opt.step.is_multiple_of(per_epoch) {
             report_eval(&model, adapter.as_ref(), opt.step)?;
         }
         let state = SftState {
@@ -653,7 +736,8 @@ pub fn cmd_train_sft(a: TrainSftArgs) -> Result<()> {
             loss_scale: opt.scaler.clone(),
         };
         let optim_bytes = f32_safetensors_bytes(&a.out.join("optimizer.safetensors"), &opt.state_tensors())?;
-        let extra = [("optimizer.safetensors", optim_bytes), ("trainer_state.json", serde_json::to_vec_pretty(&state)?)];
+        let extra =
+            [("optimizer.safetensors", optim_bytes), ("trainer_state.json", serde_json::to_vec_pretty(&state)?)];
         match &adapter {
             Some(ad) => ad.save(&a.out, &base_dir, &extra)?,
             None => model.save_checkpoint(&a.out, &extra)?,

@@ -74,7 +74,9 @@ impl engine::interrupt::Hook for Hook {
                 return Some("the caller stopped waiting for this task (the client went away)".into());
             }
             match top.deadline {
-                Some((at, budget)) if Instant::now() >= at => Some(format!("the request ran past its time budget of {:.1} s", budget.as_secs_f64())),
+                Some((at, budget)) if Instant::now() >= at => {
+                    Some(format!("the request ran past its time budget of {:.1} s", budget.as_secs_f64()))
+                }
                 _ => None,
             }
         })
@@ -221,21 +223,34 @@ impl Worker {
     }
 
     /// Runs `f` on the engine thread at `prio` and waits for its result. A panic in `f` becomes an error.
-    pub async fn run<T: Send + 'static>(&self, prio: Priority, f: impl FnOnce(&Slice) -> Result<T> + Send + 'static) -> Result<T> {
+    pub async fn run<T: Send + 'static>(
+        &self,
+        prio: Priority,
+        f: impl FnOnce(&Slice) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
         self.run_within(prio, None, f).await
     }
 
     /// `run` with a time budget counted from now (queueing included): the task stops at its next interruption
     /// point once it is spent (`engine::EngineError::Interrupted`). Dropping the returned future stops the task
     /// the same way.
-    pub async fn run_within<T: Send + 'static>(&self, prio: Priority, budget: Option<Duration>, f: impl FnOnce(&Slice) -> Result<T> + Send + 'static) -> Result<T> {
+    pub async fn run_within<T: Send + 'static>(
+        &self,
+        prio: Priority,
+        budget: Option<Duration>,
+        f: impl FnOnce(&Slice) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
         let abandoned = Arc::new(AtomicBool::new(false));
         let limits = TaskLimits { deadline: budget.map(|b| (Instant::now() + b, b)), abandoned: abandoned.clone() };
         let mut guard = AbandonOnDrop(abandoned, false);
         let (tx, rx) = tokio::sync::oneshot::channel();
         let task: Task = Box::new(move |s: &Slice| {
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(s))).unwrap_or_else(|p| {
-                let msg = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
+                let msg = p
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
                 Err(anyhow!("engine task panicked: {msg}"))
             });
             let _ = tx.send(r);
@@ -358,13 +373,18 @@ mod tests {
         let w = Worker::start("test-engine-limits");
         let stopped = Arc::new(AtomicBool::new(false));
         let t0 = Instant::now();
-        let e = w.run_within(Priority::Serve, Some(Duration::from_millis(100)), until_stopped(stopped.clone())).await.unwrap_err();
+        let e = w
+            .run_within(Priority::Serve, Some(Duration::from_millis(100)), until_stopped(stopped.clone()))
+            .await
+            .unwrap_err();
         let took = t0.elapsed();
         assert!(format!("{e}").contains("time budget of 0.1 s"), "{e}");
         assert!(took >= Duration::from_millis(100) && took < Duration::from_secs(5), "{took:?}");
         // The caller gives up after 50 ms: the task stops at its next check, and the thread takes new work.
         let stopped = Arc::new(AtomicBool::new(false));
-        let waiting = tokio::time::timeout(Duration::from_millis(50), w.run(Priority::Train, until_stopped(stopped.clone()))).await;
+        let waiting =
+            tokio::time::timeout(Duration::from_millis(50), w.run(Priority::Train, until_stopped(stopped.clone())))
+                .await;
         assert!(waiting.is_err());
         let t0 = Instant::now();
         assert_eq!(w.run(Priority::Serve, |_| Ok(5)).await.unwrap(), 5);
@@ -375,7 +395,14 @@ mod tests {
         assert!(w.answered(n), "idle");
         let busy = tokio::spawn({
             let w = w.clone();
-            async move { w.run_within(Priority::Train, Some(Duration::from_millis(300)), until_stopped(Arc::new(AtomicBool::new(false)))).await }
+            async move {
+                w.run_within(
+                    Priority::Train,
+                    Some(Duration::from_millis(300)),
+                    until_stopped(Arc::new(AtomicBool::new(false))),
+                )
+                .await
+            }
         });
         tokio::time::sleep(Duration::from_millis(50)).await;
         let n = w.heartbeat();

@@ -44,7 +44,8 @@ fn json_lines(what: &str, out: &Output) -> Vec<Value> {
     stdout
         .lines()
         .map(|l| {
-            let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{what}: stdout line is not JSON ({e}): {l:?}"));
+            let v: Value =
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("{what}: stdout line is not JSON ({e}): {l:?}"));
             assert!(v.is_object(), "{what}: stdout line is not a JSON object: {l}");
             v
         })
@@ -86,7 +87,11 @@ struct TempDir(PathBuf);
 impl TempDir {
     fn new(tag: &str) -> TempDir {
         static N: AtomicUsize = AtomicUsize::new(0);
-        let d = std::env::temp_dir().join(format!("rlaifd-cli-{}-{}-{tag}", std::process::id(), N.fetch_add(1, Ordering::SeqCst)));
+        let d = std::env::temp_dir().join(format!(
+            "rlaifd-cli-{}-{}-{tag}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
         TempDir(d)
@@ -102,13 +107,29 @@ impl Drop for TempDir {
 /// `generate --json` on one image + prompt.
 fn generate(name: &str, image: &Path, extra: &[&str]) -> Output {
     let model = case(name).join("model");
-    let mut args = vec!["generate", "--model", p(&model), "--image", p(image), "--prompt", PROMPT, "--max-new-tokens", "8", "--json"];
+    let mut args = vec![
+        "generate",
+        "--model",
+        p(&model),
+        "--image",
+        p(image),
+        "--prompt",
+        PROMPT,
+        "--max-new-tokens",
+        "8",
+        "--json",
+    ];
     args.extend_from_slice(extra);
     rlaifd(&args)
 }
 
 fn answers(v: &Value) -> Vec<String> {
-    v["answers"].as_array().expect("answers list").iter().map(|a| a.as_str().expect("answer string").to_string()).collect()
+    v["answers"]
+        .as_array()
+        .expect("answers list")
+        .iter()
+        .map(|a| a.as_str().expect("answer string").to_string())
+        .collect()
 }
 
 // -- logprobs -----------------------------------------------------------------------------------------------
@@ -175,10 +196,19 @@ fn greedy_answers_are_identical_and_match_transformers() {
     // The fixture's greedy continuation (transformers) of exactly this prompt, decoded with the word-level vocab.
     let exp = expected(SINGLE);
     assert_eq!(exp["greedy"]["prompt"].as_str(), Some(format!("USER: <image>\n{PROMPT} ASSISTANT:").as_str()));
-    let tok: Value = serde_json::from_str(&std::fs::read_to_string(case(SINGLE).join("model/tokenizer.json")).unwrap()).unwrap();
+    let tok: Value =
+        serde_json::from_str(&std::fs::read_to_string(case(SINGLE).join("model/tokenizer.json")).unwrap()).unwrap();
     let vocab = tok["model"]["vocab"].as_object().unwrap();
     let word = |id: u64| vocab.iter().find(|(_, v)| v.as_u64() == Some(id)).map(|(k, _)| k.clone()).unwrap();
-    let want: Vec<String> = exp["greedy"]["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap()).take_while(|&t| t != 2).take(8).map(word).collect();
+    let want: Vec<String> = exp["greedy"]["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap())
+        .take_while(|&t| t != 2)
+        .take(8)
+        .map(word)
+        .collect();
     assert_eq!(a[0].split_whitespace().collect::<Vec<_>>(), want, "greedy answer differs from transformers");
 }
 
@@ -198,7 +228,18 @@ fn sampling_is_reproducible_per_seed() {
     // Also with one worker thread: bit-reproducible on this machine whatever the thread count.
     let mut one = vec!["--threads", "1"];
     let model = case(SINGLE).join("model");
-    one.extend_from_slice(&["generate", "--model", p(&model), "--image", p(&image), "--prompt", PROMPT, "--max-new-tokens", "8", "--json"]);
+    one.extend_from_slice(&[
+        "generate",
+        "--model",
+        p(&model),
+        "--image",
+        p(&image),
+        "--prompt",
+        PROMPT,
+        "--max-new-tokens",
+        "8",
+        "--json",
+    ]);
     one.extend_from_slice(&args7);
     assert_eq!(rlaifd(&one).stdout, run1.stdout, "--threads 1 changes the sampled answers");
 
@@ -246,13 +287,21 @@ fn batch_file_gives_one_line_per_input_in_order() {
 #[test]
 fn device_choice_is_checked_and_auto_falls_back_to_the_cpu() {
     let image = case(SINGLE).join("image.png");
-    failure("generate --device gpu", &generate(SINGLE, &image, &["--device", "gpu"]), &["--device", "\"gpu\"", "cuda:N"]);
+    failure(
+        "generate --device gpu",
+        &generate(SINGLE, &image, &["--device", "gpu"]),
+        &["--device", "\"gpu\"", "cuda:N"],
+    );
     if engine::cuda::driver_status().is_ok() {
         println!("SKIPPED (the no-GPU half): this machine has a CUDA driver");
         return;
     }
     // No GPU: an explicit cuda is refused with the way out; auto gives the CPU's answers, with nothing extra said.
-    failure("generate --device cuda", &generate(SINGLE, &image, &["--device", "cuda"]), &["cuda:0 cannot be used", "--device cpu"]);
+    failure(
+        "generate --device cuda",
+        &generate(SINGLE, &image, &["--device", "cuda"]),
+        &["cuda:0 cannot be used", "--device cpu"],
+    );
     let cpu = generate(SINGLE, &image, &["--n", "2", "--temperature", "0.7", "--device", "cpu"]);
     let auto = generate(SINGLE, &image, &["--n", "2", "--temperature", "0.7"]);
     assert_eq!(json_lines("--device cpu", &cpu), json_lines("--device auto", &auto));
@@ -281,7 +330,11 @@ fn nonexistent_model_dir() {
 fn non_numeric_input_ids() {
     let model = case(SINGLE).join("model");
     for (ids, bad) in [("1,3,x,5", "`x`"), ("1,-3,5", "`-3`"), ("1,3.5", "`3.5`"), ("1,,5", "item 1")] {
-        failure(&format!("--input-ids {ids}"), &rlaifd(&["logprobs", "--model", p(&model), "--input-ids", ids]), &["--input-ids", bad]);
+        failure(
+            &format!("--input-ids {ids}"),
+            &rlaifd(&["logprobs", "--model", p(&model), "--input-ids", ids]),
+            &["--input-ids", bad],
+        );
     }
 }
 
@@ -323,7 +376,17 @@ fn engine_input_errors_reach_stderr() {
     let other = case("l15_4x_bf16_gqa_rslora_old").join("adapter");
     failure(
         "adapter of another base model",
-        &rlaifd(&["logprobs", "--model", p(&model), "--adapter", p(&other), "--image", p(&image), "--input-ids", "1,3,5,64,9"]),
+        &rlaifd(&[
+            "logprobs",
+            "--model",
+            p(&model),
+            "--adapter",
+            p(&other),
+            "--image",
+            p(&image),
+            "--input-ids",
+            "1,3,5,64,9",
+        ]),
         &["adapter_model.safetensors", "lora_A", "[8, 96]", "[8, 128]"],
     );
 }
@@ -334,7 +397,10 @@ fn shapes_gen_and_vocab() {
     let out = std::env::temp_dir().join(format!("rlaifd-shapes-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
     let run = |dir: &std::path::Path, count: &str| {
-        let o = std::process::Command::new(bin).args(["shapes", "gen", "--seed", "7", "--count", count, "--out", dir.to_str().unwrap()]).output().unwrap();
+        let o = std::process::Command::new(bin)
+            .args(["shapes", "gen", "--seed", "7", "--count", count, "--out", dir.to_str().unwrap()])
+            .output()
+            .unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         std::fs::read_to_string(dir.join("index.jsonl")).unwrap()
     };
@@ -344,7 +410,9 @@ fn shapes_gen_and_vocab() {
     assert_eq!(std::fs::read(out.join("a/000003.png")).unwrap(), std::fs::read(out.join("b/000003.png")).unwrap());
     let c = run(&out.join("c"), "8");
     assert!(c.starts_with(&a), "image i of a seed does not depend on --count");
-    let vocab: Vec<String> = serde_json::from_slice(&std::process::Command::new(bin).args(["shapes", "vocab"]).output().unwrap().stdout).unwrap();
+    let vocab: Vec<String> =
+        serde_json::from_slice(&std::process::Command::new(bin).args(["shapes", "vocab"]).output().unwrap().stdout)
+            .unwrap();
     for line in a.lines() {
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
         assert!(out.join("a").join(v["image"].as_str().unwrap()).is_file());
@@ -361,7 +429,17 @@ fn eval_hallucination_reports_every_metric() {
     // A random tiny model: the numbers mean nothing, the pipeline and the report's shape do.
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/llava/l15_4x_f32_gqa_tied_lora/model");
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_rlaifd"))
-        .args(["eval", "hallucination", "--model", model.to_str().unwrap(), "--count", "3", "--max-new-tokens", "6", "--json"])
+        .args([
+            "eval",
+            "hallucination",
+            "--model",
+            model.to_str().unwrap(),
+            "--count",
+            "3",
+            "--max-new-tokens",
+            "6",
+            "--json",
+        ])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

@@ -44,7 +44,8 @@ async fn daemon_serves_http_and_obeys_every_control_command() {
     if engine::cuda::driver_status().is_err() {
         assert_eq!(h["device"], "cpu", "{h}");
     }
-    let started: Value = sqlx::query_scalar("SELECT detail FROM events WHERE kind = 'daemon_started'").fetch_one(pool).await.unwrap();
+    let started: Value =
+        sqlx::query_scalar("SELECT detail FROM events WHERE kind = 'daemon_started'").fetch_one(pool).await.unwrap();
     let first_word = |v: &Value| v.as_str().and_then(|s| s.split(' ').next()).map(String::from);
     assert_eq!(first_word(&started["device"]), first_word(&h["device"]), "{started}");
     let (st, body) = d.http("GET", "/v1/models", "text/plain", b"");
@@ -53,7 +54,8 @@ async fn daemon_serves_http_and_obeys_every_control_command() {
     assert_eq!(m["data"][0]["checkpoint"].as_i64(), Some(base_id));
     assert_eq!(m["data"][0]["lineage"].as_array().unwrap().len(), 1);
     let ask = |extra: Value| -> Value {
-        let (st, body) = d.http("POST", "/v1/chat/completions", "application/json", &chat_body(&img, "Describe the image.", extra));
+        let (st, body) =
+            d.http("POST", "/v1/chat/completions", "application/json", &chat_body(&img, "Describe the image.", extra));
         assert_eq!(st, 200, "{body}");
         serde_json::from_str(&body).unwrap()
     };
@@ -62,14 +64,31 @@ async fn daemon_serves_http_and_obeys_every_control_command() {
     assert!(!engine::hallucination::mentions(&text).is_empty(), "a caption names objects: {text:?}");
     assert_eq!(a["choices"][0]["message"]["role"], "assistant");
     assert!(a["usage"]["completion_tokens"].as_u64().unwrap() > 0);
-    assert_eq!(ask(json!({ "temperature": 0.0, "max_tokens": 32 }))["choices"][0]["message"]["content"].as_str().unwrap(), text, "greedy is deterministic");
+    assert_eq!(
+        ask(json!({ "temperature": 0.0, "max_tokens": 32 }))["choices"][0]["message"]["content"].as_str().unwrap(),
+        text,
+        "greedy is deterministic"
+    );
     let two = ask(json!({ "n": 2, "seed": 7, "temperature": 0.9, "max_tokens": 32 }));
     assert_eq!(two["choices"].as_array().unwrap().len(), 2);
-    assert_eq!(two, { let mut again = ask(json!({ "n": 2, "seed": 7, "temperature": 0.9, "max_tokens": 32 })); again["created"] = two["created"].clone(); again["rlaifd"]["engine_s"] = two["rlaifd"]["engine_s"].clone(); again }, "same seed, same answers");
+    assert_eq!(
+        two,
+        {
+            let mut again = ask(json!({ "n": 2, "seed": 7, "temperature": 0.9, "max_tokens": 32 }));
+            again["created"] = two["created"].clone();
+            again["rlaifd"]["engine_s"] = two["rlaifd"]["engine_s"].clone();
+            again
+        },
+        "same seed, same answers"
+    );
 
     // Self-feedback best-of-N: 3 samples ranked by the implicit reward, the best returned with its reward.
     let best = ask(json!({ "best_of": 3, "seed": 5, "temperature": 0.9, "max_tokens": 32 }));
-    assert_eq!((best["choices"].as_array().unwrap().len(), best["rlaifd"]["rewards"].as_array().map(|r| r.len())), (1, Some(1)), "{best}");
+    assert_eq!(
+        (best["choices"].as_array().unwrap().len(), best["rlaifd"]["rewards"].as_array().map(|r| r.len())),
+        (1, Some(1)),
+        "{best}"
+    );
 
     // Bad requests: a clear error each, the daemon stays up, nothing in the database changes.
     let before = counts(pool).await;
@@ -103,13 +122,27 @@ async fn daemon_serves_http_and_obeys_every_control_command() {
     assert_eq!(counts(pool).await, before, "bad requests changed the database");
 
     // Malformed and refused control commands: an error object each, nothing changes, each is in the audit log.
-    for line in ["hello", "[1,2]", r#"{"cmd":"launch"}"#, r#"{"cmd":"promote"}"#, r#"{"cmd":"promote","id":"1; DELETE FROM checkpoints"}"#, r#"{"cmd":"promote","id":99999}"#, r#"{"cmd":"rollback"}"#, r#"{"cmd":"eval","id":0}"#, r#"{"cmd":"pause","x":1}"#, r#"{"cmd":"import-prompts","file":"relative.jsonl"}"#] {
+    for line in [
+        "hello",
+        "[1,2]",
+        r#"{"cmd":"launch"}"#,
+        r#"{"cmd":"promote"}"#,
+        r#"{"cmd":"promote","id":"1; DELETE FROM checkpoints"}"#,
+        r#"{"cmd":"promote","id":99999}"#,
+        r#"{"cmd":"rollback"}"#,
+        r#"{"cmd":"eval","id":0}"#,
+        r#"{"cmd":"pause","x":1}"#,
+        r#"{"cmd":"import-prompts","file":"relative.jsonl"}"#,
+    ] {
         let r = d.ctl_raw(line);
         assert_eq!(r["ok"], false, "{line}: {r}");
         assert!(!r["error"].as_str().unwrap().is_empty());
     }
     assert_eq!(counts(pool).await, before, "malformed commands changed the database");
-    let logged: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE kind IN ('control', 'control_rejected')").fetch_one(pool).await.unwrap();
+    let logged: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE kind IN ('control', 'control_rejected')")
+        .fetch_one(pool)
+        .await
+        .unwrap();
     assert!(logged >= 10, "every command is logged ({logged})");
     let meta = std::fs::metadata(&d.socket).unwrap();
     use std::os::unix::fs::PermissionsExt;
@@ -118,7 +151,11 @@ async fn daemon_serves_http_and_obeys_every_control_command() {
 
     // status, pause (iterate refused), resume, iterate: one iteration runs, its candidate is promoted and served.
     let s = d.ctl(json!({ "cmd": "status" }));
-    assert_eq!((s["ok"].as_bool(), s["current"]["checkpoint"].as_i64(), s["stage"].as_str()), (Some(true), Some(base_id), Some("idle")), "{s}");
+    assert_eq!(
+        (s["ok"].as_bool(), s["current"]["checkpoint"].as_i64(), s["stage"].as_str()),
+        (Some(true), Some(base_id), Some("idle")),
+        "{s}"
+    );
     assert_eq!(d.ctl(json!({ "cmd": "pause" }))["paused"], true);
     assert_eq!(d.ctl(json!({ "cmd": "status" }))["stage"], "paused");
     assert_eq!(d.ctl(json!({ "cmd": "iterate" }))["ok"], false);
@@ -138,7 +175,8 @@ async fn daemon_serves_http_and_obeys_every_control_command() {
     let h: Value = serde_json::from_str(&d.http("GET", "/healthz", "", b"").1).unwrap();
     assert_eq!((h["checkpoint"].as_i64(), h["generation"].as_i64()), (Some(cand), Some(2)), "hot-swapped");
     let m: Value = serde_json::from_str(&d.http("GET", "/v1/models", "", b"").1).unwrap();
-    let lineage: Vec<i64> = m["data"][0]["lineage"].as_array().unwrap().iter().map(|x| x["checkpoint"].as_i64().unwrap()).collect();
+    let lineage: Vec<i64> =
+        m["data"][0]["lineage"].as_array().unwrap().iter().map(|x| x["checkpoint"].as_i64().unwrap()).collect();
     assert_eq!(lineage, vec![base_id, cand]);
     assert_eq!(d.ctl(json!({ "cmd": "iterate" }))["ok"], true, "a second request is accepted while idle");
     assert_eq!(d.ctl(json!({ "cmd": "pause" }))["ok"], true);
@@ -154,7 +192,13 @@ async fn daemon_serves_http_and_obeys_every_control_command() {
     assert_eq!(h["checkpoint"].as_i64(), Some(base_id));
     let r = d.ctl(json!({ "cmd": "promote", "id": cand }));
     assert_eq!(r["promoted"].as_i64(), Some(cand), "{r}");
-    assert_eq!(sqlx::query_scalar::<_, i64>("SELECT count(*) FROM events WHERE kind = 'rollback'").fetch_one(pool).await.unwrap(), 1);
+    assert_eq!(
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM events WHERE kind = 'rollback'")
+            .fetch_one(pool)
+            .await
+            .unwrap(),
+        1
+    );
 
     // import-prompts: a traversal or a broken line refuses the whole file; a good file imports (idempotently).
     let pdir = dir.join("prompts");
@@ -165,15 +209,29 @@ async fn daemon_serves_http_and_obeys_every_control_command() {
     std::fs::write(pdir.join("bad.jsonl"), "{\"image\": \"img/a.png\", \"question\": \"Describe the image.\"}\n{\"image\": \"../../etc/passwd\", \"question\": \"x\"}\n").unwrap();
     let r = d.ctl(json!({ "cmd": "import-prompts", "file": pdir.join("bad.jsonl") }));
     assert!(r["error"].as_str().unwrap().contains("line 2"), "{r}");
-    std::fs::write(pdir.join("bad2.jsonl"), "{\"image\": \"img/a.png\", \"question\": \"Describe the image.\"}\nnot json\n").unwrap();
+    std::fs::write(
+        pdir.join("bad2.jsonl"),
+        "{\"image\": \"img/a.png\", \"question\": \"Describe the image.\"}\nnot json\n",
+    )
+    .unwrap();
     assert_eq!(d.ctl(json!({ "cmd": "import-prompts", "file": pdir.join("bad2.jsonl") }))["ok"], false);
     assert_eq!(counts(pool).await, before, "a refused import stored nothing");
     std::fs::write(pdir.join("good.jsonl"), "{\"image\": \"img/a.png\", \"question\": \"What is in the picture?\"}\n\n{\"image\": \"img/b.png\", \"question\": \"What is in the picture?\"}\n").unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_rlaifd")).args(["ctl", "--socket"]).arg(&d.socket).arg("import-prompts").arg(pdir.join("good.jsonl")).output().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_rlaifd"))
+        .args(["ctl", "--socket"])
+        .arg(&d.socket)
+        .arg("import-prompts")
+        .arg(pdir.join("good.jsonl"))
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let r: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(r["imported"], 2, "{r}");
-    assert_eq!(d.ctl(json!({ "cmd": "import-prompts", "file": pdir.join("good.jsonl") }))["imported"], 0, "importing twice adds nothing");
+    assert_eq!(
+        d.ctl(json!({ "cmd": "import-prompts", "file": pdir.join("good.jsonl") }))["imported"],
+        0,
+        "importing twice adds nothing"
+    );
 
     // reload-config: a valid change applies; an invalid file changes nothing.
     let cfg_text = std::fs::read_to_string(&d.config).unwrap();
@@ -188,7 +246,15 @@ async fn daemon_serves_http_and_obeys_every_control_command() {
     // /metrics in Prometheus text.
     let (st, text) = d.http("GET", "/metrics", "", b"");
     assert_eq!(st, 200);
-    for want in ["rlaifd_requests_total{route=\"/v1/chat/completions\",status=\"200\"}", "rlaifd_requests_total{route=\"/v1/chat/completions\",status=\"400\"}", "rlaifd_request_duration_seconds_count", &format!("rlaifd_serving_checkpoint {cand}"), "rlaifd_pairs_total", "rlaifd_engine_queue_depth{priority=\"serve\"}", "rlaifd_hallucination{metric=\"chair_i\""] {
+    for want in [
+        "rlaifd_requests_total{route=\"/v1/chat/completions\",status=\"200\"}",
+        "rlaifd_requests_total{route=\"/v1/chat/completions\",status=\"400\"}",
+        "rlaifd_request_duration_seconds_count",
+        &format!("rlaifd_serving_checkpoint {cand}"),
+        "rlaifd_pairs_total",
+        "rlaifd_engine_queue_depth{priority=\"serve\"}",
+        "rlaifd_hallucination{metric=\"chair_i\"",
+    ] {
         assert!(text.contains(want), "/metrics lacks {want}:\n{text}");
     }
 
@@ -205,8 +271,20 @@ async fn daemon_serves_http_and_obeys_every_control_command() {
         std::thread::sleep(Duration::from_millis(100));
     };
     assert!(status.success(), "exit status {status}: {}", d.log());
-    assert_eq!(sqlx::query_scalar::<_, i64>("SELECT count(*) FROM events WHERE kind = 'daemon_stopped'").fetch_one(pool).await.unwrap(), 1);
-    assert_eq!(sqlx::query_scalar::<_, i64>("SELECT count(*) FROM jobs WHERE status = 'running'").fetch_one(pool).await.unwrap(), 0);
+    assert_eq!(
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM events WHERE kind = 'daemon_stopped'")
+            .fetch_one(pool)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM jobs WHERE status = 'running'")
+            .fetch_one(pool)
+            .await
+            .unwrap(),
+        0
+    );
     drop(d);
     db.drop_db().await;
     std::fs::remove_dir_all(&dir).ok();
@@ -222,7 +300,23 @@ async fn hot_swaps_under_concurrent_requests_fail_none_and_never_mix_generations
     let data = dir.join("sft");
     rlaifd(&["shapes", "sft", "--seed", "3", "--count", "16", "--out", data.to_str().unwrap()]);
     let adapter = dir.join("adapter");
-    rlaifd(&["train-sft", "--model", model().to_str().unwrap(), "--data", data.join("sft.jsonl").to_str().unwrap(), "--out", adapter.to_str().unwrap(), "--r", "8", "--lr", "0.01", "--stop-after", "12", "--batch-size", "4"]);
+    rlaifd(&[
+        "train-sft",
+        "--model",
+        model().to_str().unwrap(),
+        "--data",
+        data.join("sft.jsonl").to_str().unwrap(),
+        "--out",
+        adapter.to_str().unwrap(),
+        "--r",
+        "8",
+        "--lr",
+        "0.01",
+        "--stop-after",
+        "12",
+        "--batch-size",
+        "4",
+    ]);
     // Served prompts join the training pool (opt-in).
     let d = Daemon::start(&dir, &db.url, "join_prompt_pool = true");
     let pool = &db.pool;
@@ -236,7 +330,8 @@ async fn hot_swaps_under_concurrent_requests_fail_none_and_never_mix_generations
         .await
         .unwrap();
     let img = shapes_png(&dir, "5151");
-    let body = chat_body(&img, "Describe the image.", json!({ "temperature": 0.8, "seed": 11, "max_tokens": 32, "n": 2 }));
+    let body =
+        chat_body(&img, "Describe the image.", json!({ "temperature": 0.8, "seed": 11, "max_tokens": 32, "n": 2 }));
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     // RLAIFD_LOAD_CLIENTS / RLAIFD_LOAD_SECONDS make this a longer load run (RELIABILITY.md); CI uses 4 for 20 s.
     let n_clients: usize = std::env::var("RLAIFD_LOAD_CLIENTS").ok().and_then(|s| s.parse().ok()).unwrap_or(4);
@@ -278,7 +373,12 @@ async fn hot_swaps_under_concurrent_requests_fail_none_and_never_mix_generations
                 continue;
             }
             let v: Value = serde_json::from_str(&text).unwrap();
-            let answers: Vec<String> = v["choices"].as_array().unwrap().iter().map(|c| c["message"]["content"].as_str().unwrap().to_string()).collect();
+            let answers: Vec<String> = v["choices"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c["message"]["content"].as_str().unwrap().to_string())
+                .collect();
             by_checkpoint.entry(v["rlaifd"]["checkpoint"].as_i64().unwrap()).or_default().insert(answers.join(" | "));
         }
     }
@@ -293,9 +393,17 @@ async fn hot_swaps_under_concurrent_requests_fail_none_and_never_mix_generations
     for (c, answers) in &by_checkpoint {
         assert_eq!(answers.len(), 1, "checkpoint {c} gave different answers to the same seeded request: {answers:?}");
     }
-    assert_ne!(by_checkpoint[&base], by_checkpoint[&other], "the two checkpoints answer differently (else this test proves nothing)");
-    let served: Vec<(String, String)> = sqlx::query_as("SELECT instruction, split FROM prompts WHERE source = 'served'").fetch_all(pool).await.unwrap();
-    assert_eq!(served, vec![("Describe the image.".to_string(), "train".to_string())], "the served prompt joined the pool once");
+    assert_ne!(
+        by_checkpoint[&base], by_checkpoint[&other],
+        "the two checkpoints answer differently (else this test proves nothing)"
+    );
+    let served: Vec<(String, String)> =
+        sqlx::query_as("SELECT instruction, split FROM prompts WHERE source = 'served'").fetch_all(pool).await.unwrap();
+    assert_eq!(
+        served,
+        vec![("Describe the image.".to_string(), "train".to_string())],
+        "the served prompt joined the pool once"
+    );
     drop(d);
     db.drop_db().await;
     std::fs::remove_dir_all(&dir).ok();
@@ -314,7 +422,11 @@ fn serve_refuses_an_invalid_configuration_naming_the_key_and_checks_a_good_one()
         ("[log\n", None, "not valid TOML"),
         ("[model]\ndevice = \"gpu\"\n", None, "model.device"),
         ("", Some(("RLAIFD__MODEL__DEVICE", "cuda:one")), "model.device"),
-        ("[control]\ngroup = \"rlaifd-no-such-group\"\n", None, "control.group \"rlaifd-no-such-group\" is not a group"),
+        (
+            "[control]\ngroup = \"rlaifd-no-such-group\"\n",
+            None,
+            "control.group \"rlaifd-no-such-group\" is not a group",
+        ),
     ] {
         std::fs::write(&f, text).unwrap();
         let mut c = Command::new(env!("CARGO_BIN_EXE_rlaifd"));
@@ -327,7 +439,12 @@ fn serve_refuses_an_invalid_configuration_naming_the_key_and_checks_a_good_one()
         assert!(!o.status.success() && err.contains(needle), "{text:?}: {err}");
     }
     std::fs::write(&f, "[loop]\nn = 6\n").unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_rlaifd")).args(["serve", "--check-config", "--config"]).arg(&f).env("RLAIFD__SERVER__MAX_N", "3").output().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_rlaifd"))
+        .args(["serve", "--check-config", "--config"])
+        .arg(&f)
+        .env("RLAIFD__SERVER__MAX_N", "3")
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!((v["loop"]["n"].as_u64(), v["server"]["max_n"].as_u64()), (Some(6), Some(3)));

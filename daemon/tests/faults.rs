@@ -39,10 +39,22 @@ fn start(dir: &Path, db_url: &str, extra_loop: &str) -> (Proc, String, PathBuf) 
     let addr_file = dir.join("state/server.addr");
     let _ = std::fs::remove_file(&addr_file);
     let log = std::fs::File::create(dir.join("daemon.log")).unwrap();
-    let mut p = Proc(Command::new(env!("CARGO_BIN_EXE_rlaifd")).args(["serve", "--config"]).arg(&config).stdout(Stdio::null()).stderr(log).spawn().unwrap());
+    let mut p = Proc(
+        Command::new(env!("CARGO_BIN_EXE_rlaifd"))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
     let t0 = Instant::now();
     while !addr_file.exists() || !dir.join("state/control.sock").exists() {
-        assert!(p.0.try_wait().unwrap().is_none(), "the daemon exited: {}", std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default());
+        assert!(
+            p.0.try_wait().unwrap().is_none(),
+            "the daemon exited: {}",
+            std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default()
+        );
         assert!(t0.elapsed() < Duration::from_secs(60));
         std::thread::sleep(Duration::from_millis(30));
     }
@@ -51,7 +63,9 @@ fn start(dir: &Path, db_url: &str, extra_loop: &str) -> (Proc, String, PathBuf) 
 }
 
 fn chat(addr: &str) -> u16 {
-    let body = json!({ "messages": [{ "role": "user", "content": "Describe the image." }], "max_tokens": 8, "seed": 1 }).to_string();
+    let body =
+        json!({ "messages": [{ "role": "user", "content": "Describe the image." }], "max_tokens": 8, "seed": 1 })
+            .to_string();
     let Ok(mut s) = std::net::TcpStream::connect(addr) else { return 0 };
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let _ = s.write_all(format!("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).as_bytes());
@@ -84,7 +98,12 @@ fn term(mut p: Proc) -> std::process::ExitStatus {
 async fn no_duplicates(pool: &sqlx::PgPool) {
     let q = |s: &'static str| sqlx::query_scalar::<_, i64>(s).fetch_one(pool);
     assert_eq!(q("SELECT count(*) FROM (SELECT 1 FROM responses GROUP BY prompt_id, checkpoint_id, seed HAVING count(*) > 1) d").await.unwrap(), 0);
-    assert_eq!(q("SELECT count(*) FROM (SELECT 1 FROM pairs GROUP BY chosen_id, rejected_id HAVING count(*) > 1) d").await.unwrap(), 0);
+    assert_eq!(
+        q("SELECT count(*) FROM (SELECT 1 FROM pairs GROUP BY chosen_id, rejected_id HAVING count(*) > 1) d")
+            .await
+            .unwrap(),
+        0
+    );
     assert_eq!(q("SELECT count(*) FROM checkpoints WHERE status = 'promoted'").await.unwrap(), 1);
     // A finished sample job stored all 4 answers.
     assert_eq!(
@@ -125,12 +144,17 @@ impl Cluster {
 
     fn create(dir: PathBuf, port: u16) -> Result<Cluster, String> {
         let initdb = Cluster::bin("initdb").ok_or("initdb not found")?;
-        let as_postgres = std::process::Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false);
+        let as_postgres = std::process::Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+            .unwrap_or(false);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         if as_postgres {
             // initdb refuses root: the cluster belongs to the postgres user.
-            let ok = Command::new("chown").args(["-R", "postgres"]).arg(&dir).status().map(|s| s.success()).unwrap_or(false);
+            let ok =
+                Command::new("chown").args(["-R", "postgres"]).arg(&dir).status().map(|s| s.success()).unwrap_or(false);
             if !ok {
                 return Err("cannot chown the cluster directory to postgres".into());
             }
@@ -156,7 +180,12 @@ impl Cluster {
             args.extend(["-m", "fast"]);
         }
         let o = self.run(&pg_ctl, &args);
-        assert!(o.status.success(), "pg_ctl {action}: {} {}", String::from_utf8_lossy(&o.stderr), std::fs::read_to_string(&log).unwrap_or_default());
+        assert!(
+            o.status.success(),
+            "pg_ctl {action}: {} {}",
+            String::from_utf8_lossy(&o.stderr),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
     }
 }
 
@@ -211,21 +240,30 @@ async fn postgres_outage_mid_run_loses_nothing_and_serving_continues() {
     let pool = sqlx::PgPool::connect(&url).await.unwrap();
     let t0 = Instant::now();
     loop {
-        let done: i64 = sqlx::query_scalar("SELECT count(*) FROM iterations WHERE stage = 'done'").fetch_one(&pool).await.unwrap();
+        let done: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM iterations WHERE stage = 'done'").fetch_one(&pool).await.unwrap();
         if done >= 3 {
             break;
         }
-        assert!(t0.elapsed() < Duration::from_secs(300), "the loop did not resume: {}", std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default());
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "the loop did not resume: {}",
+            std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default()
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let resumed = back.elapsed().as_secs_f64();
     no_duplicates(&pool).await;
-    let failures: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE kind = 'actor_failed'").fetch_one(&pool).await.unwrap_or(0);
+    let failures: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE kind = 'actor_failed'")
+        .fetch_one(&pool)
+        .await
+        .unwrap_or(0);
     let s = ctl(&socket, json!({ "cmd": "status" }));
     let restarts: u64 = s["actors"].as_object().unwrap().values().map(|a| a["restarts"].as_u64().unwrap()).sum();
     println!("{} requests served during a {outage_s} s outage; {restarts} actor restarts ({failures} logged after the outage); 3 iterations done {resumed:.0} s after the database came back", served.len());
     assert!(restarts >= 1, "the actors noticed the outage: {s}");
-    let promoted: i64 = sqlx::query_scalar("SELECT id FROM checkpoints WHERE status = 'promoted'").fetch_one(&pool).await.unwrap();
+    let promoted: i64 =
+        sqlx::query_scalar("SELECT id FROM checkpoints WHERE status = 'promoted'").fetch_one(&pool).await.unwrap();
     assert_eq!(s["current"]["checkpoint"].as_i64(), Some(promoted), "serves the promoted checkpoint");
     pool.close().await;
     assert!(term(daemon).success());
@@ -245,21 +283,40 @@ async fn diverged_training_unwritable_checkpoints_and_corrupt_adapters_are_refus
     let (daemon, addr, socket) = start(&dir, &db.url, "lr = 1e30\n");
     let t0 = Instant::now();
     let failed = loop {
-        let f: Option<String> = sqlx::query_scalar("SELECT detail->>'reason' FROM events WHERE kind = 'iteration_failed' LIMIT 1").fetch_optional(pool).await.unwrap();
+        let f: Option<String> =
+            sqlx::query_scalar("SELECT detail->>'reason' FROM events WHERE kind = 'iteration_failed' LIMIT 1")
+                .fetch_optional(pool)
+                .await
+                .unwrap();
         if let Some(f) = f {
             break f;
         }
-        assert!(t0.elapsed() < Duration::from_secs(120), "no failure logged: {}", std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default());
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "no failure logged: {}",
+            std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert!(failed.contains("NaN") || failed.contains("non-finite"), "{failed}");
-    assert_eq!(sqlx::query_scalar::<_, i64>("SELECT count(*) FROM checkpoints WHERE kind = 'lora'").fetch_one(pool).await.unwrap(), 0, "no candidate row");
+    assert_eq!(
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM checkpoints WHERE kind = 'lora'")
+            .fetch_one(pool)
+            .await
+            .unwrap(),
+        0,
+        "no candidate row"
+    );
     assert_eq!(chat(&addr), 200);
     // Back to a sane learning rate without a restart; wait until no training is running.
     ctl(&socket, json!({ "cmd": "pause" }));
     let t0 = Instant::now();
     loop {
-        let training: i64 = sqlx::query_scalar("SELECT count(*) FROM iterations WHERE stage IN ('training', 'evaluating')").fetch_one(pool).await.unwrap();
+        let training: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM iterations WHERE stage IN ('training', 'evaluating')")
+                .fetch_one(pool)
+                .await
+                .unwrap();
         if training == 0 {
             break;
         }
@@ -270,35 +327,66 @@ async fn diverged_training_unwritable_checkpoints_and_corrupt_adapters_are_refus
     std::fs::write(&cfg, std::fs::read_to_string(&cfg).unwrap().replace("lr = 1e30\n", "lr = 2e-4\n")).unwrap();
     assert_eq!(ctl(&socket, json!({ "cmd": "reload-config" }))["ok"], true);
     // 2. The next checkpoint cannot be written (its directory name is taken by a file): discarded, logged.
-    let open: Option<i32> = sqlx::query_scalar("SELECT number FROM iterations WHERE stage NOT IN ('done', 'failed')").fetch_optional(pool).await.unwrap();
+    let open: Option<i32> = sqlx::query_scalar("SELECT number FROM iterations WHERE stage NOT IN ('done', 'failed')")
+        .fetch_optional(pool)
+        .await
+        .unwrap();
     let next = match open {
         Some(n) => n,
-        None => sqlx::query_scalar::<_, i32>("SELECT COALESCE(max(number), 0) + 1 FROM iterations").fetch_one(pool).await.unwrap(),
+        None => sqlx::query_scalar::<_, i32>("SELECT COALESCE(max(number), 0) + 1 FROM iterations")
+            .fetch_one(pool)
+            .await
+            .unwrap(),
     };
     let blocker = dir.join(format!("state/checkpoints/iter-{next:04}"));
     std::fs::write(&blocker, b"not a directory").unwrap();
     ctl(&socket, json!({ "cmd": "resume" }));
     let t0 = Instant::now();
     let reason = loop {
-        let r: Option<String> = sqlx::query_scalar("SELECT detail->>'reason' FROM events WHERE kind = 'iteration_failed' AND (detail->>'iteration')::int = $1").bind(next).fetch_optional(pool).await.unwrap();
+        let r: Option<String> = sqlx::query_scalar(
+            "SELECT detail->>'reason' FROM events WHERE kind = 'iteration_failed' AND (detail->>'iteration')::int = $1",
+        )
+        .bind(next)
+        .fetch_optional(pool)
+        .await
+        .unwrap();
         if let Some(r) = r {
             break r;
         }
-        assert!(t0.elapsed() < Duration::from_secs(120), "the unwritable checkpoint did not fail iteration {next}: {}", std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default());
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "the unwritable checkpoint did not fail iteration {next}: {}",
+            std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert!(reason.contains(&format!("iter-{next:04}")), "failed for another reason: {reason}");
     assert_eq!(std::fs::read(&blocker).unwrap(), b"not a directory", "the blocker is untouched");
-    assert_eq!(sqlx::query_scalar::<_, i64>("SELECT count(*) FROM checkpoints WHERE kind = 'lora'").fetch_one(pool).await.unwrap(), 0, "no candidate row");
+    assert_eq!(
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM checkpoints WHERE kind = 'lora'")
+            .fetch_one(pool)
+            .await
+            .unwrap(),
+        0,
+        "no candidate row"
+    );
     std::fs::remove_file(&blocker).unwrap();
     // 3. The loop continues: an iteration finishes and its candidate is promoted and served.
     let t0 = Instant::now();
     let cand = loop {
-        let c: Option<i64> = sqlx::query_scalar("SELECT id FROM checkpoints WHERE kind = 'lora' AND status = 'promoted'").fetch_optional(pool).await.unwrap();
+        let c: Option<i64> =
+            sqlx::query_scalar("SELECT id FROM checkpoints WHERE kind = 'lora' AND status = 'promoted'")
+                .fetch_optional(pool)
+                .await
+                .unwrap();
         if let Some(c) = c {
             break c;
         }
-        assert!(t0.elapsed() < Duration::from_secs(180), "no promotion after the faults: {}", std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default());
+        assert!(
+            t0.elapsed() < Duration::from_secs(180),
+            "no promotion after the faults: {}",
+            std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default()
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     ctl(&socket, json!({ "cmd": "pause" }));
@@ -310,17 +398,20 @@ async fn diverged_training_unwritable_checkpoints_and_corrupt_adapters_are_refus
     // 4. A corrupted adapter file: promoting it is refused, nothing changes, the served checkpoint stays.
     let base: i64 = sqlx::query_scalar("SELECT id FROM checkpoints WHERE kind = 'base'").fetch_one(pool).await.unwrap();
     assert_eq!(ctl(&socket, json!({ "cmd": "rollback" }))["promoted"].as_i64(), Some(base));
-    let path: String = sqlx::query_scalar("SELECT path FROM checkpoints WHERE id = $1").bind(cand).fetch_one(pool).await.unwrap();
+    let path: String =
+        sqlx::query_scalar("SELECT path FROM checkpoints WHERE id = $1").bind(cand).fetch_one(pool).await.unwrap();
     let f = Path::new(&path).join("adapter_model.safetensors");
     let mut bytes = std::fs::read(&f).unwrap();
     let at = bytes.len() - 10;
     bytes[at] ^= 0xff;
     std::fs::write(&f, &bytes).unwrap();
-    let before: Vec<(i64, String)> = sqlx::query_as("SELECT id, status FROM checkpoints ORDER BY id").fetch_all(pool).await.unwrap();
+    let before: Vec<(i64, String)> =
+        sqlx::query_as("SELECT id, status FROM checkpoints ORDER BY id").fetch_all(pool).await.unwrap();
     let r = ctl(&socket, json!({ "cmd": "promote", "id": cand }));
     assert_eq!(r["ok"], false, "{r}");
     assert!(r["error"].as_str().unwrap().contains("sha256"), "{r}");
-    let after: Vec<(i64, String)> = sqlx::query_as("SELECT id, status FROM checkpoints ORDER BY id").fetch_all(pool).await.unwrap();
+    let after: Vec<(i64, String)> =
+        sqlx::query_as("SELECT id, status FROM checkpoints ORDER BY id").fetch_all(pool).await.unwrap();
     assert_eq!(before, after, "a refused promotion changes nothing");
     assert_eq!(ctl(&socket, json!({ "cmd": "status" }))["current"]["checkpoint"].as_i64(), Some(base));
     assert_eq!(chat(&addr), 200);
@@ -348,10 +439,18 @@ async fn a_full_disk_discards_the_candidate_and_the_loop_continues_when_space_re
     let _ = std::fs::remove_dir_all(&dir);
     let ckpt = dir.join("state/checkpoints");
     std::fs::create_dir_all(&ckpt).unwrap();
-    match Command::new("mount").args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"]).arg(&ckpt).stderr(Stdio::piped()).output() {
+    match Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+        .arg(&ckpt)
+        .stderr(Stdio::piped())
+        .output()
+    {
         Ok(o) if o.status.success() => {}
         Ok(o) => {
-            println!("SKIPPED: cannot mount a small tmpfs to fill (needs root): {}", String::from_utf8_lossy(&o.stderr).trim());
+            println!(
+                "SKIPPED: cannot mount a small tmpfs to fill (needs root): {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            );
             return;
         }
         Err(e) => {
@@ -365,29 +464,57 @@ async fn a_full_disk_discards_the_candidate_and_the_loop_continues_when_space_re
     let (daemon, addr, socket) = start(&dir, &db.url, "");
     let t0 = Instant::now();
     let reason = loop {
-        let r: Option<String> = sqlx::query_scalar("SELECT detail->>'reason' FROM events WHERE kind = 'iteration_failed' LIMIT 1").fetch_optional(pool).await.unwrap();
+        let r: Option<String> =
+            sqlx::query_scalar("SELECT detail->>'reason' FROM events WHERE kind = 'iteration_failed' LIMIT 1")
+                .fetch_optional(pool)
+                .await
+                .unwrap();
         if let Some(r) = r {
             break r;
         }
-        assert!(t0.elapsed() < Duration::from_secs(120), "the full disk did not fail an iteration: {}", std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default());
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "the full disk did not fail an iteration: {}",
+            std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert!(reason.contains("cannot write") && reason.contains("No space left"), "failed for another reason: {reason}");
-    assert_eq!(sqlx::query_scalar::<_, i64>("SELECT count(*) FROM checkpoints WHERE kind = 'lora'").fetch_one(pool).await.unwrap(), 0, "no candidate row");
+    assert_eq!(
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM checkpoints WHERE kind = 'lora'")
+            .fetch_one(pool)
+            .await
+            .unwrap(),
+        0,
+        "no candidate row"
+    );
     let base: i64 = sqlx::query_scalar("SELECT id FROM checkpoints WHERE kind = 'base'").fetch_one(pool).await.unwrap();
-    assert_eq!(ctl(&socket, json!({ "cmd": "status" }))["current"]["checkpoint"].as_i64(), Some(base), "still serving the base");
+    assert_eq!(
+        ctl(&socket, json!({ "cmd": "status" }))["current"]["checkpoint"].as_i64(),
+        Some(base),
+        "still serving the base"
+    );
     assert_eq!(chat(&addr), 200);
-    let left: Vec<String> = std::fs::read_dir(&ckpt).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    let left: Vec<String> =
+        std::fs::read_dir(&ckpt).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
     assert!(left.is_empty(), "the failed save left {left:?}");
     // Space returns: the loop goes on by itself.
     assert!(Command::new("mount").args(["-o", "remount,size=256m"]).arg(&ckpt).status().unwrap().success());
     let t0 = Instant::now();
     let cand = loop {
-        let c: Option<i64> = sqlx::query_scalar("SELECT id FROM checkpoints WHERE kind = 'lora' AND status = 'promoted'").fetch_optional(pool).await.unwrap();
+        let c: Option<i64> =
+            sqlx::query_scalar("SELECT id FROM checkpoints WHERE kind = 'lora' AND status = 'promoted'")
+                .fetch_optional(pool)
+                .await
+                .unwrap();
         if let Some(c) = c {
             break c;
         }
-        assert!(t0.elapsed() < Duration::from_secs(180), "no promotion once space returned: {}", std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default());
+        assert!(
+            t0.elapsed() < Duration::from_secs(180),
+            "no promotion once space returned: {}",
+            std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default()
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     ctl(&socket, json!({ "cmd": "pause" }));

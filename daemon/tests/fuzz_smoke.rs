@@ -21,8 +21,21 @@ impl Rng {
     }
 }
 
-const BOUNDARY: &[u8] = &[0x00, 0x01, 0x7f, 0x80, 0xff, b'"', b'{', b'}', b'[', b']', b',', b':', b'\n', b'\\', b'0', b'9', b'-', b'e'];
-const TOKENS: &[&[u8]] = &[b"18446744073709551615", b"-1", b"1e308", b"NaN", b"null", b"\"\"", b"[]", b"{}", b"\xc3\x28", b"../../", b"'; DROP TABLE x; --"];
+const BOUNDARY: &[u8] =
+    &[0x00, 0x01, 0x7f, 0x80, 0xff, b'"', b'{', b'}', b'[', b']', b',', b':', b'\n', b'\\', b'0', b'9', b'-', b'e'];
+const TOKENS: &[&[u8]] = &[
+    b"18446744073709551615",
+    b"-1",
+    b"1e308",
+    b"NaN",
+    b"null",
+    b"\"\"",
+    b"[]",
+    b"{}",
+    b"\xc3\x28",
+    b"../../",
+    b"'; DROP TABLE x; --",
+];
 
 fn mutate(rng: &mut Rng, seeds: &[Vec<u8>], input: &[u8]) -> Vec<u8> {
     let mut v = input.to_vec();
@@ -84,7 +97,10 @@ fn fuzz_targets_survive_mutated_corpora() {
     std::panic::set_hook(Box::new(|_| {}));
     let mut report = Vec::new();
     for (name, target) in TARGETS {
-        let mut seeds: Vec<Vec<u8>> = std::fs::read_dir(root.join(name)).unwrap_or_else(|_| panic!("fuzz/corpus/{name} is missing")).map(|e| std::fs::read(e.unwrap().path()).unwrap()).collect();
+        let mut seeds: Vec<Vec<u8>> = std::fs::read_dir(root.join(name))
+            .unwrap_or_else(|_| panic!("fuzz/corpus/{name} is missing"))
+            .map(|e| std::fs::read(e.unwrap().path()).unwrap())
+            .collect();
         seeds.sort();
         assert!(!seeds.is_empty(), "fuzz/corpus/{name} is empty");
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ name.len() as u64);

@@ -23,7 +23,8 @@ fn scratch(tag: &str) -> PathBuf {
 fn chat(text: &str, image: Option<(&str, &[u8])>, extra: Value) -> Vec<u8> {
     let mut content = vec![json!({ "type": "text", "text": text })];
     if let Some((mime, bytes)) = image {
-        content.push(json!({ "type": "image_url", "image_url": { "url": format!("data:{mime};base64,{}", b64(bytes)) } }));
+        content
+            .push(json!({ "type": "image_url", "image_url": { "url": format!("data:{mime};base64,{}", b64(bytes)) } }));
     }
     let mut v = json!({ "model": "rlaifd", "messages": [{ "role": "user", "content": content }] });
     for (k, x) in extra.as_object().unwrap() {
@@ -74,27 +75,49 @@ async fn a_prompt_beyond_the_context_is_refused_before_model_work_and_memory_sta
     let bodies: Vec<_> = (0..8).map(|_| body.clone()).collect();
     let addr = d.addr.clone();
     let codes: Vec<u16> = std::thread::scope(|s| {
-        let hs: Vec<_> = bodies.iter().map(|b| s.spawn(|| common::daemon::http(&addr, "POST", "/v1/chat/completions", "application/json", b).0)).collect();
+        let hs: Vec<_> = bodies
+            .iter()
+            .map(|b| s.spawn(|| common::daemon::http(&addr, "POST", "/v1/chat/completions", "application/json", b).0))
+            .collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
     assert_eq!(codes, vec![400; 8]);
 
     // Within the byte bound but past the context in tokens: 240 words, the template and 16 image rows.
     let long = "the red circle ".repeat(80);
-    let (st, text) = d.http("POST", "/v1/chat/completions", "application/json", &chat(&long, Some(("image/png", &img)), json!({ "max_tokens": 4 })));
+    let (st, text) = d.http(
+        "POST",
+        "/v1/chat/completions",
+        "application/json",
+        &chat(&long, Some(("image/png", &img)), json!({ "max_tokens": 4 })),
+    );
     assert_eq!(st, 400, "{text}");
     let m = error_message(&text);
-    assert!(m.contains("max_tokens is 4") && m.contains("context of 256 tokens") && m.contains("the prompt takes 2"), "{m}");
+    assert!(
+        m.contains("max_tokens is 4") && m.contains("context of 256 tokens") && m.contains("the prompt takes 2"),
+        "{m}"
+    );
     // max_tokens alone past the context.
-    let (st, text) = d.http("POST", "/v1/chat/completions", "application/json", &chat("Describe the image.", Some(("image/png", &img)), json!({ "max_tokens": 250 })));
+    let (st, text) = d.http(
+        "POST",
+        "/v1/chat/completions",
+        "application/json",
+        &chat("Describe the image.", Some(("image/png", &img)), json!({ "max_tokens": 250 })),
+    );
     assert_eq!(st, 400, "{text}");
     assert!(error_message(&text).contains("max_tokens is 250"), "{text}");
     // Without max_tokens a long prompt gets what the context leaves.
     let fits = "the red circle ".repeat(60);
-    let (st, text) = d.http("POST", "/v1/chat/completions", "application/json", &chat(&fits, Some(("image/png", &img)), json!({ "temperature": 1.0, "seed": 3 })));
+    let (st, text) = d.http(
+        "POST",
+        "/v1/chat/completions",
+        "application/json",
+        &chat(&fits, Some(("image/png", &img)), json!({ "temperature": 1.0, "seed": 3 })),
+    );
     assert_eq!(st, 200, "{text}");
     let v: Value = serde_json::from_str(&text).unwrap();
-    let (prompt, completion) = (v["usage"]["prompt_tokens"].as_u64().unwrap(), v["usage"]["completion_tokens"].as_u64().unwrap());
+    let (prompt, completion) =
+        (v["usage"]["prompt_tokens"].as_u64().unwrap(), v["usage"]["completion_tokens"].as_u64().unwrap());
     assert!(prompt > 180 && prompt + completion <= 256, "{v}");
 
     let (rss1, hwm1) = (d.mem_kib("VmRSS"), d.mem_kib("VmHWM"));
@@ -116,22 +139,42 @@ async fn requests_over_the_memory_budget_or_past_the_pending_limit_are_refused()
     let dir = scratch("budget");
     let d = Daemon::start(&dir, &db.url, "max_request_mb = 1\nmax_pending = 1\nmax_n = 16");
     let img = shapes_png(&dir, "78");
-    let (st, text) = d.http("POST", "/v1/chat/completions", "application/json", &chat("Describe the image.", Some(("image/png", &img)), json!({ "n": 16, "max_tokens": 200 })));
+    let (st, text) = d.http(
+        "POST",
+        "/v1/chat/completions",
+        "application/json",
+        &chat("Describe the image.", Some(("image/png", &img)), json!({ "n": 16, "max_tokens": 200 })),
+    );
     assert_eq!(st, 400, "{text}");
     assert!(error_message(&text).contains("budget of 1 MiB"), "{text}");
-    let (st, text) = d.http("POST", "/v1/chat/completions", "application/json", &chat("Describe the image.", Some(("image/png", &img)), json!({ "max_tokens": 8 })));
+    let (st, text) = d.http(
+        "POST",
+        "/v1/chat/completions",
+        "application/json",
+        &chat("Describe the image.", Some(("image/png", &img)), json!({ "max_tokens": 8 })),
+    );
     assert_eq!(st, 200, "a small request fits the budget: {text}");
 
     // A slow client: headers and half its body, then nothing.
     let mut slow = std::net::TcpStream::connect(&d.addr).unwrap();
     slow.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"messages\": [").unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    let (st, text) = d.http("POST", "/v1/chat/completions", "application/json", &chat("Describe the image.", Some(("image/png", &img)), json!({ "max_tokens": 8 })));
+    let (st, text) = d.http(
+        "POST",
+        "/v1/chat/completions",
+        "application/json",
+        &chat("Describe the image.", Some(("image/png", &img)), json!({ "max_tokens": 8 })),
+    );
     assert_eq!(st, 503, "{text}");
     assert!(error_message(&text).contains("server.max_pending"), "{text}");
     drop(slow);
     std::thread::sleep(Duration::from_millis(300));
-    let (st, text) = d.http("POST", "/v1/chat/completions", "application/json", &chat("Describe the image.", Some(("image/png", &img)), json!({ "max_tokens": 8 })));
+    let (st, text) = d.http(
+        "POST",
+        "/v1/chat/completions",
+        "application/json",
+        &chat("Describe the image.", Some(("image/png", &img)), json!({ "max_tokens": 8 })),
+    );
     assert_eq!(st, 200, "the slot is free again once the slow client left: {text}");
     drop(d);
     db.drop_db().await;
@@ -146,12 +189,14 @@ async fn reload_config_cannot_drop_the_token_while_the_old_bind_stays_open() {
     let db = common::fresh("reload").await;
     let dir = scratch("reload");
     let token = "tok-0123456789abcdef-0123456789";
-    let text = common::daemon::config_text(&dir, &db.url, &format!("token = \"{token}\"")).replace("bind = \"127.0.0.1:0\"", "bind = \"[::ffff:127.0.0.1]:0\"");
+    let text = common::daemon::config_text(&dir, &db.url, &format!("token = \"{token}\""))
+        .replace("bind = \"127.0.0.1:0\"", "bind = \"[::ffff:127.0.0.1]:0\"");
     let d = Daemon::launch(&dir, &text, &[]);
     let get = |auth: Option<&str>| -> u16 {
         let mut s = std::net::TcpStream::connect(&d.addr).unwrap();
         let auth = auth.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-        s.write_all(format!("GET /v1/models HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n").as_bytes()).unwrap();
+        s.write_all(format!("GET /v1/models HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n").as_bytes())
+            .unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).unwrap();
         out.split_whitespace().nth(1).unwrap().parse().unwrap()
@@ -162,7 +207,9 @@ async fn reload_config_cannot_drop_the_token_while_the_old_bind_stays_open() {
         d.ctl(json!({ "cmd": "reload-config" }))
     };
     // The issue's steps: no token, loopback bind.
-    let r = reload(&text.replace(&format!("token = \"{token}\""), "token = \"\"").replace("[::ffff:127.0.0.1]:0", "127.0.0.1:0"));
+    let r = reload(
+        &text.replace(&format!("token = \"{token}\""), "token = \"\"").replace("[::ffff:127.0.0.1]:0", "127.0.0.1:0"),
+    );
     assert_eq!(r["ok"], false, "{r}");
     assert!(r["error"].as_str().unwrap().contains("server.bind"), "{r}");
     assert_eq!(get(None), 401, "still guarded after the refused reload");
@@ -201,7 +248,8 @@ async fn import_prompts_reads_only_bounded_regular_files_inside_their_folder() {
     let before = counts(&db.pool).await;
     let import = |file: &Path| -> Value {
         let line = json!({ "cmd": "import-prompts", "file": file }).to_string();
-        ctl_within(&d.socket, line.as_bytes(), Duration::from_secs(20)).unwrap_or_else(|e| panic!("import-prompts {}: {e}", file.display()))
+        ctl_within(&d.socket, line.as_bytes(), Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("import-prompts {}: {e}", file.display()))
     };
     let refused = |file: &Path, needle: &str| {
         let t0 = Instant::now();
@@ -223,21 +271,37 @@ async fn import_prompts_reads_only_bounded_regular_files_inside_their_folder() {
     refused(&big, "more than the limit");
     // An image that is a symlink out of the folder, and a prompts file that is one.
     std::os::unix::fs::symlink("/etc/passwd", pdir.join("img/evil.png")).unwrap();
-    std::fs::write(pdir.join("evil.jsonl"), "{\"image\": \"img/evil.png\", \"question\": \"What is in the picture?\"}\n").unwrap();
+    std::fs::write(
+        pdir.join("evil.jsonl"),
+        "{\"image\": \"img/evil.png\", \"question\": \"What is in the picture?\"}\n",
+    )
+    .unwrap();
     refused(&pdir.join("evil.jsonl"), "outside");
     std::os::unix::fs::symlink(&fifo, pdir.join("link.jsonl")).unwrap();
     refused(&pdir.join("link.jsonl"), "FIFO");
     // A text file posing as an image inside the folder: named, not shown.
     std::fs::write(pdir.join("img/text.png"), "root:x:0:0:root:/root:/bin/bash\n").unwrap();
-    std::fs::write(pdir.join("text.jsonl"), "{\"image\": \"img/text.png\", \"question\": \"What is in the picture?\"}\n").unwrap();
+    std::fs::write(
+        pdir.join("text.jsonl"),
+        "{\"image\": \"img/text.png\", \"question\": \"What is in the picture?\"}\n",
+    )
+    .unwrap();
     refused(&pdir.join("text.jsonl"), "not start with a PNG or JPEG signature");
     // A question longer than the context.
-    std::fs::write(pdir.join("long.jsonl"), format!("{{\"image\": \"img/a.png\", \"question\": \"{}\"}}\n", "the red circle ".repeat(100))).unwrap();
+    std::fs::write(
+        pdir.join("long.jsonl"),
+        format!("{{\"image\": \"img/a.png\", \"question\": \"{}\"}}\n", "the red circle ".repeat(100)),
+    )
+    .unwrap();
     refused(&pdir.join("long.jsonl"), "context of 256 tokens");
     assert_eq!(counts(&db.pool).await, before, "a refused import stored nothing");
     // A symlink that stays inside is followed.
     std::os::unix::fs::symlink(pdir.join("img/a.png"), pdir.join("img/alias.png")).unwrap();
-    std::fs::write(pdir.join("good.jsonl"), "{\"image\": \"img/alias.png\", \"question\": \"What is in the picture?\"}\n").unwrap();
+    std::fs::write(
+        pdir.join("good.jsonl"),
+        "{\"image\": \"img/alias.png\", \"question\": \"What is in the picture?\"}\n",
+    )
+    .unwrap();
     let r = import(&pdir.join("good.jsonl"));
     assert_eq!((r["ok"].as_bool(), r["imported"].as_i64()), (Some(true), Some(1)), "{r}");
     drop(d);
@@ -252,7 +316,12 @@ async fn refused_control_lines_are_audited_and_a_flood_is_aggregated() {
     let db = common::fresh("audit").await;
     let dir = scratch("audit");
     let d = Daemon::start(&dir, &db.url, "");
-    let rejected = || async { sqlx::query_as::<_, (Value,)>("SELECT detail FROM events WHERE kind = 'control_rejected' ORDER BY id").fetch_all(&db.pool).await.unwrap() };
+    let rejected = || async {
+        sqlx::query_as::<_, (Value,)>("SELECT detail FROM events WHERE kind = 'control_rejected' ORDER BY id")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap()
+    };
     let r = d.ctl_bytes(b"{\"cmd\":\"status\0\"}");
     assert_eq!(r["ok"], false, "{r}");
     assert!(r["error"].as_str().unwrap().contains("NUL"), "{r}");
@@ -261,7 +330,11 @@ async fn refused_control_lines_are_audited_and_a_flood_is_aggregated() {
     let rows = rejected().await;
     assert_eq!(rows.len(), 2, "{rows:?}");
     assert!(rows[0].0["line"].as_str().unwrap().contains("\\u{0000}"), "{rows:?}");
-    assert!(rows[1].0["error"].as_str().unwrap().contains("not UTF-8") && rows[1].0["line"].as_str().unwrap().contains('\u{fffd}'), "{rows:?}");
+    assert!(
+        rows[1].0["error"].as_str().unwrap().contains("not UTF-8")
+            && rows[1].0["line"].as_str().unwrap().contains('\u{fffd}'),
+        "{rows:?}"
+    );
     assert!(rows[0].0["peer_uid"].is_u64(), "{rows:?}");
 
     // 500 refused lines on one connection: each answered, at most 10 rows this minute in all.
@@ -317,11 +390,18 @@ async fn images_too_large_are_refused_from_their_header_before_decoding() {
     let d = Daemon::start_with(&dir, &db.url, "", &[("RLAIFD__SERVER__MAX_BODY_BYTES", "8388608")]);
     let big_png = png(8000, 8000);
     let mut big_jpeg = Vec::new();
-    image::RgbImage::from_pixel(6000, 6000, image::Rgb([200, 30, 30])).write_to(&mut std::io::Cursor::new(&mut big_jpeg), image::ImageFormat::Jpeg).unwrap();
+    image::RgbImage::from_pixel(6000, 6000, image::Rgb([200, 30, 30]))
+        .write_to(&mut std::io::Cursor::new(&mut big_jpeg), image::ImageFormat::Jpeg)
+        .unwrap();
     let hwm0 = d.mem_kib("VmHWM");
     for (mime, bytes, dims) in [("image/png", &big_png, "8000x8000"), ("image/jpeg", &big_jpeg, "6000x6000")] {
         let t0 = Instant::now();
-        let (st, text) = d.http("POST", "/v1/chat/completions", "application/json", &chat("Describe the image.", Some((mime, bytes)), json!({ "max_tokens": 4 })));
+        let (st, text) = d.http(
+            "POST",
+            "/v1/chat/completions",
+            "application/json",
+            &chat("Describe the image.", Some((mime, bytes)), json!({ "max_tokens": 4 })),
+        );
         assert_eq!(st, 400, "{text}");
         let m = error_message(&text);
         assert!(m.contains(dims) && m.contains("server.max_image_side"), "{m}");
@@ -345,7 +425,12 @@ async fn a_stuck_engine_thread_stops_the_watchdog_pings() {
     let notify = dir.join("notify.sock");
     let listener = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
     let sock = notify.to_str().unwrap().to_string();
-    let d = Daemon::start_with(&dir, &db.url, "", &[("NOTIFY_SOCKET", &sock), ("WATCHDOG_USEC", "400000"), ("RLAIFD_FAILPOINTS", "engine_stall")]);
+    let d = Daemon::start_with(
+        &dir,
+        &db.url,
+        "",
+        &[("NOTIFY_SOCKET", &sock), ("WATCHDOG_USEC", "400000"), ("RLAIFD_FAILPOINTS", "engine_stall")],
+    );
     // Messages received in `window`.
     let recv_for = |window: Duration| -> Vec<String> {
         let end = Instant::now() + window;
@@ -412,14 +497,29 @@ async fn a_fresh_probe_finds_nothing_that_kills_hangs_or_leaks() {
         ("n = 1e30", chat("hi", None, json!({ "n": 1e30 })), 400, "not a valid chat request"),
         ("temperature 1e39 (inf as f32)", chat("hi", None, json!({ "temperature": 1e39 })), 400, "temperature"),
         ("best_of 17", chat("hi", None, json!({ "best_of": 17 })), 400, "best_of"),
-        ("two images", {
-            let mut v: Value = serde_json::from_slice(&chat("hi", Some(("image/png", &img)), json!({}))).unwrap();
-            let part = v["messages"][0]["content"][1].clone();
-            v["messages"][0]["content"].as_array_mut().unwrap().push(part);
-            v.to_string().into_bytes()
-        }, 400, "one image"),
-        ("an image that is text", chat("hi", Some(("image/png", b"root:x:0:0:root:/root:/bin/bash")), json!({})), 400, "signature"),
-        ("4-byte characters, 20000 of them", chat(&"\u{1F600}".repeat(20_000), None, json!({ "max_tokens": 4 })), 400, "bytes"),
+        (
+            "two images",
+            {
+                let mut v: Value = serde_json::from_slice(&chat("hi", Some(("image/png", &img)), json!({}))).unwrap();
+                let part = v["messages"][0]["content"][1].clone();
+                v["messages"][0]["content"].as_array_mut().unwrap().push(part);
+                v.to_string().into_bytes()
+            },
+            400,
+            "one image",
+        ),
+        (
+            "an image that is text",
+            chat("hi", Some(("image/png", b"root:x:0:0:root:/root:/bin/bash")), json!({})),
+            400,
+            "signature",
+        ),
+        (
+            "4-byte characters, 20000 of them",
+            chat(&"\u{1F600}".repeat(20_000), None, json!({ "max_tokens": 4 })),
+            400,
+            "bytes",
+        ),
     ];
     for (what, body, want, needle) in &cases {
         let (st, text) = post(body);
@@ -430,7 +530,9 @@ async fn a_fresh_probe_finds_nothing_that_kills_hangs_or_leaks() {
     // A 256 KiB header: past the HTTP layer's 128 KiB bound on a request head, refused or cut off.
     let mut s = std::net::TcpStream::connect(&d.addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let _ = s.write_all(format!("GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(256 * 1024)).as_bytes());
+    let _ = s.write_all(
+        format!("GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(256 * 1024)).as_bytes(),
+    );
     let mut out = Vec::new();
     let _ = s.read_to_end(&mut out);
     let head = String::from_utf8_lossy(&out);
@@ -446,10 +548,17 @@ async fn a_fresh_probe_finds_nothing_that_kills_hangs_or_leaks() {
     let controls: Vec<_> = (0..40).map(|_| std::os::unix::net::UnixStream::connect(&d.socket).unwrap()).collect();
     std::thread::sleep(Duration::from_millis(300));
     let r = ctl_within(&d.socket, br#"{"cmd":"status"}"#, Duration::from_secs(10));
-    assert!(r.as_ref().map(|v| v["error"].as_str().unwrap_or("").contains("too many control connections")).unwrap_or(true), "{r:?}");
+    assert!(
+        r.as_ref().map(|v| v["error"].as_str().unwrap_or("").contains("too many control connections")).unwrap_or(true),
+        "{r:?}"
+    );
     drop(controls);
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(ctl_within(&d.socket, br#"{"cmd":"status"}"#, Duration::from_secs(10)).unwrap()["ok"], true, "control is back once they closed");
+    assert_eq!(
+        ctl_within(&d.socket, br#"{"cmd":"status"}"#, Duration::from_secs(10)).unwrap()["ok"],
+        true,
+        "control is back once they closed"
+    );
     let (st, text) = post(&chat("Describe the image.", Some(("image/png", &img)), json!({ "max_tokens": 8 })));
     assert_eq!(st, 200, "served with 500 idle connections open: {text}");
     drop(idle);

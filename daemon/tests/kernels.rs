@@ -7,11 +7,15 @@ use std::process::Command;
 
 #[test]
 fn rlaifd_compiles_every_kernel_with_nvrtc() {
-    let venv = std::env::var("RLAIFD_KERNELS_VENV").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/kernels-venv")));
-    let cu13 = std::fs::read_dir(venv.join("lib")).ok().and_then(|mut d| d.find_map(|e| {
-        let p = e.ok()?.path().join("site-packages/nvidia/cu13");
-        p.join("lib/libnvrtc.so.13").exists().then_some(p)
-    }));
+    let venv = std::env::var("RLAIFD_KERNELS_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/kernels-venv")));
+    let cu13 = std::fs::read_dir(venv.join("lib")).ok().and_then(|mut d| {
+        d.find_map(|e| {
+            let p = e.ok()?.path().join("site-packages/nvidia/cu13");
+            p.join("lib/libnvrtc.so.13").exists().then_some(p)
+        })
+    });
     let Some(cu13) = cu13 else {
         println!("SKIPPED: no NVRTC venv at {} (scripts/check-kernels creates it)", venv.display());
         return;
@@ -26,10 +30,17 @@ fn rlaifd_compiles_every_kernel_with_nvrtc() {
     println!("{out}");
     assert!(o.status.success(), "{out}\n{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(out.lines().filter(|l| l.starts_with("sm_")).count(), 2 * engine::cuda::SOURCES.len());
-    let kernels: usize = engine::cuda::SOURCES.iter().map(|(f, _)| engine::cuda::kernel_names(&engine::cuda::source(f).unwrap()).len()).sum();
+    let kernels: usize = engine::cuda::SOURCES
+        .iter()
+        .map(|(f, _)| engine::cuda::kernel_names(&engine::cuda::source(f).unwrap()).len())
+        .sum();
     assert!(out.contains(&format!("ok: {} kernels compiled", 2 * kernels)), "{out}");
     // Without NVRTC: a clear error, no panic.
-    let o = Command::new(env!("CARGO_BIN_EXE_rlaifd")).args(["kernels"]).env("LD_LIBRARY_PATH", "/nonexistent").output().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_rlaifd"))
+        .args(["kernels"])
+        .env("LD_LIBRARY_PATH", "/nonexistent")
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     if !o.status.success() {
         assert!(err.contains("libnvrtc") && !err.contains("panicked"), "{err}");

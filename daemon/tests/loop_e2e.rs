@@ -24,14 +24,26 @@ async fn one_iteration_end_to_end_then_resume() {
     let state = std::env::temp_dir().join(format!("rlaifd-loop-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&state);
     let engine = Arc::new(Engine::load(&model_dir(), &state).unwrap());
-    let cfg = LoopConfig { n: 4, max_new_tokens: 24, prompts_per_iteration: 4, pairs_per_iteration: 1, eval_count: 4, epochs: 1, batch_size: 2, promote_margin: 0.0, max_cover_drop: 1.0, ..LoopConfig::default() };
+    let cfg = LoopConfig {
+        n: 4,
+        max_new_tokens: 24,
+        prompts_per_iteration: 4,
+        pairs_per_iteration: 1,
+        eval_count: 4,
+        epochs: 1,
+        batch_size: 2,
+        promote_margin: 0.0,
+        max_cover_drop: 1.0,
+        ..LoopConfig::default()
+    };
     cfg.validate().unwrap();
     let base = store::ensure_base(pool, &model_dir().display().to_string(), None).await.unwrap();
     rlaifd::demo::ensure_shapes_prompts(pool, 3, 8, engine.ip.crop_width).await.unwrap();
     assert_eq!(store::count_prompts(pool, "train").await.unwrap(), 8);
     let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
     let s2 = seen.clone();
-    let progress: Arc<dyn Fn(Stage, usize, usize) + Send + Sync> = Arc::new(move |st, d, t| s2.lock().unwrap().push((st, d, t)));
+    let progress: Arc<dyn Fn(Stage, usize, usize) + Send + Sync> =
+        Arc::new(move |st, d, t| s2.lock().unwrap().push((st, d, t)));
     let out = run_iteration(pool, &engine, &cfg, "test", progress.clone()).await.unwrap();
     assert_eq!(out.iteration, 1);
 
@@ -49,19 +61,32 @@ async fn one_iteration_end_to_end_then_resume() {
     // The candidate: a PEFT directory whose weights match the recorded sha256, its training run, a decision.
     let cand = store::checkpoint(pool, out.candidate).await.unwrap();
     assert_eq!((cand.parent_id, cand.iteration, cand.kind.as_str()), (Some(base.id), 1, "lora"));
-    assert_eq!(cand.sha256.as_deref(), Some(rlaifd::rlaif::adapter_sha256(std::path::Path::new(&cand.path)).unwrap().as_str()));
+    assert_eq!(
+        cand.sha256.as_deref(),
+        Some(rlaifd::rlaif::adapter_sha256(std::path::Path::new(&cand.path)).unwrap().as_str())
+    );
     assert!(std::path::Path::new(&cand.path).join("adapter_config.json").exists());
     assert_eq!(cand.status, if out.promoted { "promoted" } else { "rejected" });
     assert!(cand.metrics.as_ref().unwrap()["chair_i"].as_f64().is_some());
-    let trained = scalar(pool, &format!("SELECT cardinality(pair_ids)::bigint FROM training_runs WHERE checkpoint_id = {}", cand.id)).await as usize;
+    let trained = scalar(
+        pool,
+        &format!("SELECT cardinality(pair_ids)::bigint FROM training_runs WHERE checkpoint_id = {}", cand.id),
+    )
+    .await as usize;
     assert!(trained >= 1 && trained <= out.pairs, "{trained} pairs trained of {}", out.pairs);
     assert_eq!(scalar(pool, "SELECT count(*) FROM checkpoints WHERE status = 'promoted'").await, 1);
-    assert!(store::base(pool).await.unwrap().metrics.unwrap()["chair_i"].as_f64().is_some(), "the gate measured the base too");
+    assert!(
+        store::base(pool).await.unwrap().metrics.unwrap()["chair_i"].as_f64().is_some(),
+        "the gate measured the base too"
+    );
     for kind in ["iteration_started", "candidate_saved", if out.promoted { "promoted" } else { "rejected" }] {
         assert_eq!(scalar(pool, &format!("SELECT count(*) FROM events WHERE kind = '{kind}'")).await, 1, "{kind}");
     }
     assert_eq!(store::finished_iterations(pool).await.unwrap(), 1);
-    assert!(seen.lock().unwrap().iter().any(|(s, d, t)| *s == Stage::Sample && d == t), "progress reached the end of sampling");
+    assert!(
+        seen.lock().unwrap().iter().any(|(s, d, t)| *s == Stage::Sample && d == t),
+        "progress reached the end of sampling"
+    );
 
     // A crash between training and the gate: the iteration resumes at evaluation and trains nothing again.
     let out2_it = {
@@ -80,15 +105,24 @@ async fn one_iteration_end_to_end_then_resume() {
 
     // docs/sql.md's queries and views run and answer.
     let doc = std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/sql.md")).unwrap();
-    let mut queries: Vec<String> = doc.split("```sql").skip(1).map(|b| b.split("```").next().unwrap().to_string()).collect();
-    queries.extend(doc.lines().filter_map(|l| l.strip_prefix('`')).filter(|l| l.starts_with("SELECT")).map(|l| l.split('`').next().unwrap().to_string()));
+    let mut queries: Vec<String> =
+        doc.split("```sql").skip(1).map(|b| b.split("```").next().unwrap().to_string()).collect();
+    queries.extend(
+        doc.lines()
+            .filter_map(|l| l.strip_prefix('`'))
+            .filter(|l| l.starts_with("SELECT"))
+            .map(|l| l.split('`').next().unwrap().to_string()),
+    );
     assert!(queries.len() >= 6, "{queries:?}");
     for q in &queries {
         let q = q.replace("t.checkpoint_id = 2", &format!("t.checkpoint_id = {}", out.candidate));
         let rows = sqlx::query(&q).fetch_all(pool).await.unwrap_or_else(|e| panic!("{q}: {e}"));
         assert!(!rows.is_empty(), "no rows from {q}");
     }
-    let agreement: f64 = sqlx::query_scalar("SELECT agreement::float8 FROM labeler_agreement WHERE iteration = 1").fetch_one(pool).await.unwrap();
+    let agreement: f64 = sqlx::query_scalar("SELECT agreement::float8 FROM labeler_agreement WHERE iteration = 1")
+        .fetch_one(pool)
+        .await
+        .unwrap();
     assert!((0.0..=1.0).contains(&agreement));
     db.drop_db().await;
     let _ = std::fs::remove_dir_all(&state);
@@ -112,7 +146,18 @@ async fn a_model_without_ground_truth_is_gated_on_labeler_estimated_hallucinatio
     let png = std::fs::read(fixture.join("image.png")).unwrap();
     let sha = store::insert_image(pool, &png).await.unwrap();
     for q in ["Describe the image.", "What is in the picture?", "What colour is it?", "Not used: eval_count is 3."] {
-        store::insert_prompt(pool, &store::NewPrompt { image_sha256: Some(sha.clone()), instruction: q.into(), source: "test".into(), split: "heldout".into(), ground_truth: None }).await.unwrap();
+        store::insert_prompt(
+            pool,
+            &store::NewPrompt {
+                image_sha256: Some(sha.clone()),
+                instruction: q.into(),
+                source: "test".into(),
+                split: "heldout".into(),
+                ground_truth: None,
+            },
+        )
+        .await
+        .unwrap();
     }
     let m = rlaifd::rlaif::evaluate(pool, &engine, &cfg, &base).await.unwrap();
     println!("{m}");
@@ -121,13 +166,23 @@ async fn a_model_without_ground_truth_is_gated_on_labeler_estimated_hallucinatio
     assert!(claims > 0 && rejected <= claims, "{m}");
     assert!((m["hallucination_rate"].as_f64().unwrap() - rejected as f64 / claims as f64).abs() < 1e-12);
     assert!((m["claims_per_answer"].as_f64().unwrap() - claims as f64 / 3.0).abs() < 1e-12);
-    assert_eq!(m, rlaifd::rlaif::evaluate(pool, &engine, &cfg, &base).await.unwrap(), "greedy answers and a fixed judge: deterministic");
+    assert_eq!(
+        m,
+        rlaifd::rlaif::evaluate(pool, &engine, &cfg, &base).await.unwrap(),
+        "greedy answers and a fixed judge: deterministic"
+    );
     // The gate reads these metrics as it reads CHAIR_i and Cover.
     let better = |h: f64, c: f64| serde_json::json!({ "hallucination_rate": h, "claims_per_answer": c });
     let cfg = LoopConfig { promote_margin: 0.01, max_cover_drop: 0.1, ..cfg };
     assert!(rlaifd::rlaif::better(&cfg, &better(0.2, 3.0), &better(0.3, 3.0), &better(0.3, 3.0)).0);
-    assert!(!rlaifd::rlaif::better(&cfg, &better(0.295, 3.0), &better(0.3, 3.0), &better(0.3, 3.0)).0, "within the margin");
-    assert!(!rlaifd::rlaif::better(&cfg, &better(0.1, 2.0), &better(0.3, 3.0), &better(0.3, 3.0)).0, "says much less than the base");
+    assert!(
+        !rlaifd::rlaif::better(&cfg, &better(0.295, 3.0), &better(0.3, 3.0), &better(0.3, 3.0)).0,
+        "within the margin"
+    );
+    assert!(
+        !rlaifd::rlaif::better(&cfg, &better(0.1, 2.0), &better(0.3, 3.0), &better(0.3, 3.0)).0,
+        "says much less than the base"
+    );
     db.drop_db().await;
     let _ = std::fs::remove_dir_all(&state);
 }

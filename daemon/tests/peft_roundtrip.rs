@@ -13,9 +13,15 @@ fn root() -> PathBuf {
 fn saved_adapters_load_in_peft_with_the_same_logprobs() {
     let python = root().join("tools/.venv/bin/python");
     let has_torch = python.is_file()
-        && Command::new(&python).args(["-c", "import torch, peft, transformers"]).output().map(|o| o.status.success()).unwrap_or(false);
+        && Command::new(&python)
+            .args(["-c", "import torch, peft, transformers"])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
     if !has_torch {
-        println!("SKIPPED: tools/.venv with torch/peft is not installed (run tools/pyenv.sh); peft round trip not checked");
+        println!(
+            "SKIPPED: tools/.venv with torch/peft is not installed (run tools/pyenv.sh); peft round trip not checked"
+        );
         return;
     }
     let d = std::env::temp_dir().join(format!("rlaifd-peft-rt-{}", std::process::id()));
@@ -30,22 +36,37 @@ fn saved_adapters_load_in_peft_with_the_same_logprobs() {
         let model_dir = root().join("tests/fixtures/llava").join(case).join("model");
         let out = d.join(format!("{case}-{projector}"));
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_rlaifd"));
-        cmd.args(["train-dpo", "--model", model_dir.to_str().unwrap(), "--pairs", root().join(pairs).to_str().unwrap()])
-            .args(["--out", out.to_str().unwrap(), "--epochs", "3", "--batch-size", "3", "--r", "4", "--lr", "5e-3"])
-            .args(["--target-modules", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"]);
+        cmd.args([
+            "train-dpo",
+            "--model",
+            model_dir.to_str().unwrap(),
+            "--pairs",
+            root().join(pairs).to_str().unwrap(),
+        ])
+        .args(["--out", out.to_str().unwrap(), "--epochs", "3", "--batch-size", "3", "--r", "4", "--lr", "5e-3"])
+        .args(["--target-modules", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"]);
         if projector {
             cmd.arg("--train-projector");
         }
         let st = cmd.output().unwrap();
         assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
-        let exp: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(root().join("tests/fixtures/llava").join(case).join("expected.json")).unwrap()).unwrap();
+        let exp: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(root().join("tests/fixtures/llava").join(case).join("expected.json")).unwrap(),
+        )
+        .unwrap();
         let ids = exp["input_ids"].to_string();
         let image = root().join("tests/fixtures/llava").join(case).join("image.png");
         let mut py = Command::new(&python);
         py.arg(root().join("tools/peft_logprobs.py")).args([model_dir.to_str().unwrap(), out.to_str().unwrap(), &ids]);
         let mut ours = Command::new(env!("CARGO_BIN_EXE_rlaifd"));
-        ours.args(["logprobs", "--model", model_dir.to_str().unwrap(), "--adapter", out.to_str().unwrap(), "--input-ids"]);
+        ours.args([
+            "logprobs",
+            "--model",
+            model_dir.to_str().unwrap(),
+            "--adapter",
+            out.to_str().unwrap(),
+            "--input-ids",
+        ]);
         ours.arg(ids.trim_matches(|c| c == '[' || c == ']'));
         if with_image {
             py.arg(&image);

@@ -31,7 +31,17 @@ fn tmp(name: &str) -> PathBuf {
 fn eval_report() -> &'static Value {
     static REPORT: OnceLock<Value> = OnceLock::new();
     REPORT.get_or_init(|| {
-        let out = rlaifd(&["eval", "hallucination", "--model", base_model().to_str().unwrap(), "--seed", "1000000", "--count", "200", "--json"]);
+        let out = rlaifd(&[
+            "eval",
+            "hallucination",
+            "--model",
+            base_model().to_str().unwrap(),
+            "--seed",
+            "1000000",
+            "--count",
+            "200",
+            "--json",
+        ]);
         serde_json::from_slice(&out.stdout).expect("eval prints one JSON object")
     })
 }
@@ -41,7 +51,10 @@ fn committed_base_model_hallucinates_in_captions_but_answers_yes_no_well() {
     let r = eval_report();
     let chair_i = r["caption"]["chair_i"].as_f64().unwrap();
     let acc = r["existence"]["accuracy"].as_f64().unwrap();
-    println!("CHAIR_i {chair_i:.3}, CHAIR_s {:.3}, existence accuracy {acc:.3}", r["caption"]["chair_s"].as_f64().unwrap());
+    println!(
+        "CHAIR_i {chair_i:.3}, CHAIR_s {:.3}, existence accuracy {acc:.3}",
+        r["caption"]["chair_s"].as_f64().unwrap()
+    );
     assert!((0.15..=0.35).contains(&chair_i), "CHAIR_i {chair_i} outside the 15-35 % band");
     assert!(acc >= 0.90, "yes/no existence accuracy {acc} < 0.90");
     for split in ["random", "popular", "adversarial"] {
@@ -59,7 +72,8 @@ fn prompts(dir: &Path) -> (PathBuf, HashMap<String, Vec<String>>) {
     for line in std::fs::read_to_string(dir.join("img/index.jsonl")).unwrap().lines() {
         let v: Value = serde_json::from_str(line).unwrap();
         let image = format!("img/{}", v["image"].as_str().unwrap());
-        let objects: Vec<String> = v["objects"].as_array().unwrap().iter().map(|o| o.as_str().unwrap().to_string()).collect();
+        let objects: Vec<String> =
+            v["objects"].as_array().unwrap().iter().map(|o| o.as_str().unwrap().to_string()).collect();
         lines.push_str(&serde_json::json!({ "image": image, "question": "Describe the image." }).to_string());
         lines.push('\n');
         truth.insert(image, objects);
@@ -71,8 +85,21 @@ fn prompts(dir: &Path) -> (PathBuf, HashMap<String, Vec<String>>) {
 
 fn label(prompts: &Path, out: &Path, seed: &str) {
     rlaifd(&[
-        "label", "--model", base_model().to_str().unwrap(), "--labeler", "self", "--prompts", prompts.to_str().unwrap(),
-        "--out", out.to_str().unwrap(), "--n", "8", "--seed", seed, "--max-new-tokens", "48",
+        "label",
+        "--model",
+        base_model().to_str().unwrap(),
+        "--labeler",
+        "self",
+        "--prompts",
+        prompts.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--n",
+        "8",
+        "--seed",
+        seed,
+        "--max-new-tokens",
+        "48",
     ]);
 }
 
@@ -90,16 +117,28 @@ fn label_writes_replayable_pairs_whose_claims_are_the_mentions_and_feeds_train_d
     assert!(pairs.len() >= 5, "only {} pairs from 40 prompts", pairs.len());
     for p in &pairs {
         // The RLAIF-V schema, joined to what produced each pair.
-        for k in ["image_path", "question", "chosen", "rejected", "ref_chosen_logps", "ref_rejected_logps", "chosen_seed", "rejected_seed"] {
+        for k in [
+            "image_path",
+            "question",
+            "chosen",
+            "rejected",
+            "ref_chosen_logps",
+            "ref_rejected_logps",
+            "chosen_seed",
+            "rejected_seed",
+        ] {
             assert!(!p[k].is_null(), "pair lacks {k}: {p}");
         }
         assert!(truth.contains_key(p["image_path"].as_str().unwrap()), "image_path relative to the pairs file");
         let (c, r) = (p["chosen"].as_str().unwrap(), p["rejected"].as_str().unwrap());
         assert_ne!(c.trim(), r.trim());
         // Score = -(rejected claims), chosen higher by at least one.
-        for (text, claims, score) in [(c, &p["chosen_claims"], &p["chosen_score"]), (r, &p["rejected_claims"], &p["rejected_score"])] {
+        for (text, claims, score) in
+            [(c, &p["chosen_claims"], &p["chosen_score"]), (r, &p["rejected_claims"], &p["rejected_score"])]
+        {
             let claims = claims.as_array().unwrap();
-            let claimed: BTreeSet<String> = claims.iter().map(|x| mentions(x["claim"].as_str().unwrap()).into_iter().next().unwrap()).collect();
+            let claimed: BTreeSet<String> =
+                claims.iter().map(|x| mentions(x["claim"].as_str().unwrap()).into_iter().next().unwrap()).collect();
             assert_eq!(claimed, mentions(text), "the claims of {text:?} are exactly its object mentions");
             let rejected = claims.iter().filter(|x| !x["accepted"].as_bool().unwrap()).count() as i64;
             assert_eq!(score.as_i64().unwrap(), -rejected);
@@ -120,12 +159,18 @@ fn label_writes_replayable_pairs_whose_claims_are_the_mentions_and_feeds_train_d
     let meta: Value = serde_json::from_str(&std::fs::read_to_string(d.join("pairs.jsonl.meta.json")).unwrap()).unwrap();
     let lb = &meta["summary"]["length_balance"];
     let gap = |a: &str, b: &str| (lb[a].as_f64().unwrap() - lb[b].as_f64().unwrap()).abs();
-    assert!(gap("mean_words_chosen_after", "mean_words_rejected_after") <= gap("mean_words_chosen_before", "mean_words_rejected_before"));
+    assert!(
+        gap("mean_words_chosen_after", "mean_words_rejected_after")
+            <= gap("mean_words_chosen_before", "mean_words_rejected_before")
+    );
     assert_eq!(meta["config"]["seed"], 5);
     assert_eq!(meta["extractor"], "shapes");
     // The device is recorded (auto: the CPU on a machine without a CUDA driver).
     let device = meta["device"].as_str().unwrap_or_default();
-    assert!(device == "cpu" || (device.starts_with("cuda:") && engine::cuda::driver_status().is_ok()), "device {device:?}");
+    assert!(
+        device == "cpu" || (device.starts_with("cuda:") && engine::cuda::driver_status().is_ok()),
+        "device {device:?}"
+    );
 
     // Same seed, same pairs, byte for byte; another seed draws other answers.
     let again = d.join("again.jsonl");
@@ -137,7 +182,21 @@ fn label_writes_replayable_pairs_whose_claims_are_the_mentions_and_feeds_train_d
 
     // The pairs feed train-dpo directly.
     let adapter = d.join("adapter");
-    rlaifd(&["train-dpo", "--model", base_model().to_str().unwrap(), "--pairs", out.to_str().unwrap(), "--out", adapter.to_str().unwrap(), "--epochs", "1", "--r", "4", "--stop-after", "2"]);
+    rlaifd(&[
+        "train-dpo",
+        "--model",
+        base_model().to_str().unwrap(),
+        "--pairs",
+        out.to_str().unwrap(),
+        "--out",
+        adapter.to_str().unwrap(),
+        "--epochs",
+        "1",
+        "--r",
+        "4",
+        "--stop-after",
+        "2",
+    ]);
     assert!(adapter.join("adapter_model.safetensors").is_file());
     std::fs::remove_dir_all(&d).ok();
 }
@@ -151,8 +210,21 @@ fn label_pairs_prefer_answers_that_hallucinate_less() {
     // measured in its README: the base model believes its own shape confusions).
     let labeler = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../assets/shapes-labeler");
     rlaifd(&[
-        "label", "--model", base_model().to_str().unwrap(), "--labeler", labeler.to_str().unwrap(), "--prompts", prompts.to_str().unwrap(),
-        "--out", out.to_str().unwrap(), "--n", "8", "--seed", "5", "--max-new-tokens", "48",
+        "label",
+        "--model",
+        base_model().to_str().unwrap(),
+        "--labeler",
+        labeler.to_str().unwrap(),
+        "--prompts",
+        prompts.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--n",
+        "8",
+        "--seed",
+        "5",
+        "--max-new-tokens",
+        "48",
     ]);
     let pairs = read_pairs(&out);
     let hallucinated = |text: &str, objs: &[String]| mentions(text).iter().filter(|m| !objs.contains(m)).count();
@@ -172,15 +244,29 @@ fn label_pairs_prefer_answers_that_hallucinate_less() {
     let share = better as f64 / pairs.len().max(1) as f64;
     let verdict_acc = correct as f64 / verdicts.max(1) as f64;
     let yes_no_acc = eval_report()["existence"]["accuracy"].as_f64().unwrap();
-    let out = rlaifd(&["eval", "hallucination", "--model", labeler.to_str().unwrap(), "--seed", "1000000", "--count", "200", "--json"]);
-    let labeler_yes_no: f64 = serde_json::from_slice::<Value>(&out.stdout).unwrap()["existence"]["accuracy"].as_f64().unwrap();
+    let out = rlaifd(&[
+        "eval",
+        "hallucination",
+        "--model",
+        labeler.to_str().unwrap(),
+        "--seed",
+        "1000000",
+        "--count",
+        "200",
+        "--json",
+    ]);
+    let labeler_yes_no: f64 =
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()["existence"]["accuracy"].as_f64().unwrap();
     println!("{} pairs, chosen hallucinates less in {:.1} %, verdict accuracy {verdict_acc:.3} (policy yes/no accuracy {yes_no_acc:.3}, labeler's {labeler_yes_no:.3})", pairs.len(), 100.0 * share);
     assert!(pairs.len() >= 10, "only {} pairs from 40 prompts", pairs.len());
     assert!(share >= 0.9, "chosen hallucinates less in only {:.1} % of pairs", 100.0 * share);
     // Verdicts on the policy's claims are at least as accurate as the policy's yes/no answers on POPE questions,
     // and within 2 points (the sample size) of the labeler's own.
     assert!(verdict_acc >= yes_no_acc, "verdict accuracy {verdict_acc} vs the policy's yes/no accuracy {yes_no_acc}");
-    assert!(verdict_acc >= labeler_yes_no - 0.02, "verdict accuracy {verdict_acc} vs the labeler's yes/no accuracy {labeler_yes_no}");
+    assert!(
+        verdict_acc >= labeler_yes_no - 0.02,
+        "verdict accuracy {verdict_acc} vs the labeler's yes/no accuracy {labeler_yes_no}"
+    );
     std::fs::remove_dir_all(&d).ok();
 }
 
@@ -192,7 +278,15 @@ fn label_rejects_bad_input_naming_it_and_writes_nothing() {
     let run = |prompts: &str, extra: &[&str]| {
         let p = d.join("p.jsonl");
         std::fs::write(&p, prompts).unwrap();
-        let mut args = vec!["label", "--model", model.to_str().unwrap(), "--prompts", p.to_str().unwrap(), "--out", out.to_str().unwrap()];
+        let mut args = vec![
+            "label",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompts",
+            p.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ];
         args.extend_from_slice(extra);
         let o = Command::new(env!("CARGO_BIN_EXE_rlaifd")).args(&args).output().unwrap();
         assert!(!o.status.success(), "{prompts:?} {extra:?} was accepted");

@@ -15,7 +15,18 @@ fn png(seed: u8) -> Vec<u8> {
 
 async fn prompt(pool: &sqlx::PgPool, seed: u8) -> i64 {
     let sha = store::insert_image(pool, &png(seed)).await.unwrap();
-    store::insert_prompt(pool, &NewPrompt { image_sha256: Some(sha), instruction: "Describe the image.".into(), source: "test".into(), split: "train".into(), ground_truth: None }).await.unwrap()
+    store::insert_prompt(
+        pool,
+        &NewPrompt {
+            image_sha256: Some(sha),
+            instruction: "Describe the image.".into(),
+            source: "test".into(),
+            split: "train".into(),
+            ground_truth: None,
+        },
+    )
+    .await
+    .unwrap()
 }
 
 async fn count(pool: &sqlx::PgPool, table: &str) -> i64 {
@@ -27,20 +38,43 @@ async fn migrations_create_the_lineage_schema_and_rerun_as_no_ops() {
     let db = common::fresh("migrate").await;
     // A second start-up (and the CLI) applies nothing new and fails nothing.
     rlaifd::db::open(&db.url, 1).await.unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rlaifd")).args(["migrate", "--database-url", &db.url]).output().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rlaifd"))
+        .args(["migrate", "--database-url", &db.url])
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let tables: Vec<String> = sqlx::query_scalar("SELECT table_name::text FROM information_schema.tables WHERE table_schema = 'public' ORDER BY 1").fetch_all(&db.pool).await.unwrap();
-    for t in ["checkpoints", "claims", "events", "images", "iterations", "jobs", "pairs", "prompts", "responses", "training_runs"] {
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT table_name::text FROM information_schema.tables WHERE table_schema = 'public' ORDER BY 1",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    for t in [
+        "checkpoints",
+        "claims",
+        "events",
+        "images",
+        "iterations",
+        "jobs",
+        "pairs",
+        "prompts",
+        "responses",
+        "training_runs",
+    ] {
         assert!(tables.contains(&t.to_string()), "missing table {t}: {tables:?}");
     }
-    let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success").fetch_one(&db.pool).await.unwrap();
+    let applied: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success").fetch_one(&db.pool).await.unwrap();
     assert_eq!(applied as usize, rlaifd::db::MIGRATOR.iter().count());
     db.drop_db().await;
 }
 
 #[tokio::test]
 async fn a_bad_database_url_is_refused_with_the_server_named() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rlaifd")).args(["migrate", "--database-url", "postgres://postgres@127.0.0.1:1/nope"]).output().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rlaifd"))
+        .args(["migrate", "--database-url", "postgres://postgres@127.0.0.1:1/nope"])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("127.0.0.1:1") && err.contains("DATABASE_URL"), "{err}");
@@ -61,15 +95,31 @@ async fn retried_stages_store_nothing_twice() {
     assert_eq!(base.status, "promoted");
     assert_eq!(store::ensure_base(pool, "/models/base", None).await.unwrap(), base);
     // A second promoted checkpoint is impossible.
-    let second = sqlx::query("INSERT INTO checkpoints (parent_id, iteration, kind, path, status) VALUES ($1, 1, 'lora', '/x', 'promoted')").bind(base.id).execute(pool).await;
+    let second = sqlx::query(
+        "INSERT INTO checkpoints (parent_id, iteration, kind, path, status) VALUES ($1, 1, 'lora', '/x', 'promoted')",
+    )
+    .bind(base.id)
+    .execute(pool)
+    .await;
     assert!(second.is_err(), "two promoted checkpoints");
 
     let cfg = serde_json::json!({});
     let it = store::start_iteration(pool, &cfg, &[p], false).await.unwrap();
-    assert_eq!(store::start_iteration(pool, &cfg, &[p], false).await.unwrap(), it, "starting is idempotent while one is open");
+    assert_eq!(
+        store::start_iteration(pool, &cfg, &[p], false).await.unwrap(),
+        it,
+        "starting is idempotent while one is open"
+    );
     let jobs = store::claim_jobs(pool, "sample", "w1", 10, 60.0).await.unwrap();
     assert_eq!(jobs.len(), 1);
-    let answers: Vec<NewResponse> = (0..3).map(|s| NewResponse { seed: s, text: format!("answer {s}"), tokens: vec![5, 6, s as u32], finish: "stop".into() }).collect();
+    let answers: Vec<NewResponse> = (0..3)
+        .map(|s| NewResponse {
+            seed: s,
+            text: format!("answer {s}"),
+            tokens: vec![5, 6, s as u32],
+            finish: "stop".into(),
+        })
+        .collect();
     let dec = serde_json::json!({ "temperature": 0.7 });
     assert!(store::finish_sample(pool, &jobs[0], "w1", base.id, &dec, &answers).await.unwrap());
     // The same job finished again (a worker that did not know it was done) stores nothing.
@@ -81,9 +131,25 @@ async fn retried_stages_store_nothing_twice() {
 
     let label = store::claim_jobs(pool, "label", "w2", 10, 60.0).await.unwrap();
     assert_eq!(label.len(), 1, "a finished sample job queues exactly one label job");
-    let claim = |ok: bool| NewClaim { claim: "There is a red circle.".into(), question: "Is there a red circle in the image?".into(), p_yes: if ok { 0.9 } else { 0.1 }, p_no: if ok { 0.1 } else { 0.9 }, accepted: ok };
-    let labeled = vec![(rows[1].id, Some(0), vec![claim(true)]), (rows[2].id, Some(-1), vec![claim(false)]), (rows[0].id, None, vec![])];
-    let pairs = vec![NewPair { chosen_id: rows[1].id, rejected_id: rows[2].id, score_gap: 1, ref_logp_chosen: -3.0, ref_logp_rejected: -4.0 }];
+    let claim = |ok: bool| NewClaim {
+        claim: "There is a red circle.".into(),
+        question: "Is there a red circle in the image?".into(),
+        p_yes: if ok { 0.9 } else { 0.1 },
+        p_no: if ok { 0.1 } else { 0.9 },
+        accepted: ok,
+    };
+    let labeled = vec![
+        (rows[1].id, Some(0), vec![claim(true)]),
+        (rows[2].id, Some(-1), vec![claim(false)]),
+        (rows[0].id, None, vec![]),
+    ];
+    let pairs = vec![NewPair {
+        chosen_id: rows[1].id,
+        rejected_id: rows[2].id,
+        score_gap: 1,
+        ref_logp_chosen: -3.0,
+        ref_logp_rejected: -4.0,
+    }];
     assert!(store::finish_label(pool, &label[0], "w2", "self:1", base.id, &labeled, &pairs).await.unwrap());
     assert!(!store::finish_label(pool, &label[0], "w2", "self:1", base.id, &labeled, &pairs).await.unwrap());
     assert_eq!((count(pool, "claims").await, count(pool, "pairs").await), (2, 1));
@@ -93,7 +159,13 @@ async fn retried_stages_store_nothing_twice() {
     let same = sqlx::query("INSERT INTO pairs (iteration_id, prompt_id, chosen_id, rejected_id, score_gap, ref_checkpoint_id, ref_logp_chosen, ref_logp_rejected) VALUES ($1, $2, $3, $3, 1, $4, 0, 0)");
     assert!(same.bind(it.id).bind(p).bind(rows[1].id).bind(base.id).execute(pool).await.is_err());
     assert_eq!(store::job_counts(pool, it.id).await.unwrap(), (0, 2, 0));
-    let scores: Vec<Option<i32>> = sqlx::query("SELECT score FROM responses ORDER BY seed").fetch_all(pool).await.unwrap().iter().map(|r| r.get("score")).collect();
+    let scores: Vec<Option<i32>> = sqlx::query("SELECT score FROM responses ORDER BY seed")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get("score"))
+        .collect();
     assert_eq!(scores, vec![Some(0), Some(-1), None], "seeds 0, 1, 2");
     db.drop_db().await;
 }

@@ -18,7 +18,17 @@ fn systemd_unit_verifies_and_is_hardened() {
         return;
     }
     let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../systemd/rlaifd.service")).unwrap();
-    for want in ["Type=notify", "WatchdogSec=", "StateDirectory=rlaifd", "RuntimeDirectory=rlaifd", "Restart=on-failure", "NoNewPrivileges=yes", "ProtectSystem=strict", "DeviceAllow=/dev/nvidiactl", "ExecStart=/usr/local/bin/rlaifd serve"] {
+    for want in [
+        "Type=notify",
+        "WatchdogSec=",
+        "StateDirectory=rlaifd",
+        "RuntimeDirectory=rlaifd",
+        "Restart=on-failure",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "DeviceAllow=/dev/nvidiactl",
+        "ExecStart=/usr/local/bin/rlaifd serve",
+    ] {
         assert!(unit.contains(want), "the unit lacks {want}");
     }
     let dir = std::env::temp_dir().join(format!("rlaifd-unit-{}", std::process::id()));
@@ -31,11 +41,19 @@ fn systemd_unit_verifies_and_is_hardened() {
     let out = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
     match out.lines().find(|l| l.contains("Overall exposure level")) {
         Some(l) => {
-            let score: f64 = l.split(':').nth(1).and_then(|s| s.split_whitespace().next()).and_then(|s| s.parse().ok()).unwrap_or(10.0);
+            let score: f64 = l
+                .split(':')
+                .nth(1)
+                .and_then(|s| s.split_whitespace().next())
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(10.0);
             println!("{}", l.trim());
             assert!(score <= 4.0, "exposure {score} (OK is below 4.5 on systemd's scale): {out}");
         }
-        None => println!("SKIPPED security rating: this systemd-analyze has no offline security ({})", out.lines().next().unwrap_or("")),
+        None => println!(
+            "SKIPPED security rating: this systemd-analyze has no offline security ({})",
+            out.lines().next().unwrap_or("")
+        ),
     }
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -19,27 +19,37 @@ fn run(args: &[&str]) -> (bool, String, String) {
     // $RLAIFD_BIN: the rlaifd binary beside this test's on a GPU host (scripts/gpu-check.sh).
     let bin = std::env::var("RLAIFD_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_rlaifd").to_string());
     let out = Command::new(bin).args(args).output().expect("run rlaifd");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
 fn grad_prints_loss_and_writes_gradients_under_adapter_keys() {
     let case = root().join("tests/fixtures/grad/l15_4x_f32_gqa_tied_lora");
-    let exp: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(case.join("expected.json")).unwrap()).unwrap();
+    let exp: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(case.join("expected.json")).unwrap()).unwrap();
     let out = tmp("grad").join("grads.safetensors");
     let (ok, stdout, stderr) = run(&[
         "grad",
-        "--model", case.join(exp["model_dir"].as_str().unwrap()).to_str().unwrap(),
-        "--adapter", case.join(exp["adapter_dir"].as_str().unwrap()).to_str().unwrap(),
-        "--pairs", case.join("pairs.jsonl").to_str().unwrap(),
-        "--beta", &exp["beta"].to_string(),
-        "--out", out.to_str().unwrap(),
+        "--model",
+        case.join(exp["model_dir"].as_str().unwrap()).to_str().unwrap(),
+        "--adapter",
+        case.join(exp["adapter_dir"].as_str().unwrap()).to_str().unwrap(),
+        "--pairs",
+        case.join("pairs.jsonl").to_str().unwrap(),
+        "--beta",
+        &exp["beta"].to_string(),
+        "--out",
+        out.to_str().unwrap(),
     ]);
     assert!(ok, "{stderr}");
     let v: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
     let loss = v["loss"].as_f64().unwrap();
     assert!((loss - exp["loss"].as_f64().unwrap()).abs() < 1e-5, "{loss}");
-    let got = engine::weights::WeightStore::open_files(&[out.clone()]).unwrap();
+    let got = engine::weights::WeightStore::open_files(std::slice::from_ref(&out)).unwrap();
     let want = engine::weights::WeightStore::open_files(&[case.join("grads.safetensors")]).unwrap();
     let mut keys: Vec<&str> = want.keys().collect();
     keys.sort();
@@ -60,8 +70,29 @@ fn train_args<'a>(model: &'a str, pairs: &'a str, out: &'a str) -> Vec<&'a str> 
 
 fn train_args_on<'a>(device: &'a str, model: &'a str, pairs: &'a str, out: &'a str) -> Vec<&'a str> {
     vec![
-        "train-dpo", "--model", model, "--pairs", pairs, "--out", out, "--epochs", "4", "--batch-size", "2", "--lr", "1e-3", "--r", "4",
-        "--lora-alpha", "8", "--warmup-ratio", "0.25", "--seed", "5", "--device", device,
+        "train-dpo",
+        "--model",
+        model,
+        "--pairs",
+        pairs,
+        "--out",
+        out,
+        "--epochs",
+        "4",
+        "--batch-size",
+        "2",
+        "--lr",
+        "1e-3",
+        "--r",
+        "4",
+        "--lora-alpha",
+        "8",
+        "--warmup-ratio",
+        "0.25",
+        "--seed",
+        "5",
+        "--device",
+        device,
     ]
 }
 
@@ -75,7 +106,13 @@ fn tensors(path: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
 fn distance(a: &Path, b: &Path) -> f64 {
     let (ta, tb) = (tensors(a), tensors(b));
     assert!(!ta.is_empty(), "{} holds no tensors", a.display());
-    assert_eq!(ta.keys().collect::<Vec<_>>(), tb.keys().collect::<Vec<_>>(), "{} and {} hold different tensors", a.display(), b.display());
+    assert_eq!(
+        ta.keys().collect::<Vec<_>>(),
+        tb.keys().collect::<Vec<_>>(),
+        "{} and {} hold different tensors",
+        a.display(),
+        b.display()
+    );
     let (mut d, mut n) = (0.0f64, 0.0f64);
     for (k, x) in &ta {
         for (u, v) in x.iter().zip(&tb[k]) {
@@ -90,7 +127,13 @@ fn distance(a: &Path, b: &Path) -> f64 {
 /// CPU fallback), records the loss scale, and a run paused after `pause` steps resumes on the GPU where it stopped
 /// or crosses to the CPU with its moments, step count and loss scale. `weights` names the trained file. Prints why
 /// and passes where no GPU exists (scripts/emu-check runs it on cuemu).
-fn gpu_run_pauses_and_resumes(d: &Path, args: &dyn Fn(&str, &str) -> Vec<String>, steps: usize, pause: usize, weights: &str) {
+fn gpu_run_pauses_and_resumes(
+    d: &Path,
+    args: &dyn Fn(&str, &str) -> Vec<String>,
+    steps: usize,
+    pause: usize,
+    weights: &str,
+) {
     let dir = |name: &str| d.join(name).to_str().unwrap().to_string();
     let (gpu, gpu_split, cpu, crossed) = (dir("gpu"), dir("gpu-split"), dir("cpu"), dir("crossed"));
     let go = |device: &str, out: &str, extra: &[&str]| {
@@ -106,17 +149,27 @@ fn gpu_run_pauses_and_resumes(d: &Path, args: &dyn Fn(&str, &str) -> Vec<String>
     }
     assert!(ok, "{stderr}");
     println!("{}", stderr.lines().find(|l| l.contains("training on")).unwrap_or("?"));
-    assert!(stderr.contains("training on cuda:0") && !stderr.contains("training on the CPU"), "not trained on the GPU: {stderr}");
+    assert!(
+        stderr.contains("training on cuda:0") && !stderr.contains("training on the CPU"),
+        "not trained on the GPU: {stderr}"
+    );
     assert_eq!(n, steps, "one JSON log line per step");
-    let state: serde_json::Value = serde_json::from_slice(&std::fs::read(Path::new(&gpu).join("trainer_state.json")).unwrap()).unwrap();
-    assert!(state["loss_scale"]["scale"].as_f64().unwrap_or(0.0) >= 1.0, "trainer_state.json lacks the loss scale: {state}");
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(Path::new(&gpu).join("trainer_state.json")).unwrap()).unwrap();
+    assert!(
+        state["loss_scale"]["scale"].as_f64().unwrap_or(0.0) >= 1.0,
+        "trainer_state.json lacks the loss scale: {state}"
+    );
     // Paused on the GPU, resumed on the GPU.
     let (ok, n, stderr) = go("cuda", &gpu_split, &["--stop-after", &pause.to_string()]);
     assert!(ok && n == pause, "{stderr}");
     let (ok, n, stderr) = go("cuda", &gpu_split, &["--resume"]);
     assert!(ok && n == steps - pause, "{stderr}");
     let f = |d: &str, name: &str| Path::new(d).join(name);
-    let (dw, dm) = (distance(&f(&gpu, weights), &f(&gpu_split, weights)), distance(&f(&gpu, "optimizer.safetensors"), &f(&gpu_split, "optimizer.safetensors")));
+    let (dw, dm) = (
+        distance(&f(&gpu, weights), &f(&gpu_split, weights)),
+        distance(&f(&gpu, "optimizer.safetensors"), &f(&gpu_split, "optimizer.safetensors")),
+    );
     println!("GPU in one go vs paused and resumed on the GPU: weights {dw:.2e}, moments {dm:.2e} (relative L2)");
     assert!(dw <= 1e-3 && dm <= 1e-3, "resuming on the GPU changed the run: weights {dw:.2e}, moments {dm:.2e}");
     // Paused on the GPU, resumed on the CPU: ends near a whole CPU run.
@@ -126,7 +179,8 @@ fn gpu_run_pauses_and_resumes(d: &Path, args: &dyn Fn(&str, &str) -> Vec<String>
     assert!(ok, "{stderr}");
     let (ok, n, stderr) = go("cpu", &crossed, &["--resume"]);
     assert!(ok && n == steps - pause, "{stderr}");
-    let (cross, devices) = (distance(&f(&cpu, weights), &f(&crossed, weights)), distance(&f(&cpu, weights), &f(&gpu, weights)));
+    let (cross, devices) =
+        (distance(&f(&cpu, weights), &f(&crossed, weights)), distance(&f(&cpu, weights), &f(&gpu, weights)));
     println!("trained weights vs a CPU run: GPU then CPU {cross:.2e}, GPU only {devices:.2e}");
     // fp16 rounding in the first steps moves the weights by about 1e-3 (cuemu: 4e-4 for DPO, 9e-4 for SFT); losing
     // the moments at the crossing moves them by 1e-2 or more (measured on cuemu by dropping them: 1.0e-2 and 1.9e-2).
@@ -174,8 +228,15 @@ fn train_dpo_of_the_image_path_on_the_gpu_pauses_and_resumes_on_the_gpu_or_the_c
     gpu_run_pauses_and_resumes(&d, &args, 8, 3, "adapter_model.safetensors");
     if d.join("gpu").is_dir() {
         let t = tensors(&d.join("gpu").join("adapter_model.safetensors"));
-        let (vision, projector) = (t.keys().filter(|k| k.contains("vision_tower") && k.contains("lora_")).count(), t.keys().filter(|k| k.contains("multi_modal_projector")).count());
-        assert!(vision > 0 && projector == 4, "the adapter should hold vision-tower LoRA and the projector's 4 tensors: {:?}", t.keys().collect::<Vec<_>>());
+        let (vision, projector) = (
+            t.keys().filter(|k| k.contains("vision_tower") && k.contains("lora_")).count(),
+            t.keys().filter(|k| k.contains("multi_modal_projector")).count(),
+        );
+        assert!(
+            vision > 0 && projector == 4,
+            "the adapter should hold vision-tower LoRA and the projector's 4 tensors: {:?}",
+            t.keys().collect::<Vec<_>>()
+        );
     }
     let _ = std::fs::remove_dir_all(&d);
 }
@@ -206,7 +267,11 @@ fn train_dpo_resume_gives_the_same_weights_as_an_uninterrupted_run() {
     assert!(ok, "{stderr}");
     assert_eq!(stdout.lines().count(), 5, "steps 4..8");
     for f in ["adapter_model.safetensors", "optimizer.safetensors"] {
-        assert_eq!(std::fs::read(straight.join(f)).unwrap(), std::fs::read(split.join(f)).unwrap(), "{f} differs after resume");
+        assert_eq!(
+            std::fs::read(straight.join(f)).unwrap(),
+            std::fs::read(split.join(f)).unwrap(),
+            "{f} differs after resume"
+        );
     }
     // Resuming with other settings is refused and changes nothing.
     let before = std::fs::read(split.join("adapter_model.safetensors")).unwrap();
@@ -230,8 +295,21 @@ fn train_dpo_reads_the_rlaif_v_text_schema_with_images() {
     std::fs::write(d.join("pairs.jsonl"), lines.join("\n")).unwrap();
     let out = d.join("adapter");
     let (ok, stdout, stderr) = run(&[
-        "train-dpo", "--model", case.join("model").to_str().unwrap(), "--pairs", d.join("pairs.jsonl").to_str().unwrap(),
-        "--out", out.to_str().unwrap(), "--epochs", "2", "--batch-size", "2", "--r", "4", "--lr", "1e-3",
+        "train-dpo",
+        "--model",
+        case.join("model").to_str().unwrap(),
+        "--pairs",
+        d.join("pairs.jsonl").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "2",
+        "--r",
+        "4",
+        "--lr",
+        "1e-3",
     ]);
     assert!(ok, "{stderr}");
     assert_eq!(stdout.lines().count(), 2);
@@ -240,10 +318,17 @@ fn train_dpo_reads_the_rlaif_v_text_schema_with_images() {
     let ad = model.load_adapter(&out).unwrap();
     assert!(!ad.module_names().is_empty());
     // A broken line is named and nothing is written.
-    std::fs::write(d.join("bad.jsonl"), format!("{}\n{{\"image_path\": \"img.png\", \"question\": 3}}\n", lines[0])).unwrap();
+    std::fs::write(d.join("bad.jsonl"), format!("{}\n{{\"image_path\": \"img.png\", \"question\": 3}}\n", lines[0]))
+        .unwrap();
     let out2 = d.join("adapter2");
     let (ok, stdout, stderr) = run(&[
-        "train-dpo", "--model", case.join("model").to_str().unwrap(), "--pairs", d.join("bad.jsonl").to_str().unwrap(), "--out", out2.to_str().unwrap(),
+        "train-dpo",
+        "--model",
+        case.join("model").to_str().unwrap(),
+        "--pairs",
+        d.join("bad.jsonl").to_str().unwrap(),
+        "--out",
+        out2.to_str().unwrap(),
     ]);
     assert!(!ok && stdout.is_empty() && stderr.contains("bad.jsonl line 2") && stderr.contains("question"), "{stderr}");
     assert!(!out2.exists());
@@ -254,17 +339,31 @@ fn train_dpo_reads_the_rlaif_v_text_schema_with_images() {
 fn train_sft_full_writes_a_checkpoint_and_reports_held_out_loss() {
     let case = root().join("tests/fixtures/llava/llama_text_only");
     let d = tmp("sft");
-    let train: Vec<String> = ["is there a red circle ?", "is there a blue square ?", "do you see a cat ?", "is it dark ?"]
-        .iter()
-        .map(|q| format!(r#"{{"prompt": "{q}", "answer": "yes , it is ."}}"#))
-        .collect();
+    let train: Vec<String> =
+        ["is there a red circle ?", "is there a blue square ?", "do you see a cat ?", "is it dark ?"]
+            .iter()
+            .map(|q| format!(r#"{{"prompt": "{q}", "answer": "yes , it is ."}}"#))
+            .collect();
     std::fs::write(d.join("train.jsonl"), train.join("\n")).unwrap();
     std::fs::write(d.join("eval.jsonl"), r#"{"prompt": "is there a tree ?", "answer": "yes , it is ."}"#).unwrap();
     let out = d.join("model");
     let (ok, stdout, stderr) = run(&[
-        "train-sft", "--model", case.join("model").to_str().unwrap(), "--data", d.join("train.jsonl").to_str().unwrap(),
-        "--eval", d.join("eval.jsonl").to_str().unwrap(), "--out", out.to_str().unwrap(), "--full", "--epochs", "6",
-        "--batch-size", "2", "--lr", "3e-3",
+        "train-sft",
+        "--model",
+        case.join("model").to_str().unwrap(),
+        "--data",
+        d.join("train.jsonl").to_str().unwrap(),
+        "--eval",
+        d.join("eval.jsonl").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--full",
+        "--epochs",
+        "6",
+        "--batch-size",
+        "2",
+        "--lr",
+        "3e-3",
     ]);
     assert!(ok, "{stderr}");
     let evals: Vec<f64> = stdout
@@ -291,11 +390,22 @@ fn train_sft_resume_matches_an_uninterrupted_run_for_lora_and_full() {
     for (mode, weights) in [("lora", "adapter_model.safetensors"), ("full", "model.safetensors")] {
         let (straight, split) = (d.join(format!("{mode}-straight")), d.join(format!("{mode}-split")));
         let args = |out: &Path| -> Vec<String> {
-            let mut v: Vec<String> = ["train-sft", "--model", m.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap()]
-                .iter()
-                .map(|s| s.to_string())
-                .collect();
-            v.extend(["--epochs", "3", "--batch-size", "2", "--lr", "2e-3", "--r", "4", "--seed", "9", "--device", "cpu"].map(String::from));
+            let mut v: Vec<String> = [
+                "train-sft",
+                "--model",
+                m.to_str().unwrap(),
+                "--data",
+                data.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            v.extend(
+                ["--epochs", "3", "--batch-size", "2", "--lr", "2e-3", "--r", "4", "--seed", "9", "--device", "cpu"]
+                    .map(String::from),
+            );
             if mode == "full" {
                 v.push("--full".into());
             }
@@ -315,7 +425,11 @@ fn train_sft_resume_matches_an_uninterrupted_run_for_lora_and_full() {
         assert!(ok, "{stderr}");
         assert_eq!(stdout.lines().filter(|l| l.contains("\"step\"")).count(), 5, "steps 5..9 of 3 epochs x 3 steps");
         for f in [weights, "optimizer.safetensors"] {
-            assert_eq!(std::fs::read(straight.join(f)).unwrap(), std::fs::read(split.join(f)).unwrap(), "{mode}: {f} differs after resume");
+            assert_eq!(
+                std::fs::read(straight.join(f)).unwrap(),
+                std::fs::read(split.join(f)).unwrap(),
+                "{mode}: {f} differs after resume"
+            );
         }
     }
     let _ = std::fs::remove_dir_all(&d);
@@ -323,10 +437,16 @@ fn train_sft_resume_matches_an_uninterrupted_run_for_lora_and_full() {
 
 /// The SFT examples of `train_sft_resume_matches_an_uninterrupted_run_for_lora_and_full`, written into `d`.
 fn sft_data(d: &Path) -> PathBuf {
-    let train: Vec<String> = ["is there a red circle ?", "is there a blue square ?", "do you see a cat ?", "is it dark ?", "is there a tree ?"]
-        .iter()
-        .map(|q| format!(r#"{{"prompt": "{q}", "answer": "no , it is not ."}}"#))
-        .collect();
+    let train: Vec<String> = [
+        "is there a red circle ?",
+        "is there a blue square ?",
+        "do you see a cat ?",
+        "is it dark ?",
+        "is there a tree ?",
+    ]
+    .iter()
+    .map(|q| format!(r#"{{"prompt": "{q}", "answer": "no , it is not ."}}"#))
+    .collect();
     std::fs::write(d.join("train.jsonl"), train.join("\n")).unwrap();
     d.join("train.jsonl")
 }
@@ -338,14 +458,45 @@ fn train_sft_with_lora_on_the_gpu_pauses_and_resumes_on_the_gpu_or_the_cpu() {
     let data = sft_data(&d);
     let (m, data) = (model.to_str().unwrap().to_string(), data.to_str().unwrap().to_string());
     let args = |device: &str, out: &str| -> Vec<String> {
-        ["train-sft", "--model", &m, "--data", &data, "--out", out, "--epochs", "3", "--batch-size", "2", "--lr", "2e-3", "--r", "4", "--seed", "9", "--device", device]
-            .iter()
-            .map(|s| s.to_string())
-            .collect()
+        [
+            "train-sft",
+            "--model",
+            &m,
+            "--data",
+            &data,
+            "--out",
+            out,
+            "--epochs",
+            "3",
+            "--batch-size",
+            "2",
+            "--lr",
+            "2e-3",
+            "--r",
+            "4",
+            "--seed",
+            "9",
+            "--device",
+            device,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
     };
     gpu_run_pauses_and_resumes(&d, &args, 9, 4, "adapter_model.safetensors");
     // Full fine-tuning changes the weights a GPU backend keeps a copy of: refused on the GPU, with the way out.
-    let (ok, _, stderr) = run(&["train-sft", "--model", &m, "--data", &data, "--out", d.join("full").to_str().unwrap(), "--full", "--device", "cuda"]);
+    let (ok, _, stderr) = run(&[
+        "train-sft",
+        "--model",
+        &m,
+        "--data",
+        &data,
+        "--out",
+        d.join("full").to_str().unwrap(),
+        "--full",
+        "--device",
+        "cuda",
+    ]);
     assert!(!ok && stderr.contains("--full") && stderr.contains("--device cpu"), "{stderr}");
     let _ = std::fs::remove_dir_all(&d);
 }

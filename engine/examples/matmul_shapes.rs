@@ -14,10 +14,13 @@ fn main() {
         for &(k, n) in &[(768usize, 768usize), (768, 2048), (2048, 768), (512, 2048)] {
             let layers = 12;
             let x: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
-            let ws: Vec<Vec<f32>> = (0..layers).map(|l| (0..n * k).map(|i| ((i + l) % 5) as f32 * 0.1).collect()).collect();
+            let ws: Vec<Vec<f32>> =
+                (0..layers).map(|l| (0..n * k).map(|i| ((i + l) % 5) as f32 * 0.1).collect()).collect();
             let ps: Vec<PackedMatrix> = ws.iter().map(|w| PackedMatrix::from_f32(w, n, k)).collect();
-            let bs: Vec<PackedMatrix> =
-                ws.iter().map(|w| PackedMatrix::from_bf16(&w.iter().map(|&v| half::bf16::from_f32(v)).collect::<Vec<_>>(), n, k)).collect();
+            let bs: Vec<PackedMatrix> = ws
+                .iter()
+                .map(|w| PackedMatrix::from_bf16(&w.iter().map(|&v| half::bf16::from_f32(v)).collect::<Vec<_>>(), n, k))
+                .collect();
             let mut y = vec![0f32; m * n];
             let flops = 2.0 * (m * n * k * layers) as f64;
             let mut t_gemm = vec![];

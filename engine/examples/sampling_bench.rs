@@ -13,7 +13,14 @@ fn main() {
     let mut rng = SplitMix64::new(1);
     // Logits like a language model's: roughly normal with scale 3, plus a few strong candidates.
     let data: Vec<Vec<f32>> = (0..rows)
-        .map(|_| (0..vocab).map(|j| ((0..4).map(|_| rng.next_f64() - 0.5).sum::<f64>() * 3.0 + if j % 997 == 0 { 8.0 } else { 0.0 }) as f32).collect())
+        .map(|_| {
+            (0..vocab)
+                .map(|j| {
+                    ((0..4).map(|_| rng.next_f64() - 0.5).sum::<f64>() * 3.0 + if j % 997 == 0 { 8.0 } else { 0.0 })
+                        as f32
+                })
+                .collect()
+        })
         .collect();
     let p = SamplingParams { temperature: 0.7, ..Default::default() };
     let median = |f: &dyn Fn(&mut [f32], &mut SplitMix64) -> u32| -> f64 {
@@ -31,5 +38,8 @@ fn main() {
     };
     let slow = median(&|l, r| sample(l, &[], &p, r));
     let fast = median(&|l, r| sample_fast(l, &[], &p, r));
-    println!("vocab {vocab}, {rows} rows, median of 5 runs: sample {slow:.3} ms/row, sample_fast {fast:.3} ms/row ({:.1}x)", slow / fast);
+    println!(
+        "vocab {vocab}, {rows} rows, median of 5 runs: sample {slow:.3} ms/row, sample_fast {fast:.3} ms/row ({:.1}x)",
+        slow / fast
+    );
 }

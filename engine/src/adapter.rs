@@ -160,32 +160,48 @@ impl Adapter {
         let mut saved = BTreeMap::new();
         for key in ws.keys() {
             let Some(rest) = key.strip_prefix("base_model.model.") else {
-                return Err(err(format!("{}: key `{key}` does not start with `base_model.model.` (not a PEFT LoRA file)", file.display())));
+                return Err(err(format!(
+                    "{}: key `{key}` does not start with `base_model.model.` (not a PEFT LoRA file)",
+                    file.display()
+                )));
             };
             let (module, slot) = if let Some(m) = rest.strip_suffix(".lora_A.weight") {
                 (m, 0)
             } else if let Some(m) = rest.strip_suffix(".lora_B.weight") {
                 (m, 1)
             } else if let Some((module, param)) = saved_param(rest, &to_save) {
-                let canonical = canonical_module(&module, family).filter(|c| linear_shapes.contains_key(c)).ok_or_else(|| {
-                    err(format!("{}: `{key}` belongs to module `{module}`, which is not a linear layer of this base model", file.display()))
-                })?;
+                let canonical =
+                    canonical_module(&module, family).filter(|c| linear_shapes.contains_key(c)).ok_or_else(|| {
+                        err(format!(
+                            "{}: `{key}` belongs to module `{module}`, which is not a linear layer of this base model",
+                            file.display()
+                        ))
+                    })?;
                 let (in_f, out_f) = linear_shapes[&canonical];
                 let want: Vec<usize> = if param == "weight" { vec![out_f, in_f] } else { vec![out_f] };
                 let values = ws.f32(key, &want)?;
                 saved.insert(format!("{canonical}.{param}"), SavedParam { key: key.to_string(), shape: want, values });
                 continue;
             } else {
-                return Err(err(format!("{}: key `{key}` is not a lora_A/lora_B weight nor part of modules_to_save {to_save:?}", file.display())));
+                return Err(err(format!(
+                    "{}: key `{key}` is not a lora_A/lora_B weight nor part of modules_to_save {to_save:?}",
+                    file.display()
+                )));
             };
             found.entry(module.to_string()).or_default()[slot] = Some(key.to_string());
         }
         for t in &to_save {
             let has = saved.values().any(|p: &SavedParam| {
-                p.key.strip_prefix("base_model.model.").and_then(|rest| saved_param(rest, std::slice::from_ref(t))).is_some()
+                p.key
+                    .strip_prefix("base_model.model.")
+                    .and_then(|rest| saved_param(rest, std::slice::from_ref(t)))
+                    .is_some()
             });
             if !has {
-                return Err(err(format!("adapter_config.json lists `{t}` in modules_to_save but {} holds no tensors for it", file.display())));
+                return Err(err(format!(
+                    "adapter_config.json lists `{t}` in modules_to_save but {} holds no tensors for it",
+                    file.display()
+                )));
             }
         }
         if found.is_empty() && saved.is_empty() {
@@ -196,12 +212,26 @@ impl Adapter {
             let (Some(a_key), Some(b_key)) = (a_key, b_key) else {
                 return Err(err(format!("{}: module `{module}` has only one of lora_A/lora_B", file.display())));
             };
-            let canonical = canonical_module(&module, family).filter(|c| linear_shapes.contains_key(c)).ok_or_else(|| {
-                err(format!("{}: module `{module}` is not a linear layer of this base model (wrong base model?)", file.display()))
-            })?;
+            let canonical =
+                canonical_module(&module, family).filter(|c| linear_shapes.contains_key(c)).ok_or_else(|| {
+                    err(format!(
+                        "{}: module `{module}` is not a linear layer of this base model (wrong base model?)",
+                        file.display()
+                    ))
+                })?;
             let (in_f, out_f) = linear_shapes[&canonical];
-            let r = config.rank_pattern.iter().find(|(p, _)| pattern_matches(p, &module)).map(|(_, r)| *r).unwrap_or(config.r);
-            let alpha = config.alpha_pattern.iter().find(|(p, _)| pattern_matches(p, &module)).map(|(_, a)| *a).unwrap_or(config.lora_alpha);
+            let r = config
+                .rank_pattern
+                .iter()
+                .find(|(p, _)| pattern_matches(p, &module))
+                .map(|(_, r)| *r)
+                .unwrap_or(config.r);
+            let alpha = config
+                .alpha_pattern
+                .iter()
+                .find(|(p, _)| pattern_matches(p, &module))
+                .map(|(_, a)| *a)
+                .unwrap_or(config.lora_alpha);
             let shaped = |key: &str, want: &[usize]| {
                 ws.f32(key, want).map_err(|e| match e {
                     EngineError::Shape { key, got, expected, .. } => err(format!(
@@ -272,7 +302,9 @@ impl Default for LoraSpec {
             lora_alpha: 16.0,
             use_rslora: false,
             lora_dropout: 0.0,
-            target_modules: TargetModules::Regex(r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)".into()),
+            target_modules: TargetModules::Regex(
+                r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)".into(),
+            ),
             modules_to_save: Vec::new(),
         }
     }
@@ -284,8 +316,12 @@ pub fn peft_module_path(canonical: &str, family: ModelFamily, layout: &str, visi
     let old = layout == "transformers-4.x" && vision_prefix == "vision_tower.vision_model.";
     let (lm, head, vis, proj) = match (family, old, layout) {
         (ModelFamily::Llama, _, _) => ("model.", "lm_head", "", ""),
-        (_, true, _) => ("language_model.model.", "language_model.lm_head", "vision_tower.vision_model.", "multi_modal_projector."),
-        (_, false, "transformers-4.52") => ("model.language_model.", "lm_head", "model.vision_tower.vision_model.", "model.multi_modal_projector."),
+        (_, true, _) => {
+            ("language_model.model.", "language_model.lm_head", "vision_tower.vision_model.", "multi_modal_projector.")
+        }
+        (_, false, "transformers-4.52") => {
+            ("model.language_model.", "lm_head", "model.vision_tower.vision_model.", "model.multi_modal_projector.")
+        }
         _ => ("model.language_model.", "lm_head", "model.vision_tower.", "model.multi_modal_projector."),
     };
     if canonical == "lm_head" {
@@ -316,7 +352,9 @@ impl Adapter {
             return Err(bad("LoRA r must be > 0".into()));
         }
         let regex = match &spec.target_modules {
-            TargetModules::Regex(r) => Some(Regex::new(&format!("^(?:{r})$")).map_err(|e| bad(format!("target modules regex `{r}`: {e}")))?),
+            TargetModules::Regex(r) => {
+                Some(Regex::new(&format!("^(?:{r})$")).map_err(|e| bad(format!("target modules regex `{r}`: {e}")))?)
+            }
             TargetModules::Names(_) => None,
         };
         let matches = |path: &str| match (&spec.target_modules, &regex) {
@@ -324,7 +362,9 @@ impl Adapter {
             (_, Some(re)) => re.is_match(path),
             _ => false,
         };
-        let scale = if spec.use_rslora { spec.lora_alpha / (spec.r as f64).sqrt() } else { spec.lora_alpha / spec.r as f64 } as f32;
+        let scale =
+            if spec.use_rslora { spec.lora_alpha / (spec.r as f64).sqrt() } else { spec.lora_alpha / spec.r as f64 }
+                as f32;
         let mut rng = crate::rng::SplitMix64::new(seed);
         let mut sorted: Vec<&(String, String, usize, usize)> = modules.iter().collect();
         sorted.sort_by(|a, b| a.1.cmp(&b.1));
@@ -335,7 +375,8 @@ impl Adapter {
             }
             let bound = 1.0 / (*inf as f64).sqrt();
             let a = (0..spec.r * inf).map(|_| ((rng.next_f64() * 2.0 - 1.0) * bound) as f32).collect();
-            let keys = (format!("base_model.model.{path}.lora_A.weight"), format!("base_model.model.{path}.lora_B.weight"));
+            let keys =
+                (format!("base_model.model.{path}.lora_A.weight"), format!("base_model.model.{path}.lora_B.weight"));
             out.insert(canonical.clone(), LoraPair { r: spec.r, scale, keys, a, b: vec![0.0; outf * spec.r] });
         }
         let mut saved = BTreeMap::new();
@@ -348,9 +389,18 @@ impl Adapter {
                     let shape = if param == "weight" { vec![*outf, *inf] } else { vec![*outf] };
                     // Current peft (transformers 5) maps old LoRA key names itself but not whole saved modules,
                     // so these keys always use the in-memory names of transformers 5.
-                    let old = ["language_model.", "vision_tower.", "multi_modal_projector."].iter().any(|p| path.starts_with(p));
-                    let path = if old { peft_module_path(canonical, ModelFamily::Llava, "transformers-5", "model.vision_tower.") } else { path.clone() };
-                    saved.insert(format!("{canonical}.{param}"), SavedParam { key: format!("base_model.model.{path}.{param}"), shape, values });
+                    let old = ["language_model.", "vision_tower.", "multi_modal_projector."]
+                        .iter()
+                        .any(|p| path.starts_with(p));
+                    let path = if old {
+                        peft_module_path(canonical, ModelFamily::Llava, "transformers-5", "model.vision_tower.")
+                    } else {
+                        path.clone()
+                    };
+                    saved.insert(
+                        format!("{canonical}.{param}"),
+                        SavedParam { key: format!("base_model.model.{path}.{param}"), shape, values },
+                    );
                 }
             }
         }
@@ -379,7 +429,14 @@ impl Adapter {
             target_modules: Some(target),
             base_model_name_or_path: None,
         };
-        Ok(Adapter { path: PathBuf::new(), config, lora_dropout: spec.lora_dropout, dropout_seed: NO_DROPOUT.into(), modules: out, saved })
+        Ok(Adapter {
+            path: PathBuf::new(),
+            config,
+            lora_dropout: spec.lora_dropout,
+            dropout_seed: NO_DROPOUT.into(),
+            modules: out,
+            saved,
+        })
     }
 
     /// Turns LoRA dropout on with masks drawn from `seed` (None: off). Training sets a seed per sequence.
@@ -403,7 +460,11 @@ impl Adapter {
                 .enumerate()
                 .map(|(i, &v)| {
                     let mut r = crate::rng::SplitMix64::new(base ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-                    if r.next_f64() < p { 0.0 } else { v * keep }
+                    if r.next_f64() < p {
+                        0.0
+                    } else {
+                        v * keep
+                    }
                 })
                 .collect(),
         )

@@ -51,7 +51,9 @@ impl std::str::FromStr for DeviceSpec {
             "cpu" => Ok(DeviceSpec::Cpu),
             "cuda" => Ok(DeviceSpec::Cuda(0)),
             other => match other.strip_prefix("cuda:") {
-                Some(n) => n.parse::<usize>().map(DeviceSpec::Cuda).map_err(|_| format!("device {s:?}: the part after \"cuda:\" must be a device number, e.g. cuda:0")),
+                Some(n) => n.parse::<usize>().map(DeviceSpec::Cuda).map_err(|_| {
+                    format!("device {s:?}: the part after \"cuda:\" must be a device number, e.g. cuda:0")
+                }),
                 None => Err(format!("unknown device {s:?}: use auto, cpu, cuda or cuda:N")),
             },
         }
@@ -76,23 +78,66 @@ pub trait Backend: Send + Sync {
     /// The device as `select` takes it (a second model, e.g. a labeler, goes to the same one).
     fn spec(&self) -> DeviceSpec;
     /// `generate::generate_with_stats` on this backend.
-    fn generate(&self, model: &Model, req: &GenerateRequest, adapter: Option<&Adapter>) -> Result<(Vec<Answer>, GenerateStats)>;
+    fn generate(
+        &self,
+        model: &Model,
+        req: &GenerateRequest,
+        adapter: Option<&Adapter>,
+    ) -> Result<(Vec<Answer>, GenerateStats)>;
     /// `Model::answer_logp` on this backend.
-    fn answer_logp(&self, model: &Model, prompt: &[u32], answer: &[u32], feats: Option<&[f32]>, adapter: Option<&Adapter>) -> Result<f64>;
+    fn answer_logp(
+        &self,
+        model: &Model,
+        prompt: &[u32],
+        answer: &[u32],
+        feats: Option<&[f32]>,
+        adapter: Option<&Adapter>,
+    ) -> Result<f64>;
     /// `Model::image_features` (vision tower and projector) on this backend.
-    fn image_features(&self, model: &Model, pixels: &crate::image::PixelValues, adapter: Option<&Adapter>) -> Result<Vec<f32>> {
+    fn image_features(
+        &self,
+        model: &Model,
+        pixels: &crate::image::PixelValues,
+        adapter: Option<&Adapter>,
+    ) -> Result<Vec<f32>> {
         model.image_features_cpu(pixels, adapter)
     }
     /// `Model::branch_logits` (the labeler's yes/no verification) on this backend.
-    fn branch_logits(&self, model: &Model, prefix: &[u32], continuations: &[&[u32]], feats: Option<&[f32]>, adapter: Option<&Adapter>) -> Result<Vec<Vec<f32>>>;
+    fn branch_logits(
+        &self,
+        model: &Model,
+        prefix: &[u32],
+        continuations: &[&[u32]],
+        feats: Option<&[f32]>,
+        adapter: Option<&Adapter>,
+    ) -> Result<Vec<Vec<f32>>>;
     /// `train::trainer::train_dpo` on this backend; None when it leaves this run to the CPU trainer.
     #[allow(clippy::too_many_arguments)]
-    fn train_dpo(&self, _model: &Model, _adapter: &mut Adapter, _pairs: &[TokenPair], _refs: &[(f64, f64)], _cfg: &TrainConfig, _opt: &mut AdamW, _stop_after: Option<usize>, _on_step: &mut dyn FnMut(&StepLog)) -> Option<Result<()>> {
+    fn train_dpo(
+        &self,
+        _model: &Model,
+        _adapter: &mut Adapter,
+        _pairs: &[TokenPair],
+        _refs: &[(f64, f64)],
+        _cfg: &TrainConfig,
+        _opt: &mut AdamW,
+        _stop_after: Option<usize>,
+        _on_step: &mut dyn FnMut(&StepLog),
+    ) -> Option<Result<()>> {
         None
     }
     /// `train::sft::train_sft` of a LoRA adapter on this backend; None when it leaves this run to the CPU trainer.
     #[allow(clippy::too_many_arguments)]
-    fn train_sft(&self, _model: &Model, _adapter: &mut Adapter, _examples: &[SftExample], _cfg: &SftConfig, _opt: &mut AdamW, _stop_after: Option<usize>, _on_step: &mut dyn FnMut(&SftStepLog)) -> Option<Result<()>> {
+    fn train_sft(
+        &self,
+        _model: &Model,
+        _adapter: &mut Adapter,
+        _examples: &[SftExample],
+        _cfg: &SftConfig,
+        _opt: &mut AdamW,
+        _stop_after: Option<usize>,
+        _on_step: &mut dyn FnMut(&SftStepLog),
+    ) -> Option<Result<()>> {
         None
     }
 }
@@ -107,13 +152,32 @@ impl Backend for CpuBackend {
     fn spec(&self) -> DeviceSpec {
         DeviceSpec::Cpu
     }
-    fn generate(&self, model: &Model, req: &GenerateRequest, adapter: Option<&Adapter>) -> Result<(Vec<Answer>, GenerateStats)> {
+    fn generate(
+        &self,
+        model: &Model,
+        req: &GenerateRequest,
+        adapter: Option<&Adapter>,
+    ) -> Result<(Vec<Answer>, GenerateStats)> {
         crate::generate::generate_cpu(model, req, adapter)
     }
-    fn answer_logp(&self, model: &Model, prompt: &[u32], answer: &[u32], feats: Option<&[f32]>, adapter: Option<&Adapter>) -> Result<f64> {
+    fn answer_logp(
+        &self,
+        model: &Model,
+        prompt: &[u32],
+        answer: &[u32],
+        feats: Option<&[f32]>,
+        adapter: Option<&Adapter>,
+    ) -> Result<f64> {
         model.answer_logp_cpu(prompt, answer, feats, adapter)
     }
-    fn branch_logits(&self, model: &Model, prefix: &[u32], continuations: &[&[u32]], feats: Option<&[f32]>, adapter: Option<&Adapter>) -> Result<Vec<Vec<f32>>> {
+    fn branch_logits(
+        &self,
+        model: &Model,
+        prefix: &[u32],
+        continuations: &[&[u32]],
+        feats: Option<&[f32]>,
+        adapter: Option<&Adapter>,
+    ) -> Result<Vec<Vec<f32>>> {
         model.branch_logits_cpu(prefix, continuations, feats, adapter)
     }
 }
@@ -129,7 +193,9 @@ pub fn select(spec: DeviceSpec, model: &Model) -> Result<(Arc<dyn Backend>, Stri
                 let d = b.device();
                 Ok((Arc::new(b), d))
             }
-            Err(why) => Err(EngineError::Device(format!("device cuda:{n} cannot be used: {why} (use --device cpu, or auto to fall back to the CPU)"))),
+            Err(why) => Err(EngineError::Device(format!(
+                "device cuda:{n} cannot be used: {why} (use --device cpu, or auto to fall back to the CPU)"
+            ))),
         },
         DeviceSpec::Auto => match CudaBackend::open(0, model) {
             Ok(b) => {
@@ -239,7 +305,8 @@ impl CudaBackend {
             Err(e) => return Err(format!("the CUDA kernels cannot be built: {e}")),
         };
         let max_positions = model.llm.cfg.max_position_embeddings.max(1);
-        let llama = crate::cuda_llama::load_dir(&gpu, &model.dir, max_positions).map_err(|e| format!("the decoder of {} cannot run on the GPU: {e}", model.dir.display()))?;
+        let llama = crate::cuda_llama::load_dir(&gpu, &model.dir, max_positions)
+            .map_err(|e| format!("the decoder of {} cannot run on the GPU: {e}", model.dir.display()))?;
         let vision = match model.config.llava() {
             None => None,
             Some(_) => match crate::cuda_clip::GpuVision::load_dir(&gpu, &model.dir) {
@@ -251,11 +318,25 @@ impl CudaBackend {
             },
         };
         let label = format!("cuda:{ordinal} ({}, {})", gpu.name, gpu.arch);
-        Ok(CudaBackend { ordinal, label, state: Mutex::new(CudaState { gpu, llama, vision, adapters: Vec::new(), refused: Vec::new(), vision_adapters: Vec::new(), vision_refused: Vec::new() }) })
+        Ok(CudaBackend {
+            ordinal,
+            label,
+            state: Mutex::new(CudaState {
+                gpu,
+                llama,
+                vision,
+                adapters: Vec::new(),
+                refused: Vec::new(),
+                vision_adapters: Vec::new(),
+                vision_refused: Vec::new(),
+            }),
+        })
     }
 
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, CudaState>> {
-        self.state.lock().map_err(|_| EngineError::Input("the CUDA backend's state is poisoned (an earlier call panicked)".into()))
+        self.state
+            .lock()
+            .map_err(|_| EngineError::Input("the CUDA backend's state is poisoned (an earlier call panicked)".into()))
     }
 }
 
@@ -270,19 +351,32 @@ enum LoraOn {
 /// Whether `adapter` changes the image path (LoRA on the vision tower or projector, or replaced parameters there).
 fn touches_image_path(adapter: Option<&Adapter>) -> bool {
     use crate::cuda_clip::in_image_path;
-    adapter.is_some_and(|a| a.module_names().into_iter().any(in_image_path) || a.saved_params().any(|(n, _)| in_image_path(n)))
+    adapter.is_some_and(|a| {
+        a.module_names().into_iter().any(in_image_path) || a.saved_params().any(|(n, _)| in_image_path(n))
+    })
 }
 
 impl CudaState {
     /// Projected image features under `adapter`: on the device when the image path is there and can apply what the
     /// adapter changes in it, else on the CPU.
-    fn features(&mut self, model: &Model, pixels: &crate::image::PixelValues, adapter: Option<&Adapter>) -> Result<Vec<f32>> {
+    fn features(
+        &mut self,
+        model: &Model,
+        pixels: &crate::image::PixelValues,
+        adapter: Option<&Adapter>,
+    ) -> Result<Vec<f32>> {
         let on = self.vision_adapter(adapter)?;
         self.features_on(model, pixels, adapter, &on)
     }
 
     /// `features` with the adapter's image path already placed (`vision_adapter`).
-    fn features_on(&self, model: &Model, pixels: &crate::image::PixelValues, adapter: Option<&Adapter>, on: &VisionOn) -> Result<Vec<f32>> {
+    fn features_on(
+        &self,
+        model: &Model,
+        pixels: &crate::image::PixelValues,
+        adapter: Option<&Adapter>,
+        on: &VisionOn,
+    ) -> Result<Vec<f32>> {
         match (&self.vision, on) {
             (Some(v), VisionOn::Gpu(va)) => v.features(&self.gpu, &pixels.data, va.as_deref()),
             _ => model.image_features_cpu(pixels, adapter),
@@ -309,7 +403,9 @@ impl CudaState {
             return Ok(VisionOn::Cpu);
         }
         // A device error (out of memory, say) is an error, not a reason to fall back.
-        let Some(va) = crate::cuda_clip::GpuVisionAdapter::upload(&self.gpu, v, a)? else { return Ok(VisionOn::Gpu(None)) };
+        let Some(va) = crate::cuda_clip::GpuVisionAdapter::upload(&self.gpu, v, a)? else {
+            return Ok(VisionOn::Gpu(None));
+        };
         Ok(VisionOn::Gpu(Some(cache_put(&mut self.vision_adapters, key, Arc::new(va)))))
     }
 
@@ -359,7 +455,12 @@ impl Backend for CudaBackend {
         DeviceSpec::Cuda(self.ordinal)
     }
 
-    fn generate(&self, model: &Model, req: &GenerateRequest, adapter: Option<&Adapter>) -> Result<(Vec<Answer>, GenerateStats)> {
+    fn generate(
+        &self,
+        model: &Model,
+        req: &GenerateRequest,
+        adapter: Option<&Adapter>,
+    ) -> Result<(Vec<Answer>, GenerateStats)> {
         let t0 = std::time::Instant::now();
         req.params.validate().map_err(EngineError::Input)?;
         if req.seeds.is_empty() {
@@ -383,13 +484,21 @@ impl Backend for CudaBackend {
             None => Input::Ids(req.ids),
         };
         let before = t0.elapsed().as_secs_f64();
-        let (answers, mut stats) = st.llama.sample_answers(&st.gpu, input, req.ids, req.seeds, &req.params, &stop, lora.as_deref())?;
+        let (answers, mut stats) =
+            st.llama.sample_answers(&st.gpu, input, req.ids, req.seeds, &req.params, &stop, lora.as_deref())?;
         // The prefill time includes the image path.
         stats.prefill_s += before;
         Ok((answers, stats))
     }
 
-    fn answer_logp(&self, model: &Model, prompt: &[u32], answer: &[u32], feats: Option<&[f32]>, adapter: Option<&Adapter>) -> Result<f64> {
+    fn answer_logp(
+        &self,
+        model: &Model,
+        prompt: &[u32],
+        answer: &[u32],
+        feats: Option<&[f32]>,
+        adapter: Option<&Adapter>,
+    ) -> Result<f64> {
         if prompt.is_empty() {
             return Err(EngineError::Input("empty prompt".into()));
         }
@@ -428,7 +537,14 @@ impl Backend for CudaBackend {
     /// The prefix runs once into a shared cache; the continuations then step together one token at a time (a
     /// decode session whose sequence b feeds continuation b's tokens, a finished one repeating its last), and each
     /// keeps the logits of its own last token.
-    fn branch_logits(&self, model: &Model, prefix: &[u32], continuations: &[&[u32]], feats: Option<&[f32]>, adapter: Option<&Adapter>) -> Result<Vec<Vec<f32>>> {
+    fn branch_logits(
+        &self,
+        model: &Model,
+        prefix: &[u32],
+        continuations: &[&[u32]],
+        feats: Option<&[f32]>,
+        adapter: Option<&Adapter>,
+    ) -> Result<Vec<Vec<f32>>> {
         if continuations.is_empty() {
             return Ok(Vec::new());
         }
@@ -436,8 +552,11 @@ impl Backend for CudaBackend {
             return Err(EngineError::Input("every continuation needs at least one token".into()));
         }
         let vocab = model.llm.cfg.vocab_size;
-        if continuations.iter().any(|c| c.iter().any(|&id| Some(id) == model.image_token_id() || id as usize >= vocab)) {
-            return Err(EngineError::Input("a continuation holds an image token or an id outside the vocabulary".into()));
+        if continuations.iter().any(|c| c.iter().any(|&id| Some(id) == model.image_token_id() || id as usize >= vocab))
+        {
+            return Err(EngineError::Input(
+                "a continuation holds an image token or an id outside the vocabulary".into(),
+            ));
         }
         // An empty prefix (no shared part) has nothing to prefill: the CPU handles that rare case.
         if prefix.is_empty() {
@@ -466,15 +585,68 @@ impl Backend for CudaBackend {
         Ok(out)
     }
 
-    fn image_features(&self, model: &Model, pixels: &crate::image::PixelValues, adapter: Option<&Adapter>) -> Result<Vec<f32>> {
+    fn image_features(
+        &self,
+        model: &Model,
+        pixels: &crate::image::PixelValues,
+        adapter: Option<&Adapter>,
+    ) -> Result<Vec<f32>> {
         self.lock()?.features(model, pixels, adapter)
     }
 
-    fn train_dpo(&self, model: &Model, adapter: &mut Adapter, pairs: &[TokenPair], refs: &[(f64, f64)], cfg: &TrainConfig, opt: &mut AdamW, stop_after: Option<usize>, on_step: &mut dyn FnMut(&StepLog)) -> Option<Result<()>> {
-        self.train_on_gpu(model, adapter, |st, adapter, features| crate::cuda_train::train_dpo_gpu(&st.gpu, &st.llama, model, adapter, pairs, refs, cfg, opt, stop_after, st.vision.as_ref(), features, on_step))
+    fn train_dpo(
+        &self,
+        model: &Model,
+        adapter: &mut Adapter,
+        pairs: &[TokenPair],
+        refs: &[(f64, f64)],
+        cfg: &TrainConfig,
+        opt: &mut AdamW,
+        stop_after: Option<usize>,
+        on_step: &mut dyn FnMut(&StepLog),
+    ) -> Option<Result<()>> {
+        self.train_on_gpu(model, adapter, |st, adapter, features| {
+            crate::cuda_train::train_dpo_gpu(
+                &st.gpu,
+                &st.llama,
+                model,
+                adapter,
+                pairs,
+                refs,
+                cfg,
+                opt,
+                stop_after,
+                st.vision.as_ref(),
+                features,
+                on_step,
+            )
+        })
     }
-    fn train_sft(&self, model: &Model, adapter: &mut Adapter, examples: &[SftExample], cfg: &SftConfig, opt: &mut AdamW, stop_after: Option<usize>, on_step: &mut dyn FnMut(&SftStepLog)) -> Option<Result<()>> {
-        self.train_on_gpu(model, adapter, |st, adapter, features| crate::cuda_train::train_sft_gpu(&st.gpu, &st.llama, model, adapter, examples, cfg, opt, stop_after, st.vision.as_ref(), features, on_step))
+    fn train_sft(
+        &self,
+        model: &Model,
+        adapter: &mut Adapter,
+        examples: &[SftExample],
+        cfg: &SftConfig,
+        opt: &mut AdamW,
+        stop_after: Option<usize>,
+        on_step: &mut dyn FnMut(&SftStepLog),
+    ) -> Option<Result<()>> {
+        self.train_on_gpu(model, adapter, |st, adapter, features| {
+            crate::cuda_train::train_sft_gpu(
+                &st.gpu,
+                &st.llama,
+                model,
+                adapter,
+                examples,
+                cfg,
+                opt,
+                stop_after,
+                st.vision.as_ref(),
+                features,
+                on_step,
+            )
+        })
     }
 }
 
@@ -482,15 +654,28 @@ impl CudaBackend {
     /// A GPU trainer's run (`run`, given the device, the adapter and the image features of the GPU image path) for
     /// `adapter`, or None (the reason on stderr) when the GPU trainer cannot train it and the CPU trainer should.
     #[allow(clippy::type_complexity)]
-    fn train_on_gpu(&self, model: &Model, adapter: &mut Adapter, run: impl FnOnce(&CudaState, &mut Adapter, &mut dyn FnMut(&crate::image::PixelValues) -> Result<Vec<f32>>) -> Result<u64>) -> Option<Result<()>> {
+    fn train_on_gpu(
+        &self,
+        model: &Model,
+        adapter: &mut Adapter,
+        run: impl FnOnce(
+            &CudaState,
+            &mut Adapter,
+            &mut dyn FnMut(&crate::image::PixelValues) -> Result<Vec<f32>>,
+        ) -> Result<u64>,
+    ) -> Option<Result<()>> {
         let guard = match self.lock() {
             Ok(g) => g,
             Err(e) => return Some(Err(e)),
         };
-        let why = crate::cuda_train::gpu_trainable(&guard.llama.cfg, adapter).or_else(|| match (&guard.vision, touches_image_path(Some(adapter))) {
-            (_, false) => None,
-            (None, true) => Some("the adapter has LoRA on the image path, which runs on the CPU for this model".to_string()),
-            (Some(v), true) => crate::cuda_clip::GpuVisionAdapter::unsupported(v, adapter),
+        let why = crate::cuda_train::gpu_trainable(&guard.llama.cfg, adapter).or_else(|| {
+            match (&guard.vision, touches_image_path(Some(adapter))) {
+                (_, false) => None,
+                (None, true) => {
+                    Some("the adapter has LoRA on the image path, which runs on the CPU for this model".to_string())
+                }
+                (Some(v), true) => crate::cuda_clip::GpuVisionAdapter::unsupported(v, adapter),
+            }
         });
         if let Some(why) = why {
             eprintln!("rlaifd engine: training on the CPU: {why}");
@@ -507,7 +692,9 @@ impl CudaBackend {
 /// Says on stderr how many GPU training steps overflowed in fp16 (each skipped, the loss scale lowered).
 fn report_skipped(skipped: u64) {
     if skipped > 0 {
-        eprintln!("rlaifd engine: {skipped} GPU training steps overflowed in fp16 and were skipped (loss scale lowered)");
+        eprintln!(
+            "rlaifd engine: {skipped} GPU training steps overflowed in fp16 and were skipped (loss scale lowered)"
+        );
     }
 }
 
@@ -517,7 +704,13 @@ mod tests {
 
     #[test]
     fn device_names_parse_and_print_back() {
-        for (s, d) in [("auto", DeviceSpec::Auto), ("cpu", DeviceSpec::Cpu), ("cuda", DeviceSpec::Cuda(0)), ("cuda:3", DeviceSpec::Cuda(3)), (" cpu ", DeviceSpec::Cpu)] {
+        for (s, d) in [
+            ("auto", DeviceSpec::Auto),
+            ("cpu", DeviceSpec::Cpu),
+            ("cuda", DeviceSpec::Cuda(0)),
+            ("cuda:3", DeviceSpec::Cuda(3)),
+            (" cpu ", DeviceSpec::Cpu),
+        ] {
             assert_eq!(s.parse::<DeviceSpec>(), Ok(d), "{s}");
         }
         assert_eq!(DeviceSpec::Cuda(3).to_string(), "cuda:3");
@@ -544,12 +737,25 @@ mod tests {
         let c = model.create_adapter(&spec, 2).unwrap();
         assert_ne!(fingerprint(&a, DECODER), fingerprint(&c, DECODER), "another seed");
         // The image path's part: changed by its own modules only.
-        let both = crate::adapter::LoraSpec { target_modules: crate::adapter::TargetModules::Regex(r".*(q_proj|fc1|linear_1)".into()), ..spec };
+        let both = crate::adapter::LoraSpec {
+            target_modules: crate::adapter::TargetModules::Regex(r".*(q_proj|fc1|linear_1)".into()),
+            ..spec
+        };
         let (a, mut b) = (model.create_adapter(&both, 1).unwrap(), model.create_adapter(&both, 1).unwrap());
-        let vision = b.module_names().into_iter().find(|n| n.starts_with("vision_tower.")).expect("a vision module").to_string();
-        let decoder = b.module_names().into_iter().find(|n| n.starts_with("language_model.")).expect("a decoder module").to_string();
+        let vision =
+            b.module_names().into_iter().find(|n| n.starts_with("vision_tower.")).expect("a vision module").to_string();
+        let decoder = b
+            .module_names()
+            .into_iter()
+            .find(|n| n.starts_with("language_model."))
+            .expect("a decoder module")
+            .to_string();
         b.module_mut(&decoder).unwrap().b.iter_mut().for_each(|v| *v += 1e-3);
-        assert_eq!(fingerprint(&a, IMAGE_PATH), fingerprint(&b, IMAGE_PATH), "a decoder change moved the image path's fingerprint");
+        assert_eq!(
+            fingerprint(&a, IMAGE_PATH),
+            fingerprint(&b, IMAGE_PATH),
+            "a decoder change moved the image path's fingerprint"
+        );
         b.module_mut(&vision).unwrap().b.iter_mut().for_each(|v| *v += 1e-3);
         assert_ne!(fingerprint(&a, IMAGE_PATH), fingerprint(&b, IMAGE_PATH));
     }

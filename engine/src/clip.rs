@@ -24,10 +24,10 @@ pub struct ClipLayer {
 
 pub struct ClipVision {
     pub cfg: ClipVisionConfig,
-    patch_w: Vec<f32>,     // (D, 3 * P * P), the conv kernel flattened as (c, ky, kx)
-    class_emb: Vec<f32>,   // (D)
-    pos_emb: Vec<f32>,     // (N + 1, D)
-    pre_ln_w: Vec<f32>,    // (D)
+    patch_w: Vec<f32>,   // (D, 3 * P * P), the conv kernel flattened as (c, ky, kx)
+    class_emb: Vec<f32>, // (D)
+    pos_emb: Vec<f32>,   // (N + 1, D)
+    pre_ln_w: Vec<f32>,  // (D)
     pre_ln_b: Vec<f32>,
     pub layers: Vec<ClipLayer>,
 }
@@ -35,7 +35,13 @@ pub struct ClipVision {
 impl ClipVision {
     /// Loads the embeddings and the first `n_layers` encoder layers from keys under `prefix`
     /// (e.g. `vision_tower.vision_model.`).
-    pub fn load(ws: &WeightStore, prefix: &str, cfg: &ClipVisionConfig, n_layers: usize, keep_16bit: bool) -> Result<Self> {
+    pub fn load(
+        ws: &WeightStore,
+        prefix: &str,
+        cfg: &ClipVisionConfig,
+        n_layers: usize,
+        keep_16bit: bool,
+    ) -> Result<Self> {
         let d = cfg.hidden_size;
         let p = cfg.patch_size;
         let n = cfg.num_patches();
@@ -168,7 +174,15 @@ pub struct ClipTape {
 
 /// LayerNorm backward with its weight/bias gradients taken from `grads` under `{name}.weight` / `{name}.bias`.
 #[allow(clippy::too_many_arguments)]
-fn ln_backward(grads: &mut Option<&mut Grads>, name: &str, dx: &mut [f32], dout: &[f32], x: &[f32], w: &[f32], eps: f64) {
+fn ln_backward(
+    grads: &mut Option<&mut Grads>,
+    name: &str,
+    dx: &mut [f32],
+    dout: &[f32],
+    x: &[f32],
+    w: &[f32],
+    eps: f64,
+) {
     let (wn, bn) = (format!("{name}.weight"), format!("{name}.bias"));
     let mut dw = grads.as_deref_mut().and_then(|g| g.take_param(&wn));
     let mut db = grads.as_deref_mut().and_then(|g| g.take_param(&bn));
@@ -221,7 +235,13 @@ impl ClipVision {
     /// Backward of `forward_train` from d hidden (T, D). With only LoRA to train it stops at the lowest layer
     /// holding a LoRA module; with vision parameters in `grads` (full fine-tuning) it runs down to the patch
     /// embedding. Gradients accumulate into `grads`.
-    pub fn backward_train(&self, tape: &ClipTape, d_hidden: Vec<f32>, adapter: Option<&Adapter>, mut grads: Option<&mut Grads>) {
+    pub fn backward_train(
+        &self,
+        tape: &ClipTape,
+        d_hidden: Vec<f32>,
+        adapter: Option<&Adapter>,
+        mut grads: Option<&mut Grads>,
+    ) {
         let full = grads.as_deref().is_some_and(|g| g.trains_params_under("vision_tower."));
         let lowest = if full {
             Some(0)
@@ -258,7 +278,9 @@ impl ClipVision {
             let mut datt = vec![0f32; t * d];
             layer.o.backward(&mut datt, &dx1, &tp.att, t, adapter, grads.as_deref_mut(), MatmulMode::Assign);
             let (mut dq, mut dk, mut dv) = (vec![0f32; t * d], vec![0f32; t * d], vec![0f32; t * d]);
-            attend_dense_bwd(&mut dq, &mut dk, &mut dv, &datt, &tp.q, &tp.k, &tp.v, t, t, 0, heads, heads, hd, scale, false);
+            attend_dense_bwd(
+                &mut dq, &mut dk, &mut dv, &datt, &tp.q, &tp.k, &tp.v, t, t, 0, heads, heads, hd, scale, false,
+            );
             let mut dh1 = vec![0f32; t * d];
             layer.q.backward(&mut dh1, &dq, &tp.h1, t, adapter, grads.as_deref_mut(), MatmulMode::Assign);
             layer.k.backward(&mut dh1, &dk, &tp.h1, t, adapter, grads.as_deref_mut(), MatmulMode::Accumulate);
@@ -273,7 +295,15 @@ impl ClipVision {
         }
         // pre_layrnorm, then the embeddings: class token, positions, patch projection.
         let mut demb = vec![0f32; t * d];
-        ln_backward(&mut grads, "vision_tower.pre_layrnorm", &mut demb, &dx, &tape.emb, &self.pre_ln_w, cfg.layer_norm_eps);
+        ln_backward(
+            &mut grads,
+            "vision_tower.pre_layrnorm",
+            &mut demb,
+            &dx,
+            &tape.emb,
+            &self.pre_ln_w,
+            cfg.layer_norm_eps,
+        );
         let Some(g) = grads else { return };
         if let Some(pe) = g.param_mut("vision_tower.embeddings.position_embedding.weight") {
             add_inplace(pe, &demb);
@@ -295,7 +325,11 @@ impl ClipVision {
         let mut out = vec![
             ("vision_tower.embeddings.patch_embedding.weight".to_string(), vec![d, c, p, p], &self.patch_w),
             ("vision_tower.embeddings.class_embedding".to_string(), vec![d], &self.class_emb),
-            ("vision_tower.embeddings.position_embedding.weight".to_string(), vec![cfg.num_patches() + 1, d], &self.pos_emb),
+            (
+                "vision_tower.embeddings.position_embedding.weight".to_string(),
+                vec![cfg.num_patches() + 1, d],
+                &self.pos_emb,
+            ),
             ("vision_tower.pre_layrnorm.weight".to_string(), vec![d], &self.pre_ln_w),
             ("vision_tower.pre_layrnorm.bias".to_string(), vec![d], &self.pre_ln_b),
         ];
@@ -352,6 +386,9 @@ impl ClipVision {
             v.copy_from_slice(values);
             return true;
         }
-        self.layers.iter_mut().flat_map(|l| [&mut l.q, &mut l.k, &mut l.v, &mut l.o, &mut l.fc1, &mut l.fc2]).any(|lin| lin.set_param(name, values))
+        self.layers
+            .iter_mut()
+            .flat_map(|l| [&mut l.q, &mut l.k, &mut l.v, &mut l.o, &mut l.fc1, &mut l.fc2])
+            .any(|lin| lin.set_param(name, values))
     }
 }

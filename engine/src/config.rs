@@ -10,9 +10,16 @@ use std::path::Path;
 pub enum RopeScaling {
     None,
     /// Positions divided by `factor`.
-    Linear { factor: f64 },
+    Linear {
+        factor: f64,
+    },
     /// Llama 3.x frequency-dependent scaling.
-    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: f64 },
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -111,7 +118,8 @@ impl LlavaConfig {
     /// Number of encoder layers to run to reach `vision_feature_layer`.
     pub fn vision_layers_needed(&self) -> usize {
         let n = self.vision.num_hidden_layers as i64;
-        let idx = if self.vision_feature_layer < 0 { n + 1 + self.vision_feature_layer } else { self.vision_feature_layer };
+        let idx =
+            if self.vision_feature_layer < 0 { n + 1 + self.vision_feature_layer } else { self.vision_feature_layer };
         idx as usize
     }
     /// How many embedding rows one image becomes in the decoder input.
@@ -157,8 +165,8 @@ impl ModelConfig {
             .map(|a| a.iter().filter_map(|s| s.as_str()).collect())
             .unwrap_or_default();
         let model_type = obj.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
-        let is_llava = archs.iter().any(|a| *a == "LlavaForConditionalGeneration") || model_type == "llava";
-        let is_llama = archs.iter().any(|a| *a == "LlamaForCausalLM") || model_type == "llama";
+        let is_llava = archs.contains(&"LlavaForConditionalGeneration") || model_type == "llava";
+        let is_llama = archs.contains(&"LlamaForCausalLM") || model_type == "llama";
         if is_llava {
             Ok(ModelConfig::Llava(parse_llava(raw, path)?))
         } else if is_llama {
@@ -230,7 +238,9 @@ impl<'a> Fields<'a> {
     fn token_ids(&self, key: &str) -> Result<Vec<u32>> {
         match self.get(key) {
             None => Ok(vec![]),
-            Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).ok_or_else(|| self.err(key, "a token id or a list of ids")),
+            Some(Value::Number(n)) => {
+                n.as_u64().map(|x| vec![x as u32]).ok_or_else(|| self.err(key, "a token id or a list of ids"))
+            }
             Some(Value::Array(a)) => a
                 .iter()
                 .map(|x| x.as_u64().map(|x| x as u32).ok_or_else(|| self.err(key, "a token id or a list of ids")))
@@ -299,7 +309,10 @@ fn parse_llama(raw: &Value, top: Option<&Value>, path: &Path) -> Result<LlamaCon
         Some(h) => h,
         None => {
             if hidden_size % num_attention_heads != 0 {
-                return Err(EngineError::config(path, format!("{section}hidden_size must be divisible by num_attention_heads")));
+                return Err(EngineError::config(
+                    path,
+                    format!("{section}hidden_size must be divisible by num_attention_heads"),
+                ));
             }
             hidden_size / num_attention_heads
         }
@@ -309,7 +322,10 @@ fn parse_llama(raw: &Value, top: Option<&Value>, path: &Path) -> Result<LlamaCon
     }
     let act = f.str_or("hidden_act", "silu")?;
     if act != "silu" {
-        return Err(EngineError::config(path, format!("{section}hidden_act = \"{act}\" is not supported for LLaMA; expected silu")));
+        return Err(EngineError::config(
+            path,
+            format!("{section}hidden_act = \"{act}\" is not supported for LLaMA; expected silu"),
+        ));
     }
     let (rope_theta, rope_scaling) = parse_rope(&f, path)?;
     // Tied embeddings: text_config's flag, else the top-level flag (transformers 5 keeps it there).
@@ -347,28 +363,37 @@ fn parse_llama(raw: &Value, top: Option<&Value>, path: &Path) -> Result<LlamaCon
 
 fn parse_clip(raw: Option<&Value>, path: &Path) -> Result<ClipVisionConfig> {
     // Absent vision_config: LlavaConfig's default is CLIP ViT-L/14 at 336 px.
-    let (dh, di, dl, dheads, dimg, dpatch) = if raw.is_none() { (1024, 4096, 24, 16, 336, 14) } else { (768, 3072, 12, 12, 224, 32) };
+    let (dh, di, dl, dheads, dimg, dpatch) =
+        if raw.is_none() { (1024, 4096, 24, 16, 336, 14) } else { (768, 3072, 12, 12, 224, 32) };
     let section = "vision_config.";
     let f = Fields { obj: raw.and_then(|r| r.as_object()), path, section };
     let mt = f.str_or("model_type", "clip_vision_model")?;
     if mt != "clip_vision_model" && mt != "clip" {
-        return Err(EngineError::config(path, format!("vision_config.model_type = \"{mt}\" is not supported; expected clip_vision_model")));
+        return Err(EngineError::config(
+            path,
+            format!("vision_config.model_type = \"{mt}\" is not supported; expected clip_vision_model"),
+        ));
     }
     let cfg = ClipVisionConfig {
         hidden_size: positive(path, section, "hidden_size", f.usize_or("hidden_size", dh)?)?,
         intermediate_size: positive(path, section, "intermediate_size", f.usize_or("intermediate_size", di)?)?,
         num_hidden_layers: f.usize_or("num_hidden_layers", dl)?,
-        num_attention_heads: positive(path, section, "num_attention_heads", f.usize_or("num_attention_heads", dheads)?)?,
+        num_attention_heads: positive(
+            path,
+            section,
+            "num_attention_heads",
+            f.usize_or("num_attention_heads", dheads)?,
+        )?,
         num_channels: positive(path, section, "num_channels", f.usize_or("num_channels", 3)?)?,
         image_size: positive(path, section, "image_size", f.usize_or("image_size", dimg)?)?,
         patch_size: positive(path, section, "patch_size", f.usize_or("patch_size", dpatch)?)?,
         hidden_act: Activation::parse(f.str_or("hidden_act", "quick_gelu")?, path, "vision_config.hidden_act")?,
         layer_norm_eps: f.f64_or("layer_norm_eps", 1e-5)?,
     };
-    if cfg.hidden_size % cfg.num_attention_heads != 0 {
+    if !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
         return Err(EngineError::config(path, "vision_config.hidden_size must be divisible by num_attention_heads"));
     }
-    if cfg.image_size % cfg.patch_size != 0 {
+    if !cfg.image_size.is_multiple_of(cfg.patch_size) {
         return Err(EngineError::config(path, "vision_config.image_size must be a multiple of patch_size"));
     }
     if cfg.num_channels != 3 {
@@ -382,7 +407,10 @@ fn parse_llava(raw: &Value, path: &Path) -> Result<LlavaConfig> {
     let text_raw = f.get("text_config").cloned().unwrap_or(Value::Object(Default::default()));
     if let Some(mt) = text_raw.get("model_type").and_then(|v| v.as_str()) {
         if mt != "llama" {
-            return Err(EngineError::config(path, format!("text_config.model_type = \"{mt}\" is not supported; expected llama")));
+            return Err(EngineError::config(
+                path,
+                format!("text_config.model_type = \"{mt}\" is not supported; expected llama"),
+            ));
         }
     }
     let text = parse_llama(&text_raw, Some(raw), path)?;
@@ -408,7 +436,10 @@ fn parse_llava(raw: &Value, path: &Path) -> Result<LlavaConfig> {
         "default" => FeatureSelect::Default,
         "full" => FeatureSelect::Full,
         other => {
-            return Err(EngineError::config(path, format!("vision_feature_select_strategy = \"{other}\"; expected \"default\" or \"full\"")))
+            return Err(EngineError::config(
+                path,
+                format!("vision_feature_select_strategy = \"{other}\"; expected \"default\" or \"full\""),
+            ))
         }
     };
     Ok(LlavaConfig {
@@ -417,7 +448,11 @@ fn parse_llava(raw: &Value, path: &Path) -> Result<LlavaConfig> {
         image_token_id,
         vision_feature_layer,
         vision_feature_select_strategy: strategy,
-        projector_hidden_act: Activation::parse(f.str_or("projector_hidden_act", "gelu")?, path, "projector_hidden_act")?,
+        projector_hidden_act: Activation::parse(
+            f.str_or("projector_hidden_act", "gelu")?,
+            path,
+            "projector_hidden_act",
+        )?,
         projector_bias: f.bool_or("multimodal_projector_bias", true)?,
         pad_to_square: f.str_or("image_aspect_ratio", "")? == "pad",
     })

@@ -44,7 +44,8 @@ pub fn source(file: &str) -> Option<String> {
 
 /// The `extern "C" __global__` kernels a source defines.
 pub fn kernel_names(src: &str) -> Vec<String> {
-    let re = regex::Regex::new(r#"extern\s+"C"\s+__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)"#).expect("static regex");
+    let re = regex::Regex::new(r#"extern\s+"C"\s+__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)"#)
+        .expect("static regex");
     re.captures_iter(src).map(|c| c[1].to_string()).collect()
 }
 
@@ -68,7 +69,8 @@ pub fn driver_status() -> std::result::Result<(), String> {
     if unsafe { cudarc::driver::sys::is_culib_present() } {
         Ok(())
     } else {
-        Err("libcuda.so.1 (the NVIDIA driver) was not found: no GPU on this machine, or the driver is not installed".into())
+        Err("libcuda.so.1 (the NVIDIA driver) was not found: no GPU on this machine, or the driver is not installed"
+            .into())
     }
 }
 
@@ -273,11 +275,30 @@ impl LtPlan {
         // SAFETY: plain descriptor calls on out-pointers; a failure destroys what was made (the Drop of the
         // partially filled plan, whose null handles the destroy functions accept).
         unsafe {
-            let mut p = LtPlan { desc: std::ptr::null_mut(), a: std::ptr::null_mut(), b: std::ptr::null_mut(), c: std::ptr::null_mut(), algo: std::mem::zeroed() };
-            lt_check(lt::cublasLtMatmulDescCreate(&mut p.desc, lt::cublasComputeType_t::CUBLAS_COMPUTE_32F, lt::cudaDataType_t::CUDA_R_32F), "matmul descriptor")?;
-            for (attr, t) in [(lt::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA, s.transa), (lt::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB, s.transb)] {
+            let mut p = LtPlan {
+                desc: std::ptr::null_mut(),
+                a: std::ptr::null_mut(),
+                b: std::ptr::null_mut(),
+                c: std::ptr::null_mut(),
+                algo: std::mem::zeroed(),
+            };
+            lt_check(
+                lt::cublasLtMatmulDescCreate(
+                    &mut p.desc,
+                    lt::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    lt::cudaDataType_t::CUDA_R_32F,
+                ),
+                "matmul descriptor",
+            )?;
+            for (attr, t) in [
+                (lt::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA, s.transa),
+                (lt::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB, s.transb),
+            ] {
                 let op: i32 = t.into();
-                lt_check(lt::cublasLtMatmulDescSetAttribute(p.desc, attr, &op as *const i32 as *const _, 4), "transpose attribute")?;
+                lt_check(
+                    lt::cublasLtMatmulDescSetAttribute(p.desc, attr, &op as *const i32 as *const _, 4),
+                    "transpose attribute",
+                )?;
             }
             let (ar, ac) = if s.transa { (s.k, s.m) } else { (s.m, s.k) };
             let (br, bc) = if s.transb { (s.n, s.k) } else { (s.k, s.n) };
@@ -287,18 +308,38 @@ impl LtPlan {
             let mut pref: lt::cublasLtMatmulPreference_t = std::ptr::null_mut();
             lt_check(lt::cublasLtMatmulPreferenceCreate(&mut pref), "preference")?;
             let ws = workspace as u64;
-            let mut res = lt_check(lt::cublasLtMatmulPreferenceSetAttribute(pref, lt::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws as *const u64 as *const _, 8), "workspace preference");
+            let mut res = lt_check(
+                lt::cublasLtMatmulPreferenceSetAttribute(
+                    pref,
+                    lt::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                    &ws as *const u64 as *const _,
+                    8,
+                ),
+                "workspace preference",
+            );
             for (attr, al) in [
                 (lt::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, s.align[0]),
                 (lt::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, s.align[1]),
                 (lt::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, s.align[2]),
                 (lt::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, s.align[2]),
             ] {
-                res = res.and_then(|_| lt_check(lt::cublasLtMatmulPreferenceSetAttribute(pref, attr, &al as *const u32 as *const _, 4), "alignment preference"));
+                res = res.and_then(|_| {
+                    lt_check(
+                        lt::cublasLtMatmulPreferenceSetAttribute(pref, attr, &al as *const u32 as *const _, 4),
+                        "alignment preference",
+                    )
+                });
             }
             let mut heur: lt::cublasLtMatmulHeuristicResult_t = std::mem::zeroed();
             let mut found = 0i32;
-            res = res.and_then(|_| lt_check(lt::cublasLtMatmulAlgoGetHeuristic(handle, p.desc, p.a, p.b, p.c, p.c, pref, 1, &mut heur, &mut found), "heuristic"));
+            res = res.and_then(|_| {
+                lt_check(
+                    lt::cublasLtMatmulAlgoGetHeuristic(
+                        handle, p.desc, p.a, p.b, p.c, p.c, pref, 1, &mut heur, &mut found,
+                    ),
+                    "heuristic",
+                )
+            });
             lt::cublasLtMatmulPreferenceDestroy(pref);
             res?;
             if found == 0 {
@@ -381,7 +422,16 @@ impl Lt {
     /// # Safety
     /// The pointers must be device addresses of buffers that hold the operands `shape` describes.
     #[allow(clippy::too_many_arguments)]
-    unsafe fn matmul(&self, stream: &CudaStream, mut shape: LtShape, a: u64, b: u64, c: u64, alpha: f32, beta: f32) -> std::result::Result<(), String> {
+    unsafe fn matmul(
+        &self,
+        stream: &CudaStream,
+        mut shape: LtShape,
+        a: u64,
+        b: u64,
+        c: u64,
+        alpha: f32,
+        beta: f32,
+    ) -> std::result::Result<(), String> {
         use cudarc::driver::DevicePtr;
         shape.align = [align_of(a), align_of(b), align_of(c)];
         let mut plans = self.plans.lock().map_err(|_| "the cuBLASLt plan cache is poisoned".to_string())?;
@@ -391,7 +441,9 @@ impl Lt {
         }
         let plan = match plans.entry(shape) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) => e.insert(LtPlan::new(self.handle, &shape, self.workspace.len())?),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(LtPlan::new(self.handle, &shape, self.workspace.len())?)
+            }
         };
         // The workspace's address (cuBLASLt writes to it; this struct owns it and every call is on one stream).
         let (w, _g) = self.workspace.device_ptr(stream);
@@ -515,7 +567,11 @@ impl Gpu {
             // The tensor-core dK/dV kernel stages 64 keys, values, queries and output gradients: 68 KiB at head
             // size 128, past the 48 KiB a launch gets without asking.
             if let Some(f) = funcs.get("flash_attn_bwd_dkdv_mma_d128_f16") {
-                f.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, dkdv_mma_smem(128) as i32).map_err(derr)?;
+                f.set_attribute(
+                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    dkdv_mma_smem(128) as i32,
+                )
+                .map_err(derr)?;
             }
         }
         // One non-blocking stream for everything (the legacy default stream cannot be captured into a CUDA graph).
@@ -528,13 +584,43 @@ impl Gpu {
         let pool = Self::mem_pool(&ctx)?;
         let mut keep = u64::MAX;
         // SAFETY: a valid pool of this device and a u64 attribute value, as the driver API specifies.
-        unsafe { cudarc::driver::sys::cuMemPoolSetAttribute(pool, cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, &mut keep as *mut u64 as *mut _) }.result().map_err(derr)?;
+        unsafe {
+            cudarc::driver::sys::cuMemPoolSetAttribute(
+                pool,
+                cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                &mut keep as *mut u64 as *mut _,
+            )
+        }
+        .result()
+        .map_err(derr)?;
         let blas = Lt::new(&stream, major)?;
-        let sms = ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(derr)?.max(1) as usize;
+        let sms = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(derr)?
+            .max(1) as usize;
         let ticket = stream.alloc_zeros::<u32>(1).map_err(derr)?;
-        let per_sm = funcs.get("attn_decode_f16").and_then(|f| f.occupancy_max_active_blocks_per_multiprocessor(128, 0, None).ok()).filter(|&n| n > 0).map_or(8, |n| n.min(32) as usize);
+        let per_sm = funcs
+            .get("attn_decode_f16")
+            .and_then(|f| f.occupancy_max_active_blocks_per_multiprocessor(128, 0, None).ok())
+            .filter(|&n| n > 0)
+            .map_or(8, |n| n.min(32) as usize);
         let decode_blocks_per_sm = std::sync::atomic::AtomicUsize::new(per_sm);
-        Ok(Ok(Gpu { ctx, stream, arch, name, _modules: modules, funcs, blas, gemv: std::sync::atomic::AtomicBool::new(true), gemv_plan: Default::default(), fuse: std::sync::atomic::AtomicBool::new(true), mma_attention: std::sync::atomic::AtomicBool::new(major >= 8 && mma_attention_allowed()), sms, decode_blocks_per_sm, ticket }))
+        Ok(Ok(Gpu {
+            ctx,
+            stream,
+            arch,
+            name,
+            _modules: modules,
+            funcs,
+            blas,
+            gemv: std::sync::atomic::AtomicBool::new(true),
+            gemv_plan: Default::default(),
+            fuse: std::sync::atomic::AtomicBool::new(true),
+            mma_attention: std::sync::atomic::AtomicBool::new(major >= 8 && mma_attention_allowed()),
+            sms,
+            decode_blocks_per_sm,
+            ticket,
+        }))
     }
 
     fn mem_pool(ctx: &CudaContext) -> Result<cudarc::driver::sys::CUmemoryPool> {
@@ -551,7 +637,15 @@ impl Gpu {
         let pool = Self::mem_pool(&self.ctx)?;
         let mut v = 0u64;
         // SAFETY: reads a u64 attribute of a valid pool.
-        unsafe { cudarc::driver::sys::cuMemPoolGetAttribute(pool, cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, &mut v as *mut u64 as *mut _) }.result().map_err(derr)?;
+        unsafe {
+            cudarc::driver::sys::cuMemPoolGetAttribute(
+                pool,
+                cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                &mut v as *mut u64 as *mut _,
+            )
+        }
+        .result()
+        .map_err(derr)?;
         Ok(v)
     }
 
@@ -560,7 +654,15 @@ impl Gpu {
         let pool = Self::mem_pool(&self.ctx)?;
         let mut zero = 0u64;
         // SAFETY: resets the high-water mark of a valid pool (the attribute takes 0).
-        unsafe { cudarc::driver::sys::cuMemPoolSetAttribute(pool, cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, &mut zero as *mut u64 as *mut _) }.result().map_err(derr)
+        unsafe {
+            cudarc::driver::sys::cuMemPoolSetAttribute(
+                pool,
+                cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                &mut zero as *mut u64 as *mut _,
+            )
+        }
+        .result()
+        .map_err(derr)
     }
 
     /// The device address of a buffer plus `offset` elements, for kernels that take a sub-matrix (a column block of
@@ -575,7 +677,22 @@ impl Gpu {
     /// blocks of wider buffers work: op(A) is m x k (A stored m x k, or k x m when `ta`), op(B) is k x n (B stored
     /// k x n, or n x k when `tb`), C is m x n. cuBLASLt is column-major: this is C^T = op(B)^T op(A)^T.
     #[allow(clippy::too_many_arguments)]
-    pub fn gemm(&self, a: &cudarc::driver::CudaView<f16>, lda: usize, ta: bool, b: &cudarc::driver::CudaView<f16>, ldb: usize, tb: bool, c: &mut cudarc::driver::CudaViewMut<f16>, ldc: usize, m: usize, n: usize, k: usize, alpha: f32, beta: f32) -> Result<()> {
+    pub fn gemm(
+        &self,
+        a: &cudarc::driver::CudaView<f16>,
+        lda: usize,
+        ta: bool,
+        b: &cudarc::driver::CudaView<f16>,
+        ldb: usize,
+        tb: bool,
+        c: &mut cudarc::driver::CudaViewMut<f16>,
+        ldc: usize,
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f32,
+        beta: f32,
+    ) -> Result<()> {
         let a_need = if ta { (k - 1) * lda + m } else { (m - 1) * lda + k };
         let b_need = if tb { (n - 1) * ldb + k } else { (k - 1) * ldb + n };
         if m == 0 || n == 0 || k == 0 || a.len() < a_need || b.len() < b_need || c.len() < (m - 1) * ldc + n {
@@ -585,9 +702,20 @@ impl Gpu {
         let (pa, _ga) = a.device_ptr(&self.stream);
         let (pb, _gb) = b.device_ptr(&self.stream);
         let (pc, _gc) = c.device_ptr_mut(&self.stream);
-        let shape = LtShape { transa: tb, transb: ta, m: n as u64, n: m as u64, k: k as u64, lda: ldb as i64, ldb: lda as i64, ldc: ldc as i64, align: [0; 3] };
+        let shape = LtShape {
+            transa: tb,
+            transb: ta,
+            m: n as u64,
+            n: m as u64,
+            k: k as u64,
+            lda: ldb as i64,
+            ldb: lda as i64,
+            ldc: ldc as i64,
+            align: [0; 3],
+        };
         // SAFETY: every operand's extent was checked against its view above.
-        unsafe { self.blas.matmul(&self.stream, shape, pb, pa, pc, alpha, beta) }.map_err(|e| err(format!("cuBLASLt gemm {m}x{k}x{n}: {e}")))
+        unsafe { self.blas.matmul(&self.stream, shape, pb, pa, pc, alpha, beta) }
+            .map_err(|e| err(format!("cuBLASLt gemm {m}x{k}x{n}: {e}")))
     }
 
     pub(crate) fn f(&self, name: &str) -> Result<&CudaFunction> {
@@ -617,7 +745,15 @@ impl Gpu {
     /// y[m, n] = x[m, k] W[n, k]^T (a linear layer, row-major) on device buffers: cuBLASLt, fp16 in and out,
     /// fp32 compute. cuBLAS is column-major: this is C (n x m) = op(A) B with A = W (k x n, transposed) and
     /// B = x (k x m), which is y in row-major order.
-    pub fn linear_device(&self, x: &CudaSlice<f16>, w: &CudaSlice<f16>, y: &mut CudaSlice<f16>, m: usize, k: usize, n: usize) -> Result<()> {
+    pub fn linear_device(
+        &self,
+        x: &CudaSlice<f16>,
+        w: &CudaSlice<f16>,
+        y: &mut CudaSlice<f16>,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()> {
         if x.len() < m * k || w.len() < n * k || y.len() < m * n {
             return Err(err(format!("linear: buffers too small for m {m}, k {k}, n {n}")));
         }
@@ -626,13 +762,28 @@ impl Gpu {
 
     /// y[n] = x[k] W[n, k]^T with the hand-written GEMV (`kernels/gemv.cu`): one row, k a multiple of 8, one warp
     /// per output feature.
-    pub fn gemv_dev(&self, x: &CudaSlice<f16>, w: &CudaSlice<f16>, y: &mut CudaSlice<f16>, k: usize, n: usize) -> Result<()> {
+    pub fn gemv_dev(
+        &self,
+        x: &CudaSlice<f16>,
+        w: &CudaSlice<f16>,
+        y: &mut CudaSlice<f16>,
+        k: usize,
+        n: usize,
+    ) -> Result<()> {
         self.gemv_split_dev(x, w, y, k, n, 1)
     }
 
     /// `gemv_dev` with `split` warps per output feature (1, 2, 4 or 8), each summing every split-th stretch of the
     /// row.
-    pub fn gemv_split_dev(&self, x: &CudaSlice<f16>, w: &CudaSlice<f16>, y: &mut CudaSlice<f16>, k: usize, n: usize, split: usize) -> Result<()> {
+    pub fn gemv_split_dev(
+        &self,
+        x: &CudaSlice<f16>,
+        w: &CudaSlice<f16>,
+        y: &mut CudaSlice<f16>,
+        k: usize,
+        n: usize,
+        split: usize,
+    ) -> Result<()> {
         if !k.is_multiple_of(8) || ![1, 2, 4, 8].contains(&split) || x.len() < k || w.len() < n * k || y.len() < n {
             return Err(err(format!("gemv_m1_f16: k {k} (a multiple of 8), split {split} (1, 2, 4 or 8), n {n} or buffer sizes out of range")));
         }
@@ -648,8 +799,25 @@ impl Gpu {
     /// (`gemv_add_rmsnorm_m1_f16`: its last block does the add and the norm). The values of `gemv_split_dev` then
     /// `add_rmsnorm_dev`, the sum of squares added in another order.
     #[allow(clippy::too_many_arguments)]
-    pub fn gemv_add_rmsnorm_dev(&self, out: &mut CudaSlice<f16>, h: &mut CudaSlice<f16>, t: &mut CudaSlice<f16>, norm_w: &CudaSlice<f16>, x: &CudaSlice<f16>, w: &CudaSlice<f16>, k: usize, n: usize, split: usize, eps: f32) -> Result<()> {
-        if !k.is_multiple_of(8) || ![1, 2, 4, 8].contains(&split) || x.len() < k || w.len() < n * k || [t.len(), h.len(), out.len(), norm_w.len()].iter().any(|&l| l < n) {
+    pub fn gemv_add_rmsnorm_dev(
+        &self,
+        out: &mut CudaSlice<f16>,
+        h: &mut CudaSlice<f16>,
+        t: &mut CudaSlice<f16>,
+        norm_w: &CudaSlice<f16>,
+        x: &CudaSlice<f16>,
+        w: &CudaSlice<f16>,
+        k: usize,
+        n: usize,
+        split: usize,
+        eps: f32,
+    ) -> Result<()> {
+        if !k.is_multiple_of(8)
+            || ![1, 2, 4, 8].contains(&split)
+            || x.len() < k
+            || w.len() < n * k
+            || [t.len(), h.len(), out.len(), norm_w.len()].iter().any(|&l| l < n)
+        {
             return Err(err(format!("gemv_add_rmsnorm_m1_f16: k {k} (a multiple of 8), split {split} (1, 2, 4 or 8), n {n} or buffer sizes out of range")));
         }
         let (ki, ni, si) = (to_i32(k, "k")?, to_i32(n, "n")?, split as i32);
@@ -662,8 +830,21 @@ impl Gpu {
     /// act[inter] = silu(x W_gate^T) * (x W_up^T) for one row, w = [W_gate | W_up] ([2 inter, k], a fused gate/up
     /// projection): `gemv_swiglu_m1_f16`, the gate/up GEMV with SwiGLU as its epilogue (the values `matmul_dev` +
     /// `swiglu_fused_dev` give). `split` warps per row (1, 2 or 4), k a multiple of 8.
-    pub fn gemv_swiglu_dev(&self, x: &CudaSlice<f16>, w: &CudaSlice<f16>, act: &mut CudaSlice<f16>, k: usize, inter: usize, split: usize) -> Result<()> {
-        if !k.is_multiple_of(8) || ![1, 2, 4].contains(&split) || x.len() < k || w.len() < 2 * inter * k || act.len() < inter {
+    pub fn gemv_swiglu_dev(
+        &self,
+        x: &CudaSlice<f16>,
+        w: &CudaSlice<f16>,
+        act: &mut CudaSlice<f16>,
+        k: usize,
+        inter: usize,
+        split: usize,
+    ) -> Result<()> {
+        if !k.is_multiple_of(8)
+            || ![1, 2, 4].contains(&split)
+            || x.len() < k
+            || w.len() < 2 * inter * k
+            || act.len() < inter
+        {
             return Err(err(format!("gemv_swiglu_m1_f16: k {k} (a multiple of 8), split {split} (1, 2 or 4), inter {inter} or buffer sizes out of range")));
         }
         let (ki, ii, si) = (to_i32(k, "k")?, to_i32(inter, "inter")?, split as i32);
@@ -686,7 +867,15 @@ impl Gpu {
     /// A linear layer on device buffers. One row (a batch-1 decode step: bandwidth-bound) goes through the GEMV
     /// kernel, or cuBLASLt where `tune_gemv` found it faster for the shape; more rows through cuBLASLt (from two
     /// rows on it matches the weight stream as well; BENCHMARKS.md).
-    pub fn matmul_dev(&self, x: &CudaSlice<f16>, w: &CudaSlice<f16>, y: &mut CudaSlice<f16>, m: usize, k: usize, n: usize) -> Result<()> {
+    pub fn matmul_dev(
+        &self,
+        x: &CudaSlice<f16>,
+        w: &CudaSlice<f16>,
+        y: &mut CudaSlice<f16>,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()> {
         if m == 1 && k.is_multiple_of(8) && self.gemv.load(std::sync::atomic::Ordering::Relaxed) {
             match self.gemv_choice(k, n) {
                 Some(GemvChoice::Blas) => self.linear_device(x, w, y, m, k, n),
@@ -735,7 +924,9 @@ impl Gpu {
             let mut y = self.stream.alloc_zeros::<f16>(n).map_err(derr)?;
             let mut best: Option<(GemvChoice, f64)> = None;
             let mut times = Vec::new();
-            for choice in [GemvChoice::Gemv(1), GemvChoice::Gemv(2), GemvChoice::Gemv(4), GemvChoice::Gemv(8), GemvChoice::Blas] {
+            for choice in
+                [GemvChoice::Gemv(1), GemvChoice::Gemv(2), GemvChoice::Gemv(4), GemvChoice::Gemv(8), GemvChoice::Blas]
+            {
                 let us = self.time_passes(ws.len(), &mut |i| match choice {
                     GemvChoice::Gemv(split) => self.gemv_split_dev(&x, ws[i], &mut y, k, n, split),
                     GemvChoice::Blas => self.linear_device(&x, ws[i], &mut y, 1, k, n),
@@ -805,45 +996,105 @@ impl Gpu {
     // -- launches on device buffers (the decoder uses these; the host wrappers below upload, call, download) --
 
     /// out = RMSNorm of `rows` rows of x by w (w.len() columns).
-    pub fn rmsnorm_dev(&self, out: &mut CudaSlice<f16>, x: &CudaSlice<f16>, w: &CudaSlice<f16>, rows: usize, eps: f32) -> Result<()> {
+    pub fn rmsnorm_dev(
+        &self,
+        out: &mut CudaSlice<f16>,
+        x: &CudaSlice<f16>,
+        w: &CudaSlice<f16>,
+        rows: usize,
+        eps: f32,
+    ) -> Result<()> {
         let c = to_i32(w.len(), "cols")?;
         let mut b = self.stream.launch_builder(self.f("rmsnorm_f16")?);
         b.arg(out).arg(x).arg(w).arg(&c).arg(&eps);
-        unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+        unsafe {
+            b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 })
+        }
+        .map_err(derr)?;
         Ok(())
     }
 
     /// RoPE in place on x (tokens = pos.len() rows of `heads` x `head_dim`), tables [max_pos, head_dim / 2].
     #[allow(clippy::too_many_arguments)]
-    pub fn rope_dev(&self, x: &mut CudaSlice<f16>, pos: &CudaSlice<i32>, cos: &CudaSlice<f32>, sin: &CudaSlice<f32>, tokens: usize, heads: usize, head_dim: usize) -> Result<()> {
+    pub fn rope_dev(
+        &self,
+        x: &mut CudaSlice<f16>,
+        pos: &CudaSlice<i32>,
+        cos: &CudaSlice<f32>,
+        sin: &CudaSlice<f32>,
+        tokens: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<()> {
         self.rope_strided_dev(x, pos, cos, sin, tokens, heads, head_dim, heads * head_dim)
     }
 
     /// RoPE on the first `heads` heads of rows `stride` elements apart (q and k of a fused QKV buffer in one launch).
     #[allow(clippy::too_many_arguments)]
-    pub fn rope_strided_dev(&self, x: &mut CudaSlice<f16>, pos: &CudaSlice<i32>, cos: &CudaSlice<f32>, sin: &CudaSlice<f32>, tokens: usize, heads: usize, head_dim: usize, stride: usize) -> Result<()> {
+    pub fn rope_strided_dev(
+        &self,
+        x: &mut CudaSlice<f16>,
+        pos: &CudaSlice<i32>,
+        cos: &CudaSlice<f32>,
+        sin: &CudaSlice<f32>,
+        tokens: usize,
+        heads: usize,
+        head_dim: usize,
+        stride: usize,
+    ) -> Result<()> {
         if pos.len() < tokens || x.len() < tokens.saturating_sub(1) * stride + heads * head_dim {
-            return Err(err(format!("rope: {tokens} rows of {heads} x {head_dim} (stride {stride}) exceed the buffers")));
+            return Err(err(format!(
+                "rope: {tokens} rows of {heads} x {head_dim} (stride {stride}) exceed the buffers"
+            )));
         }
-        let (t, h, d, st) = (to_i32(tokens, "tokens")?, to_i32(heads, "heads")?, to_i32(head_dim, "head_dim")?, to_i32(stride, "stride")?);
+        let (t, h, d, st) = (
+            to_i32(tokens, "tokens")?,
+            to_i32(heads, "heads")?,
+            to_i32(head_dim, "head_dim")?,
+            to_i32(stride, "stride")?,
+        );
         let mut b = self.stream.launch_builder(self.f("rope_f16")?);
         b.arg(x).arg(pos).arg(cos).arg(sin).arg(&t).arg(&h).arg(&d).arg(&st);
-        unsafe { b.launch(LaunchConfig { grid_dim: (tokens as u32, heads as u32, 1), block_dim: (64, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+        unsafe {
+            b.launch(LaunchConfig {
+                grid_dim: (tokens as u32, heads as u32, 1),
+                block_dim: (64, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        }
+        .map_err(derr)?;
         Ok(())
     }
 
     /// x += r (in place), then out = RMSNorm of x by w, over `rows` rows (`add_rmsnorm_f16`).
-    pub fn add_rmsnorm_dev(&self, out: &mut CudaSlice<f16>, x: &mut CudaSlice<f16>, r: &CudaSlice<f16>, w: &CudaSlice<f16>, rows: usize, eps: f32) -> Result<()> {
+    pub fn add_rmsnorm_dev(
+        &self,
+        out: &mut CudaSlice<f16>,
+        x: &mut CudaSlice<f16>,
+        r: &CudaSlice<f16>,
+        w: &CudaSlice<f16>,
+        rows: usize,
+        eps: f32,
+    ) -> Result<()> {
         let c = to_i32(w.len(), "cols")?;
         let mut b = self.stream.launch_builder(self.f("add_rmsnorm_f16")?);
         b.arg(out).arg(x).arg(r).arg(w).arg(&c).arg(&eps);
         // 1024 threads: at decode batch sizes there are only a few rows, so each row's latency is what counts.
-        unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+        unsafe {
+            b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 })
+        }
+        .map_err(derr)?;
         Ok(())
     }
 
     /// out = silu(gate) * up where gu holds `rows` rows of [gate (cols) | up (cols)] (a fused gate/up projection).
-    pub fn swiglu_fused_dev(&self, out: &mut CudaSlice<f16>, gu: &CudaSlice<f16>, rows: usize, cols: usize) -> Result<()> {
+    pub fn swiglu_fused_dev(
+        &self,
+        out: &mut CudaSlice<f16>,
+        gu: &CudaSlice<f16>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
         if gu.len() < rows * 2 * cols || out.len() < rows * cols {
             return Err(err("swiglu: buffers too small"));
         }
@@ -857,17 +1108,35 @@ impl Gpu {
 
     /// out = table rows for device ids (already checked against the vocabulary on the host); `flag` is a scratch
     /// int the kernel may set. Capturable in a CUDA graph (no host round trip).
-    pub fn embedding_ids_dev(&self, out: &mut CudaSlice<f16>, table: &CudaSlice<f16>, dim: usize, ids: &CudaSlice<i32>, n: usize, flag: &mut CudaSlice<i32>) -> Result<()> {
+    pub fn embedding_ids_dev(
+        &self,
+        out: &mut CudaSlice<f16>,
+        table: &CudaSlice<f16>,
+        dim: usize,
+        ids: &CudaSlice<i32>,
+        n: usize,
+        flag: &mut CudaSlice<i32>,
+    ) -> Result<()> {
         let vocab = table.len() / dim.max(1);
         let (nn, d, v) = (to_i32(n, "tokens")?, to_i32(dim, "dim")?, to_i32(vocab, "vocab")?);
         let mut b = self.stream.launch_builder(self.f("embedding_gather_f16")?);
         b.arg(out).arg(table).arg(ids).arg(&nn).arg(&d).arg(&v).arg(flag);
-        unsafe { b.launch(LaunchConfig { grid_dim: (n.max(1) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+        unsafe {
+            b.launch(LaunchConfig { grid_dim: (n.max(1) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 })
+        }
+        .map_err(derr)?;
         Ok(())
     }
 
     /// out = silu(gate) * up over `rows` x `cols`.
-    pub fn swiglu_dev(&self, out: &mut CudaSlice<f16>, gate: &CudaSlice<f16>, up: &CudaSlice<f16>, rows: usize, cols: usize) -> Result<()> {
+    pub fn swiglu_dev(
+        &self,
+        out: &mut CudaSlice<f16>,
+        gate: &CudaSlice<f16>,
+        up: &CudaSlice<f16>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
         let (r, c) = (rows as i64, to_i32(cols, "cols")?);
         let mut b = self.stream.launch_builder(self.f("swiglu_f16")?);
         b.arg(out).arg(gate).arg(up).arg(&r).arg(&c).arg(&c);
@@ -886,17 +1155,39 @@ impl Gpu {
 
     /// out[..n] = x with LoRA dropout (`kernels/lora.cu`: the CPU backend's mask for mask seed `base`, drop
     /// probability `p`, kept elements scaled by 1 / (1 - p)).
-    pub fn lora_dropout_dev(&self, out: &mut CudaSlice<f16>, x: &CudaSlice<f16>, n: usize, base: u64, p: f64) -> Result<()> {
+    pub fn lora_dropout_dev(
+        &self,
+        out: &mut CudaSlice<f16>,
+        x: &CudaSlice<f16>,
+        n: usize,
+        base: u64,
+        p: f64,
+    ) -> Result<()> {
         self.dropout_launch("lora_dropout_f16", out, x, n, base, p)
     }
 
     /// dx[..n] += dxl through the mask of `lora_dropout_dev` with the same `base` and `p`.
-    pub fn lora_dropout_bwd_add_dev(&self, dx: &mut CudaSlice<f16>, dxl: &CudaSlice<f16>, n: usize, base: u64, p: f64) -> Result<()> {
+    pub fn lora_dropout_bwd_add_dev(
+        &self,
+        dx: &mut CudaSlice<f16>,
+        dxl: &CudaSlice<f16>,
+        n: usize,
+        base: u64,
+        p: f64,
+    ) -> Result<()> {
         self.dropout_launch("lora_dropout_bwd_add_f16", dx, dxl, n, base, p)
     }
 
     /// One of the two dropout kernels (same arguments: out, in, n, mask seed, threshold, keep scale).
-    fn dropout_launch(&self, kernel: &str, out: &mut CudaSlice<f16>, x: &CudaSlice<f16>, n: usize, base: u64, p: f64) -> Result<()> {
+    fn dropout_launch(
+        &self,
+        kernel: &str,
+        out: &mut CudaSlice<f16>,
+        x: &CudaSlice<f16>,
+        n: usize,
+        base: u64,
+        p: f64,
+    ) -> Result<()> {
         let (nn, thr, keep) = (n as i64, dropout_threshold(p), (1.0 / (1.0 - p)) as f32);
         let mut b = self.stream.launch_builder(self.f(kernel)?);
         b.arg(out).arg(x).arg(&nn).arg(&base).arg(&thr).arg(&keep);
@@ -905,14 +1196,27 @@ impl Gpu {
     }
 
     /// out = rows of `table` ([vocab, dim]) for `ids`; an id outside the vocabulary is an error naming it.
-    pub fn embedding_dev(&self, out: &mut CudaSlice<f16>, table: &CudaSlice<f16>, dim: usize, ids: &[i32]) -> Result<()> {
+    pub fn embedding_dev(
+        &self,
+        out: &mut CudaSlice<f16>,
+        table: &CudaSlice<f16>,
+        dim: usize,
+        ids: &[i32],
+    ) -> Result<()> {
         let vocab = table.len() / dim.max(1);
         let di = self.stream.clone_htod(ids).map_err(derr)?;
         let mut e = self.stream.alloc_zeros::<i32>(1).map_err(derr)?;
         let (n, d, v) = (to_i32(ids.len(), "tokens")?, to_i32(dim, "dim")?, to_i32(vocab, "vocab")?);
         let mut b = self.stream.launch_builder(self.f("embedding_gather_f16")?);
         b.arg(out).arg(table).arg(&di).arg(&n).arg(&d).arg(&v).arg(&mut e);
-        unsafe { b.launch(LaunchConfig { grid_dim: (ids.len().max(1) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+        unsafe {
+            b.launch(LaunchConfig {
+                grid_dim: (ids.len().max(1) as u32, 1, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        }
+        .map_err(derr)?;
         let flag = self.stream.clone_dtoh(&e).map_err(derr)?[0];
         if flag > 0 {
             let at = (flag - 1) as usize;
@@ -924,34 +1228,114 @@ impl Gpu {
     /// out [n_q, heads_q, d] = attention of q [n_q, heads_q, d] over the first n_k rows of k/v [.., heads_kv, d];
     /// causal: query i sees keys up to i + n_k - n_q (a cached prefix).
     #[allow(clippy::too_many_arguments)]
-    pub fn attention_prefill_dev(&self, out: &mut CudaSlice<f16>, q: &CudaSlice<f16>, k: &CudaSlice<f16>, v: &CudaSlice<f16>, n_q: usize, n_k: usize, heads_q: usize, heads_kv: usize, head_dim: usize, causal: bool) -> Result<()> {
+    pub fn attention_prefill_dev(
+        &self,
+        out: &mut CudaSlice<f16>,
+        q: &CudaSlice<f16>,
+        k: &CudaSlice<f16>,
+        v: &CudaSlice<f16>,
+        n_q: usize,
+        n_k: usize,
+        heads_q: usize,
+        heads_kv: usize,
+        head_dim: usize,
+        causal: bool,
+    ) -> Result<()> {
         self.attention_prefill_lse_dev(out, None, q, k, v, n_q, n_k, heads_q, heads_kv, head_dim, causal)
     }
 
     /// `attention_prefill_dev` that also saves each row's log-sum-exp ([n_q, heads_q], fp32) for the backward pass.
     #[allow(clippy::too_many_arguments)]
-    pub fn attention_prefill_lse_dev(&self, out: &mut CudaSlice<f16>, lse: Option<&mut CudaSlice<f32>>, q: &CudaSlice<f16>, k: &CudaSlice<f16>, v: &CudaSlice<f16>, n_q: usize, n_k: usize, heads_q: usize, heads_kv: usize, head_dim: usize, causal: bool) -> Result<()> {
-        self.attention_prefill_strided_dev(out, lse, q, heads_q * head_dim, k, v, n_q, n_k, heads_q, heads_kv, head_dim, causal)
+    pub fn attention_prefill_lse_dev(
+        &self,
+        out: &mut CudaSlice<f16>,
+        lse: Option<&mut CudaSlice<f32>>,
+        q: &CudaSlice<f16>,
+        k: &CudaSlice<f16>,
+        v: &CudaSlice<f16>,
+        n_q: usize,
+        n_k: usize,
+        heads_q: usize,
+        heads_kv: usize,
+        head_dim: usize,
+        causal: bool,
+    ) -> Result<()> {
+        self.attention_prefill_strided_dev(
+            out,
+            lse,
+            q,
+            heads_q * head_dim,
+            k,
+            v,
+            n_q,
+            n_k,
+            heads_q,
+            heads_kv,
+            head_dim,
+            causal,
+        )
     }
 
     /// `attention_prefill_lse_dev` with query rows `q_stride` elements apart (q inside a fused QKV buffer).
     #[allow(clippy::too_many_arguments)]
-    pub fn attention_prefill_strided_dev(&self, out: &mut CudaSlice<f16>, lse: Option<&mut CudaSlice<f32>>, q: &CudaSlice<f16>, q_stride: usize, k: &CudaSlice<f16>, v: &CudaSlice<f16>, n_q: usize, n_k: usize, heads_q: usize, heads_kv: usize, head_dim: usize, causal: bool) -> Result<()> {
+    pub fn attention_prefill_strided_dev(
+        &self,
+        out: &mut CudaSlice<f16>,
+        lse: Option<&mut CudaSlice<f32>>,
+        q: &CudaSlice<f16>,
+        q_stride: usize,
+        k: &CudaSlice<f16>,
+        v: &CudaSlice<f16>,
+        n_q: usize,
+        n_k: usize,
+        heads_q: usize,
+        heads_kv: usize,
+        head_dim: usize,
+        causal: bool,
+    ) -> Result<()> {
         if n_k < n_q && causal {
             return Err(err(format!("attention: fewer keys ({n_k}) than queries ({n_q})")));
         }
-        let rows = AttnRows { q: self.dptr(q, 0), k: self.dptr(k, 0), v: self.dptr(v, 0), q_stride, kv_stride: heads_kv * head_dim };
+        let rows = AttnRows {
+            q: self.dptr(q, 0),
+            k: self.dptr(k, 0),
+            v: self.dptr(v, 0),
+            q_stride,
+            kv_stride: heads_kv * head_dim,
+        };
         self.attention_fwd_at(out, lse, rows, n_q, n_k, heads_q, heads_kv, head_dim, causal)
     }
 
     /// `flash_attn_prefill_f16`, or its tensor-core twin where `mma_attention` allows, on operands given by address
     /// and row stride (`AttnRows`): out [n_q, heads_q, d] and, when given, each row's log-sum-exp. The caller keeps the operands alive and large enough.
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn attention_fwd_at(&self, out: &mut CudaSlice<f16>, lse: Option<&mut CudaSlice<f32>>, x: AttnRows, n_q: usize, n_k: usize, heads_q: usize, heads_kv: usize, head_dim: usize, causal: bool) -> Result<()> {
-        if head_dim > 128 || heads_kv == 0 || !heads_q.is_multiple_of(heads_kv) || out.len() < n_q * heads_q * head_dim || lse.as_ref().is_some_and(|l| l.len() < n_q * heads_q) {
+    pub(crate) fn attention_fwd_at(
+        &self,
+        out: &mut CudaSlice<f16>,
+        lse: Option<&mut CudaSlice<f32>>,
+        x: AttnRows,
+        n_q: usize,
+        n_k: usize,
+        heads_q: usize,
+        heads_kv: usize,
+        head_dim: usize,
+        causal: bool,
+    ) -> Result<()> {
+        if head_dim > 128
+            || heads_kv == 0
+            || !heads_q.is_multiple_of(heads_kv)
+            || out.len() < n_q * heads_q * head_dim
+            || lse.as_ref().is_some_and(|l| l.len() < n_q * heads_q)
+        {
             return Err(err(format!("attention: head_dim {head_dim} (at most 128), heads {heads_q}/{heads_kv} (a multiple), {n_q} output and lse rows")));
         }
-        let (nq, nk, hq, hk, d) = (to_i32(n_q, "n_q")?, to_i32(n_k, "n_k")?, to_i32(heads_q, "heads")?, to_i32(heads_kv, "heads")?, to_i32(head_dim, "head_dim")?);
+        let (nq, nk, hq, hk, d) = (
+            to_i32(n_q, "n_q")?,
+            to_i32(n_k, "n_k")?,
+            to_i32(heads_q, "heads")?,
+            to_i32(heads_kv, "heads")?,
+            to_i32(head_dim, "head_dim")?,
+        );
         let (qs, ks, os) = (to_i32(x.q_stride, "q stride")?, to_i32(x.kv_stride, "kv stride")?, hq * d);
         let scale = 1.0f32 / (head_dim as f32).sqrt();
         let c = i32::from(causal);
@@ -959,10 +1343,10 @@ impl Gpu {
         // The tensor-core kernel: 64 query rows per block, k and v staged with 16-byte loads, q and out by pairs.
         let mma = self.mma_attention.load(std::sync::atomic::Ordering::Relaxed)
             && (head_dim == 64 || head_dim == 128)
-            && (x.k | x.v) % 16 == 0
-            && x.kv_stride % 8 == 0
-            && (x.q | self.dptr(out, 0)) % 4 == 0
-            && x.q_stride % 2 == 0;
+            && (x.k | x.v).is_multiple_of(16)
+            && x.kv_stride.is_multiple_of(8)
+            && (x.q | self.dptr(out, 0)).is_multiple_of(4)
+            && x.q_stride.is_multiple_of(2);
         let kernel = match (mma, head_dim) {
             (true, 64) => "flash_attn_mma_d64_f16",
             (true, _) => "flash_attn_mma_d128_f16",
@@ -979,7 +1363,8 @@ impl Gpu {
             None => b.arg(&null),
         };
         let grid = (n_q.div_ceil(if mma { 64 } else { 16 }).max(1) as u32, heads_q as u32, 1);
-        unsafe { b.launch(LaunchConfig { grid_dim: grid, block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+        unsafe { b.launch(LaunchConfig { grid_dim: grid, block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }
+            .map_err(derr)?;
         Ok(())
     }
 
@@ -999,7 +1384,11 @@ impl Gpu {
     /// (sequence, head). It must start zeroed (the counters; each launch leaves them at 0).
     pub fn decode_part_len(&self, max_total: usize, bsz: usize, heads_q: usize, head_dim: usize) -> usize {
         let (_, nsplit) = self.decode_split(max_total, bsz, heads_q);
-        if nsplit > 1 { bsz * heads_q * (nsplit * (head_dim + 2) + 1) } else { 1 }
+        if nsplit > 1 {
+            bsz * heads_q * (nsplit * (head_dim + 2) + 1)
+        } else {
+            1
+        }
     }
 
     /// Decode attention on device buffers (flash-decoding): one query per sequence, q rows `q_stride` apart (heads_q
@@ -1010,34 +1399,94 @@ impl Gpu {
     /// chunks; off, `attn_decode_combine_f16` does. `prefetch`: weights the next op reads (the o projection's),
     /// brought into L2 by the launch's threads after their own loads.
     #[allow(clippy::too_many_arguments)]
-    pub fn attention_decode_dev(&self, out: &mut CudaSlice<f16>, q: &CudaSlice<f16>, q_stride: usize, pk: &CudaSlice<f16>, pv: &CudaSlice<f16>, prefix_len: usize, sk: &CudaSlice<f16>, sv: &CudaSlice<f16>, suf_lens: &CudaSlice<i32>, suf_seq_stride: usize, bsz: usize, max_total: usize, heads_q: usize, heads_kv: usize, head_dim: usize, part: &mut CudaSlice<f32>, prefetch: Option<&CudaSlice<f16>>) -> Result<()> {
+    pub fn attention_decode_dev(
+        &self,
+        out: &mut CudaSlice<f16>,
+        q: &CudaSlice<f16>,
+        q_stride: usize,
+        pk: &CudaSlice<f16>,
+        pv: &CudaSlice<f16>,
+        prefix_len: usize,
+        sk: &CudaSlice<f16>,
+        sv: &CudaSlice<f16>,
+        suf_lens: &CudaSlice<i32>,
+        suf_seq_stride: usize,
+        bsz: usize,
+        max_total: usize,
+        heads_q: usize,
+        heads_kv: usize,
+        head_dim: usize,
+        part: &mut CudaSlice<f32>,
+        prefetch: Option<&CudaSlice<f16>>,
+    ) -> Result<()> {
         if head_dim > 128 || heads_kv == 0 || !heads_q.is_multiple_of(heads_kv) || bsz == 0 || suf_lens.len() < bsz {
-            return Err(err(format!("attention: head_dim {head_dim} (at most 128), heads {heads_q}/{heads_kv} (a multiple), batch {bsz}")));
+            return Err(err(format!(
+                "attention: head_dim {head_dim} (at most 128), heads {heads_q}/{heads_kv} (a multiple), batch {bsz}"
+            )));
         }
         let (chunk, nsplit) = self.decode_split(max_total, bsz, heads_q);
         if part.len() < self.decode_part_len(max_total, bsz, heads_q, head_dim) {
             return Err(err("attention: decode workspace too small"));
         }
         let row = to_i32(heads_kv * head_dim, "row")?;
-        let (pl, hq, hk, d) = (to_i32(prefix_len, "prefix length")?, to_i32(heads_q, "heads")?, to_i32(heads_kv, "heads")?, to_i32(head_dim, "head_dim")?);
-        let (qs, os, ch, ns) = (to_i32(q_stride, "q stride")?, hq * d, to_i32(chunk, "chunk")?, to_i32(nsplit, "splits")?);
+        let (pl, hq, hk, d) = (
+            to_i32(prefix_len, "prefix length")?,
+            to_i32(heads_q, "heads")?,
+            to_i32(heads_kv, "heads")?,
+            to_i32(head_dim, "head_dim")?,
+        );
+        let (qs, os, ch, ns) =
+            (to_i32(q_stride, "q stride")?, hq * d, to_i32(chunk, "chunk")?, to_i32(nsplit, "splits")?);
         let seq_stride = suf_seq_stride as i64;
         let scale = 1.0f32 / (head_dim as f32).sqrt();
         // The chunks merged by the last block of each head (fused, the default), or by a second launch.
         let here = i32::from(self.fuse.load(std::sync::atomic::Ordering::Relaxed));
         let mut b = self.stream.launch_builder(self.f("attn_decode_f16")?);
-        b.arg(&mut *out).arg(q).arg(pk).arg(pv).arg(&pl).arg(&row).arg(sk).arg(sv).arg(suf_lens).arg(&seq_stride).arg(&row).arg(&hq).arg(&hk).arg(&d).arg(&qs).arg(&os).arg(&scale).arg(&mut *part).arg(&ch).arg(&here);
+        b.arg(&mut *out)
+            .arg(q)
+            .arg(pk)
+            .arg(pv)
+            .arg(&pl)
+            .arg(&row)
+            .arg(sk)
+            .arg(sv)
+            .arg(suf_lens)
+            .arg(&seq_stride)
+            .arg(&row)
+            .arg(&hq)
+            .arg(&hk)
+            .arg(&d)
+            .arg(&qs)
+            .arg(&os)
+            .arg(&scale)
+            .arg(&mut *part)
+            .arg(&ch)
+            .arg(&here);
         let (null, pf_bytes) = (0u64, prefetch.map_or(0i64, |w| (w.len() * 2) as i64));
         match prefetch {
             Some(w) => b.arg(w),
             None => b.arg(&null),
         };
         b.arg(&pf_bytes);
-        unsafe { b.launch(LaunchConfig { grid_dim: (bsz as u32, heads_q as u32, nsplit as u32), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+        unsafe {
+            b.launch(LaunchConfig {
+                grid_dim: (bsz as u32, heads_q as u32, nsplit as u32),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        }
+        .map_err(derr)?;
         if nsplit > 1 && here == 0 {
             let mut b = self.stream.launch_builder(self.f("attn_decode_combine_f16")?);
             b.arg(out).arg(&*part).arg(&ns).arg(&hq).arg(&d).arg(&os);
-            unsafe { b.launch(LaunchConfig { grid_dim: (bsz as u32, heads_q as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+            unsafe {
+                b.launch(LaunchConfig {
+                    grid_dim: (bsz as u32, heads_q as u32, 1),
+                    block_dim: (128, 1, 1),
+                    shared_mem_bytes: 0,
+                })
+            }
+            .map_err(derr)?;
         }
         Ok(())
     }
@@ -1046,16 +1495,45 @@ impl Gpu {
     /// store of k and v into the caches, in one kernel (`rope_kv_store_f16`): what `rope_strided_dev` over the q and
     /// k heads followed by `kv_store_dev` do, with the same destinations (`lens` per sequence, else `start`).
     #[allow(clippy::too_many_arguments)]
-    pub fn rope_kv_store_dev(&self, qkv: &mut CudaSlice<f16>, kc: &mut CudaSlice<f16>, vc: &mut CudaSlice<f16>, pos: &CudaSlice<i32>, cos: &CudaSlice<f32>, sin: &CudaSlice<f32>, rows: usize, heads_q: usize, heads_kv: usize, head_dim: usize, qkv_stride: usize, seq_stride: usize, lens: Option<&CudaSlice<i32>>, start: usize) -> Result<()> {
+    pub fn rope_kv_store_dev(
+        &self,
+        qkv: &mut CudaSlice<f16>,
+        kc: &mut CudaSlice<f16>,
+        vc: &mut CudaSlice<f16>,
+        pos: &CudaSlice<i32>,
+        cos: &CudaSlice<f32>,
+        sin: &CudaSlice<f32>,
+        rows: usize,
+        heads_q: usize,
+        heads_kv: usize,
+        head_dim: usize,
+        qkv_stride: usize,
+        seq_stride: usize,
+        lens: Option<&CudaSlice<i32>>,
+        start: usize,
+    ) -> Result<()> {
         let w = heads_kv * head_dim;
         let need = match lens {
             Some(_) => rows * seq_stride.max(w),
             None => (start + rows) * w,
         };
-        if rows == 0 || kc.len() < need || vc.len() < need || qkv.len() < rows * qkv_stride || qkv_stride < (heads_q + 2 * heads_kv) * head_dim || pos.len() < rows {
+        if rows == 0
+            || kc.len() < need
+            || vc.len() < need
+            || qkv.len() < rows * qkv_stride
+            || qkv_stride < (heads_q + 2 * heads_kv) * head_dim
+            || pos.len() < rows
+        {
             return Err(err(format!("rope + kv store: {rows} rows at position {start} do not fit the buffers")));
         }
-        let (hq, hk, d, qs, st, s0) = (to_i32(heads_q, "heads")?, to_i32(heads_kv, "heads")?, to_i32(head_dim, "head_dim")?, to_i32(qkv_stride, "stride")?, seq_stride as i64, to_i32(start, "start")?);
+        let (hq, hk, d, qs, st, s0) = (
+            to_i32(heads_q, "heads")?,
+            to_i32(heads_kv, "heads")?,
+            to_i32(head_dim, "head_dim")?,
+            to_i32(qkv_stride, "stride")?,
+            seq_stride as i64,
+            to_i32(start, "start")?,
+        );
         let null = 0u64;
         let mut b = self.stream.launch_builder(self.f("rope_kv_store_f16")?);
         b.arg(qkv).arg(kc).arg(vc).arg(pos).arg(cos).arg(sin).arg(&hq).arg(&hk).arg(&d).arg(&qs).arg(&st);
@@ -1064,7 +1542,14 @@ impl Gpu {
             None => b.arg(&null),
         };
         b.arg(&s0);
-        unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, (heads_q + heads_kv) as u32, 1), block_dim: (64, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+        unsafe {
+            b.launch(LaunchConfig {
+                grid_dim: (rows as u32, (heads_q + heads_kv) as u32, 1),
+                block_dim: (64, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        }
+        .map_err(derr)?;
         Ok(())
     }
 
@@ -1073,16 +1558,50 @@ impl Gpu {
     /// `rope_kv_store_dev` (one row) give, the same fp16 numbers. The cache row: `lens[0] - 1` (a decode step;
     /// `seq_stride`, the cache's rows times heads_kv * head_dim, only bounds the check) or `start`.
     #[allow(clippy::too_many_arguments)]
-    pub fn gemv_qkv_rope_dev(&self, qkv: &mut CudaSlice<f16>, kc: &mut CudaSlice<f16>, vc: &mut CudaSlice<f16>, x: &CudaSlice<f16>, w: &CudaSlice<f16>, k: usize, heads_q: usize, heads_kv: usize, head_dim: usize, split: usize, pos: &CudaSlice<i32>, cos: &CudaSlice<f32>, sin: &CudaSlice<f32>, seq_stride: usize, lens: Option<&CudaSlice<i32>>, start: usize) -> Result<()> {
+    pub fn gemv_qkv_rope_dev(
+        &self,
+        qkv: &mut CudaSlice<f16>,
+        kc: &mut CudaSlice<f16>,
+        vc: &mut CudaSlice<f16>,
+        x: &CudaSlice<f16>,
+        w: &CudaSlice<f16>,
+        k: usize,
+        heads_q: usize,
+        heads_kv: usize,
+        head_dim: usize,
+        split: usize,
+        pos: &CudaSlice<i32>,
+        cos: &CudaSlice<f32>,
+        sin: &CudaSlice<f32>,
+        seq_stride: usize,
+        lens: Option<&CudaSlice<i32>>,
+        start: usize,
+    ) -> Result<()> {
         let (f, kvw) = ((heads_q + 2 * heads_kv) * head_dim, heads_kv * head_dim);
         let need = match lens {
             Some(_) => seq_stride.max(kvw),
             None => (start + 1) * kvw,
         };
-        if !k.is_multiple_of(8) || ![1, 2, 4].contains(&split) || !head_dim.is_multiple_of(2) || x.len() < k || w.len() < f * k || qkv.len() < f || kc.len() < need || vc.len() < need || pos.is_empty() {
+        if !k.is_multiple_of(8)
+            || ![1, 2, 4].contains(&split)
+            || !head_dim.is_multiple_of(2)
+            || x.len() < k
+            || w.len() < f * k
+            || qkv.len() < f
+            || kc.len() < need
+            || vc.len() < need
+            || pos.is_empty()
+        {
             return Err(err(format!("gemv_qkv_rope_m1_f16: k {k} (a multiple of 8), split {split} (1, 2 or 4), head_dim {head_dim} (even), heads {heads_q}/{heads_kv}, cache row {start} or buffer sizes out of range")));
         }
-        let (ki, hq, hk, d, si, s0) = (to_i32(k, "k")?, to_i32(heads_q, "heads")?, to_i32(heads_kv, "heads")?, to_i32(head_dim, "head_dim")?, split as i32, to_i32(start, "start")?);
+        let (ki, hq, hk, d, si, s0) = (
+            to_i32(k, "k")?,
+            to_i32(heads_q, "heads")?,
+            to_i32(heads_kv, "heads")?,
+            to_i32(head_dim, "head_dim")?,
+            split as i32,
+            to_i32(start, "start")?,
+        );
         let null = 0u64;
         let mut b = self.stream.launch_builder(self.f("gemv_qkv_rope_m1_f16")?);
         b.arg(qkv).arg(kc).arg(vc).arg(x).arg(w).arg(&ki).arg(&hq).arg(&hk).arg(&d).arg(&si).arg(pos).arg(cos).arg(sin);
@@ -1098,20 +1617,49 @@ impl Gpu {
     /// `rope_kv_store_dev` on host data, one sequence appended at `start` of caches of `capacity` rows: returns
     /// (qkv after RoPE, key cache, value cache), next to what `rope_strided_dev` + `kv_store_dev` give (parity).
     #[allow(clippy::too_many_arguments, clippy::type_complexity)]
-    pub fn rope_kv_store_pair(&self, qkv: &[f32], pos: &[i32], cos: &[f32], sin: &[f32], heads_q: usize, heads_kv: usize, head_dim: usize, start: usize, capacity: usize) -> Result<[(Vec<f32>, Vec<f32>, Vec<f32>); 2]> {
+    pub fn rope_kv_store_pair(
+        &self,
+        qkv: &[f32],
+        pos: &[i32],
+        cos: &[f32],
+        sin: &[f32],
+        heads_q: usize,
+        heads_kv: usize,
+        head_dim: usize,
+        start: usize,
+        capacity: usize,
+    ) -> Result<[(Vec<f32>, Vec<f32>, Vec<f32>); 2]> {
         let stride = (heads_q + 2 * heads_kv) * head_dim;
         let rows = pos.len();
         let w = heads_kv * head_dim;
-        let (dp, dc, ds) = (self.stream.clone_htod(pos).map_err(derr)?, self.stream.clone_htod(cos).map_err(derr)?, self.stream.clone_htod(sin).map_err(derr)?);
+        let (dp, dc, ds) = (
+            self.stream.clone_htod(pos).map_err(derr)?,
+            self.stream.clone_htod(cos).map_err(derr)?,
+            self.stream.clone_htod(sin).map_err(derr)?,
+        );
         let mut out = Vec::new();
         for fused in [true, false] {
             let mut dq = self.upload_f16(qkv)?;
             let (mut kc, mut vc) = (self.poisoned_f16(capacity * w)?, self.poisoned_f16(capacity * w)?);
             if fused {
-                self.rope_kv_store_dev(&mut dq, &mut kc, &mut vc, &dp, &dc, &ds, rows, heads_q, heads_kv, head_dim, stride, 0, None, start)?;
+                self.rope_kv_store_dev(
+                    &mut dq, &mut kc, &mut vc, &dp, &dc, &ds, rows, heads_q, heads_kv, head_dim, stride, 0, None, start,
+                )?;
             } else {
                 self.rope_strided_dev(&mut dq, &dp, &dc, &ds, rows, heads_q + heads_kv, head_dim, stride)?;
-                self.kv_store_dev(&mut kc, &mut vc, &dq, rows, w, stride, heads_q * head_dim, (heads_q + heads_kv) * head_dim, 0, None, start)?;
+                self.kv_store_dev(
+                    &mut kc,
+                    &mut vc,
+                    &dq,
+                    rows,
+                    w,
+                    stride,
+                    heads_q * head_dim,
+                    (heads_q + heads_kv) * head_dim,
+                    0,
+                    None,
+                    start,
+                )?;
             }
             out.push((self.download_f16(&dq)?, self.download_f16(&kc)?, self.download_f16(&vc)?));
         }
@@ -1124,7 +1672,20 @@ impl Gpu {
     /// `w` elements each) into caches `kc`/`vc`: with `lens`, row r is sequence r's newest token, stored at position
     /// lens[r] - 1 of sequence r (sequences `seq_stride` apart); without, row r goes to position start + r.
     #[allow(clippy::too_many_arguments)]
-    pub fn kv_store_dev(&self, kc: &mut CudaSlice<f16>, vc: &mut CudaSlice<f16>, qkv: &CudaSlice<f16>, rows: usize, w: usize, qkv_stride: usize, k_off: usize, v_off: usize, seq_stride: usize, lens: Option<&CudaSlice<i32>>, start: usize) -> Result<()> {
+    pub fn kv_store_dev(
+        &self,
+        kc: &mut CudaSlice<f16>,
+        vc: &mut CudaSlice<f16>,
+        qkv: &CudaSlice<f16>,
+        rows: usize,
+        w: usize,
+        qkv_stride: usize,
+        k_off: usize,
+        v_off: usize,
+        seq_stride: usize,
+        lens: Option<&CudaSlice<i32>>,
+        start: usize,
+    ) -> Result<()> {
         let need = match lens {
             Some(_) => rows * seq_stride.max(w),
             None => (start + rows) * w,
@@ -1132,7 +1693,15 @@ impl Gpu {
         if kc.len() < need || vc.len() < need || qkv.len() < rows * qkv_stride {
             return Err(err(format!("kv store: {rows} rows at position {start} do not fit the cache")));
         }
-        let (r, wi, qs, ko, vo, st, s0) = (to_i32(rows, "rows")?, to_i32(w, "row")?, to_i32(qkv_stride, "stride")?, to_i32(k_off, "k offset")?, to_i32(v_off, "v offset")?, seq_stride as i64, to_i32(start, "start")?);
+        let (r, wi, qs, ko, vo, st, s0) = (
+            to_i32(rows, "rows")?,
+            to_i32(w, "row")?,
+            to_i32(qkv_stride, "stride")?,
+            to_i32(k_off, "k offset")?,
+            to_i32(v_off, "v offset")?,
+            seq_stride as i64,
+            to_i32(start, "start")?,
+        );
         let null = 0u64;
         let mut b = self.stream.launch_builder(self.f("kv_store_f16")?);
         b.arg(kc).arg(vc).arg(qkv).arg(&r).arg(&wi).arg(&qs).arg(&ko).arg(&vo).arg(&st);
@@ -1148,8 +1717,20 @@ impl Gpu {
     /// Greedy choice on the device: `ids[r]` = the index of the largest logit of row r of `logits` (rows x vocab),
     /// as `sampling::argmax` picks it on the row widened to f32. With `advance`, (pos, lens), each row's position
     /// and sequence length also grow by one: the next decode step's, so a captured step can feed itself.
-    pub fn argmax_step_dev(&self, ids: &mut CudaSlice<i32>, logits: &CudaSlice<f16>, rows: usize, vocab: usize, advance: Option<(&mut CudaSlice<i32>, &mut CudaSlice<i32>)>) -> Result<()> {
-        if rows == 0 || vocab == 0 || ids.len() < rows || logits.len() < rows * vocab || advance.as_ref().is_some_and(|(p, l)| p.len() < rows || l.len() < rows) {
+    pub fn argmax_step_dev(
+        &self,
+        ids: &mut CudaSlice<i32>,
+        logits: &CudaSlice<f16>,
+        rows: usize,
+        vocab: usize,
+        advance: Option<(&mut CudaSlice<i32>, &mut CudaSlice<i32>)>,
+    ) -> Result<()> {
+        if rows == 0
+            || vocab == 0
+            || ids.len() < rows
+            || logits.len() < rows * vocab
+            || advance.as_ref().is_some_and(|(p, l)| p.len() < rows || l.len() < rows)
+        {
             return Err(err(format!("argmax: buffers too small for {rows} rows of {vocab} logits")));
         }
         let v = to_i32(vocab, "vocab")?;
@@ -1160,7 +1741,10 @@ impl Gpu {
             Some((p, l)) => b.arg(p).arg(l),
             None => b.arg(&null).arg(&null),
         };
-        unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+        unsafe {
+            b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 })
+        }
+        .map_err(derr)?;
         Ok(())
     }
 
@@ -1190,14 +1774,29 @@ impl Gpu {
         let c = to_i32(cols, "cols")?;
         let mut b = self.stream.launch_builder(self.f("layernorm_f16")?);
         b.arg(&mut out).arg(&dx).arg(&dw).arg(&db).arg(&c).arg(&eps);
-        unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+        unsafe {
+            b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 })
+        }
+        .map_err(derr)?;
         self.download_f16(&out)
     }
 
     /// RoPE in place on x[tokens, heads, head_dim] at `pos`, with cos/sin tables [max_pos, head_dim/2].
-    pub fn rope(&self, x: &[f32], pos: &[i32], cos: &[f32], sin: &[f32], heads: usize, head_dim: usize) -> Result<Vec<f32>> {
+    pub fn rope(
+        &self,
+        x: &[f32],
+        pos: &[i32],
+        cos: &[f32],
+        sin: &[f32],
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<Vec<f32>> {
         let mut dx = self.upload_f16(x)?;
-        let (dp, dc, ds) = (self.stream.clone_htod(pos).map_err(derr)?, self.stream.clone_htod(cos).map_err(derr)?, self.stream.clone_htod(sin).map_err(derr)?);
+        let (dp, dc, ds) = (
+            self.stream.clone_htod(pos).map_err(derr)?,
+            self.stream.clone_htod(cos).map_err(derr)?,
+            self.stream.clone_htod(sin).map_err(derr)?,
+        );
         self.rope_dev(&mut dx, &dp, &dc, &ds, pos.len(), heads, head_dim)?;
         self.download_f16(&dx)
     }
@@ -1247,7 +1846,16 @@ impl Gpu {
 
     /// Attention prefill: q [n_q, heads_q, d], k/v [n_k, heads_kv, d] -> [n_q, heads_q, d].
     #[allow(clippy::too_many_arguments)]
-    pub fn attention_prefill(&self, q: &[f32], k: &[f32], v: &[f32], heads_q: usize, heads_kv: usize, head_dim: usize, causal: bool) -> Result<Vec<f32>> {
+    pub fn attention_prefill(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        heads_q: usize,
+        heads_kv: usize,
+        head_dim: usize,
+        causal: bool,
+    ) -> Result<Vec<f32>> {
         let n_q = q.len() / (heads_q * head_dim).max(1);
         let n_k = k.len() / (heads_kv * head_dim).max(1);
         let (dq, dk, dv) = (self.upload_f16(q)?, self.upload_f16(k)?, self.upload_f16(v)?);
@@ -1259,9 +1867,21 @@ impl Gpu {
     /// Decode attention: one query per sequence (q [B, heads_q, d]) over a shared prefix cache ([P, heads_kv, d])
     /// and each sequence's suffix cache (suffix[b] holds suf_len[b] rows of [heads_kv, d]).
     #[allow(clippy::too_many_arguments)]
-    pub fn attention_decode(&self, q: &[f32], prefix_k: &[f32], prefix_v: &[f32], suffix_k: &[Vec<f32>], suffix_v: &[Vec<f32>], heads_q: usize, heads_kv: usize, head_dim: usize) -> Result<Vec<f32>> {
+    pub fn attention_decode(
+        &self,
+        q: &[f32],
+        prefix_k: &[f32],
+        prefix_v: &[f32],
+        suffix_k: &[Vec<f32>],
+        suffix_v: &[Vec<f32>],
+        heads_q: usize,
+        heads_kv: usize,
+        head_dim: usize,
+    ) -> Result<Vec<f32>> {
         if head_dim > 128 || heads_kv == 0 || !heads_q.is_multiple_of(heads_kv) {
-            return Err(err(format!("attention: head_dim {head_dim} (at most 128), heads {heads_q}/{heads_kv} (a multiple)")));
+            return Err(err(format!(
+                "attention: head_dim {head_dim} (at most 128), heads {heads_q}/{heads_kv} (a multiple)"
+            )));
         }
         let bsz = suffix_k.len();
         let row = heads_kv * head_dim;
@@ -1274,19 +1894,54 @@ impl Gpu {
             sv[b * max_s * row..b * max_s * row + suffix_v[b].len()].copy_from_slice(&suffix_v[b]);
             lens.push(to_i32(suffix_k[b].len() / row, "suffix length")?);
         }
-        let (dq, dpk, dpv, dsk, dsv) = (self.upload_f16(q)?, self.upload_f16(prefix_k)?, self.upload_f16(prefix_v)?, self.upload_f16(&sk)?, self.upload_f16(&sv)?);
+        let (dq, dpk, dpv, dsk, dsv) = (
+            self.upload_f16(q)?,
+            self.upload_f16(prefix_k)?,
+            self.upload_f16(prefix_v)?,
+            self.upload_f16(&sk)?,
+            self.upload_f16(&sv)?,
+        );
         let dl = self.stream.clone_htod(&lens).map_err(derr)?;
         let mut out = self.poisoned_f16(q.len())?;
         let plen = prefix_k.len() / row;
         let max_total = plen + lens.iter().copied().max().unwrap_or(0) as usize;
-        let mut part = self.stream.alloc_zeros::<f32>(self.decode_part_len(max_total, bsz, heads_q, head_dim)).map_err(derr)?;
-        self.attention_decode_dev(&mut out, &dq, heads_q * head_dim, &dpk, &dpv, plen, &dsk, &dsv, &dl, max_s * row, bsz, max_total, heads_q, heads_kv, head_dim, &mut part, None)?;
+        let mut part =
+            self.stream.alloc_zeros::<f32>(self.decode_part_len(max_total, bsz, heads_q, head_dim)).map_err(derr)?;
+        self.attention_decode_dev(
+            &mut out,
+            &dq,
+            heads_q * head_dim,
+            &dpk,
+            &dpv,
+            plen,
+            &dsk,
+            &dsv,
+            &dl,
+            max_s * row,
+            bsz,
+            max_total,
+            heads_q,
+            heads_kv,
+            head_dim,
+            &mut part,
+            None,
+        )?;
         self.download_f16(&out)
     }
 
     /// y + scale * (x A^T) B^T with x [m, k], A [r, k], B [n, r], y [m, n].
     #[allow(clippy::too_many_arguments)]
-    pub fn lora(&self, y: &[f32], x: &[f32], a: &[f32], b_: &[f32], k: usize, rank: usize, n: usize, scale: f32) -> Result<Vec<f32>> {
+    pub fn lora(
+        &self,
+        y: &[f32],
+        x: &[f32],
+        a: &[f32],
+        b_: &[f32],
+        k: usize,
+        rank: usize,
+        n: usize,
+        scale: f32,
+    ) -> Result<Vec<f32>> {
         let m = x.len() / k.max(1);
         let (dx, da, db) = (self.upload_f16(x)?, self.upload_f16(a)?, self.upload_f16(b_)?);
         let mut dy = self.upload_f16(y)?;
@@ -1294,10 +1949,18 @@ impl Gpu {
         let (ki, ri, ni) = (to_i32(k, "k")?, to_i32(rank, "rank")?, to_i32(n, "n")?);
         let mut b = self.stream.launch_builder(self.f("lora_down_f16")?);
         b.arg(&mut t).arg(&dx).arg(&da).arg(&ki).arg(&ri).arg(&ki);
-        unsafe { b.launch(LaunchConfig { grid_dim: (m as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+        unsafe { b.launch(LaunchConfig { grid_dim: (m as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }
+            .map_err(derr)?;
         let mut b = self.stream.launch_builder(self.f("lora_up_add_f16")?);
         b.arg(&mut dy).arg(&t).arg(&db).arg(&ni).arg(&ri).arg(&scale).arg(&ni);
-        unsafe { b.launch(LaunchConfig { grid_dim: (n.div_ceil(128) as u32, m as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: (rank * 4) as u32 }) }.map_err(derr)?;
+        unsafe {
+            b.launch(LaunchConfig {
+                grid_dim: (n.div_ceil(128) as u32, m as u32, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: (rank * 4) as u32,
+            })
+        }
+        .map_err(derr)?;
         self.download_f16(&dy)
     }
 
@@ -1311,7 +1974,10 @@ impl Gpu {
         let v = to_i32(vocab, "vocab")?;
         let mut b = self.stream.launch_builder(self.f("logprob_gather_f32")?);
         b.arg(&mut out).arg(&mut lse).arg(&dl).arg(&dy).arg(&v);
-        unsafe { b.launch(LaunchConfig { grid_dim: (rows.max(1) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+        unsafe {
+            b.launch(LaunchConfig { grid_dim: (rows.max(1) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 })
+        }
+        .map_err(derr)?;
         Ok((self.stream.clone_dtoh(&out).map_err(derr)?, self.stream.clone_dtoh(&lse).map_err(derr)?))
     }
 
@@ -1323,7 +1989,16 @@ impl Gpu {
 
     /// Backward of `rmsnorm_dev`: dx (fp16), and dw accumulated into `dw` (fp32) when given.
     #[allow(clippy::too_many_arguments)]
-    pub fn rmsnorm_bwd_dev(&self, dx: &mut CudaSlice<f16>, dw: Option<&mut CudaSlice<f32>>, dout: &CudaSlice<f16>, x: &CudaSlice<f16>, w: &CudaSlice<f16>, rows: usize, eps: f32) -> Result<()> {
+    pub fn rmsnorm_bwd_dev(
+        &self,
+        dx: &mut CudaSlice<f16>,
+        dw: Option<&mut CudaSlice<f32>>,
+        dout: &CudaSlice<f16>,
+        x: &CudaSlice<f16>,
+        w: &CudaSlice<f16>,
+        rows: usize,
+        eps: f32,
+    ) -> Result<()> {
         let c = to_i32(w.len(), "cols")?;
         let null = 0u64;
         let mut b = self.stream.launch_builder(self.f("rmsnorm_bwd_f16")?);
@@ -1333,7 +2008,10 @@ impl Gpu {
             None => b.arg(&null),
         };
         b.arg(dout).arg(x).arg(w).arg(&c).arg(&eps);
-        unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+        unsafe {
+            b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 })
+        }
+        .map_err(derr)?;
         Ok(())
     }
 
@@ -1347,7 +2025,13 @@ impl Gpu {
     }
 
     /// Host wrapper: (dx, dw, db) of LayerNorm.
-    pub fn layernorm_bwd(&self, dout: &[f32], x: &[f32], w: &[f32], eps: f32) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    pub fn layernorm_bwd(
+        &self,
+        dout: &[f32],
+        x: &[f32],
+        w: &[f32],
+        eps: f32,
+    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
         let cols = w.len();
         let (dd, dx_, dw_) = (self.upload_f16(dout)?, self.upload_f16(x)?, self.upload_f16(w)?);
         let mut dx = self.poisoned_f16(x.len())?;
@@ -1355,12 +2039,31 @@ impl Gpu {
         let c = to_i32(cols, "cols")?;
         let mut b = self.stream.launch_builder(self.f("layernorm_bwd_f16")?);
         b.arg(&mut dx).arg(&mut dw).arg(&mut db).arg(&dd).arg(&dx_).arg(&dw_).arg(&c).arg(&eps);
-        unsafe { b.launch(LaunchConfig { grid_dim: ((x.len() / cols.max(1)) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
-        Ok((self.download_f16(&dx)?, self.stream.clone_dtoh(&dw).map_err(derr)?, self.stream.clone_dtoh(&db).map_err(derr)?))
+        unsafe {
+            b.launch(LaunchConfig {
+                grid_dim: ((x.len() / cols.max(1)) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        }
+        .map_err(derr)?;
+        Ok((
+            self.download_f16(&dx)?,
+            self.stream.clone_dtoh(&dw).map_err(derr)?,
+            self.stream.clone_dtoh(&db).map_err(derr)?,
+        ))
     }
 
     /// Backward of `swiglu_dev` over n elements: (dgate, dup).
-    pub fn swiglu_bwd_dev(&self, dg: &mut CudaSlice<f16>, du: &mut CudaSlice<f16>, dout: &CudaSlice<f16>, g: &CudaSlice<f16>, u: &CudaSlice<f16>, n: usize) -> Result<()> {
+    pub fn swiglu_bwd_dev(
+        &self,
+        dg: &mut CudaSlice<f16>,
+        du: &mut CudaSlice<f16>,
+        dout: &CudaSlice<f16>,
+        g: &CudaSlice<f16>,
+        u: &CudaSlice<f16>,
+        n: usize,
+    ) -> Result<()> {
         let nn = n as i64;
         let mut b = self.stream.launch_builder(self.f("swiglu_bwd_f16")?);
         b.arg(dg).arg(du).arg(dout).arg(g).arg(u).arg(&nn);
@@ -1384,9 +2087,21 @@ impl Gpu {
     }
 
     /// `activation_bwd` on the device over the first `n` values.
-    pub fn activation_bwd_dev(&self, kernel: &str, dx: &mut CudaSlice<f16>, dout: &CudaSlice<f16>, x: &CudaSlice<f16>, n: usize) -> Result<()> {
+    pub fn activation_bwd_dev(
+        &self,
+        kernel: &str,
+        dx: &mut CudaSlice<f16>,
+        dout: &CudaSlice<f16>,
+        x: &CudaSlice<f16>,
+        n: usize,
+    ) -> Result<()> {
         if dx.len() < n || dout.len() < n || x.len() < n {
-            return Err(err(format!("{kernel}: {n} values asked of buffers of {}, {} and {}", dx.len(), dout.len(), x.len())));
+            return Err(err(format!(
+                "{kernel}: {n} values asked of buffers of {}, {} and {}",
+                dx.len(),
+                dout.len(),
+                x.len()
+            )));
         }
         let nn = n as i64;
         let mut b = self.stream.launch_builder(self.f(kernel)?);
@@ -1397,7 +2112,16 @@ impl Gpu {
 
     /// dx (rows, cols) of LayerNorm with weight `w` from dout and the saved input x (no weight or bias gradient).
     #[allow(clippy::too_many_arguments)]
-    pub fn layernorm_bwd_dx_dev(&self, dx: &mut CudaSlice<f16>, dout: &CudaSlice<f16>, x: &CudaSlice<f16>, w: &CudaSlice<f16>, rows: usize, cols: usize, eps: f32) -> Result<()> {
+    pub fn layernorm_bwd_dx_dev(
+        &self,
+        dx: &mut CudaSlice<f16>,
+        dout: &CudaSlice<f16>,
+        x: &CudaSlice<f16>,
+        w: &CudaSlice<f16>,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+    ) -> Result<()> {
         if w.len() != cols || [dx.len(), dout.len(), x.len()].iter().any(|&l| l < rows * cols) {
             return Err(err(format!("layernorm backward: buffers too small for {rows}x{cols}")));
         }
@@ -1405,23 +2129,59 @@ impl Gpu {
         let null = 0u64;
         let mut b = self.stream.launch_builder(self.f("layernorm_bwd_f16")?);
         b.arg(dx).arg(&null).arg(&null).arg(dout).arg(x).arg(w).arg(&c).arg(&eps);
-        unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+        unsafe {
+            b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 })
+        }
+        .map_err(derr)?;
         Ok(())
     }
 
     /// Backward of `rope_dev`, in place on the gradient.
     #[allow(clippy::too_many_arguments)]
-    pub fn rope_bwd_dev(&self, dx: &mut CudaSlice<f16>, pos: &CudaSlice<i32>, cos: &CudaSlice<f32>, sin: &CudaSlice<f32>, tokens: usize, heads: usize, head_dim: usize) -> Result<()> {
-        let (t, h, d, stride) = (to_i32(tokens, "tokens")?, to_i32(heads, "heads")?, to_i32(head_dim, "head_dim")?, to_i32(heads * head_dim, "stride")?);
+    pub fn rope_bwd_dev(
+        &self,
+        dx: &mut CudaSlice<f16>,
+        pos: &CudaSlice<i32>,
+        cos: &CudaSlice<f32>,
+        sin: &CudaSlice<f32>,
+        tokens: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<()> {
+        let (t, h, d, stride) = (
+            to_i32(tokens, "tokens")?,
+            to_i32(heads, "heads")?,
+            to_i32(head_dim, "head_dim")?,
+            to_i32(heads * head_dim, "stride")?,
+        );
         let mut b = self.stream.launch_builder(self.f("rope_bwd_f16")?);
         b.arg(dx).arg(pos).arg(cos).arg(sin).arg(&t).arg(&h).arg(&d).arg(&stride);
-        unsafe { b.launch(LaunchConfig { grid_dim: (tokens as u32, heads as u32, 1), block_dim: (64, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+        unsafe {
+            b.launch(LaunchConfig {
+                grid_dim: (tokens as u32, heads as u32, 1),
+                block_dim: (64, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        }
+        .map_err(derr)?;
         Ok(())
     }
 
-    pub fn rope_bwd(&self, dx: &[f32], pos: &[i32], cos: &[f32], sin: &[f32], heads: usize, head_dim: usize) -> Result<Vec<f32>> {
+    pub fn rope_bwd(
+        &self,
+        dx: &[f32],
+        pos: &[i32],
+        cos: &[f32],
+        sin: &[f32],
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<Vec<f32>> {
         let mut d = self.upload_f16(dx)?;
-        let (dp, dc, ds) = (self.stream.clone_htod(pos).map_err(derr)?, self.stream.clone_htod(cos).map_err(derr)?, self.stream.clone_htod(sin).map_err(derr)?);
+        let (dp, dc, ds) = (
+            self.stream.clone_htod(pos).map_err(derr)?,
+            self.stream.clone_htod(cos).map_err(derr)?,
+            self.stream.clone_htod(sin).map_err(derr)?,
+        );
         self.rope_bwd_dev(&mut d, &dp, &dc, &ds, pos.len(), heads, head_dim)?;
         self.download_f16(&d)
     }
@@ -1434,7 +2194,14 @@ impl Gpu {
         let (n, d, v) = (to_i32(ids.len(), "tokens")?, to_i32(dim, "dim")?, to_i32(vocab, "vocab")?);
         let mut b = self.stream.launch_builder(self.f("embedding_bwd_f32")?);
         b.arg(&mut dt).arg(&dd).arg(&di).arg(&n).arg(&d).arg(&v);
-        unsafe { b.launch(LaunchConfig { grid_dim: (ids.len().max(1) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+        unsafe {
+            b.launch(LaunchConfig {
+                grid_dim: (ids.len().max(1) as u32, 1, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        }
+        .map_err(derr)?;
         self.stream.clone_dtoh(&dt).map_err(derr)
     }
 
@@ -1442,9 +2209,27 @@ impl Gpu {
     /// (`attention_prefill_lse_dev`) and dout, writes dq [n_q, heads_q, d], dk and dv [n_k, heads_kv, d] (GQA:
     /// summed over each group's query heads).
     #[allow(clippy::too_many_arguments)]
-    pub fn attention_bwd_dev(&self, dq: &mut CudaSlice<f16>, dk: &mut CudaSlice<f16>, dv: &mut CudaSlice<f16>, q: &CudaSlice<f16>, k: &CudaSlice<f16>, v: &CudaSlice<f16>, out: &CudaSlice<f16>, lse: &CudaSlice<f32>, dout: &CudaSlice<f16>, n_q: usize, n_k: usize, heads_q: usize, heads_kv: usize, head_dim: usize, causal: bool) -> Result<()> {
+    pub fn attention_bwd_dev(
+        &self,
+        dq: &mut CudaSlice<f16>,
+        dk: &mut CudaSlice<f16>,
+        dv: &mut CudaSlice<f16>,
+        q: &CudaSlice<f16>,
+        k: &CudaSlice<f16>,
+        v: &CudaSlice<f16>,
+        out: &CudaSlice<f16>,
+        lse: &CudaSlice<f32>,
+        dout: &CudaSlice<f16>,
+        n_q: usize,
+        n_k: usize,
+        heads_q: usize,
+        heads_kv: usize,
+        head_dim: usize,
+        causal: bool,
+    ) -> Result<()> {
         let (qs, ks) = (heads_q * head_dim, heads_kv * head_dim);
-        let grads = AttnRows { q: self.dptr(dq, 0), k: self.dptr(dk, 0), v: self.dptr(dv, 0), q_stride: qs, kv_stride: ks };
+        let grads =
+            AttnRows { q: self.dptr(dq, 0), k: self.dptr(dk, 0), v: self.dptr(dv, 0), q_stride: qs, kv_stride: ks };
         let rows = AttnRows { q: self.dptr(q, 0), k: self.dptr(k, 0), v: self.dptr(v, 0), q_stride: qs, kv_stride: ks };
         self.attention_bwd_at(grads, rows, out, lse, dout, n_q, n_k, heads_q, heads_kv, head_dim, causal)
     }
@@ -1453,69 +2238,168 @@ impl Gpu {
     /// strides as `x`), from the forward's output `out`, its log-sum-exp and dout ([n_q, heads_q, d] rows). The
     /// caller keeps the operands alive and large enough.
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn attention_bwd_at(&self, grads: AttnRows, x: AttnRows, out: &CudaSlice<f16>, lse: &CudaSlice<f32>, dout: &CudaSlice<f16>, n_q: usize, n_k: usize, heads_q: usize, heads_kv: usize, head_dim: usize, causal: bool) -> Result<()> {
-        if head_dim > 128 || heads_kv == 0 || !heads_q.is_multiple_of(heads_kv) || (causal && n_k < n_q) || grads.q_stride != x.q_stride || grads.kv_stride != x.kv_stride {
+    pub(crate) fn attention_bwd_at(
+        &self,
+        grads: AttnRows,
+        x: AttnRows,
+        out: &CudaSlice<f16>,
+        lse: &CudaSlice<f32>,
+        dout: &CudaSlice<f16>,
+        n_q: usize,
+        n_k: usize,
+        heads_q: usize,
+        heads_kv: usize,
+        head_dim: usize,
+        causal: bool,
+    ) -> Result<()> {
+        if head_dim > 128
+            || heads_kv == 0
+            || !heads_q.is_multiple_of(heads_kv)
+            || (causal && n_k < n_q)
+            || grads.q_stride != x.q_stride
+            || grads.kv_stride != x.kv_stride
+        {
             return Err(err(format!("attention backward: head_dim {head_dim} (at most 128), heads {heads_q}/{heads_kv} (a multiple), {n_q} queries over {n_k} keys")));
         }
         if out.len() < n_q * heads_q * head_dim || dout.len() < n_q * heads_q * head_dim || lse.len() < n_q * heads_q {
             return Err(err(format!("attention backward: output, its gradient or lse shorter than {n_q} rows")));
         }
-        let (nq, nk, hq, hk, d) = (to_i32(n_q, "n_q")?, to_i32(n_k, "n_k")?, to_i32(heads_q, "heads")?, to_i32(heads_kv, "heads")?, to_i32(head_dim, "head_dim")?);
+        let (nq, nk, hq, hk, d) = (
+            to_i32(n_q, "n_q")?,
+            to_i32(n_k, "n_k")?,
+            to_i32(heads_q, "heads")?,
+            to_i32(heads_kv, "heads")?,
+            to_i32(head_dim, "head_dim")?,
+        );
         let (qs, ks, os) = (to_i32(x.q_stride, "q stride")?, to_i32(x.kv_stride, "kv stride")?, hq * d);
         let scale = 1.0f32 / (head_dim as f32).sqrt();
         let c = i32::from(causal);
         let mut delta = self.stream.alloc_zeros::<f32>(n_q * heads_q).map_err(derr)?;
         let mut b = self.stream.launch_builder(self.f("attn_bwd_delta_f16")?);
         b.arg(&mut delta).arg(dout).arg(out).arg(&hq).arg(&d).arg(&os);
-        unsafe { b.launch(LaunchConfig { grid_dim: (n_q as u32, heads_q as u32, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+        unsafe {
+            b.launch(LaunchConfig {
+                grid_dim: (n_q as u32, heads_q as u32, 1),
+                block_dim: (32, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        }
+        .map_err(derr)?;
         // The tensor-core kernels: 16-byte loads of q, k, v and dout rows, gradients stored by pairs.
         let dout_ptr = self.dptr(dout, 0);
         let mma = self.mma_attention.load(std::sync::atomic::Ordering::Relaxed)
             && (head_dim == 64 || head_dim == 128)
-            && (x.q | x.k | x.v | dout_ptr) % 16 == 0
-            && (x.q_stride | x.kv_stride | (heads_q * head_dim)) % 8 == 0
-            && (grads.q | grads.k | grads.v) % 4 == 0;
+            && (x.q | x.k | x.v | dout_ptr).is_multiple_of(16)
+            && (x.q_stride | x.kv_stride | (heads_q * head_dim)).is_multiple_of(8)
+            && (grads.q | grads.k | grads.v).is_multiple_of(4);
         let (dq_kernel, dkdv_kernel) = match (mma, head_dim) {
             (true, 64) => ("flash_attn_bwd_dq_mma_d64_f16", "flash_attn_bwd_dkdv_mma_d64_f16"),
             (true, _) => ("flash_attn_bwd_dq_mma_d128_f16", "flash_attn_bwd_dkdv_mma_d128_f16"),
             _ => ("flash_attn_bwd_dq_f16", "flash_attn_bwd_dkdv_f16"),
         };
         let mut b = self.stream.launch_builder(self.f(dq_kernel)?);
-        b.arg(&grads.q).arg(&x.q).arg(&x.k).arg(&x.v).arg(dout).arg(lse).arg(&delta).arg(&nq).arg(&nk).arg(&hq).arg(&hk);
+        b.arg(&grads.q)
+            .arg(&x.q)
+            .arg(&x.k)
+            .arg(&x.v)
+            .arg(dout)
+            .arg(lse)
+            .arg(&delta)
+            .arg(&nq)
+            .arg(&nk)
+            .arg(&hq)
+            .arg(&hk);
         if !mma {
             b.arg(&d);
         }
         b.arg(&qs).arg(&ks).arg(&os).arg(&scale).arg(&c);
         let rows = if mma { 64 } else { 16 };
-        unsafe { b.launch(LaunchConfig { grid_dim: (n_q.div_ceil(rows) as u32, heads_q as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+        unsafe {
+            b.launch(LaunchConfig {
+                grid_dim: (n_q.div_ceil(rows) as u32, heads_q as u32, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        }
+        .map_err(derr)?;
         let mut b = self.stream.launch_builder(self.f(dkdv_kernel)?);
-        b.arg(&grads.k).arg(&grads.v).arg(&x.q).arg(&x.k).arg(&x.v).arg(dout).arg(lse).arg(&delta).arg(&nq).arg(&nk).arg(&hq).arg(&hk);
+        b.arg(&grads.k)
+            .arg(&grads.v)
+            .arg(&x.q)
+            .arg(&x.k)
+            .arg(&x.v)
+            .arg(dout)
+            .arg(lse)
+            .arg(&delta)
+            .arg(&nq)
+            .arg(&nk)
+            .arg(&hq)
+            .arg(&hk);
         if !mma {
             b.arg(&d);
         }
         b.arg(&qs).arg(&ks).arg(&os).arg(&scale).arg(&c);
         let smem = if mma { dkdv_mma_smem(head_dim) as u32 } else { 0 };
-        unsafe { b.launch(LaunchConfig { grid_dim: (n_k.div_ceil(rows) as u32, heads_kv as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: smem }) }.map_err(derr)?;
+        unsafe {
+            b.launch(LaunchConfig {
+                grid_dim: (n_k.div_ceil(rows) as u32, heads_kv as u32, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: smem,
+            })
+        }
+        .map_err(derr)?;
         Ok(())
     }
 
     /// Host wrapper: the forward (saving lse), then (dq, dk, dv).
     #[allow(clippy::too_many_arguments)]
-    pub fn attention_bwd(&self, q: &[f32], k: &[f32], v: &[f32], dout: &[f32], heads_q: usize, heads_kv: usize, head_dim: usize, causal: bool) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    pub fn attention_bwd(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        dout: &[f32],
+        heads_q: usize,
+        heads_kv: usize,
+        head_dim: usize,
+        causal: bool,
+    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
         let n_q = q.len() / (heads_q * head_dim).max(1);
         let n_k = k.len() / (heads_kv * head_dim).max(1);
-        let (dq_, dk_, dv_, dd) = (self.upload_f16(q)?, self.upload_f16(k)?, self.upload_f16(v)?, self.upload_f16(dout)?);
+        let (dq_, dk_, dv_, dd) =
+            (self.upload_f16(q)?, self.upload_f16(k)?, self.upload_f16(v)?, self.upload_f16(dout)?);
         let mut out = self.poisoned_f16(q.len())?;
         let mut lse = self.f32_buf(n_q * heads_q, f32::NAN)?;
-        self.attention_prefill_lse_dev(&mut out, Some(&mut lse), &dq_, &dk_, &dv_, n_q, n_k, heads_q, heads_kv, head_dim, causal)?;
-        let (mut dq, mut dk, mut dv) = (self.poisoned_f16(q.len())?, self.poisoned_f16(k.len())?, self.poisoned_f16(v.len())?);
-        self.attention_bwd_dev(&mut dq, &mut dk, &mut dv, &dq_, &dk_, &dv_, &out, &lse, &dd, n_q, n_k, heads_q, heads_kv, head_dim, causal)?;
+        self.attention_prefill_lse_dev(
+            &mut out,
+            Some(&mut lse),
+            &dq_,
+            &dk_,
+            &dv_,
+            n_q,
+            n_k,
+            heads_q,
+            heads_kv,
+            head_dim,
+            causal,
+        )?;
+        let (mut dq, mut dk, mut dv) =
+            (self.poisoned_f16(q.len())?, self.poisoned_f16(k.len())?, self.poisoned_f16(v.len())?);
+        self.attention_bwd_dev(
+            &mut dq, &mut dk, &mut dv, &dq_, &dk_, &dv_, &out, &lse, &dd, n_q, n_k, heads_q, heads_kv, head_dim, causal,
+        )?;
         Ok((self.download_f16(&dq)?, self.download_f16(&dk)?, self.download_f16(&dv)?))
     }
 
     /// Log-probs of `labels` under fp16 logits rows ([rows, vocab]) and, in place, their gradient for upstream
     /// weights `dlogp` (`logprob_gather_f16` then `logprob_bwd_f16`): returns (logp, dlogits).
-    pub fn logprob_fwd_bwd_f16(&self, logits: &[f32], vocab: usize, labels: &[i32], dlogp: &[f32]) -> Result<(Vec<f32>, Vec<f32>)> {
+    pub fn logprob_fwd_bwd_f16(
+        &self,
+        logits: &[f32],
+        vocab: usize,
+        labels: &[i32],
+        dlogp: &[f32],
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
         let rows = labels.len();
         let mut dl = self.upload_f16(logits)?;
         let (dy, dw) = (self.stream.clone_htod(labels).map_err(derr)?, self.stream.clone_htod(dlogp).map_err(derr)?);
@@ -1537,14 +2421,25 @@ impl Gpu {
         let n = g.len() as i64;
         let mut b = self.stream.launch_builder(self.f("grad_sumsq_f32")?);
         b.arg(&mut acc).arg(g).arg(&n);
-        unsafe { b.launch(LaunchConfig { grid_dim: (g.len().div_ceil(256).clamp(1, 1024) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+        unsafe {
+            b.launch(LaunchConfig {
+                grid_dim: (g.len().div_ceil(256).clamp(1, 1024) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        }
+        .map_err(derr)?;
         Ok(self.stream.clone_dtoh(&acc).map_err(derr)?[0])
     }
 
     /// acc[offset..offset + g.len()] += g.
     pub fn grad_accumulate_at(&self, acc: &mut CudaSlice<f32>, offset: usize, g: &CudaSlice<f16>) -> Result<()> {
         if offset + g.len() > acc.len() {
-            return Err(err(format!("gradient accumulation: {} values at {offset} of an accumulator of {}", g.len(), acc.len())));
+            return Err(err(format!(
+                "gradient accumulation: {} values at {offset} of an accumulator of {}",
+                g.len(),
+                acc.len()
+            )));
         }
         let n = g.len() as i64;
         let mut view = acc.slice_mut(offset..offset + g.len());
@@ -1566,14 +2461,35 @@ impl Gpu {
     /// One AdamW step (see `kernels/optim.cu`) on fp32 master weights, moments and gradient (zeroed after); the
     /// fp16 copy is refreshed when given. `step` is 1-based (bias correction); `gscale` = clip factor / loss scale.
     #[allow(clippy::too_many_arguments)]
-    pub fn adamw_dev(&self, p: &mut CudaSlice<f32>, m: &mut CudaSlice<f32>, v: &mut CudaSlice<f32>, g: &mut CudaSlice<f32>, p16: Option<&mut CudaSlice<f16>>, cfg: &AdamW, step: u32, gscale: f32) -> Result<()> {
+    pub fn adamw_dev(
+        &self,
+        p: &mut CudaSlice<f32>,
+        m: &mut CudaSlice<f32>,
+        v: &mut CudaSlice<f32>,
+        g: &mut CudaSlice<f32>,
+        p16: Option<&mut CudaSlice<f16>>,
+        cfg: &AdamW,
+        step: u32,
+        gscale: f32,
+    ) -> Result<()> {
         let n = p.len();
         self.adamw_range(p, m, v, g, p16, 0..n, cfg, step, gscale)
     }
 
     /// `adamw_dev` on the elements `range` of the buffers only (e.g. parameters without weight decay).
     #[allow(clippy::too_many_arguments)]
-    pub fn adamw_range(&self, p: &mut CudaSlice<f32>, m: &mut CudaSlice<f32>, v: &mut CudaSlice<f32>, g: &mut CudaSlice<f32>, p16: Option<&mut CudaSlice<f16>>, range: std::ops::Range<usize>, cfg: &AdamW, step: u32, gscale: f32) -> Result<()> {
+    pub fn adamw_range(
+        &self,
+        p: &mut CudaSlice<f32>,
+        m: &mut CudaSlice<f32>,
+        v: &mut CudaSlice<f32>,
+        g: &mut CudaSlice<f32>,
+        p16: Option<&mut CudaSlice<f16>>,
+        range: std::ops::Range<usize>,
+        cfg: &AdamW,
+        step: u32,
+        gscale: f32,
+    ) -> Result<()> {
         let len = p.len();
         if m.len() != len || v.len() != len || g.len() != len || p16.as_ref().is_some_and(|h| h.len() != len) {
             return Err(err("adamw: parameter, moment and gradient buffers differ in length"));
@@ -1588,7 +2504,12 @@ impl Gpu {
         let (bc1, bc2) = (1.0 - cfg.beta1.powi(step as i32), 1.0 - cfg.beta2.powi(step as i32));
         let nn = n as i64;
         let null = 0u64;
-        let (mut p, mut m, mut v, mut g) = (p.slice_mut(range.clone()), m.slice_mut(range.clone()), v.slice_mut(range.clone()), g.slice_mut(range.clone()));
+        let (mut p, mut m, mut v, mut g) = (
+            p.slice_mut(range.clone()),
+            m.slice_mut(range.clone()),
+            v.slice_mut(range.clone()),
+            g.slice_mut(range.clone()),
+        );
         let mut h = p16.map(|h| h.slice_mut(range));
         let mut b = self.stream.launch_builder(self.f("adamw_f32")?);
         b.arg(&mut p).arg(&mut m).arg(&mut v).arg(&mut g);
@@ -1596,7 +2517,15 @@ impl Gpu {
             Some(h) => b.arg(h),
             None => b.arg(&null),
         };
-        b.arg(&nn).arg(&cfg.lr).arg(&cfg.beta1).arg(&cfg.beta2).arg(&cfg.eps).arg(&cfg.weight_decay).arg(&bc1).arg(&bc2).arg(&gscale);
+        b.arg(&nn)
+            .arg(&cfg.lr)
+            .arg(&cfg.beta1)
+            .arg(&cfg.beta2)
+            .arg(&cfg.eps)
+            .arg(&cfg.weight_decay)
+            .arg(&bc1)
+            .arg(&bc2)
+            .arg(&gscale);
         unsafe { b.launch(cfg1(n, 256)) }.map_err(derr)?;
         Ok(())
     }

@@ -46,19 +46,34 @@ impl GpuVisionAdapter {
     pub fn unsupported(vision: &GpuVision, adapter: &crate::adapter::Adapter) -> Option<String> {
         let lin = |name: &str| vision.linears().find(|l| l.name == name);
         for (name, m) in adapter.modules().into_iter().filter(|(n, _)| vision.feeds_features(n)) {
-            let Some(l) = lin(name) else { return Some(format!("the GPU image path has no linear layer {name} for the adapter's LoRA")) };
+            let Some(l) = lin(name) else {
+                return Some(format!("the GPU image path has no linear layer {name} for the adapter's LoRA"));
+            };
             if m.a.len() != m.r * l.n_in || m.b.len() != l.n_out * m.r {
-                return Some(format!("{name}: LoRA factors of {} and {} values do not fit a {}x{} layer at rank {}", m.a.len(), m.b.len(), l.n_out, l.n_in, m.r));
+                return Some(format!(
+                    "{name}: LoRA factors of {} and {} values do not fit a {}x{} layer at rank {}",
+                    m.a.len(),
+                    m.b.len(),
+                    l.n_out,
+                    l.n_in,
+                    m.r
+                ));
             }
         }
         for (name, p) in adapter.saved_params().filter(|(n, _)| vision.feeds_features(n)) {
             let (layer, what) = name.rsplit_once('.').unwrap_or((name, ""));
             let fits = match lin(layer) {
-                Some(l) => (what == "weight" && p.values.len() == l.n_out * l.n_in) || (what == "bias" && p.values.len() == l.n_out),
+                Some(l) => {
+                    (what == "weight" && p.values.len() == l.n_out * l.n_in)
+                        || (what == "bias" && p.values.len() == l.n_out)
+                }
                 None => false,
             };
             if !fits {
-                return Some(format!("the GPU image path cannot apply the replaced parameter {name} ({} values)", p.values.len()));
+                return Some(format!(
+                    "the GPU image path cannot apply the replaced parameter {name} ({} values)",
+                    p.values.len()
+                ));
             }
         }
         None
@@ -66,13 +81,18 @@ impl GpuVisionAdapter {
 
     /// Uploads `adapter`'s LoRA modules on the tower's and the projector's linear layers and the linear layers'
     /// parameters it replaces (what `unsupported` accepts); None when it changes nothing there.
-    pub fn upload(gpu: &Gpu, vision: &GpuVision, adapter: &crate::adapter::Adapter) -> Result<Option<GpuVisionAdapter>> {
+    pub fn upload(
+        gpu: &Gpu,
+        vision: &GpuVision,
+        adapter: &crate::adapter::Adapter,
+    ) -> Result<Option<GpuVisionAdapter>> {
         if let Some(why) = Self::unsupported(vision, adapter) {
             return Err(err(why));
         }
         let mut lins: std::collections::HashMap<String, LinAdapter> = std::collections::HashMap::new();
         for (name, m) in adapter.modules().into_iter().filter(|(n, _)| vision.feeds_features(n)) {
-            lins.entry(name.to_string()).or_default().lora = Some((gpu.upload_f16(&m.a)?, gpu.upload_f16(&m.b)?, m.r, m.scale));
+            lins.entry(name.to_string()).or_default().lora =
+                Some((gpu.upload_f16(&m.a)?, gpu.upload_f16(&m.b)?, m.r, m.scale));
         }
         for (name, p) in adapter.saved_params().filter(|(n, _)| vision.feeds_features(n)) {
             let (layer, what) = name.rsplit_once('.').unwrap_or((name, ""));
@@ -100,7 +120,10 @@ impl GpuVision {
     /// Whether `name` is in the image path and changes the features: not in a tower layer after the one the
     /// features are read from (those layers are not run).
     pub(crate) fn feeds_features(&self, name: &str) -> bool {
-        let layer = name.strip_prefix("vision_tower.encoder.layers.").and_then(|r| r.split('.').next()).and_then(|i| i.parse::<usize>().ok());
+        let layer = name
+            .strip_prefix("vision_tower.encoder.layers.")
+            .and_then(|r| r.split('.').next())
+            .and_then(|i| i.parse::<usize>().ok());
         in_image_path(name) && layer.is_none_or(|i| i < self.layers.len())
     }
 }
@@ -153,19 +176,32 @@ impl GpuVision {
             }
         }
         if cfg.head_dim() > 128 || !cfg.head_dim().is_multiple_of(2) {
-            return Err(err(format!("the GPU attention takes an even head_dim of at most 128 (the vision tower has {})", cfg.head_dim())));
+            return Err(err(format!(
+                "the GPU attention takes an even head_dim of at most 128 (the vision tower has {})",
+                cfg.head_dim()
+            )));
         }
         let (d, p, c, n) = (cfg.hidden_size, cfg.patch_size, cfg.num_channels, cfg.num_patches());
         let up = |key: &str, shape: &[usize]| -> Result<CudaSlice<f16>> { gpu.upload_f16(&ws.f32(key, shape)?) };
         let lin = |key: &str, name: String, n_in: usize, n_out: usize, bias: bool| -> Result<Lin> {
-            Ok(Lin { name, w: up(&format!("{key}.weight"), &[n_out, n_in])?, b: if bias { Some(up(&format!("{key}.bias"), &[n_out])?) } else { None }, n_in, n_out })
+            Ok(Lin {
+                name,
+                w: up(&format!("{key}.weight"), &[n_out, n_in])?,
+                b: if bias { Some(up(&format!("{key}.bias"), &[n_out])?) } else { None },
+                n_in,
+                n_out,
+            })
         };
         let vp = &layout.vision;
         let mut layers = Vec::new();
         for i in 0..lc.vision_layers_needed() {
             let kp = format!("{vp}encoder.layers.{i}.");
-            let ln = |s: &str| -> Result<(CudaSlice<f16>, CudaSlice<f16>)> { Ok((up(&format!("{kp}{s}.weight"), &[d])?, up(&format!("{kp}{s}.bias"), &[d])?)) };
-            let tl = |s: &str, n_in: usize, n_out: usize| lin(&format!("{kp}{s}"), format!("vision_tower.encoder.layers.{i}.{s}"), n_in, n_out, true);
+            let ln = |s: &str| -> Result<(CudaSlice<f16>, CudaSlice<f16>)> {
+                Ok((up(&format!("{kp}{s}.weight"), &[d])?, up(&format!("{kp}{s}.bias"), &[d])?))
+            };
+            let tl = |s: &str, n_in: usize, n_out: usize| {
+                lin(&format!("{kp}{s}"), format!("vision_tower.encoder.layers.{i}.{s}"), n_in, n_out, true)
+            };
             layers.push(Layer {
                 ln1: ln("layer_norm1")?,
                 q: tl("self_attn.q_proj", d, d)?,
@@ -198,15 +234,30 @@ impl GpuVision {
     /// An image path of `cfg`'s shape (`n_layers` encoder layers, the CLS row dropped, a GELU projector with biases
     /// to `text_hidden`) with random weights generated on the device (benchmarks): matrices uniform with standard
     /// deviation 0.02, norm weights 1, biases 0.
-    pub fn random(gpu: &Gpu, cfg: &ClipVisionConfig, n_layers: usize, text_hidden: usize, seed: u64) -> Result<GpuVision> {
-        let (d, p, c, n, i) = (cfg.hidden_size, cfg.patch_size, cfg.num_channels, cfg.num_patches(), cfg.intermediate_size);
+    pub fn random(
+        gpu: &Gpu,
+        cfg: &ClipVisionConfig,
+        n_layers: usize,
+        text_hidden: usize,
+        seed: u64,
+    ) -> Result<GpuVision> {
+        let (d, p, c, n, i) =
+            (cfg.hidden_size, cfg.patch_size, cfg.num_channels, cfg.num_patches(), cfg.intermediate_size);
         let mut k = 0u64;
         let mut fill = |len: usize, scale: f32, offset: f32| -> Result<CudaSlice<f16>> {
             k += 1;
             gpu.fill_uniform(len, scale, offset, seed.wrapping_mul(0x9e37_79b9).wrapping_add(k))
         };
         let w = 0.02f32 * 3f32.sqrt();
-        let mut lin = |n_in: usize, n_out: usize| -> Result<Lin> { Ok(Lin { name: String::new(), w: fill(n_out * n_in, w, 0.0)?, b: Some(fill(n_out, 0.0, 0.0)?), n_in, n_out }) };
+        let mut lin = |n_in: usize, n_out: usize| -> Result<Lin> {
+            Ok(Lin {
+                name: String::new(),
+                w: fill(n_out * n_in, w, 0.0)?,
+                b: Some(fill(n_out, 0.0, 0.0)?),
+                n_in,
+                n_out,
+            })
+        };
         let mut layers = Vec::new();
         for _ in 0..n_layers {
             layers.push(Layer {
@@ -249,7 +300,8 @@ impl GpuVision {
         let st = &gpu.stream;
         let a = |n: usize| st.alloc_zeros::<f16>(n).map_err(derr);
         let eps = cfg.layer_norm_eps as f32;
-        let (mut h, mut q, mut k, mut v, mut att, mut tmp) = (a(t * d)?, a(t * d)?, a(t * d)?, a(t * d)?, a(t * d)?, a(t * d)?);
+        let (mut h, mut q, mut k, mut v, mut att, mut tmp) =
+            (a(t * d)?, a(t * d)?, a(t * d)?, a(t * d)?, a(t * d)?, a(t * d)?);
         let mut f = a(t * cfg.intermediate_size)?;
         let heads = cfg.num_attention_heads;
         let act = act_kernel(cfg.hidden_act).ok_or_else(|| err("vision activation"))?;
@@ -258,7 +310,20 @@ impl GpuVision {
             linear(gpu, &l.q, &h, &mut q, t, ad)?;
             linear(gpu, &l.k, &h, &mut k, t, ad)?;
             linear(gpu, &l.v, &h, &mut v, t, ad)?;
-            gpu.attention_prefill_strided_dev(&mut att, None, &q, d, &k, &v, t, t, heads, heads, cfg.head_dim(), false)?;
+            gpu.attention_prefill_strided_dev(
+                &mut att,
+                None,
+                &q,
+                d,
+                &k,
+                &v,
+                t,
+                t,
+                heads,
+                heads,
+                cfg.head_dim(),
+                false,
+            )?;
             linear(gpu, &l.o, &att, &mut tmp, t, ad)?;
             gpu.residual_add_dev(&mut x, &tmp, t * d)?;
             layernorm_dev(gpu, &mut h, &x, &l.ln2, t, d, eps)?;
@@ -328,7 +393,14 @@ impl GpuVision {
 
 /// y (rows, out) = x (rows, in) W^T + b + scale (x A^T) B^T, with what the adapter `ad` changes in this layer (its
 /// weight or bias replaced, its LoRA factors), as the CPU backend's `Linear::forward`.
-fn linear(gpu: &Gpu, l: &Lin, x: &CudaSlice<f16>, y: &mut CudaSlice<f16>, rows: usize, ad: Option<&GpuVisionAdapter>) -> Result<()> {
+fn linear(
+    gpu: &Gpu,
+    l: &Lin,
+    x: &CudaSlice<f16>,
+    y: &mut CudaSlice<f16>,
+    rows: usize,
+    ad: Option<&GpuVisionAdapter>,
+) -> Result<()> {
     let la = ad.and_then(|a| a.lins.get(&l.name));
     gpu.linear_device(x, la.and_then(|a| a.w.as_ref()).unwrap_or(&l.w), y, rows, l.n_in, l.n_out)?;
     if let Some(b) = la.and_then(|a| a.b.as_ref()).or(l.b.as_ref()) {
@@ -336,14 +408,48 @@ fn linear(gpu: &Gpu, l: &Lin, x: &CudaSlice<f16>, y: &mut CudaSlice<f16>, rows: 
     }
     if let Some((a, b, r, scale)) = la.and_then(|a| a.lora.as_ref()) {
         let mut t = gpu.stream.alloc_zeros::<f16>(rows * r).map_err(derr)?;
-        gpu.gemm(&x.slice(..), l.n_in, false, &a.slice(..), l.n_in, true, &mut t.slice_mut(..), *r, rows, *r, l.n_in, 1.0, 0.0)?;
-        gpu.gemm(&t.slice(..), *r, false, &b.slice(..), *r, true, &mut y.slice_mut(..), l.n_out, rows, l.n_out, *r, *scale, 1.0)?;
+        gpu.gemm(
+            &x.slice(..),
+            l.n_in,
+            false,
+            &a.slice(..),
+            l.n_in,
+            true,
+            &mut t.slice_mut(..),
+            *r,
+            rows,
+            *r,
+            l.n_in,
+            1.0,
+            0.0,
+        )?;
+        gpu.gemm(
+            &t.slice(..),
+            *r,
+            false,
+            &b.slice(..),
+            *r,
+            true,
+            &mut y.slice_mut(..),
+            l.n_out,
+            rows,
+            l.n_out,
+            *r,
+            *scale,
+            1.0,
+        )?;
     }
     Ok(())
 }
 
 /// y (rows, cols) += b on every row.
-pub(crate) fn bias_add(gpu: &Gpu, y: &mut CudaSlice<f16>, b: &cudarc::driver::CudaView<f16>, rows: usize, cols: usize) -> Result<()> {
+pub(crate) fn bias_add(
+    gpu: &Gpu,
+    y: &mut CudaSlice<f16>,
+    b: &cudarc::driver::CudaView<f16>,
+    rows: usize,
+    cols: usize,
+) -> Result<()> {
     if b.len() < cols || y.len() < rows * cols {
         return Err(err(format!("bias add: a bias of {} for {rows}x{cols}", b.len())));
     }
@@ -355,11 +461,20 @@ pub(crate) fn bias_add(gpu: &Gpu, y: &mut CudaSlice<f16>, b: &cudarc::driver::Cu
 }
 
 /// out (rows, cols) = LayerNorm(x) with (weight, bias).
-pub(crate) fn layernorm_dev(gpu: &Gpu, out: &mut CudaSlice<f16>, x: &CudaSlice<f16>, wb: &(CudaSlice<f16>, CudaSlice<f16>), rows: usize, cols: usize, eps: f32) -> Result<()> {
+pub(crate) fn layernorm_dev(
+    gpu: &Gpu,
+    out: &mut CudaSlice<f16>,
+    x: &CudaSlice<f16>,
+    wb: &(CudaSlice<f16>, CudaSlice<f16>),
+    rows: usize,
+    cols: usize,
+    eps: f32,
+) -> Result<()> {
     let c = to_i32(cols, "cols")?;
     let mut b = gpu.stream.launch_builder(gpu.f("layernorm_f16")?);
     b.arg(out).arg(x).arg(&wb.0).arg(&wb.1).arg(&c).arg(&eps);
-    unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+    unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }
+        .map_err(derr)?;
     Ok(())
 }
 
@@ -375,7 +490,8 @@ pub(crate) fn activation_dev(gpu: &Gpu, kernel: &str, x: &mut CudaSlice<f16>, n:
 /// LLaVA-1.5's image path: CLIP ViT-L/14 at 336 pixels (1024 wide, 24 layers, 16 heads, quick_gelu), of which the
 /// features come from layer 23 (`vision_feature_layer` -2), then the projector to `text_hidden`; or a tiny one.
 pub fn bench_shape(tiny: bool) -> (ClipVisionConfig, usize) {
-    let (hidden, inter, layers, heads, image, patch) = if tiny { (128, 512, 4, 4, 64, 16) } else { (1024, 4096, 24, 16, 336, 14) };
+    let (hidden, inter, layers, heads, image, patch) =
+        if tiny { (128, 512, 4, 4, 64, 16) } else { (1024, 4096, 24, 16, 336, 14) };
     let cfg = ClipVisionConfig {
         hidden_size: hidden,
         intermediate_size: inter,

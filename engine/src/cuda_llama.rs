@@ -169,7 +169,14 @@ impl DecodeSession {
 
 impl GpuLlama {
     /// Uploads the decoder of `ws` (keys under `prefix`, lm_head at `lm_head_key`, or tied when None) as fp16.
-    pub fn load(gpu: &Gpu, ws: &WeightStore, prefix: &str, lm_head_key: Option<&str>, cfg: &LlamaConfig, max_positions: usize) -> Result<GpuLlama> {
+    pub fn load(
+        gpu: &Gpu,
+        ws: &WeightStore,
+        prefix: &str,
+        lm_head_key: Option<&str>,
+        cfg: &LlamaConfig,
+        max_positions: usize,
+    ) -> Result<GpuLlama> {
         if cfg.attention_bias || cfg.mlp_bias {
             return Err(err("the CUDA decoder does not support attention or MLP biases yet"));
         }
@@ -189,7 +196,11 @@ impl GpuLlama {
             let kp = format!("{prefix}layers.{l}.");
             layers.push(Layer {
                 input_norm: up(format!("{kp}input_layernorm.weight"), &[c])?,
-                qkv: cat(&[(format!("{kp}self_attn.q_proj.weight"), h * hd), (format!("{kp}self_attn.k_proj.weight"), kvh * hd), (format!("{kp}self_attn.v_proj.weight"), kvh * hd)])?,
+                qkv: cat(&[
+                    (format!("{kp}self_attn.q_proj.weight"), h * hd),
+                    (format!("{kp}self_attn.k_proj.weight"), kvh * hd),
+                    (format!("{kp}self_attn.v_proj.weight"), kvh * hd),
+                ])?,
                 o: up(format!("{kp}self_attn.o_proj.weight"), &[c, h * hd])?,
                 post_norm: up(format!("{kp}post_attention_layernorm.weight"), &[c])?,
                 gate_up: cat(&[(format!("{kp}mlp.gate_proj.weight"), i), (format!("{kp}mlp.up_proj.weight"), i)])?,
@@ -205,9 +216,31 @@ impl GpuLlama {
         Self::assemble(gpu, cfg, embed, layers, norm, lm_head, max_positions)
     }
 
-    fn assemble(gpu: &Gpu, cfg: &LlamaConfig, embed: CudaSlice<f16>, layers: Vec<Layer>, norm: CudaSlice<f16>, lm_head: Option<CudaSlice<f16>>, max_positions: usize) -> Result<GpuLlama> {
+    fn assemble(
+        gpu: &Gpu,
+        cfg: &LlamaConfig,
+        embed: CudaSlice<f16>,
+        layers: Vec<Layer>,
+        norm: CudaSlice<f16>,
+        lm_head: Option<CudaSlice<f16>>,
+        max_positions: usize,
+    ) -> Result<GpuLlama> {
         let (cos, sin) = Rope::new(cfg.head_dim, cfg.rope_theta, &cfg.rope_scaling).tables(max_positions);
-        let mut model = GpuLlama { cfg: cfg.clone(), embed, layers, norm, lm_head, cos: gpu.stream.clone_htod(&cos).map_err(derr)?, sin: gpu.stream.clone_htod(&sin).map_err(derr)?, max_positions, gemv_tuning: Vec::new(), swiglu_split: Some(1), norm_split: [Some(1); 2], qkv_split: Some(1), prefetch_o: false };
+        let mut model = GpuLlama {
+            cfg: cfg.clone(),
+            embed,
+            layers,
+            norm,
+            lm_head,
+            cos: gpu.stream.clone_htod(&cos).map_err(derr)?,
+            sin: gpu.stream.clone_htod(&sin).map_err(derr)?,
+            max_positions,
+            gemv_tuning: Vec::new(),
+            swiglu_split: Some(1),
+            norm_split: [Some(1); 2],
+            qkv_split: Some(1),
+            prefetch_o: false,
+        };
         if cfg.hidden_size >= TUNE_MIN_HIDDEN {
             model.gemv_tuning = model.tune_decode(gpu)?;
         }
@@ -222,7 +255,8 @@ impl GpuLlama {
     /// for the decode steps: tens of milliseconds once, before any decode step is captured as a graph.
     pub fn tune_decode(&mut self, gpu: &Gpu) -> Result<Vec<String>> {
         let cfg = &self.cfg;
-        let (c, h, kvh, hd, inter) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size);
+        let (c, h, kvh, hd, inter) =
+            (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size);
         let all = |f: fn(&Layer) -> &CudaSlice<f16>| self.layers.iter().map(f).collect::<Vec<_>>();
         let mut lines = gpu.tune_gemv(&[
             (c, (h + 2 * kvh) * hd, all(|l| &l.qkv)),
@@ -254,26 +288,65 @@ impl GpuLlama {
         // `rope_kv_store_f16`, against both in one launch.
         let nqkv = (h + 2 * kvh) * hd;
         let mut qkv = gpu.stream.alloc_zeros::<f16>(nqkv).map_err(derr)?;
-        let (mut kc, mut vc) = (gpu.stream.alloc_zeros::<f16>(kvh * hd).map_err(derr)?, gpu.stream.alloc_zeros::<f16>(kvh * hd).map_err(derr)?);
+        let (mut kc, mut vc) = (
+            gpu.stream.alloc_zeros::<f16>(kvh * hd).map_err(derr)?,
+            gpu.stream.alloc_zeros::<f16>(kvh * hd).map_err(derr)?,
+        );
         let pos = gpu.stream.alloc_zeros::<i32>(1).map_err(derr)?;
         let (cos, sin) = (&self.cos, &self.sin);
-        let (best, line) = pick_fused(gpu, n, "q/k/v + RoPE + cache store", "one launch", &mut |split, i| match split {
-            Some(split) => gpu.gemv_qkv_rope_dev(&mut qkv, &mut kc, &mut vc, &x, &layers[i].qkv, c, h, kvh, hd, split, &pos, cos, sin, 0, None, 0),
-            None => {
-                gpu.matmul_dev(&x, &layers[i].qkv, &mut qkv, 1, c, nqkv)?;
-                gpu.rope_kv_store_dev(&mut qkv, &mut kc, &mut vc, &pos, cos, sin, 1, h, kvh, hd, nqkv, 0, None, 0)
-            }
-        })?;
+        let (best, line) =
+            pick_fused(gpu, n, "q/k/v + RoPE + cache store", "one launch", &mut |split, i| match split {
+                Some(split) => gpu.gemv_qkv_rope_dev(
+                    &mut qkv,
+                    &mut kc,
+                    &mut vc,
+                    &x,
+                    &layers[i].qkv,
+                    c,
+                    h,
+                    kvh,
+                    hd,
+                    split,
+                    &pos,
+                    cos,
+                    sin,
+                    0,
+                    None,
+                    0,
+                ),
+                None => {
+                    gpu.matmul_dev(&x, &layers[i].qkv, &mut qkv, 1, c, nqkv)?;
+                    gpu.rope_kv_store_dev(&mut qkv, &mut kc, &mut vc, &pos, cos, sin, 1, h, kvh, hd, nqkv, 0, None, 0)
+                }
+            })?;
         self.qkv_split = best;
         lines.push(line);
         // The o and down projections with the residual add + RMSNorm after them: the projection as tuned above
         // followed by `add_rmsnorm_f16`, against both in one launch.
         let eps = self.cfg.rms_norm_eps as f32;
-        let (mut out, mut res, mut t) = (gpu.stream.alloc_zeros::<f16>(c).map_err(derr)?, gpu.stream.alloc_zeros::<f16>(c).map_err(derr)?, gpu.stream.alloc_zeros::<f16>(c).map_err(derr)?);
+        let (mut out, mut res, mut t) = (
+            gpu.stream.alloc_zeros::<f16>(c).map_err(derr)?,
+            gpu.stream.alloc_zeros::<f16>(c).map_err(derr)?,
+            gpu.stream.alloc_zeros::<f16>(c).map_err(derr)?,
+        );
         for (which, name, k) in [(0usize, "o + add + RMSNorm", h * hd), (1, "down + add + RMSNorm", inter)] {
             let input = gpu.stream.alloc_zeros::<f16>(k).map_err(derr)?;
             let w = |i: usize| if which == 0 { &layers[i].o } else { &layers[i].down };
-            let (best, line) = pick_fused(gpu, n, name, "one launch", &mut |split, i| proj_add_rmsnorm_m1(gpu, &mut out, &mut res, &mut t, &layers[i].post_norm, &input, w(i), k, c, split, eps))?;
+            let (best, line) = pick_fused(gpu, n, name, "one launch", &mut |split, i| {
+                proj_add_rmsnorm_m1(
+                    gpu,
+                    &mut out,
+                    &mut res,
+                    &mut t,
+                    &layers[i].post_norm,
+                    &input,
+                    w(i),
+                    k,
+                    c,
+                    split,
+                    eps,
+                )
+            })?;
             self.norm_split[which] = best;
             lines.push(line);
         }
@@ -281,20 +354,44 @@ impl GpuLlama {
         // loads, leaving memory bandwidth unused): attention over 512 keys, then the o projection as tuned above,
         // with and without.
         let keys = 512;
-        let (kc, vc) = (gpu.stream.alloc_zeros::<f16>(keys * kvh * hd).map_err(derr)?, gpu.stream.alloc_zeros::<f16>(keys * kvh * hd).map_err(derr)?);
+        let (kc, vc) = (
+            gpu.stream.alloc_zeros::<f16>(keys * kvh * hd).map_err(derr)?,
+            gpu.stream.alloc_zeros::<f16>(keys * kvh * hd).map_err(derr)?,
+        );
         let lens = gpu.stream.alloc_zeros::<i32>(1).map_err(derr)?;
         let mut part = gpu.stream.alloc_zeros::<f32>(gpu.decode_part_len(keys, 1, h, hd)).map_err(derr)?;
         let mut att = gpu.stream.alloc_zeros::<f16>(h * hd).map_err(derr)?;
         let o_split = self.norm_split[0];
         let mut pair = |prefetch: bool, i: usize| -> Result<()> {
             let l = &layers[i];
-            gpu.attention_decode_dev(&mut att, &qkv, nqkv, &kc, &vc, keys, &kc, &vc, &lens, 0, 1, keys, h, kvh, hd, &mut part, prefetch.then_some(&l.o))?;
+            gpu.attention_decode_dev(
+                &mut att,
+                &qkv,
+                nqkv,
+                &kc,
+                &vc,
+                keys,
+                &kc,
+                &vc,
+                &lens,
+                0,
+                1,
+                keys,
+                h,
+                kvh,
+                hd,
+                &mut part,
+                prefetch.then_some(&l.o),
+            )?;
             proj_add_rmsnorm_m1(gpu, &mut out, &mut res, &mut t, &l.post_norm, &att, &l.o, h * hd, c, o_split, eps)
         };
         let without = gpu.time_passes(n, &mut |i| pair(false, i))?;
         let with = gpu.time_passes(n, &mut |i| pair(true, i))?;
         self.prefetch_o = with < without;
-        lines.push(format!("attention {keys} keys + o projection: {without:.1} us, prefetching o {with:.1} us -> {}", if self.prefetch_o { "prefetch" } else { "no prefetch" }));
+        lines.push(format!(
+            "attention {keys} keys + o projection: {without:.1} us, prefetching o {with:.1} us -> {}",
+            if self.prefetch_o { "prefetch" } else { "no prefetch" }
+        ));
         Ok(lines)
     }
 
@@ -330,7 +427,10 @@ impl GpuLlama {
     /// Bytes of weights one decode step reads (every matrix once, the embedding row aside).
     pub fn weight_bytes(&self) -> u64 {
         let c = &self.cfg;
-        let per_layer = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim * c.hidden_size + c.num_attention_heads * c.head_dim * c.hidden_size + 3 * c.intermediate_size * c.hidden_size + 2 * c.hidden_size;
+        let per_layer = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim * c.hidden_size
+            + c.num_attention_heads * c.head_dim * c.hidden_size
+            + 3 * c.intermediate_size * c.hidden_size
+            + 2 * c.hidden_size;
         2 * (per_layer * c.num_hidden_layers + c.vocab_size * c.hidden_size + c.hidden_size) as u64
     }
 
@@ -358,7 +458,8 @@ impl GpuLlama {
 
     fn scratch(&self, gpu: &Gpu, rows: usize, logit_rows: usize, part_len: usize, lora_r: usize) -> Result<Scratch> {
         let cfg = &self.cfg;
-        let (c, h, kvh, hd, i) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size);
+        let (c, h, kvh, hd, i) =
+            (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size);
         let s = &gpu.stream;
         let a = |n: usize| s.alloc_zeros::<f16>(n.max(1)).map_err(derr);
         Ok(Scratch {
@@ -383,17 +484,31 @@ impl GpuLlama {
         let vocab = self.cfg.vocab_size;
         ids.iter()
             .enumerate()
-            .map(|(at, &t)| if (t as usize) < vocab { Ok(t as i32) } else { Err(err(format!("token id {t} at position {at} is outside the vocabulary of {vocab}"))) })
+            .map(|(at, &t)| {
+                if (t as usize) < vocab {
+                    Ok(t as i32)
+                } else {
+                    Err(err(format!("token id {t} at position {at} is outside the vocabulary of {vocab}")))
+                }
+            })
             .collect()
     }
 
     /// Enqueues one forward pass over `s.rows` rows whose ids (or, when `gather` is false, input rows: `s.x`) and
     /// positions are already in `s.ids`/`s.pos`; leaves the final-norm output in `s.h`. Launches only: no
     /// allocation, copy or synchronisation (graph-capturable).
-    fn enqueue_layers(&self, gpu: &Gpu, s: &mut Scratch, mode: &mut Attend, gather: bool, lora: Option<&GpuLora>) -> Result<()> {
+    fn enqueue_layers(
+        &self,
+        gpu: &Gpu,
+        s: &mut Scratch,
+        mode: &mut Attend,
+        gather: bool,
+        lora: Option<&GpuLora>,
+    ) -> Result<()> {
         let cfg = &self.cfg;
         let rows = s.rows;
-        let (c, h, kvh, hd, inter) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size);
+        let (c, h, kvh, hd, inter) =
+            (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size);
         let (w, nqkv) = (kvh * hd, (h + 2 * kvh) * hd);
         let eps = cfg.rms_norm_eps as f32;
         if gather {
@@ -406,8 +521,15 @@ impl GpuLlama {
         // `tune_decode` found the pair faster).
         let fuse = gpu.fuse.load(std::sync::atomic::Ordering::Relaxed);
         let gemv = gpu.gemv.load(std::sync::atomic::Ordering::Relaxed);
-        let norm_split = |which: usize, k: usize| if fuse && gemv && rows == 1 && lora.is_none() && k.is_multiple_of(8) { self.norm_split[which] } else { None };
-        let qkv_split = if fuse && gemv && rows == 1 && lora.is_none() && c.is_multiple_of(8) { self.qkv_split } else { None };
+        let norm_split = |which: usize, k: usize| {
+            if fuse && gemv && rows == 1 && lora.is_none() && k.is_multiple_of(8) {
+                self.norm_split[which]
+            } else {
+                None
+            }
+        };
+        let qkv_split =
+            if fuse && gemv && rows == 1 && lora.is_none() && c.is_multiple_of(8) { self.qkv_split } else { None };
         let prefetch_o = fuse && rows == 1 && self.prefetch_o;
         for (li, l) in self.layers.iter().enumerate() {
             // The q/k/v projection, RoPE on q and k, and k and v into this layer's cache: the prefill cache at
@@ -415,10 +537,15 @@ impl GpuLlama {
             // one launch (unless `tune_decode` found the pair faster).
             let (kc, vc, seq_stride, lens, start) = match mode {
                 Attend::Prefill { cache, start } => (&mut cache.k[li], &mut cache.v[li], 0, None, *start),
-                Attend::Decode { suffix, .. } => (&mut suffix.k[li], &mut suffix.v[li], suffix.capacity * w, Some(&suffix.lens), 0),
+                Attend::Decode { suffix, .. } => {
+                    (&mut suffix.k[li], &mut suffix.v[li], suffix.capacity * w, Some(&suffix.lens), 0)
+                }
             };
             if let Some(split) = qkv_split {
-                gpu.gemv_qkv_rope_dev(&mut s.qkv, kc, vc, &s.h, &l.qkv, c, h, kvh, hd, split, &s.pos, &self.cos, &self.sin, seq_stride, lens, start)?;
+                gpu.gemv_qkv_rope_dev(
+                    &mut s.qkv, kc, vc, &s.h, &l.qkv, c, h, kvh, hd, split, &s.pos, &self.cos, &self.sin, seq_stride,
+                    lens, start,
+                )?;
             } else {
                 gpu.matmul_dev(&s.h, &l.qkv, &mut s.qkv, rows, c, nqkv)?;
                 if let Some(a) = lora {
@@ -427,7 +554,10 @@ impl GpuLlama {
                     }
                 }
                 if fuse {
-                    gpu.rope_kv_store_dev(&mut s.qkv, kc, vc, &s.pos, &self.cos, &self.sin, rows, h, kvh, hd, nqkv, seq_stride, lens, start)?;
+                    gpu.rope_kv_store_dev(
+                        &mut s.qkv, kc, vc, &s.pos, &self.cos, &self.sin, rows, h, kvh, hd, nqkv, seq_stride, lens,
+                        start,
+                    )?;
                 } else {
                     gpu.rope_strided_dev(&mut s.qkv, &s.pos, &self.cos, &self.sin, rows, h + kvh, hd, nqkv)?;
                     gpu.kv_store_dev(kc, vc, &s.qkv, rows, w, nqkv, h * hd, (h + kvh) * hd, seq_stride, lens, start)?;
@@ -439,17 +569,77 @@ impl GpuLlama {
                     if rows == 1 {
                         // One new token: flash-decoding over the cache (the prefill kernel would give the GPU one
                         // block per head); the cache is the "prefix", with an empty suffix.
-                        gpu.attention_decode_dev(&mut s.att, &s.qkv, nqkv, &cache.k[li], &cache.v[li], start + 1, &cache.k[li], &cache.v[li], &s.flag, 0, 1, start + 1, h, kvh, hd, &mut s.part, prefetch_o.then_some(&l.o))?;
+                        gpu.attention_decode_dev(
+                            &mut s.att,
+                            &s.qkv,
+                            nqkv,
+                            &cache.k[li],
+                            &cache.v[li],
+                            start + 1,
+                            &cache.k[li],
+                            &cache.v[li],
+                            &s.flag,
+                            0,
+                            1,
+                            start + 1,
+                            h,
+                            kvh,
+                            hd,
+                            &mut s.part,
+                            prefetch_o.then_some(&l.o),
+                        )?;
                     } else {
-                        gpu.attention_prefill_strided_dev(&mut s.att, None, &s.qkv, nqkv, &cache.k[li], &cache.v[li], rows, start + rows, h, kvh, hd, true)?;
+                        gpu.attention_prefill_strided_dev(
+                            &mut s.att,
+                            None,
+                            &s.qkv,
+                            nqkv,
+                            &cache.k[li],
+                            &cache.v[li],
+                            rows,
+                            start + rows,
+                            h,
+                            kvh,
+                            hd,
+                            true,
+                        )?;
                     }
                 }
                 Attend::Decode { prefix, suffix } => {
-                    gpu.attention_decode_dev(&mut s.att, &s.qkv, nqkv, &prefix.k[li], &prefix.v[li], prefix.len, &suffix.k[li], &suffix.v[li], &suffix.lens, suffix.capacity * w, rows, prefix.len + suffix.capacity, h, kvh, hd, &mut s.part, prefetch_o.then_some(&l.o))?;
+                    gpu.attention_decode_dev(
+                        &mut s.att,
+                        &s.qkv,
+                        nqkv,
+                        &prefix.k[li],
+                        &prefix.v[li],
+                        prefix.len,
+                        &suffix.k[li],
+                        &suffix.v[li],
+                        &suffix.lens,
+                        suffix.capacity * w,
+                        rows,
+                        prefix.len + suffix.capacity,
+                        h,
+                        kvh,
+                        hd,
+                        &mut s.part,
+                        prefetch_o.then_some(&l.o),
+                    )?;
                 }
             }
             match norm_split(0, h * hd) {
-                Some(split) => gpu.gemv_add_rmsnorm_dev(&mut s.h, &mut s.x, &mut s.tmp, &l.post_norm, &s.att, &l.o, h * hd, c, split, eps)?,
+                Some(split) => gpu.gemv_add_rmsnorm_dev(
+                    &mut s.h,
+                    &mut s.x,
+                    &mut s.tmp,
+                    &l.post_norm,
+                    &s.att,
+                    &l.o,
+                    h * hd,
+                    c,
+                    split,
+                    eps,
+                )?,
                 None => {
                     gpu.matmul_dev(&s.att, &l.o, &mut s.tmp, rows, h * hd, c)?;
                     if let Some(a) = lora {
@@ -476,7 +666,9 @@ impl GpuLlama {
             // The residual add, then the next layer's input norm (after the last layer: the final norm).
             let next_norm = self.layers.get(li + 1).map_or(&self.norm, |n| &n.input_norm);
             match norm_split(1, inter) {
-                Some(split) => gpu.gemv_add_rmsnorm_dev(&mut s.h, &mut s.x, &mut s.tmp, next_norm, &s.act, &l.down, inter, c, split, eps)?,
+                Some(split) => gpu.gemv_add_rmsnorm_dev(
+                    &mut s.h, &mut s.x, &mut s.tmp, next_norm, &s.act, &l.down, inter, c, split, eps,
+                )?,
                 None => {
                     gpu.matmul_dev(&s.act, &l.down, &mut s.tmp, rows, inter, c)?;
                     if let Some(a) = lora {
@@ -506,12 +698,22 @@ impl GpuLlama {
 
     /// Runs `input` (positions cache.len ..) through the decoder under `lora`, appending to the cache. Returns the
     /// logits of rows `from..` ((rows - from, vocab), widened to f32), or of the last row only when `from` is None.
-    pub fn forward_input(&self, gpu: &Gpu, input: Input, cache: &mut GpuKvCache, from: Option<usize>, lora: Option<&GpuLora>) -> Result<Vec<f32>> {
+    pub fn forward_input(
+        &self,
+        gpu: &Gpu,
+        input: Input,
+        cache: &mut GpuKvCache,
+        from: Option<usize>,
+        lora: Option<&GpuLora>,
+    ) -> Result<Vec<f32>> {
         let (c, vocab) = (self.cfg.hidden_size, self.cfg.vocab_size);
         let rows = self.input_rows(input)?;
         let start = cache.len;
         if rows == 0 || start + rows > cache.capacity || start + rows > self.max_positions {
-            return Err(err(format!("forward: {rows} rows at position {start} exceed the cache ({}) or the RoPE table ({})", cache.capacity, self.max_positions)));
+            return Err(err(format!(
+                "forward: {rows} rows at position {start} exceed the cache ({}) or the RoPE table ({})",
+                cache.capacity, self.max_positions
+            )));
         }
         let first = from.unwrap_or(rows - 1);
         if first >= rows {
@@ -525,7 +727,21 @@ impl GpuLlama {
         self.enqueue_layers(gpu, &mut s, &mut Attend::Prefill { cache, start }, matches!(input, Input::Ids(_)), lora)?;
         cache.len += rows;
         let n = rows - first;
-        gpu.gemm(&s.h.slice(first * c..), c, false, &self.head().slice(..), c, true, &mut s.logits.slice_mut(..), vocab, n, vocab, c, 1.0, 0.0)?;
+        gpu.gemm(
+            &s.h.slice(first * c..),
+            c,
+            false,
+            &self.head().slice(..),
+            c,
+            true,
+            &mut s.logits.slice_mut(..),
+            vocab,
+            n,
+            vocab,
+            c,
+            1.0,
+            0.0,
+        )?;
         gpu.download_f16(&s.logits)
     }
 
@@ -534,7 +750,9 @@ impl GpuLlama {
         match input {
             Input::Ids(ids) => Ok(ids.len()),
             Input::Embeds(x) if x.len().is_multiple_of(c) => Ok(x.len() / c),
-            Input::Embeds(x) => Err(err(format!("decoder input of {} values is not a whole number of rows of {c}", x.len()))),
+            Input::Embeds(x) => {
+                Err(err(format!("decoder input of {} values is not a whole number of rows of {c}", x.len())))
+            }
         }
     }
 
@@ -557,22 +775,51 @@ impl GpuLlama {
 
     /// Prefills `prompt` once and prepares `bsz` sequences of up to `max_new` tokens each to decode against it.
     /// Returns the session and the prompt's last logits row (from which each sequence samples its first token).
-    pub fn start_decode(&self, gpu: &Gpu, prompt: &[u32], bsz: usize, max_new: usize) -> Result<(DecodeSession, Vec<f32>)> {
+    pub fn start_decode(
+        &self,
+        gpu: &Gpu,
+        prompt: &[u32],
+        bsz: usize,
+        max_new: usize,
+    ) -> Result<(DecodeSession, Vec<f32>)> {
         self.start_decode_input(gpu, Input::Ids(prompt), bsz, max_new, None)
     }
 
     /// `start_decode` from any input, under `lora` (every step of the session must pass the same adapter).
-    pub fn start_decode_input(&self, gpu: &Gpu, prompt: Input, bsz: usize, max_new: usize, lora: Option<&GpuLora>) -> Result<(DecodeSession, Vec<f32>)> {
+    pub fn start_decode_input(
+        &self,
+        gpu: &Gpu,
+        prompt: Input,
+        bsz: usize,
+        max_new: usize,
+        lora: Option<&GpuLora>,
+    ) -> Result<(DecodeSession, Vec<f32>)> {
         let len = self.input_rows(prompt)?;
         if bsz == 0 || bsz > 1024 || len == 0 || len + max_new > self.max_positions {
-            return Err(err(format!("decode: {bsz} sequences of a {len}-position prompt plus {max_new} new tokens (at most {} positions)", self.max_positions)));
+            return Err(err(format!(
+                "decode: {bsz} sequences of a {len}-position prompt plus {max_new} new tokens (at most {} positions)",
+                self.max_positions
+            )));
         }
         let mut prefix = self.new_cache(gpu, len)?;
         let first = self.forward_input(gpu, prompt, &mut prefix, None, lora)?;
         let suffix = self.new_suffix_cache(gpu, bsz, max_new)?;
         let part = gpu.decode_part_len(len + max_new, bsz, self.cfg.num_attention_heads, self.cfg.head_dim);
         let scratch = self.scratch(gpu, bsz, bsz, part, lora.map_or(1, |l| l.r))?;
-        Ok((DecodeSession { prefix, suffix, scratch, graph: None, greedy_graph: None, device_fed: false, use_graph: true, graph_error: None, lora_key: lora_key(lora) }, first))
+        Ok((
+            DecodeSession {
+                prefix,
+                suffix,
+                scratch,
+                graph: None,
+                greedy_graph: None,
+                device_fed: false,
+                use_graph: true,
+                graph_error: None,
+                lora_key: lora_key(lora),
+            },
+            first,
+        ))
     }
 
     /// One step of every sequence of `sess`: `tokens[b]` is sequence b's newest token; returns the next-token logits
@@ -582,7 +829,13 @@ impl GpuLlama {
     }
 
     /// `decode_step` under the adapter the session was started with.
-    pub fn decode_step_lora(&self, gpu: &Gpu, sess: &mut DecodeSession, tokens: &[u32], lora: Option<&GpuLora>) -> Result<Vec<f32>> {
+    pub fn decode_step_lora(
+        &self,
+        gpu: &Gpu,
+        sess: &mut DecodeSession,
+        tokens: &[u32],
+        lora: Option<&GpuLora>,
+    ) -> Result<Vec<f32>> {
         self.step(gpu, sess, Some(tokens), false, lora)?;
         gpu.download_f16(&sess.scratch.logits)
     }
@@ -591,7 +844,13 @@ impl GpuLlama {
     /// the picks come back to the host, not the logits. `tokens[b]` is sequence b's newest token, or None to feed
     /// each sequence the token the previous greedy step picked for it (nothing is uploaded then). Returns each
     /// sequence's pick: `sampling::argmax` of its next-token logits, what `decode_step` would let the host pick.
-    pub fn decode_step_greedy(&self, gpu: &Gpu, sess: &mut DecodeSession, tokens: Option<&[u32]>, lora: Option<&GpuLora>) -> Result<Vec<u32>> {
+    pub fn decode_step_greedy(
+        &self,
+        gpu: &Gpu,
+        sess: &mut DecodeSession,
+        tokens: Option<&[u32]>,
+        lora: Option<&GpuLora>,
+    ) -> Result<Vec<u32>> {
         self.step(gpu, sess, tokens, true, lora)?;
         let picks = gpu.stream.clone_dtoh(&sess.scratch.ids).map_err(derr)?;
         Ok(picks[..sess.suffix.bsz].iter().map(|&t| t as u32).collect())
@@ -600,38 +859,67 @@ impl GpuLlama {
     /// Runs one decode step of `sess` (its captured graph, capturing it on first use): feeds `tokens` (uploaded
     /// with the step's positions), or with None what a greedy step left on the device; `greedy` adds the device's
     /// argmax, which leaves the picks, positions and lengths of the next step in place.
-    fn step(&self, gpu: &Gpu, sess: &mut DecodeSession, tokens: Option<&[u32]>, greedy: bool, lora: Option<&GpuLora>) -> Result<()> {
+    fn step(
+        &self,
+        gpu: &Gpu,
+        sess: &mut DecodeSession,
+        tokens: Option<&[u32]>,
+        greedy: bool,
+        lora: Option<&GpuLora>,
+    ) -> Result<()> {
         if lora_key(lora) != sess.lora_key {
             return Err(err("decode: a step must use the adapter its session was started with"));
         }
         let bsz = sess.suffix.bsz;
         if tokens.is_some_and(|t| t.len() != bsz) || sess.suffix.len >= sess.suffix.capacity {
-            return Err(err(format!("decode: {} tokens for {bsz} sequences, {} of {} positions used", tokens.map_or(0, |t| t.len()), sess.suffix.len, sess.suffix.capacity)));
+            return Err(err(format!(
+                "decode: {} tokens for {bsz} sequences, {} of {} positions used",
+                tokens.map_or(0, |t| t.len()),
+                sess.suffix.len,
+                sess.suffix.capacity
+            )));
         }
         let s = &gpu.stream;
         match tokens {
             Some(tokens) => {
                 let id32 = self.check_ids(tokens)?;
                 s.memcpy_htod(&id32, &mut sess.scratch.ids).map_err(derr)?;
-                s.memcpy_htod(&vec![(sess.prefix.len + sess.suffix.len) as i32; bsz], &mut sess.scratch.pos).map_err(derr)?;
+                s.memcpy_htod(&vec![(sess.prefix.len + sess.suffix.len) as i32; bsz], &mut sess.scratch.pos)
+                    .map_err(derr)?;
                 s.memcpy_htod(&vec![(sess.suffix.len + 1) as i32; bsz], &mut sess.suffix.lens).map_err(derr)?;
             }
-            None if !sess.device_fed => return Err(err("decode: a step without tokens must follow a greedy step (it feeds that step's picks)")),
+            None if !sess.device_fed => {
+                return Err(err("decode: a step without tokens must follow a greedy step (it feeds that step's picks)"))
+            }
             None => {}
         }
         let (c, vocab) = (self.cfg.hidden_size, self.cfg.vocab_size);
-        let DecodeSession { prefix, suffix, scratch, graph, greedy_graph, device_fed, use_graph, graph_error, .. } = sess;
+        let DecodeSession { prefix, suffix, scratch, graph, greedy_graph, device_fed, use_graph, graph_error, .. } =
+            sess;
         let enqueue = |scratch: &mut Scratch, suffix: &mut GpuSuffixCache| -> Result<()> {
-            self.enqueue_layers(gpu, scratch, &mut Attend::Decode { prefix: &*prefix, suffix: &mut *suffix }, true, lora)?;
+            self.enqueue_layers(
+                gpu,
+                scratch,
+                &mut Attend::Decode { prefix: &*prefix, suffix: &mut *suffix },
+                true,
+                lora,
+            )?;
             gpu.matmul_dev(&scratch.h, self.head(), &mut scratch.logits, bsz, c, vocab)?;
             if greedy {
-                gpu.argmax_step_dev(&mut scratch.ids, &scratch.logits, bsz, vocab, Some((&mut scratch.pos, &mut suffix.lens)))?;
+                gpu.argmax_step_dev(
+                    &mut scratch.ids,
+                    &scratch.logits,
+                    bsz,
+                    vocab,
+                    Some((&mut scratch.pos, &mut suffix.lens)),
+                )?;
             }
             Ok(())
         };
         let graph = if greedy { greedy_graph } else { graph };
         if graph.is_none() && *use_graph {
-            s.begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(derr)?;
+            s.begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+                .map_err(derr)?;
             let enq = enqueue(scratch, suffix);
             let captured = s.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
             match (enq, captured) {
@@ -639,7 +927,10 @@ impl GpuLlama {
                 // Nothing captured ran: fall back to launching the kernels (and say why).
                 (enq, captured) => {
                     *use_graph = false;
-                    *graph_error = Some(format!("CUDA graph capture of a decode step failed ({enq:?}, {:?}); launching kernels directly", captured.map(|g| g.is_some())));
+                    *graph_error = Some(format!(
+                        "CUDA graph capture of a decode step failed ({enq:?}, {:?}); launching kernels directly",
+                        captured.map(|g| g.is_some())
+                    ));
                 }
             }
         }
@@ -655,8 +946,20 @@ impl GpuLlama {
     }
 
     /// n answers to one prompt (ids only; see `sample_answers`): each answer's tokens, a stop token excluded.
-    pub fn generate_n(&self, gpu: &Gpu, prompt: &[u32], seeds: &[u64], params: &crate::sampling::SamplingParams, stop_ids: &[u32]) -> Result<Vec<Vec<u32>>> {
-        Ok(self.sample_answers(gpu, Input::Ids(prompt), prompt, seeds, params, stop_ids, None)?.0.into_iter().map(|a| a.tokens).collect())
+    pub fn generate_n(
+        &self,
+        gpu: &Gpu,
+        prompt: &[u32],
+        seeds: &[u64],
+        params: &crate::sampling::SamplingParams,
+        stop_ids: &[u32],
+    ) -> Result<Vec<Vec<u32>>> {
+        Ok(self
+            .sample_answers(gpu, Input::Ids(prompt), prompt, seeds, params, stop_ids, None)?
+            .0
+            .into_iter()
+            .map(|a| a.tokens)
+            .collect())
     }
 
     /// n answers to one prompt under `lora`: the prompt is prefilled once, then the n sequences decode together
@@ -666,13 +969,23 @@ impl GpuLlama {
     /// An answer ends at a token of `stop` (not recorded: `FinishReason::Stop`) or at `max_new_tokens`, as on the
     /// CPU backend. Returns the answers and where the time went (the prefill timed from the call).
     #[allow(clippy::too_many_arguments)]
-    pub fn sample_answers(&self, gpu: &Gpu, prompt: Input, prompt_ids: &[u32], seeds: &[u64], params: &crate::sampling::SamplingParams, stop: &[u32], lora: Option<&GpuLora>) -> Result<(Vec<Answer>, GenerateStats)> {
+    pub fn sample_answers(
+        &self,
+        gpu: &Gpu,
+        prompt: Input,
+        prompt_ids: &[u32],
+        seeds: &[u64],
+        params: &crate::sampling::SamplingParams,
+        stop: &[u32],
+        lora: Option<&GpuLora>,
+    ) -> Result<(Vec<Answer>, GenerateStats)> {
         use rayon::prelude::*;
         let t0 = std::time::Instant::now();
         let mut stats = GenerateStats::default();
         let n = seeds.len();
         let max_new = params.max_new_tokens;
-        let mut answers: Vec<Answer> = seeds.iter().map(|&seed| Answer { seed, tokens: Vec::new(), finish: FinishReason::Length }).collect();
+        let mut answers: Vec<Answer> =
+            seeds.iter().map(|&seed| Answer { seed, tokens: Vec::new(), finish: FinishReason::Length }).collect();
         if n == 0 || max_new == 0 {
             return Ok((answers, stats));
         }
@@ -683,7 +996,11 @@ impl GpuLlama {
         let v = self.cfg.vocab_size;
         let mut rngs: Vec<crate::rng::SplitMix64> = seeds.iter().map(|&s| crate::rng::SplitMix64::new(s)).collect();
         let mut seen: Vec<Vec<u32>> = vec![prompt_ids.to_vec(); n];
-        let mut next: Vec<u32> = rngs.par_iter_mut().zip(seen.par_iter()).map(|(rng, s)| crate::sampling::sample_fast(&mut first.clone(), s, params, rng)).collect();
+        let mut next: Vec<u32> = rngs
+            .par_iter_mut()
+            .zip(seen.par_iter())
+            .map(|(rng, s)| crate::sampling::sample_fast(&mut first.clone(), s, params, rng))
+            .collect();
         let mut active = vec![true; n];
         // Greedy without a repetition penalty is the argmax of the logits: chosen on the device, so each step
         // copies n ids to the host instead of n rows of logits.
@@ -726,11 +1043,16 @@ impl GpuLlama {
                 continue;
             }
             let mut logits = self.decode_step_lora(gpu, &mut sess, &next, lora)?;
-            next.par_iter_mut().zip(rngs.par_iter_mut()).zip(logits.par_chunks_mut(v)).zip(seen.par_iter()).zip(active.par_iter()).for_each(|((((t, rng), row), s), &live)| {
-                if live {
-                    *t = crate::sampling::sample_fast(row, s, params, rng);
-                }
-            });
+            next.par_iter_mut()
+                .zip(rngs.par_iter_mut())
+                .zip(logits.par_chunks_mut(v))
+                .zip(seen.par_iter())
+                .zip(active.par_iter())
+                .for_each(|((((t, rng), row), s), &live)| {
+                    if live {
+                        *t = crate::sampling::sample_fast(row, s, params, rng);
+                    }
+                });
         }
         stats.decode_s = t1.elapsed().as_secs_f64();
         Ok((answers, stats))
@@ -740,7 +1062,13 @@ impl GpuLlama {
 /// Times a batch-1 pair of launches (`op(None, layer)`) against the kernel that fuses them with 1, 2 and 4 warps per
 /// feature (`op(Some(split), layer)`), each over all `layers` layers (`Gpu::time_passes`). Returns the fastest
 /// split, or None where the pair won, and the line `tune_decode` reports ("label: times -> pick").
-fn pick_fused(gpu: &Gpu, layers: usize, label: &str, tag: &str, op: &mut dyn FnMut(Option<usize>, usize) -> Result<()>) -> Result<(Option<usize>, String)> {
+fn pick_fused(
+    gpu: &Gpu,
+    layers: usize,
+    label: &str,
+    tag: &str,
+    op: &mut dyn FnMut(Option<usize>, usize) -> Result<()>,
+) -> Result<(Option<usize>, String)> {
     let separate = gpu.time_passes(layers, &mut |i| op(None, i))?;
     let (mut best, mut best_us, mut times) = (None, separate, vec![format!("separate {separate:.1}")]);
     for split in [1usize, 2, 4] {
@@ -750,14 +1078,33 @@ fn pick_fused(gpu: &Gpu, layers: usize, label: &str, tag: &str, op: &mut dyn FnM
             (best, best_us) = (Some(split), us);
         }
     }
-    Ok((best, format!("{label}: {} us -> {}", times.join(", "), best.map_or("separate".to_string(), |s| format!("{tag}/{s}")))))
+    Ok((
+        best,
+        format!(
+            "{label}: {} us -> {}",
+            times.join(", "),
+            best.map_or("separate".to_string(), |s| format!("{tag}/{s}"))
+        ),
+    ))
 }
 
 /// One row's o or down projection (x (k) by w (n, k) into t), then the residual add into h and the RMSNorm into
 /// out: in one launch with `split` warps per row (`gemv_add_rmsnorm_m1_f16`), or (None) the projection as
 /// `matmul_dev` runs it, then `add_rmsnorm_f16`. The tuner's and the per-op breakdown's unit of work.
 #[allow(clippy::too_many_arguments)]
-fn proj_add_rmsnorm_m1(gpu: &Gpu, out: &mut CudaSlice<f16>, h: &mut CudaSlice<f16>, t: &mut CudaSlice<f16>, norm_w: &CudaSlice<f16>, x: &CudaSlice<f16>, w: &CudaSlice<f16>, k: usize, n: usize, split: Option<usize>, eps: f32) -> Result<()> {
+fn proj_add_rmsnorm_m1(
+    gpu: &Gpu,
+    out: &mut CudaSlice<f16>,
+    h: &mut CudaSlice<f16>,
+    t: &mut CudaSlice<f16>,
+    norm_w: &CudaSlice<f16>,
+    x: &CudaSlice<f16>,
+    w: &CudaSlice<f16>,
+    k: usize,
+    n: usize,
+    split: Option<usize>,
+    eps: f32,
+) -> Result<()> {
     match split {
         Some(split) => gpu.gemv_add_rmsnorm_dev(out, h, t, norm_w, x, w, k, n, split, eps),
         None => {
@@ -768,7 +1115,11 @@ fn proj_add_rmsnorm_m1(gpu: &Gpu, out: &mut CudaSlice<f16>, h: &mut CudaSlice<f1
 }
 
 fn check_shape(cfg: &LlamaConfig) -> Result<()> {
-    if cfg.head_dim > 128 || !cfg.head_dim.is_multiple_of(2) || cfg.num_key_value_heads == 0 || !cfg.num_attention_heads.is_multiple_of(cfg.num_key_value_heads) {
+    if cfg.head_dim > 128
+        || !cfg.head_dim.is_multiple_of(2)
+        || cfg.num_key_value_heads == 0
+        || !cfg.num_attention_heads.is_multiple_of(cfg.num_key_value_heads)
+    {
         return Err(err(format!("the CUDA attention kernels take an even head_dim of at most 128 and heads a multiple of kv heads (got head_dim {}, heads {}/{})", cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads)));
     }
     Ok(())
@@ -843,7 +1194,8 @@ pub fn bench(gpu: &Gpu, cfg: &LlamaConfig, prompt: usize, decode: usize, reps: u
     let copy_gb_per_s = 5.0 * 2.0 * (len * 2) as f64 / t.elapsed().as_secs_f64() / 1e9;
     drop((src, dst));
     let ids: Vec<u32> = (0..prompt).map(|i| (1 + i * 7919 % (cfg.vocab_size - 1)) as u32).collect();
-    let (mut prefill_ms, mut tps, mut tps_plain, mut tps_blas, mut tps_n, mut tps_unfused) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut prefill_ms, mut tps, mut tps_plain, mut tps_blas, mut tps_n, mut tps_unfused) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut prefill_scalar, mut tps_device) = (Vec::new(), Vec::new());
     let mma_default = gpu.mma_attention.load(Ordering::Relaxed);
     // A prefill alone with the scalar attention kernel (ms).
@@ -947,7 +1299,14 @@ pub fn bench(gpu: &Gpu, cfg: &LlamaConfig, prompt: usize, decode: usize, reps: u
 fn op_breakdown(gpu: &Gpu, model: &GpuLlama, keys: usize, n: usize) -> Result<Vec<(String, f64)>> {
     use std::sync::atomic::Ordering;
     let cfg = &model.cfg;
-    let (c, h, kvh, hd, inter, vocab) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size, cfg.vocab_size);
+    let (c, h, kvh, hd, inter, vocab) = (
+        cfg.hidden_size,
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+        cfg.intermediate_size,
+        cfg.vocab_size,
+    );
     let nqkv = (h + 2 * kvh) * hd;
     let l = &model.layers[0];
     let mut out = Vec::new();
@@ -965,7 +1324,13 @@ fn op_breakdown(gpu: &Gpu, model: &GpuLlama, keys: usize, n: usize) -> Result<Ve
         let mut s = model.scratch(gpu, m, m, gpu.decode_part_len(keys, m, h, hd), 1)?;
         let kc = gpu.stream.alloc_zeros::<f16>(m * keys * kvh * hd).map_err(derr)?;
         let lens = gpu.stream.clone_htod(&vec![1i32; m]).map_err(derr)?;
-        for (name, w, k, nn) in [("qkv", &l.qkv, c, nqkv), ("o", &l.o, h * hd, c), ("gate_up", &l.gate_up, c, 2 * inter), ("down", &l.down, inter, c), ("lm_head", model.head(), c, vocab)] {
+        for (name, w, k, nn) in [
+            ("qkv", &l.qkv, c, nqkv),
+            ("o", &l.o, h * hd, c),
+            ("gate_up", &l.gate_up, c, 2 * inter),
+            ("down", &l.down, inter, c),
+            ("lm_head", model.head(), c, vocab),
+        ] {
             let x = gpu.stream.alloc_zeros::<f16>(m * k).map_err(derr)?;
             let mut y = gpu.stream.alloc_zeros::<f16>(m * nn).map_err(derr)?;
             if m == 1 {
@@ -981,31 +1346,156 @@ fn op_breakdown(gpu: &Gpu, model: &GpuLlama, keys: usize, n: usize) -> Result<Ve
         }
         let Scratch { h: hb, x, tmp, qkv, att, gu, act, pos, part, .. } = &mut s;
         out.push((format!("add_rmsnorm m{m}"), time(&mut || gpu.add_rmsnorm_dev(hb, x, tmp, &l.post_norm, m, 1e-5))?));
-        out.push((format!("rope q+k m{m}"), time(&mut || gpu.rope_strided_dev(qkv, pos, &model.cos, &model.sin, m, h + kvh, hd, nqkv))?));
+        out.push((
+            format!("rope q+k m{m}"),
+            time(&mut || gpu.rope_strided_dev(qkv, pos, &model.cos, &model.sin, m, h + kvh, hd, nqkv))?,
+        ));
         let (mut kc2, mut vc2) = (kc.clone(), kc.clone());
-        out.push((format!("kv_store m{m}"), time(&mut || gpu.kv_store_dev(&mut kc2, &mut vc2, qkv, m, kvh * hd, nqkv, h * hd, (h + kvh) * hd, keys * kvh * hd, Some(&lens), 0))?));
+        out.push((
+            format!("kv_store m{m}"),
+            time(&mut || {
+                gpu.kv_store_dev(
+                    &mut kc2,
+                    &mut vc2,
+                    qkv,
+                    m,
+                    kvh * hd,
+                    nqkv,
+                    h * hd,
+                    (h + kvh) * hd,
+                    keys * kvh * hd,
+                    Some(&lens),
+                    0,
+                )
+            })?,
+        ));
         let (chunk, nsplit) = gpu.decode_split(keys, m, h);
         let per_sm = gpu.decode_blocks_per_sm.load(Ordering::Relaxed);
-        out.push((format!("attn_decode {keys} keys m{m} ({nsplit} chunks of {chunk}: {per_sm} blocks per SM)"), time(&mut || gpu.attention_decode_dev(att, qkv, nqkv, &kc, &kc, keys - 1, &kc, &kc, &lens, 0, m, keys, h, kvh, hd, part, None))?));
+        out.push((
+            format!("attn_decode {keys} keys m{m} ({nsplit} chunks of {chunk}: {per_sm} blocks per SM)"),
+            time(&mut || {
+                gpu.attention_decode_dev(
+                    att,
+                    qkv,
+                    nqkv,
+                    &kc,
+                    &kc,
+                    keys - 1,
+                    &kc,
+                    &kc,
+                    &lens,
+                    0,
+                    m,
+                    keys,
+                    h,
+                    kvh,
+                    hd,
+                    part,
+                    None,
+                )
+            })?,
+        ));
         // The same split into chunks for 16 blocks per SM (more than fit at once where the kernel's occupancy is
         // lower), with a workspace of its own.
         gpu.decode_blocks_per_sm.store(16, Ordering::Relaxed);
         let (chunk16, nsplit16) = gpu.decode_split(keys, m, h);
-        let us = gpu.stream.alloc_zeros::<f32>(gpu.decode_part_len(keys, m, h, hd)).map_err(derr).and_then(|mut part16| time(&mut || gpu.attention_decode_dev(att, qkv, nqkv, &kc, &kc, keys - 1, &kc, &kc, &lens, 0, m, keys, h, kvh, hd, &mut part16, None)));
+        let us =
+            gpu.stream.alloc_zeros::<f32>(gpu.decode_part_len(keys, m, h, hd)).map_err(derr).and_then(|mut part16| {
+                time(&mut || {
+                    gpu.attention_decode_dev(
+                        att,
+                        qkv,
+                        nqkv,
+                        &kc,
+                        &kc,
+                        keys - 1,
+                        &kc,
+                        &kc,
+                        &lens,
+                        0,
+                        m,
+                        keys,
+                        h,
+                        kvh,
+                        hd,
+                        &mut part16,
+                        None,
+                    )
+                })
+            });
         gpu.decode_blocks_per_sm.store(per_sm, Ordering::Relaxed);
         out.push((format!("attn_decode {keys} keys m{m} ({nsplit16} chunks of {chunk16}: 16 blocks per SM)"), us?));
         // The same with the chunks merged by a second launch (attn_decode_combine_f16), as without the fused kernels.
         gpu.fuse.store(false, Ordering::Relaxed);
-        let us = time(&mut || gpu.attention_decode_dev(att, qkv, nqkv, &kc, &kc, keys - 1, &kc, &kc, &lens, 0, m, keys, h, kvh, hd, part, None));
+        let us = time(&mut || {
+            gpu.attention_decode_dev(
+                att,
+                qkv,
+                nqkv,
+                &kc,
+                &kc,
+                keys - 1,
+                &kc,
+                &kc,
+                &lens,
+                0,
+                m,
+                keys,
+                h,
+                kvh,
+                hd,
+                part,
+                None,
+            )
+        });
         gpu.fuse.store(true, Ordering::Relaxed);
         out.push((format!("attn_decode {keys} keys m{m}, merged by a 2nd launch"), us?));
         out.push((format!("swiglu m{m}"), time(&mut || gpu.swiglu_fused_dev(act, gu, m, inter))?));
-        out.push((format!("fused rope + kv_store m{m}"), time(&mut || gpu.rope_kv_store_dev(qkv, &mut kc2, &mut vc2, pos, &model.cos, &model.sin, m, h, kvh, hd, nqkv, keys * kvh * hd, Some(&lens), 0))?));
+        out.push((
+            format!("fused rope + kv_store m{m}"),
+            time(&mut || {
+                gpu.rope_kv_store_dev(
+                    qkv,
+                    &mut kc2,
+                    &mut vc2,
+                    pos,
+                    &model.cos,
+                    &model.sin,
+                    m,
+                    h,
+                    kvh,
+                    hd,
+                    nqkv,
+                    keys * kvh * hd,
+                    Some(&lens),
+                    0,
+                )
+            })?,
+        ));
         if m == 1 {
             // q/k/v with RoPE and the cache store in one launch, as the tuner kept it (or one warp per feature).
             let split = model.qkv_split.unwrap_or(1);
             let (mut kc3, mut vc3) = (kc.clone(), kc.clone());
-            let us = time(&mut || gpu.gemv_qkv_rope_dev(qkv, &mut kc3, &mut vc3, hb, &l.qkv, c, h, kvh, hd, split, pos, &model.cos, &model.sin, keys * kvh * hd, Some(&lens), 0))?;
+            let us = time(&mut || {
+                gpu.gemv_qkv_rope_dev(
+                    qkv,
+                    &mut kc3,
+                    &mut vc3,
+                    hb,
+                    &l.qkv,
+                    c,
+                    h,
+                    kvh,
+                    hd,
+                    split,
+                    pos,
+                    &model.cos,
+                    &model.sin,
+                    keys * kvh * hd,
+                    Some(&lens),
+                    0,
+                )
+            })?;
             out.push((format!("qkv gemv/{split} + RoPE + cache store, one launch m1"), us));
             // The o and down projections with the residual add + RMSNorm in one launch, as the tuner kept them (or
             // with one warp per row where it kept the pair), against that pair.
@@ -1013,14 +1503,23 @@ fn op_breakdown(gpu: &Gpu, model: &GpuLlama, keys: usize, n: usize) -> Result<Ve
                 let split = model.norm_split[which].unwrap_or(1);
                 let xin = gpu.stream.alloc_zeros::<f16>(k).map_err(derr)?;
                 let mut t = gpu.stream.alloc_zeros::<f16>(c).map_err(derr)?;
-                let us = time(&mut || proj_add_rmsnorm_m1(gpu, hb, x, &mut t, &l.post_norm, &xin, w, k, c, Some(split), 1e-5))?;
+                let us = time(&mut || {
+                    proj_add_rmsnorm_m1(gpu, hb, x, &mut t, &l.post_norm, &xin, w, k, c, Some(split), 1e-5)
+                })?;
                 out.push((format!("{name} gemv/{split} + add + RMSNorm, one launch m1"), us));
-                let us = time(&mut || proj_add_rmsnorm_m1(gpu, hb, x, &mut t, &l.post_norm, &xin, w, k, c, None, 1e-5))?;
+                let us =
+                    time(&mut || proj_add_rmsnorm_m1(gpu, hb, x, &mut t, &l.post_norm, &xin, w, k, c, None, 1e-5))?;
                 out.push((format!("{name} projection, then add_rmsnorm m1"), us));
             }
             let split = model.swiglu_split.unwrap_or(1);
             let us = time(&mut || gpu.gemv_swiglu_dev(hb, &l.gate_up, act, c, inter, split))?;
-            out.push((format!("gate_up gemv/{split} + swiglu epilogue m1 ({:.0} GB/s)", (2 * inter * c * 2) as f64 / us / 1e3), us));
+            out.push((
+                format!(
+                    "gate_up gemv/{split} + swiglu epilogue m1 ({:.0} GB/s)",
+                    (2 * inter * c * 2) as f64 / us / 1e3
+                ),
+                us,
+            ));
         }
         // Host: sampling m rows of the vocabulary in parallel (temperature 0.7), as generate_n does.
         let params = crate::sampling::SamplingParams { temperature: 0.7, ..Default::default() };
@@ -1029,7 +1528,18 @@ fn op_breakdown(gpu: &Gpu, model: &GpuLlama, keys: usize, n: usize) -> Result<Ve
         let t = std::time::Instant::now();
         for _ in 0..10 {
             use rayon::prelude::*;
-            let _: Vec<u32> = rows.par_iter().enumerate().map(|(i, r)| crate::sampling::sample_fast(&mut r.clone(), &[], &params, &mut crate::rng::SplitMix64::new(i as u64))).collect();
+            let _: Vec<u32> = rows
+                .par_iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    crate::sampling::sample_fast(
+                        &mut r.clone(),
+                        &[],
+                        &params,
+                        &mut crate::rng::SplitMix64::new(i as u64),
+                    )
+                })
+                .collect();
         }
         out.push((format!("host sample m{m} rows"), t.elapsed().as_secs_f64() * 1e6 / 10.0));
         if n == 1 {

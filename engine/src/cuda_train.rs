@@ -28,7 +28,15 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::f16;
 
 /// The decoder's linear layers LoRA trains, in slot order.
-pub const PROJECTIONS: [&str; 7] = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"];
+pub const PROJECTIONS: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
 const Q: usize = 0;
 const K: usize = 1;
 const V: usize = 2;
@@ -41,7 +49,8 @@ const LOGIT_BLOCK: usize = 256;
 
 /// (in, out) features of projection `j`.
 fn projection_shape(cfg: &LlamaConfig, j: usize) -> (usize, usize) {
-    let (c, h, kvh, hd, i) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size);
+    let (c, h, kvh, hd, i) =
+        (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size);
     match j {
         Q => (c, h * hd),
         K | V => (c, kvh * hd),
@@ -214,7 +223,13 @@ struct SeqTape {
 }
 
 impl GpuLora {
-    fn build(gpu: &Gpu, cfg: &LlamaConfig, r: usize, scale: f32, values: impl FnMut(usize, usize, Slot) -> Result<(Vec<f32>, Vec<f32>)>) -> Result<GpuLora> {
+    fn build(
+        gpu: &Gpu,
+        cfg: &LlamaConfig,
+        r: usize,
+        scale: f32,
+        values: impl FnMut(usize, usize, Slot) -> Result<(Vec<f32>, Vec<f32>)>,
+    ) -> Result<GpuLora> {
         Self::build_with(gpu, cfg, r, scale, true, |_, _| true, values, Vec::new(), Vec::new())
     }
 
@@ -223,7 +238,17 @@ impl GpuLora {
     /// `image`: LoRA modules of the image path trained beside them (after the decoder's in the buffers);
     /// `params`: (canonical name, values) of image-path linear layers' weights and biases trained in full.
     #[allow(clippy::too_many_arguments)]
-    fn build_with(gpu: &Gpu, cfg: &LlamaConfig, r: usize, scale: f32, trainable: bool, present: impl Fn(usize, usize) -> bool, mut values: impl FnMut(usize, usize, Slot) -> Result<(Vec<f32>, Vec<f32>)>, image: Vec<ImageInit>, mut params: Vec<(String, Vec<f32>)>) -> Result<GpuLora> {
+    fn build_with(
+        gpu: &Gpu,
+        cfg: &LlamaConfig,
+        r: usize,
+        scale: f32,
+        trainable: bool,
+        present: impl Fn(usize, usize) -> bool,
+        mut values: impl FnMut(usize, usize, Slot) -> Result<(Vec<f32>, Vec<f32>)>,
+        image: Vec<ImageInit>,
+        mut params: Vec<(String, Vec<f32>)>,
+    ) -> Result<GpuLora> {
         if r == 0 {
             return Err(err("LoRA rank must be at least 1"));
         }
@@ -248,10 +273,25 @@ impl GpuLora {
         let mut image_slots = Vec::with_capacity(image.len());
         for m in &image {
             if m.r == 0 || m.a.is_empty() || !m.a.len().is_multiple_of(m.r) || !m.b.len().is_multiple_of(m.r) {
-                return Err(err(format!("{}: LoRA factors of {} and {} values do not fit rank {}", m.name, m.a.len(), m.b.len(), m.r)));
+                return Err(err(format!(
+                    "{}: LoRA factors of {} and {} values do not fit rank {}",
+                    m.name,
+                    m.a.len(),
+                    m.b.len(),
+                    m.r
+                )));
             }
             let (n_in, n_out) = (m.a.len() / m.r, m.b.len() / m.r);
-            image_slots.push(ImageSlot { name: m.name.clone(), n_in, n_out, r: m.r, scale: m.scale, a: total, b: total + m.a.len(), mask_offset: crate::adapter::dropout_base(0, &m.name) });
+            image_slots.push(ImageSlot {
+                name: m.name.clone(),
+                n_in,
+                n_out,
+                r: m.r,
+                scale: m.scale,
+                a: total,
+                b: total + m.a.len(),
+                mask_offset: crate::adapter::dropout_base(0, &m.name),
+            });
             total += m.a.len() + m.b.len();
         }
         // Weights, then biases (no weight decay) at the end.
@@ -259,14 +299,21 @@ impl GpuLora {
         let mut image_params = Vec::with_capacity(params.len());
         let mut no_decay = None;
         for (name, v) in &params {
-            let (layer, what) = name.rsplit_once('.').ok_or_else(|| err(format!("{name}: not a parameter of a layer")))?;
+            let (layer, what) =
+                name.rsplit_once('.').ok_or_else(|| err(format!("{name}: not a parameter of a layer")))?;
             if what != "weight" && what != "bias" {
                 return Err(err(format!("{name}: the GPU trainer trains weights and biases of linear layers only")));
             }
             if what == "bias" {
                 no_decay.get_or_insert(total);
             }
-            image_params.push(ImageParam { name: name.clone(), layer: layer.to_string(), weight: what == "weight", at: total, len: v.len() });
+            image_params.push(ImageParam {
+                name: name.clone(),
+                layer: layer.to_string(),
+                weight: what == "weight",
+                at: total,
+                len: v.len(),
+            });
             total += v.len();
         }
         let no_decay = no_decay.unwrap_or(total);
@@ -282,7 +329,14 @@ impl GpuLora {
             for (j, sl) in layer.iter().enumerate().filter(|(_, sl)| sl.present) {
                 let (a, b) = values(l, j, *sl)?;
                 if a.len() != r * sl.n_in || b.len() != sl.n_out * r {
-                    return Err(err(format!("LoRA layer {l} {}: A has {} values and B {} (expected {} and {})", PROJECTIONS[j], a.len(), b.len(), r * sl.n_in, sl.n_out * r)));
+                    return Err(err(format!(
+                        "LoRA layer {l} {}: A has {} values and B {} (expected {} and {})",
+                        PROJECTIONS[j],
+                        a.len(),
+                        b.len(),
+                        r * sl.n_in,
+                        sl.n_out * r
+                    )));
                 }
                 host[sl.a..sl.a + a.len()].copy_from_slice(&a);
                 host[sl.b..sl.b + b.len()].copy_from_slice(&b);
@@ -293,7 +347,13 @@ impl GpuLora {
         // gradient and moment buffers.
         let state = if trainable { total } else { 1 };
         let zeros = || s.alloc_zeros::<f32>(state).map_err(derr);
-        let mask_offsets = (0..cfg.num_hidden_layers).map(|l| std::array::from_fn(|j| crate::adapter::dropout_base(0, &format!("language_model.layers.{l}.{}", PROJECTIONS[j])))).collect();
+        let mask_offsets = (0..cfg.num_hidden_layers)
+            .map(|l| {
+                std::array::from_fn(|j| {
+                    crate::adapter::dropout_base(0, &format!("language_model.layers.{l}.{}", PROJECTIONS[j]))
+                })
+            })
+            .collect();
         Ok(GpuLora {
             r,
             scale,
@@ -357,8 +417,23 @@ impl GpuLora {
         // image path's own upload (`cuda_clip::GpuVisionAdapter`).
         let (image, params) = match trainable {
             true => (
-                adapter.modules().into_iter().filter(|(n, _)| crate::cuda_clip::in_image_path(n)).map(|(n, m)| ImageInit { name: n.to_string(), r: m.r, scale: m.scale, a: m.a.clone(), b: m.b.clone() }).collect(),
-                adapter.saved_params().filter(|(n, _)| crate::cuda_clip::in_image_path(n)).map(|(n, p)| (n.to_string(), p.values.clone())).collect(),
+                adapter
+                    .modules()
+                    .into_iter()
+                    .filter(|(n, _)| crate::cuda_clip::in_image_path(n))
+                    .map(|(n, m)| ImageInit {
+                        name: n.to_string(),
+                        r: m.r,
+                        scale: m.scale,
+                        a: m.a.clone(),
+                        b: m.b.clone(),
+                    })
+                    .collect(),
+                adapter
+                    .saved_params()
+                    .filter(|(n, _)| crate::cuda_clip::in_image_path(n))
+                    .map(|(n, p)| (n.to_string(), p.values.clone()))
+                    .collect(),
             ),
             false => (Vec::new(), Vec::new()),
         };
@@ -370,7 +445,8 @@ impl GpuLora {
             trainable,
             |l, j| module(l, j).is_some(),
             |l, j, _| {
-                let m = module(l, j).ok_or_else(|| err(format!("the adapter lost language_model.layers.{l}.{}", PROJECTIONS[j])))?;
+                let m = module(l, j)
+                    .ok_or_else(|| err(format!("the adapter lost language_model.layers.{l}.{}", PROJECTIONS[j])))?;
                 Ok((m.a.clone(), m.b.clone()))
             },
             image,
@@ -393,7 +469,9 @@ impl GpuLora {
         if self.trainable {
             Ok(())
         } else {
-            Err(err("this adapter was uploaded for inference only (GpuLora::for_inference); it has no gradient buffers"))
+            Err(err(
+                "this adapter was uploaded for inference only (GpuLora::for_inference); it has no gradient buffers",
+            ))
         }
     }
 
@@ -440,7 +518,19 @@ impl GpuLora {
     /// With a dropout seed `drop`, x is the module's dropped-out input (its mask drawn as the CPU trainer's).
     /// Nothing for a projection without LoRA (`t` may then be None).
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn lora_fwd(&self, gpu: &Gpu, l: usize, j: usize, x: &CudaSlice<f16>, t: Option<&mut CudaSlice<f16>>, y: &mut CudaSlice<f16>, y_off: usize, ldy: usize, rows: usize, drop: Option<u64>) -> Result<()> {
+    pub(crate) fn lora_fwd(
+        &self,
+        gpu: &Gpu,
+        l: usize,
+        j: usize,
+        x: &CudaSlice<f16>,
+        t: Option<&mut CudaSlice<f16>>,
+        y: &mut CudaSlice<f16>,
+        y_off: usize,
+        ldy: usize,
+        rows: usize,
+        drop: Option<u64>,
+    ) -> Result<()> {
         if !self.slots[l][j].present {
             return Ok(());
         }
@@ -452,14 +542,43 @@ impl GpuLora {
     /// with `acc`) and adds the LoRA path's input gradient into dx; with the forward's dropout seed, through the
     /// same masks. Nothing for a projection without LoRA.
     #[allow(clippy::too_many_arguments)]
-    fn lora_bwd(&mut self, gpu: &Gpu, l: usize, j: usize, x: &CudaSlice<f16>, t: Option<&CudaSlice<f16>>, dy: &CudaSlice<f16>, dy_off: usize, ldy: usize, dx: &mut CudaSlice<f16>, rows: usize, acc: bool, drop: Option<u64>) -> Result<()> {
+    fn lora_bwd(
+        &mut self,
+        gpu: &Gpu,
+        l: usize,
+        j: usize,
+        x: &CudaSlice<f16>,
+        t: Option<&CudaSlice<f16>>,
+        dy: &CudaSlice<f16>,
+        dy_off: usize,
+        ldy: usize,
+        dx: &mut CudaSlice<f16>,
+        rows: usize,
+        acc: bool,
+        drop: Option<u64>,
+    ) -> Result<()> {
         if !self.slots[l][j].present {
             return Ok(());
         }
         let t = t.ok_or_else(|| err(format!("no saved x A^T of LoRA layer {l} {}", PROJECTIONS[j])))?;
         let (g, mask) = (self.geom(l, j), self.mask(l, j, drop));
         // Several chunks of one pass (a shared prompt and its answers) add their gradients: beta 1 after the first.
-        lora_grads(gpu, &self.p16, &mut self.g16, 0, g, x, t, dy, dy_off, ldy, Some(dx), rows, if acc { 1.0 } else { 0.0 }, mask)
+        lora_grads(
+            gpu,
+            &self.p16,
+            &mut self.g16,
+            0,
+            g,
+            x,
+            t,
+            dy,
+            dy_off,
+            ldy,
+            Some(dx),
+            rows,
+            if acc { 1.0 } else { 0.0 },
+            mask,
+        )
     }
 
     /// The forward pass of `ids` under base + this adapter, saving what the backward needs; the log-probs of
@@ -471,12 +590,24 @@ impl GpuLora {
     /// `forward` of any input (`Input::Embeds`: rows made on the host, e.g. with image features) whose rows
     /// `answer_start..` are the answer tokens `answer`, with LoRA dropout masks drawn from `drop` (None: none).
     #[allow(clippy::too_many_arguments)]
-    fn forward_seq(&self, gpu: &Gpu, model: &GpuLlama, seq: Input, answer: &[u32], answer_start: usize, drop: Option<u64>) -> Result<SeqTape> {
+    fn forward_seq(
+        &self,
+        gpu: &Gpu,
+        model: &GpuLlama,
+        seq: Input,
+        answer: &[u32],
+        answer_start: usize,
+        drop: Option<u64>,
+    ) -> Result<SeqTape> {
         let cfg = &model.cfg;
         // The answer's labels are checked here; the input (ids or rows) by `input_rows`.
         check_labels(cfg, answer)?;
         let (mut x, rows) = self.input_rows(gpu, model, seq)?;
-        if answer_start == 0 || answer_start >= rows || rows > model.max_positions || answer.len() != rows - answer_start {
+        if answer_start == 0
+            || answer_start >= rows
+            || rows > model.max_positions
+            || answer.len() != rows - answer_start
+        {
             return Err(err(format!("training sequence of {rows} positions with {} answer tokens from {answer_start} (needs a prompt, an answer and at most {} positions)", answer.len(), model.max_positions)));
         }
         let c = cfg.hidden_size;
@@ -510,7 +641,10 @@ impl GpuLora {
         match seq {
             Input::Ids(ids) => {
                 if let Some((at, t)) = ids.iter().enumerate().find(|(_, &t)| t as usize >= cfg.vocab_size) {
-                    return Err(err(format!("token id {t} at position {at} is outside the vocabulary of {}", cfg.vocab_size)));
+                    return Err(err(format!(
+                        "token id {t} at position {at} is outside the vocabulary of {}",
+                        cfg.vocab_size
+                    )));
                 }
                 let ids32: Vec<i32> = ids.iter().map(|&t| t as i32).collect();
                 let dids = s.clone_htod(&ids32).map_err(derr)?;
@@ -521,7 +655,10 @@ impl GpuLora {
             }
             Input::Embeds(e) => {
                 if !e.len().is_multiple_of(c) {
-                    return Err(err(format!("training input of {} values is not a whole number of rows of {c}", e.len())));
+                    return Err(err(format!(
+                        "training input of {} values is not a whole number of rows of {c}",
+                        e.len()
+                    )));
                 }
                 if let Some(at) = e.iter().position(|v| !v.is_finite()) {
                     return Err(err(format!("training input value {at} is {}", e[at])));
@@ -542,14 +679,31 @@ impl GpuLora {
 
     /// `rows` rows at positions `p0..` through every layer (attending `ctx`'s rows first when given), then the
     /// final norm.
-    fn forward_chunk(&self, gpu: &Gpu, model: &GpuLlama, x: &mut CudaSlice<f16>, rows: usize, p0: usize, ctx: Option<&ChunkTape>) -> Result<ChunkTape> {
+    fn forward_chunk(
+        &self,
+        gpu: &Gpu,
+        model: &GpuLlama,
+        x: &mut CudaSlice<f16>,
+        rows: usize,
+        p0: usize,
+        ctx: Option<&ChunkTape>,
+    ) -> Result<ChunkTape> {
         let c = model.cfg.hidden_size;
         let s = &gpu.stream;
         let pos: Vec<i32> = (p0..p0 + rows).map(|p| p as i32).collect();
         let dpos = s.clone_htod(&pos).map_err(derr)?;
         let mut layers = Vec::with_capacity(model.layers.len());
         for li in 0..model.layers.len() {
-            layers.push(self.layer_forward_ctx(gpu, model, li, x, &dpos, rows, ctx.map(|t| &t.layers[li].qkv), None)?);
+            layers.push(self.layer_forward_ctx(
+                gpu,
+                model,
+                li,
+                x,
+                &dpos,
+                rows,
+                ctx.map(|t| &t.layers[li].qkv),
+                None,
+            )?);
         }
         let mut hf = s.alloc_zeros::<f16>(rows * c).map_err(derr)?;
         gpu.rmsnorm_dev(&mut hf, x, &model.norm, rows, model.cfg.rms_norm_eps as f32)?;
@@ -558,12 +712,24 @@ impl GpuLora {
 
     /// An answer after a shared prompt: its rows through every layer attending the prompt, and the log-probs of its
     /// tokens (the first predicted by the prompt's last row, each later one by the answer row before it).
-    fn forward_answer(&self, gpu: &Gpu, model: &GpuLlama, prompt: &ChunkTape, seq: Input, answer: &[u32]) -> Result<AnswerTape> {
+    fn forward_answer(
+        &self,
+        gpu: &Gpu,
+        model: &GpuLlama,
+        prompt: &ChunkTape,
+        seq: Input,
+        answer: &[u32],
+    ) -> Result<AnswerTape> {
         let cfg = &model.cfg;
         let c = cfg.hidden_size;
         let (mut x, rows) = self.input_rows(gpu, model, seq)?;
         if rows == 0 || rows != answer.len() || prompt.rows + rows > model.max_positions {
-            return Err(err(format!("an answer of {rows} rows for {} tokens after a {}-position prompt (at most {} positions)", answer.len(), prompt.rows, model.max_positions)));
+            return Err(err(format!(
+                "an answer of {rows} rows for {} tokens after a {}-position prompt (at most {} positions)",
+                answer.len(),
+                prompt.rows,
+                model.max_positions
+            )));
         }
         check_labels(cfg, answer)?;
         let chunk = self.forward_chunk(gpu, model, &mut x, rows, prompt.rows, Some(prompt))?;
@@ -584,7 +750,13 @@ impl GpuLora {
     /// at every layer, the gradients of the keys and values the answers attended; LoRA gradients of all three
     /// added into the accumulators. The same gradients as two whole sequences, from one pass over the prompt.
     /// Returns the gradient of the prompt's input rows (loss-scaled).
-    fn backward_shared(&mut self, gpu: &Gpu, model: &GpuLlama, prompt: &ChunkTape, answers: [(&AnswerTape, f32); 2]) -> Result<CudaSlice<f16>> {
+    fn backward_shared(
+        &mut self,
+        gpu: &Gpu,
+        model: &GpuLlama,
+        prompt: &ChunkTape,
+        answers: [(&AnswerTape, f32); 2],
+    ) -> Result<CudaSlice<f16>> {
         let cfg = &model.cfg;
         let (c, h, kvh, hd) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
         let nqkv = (h + 2 * kvh) * hd;
@@ -619,9 +791,31 @@ impl GpuLora {
         for li in (0..model.layers.len()).rev() {
             let mut dctx = a(p * nqkv)?;
             for (k, ((at, _), dx)) in answers.iter().zip(dxs.iter_mut()).enumerate() {
-                self.layer_backward(gpu, model, li, &at.chunk.layers[li], dx, at.chunk.rows, &at.chunk.pos, Some((&prompt.layers[li].qkv, &mut dctx)), None, k > 0)?;
+                self.layer_backward(
+                    gpu,
+                    model,
+                    li,
+                    &at.chunk.layers[li],
+                    dx,
+                    at.chunk.rows,
+                    &at.chunk.pos,
+                    Some((&prompt.layers[li].qkv, &mut dctx)),
+                    None,
+                    k > 0,
+                )?;
             }
-            self.layer_backward(gpu, model, li, &prompt.layers[li], &mut dx_p, p, &prompt.pos, None, Some(&dctx), true)?;
+            self.layer_backward(
+                gpu,
+                model,
+                li,
+                &prompt.layers[li],
+                &mut dx_p,
+                p,
+                &prompt.pos,
+                None,
+                Some(&dctx),
+                true,
+            )?;
         }
         gpu.grad_accumulate_dev(&mut self.g32, &self.g16)?;
         Ok(dx_p)
@@ -632,11 +826,26 @@ impl GpuLora {
     /// into the prompt's. Answers are given as their own input rows and ids.
     #[allow(clippy::too_many_arguments)]
     /// Also returns the gradient of the prompt's input rows (loss-scaled).
-    fn dpo_pair_shared(&mut self, gpu: &Gpu, model: &GpuLlama, prompt: Input, chosen: (Input, &[u32]), rejected: (Input, &[u32]), refs: (f64, f64), cfg: &DpoConfig, weight: f64) -> Result<(f64, PairLogps, Vec<CudaSlice<f16>>)> {
+    fn dpo_pair_shared(
+        &mut self,
+        gpu: &Gpu,
+        model: &GpuLlama,
+        prompt: Input,
+        chosen: (Input, &[u32]),
+        rejected: (Input, &[u32]),
+        refs: (f64, f64),
+        cfg: &DpoConfig,
+        weight: f64,
+    ) -> Result<(f64, PairLogps, Vec<CudaSlice<f16>>)> {
         let pt = self.forward_prompt(gpu, model, prompt)?;
         let tc = self.forward_answer(gpu, model, &pt, chosen.0, chosen.1)?;
         let tr = self.forward_answer(gpu, model, &pt, rejected.0, rejected.1)?;
-        let logps = PairLogps { policy_chosen: tc.logp_sum, policy_rejected: tr.logp_sum, ref_chosen: refs.0, ref_rejected: refs.1 };
+        let logps = PairLogps {
+            policy_chosen: tc.logp_sum,
+            policy_rejected: tr.logp_sum,
+            ref_chosen: refs.0,
+            ref_rejected: refs.1,
+        };
         let (loss, d_pc, d_pr) = pair_loss(cfg, &logps, chosen.1.len(), rejected.1.len());
         if !loss.is_finite() {
             return Err(err(format!("the loss is {loss} (log-probs {logps:?})")));
@@ -648,17 +857,37 @@ impl GpuLora {
 
     /// Layer `li`'s forward pass over `x` (rows, hidden), in place, returning what its backward pass needs.
     #[allow(clippy::too_many_arguments)]
-    fn layer_forward(&self, gpu: &Gpu, model: &GpuLlama, li: usize, x: &mut CudaSlice<f16>, dpos: &CudaSlice<i32>, rows: usize, drop: Option<u64>) -> Result<LayerTape> {
+    fn layer_forward(
+        &self,
+        gpu: &Gpu,
+        model: &GpuLlama,
+        li: usize,
+        x: &mut CudaSlice<f16>,
+        dpos: &CudaSlice<i32>,
+        rows: usize,
+        drop: Option<u64>,
+    ) -> Result<LayerTape> {
         self.layer_forward_ctx(gpu, model, li, x, dpos, rows, None, drop)
     }
 
     /// `layer_forward` of rows that attend a context's keys and values first (`ctx`: a shared prompt's qkv at this
     /// layer, after RoPE) and then their own, causally.
     #[allow(clippy::too_many_arguments)]
-    fn layer_forward_ctx(&self, gpu: &Gpu, model: &GpuLlama, li: usize, x: &mut CudaSlice<f16>, dpos: &CudaSlice<i32>, rows: usize, ctx: Option<&CudaSlice<f16>>, drop: Option<u64>) -> Result<LayerTape> {
+    fn layer_forward_ctx(
+        &self,
+        gpu: &Gpu,
+        model: &GpuLlama,
+        li: usize,
+        x: &mut CudaSlice<f16>,
+        dpos: &CudaSlice<i32>,
+        rows: usize,
+        ctx: Option<&CudaSlice<f16>>,
+        drop: Option<u64>,
+    ) -> Result<LayerTape> {
         let cfg = &model.cfg;
         let l = &model.layers[li];
-        let (c, h, kvh, hd, inter) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size);
+        let (c, h, kvh, hd, inter) =
+            (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size);
         let nqkv = (h + 2 * kvh) * hd;
         let eps = cfg.rms_norm_eps as f32;
         let s = &gpu.stream;
@@ -729,7 +958,12 @@ impl GpuLora {
             let lt = match tape.layers.get(li) {
                 Some(lt) => lt,
                 None => {
-                    let mut x = tape.inputs.get(li).ok_or_else(|| err(format!("no saved input of layer {li}")))?.try_clone().map_err(derr)?;
+                    let mut x = tape
+                        .inputs
+                        .get(li)
+                        .ok_or_else(|| err(format!("no saved input of layer {li}")))?
+                        .try_clone()
+                        .map_err(derr)?;
                     recomputed = self.layer_forward(gpu, model, li, &mut x, &tape.pos, rows, tape.drop)?;
                     &recomputed
                 }
@@ -747,9 +981,22 @@ impl GpuLora {
     /// width). `extra` is added to this layer's qkv gradient before RoPE's backward (the prompt's share from the
     /// answers that attended it).
     #[allow(clippy::too_many_arguments)]
-    fn layer_backward(&mut self, gpu: &Gpu, model: &GpuLlama, li: usize, lt: &LayerTape, dx: &mut CudaSlice<f16>, rows: usize, pos: &CudaSlice<i32>, ctx: Option<(&CudaSlice<f16>, &mut CudaSlice<f16>)>, extra: Option<&CudaSlice<f16>>, acc: bool) -> Result<()> {
+    fn layer_backward(
+        &mut self,
+        gpu: &Gpu,
+        model: &GpuLlama,
+        li: usize,
+        lt: &LayerTape,
+        dx: &mut CudaSlice<f16>,
+        rows: usize,
+        pos: &CudaSlice<i32>,
+        ctx: Option<(&CudaSlice<f16>, &mut CudaSlice<f16>)>,
+        extra: Option<&CudaSlice<f16>>,
+        acc: bool,
+    ) -> Result<()> {
         let cfg = &model.cfg;
-        let (c, h, kvh, hd, inter) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size);
+        let (c, h, kvh, hd, inter) =
+            (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size);
         let nqkv = (h + 2 * kvh) * hd;
         let eps = cfg.rms_norm_eps as f32;
         let s = gpu.stream.clone();
@@ -759,12 +1006,40 @@ impl GpuLora {
         let mut dh = a(rows * c)?;
         // MLP: x_out = x_mid + down(swiglu(gate_up(rmsnorm(x_mid)))).
         let mut dact = a(rows * inter)?;
-        gpu.gemm(&dx.slice(..), c, false, &l.down.slice(..), inter, false, &mut dact.slice_mut(..), inter, rows, inter, c, 1.0, 0.0)?;
+        gpu.gemm(
+            &dx.slice(..),
+            c,
+            false,
+            &l.down.slice(..),
+            inter,
+            false,
+            &mut dact.slice_mut(..),
+            inter,
+            rows,
+            inter,
+            c,
+            1.0,
+            0.0,
+        )?;
         self.lora_bwd(gpu, li, D, &lt.act, lt.t[D].as_ref(), dx, 0, c, &mut dact, rows, acc, lt.drop)?;
         let mut dgu = a(rows * 2 * inter)?;
         swiglu_bwd(gpu, &mut dgu, &dact, &lt.gu, rows, inter)?;
         drop(dact);
-        gpu.gemm(&dgu.slice(..), 2 * inter, false, &l.gate_up.slice(..), c, false, &mut dh.slice_mut(..), c, rows, c, 2 * inter, 1.0, 0.0)?;
+        gpu.gemm(
+            &dgu.slice(..),
+            2 * inter,
+            false,
+            &l.gate_up.slice(..),
+            c,
+            false,
+            &mut dh.slice_mut(..),
+            c,
+            rows,
+            c,
+            2 * inter,
+            1.0,
+            0.0,
+        )?;
         self.lora_bwd(gpu, li, G, &lt.h2, lt.t[G].as_ref(), &dgu, 0, 2 * inter, &mut dh, rows, acc, lt.drop)?;
         self.lora_bwd(gpu, li, U, &lt.h2, lt.t[U].as_ref(), &dgu, inter, 2 * inter, &mut dh, rows, acc, lt.drop)?;
         drop(dgu);
@@ -772,7 +1047,21 @@ impl GpuLora {
         gpu.residual_add_dev(dx, &tmp, rows * c)?;
         // Attention: x_mid = x_in + o(attention(rope(qkv(rmsnorm(x_in))))).
         let mut datt = a(rows * h * hd)?;
-        gpu.gemm(&dx.slice(..), c, false, &l.o.slice(..), h * hd, false, &mut datt.slice_mut(..), h * hd, rows, h * hd, c, 1.0, 0.0)?;
+        gpu.gemm(
+            &dx.slice(..),
+            c,
+            false,
+            &l.o.slice(..),
+            h * hd,
+            false,
+            &mut datt.slice_mut(..),
+            h * hd,
+            rows,
+            h * hd,
+            c,
+            1.0,
+            0.0,
+        )?;
         self.lora_bwd(gpu, li, O, &lt.att, lt.t[O].as_ref(), dx, 0, c, &mut datt, rows, acc, lt.drop)?;
         let mut dqkv = match ctx {
             None => {
@@ -803,7 +1092,21 @@ impl GpuLora {
             gpu.residual_add_dev(&mut dqkv, e, rows * nqkv)?;
         }
         rope_bwd(gpu, model, &mut dqkv, pos, rows)?;
-        gpu.gemm(&dqkv.slice(..), nqkv, false, &l.qkv.slice(..), c, false, &mut dh.slice_mut(..), c, rows, c, nqkv, 1.0, 0.0)?;
+        gpu.gemm(
+            &dqkv.slice(..),
+            nqkv,
+            false,
+            &l.qkv.slice(..),
+            c,
+            false,
+            &mut dh.slice_mut(..),
+            c,
+            rows,
+            c,
+            nqkv,
+            1.0,
+            0.0,
+        )?;
         for (j, off) in [(Q, 0), (K, h * hd), (V, (h + kvh) * hd)] {
             self.lora_bwd(gpu, li, j, &lt.h1, lt.t[j].as_ref(), &dqkv, off, nqkv, &mut dh, rows, acc, lt.drop)?;
         }
@@ -825,10 +1128,30 @@ impl GpuLora {
             Some((norm, factor)) => {
                 self.steps += 1;
                 let (nd, total) = (self.no_decay, self.p32.len());
-                gpu.adamw_range(&mut self.p32, &mut self.m, &mut self.v, &mut self.g32, Some(&mut self.p16), 0..nd, opt, self.steps, factor)?;
+                gpu.adamw_range(
+                    &mut self.p32,
+                    &mut self.m,
+                    &mut self.v,
+                    &mut self.g32,
+                    Some(&mut self.p16),
+                    0..nd,
+                    opt,
+                    self.steps,
+                    factor,
+                )?;
                 // Biases trained in full: no weight decay (the CPU trainer's AdamW decays matrices only).
                 let plain = AdamW { weight_decay: 0.0, ..*opt };
-                gpu.adamw_range(&mut self.p32, &mut self.m, &mut self.v, &mut self.g32, Some(&mut self.p16), nd..total, &plain, self.steps, factor)?;
+                gpu.adamw_range(
+                    &mut self.p32,
+                    &mut self.m,
+                    &mut self.v,
+                    &mut self.g32,
+                    Some(&mut self.p16),
+                    nd..total,
+                    &plain,
+                    self.steps,
+                    factor,
+                )?;
                 Ok(Some(norm))
             }
         }
@@ -839,14 +1162,35 @@ impl GpuLora {
     /// passes (gradients loss-scaled, accumulated), then an optimizer step when `opt` is given (with its clipping
     /// norm). Without `opt` the scaled gradients stay accumulated (`grads`, divided by `scaler.scale`).
     #[allow(clippy::too_many_arguments)]
-    pub fn dpo_step(&mut self, gpu: &Gpu, model: &GpuLlama, prompt: &[u32], chosen: &[u32], rejected: &[u32], refs: (f64, f64), cfg: &DpoConfig, opt: Option<(&AdamW, f64)>) -> Result<StepReport> {
+    pub fn dpo_step(
+        &mut self,
+        gpu: &Gpu,
+        model: &GpuLlama,
+        prompt: &[u32],
+        chosen: &[u32],
+        rejected: &[u32],
+        refs: (f64, f64),
+        cfg: &DpoConfig,
+        opt: Option<(&AdamW, f64)>,
+    ) -> Result<StepReport> {
         self.dpo_step_dropout(gpu, model, prompt, chosen, rejected, refs, cfg, opt, None)
     }
 
     /// `dpo_step` with LoRA dropout (probability `dropout`) drawn from `dropout_seed` as
     /// `train::dpo::pair_forward_backward` draws it for the same seed (None: no dropout).
     #[allow(clippy::too_many_arguments)]
-    pub fn dpo_step_dropout(&mut self, gpu: &Gpu, model: &GpuLlama, prompt: &[u32], chosen: &[u32], rejected: &[u32], refs: (f64, f64), cfg: &DpoConfig, opt: Option<(&AdamW, f64)>, dropout_seed: Option<u64>) -> Result<StepReport> {
+    pub fn dpo_step_dropout(
+        &mut self,
+        gpu: &Gpu,
+        model: &GpuLlama,
+        prompt: &[u32],
+        chosen: &[u32],
+        rejected: &[u32],
+        refs: (f64, f64),
+        cfg: &DpoConfig,
+        opt: Option<(&AdamW, f64)>,
+        dropout_seed: Option<u64>,
+    ) -> Result<StepReport> {
         self.check_trainable()?;
         if chosen.is_empty() || rejected.is_empty() {
             return Err(err("chosen and rejected answers must not be empty"));
@@ -854,11 +1198,29 @@ impl GpuLora {
         let scale = self.scaler.scale;
         let seed = dropout_seed.filter(|_| self.dropout > 0.0);
         let (loss, logps, _) = if self.share_prompt && !self.recompute && seed.is_none() {
-            self.dpo_pair_shared(gpu, model, Input::Ids(prompt), (Input::Ids(chosen), chosen), (Input::Ids(rejected), rejected), refs, cfg, 1.0)?
+            self.dpo_pair_shared(
+                gpu,
+                model,
+                Input::Ids(prompt),
+                (Input::Ids(chosen), chosen),
+                (Input::Ids(rejected), rejected),
+                refs,
+                cfg,
+                1.0,
+            )?
         } else {
             let (sc, sr) = ([prompt, chosen].concat(), [prompt, rejected].concat());
             let drops = (crate::train::dpo::part_seed(seed, 1), crate::train::dpo::part_seed(seed, 2));
-            self.dpo_pair(gpu, model, (Input::Ids(&sc), chosen, prompt.len()), (Input::Ids(&sr), rejected, prompt.len()), refs, cfg, 1.0, drops)?
+            self.dpo_pair(
+                gpu,
+                model,
+                (Input::Ids(&sc), chosen, prompt.len()),
+                (Input::Ids(&sr), rejected, prompt.len()),
+                refs,
+                cfg,
+                1.0,
+                drops,
+            )?
         };
         let grad_norm = match opt {
             Some((o, clip)) => self.optimizer_step(gpu, o, clip)?,
@@ -872,10 +1234,25 @@ impl GpuLora {
     /// loss (unweighted, unscaled) and the log-probs.
     #[allow(clippy::too_many_arguments)]
     /// Also returns the gradients of both sequences' input rows (loss-scaled).
-    fn dpo_pair(&mut self, gpu: &Gpu, model: &GpuLlama, chosen: (Input, &[u32], usize), rejected: (Input, &[u32], usize), refs: (f64, f64), cfg: &DpoConfig, weight: f64, drops: (Option<u64>, Option<u64>)) -> Result<(f64, PairLogps, Vec<CudaSlice<f16>>)> {
+    fn dpo_pair(
+        &mut self,
+        gpu: &Gpu,
+        model: &GpuLlama,
+        chosen: (Input, &[u32], usize),
+        rejected: (Input, &[u32], usize),
+        refs: (f64, f64),
+        cfg: &DpoConfig,
+        weight: f64,
+        drops: (Option<u64>, Option<u64>),
+    ) -> Result<(f64, PairLogps, Vec<CudaSlice<f16>>)> {
         let tc = self.forward_seq(gpu, model, chosen.0, chosen.1, chosen.2, drops.0)?;
         let tr = self.forward_seq(gpu, model, rejected.0, rejected.1, rejected.2, drops.1)?;
-        let logps = PairLogps { policy_chosen: tc.logp_sum, policy_rejected: tr.logp_sum, ref_chosen: refs.0, ref_rejected: refs.1 };
+        let logps = PairLogps {
+            policy_chosen: tc.logp_sum,
+            policy_rejected: tr.logp_sum,
+            ref_chosen: refs.0,
+            ref_rejected: refs.1,
+        };
         let (loss, d_pc, d_pr) = pair_loss(cfg, &logps, chosen.1.len(), rejected.1.len());
         if !loss.is_finite() {
             return Err(err(format!("the loss is {loss} (log-probs {logps:?})")));
@@ -903,7 +1280,8 @@ impl GpuLora {
             }
         }
         for sl in &self.image {
-            let m = adapter.module_mut(&sl.name).ok_or_else(|| err(format!("the adapter has no module {}", sl.name)))?;
+            let m =
+                adapter.module_mut(&sl.name).ok_or_else(|| err(format!("the adapter has no module {}", sl.name)))?;
             if m.a.len() != sl.r * sl.n_in || m.b.len() != sl.n_out * sl.r {
                 return Err(err(format!("{}: the adapter's factors do not have this GPU copy's shape", sl.name)));
             }
@@ -911,7 +1289,10 @@ impl GpuLora {
             m.b.copy_from_slice(&all[sl.b..sl.b + sl.n_out * sl.r]);
         }
         for pp in &self.image_params {
-            let (_, p) = adapter.saved_params_mut().find(|(n, _)| *n == pp.name).ok_or_else(|| err(format!("the adapter does not train {}", pp.name)))?;
+            let (_, p) = adapter
+                .saved_params_mut()
+                .find(|(n, _)| *n == pp.name)
+                .ok_or_else(|| err(format!("the adapter does not train {}", pp.name)))?;
             if p.values.len() != pp.len {
                 return Err(err(format!("{}: the adapter's values do not have this GPU copy's shape", pp.name)));
             }
@@ -930,7 +1311,11 @@ impl GpuLora {
         for (name, key, at) in self.tensors(adapter)? {
             if let Some((mk, vk)) = opt.moments(&key) {
                 if mk.len() != at.len() || vk.len() != at.len() {
-                    return Err(err(format!("optimizer state for {key} ({name}) has {} values, the tensor {}", mk.len(), at.len())));
+                    return Err(err(format!(
+                        "optimizer state for {key} ({name}) has {} values, the tensor {}",
+                        mk.len(),
+                        at.len()
+                    )));
                 }
                 m[at.clone()].copy_from_slice(mk);
                 v[at].copy_from_slice(vk);
@@ -975,7 +1360,10 @@ impl GpuLora {
             out.push((sl.name.clone(), m.keys.1.clone(), sl.b..sl.b + sl.n_out * sl.r));
         }
         for pp in &self.image_params {
-            let (_, p) = adapter.saved_params().find(|(n, _)| *n == pp.name).ok_or_else(|| err(format!("the adapter does not train {}", pp.name)))?;
+            let (_, p) = adapter
+                .saved_params()
+                .find(|(n, _)| *n == pp.name)
+                .ok_or_else(|| err(format!("the adapter does not train {}", pp.name)))?;
             out.push((pp.name.clone(), p.key.clone(), pp.at..pp.at + pp.len));
         }
         Ok(out)
@@ -983,7 +1371,14 @@ impl GpuLora {
 
     /// One SFT example: the mean negative log-likelihood of `answer` after `prompt`, its backward pass and an
     /// optimizer step when `opt` is given. Returns the loss.
-    pub fn sft_step(&mut self, gpu: &Gpu, model: &GpuLlama, prompt: &[u32], answer: &[u32], opt: Option<(&AdamW, f64)>) -> Result<(f64, Option<f64>)> {
+    pub fn sft_step(
+        &mut self,
+        gpu: &Gpu,
+        model: &GpuLlama,
+        prompt: &[u32],
+        answer: &[u32],
+        opt: Option<(&AdamW, f64)>,
+    ) -> Result<(f64, Option<f64>)> {
         self.check_trainable()?;
         if answer.is_empty() {
             return Err(err("the answer must not be empty"));
@@ -1081,8 +1476,30 @@ impl GpuLora {
 
     /// y = x W^T + b of a linear layer of the image path, plus its LoRA when this copy trains one there (x dropped
     /// out under `drop`); returns x A^T for the backward.
-    fn image_linear(&self, gpu: &Gpu, lin: &crate::cuda_clip::Lin, x: &CudaSlice<f16>, y: &mut CudaSlice<f16>, rows: usize, drop: Option<u64>) -> Result<Option<CudaSlice<f16>>> {
-        gpu.gemm(&x.slice(..), lin.n_in, false, &self.image_weight(lin), lin.n_in, true, &mut y.slice_mut(..), lin.n_out, rows, lin.n_out, lin.n_in, 1.0, 0.0)?;
+    fn image_linear(
+        &self,
+        gpu: &Gpu,
+        lin: &crate::cuda_clip::Lin,
+        x: &CudaSlice<f16>,
+        y: &mut CudaSlice<f16>,
+        rows: usize,
+        drop: Option<u64>,
+    ) -> Result<Option<CudaSlice<f16>>> {
+        gpu.gemm(
+            &x.slice(..),
+            lin.n_in,
+            false,
+            &self.image_weight(lin),
+            lin.n_in,
+            true,
+            &mut y.slice_mut(..),
+            lin.n_out,
+            rows,
+            lin.n_out,
+            lin.n_in,
+            1.0,
+            0.0,
+        )?;
         match self.image_param(&lin.name, false) {
             Some(pp) => crate::cuda_clip::bias_add(gpu, y, &self.p16.slice(pp.at..pp.at + pp.len), rows, lin.n_out)?,
             None => {
@@ -1100,29 +1517,103 @@ impl GpuLora {
     /// Backward of `image_linear` from dy: dx = dy W (added into dx with `acc`), plus the LoRA path's share, whose
     /// factor gradients go into `g16_img`. `dx` None: the input gradient is not needed.
     #[allow(clippy::too_many_arguments)]
-    fn image_linear_bwd(&mut self, gpu: &Gpu, lin: &crate::cuda_clip::Lin, x: &CudaSlice<f16>, t: Option<&CudaSlice<f16>>, dy: &CudaSlice<f16>, mut dx: Option<&mut CudaSlice<f16>>, rows: usize, acc: bool, drop: Option<u64>) -> Result<()> {
+    fn image_linear_bwd(
+        &mut self,
+        gpu: &Gpu,
+        lin: &crate::cuda_clip::Lin,
+        x: &CudaSlice<f16>,
+        t: Option<&CudaSlice<f16>>,
+        dy: &CudaSlice<f16>,
+        mut dx: Option<&mut CudaSlice<f16>>,
+        rows: usize,
+        acc: bool,
+        drop: Option<u64>,
+    ) -> Result<()> {
         if let Some(dx) = dx.as_deref_mut() {
-            gpu.gemm(&dy.slice(..), lin.n_out, false, &self.image_weight(lin), lin.n_in, false, &mut dx.slice_mut(..), lin.n_in, rows, lin.n_in, lin.n_out, 1.0, if acc { 1.0 } else { 0.0 })?;
+            gpu.gemm(
+                &dy.slice(..),
+                lin.n_out,
+                false,
+                &self.image_weight(lin),
+                lin.n_in,
+                false,
+                &mut dx.slice_mut(..),
+                lin.n_in,
+                rows,
+                lin.n_in,
+                lin.n_out,
+                1.0,
+                if acc { 1.0 } else { 0.0 },
+            )?;
         }
         // A weight trained in full: dW = dy^T x (the input before any LoRA dropout); a bias: the column sums of dy.
         let base = self.dec_total;
         if let Some(pp) = self.image_param(&lin.name, true).cloned() {
-            gpu.gemm(&dy.slice(..), lin.n_out, true, &x.slice(..), lin.n_in, false, &mut self.g16_img.slice_mut(pp.at - base..pp.at - base + pp.len), lin.n_in, lin.n_out, lin.n_in, rows, 1.0, 0.0)?;
+            gpu.gemm(
+                &dy.slice(..),
+                lin.n_out,
+                true,
+                &x.slice(..),
+                lin.n_in,
+                false,
+                &mut self.g16_img.slice_mut(pp.at - base..pp.at - base + pp.len),
+                lin.n_in,
+                lin.n_out,
+                lin.n_in,
+                rows,
+                1.0,
+                0.0,
+            )?;
         }
         if let Some(pp) = self.image_param(&lin.name, false).cloned() {
             let ones = gpu.upload_f16(&vec![1.0f32; rows])?;
-            gpu.gemm(&ones.slice(..), rows, false, &dy.slice(..), lin.n_out, false, &mut self.g16_img.slice_mut(pp.at - base..pp.at - base + pp.len), lin.n_out, 1, lin.n_out, rows, 1.0, 0.0)?;
+            gpu.gemm(
+                &ones.slice(..),
+                rows,
+                false,
+                &dy.slice(..),
+                lin.n_out,
+                false,
+                &mut self.g16_img.slice_mut(pp.at - base..pp.at - base + pp.len),
+                lin.n_out,
+                1,
+                lin.n_out,
+                rows,
+                1.0,
+                0.0,
+            )?;
         }
         let Some(sl) = self.image_slot(&lin.name).cloned() else { return Ok(()) };
         let t = t.ok_or_else(|| err(format!("no saved x A^T of {}", lin.name)))?;
         let mask = self.image_mask(&sl, drop);
         // Each image-path module runs once per image: its gradients overwrite the last image's.
-        lora_grads(gpu, &self.p16, &mut self.g16_img, self.dec_total, Self::image_geom(&sl), x, t, dy, 0, lin.n_out, dx, rows, 0.0, mask)
+        lora_grads(
+            gpu,
+            &self.p16,
+            &mut self.g16_img,
+            self.dec_total,
+            Self::image_geom(&sl),
+            x,
+            t,
+            dy,
+            0,
+            lin.n_out,
+            dx,
+            rows,
+            0.0,
+            mask,
+        )
     }
 
     /// The image path's forward pass for preprocessed pixels under base + this copy's image-path LoRA (dropout
     /// masks from `drop`, as the CPU trainer's image part draws them), keeping what `image_backward` needs.
-    pub(crate) fn image_forward(&self, gpu: &Gpu, vision: &crate::cuda_clip::GpuVision, pixels: &[f32], drop: Option<u64>) -> Result<ImageTape> {
+    pub(crate) fn image_forward(
+        &self,
+        gpu: &Gpu,
+        vision: &crate::cuda_clip::GpuVision,
+        pixels: &[f32],
+        drop: Option<u64>,
+    ) -> Result<ImageTape> {
         use crate::cuda_clip::{act_kernel, activation_dev, layernorm_dev};
         let cfg = &vision.cfg;
         let (d, inter, heads) = (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads);
@@ -1131,8 +1622,14 @@ impl GpuLora {
         let a = |n: usize| st.alloc_zeros::<f16>(n).map_err(derr);
         let act = act_kernel(cfg.hidden_act).ok_or_else(|| err("vision activation"))?;
         let (mut x, t) = vision.embed(gpu, pixels)?;
-        let trained = |lin: &crate::cuda_clip::Lin| self.image_slot(&lin.name).is_some() || self.image_params.iter().any(|p| p.layer == lin.name);
-        let first = vision.layers.iter().position(|l| [&l.q, &l.k, &l.v, &l.o, &l.fc1, &l.fc2].into_iter().any(trained)).unwrap_or(vision.layers.len());
+        let trained = |lin: &crate::cuda_clip::Lin| {
+            self.image_slot(&lin.name).is_some() || self.image_params.iter().any(|p| p.layer == lin.name)
+        };
+        let first = vision
+            .layers
+            .iter()
+            .position(|l| [&l.q, &l.k, &l.v, &l.o, &l.fc1, &l.fc2].into_iter().any(trained))
+            .unwrap_or(vision.layers.len());
         let mut layers = Vec::new();
         for (li, l) in vision.layers.iter().enumerate() {
             // Below the lowest trained layer nothing is kept.
@@ -1146,7 +1643,20 @@ impl GpuLora {
             let tv = self.image_linear(gpu, &l.v, &h1, &mut v, t, drop)?;
             let mut att = a(t * d)?;
             let mut lse = st.alloc_zeros::<f32>(t * heads).map_err(derr)?;
-            gpu.attention_prefill_strided_dev(&mut att, Some(&mut lse), &q, d, &k, &v, t, t, heads, heads, cfg.head_dim(), false)?;
+            gpu.attention_prefill_strided_dev(
+                &mut att,
+                Some(&mut lse),
+                &q,
+                d,
+                &k,
+                &v,
+                t,
+                t,
+                heads,
+                heads,
+                cfg.head_dim(),
+                false,
+            )?;
             let mut tmp = a(t * d)?;
             let to = self.image_linear(gpu, &l.o, &att, &mut tmp, t, drop)?;
             gpu.residual_add_dev(&mut x, &tmp, t * d)?;
@@ -1160,7 +1670,20 @@ impl GpuLora {
             let tf2 = self.image_linear(gpu, &l.fc2, &fact, &mut tmp, t, drop)?;
             gpu.residual_add_dev(&mut x, &tmp, t * d)?;
             if let (Some(x_in), Some(x_mid)) = (x_in, x_mid) {
-                layers.push(ImageLayerTape { x_in, h1, q, k, v, att, lse, x_mid, h2, fpre, fact, t: [tq, tk, tv, to, tf1, tf2] });
+                layers.push(ImageLayerTape {
+                    x_in,
+                    h1,
+                    q,
+                    k,
+                    v,
+                    att,
+                    lse,
+                    x_mid,
+                    h2,
+                    fpre,
+                    fact,
+                    t: [tq, tk, tv, to, tf1, tf2],
+                });
             }
         }
         let (row0, rows) = vision.selected(t);
@@ -1170,7 +1693,12 @@ impl GpuLora {
         let mut p1 = a(rows * ct)?;
         let t1 = self.image_linear(gpu, &vision.proj1, &sel, &mut p1, rows, drop)?;
         let mut pa = p1.try_clone().map_err(derr)?;
-        activation_dev(gpu, act_kernel(vision.proj_act).ok_or_else(|| err("projector activation"))?, &mut pa, rows * ct)?;
+        activation_dev(
+            gpu,
+            act_kernel(vision.proj_act).ok_or_else(|| err("projector activation"))?,
+            &mut pa,
+            rows * ct,
+        )?;
         let mut features = a(rows * ct)?;
         let t2 = self.image_linear(gpu, &vision.proj2, &pa, &mut features, rows, drop)?;
         Ok(ImageTape { t, first, layers, sel, p1, pa, proj_t: [t1, t2], features, rows, drop })
@@ -1178,7 +1706,13 @@ impl GpuLora {
 
     /// Backward of `image_forward` from the features' gradient `dfeat` (rows, text hidden; loss-scaled): the
     /// image path's LoRA gradients, added into the fp32 accumulators.
-    pub(crate) fn image_backward(&mut self, gpu: &Gpu, vision: &crate::cuda_clip::GpuVision, tape: &ImageTape, dfeat: &CudaSlice<f16>) -> Result<()> {
+    pub(crate) fn image_backward(
+        &mut self,
+        gpu: &Gpu,
+        vision: &crate::cuda_clip::GpuVision,
+        tape: &ImageTape,
+        dfeat: &CudaSlice<f16>,
+    ) -> Result<()> {
         let cfg = &vision.cfg;
         let (d, inter, heads) = (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads);
         let eps = cfg.layer_norm_eps as f32;
@@ -1188,13 +1722,33 @@ impl GpuLora {
         let ct = vision.proj1.n_out;
         // The projector: features = linear_2(act(linear_1(sel))).
         let mut dpa = a(rows * ct)?;
-        self.image_linear_bwd(gpu, &vision.proj2, &tape.pa, tape.proj_t[1].as_ref(), dfeat, Some(&mut dpa), rows, false, dseed)?;
+        self.image_linear_bwd(
+            gpu,
+            &vision.proj2,
+            &tape.pa,
+            tape.proj_t[1].as_ref(),
+            dfeat,
+            Some(&mut dpa),
+            rows,
+            false,
+            dseed,
+        )?;
         let mut dp1 = a(rows * ct)?;
         gpu.activation_bwd_dev(act_bwd_kernel(vision.proj_act)?, &mut dp1, &dpa, &tape.p1, rows * ct)?;
         drop(dpa);
         let tower = tape.first < vision.layers.len();
         let mut dsel = if tower { Some(a(rows * d)?) } else { None };
-        self.image_linear_bwd(gpu, &vision.proj1, &tape.sel, tape.proj_t[0].as_ref(), &dp1, dsel.as_mut(), rows, false, dseed)?;
+        self.image_linear_bwd(
+            gpu,
+            &vision.proj1,
+            &tape.sel,
+            tape.proj_t[0].as_ref(),
+            &dp1,
+            dsel.as_mut(),
+            rows,
+            false,
+            dseed,
+        )?;
         if let Some(dsel) = dsel {
             // The tower's output rows the projector read get their gradient; the rest (the class token's) none.
             let mut dx = a(t * d)?;
@@ -1218,7 +1772,23 @@ impl GpuLora {
                 let mut datt = a(t * d)?;
                 self.image_linear_bwd(gpu, &l.o, &lt.att, lt.t[3].as_ref(), &dx, Some(&mut datt), t, false, dseed)?;
                 let (mut dq, mut dk, mut dv) = (a(t * d)?, a(t * d)?, a(t * d)?);
-                gpu.attention_bwd_dev(&mut dq, &mut dk, &mut dv, &lt.q, &lt.k, &lt.v, &lt.att, &lt.lse, &datt, t, t, heads, heads, cfg.head_dim(), false)?;
+                gpu.attention_bwd_dev(
+                    &mut dq,
+                    &mut dk,
+                    &mut dv,
+                    &lt.q,
+                    &lt.k,
+                    &lt.v,
+                    &lt.att,
+                    &lt.lse,
+                    &datt,
+                    t,
+                    t,
+                    heads,
+                    heads,
+                    cfg.head_dim(),
+                    false,
+                )?;
                 drop(datt);
                 // The lowest trained layer needs no input gradient.
                 let below = li > tape.first;
@@ -1238,14 +1808,26 @@ impl GpuLora {
 
     /// `image_backward` from the decoder's input-row gradients `dxs` of one example (each holding the image's
     /// feature rows from row `row0`; a shared prompt gives one, two whole sequences two), summed.
-    fn image_backward_from_rows(&mut self, gpu: &Gpu, vision: &crate::cuda_clip::GpuVision, tape: &ImageTape, dxs: &[CudaSlice<f16>], row0: usize, c: usize) -> Result<()> {
+    fn image_backward_from_rows(
+        &mut self,
+        gpu: &Gpu,
+        vision: &crate::cuda_clip::GpuVision,
+        tape: &ImageTape,
+        dxs: &[CudaSlice<f16>],
+        row0: usize,
+        c: usize,
+    ) -> Result<()> {
         let n = tape.rows * c;
         let st = gpu.stream.clone();
         let mut dfeat = st.alloc_zeros::<f16>(n).map_err(derr)?;
         let mut part = st.alloc_zeros::<f16>(n).map_err(derr)?;
         for dx in dxs {
             if dx.len() < (row0 * c) + n {
-                return Err(err(format!("the decoder's input gradient has {} rows, the image's features end at row {}", dx.len() / c, row0 + tape.rows)));
+                return Err(err(format!(
+                    "the decoder's input gradient has {} rows, the image's features end at row {}",
+                    dx.len() / c,
+                    row0 + tape.rows
+                )));
             }
             st.memcpy_dtod(&dx.slice(row0 * c..row0 * c + n), &mut part.slice_mut(..)).map_err(derr)?;
             gpu.residual_add_dev(&mut dfeat, &part, n)?;
@@ -1277,30 +1859,140 @@ fn dropped(gpu: &Gpu, x: &CudaSlice<f16>, n: usize, mask: Option<(u64, f64)>) ->
 /// y[:, y_off..y_off + out] += scale (x A^T) B^T for `rows` rows (y rows `ldy` apart), x dropped out under `mask`;
 /// t = x A^T (rows, r) is kept for the backward.
 #[allow(clippy::too_many_arguments)]
-fn lora_apply(gpu: &Gpu, p16: &CudaSlice<f16>, g: Geom, x: &CudaSlice<f16>, t: &mut CudaSlice<f16>, y: &mut CudaSlice<f16>, y_off: usize, ldy: usize, rows: usize, mask: Option<(u64, f64)>) -> Result<()> {
+fn lora_apply(
+    gpu: &Gpu,
+    p16: &CudaSlice<f16>,
+    g: Geom,
+    x: &CudaSlice<f16>,
+    t: &mut CudaSlice<f16>,
+    y: &mut CudaSlice<f16>,
+    y_off: usize,
+    ldy: usize,
+    rows: usize,
+    mask: Option<(u64, f64)>,
+) -> Result<()> {
     let xd = dropped(gpu, x, rows * g.n_in, mask)?;
     let x = xd.as_ref().unwrap_or(x);
-    gpu.gemm(&x.slice(..), g.n_in, false, &p16.slice(g.a..g.a + g.r * g.n_in), g.n_in, true, &mut t.slice_mut(..), g.r, rows, g.r, g.n_in, 1.0, 0.0)?;
-    gpu.gemm(&t.slice(..), g.r, false, &p16.slice(g.b..g.b + g.n_out * g.r), g.r, true, &mut y.slice_mut(y_off..), ldy, rows, g.n_out, g.r, g.scale, 1.0)
+    gpu.gemm(
+        &x.slice(..),
+        g.n_in,
+        false,
+        &p16.slice(g.a..g.a + g.r * g.n_in),
+        g.n_in,
+        true,
+        &mut t.slice_mut(..),
+        g.r,
+        rows,
+        g.r,
+        g.n_in,
+        1.0,
+        0.0,
+    )?;
+    gpu.gemm(
+        &t.slice(..),
+        g.r,
+        false,
+        &p16.slice(g.b..g.b + g.n_out * g.r),
+        g.r,
+        true,
+        &mut y.slice_mut(y_off..),
+        ldy,
+        rows,
+        g.n_out,
+        g.r,
+        g.scale,
+        1.0,
+    )
 }
 
 /// Backward of `lora_apply` from dy (columns dy_off.. of rows ldy apart): dB = s dy^T t and dA = (s dy B)^T x_dropped
 /// written into `grad` at the factors' places less `base` (beta: 0 overwrites, 1 adds), and the LoRA path's input
 /// gradient (s dy B) A added into dx when given, through the dropout mask the forward drew.
 #[allow(clippy::too_many_arguments)]
-fn lora_grads(gpu: &Gpu, p16: &CudaSlice<f16>, grad: &mut CudaSlice<f16>, base: usize, g: Geom, x: &CudaSlice<f16>, t: &CudaSlice<f16>, dy: &CudaSlice<f16>, dy_off: usize, ldy: usize, dx: Option<&mut CudaSlice<f16>>, rows: usize, beta: f32, mask: Option<(u64, f64)>) -> Result<()> {
+fn lora_grads(
+    gpu: &Gpu,
+    p16: &CudaSlice<f16>,
+    grad: &mut CudaSlice<f16>,
+    base: usize,
+    g: Geom,
+    x: &CudaSlice<f16>,
+    t: &CudaSlice<f16>,
+    dy: &CudaSlice<f16>,
+    dy_off: usize,
+    ldy: usize,
+    dx: Option<&mut CudaSlice<f16>>,
+    rows: usize,
+    beta: f32,
+    mask: Option<(u64, f64)>,
+) -> Result<()> {
     let (r, s) = (g.r, g.scale);
     let xd = dropped(gpu, x, rows * g.n_in, mask)?;
     let x = xd.as_ref().unwrap_or(x);
     let (ga, gb) = (g.a - base, g.b - base);
     let mut dt = gpu.stream.alloc_zeros::<f16>(rows * r).map_err(derr)?;
-    gpu.gemm(&dy.slice(dy_off..), ldy, true, &t.slice(..), r, false, &mut grad.slice_mut(gb..gb + g.n_out * r), r, g.n_out, r, rows, s, beta)?;
-    gpu.gemm(&dy.slice(dy_off..), ldy, false, &p16.slice(g.b..g.b + g.n_out * r), r, false, &mut dt.slice_mut(..), r, rows, r, g.n_out, s, 0.0)?;
-    gpu.gemm(&dt.slice(..), r, true, &x.slice(..), g.n_in, false, &mut grad.slice_mut(ga..ga + r * g.n_in), g.n_in, r, g.n_in, rows, 1.0, beta)?;
+    gpu.gemm(
+        &dy.slice(dy_off..),
+        ldy,
+        true,
+        &t.slice(..),
+        r,
+        false,
+        &mut grad.slice_mut(gb..gb + g.n_out * r),
+        r,
+        g.n_out,
+        r,
+        rows,
+        s,
+        beta,
+    )?;
+    gpu.gemm(
+        &dy.slice(dy_off..),
+        ldy,
+        false,
+        &p16.slice(g.b..g.b + g.n_out * r),
+        r,
+        false,
+        &mut dt.slice_mut(..),
+        r,
+        rows,
+        r,
+        g.n_out,
+        s,
+        0.0,
+    )?;
+    gpu.gemm(
+        &dt.slice(..),
+        r,
+        true,
+        &x.slice(..),
+        g.n_in,
+        false,
+        &mut grad.slice_mut(ga..ga + r * g.n_in),
+        g.n_in,
+        r,
+        g.n_in,
+        rows,
+        1.0,
+        beta,
+    )?;
     let Some(dx) = dx else { return Ok(()) };
     let a = p16.slice(g.a..g.a + r * g.n_in);
     let Some((seed, p)) = mask else {
-        return gpu.gemm(&dt.slice(..), r, false, &a, g.n_in, false, &mut dx.slice_mut(..), g.n_in, rows, g.n_in, r, 1.0, 1.0);
+        return gpu.gemm(
+            &dt.slice(..),
+            r,
+            false,
+            &a,
+            g.n_in,
+            false,
+            &mut dx.slice_mut(..),
+            g.n_in,
+            rows,
+            g.n_in,
+            r,
+            1.0,
+            1.0,
+        );
     };
     // d x_dropped = dt A, then through the mask into dx.
     let n = rows * g.n_in;
@@ -1312,7 +2004,10 @@ fn lora_grads(gpu: &Gpu, p16: &CudaSlice<f16>, grad: &mut CudaSlice<f16>, base: 
 /// The one rank and scale of an adapter's decoder modules, or why the GPU decoder cannot apply it (see
 /// `GpuLora::for_inference`). Needs no GPU, so the CPU-only tests check it.
 pub fn inference_rank(cfg: &LlamaConfig, adapter: &Adapter) -> Result<(usize, f32)> {
-    if let Some((p, _)) = adapter.saved_params().find(|(p, _)| !p.starts_with("vision_tower.") && !p.starts_with("multi_modal_projector.")) {
+    if let Some((p, _)) = adapter
+        .saved_params()
+        .find(|(p, _)| !p.starts_with("vision_tower.") && !p.starts_with("multi_modal_projector."))
+    {
         return Err(err(format!("the adapter replaces {p} (modules_to_save); the GPU decoder applies LoRA only")));
     }
     let mut rank: Option<(usize, f32, String)> = None;
@@ -1320,7 +2015,8 @@ pub fn inference_rank(cfg: &LlamaConfig, adapter: &Adapter) -> Result<(usize, f3
         if name.starts_with("vision_tower.") || name.starts_with("multi_modal_projector.") {
             continue;
         }
-        let known = (0..cfg.num_hidden_layers).any(|l| PROJECTIONS.iter().any(|p| name == format!("language_model.layers.{l}.{p}")));
+        let known = (0..cfg.num_hidden_layers)
+            .any(|l| PROJECTIONS.iter().any(|p| name == format!("language_model.layers.{l}.{p}")));
         if !known {
             return Err(err(format!("the adapter has LoRA on {name}; the GPU decoder applies it only to the seven projections of the decoder layers")));
         }
@@ -1346,7 +2042,13 @@ fn check_labels(cfg: &LlamaConfig, answer: &[u32]) -> Result<()> {
 /// The log-probs of `answer` under the head: rows `first..` of the final-norm output `hf` each predict the next
 /// answer token, one block of rows at a time (the softmax over the vocabulary never exists for more rows). Returns
 /// the labels and each row's log-sum-exp on the device (for `head_backward`) and the summed log-prob.
-fn head_forward(gpu: &Gpu, model: &GpuLlama, hf: &CudaSlice<f16>, first: usize, answer: &[u32]) -> Result<(CudaSlice<i32>, CudaSlice<f32>, f64)> {
+fn head_forward(
+    gpu: &Gpu,
+    model: &GpuLlama,
+    hf: &CudaSlice<f16>,
+    first: usize,
+    answer: &[u32],
+) -> Result<(CudaSlice<i32>, CudaSlice<f32>, f64)> {
     let (c, vocab) = (model.cfg.hidden_size, model.cfg.vocab_size);
     let n = answer.len();
     let s = &gpu.stream;
@@ -1357,11 +2059,26 @@ fn head_forward(gpu: &Gpu, model: &GpuLlama, hf: &CudaSlice<f16>, first: usize, 
     let v32 = to_i32(vocab, "vocab")?;
     for b0 in (0..n).step_by(LOGIT_BLOCK) {
         let nb = LOGIT_BLOCK.min(n - b0);
-        gpu.gemm(&hf.slice((first + b0) * c..), c, false, &model.head().slice(..), c, true, &mut logits.slice_mut(..), vocab, nb, vocab, c, 1.0, 0.0)?;
+        gpu.gemm(
+            &hf.slice((first + b0) * c..),
+            c,
+            false,
+            &model.head().slice(..),
+            c,
+            true,
+            &mut logits.slice_mut(..),
+            vocab,
+            nb,
+            vocab,
+            c,
+            1.0,
+            0.0,
+        )?;
         let (po, lo, yo) = (gpu.dptr(&logp, b0), gpu.dptr(&lse, b0), gpu.dptr(&labels, b0));
         let mut b = s.launch_builder(gpu.f("logprob_gather_f16")?);
         b.arg(&po).arg(&lo).arg(&logits).arg(&yo).arg(&v32);
-        unsafe { b.launch(LaunchConfig { grid_dim: (nb as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+        unsafe { b.launch(LaunchConfig { grid_dim: (nb as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }
+            .map_err(derr)?;
     }
     let logp_sum = s.clone_dtoh(&logp).map_err(derr)?.iter().map(|&v| v as f64).sum();
     Ok((labels, lse, logp_sum))
@@ -1371,7 +2088,16 @@ fn head_forward(gpu: &Gpu, model: &GpuLlama, hf: &CudaSlice<f16>, first: usize, 
 /// logits recomputed a block at a time, turned into their gradient in place, and multiplied back into rows
 /// `first..` of `dhf` (assigned).
 #[allow(clippy::too_many_arguments)]
-fn head_backward(gpu: &Gpu, model: &GpuLlama, hf: &CudaSlice<f16>, first: usize, labels: &CudaSlice<i32>, lse: &CudaSlice<f32>, dlogp: f32, dhf: &mut CudaSlice<f16>) -> Result<()> {
+fn head_backward(
+    gpu: &Gpu,
+    model: &GpuLlama,
+    hf: &CudaSlice<f16>,
+    first: usize,
+    labels: &CudaSlice<i32>,
+    lse: &CudaSlice<f32>,
+    dlogp: f32,
+    dhf: &mut CudaSlice<f16>,
+) -> Result<()> {
     let (c, vocab) = (model.cfg.hidden_size, model.cfg.vocab_size);
     let n = labels.len();
     let s = &gpu.stream;
@@ -1381,25 +2107,70 @@ fn head_backward(gpu: &Gpu, model: &GpuLlama, hf: &CudaSlice<f16>, first: usize,
     for b0 in (0..n).step_by(LOGIT_BLOCK) {
         let nb = LOGIT_BLOCK.min(n - b0);
         let row = (first + b0) * c;
-        gpu.gemm(&hf.slice(row..), c, false, &model.head().slice(..), c, true, &mut logits.slice_mut(..), vocab, nb, vocab, c, 1.0, 0.0)?;
+        gpu.gemm(
+            &hf.slice(row..),
+            c,
+            false,
+            &model.head().slice(..),
+            c,
+            true,
+            &mut logits.slice_mut(..),
+            vocab,
+            nb,
+            vocab,
+            c,
+            1.0,
+            0.0,
+        )?;
         let (lo, yo, wo) = (gpu.dptr(lse, b0), gpu.dptr(labels, b0), gpu.dptr(&dl, b0));
         let mut b = s.launch_builder(gpu.f("logprob_bwd_f16")?);
         b.arg(&mut logits).arg(&lo).arg(&yo).arg(&wo).arg(&v32);
-        unsafe { b.launch(LaunchConfig { grid_dim: (nb as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
-        gpu.gemm(&logits.slice(..), vocab, false, &model.head().slice(..), c, false, &mut dhf.slice_mut(row..), c, nb, c, vocab, 1.0, 0.0)?;
+        unsafe { b.launch(LaunchConfig { grid_dim: (nb as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }
+            .map_err(derr)?;
+        gpu.gemm(
+            &logits.slice(..),
+            vocab,
+            false,
+            &model.head().slice(..),
+            c,
+            false,
+            &mut dhf.slice_mut(row..),
+            c,
+            nb,
+            c,
+            vocab,
+            1.0,
+            0.0,
+        )?;
     }
     Ok(())
 }
 
 /// Causal attention of a fused QKV buffer (after RoPE) into `att`, saving each row's log-sum-exp.
-fn attention_fwd(gpu: &Gpu, cfg: &LlamaConfig, qkv: &CudaSlice<f16>, att: &mut CudaSlice<f16>, lse: &mut CudaSlice<f32>, rows: usize) -> Result<()> {
+fn attention_fwd(
+    gpu: &Gpu,
+    cfg: &LlamaConfig,
+    qkv: &CudaSlice<f16>,
+    att: &mut CudaSlice<f16>,
+    lse: &mut CudaSlice<f32>,
+    rows: usize,
+) -> Result<()> {
     attention_fwd_at(gpu, cfg, qkv, 0, rows, rows, att, lse)
 }
 
 /// Causal attention of the `n_q` query rows of `qkv` from row `q_row` on, over its first `n_k` rows' keys and
 /// values (the queries are the last `n_q` positions of the `n_k`).
 #[allow(clippy::too_many_arguments)]
-fn attention_fwd_at(gpu: &Gpu, cfg: &LlamaConfig, qkv: &CudaSlice<f16>, q_row: usize, n_q: usize, n_k: usize, att: &mut CudaSlice<f16>, lse: &mut CudaSlice<f32>) -> Result<()> {
+fn attention_fwd_at(
+    gpu: &Gpu,
+    cfg: &LlamaConfig,
+    qkv: &CudaSlice<f16>,
+    q_row: usize,
+    n_q: usize,
+    n_k: usize,
+    att: &mut CudaSlice<f16>,
+    lse: &mut CudaSlice<f32>,
+) -> Result<()> {
     let (h, kvh, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
     let nqkv = (h + 2 * kvh) * hd;
     if qkv.len() < n_k * nqkv || q_row + n_q > n_k {
@@ -1412,39 +2183,96 @@ fn attention_fwd_at(gpu: &Gpu, cfg: &LlamaConfig, qkv: &CudaSlice<f16>, q_row: u
 fn fused_rows(gpu: &Gpu, cfg: &LlamaConfig, qkv: &CudaSlice<f16>, q_row: usize) -> AttnRows {
     let (h, kvh, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
     let nqkv = (h + 2 * kvh) * hd;
-    AttnRows { q: gpu.dptr(qkv, q_row * nqkv), k: gpu.dptr(qkv, h * hd), v: gpu.dptr(qkv, (h + kvh) * hd), q_stride: nqkv, kv_stride: nqkv }
+    AttnRows {
+        q: gpu.dptr(qkv, q_row * nqkv),
+        k: gpu.dptr(qkv, h * hd),
+        v: gpu.dptr(qkv, (h + kvh) * hd),
+        q_stride: nqkv,
+        kv_stride: nqkv,
+    }
 }
 
 /// Backward of `attention_fwd`: dq, dk, dv written into the fused `dqkv` (before RoPE's backward).
-fn attention_bwd(gpu: &Gpu, cfg: &LlamaConfig, lt: &LayerTape, datt: &CudaSlice<f16>, dqkv: &mut CudaSlice<f16>, rows: usize) -> Result<()> {
+fn attention_bwd(
+    gpu: &Gpu,
+    cfg: &LlamaConfig,
+    lt: &LayerTape,
+    datt: &CudaSlice<f16>,
+    dqkv: &mut CudaSlice<f16>,
+    rows: usize,
+) -> Result<()> {
     attention_bwd_at(gpu, cfg, &lt.qkv, dqkv, 0, rows, rows, &lt.att, &lt.lse, datt)
 }
 
 /// Backward of `attention_fwd_at`: dq of the `n_q` query rows (into `dqkv` from row `q_row`) and dk, dv of all `n_k`
 /// key rows (into `dqkv`'s k and v columns from row 0), given the forward's output `att` and log-sum-exp.
 #[allow(clippy::too_many_arguments)]
-fn attention_bwd_at(gpu: &Gpu, cfg: &LlamaConfig, qkv: &CudaSlice<f16>, dqkv: &mut CudaSlice<f16>, q_row: usize, n_q: usize, n_k: usize, att: &CudaSlice<f16>, lse: &CudaSlice<f32>, datt: &CudaSlice<f16>) -> Result<()> {
+fn attention_bwd_at(
+    gpu: &Gpu,
+    cfg: &LlamaConfig,
+    qkv: &CudaSlice<f16>,
+    dqkv: &mut CudaSlice<f16>,
+    q_row: usize,
+    n_q: usize,
+    n_k: usize,
+    att: &CudaSlice<f16>,
+    lse: &CudaSlice<f32>,
+    datt: &CudaSlice<f16>,
+) -> Result<()> {
     let (h, kvh, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
     let nqkv = (h + 2 * kvh) * hd;
     if qkv.len() < n_k * nqkv || dqkv.len() < n_k * nqkv || q_row + n_q > n_k {
-        return Err(err(format!("attention backward: {n_q} queries from row {q_row} over {n_k} keys exceed the buffers")));
+        return Err(err(format!(
+            "attention backward: {n_q} queries from row {q_row} over {n_k} keys exceed the buffers"
+        )));
     }
-    gpu.attention_bwd_at(fused_rows(gpu, cfg, dqkv, q_row), fused_rows(gpu, cfg, qkv, q_row), att, lse, datt, n_q, n_k, h, kvh, hd, true)
+    gpu.attention_bwd_at(
+        fused_rows(gpu, cfg, dqkv, q_row),
+        fused_rows(gpu, cfg, qkv, q_row),
+        att,
+        lse,
+        datt,
+        n_q,
+        n_k,
+        h,
+        kvh,
+        hd,
+        true,
+    )
 }
 
 /// RoPE's backward on the q and k columns of a fused dqkv.
 fn rope_bwd(gpu: &Gpu, model: &GpuLlama, dqkv: &mut CudaSlice<f16>, dpos: &CudaSlice<i32>, rows: usize) -> Result<()> {
     let cfg = &model.cfg;
     let (h, kvh, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
-    let (t, nh, d, st) = (to_i32(rows, "rows")?, to_i32(h + kvh, "heads")?, to_i32(hd, "head_dim")?, to_i32((h + 2 * kvh) * hd, "stride")?);
+    let (t, nh, d, st) = (
+        to_i32(rows, "rows")?,
+        to_i32(h + kvh, "heads")?,
+        to_i32(hd, "head_dim")?,
+        to_i32((h + 2 * kvh) * hd, "stride")?,
+    );
     let mut b = gpu.stream.launch_builder(gpu.f("rope_bwd_f16")?);
     b.arg(dqkv).arg(dpos).arg(&model.cos).arg(&model.sin).arg(&t).arg(&nh).arg(&d).arg(&st);
-    unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, (h + kvh) as u32, 1), block_dim: (64, 1, 1), shared_mem_bytes: 0 }) }.map_err(derr)?;
+    unsafe {
+        b.launch(LaunchConfig {
+            grid_dim: (rows as u32, (h + kvh) as u32, 1),
+            block_dim: (64, 1, 1),
+            shared_mem_bytes: 0,
+        })
+    }
+    .map_err(derr)?;
     Ok(())
 }
 
 /// SwiGLU's backward into the fused gate/up gradient.
-fn swiglu_bwd(gpu: &Gpu, dgu: &mut CudaSlice<f16>, dout: &CudaSlice<f16>, gu: &CudaSlice<f16>, rows: usize, cols: usize) -> Result<()> {
+fn swiglu_bwd(
+    gpu: &Gpu,
+    dgu: &mut CudaSlice<f16>,
+    dout: &CudaSlice<f16>,
+    gu: &CudaSlice<f16>,
+    rows: usize,
+    cols: usize,
+) -> Result<()> {
     let (r, c) = (rows as i64, to_i32(cols, "cols")?);
     let mut b = gpu.stream.launch_builder(gpu.f("swiglu_bwd_fused_f16")?);
     b.arg(dgu).arg(dout).arg(gu).arg(&r).arg(&c);
@@ -1481,7 +2309,15 @@ pub struct TrainBenchReport {
 /// from a random features gradient, no optimizer step) with LoRA of rank `rank` on every linear layer of a
 /// random-weight tower of `vision`'s shape (`n_layers` layers) and of the projector to `text_hidden`: `reps`
 /// timed after `warmup`. What training the image path adds to a DPO pair (one image per pair).
-pub fn bench_image_path(gpu: &Gpu, vision: &crate::config::ClipVisionConfig, n_layers: usize, text_hidden: usize, rank: usize, reps: usize, warmup: usize) -> Result<Vec<f64>> {
+pub fn bench_image_path(
+    gpu: &Gpu,
+    vision: &crate::config::ClipVisionConfig,
+    n_layers: usize,
+    text_hidden: usize,
+    rank: usize,
+    reps: usize,
+    warmup: usize,
+) -> Result<Vec<f64>> {
     let v = crate::cuda_clip::GpuVision::random(gpu, vision, n_layers, text_hidden, 5)?;
     // A one-layer decoder stands in (the flat buffers start with the decoder's modules); the image path's modules
     // follow, A as peft initialises it, B non-zero so every gradient path carries values.
@@ -1504,20 +2340,43 @@ pub fn bench_image_path(gpu: &Gpu, vision: &crate::config::ClipVisionConfig, n_l
         eos_token_ids: vec![],
     };
     let mut rng = crate::rng::SplitMix64::new(3);
-    let mut uniform = |n: usize, bound: f64| -> Vec<f32> { (0..n).map(|_| ((rng.next_f64() * 2.0 - 1.0) * bound) as f32).collect() };
+    let mut uniform =
+        |n: usize, bound: f64| -> Vec<f32> { (0..n).map(|_| ((rng.next_f64() * 2.0 - 1.0) * bound) as f32).collect() };
     let image = v
         .layers
         .iter()
         .flat_map(|l| [&l.q, &l.k, &l.v, &l.o, &l.fc1, &l.fc2])
         .chain([&v.proj1, &v.proj2])
         .enumerate()
-        .map(|(i, lin)| ImageInit { name: format!("bench.{i}"), r: rank, scale: 2.0, a: uniform(rank * lin.n_in, 1.0 / (lin.n_in as f64).sqrt()), b: uniform(lin.n_out * rank, 0.01) })
+        .map(|(i, lin)| ImageInit {
+            name: format!("bench.{i}"),
+            r: rank,
+            scale: 2.0,
+            a: uniform(rank * lin.n_in, 1.0 / (lin.n_in as f64).sqrt()),
+            b: uniform(lin.n_out * rank, 0.01),
+        })
         .collect::<Vec<_>>();
     let names: Vec<String> = image.iter().map(|m| m.name.clone()).collect();
-    let mut gl = GpuLora::build_with(gpu, &dec, rank, 2.0, true, |_, _| true, |_, _, sl| Ok((vec![0.0; rank * sl.n_in], vec![0.0; sl.n_out * rank])), image, Vec::new())?;
+    let mut gl = GpuLora::build_with(
+        gpu,
+        &dec,
+        rank,
+        2.0,
+        true,
+        |_, _| true,
+        |_, _, sl| Ok((vec![0.0; rank * sl.n_in], vec![0.0; sl.n_out * rank])),
+        image,
+        Vec::new(),
+    )?;
     // The random tower's layers are unnamed: name them as the slots.
     let mut v = v;
-    for (lin, name) in v.layers.iter_mut().flat_map(|l| [&mut l.q, &mut l.k, &mut l.v, &mut l.o, &mut l.fc1, &mut l.fc2]).chain([&mut v.proj1, &mut v.proj2]).zip(&names) {
+    for (lin, name) in v
+        .layers
+        .iter_mut()
+        .flat_map(|l| [&mut l.q, &mut l.k, &mut l.v, &mut l.o, &mut l.fc1, &mut l.fc2])
+        .chain([&mut v.proj1, &mut v.proj2])
+        .zip(&names)
+    {
         lin.name = name.clone();
     }
     let s = vision.image_size;
@@ -1543,7 +2402,15 @@ pub fn bench_image_path(gpu: &Gpu, vision: &crate::config::ClipVisionConfig, n_l
 
 /// Times `reps` DPO steps (after `warmup`) and as many SFT steps of a rank-`rank` adapter on every linear layer of
 /// a random-weight decoder of `cfg`'s shape, sequences of `seq` tokens with answers of `answer` tokens.
-pub fn bench(gpu: &Gpu, cfg: &LlamaConfig, seq: usize, answer: usize, rank: usize, reps: usize, warmup: usize) -> Result<TrainBenchReport> {
+pub fn bench(
+    gpu: &Gpu,
+    cfg: &LlamaConfig,
+    seq: usize,
+    answer: usize,
+    rank: usize,
+    reps: usize,
+    warmup: usize,
+) -> Result<TrainBenchReport> {
     if answer == 0 || answer >= seq {
         return Err(err(format!("answer length {answer} must be between 1 and the sequence length {seq} - 1")));
     }
@@ -1620,7 +2487,11 @@ pub fn gpu_trainable(cfg: &LlamaConfig, adapter: &Adapter) -> Option<String> {
     if let Err(e) = inference_rank(cfg, adapter) {
         return Some(e.to_string());
     }
-    if let Some((name, _)) = adapter.modules().into_iter().find(|(n, _)| !n.starts_with("language_model.") && !crate::cuda_clip::in_image_path(n)) {
+    if let Some((name, _)) = adapter
+        .modules()
+        .into_iter()
+        .find(|(n, _)| !n.starts_with("language_model.") && !crate::cuda_clip::in_image_path(n))
+    {
         return Some(format!("the adapter has LoRA on {name} (the GPU trainer trains the decoder's projections and the image path's linear layers)"));
     }
     None
@@ -1653,7 +2524,11 @@ pub fn train_dpo_gpu(
     if pairs.len() != refs.len() {
         return Err(err(format!("{} pairs but {} reference log-prob pairs", pairs.len(), refs.len())));
     }
-    let accumulate = |gl: &mut GpuLora, feats: &mut FeatureCache, batch: &[usize], step: usize| -> Result<crate::train::trainer::StepMetrics> {
+    let accumulate = |gl: &mut GpuLora,
+                      feats: &mut FeatureCache,
+                      batch: &[usize],
+                      step: usize|
+     -> Result<crate::train::trainer::StepMetrics> {
         let weight = 1.0 / batch.len() as f64;
         let mut m = crate::train::trainer::StepMetrics::default();
         for &i in batch {
@@ -1666,8 +2541,20 @@ pub fn train_dpo_gpu(
         }
         Ok(m)
     };
-    let log = |m: crate::train::trainer::StepMetrics, batch: &[usize], d: StepDone| on_step(&m.log(d.step, d.total, d.epoch, d.lr, d.grad_norm, batch.len(), d.t0));
-    run_schedule(gpu, gmodel, adapter, opt, (pairs.len(), cfg.batch_size, cfg.epochs, cfg.seed), stop_after, model.llm.recompute_cheap, accumulate, log)
+    let log = |m: crate::train::trainer::StepMetrics, batch: &[usize], d: StepDone| {
+        on_step(&m.log(d.step, d.total, d.epoch, d.lr, d.grad_norm, batch.len(), d.t0))
+    };
+    run_schedule(
+        gpu,
+        gmodel,
+        adapter,
+        opt,
+        (pairs.len(), cfg.batch_size, cfg.epochs, cfg.seed),
+        stop_after,
+        model.llm.recompute_cheap,
+        accumulate,
+        log,
+    )
 }
 
 impl GpuLora {
@@ -1676,7 +2563,19 @@ impl GpuLora {
     /// (`vision`: the image path on the device, needed when this copy trains the image path's LoRA; `fixed`: the
     /// image's features otherwise), and LoRA dropout drawn from `seed` (None: none). Returns the loss and log-probs.
     #[allow(clippy::too_many_arguments)]
-    pub fn pair_gradients(&mut self, gpu: &Gpu, gmodel: &GpuLlama, model: &crate::llava::Model, vision: Option<&crate::cuda_clip::GpuVision>, p: &crate::train::dpo::TokenPair, fixed: Option<&[f32]>, refs: (f64, f64), cfg: &DpoConfig, weight: f64, seed: Option<u64>) -> Result<(f64, PairLogps)> {
+    pub fn pair_gradients(
+        &mut self,
+        gpu: &Gpu,
+        gmodel: &GpuLlama,
+        model: &crate::llava::Model,
+        vision: Option<&crate::cuda_clip::GpuVision>,
+        p: &crate::train::dpo::TokenPair,
+        fixed: Option<&[f32]>,
+        refs: (f64, f64),
+        cfg: &DpoConfig,
+        weight: f64,
+        seed: Option<u64>,
+    ) -> Result<(f64, PairLogps)> {
         self.check_trainable()?;
         let c = gmodel.cfg.hidden_size;
         let seed = seed.filter(|_| self.dropout > 0.0);
@@ -1693,7 +2592,16 @@ impl GpuLora {
             image_row = image_start(model, p.prompt_ids, &rp);
             let (xc, _) = model.embed_inputs(p.chosen_ids, None)?;
             let (xr, _) = model.embed_inputs(p.rejected_ids, None)?;
-            self.dpo_pair_shared(gpu, gmodel, Input::Embeds(&xp), (Input::Embeds(&xc), p.chosen_ids), (Input::Embeds(&xr), p.rejected_ids), refs, cfg, weight)?
+            self.dpo_pair_shared(
+                gpu,
+                gmodel,
+                Input::Embeds(&xp),
+                (Input::Embeds(&xc), p.chosen_ids),
+                (Input::Embeds(&xr), p.rejected_ids),
+                refs,
+                cfg,
+                weight,
+            )?
         } else {
             let mut rows = |answer: &[u32]| -> Result<(Vec<f32>, usize)> {
                 let (x, r) = model.embed_inputs(&[p.prompt_ids, answer].concat(), f)?;
@@ -1703,7 +2611,16 @@ impl GpuLora {
             };
             let (xc, sc) = rows(p.chosen_ids)?;
             let (xr, sr) = rows(p.rejected_ids)?;
-            self.dpo_pair(gpu, gmodel, (Input::Embeds(&xc), p.chosen_ids, sc), (Input::Embeds(&xr), p.rejected_ids, sr), refs, cfg, weight, drops)?
+            self.dpo_pair(
+                gpu,
+                gmodel,
+                (Input::Embeds(&xc), p.chosen_ids, sc),
+                (Input::Embeds(&xr), p.rejected_ids, sr),
+                refs,
+                cfg,
+                weight,
+                drops,
+            )?
         };
         if let (Some(tape), Some(v)) = (&img.tape, vision) {
             let at = image_row.ok_or_else(|| err("an image was given but the prompt holds no image token"))?;
@@ -1714,10 +2631,19 @@ impl GpuLora {
 
     /// An example's image (`px`): under this copy's image-path LoRA when it trains one (computed on the device
     /// with `drop`'s masks, the tape kept), else the `fixed` features.
-    fn example_image<'f>(&self, gpu: &Gpu, vision: Option<&crate::cuda_clip::GpuVision>, px: Option<&crate::image::PixelValues>, fixed: Option<&'f [f32]>, drop: Option<u64>) -> Result<ExampleImage<'f>> {
+    fn example_image<'f>(
+        &self,
+        gpu: &Gpu,
+        vision: Option<&crate::cuda_clip::GpuVision>,
+        px: Option<&crate::image::PixelValues>,
+        fixed: Option<&'f [f32]>,
+        drop: Option<u64>,
+    ) -> Result<ExampleImage<'f>> {
         match (px, self.trains_image_path()) {
             (Some(px), true) => {
-                let v = vision.ok_or_else(|| err("the adapter trains the image path, but the model's image path is not on the GPU"))?;
+                let v = vision.ok_or_else(|| {
+                    err("the adapter trains the image path, but the model's image path is not on the GPU")
+                })?;
                 let tape = self.image_forward(gpu, v, &px.data, drop)?;
                 let host = gpu.download_f16(&tape.features)?;
                 Ok(ExampleImage { features: Some(std::borrow::Cow::Owned(host)), tape: Some(tape) })
@@ -1731,7 +2657,11 @@ impl GpuLora {
     /// `multi_modal_projector.linear_1.weight`) this copy trains in full.
     pub fn image_param_grad(&self, gpu: &Gpu, name: &str) -> Result<Vec<f32>> {
         self.check_trainable()?;
-        let pp = self.image_params.iter().find(|p| p.name == name).ok_or_else(|| err(format!("no image-path parameter {name} trained in full")))?;
+        let pp = self
+            .image_params
+            .iter()
+            .find(|p| p.name == name)
+            .ok_or_else(|| err(format!("no image-path parameter {name} trained in full")))?;
         let all = gpu.stream.clone_dtoh(&self.g32).map_err(derr)?;
         Ok(all[pp.at..pp.at + pp.len].to_vec())
     }
@@ -1817,7 +2747,11 @@ fn run_schedule<R>(
 struct FeatureCache(std::collections::HashMap<*const crate::image::PixelValues, Vec<f32>>);
 
 impl FeatureCache {
-    fn get(&mut self, px: Option<&crate::image::PixelValues>, features: &mut dyn FnMut(&crate::image::PixelValues) -> Result<Vec<f32>>) -> Result<Option<&[f32]>> {
+    fn get(
+        &mut self,
+        px: Option<&crate::image::PixelValues>,
+        features: &mut dyn FnMut(&crate::image::PixelValues) -> Result<Vec<f32>>,
+    ) -> Result<Option<&[f32]>> {
         let Some(px) = px else { return Ok(None) };
         let f = match self.0.entry(px as *const crate::image::PixelValues) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
@@ -1835,7 +2769,13 @@ impl GpuLora {
         let lr = opt.cfg.lr_at(opt.step);
         opt.step += 1;
         let o = &opt.cfg;
-        let hyper = AdamW { lr: lr as f32, beta1: o.beta1 as f32, beta2: o.beta2 as f32, eps: o.eps as f32, weight_decay: o.weight_decay as f32 };
+        let hyper = AdamW {
+            lr: lr as f32,
+            beta1: o.beta1 as f32,
+            beta2: o.beta2 as f32,
+            eps: o.eps as f32,
+            weight_decay: o.weight_decay as f32,
+        };
         let norm = self.optimizer_step(gpu, &hyper, o.max_grad_norm)?;
         Ok((lr, norm.unwrap_or(f64::NAN)))
     }
@@ -1861,37 +2801,46 @@ pub fn train_sft_gpu(
     on_step: &mut dyn FnMut(&crate::train::sft::SftStepLog),
 ) -> Result<u64> {
     let c = gmodel.cfg.hidden_size;
-    let accumulate = |gl: &mut GpuLora, feats: &mut FeatureCache, batch: &[usize], step: usize| -> Result<(f64, usize)> {
-        let tokens: usize = batch.iter().map(|&i| examples[i].answer_ids.len()).sum();
-        // The loss is the mean over the batch's answer tokens.
-        let weight = 1.0 / tokens.max(1) as f64;
-        let mut nll = 0.0;
-        for &i in batch {
-            let ex = &examples[i];
-            if ex.answer_ids.is_empty() {
-                return Err(err("an SFT example needs a non-empty answer"));
+    let accumulate =
+        |gl: &mut GpuLora, feats: &mut FeatureCache, batch: &[usize], step: usize| -> Result<(f64, usize)> {
+            let tokens: usize = batch.iter().map(|&i| examples[i].answer_ids.len()).sum();
+            // The loss is the mean over the batch's answer tokens.
+            let weight = 1.0 / tokens.max(1) as f64;
+            let mut nll = 0.0;
+            for &i in batch {
+                let ex = &examples[i];
+                if ex.answer_ids.is_empty() {
+                    return Err(err("an SFT example needs a non-empty answer"));
+                }
+                // Dropout masks as the CPU trainer draws them (train::sft::train_sft, sft_forward_backward).
+                let seed = (gl.dropout > 0.0).then(|| crate::train::trainer::dropout_seed(cfg.seed, step, i));
+                let fixed = if gl.trains_image_path() { None } else { feats.get(ex.pixels, features)? };
+                let img = gl.example_image(gpu, vision, ex.pixels, fixed, crate::train::dpo::part_seed(seed, 0))?;
+                let f = img.features.as_deref();
+                let (x, row_of) = model.embed_inputs(&[ex.prompt_ids, ex.answer_ids].concat(), f)?;
+                let rows = x.len() / c;
+                let t = gl.forward_seq(
+                    gpu,
+                    gmodel,
+                    Input::Embeds(&x),
+                    ex.answer_ids,
+                    rows.saturating_sub(ex.answer_ids.len()),
+                    crate::train::dpo::part_seed(seed, 1),
+                )?;
+                if !t.logp_sum.is_finite() {
+                    return Err(err(format!("the loss is {}", -t.logp_sum)));
+                }
+                nll -= t.logp_sum;
+                let dx = gl.backward(gpu, gmodel, &t, (-weight * gl.scaler.scale as f64) as f32)?;
+                drop(t);
+                if let (Some(tape), Some(v)) = (&img.tape, vision) {
+                    let at = image_start(model, ex.prompt_ids, &row_of)
+                        .ok_or_else(|| err("an image was given but the prompt holds no image token"))?;
+                    gl.image_backward_from_rows(gpu, v, tape, std::slice::from_ref(&dx), at, c)?;
+                }
             }
-            // Dropout masks as the CPU trainer draws them (train::sft::train_sft, sft_forward_backward).
-            let seed = (gl.dropout > 0.0).then(|| crate::train::trainer::dropout_seed(cfg.seed, step, i));
-            let fixed = if gl.trains_image_path() { None } else { feats.get(ex.pixels, features)? };
-            let img = gl.example_image(gpu, vision, ex.pixels, fixed, crate::train::dpo::part_seed(seed, 0))?;
-            let f = img.features.as_deref();
-            let (x, row_of) = model.embed_inputs(&[ex.prompt_ids, ex.answer_ids].concat(), f)?;
-            let rows = x.len() / c;
-            let t = gl.forward_seq(gpu, gmodel, Input::Embeds(&x), ex.answer_ids, rows.saturating_sub(ex.answer_ids.len()), crate::train::dpo::part_seed(seed, 1))?;
-            if !t.logp_sum.is_finite() {
-                return Err(err(format!("the loss is {}", -t.logp_sum)));
-            }
-            nll -= t.logp_sum;
-            let dx = gl.backward(gpu, gmodel, &t, (-weight * gl.scaler.scale as f64) as f32)?;
-            drop(t);
-            if let (Some(tape), Some(v)) = (&img.tape, vision) {
-                let at = image_start(model, ex.prompt_ids, &row_of).ok_or_else(|| err("an image was given but the prompt holds no image token"))?;
-                gl.image_backward_from_rows(gpu, v, tape, std::slice::from_ref(&dx), at, c)?;
-            }
-        }
-        Ok((nll * weight, tokens))
-    };
+            Ok((nll * weight, tokens))
+        };
     let log = |(loss, tokens): (f64, usize), _: &[usize], d: StepDone| {
         on_step(&crate::train::sft::SftStepLog {
             step: d.step,
@@ -1904,5 +2853,15 @@ pub fn train_sft_gpu(
             tokens_per_s: tokens as f64 / d.t0.elapsed().as_secs_f64(),
         })
     };
-    run_schedule(gpu, gmodel, adapter, opt, (examples.len(), cfg.batch_size, cfg.epochs, cfg.seed), stop_after, model.llm.recompute_cheap, accumulate, log)
+    run_schedule(
+        gpu,
+        gmodel,
+        adapter,
+        opt,
+        (examples.len(), cfg.batch_size, cfg.epochs, cfg.seed),
+        stop_after,
+        model.llm.recompute_cheap,
+        accumulate,
+        log,
+    )
 }

@@ -7,7 +7,11 @@ pub type Result<T, E = EngineError> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     #[error("cannot read {path}: {source}")]
-    Io { path: PathBuf, #[source] source: std::io::Error },
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 
     /// Writing (or creating, renaming, removing) a file failed: a full disk, a read-only or blocked path. The OS
     /// error is part of the message (and not repeated as a source).
@@ -15,7 +19,11 @@ pub enum EngineError {
     Write { path: PathBuf, err: std::io::Error },
 
     #[error("{path}: invalid JSON: {source}")]
-    Json { path: PathBuf, #[source] source: serde_json::Error },
+    Json {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
 
     #[error("{path}: {msg}")]
     Config { path: PathBuf, msg: String },

@@ -12,7 +12,11 @@ use std::sync::OnceLock;
 
 fn armed() -> &'static [String] {
     static ARMED: OnceLock<Vec<String>> = OnceLock::new();
-    ARMED.get_or_init(|| std::env::var("RLAIFD_FAILPOINTS").map(|v| v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()).unwrap_or_default())
+    ARMED.get_or_init(|| {
+        std::env::var("RLAIFD_FAILPOINTS")
+            .map(|v| v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect())
+            .unwrap_or_default()
+    })
 }
 
 /// Aborts the process when `name` is armed.

@@ -5,8 +5,8 @@
 use crate::adapter::Adapter;
 use crate::error::{EngineError, Result};
 use crate::image::PixelValues;
-use crate::llama::KvCache;
 use crate::limits::RequestShape;
+use crate::llama::KvCache;
 use crate::llava::Model;
 use crate::rng::SplitMix64;
 use crate::sampling::{sample, SamplingParams};
@@ -61,12 +61,21 @@ pub fn generate(model: &Model, req: &GenerateRequest, adapter: Option<&Adapter>)
 /// `generate`, also reporting timings. Runs on the model's backend (`Model::set_backend`; the CPU by default).
 /// A prompt at or past the model's context, or a request over the model's memory budget, is refused before any
 /// work (`crate::limits`); answers that would run past the context end there (`FinishReason::Length`).
-pub fn generate_with_stats(model: &Model, req: &GenerateRequest, adapter: Option<&Adapter>) -> Result<(Vec<Answer>, GenerateStats)> {
-    let shape = RequestShape { prompt_positions: model.prompt_positions(req.ids), answers: req.seeds.len(), max_new_tokens: req.params.max_new_tokens };
+pub fn generate_with_stats(
+    model: &Model,
+    req: &GenerateRequest,
+    adapter: Option<&Adapter>,
+) -> Result<(Vec<Answer>, GenerateStats)> {
+    let shape = RequestShape {
+        prompt_positions: model.prompt_positions(req.ids),
+        answers: req.seeds.len(),
+        max_new_tokens: req.params.max_new_tokens,
+    };
     let max_new = model.check_request(shape, model.request_budget())?;
     let clamped;
     let req = if max_new < req.params.max_new_tokens {
-        clamped = GenerateRequest { params: SamplingParams { max_new_tokens: max_new, ..req.params.clone() }, ..req.clone() };
+        clamped =
+            GenerateRequest { params: SamplingParams { max_new_tokens: max_new, ..req.params.clone() }, ..req.clone() };
         &clamped
     } else {
         req
@@ -78,7 +87,11 @@ pub fn generate_with_stats(model: &Model, req: &GenerateRequest, adapter: Option
 }
 
 /// `generate_with_stats` on the CPU backend.
-pub fn generate_cpu(model: &Model, req: &GenerateRequest, adapter: Option<&Adapter>) -> Result<(Vec<Answer>, GenerateStats)> {
+pub fn generate_cpu(
+    model: &Model,
+    req: &GenerateRequest,
+    adapter: Option<&Adapter>,
+) -> Result<(Vec<Answer>, GenerateStats)> {
     let mut stats = GenerateStats::default();
     let t0 = std::time::Instant::now();
     req.params.validate().map_err(EngineError::Input)?;
@@ -99,7 +112,8 @@ pub fn generate_cpu(model: &Model, req: &GenerateRequest, adapter: Option<&Adapt
     let v = cfg.vocab_size;
     let c = cfg.hidden_size;
     let mut rngs: Vec<SplitMix64> = req.seeds.iter().map(|&s| SplitMix64::new(s)).collect();
-    let mut answers: Vec<Answer> = req.seeds.iter().map(|&seed| Answer { seed, tokens: Vec::new(), finish: FinishReason::Length }).collect();
+    let mut answers: Vec<Answer> =
+        req.seeds.iter().map(|&seed| Answer { seed, tokens: Vec::new(), finish: FinishReason::Length }).collect();
     let mut suffixes: Vec<KvCache> = (0..n).map(|_| KvCache::new(cfg.num_hidden_layers)).collect();
     let mut active: Vec<usize> = (0..n).collect();
     let mut seen: Vec<Vec<u32>> = vec![req.ids.to_vec(); n];
@@ -148,7 +162,8 @@ pub fn generate_cpu(model: &Model, req: &GenerateRequest, adapter: Option<&Adapt
             // `active` is ascending, so filtering in index order lines the caches up with the rows of x.
             let mut is_active = vec![false; n];
             active.iter().for_each(|&i| is_active[i] = true);
-            let mut refs: Vec<&mut KvCache> = suffixes.iter_mut().zip(&is_active).filter(|(_, &a)| a).map(|(s, _)| s).collect();
+            let mut refs: Vec<&mut KvCache> =
+                suffixes.iter_mut().zip(&is_active).filter(|(_, &a)| a).map(|(s, _)| s).collect();
             model.llm.forward_shared_prefix(&mut x, &prefix, &mut refs, adapter);
         }
         let mut logits = model.llm.logits(&x, active.len(), adapter); // (A, V)

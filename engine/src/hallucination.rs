@@ -5,11 +5,7 @@ use crate::shapes::{COLORS, SHAPES};
 use std::collections::BTreeSet;
 
 fn words(text: &str) -> Vec<String> {
-    text.to_lowercase()
-        .split(|c: char| !c.is_alphanumeric())
-        .filter(|w| !w.is_empty())
-        .map(str::to_string)
-        .collect()
+    text.to_lowercase().split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).map(str::to_string).collect()
 }
 
 fn color_of(w: &str) -> Option<&'static str> {
@@ -59,7 +55,8 @@ pub struct CaptionMetrics {
 
 /// CHAIR_s, CHAIR_i, Cover and length over (answer, ground-truth objects) pairs.
 pub fn caption_metrics<'a>(items: impl IntoIterator<Item = (&'a str, &'a [String])>) -> CaptionMetrics {
-    let (mut answers, mut bad_answers, mut mentioned, mut hallucinated, mut gt, mut covered, mut len) = (0, 0, 0, 0, 0, 0, 0);
+    let (mut answers, mut bad_answers, mut mentioned, mut hallucinated, mut gt, mut covered, mut len) =
+        (0, 0, 0, 0, 0, 0, 0);
     for (text, truth) in items {
         let m = mentions(text);
         let h = m.iter().filter(|o| !truth.contains(o)).count();

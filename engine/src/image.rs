@@ -66,10 +66,7 @@ pub const PIL_HAMMING: u32 = 5;
 pub enum ImageError {
     /// The image file could not be read from disk.
     #[error("cannot read image file {path}: {cause}; check that the path exists and is readable")]
-    Read {
-        path: PathBuf,
-        cause: std::io::Error,
-    },
+    Read { path: PathBuf, cause: std::io::Error },
 
     /// The bytes are not a PNG or JPEG (or a format this build cannot decode).
     #[error("image {what} is not a supported image: {detail}; only PNG and JPEG are supported, convert the image to one of those")]
@@ -77,32 +74,19 @@ pub enum ImageError {
 
     /// The decoder rejected the data (corrupt, truncated, or an unsupported variant of the format).
     #[error("image {what} could not be decoded ({format}): {detail}; the file is probably corrupt or truncated, re-export or re-download it")]
-    Decode {
-        what: String,
-        format: String,
-        detail: String,
-    },
+    Decode { what: String, format: String, detail: String },
 
     /// The image (or an intermediate image of the pipeline) is larger than the safety limits.
     #[error("image {what} is too large: {detail}; downscale it before sending (limits: at most {max_side} pixels per side and {max_pixels} pixels in total)", max_side = MAX_IMAGE_SIDE, max_pixels = MAX_IMAGE_PIXELS)]
     TooLarge { what: String, detail: String },
 
     /// The image has zero width or height.
-    #[error(
-        "image {what} is empty ({width}x{height} pixels); send an image with at least one pixel"
-    )]
-    Empty {
-        what: String,
-        width: u64,
-        height: u64,
-    },
+    #[error("image {what} is empty ({width}x{height} pixels); send an image with at least one pixel")]
+    Empty { what: String, width: u64, height: u64 },
 
     /// The preprocessor config file could not be read.
     #[error("cannot read image preprocessor config {path}: {cause}; check that the model directory contains preprocessor_config.json")]
-    ConfigRead {
-        path: PathBuf,
-        cause: std::io::Error,
-    },
+    ConfigRead { path: PathBuf, cause: std::io::Error },
 
     /// The preprocessor config is not valid JSON or has invalid / unsupported values.
     #[error("invalid image preprocessor config {what}: {detail}")]
@@ -182,27 +166,19 @@ impl Default for ImageProcessorConfig {
 impl ImageProcessorConfig {
     /// Reads and validates a `preprocessor_config.json`. Errors name the file.
     pub fn from_file(path: &Path) -> Result<Self, ImageError> {
-        let text = std::fs::read_to_string(path).map_err(|cause| ImageError::ConfigRead {
-            path: path.to_path_buf(),
-            cause,
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|cause| ImageError::ConfigRead { path: path.to_path_buf(), cause })?;
         Self::from_json_str(&text, &path.display().to_string())
     }
 
     /// Parses and validates a preprocessor config from JSON text; `what` names the source in
     /// errors.
     pub fn from_json_str(json: &str, what: &str) -> Result<Self, ImageError> {
-        let cfg: ImageProcessorConfig =
-            serde_json::from_str(json).map_err(|e| ImageError::Config {
-                what: what.to_string(),
-                detail: format!(
-                    "{e}; expected a HuggingFace CLIPImageProcessor preprocessor_config.json object"
-                ),
-            })?;
-        cfg.validate().map_err(|detail| ImageError::Config {
+        let cfg: ImageProcessorConfig = serde_json::from_str(json).map_err(|e| ImageError::Config {
             what: what.to_string(),
-            detail,
+            detail: format!("{e}; expected a HuggingFace CLIPImageProcessor preprocessor_config.json object"),
         })?;
+        cfg.validate().map_err(|detail| ImageError::Config { what: what.to_string(), detail })?;
         Ok(cfg)
     }
 
@@ -231,9 +207,7 @@ impl ImageProcessorConfig {
         }
         match (self.do_resize, self.size) {
             (true, ResizeSize::Exact { height, width }) => Some((height as usize, width as usize)),
-            (true, ResizeSize::ShortestEdge(n)) if self.pad_to_square => {
-                Some((n as usize, n as usize))
-            }
+            (true, ResizeSize::ShortestEdge(n)) if self.pad_to_square => Some((n as usize, n as usize)),
             _ => None,
         }
     }
@@ -243,13 +217,9 @@ impl ImageProcessorConfig {
         if self.do_resize {
             resample_filter(self.resample)?;
             match self.size {
-                ResizeSize::ShortestEdge(0) => {
-                    return Err("size.shortest_edge must be at least 1".into())
-                }
+                ResizeSize::ShortestEdge(0) => return Err("size.shortest_edge must be at least 1".into()),
                 ResizeSize::Exact { height, width } if height == 0 || width == 0 => {
-                    return Err(format!(
-                        "size {{\"height\": {height}, \"width\": {width}}} must be at least 1x1"
-                    ))
+                    return Err(format!("size {{\"height\": {height}, \"width\": {width}}} must be at least 1x1"))
                 }
                 _ => {}
             }
@@ -260,33 +230,23 @@ impl ImageProcessorConfig {
                 self.crop_height, self.crop_width
             ));
         }
-        if self.do_center_crop
-            && (self.crop_height as u64) * (self.crop_width as u64) > MAX_IMAGE_PIXELS
-        {
+        if self.do_center_crop && (self.crop_height as u64) * (self.crop_width as u64) > MAX_IMAGE_PIXELS {
             return Err(format!(
                 "crop_size {}x{} is larger than the {MAX_IMAGE_PIXELS}-pixel limit",
                 self.crop_height, self.crop_width
             ));
         }
         if self.do_rescale && !self.rescale_factor.is_finite() {
-            return Err(format!(
-                "rescale_factor {} is not a finite number",
-                self.rescale_factor
-            ));
+            return Err(format!("rescale_factor {} is not a finite number", self.rescale_factor));
         }
         if self.do_normalize {
             for c in 0..3 {
                 if !self.image_mean[c].is_finite() {
-                    return Err(format!(
-                        "image_mean[{c}] = {} is not finite",
-                        self.image_mean[c]
-                    ));
+                    return Err(format!("image_mean[{c}] = {} is not finite", self.image_mean[c]));
                 }
                 let s = self.image_std[c];
                 if !s.is_finite() || s == 0.0 {
-                    return Err(format!(
-                        "image_std[{c}] = {s} must be a finite, non-zero number"
-                    ));
+                    return Err(format!("image_std[{c}] = {s} must be a finite, non-zero number"));
                 }
             }
         }
@@ -306,8 +266,7 @@ impl ImageProcessorConfig {
     /// Background colour LLaVA's `expand2square` uses: `tuple(int(m * 255) for m in image_mean)`.
     pub fn pad_color(&self) -> [u8; 3] {
         // Python's int() truncates toward zero; PIL then clamps the fill colour to 0..=255.
-        self.image_mean
-            .map(|m| (m * 255.0).trunc().clamp(0.0, 255.0) as u8)
+        self.image_mean.map(|m| (m * 255.0).trunc().clamp(0.0, 255.0) as u8)
     }
 }
 
@@ -379,15 +338,11 @@ fn parse_size(v: &Value) -> Result<ResizeSize, ConfigShapeError> {
                     "size.longest_edge ({le}) is not supported by rlaifd; remove it or use {{\"height\", \"width\"}}"
                 )));
             }
-            Ok(ResizeSize::ShortestEdge(value_u32(
-                se,
-                "size.shortest_edge",
-            )?))
+            Ok(ResizeSize::ShortestEdge(value_u32(se, "size.shortest_edge")?))
         }
-        (None, Some(h), Some(w)) => Ok(ResizeSize::Exact {
-            height: value_u32(h, "size.height")?,
-            width: value_u32(w, "size.width")?,
-        }),
+        (None, Some(h), Some(w)) => {
+            Ok(ResizeSize::Exact { height: value_u32(h, "size.height")?, width: value_u32(w, "size.width")? })
+        }
         _ => Err(ConfigShapeError(format!(
             "size must be {{\"shortest_edge\": N}} or {{\"height\": H, \"width\": W}}, got {v}"
         ))),
@@ -402,13 +357,10 @@ fn parse_crop(v: &Value) -> Result<(u32, u32), ConfigShapeError> {
     }
     let obj = v.as_object();
     match obj.and_then(|o| o.get("height").zip(o.get("width"))) {
-        Some((h, w)) => Ok((
-            value_u32(h, "crop_size.height")?,
-            value_u32(w, "crop_size.width")?,
-        )),
-        None => Err(ConfigShapeError(format!(
-            "crop_size must be an integer or {{\"height\": H, \"width\": W}}, got {v}"
-        ))),
+        Some((h, w)) => Ok((value_u32(h, "crop_size.height")?, value_u32(w, "crop_size.width")?)),
+        None => {
+            Err(ConfigShapeError(format!("crop_size must be an integer or {{\"height\": H, \"width\": W}}, got {v}")))
+        }
     }
 }
 
@@ -416,17 +368,9 @@ fn parse_triplet(v: &Value, what: &str) -> Result<[f64; 3], ConfigShapeError> {
     if let Some(x) = v.as_f64() {
         return Ok([x; 3]);
     }
-    let bad = || {
-        ConfigShapeError(format!(
-            "{what} must be a number or a list of 3 numbers, got {v}"
-        ))
-    };
+    let bad = || ConfigShapeError(format!("{what} must be a number or a list of 3 numbers, got {v}"));
     let arr = v.as_array().ok_or_else(bad)?;
-    let nums: Vec<f64> = arr
-        .iter()
-        .map(|x| x.as_f64())
-        .collect::<Option<_>>()
-        .ok_or_else(bad)?;
+    let nums: Vec<f64> = arr.iter().map(|x| x.as_f64()).collect::<Option<_>>().ok_or_else(bad)?;
     match nums.as_slice() {
         [x] => Ok([*x; 3]),
         [a, b, c] => Ok([*a, *b, *c]),
@@ -503,10 +447,7 @@ impl TryFrom<RawConfig> for ImageProcessorConfig {
 /// `Image.open(path).convert("RGB")`. Errors name the file.
 pub fn load_rgb8(path: &Path) -> Result<RgbImage, ImageError> {
     let what = path.display().to_string();
-    let meta = std::fs::metadata(path).map_err(|cause| ImageError::Read {
-        path: path.to_path_buf(),
-        cause,
-    })?;
+    let meta = std::fs::metadata(path).map_err(|cause| ImageError::Read { path: path.to_path_buf(), cause })?;
     if meta.len() > MAX_ENCODED_BYTES {
         return Err(ImageError::TooLarge {
             what,
@@ -516,10 +457,7 @@ pub fn load_rgb8(path: &Path) -> Result<RgbImage, ImageError> {
             ),
         });
     }
-    let bytes = std::fs::read(path).map_err(|cause| ImageError::Read {
-        path: path.to_path_buf(),
-        cause,
-    })?;
+    let bytes = std::fs::read(path).map_err(|cause| ImageError::Read { path: path.to_path_buf(), cause })?;
     decode_rgb8(&bytes, &what)
 }
 
@@ -539,7 +477,9 @@ pub fn decode_rgb8_within(bytes: &[u8], what: &str, max_side: u32) -> Result<Rgb
 /// The width and height a PNG or JPEG header declares, without decoding any pixel.
 pub fn header_dimensions(bytes: &[u8], what: &str) -> Result<(u32, u32), ImageError> {
     let format = sniff_format(bytes, what)?;
-    image::ImageReader::with_format(Cursor::new(bytes), format).into_dimensions().map_err(|e| classify_decode_error(e, what, format_name(format)))
+    image::ImageReader::with_format(Cursor::new(bytes), format)
+        .into_dimensions()
+        .map_err(|e| classify_decode_error(e, what, format_name(format)))
 }
 
 fn format_name(format: ImageFormat) -> &'static str {
@@ -553,15 +493,23 @@ fn format_name(format: ImageFormat) -> &'static str {
 /// PNG or JPEG by signature; errors name what the data looks like, never its bytes (they may be a secret file's).
 fn sniff_format(bytes: &[u8], what: &str) -> Result<ImageFormat, ImageError> {
     if bytes.is_empty() {
-        return Err(ImageError::UnsupportedFormat { what: what.to_string(), detail: "the data is empty (0 bytes)".into() });
+        return Err(ImageError::UnsupportedFormat {
+            what: what.to_string(),
+            detail: "the data is empty (0 bytes)".into(),
+        });
     }
     match image::guess_format(bytes) {
         Ok(f @ (ImageFormat::Png | ImageFormat::Jpeg)) => Ok(f),
-        Ok(other) => Err(ImageError::UnsupportedFormat { what: what.to_string(), detail: format!("it looks like {other:?}") }),
+        Ok(other) => {
+            Err(ImageError::UnsupportedFormat { what: what.to_string(), detail: format!("it looks like {other:?}") })
+        }
         Err(_) => {
             let text = bytes.iter().take(64).all(|b| b.is_ascii_graphic() || b.is_ascii_whitespace());
             let looks = if text { "it looks like text" } else { "it is not an image format this build knows" };
-            Err(ImageError::UnsupportedFormat { what: what.to_string(), detail: format!("the data does not start with a PNG or JPEG signature ({looks})") })
+            Err(ImageError::UnsupportedFormat {
+                what: what.to_string(),
+                detail: format!("the data does not start with a PNG or JPEG signature ({looks})"),
+            })
         }
     }
 }
@@ -570,10 +518,7 @@ fn decode_dynamic(bytes: &[u8], what: &str, max_side: u32) -> Result<DynamicImag
     if bytes.len() as u64 > MAX_ENCODED_BYTES {
         return Err(ImageError::TooLarge {
             what: what.to_string(),
-            detail: format!(
-                "the encoded data is {} bytes, more than the {MAX_ENCODED_BYTES}-byte limit",
-                bytes.len()
-            ),
+            detail: format!("the encoded data is {} bytes, more than the {MAX_ENCODED_BYTES}-byte limit", bytes.len()),
         });
     }
     let format = sniff_format(bytes, what)?;
@@ -593,24 +538,20 @@ fn decode_dynamic(bytes: &[u8], what: &str, max_side: u32) -> Result<DynamicImag
     let (w, h) = decoder.dimensions();
     check_dims(w as u64, h as u64, what)?;
     if w > max_side || h > max_side {
-        return Err(ImageError::TooLarge { what: what.to_string(), detail: format!("it is {w}x{h} pixels, more than {max_side} per side") });
+        return Err(ImageError::TooLarge {
+            what: what.to_string(),
+            detail: format!("it is {w}x{h} pixels, more than {max_side} per side"),
+        });
     }
     DynamicImage::from_decoder(decoder).map_err(map_err)
 }
 
 fn check_dims(w: u64, h: u64, what: &str) -> Result<(), ImageError> {
     if w == 0 || h == 0 {
-        return Err(ImageError::Empty {
-            what: what.to_string(),
-            width: w,
-            height: h,
-        });
+        return Err(ImageError::Empty { what: what.to_string(), width: w, height: h });
     }
     if w > MAX_IMAGE_SIDE as u64 || h > MAX_IMAGE_SIDE as u64 || w * h > MAX_IMAGE_PIXELS {
-        return Err(ImageError::TooLarge {
-            what: what.to_string(),
-            detail: format!("it is {w}x{h} pixels"),
-        });
+        return Err(ImageError::TooLarge { what: what.to_string(), detail: format!("it is {w}x{h} pixels") });
     }
     Ok(())
 }
@@ -625,13 +566,11 @@ fn classify_decode_error(e: image::ImageError, what: &str, fmt_name: &str) -> Im
             what: what.to_string(),
             detail: format!("{fmt_name} variant not supported: {u}"),
         },
-        image::ImageError::IoError(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
-            ImageError::Decode {
-                what: what.to_string(),
-                format: fmt_name.to_string(),
-                detail: format!("the data ends early (truncated): {io}"),
-            }
-        }
+        image::ImageError::IoError(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => ImageError::Decode {
+            what: what.to_string(),
+            format: fmt_name.to_string(),
+            detail: format!("the data ends early (truncated): {io}"),
+        },
         other => ImageError::Decode {
             what: what.to_string(),
             format: fmt_name.to_string(),
@@ -822,14 +761,7 @@ fn clip8(acc: i32) -> u8 {
 }
 
 /// Horizontal pass over rows `row0 .. row0 + rows` of an interleaved 3-channel image.
-fn resample_horizontal(
-    src: &[u8],
-    src_w: usize,
-    row0: usize,
-    rows: usize,
-    out_w: usize,
-    c: &Coeffs,
-) -> Vec<u8> {
+fn resample_horizontal(src: &[u8], src_w: usize, row0: usize, rows: usize, out_w: usize, c: &Coeffs) -> Vec<u8> {
     let mut out = vec![0u8; out_w * rows * 3];
     for yy in 0..rows {
         let in_row = &src[(yy + row0) * src_w * 3..(yy + row0 + 1) * src_w * 3];
@@ -918,13 +850,7 @@ pub enum ResampleFilter {
 /// Pillow `Image.resize((width, height), filter, reducing_gap=None)` for an 8-bit RGB image,
 /// with an explicit pass order (see [`PassOrder`]). A zero target size or an empty input gives a
 /// black image of the requested size instead of panicking.
-pub fn resize_pil_with(
-    img: &RgbImage,
-    width: u32,
-    height: u32,
-    filter: ResampleFilter,
-    order: PassOrder,
-) -> RgbImage {
+pub fn resize_pil_with(img: &RgbImage, width: u32, height: u32, filter: ResampleFilter, order: PassOrder) -> RgbImage {
     let filter = match filter {
         ResampleFilter::Bilinear => Filter::Bilinear,
         ResampleFilter::Bicubic => Filter::Bicubic,
@@ -932,13 +858,7 @@ pub fn resize_pil_with(
     resize_pil(img, width, height, filter, order)
 }
 
-fn resize_pil(
-    img: &RgbImage,
-    width: u32,
-    height: u32,
-    filter: Filter,
-    order: PassOrder,
-) -> RgbImage {
+fn resize_pil(img: &RgbImage, width: u32, height: u32, filter: Filter, order: PassOrder) -> RgbImage {
     let (in_w, in_h) = (img.width() as usize, img.height() as usize);
     let (out_w, out_h) = (width as usize, height as usize);
     if out_w == 0 || out_h == 0 || in_w == 0 || in_h == 0 {
@@ -960,8 +880,7 @@ fn resize_pil(
             // does; it does not change any value).
             let row_first = vert.bounds[0].0;
             let row_last = vert.bounds[out_h - 1].0 + vert.bounds[out_h - 1].1;
-            let tmp =
-                resample_horizontal(src, in_w, row_first, row_last - row_first, out_w, &horiz);
+            let tmp = resample_horizontal(src, in_w, row_first, row_last - row_first, out_w, &horiz);
             resample_vertical(&tmp, out_w, out_h, &vert, row_first)
         } else {
             let tmp = resample_vertical(src, in_w, out_h, &vert, 0);
@@ -1048,10 +967,8 @@ pub fn resize_output_size(size: ResizeSize, h: u32, w: u32) -> (u64, u64) {
 /// intermediate image would exceed [`MAX_IMAGE_PIXELS`].
 pub fn preprocess(img: &RgbImage, cfg: &ImageProcessorConfig) -> Result<PixelValues, ImageError> {
     let what = format!("input image {}x{}", img.width(), img.height());
-    cfg.validate().map_err(|detail| ImageError::Config {
-        what: format!("(settings used to preprocess the {what})"),
-        detail,
-    })?;
+    cfg.validate()
+        .map_err(|detail| ImageError::Config { what: format!("(settings used to preprocess the {what})"), detail })?;
     check_dims(img.width() as u64, img.height() as u64, &what)?;
 
     let mut owned: Option<RgbImage> = None;
@@ -1069,12 +986,7 @@ pub fn preprocess(img: &RgbImage, cfg: &ImageProcessorConfig) -> Result<PixelVal
     if cfg.do_resize {
         let cur = owned.as_ref().unwrap_or(img);
         let (th, tw) = resize_output_size(cfg.size, cur.height(), cur.width());
-        if th == 0
-            || tw == 0
-            || th * tw > MAX_IMAGE_PIXELS
-            || th > u32::MAX as u64
-            || tw > u32::MAX as u64
-        {
+        if th == 0 || tw == 0 || th * tw > MAX_IMAGE_PIXELS || th > u32::MAX as u64 || tw > u32::MAX as u64 {
             return Err(ImageError::TooLarge {
                 what,
                 detail: format!(
@@ -1087,13 +999,7 @@ pub fn preprocess(img: &RgbImage, cfg: &ImageProcessorConfig) -> Result<PixelVal
             what: format!("(settings used to preprocess the {what})"),
             detail,
         })?;
-        owned = Some(resize_pil(
-            cur,
-            tw as u32,
-            th as u32,
-            filter,
-            cfg.pass_order,
-        ));
+        owned = Some(resize_pil(cur, tw as u32, th as u32, filter, cfg.pass_order));
     }
     let cur = owned.as_ref().unwrap_or(img);
     let (h, w) = (cur.height() as usize, cur.width() as usize);
@@ -1115,11 +1021,7 @@ pub fn preprocess(img: &RgbImage, cfg: &ImageProcessorConfig) -> Result<PixelVal
     for (c, table) in lut.iter_mut().enumerate() {
         for (v, out) in table.iter_mut().enumerate() {
             // transformers: rescale = (u8 as float64 * factor) -> float32; normalize in float32.
-            let mut x = if cfg.do_rescale {
-                (v as f64 * cfg.rescale_factor) as f32
-            } else {
-                v as f32
-            };
+            let mut x = if cfg.do_rescale { (v as f64 * cfg.rescale_factor) as f32 } else { v as f32 };
             if cfg.do_normalize {
                 x = (x - mean[c]) / std[c];
             }
@@ -1143,20 +1045,11 @@ pub fn preprocess(img: &RgbImage, cfg: &ImageProcessorConfig) -> Result<PixelVal
             let row = &src[sy as usize * w * 3..(sy as usize + 1) * w * 3];
             for (j, o) in out_row.iter_mut().enumerate() {
                 let sx = left + j as i64;
-                *o = if sx < 0 || sx >= w as i64 {
-                    zero
-                } else {
-                    lut[c][row[sx as usize * 3 + c] as usize]
-                };
+                *o = if sx < 0 || sx >= w as i64 { zero } else { lut[c][row[sx as usize * 3 + c] as usize] };
             }
         }
     }
-    Ok(PixelValues {
-        data,
-        channels: 3,
-        height: oh,
-        width: ow,
-    })
+    Ok(PixelValues { data, channels: 3, height: oh, width: ow })
 }
 
 #[cfg(test)]
@@ -1166,19 +1059,10 @@ mod tests {
     #[test]
     fn shortest_edge_sizes_match_transformers() {
         // int(336 * 640 / 480) = 448
-        assert_eq!(
-            resize_output_size(ResizeSize::ShortestEdge(336), 480, 640),
-            (336, 448)
-        );
-        assert_eq!(
-            resize_output_size(ResizeSize::ShortestEdge(336), 640, 480),
-            (448, 336)
-        );
+        assert_eq!(resize_output_size(ResizeSize::ShortestEdge(336), 480, 640), (336, 448));
+        assert_eq!(resize_output_size(ResizeSize::ShortestEdge(336), 640, 480), (448, 336));
         // int(32 * 37 / 29) = 40 (40.82...)
-        assert_eq!(
-            resize_output_size(ResizeSize::ShortestEdge(32), 29, 37),
-            (32, 40)
-        );
+        assert_eq!(resize_output_size(ResizeSize::ShortestEdge(32), 29, 37), (32, 40));
     }
 
     #[test]
@@ -1227,10 +1111,7 @@ mod tests {
     fn resize_degenerate_sizes_do_not_panic() {
         let img = RgbImage::new(5, 3);
         assert_eq!(resize_bicubic_pil(&img, 0, 4).dimensions(), (0, 4));
-        assert_eq!(
-            resize_bicubic_pil(&RgbImage::new(0, 0), 2, 2).dimensions(),
-            (2, 2)
-        );
+        assert_eq!(resize_bicubic_pil(&RgbImage::new(0, 0), 2, 2).dimensions(), (2, 2));
         assert_eq!(resize_bicubic_pil(&img, 1, 1).dimensions(), (1, 1));
         assert_eq!(resize_bicubic_pil(&img, 500, 1).dimensions(), (500, 1));
     }

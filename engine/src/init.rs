@@ -63,7 +63,14 @@ fn tensor_specs(cfg: &ModelConfig) -> Vec<(String, Vec<usize>, char)> {
                 out.push((format!("{q}{ln}.weight"), vec![d], '1'));
                 out.push((format!("{q}{ln}.bias"), vec![d], '0'));
             }
-            for (name, o, inp) in [("self_attn.q_proj", d, d), ("self_attn.k_proj", d, d), ("self_attn.v_proj", d, d), ("self_attn.out_proj", d, d), ("mlp.fc1", vi, d), ("mlp.fc2", d, vi)] {
+            for (name, o, inp) in [
+                ("self_attn.q_proj", d, d),
+                ("self_attn.k_proj", d, d),
+                ("self_attn.v_proj", d, d),
+                ("self_attn.out_proj", d, d),
+                ("mlp.fc1", vi, d),
+                ("mlp.fc2", d, vi),
+            ] {
                 out.push((format!("{q}{name}.weight"), vec![o, inp], 'w'));
                 out.push((format!("{q}{name}.bias"), vec![o], '0'));
             }
@@ -102,7 +109,8 @@ pub fn init_checkpoint(config_path: &Path, out: &Path, seed: u64, std: f32, extr
         })
         .collect();
     std::fs::create_dir_all(out).map_err(|e| EngineError::write(out, e))?;
-    let tensors: Vec<(String, Vec<usize>, &[f32])> = specs.iter().zip(&values).map(|((k, s, _), v)| (k.clone(), s.clone(), v.as_slice())).collect();
+    let tensors: Vec<(String, Vec<usize>, &[f32])> =
+        specs.iter().zip(&values).map(|((k, s, _), v)| (k.clone(), s.clone(), v.as_slice())).collect();
     crate::weights::write_f32_safetensors(&out.join("model.safetensors"), &tensors)?;
     std::fs::copy(config_path, out.join("config.json")).map_err(|e| EngineError::io(config_path, e))?;
     for f in extra_files {

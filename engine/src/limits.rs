@@ -107,13 +107,24 @@ mod tests {
         let m = Model::load(&dir).unwrap();
         let base = RequestShape { prompt_positions: 40, answers: 2, max_new_tokens: 32 };
         let b = m.generate_memory_bytes(base);
-        for bigger in [RequestShape { prompt_positions: 80, ..base }, RequestShape { answers: 4, ..base }, RequestShape { max_new_tokens: 64, ..base }] {
+        for bigger in [
+            RequestShape { prompt_positions: 80, ..base },
+            RequestShape { answers: 4, ..base },
+            RequestShape { max_new_tokens: 64, ..base },
+        ] {
             assert!(m.generate_memory_bytes(bigger) > b, "{bigger:?}");
         }
         // The KV caches alone: 3 layers x 2 x 96 wide x 4 bytes per position, prompt once and each answer's own.
         assert!(b >= 3 * 2 * 96 * 4 * (40 + 2 * 32));
-        assert_eq!(m.check_request(RequestShape { prompt_positions: 250, answers: 1, max_new_tokens: 32 }, None).unwrap(), 6, "clamped to the context");
-        let e = m.check_request(RequestShape { prompt_positions: 256, answers: 1, max_new_tokens: 1 }, None).unwrap_err().to_string();
+        assert_eq!(
+            m.check_request(RequestShape { prompt_positions: 250, answers: 1, max_new_tokens: 32 }, None).unwrap(),
+            6,
+            "clamped to the context"
+        );
+        let e = m
+            .check_request(RequestShape { prompt_positions: 256, answers: 1, max_new_tokens: 1 }, None)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("256") && e.contains("context"), "{e}");
         let e = m.check_request(base, Some(b - 1)).unwrap_err().to_string();
         assert!(e.contains("budget"), "{e}");

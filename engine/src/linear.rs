@@ -25,10 +25,26 @@ pub struct Linear {
 
 impl Linear {
     /// Loads `{key}.weight` (and `{key}.bias` when `bias`); `keep_16bit` keeps F16/BF16 weights 16-bit.
-    pub fn load(ws: &WeightStore, key: &str, name: String, in_features: usize, out_features: usize, bias: bool, keep_16bit: bool) -> Result<Self> {
+    pub fn load(
+        ws: &WeightStore,
+        key: &str,
+        name: String,
+        in_features: usize,
+        out_features: usize,
+        bias: bool,
+        keep_16bit: bool,
+    ) -> Result<Self> {
         let weight = Arc::new(ws.packed(&format!("{key}.weight"), out_features, in_features, keep_16bit)?);
         let bias = if bias { Some(ws.f32(&format!("{key}.bias"), &[out_features])?) } else { None };
-        Ok(Linear { param: name.clone(), name, in_features, out_features, weight, bias, transposed: Default::default() })
+        Ok(Linear {
+            param: name.clone(),
+            name,
+            in_features,
+            out_features,
+            weight,
+            bias,
+            transposed: Default::default(),
+        })
     }
 
     /// y (rows, out) = x (rows, in) · Wᵀ + b + scale · (x · Aᵀ) · Bᵀ   (`Accumulate`: y += the same)
@@ -57,7 +73,16 @@ impl Linear {
     /// LoRA dA += scale · (dy · B)ᵀ · x, dB += scale · dyᵀ · (x · Aᵀ); base dW += dyᵀ · x, db += Σ_rows dy
     /// (full fine-tuning, keyed `{name}.weight` / `{name}.bias`).
     #[allow(clippy::too_many_arguments)]
-    pub fn backward(&self, dx: &mut [f32], dy: &[f32], x: &[f32], rows: usize, adapter: Option<&Adapter>, mut grads: Option<&mut Grads>, mode: MatmulMode) {
+    pub fn backward(
+        &self,
+        dx: &mut [f32],
+        dy: &[f32],
+        x: &[f32],
+        rows: usize,
+        adapter: Option<&Adapter>,
+        mut grads: Option<&mut Grads>,
+        mode: MatmulMode,
+    ) {
         let (inf, outf) = (self.in_features, self.out_features);
         match adapter.and_then(|a| a.saved_param(&format!("{}.weight", self.param))) {
             Some(w) => matmul_nt_bwd_x(dx, dy, w, rows, inf, outf, mode),

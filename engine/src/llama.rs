@@ -5,7 +5,9 @@ use crate::config::LlamaConfig;
 use crate::error::Result;
 use crate::linear::Linear;
 use crate::ops::backward::{attend_dense_bwd, rmsnorm_bwd, silu_mul_bwd};
-use crate::ops::{add_inplace, PackedMatrix, attend_dense, attend_rows, rmsnorm, silu_mul, KvSegment, MatmulMode, Rope};
+use crate::ops::{
+    add_inplace, attend_dense, attend_rows, rmsnorm, silu_mul, KvSegment, MatmulMode, PackedMatrix, Rope,
+};
 use crate::train::Grads;
 use crate::weights::WeightStore;
 use std::borrow::Cow;
@@ -56,7 +58,13 @@ impl KvCache {
 impl Llama {
     /// `prefix` is where decoder keys live (e.g. `model.language_model.`); `lm_head_key` the head's key
     /// without `.weight`, or None if tied.
-    pub fn load(ws: &WeightStore, prefix: &str, lm_head_key: Option<&str>, cfg: &LlamaConfig, keep_16bit: bool) -> Result<Self> {
+    pub fn load(
+        ws: &WeightStore,
+        prefix: &str,
+        lm_head_key: Option<&str>,
+        cfg: &LlamaConfig,
+        keep_16bit: bool,
+    ) -> Result<Self> {
         let c = cfg.hidden_size;
         let hd = cfg.head_dim;
         let (h, kvh, i_sz) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size);
@@ -102,7 +110,10 @@ impl Llama {
     }
 
     pub fn linears(&self) -> impl Iterator<Item = &Linear> {
-        self.layers.iter().flat_map(|l| [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]).chain(std::iter::once(&self.lm_head))
+        self.layers
+            .iter()
+            .flat_map(|l| [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down])
+            .chain(std::iter::once(&self.lm_head))
     }
 
     /// Appends the embedding rows of `ids` to `out` (rows, C).
@@ -118,8 +129,14 @@ impl Llama {
     /// Runs every decoder layer on x (rows, C) in place. Row r sits at position `positions[r]`;
     /// `attend(layer, q, k, v, out)` gets the rotated q (rows, H, hd) and k, v (rows, KVH, hd) of this
     /// step, must store k/v wherever the caller caches them and write the attention output (rows, H, hd).
-    pub fn run_layers<F>(&self, x: &mut [f32], rows: usize, positions: &[usize], adapter: Option<&Adapter>, mut attend: F)
-    where
+    pub fn run_layers<F>(
+        &self,
+        x: &mut [f32],
+        rows: usize,
+        positions: &[usize],
+        adapter: Option<&Adapter>,
+        mut attend: F,
+    ) where
         F: FnMut(usize, &[f32], &[f32], &[f32], &mut [f32]),
     {
         let cfg = &self.cfg;
@@ -156,7 +173,20 @@ impl Llama {
             cache.k[li].extend_from_slice(k);
             cache.v[li].extend_from_slice(v);
             if rows >= DENSE_MIN_ROWS {
-                attend_dense(out, q, &cache.k[li], &cache.v[li], rows, start + rows, start, heads, kvh, hd, scale, true);
+                attend_dense(
+                    out,
+                    q,
+                    &cache.k[li],
+                    &cache.v[li],
+                    rows,
+                    start + rows,
+                    start,
+                    heads,
+                    kvh,
+                    hd,
+                    scale,
+                    true,
+                );
             } else {
                 let seg = KvSegment { k: &cache.k[li], v: &cache.v[li], len: start + rows };
                 attend_rows(out, q, heads, kvh, hd, scale, |r| (vec![seg], start + r + 1));
@@ -167,7 +197,13 @@ impl Llama {
 
     /// One decode step for several sequences that share `prefix` and each have their own `suffixes[r]`
     /// (all suffixes the same length). x: (rows, C) embeddings of each sequence's newest token.
-    pub fn forward_shared_prefix(&self, x: &mut [f32], prefix: &KvCache, suffixes: &mut [&mut KvCache], adapter: Option<&Adapter>) {
+    pub fn forward_shared_prefix(
+        &self,
+        x: &mut [f32],
+        prefix: &KvCache,
+        suffixes: &mut [&mut KvCache],
+        adapter: Option<&Adapter>,
+    ) {
         let rows = suffixes.len();
         let cfg = &self.cfg;
         let (heads, kvh, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
@@ -293,11 +329,18 @@ impl Llama {
 
     /// Backward of `forward_train`: given d hidden (T, C), returns d embeddings (T, C); LoRA gradients
     /// accumulate into `grads`.
-    pub fn backward_train(&self, tape: &LlamaTape, d_hidden: Vec<f32>, adapter: Option<&Adapter>, mut grads: Option<&mut Grads>) -> Vec<f32> {
+    pub fn backward_train(
+        &self,
+        tape: &LlamaTape,
+        d_hidden: Vec<f32>,
+        adapter: Option<&Adapter>,
+        mut grads: Option<&mut Grads>,
+    ) -> Vec<f32> {
         let cfg = &self.cfg;
         let c = cfg.hidden_size;
         let rows = tape.rows;
-        let (heads, kvh, hd, isz) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size);
+        let (heads, kvh, hd, isz) =
+            (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size);
         let positions: Vec<usize> = (0..rows).collect();
         let scale = (hd as f32).powf(-0.5);
         let mut dx = d_hidden; // (T, C): gradient w.r.t. the current layer's output, then its input
@@ -325,16 +368,20 @@ impl Llama {
             layer.gate.backward(&mut dh2, &dg, &h2, rows, adapter, grads.as_deref_mut(), MatmulMode::Assign);
             layer.up.backward(&mut dh2, &du, &h2, rows, adapter, grads.as_deref_mut(), MatmulMode::Accumulate);
             let mut dx1 = vec![0f32; rows * c];
-            let dw = grads.as_deref_mut().and_then(|g| g.param_mut(&format!("language_model.layers.{li}.post_attention_layernorm.weight")));
+            let dw = grads
+                .as_deref_mut()
+                .and_then(|g| g.param_mut(&format!("language_model.layers.{li}.post_attention_layernorm.weight")));
             rmsnorm_bwd(&mut dx1, dw.map(|v| v.as_mut_slice()), &dh2, &t.x1, &layer.post_norm, cfg.rms_norm_eps);
             add_inplace(&mut dx1, &dx); // residual
-            // x1 = x0 + o(att)
+                                        // x1 = x0 + o(att)
             let mut datt = vec![0f32; rows * heads * hd];
             layer.o.backward(&mut datt, &dx1, &t.att, rows, adapter, grads.as_deref_mut(), MatmulMode::Assign);
             let mut dq = vec![0f32; rows * heads * hd];
             let mut dk = vec![0f32; rows * kvh * hd];
             let mut dv = vec![0f32; rows * kvh * hd];
-            attend_dense_bwd(&mut dq, &mut dk, &mut dv, &datt, &t.q, &t.k, &t.v, rows, rows, 0, heads, kvh, hd, scale, true);
+            attend_dense_bwd(
+                &mut dq, &mut dk, &mut dv, &datt, &t.q, &t.k, &t.v, rows, rows, 0, heads, kvh, hd, scale, true,
+            );
             self.rope.apply_backward(&mut dq, heads, &positions);
             self.rope.apply_backward(&mut dk, kvh, &positions);
             let mut dh1 = vec![0f32; rows * c];
@@ -342,7 +389,9 @@ impl Llama {
             layer.k.backward(&mut dh1, &dk, &h1, rows, adapter, grads.as_deref_mut(), MatmulMode::Accumulate);
             layer.v.backward(&mut dh1, &dv, &h1, rows, adapter, grads.as_deref_mut(), MatmulMode::Accumulate);
             let mut dx0 = vec![0f32; rows * c];
-            let dw = grads.as_deref_mut().and_then(|g| g.param_mut(&format!("language_model.layers.{li}.input_layernorm.weight")));
+            let dw = grads
+                .as_deref_mut()
+                .and_then(|g| g.param_mut(&format!("language_model.layers.{li}.input_layernorm.weight")));
             rmsnorm_bwd(&mut dx0, dw.map(|v| v.as_mut_slice()), &dh1, &t.x0, &layer.input_norm, cfg.rms_norm_eps);
             add_inplace(&mut dx0, &dx1);
             dx = dx0;
@@ -365,7 +414,15 @@ impl Llama {
 
     /// Backward of `head_rows`: d logits (R, V) -> d hidden (T, C) (zero outside `rows`).
     #[allow(clippy::too_many_arguments)]
-    pub fn head_rows_backward(&self, sel: &[f32], dlogits: &[f32], rows: &[usize], total_rows: usize, adapter: Option<&Adapter>, mut grads: Option<&mut Grads>) -> Vec<f32> {
+    pub fn head_rows_backward(
+        &self,
+        sel: &[f32],
+        dlogits: &[f32],
+        rows: &[usize],
+        total_rows: usize,
+        adapter: Option<&Adapter>,
+        mut grads: Option<&mut Grads>,
+    ) -> Vec<f32> {
         let c = self.cfg.hidden_size;
         let r = rows.len();
         let mut normed = vec![0f32; sel.len()];
@@ -385,7 +442,10 @@ impl Llama {
 
 impl Llama {
     fn linears_mut(&mut self) -> impl Iterator<Item = &mut Linear> {
-        self.layers.iter_mut().flat_map(|l| [&mut l.q, &mut l.k, &mut l.v, &mut l.o, &mut l.gate, &mut l.up, &mut l.down]).chain(std::iter::once(&mut self.lm_head))
+        self.layers
+            .iter_mut()
+            .flat_map(|l| [&mut l.q, &mut l.k, &mut l.v, &mut l.o, &mut l.gate, &mut l.up, &mut l.down])
+            .chain(std::iter::once(&mut self.lm_head))
     }
 
     fn norm_mut(&mut self, name: &str) -> Option<&mut Vec<f32>> {

@@ -10,8 +10,8 @@ use crate::linear::Linear;
 use crate::llama::{KvCache, Llama, LlamaTape};
 use crate::ops::backward::{activation_bwd, logprob_gather_fwd_bwd};
 use crate::ops::{add_inplace, MatmulMode};
-use crate::train::Grads;
 use crate::ops::{apply_activation, log_softmax_rows};
+use crate::train::Grads;
 use crate::weights::WeightStore;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -39,7 +39,9 @@ impl KeyLayout {
             });
         }
         // Each part is looked up on its own: the eras differ in every prefix, and some saves mix them.
-        let find = |cands: &[&str], probe: &str| cands.iter().find(|p| ws.contains(&format!("{p}{probe}"))).map(|p| p.to_string());
+        let find = |cands: &[&str], probe: &str| {
+            cands.iter().find(|p| ws.contains(&format!("{p}{probe}"))).map(|p| p.to_string())
+        };
         let text = find(&["language_model.model.", "model.language_model."], "embed_tokens.weight");
         let vision = find(
             &["vision_tower.vision_model.", "model.vision_tower.vision_model.", "model.vision_tower.", "vision_tower."],
@@ -47,12 +49,16 @@ impl KeyLayout {
         );
         let projector = find(&["multi_modal_projector.", "model.multi_modal_projector."], "linear_1.weight");
         let (Some(text), Some(vision), Some(projector)) = (text.clone(), vision.clone(), projector.clone()) else {
-            let missing = [("decoder (…embed_tokens.weight)", text.is_none()), ("vision tower (…embeddings.patch_embedding.weight)", vision.is_none()), ("projector (…linear_1.weight)", projector.is_none())]
-                .iter()
-                .filter(|(_, m)| *m)
-                .map(|(n, _)| *n)
-                .collect::<Vec<_>>()
-                .join(", ");
+            let missing = [
+                ("decoder (…embed_tokens.weight)", text.is_none()),
+                ("vision tower (…embeddings.patch_embedding.weight)", vision.is_none()),
+                ("projector (…linear_1.weight)", projector.is_none()),
+            ]
+            .iter()
+            .filter(|(_, m)| *m)
+            .map(|(n, _)| *n)
+            .collect::<Vec<_>>()
+            .join(", ");
             return Err(EngineError::MissingTensor {
                 key: missing,
                 searched: ws.source().to_string(),
@@ -116,7 +122,10 @@ impl Model {
     pub fn load_with(dir: &Path, opts: &LoadOptions) -> Result<Model> {
         let keep = opts.keep_16bit;
         if !dir.is_dir() {
-            return Err(EngineError::io(dir, std::io::Error::new(std::io::ErrorKind::NotFound, "model directory does not exist")));
+            return Err(EngineError::io(
+                dir,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "model directory does not exist"),
+            ));
         }
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
         let ws = WeightStore::open_dir(dir, "model")?;
@@ -141,8 +150,24 @@ impl Model {
                 let vin = lc.vision.hidden_size;
                 let c = lc.text.hidden_size;
                 let projector = Projector {
-                    linear_1: Linear::load(&ws, &format!("{}linear_1", layout.projector), "multi_modal_projector.linear_1".into(), vin, c, lc.projector_bias, keep)?,
-                    linear_2: Linear::load(&ws, &format!("{}linear_2", layout.projector), "multi_modal_projector.linear_2".into(), c, c, lc.projector_bias, keep)?,
+                    linear_1: Linear::load(
+                        &ws,
+                        &format!("{}linear_1", layout.projector),
+                        "multi_modal_projector.linear_1".into(),
+                        vin,
+                        c,
+                        lc.projector_bias,
+                        keep,
+                    )?,
+                    linear_2: Linear::load(
+                        &ws,
+                        &format!("{}linear_2", layout.projector),
+                        "multi_modal_projector.linear_2".into(),
+                        c,
+                        c,
+                        lc.projector_bias,
+                        keep,
+                    )?,
                     act: lc.projector_hidden_act,
                 };
                 let pp = dir.join("preprocessor_config.json");
@@ -164,14 +189,20 @@ impl Model {
                 if h != lc.vision.image_size || w != lc.vision.image_size {
                     return Err(EngineError::config(
                         &pp,
-                        format!("produces {h}x{w} images but the vision tower takes {0}x{0}; fix crop_size", lc.vision.image_size),
+                        format!(
+                            "produces {h}x{w} images but the vision tower takes {0}x{0}; fix crop_size",
+                            lc.vision.image_size
+                        ),
                     ));
                 }
                 (Some(vision), Some(projector), Some(ip))
             }
         };
         let mut linear_shapes = HashMap::new();
-        let linears = llm.linears().chain(vision.iter().flat_map(|v| v.linears())).chain(projector.iter().flat_map(|p| [&p.linear_1, &p.linear_2]));
+        let linears = llm
+            .linears()
+            .chain(vision.iter().flat_map(|v| v.linears()))
+            .chain(projector.iter().flat_map(|p| [&p.linear_1, &p.linear_2]));
         for l in linears {
             linear_shapes.insert(l.name.clone(), (l.in_features, l.out_features));
         }
@@ -180,12 +211,30 @@ impl Model {
         if let Some(lc) = config.llava() {
             let (d, i) = (lc.vision.hidden_size, lc.vision.intermediate_size);
             for l in lc.vision_layers_needed()..lc.vision.num_hidden_layers {
-                for (m, shape) in [("self_attn.q_proj", (d, d)), ("self_attn.k_proj", (d, d)), ("self_attn.v_proj", (d, d)), ("self_attn.out_proj", (d, d)), ("mlp.fc1", (d, i)), ("mlp.fc2", (i, d))] {
+                for (m, shape) in [
+                    ("self_attn.q_proj", (d, d)),
+                    ("self_attn.k_proj", (d, d)),
+                    ("self_attn.v_proj", (d, d)),
+                    ("self_attn.out_proj", (d, d)),
+                    ("mlp.fc1", (d, i)),
+                    ("mlp.fc2", (i, d)),
+                ] {
                     linear_shapes.insert(format!("vision_tower.encoder.layers.{l}.{m}"), shape);
                 }
             }
         }
-        Ok(Model { dir: dir.to_path_buf(), config, layout, vision, projector, llm, image_processor, linear_shapes, backend: None, request_budget: None })
+        Ok(Model {
+            dir: dir.to_path_buf(),
+            config,
+            layout,
+            vision,
+            projector,
+            llm,
+            image_processor,
+            linear_shapes,
+            backend: None,
+            request_budget: None,
+        })
     }
 
     /// Runs generation and answer scoring on `backend` from now on (`crate::backend::select`).
@@ -221,7 +270,14 @@ impl Model {
         let mut modules: Vec<(String, String, usize, usize)> = self
             .linear_shapes
             .iter()
-            .map(|(name, &(i, o))| (name.clone(), crate::adapter::peft_module_path(name, self.family(), self.layout.name, &self.layout.vision), i, o))
+            .map(|(name, &(i, o))| {
+                (
+                    name.clone(),
+                    crate::adapter::peft_module_path(name, self.family(), self.layout.name, &self.layout.vision),
+                    i,
+                    o,
+                )
+            })
             .collect();
         modules.sort();
         Adapter::create(spec, &modules, seed, &|name| self.get_param(name))
@@ -238,7 +294,9 @@ impl Model {
 
     /// Decodes and preprocesses an image file for this model.
     pub fn load_image(&self, path: &Path) -> Result<PixelValues> {
-        let ip = self.image_processor.as_ref().ok_or_else(|| EngineError::Input(format!("{} is a text-only model; it takes no image", self.dir.display())))?;
+        let ip = self.image_processor.as_ref().ok_or_else(|| {
+            EngineError::Input(format!("{} is a text-only model; it takes no image", self.dir.display()))
+        })?;
         let img = crate::image::load_rgb8(path)?;
         Ok(crate::image::preprocess(&img, ip)?)
     }
@@ -281,9 +339,20 @@ impl Model {
         let n_image_tokens = ids.iter().filter(|&&t| Some(t) == image_token).count();
         match (n_image_tokens, image_features.is_some()) {
             (0, false) | (1, true) => {}
-            (0, true) => return Err(EngineError::Input(format!("an image was given but the input ids hold no image token ({})", image_token.unwrap_or(0)))),
-            (1, false) => return Err(EngineError::Input("the input ids hold the image token but no image was given".into())),
-            (n, _) => return Err(EngineError::Input(format!("the input ids hold the image token {n} times; put it exactly once (rlaifd expands it)"))),
+            (0, true) => {
+                return Err(EngineError::Input(format!(
+                    "an image was given but the input ids hold no image token ({})",
+                    image_token.unwrap_or(0)
+                )))
+            }
+            (1, false) => {
+                return Err(EngineError::Input("the input ids hold the image token but no image was given".into()))
+            }
+            (n, _) => {
+                return Err(EngineError::Input(format!(
+                    "the input ids hold the image token {n} times; put it exactly once (rlaifd expands it)"
+                )))
+            }
         }
         let mut out = Vec::with_capacity((ids.len() + 1024) * c);
         let mut rows = Vec::with_capacity(ids.len());
@@ -294,7 +363,9 @@ impl Model {
             } else if (id as usize) < vocab {
                 self.llm.embed_into(&mut out, &[id]);
             } else {
-                return Err(EngineError::Input(format!("token id {id} at position {j} is outside the vocabulary (size {vocab})")));
+                return Err(EngineError::Input(format!(
+                    "token id {id} at position {j} is outside the vocabulary (size {vocab})"
+                )));
             }
         }
         Ok((out, rows))
@@ -331,7 +402,13 @@ impl Model {
     /// Next-token logits after each of several prompts that share `prefix` (ids with the image token once, if
     /// any): the prefix (and image) run once, then every continuation in one batch. Returns one (V) row per
     /// continuation; each continuation needs at least one id.
-    pub fn branch_logits(&self, prefix: &[u32], continuations: &[&[u32]], image_features: Option<&[f32]>, adapter: Option<&Adapter>) -> Result<Vec<Vec<f32>>> {
+    pub fn branch_logits(
+        &self,
+        prefix: &[u32],
+        continuations: &[&[u32]],
+        image_features: Option<&[f32]>,
+        adapter: Option<&Adapter>,
+    ) -> Result<Vec<Vec<f32>>> {
         match &self.backend {
             Some(b) => b.branch_logits(self, prefix, continuations, image_features, adapter),
             None => self.branch_logits_cpu(prefix, continuations, image_features, adapter),
@@ -339,7 +416,13 @@ impl Model {
     }
 
     /// `branch_logits` on the CPU backend.
-    pub fn branch_logits_cpu(&self, prefix: &[u32], continuations: &[&[u32]], image_features: Option<&[f32]>, adapter: Option<&Adapter>) -> Result<Vec<Vec<f32>>> {
+    pub fn branch_logits_cpu(
+        &self,
+        prefix: &[u32],
+        continuations: &[&[u32]],
+        image_features: Option<&[f32]>,
+        adapter: Option<&Adapter>,
+    ) -> Result<Vec<Vec<f32>>> {
         if continuations.is_empty() {
             return Ok(Vec::new());
         }
@@ -357,7 +440,9 @@ impl Model {
         let mut x = Vec::new();
         for cont in continuations {
             if cont.iter().any(|&id| Some(id) == self.image_token_id() || id as usize >= self.llm.cfg.vocab_size) {
-                return Err(EngineError::Input("a continuation holds an image token or an id outside the vocabulary".into()));
+                return Err(EngineError::Input(
+                    "a continuation holds an image token or an id outside the vocabulary".into(),
+                ));
             }
             self.llm.embed_into(&mut x, cont);
         }
@@ -374,7 +459,12 @@ impl Model {
     }
 
     /// Prefill: runs the prompt, returns its KV cache and the logits (V) of the next token.
-    pub fn prefill(&self, ids: &[u32], image_features: Option<&[f32]>, adapter: Option<&Adapter>) -> Result<(KvCache, Vec<f32>)> {
+    pub fn prefill(
+        &self,
+        ids: &[u32],
+        image_features: Option<&[f32]>,
+        adapter: Option<&Adapter>,
+    ) -> Result<(KvCache, Vec<f32>)> {
         let (mut x, _) = self.embed_inputs(ids, image_features)?;
         let c = self.llm.cfg.hidden_size;
         let t = x.len() / c;
@@ -434,7 +524,12 @@ impl ScoredSeq {
 
 impl Model {
     #[allow(clippy::type_complexity)]
-    fn answer_rows(&self, prompt: &[u32], answer: &[u32], feats: Option<&[f32]>) -> Result<(Vec<f32>, Vec<usize>, Vec<u32>, Option<(usize, usize)>, Vec<u32>, Vec<usize>)> {
+    fn answer_rows(
+        &self,
+        prompt: &[u32],
+        answer: &[u32],
+        feats: Option<&[f32]>,
+    ) -> Result<(Vec<f32>, Vec<usize>, Vec<u32>, Option<(usize, usize)>, Vec<u32>, Vec<usize>)> {
         if prompt.is_empty() {
             return Err(EngineError::Input("empty prompt".into()));
         }
@@ -453,7 +548,13 @@ impl Model {
 
     /// Σ log p(answer | prompt, image) without keeping activations (reference model scoring), on the model's
     /// backend.
-    pub fn answer_logp(&self, prompt: &[u32], answer: &[u32], feats: Option<&[f32]>, adapter: Option<&Adapter>) -> Result<f64> {
+    pub fn answer_logp(
+        &self,
+        prompt: &[u32],
+        answer: &[u32],
+        feats: Option<&[f32]>,
+        adapter: Option<&Adapter>,
+    ) -> Result<f64> {
         match &self.backend {
             Some(b) => b.answer_logp(self, prompt, answer, feats, adapter),
             None => self.answer_logp_cpu(prompt, answer, feats, adapter),
@@ -461,7 +562,13 @@ impl Model {
     }
 
     /// `answer_logp` on the CPU backend.
-    pub fn answer_logp_cpu(&self, prompt: &[u32], answer: &[u32], feats: Option<&[f32]>, adapter: Option<&Adapter>) -> Result<f64> {
+    pub fn answer_logp_cpu(
+        &self,
+        prompt: &[u32],
+        answer: &[u32],
+        feats: Option<&[f32]>,
+        adapter: Option<&Adapter>,
+    ) -> Result<f64> {
         let (mut x, rows, targets, ..) = self.answer_rows(prompt, answer, feats)?;
         let c = self.llm.cfg.hidden_size;
         let t = x.len() / c;
@@ -474,7 +581,13 @@ impl Model {
     }
 
     /// Scores prompt + answer with the decoder, keeping what `score_backward` needs.
-    pub fn score_train(&self, prompt: &[u32], answer: &[u32], feats: Option<&[f32]>, adapter: Option<&Adapter>) -> Result<ScoredSeq> {
+    pub fn score_train(
+        &self,
+        prompt: &[u32],
+        answer: &[u32],
+        feats: Option<&[f32]>,
+        adapter: Option<&Adapter>,
+    ) -> Result<ScoredSeq> {
         let (x, rows, targets, image_rows, ids, id_rows) = self.answer_rows(prompt, answer, feats)?;
         let tape = self.llm.forward_train(x, adapter);
         let (sel, logits) = self.llm.head_rows(&tape.hidden, &rows, adapter);
@@ -487,12 +600,19 @@ impl Model {
 
     /// Backward of `score_train` for the loss gradient `d_logp_sum` = dL / d(Σ answer log-probs). Returns
     /// d embeddings (T, C); LoRA gradients accumulate into `grads`.
-    pub fn score_backward(&self, seq: &ScoredSeq, d_logp_sum: f32, adapter: Option<&Adapter>, mut grads: Option<&mut Grads>) -> Result<Vec<f32>> {
+    pub fn score_backward(
+        &self,
+        seq: &ScoredSeq,
+        d_logp_sum: f32,
+        adapter: Option<&Adapter>,
+        mut grads: Option<&mut Grads>,
+    ) -> Result<Vec<f32>> {
         let v = self.llm.cfg.vocab_size;
         let mut dlogits = vec![0f32; seq.logits.len()];
         let dlogp = vec![d_logp_sum; seq.targets.len()];
         logprob_gather_fwd_bwd(&mut dlogits, &seq.logits, &seq.targets, &dlogp, v);
-        let dh = self.llm.head_rows_backward(&seq.sel, &dlogits, &seq.rows, seq.tape.rows, adapter, grads.as_deref_mut());
+        let dh =
+            self.llm.head_rows_backward(&seq.sel, &dlogits, &seq.rows, seq.tape.rows, adapter, grads.as_deref_mut());
         let d_embeds = self.llm.backward_train(&seq.tape, dh, adapter, grads.as_deref_mut());
         if let Some(table) = grads.and_then(|g| g.param_mut("language_model.embed_tokens.weight")) {
             let c = self.llm.cfg.hidden_size;
@@ -527,11 +647,20 @@ impl Model {
 
     /// Backward of `image_forward_train` from d features (N, C). Does nothing when neither the projector nor
     /// the vision tower has anything to train (no LoRA there, no saved modules, no base parameters).
-    pub fn image_backward_train(&self, tape: &ImageTape, d_features: Vec<f32>, adapter: Option<&Adapter>, mut grads: Option<&mut Grads>) {
+    pub fn image_backward_train(
+        &self,
+        tape: &ImageTape,
+        d_features: Vec<f32>,
+        adapter: Option<&Adapter>,
+        mut grads: Option<&mut Grads>,
+    ) {
         let (Some(lc), Some(vision), Some(proj)) = (self.config.llava(), &self.vision, &self.projector) else { return };
         let image_side = |n: &str| n.starts_with("vision_tower.") || n.starts_with("multi_modal_projector.");
-        let trains = adapter.is_some_and(|a| a.module_names().iter().any(|n| image_side(n)) || a.saved_params().any(|(n, _)| image_side(n)))
-            || grads.as_deref().is_some_and(|g| g.trains_params_under("vision_tower.") || g.trains_params_under("multi_modal_projector."));
+        let trains = adapter.is_some_and(|a| {
+            a.module_names().iter().any(|n| image_side(n)) || a.saved_params().any(|(n, _)| image_side(n))
+        }) || grads
+            .as_deref()
+            .is_some_and(|g| g.trains_params_under("vision_tower.") || g.trains_params_under("multi_modal_projector."));
         if !trains {
             return;
         }
@@ -539,7 +668,15 @@ impl Model {
         let dv = lc.vision.hidden_size;
         let n = d_features.len() / c;
         let mut d_a = vec![0f32; n * c];
-        proj.linear_2.backward(&mut d_a, &d_features, &tape.proj_a, n, adapter, grads.as_deref_mut(), MatmulMode::Assign);
+        proj.linear_2.backward(
+            &mut d_a,
+            &d_features,
+            &tape.proj_a,
+            n,
+            adapter,
+            grads.as_deref_mut(),
+            MatmulMode::Assign,
+        );
         let mut d_h = vec![0f32; n * c];
         activation_bwd(&mut d_h, &d_a, &tape.proj_h, proj.act);
         let mut d_in = vec![0f32; n * dv];
@@ -622,13 +759,15 @@ impl Model {
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).map_err(|e| EngineError::write(&tmp, e))?;
         let result = (|| -> Result<()> {
-            let tensors: Vec<(String, Vec<usize>, &[f32])> = values.iter().map(|(k, s, v)| (k.clone(), s.clone(), v.as_slice())).collect();
+            let tensors: Vec<(String, Vec<usize>, &[f32])> =
+                values.iter().map(|(k, s, v)| (k.clone(), s.clone(), v.as_slice())).collect();
             crate::weights::write_f32_safetensors(&tmp.join("model.safetensors"), &tensors)?;
             // Everything else that describes the model (config, tokenizer, processor) is copied as is.
             let entries = std::fs::read_dir(&self.dir).map_err(|e| EngineError::io(&self.dir, e))?;
             for e in entries.flatten() {
                 let fname = e.file_name().to_string_lossy().to_string();
-                if fname.ends_with(".safetensors") || fname.ends_with(".safetensors.index.json") || !e.path().is_file() {
+                if fname.ends_with(".safetensors") || fname.ends_with(".safetensors.index.json") || !e.path().is_file()
+                {
                     continue;
                 }
                 if extra.iter().any(|(name, _)| *name == fname) {

@@ -125,14 +125,15 @@ pub fn sample(logits: &mut [f32], seen: &[u32], p: &SamplingParams, rng: &mut Sp
 }
 
 /// e^x for x <= 0 in f32, about 1e-7 relative error; 0 below -87.3 (where f32 runs out of normal numbers), for
-/// -inf and for NaN. Branch-free, so a loop over a slice vectorizes, unlike the libm call of `f32::exp`: x = n ln 2
-/// + r with |r| <= ln 2 / 2 (n rounded by the 1.5 * 2^23 trick), e^r by its Taylor polynomial to degree 7 (error
-/// below 1e-8 there), times 2^n put into the exponent bits.
+/// -inf and for NaN. Branch-free, so a loop over a slice vectorizes, unlike the libm call of `f32::exp`:
+/// x = n ln 2 + r with |r| <= ln 2 / 2 (n rounded by the 1.5 * 2^23 trick), e^r by its Taylor polynomial to
+/// degree 7 (error below 1e-8 there), times 2^n put into the exponent bits.
 #[inline(always)]
+// Comparisons, not f32::clamp/max/min (whose NaN rules cost the vectorized loop extra instructions).
+#[allow(clippy::manual_clamp)]
 pub fn exp_nonpositive_f32(x: f32) -> f32 {
     const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding and subtracting it rounds to an integer
     let keep = x >= -87.3; // false for NaN
-    // Comparisons, not f32::max/min (whose NaN rules cost the vectorized loop extra instructions).
     let x = if x < -87.3 {
         -87.3
     } else if x > 0.0 {
@@ -146,7 +147,10 @@ pub fn exp_nonpositive_f32(x: f32) -> f32 {
     let ni = (t.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
     // ln 2 in two parts, so n * LN2_HI is exact for |n| <= 128.
     let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6;
-    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
     let y = p * f32::from_bits(((ni + 127) as u32) << 23);
     if keep {
         y
@@ -287,19 +291,31 @@ mod tests {
         for (i, &c) in counts.iter().enumerate() {
             let q = w[i] / z;
             let sd = (n as f64 * q * (1.0 - q)).sqrt();
-            assert!((c as f64 - n as f64 * q).abs() <= 4.0 * sd + 1.0, "token {i}: {c} draws, expected {:.0}", n as f64 * q);
+            assert!(
+                (c as f64 - n as f64 * q).abs() <= 4.0 * sd + 1.0,
+                "token {i}: {c} draws, expected {:.0}",
+                n as f64 * q
+            );
         }
         // The repetition penalty applies as in `sample`: a penalised favourite is drawn less often.
         let pen = SamplingParams { temperature: 0.7, repetition_penalty: 3.0, ..Default::default() };
         let mut rng = SplitMix64::new(12);
         let hits = (0..20_000).filter(|_| sample_fast(&mut logits.clone(), &[3, 3], &pen, &mut rng) == 3).count();
-        let wp: Vec<f64> = logits.iter().enumerate().map(|(i, &l)| if i == 3 { l as f64 / 3.0 } else { l as f64 }).collect();
+        let wp: Vec<f64> =
+            logits.iter().enumerate().map(|(i, &l)| if i == 3 { l as f64 / 3.0 } else { l as f64 }).collect();
         let mx = wp.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         let zp: f64 = wp.iter().map(|&l| ((l - mx) / 0.7).exp()).sum();
         let q = ((wp[3] - mx) / 0.7).exp() / zp;
-        assert!((hits as f64 / 20_000.0 - q).abs() < 0.02, "penalised token drawn {hits} times of 20000, expected {q:.3}");
+        assert!(
+            (hits as f64 / 20_000.0 - q).abs() < 0.02,
+            "penalised token drawn {hits} times of 20000, expected {q:.3}"
+        );
         // Greedy, top-k and top-p are `sample` exactly; the same seed gives the same token.
-        for q in [SamplingParams { temperature: 0.0, ..Default::default() }, SamplingParams { temperature: 0.9, top_k: 3, ..Default::default() }, SamplingParams { temperature: 0.9, top_p: 0.8, ..Default::default() }] {
+        for q in [
+            SamplingParams { temperature: 0.0, ..Default::default() },
+            SamplingParams { temperature: 0.9, top_k: 3, ..Default::default() },
+            SamplingParams { temperature: 0.9, top_p: 0.8, ..Default::default() },
+        ] {
             for seed in 0..50 {
                 let a = sample_fast(&mut logits.clone(), &[], &q, &mut SplitMix64::new(seed));
                 let b = sample(&mut logits.clone(), &[], &q, &mut SplitMix64::new(seed));
@@ -329,7 +345,11 @@ mod tests {
         for (k, &(i, _)) in live.iter().enumerate() {
             let (c, q) = (counts.get(&i).copied().unwrap_or(0), w[k] / z);
             let sd = (n as f64 * q * (1.0 - q)).sqrt();
-            assert!((c as f64 - n as f64 * q).abs() <= 4.0 * sd + 1.0, "token {i}: {c} draws, expected {:.0}", n as f64 * q);
+            assert!(
+                (c as f64 - n as f64 * q).abs() <= 4.0 * sd + 1.0,
+                "token {i}: {c} draws, expected {:.0}",
+                n as f64 * q
+            );
         }
     }
 }

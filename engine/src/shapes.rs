@@ -173,8 +173,8 @@ impl Scene {
                     if hits > 0 {
                         let a = hits as f32 / (SS * SS) as f32;
                         let p = img.get_pixel_mut(px, py);
-                        for c in 0..3 {
-                            p.0[c] = (a * col[c] as f32 + (1.0 - a) * p.0[c] as f32).round() as u8;
+                        for (v, &c) in p.0.iter_mut().zip(&col) {
+                            *v = (a * c as f32 + (1.0 - a) * *v as f32).round() as u8;
                         }
                     }
                 }
@@ -209,7 +209,8 @@ pub struct Instruction {
 }
 
 /// Captioning phrasings; the first is exactly "Describe the image.".
-pub const CAPTION_PROMPTS: [&str; 4] = ["Describe the image.", "What is in this picture?", "List the objects you see.", "Describe this image in detail."];
+pub const CAPTION_PROMPTS: [&str; 4] =
+    ["Describe the image.", "What is in this picture?", "List the objects you see.", "Describe this image in detail."];
 
 /// The scene's objects in reading order (grid rows top to bottom, left to right within a row), the order
 /// captions list them in.
@@ -240,7 +241,7 @@ pub fn caption(scene: &Scene) -> String {
 /// strongly (1.0), half weakly (0.2). The split makes a model trained on noisy captions hallucinate after some
 /// objects and not others, as real models do.
 pub fn cooccurrence_strength(obj: usize) -> f64 {
-    if (obj / SHAPES.len() + obj % SHAPES.len()) % 2 == 0 {
+    if (obj / SHAPES.len() + obj % SHAPES.len()).is_multiple_of(2) {
         1.0
     } else {
         0.2
@@ -295,7 +296,9 @@ fn caption_of(phrases: &[String]) -> String {
 pub fn labeler_examples(scene: &Scene, seed: u64) -> Vec<(&'static str, String, String)> {
     let vocab = vocabulary();
     let mut rng = SplitMix64::new(seed ^ 0x4c41_4245_4c45_0006);
-    let q = |obj: usize| format!("Is there {} in the image?{}", with_article(&vocab[obj]), crate::feedback::verify::YES_NO_SUFFIX);
+    let q = |obj: usize| {
+        format!("Is there {} in the image?{}", with_article(&vocab[obj]), crate::feedback::verify::YES_NO_SUFFIX)
+    };
     let present: Vec<usize> = scene.objects.iter().map(|o| object_index(o.color, o.shape)).collect();
     let mut out = Vec::new();
     let mut asked: Vec<usize> = Vec::new();
@@ -344,16 +347,31 @@ pub fn instructions(scene: &Scene, seed: u64) -> Vec<Instruction> {
         let random = absent[(rng.next_u64() % absent.len() as u64) as usize];
         out.push(Instruction { kind: "existence", prompt: q(random), answer: "no".into(), split: Some("random") });
         if let Some(&popular) = popular_order().iter().find(|o| !present.contains(o)) {
-            out.push(Instruction { kind: "existence", prompt: q(popular), answer: "no".into(), split: Some("popular") });
+            out.push(Instruction {
+                kind: "existence",
+                prompt: q(popular),
+                answer: "no".into(),
+                split: Some("popular"),
+            });
         }
         // Adversarial: an absent partner of a present object (what co-occurs with what is there).
         if let Some(adv) = present.iter().map(|&o| partner(o)).find(|p| !present.contains(p)) {
-            out.push(Instruction { kind: "existence", prompt: q(adv), answer: "no".into(), split: Some("adversarial") });
+            out.push(Instruction {
+                kind: "existence",
+                prompt: q(adv),
+                answer: "no".into(),
+                split: Some("adversarial"),
+            });
         }
     }
     let n = scene.objects.len();
     let words = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"];
-    out.push(Instruction { kind: "count", prompt: "How many objects are there?".into(), answer: words.get(n).copied().unwrap_or("many").into(), split: None });
+    out.push(Instruction {
+        kind: "count",
+        prompt: "How many objects are there?".into(),
+        answer: words.get(n).copied().unwrap_or("many").into(),
+        split: None,
+    });
     if let Some(o) = scene.objects.iter().find(|o| scene.objects.iter().filter(|p| p.shape == o.shape).count() == 1) {
         out.push(Instruction {
             kind: "attribute",
@@ -413,7 +431,11 @@ pub fn build_tokenizer() -> Result<tokenizers::Tokenizer, String> {
     }
     let image_id = vocab.len() as u32;
     vocab.insert("<image>".into(), image_id);
-    let model = WordLevel::builder().vocab(vocab.into_iter().collect()).unk_token("<unk>".into()).build().map_err(|e| e.to_string())?;
+    let model = WordLevel::builder()
+        .vocab(vocab.into_iter().collect())
+        .unk_token("<unk>".into())
+        .build()
+        .map_err(|e| e.to_string())?;
     let mut tok = Tokenizer::new(model);
     tok.with_normalizer(Some(Lowercase));
     tok.with_pre_tokenizer(Some(Whitespace {}));
@@ -441,7 +463,12 @@ pub fn build_tokenizer() -> Result<tokenizers::Tokenizer, String> {
 /// attribute question. Half the existence questions carry the labeler's suffix (`feedback::verify::YES_NO_SUFFIX`), so the model
 /// answers the labeler's questions as it answers plain ones. Each is (kind, prompt, answer); captions
 /// hallucinate, yes/no answers never do.
-pub fn sft_examples(scene: &Scene, seed: u64, caption_noise: f64, order: CaptionOrder) -> Vec<(&'static str, String, String)> {
+pub fn sft_examples(
+    scene: &Scene,
+    seed: u64,
+    caption_noise: f64,
+    order: CaptionOrder,
+) -> Vec<(&'static str, String, String)> {
     let vocab = vocabulary();
     let mut rng = SplitMix64::new(seed ^ 0x4841_5244_4e45_0005);
     let mut out = Vec::new();
@@ -459,8 +486,10 @@ pub fn sft_examples(scene: &Scene, seed: u64, caption_noise: f64, order: Caption
     let mut negatives: Vec<usize> = present.iter().map(|&o| partner(o)).collect();
     if let Some(&o) = present.get((rng.next_u64() % present.len().max(1) as u64) as usize) {
         let (c, s) = (o / SHAPES.len(), o % SHAPES.len());
-        let same_color: Vec<usize> = (0..SHAPES.len()).map(|t| object_index(c, t)).filter(|x| !present.contains(x)).collect();
-        let same_shape: Vec<usize> = (0..COLORS.len()).map(|k| object_index(k, s)).filter(|x| !present.contains(x)).collect();
+        let same_color: Vec<usize> =
+            (0..SHAPES.len()).map(|t| object_index(c, t)).filter(|x| !present.contains(x)).collect();
+        let same_shape: Vec<usize> =
+            (0..COLORS.len()).map(|k| object_index(k, s)).filter(|x| !present.contains(x)).collect();
         for group in [same_color, same_shape] {
             if !group.is_empty() {
                 negatives.push(group[(rng.next_u64() % group.len() as u64) as usize]);
@@ -474,7 +503,7 @@ pub fn sft_examples(scene: &Scene, seed: u64, caption_noise: f64, order: Caption
         }
     }
     for ex in out.iter_mut().filter(|e| e.0 == "existence") {
-        if rng.next_u64() % 2 == 0 {
+        if rng.next_u64().is_multiple_of(2) {
             ex.1.push_str(crate::feedback::verify::YES_NO_SUFFIX);
         }
     }

@@ -20,15 +20,22 @@ pub fn apply_template(template: &str, prompt: &str) -> String {
 impl TextTokenizer {
     pub fn from_file(path: &Path) -> Result<Self> {
         if !path.is_file() {
-            return Err(EngineError::Tokenizer { path: path.into(), msg: "file not found (the model directory needs tokenizer.json)".into() });
+            return Err(EngineError::Tokenizer {
+                path: path.into(),
+                msg: "file not found (the model directory needs tokenizer.json)".into(),
+            });
         }
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| EngineError::Tokenizer { path: path.into(), msg: e.to_string() })?;
+        let inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| EngineError::Tokenizer { path: path.into(), msg: e.to_string() })?;
         Ok(TextTokenizer { inner, path: path.into() })
     }
 
     /// Token ids of `text`; `special` adds BOS etc. as the tokenizer's post-processor says.
     pub fn encode(&self, text: &str, special: bool) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, special).map_err(|e| EngineError::Tokenizer { path: self.path.clone(), msg: e.to_string() })?;
+        let enc = self
+            .inner
+            .encode(text, special)
+            .map_err(|e| EngineError::Tokenizer { path: self.path.clone(), msg: e.to_string() })?;
         Ok(enc.get_ids().to_vec())
     }
 

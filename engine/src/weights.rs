@@ -49,7 +49,10 @@ impl WeightStore {
                 path: single,
                 source: std::io::Error::new(
                     std::io::ErrorKind::NotFound,
-                    format!("neither {stem}.safetensors nor {stem}.safetensors.index.json exists in {}{hint}", dir.display()),
+                    format!(
+                        "neither {stem}.safetensors nor {stem}.safetensors.index.json exists in {}{hint}",
+                        dir.display()
+                    ),
                 ),
             })
         }
@@ -69,7 +72,10 @@ impl WeightStore {
                 .as_str()
                 .ok_or_else(|| EngineError::config(index_path, format!("weight_map[\"{key}\"] must be a file name")))?;
             if name.contains("..") || Path::new(name).is_absolute() {
-                return Err(EngineError::config(index_path, format!("weight_map[\"{key}\"] = \"{name}\" must be a file inside the checkpoint directory")));
+                return Err(EngineError::config(
+                    index_path,
+                    format!("weight_map[\"{key}\"] = \"{name}\" must be a file inside the checkpoint directory"),
+                ));
             }
             shard_names.insert(name.to_string());
         }
@@ -109,8 +115,10 @@ impl WeightStore {
         let mut tensors = HashMap::new();
         for (fi, path) in paths.iter().enumerate() {
             let mmap = map_file(path)?;
-            let st = SafeTensors::deserialize(&mmap)
-                .map_err(|e| EngineError::Safetensors { path: path.clone(), msg: format!("{e} (the file is truncated or corrupt; download it again)") })?;
+            let st = SafeTensors::deserialize(&mmap).map_err(|e| EngineError::Safetensors {
+                path: path.clone(),
+                msg: format!("{e} (the file is truncated or corrupt; download it again)"),
+            })?;
             let base = mmap.as_ptr() as usize;
             for (name, view) in st.tensors() {
                 let data = view.data();
@@ -122,7 +130,10 @@ impl WeightStore {
                     len: data.len(),
                 };
                 if tensors.insert(name.clone(), info).is_some() {
-                    return Err(EngineError::Safetensors { path: path.clone(), msg: format!("tensor `{name}` appears in more than one file") });
+                    return Err(EngineError::Safetensors {
+                        path: path.clone(),
+                        msg: format!("tensor `{name}` appears in more than one file"),
+                    });
                 }
             }
             files.push((path.clone(), mmap));
@@ -168,7 +179,12 @@ impl WeightStore {
         let info = self.info(key)?;
         let path = &self.files[info.file].0;
         if info.shape != expected {
-            return Err(EngineError::Shape { path: path.clone(), key: key.into(), expected: expected.to_vec(), got: info.shape.clone() });
+            return Err(EngineError::Shape {
+                path: path.clone(),
+                key: key.into(),
+                expected: expected.to_vec(),
+                got: info.shape.clone(),
+            });
         }
         self.f32_any_shape(key)
     }
@@ -179,12 +195,18 @@ impl WeightStore {
         let info = self.info(key)?;
         let (path, mmap) = &self.files[info.file];
         if info.shape != [n, k] {
-            return Err(EngineError::Shape { path: path.clone(), key: key.into(), expected: vec![n, k], got: info.shape.clone() });
+            return Err(EngineError::Shape {
+                path: path.clone(),
+                key: key.into(),
+                expected: vec![n, k],
+                got: info.shape.clone(),
+            });
         }
         let bytes = &mmap[info.start..info.start + info.len];
         Ok(match (info.dtype, keep_16bit) {
             (Dtype::BF16, true) => {
-                let v: Vec<half::bf16> = bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]])).collect();
+                let v: Vec<half::bf16> =
+                    bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]])).collect();
                 PackedMatrix::from_bf16(&v, n, k)
             }
             (Dtype::F16, true) => {
@@ -204,14 +226,17 @@ impl WeightStore {
             Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
             Dtype::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
             Dtype::BF16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            other => return Err(EngineError::Dtype { path: path.clone(), key: key.into(), dtype: format!("{other:?}") }),
+            other => {
+                return Err(EngineError::Dtype { path: path.clone(), key: key.into(), dtype: format!("{other:?}") })
+            }
         })
     }
 }
 
 /// f32 tensors serialized as a safetensors file image. `what` names the destination in errors.
 pub fn f32_safetensors_bytes(what: &Path, tensors: &[(String, Vec<usize>, &[f32])]) -> Result<Vec<u8>> {
-    let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
+    let bytes: Vec<Vec<u8>> =
+        tensors.iter().map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
     let mut views = Vec::with_capacity(tensors.len());
     for ((name, shape, _), b) in tensors.iter().zip(&bytes) {
         let view = safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), b)
@@ -227,7 +252,8 @@ pub fn write_f32_safetensors(path: &Path, tensors: &[(String, Vec<usize>, &[f32]
     use std::io::Write;
     let data = f32_safetensors_bytes(path, tensors)?;
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(".{}.tmp-{}", path.file_name().and_then(|n| n.to_str()).unwrap_or("out"), std::process::id()));
+    let tmp =
+        dir.join(format!(".{}.tmp-{}", path.file_name().and_then(|n| n.to_str()).unwrap_or("out"), std::process::id()));
     let write = || -> std::io::Result<()> {
         let mut f = File::create(&tmp)?;
         f.write_all(&data)?;

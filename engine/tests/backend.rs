@@ -50,14 +50,23 @@ fn a_model_on_the_cpu_backend_computes_what_it_computes_without_one() {
     let b = generate(&on_cpu, &req, None).unwrap();
     assert_eq!(a.iter().map(|x| &x.tokens).collect::<Vec<_>>(), b.iter().map(|x| &x.tokens).collect::<Vec<_>>());
     let ans = &a[0].tokens;
-    assert_eq!(plain.answer_logp(&ids, ans, None, None).unwrap().to_bits(), on_cpu.answer_logp(&ids, ans, None, None).unwrap().to_bits());
+    assert_eq!(
+        plain.answer_logp(&ids, ans, None, None).unwrap().to_bits(),
+        on_cpu.answer_logp(&ids, ans, None, None).unwrap().to_bits()
+    );
 }
 
 #[test]
 fn the_gpu_decoder_takes_lora_on_decoder_projections_only() {
     let model = Model::load(&shapes()).unwrap();
     let cfg = &model.llm.cfg;
-    let spec = |targets: TargetModules, save: &[&str]| LoraSpec { r: 8, lora_alpha: 16.0, target_modules: targets, modules_to_save: save.iter().map(|s| s.to_string()).collect(), ..LoraSpec::default() };
+    let spec = |targets: TargetModules, save: &[&str]| LoraSpec {
+        r: 8,
+        lora_alpha: 16.0,
+        target_modules: targets,
+        modules_to_save: save.iter().map(|s| s.to_string()).collect(),
+        ..LoraSpec::default()
+    };
     let names = |v: &[&str]| TargetModules::Names(v.iter().map(|s| s.to_string()).collect());
     // The loop's adapter (every decoder projection), and a subset (the rest count as zero).
     let full = model.create_adapter(&spec(LoraSpec::default().target_modules, &[]), 1).unwrap();
@@ -85,7 +94,13 @@ fn the_gpu_trainer_takes_the_loops_adapters_and_leaves_the_rest_to_the_cpu() {
     use engine::cuda_train::gpu_trainable;
     let model = Model::load(&shapes()).unwrap();
     let cfg = &model.llm.cfg;
-    let spec = |targets: TargetModules, dropout: f64| LoraSpec { r: 8, lora_alpha: 16.0, lora_dropout: dropout, target_modules: targets, ..LoraSpec::default() };
+    let spec = |targets: TargetModules, dropout: f64| LoraSpec {
+        r: 8,
+        lora_alpha: 16.0,
+        lora_dropout: dropout,
+        target_modules: targets,
+        ..LoraSpec::default()
+    };
     // What the loop trains (rlaif.rs: LoraSpec::default's targets): the GPU (fresh, paused or resumed alike).
     let loop_adapter = model.create_adapter(&spec(LoraSpec::default().target_modules, 0.0), 1).unwrap();
     assert_eq!(gpu_trainable(cfg, &loop_adapter), None);
@@ -93,23 +108,50 @@ fn the_gpu_trainer_takes_the_loops_adapters_and_leaves_the_rest_to_the_cpu() {
     let dropout = model.create_adapter(&spec(LoraSpec::default().target_modules, 0.05), 1).unwrap();
     assert_eq!(gpu_trainable(cfg, &dropout), None);
     // Any subset of the decoder's projections (peft's classic q_proj + v_proj, or some layers only): the GPU.
-    let qv = model.create_adapter(&spec(TargetModules::Regex(r".*language_model.*\.(q_proj|v_proj)".into()), 0.0), 1).unwrap();
+    let qv = model
+        .create_adapter(&spec(TargetModules::Regex(r".*language_model.*\.(q_proj|v_proj)".into()), 0.0), 1)
+        .unwrap();
     assert_eq!(gpu_trainable(cfg, &qv), None);
-    let one_layer = model.create_adapter(&spec(TargetModules::Regex(r".*language_model.*layers\.0\.mlp\..*".into()), 0.0), 1).unwrap();
+    let one_layer = model
+        .create_adapter(&spec(TargetModules::Regex(r".*language_model.*layers\.0\.mlp\..*".into()), 0.0), 1)
+        .unwrap();
     assert_eq!(one_layer.module_names().len(), 3, "{:?}", one_layer.module_names());
     assert_eq!(gpu_trainable(cfg, &one_layer), None);
     // The projector trained in full (--train-projector): the GPU (the backend checks its image path can).
-    let projector = model.create_adapter(&LoraSpec { modules_to_save: vec!["multi_modal_projector".into()], ..spec(LoraSpec::default().target_modules, 0.0) }, 1).unwrap();
+    let projector = model
+        .create_adapter(
+            &LoraSpec {
+                modules_to_save: vec!["multi_modal_projector".into()],
+                ..spec(LoraSpec::default().target_modules, 0.0)
+            },
+            1,
+        )
+        .unwrap();
     assert_eq!(gpu_trainable(cfg, &projector), None);
     // A decoder parameter trained in full, no decoder LoRA at all: the CPU, with why.
-    let saved = model.create_adapter(&LoraSpec { modules_to_save: vec!["lm_head".into()], ..spec(LoraSpec::default().target_modules, 0.0) }, 1).unwrap();
+    let saved = model
+        .create_adapter(
+            &LoraSpec { modules_to_save: vec!["lm_head".into()], ..spec(LoraSpec::default().target_modules, 0.0) },
+            1,
+        )
+        .unwrap();
     assert!(gpu_trainable(cfg, &saved).unwrap().contains("modules_to_save"), "{:?}", gpu_trainable(cfg, &saved));
     let none = model.create_adapter(&spec(TargetModules::Regex(r".*vision_tower.*q_proj".into()), 0.0), 1).unwrap();
-    assert!(gpu_trainable(cfg, &none).unwrap().contains("no LoRA module in the decoder"), "{:?}", gpu_trainable(cfg, &none));
-    let vision = model.create_adapter(&spec(TargetModules::Regex(r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj|fc1)".into()), 0.0), 1).unwrap();
+    assert!(
+        gpu_trainable(cfg, &none).unwrap().contains("no LoRA module in the decoder"),
+        "{:?}",
+        gpu_trainable(cfg, &none)
+    );
+    let vision = model
+        .create_adapter(
+            &spec(TargetModules::Regex(r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj|fc1)".into()), 0.0),
+            1,
+        )
+        .unwrap();
     // LoRA on the image path's linear layers beside the decoder's: the GPU too (the backend sends it to the CPU
     // where the model's image path is not on the device or cannot apply it: cuda_backend.rs).
     assert_eq!(gpu_trainable(cfg, &vision), None);
-    let head = model.create_adapter(&spec(TargetModules::Names(vec!["q_proj".into(), "lm_head".into()]), 0.0), 1).unwrap();
+    let head =
+        model.create_adapter(&spec(TargetModules::Names(vec!["q_proj".into(), "lm_head".into()]), 0.0), 1).unwrap();
     assert!(gpu_trainable(cfg, &head).unwrap().contains("lm_head"), "{:?}", gpu_trainable(cfg, &head));
 }

@@ -113,8 +113,17 @@ fn act_ref(act: Activation, x: f64) -> f64 {
 /// out (tq, heads, hd) = softmax(scale q kᵀ) v with causal mask at positions start.., GQA by head grouping.
 #[allow(clippy::too_many_arguments)]
 fn attention_ref(
-    q: &[f64], k: &[f64], v: &[f64], tq: usize, tk: usize, start: usize, heads: usize, kv_heads: usize, hd: usize,
-    scale: f64, causal: bool,
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    tq: usize,
+    tk: usize,
+    start: usize,
+    heads: usize,
+    kv_heads: usize,
+    hd: usize,
+    scale: f64,
+    causal: bool,
 ) -> Vec<f64> {
     let group = heads / kv_heads;
     let mut out = vec![0f64; tq * heads * hd];
@@ -233,9 +242,21 @@ fn layernorm_bwd_matches_fd_and_accumulates_dw_db() {
         let mut dw = vec![0f32; dim];
         let mut db = vec![0f32; dim];
         layernorm_bwd(&mut dx, Some(&mut dw), Some(&mut db), &dout, &x, &w, eps);
-        check(&format!("layernorm dx ({rows},{dim})"), &dx, &fd_grad(&x, |x| dot64(&dout, &layernorm_ref(x, &w64, &b64, eps))));
-        check(&format!("layernorm dw ({rows},{dim})"), &dw, &fd_grad(&w, |w| dot64(&dout, &layernorm_ref(&x64, w, &b64, eps))));
-        check(&format!("layernorm db ({rows},{dim})"), &db, &fd_grad(&b, |b| dot64(&dout, &layernorm_ref(&x64, &w64, b, eps))));
+        check(
+            &format!("layernorm dx ({rows},{dim})"),
+            &dx,
+            &fd_grad(&x, |x| dot64(&dout, &layernorm_ref(x, &w64, &b64, eps))),
+        );
+        check(
+            &format!("layernorm dw ({rows},{dim})"),
+            &dw,
+            &fd_grad(&w, |w| dot64(&dout, &layernorm_ref(&x64, w, &b64, eps))),
+        );
+        check(
+            &format!("layernorm db ({rows},{dim})"),
+            &db,
+            &fd_grad(&b, |b| dot64(&dout, &layernorm_ref(&x64, &w64, b, eps))),
+        );
 
         let (dx1, dw1, db1) = (dx.clone(), dw.clone(), db.clone());
         layernorm_bwd(&mut dx, Some(&mut dw), Some(&mut db), &dout, &x, &w, eps);
@@ -334,7 +355,8 @@ fn attend_dense_bwd_matches_fd() {
         let dout = randn(&mut rng, tq * heads * hd, 1.0);
         let (q64, k64, v64) = (to64(&q), to64(&k), to64(&v));
         let s64 = scale as f64;
-        let fwd = |q: &[f64], k: &[f64], v: &[f64]| attention_ref(q, k, v, tq, tk, start, heads, kv_heads, hd, s64, causal);
+        let fwd =
+            |q: &[f64], k: &[f64], v: &[f64]| attention_ref(q, k, v, tq, tk, start, heads, kv_heads, hd, s64, causal);
 
         let mut out = vec![0f32; tq * heads * hd];
         attend_dense(&mut out, &q, &k, &v, tq, tk, start, heads, kv_heads, hd, scale, causal);
@@ -343,14 +365,18 @@ fn attend_dense_bwd_matches_fd() {
         let mut dq = vec![f32::NAN; q.len()];
         let mut dk = vec![f32::NAN; k.len()];
         let mut dv = vec![f32::NAN; v.len()];
-        attend_dense_bwd(&mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, tq, tk, start, heads, kv_heads, hd, scale, causal);
+        attend_dense_bwd(
+            &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, tq, tk, start, heads, kv_heads, hd, scale, causal,
+        );
         let tag = format!("h{heads} kvh{kv_heads} hd{hd} tq{tq} tk{tk} start{start} causal={causal}");
         check(&format!("attention dq {tag}"), &dq, &fd_grad(&q, |q| dot64(&dout, &fwd(q, &k64, &v64))));
         check(&format!("attention dk {tag}"), &dk, &fd_grad(&k, |k| dot64(&dout, &fwd(&q64, k, &v64))));
         check(&format!("attention dv {tag}"), &dv, &fd_grad(&v, |v| dot64(&dout, &fwd(&q64, &k64, v))));
 
         let (dq1, dk1, dv1) = (dq.clone(), dk.clone(), dv.clone());
-        attend_dense_bwd(&mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, tq, tk, start, heads, kv_heads, hd, scale, causal);
+        attend_dense_bwd(
+            &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, tq, tk, start, heads, kv_heads, hd, scale, causal,
+        );
         assert!(dq == dq1 && dk == dk1 && dv == dv1, "attention grads must be assigned ({tag})");
     }
 }
@@ -389,13 +415,17 @@ fn attend_dense_bwd_grouped_matches_repeated_kv() {
         attend_dense(&mut out, &q, &k, &v, tq, tk, start, heads, kv_heads, hd, scale, causal);
         let fwd_time = t0.elapsed();
         let t0 = std::time::Instant::now();
-        attend_dense_bwd(&mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, tq, tk, start, heads, kv_heads, hd, scale, causal);
+        attend_dense_bwd(
+            &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, tq, tk, start, heads, kv_heads, hd, scale, causal,
+        );
         let bwd_time = t0.elapsed();
 
         let mut dq_r = vec![f32::NAN; q.len()];
         let mut dk_r = vec![f32::NAN; k_rep.len()];
         let mut dv_r = vec![f32::NAN; v_rep.len()];
-        attend_dense_bwd(&mut dq_r, &mut dk_r, &mut dv_r, &dout, &q, &k_rep, &v_rep, tq, tk, start, heads, heads, hd, scale, causal);
+        attend_dense_bwd(
+            &mut dq_r, &mut dk_r, &mut dv_r, &dout, &q, &k_rep, &v_rep, tq, tk, start, heads, heads, hd, scale, causal,
+        );
         let fold = |d: &[f32]| -> Vec<f64> {
             let mut r = vec![0f64; tk * kv_heads * hd];
             for p in 0..tk {
@@ -522,11 +552,15 @@ fn bias_and_embedding_bwd_match_fd_and_accumulate() {
     let table = randn(&mut rng, vocab * dim, 1.0);
     let ids: Vec<u32> = vec![3, 0, 10, 3, 7, 3, 0]; // repeats must add up
     let dout = randn(&mut rng, ids.len() * dim, 1.0);
-    let lookup = |t: &[f64]| -> Vec<f64> { ids.iter().flat_map(|&id| t[id as usize * dim..][..dim].to_vec()).collect() };
+    let lookup =
+        |t: &[f64]| -> Vec<f64> { ids.iter().flat_map(|&id| t[id as usize * dim..][..dim].to_vec()).collect() };
     let mut dtable = vec![0f32; vocab * dim];
     embedding_bwd(&mut dtable, &dout, &ids, dim);
     check("embedding dtable", &dtable, &fd_grad(&table, |t| dot64(&dout, &lookup(t))));
     let dt1 = dtable.clone();
     embedding_bwd(&mut dtable, &dout, &ids, dim);
-    assert!(dtable.iter().zip(&dt1).all(|(a, b)| (a - 2.0 * b).abs() <= 1e-6 * b.abs().max(1.0)), "dtable must accumulate");
+    assert!(
+        dtable.iter().zip(&dt1).all(|(a, b)| (a - 2.0 * b).abs() <= 1e-6 * b.abs().max(1.0)),
+        "dtable must accumulate"
+    );
 }

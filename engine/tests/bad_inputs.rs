@@ -79,7 +79,11 @@ fn no_panic<T>(what: &str, f: impl FnOnce() -> T) -> T {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(v) => v,
         Err(p) => {
-            let msg = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
             panic!("{what}: PANICKED instead of returning an error: {msg}")
         }
     }
@@ -160,7 +164,8 @@ impl StFile {
                 metadata = Some(info);
                 continue;
             }
-            let off: Vec<usize> = info["data_offsets"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
+            let off: Vec<usize> =
+                info["data_offsets"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
             tensors.push(Tensor {
                 name,
                 dtype: info["dtype"].as_str().unwrap().to_string(),
@@ -199,7 +204,7 @@ impl StFile {
 /// Writes `u64 LE header length` + header (space-padded to 8 bytes) + data. `len_override` replaces the length field.
 fn write_raw(path: &Path, header: &str, len_override: Option<u64>, data: &[u8]) {
     let mut h = header.as_bytes().to_vec();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut out = len_override.unwrap_or(h.len() as u64).to_le_bytes().to_vec();
@@ -241,7 +246,11 @@ fn missing_shard_is_named() {
     std::fs::remove_file(m.path().join("model-00002-of-00002.safetensors")).unwrap();
     let (e, msg) = load_err("missing shard", m.path());
     assert!(matches!(e, EngineError::Io { .. }), "{e:?}");
-    assert_contains("missing shard", &msg, &["model-00002-of-00002.safetensors", "missing", "model.safetensors.index.json"]);
+    assert_contains(
+        "missing shard",
+        &msg,
+        &["model-00002-of-00002.safetensors", "missing", "model.safetensors.index.json"],
+    );
 }
 
 #[test]
@@ -250,7 +259,11 @@ fn index_naming_the_wrong_shard_is_an_error() {
     let index_path = m.path().join("model.safetensors.index.json");
     let mut index = read_json(&index_path);
     let map = index["weight_map"].as_object_mut().unwrap();
-    let (key, shard) = map.iter().find(|(_, v)| v.as_str() == Some("model-00001-of-00002.safetensors")).map(|(k, v)| (k.clone(), v.clone())).unwrap();
+    let (key, shard) = map
+        .iter()
+        .find(|(_, v)| v.as_str() == Some("model-00001-of-00002.safetensors"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .unwrap();
     assert_eq!(shard, "model-00001-of-00002.safetensors");
     map.insert(key.clone(), json!("model-00002-of-00002.safetensors"));
     write_json(&index_path, &index);
@@ -297,7 +310,8 @@ fn truncated_safetensors_names_the_file() {
 
 #[test]
 fn crafted_bad_headers_name_the_file() {
-    let cases: Vec<(&str, String, Option<u64>, Vec<u8>, Vec<&str>)> = vec![
+    type Case<'a> = (&'a str, String, Option<u64>, Vec<u8>, Vec<&'a str>);
+    let cases: Vec<Case> = vec![
         (
             "data offsets beyond the end of the file",
             r#"{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#.into(),
@@ -352,7 +366,7 @@ fn crafted_bad_headers_name_the_file() {
         assert_contains(tag, &msg, &["model.safetensors", "truncated or corrupt"]);
         assert_contains(tag, &msg, &needles);
         // ... and through WeightStore directly.
-        let e = expect_err(tag, || WeightStore::open_files(&[p.clone()]));
+        let e = expect_err(tag, || WeightStore::open_files(std::slice::from_ref(&p)));
         assert_contains(tag, &e.to_string(), &["model.safetensors"]);
     }
 }
@@ -449,7 +463,8 @@ fn unsupported_dtype_names_key_and_dtype() {
 
 #[test]
 fn missing_tensor_names_the_key() {
-    for key in [Q0, "vision_tower.vision_model.encoder.layers.1.mlp.fc2.bias", "multi_modal_projector.linear_2.weight"] {
+    for key in [Q0, "vision_tower.vision_model.encoder.layers.1.mlp.fc2.bias", "multi_modal_projector.linear_2.weight"]
+    {
         let m = model_copy(SINGLE);
         let p = m.path().join("model.safetensors");
         let mut st = StFile::read(&p);
@@ -498,7 +513,11 @@ fn unknown_architecture() {
     });
     let (e, msg) = load_err("MistralForCausalLM", m.path());
     assert!(matches!(e, EngineError::Config { .. }), "{e:?}");
-    assert_contains("MistralForCausalLM", &msg, &["config.json", "MistralForCausalLM", "unknown architecture", "LlavaForConditionalGeneration"]);
+    assert_contains(
+        "MistralForCausalLM",
+        &msg,
+        &["config.json", "MistralForCausalLM", "unknown architecture", "LlavaForConditionalGeneration"],
+    );
 
     // A LLaVA whose language model is not LLaMA.
     let m = edit_config(SINGLE, |c| c["text_config"]["model_type"] = json!("mistral"));
@@ -508,7 +527,11 @@ fn unknown_architecture() {
 
 #[test]
 fn malformed_config_json_names_the_file() {
-    for (tag, text) in [("invalid JSON", "{\"architectures\": [\"LlavaForConditionalGeneration\",}"), ("empty", ""), ("a list", "[1, 2]")] {
+    for (tag, text) in [
+        ("invalid JSON", "{\"architectures\": [\"LlavaForConditionalGeneration\",}"),
+        ("empty", ""),
+        ("a list", "[1, 2]"),
+    ] {
         let m = model_copy(SINGLE);
         std::fs::write(m.path().join("config.json"), text).unwrap();
         let (_, msg) = load_err(tag, m.path());
@@ -547,7 +570,11 @@ fn inconsistent_config_values() {
     let m = edit_config(SINGLE, |c| c["text_config"]["vocab_size"] = json!(100));
     let (e, msg) = load_err("vocab_size vs embeddings", m.path());
     assert!(matches!(e, EngineError::Shape { .. }), "{e:?}");
-    assert_contains("vocab_size vs embeddings", &msg, &["embed_tokens.weight", "model.safetensors", "[96, 32]", "[100, 32]"]);
+    assert_contains(
+        "vocab_size vs embeddings",
+        &msg,
+        &["embed_tokens.weight", "model.safetensors", "[96, 32]", "[100, 32]"],
+    );
 
     // More layers than the checkpoint holds.
     let m = edit_config(SINGLE, |c| c["text_config"]["num_hidden_layers"] = json!(3));
@@ -561,7 +588,15 @@ fn inconsistent_config_values() {
 #[test]
 fn corrupt_and_truncated_images_via_model() {
     let model = Model::load(&fixtures().join(SINGLE).join("model")).unwrap();
-    for name in ["corrupt.png", "truncated.png", "truncated_header.png", "bad_idat.png", "empty.png", "not_an_image.png", "no_such_image.png"] {
+    for name in [
+        "corrupt.png",
+        "truncated.png",
+        "truncated_header.png",
+        "bad_idat.png",
+        "empty.png",
+        "not_an_image.png",
+        "no_such_image.png",
+    ] {
         let e = expect_err(name, || model.load_image(&image_fixture(name)));
         assert_contains(name, &e.to_string(), &[name]);
     }
@@ -618,7 +653,11 @@ fn adapter_for_a_different_base_model() {
     let text = Model::load(&fixtures().join(TEXT_ONLY).join("model")).unwrap();
     let (e, msg) = adapter_err(&text, "LLaVA adapter on text-only model", &fixtures().join(SINGLE).join("adapter"));
     assert!(matches!(e, EngineError::Adapter { .. }), "{e:?}");
-    assert_contains("LLaVA adapter on text-only model", &msg, &["adapter_model.safetensors", "not a linear layer of this base model"]);
+    assert_contains(
+        "LLaVA adapter on text-only model",
+        &msg,
+        &["adapter_model.safetensors", "not a linear layer of this base model"],
+    );
 
     // Same shapes but an extra module the base does not have (layer 7).
     let a = adapter_copy(SINGLE);
@@ -628,7 +667,12 @@ fn adapter_for_a_different_base_model() {
         .tensors
         .iter()
         .filter(|t| t.name.contains(".layers.1.self_attn.q_proj.") && t.name.contains("language_model"))
-        .map(|t| Tensor { name: t.name.replace(".layers.1.", ".layers.7."), dtype: t.dtype.clone(), shape: t.shape.clone(), data: t.data.clone() })
+        .map(|t| Tensor {
+            name: t.name.replace(".layers.1.", ".layers.7."),
+            dtype: t.dtype.clone(),
+            shape: t.shape.clone(),
+            data: t.data.clone(),
+        })
         .collect();
     assert_eq!(extra.len(), 2);
     st.tensors.extend(extra);
@@ -704,12 +748,20 @@ fn adapter_weight_problems() {
             t.name = t.name.trim_start_matches("base_model.model.").to_string();
         }
     });
-    assert_contains("keys without base_model.model.", &msg, &["adapter_model.safetensors", "base_model.model.", ".lora_"]);
+    assert_contains(
+        "keys without base_model.model.",
+        &msg,
+        &["adapter_model.safetensors", "base_model.model.", ".lora_"],
+    );
 
     // lora_A without its lora_B.
     let b_key = "base_model.model.language_model.model.layers.0.self_attn.q_proj.lora_B.weight";
     let msg = edit("lora_A without lora_B", &|st| st.remove(b_key));
-    assert_contains("lora_A without lora_B", &msg, &["adapter_model.safetensors", "language_model.model.layers.0.self_attn.q_proj", "lora_A/lora_B"]);
+    assert_contains(
+        "lora_A without lora_B",
+        &msg,
+        &["adapter_model.safetensors", "language_model.model.layers.0.self_attn.q_proj", "lora_A/lora_B"],
+    );
 
     // A key that is neither lora_A nor lora_B (e.g. a DoRA magnitude vector).
     let msg = edit("lora_magnitude_vector", &|st| {
@@ -881,7 +933,10 @@ fn failed_adapter_load_leaves_the_model_and_other_adapters_intact() {
 
     // Several adapters that fail part-way through (after some modules were already read).
     let other = expect_err("other base", || model.load_adapter(&fixtures().join(OTHER_BASE).join("adapter")));
-    assert!(matches!(other, EngineError::Adapter { .. }) && other.to_string().contains("different base model"), "{other:?}");
+    assert!(
+        matches!(other, EngineError::Adapter { .. }) && other.to_string().contains("different base model"),
+        "{other:?}"
+    );
     let a = adapter_copy(SINGLE);
     let p = a.path().join("adapter_model.safetensors");
     let mut st = StFile::read(&p);

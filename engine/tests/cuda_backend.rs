@@ -78,8 +78,18 @@ fn cuda_backend_matches_the_cpu_backend_on_shapesworld_with_an_image_and_lora() 
             let req = GenerateRequest { ids: &ids, pixels: Some(&pixels), seeds: &[0], params, stop_ids: vec![] };
             let want = generate(&cpu, &req, ad).unwrap().remove(0);
             let got = generate(&dev, &req, ad).unwrap().remove(0);
-            println!("scene {seed} lora {}: CPU {:?} GPU {:?}", ad.is_some(), tok.decode(&want.tokens).unwrap(), tok.decode(&got.tokens).unwrap());
-            assert_eq!((&got.tokens, got.finish), (&want.tokens, want.finish), "scene {seed}, lora {}: greedy answers differ", ad.is_some());
+            println!(
+                "scene {seed} lora {}: CPU {:?} GPU {:?}",
+                ad.is_some(),
+                tok.decode(&want.tokens).unwrap(),
+                tok.decode(&got.tokens).unwrap()
+            );
+            assert_eq!(
+                (&got.tokens, got.finish),
+                (&want.tokens, want.finish),
+                "scene {seed}, lora {}: greedy answers differ",
+                ad.is_some()
+            );
             // Reference scoring of that answer: per-token mean log-prob within 5e-2.
             let feats = cpu.image_features(&pixels, ad).unwrap();
             let lw = cpu.answer_logp(&ids, &want.tokens, Some(&feats), ad).unwrap();
@@ -92,7 +102,10 @@ fn cuda_backend_matches_the_cpu_backend_on_shapesworld_with_an_image_and_lora() 
                 let base = cpu.answer_logp(&ids, &want.tokens, Some(&feats), None).unwrap();
                 let sw = cpu.answer_logp(&ids, &want.tokens, Some(&feats), Some(&strong)).unwrap();
                 let sg = dev.answer_logp(&ids, &want.tokens, Some(&feats), Some(&strong)).unwrap();
-                assert!((sw - base).abs() / n > 0.5, "scene {seed}: the strong adapter barely moves the log-probs ({base} vs {sw})");
+                assert!(
+                    (sw - base).abs() / n > 0.5,
+                    "scene {seed}: the strong adapter barely moves the log-probs ({base} vs {sw})"
+                );
                 let d = (sg - sw).abs() / n;
                 worst_mean = worst_mean.max(d);
                 assert!(d <= 5e-2, "scene {seed}, strong adapter: answer log-prob {sg} on the GPU, {sw} on the CPU");
@@ -106,14 +119,21 @@ fn cuda_backend_matches_the_cpu_backend_on_shapesworld_with_an_image_and_lora() 
     let pixels = engine::image::preprocess(&scene.render(&wc, 9), &ip).unwrap();
     let params = SamplingParams { temperature: 0.7, max_new_tokens: 20, ..Default::default() };
     let seeds = [11u64, 12, 13, 14, 15, 16];
-    let req = GenerateRequest { ids: &ids, pixels: Some(&pixels), seeds: &seeds, params: params.clone(), stop_ids: vec![] };
+    let req =
+        GenerateRequest { ids: &ids, pixels: Some(&pixels), seeds: &seeds, params: params.clone(), stop_ids: vec![] };
     let a = generate(&dev, &req, Some(&lora)).unwrap();
     let b = generate(&dev, &req, Some(&lora)).unwrap();
     let eos = cpu.llm.cfg.eos_token_ids.clone();
     for (x, y) in a.iter().zip(&b) {
         assert_eq!(x.tokens, y.tokens, "seed {}: sampling is not repeatable", x.seed);
         assert!(!x.tokens.iter().any(|t| eos.contains(t)), "an answer holds the stop token");
-        assert!(x.finish == FinishReason::Stop || x.tokens.len() == 20, "seed {}: {:?} after {} tokens", x.seed, x.finish, x.tokens.len());
+        assert!(
+            x.finish == FinishReason::Stop || x.tokens.len() == 20,
+            "seed {}: {:?} after {} tokens",
+            x.seed,
+            x.finish,
+            x.tokens.len()
+        );
     }
     // An adapter with LoRA on the lm_head is not for the GPU decoder: it runs on the CPU, token for token.
     let head = adapter(&cpu, TargetModules::Names(vec!["q_proj".into(), "lm_head".into()]), 5, 0.05);
@@ -125,7 +145,8 @@ fn cuda_backend_matches_the_cpu_backend_on_shapesworld_with_an_image_and_lora() 
     // An adapter on the decoder and the image path (vision tower and projector) runs wholly on the device: its image
     // features come from the GPU image path (within fp16 rounding of the CPU's, not bit-equal as a CPU fallback's
     // would be), and the greedy answer is the CPU's.
-    let both_parts = adapter(&cpu, TargetModules::Regex(r".*(q_proj|v_proj|out_proj|fc1|linear_1|down_proj)".into()), 7, 0.05);
+    let both_parts =
+        adapter(&cpu, TargetModules::Regex(r".*(q_proj|v_proj|out_proj|fc1|linear_1|down_proj)".into()), 7, 0.05);
     let want = cpu.image_features(&pixels, Some(&both_parts)).unwrap();
     let got = dev.image_features(&pixels, Some(&both_parts)).unwrap();
     let e = rel_l2(&got, &want);
@@ -133,19 +154,33 @@ fn cuda_backend_matches_the_cpu_backend_on_shapesworld_with_an_image_and_lora() 
     assert!(e <= 1e-2 && e > 0.0, "image features under the adapter: rel L2 {e} (0 means the CPU computed them)");
     let params = SamplingParams { temperature: 0.0, max_new_tokens: 24, ..Default::default() };
     let req = GenerateRequest { ids: &ids, pixels: Some(&pixels), seeds: &[0], params, stop_ids: vec![] };
-    assert_eq!(generate(&dev, &req, Some(&both_parts)).unwrap()[0].tokens, generate(&cpu, &req, Some(&both_parts)).unwrap()[0].tokens);
+    assert_eq!(
+        generate(&dev, &req, Some(&both_parts)).unwrap()[0].tokens,
+        generate(&cpu, &req, Some(&both_parts)).unwrap()[0].tokens
+    );
     // An adapter on the image path only leaves the decoder on the device, without LoRA: the answer's log-prob is
     // within fp16 rounding of the CPU's, not bit-equal as a CPU fallback's would be.
     let vision_only = adapter(&cpu, TargetModules::Regex(r".*(vision_tower.*(q_proj|fc1)|linear_1)".into()), 9, 0.05);
-    assert!(vision_only.module_names().iter().all(|n| engine::cuda_clip::in_image_path(n)), "{:?}", vision_only.module_names());
+    assert!(
+        vision_only.module_names().iter().all(|n| engine::cuda_clip::in_image_path(n)),
+        "{:?}",
+        vision_only.module_names()
+    );
     let want = generate(&cpu, &req, Some(&vision_only)).unwrap().remove(0);
-    assert_eq!(generate(&dev, &req, Some(&vision_only)).unwrap()[0].tokens, want.tokens, "an image-path-only adapter: greedy answers differ");
+    assert_eq!(
+        generate(&dev, &req, Some(&vision_only)).unwrap()[0].tokens,
+        want.tokens,
+        "an image-path-only adapter: greedy answers differ"
+    );
     let feats = cpu.image_features(&pixels, Some(&vision_only)).unwrap();
     let lw = cpu.answer_logp(&ids, &want.tokens, Some(&feats), Some(&vision_only)).unwrap();
     let lg = dev.answer_logp(&ids, &want.tokens, Some(&feats), Some(&vision_only)).unwrap();
     let d = (lg - lw).abs() / want.tokens.len().max(1) as f64;
     println!("image-path-only adapter: answer log-prob CPU {lw:.5} GPU {lg:.5}");
-    assert!(d <= 5e-2 && lg != lw, "an image-path-only adapter: answer log-prob {lg} on the GPU, {lw} on the CPU (equal means the CPU scored it)");
+    assert!(
+        d <= 5e-2 && lg != lw,
+        "an image-path-only adapter: answer log-prob {lg} on the GPU, {lw} on the CPU (equal means the CPU scored it)"
+    );
 }
 
 /// A scene, its prompt ids, the chosen and the rejected answer ids.
@@ -163,7 +198,8 @@ fn shapes_pairs(tok: &TextTokenizer, eos: u32, count: usize) -> Vec<Pair> {
     (0..400u64)
         .filter_map(|seed| {
             let scene = Scene::generate(&wc, seed);
-            let (noisy, added) = engine::shapes::noisy_caption(&scene, seed, 1.0, engine::shapes::CaptionOrder::Canonical);
+            let (noisy, added) =
+                engine::shapes::noisy_caption(&scene, seed, 1.0, engine::shapes::CaptionOrder::Canonical);
             (!added.is_empty()).then(|| {
                 let chosen = ans(&engine::shapes::caption(&scene));
                 (scene, prompt.clone(), chosen, ans(&noisy))
@@ -190,12 +226,31 @@ fn lora_spec(targets: TargetModules) -> LoraSpec {
 /// `train` of the adapter `spec` makes (AdamW's weight decay `decay`), paused after `pause` steps on `first`: the
 /// adapter and the optimizer state (moments, step, loss scale) saved to disk as `rlaifd train-dpo` saves them,
 /// loaded back, and the run finished on `second`.
-fn train_paused(first: &Model, second: &Model, pairs: &[Pair], pause: Option<usize>, spec: LoraSpec, decay: f64) -> Run {
-    use engine::train::{dpo::TokenPair, optim::{AdamW, AdamWConfig}, trainer::{precompute_references, train_dpo, TrainConfig}};
+fn train_paused(
+    first: &Model,
+    second: &Model,
+    pairs: &[Pair],
+    pause: Option<usize>,
+    spec: LoraSpec,
+    decay: f64,
+) -> Run {
+    use engine::train::{
+        dpo::TokenPair,
+        optim::{AdamW, AdamWConfig},
+        trainer::{precompute_references, train_dpo, TrainConfig},
+    };
     let wc = WorldConfig::default();
     let ip = first.image_processor.clone().unwrap();
-    let pixels: Vec<_> = pairs.iter().enumerate().map(|(i, (s, ..))| engine::image::preprocess(&s.render(&wc, i as u64), &ip).unwrap()).collect();
-    let tp: Vec<TokenPair> = pairs.iter().zip(&pixels).map(|((_, p, c, r), px)| TokenPair { pixels: Some(px), prompt_ids: p, chosen_ids: c, rejected_ids: r }).collect();
+    let pixels: Vec<_> = pairs
+        .iter()
+        .enumerate()
+        .map(|(i, (s, ..))| engine::image::preprocess(&s.render(&wc, i as u64), &ip).unwrap())
+        .collect();
+    let tp: Vec<TokenPair> = pairs
+        .iter()
+        .zip(&pixels)
+        .map(|((_, p, c, r), px)| TokenPair { pixels: Some(px), prompt_ids: p, chosen_ids: c, rejected_ids: r })
+        .collect();
     let refs = precompute_references(first, None, &tp).unwrap();
     let mut adapter = first.create_adapter(&spec, 17).unwrap();
     let cfg = TrainConfig { dpo: Default::default(), epochs: 4, batch_size: 4, seed: 5 };
@@ -207,12 +262,14 @@ fn train_paused(first: &Model, second: &Model, pairs: &[Pair], pause: Option<usi
         train_dpo(first, &mut adapter, &tp, &refs, &cfg, &mut opt, Some(k), |l| logs.push(l.clone())).unwrap();
         assert_eq!((opt.step, logs.len()), (k, k), "the run did not stop after {k} steps");
         let dir = std::env::temp_dir().join(format!("rlaifd-paused-{}-{k}", std::process::id()));
-        let state = engine::weights::f32_safetensors_bytes(&dir.join("optimizer.safetensors"), &opt.state_tensors()).unwrap();
+        let state =
+            engine::weights::f32_safetensors_bytes(&dir.join("optimizer.safetensors"), &opt.state_tensors()).unwrap();
         let scaler = serde_json::to_vec(&opt.scaler).unwrap();
         adapter.save(&dir, &first.dir, &[("optimizer.safetensors", state), ("scaler.json", scaler)]).unwrap();
         adapter = second.load_adapter(&dir).unwrap();
         opt = AdamW::new(ocfg);
-        opt.load_state(k, &engine::weights::WeightStore::open_files(&[dir.join("optimizer.safetensors")]).unwrap()).unwrap();
+        opt.load_state(k, &engine::weights::WeightStore::open_files(&[dir.join("optimizer.safetensors")]).unwrap())
+            .unwrap();
         opt.scaler = serde_json::from_slice(&std::fs::read(dir.join("scaler.json")).unwrap()).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -239,21 +296,42 @@ fn gpu_dpo_on_shapesworld_images_tracks_the_cpu_trainer_and_learns_the_pairs() {
     let (got, trained, on_gpu) = train(&dev, &pairs);
     assert!(on_gpu && !cpu_only, "the GPU trainer did not take the loop's adapter (GPU {on_gpu}, CPU {cpu_only})");
     for (w, g) in want.iter().zip(&got) {
-        println!("step {}: loss CPU {:.4} GPU {:.4}, reward accuracy {:.2} / {:.2}, grad norm {:.3} / {:.3}", w.step, w.loss, g.loss, w.reward_accuracy, g.reward_accuracy, w.grad_norm, g.grad_norm);
+        println!(
+            "step {}: loss CPU {:.4} GPU {:.4}, reward accuracy {:.2} / {:.2}, grad norm {:.3} / {:.3}",
+            w.step, w.loss, g.loss, w.reward_accuracy, g.reward_accuracy, w.grad_norm, g.grad_norm
+        );
     }
     assert_eq!(got.len(), want.len());
     // The first step sees the same adapter on both: its log-probs (images included) agree, per token.
     let per_token = (got[0].logp_chosen - want[0].logp_chosen).abs() / pairs[0].2.len() as f64;
-    assert!(per_token <= 5e-2, "first step: log-prob of chosen {} on the GPU, {} on the CPU", got[0].logp_chosen, want[0].logp_chosen);
+    assert!(
+        per_token <= 5e-2,
+        "first step: log-prob of chosen {} on the GPU, {} on the CPU",
+        got[0].logp_chosen,
+        want[0].logp_chosen
+    );
     // The loss follows the CPU trainer's over the first steps, and both learn the pairs.
     for k in 0..3 {
-        assert!((got[k].loss - want[k].loss).abs() <= 0.02 + 0.05 * want[k].loss, "step {}: loss {} on the GPU, {} on the CPU", k + 1, got[k].loss, want[k].loss);
+        assert!(
+            (got[k].loss - want[k].loss).abs() <= 0.02 + 0.05 * want[k].loss,
+            "step {}: loss {} on the GPU, {} on the CPU",
+            k + 1,
+            got[k].loss,
+            want[k].loss
+        );
     }
     let last = got.last().unwrap();
-    assert!(last.loss < got[0].loss - 0.1 && last.reward_accuracy >= 0.75, "the GPU run did not learn the pairs: {:?}", last);
+    assert!(
+        last.loss < got[0].loss - 0.1 && last.reward_accuracy >= 0.75,
+        "the GPU run did not learn the pairs: {:?}",
+        last
+    );
     assert!(got.iter().all(|l| l.grad_norm.is_finite()), "a step overflowed in fp16 and was skipped");
     // The trained factors came back from the device.
-    assert!(trained.modules().iter().any(|(_, m)| m.b.iter().any(|&v| v != 0.0)), "the adapter's B factors are still zero");
+    assert!(
+        trained.modules().iter().any(|(_, m)| m.b.iter().any(|&v| v != 0.0)),
+        "the adapter's B factors are still zero"
+    );
 }
 
 /// peft's classic LoRA, q_proj and v_proj only (of the decoder), trains on the GPU trainer too, follows the CPU
@@ -269,11 +347,20 @@ fn gpu_dpo_of_a_q_and_v_adapter_tracks_the_cpu_trainer() {
     let (got, a_gpu, on_gpu) = train_paused(&dev, &dev, pairs, None, lora_spec(qv()), 0.0);
     assert!(on_gpu, "the q+v adapter trained on the CPU");
     for (w, g) in want.iter().zip(&got) {
-        println!("q+v step {}: loss CPU {:.4} GPU {:.4}, reward accuracy {:.2} / {:.2}", w.step, w.loss, g.loss, w.reward_accuracy, g.reward_accuracy);
+        println!(
+            "q+v step {}: loss CPU {:.4} GPU {:.4}, reward accuracy {:.2} / {:.2}",
+            w.step, w.loss, g.loss, w.reward_accuracy, g.reward_accuracy
+        );
     }
     assert_eq!(got.len(), want.len());
     for k in 0..3 {
-        assert!((got[k].loss - want[k].loss).abs() <= 0.02 + 0.05 * want[k].loss, "step {}: loss {} on the GPU, {} on the CPU", k + 1, got[k].loss, want[k].loss);
+        assert!(
+            (got[k].loss - want[k].loss).abs() <= 0.02 + 0.05 * want[k].loss,
+            "step {}: loss {} on the GPU, {} on the CPU",
+            k + 1,
+            got[k].loss,
+            want[k].loss
+        );
     }
     assert!(got.last().unwrap().loss < got[0].loss, "the GPU run did not learn: {:?}", got.last());
     let names = a_cpu.module_names();
@@ -295,18 +382,36 @@ fn gpu_dpo_trains_the_image_path_as_the_cpu_trainer() {
     // 4 pairs, one step per epoch: 4 steps per run (four runs; the CPU ones dominate the time on cuemu).
     let pairs = shapes_pairs(&tok, cpu.llm.cfg.eos_token_ids[0], 4);
     let lora = lora_spec(TargetModules::Regex(r".*(q_proj|v_proj|fc1|linear_1|linear_2)".into()));
-    let projector = LoraSpec { modules_to_save: vec!["multi_modal_projector".into()], ..lora_spec(TargetModules::Regex(r".*(q_proj|v_proj)".into())) };
+    let projector = LoraSpec {
+        modules_to_save: vec!["multi_modal_projector".into()],
+        ..lora_spec(TargetModules::Regex(r".*(q_proj|v_proj)".into()))
+    };
     for (what, spec, decay) in [("image-path LoRA", lora, 0.0), ("projector in full", projector, 0.1)] {
         let (want, a_cpu, _) = train_paused(&cpu, &cpu, &pairs, None, spec.clone(), decay);
         let (got, a_gpu, on_gpu) = train_paused(&dev, &dev, &pairs, None, spec.clone(), decay);
         assert!(on_gpu, "{what}: trained on the CPU");
         for (w, g) in want.iter().zip(&got) {
-            println!("{what}, step {}: loss CPU {:.4} GPU {:.4}, grad norm {:.4} / {:.4}", w.step, w.loss, g.loss, w.grad_norm, g.grad_norm);
+            println!(
+                "{what}, step {}: loss CPU {:.4} GPU {:.4}, grad norm {:.4} / {:.4}",
+                w.step, w.loss, g.loss, w.grad_norm, g.grad_norm
+            );
         }
         assert_eq!(got.len(), want.len());
         for k in 0..3 {
-            assert!((got[k].loss - want[k].loss).abs() <= 0.02 + 0.05 * want[k].loss, "{what}, step {}: loss {} on the GPU, {} on the CPU", k + 1, got[k].loss, want[k].loss);
-            assert!((got[k].grad_norm - want[k].grad_norm).abs() <= 0.05 * want[k].grad_norm + 1e-3, "{what}, step {}: grad norm {} on the GPU, {} on the CPU", k + 1, got[k].grad_norm, want[k].grad_norm);
+            assert!(
+                (got[k].loss - want[k].loss).abs() <= 0.02 + 0.05 * want[k].loss,
+                "{what}, step {}: loss {} on the GPU, {} on the CPU",
+                k + 1,
+                got[k].loss,
+                want[k].loss
+            );
+            assert!(
+                (got[k].grad_norm - want[k].grad_norm).abs() <= 0.05 * want[k].grad_norm + 1e-3,
+                "{what}, step {}: grad norm {} on the GPU, {} on the CPU",
+                k + 1,
+                got[k].grad_norm,
+                want[k].grad_norm
+            );
         }
         // The image path's trained values: moved from where they started, and to where the CPU trainer moved them.
         let init = cpu.create_adapter(&spec, 17).unwrap();
@@ -327,7 +432,10 @@ fn gpu_dpo_trains_the_image_path_as_the_cpu_trainer() {
         let (moved, off) = (rel_l2(&want_f, &start), rel_l2(&got_f, &want_f));
         println!("{what}: the CPU run moved the image path's values by rel L2 {moved:.2e}; the GPU run ends {off:.2e} from it");
         assert!(moved > 1e-3, "{what}: the image path barely trained ({moved:.2e})");
-        assert!(off <= 0.1 * moved, "{what}: the GPU trained the image path to {off:.2e} from the CPU run (which moved it {moved:.2e})");
+        assert!(
+            off <= 0.1 * moved,
+            "{what}: the GPU trained the image path to {off:.2e} from the CPU run (which moved it {moved:.2e})"
+        );
     }
 }
 
@@ -341,14 +449,25 @@ fn labeler_verdicts_on_the_gpu_match_the_cpu_backend() {
     for seed in 0..6u64 {
         let scene = Scene::generate(&wc, seed);
         let pixels = engine::image::preprocess(&scene.render(&wc, seed), &ip).unwrap();
-        let questions: Vec<String> = engine::shapes::labeler_examples(&scene, seed).into_iter().map(|(_, q, _)| q.trim_end_matches(YES_NO_SUFFIX).to_string()).collect();
-        let want = Labeler::new(&cpu, None, &tok, LLAVA_15_TEMPLATE).unwrap().verify(Some(&pixels), &questions).unwrap();
+        let questions: Vec<String> = engine::shapes::labeler_examples(&scene, seed)
+            .into_iter()
+            .map(|(_, q, _)| q.trim_end_matches(YES_NO_SUFFIX).to_string())
+            .collect();
+        let want =
+            Labeler::new(&cpu, None, &tok, LLAVA_15_TEMPLATE).unwrap().verify(Some(&pixels), &questions).unwrap();
         let got = Labeler::new(&dev, None, &tok, LLAVA_15_TEMPLATE).unwrap().verify(Some(&pixels), &questions).unwrap();
         assert_eq!(got.len(), want.len());
         for ((q, w), g) in questions.iter().zip(&want).zip(&got) {
             let d = (w.p_yes - g.p_yes).abs().max((w.p_no - g.p_no).abs());
             worst = worst.max(d);
-            assert!(d <= 2e-2, "{q}: p(yes) {} / p(no) {} on the GPU, {} / {} on the CPU", g.p_yes, g.p_no, w.p_yes, w.p_no);
+            assert!(
+                d <= 2e-2,
+                "{q}: p(yes) {} / p(no) {} on the GPU, {} / {} on the CPU",
+                g.p_yes,
+                g.p_no,
+                w.p_yes,
+                w.p_no
+            );
             if (w.p_yes - w.p_no).abs() > 0.05 {
                 assert_eq!(g.accepted, w.accepted, "{q}: the verdict flips");
             }
@@ -364,7 +483,12 @@ fn gpu_image_path_matches_the_cpu_vision_tower_and_projector() {
     let fixtures = root().join("tests/fixtures/llava");
     let mut dirs = vec![root().join("assets/shapes-base"), root().join("assets/shapes-labeler")];
     // Every fixture layout (transformers 4.x/4.52/5, sharded, f16/bf16/f32, both feature selections).
-    let mut cases: Vec<_> = std::fs::read_dir(&fixtures).unwrap().filter_map(|e| e.ok()).map(|e| e.path().join("model")).filter(|d| d.join("config.json").is_file()).collect();
+    let mut cases: Vec<_> = std::fs::read_dir(&fixtures)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join("model"))
+        .filter(|d| d.join("config.json").is_file())
+        .collect();
     cases.sort();
     dirs.extend(cases);
     for dir in dirs {
@@ -403,12 +527,18 @@ fn gpu_image_path_matches_the_cpu_vision_tower_and_projector() {
             p.values.iter_mut().for_each(|v| *v *= 1.0 + ((rng.next_f64() - 0.5) * 0.5) as f32);
         }
         assert_eq!(engine::cuda_clip::GpuVisionAdapter::unsupported(&vision, &ad), None, "{}", dir.display());
-        let va = engine::cuda_clip::GpuVisionAdapter::upload(&gpu, &vision, &ad).unwrap().expect("the adapter changes the image path");
+        let va = engine::cuda_clip::GpuVisionAdapter::upload(&gpu, &vision, &ad)
+            .unwrap()
+            .expect("the adapter changes the image path");
         let want_ad = cpu.image_features(&px, Some(&ad)).unwrap();
         let got_ad = vision.features(&gpu, &pixels, Some(&va)).unwrap();
         let (rel_ad, moved) = (rel_l2(&got_ad, &want_ad), rel_l2(&want, &want_ad));
         println!("{}: with a vision/projector adapter ({} LoRA modules, projector layer replaced) rel L2 {rel_ad:.2e} (the adapter moves the features by {moved:.2e})", dir.display(), names.len());
-        assert!(rel_ad <= 1e-2 && moved >= 10.0 * rel_ad, "{}: rel L2 {rel_ad} under the adapter, which moves the features by {moved}", dir.display());
+        assert!(
+            rel_ad <= 1e-2 && moved >= 10.0 * rel_ad,
+            "{}: rel L2 {rel_ad} under the adapter, which moves the features by {moved}",
+            dir.display()
+        );
     }
 }
 
@@ -426,14 +556,22 @@ fn a_gpu_dpo_run_paused_and_saved_resumes_on_the_gpu_or_the_cpu_where_it_stopped
     let pairs = shapes_pairs(&tok, cpu.llm.cfg.eos_token_ids[0], 8);
     // 8 steps in one go on the GPU, against 3 steps, a save and a reload, then 5 more on the GPU.
     let (straight, a_straight, _) = train(&dev, &pairs);
-    let (paused, a_paused, _) = train_paused(&dev, &dev, &pairs, Some(3), lora_spec(LoraSpec::default().target_modules), 0.0);
+    let (paused, a_paused, _) =
+        train_paused(&dev, &dev, &pairs, Some(3), lora_spec(LoraSpec::default().target_modules), 0.0);
     assert_eq!(paused.len(), straight.len());
     for (s, p) in straight.iter().zip(&paused) {
-        println!("step {}: loss in one go {:.6}, paused at 3 {:.6}; grad norm {:.5} / {:.5}", s.step, s.loss, p.loss, s.grad_norm, p.grad_norm);
+        println!(
+            "step {}: loss in one go {:.6}, paused at 3 {:.6}; grad norm {:.5} / {:.5}",
+            s.step, s.loss, p.loss, s.grad_norm, p.grad_norm
+        );
         assert_eq!((s.step, s.lr), (p.step, p.lr));
         // The same computation on the same device: only the fp32 round trip of the masters through the file
         // (exact) and the device's reduction order can differ.
-        assert!((s.loss - p.loss).abs() <= 1e-4 && (s.grad_norm - p.grad_norm).abs() <= 1e-3 * s.grad_norm.max(1e-3), "step {}: {s:?} vs {p:?}", s.step);
+        assert!(
+            (s.loss - p.loss).abs() <= 1e-4 && (s.grad_norm - p.grad_norm).abs() <= 1e-3 * s.grad_norm.max(1e-3),
+            "step {}: {s:?} vs {p:?}",
+            s.step
+        );
     }
     let d = adapter_distance(&a_straight, &a_paused);
     println!("trained factors, in one go vs paused and resumed on the GPU: relative L2 {d:.2e}");
@@ -441,27 +579,56 @@ fn a_gpu_dpo_run_paused_and_saved_resumes_on_the_gpu_or_the_cpu_where_it_stopped
     // 3 steps on the GPU, resumed on the CPU: the CPU trainer continues with the GPU's moments and step count, and
     // ends where a whole CPU run ends (within the devices' difference: fp16 vs f32).
     let (want, a_cpu, _) = train(&cpu, &pairs);
-    let (crossed, a_crossed, _) = train_paused(&dev, &cpu, &pairs, Some(3), lora_spec(LoraSpec::default().target_modules), 0.0);
+    let (crossed, a_crossed, _) =
+        train_paused(&dev, &cpu, &pairs, Some(3), lora_spec(LoraSpec::default().target_modules), 0.0);
     for (w, c) in want.iter().zip(&crossed) {
         println!("step {}: loss CPU {:.4}, GPU then CPU {:.4}", w.step, w.loss, c.loss);
-        assert!((w.loss - c.loss).abs() <= 0.02 + 0.05 * w.loss, "step {}: {} (GPU then CPU) vs {} (CPU)", w.step, c.loss, w.loss);
+        assert!(
+            (w.loss - c.loss).abs() <= 0.02 + 0.05 * w.loss,
+            "step {}: {} (GPU then CPU) vs {} (CPU)",
+            w.step,
+            c.loss,
+            w.loss
+        );
     }
     let d_cross = adapter_distance(&a_cpu, &a_crossed);
     let d_devices = adapter_distance(&a_cpu, &a_straight);
     println!("trained factors vs the CPU run: GPU then CPU {d_cross:.2e}, GPU only {d_devices:.2e}");
     // Lost moments or a restarted bias correction would move the factors far more than fp16 rounding does.
-    assert!(d_cross <= 2.0 * d_devices + 1e-3, "GPU then CPU is {d_cross:.2e} from the CPU run, the GPU run {d_devices:.2e}");
+    assert!(
+        d_cross <= 2.0 * d_devices + 1e-3,
+        "GPU then CPU is {d_cross:.2e} from the CPU run, the GPU run {d_devices:.2e}"
+    );
 }
 
 /// LoRA SFT on the ShapesWorld captions of `pairs` (the chosen answers), with images; returns the step logs.
 fn sft(model: &mut Model, pairs: &[Pair]) -> Vec<engine::train::sft::SftStepLog> {
-    use engine::train::{optim::{AdamW, AdamWConfig}, sft::{train_sft, SftConfig, SftExample, SftTarget}};
+    use engine::train::{
+        optim::{AdamW, AdamWConfig},
+        sft::{train_sft, SftConfig, SftExample, SftTarget},
+    };
     let wc = WorldConfig::default();
     let ip = model.image_processor.clone().unwrap();
-    let pixels: Vec<_> = pairs.iter().enumerate().map(|(i, (s, ..))| engine::image::preprocess(&s.render(&wc, i as u64), &ip).unwrap()).collect();
-    let ex: Vec<SftExample> = pairs.iter().zip(&pixels).map(|((_, p, c, _), px)| SftExample { pixels: Some(px), prompt_ids: p, answer_ids: c }).collect();
+    let pixels: Vec<_> = pairs
+        .iter()
+        .enumerate()
+        .map(|(i, (s, ..))| engine::image::preprocess(&s.render(&wc, i as u64), &ip).unwrap())
+        .collect();
+    let ex: Vec<SftExample> = pairs
+        .iter()
+        .zip(&pixels)
+        .map(|((_, p, c, _), px)| SftExample { pixels: Some(px), prompt_ids: p, answer_ids: c })
+        .collect();
     // LoRA on every decoder projection, and on the image path (the tower's fc1, the projector's second layer).
-    let mut adapter = model.create_adapter(&lora_spec(TargetModules::Regex(r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)|.*(fc1|linear_2)".into())), 23).unwrap();
+    let mut adapter = model
+        .create_adapter(
+            &lora_spec(TargetModules::Regex(
+                r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)|.*(fc1|linear_2)"
+                    .into(),
+            )),
+            23,
+        )
+        .unwrap();
     assert!(adapter.module_names().iter().any(|n| n.starts_with("vision_tower.")), "{:?}", adapter.module_names());
     let cfg = SftConfig { epochs: 3, batch_size: 4, seed: 2 };
     let total = engine::train::trainer::steps_per_epoch(ex.len(), cfg.batch_size) * cfg.epochs;
@@ -482,12 +649,24 @@ fn gpu_lora_sft_on_shapesworld_images_tracks_the_cpu_trainer() {
     let got = sft(&mut dev, &pairs);
     assert_eq!(got.len(), want.len());
     // A CPU fallback would repeat the CPU run's losses bit for bit.
-    assert!(got.iter().zip(&want).any(|(g, w)| g.loss != w.loss), "the SFT run with image-path LoRA trained on the CPU");
+    assert!(
+        got.iter().zip(&want).any(|(g, w)| g.loss != w.loss),
+        "the SFT run with image-path LoRA trained on the CPU"
+    );
     for (w, g) in want.iter().zip(&got) {
-        println!("SFT step {}: loss CPU {:.5} GPU {:.5}, grad norm {:.4} / {:.4}, {} tokens", w.step, w.loss, g.loss, w.grad_norm, g.grad_norm, g.tokens);
+        println!(
+            "SFT step {}: loss CPU {:.5} GPU {:.5}, grad norm {:.4} / {:.4}, {} tokens",
+            w.step, w.loss, g.loss, w.grad_norm, g.grad_norm, g.tokens
+        );
         assert_eq!((w.tokens, w.lr), (g.tokens, g.lr), "step {}: a different batch or schedule", w.step);
         // Per-token losses (nats) and gradient norms within fp16 rounding of the CPU trainer's.
         assert!((w.loss - g.loss).abs() <= 2e-2, "step {}: loss {} on the GPU, {} on the CPU", w.step, g.loss, w.loss);
-        assert!((w.grad_norm - g.grad_norm).abs() <= 2e-2 * w.grad_norm + 1e-3, "step {}: grad norm {} on the GPU, {} on the CPU", w.step, g.grad_norm, w.grad_norm);
+        assert!(
+            (w.grad_norm - g.grad_norm).abs() <= 2e-2 * w.grad_norm + 1e-3,
+            "step {}: grad norm {} on the GPU, {} on the CPU",
+            w.step,
+            g.grad_norm,
+            w.grad_norm
+        );
     }
 }

@@ -20,7 +20,10 @@ fn log_softmax(row: &[f32]) -> Vec<f64> {
 #[test]
 fn gpu_decoder_matches_the_cpu_backend_on_the_fixtures() {
     let Some(gpu) = gpu() else { return };
-    let root = std::env::var("RLAIFD_ROOT").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")).join("tests/fixtures/llava");
+    let root = std::env::var("RLAIFD_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".."))
+        .join("tests/fixtures/llava");
     // Text LLaMA (MHA), LLaVA decoders with GQA + tied embeddings and with MQA.
     for case in ["llama_text_only", "l15_4x_f32_gqa_tied_lora", "l15_5x_f16_tied_mqa"] {
         let dir = root.join(case).join("model");
@@ -29,12 +32,16 @@ fn gpu_decoder_matches_the_cpu_backend_on_the_fixtures() {
         let vocab = cpu.llm.cfg.vocab_size;
         let image = cpu.image_token_id();
         let mut rng = engine::rng::SplitMix64::new(7);
-        let ids: Vec<u32> = std::iter::from_fn(|| Some((3 + rng.next_u64() % (vocab as u64 - 3)) as u32)).filter(|&t| Some(t) != image).take(40).collect();
+        let ids: Vec<u32> = std::iter::from_fn(|| Some((3 + rng.next_u64() % (vocab as u64 - 3)) as u32))
+            .filter(|&t| Some(t) != image)
+            .take(40)
+            .collect();
         // 1. Log-probs of every next token, one full forward.
         let want = cpu.logprobs(&ids, None, None).unwrap();
         let mut cache = dev.new_cache(&gpu, 256).unwrap();
         let logits = dev.forward(&gpu, &ids, &mut cache).unwrap();
-        let got: Vec<f64> = (1..ids.len()).map(|j| log_softmax(&logits[(j - 1) * vocab..j * vocab])[ids[j] as usize]).collect();
+        let got: Vec<f64> =
+            (1..ids.len()).map(|j| log_softmax(&logits[(j - 1) * vocab..j * vocab])[ids[j] as usize]).collect();
         let max_err = got.iter().zip(&want).map(|(g, w)| (g - *w as f64).abs()).fold(0.0, f64::max);
         println!("{case}: max |log-prob difference| {max_err:.2e} over {} positions", got.len());
         assert!(max_err <= 5e-2, "{case}: log-probs differ by {max_err}");
@@ -74,7 +81,11 @@ fn gpu_decoder_matches_the_cpu_backend_on_the_fixtures() {
         let mut lps: Vec<Vec<f64>> = vec![Vec::new(); 3];
         for _ in 0..6 {
             let logits = dev.decode_step(&gpu, &mut sess, &step).unwrap();
-            assert_eq!(logits, dev.decode_step(&gpu, &mut plain, &step).unwrap(), "{case}: graph replay and direct launches differ");
+            assert_eq!(
+                logits,
+                dev.decode_step(&gpu, &mut plain, &step).unwrap(),
+                "{case}: graph replay and direct launches differ"
+            );
             for b in 0..3 {
                 let row = &logits[b * vocab..(b + 1) * vocab];
                 let t = argmax(row);
@@ -90,19 +101,30 @@ fn gpu_decoder_matches_the_cpu_backend_on_the_fixtures() {
             let (mut host, _) = dev.start_decode(&gpu, prompt, 3, 8).unwrap();
             let (mut dsess, _) = dev.start_decode(&gpu, prompt, 3, 8).unwrap();
             dsess.use_graph = graph;
-            assert!(dev.decode_step_greedy(&gpu, &mut dsess, None, None).unwrap_err().to_string().contains("greedy step"), "a first step without tokens");
+            assert!(
+                dev.decode_step_greedy(&gpu, &mut dsess, None, None).unwrap_err().to_string().contains("greedy step"),
+                "a first step without tokens"
+            );
             let mut toks = vec![argmax(&first), ids[10], ids[11]];
             for s in 0..6 {
                 let logits = dev.decode_step(&gpu, &mut host, &toks).unwrap();
                 let want: Vec<u32> = logits.chunks(vocab).map(argmax).collect();
-                let got = dev.decode_step_greedy(&gpu, &mut dsess, if s == 0 { Some(&toks) } else { None }, None).unwrap();
+                let got =
+                    dev.decode_step_greedy(&gpu, &mut dsess, if s == 0 { Some(&toks) } else { None }, None).unwrap();
                 assert_eq!(got, want, "{case}: device argmax at step {s} (graph {graph})");
                 toks = want;
             }
-            assert_eq!(dev.decode_step(&gpu, &mut dsess, &toks).unwrap(), dev.decode_step(&gpu, &mut host, &toks).unwrap(), "{case}: a logits step after greedy ones");
+            assert_eq!(
+                dev.decode_step(&gpu, &mut dsess, &toks).unwrap(),
+                dev.decode_step(&gpu, &mut host, &toks).unwrap(),
+                "{case}: a logits step after greedy ones"
+            );
         }
         assert!(dev.decode_step(&gpu, &mut sess, &[1, 2]).is_err(), "a step needs one token per sequence");
-        assert!(dev.decode_step(&gpu, &mut sess, &[1, 2, vocab as u32]).unwrap_err().to_string().contains("position 2"), "a token outside the vocabulary is named");
+        assert!(
+            dev.decode_step(&gpu, &mut sess, &[1, 2, vocab as u32]).unwrap_err().to_string().contains("position 2"),
+            "a token outside the vocabulary is named"
+        );
         let mut worst = 0.0f64;
         for b in 0..3 {
             let mut all = prompt.to_vec();
@@ -112,7 +134,10 @@ fn gpu_decoder_matches_the_cpu_backend_on_the_fixtures() {
                 worst = worst.max((lp - want[prompt.len() + s] as f64).abs());
             }
         }
-        println!("{case}: batched decode (3 answers, shared prefix): max |log-prob difference| {worst:.2e}; greedy row {:?}", seqs[0]);
+        println!(
+            "{case}: batched decode (3 answers, shared prefix): max |log-prob difference| {worst:.2e}; greedy row {:?}",
+            seqs[0]
+        );
         assert!(worst <= 5e-2, "{case}: batched decode log-probs differ by {worst}");
         assert_eq!(seqs[0], cpu_tokens[..7], "{case}: the greedy row of the batch differs from CPU greedy decoding");
         let params = SamplingParams { temperature: 0.0, max_new_tokens: 12, ..Default::default() };
@@ -154,7 +179,9 @@ fn fused_decode_kernels_give_the_unfused_logits() {
             let (fused, unfused) = (run(&dev, true, bsz), run(&dev, false, bsz));
             let scale = unfused.iter().map(|v| v.abs()).fold(1.0f32, f32::max);
             let worst = fused.iter().zip(&unfused).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-            println!("{case} bsz {bsz}: fused vs unfused kernels, max |logit difference| {worst:e} (largest logit {scale})");
+            println!(
+                "{case} bsz {bsz}: fused vs unfused kernels, max |logit difference| {worst:e} (largest logit {scale})"
+            );
             assert!(worst <= 1e-3 * scale, "{case} bsz {bsz}: fused decode differs by {worst}");
         }
         // What the load-time tuner picks for each batch-1 projection and for the SwiGLU epilogue (LLaVA-sized
@@ -165,7 +192,10 @@ fn fused_decode_kernels_give_the_unfused_logits() {
         let tuned = run(&dev, true, 1);
         let scale = unfused1.iter().map(|v| v.abs()).fold(1.0f32, f32::max);
         let worst = tuned.iter().zip(&unfused1).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-        println!("{case}: tuned ({}) vs untuned unfused, max |logit difference| {worst:e}", lines.iter().map(|l| l.rsplit("-> ").next().unwrap_or("")).collect::<Vec<_>>().join(", "));
+        println!(
+            "{case}: tuned ({}) vs untuned unfused, max |logit difference| {worst:e}",
+            lines.iter().map(|l| l.rsplit("-> ").next().unwrap_or("")).collect::<Vec<_>>().join(", ")
+        );
         assert!(worst <= 1e-2 * scale, "{case}: the tuned decode differs by {worst}");
     }
 }

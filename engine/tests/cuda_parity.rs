@@ -8,7 +8,6 @@ use engine::rng::SplitMix64;
 mod gpu_common;
 use gpu_common::gpu;
 
-
 fn randn(rng: &mut SplitMix64, n: usize, scale: f32) -> Vec<f32> {
     (0..n).map(|_| (rng.next_f64() as f32 * 2.0 - 1.0) * scale).collect()
 }
@@ -100,7 +99,8 @@ fn elementwise_norm_and_embedding_kernels_match_float64() {
         let table = randn(&mut rng, vocab * cols, 1.0);
         let ids: Vec<i32> = (0..rows).map(|i| ((i * 7 + 3) % vocab) as i32).collect();
         let th = h(&table);
-        let want: Vec<f64> = ids.iter().flat_map(|&i| th[i as usize * cols..(i as usize + 1) * cols].to_vec()).collect();
+        let want: Vec<f64> =
+            ids.iter().flat_map(|&i| th[i as usize * cols..(i as usize + 1) * cols].to_vec()).collect();
         check(&format!("embedding_gather_f16 {rows}x{cols}"), &g.embedding(&table, cols, &ids).unwrap(), &want);
         let e = g.embedding(&table, cols, &[1, vocab as i32 + 5]).unwrap_err().to_string();
         assert!(e.contains("position 1"), "{e}");
@@ -145,7 +145,11 @@ fn rope_lora_and_logprob_kernels_match_float64() {
                 want[i * n + c] += scale as f64 * (0..r).map(|j| t[j] * bh[c * r + j]).sum::<f64>();
             }
         }
-        check(&format!("lora_down/up_add_f16 m{m} k{k} n{n} r{r}"), &g.lora(&y, &x, &a, &b, k, r, n, scale).unwrap(), &want);
+        check(
+            &format!("lora_down/up_add_f16 m{m} k{k} n{n} r{r}"),
+            &g.lora(&y, &x, &a, &b, k, r, n, scale).unwrap(),
+            &want,
+        );
     }
     for &(rows, vocab) in &[(1usize, 70usize), (5, 32000), (17, 1000)] {
         let logits = randn(&mut rng, rows * vocab, 8.0);
@@ -208,7 +212,11 @@ fn gemv_kernel_matches_float64() {
             assert!(g.gemv_choice(k, n).is_some(), "tune_gemv kept no choice for k{k} n{n}");
             let mut y = g.poisoned_f16(n).unwrap();
             g.matmul_dev(&dx, &dw, &mut y, 1, k, n).unwrap();
-            check(&format!("matmul_dev ({}) k{k} n{n}", g.gemv_choice(k, n).unwrap()), &g.download_f16(&y).unwrap(), &want);
+            check(
+                &format!("matmul_dev ({}) k{k} n{n}", g.gemv_choice(k, n).unwrap()),
+                &g.download_f16(&y).unwrap(),
+                &want,
+            );
         }
     }
     // A row length or split it does not take is an error, not a wrong answer.
@@ -250,7 +258,11 @@ fn device_argmax_picks_what_the_host_picks() {
         let mut lens = g.stream.clone_htod(&vec![5i32; rows]).unwrap();
         g.argmax_step_dev(&mut ids, &logits, rows, vocab, Some((&mut pos, &mut lens))).unwrap();
         assert_eq!(g.stream.clone_dtoh(&ids).unwrap(), want, "argmax of {rows} rows of {vocab}");
-        assert_eq!(g.stream.clone_dtoh(&pos).unwrap(), (0..rows as i32).map(|r| 10 * r + 1).collect::<Vec<_>>(), "positions advance by one");
+        assert_eq!(
+            g.stream.clone_dtoh(&pos).unwrap(),
+            (0..rows as i32).map(|r| 10 * r + 1).collect::<Vec<_>>(),
+            "positions advance by one"
+        );
         assert_eq!(g.stream.clone_dtoh(&lens).unwrap(), vec![6; rows], "lengths advance by one");
         let mut again = g.stream.clone_htod(&vec![-1i32; rows]).unwrap();
         g.argmax_step_dev(&mut again, &logits, rows, vocab, None).unwrap();
@@ -271,7 +283,9 @@ fn device_argmax_picks_what_the_host_picks() {
 fn qkv_gemv_with_rope_and_the_cache_store_gives_the_pairs_numbers() {
     let Some(g) = gpu() else { return };
     let mut rng = SplitMix64::new(9);
-    let bits = |d: &cudarc::driver::CudaSlice<half::f16>| g.stream.clone_dtoh(d).unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    let bits = |d: &cudarc::driver::CudaSlice<half::f16>| {
+        g.stream.clone_dtoh(d).unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+    };
     // (k, heads_q, heads_kv, head_dim): MHA at LLaVA-7B's head size, GQA, MQA with a head size not a multiple of 4.
     for &(k, hq, hkv, d) in &[(256usize, 4usize, 4usize, 128usize), (96, 6, 2, 16), (64, 4, 1, 18)] {
         let f = (hq + 2 * hkv) * d;
@@ -284,7 +298,8 @@ fn qkv_gemv_with_rope_and_the_cache_store_gives_the_pairs_numbers() {
         let (dcos, dsin) = (g.stream.clone_htod(&cos).unwrap(), g.stream.clone_htod(&sin).unwrap());
         let pos = g.stream.clone_htod(&[11i32]).unwrap();
         // float64 of the rotated q heads (from the projection rounded to fp16, as stored).
-        let y: Vec<f64> = (0..f).map(|j| half::f16::from_f64((0..k).map(|c| xh[c] * wh[j * k + c]).sum::<f64>()).to_f64()).collect();
+        let y: Vec<f64> =
+            (0..f).map(|j| half::f16::from_f64((0..k).map(|c| xh[c] * wh[j * k + c]).sum::<f64>()).to_f64()).collect();
         let mut want_q = vec![0.0; hq * d];
         for hh in 0..hq {
             for i in 0..d / 2 {
@@ -300,17 +315,58 @@ fn qkv_gemv_with_rope_and_the_cache_store_gives_the_pairs_numbers() {
                 let lens = g.stream.clone_htod(&[at as i32 + 1]).unwrap();
                 let lens_arg = if decode { Some(&lens) } else { None };
                 let run = |fused: bool| {
-                    let (mut qkv, mut kc, mut vc) = (g.poisoned_f16(f).unwrap(), g.poisoned_f16(cap * kvw).unwrap(), g.poisoned_f16(cap * kvw).unwrap());
+                    let (mut qkv, mut kc, mut vc) = (
+                        g.poisoned_f16(f).unwrap(),
+                        g.poisoned_f16(cap * kvw).unwrap(),
+                        g.poisoned_f16(cap * kvw).unwrap(),
+                    );
                     if fused {
-                        g.gemv_qkv_rope_dev(&mut qkv, &mut kc, &mut vc, &dx, &dw, k, hq, hkv, d, split, &pos, &dcos, &dsin, cap * kvw, lens_arg, at).unwrap();
+                        g.gemv_qkv_rope_dev(
+                            &mut qkv,
+                            &mut kc,
+                            &mut vc,
+                            &dx,
+                            &dw,
+                            k,
+                            hq,
+                            hkv,
+                            d,
+                            split,
+                            &pos,
+                            &dcos,
+                            &dsin,
+                            cap * kvw,
+                            lens_arg,
+                            at,
+                        )
+                        .unwrap();
                     } else {
                         g.gemv_split_dev(&dx, &dw, &mut qkv, k, f, split).unwrap();
-                        g.rope_kv_store_dev(&mut qkv, &mut kc, &mut vc, &pos, &dcos, &dsin, 1, hq, hkv, d, f, cap * kvw, lens_arg, at).unwrap();
+                        g.rope_kv_store_dev(
+                            &mut qkv,
+                            &mut kc,
+                            &mut vc,
+                            &pos,
+                            &dcos,
+                            &dsin,
+                            1,
+                            hq,
+                            hkv,
+                            d,
+                            f,
+                            cap * kvw,
+                            lens_arg,
+                            at,
+                        )
+                        .unwrap();
                     }
                     (bits(&qkv), bits(&kc), bits(&vc))
                 };
                 let (fused, pair) = (run(true), run(false));
-                let name = format!("gemv_qkv_rope_m1_f16 k{k} heads {hq}/{hkv} d{d} split {split} ({})", if decode { "decode" } else { "prefill" });
+                let name = format!(
+                    "gemv_qkv_rope_m1_f16 k{k} heads {hq}/{hkv} d{d} split {split} ({})",
+                    if decode { "decode" } else { "prefill" }
+                );
                 assert_eq!(fused.0, pair.0, "{name}: q/k/v after RoPE differ from gemv_m1_f16 + rope_kv_store_f16");
                 // Only the cache row the step writes is defined (the rest is poison in both).
                 let row = at * kvw..(at + 1) * kvw;
@@ -322,10 +378,17 @@ fn qkv_gemv_with_rope_and_the_cache_store_gives_the_pairs_numbers() {
         }
     }
     let (dx, dw) = (g.upload_f16(&[0.0; 8]).unwrap(), g.upload_f16(&[0.0; 8 * 12]).unwrap());
-    let (mut qkv, mut kc, mut vc) = (g.poisoned_f16(12).unwrap(), g.poisoned_f16(4).unwrap(), g.poisoned_f16(4).unwrap());
+    let (mut qkv, mut kc, mut vc) =
+        (g.poisoned_f16(12).unwrap(), g.poisoned_f16(4).unwrap(), g.poisoned_f16(4).unwrap());
     let (pos, t) = (g.stream.clone_htod(&[0i32]).unwrap(), g.stream.clone_htod(&[1.0f32; 4]).unwrap());
-    assert!(g.gemv_qkv_rope_dev(&mut qkv, &mut kc, &mut vc, &dx, &dw, 8, 2, 1, 4, 8, &pos, &t, &t, 4, None, 0).is_err(), "split 8");
-    assert!(g.gemv_qkv_rope_dev(&mut qkv, &mut kc, &mut vc, &dx, &dw, 8, 2, 1, 4, 1, &pos, &t, &t, 4, None, 1).is_err(), "cache row 1 of a one-row cache");
+    assert!(
+        g.gemv_qkv_rope_dev(&mut qkv, &mut kc, &mut vc, &dx, &dw, 8, 2, 1, 4, 8, &pos, &t, &t, 4, None, 0).is_err(),
+        "split 8"
+    );
+    assert!(
+        g.gemv_qkv_rope_dev(&mut qkv, &mut kc, &mut vc, &dx, &dw, 8, 2, 1, 4, 1, &pos, &t, &t, 4, None, 1).is_err(),
+        "cache row 1 of a one-row cache"
+    );
 }
 
 #[test]
@@ -333,28 +396,40 @@ fn gemv_with_the_residual_add_and_rmsnorm_matches_float64_and_the_pair() {
     let Some(g) = gpu() else { return };
     let mut rng = SplitMix64::new(8);
     let eps = 1e-5f32;
-    let bits = |d: &cudarc::driver::CudaSlice<half::f16>| g.stream.clone_dtoh(d).unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    let bits = |d: &cudarc::driver::CudaSlice<half::f16>| {
+        g.stream.clone_dtoh(d).unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+    };
     // (k, n): LLaVA-7B's o projection, ShapesWorld-sized, a tiny one with n not a multiple of a block's features.
-    for &(k, n, splits) in &[(4096usize, 4096usize, &[1usize, 2][..]), (96, 288, &[1, 2, 4, 8][..]), (8, 5, &[1, 2, 4, 8][..])] {
+    for &(k, n, splits) in
+        &[(4096usize, 4096usize, &[1usize, 2][..]), (96, 288, &[1, 2, 4, 8][..]), (8, 5, &[1, 2, 4, 8][..])]
+    {
         for &split in splits {
             // Twice each: the launch's ticket counter must be back at 0 for the next launch.
             for round in 0..2 {
-                let (x, w, res, nw) = (randn(&mut rng, k, 1.0), randn(&mut rng, n * k, 0.05), randn(&mut rng, n, 1.0), randn(&mut rng, n, 1.0));
+                let (x, w, res, nw) = (
+                    randn(&mut rng, k, 1.0),
+                    randn(&mut rng, n * k, 0.05),
+                    randn(&mut rng, n, 1.0),
+                    randn(&mut rng, n, 1.0),
+                );
                 let (xh, wh, rh, nh) = (h(&x), h(&w), h(&res), h(&nw));
                 // float64, with the kernel's two fp16 roundings: the projection as stored, the residual sum.
                 let t: Vec<f64> = (0..n).map(|j| (0..k).map(|c| xh[c] * wh[j * k + c]).sum::<f64>()).collect();
-                let hn: Vec<f64> = (0..n).map(|j| half::f16::from_f64(rh[j] + half::f16::from_f64(t[j]).to_f64()).to_f64()).collect();
+                let hn: Vec<f64> =
+                    (0..n).map(|j| half::f16::from_f64(rh[j] + half::f16::from_f64(t[j]).to_f64()).to_f64()).collect();
                 let inv = 1.0 / (hn.iter().map(|v| v * v).sum::<f64>() / n as f64 + eps as f64).sqrt();
                 let want: Vec<f64> = (0..n).map(|j| hn[j] * inv * nh[j]).collect();
                 let (dx, dw, dn) = (g.upload_f16(&x).unwrap(), g.upload_f16(&w).unwrap(), g.upload_f16(&nw).unwrap());
-                let (mut dh, mut dt, mut dout) = (g.upload_f16(&res).unwrap(), g.poisoned_f16(n).unwrap(), g.poisoned_f16(n).unwrap());
+                let (mut dh, mut dt, mut dout) =
+                    (g.upload_f16(&res).unwrap(), g.poisoned_f16(n).unwrap(), g.poisoned_f16(n).unwrap());
                 g.gemv_add_rmsnorm_dev(&mut dout, &mut dh, &mut dt, &dn, &dx, &dw, k, n, split, eps).unwrap();
                 let name = format!("gemv_add_rmsnorm_m1_f16 k{k} n{n} split {split} (launch {})", round + 1);
                 check(&name, &g.download_f16(&dout).unwrap(), &want);
                 check(&format!("{name}: residual stream"), &g.download_f16(&dh).unwrap(), &hn);
                 // The pair it replaces: gemv_m1_f16, then add_rmsnorm_f16. The projection and the residual stream are
                 // the same fp16 numbers; the norm differs only by the order its sum of squares is added in.
-                let (mut ph, mut pt, mut pout) = (g.upload_f16(&res).unwrap(), g.poisoned_f16(n).unwrap(), g.poisoned_f16(n).unwrap());
+                let (mut ph, mut pt, mut pout) =
+                    (g.upload_f16(&res).unwrap(), g.poisoned_f16(n).unwrap(), g.poisoned_f16(n).unwrap());
                 g.gemv_split_dev(&dx, &dw, &mut pt, k, n, split).unwrap();
                 g.add_rmsnorm_dev(&mut pout, &mut ph, &pt, &dn, 1, eps).unwrap();
                 assert_eq!(bits(&dt), bits(&pt), "{name}: the projection differs from gemv_m1_f16's");
@@ -362,13 +437,21 @@ fn gemv_with_the_residual_add_and_rmsnorm_matches_float64_and_the_pair() {
                 let (a, b) = (g.download_f16(&dout).unwrap(), g.download_f16(&pout).unwrap());
                 let scale = b.iter().map(|v| v.abs()).fold(1e-3f32, f32::max);
                 let worst = a.iter().zip(&b).map(|(p, q)| (p - q).abs()).fold(0.0f32, f32::max);
-                assert!(worst <= 2e-3 * scale, "{name}: the norm differs from add_rmsnorm_f16's by {worst} (largest {scale})");
+                assert!(
+                    worst <= 2e-3 * scale,
+                    "{name}: the norm differs from add_rmsnorm_f16's by {worst} (largest {scale})"
+                );
             }
         }
     }
-    let (dx, dw, dn) = (g.upload_f16(&[0.0; 12]).unwrap(), g.upload_f16(&[0.0; 36]).unwrap(), g.upload_f16(&[1.0; 3]).unwrap());
-    let (mut dh, mut dt, mut dout) = (g.poisoned_f16(3).unwrap(), g.poisoned_f16(3).unwrap(), g.poisoned_f16(3).unwrap());
-    assert!(g.gemv_add_rmsnorm_dev(&mut dout, &mut dh, &mut dt, &dn, &dx, &dw, 12, 3, 1, eps).is_err(), "k = 12 (not a multiple of 8)");
+    let (dx, dw, dn) =
+        (g.upload_f16(&[0.0; 12]).unwrap(), g.upload_f16(&[0.0; 36]).unwrap(), g.upload_f16(&[1.0; 3]).unwrap());
+    let (mut dh, mut dt, mut dout) =
+        (g.poisoned_f16(3).unwrap(), g.poisoned_f16(3).unwrap(), g.poisoned_f16(3).unwrap());
+    assert!(
+        g.gemv_add_rmsnorm_dev(&mut dout, &mut dh, &mut dt, &dn, &dx, &dw, 12, 3, 1, eps).is_err(),
+        "k = 12 (not a multiple of 8)"
+    );
     assert!(g.gemv_add_rmsnorm_dev(&mut dout, &mut dh, &mut dt, &dn, &dx, &dw, 8, 3, 3, eps).is_err(), "split 3");
 }
 
@@ -378,7 +461,12 @@ fn fused_decode_kernels_match_float64_and_their_unfused_pairs() {
     let mut rng = SplitMix64::new(6);
     // SwiGLU as the gate/up GEMV's epilogue: (k, inter) of LLaVA-7B's MLP (one warp per row), a mid-sized one,
     // ShapesWorld's and a tiny one (1, 2 and 4 warps per row).
-    for &(k, inter, splits) in &[(4096usize, 11008usize, &[1usize][..]), (512, 1376, &[1, 2, 4][..]), (96, 256, &[1, 2, 4][..]), (8, 5, &[1, 2, 4][..])] {
+    for &(k, inter, splits) in &[
+        (4096usize, 11008usize, &[1usize][..]),
+        (512, 1376, &[1, 2, 4][..]),
+        (96, 256, &[1, 2, 4][..]),
+        (8, 5, &[1, 2, 4][..]),
+    ] {
         let x = randn(&mut rng, k, 1.0);
         let w = randn(&mut rng, 2 * inter * k, 0.05);
         let (xh, wh) = (h(&x), h(&w));
@@ -398,7 +486,9 @@ fn fused_decode_kernels_match_float64_and_their_unfused_pairs() {
     }
     assert!(g.gemv_swiglu(&[0.0; 8], &[0.0; 16], 8).is_err(), "split 8");
     // RoPE + cache store in one kernel against rope_f16 then kv_store_f16: the same fp16 values, bit for bit.
-    for &(rows, hq, hkv, d, start) in &[(1usize, 4usize, 4usize, 24usize, 0usize), (9, 8, 2, 128, 5), (3, 32, 32, 128, 700)] {
+    for &(rows, hq, hkv, d, start) in
+        &[(1usize, 4usize, 4usize, 24usize, 0usize), (9, 8, 2, 128, 5), (3, 32, 32, 128, 700)]
+    {
         let stride = (hq + 2 * hkv) * d;
         let qkv = randn(&mut rng, rows * stride, 1.0);
         let (cos, sin) = rope_tables(d, start + rows + 1);
@@ -406,12 +496,20 @@ fn fused_decode_kernels_match_float64_and_their_unfused_pairs() {
         let [fused, unfused] = g.rope_kv_store_pair(&qkv, &pos, &cos, &sin, hq, hkv, d, start, start + rows).unwrap();
         let w = hkv * d;
         let (a, b) = (&fused, &unfused);
-        assert!(a.0.iter().zip(&b.0).all(|(x, y)| x.to_bits() == y.to_bits()), "rope_kv_store_f16 {rows}x{hq}/{hkv}x{d}: q/k after RoPE differ");
+        assert!(
+            a.0.iter().zip(&b.0).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "rope_kv_store_f16 {rows}x{hq}/{hkv}x{d}: q/k after RoPE differ"
+        );
         for (name, x, y) in [("keys", &a.1, &b.1), ("values", &a.2, &b.2)] {
             // Rows before `start` are poison in both; the stored rows must be equal.
-            assert!(x[start * w..].iter().zip(&y[start * w..]).all(|(p, q)| p.to_bits() == q.to_bits()), "rope_kv_store_f16 {rows}x{hq}/{hkv}x{d}: stored {name} differ");
+            assert!(
+                x[start * w..].iter().zip(&y[start * w..]).all(|(p, q)| p.to_bits() == q.to_bits()),
+                "rope_kv_store_f16 {rows}x{hq}/{hkv}x{d}: stored {name} differ"
+            );
         }
-        println!("rope_kv_store_f16 {rows} rows, heads {hq}/{hkv}, d {d}, at {start}: identical to rope_f16 + kv_store_f16");
+        println!(
+            "rope_kv_store_f16 {rows} rows, heads {hq}/{hkv}, d {d}, at {start}: identical to rope_f16 + kv_store_f16"
+        );
     }
 }
 
@@ -434,9 +532,22 @@ fn attention_kernels_match_float64() {
     // Head sizes 64 and 128 run twice: the tensor-core kernels (flash_attn_mma_d*_f16, the default on sm_80+) and
     // the scalar one; partial tiles of 64 rows and keys, a prefix offset that is not a tile multiple, and a query
     // block whose first rows see no key of a tile are included.
-    let shapes = [(1usize, 1usize, 1usize, 1usize, 16usize, true), (37, 37, 4, 4, 24, true), (20, 90, 8, 2, 64, true), (577, 577, 4, 4, 64, false), (64, 640, 8, 1, 128, true), (130, 130, 2, 2, 64, true), (70, 203, 4, 2, 128, true), (1, 1, 2, 1, 128, true), (150, 100, 2, 2, 128, false)];
+    let shapes = [
+        (1usize, 1usize, 1usize, 1usize, 16usize, true),
+        (37, 37, 4, 4, 24, true),
+        (20, 90, 8, 2, 64, true),
+        (577, 577, 4, 4, 64, false),
+        (64, 640, 8, 1, 128, true),
+        (130, 130, 2, 2, 64, true),
+        (70, 203, 4, 2, 128, true),
+        (1, 1, 2, 1, 128, true),
+        (150, 100, 2, 2, 128, false),
+    ];
     let mma_default = g.mma_attention.load(std::sync::atomic::Ordering::Relaxed);
-    let runs = shapes.iter().flat_map(|&s| [(s, false), (s, true)]).filter(|&((.., d, _), mma)| !mma || (mma_default && (d == 64 || d == 128)));
+    let runs = shapes
+        .iter()
+        .flat_map(|&s| [(s, false), (s, true)])
+        .filter(|&((.., d, _), mma)| !mma || (mma_default && (d == 64 || d == 128)));
     for ((n_q, n_k, hq, hkv, d, causal), mma) in runs {
         let q = randn(&mut rng, n_q * hq * d, 1.0);
         let k = randn(&mut rng, n_k * hkv * d, 1.0);
@@ -466,7 +577,14 @@ fn attention_kernels_match_float64() {
     // head size not a multiple of 4 (the kernel's element-wise loads instead of 8-byte ones), and a cache long
     // enough for more than 128 chunks of 32 keys.
     let mut most_chunks = 0;
-    for &(bsz, prefix, hq, hkv, d) in &[(1usize, 5usize, 1usize, 1usize, 16usize), (1, 700, 32, 32, 128), (10, 600, 8, 8, 128), (4, 33, 4, 2, 24), (3, 45, 6, 3, 18), (1, 4500, 1, 1, 16)] {
+    for &(bsz, prefix, hq, hkv, d) in &[
+        (1usize, 5usize, 1usize, 1usize, 16usize),
+        (1, 700, 32, 32, 128),
+        (10, 600, 8, 8, 128),
+        (4, 33, 4, 2, 24),
+        (3, 45, 6, 3, 18),
+        (1, 4500, 1, 1, 16),
+    ] {
         let row = hkv * d;
         let pk = randn(&mut rng, prefix * row, 1.0);
         let pv = randn(&mut rng, prefix * row, 1.0);
@@ -480,8 +598,10 @@ fn attention_kernels_match_float64() {
             let n_s = sk[b].len() / row;
             for hh in 0..hq {
                 let kvh = hh / (hq / hkv);
-                let mut ks: Vec<&[f64]> = (0..prefix).map(|j| &pkh[j * row + kvh * d..j * row + (kvh + 1) * d]).collect();
-                let mut vs: Vec<&[f64]> = (0..prefix).map(|j| &pvh[j * row + kvh * d..j * row + (kvh + 1) * d]).collect();
+                let mut ks: Vec<&[f64]> =
+                    (0..prefix).map(|j| &pkh[j * row + kvh * d..j * row + (kvh + 1) * d]).collect();
+                let mut vs: Vec<&[f64]> =
+                    (0..prefix).map(|j| &pvh[j * row + kvh * d..j * row + (kvh + 1) * d]).collect();
                 ks.extend((0..n_s).map(|j| &skh[j * row + kvh * d..j * row + (kvh + 1) * d]));
                 vs.extend((0..n_s).map(|j| &svh[j * row + kvh * d..j * row + (kvh + 1) * d]));
                 let o = attend(&qh[(b * hq + hh) * d..(b * hq + hh + 1) * d], &ks, &vs, d);
@@ -521,7 +641,11 @@ fn decode_attention_reuses_its_workspace_launch_after_launch() {
     let max_total = prefix + cap;
     assert!(g.decode_split(max_total, bsz, hq).1 > 1, "the shape must split the keys");
     let up = |v: Vec<f32>| g.upload_f16(&v).unwrap();
-    let (q, pk, pv) = (up(randn(&mut rng, bsz * hq * d, 1.0)), up(randn(&mut rng, prefix * row, 1.0)), up(randn(&mut rng, prefix * row, 1.0)));
+    let (q, pk, pv) = (
+        up(randn(&mut rng, bsz * hq * d, 1.0)),
+        up(randn(&mut rng, prefix * row, 1.0)),
+        up(randn(&mut rng, prefix * row, 1.0)),
+    );
     let (sk, sv) = (up(randn(&mut rng, bsz * cap * row, 1.0)), up(randn(&mut rng, bsz * cap * row, 1.0)));
     let lens = g.stream.clone_htod(&[3i32, 7]).unwrap();
     let mut part = g.stream.alloc_zeros::<f32>(g.decode_part_len(max_total, bsz, hq, d)).unwrap();
@@ -532,7 +656,25 @@ fn decode_attention_reuses_its_workspace_launch_after_launch() {
     for (fused, prefetch) in [(true, false), (true, true), (true, false), (false, false), (true, true)] {
         g.fuse.store(fused, std::sync::atomic::Ordering::Relaxed);
         let mut out = g.poisoned_f16(bsz * hq * d).unwrap();
-        let r = g.attention_decode_dev(&mut out, &q, hq * d, &pk, &pv, prefix, &sk, &sv, &lens, cap * row, bsz, max_total, hq, hkv, d, &mut part, prefetch.then_some(&weights));
+        let r = g.attention_decode_dev(
+            &mut out,
+            &q,
+            hq * d,
+            &pk,
+            &pv,
+            prefix,
+            &sk,
+            &sv,
+            &lens,
+            cap * row,
+            bsz,
+            max_total,
+            hq,
+            hkv,
+            d,
+            &mut part,
+            prefetch.then_some(&weights),
+        );
         g.fuse.store(true, std::sync::atomic::Ordering::Relaxed);
         r.unwrap();
         runs.push(g.stream.clone_dtoh(&out).unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>());
@@ -553,7 +695,10 @@ fn embedded_kernel_sources_define_the_expected_kernels() {
         .filter(|f| f.ends_with(".cu"))
         .collect();
     for f in &files {
-        assert!(engine::cuda::SOURCES.iter().any(|(n, _)| n == f), "kernels/{f} is not embedded in engine::cuda::SOURCES");
+        assert!(
+            engine::cuda::SOURCES.iter().any(|(n, _)| n == f),
+            "kernels/{f} is not embedded in engine::cuda::SOURCES"
+        );
     }
     let mut all = Vec::new();
     for (f, _) in engine::cuda::SOURCES {
@@ -563,7 +708,48 @@ fn embedded_kernel_sources_define_the_expected_kernels() {
         assert!(!names.is_empty(), "{f} defines no kernel");
         all.extend(names);
     }
-    for k in ["embedding_gather_f16", "rmsnorm_f16", "layernorm_f16", "rope_f16", "flash_attn_prefill_f16", "attn_decode_f16", "attn_decode_combine_f16", "kv_store_f16", "add_rmsnorm_f16", "flash_attn_bwd_dq_f16", "flash_attn_bwd_dkdv_f16", "attn_bwd_delta_f16", "rmsnorm_bwd_f16", "layernorm_bwd_f16", "swiglu_bwd_f16", "gelu_bwd_f16", "quick_gelu_bwd_f16", "rope_bwd_f16", "embedding_bwd_f32", "logprob_gather_f16", "logprob_bwd_f16", "adamw_f32", "grad_sumsq_f32", "grad_accumulate_f32", "gemv_m1_f16", "gemv_swiglu_m1_f16", "rope_kv_store_f16", "swiglu_f16", "gelu_f16", "quick_gelu_f16", "bias_add_f16", "residual_add_f16", "lora_down_f16", "lora_up_add_f16", "logprob_gather_f32", "f32_to_f16", "f16_to_f32", "argmax_step_f16", "gemv_add_rmsnorm_m1_f16", "gemv_qkv_rope_m1_f16"] {
+    for k in [
+        "embedding_gather_f16",
+        "rmsnorm_f16",
+        "layernorm_f16",
+        "rope_f16",
+        "flash_attn_prefill_f16",
+        "attn_decode_f16",
+        "attn_decode_combine_f16",
+        "kv_store_f16",
+        "add_rmsnorm_f16",
+        "flash_attn_bwd_dq_f16",
+        "flash_attn_bwd_dkdv_f16",
+        "attn_bwd_delta_f16",
+        "rmsnorm_bwd_f16",
+        "layernorm_bwd_f16",
+        "swiglu_bwd_f16",
+        "gelu_bwd_f16",
+        "quick_gelu_bwd_f16",
+        "rope_bwd_f16",
+        "embedding_bwd_f32",
+        "logprob_gather_f16",
+        "logprob_bwd_f16",
+        "adamw_f32",
+        "grad_sumsq_f32",
+        "grad_accumulate_f32",
+        "gemv_m1_f16",
+        "gemv_swiglu_m1_f16",
+        "rope_kv_store_f16",
+        "swiglu_f16",
+        "gelu_f16",
+        "quick_gelu_f16",
+        "bias_add_f16",
+        "residual_add_f16",
+        "lora_down_f16",
+        "lora_up_add_f16",
+        "logprob_gather_f32",
+        "f32_to_f16",
+        "f16_to_f32",
+        "argmax_step_f16",
+        "gemv_add_rmsnorm_m1_f16",
+        "gemv_qkv_rope_m1_f16",
+    ] {
         assert!(all.iter().any(|n| n == k), "kernel {k} is missing");
     }
     assert_eq!(engine::cuda::arch_name(9, 0), "sm_90");

@@ -29,7 +29,10 @@ fn setup(gpu: &Gpu) -> (Model, engine::Adapter, engine::cuda_llama::GpuLlama, Gp
 }
 
 fn tokens(rng: &mut engine::rng::SplitMix64, n: usize, vocab: usize, avoid: Option<u32>) -> Vec<u32> {
-    std::iter::from_fn(|| Some((3 + rng.next_u64() % (vocab as u64 - 3)) as u32)).filter(|&t| Some(t) != avoid).take(n).collect()
+    std::iter::from_fn(|| Some((3 + rng.next_u64() % (vocab as u64 - 3)) as u32))
+        .filter(|&t| Some(t) != avoid)
+        .take(n)
+        .collect()
 }
 
 /// A random pair of the fixture's vocabulary (no image token): prompt of 12 tokens, chosen 8, rejected 6.
@@ -52,12 +55,24 @@ fn gpu_dpo_loss_and_lora_gradients_match_the_cpu_backend() {
     let (cpu_loss, cpu_l) = pair_forward_backward(&cpu, &adapter, &pair, refs, &cfg, 1.0, &mut grads, None).unwrap();
     lora.scaler = LossScaler::new(1024.0, 1000);
     let step = lora.dpo_step(&gpu, &dev, &prompt, &chosen, &rejected, refs, &cfg, None).unwrap();
-    println!("loss CPU {cpu_loss:.5} GPU {:.5}; log-probs chosen {:.4}/{:.4}, rejected {:.4}/{:.4}", step.loss, cpu_l.policy_chosen, step.logps.policy_chosen, cpu_l.policy_rejected, step.logps.policy_rejected);
+    println!(
+        "loss CPU {cpu_loss:.5} GPU {:.5}; log-probs chosen {:.4}/{:.4}, rejected {:.4}/{:.4}",
+        step.loss, cpu_l.policy_chosen, step.logps.policy_chosen, cpu_l.policy_rejected, step.logps.policy_rejected
+    );
     assert!((step.loss - cpu_loss).abs() <= 1e-2, "DPO loss: GPU {} vs CPU {cpu_loss}", step.loss);
-    assert!((step.logps.policy_chosen - cpu_l.policy_chosen).abs() <= 0.1 && (step.logps.policy_rejected - cpu_l.policy_rejected).abs() <= 0.1, "answer log-probs differ");
+    assert!(
+        (step.logps.policy_chosen - cpu_l.policy_chosen).abs() <= 0.1
+            && (step.logps.policy_rejected - cpu_l.policy_rejected).abs() <= 0.1,
+        "answer log-probs differ"
+    );
     // Every LoRA gradient of the decoder (the GPU's are loss-scaled).
     let (total, worst) = gradient_error(&gpu, &dev, &lora, &mut grads, 1024.0);
-    println!("LoRA gradients ({} modules): relative L2 error {total:.2e} overall, worst module {} at {:.2e}", dev.cfg.num_hidden_layers * 7, worst.1, worst.0);
+    println!(
+        "LoRA gradients ({} modules): relative L2 error {total:.2e} overall, worst module {} at {:.2e}",
+        dev.cfg.num_hidden_layers * 7,
+        worst.1,
+        worst.0
+    );
     assert!(total <= 2e-2, "LoRA gradients: relative L2 error {total}");
     assert!(worst.0 <= 5e-2, "LoRA gradients of {}: relative L2 error {}", worst.1, worst.0);
 }
@@ -70,7 +85,12 @@ fn a_subset_adapter_trains_its_own_modules_as_the_cpu_backend() {
     use engine::adapter::{LoraSpec, TargetModules};
     let Some(gpu) = gpu() else { return };
     let (cpu, _, dev, _) = setup(&gpu);
-    let spec = LoraSpec { r: 4, lora_alpha: 8.0, target_modules: TargetModules::Regex(r".*language_model.*\.(q_proj|v_proj|layers\.0\.mlp\.down_proj)".into()), ..LoraSpec::default() };
+    let spec = LoraSpec {
+        r: 4,
+        lora_alpha: 8.0,
+        target_modules: TargetModules::Regex(r".*language_model.*\.(q_proj|v_proj|layers\.0\.mlp\.down_proj)".into()),
+        ..LoraSpec::default()
+    };
     let mut adapter = cpu.create_adapter(&spec, 9).unwrap();
     let names: Vec<String> = adapter.module_names().iter().map(|s| s.to_string()).collect();
     assert_eq!(names.len(), 2 * dev.cfg.num_hidden_layers + 1, "{names:?}");
@@ -80,8 +100,18 @@ fn a_subset_adapter_trains_its_own_modules_as_the_cpu_backend() {
         adapter.module_mut(n).unwrap().b.iter_mut().for_each(|v| *v = ((rng.next_f64() * 2.0 - 1.0) * 0.05) as f32);
     }
     let mut lora = GpuLora::from_adapter(&gpu, &dev.cfg, &adapter).unwrap();
-    let full = GpuLora::from_adapter(&gpu, &dev.cfg, &cpu.load_adapter(&gpu_common::root().join("tests/fixtures/llava").join(CASE).join("adapter")).unwrap()).unwrap();
-    println!("trainable parameters: {} for {} modules (the fixture's adapter on every projection: {})", lora.param_count(), names.len(), full.param_count());
+    let full = GpuLora::from_adapter(
+        &gpu,
+        &dev.cfg,
+        &cpu.load_adapter(&gpu_common::root().join("tests/fixtures/llava").join(CASE).join("adapter")).unwrap(),
+    )
+    .unwrap();
+    println!(
+        "trainable parameters: {} for {} modules (the fixture's adapter on every projection: {})",
+        lora.param_count(),
+        names.len(),
+        full.param_count()
+    );
     assert!(lora.param_count() < full.param_count() / 2, "the modules the adapter leaves out take memory");
     let (prompt, chosen, rejected) = random_pair(&cpu, 45);
     let pair = TokenPair { pixels: None, prompt_ids: &prompt, chosen_ids: &chosen, rejected_ids: &rejected };
@@ -92,12 +122,21 @@ fn a_subset_adapter_trains_its_own_modules_as_the_cpu_backend() {
     lora.scaler = LossScaler::new(1024.0, 1000);
     let step = lora.dpo_step(&gpu, &dev, &prompt, &chosen, &rejected, refs, &cfg, None).unwrap();
     let (total, worst) = gradient_error(&gpu, &dev, &lora, &mut grads, 1024.0);
-    println!("subset adapter: loss CPU {cpu_loss:.5} GPU {:.5}; LoRA gradients relative L2 {total:.2e}, worst {} {:.2e}", step.loss, worst.1, worst.0);
+    println!(
+        "subset adapter: loss CPU {cpu_loss:.5} GPU {:.5}; LoRA gradients relative L2 {total:.2e}, worst {} {:.2e}",
+        step.loss, worst.1, worst.0
+    );
     assert!((step.loss - cpu_loss).abs() <= 1e-2, "DPO loss: GPU {} vs CPU {cpu_loss}", step.loss);
-    assert!(total <= 2e-2 && worst.0 <= 5e-2, "LoRA gradients: relative L2 {total} overall, {} worst ({})", worst.0, worst.1);
+    assert!(
+        total <= 2e-2 && worst.0 <= 5e-2,
+        "LoRA gradients: relative L2 {total} overall, {} worst ({})",
+        worst.0,
+        worst.1
+    );
     // Three optimizer steps: the loss falls, the factors move, and they go back into the adapter's own modules.
     let opt = AdamW { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
-    let before: Vec<(Vec<f32>, Vec<f32>)> = names.iter().map(|n| adapter.module(n).map(|m| (m.a.clone(), m.b.clone())).unwrap()).collect();
+    let before: Vec<(Vec<f32>, Vec<f32>)> =
+        names.iter().map(|n| adapter.module(n).map(|m| (m.a.clone(), m.b.clone())).unwrap()).collect();
     let mut losses = Vec::new();
     for _ in 0..3 {
         let r = lora.dpo_step(&gpu, &dev, &prompt, &chosen, &rejected, refs, &cfg, Some((&opt, 1.0))).unwrap();
@@ -124,20 +163,40 @@ fn image_path_lora_gradients_match_the_cpu_backend() {
     let (cpu, _, dev, _) = setup(&gpu);
     let dir: PathBuf = gpu_common::root().join("tests/fixtures/llava").join(CASE).join("model");
     let vision = engine::cuda_clip::GpuVision::load_dir(&gpu, &dir).unwrap();
-    let spec = LoraSpec { r: 4, lora_alpha: 8.0, target_modules: TargetModules::Regex(r".*(q_proj|v_proj|out_proj|fc1|fc2|linear_1|linear_2)".into()), ..LoraSpec::default() };
+    let spec = LoraSpec {
+        r: 4,
+        lora_alpha: 8.0,
+        target_modules: TargetModules::Regex(r".*(q_proj|v_proj|out_proj|fc1|fc2|linear_1|linear_2)".into()),
+        ..LoraSpec::default()
+    };
     let adapter_a = cpu.create_adapter(&spec, 11).unwrap();
     // And the projector trained in full beside LoRA elsewhere (`--train-projector`: peft modules_to_save).
-    let spec_b = LoraSpec { target_modules: TargetModules::Regex(r".*(q_proj|v_proj|fc1)".into()), modules_to_save: vec!["multi_modal_projector".into()], ..spec.clone() };
+    let spec_b = LoraSpec {
+        target_modules: TargetModules::Regex(r".*(q_proj|v_proj|fc1)".into()),
+        modules_to_save: vec!["multi_modal_projector".into()],
+        ..spec.clone()
+    };
     let adapter_b = cpu.create_adapter(&spec_b, 12).unwrap();
     assert_eq!(adapter_b.saved_params().count(), 4, "the projector's two weights and biases");
-    assert!(adapter_a.module_names().iter().any(|n| n.starts_with("multi_modal_projector.linear_2")), "{:?}", adapter_a.module_names());
+    assert!(
+        adapter_a.module_names().iter().any(|n| n.starts_with("multi_modal_projector.linear_2")),
+        "{:?}",
+        adapter_a.module_names()
+    );
     for (mut adapter, cases) in [(adapter_a, vec![(0.0, None), (0.2, Some(0xd0u64))]), (adapter_b, vec![(0.0, None)])] {
         check_image_path_pair(&gpu, &cpu, &dev, &vision, &mut adapter, &cases);
     }
 }
 
 /// `image_path_lora_gradients_match_the_cpu_backend` for one adapter and its (dropout, dropout seed) cases.
-fn check_image_path_pair(gpu: &Gpu, cpu: &Model, dev: &engine::cuda_llama::GpuLlama, vision: &engine::cuda_clip::GpuVision, adapter: &mut engine::Adapter, cases: &[(f64, Option<u64>)]) {
+fn check_image_path_pair(
+    gpu: &Gpu,
+    cpu: &Model,
+    dev: &engine::cuda_llama::GpuLlama,
+    vision: &engine::cuda_clip::GpuVision,
+    adapter: &mut engine::Adapter,
+    cases: &[(f64, Option<u64>)],
+) {
     let names: Vec<String> = adapter.module_names().iter().map(|s| s.to_string()).collect();
     let image: Vec<&String> = names.iter().filter(|n| engine::cuda_clip::in_image_path(n)).collect();
     assert!(image.iter().any(|n| n.starts_with("vision_tower.encoder.layers.0.")), "{image:?}");
@@ -147,14 +206,22 @@ fn check_image_path_pair(gpu: &Gpu, cpu: &Model, dev: &engine::cuda_llama::GpuLl
     }
     // An image of random pixels and a prompt holding the image token once.
     let side = cpu.config.llava().unwrap().vision.image_size;
-    let pixels = engine::image::PixelValues { data: (0..3 * side * side).map(|_| (rng.next_f64() * 4.0 - 2.0) as f32).collect(), channels: 3, height: side, width: side };
+    let pixels = engine::image::PixelValues {
+        data: (0..3 * side * side).map(|_| (rng.next_f64() * 4.0 - 2.0) as f32).collect(),
+        channels: 3,
+        height: side,
+        width: side,
+    };
     let (mut prompt, chosen, rejected) = random_pair(cpu, 57);
     prompt.insert(3, cpu.image_token_id().unwrap());
     let pair = TokenPair { pixels: Some(&pixels), prompt_ids: &prompt, chosen_ids: &chosen, rejected_ids: &rejected };
     let refs = reference_logps(cpu, None, &pair).unwrap();
     let cfg = DpoConfig { beta: 0.5, ..Default::default() };
     let vision_layers = cpu.config.llava().unwrap().vision_layers_needed();
-    assert!(vision_layers < cpu.config.llava().unwrap().vision.num_hidden_layers, "the fixture reads its features from the last tower layer");
+    assert!(
+        vision_layers < cpu.config.llava().unwrap().vision.num_hidden_layers,
+        "the fixture reads its features from the last tower layer"
+    );
     for &(dropout, seed) in cases {
         adapter.lora_dropout = dropout;
         let mut grads = Grads::zeros_like(adapter);
@@ -200,19 +267,34 @@ fn check_image_path_pair(gpu: &Gpu, cpu: &Model, dev: &engine::cuda_llama::GpuLl
         }
         let saved = if pd > 0.0 { (pn / pd).sqrt() } else { 0.0 };
         if pd > 0.0 {
-            println!("projector trained in full: gradients rel L2 {saved:.2e} ({} tensors)", adapter.saved_params().count());
+            println!(
+                "projector trained in full: gradients rel L2 {saved:.2e} ({} tensors)",
+                adapter.saved_params().count()
+            );
         }
         assert!(saved <= 2e-2, "dropout {dropout}: gradients of the projector's weights and biases: rel L2 {saved}");
         println!("image-path LoRA, dropout {dropout}: loss CPU {cpu_loss:.5} GPU {loss:.5}; decoder gradients rel L2 {total:.2e} (worst {} {:.2e}); image path {img_total:.2e} (worst {} {:.2e})", worst.1, worst.0, worst_img.1, worst_img.0);
         assert!((loss - cpu_loss).abs() <= 1e-2, "dropout {dropout}: DPO loss GPU {loss} vs CPU {cpu_loss}");
-        assert!(total <= 2e-2 && worst.0 <= 5e-2, "dropout {dropout}: decoder LoRA gradients rel L2 {total}, worst {worst:?}");
-        assert!(img_total <= 2e-2 && worst_img.0 <= 5e-2, "dropout {dropout}: image-path LoRA gradients rel L2 {img_total}, worst {worst_img:?}");
+        assert!(
+            total <= 2e-2 && worst.0 <= 5e-2,
+            "dropout {dropout}: decoder LoRA gradients rel L2 {total}, worst {worst:?}"
+        );
+        assert!(
+            img_total <= 2e-2 && worst_img.0 <= 5e-2,
+            "dropout {dropout}: image-path LoRA gradients rel L2 {img_total}, worst {worst_img:?}"
+        );
     }
 }
 
 /// Relative L2 error of the GPU's accumulated LoRA gradients (loss-scaled by `scale`) against the CPU's `grads`:
 /// overall, and the worst module's (error, name).
-fn gradient_error(gpu: &Gpu, dev: &engine::cuda_llama::GpuLlama, lora: &GpuLora, grads: &mut Grads, scale: f64) -> (f64, (f64, String)) {
+fn gradient_error(
+    gpu: &Gpu,
+    dev: &engine::cuda_llama::GpuLlama,
+    lora: &GpuLora,
+    grads: &mut Grads,
+    scale: f64,
+) -> (f64, (f64, String)) {
     let (mut num, mut den, mut worst) = (0.0f64, 0.0f64, (0.0f64, String::new()));
     for l in 0..dev.cfg.num_hidden_layers {
         for (j, proj) in PROJECTIONS.iter().enumerate() {
@@ -270,7 +352,11 @@ fn gpu_dpo_with_lora_dropout_matches_the_cpu_trainer_mask_for_mask() {
     let (loss, total, worst) = errors[0];
     assert!((loss - cpu_loss).abs() <= 1e-2, "DPO loss with dropout: GPU {loss} vs CPU {cpu_loss}");
     assert!(total <= 2e-2 && worst <= 5e-2, "LoRA gradients with dropout: relative L2 {total} overall, {worst} worst");
-    assert!(errors[1].1 >= 10.0 * total && errors[1].1 >= 0.1, "another seed's masks give gradients as close to the CPU's ({:.2e}): the masks are not compared", errors[1].1);
+    assert!(
+        errors[1].1 >= 10.0 * total && errors[1].1 >= 0.1,
+        "another seed's masks give gradients as close to the CPU's ({:.2e}): the masks are not compared",
+        errors[1].1
+    );
 }
 
 #[test]
@@ -279,9 +365,14 @@ fn a_short_gpu_dpo_run_raises_reward_accuracy_and_skips_overflowing_steps() {
     let (_, _, dev, mut lora) = setup(&gpu);
     let vocab = dev.cfg.vocab_size;
     let mut rng = engine::rng::SplitMix64::new(22);
-    let pairs: Vec<(Vec<u32>, Vec<u32>, Vec<u32>)> = (0..4).map(|_| (tokens(&mut rng, 8, vocab, None), tokens(&mut rng, 5, vocab, None), tokens(&mut rng, 5, vocab, None))).collect();
+    let pairs: Vec<(Vec<u32>, Vec<u32>, Vec<u32>)> = (0..4)
+        .map(|_| (tokens(&mut rng, 8, vocab, None), tokens(&mut rng, 5, vocab, None), tokens(&mut rng, 5, vocab, None)))
+        .collect();
     // The reference is the adapter before training.
-    let refs: Vec<(f64, f64)> = pairs.iter().map(|(p, c, r)| (lora.answer_logp(&gpu, &dev, p, c).unwrap(), lora.answer_logp(&gpu, &dev, p, r).unwrap())).collect();
+    let refs: Vec<(f64, f64)> = pairs
+        .iter()
+        .map(|(p, c, r)| (lora.answer_logp(&gpu, &dev, p, c).unwrap(), lora.answer_logp(&gpu, &dev, p, r).unwrap()))
+        .collect();
     let cfg = DpoConfig { beta: 0.5, ..Default::default() };
     let opt = AdamW { lr: 5e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
     // Start with a loss scale far too large: the first steps overflow fp16 and must be skipped, the scale lowered.
@@ -289,7 +380,8 @@ fn a_short_gpu_dpo_run_raises_reward_accuracy_and_skips_overflowing_steps() {
     let accuracy = |lora: &GpuLora| -> (f64, f64) {
         let (mut right, mut loss) = (0, 0.0);
         for ((p, c, r), &(rc, rr)) in pairs.iter().zip(&refs) {
-            let margin = (lora.answer_logp(&gpu, &dev, p, c).unwrap() - rc) - (lora.answer_logp(&gpu, &dev, p, r).unwrap() - rr);
+            let margin =
+                (lora.answer_logp(&gpu, &dev, p, c).unwrap() - rc) - (lora.answer_logp(&gpu, &dev, p, r).unwrap() - rr);
             right += usize::from(margin > 0.0);
             loss += (1.0 + (-cfg.beta * margin).exp()).ln() / pairs.len() as f64;
         }
@@ -312,7 +404,13 @@ fn a_short_gpu_dpo_run_raises_reward_accuracy_and_skips_overflowing_steps() {
 /// One DPO step (gradients kept, no optimizer step) on a random pair of the fixture, twice: with one copy of the
 /// adapter set up by `first` and another by `second`. Returns both reports, both adapters and the decoder.
 #[allow(clippy::type_complexity)]
-fn two_ways(gpu: &Gpu, seed: u64, rejected_len: usize, first: impl FnOnce(&mut GpuLora), second: impl FnOnce(&mut GpuLora)) -> ((StepReport, StepReport), (GpuLora, GpuLora), engine::cuda_llama::GpuLlama) {
+fn two_ways(
+    gpu: &Gpu,
+    seed: u64,
+    rejected_len: usize,
+    first: impl FnOnce(&mut GpuLora),
+    second: impl FnOnce(&mut GpuLora),
+) -> ((StepReport, StepReport), (GpuLora, GpuLora), engine::cuda_llama::GpuLlama) {
     let (cpu, _, dev, mut plain) = setup(gpu);
     let (_, _, _, mut other) = setup(gpu);
     first(&mut plain);
@@ -320,7 +418,11 @@ fn two_ways(gpu: &Gpu, seed: u64, rejected_len: usize, first: impl FnOnce(&mut G
     let vocab = cpu.llm.cfg.vocab_size;
     let mut rng = engine::rng::SplitMix64::new(seed);
     let image = cpu.image_token_id();
-    let (prompt, chosen, rejected) = (tokens(&mut rng, 30, vocab, image), tokens(&mut rng, 9, vocab, image), tokens(&mut rng, rejected_len, vocab, image));
+    let (prompt, chosen, rejected) = (
+        tokens(&mut rng, 30, vocab, image),
+        tokens(&mut rng, 9, vocab, image),
+        tokens(&mut rng, rejected_len, vocab, image),
+    );
     let cfg = DpoConfig { beta: 0.5, ..Default::default() };
     plain.scaler = LossScaler::new(1024.0, 1000);
     other.scaler = LossScaler::new(1024.0, 1000);
@@ -345,17 +447,34 @@ fn activation_recomputation_gives_the_same_loss_and_gradients() {
             assert_eq!(plain.grads(&gpu, l, j).unwrap(), recompute.grads(&gpu, l, j).unwrap(), "layer {l} {proj}");
         }
     }
-    println!("activation recomputation: loss {} and all {} LoRA gradients identical", a.loss, dev.cfg.num_hidden_layers * 7);
+    println!(
+        "activation recomputation: loss {} and all {} LoRA gradients identical",
+        a.loss,
+        dev.cfg.num_hidden_layers * 7
+    );
 }
 
 #[test]
 fn sharing_the_prompt_of_a_pair_gives_the_same_loss_and_gradients() {
     let Some(gpu) = gpu() else { return };
     // A one-token rejected answer: predicted by the prompt's last row alone. The shared prompt is the default.
-    let ((a, b), (plain, shared), dev) = two_ways(&gpu, 8, 1, |l| l.share_prompt = false, |l| assert!(l.share_prompt, "sharing the prompt is the default"));
-    println!("shared prompt: loss {:.6} vs {:.6}; log-probs chosen {:.4}/{:.4}, rejected {:.4}/{:.4}", b.loss, a.loss, b.logps.policy_chosen, a.logps.policy_chosen, b.logps.policy_rejected, a.logps.policy_rejected);
+    let ((a, b), (plain, shared), dev) = two_ways(
+        &gpu,
+        8,
+        1,
+        |l| l.share_prompt = false,
+        |l| assert!(l.share_prompt, "sharing the prompt is the default"),
+    );
+    println!(
+        "shared prompt: loss {:.6} vs {:.6}; log-probs chosen {:.4}/{:.4}, rejected {:.4}/{:.4}",
+        b.loss, a.loss, b.logps.policy_chosen, a.logps.policy_chosen, b.logps.policy_rejected, a.logps.policy_rejected
+    );
     assert!((a.loss - b.loss).abs() <= 1e-3, "loss {} shared vs {} whole", b.loss, a.loss);
-    assert!((a.logps.policy_chosen - b.logps.policy_chosen).abs() <= 2e-2 && (a.logps.policy_rejected - b.logps.policy_rejected).abs() <= 2e-2, "answer log-probs differ");
+    assert!(
+        (a.logps.policy_chosen - b.logps.policy_chosen).abs() <= 2e-2
+            && (a.logps.policy_rejected - b.logps.policy_rejected).abs() <= 2e-2,
+        "answer log-probs differ"
+    );
     let (mut num, mut den, mut worst) = (0.0f64, 0.0f64, 0.0f64);
     for l in 0..dev.cfg.num_hidden_layers {
         for (j, proj) in PROJECTIONS.iter().enumerate() {
@@ -412,7 +531,11 @@ fn tensor_core_attention_gives_the_scalar_kernels_dpo_loss_and_gradients() {
         let cfg = wide_heads(head_dim);
         let model = engine::cuda_llama::GpuLlama::random(&gpu, &cfg, 256, 3).unwrap();
         let mut rng = engine::rng::SplitMix64::new(head_dim as u64);
-        let (prompt, chosen, rejected) = (tokens(&mut rng, 100, cfg.vocab_size, None), tokens(&mut rng, 30, cfg.vocab_size, None), tokens(&mut rng, 23, cfg.vocab_size, None));
+        let (prompt, chosen, rejected) = (
+            tokens(&mut rng, 100, cfg.vocab_size, None),
+            tokens(&mut rng, 30, cfg.vocab_size, None),
+            tokens(&mut rng, 23, cfg.vocab_size, None),
+        );
         let dpo = DpoConfig { beta: 0.5, ..Default::default() };
         let run = |mma: bool| {
             gpu.mma_attention.store(mma, std::sync::atomic::Ordering::Relaxed);
@@ -442,8 +565,17 @@ fn tensor_core_attention_gives_the_scalar_kernels_dpo_loss_and_gradients() {
             "head size {head_dim}, shared prompt {share}: loss {:.6} (mma) vs {:.6} (scalar); log-probs chosen {:.4}/{:.4}; LoRA gradients relative L2 {rel:.2e}",
             b.loss, a.loss, b.logps.policy_chosen, a.logps.policy_chosen
         );
-        assert!((a.loss - b.loss).abs() <= 1e-3 * a.loss.abs().max(1.0), "loss {} with tensor cores vs {}", b.loss, a.loss);
-        assert!((a.logps.policy_chosen - b.logps.policy_chosen).abs() <= 2e-2 && (a.logps.policy_rejected - b.logps.policy_rejected).abs() <= 2e-2, "answer log-probs differ");
+        assert!(
+            (a.loss - b.loss).abs() <= 1e-3 * a.loss.abs().max(1.0),
+            "loss {} with tensor cores vs {}",
+            b.loss,
+            a.loss
+        );
+        assert!(
+            (a.logps.policy_chosen - b.logps.policy_chosen).abs() <= 2e-2
+                && (a.logps.policy_rejected - b.logps.policy_rejected).abs() <= 2e-2,
+            "answer log-probs differ"
+        );
         assert!(rel <= 1e-2, "LoRA gradients differ: relative L2 {rel}");
     }
 }

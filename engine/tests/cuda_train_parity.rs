@@ -12,7 +12,6 @@ use engine::rng::SplitMix64;
 mod gpu_common;
 use gpu_common::gpu;
 
-
 /// Uniform in [-scale, scale), rounded to fp16 (what the device stores).
 fn randh(rng: &mut SplitMix64, n: usize, scale: f32) -> Vec<f32> {
     (0..n).map(|_| half::f16::from_f32((rng.next_f64() as f32 * 2.0 - 1.0) * scale).to_f32()).collect()
@@ -73,7 +72,11 @@ fn norm_activation_rope_and_embedding_backward_match_the_cpu_backend() {
         let mut want = dx.clone();
         rope.apply_backward(&mut want, heads, &positions);
         let pos: Vec<i32> = positions.iter().map(|&p| p as i32).collect();
-        check(&format!("rope_bwd_f16 t{tokens} h{heads} d{hd}"), &g.rope_bwd(&dx, &pos, &cos, &sin, heads, hd).unwrap(), &want);
+        check(
+            &format!("rope_bwd_f16 t{tokens} h{heads} d{hd}"),
+            &g.rope_bwd(&dx, &pos, &cos, &sin, heads, hd).unwrap(),
+            &want,
+        );
     }
     for &(vocab, dim, n) in &[(50usize, 8usize, 1usize), (1000, 96, 300), (32064, 4096, 40)] {
         // Repeated ids add up.
@@ -82,7 +85,11 @@ fn norm_activation_rope_and_embedding_backward_match_the_cpu_backend() {
         let mut want = vec![0.0; vocab * dim];
         bw::embedding_bwd(&mut want, &dout, &ids, dim);
         let ids32: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
-        check(&format!("embedding_bwd_f32 v{vocab} d{dim} n{n}"), &g.embedding_bwd(vocab, dim, &dout, &ids32).unwrap(), &want);
+        check(
+            &format!("embedding_bwd_f32 v{vocab} d{dim} n{n}"),
+            &g.embedding_bwd(vocab, dim, &dout, &ids32).unwrap(),
+            &want,
+        );
     }
 }
 
@@ -94,9 +101,21 @@ fn flash_attention_backward_matches_the_cpu_backend() {
     // (full), ShapesWorld's and LLaMA's head sizes, a LLaVA-length sequence. Head sizes 64 and 128 run twice: the
     // tensor-core kernels (forward and backward, the default on sm_80+) and the scalar ones; partial 64-row tiles
     // and a prefix offset that is not a tile multiple are included.
-    let shapes = [(1usize, 1usize, 1usize, 1usize, 16usize, true), (37, 37, 4, 4, 24, true), (20, 90, 8, 2, 64, true), (65, 65, 4, 4, 64, false), (48, 48, 4, 1, 128, true), (700, 700, 2, 2, 128, true), (70, 203, 4, 2, 128, true), (130, 130, 2, 2, 64, true)];
+    let shapes = [
+        (1usize, 1usize, 1usize, 1usize, 16usize, true),
+        (37, 37, 4, 4, 24, true),
+        (20, 90, 8, 2, 64, true),
+        (65, 65, 4, 4, 64, false),
+        (48, 48, 4, 1, 128, true),
+        (700, 700, 2, 2, 128, true),
+        (70, 203, 4, 2, 128, true),
+        (130, 130, 2, 2, 64, true),
+    ];
     let mma_default = g.mma_attention.load(std::sync::atomic::Ordering::Relaxed);
-    let runs = shapes.iter().flat_map(|&s| [(s, false), (s, true)]).filter(|&((.., d, _), mma)| !mma || (mma_default && (d == 64 || d == 128)));
+    let runs = shapes
+        .iter()
+        .flat_map(|&s| [(s, false), (s, true)])
+        .filter(|&((.., d, _), mma)| !mma || (mma_default && (d == 64 || d == 128)));
     for ((n_q, n_k, hq, hkv, d, causal), mma) in runs {
         let q = randh(&mut rng, n_q * hq * d, 1.0);
         let k = randh(&mut rng, n_k * hkv * d, 1.0);
@@ -104,11 +123,29 @@ fn flash_attention_backward_matches_the_cpu_backend() {
         let dout = randh(&mut rng, n_q * hq * d, 1.0);
         let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
         let scale = 1.0 / (d as f32).sqrt();
-        bw::attend_dense_bwd(&mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, n_q, n_k, n_k - n_q, hq, hkv, d, scale, causal);
+        bw::attend_dense_bwd(
+            &mut dq,
+            &mut dk,
+            &mut dv,
+            &dout,
+            &q,
+            &k,
+            &v,
+            n_q,
+            n_k,
+            n_k - n_q,
+            hq,
+            hkv,
+            d,
+            scale,
+            causal,
+        );
         g.mma_attention.store(mma, std::sync::atomic::Ordering::Relaxed);
         let name = format!("q{n_q} k{n_k} h{hq}/{hkv} d{d} causal {causal}{}", if mma { " (mma)" } else { "" });
         // A launch error names the kernels too (scripts/gpu-check.sh looks for "mma" in a failure).
-        let (gq, gk, gv) = g.attention_bwd(&q, &k, &v, &dout, hq, hkv, d, causal).unwrap_or_else(|e| panic!("flash_attn_bwd {name}: {e}"));
+        let (gq, gk, gv) = g
+            .attention_bwd(&q, &k, &v, &dout, hq, hkv, d, causal)
+            .unwrap_or_else(|e| panic!("flash_attn_bwd {name}: {e}"));
         check(&format!("flash_attn_bwd dq {name}"), &gq, &dq);
         check(&format!("flash_attn_bwd dk {name}"), &gk, &dk);
         check(&format!("flash_attn_bwd dv {name}"), &gv, &dv);
@@ -139,7 +176,8 @@ fn logprob_backward_and_adamw_match_references() {
     let p0: Vec<f32> = (0..n).map(|_| rng.next_f64() as f32 - 0.5).collect();
     let (mut p, mut m, mut v) = (stream(&g, &p0), stream(&g, &vec![0.0; n]), stream(&g, &vec![0.0; n]));
     let mut p16 = g.upload_f16(&vec![0.0; n]).unwrap();
-    let (mut rp, mut rm, mut rv): (Vec<f64>, Vec<f64>, Vec<f64>) = (p0.iter().map(|&x| x as f64).collect(), vec![0.0; n], vec![0.0; n]);
+    let (mut rp, mut rm, mut rv): (Vec<f64>, Vec<f64>, Vec<f64>) =
+        (p0.iter().map(|&x| x as f64).collect(), vec![0.0; n], vec![0.0; n]);
     for step in 1..=3u32 {
         let grad: Vec<f32> = (0..n).map(|_| (rng.next_f64() as f32 - 0.5) * 1024.0).collect();
         let mut dg = stream(&g, &grad);
@@ -151,7 +189,8 @@ fn logprob_backward_and_adamw_match_references() {
             let gi = grad[i] as f64 * gscale as f64;
             rm[i] = b1 * rm[i] + (1.0 - b1) * gi;
             rv[i] = b2 * rv[i] + (1.0 - b2) * gi * gi;
-            rp[i] -= cfg.lr as f64 * (rm[i] / bc1 / ((rv[i] / bc2).sqrt() + cfg.eps as f64) + cfg.weight_decay as f64 * rp[i]);
+            rp[i] -= cfg.lr as f64
+                * (rm[i] / bc1 / ((rv[i] / bc2).sqrt() + cfg.eps as f64) + cfg.weight_decay as f64 * rp[i]);
         }
         let zeroed = g.stream.clone_dtoh(&dg).unwrap();
         assert!(zeroed.iter().all(|&x| x == 0.0), "the gradient is zeroed after the step");
@@ -182,13 +221,18 @@ fn stream(g: &Gpu, x: &[f32]) -> cudarc::driver::CudaSlice<f32> {
 fn lora_dropout_masks_match_the_cpu_trainer_exactly() {
     let Some(g) = gpu() else { return };
     let model = engine::Model::load(&gpu_common::root().join("assets/shapes-base")).unwrap();
-    let mut adapter = model.create_adapter(&engine::adapter::LoraSpec { r: 4, lora_alpha: 8.0, ..Default::default() }, 1).unwrap();
+    let mut adapter =
+        model.create_adapter(&engine::adapter::LoraSpec { r: 4, lora_alpha: 8.0, ..Default::default() }, 1).unwrap();
     let mut rng = SplitMix64::new(5);
-    for (p, seed, name, n) in [(0.1, 7u64, "language_model.layers.0.self_attn.q_proj", 4099usize), (0.5, u64::MAX - 3, "language_model.layers.1.mlp.down_proj", 70_000)] {
+    for (p, seed, name, n) in [
+        (0.1, 7u64, "language_model.layers.0.self_attn.q_proj", 4099usize),
+        (0.5, u64::MAX - 3, "language_model.layers.1.mlp.down_proj", 70_000),
+    ] {
         adapter.lora_dropout = p;
         adapter.set_dropout_seed(Some(seed));
         let x = randh(&mut rng, n, 3.0);
-        let want: Vec<f32> = adapter.dropout_input(name, &x).unwrap().iter().map(|&v| half::f16::from_f32(v).to_f32()).collect();
+        let want: Vec<f32> =
+            adapter.dropout_input(name, &x).unwrap().iter().map(|&v| half::f16::from_f32(v).to_f32()).collect();
         let base = engine::adapter::dropout_base(seed, name);
         let dx_ = g.upload_f16(&x).unwrap();
         let mut out = g.upload_f16(&vec![f32::NAN; n]).unwrap();
@@ -196,13 +240,17 @@ fn lora_dropout_masks_match_the_cpu_trainer_exactly() {
         let got = g.download_f16(&out).unwrap();
         let differ = got.iter().zip(&want).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
         let dropped = want.iter().zip(&x).filter(|(w, x)| **w == 0.0 && **x != 0.0).count() as f64 / n as f64;
-        println!("lora_dropout_f16 p={p} n={n}: {differ} of {n} elements differ from the CPU's; {:.3} dropped", dropped);
+        println!(
+            "lora_dropout_f16 p={p} n={n}: {differ} of {n} elements differ from the CPU's; {:.3} dropped",
+            dropped
+        );
         assert_eq!(differ, 0, "p={p}: the device's dropout differs from the CPU trainer's in {differ} elements");
         assert!((dropped - p).abs() < 0.02, "dropped fraction {dropped} for p={p}");
         // Backward: dx += dxl through the same mask (the CPU's: dxl * dropout_input(ones)).
         let (d0, dl) = (randh(&mut rng, n, 1.0), randh(&mut rng, n, 1.0));
         let mask = adapter.dropout_input(name, &vec![1.0; n]).unwrap();
-        let want: Vec<f32> = d0.iter().zip(&dl).zip(&mask).map(|((a, b), m)| half::f16::from_f32(a + b * m).to_f32()).collect();
+        let want: Vec<f32> =
+            d0.iter().zip(&dl).zip(&mask).map(|((a, b), m)| half::f16::from_f32(a + b * m).to_f32()).collect();
         let mut dx = g.upload_f16(&d0).unwrap();
         g.lora_dropout_bwd_add_dev(&mut dx, &g.upload_f16(&dl).unwrap(), n, base, p).unwrap();
         check(&format!("lora_dropout_bwd_add_f16 p={p} n={n}"), &g.download_f16(&dx).unwrap(), &want);

@@ -119,7 +119,10 @@ fn batched_branch_logits_match_one_prompt_at_a_time() {
             assert!(err < 1e-4, "{case}: continuation {c:?} differs by {err}");
         }
         assert!(m.branch_logits(&prefix, &[&[][..]], Some(&feats), None).is_err(), "empty continuation");
-        assert!(m.branch_logits(&prefix, &[&[image][..]], Some(&feats), None).is_err(), "image token in a continuation");
+        assert!(
+            m.branch_logits(&prefix, &[&[image][..]], Some(&feats), None).is_err(),
+            "image token in a continuation"
+        );
     }
 }
 
@@ -161,7 +164,8 @@ fn labeler_verdicts_equal_one_question_at_a_time() {
     let img = m.load_image(&case.join("image.png")).unwrap();
     let adapter = m.load_adapter(&case.join("adapter")).unwrap();
     let labeler = Labeler::new(&m, Some(&adapter), &tok, LLAVA_15_TEMPLATE).unwrap();
-    let questions: Vec<String> = ["is the box red ?", "is there a circle ?", "what color is the box ?"].iter().map(|s| s.to_string()).collect();
+    let questions: Vec<String> =
+        ["is the box red ?", "is there a circle ?", "what color is the box ?"].iter().map(|s| s.to_string()).collect();
     let got = labeler.verify(Some(&img), &questions).unwrap();
     let feats = m.image_features(&img, Some(&adapter)).unwrap();
     for (q, v) in questions.iter().zip(&got) {
@@ -195,8 +199,11 @@ fn labeler_keeps_the_yes_no_suffix_when_the_tokenizer_can_spell_it() {
     use engine::feedback::verify::{Labeler, YES_NO_SUFFIX};
     use tokenizers::models::wordlevel::WordLevel;
     let words = ["<unk>", "please", "answer", "yes", "or", "no", "."];
-    let vocab: std::collections::HashMap<String, u32> = words.iter().enumerate().map(|(i, w)| (w.to_string(), i as u32)).collect();
-    let mut t = tokenizers::Tokenizer::new(WordLevel::builder().vocab(vocab.into_iter().collect()).unk_token("<unk>".into()).build().unwrap());
+    let vocab: std::collections::HashMap<String, u32> =
+        words.iter().enumerate().map(|(i, w)| (w.to_string(), i as u32)).collect();
+    let mut t = tokenizers::Tokenizer::new(
+        WordLevel::builder().vocab(vocab.into_iter().collect()).unk_token("<unk>".into()).build().unwrap(),
+    );
     t.with_normalizer(Some(tokenizers::normalizers::utils::Lowercase));
     t.with_pre_tokenizer(Some(tokenizers::pre_tokenizers::whitespace::Whitespace {}));
     let dir = std::env::temp_dir().join(format!("rlaifd-suffix-{}", std::process::id()));

@@ -45,30 +45,16 @@ fn line_breaks_and_list_markers_separate_claims_and_lead_ins_are_dropped() {
     let answer = "The image shows:\n- A red car.\n* A blue bus\n1. Two dogs are playing\n2) A cat sits on a mat";
     assert_eq!(
         split_claims(answer),
-        strings(&[
-            "A red car.",
-            "A blue bus.",
-            "Two dogs are playing.",
-            "A cat sits on a mat."
-        ])
+        strings(&["A red car.", "A blue bus.", "Two dogs are playing.", "A cat sits on a mat."])
     );
 }
 
 #[test]
 fn claims_are_trimmed_capitalised_and_end_with_one_period() {
-    assert_eq!(
-        split_claims("  the cat is orange  \n\n"),
-        strings(&["The cat is orange."])
-    );
+    assert_eq!(split_claims("  the cat is orange  \n\n"), strings(&["The cat is orange."]));
     assert_eq!(split_claims("The car is red!!!"), strings(&["The car is red."]));
-    assert_eq!(
-        split_claims("The car is red... The bus is blue"),
-        strings(&["The car is red.", "The bus is blue."])
-    );
-    assert_eq!(
-        split_claims("\u{4E00}\u{53EA}\u{732B}\u{3002}"),
-        strings(&["\u{4E00}\u{53EA}\u{732B}."])
-    );
+    assert_eq!(split_claims("The car is red... The bus is blue"), strings(&["The car is red.", "The bus is blue."]));
+    assert_eq!(split_claims("\u{4E00}\u{53EA}\u{732B}\u{3002}"), strings(&["\u{4E00}\u{53EA}\u{732B}."]));
 }
 
 // ---- split_claims: clauses -------------------------------------------------------------------------------
@@ -94,26 +80,15 @@ fn compound_sentence_splits_into_self_contained_claims() {
     );
     assert_eq!(
         split_claims("The man is tall, while the woman is short. The sky is blue whereas the grass is green."),
-        strings(&[
-            "The man is tall.",
-            "The woman is short.",
-            "The sky is blue.",
-            "The grass is green."
-        ])
+        strings(&["The man is tall.", "The woman is short.", "The sky is blue.", "The grass is green."])
     );
-    assert_eq!(
-        split_claims("There is a car, and it is red."),
-        strings(&["There is a car.", "The car is red."])
-    );
+    assert_eq!(split_claims("There is a car, and it is red."), strings(&["There is a car.", "The car is red."]));
 }
 
 #[test]
 fn pronoun_stays_when_its_referent_is_not_a_simple_agreeing_subject() {
     // "it" cannot refer to "The dogs" (plural verb), so it is left alone rather than guessed.
-    assert_eq!(
-        split_claims("The dogs are big, and it is raining."),
-        strings(&["The dogs are big.", "It is raining."])
-    );
+    assert_eq!(split_claims("The dogs are big, and it is raining."), strings(&["The dogs are big.", "It is raining."]));
     // "a car parked" is not a bare noun phrase.
     assert_eq!(
         split_claims("There is a car parked, and it is red."),
@@ -123,14 +98,8 @@ fn pronoun_stays_when_its_referent_is_not_a_simple_agreeing_subject() {
 
 #[test]
 fn lists_of_objects_and_dependent_phrases_stay_one_claim() {
-    assert_eq!(
-        split_claims("There is a red car and a blue bus."),
-        strings(&["There is a red car and a blue bus."])
-    );
-    assert_eq!(
-        split_claims("There is a red car, and a blue bus."),
-        strings(&["There is a red car, and a blue bus."])
-    );
+    assert_eq!(split_claims("There is a red car and a blue bus."), strings(&["There is a red car and a blue bus."]));
+    assert_eq!(split_claims("There is a red car, and a blue bus."), strings(&["There is a red car, and a blue bus."]));
     assert_eq!(
         split_claims("A man is holding an umbrella, while walking down the street."),
         strings(&["A man is holding an umbrella, while walking down the street."])
@@ -145,10 +114,7 @@ fn opinions_mood_speculation_and_questions_are_dropped() {
                   Overall, the scene is calm. Is the dog asleep? The chair is black, and it looks beautiful. \
                   The table is probably made of oak. In my opinion, the sofa is too big. \
                   The candles add to the romantic ambiance. There is a lamp.";
-    assert_eq!(
-        split_claims(answer),
-        strings(&["The chair is black.", "There is a lamp."])
-    );
+    assert_eq!(split_claims(answer), strings(&["The chair is black.", "There is a lamp."]));
 }
 
 #[test]
@@ -156,11 +122,7 @@ fn filters_match_whole_words_only() {
     // "niche" is not "nice", "personalised" is not "personally", "overalls" is not "overall".
     assert_eq!(
         split_claims("The niche holds a vase. A personalised plate is on the car. Overalls hang on a hook."),
-        strings(&[
-            "The niche holds a vase.",
-            "A personalised plate is on the car.",
-            "Overalls hang on a hook."
-        ])
+        strings(&["The niche holds a vase.", "A personalised plate is on the car.", "Overalls hang on a hook."])
     );
 }
 
@@ -195,21 +157,10 @@ fn claim_lines_accept_every_list_style_and_skip_chatter() {
 
 #[test]
 fn claim_lines_meaning_nothing_give_no_claims() {
-    for output in [
-        "None",
-        "N/A",
-        "- None.",
-        "No claims.",
-        "Claims:\n(none)",
-        "",
-        "\n\r\n  \n",
-    ] {
+    for output in ["None", "N/A", "- None.", "No claims.", "Claims:\n(none)", "", "\n\r\n  \n"] {
         assert_eq!(parse_claim_lines(output), Vec::<String>::new(), "output {output:?}");
     }
-    assert_eq!(
-        parse_claim_lines("- None\n- A cat is black"),
-        strings(&["A cat is black."])
-    );
+    assert_eq!(parse_claim_lines("- None\n- A cat is black"), strings(&["A cat is black."]));
 }
 
 #[test]
@@ -224,10 +175,7 @@ fn claim_lines_without_markers_fall_back_to_sentences() {
 fn claim_lines_keep_numbers_that_are_not_markers() {
     assert_eq!(
         parse_claim_lines("- 3.5 liters of water are in the jug\n- -5 degrees is shown on the thermometer"),
-        strings(&[
-            "3.5 liters of water are in the jug.",
-            "-5 degrees is shown on the thermometer."
-        ])
+        strings(&["3.5 liters of water are in the jug.", "-5 degrees is shown on the thermometer."])
     );
 }
 
@@ -237,19 +185,10 @@ fn claim_lines_keep_numbers_that_are_not_markers() {
 fn question_is_found_in_messy_outputs() {
     let cases: &[(&str, Option<&str>)] = &[
         ("Question: Is the car red?", Some("Is the car red?")),
-        (
-            "Sure! Here is the question: \"Are there two dogs?\"",
-            Some("Are there two dogs?"),
-        ),
-        (
-            "**Question:** Is it 10:30 on the clock?",
-            Some("Is it 10:30 on the clock?"),
-        ),
+        ("Sure! Here is the question: \"Are there two dogs?\"", Some("Are there two dogs?")),
+        ("**Question:** Is it 10:30 on the clock?", Some("Is it 10:30 on the clock?")),
         ("Q: is the bus blue?", Some("Is the bus blue?")),
-        (
-            "Here you go.\r\n\r\n1. \"Does the man have a hat?\"\r\n2. Is he tall?",
-            Some("Does the man have a hat?"),
-        ),
+        ("Here you go.\r\n\r\n1. \"Does the man have a hat?\"\r\n2. Is he tall?", Some("Does the man have a hat?")),
         ("- Is the car red?\nIs the bus blue?", Some("Is the car red?")),
         ("\u{201C}Is the cat orange?\u{201D}", Some("Is the cat orange?")),
         ("The car is red.", None),
@@ -281,14 +220,8 @@ fn claim_to_question_follows_each_rule() {
         ("I am in the photo.", "Am I in the photo?"),
         // Fallbacks keep the meaning when fronting a verb would garble it.
         ("A man holds an umbrella.", "Is it true that a man holds an umbrella?"),
-        (
-            "In the corner, a lamp is on.",
-            "Is it true that in the corner, a lamp is on?",
-        ),
-        (
-            "The man who is tall has a hat.",
-            "Is it true that the man who is tall has a hat?",
-        ),
+        ("In the corner, a lamp is on.", "Is it true that in the corner, a lamp is on?"),
+        ("The man who is tall has a hat.", "Is it true that the man who is tall has a hat?"),
         // Leftover list marker and emphasis from an LLM line.
         ("1. **The car is red.**", "Is the car red?"),
     ];
@@ -332,16 +265,9 @@ fn degenerate_inputs_give_empty_results() {
 fn non_ascii_text_is_kept_intact() {
     assert_eq!(
         split_claims("\u{1F600} the cat \u{1F431} is orange. \u{00C9}lodie is here, and she is smiling."),
-        strings(&[
-            "\u{1F600} the cat \u{1F431} is orange.",
-            "\u{00C9}lodie is here.",
-            "\u{00C9}lodie is smiling."
-        ])
+        strings(&["\u{1F600} the cat \u{1F431} is orange.", "\u{00C9}lodie is here.", "\u{00C9}lodie is smiling."])
     );
-    assert_eq!(
-        claim_to_question("\u{00C9}lodie is smiling."),
-        "Is \u{00E9}lodie smiling?"
-    );
+    assert_eq!(claim_to_question("\u{00C9}lodie is smiling."), "Is \u{00E9}lodie smiling?");
     assert_eq!(
         parse_claim_lines("\u{2022} \u{00FC}ber-cool \u{1F697} is red"),
         strings(&["\u{00DC}ber-cool \u{1F697} is red."])
@@ -433,9 +359,7 @@ fn random_mixes_of_tricky_fragments_never_panic() {
     };
     for _ in 0..3_000 {
         let len = (next() % 24) as usize;
-        let text: String = (0..len)
-            .map(|_| FRAGMENTS[(next() % FRAGMENTS.len() as u64) as usize])
-            .collect();
+        let text: String = (0..len).map(|_| FRAGMENTS[(next() % FRAGMENTS.len() as u64) as usize]).collect();
         for claim in split_claims(&text).iter().chain(parse_claim_lines(&text).iter()) {
             assert!(claim.ends_with('.'), "claim {claim:?} from {text:?}");
             let question = claim_to_question(claim);

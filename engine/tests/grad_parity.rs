@@ -19,7 +19,12 @@ fn ids(v: &Value) -> Vec<u32> {
 
 #[test]
 fn dpo_loss_and_lora_gradients_match_peft() {
-    let mut cases: Vec<PathBuf> = std::fs::read_dir(grad_fixtures()).expect("grad fixtures").filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.join("expected.json").is_file()).collect();
+    let mut cases: Vec<PathBuf> = std::fs::read_dir(grad_fixtures())
+        .expect("grad fixtures")
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.join("expected.json").is_file())
+        .collect();
     cases.sort();
     assert!(cases.len() >= 3, "expected at least 3 gradient fixtures, found {}", cases.len());
     for dir in cases {
@@ -33,10 +38,8 @@ fn dpo_loss_and_lora_gradients_match_peft() {
             .filter(|l| !l.trim().is_empty())
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
-        let pixels: Vec<_> = lines
-            .iter()
-            .map(|l| l["image"].as_str().map(|p| model.load_image(&dir.join(p)).unwrap()))
-            .collect();
+        let pixels: Vec<_> =
+            lines.iter().map(|l| l["image"].as_str().map(|p| model.load_image(&dir.join(p)).unwrap())).collect();
         let owned: Vec<(Vec<u32>, Vec<u32>, Vec<u32>)> =
             lines.iter().map(|l| (ids(&l["prompt_ids"]), ids(&l["chosen_ids"]), ids(&l["rejected_ids"]))).collect();
         let pairs: Vec<TokenPair> = owned
@@ -66,7 +69,10 @@ fn dpo_loss_and_lora_gradients_match_peft() {
                 assert!(diff / norm <= 1e-3, "{name}: {key} relative L2 error {}", diff / norm);
             }
         }
-        println!("{name:<32} loss {loss:.7} (peft {want_loss:.7}), {} tensors, worst relative L2 {worst:.2e}", got.len());
+        println!(
+            "{name:<32} loss {loss:.7} (peft {want_loss:.7}), {} tensors, worst relative L2 {worst:.2e}",
+            got.len()
+        );
     }
 }
 
@@ -75,7 +81,9 @@ fn recomputing_cheap_activations_gives_identical_gradients() {
     let dir = grad_fixtures().join("l15_4x_f32_gqa_tied_lora");
     let exp: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
     let mut model = Model::load(&dir.join(exp["model_dir"].as_str().unwrap())).unwrap();
-    let line: Value = serde_json::from_str(std::fs::read_to_string(dir.join("pairs.jsonl")).unwrap().lines().next().unwrap()).unwrap();
+    let line: Value =
+        serde_json::from_str(std::fs::read_to_string(dir.join("pairs.jsonl")).unwrap().lines().next().unwrap())
+            .unwrap();
     let px = model.load_image(&dir.join(line["image"].as_str().unwrap())).unwrap();
     let (p, c, r) = (ids(&line["prompt_ids"]), ids(&line["chosen_ids"]), ids(&line["rejected_ids"]));
     let mut run = |recompute: bool| {

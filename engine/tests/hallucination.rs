@@ -44,7 +44,14 @@ fn pope_and_amber_scores() {
     assert_eq!(yes_no("There is not."), Some(false));
     assert_eq!(yes_no("a red circle"), None);
     // labels: 3 yes, 3 no. predictions: yes yes no | yes no (unparsed)
-    let items = [(Some(true), true), (Some(true), true), (Some(false), true), (Some(true), false), (Some(false), false), (None, false)];
+    let items = [
+        (Some(true), true),
+        (Some(true), true),
+        (Some(false), true),
+        (Some(true), false),
+        (Some(false), false),
+        (None, false),
+    ];
     let pope = binary_metrics(&items, true);
     // tp 2, fn 1, fp 1, tn 2 (the unparsed answer counts as "no")
     assert!((pope.accuracy - 4.0 / 6.0).abs() < 1e-12);

@@ -7,8 +7,8 @@
 use std::path::{Path, PathBuf};
 
 use engine::image::{
-    decode_rgb8, load_rgb8, preprocess, resize_bicubic_pil, resize_bilinear_pil, resize_pil_with,
-    ImageError, ImageProcessorConfig, PassOrder, ResampleFilter, ResizeSize,
+    decode_rgb8, load_rgb8, preprocess, resize_bicubic_pil, resize_bilinear_pil, resize_pil_with, ImageError,
+    ImageProcessorConfig, PassOrder, ResampleFilter, ResizeSize,
 };
 use serde_json::Value;
 
@@ -51,18 +51,11 @@ impl Fixtures {
     }
 
     fn list(&self, key: &str) -> &Vec<Value> {
-        self.manifest[key]
-            .as_array()
-            .unwrap_or_else(|| panic!("manifest has no {key} list"))
+        self.manifest[key].as_array().unwrap_or_else(|| panic!("manifest has no {key} list"))
     }
 
     fn shape(entry: &Value) -> Vec<usize> {
-        entry["shape"]
-            .as_array()
-            .expect("shape")
-            .iter()
-            .map(|v| v.as_u64().expect("shape dim") as usize)
-            .collect()
+        entry["shape"].as_array().expect("shape").iter().map(|v| v.as_u64().expect("shape dim") as usize).collect()
     }
 
     fn u8s(&self, entry: &Value) -> &[u8] {
@@ -76,10 +69,7 @@ impl Fixtures {
         assert_eq!(entry["dtype"], "f32");
         let off = entry["offset"].as_u64().expect("offset") as usize;
         let len = entry["len"].as_u64().expect("len") as usize;
-        self.blob[off..off + 4 * len]
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect()
+        self.blob[off..off + 4 * len].chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
     }
 }
 
@@ -89,11 +79,7 @@ fn s(v: &Value) -> &str {
 
 /// Index and values of the first differing byte, for readable failures.
 fn first_diff(a: &[u8], b: &[u8]) -> Option<(usize, u8, u8)> {
-    a.iter()
-        .zip(b)
-        .enumerate()
-        .find(|(_, (x, y))| x != y)
-        .map(|(i, (x, y))| (i, *x, *y))
+    a.iter().zip(b).enumerate().find(|(_, (x, y))| x != y).map(|(i, (x, y))| (i, *x, *y))
 }
 
 #[test]
@@ -117,18 +103,9 @@ fn decode_and_rgb_conversion_match_pillow() {
                 first_diff(img.as_raw(), want)
             );
         } else {
-            let max = img
-                .as_raw()
-                .iter()
-                .zip(want)
-                .map(|(a, b)| a.abs_diff(*b))
-                .max()
-                .unwrap_or(0);
+            let max = img.as_raw().iter().zip(want).map(|(a, b)| a.abs_diff(*b)).max().unwrap_or(0);
             jpeg_report.push(format!("{name}: max |diff| {max}"));
-            assert!(
-                max <= JPEG_MAX_ABS_DIFF,
-                "{name}: JPEG decode differs from Pillow by {max}"
-            );
+            assert!(max <= JPEG_MAX_ABS_DIFF, "{name}: JPEG decode differs from Pillow by {max}");
         }
     }
     eprintln!("JPEG decode vs Pillow: {}", jpeg_report.join(", "));
@@ -136,11 +113,7 @@ fn decode_and_rgb_conversion_match_pillow() {
 
 /// Major version of the Pillow that produced the fixtures (its pass order differs before 13).
 fn pillow_major(fx: &Fixtures) -> u32 {
-    s(&fx.manifest["pillow"])
-        .split('.')
-        .next()
-        .and_then(|v| v.parse().ok())
-        .expect("pillow version")
+    s(&fx.manifest["pillow"]).split('.').next().and_then(|v| v.parse().ok()).expect("pillow version")
 }
 
 fn pass_order_of(fx: &Fixtures) -> PassOrder {
@@ -158,10 +131,7 @@ fn resize_matches_pillow_bit_exactly() {
     let (mut n, mut n_order_sensitive) = (0, 0);
     for e in fx.list("resize") {
         let name = s(&e["image"]);
-        let (w, h) = (
-            e["width"].as_u64().unwrap() as u32,
-            e["height"].as_u64().unwrap() as u32,
-        );
+        let (w, h) = (e["width"].as_u64().unwrap() as u32, e["height"].as_u64().unwrap() as u32);
         let src = load_rgb8(&fixture(name)).unwrap_or_else(|err| panic!("{name}: {err}"));
         let filter = match s(&e["filter"]) {
             "bicubic" => ResampleFilter::Bicubic,
@@ -190,15 +160,9 @@ fn resize_matches_pillow_bit_exactly() {
         // single-axis resizes.
         if e.get("orders_differ").is_some() {
             let legacy = resize_pil_with(&src, w, h, filter, PassOrder::HorizontalFirst);
-            let want = e
-                .get("horizontal_first_rgb")
-                .map(|x| fx.u8s(x))
-                .unwrap_or(want);
+            let want = e.get("horizontal_first_rgb").map(|x| fx.u8s(x)).unwrap_or(want);
             let diff = first_diff(legacy.as_raw(), want);
-            assert!(
-                diff.is_none(),
-                "{name} -> {w}x{h} {filter:?} horizontal-first: {diff:?}"
-            );
+            assert!(diff.is_none(), "{name} -> {w}x{h} {filter:?} horizontal-first: {diff:?}");
             if e.get("horizontal_first_rgb").is_some() {
                 n_order_sensitive += 1;
             }
@@ -207,10 +171,7 @@ fn resize_matches_pillow_bit_exactly() {
     }
     assert!(n >= 20, "expected the manifest to list the resize cases");
     if pillow_major(&fx) >= 13 {
-        assert!(
-            n_order_sensitive >= 2,
-            "fixtures should contain cases where the pass order matters"
-        );
+        assert!(n_order_sensitive >= 2, "fixtures should contain cases where the pass order matters");
     }
 }
 
@@ -222,18 +183,13 @@ fn pixel_values_match_transformers() {
     for e in fx.list("cases") {
         let (iname, cname) = (s(&e["image"]), s(&e["config"]));
         let pad = e["pad_to_square"].as_bool().unwrap();
-        let mut cfg = ImageProcessorConfig::from_file(&fixture(cname))
-            .unwrap_or_else(|err| panic!("{cname}: {err}"));
+        let mut cfg = ImageProcessorConfig::from_file(&fixture(cname)).unwrap_or_else(|err| panic!("{cname}: {err}"));
         cfg.pad_to_square = pad;
         cfg.pass_order = pass_order_of(&fx);
         let img = load_rgb8(&fixture(iname)).unwrap_or_else(|err| panic!("{iname}: {err}"));
         let pv = preprocess(&img, &cfg).unwrap_or_else(|err| panic!("{iname} {cname}: {err}"));
         let shape = Fixtures::shape(&e["pixel_values"]);
-        assert_eq!(
-            vec![pv.channels, pv.height, pv.width],
-            shape,
-            "{iname} {cname} pad={pad}: shape"
-        );
+        assert_eq!(vec![pv.channels, pv.height, pv.width], shape, "{iname} {cname} pad={pad}: shape");
         if let Some(fixed) = cfg.fixed_output_size() {
             assert_eq!(fixed, (pv.height, pv.width));
             assert_eq!(cfg.output_size(), (pv.height, pv.width));
@@ -258,25 +214,13 @@ fn pixel_values_match_transformers() {
             );
             worst = worst.max(max);
         } else {
-            let mean = pv
-                .data
-                .iter()
-                .zip(&want)
-                .map(|(a, b)| (a - b).abs())
-                .sum::<f32>()
-                / want.len() as f32;
+            let mean = pv.data.iter().zip(&want).map(|(a, b)| (a - b).abs()).sum::<f32>() / want.len() as f32;
             jpeg_report.push(format!("{iname}: max |diff| {max:.4}, mean {mean:.5}"));
-            assert!(
-                max <= JPEG_PIXEL_VALUES_TOL,
-                "{iname} {cname}: JPEG max |diff| {max}"
-            );
+            assert!(max <= JPEG_PIXEL_VALUES_TOL, "{iname} {cname}: JPEG max |diff| {max}");
         }
     }
     eprintln!("pixel_values vs transformers (PNG inputs): max |diff| over all cases = {worst:e}");
-    eprintln!(
-        "pixel_values vs transformers (JPEG inputs): {}",
-        jpeg_report.join(", ")
-    );
+    eprintln!("pixel_values vs transformers (JPEG inputs): {}", jpeg_report.join(", "));
 }
 
 #[test]
@@ -288,13 +232,7 @@ fn configs_parse_like_transformers() {
     assert!(!c.pad_to_square);
 
     let c = ImageProcessorConfig::from_file(&fixture("cfg_hw18x26_crop20x24.json")).unwrap();
-    assert_eq!(
-        c.size,
-        ResizeSize::Exact {
-            height: 18,
-            width: 26
-        }
-    );
+    assert_eq!(c.size, ResizeSize::Exact { height: 18, width: 26 });
     assert_eq!(c.output_size(), (20, 24));
 
     // Legacy int sizes, bilinear, no crop, and an unknown field that must be ignored.
@@ -319,8 +257,7 @@ fn configs_parse_like_transformers() {
     );
 
     // LLaVA's model-config key turns on pad_to_square.
-    let c =
-        ImageProcessorConfig::from_json_str(r#"{"image_aspect_ratio": "pad"}"#, "inline").unwrap();
+    let c = ImageProcessorConfig::from_json_str(r#"{"image_aspect_ratio": "pad"}"#, "inline").unwrap();
     assert!(c.pad_to_square);
     assert_eq!(c.output_size(), (336, 336));
 }
@@ -335,14 +272,8 @@ fn config_errors_name_the_file() {
     ] {
         let err = ImageProcessorConfig::from_file(&fixture(name)).expect_err(name);
         let msg = err.to_string();
-        assert!(
-            msg.contains(name),
-            "{name}: error does not name the file: {msg}"
-        );
-        assert!(
-            msg.contains(needle),
-            "{name}: error does not say what is wrong: {msg}"
-        );
+        assert!(msg.contains(name), "{name}: error does not name the file: {msg}");
+        assert!(msg.contains(needle), "{name}: error does not say what is wrong: {msg}");
     }
 }
 
@@ -353,40 +284,24 @@ fn malformed_images_give_errors_naming_the_file() {
         let name = s(&e["file"]);
         let err = load_rgb8(&fixture(name)).expect_err(name);
         let msg = err.to_string();
-        assert!(
-            msg.contains(name),
-            "{name}: error does not name the file: {msg}"
-        );
+        assert!(msg.contains(name), "{name}: error does not name the file: {msg}");
         match name {
             "huge_100000x100000.png" | "huge_9000x9000.png" => {
-                assert!(
-                    matches!(err, ImageError::TooLarge { .. }),
-                    "{name}: {err:?}"
-                )
+                assert!(matches!(err, ImageError::TooLarge { .. }), "{name}: {err:?}")
             }
             "tiny.gif" | "not_an_image.png" | "empty.png" => {
-                assert!(
-                    matches!(err, ImageError::UnsupportedFormat { .. }),
-                    "{name}: {err:?}"
-                )
+                assert!(matches!(err, ImageError::UnsupportedFormat { .. }), "{name}: {err:?}")
             }
-            _ => assert!(
-                matches!(err, ImageError::Decode { .. } | ImageError::Empty { .. }),
-                "{name}: {err:?}"
-            ),
+            _ => assert!(matches!(err, ImageError::Decode { .. } | ImageError::Empty { .. }), "{name}: {err:?}"),
         }
         eprintln!("{name}: {msg}");
     }
     // In-memory inputs are named by the caller.
     let bytes = std::fs::read(fixture("truncated.png")).unwrap();
-    let msg = decode_rgb8(&bytes, "request image #2")
-        .unwrap_err()
-        .to_string();
+    let msg = decode_rgb8(&bytes, "request image #2").unwrap_err().to_string();
     assert!(msg.contains("request image #2"), "{msg}");
     // Missing file.
-    let msg = load_rgb8(&fixture("no_such_image.png"))
-        .unwrap_err()
-        .to_string();
+    let msg = load_rgb8(&fixture("no_such_image.png")).unwrap_err().to_string();
     assert!(msg.contains("no_such_image.png"), "{msg}");
 }
 
@@ -406,15 +321,10 @@ fn preprocess_refuses_explosive_aspect_ratios() {
     assert_eq!(pv.data.len(), 3 * 336 * 336);
 
     let empty = image::RgbImage::new(0, 5);
-    assert!(matches!(
-        preprocess(&empty, &cfg),
-        Err(ImageError::Empty { .. })
-    ));
+    assert!(matches!(preprocess(&empty, &cfg), Err(ImageError::Empty { .. })));
 
     let mut bad = cfg.clone();
     bad.resample = 0;
-    let msg = preprocess(&image::RgbImage::new(4, 4), &bad)
-        .unwrap_err()
-        .to_string();
+    let msg = preprocess(&image::RgbImage::new(4, 4), &bad).unwrap_err().to_string();
     assert!(msg.contains("NEAREST"), "{msg}");
 }

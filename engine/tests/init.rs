@@ -30,6 +30,9 @@ fn random_checkpoint_from_config_loads_and_runs() {
     // Same seed, same bytes.
     let out2 = dir.join("model2");
     engine::init::init_checkpoint(&dir.join("in.json"), &out2, 3, 0.02, &[]).unwrap();
-    assert_eq!(std::fs::read(out.join("model.safetensors")).unwrap(), std::fs::read(out2.join("model.safetensors")).unwrap());
+    assert_eq!(
+        std::fs::read(out.join("model.safetensors")).unwrap(),
+        std::fs::read(out2.join("model.safetensors")).unwrap()
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }

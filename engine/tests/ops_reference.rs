@@ -29,7 +29,8 @@ fn matmul_matches_f64_on_both_paths() {
     let mut rng = SplitMix64::new(1);
     // m <= 8 exercises the skinny kernel (every group size 1..4 and tails), larger m the gemm path;
     // k not a multiple of 16 exercises the lane tail.
-    for &(m, k, n) in &[(1, 37, 5), (2, 64, 130), (3, 100, 65), (5, 768, 33), (8, 33, 200), (9, 50, 70), (64, 257, 129)] {
+    for &(m, k, n) in &[(1, 37, 5), (2, 64, 130), (3, 100, 65), (5, 768, 33), (8, 33, 200), (9, 50, 70), (64, 257, 129)]
+    {
         let x = randn(&mut rng, m * k, 1.0);
         let w = randn(&mut rng, n * k, 1.0);
         let mut y = vec![0f32; m * n];
@@ -92,10 +93,18 @@ fn activations_match_f64() {
         sum * 2.0 / std::f64::consts::PI.sqrt()
     };
     for (act, f) in [
-        (Activation::Gelu, Box::new(move |x: f64| 0.5 * x * (1.0 + erf_ref(x / 2f64.sqrt()))) as Box<dyn Fn(f64) -> f64>),
+        (
+            Activation::Gelu,
+            Box::new(move |x: f64| 0.5 * x * (1.0 + erf_ref(x / 2f64.sqrt()))) as Box<dyn Fn(f64) -> f64>,
+        ),
         (Activation::QuickGelu, Box::new(|x: f64| x / (1.0 + (-1.702 * x).exp()))),
         (Activation::Silu, Box::new(|x: f64| x / (1.0 + (-x).exp()))),
-        (Activation::GeluTanh, Box::new(|x: f64| 0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh()))),
+        (
+            Activation::GeluTanh,
+            Box::new(|x: f64| {
+                0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh())
+            }),
+        ),
     ] {
         let mut y = xs.clone();
         apply_activation(&mut y, act);
@@ -121,12 +130,16 @@ fn causal_gqa_attention_matches_f64() {
         for h in 0..heads {
             let g = h / (heads / kvh);
             let s: Vec<f64> = (0..=i)
-                .map(|j| (0..hd).map(|d| q[(i * heads + h) * hd + d] as f64 * k[(j * kvh + g) * hd + d] as f64).sum::<f64>() * scale as f64)
+                .map(|j| {
+                    (0..hd).map(|d| q[(i * heads + h) * hd + d] as f64 * k[(j * kvh + g) * hd + d] as f64).sum::<f64>()
+                        * scale as f64
+                })
                 .collect();
             let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
             for d in 0..hd {
-                r[(i * heads + h) * hd + d] = (0..=i).map(|j| (s[j] - m).exp() / z * v[(j * kvh + g) * hd + d] as f64).sum();
+                r[(i * heads + h) * hd + d] =
+                    (0..=i).map(|j| (s[j] - m).exp() / z * v[(j * kvh + g) * hd + d] as f64).sum();
             }
         }
     }
@@ -150,7 +163,15 @@ fn rope_matches_f64_rotation() {
     for (theta, scaling) in [
         (10000.0, RopeScaling::None),
         (500000.0, RopeScaling::Linear { factor: 4.0 }),
-        (500000.0, RopeScaling::Llama3 { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 64.0 }),
+        (
+            500000.0,
+            RopeScaling::Llama3 {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 64.0,
+            },
+        ),
     ] {
         let rope = Rope::new(hd, theta, &scaling);
         let mut y = x.clone();
@@ -162,7 +183,12 @@ fn rope_matches_f64_rotation() {
                     match scaling {
                         RopeScaling::None => {}
                         RopeScaling::Linear { factor } => f /= factor,
-                        RopeScaling::Llama3 { factor, low_freq_factor: lo, high_freq_factor: hi, original_max_position_embeddings: old } => {
+                        RopeScaling::Llama3 {
+                            factor,
+                            low_freq_factor: lo,
+                            high_freq_factor: hi,
+                            original_max_position_embeddings: old,
+                        } => {
                             let wl = 2.0 * std::f64::consts::PI / f;
                             if wl > old / lo {
                                 f /= factor;
@@ -230,7 +256,9 @@ fn packed_matmul_matches_f64_for_every_dtype_and_kernel() {
     let mut rng = SplitMix64::new(7);
     // n not a multiple of 32 (partial last panel), m covering every row-block size and several blocks, and
     // both 16-bit paths (widened in registers for m <= 24, widened once per panel above).
-    for &(m, k, n) in &[(1, 40, 7), (2, 64, 33), (5, 100, 64), (6, 17, 95), (7, 130, 40), (13, 64, 100), (25, 33, 64), (40, 96, 70)] {
+    for &(m, k, n) in
+        &[(1, 40, 7), (2, 64, 33), (5, 100, 64), (6, 17, 95), (7, 130, 40), (13, 64, 100), (25, 33, 64), (40, 96, 70)]
+    {
         let x = randn(&mut rng, m * k, 1.0);
         let w = randn(&mut rng, n * k, 1.0);
         let wb: Vec<half::bf16> = w.iter().map(|&v| half::bf16::from_f32(v)).collect();
@@ -269,7 +297,10 @@ fn packed_transpose_computes_dy_times_w() {
     let w = randn(&mut rng, n * k, 1.0);
     let dy = randn(&mut rng, m * n, 1.0);
     let wb: Vec<half::bf16> = w.iter().map(|&v| half::bf16::from_f32(v)).collect();
-    for (pm, wf) in [(PackedMatrix::from_f32(&w, n, k), w.clone()), (PackedMatrix::from_bf16(&wb, n, k), wb.iter().map(|v| v.to_f32()).collect())] {
+    for (pm, wf) in [
+        (PackedMatrix::from_f32(&w, n, k), w.clone()),
+        (PackedMatrix::from_bf16(&wb, n, k), wb.iter().map(|v| v.to_f32()).collect()),
+    ] {
         let t = pm.transposed();
         assert_eq!((t.n, t.k, t.dtype()), (k, n, pm.dtype()));
         let mut dx = vec![0f32; m * k];

@@ -16,11 +16,16 @@ fn fixtures() -> PathBuf {
 }
 
 fn cases() -> Vec<PathBuf> {
-    let manifest: Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("manifest.json")).expect("manifest.json")).expect("manifest json");
+    let manifest: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("manifest.json")).expect("manifest.json"))
+            .expect("manifest json");
     let list = manifest["cases"].as_array().expect("cases array");
     let out: Vec<PathBuf> = list
         .iter()
-        .map(|c| fixtures().join(c.as_str().or_else(|| c["case"].as_str()).or_else(|| c["name"].as_str()).expect("case name")))
+        .map(|c| {
+            fixtures()
+                .join(c.as_str().or_else(|| c["case"].as_str()).or_else(|| c["name"].as_str()).expect("case name"))
+        })
         .collect();
     assert!(out.len() >= 6, "expected the full fixture set, found {}", out.len());
     out
@@ -47,7 +52,8 @@ struct Case {
 }
 
 fn load(dir: &Path) -> Case {
-    let exp: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).expect("expected.json")).expect("json");
+    let exp: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).expect("expected.json"))
+        .expect("json");
     let name = exp["case"].as_str().unwrap_or("?").to_string();
     let model = Model::load(&dir.join("model")).unwrap_or_else(|e| panic!("{name}: load failed: {e}"));
     Case { dir: dir.to_path_buf(), name, exp, model }
@@ -58,7 +64,11 @@ fn logprobs_match_transformers() {
     for dir in cases() {
         let c = load(&dir);
         let input = ids(&c.exp["input_ids"]);
-        let pixels = if c.model.image_token_id().is_some() { Some(c.model.load_image(&c.dir.join("image.png")).expect("image")) } else { None };
+        let pixels = if c.model.image_token_id().is_some() {
+            Some(c.model.load_image(&c.dir.join("image.png")).expect("image"))
+        } else {
+            None
+        };
         let got = c.model.logprobs(&input, pixels.as_ref(), None).expect("logprobs");
         let d = max_abs_diff(&got, &floats(&c.exp["logprobs"]));
         println!("{:<28} layout {:<18} base     max|diff| {d:.2e}", c.name, c.model.layout.name);
@@ -81,8 +91,16 @@ fn logprobs_match_transformers() {
 fn greedy_generation_matches_transformers() {
     for dir in cases() {
         let c = load(&dir);
-        let pixels = if c.model.image_token_id().is_some() { Some(c.model.load_image(&c.dir.join("image.png")).expect("image")) } else { None };
-        let adapter = if c.dir.join("adapter").is_dir() { Some(c.model.load_adapter(&c.dir.join("adapter")).expect("adapter")) } else { None };
+        let pixels = if c.model.image_token_id().is_some() {
+            Some(c.model.load_image(&c.dir.join("image.png")).expect("image"))
+        } else {
+            None
+        };
+        let adapter = if c.dir.join("adapter").is_dir() {
+            Some(c.model.load_adapter(&c.dir.join("adapter")).expect("adapter"))
+        } else {
+            None
+        };
         for (key, ad) in [("greedy", None), ("greedy_adapter", adapter.as_ref())] {
             let g = &c.exp[key];
             if g.is_null() {
@@ -92,7 +110,13 @@ fn greedy_generation_matches_transformers() {
             let want = ids(&g["tokens"]);
             let params = SamplingParams { temperature: 0.0, max_new_tokens: want.len(), ..Default::default() };
             // Three answers in one batch (shared prefix): greedy makes them identical, and each equals transformers'.
-            let req = GenerateRequest { ids: &prompt, pixels: pixels.as_ref(), seeds: &[0, 1, 2], params, stop_ids: vec![u32::MAX] };
+            let req = GenerateRequest {
+                ids: &prompt,
+                pixels: pixels.as_ref(),
+                seeds: &[0, 1, 2],
+                params,
+                stop_ids: vec![u32::MAX],
+            };
             let answers = generate(&c.model, &req, ad).expect("generate");
             for a in &answers {
                 assert_eq!(a.tokens, want, "{} {key}: greedy tokens differ from transformers", c.name);
@@ -126,11 +150,22 @@ fn sampled_answers_are_reproducible_per_seed() {
     let c = load(&cases()[0]);
     let g = &c.exp["greedy"];
     let prompt = ids(&g["prompt_ids"]);
-    let pixels = if c.model.image_token_id().is_some() { Some(c.model.load_image(&c.dir.join("image.png")).expect("image")) } else { None };
-    let params = SamplingParams { temperature: 1.0, top_p: 0.95, top_k: 0, repetition_penalty: 1.0, max_new_tokens: 12 };
+    let pixels = if c.model.image_token_id().is_some() {
+        Some(c.model.load_image(&c.dir.join("image.png")).expect("image"))
+    } else {
+        None
+    };
+    let params =
+        SamplingParams { temperature: 1.0, top_p: 0.95, top_k: 0, repetition_penalty: 1.0, max_new_tokens: 12 };
     let seeds: Vec<u64> = (100..108).collect();
     let run = || {
-        let req = GenerateRequest { ids: &prompt, pixels: pixels.as_ref(), seeds: &seeds, params: params.clone(), stop_ids: vec![u32::MAX] };
+        let req = GenerateRequest {
+            ids: &prompt,
+            pixels: pixels.as_ref(),
+            seeds: &seeds,
+            params: params.clone(),
+            stop_ids: vec![u32::MAX],
+        };
         generate(&c.model, &req, None).expect("generate")
     };
     let a = run();

@@ -38,10 +38,17 @@ fn rendered_pixels_agree_with_the_objects() {
         }
         // Pixels outside every object's bounding circle are grey background (with mild noise).
         for (x, y, p) in img.enumerate_pixels() {
-            let outside = scene.objects.iter().all(|o| ((x as f32 + 0.5 - o.x).powi(2) + (y as f32 + 0.5 - o.y).powi(2)).sqrt() > o.r + 1.5);
+            let outside = scene
+                .objects
+                .iter()
+                .all(|o| ((x as f32 + 0.5 - o.x).powi(2) + (y as f32 + 0.5 - o.y).powi(2)).sqrt() > o.r + 1.5);
             if outside {
                 let [r, g, b] = p.0;
-                assert!(r == g && g == b && (190..=210).contains(&r), "seed {seed}: background pixel ({x},{y}) = {:?}", p.0);
+                assert!(
+                    r == g && g == b && (190..=210).contains(&r),
+                    "seed {seed}: background pixel ({x},{y}) = {:?}",
+                    p.0
+                );
             }
         }
         // Each object paints a meaningful area of its own colour (it is visible).
@@ -100,7 +107,13 @@ fn instructions_have_exact_answers() {
             assert!(cap.answer.contains(p.as_str()), "caption {:?} misses {p}", cap.answer);
         }
         for i in ins.iter().filter(|i| i.kind == "existence") {
-            let obj = i.prompt.trim_start_matches("Is there ").trim_start_matches("an ").trim_start_matches("a ").trim_end_matches(" in the image?").to_string();
+            let obj = i
+                .prompt
+                .trim_start_matches("Is there ")
+                .trim_start_matches("an ")
+                .trim_start_matches("a ")
+                .trim_end_matches(" in the image?")
+                .to_string();
             assert!(v.contains(&obj));
             let present = phrases.contains(&obj);
             assert_eq!(i.answer, if present { "yes" } else { "no" }, "{}", i.prompt);
@@ -108,7 +121,10 @@ fn instructions_have_exact_answers() {
             *splits.entry(split).or_insert(0) += 1;
             if split == "adversarial" {
                 let o = v.iter().position(|q| *q == obj).unwrap();
-                assert!(phrases.iter().any(|p| partner(v.iter().position(|q| q == p).unwrap()) == o), "adversarial negative {obj} is no partner");
+                assert!(
+                    phrases.iter().any(|p| partner(v.iter().position(|q| q == p).unwrap()) == o),
+                    "adversarial negative {obj} is no partner"
+                );
             }
         }
         let count = ins.iter().find(|i| i.kind == "count").unwrap();
@@ -135,7 +151,9 @@ fn tokenizer_covers_every_prompt_and_answer() {
     let t = engine::tokenizer::TextTokenizer::from_file(&path).unwrap();
     let image = t.token_id("<image>").unwrap();
     assert_eq!(image as usize, words().len() + 4, "<image> is the last id");
-    let ids = t.encode(&engine::tokenizer::apply_template(engine::tokenizer::LLAVA_15_TEMPLATE, "Describe the image."), true).unwrap();
+    let ids = t
+        .encode(&engine::tokenizer::apply_template(engine::tokenizer::LLAVA_15_TEMPLATE, "Describe the image."), true)
+        .unwrap();
     assert_eq!(ids[0], 1, "BOS first");
     assert_eq!(ids.iter().filter(|&&i| i == image).count(), 1);
     for (seed, scene) in scenes(200) {
@@ -143,7 +161,11 @@ fn tokenizer_covers_every_prompt_and_answer() {
             for text in [&i.prompt, &i.answer] {
                 let ids = t.encode(text, false).unwrap();
                 assert!(!ids.contains(&0), "unknown word in {text:?}");
-                assert_eq!(t.decode(&ids).unwrap(), text.to_lowercase().replace('.', " .").replace('?', " ?").replace(',', " ,").trim(), "round trip");
+                assert_eq!(
+                    t.decode(&ids).unwrap(),
+                    text.to_lowercase().replace('.', " .").replace('?', " ?").replace(',', " ,").trim(),
+                    "round trip"
+                );
             }
         }
     }
@@ -157,15 +179,28 @@ fn noisy_captions_only_add_absent_partners_and_yes_no_answers_stay_exact() {
     let (mut noisy, mut total, mut with_suffix, mut existence) = (0, 0, 0, 0);
     for (seed, scene) in scenes(1000) {
         let phrases = scene.phrases();
-        assert_eq!(noisy_caption(&scene, seed, 0.0, CaptionOrder::Canonical).0, caption(&scene), "no noise: the clean caption");
+        assert_eq!(
+            noisy_caption(&scene, seed, 0.0, CaptionOrder::Canonical).0,
+            caption(&scene),
+            "no noise: the clean caption"
+        );
         let (text, added) = noisy_caption(&scene, seed, 0.7, CaptionOrder::Canonical);
-        assert_eq!((text.clone(), added.clone()), noisy_caption(&scene, seed, 0.7, CaptionOrder::Canonical), "deterministic per seed");
+        assert_eq!(
+            (text.clone(), added.clone()),
+            noisy_caption(&scene, seed, 0.7, CaptionOrder::Canonical),
+            "deterministic per seed"
+        );
         // Canonical order lists the same names as reading order, sorted by vocabulary index.
         let (reading, added_r) = noisy_caption(&scene, seed, 0.7, CaptionOrder::Reading);
         assert_eq!(added, added_r);
         assert_eq!(engine::hallucination::mentions(&reading), engine::hallucination::mentions(&text));
-        let idx: Vec<usize> = text.trim_start_matches("There is ").trim_end_matches('.').replace(" and ", ", ").split(", ")
-            .map(|n| v.iter().position(|q| n.ends_with(q.as_str())).unwrap()).collect();
+        let idx: Vec<usize> = text
+            .trim_start_matches("There is ")
+            .trim_end_matches('.')
+            .replace(" and ", ", ")
+            .split(", ")
+            .map(|n| v.iter().position(|q| n.ends_with(q.as_str())).unwrap())
+            .collect();
         assert!(idx.windows(2).all(|w| w[0] < w[1]), "{text} is not in vocabulary order");
         let mentioned = engine::hallucination::mentions(&text);
         for p in &phrases {
@@ -173,7 +208,8 @@ fn noisy_captions_only_add_absent_partners_and_yes_no_answers_stay_exact() {
         }
         for a in &added {
             assert!(!phrases.contains(a), "{a} is present, not a hallucination");
-            let partners: Vec<&String> = phrases.iter().map(|p| &v[partner(v.iter().position(|q| q == p).unwrap())]).collect();
+            let partners: Vec<&String> =
+                phrases.iter().map(|p| &v[partner(v.iter().position(|q| q == p).unwrap())]).collect();
             assert!(partners.contains(&a), "{a} is not the partner of a present object in {phrases:?}");
             assert!(mentioned.contains(a));
         }
@@ -216,11 +252,20 @@ fn objects_sit_in_distinct_grid_cells_and_captions_read_in_rows() {
         let cells: Vec<(u32, u32)> = scene.objects.iter().map(|o| ((o.x / cell) as u32, (o.y / cell) as u32)).collect();
         for (i, o) in scene.objects.iter().enumerate() {
             let (cx, cy) = cells[i];
-            assert!(o.x - o.r >= cx as f32 * cell && o.x + o.r <= (cx + 1) as f32 * cell, "seed {seed}: {} leaves its cell", o.phrase);
-            assert!(o.y - o.r >= cy as f32 * cell && o.y + o.r <= (cy + 1) as f32 * cell, "seed {seed}: {} leaves its cell", o.phrase);
+            assert!(
+                o.x - o.r >= cx as f32 * cell && o.x + o.r <= (cx + 1) as f32 * cell,
+                "seed {seed}: {} leaves its cell",
+                o.phrase
+            );
+            assert!(
+                o.y - o.r >= cy as f32 * cell && o.y + o.r <= (cy + 1) as f32 * cell,
+                "seed {seed}: {} leaves its cell",
+                o.phrase
+            );
             assert!(!cells[..i].contains(&cells[i]), "seed {seed}: two objects share a cell");
         }
-        let order: Vec<(u32, u32)> = engine::shapes::reading_order(&scene).iter().map(|o| ((o.y / cell) as u32, (o.x / cell) as u32)).collect();
+        let order: Vec<(u32, u32)> =
+            engine::shapes::reading_order(&scene).iter().map(|o| ((o.y / cell) as u32, (o.x / cell) as u32)).collect();
         assert!(order.windows(2).all(|w| w[0] < w[1]), "seed {seed}: reading order {order:?}");
     }
 }
@@ -235,7 +280,10 @@ fn labeler_examples_are_balanced_exact_and_ask_about_the_confusions() {
         let mut negatives = Vec::new();
         for (kind, prompt, answer) in ex {
             assert_eq!(kind, "existence");
-            assert!(prompt.ends_with(engine::feedback::verify::YES_NO_SUFFIX), "{prompt}: the labeler's exact question");
+            assert!(
+                prompt.ends_with(engine::feedback::verify::YES_NO_SUFFIX),
+                "{prompt}: the labeler's exact question"
+            );
             let obj = engine::hallucination::mentions(&prompt).into_iter().next().unwrap();
             assert_eq!(answer, if phrases.contains(&obj) { "yes" } else { "no" }, "{prompt} in {phrases:?}");
             if answer == "yes" {

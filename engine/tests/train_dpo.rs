@@ -25,9 +25,12 @@ fn loss_derivatives_match_finite_differences() {
     for cfg in &configs {
         let (_, dc, dr) = pair_loss(cfg, &base, 5, 9);
         let h = 1e-5;
-        let f = |pc: f64, pr: f64| pair_loss(cfg, &PairLogps { policy_chosen: pc, policy_rejected: pr, ..base }, 5, 9).0;
-        let nc = (f(base.policy_chosen + h, base.policy_rejected) - f(base.policy_chosen - h, base.policy_rejected)) / (2.0 * h);
-        let nr = (f(base.policy_chosen, base.policy_rejected + h) - f(base.policy_chosen, base.policy_rejected - h)) / (2.0 * h);
+        let f =
+            |pc: f64, pr: f64| pair_loss(cfg, &PairLogps { policy_chosen: pc, policy_rejected: pr, ..base }, 5, 9).0;
+        let nc = (f(base.policy_chosen + h, base.policy_rejected) - f(base.policy_chosen - h, base.policy_rejected))
+            / (2.0 * h);
+        let nr = (f(base.policy_chosen, base.policy_rejected + h) - f(base.policy_chosen, base.policy_rejected - h))
+            / (2.0 * h);
         assert!((dc - nc).abs() < 1e-7 && (dr - nr).abs() < 1e-7, "{cfg:?}: ({dc}, {dr}) vs ({nc}, {nr})");
     }
     // DPO at zero margin is log 2, and IPO is minimised where the log-ratio gap equals 1/(2 beta).
@@ -51,7 +54,14 @@ fn cosine_schedule_with_warmup() {
 fn preference_pairs(model: &Model) -> Vec<(Vec<u32>, Vec<u32>, Vec<u32>)> {
     let tok = engine::tokenizer::TextTokenizer::from_file(&model.dir.join("tokenizer.json")).unwrap();
     let enc = |s: &str, special| tok.encode(s, special).unwrap();
-    let questions = ["is there a red circle ?", "is there a blue square ?", "do you see a cat ?", "is it dark ?", "is there a tree ?", "what color is the box ?"];
+    let questions = [
+        "is there a red circle ?",
+        "is there a blue square ?",
+        "do you see a cat ?",
+        "is it dark ?",
+        "is there a tree ?",
+        "what color is the box ?",
+    ];
     questions
         .iter()
         .map(|q| (enc(&format!("USER : {q} ASSISTANT :"), true), enc("yes , it is .", false), enc("no .", false)))
@@ -62,8 +72,16 @@ fn preference_pairs(model: &Model) -> Vec<(Vec<u32>, Vec<u32>, Vec<u32>)> {
 fn dpo_learns_a_preference_and_the_adapter_round_trips() {
     let model = Model::load(&fixture("llama_text_only").join("model")).unwrap();
     let owned = preference_pairs(&model);
-    let pairs: Vec<TokenPair> = owned.iter().map(|(p, c, r)| TokenPair { pixels: None, prompt_ids: p, chosen_ids: c, rejected_ids: r }).collect();
-    let spec = LoraSpec { r: 4, lora_alpha: 8.0, target_modules: TargetModules::Names(vec!["q_proj".into(), "v_proj".into(), "down_proj".into()]), ..Default::default() };
+    let pairs: Vec<TokenPair> = owned
+        .iter()
+        .map(|(p, c, r)| TokenPair { pixels: None, prompt_ids: p, chosen_ids: c, rejected_ids: r })
+        .collect();
+    let spec = LoraSpec {
+        r: 4,
+        lora_alpha: 8.0,
+        target_modules: TargetModules::Names(vec!["q_proj".into(), "v_proj".into(), "down_proj".into()]),
+        ..Default::default()
+    };
     let mut adapter = model.create_adapter(&spec, 1).unwrap();
     assert_eq!(adapter.module_names().len(), 6, "q/v/down in 2 layers");
     let refs = precompute_references(&model, None, &pairs).unwrap();
@@ -81,7 +99,10 @@ fn dpo_learns_a_preference_and_the_adapter_round_trips() {
         assert_eq!(l.reward_accuracy, 1.0, "{l:?}");
         assert!(l.reward_margin > 0.5 && l.loss < 0.45, "{l:?}");
     }
-    println!("loss {:.4} -> {:.4}, margin {:.4} -> {:.4}", first.loss, last_epoch[1].loss, first.reward_margin, last_epoch[1].reward_margin);
+    println!(
+        "loss {:.4} -> {:.4}, margin {:.4} -> {:.4}",
+        first.loss, last_epoch[1].loss, first.reward_margin, last_epoch[1].reward_margin
+    );
 
     // Save as a PEFT directory and load it back: same tensors, same log-probs.
     let dir = std::env::temp_dir().join(format!("rlaifd-train-dpo-{}", std::process::id()));
@@ -93,7 +114,8 @@ fn dpo_learns_a_preference_and_the_adapter_round_trips() {
     assert_eq!(a, b);
     let base = model.logprobs(&ids, None, None).unwrap();
     assert!(a.iter().zip(&base).any(|(x, y)| (x - y).abs() > 1e-3), "training changed nothing");
-    let cfg_json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap()).unwrap();
+    let cfg_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!(cfg_json["peft_type"], "LORA");
     assert_eq!(cfg_json["r"], 4);
     std::fs::remove_dir_all(&dir).unwrap();
@@ -159,9 +181,14 @@ fn lora_dropout_gradients_match_finite_differences() {
     assert_eq!(loss_with(&adapter, seed).0, l0, "same seed, same masks");
     // Finite differences through the dropped-out branch, in layer 0 (its gradient also flows back through
     // layer 1's masked LoRA input) and layer 1.
-    let tensors: Vec<(String, Vec<f32>)> = grads.named_tensors(&adapter).into_iter().map(|(k, _, v)| (k, v.to_vec())).collect();
+    let tensors: Vec<(String, Vec<f32>)> =
+        grads.named_tensors(&adapter).into_iter().map(|(k, _, v)| (k, v.to_vec())).collect();
     let mut checked = 0;
-    for (name, module) in [("language_model.layers.0.self_attn.q_proj", true), ("language_model.layers.0.mlp.up_proj", false), ("language_model.layers.1.mlp.down_proj", true)] {
+    for (name, module) in [
+        ("language_model.layers.0.self_attn.q_proj", true),
+        ("language_model.layers.0.mlp.up_proj", false),
+        ("language_model.layers.1.mlp.down_proj", true),
+    ] {
         let (ka, kb) = adapter.module(name).unwrap().keys.clone();
         let key = if module { kb } else { ka };
         let g = &tensors.iter().find(|(k, _)| *k == key).unwrap().1;
@@ -169,7 +196,11 @@ fn lora_dropout_gradients_match_finite_differences() {
         let h = 1e-3f32;
         let bump = |ad: &mut engine::Adapter, d: f32| {
             let m = ad.module_mut(name).unwrap();
-            if module { m.b[idx] += d } else { m.a[idx] += d }
+            if module {
+                m.b[idx] += d
+            } else {
+                m.a[idx] += d
+            }
         };
         bump(&mut adapter, h);
         let lp = loss_with(&adapter, seed).0;
@@ -195,10 +226,14 @@ fn trainable_projector_is_saved_as_modules_to_save_and_gets_correct_gradients() 
     let mut adapter = model.create_adapter(&spec, 3).unwrap();
     let saved: Vec<(String, String)> = adapter.saved_params().map(|(n, p)| (n.to_string(), p.key.clone())).collect();
     assert_eq!(saved.len(), 4, "linear_1/linear_2 weight and bias: {saved:?}");
-    assert!(saved.iter().all(|(_, k)| k.starts_with("base_model.model.model.multi_modal_projector.linear_")), "{saved:?}");
+    assert!(
+        saved.iter().all(|(_, k)| k.starts_with("base_model.model.model.multi_modal_projector.linear_")),
+        "{saved:?}"
+    );
     // A fresh adapter (B = 0, projector = base copy) is the identity.
     let px = model.load_image(&case.join("image.png")).unwrap();
-    let exp: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(case.join("expected.json")).unwrap()).unwrap();
+    let exp: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(case.join("expected.json")).unwrap()).unwrap();
     let ids: Vec<u32> = exp["input_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
     let base = model.logprobs(&ids, Some(&px), None).unwrap();
     let fresh = model.logprobs(&ids, Some(&px), Some(&adapter)).unwrap();
@@ -237,7 +272,11 @@ fn trainable_projector_is_saved_as_modules_to_save_and_gets_correct_gradients() 
     let lm = loss(&adapter).0;
     bump(&mut adapter, h);
     let numeric = (lp - lm) / (2.0 * h as f64);
-    assert!((numeric - gw[idx] as f64).abs() < 1e-3 * numeric.abs().max(1e-3), "projector grad {} vs numeric {numeric}", gw[idx]);
+    assert!(
+        (numeric - gw[idx] as f64).abs() < 1e-3 * numeric.abs().max(1e-3),
+        "projector grad {} vs numeric {numeric}",
+        gw[idx]
+    );
 
     // Train a little; the projector moves; save and reload give the same outputs.
     let refs_all = vec![refs];
@@ -248,9 +287,13 @@ fn trainable_projector_is_saved_as_modules_to_save_and_gets_correct_gradients() 
     assert_ne!(before, adapter.saved_param("multi_modal_projector.linear_2.weight").unwrap());
     let dir = std::env::temp_dir().join(format!("rlaifd-projector-{}", std::process::id()));
     adapter.save(&dir, &model.dir, &[]).unwrap();
-    let cfg_json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap()).unwrap();
+    let cfg_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!(cfg_json["modules_to_save"], serde_json::json!(["multi_modal_projector"]));
     let loaded = model.load_adapter(&dir).unwrap();
-    assert_eq!(model.logprobs(&ids, Some(&px), Some(&adapter)).unwrap(), model.logprobs(&ids, Some(&px), Some(&loaded)).unwrap());
+    assert_eq!(
+        model.logprobs(&ids, Some(&px), Some(&adapter)).unwrap(),
+        model.logprobs(&ids, Some(&px), Some(&loaded)).unwrap()
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }

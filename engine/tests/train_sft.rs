@@ -27,22 +27,35 @@ fn sft_lowers_held_out_loss_with_lora_and_full_fine_tuning() {
     let case = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/llava/l15_4x_f32_gqa_tied_lora");
     let base = Model::load(&case.join("model")).unwrap();
     let px = base.load_image(&case.join("image.png")).unwrap();
-    let train = data(&base, &["describe the image .", "what is in this picture ?", "show me the image .", "what do you see ?"]);
+    let train =
+        data(&base, &["describe the image .", "what is in this picture ?", "show me the image .", "what do you see ?"]);
     let held = data(&base, &["describe this picture .", "what is there ?"]);
-    let train_ex: Vec<SftExample> = train.iter().map(|(p, a)| SftExample { pixels: Some(&px), prompt_ids: p, answer_ids: a }).collect();
-    let held_ex: Vec<SftExample> = held.iter().map(|(p, a)| SftExample { pixels: Some(&px), prompt_ids: p, answer_ids: a }).collect();
+    let train_ex: Vec<SftExample> =
+        train.iter().map(|(p, a)| SftExample { pixels: Some(&px), prompt_ids: p, answer_ids: a }).collect();
+    let held_ex: Vec<SftExample> =
+        held.iter().map(|(p, a)| SftExample { pixels: Some(&px), prompt_ids: p, answer_ids: a }).collect();
     let before = sft_eval_loss(&base, None, &held_ex).unwrap();
     let cfg = SftConfig { epochs: 10, batch_size: 2, seed: 1 };
 
     // LoRA.
     let mut model = Model::load(&case.join("model")).unwrap();
-    let spec = LoraSpec { r: 4, lora_alpha: 8.0, target_modules: TargetModules::Names(vec!["q_proj".into(), "v_proj".into(), "down_proj".into()]), ..Default::default() };
+    let spec = LoraSpec {
+        r: 4,
+        lora_alpha: 8.0,
+        target_modules: TargetModules::Names(vec!["q_proj".into(), "v_proj".into(), "down_proj".into()]),
+        ..Default::default()
+    };
     let mut adapter = model.create_adapter(&spec, 2).unwrap();
     let mut opt = AdamW::new(AdamWConfig { lr: 1e-2, total_steps: 20, warmup_steps: 1, ..Default::default() });
     let mut losses = Vec::new();
-    train_sft(&mut model, SftTarget::Lora(&mut adapter), &train_ex, &cfg, &mut opt, None, |l| losses.push(l.loss)).unwrap();
+    train_sft(&mut model, SftTarget::Lora(&mut adapter), &train_ex, &cfg, &mut opt, None, |l| losses.push(l.loss))
+        .unwrap();
     let lora_after = sft_eval_loss(&model, Some(&adapter), &held_ex).unwrap();
-    println!("LoRA: held-out loss {before:.3} -> {lora_after:.3}; train loss {:.3} -> {:.3}", losses[0], losses[losses.len() - 1]);
+    println!(
+        "LoRA: held-out loss {before:.3} -> {lora_after:.3}; train loss {:.3} -> {:.3}",
+        losses[0],
+        losses[losses.len() - 1]
+    );
     assert!(lora_after < 0.5 * before, "LoRA SFT: {before} -> {lora_after}");
 
     // Full fine-tuning, then save and reload.

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 /// The rlaifd binary under test.
 pub fn bin() -> PathBuf {
-    std::env::var_os("RLAIFD_TEST_BIN").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_rlaifd")))
+    std::env::var_os("RLAIFD_TEST_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_rlaifd")))
 }
 
 pub fn model() -> PathBuf {
@@ -59,8 +61,21 @@ impl Daemon {
         let config = dir.join("rlaifd.toml");
         std::fs::write(&config, text).unwrap();
         let log = std::fs::File::create(dir.join("daemon.log")).unwrap();
-        let child = Command::new(bin()).args(["serve", "--config"]).arg(&config).envs(env.iter().copied()).stdout(Stdio::null()).stderr(log).spawn().unwrap();
-        let mut d = Daemon { child, dir: dir.to_path_buf(), config, addr: String::new(), socket: dir.join("state/control.sock") };
+        let child = Command::new(bin())
+            .args(["serve", "--config"])
+            .arg(&config)
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut d = Daemon {
+            child,
+            dir: dir.to_path_buf(),
+            config,
+            addr: String::new(),
+            socket: dir.join("state/control.sock"),
+        };
         let t0 = Instant::now();
         loop {
             if let Ok(a) = std::fs::read_to_string(dir.join("state/server.addr")) {
@@ -111,7 +126,12 @@ impl Daemon {
     /// A field of /proc/PID/status in KiB (VmRSS: resident now, VmHWM: the peak).
     pub fn mem_kib(&self, field: &str) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
-        status.lines().find(|l| l.starts_with(&format!("{field}:"))).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no {field} for the daemon (it died?): {}", self.log()))
+        status
+            .lines()
+            .find(|l| l.starts_with(&format!("{field}:")))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {field} for the daemon (it died?): {}", self.log()))
     }
 
     /// Whether the process is still running.
@@ -137,7 +157,11 @@ pub fn http(addr: &str, method: &str, path: &str, content_type: &str, body: &[u8
     let mut out = Vec::new();
     let _ = s.read_to_end(&mut out);
     let text = String::from_utf8_lossy(&out).to_string();
-    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("no HTTP status in {text:?}"));
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP status in {text:?}"));
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     // Chunked bodies: keep the JSON part.
     let body = match (body.find('{'), body.rfind('}')) {
@@ -167,10 +191,11 @@ pub async fn counts(pool: &sqlx::PgPool) -> Vec<i64> {
     for t in ["checkpoints", "iterations", "prompts", "images", "jobs", "pairs"] {
         v.push(sqlx::query_scalar(&format!("SELECT count(*) FROM {t}")).fetch_one(pool).await.unwrap());
     }
-    v.push(sqlx::query_scalar("SELECT count(*) FROM checkpoints WHERE status = 'promoted'").fetch_one(pool).await.unwrap());
+    v.push(
+        sqlx::query_scalar("SELECT count(*) FROM checkpoints WHERE status = 'promoted'").fetch_one(pool).await.unwrap(),
+    );
     v
 }
-
 
 pub fn shapes_png(dir: &Path, seed: &str) -> Vec<u8> {
     let out = dir.join(format!("img-{seed}"));
@@ -180,6 +205,8 @@ pub fn shapes_png(dir: &Path, seed: &str) -> Vec<u8> {
 
 pub fn png(w: u32, h: u32) -> Vec<u8> {
     let mut bytes = Vec::new();
-    image::RgbImage::from_pixel(w, h, image::Rgb([200, 30, 30])).write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png).unwrap();
+    image::RgbImage::from_pixel(w, h, image::Rgb([200, 30, 30]))
+        .write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
+        .unwrap();
     bytes
 }

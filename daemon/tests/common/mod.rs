@@ -10,7 +10,8 @@ use std::str::FromStr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 pub fn server() -> PgConnectOptions {
-    let url = std::env::var("RLAIFD_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let url = std::env::var("RLAIFD_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
     PgConnectOptions::from_str(&url).expect("RLAIFD_TEST_DATABASE_URL is not a postgres URL")
 }
 
@@ -25,9 +26,15 @@ static N: AtomicUsize = AtomicUsize::new(0);
 /// A new, migrated database named after the test.
 pub async fn fresh(tag: &str) -> TestDb {
     let name = format!("rlaifd_t_{tag}_{}_{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
-    let admin = sqlx::PgPool::connect_with(server().database("postgres")).await.expect("PostgreSQL must run for these tests (see README: Test)");
+    let admin = sqlx::PgPool::connect_with(server().database("postgres"))
+        .await
+        .expect("PostgreSQL must run for these tests (see README: Test)");
     // Databases left by test processes that died (a failed assertion skips the drop) are removed here.
-    let stale: Vec<String> = sqlx::query_scalar("SELECT datname::text FROM pg_database WHERE datname LIKE 'rlaifd\\_t\\_%'").fetch_all(&admin).await.unwrap();
+    let stale: Vec<String> =
+        sqlx::query_scalar("SELECT datname::text FROM pg_database WHERE datname LIKE 'rlaifd\\_t\\_%'")
+            .fetch_all(&admin)
+            .await
+            .unwrap();
     for db in stale {
         let pid = db.rsplit('_').nth(1).and_then(|p| p.parse::<u32>().ok());
         if pid.is_some_and(|p| p != std::process::id() && !std::path::Path::new(&format!("/proc/{p}")).exists()) {

@@ -60,7 +60,10 @@ impl ClaimExtractor for RuleExtractor {
     }
 
     fn extract(&self, _question: &str, answer: &str) -> Result<Vec<Claim>> {
-        Ok(text::split_claims(answer).into_iter().map(|c| Claim { question: text::claim_to_question(&c), text: c }).collect())
+        Ok(text::split_claims(answer)
+            .into_iter()
+            .map(|c| Claim { question: text::claim_to_question(&c), text: c })
+            .collect())
     }
 }
 

@@ -97,5 +97,12 @@ pub fn length_balance(lens: &[(usize, usize)]) -> LengthBalance {
         None => (0.98, all),
     };
     let (ca, ra) = mean(lens, &keep);
-    LengthBalance { r, keep, mean_chosen_before: cb, mean_rejected_before: rb, mean_chosen_after: ca, mean_rejected_after: ra }
+    LengthBalance {
+        r,
+        keep,
+        mean_chosen_before: cb,
+        mean_rejected_before: rb,
+        mean_chosen_after: ca,
+        mean_rejected_after: ra,
+    }
 }

@@ -92,15 +92,34 @@ pub fn label_prompt(
 
 /// Deconfounded sampling: one answer per seed, identical decoding settings, decoded in one batch that shares the
 /// image and the prompt. The answers come back unlabeled (no claims, no verdicts, no score).
-pub fn sample_answers(policy: &Policy, pixels: Option<&PixelValues>, question: &str, seeds: &[u64], cfg: &FeedbackConfig) -> Result<Vec<LabeledAnswer>> {
+pub fn sample_answers(
+    policy: &Policy,
+    pixels: Option<&PixelValues>,
+    question: &str,
+    seeds: &[u64],
+    cfg: &FeedbackConfig,
+) -> Result<Vec<LabeledAnswer>> {
     let ids = policy.tokenizer.encode(&apply_template(policy.template, question), true)?;
-    let params = SamplingParams { temperature: cfg.temperature, top_p: cfg.top_p, max_new_tokens: cfg.max_new_tokens, ..Default::default() };
+    let params = SamplingParams {
+        temperature: cfg.temperature,
+        top_p: cfg.top_p,
+        max_new_tokens: cfg.max_new_tokens,
+        ..Default::default()
+    };
     let req = GenerateRequest { ids: &ids, pixels, seeds, params, stop_ids: vec![] };
     let sampled = generate(policy.model, &req, policy.adapter)?;
     let mut answers = Vec::with_capacity(sampled.len());
     for a in sampled {
         let text = policy.tokenizer.decode(&a.tokens)?;
-        answers.push(LabeledAnswer { seed: a.seed, text, tokens: a.tokens, finish: a.finish, claims: Vec::new(), verdicts: Vec::new(), score: None });
+        answers.push(LabeledAnswer {
+            seed: a.seed,
+            text,
+            tokens: a.tokens,
+            finish: a.finish,
+            claims: Vec::new(),
+            verdicts: Vec::new(),
+            score: None,
+        });
     }
     Ok(answers)
 }

@@ -38,7 +38,13 @@ pub struct BestOf {
 }
 
 /// Samples `req.seeds.len()` answers from the policy and picks the one with the highest implicit reward.
-pub fn best_of_n(model: &Model, policy: Option<&Adapter>, reference: Option<&Adapter>, req: &GenerateRequest, beta: f64) -> Result<BestOf> {
+pub fn best_of_n(
+    model: &Model,
+    policy: Option<&Adapter>,
+    reference: Option<&Adapter>,
+    req: &GenerateRequest,
+    beta: f64,
+) -> Result<BestOf> {
     if req.seeds.is_empty() {
         return Err(EngineError::Input("best-of-N needs N >= 1".into()));
     }

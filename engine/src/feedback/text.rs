@@ -75,9 +75,8 @@ const ABBREV_NEVER_FINAL: &[&str] = &[
 
 /// Abbreviations that may also end a sentence ("... cups, plates, etc. The table ..."); the period ends the
 /// sentence only when the next word is capitalised.
-const ABBREV_MAYBE_FINAL: &[&str] = &[
-    "etc", "jr", "sr", "inc", "ltd", "co", "corp", "al", "misc", "ft", "in", "cm", "mm",
-];
+const ABBREV_MAYBE_FINAL: &[&str] =
+    &["etc", "jr", "sr", "inc", "ltd", "co", "corp", "al", "misc", "ft", "in", "cm", "mm"];
 
 /// Words that, found after a clause's first word, show that the clause has its own verb. Auxiliaries cover
 /// most image descriptions ("is parked", "are sitting", "has a handle"); the few lexical verbs are the common
@@ -106,9 +105,8 @@ const DETERMINERS: &[&str] = &[
 ];
 
 /// Pronouns, and other words that look like a subject but do not name anything.
-const PRONOUNS: &[&str] = &[
-    "it", "they", "he", "she", "we", "you", "i", "there", "here", "this", "that", "these", "those", "one",
-];
+const PRONOUNS: &[&str] =
+    &["it", "they", "he", "she", "we", "you", "i", "there", "here", "this", "that", "these", "those", "one"];
 
 /// First-person hedges and speculation: a sentence containing one states the writer's belief or guess, not
 /// something a labeler can check in the image. Matched as whole words.
@@ -146,9 +144,8 @@ const SUMMARY_OPENERS: &[&str] = &["overall", "in summary", "in conclusion", "al
 const CLAUSE_CONNECTORS: &[&str] = &["; ", ", and ", ", but ", ", while ", " whereas "];
 
 /// Verbs that [`claim_to_question`] can front to form a yes/no question.
-const FRONTABLE_VERBS: &[&str] = &[
-    "is", "are", "was", "were", "am", "can", "could", "will", "would", "should", "must", "has", "have", "had",
-];
+const FRONTABLE_VERBS: &[&str] =
+    &["is", "are", "was", "were", "am", "can", "could", "will", "would", "should", "must", "has", "have", "had"];
 
 /// Lines from an extraction LLM that mean "there are no claims".
 const NO_CLAIM_LINES: &[&str] = &[
@@ -177,8 +174,8 @@ fn fold(text: &str) -> String {
 fn contains_phrase(hay: &str, phrase: &str) -> bool {
     hay.match_indices(phrase).any(|(start, _)| {
         let end = start + phrase.len();
-        let before_ok = hay[..start].chars().next_back().map_or(true, |c| !c.is_alphanumeric());
-        let after_ok = hay[end..].chars().next().map_or(true, |c| !c.is_alphanumeric());
+        let before_ok = hay[..start].chars().next_back().is_none_or(|c| !c.is_alphanumeric());
+        let after_ok = hay[end..].chars().next().is_none_or(|c| !c.is_alphanumeric());
         before_ok && after_ok
     })
 }
@@ -213,10 +210,7 @@ fn token_spans_limited(text: &str, limit: usize) -> Vec<(usize, usize)> {
 }
 
 fn is_quote(c: char) -> bool {
-    matches!(
-        c,
-        '"' | '\'' | '`' | '\u{201C}' | '\u{201D}' | '\u{2018}' | '\u{2019}' | '\u{00AB}' | '\u{00BB}'
-    )
+    matches!(c, '"' | '\'' | '`' | '\u{201C}' | '\u{201D}' | '\u{2018}' | '\u{2019}' | '\u{00AB}' | '\u{00BB}')
 }
 
 /// Sentence terminators, including the ellipsis character and CJK full-width forms.
@@ -280,11 +274,7 @@ fn strip_surrounding_quotes(text: &str) -> &str {
     }
     if last == '.' {
         let before_period = &t[..t.len() - 1];
-        if let Some(q) = before_period
-            .chars()
-            .next_back()
-            .filter(|&q| is_quote(q) && before_period.len() > 1)
-        {
+        if let Some(q) = before_period.chars().next_back().filter(|&q| is_quote(q) && before_period.len() > 1) {
             let inner_end = before_period.len() - q.len_utf8();
             if inner_end >= inner_start {
                 return t[inner_start..inner_end].trim();
@@ -308,10 +298,7 @@ fn strip_list_marker(line: &str) -> Option<&str> {
             None
         }
     }
-    if matches!(
-        first,
-        '-' | '*' | '+' | '\u{2022}' | '\u{00B7}' | '\u{2013}' | '\u{2014}' | '\u{25AA}' | '\u{25E6}'
-    ) {
+    if matches!(first, '-' | '*' | '+' | '\u{2022}' | '\u{00B7}' | '\u{2013}' | '\u{2014}' | '\u{25AA}' | '\u{25E6}') {
         return after_marker(&t[first.len_utf8()..]);
     }
     let (open, body) = if first == '(' { (true, &t[1..]) } else { (false, t) };
@@ -321,11 +308,7 @@ fn strip_list_marker(line: &str) -> Option<&str> {
     }
     let rest = &body[digits..];
     let closer = rest.chars().next()?;
-    let valid = if open {
-        closer == ')'
-    } else {
-        closer == '.' || closer == ')'
-    };
+    let valid = if open { closer == ')' } else { closer == '.' || closer == ')' };
     if valid {
         after_marker(&rest[1..])
     } else {
@@ -386,9 +369,7 @@ fn is_abbreviation(token: &str, next_is_upper: bool, next_is_digit: bool) -> boo
     }
     // Dotted initialisms ("U.S", "a.m") behave like "etc.".
     let dotted = lower.contains('.')
-        && lower
-            .split('.')
-            .all(|part| part.chars().count() == 1 && part.chars().all(char::is_alphabetic));
+        && lower.split('.').all(|part| part.chars().count() == 1 && part.chars().all(char::is_alphabetic));
     if ABBREV_MAYBE_FINAL.contains(&lower.as_str()) || dotted {
         return !next_is_upper;
     }
@@ -479,10 +460,7 @@ impl ClauseEvidence {
             .next()
             .is_some_and(|w| !NON_SUBJECT_STARTERS.contains(&w.as_str()) && !CLAUSE_VERBS.contains(&w.as_str()));
         let verb_after_first = words.any(|w| CLAUSE_VERBS.contains(&w.as_str()));
-        Self {
-            subject_first,
-            verb_after_first,
-        }
+        Self { subject_first, verb_after_first }
     }
 
     fn is_clause(self) -> bool {
@@ -492,23 +470,15 @@ impl ClauseEvidence {
     /// Evidence for `self`'s text with `appended` text after it: the first word is unchanged, and any verb
     /// in the appended text now follows it.
     fn extended_by(self, appended: &str) -> Self {
-        let appended_has_verb = appended
-            .split_whitespace()
-            .map(bare_word)
-            .any(|w| CLAUSE_VERBS.contains(&w.as_str()));
-        Self {
-            subject_first: self.subject_first,
-            verb_after_first: self.verb_after_first || appended_has_verb,
-        }
+        let appended_has_verb = appended.split_whitespace().map(bare_word).any(|w| CLAUSE_VERBS.contains(&w.as_str()));
+        Self { subject_first: self.subject_first, verb_after_first: self.verb_after_first || appended_has_verb }
     }
 }
 
 /// Whether a noun phrase is plain words (no commas, brackets or other punctuation), so that copying it into
 /// another clause cannot drag part of a list or an aside along.
 fn is_plain_phrase(phrase: &str) -> bool {
-    phrase
-        .chars()
-        .all(|c| c.is_alphanumeric() || c == ' ' || c == '-' || c == '\'' || c == '\u{2019}')
+    phrase.chars().all(|c| c.is_alphanumeric() || c == ' ' || c == '-' || c == '\'' || c == '\u{2019}')
 }
 
 /// "A dog ..., and it ..." refers back to a known dog: "The dog". Other determiners are kept.
@@ -528,14 +498,9 @@ fn definite(phrase: &str) -> String {
 /// Whether `pronoun` can refer to a subject that takes `verb`: "it" needs a singular verb, "they" a plural
 /// one; modal verbs ("can") fit both.
 fn pronoun_agrees(pronoun: &str, verb: &str) -> bool {
-    let singular = matches!(
-        verb,
-        "is" | "was" | "has" | "does" | "isn't" | "wasn't" | "hasn't" | "doesn't"
-    ) || (verb.ends_with('s') && !verb.ends_with("ss"));
-    let plural = matches!(
-        verb,
-        "are" | "were" | "have" | "do" | "aren't" | "weren't" | "haven't" | "don't"
-    );
+    let singular = matches!(verb, "is" | "was" | "has" | "does" | "isn't" | "wasn't" | "hasn't" | "doesn't")
+        || (verb.ends_with('s') && !verb.ends_with("ss"));
+    let plural = matches!(verb, "are" | "were" | "have" | "do" | "aren't" | "weren't" | "haven't" | "don't");
     match pronoun {
         "they" => !singular,
         _ => !plural,
@@ -668,18 +633,14 @@ fn is_subjective_sentence(sentence: &str) -> bool {
     let folded = fold(sentence);
     let start = folded.trim_start_matches(|c: char| !c.is_alphanumeric());
     HEDGE_PHRASES.iter().any(|p| contains_phrase(&folded, p))
-        || SUMMARY_OPENERS
-            .iter()
-            .any(|p| start.starts_with(p) && contains_phrase(start, p))
+        || SUMMARY_OPENERS.iter().any(|p| start.starts_with(p) && contains_phrase(start, p))
 }
 
 /// A clause that judges (beautiful, cozy) or speculates about mood carries no visual content a labeler could
 /// check; the rest of its sentence may still, so this is applied per clause.
 fn is_evaluative_clause(clause: &str) -> bool {
     let folded = fold(clause);
-    let evaluative = folded
-        .split(|c: char| !(c.is_alphanumeric() || c == '\''))
-        .any(|w| EVALUATIVE_WORDS.contains(&w));
+    let evaluative = folded.split(|c: char| !(c.is_alphanumeric() || c == '\'')).any(|w| EVALUATIVE_WORDS.contains(&w));
     evaluative || ATMOSPHERE_PHRASES.iter().any(|p| contains_phrase(&folded, p))
 }
 
@@ -724,9 +685,7 @@ pub fn split_claims(answer: &str) -> Vec<String> {
 /// "**Here are the claims:**".
 fn is_header_line(line: &str) -> bool {
     let t = line.trim();
-    t.starts_with('#')
-        || t.trim_end_matches(|c: char| matches!(c, '*' | '_') || c.is_whitespace())
-            .ends_with(':')
+    t.starts_with('#') || t.trim_end_matches(|c: char| matches!(c, '*' | '_') || c.is_whitespace()).ends_with(':')
 }
 
 /// Whether an item says that there is nothing to list ("None", "N/A", "No claims.").
@@ -753,21 +712,10 @@ pub fn parse_claim_lines(output: &str) -> Vec<String> {
     let any_marker = lines.iter().any(|&(marked, _)| marked);
 
     let items: Vec<String> = if any_marker {
-        lines
-            .iter()
-            .filter(|&&(marked, _)| marked)
-            .map(|&(_, item)| item.to_string())
-            .collect()
+        lines.iter().filter(|&&(marked, _)| marked).map(|&(_, item)| item.to_string()).collect()
     } else {
-        let kept: Vec<&str> = lines
-            .iter()
-            .map(|&(_, line)| line)
-            .filter(|l| !is_no_claim_line(l))
-            .collect();
-        split_sentences(&kept.join("\n"))
-            .into_iter()
-            .filter(|s| s.split_whitespace().count() >= 2)
-            .collect()
+        let kept: Vec<&str> = lines.iter().map(|&(_, line)| line).filter(|l| !is_no_claim_line(l)).collect();
+        split_sentences(&kept.join("\n")).into_iter().filter(|s| s.split_whitespace().count() >= 2).collect()
     };
 
     let mut seen = HashSet::new();
@@ -777,10 +725,7 @@ pub fn parse_claim_lines(output: &str) -> Vec<String> {
         if item.is_empty() || is_header_line(item) || is_no_claim_line(item) {
             continue;
         }
-        if item
-            .trim_end_matches(|c: char| is_closing(c) || c.is_whitespace())
-            .ends_with('?')
-        {
+        if item.trim_end_matches(|c: char| is_closing(c) || c.is_whitespace()).ends_with('?') {
             continue;
         }
         let Some(claim) = finish_claim(item) else { continue };
@@ -872,18 +817,13 @@ fn front_verb(body: &str, spans: &[(usize, usize)]) -> Option<String> {
     let plain_subject = !subject.contains([',', ';', ':', '(', ')'])
         && !NON_SUBJECT_STARTERS.contains(&first.as_str())
         && !matches!(first.as_str(), "there" | "here")
-        && !subject_words
-            .iter()
-            .any(|w| matches!(w.as_str(), "who" | "which" | "that" | "whose"));
+        && !subject_words.iter().any(|w| matches!(w.as_str(), "who" | "which" | "that" | "whose"));
     if !plain_subject || rest.is_empty() {
         return None;
     }
     let subject = lowercase_first_word(subject);
     let verb = word(verb_index);
-    let next = spans
-        .get(verb_index + 1)
-        .map(|_| word(verb_index + 1))
-        .unwrap_or_default();
+    let next = spans.get(verb_index + 1).map(|_| word(verb_index + 1)).unwrap_or_default();
     let auxiliary_use = matches!(next.as_str(), "been" | "got");
     Some(match verb.as_str() {
         "has" if !auxiliary_use => format!("Does {subject} have {rest}?"),

@@ -24,7 +24,8 @@ impl YesNoTokens {
         // A token counts when its vocabulary string is the word, bar a leading space marker (so an unknown
         // word that encodes to <unk> never counts).
         let spells = |id: u32, w: &str| {
-            tok.token_text(id).is_some_and(|t| t.trim_start_matches([' ', '\u{2581}', '\u{120}']).eq_ignore_ascii_case(w))
+            tok.token_text(id)
+                .is_some_and(|t| t.trim_start_matches([' ', '\u{2581}', '\u{120}']).eq_ignore_ascii_case(w))
         };
         let find = |words: [&str; 2]| -> Vec<u32> {
             let mut ids = Vec::new();
@@ -74,7 +75,9 @@ impl Verdict {
     pub fn from_logits(logits: &[f32], yn: &YesNoTokens) -> Verdict {
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
         let z: f64 = logits.iter().map(|&l| (l as f64 - max).exp()).sum();
-        let mass = |ids: &[u32]| ids.iter().filter_map(|&i| logits.get(i as usize)).map(|&l| (l as f64 - max).exp() / z).sum::<f64>();
+        let mass = |ids: &[u32]| {
+            ids.iter().filter_map(|&i| logits.get(i as usize)).map(|&l| (l as f64 - max).exp() / z).sum::<f64>()
+        };
         let (p_yes, p_no) = (mass(&yn.yes), mass(&yn.no));
         Verdict { p_yes, p_no, accepted: p_yes > p_no }
     }
@@ -94,9 +97,16 @@ pub struct Labeler<'a> {
 }
 
 impl<'a> Labeler<'a> {
-    pub fn new(model: &'a Model, adapter: Option<&'a Adapter>, tokenizer: &'a TextTokenizer, template: &'a str) -> Result<Self> {
-        let unknown = |id: &u32| tokenizer.token_text(*id).is_none_or(|t| matches!(t.as_str(), "<unk>" | "[UNK]" | "<|unk|>"));
-        let spells_suffix = tokenizer.encode(YES_NO_SUFFIX, false).is_ok_and(|ids| !ids.is_empty() && !ids.iter().any(unknown));
+    pub fn new(
+        model: &'a Model,
+        adapter: Option<&'a Adapter>,
+        tokenizer: &'a TextTokenizer,
+        template: &'a str,
+    ) -> Result<Self> {
+        let unknown =
+            |id: &u32| tokenizer.token_text(*id).is_none_or(|t| matches!(t.as_str(), "<unk>" | "[UNK]" | "<|unk|>"));
+        let spells_suffix =
+            tokenizer.encode(YES_NO_SUFFIX, false).is_ok_and(|ids| !ids.is_empty() && !ids.iter().any(unknown));
         let suffix = if spells_suffix { YES_NO_SUFFIX } else { "" };
         Ok(Labeler { model, adapter, tokenizer, template, yes_no: YesNoTokens::from_tokenizer(tokenizer)?, suffix })
     }

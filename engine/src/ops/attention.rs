@@ -28,8 +28,15 @@ pub struct KvSegment<'a> {
 
 /// For each query row r: out[r] (heads, hd) = softmax(q[r] · Kᵀ · scale) · V over the first `visible(r)`
 /// positions of the concatenated segments `segments(r)`.
-pub fn attend_rows<'a, S>(out: &mut [f32], q: &[f32], heads: usize, kv_heads: usize, head_dim: usize, scale: f32, segments: S)
-where
+pub fn attend_rows<'a, S>(
+    out: &mut [f32],
+    q: &[f32],
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    scale: f32,
+    segments: S,
+) where
     S: Fn(usize) -> (Vec<KvSegment<'a>>, usize) + Sync,
 {
     let width = heads * head_dim;
@@ -97,15 +104,35 @@ pub(crate) fn head_probs(
     scale: f32,
     causal: bool,
 ) {
-    assert!(p.len() == tq * tk && q.len() >= tq * heads * hd && k.len() >= tk * kv_heads * hd && h < heads && kvh < kv_heads);
+    assert!(
+        p.len() == tq * tk
+            && q.len() >= tq * heads * hd
+            && k.len() >= tk * kv_heads * hd
+            && h < heads
+            && kvh < kv_heads
+    );
     // SAFETY: strides address q's head-h columns and k's head-kvh columns within the asserted extents.
     unsafe {
         gemm::gemm(
-            tq, tk, hd,
-            p.as_mut_ptr(), 1, tk as isize, false,
-            q.as_ptr().add(h * hd), 1, (heads * hd) as isize,
-            k.as_ptr().add(kvh * hd), (kv_heads * hd) as isize, 1,
-            0.0, scale, false, false, false, gemm::Parallelism::None,
+            tq,
+            tk,
+            hd,
+            p.as_mut_ptr(),
+            1,
+            tk as isize,
+            false,
+            q.as_ptr().add(h * hd),
+            1,
+            (heads * hd) as isize,
+            k.as_ptr().add(kvh * hd),
+            (kv_heads * hd) as isize,
+            1,
+            0.0,
+            scale,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
         );
     }
     for (i, row) in p.chunks_exact_mut(tk).enumerate() {
@@ -159,11 +186,25 @@ pub fn attend_dense(
         // this task only.
         unsafe {
             gemm::gemm(
-                tq, hd, tk,
-                out_ref.0.add(h * hd), 1, (heads * hd) as isize, false,
-                s.as_ptr(), 1, tk as isize,
-                v.as_ptr().add(kvh * hd), 1, (kv_heads * hd) as isize,
-                0.0, 1.0, false, false, false, gemm::Parallelism::None,
+                tq,
+                hd,
+                tk,
+                out_ref.0.add(h * hd),
+                1,
+                (heads * hd) as isize,
+                false,
+                s.as_ptr(),
+                1,
+                tk as isize,
+                v.as_ptr().add(kvh * hd),
+                1,
+                (kv_heads * hd) as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
             );
         }
     });

@@ -43,7 +43,11 @@ pub fn rmsnorm_bwd(dx: &mut [f32], dw: Option<&mut [f32]>, dout: &[f32], x: &[f3
         inv
     };
     let invs: Vec<f64> = if rows >= PAR_ROWS {
-        dx.par_chunks_mut(dim).zip(x.par_chunks(dim)).zip(dout.par_chunks(dim)).map(|((o, xr), dr)| row(o, xr, dr)).collect()
+        dx.par_chunks_mut(dim)
+            .zip(x.par_chunks(dim))
+            .zip(dout.par_chunks(dim))
+            .map(|((o, xr), dr)| row(o, xr, dr))
+            .collect()
     } else {
         dx.chunks_mut(dim).zip(x.chunks(dim)).zip(dout.chunks(dim)).map(|((o, xr), dr)| row(o, xr, dr)).collect()
     }; // (rows)
@@ -99,7 +103,11 @@ pub fn layernorm_bwd(
         (mean, inv)
     };
     let stats: Vec<(f64, f64)> = if rows >= PAR_ROWS {
-        dx.par_chunks_mut(dim).zip(x.par_chunks(dim)).zip(dout.par_chunks(dim)).map(|((o, xr), dr)| row(o, xr, dr)).collect()
+        dx.par_chunks_mut(dim)
+            .zip(x.par_chunks(dim))
+            .zip(dout.par_chunks(dim))
+            .map(|((o, xr), dr)| row(o, xr, dr))
+            .collect()
     } else {
         dx.chunks_mut(dim).zip(x.chunks(dim)).zip(dout.chunks(dim)).map(|((o, xr), dr)| row(o, xr, dr)).collect()
     }; // (rows)
@@ -170,7 +178,10 @@ pub fn activation_bwd(dx: &mut [f32], dout: &[f32], x: &[f32], act: Activation) 
 /// out = silu(g) * u. dg, du assign.
 pub fn silu_mul_bwd(dg: &mut [f32], du: &mut [f32], dout: &[f32], g: &[f32], u: &[f32]) {
     let n = g.len();
-    assert!(dg.len() == n && du.len() == n && dout.len() == n && u.len() == n, "silu_mul_bwd: buffers differ in length");
+    assert!(
+        dg.len() == n && du.len() == n && dout.len() == n && u.len() == n,
+        "silu_mul_bwd: buffers differ in length"
+    );
     // one chunk of every buffer
     let chunk = |dg: &mut [f32], du: &mut [f32], dout: &[f32], g: &[f32], u: &[f32]| {
         for i in 0..g.len() {
@@ -226,14 +237,23 @@ pub fn attend_dense_bwd(
     causal: bool,
 ) {
     let hd = head_dim;
-    assert!(kv_heads > 0 && heads.is_multiple_of(kv_heads), "attend_dense_bwd: heads {heads} not a multiple of kv_heads {kv_heads}");
+    assert!(
+        kv_heads > 0 && heads.is_multiple_of(kv_heads),
+        "attend_dense_bwd: heads {heads} not a multiple of kv_heads {kv_heads}"
+    );
     let group = heads / kv_heads;
     let (q_stride, kv_stride) = (heads * hd, kv_heads * hd);
     assert_eq!(q.len(), tq * q_stride, "attend_dense_bwd: q is not (tq, heads, hd)");
     assert_eq!(dq.len(), tq * q_stride, "attend_dense_bwd: dq is not (tq, heads, hd)");
     assert_eq!(dout.len(), tq * q_stride, "attend_dense_bwd: dout is not (tq, heads, hd)");
-    assert!(k.len() >= tk * kv_stride && v.len() >= tk * kv_stride, "attend_dense_bwd: k/v shorter than (tk, kv_heads, hd)");
-    assert!(dk.len() >= tk * kv_stride && dv.len() >= tk * kv_stride, "attend_dense_bwd: dk/dv shorter than (tk, kv_heads, hd)");
+    assert!(
+        k.len() >= tk * kv_stride && v.len() >= tk * kv_stride,
+        "attend_dense_bwd: k/v shorter than (tk, kv_heads, hd)"
+    );
+    assert!(
+        dk.len() >= tk * kv_stride && dv.len() >= tk * kv_stride,
+        "attend_dense_bwd: dk/dv shorter than (tk, kv_heads, hd)"
+    );
     if tq == 0 || tk == 0 || hd == 0 {
         dq.fill(0.0);
         dk[..tk * kv_stride].fill(0.0);
@@ -249,26 +269,54 @@ pub fn attend_dense_bwd(
         let (acc_k, acc_v) = acc.split_at_mut(tk * hd);
         let mut p = vec![0f32; tq * tk]; // (tq, tk) probabilities
         let mut dp = vec![0f32; tq * tk]; // (tq, tk) dP, then dS·scale
-        // SAFETY (all gemm calls below): strides address q's, dout's and dq's head-h columns and k's and v's
-        // head-kvh columns within the asserted extents; this task alone writes dq's head-h columns; acc is ours.
-        // P = softmax(scale · Q_h · K_kvhᵀ), recomputed exactly as in attend_dense (same function).
+                                          // SAFETY (all gemm calls below): strides address q's, dout's and dq's head-h columns and k's and v's
+                                          // head-kvh columns within the asserted extents; this task alone writes dq's head-h columns; acc is ours.
+                                          // P = softmax(scale · Q_h · K_kvhᵀ), recomputed exactly as in attend_dense (same function).
         super::attention::head_probs(&mut p, q, k, h, kvh, tq, tk, start, heads, kv_heads, hd, scale, causal);
         unsafe {
             // dP = dO_h · V_kvhᵀ   (tq, tk)
             gemm::gemm(
-                tq, tk, hd,
-                dp.as_mut_ptr(), 1, tk as isize, false,
-                dout.as_ptr().add(h * hd), 1, q_stride as isize,
-                v.as_ptr().add(kvh * hd), kv_stride as isize, 1,
-                0.0, 1.0, false, false, false, gemm::Parallelism::None,
+                tq,
+                tk,
+                hd,
+                dp.as_mut_ptr(),
+                1,
+                tk as isize,
+                false,
+                dout.as_ptr().add(h * hd),
+                1,
+                q_stride as isize,
+                v.as_ptr().add(kvh * hd),
+                kv_stride as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
             );
             // dV += Pᵀ · dO_h   (tk, hd)
             gemm::gemm(
-                tk, hd, tq,
-                acc_v.as_mut_ptr(), 1, hd as isize, true,
-                p.as_ptr(), tk as isize, 1,
-                dout.as_ptr().add(h * hd), 1, q_stride as isize,
-                1.0, 1.0, false, false, false, gemm::Parallelism::None,
+                tk,
+                hd,
+                tq,
+                acc_v.as_mut_ptr(),
+                1,
+                hd as isize,
+                true,
+                p.as_ptr(),
+                tk as isize,
+                1,
+                dout.as_ptr().add(h * hd),
+                1,
+                q_stride as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
             );
         }
         // dS = P ∘ (dP − Σ_j P_j dP_j), times scale so that dQ and dK need no further scaling
@@ -281,19 +329,47 @@ pub fn attend_dense_bwd(
         unsafe {
             // dQ_h = dS · K_kvh   (tq, hd), assigned
             gemm::gemm(
-                tq, hd, tk,
-                dq_ref.0.add(h * hd), 1, q_stride as isize, false,
-                dp.as_ptr(), 1, tk as isize,
-                k.as_ptr().add(kvh * hd), 1, kv_stride as isize,
-                0.0, 1.0, false, false, false, gemm::Parallelism::None,
+                tq,
+                hd,
+                tk,
+                dq_ref.0.add(h * hd),
+                1,
+                q_stride as isize,
+                false,
+                dp.as_ptr(),
+                1,
+                tk as isize,
+                k.as_ptr().add(kvh * hd),
+                1,
+                kv_stride as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
             );
             // dK += dSᵀ · Q_h   (tk, hd)
             gemm::gemm(
-                tk, hd, tq,
-                acc_k.as_mut_ptr(), 1, hd as isize, true,
-                dp.as_ptr(), tk as isize, 1,
-                q.as_ptr().add(h * hd), 1, q_stride as isize,
-                1.0, 1.0, false, false, false, gemm::Parallelism::None,
+                tk,
+                hd,
+                tq,
+                acc_k.as_mut_ptr(),
+                1,
+                hd as isize,
+                true,
+                dp.as_ptr(),
+                tk as isize,
+                1,
+                q.as_ptr().add(h * hd),
+                1,
+                q_stride as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
             );
         }
     };
@@ -331,7 +407,13 @@ pub fn attend_dense_bwd(
 
 /// Given logits (rows, vocab) and one target per row with upstream scalar weight dlogp[r] = dL/d(log_softmax(logits[r])[targets[r]]),
 /// write dlogits (rows, vocab) assign = dlogp[r] * (onehot(target) - softmax(logits[r])). Also return the log-probs of the targets (Vec<f32>).
-pub fn logprob_gather_fwd_bwd(dlogits: &mut [f32], logits: &[f32], targets: &[u32], dlogp: &[f32], vocab: usize) -> Vec<f32> {
+pub fn logprob_gather_fwd_bwd(
+    dlogits: &mut [f32],
+    logits: &[f32],
+    targets: &[u32],
+    dlogp: &[f32],
+    vocab: usize,
+) -> Vec<f32> {
     let rows = targets.len();
     assert_eq!(logits.len(), rows * vocab, "logprob_gather_fwd_bwd: logits is not (rows, vocab)");
     assert_eq!(dlogits.len(), rows * vocab, "logprob_gather_fwd_bwd: dlogits is not (rows, vocab)");
@@ -378,11 +460,25 @@ pub fn matmul_nt_bwd_x(dx: &mut [f32], dy: &[f32], w: &[f32], m: usize, k: usize
     // SAFETY: the asserts above pin every extent. dx (m, k) = dy (m, n) · w (n, k).
     unsafe {
         gemm::gemm(
-            m, k, n,
-            dx.as_mut_ptr(), 1, k as isize, mode == MatmulMode::Accumulate,
-            dy.as_ptr(), 1, n as isize,
-            w.as_ptr(), 1, k as isize,
-            1.0, 1.0, false, false, false, gemm::Parallelism::Rayon(0),
+            m,
+            k,
+            n,
+            dx.as_mut_ptr(),
+            1,
+            k as isize,
+            mode == MatmulMode::Accumulate,
+            dy.as_ptr(),
+            1,
+            n as isize,
+            w.as_ptr(),
+            1,
+            k as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(0),
         );
     }
 }
@@ -398,11 +494,25 @@ pub fn matmul_nt_bwd_w(dw: &mut [f32], dy: &[f32], x: &[f32], m: usize, k: usize
     // SAFETY: the asserts above pin every extent. dw (n, k) += dyᵀ (n, m) · x (m, k); dyᵀ read by strides.
     unsafe {
         gemm::gemm(
-            n, k, m,
-            dw.as_mut_ptr(), 1, k as isize, true,
-            dy.as_ptr(), n as isize, 1,
-            x.as_ptr(), 1, k as isize,
-            1.0, 1.0, false, false, false, gemm::Parallelism::Rayon(0),
+            n,
+            k,
+            m,
+            dw.as_mut_ptr(),
+            1,
+            k as isize,
+            true,
+            dy.as_ptr(),
+            n as isize,
+            1,
+            x.as_ptr(),
+            1,
+            k as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(0),
         );
     }
 }

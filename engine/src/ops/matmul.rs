@@ -3,7 +3,6 @@
 //! Plain f32 matrices through the `gemm` crate (AVX-512/AVX2, rayon): LoRA factors, the patch embedding,
 //! attention. The model's linear layers use the packed kernel in `packed.rs` instead.
 
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MatmulMode {
     /// y = x · wᵀ
@@ -34,12 +33,36 @@ pub fn matmul_nt(y: &mut [f32], x: &[f32], w: &[f32], m: usize, k: usize, n: usi
 ///
 /// # Safety
 /// `y` must address an m x n block with row stride `y_row_stride`; `w` must hold n x k values.
-unsafe fn gemm_xwt(y: *mut f32, y_row_stride: usize, x: &[f32], w: *const f32, m: usize, k: usize, n: usize, mode: MatmulMode) {
+#[allow(clippy::too_many_arguments)] // the GEMM's own operands and sizes, as BLAS spells them
+unsafe fn gemm_xwt(
+    y: *mut f32,
+    y_row_stride: usize,
+    x: &[f32],
+    w: *const f32,
+    m: usize,
+    k: usize,
+    n: usize,
+    mode: MatmulMode,
+) {
     gemm::gemm(
-        n, m, k,
-        y, y_row_stride as isize, 1, mode == MatmulMode::Accumulate,
-        w, 1, k as isize,
-        x.as_ptr(), k as isize, 1,
-        1.0, 1.0, false, false, false, gemm::Parallelism::Rayon(0),
+        n,
+        m,
+        k,
+        y,
+        y_row_stride as isize,
+        1,
+        mode == MatmulMode::Accumulate,
+        w,
+        1,
+        k as isize,
+        x.as_ptr(),
+        k as isize,
+        1,
+        1.0,
+        1.0,
+        false,
+        false,
+        false,
+        gemm::Parallelism::Rayon(0),
     );
 }

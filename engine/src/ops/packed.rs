@@ -142,7 +142,10 @@ impl PackedMatrix {
                     let range = p * k * NR..(p + 1) * k * NR;
                     match &self.data {
                         // bf16 -> f32 is a 16-bit shift; this loop vectorizes, unlike the generic slice helper.
-                        PackedData::Bf16(v) => scratch.iter_mut().zip(&v[range]).for_each(|(o, b)| *o = f32::from_bits((b.to_bits() as u32) << 16)),
+                        PackedData::Bf16(v) => scratch
+                            .iter_mut()
+                            .zip(&v[range])
+                            .for_each(|(o, b)| *o = f32::from_bits((b.to_bits() as u32) << 16)),
                         PackedData::F16(v) => v[range].convert_to_f32_slice(scratch),
                         PackedData::F32(_) => unreachable!("f32 panels are used in place"),
                     }
@@ -201,7 +204,17 @@ impl Kernel {
     }
 
     #[allow(clippy::too_many_arguments)]
-    unsafe fn f32(self, mr: usize, x: *const f32, k: usize, w: *const f32, y: *mut f32, ldy: usize, cols: usize, acc: bool) {
+    unsafe fn f32(
+        self,
+        mr: usize,
+        x: *const f32,
+        k: usize,
+        w: *const f32,
+        y: *mut f32,
+        ldy: usize,
+        cols: usize,
+        acc: bool,
+    ) {
         match self {
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512 => dispatch_mr!(avx512_f32, mr, x, k, w, y, ldy, cols, acc),
@@ -210,7 +223,17 @@ impl Kernel {
     }
 
     #[allow(clippy::too_many_arguments)]
-    unsafe fn bf16(self, mr: usize, x: *const f32, k: usize, w: *const bf16, y: *mut f32, ldy: usize, cols: usize, acc: bool) {
+    unsafe fn bf16(
+        self,
+        mr: usize,
+        x: *const f32,
+        k: usize,
+        w: *const bf16,
+        y: *mut f32,
+        ldy: usize,
+        cols: usize,
+        acc: bool,
+    ) {
         match self {
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512 => dispatch_mr!(avx512_bf16, mr, x, k, w, y, ldy, cols, acc),
@@ -219,7 +242,17 @@ impl Kernel {
     }
 
     #[allow(clippy::too_many_arguments)]
-    unsafe fn f16(self, mr: usize, x: *const f32, k: usize, w: *const f16, y: *mut f32, ldy: usize, cols: usize, acc: bool) {
+    unsafe fn f16(
+        self,
+        mr: usize,
+        x: *const f32,
+        k: usize,
+        w: *const f16,
+        y: *mut f32,
+        ldy: usize,
+        cols: usize,
+        acc: bool,
+    ) {
         match self {
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512 => dispatch_mr!(avx512_f16, mr, x, k, w, y, ldy, cols, acc),
@@ -249,7 +282,17 @@ impl Widen for f16 {
 
 /// Reference kernel for CPUs without AVX-512 (and the definition of what the fast kernels compute).
 #[allow(clippy::too_many_arguments)]
-unsafe fn portable<const MR: usize, E: Widen>(x: *const f32, k: usize, w: *const E, y: *mut f32, ldy: usize, cols: usize, acc: bool) {
+// Index loops over the register tile read as the kernel they are (and vectorize as such).
+#[allow(clippy::needless_range_loop)]
+unsafe fn portable<const MR: usize, E: Widen>(
+    x: *const f32,
+    k: usize,
+    w: *const E,
+    y: *mut f32,
+    ldy: usize,
+    cols: usize,
+    acc: bool,
+) {
     let mut a = [[0f32; NR]; MR];
     for t in 0..k {
         let mut wt = [0f32; NR];
@@ -274,7 +317,15 @@ unsafe fn portable<const MR: usize, E: Widen>(x: *const f32, k: usize, w: *const
 macro_rules! portable_for {
     ($name:ident, $elem:ty) => {
         #[allow(clippy::too_many_arguments)]
-        unsafe fn $name<const MR: usize>(x: *const f32, k: usize, w: *const $elem, y: *mut f32, ldy: usize, cols: usize, acc: bool) {
+        unsafe fn $name<const MR: usize>(
+            x: *const f32,
+            k: usize,
+            w: *const $elem,
+            y: *mut f32,
+            ldy: usize,
+            cols: usize,
+            acc: bool,
+        ) {
             portable::<MR, $elem>(x, k, w, y, ldy, cols, acc)
         }
     };
@@ -288,7 +339,15 @@ macro_rules! avx512_kernel {
     ($name:ident, $elem:ty, $load:ident) => {
         #[target_feature(enable = "avx512f")]
         #[allow(clippy::too_many_arguments)]
-        unsafe fn $name<const MR: usize>(x: *const f32, k: usize, w: *const $elem, y: *mut f32, ldy: usize, cols: usize, acc: bool) {
+        unsafe fn $name<const MR: usize>(
+            x: *const f32,
+            k: usize,
+            w: *const $elem,
+            y: *mut f32,
+            ldy: usize,
+            cols: usize,
+            acc: bool,
+        ) {
             use std::arch::x86_64::*;
             let mut lo = [_mm512_setzero_ps(); MR];
             let mut hi = [_mm512_setzero_ps(); MR];
@@ -358,7 +417,13 @@ unsafe fn store_block<const MR: usize>(
     use std::arch::x86_64::*;
     // Masks for the valid columns of each half (the last panel may be partial).
     let m0: __mmask16 = if cols >= 16 { 0xFFFF } else { ((1u32 << cols) - 1) as __mmask16 };
-    let m1: __mmask16 = if cols >= 32 { 0xFFFF } else if cols <= 16 { 0 } else { ((1u32 << (cols - 16)) - 1) as __mmask16 };
+    let m1: __mmask16 = if cols >= 32 {
+        0xFFFF
+    } else if cols <= 16 {
+        0
+    } else {
+        ((1u32 << (cols - 16)) - 1) as __mmask16
+    };
     for r in 0..MR {
         let p0 = y.add(r * ldy);
         let p1 = p0.add(16);

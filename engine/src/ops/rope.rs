@@ -15,7 +15,12 @@ impl Rope {
         match *scaling {
             RopeScaling::None => {}
             RopeScaling::Linear { factor } => inv_freq.iter_mut().for_each(|f| *f /= factor),
-            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings: old_ctx } => {
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings: old_ctx,
+            } => {
                 let low_freq_wavelen = old_ctx / low_freq_factor;
                 let high_freq_wavelen = old_ctx / high_freq_factor;
                 for f in inv_freq.iter_mut() {

@@ -146,7 +146,12 @@ pub fn pair_forward_backward(
     let sc = model.score_train(p.prompt_ids, p.chosen_ids, feats, Some(adapter))?;
     adapter.set_dropout_seed(s_r);
     let sr = model.score_train(p.prompt_ids, p.rejected_ids, feats, Some(adapter))?;
-    let l = PairLogps { policy_chosen: sc.logp_sum(), policy_rejected: sr.logp_sum(), ref_chosen: refs.0, ref_rejected: refs.1 };
+    let l = PairLogps {
+        policy_chosen: sc.logp_sum(),
+        policy_rejected: sr.logp_sum(),
+        ref_chosen: refs.0,
+        ref_rejected: refs.1,
+    };
     let (loss, d_pc, d_pr) = pair_loss(cfg, &l, p.chosen_ids.len(), p.rejected_ids.len());
     if !loss.is_finite() {
         return Err(EngineError::Input(format!("the loss is {loss} (log-probs {l:?})")));
@@ -168,7 +173,13 @@ pub fn pair_forward_backward(
 
 /// Mean DPO (sigmoid) loss over `pairs` and its gradient, accumulated into `grads` (which the caller zeroes).
 /// The reference is the base model with the adapter disabled. This is `rlaifd grad`'s contract.
-pub fn dpo_loss_and_grads(model: &Model, adapter: &Adapter, pairs: &[TokenPair], beta: f64, grads: &mut Grads) -> Result<(f64, Vec<PairLogps>)> {
+pub fn dpo_loss_and_grads(
+    model: &Model,
+    adapter: &Adapter,
+    pairs: &[TokenPair],
+    beta: f64,
+    grads: &mut Grads,
+) -> Result<(f64, Vec<PairLogps>)> {
     if pairs.is_empty() {
         return Err(EngineError::Input("no preference pairs".into()));
     }
@@ -178,7 +189,8 @@ pub fn dpo_loss_and_grads(model: &Model, adapter: &Adapter, pairs: &[TokenPair],
     let mut all = Vec::with_capacity(pairs.len());
     for (i, p) in pairs.iter().enumerate() {
         let refs = reference_logps(model, None, p).map_err(|e| EngineError::Input(format!("pair {i}: {e}")))?;
-        let (loss, l) = pair_forward_backward(model, adapter, p, refs, &cfg, weight, grads, None).map_err(|e| EngineError::Input(format!("pair {i}: {e}")))?;
+        let (loss, l) = pair_forward_backward(model, adapter, p, refs, &cfg, weight, grads, None)
+            .map_err(|e| EngineError::Input(format!("pair {i}: {e}")))?;
         total += loss * weight;
         all.push(l);
     }

@@ -78,10 +78,12 @@ impl Grads {
     pub fn absorb(&mut self, other: &mut Grads) {
         for (name, g) in other.modules.iter_mut() {
             if let Some(acc) = self.modules.get_mut(name) {
-                acc.da.iter_mut().zip(g.da.iter_mut()).chain(acc.db.iter_mut().zip(g.db.iter_mut())).for_each(|(a, b)| {
-                    *a += *b;
-                    *b = 0.0;
-                });
+                acc.da.iter_mut().zip(g.da.iter_mut()).chain(acc.db.iter_mut().zip(g.db.iter_mut())).for_each(
+                    |(a, b)| {
+                        *a += *b;
+                        *b = 0.0;
+                    },
+                );
             }
         }
         for (name, g) in other.params.iter_mut() {

@@ -22,7 +22,16 @@ pub struct AdamWConfig {
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        AdamWConfig { lr: 1e-5, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, max_grad_norm: 1.0, warmup_steps: 0, total_steps: 1 }
+        AdamWConfig {
+            lr: 1e-5,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            max_grad_norm: 1.0,
+            warmup_steps: 0,
+            total_steps: 1,
+        }
     }
 }
 
@@ -85,9 +94,15 @@ impl AdamW {
         let sq: f64 = grads.iter().map(|g| g.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>()).sum();
         let grad_norm = sq.sqrt();
         if !grad_norm.is_finite() {
-            return Err(EngineError::Input(format!("gradient norm is {grad_norm}; the step is skipped (NaN/inf in the loss?)")));
+            return Err(EngineError::Input(format!(
+                "gradient norm is {grad_norm}; the step is skipped (NaN/inf in the loss?)"
+            )));
         }
-        let clip = if self.cfg.max_grad_norm > 0.0 && grad_norm > self.cfg.max_grad_norm { self.cfg.max_grad_norm / (grad_norm + 1e-6) } else { 1.0 };
+        let clip = if self.cfg.max_grad_norm > 0.0 && grad_norm > self.cfg.max_grad_norm {
+            self.cfg.max_grad_norm / (grad_norm + 1e-6)
+        } else {
+            1.0
+        };
         Ok((grad_norm, clip))
     }
 
@@ -116,7 +131,8 @@ impl AdamW {
     /// One update of every adapter tensor from `grads` (already averaged over the batch).
     pub fn step(&mut self, adapter: &mut Adapter, grads: &Grads) -> Result<StepInfo> {
         let names: Vec<String> = adapter.module_names().iter().map(|s| s.to_string()).collect();
-        let mut gs: Vec<&[f32]> = names.iter().filter_map(|n| grads.module(n)).flat_map(|g| [g.da.as_slice(), g.db.as_slice()]).collect();
+        let mut gs: Vec<&[f32]> =
+            names.iter().filter_map(|n| grads.module(n)).flat_map(|g| [g.da.as_slice(), g.db.as_slice()]).collect();
         gs.extend(adapter.saved_params().filter_map(|(n, _)| grads.param(n)));
         let (grad_norm, clip) = self.norm_and_clip(&gs)?;
         let lr = self.cfg.lr_at(self.step);
@@ -138,7 +154,11 @@ impl AdamW {
 
     /// One update of base parameters (full fine-tuning): `master` holds f32 master weights by canonical name
     /// with their shapes; weight decay applies to matrices only. The caller writes them back into the model.
-    pub fn step_params(&mut self, master: &mut BTreeMap<String, (Vec<usize>, Vec<f32>)>, grads: &Grads) -> Result<StepInfo> {
+    pub fn step_params(
+        &mut self,
+        master: &mut BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+        grads: &Grads,
+    ) -> Result<StepInfo> {
         let gs: Vec<&[f32]> = master.keys().filter_map(|n| grads.param(n)).collect();
         let (grad_norm, clip) = self.norm_and_clip(&gs)?;
         let lr = self.cfg.lr_at(self.step);

@@ -6,9 +6,9 @@ use crate::adapter::Adapter;
 use crate::error::{EngineError, Result};
 use crate::image::PixelValues;
 use crate::llava::Model;
+use crate::train::dpo::{part_seed, DropoutGuard};
 use crate::train::optim::AdamW;
 use crate::train::trainer::{dropout_seed, step_batch, steps_per_epoch};
-use crate::train::dpo::{part_seed, DropoutGuard};
 use crate::train::Grads;
 use std::collections::BTreeMap;
 
@@ -21,7 +21,14 @@ pub struct SftExample<'a> {
 
 /// Adds the gradient of `weight` · Σ_answer −log p to `grads`; returns Σ −log p over the answer tokens.
 /// `dropout_seed` turns the adapter's LoRA dropout on for this example (see `pair_forward_backward`).
-pub fn sft_forward_backward(model: &Model, adapter: Option<&Adapter>, ex: &SftExample, weight: f64, grads: &mut Grads, dropout_seed: Option<u64>) -> Result<f64> {
+pub fn sft_forward_backward(
+    model: &Model,
+    adapter: Option<&Adapter>,
+    ex: &SftExample,
+    weight: f64,
+    grads: &mut Grads,
+    dropout_seed: Option<u64>,
+) -> Result<f64> {
     if ex.answer_ids.is_empty() {
         return Err(EngineError::Input("an SFT example needs a non-empty answer".into()));
     }
@@ -132,18 +139,26 @@ pub fn train_sft(
             SftTarget::Lora(adapter) => {
                 let shared: &Adapter = adapter;
                 let dropout = shared.lora_dropout > 0.0;
-                let (loss, grads) = batch_grads(batch, !dropout, || Grads::zeros_like(shared), |i, g| {
-                    let seed = dropout.then(|| dropout_seed(cfg.seed, opt.step, i));
-                    sft_forward_backward(model, Some(shared), &examples[i], weight, g, seed)
-                })?;
+                let (loss, grads) = batch_grads(
+                    batch,
+                    !dropout,
+                    || Grads::zeros_like(shared),
+                    |i, g| {
+                        let seed = dropout.then(|| dropout_seed(cfg.seed, opt.step, i));
+                        sft_forward_backward(model, Some(shared), &examples[i], weight, g, seed)
+                    },
+                )?;
                 nll = loss;
                 opt.step(adapter, &grads)?
             }
             SftTarget::Full => {
                 let sizes: Vec<(String, usize)> = params.iter().map(|(n, s)| (n.clone(), s.iter().product())).collect();
-                let (loss, grads) = batch_grads(batch, true, || Grads::zeros_for_params(&sizes), |i, g| {
-                    sft_forward_backward(model, None, &examples[i], weight, g, None)
-                })?;
+                let (loss, grads) = batch_grads(
+                    batch,
+                    true,
+                    || Grads::zeros_for_params(&sizes),
+                    |i, g| sft_forward_backward(model, None, &examples[i], weight, g, None),
+                )?;
                 nll = loss;
                 let info = opt.step_params(&mut master, &grads)?;
                 for (name, (_, v)) in &master {

@@ -65,7 +65,16 @@ impl StepMetrics {
 
     /// The step's log: `step` (1-based) of `total_steps`, `pairs` pairs since `t0`.
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn log(&self, step: usize, total_steps: usize, epoch: usize, lr: f64, grad_norm: f64, pairs: usize, t0: std::time::Instant) -> StepLog {
+    pub(crate) fn log(
+        &self,
+        step: usize,
+        total_steps: usize,
+        epoch: usize,
+        lr: f64,
+        grad_norm: f64,
+        pairs: usize,
+        t0: std::time::Instant,
+    ) -> StepLog {
         StepLog {
             step,
             total_steps,
@@ -117,13 +126,18 @@ pub fn dropout_seed(seed: u64, step: usize, i: usize) -> u64 {
 }
 
 /// Reference log-probs of every pair under `reference` (None = the base model).
-pub fn precompute_references(model: &Model, reference: Option<&Adapter>, pairs: &[TokenPair]) -> Result<Vec<(f64, f64)>> {
+pub fn precompute_references(
+    model: &Model,
+    reference: Option<&Adapter>,
+    pairs: &[TokenPair],
+) -> Result<Vec<(f64, f64)>> {
     pairs.iter().map(|p| reference_logps(model, reference, p)).collect()
 }
 
 /// Runs optimizer steps `opt.step ..` until `stop_after` steps in total (or the schedule's end), calling
 /// `on_step` after each. `refs[i]` are pair i's reference log-probs. Runs on the model's backend when it trains
 /// this run (`backend::Backend::train_dpo`: the CUDA backend for the loop's adapters), else on the CPU.
+#[allow(clippy::too_many_arguments)] // what a run is made of; the trainers' shared loop will take them as one struct
 pub fn train_dpo(
     model: &Model,
     adapter: &mut Adapter,
@@ -152,7 +166,8 @@ pub fn train_dpo(
         for &i in batch {
             // Dropout masks differ per step and pair, and replay exactly on resume.
             let seed = (adapter.lora_dropout > 0.0).then(|| dropout_seed(cfg.seed, opt.step, i));
-            let (l, lp) = pair_forward_backward(model, adapter, &pairs[i], refs[i], &cfg.dpo, weight, &mut grads, seed)?;
+            let (l, lp) =
+                pair_forward_backward(model, adapter, &pairs[i], refs[i], &cfg.dpo, weight, &mut grads, seed)?;
             m.add(cfg.dpo.beta, l, &lp, weight);
         }
         let info = opt.step(adapter, &grads)?;

@@ -22,5 +22,7 @@ pub fn gpu() -> Option<Gpu> {
 
 /// The checkout: $RLAIFD_ROOT when the binary runs elsewhere than where it was built (scripts/gpu-check.sh).
 pub fn root() -> PathBuf {
-    std::env::var("RLAIFD_ROOT").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".."))
+    std::env::var("RLAIFD_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".."))
 }
