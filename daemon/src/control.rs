@@ -6,8 +6,9 @@
 //! Files a command names are read only when they are regular files within a size cap and a read timeout, their
 //! real path (symlinks resolved) inside the allowed folder; no error shows a file's bytes.
 
+use crate::actors::Wake;
 use crate::config::Config;
-use crate::serve::{Daemon, Wake};
+use crate::serve::Daemon;
 use crate::store;
 use crate::worker::{Priority, PRIORITIES};
 use actix::prelude::*;
@@ -382,21 +383,23 @@ async fn execute(cmd: &Command, d: &Arc<Daemon>, _wake: &Recipient<Wake>) -> Res
     match cmd {
         Command::Status => status(d).await,
         Command::Pause => {
+            store::set_loop_paused(&d.pool, true).await?;
             d.paused.store(true, Ordering::SeqCst);
             Ok(json!({ "paused": true }))
         }
         Command::Resume => {
+            store::set_loop_paused(&d.pool, false).await?;
             d.paused.store(false, Ordering::SeqCst);
             Ok(json!({ "paused": false }))
         }
         Command::Iterate => {
-            if d.paused.load(Ordering::SeqCst) {
+            if store::loop_paused(pool).await? {
                 bail!("the loop is paused: `resume` first");
             }
             if let Some(it) = store::open_iteration(pool).await? {
                 bail!("iteration {} is already running (stage {})", it.number, it.stage);
             }
-            d.iterate_requested.store(true, Ordering::SeqCst);
+            store::request_iteration(pool).await?;
             Ok(json!({ "requested": true }))
         }
         Command::Promote(id) => {
@@ -465,26 +468,15 @@ async fn status(d: &Arc<Daemon>) -> Result<Value> {
     let pool = &d.pool;
     let s = d.serving();
     let open = store::open_iteration(pool).await?;
-    let last: Option<(i32, String)> =
-        sqlx::query_as("SELECT number, stage FROM iterations ORDER BY number DESC LIMIT 1")
-            .fetch_optional(pool)
-            .await?;
-    let jobs: Vec<(String, String, i64)> = sqlx::query_as(
-        "SELECT kind, status, count(*) FROM jobs WHERE status IN ('pending', 'running') GROUP BY kind, status",
-    )
-    .fetch_all(pool)
-    .await?;
+    let last = store::last_iteration(pool).await?;
+    let jobs = store::jobs_by_kind_and_status(pool, true).await?;
     let mut queues = json!({ "sample": { "pending": 0, "running": 0 }, "label": { "pending": 0, "running": 0 } });
     for (k, st, n) in jobs {
         queues[k][st] = json!(n);
     }
     let engine_queue: serde_json::Map<String, Value> =
         PRIORITIES.iter().zip(d.engine.worker.depths()).map(|(p, n)| (p.name().to_string(), json!(n))).collect();
-    let last_decided: Option<(i64, String, Option<Value>)> = sqlx::query_as(
-        "SELECT id, status, metrics FROM checkpoints WHERE decided_at IS NOT NULL ORDER BY decided_at DESC LIMIT 1",
-    )
-    .fetch_optional(pool)
-    .await?;
+    let last_decided = store::last_decision(pool).await?;
     let actors = d.actors.lock().map(|a| serde_json::to_value(&*a).unwrap_or_default()).unwrap_or_default();
     Ok(json!({
         "iteration": last.as_ref().map(|l| l.0),
@@ -647,7 +639,7 @@ async fn import_prompts(d: &Arc<Daemon>, file: &Path) -> Result<Value> {
         let too_long = || {
             anyhow::anyhow!("{} line {n}: the question does not fit the model's context of {ctx} tokens with room for an answer; shorten it", file.display())
         };
-        if q.len() > ctx.saturating_mul(crate::server::MAX_PROMPT_BYTES_PER_TOKEN) {
+        if q.len() > ctx.saturating_mul(crate::http::MAX_PROMPT_BYTES_PER_TOKEN) {
             return Err(too_long());
         }
         let template =
@@ -668,7 +660,7 @@ async fn import_prompts(d: &Arc<Daemon>, file: &Path) -> Result<Value> {
         );
     }
     let mut tx = d.pool.begin().await?;
-    let before: i64 = sqlx::query_scalar("SELECT count(*) FROM prompts").fetch_one(&mut *tx).await?;
+    let before: i64 = store::count_all_prompts(&mut *tx).await?;
     for (image, q, split) in &rows {
         let sha = match image {
             Some(b) => Some(store::insert_image(&mut *tx, b).await?),
@@ -686,7 +678,7 @@ async fn import_prompts(d: &Arc<Daemon>, file: &Path) -> Result<Value> {
         )
         .await?;
     }
-    let after: i64 = sqlx::query_scalar("SELECT count(*) FROM prompts").fetch_one(&mut *tx).await?;
+    let after: i64 = store::count_all_prompts(&mut *tx).await?;
     tx.commit().await?;
     Ok(
         json!({ "file": file.display().to_string(), "lines": rows.len(), "imported": after - before, "duplicates": rows.len() as i64 - (after - before) }),

@@ -193,14 +193,7 @@ async fn watch(url: String, k: usize) -> &'static str {
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         let Ok(done) = store::finished_iterations(&pool).await else { continue };
         // Newly decided candidates.
-        let decided: Vec<(i64, i32, String, Option<serde_json::Value>, i64)> = sqlx::query_as(
-            "SELECT c.id, c.iteration, c.status, c.metrics, (SELECT count(*) FROM pairs p JOIN iterations i ON i.id = p.iteration_id WHERE i.candidate_id = c.id)
-             FROM checkpoints c WHERE c.kind = 'lora' AND c.decided_at IS NOT NULL AND c.id > $1 ORDER BY c.id",
-        )
-        .bind(reported)
-        .fetch_all(&pool)
-        .await
-        .unwrap_or_default();
+        let decided = store::decided_since(&pool, reported).await.unwrap_or_default();
         for (id, it, status, m, pairs) in decided {
             let f = |k: &str| m.as_ref().and_then(|m| m.get(k)).and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
             let verdict = if status == "rejected" { "rejected" } else { "promoted" };
@@ -214,21 +207,12 @@ async fn watch(url: String, k: usize) -> &'static str {
             );
             reported = id;
         }
-        let failed: i64 = sqlx::query_scalar("SELECT count(*) FROM iterations WHERE stage = 'failed'")
-            .fetch_one(&pool)
-            .await
-            .unwrap_or(0);
+        let failed = store::count_failed_iterations(&pool).await.unwrap_or(0);
         if done as usize >= k {
             return "finished";
         }
         if failed >= 3 {
-            let why: Option<String> = sqlx::query_scalar(
-                "SELECT detail->>'reason' FROM events WHERE kind = 'iteration_failed' ORDER BY id DESC LIMIT 1",
-            )
-            .fetch_optional(&pool)
-            .await
-            .ok()
-            .flatten();
+            let why = store::last_failure_reason(&pool).await.ok().flatten();
             eprintln!("three iterations failed; the last: {}", why.unwrap_or_default());
             return "failed";
         }

@@ -53,7 +53,7 @@ pub fn image(data: &[u8]) {
 /// A chat-completions request body, validated against the default server limits.
 pub fn chat(data: &[u8]) {
     let cfg = crate::config::Config::from_toml_bytes(b"").expect("the embedded defaults are valid").server;
-    let _ = crate::server::validate_chat_request(data, &cfg);
+    let _ = crate::http::validate_chat_request(data, &cfg);
 }
 
 /// A fuzz target: arbitrary bytes in, nothing out.

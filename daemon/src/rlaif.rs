@@ -649,10 +649,7 @@ pub async fn evaluate_with_labeler(
     cfg: &LoopConfig,
     c: &CheckpointRow,
 ) -> Result<serde_json::Value> {
-    let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM prompts WHERE split = 'heldout' ORDER BY id LIMIT $1")
-        .bind(cfg.eval_count as i64)
-        .fetch_all(pool)
-        .await?;
+    let ids = store::heldout_prompts(pool, cfg.eval_count as i64).await?;
     if ids.is_empty() {
         bail!("no held-out prompts to evaluate checkpoint {} on: import some with split \"heldout\" (rlaifd ctl import-prompts)", c.id);
     }

@@ -4,8 +4,9 @@
 //! (actix-web) answers OpenAI-style requests on the promoted checkpoint and the Control actor takes commands on a
 //! Unix socket. Every model computation runs on the engine thread by priority (serving first).
 
+use crate::actors::Supervisor;
 use crate::config::Config;
-use crate::rlaif::{self, Engine, SamplingStep};
+use crate::rlaif::Engine;
 use crate::store::{self, CheckpointRow};
 use crate::worker::Priority;
 use actix::prelude::*;
@@ -17,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
-use tracing::{error, info, warn, Instrument};
+use tracing::{error, info, warn};
 
 /// What the Server answers with: one adapter generation. A request holds its `Arc` from start to finish, so a
 /// hot-swap never changes the weights under a request in flight.
@@ -112,7 +113,6 @@ pub struct Daemon {
     pub draining: AtomicBool,
     /// Set when the daemon shuts down: actors start nothing more (the pool is about to close).
     pub stopped: AtomicBool,
-    pub iterate_requested: AtomicBool,
     pub metrics: Metrics,
     /// Chat requests in flight (`server.max_pending`).
     pub chat_in_flight: std::sync::atomic::AtomicUsize,
@@ -133,7 +133,7 @@ impl Daemon {
         self.serving.read().map(|s| s.clone()).unwrap_or_else(|p| p.into_inner().clone())
     }
 
-    fn actor(&self, name: &'static str, f: impl FnOnce(&mut ActorState)) {
+    pub(crate) fn actor(&self, name: &'static str, f: impl FnOnce(&mut ActorState)) {
         if let Ok(mut a) = self.actors.lock() {
             f(a.entry(name).or_default());
         }
@@ -142,7 +142,7 @@ impl Daemon {
     /// Loads `c` (adapter checked against its sha256) and makes it the served generation. Requests in flight keep
     /// the generation they started with.
     pub async fn hot_swap(&self, c: &CheckpointRow) -> Result<u64> {
-        let lineage = lineage(&self.pool, c.id).await?;
+        let lineage = store::lineage(&self.pool, c.id).await?;
         let parent = match c.parent_id {
             Some(p) => Some(store::checkpoint(&self.pool, p).await?),
             None => None,
@@ -172,331 +172,6 @@ impl Daemon {
         info!(checkpoint = c.id, generation, "hot-swapped the served checkpoint");
         Ok(generation)
     }
-}
-
-/// Checkpoint ids from the base to `id`.
-pub async fn lineage(pool: &PgPool, id: i64) -> Result<Vec<i64>> {
-    let ids: Vec<i64> = sqlx::query_scalar(
-        "WITH RECURSIVE up(id, parent_id, depth) AS (SELECT id, parent_id, 0 FROM checkpoints WHERE id = $1
-         UNION ALL SELECT c.id, c.parent_id, up.depth + 1 FROM checkpoints c JOIN up ON c.id = up.parent_id)
-         SELECT id FROM up ORDER BY depth DESC",
-    )
-    .bind(id)
-    .fetch_all(pool)
-    .await?;
-    Ok(ids)
-}
-
-/// The roles of the loop's actors.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Role {
-    Sampler,
-    Labeler,
-    Trainer,
-    Checkpointer,
-}
-
-impl Role {
-    pub fn name(self) -> &'static str {
-        match self {
-            Role::Sampler => "sampler",
-            Role::Labeler => "labeler",
-            Role::Trainer => "trainer",
-            Role::Checkpointer => "checkpointer",
-        }
-    }
-}
-
-/// Wakes an actor now (LISTEN/NOTIFY, a control command, or its own poll).
-#[derive(Message, Clone, Copy)]
-#[rtype(result = "()")]
-pub struct Wake;
-
-/// One loop actor: claims and runs the work of its role, one item at a time, until none is left, then waits for a
-/// wake-up. An error stops it; the actix Supervisor restarts it after a backoff.
-pub struct LoopActor {
-    role: Role,
-    d: Arc<Daemon>,
-    busy: bool,
-    failures: u32,
-    not_before: Instant,
-    /// After a restart: return this role's jobs still leased to this daemon before claiming new ones (the failed
-    /// attempt may have been unable to record its failure, e.g. with the database down).
-    reclaim: bool,
-}
-
-impl LoopActor {
-    pub fn new(role: Role, d: Arc<Daemon>) -> LoopActor {
-        LoopActor { role, d, busy: false, failures: 0, not_before: Instant::now(), reclaim: false }
-    }
-
-    fn tick(&mut self, ctx: &mut Context<Self>) {
-        if self.busy || Instant::now() < self.not_before || self.d.stopped.load(Ordering::SeqCst) {
-            return;
-        }
-        self.busy = true;
-        let (role, d, reclaim) = (self.role, self.d.clone(), std::mem::take(&mut self.reclaim));
-        d.actor(role.name(), |a| a.busy = true);
-        let span = tracing::info_span!("actor", role = role.name());
-        let fut = async move {
-            if reclaim {
-                let kind = if role == Role::Sampler { "sample" } else { "label" };
-                if matches!(role, Role::Sampler | Role::Labeler) {
-                    let n = store::release_kind_leases(&d.pool, &d.owner, kind).await?;
-                    if n > 0 {
-                        info!(jobs = n, kind, "returned jobs left leased by the failed attempt");
-                    }
-                }
-            }
-            step(role, &d).await
-        }
-        .instrument(span);
-        ctx.spawn(fut.into_actor(self).map(|res, act, ctx| {
-            act.busy = false;
-            act.d.actor(act.role.name(), |a| a.busy = false);
-            match res {
-                Ok(true) => {
-                    act.failures = 0;
-                    act.d.actor(act.role.name(), |a| a.jobs_done += 1);
-                    ctx.notify(Wake);
-                }
-                Ok(false) => act.failures = 0,
-                Err(e) => {
-                    let msg = format!("{e:#}");
-                    error!(actor = act.role.name(), error = %msg, "actor failed; the supervisor restarts it");
-                    act.d.actor(act.role.name(), |a| a.last_error = Some(msg.clone()));
-                    let (pool, name) = (act.d.pool.clone(), act.role.name());
-                    actix::spawn(async move {
-                        let _ = store::event(&pool, "actor_failed", name, serde_json::json!({ "error": msg })).await;
-                    });
-                    ctx.stop();
-                }
-            }
-        }));
-    }
-}
-
-impl Actor for LoopActor {
-    type Context = Context<Self>;
-
-    fn started(&mut self, ctx: &mut Context<Self>) {
-        let poll = Duration::from_secs_f64(self.d.config().daemon.poll_s);
-        ctx.run_interval(poll, |act, ctx| act.tick(ctx));
-        ctx.notify(Wake);
-    }
-}
-
-impl Supervised for LoopActor {
-    fn restarting(&mut self, _ctx: &mut Context<Self>) {
-        self.failures += 1;
-        self.busy = false;
-        self.reclaim = true;
-        // 1 s, 2 s, 4 s ... at most 60 s.
-        let backoff = Duration::from_secs(1u64 << self.failures.min(6)).min(Duration::from_secs(60));
-        self.not_before = Instant::now() + backoff;
-        self.d.actor(self.role.name(), |a| a.restarts += 1);
-        warn!(actor = self.role.name(), restarts = self.failures, backoff_s = backoff.as_secs(), "restarting actor");
-    }
-}
-
-impl Handler<Wake> for LoopActor {
-    type Result = ();
-    fn handle(&mut self, _: Wake, ctx: &mut Context<Self>) {
-        self.tick(ctx);
-    }
-}
-
-/// The Supervisor: starts the loop actors under actix supervision, fans wake-ups out to them and listens to
-/// PostgreSQL notifications.
-pub struct Supervisor {
-    d: Arc<Daemon>,
-    actors: Vec<Addr<LoopActor>>,
-}
-
-impl Supervisor {
-    pub fn new(d: Arc<Daemon>) -> Supervisor {
-        Supervisor { d, actors: Vec::new() }
-    }
-}
-
-impl Actor for Supervisor {
-    type Context = Context<Self>;
-
-    fn started(&mut self, ctx: &mut Context<Self>) {
-        for role in [Role::Checkpointer, Role::Sampler, Role::Labeler, Role::Trainer] {
-            let d = self.d.clone();
-            self.d.actor(role.name(), |_| {});
-            self.actors.push(actix::Supervisor::start(move |_| LoopActor::new(role, d)));
-        }
-        // LISTEN/NOTIFY: the schema's triggers notify channel `rlaifd` on new jobs, pairs and checkpoints.
-        let (d, me) = (self.d.clone(), ctx.address());
-        ctx.spawn(
-            async move {
-                loop {
-                    match sqlx::postgres::PgListener::connect_with(&d.pool).await {
-                        Ok(mut l) => {
-                            if l.listen("rlaifd").await.is_ok() {
-                                while let Ok(_n) = l.recv().await {
-                                    me.do_send(Wake);
-                                }
-                            }
-                        }
-                        Err(e) => warn!(error = %e, "LISTEN failed; polling only, retrying in 5 s"),
-                    }
-                    tokio::time::sleep(Duration::from_secs(5)).await;
-                }
-            }
-            .into_actor(self),
-        );
-    }
-}
-
-impl Handler<Wake> for Supervisor {
-    type Result = ();
-    fn handle(&mut self, _: Wake, _: &mut Context<Self>) {
-        for a in &self.actors {
-            a.do_send(Wake);
-        }
-    }
-}
-
-/// One unit of an actor's work. Ok(true): it did something (run again at once); Ok(false): nothing to do.
-async fn step(role: Role, d: &Arc<Daemon>) -> Result<bool> {
-    let cfg = d.config();
-    match role {
-        Role::Checkpointer => checkpointer_step(d, &cfg).await,
-        _ if d.paused.load(Ordering::SeqCst) || d.draining.load(Ordering::SeqCst) => Ok(false),
-        Role::Sampler | Role::Labeler => {
-            let kind = if role == Role::Sampler { "sample" } else { "label" };
-            let Some(job) = store::claim_jobs(&d.pool, kind, &d.owner, 1, cfg.loop_.lease_s).await?.into_iter().next()
-            else {
-                return Ok(false);
-            };
-            let span =
-                tracing::info_span!("job", kind, id = job.id, prompt = job.prompt_id, iteration = job.iteration_id);
-            let r = async {
-                if kind == "sample" {
-                    rlaif::run_sample_job(&d.pool, &d.engine, &cfg.loop_, &job, &d.owner).await
-                } else {
-                    rlaif::run_label_job(&d.pool, &d.engine, &cfg.loop_, &job, &d.owner).await
-                }
-            }
-            .instrument(span)
-            .await;
-            if let Err(e) = r {
-                warn!(job = job.id, error = %format!("{e:#}"), "job failed");
-                store::fail_job(&d.pool, &job, &format!("{e:#}"), cfg.loop_.max_attempts).await?;
-            }
-            Ok(true)
-        }
-        Role::Trainer => trainer_step(d, &cfg).await,
-    }
-}
-
-/// Starts iterations (automatically or on `iterate`), moves sampling on, trains candidates.
-async fn trainer_step(d: &Arc<Daemon>, cfg: &Config) -> Result<bool> {
-    let pool = &d.pool;
-    let Some(it) = store::open_iteration(pool).await? else {
-        let finished = store::finished_iterations(pool).await? as u64;
-        let requested = d.iterate_requested.swap(false, Ordering::SeqCst);
-        let auto = cfg.daemon.auto_iterate && (cfg.daemon.max_iterations == 0 || finished < cfg.daemon.max_iterations);
-        if !(requested || auto) {
-            return Ok(false);
-        }
-        top_up_prompts(d, cfg).await?;
-        let it = rlaif::start_iteration(pool, &cfg.loop_).await?;
-        info!(iteration = it.number, policy = it.policy_id, "iteration started");
-        return Ok(true);
-    };
-    match it.stage.as_str() {
-        "sampling" => match rlaif::advance_sampling(pool, &cfg.loop_, &it).await? {
-            SamplingStep::Open => Ok(false),
-            SamplingStep::MorePrompts => Ok(true),
-            SamplingStep::Training => Ok(true),
-        },
-        "training" => {
-            let span = tracing::info_span!("train", iteration = it.number);
-            let n = it.number;
-            let r = rlaif::train_or_fail(pool, &d.engine, &cfg.loop_, &it, move |s, t, loss| {
-                if s == t || s % 10 == 0 {
-                    info!(iteration = n, step = s, steps = t, loss, "training");
-                }
-            })
-            .instrument(span)
-            .await;
-            if let Err(e) = r {
-                warn!(iteration = it.number, error = %format!("{e:#}"), "training failed; the iteration is marked failed");
-            }
-            Ok(true)
-        }
-        _ => Ok(false),
-    }
-}
-
-/// Keeps enough unused training prompts for the next iteration when the daemon generates its own (ShapesWorld).
-async fn top_up_prompts(d: &Arc<Daemon>, cfg: &Config) -> Result<()> {
-    if cfg.daemon.prompt_source != "shapes" {
-        return Ok(());
-    }
-    let unused = store::count_unused_train_prompts(&d.pool).await? as usize;
-    let want = 2 * cfg.loop_.prompts_per_iteration;
-    if unused < want {
-        let total = store::count_prompts(&d.pool, "train").await? as usize;
-        crate::demo::ensure_shapes_prompts(&d.pool, cfg.loop_.seed, total + want - unused, d.engine.ip.crop_width)
-            .await?;
-    }
-    Ok(())
-}
-
-/// Gates candidates and keeps the served generation on the promoted checkpoint (whoever promoted it: this
-/// daemon, `rlaifd ctl promote`, or another daemon on the same database).
-async fn checkpointer_step(d: &Arc<Daemon>, cfg: &Config) -> Result<bool> {
-    let pool = &d.pool;
-    if let Some(p) = store::promoted(pool).await? {
-        if p.id != d.serving().checkpoint.id {
-            match d.hot_swap(&p).await {
-                Ok(_) => return Ok(true),
-                Err(e) => {
-                    // A promoted checkpoint that cannot be loaded (missing or altered files) is never served.
-                    let reason = format!("{e:#}");
-                    error!(checkpoint = p.id, error = %reason, "cannot serve the promoted checkpoint; rolling back to its parent");
-                    if let Some(parent) = p.parent_id {
-                        store::decide(
-                            pool,
-                            parent,
-                            true,
-                            &store::checkpoint(pool, parent).await?.metrics.unwrap_or_default(),
-                            &format!("checkpoint {} cannot be loaded: {reason}", p.id),
-                            "checkpointer",
-                        )
-                        .await?;
-                        sqlx::query("UPDATE checkpoints SET status = 'rejected' WHERE id = $1")
-                            .bind(p.id)
-                            .execute(pool)
-                            .await?;
-                    }
-                    return Ok(true);
-                }
-            }
-        }
-    }
-    if d.paused.load(Ordering::SeqCst) || d.draining.load(Ordering::SeqCst) {
-        return Ok(false);
-    }
-    let Some(it) = store::open_iteration(pool).await? else { return Ok(false) };
-    if it.stage != "evaluating" {
-        return Ok(false);
-    }
-    let span = tracing::info_span!("gate", iteration = it.number, candidate = it.candidate_id);
-    let (promoted, metrics) = rlaif::run_gate(pool, &d.engine, &cfg.loop_, &it).instrument(span).await?;
-    info!(
-        iteration = it.number,
-        promoted,
-        chair_i = metrics["chair_i"].as_f64(),
-        cover = metrics["cover"].as_f64(),
-        "candidate gated"
-    );
-    Ok(true)
 }
 
 /// Command-line options of `rlaifd serve`.
@@ -594,6 +269,11 @@ pub async fn run_async(cfg: Config, config_file: Option<PathBuf>, until: Option<
     if released > 0 {
         info!(jobs = released, "resuming: jobs left running by a previous run returned to the queue");
     }
+    // Pause outlives a restart (`loop_control`): say so, or a paused daemon looks idle.
+    let paused = store::loop_paused(&pool).await?;
+    if paused {
+        warn!("the loop is paused (rlaifd ctl resume to go on); serving continues");
+    }
     let d = Arc::new(Daemon {
         cfg: RwLock::new(cfg.clone()),
         config_file,
@@ -606,10 +286,9 @@ pub async fn run_async(cfg: Config, config_file: Option<PathBuf>, until: Option<
             reference: None,
             lineage: vec![base.id],
         })),
-        paused: AtomicBool::new(false),
+        paused: AtomicBool::new(paused),
         draining: AtomicBool::new(false),
         stopped: AtomicBool::new(false),
-        iterate_requested: AtomicBool::new(false),
         metrics: Metrics::default(),
         chat_in_flight: std::sync::atomic::AtomicUsize::new(0),
         actors: Mutex::new(BTreeMap::new()),
@@ -626,7 +305,7 @@ pub async fn run_async(cfg: Config, config_file: Option<PathBuf>, until: Option<
         serde_json::json!({ "owner": d.owner, "pid": std::process::id(), "serving": promoted.id, "device": chosen }),
     )
     .await?;
-    let server = crate::server::start(d.clone())?;
+    let server = crate::http::start(d.clone())?;
     let server_handle = server.handle();
     actix::spawn(server);
     let sup = Supervisor::new(d.clone()).start();

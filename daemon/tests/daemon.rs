@@ -488,3 +488,31 @@ async fn bearer_token_guards_every_route_but_healthz_and_the_rate_limit_answers_
     db.drop_db().await;
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_survives_a_restart_and_iterate_is_a_request_any_daemon_takes() {
+    let db = common::fresh("pausedb").await;
+    let dir = std::env::temp_dir().join(format!("rlaifd-pausedb-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let d = Daemon::start(&dir, &db.url, "");
+    assert_eq!(d.ctl(json!({ "cmd": "pause" }))["paused"], true);
+    drop(d); // SIGKILL: nothing but the database remembers the pause
+    let d = Daemon::start(&dir, &db.url, "");
+    let s = d.ctl(json!({ "cmd": "status" }));
+    assert_eq!((s["paused"].as_bool(), s["stage"].as_str()), (Some(true), Some("paused")), "{s}");
+    let r = d.ctl(json!({ "cmd": "iterate" }));
+    assert!(r["error"].as_str().unwrap_or("").contains("paused"), "{r}");
+    assert_eq!(d.ctl(json!({ "cmd": "resume" }))["paused"], false);
+    assert_eq!(d.ctl(json!({ "cmd": "iterate" }))["requested"], true);
+    let t0 = Instant::now();
+    while sqlx::query_scalar::<_, i64>("SELECT count(*) FROM iterations").fetch_one(&db.pool).await.unwrap() == 0 {
+        assert!(t0.elapsed() < Duration::from_secs(60), "the requested iteration never started: {}", d.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let pending: bool =
+        sqlx::query_scalar("SELECT iterate_requested FROM loop_control").fetch_one(&db.pool).await.unwrap();
+    assert!(!pending, "the request was taken");
+    drop(d);
+    db.drop_db().await;
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -226,3 +226,61 @@ async fn concurrent_workers_never_share_a_job_and_dead_workers_leases_expire() {
     db.drop_db().await;
     db2.drop_db().await;
 }
+
+#[tokio::test]
+async fn an_unloadable_promoted_checkpoint_is_rejected_and_its_parent_promoted_in_one_transaction() {
+    let db = common::fresh("unloadable").await;
+    let pool = &db.pool;
+    let base = store::ensure_base(pool, "/models/base", Some(&serde_json::json!({ "chair_i": 0.3 }))).await.unwrap();
+    let bad: i64 = sqlx::query_scalar(
+        "INSERT INTO checkpoints (parent_id, iteration, kind, path, sha256, status) VALUES ($1, 1, 'lora', '/gone', 'x', 'candidate') RETURNING id",
+    )
+    .bind(base.id)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    store::decide(pool, bad, true, &serde_json::json!({ "chair_i": 0.2 }), "test", "test").await.unwrap();
+    assert_eq!(store::promoted(pool).await.unwrap().map(|c| c.id), Some(bad));
+    // A parent that does not exist: refused, and nothing changed.
+    assert!(store::reject_unloadable(pool, bad, 999_999, "files gone", "checkpointer").await.is_err());
+    assert_eq!(store::checkpoint(pool, bad).await.unwrap().status, "promoted", "nothing half-applied");
+    store::reject_unloadable(pool, bad, base.id, "files gone", "checkpointer").await.unwrap();
+    assert_eq!(store::promoted(pool).await.unwrap().map(|c| c.id), Some(base.id));
+    let base_row = store::checkpoint(pool, base.id).await.unwrap();
+    assert_eq!(base_row.metrics, Some(serde_json::json!({ "chair_i": 0.3 })), "the parent keeps its own metrics");
+    assert_eq!(store::checkpoint(pool, bad).await.unwrap().status, "rejected");
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn pause_and_iterate_requests_live_in_the_database_and_are_taken_once() {
+    let db = common::fresh("loopctl").await;
+    let pool = &db.pool;
+    assert!(!store::loop_paused(pool).await.unwrap());
+    store::set_loop_paused(pool, true).await.unwrap();
+    // Another connection (another daemon, or this one after a restart) sees it.
+    let other = rlaifd::db::open(&db.url, 2).await.unwrap();
+    assert!(store::loop_paused(&other).await.unwrap());
+    store::set_loop_paused(&other, false).await.unwrap();
+    assert!(!store::loop_paused(pool).await.unwrap());
+    assert!(!store::take_iterate_request(pool).await.unwrap(), "nothing asked yet");
+    store::request_iteration(pool).await.unwrap();
+    let takers: Vec<bool> = take_concurrently(pool, &other).await;
+    assert_eq!(takers.iter().filter(|&&t| t).count(), 1, "exactly one daemon takes the request: {takers:?}");
+    other.close().await;
+    db.drop_db().await;
+}
+
+/// Eight concurrent takers on two pools.
+async fn take_concurrently(a: &sqlx::PgPool, b: &sqlx::PgPool) -> Vec<bool> {
+    let mut handles = Vec::new();
+    for i in 0..8 {
+        let p = if i % 2 == 0 { a.clone() } else { b.clone() };
+        handles.push(tokio::spawn(async move { store::take_iterate_request(&p).await.unwrap() }));
+    }
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
+}

@@ -60,6 +60,9 @@ impl Daemon {
         std::fs::create_dir_all(dir).unwrap();
         let config = dir.join("rlaifd.toml");
         std::fs::write(&config, text).unwrap();
+        // A killed predecessor's address file and socket would look like this daemon being up.
+        let _ = std::fs::remove_file(dir.join("state/server.addr"));
+        let _ = std::fs::remove_file(dir.join("state/control.sock"));
         let log = std::fs::File::create(dir.join("daemon.log")).unwrap();
         let child = Command::new(bin())
             .args(["serve", "--config"])

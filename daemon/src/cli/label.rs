@@ -65,7 +65,7 @@ struct PromptLine {
 
 fn read_prompts(path: &Path) -> Result<Vec<PromptLine>> {
     let mut out = Vec::new();
-    for (_, where_, v, image) in crate::train_cli::jsonl_with_images(path)? {
+    for (_, where_, v, image) in crate::cli::train::jsonl_with_images(path)? {
         let question = match v.get("question").or_else(|| v.get("prompt")) {
             Some(serde_json::Value::String(s)) if !s.trim().is_empty() => s.clone(),
             _ => bail!("{where_}: needs a non-empty string field \"question\""),
@@ -105,7 +105,7 @@ pub fn cmd_label(a: LabelArgs) -> Result<()> {
     if a.n < 2 {
         bail!("--n must be at least 2 to form pairs (got {})", a.n);
     }
-    let device = crate::train_cli::parse_device(&a.device)?;
+    let device = crate::cli::train::parse_device(&a.device)?;
     let on = |mut m: Model| -> Result<Model> {
         let (b, _) = engine::backend::select(device, &m)?;
         m.set_backend(b);

@@ -580,18 +580,13 @@ async fn metrics(req: HttpRequest, d: web::Data<Arc<Daemon>>) -> Result<HttpResp
     for (p, n) in PRIORITIES.iter().zip(d.engine.worker.depths()) {
         let _ = writeln!(o, "rlaifd_engine_queue_depth{{priority=\"{}\"}} {n}", p.name());
     }
-    let jobs: Vec<(String, String, i64)> =
-        sqlx::query_as("SELECT kind, status, count(*) FROM jobs GROUP BY kind, status ORDER BY kind, status")
-            .fetch_all(&d.pool)
-            .await
-            .unwrap_or_default();
+    let jobs = store::jobs_by_kind_and_status(&d.pool, false).await.unwrap_or_default();
     let _ = writeln!(o, "# HELP rlaifd_jobs Loop jobs by kind and status.\n# TYPE rlaifd_jobs gauge");
     for (k, s, n) in jobs {
         let _ = writeln!(o, "rlaifd_jobs{{kind=\"{k}\",status=\"{s}\"}} {n}");
     }
-    let iteration: Option<i32> =
-        sqlx::query_scalar("SELECT max(number) FROM iterations").fetch_one(&d.pool).await.unwrap_or(None);
-    let pairs: i64 = sqlx::query_scalar("SELECT count(*) FROM pairs").fetch_one(&d.pool).await.unwrap_or(0);
+    let iteration = store::max_iteration(&d.pool).await.unwrap_or(None);
+    let pairs = store::count_pairs(&d.pool).await.unwrap_or(0);
     let s = d.serving();
     let _ = writeln!(o, "# TYPE rlaifd_iteration gauge\nrlaifd_iteration {}", iteration.unwrap_or(0));
     let _ = writeln!(o, "# TYPE rlaifd_pairs_total counter\nrlaifd_pairs_total {pairs}");

@@ -1,0 +1,142 @@
+//! One unit of each actor's work: claim a sample or label job and run it, start or advance an iteration and
+//! train its candidate, gate a candidate and keep the served generation on the promoted checkpoint.
+
+use super::supervisor::Role;
+use crate::config::Config;
+use crate::rlaif::{self, SamplingStep};
+use crate::serve::Daemon;
+use crate::store::{self};
+use anyhow::Result;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tracing::{error, info, warn, Instrument};
+
+/// One unit of an actor's work. Ok(true): it did something (run again at once); Ok(false): nothing to do.
+pub(crate) async fn step(role: Role, d: &Arc<Daemon>) -> Result<bool> {
+    let cfg = d.config();
+    // Pause lives in the database: another daemon's `pause`, or one from before a restart, holds here too.
+    d.paused.store(store::loop_paused(&d.pool).await?, Ordering::SeqCst);
+    match role {
+        Role::Checkpointer => checkpointer_step(d, &cfg).await,
+        _ if d.paused.load(Ordering::SeqCst) || d.draining.load(Ordering::SeqCst) => Ok(false),
+        Role::Sampler | Role::Labeler => {
+            let kind = if role == Role::Sampler { "sample" } else { "label" };
+            let Some(job) = store::claim_jobs(&d.pool, kind, &d.owner, 1, cfg.loop_.lease_s).await?.into_iter().next()
+            else {
+                return Ok(false);
+            };
+            let span =
+                tracing::info_span!("job", kind, id = job.id, prompt = job.prompt_id, iteration = job.iteration_id);
+            let r = async {
+                if kind == "sample" {
+                    rlaif::run_sample_job(&d.pool, &d.engine, &cfg.loop_, &job, &d.owner).await
+                } else {
+                    rlaif::run_label_job(&d.pool, &d.engine, &cfg.loop_, &job, &d.owner).await
+                }
+            }
+            .instrument(span)
+            .await;
+            if let Err(e) = r {
+                warn!(job = job.id, error = %format!("{e:#}"), "job failed");
+                store::fail_job(&d.pool, &job, &format!("{e:#}"), cfg.loop_.max_attempts).await?;
+            }
+            Ok(true)
+        }
+        Role::Trainer => trainer_step(d, &cfg).await,
+    }
+}
+
+/// Starts iterations (automatically or on `iterate`), moves sampling on, trains candidates.
+async fn trainer_step(d: &Arc<Daemon>, cfg: &Config) -> Result<bool> {
+    let pool = &d.pool;
+    let Some(it) = store::open_iteration(pool).await? else {
+        let finished = store::finished_iterations(pool).await? as u64;
+        let requested = store::take_iterate_request(pool).await?;
+        let auto = cfg.daemon.auto_iterate && (cfg.daemon.max_iterations == 0 || finished < cfg.daemon.max_iterations);
+        if !(requested || auto) {
+            return Ok(false);
+        }
+        top_up_prompts(d, cfg).await?;
+        let it = rlaif::start_iteration(pool, &cfg.loop_).await?;
+        info!(iteration = it.number, policy = it.policy_id, "iteration started");
+        return Ok(true);
+    };
+    match it.stage.as_str() {
+        "sampling" => match rlaif::advance_sampling(pool, &cfg.loop_, &it).await? {
+            SamplingStep::Open => Ok(false),
+            SamplingStep::MorePrompts => Ok(true),
+            SamplingStep::Training => Ok(true),
+        },
+        "training" => {
+            let span = tracing::info_span!("train", iteration = it.number);
+            let n = it.number;
+            let r = rlaif::train_or_fail(pool, &d.engine, &cfg.loop_, &it, move |s, t, loss| {
+                if s == t || s % 10 == 0 {
+                    info!(iteration = n, step = s, steps = t, loss, "training");
+                }
+            })
+            .instrument(span)
+            .await;
+            if let Err(e) = r {
+                warn!(iteration = it.number, error = %format!("{e:#}"), "training failed; the iteration is marked failed");
+            }
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
+}
+
+/// Keeps enough unused training prompts for the next iteration when the daemon generates its own (ShapesWorld).
+async fn top_up_prompts(d: &Arc<Daemon>, cfg: &Config) -> Result<()> {
+    if cfg.daemon.prompt_source != "shapes" {
+        return Ok(());
+    }
+    let unused = store::count_unused_train_prompts(&d.pool).await? as usize;
+    let want = 2 * cfg.loop_.prompts_per_iteration;
+    if unused < want {
+        let total = store::count_prompts(&d.pool, "train").await? as usize;
+        crate::demo::ensure_shapes_prompts(&d.pool, cfg.loop_.seed, total + want - unused, d.engine.ip.crop_width)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Gates candidates and keeps the served generation on the promoted checkpoint (whoever promoted it: this
+/// daemon, `rlaifd ctl promote`, or another daemon on the same database).
+async fn checkpointer_step(d: &Arc<Daemon>, cfg: &Config) -> Result<bool> {
+    let pool = &d.pool;
+    if let Some(p) = store::promoted(pool).await? {
+        if p.id != d.serving().checkpoint.id {
+            match d.hot_swap(&p).await {
+                Ok(_) => return Ok(true),
+                Err(e) => {
+                    // A promoted checkpoint that cannot be loaded (missing or altered files) is never served.
+                    let reason = format!("{e:#}");
+                    error!(checkpoint = p.id, error = %reason, "cannot serve the promoted checkpoint; rolling back to its parent");
+                    if let Some(parent) = p.parent_id {
+                        let why = format!("checkpoint {} cannot be loaded: {reason}", p.id);
+                        store::reject_unloadable(pool, p.id, parent, &why, "checkpointer").await?;
+                    }
+                    return Ok(true);
+                }
+            }
+        }
+    }
+    if d.paused.load(Ordering::SeqCst) || d.draining.load(Ordering::SeqCst) {
+        return Ok(false);
+    }
+    let Some(it) = store::open_iteration(pool).await? else { return Ok(false) };
+    if it.stage != "evaluating" {
+        return Ok(false);
+    }
+    let span = tracing::info_span!("gate", iteration = it.number, candidate = it.candidate_id);
+    let (promoted, metrics) = rlaif::run_gate(pool, &d.engine, &cfg.loop_, &it).instrument(span).await?;
+    info!(
+        iteration = it.number,
+        promoted,
+        chair_i = metrics["chair_i"].as_f64(),
+        cover = metrics["cover"].as_f64(),
+        "candidate gated"
+    );
+    Ok(true)
+}

@@ -1,0 +1,103 @@
+//! Leased jobs: claimed with FOR UPDATE SKIP LOCKED, held by a lease, released or failed.
+
+use super::events::event;
+use anyhow::{Context, Result};
+use sqlx::{PgPool, Postgres, Row, Transaction};
+
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct Job {
+    pub id: i64,
+    pub iteration_id: i64,
+    pub kind: String,
+    pub prompt_id: i64,
+    pub attempts: i32,
+}
+
+/// Claims up to `limit` open jobs of `kind` (pending, or running with an expired lease) for `owner` for
+/// `lease_s` seconds. Concurrent claimers never get the same job (FOR UPDATE SKIP LOCKED).
+pub async fn claim_jobs(pool: &PgPool, kind: &str, owner: &str, limit: i64, lease_s: f64) -> Result<Vec<Job>> {
+    Ok(sqlx::query_as(
+        "UPDATE jobs SET status = 'running', lease_owner = $2, lease_until = now() + make_interval(secs => $4), attempts = attempts + 1
+         WHERE id IN (SELECT id FROM jobs WHERE kind = $1 AND (status = 'pending' OR (status = 'running' AND lease_until < now()))
+                      ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED)
+         RETURNING id, iteration_id, kind, prompt_id, attempts",
+    )
+    .bind(kind)
+    .bind(owner)
+    .bind(limit)
+    .bind(lease_s)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Locks `job` in `tx` and checks `owner` still holds its lease; a job done meanwhile (by another worker whose
+/// lease outlived ours) makes the caller drop its result.
+pub(super) async fn hold_lease(tx: &mut Transaction<'_, Postgres>, job: i64, owner: &str) -> Result<bool> {
+    let row = sqlx::query("SELECT status, lease_owner FROM jobs WHERE id = $1 FOR UPDATE")
+        .bind(job)
+        .fetch_optional(&mut **tx)
+        .await?
+        .with_context(|| format!("job {job} vanished"))?;
+    let status: String = row.get("status");
+    let holder: Option<String> = row.get("lease_owner");
+    Ok(status == "running" && holder.as_deref() == Some(owner))
+}
+
+/// Returns `owner`'s running jobs to the queue: a worker restarting under the same name calls this, since
+/// whatever it held before it stopped is abandoned. Returns how many jobs were released.
+pub async fn release_leases(pool: &PgPool, owner: &str) -> Result<u64> {
+    let n = sqlx::query("UPDATE jobs SET status = 'pending', lease_owner = NULL, lease_until = NULL WHERE status = 'running' AND lease_owner = $1").bind(owner).execute(pool).await?.rows_affected();
+    if n > 0 {
+        event(pool, "leases_released", owner, serde_json::json!({ "jobs": n })).await?;
+    }
+    Ok(n)
+}
+
+/// Returns `owner`'s running jobs of `kind` to the queue: an actor restarted after an error calls this for its
+/// own kind (it held at most the job whose failure could not be recorded). Returns how many were released.
+pub async fn release_kind_leases(pool: &PgPool, owner: &str, kind: &str) -> Result<u64> {
+    let n = sqlx::query("UPDATE jobs SET status = 'pending', lease_owner = NULL, lease_until = NULL WHERE status = 'running' AND lease_owner = $1 AND kind = $2")
+        .bind(owner)
+        .bind(kind)
+        .execute(pool)
+        .await?
+        .rows_affected();
+    if n > 0 {
+        event(pool, "leases_released", owner, serde_json::json!({ "jobs": n, "kind": kind })).await?;
+    }
+    Ok(n)
+}
+
+/// Marks a job failed (after too many attempts) or returns it to the queue, recording the error.
+pub async fn fail_job(pool: &PgPool, job: &Job, error: &str, max_attempts: i32) -> Result<()> {
+    let status = if job.attempts >= max_attempts { "failed" } else { "pending" };
+    sqlx::query("UPDATE jobs SET status = $2, error = $3, lease_owner = NULL, lease_until = NULL WHERE id = $1")
+        .bind(job.id)
+        .bind(status)
+        .bind(error)
+        .execute(pool)
+        .await?;
+    event(pool, "job_failed", &job.kind, serde_json::json!({ "job": job.id, "prompt": job.prompt_id, "attempt": job.attempts, "error": error, "requeued": status == "pending" })).await
+}
+
+/// (pending or running, done, failed) jobs of an iteration.
+pub async fn job_counts(pool: &PgPool, iteration_id: i64) -> Result<(i64, i64, i64)> {
+    let r = sqlx::query(
+        "SELECT count(*) FILTER (WHERE status IN ('pending', 'running')) AS open, count(*) FILTER (WHERE status = 'done') AS done,
+                count(*) FILTER (WHERE status = 'failed') AS failed FROM jobs WHERE iteration_id = $1",
+    )
+    .bind(iteration_id)
+    .fetch_one(pool)
+    .await?;
+    Ok((r.get("open"), r.get("done"), r.get("failed")))
+}
+
+/// Jobs per (kind, status); `open_only`: pending and running ones.
+pub async fn jobs_by_kind_and_status(pool: &PgPool, open_only: bool) -> Result<Vec<(String, String, i64)>> {
+    let filter = if open_only { "WHERE status IN ('pending', 'running')" } else { "" };
+    Ok(sqlx::query_as(&format!(
+        "SELECT kind, status, count(*) FROM jobs {filter} GROUP BY kind, status ORDER BY kind, status"
+    ))
+    .fetch_all(pool)
+    .await?)
+}
