@@ -404,7 +404,7 @@ async fn execute(cmd: &Command, d: &Arc<Daemon>, _wake: &Recipient<Wake>) -> Res
         }
         Command::Promote(id) => {
             let c = store::checkpoint(pool, *id).await?;
-            if c.status == "promoted" {
+            if c.status == store::CheckpointStatus::Promoted {
                 bail!("checkpoint {id} is already promoted");
             }
             promote(d, &c, "control", &format!("promoted by control (was {})", c.status)).await
@@ -446,7 +446,7 @@ async fn execute(cmd: &Command, d: &Arc<Daemon>, _wake: &Recipient<Wake>) -> Res
 async fn promote(d: &Arc<Daemon>, c: &store::CheckpointRow, actor: &str, reason: &str) -> Result<Value> {
     // Check the files on disk (even when the adapter is cached in memory) and load: a checkpoint whose files are
     // missing or altered is refused before anything changes.
-    if c.kind != "base" {
+    if c.kind != store::CheckpointKind::Base {
         let sha = crate::rlaif::adapter_sha256(std::path::Path::new(&c.path))
             .with_context(|| format!("checkpoint {} cannot be loaded; nothing changed", c.id))?;
         if c.sha256.as_deref() != Some(sha.as_str()) {
@@ -480,7 +480,7 @@ async fn status(d: &Arc<Daemon>) -> Result<Value> {
     let actors = d.actors.lock().map(|a| serde_json::to_value(&*a).unwrap_or_default()).unwrap_or_default();
     Ok(json!({
         "iteration": last.as_ref().map(|l| l.0),
-        "stage": if d.draining.load(Ordering::SeqCst) { "draining".to_string() } else if d.paused.load(Ordering::SeqCst) { "paused".to_string() } else { open.as_ref().map_or("idle".to_string(), |i| i.stage.clone()) },
+        "stage": if d.draining.load(Ordering::SeqCst) { "draining".to_string() } else if d.paused.load(Ordering::SeqCst) { "paused".to_string() } else { open.as_ref().map_or("idle".to_string(), |i| i.stage.to_string()) },
         "open_iteration": open.as_ref().map(|i| json!({ "number": i.number, "stage": i.stage, "policy": i.policy_id, "candidate": i.candidate_id })),
         "paused": d.paused.load(Ordering::SeqCst),
         "queues": queues,

@@ -188,7 +188,7 @@ async fn watch(url: String, k: usize) -> &'static str {
     };
     let tty = std::io::stderr().is_terminal();
     let mut reported: i64 = 0;
-    let mut last_key = (0, String::new(), usize::MAX);
+    let mut last_key = (0, "", usize::MAX);
     loop {
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         let Ok(done) = store::finished_iterations(&pool).await else { continue };
@@ -226,7 +226,7 @@ async fn watch(url: String, k: usize) -> &'static str {
             "evaluating" => "evaluate",
             s => s,
         };
-        let line = if it.stage == "sampling" {
+        let line = if it.stage == store::Stage::Sampling {
             format!("iteration {}/{k} {name:<13} {}", it.number, bar(jobs_done as usize, total))
         } else {
             format!("iteration {}/{k} {name}", it.number)
@@ -235,8 +235,11 @@ async fn watch(url: String, k: usize) -> &'static str {
             eprint!("\r  {line:<70}");
         } else {
             // Without a terminal: one line per stage and per tenth of the jobs.
-            let key =
-                (it.number, it.stage.clone(), if it.stage == "sampling" { jobs_done as usize * 10 / total } else { 0 });
+            let key = (
+                it.number,
+                it.stage.as_str(),
+                if it.stage == store::Stage::Sampling { jobs_done as usize * 10 / total } else { 0 },
+            );
             if key != last_key {
                 eprintln!("  {line}");
                 last_key = key;
@@ -277,7 +280,7 @@ async fn report(pool: &sqlx::PgPool, a: &DemoArgs, t0: std::time::Instant) -> Re
     let base = store::base(pool).await?;
     let summary = serde_json::json!({
         "base": base.metrics,
-        "promoted": { "checkpoint": promoted.id, "adapter": if promoted.kind == "base" { serde_json::Value::Null } else { promoted.path.clone().into() }, "metrics": promoted.metrics },
+        "promoted": { "checkpoint": promoted.id, "adapter": if promoted.kind == store::CheckpointKind::Base { serde_json::Value::Null } else { promoted.path.clone().into() }, "metrics": promoted.metrics },
         "iterations": a.iterations,
         "seconds": t0.elapsed().as_secs_f64(),
         "plot": plot.display().to_string(),
@@ -305,7 +308,7 @@ pub fn write_plot(path: &Path, rows: &[store::CheckpointRow]) -> Result<()> {
     for (key, color, label_y) in [("chair_i", "#c0392b", 20.0), ("cover", "#2471a3", 36.0)] {
         let promoted: Vec<(f64, f64)> = rows
             .iter()
-            .filter(|r| r.status == "promoted" || r.status == "retired")
+            .filter(|r| matches!(r.status, store::CheckpointStatus::Promoted | store::CheckpointStatus::Retired))
             .filter_map(|r| {
                 r.metrics.as_ref().and_then(|m| m.get(key)).and_then(|v| v.as_f64()).map(|v| (r.iteration as f64, v))
             })
@@ -314,7 +317,7 @@ pub fn write_plot(path: &Path, rows: &[store::CheckpointRow]) -> Result<()> {
         s += &format!("<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>\n", pts.join(" "));
         for r in rows {
             if let Some(v) = r.metrics.as_ref().and_then(|m| m.get(key)).and_then(|v| v.as_f64()) {
-                let fill = if r.status == "rejected" { "white" } else { color };
+                let fill = if r.status == store::CheckpointStatus::Rejected { "white" } else { color };
                 s += &format!(
                     "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"4\" fill=\"{fill}\" stroke=\"{color}\"/>\n",
                     x(r.iteration as f64),

@@ -539,7 +539,7 @@ async fn models(req: HttpRequest, d: web::Data<Arc<Daemon>>) -> Result<HttpRespo
     Ok(HttpResponse::Ok().json(serde_json::json!({ "object": "list", "data": [{
         "id": format!("rlaifd-checkpoint-{}", s.checkpoint.id), "object": "model", "owned_by": "rlaifd",
         "checkpoint": s.checkpoint.id, "generation": s.generation, "iteration": s.checkpoint.iteration,
-        "adapter": if s.checkpoint.kind == "base" { serde_json::Value::Null } else { s.checkpoint.path.clone().into() },
+        "adapter": if s.checkpoint.kind == store::CheckpointKind::Base { serde_json::Value::Null } else { s.checkpoint.path.clone().into() },
         "metrics": s.checkpoint.metrics, "lineage": lineage }] })))
 }
 

@@ -270,7 +270,7 @@ impl Engine {
 
     /// The adapter of a checkpoint (None for the base). A file whose sha256 differs from the row is refused.
     pub fn adapter(&self, c: &CheckpointRow) -> Result<Option<Arc<Adapter>>> {
-        if c.kind == "base" {
+        if c.kind == store::CheckpointKind::Base {
             return Ok(None);
         }
         if let Some(a) = self.adapters.lock().map_err(|_| anyhow::anyhow!("adapter cache poisoned"))?.get(&c.id) {
@@ -587,7 +587,7 @@ pub async fn train_or_fail(
     match run_training(pool, engine, cfg, it, progress).await {
         Ok(c) => Ok(c),
         Err(e) => {
-            store::set_stage(pool, it.id, "failed").await?;
+            store::set_stage(pool, it.id, store::Stage::Failed).await?;
             store::event(
                 pool,
                 "iteration_failed",
@@ -774,10 +774,10 @@ async fn drain_jobs(
 ) -> Result<()> {
     loop {
         let mut worked = false;
-        for kind in ["sample", "label"] {
+        for kind in [store::JobKind::Sample, store::JobKind::Label] {
             for job in store::claim_jobs(pool, kind, owner, 1, cfg.lease_s).await? {
                 worked = true;
-                let r = if kind == "sample" {
+                let r = if kind == store::JobKind::Sample {
                     run_sample_job(pool, engine, cfg, &job, owner).await
                 } else {
                     run_label_job(pool, engine, cfg, &job, owner).await
@@ -827,7 +827,7 @@ pub async fn advance_sampling(pool: &PgPool, cfg: &LoopConfig, it: &IterationRow
         }
     }
     if pairs == 0 {
-        store::set_stage(pool, it.id, "failed").await?;
+        store::set_stage(pool, it.id, store::Stage::Failed).await?;
         store::event(
             pool,
             "iteration_failed",
@@ -837,7 +837,7 @@ pub async fn advance_sampling(pool: &PgPool, cfg: &LoopConfig, it: &IterationRow
         .await?;
         bail!("iteration {}: labeling produced no pairs", it.number);
     }
-    store::set_stage(pool, it.id, "training").await?;
+    store::set_stage(pool, it.id, store::Stage::Training).await?;
     Ok(SamplingStep::Training)
 }
 
@@ -885,7 +885,7 @@ pub async fn run_iteration(
     progress: Arc<dyn Fn(Stage, usize, usize) + Send + Sync>,
 ) -> Result<IterationOutcome> {
     let it = start_iteration(pool, cfg).await?;
-    if it.stage == "sampling" {
+    if it.stage == store::Stage::Sampling {
         loop {
             drain_jobs(pool, engine, cfg, &it, owner, &progress).await?;
             match advance_sampling(pool, cfg, &it).await? {

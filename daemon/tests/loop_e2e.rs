@@ -66,7 +66,7 @@ async fn one_iteration_end_to_end_then_resume() {
         Some(rlaifd::rlaif::adapter_sha256(std::path::Path::new(&cand.path)).unwrap().as_str())
     );
     assert!(std::path::Path::new(&cand.path).join("adapter_config.json").exists());
-    assert_eq!(cand.status, if out.promoted { "promoted" } else { "rejected" });
+    assert_eq!(cand.status.as_str(), if out.promoted { "promoted" } else { "rejected" });
     assert!(cand.metrics.as_ref().unwrap()["chair_i"].as_f64().is_some());
     let trained = scalar(
         pool,

@@ -92,7 +92,7 @@ async fn retried_stages_store_nothing_twice() {
     assert_eq!(count(pool, "images").await, 1);
 
     let base = store::ensure_base(pool, "/models/base", None).await.unwrap();
-    assert_eq!(base.status, "promoted");
+    assert_eq!(base.status, store::CheckpointStatus::Promoted);
     assert_eq!(store::ensure_base(pool, "/models/base", None).await.unwrap(), base);
     // A second promoted checkpoint is impossible.
     let second = sqlx::query(
@@ -110,7 +110,7 @@ async fn retried_stages_store_nothing_twice() {
         it,
         "starting is idempotent while one is open"
     );
-    let jobs = store::claim_jobs(pool, "sample", "w1", 10, 60.0).await.unwrap();
+    let jobs = store::claim_jobs(pool, store::JobKind::Sample, "w1", 10, 60.0).await.unwrap();
     assert_eq!(jobs.len(), 1);
     let answers: Vec<NewResponse> = (0..3)
         .map(|s| NewResponse {
@@ -129,7 +129,7 @@ async fn retried_stages_store_nothing_twice() {
     assert_eq!(rows.iter().map(|r| r.seed).collect::<Vec<_>>(), vec![2, 0, 1], "in the order of the seeds asked for");
     assert_eq!(rows[0].tokens, vec![5, 6, 2]);
 
-    let label = store::claim_jobs(pool, "label", "w2", 10, 60.0).await.unwrap();
+    let label = store::claim_jobs(pool, store::JobKind::Label, "w2", 10, 60.0).await.unwrap();
     assert_eq!(label.len(), 1, "a finished sample job queues exactly one label job");
     let claim = |ok: bool| NewClaim {
         claim: "There is a red circle.".into(),
@@ -186,7 +186,7 @@ async fn concurrent_workers_never_share_a_job_and_dead_workers_leases_expire() {
         tasks.push(tokio::spawn(async move {
             let mut mine = Vec::new();
             loop {
-                let got = store::claim_jobs(&pool, "sample", &format!("w{w}"), 2, 60.0).await.unwrap();
+                let got = store::claim_jobs(&pool, store::JobKind::Sample, &format!("w{w}"), 2, 60.0).await.unwrap();
                 if got.is_empty() {
                     break;
                 }
@@ -211,11 +211,14 @@ async fn concurrent_workers_never_share_a_job_and_dead_workers_leases_expire() {
     let p = prompt(pool2, 1).await;
     let base = store::ensure_base(pool2, "/models/base", None).await.unwrap();
     store::start_iteration(pool2, &serde_json::json!({}), &[p], false).await.unwrap();
-    let dead = store::claim_jobs(pool2, "sample", "dead", 1, 0.2).await.unwrap();
+    let dead = store::claim_jobs(pool2, store::JobKind::Sample, "dead", 1, 0.2).await.unwrap();
     assert_eq!(dead.len(), 1);
-    assert!(store::claim_jobs(pool2, "sample", "alive", 1, 60.0).await.unwrap().is_empty(), "the lease still holds");
+    assert!(
+        store::claim_jobs(pool2, store::JobKind::Sample, "alive", 1, 60.0).await.unwrap().is_empty(),
+        "the lease still holds"
+    );
     tokio::time::sleep(std::time::Duration::from_millis(400)).await;
-    let retry = store::claim_jobs(pool2, "sample", "alive", 1, 60.0).await.unwrap();
+    let retry = store::claim_jobs(pool2, store::JobKind::Sample, "alive", 1, 60.0).await.unwrap();
     assert_eq!((retry.len(), retry[0].id, retry[0].attempts), (1, dead[0].id, 2));
     let a = [NewResponse { seed: 1, text: "x".into(), tokens: vec![1], finish: "stop".into() }];
     assert!(!store::finish_sample(pool2, &dead[0], "dead", base.id, &serde_json::json!({}), &a).await.unwrap());
@@ -243,12 +246,16 @@ async fn an_unloadable_promoted_checkpoint_is_rejected_and_its_parent_promoted_i
     assert_eq!(store::promoted(pool).await.unwrap().map(|c| c.id), Some(bad));
     // A parent that does not exist: refused, and nothing changed.
     assert!(store::reject_unloadable(pool, bad, 999_999, "files gone", "checkpointer").await.is_err());
-    assert_eq!(store::checkpoint(pool, bad).await.unwrap().status, "promoted", "nothing half-applied");
+    assert_eq!(
+        store::checkpoint(pool, bad).await.unwrap().status,
+        store::CheckpointStatus::Promoted,
+        "nothing changed"
+    );
     store::reject_unloadable(pool, bad, base.id, "files gone", "checkpointer").await.unwrap();
     assert_eq!(store::promoted(pool).await.unwrap().map(|c| c.id), Some(base.id));
     let base_row = store::checkpoint(pool, base.id).await.unwrap();
     assert_eq!(base_row.metrics, Some(serde_json::json!({ "chair_i": 0.3 })), "the parent keeps its own metrics");
-    assert_eq!(store::checkpoint(pool, bad).await.unwrap().status, "rejected");
+    assert_eq!(store::checkpoint(pool, bad).await.unwrap().status, store::CheckpointStatus::Rejected);
     db.drop_db().await;
 }
 

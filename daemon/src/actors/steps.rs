@@ -5,7 +5,7 @@ use super::supervisor::Role;
 use crate::config::Config;
 use crate::rlaif::{self, SamplingStep};
 use crate::serve::Daemon;
-use crate::store::{self};
+use crate::store::{self, JobKind, Stage};
 use anyhow::Result;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -20,15 +20,20 @@ pub(crate) async fn step(role: Role, d: &Arc<Daemon>) -> Result<bool> {
         Role::Checkpointer => checkpointer_step(d, &cfg).await,
         _ if d.paused.load(Ordering::SeqCst) || d.draining.load(Ordering::SeqCst) => Ok(false),
         Role::Sampler | Role::Labeler => {
-            let kind = if role == Role::Sampler { "sample" } else { "label" };
+            let kind = if role == Role::Sampler { JobKind::Sample } else { JobKind::Label };
             let Some(job) = store::claim_jobs(&d.pool, kind, &d.owner, 1, cfg.loop_.lease_s).await?.into_iter().next()
             else {
                 return Ok(false);
             };
-            let span =
-                tracing::info_span!("job", kind, id = job.id, prompt = job.prompt_id, iteration = job.iteration_id);
+            let span = tracing::info_span!(
+                "job",
+                kind = kind.as_str(),
+                id = job.id,
+                prompt = job.prompt_id,
+                iteration = job.iteration_id
+            );
             let r = async {
-                if kind == "sample" {
+                if kind == JobKind::Sample {
                     rlaif::run_sample_job(&d.pool, &d.engine, &cfg.loop_, &job, &d.owner).await
                 } else {
                     rlaif::run_label_job(&d.pool, &d.engine, &cfg.loop_, &job, &d.owner).await
@@ -61,13 +66,13 @@ async fn trainer_step(d: &Arc<Daemon>, cfg: &Config) -> Result<bool> {
         info!(iteration = it.number, policy = it.policy_id, "iteration started");
         return Ok(true);
     };
-    match it.stage.as_str() {
-        "sampling" => match rlaif::advance_sampling(pool, &cfg.loop_, &it).await? {
+    match it.stage {
+        Stage::Sampling => match rlaif::advance_sampling(pool, &cfg.loop_, &it).await? {
             SamplingStep::Open => Ok(false),
             SamplingStep::MorePrompts => Ok(true),
             SamplingStep::Training => Ok(true),
         },
-        "training" => {
+        Stage::Training => {
             let span = tracing::info_span!("train", iteration = it.number);
             let n = it.number;
             let r = rlaif::train_or_fail(pool, &d.engine, &cfg.loop_, &it, move |s, t, loss| {
@@ -126,7 +131,7 @@ async fn checkpointer_step(d: &Arc<Daemon>, cfg: &Config) -> Result<bool> {
         return Ok(false);
     }
     let Some(it) = store::open_iteration(pool).await? else { return Ok(false) };
-    if it.stage != "evaluating" {
+    if it.stage != Stage::Evaluating {
         return Ok(false);
     }
     let span = tracing::info_span!("gate", iteration = it.number, candidate = it.candidate_id);

@@ -64,11 +64,11 @@ impl LoopActor {
         let span = tracing::info_span!("actor", role = role.name());
         let fut = async move {
             if reclaim {
-                let kind = if role == Role::Sampler { "sample" } else { "label" };
+                let kind = if role == Role::Sampler { store::JobKind::Sample } else { store::JobKind::Label };
                 if matches!(role, Role::Sampler | Role::Labeler) {
                     let n = store::release_kind_leases(&d.pool, &d.owner, kind).await?;
                     if n > 0 {
-                        info!(jobs = n, kind, "returned jobs left leased by the failed attempt");
+                        info!(jobs = n, kind = kind.as_str(), "returned jobs left leased by the failed attempt");
                     }
                 }
             }

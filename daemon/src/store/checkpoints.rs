@@ -3,6 +3,7 @@
 
 use super::events::event;
 use super::iterations::IterationRow;
+use super::kinds::{CheckpointKind, CheckpointStatus};
 use anyhow::{bail, Context, Result};
 use sqlx::{PgPool, Postgres, Transaction};
 
@@ -11,10 +12,10 @@ pub struct CheckpointRow {
     pub id: i64,
     pub parent_id: Option<i64>,
     pub iteration: i32,
-    pub kind: String,
+    pub kind: CheckpointKind,
     pub path: String,
     pub sha256: Option<String>,
-    pub status: String,
+    pub status: CheckpointStatus,
     pub metrics: Option<serde_json::Value>,
 }
 
@@ -61,7 +62,7 @@ pub async fn ensure_base(pool: &PgPool, path: &str, metrics: Option<&serde_json:
             let any_promoted: Option<i64> = sqlx::query_scalar("SELECT id FROM checkpoints WHERE status = 'promoted'")
                 .fetch_optional(&mut *tx)
                 .await?;
-            let status = if any_promoted.is_some() { "retired" } else { "promoted" };
+            let status = if any_promoted.is_some() { CheckpointStatus::Retired } else { CheckpointStatus::Promoted };
             let r: CheckpointRow = sqlx::query_as(&format!(
                 "INSERT INTO checkpoints (parent_id, iteration, kind, path, status, metrics, decided_at) VALUES (NULL, 0, 'base', $1, $2, $3, now()) RETURNING {CHECKPOINT_COLS}"
             ))
@@ -180,10 +181,11 @@ async fn decide_in(
     reason: &str,
     actor: &str,
 ) -> Result<()> {
-    let status: Option<String> = sqlx::query_scalar("SELECT status FROM checkpoints WHERE id = $1 FOR UPDATE")
-        .bind(id)
-        .fetch_optional(&mut **tx)
-        .await?;
+    let status: Option<CheckpointStatus> =
+        sqlx::query_scalar("SELECT status FROM checkpoints WHERE id = $1 FOR UPDATE")
+            .bind(id)
+            .fetch_optional(&mut **tx)
+            .await?;
     let Some(status) = status else { bail!("checkpoint {id} does not exist") };
     if promote {
         sqlx::query("UPDATE checkpoints SET status = 'retired' WHERE status = 'promoted' AND id <> $1")
@@ -191,12 +193,10 @@ async fn decide_in(
             .execute(&mut **tx)
             .await?;
     }
-    let new_status = if promote {
-        "promoted"
-    } else if status == "candidate" {
-        "rejected"
-    } else {
-        status.as_str()
+    let new_status = match (promote, status) {
+        (true, _) => CheckpointStatus::Promoted,
+        (false, CheckpointStatus::Candidate) => CheckpointStatus::Rejected,
+        (false, other) => other,
     };
     sqlx::query("UPDATE checkpoints SET status = $2, metrics = $3, decided_at = now() WHERE id = $1")
         .bind(id)

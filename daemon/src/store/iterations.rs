@@ -1,6 +1,7 @@
 //! Iterations: started from the promoted checkpoint, moved through their stages.
 
 use super::events::event;
+use super::kinds::Stage;
 use anyhow::{Context, Result};
 use sqlx::PgPool;
 
@@ -10,7 +11,7 @@ pub struct IterationRow {
     pub number: i32,
     pub policy_id: i64,
     pub reference_id: i64,
-    pub stage: String,
+    pub stage: Stage,
     pub candidate_id: Option<i64>,
     pub config: serde_json::Value,
 }
@@ -109,8 +110,8 @@ pub async fn add_sample_jobs(pool: &PgPool, iteration_id: i64, prompt_ids: &[i64
     Ok(())
 }
 
-pub async fn set_stage(pool: &PgPool, iteration_id: i64, stage: &str) -> Result<()> {
-    let done = matches!(stage, "done" | "failed");
+pub async fn set_stage(pool: &PgPool, iteration_id: i64, stage: Stage) -> Result<()> {
+    let done = matches!(stage, Stage::Done | Stage::Failed);
     sqlx::query(
         "UPDATE iterations SET stage = $2, finished_at = CASE WHEN $3 THEN now() ELSE finished_at END WHERE id = $1",
     )

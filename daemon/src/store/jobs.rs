@@ -1,6 +1,7 @@
 //! Leased jobs: claimed with FOR UPDATE SKIP LOCKED, held by a lease, released or failed.
 
 use super::events::event;
+use super::kinds::JobKind;
 use anyhow::{Context, Result};
 use sqlx::{PgPool, Postgres, Row, Transaction};
 
@@ -8,14 +9,14 @@ use sqlx::{PgPool, Postgres, Row, Transaction};
 pub struct Job {
     pub id: i64,
     pub iteration_id: i64,
-    pub kind: String,
+    pub kind: JobKind,
     pub prompt_id: i64,
     pub attempts: i32,
 }
 
 /// Claims up to `limit` open jobs of `kind` (pending, or running with an expired lease) for `owner` for
 /// `lease_s` seconds. Concurrent claimers never get the same job (FOR UPDATE SKIP LOCKED).
-pub async fn claim_jobs(pool: &PgPool, kind: &str, owner: &str, limit: i64, lease_s: f64) -> Result<Vec<Job>> {
+pub async fn claim_jobs(pool: &PgPool, kind: JobKind, owner: &str, limit: i64, lease_s: f64) -> Result<Vec<Job>> {
     Ok(sqlx::query_as(
         "UPDATE jobs SET status = 'running', lease_owner = $2, lease_until = now() + make_interval(secs => $4), attempts = attempts + 1
          WHERE id IN (SELECT id FROM jobs WHERE kind = $1 AND (status = 'pending' OR (status = 'running' AND lease_until < now()))
@@ -55,7 +56,7 @@ pub async fn release_leases(pool: &PgPool, owner: &str) -> Result<u64> {
 
 /// Returns `owner`'s running jobs of `kind` to the queue: an actor restarted after an error calls this for its
 /// own kind (it held at most the job whose failure could not be recorded). Returns how many were released.
-pub async fn release_kind_leases(pool: &PgPool, owner: &str, kind: &str) -> Result<u64> {
+pub async fn release_kind_leases(pool: &PgPool, owner: &str, kind: JobKind) -> Result<u64> {
     let n = sqlx::query("UPDATE jobs SET status = 'pending', lease_owner = NULL, lease_until = NULL WHERE status = 'running' AND lease_owner = $1 AND kind = $2")
         .bind(owner)
         .bind(kind)
@@ -77,7 +78,7 @@ pub async fn fail_job(pool: &PgPool, job: &Job, error: &str, max_attempts: i32) 
         .bind(error)
         .execute(pool)
         .await?;
-    event(pool, "job_failed", &job.kind, serde_json::json!({ "job": job.id, "prompt": job.prompt_id, "attempt": job.attempts, "error": error, "requeued": status == "pending" })).await
+    event(pool, "job_failed", job.kind.as_str(), serde_json::json!({ "job": job.id, "prompt": job.prompt_id, "attempt": job.attempts, "error": error, "requeued": status == "pending" })).await
 }
 
 /// (pending or running, done, failed) jobs of an iteration.

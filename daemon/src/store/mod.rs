@@ -12,6 +12,7 @@ pub mod events;
 pub mod feedback;
 pub mod iterations;
 pub mod jobs;
+pub mod kinds;
 pub mod prompts;
 
 pub use checkpoints::*;
@@ -20,4 +21,5 @@ pub use events::*;
 pub use feedback::*;
 pub use iterations::*;
 pub use jobs::*;
+pub use kinds::{CheckpointKind, CheckpointStatus, JobKind, Stage};
 pub use prompts::*;
