@@ -6,7 +6,7 @@
 //!
 //! The CUDA backend runs the decoder on the GPU (`cuda_llama::GpuLlama`, weights uploaded once as fp16, the
 //! prompt prefilled once and the n answers decoded together against it, LoRA applied unmerged from
-//! `cuda_train::GpuLora::for_inference`). The vision tower and projector run on the device too
+//! `cuda_lora::GpuLora::for_inference`). The vision tower and projector run on the device too
 //! (`cuda_clip::GpuVision`, with an adapter's LoRA and replaced linear layers there: `cuda_clip::GpuVisionAdapter`); the
 //! features are spliced into the prompt's embedding rows on the host and uploaded (`cuda_llama::Input::Embeds`).
 //! Sampling is on the host, as
@@ -24,7 +24,7 @@
 use crate::adapter::Adapter;
 use crate::cuda::Gpu;
 use crate::cuda_llama::{GpuLlama, Input};
-use crate::cuda_train::GpuLora;
+use crate::cuda_lora::GpuLora;
 use crate::error::{EngineError, Result};
 use crate::generate::{Answer, GenerateRequest, GenerateStats};
 use crate::llava::Model;

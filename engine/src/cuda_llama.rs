@@ -17,7 +17,7 @@
 
 use crate::config::LlamaConfig;
 use crate::cuda::{derr, err, Gpu};
-use crate::cuda_train::GpuLora;
+use crate::cuda_lora::GpuLora;
 use crate::error::Result;
 use crate::generate::{Answer, FinishReason, GenerateStats};
 use crate::ops::Rope;

@@ -13,6 +13,7 @@ pub mod config;
 pub mod cuda;
 pub mod cuda_clip;
 pub mod cuda_llama;
+pub mod cuda_lora;
 pub mod cuda_train;
 pub mod error;
 pub mod failpoint;
