@@ -22,7 +22,7 @@ macro_rules! text_enum {
 
         impl std::fmt::Display for $name {
             fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str(self.as_str())
+                f.pad(self.as_str())
             }
         }
     };
@@ -73,5 +73,6 @@ mod tests {
         }
         assert_eq!(serde_json::to_value(Stage::Evaluating).unwrap(), "evaluating");
         assert_eq!(JobKind::Label.to_string(), "label");
+        assert_eq!(format!("{:<10}|", CheckpointStatus::Retired), "retired   |", "width and alignment apply (the demo's table)");
     }
 }
