@@ -73,6 +73,10 @@ mod tests {
         }
         assert_eq!(serde_json::to_value(Stage::Evaluating).unwrap(), "evaluating");
         assert_eq!(JobKind::Label.to_string(), "label");
-        assert_eq!(format!("{:<10}|", CheckpointStatus::Retired), "retired   |", "width and alignment apply (the demo's table)");
+        assert_eq!(
+            format!("{:<10}|", CheckpointStatus::Retired),
+            "retired   |",
+            "width and alignment apply (the demo's table)"
+        );
     }
 }
