@@ -78,22 +78,22 @@ pub struct GpuKvCache {
 }
 
 /// Every buffer one forward pass over `rows` rows needs, allocated once (a captured graph refers to them).
-struct Scratch {
-    rows: usize,
-    x: CudaSlice<f16>,
-    h: CudaSlice<f16>,
-    qkv: CudaSlice<f16>,
-    att: CudaSlice<f16>,
-    tmp: CudaSlice<f16>,
-    gu: CudaSlice<f16>,
-    act: CudaSlice<f16>,
-    logits: CudaSlice<f16>,
-    ids: CudaSlice<i32>,
-    pos: CudaSlice<i32>,
-    flag: CudaSlice<i32>,
-    part: CudaSlice<f32>,
+pub(crate) struct Scratch {
+    pub(crate) rows: usize,
+    pub(crate) x: CudaSlice<f16>,
+    pub(crate) h: CudaSlice<f16>,
+    pub(crate) qkv: CudaSlice<f16>,
+    pub(crate) att: CudaSlice<f16>,
+    pub(crate) tmp: CudaSlice<f16>,
+    pub(crate) gu: CudaSlice<f16>,
+    pub(crate) act: CudaSlice<f16>,
+    pub(crate) logits: CudaSlice<f16>,
+    pub(crate) ids: CudaSlice<i32>,
+    pub(crate) pos: CudaSlice<i32>,
+    pub(crate) flag: CudaSlice<i32>,
+    pub(crate) part: CudaSlice<f32>,
     /// x A^T of the LoRA module being applied (rows, r).
-    lt: CudaSlice<f16>,
+    pub(crate) lt: CudaSlice<f16>,
 }
 
 /// What a forward pass starts from.
@@ -456,7 +456,14 @@ impl GpuLlama {
         Ok(GpuSuffixCache { k, v, lens: gpu.stream.alloc_zeros::<i32>(bsz).map_err(derr)?, bsz, len: 0, capacity })
     }
 
-    fn scratch(&self, gpu: &Gpu, rows: usize, logit_rows: usize, part_len: usize, lora_r: usize) -> Result<Scratch> {
+    pub(crate) fn scratch(
+        &self,
+        gpu: &Gpu,
+        rows: usize,
+        logit_rows: usize,
+        part_len: usize,
+        lora_r: usize,
+    ) -> Result<Scratch> {
         let cfg = &self.cfg;
         let (c, h, kvh, hd, i) =
             (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size);
@@ -1092,7 +1099,7 @@ fn pick_fused(
 /// out: in one launch with `split` warps per row (`gemv_add_rmsnorm_m1_f16`), or (None) the projection as
 /// `matmul_dev` runs it, then `add_rmsnorm_f16`. The tuner's and the per-op breakdown's unit of work.
 #[allow(clippy::too_many_arguments)]
-fn proj_add_rmsnorm_m1(
+pub(crate) fn proj_add_rmsnorm_m1(
     gpu: &Gpu,
     out: &mut CudaSlice<f16>,
     h: &mut CudaSlice<f16>,
@@ -1133,418 +1140,4 @@ pub fn load_dir(gpu: &Gpu, dir: &std::path::Path, max_positions: usize) -> Resul
     let text = config.text();
     let lm_head = if text.tie_word_embeddings { None } else { Some(layout.lm_head.as_str()) };
     GpuLlama::load(gpu, &ws, &layout.text, lm_head, text, max_positions)
-}
-
-/// What `bench` measured.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct BenchReport {
-    pub device: String,
-    pub prompt_tokens: usize,
-    pub prefill_ms: Vec<f64>,
-    /// The prefill with the scalar attention kernel instead of the tensor-core one (`Gpu::mma_attention` off).
-    pub prefill_ms_scalar_attention: Vec<f64>,
-    pub decode_tokens: usize,
-    /// Batch-1 greedy decode: the GEMV kernel, each step replayed as a CUDA graph (the default path).
-    pub decode_tokens_per_s: Vec<f64>,
-    /// The same with the argmax on the device (`decode_step_greedy`): one id copied back per step, not the logits.
-    pub decode_tokens_per_s_device_argmax: Vec<f64>,
-    /// The same launching every kernel each step (no graph).
-    pub decode_tokens_per_s_no_graph: Vec<f64>,
-    /// The same with every linear layer through cuBLASLt (graph).
-    pub decode_tokens_per_s_cublaslt: Vec<f64>,
-    /// The default path without the fused kernels (RoPE + cache store, SwiGLU in the gate/up GEMV, the residual add
-    /// and RMSNorm in the o and down GEMVs).
-    pub decode_tokens_per_s_unfused: Vec<f64>,
-    /// What the model measured at load to pick each batch-1 projection's kernel (`GpuLlama::tune_decode`).
-    pub gemv_tuning: Vec<String>,
-    /// n answers sampled together (temperature 0.7) after one shared prefill: n * decode_tokens over the whole
-    /// time, prefill included (as transformers' generate with num_return_sequences = n is timed).
-    pub n: usize,
-    pub n_sampling_tokens_per_s: Vec<f64>,
-    /// Device-to-device copy bandwidth, GB/s (bytes read + written per second).
-    pub copy_gb_per_s: f64,
-    pub weight_bytes: u64,
-    /// Decode tokens/s if every step only streamed the weights at `copy_gb_per_s`.
-    pub roofline_tokens_per_s: f64,
-    /// Microseconds per call of each piece of a decode step (GPU time of 50 back-to-back launches, or host time),
-    /// at batch 1 and batch n: where a step's time goes.
-    pub ops_us: Vec<(String, f64)>,
-}
-
-/// Decode and prefill speed of a random-weight decoder of `cfg`'s shape: `reps` times (after one warm-up), a
-/// prefill of `prompt` tokens then `decode` greedy steps at batch 1 (each copying its logits row to the host, as
-/// sampling with a temperature does) with graph replay, with the argmax on the device instead, without graph
-/// replay, through cuBLASLt and without the fused kernels; then `n` sampled answers sharing the prefill;
-/// plus the device's copy bandwidth for the roofline and a per-op breakdown.
-pub fn bench(gpu: &Gpu, cfg: &LlamaConfig, prompt: usize, decode: usize, reps: usize, n: usize) -> Result<BenchReport> {
-    use std::sync::atomic::Ordering;
-    let model = GpuLlama::random(gpu, cfg, prompt + decode + 1, 1)?;
-    let sync = || gpu.stream.synchronize().map_err(derr);
-    // Copy bandwidth: 1 GiB buffers, a warm-up copy, then 5 timed copies.
-    let len = 1usize << 29;
-    let src = gpu.stream.alloc_zeros::<f16>(len).map_err(derr)?;
-    let mut dst = gpu.stream.alloc_zeros::<f16>(len).map_err(derr)?;
-    gpu.stream.memcpy_dtod(&src, &mut dst).map_err(derr)?;
-    sync()?;
-    let t = std::time::Instant::now();
-    for _ in 0..5 {
-        gpu.stream.memcpy_dtod(&src, &mut dst).map_err(derr)?;
-    }
-    sync()?;
-    let copy_gb_per_s = 5.0 * 2.0 * (len * 2) as f64 / t.elapsed().as_secs_f64() / 1e9;
-    drop((src, dst));
-    let ids: Vec<u32> = (0..prompt).map(|i| (1 + i * 7919 % (cfg.vocab_size - 1)) as u32).collect();
-    let (mut prefill_ms, mut tps, mut tps_plain, mut tps_blas, mut tps_n, mut tps_unfused) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let (mut prefill_scalar, mut tps_device) = (Vec::new(), Vec::new());
-    let mma_default = gpu.mma_attention.load(Ordering::Relaxed);
-    // A prefill alone with the scalar attention kernel (ms).
-    let prefill_without_mma = || -> Result<f64> {
-        gpu.mma_attention.store(false, Ordering::Relaxed);
-        let r = (|| {
-            sync()?;
-            let t = std::time::Instant::now();
-            let _ = model.start_decode(gpu, &ids, 1, 1)?;
-            sync()?;
-            Ok(t.elapsed().as_secs_f64() * 1e3)
-        })();
-        gpu.mma_attention.store(mma_default, Ordering::Relaxed);
-        r
-    };
-    // Greedy batch-1 decoding; returns tokens/s of the decode steps (prefill excluded) and the prefill time.
-    let greedy = |graph: bool| -> Result<(f64, f64)> {
-        sync()?;
-        let t = std::time::Instant::now();
-        let (mut sess, mut logits) = model.start_decode(gpu, &ids, 1, decode)?;
-        let pf = t.elapsed().as_secs_f64() * 1e3;
-        sess.use_graph = graph;
-        let t = std::time::Instant::now();
-        for _ in 0..decode {
-            let tok = crate::sampling::argmax(&logits);
-            logits = model.decode_step(gpu, &mut sess, &[tok])?;
-        }
-        if let Some(e) = &sess.graph_error {
-            eprintln!("bench: {e}");
-        }
-        Ok((decode as f64 / t.elapsed().as_secs_f64(), pf))
-    };
-    // The same with the argmax on the device (`decode_step_greedy`, what sampling at temperature 0 does): only
-    // the pick comes back each step.
-    let greedy_device = || -> Result<f64> {
-        sync()?;
-        let (mut sess, logits) = model.start_decode(gpu, &ids, 1, decode)?;
-        let first = [crate::sampling::argmax(&logits)];
-        let t = std::time::Instant::now();
-        for step in 0..decode {
-            model.decode_step_greedy(gpu, &mut sess, if step == 0 { Some(&first) } else { None }, None)?;
-        }
-        Ok(decode as f64 / t.elapsed().as_secs_f64())
-    };
-    let params = crate::sampling::SamplingParams { temperature: 0.7, max_new_tokens: decode, ..Default::default() };
-    let seeds: Vec<u64> = (0..n as u64).collect();
-    for rep in 0..reps.max(1) + 1 {
-        let (fast, pf) = greedy(true)?;
-        let on_device = greedy_device()?;
-        let (plain, _) = greedy(false)?;
-        gpu.gemv.store(false, Ordering::Relaxed);
-        let blas = greedy(true);
-        gpu.gemv.store(true, Ordering::Relaxed);
-        let (blas, _) = blas?;
-        gpu.fuse.store(false, Ordering::Relaxed);
-        let unfused = greedy(true);
-        gpu.fuse.store(true, Ordering::Relaxed);
-        let (unfused, _) = unfused?;
-        let pf_scalar = prefill_without_mma()?;
-        sync()?;
-        let t = std::time::Instant::now();
-        let answers = model.generate_n(gpu, &ids, &seeds, &params, &[])?;
-        let tokens: usize = answers.iter().map(|a| a.len()).sum();
-        let secs = t.elapsed().as_secs_f64();
-        // The first repetition warms up (module loading, allocator, cuBLASLt heuristics) and is dropped.
-        if rep > 0 {
-            prefill_ms.push(pf);
-            prefill_scalar.push(pf_scalar);
-            tps.push(fast);
-            tps_device.push(on_device);
-            tps_plain.push(plain);
-            tps_blas.push(blas);
-            tps_unfused.push(unfused);
-            tps_n.push(tokens as f64 / secs);
-        }
-    }
-    let ops_us = op_breakdown(gpu, &model, prompt + decode, n)?;
-    let weight_bytes = model.weight_bytes();
-    Ok(BenchReport {
-        device: gpu.name.clone(),
-        prompt_tokens: prompt,
-        prefill_ms,
-        prefill_ms_scalar_attention: prefill_scalar,
-        decode_tokens: decode,
-        decode_tokens_per_s: tps,
-        decode_tokens_per_s_device_argmax: tps_device,
-        decode_tokens_per_s_no_graph: tps_plain,
-        decode_tokens_per_s_cublaslt: tps_blas,
-        decode_tokens_per_s_unfused: tps_unfused,
-        gemv_tuning: model.gemv_tuning.clone(),
-        n,
-        n_sampling_tokens_per_s: tps_n,
-        copy_gb_per_s,
-        weight_bytes,
-        roofline_tokens_per_s: copy_gb_per_s * 1e9 / weight_bytes as f64,
-        ops_us,
-    })
-}
-
-/// GPU time per call of each op of one decoder layer (and the head, and host sampling) at batch 1 and `n`.
-fn op_breakdown(gpu: &Gpu, model: &GpuLlama, keys: usize, n: usize) -> Result<Vec<(String, f64)>> {
-    use std::sync::atomic::Ordering;
-    let cfg = &model.cfg;
-    let (c, h, kvh, hd, inter, vocab) = (
-        cfg.hidden_size,
-        cfg.num_attention_heads,
-        cfg.num_key_value_heads,
-        cfg.head_dim,
-        cfg.intermediate_size,
-        cfg.vocab_size,
-    );
-    let nqkv = (h + 2 * kvh) * hd;
-    let l = &model.layers[0];
-    let mut out = Vec::new();
-    let time = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
-        f()?;
-        gpu.stream.synchronize().map_err(derr)?;
-        let t = std::time::Instant::now();
-        for _ in 0..50 {
-            f()?;
-        }
-        gpu.stream.synchronize().map_err(derr)?;
-        Ok(t.elapsed().as_secs_f64() * 1e6 / 50.0)
-    };
-    for m in [1usize, n] {
-        let mut s = model.scratch(gpu, m, m, gpu.decode_part_len(keys, m, h, hd), 1)?;
-        let kc = gpu.stream.alloc_zeros::<f16>(m * keys * kvh * hd).map_err(derr)?;
-        let lens = gpu.stream.clone_htod(&vec![1i32; m]).map_err(derr)?;
-        for (name, w, k, nn) in [
-            ("qkv", &l.qkv, c, nqkv),
-            ("o", &l.o, h * hd, c),
-            ("gate_up", &l.gate_up, c, 2 * inter),
-            ("down", &l.down, inter, c),
-            ("lm_head", model.head(), c, vocab),
-        ] {
-            let x = gpu.stream.alloc_zeros::<f16>(m * k).map_err(derr)?;
-            let mut y = gpu.stream.alloc_zeros::<f16>(m * nn).map_err(derr)?;
-            if m == 1 {
-                let pick = gpu.gemv_choice(k, nn).unwrap_or(crate::cuda::GemvChoice::Gemv(1));
-                let us = time(&mut || gpu.matmul_dev(&x, w, &mut y, m, k, nn))?;
-                out.push((format!("{pick} {name} m{m} ({:.0} GB/s)", (nn * k * 2) as f64 / us / 1e3), us));
-            }
-            gpu.gemv.store(false, Ordering::Relaxed);
-            let us = time(&mut || gpu.matmul_dev(&x, w, &mut y, m, k, nn));
-            gpu.gemv.store(true, Ordering::Relaxed);
-            let us = us?;
-            out.push((format!("cublaslt {name} m{m} ({:.0} GB/s)", (nn * k * 2) as f64 / us / 1e3), us));
-        }
-        let Scratch { h: hb, x, tmp, qkv, att, gu, act, pos, part, .. } = &mut s;
-        out.push((format!("add_rmsnorm m{m}"), time(&mut || gpu.add_rmsnorm_dev(hb, x, tmp, &l.post_norm, m, 1e-5))?));
-        out.push((
-            format!("rope q+k m{m}"),
-            time(&mut || gpu.rope_strided_dev(qkv, pos, &model.cos, &model.sin, m, h + kvh, hd, nqkv))?,
-        ));
-        let (mut kc2, mut vc2) = (kc.clone(), kc.clone());
-        out.push((
-            format!("kv_store m{m}"),
-            time(&mut || {
-                gpu.kv_store_dev(
-                    &mut kc2,
-                    &mut vc2,
-                    qkv,
-                    m,
-                    kvh * hd,
-                    nqkv,
-                    h * hd,
-                    (h + kvh) * hd,
-                    keys * kvh * hd,
-                    Some(&lens),
-                    0,
-                )
-            })?,
-        ));
-        let (chunk, nsplit) = gpu.decode_split(keys, m, h);
-        let per_sm = gpu.decode_blocks_per_sm.load(Ordering::Relaxed);
-        out.push((
-            format!("attn_decode {keys} keys m{m} ({nsplit} chunks of {chunk}: {per_sm} blocks per SM)"),
-            time(&mut || {
-                gpu.attention_decode_dev(
-                    att,
-                    qkv,
-                    nqkv,
-                    &kc,
-                    &kc,
-                    keys - 1,
-                    &kc,
-                    &kc,
-                    &lens,
-                    0,
-                    m,
-                    keys,
-                    h,
-                    kvh,
-                    hd,
-                    part,
-                    None,
-                )
-            })?,
-        ));
-        // The same split into chunks for 16 blocks per SM (more than fit at once where the kernel's occupancy is
-        // lower), with a workspace of its own.
-        gpu.decode_blocks_per_sm.store(16, Ordering::Relaxed);
-        let (chunk16, nsplit16) = gpu.decode_split(keys, m, h);
-        let us =
-            gpu.stream.alloc_zeros::<f32>(gpu.decode_part_len(keys, m, h, hd)).map_err(derr).and_then(|mut part16| {
-                time(&mut || {
-                    gpu.attention_decode_dev(
-                        att,
-                        qkv,
-                        nqkv,
-                        &kc,
-                        &kc,
-                        keys - 1,
-                        &kc,
-                        &kc,
-                        &lens,
-                        0,
-                        m,
-                        keys,
-                        h,
-                        kvh,
-                        hd,
-                        &mut part16,
-                        None,
-                    )
-                })
-            });
-        gpu.decode_blocks_per_sm.store(per_sm, Ordering::Relaxed);
-        out.push((format!("attn_decode {keys} keys m{m} ({nsplit16} chunks of {chunk16}: 16 blocks per SM)"), us?));
-        // The same with the chunks merged by a second launch (attn_decode_combine_f16), as without the fused kernels.
-        gpu.fuse.store(false, Ordering::Relaxed);
-        let us = time(&mut || {
-            gpu.attention_decode_dev(
-                att,
-                qkv,
-                nqkv,
-                &kc,
-                &kc,
-                keys - 1,
-                &kc,
-                &kc,
-                &lens,
-                0,
-                m,
-                keys,
-                h,
-                kvh,
-                hd,
-                part,
-                None,
-            )
-        });
-        gpu.fuse.store(true, Ordering::Relaxed);
-        out.push((format!("attn_decode {keys} keys m{m}, merged by a 2nd launch"), us?));
-        out.push((format!("swiglu m{m}"), time(&mut || gpu.swiglu_fused_dev(act, gu, m, inter))?));
-        out.push((
-            format!("fused rope + kv_store m{m}"),
-            time(&mut || {
-                gpu.rope_kv_store_dev(
-                    qkv,
-                    &mut kc2,
-                    &mut vc2,
-                    pos,
-                    &model.cos,
-                    &model.sin,
-                    m,
-                    h,
-                    kvh,
-                    hd,
-                    nqkv,
-                    keys * kvh * hd,
-                    Some(&lens),
-                    0,
-                )
-            })?,
-        ));
-        if m == 1 {
-            // q/k/v with RoPE and the cache store in one launch, as the tuner kept it (or one warp per feature).
-            let split = model.qkv_split.unwrap_or(1);
-            let (mut kc3, mut vc3) = (kc.clone(), kc.clone());
-            let us = time(&mut || {
-                gpu.gemv_qkv_rope_dev(
-                    qkv,
-                    &mut kc3,
-                    &mut vc3,
-                    hb,
-                    &l.qkv,
-                    c,
-                    h,
-                    kvh,
-                    hd,
-                    split,
-                    pos,
-                    &model.cos,
-                    &model.sin,
-                    keys * kvh * hd,
-                    Some(&lens),
-                    0,
-                )
-            })?;
-            out.push((format!("qkv gemv/{split} + RoPE + cache store, one launch m1"), us));
-            // The o and down projections with the residual add + RMSNorm in one launch, as the tuner kept them (or
-            // with one warp per row where it kept the pair), against that pair.
-            for (which, name, w, k) in [(0usize, "o", &l.o, h * hd), (1, "down", &l.down, inter)] {
-                let split = model.norm_split[which].unwrap_or(1);
-                let xin = gpu.stream.alloc_zeros::<f16>(k).map_err(derr)?;
-                let mut t = gpu.stream.alloc_zeros::<f16>(c).map_err(derr)?;
-                let us = time(&mut || {
-                    proj_add_rmsnorm_m1(gpu, hb, x, &mut t, &l.post_norm, &xin, w, k, c, Some(split), 1e-5)
-                })?;
-                out.push((format!("{name} gemv/{split} + add + RMSNorm, one launch m1"), us));
-                let us =
-                    time(&mut || proj_add_rmsnorm_m1(gpu, hb, x, &mut t, &l.post_norm, &xin, w, k, c, None, 1e-5))?;
-                out.push((format!("{name} projection, then add_rmsnorm m1"), us));
-            }
-            let split = model.swiglu_split.unwrap_or(1);
-            let us = time(&mut || gpu.gemv_swiglu_dev(hb, &l.gate_up, act, c, inter, split))?;
-            out.push((
-                format!(
-                    "gate_up gemv/{split} + swiglu epilogue m1 ({:.0} GB/s)",
-                    (2 * inter * c * 2) as f64 / us / 1e3
-                ),
-                us,
-            ));
-        }
-        // Host: sampling m rows of the vocabulary in parallel (temperature 0.7), as generate_n does.
-        let params = crate::sampling::SamplingParams { temperature: 0.7, ..Default::default() };
-        let mut rng = crate::rng::SplitMix64::new(3);
-        let rows: Vec<Vec<f32>> = (0..m).map(|_| (0..vocab).map(|_| rng.next_f64() as f32 * 10.0).collect()).collect();
-        let t = std::time::Instant::now();
-        for _ in 0..10 {
-            use rayon::prelude::*;
-            let _: Vec<u32> = rows
-                .par_iter()
-                .enumerate()
-                .map(|(i, r)| {
-                    crate::sampling::sample_fast(
-                        &mut r.clone(),
-                        &[],
-                        &params,
-                        &mut crate::rng::SplitMix64::new(i as u64),
-                    )
-                })
-                .collect();
-        }
-        out.push((format!("host sample m{m} rows"), t.elapsed().as_secs_f64() * 1e6 / 10.0));
-        if n == 1 {
-            break;
-        }
-    }
-    Ok(out)
 }

@@ -11,6 +11,7 @@ pub mod backend;
 pub mod clip;
 pub mod config;
 pub mod cuda;
+pub mod cuda_bench;
 pub mod cuda_clip;
 pub mod cuda_llama;
 pub mod cuda_lora;

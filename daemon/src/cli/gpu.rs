@@ -35,7 +35,7 @@ pub fn cmd_bench_gpu(shape: &str, prompt: usize, decode: usize, reps: usize, n: 
         Ok(g) => g,
         Err(why) => bail!("no GPU: {why}"),
     };
-    let r = engine::cuda_llama::bench(&gpu, &cfg, prompt, decode, reps, n)?;
+    let r = engine::cuda_bench::bench_decode(&gpu, &cfg, prompt, decode, reps, n)?;
     let tps = median(&r.decode_tokens_per_s);
     println!(
         "{}: {shape} decoder, batch 1: prefill {} tokens {:.1} ms (median of {}), decode {:.1} tokens/s (median), copy bandwidth {:.0} GB/s, weights {:.2} GB, roofline {:.1} tokens/s, {:.1} % of it",
@@ -134,7 +134,7 @@ pub fn cmd_bench_gpu_train(
         Ok(g) => g,
         Err(why) => bail!("no GPU: {why}"),
     };
-    let r = engine::cuda_train::bench(&gpu, &cfg, seq, answer, rank, reps, warmup)?;
+    let r = engine::cuda_bench::bench_train(&gpu, &cfg, seq, answer, rank, reps, warmup)?;
     let ms = median(&r.dpo_step_ms);
     println!(
         "{}: {shape} decoder, LoRA r={rank} on every linear layer ({} trainable parameters), sequences of {seq} tokens: DPO step {ms:.1} ms ({:.2} pairs/s, median of {}), peak memory {:.1} GB; SFT {:.0} tokens/s; {} overflow steps skipped",
@@ -163,7 +163,7 @@ pub fn cmd_bench_gpu_train(
     println!("{}", serde_json::to_string(&r)?);
     // Training the image path too: what its passes add per image (one image per DPO pair).
     let (vision, layers) = engine::cuda_clip::bench_shape(shape == "tiny");
-    let img = engine::cuda_train::bench_image_path(&gpu, &vision, layers, cfg.hidden_size, rank, reps, warmup)?;
+    let img = engine::cuda_bench::bench_image_path(&gpu, &vision, layers, cfg.hidden_size, rank, reps, warmup)?;
     println!(
         "image path trained too (LoRA r={rank} on every linear layer of a {layers}-layer tower of width {} and the projector): forward + backward {:.1} ms per image (median of {})",
         vision.hidden_size,
