@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::daemon::{b64, bin, counts, png, shapes_png, Daemon};
+use common::daemon::{bin, chat_request as chat, counts, png, shapes_png, Daemon};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -19,18 +19,22 @@ fn scratch(tag: &str) -> PathBuf {
     dir
 }
 
-/// A chat request: one user message with `text`, an optional image data URL, and extra fields.
-fn chat(text: &str, image: Option<(&str, &[u8])>, extra: Value) -> Vec<u8> {
-    let mut content = vec![json!({ "type": "text", "text": text })];
-    if let Some((mime, bytes)) = image {
-        content
-            .push(json!({ "type": "image_url", "image_url": { "url": format!("data:{mime};base64,{}", b64(bytes)) } }));
+/// A fresh database and scratch folder for one test; `done` stops the daemon and removes both.
+struct Case {
+    db: common::TestDb,
+    dir: PathBuf,
+}
+
+impl Case {
+    async fn new(tag: &str) -> Case {
+        Case { db: common::fresh(tag).await, dir: scratch(tag) }
     }
-    let mut v = json!({ "model": "rlaifd", "messages": [{ "role": "user", "content": content }] });
-    for (k, x) in extra.as_object().unwrap() {
-        v[k] = x.clone();
+
+    async fn done(self, d: Daemon) {
+        drop(d);
+        self.db.drop_db().await;
+        std::fs::remove_dir_all(&self.dir).ok();
     }
-    v.to_string().into_bytes()
 }
 
 fn error_message(body: &str) -> String {
@@ -55,8 +59,8 @@ fn ctl_within(socket: &Path, line: &[u8], within: Duration) -> Result<Value, Str
 /// stays flat. A prompt that fits without max_tokens gets the room the context leaves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prompt_beyond_the_context_is_refused_before_model_work_and_memory_stays_flat() {
-    let db = common::fresh("long").await;
-    let dir = scratch("long");
+    let case = Case::new("long").await;
+    let (db, dir) = (&case.db, case.dir.clone());
     let mut d = Daemon::start_with(&dir, &db.url, "", &[("RLAIFD__SERVER__MAX_BODY_BYTES", "8388608")]);
     let img = shapes_png(&dir, "77");
     let before = counts(&db.pool).await;
@@ -126,17 +130,15 @@ async fn a_prompt_beyond_the_context_is_refused_before_model_work_and_memory_sta
     assert!(hwm1 < hwm0 + 100 * 1024, "the peak resident memory grew by {} KiB", hwm1 - hwm0);
     assert!(d.alive(), "the daemon died: {}", d.log());
     assert_eq!(counts(&db.pool).await, before, "refused requests changed the database");
-    drop(d);
-    db.drop_db().await;
-    std::fs::remove_dir_all(&dir).ok();
+    case.done(d).await;
 }
 
 /// The engine's budget per request (server.max_request_mb), and the bound on requests in flight
 /// (server.max_pending): a client holding its body open keeps one slot, the next request gets 503 at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_over_the_memory_budget_or_past_the_pending_limit_are_refused() {
-    let db = common::fresh("budget").await;
-    let dir = scratch("budget");
+    let case = Case::new("budget").await;
+    let (db, dir) = (&case.db, case.dir.clone());
     let d = Daemon::start(&dir, &db.url, "max_request_mb = 1\nmax_pending = 1\nmax_n = 16");
     let img = shapes_png(&dir, "78");
     let (st, text) = d.http(
@@ -176,9 +178,7 @@ async fn requests_over_the_memory_budget_or_past_the_pending_limit_are_refused()
         &chat("Describe the image.", Some(("image/png", &img)), json!({ "max_tokens": 8 })),
     );
     assert_eq!(st, 200, "the slot is free again once the slow client left: {text}");
-    drop(d);
-    db.drop_db().await;
-    std::fs::remove_dir_all(&dir).ok();
+    case.done(d).await;
 }
 
 /// Item 2: reload-config never weakens access: with a non-loopback bind (the v4-mapped loopback counts as such) and a
@@ -186,8 +186,8 @@ async fn requests_over_the_memory_budget_or_past_the_pending_limit_are_refused()
 /// running bind; a new long token rotates in.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_config_cannot_drop_the_token_while_the_old_bind_stays_open() {
-    let db = common::fresh("reload").await;
-    let dir = scratch("reload");
+    let case = Case::new("reload").await;
+    let (db, dir) = (&case.db, case.dir.clone());
     let token = "tok-0123456789abcdef-0123456789";
     let text = common::daemon::config_text(&dir, &db.url, &format!("token = \"{token}\""))
         .replace("bind = \"127.0.0.1:0\"", "bind = \"[::ffff:127.0.0.1]:0\"");
@@ -230,17 +230,15 @@ async fn reload_config_cannot_drop_the_token_while_the_old_bind_stays_open() {
     assert_eq!((get(None), get(Some(token)), get(Some(fresh))), (401, 401, 200));
     let shown = serde_json::to_string(&r).unwrap();
     assert!(!shown.contains(fresh) && !d.log().contains(fresh) && !d.log().contains(token), "the token leaked");
-    drop(d);
-    db.drop_db().await;
-    std::fs::remove_dir_all(&dir).ok();
+    case.done(d).await;
 }
 
 /// Item 3: import-prompts reads only regular files, bounded, with images inside the prompts file's folder after
 /// symlinks are resolved, and shows no file bytes in any error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn import_prompts_reads_only_bounded_regular_files_inside_their_folder() {
-    let db = common::fresh("import").await;
-    let dir = scratch("import");
+    let case = Case::new("import").await;
+    let (db, dir) = (&case.db, case.dir.clone());
     let d = Daemon::start(&dir, &db.url, "");
     let pdir = dir.join("prompts");
     std::fs::create_dir_all(pdir.join("img")).unwrap();
@@ -287,6 +285,14 @@ async fn import_prompts_reads_only_bounded_regular_files_inside_their_folder() {
     )
     .unwrap();
     refused(&pdir.join("text.jsonl"), "not start with a PNG or JPEG signature");
+    // An image over server.max_image_side (256), refused from its header.
+    std::fs::write(pdir.join("img/big.png"), png(300, 300)).unwrap();
+    std::fs::write(
+        pdir.join("big-image.jsonl"),
+        "{\"image\": \"img/big.png\", \"question\": \"What is in the picture?\"}\n",
+    )
+    .unwrap();
+    refused(&pdir.join("big-image.jsonl"), "300x300 pixels, more than 256 per side");
     // A question longer than the context.
     std::fs::write(
         pdir.join("long.jsonl"),
@@ -304,17 +310,15 @@ async fn import_prompts_reads_only_bounded_regular_files_inside_their_folder() {
     .unwrap();
     let r = import(&pdir.join("good.jsonl"));
     assert_eq!((r["ok"].as_bool(), r["imported"].as_i64()), (Some(true), Some(1)), "{r}");
-    drop(d);
-    db.drop_db().await;
-    std::fs::remove_dir_all(&dir).ok();
+    case.done(d).await;
 }
 
 /// Item 4: Every refused control line is audited, NUL bytes and invalid UTF-8 included; a flood of refusals from one
 /// peer adds at most 10 rows a minute.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_control_lines_are_audited_and_a_flood_is_aggregated() {
-    let db = common::fresh("audit").await;
-    let dir = scratch("audit");
+    let case = Case::new("audit").await;
+    let (db, dir) = (&case.db, case.dir.clone());
     let d = Daemon::start(&dir, &db.url, "");
     let rejected = || async {
         sqlx::query_as::<_, (Value,)>("SELECT detail FROM events WHERE kind = 'control_rejected' ORDER BY id")
@@ -355,9 +359,7 @@ async fn refused_control_lines_are_audited_and_a_flood_is_aggregated() {
     let rows = rejected().await;
     assert!(rows.len() <= 10, "{} rows for one peer in a minute", rows.len());
     assert_eq!(d.ctl(json!({ "cmd": "status" }))["ok"], true, "valid commands still run");
-    drop(d);
-    db.drop_db().await;
-    std::fs::remove_dir_all(&dir).ok();
+    case.done(d).await;
 }
 
 /// Item 5: Tokens shorter than 16 characters are refused at start; `--check-config` shows neither the token nor
@@ -385,8 +387,8 @@ fn short_tokens_are_refused_and_check_config_redacts_secrets() {
 /// decoded: the daemon's peak memory does not move.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn images_too_large_are_refused_from_their_header_before_decoding() {
-    let db = common::fresh("bigimg").await;
-    let dir = scratch("bigimg");
+    let case = Case::new("bigimg").await;
+    let (db, dir) = (&case.db, case.dir.clone());
     let d = Daemon::start_with(&dir, &db.url, "", &[("RLAIFD__SERVER__MAX_BODY_BYTES", "8388608")]);
     let big_png = png(8000, 8000);
     let mut big_jpeg = Vec::new();
@@ -411,17 +413,15 @@ async fn images_too_large_are_refused_from_their_header_before_decoding() {
     println!("large images: VmHWM {hwm0} -> {hwm1} KiB");
     // A decoded 8000 x 8000 RGB image alone is 187 500 KiB.
     assert!(hwm1 < hwm0 + 60 * 1024, "the peak resident memory grew by {} KiB: the image was decoded", hwm1 - hwm0);
-    drop(d);
-    db.drop_db().await;
-    std::fs::remove_dir_all(&dir).ok();
+    case.done(d).await;
 }
 
 /// Item 7: The systemd watchdog is pinged only while the engine thread answers heartbeats: a stuck engine thread (the
 /// `engine_stall` failpoint, as a hung GPU call) stops the pings, and systemd would restart the daemon.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stuck_engine_thread_stops_the_watchdog_pings() {
-    let db = common::fresh("watchdog").await;
-    let dir = scratch("watchdog");
+    let case = Case::new("watchdog").await;
+    let (db, dir) = (&case.db, case.dir.clone());
     let notify = dir.join("notify.sock");
     let listener = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
     let sock = notify.to_str().unwrap().to_string();
@@ -469,9 +469,7 @@ async fn a_stuck_engine_thread_stops_the_watchdog_pings() {
     assert_eq!(pings(&stuck), 0, "pinged while the engine thread hung: {stuck:?}");
     assert!(d.log().contains("did not answer a heartbeat"), "{}", d.log());
     assert_eq!(d.http("GET", "/healthz", "text/plain", b"").0, 200, "the HTTP side itself still answers");
-    drop(d);
-    db.drop_db().await;
-    std::fs::remove_dir_all(&dir).ok();
+    case.done(d).await;
 }
 
 /// Beyond the seven: a fresh probe of the same kinds (bodies, headers, connections, special tokens, control lines
@@ -479,8 +477,8 @@ async fn a_stuck_engine_thread_stops_the_watchdog_pings() {
 /// database unchanged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fresh_probe_finds_nothing_that_kills_hangs_or_leaks() {
-    let db = common::fresh("probe").await;
-    let dir = scratch("probe");
+    let case = Case::new("probe").await;
+    let (db, dir) = (&case.db, case.dir.clone());
     let mut d = Daemon::start_with(&dir, &db.url, "max_n = 16", &[("RLAIFD__SERVER__MAX_BODY_BYTES", "8388608")]);
     let img = shapes_png(&dir, "80");
     let before = counts(&db.pool).await;
@@ -570,7 +568,5 @@ async fn a_fresh_probe_finds_nothing_that_kills_hangs_or_leaks() {
     assert!(hwm1 < hwm0 + 150 * 1024, "peak memory grew by {} KiB", hwm1 - hwm0);
     assert!(d.alive(), "{}", d.log());
     assert_eq!(counts(&db.pool).await, before);
-    drop(d);
-    db.drop_db().await;
-    std::fs::remove_dir_all(&dir).ok();
+    case.done(d).await;
 }

@@ -152,11 +152,7 @@ pub(crate) async fn import_prompts(d: &Arc<Daemon>, file: &Path) -> Result<Value
                     bail!("{}: its images add up to more than {MAX_IMPORT_TOTAL_IMAGE_BYTES} bytes by line {n}; split the file", file.display());
                 }
                 let what = p.display().to_string();
-                let (w, h) = engine::image::header_dimensions(&bytes, &what)
-                    .with_context(|| format!("{} line {n}", file.display()))?;
-                if w > max_side || h > max_side {
-                    bail!("{} line {n}: image {} is {w}x{h}, larger than {max_side} pixels per side (server.max_image_side)", file.display(), p.display());
-                }
+                // Refused from the header (side over server.max_image_side) before any pixel is decoded.
                 let bytes = tokio::task::spawn_blocking(move || {
                     engine::image::decode_rgb8_within(&bytes, &what, max_side).map(|_| bytes)
                 })

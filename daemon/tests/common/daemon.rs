@@ -180,9 +180,18 @@ pub fn b64(bytes: &[u8]) -> String {
 }
 
 pub fn chat_body(image: &[u8], text: &str, extra: Value) -> Vec<u8> {
-    let mut v = json!({ "model": "rlaifd", "messages": [{ "role": "user", "content": [
-        { "type": "text", "text": text },
-        { "type": "image_url", "image_url": { "url": format!("data:image/png;base64,{}", b64(image)) } } ] }] });
+    chat_request(text, Some(("image/png", image)), extra)
+}
+
+/// A chat request: one user message with `text` and, when given, an image as a data URL of its media type; `extra`
+/// adds top-level fields.
+pub fn chat_request(text: &str, image: Option<(&str, &[u8])>, extra: Value) -> Vec<u8> {
+    let mut content = vec![json!({ "type": "text", "text": text })];
+    if let Some((mime, bytes)) = image {
+        content
+            .push(json!({ "type": "image_url", "image_url": { "url": format!("data:{mime};base64,{}", b64(bytes)) } }));
+    }
+    let mut v = json!({ "model": "rlaifd", "messages": [{ "role": "user", "content": content }] });
     for (k, x) in extra.as_object().unwrap() {
         v[k] = x.clone();
     }
