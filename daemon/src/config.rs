@@ -370,4 +370,20 @@ mod tests {
         assert!(e.contains("missing.toml"), "{e}");
         std::fs::remove_dir_all(&d).ok();
     }
+
+    #[test]
+    fn request_limits_tokens_and_the_import_folder_are_checked_and_the_token_never_printed() {
+        let bad = |kv: &[(&str, &str)]| format!("{:#}", Config::load_with_env(None, env(kv)).unwrap_err());
+        assert!(bad(&[("RLAIFD__SERVER__MAX_PENDING", "0")]).contains("server.max_pending"));
+        assert!(bad(&[("RLAIFD__SERVER__REQUEST_TIMEOUT_S", "0")]).contains("server.request_timeout_s"));
+        assert!(bad(&[("RLAIFD__SERVER__MAX_REQUEST_MB", "-1")]).contains("max_request_mb"));
+        assert!(bad(&[("RLAIFD__CONTROL__IMPORT_DIR", "relative/dir")]).contains("control.import_dir"));
+        assert!(bad(&[("RLAIFD__SERVER__TOKEN", "short")]).contains("at least 16"));
+        assert!(bad(&[("RLAIFD__SERVER__TOKEN", "sixteen chars but spaces")]).contains("whitespace"));
+        let token = "0123456789abcdef-secret";
+        let c = Config::load_with_env(None, env(&[("RLAIFD__SERVER__TOKEN", token)])).unwrap();
+        assert_eq!(c.server.token.expose(), token);
+        let shown = format!("{c:?} {}", serde_json::to_string(&c.redacted()).unwrap());
+        assert!(!shown.contains(token) && shown.contains("<redacted>"), "{shown}");
+    }
 }
