@@ -122,6 +122,14 @@ fn main() {
             eprintln!("rlaifd: cannot set thread count: {e}");
         }
     }
+    if !matches!(cli.cmd, Command::Serve(_) | Command::Demo(_)) {
+        // The engine logs with `tracing` (where a run goes, a fallback to the CPU); the daemon sets its own
+        // subscriber from its configuration, every other command logs to stderr (RUST_LOG filters).
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        let _ =
+            tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).without_time().try_init();
+    }
     let res = match cli.cmd {
         Command::Logprobs(a) => infer::cmd_logprobs(a),
         Command::Generate(a) => infer::cmd_generate(a),

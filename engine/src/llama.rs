@@ -264,167 +264,287 @@ impl Llama {
 }
 
 // -- training: forward with saved activations, and its backward -------------------------------------------
+//
+// The same passes and names as the GPU trainer (`cuda_train.rs`): `layer_forward` / `layer_backward` per layer,
+// a `ChunkTape` per run of rows (a whole sequence, a shared prompt, or an answer attending a prompt's keys and
+// values), and `backward_shared` running both answers of a DPO pair and their prompt back together.
 
-/// Activations of one decoder layer kept for the backward pass (T rows each).
-pub struct LlamaLayerTape {
-    x0: Vec<f32>,  // (T, C) layer input
-    h1: Vec<f32>,  // (T, C) input_layernorm(x0)
-    q: Vec<f32>,   // (T, H, hd) after RoPE
-    k: Vec<f32>,   // (T, KVH, hd) after RoPE
-    v: Vec<f32>,   // (T, KVH, hd)
-    att: Vec<f32>, // (T, H, hd) attention output
-    x1: Vec<f32>,  // (T, C) after the attention residual
-    h2: Vec<f32>,  // (T, C) post_attention_layernorm(x1)
-    g: Vec<f32>,   // (T, I) gate_proj(h2)
-    u: Vec<f32>,   // (T, I) up_proj(h2)
-    a: Vec<f32>,   // (T, I) silu(g) * u
+/// Activations of one decoder layer kept for the backward pass (`rows` rows each).
+pub struct LayerTape {
+    x_in: Vec<f32>,  // (T, C) layer input
+    h1: Vec<f32>,    // (T, C) input_layernorm(x_in); empty with `recompute_cheap`
+    q: Vec<f32>,     // (T, H, hd) after RoPE
+    k: Vec<f32>,     // (T, KVH, hd) after RoPE
+    v: Vec<f32>,     // (T, KVH, hd)
+    att: Vec<f32>,   // (T, H, hd) attention output
+    x_mid: Vec<f32>, // (T, C) after the attention residual
+    h2: Vec<f32>,    // (T, C) post_attention_layernorm(x_mid); empty with `recompute_cheap`
+    g: Vec<f32>,     // (T, I) gate_proj(h2)
+    u: Vec<f32>,     // (T, I) up_proj(h2)
+    act: Vec<f32>,   // (T, I) silu(g) * u; empty with `recompute_cheap`
 }
 
-/// A causal forward over one sequence (positions 0..T), with everything the backward needs.
-pub struct LlamaTape {
+/// A chunk of rows after the layers, at positions `start .. start + rows`: a whole sequence (start 0), a shared
+/// prompt, or an answer that attended a prompt's keys and values first.
+pub struct ChunkTape {
     pub rows: usize,
-    layers: Vec<LlamaLayerTape>,
+    pub start: usize,
+    layers: Vec<LayerTape>,
     /// (T, C) output of the last layer (input of the final norm).
-    pub hidden: Vec<f32>,
+    pub x_final: Vec<f32>,
+}
+
+impl ChunkTape {
+    fn positions(&self) -> Vec<usize> {
+        (self.start..self.start + self.rows).collect()
+    }
+}
+
+/// Keys (or values) of a context's rows followed by a chunk's own: (P + T, KVH, hd).
+fn concat(ctx: &[f32], own: &[f32]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(ctx.len() + own.len());
+    out.extend_from_slice(ctx);
+    out.extend_from_slice(own);
+    out
 }
 
 impl Llama {
-    /// Forward over x (T, C) embeddings keeping activations. Returns the tape; `tape.hidden` is the last layer's
-    /// output.
-    pub fn forward_train(&self, x: Vec<f32>, adapter: Option<&Adapter>) -> LlamaTape {
-        let cfg = &self.cfg;
-        let c = cfg.hidden_size;
-        let rows = x.len() / c;
-        let (heads, kvh, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
-        let positions: Vec<usize> = (0..rows).collect();
-        let scale = (hd as f32).powf(-0.5);
+    /// Forward over x (T, C) embeddings keeping activations: a whole sequence (`ctx` None, positions 0..T) or
+    /// rows that follow `ctx` (a prompt's tape) and attend its keys and values first.
+    pub fn forward_chunk(&self, x: Vec<f32>, ctx: Option<&ChunkTape>, adapter: Option<&Adapter>) -> ChunkTape {
+        let rows = x.len() / self.cfg.hidden_size;
+        let start = ctx.map_or(0, |c| c.start + c.rows);
+        let positions: Vec<usize> = (start..start + rows).collect();
         let mut layers = Vec::with_capacity(self.layers.len());
         let mut x = x;
-        for layer in &self.layers {
+        for li in 0..self.layers.len() {
             crate::interrupt::beat();
-            let mut h1 = vec![0f32; rows * c];
-            rmsnorm(&mut h1, &x, &layer.input_norm, cfg.rms_norm_eps);
-            let mut q = layer.q.apply(&h1, rows, adapter);
-            let mut k = layer.k.apply(&h1, rows, adapter);
-            let v = layer.v.apply(&h1, rows, adapter);
-            self.rope.apply(&mut q, heads, &positions);
-            self.rope.apply(&mut k, kvh, &positions);
-            let mut att = vec![0f32; rows * heads * hd];
-            attend_dense(&mut att, &q, &k, &v, rows, rows, 0, heads, kvh, hd, scale, true);
-            let mut x1 = x.clone();
-            layer.o.forward(&mut x1, &att, rows, adapter, MatmulMode::Accumulate);
-            let mut h2 = vec![0f32; rows * c];
-            rmsnorm(&mut h2, &x1, &layer.post_norm, cfg.rms_norm_eps);
-            let g = layer.gate.apply(&h2, rows, adapter);
-            let u = layer.up.apply(&h2, rows, adapter);
-            let mut a = g.clone();
-            silu_mul(&mut a, &u);
-            let mut x2 = x1.clone();
-            layer.down.forward(&mut x2, &a, rows, adapter, MatmulMode::Accumulate);
-            let (h1, h2, a) = if self.recompute_cheap { (Vec::new(), Vec::new(), Vec::new()) } else { (h1, h2, a) };
-            layers.push(LlamaLayerTape { x0: std::mem::replace(&mut x, x2), h1, q, k, v, att, x1, h2, g, u, a });
+            layers.push(self.layer_forward(li, &mut x, &positions, ctx.map(|c| &c.layers[li]), adapter));
         }
-        LlamaTape { rows, layers, hidden: x }
+        ChunkTape { rows, start, layers, x_final: x }
     }
 
-    /// Backward of `forward_train`: given d hidden (T, C), returns d embeddings (T, C); LoRA gradients
-    /// accumulate into `grads`.
-    pub fn backward_train(
+    /// Layer `li`'s forward pass over `x` (T, C) at `positions`, in place, returning what its backward needs.
+    /// With `ctx` the rows attend the context's keys and values (its tape at this layer) before their own.
+    fn layer_forward(
         &self,
-        tape: &LlamaTape,
-        d_hidden: Vec<f32>,
+        li: usize,
+        x: &mut Vec<f32>,
+        positions: &[usize],
+        ctx: Option<&LayerTape>,
+        adapter: Option<&Adapter>,
+    ) -> LayerTape {
+        let cfg = &self.cfg;
+        let layer = &self.layers[li];
+        let c = cfg.hidden_size;
+        let rows = positions.len();
+        let (heads, kvh, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+        let scale = (hd as f32).powf(-0.5);
+        let mut h1 = vec![0f32; rows * c];
+        rmsnorm(&mut h1, x, &layer.input_norm, cfg.rms_norm_eps);
+        let mut q = layer.q.apply(&h1, rows, adapter);
+        let mut k = layer.k.apply(&h1, rows, adapter);
+        let v = layer.v.apply(&h1, rows, adapter);
+        self.rope.apply(&mut q, heads, positions);
+        self.rope.apply(&mut k, kvh, positions);
+        let mut att = vec![0f32; rows * heads * hd];
+        match ctx {
+            None => attend_dense(&mut att, &q, &k, &v, rows, rows, 0, heads, kvh, hd, scale, true),
+            Some(p) => {
+                let pr = p.k.len() / (kvh * hd);
+                let (kc, vc) = (concat(&p.k, &k), concat(&p.v, &v));
+                attend_dense(&mut att, &q, &kc, &vc, rows, pr + rows, pr, heads, kvh, hd, scale, true);
+            }
+        }
+        let mut x_mid = x.clone();
+        layer.o.forward(&mut x_mid, &att, rows, adapter, MatmulMode::Accumulate);
+        let mut h2 = vec![0f32; rows * c];
+        rmsnorm(&mut h2, &x_mid, &layer.post_norm, cfg.rms_norm_eps);
+        let g = layer.gate.apply(&h2, rows, adapter);
+        let u = layer.up.apply(&h2, rows, adapter);
+        let mut act = g.clone();
+        silu_mul(&mut act, &u);
+        let mut x_out = x_mid.clone();
+        layer.down.forward(&mut x_out, &act, rows, adapter, MatmulMode::Accumulate);
+        let (h1, h2, act) = if self.recompute_cheap { (Vec::new(), Vec::new(), Vec::new()) } else { (h1, h2, act) };
+        LayerTape { x_in: std::mem::replace(x, x_out), h1, q, k, v, att, x_mid, h2, g, u, act }
+    }
+
+    /// Backward of a whole-sequence `forward_chunk`: given d x_final (T, C), returns d embeddings (T, C); LoRA
+    /// gradients accumulate into `grads`.
+    pub fn backward(
+        &self,
+        tape: &ChunkTape,
+        d_final: Vec<f32>,
         adapter: Option<&Adapter>,
         mut grads: Option<&mut Grads>,
     ) -> Vec<f32> {
-        let cfg = &self.cfg;
-        let c = cfg.hidden_size;
-        let rows = tape.rows;
-        let (heads, kvh, hd, isz) =
-            (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size);
-        let positions: Vec<usize> = (0..rows).collect();
-        let scale = (hd as f32).powf(-0.5);
-        let mut dx = d_hidden; // (T, C): gradient w.r.t. the current layer's output, then its input
-        for (li, (layer, t)) in self.layers.iter().zip(&tape.layers).enumerate().rev() {
+        let positions = tape.positions();
+        let mut dx = d_final; // (T, C): gradient w.r.t. the current layer's output, then its input
+        for li in (0..self.layers.len()).rev() {
             crate::interrupt::beat();
-            // Recompute what the tape dropped (see `recompute_cheap`).
-            let (h1, h2, a) = if t.h1.is_empty() {
-                let mut h1 = vec![0f32; rows * c];
-                rmsnorm(&mut h1, &t.x0, &layer.input_norm, cfg.rms_norm_eps);
-                let mut h2 = vec![0f32; rows * c];
-                rmsnorm(&mut h2, &t.x1, &layer.post_norm, cfg.rms_norm_eps);
-                let mut a = t.g.clone();
-                silu_mul(&mut a, &t.u);
-                (Cow::Owned(h1), Cow::Owned(h2), Cow::Owned(a))
-            } else {
-                (Cow::Borrowed(&t.h1), Cow::Borrowed(&t.h2), Cow::Borrowed(&t.a))
-            };
-            // x2 = x1 + down(a)
-            let mut da = vec![0f32; rows * isz];
-            layer.down.backward(&mut da, &dx, &a, rows, adapter, grads.as_deref_mut(), MatmulMode::Assign);
-            let mut dg = vec![0f32; rows * isz];
-            let mut du = vec![0f32; rows * isz];
-            silu_mul_bwd(&mut dg, &mut du, &da, &t.g, &t.u);
-            let mut dh2 = vec![0f32; rows * c];
-            layer.gate.backward(&mut dh2, &dg, &h2, rows, adapter, grads.as_deref_mut(), MatmulMode::Assign);
-            layer.up.backward(&mut dh2, &du, &h2, rows, adapter, grads.as_deref_mut(), MatmulMode::Accumulate);
-            let mut dx1 = vec![0f32; rows * c];
-            let dw = grads
-                .as_deref_mut()
-                .and_then(|g| g.param_mut(&format!("language_model.layers.{li}.post_attention_layernorm.weight")));
-            rmsnorm_bwd(&mut dx1, dw.map(|v| v.as_mut_slice()), &dh2, &t.x1, &layer.post_norm, cfg.rms_norm_eps);
-            add_inplace(&mut dx1, &dx); // residual
-                                        // x1 = x0 + o(att)
-            let mut datt = vec![0f32; rows * heads * hd];
-            layer.o.backward(&mut datt, &dx1, &t.att, rows, adapter, grads.as_deref_mut(), MatmulMode::Assign);
-            let mut dq = vec![0f32; rows * heads * hd];
-            let mut dk = vec![0f32; rows * kvh * hd];
-            let mut dv = vec![0f32; rows * kvh * hd];
-            attend_dense_bwd(
-                &mut dq, &mut dk, &mut dv, &datt, &t.q, &t.k, &t.v, rows, rows, 0, heads, kvh, hd, scale, true,
-            );
-            self.rope.apply_backward(&mut dq, heads, &positions);
-            self.rope.apply_backward(&mut dk, kvh, &positions);
-            let mut dh1 = vec![0f32; rows * c];
-            layer.q.backward(&mut dh1, &dq, &h1, rows, adapter, grads.as_deref_mut(), MatmulMode::Assign);
-            layer.k.backward(&mut dh1, &dk, &h1, rows, adapter, grads.as_deref_mut(), MatmulMode::Accumulate);
-            layer.v.backward(&mut dh1, &dv, &h1, rows, adapter, grads.as_deref_mut(), MatmulMode::Accumulate);
-            let mut dx0 = vec![0f32; rows * c];
-            let dw = grads
-                .as_deref_mut()
-                .and_then(|g| g.param_mut(&format!("language_model.layers.{li}.input_layernorm.weight")));
-            rmsnorm_bwd(&mut dx0, dw.map(|v| v.as_mut_slice()), &dh1, &t.x0, &layer.input_norm, cfg.rms_norm_eps);
-            add_inplace(&mut dx0, &dx1);
-            dx = dx0;
+            self.layer_backward(li, &tape.layers[li], &mut dx, &positions, None, None, adapter, grads.as_deref_mut());
         }
         dx
     }
 
-    /// Final norm + lm_head on selected rows of `hidden` (T, C); returns (normed rows (R, C), logits (R, V)).
-    pub fn head_rows(&self, hidden: &[f32], rows: &[usize], adapter: Option<&Adapter>) -> (Vec<f32>, Vec<f32>) {
-        let c = self.cfg.hidden_size;
-        let mut sel = Vec::with_capacity(rows.len() * c);
-        for &r in rows {
-            sel.extend_from_slice(&hidden[r * c..(r + 1) * c]);
+    /// Backward of a prompt's `forward_chunk` and of the answers that attended it, layer by layer from the top:
+    /// each answer's layer first (its gradients of the prompt's keys and values summed), then the prompt's.
+    /// `d_prompt` and each answer's d x_final come in; returns the d embeddings of the prompt and of each answer.
+    pub fn backward_shared(
+        &self,
+        prompt: &ChunkTape,
+        d_prompt: Vec<f32>,
+        answers: Vec<(&ChunkTape, Vec<f32>)>,
+        adapter: Option<&Adapter>,
+        mut grads: Option<&mut Grads>,
+    ) -> (Vec<f32>, Vec<Vec<f32>>) {
+        let cfg = &self.cfg;
+        let kv = prompt.rows * cfg.num_key_value_heads * cfg.head_dim;
+        let p_pos = prompt.positions();
+        let a_pos: Vec<Vec<usize>> = answers.iter().map(|(t, _)| t.positions()).collect();
+        let (tapes, mut dxs): (Vec<&ChunkTape>, Vec<Vec<f32>>) = answers.into_iter().unzip();
+        let mut dp = d_prompt;
+        for li in (0..self.layers.len()).rev() {
+            crate::interrupt::beat();
+            let (mut dk, mut dv) = (vec![0f32; kv], vec![0f32; kv]);
+            for ((t, dx), pos) in tapes.iter().zip(dxs.iter_mut()).zip(&a_pos) {
+                let ctx = Some((&prompt.layers[li], dk.as_mut_slice(), dv.as_mut_slice()));
+                self.layer_backward(li, &t.layers[li], dx, pos, ctx, None, adapter, grads.as_deref_mut());
+            }
+            let extra = Some((dk.as_slice(), dv.as_slice()));
+            self.layer_backward(li, &prompt.layers[li], &mut dp, &p_pos, None, extra, adapter, grads.as_deref_mut());
         }
-        let mut normed = vec![0f32; sel.len()];
-        rmsnorm(&mut normed, &sel, &self.norm, self.cfg.rms_norm_eps);
-        let logits = self.lm_head.apply(&normed, rows.len(), adapter);
-        (sel, logits)
+        (dp, dxs)
     }
 
-    /// Backward of `head_rows`: d logits (R, V) -> d hidden (T, C) (zero outside `rows`).
+    /// Layer `li`'s backward pass for rows at `positions`: from `dx` (the gradient of the layer's output) to the
+    /// gradient of its input, in place; LoRA and norm gradients accumulate into `grads`. With `ctx` the rows
+    /// attended a context's keys and values first, and the gradients of those are added into its (dk, dv).
+    /// `extra` (dk, dv) is added to this layer's own key and value gradients (a prompt's share from the answers
+    /// that attended it).
     #[allow(clippy::too_many_arguments)]
-    pub fn head_rows_backward(
+    fn layer_backward(
+        &self,
+        li: usize,
+        t: &LayerTape,
+        dx: &mut Vec<f32>,
+        positions: &[usize],
+        ctx: Option<(&LayerTape, &mut [f32], &mut [f32])>,
+        extra: Option<(&[f32], &[f32])>,
+        adapter: Option<&Adapter>,
+        mut grads: Option<&mut Grads>,
+    ) {
+        let cfg = &self.cfg;
+        let layer = &self.layers[li];
+        let c = cfg.hidden_size;
+        let rows = positions.len();
+        let (heads, kvh, hd, isz) =
+            (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size);
+        let scale = (hd as f32).powf(-0.5);
+        // Recompute what the tape dropped (see `recompute_cheap`).
+        let (h1, h2, act) = if t.h1.is_empty() {
+            let mut h1 = vec![0f32; rows * c];
+            rmsnorm(&mut h1, &t.x_in, &layer.input_norm, cfg.rms_norm_eps);
+            let mut h2 = vec![0f32; rows * c];
+            rmsnorm(&mut h2, &t.x_mid, &layer.post_norm, cfg.rms_norm_eps);
+            let mut act = t.g.clone();
+            silu_mul(&mut act, &t.u);
+            (Cow::Owned(h1), Cow::Owned(h2), Cow::Owned(act))
+        } else {
+            (Cow::Borrowed(&t.h1), Cow::Borrowed(&t.h2), Cow::Borrowed(&t.act))
+        };
+        // x_out = x_mid + down(act)
+        let mut da = vec![0f32; rows * isz];
+        layer.down.backward(&mut da, dx, &act, rows, adapter, grads.as_deref_mut(), MatmulMode::Assign);
+        let mut dg = vec![0f32; rows * isz];
+        let mut du = vec![0f32; rows * isz];
+        silu_mul_bwd(&mut dg, &mut du, &da, &t.g, &t.u);
+        let mut dh2 = vec![0f32; rows * c];
+        layer.gate.backward(&mut dh2, &dg, &h2, rows, adapter, grads.as_deref_mut(), MatmulMode::Assign);
+        layer.up.backward(&mut dh2, &du, &h2, rows, adapter, grads.as_deref_mut(), MatmulMode::Accumulate);
+        let mut dx_mid = vec![0f32; rows * c];
+        let dw = grads
+            .as_deref_mut()
+            .and_then(|g| g.param_mut(&format!("language_model.layers.{li}.post_attention_layernorm.weight")));
+        rmsnorm_bwd(&mut dx_mid, dw.map(|v| v.as_mut_slice()), &dh2, &t.x_mid, &layer.post_norm, cfg.rms_norm_eps);
+        add_inplace(&mut dx_mid, dx); // residual
+                                      // x_mid = x_in + o(att)
+        let mut datt = vec![0f32; rows * heads * hd];
+        layer.o.backward(&mut datt, &dx_mid, &t.att, rows, adapter, grads.as_deref_mut(), MatmulMode::Assign);
+        let mut dq = vec![0f32; rows * heads * hd];
+        let kv = rows * kvh * hd;
+        let (mut dk, mut dv) = match ctx {
+            None => {
+                let (mut dk, mut dv) = (vec![0f32; kv], vec![0f32; kv]);
+                attend_dense_bwd(
+                    &mut dq, &mut dk, &mut dv, &datt, &t.q, &t.k, &t.v, rows, rows, 0, heads, kvh, hd, scale, true,
+                );
+                (dk, dv)
+            }
+            Some((p, dk_ctx, dv_ctx)) => {
+                let pr = p.k.len() / (kvh * hd);
+                let (kc, vc) = (concat(&p.k, &t.k), concat(&p.v, &t.v));
+                let (mut dkc, mut dvc) = (vec![0f32; kc.len()], vec![0f32; vc.len()]);
+                attend_dense_bwd(
+                    &mut dq,
+                    &mut dkc,
+                    &mut dvc,
+                    &datt,
+                    &t.q,
+                    &kc,
+                    &vc,
+                    rows,
+                    pr + rows,
+                    pr,
+                    heads,
+                    kvh,
+                    hd,
+                    scale,
+                    true,
+                );
+                let split = pr * kvh * hd;
+                add_inplace(dk_ctx, &dkc[..split]);
+                add_inplace(dv_ctx, &dvc[..split]);
+                (dkc.split_off(split), dvc.split_off(split))
+            }
+        };
+        if let Some((ek, ev)) = extra {
+            add_inplace(&mut dk, ek);
+            add_inplace(&mut dv, ev);
+        }
+        self.rope.apply_backward(&mut dq, heads, positions);
+        self.rope.apply_backward(&mut dk, kvh, positions);
+        let mut dh1 = vec![0f32; rows * c];
+        layer.q.backward(&mut dh1, &dq, &h1, rows, adapter, grads.as_deref_mut(), MatmulMode::Assign);
+        layer.k.backward(&mut dh1, &dk, &h1, rows, adapter, grads.as_deref_mut(), MatmulMode::Accumulate);
+        layer.v.backward(&mut dh1, &dv, &h1, rows, adapter, grads.as_deref_mut(), MatmulMode::Accumulate);
+        let mut dx_in = vec![0f32; rows * c];
+        let dw = grads.and_then(|g| g.param_mut(&format!("language_model.layers.{li}.input_layernorm.weight")));
+        rmsnorm_bwd(&mut dx_in, dw.map(|v| v.as_mut_slice()), &dh1, &t.x_in, &layer.input_norm, cfg.rms_norm_eps);
+        add_inplace(&mut dx_in, &dx_mid);
+        *dx = dx_in;
+    }
+
+    /// Final norm + lm_head on hidden rows `sel` (R, C) (the rows that predict the answer); returns the logits
+    /// (R, V).
+    pub fn head_forward(&self, sel: &[f32], adapter: Option<&Adapter>) -> Vec<f32> {
+        let rows = sel.len() / self.cfg.hidden_size;
+        let mut normed = vec![0f32; sel.len()];
+        rmsnorm(&mut normed, sel, &self.norm, self.cfg.rms_norm_eps);
+        self.lm_head.apply(&normed, rows, adapter)
+    }
+
+    /// Backward of `head_forward`: d logits (R, V) -> d sel (R, C).
+    pub fn head_backward(
         &self,
         sel: &[f32],
         dlogits: &[f32],
-        rows: &[usize],
-        total_rows: usize,
         adapter: Option<&Adapter>,
         mut grads: Option<&mut Grads>,
     ) -> Vec<f32> {
         let c = self.cfg.hidden_size;
-        let r = rows.len();
+        let r = sel.len() / c;
         let mut normed = vec![0f32; sel.len()];
         rmsnorm(&mut normed, sel, &self.norm, self.cfg.rms_norm_eps);
         let mut dn = vec![0f32; r * c];
@@ -432,14 +552,9 @@ impl Llama {
         let mut dsel = vec![0f32; r * c];
         let dw = grads.and_then(|g| g.param_mut("language_model.norm.weight"));
         rmsnorm_bwd(&mut dsel, dw.map(|v| v.as_mut_slice()), &dn, sel, &self.norm, self.cfg.rms_norm_eps);
-        let mut dh = vec![0f32; total_rows * c];
-        for (i, &row) in rows.iter().enumerate() {
-            add_inplace(&mut dh[row * c..(row + 1) * c], &dsel[i * c..(i + 1) * c]);
-        }
-        dh
+        dsel
     }
 }
-
 impl Llama {
     fn linears_mut(&mut self) -> impl Iterator<Item = &mut Linear> {
         self.layers

@@ -2,16 +2,13 @@
 //! Hugging Face directory in any of the llava-hf key layouts.
 
 use crate::adapter::{Adapter, ModelFamily};
-use crate::clip::{ClipTape, ClipVision};
-use crate::config::{FeatureSelect, LlavaConfig, ModelConfig};
+use crate::clip::ClipVision;
+use crate::config::{LlavaConfig, ModelConfig};
 use crate::error::{EngineError, Result};
 use crate::image::{ImageProcessorConfig, PixelValues};
 use crate::linear::Linear;
-use crate::llama::{KvCache, Llama, LlamaTape};
-use crate::ops::backward::{activation_bwd, logprob_gather_fwd_bwd};
-use crate::ops::{add_inplace, MatmulMode};
-use crate::ops::{apply_activation, log_softmax_rows};
-use crate::train::Grads;
+use crate::llama::{KvCache, Llama};
+use crate::ops::log_softmax_rows;
 use crate::weights::WeightStore;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -92,9 +89,9 @@ impl Default for LoadOptions {
 }
 
 pub struct Projector {
-    linear_1: Linear,
-    linear_2: Linear,
-    act: crate::config::Activation,
+    pub(crate) linear_1: Linear,
+    pub(crate) linear_2: Linear,
+    pub(crate) act: crate::config::Activation,
 }
 
 pub struct Model {
@@ -106,8 +103,8 @@ pub struct Model {
     pub llm: Llama,
     pub image_processor: Option<ImageProcessorConfig>,
     linear_shapes: HashMap<String, (usize, usize)>,
-    /// Where generation and scoring run (`crate::backend`); None: the CPU.
-    backend: Option<std::sync::Arc<dyn crate::backend::Backend>>,
+    /// Where generation, scoring and training run (`crate::backend`): the CPU unless `set_backend` picked a device.
+    backend: std::sync::Arc<dyn crate::backend::Backend>,
     /// Most bytes one generation request may take (`crate::limits`); None: only the context bounds it.
     pub(crate) request_budget: Option<u64>,
 }
@@ -232,24 +229,34 @@ impl Model {
             llm,
             image_processor,
             linear_shapes,
-            backend: None,
+            backend: std::sync::Arc::new(crate::backend::CpuBackend),
             request_budget: None,
         })
     }
 
-    /// Runs generation and answer scoring on `backend` from now on (`crate::backend::select`).
+    /// Runs generation, scoring and training on `backend` from now on (`crate::backend::select`).
     pub fn set_backend(&mut self, backend: std::sync::Arc<dyn crate::backend::Backend>) {
-        self.backend = Some(backend);
+        self.backend = backend;
     }
 
-    /// The backend generation and scoring run on, if one was set (None: the CPU).
-    pub fn backend(&self) -> Option<&std::sync::Arc<dyn crate::backend::Backend>> {
-        self.backend.as_ref()
+    /// The backend generation, scoring and training run on (the CPU unless `set_backend` picked a device).
+    pub fn backend(&self) -> &std::sync::Arc<dyn crate::backend::Backend> {
+        &self.backend
     }
 
     /// What generation and scoring run on: "cpu" or the device's description.
     pub fn device(&self) -> String {
-        self.backend.as_ref().map_or_else(|| "cpu".into(), |b| b.device())
+        self.backend.device()
+    }
+
+    /// Where a LoRA training run (`what`: "DPO", "SFT") of `adapter` goes, decided once per run and logged.
+    pub fn training_placement(&self, what: &str, adapter: &Adapter) -> crate::backend::Placement {
+        let place = self.backend.training_placement(self, adapter);
+        match &place {
+            crate::backend::Placement::Cpu(Some(why)) => tracing::warn!("{what} training runs on the CPU: {why}"),
+            p => tracing::info!("{what} training runs on {p}"),
+        }
+        place
     }
 
     /// How the decoder's weights are held in memory: "f32", "bf16" or "f16".
@@ -303,27 +310,7 @@ impl Model {
 
     /// Projected image features (N_img, C) for the decoder, on the model's backend.
     pub fn image_features(&self, pixels: &PixelValues, adapter: Option<&Adapter>) -> Result<Vec<f32>> {
-        match &self.backend {
-            Some(b) => b.image_features(self, pixels, adapter),
-            None => self.image_features_cpu(pixels, adapter),
-        }
-    }
-
-    /// `image_features` on the CPU backend.
-    pub fn image_features_cpu(&self, pixels: &PixelValues, adapter: Option<&Adapter>) -> Result<Vec<f32>> {
-        let (Some(lc), Some(vision), Some(proj)) = (self.config.llava(), &self.vision, &self.projector) else {
-            return Err(EngineError::Input("this model has no vision tower".into()));
-        };
-        let hidden = vision.forward(&pixels.data, lc.vision_layers_needed(), adapter)?; // (N + 1, Dv)
-        let dv = lc.vision.hidden_size;
-        let feats = match lc.vision_feature_select_strategy {
-            FeatureSelect::Default => &hidden[dv..],
-            FeatureSelect::Full => &hidden[..],
-        };
-        let n = feats.len() / dv;
-        let mut h = proj.linear_1.apply(feats, n, adapter); // (N, C)
-        apply_activation(&mut h, proj.act);
-        Ok(proj.linear_2.apply(&h, n, adapter))
+        self.backend.image_features(self, pixels, adapter)
     }
 
     fn llava_cfg(&self) -> Option<&LlavaConfig> {
@@ -409,53 +396,7 @@ impl Model {
         image_features: Option<&[f32]>,
         adapter: Option<&Adapter>,
     ) -> Result<Vec<Vec<f32>>> {
-        match &self.backend {
-            Some(b) => b.branch_logits(self, prefix, continuations, image_features, adapter),
-            None => self.branch_logits_cpu(prefix, continuations, image_features, adapter),
-        }
-    }
-
-    /// `branch_logits` on the CPU backend.
-    pub fn branch_logits_cpu(
-        &self,
-        prefix: &[u32],
-        continuations: &[&[u32]],
-        image_features: Option<&[f32]>,
-        adapter: Option<&Adapter>,
-    ) -> Result<Vec<Vec<f32>>> {
-        if continuations.is_empty() {
-            return Ok(Vec::new());
-        }
-        if continuations.iter().any(|c| c.is_empty()) {
-            return Err(EngineError::Input("every continuation needs at least one token".into()));
-        }
-        let (mut px, _) = self.embed_inputs(prefix, image_features)?;
-        let c = self.llm.cfg.hidden_size;
-        let mut cache = KvCache::new(self.llm.cfg.num_hidden_layers);
-        let t = px.len() / c;
-        if t > 0 {
-            self.llm.forward_cached(&mut px, t, &mut cache, adapter);
-        }
-        let lens: Vec<usize> = continuations.iter().map(|c| c.len()).collect();
-        let mut x = Vec::new();
-        for cont in continuations {
-            if cont.iter().any(|&id| Some(id) == self.image_token_id() || id as usize >= self.llm.cfg.vocab_size) {
-                return Err(EngineError::Input(
-                    "a continuation holds an image token or an id outside the vocabulary".into(),
-                ));
-            }
-            self.llm.embed_into(&mut x, cont);
-        }
-        self.llm.forward_branches(&mut x, &lens, &cache, adapter);
-        let mut ends = Vec::with_capacity(lens.len() * c);
-        let mut row = 0;
-        for l in &lens {
-            row += l;
-            ends.extend_from_slice(&x[(row - 1) * c..row * c]);
-        }
-        let logits = self.llm.logits(&ends, lens.len(), adapter);
-        let v = self.llm.cfg.vocab_size;
-        Ok(logits.chunks(v).map(|r| r.to_vec()).collect())
+        self.backend.branch_logits(self, prefix, continuations, image_features, adapter)
     }
 
     /// Prefill: runs the prompt, returns its KV cache and the logits (V) of the next token.
@@ -478,53 +419,11 @@ impl Model {
     }
 }
 
-// -- training ------------------------------------------------------------------------------------------------
-
-/// The image path's activations for the backward pass.
-pub struct ImageTape {
-    vision: ClipTape,
-    proj_in: Vec<f32>, // (N, Dv) selected vision features
-    proj_h: Vec<f32>,  // (N, C) linear_1 output, before the activation
-    proj_a: Vec<f32>,  // (N, C) after the activation
-    /// (N, C) projected features, the decoder's image rows.
-    pub features: Vec<f32>,
-}
-
-/// One prompt + answer sequence scored under the policy, with its tape.
-pub struct ScoredSeq {
-    tape: LlamaTape,
-    /// Rows (expanded positions) whose logits predict the answer tokens, and those tokens.
-    rows: Vec<usize>,
-    targets: Vec<u32>,
-    sel: Vec<f32>,    // (A, C) hidden rows before the final norm
-    logits: Vec<f32>, // (A, V)
-    /// log p of each answer token.
-    pub token_logps: Vec<f32>,
-    /// (first row, count) of the image features inside the sequence.
-    image_rows: Option<(usize, usize)>,
-    /// All ids of the sequence and the row of each (for the embedding gradient).
-    ids: Vec<u32>,
-    id_rows: Vec<usize>,
-}
-
-impl ScoredSeq {
-    pub fn logp_sum(&self) -> f64 {
-        self.token_logps.iter().map(|&v| v as f64).sum()
-    }
-
-    /// The image rows (N, C) of a d-embeddings buffer (T, C) of this sequence.
-    pub fn image_rows_grad(&self, d_embeds: &[f32]) -> Vec<f32> {
-        let c = d_embeds.len() / self.tape.rows;
-        match self.image_rows {
-            Some((start, n)) => d_embeds[start * c..(start + n) * c].to_vec(),
-            None => Vec::new(),
-        }
-    }
-}
+// -- scoring ------------------------------------------------------------------------------------------------
 
 impl Model {
     #[allow(clippy::type_complexity)]
-    fn answer_rows(
+    pub(crate) fn answer_rows(
         &self,
         prompt: &[u32],
         answer: &[u32],
@@ -555,139 +454,7 @@ impl Model {
         feats: Option<&[f32]>,
         adapter: Option<&Adapter>,
     ) -> Result<f64> {
-        match &self.backend {
-            Some(b) => b.answer_logp(self, prompt, answer, feats, adapter),
-            None => self.answer_logp_cpu(prompt, answer, feats, adapter),
-        }
-    }
-
-    /// `answer_logp` on the CPU backend.
-    pub fn answer_logp_cpu(
-        &self,
-        prompt: &[u32],
-        answer: &[u32],
-        feats: Option<&[f32]>,
-        adapter: Option<&Adapter>,
-    ) -> Result<f64> {
-        let (mut x, rows, targets, ..) = self.answer_rows(prompt, answer, feats)?;
-        let c = self.llm.cfg.hidden_size;
-        let t = x.len() / c;
-        let mut cache = KvCache::new(self.llm.cfg.num_hidden_layers);
-        self.llm.forward_cached(&mut x, t, &mut cache, adapter);
-        let (_, mut logits) = self.llm.head_rows(&x, &rows, adapter);
-        let v = self.llm.cfg.vocab_size;
-        log_softmax_rows(&mut logits, v);
-        Ok(targets.iter().enumerate().map(|(i, &tok)| logits[i * v + tok as usize] as f64).sum())
-    }
-
-    /// Scores prompt + answer with the decoder, keeping what `score_backward` needs.
-    pub fn score_train(
-        &self,
-        prompt: &[u32],
-        answer: &[u32],
-        feats: Option<&[f32]>,
-        adapter: Option<&Adapter>,
-    ) -> Result<ScoredSeq> {
-        let (x, rows, targets, image_rows, ids, id_rows) = self.answer_rows(prompt, answer, feats)?;
-        let tape = self.llm.forward_train(x, adapter);
-        let (sel, logits) = self.llm.head_rows(&tape.hidden, &rows, adapter);
-        let v = self.llm.cfg.vocab_size;
-        let mut lp = logits.clone();
-        log_softmax_rows(&mut lp, v);
-        let token_logps = targets.iter().enumerate().map(|(i, &tok)| lp[i * v + tok as usize]).collect();
-        Ok(ScoredSeq { tape, rows, targets, sel, logits, token_logps, image_rows, ids, id_rows })
-    }
-
-    /// Backward of `score_train` for the loss gradient `d_logp_sum` = dL / d(Σ answer log-probs). Returns
-    /// d embeddings (T, C); LoRA gradients accumulate into `grads`.
-    pub fn score_backward(
-        &self,
-        seq: &ScoredSeq,
-        d_logp_sum: f32,
-        adapter: Option<&Adapter>,
-        mut grads: Option<&mut Grads>,
-    ) -> Result<Vec<f32>> {
-        let v = self.llm.cfg.vocab_size;
-        let mut dlogits = vec![0f32; seq.logits.len()];
-        let dlogp = vec![d_logp_sum; seq.targets.len()];
-        logprob_gather_fwd_bwd(&mut dlogits, &seq.logits, &seq.targets, &dlogp, v);
-        let dh =
-            self.llm.head_rows_backward(&seq.sel, &dlogits, &seq.rows, seq.tape.rows, adapter, grads.as_deref_mut());
-        let d_embeds = self.llm.backward_train(&seq.tape, dh, adapter, grads.as_deref_mut());
-        if let Some(table) = grads.and_then(|g| g.param_mut("language_model.embed_tokens.weight")) {
-            let c = self.llm.cfg.hidden_size;
-            let image = self.image_token_id();
-            for (&id, &row) in seq.ids.iter().zip(&seq.id_rows) {
-                if Some(id) != image {
-                    add_inplace(&mut table[id as usize * c..(id as usize + 1) * c], &d_embeds[row * c..(row + 1) * c]);
-                }
-            }
-        }
-        Ok(d_embeds)
-    }
-
-    /// Vision tower + projector keeping activations.
-    pub fn image_forward_train(&self, pixels: &PixelValues, adapter: Option<&Adapter>) -> Result<ImageTape> {
-        let (Some(lc), Some(vision), Some(proj)) = (self.config.llava(), &self.vision, &self.projector) else {
-            return Err(EngineError::Input("this model has no vision tower".into()));
-        };
-        let vt = vision.forward_train(&pixels.data, lc.vision_layers_needed(), adapter)?;
-        let dv = lc.vision.hidden_size;
-        let proj_in = match lc.vision_feature_select_strategy {
-            FeatureSelect::Default => vt.hidden[dv..].to_vec(),
-            FeatureSelect::Full => vt.hidden.clone(),
-        };
-        let n = proj_in.len() / dv;
-        let proj_h = proj.linear_1.apply(&proj_in, n, adapter);
-        let mut proj_a = proj_h.clone();
-        apply_activation(&mut proj_a, proj.act);
-        let features = proj.linear_2.apply(&proj_a, n, adapter);
-        Ok(ImageTape { vision: vt, proj_in, proj_h, proj_a, features })
-    }
-
-    /// Backward of `image_forward_train` from d features (N, C). Does nothing when neither the projector nor
-    /// the vision tower has anything to train (no LoRA there, no saved modules, no base parameters).
-    pub fn image_backward_train(
-        &self,
-        tape: &ImageTape,
-        d_features: Vec<f32>,
-        adapter: Option<&Adapter>,
-        mut grads: Option<&mut Grads>,
-    ) {
-        let (Some(lc), Some(vision), Some(proj)) = (self.config.llava(), &self.vision, &self.projector) else { return };
-        let image_side = |n: &str| n.starts_with("vision_tower.") || n.starts_with("multi_modal_projector.");
-        let trains = adapter.is_some_and(|a| {
-            a.module_names().iter().any(|n| image_side(n)) || a.saved_params().any(|(n, _)| image_side(n))
-        }) || grads
-            .as_deref()
-            .is_some_and(|g| g.trains_params_under("vision_tower.") || g.trains_params_under("multi_modal_projector."));
-        if !trains {
-            return;
-        }
-        let c = lc.text.hidden_size;
-        let dv = lc.vision.hidden_size;
-        let n = d_features.len() / c;
-        let mut d_a = vec![0f32; n * c];
-        proj.linear_2.backward(
-            &mut d_a,
-            &d_features,
-            &tape.proj_a,
-            n,
-            adapter,
-            grads.as_deref_mut(),
-            MatmulMode::Assign,
-        );
-        let mut d_h = vec![0f32; n * c];
-        activation_bwd(&mut d_h, &d_a, &tape.proj_h, proj.act);
-        let mut d_in = vec![0f32; n * dv];
-        proj.linear_1.backward(&mut d_in, &d_h, &tape.proj_in, n, adapter, grads.as_deref_mut(), MatmulMode::Assign);
-        let mut d_hidden = vec![0f32; tape.vision.tokens * dv];
-        let off = match lc.vision_feature_select_strategy {
-            FeatureSelect::Default => dv,
-            FeatureSelect::Full => 0,
-        };
-        d_hidden[off..off + d_in.len()].copy_from_slice(&d_in);
-        vision.backward_train(&tape.vision, d_hidden, adapter, grads);
+        self.backend.answer_logp(self, prompt, answer, feats, adapter)
     }
 }
 

@@ -112,7 +112,7 @@ pub fn cmd_label(a: LabelArgs) -> Result<()> {
         Ok(m)
     };
     let model = on(Model::load(&a.model).with_context(|| format!("loading model {}", a.model.display()))?)?;
-    if model.backend().is_some_and(|b| b.spec() != engine::backend::DeviceSpec::Cpu) {
+    if model.backend().spec() != engine::backend::DeviceSpec::Cpu {
         eprintln!("rlaifd label: on {}", model.device());
     }
     let adapter = match &a.adapter {

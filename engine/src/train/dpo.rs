@@ -4,7 +4,8 @@
 use crate::adapter::Adapter;
 use crate::error::{EngineError, Result};
 use crate::image::PixelValues;
-use crate::llava::{ImageTape, Model};
+use crate::llava::Model;
+use crate::train::passes::ImageTape;
 use crate::train::Grads;
 
 /// One preference pair in token form; the prompt holds the image token once when there is an image.
@@ -142,31 +143,56 @@ pub fn pair_forward_backward(
         None => None,
     };
     let feats = img.as_ref().map(|t| t.features.as_slice());
-    adapter.set_dropout_seed(s_c);
-    let sc = model.score_train(p.prompt_ids, p.chosen_ids, feats, Some(adapter))?;
-    adapter.set_dropout_seed(s_r);
-    let sr = model.score_train(p.prompt_ids, p.rejected_ids, feats, Some(adapter))?;
-    let l = PairLogps {
-        policy_chosen: sc.logp_sum(),
-        policy_rejected: sr.logp_sum(),
-        ref_chosen: refs.0,
-        ref_rejected: refs.1,
-    };
-    let (loss, d_pc, d_pr) = pair_loss(cfg, &l, p.chosen_ids.len(), p.rejected_ids.len());
-    if !loss.is_finite() {
-        return Err(EngineError::Input(format!("the loss is {loss} (log-probs {l:?})")));
-    }
-    adapter.set_dropout_seed(s_c);
-    let d_embed_c = model.score_backward(&sc, (d_pc * weight) as f32, Some(adapter), Some(grads))?;
-    adapter.set_dropout_seed(s_r);
-    let d_embed_r = model.score_backward(&sr, (d_pr * weight) as f32, Some(adapter), Some(grads))?;
-    if let Some(t) = &img {
-        let mut d_feats = sc.image_rows_grad(&d_embed_c);
-        for (a, b) in d_feats.iter_mut().zip(sr.image_rows_grad(&d_embed_r)) {
-            *a += b;
+    let (loss, l, d_feats) = if dropout_seed.is_none() {
+        // The prompt (image rows included) runs once; both answers attend its keys and values (as on the GPU).
+        let pt = model.forward_prompt(p.prompt_ids, feats, Some(adapter))?;
+        let tc = model.forward_answer(&pt, p.chosen_ids, Some(adapter))?;
+        let tr = model.forward_answer(&pt, p.rejected_ids, Some(adapter))?;
+        let l = PairLogps {
+            policy_chosen: tc.logp_sum(),
+            policy_rejected: tr.logp_sum(),
+            ref_chosen: refs.0,
+            ref_rejected: refs.1,
+        };
+        let (loss, d_pc, d_pr) = pair_loss(cfg, &l, p.chosen_ids.len(), p.rejected_ids.len());
+        if !loss.is_finite() {
+            return Err(EngineError::Input(format!("the loss is {loss} (log-probs {l:?})")));
         }
+        let answers = [(&tc, (d_pc * weight) as f32), (&tr, (d_pr * weight) as f32)];
+        let d_embeds = model.backward_shared(&pt, &answers, Some(adapter), Some(grads))?;
+        (loss, l, img.as_ref().map(|_| pt.image_rows_grad(&d_embeds)))
+    } else {
+        // Each answer draws its own dropout masks, over its prompt's rows too: two whole sequences.
+        adapter.set_dropout_seed(s_c);
+        let sc = model.score_train(p.prompt_ids, p.chosen_ids, feats, Some(adapter))?;
+        adapter.set_dropout_seed(s_r);
+        let sr = model.score_train(p.prompt_ids, p.rejected_ids, feats, Some(adapter))?;
+        let l = PairLogps {
+            policy_chosen: sc.logp_sum(),
+            policy_rejected: sr.logp_sum(),
+            ref_chosen: refs.0,
+            ref_rejected: refs.1,
+        };
+        let (loss, d_pc, d_pr) = pair_loss(cfg, &l, p.chosen_ids.len(), p.rejected_ids.len());
+        if !loss.is_finite() {
+            return Err(EngineError::Input(format!("the loss is {loss} (log-probs {l:?})")));
+        }
+        adapter.set_dropout_seed(s_c);
+        let d_embed_c = model.score_backward(&sc, (d_pc * weight) as f32, Some(adapter), Some(grads))?;
+        adapter.set_dropout_seed(s_r);
+        let d_embed_r = model.score_backward(&sr, (d_pr * weight) as f32, Some(adapter), Some(grads))?;
+        let d_feats = img.as_ref().map(|_| {
+            let mut d = sc.image_rows_grad(&d_embed_c);
+            for (a, b) in d.iter_mut().zip(sr.image_rows_grad(&d_embed_r)) {
+                *a += b;
+            }
+            d
+        });
+        (loss, l, d_feats)
+    };
+    if let (Some(t), Some(d)) = (&img, d_feats) {
         adapter.set_dropout_seed(s_img);
-        model.image_backward_train(t, d_feats, Some(adapter), Some(grads));
+        model.image_backward_train(t, d, Some(adapter), Some(grads));
     }
     Ok((loss, l))
 }

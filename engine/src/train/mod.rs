@@ -5,6 +5,8 @@
 
 pub mod dpo;
 pub mod optim;
+pub mod passes;
+pub mod schedule;
 pub mod sft;
 pub mod trainer;
 

@@ -8,7 +8,7 @@ use crate::image::PixelValues;
 use crate::llava::Model;
 use crate::train::dpo::{part_seed, DropoutGuard};
 use crate::train::optim::AdamW;
-use crate::train::trainer::{dropout_seed, step_batch, steps_per_epoch};
+use crate::train::schedule::{self, dropout_seed, Schedule, StepRunner};
 use crate::train::Grads;
 use std::collections::BTreeMap;
 
@@ -101,8 +101,74 @@ pub enum SftTarget<'a> {
     Full,
 }
 
-/// Runs optimizer steps until `stop_after` (or the end of the schedule), calling `on_step` after each. A LoRA
-/// target runs on the model's backend when it trains this run (`backend::Backend::train_sft`), else on the CPU.
+/// The CPU's SFT steps: each example's passes (`sft_forward_backward`) into host gradients, then `AdamW::step` on
+/// the adapter or `AdamW::step_params` on the f32 master weights (written back into the model after each step).
+struct SftSteps<'a, 'e> {
+    model: &'a mut Model,
+    target: SftTarget<'a>,
+    examples: &'a [SftExample<'e>],
+    cfg: &'a SftConfig,
+    params: Vec<(String, Vec<usize>)>,
+    master: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    grads: Option<Grads>,
+}
+
+impl StepRunner for SftSteps<'_, '_> {
+    /// (mean −log p per answer token, answer tokens) of the batch.
+    type Metrics = (f64, usize);
+
+    fn accumulate(&mut self, batch: &[usize], step: usize) -> Result<(f64, usize)> {
+        let tokens: usize = batch.iter().map(|&i| self.examples[i].answer_ids.len()).sum();
+        let weight = 1.0 / tokens.max(1) as f64;
+        let (model, examples, seed): (&Model, _, _) = (self.model, self.examples, self.cfg.seed);
+        let (nll, grads) = match &self.target {
+            SftTarget::Lora(adapter) => {
+                let shared: &Adapter = adapter;
+                let dropout = shared.lora_dropout > 0.0;
+                batch_grads(
+                    batch,
+                    !dropout,
+                    || Grads::zeros_like(shared),
+                    |i, g| {
+                        let seed = dropout.then(|| dropout_seed(seed, step, i));
+                        sft_forward_backward(model, Some(shared), &examples[i], weight, g, seed)
+                    },
+                )?
+            }
+            SftTarget::Full => {
+                let sizes: Vec<(String, usize)> =
+                    self.params.iter().map(|(n, s)| (n.clone(), s.iter().product())).collect();
+                batch_grads(
+                    batch,
+                    true,
+                    || Grads::zeros_for_params(&sizes),
+                    |i, g| sft_forward_backward(model, None, &examples[i], weight, g, None),
+                )?
+            }
+        };
+        self.grads = Some(grads);
+        Ok((nll * weight, tokens))
+    }
+
+    fn optimizer_step(&mut self, opt: &mut AdamW) -> Result<(f64, f64)> {
+        let grads = self.grads.take().ok_or_else(|| EngineError::Input("an optimizer step without a batch".into()))?;
+        let info = match &mut self.target {
+            SftTarget::Lora(adapter) => opt.step(adapter, &grads)?,
+            SftTarget::Full => {
+                let info = opt.step_params(&mut self.master, &grads)?;
+                for (name, (_, v)) in &self.master {
+                    self.model.set_param(name, v);
+                }
+                info
+            }
+        };
+        Ok((info.lr, info.grad_norm))
+    }
+}
+
+/// Runs optimizer steps until `stop_after` (or the end of the schedule), calling `on_step` after each. Where it
+/// runs is decided once: a LoRA target on the model's device when that trains this adapter
+/// (`Model::training_placement`), else (and full fine-tuning always) on the CPU.
 pub fn train_sft(
     model: &mut Model,
     mut target: SftTarget,
@@ -112,14 +178,13 @@ pub fn train_sft(
     stop_after: Option<usize>,
     mut on_step: impl FnMut(&SftStepLog),
 ) -> Result<()> {
-    if let (SftTarget::Lora(adapter), Some(b)) = (&mut target, model.backend()) {
-        if let Some(r) = b.train_sft(model, adapter, examples, cfg, opt, stop_after, &mut on_step) {
-            return r;
+    if let SftTarget::Lora(adapter) = &mut target {
+        if model.training_placement("SFT", adapter).on_device() {
+            let m: &Model = model;
+            return m.backend().train_sft(m, adapter, examples, cfg, opt, stop_after, &mut on_step);
         }
     }
-    let per_epoch = steps_per_epoch(examples.len(), cfg.batch_size);
-    let total = per_epoch * cfg.epochs;
-    let end = stop_after.map_or(total, |s| s.min(total));
+    let schedule = Schedule { items: examples.len(), batch_size: cfg.batch_size, epochs: cfg.epochs, seed: cfg.seed };
     let params: Vec<(String, Vec<usize>)> = model.param_shapes();
     let mut master: BTreeMap<String, (Vec<usize>, Vec<f32>)> = BTreeMap::new();
     if matches!(target, SftTarget::Full) {
@@ -128,57 +193,19 @@ pub fn train_sft(
             master.insert(name.clone(), (shape.clone(), v));
         }
     }
-    while opt.step < end {
-        let t0 = std::time::Instant::now();
-        let epoch = opt.step / per_epoch;
-        let batch = &step_batch(examples.len(), cfg.batch_size, cfg.seed, opt.step);
-        let tokens: usize = batch.iter().map(|&i| examples[i].answer_ids.len()).sum();
-        let weight = 1.0 / tokens.max(1) as f64;
-        let nll;
-        let info = match &mut target {
-            SftTarget::Lora(adapter) => {
-                let shared: &Adapter = adapter;
-                let dropout = shared.lora_dropout > 0.0;
-                let (loss, grads) = batch_grads(
-                    batch,
-                    !dropout,
-                    || Grads::zeros_like(shared),
-                    |i, g| {
-                        let seed = dropout.then(|| dropout_seed(cfg.seed, opt.step, i));
-                        sft_forward_backward(model, Some(shared), &examples[i], weight, g, seed)
-                    },
-                )?;
-                nll = loss;
-                opt.step(adapter, &grads)?
-            }
-            SftTarget::Full => {
-                let sizes: Vec<(String, usize)> = params.iter().map(|(n, s)| (n.clone(), s.iter().product())).collect();
-                let (loss, grads) = batch_grads(
-                    batch,
-                    true,
-                    || Grads::zeros_for_params(&sizes),
-                    |i, g| sft_forward_backward(model, None, &examples[i], weight, g, None),
-                )?;
-                nll = loss;
-                let info = opt.step_params(&mut master, &grads)?;
-                for (name, (_, v)) in &master {
-                    model.set_param(name, v);
-                }
-                info
-            }
-        };
+    let mut steps = SftSteps { model, target, examples, cfg, params, master, grads: None };
+    schedule::run(&mut steps, opt, &schedule, stop_after, |(loss, tokens), _, d| {
         on_step(&SftStepLog {
-            step: opt.step,
-            total_steps: total,
-            epoch,
-            loss: nll * weight,
+            step: d.step,
+            total_steps: d.total,
+            epoch: d.epoch,
+            loss,
             tokens,
-            lr: info.lr,
-            grad_norm: info.grad_norm,
-            tokens_per_s: tokens as f64 / t0.elapsed().as_secs_f64(),
-        });
-    }
-    Ok(())
+            lr: d.lr,
+            grad_norm: d.grad_norm,
+            tokens_per_s: tokens as f64 / d.t0.elapsed().as_secs_f64(),
+        })
+    })
 }
 
 /// Sum over `batch` of `one(example index, grads)`: each example's gradient is computed into its own buffer and

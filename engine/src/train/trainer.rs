@@ -2,11 +2,11 @@
 //! gradient accumulation over a batch, AdamW steps, per-step metrics, and exact resume from a saved state.
 
 use crate::adapter::Adapter;
-use crate::error::Result;
+use crate::error::{EngineError, Result};
 use crate::llava::Model;
-use crate::rng::SplitMix64;
 use crate::train::dpo::{pair_forward_backward, reference_logps, DpoConfig, TokenPair};
 use crate::train::optim::AdamW;
+use crate::train::schedule::{self, Schedule, StepRunner};
 use crate::train::Grads;
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -93,37 +93,7 @@ impl StepMetrics {
     }
 }
 
-/// Optimizer steps per epoch for `n` pairs.
-pub fn steps_per_epoch(n: usize, batch_size: usize) -> usize {
-    n.div_ceil(batch_size.max(1))
-}
-
-/// The pair order of `epoch`: a Fisher-Yates shuffle seeded by (seed, epoch).
-pub fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
-    let mut rng = SplitMix64::new(seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    let mut idx: Vec<usize> = (0..n).collect();
-    for i in (1..n).rev() {
-        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
-        idx.swap(i, j);
-    }
-    idx
-}
-
-/// The items (indices into `n`) of optimizer step `step`: its slice of its epoch's order (the last batch of an
-/// epoch may be short). Shared by every trainer, so a run resumes and crosses devices with the same batches.
-pub fn step_batch(n: usize, batch_size: usize, seed: u64, step: usize) -> Vec<usize> {
-    let per_epoch = steps_per_epoch(n, batch_size).max(1);
-    let bs = batch_size.max(1);
-    let order = epoch_order(n, seed, step / per_epoch);
-    let b = step % per_epoch;
-    order[(b * bs).min(order.len())..((b + 1) * bs).min(order.len())].to_vec()
-}
-
-/// The LoRA dropout seed of item `i` at optimizer step `step` of a run seeded `seed`: every trainer (CPU and GPU,
-/// DPO and SFT) draws its masks from it, so devices and resumed runs drop the same elements.
-pub fn dropout_seed(seed: u64, step: usize, i: usize) -> u64 {
-    seed ^ ((step as u64) << 32) ^ i as u64
-}
+pub use crate::train::schedule::{dropout_seed, epoch_order, step_batch, steps_per_epoch};
 
 /// Reference log-probs of every pair under `reference` (None = the base model).
 pub fn precompute_references(
@@ -134,10 +104,46 @@ pub fn precompute_references(
     pairs.iter().map(|p| reference_logps(model, reference, p)).collect()
 }
 
+/// The CPU's DPO steps: each pair's passes (`pair_forward_backward`) into host gradients, then `AdamW::step`.
+struct DpoSteps<'a, 'p> {
+    model: &'a Model,
+    adapter: &'a mut Adapter,
+    pairs: &'a [TokenPair<'p>],
+    refs: &'a [(f64, f64)],
+    cfg: &'a TrainConfig,
+    grads: Option<Grads>,
+}
+
+impl StepRunner for DpoSteps<'_, '_> {
+    type Metrics = StepMetrics;
+
+    fn accumulate(&mut self, batch: &[usize], step: usize) -> Result<StepMetrics> {
+        let mut grads = Grads::zeros_like(self.adapter);
+        let weight = 1.0 / batch.len() as f64;
+        let mut m = StepMetrics::default();
+        for &i in batch {
+            // Dropout masks differ per step and pair, and replay exactly on resume.
+            let seed = (self.adapter.lora_dropout > 0.0).then(|| dropout_seed(self.cfg.seed, step, i));
+            let (p, refs) = (&self.pairs[i], self.refs[i]);
+            let (l, lp) =
+                pair_forward_backward(self.model, self.adapter, p, refs, &self.cfg.dpo, weight, &mut grads, seed)?;
+            m.add(self.cfg.dpo.beta, l, &lp, weight);
+        }
+        self.grads = Some(grads);
+        Ok(m)
+    }
+
+    fn optimizer_step(&mut self, opt: &mut AdamW) -> Result<(f64, f64)> {
+        let grads = self.grads.take().unwrap_or_else(|| Grads::zeros_like(self.adapter));
+        let info = opt.step(self.adapter, &grads)?;
+        Ok((info.lr, info.grad_norm))
+    }
+}
+
 /// Runs optimizer steps `opt.step ..` until `stop_after` steps in total (or the schedule's end), calling
-/// `on_step` after each. `refs[i]` are pair i's reference log-probs. Runs on the model's backend when it trains
-/// this run (`backend::Backend::train_dpo`: the CUDA backend for the loop's adapters), else on the CPU.
-#[allow(clippy::too_many_arguments)] // what a run is made of; the trainers' shared loop will take them as one struct
+/// `on_step` after each. `refs[i]` are pair i's reference log-probs. Where it runs is decided once, from the
+/// model's backend (`Model::training_placement`): on its device when that trains this adapter, else on the CPU.
+#[allow(clippy::too_many_arguments)] // what a run is made of
 pub fn train_dpo(
     model: &Model,
     adapter: &mut Adapter,
@@ -148,30 +154,15 @@ pub fn train_dpo(
     stop_after: Option<usize>,
     mut on_step: impl FnMut(&StepLog),
 ) -> Result<()> {
-    if let Some(b) = model.backend() {
-        if let Some(r) = b.train_dpo(model, adapter, pairs, refs, cfg, opt, stop_after, &mut on_step) {
-            return r;
-        }
+    if pairs.len() != refs.len() {
+        return Err(EngineError::Input(format!("{} pairs but {} reference log-prob pairs", pairs.len(), refs.len())));
     }
-    let per_epoch = steps_per_epoch(pairs.len(), cfg.batch_size);
-    let total = per_epoch * cfg.epochs;
-    let end = stop_after.map_or(total, |s| s.min(total));
-    while opt.step < end {
-        let t0 = std::time::Instant::now();
-        let epoch = opt.step / per_epoch;
-        let batch = &step_batch(pairs.len(), cfg.batch_size, cfg.seed, opt.step);
-        let mut grads = Grads::zeros_like(adapter);
-        let weight = 1.0 / batch.len() as f64;
-        let mut m = StepMetrics::default();
-        for &i in batch {
-            // Dropout masks differ per step and pair, and replay exactly on resume.
-            let seed = (adapter.lora_dropout > 0.0).then(|| dropout_seed(cfg.seed, opt.step, i));
-            let (l, lp) =
-                pair_forward_backward(model, adapter, &pairs[i], refs[i], &cfg.dpo, weight, &mut grads, seed)?;
-            m.add(cfg.dpo.beta, l, &lp, weight);
-        }
-        let info = opt.step(adapter, &grads)?;
-        on_step(&m.log(opt.step, total, epoch, info.lr, info.grad_norm, batch.len(), t0));
+    if model.training_placement("DPO", adapter).on_device() {
+        return model.backend().train_dpo(model, adapter, pairs, refs, cfg, opt, stop_after, &mut on_step);
     }
-    Ok(())
+    let schedule = Schedule { items: pairs.len(), batch_size: cfg.batch_size, epochs: cfg.epochs, seed: cfg.seed };
+    let mut steps = DpoSteps { model, adapter, pairs, refs, cfg, grads: None };
+    schedule::run(&mut steps, opt, &schedule, stop_after, |m, batch, d| {
+        on_step(&m.log(d.step, d.total, d.epoch, d.lr, d.grad_norm, batch.len(), d.t0))
+    })
 }

@@ -1,0 +1,199 @@
+//! The CPU backend: generation, scoring, the labeler's branches and the image path in f32 on the host
+//! (`crate::llama`, `crate::clip`, `crate::ops`). The CUDA backend (`cuda.rs`) has the same methods and runs here
+//! whatever its device cannot apply. Training on the CPU is `train::trainer` / `train::sft` over
+//! `train::passes`.
+
+use crate::adapter::Adapter;
+use crate::backend::{Backend, DeviceSpec};
+use crate::config::FeatureSelect;
+use crate::error::{EngineError, Result};
+use crate::generate::{Answer, FinishReason, GenerateRequest, GenerateStats};
+use crate::image::PixelValues;
+use crate::llama::KvCache;
+use crate::llava::Model;
+use crate::ops::{apply_activation, log_softmax_rows};
+use crate::rng::SplitMix64;
+use crate::sampling::sample;
+
+/// The CPU backend.
+pub struct CpuBackend;
+
+impl Backend for CpuBackend {
+    fn device(&self) -> String {
+        "cpu".into()
+    }
+
+    fn spec(&self) -> DeviceSpec {
+        DeviceSpec::Cpu
+    }
+
+    fn generate(
+        &self,
+        model: &Model,
+        req: &GenerateRequest,
+        adapter: Option<&Adapter>,
+    ) -> Result<(Vec<Answer>, GenerateStats)> {
+        let mut stats = GenerateStats::default();
+        let t0 = std::time::Instant::now();
+        req.params.validate().map_err(EngineError::Input)?;
+        if req.seeds.is_empty() {
+            return Ok((Vec::new(), stats));
+        }
+        let cfg = &model.llm.cfg;
+        let stop: Vec<u32> = if req.stop_ids.is_empty() { cfg.eos_token_ids.clone() } else { req.stop_ids.clone() };
+        let feats = match req.pixels {
+            Some(p) => Some(model.image_features(p, adapter)?),
+            None => None,
+        };
+        let (prefix, first_logits) = model.prefill(req.ids, feats.as_deref(), adapter)?;
+        stats.prompt_positions = prefix.len;
+        stats.prefill_s = t0.elapsed().as_secs_f64();
+        let t1 = std::time::Instant::now();
+        let n = req.seeds.len();
+        let v = cfg.vocab_size;
+        let c = cfg.hidden_size;
+        let mut rngs: Vec<SplitMix64> = req.seeds.iter().map(|&s| SplitMix64::new(s)).collect();
+        let mut answers: Vec<Answer> =
+            req.seeds.iter().map(|&seed| Answer { seed, tokens: Vec::new(), finish: FinishReason::Length }).collect();
+        let mut suffixes: Vec<KvCache> = (0..n).map(|_| KvCache::new(cfg.num_hidden_layers)).collect();
+        let mut active: Vec<usize> = (0..n).collect();
+        let mut seen: Vec<Vec<u32>> = vec![req.ids.to_vec(); n];
+
+        // First token of every answer comes from the shared prefill logits.
+        let mut next: Vec<u32> = Vec::with_capacity(n);
+        for i in 0..n {
+            if req.params.max_new_tokens == 0 {
+                break;
+            }
+            let mut l = first_logits.clone();
+            next.push(sample(&mut l, &seen[i], &req.params, &mut rngs[i]));
+        }
+        if req.params.max_new_tokens == 0 {
+            return Ok((answers, stats));
+        }
+        loop {
+            // Record this step's tokens, drop finished answers.
+            let mut still = Vec::with_capacity(active.len());
+            let mut feed = Vec::with_capacity(active.len());
+            for (slot, &i) in active.iter().enumerate() {
+                let tok = next[slot];
+                if stop.contains(&tok) {
+                    answers[i].finish = FinishReason::Stop;
+                    continue;
+                }
+                answers[i].tokens.push(tok);
+                seen[i].push(tok);
+                if answers[i].tokens.len() >= req.params.max_new_tokens {
+                    answers[i].finish = FinishReason::Length;
+                    continue;
+                }
+                still.push(i);
+                feed.push(tok);
+            }
+            active = still;
+            if active.is_empty() {
+                break;
+            }
+            crate::interrupt::check()?;
+            stats.decode_steps += 1;
+            stats.decode_tokens += active.len();
+            let mut x = Vec::with_capacity(active.len() * c); // (A, C)
+            model.llm.embed_into(&mut x, &feed);
+            {
+                // `active` is ascending, so filtering in index order lines the caches up with the rows of x.
+                let mut is_active = vec![false; n];
+                active.iter().for_each(|&i| is_active[i] = true);
+                let mut refs: Vec<&mut KvCache> =
+                    suffixes.iter_mut().zip(&is_active).filter(|(_, &a)| a).map(|(s, _)| s).collect();
+                model.llm.forward_shared_prefix(&mut x, &prefix, &mut refs, adapter);
+            }
+            let mut logits = model.llm.logits(&x, active.len(), adapter); // (A, V)
+            next.clear();
+            for (slot, &i) in active.iter().enumerate() {
+                let row = &mut logits[slot * v..(slot + 1) * v];
+                next.push(sample(row, &seen[i], &req.params, &mut rngs[i]));
+            }
+        }
+        stats.decode_s = t1.elapsed().as_secs_f64();
+        Ok((answers, stats))
+    }
+
+    fn image_features(&self, model: &Model, pixels: &PixelValues, adapter: Option<&Adapter>) -> Result<Vec<f32>> {
+        let (Some(lc), Some(vision), Some(proj)) = (model.config.llava(), &model.vision, &model.projector) else {
+            return Err(EngineError::Input("this model has no vision tower".into()));
+        };
+        let hidden = vision.forward(&pixels.data, lc.vision_layers_needed(), adapter)?; // (N + 1, Dv)
+        let dv = lc.vision.hidden_size;
+        let feats = match lc.vision_feature_select_strategy {
+            FeatureSelect::Default => &hidden[dv..],
+            FeatureSelect::Full => &hidden[..],
+        };
+        let n = feats.len() / dv;
+        let mut h = proj.linear_1.apply(feats, n, adapter); // (N, C)
+        apply_activation(&mut h, proj.act);
+        Ok(proj.linear_2.apply(&h, n, adapter))
+    }
+
+    fn branch_logits(
+        &self,
+        model: &Model,
+        prefix: &[u32],
+        continuations: &[&[u32]],
+        image_features: Option<&[f32]>,
+        adapter: Option<&Adapter>,
+    ) -> Result<Vec<Vec<f32>>> {
+        if continuations.is_empty() {
+            return Ok(Vec::new());
+        }
+        if continuations.iter().any(|c| c.is_empty()) {
+            return Err(EngineError::Input("every continuation needs at least one token".into()));
+        }
+        let (mut px, _) = model.embed_inputs(prefix, image_features)?;
+        let c = model.llm.cfg.hidden_size;
+        let mut cache = KvCache::new(model.llm.cfg.num_hidden_layers);
+        let t = px.len() / c;
+        if t > 0 {
+            model.llm.forward_cached(&mut px, t, &mut cache, adapter);
+        }
+        let lens: Vec<usize> = continuations.iter().map(|c| c.len()).collect();
+        let mut x = Vec::new();
+        for cont in continuations {
+            if cont.iter().any(|&id| Some(id) == model.image_token_id() || id as usize >= model.llm.cfg.vocab_size) {
+                return Err(EngineError::Input(
+                    "a continuation holds an image token or an id outside the vocabulary".into(),
+                ));
+            }
+            model.llm.embed_into(&mut x, cont);
+        }
+        model.llm.forward_branches(&mut x, &lens, &cache, adapter);
+        let mut ends = Vec::with_capacity(lens.len() * c);
+        let mut row = 0;
+        for l in &lens {
+            row += l;
+            ends.extend_from_slice(&x[(row - 1) * c..row * c]);
+        }
+        let logits = model.llm.logits(&ends, lens.len(), adapter);
+        let v = model.llm.cfg.vocab_size;
+        Ok(logits.chunks(v).map(|r| r.to_vec()).collect())
+    }
+
+    fn answer_logp(
+        &self,
+        model: &Model,
+        prompt: &[u32],
+        answer: &[u32],
+        feats: Option<&[f32]>,
+        adapter: Option<&Adapter>,
+    ) -> Result<f64> {
+        let (mut x, rows, targets, ..) = model.answer_rows(prompt, answer, feats)?;
+        let c = model.llm.cfg.hidden_size;
+        let t = x.len() / c;
+        let mut cache = KvCache::new(model.llm.cfg.num_hidden_layers);
+        model.llm.forward_cached(&mut x, t, &mut cache, adapter);
+        let sel: Vec<f32> = rows.iter().flat_map(|&r| x[r * c..(r + 1) * c].iter().copied()).collect();
+        let mut logits = model.llm.head_forward(&sel, adapter);
+        let v = model.llm.cfg.vocab_size;
+        log_softmax_rows(&mut logits, v);
+        Ok(targets.iter().enumerate().map(|(i, &tok)| logits[i * v + tok as usize] as f64).sum())
+    }
+}

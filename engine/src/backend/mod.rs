@@ -1,0 +1,225 @@
+//! Where the model math of generation, scoring and training runs: the CPU backend (`cpu.rs`) or a CUDA device
+//! (`cuda.rs`). A `Model` always carries one (`Model::set_backend`; the CPU unless the daemon or a command picked
+//! a device with `--device` / `model.device`), and `generate::generate`, `Model::answer_logp`,
+//! `Model::image_features` and `Model::branch_logits` dispatch through it, so every caller (the sampler, the
+//! labeler's reference scoring, the server, best-of-n, evaluation) runs on the chosen device. Both backends
+//! implement the same trait methods under the same names.
+//!
+//! The CUDA backend runs the decoder on the GPU (`cuda_llama::GpuLlama`, weights uploaded once as fp16, the
+//! prompt prefilled once and the n answers decoded together against it, LoRA applied unmerged from
+//! `cuda_lora::GpuLora::for_inference`). The vision tower and projector run on the device too
+//! (`cuda_clip::GpuVision`, with an adapter's LoRA and replaced linear layers there: `cuda_clip::GpuVisionAdapter`);
+//! the features are spliced into the prompt's embedding rows on the host and uploaded (`cuda_llama::Input::Embeds`).
+//! Sampling is on the host, as on the CPU backend (`crate::sampling`: the same function and the same per-answer
+//! RNG streams). What the GPU decoder cannot apply (an adapter with LoRA on the lm_head, or whole decoder
+//! parameters) runs on the CPU backend, with a warning logged once per adapter.
+//!
+//! Training (`train::trainer::train_dpo`, `train::sft::train_sft`) asks the backend once where a run goes
+//! (`Backend::training_placement`): the CUDA backend trains LoRA on any subset of the seven projections of every
+//! decoder layer, with or without dropout, and adapters that also train the image path (LoRA on the vision
+//! tower's and the projector's linear layers, the projector's weights and biases in full) when the image path runs
+//! on the device, fresh or resumed from an optimizer state saved on either device (`cuda_train`). Any other run
+//! goes to the CPU trainer, with the reason logged.
+
+use crate::adapter::Adapter;
+use crate::error::{EngineError, Result};
+use crate::generate::{Answer, GenerateRequest, GenerateStats};
+use crate::llava::Model;
+use crate::train::dpo::TokenPair;
+use crate::train::optim::AdamW;
+use crate::train::sft::{SftConfig, SftExample, SftStepLog};
+use crate::train::trainer::{StepLog, TrainConfig};
+use std::sync::Arc;
+
+mod cpu;
+mod cuda;
+
+pub use cpu::CpuBackend;
+pub use cuda::CudaBackend;
+
+/// A device as the user names it: `auto`, `cpu`, `cuda` (device 0) or `cuda:N`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceSpec {
+    /// CUDA device 0 when one is usable, else the CPU.
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for DeviceSpec {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.trim() {
+            "auto" => Ok(DeviceSpec::Auto),
+            "cpu" => Ok(DeviceSpec::Cpu),
+            "cuda" => Ok(DeviceSpec::Cuda(0)),
+            other => match other.strip_prefix("cuda:") {
+                Some(n) => n.parse::<usize>().map(DeviceSpec::Cuda).map_err(|_| {
+                    format!("device {s:?}: the part after \"cuda:\" must be a device number, e.g. cuda:0")
+                }),
+                None => Err(format!("unknown device {s:?}: use auto, cpu, cuda or cuda:N")),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        match self {
+            DeviceSpec::Auto => write!(f, "auto"),
+            DeviceSpec::Cpu => write!(f, "cpu"),
+            DeviceSpec::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+/// The operations whose math a backend runs. Both take the `Model` for its configuration, tokenizer-independent
+/// input checks and the parts that stay on the CPU.
+pub trait Backend: Send + Sync {
+    /// What it runs on, e.g. "cpu" or "cuda:0 (NVIDIA H200, sm_90)".
+    fn device(&self) -> String;
+    /// The device as `select` takes it (a second model, e.g. a labeler, goes to the same one).
+    fn spec(&self) -> DeviceSpec;
+    /// `generate::generate_with_stats` on this backend.
+    fn generate(
+        &self,
+        model: &Model,
+        req: &GenerateRequest,
+        adapter: Option<&Adapter>,
+    ) -> Result<(Vec<Answer>, GenerateStats)>;
+    /// `Model::answer_logp` on this backend.
+    fn answer_logp(
+        &self,
+        model: &Model,
+        prompt: &[u32],
+        answer: &[u32],
+        feats: Option<&[f32]>,
+        adapter: Option<&Adapter>,
+    ) -> Result<f64>;
+    /// `Model::image_features` (vision tower and projector) on this backend.
+    fn image_features(
+        &self,
+        model: &Model,
+        pixels: &crate::image::PixelValues,
+        adapter: Option<&Adapter>,
+    ) -> Result<Vec<f32>>;
+    /// `Model::branch_logits` (the labeler's yes/no verification) on this backend.
+    fn branch_logits(
+        &self,
+        model: &Model,
+        prefix: &[u32],
+        continuations: &[&[u32]],
+        feats: Option<&[f32]>,
+        adapter: Option<&Adapter>,
+    ) -> Result<Vec<Vec<f32>>>;
+    /// Where a LoRA training run of `adapter` goes: on this backend's device, or on the CPU trainer (with the
+    /// reason when this backend has a device but cannot train this adapter there).
+    fn training_placement(&self, _model: &Model, _adapter: &Adapter) -> Placement {
+        Placement::Cpu(None)
+    }
+    /// `train::trainer::train_dpo` on this backend's device, for a run `training_placement` put there.
+    #[allow(clippy::too_many_arguments)]
+    fn train_dpo(
+        &self,
+        _model: &Model,
+        _adapter: &mut Adapter,
+        _pairs: &[TokenPair],
+        _refs: &[(f64, f64)],
+        _cfg: &TrainConfig,
+        _opt: &mut AdamW,
+        _stop_after: Option<usize>,
+        _on_step: &mut dyn FnMut(&StepLog),
+    ) -> Result<()> {
+        Err(EngineError::Device(format!("{} has no device trainer", self.device())))
+    }
+    /// `train::sft::train_sft` of a LoRA adapter on this backend's device, for a run `training_placement` put
+    /// there.
+    #[allow(clippy::too_many_arguments)]
+    fn train_sft(
+        &self,
+        _model: &Model,
+        _adapter: &mut Adapter,
+        _examples: &[SftExample],
+        _cfg: &SftConfig,
+        _opt: &mut AdamW,
+        _stop_after: Option<usize>,
+        _on_step: &mut dyn FnMut(&SftStepLog),
+    ) -> Result<()> {
+        Err(EngineError::Device(format!("{} has no device trainer", self.device())))
+    }
+}
+
+/// Where a training run goes (`Backend::training_placement`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// On the backend's device (its label, e.g. "cuda:0 (NVIDIA H200, sm_90)").
+    Device(String),
+    /// On the CPU trainer; with the reason when a device was there but cannot train this run.
+    Cpu(Option<String>),
+}
+
+impl Placement {
+    pub fn on_device(&self) -> bool {
+        matches!(self, Placement::Device(_))
+    }
+}
+
+impl std::fmt::Display for Placement {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        match self {
+            Placement::Device(d) => write!(f, "{d}"),
+            Placement::Cpu(None) => write!(f, "cpu"),
+            Placement::Cpu(Some(why)) => write!(f, "cpu ({why})"),
+        }
+    }
+}
+
+/// Opens the backend `spec` names for `model`. Returns it and a line saying what was chosen and, for `auto`
+/// without a usable GPU, why not. An explicit `cuda[:N]` that cannot be used is an error naming the reason and the
+/// way out.
+pub fn select(spec: DeviceSpec, model: &Model) -> Result<(Arc<dyn Backend>, String)> {
+    match spec {
+        DeviceSpec::Cpu => Ok((Arc::new(CpuBackend), "cpu (asked for)".into())),
+        DeviceSpec::Cuda(n) => match CudaBackend::open(n, model) {
+            Ok(b) => {
+                let d = b.device();
+                Ok((Arc::new(b), d))
+            }
+            Err(why) => Err(EngineError::Device(format!(
+                "device cuda:{n} cannot be used: {why} (use --device cpu, or auto to fall back to the CPU)"
+            ))),
+        },
+        DeviceSpec::Auto => match CudaBackend::open(0, model) {
+            Ok(b) => {
+                let d = b.device();
+                Ok((Arc::new(b), d))
+            }
+            Err(why) => Ok((Arc::new(CpuBackend), format!("cpu (no usable GPU: {why})"))),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_names_parse_and_print_back() {
+        for (s, d) in [
+            ("auto", DeviceSpec::Auto),
+            ("cpu", DeviceSpec::Cpu),
+            ("cuda", DeviceSpec::Cuda(0)),
+            ("cuda:3", DeviceSpec::Cuda(3)),
+            (" cpu ", DeviceSpec::Cpu),
+        ] {
+            assert_eq!(s.parse::<DeviceSpec>(), Ok(d), "{s}");
+        }
+        assert_eq!(DeviceSpec::Cuda(3).to_string(), "cuda:3");
+        assert_eq!("cuda".parse::<DeviceSpec>().map(|d| d.to_string()), Ok("cuda:0".into()));
+        let e = "gpu".parse::<DeviceSpec>().unwrap_err();
+        assert!(e.contains("\"gpu\"") && e.contains("cuda:N"), "{e}");
+        let e = "cuda:x".parse::<DeviceSpec>().unwrap_err();
+        assert!(e.contains("device number"), "{e}");
+        assert!("cuda:-1".parse::<DeviceSpec>().is_err());
+    }
+}
