@@ -71,33 +71,12 @@ pub struct SavedParam {
 
 const NO_DROPOUT: u64 = u64::MAX;
 
-/// Which key layout family a model's canonical names come from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ModelFamily {
-    Llava,
-    Llama,
-}
+pub use crate::family::ModelFamily;
 
-/// Maps a module path as it appears in a checkpoint or adapter (any llava-hf layout) to the engine's canonical
-/// name: `language_model.layers.N...`, `vision_tower.encoder.layers.N...`, `multi_modal_projector.linear_K`,
-/// `lm_head`. Returns None for paths that are not under a known prefix.
+/// Maps a module path as it appears in a checkpoint or adapter (any of the family's key layouts) to the engine's
+/// canonical name (`Family::canonical_module`).
 pub fn canonical_module(path: &str, family: ModelFamily) -> Option<String> {
-    let rules: &[(&str, &str)] = match family {
-        ModelFamily::Llava => &[
-            ("model.language_model.", "language_model."),
-            ("language_model.model.", "language_model."),
-            ("language_model.lm_head", "lm_head"),
-            ("model.vision_tower.vision_model.", "vision_tower."),
-            ("vision_tower.vision_model.", "vision_tower."),
-            ("model.vision_tower.", "vision_tower."),
-            ("vision_tower.", "vision_tower."),
-            ("model.multi_modal_projector.", "multi_modal_projector."),
-            ("multi_modal_projector.", "multi_modal_projector."),
-            ("lm_head", "lm_head"),
-        ],
-        ModelFamily::Llama => &[("model.", "language_model."), ("lm_head", "lm_head")],
-    };
-    rules.iter().find_map(|(from, to)| path.strip_prefix(from).map(|rest| format!("{to}{rest}")))
+    crate::family::Family::of(family).canonical_module(path)
 }
 
 /// For a non-LoRA adapter key (after `base_model.model.`): the (module path, "weight"|"bias") it saves, if the

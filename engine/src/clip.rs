@@ -3,6 +3,10 @@
 use crate::adapter::Adapter;
 use crate::config::ClipVisionConfig;
 use crate::error::{EngineError, Result};
+use crate::family::keys::{
+    vision_layer, vision_linears, Keys, CLASS_EMBEDDING, LAYER_NORM1, LAYER_NORM2, PATCH_EMBEDDING, POSITION_EMBEDDING,
+    PRE_NORM,
+};
 use crate::linear::Linear;
 use crate::ops::backward::{activation_bwd, attend_dense_bwd, layernorm_bwd, matmul_nt_bwd_w};
 use crate::ops::{add_inplace, apply_activation, attend_dense, layernorm, matmul_nt, MatmulMode};
@@ -47,30 +51,31 @@ impl ClipVision {
         let n = cfg.num_patches();
         let c = cfg.num_channels;
         let mut layers = Vec::with_capacity(n_layers);
+        let (tower, canonical) = (Keys::new(prefix), Keys::new("vision_tower."));
         for i in 0..n_layers {
-            let kp = format!("{prefix}encoder.layers.{i}.");
-            let name = |s: &str| format!("vision_tower.encoder.layers.{i}.{s}");
-            let lin = |s: &str, fi, fo| Linear::load(ws, &format!("{kp}{s}"), name(s), fi, fo, true, keep_16bit);
+            let (kp, name) = (vision_layer(&tower, i), vision_layer(&canonical, i));
+            let [q, k, v, o, fc1, fc2] = vision_linears(cfg)
+                .map(|(s, fi, fo)| Linear::load(ws, &kp.key(s), name.key(s), fi, fo, true, keep_16bit));
             layers.push(ClipLayer {
-                ln1_w: ws.f32(&format!("{kp}layer_norm1.weight"), &[d])?,
-                ln1_b: ws.f32(&format!("{kp}layer_norm1.bias"), &[d])?,
-                q: lin("self_attn.q_proj", d, d)?,
-                k: lin("self_attn.k_proj", d, d)?,
-                v: lin("self_attn.v_proj", d, d)?,
-                o: lin("self_attn.out_proj", d, d)?,
-                ln2_w: ws.f32(&format!("{kp}layer_norm2.weight"), &[d])?,
-                ln2_b: ws.f32(&format!("{kp}layer_norm2.bias"), &[d])?,
-                fc1: lin("mlp.fc1", d, cfg.intermediate_size)?,
-                fc2: lin("mlp.fc2", cfg.intermediate_size, d)?,
+                ln1_w: ws.f32(&kp.pp(LAYER_NORM1).key("weight"), &[d])?,
+                ln1_b: ws.f32(&kp.pp(LAYER_NORM1).key("bias"), &[d])?,
+                q: q?,
+                k: k?,
+                v: v?,
+                o: o?,
+                ln2_w: ws.f32(&kp.pp(LAYER_NORM2).key("weight"), &[d])?,
+                ln2_b: ws.f32(&kp.pp(LAYER_NORM2).key("bias"), &[d])?,
+                fc1: fc1?,
+                fc2: fc2?,
             });
         }
         Ok(ClipVision {
             cfg: cfg.clone(),
-            patch_w: ws.f32(&format!("{prefix}embeddings.patch_embedding.weight"), &[d, c, p, p])?,
-            class_emb: ws.f32(&format!("{prefix}embeddings.class_embedding"), &[d])?,
-            pos_emb: ws.f32(&format!("{prefix}embeddings.position_embedding.weight"), &[n + 1, d])?,
-            pre_ln_w: ws.f32(&format!("{prefix}pre_layrnorm.weight"), &[d])?,
-            pre_ln_b: ws.f32(&format!("{prefix}pre_layrnorm.bias"), &[d])?,
+            patch_w: ws.f32(&tower.key(PATCH_EMBEDDING), &[d, c, p, p])?,
+            class_emb: ws.f32(&tower.key(CLASS_EMBEDDING), &[d])?,
+            pos_emb: ws.f32(&tower.key(POSITION_EMBEDDING), &[n + 1, d])?,
+            pre_ln_w: ws.f32(&tower.pp(PRE_NORM).key("weight"), &[d])?,
+            pre_ln_b: ws.f32(&tower.pp(PRE_NORM).key("bias"), &[d])?,
             layers,
         })
     }

@@ -157,29 +157,16 @@ impl ModelConfig {
         Self::from_value(&raw, path)
     }
 
+    /// Parses config.json with the parser of the family it declares (`crate::family::FAMILIES`).
     pub fn from_value(raw: &Value, path: &Path) -> Result<Self> {
-        let obj = raw.as_object().ok_or_else(|| EngineError::config(path, "config.json must be a JSON object"))?;
-        let archs: Vec<&str> = obj
-            .get("architectures")
-            .and_then(|a| a.as_array())
-            .map(|a| a.iter().filter_map(|s| s.as_str()).collect())
-            .unwrap_or_default();
-        let model_type = obj.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
-        let is_llava = archs.contains(&"LlavaForConditionalGeneration") || model_type == "llava";
-        let is_llama = archs.contains(&"LlamaForCausalLM") || model_type == "llama";
-        if is_llava {
-            Ok(ModelConfig::Llava(parse_llava(raw, path)?))
-        } else if is_llama {
-            Ok(ModelConfig::Llama(parse_llama(raw, None, path)?))
-        } else {
-            Err(EngineError::config(
-                path,
-                format!(
-                    "unknown architecture (architectures = {:?}, model_type = {:?}); supported: \
-                     LlavaForConditionalGeneration (model_type llava) and LlamaForCausalLM (model_type llama)",
-                    archs, model_type
-                ),
-            ))
+        crate::family::Family::parse_config(raw, path)
+    }
+
+    /// The family this config belongs to.
+    pub fn family(&self) -> crate::family::ModelFamily {
+        match self {
+            ModelConfig::Llava(_) => crate::family::ModelFamily::Llava,
+            ModelConfig::Llama(_) => crate::family::ModelFamily::Llama,
         }
     }
 }
@@ -292,7 +279,7 @@ fn parse_rope(f: &Fields, path: &Path) -> Result<(f64, RopeScaling)> {
 }
 
 /// `top` is the enclosing LLaVA config, consulted for fields that newer transformers keep at top level.
-fn parse_llama(raw: &Value, top: Option<&Value>, path: &Path) -> Result<LlamaConfig> {
+pub(crate) fn parse_llama(raw: &Value, top: Option<&Value>, path: &Path) -> Result<LlamaConfig> {
     let section = if top.is_some() { "text_config." } else { "" };
     let f = Fields { obj: raw.as_object(), path, section };
     let t = Fields { obj: top.and_then(|t| t.as_object()), path, section: "" };
@@ -402,7 +389,7 @@ fn parse_clip(raw: Option<&Value>, path: &Path) -> Result<ClipVisionConfig> {
     Ok(cfg)
 }
 
-fn parse_llava(raw: &Value, path: &Path) -> Result<LlavaConfig> {
+pub(crate) fn parse_llava(raw: &Value, path: &Path) -> Result<LlavaConfig> {
     let f = Fields { obj: raw.as_object(), path, section: "" };
     let text_raw = f.get("text_config").cloned().unwrap_or(Value::Object(Default::default()));
     if let Some(mt) = text_raw.get("model_type").and_then(|v| v.as_str()) {

@@ -168,7 +168,7 @@ impl GpuVision {
         let config = crate::config::ModelConfig::from_file(&dir.join("config.json"))?;
         let lc = config.llava().ok_or_else(|| err("the model has no vision tower"))?.clone();
         let ws = WeightStore::open_dir(dir, "model")?;
-        let layout = crate::llava::KeyLayout::detect(&ws, true)?;
+        let layout = crate::family::KeyLayout::detect(&ws, &crate::family::llava::FAMILY)?;
         let cfg = lc.vision.clone();
         for a in [cfg.hidden_act, lc.projector_hidden_act] {
             if act_kernel(a).is_none() {

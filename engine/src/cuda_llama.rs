@@ -1136,7 +1136,7 @@ fn check_shape(cfg: &LlamaConfig) -> Result<()> {
 pub fn load_dir(gpu: &Gpu, dir: &std::path::Path, max_positions: usize) -> Result<GpuLlama> {
     let config = crate::config::ModelConfig::from_file(&dir.join("config.json"))?;
     let ws = WeightStore::open_dir(dir, "model")?;
-    let layout = crate::llava::KeyLayout::detect(&ws, config.llava().is_some())?;
+    let layout = crate::family::KeyLayout::detect(&ws, crate::family::Family::of(config.family()))?;
     let text = config.text();
     let lm_head = if text.tie_word_embeddings { None } else { Some(layout.lm_head.as_str()) };
     GpuLlama::load(gpu, &ws, &layout.text, lm_head, text, max_positions)

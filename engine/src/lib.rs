@@ -18,6 +18,7 @@ pub mod cuda_lora;
 pub mod cuda_train;
 pub mod error;
 pub mod failpoint;
+pub mod family;
 pub mod feedback;
 pub mod generate;
 pub mod hallucination;

@@ -3,6 +3,7 @@
 use crate::adapter::Adapter;
 use crate::config::LlamaConfig;
 use crate::error::Result;
+use crate::family::keys::{decoder_layer, decoder_linears, Keys, EMBED_TOKENS, FINAL_NORM, INPUT_NORM, POST_NORM};
 use crate::linear::Linear;
 use crate::ops::backward::{attend_dense_bwd, rmsnorm_bwd, silu_mul_bwd};
 use crate::ops::{
@@ -67,25 +68,25 @@ impl Llama {
     ) -> Result<Self> {
         let c = cfg.hidden_size;
         let hd = cfg.head_dim;
-        let (h, kvh, i_sz) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size);
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        let (decoder, canonical) = (Keys::new(prefix), Keys::new("language_model."));
         for i in 0..cfg.num_hidden_layers {
-            let kp = format!("{prefix}layers.{i}.");
-            let name = |s: &str| format!("language_model.layers.{i}.{s}");
-            let lin = |s: &str, fi, fo, b| Linear::load(ws, &format!("{kp}{s}"), name(s), fi, fo, b, keep_16bit);
+            let (kp, name) = (decoder_layer(&decoder, i), decoder_layer(&canonical, i));
+            let [q, k, v, o, gate, up, down] = decoder_linears(cfg)
+                .map(|(s, fi, fo, b)| Linear::load(ws, &kp.key(s), name.key(s), fi, fo, b, keep_16bit));
             layers.push(LlamaLayer {
-                input_norm: ws.f32(&format!("{kp}input_layernorm.weight"), &[c])?,
-                q: lin("self_attn.q_proj", c, h * hd, cfg.attention_bias)?,
-                k: lin("self_attn.k_proj", c, kvh * hd, cfg.attention_bias)?,
-                v: lin("self_attn.v_proj", c, kvh * hd, cfg.attention_bias)?,
-                o: lin("self_attn.o_proj", h * hd, c, cfg.attention_bias)?,
-                post_norm: ws.f32(&format!("{kp}post_attention_layernorm.weight"), &[c])?,
-                gate: lin("mlp.gate_proj", c, i_sz, cfg.mlp_bias)?,
-                up: lin("mlp.up_proj", c, i_sz, cfg.mlp_bias)?,
-                down: lin("mlp.down_proj", i_sz, c, cfg.mlp_bias)?,
+                input_norm: ws.f32(&kp.pp(INPUT_NORM).key("weight"), &[c])?,
+                q: q?,
+                k: k?,
+                v: v?,
+                o: o?,
+                post_norm: ws.f32(&kp.pp(POST_NORM).key("weight"), &[c])?,
+                gate: gate?,
+                up: up?,
+                down: down?,
             });
         }
-        let embed = Arc::new(ws.packed(&format!("{prefix}embed_tokens.weight"), cfg.vocab_size, c, keep_16bit)?);
+        let embed = Arc::new(ws.packed(&decoder.pp(EMBED_TOKENS).key("weight"), cfg.vocab_size, c, keep_16bit)?);
         let lm_head = match lm_head_key {
             Some(k) => Linear::load(ws, k, "lm_head".into(), c, cfg.vocab_size, false, keep_16bit)?,
             None => Linear {
@@ -102,7 +103,7 @@ impl Llama {
             cfg: cfg.clone(),
             embed,
             layers,
-            norm: ws.f32(&format!("{prefix}norm.weight"), &[c])?,
+            norm: ws.f32(&decoder.pp(FINAL_NORM).key("weight"), &[c])?,
             lm_head,
             rope: Rope::new(hd, cfg.rope_theta, &cfg.rope_scaling),
             recompute_cheap: false,

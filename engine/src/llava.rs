@@ -5,6 +5,7 @@ use crate::adapter::{Adapter, ModelFamily};
 use crate::clip::ClipVision;
 use crate::config::{LlavaConfig, ModelConfig};
 use crate::error::{EngineError, Result};
+use crate::family::keys::{projector_linears, vision_layer, vision_linears, Keys};
 use crate::image::{ImageProcessorConfig, PixelValues};
 use crate::linear::Linear;
 use crate::llama::{KvCache, Llama};
@@ -13,66 +14,7 @@ use crate::weights::WeightStore;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-/// Where each part's keys live in the checkpoint.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct KeyLayout {
-    /// e.g. "transformers-4.x", "transformers-4.52", "transformers-5", "llama"
-    pub name: &'static str,
-    pub text: String,
-    pub lm_head: String,
-    pub vision: String,
-    pub projector: String,
-}
-
-impl KeyLayout {
-    pub fn detect(ws: &WeightStore, llava: bool) -> Result<KeyLayout> {
-        if !llava {
-            return Ok(KeyLayout {
-                name: "llama",
-                text: "model.".into(),
-                lm_head: "lm_head".into(),
-                vision: String::new(),
-                projector: String::new(),
-            });
-        }
-        // Each part is looked up on its own: the eras differ in every prefix, and some saves mix them.
-        let find = |cands: &[&str], probe: &str| {
-            cands.iter().find(|p| ws.contains(&format!("{p}{probe}"))).map(|p| p.to_string())
-        };
-        let text = find(&["language_model.model.", "model.language_model."], "embed_tokens.weight");
-        let vision = find(
-            &["vision_tower.vision_model.", "model.vision_tower.vision_model.", "model.vision_tower.", "vision_tower."],
-            "embeddings.patch_embedding.weight",
-        );
-        let projector = find(&["multi_modal_projector.", "model.multi_modal_projector."], "linear_1.weight");
-        let (Some(text), Some(vision), Some(projector)) = (text.clone(), vision.clone(), projector.clone()) else {
-            let missing = [
-                ("decoder (…embed_tokens.weight)", text.is_none()),
-                ("vision tower (…embeddings.patch_embedding.weight)", vision.is_none()),
-                ("projector (…linear_1.weight)", projector.is_none()),
-            ]
-            .iter()
-            .filter(|(_, m)| *m)
-            .map(|(n, _)| *n)
-            .collect::<Vec<_>>()
-            .join(", ");
-            return Err(EngineError::MissingTensor {
-                key: missing,
-                searched: ws.source().to_string(),
-                hint: "; the checkpoint matches none of the llava-hf key layouts (transformers 4.x: language_model.model.*, \
-                       4.52+: model.language_model.*, 5.x: model.vision_tower.* without vision_model)"
-                    .into(),
-            });
-        };
-        let name = match (text.as_str(), vision.as_str()) {
-            ("language_model.model.", _) => "transformers-4.x",
-            (_, "model.vision_tower.vision_model.") => "transformers-4.52",
-            _ => "transformers-5",
-        };
-        let lm_head = if text == "language_model.model." { "language_model.lm_head" } else { "lm_head" };
-        Ok(KeyLayout { name, text, lm_head: lm_head.into(), vision, projector })
-    }
-}
+pub use crate::family::KeyLayout;
 
 /// How to hold the weights in memory.
 #[derive(Clone, Debug)]
@@ -126,7 +68,7 @@ impl Model {
         }
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
         let ws = WeightStore::open_dir(dir, "model")?;
-        let layout = KeyLayout::detect(&ws, config.llava().is_some())?;
+        let layout = KeyLayout::detect(&ws, crate::family::Family::of(config.family()))?;
         let text = config.text();
         let lm_head_key = if text.tie_word_embeddings {
             None
@@ -144,29 +86,11 @@ impl Model {
             None => (None, None, None),
             Some(lc) => {
                 let vision = ClipVision::load(&ws, &layout.vision, &lc.vision, lc.vision_layers_needed(), keep)?;
-                let vin = lc.vision.hidden_size;
-                let c = lc.text.hidden_size;
-                let projector = Projector {
-                    linear_1: Linear::load(
-                        &ws,
-                        &format!("{}linear_1", layout.projector),
-                        "multi_modal_projector.linear_1".into(),
-                        vin,
-                        c,
-                        lc.projector_bias,
-                        keep,
-                    )?,
-                    linear_2: Linear::load(
-                        &ws,
-                        &format!("{}linear_2", layout.projector),
-                        "multi_modal_projector.linear_2".into(),
-                        c,
-                        c,
-                        lc.projector_bias,
-                        keep,
-                    )?,
-                    act: lc.projector_hidden_act,
-                };
+                let (on_disk, canonical) = (Keys::new(&layout.projector), Keys::new("multi_modal_projector."));
+                let [l1, l2] = projector_linears(lc).map(|(name, fi, fo)| {
+                    Linear::load(&ws, &on_disk.key(name), canonical.key(name), fi, fo, lc.projector_bias, keep)
+                });
+                let projector = Projector { linear_1: l1?, linear_2: l2?, act: lc.projector_hidden_act };
                 let pp = dir.join("preprocessor_config.json");
                 let ip = if pp.is_file() {
                     ImageProcessorConfig::from_file(&pp)?
@@ -206,17 +130,10 @@ impl Model {
         // Vision layers past `vision_feature_layer` are never run, but adapters trained with peft may still
         // carry LoRA weights for them (e.g. target "q_proj" matches every CLIP layer): accept and ignore them.
         if let Some(lc) = config.llava() {
-            let (d, i) = (lc.vision.hidden_size, lc.vision.intermediate_size);
+            let tower = Keys::new("vision_tower.");
             for l in lc.vision_layers_needed()..lc.vision.num_hidden_layers {
-                for (m, shape) in [
-                    ("self_attn.q_proj", (d, d)),
-                    ("self_attn.k_proj", (d, d)),
-                    ("self_attn.v_proj", (d, d)),
-                    ("self_attn.out_proj", (d, d)),
-                    ("mlp.fc1", (d, i)),
-                    ("mlp.fc2", (i, d)),
-                ] {
-                    linear_shapes.insert(format!("vision_tower.encoder.layers.{l}.{m}"), shape);
+                for (m, fi, fo) in vision_linears(&lc.vision) {
+                    linear_shapes.insert(vision_layer(&tower, l).key(m), (fi, fo));
                 }
             }
         }
@@ -265,11 +182,7 @@ impl Model {
     }
 
     pub fn family(&self) -> ModelFamily {
-        if self.config.llava().is_some() {
-            ModelFamily::Llava
-        } else {
-            ModelFamily::Llama
-        }
+        self.config.family()
     }
 
     /// A fresh LoRA adapter for this model (peft initialisation), its keys in this checkpoint's naming.

@@ -1,0 +1,49 @@
+//! LLaVA-1.5 (`LlavaForConditionalGeneration`): a CLIP vision tower, a two-layer projector and a LLaMA decoder,
+//! in the three key layouts llava-hf checkpoints have on disk: transformers 4.x (`language_model.model.*`,
+//! `vision_tower.vision_model.*`), 4.52+ (`model.language_model.*`, `model.vision_tower.vision_model.*`) and 5.x
+//! (`model.vision_tower.*` without `vision_model`). The image processor is CLIP's (`crate::image`).
+
+use super::{Family, ModelFamily, Part};
+
+pub static FAMILY: Family = Family {
+    name: "LLaVA-1.5",
+    kind: ModelFamily::Llava,
+    architectures: &["LlavaForConditionalGeneration"],
+    model_types: &["llava"],
+    parse: |raw, path| crate::config::parse_llava(raw, path).map(crate::config::ModelConfig::Llava),
+    parts: &[
+        Part {
+            what: "decoder",
+            canonical: "language_model.",
+            on_disk: &["language_model.model.", "model.language_model."],
+            probe: "embed_tokens.weight",
+        },
+        Part {
+            what: "vision tower",
+            canonical: "vision_tower.",
+            on_disk: &[
+                "vision_tower.vision_model.",
+                "model.vision_tower.vision_model.",
+                "model.vision_tower.",
+                "vision_tower.",
+            ],
+            probe: "embeddings.patch_embedding.weight",
+        },
+        Part {
+            what: "projector",
+            canonical: "multi_modal_projector.",
+            on_disk: &["multi_modal_projector.", "model.multi_modal_projector."],
+            probe: "linear_1.weight",
+        },
+    ],
+    lm_head: |text| if text == "language_model.model." { "language_model.lm_head" } else { "lm_head" },
+    layout_name: |p| match (p.first().map(String::as_str), p.get(1).map(String::as_str)) {
+        (Some("language_model.model."), _) => "transformers-4.x",
+        (_, Some("model.vision_tower.vision_model.")) => "transformers-4.52",
+        _ => "transformers-5",
+    },
+    layouts_hint: "; the checkpoint matches none of the llava-hf key layouts (transformers 4.x: \
+                   language_model.model.*, 4.52+: model.language_model.*, 5.x: model.vision_tower.* without \
+                   vision_model)",
+    save_layout: &[1, 1, 1],
+};
