@@ -101,7 +101,7 @@ fn the_gpu_trainer_takes_the_loops_adapters_and_leaves_the_rest_to_the_cpu() {
         target_modules: targets,
         ..LoraSpec::default()
     };
-    // What the loop trains (rlaif.rs: LoraSpec::default's targets): the GPU (fresh, paused or resumed alike).
+    // What the loop trains (rlaif/train.rs: LoraSpec::default's targets): the GPU (fresh, paused or resumed alike).
     let loop_adapter = model.create_adapter(&spec(LoraSpec::default().target_modules, 0.0), 1).unwrap();
     assert_eq!(gpu_trainable(cfg, &loop_adapter), None);
     // With LoRA dropout too (the GPU draws the CPU trainer's masks).

@@ -1,0 +1,170 @@
+//! The RLAIF-V loop's stages on top of the store: sample (n answers per prompt from the promoted policy), label
+//! (claims, verdicts, scores, pairs with reference log-probs), train (DPO LoRA from the policy) and evaluate
+//! (gate the candidate on held-out metrics, promote or reject). Each stage is idempotent and runs on the
+//! engine thread (`Engine::run`, by priority) for its model math; the actors and the demo drive them.
+//!
+//! One file per stage (`sample`, `label`, `train`, `gate`), the model side in `model`, the iteration driver in
+//! `iteration`; this file holds the loop's configuration and re-exports the stages as `crate::rlaif::*`.
+
+mod gate;
+mod iteration;
+mod label;
+mod model;
+mod sample;
+mod train;
+
+pub use gate::{better, evaluate, evaluate_with_labeler, run_gate};
+pub use iteration::{advance_sampling, run_iteration, start_iteration, IterationOutcome, SamplingStep, Stage};
+pub use label::run_label_job;
+pub use model::{adapter_sha256, is_shapes_tokenizer, Engine};
+pub use sample::run_sample_job;
+pub use train::{run_training, train_or_fail};
+
+use anyhow::{bail, Result};
+use engine::feedback::pipeline::FeedbackConfig;
+use engine::rng::SplitMix64;
+
+/// Every knob of the loop (the `[loop]` section of the config).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoopConfig {
+    /// Answers sampled per prompt.
+    pub n: usize,
+    pub temperature: f32,
+    pub top_p: f32,
+    pub max_new_tokens: usize,
+    /// Pairs kept per prompt (at most).
+    pub pairs_per_prompt: usize,
+    /// Training prompts sampled per iteration.
+    pub prompts_per_iteration: usize,
+    /// Train once at least this many pairs exist (after sampling every prompt of the iteration).
+    pub pairs_per_iteration: usize,
+    /// "policy" (the policy at the start of the iteration, RLAIF-V's choice) or "base".
+    pub reference: String,
+    /// Who verifies claims: "self" (the policy, as RLAIF-V 12B), "base", or a separate labeler model directory
+    /// (as RLAIF-V 7B, labeled by a stronger model).
+    pub labeler: String,
+    pub beta: f64,
+    /// RLAIF-V's length balancing of each iteration's pairs (drop pairs whose chosen answer is much shorter).
+    pub length_balance: bool,
+    /// Weight of the NLL term on the chosen answer (RPO); 0 is plain DPO.
+    pub nll_weight: f64,
+    pub lr: f64,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub lora_r: usize,
+    pub lora_alpha: f64,
+    /// Held-out evaluation: images and their seed.
+    pub eval_count: usize,
+    pub eval_seed: u64,
+    /// Promote when CHAIR_i is below the promoted checkpoint's by at least this much (absolute) ...
+    pub promote_margin: f64,
+    /// ... and Cover is at most this fraction below the base model's (0.1: no more than 10 % lower).
+    pub max_cover_drop: f64,
+    /// Seed of everything random in the loop (answer seeds, pair draws, adapter init, data order).
+    pub seed: u64,
+    /// Job lease, seconds; a job whose worker died is retried after it expires.
+    pub lease_s: f64,
+    /// Attempts before a job is marked failed.
+    pub max_attempts: i32,
+}
+
+impl Default for LoopConfig {
+    fn default() -> Self {
+        LoopConfig {
+            n: 10,
+            temperature: 0.7,
+            top_p: 1.0,
+            max_new_tokens: 512,
+            pairs_per_prompt: 2,
+            prompts_per_iteration: 64,
+            pairs_per_iteration: 32,
+            reference: "policy".into(),
+            labeler: "self".into(),
+            beta: 0.1,
+            length_balance: true,
+            nll_weight: 0.0,
+            lr: 5e-4,
+            epochs: 2,
+            batch_size: 8,
+            lora_r: 16,
+            lora_alpha: 32.0,
+            eval_count: 100,
+            eval_seed: 1_000_000,
+            promote_margin: 0.005,
+            max_cover_drop: 0.1,
+            seed: 0,
+            lease_s: 600.0,
+            max_attempts: 3,
+        }
+    }
+}
+
+impl LoopConfig {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |k: &str, why: &str| -> Result<()> { bail!("loop.{k}: {why}") };
+        if self.n < 2 {
+            return bad("n", "must be at least 2 (pairs need two answers)");
+        }
+        if !(self.temperature > 0.0 && self.temperature.is_finite()) {
+            return bad("temperature", "must be > 0 (deconfounded sampling draws distinct answers)");
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad("top_p", "must be in (0, 1]");
+        }
+        if self.max_new_tokens == 0 || self.prompts_per_iteration == 0 || self.pairs_per_prompt == 0 {
+            return bad("max_new_tokens/prompts_per_iteration/pairs_per_prompt", "must be at least 1");
+        }
+        if !matches!(self.reference.as_str(), "policy" | "base") {
+            return bad("reference", "expected \"policy\" or \"base\"");
+        }
+        if self.labeler.trim().is_empty() {
+            return bad("labeler", "expected \"self\", \"base\" or a labeler model directory");
+        }
+        if !(self.beta > 0.0 && self.lr > 0.0 && self.lr.is_finite())
+            || self.epochs == 0
+            || self.batch_size == 0
+            || self.lora_r == 0
+        {
+            return bad("beta/lr/epochs/batch_size/lora_r", "must be positive");
+        }
+        if self.eval_count == 0 {
+            return bad("eval_count", "must be at least 1");
+        }
+        if self.lease_s.is_nan() || self.lease_s < 1.0 || self.max_attempts < 1 {
+            return bad("lease_s/max_attempts", "lease at least 1 s, at least 1 attempt");
+        }
+        Ok(())
+    }
+
+    fn feedback(&self) -> FeedbackConfig {
+        FeedbackConfig {
+            n: self.n,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            max_new_tokens: self.max_new_tokens,
+            pairs_per_prompt: self.pairs_per_prompt,
+            seed: self.seed,
+        }
+    }
+
+    /// The answer seeds of a prompt in an iteration: distinct across iterations, so a policy kept for two
+    /// iterations still gets fresh samples (and `responses` stays unique per prompt/checkpoint/seed).
+    pub fn answer_seeds(&self, iteration: i32, prompt_id: i64) -> Vec<u64> {
+        let base = SplitMix64::new(
+            self.seed
+                ^ (iteration as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                ^ (prompt_id as u64).wrapping_mul(0xbf58_476d_1ce4_e5b9),
+        )
+        .next_u64()
+            >> 2;
+        (0..self.n as u64).map(|j| base + j).collect()
+    }
+
+    fn pair_seed(&self, iteration: i32, prompt_id: i64) -> u64 {
+        SplitMix64::new(
+            self.seed ^ 0x5041_4952 ^ (iteration as u64).wrapping_mul(0x94d0_49bb_1331_11eb) ^ prompt_id as u64,
+        )
+        .next_u64()
+    }
+}
