@@ -12,6 +12,10 @@
 use crate::config::{Activation, ClipVisionConfig, FeatureSelect};
 use crate::cuda::{cfg1, derr, err, to_i32, Gpu};
 use crate::error::Result;
+use crate::family::keys::{
+    projector_linears, vision_layer, vision_linears, Keys, CLASS_EMBEDDING, LAYER_NORM1, LAYER_NORM2, PATCH_EMBEDDING,
+    POSITION_EMBEDDING, PRE_NORM,
+};
 use crate::weights::WeightStore;
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::f16;
@@ -163,12 +167,23 @@ pub(crate) fn act_kernel(a: Activation) -> Option<&'static str> {
 }
 
 impl GpuVision {
-    /// Uploads the image path of the LLaVA model in `dir` (its config, weights and key layout).
+    /// Uploads the image path of the LLaVA model in `dir` (its config, weights and key layout); tests and tools. The
+    /// daemon's backend uploads from the weights its `Model` opened (`load`).
     pub fn load_dir(gpu: &Gpu, dir: &std::path::Path) -> Result<GpuVision> {
         let config = crate::config::ModelConfig::from_file(&dir.join("config.json"))?;
-        let lc = config.llava().ok_or_else(|| err("the model has no vision tower"))?.clone();
         let ws = WeightStore::open_dir(dir, "model")?;
-        let layout = crate::family::KeyLayout::detect(&ws, &crate::family::llava::FAMILY)?;
+        let layout = crate::family::KeyLayout::detect(&ws, crate::family::Family::of(config.family()))?;
+        GpuVision::load(gpu, &ws, &layout, &config)
+    }
+
+    /// Uploads the image path of a LLaVA model from its open weights `ws` in key layout `layout`.
+    pub fn load(
+        gpu: &Gpu,
+        ws: &WeightStore,
+        layout: &crate::family::KeyLayout,
+        config: &crate::config::ModelConfig,
+    ) -> Result<GpuVision> {
+        let lc = config.llava().ok_or_else(|| err("the model has no vision tower"))?.clone();
         let cfg = lc.vision.clone();
         for a in [cfg.hidden_act, lc.projector_hidden_act] {
             if act_kernel(a).is_none() {
@@ -183,49 +198,49 @@ impl GpuVision {
         }
         let (d, p, c, n) = (cfg.hidden_size, cfg.patch_size, cfg.num_channels, cfg.num_patches());
         let up = |key: &str, shape: &[usize]| -> Result<CudaSlice<f16>> { gpu.upload_f16(&ws.f32(key, shape)?) };
-        let lin = |key: &str, name: String, n_in: usize, n_out: usize, bias: bool| -> Result<Lin> {
+        let lin = |key: &Keys, name: String, n_in: usize, n_out: usize, bias: bool| -> Result<Lin> {
             Ok(Lin {
                 name,
-                w: up(&format!("{key}.weight"), &[n_out, n_in])?,
-                b: if bias { Some(up(&format!("{key}.bias"), &[n_out])?) } else { None },
+                w: up(&key.key("weight"), &[n_out, n_in])?,
+                b: if bias { Some(up(&key.key("bias"), &[n_out])?) } else { None },
                 n_in,
                 n_out,
             })
         };
-        let vp = &layout.vision;
+        let ln = |k: &Keys| -> Result<(CudaSlice<f16>, CudaSlice<f16>)> {
+            Ok((up(&k.key("weight"), &[d])?, up(&k.key("bias"), &[d])?))
+        };
+        let (vp, canonical) = (Keys::new(&layout.vision), Keys::new("vision_tower."));
         let mut layers = Vec::new();
         for i in 0..lc.vision_layers_needed() {
-            let kp = format!("{vp}encoder.layers.{i}.");
-            let ln = |s: &str| -> Result<(CudaSlice<f16>, CudaSlice<f16>)> {
-                Ok((up(&format!("{kp}{s}.weight"), &[d])?, up(&format!("{kp}{s}.bias"), &[d])?))
-            };
-            let tl = |s: &str, n_in: usize, n_out: usize| {
-                lin(&format!("{kp}{s}"), format!("vision_tower.encoder.layers.{i}.{s}"), n_in, n_out, true)
-            };
+            let (kp, name) = (vision_layer(&vp, i), vision_layer(&canonical, i));
+            let [q, k, v, o, fc1, fc2] =
+                vision_linears(&cfg).map(|(s, n_in, n_out)| lin(&kp.pp(s), name.key(s), n_in, n_out, true));
             layers.push(Layer {
-                ln1: ln("layer_norm1")?,
-                q: tl("self_attn.q_proj", d, d)?,
-                k: tl("self_attn.k_proj", d, d)?,
-                v: tl("self_attn.v_proj", d, d)?,
-                o: tl("self_attn.out_proj", d, d)?,
-                ln2: ln("layer_norm2")?,
-                fc1: tl("mlp.fc1", d, cfg.intermediate_size)?,
-                fc2: tl("mlp.fc2", cfg.intermediate_size, d)?,
+                ln1: ln(&kp.pp(LAYER_NORM1))?,
+                q: q?,
+                k: k?,
+                v: v?,
+                o: o?,
+                ln2: ln(&kp.pp(LAYER_NORM2))?,
+                fc1: fc1?,
+                fc2: fc2?,
             });
         }
-        let mut pos = ws.f32(&format!("{vp}embeddings.position_embedding.weight"), &[n + 1, d])?;
-        let class = ws.f32(&format!("{vp}embeddings.class_embedding"), &[d])?;
+        let mut pos = ws.f32(&vp.key(POSITION_EMBEDDING), &[n + 1, d])?;
+        let class = ws.f32(&vp.key(CLASS_EMBEDDING), &[d])?;
         pos[..d].iter_mut().zip(&class).for_each(|(p, c)| *p += c);
-        let ct = lc.text.hidden_size;
-        let pp = &layout.projector;
+        let (pp, pcanon) = (Keys::new(&layout.projector), Keys::new("multi_modal_projector."));
+        let [proj1, proj2] = projector_linears(&lc)
+            .map(|(s, n_in, n_out)| lin(&pp.pp(s), pcanon.key(s), n_in, n_out, lc.projector_bias));
         Ok(GpuVision {
-            patch: up(&format!("{vp}embeddings.patch_embedding.weight"), &[d, c, p, p])?,
+            patch: up(&vp.key(PATCH_EMBEDDING), &[d, c, p, p])?,
             pos_class: gpu.upload_f16(&pos)?,
-            pre_ln: (up(&format!("{vp}pre_layrnorm.weight"), &[d])?, up(&format!("{vp}pre_layrnorm.bias"), &[d])?),
+            pre_ln: ln(&vp.pp(PRE_NORM))?,
             layers,
-            proj1: lin(&format!("{pp}linear_1"), "multi_modal_projector.linear_1".into(), d, ct, lc.projector_bias)?,
+            proj1: proj1?,
             proj_act: lc.projector_hidden_act,
-            proj2: lin(&format!("{pp}linear_2"), "multi_modal_projector.linear_2".into(), ct, ct, lc.projector_bias)?,
+            proj2: proj2?,
             select: lc.vision_feature_select_strategy,
             cfg,
         })

@@ -44,6 +44,9 @@ pub struct Model {
     pub projector: Option<Projector>,
     pub llm: Llama,
     pub image_processor: Option<ImageProcessorConfig>,
+    /// The checkpoint's weights as opened (memory-mapped, pages released after loading): a device backend
+    /// uploads from them (`backend::CudaBackend::open`) instead of reading the files again.
+    pub weights: std::sync::Arc<WeightStore>,
     linear_shapes: HashMap<String, (usize, usize)>,
     /// Where generation, scoring and training run (`crate::backend`): the CPU unless `set_backend` picked a device.
     backend: std::sync::Arc<dyn crate::backend::Backend>,
@@ -137,7 +140,9 @@ impl Model {
                 }
             }
         }
+        ws.release_pages();
         Ok(Model {
+            weights: std::sync::Arc::new(ws),
             dir: dir.to_path_buf(),
             config,
             layout,

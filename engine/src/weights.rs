@@ -31,6 +31,17 @@ fn map_file(path: &Path) -> Result<Mmap> {
 }
 
 impl WeightStore {
+    /// Drops the pages of the mapped files from this process's memory (they are read again from the files on the
+    /// next access): a `Model` keeps its store open for a device backend to upload from, without holding a
+    /// second copy of the weights resident. Advisory; an error is ignored.
+    pub fn release_pages(&self) {
+        for (_, m) in &self.files {
+            // SAFETY: read-only file mappings: after MADV_DONTNEED a read faults the page in from the file again,
+            // so no content is lost, and nothing holds a reference into the pages across this call.
+            let _ = unsafe { m.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
+        }
+    }
+
     /// Opens `DIR/model.safetensors`, or the shards listed in `DIR/model.safetensors.index.json`.
     /// `stem` is the file stem, e.g. "model" or "adapter_model".
     pub fn open_dir(dir: &Path, stem: &str) -> Result<Self> {

@@ -118,7 +118,7 @@ impl CudaBackend {
             .map_err(|e| format!("the decoder of {} cannot run on the GPU: {e}", model.dir.display()))?;
         let vision = match model.config.llava() {
             None => None,
-            Some(_) => match crate::cuda_clip::GpuVision::load_dir(&gpu, &model.dir) {
+            Some(_) => match crate::cuda_clip::GpuVision::load(&gpu, &model.weights, &model.layout, &model.config) {
                 Ok(v) => Some(v),
                 Err(e) => {
                     tracing::warn!("the image path of {} runs on the CPU: {e}", model.dir.display());
