@@ -125,7 +125,7 @@ fi
 if part bench; then
 mma_check
 stage "bench-gpu (rlaifd)" bench.log 300 "$bins/rlaifd" bench-gpu --shape "$SHAPE" --prompt "$PROMPT" --decode "$DECODE" --reps "${REPS:-3}" --n 10
-grep -E "decoder, batch 1|argmax on the device|without graph replay|batch-1 projection|one launch|then add|attn_decode|prefetching" "$OUT/bench.log" | tail -n 30
+grep -E "decoder, batch 1|argmax on the device|without graph replay|batch-1 projection|one launch|then add|attn_decode" "$OUT/bench.log" | tail -n 30
 stage "bench-gpu-train (rlaifd)" bench.log 300 "$bins/rlaifd" bench-gpu-train --shape "$SHAPE" --seq "$SEQ" --answer "$ANSWER" --rank "$RANK" --reps "${REPS:-5}" --warmup 2
 grep -E "DPO step|image path" "$OUT/bench.log" | tail -n 4
 fi

@@ -357,7 +357,7 @@ fn op_breakdown(gpu: &Gpu, model: &GpuLlama, keys: usize, n: usize) -> Result<Ve
         ));
         if m == 1 {
             // q/k/v with RoPE and the cache store in one launch, as the tuner kept it (or one warp per feature).
-            let split = model.qkv_split.unwrap_or(1);
+            let split = model.plan.qkv.fused.unwrap_or(1);
             let (mut kc3, mut vc3) = (kc.clone(), kc.clone());
             let us = time(&mut || {
                 gpu.gemv_qkv_rope_dev(
@@ -382,8 +382,8 @@ fn op_breakdown(gpu: &Gpu, model: &GpuLlama, keys: usize, n: usize) -> Result<Ve
             out.push((format!("qkv gemv/{split} + RoPE + cache store, one launch m1"), us));
             // The o and down projections with the residual add + RMSNorm in one launch, as the tuner kept them (or
             // with one warp per row where it kept the pair), against that pair.
-            for (which, name, w, k) in [(0usize, "o", &l.o, h * hd), (1, "down", &l.down, inter)] {
-                let split = model.norm_split[which].unwrap_or(1);
+            for (plan, name, w, k) in [(&model.plan.o, "o", &l.o, h * hd), (&model.plan.down, "down", &l.down, inter)] {
+                let split = plan.fused.unwrap_or(1);
                 let xin = gpu.stream.alloc_zeros::<f16>(k).map_err(derr)?;
                 let mut t = gpu.stream.alloc_zeros::<f16>(c).map_err(derr)?;
                 let us = time(&mut || {
@@ -394,7 +394,7 @@ fn op_breakdown(gpu: &Gpu, model: &GpuLlama, keys: usize, n: usize) -> Result<Ve
                     time(&mut || proj_add_rmsnorm_m1(gpu, hb, x, &mut t, &l.post_norm, &xin, w, k, c, None, 1e-5))?;
                 out.push((format!("{name} projection, then add_rmsnorm m1"), us));
             }
-            let split = model.swiglu_split.unwrap_or(1);
+            let split = model.plan.gate_up.fused.unwrap_or(1);
             let us = time(&mut || gpu.gemv_swiglu_dev(hb, &l.gate_up, act, c, inter, split))?;
             out.push((
                 format!(

@@ -114,7 +114,7 @@ impl CudaBackend {
             Err(e) => return Err(format!("the CUDA kernels cannot be built: {e}")),
         };
         let max_positions = model.llm.cfg.max_position_embeddings.max(1);
-        let llama = crate::cuda_llama::load_dir(&gpu, &model.dir, max_positions)
+        let llama = crate::cuda_llama::from_model(&gpu, model, max_positions)
             .map_err(|e| format!("the decoder of {} cannot run on the GPU: {e}", model.dir.display()))?;
         let vision = match model.config.llava() {
             None => None,

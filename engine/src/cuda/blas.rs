@@ -318,14 +318,31 @@ impl Gpu {
         k: usize,
         n: usize,
     ) -> Result<()> {
-        if m == 1 && k.is_multiple_of(8) && self.gemv.load(std::sync::atomic::Ordering::Relaxed) {
-            match self.gemv_choice(k, n) {
-                Some(GemvChoice::Blas) => self.linear_device(x, w, y, m, k, n),
-                Some(GemvChoice::Gemv(split)) => self.gemv_split_dev(x, w, y, k, n, split),
-                None => self.gemv_dev(x, w, y, k, n),
-            }
+        let choice = if m == 1 && k.is_multiple_of(8) && self.gemv.load(std::sync::atomic::Ordering::Relaxed) {
+            self.gemv_choice(k, n).unwrap_or(GemvChoice::Gemv(1))
         } else {
-            self.linear_device(x, w, y, m, k, n)
+            GemvChoice::Blas
+        };
+        self.matmul_with(choice, x, w, y, m, k, n)
+    }
+
+    /// A linear layer on device buffers the way `choice` says: one row through `gemv_m1_f16` with that many warps
+    /// per output feature, or cuBLASLt (any rows). What a decode plan (`cuda_llama::DecodePlan`) launches.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_with(
+        &self,
+        choice: GemvChoice,
+        x: &CudaSlice<f16>,
+        w: &CudaSlice<f16>,
+        y: &mut CudaSlice<f16>,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()> {
+        match choice {
+            GemvChoice::Gemv(split) if m == 1 => self.gemv_split_dev(x, w, y, k, n, split),
+            GemvChoice::Gemv(split) => Err(err(format!("gemv/{split} takes one row, not {m}"))),
+            GemvChoice::Blas => self.linear_device(x, w, y, m, k, n),
         }
     }
 }
