@@ -41,7 +41,8 @@ impl GpuLlama {
         for l in 0..cfg.num_hidden_layers {
             let kp = decoder_layer(&decoder, l);
             // q, k, v, o, gate, up, down (family::keys): (key, rows) of each weight (out features x in features).
-            let [q, k, v, o, g, u, d] = decoder_linears(cfg).map(|(name, _, rows, _)| (kp.pp(name).key("weight"), rows));
+            let [q, k, v, o, g, u, d] =
+                decoder_linears(cfg).map(|(name, _, rows, _)| (kp.pp(name).key("weight"), rows));
             layers.push(Layer {
                 input_norm: up(kp.pp(INPUT_NORM).key("weight"), &[c])?,
                 qkv: cat(&[q, k, v])?,
@@ -93,7 +94,7 @@ impl GpuLlama {
     pub fn random(gpu: &Gpu, cfg: &LlamaConfig, max_positions: usize, seed: u64) -> Result<GpuLlama> {
         check_shape(cfg)?;
         let c = cfg.hidden_size;
-        let (h, hd, i) = (cfg.num_attention_heads, cfg.head_dim, cfg.intermediate_size);
+        let (h, kvh, hd, i) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size);
         let mut n = 0u64;
         let mut fill = |len: usize, scale: f32, offset: f32| -> Result<CudaSlice<f16>> {
             n += 1;

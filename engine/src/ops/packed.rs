@@ -1,4 +1,4 @@
-//! Linear-layer weights packed for the CPU matmul, and the matmul itself.
+//! Linear-layer weights packed for the CPU matmul, and the matmul itself (AVX-512, AVX2 + FMA, or portable).
 //!
 //! A weight W (n, k) — `torch.nn.Linear` layout, one row per output feature — is stored as panels of `NR` = 32
 //! output features: panel p holds `W[32p + c, t]` at `p * k * 32 + t * 32 + c` (the last panel zero-padded).
@@ -176,6 +176,9 @@ impl PackedMatrix {
 enum Kernel {
     #[cfg(target_arch = "x86_64")]
     Avx512,
+    /// AVX2 + FMA (+ F16C for 16-bit panels): CPUs without AVX-512, e.g. AMD Zen 2/3.
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
     Portable,
 }
 
@@ -199,6 +202,12 @@ impl Kernel {
             if std::is_x86_feature_detected!("avx512f") {
                 return Kernel::Avx512;
             }
+            if std::is_x86_feature_detected!("avx2")
+                && std::is_x86_feature_detected!("fma")
+                && std::is_x86_feature_detected!("f16c")
+            {
+                return Kernel::Avx2;
+            }
         }
         Kernel::Portable
     }
@@ -218,6 +227,8 @@ impl Kernel {
         match self {
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512 => dispatch_mr!(avx512_f32, mr, x, k, w, y, ldy, cols, acc),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => dispatch_mr!(avx2_f32, mr, x, k, w, y, ldy, cols, acc),
             Kernel::Portable => dispatch_mr!(portable_f32, mr, x, k, w, y, ldy, cols, acc),
         }
     }
@@ -237,6 +248,8 @@ impl Kernel {
         match self {
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512 => dispatch_mr!(avx512_bf16, mr, x, k, w, y, ldy, cols, acc),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => dispatch_mr!(avx2_bf16, mr, x, k, w, y, ldy, cols, acc),
             Kernel::Portable => dispatch_mr!(portable_bf16, mr, x, k, w, y, ldy, cols, acc),
         }
     }
@@ -256,6 +269,8 @@ impl Kernel {
         match self {
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512 => dispatch_mr!(avx512_f16, mr, x, k, w, y, ldy, cols, acc),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => dispatch_mr!(avx2_f16, mr, x, k, w, y, ldy, cols, acc),
             Kernel::Portable => dispatch_mr!(portable_f16, mr, x, k, w, y, ldy, cols, acc),
         }
     }
@@ -280,7 +295,7 @@ impl Widen for f16 {
     }
 }
 
-/// Reference kernel for CPUs without AVX-512 (and the definition of what the fast kernels compute).
+/// Reference kernel for CPUs without AVX2 (and the definition of what the fast kernels compute).
 #[allow(clippy::too_many_arguments)]
 // Index loops over the register tile read as the kernel they are (and vectorize as such).
 #[allow(clippy::needless_range_loop)]
@@ -436,3 +451,91 @@ unsafe fn store_block<const MR: usize>(
         _mm512_mask_storeu_ps(p1, m1, v1);
     }
 }
+
+// -- AVX2 + FMA: a panel's 32 columns in two passes of 16 (two ymm), MR x 2 accumulators each, so the 16 ymm
+// registers hold the block (12 accumulators, 2 weights, 1 broadcast at MR = 6).
+
+#[cfg(target_arch = "x86_64")]
+macro_rules! avx2_kernel {
+    ($name:ident, $elem:ty, $load:ident) => {
+        #[target_feature(enable = "avx2,fma,f16c")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn $name<const MR: usize>(
+            x: *const f32,
+            k: usize,
+            w: *const $elem,
+            y: *mut f32,
+            ldy: usize,
+            cols: usize,
+            acc: bool,
+        ) {
+            use std::arch::x86_64::*;
+            for half in 0..2 {
+                let c0 = half * 16;
+                if c0 >= cols {
+                    break;
+                }
+                let mut lo = [_mm256_setzero_ps(); MR];
+                let mut hi = [_mm256_setzero_ps(); MR];
+                for t in 0..k {
+                    let (w0, w1) = $load(w.add(t * NR + c0));
+                    for r in 0..MR {
+                        let xv = _mm256_set1_ps(*x.add(r * k + t));
+                        lo[r] = _mm256_fmadd_ps(xv, w0, lo[r]);
+                        hi[r] = _mm256_fmadd_ps(xv, w1, hi[r]);
+                    }
+                }
+                let n = (cols - c0).min(16);
+                for r in 0..MR {
+                    let mut out = [0f32; 16];
+                    _mm256_storeu_ps(out.as_mut_ptr(), lo[r]);
+                    _mm256_storeu_ps(out.as_mut_ptr().add(8), hi[r]);
+                    let dst = y.add(r * ldy + c0);
+                    for (c, v) in out.iter().take(n).enumerate() {
+                        let d = dst.add(c);
+                        *d = if acc { *d + v } else { *v };
+                    }
+                }
+            }
+        }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn load8_f32(p: *const f32) -> (std::arch::x86_64::__m256, std::arch::x86_64::__m256) {
+    use std::arch::x86_64::*;
+    (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn load8_bf16(p: *const bf16) -> (std::arch::x86_64::__m256, std::arch::x86_64::__m256) {
+    use std::arch::x86_64::*;
+    // bf16 -> f32 is the 16 bits moved to the top of the word.
+    let a = _mm_loadu_si128(p as *const __m128i);
+    let b = _mm_loadu_si128(p.add(8) as *const __m128i);
+    (
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(a))),
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(b))),
+    )
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn load8_f16(p: *const f16) -> (std::arch::x86_64::__m256, std::arch::x86_64::__m256) {
+    use std::arch::x86_64::*;
+    let a = _mm_loadu_si128(p as *const __m128i);
+    let b = _mm_loadu_si128(p.add(8) as *const __m128i);
+    (_mm256_cvtph_ps(a), _mm256_cvtph_ps(b))
+}
+
+#[cfg(target_arch = "x86_64")]
+avx2_kernel!(avx2_f32, f32, load8_f32);
+#[cfg(target_arch = "x86_64")]
+avx2_kernel!(avx2_bf16, bf16, load8_bf16);
+#[cfg(target_arch = "x86_64")]
+avx2_kernel!(avx2_f16, f16, load8_f16);
