@@ -71,7 +71,8 @@ impl Model {
         }
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
         let ws = WeightStore::open_dir(dir, "model")?;
-        let layout = KeyLayout::detect(&ws, crate::family::Family::of(config.family()))?;
+        let family = crate::family::Family::of(config.family());
+        let layout = KeyLayout::detect(&ws, family)?;
         let text = config.text();
         let lm_head_key = if text.tie_word_embeddings {
             None
@@ -94,32 +95,7 @@ impl Model {
                     Linear::load(&ws, &on_disk.key(name), canonical.key(name), fi, fo, lc.projector_bias, keep)
                 });
                 let projector = Projector { linear_1: l1?, linear_2: l2?, act: lc.projector_hidden_act };
-                let pp = dir.join("preprocessor_config.json");
-                let ip = if pp.is_file() {
-                    ImageProcessorConfig::from_file(&pp)?
-                } else {
-                    // No preprocessor_config.json: CLIP's processor at the tower's resolution.
-                    let n = lc.vision.image_size as u32;
-                    ImageProcessorConfig {
-                        size: crate::image::ResizeSize::ShortestEdge(n),
-                        crop_height: n,
-                        crop_width: n,
-                        ..Default::default()
-                    }
-                };
-                let mut ip = ip;
-                ip.pad_to_square |= lc.pad_to_square;
-                let (h, w) = ip.output_size();
-                if h != lc.vision.image_size || w != lc.vision.image_size {
-                    return Err(EngineError::config(
-                        &pp,
-                        format!(
-                            "produces {h}x{w} images but the vision tower takes {0}x{0}; fix crop_size",
-                            lc.vision.image_size
-                        ),
-                    ));
-                }
-                (Some(vision), Some(projector), Some(ip))
+                (Some(vision), Some(projector), (family.image_processor)(&config, dir)?)
             }
         };
         let mut linear_shapes = HashMap::new();

@@ -18,4 +18,5 @@ pub static FAMILY: Family = Family {
     layout_name: |_| "llama",
     layouts_hint: "; a LLaMA checkpoint keeps its decoder under model.* (transformers' LlamaForCausalLM)",
     save_layout: &[0],
+    image_processor: |_, _| Ok(None),
 };

@@ -1,9 +1,41 @@
 //! LLaVA-1.5 (`LlavaForConditionalGeneration`): a CLIP vision tower, a two-layer projector and a LLaMA decoder,
 //! in the three key layouts llava-hf checkpoints have on disk: transformers 4.x (`language_model.model.*`,
 //! `vision_tower.vision_model.*`), 4.52+ (`model.language_model.*`, `model.vision_tower.vision_model.*`) and 5.x
-//! (`model.vision_tower.*` without `vision_model`). The image processor is CLIP's (`crate::image`).
+//! (`model.vision_tower.*` without `vision_model`). The image processor is CLIP's (`crate::image`), read from
+//! `preprocessor_config.json`.
 
 use super::{Family, ModelFamily, Part};
+use crate::config::ModelConfig;
+use crate::error::{EngineError, Result};
+use crate::image::ImageProcessorConfig;
+use std::path::Path;
+
+/// `DIR/preprocessor_config.json`, or without one CLIP's processor at the tower's resolution; LLaVA's
+/// `image_aspect_ratio: "pad"` turns padding to a square on. The processor must produce the tower's input size.
+fn image_processor(config: &ModelConfig, dir: &Path) -> Result<Option<ImageProcessorConfig>> {
+    let Some(lc) = config.llava() else { return Ok(None) };
+    let pp = dir.join("preprocessor_config.json");
+    let mut ip = if pp.is_file() {
+        ImageProcessorConfig::from_file(&pp)?
+    } else {
+        let n = lc.vision.image_size as u32;
+        ImageProcessorConfig {
+            size: crate::image::ResizeSize::ShortestEdge(n),
+            crop_height: n,
+            crop_width: n,
+            ..Default::default()
+        }
+    };
+    ip.pad_to_square |= lc.pad_to_square;
+    let (h, w) = ip.output_size();
+    if h != lc.vision.image_size || w != lc.vision.image_size {
+        return Err(EngineError::config(
+            &pp,
+            format!("produces {h}x{w} images but the vision tower takes {0}x{0}; fix crop_size", lc.vision.image_size),
+        ));
+    }
+    Ok(Some(ip))
+}
 
 pub static FAMILY: Family = Family {
     name: "LLaVA-1.5",
@@ -46,4 +78,5 @@ pub static FAMILY: Family = Family {
                    language_model.model.*, 4.52+: model.language_model.*, 5.x: model.vision_tower.* without \
                    vision_model)",
     save_layout: &[1, 1, 1],
+    image_processor,
 };

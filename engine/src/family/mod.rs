@@ -1,7 +1,7 @@
 //! Model families, looked up by config.json (compare mistral.rs' loader table): one table, `FAMILIES`, maps
 //! `architectures` / `model_type` to a family module that declares its config parser, where each part's weights
 //! live on disk in every key layout the family has been saved with (`Part`), and the keys inside each part
-//! (`keys`). The loaders (CPU and GPU), `init-model`, the adapter's key mapping and `KeyLayout::detect` all read
+//! (`keys`), and its image processor. The loaders (CPU and GPU), `init-model`, the adapter's key mapping and `KeyLayout::detect` all read
 //! the family's declarations; adding a family is a new module and one row here.
 //!
 //! LLaVA-1.5 (`llava.rs`) and LLaMA (`llama.rs`) are the entries today.
@@ -12,6 +12,7 @@ pub mod llava;
 
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
+use crate::image::ImageProcessorConfig;
 use crate::weights::WeightStore;
 use serde_json::Value;
 use std::path::Path;
@@ -54,6 +55,8 @@ pub struct Family {
     pub layouts_hint: &'static str,
     /// The key layout rlaifd writes (`init-model`): for each part, the index of its prefix in `on_disk`.
     pub save_layout: &'static [usize],
+    /// The image processor of a model directory (config.json parsed as `config`); None for a text-only family.
+    pub image_processor: fn(&ModelConfig, &Path) -> Result<Option<ImageProcessorConfig>>,
 }
 
 /// Every family rlaifd loads.

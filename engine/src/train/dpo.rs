@@ -139,7 +139,7 @@ pub fn pair_forward_backward(
     let (s_img, s_c, s_r) = (part_seed(dropout_seed, 0), part_seed(dropout_seed, 1), part_seed(dropout_seed, 2));
     adapter.set_dropout_seed(s_img);
     let img: Option<ImageTape> = match p.pixels {
-        Some(px) => Some(model.image_forward_train(px, Some(adapter))?),
+        Some(px) => Some(model.image_forward(px, Some(adapter))?),
         None => None,
     };
     let feats = img.as_ref().map(|t| t.features.as_slice());
@@ -192,7 +192,7 @@ pub fn pair_forward_backward(
     };
     if let (Some(t), Some(d)) = (&img, d_feats) {
         adapter.set_dropout_seed(s_img);
-        model.image_backward_train(t, d, Some(adapter), Some(grads));
+        model.image_backward(t, d, Some(adapter), Some(grads));
     }
     Ok((loss, l))
 }

@@ -1,8 +1,9 @@
 //! The training passes of the whole model on the CPU: the image path (vision tower and projector) with its
 //! activations kept, the decoder over a prompt and answer, and their backward passes. The GPU trainer has the same
-//! passes under the same names (`cuda_train.rs`): a whole sequence (`score_train` / `score_backward`, the GPU's
-//! `SeqTape`), or a DPO pair's prompt run once (`forward_prompt`) with each answer attending its keys and values
-//! (`forward_answer`) and one backward pass for all three (`backward_shared`).
+//! passes under the same names (`cuda_train/`): the image path (`image_forward` / `image_backward`), a whole
+//! sequence (`score_train` / `score_backward`, the GPU's `SeqTape`), or a DPO pair's prompt run once
+//! (`forward_prompt`) with each answer attending its keys and values (`forward_answer`) and one backward pass for
+//! all three (`backward_shared`).
 
 use crate::adapter::Adapter;
 use crate::clip::ClipTape;
@@ -253,7 +254,7 @@ impl Model {
     }
 
     /// Vision tower + projector keeping activations.
-    pub fn image_forward_train(&self, pixels: &PixelValues, adapter: Option<&Adapter>) -> Result<ImageTape> {
+    pub fn image_forward(&self, pixels: &PixelValues, adapter: Option<&Adapter>) -> Result<ImageTape> {
         let (Some(lc), Some(vision), Some(proj)) = (self.config.llava(), &self.vision, &self.projector) else {
             return Err(EngineError::Input("this model has no vision tower".into()));
         };
@@ -271,9 +272,9 @@ impl Model {
         Ok(ImageTape { vision: vt, proj_in, proj_h, proj_a, features })
     }
 
-    /// Backward of `image_forward_train` from d features (N, C). Does nothing when neither the projector nor
+    /// Backward of `image_forward` from d features (N, C). Does nothing when neither the projector nor
     /// the vision tower has anything to train (no LoRA there, no saved modules, no base parameters).
-    pub fn image_backward_train(
+    pub fn image_backward(
         &self,
         tape: &ImageTape,
         d_features: Vec<f32>,

@@ -41,7 +41,7 @@ pub fn sft_forward_backward(
     };
     set(s_img);
     let img = match ex.pixels {
-        Some(px) => Some(model.image_forward_train(px, adapter)?),
+        Some(px) => Some(model.image_forward(px, adapter)?),
         None => None,
     };
     let feats = img.as_ref().map(|t| t.features.as_slice());
@@ -54,7 +54,7 @@ pub fn sft_forward_backward(
     let d_embeds = model.score_backward(&seq, -weight as f32, adapter, Some(grads))?;
     if let Some(t) = &img {
         set(s_img);
-        model.image_backward_train(t, seq.image_rows_grad(&d_embeds), adapter, Some(grads));
+        model.image_backward(t, seq.image_rows_grad(&d_embeds), adapter, Some(grads));
     }
     Ok(nll)
 }
