@@ -126,6 +126,8 @@ impl CudaBackend {
                 }
             },
         };
+        // The upload read the checkpoint's pages back in; the device holds the weights now.
+        model.weights.release_pages();
         let label = format!("cuda:{ordinal} ({}, {})", gpu.name, gpu.arch);
         Ok(CudaBackend {
             ordinal,
