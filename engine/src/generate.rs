@@ -3,7 +3,7 @@
 //! tokens bit for bit on one machine (every reduction has a fixed order; rayon splits only independent rows).
 
 use crate::adapter::Adapter;
-use crate::error::Result;
+use crate::error::{EngineError, Result};
 use crate::image::PixelValues;
 use crate::limits::RequestShape;
 use crate::llava::Model;
@@ -64,6 +64,11 @@ pub fn generate_with_stats(
     req: &GenerateRequest,
     adapter: Option<&Adapter>,
 ) -> Result<(Vec<Answer>, GenerateStats)> {
+    // Checked once here for every backend.
+    req.params.validate().map_err(EngineError::Input)?;
+    if req.seeds.is_empty() {
+        return Ok((Vec::new(), GenerateStats::default()));
+    }
     let shape = RequestShape {
         prompt_positions: model.prompt_positions(req.ids),
         answers: req.seeds.len(),

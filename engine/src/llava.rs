@@ -290,6 +290,18 @@ impl Model {
         image_features: Option<&[f32]>,
         adapter: Option<&Adapter>,
     ) -> Result<Vec<Vec<f32>>> {
+        if continuations.is_empty() {
+            return Ok(Vec::new());
+        }
+        if continuations.iter().any(|c| c.is_empty()) {
+            return Err(EngineError::Input("every continuation needs at least one token".into()));
+        }
+        let vocab = self.llm.cfg.vocab_size;
+        if continuations.iter().any(|c| c.iter().any(|&id| Some(id) == self.image_token_id() || id as usize >= vocab)) {
+            return Err(EngineError::Input(
+                "a continuation holds an image token or an id outside the vocabulary".into(),
+            ));
+        }
         self.backend.branch_logits(self, prefix, continuations, image_features, adapter)
     }
 

@@ -35,10 +35,6 @@ impl Backend for CpuBackend {
     ) -> Result<(Vec<Answer>, GenerateStats)> {
         let mut stats = GenerateStats::default();
         let t0 = std::time::Instant::now();
-        req.params.validate().map_err(EngineError::Input)?;
-        if req.seeds.is_empty() {
-            return Ok((Vec::new(), stats));
-        }
         let cfg = &model.llm.cfg;
         let stop: Vec<u32> = if req.stop_ids.is_empty() { cfg.eos_token_ids.clone() } else { req.stop_ids.clone() };
         let feats = match req.pixels {
@@ -142,12 +138,7 @@ impl Backend for CpuBackend {
         image_features: Option<&[f32]>,
         adapter: Option<&Adapter>,
     ) -> Result<Vec<Vec<f32>>> {
-        if continuations.is_empty() {
-            return Ok(Vec::new());
-        }
-        if continuations.iter().any(|c| c.is_empty()) {
-            return Err(EngineError::Input("every continuation needs at least one token".into()));
-        }
+        // `Model::branch_logits` checked the continuations.
         let (mut px, _) = model.embed_inputs(prefix, image_features)?;
         let c = model.llm.cfg.hidden_size;
         let mut cache = KvCache::new(model.llm.cfg.num_hidden_layers);
@@ -158,11 +149,6 @@ impl Backend for CpuBackend {
         let lens: Vec<usize> = continuations.iter().map(|c| c.len()).collect();
         let mut x = Vec::new();
         for cont in continuations {
-            if cont.iter().any(|&id| Some(id) == model.image_token_id() || id as usize >= model.llm.cfg.vocab_size) {
-                return Err(EngineError::Input(
-                    "a continuation holds an image token or an id outside the vocabulary".into(),
-                ));
-            }
             model.llm.embed_into(&mut x, cont);
         }
         model.llm.forward_branches(&mut x, &lens, &cache, adapter);

@@ -273,10 +273,6 @@ impl Backend for CudaBackend {
         adapter: Option<&Adapter>,
     ) -> Result<(Vec<Answer>, GenerateStats)> {
         let t0 = std::time::Instant::now();
-        req.params.validate().map_err(EngineError::Input)?;
-        if req.seeds.is_empty() {
-            return Ok((Vec::new(), GenerateStats::default()));
-        }
         let mut guard = self.lock()?;
         let st = &mut *guard;
         let LoraOn::Gpu(lora) = st.lora(adapter)? else {
@@ -356,19 +352,8 @@ impl Backend for CudaBackend {
         feats: Option<&[f32]>,
         adapter: Option<&Adapter>,
     ) -> Result<Vec<Vec<f32>>> {
-        if continuations.is_empty() {
-            return Ok(Vec::new());
-        }
-        if continuations.iter().any(|c| c.is_empty()) {
-            return Err(EngineError::Input("every continuation needs at least one token".into()));
-        }
+        // `Model::branch_logits` checked the continuations.
         let vocab = model.llm.cfg.vocab_size;
-        if continuations.iter().any(|c| c.iter().any(|&id| Some(id) == model.image_token_id() || id as usize >= vocab))
-        {
-            return Err(EngineError::Input(
-                "a continuation holds an image token or an id outside the vocabulary".into(),
-            ));
-        }
         // An empty prefix (no shared part) has nothing to prefill: the CPU handles that rare case.
         if prefix.is_empty() {
             return CpuBackend.branch_logits(model, prefix, continuations, feats, adapter);

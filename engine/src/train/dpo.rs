@@ -143,21 +143,22 @@ pub fn pair_forward_backward(
         None => None,
     };
     let feats = img.as_ref().map(|t| t.features.as_slice());
+    // The pair's log-probs, loss and its derivatives w.r.t. the two policy log-probs; a non-finite loss is an error.
+    let loss_of = |chosen: f64, rejected: f64| -> Result<(PairLogps, f64, f64, f64)> {
+        let l =
+            PairLogps { policy_chosen: chosen, policy_rejected: rejected, ref_chosen: refs.0, ref_rejected: refs.1 };
+        let (loss, d_pc, d_pr) = pair_loss(cfg, &l, p.chosen_ids.len(), p.rejected_ids.len());
+        if !loss.is_finite() {
+            return Err(EngineError::Input(format!("the loss is {loss} (log-probs {l:?})")));
+        }
+        Ok((l, loss, d_pc, d_pr))
+    };
     let (loss, l, d_feats) = if dropout_seed.is_none() {
         // The prompt (image rows included) runs once; both answers attend its keys and values (as on the GPU).
         let pt = model.forward_prompt(p.prompt_ids, feats, Some(adapter))?;
         let tc = model.forward_answer(&pt, p.chosen_ids, Some(adapter))?;
         let tr = model.forward_answer(&pt, p.rejected_ids, Some(adapter))?;
-        let l = PairLogps {
-            policy_chosen: tc.logp_sum(),
-            policy_rejected: tr.logp_sum(),
-            ref_chosen: refs.0,
-            ref_rejected: refs.1,
-        };
-        let (loss, d_pc, d_pr) = pair_loss(cfg, &l, p.chosen_ids.len(), p.rejected_ids.len());
-        if !loss.is_finite() {
-            return Err(EngineError::Input(format!("the loss is {loss} (log-probs {l:?})")));
-        }
+        let (l, loss, d_pc, d_pr) = loss_of(tc.logp_sum(), tr.logp_sum())?;
         let answers = [(&tc, (d_pc * weight) as f32), (&tr, (d_pr * weight) as f32)];
         let d_embeds = model.backward_shared(&pt, &answers, Some(adapter), Some(grads))?;
         (loss, l, img.as_ref().map(|_| pt.image_rows_grad(&d_embeds)))
@@ -167,16 +168,7 @@ pub fn pair_forward_backward(
         let sc = model.score_train(p.prompt_ids, p.chosen_ids, feats, Some(adapter))?;
         adapter.set_dropout_seed(s_r);
         let sr = model.score_train(p.prompt_ids, p.rejected_ids, feats, Some(adapter))?;
-        let l = PairLogps {
-            policy_chosen: sc.logp_sum(),
-            policy_rejected: sr.logp_sum(),
-            ref_chosen: refs.0,
-            ref_rejected: refs.1,
-        };
-        let (loss, d_pc, d_pr) = pair_loss(cfg, &l, p.chosen_ids.len(), p.rejected_ids.len());
-        if !loss.is_finite() {
-            return Err(EngineError::Input(format!("the loss is {loss} (log-probs {l:?})")));
-        }
+        let (l, loss, d_pc, d_pr) = loss_of(sc.logp_sum(), sr.logp_sum())?;
         adapter.set_dropout_seed(s_c);
         let d_embed_c = model.score_backward(&sc, (d_pc * weight) as f32, Some(adapter), Some(grads))?;
         adapter.set_dropout_seed(s_r);
