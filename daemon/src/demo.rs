@@ -156,11 +156,18 @@ pub fn run(a: DemoArgs) -> Result<()> {
     // the runtime (a SIGTERM or Ctrl-C mid-run would abort with a panic in a destructor).
     let system = actix::System::new();
     let res = system.block_on(async move {
-        let why = crate::serve::run_async(cfg, None, Some(Box::pin(watch(url.clone(), k)))).await.context(
-            "the demo needs PostgreSQL: start a server (Debian/Ubuntu: `apt install postgresql && service postgresql start`; \
-             or `docker run -d -p 5432:5432 -e POSTGRES_HOST_AUTH_METHOD=trust postgres:16`) or set DATABASE_URL / --database-url \
-             (e.g. postgres://postgres@127.0.0.1:5432/rlaifd_demo)",
-        )?;
+        let why = crate::serve::run_async(cfg, None, Some(Box::pin(watch(url.clone(), k)))).await.map_err(|e| {
+            // Only a database error gets the hint on starting PostgreSQL; a configuration error speaks for itself.
+            if e.chain().any(|c| c.downcast_ref::<sqlx::Error>().is_some()) {
+                e.context(
+                    "the demo needs PostgreSQL: start a server (Debian/Ubuntu: `apt install postgresql && service postgresql start`; \
+                     or `docker run -d -p 5432:5432 -e POSTGRES_HOST_AUTH_METHOD=trust postgres:16`) or set DATABASE_URL / --database-url \
+                     (e.g. postgres://postgres@127.0.0.1:5432/rlaifd_demo)",
+                )
+            } else {
+                e
+            }
+        })?;
         if why != "finished" {
             anyhow::bail!("the demo stopped early ({why}); run it again to resume");
         }

@@ -1,4 +1,7 @@
 //! CLIP ViT vision tower (the part LLaVA uses: embeddings, pre_layrnorm, encoder layers; no post-layernorm).
+//!
+//! The GPU's tower (`cuda_clip.rs`, training in `cuda_train/image.rs`) keeps these names: `ClipLayer`, and for
+//! training `image_layer_forward` / `image_layer_backward` with an `ImageLayerTape` of the same fields.
 
 use crate::adapter::Adapter;
 use crate::config::ClipVisionConfig;
@@ -154,25 +157,27 @@ impl ClipVision {
 
 // -- training: forward with saved activations, and its backward -------------------------------------------
 
-/// Activations of one encoder layer kept for the backward pass.
-pub struct ClipLayerTape {
-    x0: Vec<f32>,  // (T, D) layer input
-    h1: Vec<f32>,  // (T, D) layer_norm1(x0)
-    q: Vec<f32>,   // (T, D)
-    k: Vec<f32>,   // (T, D)
-    v: Vec<f32>,   // (T, D)
-    att: Vec<f32>, // (T, D)
-    x1: Vec<f32>,  // (T, D) after the attention residual
-    h2: Vec<f32>,  // (T, D) layer_norm2(x1)
-    f: Vec<f32>,   // (T, I) fc1(h2), before the activation
-    fa: Vec<f32>,  // (T, I) act(f)
+/// Activations of one encoder layer kept for the backward pass: the GPU trainer's `ImageLayerTape`
+/// (`cuda_train/image.rs`), field for field.
+pub struct ImageLayerTape {
+    x_in: Vec<f32>,  // (T, D) layer input
+    h1: Vec<f32>,    // (T, D) layer_norm1(x_in)
+    q: Vec<f32>,     // (T, D)
+    k: Vec<f32>,     // (T, D)
+    v: Vec<f32>,     // (T, D)
+    att: Vec<f32>,   // (T, D)
+    x_mid: Vec<f32>, // (T, D) after the attention residual
+    h2: Vec<f32>,    // (T, D) layer_norm2(x_mid)
+    fpre: Vec<f32>,  // (T, I) fc1(h2), before the activation
+    fact: Vec<f32>,  // (T, I) act(fpre)
 }
 
-pub struct ClipTape {
+/// The tower's part of the image path's tape (the projector's part is `train::passes::ImageTape`).
+pub struct TowerTape {
     pub tokens: usize,
     cols: Vec<f32>, // (N, 3·P·P) im2col patches
     emb: Vec<f32>,  // (T, D) embeddings before pre_layrnorm
-    layers: Vec<ClipLayerTape>,
+    layers: Vec<ImageLayerTape>,
     /// (T, D) hidden state after the last layer run (what LLaVA takes its features from).
     pub hidden: Vec<f32>,
 }
@@ -203,46 +208,61 @@ fn ln_backward(
 }
 
 impl ClipVision {
-    /// `forward` keeping activations for `backward_train`.
-    pub fn forward_train(&self, pixels: &[f32], n_layers: usize, adapter: Option<&Adapter>) -> Result<ClipTape> {
+    /// `forward` keeping activations for `tower_backward`.
+    pub fn tower_forward(&self, pixels: &[f32], n_layers: usize, adapter: Option<&Adapter>) -> Result<TowerTape> {
         let cfg = &self.cfg;
         let (cols, emb) = self.embeddings(pixels)?;
         let d = cfg.hidden_size;
         let t = emb.len() / d;
         let mut x = vec![0f32; t * d];
         layernorm(&mut x, &emb, &self.pre_ln_w, &self.pre_ln_b, cfg.layer_norm_eps);
-        let (heads, hd) = (cfg.num_attention_heads, cfg.head_dim());
-        let scale = (hd as f32).powf(-0.5);
         let mut layers = Vec::with_capacity(n_layers);
         for layer in &self.layers[..n_layers] {
             crate::interrupt::beat();
-            let mut h1 = vec![0f32; t * d];
-            layernorm(&mut h1, &x, &layer.ln1_w, &layer.ln1_b, cfg.layer_norm_eps);
-            let q = layer.q.apply(&h1, t, adapter);
-            let k = layer.k.apply(&h1, t, adapter);
-            let v = layer.v.apply(&h1, t, adapter);
-            let mut att = vec![0f32; t * d];
-            attend_dense(&mut att, &q, &k, &v, t, t, 0, heads, heads, hd, scale, false);
-            let mut x1 = x.clone();
-            layer.o.forward(&mut x1, &att, t, adapter, MatmulMode::Accumulate);
-            let mut h2 = vec![0f32; t * d];
-            layernorm(&mut h2, &x1, &layer.ln2_w, &layer.ln2_b, cfg.layer_norm_eps);
-            let f = layer.fc1.apply(&h2, t, adapter);
-            let mut fa = f.clone();
-            apply_activation(&mut fa, cfg.hidden_act);
-            let mut x2 = x1.clone();
-            layer.fc2.forward(&mut x2, &fa, t, adapter, MatmulMode::Accumulate);
-            layers.push(ClipLayerTape { x0: std::mem::replace(&mut x, x2), h1, q, k, v, att, x1, h2, f, fa });
+            let (tape, out) = self.image_layer_forward(layer, x, t, adapter);
+            layers.push(tape);
+            x = out;
         }
-        Ok(ClipTape { tokens: t, cols, emb, layers, hidden: x })
+        Ok(TowerTape { tokens: t, cols, emb, layers, hidden: x })
     }
 
-    /// Backward of `forward_train` from d hidden (T, D). With only LoRA to train it stops at the lowest layer
+    /// One encoder layer on x_in (T, D): returns its tape and its output.
+    fn image_layer_forward(
+        &self,
+        layer: &ClipLayer,
+        x_in: Vec<f32>,
+        t: usize,
+        adapter: Option<&Adapter>,
+    ) -> (ImageLayerTape, Vec<f32>) {
+        let cfg = &self.cfg;
+        let d = cfg.hidden_size;
+        let (heads, hd) = (cfg.num_attention_heads, cfg.head_dim());
+        let scale = (hd as f32).powf(-0.5);
+        let mut h1 = vec![0f32; t * d];
+        layernorm(&mut h1, &x_in, &layer.ln1_w, &layer.ln1_b, cfg.layer_norm_eps);
+        let q = layer.q.apply(&h1, t, adapter);
+        let k = layer.k.apply(&h1, t, adapter);
+        let v = layer.v.apply(&h1, t, adapter);
+        let mut att = vec![0f32; t * d];
+        attend_dense(&mut att, &q, &k, &v, t, t, 0, heads, heads, hd, scale, false);
+        let mut x_mid = x_in.clone();
+        layer.o.forward(&mut x_mid, &att, t, adapter, MatmulMode::Accumulate);
+        let mut h2 = vec![0f32; t * d];
+        layernorm(&mut h2, &x_mid, &layer.ln2_w, &layer.ln2_b, cfg.layer_norm_eps);
+        let fpre = layer.fc1.apply(&h2, t, adapter);
+        let mut fact = fpre.clone();
+        apply_activation(&mut fact, cfg.hidden_act);
+        let mut out = x_mid.clone();
+        layer.fc2.forward(&mut out, &fact, t, adapter, MatmulMode::Accumulate);
+        (ImageLayerTape { x_in, h1, q, k, v, att, x_mid, h2, fpre, fact }, out)
+    }
+
+    /// Backward of `tower_forward` from d hidden (T, D). With only LoRA to train it stops at the lowest layer
     /// holding a LoRA module; with vision parameters in `grads` (full fine-tuning) it runs down to the patch
     /// embedding. Gradients accumulate into `grads`.
-    pub fn backward_train(
+    pub fn tower_backward(
         &self,
-        tape: &ClipTape,
+        tape: &TowerTape,
         d_hidden: Vec<f32>,
         adapter: Option<&Adapter>,
         mut grads: Option<&mut Grads>,
@@ -262,38 +282,13 @@ impl ClipVision {
         let cfg = &self.cfg;
         let d = cfg.hidden_size;
         let t = tape.tokens;
-        let (heads, hd, isz) = (cfg.num_attention_heads, cfg.head_dim(), cfg.intermediate_size);
-        let scale = (hd as f32).powf(-0.5);
         let mut dx = d_hidden;
         for (i, (layer, tp)) in self.layers.iter().zip(&tape.layers).enumerate().rev() {
             crate::interrupt::beat();
             if i < lowest {
                 break;
             }
-            let ln = |k: &str| format!("vision_tower.encoder.layers.{i}.{k}");
-            let mut dfa = vec![0f32; t * isz];
-            layer.fc2.backward(&mut dfa, &dx, &tp.fa, t, adapter, grads.as_deref_mut(), MatmulMode::Assign);
-            let mut df = vec![0f32; t * isz];
-            activation_bwd(&mut df, &dfa, &tp.f, cfg.hidden_act);
-            let mut dh2 = vec![0f32; t * d];
-            layer.fc1.backward(&mut dh2, &df, &tp.h2, t, adapter, grads.as_deref_mut(), MatmulMode::Assign);
-            let mut dx1 = vec![0f32; t * d];
-            ln_backward(&mut grads, &ln("layer_norm2"), &mut dx1, &dh2, &tp.x1, &layer.ln2_w, cfg.layer_norm_eps);
-            add_inplace(&mut dx1, &dx);
-            let mut datt = vec![0f32; t * d];
-            layer.o.backward(&mut datt, &dx1, &tp.att, t, adapter, grads.as_deref_mut(), MatmulMode::Assign);
-            let (mut dq, mut dk, mut dv) = (vec![0f32; t * d], vec![0f32; t * d], vec![0f32; t * d]);
-            attend_dense_bwd(
-                &mut dq, &mut dk, &mut dv, &datt, &tp.q, &tp.k, &tp.v, t, t, 0, heads, heads, hd, scale, false,
-            );
-            let mut dh1 = vec![0f32; t * d];
-            layer.q.backward(&mut dh1, &dq, &tp.h1, t, adapter, grads.as_deref_mut(), MatmulMode::Assign);
-            layer.k.backward(&mut dh1, &dk, &tp.h1, t, adapter, grads.as_deref_mut(), MatmulMode::Accumulate);
-            layer.v.backward(&mut dh1, &dv, &tp.h1, t, adapter, grads.as_deref_mut(), MatmulMode::Accumulate);
-            let mut dx0 = vec![0f32; t * d];
-            ln_backward(&mut grads, &ln("layer_norm1"), &mut dx0, &dh1, &tp.x0, &layer.ln1_w, cfg.layer_norm_eps);
-            add_inplace(&mut dx0, &dx1);
-            dx = dx0;
+            dx = self.image_layer_backward(i, layer, tp, &dx, t, adapter, &mut grads);
         }
         if !full {
             return;
@@ -320,6 +315,51 @@ impl ClipVision {
             let kdim = tape.cols.len() / (t - 1);
             matmul_nt_bwd_w(pw, &demb[d..], &tape.cols, t - 1, kdim, d);
         }
+    }
+
+    /// Backward of `image_layer_forward` for layer `i` from d out (T, D): returns d x_in; LoRA (and, under full
+    /// fine-tuning, the layer's own) gradients accumulate into `grads`.
+    #[allow(clippy::too_many_arguments)]
+    fn image_layer_backward(
+        &self,
+        i: usize,
+        layer: &ClipLayer,
+        tp: &ImageLayerTape,
+        dx: &[f32],
+        t: usize,
+        adapter: Option<&Adapter>,
+        grads: &mut Option<&mut Grads>,
+    ) -> Vec<f32> {
+        let cfg = &self.cfg;
+        let d = cfg.hidden_size;
+        let (heads, hd, isz) = (cfg.num_attention_heads, cfg.head_dim(), cfg.intermediate_size);
+        let scale = (hd as f32).powf(-0.5);
+        let ln = |k: &str| format!("vision_tower.encoder.layers.{i}.{k}");
+        // MLP: out = x_mid + fc2(act(fc1(ln2(x_mid)))).
+        let mut dfact = vec![0f32; t * isz];
+        layer.fc2.backward(&mut dfact, dx, &tp.fact, t, adapter, grads.as_deref_mut(), MatmulMode::Assign);
+        let mut dfpre = vec![0f32; t * isz];
+        activation_bwd(&mut dfpre, &dfact, &tp.fpre, cfg.hidden_act);
+        let mut dh2 = vec![0f32; t * d];
+        layer.fc1.backward(&mut dh2, &dfpre, &tp.h2, t, adapter, grads.as_deref_mut(), MatmulMode::Assign);
+        let mut dx_mid = vec![0f32; t * d];
+        ln_backward(grads, &ln("layer_norm2"), &mut dx_mid, &dh2, &tp.x_mid, &layer.ln2_w, cfg.layer_norm_eps);
+        add_inplace(&mut dx_mid, dx);
+        // Attention: x_mid = x_in + out_proj(attention(q, k, v of ln1(x_in))), no mask.
+        let mut datt = vec![0f32; t * d];
+        layer.o.backward(&mut datt, &dx_mid, &tp.att, t, adapter, grads.as_deref_mut(), MatmulMode::Assign);
+        let (mut dq, mut dk, mut dv) = (vec![0f32; t * d], vec![0f32; t * d], vec![0f32; t * d]);
+        attend_dense_bwd(
+            &mut dq, &mut dk, &mut dv, &datt, &tp.q, &tp.k, &tp.v, t, t, 0, heads, heads, hd, scale, false,
+        );
+        let mut dh1 = vec![0f32; t * d];
+        layer.q.backward(&mut dh1, &dq, &tp.h1, t, adapter, grads.as_deref_mut(), MatmulMode::Assign);
+        layer.k.backward(&mut dh1, &dk, &tp.h1, t, adapter, grads.as_deref_mut(), MatmulMode::Accumulate);
+        layer.v.backward(&mut dh1, &dv, &tp.h1, t, adapter, grads.as_deref_mut(), MatmulMode::Accumulate);
+        let mut dx_in = vec![0f32; t * d];
+        ln_backward(grads, &ln("layer_norm1"), &mut dx_in, &dh1, &tp.x_in, &layer.ln1_w, cfg.layer_norm_eps);
+        add_inplace(&mut dx_in, &dx_mid);
+        dx_in
     }
 }
 

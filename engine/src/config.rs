@@ -112,6 +112,9 @@ pub struct LlavaConfig {
     pub projector_bias: bool,
     /// Original-LLaVA `image_aspect_ratio: "pad"`: pad images to a square before preprocessing.
     pub pad_to_square: bool,
+    /// LLaVA-NeXT (`llava_next`): `image_grid_pinpoints` as (height, width), tiles of the tower's size with
+    /// their features unpadded and an `image_newline` row end (`crate::image::anyres`). Empty for LLaVA-1.5.
+    pub grid_pinpoints: Vec<(usize, usize)>,
 }
 
 impl LlavaConfig {
@@ -122,12 +125,24 @@ impl LlavaConfig {
             if self.vision_feature_layer < 0 { n + 1 + self.vision_feature_layer } else { self.vision_feature_layer };
         idx as usize
     }
-    /// How many embedding rows one image becomes in the decoder input.
+    /// How many embedding rows one image becomes in the decoder input: exact for LLaVA-1.5, the most any image
+    /// can give for LLaVA-NeXT (its largest grid, nothing cut by unpadding).
     pub fn image_seq_len(&self) -> usize {
-        match self.vision_feature_select_strategy {
+        let base = match self.vision_feature_select_strategy {
             FeatureSelect::Default => self.vision.num_patches(),
             FeatureSelect::Full => self.vision.num_patches() + 1,
-        }
+        };
+        let side = self.vision.image_size / self.vision.patch_size;
+        let tiles = |(h, w): (usize, usize)| {
+            let (gh, gw) = (h / self.vision.image_size, w / self.vision.image_size);
+            gh * side * (gw * side + 1)
+        };
+        base + self.grid_pinpoints.iter().map(|&p| tiles(p)).max().unwrap_or(0)
+    }
+
+    /// Whether images are tiled (LLaVA-NeXT's anyres).
+    pub fn anyres(&self) -> bool {
+        !self.grid_pinpoints.is_empty()
     }
 }
 
@@ -165,6 +180,7 @@ impl ModelConfig {
     /// The family this config belongs to.
     pub fn family(&self) -> crate::family::ModelFamily {
         match self {
+            ModelConfig::Llava(c) if c.anyres() => crate::family::ModelFamily::LlavaNext,
             ModelConfig::Llava(_) => crate::family::ModelFamily::Llava,
             ModelConfig::Llama(_) => crate::family::ModelFamily::Llama,
         }
@@ -442,5 +458,33 @@ pub(crate) fn parse_llava(raw: &Value, path: &Path) -> Result<LlavaConfig> {
         )?,
         projector_bias: f.bool_or("multimodal_projector_bias", true)?,
         pad_to_square: f.str_or("image_aspect_ratio", "")? == "pad",
+        grid_pinpoints: Vec::new(),
     })
+}
+
+/// LLaVA-NeXT's config.json: LLaVA's fields plus `image_grid_pinpoints` (transformers' default when absent).
+pub(crate) fn parse_llava_next(raw: &Value, path: &Path) -> Result<LlavaConfig> {
+    let mut c = parse_llava(raw, path)?;
+    c.grid_pinpoints = match raw.get("image_grid_pinpoints").filter(|v| !v.is_null()) {
+        None => vec![(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)],
+        Some(v) => crate::image::parse_pinpoints(v)
+            .map_err(|e| EngineError::config(path, e))?
+            .into_iter()
+            .map(|(h, w)| (h as usize, w as usize))
+            .collect(),
+    };
+    let tile = c.vision.image_size;
+    if let Some(&(h, w)) = c.grid_pinpoints.iter().find(|&&(h, w)| h == 0 || w == 0 || h % tile != 0 || w % tile != 0) {
+        return Err(EngineError::config(
+            path,
+            format!("image_grid_pinpoints entry [{h}, {w}] is not a whole number of {tile}-pixel tiles (vision_config.image_size)"),
+        ));
+    }
+    if c.vision_feature_select_strategy != FeatureSelect::Default {
+        return Err(EngineError::config(
+            path,
+            "LLaVA-NeXT tiles need vision_feature_select_strategy = \"default\" (a square grid of patch features)",
+        ));
+    }
+    Ok(c)
 }

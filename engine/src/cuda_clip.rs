@@ -132,7 +132,7 @@ impl GpuVision {
     }
 }
 
-pub(crate) struct Layer {
+pub(crate) struct ClipLayer {
     pub(crate) ln1: (CudaSlice<f16>, CudaSlice<f16>),
     pub(crate) q: Lin,
     pub(crate) k: Lin,
@@ -152,7 +152,7 @@ pub struct GpuVision {
     /// (T, D): the position embeddings, with the class embedding added to row 0 (the class token's patch row is 0).
     pos_class: CudaSlice<f16>,
     pre_ln: (CudaSlice<f16>, CudaSlice<f16>),
-    pub(crate) layers: Vec<Layer>,
+    pub(crate) layers: Vec<ClipLayer>,
     pub(crate) proj1: Lin,
     pub(crate) proj_act: Activation,
     pub(crate) proj2: Lin,
@@ -216,7 +216,7 @@ impl GpuVision {
             let (kp, name) = (vision_layer(&vp, i), vision_layer(&canonical, i));
             let [q, k, v, o, fc1, fc2] =
                 vision_linears(&cfg).map(|(s, n_in, n_out)| lin(&kp.pp(s), name.key(s), n_in, n_out, true));
-            layers.push(Layer {
+            layers.push(ClipLayer {
                 ln1: ln(&kp.pp(LAYER_NORM1))?,
                 q: q?,
                 k: k?,
@@ -275,7 +275,7 @@ impl GpuVision {
         };
         let mut layers = Vec::new();
         for _ in 0..n_layers {
-            layers.push(Layer {
+            layers.push(ClipLayer {
                 q: lin(d, d)?,
                 k: lin(d, d)?,
                 v: lin(d, d)?,

@@ -1,4 +1,9 @@
 //! LLaMA decoder: RMSNorm, RoPE, MHA/GQA/MQA attention with a KV cache, SwiGLU MLP, lm_head (or tied).
+//!
+//! The GPU decoder (`cuda_llama/`) keeps these names, so one file reads against the other: `forward_layers` runs
+//! every layer over some rows, `forward` continues a KV cache, `decode_step` moves n sequences that share a
+//! prefix one token each (the GPU's `start_decode` prefills that prefix with `forward`); the training passes below
+//! mirror `cuda_train/decoder.rs` the same way.
 
 use crate::adapter::Adapter;
 use crate::config::LlamaConfig;
@@ -130,7 +135,7 @@ impl Llama {
     /// Runs every decoder layer on x (rows, C) in place. Row r sits at position `positions[r]`;
     /// `attend(layer, q, k, v, out)` gets the rotated q (rows, H, hd) and k, v (rows, KVH, hd) of this
     /// step, must store k/v wherever the caller caches them and write the attention output (rows, H, hd).
-    pub fn run_layers<F>(
+    pub fn forward_layers<F>(
         &self,
         x: &mut [f32],
         rows: usize,
@@ -164,13 +169,13 @@ impl Llama {
     }
 
     /// Causal forward of x (rows, C) continuing `cache` (positions cache.len ..); appends to the cache.
-    pub fn forward_cached(&self, x: &mut [f32], rows: usize, cache: &mut KvCache, adapter: Option<&Adapter>) {
+    pub fn forward(&self, x: &mut [f32], rows: usize, cache: &mut KvCache, adapter: Option<&Adapter>) {
         let cfg = &self.cfg;
         let (heads, kvh, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
         let start = cache.len;
         let positions: Vec<usize> = (start..start + rows).collect();
         let scale = (hd as f32).powf(-0.5);
-        self.run_layers(x, rows, &positions, adapter, |li, q, k, v, out| {
+        self.forward_layers(x, rows, &positions, adapter, |li, q, k, v, out| {
             cache.k[li].extend_from_slice(k);
             cache.v[li].extend_from_slice(v);
             if rows >= DENSE_MIN_ROWS {
@@ -198,7 +203,7 @@ impl Llama {
 
     /// One decode step for several sequences that share `prefix` and each have their own `suffixes[r]`
     /// (all suffixes the same length). x: (rows, C) embeddings of each sequence's newest token.
-    pub fn forward_shared_prefix(
+    pub fn decode_step(
         &self,
         x: &mut [f32],
         prefix: &KvCache,
@@ -212,7 +217,7 @@ impl Llama {
         let positions = vec![pos; rows];
         let scale = (hd as f32).powf(-0.5);
         let width = kvh * hd;
-        self.run_layers(x, rows, &positions, adapter, |li, q, k, v, out| {
+        self.forward_layers(x, rows, &positions, adapter, |li, q, k, v, out| {
             for (r, s) in suffixes.iter_mut().enumerate() {
                 s.k[li].extend_from_slice(&k[r * width..(r + 1) * width]);
                 s.v[li].extend_from_slice(&v[r * width..(r + 1) * width]);
@@ -245,7 +250,7 @@ impl Llama {
         let positions: Vec<usize> = owner.iter().map(|&(_, i)| prefix.len + i).collect();
         let scale = (hd as f32).powf(-0.5);
         let width = kvh * hd;
-        self.run_layers(x, rows, &positions, adapter, |li, q, k, v, out| {
+        self.forward_layers(x, rows, &positions, adapter, |li, q, k, v, out| {
             let pre = KvSegment { k: &prefix.k[li], v: &prefix.v[li], len: prefix.len };
             attend_rows(out, q, heads, kvh, hd, scale, |r| {
                 let (b, i) = owner[r];

@@ -44,6 +44,8 @@ pub struct Model {
     pub projector: Option<Projector>,
     pub llm: Llama,
     pub image_processor: Option<ImageProcessorConfig>,
+    /// LLaVA-NeXT's learned row end of the tiles' feature grid (C).
+    pub image_newline: Option<Vec<f32>>,
     /// The checkpoint's weights as opened (memory-mapped, pages released after loading): a device backend
     /// uploads from them (`backend::CudaBackend::open`) instead of reading the files again.
     pub weights: std::sync::Arc<WeightStore>,
@@ -86,6 +88,13 @@ impl Model {
             });
         };
         let llm = Llama::load(&ws, &layout.text, lm_head_key, text, keep)?;
+        let image_newline = match config.llava() {
+            Some(lc) if lc.anyres() => {
+                let key = crate::family::llava_next::image_newline_key(&layout.projector);
+                Some(ws.f32(key, &[text.hidden_size])?)
+            }
+            _ => None,
+        };
         let (vision, projector, image_processor) = match config.llava() {
             None => (None, None, None),
             Some(lc) => {
@@ -126,6 +135,7 @@ impl Model {
             projector,
             llm,
             image_processor,
+            image_newline,
             linear_shapes,
             backend: std::sync::Arc::new(crate::backend::CpuBackend),
             request_budget: None,
@@ -207,6 +217,99 @@ impl Model {
         self.backend.image_features(self, pixels, adapter)
     }
 
+    /// Checks that `pixels` holds what this model's image path takes: one image of the tower's size, or for
+    /// LLaVA-NeXT a base image and its tiles.
+    pub(crate) fn check_tiles(&self, pixels: &PixelValues) -> Result<()> {
+        let Some(lc) = self.llava_cfg() else {
+            return Err(EngineError::Input("this model has no vision tower".into()));
+        };
+        let s = lc.vision.image_size;
+        let n = pixels.channels * pixels.height * pixels.width;
+        if pixels.tiles == 0 || pixels.data.len() != pixels.tiles * n || (pixels.height, pixels.width) != (s, s) {
+            return Err(EngineError::Input(format!(
+                "pixel values of {} values as {} tiles of {}x{}x{}; the vision tower takes 3x{s}x{s} tiles",
+                pixels.data.len(),
+                pixels.tiles,
+                pixels.channels,
+                pixels.height,
+                pixels.width
+            )));
+        }
+        if pixels.tiles > 1 && !lc.anyres() {
+            return Err(EngineError::Input(format!(
+                "{} image tiles for a model without anyres tiling (image_grid_pinpoints); preprocess with its own processor",
+                pixels.tiles
+            )));
+        }
+        Ok(())
+    }
+
+    /// LLaVA-NeXT's packing of an anyres image (transformers' `pack_image_features`): for each decoder image row,
+    /// the row of the tiles' projected features (base image first, `side`² rows a tile) it takes, or None for the
+    /// `image_newline` that ends each row of the unpadded tile grid. The base image's rows come first.
+    pub(crate) fn anyres_rows(&self, pixels: &PixelValues) -> Result<Vec<Option<usize>>> {
+        let Some(lc) = self.llava_cfg() else {
+            return Err(EngineError::Input("this model has no vision tower".into()));
+        };
+        let side = lc.vision.image_size / lc.vision.patch_size;
+        let per = side * side;
+        let mut rows: Vec<Option<usize>> = (0..per).map(Some).collect();
+        if pixels.tiles == 1 {
+            rows.push(None);
+            return Ok(rows);
+        }
+        let (h, w) = pixels.original;
+        if h == 0 || w == 0 || h > u32::MAX as usize || w > u32::MAX as usize {
+            return Err(EngineError::Input(format!("anyres image of original size {w}x{h}")));
+        }
+        let pins: Vec<(u32, u32)> = lc.grid_pinpoints.iter().map(|&(a, b)| (a as u32, b as u32)).collect();
+        let (gh, gw) = crate::image::grid_shape(h as u32, w as u32, &pins, lc.vision.image_size as u32);
+        if gh * gw + 1 != pixels.tiles {
+            return Err(EngineError::Input(format!(
+                "a {w}x{h} image takes a {gh}x{gw} tile grid plus the base image ({} tiles), got {}",
+                gh * gw + 1,
+                pixels.tiles
+            )));
+        }
+        let ((y0, y1), (x0, x1)) = crate::image::unpadded_window(gh * side, gw * side, h as u32, w as u32);
+        rows.reserve((y1 - y0) * (x1 - x0 + 1));
+        for y in y0..y1 {
+            for x in x0..x1 {
+                let tile = 1 + (y / side) * gw + x / side;
+                rows.push(Some(tile * per + (y % side) * side + x % side));
+            }
+            rows.push(None);
+        }
+        Ok(rows)
+    }
+
+    /// The decoder's image rows from the tiles' projected features (`anyres_rows`).
+    pub(crate) fn pack_anyres(&self, per_tile: &[f32], packing: &[Option<usize>]) -> Result<Vec<f32>> {
+        let c = self.llm.cfg.hidden_size;
+        let newline = self
+            .image_newline
+            .as_deref()
+            .ok_or_else(|| EngineError::Input("this model has no image_newline for anyres images".into()))?;
+        let mut out = Vec::with_capacity(packing.len() * c);
+        for src in packing {
+            match src {
+                Some(r) => out.extend_from_slice(per_tile.get(r * c..(r + 1) * c).ok_or_else(|| {
+                    EngineError::Input(format!("anyres packing reads feature row {r} of {}", per_tile.len() / c))
+                })?),
+                None => out.extend_from_slice(newline),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The decoder's image rows from the projected features of every tile of `pixels`, in order.
+    pub(crate) fn image_rows(&self, pixels: &PixelValues, per_tile: Vec<f32>) -> Result<Vec<f32>> {
+        match self.llava_cfg() {
+            Some(lc) if lc.anyres() => self.pack_anyres(&per_tile, &self.anyres_rows(pixels)?),
+            _ => Ok(per_tile),
+        }
+    }
+
     fn llava_cfg(&self) -> Option<&LlavaConfig> {
         self.config.llava()
     }
@@ -265,7 +368,7 @@ impl Model {
         let c = self.llm.cfg.hidden_size;
         let t = x.len() / c;
         let mut cache = KvCache::new(self.llm.cfg.num_hidden_layers);
-        self.llm.forward_cached(&mut x, t, &mut cache, adapter);
+        self.llm.forward(&mut x, t, &mut cache, adapter);
         // Only the rows that predict a scored token need the lm_head.
         let image_token = self.image_token_id();
         let targets: Vec<(usize, u32)> =
@@ -319,7 +422,7 @@ impl Model {
             return Err(EngineError::Input("empty prompt".into()));
         }
         let mut cache = KvCache::new(self.llm.cfg.num_hidden_layers);
-        self.llm.forward_cached(&mut x, t, &mut cache, adapter);
+        self.llm.forward(&mut x, t, &mut cache, adapter);
         let logits = self.llm.logits(&x[(t - 1) * c..], 1, adapter);
         Ok((cache, logits))
     }

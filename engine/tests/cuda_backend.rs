@@ -502,7 +502,7 @@ fn gpu_image_path_matches_the_cpu_vision_tower_and_projector() {
         let mut rng = engine::rng::SplitMix64::new(3);
         // Random normalised pixels: every patch and channel differs, unlike a rendered scene's flat colours.
         let pixels: Vec<f32> = (0..3 * s * s).map(|_| (rng.next_f64() * 4.0 - 2.0) as f32).collect();
-        let px = engine::image::PixelValues { data: pixels.clone(), channels: 3, height: s, width: s };
+        let px = engine::image::PixelValues::single(pixels.clone(), 3, s, s);
         let want = cpu.image_features(&px, None).unwrap();
         let got = vision.features(&gpu, &pixels, None).unwrap();
         let rel = rel_l2(&got, &want);
@@ -668,5 +668,44 @@ fn gpu_lora_sft_on_shapesworld_images_tracks_the_cpu_trainer() {
             g.grad_norm,
             w.grad_norm
         );
+    }
+}
+
+/// LLaVA-NeXT on the CUDA backend: every anyres tile through the GPU image path, packed as on the CPU (unpadding,
+/// `image_newline`), then the decoder on the device; log-probs follow the CPU backend within fp16 rounding.
+#[test]
+fn llava_next_tiles_on_the_gpu_match_the_cpu_backend() {
+    let fixtures = root().join("tests/fixtures/llava_next");
+    let mut dirs: Vec<_> = std::fs::read_dir(&fixtures)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|d| d.join("model/config.json").is_file())
+        .collect();
+    dirs.sort();
+    assert!(dirs.len() >= 5, "the LLaVA-NeXT fixtures");
+    for dir in dirs {
+        let cpu = Model::load(&dir.join("model")).unwrap();
+        let Some(dev) = on_gpu(&dir.join("model")) else { return };
+        let px = cpu.load_image(&dir.join("image.png")).unwrap();
+        assert!(px.tiles > 1, "{}: an anyres image has tiles", dir.display());
+        let want = cpu.image_features(&px, None).unwrap();
+        let got = dev.image_features(&px, None).unwrap();
+        let rel = rel_l2(&got, &want);
+        let exp: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+        let ids: Vec<u32> = exp["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let at = ids.iter().position(|&t| Some(t) == cpu.image_token_id()).unwrap() + 2;
+        let (prompt, answer) = ids.split_at(at);
+        let lp_cpu = cpu.answer_logp(prompt, answer, Some(&want), None).unwrap();
+        let lp_dev = dev.answer_logp(prompt, answer, Some(&got), None).unwrap();
+        let worst = (lp_cpu - lp_dev).abs() / answer.len() as f64;
+        println!(
+            "{}: {} tiles, features rel L2 {rel:.2e}, answer log-prob per token differs by {worst:.2e}",
+            dir.display(),
+            px.tiles
+        );
+        assert!(rel <= 1e-2, "{}: features rel L2 {rel}", dir.display());
+        assert!(worst <= 5e-2, "{}: log-probs differ by {worst}", dir.display());
     }
 }

@@ -206,12 +206,12 @@ fn check_image_path_pair(
     }
     // An image of random pixels and a prompt holding the image token once.
     let side = cpu.config.llava().unwrap().vision.image_size;
-    let pixels = engine::image::PixelValues {
-        data: (0..3 * side * side).map(|_| (rng.next_f64() * 4.0 - 2.0) as f32).collect(),
-        channels: 3,
-        height: side,
-        width: side,
-    };
+    let pixels = engine::image::PixelValues::single(
+        (0..3 * side * side).map(|_| (rng.next_f64() * 4.0 - 2.0) as f32).collect(),
+        3,
+        side,
+        side,
+    );
     let (mut prompt, chosen, rejected) = random_pair(cpu, 57);
     prompt.insert(3, cpu.image_token_id().unwrap());
     let pair = TokenPair { pixels: Some(&pixels), prompt_ids: &prompt, chosen_ids: &chosen, rejected_ids: &rejected };

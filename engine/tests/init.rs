@@ -23,7 +23,7 @@ fn random_checkpoint_from_config_loads_and_runs() {
     let std = (emb.iter().map(|v| v * v).sum::<f32>() / emb.len() as f32).sqrt();
     assert!((std - 0.02).abs() < 0.002, "std {std}");
     assert!(m.get_param("language_model.norm.weight").unwrap().iter().all(|&v| v == 1.0));
-    let px = engine::image::PixelValues { data: vec![0.1; 3 * 32 * 32], channels: 3, height: 32, width: 32 };
+    let px = engine::image::PixelValues::single(vec![0.1; 3 * 32 * 32], 3, 32, 32);
     let lp = m.logprobs(&[1, 66, 5, 7], Some(&px), None).unwrap();
     // Near-uniform predictions from a fresh model: log p ~ -ln(67).
     assert!(lp.iter().all(|v| (v + (67f32).ln()).abs() < 0.5), "{lp:?}");

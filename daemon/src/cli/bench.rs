@@ -47,7 +47,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             let s = lc.vision.image_size;
             let mut rng = SplitMix64::new(0);
             let data = (0..3 * s * s).map(|_| (rng.next_f64() * 4.0 - 2.0) as f32).collect();
-            Some(PixelValues { data, channels: 3, height: s, width: s })
+            Some(PixelValues::single(data, 3, s, s))
         }
         None => None,
     };

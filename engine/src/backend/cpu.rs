@@ -101,7 +101,7 @@ impl Backend for CpuBackend {
                 active.iter().for_each(|&i| is_active[i] = true);
                 let mut refs: Vec<&mut KvCache> =
                     suffixes.iter_mut().zip(&is_active).filter(|(_, &a)| a).map(|(s, _)| s).collect();
-                model.llm.forward_shared_prefix(&mut x, &prefix, &mut refs, adapter);
+                model.llm.decode_step(&mut x, &prefix, &mut refs, adapter);
             }
             let mut logits = model.llm.logits(&x, active.len(), adapter); // (A, V)
             next.clear();
@@ -118,16 +118,21 @@ impl Backend for CpuBackend {
         let (Some(lc), Some(vision), Some(proj)) = (model.config.llava(), &model.vision, &model.projector) else {
             return Err(EngineError::Input("this model has no vision tower".into()));
         };
-        let hidden = vision.forward(&pixels.data, lc.vision_layers_needed(), adapter)?; // (N + 1, Dv)
-        let dv = lc.vision.hidden_size;
-        let feats = match lc.vision_feature_select_strategy {
-            FeatureSelect::Default => &hidden[dv..],
-            FeatureSelect::Full => &hidden[..],
-        };
-        let n = feats.len() / dv;
-        let mut h = proj.linear_1.apply(feats, n, adapter); // (N, C)
-        apply_activation(&mut h, proj.act);
-        Ok(proj.linear_2.apply(&h, n, adapter))
+        model.check_tiles(pixels)?;
+        let mut per_tile = Vec::new();
+        for i in 0..pixels.tiles {
+            let hidden = vision.forward(pixels.tile(i), lc.vision_layers_needed(), adapter)?; // (N + 1, Dv)
+            let dv = lc.vision.hidden_size;
+            let feats = match lc.vision_feature_select_strategy {
+                FeatureSelect::Default => &hidden[dv..],
+                FeatureSelect::Full => &hidden[..],
+            };
+            let n = feats.len() / dv;
+            let mut h = proj.linear_1.apply(feats, n, adapter); // (N, C)
+            apply_activation(&mut h, proj.act);
+            per_tile.extend(proj.linear_2.apply(&h, n, adapter));
+        }
+        model.image_rows(pixels, per_tile)
     }
 
     fn branch_logits(
@@ -144,7 +149,7 @@ impl Backend for CpuBackend {
         let mut cache = KvCache::new(model.llm.cfg.num_hidden_layers);
         let t = px.len() / c;
         if t > 0 {
-            model.llm.forward_cached(&mut px, t, &mut cache, adapter);
+            model.llm.forward(&mut px, t, &mut cache, adapter);
         }
         let lens: Vec<usize> = continuations.iter().map(|c| c.len()).collect();
         let mut x = Vec::new();
@@ -175,7 +180,7 @@ impl Backend for CpuBackend {
         let c = model.llm.cfg.hidden_size;
         let t = x.len() / c;
         let mut cache = KvCache::new(model.llm.cfg.num_hidden_layers);
-        model.llm.forward_cached(&mut x, t, &mut cache, adapter);
+        model.llm.forward(&mut x, t, &mut cache, adapter);
         let sel: Vec<f32> = rows.iter().flat_map(|&r| x[r * c..(r + 1) * c].iter().copied()).collect();
         let mut logits = model.llm.head_forward(&sel, adapter);
         let v = model.llm.cfg.vocab_size;

@@ -39,6 +39,8 @@ struct CudaState {
     /// The same for adapters' image-path changes (`cuda_clip::GpuVisionAdapter`), by `fingerprint(_, IMAGE_PATH)`.
     vision_adapters: Vec<(u64, Arc<crate::cuda_clip::GpuVisionAdapter>)>,
     vision_refused: Vec<u64>,
+    /// LLaVA-NeXT: images come as tiles, whose image-path training passes run on the CPU.
+    anyres: bool,
 }
 
 /// Where an adapter's image path runs (`CudaState::vision_adapter`).
@@ -140,6 +142,7 @@ impl CudaBackend {
                 refused: Vec::new(),
                 vision_adapters: Vec::new(),
                 vision_refused: Vec::new(),
+                anyres: model.config.llava().is_some_and(|l| l.anyres()),
             }),
         })
     }
@@ -189,7 +192,14 @@ impl CudaState {
         on: &VisionOn,
     ) -> Result<Vec<f32>> {
         match (&self.vision, on) {
-            (Some(v), VisionOn::Gpu(va)) => v.features(&self.gpu, &pixels.data, va.as_deref()),
+            (Some(v), VisionOn::Gpu(va)) => {
+                model.check_tiles(pixels)?;
+                let mut per_tile = Vec::new();
+                for i in 0..pixels.tiles {
+                    per_tile.extend(v.features(&self.gpu, pixels.tile(i), va.as_deref())?);
+                }
+                model.image_rows(pixels, per_tile)
+            }
             _ => CpuBackend.image_features(model, pixels, adapter),
         }
     }
@@ -465,6 +475,10 @@ impl CudaBackend {
                 (None, true) => {
                     Some("the adapter has LoRA on the image path, which runs on the CPU for this model".to_string())
                 }
+                (Some(_), true) if st.anyres => Some(
+                    "the adapter trains the image path of a tiled (anyres) model; the GPU trainer takes one tile"
+                        .to_string(),
+                ),
                 (Some(v), true) => crate::cuda_clip::GpuVisionAdapter::unsupported(v, adapter),
             }
         })

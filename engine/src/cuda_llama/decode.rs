@@ -199,7 +199,7 @@ impl GpuLlama {
         let DecodeSession { prefix, suffix, scratch, graph, greedy_graph, device_fed, use_graph, graph_error, .. } =
             sess;
         let enqueue = |scratch: &mut Scratch, suffix: &mut GpuSuffixCache| -> Result<()> {
-            self.enqueue_layers(
+            self.forward_layers(
                 gpu,
                 scratch,
                 &mut Attend::Decode { prefix: &*prefix, suffix: &mut *suffix },

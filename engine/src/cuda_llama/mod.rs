@@ -56,7 +56,7 @@ pub struct GpuLlama {
     /// What `tune_decode` measured when the model loaded (empty for decoders narrower than `TUNE_MIN_HIDDEN`).
     pub gemv_tuning: Vec<String>,
     /// How each batch-1 projection of a decode step runs (fused with its epilogue or not, the GEMV split or
-    /// cuBLASLt): chosen once at load, by `tune_decode` for decoders of LLaVA's size; `enqueue_layers` reads it.
+    /// cuBLASLt): chosen once at load, by `tune_decode` for decoders of LLaVA's size; `forward_layers` reads it.
     pub(crate) plan: DecodePlan,
 }
 
@@ -180,7 +180,7 @@ impl GpuLlama {
     /// positions are already in `s.ids`/`s.pos`; leaves the final-norm output in `s.h`. Which kernels each
     /// projection launches is the model's `DecodePlan` for this pass. Launches only: no allocation, copy or
     /// synchronisation (graph-capturable).
-    fn enqueue_layers(
+    fn forward_layers(
         &self,
         gpu: &Gpu,
         s: &mut Scratch,
@@ -405,7 +405,7 @@ impl GpuLlama {
         self.load_input(gpu, input, &mut s)?;
         let pos: Vec<i32> = (start..start + rows).map(|p| p as i32).collect();
         gpu.stream.memcpy_htod(&pos, &mut s.pos).map_err(derr)?;
-        self.enqueue_layers(gpu, &mut s, &mut Attend::Prefill { cache, start }, matches!(input, Input::Ids(_)), lora)?;
+        self.forward_layers(gpu, &mut s, &mut Attend::Prefill { cache, start }, matches!(input, Input::Ids(_)), lora)?;
         cache.len += rows;
         let n = rows - first;
         gpu.gemm(

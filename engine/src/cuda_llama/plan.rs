@@ -1,5 +1,5 @@
 //! The decode plan: which kernels each projection of a forward pass launches, chosen once when the model loads so
-//! that `enqueue_layers` reads its launches rather than deciding them. A plan holds, for each batch-1 projection,
+//! that `forward_layers` reads its launches rather than deciding them. A plan holds, for each batch-1 projection,
 //! how its product runs alone (a `gemv_m1_f16` split or cuBLASLt) and whether it runs fused with its epilogue (and
 //! with how many warps per feature). Untuned (decoders narrower than `TUNE_MIN_HIDDEN`), each projection takes its
 //! fused kernel with one warp per feature and, alone, `gemv_m1_f16` with one warp per feature, wherever its shape

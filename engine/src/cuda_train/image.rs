@@ -216,13 +216,10 @@ impl GpuLora {
         pixels: &[f32],
         drop: Option<u64>,
     ) -> Result<ImageTape> {
-        use crate::cuda_clip::{act_kernel, activation_dev, layernorm_dev};
-        let cfg = &vision.cfg;
-        let (d, inter, heads) = (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads);
-        let eps = cfg.layer_norm_eps as f32;
+        use crate::cuda_clip::{act_kernel, activation_dev};
+        let d = vision.cfg.hidden_size;
         let st = &gpu.stream;
         let a = |n: usize| st.alloc_zeros::<f16>(n).map_err(derr);
-        let act = act_kernel(cfg.hidden_act).ok_or_else(|| err("vision activation"))?;
         let (mut x, t) = vision.embed(gpu, pixels)?;
         let trained = |lin: &crate::cuda_clip::Lin| {
             self.image_slot(&lin.name).is_some() || self.image_params.iter().any(|p| p.layer == lin.name)
@@ -235,57 +232,8 @@ impl GpuLora {
         let mut layers = Vec::new();
         for (li, l) in vision.layers.iter().enumerate() {
             // Below the lowest trained layer nothing is kept.
-            let keep = li >= first;
-            let x_in = if keep { Some(x.try_clone().map_err(derr)?) } else { None };
-            let mut h1 = a(t * d)?;
-            layernorm_dev(gpu, &mut h1, &x, &l.ln1, t, d, eps)?;
-            let (mut q, mut k, mut v) = (a(t * d)?, a(t * d)?, a(t * d)?);
-            let tq = self.image_linear(gpu, &l.q, &h1, &mut q, t, drop)?;
-            let tk = self.image_linear(gpu, &l.k, &h1, &mut k, t, drop)?;
-            let tv = self.image_linear(gpu, &l.v, &h1, &mut v, t, drop)?;
-            let mut att = a(t * d)?;
-            let mut lse = st.alloc_zeros::<f32>(t * heads).map_err(derr)?;
-            gpu.attention_prefill_strided_dev(
-                &mut att,
-                Some(&mut lse),
-                &q,
-                d,
-                &k,
-                &v,
-                t,
-                t,
-                heads,
-                heads,
-                cfg.head_dim(),
-                false,
-            )?;
-            let mut tmp = a(t * d)?;
-            let to = self.image_linear(gpu, &l.o, &att, &mut tmp, t, drop)?;
-            gpu.residual_add_dev(&mut x, &tmp, t * d)?;
-            let x_mid = if keep { Some(x.try_clone().map_err(derr)?) } else { None };
-            let mut h2 = a(t * d)?;
-            layernorm_dev(gpu, &mut h2, &x, &l.ln2, t, d, eps)?;
-            let mut fpre = a(t * inter)?;
-            let tf1 = self.image_linear(gpu, &l.fc1, &h2, &mut fpre, t, drop)?;
-            let mut fact = fpre.try_clone().map_err(derr)?;
-            activation_dev(gpu, act, &mut fact, t * inter)?;
-            let tf2 = self.image_linear(gpu, &l.fc2, &fact, &mut tmp, t, drop)?;
-            gpu.residual_add_dev(&mut x, &tmp, t * d)?;
-            if let (Some(x_in), Some(x_mid)) = (x_in, x_mid) {
-                layers.push(ImageLayerTape {
-                    x_in,
-                    h1,
-                    q,
-                    k,
-                    v,
-                    att,
-                    lse,
-                    x_mid,
-                    h2,
-                    fpre,
-                    fact,
-                    t: [tq, tk, tv, to, tf1, tf2],
-                });
+            if let Some(tape) = self.image_layer_forward(gpu, vision, l, &mut x, t, li >= first, drop)? {
+                layers.push(tape);
             }
         }
         let (row0, rows) = vision.selected(t);
@@ -315,9 +263,7 @@ impl GpuLora {
         tape: &ImageTape,
         dfeat: &CudaSlice<f16>,
     ) -> Result<()> {
-        let cfg = &vision.cfg;
-        let (d, inter, heads) = (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads);
-        let eps = cfg.layer_norm_eps as f32;
+        let d = vision.cfg.hidden_size;
         let st = gpu.stream.clone();
         let a = |n: usize| st.alloc_zeros::<f16>(n).map_err(derr);
         let (t, rows, dseed) = (tape.t, tape.rows, tape.drop);
@@ -356,56 +302,152 @@ impl GpuLora {
             let mut dx = a(t * d)?;
             let (row0, _) = vision.selected(t);
             st.memcpy_dtod(&dsel.slice(..), &mut dx.slice_mut(row0 * d..(row0 + rows) * d)).map_err(derr)?;
-            let act = act_bwd_kernel(cfg.hidden_act)?;
             for li in (tape.first..vision.layers.len()).rev() {
                 let (l, lt) = (&vision.layers[li], &tape.layers[li - tape.first]);
-                // MLP: x_out = x_mid + fc2(act(fc1(ln2(x_mid)))).
-                let mut dfact = a(t * inter)?;
-                self.image_linear_bwd(gpu, &l.fc2, &lt.fact, lt.t[5].as_ref(), &dx, Some(&mut dfact), t, false, dseed)?;
-                let mut dfpre = a(t * inter)?;
-                gpu.activation_bwd_dev(act, &mut dfpre, &dfact, &lt.fpre, t * inter)?;
-                drop(dfact);
-                let mut dh = a(t * d)?;
-                self.image_linear_bwd(gpu, &l.fc1, &lt.h2, lt.t[4].as_ref(), &dfpre, Some(&mut dh), t, false, dseed)?;
-                let mut tmp = a(t * d)?;
-                gpu.layernorm_bwd_dx_dev(&mut tmp, &dh, &lt.x_mid, &l.ln2.0, t, d, eps)?;
-                gpu.residual_add_dev(&mut dx, &tmp, t * d)?;
-                // Attention: x_mid = x_in + out_proj(attention(q, k, v of ln1(x_in))), no mask.
-                let mut datt = a(t * d)?;
-                self.image_linear_bwd(gpu, &l.o, &lt.att, lt.t[3].as_ref(), &dx, Some(&mut datt), t, false, dseed)?;
-                let (mut dq, mut dk, mut dv) = (a(t * d)?, a(t * d)?, a(t * d)?);
-                gpu.attention_bwd_dev(
-                    &mut dq,
-                    &mut dk,
-                    &mut dv,
-                    &lt.q,
-                    &lt.k,
-                    &lt.v,
-                    &lt.att,
-                    &lt.lse,
-                    &datt,
-                    t,
-                    t,
-                    heads,
-                    heads,
-                    cfg.head_dim(),
-                    false,
-                )?;
-                drop(datt);
                 // The lowest trained layer needs no input gradient.
-                let below = li > tape.first;
-                let mut dh1 = if below { Some(a(t * d)?) } else { None };
-                self.image_linear_bwd(gpu, &l.q, &lt.h1, lt.t[0].as_ref(), &dq, dh1.as_mut(), t, false, dseed)?;
-                self.image_linear_bwd(gpu, &l.k, &lt.h1, lt.t[1].as_ref(), &dk, dh1.as_mut(), t, true, dseed)?;
-                self.image_linear_bwd(gpu, &l.v, &lt.h1, lt.t[2].as_ref(), &dv, dh1.as_mut(), t, true, dseed)?;
-                if let Some(dh1) = dh1 {
-                    gpu.layernorm_bwd_dx_dev(&mut tmp, &dh1, &lt.x_in, &l.ln1.0, t, d, eps)?;
-                    gpu.residual_add_dev(&mut dx, &tmp, t * d)?;
-                }
+                self.image_layer_backward(gpu, vision, l, lt, &mut dx, t, li > tape.first, dseed)?;
             }
         }
         let base = self.dec_total;
         gpu.grad_accumulate_at(&mut self.g32, base, &self.g16_img)
+    }
+
+    /// One tower layer over x (t, D), in place, as `clip::ClipVision::image_layer_forward` computes it on the CPU;
+    /// returns its tape when `keep` (layers at and above the lowest trained one).
+    #[allow(clippy::too_many_arguments)]
+    fn image_layer_forward(
+        &self,
+        gpu: &Gpu,
+        vision: &crate::cuda_clip::GpuVision,
+        l: &crate::cuda_clip::ClipLayer,
+        x: &mut CudaSlice<f16>,
+        t: usize,
+        keep: bool,
+        drop: Option<u64>,
+    ) -> Result<Option<ImageLayerTape>> {
+        use crate::cuda_clip::{act_kernel, activation_dev, layernorm_dev};
+        let cfg = &vision.cfg;
+        let (d, inter, heads) = (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads);
+        let eps = cfg.layer_norm_eps as f32;
+        let st = &gpu.stream;
+        let a = |n: usize| st.alloc_zeros::<f16>(n).map_err(derr);
+        let act = act_kernel(cfg.hidden_act).ok_or_else(|| err("vision activation"))?;
+        let x_in = if keep { Some(x.try_clone().map_err(derr)?) } else { None };
+        let mut h1 = a(t * d)?;
+        layernorm_dev(gpu, &mut h1, x, &l.ln1, t, d, eps)?;
+        let (mut q, mut k, mut v) = (a(t * d)?, a(t * d)?, a(t * d)?);
+        let tq = self.image_linear(gpu, &l.q, &h1, &mut q, t, drop)?;
+        let tk = self.image_linear(gpu, &l.k, &h1, &mut k, t, drop)?;
+        let tv = self.image_linear(gpu, &l.v, &h1, &mut v, t, drop)?;
+        let mut att = a(t * d)?;
+        let mut lse = st.alloc_zeros::<f32>(t * heads).map_err(derr)?;
+        gpu.attention_prefill_strided_dev(
+            &mut att,
+            Some(&mut lse),
+            &q,
+            d,
+            &k,
+            &v,
+            t,
+            t,
+            heads,
+            heads,
+            cfg.head_dim(),
+            false,
+        )?;
+        let mut tmp = a(t * d)?;
+        let to = self.image_linear(gpu, &l.o, &att, &mut tmp, t, drop)?;
+        gpu.residual_add_dev(x, &tmp, t * d)?;
+        let x_mid = if keep { Some(x.try_clone().map_err(derr)?) } else { None };
+        let mut h2 = a(t * d)?;
+        layernorm_dev(gpu, &mut h2, x, &l.ln2, t, d, eps)?;
+        let mut fpre = a(t * inter)?;
+        let tf1 = self.image_linear(gpu, &l.fc1, &h2, &mut fpre, t, drop)?;
+        let mut fact = fpre.try_clone().map_err(derr)?;
+        activation_dev(gpu, act, &mut fact, t * inter)?;
+        let tf2 = self.image_linear(gpu, &l.fc2, &fact, &mut tmp, t, drop)?;
+        gpu.residual_add_dev(x, &tmp, t * d)?;
+        Ok(match (x_in, x_mid) {
+            (Some(x_in), Some(x_mid)) => Some(ImageLayerTape {
+                x_in,
+                h1,
+                q,
+                k,
+                v,
+                att,
+                lse,
+                x_mid,
+                h2,
+                fpre,
+                fact,
+                t: [tq, tk, tv, to, tf1, tf2],
+            }),
+            _ => None,
+        })
+    }
+
+    /// Backward of `image_layer_forward` from `dx` (the layer output's gradient, t x D), replaced by the layer
+    /// input's gradient when `below` (a trained layer lies below this one); LoRA gradients go to the accumulators.
+    #[allow(clippy::too_many_arguments)]
+    fn image_layer_backward(
+        &mut self,
+        gpu: &Gpu,
+        vision: &crate::cuda_clip::GpuVision,
+        l: &crate::cuda_clip::ClipLayer,
+        lt: &ImageLayerTape,
+        dx: &mut CudaSlice<f16>,
+        t: usize,
+        below: bool,
+        dseed: Option<u64>,
+    ) -> Result<()> {
+        let cfg = &vision.cfg;
+        let (d, inter, heads) = (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads);
+        let eps = cfg.layer_norm_eps as f32;
+        let st = gpu.stream.clone();
+        let a = |n: usize| st.alloc_zeros::<f16>(n).map_err(derr);
+        let act = act_bwd_kernel(cfg.hidden_act)?;
+        // MLP: x_out = x_mid + fc2(act(fc1(ln2(x_mid)))).
+        let mut dfact = a(t * inter)?;
+        self.image_linear_bwd(gpu, &l.fc2, &lt.fact, lt.t[5].as_ref(), dx, Some(&mut dfact), t, false, dseed)?;
+        let mut dfpre = a(t * inter)?;
+        gpu.activation_bwd_dev(act, &mut dfpre, &dfact, &lt.fpre, t * inter)?;
+        drop(dfact);
+        let mut dh = a(t * d)?;
+        self.image_linear_bwd(gpu, &l.fc1, &lt.h2, lt.t[4].as_ref(), &dfpre, Some(&mut dh), t, false, dseed)?;
+        let mut tmp = a(t * d)?;
+        gpu.layernorm_bwd_dx_dev(&mut tmp, &dh, &lt.x_mid, &l.ln2.0, t, d, eps)?;
+        gpu.residual_add_dev(dx, &tmp, t * d)?;
+        // Attention: x_mid = x_in + out_proj(attention(q, k, v of ln1(x_in))), no mask.
+        let mut datt = a(t * d)?;
+        self.image_linear_bwd(gpu, &l.o, &lt.att, lt.t[3].as_ref(), dx, Some(&mut datt), t, false, dseed)?;
+        let (mut dq, mut dk, mut dv) = (a(t * d)?, a(t * d)?, a(t * d)?);
+        gpu.attention_bwd_dev(
+            &mut dq,
+            &mut dk,
+            &mut dv,
+            &lt.q,
+            &lt.k,
+            &lt.v,
+            &lt.att,
+            &lt.lse,
+            &datt,
+            t,
+            t,
+            heads,
+            heads,
+            cfg.head_dim(),
+            false,
+        )?;
+        drop(datt);
+        let mut dh1 = if below { Some(a(t * d)?) } else { None };
+        self.image_linear_bwd(gpu, &l.q, &lt.h1, lt.t[0].as_ref(), &dq, dh1.as_mut(), t, false, dseed)?;
+        self.image_linear_bwd(gpu, &l.k, &lt.h1, lt.t[1].as_ref(), &dk, dh1.as_mut(), t, true, dseed)?;
+        self.image_linear_bwd(gpu, &l.v, &lt.h1, lt.t[2].as_ref(), &dv, dh1.as_mut(), t, true, dseed)?;
+        if let Some(dh1) = dh1 {
+            gpu.layernorm_bwd_dx_dev(&mut tmp, &dh1, &lt.x_in, &l.ln1.0, t, d, eps)?;
+            gpu.residual_add_dev(dx, &tmp, t * d)?;
+        }
+        Ok(())
     }
 
     /// `image_backward` from the decoder's input-row gradients `dxs` of one example (each holding the image's

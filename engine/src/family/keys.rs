@@ -162,6 +162,10 @@ pub fn tensors(
                 out.push((pp.pp(name).key("bias"), vec![o], Init::Zeros));
             }
         }
+        if lc.anyres() {
+            // LLaVA-NeXT's row end, as transformers draws it: randn(hidden) / sqrt(hidden) (here at `std`).
+            out.push((super::llava_next::image_newline_key(projector).to_string(), vec![c], Init::Normal));
+        }
     }
     out
 }

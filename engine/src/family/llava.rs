@@ -12,7 +12,9 @@ use std::path::Path;
 
 /// `DIR/preprocessor_config.json`, or without one CLIP's processor at the tower's resolution; LLaVA's
 /// `image_aspect_ratio: "pad"` turns padding to a square on. The processor must produce the tower's input size.
-fn image_processor(config: &ModelConfig, dir: &Path) -> Result<Option<ImageProcessorConfig>> {
+/// For LLaVA-NeXT the tiling (`image_grid_pinpoints`) comes from the processor's file or else config.json, and the
+/// two must agree.
+pub(super) fn image_processor(config: &ModelConfig, dir: &Path) -> Result<Option<ImageProcessorConfig>> {
     let Some(lc) = config.llava() else { return Ok(None) };
     let pp = dir.join("preprocessor_config.json");
     let mut ip = if pp.is_file() {
@@ -27,6 +29,20 @@ fn image_processor(config: &ModelConfig, dir: &Path) -> Result<Option<ImageProce
         }
     };
     ip.pad_to_square |= lc.pad_to_square;
+    let model_pins: Vec<(u32, u32)> = lc.grid_pinpoints.iter().map(|&(h, w)| (h as u32, w as u32)).collect();
+    if !lc.anyres() {
+        ip.grid_pinpoints.clear();
+    } else if ip.grid_pinpoints.is_empty() {
+        ip.grid_pinpoints = model_pins;
+    } else if ip.grid_pinpoints != model_pins {
+        return Err(EngineError::config(
+            &pp,
+            format!(
+                "image_grid_pinpoints {:?} differ from config.json's {:?}; the two must list the same resolutions",
+                ip.grid_pinpoints, model_pins
+            ),
+        ));
+    }
     let (h, w) = ip.output_size();
     if h != lc.vision.image_size || w != lc.vision.image_size {
         return Err(EngineError::config(
@@ -37,43 +53,60 @@ fn image_processor(config: &ModelConfig, dir: &Path) -> Result<Option<ImageProce
     Ok(Some(ip))
 }
 
+/// The decoder, the vision tower and the projector in every llava-hf key layout (LLaVA-NeXT's are the same).
+pub(super) const PARTS: &[Part] = &[
+    Part {
+        what: "decoder",
+        canonical: "language_model.",
+        on_disk: &["language_model.model.", "model.language_model."],
+        probe: "embed_tokens.weight",
+    },
+    Part {
+        what: "vision tower",
+        canonical: "vision_tower.",
+        on_disk: &[
+            "vision_tower.vision_model.",
+            "model.vision_tower.vision_model.",
+            "model.vision_tower.",
+            "vision_tower.",
+        ],
+        probe: "embeddings.patch_embedding.weight",
+    },
+    Part {
+        what: "projector",
+        canonical: "multi_modal_projector.",
+        on_disk: &["multi_modal_projector.", "model.multi_modal_projector."],
+        probe: "linear_1.weight",
+    },
+];
+
+/// The key layout's name from the parts' prefixes.
+pub(super) fn layout_name(p: &[String]) -> &'static str {
+    match (p.first().map(String::as_str), p.get(1).map(String::as_str)) {
+        (Some("language_model.model."), _) => "transformers-4.x",
+        (_, Some("model.vision_tower.vision_model.")) => "transformers-4.52",
+        _ => "transformers-5",
+    }
+}
+
+/// The untied lm_head's key for a decoder under `text`.
+pub(super) fn lm_head(text: &str) -> &'static str {
+    if text == "language_model.model." {
+        "language_model.lm_head"
+    } else {
+        "lm_head"
+    }
+}
+
 pub static FAMILY: Family = Family {
     name: "LLaVA-1.5",
     kind: ModelFamily::Llava,
     architectures: &["LlavaForConditionalGeneration"],
     model_types: &["llava"],
     parse: |raw, path| crate::config::parse_llava(raw, path).map(crate::config::ModelConfig::Llava),
-    parts: &[
-        Part {
-            what: "decoder",
-            canonical: "language_model.",
-            on_disk: &["language_model.model.", "model.language_model."],
-            probe: "embed_tokens.weight",
-        },
-        Part {
-            what: "vision tower",
-            canonical: "vision_tower.",
-            on_disk: &[
-                "vision_tower.vision_model.",
-                "model.vision_tower.vision_model.",
-                "model.vision_tower.",
-                "vision_tower.",
-            ],
-            probe: "embeddings.patch_embedding.weight",
-        },
-        Part {
-            what: "projector",
-            canonical: "multi_modal_projector.",
-            on_disk: &["multi_modal_projector.", "model.multi_modal_projector."],
-            probe: "linear_1.weight",
-        },
-    ],
-    lm_head: |text| if text == "language_model.model." { "language_model.lm_head" } else { "lm_head" },
-    layout_name: |p| match (p.first().map(String::as_str), p.get(1).map(String::as_str)) {
-        (Some("language_model.model."), _) => "transformers-4.x",
-        (_, Some("model.vision_tower.vision_model.")) => "transformers-4.52",
-        _ => "transformers-5",
-    },
+    parts: PARTS,
+    lm_head,
+    layout_name,
     layouts_hint: "; the checkpoint matches none of the llava-hf key layouts (transformers 4.x: \
                    language_model.model.*, 4.52+: model.language_model.*, 5.x: model.vision_tower.* without \
                    vision_model)",

@@ -4,11 +4,12 @@
 //! (`keys`), and its image processor. The loaders (CPU and GPU), `init-model`, the adapter's key mapping and `KeyLayout::detect` all read
 //! the family's declarations; adding a family is a new module and one row here.
 //!
-//! LLaVA-1.5 (`llava.rs`) and LLaMA (`llama.rs`) are the entries today.
+//! LLaVA-1.5 (`llava.rs`), LLaVA-NeXT (`llava_next.rs`) and LLaMA (`llama.rs`) are the entries today.
 
 pub mod keys;
 pub mod llama;
 pub mod llava;
+pub mod llava_next;
 
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
@@ -21,6 +22,7 @@ use std::path::Path;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ModelFamily {
     Llava,
+    LlavaNext,
     Llama,
 }
 
@@ -60,7 +62,7 @@ pub struct Family {
 }
 
 /// Every family rlaifd loads.
-pub static FAMILIES: &[&Family] = &[&llava::FAMILY, &llama::FAMILY];
+pub static FAMILIES: &[&Family] = &[&llava::FAMILY, &llava_next::FAMILY, &llama::FAMILY];
 
 impl Family {
     /// The family config.json (as parsed JSON) declares, by `architectures` first, else by `model_type`.

@@ -53,6 +53,8 @@ pub struct ImageProcessorConfig {
     pub pad_to_square: bool,
     /// Which Pillow version's resampling pass order to reproduce (not read from the JSON).
     pub pass_order: PassOrder,
+    /// LLaVA-NeXT's `image_grid_pinpoints` as (height, width): anyres tiling (`super::anyres`); empty: none.
+    pub grid_pinpoints: Vec<(u32, u32)>,
 }
 
 impl Default for ImageProcessorConfig {
@@ -72,6 +74,7 @@ impl Default for ImageProcessorConfig {
             do_convert_rgb: true,
             pad_to_square: false,
             pass_order: PassOrder::default(),
+            grid_pinpoints: Vec::new(),
         }
     }
 }
@@ -163,6 +166,7 @@ impl ImageProcessorConfig {
                 }
             }
         }
+        self.validate_anyres()?;
         if self.pad_to_square {
             for c in 0..3 {
                 if !self.image_mean[c].is_finite() {
@@ -171,6 +175,28 @@ impl ImageProcessorConfig {
                         self.image_mean[c]
                     ));
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks the anyres settings: square tiles (the crop) that divide every pinpoint.
+    fn validate_anyres(&self) -> Result<(), String> {
+        if self.grid_pinpoints.is_empty() {
+            return Ok(());
+        }
+        let tile = self.crop_height;
+        if !self.do_center_crop || self.crop_width != tile || tile == 0 {
+            return Err(format!(
+                "image_grid_pinpoints needs a square crop_size (the tower's input), got {}x{}",
+                self.crop_height, self.crop_width
+            ));
+        }
+        for &(h, w) in &self.grid_pinpoints {
+            if h == 0 || w == 0 || h % tile != 0 || w % tile != 0 || (h as u64) * (w as u64) > MAX_IMAGE_PIXELS {
+                return Err(format!(
+                    "image_grid_pinpoints entry [{h}, {w}] must be whole multiples of the {tile}-pixel crop_size"
+                ));
             }
         }
         Ok(())
@@ -216,6 +242,8 @@ struct RawConfig {
     do_pad: Option<bool>,
     #[serde(default)]
     image_processor_type: Option<Value>,
+    #[serde(default)]
+    image_grid_pinpoints: Option<Value>,
 }
 
 /// Error type of the `RawConfig` → `ImageProcessorConfig` conversion (serde wants `Display`).
@@ -348,8 +376,30 @@ impl TryFrom<RawConfig> for ImageProcessorConfig {
             do_convert_rgb: raw.do_convert_rgb.unwrap_or(d.do_convert_rgb),
             pad_to_square: raw.pad_to_square.unwrap_or(pad_from_aspect || llava_do_pad),
             pass_order: d.pass_order,
+            grid_pinpoints: match raw.image_grid_pinpoints.as_ref().filter(|v| !v.is_null()) {
+                Some(v) => parse_pinpoints(v).map_err(ConfigShapeError)?,
+                None => Vec::new(),
+            },
         })
     }
+}
+
+/// `image_grid_pinpoints`: a list of [height, width] pairs.
+pub(crate) fn parse_pinpoints(v: &Value) -> Result<Vec<(u32, u32)>, String> {
+    let bad = || format!("image_grid_pinpoints must be a list of [height, width] pairs, got {v}");
+    let list = v.as_array().ok_or_else(bad)?;
+    if list.is_empty() || list.len() > 64 {
+        return Err(format!("image_grid_pinpoints must hold 1 to 64 resolutions, got {}", list.len()));
+    }
+    list.iter()
+        .map(|p| match p.as_array().map(|a| a.as_slice()) {
+            Some([h, w]) => match (h.as_u64(), w.as_u64()) {
+                (Some(h), Some(w)) if h <= u32::MAX as u64 && w <= u32::MAX as u64 => Ok((h as u32, w as u32)),
+                _ => Err(bad()),
+            },
+            _ => Err(bad()),
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -33,10 +33,14 @@ use std::path::PathBuf;
 
 use image::RgbImage;
 
+mod anyres;
 mod config;
 mod decode;
 mod resample;
 
+pub use anyres::{grid_shape, patch_output_size, select_best_resolution, unpadded_window};
+
+pub(crate) use config::parse_pinpoints;
 pub use config::{ImageProcessorConfig, ResizeSize};
 pub use decode::{decode_rgb8, decode_rgb8_within, header_dimensions, load_rgb8};
 pub use resample::{resize_bicubic_pil, resize_bilinear_pil, resize_pil_with, PassOrder, ResampleFilter};
@@ -110,10 +114,33 @@ pub enum ImageError {
 /// `pixel_values` of one image: `channels × height × width` (CHW) row-major f32.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PixelValues {
+    /// `tiles` images of `channels × height × width` back to back.
     pub data: Vec<f32>,
     pub channels: usize,
     pub height: usize,
     pub width: usize,
+    /// 1, or for LLaVA-NeXT's anyres the base image and then its tiles row by row.
+    pub tiles: usize,
+    /// (height, width) of the image before preprocessing (anyres unpads its features to it).
+    pub original: (usize, usize),
+}
+
+impl PixelValues {
+    /// One `channels × height × width` image.
+    pub fn single(data: Vec<f32>, channels: usize, height: usize, width: usize) -> PixelValues {
+        PixelValues { data, channels, height, width, tiles: 1, original: (height, width) }
+    }
+
+    fn with_original(mut self, h: usize, w: usize) -> PixelValues {
+        self.original = (h, w);
+        self
+    }
+
+    /// The values of tile `i` (0: the only image, or the anyres base image).
+    pub fn tile(&self, i: usize) -> &[f32] {
+        let n = self.channels * self.height * self.width;
+        &self.data[(i * n).min(self.data.len())..((i + 1) * n).min(self.data.len())]
+    }
 }
 
 /// LLaVA `expand2square`: centre (floor) the image on a square canvas of side max(w, h).
@@ -159,6 +186,20 @@ pub fn resize_output_size(size: ResizeSize, h: u32, w: u32) -> (u64, u64) {
 /// Errors (named "input image WxH") for empty images, unsupported settings, or when an
 /// intermediate image would exceed [`MAX_IMAGE_PIXELS`].
 pub fn preprocess(img: &RgbImage, cfg: &ImageProcessorConfig) -> Result<PixelValues, ImageError> {
+    if cfg.grid_pinpoints.is_empty() {
+        preprocess_one(img, cfg)
+    } else {
+        cfg.validate().map_err(|detail| ImageError::Config {
+            what: format!("(settings used to preprocess the input image {}x{})", img.width(), img.height()),
+            detail,
+        })?;
+        check_dims(img.width() as u64, img.height() as u64, &format!("input image {}x{}", img.width(), img.height()))?;
+        anyres::preprocess_anyres(img, cfg)
+    }
+}
+
+/// The CLIP pipeline on one image (no anyres tiling).
+fn preprocess_one(img: &RgbImage, cfg: &ImageProcessorConfig) -> Result<PixelValues, ImageError> {
     let what = format!("input image {}x{}", img.width(), img.height());
     cfg.validate()
         .map_err(|detail| ImageError::Config { what: format!("(settings used to preprocess the {what})"), detail })?;
@@ -192,7 +233,10 @@ pub fn preprocess(img: &RgbImage, cfg: &ImageProcessorConfig) -> Result<PixelVal
             what: format!("(settings used to preprocess the {what})"),
             detail,
         })?;
-        owned = Some(resize_pil(cur, tw as u32, th as u32, filter, cfg.pass_order));
+        // Pillow's `Image.resize` returns a copy when the size does not change.
+        if (th, tw) != (cur.height() as u64, cur.width() as u64) {
+            owned = Some(resize_pil(cur, tw as u32, th as u32, filter, cfg.pass_order));
+        }
     }
     let cur = owned.as_ref().unwrap_or(img);
     let (h, w) = (cur.height() as usize, cur.width() as usize);
@@ -242,7 +286,7 @@ pub fn preprocess(img: &RgbImage, cfg: &ImageProcessorConfig) -> Result<PixelVal
             }
         }
     }
-    Ok(PixelValues { data, channels: 3, height: oh, width: ow })
+    Ok(PixelValues::single(data, 3, oh, ow).with_original(img.height() as usize, img.width() as usize))
 }
 
 #[cfg(test)]

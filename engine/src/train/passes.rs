@@ -6,7 +6,7 @@
 //! all three (`backward_shared`).
 
 use crate::adapter::Adapter;
-use crate::clip::ClipTape;
+use crate::clip::TowerTape;
 use crate::config::FeatureSelect;
 use crate::error::{EngineError, Result};
 use crate::image::PixelValues;
@@ -16,12 +16,19 @@ use crate::ops::backward::{activation_bwd, logprob_gather_fwd_bwd};
 use crate::ops::{add_inplace, apply_activation, log_softmax_rows, MatmulMode};
 use crate::train::Grads;
 
-/// The image path's activations for the backward pass.
-pub struct ImageTape {
-    vision: ClipTape,
+/// One image's (or anyres tile's) pass through the tower and the projector, kept for the backward pass.
+struct TileTape {
+    vision: TowerTape,
     proj_in: Vec<f32>, // (N, Dv) selected vision features
     proj_h: Vec<f32>,  // (N, C) linear_1 output, before the activation
     proj_a: Vec<f32>,  // (N, C) after the activation
+}
+
+/// The image path's activations for the backward pass.
+pub struct ImageTape {
+    tiles: Vec<TileTape>,
+    /// LLaVA-NeXT: for each decoder image row, the tiles' feature row it came from (None: `image_newline`).
+    packing: Option<Vec<Option<usize>>>,
     /// (N, C) projected features, the decoder's image rows.
     pub features: Vec<f32>,
 }
@@ -253,23 +260,34 @@ impl Model {
         Ok(d_prompt)
     }
 
-    /// Vision tower + projector keeping activations.
+    /// Vision tower + projector keeping activations (every tile of an anyres image, then packed).
     pub fn image_forward(&self, pixels: &PixelValues, adapter: Option<&Adapter>) -> Result<ImageTape> {
         let (Some(lc), Some(vision), Some(proj)) = (self.config.llava(), &self.vision, &self.projector) else {
             return Err(EngineError::Input("this model has no vision tower".into()));
         };
-        let vt = vision.forward_train(&pixels.data, lc.vision_layers_needed(), adapter)?;
+        self.check_tiles(pixels)?;
         let dv = lc.vision.hidden_size;
-        let proj_in = match lc.vision_feature_select_strategy {
-            FeatureSelect::Default => vt.hidden[dv..].to_vec(),
-            FeatureSelect::Full => vt.hidden.clone(),
-        };
-        let n = proj_in.len() / dv;
-        let proj_h = proj.linear_1.apply(&proj_in, n, adapter);
-        let mut proj_a = proj_h.clone();
-        apply_activation(&mut proj_a, proj.act);
-        let features = proj.linear_2.apply(&proj_a, n, adapter);
-        Ok(ImageTape { vision: vt, proj_in, proj_h, proj_a, features })
+        let mut tiles = Vec::with_capacity(pixels.tiles);
+        let mut features = Vec::new();
+        for i in 0..pixels.tiles {
+            let vt = vision.tower_forward(pixels.tile(i), lc.vision_layers_needed(), adapter)?;
+            let proj_in = match lc.vision_feature_select_strategy {
+                FeatureSelect::Default => vt.hidden[dv..].to_vec(),
+                FeatureSelect::Full => vt.hidden.clone(),
+            };
+            let n = proj_in.len() / dv;
+            let proj_h = proj.linear_1.apply(&proj_in, n, adapter);
+            let mut proj_a = proj_h.clone();
+            apply_activation(&mut proj_a, proj.act);
+            features.extend(proj.linear_2.apply(&proj_a, n, adapter));
+            tiles.push(TileTape { vision: vt, proj_in, proj_h, proj_a });
+        }
+        if !lc.anyres() {
+            return Ok(ImageTape { tiles, packing: None, features });
+        }
+        let packing = self.anyres_rows(pixels)?;
+        let features = self.pack_anyres(&features, &packing)?;
+        Ok(ImageTape { tiles, packing: Some(packing), features })
     }
 
     /// Backward of `image_forward` from d features (N, C). Does nothing when neither the projector nor
@@ -281,7 +299,7 @@ impl Model {
         adapter: Option<&Adapter>,
         mut grads: Option<&mut Grads>,
     ) {
-        let (Some(lc), Some(vision), Some(proj)) = (self.config.llava(), &self.vision, &self.projector) else { return };
+        let Some(lc) = self.config.llava() else { return };
         let image_side = |n: &str| n.starts_with("vision_tower.") || n.starts_with("multi_modal_projector.");
         let trains = adapter.is_some_and(|a| {
             a.module_names().iter().any(|n| image_side(n)) || a.saved_params().any(|(n, _)| image_side(n))
@@ -291,6 +309,37 @@ impl Model {
         if !trains {
             return;
         }
+        let c = lc.text.hidden_size;
+        let d_tiles = match &tape.packing {
+            None => d_features,
+            Some(packing) => {
+                let per_tile = tape.tiles.first().map_or(0, |t| t.proj_h.len());
+                let mut d = vec![0f32; per_tile * tape.tiles.len()];
+                for (i, src) in packing.iter().enumerate() {
+                    if let (Some(r), Some(g)) = (src, d_features.get(i * c..(i + 1) * c)) {
+                        add_inplace(&mut d[r * c..(r + 1) * c], g);
+                    }
+                }
+                d
+            }
+        };
+        let mut at = 0;
+        for tile in &tape.tiles {
+            let n = tile.proj_h.len();
+            self.tile_backward(tile, d_tiles[at..at + n].to_vec(), adapter, grads.as_deref_mut());
+            at += n;
+        }
+    }
+
+    /// `image_backward` of one tile from d features (N, C).
+    fn tile_backward(
+        &self,
+        tape: &TileTape,
+        d_features: Vec<f32>,
+        adapter: Option<&Adapter>,
+        mut grads: Option<&mut Grads>,
+    ) {
+        let (Some(lc), Some(vision), Some(proj)) = (self.config.llava(), &self.vision, &self.projector) else { return };
         let c = lc.text.hidden_size;
         let dv = lc.vision.hidden_size;
         let n = d_features.len() / c;
@@ -314,6 +363,6 @@ impl Model {
             FeatureSelect::Full => 0,
         };
         d_hidden[off..off + d_in.len()].copy_from_slice(&d_in);
-        vision.backward_train(&tape.vision, d_hidden, adapter, grads);
+        vision.tower_backward(&tape.vision, d_hidden, adapter, grads);
     }
 }

@@ -1,0 +1,81 @@
+//! LLaVA-NeXT parity with transformers on the committed tiny fixtures (tools/gen_next_fixtures.py): anyres
+//! pixel values exactly as `LlavaNextImageProcessorPil` gives them (best resolution, resize, padding, tiles), the
+//! packed feature count (unpadding, `image_newline`) and log-probs within 1e-4, for every key layout, GQA/MQA,
+//! tied embeddings and LLaMA-3 RoPE scaling covered there.
+
+use engine::weights::WeightStore;
+use engine::Model;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+const LOGPROB_TOL: f32 = 1e-4;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/llava_next")
+}
+
+fn cases() -> Vec<(String, PathBuf, Value)> {
+    let manifest: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("manifest.json")).expect("manifest.json"))
+            .expect("manifest json");
+    let out: Vec<_> = manifest
+        .as_array()
+        .expect("case list")
+        .iter()
+        .map(|c| {
+            let name = c["name"].as_str().expect("case name").to_string();
+            let dir = fixtures().join(&name);
+            let exp: Value =
+                serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).expect("expected.json"))
+                    .expect("json");
+            (name, dir, exp)
+        })
+        .collect();
+    assert!(out.len() >= 5, "expected the full fixture set, found {}", out.len());
+    out
+}
+
+#[test]
+fn anyres_pixel_values_match_transformers_exactly() {
+    for (name, dir, exp) in cases() {
+        let model = Model::load(&dir.join("model")).unwrap_or_else(|e| panic!("{name}: load failed: {e}"));
+        let px = model.load_image(&dir.join("image.png")).expect("image");
+        let want = WeightStore::open_files(&[dir.join("expected.safetensors")]).expect("expected.safetensors");
+        let want = want.f32_any_shape("pixel_values").expect("pixel_values");
+        assert_eq!(px.tiles as u64, exp["tiles"].as_u64().unwrap(), "{name}: tile count");
+        let size: Vec<usize> =
+            exp["image_size"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+        assert_eq!(px.original, (size[0], size[1]), "{name}: original size");
+        assert_eq!(px.data.len(), want.len(), "{name}: pixel count");
+        let bad = px.data.iter().zip(&want).position(|(a, b)| a.to_bits() != b.to_bits());
+        assert!(bad.is_none(), "{name}: pixel value {bad:?} differs ({:?})", bad.map(|i| (px.data[i], want[i])));
+    }
+}
+
+#[test]
+fn anyres_logprobs_match_transformers() {
+    for (name, dir, exp) in cases() {
+        let model = Model::load(&dir.join("model")).unwrap_or_else(|e| panic!("{name}: load failed: {e}"));
+        let px = model.load_image(&dir.join("image.png")).expect("image");
+        let feats = model.image_features(&px, None).expect("features");
+        let n = feats.len() / model.llm.cfg.hidden_size;
+        assert_eq!(n as u64, exp["n_image_features"].as_u64().unwrap(), "{name}: packed image feature count");
+        let ids: Vec<u32> = exp["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let want: Vec<f32> = exp["logprobs"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+        let got = model.logprobs(&ids, Some(&px), None).expect("logprobs");
+        assert_eq!(got.len(), want.len(), "{name}: scored tokens");
+        let d = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        eprintln!("{name}: worst log-prob difference {d:.2e} ({} tokens, {n} image rows)", got.len());
+        assert!(d <= LOGPROB_TOL, "{name}: log-probs differ from transformers by {d}");
+    }
+}
+
+#[test]
+fn a_tile_count_that_does_not_fit_the_image_is_refused() {
+    let (name, dir, _) = cases().remove(0);
+    let model = Model::load(&dir.join("model")).unwrap_or_else(|e| panic!("{name}: load failed: {e}"));
+    let mut px = model.load_image(&dir.join("image.png")).expect("image");
+    px.original = (px.original.0 * 7, px.original.1);
+    let e = model.image_features(&px, None).unwrap_err().to_string();
+    assert!(e.contains("tile grid"), "{e}");
+}
