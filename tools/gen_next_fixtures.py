@@ -53,6 +53,9 @@ CASES = [
     dict(name="next_native_f32_small_image", layout="native", text=dict(num_key_value_heads=2), image=(21, 13),
          layer=-2),
     dict(name="next_native_f32_tall3", layout="native", text=dict(num_key_value_heads=2), image=(30, 95), layer=-2),
+    # LLaVA-NeXT-Mistral: a Mistral decoder without a sliding window (Mistral-7B-Instruct-v0.2's sliding_window: null).
+    dict(name="next_native_f32_mistral", layout="native", text=dict(num_key_value_heads=2), image=(64, 48), layer=-2,
+         mistral=True),
 ]
 
 
@@ -86,7 +89,11 @@ def build(case: dict, out: str, seed: int) -> dict:
                 max_position_embeddings=512, initializer_range=0.1)
     text.update(case["text"])
     tie = text.pop("tie_word_embeddings", False)
-    tc = LlamaConfig(**text, tie_word_embeddings=tie)
+    if case.get("mistral"):
+        from transformers import MistralConfig
+        tc = MistralConfig(**text, tie_word_embeddings=tie, sliding_window=None, rope_theta=1e6)
+    else:
+        tc = LlamaConfig(**text, tie_word_embeddings=tie)
     vc = CLIPVisionConfig(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
                           image_size=32, patch_size=8, initializer_range=0.1)
     cfg = LlavaNextConfig(text_config=tc, vision_config=vc, image_token_index=IMAGE_ID, image_grid_pinpoints=PINS,

@@ -407,13 +407,15 @@ fn parse_clip(raw: Option<&Value>, path: &Path) -> Result<ClipVisionConfig> {
 
 pub(crate) fn parse_llava(raw: &Value, path: &Path) -> Result<LlavaConfig> {
     let f = Fields { obj: raw.as_object(), path, section: "" };
-    let text_raw = f.get("text_config").cloned().unwrap_or(Value::Object(Default::default()));
-    if let Some(mt) = text_raw.get("model_type").and_then(|v| v.as_str()) {
-        if mt != "llama" {
+    let mut text_raw = f.get("text_config").cloned().unwrap_or(Value::Object(Default::default()));
+    match text_raw.get("model_type").and_then(|v| v.as_str()) {
+        None | Some("llama") => {}
+        Some("mistral") => text_raw = mistral_as_llama(text_raw, path)?,
+        Some(mt) => {
             return Err(EngineError::config(
                 path,
-                format!("text_config.model_type = \"{mt}\" is not supported; expected llama"),
-            ));
+                format!("text_config.model_type = \"{mt}\" is not supported; expected llama or mistral"),
+            ))
         }
     }
     let text = parse_llama(&text_raw, Some(raw), path)?;
@@ -460,6 +462,44 @@ pub(crate) fn parse_llava(raw: &Value, path: &Path) -> Result<LlavaConfig> {
         pad_to_square: f.str_or("image_aspect_ratio", "")? == "pad",
         grid_pinpoints: Vec::new(),
     })
+}
+
+/// A Mistral text config as the LLaMA decoder it is (no biases, SwiGLU, RMSNorm, RoPE): MistralConfig's defaults
+/// for absent fields, and a clear error for sliding-window attention shorter than the context, which the engine
+/// does not run yet (LLaVA-NeXT's Mistral-7B-Instruct-v0.2 sets `sliding_window: null`).
+fn mistral_as_llama(mut raw: Value, path: &Path) -> Result<Value> {
+    let Some(obj) = raw.as_object_mut() else {
+        return Err(EngineError::config(path, "text_config must be an object"));
+    };
+    for (k, v) in [
+        ("vocab_size", 32000u64),
+        ("hidden_size", 4096),
+        ("intermediate_size", 14336),
+        ("num_hidden_layers", 32),
+        ("num_attention_heads", 32),
+        ("num_key_value_heads", 8),
+        ("max_position_embeddings", 131072),
+    ] {
+        obj.entry(k).or_insert(Value::from(v));
+    }
+    let max_pos = obj.get("max_position_embeddings").and_then(|v| v.as_u64()).unwrap_or(131072);
+    let window = match obj.get("sliding_window") {
+        None => Some(4096),
+        Some(Value::Null) => None,
+        Some(v) => Some(v.as_u64().ok_or_else(|| {
+            EngineError::config(path, "text_config.sliding_window must be a positive integer or null")
+        })?),
+    };
+    if let Some(w) = window.filter(|&w| w < max_pos) {
+        return Err(EngineError::config(
+            path,
+            format!(
+                "text_config.sliding_window = {w} is shorter than the context ({max_pos} positions); sliding-window \
+                 attention is not supported yet (Mistral checkpoints with sliding_window: null are)"
+            ),
+        ));
+    }
+    Ok(raw)
 }
 
 /// LLaVA-NeXT's config.json: LLaVA's fields plus `image_grid_pinpoints` (transformers' default when absent).

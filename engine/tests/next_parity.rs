@@ -1,7 +1,7 @@
 //! LLaVA-NeXT parity with transformers on the committed tiny fixtures (tools/gen_next_fixtures.py): anyres
 //! pixel values exactly as `LlavaNextImageProcessorPil` gives them (best resolution, resize, padding, tiles), the
 //! packed feature count (unpadding, `image_newline`) and log-probs within 1e-4, for every key layout, GQA/MQA,
-//! tied embeddings and LLaMA-3 RoPE scaling covered there.
+//! tied embeddings, LLaMA-3 RoPE scaling and a Mistral decoder (no sliding window) covered there.
 
 use engine::weights::WeightStore;
 use engine::Model;
@@ -78,4 +78,18 @@ fn a_tile_count_that_does_not_fit_the_image_is_refused() {
     px.original = (px.original.0 * 7, px.original.1);
     let e = model.image_features(&px, None).unwrap_err().to_string();
     assert!(e.contains("tile grid"), "{e}");
+}
+
+#[test]
+fn a_mistral_sliding_window_shorter_than_the_context_is_a_clear_error() {
+    let src = fixtures().join("next_native_f32_mistral/model/config.json");
+    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(&src).unwrap()).unwrap();
+    cfg["text_config"]["sliding_window"] = Value::from(16);
+    let dir = std::env::temp_dir().join(format!("rlaifd-next-window-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("config.json");
+    std::fs::write(&path, serde_json::to_string(&cfg).unwrap()).unwrap();
+    let e = engine::config::ModelConfig::from_file(&path).unwrap_err().to_string();
+    std::fs::remove_dir_all(&dir).ok();
+    assert!(e.contains("sliding_window = 16") && e.contains("not supported yet"), "{e}");
 }
