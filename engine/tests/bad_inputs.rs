@@ -519,10 +519,10 @@ fn unknown_architecture() {
         &["config.json", "MistralForCausalLM", "unknown architecture", "LlavaForConditionalGeneration"],
     );
 
-    // A LLaVA whose language model is not LLaMA.
-    let m = edit_config(SINGLE, |c| c["text_config"]["model_type"] = json!("mistral"));
-    let (_, msg) = load_err("mistral text_config", m.path());
-    assert_contains("mistral text_config", &msg, &["config.json", "text_config.model_type", "mistral"]);
+    // A LLaVA whose language model is neither LLaMA nor Mistral.
+    let m = edit_config(SINGLE, |c| c["text_config"]["model_type"] = json!("gemma"));
+    let (_, msg) = load_err("gemma text_config", m.path());
+    assert_contains("gemma text_config", &msg, &["config.json", "text_config.model_type", "gemma", "llama or mistral"]);
 }
 
 #[test]
