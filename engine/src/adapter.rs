@@ -295,6 +295,9 @@ pub fn peft_module_path(canonical: &str, family: ModelFamily, layout: &str, visi
     let old = layout == "transformers-4.x" && vision_prefix == "vision_tower.vision_model.";
     let (lm, head, vis, proj) = match (family, old, layout) {
         (ModelFamily::Llama, _, _) => ("model.", "lm_head", "", ""),
+        (ModelFamily::Qwen2Vl | ModelFamily::Qwen25Vl, _, _) => {
+            ("model.language_model.", "lm_head", "model.visual.", "")
+        }
         (_, true, _) => {
             ("language_model.model.", "language_model.lm_head", "vision_tower.vision_model.", "multi_modal_projector.")
         }
@@ -311,6 +314,8 @@ pub fn peft_module_path(canonical: &str, family: ModelFamily, layout: &str, visi
         format!("{vis}{rest}")
     } else if let Some(rest) = canonical.strip_prefix("multi_modal_projector.") {
         format!("{proj}{rest}")
+    } else if let Some(rest) = canonical.strip_prefix("visual.") {
+        format!("{vis}{rest}")
     } else {
         canonical.to_string()
     }

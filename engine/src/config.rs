@@ -38,6 +38,11 @@ pub struct LlamaConfig {
     pub tie_word_embeddings: bool,
     pub attention_bias: bool,
     pub mlp_bias: bool,
+    /// Qwen2: biases on q/k/v only (o_proj has none).
+    pub qkv_bias: bool,
+    /// Qwen2-VL's multimodal RoPE: how many of the head's frequency pairs follow the temporal, height and width
+    /// position (`mrope_section`, summing to head_dim / 2); None for 1-D RoPE.
+    pub mrope_section: Option<[usize; 3]>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
 }
@@ -146,10 +151,43 @@ impl LlavaConfig {
     }
 }
 
+/// Qwen2-VL / Qwen2.5-VL's vision transformer (`visual.*`): patch embedding over `temporal_patch_size` frames,
+/// 2-D rotary attention, and the merger of `spatial_merge_size`² patches into one decoder row.
+#[derive(Clone, Debug)]
+pub struct QwenVisionConfig {
+    /// Qwen2.5-VL (RMSNorm + SwiGLU blocks, window attention) rather than Qwen2-VL (LayerNorm + MLP).
+    pub v2_5: bool,
+    pub depth: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_heads: usize,
+    pub in_channels: usize,
+    pub patch_size: usize,
+    pub temporal_patch_size: usize,
+    pub spatial_merge_size: usize,
+    /// The merger's output width: the decoder's hidden size.
+    pub out_hidden_size: usize,
+    pub hidden_act: Activation,
+    pub rope_theta: f64,
+    /// Qwen2.5-VL: attention windows of this many pixels a side (`window_size`), except in `fullatt_block_indexes`.
+    pub window_size: usize,
+    pub fullatt_block_indexes: Vec<usize>,
+}
+
+#[derive(Clone, Debug)]
+pub struct QwenVlConfig {
+    pub text: LlamaConfig,
+    pub vision: QwenVisionConfig,
+    pub image_token_id: u32,
+    pub vision_start_token_id: u32,
+    pub vision_end_token_id: u32,
+}
+
 #[derive(Clone, Debug)]
 pub enum ModelConfig {
     Llava(LlavaConfig),
     Llama(LlamaConfig),
+    QwenVl(QwenVlConfig),
 }
 
 impl ModelConfig {
@@ -157,11 +195,27 @@ impl ModelConfig {
         match self {
             ModelConfig::Llava(c) => &c.text,
             ModelConfig::Llama(c) => c,
+            ModelConfig::QwenVl(c) => &c.text,
         }
     }
     pub fn llava(&self) -> Option<&LlavaConfig> {
         match self {
             ModelConfig::Llava(c) => Some(c),
+            _ => None,
+        }
+    }
+    pub fn qwen_vl(&self) -> Option<&QwenVlConfig> {
+        match self {
+            ModelConfig::QwenVl(c) => Some(c),
+            _ => None,
+        }
+    }
+    /// The token that stands for the image in input ids (once; the engine expands it), for models with a vision
+    /// tower.
+    pub fn image_token_id(&self) -> Option<u32> {
+        match self {
+            ModelConfig::Llava(c) => Some(c.image_token_id),
+            ModelConfig::QwenVl(c) => Some(c.image_token_id),
             ModelConfig::Llama(_) => None,
         }
     }
@@ -183,6 +237,8 @@ impl ModelConfig {
             ModelConfig::Llava(c) if c.anyres() => crate::family::ModelFamily::LlavaNext,
             ModelConfig::Llava(_) => crate::family::ModelFamily::Llava,
             ModelConfig::Llama(_) => crate::family::ModelFamily::Llama,
+            ModelConfig::QwenVl(c) if c.vision.v2_5 => crate::family::ModelFamily::Qwen25Vl,
+            ModelConfig::QwenVl(_) => crate::family::ModelFamily::Qwen2Vl,
         }
     }
 }
@@ -359,6 +415,8 @@ pub(crate) fn parse_llama(raw: &Value, top: Option<&Value>, path: &Path) -> Resu
         tie_word_embeddings,
         attention_bias: f.bool_or("attention_bias", false)?,
         mlp_bias: f.bool_or("mlp_bias", false)?,
+        qkv_bias: false,
+        mrope_section: None,
         bos_token_id: bos.or(Some(1)),
         eos_token_ids,
     })
@@ -527,4 +585,169 @@ pub(crate) fn parse_llava_next(raw: &Value, path: &Path) -> Result<LlavaConfig> 
         ));
     }
     Ok(c)
+}
+
+/// Qwen2-VL / Qwen2.5-VL's config.json (`v2_5` for the latter): the Qwen2 decoder from `text_config` (or, as the
+/// hub's configs have it, from the top level), the vision transformer from `vision_config`, and the vision
+/// tokens. Older configs spell the multimodal RoPE `rope_scaling: {"type": "mrope", "mrope_section": [...]}`.
+pub(crate) fn parse_qwen_vl(raw: &Value, path: &Path, v2_5: bool) -> Result<QwenVlConfig> {
+    let f = Fields { obj: raw.as_object(), path, section: "" };
+    let nested = f.get("text_config").is_some();
+    let mut text_raw = f.get("text_config").cloned().unwrap_or_else(|| raw.clone());
+    let Some(obj) = text_raw.as_object_mut() else {
+        return Err(EngineError::config(path, "text_config must be an object"));
+    };
+    // The Qwen2 decoder's defaults (Qwen2-VL-7B), and the multimodal RoPE's sections.
+    for (k, v) in [
+        ("vocab_size", 152064u64),
+        ("hidden_size", 3584),
+        ("intermediate_size", 18944),
+        ("num_hidden_layers", 28),
+        ("num_attention_heads", 28),
+        ("num_key_value_heads", 4),
+        ("max_position_embeddings", 32768),
+    ] {
+        obj.entry(k).or_insert(Value::from(v));
+    }
+    obj.entry("rope_theta").or_insert(Value::from(1_000_000.0));
+    let mut mrope: Option<Value> = None;
+    for key in ["rope_parameters", "rope_scaling"] {
+        if let Some(p) = obj.get_mut(key).and_then(|p| p.as_object_mut()) {
+            if let Some(m) = p.remove("mrope_section") {
+                mrope = Some(m);
+            }
+            if p.get("type").or_else(|| p.get("rope_type")).and_then(|t| t.as_str()) == Some("mrope") {
+                p.remove("type");
+                p.insert("rope_type".into(), Value::from("default"));
+            }
+        }
+    }
+    if obj.get("use_sliding_window").and_then(|v| v.as_bool()) == Some(true) {
+        return Err(EngineError::config(
+            path,
+            "text_config.use_sliding_window = true: sliding-window attention is not supported yet",
+        ));
+    }
+    let act = obj.get("hidden_act").and_then(|v| v.as_str()).unwrap_or("silu");
+    if act != "silu" {
+        return Err(EngineError::config(
+            path,
+            format!("text_config.hidden_act = \"{act}\"; Qwen2's decoder uses silu"),
+        ));
+    }
+    let mut text = parse_llama(&text_raw, if nested { Some(raw) } else { None }, path)?;
+    text.qkv_bias = true;
+    let half = text.head_dim / 2;
+    let section: Vec<usize> = match &mrope {
+        None => vec![half / 4, (half - half / 4) / 2, half - half / 4 - (half - half / 4) / 2],
+        Some(v) => v
+            .as_array()
+            .filter(|a| a.len() == 3)
+            .and_then(|a| a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect::<Option<Vec<_>>>())
+            .ok_or_else(|| EngineError::config(path, "mrope_section must be a list of 3 non-negative integers"))?,
+    };
+    if section.iter().sum::<usize>() != half {
+        return Err(EngineError::config(
+            path,
+            format!("mrope_section {section:?} must sum to head_dim / 2 = {half} (the frequency pairs of one head)"),
+        ));
+    }
+    text.mrope_section = Some([section[0], section[1], section[2]]);
+
+    let vraw = f.get("vision_config");
+    let v = Fields { obj: vraw.and_then(|r| r.as_object()), path, section: "vision_config." };
+    let (hidden_key, default_hidden) = if v2_5 { ("hidden_size", 1280) } else { ("embed_dim", 1280) };
+    let hidden_size = positive(path, "vision_config.", hidden_key, v.usize_or(hidden_key, default_hidden)?)?;
+    let num_heads = positive(path, "vision_config.", "num_heads", v.usize_or("num_heads", 16)?)?;
+    let intermediate_size = if v2_5 {
+        v.usize_or("intermediate_size", 3420)?
+    } else {
+        let ratio = v.f64_or("mlp_ratio", 4.0)?;
+        (hidden_size as f64 * ratio) as usize
+    };
+    let out_hidden_size = if v2_5 {
+        v.usize_or("out_hidden_size", text.hidden_size)?
+    } else {
+        v.usize_or("hidden_size", text.hidden_size)?
+    };
+    if out_hidden_size != text.hidden_size {
+        return Err(EngineError::config(
+            path,
+            format!(
+                "the vision merger's output ({out_hidden_size}) must match the decoder's hidden_size ({})",
+                text.hidden_size
+            ),
+        ));
+    }
+    let theta = match v.get("rope_parameters").and_then(|p| p.get("rope_theta")) {
+        Some(t) => t.as_f64().ok_or_else(|| v.err("rope_parameters.rope_theta", "a number"))?,
+        None => 10000.0,
+    };
+    let fullatt = match v.get("fullatt_block_indexes") {
+        None => vec![7, 15, 23, 31],
+        Some(list) => list
+            .as_array()
+            .and_then(|a| a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect::<Option<Vec<_>>>())
+            .ok_or_else(|| v.err("fullatt_block_indexes", "a list of block indexes"))?,
+    };
+    let vision = QwenVisionConfig {
+        v2_5,
+        depth: v.usize_or("depth", 32)?,
+        hidden_size,
+        intermediate_size: positive(path, "vision_config.", "intermediate_size", intermediate_size)?,
+        num_heads,
+        in_channels: v.usize_or("in_channels", 3)?,
+        patch_size: positive(path, "vision_config.", "patch_size", v.usize_or("patch_size", 14)?)?,
+        temporal_patch_size: positive(
+            path,
+            "vision_config.",
+            "temporal_patch_size",
+            v.usize_or("temporal_patch_size", 2)?,
+        )?,
+        spatial_merge_size: positive(
+            path,
+            "vision_config.",
+            "spatial_merge_size",
+            v.usize_or("spatial_merge_size", 2)?,
+        )?,
+        out_hidden_size,
+        hidden_act: Activation::parse(
+            v.str_or("hidden_act", if v2_5 { "silu" } else { "quick_gelu" })?,
+            path,
+            "vision_config.hidden_act",
+        )?,
+        rope_theta: theta,
+        window_size: if v2_5 { v.usize_or("window_size", 112)? } else { 0 },
+        fullatt_block_indexes: if v2_5 { fullatt } else { Vec::new() },
+    };
+    if vision.in_channels != 3 {
+        return Err(EngineError::config(path, "vision_config.in_channels must be 3 (RGB)"));
+    }
+    let vhd = vision.hidden_size / vision.num_heads;
+    if !vision.hidden_size.is_multiple_of(vision.num_heads) || !vhd.is_multiple_of(4) {
+        return Err(EngineError::config(
+            path,
+            "vision_config: the head size (hidden size / num_heads) must be a multiple of 4 for the 2-D rotary embedding",
+        ));
+    }
+    if v2_5 {
+        let unit = vision.spatial_merge_size * vision.patch_size;
+        if vision.window_size < unit || !vision.window_size.is_multiple_of(unit) {
+            return Err(EngineError::config(
+                path,
+                format!(
+                    "vision_config.window_size = {} must be a multiple of spatial_merge_size x patch_size = {unit}",
+                    vision.window_size
+                ),
+            ));
+        }
+    }
+    let token = |key: &str, default: usize| -> Result<u32> { Ok(f.usize_or(key, default)? as u32) };
+    Ok(QwenVlConfig {
+        text,
+        vision,
+        image_token_id: token("image_token_id", 151655)?,
+        vision_start_token_id: token("vision_start_token_id", 151652)?,
+        vision_end_token_id: token("vision_end_token_id", 151653)?,
+    })
 }

@@ -488,6 +488,8 @@ pub fn bench_image_path(
         tie_word_embeddings: false,
         attention_bias: false,
         mlp_bias: false,
+        qkv_bias: false,
+        mrope_section: None,
         bos_token_id: None,
         eos_token_ids: vec![],
     };

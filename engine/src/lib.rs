@@ -30,6 +30,7 @@ pub mod linear;
 pub mod llama;
 pub mod llava;
 pub mod ops;
+pub mod qwen_vit;
 pub mod rng;
 pub mod sampling;
 pub mod shapes;

@@ -25,9 +25,21 @@ impl Model {
 
     /// Decoder positions `ids` take once the image token is expanded into the image's rows.
     pub fn prompt_positions(&self, ids: &[u32]) -> usize {
-        match self.config.llava() {
-            Some(l) => ids.iter().map(|&t| if t == l.image_token_id { l.image_seq_len() } else { 1 }).sum(),
+        match self.image_token_id() {
+            Some(image) => ids.iter().map(|&t| if t == image { self.image_seq_len() } else { 1 }).sum(),
             None => ids.len(),
+        }
+    }
+
+    /// The most decoder rows one image can take: exact for LLaVA-1.5, the largest grid for LLaVA-NeXT, and for
+    /// Qwen2-VL the merged patches of an image of its processor's `max_pixels`.
+    pub fn image_seq_len(&self) -> usize {
+        if let Some(l) = self.config.llava() {
+            return l.image_seq_len();
+        }
+        match self.image_processor.as_ref().and_then(|ip| ip.patches) {
+            Some(g) => (g.max_pixels / (g.factor() as u64 * g.factor() as u64)).max(1) as usize,
+            None => 0,
         }
     }
 
@@ -53,7 +65,17 @@ impl Model {
                 let vrow = (v.hidden_size * 6 + v.intermediate_size * 2) as u64;
                 t * vrow * f + t * t * v.num_attention_heads as u64 * f + l.image_seq_len() as u64 * hidden * f * 3
             }
-            None => 0,
+            None => match (self.config.qwen_vl(), self.image_processor.as_ref().and_then(|ip| ip.patches)) {
+                (Some(q), Some(g)) => {
+                    // Every patch through the tower (window attention bounded by whole-image attention), then the
+                    // merged rows.
+                    let v = &q.vision;
+                    let t = (g.max_pixels / (g.patch_size as u64 * g.patch_size as u64)).max(1);
+                    let vrow = (v.hidden_size * 8 + v.intermediate_size * 3) as u64;
+                    t * vrow * f + t * t * f + self.image_seq_len() as u64 * hidden * f * 3
+                }
+                _ => 0,
+            },
         };
         prompt_cache + answer_caches + prefill + decode + image
     }

@@ -53,11 +53,20 @@ pub struct KvCache {
     pub k: Vec<Vec<f32>>,
     pub v: Vec<Vec<f32>>,
     pub len: usize,
+    /// RoPE position of cached row i is i + shift for rows appended without explicit positions (multimodal RoPE
+    /// puts an image on fewer positions than rows, so the text after it sits at a negative shift, transformers'
+    /// `rope_deltas`); 0 otherwise.
+    pub shift: isize,
 }
 
 impl KvCache {
     pub fn new(layers: usize) -> Self {
-        KvCache { k: vec![Vec::new(); layers], v: vec![Vec::new(); layers], len: 0 }
+        KvCache { k: vec![Vec::new(); layers], v: vec![Vec::new(); layers], len: 0, shift: 0 }
+    }
+
+    /// The RoPE position of the row at index `i` (`shift` applied).
+    pub fn position(&self, i: usize) -> usize {
+        (i as isize + self.shift).max(0) as usize
     }
 }
 
@@ -110,9 +119,14 @@ impl Llama {
             layers,
             norm: ws.f32(&decoder.pp(FINAL_NORM).key("weight"), &[c])?,
             lm_head,
-            rope: Rope::new(hd, cfg.rope_theta, &cfg.rope_scaling),
+            rope: Rope::new(hd, cfg.rope_theta, &cfg.rope_scaling).with_mrope(cfg.mrope_section),
             recompute_cheap: false,
         })
+    }
+
+    /// Whether positions may carry three components (Qwen2-VL's multimodal RoPE).
+    pub fn rope_is_mrope(&self) -> bool {
+        self.rope.is_mrope()
     }
 
     pub fn linears(&self) -> impl Iterator<Item = &Linear> {
@@ -168,14 +182,29 @@ impl Llama {
         }
     }
 
-    /// Causal forward of x (rows, C) continuing `cache` (positions cache.len ..); appends to the cache.
+    /// Causal forward of x (rows, C) continuing `cache` (rows cache.len .., at RoPE positions shifted by
+    /// `cache.shift`); appends to the cache.
     pub fn forward(&self, x: &mut [f32], rows: usize, cache: &mut KvCache, adapter: Option<&Adapter>) {
+        let start = cache.len;
+        let positions: Vec<usize> = (start..start + rows).map(|i| cache.position(i)).collect();
+        self.forward_at(x, rows, &positions, cache, adapter)
+    }
+
+    /// `forward` with each row's RoPE position given (`crate::ops::rope::mrope_position` for image rows under
+    /// multimodal RoPE).
+    pub fn forward_at(
+        &self,
+        x: &mut [f32],
+        rows: usize,
+        positions: &[usize],
+        cache: &mut KvCache,
+        adapter: Option<&Adapter>,
+    ) {
         let cfg = &self.cfg;
         let (heads, kvh, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
         let start = cache.len;
-        let positions: Vec<usize> = (start..start + rows).collect();
         let scale = (hd as f32).powf(-0.5);
-        self.forward_layers(x, rows, &positions, adapter, |li, q, k, v, out| {
+        self.forward_layers(x, rows, positions, adapter, |li, q, k, v, out| {
             cache.k[li].extend_from_slice(k);
             cache.v[li].extend_from_slice(v);
             if rows >= DENSE_MIN_ROWS {
@@ -213,7 +242,7 @@ impl Llama {
         let rows = suffixes.len();
         let cfg = &self.cfg;
         let (heads, kvh, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
-        let pos = prefix.len + suffixes.first().map_or(0, |s| s.len);
+        let pos = prefix.position(prefix.len + suffixes.first().map_or(0, |s| s.len));
         let positions = vec![pos; rows];
         let scale = (hd as f32).powf(-0.5);
         let width = kvh * hd;
@@ -247,7 +276,7 @@ impl Llama {
             owner.extend((0..l).map(|i| (start, i)));
             start += l;
         }
-        let positions: Vec<usize> = owner.iter().map(|&(_, i)| prefix.len + i).collect();
+        let positions: Vec<usize> = owner.iter().map(|&(_, i)| prefix.position(prefix.len + i)).collect();
         let scale = (hd as f32).powf(-0.5);
         let width = kvh * hd;
         self.forward_layers(x, rows, &positions, adapter, |li, q, k, v, out| {

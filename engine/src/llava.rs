@@ -30,6 +30,29 @@ impl Default for LoadOptions {
     }
 }
 
+/// An image's rows for the decoder, and for multimodal RoPE (Qwen2-VL) the merged grid (rows, columns) they
+/// fill in raster order, which places them on the rotary positions.
+#[derive(Clone, Debug, Default)]
+pub struct ImageFeatures {
+    /// (N, C) rows.
+    pub rows: Vec<f32>,
+    pub grid: Option<(usize, usize)>,
+}
+
+impl ImageFeatures {
+    /// Rows without a grid (LLaVA's images, which take consecutive positions).
+    pub fn plain(rows: Vec<f32>) -> ImageFeatures {
+        ImageFeatures { rows, grid: None }
+    }
+}
+
+impl std::ops::Deref for ImageFeatures {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.rows
+    }
+}
+
 pub struct Projector {
     pub(crate) linear_1: Linear,
     pub(crate) linear_2: Linear,
@@ -42,6 +65,8 @@ pub struct Model {
     pub layout: KeyLayout,
     pub vision: Option<ClipVision>,
     pub projector: Option<Projector>,
+    /// Qwen2-VL / Qwen2.5-VL's vision transformer and merger (instead of `vision` and `projector`).
+    pub qwen_vision: Option<crate::qwen_vit::QwenVision>,
     pub llm: Llama,
     pub image_processor: Option<ImageProcessorConfig>,
     /// LLaVA-NeXT's learned row end of the tiles' feature grid (C).
@@ -107,10 +132,18 @@ impl Model {
                 (Some(vision), Some(projector), (family.image_processor)(&config, dir)?)
             }
         };
+        let (qwen_vision, image_processor) = match config.qwen_vl() {
+            None => (None, image_processor),
+            Some(qc) => (
+                Some(crate::qwen_vit::QwenVision::load(&ws, &layout.vision, &qc.vision, keep)?),
+                (family.image_processor)(&config, dir)?,
+            ),
+        };
         let mut linear_shapes = HashMap::new();
         let linears = llm
             .linears()
             .chain(vision.iter().flat_map(|v| v.linears()))
+            .chain(qwen_vision.iter().flat_map(|v| v.linears()))
             .chain(projector.iter().flat_map(|p| [&p.linear_1, &p.linear_2]));
         for l in linears {
             linear_shapes.insert(l.name.clone(), (l.in_features, l.out_features));
@@ -133,6 +166,7 @@ impl Model {
             layout,
             vision,
             projector,
+            qwen_vision,
             llm,
             image_processor,
             image_newline,
@@ -200,7 +234,7 @@ impl Model {
     }
 
     pub fn image_token_id(&self) -> Option<u32> {
-        self.config.llava().map(|c| c.image_token_id)
+        self.config.image_token_id()
     }
 
     /// Decodes and preprocesses an image file for this model.
@@ -213,8 +247,58 @@ impl Model {
     }
 
     /// Projected image features (N_img, C) for the decoder, on the model's backend.
-    pub fn image_features(&self, pixels: &PixelValues, adapter: Option<&Adapter>) -> Result<Vec<f32>> {
-        self.backend.image_features(self, pixels, adapter)
+    pub fn image_features(&self, pixels: &PixelValues, adapter: Option<&Adapter>) -> Result<ImageFeatures> {
+        let rows = self.backend.image_features(self, pixels, adapter)?;
+        let grid = match (self.config.qwen_vl(), pixels.grid) {
+            (Some(qc), Some([_, h, w])) => Some((h / qc.vision.spatial_merge_size, w / qc.vision.spatial_merge_size)),
+            _ => None,
+        };
+        Ok(ImageFeatures { rows, grid })
+    }
+
+    /// Multimodal RoPE (Qwen2-VL) of a prompt with an image: each decoder row's position (text rows one after
+    /// another, the image's rows at (start, start + row, start + column) of its merged grid, the text after it
+    /// continuing from start + max(rows, columns)) and the shift of the rows that follow (transformers'
+    /// `get_rope_index` and `rope_deltas`). None where positions are the row indices.
+    pub(crate) fn rope_positions(&self, ids: &[u32], feats: Option<&ImageFeatures>) -> Option<(Vec<usize>, isize)> {
+        let (gh, gw) = feats?.grid?;
+        if !self.llm.rope_is_mrope() {
+            return None;
+        }
+        let image = self.image_token_id();
+        let mut pos = Vec::with_capacity(ids.len() + gh * gw);
+        let mut next = 0usize;
+        for &id in ids {
+            if Some(id) == image {
+                pos.extend((0..gh * gw).map(|i| crate::ops::rope::mrope_position(next, next + i / gw, next + i % gw)));
+                next += gh.max(gw);
+            } else {
+                pos.push(next);
+                next += 1;
+            }
+        }
+        let shift = next as isize - pos.len() as isize;
+        Some((pos, shift))
+    }
+
+    /// Runs the rows `x` (T, C) of prompt `ids` (image expanded) into `cache`, at their multimodal RoPE positions
+    /// where the model has them.
+    pub(crate) fn forward_prompt_rows(
+        &self,
+        x: &mut [f32],
+        ids: &[u32],
+        feats: Option<&ImageFeatures>,
+        cache: &mut KvCache,
+        adapter: Option<&Adapter>,
+    ) {
+        let t = x.len() / self.llm.cfg.hidden_size;
+        match self.rope_positions(ids, feats) {
+            Some((pos, shift)) if pos.len() == t && cache.len == 0 => {
+                self.llm.forward_at(x, t, &pos, cache, adapter);
+                cache.shift = shift;
+            }
+            _ => self.llm.forward(x, t, cache, adapter),
+        }
     }
 
     /// Checks that `pixels` holds what this model's image path takes: one image of the tower's size, or for
@@ -319,7 +403,7 @@ impl Model {
     pub fn embed_inputs(&self, ids: &[u32], image_features: Option<&[f32]>) -> Result<(Vec<f32>, Vec<usize>)> {
         let c = self.llm.cfg.hidden_size;
         let vocab = self.llm.cfg.vocab_size;
-        let image_token = self.llava_cfg().map(|l| l.image_token_id);
+        let image_token = self.image_token_id();
         let n_image_tokens = ids.iter().filter(|&&t| Some(t) == image_token).count();
         match (n_image_tokens, image_features.is_some()) {
             (0, false) | (1, true) => {}
@@ -366,9 +450,8 @@ impl Model {
         };
         let (mut x, rows) = self.embed_inputs(ids, feats.as_deref())?;
         let c = self.llm.cfg.hidden_size;
-        let t = x.len() / c;
         let mut cache = KvCache::new(self.llm.cfg.num_hidden_layers);
-        self.llm.forward(&mut x, t, &mut cache, adapter);
+        self.forward_prompt_rows(&mut x, ids, feats.as_ref(), &mut cache, adapter);
         // Only the rows that predict a scored token need the lm_head.
         let image_token = self.image_token_id();
         let targets: Vec<(usize, u32)> =
@@ -390,7 +473,7 @@ impl Model {
         &self,
         prefix: &[u32],
         continuations: &[&[u32]],
-        image_features: Option<&[f32]>,
+        image_features: Option<&ImageFeatures>,
         adapter: Option<&Adapter>,
     ) -> Result<Vec<Vec<f32>>> {
         if continuations.is_empty() {
@@ -412,17 +495,17 @@ impl Model {
     pub fn prefill(
         &self,
         ids: &[u32],
-        image_features: Option<&[f32]>,
+        image_features: Option<&ImageFeatures>,
         adapter: Option<&Adapter>,
     ) -> Result<(KvCache, Vec<f32>)> {
-        let (mut x, _) = self.embed_inputs(ids, image_features)?;
+        let (mut x, _) = self.embed_inputs(ids, image_features.map(|f| &f.rows[..]))?;
         let c = self.llm.cfg.hidden_size;
         let t = x.len() / c;
         if t == 0 {
             return Err(EngineError::Input("empty prompt".into()));
         }
         let mut cache = KvCache::new(self.llm.cfg.num_hidden_layers);
-        self.llm.forward(&mut x, t, &mut cache, adapter);
+        self.forward_prompt_rows(&mut x, ids, image_features, &mut cache, adapter);
         let logits = self.llm.logits(&x[(t - 1) * c..], 1, adapter);
         Ok((cache, logits))
     }
@@ -460,7 +543,7 @@ impl Model {
         &self,
         prompt: &[u32],
         answer: &[u32],
-        feats: Option<&[f32]>,
+        feats: Option<&ImageFeatures>,
         adapter: Option<&Adapter>,
     ) -> Result<f64> {
         self.backend.answer_logp(self, prompt, answer, feats, adapter)

@@ -513,6 +513,8 @@ fn wide_heads(head_dim: usize) -> engine::config::LlamaConfig {
         tie_word_embeddings: false,
         attention_bias: false,
         mlp_bias: false,
+        qkv_bias: false,
+        mrope_section: None,
         bos_token_id: Some(1),
         eos_token_ids: vec![2],
     }

@@ -113,6 +113,8 @@ fn bench_shape(shape: &str) -> Result<engine::config::LlamaConfig> {
         tie_word_embeddings: false,
         attention_bias: false,
         mlp_bias: false,
+        qkv_bias: false,
+        mrope_section: None,
         bos_token_id: Some(1),
         eos_token_ids: vec![2],
     })

@@ -225,7 +225,7 @@ pub fn cmd_label(a: LabelArgs) -> Result<()> {
                 if ans.finish == engine::generate::FinishReason::Stop {
                     ids.push(eos);
                 }
-                Ok(model.answer_logp(&prompt_ids, &ids, feats.as_deref(), adapter.as_ref())?)
+                Ok(model.answer_logp(&prompt_ids, &ids, feats.as_ref(), adapter.as_ref())?)
             };
             for &(c, r) in &fb.pairs {
                 let refs = (logp(&fb.answers[c])?, logp(&fb.answers[r])?);

@@ -83,7 +83,7 @@ pub async fn run_label_job(
             };
             let eos = *e.model.llm.cfg.eos_token_ids.first().unwrap_or(&2);
             let logp = |a: &LabeledAnswer| -> Result<f64> {
-                Ok(e.model.answer_logp(&prompt_ids, &answer_ids(a, eos), feats.as_deref(), ref_adapter.as_deref())?)
+                Ok(e.model.answer_logp(&prompt_ids, &answer_ids(a, eos), feats.as_ref(), ref_adapter.as_deref())?)
             };
             let mut pairs = Vec::new();
             for &(c, r) in &fb.pairs {

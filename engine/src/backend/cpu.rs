@@ -10,7 +10,7 @@ use crate::error::{EngineError, Result};
 use crate::generate::{Answer, FinishReason, GenerateRequest, GenerateStats};
 use crate::image::PixelValues;
 use crate::llama::KvCache;
-use crate::llava::Model;
+use crate::llava::{ImageFeatures, Model};
 use crate::ops::{apply_activation, log_softmax_rows};
 use crate::rng::SplitMix64;
 use crate::sampling::sample;
@@ -41,7 +41,7 @@ impl Backend for CpuBackend {
             Some(p) => Some(model.image_features(p, adapter)?),
             None => None,
         };
-        let (prefix, first_logits) = model.prefill(req.ids, feats.as_deref(), adapter)?;
+        let (prefix, first_logits) = model.prefill(req.ids, feats.as_ref(), adapter)?;
         stats.prompt_positions = prefix.len;
         stats.prefill_s = t0.elapsed().as_secs_f64();
         let t1 = std::time::Instant::now();
@@ -115,6 +115,14 @@ impl Backend for CpuBackend {
     }
 
     fn image_features(&self, model: &Model, pixels: &PixelValues, adapter: Option<&Adapter>) -> Result<Vec<f32>> {
+        if let Some(qv) = &model.qwen_vision {
+            let grid = pixels.grid.ok_or_else(|| {
+                EngineError::Input(
+                    "Qwen2-VL takes the patches of its own image processor (pixel values with a patch grid)".into(),
+                )
+            })?;
+            return qv.forward(&pixels.data, grid, adapter);
+        }
         let (Some(lc), Some(vision), Some(proj)) = (model.config.llava(), &model.vision, &model.projector) else {
             return Err(EngineError::Input("this model has no vision tower".into()));
         };
@@ -140,16 +148,15 @@ impl Backend for CpuBackend {
         model: &Model,
         prefix: &[u32],
         continuations: &[&[u32]],
-        image_features: Option<&[f32]>,
+        image_features: Option<&ImageFeatures>,
         adapter: Option<&Adapter>,
     ) -> Result<Vec<Vec<f32>>> {
         // `Model::branch_logits` checked the continuations.
-        let (mut px, _) = model.embed_inputs(prefix, image_features)?;
+        let (mut px, _) = model.embed_inputs(prefix, image_features.map(|f| &f.rows[..]))?;
         let c = model.llm.cfg.hidden_size;
         let mut cache = KvCache::new(model.llm.cfg.num_hidden_layers);
-        let t = px.len() / c;
-        if t > 0 {
-            model.llm.forward(&mut px, t, &mut cache, adapter);
+        if !px.is_empty() {
+            model.forward_prompt_rows(&mut px, prefix, image_features, &mut cache, adapter);
         }
         let lens: Vec<usize> = continuations.iter().map(|c| c.len()).collect();
         let mut x = Vec::new();
@@ -173,14 +180,13 @@ impl Backend for CpuBackend {
         model: &Model,
         prompt: &[u32],
         answer: &[u32],
-        feats: Option<&[f32]>,
+        feats: Option<&ImageFeatures>,
         adapter: Option<&Adapter>,
     ) -> Result<f64> {
-        let (mut x, rows, targets, ..) = model.answer_rows(prompt, answer, feats)?;
+        let (mut x, rows, targets, _, ids, _) = model.answer_rows(prompt, answer, feats.map(|f| &f.rows[..]))?;
         let c = model.llm.cfg.hidden_size;
-        let t = x.len() / c;
         let mut cache = KvCache::new(model.llm.cfg.num_hidden_layers);
-        model.llm.forward(&mut x, t, &mut cache, adapter);
+        model.forward_prompt_rows(&mut x, &ids, feats, &mut cache, adapter);
         let sel: Vec<f32> = rows.iter().flat_map(|&r| x[r * c..(r + 1) * c].iter().copied()).collect();
         let mut logits = model.llm.head_forward(&sel, adapter);
         let v = model.llm.cfg.vocab_size;

@@ -9,7 +9,7 @@ use crate::cuda_llama::{GpuLlama, Input};
 use crate::cuda_lora::GpuLora;
 use crate::error::{EngineError, Result};
 use crate::generate::{Answer, GenerateRequest, GenerateStats};
-use crate::llava::Model;
+use crate::llava::{ImageFeatures, Model};
 use crate::train::dpo::TokenPair;
 use crate::train::optim::AdamW;
 use crate::train::sft::{SftConfig, SftExample, SftStepLog};
@@ -110,6 +110,14 @@ impl CudaBackend {
     /// Opens device `ordinal`, compiles the kernels and uploads `model`'s decoder. Err(reason) when there is no
     /// usable GPU or the decoder cannot run there.
     pub fn open(ordinal: usize, model: &Model) -> std::result::Result<CudaBackend, String> {
+        if model.config.qwen_vl().is_some() {
+            return Err(format!(
+                "{} is a {} model, which runs on the CPU backend for now (its q/k/v biases and multimodal RoPE have \
+                 no CUDA kernels yet)",
+                model.dir.display(),
+                crate::family::Family::of(model.family()).name
+            ));
+        }
         let gpu = match Gpu::open(ordinal) {
             Ok(Ok(g)) => g,
             Ok(Err(why)) => return Err(why),
@@ -259,12 +267,12 @@ impl CudaState {
 
 /// The decoder input of `ids` (with `feats` in place of the image token): the ids themselves when there is no
 /// image, else the rows `Model::embed_inputs` builds on the host.
-fn decoder_input(model: &Model, ids: &[u32], feats: Option<&[f32]>) -> Result<Option<Vec<f32>>> {
+fn decoder_input(model: &Model, ids: &[u32], feats: Option<&ImageFeatures>) -> Result<Option<Vec<f32>>> {
     let has_image = model.image_token_id().is_some_and(|t| ids.contains(&t));
     if feats.is_none() && !has_image {
         return Ok(None);
     }
-    Ok(Some(model.embed_inputs(ids, feats)?.0))
+    Ok(Some(model.embed_inputs(ids, feats.map(|f| &f.rows[..]))?.0))
 }
 
 impl Backend for CudaBackend {
@@ -295,7 +303,8 @@ impl Backend for CudaBackend {
             Some(p) => Some(st.features(model, p, adapter)?),
             None => None,
         };
-        let rows = decoder_input(model, req.ids, feats.as_deref())?;
+        let feats = feats.map(ImageFeatures::plain);
+        let rows = decoder_input(model, req.ids, feats.as_ref())?;
         let input = match &rows {
             Some(x) => Input::Embeds(x),
             None => Input::Ids(req.ids),
@@ -313,7 +322,7 @@ impl Backend for CudaBackend {
         model: &Model,
         prompt: &[u32],
         answer: &[u32],
-        feats: Option<&[f32]>,
+        feats: Option<&ImageFeatures>,
         adapter: Option<&Adapter>,
     ) -> Result<f64> {
         if prompt.is_empty() {
@@ -324,7 +333,7 @@ impl Backend for CudaBackend {
         }
         let ids: Vec<u32> = prompt.iter().chain(answer).copied().collect();
         // Checks the ids and the image token, and gives the row of every id.
-        let (x, id_rows) = model.embed_inputs(&ids, feats)?;
+        let (x, id_rows) = model.embed_inputs(&ids, feats.map(|f| &f.rows[..]))?;
         if answer.is_empty() {
             return Ok(0.0);
         }
@@ -359,7 +368,7 @@ impl Backend for CudaBackend {
         model: &Model,
         prefix: &[u32],
         continuations: &[&[u32]],
-        feats: Option<&[f32]>,
+        feats: Option<&ImageFeatures>,
         adapter: Option<&Adapter>,
     ) -> Result<Vec<Vec<f32>>> {
         // `Model::branch_logits` checked the continuations.
@@ -368,7 +377,7 @@ impl Backend for CudaBackend {
         if prefix.is_empty() {
             return CpuBackend.branch_logits(model, prefix, continuations, feats, adapter);
         }
-        let rows = model.embed_inputs(prefix, feats)?.0;
+        let rows = model.embed_inputs(prefix, feats.map(|f| &f.rows[..]))?.0;
         let mut guard = self.lock()?;
         let st = &mut *guard;
         let LoraOn::Gpu(lora) = st.lora(adapter)? else {

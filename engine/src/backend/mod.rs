@@ -93,7 +93,7 @@ pub trait Backend: Send + Sync {
         model: &Model,
         prompt: &[u32],
         answer: &[u32],
-        feats: Option<&[f32]>,
+        feats: Option<&crate::llava::ImageFeatures>,
         adapter: Option<&Adapter>,
     ) -> Result<f64>;
     /// `Model::image_features` (vision tower and projector) on this backend.
@@ -109,7 +109,7 @@ pub trait Backend: Send + Sync {
         model: &Model,
         prefix: &[u32],
         continuations: &[&[u32]],
-        feats: Option<&[f32]>,
+        feats: Option<&crate::llava::ImageFeatures>,
         adapter: Option<&Adapter>,
     ) -> Result<Vec<Vec<f32>>>;
     /// Where a LoRA training run of `adapter` goes: on this backend's device, or on the CPU trainer (with the

@@ -46,10 +46,11 @@ pub fn decoder_layer(decoder: &Keys, i: usize) -> Keys {
 pub fn decoder_linears(cfg: &LlamaConfig) -> [(&'static str, usize, usize, bool); 7] {
     let (c, hd, i) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
     let (h, kvh, ab, mb) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.attention_bias, cfg.mlp_bias);
+    let qkv = ab || cfg.qkv_bias;
     [
-        ("self_attn.q_proj", c, h * hd, ab),
-        ("self_attn.k_proj", c, kvh * hd, ab),
-        ("self_attn.v_proj", c, kvh * hd, ab),
+        ("self_attn.q_proj", c, h * hd, qkv),
+        ("self_attn.k_proj", c, kvh * hd, qkv),
+        ("self_attn.v_proj", c, kvh * hd, qkv),
         ("self_attn.o_proj", h * hd, c, ab),
         ("mlp.gate_proj", c, i, mb),
         ("mlp.up_proj", c, i, mb),

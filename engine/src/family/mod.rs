@@ -4,12 +4,14 @@
 //! (`keys`), and its image processor. The loaders (CPU and GPU), `init-model`, the adapter's key mapping and `KeyLayout::detect` all read
 //! the family's declarations; adding a family is a new module and one row here.
 //!
-//! LLaVA-1.5 (`llava.rs`), LLaVA-NeXT (`llava_next.rs`) and LLaMA (`llama.rs`) are the entries today.
+//! LLaVA-1.5 (`llava.rs`), LLaVA-NeXT (`llava_next.rs`), Qwen2-VL and Qwen2.5-VL (`qwen_vl.rs`) and LLaMA
+//! (`llama.rs`) are the entries today.
 
 pub mod keys;
 pub mod llama;
 pub mod llava;
 pub mod llava_next;
+pub mod qwen_vl;
 
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
@@ -23,6 +25,8 @@ use std::path::Path;
 pub enum ModelFamily {
     Llava,
     LlavaNext,
+    Qwen2Vl,
+    Qwen25Vl,
     Llama,
 }
 
@@ -62,7 +66,8 @@ pub struct Family {
 }
 
 /// Every family rlaifd loads.
-pub static FAMILIES: &[&Family] = &[&llava::FAMILY, &llava_next::FAMILY, &llama::FAMILY];
+pub static FAMILIES: &[&Family] =
+    &[&llava::FAMILY, &llava_next::FAMILY, &qwen_vl::QWEN2_5_VL, &qwen_vl::QWEN2_VL, &llama::FAMILY];
 
 impl Family {
     /// The family config.json (as parsed JSON) declares, by `architectures` first, else by `model_type`.

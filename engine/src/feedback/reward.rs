@@ -16,8 +16,8 @@ pub fn implicit_reward(
     reference: Option<&Adapter>,
     prompt: &[u32],
     answer: &[u32],
-    policy_feats: Option<&[f32]>,
-    reference_feats: Option<&[f32]>,
+    policy_feats: Option<&crate::llava::ImageFeatures>,
+    reference_feats: Option<&crate::llava::ImageFeatures>,
     beta: f64,
 ) -> Result<f64> {
     if answer.is_empty() {
@@ -62,7 +62,7 @@ pub fn best_of_n(
             if let (FinishReason::Stop, Some(e)) = (a.finish, eos) {
                 ids.push(e);
             }
-            implicit_reward(model, policy, reference, req.ids, &ids, pf.as_deref(), rf.as_deref(), beta)
+            implicit_reward(model, policy, reference, req.ids, &ids, pf.as_ref(), rf.as_ref(), beta)
         })
         .collect::<Result<_>>()?;
     let best = rewards.iter().enumerate().fold(0, |b, (i, r)| if *r > rewards[b] { i } else { b });

@@ -139,14 +139,14 @@ impl<'a> Labeler<'a> {
             let mut out = Vec::with_capacity(prompts.len());
             for p in &prompts {
                 let (pre, last) = p.split_at(p.len() - 1);
-                let l = self.model.branch_logits(pre, &[last], feats.as_deref(), self.adapter)?;
+                let l = self.model.branch_logits(pre, &[last], feats.as_ref(), self.adapter)?;
                 out.push(Verdict::from_logits(&l[0], &self.yes_no));
             }
             return Ok(out);
         }
         common = common.min(shortest - 1);
         let conts: Vec<&[u32]> = prompts.iter().map(|p| &p[common..]).collect();
-        let logits = self.model.branch_logits(&prompts[0][..common], &conts, feats.as_deref(), self.adapter)?;
+        let logits = self.model.branch_logits(&prompts[0][..common], &conts, feats.as_ref(), self.adapter)?;
         Ok(logits.iter().map(|l| Verdict::from_logits(l, &self.yes_no)).collect())
     }
 }

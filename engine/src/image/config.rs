@@ -55,6 +55,9 @@ pub struct ImageProcessorConfig {
     pub pass_order: PassOrder,
     /// LLaVA-NeXT's `image_grid_pinpoints` as (height, width): anyres tiling (`super::anyres`); empty: none.
     pub grid_pinpoints: Vec<(u32, u32)>,
+    /// Qwen2-VL's dynamic resolution: `smart_resize` and flattened patches (`super::qwen`) instead of the
+    /// resize-and-crop above; None for CLIP's pipeline.
+    pub patches: Option<super::qwen::PatchGrid>,
 }
 
 impl Default for ImageProcessorConfig {
@@ -75,6 +78,7 @@ impl Default for ImageProcessorConfig {
             pad_to_square: false,
             pass_order: PassOrder::default(),
             grid_pinpoints: Vec::new(),
+            patches: None,
         }
     }
 }
@@ -305,6 +309,11 @@ fn parse_crop(v: &Value) -> Result<(u32, u32), ConfigShapeError> {
     }
 }
 
+/// `parse_triplet` with a plain error text.
+pub(super) fn parse_triplet_value(v: &Value, what: &str) -> Result<[f64; 3], String> {
+    parse_triplet(v, what).map_err(|e| e.0)
+}
+
 fn parse_triplet(v: &Value, what: &str) -> Result<[f64; 3], ConfigShapeError> {
     if let Some(x) = v.as_f64() {
         return Ok([x; 3]);
@@ -380,6 +389,7 @@ impl TryFrom<RawConfig> for ImageProcessorConfig {
                 Some(v) => parse_pinpoints(v).map_err(ConfigShapeError)?,
                 None => Vec::new(),
             },
+            patches: None,
         })
     }
 }

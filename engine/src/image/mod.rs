@@ -36,9 +36,11 @@ use image::RgbImage;
 mod anyres;
 mod config;
 mod decode;
+mod qwen;
 mod resample;
 
 pub use anyres::{grid_shape, patch_output_size, select_best_resolution, unpadded_window};
+pub use qwen::{qwen_processor, smart_resize, PatchGrid};
 
 pub(crate) use config::parse_pinpoints;
 pub use config::{ImageProcessorConfig, ResizeSize};
@@ -123,12 +125,15 @@ pub struct PixelValues {
     pub tiles: usize,
     /// (height, width) of the image before preprocessing (anyres unpads its features to it).
     pub original: (usize, usize),
+    /// Qwen2-VL: (frames, rows, columns) of patches, `data` holding one flattened patch per row in the merger's
+    /// order (`qwen::preprocess_patches`); None for images of channels × height × width.
+    pub grid: Option<[usize; 3]>,
 }
 
 impl PixelValues {
     /// One `channels × height × width` image.
     pub fn single(data: Vec<f32>, channels: usize, height: usize, width: usize) -> PixelValues {
-        PixelValues { data, channels, height, width, tiles: 1, original: (height, width) }
+        PixelValues { data, channels, height, width, tiles: 1, original: (height, width), grid: None }
     }
 
     fn with_original(mut self, h: usize, w: usize) -> PixelValues {
@@ -186,7 +191,9 @@ pub fn resize_output_size(size: ResizeSize, h: u32, w: u32) -> (u64, u64) {
 /// Errors (named "input image WxH") for empty images, unsupported settings, or when an
 /// intermediate image would exceed [`MAX_IMAGE_PIXELS`].
 pub fn preprocess(img: &RgbImage, cfg: &ImageProcessorConfig) -> Result<PixelValues, ImageError> {
-    if cfg.grid_pinpoints.is_empty() {
+    if let Some(g) = &cfg.patches {
+        qwen::preprocess_patches(img, cfg, g)
+    } else if cfg.grid_pinpoints.is_empty() {
         preprocess_one(img, cfg)
     } else {
         cfg.validate().map_err(|detail| ImageError::Config {
@@ -196,6 +203,24 @@ pub fn preprocess(img: &RgbImage, cfg: &ImageProcessorConfig) -> Result<PixelVal
         check_dims(img.width() as u64, img.height() as u64, &format!("input image {}x{}", img.width(), img.height()))?;
         anyres::preprocess_anyres(img, cfg)
     }
+}
+
+/// Each channel's value for each 8-bit level after rescale and normalisation: transformers rescales in float64
+/// (`u8 as f64 * factor`), casts to float32 and normalises in float32.
+pub(crate) fn normalize_lut(cfg: &ImageProcessorConfig) -> [[f32; 256]; 3] {
+    let mean = cfg.image_mean.map(|m| m as f32);
+    let std = cfg.image_std.map(|s| s as f32);
+    let mut lut = [[0f32; 256]; 3];
+    for (c, table) in lut.iter_mut().enumerate() {
+        for (v, out) in table.iter_mut().enumerate() {
+            let mut x = if cfg.do_rescale { (v as f64 * cfg.rescale_factor) as f32 } else { v as f32 };
+            if cfg.do_normalize {
+                x = (x - mean[c]) / std[c];
+            }
+            *out = x;
+        }
+    }
+    lut
 }
 
 /// The CLIP pipeline on one image (no anyres tiling).
@@ -252,19 +277,7 @@ fn preprocess_one(img: &RgbImage, cfg: &ImageProcessorConfig) -> Result<PixelVal
         (h, w, 0, 0)
     };
 
-    let mean = cfg.image_mean.map(|m| m as f32);
-    let std = cfg.image_std.map(|s| s as f32);
-    let mut lut = [[0f32; 256]; 3];
-    for (c, table) in lut.iter_mut().enumerate() {
-        for (v, out) in table.iter_mut().enumerate() {
-            // transformers: rescale = (u8 as float64 * factor) -> float32; normalize in float32.
-            let mut x = if cfg.do_rescale { (v as f64 * cfg.rescale_factor) as f32 } else { v as f32 };
-            if cfg.do_normalize {
-                x = (x - mean[c]) / std[c];
-            }
-            *out = x;
-        }
-    }
+    let lut = normalize_lut(cfg);
 
     let src = cur.as_raw();
     let plane = oh * ow;

@@ -6,6 +6,34 @@ pub struct Rope {
     /// (head_dim / 2) inverse frequencies after scaling.
     inv_freq: Vec<f32>,
     head_dim: usize,
+    /// Multimodal RoPE (Qwen2-VL): for each frequency, which component (temporal, height, width) of a
+    /// `mrope_position` it follows; empty for 1-D RoPE.
+    section_of: Vec<u8>,
+}
+
+/// Marks a position that carries three components (`mrope_position`); plain positions are 1-D (all three
+/// components equal under multimodal RoPE).
+const MROPE_FLAG: usize = 1 << 63;
+const MROPE_BITS: u32 = 21;
+const MROPE_MASK: usize = (1 << MROPE_BITS) - 1;
+
+/// Largest component a multimodal position can hold.
+pub const MROPE_MAX: usize = MROPE_MASK;
+
+/// A multimodal RoPE position (temporal, height, width) of an image row, packed for the `positions` slices the
+/// decoder takes; text rows keep plain positions. Each component must be at most `MROPE_MAX`.
+pub fn mrope_position(t: usize, h: usize, w: usize) -> usize {
+    debug_assert!(t <= MROPE_MAX && h <= MROPE_MAX && w <= MROPE_MAX);
+    MROPE_FLAG | (t & MROPE_MASK) | (h & MROPE_MASK) << MROPE_BITS | (w & MROPE_MASK) << (2 * MROPE_BITS)
+}
+
+/// The (temporal, height, width) components of a position.
+fn components(pos: usize) -> [usize; 3] {
+    if pos & MROPE_FLAG == 0 {
+        [pos; 3]
+    } else {
+        [pos & MROPE_MASK, (pos >> MROPE_BITS) & MROPE_MASK, (pos >> (2 * MROPE_BITS)) & MROPE_MASK]
+    }
 }
 
 impl Rope {
@@ -34,7 +62,23 @@ impl Rope {
                 }
             }
         }
-        Rope { inv_freq: inv_freq.into_iter().map(|f| f as f32).collect(), head_dim }
+        Rope { inv_freq: inv_freq.into_iter().map(|f| f as f32).collect(), head_dim, section_of: Vec::new() }
+    }
+
+    /// Multimodal RoPE with `sections` (temporal, height, width) frequency pairs, summing to head_dim / 2: the
+    /// first `sections[0]` frequencies follow a position's temporal component, the next its height, the rest its
+    /// width (transformers' `mrope_section`).
+    pub fn with_mrope(mut self, sections: Option<[usize; 3]>) -> Self {
+        if let Some(s) = sections {
+            self.section_of = (0..3u8).flat_map(|c| std::iter::repeat_n(c, s[c as usize])).collect();
+            self.section_of.resize(self.head_dim / 2, 2);
+        }
+        self
+    }
+
+    /// Whether positions may carry three components.
+    pub fn is_mrope(&self) -> bool {
+        !self.section_of.is_empty()
     }
 
     /// cos and sin tables (max_pos, head_dim / 2), computed as `apply` does (f32 angle, accurate cos/sin): the
@@ -71,9 +115,11 @@ impl Rope {
         let mut cos = vec![0f32; half];
         let mut sin = vec![0f32; half];
         for (row, &pos) in x.chunks_exact_mut(heads * hd).zip(positions) {
+            let comp = components(pos);
             for i in 0..half {
+                let p = if self.section_of.is_empty() { pos } else { comp[self.section_of[i] as usize] };
                 // f32 angle like transformers, then an accurate cos/sin of it.
-                let angle = (pos as f32 * self.inv_freq[i]) as f64;
+                let angle = (p as f32 * self.inv_freq[i]) as f64;
                 cos[i] = angle.cos() as f32;
                 sin[i] = sign * angle.sin() as f32;
             }

@@ -98,8 +98,8 @@ pub fn reference_logps(model: &Model, reference: Option<&Adapter>, p: &TokenPair
         Some(px) => Some(model.image_features(px, reference)?),
         None => None,
     };
-    let c = model.answer_logp(p.prompt_ids, p.chosen_ids, feats.as_deref(), reference)?;
-    let r = model.answer_logp(p.prompt_ids, p.rejected_ids, feats.as_deref(), reference)?;
+    let c = model.answer_logp(p.prompt_ids, p.chosen_ids, feats.as_ref(), reference)?;
+    let r = model.answer_logp(p.prompt_ids, p.rejected_ids, feats.as_ref(), reference)?;
     Ok((c, r))
 }
 

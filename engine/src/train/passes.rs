@@ -153,6 +153,19 @@ impl Model {
         }
     }
 
+    /// The training passes place image rows at consecutive positions; Qwen2-VL's multimodal RoPE has no training
+    /// pass yet, so its image prompts are refused here rather than trained at the wrong positions.
+    fn check_train_image(&self, with_image: bool) -> Result<()> {
+        if with_image && self.qwen_vision.is_some() {
+            return Err(EngineError::Input(format!(
+                "LoRA training of {} on prompts with an image is not supported yet (text-only pairs are); \
+                 its multimodal RoPE and vision transformer have no training pass",
+                crate::family::Family::of(self.family()).name
+            )));
+        }
+        Ok(())
+    }
+
     /// Scores prompt + answer with the decoder, keeping what `score_backward` needs.
     pub fn score_train(
         &self,
@@ -161,6 +174,7 @@ impl Model {
         feats: Option<&[f32]>,
         adapter: Option<&Adapter>,
     ) -> Result<ScoredSeq> {
+        self.check_train_image(feats.is_some())?;
         let (x, rows, targets, image_rows, ids, id_rows) = self.answer_rows(prompt, answer, feats)?;
         let tape = self.llm.forward_chunk(x, None, adapter);
         let c = self.llm.cfg.hidden_size;
@@ -200,6 +214,7 @@ impl Model {
         if prompt.is_empty() {
             return Err(EngineError::Input("empty prompt".into()));
         }
+        self.check_train_image(feats.is_some())?;
         let (x, id_rows) = self.embed_inputs(prompt, feats)?;
         let image_rows = self.image_token_id().and_then(|it| prompt.iter().position(|&t| t == it)).map(|p| {
             let n = feats.map_or(0, |f| f.len() / self.llm.cfg.hidden_size);
@@ -262,6 +277,7 @@ impl Model {
 
     /// Vision tower + projector keeping activations (every tile of an anyres image, then packed).
     pub fn image_forward(&self, pixels: &PixelValues, adapter: Option<&Adapter>) -> Result<ImageTape> {
+        self.check_train_image(true)?;
         let (Some(lc), Some(vision), Some(proj)) = (self.config.llava(), &self.vision, &self.projector) else {
             return Err(EngineError::Input("this model has no vision tower".into()));
         };

@@ -67,7 +67,7 @@ pub fn sft_eval_loss(model: &Model, adapter: Option<&Adapter>, examples: &[SftEx
             Some(px) => Some(model.image_features(px, adapter)?),
             None => None,
         };
-        nll -= model.answer_logp(ex.prompt_ids, ex.answer_ids, feats.as_deref(), adapter)?;
+        nll -= model.answer_logp(ex.prompt_ids, ex.answer_ids, feats.as_ref(), adapter)?;
         n += ex.answer_ids.len();
     }
     Ok(nll / n.max(1) as f64)

@@ -1,0 +1,108 @@
+//! Qwen2-VL and Qwen2.5-VL parity with transformers on the committed tiny fixtures (tools/gen_qwen_fixtures.py):
+//! pixel values exactly as `Qwen2VLImageProcessorPil` gives them (smart_resize up and down, patches in the
+//! merger's order), the image's row count, log-probs within 1e-4 (the vision transformer with 2-D rotary and
+//! window attention, the merger, the Qwen2 decoder with q/k/v biases and multimodal RoPE), and transformers'
+//! greedy tokens, for both key layouts, GQA/MQA/MHA and tied embeddings.
+
+use engine::generate::{generate, GenerateRequest};
+use engine::sampling::SamplingParams;
+use engine::weights::WeightStore;
+use engine::Model;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+const LOGPROB_TOL: f32 = 1e-4;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/qwen_vl")
+}
+
+fn cases() -> Vec<(String, PathBuf, Value)> {
+    let manifest: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("manifest.json")).expect("manifest.json"))
+            .expect("manifest json");
+    let out: Vec<_> = manifest
+        .as_array()
+        .expect("case list")
+        .iter()
+        .map(|c| {
+            let name = c["name"].as_str().expect("case name").to_string();
+            let dir = fixtures().join(&name);
+            let exp: Value =
+                serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).expect("expected.json"))
+                    .expect("json");
+            (name, dir, exp)
+        })
+        .collect();
+    assert!(out.len() >= 5, "expected the full fixture set, found {}", out.len());
+    out
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array().expect("ids").iter().map(|x| x.as_u64().expect("id") as u32).collect()
+}
+
+#[test]
+fn qwen_pixel_values_match_transformers_exactly() {
+    for (name, dir, exp) in cases() {
+        let model = Model::load(&dir.join("model")).unwrap_or_else(|e| panic!("{name}: load failed: {e}"));
+        let px = model.load_image(&dir.join("image.png")).expect("image");
+        let want = WeightStore::open_files(&[dir.join("expected.safetensors")]).expect("expected.safetensors");
+        let want = want.f32_any_shape("pixel_values").expect("pixel_values");
+        let grid: Vec<usize> =
+            exp["image_grid_thw"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+        assert_eq!(px.grid, Some([grid[0], grid[1], grid[2]]), "{name}: patch grid");
+        assert_eq!(px.data.len(), want.len(), "{name}: pixel count");
+        let bad = px.data.iter().zip(&want).position(|(a, b)| a.to_bits() != b.to_bits());
+        assert!(bad.is_none(), "{name}: pixel value {bad:?} differs ({:?})", bad.map(|i| (px.data[i], want[i])));
+    }
+}
+
+#[test]
+fn qwen_logprobs_match_transformers() {
+    for (name, dir, exp) in cases() {
+        let model = Model::load(&dir.join("model")).unwrap_or_else(|e| panic!("{name}: load failed: {e}"));
+        let px = model.load_image(&dir.join("image.png")).expect("image");
+        let feats = model.image_features(&px, None).expect("features");
+        let n = feats.len() / model.llm.cfg.hidden_size;
+        assert_eq!(n as u64, exp["n_image_features"].as_u64().unwrap(), "{name}: image rows");
+        let want: Vec<f32> = exp["logprobs"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+        let got = model.logprobs(&ids(&exp["ids"]), Some(&px), None).expect("logprobs");
+        assert_eq!(got.len(), want.len(), "{name}: scored tokens");
+        let d = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        eprintln!("{name}: worst log-prob difference {d:.2e} ({} tokens, {n} image rows)", got.len());
+        assert!(d <= LOGPROB_TOL, "{name}: log-probs differ from transformers by {d}");
+    }
+}
+
+/// Decoding continues the multimodal positions after the image (transformers' rope deltas): the engine's greedy
+/// answer is transformers' `generate`.
+#[test]
+fn qwen_greedy_tokens_match_transformers() {
+    for (name, dir, exp) in cases() {
+        let model = Model::load(&dir.join("model")).unwrap_or_else(|e| panic!("{name}: load failed: {e}"));
+        let px = model.load_image(&dir.join("image.png")).expect("image");
+        let want = ids(&exp["greedy"]);
+        let params = SamplingParams { temperature: 0.0, max_new_tokens: want.len(), ..Default::default() };
+        let prompt = ids(&exp["prompt"]);
+        let req = GenerateRequest { ids: &prompt, pixels: Some(&px), seeds: &[1, 2], params, stop_ids: vec![u32::MAX] };
+        let got = generate(&model, &req, None).expect("generate");
+        for a in &got {
+            assert_eq!(a.tokens, want, "{name}: greedy tokens (seed {})", a.seed);
+        }
+    }
+}
+
+#[test]
+fn qwen_pixels_without_a_patch_grid_are_refused() {
+    let (name, dir, _) = cases().remove(0);
+    let model = Model::load(&dir.join("model")).unwrap_or_else(|e| panic!("{name}: load failed: {e}"));
+    let mut px = model.load_image(&dir.join("image.png")).expect("image");
+    px.grid = None;
+    let e = model.image_features(&px, None).unwrap_err().to_string();
+    assert!(e.contains("patch grid"), "{e}");
+    let mut px = model.load_image(&dir.join("image.png")).expect("image");
+    px.grid = Some([1, 6, 6]);
+    let e = model.image_features(&px, None).unwrap_err().to_string();
+    assert!(e.contains("6x6"), "{e}");
+}
