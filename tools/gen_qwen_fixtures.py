@@ -36,7 +36,7 @@ from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, 
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fixture_common import BOS, deterministic_torch, write_json  # noqa: E402
+from fixture_common import BOS, deterministic_torch, peft_saved, randomize_lora_, write_json  # noqa: E402
 
 IMAGE_ID, VSTART, VEND = 64, 65, 66
 PATCH, MERGE, TEMPORAL = 4, 2, 2
@@ -45,7 +45,7 @@ MIN_PIXELS, MAX_PIXELS = 8 * 8 * 4, 8 * 8 * 30
 CASES = [
     # name, version, layout, text knobs, image (width, height)
     dict(name="qwen25_native_f32_gqa", version="2.5", layout="native", text=dict(num_key_value_heads=2),
-         image=(61, 43)),
+         image=(61, 43), grad="qwen25_native_f32_gqa_lora"),
     dict(name="qwen25_452_f32_tied", version="2.5", layout="4.52", text=dict(num_key_value_heads=4,
                                                                             tie_word_embeddings=True),
          image=(120, 90)),
@@ -166,8 +166,84 @@ def build(case: dict, out: str, seed: int) -> dict:
                prompt=prompt, greedy=greedy, layout=case["layout"], version=case["version"],
                versions=dict(torch=torch.__version__, transformers=transformers.__version__))
     write_json(os.path.join(case_dir, "expected.json"), exp)
+    if case.get("grad"):
+        grad_case(case, ref, case_dir, os.path.join(out, "..", "grad", case["grad"]), pv, grid, n_img, seed)
     return dict(name=case["name"], version=case["version"], layout=case["layout"], grid=grid[0].tolist(),
                 n_image_features=n_img)
+
+
+def expand(ids: list, n_img: int) -> list:
+    out = []
+    for t in ids:
+        out.extend([t] * n_img if t == IMAGE_ID else [t])
+    return out
+
+
+def answer_logps(model, prompt_ids, ans_ids, pv, grid, n_img):
+    full = expand(prompt_ids + ans_ids, n_img)
+    p = len(expand(prompt_ids, n_img))
+    x = torch.tensor([full])
+    logits = model(input_ids=x, attention_mask=torch.ones_like(x), pixel_values=pv, image_grid_thw=grid,
+                   mm_token_type_ids=(x == IMAGE_ID).int(), use_cache=False).logits[0].float()
+    lsm = torch.log_softmax(logits[p - 1:p - 1 + len(ans_ids)], dim=-1)
+    return lsm.gather(1, torch.tensor(ans_ids)[:, None])[:, 0]
+
+
+def grad_case(case, ref, case_dir, grad_dir, pv, grid, n_img, seed, beta=0.1):
+    """A DPO gradient fixture in the format of tests/fixtures/grad/ (engine/tests/grad_parity.rs): peft LoRA on the
+    Qwen2 decoder's attention and MLP projections (the vision transformer runs frozen), two pairs over the case's
+    image, the loss and the LoRA gradients by autograd."""
+    import peft
+    import torch.nn.functional as F
+    from peft import LoraConfig, get_peft_model
+
+    lcfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                      target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")
+    pm = get_peft_model(ref, lcfg)
+    randomize_lora_(pm, torch.Generator().manual_seed(seed + 7), 4, 2.0)
+    acfg, asd = peft_saved(pm)
+    adir = os.path.join(case_dir, "adapter")
+    os.makedirs(adir, exist_ok=True)
+    write_json(os.path.join(adir, "adapter_config.json"), acfg)
+    save_file(asd, os.path.join(adir, "adapter_model.safetensors"), metadata={"format": "pt"})
+    g = torch.Generator().manual_seed(seed + 11)
+    rnd = lambda n: torch.randint(3, 60, (n,), generator=g).tolist()  # noqa: E731
+    pairs = [dict(prompt_ids=[BOS] + rnd(2) + [VSTART, IMAGE_ID, VEND] + rnd(3), chosen_ids=rnd(5),
+                  rejected_ids=rnd(4)),
+             dict(prompt_ids=[BOS] + rnd(4) + [VSTART, IMAGE_ID, VEND] + rnd(2), chosen_ids=rnd(3),
+                  rejected_ids=rnd(6))]
+    pm.zero_grad()
+    terms = []
+    for p in pairs:
+        pc = answer_logps(pm, p["prompt_ids"], p["chosen_ids"], pv, grid, n_img)
+        pr = answer_logps(pm, p["prompt_ids"], p["rejected_ids"], pv, grid, n_img)
+        with torch.no_grad(), pm.disable_adapter():
+            rc = answer_logps(pm, p["prompt_ids"], p["chosen_ids"], pv, grid, n_img)
+            rr = answer_logps(pm, p["prompt_ids"], p["rejected_ids"], pv, grid, n_img)
+        terms.append(-F.logsigmoid(beta * ((pc.sum() - rc.sum()) - (pr.sum() - rr.sum()))))
+    loss = torch.stack(terms).mean()
+    loss.backward()
+    grads = {}
+    for n, prm in pm.named_parameters():
+        if prm.requires_grad:
+            key = n.replace(".default.", ".")
+            assert key in asd, key
+            grads[key] = (prm.grad if prm.grad is not None else torch.zeros_like(prm)).detach().clone().contiguous()
+    shutil.rmtree(grad_dir, ignore_errors=True)
+    os.makedirs(grad_dir)
+    save_file(grads, os.path.join(grad_dir, "grads.safetensors"), metadata={"format": "pt"})
+    rel = os.path.relpath(case_dir, grad_dir)
+    with open(os.path.join(grad_dir, "pairs.jsonl"), "w") as f:
+        for p in pairs:
+            f.write(json.dumps(dict(image=os.path.join(rel, "image.png"), **p)) + "\n")
+    write_json(os.path.join(grad_dir, "expected.json"), dict(
+        case=case["grad"], model_dir=os.path.join(rel, "model"), adapter_dir=os.path.join(rel, "adapter"),
+        beta=beta, loss=float(loss), grad_tensors=len(grads), n_image_features=n_img,
+        definition="loss = mean_pairs -logsigmoid(beta*((pi_c-ref_c)-(pi_r-ref_r))); Qwen2.5-VL image (grid and "
+                   "mm_token_type_ids passed, multimodal RoPE), pi = base+LoRA, ref = adapter disabled; f32, eval, "
+                   "eager attention",
+        versions=dict(torch=torch.__version__, transformers=transformers.__version__, peft=peft.__version__)))
+    pm.unload()
 
 
 def main() -> None:

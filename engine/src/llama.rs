@@ -324,6 +324,10 @@ pub struct LayerTape {
 pub struct ChunkTape {
     pub rows: usize,
     pub start: usize,
+    /// Each row's RoPE position: `start ..` unless given (`forward_chunk_at`, multimodal RoPE).
+    positions: Vec<usize>,
+    /// The RoPE shift of rows that continue this chunk (`KvCache::shift`).
+    shift: isize,
     layers: Vec<LayerTape>,
     /// (T, C) output of the last layer (input of the final norm).
     pub x_final: Vec<f32>,
@@ -331,7 +335,7 @@ pub struct ChunkTape {
 
 impl ChunkTape {
     fn positions(&self) -> Vec<usize> {
-        (self.start..self.start + self.rows).collect()
+        self.positions.clone()
     }
 }
 
@@ -347,16 +351,34 @@ impl Llama {
     /// Forward over x (T, C) embeddings keeping activations: a whole sequence (`ctx` None, positions 0..T) or
     /// rows that follow `ctx` (a prompt's tape) and attend its keys and values first.
     pub fn forward_chunk(&self, x: Vec<f32>, ctx: Option<&ChunkTape>, adapter: Option<&Adapter>) -> ChunkTape {
+        self.forward_chunk_at(x, ctx, None, adapter)
+    }
+
+    /// `forward_chunk` with each row's RoPE position and the shift of the rows after it given (a prompt with an
+    /// image under multimodal RoPE, `llava::Model::rope_positions`); None: the rows follow `ctx` (its shift kept).
+    pub fn forward_chunk_at(
+        &self,
+        x: Vec<f32>,
+        ctx: Option<&ChunkTape>,
+        at: Option<(Vec<usize>, isize)>,
+        adapter: Option<&Adapter>,
+    ) -> ChunkTape {
         let rows = x.len() / self.cfg.hidden_size;
         let start = ctx.map_or(0, |c| c.start + c.rows);
-        let positions: Vec<usize> = (start..start + rows).collect();
+        let (positions, shift) = match at {
+            Some((p, s)) if p.len() == rows => (p, s),
+            _ => {
+                let shift = ctx.map_or(0, |c| c.shift);
+                ((start..start + rows).map(|i| (i as isize + shift).max(0) as usize).collect(), shift)
+            }
+        };
         let mut layers = Vec::with_capacity(self.layers.len());
         let mut x = x;
         for li in 0..self.layers.len() {
             crate::interrupt::beat();
             layers.push(self.layer_forward(li, &mut x, &positions, ctx.map(|c| &c.layers[li]), adapter));
         }
-        ChunkTape { rows, start, layers, x_final: x }
+        ChunkTape { rows, start, positions, shift, layers, x_final: x }
     }
 
     /// Layer `li`'s forward pass over `x` (T, C) at `positions`, in place, returning what its backward needs.

@@ -106,3 +106,35 @@ fn qwen_pixels_without_a_patch_grid_are_refused() {
     let e = model.image_features(&px, None).unwrap_err().to_string();
     assert!(e.contains("6x6"), "{e}");
 }
+
+/// The training passes put the image rows on their multimodal positions too: a whole sequence (`score_train`,
+/// SFT and dropout runs) and a prompt shared by its answers (`forward_prompt` / `forward_answer`, DPO) score an
+/// answer as inference does (`answer_logp`, checked against transformers above), with and without an adapter.
+#[test]
+fn qwen_training_passes_score_as_inference_does() {
+    let fx = fixtures().join("qwen25_native_f32_gqa");
+    let model = Model::load(&fx.join("model")).expect("model");
+    let adapter = model.load_adapter(&fx.join("adapter")).expect("adapter");
+    let px = model.load_image(&fx.join("image.png")).expect("image");
+    let exp: Value = serde_json::from_str(&std::fs::read_to_string(fx.join("expected.json")).unwrap()).unwrap();
+    let all = ids(&exp["ids"]);
+    let (prompt, answer) = all.split_at(9);
+    for ad in [None, Some(&adapter)] {
+        let tape = model.image_forward(&px, ad).expect("image_forward");
+        let want = model.answer_logp(prompt, answer, Some(&model.image_features(&px, ad).unwrap()), ad).unwrap();
+        let whole = model.score_train(prompt, answer, Some(&tape.features), ad).expect("score_train").logp_sum();
+        let pt = model.forward_prompt(prompt, Some(&tape.features), ad).expect("forward_prompt");
+        let shared = model.forward_answer(&pt, answer, ad).expect("forward_answer").logp_sum();
+        for (what, got) in [("score_train", whole), ("forward_prompt + forward_answer", shared)] {
+            assert!((got - want).abs() < 1e-4, "{what} (adapter {}): {got} vs answer_logp {want}", ad.is_some());
+        }
+    }
+    // LoRA on the vision transformer has no training pass: refused with the module named.
+    let spec = engine::adapter::LoraSpec {
+        target_modules: engine::adapter::TargetModules::Regex(r".*visual\.blocks\.0\.attn\.qkv".into()),
+        ..Default::default()
+    };
+    let vis = model.create_adapter(&spec, 1).expect("adapter on the vision transformer");
+    let e = model.image_forward(&px, Some(&vis)).err().expect("refused").to_string();
+    assert!(e.contains("visual.blocks.0.attn.qkv") && e.contains("decoder"), "{e}");
+}

@@ -142,7 +142,7 @@ pub fn pair_forward_backward(
         Some(px) => Some(model.image_forward(px, Some(adapter))?),
         None => None,
     };
-    let feats = img.as_ref().map(|t| t.features.as_slice());
+    let feats = img.as_ref().map(|t| &t.features);
     // The pair's log-probs, loss and its derivatives w.r.t. the two policy log-probs; a non-finite loss is an error.
     let loss_of = |chosen: f64, rejected: f64| -> Result<(PairLogps, f64, f64, f64)> {
         let l =

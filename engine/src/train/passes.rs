@@ -11,7 +11,7 @@ use crate::config::FeatureSelect;
 use crate::error::{EngineError, Result};
 use crate::image::PixelValues;
 use crate::llama::ChunkTape;
-use crate::llava::Model;
+use crate::llava::{ImageFeatures, Model};
 use crate::ops::backward::{activation_bwd, logprob_gather_fwd_bwd};
 use crate::ops::{add_inplace, apply_activation, log_softmax_rows, MatmulMode};
 use crate::train::Grads;
@@ -29,8 +29,8 @@ pub struct ImageTape {
     tiles: Vec<TileTape>,
     /// LLaVA-NeXT: for each decoder image row, the tiles' feature row it came from (None: `image_newline`).
     packing: Option<Vec<Option<usize>>>,
-    /// (N, C) projected features, the decoder's image rows.
-    pub features: Vec<f32>,
+    /// (N, C) projected features, the decoder's image rows (with Qwen2-VL's merged grid).
+    pub features: ImageFeatures,
 }
 
 /// The answer rows' head: the hidden rows that predict the answer's tokens, their logits and log-probs.
@@ -153,30 +153,18 @@ impl Model {
         }
     }
 
-    /// The training passes place image rows at consecutive positions; Qwen2-VL's multimodal RoPE has no training
-    /// pass yet, so its image prompts are refused here rather than trained at the wrong positions.
-    fn check_train_image(&self, with_image: bool) -> Result<()> {
-        if with_image && self.qwen_vision.is_some() {
-            return Err(EngineError::Input(format!(
-                "LoRA training of {} on prompts with an image is not supported yet (text-only pairs are); \
-                 its multimodal RoPE and vision transformer have no training pass",
-                crate::family::Family::of(self.family()).name
-            )));
-        }
-        Ok(())
-    }
-
     /// Scores prompt + answer with the decoder, keeping what `score_backward` needs.
     pub fn score_train(
         &self,
         prompt: &[u32],
         answer: &[u32],
-        feats: Option<&[f32]>,
+        feats: Option<&ImageFeatures>,
         adapter: Option<&Adapter>,
     ) -> Result<ScoredSeq> {
-        self.check_train_image(feats.is_some())?;
-        let (x, rows, targets, image_rows, ids, id_rows) = self.answer_rows(prompt, answer, feats)?;
-        let tape = self.llm.forward_chunk(x, None, adapter);
+        let (x, rows, targets, image_rows, ids, id_rows) =
+            self.answer_rows(prompt, answer, feats.map(|f| &f.rows[..]))?;
+        let at = self.rope_positions(&ids, feats);
+        let tape = self.llm.forward_chunk_at(x, None, at, adapter);
         let c = self.llm.cfg.hidden_size;
         let sel: Vec<f32> = rows.iter().flat_map(|&r| tape.x_final[r * c..(r + 1) * c].iter().copied()).collect();
         let head = Head::forward(self, sel, targets, adapter);
@@ -208,19 +196,19 @@ impl Model {
     pub fn forward_prompt(
         &self,
         prompt: &[u32],
-        feats: Option<&[f32]>,
+        feats: Option<&ImageFeatures>,
         adapter: Option<&Adapter>,
     ) -> Result<PromptTape> {
         if prompt.is_empty() {
             return Err(EngineError::Input("empty prompt".into()));
         }
-        self.check_train_image(feats.is_some())?;
-        let (x, id_rows) = self.embed_inputs(prompt, feats)?;
+        let (x, id_rows) = self.embed_inputs(prompt, feats.map(|f| &f.rows[..]))?;
         let image_rows = self.image_token_id().and_then(|it| prompt.iter().position(|&t| t == it)).map(|p| {
             let n = feats.map_or(0, |f| f.len() / self.llm.cfg.hidden_size);
             (id_rows[p], n)
         });
-        let chunk = self.llm.forward_chunk(x, None, adapter);
+        let at = self.rope_positions(prompt, feats);
+        let chunk = self.llm.forward_chunk_at(x, None, at, adapter);
         Ok(PromptTape { chunk, image_rows, ids: prompt.to_vec(), id_rows })
     }
 
@@ -277,7 +265,18 @@ impl Model {
 
     /// Vision tower + projector keeping activations (every tile of an anyres image, then packed).
     pub fn image_forward(&self, pixels: &PixelValues, adapter: Option<&Adapter>) -> Result<ImageTape> {
-        self.check_train_image(true)?;
+        if self.qwen_vision.is_some() {
+            // Qwen2-VL's vision transformer has no training pass: it runs frozen (an adapter with LoRA on it is
+            // refused), and the decoder's LoRA trains on its features.
+            if let Some(m) = adapter.and_then(|a| a.module_names().into_iter().find(|m| m.starts_with("visual."))) {
+                return Err(EngineError::Input(format!(
+                    "LoRA on {}'s vision transformer ({m}) cannot be trained yet; target the decoder's modules only",
+                    crate::family::Family::of(self.family()).name
+                )));
+            }
+            let features = self.image_features(pixels, adapter)?;
+            return Ok(ImageTape { tiles: Vec::new(), packing: None, features });
+        }
         let (Some(lc), Some(vision), Some(proj)) = (self.config.llava(), &self.vision, &self.projector) else {
             return Err(EngineError::Input("this model has no vision tower".into()));
         };
@@ -299,10 +298,10 @@ impl Model {
             tiles.push(TileTape { vision: vt, proj_in, proj_h, proj_a });
         }
         if !lc.anyres() {
-            return Ok(ImageTape { tiles, packing: None, features });
+            return Ok(ImageTape { tiles, packing: None, features: ImageFeatures::plain(features) });
         }
         let packing = self.anyres_rows(pixels)?;
-        let features = self.pack_anyres(&features, &packing)?;
+        let features = ImageFeatures::plain(self.pack_anyres(&features, &packing)?);
         Ok(ImageTape { tiles, packing: Some(packing), features })
     }
 

@@ -44,7 +44,7 @@ pub fn sft_forward_backward(
         Some(px) => Some(model.image_forward(px, adapter)?),
         None => None,
     };
-    let feats = img.as_ref().map(|t| t.features.as_slice());
+    let feats = img.as_ref().map(|t| &t.features);
     set(s_seq);
     let seq = model.score_train(ex.prompt_ids, ex.answer_ids, feats, adapter)?;
     let nll = -seq.logp_sum();
