@@ -13,7 +13,7 @@ use anyhow::{Context, Result};
 use base64::Engine as _;
 use engine::generate::{generate, FinishReason, GenerateRequest};
 use engine::sampling::SamplingParams;
-use engine::tokenizer::{apply_template, LLAVA_15_TEMPLATE, TEXT_TEMPLATE};
+use engine::tokenizer::{LLAVA_15_TEMPLATE, TEXT_TEMPLATE};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -314,7 +314,7 @@ fn plan(p: &Parsed, e: &crate::rlaif::Engine, max_image_side: u32) -> Result<Pla
     let template = if p.image.is_some() { LLAVA_15_TEMPLATE } else { TEXT_TEMPLATE };
     let ids = e
         .tok
-        .encode(&apply_template(template, &p.text), true)
+        .encode_chat(template, &p.text)
         .map_err(|e| ApiError::bad(format!("the prompt cannot be tokenized: {e}")))?;
     let positions = e.model.prompt_positions(&ids);
     let asked = p.params.max_new_tokens;

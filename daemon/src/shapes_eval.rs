@@ -7,7 +7,7 @@ use engine::hallucination::{binary_metrics, caption_metrics, yes_no, BinaryMetri
 use engine::image::ImageProcessorConfig;
 use engine::sampling::SamplingParams;
 use engine::shapes::{instructions, Scene, WorldConfig};
-use engine::tokenizer::{apply_template, TextTokenizer, LLAVA_15_TEMPLATE};
+use engine::tokenizer::{TextTokenizer, LLAVA_15_TEMPLATE};
 use engine::{Adapter, Model};
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -52,7 +52,7 @@ pub fn evaluate(
 ) -> Result<Report> {
     let cfg = WorldConfig { size, ..Default::default() };
     let ask = |pixels: &engine::image::PixelValues, prompt: &str, max: usize| -> Result<String> {
-        let ids = tok.encode(&apply_template(LLAVA_15_TEMPLATE, prompt), true)?;
+        let ids = tok.encode_chat(LLAVA_15_TEMPLATE, prompt)?;
         let params = SamplingParams { temperature: 0.0, max_new_tokens: max, ..Default::default() };
         let req = GenerateRequest { ids: &ids, pixels: Some(pixels), seeds: &[0], params, stop_ids: vec![] };
         let a = generate(m, &req, ad)?;

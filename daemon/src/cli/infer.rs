@@ -214,14 +214,13 @@ pub fn cmd_generate(a: GenerateArgs) -> Result<()> {
         });
     }
     for (job, pixels) in jobs.iter().zip(&pixels_per_job) {
-        let template = a.template.clone().unwrap_or_else(|| {
-            if job.image.is_some() {
-                LLAVA_15_TEMPLATE.to_string()
-            } else {
-                TEXT_TEMPLATE.to_string()
+        // --template overrides; else the model's own chat template, or LLaVA-1.5's format.
+        let ids = match &a.template {
+            Some(t) => tok.encode(&apply_template(t, &job.prompt), true)?,
+            None => {
+                tok.encode_chat(if job.image.is_some() { LLAVA_15_TEMPLATE } else { TEXT_TEMPLATE }, &job.prompt)?
             }
-        });
-        let ids = tok.encode(&apply_template(&template, &job.prompt), true)?;
+        };
         let req = GenerateRequest {
             ids: &ids,
             pixels: pixels.as_ref(),

@@ -215,7 +215,7 @@ pub fn cmd_label(a: LabelArgs) -> Result<()> {
         unscored += fb.answers.iter().filter(|x| x.score.is_none()).count();
         candidates += fb.candidates;
         if !fb.pairs.is_empty() {
-            let prompt_ids = tok.encode(&engine::tokenizer::apply_template(policy.template, &p.question), true)?;
+            let prompt_ids = tok.encode_chat(policy.template, &p.question)?;
             let feats = match &pixels {
                 Some(px) => Some(model.image_features(px, adapter.as_ref())?),
                 None => None,

@@ -303,11 +303,12 @@ fn read_any_pairs(path: &Path, model: &Model) -> Result<Vec<TokenPairOwned>> {
         let image = v.get("image_path").or_else(|| v.get("image")).and_then(|s| s.as_str()).map(|s| dir.join(s));
         let template =
             if image.is_some() { engine::tokenizer::LLAVA_15_TEMPLATE } else { engine::tokenizer::TEXT_TEMPLATE };
-        let prompt_text = engine::tokenizer::apply_template(template, &field("question")?);
-        let prompt_ids = tok.encode(&prompt_text, true)?;
+        let chat = tok.chat_text(template, &field("question")?)?;
+        let (prompt_text, special) = (&chat.text, chat.special);
+        let prompt_ids = tok.encode(prompt_text, special)?;
         let answer = |a: String| -> Result<Vec<u32>> {
             // Tokenize prompt + answer together (as training data is) and keep what follows the prompt.
-            let full = tok.encode(&format!("{prompt_text} {a}"), true)?;
+            let full = tok.encode(&format!("{prompt_text}{}{a}", chat.answer_sep), special)?;
             let mut ids =
                 if full.starts_with(&prompt_ids) { full[prompt_ids.len()..].to_vec() } else { tok.encode(&a, false)? };
             ids.push(eos);
@@ -595,9 +596,9 @@ fn read_sft(path: &Path, model: &Model) -> Result<Vec<SftLine>> {
         let tok = tok.as_ref().expect("tokenizer loaded above");
         let template =
             if image.is_some() { engine::tokenizer::LLAVA_15_TEMPLATE } else { engine::tokenizer::TEXT_TEMPLATE };
-        let prompt_text = engine::tokenizer::apply_template(template, prompt);
-        let prompt_ids = tok.encode(&prompt_text, true)?;
-        let full = tok.encode(&format!("{prompt_text} {answer}"), true)?;
+        let chat = tok.chat_text(template, prompt)?;
+        let prompt_ids = tok.encode(&chat.text, chat.special)?;
+        let full = tok.encode(&format!("{}{}{answer}", chat.text, chat.answer_sep), chat.special)?;
         let mut answer_ids =
             if full.starts_with(&prompt_ids) { full[prompt_ids.len()..].to_vec() } else { tok.encode(answer, false)? };
         answer_ids.push(eos);

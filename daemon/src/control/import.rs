@@ -174,7 +174,7 @@ pub(crate) async fn import_prompts(d: &Arc<Daemon>, file: &Path) -> Result<Value
             if image.is_some() { engine::tokenizer::LLAVA_15_TEMPLATE } else { engine::tokenizer::TEXT_TEMPLATE };
         let ids = e
             .tok
-            .encode(&engine::tokenizer::apply_template(template, q), true)
+            .encode_chat(template, q)
             .with_context(|| format!("{} line {n}: the question cannot be tokenized", file.display()))?;
         if e.model.prompt_positions(&ids) >= ctx {
             return Err(too_long());

@@ -82,7 +82,7 @@ pub async fn evaluate_with_labeler(
                     None => None,
                 };
                 let template = if pixels.is_some() { LLAVA_15_TEMPLATE } else { engine::tokenizer::TEXT_TEMPLATE };
-                let ids = e.tok.encode(&engine::tokenizer::apply_template(template, question), true)?;
+                let ids = e.tok.encode_chat(template, question)?;
                 let params = engine::sampling::SamplingParams { temperature: 0.0, max_new_tokens: max_new, ..Default::default() };
                 let req = engine::generate::GenerateRequest { ids: &ids, pixels: pixels.as_ref(), seeds: &[0], params, stop_ids: vec![] };
                 let answer = engine::generate::generate(&e.model, &req, adapter.as_deref())?;

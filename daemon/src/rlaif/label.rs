@@ -76,7 +76,7 @@ pub async fn run_label_job(
             let extractor: &dyn ClaimExtractor = if e.shapes { &ShapesExtractor } else { &RuleExtractor };
             let fb = label_answers(&labeler, extractor, pixels.as_deref(), &question, answers, k, pair_seed)?;
             let ref_adapter = e.adapter(&reference_row)?;
-            let prompt_ids = e.tok.encode(&engine::tokenizer::apply_template(LLAVA_15_TEMPLATE, &question), true)?;
+            let prompt_ids = e.tok.encode_chat(LLAVA_15_TEMPLATE, &question)?;
             let feats = match &pixels {
                 Some(px) => Some(e.model.image_features(px, ref_adapter.as_deref())?),
                 None => None,

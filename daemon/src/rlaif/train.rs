@@ -60,8 +60,7 @@ pub async fn run_training(
     type Owned = (Vec<u32>, Vec<u32>, Vec<u32>, Option<Arc<PixelValues>>, (f64, f64));
     let mut owned: Vec<Owned> = Vec::new();
     for p in &kept {
-        let prompt_ids =
-            engine.tok.encode(&engine::tokenizer::apply_template(LLAVA_15_TEMPLATE, &p.instruction), true)?;
+        let prompt_ids = engine.tok.encode_chat(LLAVA_15_TEMPLATE, &p.instruction)?;
         // Stored tokens exclude EOS; answers that ended by themselves get it back for training.
         let ids = |t: &[i32], finish: &str| -> Vec<u32> {
             let mut v: Vec<u32> = t.iter().map(|&x| x as u32).collect();

@@ -8,7 +8,7 @@ use crate::generate::{generate, GenerateRequest};
 use crate::hallucination::mentions;
 use crate::sampling::SamplingParams;
 use crate::shapes::with_article;
-use crate::tokenizer::{apply_template, TextTokenizer, TEXT_TEMPLATE};
+use crate::tokenizer::{TextTokenizer, TEXT_TEMPLATE};
 use crate::{Adapter, Model};
 
 /// One atomic claim of an answer and the yes/no question that checks it ("yes" = the claim holds).
@@ -80,7 +80,7 @@ pub struct LlmExtractor<'a> {
 
 impl LlmExtractor<'_> {
     fn complete(&self, prompt: &str) -> Result<String> {
-        let ids = self.tokenizer.encode(&apply_template(TEXT_TEMPLATE, prompt), true)?;
+        let ids = self.tokenizer.encode_chat(TEXT_TEMPLATE, prompt)?;
         let params = SamplingParams { temperature: 0.0, max_new_tokens: self.max_new_tokens, ..Default::default() };
         let req = GenerateRequest { ids: &ids, pixels: None, seeds: &[0], params, stop_ids: vec![] };
         let out = generate(self.model, &req, self.adapter)?;

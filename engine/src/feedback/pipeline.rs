@@ -10,7 +10,7 @@ use crate::generate::{generate, FinishReason, GenerateRequest};
 use crate::image::PixelValues;
 use crate::rng::SplitMix64;
 use crate::sampling::SamplingParams;
-use crate::tokenizer::{apply_template, TextTokenizer};
+use crate::tokenizer::TextTokenizer;
 use crate::{Adapter, Model};
 use std::collections::HashMap;
 
@@ -99,7 +99,7 @@ pub fn sample_answers(
     seeds: &[u64],
     cfg: &FeedbackConfig,
 ) -> Result<Vec<LabeledAnswer>> {
-    let ids = policy.tokenizer.encode(&apply_template(policy.template, question), true)?;
+    let ids = policy.tokenizer.encode_chat(policy.template, question)?;
     let params = SamplingParams {
         temperature: cfg.temperature,
         top_p: cfg.top_p,

@@ -5,7 +5,7 @@
 
 use crate::error::{EngineError, Result};
 use crate::image::PixelValues;
-use crate::tokenizer::{apply_template, TextTokenizer};
+use crate::tokenizer::TextTokenizer;
 use crate::{Adapter, Model};
 
 /// What is appended to every verification question (the paper's wording).
@@ -123,7 +123,7 @@ impl<'a> Labeler<'a> {
         };
         let prompts: Vec<Vec<u32>> = questions
             .iter()
-            .map(|q| self.tokenizer.encode(&apply_template(self.template, &format!("{q}{}", self.suffix)), true))
+            .map(|q| self.tokenizer.encode_chat(self.template, &format!("{q}{}", self.suffix)))
             .collect::<Result<_>>()?;
         // Shared prefix: the longest common one, leaving every prompt at least one token of its own and
         // holding the image token (which cannot sit in a continuation).
