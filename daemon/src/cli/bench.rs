@@ -28,6 +28,10 @@ pub struct BenchArgs {
     /// Widen 16-bit weights to f32 at load.
     #[arg(long)]
     f32_weights: bool,
+    /// An image file, preprocessed by the model's own processor (needed for LLaVA-NeXT's tiles and Qwen2-VL's
+    /// patches); without it a LLaVA-1.5 model gets random pixel values at the tower's size.
+    #[arg(long)]
+    image: Option<PathBuf>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -41,15 +45,23 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let model = Model::load_with(&a.model, &opts).with_context(|| format!("loading {}", a.model.display()))?;
     let load_s = t.elapsed().as_secs_f64();
     let mut ids: Vec<u32> = vec![1];
-    let pixels = match model.config.llava() {
-        Some(lc) => {
+    let pixels = match (&a.image, model.config.llava()) {
+        (Some(path), _) => {
+            let image = model.image_token_id().context("--image for a text-only model")?;
+            match model.config.qwen_vl() {
+                Some(q) => ids.extend([q.vision_start_token_id, image, q.vision_end_token_id]),
+                None => ids.push(image),
+            }
+            Some(model.load_image(path).with_context(|| format!("--image {}", path.display()))?)
+        }
+        (None, Some(lc)) => {
             ids.push(lc.image_token_id);
             let s = lc.vision.image_size;
             let mut rng = SplitMix64::new(0);
             let data = (0..3 * s * s).map(|_| (rng.next_f64() * 4.0 - 2.0) as f32).collect();
             Some(PixelValues::single(data, 3, s, s))
         }
-        None => None,
+        (None, None) => None,
     };
     ids.extend((0..a.prompt_tokens.saturating_sub(1)).map(|i| 100 + i as u32));
     let seeds: Vec<u64> = (0..a.n.max(1) as u64).collect();

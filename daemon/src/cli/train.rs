@@ -176,7 +176,8 @@ impl OptimArgs {
                 TargetModules::Names(list.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect())
             }
             (None, Some(re)) => TargetModules::Regex(re.clone()),
-            (None, None) => match model.config.llava() {
+            // A multimodal model: the language model's linear layers (LoraSpec's default regex).
+            (None, None) => match model.image_token_id() {
                 Some(_) => LoraSpec::default().target_modules,
                 None => TargetModules::Names(
                     ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
