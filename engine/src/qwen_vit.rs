@@ -11,7 +11,9 @@
 use crate::adapter::Adapter;
 use crate::config::{Activation, QwenVisionConfig};
 use crate::error::{EngineError, Result};
-use crate::family::keys::Keys;
+use crate::family::keys::{
+    qwen_block, qwen_block_linears, qwen_merger_linears, Keys, QWEN_BLOCK_NORMS, QWEN_MERGER_NORM, QWEN_PATCH_EMBED,
+};
 use crate::linear::Linear;
 use crate::ops::{apply_activation, attend_dense, layernorm, matmul_nt, rmsnorm, silu_mul, MatmulMode};
 use crate::weights::WeightStore;
@@ -71,48 +73,40 @@ impl QwenVision {
     /// The tower under `prefix` (e.g. `visual.`); linear layers get canonical names under `visual.`.
     pub fn load(ws: &WeightStore, prefix: &str, cfg: &QwenVisionConfig, keep_16bit: bool) -> Result<QwenVision> {
         let d = cfg.hidden_size;
-        let i = cfg.intermediate_size;
         let (on_disk, canonical) = (Keys::new(prefix), Keys::new("visual."));
-        let lin = |name: &str, fi: usize, fo: usize, bias: bool| {
-            Linear::load(ws, &on_disk.key(name), canonical.key(name), fi, fo, bias, keep_16bit)
-        };
         let ln = !cfg.v2_5;
         let mut blocks = Vec::with_capacity(cfg.depth);
         for b in 0..cfg.depth {
-            let p = format!("blocks.{b}.");
+            let (kp, name) = (qwen_block(&on_disk, b), qwen_block(&canonical, b));
+            let mut lin = std::collections::HashMap::new();
+            for (m, fi, fo) in qwen_block_linears(cfg) {
+                lin.insert(m, Linear::load(ws, &kp.key(m), name.key(m), fi, fo, true, keep_16bit)?);
+            }
+            let mut take =
+                |m: &str| lin.remove(m).ok_or_else(|| EngineError::Input(format!("Qwen vision block {b} has no {m}")));
+            let (qkv, proj) = (take("attn.qkv")?, take("attn.proj")?);
             let mlp = if cfg.v2_5 {
-                Mlp::Gated {
-                    gate: lin(&format!("{p}mlp.gate_proj"), d, i, true)?,
-                    up: lin(&format!("{p}mlp.up_proj"), d, i, true)?,
-                    down: lin(&format!("{p}mlp.down_proj"), i, d, true)?,
-                }
+                Mlp::Gated { gate: take("mlp.gate_proj")?, up: take("mlp.up_proj")?, down: take("mlp.down_proj")? }
             } else {
-                Mlp::Plain {
-                    fc1: lin(&format!("{p}mlp.fc1"), d, i, true)?,
-                    fc2: lin(&format!("{p}mlp.fc2"), i, d, true)?,
-                }
+                Mlp::Plain { fc1: take("mlp.fc1")?, fc2: take("mlp.fc2")? }
             };
-            blocks.push(QwenBlock {
-                norm1: Norm::load(ws, &on_disk.pp(format!("{p}norm1")), d, ln)?,
-                norm2: Norm::load(ws, &on_disk.pp(format!("{p}norm2")), d, ln)?,
-                qkv: lin(&format!("{p}attn.qkv"), d, 3 * d, true)?,
-                proj: lin(&format!("{p}attn.proj"), d, d, true)?,
-                mlp,
-            });
+            let [n1, n2] = QWEN_BLOCK_NORMS.map(|n| Norm::load(ws, &kp.pp(n), d, ln));
+            blocks.push(QwenBlock { norm1: n1?, norm2: n2?, qkv, proj, mlp });
         }
-        let (t, ps, m) = (cfg.temporal_patch_size, cfg.patch_size, cfg.spatial_merge_size);
-        let merged = d * m * m;
+        let (t, ps) = (cfg.temporal_patch_size, cfg.patch_size);
         let hd = d / cfg.num_heads;
         let quarter = hd / 4;
         let inv_freq =
             (0..quarter).map(|j| (1.0 / cfg.rope_theta.powf((2 * j) as f64 / (hd / 2) as f64)) as f32).collect();
+        let [m1, m2] = qwen_merger_linears(cfg)
+            .map(|(m, fi, fo)| Linear::load(ws, &on_disk.key(m), canonical.key(m), fi, fo, true, keep_16bit));
         Ok(QwenVision {
             cfg: cfg.clone(),
-            patch_w: ws.f32(&on_disk.key("patch_embed.proj.weight"), &[d, 3, t, ps, ps])?,
+            patch_w: ws.f32(&on_disk.key(QWEN_PATCH_EMBED), &[d, cfg.in_channels, t, ps, ps])?,
             blocks,
-            merger_norm: Norm::load(ws, &on_disk.pp("merger.ln_q"), d, ln)?,
-            merger_1: lin("merger.mlp.0", merged, merged, true)?,
-            merger_2: lin("merger.mlp.2", merged, cfg.out_hidden_size, true)?,
+            merger_norm: Norm::load(ws, &on_disk.pp(QWEN_MERGER_NORM), d, ln)?,
+            merger_1: m1?,
+            merger_2: m2?,
             inv_freq,
         })
     }

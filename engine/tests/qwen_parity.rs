@@ -138,3 +138,32 @@ fn qwen_training_passes_score_as_inference_does() {
     let e = model.image_forward(&px, Some(&vis)).err().expect("refused").to_string();
     assert!(e.contains("visual.blocks.0.attn.qkv") && e.contains("decoder"), "{e}");
 }
+
+/// `init-model` writes every tensor transformers saves for these configs, with the same shapes and key names
+/// (both versions; tied and untied heads), and the result loads and scores.
+#[test]
+fn init_model_writes_the_checkpoint_transformers_saves() {
+    for (name, dir, exp) in cases().into_iter().filter(|(_, _, e)| e["layout"] == "native") {
+        let model_dir = dir.join("model");
+        let out = std::env::temp_dir().join(format!("rlaifd-qwen-init-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&out);
+        let extra = [model_dir.join("tokenizer.json"), model_dir.join("preprocessor_config.json")];
+        let extra: Vec<&Path> = extra.iter().map(|p| p.as_path()).collect();
+        engine::init::init_checkpoint(&model_dir.join("config.json"), &out, 7, 0.02, &extra).expect("init-model");
+        let want = WeightStore::open_dir(&model_dir, "model").unwrap();
+        let got = WeightStore::open_dir(&out, "model").unwrap();
+        let mut wk: Vec<&str> = want.keys().collect();
+        let mut gk: Vec<&str> = got.keys().collect();
+        wk.sort();
+        gk.sort();
+        assert_eq!(gk, wk, "{name}: keys");
+        for k in wk {
+            assert_eq!(got.shape(k), want.shape(k), "{name}: {k}");
+        }
+        let model = Model::load(&out).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let px = model.load_image(&dir.join("image.png")).unwrap();
+        let lp = model.logprobs(&ids(&exp["ids"]), Some(&px), None).unwrap();
+        assert!(lp.iter().all(|v| v.is_finite()), "{name}");
+        std::fs::remove_dir_all(&out).ok();
+    }
+}

@@ -3,7 +3,7 @@
 //! (`Keys::new("model.language_model.").pp("layers").pp(3).key("input_layernorm.weight")`); the part's own prefix on
 //! disk comes from the checkpoint's `KeyLayout`.
 
-use crate::config::{ClipVisionConfig, LlamaConfig, LlavaConfig, ModelConfig};
+use crate::config::{ClipVisionConfig, LlamaConfig, LlavaConfig, ModelConfig, QwenVisionConfig};
 
 /// A key prefix: empty, or ending in '.'.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -95,6 +95,40 @@ pub fn projector_linears(lc: &LlavaConfig) -> [(&'static str, usize, usize); 2] 
     [("linear_1", d, c), ("linear_2", c, c)]
 }
 
+// -- Qwen2-VL / Qwen2.5-VL vision transformer (under the vision part's prefix) ------------------------------------
+
+/// The patch embedding: a Conv3d (D, 3, T, P, P) without bias.
+pub const QWEN_PATCH_EMBED: &str = "patch_embed.proj.weight";
+/// The merger's norm (RMSNorm for 2.5, LayerNorm with a bias for 2).
+pub const QWEN_MERGER_NORM: &str = "merger.ln_q";
+/// A block's two norms, before attention and before the MLP.
+pub const QWEN_BLOCK_NORMS: [&str; 2] = ["norm1", "norm2"];
+
+/// Block `i`'s prefix under the vision transformer's.
+pub fn qwen_block(vision: &Keys, i: usize) -> Keys {
+    vision.pp("blocks").pp(i)
+}
+
+/// A block's linear layers (module under the block, in features, out features), every one with a bias:
+/// attention's fused q/k/v and output projection, then Qwen2.5's gated MLP or Qwen2's fc1/fc2.
+pub fn qwen_block_linears(cfg: &QwenVisionConfig) -> Vec<(&'static str, usize, usize)> {
+    let (d, i) = (cfg.hidden_size, cfg.intermediate_size);
+    let mut out = vec![("attn.qkv", d, 3 * d), ("attn.proj", d, d)];
+    if cfg.v2_5 {
+        out.extend([("mlp.gate_proj", d, i), ("mlp.up_proj", d, i), ("mlp.down_proj", i, d)]);
+    } else {
+        out.extend([("mlp.fc1", d, i), ("mlp.fc2", i, d)]);
+    }
+    out
+}
+
+/// The merger's two linear layers (with biases): `spatial_merge_size`² patches side by side, then the decoder's
+/// width.
+pub fn qwen_merger_linears(cfg: &QwenVisionConfig) -> [(&'static str, usize, usize); 2] {
+    let merged = cfg.hidden_size * cfg.spatial_merge_size * cfg.spatial_merge_size;
+    [("merger.mlp.0", merged, merged), ("merger.mlp.2", merged, cfg.out_hidden_size)]
+}
+
 /// How `init-model` fills a tensor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Init {
@@ -166,6 +200,33 @@ pub fn tensors(
         if lc.anyres() {
             // LLaVA-NeXT's row end, as transformers draws it: randn(hidden) / sqrt(hidden) (here at `std`).
             out.push((super::llava_next::image_newline_key(projector).to_string(), vec![c], Init::Normal));
+        }
+    }
+    if let Some(qc) = cfg.qwen_vl() {
+        let vc = &qc.vision;
+        let (d, p, t) = (vc.hidden_size, vc.patch_size, vc.temporal_patch_size);
+        let vp = Keys::new(vision);
+        out.push((vp.key(QWEN_PATCH_EMBED), vec![d, vc.in_channels, t, p, p], Init::Normal));
+        let norm = |out: &mut Vec<(String, Vec<usize>, Init)>, k: Keys| {
+            out.push((k.key("weight"), vec![d], Init::Ones));
+            if !vc.v2_5 {
+                out.push((k.key("bias"), vec![d], Init::Zeros));
+            }
+        };
+        for b in 0..vc.depth {
+            let q = qwen_block(&vp, b);
+            for n in QWEN_BLOCK_NORMS {
+                norm(&mut out, q.pp(n));
+            }
+            for (name, inp, o) in qwen_block_linears(vc) {
+                out.push((q.pp(name).key("weight"), vec![o, inp], Init::Normal));
+                out.push((q.pp(name).key("bias"), vec![o], Init::Zeros));
+            }
+        }
+        norm(&mut out, vp.pp(QWEN_MERGER_NORM));
+        for (name, inp, o) in qwen_merger_linears(vc) {
+            out.push((vp.pp(name).key("weight"), vec![o, inp], Init::Normal));
+            out.push((vp.pp(name).key("bias"), vec![o], Init::Zeros));
         }
     }
     out
