@@ -247,3 +247,59 @@ def f64_exact():
         yield
     finally:
         modeling_llama.LlamaRMSNorm.forward = orig
+
+
+def make_image(w: int, h: int, seed: int) -> Image.Image:
+    """A blocky random RGB image with pixel noise (the family fixtures' test images)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, size=(max(h // 4, 1), max(w // 4, 1), 3), dtype=np.uint8)
+    img = Image.fromarray(base).resize((w, h), Image.NEAREST)
+    arr = np.asarray(img).astype(np.int16) + rng.integers(-20, 21, size=(h, w, 3))
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+def write_dpo_grad_fixture(pm, pairs, logps, case_dir, grad_dir, case_name, n_img, definition, beta=0.1):
+    """A DPO gradient fixture in the format of tests/fixtures/grad/ (engine/tests/grad_parity.rs) for a peft model
+    `pm` whose LoRA weights are already randomized: its adapter under <case_dir>/adapter, the loss
+    mean_pairs -logsigmoid(beta*((pi_c-ref_c)-(pi_r-ref_r))) over `pairs` (dicts of prompt_ids, chosen_ids,
+    rejected_ids on the case's image.png) with `logps(model, prompt_ids, answer_ids)` giving per-token log-probs,
+    and the LoRA gradients by autograd in grads.safetensors, pairs.jsonl and expected.json."""
+    import peft
+    import torch.nn.functional as F
+    from safetensors.torch import save_file
+
+    acfg, asd = peft_saved(pm)
+    adir = os.path.join(case_dir, "adapter")
+    os.makedirs(adir, exist_ok=True)
+    write_json(os.path.join(adir, "adapter_config.json"), acfg)
+    save_file(asd, os.path.join(adir, "adapter_model.safetensors"), metadata={"format": "pt"})
+    pm.zero_grad()
+    terms = []
+    for p in pairs:
+        pc = logps(pm, p["prompt_ids"], p["chosen_ids"])
+        pr = logps(pm, p["prompt_ids"], p["rejected_ids"])
+        with torch.no_grad(), pm.disable_adapter():
+            rc = logps(pm, p["prompt_ids"], p["chosen_ids"])
+            rr = logps(pm, p["prompt_ids"], p["rejected_ids"])
+        terms.append(-F.logsigmoid(beta * ((pc.sum() - rc.sum()) - (pr.sum() - rr.sum()))))
+    loss = torch.stack(terms).mean()
+    loss.backward()
+    grads = {}
+    for n, prm in pm.named_parameters():
+        if prm.requires_grad:
+            key = n.replace(".default.", ".")
+            assert key in asd, key
+            grads[key] = (prm.grad if prm.grad is not None else torch.zeros_like(prm)).detach().clone().contiguous()
+    shutil.rmtree(grad_dir, ignore_errors=True)
+    os.makedirs(grad_dir)
+    save_file(grads, os.path.join(grad_dir, "grads.safetensors"), metadata={"format": "pt"})
+    rel = os.path.relpath(case_dir, grad_dir)
+    with open(os.path.join(grad_dir, "pairs.jsonl"), "w") as f:
+        for p in pairs:
+            f.write(json.dumps(dict(image=os.path.join(rel, "image.png"), **p)) + "\n")
+    write_json(os.path.join(grad_dir, "expected.json"), dict(
+        case=case_name, model_dir=os.path.join(rel, "model"), adapter_dir=os.path.join(rel, "adapter"),
+        beta=beta, loss=float(loss), grad_tensors=len(grads), n_image_features=n_img, definition=definition,
+        versions=dict(torch=torch.__version__, transformers=transformers.__version__, peft=peft.__version__)))

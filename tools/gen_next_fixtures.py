@@ -24,7 +24,6 @@ import shutil
 import sys
 import tempfile
 
-import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
@@ -35,7 +34,7 @@ from transformers.models.llava_next.image_processing_pil_llava_next import Llava
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fixture_common import (BOS, IMAGE_ID, compute_logprobs, deterministic_torch, expand,  # noqa: E402
-                            model_inputs, peft_saved, randomize_lora_, write_json)
+                            make_image, model_inputs, randomize_lora_, write_dpo_grad_fixture, write_json)
 
 PINS = [[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]]
 
@@ -73,14 +72,6 @@ def rename(k: str, layout: str) -> str:
                 return b + k[len(a):]
         return k
     raise ValueError(layout)
-
-
-def make_image(w: int, h: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    base = rng.integers(0, 256, size=(max(h // 4, 1), max(w // 4, 1), 3), dtype=np.uint8)
-    img = Image.fromarray(base).resize((w, h), Image.NEAREST)
-    arr = np.asarray(img).astype(np.int16) + rng.integers(-20, 21, size=(h, w, 3))
-    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
 
 def build(case: dict, out: str, seed: int) -> dict:
@@ -159,52 +150,19 @@ def grad_case(case, ref, case_dir, grad_dir, pv, sizes, n_img, seed, beta=0.1):
     """A DPO gradient fixture in the format of tests/fixtures/grad/ (engine/tests/grad_parity.rs): peft LoRA on the
     decoder's and the CLIP tower's q/v projections (every tile goes through the LoRA'd tower) and on the projector,
     two pairs over the case's image, the loss and the LoRA gradients by autograd."""
-    import peft
-    import torch.nn.functional as F
     from peft import LoraConfig, get_peft_model
 
     lcfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "linear_1"], lora_dropout=0.0)
     pm = get_peft_model(ref, lcfg)
     randomize_lora_(pm, torch.Generator().manual_seed(seed + 7), 4, 2.0)
-    acfg, asd = peft_saved(pm)
-    adir = os.path.join(case_dir, "adapter")
-    os.makedirs(adir, exist_ok=True)
-    write_json(os.path.join(adir, "adapter_config.json"), acfg)
-    save_file(asd, os.path.join(adir, "adapter_model.safetensors"), metadata={"format": "pt"})
     g = torch.Generator().manual_seed(seed + 11)
     rnd = lambda n: torch.randint(3, 60, (n,), generator=g).tolist()  # noqa: E731
     pairs = [dict(prompt_ids=[BOS] + rnd(2) + [IMAGE_ID] + rnd(3), chosen_ids=rnd(5), rejected_ids=rnd(4)),
              dict(prompt_ids=[BOS] + rnd(4) + [IMAGE_ID] + rnd(2), chosen_ids=rnd(3), rejected_ids=rnd(6))]
-    pm.zero_grad()
-    terms = []
-    for p in pairs:
-        pc = answer_logps(pm, p["prompt_ids"], p["chosen_ids"], pv, sizes, n_img)
-        pr = answer_logps(pm, p["prompt_ids"], p["rejected_ids"], pv, sizes, n_img)
-        with torch.no_grad(), pm.disable_adapter():
-            rc = answer_logps(pm, p["prompt_ids"], p["chosen_ids"], pv, sizes, n_img)
-            rr = answer_logps(pm, p["prompt_ids"], p["rejected_ids"], pv, sizes, n_img)
-        terms.append(-F.logsigmoid(beta * ((pc.sum() - rc.sum()) - (pr.sum() - rr.sum()))))
-    loss = torch.stack(terms).mean()
-    loss.backward()
-    grads = {}
-    for n, prm in pm.named_parameters():
-        if prm.requires_grad:
-            key = n.replace(".default.", ".")
-            assert key in asd, key
-            grads[key] = (prm.grad if prm.grad is not None else torch.zeros_like(prm)).detach().clone().contiguous()
-    shutil.rmtree(grad_dir, ignore_errors=True)
-    os.makedirs(grad_dir)
-    save_file(grads, os.path.join(grad_dir, "grads.safetensors"), metadata={"format": "pt"})
-    rel = os.path.relpath(case_dir, grad_dir)
-    with open(os.path.join(grad_dir, "pairs.jsonl"), "w") as f:
-        for p in pairs:
-            f.write(json.dumps(dict(image=os.path.join(rel, "image.png"), **p)) + "\n")
-    write_json(os.path.join(grad_dir, "expected.json"), dict(
-        case=case["grad"], model_dir=os.path.join(rel, "model"), adapter_dir=os.path.join(rel, "adapter"),
-        beta=beta, loss=float(loss), grad_tensors=len(grads), n_image_features=n_img,
-        definition="loss = mean_pairs -logsigmoid(beta*((pi_c-ref_c)-(pi_r-ref_r))); LLaVA-NeXT anyres image "
-                   "(image_sizes passed), pi = base+LoRA, ref = adapter disabled; f32, eval, eager attention",
-        versions=dict(torch=torch.__version__, transformers=transformers.__version__, peft=peft.__version__)))
+    write_dpo_grad_fixture(
+        pm, pairs, lambda m, p, a: answer_logps(m, p, a, pv, sizes, n_img), case_dir, grad_dir, case["grad"], n_img,
+        "loss = mean_pairs -logsigmoid(beta*((pi_c-ref_c)-(pi_r-ref_r))); LLaVA-NeXT anyres image "
+        "(image_sizes passed), pi = base+LoRA, ref = adapter disabled; f32, eval, eager attention", beta)
     pm.unload()
 
 

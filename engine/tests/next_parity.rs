@@ -6,33 +6,18 @@
 use engine::weights::WeightStore;
 use engine::Model;
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 const LOGPROB_TOL: f32 = 1e-4;
 
+mod fixture_cases;
+
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/llava_next")
+    fixture_cases::fixtures("llava_next")
 }
 
 fn cases() -> Vec<(String, PathBuf, Value)> {
-    let manifest: Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("manifest.json")).expect("manifest.json"))
-            .expect("manifest json");
-    let out: Vec<_> = manifest
-        .as_array()
-        .expect("case list")
-        .iter()
-        .map(|c| {
-            let name = c["name"].as_str().expect("case name").to_string();
-            let dir = fixtures().join(&name);
-            let exp: Value =
-                serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).expect("expected.json"))
-                    .expect("json");
-            (name, dir, exp)
-        })
-        .collect();
-    assert!(out.len() >= 5, "expected the full fixture set, found {}", out.len());
-    out
+    fixture_cases::cases("llava_next", 5)
 }
 
 #[test]

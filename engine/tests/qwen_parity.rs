@@ -13,34 +13,17 @@ use std::path::{Path, PathBuf};
 
 const LOGPROB_TOL: f32 = 1e-4;
 
+mod fixture_cases;
+
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/qwen_vl")
+    fixture_cases::fixtures("qwen_vl")
 }
 
 fn cases() -> Vec<(String, PathBuf, Value)> {
-    let manifest: Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("manifest.json")).expect("manifest.json"))
-            .expect("manifest json");
-    let out: Vec<_> = manifest
-        .as_array()
-        .expect("case list")
-        .iter()
-        .map(|c| {
-            let name = c["name"].as_str().expect("case name").to_string();
-            let dir = fixtures().join(&name);
-            let exp: Value =
-                serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).expect("expected.json"))
-                    .expect("json");
-            (name, dir, exp)
-        })
-        .collect();
-    assert!(out.len() >= 5, "expected the full fixture set, found {}", out.len());
-    out
+    fixture_cases::cases("qwen_vl", 5)
 }
 
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().expect("ids").iter().map(|x| x.as_u64().expect("id") as u32).collect()
-}
+use fixture_cases::ids;
 
 #[test]
 fn qwen_pixel_values_match_transformers_exactly() {
