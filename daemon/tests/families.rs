@@ -3,9 +3,12 @@
 //! tools/make_qwen_demo_model.py: the ShapesWorld decoder in Qwen2 form, a random vision transformer) and on a
 //! LLaVA-NeXT checkpoint built here from the bundled model (anyres tiles, a zero `image_newline`), each on its own
 //! real PostgreSQL database. The loop has to run and leave a candidate checkpoint; its metrics need not improve.
+//! And `rlaifd serve` on the Qwen2.5-VL checkpoint answers an OpenAI chat request with an image (the image goes
+//! through Qwen's processor and vision transformer) and reports the family's prompt usage.
 
 mod common;
 
+use common::daemon::{chat_body, config_text, shapes_png, Daemon};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -84,5 +87,30 @@ async fn the_demo_runs_an_iteration_on_llava_next() {
     let _ = std::fs::remove_dir_all(&dir);
     next_checkpoint(&dir);
     one_demo_iteration("next", &dir).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_answers_a_chat_request_with_an_image_on_qwen2_5_vl() {
+    let db = common::fresh("qwen_serve").await;
+    let dir = std::env::temp_dir().join(format!("rlaifd-family-serve-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let qwen = root().join("tests/fixtures/qwen_vl/shapes_qwen25");
+    let bundled = common::daemon::model().display().to_string();
+    let text = config_text(&dir, &db.url, "").replace(&bundled, &qwen.display().to_string());
+    assert!(text.contains("shapes_qwen25"), "{text}");
+    let d = Daemon::launch(&dir, &text, &[]);
+    let img = shapes_png(&dir, "3");
+    let body =
+        chat_body(&img, "describe the image .", serde_json::json!({ "max_tokens": 12, "n": 2, "temperature": 0.7 }));
+    let (status, reply) = d.http("POST", "/v1/chat/completions", "application/json", &body);
+    assert_eq!(status, 200, "{reply}\n{}", d.log());
+    let v: serde_json::Value = serde_json::from_str(&reply).unwrap();
+    let choices = v["choices"].as_array().expect("choices");
+    assert_eq!(choices.len(), 2, "{v}");
+    assert!(choices.iter().all(|c| c["message"]["content"].as_str().is_some_and(|t| !t.is_empty())), "{v}");
+    // The prompt: the template's words plus the image's 16 merged patches (64x64 pixels, 8-pixel patches, 2x2).
+    let prompt_tokens = v["usage"]["prompt_tokens"].as_u64().expect("usage");
+    assert!(prompt_tokens > 16, "{v}");
     let _ = std::fs::remove_dir_all(&dir);
 }
