@@ -42,6 +42,11 @@ IMAGE_ID, VSTART, VEND = 64, 65, 66
 PATCH, MERGE, TEMPORAL = 4, 2, 2
 MIN_PIXELS, MAX_PIXELS = 8 * 8 * 4, 8 * 8 * 30
 
+DECODER = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+# LoRA through the whole image path too: every linear layer of the vision blocks and the merger.
+VISION_AND_DECODER = (r".*(language_model.*\.(q_proj|v_proj)|visual\.blocks\.\d+\.(attn\.qkv|attn\.proj|"
+                      r"mlp\.(gate_proj|up_proj|down_proj|fc1|fc2))|visual\.merger\.mlp\.(0|2))")
+
 CASES = [
     # name, version, layout, text knobs, image (width, height)
     dict(name="qwen25_native_f32_gqa", version="2.5", layout="native", text=dict(num_key_value_heads=2),
@@ -50,9 +55,9 @@ CASES = [
                                                                             tie_word_embeddings=True),
          image=(120, 90)),
     dict(name="qwen25_native_f32_tall", version="2.5", layout="native", text=dict(num_key_value_heads=1),
-         image=(20, 70)),
+         image=(20, 70), grad="qwen25_native_f32_tall_vision_lora", grad_targets=VISION_AND_DECODER),
     dict(name="qwen2_native_f32_gqa", version="2", layout="native", text=dict(num_key_value_heads=2),
-         image=(13, 11)),
+         image=(13, 11), grad="qwen2_native_f32_gqa_vision_lora", grad_targets=VISION_AND_DECODER),
     dict(name="qwen2_452_f32_wide", version="2", layout="4.52", text=dict(num_key_value_heads=2), image=(90, 33)),
 ]
 
@@ -183,12 +188,12 @@ def answer_logps(model, prompt_ids, ans_ids, pv, grid, n_img):
 
 def grad_case(case, ref, case_dir, grad_dir, pv, grid, n_img, seed, beta=0.1):
     """A DPO gradient fixture in the format of tests/fixtures/grad/ (engine/tests/grad_parity.rs): peft LoRA on the
-    Qwen2 decoder's attention and MLP projections (the vision transformer runs frozen), two pairs over the case's
-    image, the loss and the LoRA gradients by autograd."""
+    Qwen2 decoder's attention and MLP projections, or (grad_targets) on the decoder's q/v and every linear layer of
+    the vision transformer and the merger, two pairs over the case's image, the loss and the LoRA gradients by
+    autograd."""
     from peft import LoraConfig, get_peft_model
 
-    lcfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                      target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")
+    lcfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=case.get("grad_targets", DECODER))
     pm = get_peft_model(ref, lcfg)
     randomize_lora_(pm, torch.Generator().manual_seed(seed + 7), 4, 2.0)
     g = torch.Generator().manual_seed(seed + 11)

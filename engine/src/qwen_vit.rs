@@ -15,7 +15,9 @@ use crate::family::keys::{
     qwen_block, qwen_block_linears, qwen_merger_linears, Keys, QWEN_BLOCK_NORMS, QWEN_MERGER_NORM, QWEN_PATCH_EMBED,
 };
 use crate::linear::Linear;
-use crate::ops::{apply_activation, attend_dense, layernorm, matmul_nt, rmsnorm, silu_mul, MatmulMode};
+use crate::ops::backward::{activation_bwd, attend_dense_bwd, layernorm_bwd, rmsnorm_bwd, silu_mul_bwd};
+use crate::ops::{add_inplace, apply_activation, attend_dense, layernorm, matmul_nt, rmsnorm, MatmulMode};
+use crate::train::Grads;
 use crate::weights::WeightStore;
 
 const NORM_EPS: f64 = 1e-6;
@@ -34,6 +36,14 @@ struct Norm {
 }
 
 impl Norm {
+    /// dx (assigned) from d out; the norm's own weights are not trained.
+    fn backward(&self, dx: &mut [f32], dout: &[f32], x: &[f32]) {
+        match &self.b {
+            Some(_) => layernorm_bwd(dx, None, None, dout, x, &self.w, NORM_EPS),
+            None => rmsnorm_bwd(dx, None, dout, x, &self.w, NORM_EPS),
+        }
+    }
+
     fn load(ws: &WeightStore, keys: &Keys, d: usize, layer_norm: bool) -> Result<Norm> {
         Ok(Norm {
             w: ws.f32(&keys.key("weight"), &[d])?,
@@ -55,6 +65,37 @@ pub struct QwenBlock {
     qkv: Linear,
     proj: Linear,
     mlp: Mlp,
+}
+
+/// What one block's backward needs (rows in attention order).
+pub struct QwenBlockTape {
+    x_in: Vec<f32>,
+    h1: Vec<f32>,
+    q: Vec<f32>, // after RoPE
+    k: Vec<f32>, // after RoPE
+    v: Vec<f32>,
+    att: Vec<f32>,
+    x_mid: Vec<f32>,
+    h2: Vec<f32>,
+    /// gate_proj (Qwen2.5) or fc1 (Qwen2) output, before the activation.
+    pre: Vec<f32>,
+    /// up_proj output (Qwen2.5); empty for Qwen2.
+    up: Vec<f32>,
+    /// The input of down_proj / fc2.
+    act: Vec<f32>,
+    segments: Vec<usize>,
+}
+
+/// `QwenVision::forward_train`'s record for `backward`.
+pub struct QwenVisionTape {
+    order: Vec<usize>,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    blocks: Vec<QwenBlockTape>,
+    x_final: Vec<f32>,
+    h_merge: Vec<f32>,
+    y1: Vec<f32>,
+    a1: Vec<f32>,
 }
 
 pub struct QwenVision {
@@ -127,12 +168,33 @@ impl QwenVision {
     /// The decoder rows of an image: `patches` (grid t·h·w rows of 3·T·P·P values, in the processor's order)
     /// become (t · h/m · w/m, out_hidden_size) rows in raster order of the merged grid.
     pub fn forward(&self, patches: &[f32], grid: [usize; 3], adapter: Option<&Adapter>) -> Result<Vec<f32>> {
+        self.run(patches, grid, adapter, false).map(|(out, _)| out)
+    }
+
+    /// `forward` keeping what `backward` needs (LoRA training through the vision transformer).
+    pub fn forward_train(
+        &self,
+        patches: &[f32],
+        grid: [usize; 3],
+        adapter: Option<&Adapter>,
+    ) -> Result<(Vec<f32>, QwenVisionTape)> {
+        let (out, tape) = self.run(patches, grid, adapter, true)?;
+        Ok((out, tape.ok_or_else(|| EngineError::Input("the vision transformer kept no tape".into()))?))
+    }
+
+    fn run(
+        &self,
+        patches: &[f32],
+        grid: [usize; 3],
+        adapter: Option<&Adapter>,
+        keep: bool,
+    ) -> Result<(Vec<f32>, Option<QwenVisionTape>)> {
         let cfg = &self.cfg;
         let [gt, gh, gw] = grid;
         let (p, m, d) = (cfg.patch_size, cfg.spatial_merge_size, cfg.hidden_size);
         let k = 3 * cfg.temporal_patch_size * p * p;
         let n = gt * gh * gw;
-        if n == 0 || gh % m != 0 || gw % m != 0 || patches.len() != n * k {
+        if n == 0 || !gh.is_multiple_of(m) || !gw.is_multiple_of(m) || patches.len() != n * k {
             return Err(EngineError::Input(format!(
                 "pixel values of {} values for a {gt}x{gh}x{gw} patch grid; the vision transformer takes rows of {k} \
                  values and a grid whose sides are multiples of {m}",
@@ -158,89 +220,245 @@ impl QwenVision {
         let (order, windows) = self.windows(gt, lh, lw);
         let mut x = vec![0f32; n * d];
         matmul_nt(&mut x, patches, &self.patch_w, n, k, d, MatmulMode::Assign);
-        let permute = |v: &[f32], width: usize| -> Vec<f32> {
-            let mut out = Vec::with_capacity(v.len());
-            for &u in &order {
-                out.extend_from_slice(&v[u * unit * width..(u + 1) * unit * width]);
-            }
-            out
-        };
-        let mut x = permute(&x, d);
+        let mut x: Vec<f32> = order.iter().flat_map(|&u| x[u * unit * d..(u + 1) * unit * d].iter().copied()).collect();
         let pos: Vec<(usize, usize)> =
             order.iter().flat_map(|&u| pos[u * unit..(u + 1) * unit].iter().copied()).collect();
         let (cos, sin) = self.rotary(&pos);
         let whole = vec![n];
-        let (heads, hd) = (cfg.num_heads, d / cfg.num_heads);
-        let mut h = vec![0f32; n * d];
+        let mut tapes = Vec::new();
         for (bi, b) in self.blocks.iter().enumerate() {
             crate::interrupt::beat();
             let segments = if cfg.v2_5 && !cfg.fullatt_block_indexes.contains(&bi) { &windows } else { &whole };
-            b.norm1.apply(&mut h, &x);
-            let qkv = b.qkv.apply(&h, n, adapter); // (N, 3, H, hd)
-            let (mut q, mut kk, mut v) = (vec![0f32; n * d], vec![0f32; n * d], vec![0f32; n * d]);
-            for r in 0..n {
-                let row = &qkv[r * 3 * d..(r + 1) * 3 * d];
-                q[r * d..(r + 1) * d].copy_from_slice(&row[..d]);
-                kk[r * d..(r + 1) * d].copy_from_slice(&row[d..2 * d]);
-                v[r * d..(r + 1) * d].copy_from_slice(&row[2 * d..]);
-            }
-            rotate(&mut q, &cos, &sin, heads, hd);
-            rotate(&mut kk, &cos, &sin, heads, hd);
-            let mut att = vec![0f32; n * d];
-            let scale = (hd as f32).powf(-0.5);
-            let mut start = 0;
-            for &len in segments.iter() {
-                let s = start * d..(start + len) * d;
-                attend_dense(
-                    &mut att[s.clone()],
-                    &q[s.clone()],
-                    &kk[s.clone()],
-                    &v[s],
-                    len,
-                    len,
-                    0,
-                    heads,
-                    heads,
-                    hd,
-                    scale,
-                    false,
-                );
-                start += len;
-            }
-            b.proj.forward(&mut x, &att, n, adapter, MatmulMode::Accumulate);
-            b.norm2.apply(&mut h, &x);
-            match &b.mlp {
-                Mlp::Gated { gate, up, down } => {
-                    let mut g = gate.apply(&h, n, adapter);
-                    let u = up.apply(&h, n, adapter);
-                    if cfg.hidden_act == Activation::Silu {
-                        silu_mul(&mut g, &u);
-                    } else {
-                        apply_activation(&mut g, cfg.hidden_act);
-                        g.iter_mut().zip(&u).for_each(|(a, b)| *a *= b);
-                    }
-                    down.forward(&mut x, &g, n, adapter, MatmulMode::Accumulate);
-                }
-                Mlp::Plain { fc1, fc2 } => {
-                    let mut a = fc1.apply(&h, n, adapter);
-                    apply_activation(&mut a, cfg.hidden_act);
-                    fc2.forward(&mut x, &a, n, adapter, MatmulMode::Accumulate);
-                }
-            }
+            let t = self.block_forward(b, &mut x, &cos, &sin, segments, adapter, keep);
+            tapes.extend(t);
         }
         // The merger: norm, m² patches side by side, Linear, GELU, Linear.
+        let mut h = vec![0f32; n * d];
         self.merger_norm.apply(&mut h, &x);
         let units = n / unit;
-        let mut y = self.merger_1.apply(&h, units, adapter);
-        apply_activation(&mut y, Activation::Gelu);
-        let y = self.merger_2.apply(&y, units, adapter);
+        let y1 = self.merger_1.apply(&h, units, adapter);
+        let mut a1 = y1.clone();
+        apply_activation(&mut a1, Activation::Gelu);
+        let y = self.merger_2.apply(&a1, units, adapter);
         // Back to raster order.
         let c = cfg.out_hidden_size;
         let mut out = vec![0f32; units * c];
         for (i, &u) in order.iter().enumerate() {
             out[u * c..(u + 1) * c].copy_from_slice(&y[i * c..(i + 1) * c]);
         }
-        Ok(out)
+        let tape = keep.then_some(QwenVisionTape { order, cos, sin, blocks: tapes, x_final: x, h_merge: h, y1, a1 });
+        Ok((out, tape))
+    }
+
+    /// One block over x (N, D) in attention order, in place; with `keep`, what its backward needs.
+    #[allow(clippy::too_many_arguments)]
+    fn block_forward(
+        &self,
+        b: &QwenBlock,
+        x: &mut [f32],
+        cos: &[f32],
+        sin: &[f32],
+        segments: &[usize],
+        adapter: Option<&Adapter>,
+        keep: bool,
+    ) -> Option<QwenBlockTape> {
+        let cfg = &self.cfg;
+        let d = cfg.hidden_size;
+        let n = x.len() / d;
+        let (heads, hd) = (cfg.num_heads, d / cfg.num_heads);
+        let mut h1 = vec![0f32; n * d];
+        b.norm1.apply(&mut h1, x);
+        let qkv = b.qkv.apply(&h1, n, adapter); // (N, 3, H, hd)
+        let (mut q, mut k, mut v) = (vec![0f32; n * d], vec![0f32; n * d], vec![0f32; n * d]);
+        for r in 0..n {
+            let row = &qkv[r * 3 * d..(r + 1) * 3 * d];
+            q[r * d..(r + 1) * d].copy_from_slice(&row[..d]);
+            k[r * d..(r + 1) * d].copy_from_slice(&row[d..2 * d]);
+            v[r * d..(r + 1) * d].copy_from_slice(&row[2 * d..]);
+        }
+        rotate(&mut q, cos, sin, heads, hd, 1.0);
+        rotate(&mut k, cos, sin, heads, hd, 1.0);
+        let mut att = vec![0f32; n * d];
+        let scale = (hd as f32).powf(-0.5);
+        let mut start = 0;
+        for &len in segments {
+            let s = start * d..(start + len) * d;
+            attend_dense(
+                &mut att[s.clone()],
+                &q[s.clone()],
+                &k[s.clone()],
+                &v[s],
+                len,
+                len,
+                0,
+                heads,
+                heads,
+                hd,
+                scale,
+                false,
+            );
+            start += len;
+        }
+        let x_in = keep.then(|| x.to_vec());
+        b.proj.forward(x, &att, n, adapter, MatmulMode::Accumulate);
+        let x_mid = keep.then(|| x.to_vec());
+        let mut h2 = vec![0f32; n * d];
+        b.norm2.apply(&mut h2, x);
+        let (pre, up, act) = match &b.mlp {
+            Mlp::Gated { gate, up, down } => {
+                let g = gate.apply(&h2, n, adapter);
+                let u = up.apply(&h2, n, adapter);
+                let mut a = g.clone();
+                apply_activation(&mut a, cfg.hidden_act);
+                a.iter_mut().zip(&u).for_each(|(a, u)| *a *= u);
+                down.forward(x, &a, n, adapter, MatmulMode::Accumulate);
+                (g, u, a)
+            }
+            Mlp::Plain { fc1, fc2 } => {
+                let pre = fc1.apply(&h2, n, adapter);
+                let mut a = pre.clone();
+                apply_activation(&mut a, cfg.hidden_act);
+                fc2.forward(x, &a, n, adapter, MatmulMode::Accumulate);
+                (pre, Vec::new(), a)
+            }
+        };
+        Some(QwenBlockTape {
+            x_in: x_in?,
+            h1,
+            q,
+            k,
+            v,
+            att,
+            x_mid: x_mid?,
+            h2,
+            pre,
+            up,
+            act,
+            segments: segments.to_vec(),
+        })
+    }
+
+    /// Backward of `forward_train` from d features (rows in raster order, out_hidden_size): LoRA gradients of
+    /// the blocks' and the merger's linear layers accumulate into `grads` (the patch embedding and the norms are
+    /// not trained).
+    pub fn backward(
+        &self,
+        tape: &QwenVisionTape,
+        d_out: &[f32],
+        adapter: Option<&Adapter>,
+        mut grads: Option<&mut Grads>,
+    ) {
+        let cfg = &self.cfg;
+        let (d, c) = (cfg.hidden_size, cfg.out_hidden_size);
+        let units = tape.order.len();
+        let n = tape.x_final.len() / d;
+        let merged = self.merger_1.in_features;
+        let mut dy = vec![0f32; units * c];
+        for (i, &u) in tape.order.iter().enumerate() {
+            dy[i * c..(i + 1) * c].copy_from_slice(&d_out[u * c..(u + 1) * c]);
+        }
+        let mut da = vec![0f32; units * merged];
+        self.merger_2.backward(&mut da, &dy, &tape.a1, units, adapter, grads.as_deref_mut(), MatmulMode::Assign);
+        let mut dy1 = vec![0f32; units * merged];
+        activation_bwd(&mut dy1, &da, &tape.y1, Activation::Gelu);
+        let mut dh = vec![0f32; n * d];
+        self.merger_1.backward(&mut dh, &dy1, &tape.h_merge, units, adapter, grads.as_deref_mut(), MatmulMode::Assign);
+        let mut dx = vec![0f32; n * d];
+        self.merger_norm.backward(&mut dx, &dh, &tape.x_final);
+        for (b, bt) in self.blocks.iter().zip(&tape.blocks).rev() {
+            crate::interrupt::beat();
+            self.block_backward(b, bt, &mut dx, &tape.cos, &tape.sin, adapter, grads.as_deref_mut());
+        }
+    }
+
+    /// Backward of one block: `dx` (N, D), the gradient of its output, becomes the gradient of its input.
+    #[allow(clippy::too_many_arguments)]
+    fn block_backward(
+        &self,
+        b: &QwenBlock,
+        t: &QwenBlockTape,
+        dx: &mut Vec<f32>,
+        cos: &[f32],
+        sin: &[f32],
+        adapter: Option<&Adapter>,
+        mut grads: Option<&mut Grads>,
+    ) {
+        let cfg = &self.cfg;
+        let d = cfg.hidden_size;
+        let n = dx.len() / d;
+        let (heads, hd) = (cfg.num_heads, d / cfg.num_heads);
+        let mut dh2 = vec![0f32; n * d];
+        match &b.mlp {
+            Mlp::Gated { gate, up, down } => {
+                let i = gate.out_features;
+                let mut dact = vec![0f32; n * i];
+                down.backward(&mut dact, dx, &t.act, n, adapter, grads.as_deref_mut(), MatmulMode::Assign);
+                let (mut dg, mut du) = (vec![0f32; n * i], vec![0f32; n * i]);
+                if cfg.hidden_act == Activation::Silu {
+                    silu_mul_bwd(&mut dg, &mut du, &dact, &t.pre, &t.up);
+                } else {
+                    let mut f = t.pre.clone();
+                    apply_activation(&mut f, cfg.hidden_act);
+                    let dfu: Vec<f32> = dact.iter().zip(&t.up).map(|(a, u)| a * u).collect();
+                    activation_bwd(&mut dg, &dfu, &t.pre, cfg.hidden_act);
+                    du.iter_mut().zip(dact.iter().zip(&f)).for_each(|(o, (a, f))| *o = a * f);
+                }
+                gate.backward(&mut dh2, &dg, &t.h2, n, adapter, grads.as_deref_mut(), MatmulMode::Assign);
+                up.backward(&mut dh2, &du, &t.h2, n, adapter, grads.as_deref_mut(), MatmulMode::Accumulate);
+            }
+            Mlp::Plain { fc1, fc2 } => {
+                let i = fc1.out_features;
+                let mut dact = vec![0f32; n * i];
+                fc2.backward(&mut dact, dx, &t.act, n, adapter, grads.as_deref_mut(), MatmulMode::Assign);
+                let mut dpre = vec![0f32; n * i];
+                activation_bwd(&mut dpre, &dact, &t.pre, cfg.hidden_act);
+                fc1.backward(&mut dh2, &dpre, &t.h2, n, adapter, grads.as_deref_mut(), MatmulMode::Assign);
+            }
+        }
+        let mut dmid = vec![0f32; n * d];
+        b.norm2.backward(&mut dmid, &dh2, &t.x_mid);
+        add_inplace(&mut dmid, dx); // d x_mid = the residual's + the MLP branch's
+        let mut datt = vec![0f32; n * d];
+        b.proj.backward(&mut datt, &dmid, &t.att, n, adapter, grads.as_deref_mut(), MatmulMode::Assign);
+        let (mut dq, mut dk, mut dv) = (vec![0f32; n * d], vec![0f32; n * d], vec![0f32; n * d]);
+        let scale = (hd as f32).powf(-0.5);
+        let mut start = 0;
+        for &len in &t.segments {
+            let s = start * d..(start + len) * d;
+            attend_dense_bwd(
+                &mut dq[s.clone()],
+                &mut dk[s.clone()],
+                &mut dv[s.clone()],
+                &datt[s.clone()],
+                &t.q[s.clone()],
+                &t.k[s.clone()],
+                &t.v[s],
+                len,
+                len,
+                0,
+                heads,
+                heads,
+                hd,
+                scale,
+                false,
+            );
+            start += len;
+        }
+        rotate(&mut dq, cos, sin, heads, hd, -1.0);
+        rotate(&mut dk, cos, sin, heads, hd, -1.0);
+        let mut dqkv = vec![0f32; n * 3 * d];
+        for r in 0..n {
+            let row = &mut dqkv[r * 3 * d..(r + 1) * 3 * d];
+            row[..d].copy_from_slice(&dq[r * d..(r + 1) * d]);
+            row[d..2 * d].copy_from_slice(&dk[r * d..(r + 1) * d]);
+            row[2 * d..].copy_from_slice(&dv[r * d..(r + 1) * d]);
+        }
+        let mut dh1 = vec![0f32; n * d];
+        b.qkv.backward(&mut dh1, &dqkv, &t.h1, n, adapter, grads, MatmulMode::Assign);
+        let mut din = vec![0f32; n * d];
+        b.norm1.backward(&mut din, &dh1, &t.x_in);
+        add_inplace(&mut din, &dmid);
+        *dx = din;
     }
 
     /// The merged units in attention order and the windows' lengths in patches: Qwen2.5-VL groups the units
@@ -288,16 +506,17 @@ impl QwenVision {
     }
 }
 
-/// Rotate-half RoPE of x (rows, heads, hd) with per-row angles (rows, hd / 2).
-fn rotate(x: &mut [f32], cos: &[f32], sin: &[f32], heads: usize, hd: usize) {
+/// Rotate-half RoPE of x (rows, heads, hd) with per-row angles (rows, hd / 2), by `sign` times them (-1: the
+/// backward, the rotation being orthogonal).
+fn rotate(x: &mut [f32], cos: &[f32], sin: &[f32], heads: usize, hd: usize, sign: f32) {
     let half = hd / 2;
     for (r, row) in x.chunks_exact_mut(heads * hd).enumerate() {
         let (c, s) = (&cos[r * half..(r + 1) * half], &sin[r * half..(r + 1) * half]);
         for head in row.chunks_exact_mut(hd) {
             for i in 0..half {
-                let (a, b) = (head[i], head[i + half]);
-                head[i] = a * c[i] - b * s[i];
-                head[i + half] = b * c[i] + a * s[i];
+                let (a, b, sn) = (head[i], head[i + half], sign * s[i]);
+                head[i] = a * c[i] - b * sn;
+                head[i + half] = b * c[i] + a * sn;
             }
         }
     }

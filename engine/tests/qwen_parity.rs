@@ -92,7 +92,8 @@ fn qwen_pixels_without_a_patch_grid_are_refused() {
 
 /// The training passes put the image rows on their multimodal positions too: a whole sequence (`score_train`,
 /// SFT and dropout runs) and a prompt shared by its answers (`forward_prompt` / `forward_answer`, DPO) score an
-/// answer as inference does (`answer_logp`, checked against transformers above), with and without an adapter.
+/// answer as inference does (`answer_logp`, checked against transformers above), with and without an adapter; the
+/// taped vision transformer (LoRA in it) gives inference's features.
 #[test]
 fn qwen_training_passes_score_as_inference_does() {
     let fx = fixtures().join("qwen25_native_f32_gqa");
@@ -112,14 +113,15 @@ fn qwen_training_passes_score_as_inference_does() {
             assert!((got - want).abs() < 1e-4, "{what} (adapter {}): {got} vs answer_logp {want}", ad.is_some());
         }
     }
-    // LoRA on the vision transformer has no training pass: refused with the module named.
-    let spec = engine::adapter::LoraSpec {
-        target_modules: engine::adapter::TargetModules::Regex(r".*visual\.blocks\.0\.attn\.qkv".into()),
-        ..Default::default()
-    };
-    let vis = model.create_adapter(&spec, 1).expect("adapter on the vision transformer");
-    let e = model.image_forward(&px, Some(&vis)).err().expect("refused").to_string();
-    assert!(e.contains("visual.blocks.0.attn.qkv") && e.contains("decoder"), "{e}");
+    // With LoRA in the vision transformer too, the image path keeps a tape and scores as inference does.
+    let tall = fixtures().join("qwen25_native_f32_tall");
+    let model = Model::load(&tall.join("model")).expect("model");
+    let vis = model.load_adapter(&tall.join("adapter")).expect("vision adapter");
+    let px = model.load_image(&tall.join("image.png")).expect("image");
+    let tape = model.image_forward(&px, Some(&vis)).expect("image_forward");
+    let want = model.image_features(&px, Some(&vis)).unwrap();
+    assert_eq!(tape.features.rows, want.rows, "the taped image path gives inference's features");
+    assert_eq!(tape.features.grid, want.grid);
 }
 
 /// `init-model` writes every tensor transformers saves for these configs, with the same shapes and key names

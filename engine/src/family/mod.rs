@@ -124,10 +124,13 @@ impl Family {
         if let Some(rest) = lm_heads.find_map(|h| path.strip_prefix(h)) {
             return Some(format!("lm_head{rest}"));
         }
+        // The longest matching prefix: one part's prefix may start another's (Qwen's "model." and "model.visual.").
         self.parts
             .iter()
             .flat_map(|p| p.on_disk.iter().map(move |d| (*d, p.canonical)))
-            .find_map(|(from, to)| path.strip_prefix(from).map(|rest| format!("{to}{rest}")))
+            .filter(|(from, _)| path.starts_with(from))
+            .max_by_key(|(from, _)| from.len())
+            .map(|(from, to)| format!("{to}{}", &path[from.len()..]))
     }
 }
 

@@ -31,6 +31,8 @@ pub struct ImageTape {
     packing: Option<Vec<Option<usize>>>,
     /// (N, C) projected features, the decoder's image rows (with Qwen2-VL's merged grid).
     pub features: ImageFeatures,
+    /// Qwen2-VL's vision transformer, when an adapter trains it.
+    qwen: Option<crate::qwen_vit::QwenVisionTape>,
 }
 
 /// The answer rows' head: the hidden rows that predict the answer's tokens, their logits and log-probs.
@@ -265,17 +267,21 @@ impl Model {
 
     /// Vision tower + projector keeping activations (every tile of an anyres image, then packed).
     pub fn image_forward(&self, pixels: &PixelValues, adapter: Option<&Adapter>) -> Result<ImageTape> {
-        if self.qwen_vision.is_some() {
-            // Qwen2-VL's vision transformer has no training pass: it runs frozen (an adapter with LoRA on it is
-            // refused), and the decoder's LoRA trains on its features.
-            if let Some(m) = adapter.and_then(|a| a.module_names().into_iter().find(|m| m.starts_with("visual."))) {
-                return Err(EngineError::Input(format!(
-                    "LoRA on {}'s vision transformer ({m}) cannot be trained yet; target the decoder's modules only",
-                    crate::family::Family::of(self.family()).name
-                )));
-            }
-            let features = self.image_features(pixels, adapter)?;
-            return Ok(ImageTape { tiles: Vec::new(), packing: None, features });
+        if let Some(qv) = &self.qwen_vision {
+            // Qwen2-VL's vision transformer keeps a tape only when the adapter trains something in it.
+            let trains = adapter.is_some_and(|a| a.module_names().iter().any(|m| m.starts_with("visual.")));
+            let grid = pixels.grid.ok_or_else(|| {
+                EngineError::Input("Qwen2-VL takes the patches of its own image processor (a patch grid)".into())
+            })?;
+            let (rows, qwen) = if trains {
+                let (rows, tape) = qv.forward_train(&pixels.data, grid, adapter)?;
+                (rows, Some(tape))
+            } else {
+                (qv.forward(&pixels.data, grid, adapter)?, None)
+            };
+            let m = qv.cfg.spatial_merge_size;
+            let features = ImageFeatures { rows, grid: Some((grid[1] / m, grid[2] / m)) };
+            return Ok(ImageTape { tiles: Vec::new(), packing: None, features, qwen });
         }
         let (Some(lc), Some(vision), Some(proj)) = (self.config.llava(), &self.vision, &self.projector) else {
             return Err(EngineError::Input("this model has no vision tower".into()));
@@ -298,11 +304,11 @@ impl Model {
             tiles.push(TileTape { vision: vt, proj_in, proj_h, proj_a });
         }
         if !lc.anyres() {
-            return Ok(ImageTape { tiles, packing: None, features: ImageFeatures::plain(features) });
+            return Ok(ImageTape { tiles, packing: None, features: ImageFeatures::plain(features), qwen: None });
         }
         let packing = self.anyres_rows(pixels)?;
         let features = ImageFeatures::plain(self.pack_anyres(&features, &packing)?);
-        Ok(ImageTape { tiles, packing: Some(packing), features })
+        Ok(ImageTape { tiles, packing: Some(packing), features, qwen: None })
     }
 
     /// Backward of `image_forward` from d features (N, C). Does nothing when neither the projector nor
@@ -314,6 +320,10 @@ impl Model {
         adapter: Option<&Adapter>,
         mut grads: Option<&mut Grads>,
     ) {
+        if let (Some(qv), Some(qt)) = (&self.qwen_vision, &tape.qwen) {
+            qv.backward(qt, &d_features, adapter, grads);
+            return;
+        }
         let Some(lc) = self.config.llava() else { return };
         let image_side = |n: &str| n.starts_with("vision_tower.") || n.starts_with("multi_modal_projector.");
         let trains = adapter.is_some_and(|a| {
