@@ -216,3 +216,42 @@ fn labeler_keeps_the_yes_no_suffix_when_the_tokenizer_can_spell_it() {
     assert_eq!(labeler.suffix, YES_NO_SUFFIX);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A sampled answer that holds the image token (a policy can emit it) is left unlabeled and never paired, so the
+/// prompt's other answers still make pairs and no reference scoring of it is attempted.
+#[test]
+fn an_answer_holding_the_image_token_is_never_paired() {
+    use engine::feedback::claims::ShapesExtractor;
+    use engine::feedback::pipeline::{label_answers, LabeledAnswer};
+    use engine::feedback::verify::Labeler;
+    use engine::generate::FinishReason;
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/shapes-base");
+    let m = Model::load(&dir).unwrap();
+    let tok = TextTokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
+    let image = m.image_token_id().unwrap();
+    let px = m.load_image(&fixture("l15_4x_f32_gqa_tied_lora").join("image.png")).unwrap();
+    let labeler = Labeler::new(&m, None, &tok, engine::tokenizer::LLAVA_15_TEMPLATE).unwrap();
+    let answer = |text: &str, extra: Option<u32>| {
+        let mut tokens = tok.encode(text, false).unwrap();
+        tokens.extend(extra);
+        LabeledAnswer {
+            seed: 0,
+            text: text.into(),
+            tokens,
+            finish: FinishReason::Stop,
+            claims: Vec::new(),
+            verdicts: Vec::new(),
+            score: None,
+        }
+    };
+    let answers = vec![
+        answer("there is a red circle .", None),
+        answer("there is a green square and a blue triangle .", Some(image)),
+        answer("there is a yellow star and a purple cross .", None),
+        answer("there is a red circle and a green square .", None),
+    ];
+    let fb = label_answers(&labeler, &ShapesExtractor, Some(&px), "describe the image .", answers, 6, 0).unwrap();
+    assert!(fb.answers[1].claims.is_empty() && fb.answers[1].score.is_none(), "{:?}", fb.answers[1]);
+    assert!(fb.pairs.iter().all(|&(c, r)| c != 1 && r != 1), "{:?}", fb.pairs);
+    assert!(fb.answers.iter().enumerate().filter(|(i, _)| *i != 1).all(|(_, a)| a.score.is_some()));
+}

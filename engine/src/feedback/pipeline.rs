@@ -135,8 +135,12 @@ pub fn label_answers(
     k: usize,
     pair_seed: u64,
 ) -> Result<PromptFeedback> {
-    for a in &mut answers {
-        a.claims = extractor.extract(question, &a.text)?;
+    // An answer holding the image token can be neither verified nor scored against the reference (a prompt takes
+    // the image once, an answer never): it gets no claims, so no score, and is never paired.
+    let image = labeler.model.image_token_id();
+    let unusable: Vec<bool> = answers.iter().map(|a| image.is_some_and(|t| a.tokens.contains(&t))).collect();
+    for (a, &skip) in answers.iter_mut().zip(&unusable) {
+        a.claims = if skip { Vec::new() } else { extractor.extract(question, &a.text)? };
     }
     let mut distinct: Vec<String> = Vec::new();
     let mut at: HashMap<String, usize> = HashMap::new();
