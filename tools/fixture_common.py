@@ -52,6 +52,25 @@ def write_json(path, obj):
         f.write("\n")
 
 
+def build_cases(cases: list, out: str, base_seed: int, build, only: list | None) -> list:
+    """Builds every case (seed base_seed + its index, so adding cases at the end keeps the others' seeds), or with
+    `only` just those named, merged into the existing manifest (the others are left as committed)."""
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "manifest.json")
+    old = {}
+    if only and os.path.exists(path):
+        with open(path) as f:
+            old = {m["name"]: m for m in json.load(f)}
+    manifest = []
+    for i, c in enumerate(cases):
+        if not only or c["name"] in only:
+            manifest.append(build(c, out, base_seed + i))
+        elif c["name"] in old:
+            manifest.append(old[c["name"]])
+    write_json(path, manifest)
+    return manifest
+
+
 def dir_size(path) -> int:
     return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
 

@@ -33,8 +33,8 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNe
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fixture_common import (BOS, IMAGE_ID, compute_logprobs, deterministic_torch, expand,  # noqa: E402
-                            make_image, model_inputs, randomize_lora_, write_dpo_grad_fixture, write_json)
+from fixture_common import (BOS, IMAGE_ID, build_cases, compute_logprobs, deterministic_torch,  # noqa: E402
+                            expand, make_image, model_inputs, randomize_lora_, write_dpo_grad_fixture, write_json)
 
 PINS = [[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]]
 
@@ -55,6 +55,9 @@ CASES = [
     # LLaVA-NeXT-Mistral: a Mistral decoder without a sliding window (Mistral-7B-Instruct-v0.2's sliding_window: null).
     dict(name="next_native_f32_mistral", layout="native", text=dict(num_key_value_heads=2), image=(64, 48), layer=-2,
          mistral=True),
+    # Mistral v0.1-style: every layer attends its last 7 positions (the image's features alone are longer).
+    dict(name="next_native_f32_mistral_window", layout="native", text=dict(num_key_value_heads=2), image=(50, 40),
+         layer=-2, mistral=True, window=7, grad="next_native_f32_mistral_window_lora"),
 ]
 
 
@@ -82,7 +85,7 @@ def build(case: dict, out: str, seed: int) -> dict:
     tie = text.pop("tie_word_embeddings", False)
     if case.get("mistral"):
         from transformers import MistralConfig
-        tc = MistralConfig(**text, tie_word_embeddings=tie, sliding_window=None, rope_theta=1e6)
+        tc = MistralConfig(**text, tie_word_embeddings=tie, sliding_window=case.get("window"), rope_theta=1e6)
     else:
         tc = LlamaConfig(**text, tie_word_embeddings=tie)
     vc = CLIPVisionConfig(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
@@ -180,11 +183,10 @@ def tmp_native(model) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
+    ap.add_argument("--only", nargs="*", help="build just these cases (the manifest keeps the others)")
     args = ap.parse_args()
     deterministic_torch()
-    os.makedirs(args.out, exist_ok=True)
-    manifest = [build(c, args.out, 1000 + i) for i, c in enumerate(CASES)]
-    write_json(os.path.join(args.out, "manifest.json"), manifest)
+    manifest = build_cases(CASES, args.out, 1000, build, args.only)
     for d in _native_dirs:
         shutil.rmtree(d, ignore_errors=True)
     print(json.dumps(manifest, indent=1))

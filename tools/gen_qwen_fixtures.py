@@ -35,7 +35,7 @@ from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, 
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fixture_common import (BOS, deterministic_torch, make_image, randomize_lora_,  # noqa: E402
+from fixture_common import (BOS, build_cases, deterministic_torch, make_image, randomize_lora_,  # noqa: E402
                             write_dpo_grad_fixture, write_json)
 
 IMAGE_ID, VSTART, VEND = 64, 65, 66
@@ -59,6 +59,13 @@ CASES = [
     dict(name="qwen2_native_f32_gqa", version="2", layout="native", text=dict(num_key_value_heads=2),
          image=(13, 11), grad="qwen2_native_f32_gqa_vision_lora", grad_targets=VISION_AND_DECODER),
     dict(name="qwen2_452_f32_wide", version="2", layout="4.52", text=dict(num_key_value_heads=2), image=(90, 33)),
+    # Qwen2's sliding window: layers from max_window_layers on (here the second of two) attend their last 6 positions.
+    dict(name="qwen25_native_f32_window", version="2.5", layout="native",
+         text=dict(num_key_value_heads=2, use_sliding_window=True, sliding_window=6, max_window_layers=1),
+         image=(40, 40), grad="qwen25_native_f32_window_lora"),
+    dict(name="qwen2_native_f32_window", version="2", layout="native",
+         text=dict(num_key_value_heads=4, use_sliding_window=True, sliding_window=5, max_window_layers=0),
+         image=(30, 20)),
 ]
 
 
@@ -213,11 +220,10 @@ def grad_case(case, ref, case_dir, grad_dir, pv, grid, n_img, seed, beta=0.1):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
+    ap.add_argument("--only", nargs="*", help="build just these cases (the manifest keeps the others)")
     args = ap.parse_args()
     deterministic_torch()
-    os.makedirs(args.out, exist_ok=True)
-    manifest = [build(c, args.out, 2000 + i) for i, c in enumerate(CASES)]
-    write_json(os.path.join(args.out, "manifest.json"), manifest)
+    manifest = build_cases(CASES, args.out, 2000, build, args.only)
     print(json.dumps(manifest, indent=1))
 
 

@@ -12,7 +12,7 @@ use crate::family::keys::{
 };
 use crate::linear::Linear;
 use crate::ops::backward::{activation_bwd, attend_dense_bwd, layernorm_bwd, matmul_nt_bwd_w};
-use crate::ops::{add_inplace, apply_activation, attend_dense, layernorm, matmul_nt, MatmulMode};
+use crate::ops::{add_inplace, apply_activation, attend_dense, layernorm, matmul_nt, Mask, MatmulMode};
 use crate::train::Grads;
 use crate::weights::WeightStore;
 
@@ -144,7 +144,7 @@ impl ClipVision {
             let q = layer.q.apply(&h, t, adapter); // (T, D)
             let k = layer.k.apply(&h, t, adapter);
             let v = layer.v.apply(&h, t, adapter);
-            attend_dense(&mut att, &q, &k, &v, t, t, 0, heads, heads, hd, scale, false);
+            attend_dense(&mut att, &q, &k, &v, t, t, 0, heads, heads, hd, scale, Mask::Full);
             layer.o.forward(&mut x, &att, t, adapter, MatmulMode::Accumulate);
             layernorm(&mut h, &x, &layer.ln2_w, &layer.ln2_b, cfg.layer_norm_eps);
             let mut f = layer.fc1.apply(&h, t, adapter); // (T, I)
@@ -244,7 +244,7 @@ impl ClipVision {
         let k = layer.k.apply(&h1, t, adapter);
         let v = layer.v.apply(&h1, t, adapter);
         let mut att = vec![0f32; t * d];
-        attend_dense(&mut att, &q, &k, &v, t, t, 0, heads, heads, hd, scale, false);
+        attend_dense(&mut att, &q, &k, &v, t, t, 0, heads, heads, hd, scale, Mask::Full);
         let mut x_mid = x_in.clone();
         layer.o.forward(&mut x_mid, &att, t, adapter, MatmulMode::Accumulate);
         let mut h2 = vec![0f32; t * d];
@@ -350,7 +350,21 @@ impl ClipVision {
         layer.o.backward(&mut datt, &dx_mid, &tp.att, t, adapter, grads.as_deref_mut(), MatmulMode::Assign);
         let (mut dq, mut dk, mut dv) = (vec![0f32; t * d], vec![0f32; t * d], vec![0f32; t * d]);
         attend_dense_bwd(
-            &mut dq, &mut dk, &mut dv, &datt, &tp.q, &tp.k, &tp.v, t, t, 0, heads, heads, hd, scale, false,
+            &mut dq,
+            &mut dk,
+            &mut dv,
+            &datt,
+            &tp.q,
+            &tp.k,
+            &tp.v,
+            t,
+            t,
+            0,
+            heads,
+            heads,
+            hd,
+            scale,
+            Mask::Full,
         );
         let mut dh1 = vec![0f32; t * d];
         layer.q.backward(&mut dh1, &dq, &tp.h1, t, adapter, grads.as_deref_mut(), MatmulMode::Assign);

@@ -43,8 +43,80 @@ pub struct LlamaConfig {
     /// Qwen2-VL's multimodal RoPE: how many of the head's frequency pairs follow the temporal, height and width
     /// position (`mrope_section`, summing to head_dim / 2); None for 1-D RoPE.
     pub mrope_section: Option<[usize; 3]>,
+    /// Sliding-window attention per layer (Mistral's `sliding_window`, Qwen2's `use_sliding_window` from
+    /// `max_window_layers` on, or `layer_types`): layer i attends its last `layer_window[i]` positions. Empty, or
+    /// None for a layer, is full causal attention; windows as long as the context are dropped when parsed.
+    pub layer_window: Vec<Option<usize>>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
+}
+
+impl LlamaConfig {
+    /// Layer `li`'s sliding window (None: full causal attention).
+    pub fn window(&self, li: usize) -> Option<usize> {
+        self.layer_window.get(li).copied().flatten()
+    }
+
+    /// Whether any layer attends through a sliding window.
+    pub fn has_sliding_window(&self) -> bool {
+        self.layer_window.iter().any(Option::is_some)
+    }
+}
+
+const LAYER_TYPES: &str = "\"full_attention\", \"sliding_attention\"";
+
+/// `sliding_window`: 4096 when absent (Mistral's and Qwen2's default), None when null.
+fn sliding_window_field(obj: &serde_json::Map<String, Value>, path: &Path) -> Result<Option<u64>> {
+    match obj.get("sliding_window") {
+        None => Ok(Some(4096)),
+        Some(Value::Null) => Ok(None),
+        Some(v) => {
+            v.as_u64().filter(|&w| w > 0).map(Some).ok_or_else(|| {
+                EngineError::config(path, "text_config.sliding_window must be a positive integer or null")
+            })
+        }
+    }
+}
+
+/// The per-layer sliding windows of a decoder config (`obj` is its text config): `window` for the layers `sliding`
+/// names, each checked; a window of the whole context or longer is no window at all.
+fn layer_windows(
+    obj: &serde_json::Map<String, Value>,
+    path: &Path,
+    window: Option<u64>,
+    sliding: impl Fn(usize) -> bool,
+) -> Result<Vec<Option<usize>>> {
+    let Some(w) = window else { return Ok(Vec::new()) };
+    let layers = obj.get("num_hidden_layers").and_then(|v| v.as_u64()).unwrap_or(0) as usize;
+    let max_pos = obj.get("max_position_embeddings").and_then(|v| v.as_u64()).unwrap_or(u64::MAX);
+    if w >= max_pos {
+        return Ok(Vec::new());
+    }
+    // An explicit `layer_types` (what transformers 5 writes) wins over the rule.
+    let types = match obj.get("layer_types").filter(|v| !v.is_null()) {
+        None => None,
+        Some(v) => {
+            let list = v.as_array().filter(|a| a.len() == layers).ok_or_else(|| {
+                EngineError::config(path, format!("text_config.layer_types must list one type per layer ({layers})"))
+            })?;
+            let mut out = Vec::with_capacity(layers);
+            for t in list {
+                let sliding = match t.as_str() {
+                    Some("full_attention") => false,
+                    Some("sliding_attention") => true,
+                    _ => {
+                        let why = format!("text_config.layer_types holds {t}; supported: {LAYER_TYPES}");
+                        return Err(EngineError::config(path, why));
+                    }
+                };
+                out.push(sliding);
+            }
+            Some(out)
+        }
+    };
+    Ok((0..layers)
+        .map(|i| if types.as_ref().map_or_else(|| sliding(i), |t| t[i]) { Some(w as usize) } else { None })
+        .collect())
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -417,6 +489,7 @@ pub(crate) fn parse_llama(raw: &Value, top: Option<&Value>, path: &Path) -> Resu
         mlp_bias: f.bool_or("mlp_bias", false)?,
         qkv_bias: false,
         mrope_section: None,
+        layer_window: Vec::new(),
         bos_token_id: bos.or(Some(1)),
         eos_token_ids,
     })
@@ -466,9 +539,10 @@ fn parse_clip(raw: Option<&Value>, path: &Path) -> Result<ClipVisionConfig> {
 pub(crate) fn parse_llava(raw: &Value, path: &Path) -> Result<LlavaConfig> {
     let f = Fields { obj: raw.as_object(), path, section: "" };
     let mut text_raw = f.get("text_config").cloned().unwrap_or(Value::Object(Default::default()));
+    let mut windows = Vec::new();
     match text_raw.get("model_type").and_then(|v| v.as_str()) {
         None | Some("llama") => {}
-        Some("mistral") => text_raw = mistral_as_llama(text_raw, path)?,
+        Some("mistral") => (text_raw, windows) = mistral_as_llama(text_raw, path)?,
         Some(mt) => {
             return Err(EngineError::config(
                 path,
@@ -476,7 +550,8 @@ pub(crate) fn parse_llava(raw: &Value, path: &Path) -> Result<LlavaConfig> {
             ))
         }
     }
-    let text = parse_llama(&text_raw, Some(raw), path)?;
+    let mut text = parse_llama(&text_raw, Some(raw), path)?;
+    text.layer_window = windows;
     let vision = parse_clip(f.get("vision_config"), path)?;
     let image_token_id = match f.opt_usize("image_token_id")? {
         Some(v) => v,
@@ -522,10 +597,10 @@ pub(crate) fn parse_llava(raw: &Value, path: &Path) -> Result<LlavaConfig> {
     })
 }
 
-/// A Mistral text config as the LLaMA decoder it is (no biases, SwiGLU, RMSNorm, RoPE): MistralConfig's defaults
-/// for absent fields, and a clear error for sliding-window attention shorter than the context, which the engine
-/// does not run yet (LLaVA-NeXT's Mistral-7B-Instruct-v0.2 sets `sliding_window: null`).
-fn mistral_as_llama(mut raw: Value, path: &Path) -> Result<Value> {
+/// A Mistral text config as the LLaMA decoder it is (no biases, SwiGLU, RMSNorm, RoPE), with MistralConfig's
+/// defaults for absent fields, and its sliding window on every layer (`sliding_window`, 4096 when absent; null
+/// for none, as LLaVA-NeXT's Mistral-7B-Instruct-v0.2 has it).
+fn mistral_as_llama(mut raw: Value, path: &Path) -> Result<(Value, Vec<Option<usize>>)> {
     let Some(obj) = raw.as_object_mut() else {
         return Err(EngineError::config(path, "text_config must be an object"));
     };
@@ -540,24 +615,11 @@ fn mistral_as_llama(mut raw: Value, path: &Path) -> Result<Value> {
     ] {
         obj.entry(k).or_insert(Value::from(v));
     }
-    let max_pos = obj.get("max_position_embeddings").and_then(|v| v.as_u64()).unwrap_or(131072);
-    let window = match obj.get("sliding_window") {
-        None => Some(4096),
-        Some(Value::Null) => None,
-        Some(v) => Some(v.as_u64().ok_or_else(|| {
-            EngineError::config(path, "text_config.sliding_window must be a positive integer or null")
-        })?),
-    };
-    if let Some(w) = window.filter(|&w| w < max_pos) {
-        return Err(EngineError::config(
-            path,
-            format!(
-                "text_config.sliding_window = {w} is shorter than the context ({max_pos} positions); sliding-window \
-                 attention is not supported yet (Mistral checkpoints with sliding_window: null are)"
-            ),
-        ));
-    }
-    Ok(raw)
+    let window = sliding_window_field(obj, path)?;
+    // Mistral has no per-layer types: every layer slides.
+    obj.remove("layer_types");
+    let windows = layer_windows(obj, path, window, |_| true)?;
+    Ok((raw, windows))
 }
 
 /// LLaVA-NeXT's config.json: LLaVA's fields plus `image_grid_pinpoints` (transformers' default when absent).
@@ -622,12 +684,15 @@ pub(crate) fn parse_qwen_vl(raw: &Value, path: &Path, v2_5: bool) -> Result<Qwen
             }
         }
     }
-    if obj.get("use_sliding_window").and_then(|v| v.as_bool()) == Some(true) {
-        return Err(EngineError::config(
-            path,
-            "text_config.use_sliding_window = true: sliding-window attention is not supported yet",
-        ));
-    }
+    // Qwen2's sliding window: only with use_sliding_window, on the layers from max_window_layers on (or those
+    // `layer_types` names).
+    let window = if obj.get("use_sliding_window").and_then(|v| v.as_bool()) == Some(true) {
+        sliding_window_field(obj, path)?
+    } else {
+        None
+    };
+    let from = obj.get("max_window_layers").and_then(|v| v.as_u64()).unwrap_or(80) as usize;
+    let windows = layer_windows(obj, path, window, |i| i >= from)?;
     let act = obj.get("hidden_act").and_then(|v| v.as_str()).unwrap_or("silu");
     if act != "silu" {
         return Err(EngineError::config(
@@ -637,6 +702,7 @@ pub(crate) fn parse_qwen_vl(raw: &Value, path: &Path, v2_5: bool) -> Result<Qwen
     }
     let mut text = parse_llama(&text_raw, if nested { Some(raw) } else { None }, path)?;
     text.qkv_bias = true;
+    text.layer_window = windows;
     let half = text.head_dim / 2;
     let section: Vec<usize> = match &mrope {
         None => vec![half / 4, (half - half / 4) / 2, half - half / 4 - (half - half / 4) / 2],

@@ -490,6 +490,7 @@ pub fn bench_image_path(
         mlp_bias: false,
         qkv_bias: false,
         mrope_section: None,
+        layer_window: Vec::new(),
         bos_token_id: None,
         eos_token_ids: vec![],
     };

@@ -12,7 +12,7 @@ use crate::family::keys::{decoder_layer, decoder_linears, Keys, EMBED_TOKENS, FI
 use crate::linear::Linear;
 use crate::ops::backward::{attend_dense_bwd, rmsnorm_bwd, silu_mul_bwd};
 use crate::ops::{
-    add_inplace, attend_dense, attend_rows, rmsnorm, silu_mul, KvSegment, MatmulMode, PackedMatrix, Rope,
+    add_inplace, attend_dense, attend_rows, rmsnorm, silu_mul, KvSegment, Mask, MatmulMode, PackedMatrix, Rope,
 };
 use crate::train::Grads;
 use crate::weights::WeightStore;
@@ -220,11 +220,11 @@ impl Llama {
                     kvh,
                     hd,
                     scale,
-                    true,
+                    Mask::causal(cfg.window(li)),
                 );
             } else {
                 let seg = KvSegment { k: &cache.k[li], v: &cache.v[li], len: start + rows };
-                attend_rows(out, q, heads, kvh, hd, scale, |r| (vec![seg], start + r + 1));
+                attend_rows(out, q, heads, kvh, hd, scale, cfg.window(li), |r| (vec![seg], start + r + 1));
             }
         });
         cache.len += rows;
@@ -254,7 +254,9 @@ impl Llama {
             let pre = KvSegment { k: &prefix.k[li], v: &prefix.v[li], len: prefix.len };
             let sufs: Vec<KvSegment> =
                 suffixes.iter().map(|s| KvSegment { k: &s.k[li], v: &s.v[li], len: s.k[li].len() / width }).collect();
-            attend_rows(out, q, heads, kvh, hd, scale, |r| (vec![pre, sufs[r]], prefix.len + sufs[r].len));
+            attend_rows(out, q, heads, kvh, hd, scale, cfg.window(li), |r| {
+                (vec![pre, sufs[r]], prefix.len + sufs[r].len)
+            });
         });
         for s in suffixes.iter_mut() {
             s.len += 1;
@@ -281,7 +283,7 @@ impl Llama {
         let width = kvh * hd;
         self.forward_layers(x, rows, &positions, adapter, |li, q, k, v, out| {
             let pre = KvSegment { k: &prefix.k[li], v: &prefix.v[li], len: prefix.len };
-            attend_rows(out, q, heads, kvh, hd, scale, |r| {
+            attend_rows(out, q, heads, kvh, hd, scale, cfg.window(li), |r| {
                 let (b, i) = owner[r];
                 let own = KvSegment { k: &k[b * width..], v: &v[b * width..], len: i + 1 };
                 (vec![pre, own], prefix.len + i + 1)
@@ -405,12 +407,13 @@ impl Llama {
         self.rope.apply(&mut q, heads, positions);
         self.rope.apply(&mut k, kvh, positions);
         let mut att = vec![0f32; rows * heads * hd];
+        let mask = Mask::causal(cfg.window(li));
         match ctx {
-            None => attend_dense(&mut att, &q, &k, &v, rows, rows, 0, heads, kvh, hd, scale, true),
+            None => attend_dense(&mut att, &q, &k, &v, rows, rows, 0, heads, kvh, hd, scale, mask),
             Some(p) => {
                 let pr = p.k.len() / (kvh * hd);
                 let (kc, vc) = (concat(&p.k, &k), concat(&p.v, &v));
-                attend_dense(&mut att, &q, &kc, &vc, rows, pr + rows, pr, heads, kvh, hd, scale, true);
+                attend_dense(&mut att, &q, &kc, &vc, rows, pr + rows, pr, heads, kvh, hd, scale, mask);
             }
         }
         let mut x_mid = x.clone();
@@ -531,11 +534,12 @@ impl Llama {
         layer.o.backward(&mut datt, &dx_mid, &t.att, rows, adapter, grads.as_deref_mut(), MatmulMode::Assign);
         let mut dq = vec![0f32; rows * heads * hd];
         let kv = rows * kvh * hd;
+        let mask = Mask::causal(cfg.window(li));
         let (mut dk, mut dv) = match ctx {
             None => {
                 let (mut dk, mut dv) = (vec![0f32; kv], vec![0f32; kv]);
                 attend_dense_bwd(
-                    &mut dq, &mut dk, &mut dv, &datt, &t.q, &t.k, &t.v, rows, rows, 0, heads, kvh, hd, scale, true,
+                    &mut dq, &mut dk, &mut dv, &datt, &t.q, &t.k, &t.v, rows, rows, 0, heads, kvh, hd, scale, mask,
                 );
                 (dk, dv)
             }
@@ -558,7 +562,7 @@ impl Llama {
                     kvh,
                     hd,
                     scale,
-                    true,
+                    mask,
                 );
                 let split = pr * kvh * hd;
                 add_inplace(dk_ctx, &dkc[..split]);

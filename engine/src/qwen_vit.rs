@@ -16,7 +16,7 @@ use crate::family::keys::{
 };
 use crate::linear::Linear;
 use crate::ops::backward::{activation_bwd, attend_dense_bwd, layernorm_bwd, rmsnorm_bwd, silu_mul_bwd};
-use crate::ops::{add_inplace, apply_activation, attend_dense, layernorm, matmul_nt, rmsnorm, MatmulMode};
+use crate::ops::{add_inplace, apply_activation, attend_dense, layernorm, matmul_nt, rmsnorm, Mask, MatmulMode};
 use crate::train::Grads;
 use crate::weights::WeightStore;
 
@@ -295,7 +295,7 @@ impl QwenVision {
                 heads,
                 hd,
                 scale,
-                false,
+                Mask::Full,
             );
             start += len;
         }
@@ -440,7 +440,7 @@ impl QwenVision {
                 heads,
                 hd,
                 scale,
-                false,
+                Mask::Full,
             );
             start += len;
         }

@@ -11,7 +11,9 @@
 
 use engine::config::{Activation, RopeScaling};
 use engine::ops::backward::*;
-use engine::ops::{apply_activation, attend_dense, layernorm, log_softmax_rows, rmsnorm, silu_mul, MatmulMode, Rope};
+use engine::ops::{
+    apply_activation, attend_dense, layernorm, log_softmax_rows, rmsnorm, silu_mul, Mask, MatmulMode, Rope,
+};
 use engine::rng::SplitMix64;
 
 /// Relative L2 error allowed between the f32 analytic gradient and the f64 numeric one.
@@ -124,23 +126,29 @@ fn attention_ref(
     hd: usize,
     scale: f64,
     causal: bool,
+    window: Option<usize>,
 ) -> Vec<f64> {
     let group = heads / kv_heads;
     let mut out = vec![0f64; tq * heads * hd];
     for i in 0..tq {
-        let visible = if causal { (start + i + 1).min(tk) } else { tk };
+        // Keys t with t <= query position (causal) and query position - t < window (transformers' sliding window).
+        let keys: Vec<usize> = (0..tk)
+            .filter(|&t| !causal || t <= start + i)
+            .filter(|&t| window.is_none_or(|w| start + i < t + w))
+            .collect();
         for h in 0..heads {
             let kvh = h / group;
             let qh = &q[(i * heads + h) * hd..][..hd];
-            let s: Vec<f64> = (0..visible)
-                .map(|t| scale * (0..hd).map(|d| qh[d] * k[(t * kv_heads + kvh) * hd + d]).sum::<f64>())
+            let s: Vec<f64> = keys
+                .iter()
+                .map(|&t| scale * (0..hd).map(|d| qh[d] * k[(t * kv_heads + kvh) * hd + d]).sum::<f64>())
                 .collect();
             let max = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
             let e: Vec<f64> = s.iter().map(|x| (x - max).exp()).collect();
             let sum: f64 = e.iter().sum();
-            for t in 0..visible {
+            for (j, &t) in keys.iter().enumerate() {
                 for d in 0..hd {
-                    out[(i * heads + h) * hd + d] += e[t] / sum * v[(t * kv_heads + kvh) * hd + d];
+                    out[(i * heads + h) * hd + d] += e[j] / sum * v[(t * kv_heads + kvh) * hd + d];
                 }
             }
         }
@@ -337,17 +345,22 @@ fn silu_mul_bwd_matches_fd() {
 fn attend_dense_bwd_matches_fd() {
     let mut rng = SplitMix64::new(15);
     // (heads, kv_heads, hd, tq, tk, start, causal): MHA, GQA, MQA; causal with start > 0 (and start = 0);
-    // non-causal with tk != tq (cross attention / vision tower); head dims not multiples of 16.
+    // non-causal with tk != tq (cross attention / vision tower); sliding windows shorter than the context (Mistral,
+    // Qwen2), with and without cached positions; head dims not multiples of 16.
     let cases = [
-        (4usize, 4usize, 7usize, 5usize, 8usize, 3usize, true),
-        (4, 2, 5, 5, 8, 3, true),
-        (6, 1, 9, 4, 9, 5, true),
-        (4, 2, 6, 6, 6, 0, true),
-        (4, 4, 5, 6, 9, 0, false),
-        (6, 2, 7, 5, 7, 0, false),
-        (3, 1, 19, 4, 5, 0, false),
+        (4usize, 4usize, 7usize, 5usize, 8usize, 3usize, true, None),
+        (4, 2, 5, 5, 8, 3, true, None),
+        (6, 1, 9, 4, 9, 5, true, None),
+        (4, 2, 6, 6, 6, 0, true, None),
+        (4, 4, 5, 6, 9, 0, false, None),
+        (6, 2, 7, 5, 7, 0, false, None),
+        (3, 1, 19, 4, 5, 0, false, None),
+        (4, 2, 6, 7, 7, 0, true, Some(3usize)),
+        (4, 1, 5, 5, 9, 4, true, Some(2)),
+        (2, 2, 8, 6, 6, 0, true, Some(1)),
     ];
-    for &(heads, kv_heads, hd, tq, tk, start, causal) in &cases {
+    for &(heads, kv_heads, hd, tq, tk, start, causal, window) in &cases {
+        let mask = if causal { Mask::causal(window) } else { Mask::Full };
         let scale = 1.0 / (hd as f32).sqrt();
         let q = randn(&mut rng, tq * heads * hd, 1.5);
         let k = randn(&mut rng, tk * kv_heads * hd, 1.5);
@@ -355,28 +368,25 @@ fn attend_dense_bwd_matches_fd() {
         let dout = randn(&mut rng, tq * heads * hd, 1.0);
         let (q64, k64, v64) = (to64(&q), to64(&k), to64(&v));
         let s64 = scale as f64;
-        let fwd =
-            |q: &[f64], k: &[f64], v: &[f64]| attention_ref(q, k, v, tq, tk, start, heads, kv_heads, hd, s64, causal);
+        let fwd = |q: &[f64], k: &[f64], v: &[f64]| {
+            attention_ref(q, k, v, tq, tk, start, heads, kv_heads, hd, s64, causal, window)
+        };
 
         let mut out = vec![0f32; tq * heads * hd];
-        attend_dense(&mut out, &q, &k, &v, tq, tk, start, heads, kv_heads, hd, scale, causal);
+        attend_dense(&mut out, &q, &k, &v, tq, tk, start, heads, kv_heads, hd, scale, mask);
         assert!(fwd_err(&out, &fwd(&q64, &k64, &v64)) < 1e-5, "attention f64 reference differs from attend_dense");
 
         let mut dq = vec![f32::NAN; q.len()];
         let mut dk = vec![f32::NAN; k.len()];
         let mut dv = vec![f32::NAN; v.len()];
-        attend_dense_bwd(
-            &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, tq, tk, start, heads, kv_heads, hd, scale, causal,
-        );
-        let tag = format!("h{heads} kvh{kv_heads} hd{hd} tq{tq} tk{tk} start{start} causal={causal}");
+        attend_dense_bwd(&mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, tq, tk, start, heads, kv_heads, hd, scale, mask);
+        let tag = format!("h{heads} kvh{kv_heads} hd{hd} tq{tq} tk{tk} start{start} {mask:?}");
         check(&format!("attention dq {tag}"), &dq, &fd_grad(&q, |q| dot64(&dout, &fwd(q, &k64, &v64))));
         check(&format!("attention dk {tag}"), &dk, &fd_grad(&k, |k| dot64(&dout, &fwd(&q64, k, &v64))));
         check(&format!("attention dv {tag}"), &dv, &fd_grad(&v, |v| dot64(&dout, &fwd(&q64, &k64, v))));
 
         let (dq1, dk1, dv1) = (dq.clone(), dk.clone(), dv.clone());
-        attend_dense_bwd(
-            &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, tq, tk, start, heads, kv_heads, hd, scale, causal,
-        );
+        attend_dense_bwd(&mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, tq, tk, start, heads, kv_heads, hd, scale, mask);
         assert!(dq == dq1 && dk == dk1 && dv == dv1, "attention grads must be assigned ({tag})");
     }
 }
@@ -392,6 +402,7 @@ fn attend_dense_bwd_grouped_matches_repeated_kv() {
         let group = heads / kv_heads;
         // causal: a 40-position prefix already cached, tq = t - 40 queries at positions 40..
         let (tq, tk, start) = if causal { (t - 40, t, 40) } else { (t, t, 0) };
+        let mask = if causal { Mask::Causal } else { Mask::Full };
         let q = randn(&mut rng, tq * heads * hd, 1.5);
         let k = randn(&mut rng, tk * kv_heads * hd, 1.5);
         let v = randn(&mut rng, tk * kv_heads * hd, 1.0);
@@ -412,19 +423,17 @@ fn attend_dense_bwd_grouped_matches_repeated_kv() {
         let mut dv = vec![f32::NAN; v.len()];
         let mut out = vec![0f32; q.len()];
         let t0 = std::time::Instant::now();
-        attend_dense(&mut out, &q, &k, &v, tq, tk, start, heads, kv_heads, hd, scale, causal);
+        attend_dense(&mut out, &q, &k, &v, tq, tk, start, heads, kv_heads, hd, scale, mask);
         let fwd_time = t0.elapsed();
         let t0 = std::time::Instant::now();
-        attend_dense_bwd(
-            &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, tq, tk, start, heads, kv_heads, hd, scale, causal,
-        );
+        attend_dense_bwd(&mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, tq, tk, start, heads, kv_heads, hd, scale, mask);
         let bwd_time = t0.elapsed();
 
         let mut dq_r = vec![f32::NAN; q.len()];
         let mut dk_r = vec![f32::NAN; k_rep.len()];
         let mut dv_r = vec![f32::NAN; v_rep.len()];
         attend_dense_bwd(
-            &mut dq_r, &mut dk_r, &mut dv_r, &dout, &q, &k_rep, &v_rep, tq, tk, start, heads, heads, hd, scale, causal,
+            &mut dq_r, &mut dk_r, &mut dv_r, &dout, &q, &k_rep, &v_rep, tq, tk, start, heads, heads, hd, scale, mask,
         );
         let fold = |d: &[f32]| -> Vec<f64> {
             let mut r = vec![0f64; tk * kv_heads * hd];

@@ -686,6 +686,10 @@ fn llava_next_tiles_on_the_gpu_match_the_cpu_backend() {
     assert!(dirs.len() >= 5, "the LLaVA-NeXT fixtures");
     for dir in dirs {
         let cpu = Model::load(&dir.join("model")).unwrap();
+        if cpu.config.text().has_sliding_window() {
+            // The CUDA attention has no window yet: such a model runs on the CPU (engine/tests/backend.rs).
+            continue;
+        }
         let Some(dev) = on_gpu(&dir.join("model")) else { return };
         let px = cpu.load_image(&dir.join("image.png")).unwrap();
         assert!(px.tiles > 1, "{}: an anyres image has tiles", dir.display());

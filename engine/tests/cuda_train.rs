@@ -515,6 +515,7 @@ fn wide_heads(head_dim: usize) -> engine::config::LlamaConfig {
         mlp_bias: false,
         qkv_bias: false,
         mrope_section: None,
+        layer_window: Vec::new(),
         bos_token_id: Some(1),
         eos_token_ids: vec![2],
     }

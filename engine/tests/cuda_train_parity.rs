@@ -138,7 +138,7 @@ fn flash_attention_backward_matches_the_cpu_backend() {
             hkv,
             d,
             scale,
-            causal,
+            if causal { engine::ops::Mask::Causal } else { engine::ops::Mask::Full },
         );
         g.mma_attention.store(mma, std::sync::atomic::Ordering::Relaxed);
         let name = format!("q{n_q} k{n_k} h{hq}/{hkv} d{d} causal {causal}{}", if mma { " (mma)" } else { "" });

@@ -65,16 +65,48 @@ fn a_tile_count_that_does_not_fit_the_image_is_refused() {
     assert!(e.contains("tile grid"), "{e}");
 }
 
+/// Mistral's `sliding_window` applies to every layer; a window as long as the context is no window, and a window
+/// that is not a positive integer is a clear error naming the field.
 #[test]
-fn a_mistral_sliding_window_shorter_than_the_context_is_a_clear_error() {
+fn mistral_sliding_windows_parse_per_layer() {
     let src = fixtures().join("next_native_f32_mistral/model/config.json");
-    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(&src).unwrap()).unwrap();
-    cfg["text_config"]["sliding_window"] = Value::from(16);
+    let base: Value = serde_json::from_str(&std::fs::read_to_string(&src).unwrap()).unwrap();
     let dir = std::env::temp_dir().join(format!("rlaifd-next-window-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("config.json");
-    std::fs::write(&path, serde_json::to_string(&cfg).unwrap()).unwrap();
-    let e = engine::config::ModelConfig::from_file(&path).unwrap_err().to_string();
+    let parse = |window: Value| {
+        let mut cfg = base.clone();
+        cfg["text_config"]["sliding_window"] = window;
+        std::fs::write(&path, serde_json::to_string(&cfg).unwrap()).unwrap();
+        engine::config::ModelConfig::from_file(&path).map(|c| c.text().layer_window.clone()).map_err(|e| e.to_string())
+    };
+    assert_eq!(parse(Value::from(16)), Ok(vec![Some(16), Some(16)]));
+    assert_eq!(parse(Value::Null), Ok(vec![]), "null: full causal attention");
+    assert_eq!(parse(Value::from(512)), Ok(vec![]), "a window of the whole 512-position context binds nothing");
+    for bad in [Value::from(0), Value::from("4096"), Value::from(-3)] {
+        let e = parse(bad.clone()).expect_err("a bad window must not load");
+        assert!(e.contains("text_config.sliding_window must be a positive integer or null"), "{bad}: {e}");
+    }
     std::fs::remove_dir_all(&dir).ok();
-    assert!(e.contains("sliding_window = 16") && e.contains("not supported yet"), "{e}");
+}
+
+/// With a sliding window, scoring an answer after a cached prompt (training's forward_prompt + forward_answer,
+/// whose answer rows see the window's part of the prompt) gives the whole-sequence log-prob.
+#[test]
+fn a_windowed_answer_after_a_cached_prompt_scores_as_the_whole_sequence() {
+    let fx = fixtures().join("next_native_f32_mistral_window");
+    let model = Model::load(&fx.join("model")).expect("model");
+    assert_eq!(model.config.text().layer_window, vec![Some(7), Some(7)]);
+    let adapter = model.load_adapter(&fx.join("adapter")).expect("adapter");
+    let px = model.load_image(&fx.join("image.png")).expect("image");
+    let exp: Value = serde_json::from_str(&std::fs::read_to_string(fx.join("expected.json")).unwrap()).unwrap();
+    let all: Vec<u32> = exp["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    let (prompt, answer) = all.split_at(6);
+    for ad in [None, Some(&adapter)] {
+        let feats = model.image_features(&px, ad).unwrap();
+        let want = model.answer_logp(prompt, answer, Some(&feats), ad).unwrap();
+        let pt = model.forward_prompt(prompt, Some(&feats), ad).expect("forward_prompt");
+        let got = model.forward_answer(&pt, answer, ad).expect("forward_answer").logp_sum();
+        assert!((got - want).abs() < 1e-4, "adapter {}: {got} vs answer_logp {want}", ad.is_some());
+    }
 }

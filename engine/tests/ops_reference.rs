@@ -124,7 +124,7 @@ fn causal_gqa_attention_matches_f64() {
     let scale = 1.0 / (hd as f32).sqrt();
     let mut out = vec![0f32; t * heads * hd];
     let seg = KvSegment { k: &k, v: &v, len: t };
-    attend_rows(&mut out, &q, heads, kvh, hd, scale, |r| (vec![seg], r + 1));
+    attend_rows(&mut out, &q, heads, kvh, hd, scale, None, |r| (vec![seg], r + 1));
     let mut r = vec![0f64; t * heads * hd];
     for i in 0..t {
         for h in 0..heads {
@@ -150,7 +150,7 @@ fn causal_gqa_attention_matches_f64() {
     let pre = KvSegment { k: &k[..split * kvh * hd], v: &v[..split * kvh * hd], len: split };
     let suf = KvSegment { k: &k[split * kvh * hd..], v: &v[split * kvh * hd..], len: t - split };
     let mut out2 = vec![0f32; t * heads * hd];
-    attend_rows(&mut out2, &q, heads, kvh, hd, scale, |r| (vec![pre, suf], r + 1));
+    attend_rows(&mut out2, &q, heads, kvh, hd, scale, None, |r| (vec![pre, suf], r + 1));
     assert!(max_rel_err(&out2, &r) < 1e-5);
 }
 
@@ -233,21 +233,29 @@ fn log_softmax_matches_f64() {
 fn dense_attention_equals_row_attention() {
     let mut rng = SplitMix64::new(6);
     let (heads, kvh, hd) = (4, 2, 8);
-    // A continuation chunk: 5 cached positions, then 20 new queries; and a full (non-causal) case.
+    // A continuation chunk: 5 cached positions, then 20 new queries; a full (non-causal) case; sliding windows
+    // reaching into the cached positions and not.
     let (start, tq) = (5, 20);
     let tk = start + tq;
     let q = randn(&mut rng, tq * heads * hd, 1.0);
     let k = randn(&mut rng, tk * kvh * hd, 1.0);
     let v = randn(&mut rng, tk * kvh * hd, 1.0);
     let scale = 0.3;
-    for causal in [true, false] {
+    for mask in [Mask::Causal, Mask::Full, Mask::Window(4), Mask::Window(9), Mask::Window(tk)] {
         let mut a = vec![0f32; tq * heads * hd];
         let mut b = vec![0f32; tq * heads * hd];
-        attend_dense(&mut a, &q, &k, &v, tq, tk, start, heads, kvh, hd, scale, causal);
+        attend_dense(&mut a, &q, &k, &v, tq, tk, start, heads, kvh, hd, scale, mask);
         let seg = KvSegment { k: &k, v: &v, len: tk };
-        attend_rows(&mut b, &q, heads, kvh, hd, scale, |r| (vec![seg], if causal { start + r + 1 } else { tk }));
+        let window = match mask {
+            Mask::Window(w) => Some(w),
+            _ => None,
+        };
+        let causal = mask != Mask::Full;
+        attend_rows(&mut b, &q, heads, kvh, hd, scale, window, |r| {
+            (vec![seg], if causal { start + r + 1 } else { tk })
+        });
         let e = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
-        assert!(e < 1e-5, "causal={causal}: {e}");
+        assert!(e < 1e-5, "{mask:?}: {e}");
     }
 }
 

@@ -96,7 +96,22 @@ fn qwen_pixels_without_a_patch_grid_are_refused() {
 /// taped vision transformer (LoRA in it) gives inference's features.
 #[test]
 fn qwen_training_passes_score_as_inference_does() {
-    let fx = fixtures().join("qwen25_native_f32_gqa");
+    // Also with a sliding window on the second layer, which the answer rows see through the cached prompt.
+    for case in ["qwen25_native_f32_gqa", "qwen25_native_f32_window"] {
+        training_passes_score_as_inference(&fixtures().join(case));
+    }
+    // With LoRA in the vision transformer too, the image path keeps a tape and scores as inference does.
+    let tall = fixtures().join("qwen25_native_f32_tall");
+    let model = Model::load(&tall.join("model")).expect("model");
+    let vis = model.load_adapter(&tall.join("adapter")).expect("vision adapter");
+    let px = model.load_image(&tall.join("image.png")).expect("image");
+    let tape = model.image_forward(&px, Some(&vis)).expect("image_forward");
+    let want = model.image_features(&px, Some(&vis)).unwrap();
+    assert_eq!(tape.features.rows, want.rows, "the taped image path gives inference's features");
+    assert_eq!(tape.features.grid, want.grid);
+}
+
+fn training_passes_score_as_inference(fx: &std::path::Path) {
     let model = Model::load(&fx.join("model")).expect("model");
     let adapter = model.load_adapter(&fx.join("adapter")).expect("adapter");
     let px = model.load_image(&fx.join("image.png")).expect("image");
@@ -110,18 +125,49 @@ fn qwen_training_passes_score_as_inference_does() {
         let pt = model.forward_prompt(prompt, Some(&tape.features), ad).expect("forward_prompt");
         let shared = model.forward_answer(&pt, answer, ad).expect("forward_answer").logp_sum();
         for (what, got) in [("score_train", whole), ("forward_prompt + forward_answer", shared)] {
-            assert!((got - want).abs() < 1e-4, "{what} (adapter {}): {got} vs answer_logp {want}", ad.is_some());
+            let case = fx.display();
+            assert!(
+                (got - want).abs() < 1e-4,
+                "{case}: {what} (adapter {}): {got} vs answer_logp {want}",
+                ad.is_some()
+            );
         }
     }
-    // With LoRA in the vision transformer too, the image path keeps a tape and scores as inference does.
-    let tall = fixtures().join("qwen25_native_f32_tall");
-    let model = Model::load(&tall.join("model")).expect("model");
-    let vis = model.load_adapter(&tall.join("adapter")).expect("vision adapter");
-    let px = model.load_image(&tall.join("image.png")).expect("image");
-    let tape = model.image_forward(&px, Some(&vis)).expect("image_forward");
-    let want = model.image_features(&px, Some(&vis)).unwrap();
-    assert_eq!(tape.features.rows, want.rows, "the taped image path gives inference's features");
-    assert_eq!(tape.features.grid, want.grid);
+}
+
+/// Qwen2's sliding window: only with `use_sliding_window`, on the layers from `max_window_layers` on, or on those
+/// `layer_types` names (which transformers 5 writes); a malformed `layer_types` is a clear error.
+#[test]
+fn qwen_sliding_windows_follow_max_window_layers_and_layer_types() {
+    let src = fixtures().join("qwen25_native_f32_window/model/config.json");
+    let base: Value = serde_json::from_str(&std::fs::read_to_string(&src).unwrap()).unwrap();
+    let dir = std::env::temp_dir().join(format!("rlaifd-qwen-window-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("config.json");
+    let parse = |edit: &dyn Fn(&mut Value)| {
+        let mut cfg = base.clone();
+        edit(&mut cfg["text_config"]);
+        std::fs::write(&path, serde_json::to_string(&cfg).unwrap()).unwrap();
+        engine::config::ModelConfig::from_file(&path).map(|c| c.text().layer_window.clone()).map_err(|e| e.to_string())
+    };
+    assert_eq!(parse(&|_| {}), Ok(vec![None, Some(6)]), "as saved: layer_types [full, sliding]");
+    let no_types = |t: &mut Value| {
+        t.as_object_mut().unwrap().remove("layer_types");
+    };
+    assert_eq!(parse(&|t| no_types(t)), Ok(vec![None, Some(6)]), "max_window_layers = 1");
+    assert_eq!(
+        parse(&|t| {
+            no_types(t);
+            t["max_window_layers"] = Value::from(0);
+        }),
+        Ok(vec![Some(6), Some(6)])
+    );
+    assert_eq!(parse(&|t| t["use_sliding_window"] = Value::from(false)), Ok(vec![]), "use_sliding_window off");
+    let e = parse(&|t| t["layer_types"] = serde_json::json!(["full_attention"])).unwrap_err();
+    assert!(e.contains("layer_types must list one type per layer (2)"), "{e}");
+    let e = parse(&|t| t["layer_types"] = serde_json::json!(["full_attention", "chunked_attention"])).unwrap_err();
+    assert!(e.contains("\"chunked_attention\"") && e.contains("sliding_attention"), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 /// `init-model` writes every tensor transformers saves for these configs, with the same shapes and key names

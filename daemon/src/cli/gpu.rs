@@ -115,6 +115,7 @@ fn bench_shape(shape: &str) -> Result<engine::config::LlamaConfig> {
         mlp_bias: false,
         qkv_bias: false,
         mrope_section: None,
+        layer_window: Vec::new(),
         bos_token_id: Some(1),
         eos_token_ids: vec![2],
     })

@@ -118,6 +118,13 @@ impl CudaBackend {
                 crate::family::Family::of(model.family()).name
             ));
         }
+        if let Some(w) = (0..model.llm.cfg.num_hidden_layers).find_map(|li| model.llm.cfg.window(li)) {
+            return Err(format!(
+                "{} attends through a {w}-position sliding window, which runs on the CPU backend for now (the CUDA \
+                 attention kernels have no window yet)",
+                model.dir.display()
+            ));
+        }
         let gpu = match Gpu::open(ordinal) {
             Ok(Ok(g)) => g,
             Ok(Err(why)) => return Err(why),

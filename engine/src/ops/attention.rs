@@ -18,6 +18,38 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// Which keys a query sees. Query row i of a block starting at position `start` sits at position start + i.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mask {
+    /// Every key (vision towers).
+    Full,
+    /// Keys at positions up to the query's own.
+    Causal,
+    /// Causal, and only the last `w` positions (the query's own included): Mistral's and Qwen2's sliding window,
+    /// transformers' `kv_idx > q_idx - sliding_window`.
+    Window(usize),
+}
+
+impl Mask {
+    /// The causal mask of a decoder layer with an optional sliding window.
+    pub fn causal(window: Option<usize>) -> Mask {
+        window.map_or(Mask::Causal, Mask::Window)
+    }
+
+    /// The key positions `lo..hi` a query at position `pos` sees among `tk` keys.
+    #[inline]
+    pub fn visible(self, pos: usize, tk: usize) -> std::ops::Range<usize> {
+        match self {
+            Mask::Full => 0..tk,
+            Mask::Causal => 0..(pos + 1).min(tk),
+            Mask::Window(w) => {
+                let hi = (pos + 1).min(tk);
+                (pos + 1).saturating_sub(w).min(hi)..hi
+            }
+        }
+    }
+}
+
 /// A run of cached positions: k and v are (len, kv_heads, head_dim).
 #[derive(Clone, Copy)]
 pub struct KvSegment<'a> {
@@ -27,7 +59,9 @@ pub struct KvSegment<'a> {
 }
 
 /// For each query row r: out[r] (heads, hd) = softmax(q[r] · Kᵀ · scale) · V over the first `visible(r)`
-/// positions of the concatenated segments `segments(r)`.
+/// positions of the concatenated segments `segments(r)` (the query is the last of them), or with a sliding
+/// `window` over the last `window` of those.
+#[allow(clippy::too_many_arguments)]
 pub fn attend_rows<'a, S>(
     out: &mut [f32],
     q: &[f32],
@@ -35,6 +69,7 @@ pub fn attend_rows<'a, S>(
     kv_heads: usize,
     head_dim: usize,
     scale: f32,
+    window: Option<usize>,
     segments: S,
 ) where
     S: Fn(usize) -> (Vec<KvSegment<'a>>, usize) + Sync,
@@ -43,6 +78,7 @@ pub fn attend_rows<'a, S>(
     let group = heads / kv_heads;
     out.par_chunks_mut(width).zip(q.par_chunks(width)).enumerate().for_each(|(r, (o, qr))| {
         let (segs, visible) = segments(r);
+        let first = window.map_or(0, |w| visible.saturating_sub(w));
         let mut scores = vec![0f32; visible];
         for h in 0..heads {
             let kvh = h / group;
@@ -59,9 +95,10 @@ pub fn attend_rows<'a, S>(
                     break;
                 }
             }
-            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            scores[..first].fill(0.0);
+            let max = scores[first..].iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0f32;
-            for s in scores.iter_mut() {
+            for s in scores[first..].iter_mut() {
                 *s = (*s - max).exp();
                 sum += *s;
             }
@@ -86,7 +123,7 @@ pub fn attend_rows<'a, S>(
     });
 }
 
-/// P (tq, tk) = softmax(scale · Q_h · K_kvhᵀ) of one query head (masked rows beyond the causal limit are 0).
+/// P (tq, tk) = softmax(scale · Q_h · K_kvhᵀ) of one query head (masked entries are 0).
 /// Shared by `attend_dense` and its backward, which recomputes P exactly this way.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn head_probs(
@@ -102,7 +139,7 @@ pub(crate) fn head_probs(
     kv_heads: usize,
     hd: usize,
     scale: f32,
-    causal: bool,
+    mask: Mask,
 ) {
     assert!(
         p.len() == tq * tk
@@ -136,16 +173,17 @@ pub(crate) fn head_probs(
         );
     }
     for (i, row) in p.chunks_exact_mut(tk).enumerate() {
-        let visible = if causal { (start + i + 1).min(tk) } else { tk };
-        let max = row[..visible].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let seen = mask.visible(start + i, tk);
+        let max = row[seen.clone()].iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0f32;
-        for x in row[..visible].iter_mut() {
+        for x in row[seen.clone()].iter_mut() {
             *x = (*x - max).exp();
             sum += *x;
         }
         let inv = 1.0 / sum;
-        row[..visible].iter_mut().for_each(|x| *x *= inv);
-        row[visible..].fill(0.0);
+        row[seen.clone()].iter_mut().for_each(|x| *x *= inv);
+        row[..seen.start].fill(0.0);
+        row[seen.end..].fill(0.0);
     }
 }
 
@@ -156,7 +194,7 @@ unsafe impl Sync for SharedOut {}
 
 /// Many queries at once (prefill, vision tower): per head, S = Q·Kᵀ and O = P·V as GEMMs, heads in parallel.
 /// q: (Tq, H, hd) at positions `start ..`; k, v: (Tk, KVH, hd) at positions 0 .. Tk, Tk = start + Tq when
-/// causal. out: (Tq, H, hd).
+/// causal or windowed. out: (Tq, H, hd).
 #[allow(clippy::too_many_arguments)]
 pub fn attend_dense(
     out: &mut [f32],
@@ -170,7 +208,7 @@ pub fn attend_dense(
     kv_heads: usize,
     head_dim: usize,
     scale: f32,
-    causal: bool,
+    mask: Mask,
 ) {
     let (hd, group) = (head_dim, heads / kv_heads);
     assert_eq!(q.len(), tq * heads * hd);
@@ -181,7 +219,7 @@ pub fn attend_dense(
     (0..heads).into_par_iter().for_each(|h| {
         let kvh = h / group;
         let mut s = vec![0f32; tq * tk]; // (Tq, Tk)
-        head_probs(&mut s, q, k, h, kvh, tq, tk, start, heads, kv_heads, hd, scale, causal);
+        head_probs(&mut s, q, k, h, kvh, tq, tk, start, heads, kv_heads, hd, scale, mask);
         // SAFETY: v's head-kvh columns lie within the asserted extents; `out` columns of head h are written by
         // this task only.
         unsafe {

@@ -234,7 +234,7 @@ pub fn attend_dense_bwd(
     kv_heads: usize,
     head_dim: usize,
     scale: f32,
-    causal: bool,
+    mask: super::attention::Mask,
 ) {
     let hd = head_dim;
     assert!(
@@ -272,7 +272,7 @@ pub fn attend_dense_bwd(
                                           // SAFETY (all gemm calls below): strides address q's, dout's and dq's head-h columns and k's and v's
                                           // head-kvh columns within the asserted extents; this task alone writes dq's head-h columns; acc is ours.
                                           // P = softmax(scale · Q_h · K_kvhᵀ), recomputed exactly as in attend_dense (same function).
-        super::attention::head_probs(&mut p, q, k, h, kvh, tq, tk, start, heads, kv_heads, hd, scale, causal);
+        super::attention::head_probs(&mut p, q, k, h, kvh, tq, tk, start, heads, kv_heads, hd, scale, mask);
         unsafe {
             // dP = dO_h · V_kvhᵀ   (tq, tk)
             gemm::gemm(

@@ -12,7 +12,7 @@ pub mod rope;
 pub mod softmax;
 
 pub use act::{apply_activation, silu_mul};
-pub use attention::{attend_dense, attend_rows, KvSegment};
+pub use attention::{attend_dense, attend_rows, KvSegment, Mask};
 pub use matmul::{matmul_nt, MatmulMode};
 pub use norm::{layernorm, rmsnorm};
 pub use packed::PackedMatrix;
