@@ -4,11 +4,13 @@
 //! LLaVA-NeXT checkpoint built here from the bundled model (anyres tiles, a zero `image_newline`), each on its own
 //! real PostgreSQL database. The loop has to run and leave a candidate checkpoint; its metrics need not improve.
 //! And `rlaifd serve` on the Qwen2.5-VL checkpoint answers an OpenAI chat request with an image (the image goes
-//! through Qwen's processor and vision transformer) and reports the family's prompt usage.
+//! through Qwen's processor and vision transformer) and reports the family's prompt usage, and refuses hostile
+//! input (a prompt past the context, an image too large by its header, one past Qwen's aspect-ratio limit, a
+//! truncated one) before model work, with memory and the database unchanged.
 
 mod common;
 
-use common::daemon::{chat_body, config_text, shapes_png, Daemon};
+use common::daemon::{chat_body, chat_request, config_text, counts, png, shapes_png, Daemon};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -112,5 +114,82 @@ async fn serve_answers_a_chat_request_with_an_image_on_qwen2_5_vl() {
     // The prompt: the template's words plus the image's 16 merged patches (64x64 pixels, 8-pixel patches, 2x2).
     let prompt_tokens = v["usage"]["prompt_tokens"].as_u64().expect("usage");
     assert!(prompt_tokens > 16, "{v}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn error_message(body: &str) -> String {
+    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|_| panic!("error body is not JSON: {body}"));
+    v["error"]["message"].as_str().unwrap_or_else(|| panic!("no error message: {body}")).to_string()
+}
+
+/// The hostile inputs of daemon/tests/hostile.rs that depend on the model family, against a Qwen2.5-VL-served
+/// daemon: each gets 400 with a message naming the input, fast, without decoding a huge image, and the daemon
+/// then still answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qwen_served_daemon_refuses_hostile_input_before_model_work() {
+    let db = common::fresh("qwen_hostile").await;
+    let dir = std::env::temp_dir().join(format!("rlaifd-family-hostile-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let qwen = root().join("tests/fixtures/qwen_vl/shapes_qwen25");
+    let bundled = common::daemon::model().display().to_string();
+    let text = config_text(&dir, &db.url, "").replace(&bundled, &qwen.display().to_string());
+    let mut d = Daemon::launch(&dir, &text, &[("RLAIFD__SERVER__MAX_BODY_BYTES", "8388608")]);
+    let img = shapes_png(&dir, "5");
+    let before = counts(&db.pool).await;
+    let hwm0 = d.mem_kib("VmHWM");
+    let post = |body: &[u8]| d.http("POST", "/v1/chat/completions", "application/json", body);
+    let mut wide = Vec::new();
+    image::RgbImage::from_pixel(250, 1, image::Rgb([9, 9, 9]))
+        .write_to(&mut std::io::Cursor::new(&mut wide), image::ImageFormat::Png)
+        .unwrap();
+    let good = shapes_png(&dir, "6");
+    let truncated = &good[..good.len() / 2];
+    let cases: Vec<(&str, Vec<u8>, Vec<&str>)> = vec![
+        (
+            "300 KB of text",
+            chat_request(&"the red circle ".repeat(20_000), None, serde_json::json!({ "max_tokens": 4 })),
+            vec!["300000 bytes", "context of 256 tokens"],
+        ),
+        (
+            "text and the image past the context",
+            chat_body(&img, &"the red circle ".repeat(80), serde_json::json!({ "max_tokens": 4 })),
+            vec!["context of 256 tokens", "the prompt takes 2"],
+        ),
+        (
+            "an 8000x8000 PNG",
+            chat_body(&png(8000, 8000), "Describe the image.", serde_json::json!({ "max_tokens": 4 })),
+            vec!["8000x8000", "server.max_image_side"],
+        ),
+        (
+            "a 250x1 PNG",
+            chat_body(&wide, "Describe the image.", serde_json::json!({ "max_tokens": 4 })),
+            vec!["aspect ratio (250.0)", "cannot be processed", "pad or crop"],
+        ),
+        (
+            "a truncated PNG",
+            chat_body(truncated, "Describe the image.", serde_json::json!({ "max_tokens": 4 })),
+            vec!["image"],
+        ),
+    ];
+    for (what, body, want) in &cases {
+        let t0 = std::time::Instant::now();
+        let (st, reply) = post(body);
+        let took = t0.elapsed().as_secs_f64();
+        assert_eq!(st, 400, "{what}: {reply}");
+        let m = error_message(&reply);
+        assert!(want.iter().all(|w| m.contains(w)), "{what}: {m}");
+        println!("qwen daemon, {what}: 400 in {took:.3} s: {m}");
+        assert!(took < 5.0, "{what}: the refusal took {took} s");
+    }
+    let hwm1 = d.mem_kib("VmHWM");
+    println!("qwen daemon hostile input: VmHWM {hwm0} -> {hwm1} KiB");
+    // A decoded 8000 x 8000 RGB image alone is 187 500 KiB.
+    assert!(hwm1 < hwm0 + 60 * 1024, "the peak resident memory grew by {} KiB", hwm1 - hwm0);
+    assert_eq!(counts(&db.pool).await, before, "refused requests changed the database");
+    let (st, reply) = post(&chat_body(&good, "Describe the image.", serde_json::json!({ "max_tokens": 6 })));
+    assert_eq!(st, 200, "the daemon still answers: {reply}");
+    assert!(d.alive(), "the daemon died: {}", d.log());
+    drop(d);
+    db.drop_db().await;
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -96,6 +96,10 @@ pub enum ImageError {
     #[error("image {what} is too large: {detail}; downscale it before sending (limits: at most {max_side} pixels per side and {max_pixels} pixels in total)", max_side = MAX_IMAGE_SIDE, max_pixels = MAX_IMAGE_PIXELS)]
     TooLarge { what: String, detail: String },
 
+    /// The image's proportions are outside what the model's processor takes (Qwen2-VL: at most 200:1).
+    #[error("image {what} cannot be processed: {detail}; pad or crop it to less extreme proportions")]
+    Shape { what: String, detail: String },
+
     /// The image has zero width or height.
     #[error("image {what} is empty ({width}x{height} pixels); send an image with at least one pixel")]
     Empty { what: String, width: u64, height: u64 },

@@ -30,6 +30,9 @@ impl PatchGrid {
     }
 }
 
+/// transformers' smart_resize refuses images longer than 200 times their width (or the reverse).
+const MAX_ASPECT: f64 = 200.0;
+
 /// transformers' `smart_resize`: (height, width) rounded to multiples of `factor`, scaled into
 /// [min_pixels, max_pixels] keeping the aspect ratio; an aspect ratio above 200 is an error.
 pub fn smart_resize(height: u32, width: u32, g: &PatchGrid) -> Result<(u32, u32), String> {
@@ -37,8 +40,8 @@ pub fn smart_resize(height: u32, width: u32, g: &PatchGrid) -> Result<(u32, u32)
     if height == 0 || width == 0 {
         return Err(format!("a {width}x{height} image has no pixels"));
     }
-    if h.max(w) / h.min(w) > 200.0 {
-        return Err(format!("its aspect ratio ({:.1}) is above Qwen's limit of 200", h.max(w) / h.min(w)));
+    if h.max(w) / h.min(w) > MAX_ASPECT {
+        return Err(format!("its aspect ratio ({:.1}) is above Qwen's limit of {MAX_ASPECT}", h.max(w) / h.min(w)));
     }
     let f = g.factor() as f64;
     // Python's round() is half-to-even.
@@ -68,6 +71,11 @@ pub(super) fn preprocess_patches(
 ) -> Result<PixelValues, ImageError> {
     let what = format!("input image {}x{}", img.width(), img.height());
     check_dims(img.width() as u64, img.height() as u64, &what)?;
+    let (w, h) = (img.width().max(1) as f64, img.height().max(1) as f64);
+    if w.max(h) / w.min(h) > MAX_ASPECT {
+        let detail = format!("its aspect ratio ({:.1}) is above Qwen's limit of {MAX_ASPECT}", w.max(h) / w.min(h));
+        return Err(ImageError::Shape { what, detail });
+    }
     let (th, tw) = if cfg.do_resize {
         smart_resize(img.height(), img.width(), g)
             .map_err(|detail| ImageError::TooLarge { what: what.clone(), detail })?
