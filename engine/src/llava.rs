@@ -249,11 +249,15 @@ impl Model {
     /// Projected image features (N_img, C) for the decoder, on the model's backend.
     pub fn image_features(&self, pixels: &PixelValues, adapter: Option<&Adapter>) -> Result<ImageFeatures> {
         let rows = self.backend.image_features(self, pixels, adapter)?;
-        let grid = match (self.config.qwen_vl(), pixels.grid) {
+        Ok(ImageFeatures { rows, grid: self.feature_grid(pixels) })
+    }
+
+    /// The (rows, columns) of the merged patch grid an image's features form (Qwen2-VL); None for other families.
+    pub(crate) fn feature_grid(&self, pixels: &PixelValues) -> Option<(usize, usize)> {
+        match (self.config.qwen_vl(), pixels.grid) {
             (Some(qc), Some([_, h, w])) => Some((h / qc.vision.spatial_merge_size, w / qc.vision.spatial_merge_size)),
             _ => None,
-        };
-        Ok(ImageFeatures { rows, grid })
+        }
     }
 
     /// Multimodal RoPE (Qwen2-VL) of a prompt with an image: each decoder row's position (text rows one after

@@ -713,3 +713,75 @@ fn llava_next_tiles_on_the_gpu_match_the_cpu_backend() {
         assert!(worst <= 5e-2, "{}: log-probs differ by {worst}", dir.display());
     }
 }
+
+/// Qwen2-VL / Qwen2.5-VL with the decoder on the GPU (q/k/v biases, multimodal RoPE positions for the image rows,
+/// shifted text positions after them) and the vision transformer on the CPU: the ShapesWorld decoder in Qwen form
+/// gives the CPU backend's greedy answers, and on every random Qwen fixture (both versions, GQA/MQA, tied heads)
+/// the answer's log-prob, with and without the fixture's LoRA adapter (on the GPU decoder where it is decoder-only,
+/// else on the CPU), and the branch logits follow the CPU.
+#[test]
+fn qwen_decoders_on_the_gpu_match_the_cpu_backend() {
+    let fixtures = root().join("tests/fixtures/qwen_vl");
+    let demo = fixtures.join("shapes_qwen25");
+    let cpu = Model::load(&demo).unwrap();
+    let Some(dev) = on_gpu(&demo) else { return };
+    let tok = TextTokenizer::from_file(&demo.join("tokenizer.json")).unwrap();
+    let ids = tok.encode_chat(LLAVA_15_TEMPLATE, "Describe the image.").unwrap();
+    let wc = WorldConfig::default();
+    let ip = cpu.image_processor.clone().unwrap();
+    for seed in 0..3u64 {
+        let scene = Scene::generate(&wc, seed);
+        let pixels = engine::image::preprocess(&scene.render(&wc, seed), &ip).unwrap();
+        let params = SamplingParams { temperature: 0.0, max_new_tokens: 16, ..Default::default() };
+        let req = GenerateRequest { ids: &ids, pixels: Some(&pixels), seeds: &[0, 1], params, stop_ids: vec![] };
+        let want = generate(&cpu, &req, None).unwrap();
+        let got = generate(&dev, &req, None).unwrap();
+        println!("qwen scene {seed}: CPU {:?} GPU {:?}", want[0].tokens, got[0].tokens);
+        for (w, g) in want.iter().zip(&got) {
+            assert_eq!((&g.tokens, g.finish), (&w.tokens, w.finish), "scene {seed}: greedy answers differ");
+        }
+    }
+    let mut dirs: Vec<_> = std::fs::read_dir(&fixtures)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|d| d.join("expected.json").is_file())
+        .collect();
+    dirs.sort();
+    assert!(dirs.len() >= 5, "the Qwen fixtures");
+    let mut worst = 0.0f64;
+    for dir in dirs {
+        let cpu = Model::load(&dir.join("model")).unwrap();
+        if cpu.config.text().has_sliding_window() {
+            // The CUDA attention has no window yet: such a model runs on the CPU (engine/tests/backend.rs).
+            continue;
+        }
+        let dev = on_gpu(&dir.join("model")).expect("the GPU opened above");
+        let px = cpu.load_image(&dir.join("image.png")).unwrap();
+        let feats = cpu.image_features(&px, None).unwrap();
+        let exp: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+        let ids: Vec<u32> = exp["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let at = ids.iter().position(|&t| Some(t) == cpu.image_token_id()).unwrap() + 2;
+        let (prompt, answer) = ids.split_at(at);
+        let adapter = dir.join("adapter").is_dir().then(|| cpu.load_adapter(&dir.join("adapter")).unwrap());
+        for ad in std::iter::once(None).chain(adapter.as_ref().map(Some)) {
+            let f = cpu.image_features(&px, ad).unwrap();
+            let lp_cpu = cpu.answer_logp(prompt, answer, Some(&f), ad).unwrap();
+            let lp_dev = dev.answer_logp(prompt, answer, Some(&f), ad).unwrap();
+            let d = (lp_cpu - lp_dev).abs() / answer.len() as f64;
+            println!("{}: adapter {}: answer log-prob per token differs by {d:.2e}", dir.display(), ad.is_some());
+            assert!(d <= 5e-2, "{}: log-probs {lp_dev} on the GPU, {lp_cpu} on the CPU", dir.display());
+            worst = worst.max(d);
+        }
+        // Several continuations of the prompt (the labeler's questions): their last logits.
+        let conts: Vec<&[u32]> = vec![&answer[..1], &answer[..3], &answer[1..4]];
+        let want = cpu.branch_logits(prompt, &conts, Some(&feats), None).unwrap();
+        let got = dev.branch_logits(prompt, &conts, Some(&feats), None).unwrap();
+        for (w, g) in want.iter().zip(&got) {
+            let e = w.iter().zip(g).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            assert!(e <= 5e-2, "{}: branch logits differ by {e}", dir.display());
+        }
+    }
+    println!("qwen fixtures: worst per-token |log-prob difference| {worst:.2e}");
+}

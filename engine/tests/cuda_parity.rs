@@ -129,7 +129,39 @@ fn rope_lora_and_logprob_kernels_match_float64() {
                 }
             }
         }
-        check(&format!("rope_f16 {tokens}x{heads}x{d}"), &g.rope(&x, &pos, &cos, &sin, heads, d).unwrap(), &want);
+        check(&format!("rope_f16 {tokens}x{heads}x{d}"), &g.rope(&x, &pos, &cos, &sin, heads, d, None).unwrap(), &want);
+    }
+    // Qwen2-VL's multimodal RoPE: three positions per token (temporal, height, width), frequency pair i following
+    // the first for i < s0, the second for i < s0 + s1, else the third; mrope_section [2, 3, 3] (head_dim 16) and
+    // [16, 24, 24] (head_dim 128, Qwen2-VL-7B's).
+    for &(tokens, heads, d, sec) in &[(9usize, 3usize, 16usize, [2usize, 3, 3]), (40, 4, 128, [16, 24, 24])] {
+        let x = randn(&mut rng, tokens * heads * d, 1.0);
+        let half = d / 2;
+        let (cos, sin) = rope_tables(d, 256);
+        let pos: Vec<i32> = (0..tokens * 3).map(|i| ((i * 7 + i / 3) % 200) as i32).collect();
+        let xh = h(&x);
+        let mut want = xh.clone();
+        for t in 0..tokens {
+            for hh in 0..heads {
+                let base = (t * heads + hh) * d;
+                for i in 0..half {
+                    let c = if i < sec[0] {
+                        0
+                    } else if i < sec[0] + sec[1] {
+                        1
+                    } else {
+                        2
+                    };
+                    let p = pos[t * 3 + c] as usize;
+                    let (cs, sn) = (cos[p * half + i] as f64, sin[p * half + i] as f64);
+                    let (x1, x2) = (xh[base + i], xh[base + i + half]);
+                    want[base + i] = x1 * cs - x2 * sn;
+                    want[base + i + half] = x2 * cs + x1 * sn;
+                }
+            }
+        }
+        let got = g.rope(&x, &pos, &cos, &sin, heads, d, Some(sec)).unwrap();
+        check(&format!("rope_f16 mrope {sec:?} {tokens}x{heads}x{d}"), &got, &want);
     }
     for &(m, k, n, r) in &[(1usize, 64usize, 64usize, 4usize), (13, 300, 200, 16), (70, 4096, 1024, 64)] {
         let x = randn(&mut rng, m * k, 1.0);

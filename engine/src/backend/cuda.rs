@@ -110,14 +110,6 @@ impl CudaBackend {
     /// Opens device `ordinal`, compiles the kernels and uploads `model`'s decoder. Err(reason) when there is no
     /// usable GPU or the decoder cannot run there.
     pub fn open(ordinal: usize, model: &Model) -> std::result::Result<CudaBackend, String> {
-        if model.config.qwen_vl().is_some() {
-            return Err(format!(
-                "{} is a {} model, which runs on the CPU backend for now (its q/k/v biases and multimodal RoPE have \
-                 no CUDA kernels yet)",
-                model.dir.display(),
-                crate::family::Family::of(model.family()).name
-            ));
-        }
         if let Some(w) = (0..model.llm.cfg.num_hidden_layers).find_map(|li| model.llm.cfg.window(li)) {
             return Err(format!(
                 "{} attends through a {w}-position sliding window, which runs on the CPU backend for now (the CUDA \
@@ -133,6 +125,13 @@ impl CudaBackend {
         let max_positions = model.llm.cfg.max_position_embeddings.max(1);
         let llama = crate::cuda_llama::from_model(&gpu, model, max_positions)
             .map_err(|e| format!("the decoder of {} cannot run on the GPU: {e}", model.dir.display()))?;
+        if model.config.qwen_vl().is_some() {
+            tracing::info!(
+                "the vision transformer of {} runs on the CPU backend (Qwen2-VL's has no CUDA kernels yet); its \
+                 decoder runs on the GPU",
+                model.dir.display()
+            );
+        }
         let vision = match model.config.llava() {
             None => None,
             Some(_) => match crate::cuda_clip::GpuVision::load(&gpu, &model.weights, &model.layout, &model.config) {
@@ -273,13 +272,31 @@ impl CudaState {
 }
 
 /// The decoder input of `ids` (with `feats` in place of the image token): the ids themselves when there is no
-/// image, else the rows `Model::embed_inputs` builds on the host.
-fn decoder_input(model: &Model, ids: &[u32], feats: Option<&ImageFeatures>) -> Result<Option<Vec<f32>>> {
+/// image, else the rows `Model::embed_inputs` builds on the host, with their multimodal RoPE positions where the
+/// model has them (Qwen2-VL).
+fn decoder_input(model: &Model, ids: &[u32], feats: Option<&ImageFeatures>) -> Result<Option<HostInput>> {
     let has_image = model.image_token_id().is_some_and(|t| ids.contains(&t));
     if feats.is_none() && !has_image {
         return Ok(None);
     }
-    Ok(Some(model.embed_inputs(ids, feats.map(|f| &f.rows[..]))?.0))
+    let rows = model.embed_inputs(ids, feats.map(|f| &f.rows[..]))?.0;
+    Ok(Some(HostInput { rows, placed: model.rope_positions(ids, feats) }))
+}
+
+/// Decoder input rows made on the host, and their RoPE positions and the shift after them when they are not the
+/// row indices (`Model::rope_positions`).
+struct HostInput {
+    rows: Vec<f32>,
+    placed: Option<(Vec<usize>, isize)>,
+}
+
+impl HostInput {
+    fn input(&self) -> Input<'_> {
+        match &self.placed {
+            Some((positions, shift)) => Input::Placed { rows: &self.rows, positions, shift: *shift },
+            None => Input::Embeds(&self.rows),
+        }
+    }
 }
 
 impl Backend for CudaBackend {
@@ -310,10 +327,10 @@ impl Backend for CudaBackend {
             Some(p) => Some(st.features(model, p, adapter)?),
             None => None,
         };
-        let feats = feats.map(ImageFeatures::plain);
+        let feats = feats.map(|rows| ImageFeatures { rows, grid: req.pixels.and_then(|p| model.feature_grid(p)) });
         let rows = decoder_input(model, req.ids, feats.as_ref())?;
         let input = match &rows {
-            Some(x) => Input::Embeds(x),
+            Some(x) => x.input(),
             None => Input::Ids(req.ids),
         };
         let before = t0.elapsed().as_secs_f64();
@@ -341,6 +358,7 @@ impl Backend for CudaBackend {
         let ids: Vec<u32> = prompt.iter().chain(answer).copied().collect();
         // Checks the ids and the image token, and gives the row of every id.
         let (x, id_rows) = model.embed_inputs(&ids, feats.map(|f| &f.rows[..]))?;
+        let x = HostInput { rows: x, placed: model.rope_positions(&ids, feats) };
         if answer.is_empty() {
             return Ok(0.0);
         }
@@ -352,11 +370,11 @@ impl Backend for CudaBackend {
         };
         let c = model.llm.cfg.hidden_size;
         let v = model.llm.cfg.vocab_size;
-        let total = x.len() / c;
+        let total = x.rows.len() / c;
         // The answer is text after the prompt: its ids sit on consecutive rows, each predicted by the row before.
         let from = id_rows[prompt.len()] - 1;
         let mut cache = st.llama.new_cache(&st.gpu, total)?;
-        let logits = st.llama.forward_input(&st.gpu, Input::Embeds(&x), &mut cache, Some(from), lora.as_deref())?;
+        let logits = st.llama.forward_input(&st.gpu, x.input(), &mut cache, Some(from), lora.as_deref())?;
         let mut sum = 0.0f64;
         for (i, &tok) in answer.iter().enumerate() {
             let row = &logits[i * v..(i + 1) * v];
@@ -385,6 +403,7 @@ impl Backend for CudaBackend {
             return CpuBackend.branch_logits(model, prefix, continuations, feats, adapter);
         }
         let rows = model.embed_inputs(prefix, feats.map(|f| &f.rows[..]))?.0;
+        let rows = HostInput { rows, placed: model.rope_positions(prefix, feats) };
         let mut guard = self.lock()?;
         let st = &mut *guard;
         let LoraOn::Gpu(lora) = st.lora(adapter)? else {
@@ -393,7 +412,7 @@ impl Backend for CudaBackend {
         };
         let n = continuations.len();
         let longest = continuations.iter().map(|c| c.len()).max().unwrap_or(1);
-        let (mut sess, _) = st.llama.start_decode_input(&st.gpu, Input::Embeds(&rows), n, longest, lora.as_deref())?;
+        let (mut sess, _) = st.llama.start_decode_input(&st.gpu, rows.input(), n, longest, lora.as_deref())?;
         let mut out = vec![Vec::new(); n];
         for t in 0..longest {
             let feed: Vec<u32> = continuations.iter().map(|c| c[t.min(c.len() - 1)]).collect();

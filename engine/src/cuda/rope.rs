@@ -31,19 +31,65 @@ impl Gpu {
         head_dim: usize,
         stride: usize,
     ) -> Result<()> {
-        if pos.len() < tokens || x.len() < tokens.saturating_sub(1) * stride + heads * head_dim {
+        self.rope_launch("rope_f16", x, pos, cos, sin, tokens, heads, head_dim, stride, None)
+    }
+
+    /// `rope_strided_dev` under Qwen2-VL's multimodal RoPE: `pos` holds three positions per row (temporal, height,
+    /// width; a text row repeats its position), and `sections` frequency pairs follow each (`mrope_section`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_sections_dev(
+        &self,
+        x: &mut CudaSlice<f16>,
+        pos: &CudaSlice<i32>,
+        cos: &CudaSlice<f32>,
+        sin: &CudaSlice<f32>,
+        tokens: usize,
+        heads: usize,
+        head_dim: usize,
+        stride: usize,
+        sections: [usize; 3],
+    ) -> Result<()> {
+        self.rope_launch("rope_f16", x, pos, cos, sin, tokens, heads, head_dim, stride, Some(sections))
+    }
+
+    /// Launches `rope_f16` or `rope_bwd_f16` (same arguments) on `tokens` rows; `sections`: three positions per row.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn rope_launch(
+        &self,
+        kernel: &str,
+        x: &mut CudaSlice<f16>,
+        pos: &CudaSlice<i32>,
+        cos: &CudaSlice<f32>,
+        sin: &CudaSlice<f32>,
+        tokens: usize,
+        heads: usize,
+        head_dim: usize,
+        stride: usize,
+        sections: Option<[usize; 3]>,
+    ) -> Result<()> {
+        let width = if sections.is_some() { 3 } else { 1 };
+        let half = head_dim / 2;
+        if pos.len() < tokens * width
+            || x.len() < tokens.saturating_sub(1) * stride + heads * head_dim
+            || sections.is_some_and(|s| s.iter().sum::<usize>() > half)
+        {
             return Err(err(format!(
-                "rope: {tokens} rows of {heads} x {head_dim} (stride {stride}) exceed the buffers"
+                "rope: {tokens} rows of {heads} x {head_dim} (stride {stride}, {width} positions each) exceed the \
+                 buffers, or sections {sections:?} exceed the head"
             )));
         }
-        let (t, h, d, st) = (
+        let (s0, s1) = sections.map_or((half, half), |s| (s[0], s[0] + s[1]));
+        let (t, h, d, st, pw, a, b1) = (
             to_i32(tokens, "tokens")?,
             to_i32(heads, "heads")?,
             to_i32(head_dim, "head_dim")?,
             to_i32(stride, "stride")?,
+            width as i32,
+            to_i32(s0, "section")?,
+            to_i32(s1, "section")?,
         );
-        let mut b = self.stream.launch_builder(self.f("rope_f16")?);
-        b.arg(x).arg(pos).arg(cos).arg(sin).arg(&t).arg(&h).arg(&d).arg(&st);
+        let mut b = self.stream.launch_builder(self.f(kernel)?);
+        b.arg(x).arg(pos).arg(cos).arg(sin).arg(&t).arg(&h).arg(&d).arg(&st).arg(&pw).arg(&a).arg(&b1);
         unsafe {
             b.launch(LaunchConfig {
                 grid_dim: (tokens as u32, heads as u32, 1),
@@ -217,7 +263,8 @@ impl Gpu {
         Ok(())
     }
 
-    /// Backward of `rope_dev`, in place on the gradient.
+    /// Backward of `rope_dev`, in place on the gradient (`sections`: three positions per row, as
+    /// `rope_sections_dev`).
     #[allow(clippy::too_many_arguments)]
     pub fn rope_bwd_dev(
         &self,
@@ -228,23 +275,8 @@ impl Gpu {
         tokens: usize,
         heads: usize,
         head_dim: usize,
+        sections: Option<[usize; 3]>,
     ) -> Result<()> {
-        let (t, h, d, stride) = (
-            to_i32(tokens, "tokens")?,
-            to_i32(heads, "heads")?,
-            to_i32(head_dim, "head_dim")?,
-            to_i32(heads * head_dim, "stride")?,
-        );
-        let mut b = self.stream.launch_builder(self.f("rope_bwd_f16")?);
-        b.arg(dx).arg(pos).arg(cos).arg(sin).arg(&t).arg(&h).arg(&d).arg(&stride);
-        unsafe {
-            b.launch(LaunchConfig {
-                grid_dim: (tokens as u32, heads as u32, 1),
-                block_dim: (64, 1, 1),
-                shared_mem_bytes: 0,
-            })
-        }
-        .map_err(derr)?;
-        Ok(())
+        self.rope_launch("rope_bwd_f16", dx, pos, cos, sin, tokens, heads, head_dim, heads * head_dim, sections)
     }
 }

@@ -83,7 +83,9 @@ impl Gpu {
         self.download_f16(&out)
     }
 
-    /// RoPE in place on x[tokens, heads, head_dim] at `pos`, with cos/sin tables [max_pos, head_dim/2].
+    /// RoPE in place on x[tokens, heads, head_dim] at `pos`, with cos/sin tables [max_pos, head_dim/2]; with
+    /// `sections`, Qwen2-VL's multimodal RoPE (three positions per token in `pos`).
+    #[allow(clippy::too_many_arguments)]
     pub fn rope(
         &self,
         x: &[f32],
@@ -92,6 +94,7 @@ impl Gpu {
         sin: &[f32],
         heads: usize,
         head_dim: usize,
+        sections: Option<[usize; 3]>,
     ) -> Result<Vec<f32>> {
         let mut dx = self.upload_f16(x)?;
         let (dp, dc, ds) = (
@@ -99,7 +102,11 @@ impl Gpu {
             self.stream.clone_htod(cos).map_err(derr)?,
             self.stream.clone_htod(sin).map_err(derr)?,
         );
-        self.rope_dev(&mut dx, &dp, &dc, &ds, pos.len(), heads, head_dim)?;
+        let tokens = pos.len() / if sections.is_some() { 3 } else { 1 };
+        match sections {
+            None => self.rope_dev(&mut dx, &dp, &dc, &ds, tokens, heads, head_dim)?,
+            Some(s) => self.rope_sections_dev(&mut dx, &dp, &dc, &ds, tokens, heads, head_dim, heads * head_dim, s)?,
+        }
         self.download_f16(&dx)
     }
 
@@ -352,7 +359,7 @@ impl Gpu {
             self.stream.clone_htod(cos).map_err(derr)?,
             self.stream.clone_htod(sin).map_err(derr)?,
         );
-        self.rope_bwd_dev(&mut d, &dp, &dc, &ds, pos.len(), heads, head_dim)?;
+        self.rope_bwd_dev(&mut d, &dp, &dc, &ds, pos.len(), heads, head_dim, None)?;
         self.download_f16(&d)
     }
 

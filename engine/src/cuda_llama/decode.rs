@@ -38,6 +38,8 @@ pub struct DecodeSession {
     pub graph_error: Option<String>,
     /// The adapter the session decodes with (its address; 0: none): a captured graph holds its buffers.
     lora_key: usize,
+    /// RoPE position minus cache row of the decoded tokens (Qwen2-VL after an image: `Input::Placed`).
+    shift: isize,
 }
 
 fn lora_key(lora: Option<&GpuLora>) -> usize {
@@ -119,6 +121,10 @@ impl GpuLlama {
                 use_graph: true,
                 graph_error: None,
                 lora_key: lora_key(lora),
+                shift: match prompt {
+                    Input::Placed { shift, .. } => shift,
+                    _ => 0,
+                },
             },
             first,
         ))
@@ -186,8 +192,11 @@ impl GpuLlama {
             Some(tokens) => {
                 let id32 = self.check_ids(tokens)?;
                 s.memcpy_htod(&id32, &mut sess.scratch.ids).map_err(derr)?;
-                s.memcpy_htod(&vec![(sess.prefix.len + sess.suffix.len) as i32; bsz], &mut sess.scratch.pos)
-                    .map_err(derr)?;
+                let pos = (sess.prefix.len + sess.suffix.len) as isize + sess.shift;
+                if pos < 0 || pos as usize >= self.max_positions {
+                    return Err(err(format!("decode: RoPE position {pos} is outside the table")));
+                }
+                s.memcpy_htod(&vec![pos as i32; bsz], &mut sess.scratch.pos).map_err(derr)?;
                 s.memcpy_htod(&vec![(sess.suffix.len + 1) as i32; bsz], &mut sess.suffix.lens).map_err(derr)?;
             }
             None if !sess.device_fed => {

@@ -41,11 +41,22 @@ impl GpuLlama {
         for l in 0..cfg.num_hidden_layers {
             let kp = decoder_layer(&decoder, l);
             // q, k, v, o, gate, up, down (family::keys): (key, rows) of each weight (out features x in features).
-            let [q, k, v, o, g, u, d] =
-                decoder_linears(cfg).map(|(name, _, rows, _)| (kp.pp(name).key("weight"), rows));
+            let linears = decoder_linears(cfg);
+            let [q, k, v, o, g, u, d] = linears.map(|(name, _, rows, _)| (kp.pp(name).key("weight"), rows));
+            // Qwen2's q/k/v biases, fused as their weights are.
+            let qkv_bias = if cfg.qkv_bias {
+                let mut all = Vec::new();
+                for (name, _, rows, _) in &linears[..3] {
+                    all.extend(ws.f32(&kp.pp(name).key("bias"), &[*rows])?);
+                }
+                Some(gpu.upload_f16(&all)?)
+            } else {
+                None
+            };
             layers.push(Layer {
                 input_norm: up(kp.pp(INPUT_NORM).key("weight"), &[c])?,
                 qkv: cat(&[q, k, v])?,
+                qkv_bias,
                 o: up(o.0, &[c, h * hd])?,
                 post_norm: up(kp.pp(POST_NORM).key("weight"), &[c])?,
                 gate_up: cat(&[g, u])?,
@@ -106,6 +117,7 @@ impl GpuLlama {
             layers.push(Layer {
                 input_norm: fill(c, 0.0, 1.0)?,
                 qkv: fill((h + 2 * kvh) * hd * c, w, 0.0)?,
+                qkv_bias: if cfg.qkv_bias { Some(fill((h + 2 * kvh) * hd, w, 0.0)?) } else { None },
                 o: fill(c * h * hd, w, 0.0)?,
                 post_norm: fill(c, 0.0, 1.0)?,
                 gate_up: fill(2 * i * c, w, 0.0)?,

@@ -3,7 +3,8 @@
 //! (the hand-written GEMV for one row, cuBLASLt otherwise), fp32 accumulation throughout. Text tokens
 //! or decoder input rows made on the host (`Input::Embeds`: a LLaVA prompt's text embeddings with its image
 //! features spliced in), optionally with a LoRA adapter applied unmerged (`GpuLora::for_inference`: two
-//! small GEMMs beside each projection). No attention/MLP biases.
+//! small GEMMs beside each projection). Qwen2's q/k/v biases, no other attention/MLP biases; Qwen2-VL's multimodal
+//! RoPE (a prefill's rows carry three positions each: `Positions`) and the shifted text positions after its image.
 //!
 //! Decoding n answers to one prompt ([`DecodeSession`], `decode.rs`): the prompt is prefilled once into a shared
 //! prefix cache; the n sequences then step together, each with its own suffix cache, against that prefix. Every
@@ -36,6 +37,8 @@ pub(crate) struct Layer {
     pub(crate) input_norm: CudaSlice<f16>,
     /// [(heads + 2 kv_heads) head_dim, hidden]: the q rows, then k, then v.
     pub(crate) qkv: CudaSlice<f16>,
+    /// Qwen2's q/k/v biases, in the rows of `qkv`.
+    pub(crate) qkv_bias: Option<CudaSlice<f16>>,
     pub(crate) o: CudaSlice<f16>,
     pub(crate) post_norm: CudaSlice<f16>,
     /// [2 intermediate, hidden]: the gate rows, then up.
@@ -84,7 +87,9 @@ pub(crate) struct Scratch {
     pub(crate) act: CudaSlice<f16>,
     pub(crate) logits: CudaSlice<f16>,
     pub(crate) ids: CudaSlice<i32>,
+    /// Each row's RoPE position, or with `pos_width` 3 its three multimodal ones (temporal, height, width).
     pub(crate) pos: CudaSlice<i32>,
+    pub(crate) pos_width: usize,
     pub(crate) flag: CudaSlice<i32>,
     pub(crate) part: CudaSlice<f32>,
     /// x A^T of the LoRA module being applied (rows, r).
@@ -99,6 +104,10 @@ pub enum Input<'a> {
     /// Decoder input rows (rows, hidden) made on the host: a LLaVA prompt's text embeddings with the image
     /// features in place of the image token (`llava::Model::embed_inputs`).
     Embeds(&'a [f32]),
+    /// Decoder input rows of a prompt starting the sequence, at the RoPE positions `Model::rope_positions` gives
+    /// (Qwen2-VL's multimodal positions for image rows: `ops::rope::mrope_position`), and the `shift` of the rows
+    /// that follow (position = row + shift).
+    Placed { rows: &'a [f32], positions: &'a [usize], shift: isize },
 }
 
 /// How a forward pass attends.
@@ -155,7 +164,9 @@ impl GpuLlama {
             act: a(rows * i)?,
             logits: a(logit_rows * cfg.vocab_size)?,
             ids: s.alloc_zeros::<i32>(rows.max(1)).map_err(derr)?,
-            pos: s.alloc_zeros::<i32>(rows.max(1)).map_err(derr)?,
+            // Room for three positions per row under multimodal RoPE.
+            pos: s.alloc_zeros::<i32>(rows.max(1) * if cfg.mrope_section.is_some() { 3 } else { 1 }).map_err(derr)?,
+            pos_width: 1,
             flag: s.alloc_zeros::<i32>(1).map_err(derr)?,
             part: s.alloc_zeros::<f32>(part_len.max(1)).map_err(derr)?,
             lt: a(rows * lora_r)?,
@@ -210,25 +221,49 @@ impl GpuLlama {
                     (&mut suffix.k[li], &mut suffix.v[li], suffix.capacity * w, Some(&suffix.lens), 0)
                 }
             };
-            match plan.qkv {
+            // Multimodal RoPE positions (three per row) take the separate RoPE kernel; so does a biased q/k/v.
+            let sections = if s.pos_width == 3 { cfg.mrope_section } else { None };
+            let qkv_launch = match (plan.qkv, sections) {
+                (ProjLaunch::Fused(_), Some(_)) => ProjLaunch::Separate(crate::cuda::GemvChoice::Blas),
+                (p, _) => p,
+            };
+            match qkv_launch {
                 ProjLaunch::Fused(split) => gpu.gemv_qkv_rope_dev(
                     &mut s.qkv, kc, vc, &s.h, &l.qkv, c, h, kvh, hd, split, &s.pos, &self.cos, &self.sin, seq_stride,
                     lens, start,
                 )?,
                 ProjLaunch::Separate(product) => {
                     gpu.matmul_with(product, &s.h, &l.qkv, &mut s.qkv, rows, c, nqkv)?;
+                    if let Some(b) = &l.qkv_bias {
+                        crate::cuda_clip::bias_add(gpu, &mut s.qkv, &b.slice(..), rows, nqkv)?;
+                    }
                     if let Some(a) = lora {
                         for (j, off) in [(0, 0), (1, h * hd), (2, (h + kvh) * hd)] {
                             a.lora_fwd(gpu, li, j, &s.h, Some(&mut s.lt), &mut s.qkv, off, nqkv, rows, None)?;
                         }
                     }
-                    if plan.rope_kv_store {
+                    if plan.rope_kv_store && sections.is_none() {
                         gpu.rope_kv_store_dev(
                             &mut s.qkv, kc, vc, &s.pos, &self.cos, &self.sin, rows, h, kvh, hd, nqkv, seq_stride, lens,
                             start,
                         )?;
                     } else {
-                        gpu.rope_strided_dev(&mut s.qkv, &s.pos, &self.cos, &self.sin, rows, h + kvh, hd, nqkv)?;
+                        match sections {
+                            Some(sec) => gpu.rope_sections_dev(
+                                &mut s.qkv,
+                                &s.pos,
+                                &self.cos,
+                                &self.sin,
+                                rows,
+                                h + kvh,
+                                hd,
+                                nqkv,
+                                sec,
+                            )?,
+                            None => {
+                                gpu.rope_strided_dev(&mut s.qkv, &s.pos, &self.cos, &self.sin, rows, h + kvh, hd, nqkv)?
+                            }
+                        }
                         gpu.kv_store_dev(
                             kc,
                             vc,
@@ -403,7 +438,19 @@ impl GpuLlama {
         let part = gpu.decode_part_len(start + 1, 1, self.cfg.num_attention_heads, self.cfg.head_dim);
         let mut s = self.scratch(gpu, rows, rows - first, part, lora.map_or(1, |l| l.r))?;
         self.load_input(gpu, input, &mut s)?;
-        let pos: Vec<i32> = (start..start + rows).map(|p| p as i32).collect();
+        let default: Vec<usize>;
+        let positions = match input {
+            Input::Placed { positions, .. } if positions.len() == rows && start == 0 => positions,
+            Input::Placed { positions, .. } => {
+                return Err(err(format!("forward: {} positions for {rows} rows at {start}", positions.len())))
+            }
+            _ => {
+                default = (start..start + rows).collect();
+                &default
+            }
+        };
+        let (pos, width) = self.device_positions(positions)?;
+        s.pos_width = width;
         gpu.stream.memcpy_htod(&pos, &mut s.pos).map_err(derr)?;
         self.forward_layers(gpu, &mut s, &mut Attend::Prefill { cache, start }, matches!(input, Input::Ids(_)), lora)?;
         cache.len += rows;
@@ -426,12 +473,32 @@ impl GpuLlama {
         gpu.download_f16(&s.logits)
     }
 
+    /// The device's form of RoPE positions: one i32 per row, or under multimodal RoPE three (a text row's
+    /// position repeated), each inside the cos/sin tables.
+    fn device_positions(&self, positions: &[usize]) -> Result<(Vec<i32>, usize)> {
+        let width = if self.cfg.mrope_section.is_some() { 3 } else { 1 };
+        let mut out = Vec::with_capacity(positions.len() * width);
+        for &p in positions {
+            let comps = crate::ops::rope::components(p);
+            if width == 1 && comps != [p; 3] {
+                return Err(err("a multimodal RoPE position for a decoder without mrope_section"));
+            }
+            for &c in &comps[..width] {
+                if c >= self.max_positions {
+                    return Err(err(format!("RoPE position {c} is outside the table of {}", self.max_positions)));
+                }
+                out.push(c as i32);
+            }
+        }
+        Ok((out, width))
+    }
+
     fn input_rows(&self, input: Input) -> Result<usize> {
         let c = self.cfg.hidden_size;
         match input {
             Input::Ids(ids) => Ok(ids.len()),
-            Input::Embeds(x) if x.len().is_multiple_of(c) => Ok(x.len() / c),
-            Input::Embeds(x) => {
+            Input::Embeds(x) | Input::Placed { rows: x, .. } if x.len().is_multiple_of(c) => Ok(x.len() / c),
+            Input::Embeds(x) | Input::Placed { rows: x, .. } => {
                 Err(err(format!("decoder input of {} values is not a whole number of rows of {c}", x.len())))
             }
         }
@@ -444,7 +511,7 @@ impl GpuLlama {
                 let id32 = self.check_ids(ids)?;
                 gpu.stream.memcpy_htod(&id32, &mut s.ids).map_err(derr)
             }
-            Input::Embeds(x) => {
+            Input::Embeds(x) | Input::Placed { rows: x, .. } => {
                 if let Some(at) = x.iter().position(|v| !v.is_finite()) {
                     return Err(err(format!("decoder input value {at} is {}", x[at])));
                 }

@@ -75,7 +75,8 @@ impl DecodePlan {
         let proj = |k: usize| ProjPlan { product: product(k, None), fused: k.is_multiple_of(8).then_some(1) };
         let (c, inter) = (cfg.hidden_size, cfg.intermediate_size);
         DecodePlan {
-            qkv: proj(c),
+            // The fused q/k/v kernel has no bias.
+            qkv: ProjPlan { fused: proj(c).fused.filter(|_| !cfg.qkv_bias), ..proj(c) },
             o: proj(cfg.num_attention_heads * cfg.head_dim),
             gate_up: proj(c),
             down: proj(inter),
@@ -170,6 +171,7 @@ impl GpuLlama {
         );
         let pos = gpu.stream.alloc_zeros::<i32>(1).map_err(derr)?;
         let (cos, sin) = (&self.cos, &self.sin);
+        let cfg_qkv_bias = self.cfg.qkv_bias;
         let (best, line) =
             pick_fused(gpu, n, "q/k/v + RoPE + cache store", "one launch", &mut |split, i| match split {
                 Some(split) => gpu.gemv_qkv_rope_dev(
@@ -195,7 +197,8 @@ impl GpuLlama {
                     gpu.rope_kv_store_dev(&mut qkv, &mut kc, &mut vc, &pos, cos, sin, 1, h, kvh, hd, nqkv, 0, None, 0)
                 }
             })?;
-        self.plan.qkv.fused = best;
+        // The fused kernel has no bias (Qwen2's q/k/v biases): there the projection and its bias stay separate.
+        self.plan.qkv.fused = best.filter(|_| !cfg_qkv_bias);
         lines.push(line);
         // The o and down projections with the residual add + RMSNorm after them: the projection as tuned above
         // followed by `add_rmsnorm_f16`, against both in one launch.

@@ -195,6 +195,8 @@ impl GpuLora {
                 }
                 Ok((gpu.upload_f16(e)?, e.len() / c))
             }
+            // `gpu_trainable` keeps multimodal-RoPE decoders on the CPU trainer.
+            Input::Placed { .. } => Err(err("the GPU trainer takes no multimodal RoPE positions (Qwen2-VL)")),
         }
     }
 

@@ -54,6 +54,11 @@ pub struct StepReport {
 
 /// Why `train_dpo_gpu` and `train_sft_gpu` cannot train `adapter` (the caller then trains on the CPU), or None.
 pub fn gpu_trainable(cfg: &LlamaConfig, adapter: &Adapter) -> Option<String> {
+    if cfg.mrope_section.is_some() || cfg.qkv_bias {
+        return Some(
+            "the GPU trainer has no q/k/v biases or multimodal RoPE yet (Qwen2-VL); the CPU trainer trains it".into(),
+        );
+    }
     if let Some((name, _)) = adapter.saved_params().find(|(n, _)| !crate::cuda_clip::in_image_path(n)) {
         return Some(format!("the adapter trains the whole parameter {name} (modules_to_save; the GPU trainer trains whole weights and biases of the image path's linear layers only)"));
     }

@@ -224,23 +224,7 @@ pub(super) fn rope_bwd(
 ) -> Result<()> {
     let cfg = &model.cfg;
     let (h, kvh, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
-    let (t, nh, d, st) = (
-        to_i32(rows, "rows")?,
-        to_i32(h + kvh, "heads")?,
-        to_i32(hd, "head_dim")?,
-        to_i32((h + 2 * kvh) * hd, "stride")?,
-    );
-    let mut b = gpu.stream.launch_builder(gpu.f("rope_bwd_f16")?);
-    b.arg(dqkv).arg(dpos).arg(&model.cos).arg(&model.sin).arg(&t).arg(&nh).arg(&d).arg(&st);
-    unsafe {
-        b.launch(LaunchConfig {
-            grid_dim: (rows as u32, (h + kvh) as u32, 1),
-            block_dim: (64, 1, 1),
-            shared_mem_bytes: 0,
-        })
-    }
-    .map_err(derr)?;
-    Ok(())
+    gpu.rope_launch("rope_bwd_f16", dqkv, dpos, &model.cos, &model.sin, rows, h + kvh, hd, (h + 2 * kvh) * hd, None)
 }
 
 /// SwiGLU's backward into the fused gate/up gradient.

@@ -28,7 +28,7 @@ pub fn mrope_position(t: usize, h: usize, w: usize) -> usize {
 }
 
 /// The (temporal, height, width) components of a position.
-fn components(pos: usize) -> [usize; 3] {
+pub(crate) fn components(pos: usize) -> [usize; 3] {
     if pos & MROPE_FLAG == 0 {
         [pos; 3]
     } else {
