@@ -1,6 +1,7 @@
 // Attention, fp16 in/out, fp32 softmax and accumulation, online softmax (never the full score matrix).
 //  - flash_attn_prefill_f16: tiled prefill, causal (text; with an offset so a suffix can attend a cached prefix)
-//    or full (vision tower); GQA/MQA by mapping query head h to kv head h / (heads_q / heads_kv).
+//    or full (vision tower); GQA/MQA by mapping query head h to kv head h / (heads_q / heads_kv). `window` > 0
+//    (causal only): a query sees just the last `window` keys up to its own (Mistral's and Qwen2's sliding window).
 //  - attn_decode_f16: one new token per sequence against a shared prefix cache (the image and prompt, computed
 //    once for the n answers of a prompt) plus the sequence's own suffix cache; keys split into chunks across
 //    blocks (flash-decoding), partial softmax states merged by the last block of each head to finish (or by
@@ -23,7 +24,7 @@
 extern "C" __global__ void __launch_bounds__(128) flash_attn_prefill_f16(
     __half* __restrict__ out, const __half* __restrict__ q, const __half* __restrict__ k, const __half* __restrict__ v,
     int n_q, int n_k, int heads_q, int heads_kv, int head_dim, int q_stride, int kv_stride, int o_stride, float scale, int causal,
-    float* __restrict__ lse) {
+    float* __restrict__ lse, int window) {
     __shared__ float qs[QROWS][MAX_D];
     __shared__ __half ks[BC][MAX_D + 2];
     __shared__ __half vs[BC][MAX_D];
@@ -44,7 +45,9 @@ extern "C" __global__ void __launch_bounds__(128) flash_attn_prefill_f16(
         for (int i = 0; i < DPL; i++) acc[rr][i] = 0.0f;
     }
     const int kmax = causal ? min(n_k, q0 + QROWS + offset) : n_k;
-    for (int k0 = 0; k0 < kmax; k0 += BC) {
+    // With a window, the block's first query sees nothing before q0 + offset - window + 1.
+    const int kmin = causal && window > 0 ? max(0, q0 + offset - window + 1) / BC * BC : 0;
+    for (int k0 = kmin; k0 < kmax; k0 += BC) {
         __syncthreads();
         for (int idx = threadIdx.x; idx < BC * head_dim; idx += blockDim.x) {
             const int j = idx / head_dim, d = idx % head_dim, kj = k0 + j;
@@ -58,7 +61,7 @@ extern "C" __global__ void __launch_bounds__(128) flash_attn_prefill_f16(
             const int r = warp + rr * WARPS, qi = q0 + r;
             if (qi >= n_q) continue;  // uniform across the warp
             const int kj = k0 + lane;
-            const bool valid = kj < n_k && (!causal || kj <= qi + offset);
+            const bool valid = kj < n_k && (!causal || (kj <= qi + offset && (window <= 0 || kj > qi + offset - window)));
             float s = -INFINITY;
             if (valid) {
                 float dot = 0.0f;
@@ -111,6 +114,7 @@ extern "C" __global__ void __launch_bounds__(128) flash_attn_prefill_f16(
 // b * heads_q + h] after a fence, and the one that takes the last ticket merges the chunks (the same arithmetic as
 // attn_decode_combine_f16) and resets the counter. Those counters are 0 before the launch and after it.
 // pf (may be null): bytes to prefetch into L2 for the op after this one (the o projection's weights).
+// window > 0: the query sees only the last `window` keys of its sequence (sliding-window attention).
 static_assert(DPL == 4, "attn_decode_f16 unpacks 4 head elements per lane");
 // Element i (0..3) of 4 halves packed in a uint2 (the first in the low bits of x), widened.
 __device__ __forceinline__ float half4_at(uint2 w, int i) {
@@ -167,7 +171,7 @@ extern "C" __global__ void __launch_bounds__(128) attn_decode_f16(
     __half* __restrict__ out, const __half* __restrict__ q, const __half* __restrict__ pk, const __half* __restrict__ pv,
     int prefix_len, int prefix_stride, const __half* __restrict__ sk, const __half* __restrict__ sv, const int* __restrict__ suf_len,
     long long suf_seq_stride, int suf_stride, int heads_q, int heads_kv, int head_dim, int q_stride, int o_stride, float scale,
-    float* __restrict__ part, int chunk, int combine_here, const char* __restrict__ pf, long long pf_bytes) {
+    float* __restrict__ part, int chunk, int combine_here, const char* __restrict__ pf, long long pf_bytes, int window) {
     __shared__ float wm[WARPS], wl[WARPS];
     __shared__ float wacc[WARPS][MAX_D];
     const int b = blockIdx.x, h = blockIdx.y, s = blockIdx.z, nsplit = gridDim.z, hk = h / (heads_q / heads_kv);
@@ -180,7 +184,9 @@ extern "C" __global__ void __launch_bounds__(128) attn_decode_f16(
         qv[i] = d < head_dim ? __half2float(q[(long long)b * q_stride + h * head_dim + d]) * scale : 0.0f;
     }
     const int total = prefix_len + suf_len[b];
-    const int j0 = s * chunk, j1 = min(j0 + chunk, total);
+    // window > 0: only the last `window` keys (the query's own among them); a chunk before them has no keys.
+    const int lo = window > 0 ? max(0, total - window) : 0;
+    const int j0 = max(s * chunk, lo), j1 = min(s * chunk + chunk, total);
     float m = -INFINITY, l = 0.0f, acc[DPL];
 #pragma unroll
     for (int i = 0; i < DPL; i++) acc[i] = 0.0f;
@@ -440,7 +446,7 @@ template <int D>
 __device__ __forceinline__ void flash_attn_mma_body(
     __half* __restrict__ out, const __half* __restrict__ q, const __half* __restrict__ k, const __half* __restrict__ v,
     int n_q, int n_k, int heads_q, int heads_kv, int q_stride, int kv_stride, int o_stride, float scale, int causal,
-    float* __restrict__ lse) {
+    float* __restrict__ lse, int window) {
     __shared__ __align__(16) __half ks[MMA_K][D + MMA_PAD];
     __shared__ __align__(16) __half vs[MMA_K][D + MMA_PAD];
     const int h = blockIdx.y, hk = h / (heads_q / heads_kv);
@@ -454,8 +460,10 @@ __device__ __forceinline__ void flash_attn_mma_body(
     for (int n = 0; n < D / 8; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
     const int kmax = causal ? min(n_k, q0 + MMA_Q + offset) : n_k;
+    // With a window, the block's first query sees nothing before q0 + offset - window + 1.
+    const int kmin = causal && window > 0 ? max(0, q0 + offset - window + 1) / MMA_K * MMA_K : 0;
     const int last_row = q0 + warp * 16 + 15;
-    for (int k0 = 0; k0 < kmax; k0 += MMA_K) {
+    for (int k0 = kmin; k0 < kmax; k0 += MMA_K) {
         __syncthreads();
         stage_tile<D>(ks, k, k0, n_k, kv_stride, hk * D);
         stage_tile<D>(vs, v, k0, n_k, kv_stride, hk * D);
@@ -478,7 +486,8 @@ __device__ __forceinline__ void flash_attn_mma_body(
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const int col = k0 + n * 8 + 2 * t + (e & 1), row = e < 2 ? r0 : r1;
-                const bool ok = col < n_k && (!causal || col <= row + offset);
+                const bool ok =
+                    col < n_k && (!causal || (col <= row + offset && (window <= 0 || col > row + offset - window)));
                 s[n][e] = ok ? s[n][e] * scale : -INFINITY;
                 if (e < 2) mx0 = fmaxf(mx0, s[n][e]);
                 else mx1 = fmaxf(mx1, s[n][e]);
@@ -534,13 +543,15 @@ __device__ __forceinline__ void flash_attn_mma_body(
 // grid (ceil(n_q / 64), heads_q), block 128; arguments as flash_attn_prefill_f16 without head_dim.
 extern "C" __global__ void __launch_bounds__(128) flash_attn_mma_d64_f16(
     __half* __restrict__ out, const __half* __restrict__ q, const __half* __restrict__ k, const __half* __restrict__ v,
-    int n_q, int n_k, int heads_q, int heads_kv, int q_stride, int kv_stride, int o_stride, float scale, int causal, float* __restrict__ lse) {
-    flash_attn_mma_body<64>(out, q, k, v, n_q, n_k, heads_q, heads_kv, q_stride, kv_stride, o_stride, scale, causal, lse);
+    int n_q, int n_k, int heads_q, int heads_kv, int q_stride, int kv_stride, int o_stride, float scale, int causal, float* __restrict__ lse,
+    int window) {
+    flash_attn_mma_body<64>(out, q, k, v, n_q, n_k, heads_q, heads_kv, q_stride, kv_stride, o_stride, scale, causal, lse, window);
 }
 extern "C" __global__ void __launch_bounds__(128) flash_attn_mma_d128_f16(
     __half* __restrict__ out, const __half* __restrict__ q, const __half* __restrict__ k, const __half* __restrict__ v,
-    int n_q, int n_k, int heads_q, int heads_kv, int q_stride, int kv_stride, int o_stride, float scale, int causal, float* __restrict__ lse) {
-    flash_attn_mma_body<128>(out, q, k, v, n_q, n_k, heads_q, heads_kv, q_stride, kv_stride, o_stride, scale, causal, lse);
+    int n_q, int n_k, int heads_q, int heads_kv, int q_stride, int kv_stride, int o_stride, float scale, int causal, float* __restrict__ lse,
+    int window) {
+    flash_attn_mma_body<128>(out, q, k, v, n_q, n_k, heads_q, heads_kv, q_stride, kv_stride, o_stride, scale, causal, lse, window);
 }
 
 // ---- Backward (training): flash-style, the probabilities recomputed from the forward's saved log-sum-exp.

@@ -275,6 +275,7 @@ fn op_breakdown(gpu: &Gpu, model: &GpuLlama, keys: usize, n: usize) -> Result<Ve
                     hd,
                     part,
                     None,
+                    None,
                 )
             })?,
         ));
@@ -303,6 +304,7 @@ fn op_breakdown(gpu: &Gpu, model: &GpuLlama, keys: usize, n: usize) -> Result<Ve
                         hd,
                         &mut part16,
                         None,
+                        None,
                     )
                 })
             });
@@ -328,6 +330,7 @@ fn op_breakdown(gpu: &Gpu, model: &GpuLlama, keys: usize, n: usize) -> Result<Ve
                 kvh,
                 hd,
                 part,
+                None,
                 None,
             )
         });

@@ -337,7 +337,7 @@ impl GpuVision {
                 heads,
                 heads,
                 cfg.head_dim(),
-                false,
+                crate::ops::Mask::Full,
             )?;
             linear(gpu, &l.o, &att, &mut tmp, t, ad)?;
             gpu.residual_add_dev(&mut x, &tmp, t * d)?;

@@ -686,10 +686,6 @@ fn llava_next_tiles_on_the_gpu_match_the_cpu_backend() {
     assert!(dirs.len() >= 5, "the LLaVA-NeXT fixtures");
     for dir in dirs {
         let cpu = Model::load(&dir.join("model")).unwrap();
-        if cpu.config.text().has_sliding_window() {
-            // The CUDA attention has no window yet: such a model runs on the CPU (engine/tests/backend.rs).
-            continue;
-        }
         let Some(dev) = on_gpu(&dir.join("model")) else { return };
         let px = cpu.load_image(&dir.join("image.png")).unwrap();
         assert!(px.tiles > 1, "{}: an anyres image has tiles", dir.display());
@@ -710,13 +706,15 @@ fn llava_next_tiles_on_the_gpu_match_the_cpu_backend() {
             px.tiles
         );
         assert!(rel <= 1e-2, "{}: features rel L2 {rel}", dir.display());
-        assert!(worst <= 5e-2, "{}: log-probs differ by {worst}", dir.display());
+        // 1e-2 leaves a margin of 10x over the worst seen on cuemu (8.3e-4); a window the GPU ignored gives 8e-2.
+        assert!(worst <= 1e-2, "{}: log-probs differ by {worst}", dir.display());
     }
 }
 
 /// Qwen2-VL / Qwen2.5-VL with the decoder on the GPU (q/k/v biases, multimodal RoPE positions for the image rows,
 /// shifted text positions after them) and the vision transformer on the CPU: the ShapesWorld decoder in Qwen form
-/// gives the CPU backend's greedy answers, and on every random Qwen fixture (both versions, GQA/MQA, tied heads)
+/// gives the CPU backend's greedy answers, and on every random Qwen fixture (both versions, GQA/MQA, tied heads,
+/// sliding windows on some layers)
 /// the answer's log-prob, with and without the fixture's LoRA adapter (on the GPU decoder where it is decoder-only,
 /// else on the CPU), and the branch logits follow the CPU.
 #[test]
@@ -752,10 +750,6 @@ fn qwen_decoders_on_the_gpu_match_the_cpu_backend() {
     let mut worst = 0.0f64;
     for dir in dirs {
         let cpu = Model::load(&dir.join("model")).unwrap();
-        if cpu.config.text().has_sliding_window() {
-            // The CUDA attention has no window yet: such a model runs on the CPU (engine/tests/backend.rs).
-            continue;
-        }
         let dev = on_gpu(&dir.join("model")).expect("the GPU opened above");
         let px = cpu.load_image(&dir.join("image.png")).unwrap();
         let feats = cpu.image_features(&px, None).unwrap();
@@ -771,7 +765,8 @@ fn qwen_decoders_on_the_gpu_match_the_cpu_backend() {
             let lp_dev = dev.answer_logp(prompt, answer, Some(&f), ad).unwrap();
             let d = (lp_cpu - lp_dev).abs() / answer.len() as f64;
             println!("{}: adapter {}: answer log-prob per token differs by {d:.2e}", dir.display(), ad.is_some());
-            assert!(d <= 5e-2, "{}: log-probs {lp_dev} on the GPU, {lp_cpu} on the CPU", dir.display());
+            // 1e-2: 6x the worst seen on cuemu (1.6e-3); mis-placed image rows or an ignored window give 8e-2 and more.
+            assert!(d <= 1e-2, "{}: log-probs {lp_dev} on the GPU, {lp_cpu} on the CPU", dir.display());
             worst = worst.max(d);
         }
         // Several continuations of the prompt (the labeler's questions): their last logits.

@@ -564,23 +564,29 @@ fn attention_kernels_match_float64() {
     // Head sizes 64 and 128 run twice: the tensor-core kernels (flash_attn_mma_d*_f16, the default on sm_80+) and
     // the scalar one; partial tiles of 64 rows and keys, a prefix offset that is not a tile multiple, and a query
     // block whose first rows see no key of a tile are included.
+    // Sliding windows (Mistral, Qwen2): shorter than a tile, and long ones whose first tiles the block skips, with
+    // and without a cached prefix.
     let shapes = [
-        (1usize, 1usize, 1usize, 1usize, 16usize, true),
-        (37, 37, 4, 4, 24, true),
-        (20, 90, 8, 2, 64, true),
-        (577, 577, 4, 4, 64, false),
-        (64, 640, 8, 1, 128, true),
-        (130, 130, 2, 2, 64, true),
-        (70, 203, 4, 2, 128, true),
-        (1, 1, 2, 1, 128, true),
-        (150, 100, 2, 2, 128, false),
+        (1usize, 1usize, 1usize, 1usize, 16usize, true, None),
+        (37, 37, 4, 4, 24, true, None),
+        (20, 90, 8, 2, 64, true, None),
+        (577, 577, 4, 4, 64, false, None),
+        (64, 640, 8, 1, 128, true, None),
+        (130, 130, 2, 2, 64, true, None),
+        (70, 203, 4, 2, 128, true, None),
+        (1, 1, 2, 1, 128, true, None),
+        (150, 100, 2, 2, 128, false, None),
+        (37, 37, 4, 4, 24, true, Some(5usize)),
+        (130, 130, 2, 2, 64, true, Some(17)),
+        (70, 203, 4, 2, 128, true, Some(100)),
+        (200, 200, 2, 1, 128, true, Some(64)),
     ];
     let mma_default = g.mma_attention.load(std::sync::atomic::Ordering::Relaxed);
     let runs = shapes
         .iter()
         .flat_map(|&s| [(s, false), (s, true)])
-        .filter(|&((.., d, _), mma)| !mma || (mma_default && (d == 64 || d == 128)));
-    for ((n_q, n_k, hq, hkv, d, causal), mma) in runs {
+        .filter(|&((.., d, _, _), mma)| !mma || (mma_default && (d == 64 || d == 128)));
+    for ((n_q, n_k, hq, hkv, d, causal, window), mma) in runs {
         let q = randn(&mut rng, n_q * hq * d, 1.0);
         let k = randn(&mut rng, n_k * hkv * d, 1.0);
         let v = randn(&mut rng, n_k * hkv * d, 1.0);
@@ -591,8 +597,11 @@ fn attention_kernels_match_float64() {
             for hh in 0..hq {
                 let kvh = hh / (hq / hkv);
                 let limit = if causal { i + offset } else { n_k - 1 };
-                let ks: Vec<&[f64]> = (0..=limit).map(|j| &kh[(j * hkv + kvh) * d..(j * hkv + kvh + 1) * d]).collect();
-                let vs: Vec<&[f64]> = (0..=limit).map(|j| &vh[(j * hkv + kvh) * d..(j * hkv + kvh + 1) * d]).collect();
+                let first = window.map_or(0, |w| (limit + 1).saturating_sub(w));
+                let ks: Vec<&[f64]> =
+                    (first..=limit).map(|j| &kh[(j * hkv + kvh) * d..(j * hkv + kvh + 1) * d]).collect();
+                let vs: Vec<&[f64]> =
+                    (first..=limit).map(|j| &vh[(j * hkv + kvh) * d..(j * hkv + kvh + 1) * d]).collect();
                 let o = attend(&qh[(i * hq + hh) * d..(i * hq + hh + 1) * d], &ks, &vs, d);
                 want[(i * hq + hh) * d..(i * hq + hh + 1) * d].copy_from_slice(&o);
             }
@@ -600,22 +609,32 @@ fn attention_kernels_match_float64() {
         g.mma_attention.store(mma, std::sync::atomic::Ordering::Relaxed);
         let kernel = if mma { format!("flash_attn_mma_d{d}_f16") } else { "flash_attn_prefill_f16".into() };
         // A launch error names the kernel too (scripts/gpu-check.sh looks for "mma" in a failure).
-        let got = g.attention_prefill(&q, &k, &v, hq, hkv, d, causal).unwrap_or_else(|e| panic!("{kernel}: {e}"));
-        check(&format!("{kernel} q{n_q} k{n_k} h{hq}/{hkv} d{d} causal {causal}"), &got, &want);
+        let mask = match (causal, window) {
+            (false, _) => engine::ops::Mask::Full,
+            (true, w) => engine::ops::Mask::causal(w),
+        };
+        let got = g.attention_prefill(&q, &k, &v, hq, hkv, d, mask).unwrap_or_else(|e| panic!("{kernel}: {e}"));
+        check(&format!("{kernel} q{n_q} k{n_k} h{hq}/{hkv} d{d} {mask:?}"), &got, &want);
     }
     g.mma_attention.store(mma_default, std::sync::atomic::Ordering::Relaxed);
     // Decode: n sequences share a prefix (image + prompt) and each has its own suffix of another length.
     // One sequence over a long cache (split across many blocks), ten answers over a LLaVA-sized prefix, GQA, and a
     // head size not a multiple of 4 (the kernel's element-wise loads instead of 8-byte ones), and a cache long
     // enough for more than 128 chunks of 32 keys.
+    // With a sliding window: one reaching into the prefix, one (10 keys) inside some sequences' suffixes, one longer
+    // than every sequence, and one leaving most of a long cache's chunks empty.
     let mut most_chunks = 0;
-    for &(bsz, prefix, hq, hkv, d) in &[
-        (1usize, 5usize, 1usize, 1usize, 16usize),
-        (1, 700, 32, 32, 128),
-        (10, 600, 8, 8, 128),
-        (4, 33, 4, 2, 24),
-        (3, 45, 6, 3, 18),
-        (1, 4500, 1, 1, 16),
+    for &(bsz, prefix, hq, hkv, d, window) in &[
+        (1usize, 5usize, 1usize, 1usize, 16usize, None),
+        (1, 700, 32, 32, 128, None),
+        (10, 600, 8, 8, 128, None),
+        (4, 33, 4, 2, 24, None),
+        (3, 45, 6, 3, 18, None),
+        (1, 4500, 1, 1, 16, None),
+        (10, 600, 8, 8, 128, Some(100usize)),
+        (4, 33, 4, 2, 24, Some(10)),
+        (3, 45, 6, 3, 18, Some(1000)),
+        (1, 4500, 1, 1, 16, Some(70)),
     ] {
         let row = hkv * d;
         let pk = randn(&mut rng, prefix * row, 1.0);
@@ -636,7 +655,9 @@ fn attention_kernels_match_float64() {
                     (0..prefix).map(|j| &pvh[j * row + kvh * d..j * row + (kvh + 1) * d]).collect();
                 ks.extend((0..n_s).map(|j| &skh[j * row + kvh * d..j * row + (kvh + 1) * d]));
                 vs.extend((0..n_s).map(|j| &svh[j * row + kvh * d..j * row + (kvh + 1) * d]));
-                let o = attend(&qh[(b * hq + hh) * d..(b * hq + hh + 1) * d], &ks, &vs, d);
+                // The window: the sequence's last `w` keys (its newest token among them).
+                let first = window.map_or(0, |w| ks.len().saturating_sub(w));
+                let o = attend(&qh[(b * hq + hh) * d..(b * hq + hh + 1) * d], &ks[first..], &vs[first..], d);
                 want[(b * hq + hh) * d..(b * hq + hh + 1) * d].copy_from_slice(&o);
             }
         }
@@ -647,12 +668,14 @@ fn attention_kernels_match_float64() {
             g.decode_blocks_per_sm.store(blocks, std::sync::atomic::Ordering::Relaxed);
             let nsplit = g.decode_split(prefix + sk.iter().map(|s| s.len() / row).max().unwrap_or(0), bsz, hq).1;
             most_chunks = most_chunks.max(nsplit);
-            let got = g.attention_decode(&q, &pk, &pv, &sk, &sv, hq, hkv, d).unwrap();
-            check(&format!("attn_decode_f16 b{bsz} prefix{prefix} h{hq}/{hkv} d{d}, {nsplit} chunks"), &got, &want);
+            let got = g.attention_decode(&q, &pk, &pv, &sk, &sv, hq, hkv, d, window).unwrap();
+            let tag =
+                format!("attn_decode_f16 b{bsz} prefix{prefix} h{hq}/{hkv} d{d} window {window:?}, {nsplit} chunks");
+            check(&tag, &got, &want);
             // The chunks merged by a second launch (attn_decode_combine_f16) instead of each head's last block:
             // the same arithmetic, so the same numbers.
             g.fuse.store(false, std::sync::atomic::Ordering::Relaxed);
-            let separate = g.attention_decode(&q, &pk, &pv, &sk, &sv, hq, hkv, d);
+            let separate = g.attention_decode(&q, &pk, &pv, &sk, &sv, hq, hkv, d, window);
             g.fuse.store(true, std::sync::atomic::Ordering::Relaxed);
             let separate = separate.unwrap();
             assert!(got.iter().zip(&separate).all(|(a, b)| a.to_bits() == b.to_bits()), "attn_decode_f16 b{bsz} prefix{prefix} {nsplit} chunks: merged in the last block vs by attn_decode_combine_f16");
@@ -706,6 +729,7 @@ fn decode_attention_reuses_its_workspace_launch_after_launch() {
             d,
             &mut part,
             prefetch.then_some(&weights),
+            None,
         );
         g.fuse.store(true, std::sync::atomic::Ordering::Relaxed);
         r.unwrap();

@@ -110,13 +110,6 @@ impl CudaBackend {
     /// Opens device `ordinal`, compiles the kernels and uploads `model`'s decoder. Err(reason) when there is no
     /// usable GPU or the decoder cannot run there.
     pub fn open(ordinal: usize, model: &Model) -> std::result::Result<CudaBackend, String> {
-        if let Some(w) = (0..model.llm.cfg.num_hidden_layers).find_map(|li| model.llm.cfg.window(li)) {
-            return Err(format!(
-                "{} attends through a {w}-position sliding window, which runs on the CPU backend for now (the CUDA \
-                 attention kernels have no window yet)",
-                model.dir.display()
-            ));
-        }
         let gpu = match Gpu::open(ordinal) {
             Ok(Ok(g)) => g,
             Ok(Err(why)) => return Err(why),

@@ -2,6 +2,7 @@
 //! backward kernels.
 
 use super::*;
+use crate::ops::Mask;
 
 /// Whether `RLAIFD_CUDA_MMA_ATTENTION` leaves the tensor-core attention kernels on (unset or anything but `0`): a
 /// switch for GPU hosts that run prebuilt binaries (`scripts/gpu-check.sh`) to fall back to the scalar kernels.
@@ -28,7 +29,7 @@ pub(crate) struct AttnRows {
 
 impl Gpu {
     /// out [n_q, heads_q, d] = attention of q [n_q, heads_q, d] over the first n_k rows of k/v [.., heads_kv, d];
-    /// causal: query i sees keys up to i + n_k - n_q (a cached prefix).
+    /// causal: query i sees keys up to i + n_k - n_q (a cached prefix); a window: only the last w of those.
     #[allow(clippy::too_many_arguments)]
     pub fn attention_prefill_dev(
         &self,
@@ -41,9 +42,9 @@ impl Gpu {
         heads_q: usize,
         heads_kv: usize,
         head_dim: usize,
-        causal: bool,
+        mask: Mask,
     ) -> Result<()> {
-        self.attention_prefill_lse_dev(out, None, q, k, v, n_q, n_k, heads_q, heads_kv, head_dim, causal)
+        self.attention_prefill_lse_dev(out, None, q, k, v, n_q, n_k, heads_q, heads_kv, head_dim, mask)
     }
 
     /// `attention_prefill_dev` that also saves each row's log-sum-exp ([n_q, heads_q], fp32) for the backward pass.
@@ -60,7 +61,7 @@ impl Gpu {
         heads_q: usize,
         heads_kv: usize,
         head_dim: usize,
-        causal: bool,
+        mask: Mask,
     ) -> Result<()> {
         self.attention_prefill_strided_dev(
             out,
@@ -74,7 +75,7 @@ impl Gpu {
             heads_q,
             heads_kv,
             head_dim,
-            causal,
+            mask,
         )
     }
 
@@ -93,9 +94,9 @@ impl Gpu {
         heads_q: usize,
         heads_kv: usize,
         head_dim: usize,
-        causal: bool,
+        mask: Mask,
     ) -> Result<()> {
-        if n_k < n_q && causal {
+        if n_k < n_q && mask != Mask::Full {
             return Err(err(format!("attention: fewer keys ({n_k}) than queries ({n_q})")));
         }
         let rows = AttnRows {
@@ -105,7 +106,7 @@ impl Gpu {
             q_stride,
             kv_stride: heads_kv * head_dim,
         };
-        self.attention_fwd_at(out, lse, rows, n_q, n_k, heads_q, heads_kv, head_dim, causal)
+        self.attention_fwd_at(out, lse, rows, n_q, n_k, heads_q, heads_kv, head_dim, mask)
     }
 
     /// `flash_attn_prefill_f16`, or its tensor-core twin where `mma_attention` allows, on operands given by address
@@ -121,7 +122,7 @@ impl Gpu {
         heads_q: usize,
         heads_kv: usize,
         head_dim: usize,
-        causal: bool,
+        mask: Mask,
     ) -> Result<()> {
         if head_dim > 128
             || heads_kv == 0
@@ -140,7 +141,11 @@ impl Gpu {
         );
         let (qs, ks, os) = (to_i32(x.q_stride, "q stride")?, to_i32(x.kv_stride, "kv stride")?, hq * d);
         let scale = 1.0f32 / (head_dim as f32).sqrt();
-        let c = i32::from(causal);
+        let (c, window) = match mask {
+            Mask::Full => (0i32, 0i32),
+            Mask::Causal => (1, 0),
+            Mask::Window(w) => (1, to_i32(w.max(1), "window")?),
+        };
         let null = 0u64;
         // The tensor-core kernel: 64 query rows per block, k and v staged with 16-byte loads, q and out by pairs.
         let mma = self.mma_attention.load(std::sync::atomic::Ordering::Relaxed)
@@ -164,6 +169,7 @@ impl Gpu {
             Some(l) => b.arg(l),
             None => b.arg(&null),
         };
+        b.arg(&window);
         let grid = (n_q.div_ceil(if mma { 64 } else { 16 }).max(1) as u32, heads_q as u32, 1);
         unsafe { b.launch(LaunchConfig { grid_dim: grid, block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }
             .map_err(derr)?;
@@ -199,7 +205,8 @@ impl Gpu {
     /// plus the suffix capacity) fixes the split, so a captured graph replays for every step; `part` is the
     /// workspace (`decode_part_len`, zeroed when allocated). With `fuse` on, each head's last block merges the
     /// chunks; off, `attn_decode_combine_f16` does. `prefetch`: weights the next op reads (the o projection's),
-    /// brought into L2 by the launch's threads after their own loads.
+    /// brought into L2 by the launch's threads after their own loads. `window`: each query sees only its sequence's
+    /// last `window` keys (sliding-window attention).
     #[allow(clippy::too_many_arguments)]
     pub fn attention_decode_dev(
         &self,
@@ -220,6 +227,7 @@ impl Gpu {
         head_dim: usize,
         part: &mut CudaSlice<f32>,
         prefetch: Option<&CudaSlice<f16>>,
+        window: Option<usize>,
     ) -> Result<()> {
         if head_dim > 128 || heads_kv == 0 || !heads_q.is_multiple_of(heads_kv) || bsz == 0 || suf_lens.len() < bsz {
             return Err(err(format!(
@@ -270,6 +278,8 @@ impl Gpu {
             None => b.arg(&null),
         };
         b.arg(&pf_bytes);
+        let win = to_i32(window.unwrap_or(0), "window")?;
+        b.arg(&win);
         unsafe {
             b.launch(LaunchConfig {
                 grid_dim: (bsz as u32, heads_q as u32, nsplit as u32),

@@ -163,18 +163,19 @@ impl Gpu {
         heads_q: usize,
         heads_kv: usize,
         head_dim: usize,
-        causal: bool,
+        mask: crate::ops::Mask,
     ) -> Result<Vec<f32>> {
         let n_q = q.len() / (heads_q * head_dim).max(1);
         let n_k = k.len() / (heads_kv * head_dim).max(1);
         let (dq, dk, dv) = (self.upload_f16(q)?, self.upload_f16(k)?, self.upload_f16(v)?);
         let mut out = self.poisoned_f16(q.len())?;
-        self.attention_prefill_dev(&mut out, &dq, &dk, &dv, n_q, n_k, heads_q, heads_kv, head_dim, causal)?;
+        self.attention_prefill_dev(&mut out, &dq, &dk, &dv, n_q, n_k, heads_q, heads_kv, head_dim, mask)?;
         self.download_f16(&out)
     }
 
     /// Decode attention: one query per sequence (q [B, heads_q, d]) over a shared prefix cache ([P, heads_kv, d])
-    /// and each sequence's suffix cache (suffix[b] holds suf_len[b] rows of [heads_kv, d]).
+    /// and each sequence's suffix cache (suffix[b] holds suf_len[b] rows of [heads_kv, d]); with `window`, over the
+    /// last `window` keys of each sequence only.
     #[allow(clippy::too_many_arguments)]
     pub fn attention_decode(
         &self,
@@ -186,6 +187,7 @@ impl Gpu {
         heads_q: usize,
         heads_kv: usize,
         head_dim: usize,
+        window: Option<usize>,
     ) -> Result<Vec<f32>> {
         if head_dim > 128 || heads_kv == 0 || !heads_q.is_multiple_of(heads_kv) {
             return Err(err(format!(
@@ -234,6 +236,7 @@ impl Gpu {
             head_dim,
             &mut part,
             None,
+            window,
         )?;
         self.download_f16(&out)
     }
@@ -412,7 +415,7 @@ impl Gpu {
             heads_q,
             heads_kv,
             head_dim,
-            causal,
+            if causal { crate::ops::Mask::Causal } else { crate::ops::Mask::Full },
         )?;
         let (mut dq, mut dk, mut dv) =
             (self.poisoned_f16(q.len())?, self.poisoned_f16(k.len())?, self.poisoned_f16(v.len())?);

@@ -304,6 +304,7 @@ impl GpuLlama {
                             hd,
                             &mut s.part,
                             None,
+                            cfg.window(li),
                         )?;
                     } else {
                         gpu.attention_prefill_strided_dev(
@@ -318,7 +319,7 @@ impl GpuLlama {
                             h,
                             kvh,
                             hd,
-                            true,
+                            crate::ops::Mask::causal(cfg.window(li)),
                         )?;
                     }
                 }
@@ -341,6 +342,7 @@ impl GpuLlama {
                         hd,
                         &mut s.part,
                         None,
+                        cfg.window(li),
                     )?;
                 }
             }

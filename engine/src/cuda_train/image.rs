@@ -353,7 +353,7 @@ impl GpuLora {
             heads,
             heads,
             cfg.head_dim(),
-            false,
+            crate::ops::Mask::Full,
         )?;
         let mut tmp = a(t * d)?;
         let to = self.image_linear(gpu, &l.o, &att, &mut tmp, t, drop)?;

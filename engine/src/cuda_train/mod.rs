@@ -59,6 +59,12 @@ pub fn gpu_trainable(cfg: &LlamaConfig, adapter: &Adapter) -> Option<String> {
             "the GPU trainer has no q/k/v biases or multimodal RoPE yet (Qwen2-VL); the CPU trainer trains it".into(),
         );
     }
+    if let Some(w) = cfg.layer_window.iter().flatten().next() {
+        return Some(format!(
+            "the decoder attends through a {w}-position sliding window, which the GPU trainer's attention backward \
+             has not yet; the CPU trainer trains it"
+        ));
+    }
     if let Some((name, _)) = adapter.saved_params().find(|(n, _)| !crate::cuda_clip::in_image_path(n)) {
         return Some(format!("the adapter trains the whole parameter {name} (modules_to_save; the GPU trainer trains whole weights and biases of the image path's linear layers only)"));
     }

@@ -149,7 +149,17 @@ pub(super) fn attention_fwd_at(
     if qkv.len() < n_k * nqkv || q_row + n_q > n_k {
         return Err(err(format!("attention: {n_q} queries from row {q_row} over {n_k} keys exceed the buffers")));
     }
-    gpu.attention_fwd_at(att, Some(lse), fused_rows(gpu, cfg, qkv, q_row), n_q, n_k, h, kvh, hd, true)
+    gpu.attention_fwd_at(
+        att,
+        Some(lse),
+        fused_rows(gpu, cfg, qkv, q_row),
+        n_q,
+        n_k,
+        h,
+        kvh,
+        hd,
+        crate::ops::Mask::Causal,
+    )
 }
 
 /// q (from row `q_row`), k and v (from row 0) of a fused QKV buffer.
