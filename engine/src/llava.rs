@@ -265,7 +265,12 @@ impl Model {
     /// continuing from start + max(rows, columns)) and the shift of the rows that follow (transformers'
     /// `get_rope_index` and `rope_deltas`). None where positions are the row indices.
     pub(crate) fn rope_positions(&self, ids: &[u32], feats: Option<&ImageFeatures>) -> Option<(Vec<usize>, isize)> {
-        let (gh, gw) = feats?.grid?;
+        self.rope_positions_grid(ids, feats?.grid)
+    }
+
+    /// `rope_positions` given the image's merged grid (`feature_grid`).
+    pub(crate) fn rope_positions_grid(&self, ids: &[u32], grid: Option<(usize, usize)>) -> Option<(Vec<usize>, isize)> {
+        let (gh, gw) = grid?;
         if !self.llm.rope_is_mrope() {
             return None;
         }

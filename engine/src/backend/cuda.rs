@@ -5,7 +5,7 @@
 use crate::adapter::Adapter;
 use crate::backend::{Backend, CpuBackend, DeviceSpec, Placement};
 use crate::cuda::Gpu;
-use crate::cuda_llama::{GpuLlama, Input};
+use crate::cuda_llama::{GpuLlama, HostInput, Input};
 use crate::cuda_lora::GpuLora;
 use crate::error::{EngineError, Result};
 use crate::generate::{Answer, GenerateRequest, GenerateStats};
@@ -274,22 +274,6 @@ fn decoder_input(model: &Model, ids: &[u32], feats: Option<&ImageFeatures>) -> R
     }
     let rows = model.embed_inputs(ids, feats.map(|f| &f.rows[..]))?.0;
     Ok(Some(HostInput { rows, placed: model.rope_positions(ids, feats) }))
-}
-
-/// Decoder input rows made on the host, and their RoPE positions and the shift after them when they are not the
-/// row indices (`Model::rope_positions`).
-struct HostInput {
-    rows: Vec<f32>,
-    placed: Option<(Vec<usize>, isize)>,
-}
-
-impl HostInput {
-    fn input(&self) -> Input<'_> {
-        match &self.placed {
-            Some((positions, shift)) => Input::Placed { rows: &self.rows, positions, shift: *shift },
-            None => Input::Embeds(&self.rows),
-        }
-    }
 }
 
 impl Backend for CudaBackend {

@@ -110,6 +110,23 @@ pub enum Input<'a> {
     Placed { rows: &'a [f32], positions: &'a [usize], shift: isize },
 }
 
+/// Decoder input rows made on the host, and their RoPE positions and the shift after them when they are not the
+/// row indices (`Model::rope_positions`: Qwen2-VL with an image).
+pub struct HostInput {
+    pub rows: Vec<f32>,
+    pub placed: Option<(Vec<usize>, isize)>,
+}
+
+impl HostInput {
+    /// The rows as a forward pass's input: `Input::Placed` at their positions, else `Input::Embeds`.
+    pub fn input(&self) -> Input<'_> {
+        match &self.placed {
+            Some((positions, shift)) => Input::Placed { rows: &self.rows, positions, shift: *shift },
+            None => Input::Embeds(&self.rows),
+        }
+    }
+}
+
 /// How a forward pass attends.
 enum Attend<'a> {
     /// `rows` new tokens of one sequence appended to `cache` at position `start`.
@@ -477,7 +494,7 @@ impl GpuLlama {
 
     /// The device's form of RoPE positions: one i32 per row, or under multimodal RoPE three (a text row's
     /// position repeated), each inside the cos/sin tables.
-    fn device_positions(&self, positions: &[usize]) -> Result<(Vec<i32>, usize)> {
+    pub(crate) fn device_positions(&self, positions: &[usize]) -> Result<(Vec<i32>, usize)> {
         let width = if self.cfg.mrope_section.is_some() { 3 } else { 1 };
         let mut out = Vec::with_capacity(positions.len() * width);
         for &p in positions {

@@ -31,8 +31,10 @@ pub(super) struct LayerTape {
 pub(super) struct ChunkTape {
     pub(super) rows: usize,
     pub(super) layers: Vec<LayerTape>,
-    /// The rows' positions (RoPE).
+    /// The rows' positions (RoPE; three per row under multimodal RoPE: `GpuLlama::device_positions`).
     pub(super) pos: CudaSlice<i32>,
+    /// RoPE position minus row of the rows after this chunk (Qwen2-VL after an image; 0 otherwise).
+    pub(super) shift: isize,
     /// The residual stream after the last layer, and after the final norm.
     pub(super) x_final: CudaSlice<f16>,
     pub(super) hf: CudaSlice<f16>,
@@ -144,8 +146,7 @@ impl GpuLora {
         let eps = cfg.rms_norm_eps as f32;
         let s = &gpu.stream;
         let a = |n: usize| s.alloc_zeros::<f16>(n).map_err(derr);
-        let pos: Vec<i32> = (0..rows as i32).collect();
-        let dpos = s.clone_htod(&pos).map_err(derr)?;
+        let dpos = s.clone_htod(&seq_positions(model, seq, 0, rows)?.0).map_err(derr)?;
         let mut layers = Vec::with_capacity(model.layers.len());
         let mut inputs = Vec::new();
         for li in 0..model.layers.len() {
@@ -183,7 +184,7 @@ impl GpuLora {
                 gpu.embedding_ids_dev(&mut x, &model.embed, c, &dids, ids.len(), &mut flag)?;
                 Ok((x, ids.len()))
             }
-            Input::Embeds(e) => {
+            Input::Embeds(e) | Input::Placed { rows: e, .. } => {
                 if !e.len().is_multiple_of(c) {
                     return Err(err(format!(
                         "training input of {} values is not a whole number of rows of {c}",
@@ -195,8 +196,6 @@ impl GpuLora {
                 }
                 Ok((gpu.upload_f16(e)?, e.len() / c))
             }
-            // `gpu_trainable` keeps multimodal-RoPE decoders on the CPU trainer.
-            Input::Placed { .. } => Err(err("the GPU trainer takes no multimodal RoPE positions (Qwen2-VL)")),
         }
     }
 
@@ -206,24 +205,26 @@ impl GpuLora {
         if rows == 0 || rows >= model.max_positions {
             return Err(err(format!("a prompt of {rows} positions (needs 1 to {})", model.max_positions - 1)));
         }
-        self.forward_chunk(gpu, model, &mut x, rows, 0, None)
+        let (pos, shift) = seq_positions(model, seq, 0, rows)?;
+        let mut tape = self.forward_chunk(gpu, model, &mut x, rows, &pos, None)?;
+        tape.shift = shift;
+        Ok(tape)
     }
 
-    /// `rows` rows at positions `p0..` through every layer (attending `ctx`'s rows first when given), then the
-    /// final norm.
+    /// `rows` rows at the device positions `pos` (`seq_positions`) through every layer (attending `ctx`'s rows
+    /// first when given), then the final norm.
     pub(super) fn forward_chunk(
         &self,
         gpu: &Gpu,
         model: &GpuLlama,
         x: &mut CudaSlice<f16>,
         rows: usize,
-        p0: usize,
+        pos: &[i32],
         ctx: Option<&ChunkTape>,
     ) -> Result<ChunkTape> {
         let c = model.cfg.hidden_size;
         let s = &gpu.stream;
-        let pos: Vec<i32> = (p0..p0 + rows).map(|p| p as i32).collect();
-        let dpos = s.clone_htod(&pos).map_err(derr)?;
+        let dpos = s.clone_htod(pos).map_err(derr)?;
         let mut layers = Vec::with_capacity(model.layers.len());
         for li in 0..model.layers.len() {
             layers.push(self.layer_forward_ctx(
@@ -239,7 +240,7 @@ impl GpuLora {
         }
         let mut hf = s.alloc_zeros::<f16>(rows * c).map_err(derr)?;
         gpu.rmsnorm_dev(&mut hf, x, &model.norm, rows, model.cfg.rms_norm_eps as f32)?;
-        Ok(ChunkTape { rows, layers, pos: dpos, x_final: x.try_clone().map_err(derr)?, hf })
+        Ok(ChunkTape { rows, layers, pos: dpos, shift: 0, x_final: x.try_clone().map_err(derr)?, hf })
     }
 
     /// An answer after a shared prompt: its rows through every layer attending the prompt, and the log-probs of its
@@ -264,7 +265,11 @@ impl GpuLora {
             )));
         }
         check_labels(cfg, answer)?;
-        let chunk = self.forward_chunk(gpu, model, &mut x, rows, prompt.rows, Some(prompt))?;
+        // The answer's rows continue the prompt's positions (after Qwen2-VL's image: shifted).
+        let start = usize::try_from(prompt.rows as isize + prompt.shift)
+            .map_err(|_| err("an answer before position 0 (the prompt's RoPE shift)"))?;
+        let (pos, _) = seq_positions(model, Input::Embeds(&[]), start, rows)?;
+        let chunk = self.forward_chunk(gpu, model, &mut x, rows, &pos, Some(prompt))?;
         let s = &gpu.stream;
         let a = |n: usize| s.alloc_zeros::<f16>(n).map_err(derr);
         let mut pred = a(rows * c)?;
@@ -429,6 +434,9 @@ impl GpuLora {
         gpu.rmsnorm_dev(&mut h1, x, &l.input_norm, rows, eps)?;
         let mut qkv = a(rows * nqkv)?;
         gpu.linear_device(&h1, &l.qkv, &mut qkv, rows, c, nqkv)?;
+        if let Some(b) = &l.qkv_bias {
+            crate::cuda_clip::bias_add(gpu, &mut qkv, &b.slice(..), rows, nqkv)?;
+        }
         let mut t = Vec::with_capacity(7);
         for j in 0..7 {
             t.push(if self.has_module(li, j) { Some(a(rows * self.r)?) } else { None });
@@ -436,7 +444,10 @@ impl GpuLora {
         for (j, off) in [(Q, 0), (K, h * hd), (V, (h + kvh) * hd)] {
             self.lora_fwd(gpu, li, j, &h1, t[j].as_mut(), &mut qkv, off, nqkv, rows, drop)?;
         }
-        gpu.rope_strided_dev(&mut qkv, dpos, &model.cos, &model.sin, rows, h + kvh, hd, nqkv)?;
+        match cfg.mrope_section {
+            Some(sec) => gpu.rope_sections_dev(&mut qkv, dpos, &model.cos, &model.sin, rows, h + kvh, hd, nqkv, sec)?,
+            None => gpu.rope_strided_dev(&mut qkv, dpos, &model.cos, &model.sin, rows, h + kvh, hd, nqkv)?,
+        }
         let mut att = a(rows * h * hd)?;
         let mut lse = s.alloc_zeros::<f32>(rows * h).map_err(derr)?;
         match ctx {
@@ -650,5 +661,19 @@ impl GpuLora {
         }
         gpu.rmsnorm_bwd_dev(&mut tmp, None, &dh, &lt.x_in, &l.input_norm, rows, eps)?;
         gpu.residual_add_dev(dx, &tmp, rows * c)
+    }
+}
+
+/// The device positions (`GpuLlama::device_positions`) of `rows` rows of `seq`: those an `Input::Placed` gives
+/// (Qwen2-VL's multimodal RoPE) and its shift, else `start..` and no shift.
+pub(super) fn seq_positions(model: &GpuLlama, seq: Input, start: usize, rows: usize) -> Result<(Vec<i32>, isize)> {
+    match seq {
+        Input::Placed { positions, shift, .. } if positions.len() == rows && start == 0 => {
+            Ok((model.device_positions(positions)?.0, shift))
+        }
+        Input::Placed { positions, .. } => {
+            Err(err(format!("{} positions for {rows} training rows from {start}", positions.len())))
+        }
+        _ => Ok((model.device_positions(&(start..start + rows).collect::<Vec<_>>())?.0, 0)),
     }
 }

@@ -21,7 +21,7 @@
 use crate::adapter::Adapter;
 use crate::config::LlamaConfig;
 use crate::cuda::{derr, err, to_i32, AdamW, AttnRows, Gpu};
-use crate::cuda_llama::{GpuLlama, Input};
+use crate::cuda_llama::{GpuLlama, HostInput, Input};
 use crate::cuda_lora::*;
 pub use crate::cuda_lora::{inference_rank, GpuLora, PROJECTIONS};
 use crate::error::Result;
@@ -54,11 +54,6 @@ pub struct StepReport {
 
 /// Why `train_dpo_gpu` and `train_sft_gpu` cannot train `adapter` (the caller then trains on the CPU), or None.
 pub fn gpu_trainable(cfg: &LlamaConfig, adapter: &Adapter) -> Option<String> {
-    if cfg.mrope_section.is_some() || cfg.qkv_bias {
-        return Some(
-            "the GPU trainer has no q/k/v biases or multimodal RoPE yet (Qwen2-VL); the CPU trainer trains it".into(),
-        );
-    }
     if let Some(w) = cfg.layer_window.iter().flatten().next() {
         return Some(format!(
             "the decoder attends through a {w}-position sliding window, which the GPU trainer's attention backward \
@@ -168,18 +163,21 @@ impl GpuLora {
         let drops = (crate::train::dpo::part_seed(seed, 1), crate::train::dpo::part_seed(seed, 2));
         let img = self.example_image(gpu, vision, p.pixels, fixed, crate::train::dpo::part_seed(seed, 0))?;
         let f = img.features.as_deref();
+        // Qwen2-VL: the image's merged grid, for the rows' multimodal RoPE positions.
+        let grid = p.pixels.and_then(|px| model.feature_grid(px));
         // The input row where the image's features start (the prompt is both sequences' prefix).
         let mut image_row = None;
         let (l, lp, dxs) = if self.share_prompt && !self.recompute && seed.is_none() {
             // The prompt's rows (image features included) once; each answer's own token rows.
             let (xp, rp) = model.embed_inputs(p.prompt_ids, f)?;
             image_row = image_start(model, p.prompt_ids, &rp);
+            let xp = HostInput { rows: xp, placed: model.rope_positions_grid(p.prompt_ids, grid) };
             let (xc, _) = model.embed_inputs(p.chosen_ids, None)?;
             let (xr, _) = model.embed_inputs(p.rejected_ids, None)?;
             self.dpo_pair_shared(
                 gpu,
                 gmodel,
-                Input::Embeds(&xp),
+                xp.input(),
                 (Input::Embeds(&xc), p.chosen_ids),
                 (Input::Embeds(&xr), p.rejected_ids),
                 refs,
@@ -187,19 +185,23 @@ impl GpuLora {
                 weight,
             )?
         } else {
-            let mut rows = |answer: &[u32]| -> Result<(Vec<f32>, usize)> {
-                let (x, r) = model.embed_inputs(&[p.prompt_ids, answer].concat(), f)?;
+            let mut rows = |answer: &[u32]| -> Result<(HostInput, usize)> {
+                let ids = [p.prompt_ids, answer].concat();
+                let (x, r) = model.embed_inputs(&ids, f)?;
                 image_row = image_start(model, p.prompt_ids, &r);
                 let n = x.len() / c;
-                Ok((x, n.saturating_sub(answer.len())))
+                Ok((
+                    HostInput { rows: x, placed: model.rope_positions_grid(&ids, grid) },
+                    n.saturating_sub(answer.len()),
+                ))
             };
             let (xc, sc) = rows(p.chosen_ids)?;
             let (xr, sr) = rows(p.rejected_ids)?;
             self.dpo_pair(
                 gpu,
                 gmodel,
-                (Input::Embeds(&xc), p.chosen_ids, sc),
-                (Input::Embeds(&xr), p.rejected_ids, sr),
+                (xc.input(), p.chosen_ids, sc),
+                (xr.input(), p.rejected_ids, sr),
                 refs,
                 cfg,
                 weight,
@@ -404,12 +406,15 @@ pub fn train_sft_gpu(
                 let fixed = if gl.trains_image_path() { None } else { feats.get(ex.pixels, features)? };
                 let img = gl.example_image(gpu, vision, ex.pixels, fixed, crate::train::dpo::part_seed(seed, 0))?;
                 let f = img.features.as_deref();
-                let (x, row_of) = model.embed_inputs(&[ex.prompt_ids, ex.answer_ids].concat(), f)?;
+                let ids = [ex.prompt_ids, ex.answer_ids].concat();
+                let (x, row_of) = model.embed_inputs(&ids, f)?;
                 let rows = x.len() / c;
+                let grid = ex.pixels.and_then(|px| model.feature_grid(px));
+                let x = HostInput { rows: x, placed: model.rope_positions_grid(&ids, grid) };
                 let t = gl.forward_seq(
                     gpu,
                     gmodel,
-                    Input::Embeds(&x),
+                    x.input(),
                     ex.answer_ids,
                     rows.saturating_sub(ex.answer_ids.len()),
                     crate::train::dpo::part_seed(seed, 1),

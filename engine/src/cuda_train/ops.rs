@@ -234,7 +234,8 @@ pub(super) fn rope_bwd(
 ) -> Result<()> {
     let cfg = &model.cfg;
     let (h, kvh, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
-    gpu.rope_launch("rope_bwd_f16", dqkv, dpos, &model.cos, &model.sin, rows, h + kvh, hd, (h + 2 * kvh) * hd, None)
+    let sections = cfg.mrope_section;
+    gpu.rope_launch("rope_bwd_f16", dqkv, dpos, &model.cos, &model.sin, rows, h + kvh, hd, (h + 2 * kvh) * hd, sections)
 }
 
 /// SwiGLU's backward into the fused gate/up gradient.
