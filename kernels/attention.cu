@@ -557,7 +557,8 @@ extern "C" __global__ void __launch_bounds__(128) flash_attn_mma_d128_f16(
 // ---- Backward (training): flash-style, the probabilities recomputed from the forward's saved log-sum-exp.
 // With P = softmax(scale Q K^T) (masked), dP = dO V^T, delta_i = sum_d dO[i, d] O[i, d]:
 // dS = P o (dP - delta), dQ = scale dS K, dK = scale dS^T Q, dV = P^T dO. Two kernels, no atomics: one over query
-// tiles for dQ, one over key tiles for dK and dV (summed over the query heads of a GQA group).
+// tiles for dQ, one over key tiles for dK and dV (summed over the query heads of a GQA group). `window` masks as in
+// the forward kernels (a masked pair has P = 0, so it adds nothing).
 
 // delta[i, h] = sum_d dout[i, h, d] * out[i, h, d]. grid (n_q, heads_q), block 32.
 extern "C" __global__ void attn_bwd_delta_f16(float* __restrict__ delta, const __half* __restrict__ dout, const __half* __restrict__ out,
@@ -576,7 +577,8 @@ extern "C" __global__ void attn_bwd_delta_f16(float* __restrict__ delta, const _
 extern "C" __global__ void __launch_bounds__(128) flash_attn_bwd_dq_f16(
     __half* __restrict__ dq, const __half* __restrict__ q, const __half* __restrict__ k, const __half* __restrict__ v,
     const __half* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
-    int n_q, int n_k, int heads_q, int heads_kv, int head_dim, int q_stride, int kv_stride, int o_stride, float scale, int causal) {
+    int n_q, int n_k, int heads_q, int heads_kv, int head_dim, int q_stride, int kv_stride, int o_stride, float scale, int causal,
+    int window) {
     __shared__ float qs[QROWS][MAX_D];
     __shared__ float dos[QROWS][MAX_D];
     __shared__ __half ks[BC][MAX_D + 2];
@@ -615,7 +617,7 @@ extern "C" __global__ void __launch_bounds__(128) flash_attn_bwd_dq_f16(
             const int r = warp + rr * WARPS, qi = q0 + r;
             if (qi >= n_q) continue;  // uniform across the warp
             const int kj = k0 + lane;
-            const bool valid = kj < n_k && (!causal || kj <= qi + offset);
+            const bool valid = kj < n_k && (!causal || (kj <= qi + offset && (window <= 0 || kj > qi + offset - window)));
             float ds = 0.0f;
             if (valid) {
                 float s = 0.0f, dp = 0.0f;
@@ -653,7 +655,8 @@ extern "C" __global__ void __launch_bounds__(128) flash_attn_bwd_dq_f16(
 extern "C" __global__ void __launch_bounds__(128) flash_attn_bwd_dkdv_f16(
     __half* __restrict__ dk, __half* __restrict__ dv, const __half* __restrict__ q, const __half* __restrict__ k,
     const __half* __restrict__ v, const __half* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
-    int n_q, int n_k, int heads_q, int heads_kv, int head_dim, int q_stride, int kv_stride, int o_stride, float scale, int causal) {
+    int n_q, int n_k, int heads_q, int heads_kv, int head_dim, int q_stride, int kv_stride, int o_stride, float scale, int causal,
+    int window) {
     __shared__ float kr[QROWS][MAX_D];
     __shared__ float vr[QROWS][MAX_D];
     __shared__ __half qt[BC][MAX_D + 2];
@@ -695,7 +698,7 @@ extern "C" __global__ void __launch_bounds__(128) flash_attn_bwd_dkdv_f16(
                 const int r = warp + rr * WARPS, kj = j0 + r;
                 if (kj >= n_k) continue;  // uniform across the warp
                 const int qi = i0 + lane;
-                const bool valid = qi < n_q && (!causal || kj <= qi + offset);
+                const bool valid = qi < n_q && (!causal || (kj <= qi + offset && (window <= 0 || kj > qi + offset - window)));
                 float p = 0.0f, ds = 0.0f;
                 if (valid) {
                     float s = 0.0f, dp = 0.0f;
@@ -745,7 +748,8 @@ template <int D>
 __device__ __forceinline__ void flash_attn_bwd_dq_mma_body(
     __half* __restrict__ dq, const __half* __restrict__ q, const __half* __restrict__ k, const __half* __restrict__ v,
     const __half* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
-    int n_q, int n_k, int heads_q, int heads_kv, int q_stride, int kv_stride, int o_stride, float scale, int causal) {
+    int n_q, int n_k, int heads_q, int heads_kv, int q_stride, int kv_stride, int o_stride, float scale, int causal,
+    int window) {
     __shared__ __align__(16) __half ks[MMA_K][D + MMA_PAD];
     __shared__ __align__(16) __half vs[MMA_K][D + MMA_PAD];
     const int h = blockIdx.y, hk = h / (heads_q / heads_kv);
@@ -786,7 +790,8 @@ __device__ __forceinline__ void flash_attn_bwd_dq_mma_body(
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
                     const int row = e < 2 ? r0 : r1, col = k0 + ch * 16 + n * 8 + 2 * t + (e & 1);
-                    const bool ok = row < n_q && col < n_k && (!causal || col <= row + offset);
+                    const bool ok = row < n_q && col < n_k &&
+                                    (!causal || (col <= row + offset && (window <= 0 || col > row + offset - window)));
                     const float p = ok ? __expf(s[n][e] * scale - (e < 2 ? lse0 : lse1)) : 0.0f;
                     dp[n][e] = p * (dp[n][e] - (e < 2 ? dl0 : dl1));  // dS
                 }
@@ -806,7 +811,8 @@ template <int D>
 __device__ __forceinline__ void flash_attn_bwd_dkdv_mma_body(
     __half* __restrict__ dk, __half* __restrict__ dv, const __half* __restrict__ q, const __half* __restrict__ k,
     const __half* __restrict__ v, const __half* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
-    int n_q, int n_k, int heads_q, int heads_kv, int q_stride, int kv_stride, int o_stride, float scale, int causal, __half* smem) {
+    int n_q, int n_k, int heads_q, int heads_kv, int q_stride, int kv_stride, int o_stride, float scale, int causal, int window,
+    __half* smem) {
     typedef __half Row[D + MMA_PAD];
     Row* kt = reinterpret_cast<Row*>(smem);
     Row* vt = kt + MMA_K;
@@ -859,7 +865,8 @@ __device__ __forceinline__ void flash_attn_bwd_dkdv_mma_body(
 #pragma unroll
                     for (int e = 0; e < 4; e++) {
                         const int key = e < 2 ? kr0 : kr1, ql = ch * 16 + n * 8 + 2 * t + (e & 1), qi = i0 + ql;
-                        const bool ok = qi < n_q && key < n_k && (!causal || key <= qi + offset);
+                        const bool ok = qi < n_q && key < n_k &&
+                                        (!causal || (key <= qi + offset && (window <= 0 || key > qi + offset - window)));
                         const float p = ok ? __expf(st[n][e] * scale - lt[ql]) : 0.0f;
                         st[n][e] = p;
                         dpt[n][e] = p * (dpt[n][e] - dlt[ql]);  // dS^T
@@ -879,24 +886,24 @@ __device__ __forceinline__ void flash_attn_bwd_dkdv_mma_body(
 #define DQ_MMA_ARGS                                                                                                            \
     __half *__restrict__ dq, const __half *__restrict__ q, const __half *__restrict__ k, const __half *__restrict__ v,          \
         const __half *__restrict__ dout, const float *__restrict__ lse, const float *__restrict__ delta, int n_q, int n_k, \
-        int heads_q, int heads_kv, int q_stride, int kv_stride, int o_stride, float scale, int causal
+        int heads_q, int heads_kv, int q_stride, int kv_stride, int o_stride, float scale, int causal, int window
 #define DKDV_MMA_ARGS                                                                                                           \
     __half *__restrict__ dk, __half *__restrict__ dv, const __half *__restrict__ q, const __half *__restrict__ k,            \
         const __half *__restrict__ v, const __half *__restrict__ dout, const float *__restrict__ lse,                       \
         const float *__restrict__ delta, int n_q, int n_k, int heads_q, int heads_kv, int q_stride, int kv_stride, int o_stride, \
-        float scale, int causal
+        float scale, int causal, int window
 
 extern "C" __global__ void __launch_bounds__(128) flash_attn_bwd_dq_mma_d64_f16(DQ_MMA_ARGS) {
-    flash_attn_bwd_dq_mma_body<64>(dq, q, k, v, dout, lse, delta, n_q, n_k, heads_q, heads_kv, q_stride, kv_stride, o_stride, scale, causal);
+    flash_attn_bwd_dq_mma_body<64>(dq, q, k, v, dout, lse, delta, n_q, n_k, heads_q, heads_kv, q_stride, kv_stride, o_stride, scale, causal, window);
 }
 extern "C" __global__ void __launch_bounds__(128) flash_attn_bwd_dq_mma_d128_f16(DQ_MMA_ARGS) {
-    flash_attn_bwd_dq_mma_body<128>(dq, q, k, v, dout, lse, delta, n_q, n_k, heads_q, heads_kv, q_stride, kv_stride, o_stride, scale, causal);
+    flash_attn_bwd_dq_mma_body<128>(dq, q, k, v, dout, lse, delta, n_q, n_k, heads_q, heads_kv, q_stride, kv_stride, o_stride, scale, causal, window);
 }
 extern "C" __global__ void __launch_bounds__(128) flash_attn_bwd_dkdv_mma_d64_f16(DKDV_MMA_ARGS) {
     extern __shared__ __half dkdv_smem64[];
-    flash_attn_bwd_dkdv_mma_body<64>(dk, dv, q, k, v, dout, lse, delta, n_q, n_k, heads_q, heads_kv, q_stride, kv_stride, o_stride, scale, causal, dkdv_smem64);
+    flash_attn_bwd_dkdv_mma_body<64>(dk, dv, q, k, v, dout, lse, delta, n_q, n_k, heads_q, heads_kv, q_stride, kv_stride, o_stride, scale, causal, window, dkdv_smem64);
 }
 extern "C" __global__ void __launch_bounds__(128) flash_attn_bwd_dkdv_mma_d128_f16(DKDV_MMA_ARGS) {
     extern __shared__ __half dkdv_smem128[];
-    flash_attn_bwd_dkdv_mma_body<128>(dk, dv, q, k, v, dout, lse, delta, n_q, n_k, heads_q, heads_kv, q_stride, kv_stride, o_stride, scale, causal, dkdv_smem128);
+    flash_attn_bwd_dkdv_mma_body<128>(dk, dv, q, k, v, dout, lse, delta, n_q, n_k, heads_q, heads_kv, q_stride, kv_stride, o_stride, scale, causal, window, dkdv_smem128);
 }

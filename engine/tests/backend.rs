@@ -155,29 +155,3 @@ fn the_gpu_trainer_takes_the_loops_adapters_and_leaves_the_rest_to_the_cpu() {
         model.create_adapter(&spec(TargetModules::Names(vec!["q_proj".into(), "lm_head".into()]), 0.0), 1).unwrap();
     assert!(gpu_trainable(cfg, &head).unwrap().contains("lm_head"), "{:?}", gpu_trainable(cfg, &head));
 }
-
-/// The GPU trainer leaves to the CPU trainer what its passes do not have yet (a sliding window), saying why;
-/// `Backend::training_placement` reports that reason. Qwen2-VL's decoder and Mistral's without a window it trains.
-#[test]
-fn the_gpu_trainer_leaves_sliding_window_decoders_to_the_cpu_with_the_reason() {
-    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
-    for (case, why) in [
-        ("qwen_vl/qwen25_native_f32_gqa", ""),
-        ("qwen_vl/qwen2_native_f32_window", "5-position sliding window"),
-        ("llava_next/next_native_f32_mistral_window", "7-position sliding window"),
-        ("llava_next/next_native_f32_mistral", ""),
-    ] {
-        let model = Model::load(&fixtures.join(case).join("model")).unwrap();
-        let spec = LoraSpec { r: 4, lora_alpha: 8.0, ..LoraSpec::default() };
-        let spec = LoraSpec { target_modules: TargetModules::Regex(r".*language_model.*_proj".into()), ..spec };
-        let adapter = model.create_adapter(&spec, 1).unwrap();
-        let reason = engine::cuda_train::gpu_trainable(&model.config.text().clone(), &adapter);
-        match why {
-            "" => assert_eq!(reason, None, "{case}"),
-            w => assert!(
-                reason.as_deref().is_some_and(|r| r.contains(w) && r.contains("CPU trainer")),
-                "{case}: {reason:?}"
-            ),
-        }
-    }
-}

@@ -584,15 +584,20 @@ fn tensor_core_attention_gives_the_scalar_kernels_dpo_loss_and_gradients() {
 }
 
 /// Qwen2.5-VL's and Qwen2-VL's decoders on the GPU trainer (q/k/v biases, multimodal RoPE positions for the image
-/// rows and the shifted text positions after them, the RoPE backward through both): a DPO pair with the fixture's
-/// image gives the CPU trainer's loss and LoRA gradients, with the prompt run once for both answers and with whole
-/// sequences.
+/// rows and the shifted text positions after them, the RoPE backward through both), and sliding-window decoders
+/// (Qwen2's on its later layers, LLaVA-NeXT-Mistral's on all): a DPO pair with the fixture's image gives the CPU
+/// trainer's loss and LoRA gradients, with the prompt run once for both answers and with whole sequences.
 #[test]
-fn qwen_decoder_lora_gradients_on_the_gpu_match_the_cpu_backend() {
+fn qwen_and_sliding_window_lora_gradients_on_the_gpu_match_the_cpu_backend() {
     use engine::adapter::{LoraSpec, TargetModules};
     let Some(gpu) = gpu() else { return };
-    for case in ["qwen25_native_f32_gqa", "qwen2_452_f32_wide"] {
-        let dir: PathBuf = gpu_common::root().join("tests/fixtures/qwen_vl").join(case);
+    for case in [
+        "qwen_vl/qwen25_native_f32_gqa",
+        "qwen_vl/qwen2_452_f32_wide",
+        "qwen_vl/qwen25_native_f32_window",
+        "llava_next/next_native_f32_mistral_window",
+    ] {
+        let dir: PathBuf = gpu_common::root().join("tests/fixtures").join(case);
         let cpu = Model::load(&dir.join("model")).unwrap();
         let dev = engine::cuda_llama::load_dir(&gpu, &dir.join("model"), 256).unwrap();
         // LoRA on every decoder projection, B non-zero so every module has a gradient through the others.

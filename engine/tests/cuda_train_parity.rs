@@ -97,26 +97,31 @@ fn norm_activation_rope_and_embedding_backward_match_the_cpu_backend() {
 fn flash_attention_backward_matches_the_cpu_backend() {
     let Some(g) = gpu() else { return };
     let mut rng = SplitMix64::new(12);
-    // (n_q, n_k, heads_q, heads_kv, d, causal): text with and without a cached prefix, GQA, MQA, the vision tower
+    // (n_q, n_k, heads_q, heads_kv, d, mask): text with and without a cached prefix, GQA, MQA, the vision tower
     // (full), ShapesWorld's and LLaMA's head sizes, a LLaVA-length sequence. Head sizes 64 and 128 run twice: the
     // tensor-core kernels (forward and backward, the default on sm_80+) and the scalar ones; partial 64-row tiles
     // and a prefix offset that is not a tile multiple are included.
+    // Sliding windows (Mistral, Qwen2) shorter than a tile and longer, with and without a cached prefix.
+    use engine::ops::Mask;
     let shapes = [
-        (1usize, 1usize, 1usize, 1usize, 16usize, true),
-        (37, 37, 4, 4, 24, true),
-        (20, 90, 8, 2, 64, true),
-        (65, 65, 4, 4, 64, false),
-        (48, 48, 4, 1, 128, true),
-        (700, 700, 2, 2, 128, true),
-        (70, 203, 4, 2, 128, true),
-        (130, 130, 2, 2, 64, true),
+        (1usize, 1usize, 1usize, 1usize, 16usize, Mask::Causal),
+        (37, 37, 4, 4, 24, Mask::Causal),
+        (20, 90, 8, 2, 64, Mask::Causal),
+        (65, 65, 4, 4, 64, Mask::Full),
+        (48, 48, 4, 1, 128, Mask::Causal),
+        (700, 700, 2, 2, 128, Mask::Causal),
+        (70, 203, 4, 2, 128, Mask::Causal),
+        (130, 130, 2, 2, 64, Mask::Causal),
+        (37, 37, 4, 4, 24, Mask::Window(5)),
+        (130, 130, 2, 2, 64, Mask::Window(17)),
+        (70, 203, 4, 2, 128, Mask::Window(100)),
     ];
     let mma_default = g.mma_attention.load(std::sync::atomic::Ordering::Relaxed);
     let runs = shapes
         .iter()
         .flat_map(|&s| [(s, false), (s, true)])
         .filter(|&((.., d, _), mma)| !mma || (mma_default && (d == 64 || d == 128)));
-    for ((n_q, n_k, hq, hkv, d, causal), mma) in runs {
+    for ((n_q, n_k, hq, hkv, d, mask), mma) in runs {
         let q = randh(&mut rng, n_q * hq * d, 1.0);
         let k = randh(&mut rng, n_k * hkv * d, 1.0);
         let v = randh(&mut rng, n_k * hkv * d, 1.0);
@@ -138,13 +143,13 @@ fn flash_attention_backward_matches_the_cpu_backend() {
             hkv,
             d,
             scale,
-            if causal { engine::ops::Mask::Causal } else { engine::ops::Mask::Full },
+            mask,
         );
         g.mma_attention.store(mma, std::sync::atomic::Ordering::Relaxed);
-        let name = format!("q{n_q} k{n_k} h{hq}/{hkv} d{d} causal {causal}{}", if mma { " (mma)" } else { "" });
+        let name = format!("q{n_q} k{n_k} h{hq}/{hkv} d{d} {mask:?}{}", if mma { " (mma)" } else { "" });
         // A launch error names the kernels too (scripts/gpu-check.sh looks for "mma" in a failure).
         let (gq, gk, gv) = g
-            .attention_bwd(&q, &k, &v, &dout, hq, hkv, d, causal)
+            .attention_bwd(&q, &k, &v, &dout, hq, hkv, d, mask)
             .unwrap_or_else(|e| panic!("flash_attn_bwd {name}: {e}"));
         check(&format!("flash_attn_bwd dq {name}"), &gq, &dq);
         check(&format!("flash_attn_bwd dk {name}"), &gk, &dk);

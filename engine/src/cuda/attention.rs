@@ -4,6 +4,15 @@
 use super::*;
 use crate::ops::Mask;
 
+/// The attention kernels' `causal` and `window` arguments of a mask.
+fn mask_args(mask: Mask) -> Result<(i32, i32)> {
+    Ok(match mask {
+        Mask::Full => (0, 0),
+        Mask::Causal => (1, 0),
+        Mask::Window(w) => (1, to_i32(w.max(1), "window")?),
+    })
+}
+
 /// Whether `RLAIFD_CUDA_MMA_ATTENTION` leaves the tensor-core attention kernels on (unset or anything but `0`): a
 /// switch for GPU hosts that run prebuilt binaries (`scripts/gpu-check.sh`) to fall back to the scalar kernels.
 pub(crate) fn mma_attention_allowed() -> bool {
@@ -141,11 +150,7 @@ impl Gpu {
         );
         let (qs, ks, os) = (to_i32(x.q_stride, "q stride")?, to_i32(x.kv_stride, "kv stride")?, hq * d);
         let scale = 1.0f32 / (head_dim as f32).sqrt();
-        let (c, window) = match mask {
-            Mask::Full => (0i32, 0i32),
-            Mask::Causal => (1, 0),
-            Mask::Window(w) => (1, to_i32(w.max(1), "window")?),
-        };
+        let (c, window) = mask_args(mask)?;
         let null = 0u64;
         // The tensor-core kernel: 64 query rows per block, k and v staged with 16-byte loads, q and out by pairs.
         let mma = self.mma_attention.load(std::sync::atomic::Ordering::Relaxed)
@@ -323,13 +328,13 @@ impl Gpu {
         heads_q: usize,
         heads_kv: usize,
         head_dim: usize,
-        causal: bool,
+        mask: Mask,
     ) -> Result<()> {
         let (qs, ks) = (heads_q * head_dim, heads_kv * head_dim);
         let grads =
             AttnRows { q: self.dptr(dq, 0), k: self.dptr(dk, 0), v: self.dptr(dv, 0), q_stride: qs, kv_stride: ks };
         let rows = AttnRows { q: self.dptr(q, 0), k: self.dptr(k, 0), v: self.dptr(v, 0), q_stride: qs, kv_stride: ks };
-        self.attention_bwd_at(grads, rows, out, lse, dout, n_q, n_k, heads_q, heads_kv, head_dim, causal)
+        self.attention_bwd_at(grads, rows, out, lse, dout, n_q, n_k, heads_q, heads_kv, head_dim, mask)
     }
 
     /// The attention backward kernels on operands given by address and row stride: dq, dk, dv into `grads` (same
@@ -348,12 +353,12 @@ impl Gpu {
         heads_q: usize,
         heads_kv: usize,
         head_dim: usize,
-        causal: bool,
+        mask: Mask,
     ) -> Result<()> {
         if head_dim > 128
             || heads_kv == 0
             || !heads_q.is_multiple_of(heads_kv)
-            || (causal && n_k < n_q)
+            || (mask != Mask::Full && n_k < n_q)
             || grads.q_stride != x.q_stride
             || grads.kv_stride != x.kv_stride
         {
@@ -371,7 +376,7 @@ impl Gpu {
         );
         let (qs, ks, os) = (to_i32(x.q_stride, "q stride")?, to_i32(x.kv_stride, "kv stride")?, hq * d);
         let scale = 1.0f32 / (head_dim as f32).sqrt();
-        let c = i32::from(causal);
+        let (c, window) = mask_args(mask)?;
         let mut delta = self.stream.alloc_zeros::<f32>(n_q * heads_q).map_err(derr)?;
         let mut b = self.stream.launch_builder(self.f("attn_bwd_delta_f16")?);
         b.arg(&mut delta).arg(dout).arg(out).arg(&hq).arg(&d).arg(&os);
@@ -410,7 +415,7 @@ impl Gpu {
         if !mma {
             b.arg(&d);
         }
-        b.arg(&qs).arg(&ks).arg(&os).arg(&scale).arg(&c);
+        b.arg(&qs).arg(&ks).arg(&os).arg(&scale).arg(&c).arg(&window);
         let rows = if mma { 64 } else { 16 };
         unsafe {
             b.launch(LaunchConfig {
@@ -436,7 +441,7 @@ impl Gpu {
         if !mma {
             b.arg(&d);
         }
-        b.arg(&qs).arg(&ks).arg(&os).arg(&scale).arg(&c);
+        b.arg(&qs).arg(&ks).arg(&os).arg(&scale).arg(&c).arg(&window);
         let smem = if mma { dkdv_mma_smem(head_dim) as u32 } else { 0 };
         unsafe {
             b.launch(LaunchConfig {

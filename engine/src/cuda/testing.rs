@@ -396,7 +396,7 @@ impl Gpu {
         heads_q: usize,
         heads_kv: usize,
         head_dim: usize,
-        causal: bool,
+        mask: crate::ops::Mask,
     ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
         let n_q = q.len() / (heads_q * head_dim).max(1);
         let n_k = k.len() / (heads_kv * head_dim).max(1);
@@ -415,12 +415,12 @@ impl Gpu {
             heads_q,
             heads_kv,
             head_dim,
-            if causal { crate::ops::Mask::Causal } else { crate::ops::Mask::Full },
+            mask,
         )?;
         let (mut dq, mut dk, mut dv) =
             (self.poisoned_f16(q.len())?, self.poisoned_f16(k.len())?, self.poisoned_f16(v.len())?);
         self.attention_bwd_dev(
-            &mut dq, &mut dk, &mut dv, &dq_, &dk_, &dv_, &out, &lse, &dd, n_q, n_k, heads_q, heads_kv, head_dim, causal,
+            &mut dq, &mut dk, &mut dv, &dq_, &dk_, &dv_, &out, &lse, &dd, n_q, n_k, heads_q, heads_kv, head_dim, mask,
         )?;
         Ok((self.download_f16(&dq)?, self.download_f16(&dk)?, self.download_f16(&dv)?))
     }

@@ -450,14 +450,15 @@ impl GpuLora {
         }
         let mut att = a(rows * h * hd)?;
         let mut lse = s.alloc_zeros::<f32>(rows * h).map_err(derr)?;
+        let mask = crate::ops::Mask::causal(cfg.window(li));
         match ctx {
-            None => attention_fwd(gpu, cfg, &qkv, &mut att, &mut lse, rows)?,
+            None => attention_fwd(gpu, cfg, &qkv, &mut att, &mut lse, rows, mask)?,
             Some(cq) => {
                 let p = cq.len() / nqkv;
                 let mut cat = a((p + rows) * nqkv)?;
                 s.memcpy_dtod(&cq.slice(..p * nqkv), &mut cat.slice_mut(..p * nqkv)).map_err(derr)?;
                 s.memcpy_dtod(&qkv.slice(..rows * nqkv), &mut cat.slice_mut(p * nqkv..)).map_err(derr)?;
-                attention_fwd_at(gpu, cfg, &cat, p, rows, p + rows, &mut att, &mut lse)?;
+                attention_fwd_at(gpu, cfg, &cat, p, rows, p + rows, &mut att, &mut lse, mask)?;
             }
         }
         let mut tmp = a(rows * c)?;
@@ -612,10 +613,11 @@ impl GpuLora {
             0.0,
         )?;
         self.lora_bwd(gpu, li, O, &lt.att, lt.t[O].as_ref(), dx, 0, c, &mut datt, rows, acc, lt.drop)?;
+        let mask = crate::ops::Mask::causal(cfg.window(li));
         let mut dqkv = match ctx {
             None => {
                 let mut dqkv = a(rows * nqkv)?;
-                attention_bwd(gpu, cfg, lt, &datt, &mut dqkv, rows)?;
+                attention_bwd(gpu, cfg, lt, &datt, &mut dqkv, rows, mask)?;
                 dqkv
             }
             Some((ctx_qkv, dctx)) => {
@@ -625,7 +627,7 @@ impl GpuLora {
                 s.memcpy_dtod(&ctx_qkv.slice(..p * nqkv), &mut cat.slice_mut(..p * nqkv)).map_err(derr)?;
                 s.memcpy_dtod(&lt.qkv.slice(..rows * nqkv), &mut cat.slice_mut(p * nqkv..)).map_err(derr)?;
                 let mut dcat = a((p + rows) * nqkv)?;
-                attention_bwd_at(gpu, cfg, &cat, &mut dcat, p, rows, p + rows, &lt.att, &lt.lse, &datt)?;
+                attention_bwd_at(gpu, cfg, &cat, &mut dcat, p, rows, p + rows, &lt.att, &lt.lse, &datt, mask)?;
                 drop(cat);
                 // The context's share (its dq columns are zero: no context row is a query here).
                 let mut share = a(p * nqkv)?;

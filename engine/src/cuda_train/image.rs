@@ -436,7 +436,7 @@ impl GpuLora {
             heads,
             heads,
             cfg.head_dim(),
-            false,
+            crate::ops::Mask::Full,
         )?;
         drop(datt);
         let mut dh1 = if below { Some(a(t * d)?) } else { None };

@@ -54,12 +54,6 @@ pub struct StepReport {
 
 /// Why `train_dpo_gpu` and `train_sft_gpu` cannot train `adapter` (the caller then trains on the CPU), or None.
 pub fn gpu_trainable(cfg: &LlamaConfig, adapter: &Adapter) -> Option<String> {
-    if let Some(w) = cfg.layer_window.iter().flatten().next() {
-        return Some(format!(
-            "the decoder attends through a {w}-position sliding window, which the GPU trainer's attention backward \
-             has not yet; the CPU trainer trains it"
-        ));
-    }
     if let Some((name, _)) = adapter.saved_params().find(|(n, _)| !crate::cuda_clip::in_image_path(n)) {
         return Some(format!("the adapter trains the whole parameter {name} (modules_to_save; the GPU trainer trains whole weights and biases of the image path's linear layers only)"));
     }

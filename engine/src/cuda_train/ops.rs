@@ -3,6 +3,7 @@
 //! backward.
 
 use super::*;
+use crate::ops::Mask;
 
 /// An answer's tokens must be ids of the vocabulary (they index the logits).
 pub(super) fn check_labels(cfg: &LlamaConfig, answer: &[u32]) -> Result<()> {
@@ -119,7 +120,9 @@ pub(super) fn head_backward(
     Ok(())
 }
 
-/// Causal attention of a fused QKV buffer (after RoPE) into `att`, saving each row's log-sum-exp.
+/// Causal (`mask`: with its window) attention of a fused QKV buffer (after RoPE) into `att`, saving each row's
+/// log-sum-exp.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn attention_fwd(
     gpu: &Gpu,
     cfg: &LlamaConfig,
@@ -127,12 +130,13 @@ pub(super) fn attention_fwd(
     att: &mut CudaSlice<f16>,
     lse: &mut CudaSlice<f32>,
     rows: usize,
+    mask: Mask,
 ) -> Result<()> {
-    attention_fwd_at(gpu, cfg, qkv, 0, rows, rows, att, lse)
+    attention_fwd_at(gpu, cfg, qkv, 0, rows, rows, att, lse, mask)
 }
 
-/// Causal attention of the `n_q` query rows of `qkv` from row `q_row` on, over its first `n_k` rows' keys and
-/// values (the queries are the last `n_q` positions of the `n_k`).
+/// Causal attention (`mask`: with its window) of the `n_q` query rows of `qkv` from row `q_row` on, over its first
+/// `n_k` rows' keys and values (the queries are the last `n_q` positions of the `n_k`).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn attention_fwd_at(
     gpu: &Gpu,
@@ -143,23 +147,14 @@ pub(super) fn attention_fwd_at(
     n_k: usize,
     att: &mut CudaSlice<f16>,
     lse: &mut CudaSlice<f32>,
+    mask: Mask,
 ) -> Result<()> {
     let (h, kvh, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
     let nqkv = (h + 2 * kvh) * hd;
     if qkv.len() < n_k * nqkv || q_row + n_q > n_k {
         return Err(err(format!("attention: {n_q} queries from row {q_row} over {n_k} keys exceed the buffers")));
     }
-    gpu.attention_fwd_at(
-        att,
-        Some(lse),
-        fused_rows(gpu, cfg, qkv, q_row),
-        n_q,
-        n_k,
-        h,
-        kvh,
-        hd,
-        crate::ops::Mask::Causal,
-    )
+    gpu.attention_fwd_at(att, Some(lse), fused_rows(gpu, cfg, qkv, q_row), n_q, n_k, h, kvh, hd, mask)
 }
 
 /// q (from row `q_row`), k and v (from row 0) of a fused QKV buffer.
@@ -183,8 +178,9 @@ pub(super) fn attention_bwd(
     datt: &CudaSlice<f16>,
     dqkv: &mut CudaSlice<f16>,
     rows: usize,
+    mask: Mask,
 ) -> Result<()> {
-    attention_bwd_at(gpu, cfg, &lt.qkv, dqkv, 0, rows, rows, &lt.att, &lt.lse, datt)
+    attention_bwd_at(gpu, cfg, &lt.qkv, dqkv, 0, rows, rows, &lt.att, &lt.lse, datt, mask)
 }
 
 /// Backward of `attention_fwd_at`: dq of the `n_q` query rows (into `dqkv` from row `q_row`) and dk, dv of all `n_k`
@@ -201,6 +197,7 @@ pub(super) fn attention_bwd_at(
     att: &CudaSlice<f16>,
     lse: &CudaSlice<f32>,
     datt: &CudaSlice<f16>,
+    mask: Mask,
 ) -> Result<()> {
     let (h, kvh, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
     let nqkv = (h + 2 * kvh) * hd;
@@ -220,7 +217,7 @@ pub(super) fn attention_bwd_at(
         h,
         kvh,
         hd,
-        true,
+        mask,
     )
 }
 
