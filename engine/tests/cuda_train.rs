@@ -646,3 +646,77 @@ fn qwen_and_sliding_window_lora_gradients_on_the_gpu_match_the_cpu_backend() {
         }
     }
 }
+
+/// LLaVA-NeXT's tiled images on the GPU trainer: LoRA on the CLIP tower and the projector runs every tile (the base
+/// image and the grid's tiles) through the tower on the device, packs their features as inference does
+/// (unpadding, `image_newline` rows), and sends the decoder's gradient back to the tile rows they came from: the
+/// DPO loss and the decoder's and the image path's LoRA gradients follow the CPU trainer.
+#[test]
+fn llava_next_tiles_train_their_image_path_on_the_gpu_as_the_cpu_backend() {
+    use engine::adapter::{LoraSpec, TargetModules};
+    let Some(gpu) = gpu() else { return };
+    for case in ["next_native_f32_gqa", "next_native_f32_tall3"] {
+        let dir: PathBuf = gpu_common::root().join("tests/fixtures/llava_next").join(case);
+        let cpu = Model::load(&dir.join("model")).unwrap();
+        let dev = engine::cuda_llama::load_dir(&gpu, &dir.join("model"), 512).unwrap();
+        let vision = engine::cuda_clip::GpuVision::load_dir(&gpu, &dir.join("model")).unwrap();
+        let spec = LoraSpec {
+            r: 4,
+            lora_alpha: 8.0,
+            target_modules: TargetModules::Regex(r".*(q_proj|v_proj|fc1|linear_1|linear_2)".into()),
+            ..LoraSpec::default()
+        };
+        let mut adapter = cpu.create_adapter(&spec, 13).unwrap();
+        let mut rng = engine::rng::SplitMix64::new(14);
+        let names: Vec<String> = adapter.module_names().iter().map(|s| s.to_string()).collect();
+        for n in &names {
+            adapter.module_mut(n).unwrap().b.iter_mut().for_each(|v| *v = ((rng.next_f64() * 2.0 - 1.0) * 0.1) as f32);
+        }
+        let image: Vec<&String> = names.iter().filter(|n| engine::cuda_clip::in_image_path(n)).collect();
+        assert!(image.iter().any(|n| n.starts_with("vision_tower.")), "{image:?}");
+        let px = cpu.load_image(&dir.join("image.png")).unwrap();
+        assert!(px.tiles > 2, "{case}: an image of several tiles");
+        let exp: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+        let ids: Vec<u32> = exp["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let at = ids.iter().position(|&t| Some(t) == cpu.image_token_id()).unwrap() + 2;
+        let (prompt, chosen) = ids.split_at(at);
+        let rejected = tokens(&mut rng, 5, cpu.llm.cfg.vocab_size.min(60), cpu.image_token_id());
+        let pair = TokenPair { pixels: Some(&px), prompt_ids: prompt, chosen_ids: chosen, rejected_ids: &rejected };
+        let refs = reference_logps(&cpu, None, &pair).unwrap();
+        let cfg = DpoConfig { beta: 0.5, ..Default::default() };
+        let mut grads = Grads::zeros_like(&adapter);
+        let (cpu_loss, _) = pair_forward_backward(&cpu, &adapter, &pair, refs, &cfg, 1.0, &mut grads, None).unwrap();
+        let mut lora = GpuLora::from_adapter(&gpu, &dev.cfg, &adapter).unwrap();
+        assert!(lora.trains_image_path());
+        lora.scaler = LossScaler::new(1024.0, 1000);
+        let (loss, _) =
+            lora.pair_gradients(&gpu, &dev, &cpu, Some(&vision), &pair, None, refs, &cfg, 1.0, None).unwrap();
+        let (total, worst) = gradient_error(&gpu, &dev, &lora, &mut grads, 1024.0);
+        let (mut num, mut den, mut worst_img) = (0.0f64, 0.0f64, (0.0f64, String::new()));
+        for n in &image {
+            let want = grads.module_mut(n).unwrap();
+            let (ga, gb) = lora.image_grads(&gpu, n).unwrap();
+            let (mut n1, mut d1) = (0.0f64, 0.0f64);
+            for (g, w) in ga.iter().chain(&gb).zip(want.da.iter().chain(&want.db)) {
+                let g = *g as f64 / 1024.0;
+                assert!(g.is_finite(), "{n}: non-finite gradient");
+                n1 += (g - *w as f64).powi(2);
+                d1 += (*w as f64).powi(2);
+            }
+            num += n1;
+            den += d1;
+            if d1 > 0.0 && (n1 / d1).sqrt() > worst_img.0 {
+                worst_img = ((n1 / d1).sqrt(), n.to_string());
+            }
+        }
+        let img_total = (num / den).sqrt();
+        println!(
+            "{case} ({} tiles): loss CPU {cpu_loss:.5} GPU {loss:.5}; decoder LoRA gradients rel L2 {total:.2e} (worst {} {:.2e}); image path {img_total:.2e} (worst {} {:.2e})",
+            px.tiles, worst.1, worst.0, worst_img.1, worst_img.0
+        );
+        assert!((loss - cpu_loss).abs() <= 1e-2, "{case}: DPO loss GPU {loss} vs CPU {cpu_loss}");
+        assert!(total <= 2e-2 && worst.0 <= 5e-2, "{case}: decoder LoRA gradients rel L2 {total}, worst {worst:?}");
+        assert!(img_total <= 2e-2 && worst_img.0 <= 5e-2, "{case}: image-path gradients {img_total}, {worst_img:?}");
+    }
+}

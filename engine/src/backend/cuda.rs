@@ -39,8 +39,6 @@ struct CudaState {
     /// The same for adapters' image-path changes (`cuda_clip::GpuVisionAdapter`), by `fingerprint(_, IMAGE_PATH)`.
     vision_adapters: Vec<(u64, Arc<crate::cuda_clip::GpuVisionAdapter>)>,
     vision_refused: Vec<u64>,
-    /// LLaVA-NeXT: images come as tiles, whose image-path training passes run on the CPU.
-    anyres: bool,
 }
 
 /// Where an adapter's image path runs (`CudaState::vision_adapter`).
@@ -149,7 +147,6 @@ impl CudaBackend {
                 refused: Vec::new(),
                 vision_adapters: Vec::new(),
                 vision_refused: Vec::new(),
-                anyres: model.config.llava().is_some_and(|l| l.anyres()),
             }),
         })
     }
@@ -487,10 +484,6 @@ impl CudaBackend {
                 (None, true) => {
                     Some("the adapter has LoRA on the image path, which runs on the CPU for this model".to_string())
                 }
-                (Some(_), true) if st.anyres => Some(
-                    "the adapter trains the image path of a tiled (anyres) model; the GPU trainer takes one tile"
-                        .to_string(),
-                ),
                 (Some(v), true) => crate::cuda_clip::GpuVisionAdapter::unsupported(v, adapter),
             }
         })

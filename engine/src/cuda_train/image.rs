@@ -3,6 +3,13 @@
 
 use super::*;
 
+/// An example's image on the GPU trainer: each tile's tape, and LLaVA-NeXT's packing of the tiles' feature rows
+/// (`Model::anyres_rows`; None: the tiles' rows in order).
+pub(crate) struct ImageTapes {
+    pub(crate) tiles: Vec<ImageTape>,
+    pub(crate) packing: Option<Vec<Option<usize>>>,
+}
+
 /// The image path's forward pass under the adapter's image-path LoRA (`GpuLora::image_forward`), kept for its
 /// backward.
 pub(crate) struct ImageTape {
@@ -450,32 +457,63 @@ impl GpuLora {
         Ok(())
     }
 
-    /// `image_backward` from the decoder's input-row gradients `dxs` of one example (each holding the image's
-    /// feature rows from row `row0`; a shared prompt gives one, two whole sequences two), summed.
+    /// The image path's backward from the decoder's input gradients `dxs` (loss-scaled, added): the image's
+    /// feature rows start at row `row0` (c wide); LLaVA-NeXT's packed rows go back to the tiles they came from
+    /// (`image_newline` rows get nothing), then each tile's tape runs backward, its gradients added.
     pub(super) fn image_backward_from_rows(
         &mut self,
         gpu: &Gpu,
         vision: &crate::cuda_clip::GpuVision,
-        tape: &ImageTape,
+        tapes: &ImageTapes,
         dxs: &[CudaSlice<f16>],
         row0: usize,
         c: usize,
     ) -> Result<()> {
-        let n = tape.rows * c;
+        let per_tile = tapes.tiles.first().map_or(0, |t| t.rows);
+        let rows = match &tapes.packing {
+            Some(p) => p.len(),
+            None => per_tile * tapes.tiles.len(),
+        };
+        let n = rows * c;
         let st = gpu.stream.clone();
-        let mut dfeat = st.alloc_zeros::<f16>(n).map_err(derr)?;
-        let mut part = st.alloc_zeros::<f16>(n).map_err(derr)?;
+        let mut dfeat = st.alloc_zeros::<f16>(n.max(1)).map_err(derr)?;
+        let mut part = st.alloc_zeros::<f16>(n.max(1)).map_err(derr)?;
         for dx in dxs {
             if dx.len() < (row0 * c) + n {
                 return Err(err(format!(
                     "the decoder's input gradient has {} rows, the image's features end at row {}",
                     dx.len() / c,
-                    row0 + tape.rows
+                    row0 + rows
                 )));
             }
-            st.memcpy_dtod(&dx.slice(row0 * c..row0 * c + n), &mut part.slice_mut(..)).map_err(derr)?;
+            st.memcpy_dtod(&dx.slice(row0 * c..row0 * c + n), &mut part.slice_mut(..n)).map_err(derr)?;
             gpu.residual_add_dev(&mut dfeat, &part, n)?;
         }
-        self.image_backward(gpu, vision, tape, &dfeat)
+        let unpacked = match &tapes.packing {
+            None => dfeat,
+            Some(packing) => {
+                // Each packed row's gradient to the tile row it came from (fp32 on the host, as the CPU adds them).
+                let d = gpu.download_f16(&dfeat)?;
+                let mut tiles = vec![0f32; per_tile * tapes.tiles.len() * c];
+                for (i, src) in packing.iter().enumerate() {
+                    if let Some(r) = src {
+                        let to = tiles
+                            .get_mut(r * c..(r + 1) * c)
+                            .ok_or_else(|| err(format!("anyres packing reads tile row {r}")))?;
+                        for (a, b) in to.iter_mut().zip(&d[i * c..(i + 1) * c]) {
+                            *a += b;
+                        }
+                    }
+                }
+                gpu.upload_f16(&tiles)?
+            }
+        };
+        for (i, tape) in tapes.tiles.iter().enumerate() {
+            let mut d = st.alloc_zeros::<f16>(per_tile * c).map_err(derr)?;
+            st.memcpy_dtod(&unpacked.slice(i * per_tile * c..(i + 1) * per_tile * c), &mut d.slice_mut(..))
+                .map_err(derr)?;
+            self.image_backward(gpu, vision, tape, &d)?;
+        }
+        Ok(())
     }
 }

@@ -155,7 +155,7 @@ impl GpuLora {
         // Masks per part (image, chosen, rejected) as the CPU trainer draws them; the two answers' prompt rows then
         // differ, so they run whole.
         let drops = (crate::train::dpo::part_seed(seed, 1), crate::train::dpo::part_seed(seed, 2));
-        let img = self.example_image(gpu, vision, p.pixels, fixed, crate::train::dpo::part_seed(seed, 0))?;
+        let img = self.example_image(gpu, model, vision, p.pixels, fixed, crate::train::dpo::part_seed(seed, 0))?;
         let f = img.features.as_deref();
         // Qwen2-VL: the image's merged grid, for the rows' multimodal RoPE positions.
         let grid = p.pixels.and_then(|px| model.feature_grid(px));
@@ -210,10 +210,12 @@ impl GpuLora {
     }
 
     /// An example's image (`px`): under this copy's image-path LoRA when it trains one (computed on the device
-    /// with `drop`'s masks, the tape kept), else the `fixed` features.
+    /// with `drop`'s masks, each tile's tape kept; LLaVA-NeXT's tiles packed as `Model::image_rows` packs them), else
+    /// the `fixed` features.
     fn example_image<'f>(
         &self,
         gpu: &Gpu,
+        model: &crate::llava::Model,
         vision: Option<&crate::cuda_clip::GpuVision>,
         px: Option<&crate::image::PixelValues>,
         fixed: Option<&'f [f32]>,
@@ -224,9 +226,25 @@ impl GpuLora {
                 let v = vision.ok_or_else(|| {
                     err("the adapter trains the image path, but the model's image path is not on the GPU")
                 })?;
-                let tape = self.image_forward(gpu, v, &px.data, drop)?;
-                let host = gpu.download_f16(&tape.features)?;
-                Ok(ExampleImage { features: Some(std::borrow::Cow::Owned(host)), tape: Some(tape) })
+                model.check_tiles(px)?;
+                let mut tiles = Vec::with_capacity(px.tiles);
+                let mut per_tile = Vec::new();
+                for i in 0..px.tiles {
+                    // Every tile through the tower under the same masks, as the CPU trainer draws them.
+                    let tape = self.image_forward(gpu, v, px.tile(i), drop)?;
+                    per_tile.extend(gpu.download_f16(&tape.features)?);
+                    tiles.push(tape);
+                }
+                let anyres = model.config.llava().is_some_and(|l| l.anyres());
+                let packing = if anyres { Some(model.anyres_rows(px)?) } else { None };
+                let host = match &packing {
+                    Some(p) => model.pack_anyres(&per_tile, p)?,
+                    None => per_tile,
+                };
+                Ok(ExampleImage {
+                    features: Some(std::borrow::Cow::Owned(host)),
+                    tape: Some(ImageTapes { tiles, packing }),
+                })
             }
             (Some(_), false) if fixed.is_none() => Err(err("an image without its features")),
             _ => Ok(ExampleImage { features: fixed.map(std::borrow::Cow::Borrowed), tape: None }),
@@ -260,7 +278,7 @@ impl GpuLora {
 /// of the image path without LoRA, computed once per run (cached).
 struct ExampleImage<'f> {
     features: Option<std::borrow::Cow<'f, [f32]>>,
-    tape: Option<ImageTape>,
+    tape: Option<ImageTapes>,
 }
 
 /// The first input row of the image's features, from the row map `embed_inputs` returned for a sequence that
@@ -398,7 +416,8 @@ pub fn train_sft_gpu(
                 // Dropout masks as the CPU trainer draws them (train::sft::train_sft, sft_forward_backward).
                 let seed = (gl.dropout > 0.0).then(|| crate::train::trainer::dropout_seed(cfg.seed, step, i));
                 let fixed = if gl.trains_image_path() { None } else { feats.get(ex.pixels, features)? };
-                let img = gl.example_image(gpu, vision, ex.pixels, fixed, crate::train::dpo::part_seed(seed, 0))?;
+                let img =
+                    gl.example_image(gpu, model, vision, ex.pixels, fixed, crate::train::dpo::part_seed(seed, 0))?;
                 let f = img.features.as_deref();
                 let ids = [ex.prompt_ids, ex.answer_ids].concat();
                 let (x, row_of) = model.embed_inputs(&ids, f)?;
