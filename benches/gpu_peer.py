@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """The side-by-side peer for `rlaifd bench-gpu`: transformers on the same GPU, fp16, a random-weight LLaMA decoder of
-LLaVA-1.5-7B's language-model shape (or --shape tiny). Measures prefill latency for --prompt tokens, greedy decode
+LLaVA-1.5-7B's language-model shape (--shape qwen7b: Qwen2-VL-7B's; tiny, qwen-tiny: small ones). Measures prefill latency for --prompt tokens, greedy decode
 tokens/s at batch 1 (generate with a fixed number of new tokens), and sampling throughput with
 num_return_sequences=10, and LLaVA-1.5's image path (CLIP ViT-L/14-336 and the projector, random weights, the
 features read from the second-to-last layer as transformers' LLaVA does). Medians of --reps runs after a warm-up.
@@ -10,15 +10,30 @@ Usage (GPU host with torch and transformers): python3 benches/gpu_peer.py [--sha
 import argparse, json, statistics, time
 
 import torch
-from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+from transformers import (CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM)
+
+SHAPES = ["llava7b", "tiny", "qwen7b", "qwen-tiny"]
 
 
 def llama_config(shape):
-    """LLaVA-1.5-7B's language model (or a tiny decoder for a quick check), as rlaifd's bench-gpu builds it."""
-    hidden, inter, layers, heads = (4096, 11008, 32, 32) if shape == "llava7b" else (256, 688, 4, 8)
-    return LlamaConfig(vocab_size=32064, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                       num_attention_heads=heads, num_key_value_heads=heads, rms_norm_eps=1e-5, rope_theta=10000.0,
+    """LLaVA-1.5-7B's language model, Qwen2-VL-7B's (a Qwen2 decoder: q/k/v biases, GQA 28/4; its multimodal RoPE
+    costs what 1-D RoPE costs on text), or a tiny decoder of either kind, as rlaifd's bench-gpu builds it."""
+    hidden, inter, layers, heads, kv, vocab = {
+        "llava7b": (4096, 11008, 32, 32, 32, 32064), "tiny": (256, 688, 4, 8, 8, 32064),
+        "qwen7b": (3584, 18944, 28, 28, 4, 152064), "qwen-tiny": (256, 688, 4, 8, 2, 32064)}[shape]
+    if shape.startswith("qwen"):
+        return Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                           num_attention_heads=heads, num_key_value_heads=kv, rms_norm_eps=1e-6, rope_theta=1e6,
+                           max_position_embeddings=32768, tie_word_embeddings=False)
+    return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=kv, rms_norm_eps=1e-5, rope_theta=10000.0,
                        max_position_embeddings=4096, tie_word_embeddings=False)
+
+
+def causal_lm(cfg):
+    """The transformers model of a `llama_config`."""
+    return Qwen2ForCausalLM(cfg) if isinstance(cfg, Qwen2Config) else LlamaForCausalLM(cfg)
 
 
 def image_path(shape, text_hidden, device, dtype, reps):
@@ -51,7 +66,7 @@ def image_path(shape, text_hidden, device, dtype, reps):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shape", default="llava7b", choices=["llava7b", "tiny"])
+    ap.add_argument("--shape", default="llava7b", choices=SHAPES)
     ap.add_argument("--prompt", type=int, default=640)
     ap.add_argument("--decode", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
@@ -61,7 +76,7 @@ def main():
     dtype = torch.float16 if a.device == "cuda" else torch.float32
     torch.manual_seed(0)
     with torch.device(a.device):
-        model = LlamaForCausalLM(cfg).to(dtype).eval()
+        model = causal_lm(cfg).to(dtype).eval()
     dev = torch.device(a.device)
     ids = torch.tensor([[1 + (i * 7919) % 32063 for i in range(a.prompt)]], device=dev)
 
@@ -91,7 +106,8 @@ def main():
             prefill.append(pf * 1e3)
             decode.append(a.decode / max(gen - pf, 1e-9))
             sample10.append(10 * a.decode / g10)
-    image_ms = image_path(a.shape, cfg.hidden_size, a.device, dtype, a.reps)
+    # Qwen2-VL's vision transformer runs on rlaifd's CPU backend: not compared here.
+    image_ms = None if a.shape.startswith("qwen") else image_path(a.shape, cfg.hidden_size, a.device, dtype, a.reps)
     name = torch.cuda.get_device_name(0) if a.device == "cuda" else "cpu"
     print(json.dumps({"peer": "transformers " + __import__("transformers").__version__, "torch": torch.__version__,
                       "device": name, "shape": a.shape, "prompt_tokens": a.prompt, "decode_tokens": a.decode,

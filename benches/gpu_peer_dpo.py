@@ -11,14 +11,12 @@ import argparse, json, statistics, time
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaForCausalLM
-
-from gpu_peer import llama_config
+from gpu_peer import SHAPES, causal_lm, llama_config
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shape", default="llava7b", choices=["llava7b", "tiny"])
+    ap.add_argument("--shape", default="llava7b", choices=SHAPES)
     ap.add_argument("--seq", type=int, default=700)
     ap.add_argument("--answer", type=int, default=60)
     ap.add_argument("--rank", type=int, default=64)
@@ -31,7 +29,7 @@ def main():
     cuda = a.device == "cuda"
     torch.manual_seed(0)
     with dev:
-        model = LlamaForCausalLM(cfg).to(torch.float16 if cuda else torch.float32)
+        model = causal_lm(cfg).to(torch.float16 if cuda else torch.float32)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     model = get_peft_model(model, LoraConfig(r=a.rank, lora_alpha=2 * a.rank, lora_dropout=0.0, target_modules=targets))
     for p in model.parameters():

@@ -19,6 +19,7 @@
 #      shaped decoder, copy bandwidth and roofline, a per-op breakdown; rlaifd bench-gpu-train: DPO and SFT steps
 #      with LoRA r=64 on every linear layer, 700-token sequences; then the peers on the same GPU (if torch is there):
 #      benches/gpu_peer.py (transformers fp16) and benches/gpu_peer_dpo.py (PyTorch + peft, fp16 autocast).
+#      SHAPE=qwen7b runs stage 5 on Qwen2-VL-7B's decoder instead (q/k/v biases, multimodal RoPE, GQA 28/4).
 #
 # A rehearsal without a GPU (checks this script, its arguments and the binaries, not the GPU):
 #   CUEMU=1 SHAPE=tiny PROMPT=70 DECODE=4 SEQ=80 ANSWER=10 RANK=8 REPS=1 LIMIT_SCALE=10 OUT=/tmp/rehearsal scripts/gpu-check.sh

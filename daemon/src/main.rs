@@ -73,7 +73,8 @@ enum Command {
     /// GPU decode and prefill speed of a random-weight LLaMA decoder at batch 1 (LLaVA-1.5-7B's language model by
     /// default), with the device's copy bandwidth and the memory-bandwidth roofline; see scripts/gpu-check.sh.
     BenchGpu {
-        /// llava7b (hidden 4096, 32 layers, vocabulary 32064) or tiny (for a quick check).
+        /// llava7b (hidden 4096, 32 layers, vocabulary 32064), qwen7b (Qwen2-VL-7B's decoder: hidden 3584, 28
+        /// layers, GQA 28/4, q/k/v biases, multimodal RoPE, vocabulary 152064), or tiny / qwen-tiny (quick checks).
         #[arg(long, default_value = "llava7b")]
         shape: String,
         /// Prompt tokens (LLaVA-1.5: 576 image tokens + about 64 of text).
@@ -91,7 +92,7 @@ enum Command {
     /// random-weight LLaMA decoder (LLaVA-1.5-7B's language model by default), with peak device memory; see
     /// scripts/gpu-check.sh and benches/gpu_peer_dpo.py.
     BenchGpuTrain {
-        /// llava7b or tiny.
+        /// llava7b, qwen7b, tiny or qwen-tiny (as bench-gpu).
         #[arg(long, default_value = "llava7b")]
         shape: String,
         /// Tokens per sequence (LLaVA-1.5: 576 image positions + prompt + answer).

@@ -70,6 +70,10 @@ pub fn cmd_bench_gpu(shape: &str, prompt: usize, decode: usize, reps: usize, n: 
         println!("  {op:<44} {us:>9.1} us");
     }
     println!("{}", serde_json::to_string(&r)?);
+    if shape.starts_with("qwen") {
+        println!("  image path: Qwen2-VL's vision transformer runs on the CPU backend (not measured here)");
+        return Ok(());
+    }
     // The image path before the prefill: vision tower to its feature layer, projector (random weights).
     let (vcfg, layers) = engine::cuda_clip::bench_shape(shape == "tiny");
     let ms = engine::cuda_clip::bench(&gpu, &vcfg, layers, cfg.hidden_size, reps)?;
@@ -91,30 +95,38 @@ fn median(v: &[f64]) -> f64 {
     s.get(s.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
-/// The decoder shapes the GPU benchmarks run: LLaVA-1.5-7B's language model, or a tiny one for a quick check.
+/// The decoder shapes the GPU benchmarks run: LLaVA-1.5-7B's language model, Qwen2-VL-7B's (q/k/v biases, multimodal
+/// RoPE, GQA 28/4, a 152k vocabulary), or a tiny one of either kind for a quick check.
 fn bench_shape(shape: &str) -> Result<engine::config::LlamaConfig> {
-    let (hidden, inter, layers, heads) = match shape {
-        "llava7b" => (4096, 11008, 32, 32),
-        "tiny" => (256, 688, 4, 8),
-        other => bail!("--shape {other}: expected llava7b or tiny"),
+    let (hidden, inter, layers, heads, kv_heads, vocab) = match shape {
+        "llava7b" => (4096, 11008, 32, 32, 32, 32064),
+        "tiny" => (256, 688, 4, 8, 8, 32064),
+        "qwen7b" => (3584, 18944, 28, 28, 4, 152064),
+        "qwen-tiny" => (256, 688, 4, 8, 2, 32064),
+        other => bail!("--shape {other}: expected llava7b, qwen7b, tiny or qwen-tiny"),
     };
+    let qwen = shape.starts_with("qwen");
+    let head_dim = hidden / heads;
+    // Qwen2-VL-7B's mrope_section [16, 24, 24] of 64 frequency pairs, scaled to the head.
+    let half = head_dim / 2;
+    let mrope = qwen.then(|| [half / 4, half * 3 / 8, half - half / 4 - half * 3 / 8]);
     Ok(engine::config::LlamaConfig {
-        vocab_size: 32064,
+        vocab_size: vocab,
         hidden_size: hidden,
         intermediate_size: inter,
         num_hidden_layers: layers,
         num_attention_heads: heads,
-        num_key_value_heads: heads,
-        head_dim: hidden / heads,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10000.0,
+        num_key_value_heads: kv_heads,
+        head_dim,
+        rms_norm_eps: if qwen { 1e-6 } else { 1e-5 },
+        rope_theta: if qwen { 1_000_000.0 } else { 10000.0 },
         rope_scaling: engine::config::RopeScaling::None,
-        max_position_embeddings: 4096,
+        max_position_embeddings: if qwen { 32768 } else { 4096 },
         tie_word_embeddings: false,
         attention_bias: false,
         mlp_bias: false,
-        qkv_bias: false,
-        mrope_section: None,
+        qkv_bias: qwen,
+        mrope_section: mrope,
         layer_window: Vec::new(),
         bos_token_id: Some(1),
         eos_token_ids: vec![2],
@@ -164,6 +176,10 @@ pub fn cmd_bench_gpu_train(
         median(&r.dpo_scalar_attention_step_ms)
     );
     println!("{}", serde_json::to_string(&r)?);
+    if shape.starts_with("qwen") {
+        println!("image path: Qwen2-VL's vision transformer trains on the CPU backend (not measured here)");
+        return Ok(());
+    }
     // Training the image path too: what its passes add per image (one image per DPO pair).
     let (vision, layers) = engine::cuda_clip::bench_shape(shape == "tiny");
     let img = engine::cuda_bench::bench_image_path(&gpu, &vision, layers, cfg.hidden_size, rank, reps, warmup)?;
