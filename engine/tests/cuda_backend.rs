@@ -692,11 +692,8 @@ fn llava_next_tiles_on_the_gpu_match_the_cpu_backend() {
         let want = cpu.image_features(&px, None).unwrap();
         let got = dev.image_features(&px, None).unwrap();
         let rel = rel_l2(&got, &want);
-        let exp: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
-        let ids: Vec<u32> = exp["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
-        let at = ids.iter().position(|&t| Some(t) == cpu.image_token_id()).unwrap() + 2;
-        let (prompt, answer) = ids.split_at(at);
+        let (prompt, answer) = gpu_common::fixture_prompt(&dir, cpu.image_token_id());
+        let (prompt, answer) = (&prompt[..], &answer[..]);
         let lp_cpu = cpu.answer_logp(prompt, answer, Some(&want), None).unwrap();
         let lp_dev = dev.answer_logp(prompt, answer, Some(&got), None).unwrap();
         let worst = (lp_cpu - lp_dev).abs() / answer.len() as f64;
@@ -753,11 +750,8 @@ fn qwen_decoders_on_the_gpu_match_the_cpu_backend() {
         let dev = on_gpu(&dir.join("model")).expect("the GPU opened above");
         let px = cpu.load_image(&dir.join("image.png")).unwrap();
         let feats = cpu.image_features(&px, None).unwrap();
-        let exp: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
-        let ids: Vec<u32> = exp["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
-        let at = ids.iter().position(|&t| Some(t) == cpu.image_token_id()).unwrap() + 2;
-        let (prompt, answer) = ids.split_at(at);
+        let (prompt, answer) = gpu_common::fixture_prompt(&dir, cpu.image_token_id());
+        let (prompt, answer) = (&prompt[..], &answer[..]);
         let adapter = dir.join("adapter").is_dir().then(|| cpu.load_adapter(&dir.join("adapter")).unwrap());
         for ad in std::iter::once(None).chain(adapter.as_ref().map(Some)) {
             let f = cpu.image_features(&px, ad).unwrap();

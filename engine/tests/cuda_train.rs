@@ -608,22 +608,15 @@ fn qwen_and_sliding_window_lora_gradients_on_the_gpu_match_the_cpu_backend() {
             ..LoraSpec::default()
         };
         let mut adapter = cpu.create_adapter(&spec, 5).unwrap();
+        assert_eq!(adapter.module_names().len(), 7 * cpu.llm.cfg.num_hidden_layers, "{case}");
+        gpu_common::randomize_b(&mut adapter, 9, 0.1);
         let mut rng = engine::rng::SplitMix64::new(9);
-        let names: Vec<String> = adapter.module_names().iter().map(|s| s.to_string()).collect();
-        assert_eq!(names.len(), 7 * cpu.llm.cfg.num_hidden_layers, "{names:?}");
-        for n in &names {
-            adapter.module_mut(n).unwrap().b.iter_mut().for_each(|v| *v = ((rng.next_f64() * 2.0 - 1.0) * 0.1) as f32);
-        }
         assert_eq!(engine::cuda_train::gpu_trainable(&dev.cfg, &adapter), None, "{case}");
         let px = cpu.load_image(&dir.join("image.png")).unwrap();
         let feats = cpu.image_features(&px, None).unwrap();
-        let exp: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
-        let ids: Vec<u32> = exp["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
-        let at = ids.iter().position(|&t| Some(t) == cpu.image_token_id()).unwrap() + 2;
-        let (prompt, chosen) = ids.split_at(at);
+        let (prompt, chosen) = gpu_common::fixture_prompt(&dir, cpu.image_token_id());
         let rejected = tokens(&mut rng, 5, cpu.llm.cfg.vocab_size.min(60), cpu.image_token_id());
-        let pair = TokenPair { pixels: Some(&px), prompt_ids: prompt, chosen_ids: chosen, rejected_ids: &rejected };
+        let pair = TokenPair { pixels: Some(&px), prompt_ids: &prompt, chosen_ids: &chosen, rejected_ids: &rejected };
         let refs = reference_logps(&cpu, None, &pair).unwrap();
         let cfg = DpoConfig { beta: 0.5, ..Default::default() };
         let mut grads = Grads::zeros_like(&adapter);
@@ -667,22 +660,16 @@ fn llava_next_tiles_train_their_image_path_on_the_gpu_as_the_cpu_backend() {
             ..LoraSpec::default()
         };
         let mut adapter = cpu.create_adapter(&spec, 13).unwrap();
+        gpu_common::randomize_b(&mut adapter, 14, 0.1);
         let mut rng = engine::rng::SplitMix64::new(14);
         let names: Vec<String> = adapter.module_names().iter().map(|s| s.to_string()).collect();
-        for n in &names {
-            adapter.module_mut(n).unwrap().b.iter_mut().for_each(|v| *v = ((rng.next_f64() * 2.0 - 1.0) * 0.1) as f32);
-        }
         let image: Vec<&String> = names.iter().filter(|n| engine::cuda_clip::in_image_path(n)).collect();
         assert!(image.iter().any(|n| n.starts_with("vision_tower.")), "{image:?}");
         let px = cpu.load_image(&dir.join("image.png")).unwrap();
         assert!(px.tiles > 2, "{case}: an image of several tiles");
-        let exp: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
-        let ids: Vec<u32> = exp["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
-        let at = ids.iter().position(|&t| Some(t) == cpu.image_token_id()).unwrap() + 2;
-        let (prompt, chosen) = ids.split_at(at);
+        let (prompt, chosen) = gpu_common::fixture_prompt(&dir, cpu.image_token_id());
         let rejected = tokens(&mut rng, 5, cpu.llm.cfg.vocab_size.min(60), cpu.image_token_id());
-        let pair = TokenPair { pixels: Some(&px), prompt_ids: prompt, chosen_ids: chosen, rejected_ids: &rejected };
+        let pair = TokenPair { pixels: Some(&px), prompt_ids: &prompt, chosen_ids: &chosen, rejected_ids: &rejected };
         let refs = reference_logps(&cpu, None, &pair).unwrap();
         let cfg = DpoConfig { beta: 0.5, ..Default::default() };
         let mut grads = Grads::zeros_like(&adapter);

@@ -26,3 +26,23 @@ pub fn root() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".."))
 }
+
+/// A family fixture's ids (`DIR/expected.json`, the image token once), split after the image token and the marker
+/// that follows it: (prompt, the rest).
+pub fn fixture_prompt(dir: &std::path::Path, image_token: Option<u32>) -> (Vec<u32>, Vec<u32>) {
+    let exp: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let mut ids: Vec<u32> = exp["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    let at = ids.iter().position(|&t| Some(t) == image_token).expect("the image token") + 2;
+    let rest = ids.split_off(at);
+    (ids, rest)
+}
+
+/// B of every LoRA module of `adapter` uniform in ±`scale` (peft starts B at zero, which would hide a LoRA bug).
+pub fn randomize_b(adapter: &mut engine::Adapter, seed: u64, scale: f64) {
+    let mut rng = engine::rng::SplitMix64::new(seed);
+    let names: Vec<String> = adapter.module_names().iter().map(|s| s.to_string()).collect();
+    for n in names {
+        adapter.module_mut(&n).unwrap().b.iter_mut().for_each(|v| *v = ((rng.next_f64() * 2.0 - 1.0) * scale) as f32);
+    }
+}
