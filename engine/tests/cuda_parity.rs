@@ -107,28 +107,41 @@ fn elementwise_norm_and_embedding_kernels_match_float64() {
     }
 }
 
+/// float64 RoPE of x (tokens, heads, d) with the tables; frequency pair i of token t at position `pos_of(t, i)`.
+fn rope_ref(
+    xh: &[f64],
+    heads: usize,
+    d: usize,
+    cos: &[f32],
+    sin: &[f32],
+    pos_of: impl Fn(usize, usize) -> usize,
+) -> Vec<f64> {
+    let half = d / 2;
+    let mut want = xh.to_vec();
+    for t in 0..xh.len() / (heads * d) {
+        for hh in 0..heads {
+            let base = (t * heads + hh) * d;
+            for i in 0..half {
+                let p = pos_of(t, i);
+                let (c, s) = (cos[p * half + i] as f64, sin[p * half + i] as f64);
+                let (x1, x2) = (xh[base + i], xh[base + i + half]);
+                want[base + i] = x1 * c - x2 * s;
+                want[base + i + half] = x2 * c + x1 * s;
+            }
+        }
+    }
+    want
+}
+
 #[test]
 fn rope_lora_and_logprob_kernels_match_float64() {
     let Some(g) = gpu() else { return };
     let mut rng = SplitMix64::new(2);
     for &(tokens, heads, d) in &[(1usize, 1usize, 16usize), (9, 4, 24), (70, 8, 128)] {
         let x = randn(&mut rng, tokens * heads * d, 1.0);
-        let half = d / 2;
         let (cos, sin) = rope_tables(d, 256);
         let pos: Vec<i32> = (0..tokens).map(|t| (t * 3 + 1) as i32).collect();
-        let xh = h(&x);
-        let mut want = xh.clone();
-        for t in 0..tokens {
-            for hh in 0..heads {
-                let base = (t * heads + hh) * d;
-                for i in 0..half {
-                    let (c, s) = (cos[pos[t] as usize * half + i] as f64, sin[pos[t] as usize * half + i] as f64);
-                    let (x1, x2) = (xh[base + i], xh[base + i + half]);
-                    want[base + i] = x1 * c - x2 * s;
-                    want[base + i + half] = x2 * c + x1 * s;
-                }
-            }
-        }
+        let want = rope_ref(&h(&x), heads, d, &cos, &sin, |t, _| pos[t] as usize);
         check(&format!("rope_f16 {tokens}x{heads}x{d}"), &g.rope(&x, &pos, &cos, &sin, heads, d, None).unwrap(), &want);
     }
     // Qwen2-VL's multimodal RoPE: three positions per token (temporal, height, width), frequency pair i following
@@ -136,30 +149,10 @@ fn rope_lora_and_logprob_kernels_match_float64() {
     // [16, 24, 24] (head_dim 128, Qwen2-VL-7B's).
     for &(tokens, heads, d, sec) in &[(9usize, 3usize, 16usize, [2usize, 3, 3]), (40, 4, 128, [16, 24, 24])] {
         let x = randn(&mut rng, tokens * heads * d, 1.0);
-        let half = d / 2;
         let (cos, sin) = rope_tables(d, 256);
         let pos: Vec<i32> = (0..tokens * 3).map(|i| ((i * 7 + i / 3) % 200) as i32).collect();
-        let xh = h(&x);
-        let mut want = xh.clone();
-        for t in 0..tokens {
-            for hh in 0..heads {
-                let base = (t * heads + hh) * d;
-                for i in 0..half {
-                    let c = if i < sec[0] {
-                        0
-                    } else if i < sec[0] + sec[1] {
-                        1
-                    } else {
-                        2
-                    };
-                    let p = pos[t * 3 + c] as usize;
-                    let (cs, sn) = (cos[p * half + i] as f64, sin[p * half + i] as f64);
-                    let (x1, x2) = (xh[base + i], xh[base + i + half]);
-                    want[base + i] = x1 * cs - x2 * sn;
-                    want[base + i + half] = x2 * cs + x1 * sn;
-                }
-            }
-        }
+        let component = |i: usize| usize::from(i >= sec[0]) + usize::from(i >= sec[0] + sec[1]);
+        let want = rope_ref(&h(&x), heads, d, &cos, &sin, |t, i| pos[t * 3 + component(i)] as usize);
         let got = g.rope(&x, &pos, &cos, &sin, heads, d, Some(sec)).unwrap();
         check(&format!("rope_f16 mrope {sec:?} {tokens}x{heads}x{d}"), &got, &want);
     }
