@@ -78,3 +78,30 @@ fn a_broken_template_is_an_error_naming_its_file() {
     std::fs::remove_dir_all(&dir).ok();
     std::fs::remove_dir_all(&dir2).ok();
 }
+
+/// Templates in the families' styles (ChatML with image parts, [INST] blocks with a namespace, header ids with a
+/// default system turn and `| trim`), each rendered by transformers' own `apply_chat_template` for one user turn
+/// (tests/fixtures/chat/cases.json, tools/gen_chat_fixtures.sh): rlaifd renders the same text for a multimodal
+/// model with and without an image and for a text model, prompts with outer spaces and inner newlines included.
+#[test]
+fn chat_templates_render_as_transformers_apply_chat_template() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/chat/cases.json");
+    let all: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures).unwrap()).unwrap();
+    let cases = all["cases"].as_array().unwrap();
+    assert!(cases.len() >= 27, "the chat fixtures");
+    for (i, case) in cases.iter().enumerate() {
+        let name = case["template"].as_str().unwrap();
+        let template = all["templates"][name].as_str().unwrap();
+        let cfg = serde_json::json!({"chat_template": template, "bos_token": all["bos_token"], "eos_token": all["eos_token"]});
+        let dir = model_dir(&format!("tf{i}"), &[("tokenizer_config.json", cfg.to_string())]);
+        if !case["multimodal"].as_bool().unwrap() {
+            std::fs::remove_file(dir.join("preprocessor_config.json")).unwrap();
+        }
+        let tok = TextTokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
+        let fallback = if case["image"].as_bool().unwrap() { LLAVA_15_TEMPLATE } else { TEXT_TEMPLATE };
+        let prompt = case["prompt"].as_str().unwrap();
+        let got = tok.chat_text(fallback, prompt).unwrap().text;
+        assert_eq!(got, case["expected"].as_str().unwrap(), "{name} (case {i}: {case})");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
