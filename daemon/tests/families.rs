@@ -92,16 +92,23 @@ async fn the_demo_runs_an_iteration_on_llava_next() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn serve_answers_a_chat_request_with_an_image_on_qwen2_5_vl() {
-    let db = common::fresh("qwen_serve").await;
-    let dir = std::env::temp_dir().join(format!("rlaifd-family-serve-{}", std::process::id()));
+/// `rlaifd serve` on the Qwen2.5-VL checkpoint (tests/fixtures/qwen_vl/shapes_qwen25) with a fresh database and
+/// scratch folder, and more environment variables `env`.
+async fn qwen_daemon(tag: &str, env: &[(&str, &str)]) -> (common::TestDb, PathBuf, Daemon) {
+    let db = common::fresh(&format!("qwen_{tag}")).await;
+    let dir = std::env::temp_dir().join(format!("rlaifd-family-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let qwen = root().join("tests/fixtures/qwen_vl/shapes_qwen25");
     let bundled = common::daemon::model().display().to_string();
     let text = config_text(&dir, &db.url, "").replace(&bundled, &qwen.display().to_string());
     assert!(text.contains("shapes_qwen25"), "{text}");
-    let d = Daemon::launch(&dir, &text, &[]);
+    let d = Daemon::launch(&dir, &text, env);
+    (db, dir, d)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_answers_a_chat_request_with_an_image_on_qwen2_5_vl() {
+    let (db, dir, d) = qwen_daemon("serve", &[]).await;
     let img = shapes_png(&dir, "3");
     let body =
         chat_body(&img, "describe the image .", serde_json::json!({ "max_tokens": 12, "n": 2, "temperature": 0.7 }));
@@ -114,6 +121,8 @@ async fn serve_answers_a_chat_request_with_an_image_on_qwen2_5_vl() {
     // The prompt: the template's words plus the image's 16 merged patches (64x64 pixels, 8-pixel patches, 2x2).
     let prompt_tokens = v["usage"]["prompt_tokens"].as_u64().expect("usage");
     assert!(prompt_tokens > 16, "{v}");
+    drop(d);
+    db.drop_db().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -127,13 +136,7 @@ fn error_message(body: &str) -> String {
 /// then still answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_qwen_served_daemon_refuses_hostile_input_before_model_work() {
-    let db = common::fresh("qwen_hostile").await;
-    let dir = std::env::temp_dir().join(format!("rlaifd-family-hostile-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let qwen = root().join("tests/fixtures/qwen_vl/shapes_qwen25");
-    let bundled = common::daemon::model().display().to_string();
-    let text = config_text(&dir, &db.url, "").replace(&bundled, &qwen.display().to_string());
-    let mut d = Daemon::launch(&dir, &text, &[("RLAIFD__SERVER__MAX_BODY_BYTES", "8388608")]);
+    let (db, dir, mut d) = qwen_daemon("hostile", &[("RLAIFD__SERVER__MAX_BODY_BYTES", "8388608")]).await;
     let img = shapes_png(&dir, "5");
     let before = counts(&db.pool).await;
     let hwm0 = d.mem_kib("VmHWM");

@@ -231,7 +231,7 @@ fn op_breakdown(gpu: &Gpu, model: &GpuLlama, keys: usize, n: usize) -> Result<Ve
         out.push((format!("add_rmsnorm m{m}"), time(&mut || gpu.add_rmsnorm_dev(hb, x, tmp, &l.post_norm, m, 1e-5))?));
         out.push((
             format!("rope q+k m{m}"),
-            time(&mut || gpu.rope_strided_dev(qkv, pos, &model.cos, &model.sin, m, h + kvh, hd, nqkv))?,
+            time(&mut || gpu.rope_strided_dev(qkv, pos, &model.cos, &model.sin, m, h + kvh, hd, nqkv, None))?,
         ));
         let (mut kc2, mut vc2) = (kc.clone(), kc.clone());
         out.push((

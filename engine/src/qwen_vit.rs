@@ -280,9 +280,7 @@ impl QwenVision {
         rotate(&mut k, cos, sin, heads, hd, 1.0);
         let mut att = vec![0f32; n * d];
         let scale = (hd as f32).powf(-0.5);
-        let mut start = 0;
-        for &len in segments {
-            let s = start * d..(start + len) * d;
+        for (s, len) in segment_ranges(segments, d) {
             attend_dense(
                 &mut att[s.clone()],
                 &q[s.clone()],
@@ -297,7 +295,6 @@ impl QwenVision {
                 scale,
                 Mask::Full,
             );
-            start += len;
         }
         let x_in = keep.then(|| x.to_vec());
         b.proj.forward(x, &att, n, adapter, MatmulMode::Accumulate);
@@ -422,17 +419,17 @@ impl QwenVision {
         b.proj.backward(&mut datt, &dmid, &t.att, n, adapter, grads.as_deref_mut(), MatmulMode::Assign);
         let (mut dq, mut dk, mut dv) = (vec![0f32; n * d], vec![0f32; n * d], vec![0f32; n * d]);
         let scale = (hd as f32).powf(-0.5);
-        let mut start = 0;
-        for &len in &t.segments {
-            let s = start * d..(start + len) * d;
+        for (s, len) in segment_ranges(&t.segments, d) {
+            let (q, k, v) = (&t.q[s.clone()], &t.k[s.clone()], &t.v[s.clone()]);
+            let (dk, dv) = (&mut dk[s.clone()], &mut dv[s.clone()]);
             attend_dense_bwd(
                 &mut dq[s.clone()],
-                &mut dk[s.clone()],
-                &mut dv[s.clone()],
-                &datt[s.clone()],
-                &t.q[s.clone()],
-                &t.k[s.clone()],
-                &t.v[s],
+                dk,
+                dv,
+                &datt[s],
+                q,
+                k,
+                v,
                 len,
                 len,
                 0,
@@ -442,7 +439,6 @@ impl QwenVision {
                 scale,
                 Mask::Full,
             );
-            start += len;
         }
         rotate(&mut dq, cos, sin, heads, hd, -1.0);
         rotate(&mut dk, cos, sin, heads, hd, -1.0);
@@ -520,4 +516,13 @@ fn rotate(x: &mut [f32], cos: &[f32], sin: &[f32], heads: usize, hd: usize, sign
             }
         }
     }
+}
+
+/// The element range and row count of each attention segment (a window, or the whole image) of rows `d` wide.
+fn segment_ranges(segments: &[usize], d: usize) -> impl Iterator<Item = (std::ops::Range<usize>, usize)> + '_ {
+    segments.iter().scan(0usize, move |start, &len| {
+        let r = *start * d..(*start + len) * d;
+        *start += len;
+        Some((r, len))
+    })
 }

@@ -15,10 +15,12 @@ impl Gpu {
         heads: usize,
         head_dim: usize,
     ) -> Result<()> {
-        self.rope_strided_dev(x, pos, cos, sin, tokens, heads, head_dim, heads * head_dim)
+        self.rope_strided_dev(x, pos, cos, sin, tokens, heads, head_dim, heads * head_dim, None)
     }
 
     /// RoPE on the first `heads` heads of rows `stride` elements apart (q and k of a fused QKV buffer in one launch).
+    /// With `sections`, Qwen2-VL's multimodal RoPE: `pos` holds three positions per row (temporal, height, width; a
+    /// text row repeats its position), and `sections` frequency pairs follow each (`mrope_section`).
     #[allow(clippy::too_many_arguments)]
     pub fn rope_strided_dev(
         &self,
@@ -30,26 +32,9 @@ impl Gpu {
         heads: usize,
         head_dim: usize,
         stride: usize,
+        sections: Option<[usize; 3]>,
     ) -> Result<()> {
-        self.rope_launch("rope_f16", x, pos, cos, sin, tokens, heads, head_dim, stride, None)
-    }
-
-    /// `rope_strided_dev` under Qwen2-VL's multimodal RoPE: `pos` holds three positions per row (temporal, height,
-    /// width; a text row repeats its position), and `sections` frequency pairs follow each (`mrope_section`).
-    #[allow(clippy::too_many_arguments)]
-    pub fn rope_sections_dev(
-        &self,
-        x: &mut CudaSlice<f16>,
-        pos: &CudaSlice<i32>,
-        cos: &CudaSlice<f32>,
-        sin: &CudaSlice<f32>,
-        tokens: usize,
-        heads: usize,
-        head_dim: usize,
-        stride: usize,
-        sections: [usize; 3],
-    ) -> Result<()> {
-        self.rope_launch("rope_f16", x, pos, cos, sin, tokens, heads, head_dim, stride, Some(sections))
+        self.rope_launch("rope_f16", x, pos, cos, sin, tokens, heads, head_dim, stride, sections)
     }
 
     /// Launches `rope_f16` or `rope_bwd_f16` (same arguments) on `tokens` rows; `sections`: three positions per row.
@@ -195,7 +180,7 @@ impl Gpu {
                     &mut dq, &mut kc, &mut vc, &dp, &dc, &ds, rows, heads_q, heads_kv, head_dim, stride, 0, None, start,
                 )?;
             } else {
-                self.rope_strided_dev(&mut dq, &dp, &dc, &ds, rows, heads_q + heads_kv, head_dim, stride)?;
+                self.rope_strided_dev(&mut dq, &dp, &dc, &ds, rows, heads_q + heads_kv, head_dim, stride, None)?;
                 self.kv_store_dev(
                     &mut kc,
                     &mut vc,
@@ -264,7 +249,7 @@ impl Gpu {
     }
 
     /// Backward of `rope_dev`, in place on the gradient (`sections`: three positions per row, as
-    /// `rope_sections_dev`).
+    /// `rope_strided_dev`).
     #[allow(clippy::too_many_arguments)]
     pub fn rope_bwd_dev(
         &self,

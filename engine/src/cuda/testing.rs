@@ -103,10 +103,7 @@ impl Gpu {
             self.stream.clone_htod(sin).map_err(derr)?,
         );
         let tokens = pos.len() / if sections.is_some() { 3 } else { 1 };
-        match sections {
-            None => self.rope_dev(&mut dx, &dp, &dc, &ds, tokens, heads, head_dim)?,
-            Some(s) => self.rope_sections_dev(&mut dx, &dp, &dc, &ds, tokens, heads, head_dim, heads * head_dim, s)?,
-        }
+        self.rope_strided_dev(&mut dx, &dp, &dc, &ds, tokens, heads, head_dim, heads * head_dim, sections)?;
         self.download_f16(&dx)
     }
 

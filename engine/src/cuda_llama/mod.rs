@@ -4,7 +4,7 @@
 //! or decoder input rows made on the host (`Input::Embeds`: a LLaVA prompt's text embeddings with its image
 //! features spliced in), optionally with a LoRA adapter applied unmerged (`GpuLora::for_inference`: two
 //! small GEMMs beside each projection). Qwen2's q/k/v biases, no other attention/MLP biases; Qwen2-VL's multimodal
-//! RoPE (a prefill's rows carry three positions each: `Positions`) and the shifted text positions after its image.
+//! RoPE (a prefill's rows carry three positions each: `Input::Placed`) and the shifted text positions after its image.
 //!
 //! Decoding n answers to one prompt ([`DecodeSession`], `decode.rs`): the prompt is prefilled once into a shared
 //! prefix cache; the n sequences then step together, each with its own suffix cache, against that prefix. Every
@@ -265,22 +265,17 @@ impl GpuLlama {
                             start,
                         )?;
                     } else {
-                        match sections {
-                            Some(sec) => gpu.rope_sections_dev(
-                                &mut s.qkv,
-                                &s.pos,
-                                &self.cos,
-                                &self.sin,
-                                rows,
-                                h + kvh,
-                                hd,
-                                nqkv,
-                                sec,
-                            )?,
-                            None => {
-                                gpu.rope_strided_dev(&mut s.qkv, &s.pos, &self.cos, &self.sin, rows, h + kvh, hd, nqkv)?
-                            }
-                        }
+                        gpu.rope_strided_dev(
+                            &mut s.qkv,
+                            &s.pos,
+                            &self.cos,
+                            &self.sin,
+                            rows,
+                            h + kvh,
+                            hd,
+                            nqkv,
+                            sections,
+                        )?;
                         gpu.kv_store_dev(
                             kc,
                             vc,

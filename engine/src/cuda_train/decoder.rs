@@ -444,10 +444,7 @@ impl GpuLora {
         for (j, off) in [(Q, 0), (K, h * hd), (V, (h + kvh) * hd)] {
             self.lora_fwd(gpu, li, j, &h1, t[j].as_mut(), &mut qkv, off, nqkv, rows, drop)?;
         }
-        match cfg.mrope_section {
-            Some(sec) => gpu.rope_sections_dev(&mut qkv, dpos, &model.cos, &model.sin, rows, h + kvh, hd, nqkv, sec)?,
-            None => gpu.rope_strided_dev(&mut qkv, dpos, &model.cos, &model.sin, rows, h + kvh, hd, nqkv)?,
-        }
+        gpu.rope_strided_dev(&mut qkv, dpos, &model.cos, &model.sin, rows, h + kvh, hd, nqkv, cfg.mrope_section)?;
         let mut att = a(rows * h * hd)?;
         let mut lse = s.alloc_zeros::<f32>(rows * h).map_err(derr)?;
         let mask = crate::ops::Mask::causal(cfg.window(li));

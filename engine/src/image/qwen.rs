@@ -33,15 +33,33 @@ impl PatchGrid {
 /// transformers' smart_resize refuses images longer than 200 times their width (or the reverse).
 const MAX_ASPECT: f64 = 200.0;
 
+/// Why `smart_resize` refuses an image.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ResizeError {
+    /// Proportions Qwen's processor does not take (an aspect ratio above 200).
+    Shape(String),
+    /// No pixels, or a result outside the engine's limits.
+    Size(String),
+}
+
+impl std::fmt::Display for ResizeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ResizeError::Shape(d) | ResizeError::Size(d) => f.write_str(d),
+        }
+    }
+}
+
 /// transformers' `smart_resize`: (height, width) rounded to multiples of `factor`, scaled into
 /// [min_pixels, max_pixels] keeping the aspect ratio; an aspect ratio above 200 is an error.
-pub fn smart_resize(height: u32, width: u32, g: &PatchGrid) -> Result<(u32, u32), String> {
+pub fn smart_resize(height: u32, width: u32, g: &PatchGrid) -> Result<(u32, u32), ResizeError> {
     let (h, w) = (height as f64, width as f64);
     if height == 0 || width == 0 {
-        return Err(format!("a {width}x{height} image has no pixels"));
+        return Err(ResizeError::Size(format!("a {width}x{height} image has no pixels")));
     }
     if h.max(w) / h.min(w) > MAX_ASPECT {
-        return Err(format!("its aspect ratio ({:.1}) is above Qwen's limit of {MAX_ASPECT}", h.max(w) / h.min(w)));
+        let ratio = h.max(w) / h.min(w);
+        return Err(ResizeError::Shape(format!("its aspect ratio ({ratio:.1}) is above Qwen's limit of {MAX_ASPECT}")));
     }
     let f = g.factor() as f64;
     // Python's round() is half-to-even.
@@ -57,7 +75,7 @@ pub fn smart_resize(height: u32, width: u32, g: &PatchGrid) -> Result<(u32, u32)
         wb = (w * beta / f).ceil() * f;
     }
     if hb < 1.0 || wb < 1.0 || hb * wb > MAX_IMAGE_PIXELS as f64 {
-        return Err(format!("smart_resize gives {wb}x{hb}, outside the engine's limits"));
+        return Err(ResizeError::Size(format!("smart_resize gives {wb}x{hb}, outside the engine's limits")));
     }
     Ok((hb as u32, wb as u32))
 }
@@ -71,14 +89,11 @@ pub(super) fn preprocess_patches(
 ) -> Result<PixelValues, ImageError> {
     let what = format!("input image {}x{}", img.width(), img.height());
     check_dims(img.width() as u64, img.height() as u64, &what)?;
-    let (w, h) = (img.width().max(1) as f64, img.height().max(1) as f64);
-    if w.max(h) / w.min(h) > MAX_ASPECT {
-        let detail = format!("its aspect ratio ({:.1}) is above Qwen's limit of {MAX_ASPECT}", w.max(h) / w.min(h));
-        return Err(ImageError::Shape { what, detail });
-    }
     let (th, tw) = if cfg.do_resize {
-        smart_resize(img.height(), img.width(), g)
-            .map_err(|detail| ImageError::TooLarge { what: what.clone(), detail })?
+        smart_resize(img.height(), img.width(), g).map_err(|e| match e {
+            ResizeError::Shape(detail) => ImageError::Shape { what: what.clone(), detail },
+            ResizeError::Size(detail) => ImageError::TooLarge { what: what.clone(), detail },
+        })?
     } else {
         (img.height(), img.width())
     };
@@ -250,6 +265,6 @@ mod tests {
         assert_eq!(smart_resize(4000, 3000, &g).unwrap(), (1148, 840));
         // Half-to-even rounding: 42 / 28 = 1.5 rounds to 2, 70 / 28 = 2.5 rounds to 2.
         assert_eq!(smart_resize(42, 70, &grid(14, 2, 1, 1 << 40)).unwrap(), (56, 56));
-        assert!(smart_resize(1, 300, &g).unwrap_err().contains("aspect ratio"));
+        assert!(smart_resize(1, 300, &g).unwrap_err().to_string().contains("aspect ratio"));
     }
 }

@@ -83,19 +83,19 @@ pub fn attend_rows<'a, S>(
         for h in 0..heads {
             let kvh = h / group;
             let qh = &qr[h * head_dim..(h + 1) * head_dim];
-            // scores over all visible positions, segment by segment
+            // scores over the visible positions, segment by segment (those before the window are never read)
             let mut p = 0;
             for s in &segs {
-                for t in 0..s.len.min(visible - p) {
+                let n = s.len.min(visible - p);
+                for t in first.saturating_sub(p).min(n)..n {
                     let off = (t * kv_heads + kvh) * head_dim;
                     scores[p + t] = dot(qh, &s.k[off..off + head_dim]) * scale;
                 }
-                p += s.len.min(visible - p);
+                p += n;
                 if p == visible {
                     break;
                 }
             }
-            scores[..first].fill(0.0);
             let max = scores[first..].iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0f32;
             for s in scores[first..].iter_mut() {
@@ -107,14 +107,15 @@ pub fn attend_rows<'a, S>(
             oh.fill(0.0);
             let mut p = 0;
             for s in &segs {
-                for t in 0..s.len.min(visible - p) {
+                let n = s.len.min(visible - p);
+                for t in first.saturating_sub(p).min(n)..n {
                     let off = (t * kv_heads + kvh) * head_dim;
                     let wgt = scores[p + t] * inv;
                     for (a, &b) in oh.iter_mut().zip(&s.v[off..off + head_dim]) {
                         *a += wgt * b;
                     }
                 }
-                p += s.len.min(visible - p);
+                p += n;
                 if p == visible {
                     break;
                 }

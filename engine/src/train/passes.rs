@@ -279,8 +279,7 @@ impl Model {
             } else {
                 (qv.forward(&pixels.data, grid, adapter)?, None)
             };
-            let m = qv.cfg.spatial_merge_size;
-            let features = ImageFeatures { rows, grid: Some((grid[1] / m, grid[2] / m)) };
+            let features = ImageFeatures { rows, grid: self.feature_grid(pixels) };
             return Ok(ImageTape { tiles: Vec::new(), packing: None, features, qwen });
         }
         let (Some(lc), Some(vision), Some(proj)) = (self.config.llava(), &self.vision, &self.projector) else {
