@@ -142,6 +142,21 @@ pub struct DaemonConfig {
     pub prompt_source: String,
     pub poll_s: f64,
     pub max_iterations: u64,
+    /// What this daemon does: any of "serve" (answer chat requests, follow the promoted checkpoint), "sample",
+    /// "label", "train" (start iterations, move them on, train candidates) and "gate". Daemons on many hosts
+    /// sharing one database split the work by role; every role is leased in the database, so any number of
+    /// daemons may hold each.
+    pub roles: Vec<String>,
+}
+
+/// The roles `daemon.roles` may name.
+pub const ROLES: [&str; 5] = ["serve", "sample", "label", "train", "gate"];
+
+impl DaemonConfig {
+    /// Whether this daemon has role `role` (one of [`ROLES`]).
+    pub fn has_role(&self, role: &str) -> bool {
+        self.roles.iter().any(|r| r == role)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -208,6 +223,8 @@ impl Config {
                 .prefix_separator("__")
                 .separator("__")
                 .try_parsing(true)
+                .list_separator(",")
+                .with_list_parse_key("daemon.roles")
                 .source(Some(vars)),
         );
         let merged = b.build().map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
@@ -283,6 +300,17 @@ impl Config {
         }
         if !matches!(self.daemon.prompt_source.as_str(), "shapes" | "none") {
             bail!("daemon.prompt_source {:?}: expected \"shapes\" or \"none\"", self.daemon.prompt_source);
+        }
+        if self.daemon.roles.is_empty() {
+            bail!("daemon.roles is empty: name at least one of {ROLES:?}");
+        }
+        for (i, r) in self.daemon.roles.iter().enumerate() {
+            if !ROLES.contains(&r.as_str()) {
+                bail!("daemon.roles: unknown role {r:?} (expected some of {ROLES:?})");
+            }
+            if self.daemon.roles[..i].contains(r) {
+                bail!("daemon.roles names {r:?} twice");
+            }
         }
         if !(self.daemon.poll_s.is_finite() && self.daemon.poll_s >= 0.05) {
             bail!("daemon.poll_s must be at least 0.05 seconds");

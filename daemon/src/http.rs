@@ -362,6 +362,12 @@ async fn chat(req: HttpRequest, payload: web::Payload, d: web::Data<Arc<Daemon>>
     let cfg = d.config();
     let server_cfg = &cfg.server;
     check_token(&req, &server_cfg.token)?;
+    if !cfg.daemon.has_role("serve") {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("this daemon does not serve chat requests (daemon.roles = {:?}): send them to a daemon with the \"serve\" role", cfg.daemon.roles),
+        ));
+    }
     if let Some(peer) = req.peer_addr() {
         if !d.metrics.admit(peer.ip(), server_cfg.rate_per_s, server_cfg.rate_burst) {
             return Err(ApiError::new(

@@ -119,6 +119,10 @@ pub struct Daemon {
     pub actors: Mutex<BTreeMap<&'static str, ActorState>>,
     /// This daemon's lease owner name (host:state dir).
     pub owner: String,
+    /// The worker recorded with every job this daemon takes: host:pid:device.
+    pub worker: String,
+    /// A promoted checkpoint this daemon could not swap in: (checkpoint, when to retry, failures so far).
+    swap_retry: Mutex<Option<(i64, Instant, u32)>>,
     pub stop: tokio::sync::Notify,
     pub started: Instant,
     generation: AtomicU64,
@@ -131,6 +135,32 @@ impl Daemon {
 
     pub fn serving(&self) -> Arc<Serving> {
         self.serving.read().map(|s| s.clone()).unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// Whether swapping in promoted checkpoint `id` is due (not waiting out the backoff of an earlier failure).
+    pub(crate) fn swap_due(&self, id: i64) -> bool {
+        match self.swap_retry.lock().map(|r| *r) {
+            Ok(Some((c, at, _))) if c == id => Instant::now() >= at,
+            _ => true,
+        }
+    }
+
+    /// Records a failed swap of `id`; returns the seconds until the next try (2, 4, 8 ... at most 60).
+    pub(crate) fn swap_failed(&self, id: i64) -> u64 {
+        let Ok(mut r) = self.swap_retry.lock() else { return 60 };
+        let failures = match *r {
+            Some((c, _, n)) if c == id => n + 1,
+            _ => 1,
+        };
+        let wait = (1u64 << failures.min(6)).min(60);
+        *r = Some((id, Instant::now() + Duration::from_secs(wait), failures));
+        wait
+    }
+
+    pub(crate) fn swap_done(&self) {
+        if let Ok(mut r) = self.swap_retry.lock() {
+            *r = None;
+        }
     }
 
     pub(crate) fn actor(&self, name: &'static str, f: impl FnOnce(&mut ActorState)) {
@@ -147,6 +177,10 @@ impl Daemon {
             Some(p) => Some(store::checkpoint(&self.pool, p).await?),
             None => None,
         };
+        crate::rlaif::fetch_checkpoint(&self.pool, &self.engine, c).await?;
+        if let Some(p) = &parent {
+            crate::rlaif::fetch_checkpoint(&self.pool, &self.engine, p).await?;
+        }
         let (e, row) = (self.engine.clone(), c.clone());
         let (adapter, reference) = self
             .engine
@@ -201,6 +235,34 @@ fn absolute(p: &Path) -> PathBuf {
         p.to_path_buf()
     } else {
         std::env::current_dir().map(|c| c.join(p)).unwrap_or_else(|_| p.to_path_buf())
+    }
+}
+
+/// Stores in the database the files of checkpoints this daemon trained before checkpoints travelled through it
+/// (rows without stored files whose adapter is on this host with the recorded sha256), so every other daemon can
+/// fetch them. A failure is logged; the daemon serves on.
+async fn upload_own_checkpoints(d: &Arc<Daemon>) {
+    let rows = match store::checkpoints_without_files(&d.pool).await {
+        Ok(r) => r,
+        Err(e) => return warn!(error = %format!("{e:#}"), "cannot list checkpoints without stored files"),
+    };
+    for c in rows {
+        let e = d.engine.clone();
+        let row = c.clone();
+        let files = tokio::task::spawn_blocking(move || e.local_dir(&row).map(|dir| crate::rlaif::dir_files(&dir)))
+            .await
+            .ok()
+            .flatten();
+        match files {
+            Some(Ok(files)) => match store::upload_checkpoint_files(&d.pool, c.id, &files).await {
+                Ok(()) => {
+                    info!(checkpoint = c.id, "stored the checkpoint's files in the database for the other daemons")
+                }
+                Err(e) => warn!(checkpoint = c.id, error = %format!("{e:#}"), "cannot store the checkpoint's files"),
+            },
+            Some(Err(e)) => warn!(checkpoint = c.id, error = %format!("{e:#}"), "cannot read the checkpoint's files"),
+            None => {}
+        }
     }
 }
 
@@ -274,6 +336,7 @@ pub async fn run_async(cfg: Config, config_file: Option<PathBuf>, until: Option<
     if paused {
         warn!("the loop is paused (rlaifd ctl resume to go on); serving continues");
     }
+    let engine_device = engine.model.device();
     let d = Arc::new(Daemon {
         cfg: RwLock::new(cfg.clone()),
         config_file,
@@ -292,17 +355,29 @@ pub async fn run_async(cfg: Config, config_file: Option<PathBuf>, until: Option<
         metrics: Metrics::default(),
         chat_in_flight: std::sync::atomic::AtomicUsize::new(0),
         actors: Mutex::new(BTreeMap::new()),
+        worker: format!("{}:{}:{}", hostname(), std::process::id(), engine_device),
+        swap_retry: Mutex::new(None),
         owner,
         stop: tokio::sync::Notify::new(),
         started: Instant::now(),
         generation: AtomicU64::new(0),
     });
-    d.hot_swap(&promoted).await.with_context(|| format!("loading the promoted checkpoint {}", promoted.id))?;
+    upload_own_checkpoints(&d).await;
+    if cfg.daemon.has_role("serve") {
+        // The promoted checkpoint may be unreachable from here (its trainer has not uploaded it yet, the disk is
+        // full): serve the base meanwhile; the checkpointer retries and swaps it in when it can.
+        if let Err(e) = d.hot_swap(&promoted).await {
+            let reason = format!("{e:#}");
+            let retry_s = d.swap_failed(promoted.id);
+            error!(checkpoint = promoted.id, error = %reason, retry_s, "cannot load the promoted checkpoint yet; serving the base model meanwhile");
+            store::event(&pool, "swap_failed", &d.worker, serde_json::json!({ "checkpoint": promoted.id, "serving": base.id, "error": reason, "retry_s": retry_s })).await?;
+        }
+    }
     store::event(
         &pool,
         "daemon_started",
         "supervisor",
-        serde_json::json!({ "owner": d.owner, "pid": std::process::id(), "serving": promoted.id, "device": chosen }),
+        serde_json::json!({ "owner": d.owner, "worker": d.worker, "pid": std::process::id(), "serving": d.serving().checkpoint.id, "device": chosen, "roles": cfg.daemon.roles }),
     )
     .await?;
     let server = crate::http::start(d.clone())?;

@@ -6,6 +6,8 @@
 
 mod common;
 
+use common::pg::Cluster;
+
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -113,89 +115,6 @@ async fn no_duplicates(pool: &sqlx::PgPool) {
         .unwrap(),
         0
     );
-}
-
-/// A private PostgreSQL cluster on its own port and socket directory, stopped and started by the test.
-struct Cluster {
-    dir: PathBuf,
-    port: u16,
-    as_postgres: bool,
-}
-
-impl Cluster {
-    fn bin(name: &str) -> Option<PathBuf> {
-        let mut c: Vec<PathBuf> = vec![PathBuf::from("/usr/local/bin").join(name)];
-        if let Ok(rd) = std::fs::read_dir("/usr/lib/postgresql") {
-            c.extend(rd.flatten().map(|e| e.path().join("bin").join(name)));
-        }
-        c.into_iter().find(|p| p.exists())
-    }
-
-    fn run(&self, bin: &Path, args: &[&str]) -> std::process::Output {
-        let mut c = if self.as_postgres {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(bin);
-            c
-        } else {
-            Command::new(bin)
-        };
-        c.args(args).output().unwrap()
-    }
-
-    fn create(dir: PathBuf, port: u16) -> Result<Cluster, String> {
-        let initdb = Cluster::bin("initdb").ok_or("initdb not found")?;
-        let as_postgres = std::process::Command::new("id")
-            .arg("-u")
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-            .unwrap_or(false);
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        if as_postgres {
-            // initdb refuses root: the cluster belongs to the postgres user.
-            let ok =
-                Command::new("chown").args(["-R", "postgres"]).arg(&dir).status().map(|s| s.success()).unwrap_or(false);
-            if !ok {
-                return Err("cannot chown the cluster directory to postgres".into());
-            }
-        }
-        let c = Cluster { dir, port, as_postgres };
-        let data = c.dir.join("data");
-        let o = c.run(&initdb, &["-D", data.to_str().unwrap(), "-A", "trust", "-U", "postgres", "--no-sync"]);
-        if !o.status.success() {
-            return Err(format!("initdb failed: {}", String::from_utf8_lossy(&o.stderr)));
-        }
-        Ok(c)
-    }
-
-    fn ctl(&self, action: &str) {
-        let pg_ctl = Cluster::bin("pg_ctl").expect("pg_ctl");
-        let data = self.dir.join("data");
-        let opts = format!("-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off", self.port, self.dir.display());
-        let log = self.dir.join("pg.log");
-        let mut args = vec![action, "-D", data.to_str().unwrap(), "-w", "-t", "60"];
-        if action == "start" {
-            args.extend(["-o", &opts, "-l", log.to_str().unwrap()]);
-        } else {
-            args.extend(["-m", "fast"]);
-        }
-        let o = self.run(&pg_ctl, &args);
-        assert!(
-            o.status.success(),
-            "pg_ctl {action}: {} {}",
-            String::from_utf8_lossy(&o.stderr),
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        if let Some(pg_ctl) = Cluster::bin("pg_ctl") {
-            let _ = self.run(&pg_ctl, &["stop", "-D", self.dir.join("data").to_str().unwrap(), "-m", "immediate"]);
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -395,7 +314,8 @@ async fn diverged_training_unwritable_checkpoints_and_corrupt_adapters_are_refus
         assert!(t0.elapsed() < Duration::from_secs(30));
         std::thread::sleep(Duration::from_millis(100));
     }
-    // 4. A corrupted adapter file: promoting it is refused, nothing changes, the served checkpoint stays.
+    // 4. A corrupted adapter file, here and in the database: promoting it is refused, nothing changes, the served
+    //    checkpoint stays. (Damaged here only, the database's checked copy would serve.)
     let base: i64 = sqlx::query_scalar("SELECT id FROM checkpoints WHERE kind = 'base'").fetch_one(pool).await.unwrap();
     assert_eq!(ctl(&socket, json!({ "cmd": "rollback" }))["promoted"].as_i64(), Some(base));
     let path: String =
@@ -405,6 +325,12 @@ async fn diverged_training_unwritable_checkpoints_and_corrupt_adapters_are_refus
     let at = bytes.len() - 10;
     bytes[at] ^= 0xff;
     std::fs::write(&f, &bytes).unwrap();
+    sqlx::query("UPDATE blobs SET bytes = $2 WHERE sha256 = (SELECT sha256 FROM checkpoint_files WHERE checkpoint_id = $1 AND name = 'adapter_model.safetensors')")
+        .bind(cand)
+        .bind(&bytes)
+        .execute(pool)
+        .await
+        .unwrap();
     let before: Vec<(i64, String)> =
         sqlx::query_as("SELECT id, status FROM checkpoints ORDER BY id").fetch_all(pool).await.unwrap();
     let r = ctl(&socket, json!({ "cmd": "promote", "id": cand }));

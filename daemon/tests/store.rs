@@ -231,31 +231,138 @@ async fn concurrent_workers_never_share_a_job_and_dead_workers_leases_expire() {
 }
 
 #[tokio::test]
-async fn an_unloadable_promoted_checkpoint_is_rejected_and_its_parent_promoted_in_one_transaction() {
-    let db = common::fresh("unloadable").await;
+async fn checkpoint_files_are_stored_by_content_and_checked_when_read() {
+    let db = common::fresh("blobs").await;
     let pool = &db.pool;
-    let base = store::ensure_base(pool, "/models/base", Some(&serde_json::json!({ "chair_i": 0.3 }))).await.unwrap();
-    let bad: i64 = sqlx::query_scalar(
-        "INSERT INTO checkpoints (parent_id, iteration, kind, path, sha256, status) VALUES ($1, 1, 'lora', '/gone', 'x', 'candidate') RETURNING id",
-    )
-    .bind(base.id)
-    .fetch_one(pool)
-    .await
-    .unwrap();
-    store::decide(pool, bad, true, &serde_json::json!({ "chair_i": 0.2 }), "test", "test").await.unwrap();
-    assert_eq!(store::promoted(pool).await.unwrap().map(|c| c.id), Some(bad));
-    // A parent that does not exist: refused, and nothing changed.
-    assert!(store::reject_unloadable(pool, bad, 999_999, "files gone", "checkpointer").await.is_err());
+    let base = store::ensure_base(pool, "/models/base", None).await.unwrap();
+    let mut ids = Vec::new();
+    for n in 1..=2 {
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO checkpoints (parent_id, iteration, kind, path, sha256, status) VALUES ($1, $2, 'lora', '/elsewhere', 'x', 'candidate') RETURNING id",
+        )
+        .bind(base.id)
+        .bind(n)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        ids.push(id);
+    }
+    let shared = b"{\"r\": 4}".to_vec();
+    let files = |w: u8| {
+        vec![
+            ("adapter_config.json".to_string(), shared.clone()),
+            ("adapter_model.safetensors".to_string(), vec![w; 1000]),
+        ]
+    };
+    store::upload_checkpoint_files(pool, ids[0], &files(1)).await.unwrap();
+    store::upload_checkpoint_files(pool, ids[1], &files(2)).await.unwrap();
+    // The config both share is one blob: three blobs for four files.
+    assert_eq!(store::blob_totals(pool).await.unwrap(), (3, (shared.len() + 2000) as i64));
+    let got = store::checkpoint_files(pool, ids[1]).await.unwrap();
     assert_eq!(
-        store::checkpoint(pool, bad).await.unwrap().status,
-        store::CheckpointStatus::Promoted,
-        "nothing changed"
+        got.iter().map(|f| f.name.as_str()).collect::<Vec<_>>(),
+        ["adapter_config.json", "adapter_model.safetensors"]
     );
-    store::reject_unloadable(pool, bad, base.id, "files gone", "checkpointer").await.unwrap();
-    assert_eq!(store::promoted(pool).await.unwrap().map(|c| c.id), Some(base.id));
-    let base_row = store::checkpoint(pool, base.id).await.unwrap();
-    assert_eq!(base_row.metrics, Some(serde_json::json!({ "chair_i": 0.3 })), "the parent keeps its own metrics");
-    assert_eq!(store::checkpoint(pool, bad).await.unwrap().status, store::CheckpointStatus::Rejected);
+    assert_eq!(store::blob(pool, &got[1].sha256).await.unwrap(), vec![2u8; 1000]);
+    assert_eq!(got[1].sha256, store::sha256_hex(&[2u8; 1000]));
+    // A path in a file name is refused before anything is stored.
+    let bad = vec![("../escape".to_string(), vec![0u8])];
+    assert!(store::upload_checkpoint_files(pool, ids[0], &bad).await.is_err());
+    assert_eq!(store::checkpoint_files(pool, ids[0]).await.unwrap().len(), 2);
+    // Damaged at rest: read back, refused with the reason.
+    sqlx::query("UPDATE blobs SET bytes = $2 WHERE sha256 = $1")
+        .bind(&got[1].sha256)
+        .bind(vec![3u8; 1000])
+        .execute(pool)
+        .await
+        .unwrap();
+    let err = format!("{:#}", store::blob(pool, &got[1].sha256).await.unwrap_err());
+    assert!(err.contains("damaged"), "{err}");
+    let missing = format!("{:#}", store::blob(pool, &"0".repeat(64)).await.unwrap_err());
+    assert!(missing.contains("not in the database"), "{missing}");
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn one_train_job_per_iteration_and_a_lost_lease_records_nothing() {
+    let db = common::fresh("stagejobs").await;
+    let pool = &db.pool;
+    store::ensure_base(pool, "/models/base", None).await.unwrap();
+    let new = store::NewPrompt {
+        image_sha256: None,
+        instruction: "Describe.".into(),
+        source: "test".into(),
+        split: "train".into(),
+        ground_truth: None,
+    };
+    let prompt = store::insert_prompt(pool, &new).await.unwrap();
+    let it = store::start_iteration(pool, &serde_json::json!({}), &[prompt], false).await.unwrap();
+    store::start_training(pool, it.id).await.unwrap();
+    store::start_training(pool, it.id).await.unwrap();
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE kind = 'train'").fetch_one(pool).await.unwrap();
+    assert_eq!(n, 1, "starting training twice queues one train job");
+    // Two daemons race for it: one gets it.
+    let other = rlaifd::db::open(&db.url, 2).await.unwrap();
+    let (a, b) = tokio::join!(
+        store::claim_stage_job(pool, store::JobKind::Train, "a", "host-a:1:cpu", 0.3),
+        store::claim_stage_job(&other, store::JobKind::Train, "b", "host-b:2:cpu", 60.0)
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert!(a.is_some() != b.is_some(), "exactly one claimer: {a:?} {b:?}");
+    // Make sure "a" holds it (with a short lease), then let that lease lapse: "b" takes the job over.
+    if b.is_some() {
+        sqlx::query(
+            "UPDATE jobs SET lease_owner = 'a', lease_until = now() + interval '0.3 seconds' WHERE kind = 'train'",
+        )
+        .execute(pool)
+        .await
+        .unwrap();
+    }
+    let job_a = a.or(b).unwrap();
+    assert!(store::renew_lease(pool, job_a.id, "a", 0.3).await.unwrap());
+    assert!(store::claim_stage_job(&other, store::JobKind::Train, "b", "host-b:2:cpu", 60.0).await.unwrap().is_none());
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let job_b = store::claim_stage_job(&other, store::JobKind::Train, "b", "host-b:2:cpu", 60.0)
+        .await
+        .unwrap()
+        .expect("taken over");
+    assert_eq!(job_b.id, job_a.id);
+    assert!(job_b.attempts >= 2);
+    // The old holder can neither renew, nor save a state, nor record a candidate.
+    assert!(!store::renew_lease(pool, job_a.id, "a", 60.0).await.unwrap());
+    let files = vec![("trainer_state.json".to_string(), b"{}".to_vec())];
+    assert!(!store::save_training_state(pool, job_a.id, "a", it.id, 3, "host-a:1:cpu", &files).await.unwrap());
+    let cand = store::NewCandidate {
+        path: "/a/iter-0001",
+        sha256: &"1".repeat(64),
+        files: &[("adapter_model.safetensors".to_string(), vec![1u8; 10])],
+        pair_ids: &[],
+        steps: 1,
+        losses: &serde_json::json!([]),
+        config: &serde_json::json!({}),
+        started_at: chrono::Utc::now(),
+    };
+    assert!(store::add_candidate(pool, &it, &cand, Some((job_a.id, "a"))).await.unwrap().is_none());
+    assert_eq!(store::iteration(pool, it.id).await.unwrap().candidate_id, None);
+    // The new holder saves a state (readable by whoever comes next) and records the candidate; the state goes.
+    assert!(store::save_training_state(&other, job_b.id, "b", it.id, 3, "host-b:2:cpu", &files).await.unwrap());
+    let (step, saved) = store::training_state(pool, it.id).await.unwrap().unwrap();
+    assert_eq!((step, saved[0].name.as_str()), (3, "trainer_state.json"));
+    let row =
+        store::add_candidate(&other, &it, &store::NewCandidate { path: "/b/iter-0001", ..cand }, Some((job_b.id, "b")))
+            .await
+            .unwrap()
+            .unwrap();
+    assert_eq!(store::training_state(pool, it.id).await.unwrap(), None);
+    assert_eq!(store::checkpoint_files(pool, row.id).await.unwrap().len(), 1);
+    let (status, worker): (String, String) =
+        sqlx::query_as("SELECT status, worker FROM jobs WHERE id = $1").bind(job_b.id).fetch_one(pool).await.unwrap();
+    assert_eq!((status.as_str(), worker.as_str()), ("done", "host-b:2:cpu"));
+    let gates: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE kind = 'gate' AND status = 'pending'")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(gates, 1, "the candidate's gate job is queued with it");
     db.drop_db().await;
 }
 

@@ -21,7 +21,10 @@ pub(crate) async fn step(role: Role, d: &Arc<Daemon>) -> Result<bool> {
         _ if d.paused.load(Ordering::SeqCst) || d.draining.load(Ordering::SeqCst) => Ok(false),
         Role::Sampler | Role::Labeler => {
             let kind = if role == Role::Sampler { JobKind::Sample } else { JobKind::Label };
-            let Some(job) = store::claim_jobs(&d.pool, kind, &d.owner, 1, cfg.loop_.lease_s).await?.into_iter().next()
+            let Some(job) = store::claim_jobs_as(&d.pool, kind, &d.owner, &d.worker, 1, cfg.loop_.lease_s)
+                .await?
+                .into_iter()
+                .next()
             else {
                 return Ok(false);
             };
@@ -73,19 +76,15 @@ async fn trainer_step(d: &Arc<Daemon>, cfg: &Config) -> Result<bool> {
             SamplingStep::Training => Ok(true),
         },
         Stage::Training => {
-            let span = tracing::info_span!("train", iteration = it.number);
             let n = it.number;
-            let r = rlaif::train_or_fail(pool, &d.engine, &cfg.loop_, &it, move |s, t, loss| {
+            let span = tracing::info_span!("train", iteration = n);
+            rlaif::train_job(pool, &d.engine, &cfg.loop_, &d.owner, &d.worker, move |s, t, loss| {
                 if s == t || s % 10 == 0 {
                     info!(iteration = n, step = s, steps = t, loss, "training");
                 }
             })
             .instrument(span)
-            .await;
-            if let Err(e) = r {
-                warn!(iteration = it.number, error = %format!("{e:#}"), "training failed; the iteration is marked failed");
-            }
-            Ok(true)
+            .await
         }
         _ => Ok(false),
     }
@@ -106,42 +105,46 @@ async fn top_up_prompts(d: &Arc<Daemon>, cfg: &Config) -> Result<()> {
     Ok(())
 }
 
-/// Gates candidates and keeps the served generation on the promoted checkpoint (whoever promoted it: this
-/// daemon, `rlaifd ctl promote`, or another daemon on the same database).
+/// Keeps the served generation on the promoted checkpoint (whoever promoted it: this daemon, `rlaifd ctl
+/// promote`, or another daemon on the same database) when this daemon serves, and gates candidates when it gates.
 async fn checkpointer_step(d: &Arc<Daemon>, cfg: &Config) -> Result<bool> {
     let pool = &d.pool;
-    if let Some(p) = store::promoted(pool).await? {
-        if p.id != d.serving().checkpoint.id {
-            match d.hot_swap(&p).await {
-                Ok(_) => return Ok(true),
-                Err(e) => {
-                    // A promoted checkpoint that cannot be loaded (missing or altered files) is never served.
-                    let reason = format!("{e:#}");
-                    error!(checkpoint = p.id, error = %reason, "cannot serve the promoted checkpoint; rolling back to its parent");
-                    if let Some(parent) = p.parent_id {
-                        let why = format!("checkpoint {} cannot be loaded: {reason}", p.id);
-                        store::reject_unloadable(pool, p.id, parent, &why, "checkpointer").await?;
+    if cfg.daemon.has_role("serve") {
+        if let Some(p) = store::promoted(pool).await? {
+            if p.id != d.serving().checkpoint.id && d.swap_due(p.id) {
+                match d.hot_swap(&p).await {
+                    Ok(_) => {
+                        d.swap_done();
+                        return Ok(true);
                     }
-                    return Ok(true);
+                    Err(e) => {
+                        // This host cannot fetch or load it (the database's copy is missing, the disk is full ...):
+                        // keep serving what we have and retry later. Its status is the gate's verdict, not ours.
+                        let reason = format!("{e:#}");
+                        let retry_s = d.swap_failed(p.id);
+                        error!(checkpoint = p.id, error = %reason, retry_s, "cannot serve the promoted checkpoint yet; still serving the previous one");
+                        store::event(pool, "swap_failed", &d.worker, serde_json::json!({ "checkpoint": p.id, "serving": d.serving().checkpoint.id, "error": reason, "retry_s": retry_s })).await?;
+                    }
                 }
             }
         }
     }
-    if d.paused.load(Ordering::SeqCst) || d.draining.load(Ordering::SeqCst) {
+    if !cfg.daemon.has_role("gate") || d.paused.load(Ordering::SeqCst) || d.draining.load(Ordering::SeqCst) {
         return Ok(false);
     }
-    let Some(it) = store::open_iteration(pool).await? else { return Ok(false) };
-    if it.stage != Stage::Evaluating {
-        return Ok(false);
+    let span = tracing::info_span!("gate");
+    match rlaif::gate_job(pool, &d.engine, &cfg.loop_, &d.owner, &d.worker).instrument(span).await? {
+        None => Ok(false),
+        Some(None) => Ok(true),
+        Some(Some(o)) => {
+            info!(
+                iteration = o.iteration,
+                promoted = o.promoted,
+                chair_i = o.metrics["chair_i"].as_f64(),
+                cover = o.metrics["cover"].as_f64(),
+                "candidate gated"
+            );
+            Ok(true)
+        }
     }
-    let span = tracing::info_span!("gate", iteration = it.number, candidate = it.candidate_id);
-    let (promoted, metrics) = rlaif::run_gate(pool, &d.engine, &cfg.loop_, &it).instrument(span).await?;
-    info!(
-        iteration = it.number,
-        promoted,
-        chair_i = metrics["chair_i"].as_f64(),
-        cover = metrics["cover"].as_f64(),
-        "candidate gated"
-    );
-    Ok(true)
 }

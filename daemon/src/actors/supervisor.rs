@@ -64,12 +64,15 @@ impl LoopActor {
         let span = tracing::info_span!("actor", role = role.name());
         let fut = async move {
             if reclaim {
-                let kind = if role == Role::Sampler { store::JobKind::Sample } else { store::JobKind::Label };
-                if matches!(role, Role::Sampler | Role::Labeler) {
-                    let n = store::release_kind_leases(&d.pool, &d.owner, kind).await?;
-                    if n > 0 {
-                        info!(jobs = n, kind = kind.as_str(), "returned jobs left leased by the failed attempt");
-                    }
+                let kind = match role {
+                    Role::Sampler => store::JobKind::Sample,
+                    Role::Labeler => store::JobKind::Label,
+                    Role::Trainer => store::JobKind::Train,
+                    Role::Checkpointer => store::JobKind::Gate,
+                };
+                let n = store::release_kind_leases(&d.pool, &d.owner, kind).await?;
+                if n > 0 {
+                    info!(jobs = n, kind = kind.as_str(), "returned jobs left leased by the failed attempt");
                 }
             }
             step(role, &d).await
@@ -147,7 +150,20 @@ impl Actor for Supervisor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
+        // Which actors run follows daemon.roles: the checkpointer follows the promoted checkpoint (serve) and gates
+        // candidates (gate); the others take their role's jobs.
+        let cfg = self.d.config();
+        let has = |r: &str| cfg.daemon.has_role(r);
         for role in [Role::Checkpointer, Role::Sampler, Role::Labeler, Role::Trainer] {
+            let wanted = match role {
+                Role::Checkpointer => has("serve") || has("gate"),
+                Role::Sampler => has("sample"),
+                Role::Labeler => has("label"),
+                Role::Trainer => has("train"),
+            };
+            if !wanted {
+                continue;
+            }
             let d = self.d.clone();
             self.d.actor(role.name(), |_| {});
             self.actors.push(actix::Supervisor::start(move |_| LoopActor::new(role, d)));

@@ -359,15 +359,14 @@ async fn execute(cmd: &Command, d: &Arc<Daemon>, _wake: &Recipient<Wake>) -> Res
 
 /// Makes `c` the promoted checkpoint (after checking its files load) and hot-swaps it in.
 async fn promote(d: &Arc<Daemon>, c: &store::CheckpointRow, actor: &str, reason: &str) -> Result<Value> {
-    // Check the files on disk (even when the adapter is cached in memory) and load: a checkpoint whose files are
-    // missing or altered is refused before anything changes.
-    if c.kind != store::CheckpointKind::Base {
-        let sha = crate::rlaif::adapter_sha256(std::path::Path::new(&c.path))
-            .with_context(|| format!("checkpoint {} cannot be loaded; nothing changed", c.id))?;
-        if c.sha256.as_deref() != Some(sha.as_str()) {
-            bail!("checkpoint {} at {}: adapter_model.safetensors has sha256 {sha}, the database recorded {:?}; refusing it, nothing changed", c.id, c.path, c.sha256);
-        }
-    }
+    // Every daemon must be able to fetch it (its stored files intact, or stored again from a good copy here), and a
+    // copy with the recorded sha256 must load here: a checkpoint without is refused before anything changes.
+    crate::rlaif::check_stored(&d.pool, &d.engine, c)
+        .await
+        .with_context(|| format!("checkpoint {} cannot be served; nothing changed", c.id))?;
+    crate::rlaif::fetch_checkpoint(&d.pool, &d.engine, c)
+        .await
+        .with_context(|| format!("checkpoint {} cannot be loaded; nothing changed", c.id))?;
     let (e, row) = (d.engine.clone(), c.clone());
     d.engine
         .run(Priority::Serve, move |_| e.adapter(&row).map(|_| ()))

@@ -19,6 +19,7 @@ pub async fn evaluate(
     cfg: &LoopConfig,
     c: &CheckpointRow,
 ) -> Result<serde_json::Value> {
+    super::fetch_checkpoint(pool, engine, c).await?;
     if !engine.shapes {
         return evaluate_with_labeler(pool, engine, cfg, c).await;
     }
@@ -137,13 +138,16 @@ pub fn better(
     (true, format!("{hk} {pi:.4} -> {ci:.4}, {ck} {cc:.4} (floor {floor:.4})"))
 }
 
-/// Evaluates the iteration's candidate against the promoted checkpoint and promotes or rejects it.
+/// Evaluates the iteration's candidate against the promoted checkpoint and promotes or rejects it; with `lease`
+/// (the gate job's id and owner) only while the job is still held. Ok(None): the lease was lost and another
+/// daemon gates the candidate.
 pub async fn run_gate(
     pool: &PgPool,
     engine: &Arc<Engine>,
     cfg: &LoopConfig,
     it: &IterationRow,
-) -> Result<(bool, serde_json::Value)> {
+    lease: Option<(i64, &str)>,
+) -> Result<Option<(bool, serde_json::Value)>> {
     let it = store::iteration(pool, it.id).await?;
     let cand = store::checkpoint(pool, it.candidate_id.context("the iteration has no candidate yet")?).await?;
     let metrics = evaluate(pool, engine, cfg, &cand).await?;
@@ -160,9 +164,62 @@ pub async fn run_gate(
     let base_metrics =
         if base.id == current.id { current_metrics.clone() } else { base.metrics.clone().unwrap_or_default() };
     let (promote, reason) = better(cfg, &metrics, &current_metrics, &base_metrics);
-    store::decide(pool, cand.id, promote, &metrics, &reason, "checkpointer").await?;
+    if !store::decide_leased(pool, cand.id, promote, &metrics, &reason, "checkpointer", lease).await? {
+        return Ok(None);
+    }
     if promote {
         crate::failpoint::hit("decided");
     }
-    Ok((promote, metrics))
+    Ok(Some((promote, metrics)))
+}
+
+/// What one gate job decided: the iteration, whether its candidate was promoted, and its metrics.
+#[derive(Clone, Debug)]
+pub struct GateOutcome {
+    pub iteration: i32,
+    pub promoted: bool,
+    pub metrics: serde_json::Value,
+}
+
+/// Runs the iteration's gate job if this daemon can claim it (exactly one daemon gates a candidate), renewing
+/// its lease meanwhile. A failure returns the job to the queue; after `max_attempts` it and the iteration are
+/// marked failed (the candidate keeps its status: a failure to evaluate says nothing about it). Ok(None): no
+/// gate job was open.
+pub async fn gate_job(
+    pool: &PgPool,
+    engine: &Arc<Engine>,
+    cfg: &LoopConfig,
+    owner: &str,
+    worker: &str,
+) -> Result<Option<Option<GateOutcome>>> {
+    let Some(job) = store::claim_stage_job(pool, store::JobKind::Gate, owner, worker, cfg.lease_s).await? else {
+        return Ok(None);
+    };
+    let it = store::iteration(pool, job.iteration_id).await?;
+    if it.stage != store::Stage::Evaluating {
+        store::fail_stage_job(pool, &job, owner, "the iteration is past evaluation", 1).await?;
+        return Ok(Some(None));
+    }
+    let keeper = super::renew_lease_while(pool, job.id, owner, cfg.lease_s);
+    let r = run_gate(pool, engine, cfg, &it, Some((job.id, owner))).await;
+    drop(keeper);
+    match r {
+        Ok(Some((promoted, metrics))) => Ok(Some(Some(GateOutcome { iteration: it.number, promoted, metrics }))),
+        Ok(None) => Ok(Some(None)),
+        Err(e) => {
+            let reason = format!("{e:#}");
+            tracing::warn!(iteration = it.number, attempt = job.attempts, error = %reason, "gating failed");
+            if store::fail_stage_job(pool, &job, owner, &reason, cfg.max_attempts).await? {
+                store::set_stage(pool, it.id, store::Stage::Failed).await?;
+                store::event(
+                    pool,
+                    "iteration_failed",
+                    "checkpointer",
+                    serde_json::json!({ "iteration": it.number, "reason": reason, "worker": worker }),
+                )
+                .await?;
+            }
+            Ok(Some(None))
+        }
+    }
 }

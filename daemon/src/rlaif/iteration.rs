@@ -1,9 +1,9 @@
 //! One iteration end to end: start it, drain its sample and label jobs, move it to training once it has enough
 //! pairs, train, gate. Each step reads where the iteration stands from the database, so a rerun resumes it.
 
-use super::{run_gate, run_label_job, run_sample_job, train_or_fail, Engine, LoopConfig};
+use super::{gate_job, run_label_job, run_sample_job, train_job, Engine, LoopConfig};
 use crate::store::{self, IterationRow};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use sqlx::PgPool;
 use std::sync::Arc;
 
@@ -81,7 +81,7 @@ pub async fn advance_sampling(pool: &PgPool, cfg: &LoopConfig, it: &IterationRow
         .await?;
         bail!("iteration {}: labeling produced no pairs", it.number);
     }
-    store::set_stage(pool, it.id, store::Stage::Training).await?;
+    store::start_training(pool, it.id).await?;
     Ok(SamplingStep::Training)
 }
 
@@ -138,11 +138,40 @@ pub async fn run_iteration(
             }
         }
     }
-    let p = progress.clone();
-    let cand = train_or_fail(pool, engine, cfg, &it, move |s, t, _| p(Stage::Train, s, t)).await?;
-    progress(Stage::Evaluate, 0, 1);
-    let (promoted, metrics) = run_gate(pool, engine, cfg, &it).await?;
+    // Train and gate through their jobs, as the daemons do (another process may hold one: wait for it).
+    loop {
+        let now = store::iteration(pool, it.id).await?;
+        match now.stage {
+            store::Stage::Training => {
+                let p = progress.clone();
+                if !train_job(pool, engine, cfg, owner, owner, move |s, t, _| p(Stage::Train, s, t)).await? {
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
+            }
+            store::Stage::Evaluating => {
+                progress(Stage::Evaluate, 0, 1);
+                if gate_job(pool, engine, cfg, owner, owner).await?.is_none() {
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
+            }
+            store::Stage::Done => break,
+            store::Stage::Failed => {
+                let why: Option<String> = store::iteration_failure(pool, now.number).await?;
+                bail!("iteration {} failed: {}", now.number, why.unwrap_or_else(|| "see events".into()));
+            }
+            store::Stage::Sampling => bail!("iteration {} went back to sampling", now.number),
+        }
+    }
     progress(Stage::Evaluate, 1, 1);
+    let now = store::iteration(pool, it.id).await?;
+    let cand = store::checkpoint(pool, now.candidate_id.context("a done iteration without a candidate")?).await?;
     let pairs = store::iteration_pairs(pool, it.id).await?.len();
-    Ok(IterationOutcome { iteration: it.number, candidate: cand.id, promoted, metrics, pairs })
+    let promoted = cand.status == store::CheckpointStatus::Promoted;
+    Ok(IterationOutcome {
+        iteration: it.number,
+        candidate: cand.id,
+        promoted,
+        metrics: cand.metrics.unwrap_or_default(),
+        pairs,
+    })
 }

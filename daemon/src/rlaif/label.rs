@@ -27,6 +27,8 @@ pub async fn run_label_job(
     let policy_row = store::checkpoint(pool, it.policy_id).await?;
     let reference_row = store::checkpoint(pool, it.reference_id).await?;
     let labeler_row = if cfg.labeler == "self" { policy_row.clone() } else { store::base(pool).await? };
+    super::fetch_checkpoint(pool, engine, &labeler_row).await?;
+    super::fetch_checkpoint(pool, engine, &reference_row).await?;
     if !matches!(cfg.labeler.as_str(), "self" | "base") && engine.labeler.is_none() {
         bail!("loop.labeler = {:?} names a model directory, but the engine was loaded without it", cfg.labeler);
     }

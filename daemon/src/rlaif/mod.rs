@@ -13,12 +13,14 @@ mod model;
 mod sample;
 mod train;
 
-pub use gate::{better, evaluate, evaluate_with_labeler, run_gate};
+pub use gate::{better, evaluate, evaluate_with_labeler, gate_job, run_gate, GateOutcome};
 pub use iteration::{advance_sampling, run_iteration, start_iteration, IterationOutcome, SamplingStep, Stage};
 pub use label::run_label_job;
-pub use model::{adapter_sha256, is_shapes_tokenizer, Engine};
+pub use model::{
+    adapter_sha256, check_stored, dir_files, fetch_checkpoint, is_shapes_tokenizer, write_dir_atomically, Engine,
+};
 pub use sample::run_sample_job;
-pub use train::{run_training, train_or_fail};
+pub use train::{run_training, train_job, Diverged, TrainLease};
 
 use anyhow::{bail, Result};
 use engine::feedback::pipeline::FeedbackConfig;
@@ -67,6 +69,9 @@ pub struct LoopConfig {
     pub lease_s: f64,
     /// Attempts before a job is marked failed.
     pub max_attempts: i32,
+    /// Training saves its state (adapter, optimizer moments) to the database every this many steps, so a daemon
+    /// that takes over the train job of a dead one resumes from there; 0: only the finished candidate is saved.
+    pub save_every: usize,
 }
 
 impl Default for LoopConfig {
@@ -96,6 +101,7 @@ impl Default for LoopConfig {
             seed: 0,
             lease_s: 600.0,
             max_attempts: 3,
+            save_every: 20,
         }
     }
 }
@@ -167,4 +173,30 @@ impl LoopConfig {
         )
         .next_u64()
     }
+}
+
+/// A background task stopped when its handle is dropped (a lease keeper must not outlive its job's run).
+pub(crate) struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Renews `owner`'s lease on job `job` every third of `lease_s` until the returned handle is dropped (gating runs
+/// longer than a lease; a database outage is waited out).
+pub(crate) fn renew_lease_while(pool: &sqlx::PgPool, job: i64, owner: &str, lease_s: f64) -> AbortOnDrop {
+    let (pool, owner) = (pool.clone(), owner.to_string());
+    AbortOnDrop(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs_f64((lease_s / 3.0).max(0.2)));
+        loop {
+            tick.tick().await;
+            match crate::store::renew_lease(&pool, job, &owner, lease_s).await {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(e) => tracing::warn!(job, error = %format!("{e:#}"), "cannot renew the lease; retrying"),
+            }
+        }
+    }))
 }

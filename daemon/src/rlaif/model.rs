@@ -1,5 +1,7 @@
 //! `Engine`: the model side of the loop (base model, tokenizer, image processor, optional labeler model, the
 //! engine thread) and the checkpoint adapters it loads on demand, each checked against its recorded sha256.
+//! A checkpoint trained by another daemon is fetched from the database first (`fetch_checkpoint`): no daemon
+//! reads another's files.
 
 use crate::store::{self, CheckpointRow};
 use crate::worker::{Priority, Slice, Worker};
@@ -110,7 +112,27 @@ impl Engine {
         self.worker.run(prio, f).await
     }
 
-    /// The adapter of a checkpoint (None for the base). A file whose sha256 differs from the row is refused.
+    /// Whether checkpoint `id`'s adapter is loaded already.
+    pub fn has_adapter(&self, id: i64) -> bool {
+        self.adapters.lock().map(|a| a.contains_key(&id)).unwrap_or(false)
+    }
+
+    /// This host's copy of a checkpoint fetched from the database (by content).
+    pub fn fetched_dir(&self, sha256: &str) -> PathBuf {
+        self.state_dir.join("checkpoints").join("fetched").join(sha256)
+    }
+
+    /// Where this host has a checkpoint's files with the recorded sha256: the directory its row names (the
+    /// daemon that trained it), else the copy fetched from the database. None: neither.
+    pub fn local_dir(&self, c: &CheckpointRow) -> Option<PathBuf> {
+        let want = c.sha256.as_deref()?;
+        [PathBuf::from(&c.path), self.fetched_dir(want)]
+            .into_iter()
+            .find(|d| adapter_sha256(d).is_ok_and(|s| s == want))
+    }
+
+    /// The adapter of a checkpoint (None for the base), from this host's copy whose sha256 matches the row
+    /// (`fetch_checkpoint` makes one). Files whose sha256 differs are refused.
     pub fn adapter(&self, c: &CheckpointRow) -> Result<Option<Arc<Adapter>>> {
         if c.kind == store::CheckpointKind::Base {
             return Ok(None);
@@ -118,13 +140,20 @@ impl Engine {
         if let Some(a) = self.adapters.lock().map_err(|_| anyhow::anyhow!("adapter cache poisoned"))?.get(&c.id) {
             return Ok(Some(a.clone()));
         }
-        let dir = Path::new(&c.path);
-        let sha = adapter_sha256(dir)?;
-        if c.sha256.as_deref() != Some(sha.as_str()) {
-            bail!("checkpoint {} at {}: adapter_model.safetensors has sha256 {sha}, the database recorded {:?}; refusing to load it", c.id, c.path, c.sha256);
-        }
+        let Some(dir) = self.local_dir(c) else {
+            let found =
+                adapter_sha256(Path::new(&c.path)).map(|s| format!("sha256 {s}")).unwrap_or_else(|e| format!("{e:#}"));
+            bail!(
+                "checkpoint {}: no copy on this host has the recorded sha256 {:?} ({}: {found}; not fetched from the database yet); refusing to load it",
+                c.id,
+                c.sha256,
+                c.path
+            );
+        };
         let a = Arc::new(
-            self.model.load_adapter(dir).with_context(|| format!("loading checkpoint {} from {}", c.id, c.path))?,
+            self.model
+                .load_adapter(&dir)
+                .with_context(|| format!("loading checkpoint {} from {}", c.id, dir.display()))?,
         );
         self.adapters.lock().map_err(|_| anyhow::anyhow!("adapter cache poisoned"))?.insert(c.id, a.clone());
         Ok(Some(a))
@@ -134,4 +163,118 @@ impl Engine {
         let img = engine::image::decode_rgb8(bytes, "stored image")?;
         Ok(engine::image::preprocess(&img, &self.ip)?)
     }
+}
+
+/// Makes sure this host has checkpoint `c`'s files with the recorded sha256: its own directory when this daemon
+/// trained it, else a copy of the files stored with it in the database (each blob checked against its name, the
+/// adapter against the row), written atomically under STATE/checkpoints/fetched/SHA256. A failure here is this
+/// host's problem (the blob is missing, the disk is full): the caller keeps what it has and retries later; the
+/// checkpoint's status is never changed because of it.
+pub async fn fetch_checkpoint(pool: &sqlx::PgPool, engine: &Arc<Engine>, c: &CheckpointRow) -> Result<()> {
+    if c.kind == store::CheckpointKind::Base || engine.has_adapter(c.id) {
+        return Ok(());
+    }
+    let Some(want) = c.sha256.clone() else { bail!("checkpoint {} has no recorded sha256", c.id) };
+    let (e, row) = (engine.clone(), c.clone());
+    if tokio::task::spawn_blocking(move || e.local_dir(&row).is_some()).await? {
+        return Ok(());
+    }
+    let files = store::checkpoint_files(pool, c.id).await?;
+    if files.is_empty() {
+        bail!(
+            "checkpoint {}'s files are not in the database and not on this host ({}): the daemon that trained it uploads them when it starts",
+            c.id,
+            c.path
+        );
+    }
+    match files.iter().find(|f| f.name == "adapter_model.safetensors") {
+        Some(f) if f.sha256 == want => {}
+        Some(f) => bail!(
+            "checkpoint {}: the database's adapter_model.safetensors is {}, the row records {want}",
+            c.id,
+            f.sha256
+        ),
+        None => bail!("checkpoint {}: no adapter_model.safetensors among its stored files", c.id),
+    }
+    let mut contents = Vec::with_capacity(files.len());
+    for f in &files {
+        contents.push((f.name.clone(), store::blob(pool, &f.sha256).await?));
+    }
+    let dest = engine.fetched_dir(&want);
+    let id = c.id;
+    tokio::task::spawn_blocking(move || write_dir_atomically(&dest, &contents))
+        .await?
+        .with_context(|| format!("saving checkpoint {id} fetched from the database"))?;
+    tracing::info!(checkpoint = id, sha256 = %want, "fetched the checkpoint from the database");
+    Ok(())
+}
+
+/// Makes sure every daemon can fetch checkpoint `c`: its files in the database are intact (checked there), or
+/// are stored again from a copy on this host with the recorded sha256. An error says what is wrong when neither.
+pub async fn check_stored(pool: &sqlx::PgPool, engine: &Arc<Engine>, c: &CheckpointRow) -> Result<()> {
+    if c.kind == store::CheckpointKind::Base {
+        return Ok(());
+    }
+    let Some(want) = c.sha256.clone() else { bail!("checkpoint {} has no recorded sha256", c.id) };
+    let problems = store::stored_file_problems(pool, c.id, &want).await?;
+    if problems.is_empty() {
+        return Ok(());
+    }
+    let (e, row) = (engine.clone(), c.clone());
+    let local = tokio::task::spawn_blocking(move || e.local_dir(&row).map(|d| dir_files(&d))).await?;
+    match local {
+        Some(files) => {
+            store::upload_checkpoint_files(pool, c.id, &files?).await?;
+            tracing::info!(checkpoint = c.id, fixed = %problems.join("; "), "stored the checkpoint's files again from this host's copy");
+            Ok(())
+        }
+        None => bail!(
+            "checkpoint {}: {} in the database, and no copy on this host has the recorded sha256 {want}",
+            c.id,
+            problems.join("; ")
+        ),
+    }
+}
+
+/// Writes `files` into a fresh directory beside `dest` and renames it to `dest` (a reader sees all of them or
+/// none). `dest` existing already (another task fetched it meanwhile) is fine.
+pub fn write_dir_atomically(dest: &Path, files: &[(String, Vec<u8>)]) -> Result<()> {
+    let parent = dest.parent().context("no parent directory")?;
+    std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+    let name = dest.file_name().and_then(|n| n.to_str()).unwrap_or("dir");
+    let tmp = parent.join(format!(".{name}.tmp-{}-{:?}", std::process::id(), std::thread::current().id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    for (f, bytes) in files {
+        if !store::safe_file_name(f) {
+            bail!("file name {f:?} is not a plain file name");
+        }
+        std::fs::write(tmp.join(f), bytes).with_context(|| format!("cannot write {}", tmp.join(f).display()))?;
+    }
+    if dest.exists() {
+        std::fs::remove_dir_all(dest).with_context(|| format!("cannot replace {}", dest.display()))?;
+    }
+    if let Err(e) = std::fs::rename(&tmp, dest) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        if !dest.exists() {
+            return Err(e).with_context(|| format!("cannot rename into {}", dest.display()));
+        }
+    }
+    Ok(())
+}
+
+/// The files of an adapter directory (plain files only), for storing with its checkpoint.
+pub fn dir_files(dir: &Path) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if entry.file_type()?.is_file() && store::safe_file_name(&name) {
+            let bytes =
+                std::fs::read(entry.path()).with_context(|| format!("cannot read {}", entry.path().display()))?;
+            out.push((name, bytes));
+        }
+    }
+    out.sort();
+    Ok(out)
 }

@@ -46,6 +46,7 @@ pub async fn run_sample_job(
     let prompt = store::prompt(pool, job.prompt_id).await?;
     let pixels = prompt_pixels(pool, engine, &prompt).await?;
     let seeds = cfg.answer_seeds(it.number, prompt.id);
+    super::fetch_checkpoint(pool, engine, &policy_row).await?;
     let (e, fcfg, question) = (engine.clone(), cfg.feedback(), prompt.instruction.clone());
     let answers = engine
         .run(Priority::Feedback, move |_| {

@@ -12,25 +12,75 @@ use engine::tokenizer::LLAVA_15_TEMPLATE;
 use engine::train::dpo::{DpoConfig, TokenPair};
 use engine::train::optim::{AdamW, AdamWConfig};
 use engine::train::trainer::{steps_per_epoch, train_dpo, TrainConfig};
+use engine::weights::f32_safetensors_bytes;
 use sqlx::PgPool;
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use tracing::{info, warn};
+
+/// The train job this run holds: its lease is renewed while the run goes on, its saved states go to the
+/// database (a trainer that takes the job over resumes from the last one), and the candidate is recorded only
+/// while the lease is still this daemon's.
+#[derive(Clone, Debug)]
+pub struct TrainLease {
+    pub job: i64,
+    pub owner: String,
+    /// host:pid:device, recorded with the saved states.
+    pub worker: String,
+    /// The job's attempt (1: the first daemon to train it).
+    pub attempt: i32,
+}
+
+/// A saved training state on its way to the database: its step and its directory's files.
+type SavedState = (usize, Vec<(String, Vec<u8>)>);
+
+/// What a saved training state says about its run (trainer_state.json), checked before resuming from it.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+struct LoopTrainState {
+    step: usize,
+    total_steps: usize,
+    pair_ids: Vec<i64>,
+    train: TrainConfig,
+    optim: AdamWConfig,
+    losses: Vec<serde_json::Value>,
+    #[serde(default)]
+    loss_scale: Option<engine::cuda::LossScaler>,
+}
+
+/// A training run's verdict when it did not produce a candidate because of what it trained on (retrying gives
+/// the same): the iteration fails at once instead of after `max_attempts`.
+#[derive(Debug)]
+pub struct Diverged(pub String);
+
+impl std::fmt::Display for Diverged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Diverged {}
 
 /// Trains the iteration's candidate with DPO on its pairs (length-balanced), starting from the policy's adapter
-/// (or a fresh LoRA on the base), saves it atomically under the state directory and records it. Idempotent.
+/// (or a fresh LoRA on the base), in chunks of `save_every` steps, each chunk's state saved to the database
+/// under `lease`; resumes from the last saved state when one exists (a previous holder of the job died). The
+/// adapter is saved under the state directory and recorded, with its files, as the iteration's candidate.
+/// Idempotent. Ok(None): the lease was lost to another daemon, which carries the run on.
 pub async fn run_training(
     pool: &PgPool,
     engine: &Arc<Engine>,
     cfg: &LoopConfig,
     it: &IterationRow,
+    lease: Option<&TrainLease>,
     mut progress: impl FnMut(usize, usize, f64) + Send + 'static,
-) -> Result<CheckpointRow> {
+) -> Result<Option<CheckpointRow>> {
     if let Some(c) = store::iteration(pool, it.id).await?.candidate_id {
-        return store::checkpoint(pool, c).await;
+        return store::checkpoint(pool, c).await.map(Some);
     }
     let started = chrono::Utc::now();
     let policy_row = store::checkpoint(pool, it.policy_id).await?;
+    super::fetch_checkpoint(pool, engine, &policy_row).await?;
     let pairs = store::iteration_pairs(pool, it.id).await?;
     if pairs.is_empty() {
         bail!("iteration {} has no pairs to train on", it.number);
@@ -79,78 +129,199 @@ pub async fn run_training(
     }
     let pair_ids: Vec<i64> = kept.iter().map(|p| p.id).collect();
     let out_dir = engine.state_dir.join("checkpoints").join(format!("iter-{:04}", it.number));
-    let (e, c) = (engine.clone(), cfg.clone());
-    let dir = out_dir.clone();
-    let (steps, losses) = engine.run(Priority::Train, move |slice| {
-        let mut adapter = match e.adapter(&policy_row)? {
-            Some(a) => e.model.load_adapter(&a.path)?,
-            None => {
-                let spec = LoraSpec { r: c.lora_r, lora_alpha: c.lora_alpha, ..LoraSpec::default() };
-                e.model.create_adapter(&spec, c.seed ^ it_seed(&dir))?
+    let run_dir = engine.state_dir.join("train").join(format!("iter-{:04}", it.number));
+    // A saved state of this run in the database (its previous holder died): fetch it to resume from.
+    let resume = match lease {
+        Some(_) => match store::training_state(pool, it.id).await? {
+            Some((step, refs)) => {
+                let mut files = Vec::with_capacity(refs.len());
+                for f in &refs {
+                    files.push((f.name.clone(), store::blob(pool, &f.sha256).await?));
+                }
+                let dir = run_dir.clone();
+                tokio::task::spawn_blocking(move || super::write_dir_atomically(&dir, &files)).await??;
+                Some(step)
             }
-        };
+            None => None,
+        },
+        None => None,
+    };
+    // The lease's keeper: renews it, uploads each saved state, and flags a lost lease to the training loop.
+    let lost = Arc::new(AtomicBool::new(false));
+    let (save_tx, save_rx) = tokio::sync::mpsc::unbounded_channel::<SavedState>();
+    let keeper = lease.map(|l| {
+        super::AbortOnDrop(tokio::spawn(keep_lease(pool.clone(), l.clone(), it.id, cfg.lease_s, save_rx, lost.clone())))
+    });
+    let (e, c) = (engine.clone(), cfg.clone());
+    let (dir, rdir, ids_for_state, lost_in) = (out_dir.clone(), run_dir.clone(), pair_ids.clone(), lost.clone());
+    let saving = lease.is_some() && cfg.save_every > 0;
+    let first_attempt = lease.is_some_and(|l| l.attempt == 1);
+    let result = engine.run(Priority::Train, move |slice| {
         let tp: Vec<TokenPair> = owned.iter().map(|(p, ch, rj, px, _)| TokenPair { pixels: px.as_deref(), prompt_ids: p, chosen_ids: ch, rejected_ids: rj }).collect();
         let refs: Vec<(f64, f64)> = owned.iter().map(|o| o.4).collect();
         let tcfg = TrainConfig { dpo: DpoConfig { beta: c.beta, nll_weight: c.nll_weight, ..Default::default() }, epochs: c.epochs, batch_size: c.batch_size, seed: c.seed };
         let total = steps_per_epoch(tp.len(), c.batch_size) * c.epochs;
-        let mut opt = AdamW::new(AdamWConfig { lr: c.lr, warmup_steps: (0.05 * total as f64).ceil() as usize, total_steps: total, ..Default::default() });
+        let ocfg = AdamWConfig { lr: c.lr, warmup_steps: (0.05 * total as f64).ceil() as usize, total_steps: total, ..Default::default() };
+        let mut opt = AdamW::new(ocfg.clone());
         let mut losses = Vec::new();
-        train_dpo(&e.model, &mut adapter, &tp, &refs, &tcfg, &mut opt, None, |log| {
-            losses.push(serde_json::json!({ "step": log.step, "loss": log.loss, "reward_accuracy": log.reward_accuracy, "reward_margin": log.reward_margin }));
-            progress(log.step, log.total_steps, log.loss);
-            // Training runs in slices: serving requests queued meanwhile run between optimizer steps.
-            slice.yield_to_urgent();
-        })?;
-        if losses.iter().any(|l| !l["loss"].as_f64().is_some_and(f64::is_finite)) {
-            bail!("training diverged (non-finite loss); candidate discarded");
+        let mut adapter = match resume {
+            Some(step) => {
+                let state: LoopTrainState = serde_json::from_slice(&std::fs::read(rdir.join("trainer_state.json")).context("the saved training state has no trainer_state.json")?)
+                    .context("the saved training state's trainer_state.json is invalid")?;
+                if state.step != step as usize || state.pair_ids != ids_for_state || state.train != tcfg || state.optim != ocfg {
+                    bail!("the saved training state (step {}) is of other pairs or settings; it cannot be resumed", state.step);
+                }
+                let store = engine::weights::WeightStore::open_files(&[rdir.join("optimizer.safetensors")])?;
+                opt.load_state(state.step, &store)?;
+                opt.scaler = state.loss_scale.clone();
+                losses = state.losses;
+                tracing::info!(step = state.step, total, "resuming training from the state saved in the database");
+                e.model.load_adapter(&rdir)?
+            }
+            None => match e.adapter(&policy_row)? {
+                Some(a) => e.model.load_adapter(&a.path)?,
+                None => {
+                    let spec = LoraSpec { r: c.lora_r, lora_alpha: c.lora_alpha, ..LoraSpec::default() };
+                    e.model.create_adapter(&spec, c.seed ^ it_seed(&dir))?
+                }
+            },
+        };
+        while opt.step < total {
+            if lost_in.load(Ordering::SeqCst) {
+                return Ok(None);
+            }
+            let chunk_end = if saving { (opt.step + c.save_every).min(total) } else { total };
+            train_dpo(&e.model, &mut adapter, &tp, &refs, &tcfg, &mut opt, Some(chunk_end), |log| {
+                losses.push(serde_json::json!({ "step": log.step, "loss": log.loss, "reward_accuracy": log.reward_accuracy, "reward_margin": log.reward_margin }));
+                progress(log.step, log.total_steps, log.loss);
+                // Training runs in slices: serving requests queued meanwhile run between optimizer steps.
+                slice.yield_to_urgent();
+            })?;
+            if losses.iter().any(|l| !l["loss"].as_f64().is_some_and(f64::is_finite)) {
+                return Err(anyhow::Error::new(Diverged("training diverged (non-finite loss); candidate discarded".into())));
+            }
+            if saving && opt.step < total {
+                let state = LoopTrainState { step: opt.step, total_steps: total, pair_ids: ids_for_state.clone(), train: tcfg.clone(), optim: ocfg.clone(), losses: losses.clone(), loss_scale: opt.scaler.clone() };
+                let optim = f32_safetensors_bytes(&rdir.join("optimizer.safetensors"), &opt.state_tensors())?;
+                adapter.save(&rdir, &e.model.dir, &[("optimizer.safetensors", optim), ("trainer_state.json", serde_json::to_vec_pretty(&state)?)])?;
+                let _ = save_tx.send((opt.step, super::dir_files(&rdir)?));
+                // Crash test: the first trainer stops here, holding the lease, until it is killed.
+                if first_attempt {
+                    crate::failpoint::stall("train_chunk_saved");
+                }
+            }
         }
         // A directory left by a crashed attempt of this iteration is an orphan (no row names it): replace it.
         if dir.exists() {
             std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove stale {}", dir.display()))?;
         }
         adapter.save(&dir, &e.model.dir, &[])?;
-        Ok((total, losses))
+        Ok(Some((total, losses)))
     })
-    .await?;
+    .await;
+    drop(keeper);
+    let Some((steps, losses)) = result? else {
+        warn!(iteration = it.number, "lost the train job's lease: another daemon carries the run on");
+        return Ok(None);
+    };
     crate::failpoint::hit("train_saved");
     let sha = adapter_sha256(&out_dir)?;
+    let files = super::dir_files(&out_dir)?;
     let train_cfg = serde_json::json!({ "beta": cfg.beta, "nll_weight": cfg.nll_weight, "lr": cfg.lr, "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lora_r": cfg.lora_r,
-        "lora_alpha": cfg.lora_alpha, "reference": cfg.reference, "length_balance_r": if cfg.length_balance { Some(balance.r) } else { None }, "pairs_total": pairs.len() });
-    store::add_candidate(
-        pool,
-        it,
-        &out_dir.display().to_string(),
-        &sha,
-        &pair_ids,
-        steps as i32,
-        &serde_json::Value::Array(losses),
-        &train_cfg,
-        started,
-    )
-    .await
+        "lora_alpha": cfg.lora_alpha, "reference": cfg.reference, "length_balance_r": if cfg.length_balance { Some(balance.r) } else { None }, "pairs_total": pairs.len(),
+        "resumed_from_step": resume });
+    let path = out_dir.display().to_string();
+    let losses = serde_json::Value::Array(losses);
+    let cand = store::NewCandidate {
+        path: &path,
+        sha256: &sha,
+        files: &files,
+        pair_ids: &pair_ids,
+        steps: steps as i32,
+        losses: &losses,
+        config: &train_cfg,
+        started_at: started,
+    };
+    let row = store::add_candidate(pool, it, &cand, lease.map(|l| (l.job, l.owner.as_str()))).await?;
+    if row.is_some() {
+        let _ = std::fs::remove_dir_all(&run_dir);
+    }
+    Ok(row)
 }
 
-/// `run_training`, marking the iteration failed (with the reason in `events`) when training fails; the error is
-/// returned after it is recorded.
-pub async fn train_or_fail(
+/// Renews `lease` every third of `lease_s` and stores each saved state the training loop sends; sets `lost` when
+/// the lease is gone. A database outage is waited out (the lease may expire meanwhile; the candidate is then
+/// refused when it is recorded).
+async fn keep_lease(
+    pool: PgPool,
+    lease: TrainLease,
+    iteration_id: i64,
+    lease_s: f64,
+    mut saves: tokio::sync::mpsc::UnboundedReceiver<SavedState>,
+    lost: Arc<AtomicBool>,
+) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs_f64((lease_s / 3.0).max(0.2)));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => match store::renew_lease(&pool, lease.job, &lease.owner, lease_s).await {
+                Ok(true) => {}
+                Ok(false) => { lost.store(true, Ordering::SeqCst); return; }
+                Err(e) => warn!(error = %format!("{e:#}"), "cannot renew the train job's lease; retrying"),
+            },
+            m = saves.recv() => {
+                let Some((step, files)) = m else { return };
+                match store::save_training_state(&pool, lease.job, &lease.owner, iteration_id, step, &lease.worker, &files).await {
+                    Ok(true) => tracing::debug!(step, "training state saved to the database"),
+                    Ok(false) => { lost.store(true, Ordering::SeqCst); return; }
+                    Err(e) => warn!(step, error = %format!("{e:#}"), "cannot save the training state to the database; the next save retries"),
+                }
+            }
+        }
+    }
+}
+
+/// Runs the iteration's train job if this daemon can claim it: trains (or resumes) the candidate under the job's
+/// lease. A failure returns the job to the queue for any daemon to retry; after `max_attempts` (at once for a
+/// diverged run) the job and the iteration are marked failed. Returns whether a job was claimed.
+pub async fn train_job(
     pool: &PgPool,
     engine: &Arc<Engine>,
     cfg: &LoopConfig,
-    it: &IterationRow,
+    owner: &str,
+    worker: &str,
     progress: impl FnMut(usize, usize, f64) + Send + 'static,
-) -> Result<CheckpointRow> {
-    match run_training(pool, engine, cfg, it, progress).await {
-        Ok(c) => Ok(c),
+) -> Result<bool> {
+    let Some(job) = store::claim_stage_job(pool, store::JobKind::Train, owner, worker, cfg.lease_s).await? else {
+        return Ok(false);
+    };
+    let it = store::iteration(pool, job.iteration_id).await?;
+    if it.stage != store::Stage::Training {
+        // Trained already (a holder that finished after its lease expired): nothing left to do.
+        store::fail_stage_job(pool, &job, owner, "the iteration is past training", 1).await?;
+        return Ok(true);
+    }
+    if job.attempts > 1 {
+        info!(iteration = it.number, attempt = job.attempts, "taking over the iteration's training");
+    }
+    let lease = TrainLease { job: job.id, owner: owner.to_string(), worker: worker.to_string(), attempt: job.attempts };
+    match run_training(pool, engine, cfg, &it, Some(&lease), progress).await {
+        Ok(_) => Ok(true),
         Err(e) => {
-            store::set_stage(pool, it.id, store::Stage::Failed).await?;
-            store::event(
-                pool,
-                "iteration_failed",
-                "trainer",
-                serde_json::json!({ "iteration": it.number, "reason": format!("{e:#}") }),
-            )
-            .await?;
-            Err(e)
+            let reason = format!("{e:#}");
+            let diverged = e.downcast_ref::<Diverged>().is_some();
+            let max = if diverged { 1 } else { cfg.max_attempts };
+            warn!(iteration = it.number, attempt = job.attempts, error = %reason, "training failed");
+            if store::fail_stage_job(pool, &job, owner, &reason, max).await? {
+                store::set_stage(pool, it.id, store::Stage::Failed).await?;
+                store::event(
+                    pool,
+                    "iteration_failed",
+                    "trainer",
+                    serde_json::json!({ "iteration": it.number, "reason": reason, "worker": worker }),
+                )
+                .await?;
+            }
+            Ok(true)
         }
     }
 }

@@ -90,46 +90,63 @@ pub async fn set_metrics(pool: &PgPool, id: i64, metrics: &serde_json::Value) ->
     Ok(())
 }
 
-/// Records a trained candidate and its training run (one transaction). Idempotent per iteration: a second call
-/// returns the first candidate.
-#[allow(clippy::too_many_arguments)]
+/// What a training run produced: its adapter directory's files and how it got there.
+pub struct NewCandidate<'a> {
+    /// Where the trainer saved it (informational: other daemons fetch the files from the database).
+    pub path: &'a str,
+    /// sha256 of adapter_model.safetensors.
+    pub sha256: &'a str,
+    /// The adapter directory's files (name, bytes), stored content-addressed with the row.
+    pub files: &'a [(String, Vec<u8>)],
+    pub pair_ids: &'a [i64],
+    pub steps: i32,
+    pub losses: &'a serde_json::Value,
+    pub config: &'a serde_json::Value,
+    pub started_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// Records a trained candidate, its files and its training run, and queues its gate job (one transaction).
+/// Idempotent per iteration: a second call returns the first candidate. `lease`: the train job (id, owner) this
+/// run held; when it was lost (another daemon took the job over) nothing is recorded and None is returned.
 pub async fn add_candidate(
     pool: &PgPool,
     it: &IterationRow,
-    path: &str,
-    sha256: &str,
-    pair_ids: &[i64],
-    steps: i32,
-    losses: &serde_json::Value,
-    config: &serde_json::Value,
-    started_at: chrono::DateTime<chrono::Utc>,
-) -> Result<CheckpointRow> {
+    c: &NewCandidate<'_>,
+    lease: Option<(i64, &str)>,
+) -> Result<Option<CheckpointRow>> {
     let mut tx = pool.begin().await?;
     let current: Option<i64> = sqlx::query_scalar("SELECT candidate_id FROM iterations WHERE id = $1 FOR UPDATE")
         .bind(it.id)
         .fetch_one(&mut *tx)
         .await?;
-    if let Some(c) = current {
+    if let Some(id) = current {
         tx.commit().await?;
-        return checkpoint(pool, c).await;
+        return checkpoint(pool, id).await.map(Some);
+    }
+    if let Some((job, owner)) = lease {
+        if !super::jobs::finish_held(&mut tx, job, owner).await? {
+            return Ok(None);
+        }
     }
     let row: CheckpointRow = sqlx::query_as(&format!(
         "INSERT INTO checkpoints (parent_id, iteration, kind, path, sha256, status) VALUES ($1, $2, 'lora', $3, $4, 'candidate') RETURNING {CHECKPOINT_COLS}"
     ))
     .bind(it.policy_id)
     .bind(it.number)
-    .bind(path)
-    .bind(sha256)
+    .bind(c.path)
+    .bind(c.sha256)
     .fetch_one(&mut *tx)
     .await?;
+    super::blobs::put_checkpoint_files(&mut tx, row.id, c.files).await?;
+    super::blobs::drop_training_state(&mut tx, it.id).await?;
     sqlx::query("INSERT INTO training_runs (iteration_id, checkpoint_id, pair_ids, steps, losses, config, started_at) VALUES ($1, $2, $3, $4, $5, $6, $7)")
         .bind(it.id)
         .bind(row.id)
-        .bind(pair_ids)
-        .bind(steps)
-        .bind(losses)
-        .bind(config)
-        .bind(started_at)
+        .bind(c.pair_ids)
+        .bind(c.steps)
+        .bind(c.losses)
+        .bind(c.config)
+        .bind(c.started_at)
         .execute(&mut *tx)
         .await?;
     sqlx::query("UPDATE iterations SET candidate_id = $2, stage = 'evaluating' WHERE id = $1")
@@ -137,9 +154,10 @@ pub async fn add_candidate(
         .bind(row.id)
         .execute(&mut *tx)
         .await?;
-    event(&mut *tx, "candidate_saved", "checkpointer", serde_json::json!({ "checkpoint": row.id, "iteration": it.number, "path": path, "sha256": sha256, "pairs": pair_ids.len() })).await?;
+    super::jobs::ensure_stage_job(&mut *tx, it.id, super::JobKind::Gate).await?;
+    event(&mut *tx, "candidate_saved", "checkpointer", serde_json::json!({ "checkpoint": row.id, "iteration": it.number, "path": c.path, "sha256": c.sha256, "pairs": c.pair_ids.len() })).await?;
     tx.commit().await?;
-    Ok(row)
+    Ok(Some(row))
 }
 
 /// Promotes `id` (the previously promoted checkpoint is retired) or rejects it, records its metrics and why,
@@ -152,25 +170,29 @@ pub async fn decide(
     reason: &str,
     actor: &str,
 ) -> Result<()> {
-    let mut tx = pool.begin().await?;
-    decide_in(&mut tx, id, promote, metrics, reason, actor).await?;
-    tx.commit().await?;
-    Ok(())
+    decide_leased(pool, id, promote, metrics, reason, actor, None).await.map(|_| ())
 }
 
-/// A promoted checkpoint whose files cannot be loaded: its parent is promoted again (with its own metrics) and it
-/// is marked rejected, in one transaction.
-pub async fn reject_unloadable(pool: &PgPool, bad: i64, parent: i64, reason: &str, actor: &str) -> Result<()> {
+/// `decide`, finishing gate job `lease` (id, owner) in the same transaction. False: the lease was lost (another
+/// daemon took the gate over) and nothing was decided.
+pub async fn decide_leased(
+    pool: &PgPool,
+    id: i64,
+    promote: bool,
+    metrics: &serde_json::Value,
+    reason: &str,
+    actor: &str,
+    lease: Option<(i64, &str)>,
+) -> Result<bool> {
     let mut tx = pool.begin().await?;
-    let metrics: Option<serde_json::Value> = sqlx::query_scalar("SELECT metrics FROM checkpoints WHERE id = $1")
-        .bind(parent)
-        .fetch_optional(&mut *tx)
-        .await?
-        .flatten();
-    decide_in(&mut tx, parent, true, &metrics.unwrap_or_default(), reason, actor).await?;
-    sqlx::query("UPDATE checkpoints SET status = 'rejected' WHERE id = $1").bind(bad).execute(&mut *tx).await?;
+    if let Some((job, owner)) = lease {
+        if !super::jobs::finish_held(&mut tx, job, owner).await? {
+            return Ok(false);
+        }
+    }
+    decide_in(&mut tx, id, promote, metrics, reason, actor).await?;
     tx.commit().await?;
-    Ok(())
+    Ok(true)
 }
 
 async fn decide_in(

@@ -28,3 +28,14 @@ pub async fn last_failure_reason(pool: &PgPool) -> Result<Option<String>> {
     .await?
     .flatten())
 }
+
+/// Why iteration `number` failed (its `iteration_failed` event), if it did.
+pub async fn iteration_failure(pool: &sqlx::PgPool, number: i32) -> anyhow::Result<Option<String>> {
+    Ok(sqlx::query_scalar(
+        "SELECT detail->>'reason' FROM events WHERE kind = 'iteration_failed' AND (detail->>'iteration')::int = $1 ORDER BY id DESC LIMIT 1",
+    )
+    .bind(number)
+    .fetch_optional(pool)
+    .await?
+    .flatten())
+}

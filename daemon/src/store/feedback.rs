@@ -180,13 +180,14 @@ pub struct PairRow {
     pub ref_logp_rejected: f64,
 }
 
-/// The pairs of an iteration, by id.
+/// The pairs of an iteration, by prompt and then by id: the same order whichever workers labeled which prompts
+/// (one label job inserts a prompt's pairs in one transaction), so training sees the same data order.
 pub async fn iteration_pairs(pool: &PgPool, iteration_id: i64) -> Result<Vec<PairRow>> {
     Ok(sqlx::query_as(
         "SELECT p.id, p.prompt_id, pr.image_sha256, pr.instruction, c.tokens AS chosen_tokens, r.tokens AS rejected_tokens,
                 c.text AS chosen_text, r.text AS rejected_text, c.finish AS chosen_finish, r.finish AS rejected_finish, p.ref_logp_chosen, p.ref_logp_rejected
          FROM pairs p JOIN prompts pr ON pr.id = p.prompt_id JOIN responses c ON c.id = p.chosen_id JOIN responses r ON r.id = p.rejected_id
-         WHERE p.iteration_id = $1 ORDER BY p.id",
+         WHERE p.iteration_id = $1 ORDER BY p.prompt_id, p.id",
     )
     .bind(iteration_id)
     .fetch_all(pool)

@@ -110,6 +110,18 @@ pub async fn add_sample_jobs(pool: &PgPool, iteration_id: i64, prompt_ids: &[i64
     Ok(())
 }
 
+/// Moves an iteration to training and queues its train job (one transaction).
+pub async fn start_training(pool: &PgPool, iteration_id: i64) -> Result<()> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("UPDATE iterations SET stage = 'training' WHERE id = $1 AND stage = 'sampling'")
+        .bind(iteration_id)
+        .execute(&mut *tx)
+        .await?;
+    super::jobs::ensure_stage_job(&mut *tx, iteration_id, super::JobKind::Train).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
 pub async fn set_stage(pool: &PgPool, iteration_id: i64, stage: Stage) -> Result<()> {
     let done = matches!(stage, Stage::Done | Stage::Failed);
     sqlx::query(

@@ -14,21 +14,133 @@ pub struct Job {
     pub attempts: i32,
 }
 
-/// Claims up to `limit` open jobs of `kind` (pending, or running with an expired lease) for `owner` for
-/// `lease_s` seconds. Concurrent claimers never get the same job (FOR UPDATE SKIP LOCKED).
+/// Claims up to `limit` open sample or label jobs of `kind` (pending, or running with an expired lease) for `owner`
+/// for `lease_s` seconds. Concurrent claimers never get the same job (FOR UPDATE SKIP LOCKED).
 pub async fn claim_jobs(pool: &PgPool, kind: JobKind, owner: &str, limit: i64, lease_s: f64) -> Result<Vec<Job>> {
-    Ok(sqlx::query_as(
-        "UPDATE jobs SET status = 'running', lease_owner = $2, lease_until = now() + make_interval(secs => $4), attempts = attempts + 1
-         WHERE id IN (SELECT id FROM jobs WHERE kind = $1 AND (status = 'pending' OR (status = 'running' AND lease_until < now()))
-                      ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED)
-         RETURNING id, iteration_id, kind, prompt_id, attempts",
+    claim_jobs_as(pool, kind, owner, owner, limit, lease_s).await
+}
+
+/// `claim_jobs`, recording `worker` (host:pid:device) as the one that took them.
+pub async fn claim_jobs_as(
+    pool: &PgPool,
+    kind: JobKind,
+    owner: &str,
+    worker: &str,
+    limit: i64,
+    lease_s: f64,
+) -> Result<Vec<Job>> {
+    if matches!(kind, JobKind::Train | JobKind::Gate) {
+        anyhow::bail!("{kind} jobs have no prompt: claim them with claim_stage_job");
+    }
+    Ok(sqlx::query_as(&format!("{CLAIM} RETURNING id, iteration_id, kind, prompt_id, attempts"))
+        .bind(kind)
+        .bind(owner)
+        .bind(limit)
+        .bind(lease_s)
+        .bind(worker)
+        .fetch_all(pool)
+        .await?)
+}
+
+/// Takes open jobs of a kind ($1) for an owner ($2): at most $3, leased for $4 seconds, recording the worker ($5).
+const CLAIM: &str = "UPDATE jobs SET status = 'running', lease_owner = $2, lease_until = now() + make_interval(secs => $4),
+        attempts = attempts + 1, worker = $5, started_at = now()
+     WHERE id IN (SELECT id FROM jobs WHERE kind = $1 AND (status = 'pending' OR (status = 'running' AND lease_until < now()))
+                  ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED)";
+
+/// An iteration's train or gate job (one of each per iteration).
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct StageJob {
+    pub id: i64,
+    pub iteration_id: i64,
+    pub kind: JobKind,
+    pub attempts: i32,
+}
+
+/// Queues the train or gate job of an iteration (a no-op when it exists).
+pub async fn ensure_stage_job<'e>(
+    ex: impl sqlx::Executor<'e, Database = Postgres>,
+    iteration_id: i64,
+    kind: JobKind,
+) -> Result<()> {
+    sqlx::query("INSERT INTO jobs (iteration_id, kind) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+        .bind(iteration_id)
+        .bind(kind)
+        .execute(ex)
+        .await?;
+    Ok(())
+}
+
+/// Claims the open train or gate job of `kind`, if any (pending, or running under an expired lease: its holder
+/// died or lost the database), for `owner` as `worker`, leased for `lease_s` seconds.
+pub async fn claim_stage_job(
+    pool: &PgPool,
+    kind: JobKind,
+    owner: &str,
+    worker: &str,
+    lease_s: f64,
+) -> Result<Option<StageJob>> {
+    Ok(sqlx::query_as(&format!("{CLAIM} RETURNING id, iteration_id, kind, attempts"))
+        .bind(kind)
+        .bind(owner)
+        .bind(1i64)
+        .bind(lease_s)
+        .bind(worker)
+        .fetch_optional(pool)
+        .await?)
+}
+
+/// Extends `owner`'s lease on job `id` by `lease_s` seconds. False: the lease is gone (expired and taken by
+/// another worker, or the job was finished or requeued) and the holder must stop.
+pub async fn renew_lease(pool: &PgPool, id: i64, owner: &str, lease_s: f64) -> Result<bool> {
+    let n = sqlx::query(
+        "UPDATE jobs SET lease_until = now() + make_interval(secs => $3) WHERE id = $1 AND status = 'running' AND lease_owner = $2",
     )
-    .bind(kind)
+    .bind(id)
     .bind(owner)
-    .bind(limit)
     .bind(lease_s)
-    .fetch_all(pool)
-    .await?)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    Ok(n == 1)
+}
+
+/// Checks `owner` holds job `id` and marks it done, inside `tx` (the transaction that stores its result).
+/// False: the lease was lost; the caller rolls back.
+pub(super) async fn finish_held(tx: &mut Transaction<'_, Postgres>, id: i64, owner: &str) -> Result<bool> {
+    if !hold_lease(tx, id, owner).await? {
+        return Ok(false);
+    }
+    sqlx::query("UPDATE jobs SET status = 'done', finished_at = now(), lease_until = NULL WHERE id = $1")
+        .bind(id)
+        .execute(&mut **tx)
+        .await?;
+    Ok(true)
+}
+
+/// Returns a train or gate job to the queue after a local failure, or marks it failed after `max_attempts`
+/// (then its iteration fails too). Returns whether the job failed for good.
+pub async fn fail_stage_job(
+    pool: &PgPool,
+    job: &StageJob,
+    owner: &str,
+    error: &str,
+    max_attempts: i32,
+) -> Result<bool> {
+    let final_ = job.attempts >= max_attempts;
+    let mut tx = pool.begin().await?;
+    if !hold_lease(&mut tx, job.id, owner).await? {
+        return Ok(false);
+    }
+    sqlx::query("UPDATE jobs SET status = $2, error = $3, lease_owner = NULL, lease_until = NULL WHERE id = $1")
+        .bind(job.id)
+        .bind(if final_ { "failed" } else { "pending" })
+        .bind(error)
+        .execute(&mut *tx)
+        .await?;
+    event(&mut *tx, "job_failed", job.kind.as_str(), serde_json::json!({ "job": job.id, "iteration_id": job.iteration_id, "attempt": job.attempts, "error": error, "requeued": !final_ })).await?;
+    tx.commit().await?;
+    Ok(final_)
 }
 
 /// Locks `job` in `tx` and checks `owner` still holds its lease; a job done meanwhile (by another worker whose
@@ -81,11 +193,11 @@ pub async fn fail_job(pool: &PgPool, job: &Job, error: &str, max_attempts: i32) 
     event(pool, "job_failed", job.kind.as_str(), serde_json::json!({ "job": job.id, "prompt": job.prompt_id, "attempt": job.attempts, "error": error, "requeued": status == "pending" })).await
 }
 
-/// (pending or running, done, failed) jobs of an iteration.
+/// (pending or running, done, failed) sample and label jobs of an iteration.
 pub async fn job_counts(pool: &PgPool, iteration_id: i64) -> Result<(i64, i64, i64)> {
     let r = sqlx::query(
         "SELECT count(*) FILTER (WHERE status IN ('pending', 'running')) AS open, count(*) FILTER (WHERE status = 'done') AS done,
-                count(*) FILTER (WHERE status = 'failed') AS failed FROM jobs WHERE iteration_id = $1",
+                count(*) FILTER (WHERE status = 'failed') AS failed FROM jobs WHERE iteration_id = $1 AND kind IN ('sample', 'label')",
     )
     .bind(iteration_id)
     .fetch_one(pool)

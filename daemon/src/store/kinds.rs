@@ -34,8 +34,9 @@ text_enum! {
 }
 
 text_enum! {
-    /// A leased job: sampling a prompt's answers, or labeling them (claims, verdicts, pairs).
-    JobKind { Sample = "sample", Label = "label" }
+    /// A leased job: sampling a prompt's answers, labeling them (claims, verdicts, pairs), training an
+    /// iteration's candidate, or gating it (one train and one gate job per iteration).
+    JobKind { Sample = "sample", Label = "label", Train = "train", Gate = "gate" }
 }
 
 text_enum! {

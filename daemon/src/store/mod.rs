@@ -5,6 +5,7 @@
 //!
 //! One file per part of the schema; every query of the daemon lives here (`db` opens and migrates the pool).
 
+pub mod blobs;
 pub mod checkpoints;
 pub mod control;
 pub mod db;
@@ -15,6 +16,7 @@ pub mod jobs;
 pub mod kinds;
 pub mod prompts;
 
+pub use blobs::*;
 pub use checkpoints::*;
 pub use control::*;
 pub use events::*;

@@ -96,6 +96,53 @@ impl Daemon {
         d
     }
 
+    /// `launch`, with the daemon's state directory (`DIR/state`) on a tmpfs only the daemon sees: it runs in a
+    /// mount namespace of its own (`unshare --mount`), as a daemon on another host would, so no other daemon and
+    /// not the test can read its files. `text` must put control.socket outside the state directory (an absolute
+    /// path); the bound address is read through /proc/PID/root. Err: this machine cannot make the namespace.
+    pub fn launch_private(dir: &Path, text: &str, env: &[(&str, &str)]) -> Result<Daemon, String> {
+        let state = dir.join("state");
+        std::fs::create_dir_all(&state).unwrap();
+        let config = dir.join("rlaifd.toml");
+        std::fs::write(&config, text).unwrap();
+        let socket = dir.join("control.sock");
+        let _ = std::fs::remove_file(&socket);
+        let log = std::fs::File::create(dir.join("daemon.log")).unwrap();
+        let child = Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sh", "-c"])
+            .arg("mount -t tmpfs -o size=256m,mode=0700 rlaifd-private \"$0\" && exec \"$@\"")
+            .arg(&state)
+            .arg(bin())
+            .args(["serve", "--config"])
+            .arg(&config)
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("cannot run unshare: {e}"))?;
+        let mut d = Daemon { child, dir: dir.to_path_buf(), config, addr: String::new(), socket };
+        let addr_file = PathBuf::from(format!("/proc/{}/root{}", d.child.id(), state.join("server.addr").display()));
+        let t0 = Instant::now();
+        loop {
+            if let Ok(a) = std::fs::read_to_string(&addr_file) {
+                if d.socket.exists() {
+                    d.addr = a.trim().to_string();
+                    return Ok(d);
+                }
+            }
+            if let Ok(Some(s)) = d.child.try_wait() {
+                return Err(format!("the daemon in its own mount namespace exited with {s}: {}", d.log()));
+            }
+            assert!(t0.elapsed() < Duration::from_secs(90), "the daemon did not come up: {}", d.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The daemon's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
     }

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod daemon;
+pub mod pg;
 
 use sqlx::postgres::PgConnectOptions;
 use sqlx::PgPool;

@@ -1,0 +1,298 @@
+//! Many daemons, one database, no shared files: real `rlaifd serve` processes, each with its state directory on a
+//! tmpfs in a mount namespace of its own (as if each ran on another host), cooperate on one PostgreSQL.
+//!
+//! - Three daemons run an iteration: its sample and label jobs split across them, one trains and one gates. The
+//!   trainer is SIGKILLed mid-training (it stalls after its first saved state); another takes the train job over
+//!   once the lease lapses and resumes from the state saved in the database. The iteration's answers, pairs and
+//!   adapter are byte-identical to a single daemon's run of the same iteration.
+//! - Every daemon then serves the promoted checkpoint, fetched from the database; the killed one restarted with an
+//!   empty state directory, and a fourth (serve role only) started later, too. While the database's copy is damaged
+//!   the fourth keeps serving what it has and the checkpoint stays promoted; repaired, it swaps it in.
+//! - PostgreSQL restarted mid-iteration under two daemons: nothing is lost or duplicated and the iteration finishes.
+
+mod common;
+
+use common::daemon::{model, Daemon};
+use common::pg::Cluster;
+use serde_json::{json, Value};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// A daemon's configuration: private state under `dir`, the control socket beside it, small loop settings with
+/// a state saved to the database after every training step and short leases (a dead trainer's job is taken
+/// over within seconds).
+fn config(dir: &Path, db_url: &str, roles: &str, prompts: usize) -> String {
+    format!(
+        "[database]\nurl = \"{db_url}\"\nmax_connections = 4\n[model]\npath = \"{}\"\n[state]\ndir = \"{}\"\n\
+         [server]\nbind = \"127.0.0.1:0\"\nmax_body_bytes = 65536\nmax_image_side = 256\n[control]\nsocket = \"{}\"\n\
+         [daemon]\nauto_iterate = false\npoll_s = 0.2\nroles = [{roles}]\n\
+         [loop]\nn = 4\nmax_new_tokens = 24\nprompts_per_iteration = {prompts}\npairs_per_iteration = 1\neval_count = 4\nepochs = 2\nbatch_size = 2\n\
+         promote_margin = -1.0\nmax_cover_drop = 1.0\nlease_s = 5.0\nsave_every = 1\n",
+        model().display(),
+        dir.join("state").display(),
+        dir.join("control.sock").display()
+    )
+}
+
+const ALL: &str = "\"serve\", \"sample\", \"label\", \"train\", \"gate\"";
+
+fn start(dir: &Path, db_url: &str, roles: &str, env: &[(&str, &str)]) -> Result<Daemon, String> {
+    start_with(dir, db_url, roles, 6, env)
+}
+
+fn start_with(dir: &Path, db_url: &str, roles: &str, prompts: usize, env: &[(&str, &str)]) -> Result<Daemon, String> {
+    let _ = std::fs::remove_dir_all(dir);
+    Daemon::launch_private(dir, &config(dir, db_url, roles, prompts), env)
+}
+
+async fn scalar(pool: &sqlx::PgPool, q: &str) -> i64 {
+    sqlx::query_scalar(q).fetch_one(pool).await.unwrap_or_else(|e| panic!("{q}: {e}"))
+}
+
+/// Polls `q` (a bigint query) until it is at least `want`; panics with the daemons' logs after `secs`.
+async fn wait_for(pool: &sqlx::PgPool, q: &str, want: i64, secs: u64, logs: &[&Daemon]) {
+    let t0 = Instant::now();
+    loop {
+        if sqlx::query_scalar::<_, i64>(q).fetch_one(pool).await.is_ok_and(|n| n >= want) {
+            return;
+        }
+        if t0.elapsed() > Duration::from_secs(secs) {
+            let all: Vec<String> = logs.iter().map(|d| format!("--- {}\n{}", d.dir.display(), d.log())).collect();
+            panic!("waited {secs} s for `{q}` >= {want}:\n{}", all.join("\n"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The checkpoint a daemon serves, from `GET /v1/models`.
+fn served(d: &Daemon) -> i64 {
+    let (status, body) = d.http("GET", "/v1/models", "application/json", b"");
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    v["data"][0]["checkpoint"].as_i64().unwrap_or_else(|| panic!("{body}"))
+}
+
+fn wait_served(d: &Daemon, id: i64, secs: u64) {
+    let t0 = Instant::now();
+    while served(d) != id {
+        assert!(
+            t0.elapsed() < Duration::from_secs(secs),
+            "{} does not serve checkpoint {id}: {}",
+            d.dir.display(),
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// What must not depend on how many workers ran the iteration: its answers, its pairs (with their reference
+/// log-probs) and the trained adapter's sha256.
+async fn outcome(pool: &sqlx::PgPool) -> (Vec<(i64, i64, String)>, Vec<(i64, i64, i64, f64, f64)>, Vec<String>) {
+    let answers = sqlx::query_as("SELECT prompt_id, seed, text FROM responses ORDER BY prompt_id, seed")
+        .fetch_all(pool)
+        .await
+        .unwrap();
+    let pairs = sqlx::query_as(
+        "SELECT p.prompt_id, c.seed, r.seed, p.ref_logp_chosen, p.ref_logp_rejected FROM pairs p
+         JOIN responses c ON c.id = p.chosen_id JOIN responses r ON r.id = p.rejected_id ORDER BY 1, 2, 3",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    let adapters = sqlx::query_scalar("SELECT sha256 FROM checkpoints WHERE kind = 'lora' ORDER BY id")
+        .fetch_all(pool)
+        .await
+        .unwrap();
+    (answers, pairs, adapters)
+}
+
+fn private_namespaces() -> Result<(), String> {
+    match std::process::Command::new("unshare").args(["--mount", "true"]).status() {
+        Ok(s) if s.success() => Ok(()),
+        Ok(s) => Err(format!("unshare --mount exited with {s} (needs root or user namespaces)")),
+        Err(e) => Err(format!("no unshare command: {e}")),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_daemons_share_an_iteration_survive_the_trainer_dying_and_all_serve_the_result() {
+    if let Err(why) = private_namespaces() {
+        println!("SKIPPED: no private mount namespaces: {why}");
+        return;
+    }
+    let root = std::env::temp_dir().join(format!("rlaifd-scale-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+
+    // The reference: one daemon runs iteration 1 alone.
+    let solo_db = common::fresh("scale_solo").await;
+    let solo = start(&root.join("solo"), &solo_db.url, ALL, &[]).unwrap();
+    assert_eq!(solo.ctl(json!({ "cmd": "iterate" }))["ok"], true);
+    wait_for(&solo_db.pool, "SELECT count(*) FROM iterations WHERE stage = 'done'", 1, 300, &[&solo]).await;
+    let reference = outcome(&solo_db.pool).await;
+    drop(solo);
+    solo_db.drop_db().await;
+    assert_eq!(reference.2.len(), 1, "one candidate");
+
+    // Three daemons on one database. The first to train stalls after its first saved state (failpoint), as a
+    // trainer that is about to be killed.
+    let db = common::fresh("scale").await;
+    let pool = &db.pool;
+    let stall = [("RLAIFD_FAILPOINTS", "train_chunk_saved")];
+    let mut daemons: Vec<Daemon> =
+        ["a", "b", "c"].iter().map(|n| start(&root.join(n), &db.url, ALL, &stall).unwrap()).collect();
+    assert_eq!(daemons[0].ctl(json!({ "cmd": "iterate" }))["ok"], true);
+    wait_for(pool, "SELECT count(*) FROM training_state", 1, 300, &daemons.iter().collect::<Vec<_>>()).await;
+    let owner: String = sqlx::query_scalar("SELECT lease_owner FROM jobs WHERE kind = 'train' AND status = 'running'")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    let k = daemons
+        .iter()
+        .position(|d| owner.ends_with(&d.dir.join("state").display().to_string()))
+        .unwrap_or_else(|| panic!("the train job's owner {owner} is none of the daemons"));
+    let killed_pid = daemons[k].pid();
+    daemons[k].child.kill().unwrap();
+    daemons[k].child.wait().unwrap();
+    let survivors: Vec<&Daemon> = daemons.iter().enumerate().filter(|(i, _)| *i != k).map(|(_, d)| d).collect();
+    wait_for(pool, "SELECT count(*) FROM iterations WHERE stage = 'done'", 1, 300, &survivors).await;
+
+    // The work split across the daemons; one trainer finished (the second attempt, resumed), one gate decided.
+    let workers =
+        scalar(pool, "SELECT count(DISTINCT worker) FROM jobs WHERE kind IN ('sample', 'label') AND status = 'done'")
+            .await;
+    assert!(workers >= 2, "sample and label jobs were done by {workers} worker(s)");
+    let (status, attempts, worker): (String, i32, String) =
+        sqlx::query_as("SELECT status, attempts, worker FROM jobs WHERE kind = 'train'").fetch_one(pool).await.unwrap();
+    assert_eq!(status, "done");
+    assert_eq!(attempts, 2, "taken over once");
+    assert!(!worker.contains(&format!(":{killed_pid}:")), "the killed daemon cannot have finished it: {worker}");
+    assert_eq!(scalar(pool, "SELECT count(*) FROM training_runs").await, 1);
+    let resumed = scalar(pool, "SELECT (config->>'resumed_from_step')::bigint FROM training_runs").await;
+    assert!(resumed >= 1, "resumed from the saved state (step {resumed})");
+    assert_eq!(scalar(pool, "SELECT count(*) FROM jobs WHERE kind = 'gate' AND status = 'done'").await, 1);
+    assert_eq!(
+        scalar(pool, "SELECT count(*) FROM events WHERE kind IN ('promoted', 'rejected')").await,
+        1,
+        "one decision"
+    );
+    assert_eq!(scalar(pool, "SELECT count(*) FROM training_state").await, 0, "the saved state goes with the candidate");
+    // Same answers, pairs and adapter as the single daemon's run.
+    let got = outcome(pool).await;
+    assert_eq!(got.0, reference.0, "answers differ from a single daemon's");
+    assert_eq!(got.1, reference.1, "pairs differ from a single daemon's");
+    assert_eq!(got.2, reference.2, "the adapter differs from a single daemon's");
+
+    // Everyone serves the promoted checkpoint: the survivors, the killed one restarted with an empty state
+    // directory, and a fourth daemon that only serves.
+    let promoted = scalar(pool, "SELECT id FROM checkpoints WHERE status = 'promoted'").await;
+    assert_eq!(scalar(pool, "SELECT count(*) FROM checkpoints WHERE kind = 'lora'").await, 1);
+    for d in &survivors {
+        wait_served(d, promoted, 60);
+    }
+    let name = ["a", "b", "c"][k];
+    daemons[k] = start(&root.join(name), &db.url, ALL, &[]).unwrap();
+    wait_served(&daemons[k], promoted, 60);
+    // The fourth starts while the database's copy of the adapter is damaged: it serves the base meanwhile, says
+    // why, and the checkpoint stays promoted; once the copy is repaired it swaps the checkpoint in.
+    let sha: String = sqlx::query_scalar(
+        "SELECT sha256 FROM checkpoint_files WHERE checkpoint_id = $1 AND name = 'adapter_model.safetensors'",
+    )
+    .bind(promoted)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    let good: Vec<u8> =
+        sqlx::query_scalar("SELECT bytes FROM blobs WHERE sha256 = $1").bind(&sha).fetch_one(pool).await.unwrap();
+    let mut bad = good.clone();
+    let last = bad.len() - 1;
+    bad[last] ^= 0xff;
+    sqlx::query("UPDATE blobs SET bytes = $2 WHERE sha256 = $1").bind(&sha).bind(&bad).execute(pool).await.unwrap();
+    let fourth = start(&root.join("d"), &db.url, "\"serve\"", &[]).unwrap();
+    let base = scalar(pool, "SELECT id FROM checkpoints WHERE kind = 'base'").await;
+    assert_eq!(served(&fourth), base, "nothing verified to serve but the base");
+    wait_for(pool, "SELECT count(*) FROM events WHERE kind = 'swap_failed'", 1, 60, &[&fourth]).await;
+    let why: String = sqlx::query_scalar("SELECT detail->>'error' FROM events WHERE kind = 'swap_failed' LIMIT 1")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert!(why.contains("damaged"), "{why}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        scalar(pool, "SELECT id FROM checkpoints WHERE status = 'promoted'").await,
+        promoted,
+        "a local failure changes no status"
+    );
+    sqlx::query("UPDATE blobs SET bytes = $2 WHERE sha256 = $1").bind(&sha).bind(&good).execute(pool).await.unwrap();
+    wait_served(&fourth, promoted, 120);
+    let fourth_jobs =
+        scalar(pool, &format!("SELECT count(*) FROM jobs WHERE worker LIKE '%:{}:%'", fourth.pid())).await;
+    assert_eq!(fourth_jobs, 0, "a serve-only daemon takes no jobs");
+    // No daemon saw another's files: each state directory is empty from outside its namespace.
+    for d in daemons.iter().chain([&fourth]) {
+        let outside = std::fs::read_dir(d.dir.join("state")).unwrap().count();
+        assert_eq!(outside, 0, "{} leaked files outside its namespace", d.dir.display());
+    }
+    drop(fourth);
+    drop(daemons);
+    db.drop_db().await;
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_restart_mid_iteration_under_two_daemons_loses_and_duplicates_nothing() {
+    if let Err(why) = private_namespaces() {
+        println!("SKIPPED: no private mount namespaces: {why}");
+        return;
+    }
+    let root = std::env::temp_dir().join(format!("rlaifd-scale-pg-{}", std::process::id()));
+    let port = 20000 + ((std::process::id() + 7) % 20000) as u16;
+    let cluster = match Cluster::create(root.join("pg"), port) {
+        Ok(c) => c,
+        Err(why) => {
+            println!("SKIPPED: no private PostgreSQL cluster: {why}");
+            return;
+        }
+    };
+    cluster.ctl("start");
+    let url = format!("postgres://postgres@127.0.0.1:{port}/rlaifd");
+    let daemons: Vec<Daemon> =
+        ["a", "b"].iter().map(|n| start_with(&root.join(n), &url, ALL, 24, &[]).unwrap()).collect();
+    let refs: Vec<&Daemon> = daemons.iter().collect();
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    assert_eq!(daemons[0].ctl(json!({ "cmd": "iterate" }))["ok"], true);
+    wait_for(&pool, "SELECT count(*) FROM responses", 1, 120, &refs).await;
+    let open = scalar(&pool, "SELECT count(*) FROM jobs WHERE status <> 'done'").await;
+    println!("stopping PostgreSQL with {open} jobs not done");
+    pool.close().await;
+    cluster.ctl("stop");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    for d in &daemons {
+        assert_eq!(d.http("GET", "/healthz", "application/json", b"").0, 200, "serving goes on without the database");
+    }
+    cluster.ctl("start");
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    wait_for(&pool, "SELECT count(*) FROM iterations WHERE stage = 'done'", 1, 300, &refs).await;
+    // Every prompt sampled once (4 answers each) and labeled once; one training run; one decision.
+    let sampled = scalar(&pool, "SELECT count(*) FROM jobs WHERE kind = 'sample' AND status = 'done'").await;
+    assert_eq!(scalar(&pool, "SELECT count(*) FROM jobs WHERE status <> 'done'").await, 0, "every job done");
+    assert_eq!(scalar(&pool, "SELECT count(*) FROM responses").await, 4 * sampled);
+    assert_eq!(scalar(&pool, "SELECT count(*) FROM jobs WHERE kind = 'label'").await, sampled);
+    assert_eq!(
+        scalar(
+            &pool,
+            "SELECT count(*) FROM (SELECT 1 FROM pairs GROUP BY chosen_id, rejected_id HAVING count(*) > 1) d"
+        )
+        .await,
+        0
+    );
+    assert_eq!(scalar(&pool, "SELECT count(*) FROM training_runs").await, 1);
+    assert_eq!(scalar(&pool, "SELECT count(*) FROM events WHERE kind IN ('promoted', 'rejected')").await, 1);
+    let promoted = scalar(&pool, "SELECT id FROM checkpoints WHERE status = 'promoted'").await;
+    for d in &daemons {
+        wait_served(d, promoted, 60);
+    }
+    drop(daemons);
+    pool.close().await;
+    drop(cluster);
+    let _ = std::fs::remove_dir_all(&root);
+}
