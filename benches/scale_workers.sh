@@ -4,13 +4,14 @@
 # model and a fresh database: the first has every role (it starts the iteration), the others only sample and
 # label. Asks for an iteration, waits until its sample and label jobs are all done, prints one JSON line (jobs,
 # seconds from the first job taken to the last one finished, jobs per second, jobs per worker) and stops them.
-# Usage: benches/scale_workers.sh N [PROMPTS]   (PostgreSQL at 127.0.0.1:5432, user postgres; build first:
+# Usage: benches/scale_workers.sh N [PROMPTS] [ANSWERS]   (defaults 24 prompts, 8 answers each; PostgreSQL at 127.0.0.1:5432, user postgres; build first:
 #        cargo build --release --locked -p rlaifd)
 # Side by side: farm-bench -n 3 --timeout 1800 --vs 'benches/scale_workers.sh 1' -- benches/scale_workers.sh 2
 set -euo pipefail
 cd "$(dirname "$0")/.."
-n=${1:?usage: benches/scale_workers.sh N [PROMPTS]}
+n=${1:?usage: benches/scale_workers.sh N [PROMPTS] [ANSWERS]}
 prompts=${2:-24}
+answers=${3:-8}
 bin=target/release/rlaifd
 [ -x "$bin" ] || { echo "build first: cargo build --release --locked -p rlaifd" >&2; exit 2; }
 work=$(mktemp -d)
@@ -42,7 +43,7 @@ auto_iterate = false
 poll_s = 0.2
 roles = [$roles]
 [loop]
-n = 8
+n = $answers
 max_new_tokens = 48
 prompts_per_iteration = $prompts
 pairs_per_iteration = 1

@@ -38,9 +38,32 @@ pub struct ModelConfig {
     pub path: PathBuf,
     /// "auto", "cpu", "cuda" or "cuda:N" (`engine::backend::DeviceSpec`).
     pub device: String,
+    /// Several devices, one engine each: "auto", "all" or a list of device names; empty: `device` alone.
+    pub devices: DeviceList,
+}
+
+/// `model.devices`: one word ("auto", "all") or a list of device names.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+pub enum DeviceList {
+    One(String),
+    Many(Vec<String>),
 }
 
 impl ModelConfig {
+    /// The devices to run engines on: `devices` expanded (`engine::backend::expand_devices`), or `device` alone.
+    pub fn device_specs(&self) -> Result<Vec<engine::backend::DeviceSpec>> {
+        let names: Vec<String> = match &self.devices {
+            DeviceList::One(s) if s.trim().is_empty() => Vec::new(),
+            DeviceList::One(s) => vec![s.clone()],
+            DeviceList::Many(v) => v.clone(),
+        };
+        if names.is_empty() {
+            return Ok(vec![self.device_spec()?]);
+        }
+        engine::backend::expand_devices(&names).map_err(|e| anyhow::anyhow!("model.devices: {e}"))
+    }
+
     /// The device `device` names (checked by `Config::validate`).
     pub fn device_spec(&self) -> Result<engine::backend::DeviceSpec> {
         self.device.parse().map_err(|e| anyhow::anyhow!("model.device: {e}"))
@@ -225,6 +248,7 @@ impl Config {
                 .try_parsing(true)
                 .list_separator(",")
                 .with_list_parse_key("daemon.roles")
+                .with_list_parse_key("model.devices")
                 .source(Some(vars)),
         );
         let merged = b.build().map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
@@ -238,6 +262,7 @@ impl Config {
     pub fn validate(&self) -> Result<()> {
         self.loop_.validate()?;
         self.model.device_spec()?;
+        self.model.device_specs()?;
         if self.database.url.trim().is_empty() {
             bail!("database.url is empty (e.g. postgres://postgres@127.0.0.1:5432/rlaifd)");
         }

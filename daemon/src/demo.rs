@@ -115,6 +115,7 @@ pub fn daemon_config(a: &DemoArgs, url: &str) -> Result<crate::config::Config> {
         std::fs::canonicalize(&a.model).with_context(|| format!("--model {}: no such directory", a.model.display()))?;
     cfg.state.dir = a.state_dir.clone();
     cfg.model.device = a.device.clone();
+    cfg.model.devices = crate::config::DeviceList::Many(Vec::new());
     cfg.model.device_spec().map_err(|e| anyhow::anyhow!("--device: {e:#}"))?;
     cfg.server.bind = "127.0.0.1:0".into();
     cfg.daemon.auto_iterate = true;

@@ -416,21 +416,23 @@ async fn chat(req: HttpRequest, payload: web::Payload, d: web::Data<Arc<Daemon>>
     let p = parse(&body, server_cfg)?;
     drop(body);
     let (max_side, beta, timeout_s) = (server_cfg.max_image_side, cfg.loop_.beta, server_cfg.request_timeout_s);
-    let planned = plan(&p, &d.engine, max_side)?;
+    // The least-loaded engine takes the request (one per device of `model.devices`).
+    let eng = d.least_loaded();
+    let _counted = eng.busy();
+    let planned = plan(&p, &eng, max_side)?;
     let serving = d.serving();
-    let (dd, s) = (d.get_ref().clone(), serving.clone());
+    let (ee, s) = (eng.clone(), serving.clone());
     let image = p.image.clone();
     let (n, best_of, seed) = (p.n, p.best_of, p.seed);
     let params = SamplingParams { max_new_tokens: planned.max_new_tokens, ..p.params.clone() };
     let ids = planned.ids;
     let budget = std::time::Duration::from_secs_f64(timeout_s).saturating_sub(arrived.elapsed());
     let t0 = Instant::now();
-    let out = d
-        .engine
+    let out = eng
         .worker
         .run_within(Priority::Serve, Some(budget), move |_| {
             crate::failpoint::stall("engine_stall");
-            let e = &dd.engine;
+            let e = &ee;
             let pixels = match &image {
                 Some(bytes) => {
                     let img = engine::image::decode_rgb8_within(bytes, "request image", max_side)
@@ -552,7 +554,8 @@ async fn models(req: HttpRequest, d: web::Data<Arc<Daemon>>) -> Result<HttpRespo
 async fn healthz(d: web::Data<Arc<Daemon>>) -> HttpResponse {
     let s = d.serving();
     HttpResponse::Ok().json(serde_json::json!({ "status": "ok", "checkpoint": s.checkpoint.id, "generation": s.generation,
-        "paused": d.paused.load(Ordering::SeqCst), "draining": d.draining.load(Ordering::SeqCst), "device": d.engine.model.device() }))
+        "paused": d.paused.load(Ordering::SeqCst), "draining": d.draining.load(Ordering::SeqCst), "device": d.engine.model.device(),
+        "devices": d.engines.iter().zip(&d.workers).map(|(e, w)| serde_json::json!({ "device": e.model.device(), "worker": w, "in_flight": e.chat_load() })).collect::<Vec<_>>() }))
 }
 
 async fn metrics(req: HttpRequest, d: web::Data<Arc<Daemon>>) -> Result<HttpResponse, ApiError> {
@@ -583,8 +586,39 @@ async fn metrics(req: HttpRequest, d: web::Data<Arc<Daemon>>) -> Result<HttpResp
         o,
         "# HELP rlaifd_engine_queue_depth Tasks waiting for the engine thread.\n# TYPE rlaifd_engine_queue_depth gauge"
     );
-    for (p, n) in PRIORITIES.iter().zip(d.engine.worker.depths()) {
+    // Summed over the engines (one per device).
+    let mut depths = vec![0usize; PRIORITIES.len()];
+    for e in &d.engines {
+        for (sum, n) in depths.iter_mut().zip(e.worker.depths()) {
+            *sum += n;
+        }
+    }
+    for (p, n) in PRIORITIES.iter().zip(depths) {
         let _ = writeln!(o, "rlaifd_engine_queue_depth{{priority=\"{}\"}} {n}", p.name());
+    }
+    let _ = writeln!(
+        o,
+        "# HELP rlaifd_engine_chat_in_flight Chat requests each device's engine is answering.\n# TYPE rlaifd_engine_chat_in_flight gauge"
+    );
+    for (i, e) in d.engines.iter().enumerate() {
+        let _ = writeln!(
+            o,
+            "rlaifd_engine_chat_in_flight{{engine=\"{i}\",device=\"{}\"}} {}",
+            e.device_spec(),
+            e.chat_load()
+        );
+    }
+    let _ = writeln!(
+        o,
+        "# HELP rlaifd_engine_chat_requests_total Chat requests each device's engine took.\n# TYPE rlaifd_engine_chat_requests_total counter"
+    );
+    for (i, e) in d.engines.iter().enumerate() {
+        let _ = writeln!(
+            o,
+            "rlaifd_engine_chat_requests_total{{engine=\"{i}\",device=\"{}\"}} {}",
+            e.device_spec(),
+            e.chats_total()
+        );
     }
     let jobs = store::jobs_by_kind_and_status(&d.pool, false).await.unwrap_or_default();
     let _ = writeln!(o, "# HELP rlaifd_jobs Loop jobs by kind and status.\n# TYPE rlaifd_jobs gauge");

@@ -35,15 +35,16 @@ pub fn stopping(status: &str) {
 /// Pings the watchdog every half of `$WATCHDOG_USEC` while the returned guard lives (nothing when unset), but
 /// only for a period in which the engine thread answered a heartbeat (`Worker::heartbeat`): a stuck engine
 /// thread or device stops the pings, and systemd restarts the daemon after `WatchdogSec`.
-pub fn spawn_watchdog(engine: crate::worker::Worker) -> Option<tokio::task::JoinHandle<()>> {
+pub fn spawn_watchdog(engines: Vec<crate::worker::Worker>) -> Option<tokio::task::JoinHandle<()>> {
     let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
     let every = Duration::from_micros(usec / 2).max(Duration::from_millis(100));
     Some(actix::spawn(async move {
         let mut stuck_since: Option<std::time::Instant> = None;
         loop {
-            let asked = engine.heartbeat();
+            // Every device's engine thread must answer (one hung GPU is a hung daemon).
+            let asked: Vec<u64> = engines.iter().map(|e| e.heartbeat()).collect();
             tokio::time::sleep(every).await;
-            if engine.answered(asked) {
+            if engines.iter().zip(&asked).all(|(e, a)| e.answered(*a)) {
                 send("WATCHDOG=1");
                 if let Some(t) = stuck_since.take() {
                     tracing::warn!(

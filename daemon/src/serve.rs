@@ -107,7 +107,13 @@ pub struct Daemon {
     pub cfg: RwLock<Config>,
     pub config_file: Option<PathBuf>,
     pub pool: PgPool,
+    /// The first device's engine: training, gating and the control socket's evaluations run here.
     pub engine: Arc<Engine>,
+    /// One engine per device of `model.devices` (the first is `engine`): sample and label actors for each, chat
+    /// requests to the least-loaded.
+    pub engines: Vec<Arc<Engine>>,
+    /// The worker name of each engine (host:pid:device), recorded with the jobs it does.
+    pub workers: Vec<String>,
     pub serving: RwLock<Arc<Serving>>,
     pub paused: AtomicBool,
     pub draining: AtomicBool,
@@ -119,7 +125,7 @@ pub struct Daemon {
     pub actors: Mutex<BTreeMap<&'static str, ActorState>>,
     /// This daemon's lease owner name (host:state dir).
     pub owner: String,
-    /// The worker recorded with every job this daemon takes: host:pid:device.
+    /// The first engine's worker name (host:pid:device), recorded with the train and gate jobs this daemon takes.
     pub worker: String,
     /// A promoted checkpoint this daemon could not swap in: (checkpoint, when to retry, failures so far).
     swap_retry: Mutex<Option<(i64, Instant, u32)>>,
@@ -135,6 +141,21 @@ impl Daemon {
 
     pub fn serving(&self) -> Arc<Serving> {
         self.serving.read().map(|s| s.clone()).unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// The lease owner of engine `i`'s sample and label jobs: the daemon's owner name, `#i` after it past the
+    /// first (an engine's actor restarting returns its own jobs only).
+    pub fn owner_of(&self, i: usize) -> String {
+        if i == 0 {
+            self.owner.clone()
+        } else {
+            format!("{}#{i}", self.owner)
+        }
+    }
+
+    /// The engine answering the fewest chat requests now (the first among equals).
+    pub fn least_loaded(&self) -> Arc<Engine> {
+        self.engines.iter().min_by_key(|e| e.chat_load()).cloned().unwrap_or_else(|| self.engine.clone())
     }
 
     /// Whether swapping in promoted checkpoint `id` is due (not waiting out the backoff of an earlier failure).
@@ -193,6 +214,34 @@ impl Daemon {
                 Ok((a, r))
             })
             .await?;
+        // Every device gets the adapters before the new generation serves: shared host copies, and on a GPU one
+        // token generated with them, which uploads them to the device.
+        for other in self.engines.iter().skip(1) {
+            for (id, a) in [(c.id, &adapter), (c.parent_id.unwrap_or(0), &reference)] {
+                if let Some(a) = a {
+                    other.share_adapter(id, a.clone());
+                }
+            }
+        }
+        for e in self.engines.iter().filter(|e| e.device_spec() != engine::backend::DeviceSpec::Cpu) {
+            let (ee, a) = (e.clone(), adapter.clone());
+            e.run(Priority::Serve, move |_| {
+                let ids = [ee.model.llm.cfg.bos_token_id.unwrap_or(1)];
+                let params =
+                    engine::sampling::SamplingParams { temperature: 0.0, max_new_tokens: 1, ..Default::default() };
+                let req = engine::generate::GenerateRequest {
+                    ids: &ids,
+                    pixels: None,
+                    seeds: &[0],
+                    params,
+                    stop_ids: vec![],
+                };
+                engine::generate::generate(&ee.model, &req, a.as_deref())?;
+                Ok(())
+            })
+            .await
+            .with_context(|| format!("putting checkpoint {} on {}", c.id, e.device_spec()))?;
+        }
         if self.generation.load(Ordering::SeqCst) > 0 {
             crate::failpoint::hit("hot_swap");
         }
@@ -271,6 +320,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let mut cfg = Config::load(args.config.as_deref())?;
     if let Some(d) = &args.device {
         cfg.model.device = d.clone();
+        cfg.model.devices = crate::config::DeviceList::Many(Vec::new());
         cfg.model.device_spec().map_err(|e| anyhow::anyhow!("--device: {e:#}"))?;
     }
     if args.check_config {
@@ -304,18 +354,25 @@ pub async fn run_async(cfg: Config, config_file: Option<PathBuf>, until: Option<
     let pool = crate::db::open(&cfg.database.url, cfg.database.max_connections).await?;
     info!(database = %crate::db::redacted(&cfg.database.url), "database ready (migrated)");
     crate::notify::status("loading the model");
-    let (model_dir, state, labeler, device) =
-        (cfg.model.path.clone(), cfg.state.dir.clone(), cfg.loop_.labeler.clone(), cfg.model.device_spec()?);
-    let (engine, chosen) = tokio::task::spawn_blocking(move || -> Result<(Engine, String)> {
-        let (e, chosen) = Engine::load_on(&model_dir, &state, device)?;
-        Ok((e.with_labeler(&labeler)?, chosen))
-    })
-    .await
-    .context("loading the model")??;
-    let mut engine = engine;
-    set_request_budget(&mut engine, &cfg)?;
-    let engine = Arc::new(engine);
-    info!(device = %chosen, "generation and scoring device");
+    // One engine per device: each loads the base weights (and a labeler model) onto its device.
+    let mut engines = Vec::new();
+    let mut chosen_all = Vec::new();
+    for device in cfg.model.device_specs()? {
+        let (model_dir, state, labeler) = (cfg.model.path.clone(), cfg.state.dir.clone(), cfg.loop_.labeler.clone());
+        let (mut engine, chosen) = tokio::task::spawn_blocking(move || -> Result<(Engine, String)> {
+            let (e, chosen) = Engine::load_on(&model_dir, &state, device)?;
+            Ok((e.with_labeler(&labeler)?, chosen))
+        })
+        .await
+        .context("loading the model")?
+        .with_context(|| format!("loading the model on {device}"))?;
+        set_request_budget(&mut engine, &cfg)?;
+        info!(device = %chosen, engine = engines.len(), "generation and scoring device");
+        engines.push(Arc::new(engine));
+        chosen_all.push(chosen);
+    }
+    let engine = engines[0].clone();
+    let chosen = chosen_all.join(", ");
     if cfg.daemon.prompt_source == "shapes" && !engine.shapes {
         anyhow::bail!(
             "daemon.prompt_source = \"shapes\" generates ShapesWorld prompts, but {} is not a ShapesWorld model: set daemon.prompt_source = \"none\" and import prompts (rlaifd ctl import-prompts; held-out ones with \"split\": \"heldout\" gate checkpoints)",
@@ -336,12 +393,21 @@ pub async fn run_async(cfg: Config, config_file: Option<PathBuf>, until: Option<
     if paused {
         warn!("the loop is paused (rlaifd ctl resume to go on); serving continues");
     }
-    let engine_device = engine.model.device();
+    // Worker names: host:pid:device, a CPU named more than once numbered (cpu#1, cpu#2 ...).
+    let mut workers: Vec<String> = Vec::new();
+    for (i, e) in engines.iter().enumerate() {
+        let mut w = format!("{}:{}:{}", hostname(), std::process::id(), e.device_spec());
+        if workers.contains(&w) {
+            w = format!("{w}#{i}");
+        }
+        workers.push(w);
+    }
     let d = Arc::new(Daemon {
         cfg: RwLock::new(cfg.clone()),
         config_file,
         pool: pool.clone(),
         engine,
+        engines,
         serving: RwLock::new(Arc::new(Serving {
             generation: 0,
             checkpoint: base.clone(),
@@ -355,7 +421,8 @@ pub async fn run_async(cfg: Config, config_file: Option<PathBuf>, until: Option<
         metrics: Metrics::default(),
         chat_in_flight: std::sync::atomic::AtomicUsize::new(0),
         actors: Mutex::new(BTreeMap::new()),
-        worker: format!("{}:{}:{}", hostname(), std::process::id(), engine_device),
+        worker: workers[0].clone(),
+        workers,
         swap_retry: Mutex::new(None),
         owner,
         stop: tokio::sync::Notify::new(),
@@ -386,7 +453,7 @@ pub async fn run_async(cfg: Config, config_file: Option<PathBuf>, until: Option<
     let sup = Supervisor::new(d.clone()).start();
     let control = crate::control::start(d.clone(), sup.clone().recipient())?;
     crate::notify::ready(&format!("serving checkpoint {} on {}", promoted.id, cfg.server.bind));
-    let watchdog = crate::notify::spawn_watchdog(d.engine.worker.clone());
+    let watchdog = crate::notify::spawn_watchdog(d.engines.iter().map(|e| e.worker.clone()).collect());
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
@@ -426,7 +493,9 @@ pub async fn run_async(cfg: Config, config_file: Option<PathBuf>, until: Option<
     .await;
     let _ = std::fs::remove_file(d.config().socket_path());
     drop(watchdog);
-    d.engine.worker.close();
+    for e in &d.engines {
+        e.worker.close();
+    }
     let _ = tokio::time::timeout(Duration::from_secs(5), pool.close()).await;
     info!("stopped");
     Ok(why)

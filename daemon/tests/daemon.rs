@@ -418,6 +418,11 @@ fn serve_refuses_an_invalid_configuration_naming_the_key_and_checks_a_good_one()
         ("[server]\nbind = \"127.0.0.1:8080\"\nworkerz = 2\n", None, "workerz"),
         ("[loop]\nbeta = \"high\"\n", None, "beta"),
         ("[daemon]\nprompt_source = \"web\"\n", None, "daemon.prompt_source"),
+        ("[daemon]\nroles = [\"serve\", \"cook\"]\n", None, "daemon.roles: unknown role \"cook\""),
+        ("[daemon]\nroles = []\n", None, "daemon.roles is empty"),
+        ("[model]\ndevices = [\"cuda:0\", \"cuda:0\"]\n", None, "model.devices: device cuda:0 is named twice"),
+        ("", Some(("RLAIFD__MODEL__DEVICES", "auto,cpu")), "model.devices: \"auto\" goes alone"),
+        ("", Some(("RLAIFD__DAEMON__ROLES", "sample,sample")), "daemon.roles names \"sample\" twice"),
         ("", Some(("RLAIFD__SERVER__BIND", "0.0.0.0:8080")), "server.token"),
         ("[log\n", None, "not valid TOML"),
         ("[model]\ndevice = \"gpu\"\n", None, "model.device"),
@@ -443,11 +448,13 @@ fn serve_refuses_an_invalid_configuration_naming_the_key_and_checks_a_good_one()
         .args(["serve", "--check-config", "--config"])
         .arg(&f)
         .env("RLAIFD__SERVER__MAX_N", "3")
+        .env("RLAIFD__DAEMON__ROLES", "sample,label")
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!((v["loop"]["n"].as_u64(), v["server"]["max_n"].as_u64()), (Some(6), Some(3)));
+    assert_eq!(v["daemon"]["roles"], json!(["sample", "label"]), "a comma-separated list from the environment");
     std::fs::remove_dir_all(&dir).ok();
 }
 

@@ -153,9 +153,19 @@ async fn three_daemons_share_an_iteration_survive_the_trainer_dying_and_all_serv
     let killed_pid = daemons[k].pid();
     daemons[k].child.kill().unwrap();
     daemons[k].child.wait().unwrap();
+    let killed_at = Instant::now();
     let survivors: Vec<&Daemon> = daemons.iter().enumerate().filter(|(i, _)| *i != k).map(|(_, d)| d).collect();
     wait_for(pool, "SELECT count(*) FROM iterations WHERE stage = 'done'", 1, 300, &survivors).await;
-
+    let split: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT worker, count(*) FROM jobs WHERE kind IN ('sample', 'label') AND status = 'done' GROUP BY worker ORDER BY worker",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    println!(
+        "killed the trainer (pid {killed_pid}); the iteration was done {:.1} s later; sample+label jobs per worker: {split:?}",
+        killed_at.elapsed().as_secs_f64()
+    );
     // The work split across the daemons; one trainer finished (the second attempt, resumed), one gate decided.
     let workers =
         scalar(pool, "SELECT count(DISTINCT worker) FROM jobs WHERE kind IN ('sample', 'label') AND status = 'done'")
@@ -169,6 +179,8 @@ async fn three_daemons_share_an_iteration_survive_the_trainer_dying_and_all_serv
     assert_eq!(scalar(pool, "SELECT count(*) FROM training_runs").await, 1);
     let resumed = scalar(pool, "SELECT (config->>'resumed_from_step')::bigint FROM training_runs").await;
     assert!(resumed >= 1, "resumed from the saved state (step {resumed})");
+    let steps = scalar(pool, "SELECT steps::bigint FROM training_runs").await;
+    println!("the second trainer resumed at step {resumed} of {steps}");
     assert_eq!(scalar(pool, "SELECT count(*) FROM jobs WHERE kind = 'gate' AND status = 'done'").await, 1);
     assert_eq!(
         scalar(pool, "SELECT count(*) FROM events WHERE kind IN ('promoted', 'rejected')").await,
@@ -294,5 +306,66 @@ async fn a_postgres_restart_mid_iteration_under_two_daemons_loses_and_duplicates
     drop(daemons);
     pool.close().await;
     drop(cluster);
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_daemon_drives_two_engines_and_spreads_jobs_and_requests_over_them() {
+    if let Err(why) = private_namespaces() {
+        println!("SKIPPED: no private mount namespaces: {why}");
+        return;
+    }
+    let root = std::env::temp_dir().join(format!("rlaifd-scale-dev-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let db = common::fresh("scale_dev").await;
+    let pool = &db.pool;
+    // Two engine threads on the CPU stand for two devices (the same plumbing a host's GPUs take).
+    let dir = root.join("two");
+    let text = config(&dir, &db.url, ALL, 6).replace("[model]\n", "[model]\ndevices = [\"cpu\", \"cpu\"]\n");
+    let d = Daemon::launch_private(&dir, &text, &[]).unwrap();
+    let (status, body) = d.http("GET", "/healthz", "application/json", b"");
+    assert_eq!(status, 200);
+    let health: Value = serde_json::from_str(&body).unwrap();
+    let devices = health["devices"].as_array().unwrap();
+    assert_eq!(devices.len(), 2, "{body}");
+    let names: Vec<String> = devices.iter().map(|x| x["worker"].as_str().unwrap().to_string()).collect();
+    assert!(names[0].ends_with(":cpu") && names[1].ends_with(":cpu#1"), "{names:?}");
+    assert_eq!(d.ctl(json!({ "cmd": "iterate" }))["ok"], true);
+    wait_for(pool, "SELECT count(*) FROM iterations WHERE stage = 'done'", 1, 300, &[&d]).await;
+    let by: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT worker, count(*) FROM jobs WHERE kind IN ('sample', 'label') AND status = 'done' GROUP BY worker ORDER BY worker",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    println!("sample+label jobs per engine: {by:?}");
+    assert_eq!(by.iter().map(|(w, _)| w.clone()).collect::<Vec<_>>(), names, "both engines took jobs");
+    // The promoted checkpoint serves from both engines: concurrent requests spread over them, all answered.
+    let promoted = scalar(pool, "SELECT id FROM checkpoints WHERE status = 'promoted'").await;
+    wait_served(&d, promoted, 60);
+    let body = common::daemon::chat_request("Describe the image.", None, json!({ "max_tokens": 8, "n": 2 }));
+    let addr = d.addr.clone();
+    let answered: Vec<u16> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..6)
+            .map(|_| {
+                s.spawn(|| common::daemon::http(&addr, "POST", "/v1/chat/completions", "application/json", &body).0)
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(answered, vec![200; 6]);
+    let (_, metrics) = d.http("GET", "/metrics", "text/plain", b"");
+    let taken: Vec<u64> = (0..2)
+        .map(|i| {
+            let key = format!("rlaifd_engine_chat_requests_total{{engine=\"{i}\",device=\"cpu\"}} ");
+            let line = metrics.lines().find(|l| l.starts_with(&key)).unwrap_or_else(|| panic!("no {key} in {metrics}"));
+            line[key.len()..].trim().parse().unwrap()
+        })
+        .collect();
+    println!("chat requests per engine: {taken:?}");
+    assert_eq!(taken.iter().sum::<u64>(), 6);
+    assert!(taken.iter().all(|&n| n > 0), "concurrent requests went to both engines: {taken:?}");
+    drop(d);
+    db.drop_db().await;
     let _ = std::fs::remove_dir_all(&root);
 }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use tracing::{error, info, warn, Instrument};
 
 /// One unit of an actor's work. Ok(true): it did something (run again at once); Ok(false): nothing to do.
-pub(crate) async fn step(role: Role, d: &Arc<Daemon>) -> Result<bool> {
+pub(crate) async fn step(role: Role, engine: usize, d: &Arc<Daemon>) -> Result<bool> {
     let cfg = d.config();
     // Pause lives in the database: another daemon's `pause`, or one from before a restart, holds here too.
     d.paused.store(store::loop_paused(&d.pool).await?, Ordering::SeqCst);
@@ -21,10 +21,13 @@ pub(crate) async fn step(role: Role, d: &Arc<Daemon>) -> Result<bool> {
         _ if d.paused.load(Ordering::SeqCst) || d.draining.load(Ordering::SeqCst) => Ok(false),
         Role::Sampler | Role::Labeler => {
             let kind = if role == Role::Sampler { JobKind::Sample } else { JobKind::Label };
-            let Some(job) = store::claim_jobs_as(&d.pool, kind, &d.owner, &d.worker, 1, cfg.loop_.lease_s)
-                .await?
-                .into_iter()
-                .next()
+            let (eng, worker) = match (d.engines.get(engine), d.workers.get(engine)) {
+                (Some(e), Some(w)) => (e, w),
+                _ => (&d.engine, &d.worker),
+            };
+            let owner = d.owner_of(engine);
+            let Some(job) =
+                store::claim_jobs_as(&d.pool, kind, &owner, worker, 1, cfg.loop_.lease_s).await?.into_iter().next()
             else {
                 return Ok(false);
             };
@@ -37,9 +40,9 @@ pub(crate) async fn step(role: Role, d: &Arc<Daemon>) -> Result<bool> {
             );
             let r = async {
                 if kind == JobKind::Sample {
-                    rlaif::run_sample_job(&d.pool, &d.engine, &cfg.loop_, &job, &d.owner).await
+                    rlaif::run_sample_job(&d.pool, eng, &cfg.loop_, &job, &owner).await
                 } else {
-                    rlaif::run_label_job(&d.pool, &d.engine, &cfg.loop_, &job, &d.owner).await
+                    rlaif::run_label_job(&d.pool, eng, &cfg.loop_, &job, &owner).await
                 }
             }
             .instrument(span)

@@ -40,6 +40,10 @@ pub struct Wake;
 /// wake-up. An error stops it; the actix Supervisor restarts it after a backoff.
 pub struct LoopActor {
     role: Role,
+    /// Which engine (device) a Sampler or Labeler runs its jobs on; the others use the first.
+    engine: usize,
+    /// The name in `status` and logs: the role, and the engine when it is not the first ("sampler:1").
+    name: &'static str,
     d: Arc<Daemon>,
     busy: bool,
     failures: u32,
@@ -50,8 +54,8 @@ pub struct LoopActor {
 }
 
 impl LoopActor {
-    pub fn new(role: Role, d: Arc<Daemon>) -> LoopActor {
-        LoopActor { role, d, busy: false, failures: 0, not_before: Instant::now(), reclaim: false }
+    pub fn new(role: Role, engine: usize, name: &'static str, d: Arc<Daemon>) -> LoopActor {
+        LoopActor { role, engine, name, d, busy: false, failures: 0, not_before: Instant::now(), reclaim: false }
     }
 
     fn tick(&mut self, ctx: &mut Context<Self>) {
@@ -59,9 +63,9 @@ impl LoopActor {
             return;
         }
         self.busy = true;
-        let (role, d, reclaim) = (self.role, self.d.clone(), std::mem::take(&mut self.reclaim));
-        d.actor(role.name(), |a| a.busy = true);
-        let span = tracing::info_span!("actor", role = role.name());
+        let (role, engine, d, reclaim) = (self.role, self.engine, self.d.clone(), std::mem::take(&mut self.reclaim));
+        d.actor(self.name, |a| a.busy = true);
+        let span = tracing::info_span!("actor", role = self.name);
         let fut = async move {
             if reclaim {
                 let kind = match role {
@@ -70,29 +74,30 @@ impl LoopActor {
                     Role::Trainer => store::JobKind::Train,
                     Role::Checkpointer => store::JobKind::Gate,
                 };
-                let n = store::release_kind_leases(&d.pool, &d.owner, kind).await?;
+                // Each engine's sample and label jobs are leased under its own owner name (`Daemon::owner_of`).
+                let n = store::release_kind_leases(&d.pool, &d.owner_of(engine), kind).await?;
                 if n > 0 {
                     info!(jobs = n, kind = kind.as_str(), "returned jobs left leased by the failed attempt");
                 }
             }
-            step(role, &d).await
+            step(role, engine, &d).await
         }
         .instrument(span);
         ctx.spawn(fut.into_actor(self).map(|res, act, ctx| {
             act.busy = false;
-            act.d.actor(act.role.name(), |a| a.busy = false);
+            act.d.actor(act.name, |a| a.busy = false);
             match res {
                 Ok(true) => {
                     act.failures = 0;
-                    act.d.actor(act.role.name(), |a| a.jobs_done += 1);
+                    act.d.actor(act.name, |a| a.jobs_done += 1);
                     ctx.notify(Wake);
                 }
                 Ok(false) => act.failures = 0,
                 Err(e) => {
                     let msg = format!("{e:#}");
-                    error!(actor = act.role.name(), error = %msg, "actor failed; the supervisor restarts it");
-                    act.d.actor(act.role.name(), |a| a.last_error = Some(msg.clone()));
-                    let (pool, name) = (act.d.pool.clone(), act.role.name());
+                    error!(actor = act.name, error = %msg, "actor failed; the supervisor restarts it");
+                    act.d.actor(act.name, |a| a.last_error = Some(msg.clone()));
+                    let (pool, name) = (act.d.pool.clone(), act.name);
                     actix::spawn(async move {
                         let _ = store::event(&pool, "actor_failed", name, serde_json::json!({ "error": msg })).await;
                     });
@@ -121,8 +126,8 @@ impl Supervised for LoopActor {
         // 1 s, 2 s, 4 s ... at most 60 s.
         let backoff = Duration::from_secs(1u64 << self.failures.min(6)).min(Duration::from_secs(60));
         self.not_before = Instant::now() + backoff;
-        self.d.actor(self.role.name(), |a| a.restarts += 1);
-        warn!(actor = self.role.name(), restarts = self.failures, backoff_s = backoff.as_secs(), "restarting actor");
+        self.d.actor(self.name, |a| a.restarts += 1);
+        warn!(actor = self.name, restarts = self.failures, backoff_s = backoff.as_secs(), "restarting actor");
     }
 }
 
@@ -164,9 +169,18 @@ impl Actor for Supervisor {
             if !wanted {
                 continue;
             }
-            let d = self.d.clone();
-            self.d.actor(role.name(), |_| {});
-            self.actors.push(actix::Supervisor::start(move |_| LoopActor::new(role, d)));
+            // Sampling and labeling run on every device; the trainer and the checkpointer on the first.
+            let engines = if matches!(role, Role::Sampler | Role::Labeler) { self.d.engines.len() } else { 1 };
+            for engine in 0..engines {
+                let name: &'static str = if engine == 0 {
+                    role.name()
+                } else {
+                    Box::leak(format!("{}:{engine}", role.name()).into_boxed_str())
+                };
+                let d = self.d.clone();
+                self.d.actor(name, |_| {});
+                self.actors.push(actix::Supervisor::start(move |_| LoopActor::new(role, engine, name, d)));
+            }
         }
         // LISTEN/NOTIFY: the schema's triggers notify channel `rlaifd` on new jobs, pairs and checkpoints.
         let (d, me) = (self.d.clone(), ctx.address());

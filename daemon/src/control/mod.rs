@@ -438,12 +438,21 @@ fn reload(d: &Arc<Daemon>) -> Result<Value> {
         restart.push("model.device");
         new.model.device = old.model.device.clone();
     }
+    if new.model.devices != old.model.devices {
+        restart.push("model.devices");
+        new.model.devices = old.model.devices.clone();
+    }
     if new.loop_.labeler != old.loop_.labeler {
         restart.push("loop.labeler");
         new.loop_.labeler = old.loop_.labeler.clone();
     }
     if new.server.max_request_mb != old.server.max_request_mb {
         restart.push("server.max_request_mb");
+    }
+    // The actors a daemon runs follow its roles at start.
+    if new.daemon.roles != old.daemon.roles {
+        restart.push("daemon.roles");
+        new.daemon.roles = old.daemon.roles.clone();
     }
     let mut applied = new.clone();
     applied.database = old.database.clone();

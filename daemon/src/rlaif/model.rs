@@ -30,6 +30,17 @@ pub struct Engine {
     adapters: Mutex<HashMap<i64, Arc<Adapter>>>,
     /// The device the model landed on (a labeler model goes to the same one).
     device: engine::backend::DeviceSpec,
+    in_flight: std::sync::atomic::AtomicUsize,
+    chats: std::sync::atomic::AtomicU64,
+}
+
+/// A chat request counted on an engine (`Engine::busy`).
+pub struct InFlight(Arc<Engine>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// Whether a tokenizer is ShapesWorld's (its vocabulary is exactly the world's words).
@@ -82,6 +93,8 @@ impl Engine {
                 shapes,
                 adapters: Mutex::new(HashMap::new()),
                 device: on,
+                in_flight: std::sync::atomic::AtomicUsize::new(0),
+                chats: std::sync::atomic::AtomicU64::new(0),
             },
             chosen,
         ))
@@ -110,6 +123,35 @@ impl Engine {
         f: impl FnOnce(&Slice) -> Result<T> + Send + 'static,
     ) -> Result<T> {
         self.worker.run(prio, f).await
+    }
+
+    /// The device this engine's model math runs on (resolved: never `auto`).
+    pub fn device_spec(&self) -> engine::backend::DeviceSpec {
+        self.device
+    }
+
+    /// Chat requests this engine is answering now (the server sends a new one to the least-loaded engine).
+    pub fn chat_load(&self) -> usize {
+        self.in_flight.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Chat requests this engine has taken since start.
+    pub fn chats_total(&self) -> u64 {
+        self.chats.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Counts a chat request on this engine until the guard drops.
+    pub fn busy(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.chats.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+
+    /// Shares an adapter another engine loaded (host memory; each device uploads it on first use).
+    pub fn share_adapter(&self, id: i64, a: Arc<Adapter>) {
+        if let Ok(mut m) = self.adapters.lock() {
+            m.entry(id).or_insert(a);
+        }
     }
 
     /// Whether checkpoint `id`'s adapter is loaded already.

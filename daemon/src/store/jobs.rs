@@ -156,10 +156,11 @@ pub(super) async fn hold_lease(tx: &mut Transaction<'_, Postgres>, job: i64, own
     Ok(status == "running" && holder.as_deref() == Some(owner))
 }
 
-/// Returns `owner`'s running jobs to the queue: a worker restarting under the same name calls this, since
-/// whatever it held before it stopped is abandoned. Returns how many jobs were released.
+/// Returns `owner`'s running jobs to the queue (and those of its engines, `owner#N`): a worker restarting under
+/// the same name calls this, since whatever it held before it stopped is abandoned. Returns how many jobs were
+/// released.
 pub async fn release_leases(pool: &PgPool, owner: &str) -> Result<u64> {
-    let n = sqlx::query("UPDATE jobs SET status = 'pending', lease_owner = NULL, lease_until = NULL WHERE status = 'running' AND lease_owner = $1").bind(owner).execute(pool).await?.rows_affected();
+    let n = sqlx::query("UPDATE jobs SET status = 'pending', lease_owner = NULL, lease_until = NULL WHERE status = 'running' AND (lease_owner = $1 OR starts_with(lease_owner, $1 || '#'))").bind(owner).execute(pool).await?.rows_affected();
     if n > 0 {
         event(pool, "leases_released", owner, serde_json::json!({ "jobs": n })).await?;
     }

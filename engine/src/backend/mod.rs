@@ -177,6 +177,40 @@ impl std::fmt::Display for Placement {
 /// Opens the backend `spec` names for `model`. Returns it and a line saying what was chosen and, for `auto`
 /// without a usable GPU, why not. An explicit `cuda[:N]` that cannot be used is an error naming the reason and the
 /// way out.
+/// The devices `model.devices` names, one engine each: "auto" (every CUDA device the driver reports, else the
+/// CPU), "all" (every CUDA device; none is an error), or a list of device names ("cuda:0", "cuda:3", "cpu"; "cpu"
+/// may repeat: one CPU engine thread each). A device named twice (other than "cpu") is refused, as is an empty list.
+pub fn expand_devices(names: &[String]) -> std::result::Result<Vec<DeviceSpec>, String> {
+    match names {
+        [] => Err("no devices named (use \"auto\", \"all\" or a list such as [\"cuda:0\", \"cuda:1\"])".into()),
+        [one] if one.trim() == "auto" || one.trim() == "all" => {
+            let n = crate::cuda::device_count();
+            match (n, one.trim()) {
+                (0, "auto") => Ok(vec![DeviceSpec::Auto]),
+                (0, _) => Err(format!(
+                    "\"all\" asks for every GPU, but none is usable here ({})",
+                    crate::cuda::driver_status().err().unwrap_or_else(|| "the driver reports 0 devices".into())
+                )),
+                (n, _) => Ok((0..n).map(DeviceSpec::Cuda).collect()),
+            }
+        }
+        list => {
+            let mut out: Vec<DeviceSpec> = Vec::with_capacity(list.len());
+            for s in list {
+                let d: DeviceSpec = s.parse()?;
+                if matches!(d, DeviceSpec::Auto) {
+                    return Err("\"auto\" goes alone (devices = \"auto\"), not in a list".into());
+                }
+                if d != DeviceSpec::Cpu && out.contains(&d) {
+                    return Err(format!("device {d} is named twice"));
+                }
+                out.push(d);
+            }
+            Ok(out)
+        }
+    }
+}
+
 pub fn select(spec: DeviceSpec, model: &Model) -> Result<(Arc<dyn Backend>, String)> {
     match spec {
         DeviceSpec::Cpu => Ok((Arc::new(CpuBackend), "cpu (asked for)".into())),
@@ -216,6 +250,20 @@ mod tests {
         }
         assert_eq!(DeviceSpec::Cuda(3).to_string(), "cuda:3");
         assert_eq!("cuda".parse::<DeviceSpec>().map(|d| d.to_string()), Ok("cuda:0".into()));
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            expand_devices(&names(&["cuda:0", "cuda:3", "cpu", "cpu"])),
+            Ok(vec![DeviceSpec::Cuda(0), DeviceSpec::Cuda(3), DeviceSpec::Cpu, DeviceSpec::Cpu])
+        );
+        assert!(expand_devices(&names(&["cuda:1", "cuda:1"])).unwrap_err().contains("cuda:1 is named twice"));
+        assert!(expand_devices(&names(&["auto", "cpu"])).unwrap_err().contains("goes alone"));
+        assert!(expand_devices(&[]).unwrap_err().contains("no devices"));
+        // "auto" is every GPU the driver reports, else the CPU (through the usual fallback).
+        let auto = expand_devices(&names(&["auto"])).unwrap();
+        match crate::cuda::device_count() {
+            0 => assert_eq!(auto, vec![DeviceSpec::Auto]),
+            n => assert_eq!(auto, (0..n).map(DeviceSpec::Cuda).collect::<Vec<_>>()),
+        }
         let e = "gpu".parse::<DeviceSpec>().unwrap_err();
         assert!(e.contains("\"gpu\"") && e.contains("cuda:N"), "{e}");
         let e = "cuda:x".parse::<DeviceSpec>().unwrap_err();

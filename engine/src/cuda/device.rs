@@ -57,6 +57,14 @@ pub fn driver_status() -> std::result::Result<(), String> {
     }
 }
 
+/// How many CUDA devices the driver reports (0 without a driver, or when it cannot be initialized).
+pub fn device_count() -> usize {
+    if driver_status().is_err() {
+        return 0;
+    }
+    cudarc::driver::CudaContext::device_count().map(|n| n.max(0) as usize).unwrap_or(0)
+}
+
 /// Whether cuBLASLt (the GEMMs) can be loaded (Err: why not).
 pub fn cublaslt_status() -> std::result::Result<(), String> {
     // SAFETY: as above.

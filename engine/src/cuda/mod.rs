@@ -45,8 +45,8 @@ use attention::{dkdv_mma_smem, mma_attention_allowed};
 use blas::Lt;
 pub(crate) use device::err;
 pub use device::{
-    arch_name, compile_all, cublaslt_status, driver_status, include_dirs, kernel_names, nvrtc_status, source, Compiled,
-    SOURCES,
+    arch_name, compile_all, cublaslt_status, device_count, driver_status, include_dirs, kernel_names, nvrtc_status,
+    source, Compiled, SOURCES,
 };
 pub use lora::dropout_threshold;
 pub use optim::{AdamW, LossScaler};
