@@ -6,6 +6,10 @@
 # seconds from the first job taken to the last one finished, jobs per second, jobs per worker) and stops them.
 # Usage: benches/scale_workers.sh N [PROMPTS] [ANSWERS]   (defaults 24 prompts, 8 answers each; PostgreSQL at 127.0.0.1:5432, user postgres; build first:
 #        cargo build --release --locked -p rlaifd)
+# DEVICES sets model.devices of every worker (e.g. DEVICES='"all"' on a GPU host, DEVICES='["cuda:0"]' for one
+# device; DEVICES='["cpu", "cpu"]' for two CPU engines), THREADS its --threads (default 1).
+# PIN=1 confines worker i to core i-1 (taskset): one core per worker, so one worker cannot use the other core
+# through its engine thread's hand-offs to its one-thread pool.
 # Side by side: farm-bench -n 3 --timeout 1800 --vs 'benches/scale_workers.sh 1' -- benches/scale_workers.sh 2
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,6 +38,7 @@ for i in $(seq 1 "$n"); do
 url = "postgres://postgres@127.0.0.1:5432/$db"
 [model]
 path = "$PWD/assets/shapes-base"
+devices = ${DEVICES:-[]}
 [state]
 dir = "$work/$i/state"
 [server]
@@ -48,7 +53,9 @@ max_new_tokens = 48
 prompts_per_iteration = $prompts
 pairs_per_iteration = 1
 TOML
-  "$bin" --threads 1 serve --config "$work/$i/rlaifd.toml" 2> "$work/$i/daemon.log" &
+  pin=()
+  [ "${PIN:-0}" = 1 ] && pin=(taskset -c $(( (i - 1) % $(nproc) )))
+  "${pin[@]}" "$bin" --threads "${THREADS:-1}" serve --config "$work/$i/rlaifd.toml" 2> "$work/$i/daemon.log" &
   pids+=($!)
   # The first daemon creates and migrates the database; the others start after it.
   until [ -S "$work/$i/state/control.sock" ]; do
@@ -59,7 +66,7 @@ done
 "$bin" ctl --socket "$work/1/state/control.sock" iterate > /dev/null
 until [ "$(psql -d "$db" -c "SELECT count(*) FROM iterations WHERE stage <> 'sampling'")" = 1 ]; do sleep 0.2; done
 psql -d "$db" -c "
-  SELECT json_build_object('workers', $n, 'jobs', count(*),
+  SELECT json_build_object('workers', $n, 'devices', '${DEVICES:-[]}', 'jobs', count(*),
          'seconds', round(extract(epoch FROM max(finished_at) - min(started_at))::numeric, 3),
          'jobs_per_s', round((count(*) / extract(epoch FROM max(finished_at) - min(started_at)))::numeric, 3),
          'per_worker', (SELECT json_object_agg(w, c) FROM (SELECT worker AS w, count(*) AS c FROM jobs

@@ -121,14 +121,11 @@ async fn no_duplicates(pool: &sqlx::PgPool) {
 async fn postgres_outage_mid_run_loses_nothing_and_serving_continues() {
     let dir = std::env::temp_dir().join(format!("rlaifd-pgfault-{}", std::process::id()));
     let port = 20000 + (std::process::id() % 20000) as u16;
-    let cluster = match Cluster::create(dir.join("pg"), port) {
-        Ok(c) => c,
-        Err(why) => {
-            println!("SKIPPED: no private PostgreSQL cluster: {why}");
-            return;
-        }
+    let Ok(cluster) =
+        Cluster::started(dir.join("pg"), port).map_err(|why| println!("SKIPPED: no private PostgreSQL cluster: {why}"))
+    else {
+        return;
     };
-    cluster.ctl("start");
     let url = format!("postgres://postgres@127.0.0.1:{port}/rlaifd");
     let (daemon, addr, socket) = start(&dir, &url, "");
     let pool = sqlx::PgPool::connect(&url).await.unwrap();

@@ -258,14 +258,11 @@ async fn a_postgres_restart_mid_iteration_under_two_daemons_loses_and_duplicates
     }
     let root = std::env::temp_dir().join(format!("rlaifd-scale-pg-{}", std::process::id()));
     let port = 20000 + ((std::process::id() + 7) % 20000) as u16;
-    let cluster = match Cluster::create(root.join("pg"), port) {
-        Ok(c) => c,
-        Err(why) => {
-            println!("SKIPPED: no private PostgreSQL cluster: {why}");
-            return;
-        }
+    let Ok(cluster) = Cluster::started(root.join("pg"), port)
+        .map_err(|why| println!("SKIPPED: no private PostgreSQL cluster: {why}"))
+    else {
+        return;
     };
-    cluster.ctl("start");
     let url = format!("postgres://postgres@127.0.0.1:{port}/rlaifd");
     let daemons: Vec<Daemon> =
         ["a", "b"].iter().map(|n| start_with(&root.join(n), &url, ALL, 24, &[]).unwrap()).collect();

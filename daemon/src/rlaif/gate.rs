@@ -197,7 +197,7 @@ pub async fn gate_job(
     };
     let it = store::iteration(pool, job.iteration_id).await?;
     if it.stage != store::Stage::Evaluating {
-        store::fail_stage_job(pool, &job, owner, "the iteration is past evaluation", 1).await?;
+        store::abandon_stage_job(pool, &job, "the iteration is past evaluation").await?;
         return Ok(Some(None));
     }
     let keeper = super::renew_lease_while(pool, job.id, owner, cfg.lease_s);
@@ -209,16 +209,7 @@ pub async fn gate_job(
         Err(e) => {
             let reason = format!("{e:#}");
             tracing::warn!(iteration = it.number, attempt = job.attempts, error = %reason, "gating failed");
-            if store::fail_stage_job(pool, &job, owner, &reason, cfg.max_attempts).await? {
-                store::set_stage(pool, it.id, store::Stage::Failed).await?;
-                store::event(
-                    pool,
-                    "iteration_failed",
-                    "checkpointer",
-                    serde_json::json!({ "iteration": it.number, "reason": reason, "worker": worker }),
-                )
-                .await?;
-            }
+            store::fail_stage_job(pool, &job, owner, &reason, cfg.max_attempts).await?;
             Ok(Some(None))
         }
     }

@@ -297,7 +297,7 @@ pub async fn train_job(
     let it = store::iteration(pool, job.iteration_id).await?;
     if it.stage != store::Stage::Training {
         // Trained already (a holder that finished after its lease expired): nothing left to do.
-        store::fail_stage_job(pool, &job, owner, "the iteration is past training", 1).await?;
+        store::abandon_stage_job(pool, &job, "the iteration is past training").await?;
         return Ok(true);
     }
     if job.attempts > 1 {
@@ -311,16 +311,7 @@ pub async fn train_job(
             let diverged = e.downcast_ref::<Diverged>().is_some();
             let max = if diverged { 1 } else { cfg.max_attempts };
             warn!(iteration = it.number, attempt = job.attempts, error = %reason, "training failed");
-            if store::fail_stage_job(pool, &job, owner, &reason, max).await? {
-                store::set_stage(pool, it.id, store::Stage::Failed).await?;
-                store::event(
-                    pool,
-                    "iteration_failed",
-                    "trainer",
-                    serde_json::json!({ "iteration": it.number, "reason": reason, "worker": worker }),
-                )
-                .await?;
-            }
+            store::fail_stage_job(pool, &job, owner, &reason, max).await?;
             Ok(true)
         }
     }

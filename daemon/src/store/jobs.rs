@@ -118,8 +118,8 @@ pub(super) async fn finish_held(tx: &mut Transaction<'_, Postgres>, id: i64, own
     Ok(true)
 }
 
-/// Returns a train or gate job to the queue after a local failure, or marks it failed after `max_attempts`
-/// (then its iteration fails too). Returns whether the job failed for good.
+/// Returns a train or gate job to the queue after a failure, or, after `max_attempts`, marks it and its
+/// iteration failed with the reason in `events` (one transaction). Returns whether it failed for good.
 pub async fn fail_stage_job(
     pool: &PgPool,
     job: &StageJob,
@@ -132,15 +132,44 @@ pub async fn fail_stage_job(
     if !hold_lease(&mut tx, job.id, owner).await? {
         return Ok(false);
     }
-    sqlx::query("UPDATE jobs SET status = $2, error = $3, lease_owner = NULL, lease_until = NULL WHERE id = $1")
-        .bind(job.id)
-        .bind(if final_ { "failed" } else { "pending" })
-        .bind(error)
-        .execute(&mut *tx)
+    let worker: Option<String> = sqlx::query_scalar(
+        "UPDATE jobs SET status = $2, error = $3, lease_owner = NULL, lease_until = NULL WHERE id = $1 RETURNING worker",
+    )
+    .bind(job.id)
+    .bind(if final_ { "failed" } else { "pending" })
+    .bind(error)
+    .fetch_one(&mut *tx)
+    .await?;
+    event(&mut *tx, "job_failed", job.kind.as_str(), serde_json::json!({ "job": job.id, "iteration_id": job.iteration_id, "attempt": job.attempts, "error": error, "requeued": !final_, "worker": worker })).await?;
+    if final_ {
+        let number: i32 = sqlx::query_scalar(
+            "UPDATE iterations SET stage = 'failed', finished_at = now() WHERE id = $1 RETURNING number",
+        )
+        .bind(job.iteration_id)
+        .fetch_one(&mut *tx)
         .await?;
-    event(&mut *tx, "job_failed", job.kind.as_str(), serde_json::json!({ "job": job.id, "iteration_id": job.iteration_id, "attempt": job.attempts, "error": error, "requeued": !final_ })).await?;
+        let actor = if job.kind == JobKind::Train { "trainer" } else { "checkpointer" };
+        event(
+            &mut *tx,
+            "iteration_failed",
+            actor,
+            serde_json::json!({ "iteration": number, "reason": error, "worker": worker }),
+        )
+        .await?;
+    }
     tx.commit().await?;
     Ok(final_)
+}
+
+/// Closes a train or gate job whose iteration has moved past its stage (nothing is left to do): failed, with
+/// `why`; the iteration is untouched.
+pub async fn abandon_stage_job(pool: &PgPool, job: &StageJob, why: &str) -> Result<()> {
+    sqlx::query("UPDATE jobs SET status = 'failed', error = $2, lease_owner = NULL, lease_until = NULL WHERE id = $1")
+        .bind(job.id)
+        .bind(why)
+        .execute(pool)
+        .await?;
+    Ok(())
 }
 
 /// Locks `job` in `tx` and checks `owner` still holds its lease; a job done meanwhile (by another worker whose

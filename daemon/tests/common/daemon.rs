@@ -72,28 +72,33 @@ impl Daemon {
             .stderr(log)
             .spawn()
             .unwrap();
-        let mut d = Daemon {
+        let d = Daemon {
             child,
             dir: dir.to_path_buf(),
             config,
             addr: String::new(),
             socket: dir.join("state/control.sock"),
         };
+        d.up(&dir.join("state/server.addr")).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Waits until the daemon wrote its bound address to `addr_file` and its control socket exists. Err: it
+    /// exited first (with its log).
+    fn up(mut self, addr_file: &Path) -> Result<Daemon, String> {
         let t0 = Instant::now();
         loop {
-            if let Ok(a) = std::fs::read_to_string(dir.join("state/server.addr")) {
-                if d.socket.exists() {
-                    d.addr = a.trim().to_string();
-                    break;
+            if let Ok(a) = std::fs::read_to_string(addr_file) {
+                if self.socket.exists() {
+                    self.addr = a.trim().to_string();
+                    return Ok(self);
                 }
             }
-            if let Ok(Some(s)) = d.child.try_wait() {
-                panic!("rlaifd serve exited with {s}: {}", d.log());
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Err(format!("rlaifd serve exited with {s}: {}", self.log()));
             }
-            assert!(t0.elapsed() < Duration::from_secs(60), "the daemon did not come up: {}", d.log());
+            assert!(t0.elapsed() < Duration::from_secs(90), "the daemon did not come up: {}", self.log());
             std::thread::sleep(Duration::from_millis(50));
         }
-        d
     }
 
     /// `launch`, with the daemon's state directory (`DIR/state`) on a tmpfs only the daemon sees: it runs in a
@@ -120,22 +125,10 @@ impl Daemon {
             .stderr(log)
             .spawn()
             .map_err(|e| format!("cannot run unshare: {e}"))?;
-        let mut d = Daemon { child, dir: dir.to_path_buf(), config, addr: String::new(), socket };
+        let d = Daemon { child, dir: dir.to_path_buf(), config, addr: String::new(), socket };
+        // Its files are visible from here only through its own root.
         let addr_file = PathBuf::from(format!("/proc/{}/root{}", d.child.id(), state.join("server.addr").display()));
-        let t0 = Instant::now();
-        loop {
-            if let Ok(a) = std::fs::read_to_string(&addr_file) {
-                if d.socket.exists() {
-                    d.addr = a.trim().to_string();
-                    return Ok(d);
-                }
-            }
-            if let Ok(Some(s)) = d.child.try_wait() {
-                return Err(format!("the daemon in its own mount namespace exited with {s}: {}", d.log()));
-            }
-            assert!(t0.elapsed() < Duration::from_secs(90), "the daemon did not come up: {}", d.log());
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        d.up(&addr_file)
     }
 
     /// The daemon's pid.

@@ -58,6 +58,13 @@ impl Cluster {
         Ok(c)
     }
 
+    /// A new cluster under `dir` on `port`, started. Err: this machine cannot make one (the test then skips).
+    pub fn started(dir: PathBuf, port: u16) -> Result<Cluster, String> {
+        let c = Cluster::create(dir, port)?;
+        c.ctl("start");
+        Ok(c)
+    }
+
     pub fn ctl(&self, action: &str) {
         let pg_ctl = Cluster::bin("pg_ctl").expect("pg_ctl");
         let data = self.dir.join("data");
