@@ -164,18 +164,29 @@ pub async fn run_training(
         let ocfg = AdamWConfig { lr: c.lr, warmup_steps: (0.05 * total as f64).ceil() as usize, total_steps: total, ..Default::default() };
         let mut opt = AdamW::new(ocfg.clone());
         let mut losses = Vec::new();
-        let mut adapter = match resume {
+        // A saved state of other pairs or settings (the configuration was reloaded meanwhile) is not resumed:
+        // the run starts over.
+        let saved = match resume {
             Some(step) => {
                 let state: LoopTrainState = serde_json::from_slice(&std::fs::read(rdir.join("trainer_state.json")).context("the saved training state has no trainer_state.json")?)
                     .context("the saved training state's trainer_state.json is invalid")?;
                 if state.step != step as usize || state.pair_ids != ids_for_state || state.train != tcfg || state.optim != ocfg {
-                    bail!("the saved training state (step {}) is of other pairs or settings; it cannot be resumed", state.step);
+                    warn!(step = state.step, "the saved training state is of other pairs or settings; training from the start");
+                    None
+                } else {
+                    Some(state)
                 }
+            }
+            None => None,
+        };
+        let resumed_at = saved.as_ref().map(|s| s.step);
+        let mut adapter = match saved {
+            Some(state) => {
                 let store = engine::weights::WeightStore::open_files(&[rdir.join("optimizer.safetensors")])?;
                 opt.load_state(state.step, &store)?;
                 opt.scaler = state.loss_scale.clone();
                 losses = state.losses;
-                tracing::info!(step = state.step, total, "resuming training from the state saved in the database");
+                info!(step = state.step, total, "resuming training from the state saved in the database");
                 e.model.load_adapter(&rdir)?
             }
             None => match e.adapter(&policy_row)? {
@@ -216,11 +227,11 @@ pub async fn run_training(
             std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove stale {}", dir.display()))?;
         }
         adapter.save(&dir, &e.model.dir, &[])?;
-        Ok(Some((total, losses)))
+        Ok(Some((total, losses, resumed_at)))
     })
     .await;
     drop(keeper);
-    let Some((steps, losses)) = result? else {
+    let Some((steps, losses, resumed_at)) = result? else {
         warn!(iteration = it.number, "lost the train job's lease: another daemon carries the run on");
         return Ok(None);
     };
@@ -229,7 +240,7 @@ pub async fn run_training(
     let files = super::dir_files(&out_dir)?;
     let train_cfg = serde_json::json!({ "beta": cfg.beta, "nll_weight": cfg.nll_weight, "lr": cfg.lr, "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lora_r": cfg.lora_r,
         "lora_alpha": cfg.lora_alpha, "reference": cfg.reference, "length_balance_r": if cfg.length_balance { Some(balance.r) } else { None }, "pairs_total": pairs.len(),
-        "resumed_from_step": resume });
+        "resumed_from_step": resumed_at });
     let path = out_dir.display().to_string();
     let losses = serde_json::Value::Array(losses);
     let cand = store::NewCandidate {
