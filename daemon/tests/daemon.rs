@@ -422,6 +422,7 @@ fn serve_refuses_an_invalid_configuration_naming_the_key_and_checks_a_good_one()
         ("[daemon]\nroles = []\n", None, "daemon.roles is empty"),
         ("[model]\ndevices = [\"cuda:0\", \"cuda:0\"]\n", None, "model.devices: device cuda:0 is named twice"),
         ("", Some(("RLAIFD__MODEL__DEVICES", "auto,cpu")), "model.devices: \"auto\" goes alone"),
+        ("", Some(("RLAIFD__MODEL__DEVICES", &["cpu"; 17].join(","))), "model.devices: 17 devices named: at most 16"),
         ("", Some(("RLAIFD__DAEMON__ROLES", "sample,sample")), "daemon.roles names \"sample\" twice"),
         ("", Some(("RLAIFD__SERVER__BIND", "0.0.0.0:8080")), "server.token"),
         ("[log\n", None, "not valid TOML"),

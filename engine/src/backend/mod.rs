@@ -177,6 +177,9 @@ impl std::fmt::Display for Placement {
 /// Opens the backend `spec` names for `model`. Returns it and a line saying what was chosen and, for `auto`
 /// without a usable GPU, why not. An explicit `cuda[:N]` that cannot be used is an error naming the reason and the
 /// way out.
+/// The most devices one process drives (`expand_devices`): each holds a copy of the model.
+pub const MAX_DEVICES: usize = 16;
+
 /// The devices `model.devices` names, one engine each: "auto" (every CUDA device the driver reports, else the
 /// CPU), "all" (every CUDA device; none is an error), or a list of device names ("cuda:0", "cuda:3", "cpu"; "cpu"
 /// may repeat: one CPU engine thread each). A device named twice (other than "cpu") is refused, as is an empty list.
@@ -193,6 +196,9 @@ pub fn expand_devices(names: &[String]) -> std::result::Result<Vec<DeviceSpec>, 
                 )),
                 (n, _) => Ok((0..n).map(DeviceSpec::Cuda).collect()),
             }
+        }
+        list if list.len() > MAX_DEVICES => {
+            Err(format!("{} devices named: at most {MAX_DEVICES} (each loads its own copy of the model)", list.len()))
         }
         list => {
             let mut out: Vec<DeviceSpec> = Vec::with_capacity(list.len());
@@ -258,6 +264,7 @@ mod tests {
         assert!(expand_devices(&names(&["cuda:1", "cuda:1"])).unwrap_err().contains("cuda:1 is named twice"));
         assert!(expand_devices(&names(&["auto", "cpu"])).unwrap_err().contains("goes alone"));
         assert!(expand_devices(&[]).unwrap_err().contains("no devices"));
+        assert!(expand_devices(&vec!["cpu".to_string(); MAX_DEVICES + 1]).unwrap_err().contains("at most 16"));
         // "auto" is every GPU the driver reports, else the CPU (through the usual fallback).
         let auto = expand_devices(&names(&["auto"])).unwrap();
         match crate::cuda::device_count() {
