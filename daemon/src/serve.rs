@@ -135,6 +135,16 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    /// The other GPU engines of this daemon, the data-parallel trainer's ranks beside `engine` (none when the first
+    /// engine is not a GPU).
+    pub fn gpu_peers(&self) -> Vec<Arc<Engine>> {
+        let gpu = |e: &Engine| matches!(e.device_spec(), engine::backend::DeviceSpec::Cuda(_));
+        if !gpu(&self.engine) {
+            return Vec::new();
+        }
+        self.engines.iter().skip(1).filter(|e| gpu(e)).cloned().collect()
+    }
+
     pub fn config(&self) -> Config {
         self.cfg.read().map(|c| c.clone()).unwrap_or_else(|p| p.into_inner().clone())
     }

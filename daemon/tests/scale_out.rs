@@ -9,6 +9,8 @@
 //!   empty state directory, and a fourth (serve role only) started later, too. While the database's copy is damaged
 //!   the fourth keeps serving what it has and the checkpoint stays promoted; repaired, it swaps it in.
 //! - PostgreSQL restarted mid-iteration under two daemons: nothing is lost or duplicated and the iteration finishes.
+//! - One daemon drives two engines (two CPU threads here; on cuemu, two emulated GPUs that also train the iteration
+//!   data-parallel over NCCL's stand-in: `scripts/emu-check` runs the `*on_the_gpu` test).
 
 mod common;
 
@@ -362,6 +364,66 @@ async fn one_daemon_drives_two_engines_and_spreads_jobs_and_requests_over_them()
     println!("chat requests per engine: {taken:?}");
     assert_eq!(taken.iter().sum::<u64>(), 6);
     assert!(taken.iter().all(|&n| n > 0), "concurrent requests went to both engines: {taken:?}");
+    drop(d);
+    db.drop_db().await;
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// `model.devices = "all"` on a host with two GPUs: an engine per device, sample and label jobs on both, training
+/// data-parallel over both (the run's config records 2 devices), the candidate gated and served, chat answered.
+/// Runs on cuemu under `scripts/emu-check` (CUEMU_DEVICES=2); elsewhere without two GPUs it prints why and passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_on_two_gpus_trains_data_parallel_on_the_gpu() {
+    let n = engine::cuda::device_count();
+    if n < 2 {
+        println!("SKIPPED: no GPU: two CUDA devices needed, {n} usable here");
+        return;
+    }
+    if let Err(why) = engine::cuda::nccl::nccl_status() {
+        println!("SKIPPED: no GPU: {why}");
+        return;
+    }
+    let root = std::env::temp_dir().join(format!("rlaifd-scale-gpu-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let db = common::fresh("scale_gpu").await;
+    let pool = &db.pool;
+    let dir = root.join("gpus");
+    // 2 prompts x 4 answers, 4 held-out images: small, because cuemu runs every CUDA thread on the CPU.
+    let text = config(&dir, &db.url, ALL, 2)
+        .replace("[model]\n", "[model]\ndevices = \"all\"\n")
+        .replace("eval_count = 4", "eval_count = 2")
+        .replace("max_new_tokens = 24", "max_new_tokens = 12")
+        .replace(
+            &dir.join("control.sock").display().to_string(),
+            &dir.join("state/control.sock").display().to_string(),
+        );
+    let d = Daemon::launch(&dir, &text, &[]);
+    let (status, body) = d.http("GET", "/healthz", "application/json", b"");
+    assert_eq!(status, 200, "{body}");
+    let health: Value = serde_json::from_str(&body).unwrap();
+    let names: Vec<String> =
+        health["devices"].as_array().unwrap().iter().map(|x| x["worker"].as_str().unwrap().to_string()).collect();
+    println!("engines: {names:?}");
+    assert_eq!(names.len(), 2, "{body}");
+    assert!(names[0].ends_with(":cuda:0") && names[1].ends_with(":cuda:1"), "{names:?}");
+    assert_eq!(d.ctl(json!({ "cmd": "iterate" }))["ok"], true);
+    wait_for(pool, "SELECT count(*) FROM iterations WHERE stage = 'done'", 1, 1500, &[&d]).await;
+    let by: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT worker, count(*) FROM jobs WHERE kind IN ('sample', 'label') AND status = 'done' GROUP BY worker ORDER BY worker",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    println!("sample+label jobs per device: {by:?}");
+    assert_eq!(by.iter().map(|(w, _)| w.clone()).collect::<Vec<_>>(), names, "both devices took jobs");
+    let devices = scalar(pool, "SELECT (config->>'devices')::bigint FROM training_runs").await;
+    assert_eq!(devices, 2, "the run trained on {devices} device(s):\n{}", d.log());
+    assert!(d.log().contains("training data-parallel on 2 GPUs"), "{}", d.log());
+    let promoted = scalar(pool, "SELECT id FROM checkpoints WHERE status = 'promoted'").await;
+    wait_served(&d, promoted, 120);
+    let body = common::daemon::chat_request("Describe the image.", None, json!({ "max_tokens": 4 }));
+    let (status, answer) = d.http("POST", "/v1/chat/completions", "application/json", &body);
+    assert_eq!(status, 200, "{answer}");
     drop(d);
     db.drop_db().await;
     let _ = std::fs::remove_dir_all(&root);

@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 /// One module's low-rank delta: ΔW = scale · B · A.
+#[derive(Clone)]
 pub struct LoraPair {
     pub r: usize,
     pub scale: f32,
@@ -62,6 +63,7 @@ pub struct Adapter {
 }
 
 /// A whole parameter stored in an adapter (peft `modules_to_save`).
+#[derive(Clone)]
 pub struct SavedParam {
     /// Its key in adapter_model.safetensors.
     pub key: String,
@@ -70,6 +72,22 @@ pub struct SavedParam {
 }
 
 const NO_DROPOUT: u64 = u64::MAX;
+
+/// A copy (the data-parallel trainer's ranks each train one; the dropout seed is copied as it stands).
+impl Clone for Adapter {
+    fn clone(&self) -> Adapter {
+        Adapter {
+            path: self.path.clone(),
+            config: self.config.clone(),
+            lora_dropout: self.lora_dropout,
+            dropout_seed: std::sync::atomic::AtomicU64::new(
+                self.dropout_seed.load(std::sync::atomic::Ordering::Relaxed),
+            ),
+            modules: self.modules.clone(),
+            saved: self.saved.clone(),
+        }
+    }
+}
 
 pub use crate::family::ModelFamily;
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds cuemu (CUDA emulated on the CPU, for tests; see tools/cuemu/README.md) into target/cuemu:
 # libcuemu.so with every kernel of kernels/*.cu compiled as C++, and the names cudarc loads (libcuda.so,
-# libnvrtc.so, libcublasLt.so) as links to it, then runs cuemu's own tests (selftest.cpp). Rebuilds only what
+# libnvrtc.so, libcublasLt.so, libnccl.so) as links to it, then runs cuemu's own tests (selftest.cpp). Rebuilds only what
 # changed. Needs g++ (12 or later: _Float16).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -55,7 +55,7 @@ for cu in "$root"/kernels/*.cu; do
     objs+=("$out/obj/$base.o")
 done
 flags+=(-I "$src")
-for f in driver blas_nvrtc; do
+for f in driver blas_nvrtc nccl; do
     compile "$src/$f.cpp" "$out/obj/$f.o"
     objs+=("$out/obj/$f.o")
 done
@@ -81,7 +81,7 @@ if [[ "$src/selftest.cpp" -nt "$out/selftest" || "$lib" -nt "$out/selftest" ]]; 
     "$CXX" "$out/obj/selftest.o" -o "$out/selftest" -L "$out" -lcuemu -lcuemu_rt -Wl,-rpath,"$out"
 fi
 env -u CUEMU_CHECK "$out/selftest"  # the checker is tested too, whatever CUEMU_CHECK says
-for name in libcuda.so libnvrtc.so libcublasLt.so; do
+for name in libcuda.so libnvrtc.so libcublasLt.so libnccl.so libnccl.so.2; do
     ln -sf libcuemu.so "$out/$name"
 done
 echo "cuemu: $lib ($(grep -h '^CUEMU_KERNEL' "$out"/gen/*.cpp | wc -l) kernels)"

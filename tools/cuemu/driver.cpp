@@ -29,6 +29,21 @@ std::recursive_mutex& lock() {
     return m;
 }
 
+int device_count() {
+    static const int n = [] {
+        const char* e = std::getenv("CUEMU_DEVICES");
+        if (!e || !*e) return 1;
+        char* end = nullptr;
+        const long v = std::strtol(e, &end, 10);
+        if (*end || v < 1 || v > MAX_DEVICES) {
+            std::fprintf(stderr, "cuemu: CUEMU_DEVICES=%s is not a device count from 1 to %d; using 1\n", e, MAX_DEVICES);
+            return 1;
+        }
+        return int(v);
+    }();
+    return n;
+}
+
 namespace {
 
 struct Graph {
@@ -52,8 +67,10 @@ std::map<uintptr_t, size_t>& allocations() {
     return a;
 }
 size_t used_now = 0, used_high = 0;
+// The current context of this thread: 1 + the device's ordinal, 0 for none. Each device's primary context is the
+// address of its slot in ctx_tokens.
 thread_local int current_ctx = 0;
-int ctx_token = 1;
+int ctx_tokens[MAX_DEVICES];
 Stream default_stream;
 thread_local std::string last_launch_error;
 
@@ -200,6 +217,8 @@ int submit(void* stream, Call op) {
     return CUDA_SUCCESS;
 }
 
+int current_device() { return current_ctx ? current_ctx - 1 : 0; }
+
 }  // namespace cuemu
 
 using namespace cuemu;
@@ -214,12 +233,12 @@ int cuDriverGetVersion(int* v) {
     return CUDA_SUCCESS;
 }
 int cuDeviceGetCount(int* n) {
-    *n = 1;
+    *n = device_count();
     return CUDA_SUCCESS;
 }
 int cuDeviceGet(int* dev, int ordinal) {
-    if (ordinal != 0) return CUDA_ERROR_INVALID_DEVICE;
-    *dev = 0;
+    if (ordinal < 0 || ordinal >= device_count()) return CUDA_ERROR_INVALID_DEVICE;
+    *dev = ordinal;
     return CUDA_SUCCESS;
 }
 int cuDeviceGetName(char* name, int len, int) {
@@ -244,17 +263,29 @@ int cuDeviceGetAttribute(int* v, int attr, int) {
     }
     return CUDA_SUCCESS;
 }
-int cuDevicePrimaryCtxRetain(void** ctx, int) {
-    *ctx = &ctx_token;
+int cuDevicePrimaryCtxRetain(void** ctx, int dev) {
+    if (dev < 0 || dev >= device_count()) return CUDA_ERROR_INVALID_DEVICE;
+    *ctx = &ctx_tokens[dev];
     return CUDA_SUCCESS;
 }
 int cuDevicePrimaryCtxRelease_v2(int) { return CUDA_SUCCESS; }
 int cuCtxGetCurrent(void** ctx) {
-    *ctx = current_ctx ? &ctx_token : nullptr;
+    *ctx = current_ctx ? &ctx_tokens[current_ctx - 1] : nullptr;
     return CUDA_SUCCESS;
 }
 int cuCtxSetCurrent(void* ctx) {
-    current_ctx = ctx ? 1 : 0;
+    if (!ctx) {
+        current_ctx = 0;
+        return CUDA_SUCCESS;
+    }
+    const int* t = static_cast<const int*>(ctx);
+    if (t < ctx_tokens || t >= ctx_tokens + device_count()) return CUDA_ERROR_INVALID_VALUE;
+    current_ctx = int(t - ctx_tokens) + 1;
+    return CUDA_SUCCESS;
+}
+int cuCtxGetDevice(int* dev) {
+    if (!current_ctx) return CUDA_ERROR_INVALID_VALUE;
+    *dev = current_ctx - 1;
     return CUDA_SUCCESS;
 }
 int cuCtxSynchronize() { return CUDA_SUCCESS; }

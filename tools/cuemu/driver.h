@@ -19,6 +19,12 @@ enum {
 };
 
 namespace cuemu {
+// Devices cuemu can report: CUEMU_DEVICES of them (default 1). They share the host's memory; each has its own
+// primary context, so code that keeps one context per device (cudarc, NCCL ranks) sees distinct devices.
+constexpr int MAX_DEVICES = 16;
+int device_count();
+// The device of the calling thread's current context (0 without one).
+int current_device();
 // The lock of the memory bookkeeping (allocations, the pool statistics).
 std::recursive_mutex& lock();
 // Runs `op` on `stream` now, or records it while the stream captures a graph; a failed launch returns

@@ -2,6 +2,8 @@
 // tools/cuemu/build.sh after every build; exits non-zero on the first failure.
 #include <unistd.h>
 
+#include <thread>
+
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -15,6 +17,17 @@ extern "C" {
 int cuMemAlloc_v2(uint64_t* p, size_t n);
 int cuMemFree_v2(uint64_t p);
 int cuMemcpyHtoD_v2(uint64_t dst, const void* src, size_t n);
+int cuMemcpyDtoH_v2(void* dst, uint64_t src, size_t n);
+struct NcclId {
+    char internal[128];
+};
+int ncclGetUniqueId(NcclId* id);
+int ncclCommInitRank(void** comm, int nranks, NcclId id, int rank);
+int ncclCommInitAll(void** comms, int ndev, const int* devlist);
+int ncclAllReduce(const void* send, void* recv, size_t count, int type, int op, void* comm, void* stream);
+int ncclGroupStart();
+int ncclGroupEnd();
+int ncclCommDestroy(void* comm);
 int cublasLtMatmulDescCreate(void** d, int compute, int scale);
 int cublasLtMatmulDescDestroy(void* d);
 int cublasLtMatrixLayoutCreate(void** l, int type, uint64_t rows, uint64_t cols, int64_t ld);
@@ -233,6 +246,54 @@ int cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, 
 
 // Launches checked against a resource table (as scripts/check-kernels writes it): a made-up row for gelu_f16 of
 // 100 registers and __launch_bounds__(512) on sm_90.
+// The NCCL stand-in (nccl.cpp): two ranks as threads sum in place (both get the same bytes), the same through one
+// thread's group, and ranks that disagree on a collective fail it instead of hanging.
+static void nccl() {
+    const size_t n = 1000;
+    uint64_t buf[2];
+    for (int r = 0; r < 2; r++) {
+        std::vector<float> x(n);
+        for (size_t i = 0; i < n; i++) x[i] = float(r + 1) * 0.5f + float(i);
+        cuMemAlloc_v2(&buf[r], n * 4);
+        cuMemcpyHtoD_v2(buf[r], x.data(), n * 4);
+    }
+    NcclId id;
+    ncclGetUniqueId(&id);
+    int rc[2] = {-1, -1};
+    auto rank = [&](int r) {
+        void* comm = nullptr;
+        rc[r] = ncclCommInitRank(&comm, 2, id, r);
+        if (rc[r] == 0) rc[r] = ncclAllReduce(reinterpret_cast<void*>(buf[r]), reinterpret_cast<void*>(buf[r]), n, 7, 0, comm, nullptr);
+        ncclCommDestroy(comm);
+    };
+    std::thread t1(rank, 1);
+    rank(0);
+    t1.join();
+    EXPECT(rc[0] == 0 && rc[1] == 0, "nccl: all-reduce between threads: %d %d", rc[0], rc[1]);
+    for (int r = 0; r < 2; r++) {
+        std::vector<float> y(n);
+        cuMemcpyDtoH_v2(y.data(), buf[r], n * 4);
+        for (size_t i = 0; i < n; i += 97) EXPECT(y[i] == 1.5f + 2.0f * float(i), "nccl: rank %d element %zu: %f", r, i, y[i]);
+    }
+    void* comms[2];
+    int devs[2] = {0, 0};
+    EXPECT(ncclCommInitAll(comms, 2, devs) == 0, "nccl: ncclCommInitAll");
+    ncclGroupStart();
+    for (int r = 0; r < 2; r++) ncclAllReduce(reinterpret_cast<void*>(buf[r]), reinterpret_cast<void*>(buf[r]), n, 7, 0, comms[r], nullptr);
+    EXPECT(ncclGroupEnd() == 0, "nccl: a group of both ranks in one thread");
+    std::vector<float> y(n);
+    cuMemcpyDtoH_v2(y.data(), buf[1], n * 4);
+    EXPECT(y[3] == 2.0f * (1.5f + 6.0f), "nccl: the grouped sum: %f", y[3]);
+    ncclGroupStart();
+    ncclAllReduce(reinterpret_cast<void*>(buf[0]), reinterpret_cast<void*>(buf[0]), n, 7, 0, comms[0], nullptr);
+    ncclAllReduce(reinterpret_cast<void*>(buf[1]), reinterpret_cast<void*>(buf[1]), n - 1, 7, 0, comms[1], nullptr);
+    EXPECT(ncclGroupEnd() != 0, "nccl: ranks with different counts were not refused");
+    EXPECT(ncclAllReduce(reinterpret_cast<void*>(buf[0]), reinterpret_cast<void*>(buf[0]), n + 1, 7, 0, comms[0], nullptr) != 0,
+           "nccl: a count past the buffer was not refused");
+    for (auto c : comms) ncclCommDestroy(c);
+    for (auto b : buf) cuMemFree_v2(b);
+}
+
 static void launch_limits() {
     const std::string name = "/tmp/cuemu-selftest-resources-" + std::to_string(getpid()) + ".tsv";
     const char* table = name.c_str();
@@ -362,6 +423,7 @@ int main() {
     cuemu::register_kernel_module(reinterpret_cast<const void*>(&checker));  // this program's `__shared__` arrays
     checker();
     launch_limits();
+    nccl();
     {
         std::vector<int> out(64 * 8, -7);
         int* p = out.data();
@@ -441,6 +503,6 @@ int main() {
         std::fprintf(stderr, "cuemu selftest: %d failures\n", failures);
         return 1;
     }
-    std::printf("cuemu selftest: shuffles, block sums, early exits, deadlock detection, mma.sync, fp16 rounding and the checker (races, bounds) pass\n");
+    std::printf("cuemu selftest: shuffles, block sums, early exits, deadlock detection, mma.sync, fp16 rounding, the NCCL stand-in and the checker (races, bounds) pass\n");
     return 0;
 }

@@ -81,7 +81,8 @@ async fn trainer_step(d: &Arc<Daemon>, cfg: &Config) -> Result<bool> {
         Stage::Training => {
             let n = it.number;
             let span = tracing::info_span!("train", iteration = n);
-            rlaif::train_job(pool, &d.engine, &cfg.loop_, &d.owner, &d.worker, move |s, t, loss| {
+            let peers = if cfg.loop_.data_parallel { d.gpu_peers() } else { Vec::new() };
+            rlaif::train_job(pool, &d.engine, &peers, &cfg.loop_, &d.owner, &d.worker, move |s, t, loss| {
                 if s == t || s % 10 == 0 {
                     info!(iteration = n, step = s, steps = t, loss, "training");
                 }

@@ -265,8 +265,9 @@ pub struct TrainDpoArgs {
     /// Stop after this many optimizer steps in total (the schedule still spans all epochs); for resumable runs.
     #[arg(long)]
     stop_after: Option<usize>,
-    /// Where the model math runs: auto (a CUDA GPU when usable), cpu, cuda or cuda:N. A run saved on one device
-    /// resumes on either.
+    /// Where the model math runs: auto (a CUDA GPU when usable), cpu, cuda or cuda:N; or several GPUs, e.g.
+    /// cuda:0,cuda:1, to train data-parallel (each step's batch dealt out over them, the gradients summed with
+    /// NCCL; the same run as one GPU with the same --batch-size). A run saved on one device resumes on any.
     #[arg(long, default_value = "auto")]
     device: String,
 }
@@ -377,14 +378,27 @@ pub fn cmd_train_dpo(a: TrainDpoArgs) -> Result<()> {
     use engine::adapter::LoraSpec;
     use engine::train::dpo::{DpoConfig, DpoLoss};
     use engine::train::optim::AdamW;
-    use engine::train::trainer::{precompute_references, steps_per_epoch, train_dpo, TrainConfig};
+    use engine::train::parallel::train_dpo_parallel;
+    use engine::train::trainer::{precompute_references, steps_per_epoch, TrainConfig};
     use std::io::IsTerminal;
 
-    let device = parse_device(&a.device)?;
-    let mut model = Model::load(&a.model).with_context(|| format!("loading model {}", a.model.display()))?;
-    model.llm.recompute_cheap = a.opt.recompute;
-    put_on_device(&mut model, device, "training")?;
-    let model = model;
+    let devices: Vec<engine::backend::DeviceSpec> =
+        a.device.split(',').map(|d| parse_device(d.trim())).collect::<Result<_>>()?;
+    if devices.len() > 1 && !devices.iter().all(|d| matches!(d, engine::backend::DeviceSpec::Cuda(_))) {
+        bail!("--device {}: data-parallel training takes GPUs only, named cuda:N (e.g. cuda:0,cuda:1)", a.device);
+    }
+    if devices.len() > engine::backend::MAX_DEVICES {
+        bail!("--device: at most {} devices", engine::backend::MAX_DEVICES);
+    }
+    let load = |device| -> Result<Model> {
+        let mut model = Model::load(&a.model).with_context(|| format!("loading model {}", a.model.display()))?;
+        model.llm.recompute_cheap = a.opt.recompute;
+        put_on_device(&mut model, device, "training")?;
+        Ok(model)
+    };
+    let model = load(devices[0])?;
+    // The other ranks of a data-parallel run: a copy of the model on each further GPU.
+    let ranks: Vec<Model> = devices[1..].iter().map(|&d| load(d)).collect::<Result<_>>()?;
     let loss = match a.loss.as_str() {
         "sigmoid" => DpoLoss::Sigmoid,
         "ipo" => DpoLoss::Ipo,
@@ -474,7 +488,8 @@ pub fn cmd_train_dpo(a: TrainDpoArgs) -> Result<()> {
     // Train in chunks between checkpoints so a crash loses at most `save_every` steps.
     while opt.step < end {
         let chunk_end = if a.save_every > 0 { (opt.step + a.save_every).min(end) } else { end };
-        train_dpo(&model, &mut adapter, &token_pairs, &refs, &train_cfg, &mut opt, Some(chunk_end), |log| {
+        let models: Vec<&Model> = std::iter::once(&model).chain(&ranks).collect();
+        train_dpo_parallel(&models, &mut adapter, &token_pairs, &refs, &train_cfg, &mut opt, Some(chunk_end), |log| {
             println!("{}", serde_json::to_string(log).unwrap_or_default());
             let msg = format!(
                 "step {}/{} loss {:.4} acc {:.2} margin {:.4} lr {:.2e} {:.1} pairs/s",

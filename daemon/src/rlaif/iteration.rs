@@ -144,7 +144,7 @@ pub async fn run_iteration(
         match now.stage {
             store::Stage::Training => {
                 let p = progress.clone();
-                if !train_job(pool, engine, cfg, owner, owner, move |s, t, _| p(Stage::Train, s, t)).await? {
+                if !train_job(pool, engine, &[], cfg, owner, owner, move |s, t, _| p(Stage::Train, s, t)).await? {
                     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
                 }
             }

@@ -72,6 +72,9 @@ pub struct LoopConfig {
     /// Training saves its state (adapter, optimizer moments) to the database every this many steps, so a daemon
     /// that takes over the train job of a dead one resumes from there; 0: only the finished candidate is saved.
     pub save_every: usize,
+    /// With several GPUs (`model.devices`), DPO trains on all of them, data-parallel (each step's batch dealt out
+    /// over the devices, the LoRA gradients summed with NCCL); false: on the first device only.
+    pub data_parallel: bool,
 }
 
 impl Default for LoopConfig {
@@ -102,6 +105,7 @@ impl Default for LoopConfig {
             lease_s: 600.0,
             max_attempts: 3,
             save_every: 20,
+            data_parallel: true,
         }
     }
 }

@@ -11,6 +11,7 @@ use engine::image::PixelValues;
 use engine::tokenizer::LLAVA_15_TEMPLATE;
 use engine::train::dpo::{DpoConfig, TokenPair};
 use engine::train::optim::{AdamW, AdamWConfig};
+use engine::train::parallel::train_dpo_parallel;
 use engine::train::trainer::{steps_per_epoch, train_dpo, TrainConfig};
 use engine::weights::f32_safetensors_bytes;
 use sqlx::PgPool;
@@ -66,10 +67,13 @@ impl std::error::Error for Diverged {}
 /// (or a fresh LoRA on the base), in chunks of `save_every` steps, each chunk's state saved to the database
 /// under `lease`; resumes from the last saved state when one exists (a previous holder of the job died). The
 /// adapter is saved under the state directory and recorded, with its files, as the iteration's candidate.
-/// Idempotent. Ok(None): the lease was lost to another daemon, which carries the run on.
+/// Idempotent. Ok(None): the lease was lost to another daemon, which carries the run on. With `peers` (this
+/// daemon's other GPU engines, `loop.data_parallel`) each chunk trains data-parallel over `engine` and them.
+#[allow(clippy::too_many_arguments)]
 pub async fn run_training(
     pool: &PgPool,
     engine: &Arc<Engine>,
+    peers: &[Arc<Engine>],
     cfg: &LoopConfig,
     it: &IterationRow,
     lease: Option<&TrainLease>,
@@ -152,7 +156,7 @@ pub async fn run_training(
     let keeper = lease.map(|l| {
         super::AbortOnDrop(tokio::spawn(keep_lease(pool.clone(), l.clone(), it.id, cfg.lease_s, save_rx, lost.clone())))
     });
-    let (e, c) = (engine.clone(), cfg.clone());
+    let (e, c, peers) = (engine.clone(), cfg.clone(), peers.to_vec());
     let (dir, rdir, ids_for_state, lost_in) = (out_dir.clone(), run_dir.clone(), pair_ids.clone(), lost.clone());
     let saving = lease.is_some() && cfg.save_every > 0;
     let first_attempt = lease.is_some_and(|l| l.attempt == 1);
@@ -197,17 +201,43 @@ pub async fn run_training(
                 }
             },
         };
+        // Data-parallel over this daemon's GPUs when every one of them can train the adapter.
+        let mut models: Vec<&engine::Model> = vec![&e.model];
+        models.extend(peers.iter().map(|p| &p.model));
+        let refused = models.iter().map(|m| m.training_placement("DPO", &adapter)).find(|p| !p.on_device());
+        if models.len() > 1 {
+            match refused {
+                None => info!(devices = models.len(), "training data-parallel on {} GPUs", models.len()),
+                Some(p) => {
+                    warn!(placement = %p, "not every GPU can train this adapter: training on the first device only");
+                    models.truncate(1);
+                }
+            }
+        }
+        // The GPU trainer holds its device for a whole chunk: work queued for it (a chat request) would wait on
+        // the device's lock inside this thread, so requests are served between chunks instead.
+        let on_device = e.model.training_placement("DPO", &adapter).on_device();
         while opt.step < total {
             if lost_in.load(Ordering::SeqCst) {
                 return Ok(None);
             }
             let chunk_end = if saving { (opt.step + c.save_every).min(total) } else { total };
-            train_dpo(&e.model, &mut adapter, &tp, &refs, &tcfg, &mut opt, Some(chunk_end), |log| {
+            let on_step = |log: &engine::train::trainer::StepLog| {
                 losses.push(serde_json::json!({ "step": log.step, "loss": log.loss, "reward_accuracy": log.reward_accuracy, "reward_margin": log.reward_margin }));
                 progress(log.step, log.total_steps, log.loss);
                 // Training runs in slices: serving requests queued meanwhile run between optimizer steps.
+                if !on_device {
+                    slice.yield_to_urgent();
+                }
+            };
+            if models.len() > 1 {
+                train_dpo_parallel(&models, &mut adapter, &tp, &refs, &tcfg, &mut opt, Some(chunk_end), on_step)?;
+            } else {
+                train_dpo(&e.model, &mut adapter, &tp, &refs, &tcfg, &mut opt, Some(chunk_end), on_step)?;
+            }
+            if on_device {
                 slice.yield_to_urgent();
-            })?;
+            }
             if losses.iter().any(|l| !l["loss"].as_f64().is_some_and(f64::is_finite)) {
                 return Err(anyhow::Error::new(Diverged("training diverged (non-finite loss); candidate discarded".into())));
             }
@@ -227,11 +257,11 @@ pub async fn run_training(
             std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove stale {}", dir.display()))?;
         }
         adapter.save(&dir, &e.model.dir, &[])?;
-        Ok(Some((total, losses, resumed_at)))
+        Ok(Some((total, losses, resumed_at, models.len())))
     })
     .await;
     drop(keeper);
-    let Some((steps, losses, resumed_at)) = result? else {
+    let Some((steps, losses, resumed_at, devices)) = result? else {
         warn!(iteration = it.number, "lost the train job's lease: another daemon carries the run on");
         return Ok(None);
     };
@@ -240,7 +270,7 @@ pub async fn run_training(
     let files = super::dir_files(&out_dir)?;
     let train_cfg = serde_json::json!({ "beta": cfg.beta, "nll_weight": cfg.nll_weight, "lr": cfg.lr, "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lora_r": cfg.lora_r,
         "lora_alpha": cfg.lora_alpha, "reference": cfg.reference, "length_balance_r": if cfg.length_balance { Some(balance.r) } else { None }, "pairs_total": pairs.len(),
-        "resumed_from_step": resumed_at });
+        "resumed_from_step": resumed_at, "devices": devices });
     let path = out_dir.display().to_string();
     let losses = serde_json::Value::Array(losses);
     let cand = store::NewCandidate {
@@ -294,9 +324,11 @@ async fn keep_lease(
 /// Runs the iteration's train job if this daemon can claim it: trains (or resumes) the candidate under the job's
 /// lease. A failure returns the job to the queue for any daemon to retry; after `max_attempts` (at once for a
 /// diverged run) the job and the iteration are marked failed. Returns whether a job was claimed.
+#[allow(clippy::too_many_arguments)]
 pub async fn train_job(
     pool: &PgPool,
     engine: &Arc<Engine>,
+    peers: &[Arc<Engine>],
     cfg: &LoopConfig,
     owner: &str,
     worker: &str,
@@ -315,7 +347,7 @@ pub async fn train_job(
         info!(iteration = it.number, attempt = job.attempts, "taking over the iteration's training");
     }
     let lease = TrainLease { job: job.id, owner: owner.to_string(), worker: worker.to_string(), attempt: job.attempts };
-    match run_training(pool, engine, cfg, &it, Some(&lease), progress).await {
+    match run_training(pool, engine, peers, cfg, &it, Some(&lease), progress).await {
         Ok(_) => Ok(true),
         Err(e) => {
             let reason = format!("{e:#}");

@@ -447,6 +447,40 @@ impl Backend for CudaBackend {
             )
         })
     }
+    fn train_dpo_rank(
+        &self,
+        model: &Model,
+        adapter: &mut Adapter,
+        pairs: &[TokenPair],
+        refs: &[(f64, f64)],
+        cfg: &TrainConfig,
+        opt: &mut AdamW,
+        stop_after: Option<usize>,
+        rank: &crate::train::parallel::Rank,
+        on_step: &mut dyn FnMut(&StepLog),
+    ) -> Result<()> {
+        let r = self.train_on_gpu(model, adapter, |st, adapter, features| {
+            crate::cuda_train::train_dpo_gpu_rank(
+                &st.gpu,
+                &st.llama,
+                model,
+                adapter,
+                pairs,
+                refs,
+                cfg,
+                opt,
+                stop_after,
+                st.vision.as_ref(),
+                features,
+                on_step,
+                Some(rank),
+            )
+        });
+        if let Err(e) = &r {
+            rank.meeting.abandon(rank.rank, &e.to_string());
+        }
+        r
+    }
     fn train_sft(
         &self,
         model: &Model,

@@ -132,6 +132,25 @@ pub trait Backend: Send + Sync {
     ) -> Result<()> {
         Err(EngineError::Device(format!("{} has no device trainer", self.device())))
     }
+    /// One rank of `train::parallel::train_dpo_parallel` on this backend's device: `train_dpo` over the rank's
+    /// share of every batch, the gradients summed with the other ranks' before each optimizer step.
+    #[allow(clippy::too_many_arguments)]
+    fn train_dpo_rank(
+        &self,
+        _model: &Model,
+        _adapter: &mut Adapter,
+        _pairs: &[TokenPair],
+        _refs: &[(f64, f64)],
+        _cfg: &TrainConfig,
+        _opt: &mut AdamW,
+        _stop_after: Option<usize>,
+        rank: &crate::train::parallel::Rank,
+        _on_step: &mut dyn FnMut(&StepLog),
+    ) -> Result<()> {
+        let why = format!("{} cannot be a data-parallel rank (GPUs only)", self.device());
+        rank.meeting.abandon(rank.rank, &why);
+        Err(EngineError::Device(why))
+    }
     /// `train::sft::train_sft` of a LoRA adapter on this backend's device, for a run `training_placement` put
     /// there.
     #[allow(clippy::too_many_arguments)]

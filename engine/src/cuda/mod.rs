@@ -33,6 +33,7 @@ mod embedding;
 mod gemv;
 mod logprob;
 mod lora;
+pub mod nccl;
 mod norm;
 mod optim;
 mod rope;

@@ -94,6 +94,29 @@ pub fn train_dpo_gpu(
     features: &mut dyn FnMut(&crate::image::PixelValues) -> Result<Vec<f32>>,
     on_step: &mut dyn FnMut(&crate::train::trainer::StepLog),
 ) -> Result<u64> {
+    train_dpo_gpu_rank(gpu, gmodel, model, adapter, pairs, refs, cfg, opt, stop_after, vision, features, on_step, None)
+}
+
+/// `train_dpo_gpu` as one rank of a data-parallel run (`crate::train::parallel`; None: the only one): the rank's
+/// share of each batch (`Rank::share`, weighted by 1 / the whole batch's size) through the passes, the
+/// accumulated gradients summed over the ranks with NCCL before each optimizer step, the step's metrics summed
+/// over the ranks on the host.
+#[allow(clippy::too_many_arguments)]
+pub fn train_dpo_gpu_rank(
+    gpu: &Gpu,
+    gmodel: &GpuLlama,
+    model: &crate::llava::Model,
+    adapter: &mut Adapter,
+    pairs: &[crate::train::dpo::TokenPair],
+    refs: &[(f64, f64)],
+    cfg: &crate::train::trainer::TrainConfig,
+    opt: &mut crate::train::optim::AdamW,
+    stop_after: Option<usize>,
+    vision: Option<&crate::cuda_clip::GpuVision>,
+    features: &mut dyn FnMut(&crate::image::PixelValues) -> Result<Vec<f32>>,
+    on_step: &mut dyn FnMut(&crate::train::trainer::StepLog),
+    rank: Option<&crate::train::parallel::Rank>,
+) -> Result<u64> {
     if pairs.len() != refs.len() {
         return Err(err(format!("{} pairs but {} reference log-prob pairs", pairs.len(), refs.len())));
     }
@@ -103,16 +126,32 @@ pub fn train_dpo_gpu(
                       step: usize|
      -> Result<crate::train::trainer::StepMetrics> {
         let weight = 1.0 / batch.len() as f64;
-        let mut m = crate::train::trainer::StepMetrics::default();
-        for &i in batch {
-            let p = &pairs[i];
-            // Dropout seeds as the CPU trainer draws them (train::trainer::train_dpo): per step and pair.
-            let seed = (gl.dropout > 0.0).then(|| crate::train::trainer::dropout_seed(cfg.seed, step, i));
-            let fixed = if gl.trains_image_path() { None } else { feats.get(p.pixels, features)? };
-            let (l, lp) = gl.pair_gradients(gpu, gmodel, model, vision, p, fixed, refs[i], &cfg.dpo, weight, seed)?;
-            m.add(cfg.dpo.beta, l, &lp, weight);
+        let mine = match rank {
+            Some(r) => r.share(batch),
+            None => batch.to_vec(),
+        };
+        let mut pass = || -> Result<crate::train::trainer::StepMetrics> {
+            let mut m = crate::train::trainer::StepMetrics::default();
+            for &i in &mine {
+                let p = &pairs[i];
+                // Dropout seeds as the CPU trainer draws them (train::trainer::train_dpo): per step and pair.
+                let seed = (gl.dropout > 0.0).then(|| crate::train::trainer::dropout_seed(cfg.seed, step, i));
+                let fixed = if gl.trains_image_path() { None } else { feats.get(p.pixels, features)? };
+                let (l, lp) =
+                    gl.pair_gradients(gpu, gmodel, model, vision, p, fixed, refs[i], &cfg.dpo, weight, seed)?;
+                m.add(cfg.dpo.beta, l, &lp, weight);
+            }
+            Ok(m)
+        };
+        let m = pass();
+        match rank {
+            None => m,
+            // Every rank's share of the metrics (sums weighted by 1 / batch size), or the first rank's failure.
+            Some(r) => {
+                let parts = r.meeting.exchange(r.rank, m.map(|m| m.parts()).map_err(|e| e.to_string()))?;
+                Ok(crate::train::trainer::StepMetrics::sum(&parts))
+            }
         }
-        Ok(m)
     };
     let log = |m: crate::train::trainer::StepMetrics, batch: &[usize], d: StepDone| {
         on_step(&m.log(d.step, d.total, d.epoch, d.lr, d.grad_norm, batch.len(), d.t0))
@@ -125,6 +164,7 @@ pub fn train_dpo_gpu(
         Schedule { items: pairs.len(), batch_size: cfg.batch_size, epochs: cfg.epochs, seed: cfg.seed },
         stop_after,
         model.llm.recompute_cheap,
+        rank,
         accumulate,
         log,
     )
@@ -293,6 +333,8 @@ fn image_start(model: &crate::llava::Model, prompt: &[u32], rows: &[usize]) -> O
 struct GpuSteps<'g, F, R> {
     gpu: &'g Gpu,
     gl: GpuLora,
+    /// The other ranks of a data-parallel run, whose gradients are summed with these before each step.
+    ranks: Option<crate::cuda::nccl::Collective>,
     feats: FeatureCache,
     accumulate: F,
     _metrics: std::marker::PhantomData<R>,
@@ -309,6 +351,10 @@ where
     }
 
     fn optimizer_step(&mut self, opt: &mut crate::train::optim::AdamW) -> Result<(f64, f64)> {
+        if let Some(c) = &mut self.ranks {
+            // Every rank then holds the whole batch's gradients, bit for bit the same, and takes the same step.
+            c.sum_f32(&mut self.gl.g32)?;
+        }
         self.gl.schedule_step(self.gpu, opt)
     }
 }
@@ -327,15 +373,29 @@ fn run_schedule<R>(
     schedule: Schedule,
     stop_after: Option<usize>,
     recompute: bool,
+    rank: Option<&crate::train::parallel::Rank>,
     accumulate: impl FnMut(&mut GpuLora, &mut FeatureCache, &[usize], usize) -> Result<R>,
     log: impl FnMut(R, &[usize], StepDone),
 ) -> Result<u64> {
-    let mut gl = GpuLora::from_adapter(gpu, &gmodel.cfg, adapter)?;
-    gl.recompute = recompute;
-    gl.load_optimizer(gpu, adapter, opt)?;
+    let setup = || -> Result<GpuLora> {
+        let mut gl = GpuLora::from_adapter(gpu, &gmodel.cfg, adapter)?;
+        gl.recompute = recompute;
+        gl.load_optimizer(gpu, adapter, opt)?;
+        Ok(gl)
+    };
+    let gl = setup();
+    let ranks = match rank {
+        None => None,
+        Some(r) => {
+            // Every rank set up before any joins the NCCL group (joining waits for all of them).
+            r.meeting.exchange(r.rank, gl.as_ref().map(|_| Vec::new()).map_err(|e| e.to_string()))?;
+            Some(crate::cuda::nccl::Collective::join(gpu, &r.group, r.rank, r.world)?)
+        }
+    };
+    let gl = gl?;
     let skipped_before = gl.scaler.skipped;
     let mut steps =
-        GpuSteps { gpu, gl, feats: FeatureCache::default(), accumulate, _metrics: std::marker::PhantomData };
+        GpuSteps { gpu, gl, ranks, feats: FeatureCache::default(), accumulate, _metrics: std::marker::PhantomData };
     crate::train::schedule::run(&mut steps, opt, &schedule, stop_after, log)?;
     let gl = steps.gl;
     gl.write_back(gpu, adapter)?;
@@ -466,6 +526,7 @@ pub fn train_sft_gpu(
         Schedule { items: examples.len(), batch_size: cfg.batch_size, epochs: cfg.epochs, seed: cfg.seed },
         stop_after,
         model.llm.recompute_cheap,
+        None,
         accumulate,
         log,
     )

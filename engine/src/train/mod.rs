@@ -5,6 +5,7 @@
 
 pub mod dpo;
 pub mod optim;
+pub mod parallel;
 pub mod passes;
 pub mod schedule;
 pub mod sft;

@@ -49,6 +49,7 @@ impl AdamWConfig {
 }
 
 /// First and second moments per tensor, keyed by the adapter file's tensor names.
+#[derive(Clone)]
 pub struct AdamW {
     pub cfg: AdamWConfig,
     /// Optimizer steps of the schedule done, skipped fp16 overflow steps included (the learning rate and the

@@ -50,6 +50,21 @@ pub(crate) struct StepMetrics {
 }
 
 impl StepMetrics {
+    /// The sums, for the data-parallel ranks' meeting (`train::parallel::Meeting`).
+    pub(crate) fn parts(&self) -> Vec<f64> {
+        vec![self.loss, self.acc, self.margin, self.chosen, self.rejected, self.logp_chosen, self.logp_rejected]
+    }
+
+    /// The whole batch's metrics from every rank's `parts` (each a sum weighted by 1 / the whole batch's size).
+    pub(crate) fn sum(parts: &[Vec<f64>]) -> StepMetrics {
+        let mut t = [0.0f64; 7];
+        for p in parts {
+            t.iter_mut().zip(p).for_each(|(t, v)| *t += v);
+        }
+        let [loss, acc, margin, chosen, rejected, logp_chosen, logp_rejected] = t;
+        StepMetrics { loss, acc, margin, chosen, rejected, logp_chosen, logp_rejected }
+    }
+
     /// Adds one pair's loss and log-probs with `weight` (1 / batch size).
     pub(crate) fn add(&mut self, beta: f64, loss: f64, lp: &crate::train::dpo::PairLogps, weight: f64) {
         let chosen_reward = beta * (lp.policy_chosen - lp.ref_chosen);
