@@ -12,8 +12,9 @@
 #      run; cuda_backend: the daemon's CUDA backend on the bundled ShapesWorld model (image prompts, LoRA on the
 #      device: greedy tokens, answer log-probs, sampling, the CPU fallback), the GPU image path (vision tower +
 #      projector) on every fixture, labeler verdicts, and GPU DPO on ShapesWorld pairs with images against the CPU
-#      trainer, paused, saved and resumed on the GPU or the CPU; train_cli: `rlaifd train-dpo --device cuda`, paused
-#      and resumed on either device. Needs the fixtures and assets/: run from a checkout.
+#      trainer, paused, saved and resumed on the GPU or the CPU; cuda_parallel: data-parallel DPO on two GPUs against
+#      one (skipped on a one-GPU host); train_cli: `rlaifd train-dpo --device cuda`, paused and resumed on either
+#      device, and `--device cuda:0,cuda:1`. Needs the fixtures and assets/: run from a checkout.
 #   4. rlaifd generate --device cuda on generated ShapesWorld images (the CLI end to end), and --device cpu beside it.
 #   5. rlaifd bench-gpu: prefill (640 tokens), batch-1 decode and n=10 sampling of a random-weight LLaVA-1.5-7B-
 #      shaped decoder, copy bandwidth and roofline, a per-op breakdown; rlaifd bench-gpu-train: DPO and SFT steps
@@ -113,6 +114,9 @@ stage "cuda_train (GPU DPO vs CPU backend, short DPO run)" llama.log 180 "$bins/
 grep -E "SKIPPED|loss CPU|LoRA gradients|GPU DPO|dropout seed|test result|panicked" "$OUT/llama.log" | tail -n 14
 stage "cuda_backend (daemon backend on ShapesWorld: generation, scoring, DPO with images)" backend.log 300 "$bins/cuda_backend" --nocapture --test-threads 1
 grep -E "SKIPPED|backend:|scene|worst|step|image features|questions|trained|test result|panicked" "$OUT/backend.log" | tail -n 40
+# Data-parallel DPO needs two GPUs (and NCCL): on a one-GPU host the test says so and passes skipped.
+stage "cuda_parallel (2-GPU data-parallel DPO against one GPU, NCCL)" backend.log 300 "$bins/cuda_parallel" --nocapture --test-threads 1
+grep -E "SKIPPED|rank|two GPUs|test result|panicked" "$OUT/backend.log" | tail -n 8
 stage "train_cli (rlaifd train-dpo --device cuda, paused and resumed on the GPU or the CPU)" backend.log 180 env RLAIFD_BIN="$bins/rlaifd" "$bins/train_cli" --nocapture --test-threads 1 on_the_gpu
 grep -E "SKIPPED|training on|resumed|trained weights|test result|panicked" "$OUT/backend.log" | tail -n 6
 # The CLI end to end on the GPU: ShapesWorld images through `rlaifd generate --device cuda` (vision tower, decoder,

@@ -211,6 +211,34 @@ fn train_dpo_on_the_gpu_pauses_and_resumes_on_the_gpu_or_the_cpu() {
     let _ = std::fs::remove_dir_all(&d);
 }
 
+/// `--device cuda:0,cuda:1` trains data-parallel (each batch dealt out over the two GPUs, the gradients summed
+/// with NCCL): the same steps and weights as one GPU with the same --batch-size; a CPU in the list is refused
+/// naming the flag. Skipped (printed) without two GPUs; `scripts/emu-check` runs it on two cuemu devices.
+#[test]
+fn train_dpo_on_two_gpus_trains_what_one_gpu_trains_on_the_gpu() {
+    let model = root().join("tests/fixtures/llava/llama_text_only/model");
+    let pairs = root().join("tests/fixtures/grad/llama_text_only/pairs.jsonl");
+    let d = tmp("gpu-parallel");
+    let (m, p) = (model.to_str().unwrap(), pairs.to_str().unwrap());
+    let (one, two) = (d.join("one"), d.join("two"));
+    let (ok, _, stderr) = run(&train_args_on("cuda:0,cuda:1", m, p, two.to_str().unwrap()));
+    if !ok && (stderr.contains("cannot be used") || stderr.contains("NCCL")) {
+        println!("SKIPPED: no GPU: two GPUs and NCCL needed: {}", stderr.trim());
+        return;
+    }
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("training on cuda:1"), "the second GPU was not used: {stderr}");
+    let (ok, _, stderr) = run(&train_args_on("cuda:0", m, p, one.to_str().unwrap()));
+    assert!(ok, "{stderr}");
+    let w = "adapter_model.safetensors";
+    let e = distance(&one.join(w), &two.join(w));
+    println!("two GPUs vs one: weights {e:.2e} (relative L2)");
+    assert!(e <= 1e-4, "two GPUs trained weights {e:.2e} from one GPU's");
+    let (ok, _, stderr) = run(&train_args_on("cuda:0,cpu", m, p, d.join("mixed").to_str().unwrap()));
+    assert!(!ok && stderr.contains("--device cuda:0,cpu") && stderr.contains("GPUs only"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&d);
+}
+
 /// The image path trained on the GPU from the CLI: LoRA named peft-style (`q_proj,v_proj,fc1` also picks the vision
 /// tower's) and `--train-projector` (its weights and biases saved as `modules_to_save`), on a LLaVA fixture with
 /// image pairs; pausing and resuming on either device carries the moments of every one of them.

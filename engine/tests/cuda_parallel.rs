@@ -169,4 +169,22 @@ fn two_gpu_ranks_train_the_run_one_gpu_trains_with_the_same_global_batch() {
     let e = train_dpo_parallel(&[&m0, &m0], &mut adapter, &tp, &refs, &cfg, &mut opt, None, |_| {}).unwrap_err();
     assert!(e.to_string().contains("named twice"), "{e}");
     assert_eq!(opt.step, 0);
+
+    // A rank that fails mid-run (here: a pair with a token outside the vocabulary, in one rank's share) fails the
+    // run on every rank, naming the failing rank and why, instead of leaving the others waiting in a collective.
+    let bad_prompt: Vec<u32> = vec![u32::MAX / 2; 3];
+    let broken: Vec<TokenPair> = tp
+        .iter()
+        .enumerate()
+        .map(|(i, p)| TokenPair {
+            pixels: if i == 1 { None } else { p.pixels },
+            prompt_ids: if i == 1 { &bad_prompt } else { p.prompt_ids },
+            chosen_ids: p.chosen_ids,
+            rejected_ids: p.rejected_ids,
+        })
+        .collect();
+    let t0 = std::time::Instant::now();
+    let e = train_dpo_parallel(&[&m0, &m1], &mut adapter, &broken, &refs, &cfg, &mut opt, None, |_| {}).unwrap_err();
+    println!("a failing rank ({:.1} s): {e}", t0.elapsed().as_secs_f64());
+    assert!(e.to_string().contains("data-parallel rank"), "{e}");
 }

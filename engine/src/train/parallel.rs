@@ -151,13 +151,16 @@ pub fn train_dpo_parallel(
         return Err(EngineError::Input(format!("{} pairs but {} reference log-prob pairs", pairs.len(), refs.len())));
     }
     let mut seen = Vec::new();
-    for m in models {
-        let placement = m.training_placement("DPO", adapter);
-        if !placement.on_device() {
-            return Err(EngineError::Device(format!(
-                "data-parallel DPO trains on GPUs only, but {} would train on {placement}",
-                m.backend().device()
-            )));
+    for (i, m) in models.iter().enumerate() {
+        match m.training_placement("DPO", adapter) {
+            crate::backend::Placement::Device(_) => {}
+            crate::backend::Placement::Cpu(why) => {
+                return Err(EngineError::Device(format!(
+                    "data-parallel DPO trains on GPUs only: rank {i} runs on {}{}",
+                    m.backend().device(),
+                    why.map(|w| format!(", which cannot train this adapter ({w})")).unwrap_or_default()
+                )))
+            }
         }
         let spec = m.backend().spec();
         if seen.contains(&spec) {
