@@ -20,7 +20,8 @@ pub struct DemoArgs {
     /// The base model (HF LLaVA directory).
     #[arg(long, default_value = "assets/shapes-base")]
     pub model: PathBuf,
-    /// PostgreSQL URL (default: $DATABASE_URL, else postgres://postgres@127.0.0.1:5432/rlaifd_demo).
+    /// PostgreSQL URL (default: $DATABASE_URL, else postgres://postgres@127.0.0.1:5432/rlaifd_demo; when nothing
+    /// answers there and the server is installed, a private cluster in STATE/postgres on a Unix socket).
     #[arg(long)]
     pub database_url: Option<String>,
     /// Training prompts sampled per iteration.
@@ -130,6 +131,10 @@ pub fn daemon_config(a: &DemoArgs, url: &str) -> Result<crate::config::Config> {
 
 /// Runs the daemon (actors, HTTP server, control socket) on the embedded default until K iterations are done,
 /// showing each stage's progress, then prints the lineage, writes the plot and prints one JSON line.
+/// The demo's database when nothing says otherwise, and the address probed for it.
+const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/rlaifd_demo";
+const DEFAULT_ADDR: &str = "127.0.0.1:5432";
+
 pub fn run(a: DemoArgs) -> Result<()> {
     let t0 = std::time::Instant::now();
     std::fs::create_dir_all(&a.state_dir)
@@ -138,11 +143,25 @@ pub fn run(a: DemoArgs) -> Result<()> {
     let state_dir =
         std::fs::canonicalize(&a.state_dir).with_context(|| format!("cannot resolve {}", a.state_dir.display()))?;
     let a = DemoArgs { state_dir, ..a };
-    let url = a
-        .database_url
-        .clone()
-        .or_else(|| std::env::var("DATABASE_URL").ok().filter(|s| !s.is_empty()))
-        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/rlaifd_demo".into());
+    let given = a.database_url.clone().or_else(|| std::env::var("DATABASE_URL").ok().filter(|s| !s.is_empty()));
+    // Nothing set and no server at the default address: a private cluster in the state directory, when the
+    // server's binaries are installed (else the connection error below says how to get a server).
+    let (url, mut cluster) = match given {
+        Some(u) => (u, None),
+        None if crate::private_pg::answers(DEFAULT_ADDR) => (DEFAULT_URL.to_string(), None),
+        None => match crate::private_pg::server_bins() {
+            Some(bins) => {
+                eprintln!(
+                    "rlaifd demo: no PostgreSQL answers at {DEFAULT_ADDR}; starting a private cluster in {} (Unix socket \
+                     only), stopped when the demo ends",
+                    a.state_dir.join("postgres").display()
+                );
+                let (c, u) = crate::private_pg::PrivateCluster::start(&a.state_dir, &bins, "rlaifd_demo")?;
+                (u, Some(c))
+            }
+            None => (DEFAULT_URL.to_string(), None),
+        },
+    };
     let cfg = daemon_config(&a, &url)?;
     crate::serve::init_tracing(&cfg);
     eprintln!(
@@ -175,6 +194,9 @@ pub fn run(a: DemoArgs) -> Result<()> {
         let pool = crate::db::connect(&url, 2).await?;
         report(&pool, &a, t0).await
     });
+    if let Some(c) = cluster.as_mut() {
+        c.stop();
+    }
     // Everything is stored: exit without running the actors' destructors outside the runtime (as `serve` does).
     match res {
         Ok(()) => std::process::exit(0),

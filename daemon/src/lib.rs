@@ -10,6 +10,7 @@ pub mod failpoint;
 pub mod fuzz_targets;
 pub mod http;
 pub mod notify;
+pub mod private_pg;
 pub mod rlaif;
 pub mod serve;
 pub mod shapes_eval;

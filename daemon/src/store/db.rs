@@ -20,6 +20,12 @@ pub fn url_from_env() -> String {
 /// The URL without its password, for messages and logs.
 pub fn redacted(url: &str) -> String {
     match PgConnectOptions::from_str(url) {
+        Ok(o) if o.get_socket().is_some() => format!(
+            "postgres://{}@/{} (socket in {})",
+            o.get_username(),
+            o.get_database().unwrap_or(""),
+            o.get_socket().map(|p| p.display().to_string()).unwrap_or_default()
+        ),
         Ok(o) => format!(
             "postgres://{}@{}:{}/{}",
             o.get_username(),
