@@ -308,15 +308,55 @@ async fn report(pool: &sqlx::PgPool, a: &DemoArgs, t0: std::time::Instant) -> Re
     write_plot(&plot, &rows)?;
     let promoted = store::promoted(pool).await?.context("no promoted checkpoint")?;
     let base = store::base(pool).await?;
+    let cuts = paper_comparison(base.metrics.as_ref(), promoted.metrics.as_ref());
     let summary = serde_json::json!({
         "base": base.metrics,
         "promoted": { "checkpoint": promoted.id, "adapter": if promoted.kind == store::CheckpointKind::Base { serde_json::Value::Null } else { promoted.path.clone().into() }, "metrics": promoted.metrics },
         "iterations": a.iterations,
         "seconds": t0.elapsed().as_secs_f64(),
         "plot": plot.display().to_string(),
+        "vs_paper": cuts,
     });
     println!("{summary}");
     Ok(())
+}
+
+/// RLAIF-V's headline (LLaVA-1.5-7B on Object HalBench, response- and mention-level CHAIR in %): before and after.
+const PAPER_CHAIR_S: (f64, f64) = (53.6, 8.5);
+const PAPER_CHAIR_I: (f64, f64) = (25.2, 4.3);
+
+/// The relative change base -> promoted of CHAIR_i, CHAIR_s and Cover, printed next to the paper's, and as JSON.
+fn paper_comparison(base: Option<&serde_json::Value>, promoted: Option<&serde_json::Value>) -> serde_json::Value {
+    let get = |m: Option<&serde_json::Value>, k: &str| m.and_then(|m| m.get(k)).and_then(|v| v.as_f64());
+    let change = |k: &str| match (get(base, k), get(promoted, k)) {
+        (Some(b), Some(p)) if b > 0.0 => Some((p - b) / b),
+        _ => None,
+    };
+    let paper = |(b, a): (f64, f64)| (a - b) / b;
+    let pct = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{:+.0} %", 100.0 * v));
+    println!("relative change, base -> promoted   this demo (ShapesWorld)   RLAIF-V (LLaVA-1.5-7B, Object HalBench)");
+    println!(
+        "  CHAIR_i (mention level)           {:>10}                {:+.0} % ({} -> {})",
+        pct(change("chair_i")),
+        100.0 * paper(PAPER_CHAIR_I),
+        PAPER_CHAIR_I.0,
+        PAPER_CHAIR_I.1
+    );
+    println!(
+        "  CHAIR_s (response level)          {:>10}                {:+.0} % ({} -> {})",
+        pct(change("chair_s")),
+        100.0 * paper(PAPER_CHAIR_S),
+        PAPER_CHAIR_S.0,
+        PAPER_CHAIR_S.1
+    );
+    println!("  Cover (objects mentioned)         {:>10}                not in that table", pct(change("cover")));
+    serde_json::json!({
+        "chair_i": change("chair_i"),
+        "chair_s": change("chair_s"),
+        "cover": change("cover"),
+        "paper_chair_i": paper(PAPER_CHAIR_I),
+        "paper_chair_s": paper(PAPER_CHAIR_S),
+    })
 }
 
 /// CHAIR_i and Cover of every checkpoint against its iteration (promoted filled, rejected hollow), as SVG.
@@ -360,6 +400,40 @@ pub fn write_plot(path: &Path, rows: &[store::CheckpointRow]) -> Result<()> {
             w - m - 80.0,
             if key == "chair_i" { "CHAIR_i" } else { "Cover" }
         );
+    }
+    s += "</svg>\n";
+    std::fs::write(path, s).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// An SVG of CHAIR_i and Cover against N for best-of-N captions (`rlaifd eval hallucination --best-of`): `points`
+/// are (N, CHAIR_i, Cover), N on a log2 axis.
+pub fn write_best_of_plot(path: &Path, points: &[(usize, f64, f64)], temperature: f32) -> Result<()> {
+    let (w, h, m) = (640.0, 360.0, 48.0);
+    let max_log = points.iter().map(|p| (p.0.max(1) as f64).log2()).fold(1.0f64, f64::max);
+    let x = |n: usize| m + (w - 2.0 * m) * (n.max(1) as f64).log2() / max_log;
+    let y = |v: f64| h - m - (h - 2.0 * m) * v.clamp(0.0, 1.0);
+    let mut s = format!("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n");
+    s += &format!("<line x1=\"{m}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/><line x1=\"{m}\" y1=\"{m}\" x2=\"{m}\" y2=\"{}\" stroke=\"black\"/>\n", h - m, w - m, h - m, h - m);
+    for t in 0..=4 {
+        let v = t as f64 / 4.0;
+        s += &format!("<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{:.2}</text>\n", m - 4.0, y(v) + 4.0, v);
+    }
+    for p in points {
+        s += &format!("<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{}</text>\n", x(p.0), h - m + 16.0, p.0);
+    }
+    s += &format!(
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">N (best of N samples at temperature {temperature}, by the implicit reward)</text>\n",
+        w / 2.0,
+        h - 8.0
+    );
+    for (pick, color, label, label_y) in [(1usize, "#c0392b", "CHAIR_i", 20.0), (2usize, "#2471a3", "Cover", 36.0)] {
+        let v = |p: &(usize, f64, f64)| if pick == 1 { p.1 } else { p.2 };
+        let pts: Vec<String> = points.iter().map(|p| format!("{:.1},{:.1}", x(p.0), y(v(p)))).collect();
+        s += &format!("<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>\n", pts.join(" "));
+        for p in points {
+            s += &format!("<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"4\" fill=\"{color}\"/>\n", x(p.0), y(v(p)));
+        }
+        s += &format!("<text x=\"{}\" y=\"{label_y}\" fill=\"{color}\">{label}</text>\n", w - m - 80.0);
     }
     s += "</svg>\n";
     std::fs::write(path, s).with_context(|| format!("cannot write {}", path.display()))

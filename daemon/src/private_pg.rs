@@ -30,7 +30,7 @@ pub fn server_bins() -> Option<(PathBuf, PathBuf)> {
         .flatten()
         .filter_map(|e| Some((e.file_name().to_str()?.parse::<u32>().ok()?, e.path().join("bin"))))
         .collect();
-    versions.sort_by(|a, b| b.0.cmp(&a.0));
+    versions.sort_by_key(|v| std::cmp::Reverse(v.0));
     versions
         .into_iter()
         .map(|(_, bin)| (bin.join("initdb"), bin.join("pg_ctl")))

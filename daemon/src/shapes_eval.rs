@@ -88,3 +88,74 @@ pub fn evaluate(
         amber_f1: binary_metrics(&all, false).f1,
     })
 }
+
+/// Self-feedback at inference on the held-out images: for each image, the largest N of `ns` answers to "Describe
+/// the image." sampled at `temperature` (seeds from `sample_seed` and the image, so the first k answers are the
+/// same whatever N), each scored by the length-normalised implicit reward (`engine::feedback::reward`: `ad`
+/// against `reference`, None = the base model, with `beta`); for every N of `ns`, the caption metrics of the best of
+/// the first N. N = 1 is a single sample at that temperature. `progress(i)` after image i (1-based).
+#[allow(clippy::too_many_arguments)]
+pub fn best_of_curve(
+    m: &Model,
+    ad: Option<&Adapter>,
+    reference: Option<&Adapter>,
+    tok: &TextTokenizer,
+    ip: &ImageProcessorConfig,
+    seed: u64,
+    count: usize,
+    size: u32,
+    max_new_tokens: usize,
+    ns: &[usize],
+    temperature: f32,
+    beta: f64,
+    sample_seed: u64,
+    mut dump: Option<&mut dyn std::io::Write>,
+    mut progress: impl FnMut(usize),
+) -> Result<Vec<(usize, CaptionMetrics)>> {
+    let most = ns.iter().copied().max().unwrap_or(0);
+    if most == 0 || ns.contains(&0) {
+        anyhow::bail!("best-of N needs every N to be at least 1");
+    }
+    let cfg = WorldConfig { size, ..Default::default() };
+    let ids = tok.encode_chat(LLAVA_15_TEMPLATE, "Describe the image.")?;
+    // Per N: (caption, the image's objects) of every image.
+    let mut picked: Vec<Vec<(String, Vec<String>)>> = vec![Vec::new(); ns.len()];
+    for i in 0..count {
+        let s = engine::rng::SplitMix64::new(seed.wrapping_add(i as u64)).next_u64();
+        let scene = Scene::generate(&cfg, s);
+        let pixels = engine::image::preprocess(&scene.render(&cfg, s), ip)?;
+        let first = engine::rng::SplitMix64::new(sample_seed ^ s).next_u64();
+        let seeds: Vec<u64> = (0..most as u64).map(|k| first.wrapping_add(k)).collect();
+        let params = SamplingParams { temperature, max_new_tokens, ..Default::default() };
+        let req = GenerateRequest { ids: &ids, pixels: Some(&pixels), seeds: &seeds, params, stop_ids: vec![] };
+        let all = engine::feedback::reward::best_of_n(m, ad, reference, &req, beta)?;
+        if let Some(w) = dump.as_mut() {
+            // Every sampled caption with its reward and its objects against the image's: to see what the reward
+            // ranks.
+            let truth = scene.phrases();
+            let answers: Vec<serde_json::Value> = all
+                .answers
+                .iter()
+                .zip(&all.rewards)
+                .map(|(a, r)| -> Result<serde_json::Value> {
+                    let text = tok.decode(&a.tokens)?;
+                    let named = engine::hallucination::mentions(&text);
+                    let wrong = named.iter().filter(|o| !truth.contains(o)).count();
+                    Ok(serde_json::json!({ "text": text, "reward": r, "objects": named.len(), "hallucinated": wrong }))
+                })
+                .collect::<Result<_>>()?;
+            writeln!(w, "{}", serde_json::json!({ "image": i, "truth": truth, "answers": answers }))?;
+        }
+        for (slot, &n) in picked.iter_mut().zip(ns) {
+            // The best of the first n (the first on ties, as best_of_n picks).
+            let best = (0..n).fold(0, |b, k| if all.rewards[k] > all.rewards[b] { k } else { b });
+            slot.push((tok.decode(&all.answers[best].tokens)?, scene.phrases()));
+        }
+        progress(i + 1);
+    }
+    Ok(ns
+        .iter()
+        .zip(&picked)
+        .map(|(&n, caps)| (n, caption_metrics(caps.iter().map(|(a, t)| (a.as_str(), t.as_slice())))))
+        .collect())
+}

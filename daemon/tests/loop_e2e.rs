@@ -186,3 +186,40 @@ async fn a_model_without_ground_truth_is_gated_on_labeler_estimated_hallucinatio
     db.drop_db().await;
     let _ = std::fs::remove_dir_all(&state);
 }
+
+/// The demo's loop, one iteration (its own settings, fewer prompts and held-out images): the candidate's CHAIR_i on
+/// the held-out images is below the base model's, by at least a fifth. The pairs come from the policy's own labels,
+/// never from ground truth; only the gate's metrics use it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_demo_iteration_lowers_chair_i_below_the_base_models() {
+    let db = common::fresh("lower").await;
+    let state = std::env::temp_dir().join(format!("rlaifd-lower-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&state);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rlaifd"))
+        .args(["demo", "--iterations", "1", "--prompts-per-iteration", "200", "--eval-count", "100"])
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--database-url")
+        .arg(&db.url)
+        .arg("--model")
+        .arg(model_dir())
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let chair = |q: &str| {
+        let pool = db.pool.clone();
+        let q = q.to_string();
+        async move { sqlx::query_scalar::<_, f64>(&q).fetch_one(&pool).await.unwrap() }
+    };
+    let base = chair("SELECT (metrics->>'chair_i')::float8 FROM checkpoints WHERE kind = 'base'").await;
+    let cand = chair("SELECT (metrics->>'chair_i')::float8 FROM checkpoints WHERE iteration = 1").await;
+    println!(
+        "held-out CHAIR_i: base {base:.3}, after one iteration {cand:.3}\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(cand < 0.8 * base, "one iteration: CHAIR_i {cand:.3} against the base's {base:.3}");
+    let _ = std::fs::remove_dir_all(&state);
+    db.drop_db().await;
+}

@@ -2,7 +2,7 @@
 //! reading of the labeler, batched verification against one-prompt-at-a-time forwards, ShapesWorld claims.
 
 use engine::feedback::claims::{shapes_claims, ClaimExtractor, RuleExtractor};
-use engine::feedback::pairs::{candidate_pairs, length_balance, pick_pairs, score};
+use engine::feedback::pairs::{candidate_pairs, keep_accepted, length_balance, pick_pairs, score};
 use engine::feedback::verify::{Verdict, YesNoTokens};
 use engine::hallucination::mentions;
 use engine::tokenizer::TextTokenizer;
@@ -32,6 +32,17 @@ fn candidate_pairs_need_a_score_gap_of_one_and_distinct_texts() {
     assert!(pairs.iter().all(|&(c, r)| scores[c].unwrap() - scores[r].unwrap() >= 1), "chosen has the higher score");
     // Equal scores never pair.
     assert!(candidate_pairs(&["x", "y"], &[Some(-1), Some(-1)]).is_empty());
+}
+
+#[test]
+fn keep_accepted_drops_the_pairs_that_prefer_saying_less() {
+    // Answers: 0 names 3 objects, all right; 1 names 1, right; 2 names 4, one wrong; 3 names 2, one wrong.
+    let accepted = [3, 1, 3, 1];
+    let scores = [Some(0), Some(0), Some(-1), Some(-1)];
+    let cands = candidate_pairs(&["a", "b", "c", "d"], &scores);
+    assert_eq!(cands, vec![(0, 2), (0, 3), (1, 2), (1, 3)]);
+    // (1, 2) would prefer one right object over three right and one wrong: dropped. The rest say as much or more.
+    assert_eq!(keep_accepted(&cands, &accepted), vec![(0, 2), (0, 3), (1, 3)]);
 }
 
 #[test]

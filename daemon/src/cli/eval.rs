@@ -26,11 +26,49 @@ pub enum EvalCmd {
         max_new_tokens: usize,
         #[arg(long)]
         json: bool,
+        /// Self-feedback at inference: caption metrics of the best of N sampled captions by the length-normalised
+        /// implicit reward (the adapter against --reference), for each N of a list such as 1,2,4,8,16 (N = 1: one
+        /// sample). Existence questions are not asked.
+        #[arg(long, value_delimiter = ',')]
+        best_of: Vec<usize>,
+        /// Sampling temperature of --best-of.
+        #[arg(long, default_value_t = 0.7)]
+        temperature: f32,
+        /// The reference adapter of the implicit reward (default: the base model).
+        #[arg(long)]
+        reference: Option<PathBuf>,
+        /// β of the implicit reward (scales every reward alike: it changes no choice).
+        #[arg(long, default_value_t = 0.1)]
+        beta: f64,
+        /// Seed of the sampled captions.
+        #[arg(long, default_value_t = 0)]
+        sample_seed: u64,
+        /// With --best-of: an SVG of CHAIR_i and Cover against N.
+        #[arg(long)]
+        plot: Option<PathBuf>,
+        /// With --best-of: every sampled caption, its reward and its hallucinated objects, as JSON lines.
+        #[arg(long)]
+        dump: Option<PathBuf>,
     },
 }
 
 pub fn run(cmd: EvalCmd) -> Result<()> {
-    let EvalCmd::Hallucination { model, adapter, seed, count, size, max_new_tokens, json } = cmd;
+    let EvalCmd::Hallucination {
+        model,
+        adapter,
+        seed,
+        count,
+        size,
+        max_new_tokens,
+        json,
+        best_of,
+        temperature,
+        reference,
+        beta,
+        sample_seed,
+        plot,
+        dump,
+    } = cmd;
     let m = Model::load(&model).with_context(|| format!("loading model {}", model.display()))?;
     let ad = match &adapter {
         Some(d) => Some(m.load_adapter(d).with_context(|| format!("loading adapter {}", d.display()))?),
@@ -46,16 +84,81 @@ pub fn run(cmd: EvalCmd) -> Result<()> {
         anyhow::bail!("--size must be between 16 and 1024 pixels (got {size})");
     }
     let tty = std::io::stderr().is_terminal();
-    let report = rlaifd::shapes_eval::evaluate(&m, ad.as_ref(), &tok, &ip, seed, count, size, max_new_tokens, |i| {
+    let progress = |i: usize| {
         if tty {
             eprint!("\r{i}/{count} images");
             if i == count {
                 eprintln!();
             }
-        } else if i % 50 == 0 || i == count {
+        } else if i.is_multiple_of(50) || i == count {
             eprintln!("{i}/{count} images");
         }
-    })?;
+    };
+    if !best_of.is_empty() {
+        if best_of.iter().any(|&n| n == 0 || n > 64) {
+            anyhow::bail!("--best-of: every N must be from 1 to 64 (got {best_of:?})");
+        }
+        if !(temperature > 0.0 && temperature.is_finite()) {
+            anyhow::bail!("--temperature must be above 0 for --best-of (got {temperature})");
+        }
+        let reference = match &reference {
+            Some(d) => Some(m.load_adapter(d).with_context(|| format!("loading reference adapter {}", d.display()))?),
+            None => None,
+        };
+        let mut dump_file = match &dump {
+            Some(p) => Some(std::io::BufWriter::new(
+                std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
+            )),
+            None => None,
+        };
+        let curve = rlaifd::shapes_eval::best_of_curve(
+            &m,
+            ad.as_ref(),
+            reference.as_ref(),
+            &tok,
+            &ip,
+            seed,
+            count,
+            size,
+            max_new_tokens,
+            &best_of,
+            temperature,
+            beta,
+            sample_seed,
+            dump_file.as_mut().map(|f| f as &mut dyn std::io::Write),
+            progress,
+        )?;
+        if json {
+            let rows: Vec<serde_json::Value> = curve
+                .iter()
+                .map(|(n, c)| serde_json::json!({ "best_of": n, "temperature": temperature, "caption": c }))
+                .collect();
+            println!("{}", serde_json::to_string(&rows)?);
+        } else {
+            println!("Best-of-N captions at temperature {temperature}, {count} held-out images (seed {seed})");
+            println!("{:>4} {:>9} {:>9} {:>8} {:>8}", "N", "CHAIR_s %", "CHAIR_i %", "Cover %", "words");
+            for (n, c) in &curve {
+                println!(
+                    "{n:>4} {:>9.1} {:>9.1} {:>8.1} {:>8.1}",
+                    100.0 * c.chair_s,
+                    100.0 * c.chair_i,
+                    100.0 * c.cover,
+                    c.mean_length
+                );
+            }
+        }
+        if let Some(path) = plot {
+            let pts: Vec<(usize, f64, f64)> = curve.iter().map(|(n, c)| (*n, c.chair_i, c.cover)).collect();
+            rlaifd::demo::write_best_of_plot(&path, &pts, temperature)?;
+            eprintln!("wrote {}", path.display());
+        }
+        return Ok(());
+    }
+    if plot.is_some() || dump.is_some() {
+        anyhow::bail!("--plot and --dump are of the --best-of curve: give --best-of too");
+    }
+    let report =
+        rlaifd::shapes_eval::evaluate(&m, ad.as_ref(), &tok, &ip, seed, count, size, max_new_tokens, progress)?;
     if json {
         println!("{}", serde_json::to_string(&report)?);
     } else {

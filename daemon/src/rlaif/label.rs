@@ -7,7 +7,7 @@ use crate::store::{self, Job, NewClaim, NewPair};
 use crate::worker::Priority;
 use anyhow::{bail, Result};
 use engine::feedback::claims::{ClaimExtractor, RuleExtractor, ShapesExtractor};
-use engine::feedback::pipeline::{label_answers, LabeledAnswer};
+use engine::feedback::pipeline::{label_answers_with, LabeledAnswer};
 use engine::feedback::verify::Labeler;
 use engine::generate::FinishReason;
 use engine::tokenizer::LLAVA_15_TEMPLATE;
@@ -58,8 +58,13 @@ pub async fn run_label_job(
         })
         .collect();
     let ids: Vec<i64> = stored.iter().map(|r| r.id).collect();
-    let (e, question, k, pair_seed) =
-        (engine.clone(), prompt.instruction.clone(), cfg.pairs_per_prompt, cfg.pair_seed(it.number, prompt.id));
+    let (e, question, k, pair_seed, rule) = (
+        engine.clone(),
+        prompt.instruction.clone(),
+        cfg.pairs_per_prompt,
+        cfg.pair_seed(it.number, prompt.id),
+        cfg.pair_rule,
+    );
     let labeler_name = match cfg.labeler.as_str() {
         "self" => format!("self:{}", policy_row.id),
         "base" => "base".to_string(),
@@ -76,7 +81,8 @@ pub async fn run_label_job(
                 None => Labeler::new(&e.model, lab_adapter.as_deref(), &e.tok, LLAVA_15_TEMPLATE)?,
             };
             let extractor: &dyn ClaimExtractor = if e.shapes { &ShapesExtractor } else { &RuleExtractor };
-            let fb = label_answers(&labeler, extractor, pixels.as_deref(), &question, answers, k, pair_seed)?;
+            let fb =
+                label_answers_with(&labeler, extractor, pixels.as_deref(), &question, answers, k, pair_seed, rule)?;
             let ref_adapter = e.adapter(&reference_row)?;
             let prompt_ids = e.tok.encode_chat(LLAVA_15_TEMPLATE, &question)?;
             let feats = match &pixels {

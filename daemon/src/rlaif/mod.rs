@@ -37,6 +37,9 @@ pub struct LoopConfig {
     pub max_new_tokens: usize,
     /// Pairs kept per prompt (at most).
     pub pairs_per_prompt: usize,
+    /// Which answers may pair: "rlaif_v" (scores differ; the paper's) or "keep_accepted" (also: the chosen answer
+    /// has at least as many accepted claims as the rejected one).
+    pub pair_rule: engine::feedback::pipeline::PairRule,
     /// Training prompts sampled per iteration.
     pub prompts_per_iteration: usize,
     /// Train once at least this many pairs exist (after sampling every prompt of the iteration).
@@ -51,11 +54,18 @@ pub struct LoopConfig {
     pub length_balance: bool,
     /// Weight of the NLL term on the chosen answer (RPO); 0 is plain DPO.
     pub nll_weight: f64,
+    /// The preference loss: "sigmoid" (DPO, RLAIF-V's), "ipo", or "length_normalized" (per-token log-ratios).
+    pub loss: engine::train::dpo::DpoLoss,
+    /// Label smoothing of the sigmoid loss (conservative DPO); 0 is plain DPO.
+    pub label_smoothing: f64,
     pub lr: f64,
     pub epochs: usize,
     pub batch_size: usize,
     pub lora_r: usize,
     pub lora_alpha: f64,
+    /// The modules a new adapter puts LoRA on: a regex over whole module paths ("" = every linear layer of the
+    /// language model, RLAIF-V's). E.g. `.*(language_model.*_proj|multi_modal_projector.*)` adds the projector.
+    pub lora_targets: String,
     /// Held-out evaluation: images and their seed.
     pub eval_count: usize,
     pub eval_seed: u64,
@@ -85,6 +95,7 @@ impl Default for LoopConfig {
             top_p: 1.0,
             max_new_tokens: 512,
             pairs_per_prompt: 2,
+            pair_rule: engine::feedback::pipeline::PairRule::RlaifV,
             prompts_per_iteration: 64,
             pairs_per_iteration: 32,
             reference: "policy".into(),
@@ -92,11 +103,14 @@ impl Default for LoopConfig {
             beta: 0.1,
             length_balance: true,
             nll_weight: 0.0,
+            loss: engine::train::dpo::DpoLoss::Sigmoid,
+            label_smoothing: 0.0,
             lr: 5e-4,
             epochs: 2,
             batch_size: 8,
             lora_r: 16,
             lora_alpha: 32.0,
+            lora_targets: String::new(),
             eval_count: 100,
             eval_seed: 1_000_000,
             promote_margin: 0.005,
@@ -137,6 +151,17 @@ impl LoopConfig {
             || self.lora_r == 0
         {
             return bad("beta/lr/epochs/batch_size/lora_r", "must be positive");
+        }
+        if !(0.0..0.5).contains(&self.label_smoothing) {
+            return bad("label_smoothing", "must be in [0, 0.5)");
+        }
+        if !(self.nll_weight >= 0.0 && self.nll_weight.is_finite()) {
+            return bad("nll_weight", "must be 0 or more");
+        }
+        if !self.lora_targets.is_empty() {
+            if let Err(e) = regex::Regex::new(&self.lora_targets) {
+                return bad("lora_targets", &format!("not a regex: {e}"));
+            }
         }
         if self.eval_count == 0 {
             return bad("eval_count", "must be at least 1");

@@ -163,7 +163,7 @@ pub async fn run_training(
     let result = engine.run(Priority::Train, move |slice| {
         let tp: Vec<TokenPair> = owned.iter().map(|(p, ch, rj, px, _)| TokenPair { pixels: px.as_deref(), prompt_ids: p, chosen_ids: ch, rejected_ids: rj }).collect();
         let refs: Vec<(f64, f64)> = owned.iter().map(|o| o.4).collect();
-        let tcfg = TrainConfig { dpo: DpoConfig { beta: c.beta, nll_weight: c.nll_weight, ..Default::default() }, epochs: c.epochs, batch_size: c.batch_size, seed: c.seed };
+        let tcfg = TrainConfig { dpo: DpoConfig { beta: c.beta, loss: c.loss, label_smoothing: c.label_smoothing, nll_weight: c.nll_weight }, epochs: c.epochs, batch_size: c.batch_size, seed: c.seed };
         let total = steps_per_epoch(tp.len(), c.batch_size) * c.epochs;
         let ocfg = AdamWConfig { lr: c.lr, warmup_steps: (0.05 * total as f64).ceil() as usize, total_steps: total, ..Default::default() };
         let mut opt = AdamW::new(ocfg.clone());
@@ -196,7 +196,10 @@ pub async fn run_training(
             None => match e.adapter(&policy_row)? {
                 Some(a) => e.model.load_adapter(&a.path)?,
                 None => {
-                    let spec = LoraSpec { r: c.lora_r, lora_alpha: c.lora_alpha, ..LoraSpec::default() };
+                    let mut spec = LoraSpec { r: c.lora_r, lora_alpha: c.lora_alpha, ..LoraSpec::default() };
+                    if !c.lora_targets.is_empty() {
+                        spec.target_modules = engine::adapter::TargetModules::Regex(c.lora_targets.clone());
+                    }
                     e.model.create_adapter(&spec, c.seed ^ it_seed(&dir))?
                 }
             },
@@ -268,8 +271,8 @@ pub async fn run_training(
     crate::failpoint::hit("train_saved");
     let sha = adapter_sha256(&out_dir)?;
     let files = super::dir_files(&out_dir)?;
-    let train_cfg = serde_json::json!({ "beta": cfg.beta, "nll_weight": cfg.nll_weight, "lr": cfg.lr, "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lora_r": cfg.lora_r,
-        "lora_alpha": cfg.lora_alpha, "reference": cfg.reference, "length_balance_r": if cfg.length_balance { Some(balance.r) } else { None }, "pairs_total": pairs.len(),
+    let train_cfg = serde_json::json!({ "beta": cfg.beta, "loss": cfg.loss, "label_smoothing": cfg.label_smoothing, "nll_weight": cfg.nll_weight, "lr": cfg.lr, "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lora_r": cfg.lora_r,
+        "lora_alpha": cfg.lora_alpha, "lora_targets": cfg.lora_targets, "reference": cfg.reference, "length_balance_r": if cfg.length_balance { Some(balance.r) } else { None }, "pairs_total": pairs.len(),
         "resumed_from_step": resumed_at, "devices": devices });
     let path = out_dir.display().to_string();
     let losses = serde_json::Value::Array(losses);

@@ -33,6 +33,12 @@ pub fn candidate_pairs(texts: &[&str], scores: &[Option<i64>]) -> Vec<(usize, us
     out
 }
 
+/// The candidate pairs whose chosen answer has at least as many accepted claims (`accepted[i]` for answer i) as
+/// the rejected one (`PairRule::KeepAccepted`): a pair never prefers an answer for saying less.
+pub fn keep_accepted(candidates: &[(usize, usize)], accepted: &[usize]) -> Vec<(usize, usize)> {
+    candidates.iter().copied().filter(|&(c, r)| accepted[c] >= accepted[r]).collect()
+}
+
 /// At most `k` of `candidates`, drawn without replacement by `seed` (the same seed gives the same pairs), in
 /// their candidate order.
 pub fn pick_pairs(candidates: &[(usize, usize)], k: usize, seed: u64) -> Vec<(usize, usize)> {

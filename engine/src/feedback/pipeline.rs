@@ -124,6 +124,18 @@ pub fn sample_answers(
     Ok(answers)
 }
 
+/// Which scored answers may pair (`label_answers_with`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PairRule {
+    /// RLAIF-V's: any two answers whose scores (−rejected claims) differ by at least 1.
+    #[default]
+    RlaifV,
+    /// RLAIF-V's, and the chosen answer has at least as many accepted claims as the rejected one: no pair prefers
+    /// an answer for saying less, so DPO learns to say the right things rather than fewer things.
+    KeepAccepted,
+}
+
 /// Divide and conquer on one prompt's answers: claims, the labeler's verdict on each distinct question (asked
 /// once per prompt), scores, candidate pairs and at most `k` pairs drawn with `pair_seed`.
 pub fn label_answers(
@@ -131,9 +143,24 @@ pub fn label_answers(
     extractor: &dyn ClaimExtractor,
     pixels: Option<&PixelValues>,
     question: &str,
+    answers: Vec<LabeledAnswer>,
+    k: usize,
+    pair_seed: u64,
+) -> Result<PromptFeedback> {
+    label_answers_with(labeler, extractor, pixels, question, answers, k, pair_seed, PairRule::RlaifV)
+}
+
+/// `label_answers` with the pairing `rule`.
+#[allow(clippy::too_many_arguments)]
+pub fn label_answers_with(
+    labeler: &Labeler,
+    extractor: &dyn ClaimExtractor,
+    pixels: Option<&PixelValues>,
+    question: &str,
     mut answers: Vec<LabeledAnswer>,
     k: usize,
     pair_seed: u64,
+    rule: PairRule,
 ) -> Result<PromptFeedback> {
     // An answer holding the image token can be neither verified nor scored against the reference (a prompt takes
     // the image once, an answer never): it gets no claims, so no score, and is never paired.
@@ -158,7 +185,11 @@ pub fn label_answers(
     }
     let texts: Vec<&str> = answers.iter().map(|a| a.text.as_str()).collect();
     let scores: Vec<Option<i64>> = answers.iter().map(|a| a.score).collect();
-    let cands = candidate_pairs(&texts, &scores);
+    let mut cands = candidate_pairs(&texts, &scores);
+    if rule == PairRule::KeepAccepted {
+        let accepted: Vec<usize> = answers.iter().map(|a| a.verdicts.iter().filter(|v| v.accepted).count()).collect();
+        cands = crate::feedback::pairs::keep_accepted(&cands, &accepted);
+    }
     let pairs = pick_pairs(&cands, k, pair_seed);
     Ok(PromptFeedback { answers, candidates: cands.len(), pairs })
 }
