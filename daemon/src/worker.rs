@@ -281,6 +281,13 @@ impl Worker {
         n
     }
 
+    /// Answers the heartbeats asked so far on the engine thread's behalf: for work on its device that runs on
+    /// another thread and keeps the engine thread waiting for the device (a data-parallel training rank, once per
+    /// optimizer step).
+    pub fn vouch(&self) {
+        self.inner.answer_heartbeat();
+    }
+
     /// Whether the thread answered heartbeat `n` (or a later one).
     pub fn answered(&self, n: u64) -> bool {
         self.inner.beats_answered.load(Ordering::Acquire) >= n

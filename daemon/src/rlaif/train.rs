@@ -11,7 +11,7 @@ use engine::image::PixelValues;
 use engine::tokenizer::LLAVA_15_TEMPLATE;
 use engine::train::dpo::{DpoConfig, TokenPair};
 use engine::train::optim::{AdamW, AdamWConfig};
-use engine::train::parallel::train_dpo_parallel;
+use engine::train::parallel::train_dpo_parallel_with;
 use engine::train::trainer::{steps_per_epoch, train_dpo, TrainConfig};
 use engine::weights::f32_safetensors_bytes;
 use sqlx::PgPool;
@@ -234,7 +234,24 @@ pub async fn run_training(
                 }
             };
             if models.len() > 1 {
-                train_dpo_parallel(&models, &mut adapter, &tp, &refs, &tcfg, &mut opt, Some(chunk_end), on_step)?;
+                // The other devices' engine threads wait for their device while this run holds it: each rank's
+                // steps answer their heartbeats (the watchdog's), as the training thread answers its own.
+                let vouch = |r: usize| {
+                    if let Some(p) = peers.get(r.wrapping_sub(1)) {
+                        p.worker.vouch();
+                    }
+                };
+                train_dpo_parallel_with(
+                    &models,
+                    &mut adapter,
+                    &tp,
+                    &refs,
+                    &tcfg,
+                    &mut opt,
+                    Some(chunk_end),
+                    &vouch,
+                    on_step,
+                )?;
             } else {
                 train_dpo(&e.model, &mut adapter, &tp, &refs, &tcfg, &mut opt, Some(chunk_end), on_step)?;
             }

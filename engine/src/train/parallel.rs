@@ -140,6 +140,23 @@ pub fn train_dpo_parallel(
     cfg: &TrainConfig,
     opt: &mut AdamW,
     stop_after: Option<usize>,
+    on_step: impl FnMut(&StepLog),
+) -> Result<()> {
+    train_dpo_parallel_with(models, adapter, pairs, refs, cfg, opt, stop_after, &|_| {}, on_step)
+}
+
+/// `train_dpo_parallel`, calling `rank_step(r)` on rank r's thread after each of its optimizer steps (r >= 1; rank
+/// 0 calls `on_step`): the daemon answers each device's engine heartbeats with it.
+#[allow(clippy::too_many_arguments)]
+pub fn train_dpo_parallel_with(
+    models: &[&Model],
+    adapter: &mut Adapter,
+    pairs: &[TokenPair],
+    refs: &[(f64, f64)],
+    cfg: &TrainConfig,
+    opt: &mut AdamW,
+    stop_after: Option<usize>,
+    rank_step: &(dyn Fn(usize) + Sync),
     mut on_step: impl FnMut(&StepLog),
 ) -> Result<()> {
     match models {
@@ -179,7 +196,10 @@ pub fn train_dpo_parallel(
                 std::thread::Builder::new()
                     .name(format!("dpo-rank-{}", rank.rank))
                     .spawn_scoped(s, move || {
-                        m.backend().train_dpo_rank(m, &mut a, pairs, refs, cfg, &mut o, stop_after, rank, &mut |_| {})
+                        let r = rank.rank;
+                        m.backend().train_dpo_rank(m, &mut a, pairs, refs, cfg, &mut o, stop_after, rank, &mut |_| {
+                            rank_step(r)
+                        })
                     })
                     .map_err(|e| {
                         let why = format!("cannot start a training thread: {e}");
