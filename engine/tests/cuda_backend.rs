@@ -16,7 +16,7 @@ use engine::tokenizer::{apply_template, TextTokenizer, LLAVA_15_TEMPLATE};
 use engine::{Adapter, Model};
 
 mod gpu_common;
-use gpu_common::root;
+use gpu_common::{rel_l2, root, shapes_pairs, Pair};
 
 /// The model in `dir` on CUDA device 0, or None (with the reason printed: the test passes skipped) without a GPU.
 /// The bundled model `asset` (under assets/) on the CPU and on the GPU, and its tokenizer; None (skipped) without a
@@ -181,32 +181,6 @@ fn cuda_backend_matches_the_cpu_backend_on_shapesworld_with_an_image_and_lora() 
         d <= 5e-2 && lg != lw,
         "an image-path-only adapter: answer log-prob {lg} on the GPU, {lw} on the CPU (equal means the CPU scored it)"
     );
-}
-
-/// A scene, its prompt ids, the chosen and the rejected answer ids.
-type Pair = (Scene, Vec<u32>, Vec<u32>, Vec<u32>);
-
-/// ShapesWorld preference pairs with images: the true caption over one naming an absent object.
-fn shapes_pairs(tok: &TextTokenizer, eos: u32, count: usize) -> Vec<Pair> {
-    let wc = WorldConfig::default();
-    let prompt = tok.encode(&apply_template(LLAVA_15_TEMPLATE, "Describe the image."), true).unwrap();
-    let ans = |s: &str| {
-        let mut v = tok.encode(s, false).unwrap();
-        v.push(eos);
-        v
-    };
-    (0..400u64)
-        .filter_map(|seed| {
-            let scene = Scene::generate(&wc, seed);
-            let (noisy, added) =
-                engine::shapes::noisy_caption(&scene, seed, 1.0, engine::shapes::CaptionOrder::Canonical);
-            (!added.is_empty()).then(|| {
-                let chosen = ans(&engine::shapes::caption(&scene));
-                (scene, prompt.clone(), chosen, ans(&noisy))
-            })
-        })
-        .take(count)
-        .collect()
 }
 
 /// A DPO run's step logs, its trained adapter, and whether the GPU trainer took any of its steps (it leaves its
@@ -540,14 +514,6 @@ fn gpu_image_path_matches_the_cpu_vision_tower_and_projector() {
             dir.display()
         );
     }
-}
-
-/// Relative L2 distance of `got` from `want`.
-fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    let num: f64 = got.iter().zip(want).map(|(g, w)| (*g as f64 - *w as f64).powi(2)).sum();
-    let den: f64 = want.iter().map(|w| (*w as f64).powi(2)).sum();
-    (num / den.max(1e-30)).sqrt()
 }
 
 #[test]

@@ -6,8 +6,8 @@
 
 use engine::adapter::LoraSpec;
 use engine::backend::{select, DeviceSpec};
-use engine::shapes::{Scene, WorldConfig};
-use engine::tokenizer::{apply_template, TextTokenizer, LLAVA_15_TEMPLATE};
+use engine::shapes::WorldConfig;
+use engine::tokenizer::TextTokenizer;
 use engine::train::dpo::TokenPair;
 use engine::train::optim::{AdamW, AdamWConfig};
 use engine::train::parallel::train_dpo_parallel;
@@ -15,7 +15,7 @@ use engine::train::trainer::{precompute_references, steps_per_epoch, train_dpo, 
 use engine::{Adapter, Model};
 
 mod gpu_common;
-use gpu_common::root;
+use gpu_common::{rel_l2, root, shapes_pairs};
 
 /// The bundled model on CUDA devices 0 and 1, or None (printed: skipped) with fewer than two usable devices.
 fn two_gpus() -> Option<(Model, Model)> {
@@ -39,37 +39,6 @@ fn two_gpus() -> Option<(Model, Model)> {
     let gpu = engine::cuda::Gpu::open(0).unwrap().unwrap();
     println!("CUDA device: {} ({})", gpu.name, gpu.arch);
     Some((open(0), open(1)))
-}
-
-type Pair = (Scene, Vec<u32>, Vec<u32>, Vec<u32>);
-
-/// `count` ShapesWorld pairs: the true caption against one with an object added.
-fn shapes_pairs(tok: &TextTokenizer, eos: u32, count: usize) -> Vec<Pair> {
-    let wc = WorldConfig::default();
-    let prompt = tok.encode(&apply_template(LLAVA_15_TEMPLATE, "Describe the image."), true).unwrap();
-    let ans = |s: &str| {
-        let mut v = tok.encode(s, false).unwrap();
-        v.push(eos);
-        v
-    };
-    (0..400u64)
-        .filter_map(|seed| {
-            let scene = Scene::generate(&wc, seed);
-            let (noisy, added) =
-                engine::shapes::noisy_caption(&scene, seed, 1.0, engine::shapes::CaptionOrder::Canonical);
-            (!added.is_empty()).then(|| {
-                let chosen = ans(&engine::shapes::caption(&scene));
-                (scene, prompt.clone(), chosen, ans(&noisy))
-            })
-        })
-        .take(count)
-        .collect()
-}
-
-fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
-    let num: f64 = got.iter().zip(want).map(|(g, w)| (*g as f64 - *w as f64).powi(2)).sum();
-    let den: f64 = want.iter().map(|w| (*w as f64).powi(2)).sum();
-    (num / den.max(1e-30)).sqrt()
 }
 
 fn factors(a: &Adapter) -> Vec<f32> {

@@ -1,4 +1,5 @@
-//! Shared by the GPU test binaries (cuda_parity, cuda_train_parity, cuda_llama, cuda_train).
+//! Shared by the GPU test binaries (cuda_parity, cuda_train_parity, cuda_llama, cuda_train, cuda_backend,
+//! cuda_parallel).
 #![allow(dead_code)]
 
 use engine::cuda::Gpu;
@@ -45,4 +46,40 @@ pub fn randomize_b(adapter: &mut engine::Adapter, seed: u64, scale: f64) {
     for n in names {
         adapter.module_mut(&n).unwrap().b.iter_mut().for_each(|v| *v = ((rng.next_f64() * 2.0 - 1.0) * scale) as f32);
     }
+}
+
+/// A scene, its prompt ids, the chosen and the rejected answer ids.
+pub type Pair = (engine::shapes::Scene, Vec<u32>, Vec<u32>, Vec<u32>);
+
+/// ShapesWorld preference pairs with images: the true caption over one naming an absent object.
+pub fn shapes_pairs(tok: &engine::tokenizer::TextTokenizer, eos: u32, count: usize) -> Vec<Pair> {
+    let wc = engine::shapes::WorldConfig::default();
+    let prompt = tok
+        .encode(&engine::tokenizer::apply_template(engine::tokenizer::LLAVA_15_TEMPLATE, "Describe the image."), true)
+        .unwrap();
+    let ans = |s: &str| {
+        let mut v = tok.encode(s, false).unwrap();
+        v.push(eos);
+        v
+    };
+    (0..400u64)
+        .filter_map(|seed| {
+            let scene = engine::shapes::Scene::generate(&wc, seed);
+            let (noisy, added) =
+                engine::shapes::noisy_caption(&scene, seed, 1.0, engine::shapes::CaptionOrder::Canonical);
+            (!added.is_empty()).then(|| {
+                let chosen = ans(&engine::shapes::caption(&scene));
+                (scene, prompt.clone(), chosen, ans(&noisy))
+            })
+        })
+        .take(count)
+        .collect()
+}
+
+/// Relative L2 distance of `got` from `want`.
+pub fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let num: f64 = got.iter().zip(want).map(|(g, w)| (*g as f64 - *w as f64).powi(2)).sum();
+    let den: f64 = want.iter().map(|w| (*w as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
 }
