@@ -91,8 +91,8 @@ pub fn evaluate(
 
 /// Self-feedback at inference on the held-out images: for each image, the largest N of `ns` answers to "Describe
 /// the image." sampled at `temperature` (seeds from `sample_seed` and the image, so the first k answers are the
-/// same whatever N), each scored by the length-normalised implicit reward (`engine::feedback::reward`: `ad`
-/// against `reference`, None = the base model, with `beta`); for every N of `ns`, the caption metrics of the best of
+/// same whatever N), each scored by an implicit reward (`engine::feedback::reward`: `ad`
+/// against `reference`, None = the base model, with `beta`, as `reward` says); for every N of `ns`, the caption metrics of the best of
 /// the first N. N = 1 is a single sample at that temperature. `progress(i)` after image i (1-based).
 #[allow(clippy::too_many_arguments)]
 pub fn best_of_curve(
@@ -108,6 +108,7 @@ pub fn best_of_curve(
     ns: &[usize],
     temperature: f32,
     beta: f64,
+    reward: engine::feedback::reward::RewardKind,
     sample_seed: u64,
     mut dump: Option<&mut dyn std::io::Write>,
     mut progress: impl FnMut(usize),
@@ -128,7 +129,7 @@ pub fn best_of_curve(
         let seeds: Vec<u64> = (0..most as u64).map(|k| first.wrapping_add(k)).collect();
         let params = SamplingParams { temperature, max_new_tokens, ..Default::default() };
         let req = GenerateRequest { ids: &ids, pixels: Some(&pixels), seeds: &seeds, params, stop_ids: vec![] };
-        let all = engine::feedback::reward::best_of_n(m, ad, reference, &req, beta)?;
+        let all = engine::feedback::reward::best_of_n_by(m, ad, reference, &req, beta, reward)?;
         if let Some(w) = dump.as_mut() {
             // Every sampled caption with its reward and its objects against the image's: to see what the reward
             // ranks.
@@ -136,12 +137,12 @@ pub fn best_of_curve(
             let answers: Vec<serde_json::Value> = all
                 .answers
                 .iter()
-                .zip(&all.rewards)
-                .map(|(a, r)| -> Result<serde_json::Value> {
+                .zip(all.rewards.iter().zip(&all.parts))
+                .map(|(a, (r, parts))| -> Result<serde_json::Value> {
                     let text = tok.decode(&a.tokens)?;
                     let named = engine::hallucination::mentions(&text);
                     let wrong = named.iter().filter(|o| !truth.contains(o)).count();
-                    Ok(serde_json::json!({ "text": text, "reward": r, "objects": named.len(), "hallucinated": wrong }))
+                    Ok(serde_json::json!({ "text": text, "reward": r, "parts": parts, "objects": named.len(), "hallucinated": wrong }))
                 })
                 .collect::<Result<_>>()?;
             writeln!(w, "{}", serde_json::json!({ "image": i, "truth": truth, "answers": answers }))?;

@@ -458,3 +458,88 @@ fn eval_hallucination_reports_every_metric() {
     }
     assert!(v["amber_f1"].is_number());
 }
+
+/// `rlaifd eval bench` reads Object HalBench's (COCO instances) and POPE's formats. On files `rlaifd shapes bench`
+/// writes for the held-out images of `eval hallucination` (ShapesWorld objects as COCO-style categories), the
+/// bundled model's CHAIR and POPE figures agree with `eval hallucination`'s exactly; bad input is refused by name.
+#[test]
+fn eval_bench_objhal_and_pope_agree_with_eval_hallucination() {
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/shapes-base");
+    let dir = std::env::temp_dir().join(format!("rlaifd-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let o = rlaifd(&["shapes", "bench", "--seed", "1000000", "--count", "40", "--out", p(&dir)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let inst: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("instances.json")).unwrap()).unwrap();
+    assert_eq!(inst["images"].as_array().unwrap().len(), 40);
+    assert_eq!(inst["categories"].as_array().unwrap().len(), 30);
+
+    let o = rlaifd(&["eval", "hallucination", "--model", p(&model), "--count", "40", "--json"]);
+    let reference = &json_lines("eval hallucination", &o)[0];
+    let data = dir.join("instances.json");
+    let syn = dir.join("synonyms.txt");
+    let objhal = |syn: &Path, extra: &[&str]| {
+        let mut args = vec!["eval", "bench", "--suite", "objhal", "--data", p(&data), "--images", p(&dir)];
+        args.extend(["--model", p(&model), "--synonyms", p(syn), "--json"]);
+        args.extend(extra);
+        rlaifd(&args)
+    };
+    let bench = &json_lines("eval bench objhal", &objhal(&syn, &["--prompt", "Describe the image."]))[0];
+    for k in ["chair_s", "chair_i", "cover", "mean_length"] {
+        let (a, b) = (bench[k].as_f64().unwrap(), reference["caption"][k].as_f64().unwrap());
+        assert!((a - b).abs() < 1e-12, "{k}: eval bench {a} vs eval hallucination {b}");
+    }
+    assert_eq!(bench["images"], 40);
+    // The benchmark's own prompts (eight, one per image in turn) and --limit.
+    let own = &json_lines("eval bench objhal own prompts", &objhal(&syn, &["--limit", "8"]))[0];
+    assert_eq!(own["images"], 8);
+    for split in ["random", "popular", "adversarial"] {
+        let file = dir.join(format!("pope_{split}.json"));
+        let o = rlaifd(&[
+            "eval",
+            "bench",
+            "--suite",
+            "pope",
+            "--data",
+            p(&file),
+            "--images",
+            p(&dir),
+            "--model",
+            p(&model),
+            "--json",
+        ]);
+        let b = &json_lines("eval bench pope", &o)[0];
+        let r = &reference["pope"][split];
+        assert_eq!(b["questions"], r["n"], "{split}");
+        for k in ["accuracy", "precision", "recall", "f1", "yes_ratio"] {
+            let (x, y) = (b[k].as_f64().unwrap(), r[k].as_f64().unwrap());
+            assert!((x - y).abs() < 1e-12, "{split} {k}: eval bench {x} vs eval hallucination {y}");
+        }
+    }
+
+    // Bad input: a category the synonyms lack, an image outside the folder, a malformed POPE line.
+    let other = dir.join("other.txt");
+    std::fs::write(&other, "dog, puppy\nred circle\n").unwrap();
+    failure(
+        "synonyms without the categories",
+        &objhal(&other, &[]),
+        &["`red square`", "not in the synonyms", "--synonyms"],
+    );
+    let escape = dir.join("escape.json");
+    std::fs::write(
+        &escape,
+        "{\"image\": \"../000000.png\", \"text\": \"Is there a red circle?\", \"label\": \"yes\"}\n",
+    )
+    .unwrap();
+    let o =
+        rlaifd(&["eval", "bench", "--suite", "pope", "--data", p(&escape), "--images", p(&dir), "--model", p(&model)]);
+    failure("image outside --images", &o, &["../000000.png", "inside --images"]);
+    std::fs::write(
+        &escape,
+        "{\"image\": \"000000.png\", \"text\": \"Is there a red circle?\", \"label\": \"maybe\"}\n",
+    )
+    .unwrap();
+    let o =
+        rlaifd(&["eval", "bench", "--suite", "pope", "--data", p(&escape), "--images", p(&dir), "--model", p(&model)]);
+    failure("a label that is not yes/no", &o, &["line 1", "maybe"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}

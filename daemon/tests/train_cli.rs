@@ -528,3 +528,41 @@ fn train_sft_with_lora_on_the_gpu_pauses_and_resumes_on_the_gpu_or_the_cpu() {
     assert!(!ok && stderr.contains("--full") && stderr.contains("--device cpu"), "{stderr}");
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// `train-dpo --full-parameter` (RLAIF-V's full-parameter recipe): no LoRA factors, every linear layer of the
+/// decoder trained whole and saved as `modules_to_save`; the run moves the model, and a paused run resumes to the
+/// same bytes as an uninterrupted one (the moments of the whole weights are in the saved state).
+#[test]
+fn train_dpo_full_parameter_trains_whole_layers_and_resumes_exactly() {
+    let model = root().join("tests/fixtures/llava/llama_text_only/model");
+    let pairs = root().join("tests/fixtures/grad/llama_text_only/pairs.jsonl");
+    let d = tmp("full");
+    let (straight, split) = (d.join("straight"), d.join("split"));
+    let (m, p) = (model.to_str().unwrap(), pairs.to_str().unwrap());
+    let full = |out: &Path, extra: &[&str]| {
+        let mut args = train_args(m, p, out.to_str().unwrap());
+        args.push("--full-parameter");
+        args.extend(extra);
+        run(&args)
+    };
+    let (ok, stdout, stderr) = full(&straight, &[]);
+    assert!(ok, "{stderr}");
+    assert_eq!(stdout.lines().count(), 8);
+    let engine_model = engine::Model::load(&model).unwrap();
+    let ad = engine_model.load_adapter(&straight).unwrap();
+    assert!(ad.module_names().is_empty(), "no LoRA factors: {:?}", ad.module_names());
+    let layers = engine_model.config.text().num_hidden_layers;
+    let whole: Vec<&str> = ad.saved_params().map(|(n, _)| n).collect();
+    assert!(whole.len() >= 7 * layers, "every projection of every layer is trained whole: {whole:?}");
+    let ids: Vec<u32> = (1..12).collect();
+    assert_ne!(engine_model.logprobs(&ids, None, None).unwrap(), engine_model.logprobs(&ids, None, Some(&ad)).unwrap());
+    let (ok, _, stderr) = full(&split, &["--stop-after", "3"]);
+    assert!(ok, "{stderr}");
+    let (ok, stdout, stderr) = full(&split, &["--resume"]);
+    assert!(ok, "{stderr}");
+    assert_eq!(stdout.lines().count(), 5, "steps 4..8");
+    for f in ["adapter_model.safetensors", "optimizer.safetensors"] {
+        assert_eq!(std::fs::read(straight.join(f)).unwrap(), std::fs::read(split.join(f)).unwrap(), "{f} differs");
+    }
+    let _ = std::fs::remove_dir_all(&d);
+}

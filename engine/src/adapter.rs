@@ -307,6 +307,22 @@ impl Default for LoraSpec {
     }
 }
 
+impl LoraSpec {
+    /// Full-parameter training in adapter form (RLAIF-V's 7B recipe trains the language model in full): no LoRA
+    /// factors; every linear layer of the language model (its head included, unless tied to the embeddings) and
+    /// the projector (LLaVA's `multi_modal_projector`, Qwen2.5-VL's `merger`) are trained whole and saved as peft
+    /// `modules_to_save`. The vision tower, the token embeddings and the norms stay frozen.
+    pub fn full_parameter() -> Self {
+        LoraSpec {
+            target_modules: TargetModules::Names(Vec::new()),
+            modules_to_save: ["language_model", "lm_head", "multi_modal_projector", "merger"]
+                .map(String::from)
+                .to_vec(),
+            ..LoraSpec::default()
+        }
+    }
+}
+
 /// The module path peft sees for a canonical module of a model with this key layout (`layout` is
 /// `KeyLayout::name`; transformers 5 models, whatever their on-disk layout, use the 5.x in-memory names).
 pub fn peft_module_path(canonical: &str, family: ModelFamily, layout: &str, vision_prefix: &str) -> String {
@@ -409,9 +425,21 @@ impl Adapter {
         if !spec.modules_to_save.is_empty() && saved.is_empty() {
             return Err(bad(format!("modules to save {:?} match no linear layer of the model", spec.modules_to_save)));
         }
-        if out.is_empty() {
+        // No LoRA targets at all (an empty list) is full-parameter training in adapter form: whole parameters only.
+        let whole_only = matches!(&spec.target_modules, TargetModules::Names(n) if n.is_empty()) && !saved.is_empty();
+        if out.is_empty() && !whole_only {
             return Err(bad(format!("target modules {:?} match no linear layer of the model", spec.target_modules)));
         }
+        // The config lists only the names that matched a layer (loading refuses a name without tensors).
+        let to_save: Vec<String> = spec
+            .modules_to_save
+            .iter()
+            .filter(|t| {
+                let t = std::slice::from_ref(*t);
+                saved.values().any(|p| saved_param(p.key.trim_start_matches("base_model.model."), t).is_some())
+            })
+            .cloned()
+            .collect();
         let target = match &spec.target_modules {
             TargetModules::Names(n) => serde_json::json!(n),
             TargetModules::Regex(r) => serde_json::json!(r),
@@ -425,7 +453,7 @@ impl Adapter {
             use_dora: false,
             fan_in_fan_out: false,
             bias: Some("none".into()),
-            modules_to_save: (!spec.modules_to_save.is_empty()).then(|| spec.modules_to_save.clone()),
+            modules_to_save: (!to_save.is_empty()).then_some(to_save),
             rank_pattern: BTreeMap::new(),
             alpha_pattern: BTreeMap::new(),
             target_modules: Some(target),

@@ -228,6 +228,16 @@ impl Model {
         Adapter::create(spec, &modules, seed, &|name| self.get_param(name))
     }
 
+    /// `LoraSpec::full_parameter` for this model (a text-only model's decoder lives under `model`, its head is
+    /// `lm_head`).
+    pub fn full_parameter_spec(&self) -> crate::adapter::LoraSpec {
+        let mut spec = crate::adapter::LoraSpec::full_parameter();
+        if self.image_token_id().is_none() {
+            spec.modules_to_save = vec!["model".into(), "lm_head".into()];
+        }
+        spec
+    }
+
     /// Loads a PEFT LoRA adapter made for this model.
     pub fn load_adapter(&self, dir: &Path) -> Result<Adapter> {
         Adapter::load(dir, self.family(), &self.linear_shapes)

@@ -297,3 +297,104 @@ fn trainable_projector_is_saved_as_modules_to_save_and_gets_correct_gradients() 
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Full-parameter DPO (`LoraSpec::full_parameter`, `train-dpo --full-parameter`, `loop.tuning = "full"`): every
+/// linear layer of the language model and the projector is trained whole, nothing of the vision tower; the
+/// gradient of each kind of layer matches a central finite difference of the DPO loss along the gradient itself
+/// (|g| = dL/dt of L(w + t g/|g|)); training moves the policy toward the chosen answer; the checkpoint reloads.
+#[test]
+fn full_parameter_dpo_trains_every_language_model_linear_with_correct_gradients() {
+    use engine::train::dpo::pair_forward_backward;
+    use engine::train::Grads;
+    let case = fixture("l15_452_f16_mqa_sharded_lora");
+    let model = Model::load(&case.join("model")).unwrap();
+    let mut adapter = model.create_adapter(&model.full_parameter_spec(), 5).unwrap();
+    assert!(adapter.module_names().is_empty(), "no LoRA factors: {:?}", adapter.module_names());
+    let saved: Vec<String> = adapter.saved_params().map(|(n, _)| n.to_string()).collect();
+    let layers = model.config.text().num_hidden_layers;
+    for l in 0..layers {
+        for proj in [
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        ] {
+            let name = format!("language_model.layers.{l}.{proj}.weight");
+            assert!(saved.contains(&name), "{name} is not trained: {saved:?}");
+        }
+    }
+    for name in ["multi_modal_projector.linear_1.weight", "multi_modal_projector.linear_2.bias"] {
+        assert!(saved.contains(&name.to_string()), "{name} is not trained: {saved:?}");
+    }
+    assert!(!saved.iter().any(|n| n.starts_with("vision_tower.")), "the vision tower stays frozen: {saved:?}");
+
+    let px = model.load_image(&case.join("image.png")).unwrap();
+    let tok = engine::tokenizer::TextTokenizer::from_file(&model.dir.join("tokenizer.json")).unwrap();
+    let mut prompt = tok.encode("USER :", true).unwrap();
+    prompt.push(model.image_token_id().unwrap());
+    prompt.extend(tok.encode("is there a red circle ? ASSISTANT :", false).unwrap());
+    let (c, r) = (tok.encode("yes , a red circle .", false).unwrap(), tok.encode("no .", false).unwrap());
+    let pair = TokenPair { pixels: Some(&px), prompt_ids: &prompt, chosen_ids: &c, rejected_ids: &r };
+    let refs = precompute_references(&model, None, std::slice::from_ref(&pair)).unwrap()[0];
+    // A fresh full adapter is the base model: its log-probs equal the reference's.
+    let fresh = engine::train::dpo::reference_logps(&model, Some(&adapter), &pair).unwrap();
+    assert!((fresh.0 - refs.0).abs() < 1e-4 && (fresh.1 - refs.1).abs() < 1e-4, "{fresh:?} vs {refs:?}");
+
+    let cfg = DpoConfig { nll_weight: 1.0, ..DpoConfig::default() };
+    let loss = |ad: &engine::Adapter| {
+        let mut g = Grads::zeros_like(ad);
+        let (l, _) = pair_forward_backward(&model, ad, &pair, refs, &cfg, 1.0, &mut g, None).unwrap();
+        (l, g)
+    };
+    let (_, g) = loss(&adapter);
+    let last = layers - 1;
+    for name in [
+        "language_model.layers.0.self_attn.q_proj.weight".to_string(),
+        format!("language_model.layers.{last}.self_attn.v_proj.weight"),
+        format!("language_model.layers.{last}.mlp.down_proj.weight"),
+        "multi_modal_projector.linear_1.weight".to_string(),
+    ] {
+        let gw = g.param(&name).unwrap().to_vec();
+        let norm = gw.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
+        assert!(norm > 1e-6, "{name}: no gradient");
+        let h = 1e-2;
+        let moved = |t: f64| {
+            let mut ad = adapter.clone();
+            let p = ad.saved_params_mut().find(|(n, _)| *n == name).unwrap().1;
+            p.values.iter_mut().zip(&gw).for_each(|(w, gi)| *w += (t * *gi as f64 / norm) as f32);
+            loss(&ad).0
+        };
+        let numeric = (moved(h) - moved(-h)) / (2.0 * h);
+        assert!((numeric - norm).abs() < 2e-2 * norm, "{name}: |g| {norm} vs finite difference {numeric}");
+    }
+
+    // Training raises the chosen answer's margin over the rejected one; the checkpoint reloads exactly.
+    let tcfg = TrainConfig { dpo: cfg, epochs: 5, batch_size: 1, seed: 0 };
+    let mut opt = AdamW::new(AdamWConfig { lr: 1e-3, total_steps: 5, ..Default::default() });
+    let mut margins = Vec::new();
+    train_dpo(&model, &mut adapter, std::slice::from_ref(&pair), &[refs], &tcfg, &mut opt, None, |s| {
+        margins.push(s.reward_margin)
+    })
+    .unwrap();
+    let after = engine::train::dpo::reference_logps(&model, Some(&adapter), &pair).unwrap();
+    assert!(
+        (after.0 - refs.0) - (after.1 - refs.1) > 0.5,
+        "the policy should prefer the chosen answer after training: {after:?} vs reference {refs:?} (margins {margins:?})"
+    );
+    let dir = std::env::temp_dir().join(format!("rlaifd-full-{}", std::process::id()));
+    adapter.save(&dir, &model.dir, &[]).unwrap();
+    let cfg_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg_json["target_modules"], serde_json::json!([]));
+    let loaded = model.load_adapter(&dir).unwrap();
+    assert!(loaded.module_names().is_empty());
+    let ids: Vec<u32> = prompt.iter().chain(&c).copied().collect();
+    assert_eq!(
+        model.logprobs(&ids, Some(&px), Some(&adapter)).unwrap(),
+        model.logprobs(&ids, Some(&px), Some(&loaded)).unwrap()
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

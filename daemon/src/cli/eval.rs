@@ -40,6 +40,10 @@ pub enum EvalCmd {
         /// β of the implicit reward (scales every reward alike: it changes no choice).
         #[arg(long, default_value_t = 0.1)]
         beta: f64,
+        /// Which implicit reward ranks the captions: "mean" (RLAIF-V's: per token, end-of-sequence included),
+        /// "mean-content" (per word, the end-of-sequence token left out) or "sum" (DPO's, not normalised).
+        #[arg(long, default_value = "mean")]
+        reward: engine::feedback::reward::RewardKind,
         /// Seed of the sampled captions.
         #[arg(long, default_value_t = 0)]
         sample_seed: u64,
@@ -50,9 +54,74 @@ pub enum EvalCmd {
         #[arg(long)]
         dump: Option<PathBuf>,
     },
+    /// A hallucination benchmark in its published format, on data you supply (greedy decoding). objhal: Object
+    /// HalBench / CHAIR over a COCO instances_*.json (--data) and its images (--images), described with the
+    /// benchmark's eight prompts (image k gets prompt k mod 8); pope: a POPE question file (JSON lines
+    /// {"image", "text", "label"}).
+    Bench {
+        #[arg(long, value_enum)]
+        suite: Suite,
+        /// The benchmark's data file.
+        #[arg(long)]
+        data: PathBuf,
+        /// The folder the data file's image names are relative to.
+        #[arg(long)]
+        images: PathBuf,
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// objhal: category synonyms, one category a line, comma-separated names, the first being the
+        /// category's name in the instances file (default: CHAIR's COCO lists, assets/bench/coco_synonyms.txt).
+        #[arg(long)]
+        synonyms: Option<PathBuf>,
+        /// objhal: a COCO captions_*.json whose captions add to each image's ground truth (as CHAIR does).
+        #[arg(long)]
+        captions: Option<PathBuf>,
+        /// Replaces the suite's own prompts (objhal's descriptions); for pope, appended after each question.
+        #[arg(long)]
+        prompt: Option<String>,
+        /// Evaluate the first N images (objhal) or questions (pope) only.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Longest answer (default: 512 for objhal, 16 for pope).
+        #[arg(long)]
+        max_new_tokens: Option<usize>,
+        /// Print one JSON object with the metrics under their usual names.
+        #[arg(long)]
+        json: bool,
+        /// Write every answer (image, prompt, answer) as JSON lines.
+        #[arg(long)]
+        answers: Option<PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Suite {
+    Objhal,
+    Pope,
 }
 
 pub fn run(cmd: EvalCmd) -> Result<()> {
+    if let EvalCmd::Bench {
+        suite,
+        data,
+        images,
+        model,
+        adapter,
+        synonyms,
+        captions,
+        prompt,
+        limit,
+        max_new_tokens,
+        json,
+        answers,
+    } = cmd
+    {
+        let a = BenchArgs { suite, data, images, model, adapter, synonyms, captions, prompt, limit, max_new_tokens };
+        return bench(a, json, answers);
+    }
     let EvalCmd::Hallucination {
         model,
         adapter,
@@ -65,10 +134,14 @@ pub fn run(cmd: EvalCmd) -> Result<()> {
         temperature,
         reference,
         beta,
+        reward,
         sample_seed,
         plot,
         dump,
-    } = cmd;
+    } = cmd
+    else {
+        unreachable!("the bench suite returned above")
+    };
     let m = Model::load(&model).with_context(|| format!("loading model {}", model.display()))?;
     let ad = match &adapter {
         Some(d) => Some(m.load_adapter(d).with_context(|| format!("loading adapter {}", d.display()))?),
@@ -124,6 +197,7 @@ pub fn run(cmd: EvalCmd) -> Result<()> {
             &best_of,
             temperature,
             beta,
+            reward,
             sample_seed,
             dump_file.as_mut().map(|f| f as &mut dyn std::io::Write),
             progress,
@@ -131,11 +205,14 @@ pub fn run(cmd: EvalCmd) -> Result<()> {
         if json {
             let rows: Vec<serde_json::Value> = curve
                 .iter()
-                .map(|(n, c)| serde_json::json!({ "best_of": n, "temperature": temperature, "caption": c }))
+                .map(|(n, c)| serde_json::json!({ "best_of": n, "temperature": temperature, "reward": reward, "caption": c }))
                 .collect();
             println!("{}", serde_json::to_string(&rows)?);
         } else {
-            println!("Best-of-N captions at temperature {temperature}, {count} held-out images (seed {seed})");
+            println!(
+                "Best-of-N captions at temperature {temperature} by the {} implicit reward, {count} held-out images (seed {seed})",
+                serde_json::to_value(reward)?.as_str().unwrap_or("mean")
+            );
             println!("{:>4} {:>9} {:>9} {:>8} {:>8}", "N", "CHAIR_s %", "CHAIR_i %", "Cover %", "words");
             for (n, c) in &curve {
                 println!(
@@ -187,6 +264,176 @@ pub fn run(cmd: EvalCmd) -> Result<()> {
             "all", e.accuracy, e.precision, e.recall, e.f1, e.yes_ratio
         );
         println!("AMBER discriminative F1 (\"no\" positive): {:.3}", report.amber_f1);
+    }
+    Ok(())
+}
+
+struct BenchArgs {
+    suite: Suite,
+    data: PathBuf,
+    images: PathBuf,
+    model: PathBuf,
+    adapter: Option<PathBuf>,
+    synonyms: Option<PathBuf>,
+    captions: Option<PathBuf>,
+    prompt: Option<String>,
+    limit: Option<usize>,
+    max_new_tokens: Option<usize>,
+}
+
+/// `rlaifd eval bench`: every answer greedy, metrics printed (or one JSON object), answers written on request.
+fn bench(a: BenchArgs, json: bool, answers_to: Option<PathBuf>) -> Result<()> {
+    use rlaifd::bench as b;
+    if !a.images.is_dir() {
+        anyhow::bail!("--images {}: not a folder", a.images.display());
+    }
+    let data = b::read_data(&a.data, b::MAX_DATA_BYTES)?;
+    let src = a.data.display().to_string();
+    if a.suite != Suite::Objhal && (a.synonyms.is_some() || a.captions.is_some()) {
+        anyhow::bail!("--synonyms and --captions are objhal's (CHAIR's ground truth)");
+    }
+    let m = Model::load(&a.model).with_context(|| format!("loading model {}", a.model.display()))?;
+    if m.image_token_id().is_none() {
+        anyhow::bail!("{} is a text-only model; the benchmarks need a vision-language model", a.model.display());
+    }
+    let ad = match &a.adapter {
+        Some(d) => Some(m.load_adapter(d).with_context(|| format!("loading adapter {}", d.display()))?),
+        None => None,
+    };
+    let tok = TextTokenizer::from_file(&m.dir.join("tokenizer.json"))?;
+    let max_new = a.max_new_tokens.unwrap_or(if a.suite == Suite::Objhal { 512 } else { 16 });
+    if max_new == 0 || max_new > 4096 {
+        anyhow::bail!("--max-new-tokens must be from 1 to 4096 (got {max_new})");
+    }
+    let ask = |pixels: &engine::image::PixelValues, prompt: &str| -> Result<String> {
+        let ids = tok.encode_chat(engine::tokenizer::LLAVA_15_TEMPLATE, prompt)?;
+        let params =
+            engine::sampling::SamplingParams { temperature: 0.0, max_new_tokens: max_new, ..Default::default() };
+        let req = engine::generate::GenerateRequest {
+            ids: &ids,
+            pixels: Some(pixels),
+            seeds: &[0],
+            params,
+            stop_ids: vec![],
+        };
+        let out = engine::generate::generate(&m, &req, ad.as_ref())?;
+        Ok(tok.decode(&out[0].tokens)?)
+    };
+    let mut log = match &answers_to {
+        Some(p) => Some(std::io::BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
+        )),
+        None => None,
+    };
+    let tty = std::io::stderr().is_terminal();
+    let progress = |i: usize, n: usize| {
+        if tty {
+            eprint!("\r{i}/{n}");
+            if i == n {
+                eprintln!();
+            }
+        } else if i.is_multiple_of(100) || i == n {
+            eprintln!("{i}/{n}");
+        }
+    };
+    let report = match a.suite {
+        Suite::Objhal => {
+            let syn = match &a.synonyms {
+                Some(p) => {
+                    let bytes = b::read_data(p, 16 << 20)?;
+                    let text = String::from_utf8(bytes).with_context(|| format!("{} is not UTF-8", p.display()))?;
+                    b::Synonyms::parse(&text, &p.display().to_string())?
+                }
+                None => b::Synonyms::coco(),
+            };
+            let caps = match &a.captions {
+                Some(p) => Some(b::read_data(p, b::MAX_DATA_BYTES)?),
+                None => None,
+            };
+            let mut imgs = b::coco_images(&data, caps.as_deref(), &syn, &src)?;
+            imgs.truncate(a.limit.unwrap_or(usize::MAX));
+            if imgs.is_empty() {
+                anyhow::bail!("{src} lists no images");
+            }
+            let mut items = Vec::with_capacity(imgs.len());
+            for (k, img) in imgs.iter().enumerate() {
+                let path = b::image_path(&a.images, &img.file_name, &src)?;
+                let px =
+                    m.load_image(&path).with_context(|| format!("{src}: image {} ({})", img.id, path.display()))?;
+                let prompt =
+                    a.prompt.clone().unwrap_or_else(|| b::OBJHAL_PROMPTS[k % b::OBJHAL_PROMPTS.len()].to_string());
+                let answer = ask(&px, &prompt)?;
+                if let Some(w) = log.as_mut() {
+                    use std::io::Write;
+                    writeln!(
+                        w,
+                        "{}",
+                        serde_json::json!({ "image": img.file_name, "image_id": img.id, "prompt": prompt, "answer": answer, "objects": syn.mentions(&answer), "truth": img.objects })
+                    )?;
+                }
+                items.push((answer, img.objects.clone()));
+                progress(k + 1, imgs.len());
+            }
+            let c = b::chair(&syn, &items);
+            serde_json::json!({ "suite": "objhal", "images": c.answers, "chair_s": c.chair_s, "chair_i": c.chair_i, "cover": c.cover, "mean_length": c.mean_length })
+        }
+        Suite::Pope => {
+            let mut qs = b::pope_questions(&data, &src)?;
+            qs.truncate(a.limit.unwrap_or(usize::MAX));
+            let mut cache: std::collections::HashMap<String, std::sync::Arc<engine::image::PixelValues>> =
+                Default::default();
+            let mut items = Vec::with_capacity(qs.len());
+            for (k, q) in qs.iter().enumerate() {
+                let px = match cache.get(&q.image) {
+                    Some(px) => px.clone(),
+                    None => {
+                        let path = b::image_path(&a.images, &q.image, &src)?;
+                        let px = std::sync::Arc::new(
+                            m.load_image(&path)
+                                .with_context(|| format!("{src} line {}: image {}", k + 1, path.display()))?,
+                        );
+                        cache.insert(q.image.clone(), px.clone());
+                        px
+                    }
+                };
+                let prompt = match &a.prompt {
+                    Some(extra) => format!("{} {extra}", q.text),
+                    None => q.text.clone(),
+                };
+                let answer = ask(&px, &prompt)?;
+                let yes = b::pope_answer(&answer);
+                if let Some(w) = log.as_mut() {
+                    use std::io::Write;
+                    writeln!(
+                        w,
+                        "{}",
+                        serde_json::json!({ "question_id": q.question_id, "image": q.image, "prompt": prompt, "answer": answer, "read_as": if yes { "yes" } else { "no" }, "label": q.label })
+                    )?;
+                }
+                items.push((yes, q.label == "yes"));
+                progress(k + 1, qs.len());
+            }
+            let p = b::pope_metrics(&items);
+            serde_json::json!({ "suite": "pope", "questions": p.n, "accuracy": p.accuracy, "precision": p.precision, "recall": p.recall, "f1": p.f1, "yes_ratio": p.yes_ratio })
+        }
+    };
+    if let Some(mut w) = log {
+        use std::io::Write;
+        w.flush()?;
+    }
+    if json {
+        println!("{report}");
+    } else {
+        let name = if a.suite == Suite::Objhal { "Object HalBench (CHAIR)" } else { "POPE" };
+        println!("{name} on {src}");
+        if let Some(o) = report.as_object() {
+            for (k, v) in o.iter().filter(|(k, _)| *k != "suite") {
+                match v.as_f64() {
+                    Some(x) if v.is_f64() => println!("  {k:<12} {x:.4}"),
+                    _ => println!("  {k:<12} {v}"),
+                }
+            }
+        }
     }
     Ok(())
 }

@@ -49,6 +49,22 @@ pub enum ShapesCmd {
         #[arg(long, default_value = "base")]
         mix: String,
     },
+    /// Write COUNT images and the benchmark files `rlaifd eval bench` reads, in their published formats, with
+    /// ShapesWorld's objects as the categories: instances.json (COCO instances: images, annotations, categories),
+    /// synonyms.txt (one category a line), pope_random.json, pope_popular.json and pope_adversarial.json (POPE's
+    /// question lines: the present objects' questions and that split's negatives). Same images as
+    /// `rlaifd eval hallucination --seed S --count N`.
+    Bench {
+        #[arg(long)]
+        seed: u64,
+        #[arg(long)]
+        count: usize,
+        #[arg(long)]
+        out: PathBuf,
+        /// Image side in pixels.
+        #[arg(long, default_value_t = 64)]
+        size: u32,
+    },
     /// Print the JSON list of every object phrase.
     Vocab,
     /// Write ShapesWorld's word-level tokenizer.json.
@@ -63,6 +79,51 @@ pub fn run(cmd: ShapesCmd) -> Result<()> {
         ShapesCmd::Tokenizer { out } => {
             let tok = engine::shapes::build_tokenizer().map_err(|e| anyhow::anyhow!("building the tokenizer: {e}"))?;
             tok.save(&out, true).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", out.display()))?;
+            Ok(())
+        }
+        ShapesCmd::Bench { seed, count, out, size } => {
+            let vocab = vocabulary();
+            let categories: Vec<serde_json::Value> = vocab
+                .iter()
+                .enumerate()
+                .map(|(i, v)| serde_json::json!({ "id": i + 1, "name": v, "supercategory": "shape" }))
+                .collect();
+            let (mut images, mut annotations) = (Vec::new(), Vec::new());
+            let mut pope: std::collections::BTreeMap<&str, Vec<u8>> =
+                ["random", "popular", "adversarial"].into_iter().map(|k| (k, Vec::new())).collect();
+            let mut qid = 0usize;
+            write_scenes(seed, count, &out, size, 4, |file, scene, s| {
+                let id = images.len() + 1;
+                images.push(serde_json::json!({ "id": id, "file_name": file, "width": size, "height": size }));
+                for phrase in scene.phrases() {
+                    let cat = vocab.iter().position(|v| *v == phrase).map(|c| c + 1);
+                    annotations
+                        .push(serde_json::json!({ "id": annotations.len() + 1, "image_id": id, "category_id": cat }));
+                }
+                for q in instructions(scene, s).into_iter().filter(|q| q.kind == "existence") {
+                    let splits: Vec<&str> = match q.split {
+                        Some("present") | None => vec!["random", "popular", "adversarial"],
+                        Some(split) => vec![split],
+                    };
+                    for split in splits {
+                        qid += 1;
+                        let line = serde_json::json!({ "question_id": qid, "image": file, "text": q.prompt, "label": q.answer });
+                        writeln!(pope.get_mut(split).expect("a POPE split"), "{line}")?;
+                    }
+                }
+                Ok(())
+            })?;
+            let instances =
+                serde_json::json!({ "images": images, "annotations": annotations, "categories": categories });
+            let write = |name: &str, bytes: &[u8]| -> Result<()> {
+                std::fs::write(out.join(name), bytes).with_context(|| format!("cannot write {}/{name}", out.display()))
+            };
+            write("instances.json", serde_json::to_string(&instances)?.as_bytes())?;
+            let synonyms: String = vocab.iter().map(|v| format!("{v}\n")).collect();
+            write("synonyms.txt", format!("# ShapesWorld's objects, one category a line\n{synonyms}").as_bytes())?;
+            for (split, lines) in &pope {
+                write(&format!("pope_{split}.json"), lines)?;
+            }
             Ok(())
         }
         ShapesCmd::Vocab => {

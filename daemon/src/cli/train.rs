@@ -259,6 +259,11 @@ pub struct TrainDpoArgs {
     /// Regex over full module paths (default: every linear layer of the language model).
     #[arg(long)]
     target_regex: Option<String>,
+    /// Full-parameter DPO (RLAIF-V's 7B recipe) instead of LoRA: every linear layer of the language model and the
+    /// projector trained whole, saved as peft `modules_to_save`; vision tower, embeddings and norms frozen. Trains
+    /// on the CPU.
+    #[arg(long, conflicts_with_all = ["target_regex", "use_rslora"])]
+    full_parameter: bool,
     /// Save a resumable checkpoint every N steps (0 = only at the end).
     #[arg(long, default_value_t = 0)]
     save_every: usize,
@@ -466,6 +471,7 @@ pub fn cmd_train_dpo(a: TrainDpoArgs) -> Result<()> {
                     target_modules: targets,
                     modules_to_save: a.opt.modules_to_save(&model)?,
                 };
+                let spec = if a.full_parameter { model.full_parameter_spec() } else { spec };
                 model.create_adapter(&spec, a.opt.seed)?
             }
         };

@@ -66,6 +66,10 @@ pub struct LoopConfig {
     /// The modules a new adapter puts LoRA on: a regex over whole module paths ("" = every linear layer of the
     /// language model, RLAIF-V's). E.g. `.*(language_model.*_proj|multi_modal_projector.*)` adds the projector.
     pub lora_targets: String,
+    /// What DPO trains: "lora" (a LoRA adapter, RLAIF-V's 12B/LoRA recipe) or "full" (every linear layer of the
+    /// language model and the projector in full, RLAIF-V's 7B recipe; kept in the checkpoint as peft
+    /// `modules_to_save`; the lora_* settings are then unused).
+    pub tuning: String,
     /// Held-out evaluation: images and their seed.
     pub eval_count: usize,
     pub eval_seed: u64,
@@ -111,6 +115,7 @@ impl Default for LoopConfig {
             lora_r: 16,
             lora_alpha: 32.0,
             lora_targets: String::new(),
+            tuning: "lora".into(),
             eval_count: 100,
             eval_seed: 1_000_000,
             promote_margin: 0.005,
@@ -162,6 +167,9 @@ impl LoopConfig {
             if let Err(e) = regex::Regex::new(&self.lora_targets) {
                 return bad("lora_targets", &format!("not a regex: {e}"));
             }
+        }
+        if !matches!(self.tuning.as_str(), "lora" | "full") {
+            return bad("tuning", "expected \"lora\" or \"full\"");
         }
         if self.eval_count == 0 {
             return bad("eval_count", "must be at least 1");

@@ -200,6 +200,9 @@ pub async fn run_training(
                     if !c.lora_targets.is_empty() {
                         spec.target_modules = engine::adapter::TargetModules::Regex(c.lora_targets.clone());
                     }
+                    if c.tuning == "full" {
+                        spec = e.model.full_parameter_spec();
+                    }
                     e.model.create_adapter(&spec, c.seed ^ it_seed(&dir))?
                 }
             },
@@ -289,7 +292,7 @@ pub async fn run_training(
     let sha = adapter_sha256(&out_dir)?;
     let files = super::dir_files(&out_dir)?;
     let train_cfg = serde_json::json!({ "beta": cfg.beta, "loss": cfg.loss, "label_smoothing": cfg.label_smoothing, "nll_weight": cfg.nll_weight, "lr": cfg.lr, "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lora_r": cfg.lora_r,
-        "lora_alpha": cfg.lora_alpha, "lora_targets": cfg.lora_targets, "reference": cfg.reference, "length_balance_r": if cfg.length_balance { Some(balance.r) } else { None }, "pairs_total": pairs.len(),
+        "lora_alpha": cfg.lora_alpha, "lora_targets": cfg.lora_targets, "tuning": cfg.tuning, "reference": cfg.reference, "length_balance_r": if cfg.length_balance { Some(balance.r) } else { None }, "pairs_total": pairs.len(),
         "resumed_from_step": resumed_at, "devices": devices });
     let path = out_dir.display().to_string();
     let losses = serde_json::Value::Array(losses);

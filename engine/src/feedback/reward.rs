@@ -6,27 +6,55 @@ use crate::error::{EngineError, Result};
 use crate::generate::{generate, Answer, FinishReason, GenerateRequest};
 use crate::{Adapter, Model};
 
-/// r(y) for one answer (`answer` ids without EOS). The policy is base + `policy`, the reference base +
-/// `reference` (None: the base model alone). The image features of each side are passed in so they are
-/// computed once for all N answers.
-#[allow(clippy::too_many_arguments)]
-pub fn implicit_reward(
-    model: &Model,
-    policy: Option<&Adapter>,
-    reference: Option<&Adapter>,
-    prompt: &[u32],
-    answer: &[u32],
-    policy_feats: Option<&crate::llava::ImageFeatures>,
-    reference_feats: Option<&crate::llava::ImageFeatures>,
-    beta: f64,
-) -> Result<f64> {
-    if answer.is_empty() {
-        // Nothing to compare (max_new_tokens 0); an empty answer never wins against a non-empty one.
-        return Ok(f64::NEG_INFINITY);
+/// How an answer's log-ratios become its reward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RewardKind {
+    /// RLAIF-V's: β / |y| · Σ over the answer's tokens, its end-of-sequence token included.
+    #[default]
+    Mean,
+    /// The same average over the answer's words only: the end-of-sequence token's log-ratio is left out. A policy
+    /// trained toward shorter chosen answers raises that one token most, which the plain average rewards.
+    MeanContent,
+    /// β · Σ (DPO's own reward, not normalised by length).
+    Sum,
+}
+
+impl std::str::FromStr for RewardKind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "mean" => Ok(RewardKind::Mean),
+            "mean-content" => Ok(RewardKind::MeanContent),
+            "sum" => Ok(RewardKind::Sum),
+            other => Err(format!("unknown reward `{other}`: expected mean, mean-content or sum")),
+        }
     }
-    let lp = model.answer_logp(prompt, answer, policy_feats, policy)?;
-    let lr = model.answer_logp(prompt, answer, reference_feats, reference)?;
-    Ok(beta * (lp - lr) / answer.len() as f64)
+}
+
+/// The pieces every reward is made of, for one answer: log πθ − log πref summed over its words, the same for its
+/// end-of-sequence token (0 when it did not stop), and its word count.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct RewardParts {
+    pub content: f64,
+    pub eos: f64,
+    pub words: usize,
+    pub stopped: bool,
+}
+
+impl RewardParts {
+    pub fn reward(&self, kind: RewardKind, beta: f64) -> f64 {
+        let tokens = self.words + self.stopped as usize;
+        if tokens == 0 {
+            return f64::NEG_INFINITY;
+        }
+        match kind {
+            RewardKind::Mean => beta * (self.content + self.eos) / tokens as f64,
+            RewardKind::MeanContent if self.words == 0 => f64::NEG_INFINITY,
+            RewardKind::MeanContent => beta * self.content / self.words as f64,
+            RewardKind::Sum => beta * (self.content + self.eos),
+        }
+    }
 }
 
 /// N answers, their rewards and the index of the best (first on ties).
@@ -34,16 +62,30 @@ pub fn implicit_reward(
 pub struct BestOf {
     pub answers: Vec<Answer>,
     pub rewards: Vec<f64>,
+    pub parts: Vec<RewardParts>,
     pub best: usize,
 }
 
-/// Samples `req.seeds.len()` answers from the policy and picks the one with the highest implicit reward.
+/// Samples `req.seeds.len()` answers from the policy and picks the one with the highest implicit reward
+/// (RLAIF-V's length-normalised one).
 pub fn best_of_n(
     model: &Model,
     policy: Option<&Adapter>,
     reference: Option<&Adapter>,
     req: &GenerateRequest,
     beta: f64,
+) -> Result<BestOf> {
+    best_of_n_by(model, policy, reference, req, beta, RewardKind::Mean)
+}
+
+/// `best_of_n` with the reward `kind`.
+pub fn best_of_n_by(
+    model: &Model,
+    policy: Option<&Adapter>,
+    reference: Option<&Adapter>,
+    req: &GenerateRequest,
+    beta: f64,
+    kind: RewardKind,
 ) -> Result<BestOf> {
     if req.seeds.is_empty() {
         return Err(EngineError::Input("best-of-N needs N >= 1".into()));
@@ -55,16 +97,30 @@ pub fn best_of_n(
     };
     // Scored as DPO trains: an answer that stopped includes its end-of-sequence token.
     let eos = req.stop_ids.first().or(model.llm.cfg.eos_token_ids.first()).copied();
-    let rewards: Vec<f64> = answers
+    let ratio = |ids: &[u32]| -> Result<f64> {
+        if ids.is_empty() {
+            return Ok(0.0);
+        }
+        let lp = model.answer_logp(req.ids, ids, pf.as_ref(), policy)?;
+        let lr = model.answer_logp(req.ids, ids, rf.as_ref(), reference)?;
+        Ok(lp - lr)
+    };
+    let parts: Vec<RewardParts> = answers
         .iter()
         .map(|a| {
-            let mut ids = a.tokens.clone();
-            if let (FinishReason::Stop, Some(e)) = (a.finish, eos) {
-                ids.push(e);
-            }
-            implicit_reward(model, policy, reference, req.ids, &ids, pf.as_ref(), rf.as_ref(), beta)
+            let content = ratio(&a.tokens)?;
+            let (eos, stopped) = match (a.finish, eos) {
+                (FinishReason::Stop, Some(e)) => {
+                    let mut ids = a.tokens.clone();
+                    ids.push(e);
+                    (ratio(&ids)? - content, true)
+                }
+                _ => (0.0, false),
+            };
+            Ok(RewardParts { content, eos, words: a.tokens.len(), stopped })
         })
         .collect::<Result<_>>()?;
+    let rewards: Vec<f64> = parts.iter().map(|p| p.reward(kind, beta)).collect();
     let best = rewards.iter().enumerate().fold(0, |b, (i, r)| if *r > rewards[b] { i } else { b });
-    Ok(BestOf { answers, rewards, best })
+    Ok(BestOf { answers, rewards, parts, best })
 }

@@ -1,0 +1,355 @@
+//! `rlaifd eval bench`: hallucination benchmarks in their published formats, on data the user supplies (nothing is
+//! downloaded). Object HalBench (CHAIR over COCO `instances_*.json`, with CHAIR's synonym lists) and POPE (its
+//! question files). Metrics keep their usual names (`chair_s`, `chair_i`, `cover`, `accuracy`, `precision`,
+//! `recall`, `f1`, `yes_ratio`).
+
+use anyhow::{bail, Context, Result};
+use engine::hallucination::{binary_metrics, BinaryMetrics};
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Component, Path, PathBuf};
+
+/// CHAIR's COCO synonym lists (`assets/bench/coco_synonyms.txt`, its source named there).
+pub const COCO_SYNONYMS: &str = include_str!("../../assets/bench/coco_synonyms.txt");
+
+/// Object HalBench's eight description prompts (RLHF-V, Table 6 of its paper); image k of the benchmark gets prompt
+/// k mod 8.
+pub const OBJHAL_PROMPTS: [&str; 8] = [
+    "Provide a thorough description of the given image.",
+    "What is this photo about? Please answer in great detail.",
+    "Provide a thorough description of the given picture.",
+    "Explain the narrative or story that the image seems to convey, detailing each part that contributes to it.",
+    "Please provide a detailed description of the image. Describe the visual elements, colors, shapes, textures, and any objects or people present along with the overall mood or atmosphere portrayed in the image.",
+    "Please provide a detailed description of the image, including its visual elements, such as colors, shapes, textures, objects, and people.",
+    "Provide an intricate description of the image, capturing its visual elements, including colors, shapes, textures, objects, and any people present.",
+    "Compose a detailed account of the image, encompassing its visual characteristics, like colors, shapes, textures, objects, and any human subjects, by paying careful attention to the specifics.",
+];
+
+/// Largest data file read (COCO's `instances_train2014.json` is about 330 MB).
+pub const MAX_DATA_BYTES: u64 = 1 << 30;
+
+/// Object categories and the words that name them, for finding the objects a text mentions.
+pub struct Synonyms {
+    /// Every name (lowercase words) and its category, longest names first.
+    names: Vec<(Vec<String>, String)>,
+    categories: BTreeSet<String>,
+}
+
+fn words(text: &str) -> Vec<String> {
+    text.to_lowercase().split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).map(str::to_string).collect()
+}
+
+/// The singular readings of an English word ("dogs" -> "dog", "boxes" -> "box", "ponies" -> "pony"), the word
+/// first.
+fn readings(w: &str) -> Vec<String> {
+    let mut out = vec![w.to_string()];
+    if let Some(s) = w.strip_suffix("ies") {
+        out.push(format!("{s}y"));
+    }
+    if let Some(s) = w.strip_suffix("es") {
+        out.push(s.to_string());
+    }
+    if let Some(s) = w.strip_suffix('s').filter(|s| !s.ends_with('s')) {
+        out.push(s.to_string());
+    }
+    match w {
+        "men" => out.push("man".into()),
+        "women" => out.push("woman".into()),
+        "people" | "persons" => out.push("person".into()),
+        "knives" => out.push("knife".into()),
+        "mice" => out.push("mouse".into()),
+        _ => {}
+    }
+    out
+}
+
+impl Synonyms {
+    /// Parses one category a line, comma-separated names, the category's own name first; blank lines and lines
+    /// starting with `#` are skipped. A name listed under two categories is an error naming both.
+    pub fn parse(text: &str, source: &str) -> Result<Self> {
+        let mut owner: HashMap<Vec<String>, String> = HashMap::new();
+        let mut names = Vec::new();
+        let mut categories = BTreeSet::new();
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let parts: Vec<&str> = line.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+            let Some(category) = parts.first().map(|c| c.to_lowercase()) else { continue };
+            categories.insert(category.clone());
+            for name in parts {
+                let w = words(name);
+                if w.is_empty() {
+                    continue;
+                }
+                match owner.get(&w) {
+                    Some(c) if *c != category => {
+                        bail!("{source} line {}: `{name}` names both {c} and {category}", n + 1)
+                    }
+                    Some(_) => continue,
+                    None => {}
+                }
+                owner.insert(w.clone(), category.clone());
+                names.push((w, category.clone()));
+            }
+        }
+        if categories.is_empty() {
+            bail!("{source} lists no categories (one a line: the category's name, then its synonyms, comma-separated)");
+        }
+        names.sort_by_key(|(w, _)| std::cmp::Reverse(w.len()));
+        Ok(Synonyms { names, categories })
+    }
+
+    pub fn coco() -> Self {
+        Synonyms::parse(COCO_SYNONYMS, "assets/bench/coco_synonyms.txt").expect("the bundled synonyms parse")
+    }
+
+    pub fn has_category(&self, c: &str) -> bool {
+        self.categories.contains(c)
+    }
+
+    /// The categories `text` mentions: at each word, the longest name that matches there (a plural last word read
+    /// as its singular), then on after it.
+    pub fn mentions(&self, text: &str) -> BTreeSet<String> {
+        let w = words(text);
+        let mut out = BTreeSet::new();
+        let mut i = 0;
+        while i < w.len() {
+            let hit = self.names.iter().find(|(name, _)| {
+                let k = name.len();
+                i + k <= w.len()
+                    && name[..k - 1] == w[i..i + k - 1]
+                    && readings(&w[i + k - 1]).iter().any(|r| *r == name[k - 1])
+            });
+            match hit {
+                Some((name, c)) => {
+                    out.insert(c.clone());
+                    i += name.len();
+                }
+                None => i += 1,
+            }
+        }
+        out
+    }
+}
+
+/// CHAIR over (answer, ground-truth categories) pairs: CHAIR_s (answers naming an absent object / answers),
+/// CHAIR_i (absent objects named / objects named, distinct per answer), Cover (ground-truth objects named /
+/// ground-truth objects), mean length in words.
+pub fn chair(syn: &Synonyms, items: &[(String, BTreeSet<String>)]) -> engine::hallucination::CaptionMetrics {
+    let (mut bad, mut named, mut wrong, mut truth, mut covered, mut len) = (0, 0, 0, 0, 0, 0);
+    for (answer, gt) in items {
+        let m = syn.mentions(answer);
+        let h = m.iter().filter(|c| !gt.contains(*c)).count();
+        bad += usize::from(h > 0);
+        named += m.len();
+        wrong += h;
+        truth += gt.len();
+        covered += gt.iter().filter(|c| m.contains(*c)).count();
+        len += words(answer).len();
+    }
+    let ratio = |a: usize, b: usize| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+    engine::hallucination::CaptionMetrics {
+        answers: items.len(),
+        chair_s: ratio(bad, items.len()),
+        chair_i: ratio(wrong, named),
+        cover: ratio(covered, truth),
+        mean_length: ratio(len, items.len()),
+    }
+}
+
+/// POPE's reading of an answer (its evaluation script): the first sentence, commas dropped, is "no" when one of
+/// its words is "no", "not" or "No", else "yes".
+pub fn pope_answer(text: &str) -> bool {
+    let first = text.split('.').next().unwrap_or("").replace(',', "");
+    !first.split_whitespace().any(|w| w == "no" || w == "not" || w == "No")
+}
+
+/// POPE metrics (positive = "yes") over (model says yes, label is yes).
+pub fn pope_metrics(items: &[(bool, bool)]) -> BinaryMetrics {
+    let v: Vec<(Option<bool>, bool)> = items.iter().map(|&(p, l)| (Some(p), l)).collect();
+    binary_metrics(&v, true)
+}
+
+/// Reads a data file after checking its size.
+pub fn read_data(path: &Path, max: u64) -> Result<Vec<u8>> {
+    let meta = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+    if !meta.is_file() {
+        bail!("{} is not a file", path.display());
+    }
+    if meta.len() > max {
+        bail!("{} is {} bytes; the most this reads is {max}", path.display(), meta.len());
+    }
+    std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+/// `dir/name` for an image name from a data file: a relative path that stays inside `dir`.
+pub fn image_path(dir: &Path, name: &str, what: &str) -> Result<PathBuf> {
+    let rel = Path::new(name);
+    if name.is_empty() || !rel.components().all(|c| matches!(c, Component::Normal(_))) {
+        bail!("{what}: image `{name}` must be a relative path inside --images (no `..`, no absolute path)");
+    }
+    Ok(dir.join(rel))
+}
+
+/// One benchmark image of a COCO instances file and its ground-truth categories.
+pub struct CocoImage {
+    pub id: u64,
+    pub file_name: String,
+    pub objects: BTreeSet<String>,
+}
+
+/// The images of a COCO `instances_*.json` (in file order) with their annotated categories, plus the objects that
+/// the image's reference captions mention when a `captions_*.json` is given (CHAIR's ground truth). Categories
+/// must be names of `syn` (its first name on a line).
+pub fn coco_images(instances: &[u8], captions: Option<&[u8]>, syn: &Synonyms, source: &str) -> Result<Vec<CocoImage>> {
+    #[derive(serde::Deserialize)]
+    struct Img {
+        id: u64,
+        file_name: String,
+    }
+    #[derive(serde::Deserialize)]
+    struct Ann {
+        image_id: u64,
+        #[serde(default)]
+        category_id: Option<u64>,
+        #[serde(default)]
+        caption: Option<String>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Cat {
+        id: u64,
+        name: String,
+    }
+    #[derive(serde::Deserialize)]
+    struct Instances {
+        images: Vec<Img>,
+        annotations: Vec<Ann>,
+        #[serde(default)]
+        categories: Vec<Cat>,
+    }
+    let inst: Instances = serde_json::from_slice(instances)
+        .with_context(|| format!("{source}: not a COCO instances file (images, annotations, categories)"))?;
+    let mut cats = HashMap::new();
+    for c in inst.categories {
+        let name = c.name.to_lowercase();
+        if !syn.has_category(&name) {
+            bail!("{source}: category `{}` (id {}) is not in the synonyms (give --synonyms FILE with a line starting with it)", c.name, c.id);
+        }
+        cats.insert(c.id, name);
+    }
+    let mut objects: HashMap<u64, BTreeSet<String>> = HashMap::new();
+    for a in inst.annotations {
+        if let Some(cid) = a.category_id {
+            let c = cats.get(&cid).with_context(|| {
+                format!("{source}: an annotation names category id {cid}, which is not in `categories`")
+            })?;
+            objects.entry(a.image_id).or_default().insert(c.clone());
+        }
+    }
+    if let Some(bytes) = captions {
+        #[derive(serde::Deserialize)]
+        struct Caps {
+            annotations: Vec<Ann>,
+        }
+        let caps: Caps = serde_json::from_slice(bytes)
+            .context("--captions: not a COCO captions file (annotations with image_id and caption)")?;
+        for a in caps.annotations {
+            if let Some(text) = a.caption {
+                objects.entry(a.image_id).or_default().extend(syn.mentions(&text));
+            }
+        }
+    }
+    Ok(inst
+        .images
+        .into_iter()
+        .map(|i| CocoImage { objects: objects.remove(&i.id).unwrap_or_default(), id: i.id, file_name: i.file_name })
+        .collect())
+}
+
+/// One POPE question (a line of its `.json` files, which are JSON lines).
+#[derive(serde::Deserialize)]
+pub struct PopeQuestion {
+    #[serde(default)]
+    pub question_id: Option<serde_json::Value>,
+    pub image: String,
+    pub text: String,
+    pub label: String,
+}
+
+pub fn pope_questions(bytes: &[u8], source: &str) -> Result<Vec<PopeQuestion>> {
+    let text = std::str::from_utf8(bytes).with_context(|| format!("{source} is not UTF-8"))?;
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let q: PopeQuestion = serde_json::from_str(line)
+            .with_context(|| format!("{source} line {}: expected {{\"image\", \"text\", \"label\"}}", n + 1))?;
+        if q.label != "yes" && q.label != "no" {
+            bail!("{source} line {}: label `{}` must be \"yes\" or \"no\"", n + 1, q.label);
+        }
+        out.push(q);
+    }
+    if out.is_empty() {
+        bail!("{source} holds no questions");
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn coco_synonyms_find_categories_with_plurals_and_two_word_names() {
+        let syn = Synonyms::coco();
+        let m = syn.mentions("Two men ride motorbikes past a traffic light; puppies sit on a sofa near hot dogs.");
+        let want: BTreeSet<String> = ["person", "motorcycle", "traffic light", "dog", "couch", "hot dog"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(m, want);
+        // "hot dog" is one object (the longest name wins), not a dog.
+        assert_eq!(syn.mentions("a hot dog"), ["hot dog".to_string()].into_iter().collect());
+        assert!(syn.mentions("The sky is blue.").is_empty());
+    }
+
+    #[test]
+    fn chair_counts_like_the_paper() {
+        let syn = Synonyms::coco();
+        let gt = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
+        let items = vec![
+            ("A dog and a cat on a bed.".to_string(), gt(&["dog", "bed"])),
+            ("A man with a kite.".to_string(), gt(&["person", "kite", "car"])),
+        ];
+        let c = chair(&syn, &items);
+        assert_eq!(c.chair_s, 0.5); // the first names an absent cat
+        assert!((c.chair_i - 1.0 / 5.0).abs() < 1e-12); // 5 objects named, 1 absent
+        assert!((c.cover - 4.0 / 5.0).abs() < 1e-12); // 4 of 5 ground-truth objects named
+    }
+
+    #[test]
+    fn pope_reads_answers_as_its_script_does() {
+        assert!(pope_answer("Yes, there is a dog."));
+        assert!(!pope_answer("No, there is no dog."));
+        assert!(!pope_answer("There is not a dog in the image."));
+        assert!(pope_answer("There is a dog. No cat."));
+        assert!(pope_answer("I cannot tell"));
+    }
+
+    #[test]
+    fn image_names_stay_inside_the_folder() {
+        let d = Path::new("/data/images");
+        assert!(image_path(d, "a/b.jpg", "f").is_ok());
+        for bad in ["../x.jpg", "/etc/passwd", "a/../../x", ""] {
+            assert!(image_path(d, bad, "f").is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_synonym_under_two_categories_is_refused() {
+        let e = Synonyms::parse("dog, pup\ncat, pup\n", "s.txt").err().unwrap().to_string();
+        assert!(e.contains("pup") && e.contains("line 2"), "{e}");
+    }
+}
