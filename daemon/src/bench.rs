@@ -297,6 +297,219 @@ pub fn pope_questions(bytes: &[u8], source: &str) -> Result<Vec<PopeQuestion>> {
     Ok(out)
 }
 
+/// Which benchmark.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Suite {
+    Objhal,
+    Pope,
+}
+
+impl Suite {
+    pub fn name(self) -> &'static str {
+        match self {
+            Suite::Objhal => "objhal",
+            Suite::Pope => "pope",
+        }
+    }
+}
+
+/// Where a benchmark's data is and how to ask it.
+#[derive(Clone, Debug, Default)]
+pub struct BenchSource {
+    pub data: PathBuf,
+    pub images: PathBuf,
+    pub synonyms: Option<PathBuf>,
+    pub captions: Option<PathBuf>,
+    /// Replaces objhal's prompts; appended to each POPE question.
+    pub prompt: Option<String>,
+    pub limit: Option<usize>,
+}
+
+/// One question of a loaded benchmark: the image, the prompt, and what the answer is scored against.
+pub struct BenchItem {
+    pub image: PathBuf,
+    /// The image's name in the data file.
+    pub name: String,
+    pub prompt: String,
+    pub truth: Truth,
+}
+
+pub enum Truth {
+    /// objhal: the image's ground-truth categories.
+    Objects(BTreeSet<String>),
+    /// pope: the label ("yes" = true).
+    Label(bool),
+}
+
+/// A benchmark read and checked (every image path resolved inside its folder), ready to run.
+pub struct Bench {
+    pub suite: Suite,
+    pub items: Vec<BenchItem>,
+    syn: Option<Synonyms>,
+}
+
+impl Bench {
+    pub fn load(suite: Suite, src: &BenchSource) -> Result<Bench> {
+        if !src.images.is_dir() {
+            bail!("{}: the images folder is not a folder", src.images.display());
+        }
+        let data = read_data(&src.data, MAX_DATA_BYTES)?;
+        let name = src.data.display().to_string();
+        if suite != Suite::Objhal && (src.synonyms.is_some() || src.captions.is_some()) {
+            bail!("synonyms and captions are objhal's (CHAIR's ground truth)");
+        }
+        let limit = src.limit.unwrap_or(usize::MAX);
+        let (items, syn) = match suite {
+            Suite::Objhal => {
+                let syn = match &src.synonyms {
+                    Some(p) => {
+                        let bytes = read_data(p, 16 << 20)?;
+                        let text = String::from_utf8(bytes).with_context(|| format!("{} is not UTF-8", p.display()))?;
+                        Synonyms::parse(&text, &p.display().to_string())?
+                    }
+                    None => Synonyms::coco(),
+                };
+                let caps = match &src.captions {
+                    Some(p) => Some(read_data(p, MAX_DATA_BYTES)?),
+                    None => None,
+                };
+                let imgs = coco_images(&data, caps.as_deref(), &syn, &name)?;
+                let items = imgs
+                    .into_iter()
+                    .take(limit)
+                    .enumerate()
+                    .map(|(k, img)| {
+                        Ok(BenchItem {
+                            image: image_path(&src.images, &img.file_name, &name)?,
+                            prompt: src
+                                .prompt
+                                .clone()
+                                .unwrap_or_else(|| OBJHAL_PROMPTS[k % OBJHAL_PROMPTS.len()].into()),
+                            name: img.file_name,
+                            truth: Truth::Objects(img.objects),
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                (items, Some(syn))
+            }
+            Suite::Pope => {
+                let items = pope_questions(&data, &name)?
+                    .into_iter()
+                    .take(limit)
+                    .map(|q| {
+                        Ok(BenchItem {
+                            image: image_path(&src.images, &q.image, &name)?,
+                            prompt: match &src.prompt {
+                                Some(extra) => format!("{} {extra}", q.text),
+                                None => q.text,
+                            },
+                            name: q.image,
+                            truth: Truth::Label(q.label == "yes"),
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                (items, None)
+            }
+        };
+        if items.is_empty() {
+            bail!("{name} holds nothing to evaluate");
+        }
+        Ok(Bench { suite, items, syn })
+    }
+
+    /// Greedy answers to every item with `max_new_tokens`, then the suite's metrics as one JSON object.
+    /// `each(k, item, answer)` runs after item k (to log it, show progress, or let urgent work in).
+    pub fn run(
+        &self,
+        m: &engine::Model,
+        adapter: Option<&engine::Adapter>,
+        tok: &engine::tokenizer::TextTokenizer,
+        max_new_tokens: usize,
+        mut each: impl FnMut(usize, &BenchItem, &str) -> Result<()>,
+    ) -> Result<serde_json::Value> {
+        let mut cache: HashMap<&Path, std::sync::Arc<engine::image::PixelValues>> = HashMap::new();
+        let mut answers = Vec::with_capacity(self.items.len());
+        for (k, item) in self.items.iter().enumerate() {
+            let px = match cache.get(item.image.as_path()) {
+                Some(px) => px.clone(),
+                None => {
+                    let px = std::sync::Arc::new(
+                        m.load_image(&item.image)
+                            .with_context(|| format!("image {} ({})", item.name, item.image.display()))?,
+                    );
+                    // POPE asks several questions about each image; an objhal image is asked once.
+                    if self.suite == Suite::Pope {
+                        cache.insert(item.image.as_path(), px.clone());
+                    }
+                    px
+                }
+            };
+            let ids = tok.encode_chat(engine::tokenizer::LLAVA_15_TEMPLATE, &item.prompt)?;
+            let params = engine::sampling::SamplingParams { temperature: 0.0, max_new_tokens, ..Default::default() };
+            let req = engine::generate::GenerateRequest {
+                ids: &ids,
+                pixels: Some(&px),
+                seeds: &[0],
+                params,
+                stop_ids: vec![],
+            };
+            let out = engine::generate::generate(m, &req, adapter)?;
+            let answer = tok.decode(&out[0].tokens)?;
+            each(k, item, &answer)?;
+            answers.push(answer);
+        }
+        Ok(match self.suite {
+            Suite::Objhal => {
+                let syn = self.syn.as_ref().context("objhal without synonyms")?;
+                let items: Vec<(String, BTreeSet<String>)> = answers
+                    .into_iter()
+                    .zip(&self.items)
+                    .map(|(a, it)| match &it.truth {
+                        Truth::Objects(o) => (a, o.clone()),
+                        Truth::Label(_) => (a, BTreeSet::new()),
+                    })
+                    .collect();
+                let c = chair(syn, &items);
+                serde_json::json!({ "suite": "objhal", "images": c.answers, "chair_s": c.chair_s, "chair_i": c.chair_i, "cover": c.cover, "mean_length": c.mean_length })
+            }
+            Suite::Pope => {
+                let items: Vec<(bool, bool)> = answers
+                    .iter()
+                    .zip(&self.items)
+                    .map(|(a, it)| (pope_answer(a), matches!(it.truth, Truth::Label(true))))
+                    .collect();
+                let p = pope_metrics(&items);
+                serde_json::json!({ "suite": "pope", "questions": p.n, "accuracy": p.accuracy, "precision": p.precision, "recall": p.recall, "f1": p.f1, "yes_ratio": p.yes_ratio })
+            }
+        })
+    }
+
+    /// The categories an objhal answer names (for logs); empty for other suites.
+    pub fn mentions(&self, answer: &str) -> BTreeSet<String> {
+        self.syn.as_ref().map(|s| s.mentions(answer)).unwrap_or_default()
+    }
+}
+
+/// A gate on a benchmark (`loop.gate = "SUITE:FILE"`): the suite and its data file.
+pub fn parse_gate(spec: &str) -> Result<Option<(Suite, PathBuf)>> {
+    if spec.is_empty() {
+        return Ok(None);
+    }
+    let Some((suite, path)) = spec.split_once(':') else {
+        bail!("`{spec}`: expected SUITE:FILE, e.g. objhal:/data/coco/instances_val2014.json or pope:/data/pope/coco_pope_adversarial.json")
+    };
+    let suite = match suite {
+        "objhal" => Suite::Objhal,
+        "pope" => Suite::Pope,
+        other => bail!("`{spec}`: unknown suite `{other}` (objhal or pope)"),
+    };
+    if path.is_empty() {
+        bail!("`{spec}`: no data file after `{}:`", suite.name());
+    }
+    Ok(Some((suite, PathBuf::from(path))))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -223,3 +223,87 @@ async fn one_demo_iteration_lowers_chair_i_below_the_base_models() {
     let _ = std::fs::remove_dir_all(&state);
     db.drop_db().await;
 }
+
+/// `loop.gate = "objhal:FILE"`: the checkpointer measures the base model and each candidate on an Object HalBench
+/// file (COCO instances format; here `rlaifd shapes bench`'s, ShapesWorld objects as categories), stores the figures
+/// tagged with the gate (the `checkpoint_metrics` view shows them), and they are exactly what `rlaifd eval bench`
+/// reports for the same checkpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_benchmark_gate_measures_checkpoints_as_eval_bench_does() {
+    let db = common::fresh("benchgate").await;
+    let state = std::env::temp_dir().join(format!("rlaifd-benchgate-{}", std::process::id()));
+    let files = state.join("bench");
+    let _ = std::fs::remove_dir_all(&state);
+    let rlaifd = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_rlaifd"))
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "rlaifd {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let (files_s, state_s, model) = (files.to_str().unwrap(), state.to_str().unwrap(), model_dir());
+    rlaifd(&["shapes", "bench", "--seed", "1000000", "--count", "30", "--out", files_s]);
+    let data = files.join("instances.json");
+    let syn = files.join("synonyms.txt");
+    let gate = format!("gate=objhal:{}", data.display());
+    let gate_syn = format!("gate_synonyms={}", syn.display());
+    let model_s = model.to_str().unwrap();
+    rlaifd(&[
+        "demo",
+        "--iterations",
+        "1",
+        "--prompts-per-iteration",
+        "60",
+        "--eval-count",
+        "30",
+        "--state-dir",
+        state_s,
+        "--database-url",
+        &db.url,
+        "--model",
+        model_s,
+        "--set",
+        &gate,
+        "--set",
+        &gate_syn,
+    ]);
+    type Row = (i32, String, Option<String>, Option<f64>, Option<f64>);
+    let rows: Vec<Row> =
+        sqlx::query_as("SELECT iteration, status, gate, chair_i, cover FROM checkpoint_metrics ORDER BY id")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(rows.len(), 2, "the base model and one candidate: {rows:?}");
+    let bench = |adapter: Option<&str>| {
+        let (d, s) = (data.to_str().unwrap(), syn.to_str().unwrap());
+        let mut args = vec!["eval", "bench", "--suite", "objhal", "--data", d, "--images", files_s, "--model", model_s];
+        args.extend(["--synonyms", s, "--max-new-tokens", "48", "--json"]);
+        if let Some(a) = adapter {
+            args.extend(["--adapter", a]);
+        }
+        serde_json::from_str::<serde_json::Value>(rlaifd(&args).trim()).unwrap()
+    };
+    let cand_dir = state.join("checkpoints/iter-0001");
+    for ((it, status, g, chair_i, cover), want) in
+        rows.iter().zip([bench(None), bench(Some(cand_dir.to_str().unwrap()))])
+    {
+        assert_eq!(
+            g.as_deref(),
+            Some(gate.trim_start_matches("gate=")),
+            "iteration {it} ({status}) is tagged with its gate"
+        );
+        assert_eq!(*chair_i, want["chair_i"].as_f64(), "iteration {it}: the gate's CHAIR_i is eval bench's");
+        assert_eq!(*cover, want["cover"].as_f64(), "iteration {it}: the gate's Cover is eval bench's");
+    }
+    let reason: String = sqlx::query_scalar(
+        "SELECT detail->>'reason' FROM events WHERE kind IN ('promoted', 'rejected') ORDER BY id DESC LIMIT 1",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(reason.contains("chair_i"), "the decision names the benchmark's metric: {reason}");
+    let _ = std::fs::remove_dir_all(&state);
+    db.drop_db().await;
+}

@@ -60,7 +60,7 @@ pub enum EvalCmd {
     /// {"image", "text", "label"}).
     Bench {
         #[arg(long, value_enum)]
-        suite: Suite,
+        suite: rlaifd::bench::Suite,
         /// The benchmark's data file.
         #[arg(long)]
         data: PathBuf,
@@ -94,13 +94,6 @@ pub enum EvalCmd {
         #[arg(long)]
         answers: Option<PathBuf>,
     },
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Suite {
-    Objhal,
-    Pope,
 }
 
 pub fn run(cmd: EvalCmd) -> Result<()> {
@@ -269,7 +262,7 @@ pub fn run(cmd: EvalCmd) -> Result<()> {
 }
 
 struct BenchArgs {
-    suite: Suite,
+    suite: rlaifd::bench::Suite,
     data: PathBuf,
     images: PathBuf,
     model: PathBuf,
@@ -283,15 +276,20 @@ struct BenchArgs {
 
 /// `rlaifd eval bench`: every answer greedy, metrics printed (or one JSON object), answers written on request.
 fn bench(a: BenchArgs, json: bool, answers_to: Option<PathBuf>) -> Result<()> {
-    use rlaifd::bench as b;
-    if !a.images.is_dir() {
-        anyhow::bail!("--images {}: not a folder", a.images.display());
+    use rlaifd::bench::{Bench, BenchSource, Suite};
+    let src = BenchSource {
+        data: a.data.clone(),
+        images: a.images,
+        synonyms: a.synonyms,
+        captions: a.captions,
+        prompt: a.prompt,
+        limit: a.limit,
+    };
+    let max_new = a.max_new_tokens.unwrap_or(if a.suite == Suite::Objhal { 512 } else { 16 });
+    if max_new == 0 || max_new > 4096 {
+        anyhow::bail!("--max-new-tokens must be from 1 to 4096 (got {max_new})");
     }
-    let data = b::read_data(&a.data, b::MAX_DATA_BYTES)?;
-    let src = a.data.display().to_string();
-    if a.suite != Suite::Objhal && (a.synonyms.is_some() || a.captions.is_some()) {
-        anyhow::bail!("--synonyms and --captions are objhal's (CHAIR's ground truth)");
-    }
+    let b = Bench::load(a.suite, &src)?;
     let m = Model::load(&a.model).with_context(|| format!("loading model {}", a.model.display()))?;
     if m.image_token_id().is_none() {
         anyhow::bail!("{} is a text-only model; the benchmarks need a vision-language model", a.model.display());
@@ -301,24 +299,6 @@ fn bench(a: BenchArgs, json: bool, answers_to: Option<PathBuf>) -> Result<()> {
         None => None,
     };
     let tok = TextTokenizer::from_file(&m.dir.join("tokenizer.json"))?;
-    let max_new = a.max_new_tokens.unwrap_or(if a.suite == Suite::Objhal { 512 } else { 16 });
-    if max_new == 0 || max_new > 4096 {
-        anyhow::bail!("--max-new-tokens must be from 1 to 4096 (got {max_new})");
-    }
-    let ask = |pixels: &engine::image::PixelValues, prompt: &str| -> Result<String> {
-        let ids = tok.encode_chat(engine::tokenizer::LLAVA_15_TEMPLATE, prompt)?;
-        let params =
-            engine::sampling::SamplingParams { temperature: 0.0, max_new_tokens: max_new, ..Default::default() };
-        let req = engine::generate::GenerateRequest {
-            ids: &ids,
-            pixels: Some(pixels),
-            seeds: &[0],
-            params,
-            stop_ids: vec![],
-        };
-        let out = engine::generate::generate(&m, &req, ad.as_ref())?;
-        Ok(tok.decode(&out[0].tokens)?)
-    };
     let mut log = match &answers_to {
         Some(p) => Some(std::io::BufWriter::new(
             std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
@@ -326,7 +306,20 @@ fn bench(a: BenchArgs, json: bool, answers_to: Option<PathBuf>) -> Result<()> {
         None => None,
     };
     let tty = std::io::stderr().is_terminal();
-    let progress = |i: usize, n: usize| {
+    let n = b.items.len();
+    let report = b.run(&m, ad.as_ref(), &tok, max_new, |k, item, answer| {
+        if let Some(w) = log.as_mut() {
+            use std::io::Write;
+            let yn = |y: bool| if y { "yes" } else { "no" };
+            let line = match &item.truth {
+                rlaifd::bench::Truth::Objects(o) => serde_json::json!({ "image": item.name, "prompt": item.prompt,
+                    "answer": answer, "objects": b.mentions(answer), "truth": o }),
+                rlaifd::bench::Truth::Label(l) => serde_json::json!({ "image": item.name, "prompt": item.prompt,
+                    "answer": answer, "read_as": yn(rlaifd::bench::pope_answer(answer)), "label": yn(*l) }),
+            };
+            writeln!(w, "{line}")?;
+        }
+        let i = k + 1;
         if tty {
             eprint!("\r{i}/{n}");
             if i == n {
@@ -335,88 +328,8 @@ fn bench(a: BenchArgs, json: bool, answers_to: Option<PathBuf>) -> Result<()> {
         } else if i.is_multiple_of(100) || i == n {
             eprintln!("{i}/{n}");
         }
-    };
-    let report = match a.suite {
-        Suite::Objhal => {
-            let syn = match &a.synonyms {
-                Some(p) => {
-                    let bytes = b::read_data(p, 16 << 20)?;
-                    let text = String::from_utf8(bytes).with_context(|| format!("{} is not UTF-8", p.display()))?;
-                    b::Synonyms::parse(&text, &p.display().to_string())?
-                }
-                None => b::Synonyms::coco(),
-            };
-            let caps = match &a.captions {
-                Some(p) => Some(b::read_data(p, b::MAX_DATA_BYTES)?),
-                None => None,
-            };
-            let mut imgs = b::coco_images(&data, caps.as_deref(), &syn, &src)?;
-            imgs.truncate(a.limit.unwrap_or(usize::MAX));
-            if imgs.is_empty() {
-                anyhow::bail!("{src} lists no images");
-            }
-            let mut items = Vec::with_capacity(imgs.len());
-            for (k, img) in imgs.iter().enumerate() {
-                let path = b::image_path(&a.images, &img.file_name, &src)?;
-                let px =
-                    m.load_image(&path).with_context(|| format!("{src}: image {} ({})", img.id, path.display()))?;
-                let prompt =
-                    a.prompt.clone().unwrap_or_else(|| b::OBJHAL_PROMPTS[k % b::OBJHAL_PROMPTS.len()].to_string());
-                let answer = ask(&px, &prompt)?;
-                if let Some(w) = log.as_mut() {
-                    use std::io::Write;
-                    writeln!(
-                        w,
-                        "{}",
-                        serde_json::json!({ "image": img.file_name, "image_id": img.id, "prompt": prompt, "answer": answer, "objects": syn.mentions(&answer), "truth": img.objects })
-                    )?;
-                }
-                items.push((answer, img.objects.clone()));
-                progress(k + 1, imgs.len());
-            }
-            let c = b::chair(&syn, &items);
-            serde_json::json!({ "suite": "objhal", "images": c.answers, "chair_s": c.chair_s, "chair_i": c.chair_i, "cover": c.cover, "mean_length": c.mean_length })
-        }
-        Suite::Pope => {
-            let mut qs = b::pope_questions(&data, &src)?;
-            qs.truncate(a.limit.unwrap_or(usize::MAX));
-            let mut cache: std::collections::HashMap<String, std::sync::Arc<engine::image::PixelValues>> =
-                Default::default();
-            let mut items = Vec::with_capacity(qs.len());
-            for (k, q) in qs.iter().enumerate() {
-                let px = match cache.get(&q.image) {
-                    Some(px) => px.clone(),
-                    None => {
-                        let path = b::image_path(&a.images, &q.image, &src)?;
-                        let px = std::sync::Arc::new(
-                            m.load_image(&path)
-                                .with_context(|| format!("{src} line {}: image {}", k + 1, path.display()))?,
-                        );
-                        cache.insert(q.image.clone(), px.clone());
-                        px
-                    }
-                };
-                let prompt = match &a.prompt {
-                    Some(extra) => format!("{} {extra}", q.text),
-                    None => q.text.clone(),
-                };
-                let answer = ask(&px, &prompt)?;
-                let yes = b::pope_answer(&answer);
-                if let Some(w) = log.as_mut() {
-                    use std::io::Write;
-                    writeln!(
-                        w,
-                        "{}",
-                        serde_json::json!({ "question_id": q.question_id, "image": q.image, "prompt": prompt, "answer": answer, "read_as": if yes { "yes" } else { "no" }, "label": q.label })
-                    )?;
-                }
-                items.push((yes, q.label == "yes"));
-                progress(k + 1, qs.len());
-            }
-            let p = b::pope_metrics(&items);
-            serde_json::json!({ "suite": "pope", "questions": p.n, "accuracy": p.accuracy, "precision": p.precision, "recall": p.recall, "f1": p.f1, "yes_ratio": p.yes_ratio })
-        }
-    };
+        Ok(())
+    })?;
     if let Some(mut w) = log {
         use std::io::Write;
         w.flush()?;
@@ -425,7 +338,7 @@ fn bench(a: BenchArgs, json: bool, answers_to: Option<PathBuf>) -> Result<()> {
         println!("{report}");
     } else {
         let name = if a.suite == Suite::Objhal { "Object HalBench (CHAIR)" } else { "POPE" };
-        println!("{name} on {src}");
+        println!("{name} on {}", a.data.display());
         if let Some(o) = report.as_object() {
             for (k, v) in o.iter().filter(|(k, _)| *k != "suite") {
                 match v.as_f64() {

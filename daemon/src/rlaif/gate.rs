@@ -20,6 +20,9 @@ pub async fn evaluate(
     c: &CheckpointRow,
 ) -> Result<serde_json::Value> {
     super::fetch_checkpoint(pool, engine, c).await?;
+    if let Some((suite, data)) = crate::bench::parse_gate(&cfg.gate)? {
+        return evaluate_on_bench(engine, cfg, c, suite, data).await;
+    }
     if !engine.shapes {
         return evaluate_with_labeler(pool, engine, cfg, c).await;
     }
@@ -39,6 +42,43 @@ pub async fn evaluate(
                 |_| slice.yield_to_urgent(),
             )?;
             Ok(report.summary())
+        })
+        .await
+}
+
+/// A checkpoint's metrics on the benchmark of `loop.gate` (greedy answers, the first `eval_count` items), tagged
+/// with the gate (`"gate": "objhal:FILE"`) so metrics of another gate are never compared with them.
+async fn evaluate_on_bench(
+    engine: &Arc<Engine>,
+    cfg: &LoopConfig,
+    c: &CheckpointRow,
+    suite: crate::bench::Suite,
+    data: std::path::PathBuf,
+) -> Result<serde_json::Value> {
+    let images = match cfg.gate_images.as_str() {
+        "" => data.parent().map(|p| p.to_path_buf()).unwrap_or_default(),
+        dir => dir.into(),
+    };
+    let src = crate::bench::BenchSource {
+        data,
+        images,
+        synonyms: (!cfg.gate_synonyms.is_empty()).then(|| cfg.gate_synonyms.clone().into()),
+        captions: None,
+        prompt: None,
+        limit: Some(cfg.eval_count),
+    };
+    let (e, c, cfg) = (engine.clone(), c.clone(), cfg.clone());
+    let max_new = if suite == crate::bench::Suite::Objhal { cfg.max_new_tokens } else { 16 };
+    engine
+        .run(Priority::Feedback, move |slice| {
+            let bench = crate::bench::Bench::load(suite, &src).with_context(|| format!("loop.gate {}", cfg.gate))?;
+            let adapter = e.adapter(&c)?;
+            let mut m = bench.run(&e.model, adapter.as_deref(), &e.tok, max_new, |_, _, _| {
+                slice.yield_to_urgent();
+                Ok(())
+            })?;
+            m["gate"] = serde_json::json!(cfg.gate);
+            Ok(m)
         })
         .await
 }
@@ -111,7 +151,21 @@ pub fn better(
     base: &serde_json::Value,
 ) -> (bool, String) {
     let get = |m: &serde_json::Value, k: &str| m.get(k).and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
-    // ShapesWorld's exact metrics, or the labeler-estimated ones of other models.
+    // POPE (a benchmark gate): F1 must rise by the margin; there is no informativeness floor.
+    if candidate.get("suite").and_then(|s| s.as_str()) == Some("pope") {
+        let (cf, pf) = (get(candidate, "f1"), get(current, "f1"));
+        if !cf.is_finite() {
+            return (false, "candidate metric f1 is missing or not finite".into());
+        }
+        if !pf.is_finite() {
+            return (true, "the current checkpoint has no metrics".into());
+        }
+        if cf < pf + cfg.promote_margin {
+            return (false, format!("POPE f1 {cf:.4} is not above {pf:.4} by the margin {}", cfg.promote_margin));
+        }
+        return (true, format!("POPE f1 {pf:.4} -> {cf:.4}"));
+    }
+    // ShapesWorld's exact metrics or Object HalBench's CHAIR, or the labeler-estimated ones of other models.
     let (hk, ck) = if candidate.get("chair_i").is_some() {
         ("chair_i", "cover")
     } else {
@@ -152,8 +206,16 @@ pub async fn run_gate(
     let cand = store::checkpoint(pool, it.candidate_id.context("the iteration has no candidate yet")?).await?;
     let metrics = evaluate(pool, engine, cfg, &cand).await?;
     let current = store::promoted(pool).await?.context("no promoted checkpoint")?;
+    // Metrics are compared only with metrics of the same gate: a checkpoint measured otherwise (before loop.gate
+    // changed) is measured again, and the new figures are stored with it.
+    let same_gate = |m: &serde_json::Value| m.get("gate") == metrics.get("gate");
     let current_metrics = match &current.metrics {
-        Some(m) if m.get("chair_i").is_some() || m.get("hallucination_rate").is_some() => m.clone(),
+        Some(m)
+            if (m.get("chair_i").is_some() || m.get("hallucination_rate").is_some() || m.get("f1").is_some())
+                && same_gate(m) =>
+        {
+            m.clone()
+        }
         _ => {
             let m = evaluate(pool, engine, cfg, &current).await?;
             store::set_metrics(pool, current.id, &m).await?;
@@ -161,8 +223,15 @@ pub async fn run_gate(
         }
     };
     let base = store::base(pool).await?;
-    let base_metrics =
-        if base.id == current.id { current_metrics.clone() } else { base.metrics.clone().unwrap_or_default() };
+    let base_metrics = match &base.metrics {
+        _ if base.id == current.id => current_metrics.clone(),
+        Some(m) if same_gate(m) => m.clone(),
+        _ => {
+            let m = evaluate(pool, engine, cfg, &base).await?;
+            store::set_metrics(pool, base.id, &m).await?;
+            m
+        }
+    };
     let (promote, reason) = better(cfg, &metrics, &current_metrics, &base_metrics);
     if !store::decide_leased(pool, cand.id, promote, &metrics, &reason, "checkpointer", lease).await? {
         return Ok(None);

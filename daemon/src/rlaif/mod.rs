@@ -25,6 +25,7 @@ pub use train::{run_training, train_job, Diverged, TrainLease};
 use anyhow::{bail, Result};
 use engine::feedback::pipeline::FeedbackConfig;
 use engine::rng::SplitMix64;
+use std::path::Path;
 
 /// Every knob of the loop (the `[loop]` section of the config).
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -70,6 +71,14 @@ pub struct LoopConfig {
     /// language model and the projector in full, RLAIF-V's 7B recipe; kept in the checkpoint as peft
     /// `modules_to_save`; the lora_* settings are then unused).
     pub tuning: String,
+    /// What the gate measures: "" (ShapesWorld: exact metrics on generated images; other models: the labeler's
+    /// estimate on held-out prompts), or a benchmark in its published format, "objhal:FILE" (a COCO instances
+    /// file: gate on CHAIR_i with Cover as the floor) or "pope:FILE" (a POPE question file: gate on F1).
+    pub gate: String,
+    /// The benchmark's images folder ("" = the data file's folder).
+    pub gate_images: String,
+    /// objhal: a synonyms file ("" = CHAIR's COCO lists).
+    pub gate_synonyms: String,
     /// Held-out evaluation: images and their seed.
     pub eval_count: usize,
     pub eval_seed: u64,
@@ -116,6 +125,9 @@ impl Default for LoopConfig {
             lora_alpha: 32.0,
             lora_targets: String::new(),
             tuning: "lora".into(),
+            gate: String::new(),
+            gate_images: String::new(),
+            gate_synonyms: String::new(),
             eval_count: 100,
             eval_seed: 1_000_000,
             promote_margin: 0.005,
@@ -170,6 +182,19 @@ impl LoopConfig {
         }
         if !matches!(self.tuning.as_str(), "lora" | "full") {
             return bad("tuning", "expected \"lora\" or \"full\"");
+        }
+        if let Some((_, file)) =
+            crate::bench::parse_gate(&self.gate).map_err(|e| anyhow::anyhow!("loop.gate: {e:#}"))?
+        {
+            if !file.is_file() {
+                return bad("gate", &format!("{}: no such file", file.display()));
+            }
+            if !self.gate_images.is_empty() && !Path::new(&self.gate_images).is_dir() {
+                return bad("gate_images", &format!("{}: not a folder", self.gate_images));
+            }
+            if !self.gate_synonyms.is_empty() && !Path::new(&self.gate_synonyms).is_file() {
+                return bad("gate_synonyms", &format!("{}: no such file", self.gate_synonyms));
+            }
         }
         if self.eval_count == 0 {
             return bad("eval_count", "must be at least 1");
