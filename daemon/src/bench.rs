@@ -111,8 +111,13 @@ impl Synonyms {
     /// The categories `text` mentions: at each word, the longest name that matches there (a plural last word read
     /// as its singular), then on after it.
     pub fn mentions(&self, text: &str) -> BTreeSet<String> {
+        self.mention_list(text).into_iter().collect()
+    }
+
+    /// `mentions` with every occurrence, in order.
+    pub fn mention_list(&self, text: &str) -> Vec<String> {
         let w = words(text);
-        let mut out = BTreeSet::new();
+        let mut out = Vec::new();
         let mut i = 0;
         while i < w.len() {
             let hit = self.names.iter().find(|(name, _)| {
@@ -123,7 +128,7 @@ impl Synonyms {
             });
             match hit {
                 Some((name, c)) => {
-                    out.insert(c.clone());
+                    out.push(c.clone());
                     i += name.len();
                 }
                 None => i += 1,
@@ -303,6 +308,7 @@ pub fn pope_questions(bytes: &[u8], source: &str) -> Result<Vec<PopeQuestion>> {
 pub enum Suite {
     Objhal,
     Pope,
+    Amber,
 }
 
 impl Suite {
@@ -310,6 +316,7 @@ impl Suite {
         match self {
             Suite::Objhal => "objhal",
             Suite::Pope => "pope",
+            Suite::Amber => "amber",
         }
     }
 }
@@ -324,6 +331,10 @@ pub struct BenchSource {
     /// Replaces objhal's prompts; appended to each POPE question.
     pub prompt: Option<String>,
     pub limit: Option<usize>,
+    /// AMBER: its annotations.json, relation.json (word associations) and safe_words.txt.
+    pub annotations: Option<PathBuf>,
+    pub relation: Option<PathBuf>,
+    pub safe_words: Option<PathBuf>,
 }
 
 /// One question of a loaded benchmark: the image, the prompt, and what the answer is scored against.
@@ -340,6 +351,10 @@ pub enum Truth {
     Objects(BTreeSet<String>),
     /// pope: the label ("yes" = true).
     Label(bool),
+    /// AMBER's generative task: the objects in the image and the hallucination-prone ones that are not.
+    Generative { truth: Vec<String>, hallu: Vec<String> },
+    /// AMBER's discriminative task: its type (`discriminative-hallucination`, `-attribute-state`, ...) and label.
+    Discriminative { kind: String, yes: bool },
 }
 
 /// A benchmark read and checked (every image path resolved inside its folder), ready to run.
@@ -347,6 +362,14 @@ pub struct Bench {
     pub suite: Suite,
     pub items: Vec<BenchItem>,
     syn: Option<Synonyms>,
+    amber: Option<AmberWords>,
+}
+
+/// AMBER's word lists: every word an answer's objects are looked for among, each word's associated words (a
+/// truth object's associates count as naming it), and the words never counted as hallucinations.
+struct AmberWords {
+    association: HashMap<String, Vec<String>>,
+    safe: std::collections::HashSet<String>,
 }
 
 impl Bench {
@@ -359,6 +382,10 @@ impl Bench {
         if suite != Suite::Objhal && (src.synonyms.is_some() || src.captions.is_some()) {
             bail!("synonyms and captions are objhal's (CHAIR's ground truth)");
         }
+        if suite != Suite::Amber && (src.annotations.is_some() || src.relation.is_some() || src.safe_words.is_some()) {
+            bail!("annotations, relation and safe words are AMBER's");
+        }
+        let mut amber = None;
         let limit = src.limit.unwrap_or(usize::MAX);
         let (items, syn) = match suite {
             Suite::Objhal => {
@@ -411,11 +438,16 @@ impl Bench {
                     .collect::<Result<Vec<_>>>()?;
                 (items, None)
             }
+            Suite::Amber => {
+                let (items, syn, words) = amber_items(src, &data, &name, limit)?;
+                amber = Some(words);
+                (items, Some(syn))
+            }
         };
         if items.is_empty() {
             bail!("{name} holds nothing to evaluate");
         }
-        Ok(Bench { suite, items, syn })
+        Ok(Bench { suite, items, syn, amber })
     }
 
     /// Greedy answers to every item with `max_new_tokens`, then the suite's metrics as one JSON object.
@@ -467,7 +499,7 @@ impl Bench {
                     .zip(&self.items)
                     .map(|(a, it)| match &it.truth {
                         Truth::Objects(o) => (a, o.clone()),
-                        Truth::Label(_) => (a, BTreeSet::new()),
+                        _ => (a, BTreeSet::new()),
                     })
                     .collect();
                 let c = chair(syn, &items);
@@ -482,6 +514,11 @@ impl Bench {
                 let p = pope_metrics(&items);
                 serde_json::json!({ "suite": "pope", "questions": p.n, "accuracy": p.accuracy, "precision": p.precision, "recall": p.recall, "f1": p.f1, "yes_ratio": p.yes_ratio })
             }
+            Suite::Amber => {
+                let syn = self.syn.as_ref().context("AMBER without its vocabulary")?;
+                let words = self.amber.as_ref().context("AMBER without its word lists")?;
+                amber_metrics(syn, words, &self.items, &answers)
+            }
         })
     }
 
@@ -489,6 +526,147 @@ impl Bench {
     pub fn mentions(&self, answer: &str) -> BTreeSet<String> {
         self.syn.as_ref().map(|s| s.mentions(answer)).unwrap_or_default()
     }
+}
+
+/// AMBER's items: every query of the query file (`[{"id", "image", "query"}]`) with its annotation (the annotations
+/// file's entry `id - 1`, as AMBER's script reads it), and the word lists (relation.json, safe_words.txt;
+/// without them, no associations and no safe words).
+fn amber_items(
+    src: &BenchSource,
+    data: &[u8],
+    name: &str,
+    limit: usize,
+) -> Result<(Vec<BenchItem>, Synonyms, AmberWords)> {
+    #[derive(serde::Deserialize)]
+    struct Query {
+        id: usize,
+        image: String,
+        query: String,
+    }
+    #[derive(serde::Deserialize)]
+    struct Ann {
+        #[serde(rename = "type")]
+        kind: String,
+        truth: serde_json::Value,
+        #[serde(default)]
+        hallu: Vec<String>,
+    }
+    let queries: Vec<Query> = serde_json::from_slice(data)
+        .with_context(|| format!("{name}: not an AMBER query file ([{{\"id\", \"image\", \"query\"}}])"))?;
+    let ann_path = src.annotations.as_ref().context("AMBER needs its annotations.json (--annotations FILE)")?;
+    let anns: Vec<Ann> = serde_json::from_slice(&read_data(ann_path, MAX_DATA_BYTES)?).with_context(|| {
+        format!("{}: not AMBER's annotations ([{{\"id\", \"type\", \"truth\", ...}}])", ann_path.display())
+    })?;
+    let association: HashMap<String, Vec<String>> = match &src.relation {
+        Some(p) => serde_json::from_slice(&read_data(p, 64 << 20)?).with_context(|| {
+            format!("{}: not AMBER's relation.json ({{\"word\": [\"associated\", ...]}})", p.display())
+        })?,
+        None => HashMap::new(),
+    };
+    let safe = match &src.safe_words {
+        Some(p) => String::from_utf8(read_data(p, 16 << 20)?)
+            .with_context(|| format!("{} is not UTF-8", p.display()))?
+            .lines()
+            .map(|l| l.trim().to_lowercase())
+            .filter(|l| !l.is_empty())
+            .collect(),
+        None => Default::default(),
+    };
+    let mut vocab: BTreeSet<String> =
+        association.iter().flat_map(|(k, v)| std::iter::once(k).chain(v)).cloned().collect();
+    let mut items = Vec::new();
+    for q in queries.into_iter().take(limit) {
+        let ann = q.id.checked_sub(1).and_then(|i| anns.get(i)).with_context(|| {
+            format!("{name}: query id {} has no annotation (AMBER's annotations are listed by id, from 1)", q.id)
+        })?;
+        let truth = if ann.kind == "generative" {
+            let list = |v: &serde_json::Value| -> Result<Vec<String>> {
+                serde_json::from_value(v.clone())
+                    .with_context(|| format!("{name}: annotation {}: truth must be a list of objects", q.id))
+            };
+            let (truth, hallu) = (list(&ann.truth)?, ann.hallu.clone());
+            vocab.extend(truth.iter().chain(&hallu).cloned());
+            Truth::Generative { truth, hallu }
+        } else {
+            let yes = match ann.truth.as_str() {
+                Some("yes") => true,
+                Some("no") => false,
+                _ => bail!("{name}: annotation {} ({}): truth must be \"yes\" or \"no\"", q.id, ann.kind),
+            };
+            Truth::Discriminative { kind: ann.kind.clone(), yes }
+        };
+        items.push(BenchItem {
+            image: image_path(&src.images, &q.image, name)?,
+            prompt: q.query,
+            name: q.image,
+            truth,
+        });
+    }
+    // Each vocabulary word is its own "category": mentions are found as objhal finds them (plurals, longest name).
+    let lines: String = vocab.iter().map(|w| format!("{}\n", w.replace(',', " "))).collect();
+    let syn = Synonyms::parse(&lines, "AMBER's vocabulary")?;
+    Ok((items, syn, AmberWords { association, safe }))
+}
+
+/// AMBER's metrics as its script computes them (occurrences of vocabulary words in each generative answer; a word
+/// that is a truth object or one of its associates covers that object, a safe word is never a hallucination,
+/// anything else is one; a hallucination-prone object or associate named counts toward Cog), with two differences:
+/// words are found by the lists alone (its script tags nouns with NLTK and also accepts spaCy similarity above
+/// 0.8), and a discriminative answer is read by its first yes/no word (its script needs exactly "Yes" or "No").
+/// Names: `chair_i` (AMBER's CHAIR), `cover`, `hal` (answers with a hallucination), `cog`; discriminative
+/// `accuracy`, `precision`, `recall`, `f1` with "no" as the positive class, as AMBER reports them; `amber_score`
+/// = (1 - CHAIR + F1) / 2.
+fn amber_metrics(syn: &Synonyms, words: &AmberWords, items: &[BenchItem], answers: &[String]) -> serde_json::Value {
+    let (mut named, mut unsafe_, mut cover, mut cover_n, mut cog, mut cog_n, mut hal, mut gen) =
+        (0, 0, 0, 0, 0, 0, 0, 0);
+    let mut disc: Vec<(Option<bool>, bool)> = Vec::new();
+    let assoc = |w: &str| words.association.get(w).cloned().unwrap_or_default();
+    for (item, answer) in items.iter().zip(answers) {
+        match &item.truth {
+            Truth::Generative { truth, hallu } => {
+                gen += 1;
+                let mut covered = vec![false; truth.len()];
+                let mut cogged = vec![false; hallu.len()];
+                let mut any = false;
+                for w in syn.mention_list(answer) {
+                    named += 1;
+                    if words.safe.contains(&w) {
+                        continue;
+                    }
+                    if let Some(k) = truth.iter().position(|t| *t == w || assoc(t).contains(&w)) {
+                        covered[k] = true;
+                        continue;
+                    }
+                    if let Some(k) = hallu.iter().position(|h| *h == w || assoc(h).contains(&w)) {
+                        cogged[k] = true;
+                    }
+                    unsafe_ += 1;
+                    any = true;
+                }
+                cover += covered.iter().filter(|c| **c).count();
+                cover_n += truth.len();
+                cog += cogged.iter().filter(|c| **c).count();
+                cog_n += hallu.len();
+                hal += usize::from(any);
+            }
+            Truth::Discriminative { yes, .. } => disc.push((engine::hallucination::yes_no(answer), *yes)),
+            _ => {}
+        }
+    }
+    let ratio = |a: usize, b: usize| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+    let d = binary_metrics(&disc, false);
+    let chair = ratio(unsafe_, named);
+    serde_json::json!({ "suite": "amber", "images": gen, "chair_i": chair, "cover": ratio(cover, cover_n), "hal": ratio(hal, gen),
+        "cog": ratio(cog, cog_n), "questions": d.n, "accuracy": d.accuracy, "precision": d.precision, "recall": d.recall, "f1": d.f1,
+        "amber_score": (1.0 - chair + d.f1) / 2.0 })
+}
+
+/// AMBER's side files for a query file, where its repository keeps them: `annotations.json`, `relation.json` and
+/// `safe_words.txt` in the query file's folder or the folder above it (AMBER's `data/` and `data/query/`).
+pub fn amber_side_files(query: &Path) -> (Option<PathBuf>, Option<PathBuf>, Option<PathBuf>) {
+    let dirs: Vec<&Path> = query.parent().into_iter().flat_map(|d| std::iter::once(d).chain(d.parent())).collect();
+    let find = |f: &str| dirs.iter().map(|d| d.join(f)).find(|p| p.is_file());
+    (find("annotations.json"), find("relation.json"), find("safe_words.txt"))
 }
 
 /// A gate on a benchmark (`loop.gate = "SUITE:FILE"`): the suite and its data file.
@@ -502,7 +680,8 @@ pub fn parse_gate(spec: &str) -> Result<Option<(Suite, PathBuf)>> {
     let suite = match suite {
         "objhal" => Suite::Objhal,
         "pope" => Suite::Pope,
-        other => bail!("`{spec}`: unknown suite `{other}` (objhal or pope)"),
+        "amber" => Suite::Amber,
+        other => bail!("`{spec}`: unknown suite `{other}` (objhal, pope or amber)"),
     };
     if path.is_empty() {
         bail!("`{spec}`: no data file after `{}:`", suite.name());

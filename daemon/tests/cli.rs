@@ -459,9 +459,10 @@ fn eval_hallucination_reports_every_metric() {
     assert!(v["amber_f1"].is_number());
 }
 
-/// `rlaifd eval bench` reads Object HalBench's (COCO instances) and POPE's formats. On files `rlaifd shapes bench`
+/// `rlaifd eval bench` reads Object HalBench's (COCO instances), POPE's and AMBER's formats. On files `rlaifd shapes bench`
 /// writes for the held-out images of `eval hallucination` (ShapesWorld objects as COCO-style categories), the
-/// bundled model's CHAIR and POPE figures agree with `eval hallucination`'s exactly; bad input is refused by name.
+/// bundled model's CHAIR, POPE and AMBER figures agree with `eval hallucination`'s exactly; bad input is refused by
+/// name.
 #[test]
 fn eval_bench_objhal_and_pope_agree_with_eval_hallucination() {
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/shapes-base");
@@ -515,6 +516,35 @@ fn eval_bench_objhal_and_pope_agree_with_eval_hallucination() {
             assert!((x - y).abs() < 1e-12, "{split} {k}: eval bench {x} vs eval hallucination {y}");
         }
     }
+
+    // AMBER (its query and annotation files; relation.json found beside them): CHAIR, Cover and Hal of the
+    // generative task are eval hallucination's CHAIR_i, Cover and CHAIR_s, the discriminative F1 its AMBER F1.
+    let query = dir.join("amber_query.json");
+    let o = rlaifd(&[
+        "eval",
+        "bench",
+        "--suite",
+        "amber",
+        "--data",
+        p(&query),
+        "--images",
+        p(&dir),
+        "--model",
+        p(&model),
+        "--json",
+    ]);
+    let amber = &json_lines("eval bench amber", &o)[0];
+    for (k, want) in [
+        ("chair_i", &reference["caption"]["chair_i"]),
+        ("cover", &reference["caption"]["cover"]),
+        ("hal", &reference["caption"]["chair_s"]),
+        ("f1", &reference["amber_f1"]),
+    ] {
+        let (x, y) = (amber[k].as_f64().unwrap(), want.as_f64().unwrap());
+        assert!((x - y).abs() < 1e-12, "AMBER {k}: eval bench {x} vs eval hallucination {y}");
+    }
+    assert!((0.0..=1.0).contains(&amber["cog"].as_f64().unwrap()));
+    assert_eq!(amber["images"], 40);
 
     // Bad input: a category the synonyms lack, an image outside the folder, a malformed POPE line.
     let other = dir.join("other.txt");

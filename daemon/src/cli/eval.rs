@@ -93,6 +93,14 @@ pub enum EvalCmd {
         /// Write every answer (image, prompt, answer) as JSON lines.
         #[arg(long)]
         answers: Option<PathBuf>,
+        /// amber: its annotations.json, relation.json and safe_words.txt (default: found next to --data or in
+        /// the folder above it, as AMBER's repository keeps them).
+        #[arg(long)]
+        annotations: Option<PathBuf>,
+        #[arg(long)]
+        relation: Option<PathBuf>,
+        #[arg(long)]
+        safe_words: Option<PathBuf>,
     },
 }
 
@@ -110,9 +118,14 @@ pub fn run(cmd: EvalCmd) -> Result<()> {
         max_new_tokens,
         json,
         answers,
+        annotations,
+        relation,
+        safe_words,
     } = cmd
     {
-        let a = BenchArgs { suite, data, images, model, adapter, synonyms, captions, prompt, limit, max_new_tokens };
+        let amber = (annotations, relation, safe_words);
+        let a =
+            BenchArgs { suite, data, images, model, adapter, synonyms, captions, prompt, limit, max_new_tokens, amber };
         return bench(a, json, answers);
     }
     let EvalCmd::Hallucination {
@@ -272,6 +285,8 @@ struct BenchArgs {
     prompt: Option<String>,
     limit: Option<usize>,
     max_new_tokens: Option<usize>,
+    /// AMBER's annotations, relation and safe words files.
+    amber: (Option<PathBuf>, Option<PathBuf>, Option<PathBuf>),
 }
 
 /// `rlaifd eval bench`: every answer greedy, metrics printed (or one JSON object), answers written on request.
@@ -284,8 +299,26 @@ fn bench(a: BenchArgs, json: bool, answers_to: Option<PathBuf>) -> Result<()> {
         captions: a.captions,
         prompt: a.prompt,
         limit: a.limit,
+        annotations: None,
+        relation: None,
+        safe_words: None,
     };
-    let max_new = a.max_new_tokens.unwrap_or(if a.suite == Suite::Objhal { 512 } else { 16 });
+    let src = match a.suite {
+        Suite::Amber => {
+            let found = rlaifd::bench::amber_side_files(&a.data);
+            BenchSource {
+                annotations: a.amber.0.or(found.0),
+                relation: a.amber.1.or(found.1),
+                safe_words: a.amber.2.or(found.2),
+                ..src
+            }
+        }
+        _ if a.amber.0.is_some() || a.amber.1.is_some() || a.amber.2.is_some() => {
+            anyhow::bail!("--annotations, --relation and --safe-words are AMBER's (--suite amber)")
+        }
+        _ => src,
+    };
+    let max_new = a.max_new_tokens.unwrap_or(if a.suite == Suite::Pope { 16 } else { 512 });
     if max_new == 0 || max_new > 4096 {
         anyhow::bail!("--max-new-tokens must be from 1 to 4096 (got {max_new})");
     }
@@ -316,6 +349,10 @@ fn bench(a: BenchArgs, json: bool, answers_to: Option<PathBuf>) -> Result<()> {
                     "answer": answer, "objects": b.mentions(answer), "truth": o }),
                 rlaifd::bench::Truth::Label(l) => serde_json::json!({ "image": item.name, "prompt": item.prompt,
                     "answer": answer, "read_as": yn(rlaifd::bench::pope_answer(answer)), "label": yn(*l) }),
+                rlaifd::bench::Truth::Generative { truth, hallu } => serde_json::json!({ "image": item.name,
+                    "prompt": item.prompt, "answer": answer, "objects": b.mentions(answer), "truth": truth, "hallu": hallu }),
+                rlaifd::bench::Truth::Discriminative { kind, yes } => serde_json::json!({ "image": item.name,
+                    "prompt": item.prompt, "answer": answer, "type": kind, "truth": yn(*yes) }),
             };
             writeln!(w, "{line}")?;
         }
@@ -337,7 +374,11 @@ fn bench(a: BenchArgs, json: bool, answers_to: Option<PathBuf>) -> Result<()> {
     if json {
         println!("{report}");
     } else {
-        let name = if a.suite == Suite::Objhal { "Object HalBench (CHAIR)" } else { "POPE" };
+        let name = match a.suite {
+            Suite::Objhal => "Object HalBench (CHAIR)",
+            Suite::Pope => "POPE",
+            Suite::Amber => "AMBER",
+        };
         println!("{name} on {}", a.data.display());
         if let Some(o) = report.as_object() {
             for (k, v) in o.iter().filter(|(k, _)| *k != "suite") {

@@ -92,7 +92,27 @@ pub fn run(cmd: ShapesCmd) -> Result<()> {
             let mut pope: std::collections::BTreeMap<&str, Vec<u8>> =
                 ["random", "popular", "adversarial"].into_iter().map(|k| (k, Vec::new())).collect();
             let mut qid = 0usize;
+            // AMBER: a generative query per image first (ids 1..=count), then the existence questions.
+            let (mut amber_gen, mut amber_disc) = (Vec::new(), Vec::new());
             write_scenes(seed, count, &out, size, 4, |file, scene, s| {
+                let present = scene.phrases();
+                let hallu: Vec<String> = present
+                    .iter()
+                    .filter_map(|p| vocab.iter().position(|v| v == p))
+                    .map(|o| vocab[engine::shapes::partner(o)].clone())
+                    .filter(|p| !present.contains(p))
+                    .collect();
+                amber_gen.push((
+                    file.to_string(),
+                    serde_json::json!({ "type": "generative", "truth": present, "hallu": hallu }),
+                ));
+                for q in instructions(scene, s).into_iter().filter(|q| q.kind == "existence") {
+                    amber_disc.push((
+                        file.to_string(),
+                        q.prompt.clone(),
+                        serde_json::json!({ "type": "discriminative-hallucination", "truth": q.answer }),
+                    ));
+                }
                 let id = images.len() + 1;
                 images.push(serde_json::json!({ "id": id, "file_name": file, "width": size, "height": size }));
                 for phrase in scene.phrases() {
@@ -124,6 +144,24 @@ pub fn run(cmd: ShapesCmd) -> Result<()> {
             for (split, lines) in &pope {
                 write(&format!("pope_{split}.json"), lines)?;
             }
+            let (mut queries, mut annotations) = (Vec::new(), Vec::new());
+            for (file, ann) in amber_gen {
+                let id = queries.len() + 1;
+                queries.push(serde_json::json!({ "id": id, "image": file, "query": "Describe the image." }));
+                annotations.push(
+                    serde_json::json!({ "id": id, "type": ann["type"], "truth": ann["truth"], "hallu": ann["hallu"] }),
+                );
+            }
+            for (file, question, ann) in amber_disc {
+                let id = queries.len() + 1;
+                queries.push(serde_json::json!({ "id": id, "image": file, "query": question }));
+                annotations.push(serde_json::json!({ "id": id, "type": ann["type"], "truth": ann["truth"] }));
+            }
+            write("amber_query.json", serde_json::to_string(&queries)?.as_bytes())?;
+            write("annotations.json", serde_json::to_string(&annotations)?.as_bytes())?;
+            let relation: serde_json::Map<String, serde_json::Value> =
+                vocab.iter().map(|v| (v.clone(), serde_json::json!([]))).collect();
+            write("relation.json", serde_json::to_string(&relation)?.as_bytes())?;
             Ok(())
         }
         ShapesCmd::Vocab => {

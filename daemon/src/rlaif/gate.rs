@@ -59,6 +59,10 @@ async fn evaluate_on_bench(
         "" => data.parent().map(|p| p.to_path_buf()).unwrap_or_default(),
         dir => dir.into(),
     };
+    let (annotations, relation, safe_words) = match suite {
+        crate::bench::Suite::Amber => crate::bench::amber_side_files(&data),
+        _ => (None, None, None),
+    };
     let src = crate::bench::BenchSource {
         data,
         images,
@@ -66,9 +70,12 @@ async fn evaluate_on_bench(
         captions: None,
         prompt: None,
         limit: Some(cfg.eval_count),
+        annotations,
+        relation,
+        safe_words,
     };
     let (e, c, cfg) = (engine.clone(), c.clone(), cfg.clone());
-    let max_new = if suite == crate::bench::Suite::Objhal { cfg.max_new_tokens } else { 16 };
+    let max_new = if suite == crate::bench::Suite::Pope { 16 } else { cfg.max_new_tokens };
     engine
         .run(Priority::Feedback, move |slice| {
             let bench = crate::bench::Bench::load(suite, &src).with_context(|| format!("loop.gate {}", cfg.gate))?;

@@ -73,7 +73,8 @@ pub struct LoopConfig {
     pub tuning: String,
     /// What the gate measures: "" (ShapesWorld: exact metrics on generated images; other models: the labeler's
     /// estimate on held-out prompts), or a benchmark in its published format, "objhal:FILE" (a COCO instances
-    /// file: gate on CHAIR_i with Cover as the floor) or "pope:FILE" (a POPE question file: gate on F1).
+    /// file: gate on CHAIR_i with Cover as the floor), "pope:FILE" (a POPE question file: gate on F1) or
+    /// "amber:FILE" (an AMBER query file: gate on its CHAIR with Cover as the floor).
     pub gate: String,
     /// The benchmark's images folder ("" = the data file's folder).
     pub gate_images: String,
