@@ -309,6 +309,7 @@ pub enum Suite {
     Objhal,
     Pope,
     Amber,
+    Mmhal,
 }
 
 impl Suite {
@@ -317,6 +318,7 @@ impl Suite {
             Suite::Objhal => "objhal",
             Suite::Pope => "pope",
             Suite::Amber => "amber",
+            Suite::Mmhal => "mmhal",
         }
     }
 }
@@ -355,6 +357,8 @@ pub enum Truth {
     Generative { truth: Vec<String>, hallu: Vec<String> },
     /// AMBER's discriminative task: its type (`discriminative-hallucination`, `-attribute-state`, ...) and label.
     Discriminative { kind: String, yes: bool },
+    /// MMHal-Bench: what the judge is told (the question's type, the image's contents, the standard answer).
+    Judged { question_type: String, image_content: Vec<String>, gt_answer: String },
 }
 
 /// A benchmark read and checked (every image path resolved inside its folder), ready to run.
@@ -443,6 +447,7 @@ impl Bench {
                 amber = Some(words);
                 (items, Some(syn))
             }
+            Suite::Mmhal => (mmhal_items(src, &data, &name, limit)?, None),
         };
         if items.is_empty() {
             bail!("{name} holds nothing to evaluate");
@@ -460,6 +465,53 @@ impl Bench {
         max_new_tokens: usize,
         mut each: impl FnMut(usize, &BenchItem, &str) -> Result<()>,
     ) -> Result<serde_json::Value> {
+        if self.suite == Suite::Mmhal {
+            bail!("MMHal-Bench answers are rated by a judge model: use run_judged");
+        }
+        let answers = self.answer(m, adapter, tok, max_new_tokens, &mut each)?;
+        self.score(&answers)
+    }
+
+    /// MMHal-Bench: every answer, then the judge's rating of each (`judge_rating`); `each` also gets the judge's
+    /// output (after the answer, as `answer\n---\njudge`).
+    pub fn run_judged(
+        &self,
+        m: &engine::Model,
+        adapter: Option<&engine::Adapter>,
+        tok: &engine::tokenizer::TextTokenizer,
+        max_new_tokens: usize,
+        judge: (&engine::Model, &engine::tokenizer::TextTokenizer),
+        mut each: impl FnMut(usize, &BenchItem, &str, &str, Option<u8>) -> Result<()>,
+    ) -> Result<serde_json::Value> {
+        let answers = self.answer(m, adapter, tok, max_new_tokens, &mut |_, _, _| Ok(()))?;
+        let mut ratings: Vec<(String, Option<u8>)> = Vec::new();
+        for (k, (item, answer)) in self.items.iter().zip(&answers).enumerate() {
+            let Truth::Judged { question_type, image_content, gt_answer } = &item.truth else {
+                bail!("item {k} is not an MMHal-Bench question")
+            };
+            let prompt = mmhal_judge_prompt(&item.prompt, image_content, gt_answer, answer);
+            let ids = judge.1.encode_chat(engine::tokenizer::TEXT_TEMPLATE, &prompt)?;
+            let params =
+                engine::sampling::SamplingParams { temperature: 0.0, max_new_tokens: 64, ..Default::default() };
+            let req =
+                engine::generate::GenerateRequest { ids: &ids, pixels: None, seeds: &[0], params, stop_ids: vec![] };
+            let out = engine::generate::generate(judge.0, &req, None)?;
+            let verdict = judge.1.decode(&out[0].tokens)?;
+            let rating = judge_rating(&verdict);
+            each(k, item, answer, &verdict, rating)?;
+            ratings.push((question_type.clone(), rating));
+        }
+        Ok(mmhal_metrics(&ratings))
+    }
+
+    fn answer(
+        &self,
+        m: &engine::Model,
+        adapter: Option<&engine::Adapter>,
+        tok: &engine::tokenizer::TextTokenizer,
+        max_new_tokens: usize,
+        each: &mut dyn FnMut(usize, &BenchItem, &str) -> Result<()>,
+    ) -> Result<Vec<String>> {
         let mut cache: HashMap<&Path, std::sync::Arc<engine::image::PixelValues>> = HashMap::new();
         let mut answers = Vec::with_capacity(self.items.len());
         for (k, item) in self.items.iter().enumerate() {
@@ -491,6 +543,11 @@ impl Bench {
             each(k, item, &answer)?;
             answers.push(answer);
         }
+        Ok(answers)
+    }
+
+    fn score(&self, answers: &[String]) -> Result<serde_json::Value> {
+        let answers = answers.to_vec();
         Ok(match self.suite {
             Suite::Objhal => {
                 let syn = self.syn.as_ref().context("objhal without synonyms")?;
@@ -519,6 +576,7 @@ impl Bench {
                 let words = self.amber.as_ref().context("AMBER without its word lists")?;
                 amber_metrics(syn, words, &self.items, &answers)
             }
+            Suite::Mmhal => bail!("MMHal-Bench answers are rated by a judge model"),
         })
     }
 
@@ -661,6 +719,106 @@ fn amber_metrics(syn: &Synonyms, words: &AmberWords, items: &[BenchItem], answer
         "amber_score": (1.0 - chair + d.f1) / 2.0 })
 }
 
+/// MMHal-Bench's questions (its `response_template.json`: a list of `{"question_type", "question_topic",
+/// "image_id", "image_src", "image_content", "question", "gt_answer", ...}`); the image is the file named like the
+/// last part of `image_src` in the images folder (or `image` when an entry has that key).
+fn mmhal_items(src: &BenchSource, data: &[u8], name: &str, limit: usize) -> Result<Vec<BenchItem>> {
+    #[derive(serde::Deserialize)]
+    struct Q {
+        #[serde(default)]
+        question_type: String,
+        #[serde(default)]
+        image_src: Option<String>,
+        #[serde(default)]
+        image: Option<String>,
+        #[serde(default)]
+        image_content: Vec<String>,
+        question: String,
+        gt_answer: String,
+    }
+    let qs: Vec<Q> = serde_json::from_slice(data).with_context(|| {
+        format!("{name}: not MMHal-Bench's question file ([{{\"question\", \"gt_answer\", \"image_src\", \"image_content\", ...}}])")
+    })?;
+    qs.into_iter()
+        .take(limit)
+        .enumerate()
+        .map(|(k, q)| {
+            let file = match (q.image, q.image_src) {
+                (Some(f), _) => f,
+                (None, Some(url)) => url.rsplit('/').next().unwrap_or_default().to_string(),
+                (None, None) => bail!("{name}: question {} names no image (image_src or image)", k + 1),
+            };
+            Ok(BenchItem {
+                image: image_path(&src.images, &file, name)?,
+                name: file,
+                prompt: q.question,
+                truth: Truth::Judged {
+                    question_type: q.question_type,
+                    image_content: q.image_content,
+                    gt_answer: q.gt_answer,
+                },
+            })
+        })
+        .collect()
+}
+
+/// What the judge model reads for one MMHal-Bench answer (rlaifd's wording of the benchmark's 0-6 scale: the
+/// judge sees the image's listed contents and the standard answer, not the image).
+pub fn mmhal_judge_prompt(question: &str, image_content: &[String], gt_answer: &str, answer: &str) -> String {
+    format!(
+        "You are judging an answer that an image assistant gave to a question about an image you cannot see. \
+         Decide whether the answer is informative and whether it claims anything that is not in the image \
+         (a hallucination).\n\
+         Image contents: {}\nQuestion: {question}\nStandard answer: {gt_answer}\nAssistant's answer: {answer}\n\
+         Rate the answer with one number: 6 informative and no hallucination; 5 somewhat informative, no \
+         hallucination; 4 not informative, no hallucination; 3 informative, some hallucination; 2 somewhat \
+         informative, hallucination; 1 not informative, hallucination; 0 the answer contradicts the image. \
+         Reply as \"Rating: N\".",
+        image_content.join(", ")
+    )
+}
+
+/// The rating in a judge's reply: the first number after "rating" when there is one, else the last number in it,
+/// if it is from 0 to 6.
+pub fn judge_rating(reply: &str) -> Option<u8> {
+    let lower = reply.to_lowercase();
+    let numbers = |s: &str| -> Vec<u64> {
+        s.split(|c: char| !c.is_ascii_digit()).filter(|t| !t.is_empty()).filter_map(|t| t.parse().ok()).collect()
+    };
+    let pick = match lower.rfind("rating").map(|i| numbers(&lower[i..])) {
+        Some(after) if !after.is_empty() => after.first().copied(),
+        _ => numbers(&lower).last().copied(),
+    };
+    pick.filter(|n| *n <= 6).map(|n| n as u8)
+}
+
+/// MMHal-Bench's figures: the mean rating, the hallucination rate (ratings below 3), the mean rating per question
+/// type, over the answers the judge rated; `unjudged` counts replies with no rating in them.
+fn mmhal_metrics(ratings: &[(String, Option<u8>)]) -> serde_json::Value {
+    let judged: Vec<(&str, u8)> = ratings.iter().filter_map(|(t, r)| r.map(|r| (t.as_str(), r))).collect();
+    let mean = |v: &[u8]| {
+        if v.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::json!(v.iter().map(|&r| r as f64).sum::<f64>() / v.len() as f64)
+        }
+    };
+    let all: Vec<u8> = judged.iter().map(|(_, r)| *r).collect();
+    let mut per_type: std::collections::BTreeMap<&str, Vec<u8>> = Default::default();
+    for (t, r) in &judged {
+        per_type.entry(t).or_default().push(*r);
+    }
+    let per_type: serde_json::Map<String, serde_json::Value> =
+        per_type.into_iter().map(|(t, v)| (t.to_string(), mean(&v))).collect();
+    let rate = if all.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::json!(all.iter().filter(|&&r| r < 3).count() as f64 / all.len() as f64)
+    };
+    serde_json::json!({ "suite": "mmhal", "questions": ratings.len(), "judged": all.len(), "unjudged": ratings.len() - all.len(),
+        "average_score": mean(&all), "hallucination_rate": rate, "per_type": per_type })
+}
+
 /// AMBER's side files for a query file, where its repository keeps them: `annotations.json`, `relation.json` and
 /// `safe_words.txt` in the query file's folder or the folder above it (AMBER's `data/` and `data/query/`).
 pub fn amber_side_files(query: &Path) -> (Option<PathBuf>, Option<PathBuf>, Option<PathBuf>) {
@@ -728,6 +886,21 @@ mod tests {
         assert!(!pope_answer("There is not a dog in the image."));
         assert!(pope_answer("There is a dog. No cat."));
         assert!(pope_answer("I cannot tell"));
+    }
+
+    #[test]
+    fn judge_ratings_are_read_from_the_reply() {
+        assert_eq!(judge_rating("The answer is informative. Rating: 5"), Some(5));
+        assert_eq!(judge_rating("rating: 2 (it names a dog)"), Some(2));
+        assert_eq!(judge_rating("I would give it a 4."), Some(4));
+        assert_eq!(judge_rating("there is a red circle ."), None);
+        assert_eq!(judge_rating("9 out of 10"), None);
+        let m =
+            mmhal_metrics(&[("attribute".into(), Some(6)), ("attribute".into(), Some(2)), ("counting".into(), None)]);
+        assert_eq!(m["average_score"], 4.0);
+        assert_eq!(m["hallucination_rate"], 0.5);
+        assert_eq!(m["unjudged"], 1);
+        assert_eq!(m["per_type"]["attribute"], 4.0);
     }
 
     #[test]

@@ -546,6 +546,38 @@ fn eval_bench_objhal_and_pope_agree_with_eval_hallucination() {
     assert!((0.0..=1.0).contains(&amber["cog"].as_f64().unwrap()));
     assert_eq!(amber["images"], 40);
 
+    // MMHal-Bench's layout, rated by a judge model (here the bundled model itself: the pipeline, not the ratings,
+    // is what this checks; a reply without a rating counts as unjudged).
+    let mmhal = dir.join("mmhal.json");
+    let log = dir.join("mmhal-answers.jsonl");
+    let o = rlaifd(&[
+        "eval",
+        "bench",
+        "--suite",
+        "mmhal",
+        "--data",
+        p(&mmhal),
+        "--images",
+        p(&dir),
+        "--model",
+        p(&model),
+        "--judge",
+        p(&model),
+        "--answers",
+        p(&log),
+        "--json",
+    ]);
+    let mm = &json_lines("eval bench mmhal", &o)[0];
+    assert_eq!(mm["questions"], 8);
+    assert_eq!(mm["judged"].as_u64().unwrap() + mm["unjudged"].as_u64().unwrap(), 8);
+    let lines: Vec<Value> =
+        std::fs::read_to_string(&log).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 8);
+    assert!(lines.iter().all(|l| l["judge"].is_string() && l["answer"].is_string()), "{lines:?}");
+    let o =
+        rlaifd(&["eval", "bench", "--suite", "mmhal", "--data", p(&mmhal), "--images", p(&dir), "--model", p(&model)]);
+    failure("mmhal without a judge", &o, &["--judge"]);
+
     // Bad input: a category the synonyms lack, an image outside the folder, a malformed POPE line.
     let other = dir.join("other.txt");
     std::fs::write(&other, "dog, puppy\nred circle\n").unwrap();

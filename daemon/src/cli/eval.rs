@@ -101,6 +101,10 @@ pub enum EvalCmd {
         relation: Option<PathBuf>,
         #[arg(long)]
         safe_words: Option<PathBuf>,
+        /// mmhal: the judge, a model rlaifd loads (text or vision-language; it reads the image's listed contents,
+        /// the standard answer and the answer, and rates it 0-6: `rlaifd::bench::mmhal_judge_prompt`).
+        #[arg(long)]
+        judge: Option<PathBuf>,
     },
 }
 
@@ -121,11 +125,24 @@ pub fn run(cmd: EvalCmd) -> Result<()> {
         annotations,
         relation,
         safe_words,
+        judge,
     } = cmd
     {
         let amber = (annotations, relation, safe_words);
-        let a =
-            BenchArgs { suite, data, images, model, adapter, synonyms, captions, prompt, limit, max_new_tokens, amber };
+        let a = BenchArgs {
+            suite,
+            data,
+            images,
+            model,
+            adapter,
+            synonyms,
+            captions,
+            prompt,
+            limit,
+            max_new_tokens,
+            amber,
+            judge,
+        };
         return bench(a, json, answers);
     }
     let EvalCmd::Hallucination {
@@ -287,6 +304,8 @@ struct BenchArgs {
     max_new_tokens: Option<usize>,
     /// AMBER's annotations, relation and safe words files.
     amber: (Option<PathBuf>, Option<PathBuf>, Option<PathBuf>),
+    /// MMHal-Bench's judge model.
+    judge: Option<PathBuf>,
 }
 
 /// `rlaifd eval bench`: every answer greedy, metrics printed (or one JSON object), answers written on request.
@@ -322,6 +341,11 @@ fn bench(a: BenchArgs, json: bool, answers_to: Option<PathBuf>) -> Result<()> {
     if max_new == 0 || max_new > 4096 {
         anyhow::bail!("--max-new-tokens must be from 1 to 4096 (got {max_new})");
     }
+    if (a.suite == Suite::Mmhal) != a.judge.is_some() {
+        anyhow::bail!(
+            "--judge DIR goes with --suite mmhal (MMHal-Bench's answers are rated by a judge model), and only there"
+        );
+    }
     let b = Bench::load(a.suite, &src)?;
     let m = Model::load(&a.model).with_context(|| format!("loading model {}", a.model.display()))?;
     if m.image_token_id().is_none() {
@@ -340,6 +364,35 @@ fn bench(a: BenchArgs, json: bool, answers_to: Option<PathBuf>) -> Result<()> {
     };
     let tty = std::io::stderr().is_terminal();
     let n = b.items.len();
+    let note = |k: usize| {
+        let i = k + 1;
+        if tty {
+            eprint!("\r{i}/{n}");
+            if i == n {
+                eprintln!();
+            }
+        } else if i.is_multiple_of(100) || i == n {
+            eprintln!("{i}/{n}");
+        }
+    };
+    if let Some(dir) = &a.judge {
+        let jm = Model::load(dir).with_context(|| format!("loading the judge {}", dir.display()))?;
+        let jt = TextTokenizer::from_file(&jm.dir.join("tokenizer.json"))?;
+        let report = b.run_judged(&m, ad.as_ref(), &tok, max_new, (&jm, &jt), |k, item, answer, verdict, rating| {
+            if let Some(w) = log.as_mut() {
+                use std::io::Write;
+                writeln!(w, "{}", serde_json::json!({ "image": item.name, "question": item.prompt, "answer": answer, "judge": verdict, "rating": rating }))?;
+            }
+            note(k);
+            Ok(())
+        })?;
+        if let Some(mut w) = log {
+            use std::io::Write;
+            w.flush()?;
+        }
+        println!("{}", if json { report.to_string() } else { serde_json::to_string_pretty(&report)? });
+        return Ok(());
+    }
     let report = b.run(&m, ad.as_ref(), &tok, max_new, |k, item, answer| {
         if let Some(w) = log.as_mut() {
             use std::io::Write;
@@ -353,18 +406,11 @@ fn bench(a: BenchArgs, json: bool, answers_to: Option<PathBuf>) -> Result<()> {
                     "prompt": item.prompt, "answer": answer, "objects": b.mentions(answer), "truth": truth, "hallu": hallu }),
                 rlaifd::bench::Truth::Discriminative { kind, yes } => serde_json::json!({ "image": item.name,
                     "prompt": item.prompt, "answer": answer, "type": kind, "truth": yn(*yes) }),
+                rlaifd::bench::Truth::Judged { .. } => serde_json::json!({ "image": item.name, "answer": answer }),
             };
             writeln!(w, "{line}")?;
         }
-        let i = k + 1;
-        if tty {
-            eprint!("\r{i}/{n}");
-            if i == n {
-                eprintln!();
-            }
-        } else if i.is_multiple_of(100) || i == n {
-            eprintln!("{i}/{n}");
-        }
+        note(k);
         Ok(())
     })?;
     if let Some(mut w) = log {
@@ -378,6 +424,7 @@ fn bench(a: BenchArgs, json: bool, answers_to: Option<PathBuf>) -> Result<()> {
             Suite::Objhal => "Object HalBench (CHAIR)",
             Suite::Pope => "POPE",
             Suite::Amber => "AMBER",
+            Suite::Mmhal => "MMHal-Bench",
         };
         println!("{name} on {}", a.data.display());
         if let Some(o) = report.as_object() {

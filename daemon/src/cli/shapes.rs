@@ -52,7 +52,9 @@ pub enum ShapesCmd {
     /// Write COUNT images and the benchmark files `rlaifd eval bench` reads, in their published formats, with
     /// ShapesWorld's objects as the categories: instances.json (COCO instances: images, annotations, categories),
     /// synonyms.txt (one category a line), pope_random.json, pope_popular.json and pope_adversarial.json (POPE's
-    /// question lines: the present objects' questions and that split's negatives). Same images as
+    /// question lines: the present objects' questions and that split's negatives), amber_query.json,
+    /// annotations.json and relation.json (AMBER's), mmhal.json (MMHal-Bench's layout, the first 8 images). Same
+    /// images as
     /// `rlaifd eval hallucination --seed S --count N`.
     Bench {
         #[arg(long)]
@@ -93,7 +95,7 @@ pub fn run(cmd: ShapesCmd) -> Result<()> {
                 ["random", "popular", "adversarial"].into_iter().map(|k| (k, Vec::new())).collect();
             let mut qid = 0usize;
             // AMBER: a generative query per image first (ids 1..=count), then the existence questions.
-            let (mut amber_gen, mut amber_disc) = (Vec::new(), Vec::new());
+            let (mut amber_gen, mut amber_disc, mut mmhal) = (Vec::new(), Vec::new(), Vec::new());
             write_scenes(seed, count, &out, size, 4, |file, scene, s| {
                 let present = scene.phrases();
                 let hallu: Vec<String> = present
@@ -102,6 +104,13 @@ pub fn run(cmd: ShapesCmd) -> Result<()> {
                     .map(|o| vocab[engine::shapes::partner(o)].clone())
                     .filter(|p| !present.contains(p))
                     .collect();
+                if mmhal.len() < 8 {
+                    // MMHal-Bench's entry layout; the image is found by the last part of image_src.
+                    mmhal.push(serde_json::json!({ "question_type": "object", "question_topic": "shapes",
+                        "image_id": file.trim_end_matches(".png"), "image_src": format!("https://example.invalid/shapes/{file}"),
+                        "image_content": present, "question": "What is in this picture?",
+                        "gt_answer": engine::shapes::caption(scene), "model_answer": "" }));
+                }
                 amber_gen.push((
                     file.to_string(),
                     serde_json::json!({ "type": "generative", "truth": present, "hallu": hallu }),
@@ -162,6 +171,7 @@ pub fn run(cmd: ShapesCmd) -> Result<()> {
             let relation: serde_json::Map<String, serde_json::Value> =
                 vocab.iter().map(|v| (v.clone(), serde_json::json!([]))).collect();
             write("relation.json", serde_json::to_string(&relation)?.as_bytes())?;
+            write("mmhal.json", serde_json::to_string_pretty(&mmhal)?.as_bytes())?;
             Ok(())
         }
         ShapesCmd::Vocab => {
