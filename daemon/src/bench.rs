@@ -138,29 +138,14 @@ impl Synonyms {
     }
 }
 
-/// CHAIR over (answer, ground-truth categories) pairs: CHAIR_s (answers naming an absent object / answers),
-/// CHAIR_i (absent objects named / objects named, distinct per answer), Cover (ground-truth objects named /
-/// ground-truth objects), mean length in words.
+/// CHAIR over (answer, ground-truth categories) pairs, objects found with `syn` (`caption_metrics`' counts:
+/// CHAIR_s, CHAIR_i with distinct objects per answer, Cover, mean length in words).
 pub fn chair(syn: &Synonyms, items: &[(String, BTreeSet<String>)]) -> engine::hallucination::CaptionMetrics {
-    let (mut bad, mut named, mut wrong, mut truth, mut covered, mut len) = (0, 0, 0, 0, 0, 0);
-    for (answer, gt) in items {
-        let m = syn.mentions(answer);
-        let h = m.iter().filter(|c| !gt.contains(*c)).count();
-        bad += usize::from(h > 0);
-        named += m.len();
-        wrong += h;
-        truth += gt.len();
-        covered += gt.iter().filter(|c| m.contains(*c)).count();
-        len += words(answer).len();
-    }
-    let ratio = |a: usize, b: usize| if b == 0 { 0.0 } else { a as f64 / b as f64 };
-    engine::hallucination::CaptionMetrics {
-        answers: items.len(),
-        chair_s: ratio(bad, items.len()),
-        chair_i: ratio(wrong, named),
-        cover: ratio(covered, truth),
-        mean_length: ratio(len, items.len()),
-    }
+    let truths: Vec<Vec<String>> = items.iter().map(|(_, gt)| gt.iter().cloned().collect()).collect();
+    engine::hallucination::caption_metrics_by(
+        items.iter().zip(&truths).map(|((answer, _), gt)| (answer.as_str(), gt.as_slice())),
+        |text| syn.mentions(text),
+    )
 }
 
 /// POPE's reading of an answer (its evaluation script): the first sentence, commas dropped, is "no" when one of
@@ -547,16 +532,15 @@ impl Bench {
     }
 
     fn score(&self, answers: &[String]) -> Result<serde_json::Value> {
-        let answers = answers.to_vec();
         Ok(match self.suite {
             Suite::Objhal => {
                 let syn = self.syn.as_ref().context("objhal without synonyms")?;
                 let items: Vec<(String, BTreeSet<String>)> = answers
-                    .into_iter()
+                    .iter()
                     .zip(&self.items)
                     .map(|(a, it)| match &it.truth {
-                        Truth::Objects(o) => (a, o.clone()),
-                        _ => (a, BTreeSet::new()),
+                        Truth::Objects(o) => (a.clone(), o.clone()),
+                        _ => (a.clone(), BTreeSet::new()),
                     })
                     .collect();
                 let c = chair(syn, &items);
@@ -574,7 +558,7 @@ impl Bench {
             Suite::Amber => {
                 let syn = self.syn.as_ref().context("AMBER without its vocabulary")?;
                 let words = self.amber.as_ref().context("AMBER without its word lists")?;
-                amber_metrics(syn, words, &self.items, &answers)
+                amber_metrics(syn, words, &self.items, answers)
             }
             Suite::Mmhal => bail!("MMHal-Bench answers are rated by a judge model"),
         })

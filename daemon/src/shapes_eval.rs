@@ -129,7 +129,7 @@ pub fn best_of_curve(
         let seeds: Vec<u64> = (0..most as u64).map(|k| first.wrapping_add(k)).collect();
         let params = SamplingParams { temperature, max_new_tokens, ..Default::default() };
         let req = GenerateRequest { ids: &ids, pixels: Some(&pixels), seeds: &seeds, params, stop_ids: vec![] };
-        let all = engine::feedback::reward::best_of_n_by(m, ad, reference, &req, beta, reward)?;
+        let all = engine::feedback::reward::best_of_n_by(m, ad, reference, &req, beta, reward, dump.is_some())?;
         if let Some(w) = dump.as_mut() {
             // Every sampled caption with its reward and its objects against the image's: to see what the reward
             // ranks.

@@ -55,10 +55,19 @@ pub struct CaptionMetrics {
 
 /// CHAIR_s, CHAIR_i, Cover and length over (answer, ground-truth objects) pairs.
 pub fn caption_metrics<'a>(items: impl IntoIterator<Item = (&'a str, &'a [String])>) -> CaptionMetrics {
+    caption_metrics_by(items, mentions)
+}
+
+/// `caption_metrics` with `find` giving the objects an answer names (ShapesWorld's `mentions`, or a benchmark's
+/// synonym lists).
+pub fn caption_metrics_by<'a>(
+    items: impl IntoIterator<Item = (&'a str, &'a [String])>,
+    find: impl Fn(&str) -> BTreeSet<String>,
+) -> CaptionMetrics {
     let (mut answers, mut bad_answers, mut mentioned, mut hallucinated, mut gt, mut covered, mut len) =
         (0, 0, 0, 0, 0, 0, 0);
     for (text, truth) in items {
-        let m = mentions(text);
+        let m = find(text);
         let h = m.iter().filter(|o| !truth.contains(o)).count();
         answers += 1;
         bad_answers += usize::from(h > 0);

@@ -57,94 +57,12 @@ pub enum EvalCmd {
     /// A hallucination benchmark in its published format, on data you supply (greedy decoding). objhal: Object
     /// HalBench / CHAIR over a COCO instances_*.json (--data) and its images (--images), described with the
     /// benchmark's eight prompts (image k gets prompt k mod 8); pope: a POPE question file (JSON lines
-    /// {"image", "text", "label"}).
-    Bench {
-        #[arg(long, value_enum)]
-        suite: rlaifd::bench::Suite,
-        /// The benchmark's data file.
-        #[arg(long)]
-        data: PathBuf,
-        /// The folder the data file's image names are relative to.
-        #[arg(long)]
-        images: PathBuf,
-        #[arg(long)]
-        model: PathBuf,
-        #[arg(long)]
-        adapter: Option<PathBuf>,
-        /// objhal: category synonyms, one category a line, comma-separated names, the first being the
-        /// category's name in the instances file (default: CHAIR's COCO lists, assets/bench/coco_synonyms.txt).
-        #[arg(long)]
-        synonyms: Option<PathBuf>,
-        /// objhal: a COCO captions_*.json whose captions add to each image's ground truth (as CHAIR does).
-        #[arg(long)]
-        captions: Option<PathBuf>,
-        /// Replaces the suite's own prompts (objhal's descriptions); for pope, appended after each question.
-        #[arg(long)]
-        prompt: Option<String>,
-        /// Evaluate the first N images (objhal) or questions (pope) only.
-        #[arg(long)]
-        limit: Option<usize>,
-        /// Longest answer (default: 512 for objhal, 16 for pope).
-        #[arg(long)]
-        max_new_tokens: Option<usize>,
-        /// Print one JSON object with the metrics under their usual names.
-        #[arg(long)]
-        json: bool,
-        /// Write every answer (image, prompt, answer) as JSON lines.
-        #[arg(long)]
-        answers: Option<PathBuf>,
-        /// amber: its annotations.json, relation.json and safe_words.txt (default: found next to --data or in
-        /// the folder above it, as AMBER's repository keeps them).
-        #[arg(long)]
-        annotations: Option<PathBuf>,
-        #[arg(long)]
-        relation: Option<PathBuf>,
-        #[arg(long)]
-        safe_words: Option<PathBuf>,
-        /// mmhal: the judge, a model rlaifd loads (text or vision-language; it reads the image's listed contents,
-        /// the standard answer and the answer, and rates it 0-6: `rlaifd::bench::mmhal_judge_prompt`).
-        #[arg(long)]
-        judge: Option<PathBuf>,
-    },
+    /// {"image", "text", "label"}); amber: AMBER's query file with its annotations; mmhal: MMHal-Bench's
+    /// questions, rated by a judge model.
+    Bench(BenchArgs),
 }
 
 pub fn run(cmd: EvalCmd) -> Result<()> {
-    if let EvalCmd::Bench {
-        suite,
-        data,
-        images,
-        model,
-        adapter,
-        synonyms,
-        captions,
-        prompt,
-        limit,
-        max_new_tokens,
-        json,
-        answers,
-        annotations,
-        relation,
-        safe_words,
-        judge,
-    } = cmd
-    {
-        let amber = (annotations, relation, safe_words);
-        let a = BenchArgs {
-            suite,
-            data,
-            images,
-            model,
-            adapter,
-            synonyms,
-            captions,
-            prompt,
-            limit,
-            max_new_tokens,
-            amber,
-            judge,
-        };
-        return bench(a, json, answers);
-    }
     let EvalCmd::Hallucination {
         model,
         adapter,
@@ -163,7 +81,8 @@ pub fn run(cmd: EvalCmd) -> Result<()> {
         dump,
     } = cmd
     else {
-        unreachable!("the bench suite returned above")
+        let EvalCmd::Bench(a) = cmd else { unreachable!("EvalCmd has two commands") };
+        return bench(a);
     };
     let m = Model::load(&model).with_context(|| format!("loading model {}", model.display()))?;
     let ad = match &adapter {
@@ -291,25 +210,59 @@ pub fn run(cmd: EvalCmd) -> Result<()> {
     Ok(())
 }
 
-struct BenchArgs {
-    suite: rlaifd::bench::Suite,
-    data: PathBuf,
-    images: PathBuf,
-    model: PathBuf,
-    adapter: Option<PathBuf>,
-    synonyms: Option<PathBuf>,
-    captions: Option<PathBuf>,
-    prompt: Option<String>,
-    limit: Option<usize>,
-    max_new_tokens: Option<usize>,
-    /// AMBER's annotations, relation and safe words files.
-    amber: (Option<PathBuf>, Option<PathBuf>, Option<PathBuf>),
-    /// MMHal-Bench's judge model.
-    judge: Option<PathBuf>,
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    #[arg(long, value_enum)]
+    pub suite: rlaifd::bench::Suite,
+    /// The benchmark's data file.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// The folder the data file's image names are relative to.
+    #[arg(long)]
+    pub images: PathBuf,
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// objhal: category synonyms, one category a line, comma-separated names, the first being the
+    /// category's name in the instances file (default: CHAIR's COCO lists, assets/bench/coco_synonyms.txt).
+    #[arg(long)]
+    pub synonyms: Option<PathBuf>,
+    /// objhal: a COCO captions_*.json whose captions add to each image's ground truth (as CHAIR does).
+    #[arg(long)]
+    pub captions: Option<PathBuf>,
+    /// Replaces the suite's own prompts (objhal's descriptions); for pope, appended after each question.
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// Evaluate the first N images (objhal) or questions (pope) only.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Longest answer (default: 512 for objhal, 16 for pope).
+    #[arg(long)]
+    pub max_new_tokens: Option<usize>,
+    /// Print one JSON object with the metrics under their usual names.
+    #[arg(long)]
+    pub json: bool,
+    /// Write every answer (image, prompt, answer) as JSON lines.
+    #[arg(long)]
+    pub answers: Option<PathBuf>,
+    /// amber: its annotations.json, relation.json and safe_words.txt (default: found next to --data or in
+    /// the folder above it, as AMBER's repository keeps them).
+    #[arg(long)]
+    pub annotations: Option<PathBuf>,
+    #[arg(long)]
+    pub relation: Option<PathBuf>,
+    #[arg(long)]
+    pub safe_words: Option<PathBuf>,
+    /// mmhal: the judge, a model rlaifd loads (text or vision-language; it reads the image's listed contents,
+    /// the standard answer and the answer, and rates it 0-6: `rlaifd::bench::mmhal_judge_prompt`).
+    #[arg(long)]
+    pub judge: Option<PathBuf>,
 }
 
 /// `rlaifd eval bench`: every answer greedy, metrics printed (or one JSON object), answers written on request.
-fn bench(a: BenchArgs, json: bool, answers_to: Option<PathBuf>) -> Result<()> {
+fn bench(a: BenchArgs) -> Result<()> {
+    let (json, answers_to) = (a.json, a.answers.clone());
     use rlaifd::bench::{Bench, BenchSource, Suite};
     let src = BenchSource {
         data: a.data.clone(),
@@ -326,13 +279,13 @@ fn bench(a: BenchArgs, json: bool, answers_to: Option<PathBuf>) -> Result<()> {
         Suite::Amber => {
             let found = rlaifd::bench::amber_side_files(&a.data);
             BenchSource {
-                annotations: a.amber.0.or(found.0),
-                relation: a.amber.1.or(found.1),
-                safe_words: a.amber.2.or(found.2),
+                annotations: a.annotations.clone().or(found.0),
+                relation: a.relation.clone().or(found.1),
+                safe_words: a.safe_words.clone().or(found.2),
                 ..src
             }
         }
-        _ if a.amber.0.is_some() || a.amber.1.is_some() || a.amber.2.is_some() => {
+        _ if a.annotations.is_some() || a.relation.is_some() || a.safe_words.is_some() => {
             anyhow::bail!("--annotations, --relation and --safe-words are AMBER's (--suite amber)")
         }
         _ => src,

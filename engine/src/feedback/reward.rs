@@ -32,12 +32,13 @@ impl std::str::FromStr for RewardKind {
     }
 }
 
-/// The pieces every reward is made of, for one answer: log πθ − log πref summed over its words, the same for its
-/// end-of-sequence token (0 when it did not stop), and its word count.
+/// The pieces every reward is made of, for one answer: log πθ − log πref summed over its tokens (its end-of-sequence
+/// token included when it stopped), that token's share of it when it was split off (`None`: not measured), and its
+/// word count.
 #[derive(Clone, Copy, Debug, Default, serde::Serialize)]
 pub struct RewardParts {
-    pub content: f64,
-    pub eos: f64,
+    pub total: f64,
+    pub eos: Option<f64>,
     pub words: usize,
     pub stopped: bool,
 }
@@ -49,10 +50,10 @@ impl RewardParts {
             return f64::NEG_INFINITY;
         }
         match kind {
-            RewardKind::Mean => beta * (self.content + self.eos) / tokens as f64,
+            RewardKind::Mean => beta * self.total / tokens as f64,
             RewardKind::MeanContent if self.words == 0 => f64::NEG_INFINITY,
-            RewardKind::MeanContent => beta * self.content / self.words as f64,
-            RewardKind::Sum => beta * (self.content + self.eos),
+            RewardKind::MeanContent => beta * (self.total - self.eos.unwrap_or(0.0)) / self.words as f64,
+            RewardKind::Sum => beta * self.total,
         }
     }
 }
@@ -75,10 +76,11 @@ pub fn best_of_n(
     req: &GenerateRequest,
     beta: f64,
 ) -> Result<BestOf> {
-    best_of_n_by(model, policy, reference, req, beta, RewardKind::Mean)
+    best_of_n_by(model, policy, reference, req, beta, RewardKind::Mean, false)
 }
 
-/// `best_of_n` with the reward `kind`.
+/// `best_of_n` with the reward `kind`; `split_eos` also measures the end-of-sequence token's own log-ratio (one more
+/// scoring pass per side; `MeanContent` needs it anyway).
 pub fn best_of_n_by(
     model: &Model,
     policy: Option<&Adapter>,
@@ -86,6 +88,7 @@ pub fn best_of_n_by(
     req: &GenerateRequest,
     beta: f64,
     kind: RewardKind,
+    split_eos: bool,
 ) -> Result<BestOf> {
     if req.seeds.is_empty() {
         return Err(EngineError::Input("best-of-N needs N >= 1".into()));
@@ -108,16 +111,18 @@ pub fn best_of_n_by(
     let parts: Vec<RewardParts> = answers
         .iter()
         .map(|a| {
-            let content = ratio(&a.tokens)?;
-            let (eos, stopped) = match (a.finish, eos) {
+            let split = split_eos || kind == RewardKind::MeanContent;
+            let words = a.tokens.len();
+            match (a.finish, eos) {
                 (FinishReason::Stop, Some(e)) => {
                     let mut ids = a.tokens.clone();
                     ids.push(e);
-                    (ratio(&ids)? - content, true)
+                    let total = ratio(&ids)?;
+                    let eos = if split { Some(total - ratio(&a.tokens)?) } else { None };
+                    Ok(RewardParts { total, eos, words, stopped: true })
                 }
-                _ => (0.0, false),
-            };
-            Ok(RewardParts { content, eos, words: a.tokens.len(), stopped })
+                _ => Ok(RewardParts { total: ratio(&a.tokens)?, eos: split.then_some(0.0), words, stopped: false }),
+            }
         })
         .collect::<Result<_>>()?;
     let rewards: Vec<f64> = parts.iter().map(|p| p.reward(kind, beta)).collect();
