@@ -2,7 +2,7 @@
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use cli::{bench, eval, gpu, infer, label, shapes, train};
+use cli::{bench, claims, eval, gpu, infer, label, shapes, train};
 use std::path::{Path, PathBuf};
 
 mod cli;
@@ -32,6 +32,9 @@ enum Command {
     /// RLAIF-V feedback offline: sample n answers per prompt, verify their claims with a labeler, write
     /// preference pairs (RLAIF-V dataset schema plus scores, claims and verdicts).
     Label(label::LabelArgs),
+    /// RLAIF-V's divide step on its own: split answers (JSONL {"answer": text}) into claims with yes/no
+    /// questions, and measure the extractor against exact claims where a line has them.
+    Claims(claims::ClaimsArgs),
     /// Write a randomly initialised checkpoint for a config.json (to train small models from scratch).
     InitModel {
         #[arg(long)]
@@ -145,6 +148,7 @@ fn main() {
         Command::TrainDpo(a) => train::cmd_train_dpo(a),
         Command::TrainSft(a) => train::cmd_train_sft(a),
         Command::Label(a) => label::cmd_label(a),
+        Command::Claims(a) => claims::cmd_claims(a),
         Command::Demo(a) => rlaifd::demo::run(a),
         Command::Serve(a) => rlaifd::serve::run(a),
         Command::Kernels { arch } => gpu::cmd_kernels(&arch),

@@ -369,9 +369,10 @@ pub async fn run_async(cfg: Config, config_file: Option<PathBuf>, until: Option<
     let mut chosen_all = Vec::new();
     for device in cfg.model.device_specs()? {
         let (model_dir, state, labeler) = (cfg.model.path.clone(), cfg.state.dir.clone(), cfg.loop_.labeler.clone());
+        let (extractor, extractor_model) = (cfg.loop_.extractor.clone(), cfg.loop_.extractor_model.clone());
         let (mut engine, chosen) = tokio::task::spawn_blocking(move || -> Result<(Engine, String)> {
             let (e, chosen) = Engine::load_on(&model_dir, &state, device)?;
-            Ok((e.with_labeler(&labeler)?, chosen))
+            Ok((e.with_labeler(&labeler)?.with_extractor(&extractor, &extractor_model)?, chosen))
         })
         .await
         .context("loading the model")?

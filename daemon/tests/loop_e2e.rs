@@ -171,6 +171,16 @@ async fn a_model_without_ground_truth_is_gated_on_labeler_estimated_hallucinatio
         rlaifd::rlaif::evaluate(pool, &engine, &cfg, &base).await.unwrap(),
         "greedy answers and a fixed judge: deterministic"
     );
+    // The same gate with the LLM extractor (`loop.extractor = "llm"`, the base model dividing): a random-weight
+    // model writes no "- " listing, so its answers get no claims; the gate still measures every answer, and says
+    // there was nothing to rate rather than failing.
+    let llm = LoopConfig { extractor: "llm".into(), extractor_max_new_tokens: 12, ..cfg.clone() };
+    let m_llm = rlaifd::rlaif::evaluate(pool, &engine, &llm, &base).await.unwrap();
+    println!("{m_llm}");
+    assert_eq!(m_llm["answers"].as_u64(), Some(3), "{m_llm}");
+    let llm_claims = m_llm["claims"].as_u64().unwrap();
+    assert!(m_llm["hallucination_rate"].is_null() == (llm_claims == 0), "{m_llm}");
+    assert_eq!(m_llm, rlaifd::rlaif::evaluate(pool, &engine, &llm, &base).await.unwrap(), "greedy: deterministic");
     // The gate reads these metrics as it reads CHAIR_i and Cover.
     let better = |h: f64, c: f64| serde_json::json!({ "hallucination_rate": h, "claims_per_answer": c });
     let cfg = LoopConfig { promote_margin: 0.01, max_cover_drop: 0.1, ..cfg };

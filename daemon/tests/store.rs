@@ -150,8 +150,8 @@ async fn retried_stages_store_nothing_twice() {
         ref_logp_chosen: -3.0,
         ref_logp_rejected: -4.0,
     }];
-    assert!(store::finish_label(pool, &label[0], "w2", "self:1", base.id, &labeled, &pairs).await.unwrap());
-    assert!(!store::finish_label(pool, &label[0], "w2", "self:1", base.id, &labeled, &pairs).await.unwrap());
+    assert!(store::finish_label(pool, &label[0], "w2", "self:1", "rules", base.id, &labeled, &pairs).await.unwrap());
+    assert!(!store::finish_label(pool, &label[0], "w2", "self:1", "rules", base.id, &labeled, &pairs).await.unwrap());
     assert_eq!((count(pool, "claims").await, count(pool, "pairs").await), (2, 1));
     // The schema itself refuses a duplicate pair and a pair of an answer with itself.
     let dup = sqlx::query("INSERT INTO pairs (iteration_id, prompt_id, chosen_id, rejected_id, score_gap, ref_checkpoint_id, ref_logp_chosen, ref_logp_rejected) VALUES ($1, $2, $3, $4, 1, $5, 0, 0)");

@@ -85,3 +85,45 @@ pub fn generate_with_stats(
     };
     model.backend().generate(model, req, adapter)
 }
+
+/// One answer to each of several text prompts (no image), `seeds[i]` for `prompts[i]`, in one batch: on the CPU
+/// their longest common beginning (an instruction shared by every prompt) is computed once and all answers are
+/// decoded together, each at its own length; an answer equals `generate` on its prompt alone, up to the order
+/// of floating-point sums. Every prompt is checked against the context and the memory budget before any work,
+/// and answers that would run past the context end there, as in `generate`.
+pub fn generate_batch(
+    model: &Model,
+    prompts: &[&[u32]],
+    seeds: &[u64],
+    params: &SamplingParams,
+    adapter: Option<&Adapter>,
+) -> Result<Vec<Answer>> {
+    params.validate().map_err(EngineError::Input)?;
+    if prompts.len() != seeds.len() {
+        return Err(EngineError::Input(format!(
+            "{} prompts but {} seeds: give one seed per prompt",
+            prompts.len(),
+            seeds.len()
+        )));
+    }
+    if prompts.is_empty() {
+        return Ok(Vec::new());
+    }
+    if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
+        return Err(EngineError::Input(format!("prompt {i} of the batch is empty")));
+    }
+    if let Some(image) = model.image_token_id() {
+        if let Some(i) = prompts.iter().position(|p| p.contains(&image)) {
+            return Err(EngineError::Input(format!(
+                "prompt {i} of the batch holds the image token: a batch is text only"
+            )));
+        }
+    }
+    // Bounded as one request of `prompts.len()` answers to the longest prompt: more than the shared prefix needs.
+    let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+    let shape =
+        RequestShape { prompt_positions: longest, answers: prompts.len(), max_new_tokens: params.max_new_tokens };
+    let max_new = model.check_request(shape, model.request_budget())?;
+    let params = SamplingParams { max_new_tokens: max_new.min(params.max_new_tokens), ..params.clone() };
+    model.backend().generate_batch(model, prompts, seeds, &params, &[], adapter)
+}

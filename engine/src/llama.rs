@@ -230,8 +230,37 @@ impl Llama {
         cache.len += rows;
     }
 
-    /// One decode step for several sequences that share `prefix` and each have their own `suffixes[r]`
-    /// (all suffixes the same length). x: (rows, C) embeddings of each sequence's newest token.
+    /// Causal forward of one sequence's own rows x (rows, C) after a `prefix` it shares with other sequences and
+    /// its own `suffix` so far: the rows sit at positions prefix.len + suffix.len .. and are appended to `suffix`.
+    /// The prefill of a prompt's tail in a batch of prompts with a common beginning (`generate::generate_batch`).
+    pub fn forward_suffix(
+        &self,
+        x: &mut [f32],
+        rows: usize,
+        prefix: &KvCache,
+        suffix: &mut KvCache,
+        adapter: Option<&Adapter>,
+    ) {
+        let cfg = &self.cfg;
+        let (heads, kvh, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+        let start = suffix.len;
+        let positions: Vec<usize> = (0..rows).map(|r| prefix.position(prefix.len + start + r)).collect();
+        let scale = (hd as f32).powf(-0.5);
+        self.forward_layers(x, rows, &positions, adapter, |li, q, k, v, out| {
+            suffix.k[li].extend_from_slice(k);
+            suffix.v[li].extend_from_slice(v);
+            let pre = KvSegment { k: &prefix.k[li], v: &prefix.v[li], len: prefix.len };
+            let own = KvSegment { k: &suffix.k[li], v: &suffix.v[li], len: start + rows };
+            attend_rows(out, q, heads, kvh, hd, scale, cfg.window(li), |r| {
+                (vec![pre, own], prefix.len + start + r + 1)
+            });
+        });
+        suffix.len += rows;
+    }
+
+    /// One decode step for several sequences that share `prefix` and each have their own `suffixes[r]` (of any
+    /// lengths: row r sits at position prefix.len + suffixes[r].len). x: (rows, C) embeddings of each sequence's
+    /// newest token.
     pub fn decode_step(
         &self,
         x: &mut [f32],
@@ -242,8 +271,7 @@ impl Llama {
         let rows = suffixes.len();
         let cfg = &self.cfg;
         let (heads, kvh, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
-        let pos = prefix.position(prefix.len + suffixes.first().map_or(0, |s| s.len));
-        let positions = vec![pos; rows];
+        let positions: Vec<usize> = suffixes.iter().map(|s| prefix.position(prefix.len + s.len)).collect();
         let scale = (hd as f32).powf(-0.5);
         let width = kvh * hd;
         self.forward_layers(x, rows, &positions, adapter, |li, q, k, v, out| {

@@ -1,12 +1,13 @@
 //! Device selection and the backend dispatch, on any machine: `--device` names parse or are refused with the fix,
 //! `auto` falls back to the CPU (saying why) where no GPU is usable while an explicit `cuda` is an error, a model
 //! on the CPU backend computes exactly what it computes with no backend set, and the rule that decides which
-//! adapters the GPU decoder can apply (the others run on the CPU).
+//! adapters the GPU decoder can apply (the others run on the CPU), and batched generation of several prompts
+//! (the LLM claim extractor's) against one prompt at a time.
 
 use engine::adapter::{LoraSpec, TargetModules};
 use engine::backend::{select, CpuBackend, DeviceSpec};
 use engine::cuda_train::inference_rank;
-use engine::generate::{generate, GenerateRequest};
+use engine::generate::{generate, generate_batch, GenerateRequest};
 use engine::sampling::SamplingParams;
 use engine::Model;
 use std::path::PathBuf;
@@ -154,4 +155,77 @@ fn the_gpu_trainer_takes_the_loops_adapters_and_leaves_the_rest_to_the_cpu() {
     let head =
         model.create_adapter(&spec(TargetModules::Names(vec!["q_proj".into(), "lm_head".into()]), 0.0), 1).unwrap();
     assert!(gpu_trainable(cfg, &head).unwrap().contains("lm_head"), "{:?}", gpu_trainable(cfg, &head));
+}
+
+#[test]
+fn a_batch_of_prompts_answers_each_prompt_as_generate_does() {
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+    // LLaVA-1.5 (the bundled model), a text-only LLaMA, and a Mistral decoder with a sliding window.
+    for dir in [
+        shapes(),
+        fixtures.join("llava/llama_text_only/model"),
+        fixtures.join("llava_next/next_native_f32_mistral_window/model"),
+    ] {
+        let model = Model::load(&dir).unwrap();
+        let vocab = model.llm.cfg.vocab_size as u32;
+        let image = model.image_token_id();
+        let token = |i: u32| -> u32 {
+            let t = 3 + (i * 7919) % (vocab - 3);
+            if Some(t) == image {
+                t + 1
+            } else {
+                t
+            }
+        };
+        let shared: Vec<u32> = (0..9).map(token).collect();
+        let tails: [Vec<u32>; 4] =
+            [vec![token(40)], (41..44).map(token).collect(), (44..50).map(token).collect(), vec![]];
+        let mut prompts: Vec<Vec<u32>> = tails.iter().map(|t| [shared.clone(), t.clone()].concat()).collect();
+        // A prompt sharing nothing with the others: the batch then has no common beginning.
+        prompts.push((60..63).map(token).collect());
+        let seeds = [11u64, 12, 13, 14, 15];
+        let greedy = SamplingParams { temperature: 0.0, max_new_tokens: 12, ..Default::default() };
+        let sampled = SamplingParams {
+            temperature: 0.9,
+            top_k: 20,
+            repetition_penalty: 1.1,
+            max_new_tokens: 12,
+            ..Default::default()
+        };
+        for params in [greedy.clone(), sampled] {
+            for n in [4, 5] {
+                let refs: Vec<&[u32]> = prompts[..n].iter().map(|p| p.as_slice()).collect();
+                let batch = generate_batch(&model, &refs, &seeds[..n], &params, None).unwrap();
+                assert_eq!(batch.len(), n);
+                for i in 0..n {
+                    let req = GenerateRequest {
+                        ids: &prompts[i],
+                        pixels: None,
+                        seeds: &seeds[i..i + 1],
+                        params: params.clone(),
+                        stop_ids: vec![],
+                    };
+                    let one = generate(&model, &req, None).unwrap().remove(0);
+                    let what = format!("{}: prompt {i} of {n}, temperature {}", dir.display(), params.temperature);
+                    assert_eq!(batch[i].tokens, one.tokens, "{what}");
+                    assert_eq!((batch[i].finish, batch[i].seed), (one.finish, one.seed), "{what}");
+                }
+            }
+        }
+        // Bad batches are refused before any work, naming the prompt.
+        let refs: Vec<&[u32]> = prompts.iter().map(|p| p.as_slice()).collect();
+        let err = generate_batch(&model, &refs, &seeds[..2], &greedy, None).unwrap_err().to_string();
+        assert!(err.contains("5 prompts but 2 seeds"), "{err}");
+        let err = generate_batch(&model, &[&shared, &[]], &seeds[..2], &greedy, None).unwrap_err().to_string();
+        assert!(err.contains("prompt 1 of the batch is empty"), "{err}");
+        if let Some(image) = image {
+            let with_image = [shared.clone(), vec![image]].concat();
+            let err =
+                generate_batch(&model, &[&shared, &with_image], &seeds[..2], &greedy, None).unwrap_err().to_string();
+            assert!(err.contains("prompt 1 of the batch holds the image token"), "{err}");
+        }
+        let long = vec![token(1); model.context_len()];
+        let err = generate_batch(&model, &[&shared, &long], &seeds[..2], &greedy, None).unwrap_err().to_string();
+        assert!(err.contains("context"), "{err}");
+    }
 }

@@ -1,7 +1,7 @@
 //! RLAIF-V feedback library: scoring and pairing rules on hand-made cases, length balancing, the yes/no
 //! reading of the labeler, batched verification against one-prompt-at-a-time forwards, ShapesWorld claims.
 
-use engine::feedback::claims::{shapes_claims, ClaimExtractor, RuleExtractor};
+use engine::feedback::claims::{shapes_claims, Claim, ClaimExtractor, RuleExtractor};
 use engine::feedback::pairs::{candidate_pairs, keep_accepted, length_balance, pick_pairs, score};
 use engine::feedback::verify::{Verdict, YesNoTokens};
 use engine::hallucination::mentions;
@@ -203,6 +203,16 @@ fn llm_extractor_runs_a_text_model_and_is_deterministic() {
     assert!(a.iter().all(|c| c.question.ends_with('?')), "{a:?}");
     assert!(ex.extract("describe", "   ").unwrap().is_empty());
     assert_eq!(ex.name(), "llm:fixture");
+    // All answers of a prompt in one batch give what each gives alone; a blank answer has no claims.
+    let answers =
+        ["the box is red . the ball is blue .", "", "the ball is red .", "the box is red . the ball is blue ."];
+    let batch = ex.extract_all("describe", &answers).unwrap();
+    let alone: Vec<Vec<Claim>> = answers.iter().map(|a| ex.extract("describe", a).unwrap()).collect();
+    assert_eq!(batch, alone);
+    assert!(batch[1].is_empty());
+    // A listing cut off after one token has no complete line: no claims, and no error.
+    let short = LlmExtractor { max_new_tokens: 1, ..ex };
+    assert!(short.extract_all("describe", &answers).unwrap().iter().all(|c| c.is_empty()));
 }
 
 #[test]

@@ -11,13 +11,13 @@ fn strings(items: &[&str]) -> Vec<String> {
 
 #[test]
 fn sentences_do_not_split_at_abbreviations_decimals_or_initials() {
-    let answer = "Dr. Smith measured 3.5 m, e.g. the length of the car. It is red! \
+    let answer = "Dr. Smith measured 3.5 m, e.g. the length of the car. The car is red! \
                   The U.S. flag is visible. J. K. Rowling wrote it.";
     assert_eq!(
         split_claims(answer),
         strings(&[
             "Dr. Smith measured 3.5 m, e.g. the length of the car.",
-            "It is red.",
+            "The car is red.",
             "The U.S. flag is visible.",
             "J. K. Rowling wrote it.",
         ])
@@ -86,24 +86,75 @@ fn compound_sentence_splits_into_self_contained_claims() {
 }
 
 #[test]
-fn pronoun_stays_when_its_referent_is_not_a_simple_agreeing_subject() {
-    // "it" cannot refer to "The dogs" (plural verb), so it is left alone rather than guessed.
-    assert_eq!(split_claims("The dogs are big, and it is raining."), strings(&["The dogs are big.", "It is raining."]));
-    // "a car parked" is not a bare noun phrase.
+fn a_pronoun_with_nothing_to_stand_for_is_dropped() {
+    // "it" cannot refer to "The dogs" (plural verb), and "a car parked" is not a bare noun phrase: the clause
+    // cannot be checked on its own, so it is not a claim.
+    assert_eq!(split_claims("The dogs are big, and it is raining."), strings(&["The dogs are big."]));
+    assert_eq!(split_claims("There is a car parked, and it is red."), strings(&["There is a car parked."]));
+    assert_eq!(split_claims("It is red. They are sleeping."), Vec::<String>::new());
+    // The issue's example: "the other" refers back to something the claim does not name.
     assert_eq!(
-        split_claims("There is a car parked, and it is red."),
-        strings(&["There is a car parked.", "It is red."])
+        split_claims("Two dogs are in the yard. One of them is brown. The other is chasing it."),
+        strings(&["Two dogs are in the yard."])
     );
 }
 
 #[test]
-fn lists_of_objects_and_dependent_phrases_stay_one_claim() {
-    assert_eq!(split_claims("There is a red car and a blue bus."), strings(&["There is a red car and a blue bus."]));
-    assert_eq!(split_claims("There is a red car, and a blue bus."), strings(&["There is a red car, and a blue bus."]));
+fn a_pronoun_opening_a_sentence_takes_the_subject_of_the_sentence_before() {
+    assert_eq!(split_claims("There is a cat. It is black."), strings(&["There is a cat.", "The cat is black."]));
     assert_eq!(
-        split_claims("A man is holding an umbrella, while walking down the street."),
-        strings(&["A man is holding an umbrella, while walking down the street."])
+        split_claims("A dog sits on the grass. It is brown. They are happy."),
+        strings(&["A dog sits on the grass.", "The dog is brown."])
     );
+    assert_eq!(
+        split_claims("The image shows a dog. It is sleeping on a red sofa."),
+        strings(&["There is a dog.", "The dog is sleeping on a red sofa."]),
+        "the dog, not the image"
+    );
+}
+
+#[test]
+fn lists_of_objects_become_one_claim_per_object() {
+    // The issue's example.
+    assert_eq!(
+        split_claims("The image shows a kitchen with white cabinets, a refrigerator, and a wooden table."),
+        strings(&["There is a kitchen with white cabinets.", "There is a refrigerator.", "There is a wooden table."])
+    );
+    assert_eq!(
+        split_claims("There is a red car and a blue bus."),
+        strings(&["There is a red car.", "There is a blue bus."])
+    );
+    assert_eq!(
+        split_claims("There is a red car, and a blue bus."),
+        strings(&["There is a red car.", "There is a blue bus."])
+    );
+    assert_eq!(
+        split_claims("There are two cats, a dog and some birds."),
+        strings(&["There are two cats.", "There is a dog.", "There are some birds."])
+    );
+    assert_eq!(
+        split_claims("The table has a vase, a book, and a lamp."),
+        strings(&["The table has a vase.", "The table has a book.", "The table has a lamp."])
+    );
+    assert_eq!(
+        split_claims("The man is wearing a red shirt, blue jeans, and a hat."),
+        strings(&["The man is wearing a red shirt.", "The man is wearing blue jeans.", "The man is wearing a hat."])
+    );
+    assert_eq!(split_claims("The cat is black and white."), strings(&["The cat is black.", "The cat is white."]));
+}
+
+#[test]
+fn relations_appositions_and_dependent_phrases_stay_one_claim() {
+    for whole in [
+        "A man is holding an umbrella, while walking down the street.",
+        "The cat is between a box and a bag.",
+        "The dog, a golden retriever, is sleeping.",
+        "A man and a woman are walking.",
+        "The image shows a dog, which is brown, and a cat.",
+        "Two dogs are playing.",
+    ] {
+        assert_eq!(split_claims(whole), strings(&[whole]), "{whole:?}");
+    }
 }
 
 // ---- split_claims: subjectivity ----------------------------------------------------------------------------
@@ -113,7 +164,8 @@ fn opinions_mood_speculation_and_questions_are_dropped() {
     let answer = "I think the car is red. The room is cozy and inviting. The lamp creates a warm atmosphere. \
                   Overall, the scene is calm. Is the dog asleep? The chair is black, and it looks beautiful. \
                   The table is probably made of oak. In my opinion, the sofa is too big. \
-                  The candles add to the romantic ambiance. There is a lamp.";
+                  The candles add to the romantic ambiance. There is a lamp. The sofa looks very comfortable. \
+                  It seems quite old.";
     assert_eq!(split_claims(answer), strings(&["The chair is black.", "There is a lamp."]));
 }
 
@@ -172,6 +224,22 @@ fn claim_lines_without_markers_fall_back_to_sentences() {
 }
 
 #[test]
+fn a_listing_read_for_the_loop_keeps_only_complete_self_contained_facts() {
+    let listing = "Claims:\n- There is a dog.\n- It is brown.\n- The room looks very cozy.\n- The dog is sleeping\n- There is a ca";
+    assert_eq!(
+        read_claim_listing(listing, true),
+        strings(&["There is a dog.", "The dog is brown.", "The dog is sleeping."]),
+        "the cut-off last line is dropped, the pronoun resolved, the opinion left out"
+    );
+    assert_eq!(read_claim_listing("- There is a cat", false), strings(&["There is a cat."]));
+    assert!(read_claim_listing("- There is a ca", true).is_empty(), "a single cut-off line");
+    assert!(read_claim_listing("The dog is brown and the cat is black.", false).is_empty(), "no list line");
+    assert!(read_claim_listing("- None", false).is_empty());
+    assert!(read_claim_listing("- It is red.\n- They are big.", false).is_empty(), "nothing to stand for");
+    assert_eq!(read_claim_listing("- A cat is black.\n- a cat is black", false), strings(&["A cat is black."]));
+}
+
+#[test]
 fn claim_lines_keep_numbers_that_are_not_markers() {
     assert_eq!(
         parse_claim_lines("- 3.5 liters of water are in the jug\n- -5 degrees is shown on the thermometer"),
@@ -218,8 +286,15 @@ fn claim_to_question_follows_each_rule() {
         ("The cat can jump.", "Can the cat jump?"),
         ("NASA is a space agency.", "Is NASA a space agency?"),
         ("I am in the photo.", "Am I in the photo?"),
+        // Lexical verbs take "do"; an answer about the image asks whether the thing is there.
+        ("A man holds an umbrella.", "Does a man hold an umbrella?"),
+        ("The cat lies on the sofa.", "Does the cat lie on the sofa?"),
+        ("The girl carries a bag.", "Does the girl carry a bag?"),
+        ("The boy touches the fence.", "Does the boy touch the fence?"),
+        ("The image shows two cats on a bed.", "Are there two cats on a bed in the image?"),
+        ("This picture depicts a red bus.", "Is there a red bus in the image?"),
         // Fallbacks keep the meaning when fronting a verb would garble it.
-        ("A man holds an umbrella.", "Is it true that a man holds an umbrella?"),
+        ("A man walks to the car.", "Is it true that a man walks to the car?"),
         ("In the corner, a lamp is on.", "Is it true that in the corner, a lamp is on?"),
         ("The man who is tall has a hat.", "Is it true that the man who is tall has a hat?"),
         // Leftover list marker and emphasis from an LLM line.

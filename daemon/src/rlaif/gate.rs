@@ -5,7 +5,6 @@ use super::{Engine, LoopConfig};
 use crate::store::{self, CheckpointRow, IterationRow};
 use crate::worker::Priority;
 use anyhow::{bail, Context, Result};
-use engine::feedback::claims::{ClaimExtractor, RuleExtractor};
 use engine::feedback::verify::Labeler;
 use engine::tokenizer::LLAVA_15_TEMPLATE;
 use sqlx::PgPool;
@@ -114,10 +113,13 @@ pub async fn evaluate_with_labeler(
         };
         prompts.push((p.instruction, bytes));
     }
-    let (e, c, max_new) = (engine.clone(), c.clone(), cfg.max_new_tokens);
+    let (e, c, max_new, loop_cfg) = (engine.clone(), c.clone(), cfg.max_new_tokens, cfg.clone());
     engine
         .run(Priority::Feedback, move |slice| {
             let adapter = e.adapter(&c)?;
+            // The loop's extractor divides every checkpoint's answers alike: "self" is the base model here, so a
+            // candidate never divides its own answers for its own gate.
+            let extractor = e.extractor(&loop_cfg, None);
             let (judge_model, judge_tok) = match &e.labeler {
                 Some((m, t, _)) => (m, t),
                 None => (&e.model, &e.tok),
@@ -135,7 +137,7 @@ pub async fn evaluate_with_labeler(
                 let req = engine::generate::GenerateRequest { ids: &ids, pixels: pixels.as_ref(), seeds: &[0], params, stop_ids: vec![] };
                 let answer = engine::generate::generate(&e.model, &req, adapter.as_deref())?;
                 let text = e.tok.decode(&answer[0].tokens)?;
-                let found = RuleExtractor.extract(question, &text)?;
+                let found = extractor.extract(question, &text)?;
                 let verdicts = judge.verify(pixels.as_ref(), &found.iter().map(|x| x.question.clone()).collect::<Vec<_>>())?;
                 answers += 1;
                 claims += found.len();

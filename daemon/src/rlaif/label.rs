@@ -6,7 +6,6 @@ use super::{Engine, LoopConfig};
 use crate::store::{self, Job, NewClaim, NewPair};
 use crate::worker::Priority;
 use anyhow::{bail, Result};
-use engine::feedback::claims::{ClaimExtractor, RuleExtractor, ShapesExtractor};
 use engine::feedback::pipeline::{label_answers_with, LabeledAnswer};
 use engine::feedback::verify::Labeler;
 use engine::generate::FinishReason;
@@ -58,19 +57,23 @@ pub async fn run_label_job(
         })
         .collect();
     let ids: Vec<i64> = stored.iter().map(|r| r.id).collect();
-    let (e, question, k, pair_seed, rule) = (
+    let (e, question, k, pair_seed, rule, loop_cfg) = (
         engine.clone(),
         prompt.instruction.clone(),
         cfg.pairs_per_prompt,
         cfg.pair_seed(it.number, prompt.id),
         cfg.pair_rule,
+        cfg.clone(),
     );
+    if cfg.extractor == "llm" && cfg.extractor_model == "self" {
+        super::fetch_checkpoint(pool, engine, &policy_row).await?;
+    }
     let labeler_name = match cfg.labeler.as_str() {
         "self" => format!("self:{}", policy_row.id),
         "base" => "base".to_string(),
         dir => format!("model:{dir}"),
     };
-    let (labeled, pairs) = engine
+    let (labeled, pairs, extractor_name) = engine
         .run(Priority::Feedback, move |_| {
             let lab_adapter = match &e.labeler {
                 Some(_) => None,
@@ -80,9 +83,18 @@ pub async fn run_label_job(
                 Some((m, tok, _)) => Labeler::new(m, None, tok, LLAVA_15_TEMPLATE)?,
                 None => Labeler::new(&e.model, lab_adapter.as_deref(), &e.tok, LLAVA_15_TEMPLATE)?,
             };
-            let extractor: &dyn ClaimExtractor = if e.shapes { &ShapesExtractor } else { &RuleExtractor };
-            let fb =
-                label_answers_with(&labeler, extractor, pixels.as_deref(), &question, answers, k, pair_seed, rule)?;
+            let policy_adapter = if loop_cfg.extractor == "llm" { e.adapter(&policy_row)? } else { None };
+            let extractor = e.extractor(&loop_cfg, policy_adapter.as_deref());
+            let fb = label_answers_with(
+                &labeler,
+                extractor.as_ref(),
+                pixels.as_deref(),
+                &question,
+                answers,
+                k,
+                pair_seed,
+                rule,
+            )?;
             let ref_adapter = e.adapter(&reference_row)?;
             let prompt_ids = e.tok.encode_chat(LLAVA_15_TEMPLATE, &question)?;
             let feats = match &pixels {
@@ -125,10 +137,10 @@ pub async fn run_label_job(
                     (id, a.score, claims)
                 })
                 .collect();
-            Ok((labeled, pairs))
+            Ok((labeled, pairs, extractor.name()))
         })
         .await?;
-    store::finish_label(pool, job, owner, &labeler_name, it.reference_id, &labeled, &pairs).await
+    store::finish_label(pool, job, owner, &labeler_name, &extractor_name, it.reference_id, &labeled, &pairs).await
 }
 
 /// The answer's training ids: its tokens, plus EOS when it ended by itself.

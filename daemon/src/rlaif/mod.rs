@@ -50,6 +50,15 @@ pub struct LoopConfig {
     /// Who verifies claims: "self" (the policy, as RLAIF-V 12B), "base", or a separate labeler model directory
     /// (as RLAIF-V 7B, labeled by a stronger model).
     pub labeler: String,
+    /// Who divides answers into claims: "auto" (ShapesWorld's exact objects for a ShapesWorld model, else
+    /// "rules"), "shapes", "rules" (sentence, clause and list rules), or "llm" (a model lists each answer's
+    /// claims and writes one yes/no question per claim, all answers of a prompt in one batch; RLAIF-V's divide).
+    pub extractor: String,
+    /// For extractor = "llm": "self" (the policy being trained) or a text or vision-language model directory.
+    pub extractor_model: String,
+    /// For extractor = "llm": the longest listing (and question) the model may write, in tokens; a listing cut
+    /// off there keeps its complete lines.
+    pub extractor_max_new_tokens: usize,
     pub beta: f64,
     /// RLAIF-V's length balancing of each iteration's pairs (drop pairs whose chosen answer is much shorter).
     pub length_balance: bool,
@@ -114,6 +123,9 @@ impl Default for LoopConfig {
             pairs_per_iteration: 32,
             reference: "policy".into(),
             labeler: "self".into(),
+            extractor: "auto".into(),
+            extractor_model: "self".into(),
+            extractor_max_new_tokens: 256,
             beta: 0.1,
             length_balance: true,
             nll_weight: 0.0,
@@ -162,6 +174,15 @@ impl LoopConfig {
         }
         if self.labeler.trim().is_empty() {
             return bad("labeler", "expected \"self\", \"base\" or a labeler model directory");
+        }
+        if !matches!(self.extractor.as_str(), "auto" | "shapes" | "rules" | "llm") {
+            return bad("extractor", "expected \"auto\", \"shapes\", \"rules\" or \"llm\"");
+        }
+        if self.extractor == "llm" && self.extractor_model.trim().is_empty() {
+            return bad("extractor_model", "expected \"self\" or a model directory");
+        }
+        if self.extractor_max_new_tokens == 0 {
+            return bad("extractor_max_new_tokens", "must be at least 1");
         }
         if !(self.beta > 0.0 && self.lr > 0.0 && self.lr.is_finite())
             || self.epochs == 0

@@ -3,9 +3,11 @@
 //! A checkpoint trained by another daemon is fetched from the database first (`fetch_checkpoint`): no daemon
 //! reads another's files.
 
+use super::LoopConfig;
 use crate::store::{self, CheckpointRow};
 use crate::worker::{Priority, Slice, Worker};
 use anyhow::{bail, Context, Result};
+use engine::feedback::claims::{ClaimExtractor, LlmExtractor, RuleExtractor, ShapesExtractor};
 use engine::image::{ImageProcessorConfig, PixelValues};
 use engine::tokenizer::TextTokenizer;
 use engine::{Adapter, Model};
@@ -22,6 +24,8 @@ pub struct Engine {
     pub state_dir: PathBuf,
     /// A separate labeler model (`loop.labeler = DIR`) and its tokenizer.
     pub labeler: Option<(Model, TextTokenizer, PathBuf)>,
+    /// A separate claim extractor model (`loop.extractor = "llm"`, `loop.extractor_model = DIR`).
+    pub extractor_model: Option<(Model, TextTokenizer, PathBuf)>,
     /// The engine thread every model computation runs on, by priority.
     pub worker: Worker,
     /// A ShapesWorld model (its tokenizer is the world's vocabulary): object claims and exact held-out metrics.
@@ -89,6 +93,7 @@ impl Engine {
                 ip,
                 state_dir: state_dir.to_path_buf(),
                 labeler: None,
+                extractor_model: None,
                 worker: Worker::start("rlaifd-engine"),
                 shapes,
                 adapters: Mutex::new(HashMap::new()),
@@ -114,6 +119,48 @@ impl Engine {
             .with_context(|| format!("loading the labeler's tokenizer from {labeler}"))?;
         self.labeler = Some((model, tok, dir));
         Ok(self)
+    }
+
+    /// Loads the extractor model `loop.extractor_model` names when the loop divides with a model of its own
+    /// (`loop.extractor = "llm"` and a directory; "self" needs nothing).
+    pub fn with_extractor(mut self, extractor: &str, extractor_model: &str) -> Result<Engine> {
+        if extractor != "llm" || extractor_model == "self" {
+            return Ok(self);
+        }
+        let dir = PathBuf::from(extractor_model);
+        let what = format!("the claim extractor loop.extractor_model = {extractor_model:?}");
+        let mut model = Model::load(&dir).with_context(|| format!("loading {what}"))?;
+        let (backend, _) = engine::backend::select(self.device, &model)
+            .with_context(|| format!("putting {what} on {}", self.device))?;
+        model.set_backend(backend);
+        let tok = TextTokenizer::from_file(&dir.join("tokenizer.json"))
+            .with_context(|| format!("loading the tokenizer of {what}"))?;
+        self.extractor_model = Some((model, tok, dir));
+        Ok(self)
+    }
+
+    /// The claim extractor `cfg.extractor` names, for work on the engine thread; `policy` is the adapter of the
+    /// checkpoint that "self" means.
+    pub fn extractor<'a>(&'a self, cfg: &LoopConfig, policy: Option<&'a Adapter>) -> Box<dyn ClaimExtractor + 'a> {
+        match cfg.extractor.as_str() {
+            "shapes" => Box::new(ShapesExtractor),
+            "rules" => Box::new(RuleExtractor),
+            "llm" => {
+                let (model, adapter, tokenizer, source) = match &self.extractor_model {
+                    Some((m, t, dir)) => (m, None, t, dir.display().to_string()),
+                    None => (&self.model, policy, &self.tok, "self".to_string()),
+                };
+                Box::new(LlmExtractor {
+                    model,
+                    adapter,
+                    tokenizer,
+                    source,
+                    max_new_tokens: cfg.extractor_max_new_tokens,
+                })
+            }
+            _ if self.shapes => Box::new(ShapesExtractor),
+            _ => Box::new(RuleExtractor),
+        }
     }
 
     /// Runs `f` on the engine thread at `prio`.

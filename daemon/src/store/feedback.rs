@@ -100,13 +100,15 @@ pub struct NewPair {
     pub ref_logp_rejected: f64,
 }
 
-/// Finishes a label job: claims and verdicts per response (`labeled[i]` = (response id, score, claims)), the
-/// pairs, the job marked done, in one transaction. Returns false (storing nothing) when the lease was lost.
+/// Finishes a label job: claims and verdicts per response (`labeled[i]` = (response id, score, claims)), with the
+/// labeler and the extractor that produced them, the pairs, the job marked done, in one transaction. Returns false (storing nothing) when the lease was lost.
+#[allow(clippy::too_many_arguments)]
 pub async fn finish_label(
     pool: &PgPool,
     job: &Job,
     owner: &str,
     labeler: &str,
+    extractor: &str,
     ref_checkpoint_id: i64,
     labeled: &[(i64, Option<i64>, Vec<NewClaim>)],
     pairs: &[NewPair],
@@ -123,7 +125,7 @@ pub async fn finish_label(
             .await?;
         for (idx, c) in claims.iter().enumerate() {
             sqlx::query(
-                "INSERT INTO claims (response_id, idx, claim, question, p_yes, p_no, accepted, labeler) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                "INSERT INTO claims (response_id, idx, claim, question, p_yes, p_no, accepted, labeler, extractor) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
                  ON CONFLICT (response_id, idx) DO NOTHING",
             )
             .bind(response)
@@ -134,6 +136,7 @@ pub async fn finish_label(
             .bind(c.p_no as f32)
             .bind(c.accepted)
             .bind(labeler)
+            .bind(extractor)
             .execute(&mut *tx)
             .await?;
         }

@@ -13,7 +13,7 @@ use crate::llama::KvCache;
 use crate::llava::{ImageFeatures, Model};
 use crate::ops::{apply_activation, log_softmax_rows};
 use crate::rng::SplitMix64;
-use crate::sampling::sample;
+use crate::sampling::{sample, SamplingParams};
 
 /// The CPU backend.
 pub struct CpuBackend;
@@ -44,74 +44,54 @@ impl Backend for CpuBackend {
         let (prefix, first_logits) = model.prefill(req.ids, feats.as_ref(), adapter)?;
         stats.prompt_positions = prefix.len;
         stats.prefill_s = t0.elapsed().as_secs_f64();
-        let t1 = std::time::Instant::now();
-        let n = req.seeds.len();
-        let v = cfg.vocab_size;
-        let c = cfg.hidden_size;
-        let mut rngs: Vec<SplitMix64> = req.seeds.iter().map(|&s| SplitMix64::new(s)).collect();
-        let mut answers: Vec<Answer> =
-            req.seeds.iter().map(|&seed| Answer { seed, tokens: Vec::new(), finish: FinishReason::Length }).collect();
-        let mut suffixes: Vec<KvCache> = (0..n).map(|_| KvCache::new(cfg.num_hidden_layers)).collect();
-        let mut active: Vec<usize> = (0..n).collect();
-        let mut seen: Vec<Vec<u32>> = vec![req.ids.to_vec(); n];
-
-        // First token of every answer comes from the shared prefill logits.
-        let mut next: Vec<u32> = Vec::with_capacity(n);
-        for i in 0..n {
-            if req.params.max_new_tokens == 0 {
-                break;
-            }
-            let mut l = first_logits.clone();
-            next.push(sample(&mut l, &seen[i], &req.params, &mut rngs[i]));
-        }
-        if req.params.max_new_tokens == 0 {
-            return Ok((answers, stats));
-        }
-        loop {
-            // Record this step's tokens, drop finished answers.
-            let mut still = Vec::with_capacity(active.len());
-            let mut feed = Vec::with_capacity(active.len());
-            for (slot, &i) in active.iter().enumerate() {
-                let tok = next[slot];
-                if stop.contains(&tok) {
-                    answers[i].finish = FinishReason::Stop;
-                    continue;
-                }
-                answers[i].tokens.push(tok);
-                seen[i].push(tok);
-                if answers[i].tokens.len() >= req.params.max_new_tokens {
-                    answers[i].finish = FinishReason::Length;
-                    continue;
-                }
-                still.push(i);
-                feed.push(tok);
-            }
-            active = still;
-            if active.is_empty() {
-                break;
-            }
-            crate::interrupt::check()?;
-            stats.decode_steps += 1;
-            stats.decode_tokens += active.len();
-            let mut x = Vec::with_capacity(active.len() * c); // (A, C)
-            model.llm.embed_into(&mut x, &feed);
-            {
-                // `active` is ascending, so filtering in index order lines the caches up with the rows of x.
-                let mut is_active = vec![false; n];
-                active.iter().for_each(|&i| is_active[i] = true);
-                let mut refs: Vec<&mut KvCache> =
-                    suffixes.iter_mut().zip(&is_active).filter(|(_, &a)| a).map(|(s, _)| s).collect();
-                model.llm.decode_step(&mut x, &prefix, &mut refs, adapter);
-            }
-            let mut logits = model.llm.logits(&x, active.len(), adapter); // (A, V)
-            next.clear();
-            for (slot, &i) in active.iter().enumerate() {
-                let row = &mut logits[slot * v..(slot + 1) * v];
-                next.push(sample(row, &seen[i], &req.params, &mut rngs[i]));
-            }
-        }
-        stats.decode_s = t1.elapsed().as_secs_f64();
+        let first = vec![first_logits; req.seeds.len()];
+        let seen = vec![req.ids.to_vec(); req.seeds.len()];
+        let suffixes = vec![KvCache::new(cfg.num_hidden_layers); req.seeds.len()];
+        let answers =
+            decode(model, &prefix, suffixes, first, seen, req.seeds, &req.params, &stop, adapter, &mut stats)?;
         Ok((answers, stats))
+    }
+
+    fn generate_batch(
+        &self,
+        model: &Model,
+        prompts: &[&[u32]],
+        seeds: &[u64],
+        params: &SamplingParams,
+        stop_ids: &[u32],
+        adapter: Option<&Adapter>,
+    ) -> Result<Vec<Answer>> {
+        // `generate::generate_batch` checked the prompts (text only, none empty, one seed each).
+        let cfg = &model.llm.cfg;
+        let stop: Vec<u32> = if stop_ids.is_empty() { cfg.eos_token_ids.clone() } else { stop_ids.to_vec() };
+        // The longest common beginning, leaving every prompt at least its last token of its own: the prefix is
+        // computed once, each tail continues it in its own cache.
+        let shortest = prompts.iter().map(|p| p.len()).min().unwrap_or(0);
+        let mut common = 0;
+        while common + 1 < shortest && prompts.iter().all(|p| p[common] == prompts[0][common]) {
+            common += 1;
+        }
+        let prefix = if common > 0 {
+            model.prefill(&prompts[0][..common], None, adapter)?.0
+        } else {
+            KvCache::new(cfg.num_hidden_layers)
+        };
+        let c = cfg.hidden_size;
+        let mut suffixes = Vec::with_capacity(prompts.len());
+        let mut first = Vec::with_capacity(prompts.len());
+        for p in prompts {
+            crate::interrupt::check()?;
+            let tail = &p[common..];
+            let mut x = Vec::with_capacity(tail.len() * c);
+            model.llm.embed_into(&mut x, tail);
+            let mut suffix = KvCache::new(cfg.num_hidden_layers);
+            model.llm.forward_suffix(&mut x, tail.len(), &prefix, &mut suffix, adapter);
+            first.push(model.llm.logits(&x[(tail.len() - 1) * c..], 1, adapter));
+            suffixes.push(suffix);
+        }
+        let seen: Vec<Vec<u32>> = prompts.iter().map(|p| p.to_vec()).collect();
+        let mut stats = GenerateStats::default();
+        decode(model, &prefix, suffixes, first, seen, seeds, params, &stop, adapter, &mut stats)
     }
 
     fn image_features(&self, model: &Model, pixels: &PixelValues, adapter: Option<&Adapter>) -> Result<Vec<f32>> {
@@ -193,4 +173,82 @@ impl Backend for CpuBackend {
         log_softmax_rows(&mut logits, v);
         Ok(targets.iter().enumerate().map(|(i, &tok)| logits[i * v + tok as usize] as f64).sum())
     }
+}
+
+/// The decode loop of `generate` and `generate_batch`: sequence i continues `prefix` and `suffixes[i]`, its first
+/// token is sampled from `first[i]` with its own RNG stream (`seeds[i]`) and repetition history `seen[i]`; every
+/// step feeds all unfinished sequences together and drops the finished ones.
+#[allow(clippy::too_many_arguments)]
+fn decode(
+    model: &Model,
+    prefix: &KvCache,
+    mut suffixes: Vec<KvCache>,
+    mut first: Vec<Vec<f32>>,
+    mut seen: Vec<Vec<u32>>,
+    seeds: &[u64],
+    params: &SamplingParams,
+    stop: &[u32],
+    adapter: Option<&Adapter>,
+    stats: &mut GenerateStats,
+) -> Result<Vec<Answer>> {
+    let t1 = std::time::Instant::now();
+    let n = seeds.len();
+    let v = model.llm.cfg.vocab_size;
+    let c = model.llm.cfg.hidden_size;
+    let mut rngs: Vec<SplitMix64> = seeds.iter().map(|&s| SplitMix64::new(s)).collect();
+    let mut answers: Vec<Answer> =
+        seeds.iter().map(|&seed| Answer { seed, tokens: Vec::new(), finish: FinishReason::Length }).collect();
+    if params.max_new_tokens == 0 {
+        return Ok(answers);
+    }
+    let mut active: Vec<usize> = (0..n).collect();
+    let mut next: Vec<u32> = Vec::with_capacity(n);
+    for i in 0..n {
+        next.push(sample(&mut first[i], &seen[i], params, &mut rngs[i]));
+    }
+    loop {
+        // Record this step's tokens, drop finished answers.
+        let mut still = Vec::with_capacity(active.len());
+        let mut feed = Vec::with_capacity(active.len());
+        for (slot, &i) in active.iter().enumerate() {
+            let tok = next[slot];
+            if stop.contains(&tok) {
+                answers[i].finish = FinishReason::Stop;
+                continue;
+            }
+            answers[i].tokens.push(tok);
+            seen[i].push(tok);
+            if answers[i].tokens.len() >= params.max_new_tokens {
+                answers[i].finish = FinishReason::Length;
+                continue;
+            }
+            still.push(i);
+            feed.push(tok);
+        }
+        active = still;
+        if active.is_empty() {
+            break;
+        }
+        crate::interrupt::check()?;
+        stats.decode_steps += 1;
+        stats.decode_tokens += active.len();
+        let mut x = Vec::with_capacity(active.len() * c); // (A, C)
+        model.llm.embed_into(&mut x, &feed);
+        {
+            // `active` is ascending, so filtering in index order lines the caches up with the rows of x.
+            let mut is_active = vec![false; n];
+            active.iter().for_each(|&i| is_active[i] = true);
+            let mut refs: Vec<&mut KvCache> =
+                suffixes.iter_mut().zip(&is_active).filter(|(_, &a)| a).map(|(s, _)| s).collect();
+            model.llm.decode_step(&mut x, prefix, &mut refs, adapter);
+        }
+        let mut logits = model.llm.logits(&x, active.len(), adapter); // (A, V)
+        next.clear();
+        for (slot, &i) in active.iter().enumerate() {
+            let row = &mut logits[slot * v..(slot + 1) * v];
+            next.push(sample(row, &seen[i], params, &mut rngs[i]));
+        }
+    }
+    stats.decode_s = t1.elapsed().as_secs_f64();
+    Ok(answers)
 }

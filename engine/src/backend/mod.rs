@@ -87,6 +87,32 @@ pub trait Backend: Send + Sync {
         req: &GenerateRequest,
         adapter: Option<&Adapter>,
     ) -> Result<(Vec<Answer>, GenerateStats)>;
+    /// `generate::generate_batch` on this backend: one answer to each of several text prompts. This default
+    /// generates them one at a time with `generate`; the CPU backend computes their common beginning once and
+    /// decodes them together.
+    fn generate_batch(
+        &self,
+        model: &Model,
+        prompts: &[&[u32]],
+        seeds: &[u64],
+        params: &crate::sampling::SamplingParams,
+        stop_ids: &[u32],
+        adapter: Option<&Adapter>,
+    ) -> Result<Vec<Answer>> {
+        let mut out = Vec::with_capacity(prompts.len());
+        for (ids, seed) in prompts.iter().zip(seeds) {
+            let req = GenerateRequest {
+                ids,
+                pixels: None,
+                seeds: std::slice::from_ref(seed),
+                params: params.clone(),
+                stop_ids: stop_ids.to_vec(),
+            };
+            let (answers, _) = self.generate(model, &req, adapter)?;
+            out.extend(answers);
+        }
+        Ok(out)
+    }
     /// `Model::answer_logp` on this backend.
     fn answer_logp(
         &self,

@@ -2,9 +2,9 @@
 //! Three extractors behind one trait: ShapesWorld objects (exact), rule-based English, and an LLM prompted to
 //! list claims (any causal LM the engine loads, or the policy itself).
 
-use crate::error::{EngineError, Result};
+use crate::error::Result;
 use crate::feedback::text;
-use crate::generate::{generate, GenerateRequest};
+use crate::generate::{generate_batch, FinishReason};
 use crate::hallucination::mentions;
 use crate::sampling::SamplingParams;
 use crate::shapes::with_article;
@@ -23,6 +23,12 @@ pub trait ClaimExtractor: Send + Sync {
     fn name(&self) -> String;
     /// The claims of `answer`, given to `question`. An answer without checkable content has none.
     fn extract(&self, question: &str, answer: &str) -> Result<Vec<Claim>>;
+    /// The claims of every answer of one prompt, in order. An error fails them all (the model failed, the work
+    /// was interrupted); an answer the extractor cannot read gets no claims instead. This default calls
+    /// `extract` per answer; the LLM extractor runs all of them in one batch.
+    fn extract_all(&self, question: &str, answers: &[&str]) -> Result<Vec<Vec<Claim>>> {
+        answers.iter().map(|a| self.extract(question, a)).collect()
+    }
 }
 
 /// ShapesWorld: every object an answer mentions is a claim ("There is a red circle."), checked with the exact
@@ -68,7 +74,11 @@ impl ClaimExtractor for RuleExtractor {
 }
 
 /// An LLM lists the claims ("- claim" lines) and rewrites each as a yes/no question, with greedy decoding and
-/// our own prompts (`feedback::text`). Lines it cannot parse fall back to the rule-based forms.
+/// our own prompts (`feedback::text`). All answers of a prompt are listed in one batched generation whose common
+/// beginning (the instruction) is computed once, then all their claims' questions in a second one
+/// (`generate::generate_batch`). The listing is read strictly (`text::read_claim_listing`): an answer whose
+/// listing ran out of tokens keeps its complete lines, and one whose output lists nothing readable gets no claims
+/// (so it is never paired), not an error. A question the model garbles falls back to the rule-based form.
 pub struct LlmExtractor<'a> {
     pub model: &'a Model,
     pub adapter: Option<&'a Adapter>,
@@ -79,13 +89,15 @@ pub struct LlmExtractor<'a> {
 }
 
 impl LlmExtractor<'_> {
-    fn complete(&self, prompt: &str) -> Result<String> {
-        let ids = self.tokenizer.encode_chat(TEXT_TEMPLATE, prompt)?;
+    /// Greedy completions of `prompts`, one batch.
+    fn complete_all(&self, prompts: &[String]) -> Result<Vec<(String, FinishReason)>> {
+        let ids: Vec<Vec<u32>> =
+            prompts.iter().map(|p| self.tokenizer.encode_chat(TEXT_TEMPLATE, p)).collect::<Result<_>>()?;
+        let refs: Vec<&[u32]> = ids.iter().map(|v| v.as_slice()).collect();
+        let seeds = vec![0u64; prompts.len()];
         let params = SamplingParams { temperature: 0.0, max_new_tokens: self.max_new_tokens, ..Default::default() };
-        let req = GenerateRequest { ids: &ids, pixels: None, seeds: &[0], params, stop_ids: vec![] };
-        let out = generate(self.model, &req, self.adapter)?;
-        let first = out.first().ok_or_else(|| EngineError::Input("the extractor model produced no answer".into()))?;
-        self.tokenizer.decode(&first.tokens)
+        let out = generate_batch(self.model, &refs, &seeds, &params, self.adapter)?;
+        out.into_iter().map(|a| Ok((self.tokenizer.decode(&a.tokens)?, a.finish))).collect()
     }
 }
 
@@ -94,17 +106,35 @@ impl ClaimExtractor for LlmExtractor<'_> {
         format!("llm:{}", self.source)
     }
 
-    fn extract(&self, _question: &str, answer: &str) -> Result<Vec<Claim>> {
-        if answer.trim().is_empty() {
-            return Ok(Vec::new());
+    fn extract(&self, question: &str, answer: &str) -> Result<Vec<Claim>> {
+        let mut all = self.extract_all(question, &[answer])?;
+        Ok(all.pop().unwrap_or_default())
+    }
+
+    fn extract_all(&self, _question: &str, answers: &[&str]) -> Result<Vec<Vec<Claim>>> {
+        let todo: Vec<usize> = (0..answers.len()).filter(|&i| !answers[i].trim().is_empty()).collect();
+        let prompts: Vec<String> = todo.iter().map(|&i| text::claim_extraction_prompt(answers[i])).collect();
+        let listed = if prompts.is_empty() { Vec::new() } else { self.complete_all(&prompts)? };
+        let mut claims: Vec<Vec<String>> = vec![Vec::new(); answers.len()];
+        for (&i, (out, finish)) in todo.iter().zip(&listed) {
+            claims[i] = text::read_claim_listing(out, *finish == FinishReason::Length);
         }
-        let listed = self.complete(&text::claim_extraction_prompt(answer))?;
-        let mut out = Vec::new();
-        for claim in text::parse_claim_lines(&listed) {
-            let q = self.complete(&text::question_prompt(&claim))?;
-            let question = text::parse_question(&q).unwrap_or_else(|| text::claim_to_question(&claim));
-            out.push(Claim { text: claim, question });
+        // One question per distinct claim, all in one batch.
+        let mut distinct: Vec<&str> = Vec::new();
+        for c in claims.iter().flatten() {
+            if !distinct.contains(&c.as_str()) {
+                distinct.push(c);
+            }
         }
-        Ok(out)
+        let prompts: Vec<String> = distinct.iter().map(|c| text::question_prompt(c)).collect();
+        let asked = if prompts.is_empty() { Vec::new() } else { self.complete_all(&prompts)? };
+        let question_of = |claim: &str| -> String {
+            let k = distinct.iter().position(|c| *c == claim);
+            k.and_then(|k| text::parse_question(&asked[k].0)).unwrap_or_else(|| text::claim_to_question(claim))
+        };
+        Ok(claims
+            .iter()
+            .map(|cs| cs.iter().map(|c| Claim { text: c.clone(), question: question_of(c) }).collect())
+            .collect())
     }
 }

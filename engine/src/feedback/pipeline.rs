@@ -166,8 +166,11 @@ pub fn label_answers_with(
     // the image once, an answer never): it gets no claims, so no score, and is never paired.
     let image = labeler.model.image_token_id();
     let unusable: Vec<bool> = answers.iter().map(|a| image.is_some_and(|t| a.tokens.contains(&t))).collect();
-    for (a, &skip) in answers.iter_mut().zip(&unusable) {
-        a.claims = if skip { Vec::new() } else { extractor.extract(question, &a.text)? };
+    let usable: Vec<usize> = (0..answers.len()).filter(|&i| !unusable[i]).collect();
+    let texts: Vec<&str> = usable.iter().map(|&i| answers[i].text.as_str()).collect();
+    let extracted = extractor.extract_all(question, &texts)?;
+    for (&i, claims) in usable.iter().zip(extracted) {
+        answers[i].claims = claims;
     }
     let mut distinct: Vec<String> = Vec::new();
     let mut at: HashMap<String, usize> = HashMap::new();

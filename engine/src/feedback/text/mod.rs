@@ -93,17 +93,30 @@ pub fn question_prompt(claim: &str) -> String {
 /// ```
 pub fn split_claims(answer: &str) -> Vec<String> {
     let mut claims = Vec::new();
+    // The last clause kept, for a pronoun that opens the next sentence.
+    let mut previous: Option<String> = None;
     for sentence in split_sentences(answer) {
         if sentence.trim_end().ends_with(':') || is_subjective_sentence(&sentence) {
             continue;
         }
         let body = sentence.trim_end_matches(|c: char| is_terminator(c) || c.is_whitespace());
-        for clause in split_clauses(body) {
+        for (k, clause) in split_clauses(body).into_iter().enumerate() {
             if is_evaluative_clause(&clause) {
                 continue;
             }
-            if let Some(claim) = finish_claim(&clause) {
-                claims.push(claim);
+            let clause = match (&previous, k) {
+                (Some(p), 0) => split::resolve_leading_pronoun(&clause, p),
+                _ => clause,
+            };
+            // "It is red." with nothing it can stand for cannot be checked on its own.
+            if split::opens_with_pronoun(&clause) {
+                continue;
+            }
+            for item in split::split_list(&clause) {
+                if let Some(claim) = finish_claim(&item) {
+                    claims.push(claim);
+                    previous = Some(item);
+                }
             }
         }
     }
@@ -163,6 +176,48 @@ pub fn parse_claim_lines(output: &str) -> Vec<String> {
         }
     }
     claims
+}
+
+/// The claims of an extraction LLM's listing, read as the loop uses them: [`parse_claim_lines`], with the
+/// cut-off last line dropped when the listing ran out of tokens (`truncated`), and only self-contained factual
+/// claims kept: output without a single list line is taken as not following the prompt (no claims); a claim
+/// opening with "it", "they", "he" or "she" takes the simple subject of the claim before it
+/// when there is one and is dropped otherwise, and opinions, hedges and atmosphere remarks are dropped. A
+/// listing with nothing readable gives no claims.
+pub fn read_claim_listing(output: &str, truncated: bool) -> Vec<String> {
+    let complete = if truncated {
+        match output.rfind('\n') {
+            Some(end) => &output[..end],
+            None => return Vec::new(),
+        }
+    } else {
+        output
+    };
+    // The prompt asks for "- " lines; output with no list line at all did not follow it.
+    if !complete.lines().any(|line| strip_all_list_markers(line).0) {
+        return Vec::new();
+    }
+    let mut kept: Vec<String> = Vec::new();
+    for claim in parse_claim_lines(complete) {
+        if is_subjective_sentence(&claim) || is_evaluative_clause(&claim) {
+            continue;
+        }
+        let claim = match kept.last() {
+            Some(previous) => {
+                let resolved =
+                    split::resolve_leading_pronoun(claim.trim_end_matches('.'), previous.trim_end_matches('.'));
+                finish_claim(&resolved).unwrap_or(resolved)
+            }
+            None => claim,
+        };
+        if split::opens_with_pronoun(&claim) {
+            continue;
+        }
+        if !kept.iter().any(|k| fold(k) == fold(&claim)) {
+            kept.push(claim);
+        }
+    }
+    kept
 }
 
 /// Reads the question out of a question LLM's output (see [`QUESTION_PROMPT`]): the first line that ends
@@ -231,7 +286,56 @@ pub fn claim_to_question(claim: &str) -> String {
     if let Some(question) = front_verb(body, &spans) {
         return question;
     }
+    if let Some(question) = do_support(body, &spans) {
+        return question;
+    }
     format!("Is it true that {}?", lowercase_first_word(body))
+}
+
+/// The subject before the verb at `verb_index`, when it is a plain noun phrase (no punctuation, no relative
+/// clause, not opening with a preposition or "there") and something follows the verb.
+fn plain_subject<'a>(body: &'a str, spans: &[(usize, usize)], verb_index: usize) -> Option<&'a str> {
+    let word = |k: usize| bare_word(&body[spans[k].0..spans[k].1]);
+    let subject = &body[..spans[verb_index - 1].1];
+    let first = word(0);
+    let plain = !subject.contains([',', ';', ':', '(', ')'])
+        && !NON_SUBJECT_STARTERS.contains(&first.as_str())
+        && !matches!(first.as_str(), "there" | "here")
+        && !(0..verb_index).any(|k| matches!(word(k).as_str(), "who" | "which" | "that" | "whose"));
+    (plain && !body[spans[verb_index].1..].trim().is_empty()).then_some(subject)
+}
+
+/// The base form of a third-person verb: "holds" -> "hold", "watches" -> "watch", "carries" -> "carry",
+/// "lies" -> "lie".
+fn base_form(verb: &str) -> String {
+    if let Some(stem) = verb.strip_suffix("ies") {
+        return if stem.len() <= 1 { format!("{stem}ie") } else { format!("{stem}y") };
+    }
+    if let Some(stem) = verb.strip_suffix("es") {
+        if ["ch", "sh", "ss", "x", "z", "o"].iter().any(|e| stem.ends_with(e)) {
+            return stem.to_string();
+        }
+    }
+    verb.strip_suffix('s').unwrap_or(verb).to_string()
+}
+
+/// Claims with a third-person lexical verb: "A man holds an umbrella" -> "Does a man hold an umbrella?", and
+/// "The image shows two cats" -> "Are there two cats in the image?".
+fn do_support(body: &str, spans: &[(usize, usize)]) -> Option<String> {
+    let word = |k: usize| bare_word(&body[spans[k].0..spans[k].1]);
+    let verb_index = (1..spans.len().min(7)).find(|&k| LEXICAL_VERBS.contains(&word(k).as_str()))?;
+    let subject = plain_subject(body, spans, verb_index)?;
+    if (0..verb_index).any(|k| FRONTABLE_VERBS.contains(&word(k).as_str())) {
+        return None;
+    }
+    let rest = body[spans[verb_index].1..].trim();
+    let verb = word(verb_index);
+    let names_image = (0..verb_index).any(|k| IMAGE_NOUNS.contains(&word(k).as_str()));
+    if names_image && IMAGE_VERBS.contains(&verb.as_str()) {
+        let be = if split::is_plural_phrase(rest) { "Are" } else { "Is" };
+        return Some(format!("{be} there {rest} in the image?"));
+    }
+    Some(format!("Does {} {} {rest}?", lowercase_first_word(subject), base_form(&verb)))
 }
 
 /// "X <verb> Y" -> "<Verb> X Y?" for the first [`FRONTABLE_VERBS`] verb, when the subject before it is a
@@ -239,18 +343,8 @@ pub fn claim_to_question(claim: &str) -> String {
 fn front_verb(body: &str, spans: &[(usize, usize)]) -> Option<String> {
     let word = |k: usize| bare_word(&body[spans[k].0..spans[k].1]);
     let verb_index = (1..spans.len().min(9)).find(|&k| FRONTABLE_VERBS.contains(&word(k).as_str()))?;
-    let subject = &body[..spans[verb_index - 1].1];
     let rest = body[spans[verb_index].1..].trim();
-    let first = word(0);
-    let subject_words: Vec<String> = (0..verb_index).map(word).collect();
-    let plain_subject = !subject.contains([',', ';', ':', '(', ')'])
-        && !NON_SUBJECT_STARTERS.contains(&first.as_str())
-        && !matches!(first.as_str(), "there" | "here")
-        && !subject_words.iter().any(|w| matches!(w.as_str(), "who" | "which" | "that" | "whose"));
-    if !plain_subject || rest.is_empty() {
-        return None;
-    }
-    let subject = lowercase_first_word(subject);
+    let subject = lowercase_first_word(plain_subject(body, spans, verb_index)?);
     let verb = word(verb_index);
     let next = spans.get(verb_index + 1).map(|_| word(verb_index + 1)).unwrap_or_default();
     let auxiliary_use = matches!(next.as_str(), "been" | "got");

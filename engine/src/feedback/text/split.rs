@@ -212,7 +212,7 @@ fn simple_subject(clause: &str, pronoun: &str) -> Option<String> {
 
 /// Replaces a leading "it"/"they"/"he"/"she" in `clause` with the simple subject of `previous`, so that the
 /// clause can be checked on its own. Returns the clause unchanged when the subject is not simple.
-fn resolve_leading_pronoun(clause: &str, previous: &str) -> String {
+pub(super) fn resolve_leading_pronoun(clause: &str, previous: &str) -> String {
     let Some(&(start, end)) = token_spans_limited(clause, 1).first() else {
         return clause.to_string();
     };
@@ -224,6 +224,22 @@ fn resolve_leading_pronoun(clause: &str, previous: &str) -> String {
         Some(subject) => format!("{subject}{}", &clause[end..]),
         None => clause.to_string(),
     }
+}
+
+/// Whether a claim's subject is a bare pronoun or a reference back ("It is red.", "They are sleeping.", "The
+/// other is chasing it."): it cannot be checked on its own.
+pub(super) fn opens_with_pronoun(claim: &str) -> bool {
+    let Some(&(start, end)) = token_spans_limited(claim, 1).first() else {
+        return false;
+    };
+    let first = fold(&claim[start..end]);
+    if matches!(first.as_str(), "it" | "they" | "he" | "she" | "its" | "their" | "his" | "her") {
+        return true;
+    }
+    // "The other is chasing it.", "One of them is red."
+    let two: Vec<String> = token_spans_limited(claim, 3).iter().map(|&(a, b)| bare_word(&claim[a..b])).collect();
+    matches!(two.get(..2), Some([a, b]) if (a == "the" && matches!(b.as_str(), "other" | "others" | "latter" | "former"))
+        || (a == "one" && b == "of"))
 }
 
 /// Splits a compound sentence into clauses at [`CLAUSE_CONNECTORS`] where both sides are full clauses, and
@@ -283,6 +299,119 @@ pub(super) fn split_clauses(sentence: &str) -> Vec<String> {
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// Lists.
+
+/// Whether a list item is a bare phrase: a few words, no verb, not opening with a preposition, conjunction,
+/// relative word or pronoun ("a refrigerator", "blue jeans", "white"; not "which is red" or "the dog sleeps").
+fn is_list_item(item: &str) -> bool {
+    let words: Vec<String> = item.split_whitespace().take(7).map(bare_word).collect();
+    let Some(first) = words.first() else { return false };
+    words.len() <= 6
+        && item.split_whitespace().nth(6).is_none()
+        && !NON_SUBJECT_STARTERS.contains(&first.as_str())
+        && !PRONOUNS.contains(&first.as_str())
+        && !words.iter().any(|w| CLAUSE_VERBS.contains(&w.as_str()) || LEXICAL_VERBS.contains(&w.as_str()))
+        && item.chars().any(char::is_alphanumeric)
+}
+
+/// Whether a noun phrase names more than one thing ("two cups", "several chairs", "plates"), for "There are".
+pub(super) fn is_plural_phrase(phrase: &str) -> bool {
+    let words: Vec<String> = phrase.split_whitespace().map(bare_word).collect();
+    let Some(first) = words.first() else { return false };
+    if matches!(first.as_str(), "a" | "an" | "one" | "the" | "this" | "that" | "each" | "every") {
+        return first == "the" && words.last().is_some_and(|w| w.ends_with('s') && !w.ends_with("ss"));
+    }
+    PLURAL_DETERMINERS.contains(&first.as_str())
+        || first.chars().all(|c| c.is_ascii_digit())
+        || words.last().is_some_and(|w| w.ends_with('s') && !w.ends_with("ss") && !w.ends_with("us"))
+}
+
+/// Where the object of a clause's verb starts: the byte offset of the first word after the first verb (or
+/// after "there is/are"). `None` when the clause has no verb among its first words.
+fn object_start(clause: &str) -> Option<usize> {
+    let spans = token_spans_limited(clause, 10);
+    let verb = (1..spans.len()).find(|&k| {
+        let w = bare_word(&clause[spans[k].0..spans[k].1]);
+        CLAUSE_VERBS.contains(&w.as_str()) || LEXICAL_VERBS.contains(&w.as_str()) || IMAGE_VERBS.contains(&w.as_str())
+    })?;
+    // "is holding a cup": skip a participle right after an auxiliary.
+    let mut at = verb + 1;
+    if let Some(&(a, b)) = spans.get(at) {
+        if bare_word(&clause[a..b]).ends_with("ing") && spans.len() > at + 1 {
+            at += 1;
+        }
+    }
+    spans.get(at).map(|&(a, _)| a)
+}
+
+/// Whether the text before a list names the image or says "there is/are": its items are then existence claims
+/// ("The image shows a cat, a dog, and a bird" -> "There is a cat.", ...).
+fn is_existential_lead(lead: &str) -> bool {
+    let folded = fold(lead.trim());
+    let words: Vec<&str> = folded.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).collect();
+    let Some(last) = words.last() else { return false };
+    let names_image = words.iter().any(|w| IMAGE_NOUNS.contains(w));
+    (matches!(*last, "is" | "are") && words.len() >= 2 && words[words.len() - 2] == "there")
+        || (IMAGE_VERBS.contains(last) && names_image)
+        || folded.ends_with("i see")
+        || folded.ends_with("can see")
+}
+
+/// A list in a clause, one claim per item: "The table has a vase, a book, and a lamp." -> "The table has a
+/// vase.", "The table has a book.", "The table has a lamp."; after an image or "there is" lead, each item is an
+/// existence claim with "There is" or "There are" as it needs. Items are separated by ", ", with "and" or "or"
+/// before the last one (a plain "X and Y" counts too) and must all be bare phrases ([`is_list_item`]); anything
+/// else stays one claim. Linear in the clause.
+pub(super) fn split_list(clause: &str) -> Vec<String> {
+    let whole = || vec![clause.to_string()];
+    let Some(start) = object_start(clause) else { return whole() };
+    let (lead, body) = clause.split_at(start);
+    // "between a box and a bag" is one relation, not two objects.
+    if body.split_whitespace().next().is_some_and(|w| NON_SUBJECT_STARTERS.contains(&bare_word(w).as_str())) {
+        return whole();
+    }
+    // Items: split at ", " and at the last " and "/" or ".
+    let mut items: Vec<&str> = body.split(", ").collect();
+    let last = items.pop().unwrap_or_default();
+    let folded_last = last.to_ascii_lowercase();
+    let tail: Vec<&str> =
+        if let Some(rest) = folded_last.strip_prefix("and ").or_else(|| folded_last.strip_prefix("or ")) {
+            vec![&last[last.len() - rest.len()..]]
+        } else if let Some(at) = folded_last.rfind(" and ").or_else(|| folded_last.rfind(" or ")) {
+            let sep = if folded_last[at..].starts_with(" and ") { 5 } else { 4 };
+            vec![&last[..at], &last[at + sep..]]
+        } else {
+            vec![last]
+        };
+    items.extend(tail);
+    let existential = is_existential_lead(lead);
+    let there = |item: &str| {
+        let verb = if is_plural_phrase(item) { "are" } else { "is" };
+        format!("There {verb} {item}")
+    };
+    // "The image shows a dog" says there is a dog; the object, not the image, is what a later "it" means.
+    let single = items.len() < 2 || items.last().is_some_and(|i| bare_word(i) == "etc");
+    if single {
+        let names_image = existential && !fold(lead).trim_start().starts_with("there");
+        return if names_image && body.split(", ").count() == 1 { vec![there(body.trim())] } else { whole() };
+    }
+    if !items[1..].iter().all(|i| is_list_item(i)) || items[0].trim().is_empty() {
+        return whole();
+    }
+    items
+        .iter()
+        .map(|item| {
+            let item = item.trim();
+            if existential {
+                there(item)
+            } else {
+                format!("{}{item}", lead)
+            }
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // Subjectivity filters.
 
 /// A whole sentence that states the writer's opinion or guess, or asks something, carries no checkable
@@ -303,6 +432,13 @@ pub(super) fn is_subjective_sentence(sentence: &str) -> bool {
 /// check; the rest of its sentence may still, so this is applied per clause.
 pub(super) fn is_evaluative_clause(clause: &str) -> bool {
     let folded = fold(clause);
-    let evaluative = folded.split(|c: char| !(c.is_alphanumeric() || c == '\'')).any(|w| EVALUATIVE_WORDS.contains(&w));
-    evaluative || ATMOSPHERE_PHRASES.iter().any(|p| contains_phrase(&folded, p))
+    let words: Vec<&str> =
+        folded.split(|c: char| !(c.is_alphanumeric() || c == '\'')).filter(|w| !w.is_empty()).collect();
+    let evaluative = words.iter().any(|w| EVALUATIVE_WORDS.contains(w));
+    // "looks very comfortable", "seems quite old": an impression, not something seen.
+    let impression = words.windows(2).any(|p| {
+        matches!(p[0], "looks" | "look" | "seems" | "seem" | "feels" | "feel" | "appears" | "appear")
+            && IMPRESSION_INTENSIFIERS.contains(&p[1])
+    });
+    evaluative || impression || ATMOSPHERE_PHRASES.iter().any(|p| contains_phrase(&folded, p))
 }

@@ -23,6 +23,37 @@ pub(super) const CLAUSE_VERBS: &[&str] = &[
     "sleeps", "smiles", "leans", "carries", "eats", "swims", "looks", "seem", "appear",
 ];
 
+/// Third-person lexical verbs that [`claim_to_question`](super::claim_to_question) turns into "Does X <verb>
+/// ...?" and that mark a phrase as a clause rather than a list item. Words that are as often plural nouns
+/// ("lines", "plays", "watches") are left out.
+#[rustfmt::skip]
+pub(super) const LEXICAL_VERBS: &[&str] = &[
+    "sits", "lies", "holds", "wears", "contains", "hangs", "sleeps", "smiles", "leans", "carries", "eats", "swims",
+    "stands", "grazes", "reads", "surrounds", "fills", "reaches", "touches", "floats", "grows", "extends",
+    "overlooks", "looks", "appears", "seems", "waits", "jumps", "stretches", "crosses", "dominates", "occupies",
+    "supports", "shows", "features", "depicts", "displays", "includes",
+];
+
+/// Verbs with which an answer says what the image shows.
+pub(super) const IMAGE_VERBS: &[&str] =
+    &["shows", "show", "depicts", "features", "displays", "presents", "captures", "contains", "includes", "has"];
+
+/// Nouns that name the image itself.
+pub(super) const IMAGE_NOUNS: &[&str] =
+    &["image", "picture", "photo", "photograph", "scene", "shot", "snapshot", "frame", "painting", "illustration"];
+
+/// First words of a noun phrase that name more than one thing.
+#[rustfmt::skip]
+pub(super) const PLURAL_DETERMINERS: &[&str] = &[
+    "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "several", "some", "many", "multiple",
+    "few", "numerous", "various", "both", "these", "those",
+];
+
+/// After "looks", "seems", "feels" or "appears", a word that marks an impression rather than something seen
+/// ("It looks very comfortable").
+pub(super) const IMPRESSION_INTENSIFIERS: &[&str] =
+    &["very", "quite", "so", "really", "rather", "pretty", "extremely", "incredibly", "too", "fairly", "truly"];
+
 /// Words that cannot open an independent clause: relative pronouns, prepositions and conjunctions. A
 /// right-hand side starting with one of them ("..., while walking", "..., and with a hat") is a
 /// continuation of the left clause, not a second claim.
@@ -60,7 +91,9 @@ pub(super) const EVALUATIVE_WORDS: &[&str] = &[
     "pleasant", "serene", "cozy", "cosy", "gorgeous", "breathtaking", "delightful", "picturesque", "magnificent",
     "tranquil", "idyllic", "inviting", "welcoming", "adorable", "cute", "fantastic", "awesome", "impressive",
     "spectacular", "majestic", "whimsical", "heartwarming", "captivating", "enchanting", "relaxing", "soothing",
-    "calming", "cheerful", "harmonious",
+    "calming", "cheerful", "harmonious", "comfortable", "elegant", "stylish", "appealing", "attractive",
+    "interesting", "lively", "vibrant", "delicious", "appetizing", "tasty", "fun", "enjoyable", "joyful",
+    "playful", "friendly", "pleasing", "fascinating", "remarkable", "striking", "perfect",
 ];
 
 /// Words and phrases that speculate about mood or atmosphere ("creates a warm atmosphere", "adds to the
