@@ -605,3 +605,94 @@ fn eval_bench_objhal_and_pope_agree_with_eval_hallucination() {
     failure("a label that is not yes/no", &o, &["line 1", "maybe"]);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `rlaifd shapes divide` writes free-form answers with their exact claims; `rlaifd claims` divides them and
+/// measures each extractor. The rules must split lists, resolve "it", and drop the hedge and the opinion
+/// (object-claim F1 >= 0.95); ShapesWorld's extractor keeps the hedged object (a false claim), so its precision
+/// is lower. The LLM extractor runs a model over the same file in batches; a random model writes no listing,
+/// which costs those answers their claims, never the run. Bad input names the line and the fix.
+#[test]
+fn claims_divides_answers_and_measures_extractors_against_exact_claims() {
+    let dir = std::env::temp_dir().join(format!("rlaifd-claims-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = rlaifd(&["shapes", "divide", "--seed", "5000000", "--count", "200", "--out", p(&dir)]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let answers = dir.join("divide.jsonl");
+    let summary = |out: &Output| -> Value {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        serde_json::from_str(stderr.lines().last().unwrap_or_default()).expect("the summary on stderr")
+    };
+    let rules = rlaifd(&["claims", "--extractor", "rules", "--answers", p(&answers)]);
+    let lines = json_lines("claims --extractor rules", &rules);
+    assert_eq!(lines.len(), 200);
+    let s = summary(&rules);
+    println!("rules: {s}");
+    assert_eq!((s["extractor"].as_str(), s["measured"].as_u64()), (Some("rules"), Some(200)));
+    assert!(s["object_f1"].as_f64().unwrap() >= 0.95, "{s}");
+    for l in &lines {
+        let answer = l["answer"].as_str().unwrap();
+        for c in l["claims"].as_array().unwrap() {
+            let (claim, question) = (c["claim"].as_str().unwrap(), c["question"].as_str().unwrap());
+            assert!(!claim.starts_with("It ") && !claim.contains("might"), "{answer:?} -> {claim:?}");
+            assert!(question.ends_with('?') && !question.starts_with("Is it true"), "{claim:?} -> {question:?}");
+        }
+    }
+    let shapes = summary(&rlaifd(&["claims", "--extractor", "shapes", "--answers", p(&answers)]));
+    assert_eq!(shapes["object_recall"].as_f64(), Some(1.0), "{shapes}");
+    assert!(shapes["object_precision"].as_f64().unwrap() < s["object_precision"].as_f64().unwrap(), "{shapes}");
+
+    let model = case(TEXT_ONLY).join("model");
+    let out_file = dir.join("llm.jsonl");
+    let llm = rlaifd(&[
+        "claims",
+        "--extractor",
+        "llm",
+        "--extractor-model",
+        p(&model),
+        "--answers",
+        p(&answers),
+        "--out",
+        p(&out_file),
+        "--batch",
+        "64",
+        "--max-new-tokens",
+        "8",
+        "--device",
+        "cpu",
+    ]);
+    let s = summary(&llm);
+    assert_eq!(s["answers"].as_u64(), Some(200), "{s}");
+    assert!(s["extractor"].as_str().unwrap().starts_with("llm:"), "{s}");
+    assert_eq!(std::fs::read_to_string(&out_file).unwrap().lines().count(), 200, "one line per answer");
+
+    let bad = dir.join("bad.jsonl");
+    std::fs::write(&bad, "{\"answer\": \"There is a cat.\"}\n{\"text\": \"no answer field\"}\n").unwrap();
+    failure(
+        "no answer field",
+        &rlaifd(&["claims", "--extractor", "rules", "--answers", p(&bad)]),
+        &["line 2", "\"answer\""],
+    );
+    std::fs::write(&bad, "{\"answer\": \"x\", \"exact\": \"not a list\"}\n").unwrap();
+    failure(
+        "exact not a list",
+        &rlaifd(&["claims", "--extractor", "rules", "--answers", p(&bad)]),
+        &["line 1", "list of strings"],
+    );
+    failure(
+        "llm without a model",
+        &rlaifd(&["claims", "--extractor", "llm", "--answers", p(&answers)]),
+        &["--extractor-model"],
+    );
+    failure(
+        "unknown extractor",
+        &rlaifd(&["claims", "--extractor", "magic", "--answers", p(&answers)]),
+        &["rules, shapes or llm"],
+    );
+    failure(
+        "missing file",
+        &rlaifd(&["claims", "--extractor", "rules", "--answers", p(&dir.join("none.jsonl"))]),
+        &["none.jsonl"],
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -288,6 +288,109 @@ fn caption_of(phrases: &[String]) -> String {
     }
 }
 
+/// Where `a` is relative to `b` in the image, as an answer would say it ("above", "to the left of").
+fn relation(a: &Object, b: &Object) -> &'static str {
+    let (dx, dy) = (a.x - b.x, a.y - b.y);
+    if dx.abs() >= dy.abs() {
+        if dx < 0.0 {
+            "to the left of"
+        } else {
+            "to the right of"
+        }
+    } else if dy < 0.0 {
+        "above"
+    } else {
+        "below"
+    }
+}
+
+/// "a", "a and b", "a, b, and c" (or without the serial comma).
+fn english_list(items: &[String], serial_comma: bool) -> String {
+    match items {
+        [] => String::new(),
+        [one] => one.clone(),
+        [a, b] => format!("{a} and {b}"),
+        [init @ .., last] => format!("{}{} and {last}", init.join(", "), if serial_comma { "," } else { "" }),
+    }
+}
+
+/// A free-form ShapesWorld answer and its exact claims, for the divide step (`rlaifd claims`, `shapes sft --mix
+/// divide`): the answer names the scene's objects the ways real answers do (a list after "The image shows" or
+/// "There are", a pronoun that refers back, a spatial relation, an object named with "also"), and adds a hedge
+/// about an absent object and an opinion, neither of which is a claim. The exact claims are one "There is <an
+/// object>." per object the answer asserts, in order, then one "<The object> is <relation> the <object>." per
+/// relation it states. Deterministic per seed.
+pub fn divide_example(scene: &Scene, seed: u64) -> (String, Vec<String>) {
+    let mut rng = SplitMix64::new(seed ^ 0x4449_5649_4445_0007);
+    let mut pick = |n: usize| (rng.next_u64() % n.max(1) as u64) as usize;
+    let objects = reading_order(scene);
+    let vocab = vocabulary();
+    let mut sentences: Vec<String> = Vec::new();
+    let (mut exists, mut relations): (Vec<String>, Vec<String>) = (Vec::new(), Vec::new());
+    if objects.is_empty() {
+        return ("The image is empty.".into(), Vec::new());
+    }
+    // A list of the first k objects.
+    let k = 1 + pick(objects.len());
+    let listed: Vec<String> = objects[..k].iter().map(|o| with_article(&o.phrase)).collect();
+    let list = english_list(&listed, pick(2) == 0);
+    let be = if k > 1 { "are" } else { "is" };
+    sentences.push(match pick(5) {
+        0 => format!("The image shows {list}."),
+        1 => format!("I see {list}."),
+        2 => format!("There {be} {list}."),
+        3 => format!("In this image, there {be} {list}."),
+        _ => format!("This picture contains {list}."),
+    });
+    exists.extend(objects[..k].iter().map(|o| format!("There is {}.", with_article(&o.phrase))));
+    // The rest, one sentence each, related to an object named before.
+    for (i, o) in objects.iter().enumerate().skip(k) {
+        let anchor = objects[pick(i)];
+        let rel = relation(o, anchor);
+        let a = with_article(&o.phrase);
+        match pick(3) {
+            0 => sentences.push(format!("There is also {a}. It is {rel} the {}.", anchor.phrase)),
+            1 => sentences.push(format!("{} is {rel} the {}.", capitalize(&a), anchor.phrase)),
+            _ => sentences.push(format!("The image also shows {a} {rel} the {}.", anchor.phrase)),
+        }
+        exists.push(format!("There is {a}."));
+        relations.push(format!("The {} is {rel} the {}.", o.phrase, anchor.phrase));
+    }
+    // A pronoun after the opening list refers to its last object when the list has one object.
+    if k == 1 && pick(2) == 0 {
+        let o = objects[0];
+        let color = COLORS[o.color].0;
+        sentences.insert(1, format!("It is {color}."));
+        relations.push(format!("The {} is {color}.", o.phrase));
+    }
+    // A hedge about an absent object and an opinion: not claims.
+    let present: Vec<&str> = objects.iter().map(|o| o.phrase.as_str()).collect();
+    let absent: Vec<&String> = vocab.iter().filter(|v| !present.contains(&v.as_str())).collect();
+    if pick(2) == 0 && !absent.is_empty() {
+        let z = with_article(absent[pick(absent.len())]);
+        sentences.push(match pick(3) {
+            0 => format!("There might be {z} as well."),
+            1 => format!("I think there is {z} too."),
+            _ => format!("Perhaps there is {z}."),
+        });
+    }
+    if pick(2) == 0 {
+        let o = objects[pick(objects.len())];
+        sentences.push(match pick(3) {
+            0 => format!("The {} looks very nice.", o.phrase),
+            1 => "The colors are beautiful.".to_string(),
+            _ => "Overall, it is a lovely picture.".to_string(),
+        });
+    }
+    exists.extend(relations);
+    (sentences.join(" "), exists)
+}
+
+fn capitalize(s: &str) -> String {
+    let mut c = s.chars();
+    c.next().map(|f| f.to_uppercase().chain(c).collect()).unwrap_or_default()
+}
+
 /// Training examples for a ShapesWorld labeler: only the labeler's own question ("Is there a red circle in the
 /// image? Please answer yes or no."), balanced between yes and no. Each present object is asked about twice, and
 /// two absent objects per present one are drawn from the confusions a captioner makes: the other shapes of its

@@ -102,8 +102,9 @@ pub struct ClaimCounts {
     pub object_claims: usize,
     /// Of those, the ones that name exactly one object of the exact set not matched before.
     pub object_correct: usize,
-    /// Distinct objects of the exact claims.
+    /// Distinct objects of the exact claims, and how many of them a right claim found.
     pub exact_objects: usize,
+    pub objects_found: usize,
     /// Extracted claims, exact claims, and extracted claims equal to an exact one (case and final period aside).
     pub claims: usize,
     pub exact_claims: usize,
@@ -115,18 +116,24 @@ impl std::ops::AddAssign for ClaimCounts {
         self.object_claims += o.object_claims;
         self.object_correct += o.object_correct;
         self.exact_objects += o.exact_objects;
+        self.objects_found += o.objects_found;
         self.claims += o.claims;
         self.exact_claims += o.exact_claims;
         self.text_matches += o.text_matches;
     }
 }
 
+/// Words of a spatial relation: a claim naming two objects with one of them is one fact, not a list.
+const RELATION_WORDS: &[&str] = &["above", "below", "left of", "right of", "next to", "beside", "near", "between"];
+
 /// Scores one answer's extracted claims against its exact claims. An object claim is right when it names exactly
-/// one object (an atomic claim) and that object is among the exact claims' objects and was not matched yet: a
-/// list left whole ("a red circle and a blue square") counts once, wrong, and its objects stay unfound.
+/// one object (an atomic claim) and that object is among the exact claims' objects, or
+/// when it is a spatial relation between objects of the exact claims (which also finds them): a list left whole
+/// ("a red circle and a blue square") counts once, wrong, and its objects stay unfound.
 pub fn count_claims(claims: &[Claim], exact: &[String]) -> ClaimCounts {
     let norm = |s: &str| s.trim().trim_end_matches('.').trim().to_lowercase();
-    let mut want: std::collections::BTreeSet<String> = exact.iter().flat_map(|e| mentions(e)).collect();
+    let all: std::collections::BTreeSet<String> = exact.iter().flat_map(|e| mentions(e)).collect();
+    let mut want = all.clone();
     let exact_objects = want.len();
     let (mut object_claims, mut object_correct) = (0, 0);
     for c in claims {
@@ -135,8 +142,19 @@ pub fn count_claims(claims: &[Claim], exact: &[String]) -> ClaimCounts {
             continue;
         }
         object_claims += 1;
-        if named.len() == 1 && named.iter().next().is_some_and(|o| want.remove(o)) {
+        let relation = RELATION_WORDS.iter().any(|w| c.text.to_lowercase().contains(w));
+        if named.len() == 1 {
+            // About an object the answer names (its existence, or a colour said again): right; found once.
+            if named.iter().next().is_some_and(|o| all.contains(o)) {
+                object_correct += 1;
+                want.retain(|w| !named.contains(w));
+            }
+        } else if relation && named.is_subset(&all) {
+            // One relation between named objects is one fact; it also says both are there.
             object_correct += 1;
+            for o in &named {
+                want.remove(o);
+            }
         }
     }
     let mut exact_left: Vec<String> = exact.iter().map(|e| norm(e)).collect();
@@ -151,6 +169,7 @@ pub fn count_claims(claims: &[Claim], exact: &[String]) -> ClaimCounts {
         object_claims,
         object_correct,
         exact_objects,
+        objects_found: exact_objects - want.len(),
         claims: claims.len(),
         exact_claims: exact.len(),
         text_matches,
@@ -165,7 +184,7 @@ pub fn claim_scores(t: &ClaimCounts) -> serde_json::Value {
         (Some(_), Some(_)) => Some(0.0),
         _ => None,
     };
-    let (op, or) = (ratio(t.object_correct, t.object_claims), ratio(t.object_correct, t.exact_objects));
+    let (op, or) = (ratio(t.object_correct, t.object_claims), ratio(t.objects_found, t.exact_objects));
     let (cp, cr) = (ratio(t.text_matches, t.claims), ratio(t.text_matches, t.exact_claims));
     serde_json::json!({
         "object_precision": op, "object_recall": or, "object_f1": f1(op, or),
@@ -276,11 +295,15 @@ mod tests {
             &exact,
         );
         assert_eq!((c.object_claims, c.object_correct, c.exact_objects, c.text_matches), (3, 2, 2, 2));
-        // The same object twice counts once.
-        let c = count_claims(&[claim("There is a red circle."), claim("A red circle is here.")], &exact);
-        assert_eq!((c.object_claims, c.object_correct), (2, 1));
+        // A relation between two named objects is one right claim and finds both.
+        let c = count_claims(&[claim("The red circle is above the blue square.")], &exact);
+        assert_eq!((c.object_claims, c.object_correct), (1, 1));
+        assert_eq!(claim_scores(&c)["object_recall"], 1.0);
+        // Two claims about one object are both right; the object is found once.
+        let c = count_claims(&[claim("There is a red circle."), claim("The red circle is red.")], &exact);
+        assert_eq!((c.object_claims, c.object_correct), (2, 2));
         let s = claim_scores(&c);
-        assert_eq!(s["object_precision"], 0.5);
+        assert_eq!(s["object_precision"], 1.0);
         assert_eq!(s["object_recall"], 0.5);
         assert!(claim_scores(&ClaimCounts::default())["object_f1"].is_null());
     }

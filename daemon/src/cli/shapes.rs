@@ -67,6 +67,20 @@ pub enum ShapesCmd {
         #[arg(long, default_value_t = 64)]
         size: u32,
     },
+    /// Write COUNT free-form answers about generated scenes with their exact claims, DIR/divide.jsonl
+    /// ({"image", "answer", "exact"} per line, images beside it): lists, pronouns, relations, hedges and opinions,
+    /// to measure claim extractors (`rlaifd claims --answers DIR/divide.jsonl`).
+    Divide {
+        #[arg(long)]
+        seed: u64,
+        #[arg(long)]
+        count: usize,
+        #[arg(long)]
+        out: PathBuf,
+        /// Image side in pixels.
+        #[arg(long, default_value_t = 64)]
+        size: u32,
+    },
     /// Print the JSON list of every object phrase.
     Vocab,
     /// Write ShapesWorld's word-level tokenizer.json.
@@ -81,6 +95,19 @@ pub fn run(cmd: ShapesCmd) -> Result<()> {
         ShapesCmd::Tokenizer { out } => {
             let tok = engine::shapes::build_tokenizer().map_err(|e| anyhow::anyhow!("building the tokenizer: {e}"))?;
             tok.save(&out, true).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", out.display()))?;
+            Ok(())
+        }
+        ShapesCmd::Divide { seed, count, out, size } => {
+            let mut lines = Vec::new();
+            write_scenes(seed, count, &out, size, 4, |file, scene, s| {
+                let (answer, exact) = engine::shapes::divide_example(scene, s);
+                lines.push(serde_json::json!({ "image": file, "answer": answer, "exact": exact }).to_string());
+                Ok(())
+            })?;
+            let path = out.join("divide.jsonl");
+            std::fs::write(&path, lines.join("\n") + "\n")
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            eprintln!("{}: {} answers with their exact claims", path.display(), lines.len());
             Ok(())
         }
         ShapesCmd::Bench { seed, count, out, size } => {

@@ -392,8 +392,15 @@ pub(super) fn split_list(clause: &str) -> Vec<String> {
     // "The image shows a dog" says there is a dog; the object, not the image, is what a later "it" means.
     let single = items.len() < 2 || items.last().is_some_and(|i| bare_word(i) == "etc");
     if single {
+        let one = body.split(", ").count() == 1;
         let names_image = existential && !fold(lead).trim_start().starts_with("there");
-        return if names_image && body.split(", ").count() == 1 { vec![there(body.trim())] } else { whole() };
+        // "There is also a dog" says there is a dog.
+        let also = body.strip_prefix("also ").filter(|_| existential && one);
+        return match also {
+            Some(rest) => vec![there(rest.trim())],
+            None if names_image && one => vec![there(body.trim())],
+            None => whole(),
+        };
     }
     if !items[1..].iter().all(|i| is_list_item(i)) || items[0].trim().is_empty() {
         return whole();

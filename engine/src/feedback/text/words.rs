@@ -36,7 +36,7 @@ pub(super) const LEXICAL_VERBS: &[&str] = &[
 
 /// Verbs with which an answer says what the image shows.
 pub(super) const IMAGE_VERBS: &[&str] =
-    &["shows", "show", "depicts", "features", "displays", "presents", "captures", "contains", "includes", "has"];
+    &["shows", "show", "depicts", "features", "displays", "presents", "captures", "contains", "includes", "has", "see"];
 
 /// Nouns that name the image itself.
 pub(super) const IMAGE_NOUNS: &[&str] =
@@ -80,7 +80,7 @@ pub(super) const PRONOUNS: &[&str] =
 pub(super) const HEDGE_PHRASES: &[&str] = &[
     "i think", "i believe", "in my opinion", "i feel", "i guess", "i suppose", "i'd say", "i would say",
     "in my view", "it seems to me", "personally", "i'm not sure", "i am not sure", "perhaps", "possibly",
-    "probably", "maybe",
+    "probably", "maybe", "might", "might be", "could be", "may be", "there may",
 ];
 
 /// Evaluative adjectives (and a few adverbs) that carry a judgement rather than visual content. Matched as
