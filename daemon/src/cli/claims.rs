@@ -182,6 +182,8 @@ pub fn claim_scores(t: &ClaimCounts) -> serde_json::Value {
     let f1 = |p: Option<f64>, r: Option<f64>| match (p, r) {
         (Some(p), Some(r)) if p + r > 0.0 => Some(2.0 * p * r / (p + r)),
         (Some(_), Some(_)) => Some(0.0),
+        // No claims at all against exact ones: nothing found.
+        (None, Some(_)) => Some(0.0),
         _ => None,
     };
     let (op, or) = (ratio(t.object_correct, t.object_claims), ratio(t.objects_found, t.exact_objects));
