@@ -152,6 +152,7 @@ fn relations_appositions_and_dependent_phrases_stay_one_claim() {
         "A man and a woman are walking.",
         "The image shows a dog, which is brown, and a cat.",
         "Two dogs are playing.",
+        "The car is red or orange.",
     ] {
         assert_eq!(split_claims(whole), strings(&[whole]), "{whole:?}");
     }

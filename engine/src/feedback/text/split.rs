@@ -359,8 +359,8 @@ fn is_existential_lead(lead: &str) -> bool {
 
 /// A list in a clause, one claim per item: "The table has a vase, a book, and a lamp." -> "The table has a
 /// vase.", "The table has a book.", "The table has a lamp."; after an image or "there is" lead, each item is an
-/// existence claim with "There is" or "There are" as it needs. Items are separated by ", ", with "and" or "or"
-/// before the last one (a plain "X and Y" counts too) and must all be bare phrases ([`is_list_item`]); anything
+/// existence claim with "There is" or "There are" as it needs. Items are separated by ", ", with "and" before
+/// the last one (a plain "X and Y" counts too) and must all be bare phrases ([`is_list_item`]); anything
 /// else stays one claim. Linear in the clause.
 pub(super) fn split_list(clause: &str) -> Vec<String> {
     let whole = || vec![clause.to_string()];
@@ -370,19 +370,18 @@ pub(super) fn split_list(clause: &str) -> Vec<String> {
     if body.split_whitespace().next().is_some_and(|w| NON_SUBJECT_STARTERS.contains(&bare_word(w).as_str())) {
         return whole();
     }
-    // Items: split at ", " and at the last " and "/" or ".
+    // Items: split at ", " and at the last " and " ("red or orange" is one claim with two possibilities, not two
+    // claims, so "or" never splits).
     let mut items: Vec<&str> = body.split(", ").collect();
     let last = items.pop().unwrap_or_default();
     let folded_last = last.to_ascii_lowercase();
-    let tail: Vec<&str> =
-        if let Some(rest) = folded_last.strip_prefix("and ").or_else(|| folded_last.strip_prefix("or ")) {
-            vec![&last[last.len() - rest.len()..]]
-        } else if let Some(at) = folded_last.rfind(" and ").or_else(|| folded_last.rfind(" or ")) {
-            let sep = if folded_last[at..].starts_with(" and ") { 5 } else { 4 };
-            vec![&last[..at], &last[at + sep..]]
-        } else {
-            vec![last]
-        };
+    let tail: Vec<&str> = if let Some(rest) = folded_last.strip_prefix("and ") {
+        vec![&last[last.len() - rest.len()..]]
+    } else if let Some(at) = folded_last.rfind(" and ") {
+        vec![&last[..at], &last[at + 5..]]
+    } else {
+        vec![last]
+    };
     items.extend(tail);
     let existential = is_existential_lead(lead);
     let there = |item: &str| {
