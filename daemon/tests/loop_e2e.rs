@@ -317,3 +317,124 @@ async fn a_benchmark_gate_measures_checkpoints_as_eval_bench_does() {
     let _ = std::fs::remove_dir_all(&state);
     db.drop_db().await;
 }
+
+/// The bundled model with one more word in its vocabulary (a row added to the embeddings and the head, the mean of
+/// the others): it captions as the ShapesWorld model does, but its tokenizer is not ShapesWorld's, so the loop
+/// treats it as any other model (no exact objects, no generated prompts, claims from the configured extractor).
+fn disguised_model(dir: &std::path::Path) {
+    let base = model_dir();
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::copy(base.join("preprocessor_config.json"), dir.join("preprocessor_config.json")).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(base.join("config.json")).unwrap()).unwrap();
+    let vocab = cfg["text_config"]["vocab_size"].as_u64().unwrap() as usize;
+    cfg["text_config"]["vocab_size"] = serde_json::json!(vocab + 1);
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    let mut tok: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(base.join("tokenizer.json")).unwrap()).unwrap();
+    tok["model"]["vocab"]["hello"] = serde_json::json!(vocab);
+    std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
+    let ws = engine::weights::WeightStore::open_files(&[base.join("model.safetensors")]).unwrap();
+    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    for k in ws.keys() {
+        let mut shape = ws.shape(k).unwrap().to_vec();
+        let mut data = ws.f32_any_shape(k).unwrap();
+        if shape.first() == Some(&vocab) && shape.len() == 2 {
+            let width = shape[1];
+            let mean: Vec<f32> =
+                (0..width).map(|j| (0..vocab).map(|i| data[i * width + j]).sum::<f32>() / vocab as f32).collect();
+            data.extend(mean);
+            shape[0] += 1;
+        }
+        tensors.push((k.to_string(), shape, data));
+    }
+    let refs: Vec<(String, Vec<usize>, &[f32])> =
+        tensors.iter().map(|(k, s, d)| (k.clone(), s.clone(), &d[..])).collect();
+    engine::weights::write_f32_safetensors(&dir.join("model.safetensors"), &refs).unwrap();
+}
+
+/// The loop on a model that is not ShapesWorld's (`disguised_model`), as on a real one: prompts imported with
+/// their images, answers divided by a model (`loop.extractor = "llm"` with the bundled divide model,
+/// assets/shapes-divide, in one batch per prompt), verified by the policy, paired, trained, and the candidate gated
+/// on an Object HalBench file (`loop.gate = "objhal:FILE"`). Every stored claim names its extractor, the claims
+/// are the objects the answers name, pairs exist, and the gate's CHAIR_i is stored for both checkpoints.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_loop_divides_with_a_model_and_gates_on_a_benchmark_for_a_model_that_is_not_shapesworlds() {
+    let db = common::fresh("llmdivide").await;
+    let pool = &db.pool;
+    let state = std::env::temp_dir().join(format!("rlaifd-llmdivide-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&state);
+    let model = state.join("model");
+    disguised_model(&model);
+    let bench = state.join("bench");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rlaifd"))
+        .args(["shapes", "bench", "--seed", "1000000", "--count", "12", "--out"])
+        .arg(&bench)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let divide = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../assets/shapes-divide");
+    let cfg = LoopConfig {
+        n: 4,
+        max_new_tokens: 24,
+        prompts_per_iteration: 8,
+        pairs_per_iteration: 1,
+        eval_count: 12,
+        epochs: 1,
+        batch_size: 2,
+        promote_margin: 0.0,
+        max_cover_drop: 1.0,
+        extractor: "llm".into(),
+        extractor_model: divide.display().to_string(),
+        extractor_max_new_tokens: 64,
+        gate: format!("objhal:{}", bench.join("instances.json").display()),
+        gate_synonyms: bench.join("synonyms.txt").display().to_string(),
+        ..LoopConfig::default()
+    };
+    cfg.validate().unwrap();
+    let engine =
+        Arc::new(Engine::load(&model, &state).unwrap().with_extractor(&cfg.extractor, &cfg.extractor_model).unwrap());
+    assert!(!engine.shapes, "the disguised model is not taken for ShapesWorld's");
+    store::ensure_base(pool, &model.display().to_string(), None).await.unwrap();
+    // Imported prompts: images and questions, no ground truth.
+    let cfg_w = engine::shapes::WorldConfig { size: engine.ip.crop_width, ..Default::default() };
+    for i in 0..8u64 {
+        let scene = engine::shapes::Scene::generate(&cfg_w, 77 + i);
+        let mut png = Vec::new();
+        scene.render(&cfg_w, 77 + i).write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
+        let sha = store::insert_image(pool, &png).await.unwrap();
+        let p = store::NewPrompt {
+            image_sha256: Some(sha),
+            instruction: "Describe the image.".into(),
+            source: "import".into(),
+            split: "train".into(),
+            ground_truth: None,
+        };
+        store::insert_prompt(pool, &p).await.unwrap();
+    }
+    let progress: Arc<dyn Fn(Stage, usize, usize) + Send + Sync> = Arc::new(|_, _, _| {});
+    let out = run_iteration(pool, &engine, &cfg, "test", progress).await.unwrap();
+    let extractor = format!("llm:{}", divide.display());
+    let claims: Vec<(String, String, Option<String>)> =
+        sqlx::query_as("SELECT claim, question, extractor FROM claims ORDER BY id").fetch_all(pool).await.unwrap();
+    assert!(claims.len() >= 8, "{claims:?}");
+    for (claim, question, by) in &claims {
+        assert_eq!(by.as_deref(), Some(extractor.as_str()));
+        let objects = engine::hallucination::mentions(claim);
+        assert_eq!(objects.len(), 1, "an atomic object claim: {claim:?}");
+        assert!(question.ends_with('?') && question.contains(objects.iter().next().unwrap()), "{question:?}");
+    }
+    assert!(out.pairs >= 1, "{out:?}");
+    type Row = (i32, Option<String>, Option<f64>);
+    let rows: Vec<Row> = sqlx::query_as("SELECT iteration, gate, chair_i FROM checkpoint_metrics ORDER BY id")
+        .fetch_all(pool)
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    for (it, gate, chair_i) in &rows {
+        assert_eq!(gate.as_deref(), Some(cfg.gate.as_str()), "iteration {it}");
+        assert!(chair_i.is_some_and(|c| (0.0..=1.0).contains(&c)), "iteration {it}: {chair_i:?}");
+    }
+    db.drop_db().await;
+    let _ = std::fs::remove_dir_all(&state);
+}

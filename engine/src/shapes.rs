@@ -338,7 +338,8 @@ pub fn divide_example(scene: &Scene, seed: u64) -> (String, Vec<String>) {
     sentences.push(match pick(5) {
         0 => format!("The image shows {list}."),
         1 => format!("I see {list}."),
-        2 => format!("There {be} {list}."),
+        // The captioner's own form says "There is" before any list.
+        2 => format!("There {} {list}.", if pick(2) == 0 { be } else { "is" }),
         3 => format!("In this image, there {be} {list}."),
         _ => format!("This picture contains {list}."),
     });
@@ -519,6 +520,36 @@ pub fn words() -> Vec<String> {
 /// `</s>`=2, `<pad>`=3, then the words of `words()`, then `<image>` last; lower-casing normalizer, whitespace
 /// and punctuation pre-tokenizer, BOS added by the post-processor.
 pub fn build_tokenizer() -> Result<tokenizers::Tokenizer, String> {
+    word_level_tokenizer(&words(), false)
+}
+
+/// The prompt the ShapesWorld divide model (`assets/shapes-divide`) lists an answer's claims after; the model
+/// directory carries it as `divide_prompt.txt` (`feedback::claims::ExtractorPrompts`).
+pub const DIVIDE_PROMPT: &str = "claims : {answer}";
+/// The prompt it writes a claim's yes/no question after (`question_prompt.txt`).
+pub const DIVIDE_QUESTION_PROMPT: &str = "question : {claim}";
+
+/// Every word of the divide model: ShapesWorld's, those of `divide_example`'s answers, and of its prompts and
+/// listings.
+pub fn divide_words() -> Vec<String> {
+    let mut w = words();
+    let extra = "- none claims question also might be as well think too perhaps above below to left right of \
+                 shows see this picture contains looks very nice colors beautiful overall lovely";
+    for t in extra.split_whitespace() {
+        if !w.iter().any(|x| x == t) {
+            w.push(t.to_string());
+        }
+    }
+    w
+}
+
+/// The divide model's tokenizer: `build_tokenizer`'s layout over `divide_words()`, with a line break as a token of
+/// its own (after the words, before `<image>`), so a listing keeps one claim per line.
+pub fn build_divide_tokenizer() -> Result<tokenizers::Tokenizer, String> {
+    word_level_tokenizer(&divide_words(), true)
+}
+
+fn word_level_tokenizer(words: &[String], newline: bool) -> Result<tokenizers::Tokenizer, String> {
     use tokenizers::models::wordlevel::WordLevel;
     use tokenizers::normalizers::utils::Lowercase;
     use tokenizers::pre_tokenizers::whitespace::Whitespace;
@@ -528,9 +559,13 @@ pub fn build_tokenizer() -> Result<tokenizers::Tokenizer, String> {
     for (i, t) in ["<unk>", "<s>", "</s>", "<pad>"].iter().enumerate() {
         vocab.insert(t.to_string(), i as u32);
     }
-    for w in words() {
+    for w in words {
         let id = vocab.len() as u32;
-        vocab.entry(w).or_insert(id);
+        vocab.entry(w.clone()).or_insert(id);
+    }
+    if newline {
+        let id = vocab.len() as u32;
+        vocab.insert("\n".into(), id);
     }
     let image_id = vocab.len() as u32;
     vocab.insert("<image>".into(), image_id);
@@ -549,6 +584,9 @@ pub fn build_tokenizer() -> Result<tokenizers::Tokenizer, String> {
         .build()
         .map_err(|e| e.to_string())?;
     tok.with_post_processor(Some(post));
+    if newline {
+        tok.add_tokens(&[AddedToken::from("\n", false)]);
+    }
     tok.add_special_tokens(&[
         AddedToken::from("<unk>", true),
         AddedToken::from("<s>", true),
@@ -557,6 +595,71 @@ pub fn build_tokenizer() -> Result<tokenizers::Tokenizer, String> {
         AddedToken::from("<image>", true),
     ]);
     Ok(tok)
+}
+
+/// The yes/no question the divide model learns for an exact claim: "There is a red circle." -> "Is there a red
+/// circle in the image?" (the labeler's own form), other claims by `feedback::text::claim_to_question`.
+pub fn divide_question(claim: &str) -> String {
+    match claim.strip_prefix("There is ") {
+        Some(rest) => format!("Is there {} in the image?", rest.trim_end_matches('.')),
+        None => crate::feedback::text::claim_to_question(claim),
+    }
+}
+
+/// A captioner's answer and its exact claims: the scene's caption with co-occurrence noise (`noisy_caption`, as
+/// the loop's policy writes them), and a third of the time cut off after a word, as an answer that ran out of
+/// tokens ("There is a red circle, a blue"): only the objects named in full are claims.
+pub fn divide_caption_example(scene: &Scene, seed: u64) -> (String, Vec<String>) {
+    let mut rng = SplitMix64::new(seed ^ 0x4341_5054_494f_0008);
+    let (caption, _) = noisy_caption(scene, seed, 0.5, CaptionOrder::Canonical);
+    let names: Vec<String> = mentions_in_order(&caption);
+    let exact = |n: &[String]| n.iter().map(|o| format!("There is {}.", with_article(o))).collect::<Vec<_>>();
+    if names.is_empty() || rng.next_f64() >= 1.0 / 3.0 {
+        return (caption, exact(&names));
+    }
+    // Keep m whole objects and one or two words of the next.
+    let m = (rng.next_u64() % names.len() as u64) as usize;
+    let items: Vec<String> = names[..m].iter().map(|o| with_article(o)).collect();
+    let next = with_article(&names[m]);
+    let partial: Vec<&str> = next.split_whitespace().take(1 + (rng.next_u64() % 2) as usize).collect();
+    let mut text = format!("There is {}", items.join(", "));
+    text.push_str(if m == 0 { "" } else { ", " });
+    text.push_str(&partial.join(" "));
+    (text, exact(&names[..m]))
+}
+
+/// The object phrases of a caption in the order it names them.
+fn mentions_in_order(caption: &str) -> Vec<String> {
+    let vocab = vocabulary();
+    let lower = caption.to_lowercase();
+    let mut found: Vec<(usize, String)> =
+        vocab.iter().filter_map(|v| lower.find(v.as_str()).map(|at| (at, v.clone()))).collect();
+    found.sort();
+    found.into_iter().map(|(_, v)| v).collect()
+}
+
+/// Supervised examples of one scene for the divide model: the listings of a `divide_example` answer's and of a
+/// `divide_caption_example` caption's exact claims ("- There is a red circle.", one a line; "None" for an answer
+/// without claims) after `DIVIDE_PROMPT`, and each claim's question (`divide_question`) after
+/// `DIVIDE_QUESTION_PROMPT`. Text only. Deterministic per seed.
+pub fn divide_sft_examples(scene: &Scene, seed: u64) -> Vec<(&'static str, String, String)> {
+    let mut out = Vec::new();
+    let mut asked: Vec<String> = Vec::new();
+    for (answer, exact) in [divide_example(scene, seed), divide_caption_example(scene, seed)] {
+        let listing = if exact.is_empty() {
+            "None".to_string()
+        } else {
+            exact.iter().map(|c| format!("- {c}")).collect::<Vec<_>>().join("\n")
+        };
+        out.push(("divide", DIVIDE_PROMPT.replace("{answer}", &answer), listing));
+        for c in exact {
+            if !asked.contains(&c) {
+                out.push(("question", DIVIDE_QUESTION_PROMPT.replace("{claim}", &c), divide_question(&c)));
+                asked.push(c);
+            }
+        }
+    }
+    out
 }
 
 /// Supervised examples of one scene for training a base model: one caption (random phrasing) carrying caption

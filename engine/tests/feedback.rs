@@ -197,7 +197,14 @@ fn llm_extractor_runs_a_text_model_and_is_deterministic() {
     let case = fixture("llama_text_only");
     let m = Model::load(&case.join("model")).unwrap();
     let tok = TextTokenizer::from_file(&case.join("model/tokenizer.json")).unwrap();
-    let ex = LlmExtractor { model: &m, adapter: None, tokenizer: &tok, source: "fixture".into(), max_new_tokens: 12 };
+    let ex = LlmExtractor {
+        model: &m,
+        adapter: None,
+        tokenizer: &tok,
+        source: "fixture".into(),
+        max_new_tokens: 12,
+        prompts: Default::default(),
+    };
     let a = ex.extract("describe", "the box is red . the ball is blue .").unwrap();
     assert_eq!(a, ex.extract("describe", "the box is red . the ball is blue .").unwrap(), "greedy: same claims");
     assert!(a.iter().all(|c| c.question.ends_with('?')), "{a:?}");

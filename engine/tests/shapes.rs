@@ -307,3 +307,64 @@ fn labeler_examples_are_balanced_exact_and_ask_about_the_confusions() {
     assert!(same_color as f64 > 0.6 * no as f64, "{same_color} of {no} negatives share a present colour");
     assert!(binding as f64 > 0.1 * no as f64, "{binding} of {no} negatives are binding errors");
 }
+
+/// The divide model's tokenizer spells every prompt and listing of its data without an unknown word and keeps a
+/// listing's line breaks, and a listing decoded from token ids reads back (`feedback::text::read_claim_listing`)
+/// as exactly the exact claims: what the model is trained to write is what the loop takes from it.
+#[test]
+fn divide_data_tokenizes_and_its_listings_read_back_as_the_exact_claims() {
+    let dir = std::env::temp_dir().join(format!("rlaifd-shapes-divide-tok-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("tokenizer.json");
+    build_divide_tokenizer().unwrap().save(&path, true).unwrap();
+    let t = engine::tokenizer::TextTokenizer::from_file(&path).unwrap();
+    let newline = t.token_id("\n").expect("a line break token");
+    assert_eq!(t.token_id("<image>").unwrap(), newline + 1, "<image> stays last");
+    let (mut lists, mut pronouns, mut hedges, mut cut) = (0, 0, 0, 0);
+    for (seed, scene) in scenes(300) {
+        let (answer, exact) = divide_example(&scene, seed);
+        lists += usize::from(answer.contains(" and "));
+        pronouns += usize::from(answer.contains("It is"));
+        hedges += usize::from(["might", "think", "Perhaps"].iter().any(|h| answer.contains(h)));
+        let examples = divide_sft_examples(&scene, seed);
+        let (caption, caption_exact) = divide_caption_example(&scene, seed);
+        assert_eq!(examples.iter().filter(|e| e.0 == "divide").count(), 2);
+        assert!(examples.iter().any(|e| e.1.ends_with(&caption)), "the captioner's form is in the data");
+        let truncated = !caption.ends_with('.');
+        cut += usize::from(truncated);
+        for c in &caption_exact {
+            let object = c.trim_start_matches("There is ").trim_start_matches("a ").trim_start_matches("an ");
+            assert!(caption.contains(object.trim_end_matches('.')), "{caption:?} names {c:?} in full");
+        }
+        let mut expected_exact: Vec<&String> = exact.iter().collect();
+        for (kind, prompt, target) in &examples {
+            if *kind == "divide" && prompt.ends_with(&caption) && caption != answer {
+                expected_exact = caption_exact.iter().collect();
+            } else if *kind == "divide" {
+                expected_exact = exact.iter().collect();
+            }
+            for text in [prompt, target] {
+                let ids = t.encode(text, false).unwrap();
+                assert!(!ids.contains(&0), "unknown word in {text:?}");
+            }
+            if *kind == "divide" {
+                let ids = t.encode(target, false).unwrap();
+                let lines = expected_exact.len().saturating_sub(1);
+                assert_eq!(ids.iter().filter(|&&i| i == newline).count(), lines, "{target:?}");
+                let listed = engine::feedback::text::read_claim_listing(&t.decode(&ids).unwrap(), false);
+                let norm = |s: &str| s.to_lowercase().replace(" .", ".");
+                assert_eq!(
+                    listed.iter().map(|c| norm(c)).collect::<Vec<_>>(),
+                    expected_exact.iter().map(|c| norm(c)).collect::<Vec<_>>(),
+                    "{prompt:?}"
+                );
+            } else {
+                let q = engine::feedback::text::parse_question(&t.decode(&t.encode(target, false).unwrap()).unwrap());
+                assert!(q.is_some_and(|q| q.ends_with('?')), "{target:?}");
+            }
+        }
+    }
+    assert!(lists > 100 && pronouns > 30 && hedges > 100, "lists {lists}, pronouns {pronouns}, hedges {hedges}");
+    assert!((60..140).contains(&cut), "about a third of the captions are cut off: {cut} of 300");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -4,7 +4,7 @@
 //! recall and F1 (ShapesWorld's objects, matched one to one) and exact-text claim precision and recall.
 
 use anyhow::{bail, Context, Result};
-use engine::feedback::claims::{Claim, ClaimExtractor, LlmExtractor, RuleExtractor, ShapesExtractor};
+use engine::feedback::claims::{Claim, ClaimExtractor, ExtractorPrompts, LlmExtractor, RuleExtractor, ShapesExtractor};
 use engine::hallucination::mentions;
 use engine::tokenizer::TextTokenizer;
 use engine::Model;
@@ -208,7 +208,7 @@ pub fn cmd_claims(a: ClaimsArgs) -> Result<()> {
             m.set_backend(backend);
             let t = TextTokenizer::from_file(&dir.join("tokenizer.json"))
                 .with_context(|| format!("loading the tokenizer of {}", dir.display()))?;
-            Some((m, t))
+            Some((m, t, ExtractorPrompts::for_model(dir)?))
         }
         ("llm", None) => bail!("--extractor llm needs --extractor-model DIR (a text or vision-language model)"),
         ("rules" | "shapes", Some(_)) => bail!("--extractor-model is for --extractor llm"),
@@ -216,10 +216,11 @@ pub fn cmd_claims(a: ClaimsArgs) -> Result<()> {
         (other, _) => bail!("--extractor {other}: expected rules, shapes or llm"),
     };
     let extractor: Box<dyn ClaimExtractor + '_> = match (&loaded, a.extractor.as_str()) {
-        (Some((model, tokenizer)), _) => Box::new(LlmExtractor {
+        (Some((model, tokenizer, prompts)), _) => Box::new(LlmExtractor {
             model,
             adapter: None,
             tokenizer,
+            prompts: prompts.clone(),
             source: a.extractor_model.as_ref().map(|d| d.display().to_string()).unwrap_or_default(),
             max_new_tokens: a.max_new_tokens,
         }),

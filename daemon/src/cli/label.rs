@@ -3,7 +3,7 @@
 //! in the RLAIF-V dataset schema (plus everything behind each pair), ready for `rlaifd train-dpo` or TRL.
 
 use anyhow::{bail, Context, Result};
-use engine::feedback::claims::{ClaimExtractor, LlmExtractor, RuleExtractor, ShapesExtractor};
+use engine::feedback::claims::{ClaimExtractor, ExtractorPrompts, LlmExtractor, RuleExtractor, ShapesExtractor};
 use engine::feedback::pairs::length_balance;
 use engine::feedback::pipeline::{label_prompt, FeedbackConfig, LabeledAnswer, Policy};
 use engine::feedback::verify::Labeler;
@@ -149,7 +149,8 @@ pub fn cmd_label(a: LabelArgs) -> Result<()> {
         let dir = &a.extractor_model;
         let m = Model::load(Path::new(dir)).with_context(|| format!("loading extractor model {dir}"))?;
         let t = TextTokenizer::from_file(&m.dir.join("tokenizer.json"))?;
-        Some((m, t))
+        let p = ExtractorPrompts::for_model(Path::new(dir))?;
+        Some((m, t, p))
     } else {
         None
     };
@@ -164,13 +165,15 @@ pub fn cmd_label(a: LabelArgs) -> Result<()> {
                 tokenizer: &tok,
                 source: "self".into(),
                 max_new_tokens: 256,
+                prompts: ExtractorPrompts::default(),
             }),
-            Some((m, t)) => Box::new(LlmExtractor {
+            Some((m, t, p)) => Box::new(LlmExtractor {
                 model: m,
                 adapter: None,
                 tokenizer: t,
                 source: a.extractor_model.clone(),
                 max_new_tokens: 256,
+                prompts: p.clone(),
             }),
         },
         other => bail!("--extractor {other}: expected auto, shapes, rules or llm"),

@@ -44,8 +44,10 @@ pub enum ShapesCmd {
         size: u32,
         #[arg(long, default_value_t = 4)]
         max_objects: usize,
-        /// What to write: "base" (captions, yes/no, count and attribute questions) or "labeler" (only the
-        /// labeler's yes/no question, balanced, with the absent objects a captioner confuses).
+        /// What to write: "base" (captions, yes/no, count and attribute questions), "labeler" (only the
+        /// labeler's yes/no question, balanced, with the absent objects a captioner confuses) or "divide" (text
+        /// only: free-form answers with the listing of their exact claims, and each claim's question; the divide
+        /// model's data, `tools/train_shapes_divide.sh`).
         #[arg(long, default_value = "base")]
         mix: String,
     },
@@ -83,18 +85,32 @@ pub enum ShapesCmd {
     },
     /// Print the JSON list of every object phrase.
     Vocab,
-    /// Write ShapesWorld's word-level tokenizer.json.
+    /// Write ShapesWorld's word-level tokenizer.json (--divide: the divide model's, with its prompt files
+    /// divide_prompt.txt and question_prompt.txt beside it).
     Tokenizer {
         #[arg(long)]
         out: PathBuf,
+        #[arg(long)]
+        divide: bool,
     },
 }
 
 pub fn run(cmd: ShapesCmd) -> Result<()> {
     match cmd {
-        ShapesCmd::Tokenizer { out } => {
-            let tok = engine::shapes::build_tokenizer().map_err(|e| anyhow::anyhow!("building the tokenizer: {e}"))?;
+        ShapesCmd::Tokenizer { out, divide } => {
+            let tok = if divide { engine::shapes::build_divide_tokenizer() } else { engine::shapes::build_tokenizer() };
+            let tok = tok.map_err(|e| anyhow::anyhow!("building the tokenizer: {e}"))?;
             tok.save(&out, true).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", out.display()))?;
+            if divide {
+                let dir = out.parent().unwrap_or(Path::new("."));
+                for (file, prompt) in [
+                    ("divide_prompt.txt", engine::shapes::DIVIDE_PROMPT),
+                    ("question_prompt.txt", engine::shapes::DIVIDE_QUESTION_PROMPT),
+                ] {
+                    std::fs::write(dir.join(file), format!("{prompt}\n"))
+                        .with_context(|| format!("cannot write {}", dir.join(file).display()))?;
+                }
+            }
             Ok(())
         }
         ShapesCmd::Divide { seed, count, out, size } => {
@@ -220,11 +236,9 @@ pub fn run(cmd: ShapesCmd) -> Result<()> {
             Ok(())
         }
         ShapesCmd::Sft { seed, count, out, caption_noise, caption_order, size, max_objects, mix } => {
-            let labeler = match mix.as_str() {
-                "base" => false,
-                "labeler" => true,
-                other => anyhow::bail!("--mix {other}: expected base or labeler"),
-            };
+            if !matches!(mix.as_str(), "base" | "labeler" | "divide") {
+                anyhow::bail!("--mix {mix}: expected base, labeler or divide");
+            }
             let caption_order = match caption_order.as_str() {
                 "canonical" => CaptionOrder::Canonical,
                 "reading" => CaptionOrder::Reading,
@@ -236,17 +250,19 @@ pub fn run(cmd: ShapesCmd) -> Result<()> {
             let mut lines = Vec::new();
             let mut n = 0usize;
             write_scenes(seed, count, &out, size, max_objects, |file, scene, s| {
-                let examples = if labeler {
-                    labeler_examples(scene, s)
-                } else {
-                    sft_examples(scene, s, caption_noise, caption_order)
+                let examples = match mix.as_str() {
+                    "labeler" => labeler_examples(scene, s),
+                    "divide" => engine::shapes::divide_sft_examples(scene, s),
+                    _ => sft_examples(scene, s, caption_noise, caption_order),
                 };
                 for (kind, prompt, answer) in examples {
-                    writeln!(
-                        lines,
-                        "{}",
+                    // The divide model reads text only: its lines name no image.
+                    let line = if mix == "divide" {
+                        serde_json::json!({ "prompt": prompt, "answer": answer, "kind": kind })
+                    } else {
                         serde_json::json!({ "image": file, "prompt": prompt, "answer": answer, "kind": kind })
-                    )?;
+                    };
+                    writeln!(lines, "{line}")?;
                     n += 1;
                 }
                 Ok(())

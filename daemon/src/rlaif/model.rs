@@ -7,7 +7,7 @@ use super::LoopConfig;
 use crate::store::{self, CheckpointRow};
 use crate::worker::{Priority, Slice, Worker};
 use anyhow::{bail, Context, Result};
-use engine::feedback::claims::{ClaimExtractor, LlmExtractor, RuleExtractor, ShapesExtractor};
+use engine::feedback::claims::{ClaimExtractor, ExtractorPrompts, LlmExtractor, RuleExtractor, ShapesExtractor};
 use engine::image::{ImageProcessorConfig, PixelValues};
 use engine::tokenizer::TextTokenizer;
 use engine::{Adapter, Model};
@@ -24,8 +24,9 @@ pub struct Engine {
     pub state_dir: PathBuf,
     /// A separate labeler model (`loop.labeler = DIR`) and its tokenizer.
     pub labeler: Option<(Model, TextTokenizer, PathBuf)>,
-    /// A separate claim extractor model (`loop.extractor = "llm"`, `loop.extractor_model = DIR`).
-    pub extractor_model: Option<(Model, TextTokenizer, PathBuf)>,
+    /// A separate claim extractor model (`loop.extractor = "llm"`, `loop.extractor_model = DIR`) with its
+    /// tokenizer, directory and prompts.
+    pub extractor_model: Option<(Model, TextTokenizer, PathBuf, ExtractorPrompts)>,
     /// The engine thread every model computation runs on, by priority.
     pub worker: Worker,
     /// A ShapesWorld model (its tokenizer is the world's vocabulary): object claims and exact held-out metrics.
@@ -135,7 +136,8 @@ impl Engine {
         model.set_backend(backend);
         let tok = TextTokenizer::from_file(&dir.join("tokenizer.json"))
             .with_context(|| format!("loading the tokenizer of {what}"))?;
-        self.extractor_model = Some((model, tok, dir));
+        let prompts = ExtractorPrompts::for_model(&dir).with_context(|| format!("reading the prompts of {what}"))?;
+        self.extractor_model = Some((model, tok, dir, prompts));
         Ok(self)
     }
 
@@ -146,17 +148,12 @@ impl Engine {
             "shapes" => Box::new(ShapesExtractor),
             "rules" => Box::new(RuleExtractor),
             "llm" => {
-                let (model, adapter, tokenizer, source) = match &self.extractor_model {
-                    Some((m, t, dir)) => (m, None, t, dir.display().to_string()),
-                    None => (&self.model, policy, &self.tok, "self".to_string()),
+                let (model, adapter, tokenizer, source, prompts) = match &self.extractor_model {
+                    Some((m, t, dir, p)) => (m, None, t, dir.display().to_string(), p.clone()),
+                    None => (&self.model, policy, &self.tok, "self".to_string(), ExtractorPrompts::default()),
                 };
-                Box::new(LlmExtractor {
-                    model,
-                    adapter,
-                    tokenizer,
-                    source,
-                    max_new_tokens: cfg.extractor_max_new_tokens,
-                })
+                let max_new_tokens = cfg.extractor_max_new_tokens;
+                Box::new(LlmExtractor { model, adapter, tokenizer, source, max_new_tokens, prompts })
             }
             _ if self.shapes => Box::new(ShapesExtractor),
             _ => Box::new(RuleExtractor),

@@ -2,7 +2,7 @@
 //! Three extractors behind one trait: ShapesWorld objects (exact), rule-based English, and an LLM prompted to
 //! list claims (any causal LM the engine loads, or the policy itself).
 
-use crate::error::Result;
+use crate::error::{EngineError, Result};
 use crate::feedback::text;
 use crate::generate::{generate_batch, FinishReason};
 use crate::hallucination::mentions;
@@ -86,6 +86,51 @@ pub struct LlmExtractor<'a> {
     /// Where the model came from, for the record.
     pub source: String,
     pub max_new_tokens: usize,
+    /// The two prompts (`ExtractorPrompts::for_model`).
+    pub prompts: ExtractorPrompts,
+}
+
+/// The prompts of the LLM extractor: `claims` holds `{answer}`, `question` holds `{claim}`. A model fine-tuned to
+/// divide (as RLAIF-V fine-tuned its divide model) is asked with the prompts it learned, kept in its directory as
+/// `divide_prompt.txt` and `question_prompt.txt`; any other model gets rlaifd's instructions
+/// (`text::CLAIM_EXTRACTION_PROMPT`, `text::QUESTION_PROMPT`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExtractorPrompts {
+    pub claims: String,
+    pub question: String,
+}
+
+impl Default for ExtractorPrompts {
+    fn default() -> Self {
+        ExtractorPrompts { claims: text::CLAIM_EXTRACTION_PROMPT.into(), question: text::QUESTION_PROMPT.into() }
+    }
+}
+
+/// The longest prompt file read from a model directory.
+const MAX_PROMPT_FILE_BYTES: u64 = 16 * 1024;
+
+impl ExtractorPrompts {
+    /// The prompts of the model in `dir`: its `divide_prompt.txt` / `question_prompt.txt` where present (each must
+    /// hold its placeholder), rlaifd's otherwise.
+    pub fn for_model(dir: &std::path::Path) -> Result<Self> {
+        let mut p = ExtractorPrompts::default();
+        for (file, key, slot) in
+            [("divide_prompt.txt", "{answer}", &mut p.claims), ("question_prompt.txt", "{claim}", &mut p.question)]
+        {
+            let path = dir.join(file);
+            let Ok(meta) = std::fs::metadata(&path) else { continue };
+            let bad = |why: String| EngineError::Input(format!("{}: {why}", path.display()));
+            if meta.len() > MAX_PROMPT_FILE_BYTES {
+                return Err(bad(format!("{} bytes; a prompt file holds at most {MAX_PROMPT_FILE_BYTES}", meta.len())));
+            }
+            let t = std::fs::read_to_string(&path).map_err(|e| bad(format!("cannot read it as text: {e}")))?;
+            if !t.contains(key) {
+                return Err(bad(format!("the prompt must hold {key}, where the text goes")));
+            }
+            *slot = t.trim_end_matches('\n').to_string();
+        }
+        Ok(p)
+    }
 }
 
 impl LlmExtractor<'_> {
@@ -113,7 +158,8 @@ impl ClaimExtractor for LlmExtractor<'_> {
 
     fn extract_all(&self, _question: &str, answers: &[&str]) -> Result<Vec<Vec<Claim>>> {
         let todo: Vec<usize> = (0..answers.len()).filter(|&i| !answers[i].trim().is_empty()).collect();
-        let prompts: Vec<String> = todo.iter().map(|&i| text::claim_extraction_prompt(answers[i])).collect();
+        let prompts: Vec<String> =
+            todo.iter().map(|&i| self.prompts.claims.replace("{answer}", answers[i].trim())).collect();
         let listed = if prompts.is_empty() { Vec::new() } else { self.complete_all(&prompts)? };
         let mut claims: Vec<Vec<String>> = vec![Vec::new(); answers.len()];
         for (&i, (out, finish)) in todo.iter().zip(&listed) {
@@ -126,7 +172,8 @@ impl ClaimExtractor for LlmExtractor<'_> {
                 distinct.push(c);
             }
         }
-        let prompts: Vec<String> = distinct.iter().map(|c| text::question_prompt(c)).collect();
+        let prompts: Vec<String> =
+            distinct.iter().map(|c| self.prompts.question.replace("{claim}", c.trim())).collect();
         let asked = if prompts.is_empty() { Vec::new() } else { self.complete_all(&prompts)? };
         let question_of = |claim: &str| -> String {
             let k = distinct.iter().position(|c| *c == claim);
