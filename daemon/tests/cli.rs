@@ -609,8 +609,9 @@ fn eval_bench_objhal_and_pope_agree_with_eval_hallucination() {
 /// `rlaifd shapes divide` writes free-form answers with their exact claims; `rlaifd claims` divides them and
 /// measures each extractor. The rules must split lists, resolve "it", and drop the hedge and the opinion
 /// (object-claim F1 >= 0.95); ShapesWorld's extractor keeps the hedged object (a false claim), so its precision
-/// is lower. The LLM extractor runs a model over the same file in batches; a random model writes no listing,
-/// which costs those answers their claims, never the run. Bad input names the line and the fix.
+/// is lower. The LLM extractor runs a model over the same file in batches: the bundled divide model reaches
+/// object-claim F1 >= 0.95; a random model writes no listing, which costs those answers their claims, never the
+/// run. Bad input names the line and the fix.
 #[test]
 fn claims_divides_answers_and_measures_extractors_against_exact_claims() {
     let dir = std::env::temp_dir().join(format!("rlaifd-claims-{}", std::process::id()));
@@ -665,6 +666,22 @@ fn claims_divides_answers_and_measures_extractors_against_exact_claims() {
     assert_eq!(s["answers"].as_u64(), Some(200), "{s}");
     assert!(s["extractor"].as_str().unwrap().starts_with("llm:"), "{s}");
     assert_eq!(std::fs::read_to_string(&out_file).unwrap().lines().count(), 200, "one line per answer");
+
+    // The bundled divide model (assets/shapes-divide) on answers of a seed it never trained on: F1 >= 0.95.
+    let divide = fixtures().join("../../assets/shapes-divide");
+    let s = summary(&rlaifd(&[
+        "claims",
+        "--extractor",
+        "llm",
+        "--extractor-model",
+        p(&divide),
+        "--answers",
+        p(&answers),
+        "--device",
+        "cpu",
+    ]));
+    println!("divide model: {s}");
+    assert!(s["object_f1"].as_f64().unwrap() >= 0.95, "{s}");
 
     let bad = dir.join("bad.jsonl");
     std::fs::write(&bad, "{\"answer\": \"There is a cat.\"}\n{\"text\": \"no answer field\"}\n").unwrap();

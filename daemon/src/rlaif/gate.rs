@@ -119,7 +119,7 @@ pub async fn evaluate_with_labeler(
             let adapter = e.adapter(&c)?;
             // The loop's extractor divides every checkpoint's answers alike: "self" is the base model here, so a
             // candidate never divides its own answers for its own gate.
-            let extractor = e.extractor(&loop_cfg, None);
+            let extractor = e.extractor(&loop_cfg, None)?;
             let (judge_model, judge_tok) = match &e.labeler {
                 Some((m, t, _)) => (m, t),
                 None => (&e.model, &e.tok),

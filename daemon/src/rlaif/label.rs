@@ -84,7 +84,7 @@ pub async fn run_label_job(
                 None => Labeler::new(&e.model, lab_adapter.as_deref(), &e.tok, LLAVA_15_TEMPLATE)?,
             };
             let policy_adapter = if loop_cfg.extractor == "llm" { e.adapter(&policy_row)? } else { None };
-            let extractor = e.extractor(&loop_cfg, policy_adapter.as_deref());
+            let extractor = e.extractor(&loop_cfg, policy_adapter.as_deref())?;
             let fb = label_answers_with(
                 &labeler,
                 extractor.as_ref(),

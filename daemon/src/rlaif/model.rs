@@ -142,22 +142,32 @@ impl Engine {
     }
 
     /// The claim extractor `cfg.extractor` names, for work on the engine thread; `policy` is the adapter of the
-    /// checkpoint that "self" means.
-    pub fn extractor<'a>(&'a self, cfg: &LoopConfig, policy: Option<&'a Adapter>) -> Box<dyn ClaimExtractor + 'a> {
-        match cfg.extractor.as_str() {
+    /// checkpoint that "self" means. A `loop.extractor_model` directory other than the one this engine loaded (the
+    /// setting changed while the daemon ran) is an error that says to restart, never a silent switch to "self".
+    pub fn extractor<'a>(
+        &'a self,
+        cfg: &LoopConfig,
+        policy: Option<&'a Adapter>,
+    ) -> Result<Box<dyn ClaimExtractor + 'a>> {
+        Ok(match cfg.extractor.as_str() {
             "shapes" => Box::new(ShapesExtractor),
             "rules" => Box::new(RuleExtractor),
             "llm" => {
-                let (model, adapter, tokenizer, source, prompts) = match &self.extractor_model {
-                    Some((m, t, dir, p)) => (m, None, t, dir.display().to_string(), p.clone()),
-                    None => (&self.model, policy, &self.tok, "self".to_string(), ExtractorPrompts::default()),
+                let (model, adapter, tokenizer, source, prompts) = match (&self.extractor_model, cfg.extractor_model.as_str()) {
+                    (None, "self") => (&self.model, policy, &self.tok, "self".to_string(), ExtractorPrompts::default()),
+                    (Some((m, t, dir, p)), want) if Path::new(want) == dir => {
+                        (m, None, t, dir.display().to_string(), p.clone())
+                    }
+                    (_, want) => bail!(
+                        "loop.extractor_model = {want:?} is not the extractor this daemon loaded at start; restart it to load the new one"
+                    ),
                 };
                 let max_new_tokens = cfg.extractor_max_new_tokens;
                 Box::new(LlmExtractor { model, adapter, tokenizer, source, max_new_tokens, prompts })
             }
             _ if self.shapes => Box::new(ShapesExtractor),
             _ => Box::new(RuleExtractor),
-        }
+        })
     }
 
     /// Runs `f` on the engine thread at `prio`.
