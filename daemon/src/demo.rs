@@ -56,6 +56,11 @@ pub fn demo_config(a: &DemoArgs) -> Result<LoopConfig> {
         pairs_per_iteration: a.prompts_per_iteration,
         eval_count: a.eval_count,
         seed: a.seed,
+        // `--set extractor=llm` divides with the bundled ShapesWorld divide model when it is there (it stays
+        // unused under the demo's exact extractor).
+        extractor_model: std::fs::canonicalize("assets/shapes-divide")
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| "self".into()),
         ..LoopConfig::default()
     };
     let mut v = serde_json::to_value(&cfg)?;
