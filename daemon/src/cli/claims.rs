@@ -58,15 +58,8 @@ fn read_answers(path: &Path) -> Result<Vec<AnswerLine>> {
             MAX_ANSWERS_BYTES >> 20
         );
     }
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {} as UTF-8 text", path.display()))?;
     let mut out = Vec::new();
-    for (n, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let at = format!("{} line {}", path.display(), n + 1);
-        let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{at}: not valid JSON"))?;
+    for (_, at, v, _) in crate::cli::train::jsonl_with_images(path)? {
         let answer = match v.get("answer") {
             Some(serde_json::Value::String(s)) => s.clone(),
             _ => bail!("{at}: needs a string field \"answer\""),

@@ -112,12 +112,7 @@ impl Engine {
             return Ok(self);
         }
         let dir = PathBuf::from(labeler);
-        let mut model = Model::load(&dir).with_context(|| format!("loading the labeler loop.labeler = {labeler:?}"))?;
-        let (backend, _) = engine::backend::select(self.device, &model)
-            .with_context(|| format!("putting the labeler {labeler} on {}", self.device))?;
-        model.set_backend(backend);
-        let tok = TextTokenizer::from_file(&dir.join("tokenizer.json"))
-            .with_context(|| format!("loading the labeler's tokenizer from {labeler}"))?;
+        let (model, tok) = self.load_side_model(&dir, &format!("the labeler loop.labeler = {labeler:?}"))?;
         self.labeler = Some((model, tok, dir));
         Ok(self)
     }
@@ -130,12 +125,7 @@ impl Engine {
         }
         let dir = PathBuf::from(extractor_model);
         let what = format!("the claim extractor loop.extractor_model = {extractor_model:?}");
-        let mut model = Model::load(&dir).with_context(|| format!("loading {what}"))?;
-        let (backend, _) = engine::backend::select(self.device, &model)
-            .with_context(|| format!("putting {what} on {}", self.device))?;
-        model.set_backend(backend);
-        let tok = TextTokenizer::from_file(&dir.join("tokenizer.json"))
-            .with_context(|| format!("loading the tokenizer of {what}"))?;
+        let (model, tok) = self.load_side_model(&dir, &what)?;
         let prompts = ExtractorPrompts::for_model(&dir).with_context(|| format!("reading the prompts of {what}"))?;
         self.extractor_model = Some((model, tok, dir, prompts));
         Ok(self)
@@ -168,6 +158,17 @@ impl Engine {
             _ if self.shapes => Box::new(ShapesExtractor),
             _ => Box::new(RuleExtractor),
         })
+    }
+
+    /// A second model (a labeler, a claim extractor) and its tokenizer, on this engine's device; errors name `what`.
+    fn load_side_model(&self, dir: &Path, what: &str) -> Result<(Model, TextTokenizer)> {
+        let mut model = Model::load(dir).with_context(|| format!("loading {what}"))?;
+        let (backend, _) = engine::backend::select(self.device, &model)
+            .with_context(|| format!("putting {what} on {}", self.device))?;
+        model.set_backend(backend);
+        let tok = TextTokenizer::from_file(&dir.join("tokenizer.json"))
+            .with_context(|| format!("loading the tokenizer of {what}"))?;
+        Ok((model, tok))
     }
 
     /// Runs `f` on the engine thread at `prio`.

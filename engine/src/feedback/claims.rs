@@ -167,17 +167,21 @@ impl ClaimExtractor for LlmExtractor<'_> {
         }
         // One question per distinct claim, all in one batch.
         let mut distinct: Vec<&str> = Vec::new();
+        let mut index: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
         for c in claims.iter().flatten() {
-            if !distinct.contains(&c.as_str()) {
+            index.entry(c.as_str()).or_insert_with(|| {
                 distinct.push(c);
-            }
+                distinct.len() - 1
+            });
         }
         let prompts: Vec<String> =
             distinct.iter().map(|c| self.prompts.question.replace("{claim}", c.trim())).collect();
         let asked = if prompts.is_empty() { Vec::new() } else { self.complete_all(&prompts)? };
         let question_of = |claim: &str| -> String {
-            let k = distinct.iter().position(|c| *c == claim);
-            k.and_then(|k| text::parse_question(&asked[k].0)).unwrap_or_else(|| text::claim_to_question(claim))
+            index
+                .get(claim)
+                .and_then(|&k| text::parse_question(&asked[k].0))
+                .unwrap_or_else(|| text::claim_to_question(claim))
         };
         Ok(claims
             .iter()
