@@ -5,6 +5,7 @@ pub mod actors;
 pub mod bench;
 pub mod config;
 pub mod control;
+pub mod dataset;
 pub use store::db;
 pub mod demo;
 pub mod failpoint;

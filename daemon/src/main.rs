@@ -1,8 +1,7 @@
 //! `rlaifd`: the command-line entry point.
 
-use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use cli::{bench, claims, eval, gpu, infer, label, shapes, train};
+use cli::{async_main, bench, claims, dataset, eval, gpu, infer, label, shapes, train};
 use std::path::{Path, PathBuf};
 
 mod cli;
@@ -35,6 +34,11 @@ enum Command {
     /// RLAIF-V's divide step on its own: split answers (JSONL {"answer": text}) into claims with yes/no
     /// questions, and measure the extractor against exact claims where a line has them.
     Claims(claims::ClaimsArgs),
+    /// Import the RLAIF-V dataset as published (its parquet files) into the prompt pool or as ready pairs.
+    Import(dataset::ImportArgs),
+    /// Export the database's preference pairs as a dataset TRL's DPOTrainer loads (parquet: images, prompt,
+    /// chosen, rejected).
+    Export(dataset::ExportArgs),
     /// Write a randomly initialised checkpoint for a config.json (to train small models from scratch).
     InitModel {
         #[arg(long)]
@@ -149,6 +153,8 @@ fn main() {
         Command::TrainSft(a) => train::cmd_train_sft(a),
         Command::Label(a) => label::cmd_label(a),
         Command::Claims(a) => claims::cmd_claims(a),
+        Command::Import(a) => dataset::cmd_import(a),
+        Command::Export(a) => dataset::cmd_export(a),
         Command::Demo(a) => rlaifd::demo::run(a),
         Command::Serve(a) => rlaifd::serve::run(a),
         Command::Kernels { arch } => gpu::cmd_kernels(&arch),
@@ -168,14 +174,6 @@ fn main() {
         eprintln!("rlaifd: error: {}", error_chain(&e));
         std::process::exit(1);
     }
-}
-
-fn async_main(f: impl std::future::Future<Output = Result<()>>) -> Result<()> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?
-        .block_on(f)
 }
 
 /// `{e:#}` without repeats: engine errors already show their cause in their own message, so a cause whose text

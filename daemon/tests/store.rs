@@ -337,6 +337,7 @@ async fn one_train_job_per_iteration_and_a_lost_lease_records_nothing() {
         sha256: &"1".repeat(64),
         files: &[("adapter_model.safetensors".to_string(), vec![1u8; 10])],
         pair_ids: &[],
+        imported_pair_ids: &[],
         steps: 1,
         losses: &serde_json::json!([]),
         config: &serde_json::json!({}),

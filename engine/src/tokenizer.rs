@@ -179,6 +179,17 @@ impl TextTokenizer {
         })
     }
 
+    /// The ids of `answer` written after a user turn (`chat`, encoded as `prompt_ids`): prompt and answer are
+    /// tokenized together, as training data is, and what follows the prompt's ids is kept (the answer alone when
+    /// the tokenizer merges across the boundary). Without EOS.
+    pub fn encode_answer(&self, chat: &ChatText, prompt_ids: &[u32], answer: &str) -> Result<Vec<u32>> {
+        let full = self.encode(&format!("{}{}{answer}", chat.text, chat.answer_sep), chat.special)?;
+        match full.strip_prefix(prompt_ids) {
+            Some(rest) => Ok(rest.to_vec()),
+            None => self.encode(answer, false),
+        }
+    }
+
     /// Token ids of `text`; `special` adds BOS etc. as the tokenizer's post-processor says.
     pub fn encode(&self, text: &str, special: bool) -> Result<Vec<u32>> {
         let enc = self

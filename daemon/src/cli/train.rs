@@ -311,13 +311,9 @@ fn read_any_pairs(path: &Path, model: &Model) -> Result<Vec<TokenPairOwned>> {
         let template =
             if image.is_some() { engine::tokenizer::LLAVA_15_TEMPLATE } else { engine::tokenizer::TEXT_TEMPLATE };
         let chat = tok.chat_text(template, &field("question")?)?;
-        let (prompt_text, special) = (&chat.text, chat.special);
-        let prompt_ids = tok.encode(prompt_text, special)?;
+        let prompt_ids = tok.encode(&chat.text, chat.special)?;
         let answer = |a: String| -> Result<Vec<u32>> {
-            // Tokenize prompt + answer together (as training data is) and keep what follows the prompt.
-            let full = tok.encode(&format!("{prompt_text}{}{a}", chat.answer_sep), special)?;
-            let mut ids =
-                if full.starts_with(&prompt_ids) { full[prompt_ids.len()..].to_vec() } else { tok.encode(&a, false)? };
+            let mut ids = tok.encode_answer(&chat, &prompt_ids, &a)?;
             ids.push(eos);
             Ok(ids)
         };

@@ -45,6 +45,9 @@ pub struct LoopConfig {
     pub prompts_per_iteration: usize,
     /// Train once at least this many pairs exist (after sampling every prompt of the iteration).
     pub pairs_per_iteration: usize,
+    /// Pairs imported from a dataset (`rlaifd import --as pairs`) added to each iteration's own pairs for
+    /// training: the next this many in import order for each iteration (wrapping around). 0: none.
+    pub imported_pairs: usize,
     /// "policy" (the policy at the start of the iteration, RLAIF-V's choice) or "base".
     pub reference: String,
     /// Who verifies claims: "self" (the policy, as RLAIF-V 12B), "base", or a separate labeler model directory
@@ -121,6 +124,7 @@ impl Default for LoopConfig {
             pair_rule: engine::feedback::pipeline::PairRule::RlaifV,
             prompts_per_iteration: 64,
             pairs_per_iteration: 32,
+            imported_pairs: 0,
             reference: "policy".into(),
             labeler: "self".into(),
             extractor: "auto".into(),
@@ -168,6 +172,9 @@ impl LoopConfig {
         }
         if self.max_new_tokens == 0 || self.prompts_per_iteration == 0 || self.pairs_per_prompt == 0 {
             return bad("max_new_tokens/prompts_per_iteration/pairs_per_prompt", "must be at least 1");
+        }
+        if self.imported_pairs > 100_000 {
+            return bad("imported_pairs", "must be at most 100000 per iteration");
         }
         if !matches!(self.reference.as_str(), "policy" | "base") {
             return bad("reference", "expected \"policy\" or \"base\"");

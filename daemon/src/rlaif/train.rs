@@ -43,6 +43,9 @@ struct LoopTrainState {
     step: usize,
     total_steps: usize,
     pair_ids: Vec<i64>,
+    /// The imported pairs (`loop.imported_pairs`) trained on after the iteration's own.
+    #[serde(default)]
+    imported_pair_ids: Vec<i64>,
     train: TrainConfig,
     optim: AdamWConfig,
     losses: Vec<serde_json::Value>,
@@ -86,7 +89,8 @@ pub async fn run_training(
     let policy_row = store::checkpoint(pool, it.policy_id).await?;
     super::fetch_checkpoint(pool, engine, &policy_row).await?;
     let pairs = store::iteration_pairs(pool, it.id).await?;
-    if pairs.is_empty() {
+    let imported = store::imported_pairs_for_iteration(pool, it.number, cfg.imported_pairs).await?;
+    if pairs.is_empty() && imported.is_empty() {
         bail!("iteration {} has no pairs to train on", it.number);
     }
     let words = |s: &str| s.split_whitespace().count();
@@ -95,11 +99,9 @@ pub async fn run_training(
     let kept: Vec<&store::PairRow> =
         pairs.iter().zip(&balance.keep).filter(|(_, k)| **k || !cfg.length_balance).map(|(p, _)| p).collect();
     let mut encoded: HashMap<String, Vec<u8>> = HashMap::new();
-    for p in &kept {
-        if let Some(sha) = &p.image_sha256 {
-            if !encoded.contains_key(sha) {
-                encoded.insert(sha.clone(), store::image_bytes(pool, sha).await?);
-            }
+    for sha in kept.iter().map(|p| &p.image_sha256).chain(imported.iter().map(|p| &p.image_sha256)).flatten() {
+        if !encoded.contains_key(sha) {
+            encoded.insert(sha.clone(), store::image_bytes(pool, sha).await?);
         }
     }
     // Decoding and preprocessing is CPU work: off the async runtime.
@@ -132,6 +134,63 @@ pub async fn run_training(
         ));
     }
     let pair_ids: Vec<i64> = kept.iter().map(|p| p.id).collect();
+    // Imported pairs: text answers, tokenized here and given their reference log-probs under the iteration's
+    // reference (as the label stage gives the loop's own pairs); one that does not fit the context is left out.
+    let mut imported_ids = Vec::new();
+    if !imported.is_empty() {
+        let reference_row = store::checkpoint(pool, it.reference_id).await?;
+        super::fetch_checkpoint(pool, engine, &reference_row).await?;
+        let (e, imgs) = (engine.clone(), images.clone());
+        let done: Vec<(i64, Owned)> = engine
+            .run(Priority::Feedback, move |_| {
+                let ref_adapter = e.adapter(&reference_row)?;
+                let ctx = e.model.context_len();
+                let mut out = Vec::with_capacity(imported.len());
+                for p in &imported {
+                    let chat = e.tok.chat_text(LLAVA_15_TEMPLATE, &p.instruction)?;
+                    let prompt_ids = e.tok.encode(&chat.text, chat.special)?;
+                    let answer = |a: &str| -> Result<Vec<u32>> {
+                        let mut ids = e.tok.encode_answer(&chat, &prompt_ids, a)?;
+                        ids.push(eos);
+                        Ok(ids)
+                    };
+                    let (chosen, rejected) = (answer(&p.chosen)?, answer(&p.rejected)?);
+                    let longest = e.model.prompt_positions(&prompt_ids) + chosen.len().max(rejected.len());
+                    if longest > ctx {
+                        warn!(
+                            pair = p.id,
+                            tokens = longest,
+                            context = ctx,
+                            "an imported pair does not fit the model's context; left out"
+                        );
+                        continue;
+                    }
+                    let px = p.image_sha256.as_ref().and_then(|s| imgs.get(s).cloned());
+                    let feats = match &px {
+                        Some(px) => Some(e.model.image_features(px, ref_adapter.as_deref())?),
+                        None => None,
+                    };
+                    let logp = |a: &[u32]| e.model.answer_logp(&prompt_ids, a, feats.as_ref(), ref_adapter.as_deref());
+                    let refs = (logp(&chosen)?, logp(&rejected)?);
+                    out.push((p.id, (prompt_ids.clone(), chosen, rejected, px, refs)));
+                }
+                Ok(out)
+            })
+            .await?;
+        for (id, o) in done {
+            imported_ids.push(id);
+            owned.push(o);
+        }
+        info!(
+            iteration = it.number,
+            own = pair_ids.len(),
+            imported = imported_ids.len(),
+            "training on imported pairs too"
+        );
+        if owned.is_empty() {
+            bail!("iteration {} has no pairs to train on (no imported pair fits the model's context)", it.number);
+        }
+    }
     let out_dir = engine.state_dir.join("checkpoints").join(format!("iter-{:04}", it.number));
     let run_dir = engine.state_dir.join("train").join(format!("iter-{:04}", it.number));
     // A saved state of this run in the database (its previous holder died): fetch it to resume from.
@@ -158,6 +217,7 @@ pub async fn run_training(
     });
     let (e, c, peers) = (engine.clone(), cfg.clone(), peers.to_vec());
     let (dir, rdir, ids_for_state, lost_in) = (out_dir.clone(), run_dir.clone(), pair_ids.clone(), lost.clone());
+    let imported_for_state = imported_ids.clone();
     let saving = lease.is_some() && cfg.save_every > 0;
     let first_attempt = lease.is_some_and(|l| l.attempt == 1);
     let result = engine.run(Priority::Train, move |slice| {
@@ -174,7 +234,7 @@ pub async fn run_training(
             Some(step) => {
                 let state: LoopTrainState = serde_json::from_slice(&std::fs::read(rdir.join("trainer_state.json")).context("the saved training state has no trainer_state.json")?)
                     .context("the saved training state's trainer_state.json is invalid")?;
-                if state.step != step as usize || state.pair_ids != ids_for_state || state.train != tcfg || state.optim != ocfg {
+                if state.step != step as usize || state.pair_ids != ids_for_state || state.imported_pair_ids != imported_for_state || state.train != tcfg || state.optim != ocfg {
                     warn!(step = state.step, "the saved training state is of other pairs or settings; training from the start");
                     None
                 } else {
@@ -265,7 +325,7 @@ pub async fn run_training(
                 return Err(anyhow::Error::new(Diverged("training diverged (non-finite loss); candidate discarded".into())));
             }
             if saving && opt.step < total {
-                let state = LoopTrainState { step: opt.step, total_steps: total, pair_ids: ids_for_state.clone(), train: tcfg.clone(), optim: ocfg.clone(), losses: losses.clone(), loss_scale: opt.scaler.clone() };
+                let state = LoopTrainState { step: opt.step, total_steps: total, pair_ids: ids_for_state.clone(), imported_pair_ids: imported_for_state.clone(), train: tcfg.clone(), optim: ocfg.clone(), losses: losses.clone(), loss_scale: opt.scaler.clone() };
                 let optim = f32_safetensors_bytes(&rdir.join("optimizer.safetensors"), &opt.state_tensors())?;
                 adapter.save(&rdir, &e.model.dir, &[("optimizer.safetensors", optim), ("trainer_state.json", serde_json::to_vec_pretty(&state)?)])?;
                 let _ = save_tx.send((opt.step, super::dir_files(&rdir)?));
@@ -292,7 +352,7 @@ pub async fn run_training(
     let sha = adapter_sha256(&out_dir)?;
     let files = super::dir_files(&out_dir)?;
     let train_cfg = serde_json::json!({ "beta": cfg.beta, "loss": cfg.loss, "label_smoothing": cfg.label_smoothing, "nll_weight": cfg.nll_weight, "lr": cfg.lr, "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lora_r": cfg.lora_r,
-        "lora_alpha": cfg.lora_alpha, "lora_targets": cfg.lora_targets, "tuning": cfg.tuning, "reference": cfg.reference, "length_balance_r": if cfg.length_balance { Some(balance.r) } else { None }, "pairs_total": pairs.len(),
+        "lora_alpha": cfg.lora_alpha, "lora_targets": cfg.lora_targets, "tuning": cfg.tuning, "reference": cfg.reference, "length_balance_r": if cfg.length_balance { Some(balance.r) } else { None }, "pairs_total": pairs.len(), "imported_pairs": imported_ids.len(),
         "resumed_from_step": resumed_at, "devices": devices });
     let path = out_dir.display().to_string();
     let losses = serde_json::Value::Array(losses);
@@ -301,6 +361,7 @@ pub async fn run_training(
         sha256: &sha,
         files: &files,
         pair_ids: &pair_ids,
+        imported_pair_ids: &imported_ids,
         steps: steps as i32,
         losses: &losses,
         config: &train_cfg,

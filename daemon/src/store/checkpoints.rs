@@ -99,6 +99,8 @@ pub struct NewCandidate<'a> {
     /// The adapter directory's files (name, bytes), stored content-addressed with the row.
     pub files: &'a [(String, Vec<u8>)],
     pub pair_ids: &'a [i64],
+    /// The imported pairs it trained on too (`loop.imported_pairs`).
+    pub imported_pair_ids: &'a [i64],
     pub steps: i32,
     pub losses: &'a serde_json::Value,
     pub config: &'a serde_json::Value,
@@ -139,7 +141,7 @@ pub async fn add_candidate(
     .await?;
     super::blobs::put_checkpoint_files(&mut tx, row.id, c.files).await?;
     super::blobs::drop_training_state(&mut tx, it.id).await?;
-    sqlx::query("INSERT INTO training_runs (iteration_id, checkpoint_id, pair_ids, steps, losses, config, started_at) VALUES ($1, $2, $3, $4, $5, $6, $7)")
+    sqlx::query("INSERT INTO training_runs (iteration_id, checkpoint_id, pair_ids, steps, losses, config, started_at, imported_pair_ids) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)")
         .bind(it.id)
         .bind(row.id)
         .bind(c.pair_ids)
@@ -147,6 +149,7 @@ pub async fn add_candidate(
         .bind(c.losses)
         .bind(c.config)
         .bind(c.started_at)
+        .bind(c.imported_pair_ids)
         .execute(&mut *tx)
         .await?;
     sqlx::query("UPDATE iterations SET candidate_id = $2, stage = 'evaluating' WHERE id = $1")
@@ -155,7 +158,7 @@ pub async fn add_candidate(
         .execute(&mut *tx)
         .await?;
     super::jobs::ensure_stage_job(&mut *tx, it.id, super::JobKind::Gate).await?;
-    event(&mut *tx, "candidate_saved", "checkpointer", serde_json::json!({ "checkpoint": row.id, "iteration": it.number, "path": c.path, "sha256": c.sha256, "pairs": c.pair_ids.len() })).await?;
+    event(&mut *tx, "candidate_saved", "checkpointer", serde_json::json!({ "checkpoint": row.id, "iteration": it.number, "path": c.path, "sha256": c.sha256, "pairs": c.pair_ids.len(), "imported_pairs": c.imported_pair_ids.len() })).await?;
     tx.commit().await?;
     Ok(Some(row))
 }
