@@ -139,13 +139,10 @@ impl serde::Serialize for Secret {
 /// Shortest bearer token accepted (characters).
 pub const MIN_TOKEN_LEN: usize = 16;
 
-/// The id of the group `name` in /etc/group.
+/// The id of the group `name`, looked up through the system's name service (NSS: /etc/group, LDAP, sssd, ...
+/// whatever nsswitch.conf names), as `getent group NAME` does.
 pub fn group_id(name: &str) -> Option<u32> {
-    let groups = std::fs::read_to_string("/etc/group").ok()?;
-    groups.lines().find_map(|l| {
-        let mut f = l.split(':');
-        (f.next()? == name).then(|| f.nth(1)?.parse().ok())?
-    })
+    nix::unistd::Group::from_name(name).ok().flatten().map(|g| g.gid.as_raw())
 }
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -319,7 +316,7 @@ impl Config {
         }
         if !self.control.group.is_empty() && group_id(&self.control.group).is_none() {
             bail!(
-                "control.group {:?} is not a group of this system (see /etc/group; empty: the daemon's own group)",
+                "control.group {:?} is not a group of this system (`getent group NAME` lists it when it is; empty: the daemon's own group)",
                 self.control.group
             );
         }

@@ -3,7 +3,7 @@
 //! and its lineage), `GET /healthz` and `GET /metrics` (Prometheus text). Each request takes the served
 //! generation once, at its start, and finishes on it: a hot-swap never changes weights under a request.
 
-use crate::serve::{Daemon, LATENCY_BOUNDS};
+use crate::serve::Daemon;
 use crate::store;
 use crate::worker::{Priority, PRIORITIES};
 use actix_web::dev::Service as _;
@@ -14,7 +14,6 @@ use base64::Engine as _;
 use engine::generate::{generate, FinishReason, GenerateRequest};
 use engine::sampling::SamplingParams;
 use engine::tokenizer::{LLAVA_15_TEMPLATE, TEXT_TEMPLATE};
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -560,32 +559,7 @@ async fn healthz(d: web::Data<Arc<Daemon>>) -> HttpResponse {
 
 async fn metrics(req: HttpRequest, d: web::Data<Arc<Daemon>>) -> Result<HttpResponse, ApiError> {
     check_auth(&req, &d)?;
-    let mut o = String::new();
     let m = &d.metrics;
-    let _ = writeln!(
-        o,
-        "# HELP rlaifd_requests_total HTTP requests by route and status.\n# TYPE rlaifd_requests_total counter"
-    );
-    if let Ok(r) = m.requests.lock() {
-        for ((route, status), n) in r.iter() {
-            let _ = writeln!(o, "rlaifd_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}");
-        }
-    }
-    let _ = writeln!(o, "# HELP rlaifd_request_duration_seconds HTTP request latency.\n# TYPE rlaifd_request_duration_seconds histogram");
-    let buckets = m.latency_buckets.lock().map(|b| *b).unwrap_or_default();
-    let mut cum = 0;
-    for (b, n) in LATENCY_BOUNDS.iter().zip(buckets) {
-        cum += n;
-        let _ = writeln!(o, "rlaifd_request_duration_seconds_bucket{{le=\"{b}\"}} {cum}");
-    }
-    let count = m.latency_count.load(Ordering::Relaxed);
-    let _ = writeln!(o, "rlaifd_request_duration_seconds_bucket{{le=\"+Inf\"}} {count}");
-    let _ = writeln!(o, "rlaifd_request_duration_seconds_sum {}", m.latency_sum_s.lock().map(|s| *s).unwrap_or(0.0));
-    let _ = writeln!(o, "rlaifd_request_duration_seconds_count {count}");
-    let _ = writeln!(
-        o,
-        "# HELP rlaifd_engine_queue_depth Tasks waiting for the engine thread.\n# TYPE rlaifd_engine_queue_depth gauge"
-    );
     // Summed over the engines (one per device).
     let mut depths = vec![0usize; PRIORITIES.len()];
     for e in &d.engines {
@@ -594,59 +568,37 @@ async fn metrics(req: HttpRequest, d: web::Data<Arc<Daemon>>) -> Result<HttpResp
         }
     }
     for (p, n) in PRIORITIES.iter().zip(depths) {
-        let _ = writeln!(o, "rlaifd_engine_queue_depth{{priority=\"{}\"}} {n}", p.name());
+        m.queue_depth.with_label_values(&[p.name()]).set(n as i64);
     }
-    let _ = writeln!(
-        o,
-        "# HELP rlaifd_engine_chat_in_flight Chat requests each device's engine is answering.\n# TYPE rlaifd_engine_chat_in_flight gauge"
-    );
     for (i, e) in d.engines.iter().enumerate() {
-        let _ = writeln!(
-            o,
-            "rlaifd_engine_chat_in_flight{{engine=\"{i}\",device=\"{}\"}} {}",
-            e.device_spec(),
-            e.chat_load()
-        );
+        let labels = [i.to_string(), e.device_spec().to_string()];
+        m.chat_in_flight.with_label_values(&labels).set(e.chat_load() as i64);
+        let c = m.chat_requests.with_label_values(&labels);
+        c.inc_by(e.chats_total().saturating_sub(c.get()));
     }
-    let _ = writeln!(
-        o,
-        "# HELP rlaifd_engine_chat_requests_total Chat requests each device's engine took.\n# TYPE rlaifd_engine_chat_requests_total counter"
-    );
-    for (i, e) in d.engines.iter().enumerate() {
-        let _ = writeln!(
-            o,
-            "rlaifd_engine_chat_requests_total{{engine=\"{i}\",device=\"{}\"}} {}",
-            e.device_spec(),
-            e.chats_total()
-        );
+    m.jobs.reset();
+    for (k, s, n) in store::jobs_by_kind_and_status(&d.pool, false).await.unwrap_or_default() {
+        m.jobs.with_label_values(&[k.as_str(), s.as_str()]).set(n);
     }
-    let jobs = store::jobs_by_kind_and_status(&d.pool, false).await.unwrap_or_default();
-    let _ = writeln!(o, "# HELP rlaifd_jobs Loop jobs by kind and status.\n# TYPE rlaifd_jobs gauge");
-    for (k, s, n) in jobs {
-        let _ = writeln!(o, "rlaifd_jobs{{kind=\"{k}\",status=\"{s}\"}} {n}");
-    }
-    let iteration = store::max_iteration(&d.pool).await.unwrap_or(None);
-    let pairs = store::count_pairs(&d.pool).await.unwrap_or(0);
+    m.iteration.set(store::max_iteration(&d.pool).await.unwrap_or(None).unwrap_or(0) as i64);
+    let pairs = store::count_pairs(&d.pool).await.unwrap_or(0).max(0) as u64;
+    m.pairs.inc_by(pairs.saturating_sub(m.pairs.get()));
     let s = d.serving();
-    let _ = writeln!(o, "# TYPE rlaifd_iteration gauge\nrlaifd_iteration {}", iteration.unwrap_or(0));
-    let _ = writeln!(o, "# TYPE rlaifd_pairs_total counter\nrlaifd_pairs_total {pairs}");
-    let _ = writeln!(o, "# TYPE rlaifd_serving_checkpoint gauge\nrlaifd_serving_checkpoint {}", s.checkpoint.id);
-    let _ = writeln!(o, "# TYPE rlaifd_serving_generation gauge\nrlaifd_serving_generation {}", s.generation);
-    let _ = writeln!(
-        o,
-        "# TYPE rlaifd_hot_swaps_total counter\nrlaifd_hot_swaps_total {}",
-        m.swaps.load(Ordering::Relaxed)
-    );
-    let _ = writeln!(o, "# TYPE rlaifd_paused gauge\nrlaifd_paused {}", u8::from(d.paused.load(Ordering::SeqCst)));
+    m.serving_checkpoint.set(s.checkpoint.id);
+    m.serving_generation.set(s.generation as i64);
+    m.paused.set(i64::from(d.paused.load(Ordering::SeqCst)));
+    m.hallucination.reset();
     if let Some(metrics) = &s.checkpoint.metrics {
-        let _ = writeln!(o, "# HELP rlaifd_hallucination Held-out hallucination metrics of the served checkpoint.\n# TYPE rlaifd_hallucination gauge");
         for k in ["chair_i", "chair_s", "cover"] {
             if let Some(v) = metrics.get(k).and_then(|v| v.as_f64()) {
-                let _ = writeln!(o, "rlaifd_hallucination{{metric=\"{k}\",checkpoint=\"{}\"}} {v}", s.checkpoint.id);
+                m.hallucination.with_label_values(&[k, &s.checkpoint.id.to_string()]).set(v);
             }
         }
     }
-    Ok(HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(o))
+    let body = prometheus::TextEncoder::new()
+        .encode_to_string(&m.registry.gather())
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("metrics exposition failed: {e}")))?;
+    Ok(HttpResponse::Ok().content_type(prometheus::TEXT_FORMAT).body(body))
 }
 
 async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {

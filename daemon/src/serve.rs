@@ -32,17 +32,120 @@ pub struct Serving {
     pub lineage: Vec<i64>,
 }
 
-/// Request counters and latency for /metrics.
-#[derive(Default)]
+/// The daemon's Prometheus metrics (the `prometheus` crate: registry, types and text exposition). Request
+/// counters and latency are recorded as requests finish; the gauges of the loop and the engines are set when
+/// `/metrics` is scraped. Plus the per-client rate limiter's table.
 pub struct Metrics {
-    pub requests: Mutex<BTreeMap<(String, u16), u64>>,
-    pub latency_sum_s: Mutex<f64>,
-    pub latency_count: AtomicU64,
-    /// Latency histogram buckets (seconds, cumulative counts computed on output).
-    pub latency_buckets: Mutex<[u64; LATENCY_BOUNDS.len()]>,
-    pub swaps: AtomicU64,
-    /// Rate limiting: tokens and last refill per client address.
-    pub buckets: Mutex<std::collections::HashMap<std::net::IpAddr, (f64, Instant)>>,
+    pub registry: prometheus::Registry,
+    pub requests: prometheus::IntCounterVec,
+    pub latency: prometheus::Histogram,
+    pub swaps: prometheus::IntCounter,
+    pub queue_depth: prometheus::IntGaugeVec,
+    pub chat_in_flight: prometheus::IntGaugeVec,
+    pub chat_requests: prometheus::IntCounterVec,
+    pub jobs: prometheus::IntGaugeVec,
+    pub iteration: prometheus::IntGauge,
+    pub pairs: prometheus::IntCounter,
+    pub serving_checkpoint: prometheus::IntGauge,
+    pub serving_generation: prometheus::IntGauge,
+    pub paused: prometheus::IntGauge,
+    pub hallucination: prometheus::GaugeVec,
+    /// Rate limiting per client address (`governor`'s keyed GCRA limiter), rebuilt when `server.rate_per_s` or
+    /// `server.rate_burst` change (`reload-config`).
+    pub limiter: Mutex<Option<LimiterFor>>,
+}
+
+/// A limiter and the (rate, burst) it was built for.
+pub type LimiterFor = ((f64, f64), Arc<ClientLimiter>);
+
+/// The per-client-address limiter of chat requests.
+pub type ClientLimiter = governor::DefaultKeyedRateLimiter<std::net::IpAddr>;
+
+impl Default for Metrics {
+    fn default() -> Self {
+        use prometheus::{GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts};
+        let registry = prometheus::Registry::new();
+        fn reg<C: prometheus::core::Collector + Clone + 'static>(r: &prometheus::Registry, c: C) -> C {
+            // Names are distinct constants: registering cannot fail.
+            let _ = r.register(Box::new(c.clone()));
+            c
+        }
+        let opts = |name: &str, help: &str| Opts::new(name, help);
+        let r = &registry;
+        Metrics {
+            requests: reg(
+                r,
+                IntCounterVec::new(
+                    opts("rlaifd_requests_total", "HTTP requests by route and status."),
+                    &["route", "status"],
+                )
+                .expect("metric"),
+            ),
+            latency: reg(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new("rlaifd_request_duration_seconds", "HTTP request latency.")
+                        .buckets(LATENCY_BOUNDS.to_vec()),
+                )
+                .expect("metric"),
+            ),
+            swaps: reg(
+                r,
+                IntCounter::new("rlaifd_hot_swaps_total", "Checkpoints hot-swapped into serving.").expect("metric"),
+            ),
+            queue_depth: reg(
+                r,
+                IntGaugeVec::new(
+                    opts("rlaifd_engine_queue_depth", "Tasks waiting for the engine thread."),
+                    &["priority"],
+                )
+                .expect("metric"),
+            ),
+            chat_in_flight: reg(
+                r,
+                IntGaugeVec::new(
+                    opts("rlaifd_engine_chat_in_flight", "Chat requests each device's engine is answering."),
+                    &["engine", "device"],
+                )
+                .expect("metric"),
+            ),
+            chat_requests: reg(
+                r,
+                IntCounterVec::new(
+                    opts("rlaifd_engine_chat_requests_total", "Chat requests each device's engine took."),
+                    &["engine", "device"],
+                )
+                .expect("metric"),
+            ),
+            jobs: reg(
+                r,
+                IntGaugeVec::new(opts("rlaifd_jobs", "Loop jobs by kind and status."), &["kind", "status"])
+                    .expect("metric"),
+            ),
+            iteration: reg(r, IntGauge::new("rlaifd_iteration", "The latest loop iteration.").expect("metric")),
+            pairs: reg(r, IntCounter::new("rlaifd_pairs_total", "Preference pairs the loop stored.").expect("metric")),
+            serving_checkpoint: reg(
+                r,
+                IntGauge::new("rlaifd_serving_checkpoint", "The checkpoint being served.").expect("metric"),
+            ),
+            serving_generation: reg(
+                r,
+                IntGauge::new("rlaifd_serving_generation", "Hot-swap generation of the served checkpoint.")
+                    .expect("metric"),
+            ),
+            paused: reg(r, IntGauge::new("rlaifd_paused", "1 while the loop is paused.").expect("metric")),
+            hallucination: reg(
+                r,
+                GaugeVec::new(
+                    opts("rlaifd_hallucination", "Held-out hallucination metrics of the served checkpoint."),
+                    &["metric", "checkpoint"],
+                )
+                .expect("metric"),
+            ),
+            limiter: Mutex::new(None),
+            registry,
+        }
+    }
 }
 
 /// Client addresses the rate limiter tracks at most.
@@ -51,45 +154,43 @@ pub const MAX_RATE_CLIENTS: usize = 100_000;
 pub const LATENCY_BOUNDS: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
 
 impl Metrics {
-    /// Takes one request token for `ip` (rate tokens per second, at most `burst`); false: over the limit.
+    /// Admits one request from `ip` at `rate` per second with bursts of `burst`; false: over the limit. The
+    /// table of client addresses is bounded: past `MAX_RATE_CLIENTS` the clients that have refilled are forgotten,
+    /// and while every tracked client is still limited, requests are refused (fail closed) rather than the table
+    /// growing.
     pub fn admit(&self, ip: std::net::IpAddr, rate: f64, burst: f64) -> bool {
         if rate <= 0.0 {
             return true;
         }
-        let Ok(mut b) = self.buckets.lock() else { return true };
-        let now = Instant::now();
-        if b.len() >= MAX_RATE_CLIENTS {
-            // Bound the table: forget clients idle long enough to have refilled.
-            b.retain(|_, (_, t)| now.duration_since(*t).as_secs_f64() * rate < burst);
+        let limiter = {
+            let Ok(mut slot) = self.limiter.lock() else { return true };
+            match &*slot {
+                Some((settings, l)) if *settings == (rate, burst) => l.clone(),
+                _ => {
+                    let Some(quota) = governor::Quota::with_period(std::time::Duration::from_secs_f64(1.0 / rate))
+                    else {
+                        return true;
+                    };
+                    let cells = std::num::NonZeroU32::new(burst.floor().clamp(1.0, u32::MAX as f64) as u32)
+                        .unwrap_or(std::num::NonZeroU32::MIN);
+                    let l = Arc::new(governor::RateLimiter::keyed(quota.allow_burst(cells)));
+                    *slot = Some(((rate, burst), l.clone()));
+                    l
+                }
+            }
+        };
+        if limiter.len() >= MAX_RATE_CLIENTS {
+            limiter.retain_recent();
+            if limiter.len() >= MAX_RATE_CLIENTS {
+                return false;
+            }
         }
-        if b.len() >= MAX_RATE_CLIENTS && !b.contains_key(&ip) {
-            // Every known client is still limited: a new one waits (fail closed) rather than the table growing.
-            return false;
-        }
-        let (tokens, last) = b.entry(ip).or_insert((burst, now));
-        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * rate).min(burst);
-        *last = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+        limiter.check_key(&ip).is_ok()
     }
 
     pub fn observe(&self, route: &str, status: u16, seconds: f64) {
-        if let Ok(mut r) = self.requests.lock() {
-            *r.entry((route.to_string(), status)).or_default() += 1;
-        }
-        if let Ok(mut s) = self.latency_sum_s.lock() {
-            *s += seconds;
-        }
-        self.latency_count.fetch_add(1, Ordering::Relaxed);
-        if let Ok(mut b) = self.latency_buckets.lock() {
-            if let Some(i) = LATENCY_BOUNDS.iter().position(|&u| seconds <= u) {
-                b[i] += 1;
-            }
-        }
+        self.requests.with_label_values(&[route, &status.to_string()]).inc();
+        self.latency.observe(seconds);
     }
 }
 
@@ -261,7 +362,7 @@ impl Daemon {
             Ok(mut s) => *s = next,
             Err(p) => *p.into_inner() = next,
         }
-        self.metrics.swaps.fetch_add(1, Ordering::Relaxed);
+        self.metrics.swaps.inc();
         info!(checkpoint = c.id, generation, "hot-swapped the served checkpoint");
         Ok(generation)
     }

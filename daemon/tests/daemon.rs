@@ -246,16 +246,28 @@ async fn daemon_serves_http_and_obeys_every_control_command() {
     // /metrics in Prometheus text.
     let (st, text) = d.http("GET", "/metrics", "", b"");
     assert_eq!(st, 200);
-    for want in [
-        "rlaifd_requests_total{route=\"/v1/chat/completions\",status=\"200\"}",
-        "rlaifd_requests_total{route=\"/v1/chat/completions\",status=\"400\"}",
-        "rlaifd_request_duration_seconds_count",
-        &format!("rlaifd_serving_checkpoint {cand}"),
-        "rlaifd_pairs_total",
-        "rlaifd_engine_queue_depth{priority=\"serve\"}",
-        "rlaifd_hallucination{metric=\"chair_i\"",
-    ] {
-        assert!(text.contains(want), "/metrics lacks {want}:\n{text}");
+    let sample = |name: &str, labels: &[(&str, &str)]| {
+        common::daemon::prom_sample(&text, name, labels)
+            .unwrap_or_else(|| panic!("/metrics lacks {name} {labels:?}:\n{text}"))
+    };
+    let chat = "/v1/chat/completions";
+    assert!(sample("rlaifd_requests_total", &[("route", chat), ("status", "200")]) >= 1.0);
+    assert!(sample("rlaifd_requests_total", &[("route", chat), ("status", "400")]) >= 1.0);
+    assert!(sample("rlaifd_request_duration_seconds_count", &[]) >= 2.0);
+    assert_eq!(sample("rlaifd_serving_checkpoint", &[]), cand as f64);
+    assert!(sample("rlaifd_pairs_total", &[]) >= 1.0);
+    sample("rlaifd_engine_queue_depth", &[("priority", "serve")]);
+    let c = cand.to_string();
+    assert!((0.0..=1.0).contains(&sample("rlaifd_hallucination", &[("metric", "chair_i"), ("checkpoint", c.as_str())])));
+    // Every metric the shipped Grafana dashboard queries is exposed.
+    let dashboard =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../grafana/rlaifd-dashboard.json")).unwrap();
+    let names = regex::Regex::new(r"rlaifd_[a-z_]+").unwrap();
+    for n in names.find_iter(&dashboard).map(|m| m.as_str()) {
+        assert!(
+            text.contains(&format!("# TYPE {} ", n.trim_end_matches("_bucket"))),
+            "the dashboard queries {n}, which /metrics lacks"
+        );
     }
 
     // drain: the daemon finishes and exits 0; its leases are released.

@@ -291,6 +291,27 @@ async fn rlaif_v_parquet_imports_as_prompts_or_pairs_refuses_bad_rows_and_export
             Some(format!("{}<|im_end|>\n", spec["rejected"].as_str().unwrap()))
         );
     }
+    // TRL's vision collator itself (`DataCollatorForVisionPreference`, what DPOTrainer batches vision data with)
+    // needs torch, which the test venv does not install: with RLAIFD_TRL_PYTHON naming a Python that has torch,
+    // transformers and TRL, one batch of the export goes through it with a LLaVA processor for the bundled model.
+    match std::env::var_os("RLAIFD_TRL_PYTHON") {
+        Some(trl_py) => {
+            let o = run(Command::new(trl_py)
+                .arg(repo().join("tools/trl_collator_check.py"))
+                .arg(repo().join("assets/shapes-base"))
+                .arg(&out)
+                .arg("5"));
+            let b: Value = serde_json::from_str(ok(o, "tools/trl_collator_check.py").lines().last().unwrap()).unwrap();
+            assert_eq!(b["shapes"]["input_ids"][0].as_i64(), Some(10), "chosen and rejected of 5 rows: {b}");
+            assert_eq!(b["shapes"]["pixel_values"][0].as_i64(), Some(10), "one image per sequence: {b}");
+            assert!(b["image_tokens_per_row"].as_array().unwrap().iter().all(|n| n.as_i64() > Some(0)), "{b}");
+            assert!(
+                b["chosen"].as_array().unwrap().iter().all(|c| c.as_str().is_some_and(|c| c.ends_with("</s>"))),
+                "{b}"
+            );
+        }
+        None => eprintln!("TRL collator check skipped: RLAIFD_TRL_PYTHON is not set (a Python with torch and trl)"),
+    }
     // Nothing to export, and contradicting options: clear errors, no file.
     let none = dir.join("none.parquet");
     refused(

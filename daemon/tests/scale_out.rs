@@ -356,9 +356,10 @@ async fn one_daemon_drives_two_engines_and_spreads_jobs_and_requests_over_them()
     let (_, metrics) = d.http("GET", "/metrics", "text/plain", b"");
     let taken: Vec<u64> = (0..2)
         .map(|i| {
-            let key = format!("rlaifd_engine_chat_requests_total{{engine=\"{i}\",device=\"cpu\"}} ");
-            let line = metrics.lines().find(|l| l.starts_with(&key)).unwrap_or_else(|| panic!("no {key} in {metrics}"));
-            line[key.len()..].trim().parse().unwrap()
+            let engine = i.to_string();
+            let labels = [("engine", engine.as_str()), ("device", "cpu")];
+            common::daemon::prom_sample(&metrics, "rlaifd_engine_chat_requests_total", &labels)
+                .unwrap_or_else(|| panic!("no chat requests of engine {i} in {metrics}")) as u64
         })
         .collect();
     println!("chat requests per engine: {taken:?}");

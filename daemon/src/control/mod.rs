@@ -184,7 +184,10 @@ pub fn start(d: Arc<Daemon>, wake: Recipient<Wake>) -> Result<Addr<Control>> {
         .with_context(|| format!("cannot chmod 0660 {}", path.display()))?;
     if !cfg.control.group.is_empty() {
         let gid = crate::config::group_id(&cfg.control.group).with_context(|| {
-            format!("control.group {:?} is not a group of this system (see /etc/group)", cfg.control.group)
+            format!(
+                "control.group {:?} is not a group of this system (`getent group NAME` lists it when it is)",
+                cfg.control.group
+            )
         })?;
         std::os::unix::fs::chown(&path, None, Some(gid))
             .with_context(|| format!("cannot give {} to group {}", path.display(), cfg.control.group))?;

@@ -205,13 +205,25 @@ pub fn http(addr: &str, method: &str, path: &str, content_type: &str, body: &[u8
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or_else(|| panic!("no HTTP status in {text:?}"));
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    // Chunked bodies: keep the JSON part.
-    let body = match (body.find('{'), body.rfind('}')) {
-        (Some(a), Some(b)) if !body.starts_with('{') => body[a..=b].to_string(),
-        _ => body,
-    };
-    (status, body)
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((text.as_str(), ""));
+    let chunked = head.lines().any(|l| {
+        let l = l.to_ascii_lowercase();
+        l.starts_with("transfer-encoding:") && l.contains("chunked")
+    });
+    if !chunked {
+        return (status, body.to_string());
+    }
+    // Chunked: hex size line, data, CRLF, ... until the 0 chunk.
+    let (mut rest, mut out) = (body, String::new());
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let n = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16).unwrap_or(0);
+        if n == 0 || after.len() < n {
+            break;
+        }
+        out.push_str(&after[..n]);
+        rest = after[n..].strip_prefix("\r\n").unwrap_or(&after[n..]);
+    }
+    (status, out)
 }
 
 pub fn b64(bytes: &[u8]) -> String {
@@ -261,4 +273,18 @@ pub fn png(w: u32, h: u32) -> Vec<u8> {
         .write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
         .unwrap();
     bytes
+}
+
+/// The value of the sample `name` in Prometheus text exposition whose labels include `labels` (in any order).
+pub fn prom_sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (series, value) = l.rsplit_once(' ')?;
+        let (n, rest) = series.split_once('{').map(|(n, r)| (n, r.trim_end_matches('}'))).unwrap_or((series, ""));
+        if n != name {
+            return None;
+        }
+        let have: Vec<(&str, &str)> =
+            rest.split("\",").filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k, v.trim_matches('"'))).collect();
+        labels.iter().all(|want| have.contains(want)).then(|| value.parse().ok())?
+    })
 }
