@@ -68,10 +68,26 @@ struct ChatRequest {
     temperature: Option<f32>,
     top_p: Option<f32>,
     max_tokens: Option<usize>,
+    /// OpenAI's newer name for `max_tokens` (taken first when both are given).
+    max_completion_tokens: Option<usize>,
+    /// Up to 4 strings that end an answer where they first appear (not included in it).
+    stop: Option<Stop>,
     seed: Option<u64>,
     best_of: Option<usize>,
     stream: Option<bool>,
 }
+
+/// `stop`: one string or a list of them.
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// The most stop strings a request may give (OpenAI's limit), and the longest one.
+const MAX_STOP: usize = 4;
+const MAX_STOP_BYTES: usize = 256;
 
 #[derive(serde::Deserialize)]
 struct Message {
@@ -111,6 +127,8 @@ struct Parsed {
     params: SamplingParams,
     max_tokens_given: bool,
     seed: u64,
+    /// Answers end before the first of these (finish_reason "stop").
+    stop: Vec<String>,
 }
 
 /// A prompt longer than this many bytes per token of the model's context cannot fit (no vocabulary this engine
@@ -161,9 +179,9 @@ fn parse(body: &[u8], cfg: &crate::config::ServerConfig) -> Result<Parsed, ApiEr
     let mut users = 0;
     for (i, m) in req.messages.iter().enumerate() {
         match m.role.as_str() {
-            "system" | "user" => {}
+            "system" | "developer" | "user" => {}
             "assistant" | "tool" => return Err(ApiError::bad(format!("messages[{i}]: multi-turn conversations are not supported; send one user message (and an optional system message)"))),
-            other => return Err(ApiError::bad(format!("messages[{i}].role {other:?}: expected system or user"))),
+            other => return Err(ApiError::bad(format!("messages[{i}].role {other:?}: expected system, developer or user"))),
         }
         users += usize::from(m.role == "user");
         let parts: Vec<&Part> = match &m.content {
@@ -206,11 +224,22 @@ fn parse(body: &[u8], cfg: &crate::config::ServerConfig) -> Result<Parsed, ApiEr
             )));
         }
     }
-    let max_tokens = req.max_tokens.unwrap_or(cfg.max_tokens.min(256));
+    let given = req.max_completion_tokens.or(req.max_tokens);
+    let max_tokens = given.unwrap_or(cfg.max_tokens.min(256));
     if max_tokens == 0 || max_tokens > cfg.max_tokens {
         return Err(ApiError::bad(format!(
-            "max_tokens must be between 1 and {} (server.max_tokens), got {max_tokens}",
+            "max_completion_tokens (max_tokens) must be between 1 and {} (server.max_tokens), got {max_tokens}",
             cfg.max_tokens
+        )));
+    }
+    let stop = match req.stop {
+        None => Vec::new(),
+        Some(Stop::One(s)) => vec![s],
+        Some(Stop::Many(v)) => v,
+    };
+    if stop.len() > MAX_STOP || stop.iter().any(|s| s.is_empty() || s.len() > MAX_STOP_BYTES) {
+        return Err(ApiError::bad(format!(
+            "stop: at most {MAX_STOP} non-empty strings of at most {MAX_STOP_BYTES} bytes each"
         )));
     }
     let params = SamplingParams {
@@ -230,7 +259,7 @@ fn parse(body: &[u8], cfg: &crate::config::ServerConfig) -> Result<Parsed, ApiEr
         .next_u64()
             >> 1
     });
-    Ok(Parsed { text, image, n, best_of: req.best_of, params, max_tokens_given: req.max_tokens.is_some(), seed })
+    Ok(Parsed { text, image, n, best_of: req.best_of, params, max_tokens_given: given.is_some(), seed, stop })
 }
 
 fn push_text(acc: &mut String, t: &str) {
@@ -422,7 +451,7 @@ async fn chat(req: HttpRequest, payload: web::Payload, d: web::Data<Arc<Daemon>>
     let serving = d.serving();
     let (ee, s) = (eng.clone(), serving.clone());
     let image = p.image.clone();
-    let (n, best_of, seed) = (p.n, p.best_of, p.seed);
+    let (n, best_of, seed, stop) = (p.n, p.best_of, p.seed, p.stop.clone());
     let params = SamplingParams { max_new_tokens: planned.max_new_tokens, ..p.params.clone() };
     let ids = planned.ids;
     let budget = std::time::Duration::from_secs_f64(timeout_s).saturating_sub(arrived.elapsed());
@@ -465,20 +494,46 @@ async fn chat(req: HttpRequest, payload: web::Payload, d: web::Data<Arc<Daemon>>
                 }
                 None => (generate(&e.model, &req, s.adapter.as_deref())?, None),
             };
-            let texts: Vec<String> = answers.iter().map(|a| e.tok.decode(&a.tokens)).collect::<Result<_, _>>()?;
-            Ok((e.model.prompt_positions(&ids), answers, texts, rewards))
+            // Stop strings: each answer ends before the first one it contains. Sampling is the same token by token
+            // whatever comes later, so cutting the finished answer gives what stopping there would have given.
+            let mut texts = Vec::with_capacity(answers.len());
+            let mut ends = Vec::with_capacity(answers.len());
+            for a in &answers {
+                let text = e.tok.decode(&a.tokens)?;
+                match cut_at_stop(&text, &stop) {
+                    Some(cut) => {
+                        // The tokens it took to write the stop string (usage counts them).
+                        let used = (1..=a.tokens.len())
+                            .find(|&k| e.tok.decode(&a.tokens[..k]).map(|t| t.len() >= cut.1).unwrap_or(false))
+                            .unwrap_or(a.tokens.len());
+                        texts.push(text[..cut.0].to_string());
+                        ends.push((true, used));
+                    }
+                    None => {
+                        texts.push(text);
+                        ends.push((a.finish == FinishReason::Stop, a.tokens.len()));
+                    }
+                }
+            }
+            Ok((
+                e.model.prompt_positions(&ids),
+                ends,
+                texts,
+                rewards,
+                answers.iter().map(|a| a.seed).collect::<Vec<_>>(),
+            ))
         })
         .await;
-    let (prompt_tokens, answers, texts, rewards) = out.map_err(|e| engine_failure(e, timeout_s))?;
-    let completion: usize = answers.iter().map(|a| a.tokens.len()).sum();
+    let (prompt_tokens, ends, texts, rewards, seeds) = out.map_err(|e| engine_failure(e, timeout_s))?;
+    let completion: usize = ends.iter().map(|e| e.1).sum();
     let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|t| t.as_secs()).unwrap_or(0);
     let choices: Vec<serde_json::Value> = texts
         .iter()
-        .zip(&answers)
+        .zip(&ends)
         .enumerate()
-        .map(|(i, (t, a))| {
+        .map(|(i, (t, (stopped, _)))| {
             serde_json::json!({ "index": i, "message": { "role": "assistant", "content": t },
-                "finish_reason": if a.finish == FinishReason::Stop { "stop" } else { "length" } })
+                "finish_reason": if *stopped { "stop" } else { "length" } })
         })
         .collect();
     if server_cfg.join_prompt_pool {
@@ -494,8 +549,13 @@ async fn chat(req: HttpRequest, payload: web::Payload, d: web::Data<Arc<Daemon>>
         "choices": choices,
         "usage": { "prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion },
         "rlaifd": { "checkpoint": serving.checkpoint.id, "generation": serving.generation, "seed": seed,
-                    "seeds": answers.iter().map(|a| a.seed).collect::<Vec<_>>(), "rewards": rewards, "engine_s": t0.elapsed().as_secs_f64() },
+                    "seeds": seeds, "rewards": rewards, "engine_s": t0.elapsed().as_secs_f64() },
     })))
+}
+
+/// Where `text` ends for the earliest stop string it contains: (the answer's length, the end of that stop string).
+fn cut_at_stop(text: &str, stop: &[String]) -> Option<(usize, usize)> {
+    stop.iter().filter_map(|s| text.find(s.as_str()).map(|at| (at, at + s.len()))).min()
 }
 
 /// A request-side error raised on the engine thread (a bad image): answered 400, not 500.
@@ -534,8 +594,8 @@ async fn join_pool(d: &Daemon, image: &[u8], text: &str) {
     }
 }
 
-async fn models(req: HttpRequest, d: web::Data<Arc<Daemon>>) -> Result<HttpResponse, ApiError> {
-    check_auth(&req, &d)?;
+/// The served checkpoint as an OpenAI model object, with its lineage and metrics.
+async fn model_object(d: &Daemon) -> serde_json::Value {
     let s = d.serving();
     let mut lineage = Vec::new();
     for id in &s.lineage {
@@ -543,11 +603,29 @@ async fn models(req: HttpRequest, d: web::Data<Arc<Daemon>>) -> Result<HttpRespo
             lineage.push(serde_json::json!({ "checkpoint": c.id, "iteration": c.iteration, "status": c.status, "metrics": c.metrics }));
         }
     }
-    Ok(HttpResponse::Ok().json(serde_json::json!({ "object": "list", "data": [{
-        "id": format!("rlaifd-checkpoint-{}", s.checkpoint.id), "object": "model", "owned_by": "rlaifd",
+    serde_json::json!({
+        "id": format!("rlaifd-checkpoint-{}", s.checkpoint.id), "object": "model", "created": d.started_unix, "owned_by": "rlaifd",
         "checkpoint": s.checkpoint.id, "generation": s.generation, "iteration": s.checkpoint.iteration,
         "adapter": if s.checkpoint.kind == store::CheckpointKind::Base { serde_json::Value::Null } else { s.checkpoint.path.clone().into() },
-        "metrics": s.checkpoint.metrics, "lineage": lineage }] })))
+        "metrics": s.checkpoint.metrics, "lineage": lineage })
+}
+
+async fn models(req: HttpRequest, d: web::Data<Arc<Daemon>>) -> Result<HttpResponse, ApiError> {
+    check_auth(&req, &d)?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "object": "list", "data": [model_object(&d).await] })))
+}
+
+/// `GET /v1/models/{id}`: the served model (`client.models.retrieve`); any other id is 404 naming the served one.
+async fn model(req: HttpRequest, id: web::Path<String>, d: web::Data<Arc<Daemon>>) -> Result<HttpResponse, ApiError> {
+    check_auth(&req, &d)?;
+    let served = format!("rlaifd-checkpoint-{}", d.serving().checkpoint.id);
+    if *id != served {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("the model {:?} does not exist here: this daemon serves {served:?} (GET /v1/models)", id.as_str()),
+        ));
+    }
+    Ok(HttpResponse::Ok().json(model_object(&d).await))
 }
 
 async fn healthz(d: web::Data<Arc<Daemon>>) -> HttpResponse {
@@ -634,6 +712,7 @@ pub fn start(d: Arc<Daemon>) -> Result<actix_web::dev::Server> {
             })
             .route("/v1/chat/completions", web::post().to(chat))
             .route("/v1/models", web::get().to(models))
+            .route("/v1/models/{id}", web::get().to(model))
             .route("/healthz", web::get().to(healthz))
             .route("/metrics", web::get().to(metrics))
             .default_service(web::to(not_found))

@@ -232,6 +232,8 @@ pub struct Daemon {
     swap_retry: Mutex<Option<(i64, Instant, u32)>>,
     pub stop: tokio::sync::Notify,
     pub started: Instant,
+    /// Unix seconds at start (the served model's `created` in `/v1/models`).
+    pub started_unix: u64,
     generation: AtomicU64,
 }
 
@@ -539,6 +541,10 @@ pub async fn run_async(cfg: Config, config_file: Option<PathBuf>, until: Option<
         owner,
         stop: tokio::sync::Notify::new(),
         started: Instant::now(),
+        started_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|t| t.as_secs())
+            .unwrap_or(0),
         generation: AtomicU64::new(0),
     });
     upload_own_checkpoints(&d).await;

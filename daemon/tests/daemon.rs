@@ -536,3 +536,72 @@ async fn pause_survives_a_restart_and_iterate_is_a_request_any_daemon_takes() {
     db.drop_db().await;
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// The OpenAI API as clients call it (issue 31, first part): `stop` ends an answer before the stop string (the
+/// same seed's answer cut there, finish_reason "stop", fewer completion tokens), `max_completion_tokens` bounds the
+/// answer as `max_tokens` does, a `developer` message is taken like a system one, bad `stop` lists are refused, and
+/// `GET /v1/models/{id}` answers for the served model and 404s for any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_strings_max_completion_tokens_developer_role_and_model_retrieval() {
+    let db = common::fresh("openai").await;
+    let dir = std::env::temp_dir().join(format!("rlaifd-openai-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let d = Daemon::start(&dir, &db.url, "");
+    let png = common::daemon::shapes_png(&dir, "31");
+    let chat = |extra: Value| -> (u16, Value) {
+        let body = common::daemon::chat_body(&png, "Describe the image.", extra);
+        let (st, text) = d.http("POST", "/v1/chat/completions", "application/json", &body);
+        (st, serde_json::from_str(&text).unwrap_or(Value::Null))
+    };
+    let base = json!({ "seed": 11, "temperature": 0.9, "max_tokens": 40 });
+    let (st, full) = chat(base.clone());
+    assert_eq!(st, 200, "{full}");
+    let text = full["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    let words: Vec<&str> = text.split_whitespace().collect();
+    assert!(words.len() >= 4, "a caption of a few words: {text:?}");
+    // A stop string from inside the answer: the same answer, cut before its first occurrence.
+    let stop = words[2].to_string();
+    let mut with_stop = base.clone();
+    with_stop["stop"] = json!([stop.clone(), "never appears"]);
+    let (st, cut) = chat(with_stop);
+    assert_eq!(st, 200, "{cut}");
+    let want = &text[..text.find(&stop).unwrap()];
+    assert_eq!(cut["choices"][0]["message"]["content"].as_str(), Some(want), "stop {stop:?} in {text:?}");
+    assert_eq!(cut["choices"][0]["finish_reason"].as_str(), Some("stop"));
+    let tokens = |v: &Value| v["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!(tokens(&cut) < tokens(&full), "{} vs {}", cut["usage"], full["usage"]);
+    let (_, one) = chat(json!({ "seed": 11, "temperature": 0.9, "stop": stop }));
+    assert_eq!(one["choices"][0]["message"]["content"].as_str(), Some(want), "a single stop string");
+    // max_completion_tokens bounds the answer (and wins over max_tokens).
+    let (st, short) = chat(json!({ "seed": 11, "temperature": 0.9, "max_tokens": 40, "max_completion_tokens": 2 }));
+    assert_eq!(st, 200, "{short}");
+    assert!(tokens(&short) <= 2, "{}", short["usage"]);
+    // A developer message is instructions, like a system message.
+    let body = json!({ "messages": [
+        { "role": "developer", "content": "Answer briefly." },
+        { "role": "user", "content": [{ "type": "text", "text": "Describe the image." },
+            { "type": "image_url", "image_url": { "url": format!("data:image/png;base64,{}", common::daemon::b64(&png)) } }] },
+    ], "max_tokens": 4 });
+    let (st, r) = d.http("POST", "/v1/chat/completions", "application/json", body.to_string().as_bytes());
+    assert_eq!(st, 200, "{r}");
+    // Bad stop lists.
+    for bad in [json!(["a", "b", "c", "d", "e"]), json!([""]), json!("x".repeat(300))] {
+        let (st, r) = chat(json!({ "stop": bad }));
+        assert_eq!(st, 400, "{r}");
+        assert!(r["error"]["message"].as_str().unwrap().contains("stop"), "{r}");
+    }
+    // models.retrieve.
+    let (st, list) = d.http("GET", "/v1/models", "", b"");
+    assert_eq!(st, 200);
+    let id = serde_json::from_str::<Value>(&list).unwrap()["data"][0]["id"].as_str().unwrap().to_string();
+    let (st, m) = d.http("GET", &format!("/v1/models/{id}"), "", b"");
+    let m: Value = serde_json::from_str(&m).unwrap();
+    assert_eq!((st, m["id"].as_str(), m["object"].as_str()), (200, Some(id.as_str()), Some("model")), "{m}");
+    assert!(m["created"].as_u64().is_some_and(|c| c > 1_700_000_000), "{m}");
+    let (st, e) = d.http("GET", "/v1/models/gpt-4o", "", b"");
+    assert_eq!(st, 404, "{e}");
+    assert!(e.contains(&id), "the error names the served model: {e}");
+    drop(d);
+    db.drop_db().await;
+    std::fs::remove_dir_all(&dir).ok();
+}
