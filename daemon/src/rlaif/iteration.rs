@@ -71,8 +71,9 @@ pub async fn advance_sampling(pool: &PgPool, cfg: &LoopConfig, it: &IterationRow
         }
     }
     // Imported pairs (`loop.imported_pairs`) are enough to train on when the iteration made none of its own.
-    let imported = store::imported_pairs_for_iteration(pool, it.number, cfg.imported_pairs).await?.len();
-    if pairs == 0 && imported == 0 {
+    let has_imported =
+        pairs == 0 && !store::imported_pairs_for_iteration(pool, it.number, cfg.imported_pairs).await?.is_empty();
+    if pairs == 0 && !has_imported {
         store::set_stage(pool, it.id, store::Stage::Failed).await?;
         store::event(
             pool,
