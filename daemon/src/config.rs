@@ -92,6 +92,15 @@ pub struct ServerConfig {
     pub request_timeout_s: f64,
     /// Most memory one request's model work may take, MiB; 0: half of the memory available at start-up.
     pub max_request_mb: u64,
+    /// Answers per engine that decode together in one step (continuous batching); more wait for room.
+    pub max_batch: usize,
+    /// Hosts whose http(s) image URLs a request may name (exact names, e.g. "images.example.com"); empty: image
+    /// URLs are refused, only data URLs are taken.
+    pub image_url_hosts: Vec<String>,
+    /// Most bytes of one fetched image.
+    pub image_url_max_bytes: u64,
+    /// Seconds one fetch may take, connecting included.
+    pub image_url_timeout_s: f64,
     /// Chat requests per second per client address (token bucket, burst `rate_burst`); 0 disables.
     pub rate_per_s: f64,
     pub rate_burst: f64,
@@ -292,8 +301,20 @@ impl Config {
             || self.server.max_n == 0
             || self.server.workers == 0
             || self.server.max_pending == 0
+            || self.server.max_batch == 0
         {
-            bail!("server.max_tokens, server.max_n, server.workers and server.max_pending must be at least 1");
+            bail!("server.max_tokens, server.max_n, server.workers, server.max_pending and server.max_batch must be at least 1");
+        }
+        if !(self.server.image_url_timeout_s.is_finite() && (0.1..=300.0).contains(&self.server.image_url_timeout_s)) {
+            bail!("server.image_url_timeout_s must be between 0.1 and 300 seconds");
+        }
+        if !(1024..=(64 << 20)).contains(&self.server.image_url_max_bytes) {
+            bail!("server.image_url_max_bytes must be between 1024 and 67108864 (64 MiB)");
+        }
+        if let Some(h) = self.server.image_url_hosts.iter().find(|h| {
+            h.is_empty() || !h.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'))
+        }) {
+            bail!("server.image_url_hosts: {h:?} is not a host name or address (e.g. \"images.example.com\")");
         }
         if !(self.server.request_timeout_s.is_finite() && self.server.request_timeout_s >= 0.1) {
             bail!("server.request_timeout_s must be at least 0.1 seconds");

@@ -6,6 +6,10 @@ use crate::rlaif::LoopConfig;
 use crate::store;
 use anyhow::{Context, Result};
 use engine::shapes::{Scene, WorldConfig, CAPTION_PROMPTS};
+use plotters::prelude::{
+    BindKeyPoints, ChartBuilder, Circle, Color, IntoDrawingArea, IntoLogRange, LineSeries, PathElement, RGBColor,
+    SVGBackend, BLACK, WHITE,
+};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
@@ -364,82 +368,194 @@ fn paper_comparison(base: Option<&serde_json::Value>, promoted: Option<&serde_js
     })
 }
 
-/// CHAIR_i and Cover of every checkpoint against its iteration (promoted filled, rejected hollow), as SVG.
+// Both plots are drawn with plotters' SVG backend and no font feature ("ttf" would link fontconfig and freetype,
+// "ab_glyph" would need a font file registered at run time): the backend writes each label as an SVG <text> that the
+// viewer lays out with its own fonts, and plotters' built-in estimate of a label's width is enough to place the axes
+// and the legend. So the daemon draws them on a headless server with no fonts installed.
+
+/// Width and height of both plots, in pixels.
+const PLOT_SIZE: (u32, u32) = (640, 360);
+/// The metrics both plots draw: key in a checkpoint's metrics, label, colour.
+const PLOT_METRICS: [(&str, &str, RGBColor); 2] =
+    [("chair_i", "CHAIR_i", RGBColor(0xc0, 0x39, 0x2b)), ("cover", "Cover", RGBColor(0x24, 0x71, 0xa3))];
+
+/// A metric of a checkpoint, clamped to the plots' 0..1 y axis.
+fn checkpoint_metric(row: &store::CheckpointRow, key: &str) -> Option<f64> {
+    row.metrics.as_ref().and_then(|m| m.get(key)).and_then(|v| v.as_f64()).map(|v| v.clamp(0.0, 1.0))
+}
+
+/// The legend's sample of a series: a short stroke in its colour.
+fn legend_line(color: RGBColor) -> impl Fn((i32, i32)) -> PathElement<(i32, i32)> {
+    move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2))
+}
+
+/// Writes an SVG drawn into a string, so that a failure to write names the file.
+fn write_svg(path: &Path, svg: &str) -> Result<()> {
+    std::fs::write(path, svg).with_context(|| format!("cannot write the plot {}", path.display()))
+}
+
+/// CHAIR_i and Cover of every checkpoint against its iteration, as SVG: a line through the checkpoints that were
+/// served (promoted, then retired), promoted ones filled and rejected ones hollow. It needs no system fonts:
+/// see the note above `PLOT_SIZE`.
 pub fn write_plot(path: &Path, rows: &[store::CheckpointRow]) -> Result<()> {
-    let (w, h, m) = (640.0, 360.0, 48.0);
-    let max_it = rows.iter().map(|r| r.iteration).max().unwrap_or(1).max(1) as f64;
-    let x = |it: f64| m + (w - 2.0 * m) * it / max_it;
-    let y = |v: f64| h - m - (h - 2.0 * m) * v.clamp(0.0, 1.0);
-    let mut s = format!("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n");
-    s += &format!("<line x1=\"{m}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/><line x1=\"{m}\" y1=\"{m}\" x2=\"{m}\" y2=\"{}\" stroke=\"black\"/>\n", h - m, w - m, h - m, h - m);
-    for t in 0..=4 {
-        let v = t as f64 / 4.0;
-        s += &format!("<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{:.2}</text>\n", m - 4.0, y(v) + 4.0, v);
-    }
-    for it in 0..=max_it as i64 {
-        s += &format!("<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{it}</text>\n", x(it as f64), h - m + 16.0);
-    }
-    s += &format!("<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">iteration</text>\n", w / 2.0, h - 8.0);
-    for (key, color, label_y) in [("chair_i", "#c0392b", 20.0), ("cover", "#2471a3", 36.0)] {
-        let promoted: Vec<(f64, f64)> = rows
-            .iter()
-            .filter(|r| matches!(r.status, store::CheckpointStatus::Promoted | store::CheckpointStatus::Retired))
-            .filter_map(|r| {
-                r.metrics.as_ref().and_then(|m| m.get(key)).and_then(|v| v.as_f64()).map(|v| (r.iteration as f64, v))
-            })
-            .collect();
-        let pts: Vec<String> = promoted.iter().map(|&(i, v)| format!("{:.1},{:.1}", x(i), y(v))).collect();
-        s += &format!("<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>\n", pts.join(" "));
-        for r in rows {
-            if let Some(v) = r.metrics.as_ref().and_then(|m| m.get(key)).and_then(|v| v.as_f64()) {
-                let fill = if r.status == store::CheckpointStatus::Rejected { "white" } else { color };
-                s += &format!(
-                    "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"4\" fill=\"{fill}\" stroke=\"{color}\"/>\n",
-                    x(r.iteration as f64),
-                    y(v)
-                );
-            }
+    let max_iteration = rows.iter().map(|r| r.iteration).max().unwrap_or(1).max(1);
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, PLOT_SIZE).into_drawing_area();
+        root.fill(&WHITE)?;
+        let mut chart = ChartBuilder::on(&root)
+            .margin(16)
+            .x_label_area_size(40)
+            .y_label_area_size(44)
+            .build_cartesian_2d(0..max_iteration, 0.0..1.0)?;
+        chart
+            .configure_mesh()
+            .disable_mesh()
+            .x_labels((max_iteration as usize + 1).min(11))
+            .y_labels(5)
+            .y_label_formatter(&|v| format!("{v:.2}"))
+            .x_desc("iteration")
+            .draw()?;
+        for (key, label, color) in PLOT_METRICS {
+            let served = rows
+                .iter()
+                .filter(|r| matches!(r.status, store::CheckpointStatus::Promoted | store::CheckpointStatus::Retired))
+                .filter_map(|r| Some((r.iteration, checkpoint_metric(r, key)?)));
+            chart.draw_series(LineSeries::new(served, color.stroke_width(2)))?.label(label).legend(legend_line(color));
+            chart.draw_series(rows.iter().filter_map(|r| {
+                let style =
+                    if r.status == store::CheckpointStatus::Rejected { color.stroke_width(1) } else { color.filled() };
+                Some(Circle::new((r.iteration, checkpoint_metric(r, key)?), 4, style))
+            }))?;
         }
-        s += &format!(
-            "<text x=\"{}\" y=\"{label_y}\" fill=\"{color}\">{}</text>\n",
-            w - m - 80.0,
-            if key == "chair_i" { "CHAIR_i" } else { "Cover" }
-        );
+        chart.configure_series_labels().background_style(WHITE).border_style(BLACK).draw()?;
+        root.present()?;
     }
-    s += "</svg>\n";
-    std::fs::write(path, s).with_context(|| format!("cannot write {}", path.display()))
+    write_svg(path, &svg)
 }
 
 /// An SVG of CHAIR_i and Cover against N for best-of-N captions (`rlaifd eval hallucination --best-of`): `points`
-/// are (N, CHAIR_i, Cover), N on a log2 axis.
+/// are (N, CHAIR_i, Cover), N on a log2 axis with a tick at each N. It needs no system fonts:
+/// see the note above `PLOT_SIZE`.
 pub fn write_best_of_plot(path: &Path, points: &[(usize, f64, f64)], temperature: f32) -> Result<()> {
-    let (w, h, m) = (640.0, 360.0, 48.0);
-    let max_log = points.iter().map(|p| (p.0.max(1) as f64).log2()).fold(1.0f64, f64::max);
-    let x = |n: usize| m + (w - 2.0 * m) * (n.max(1) as f64).log2() / max_log;
-    let y = |v: f64| h - m - (h - 2.0 * m) * v.clamp(0.0, 1.0);
-    let mut s = format!("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n");
-    s += &format!("<line x1=\"{m}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/><line x1=\"{m}\" y1=\"{m}\" x2=\"{m}\" y2=\"{}\" stroke=\"black\"/>\n", h - m, w - m, h - m, h - m);
-    for t in 0..=4 {
-        let v = t as f64 / 4.0;
-        s += &format!("<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{:.2}</text>\n", m - 4.0, y(v) + 4.0, v);
-    }
-    for p in points {
-        s += &format!("<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{}</text>\n", x(p.0), h - m + 16.0, p.0);
-    }
-    s += &format!(
-        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">N (best of N samples at temperature {temperature}, by the implicit reward)</text>\n",
-        w / 2.0,
-        h - 8.0
-    );
-    for (pick, color, label, label_y) in [(1usize, "#c0392b", "CHAIR_i", 20.0), (2usize, "#2471a3", "Cover", 36.0)] {
-        let v = |p: &(usize, f64, f64)| if pick == 1 { p.1 } else { p.2 };
-        let pts: Vec<String> = points.iter().map(|p| format!("{:.1},{:.1}", x(p.0), y(v(p)))).collect();
-        s += &format!("<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>\n", pts.join(" "));
-        for p in points {
-            s += &format!("<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"4\" fill=\"{color}\"/>\n", x(p.0), y(v(p)));
+    // A log axis cannot hold N = 0, and 1..1 would be empty.
+    let points: Vec<(usize, f64, f64)> = points.iter().map(|&(n, c, v)| (n.max(1), c, v)).collect();
+    let max_n = points.iter().map(|p| p.0).max().unwrap_or(2).max(2);
+    let mut ticks: Vec<usize> = points.iter().map(|p| p.0).collect();
+    ticks.sort_unstable();
+    ticks.dedup();
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, PLOT_SIZE).into_drawing_area();
+        root.fill(&WHITE)?;
+        let mut chart = ChartBuilder::on(&root)
+            .margin(16)
+            .x_label_area_size(40)
+            .y_label_area_size(44)
+            .build_cartesian_2d((1..max_n).log_scale().base(2.0).with_key_points(ticks), 0.0..1.0)?;
+        chart
+            .configure_mesh()
+            .disable_mesh()
+            .y_labels(5)
+            .y_label_formatter(&|v| format!("{v:.2}"))
+            .x_desc(format!("N (best of N samples at temperature {temperature}, by the implicit reward)"))
+            .draw()?;
+        for (pick, (_, label, color)) in PLOT_METRICS.into_iter().enumerate() {
+            let value = move |p: &(usize, f64, f64)| (p.0, if pick == 0 { p.1 } else { p.2 }.clamp(0.0, 1.0));
+            chart
+                .draw_series(LineSeries::new(points.iter().map(value), color.stroke_width(2)))?
+                .label(label)
+                .legend(legend_line(color));
+            chart.draw_series(points.iter().map(|p| Circle::new(value(p), 4, color.filled())))?;
         }
-        s += &format!("<text x=\"{}\" y=\"{label_y}\" fill=\"{color}\">{label}</text>\n", w - m - 80.0);
+        chart.configure_series_labels().background_style(WHITE).border_style(BLACK).draw()?;
+        root.present()?;
     }
-    s += "</svg>\n";
-    std::fs::write(path, s).with_context(|| format!("cannot write {}", path.display()))
+    write_svg(path, &svg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn checkpoint(
+        id: i64,
+        iteration: i32,
+        status: store::CheckpointStatus,
+        metrics: Option<(f64, f64)>,
+    ) -> store::CheckpointRow {
+        store::CheckpointRow {
+            id,
+            parent_id: (id > 1).then_some(id - 1),
+            iteration,
+            kind: if id == 1 { store::CheckpointKind::Base } else { store::CheckpointKind::Lora },
+            path: format!("adapters/{id}"),
+            sha256: None,
+            status,
+            metrics: metrics.map(|(chair_i, cover)| serde_json::json!({ "chair_i": chair_i, "cover": cover })),
+        }
+    }
+
+    /// The `cx` of every `<circle>`, in drawing order.
+    fn circle_xs(svg: &str) -> Vec<f64> {
+        svg.split("<circle")
+            .skip(1)
+            .map(|c| c.split("cx=\"").nth(1).unwrap().split('"').next().unwrap().parse().unwrap())
+            .collect()
+    }
+
+    fn assert_whole_svg(svg: &str) {
+        assert!(svg.starts_with("<svg"), "{svg}");
+        assert!(svg.trim_end().ends_with("</svg>"), "{svg}");
+        assert!(svg.contains("width=\"640\"") && svg.contains("height=\"360\""), "{svg}");
+    }
+
+    #[test]
+    fn plots_have_a_marker_per_measured_checkpoint_and_their_labels() {
+        let dir = std::env::temp_dir().join(format!("rlaifd-plots-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        use store::CheckpointStatus::{Candidate, Promoted, Rejected, Retired};
+        let rows = [
+            checkpoint(1, 0, Retired, Some((0.40, 0.50))),
+            checkpoint(2, 1, Rejected, Some((0.45, 0.48))),
+            checkpoint(3, 2, Promoted, Some((0.20, 0.55))),
+            checkpoint(4, 3, Candidate, None),
+        ];
+        let lineage = dir.join("hallucination.svg");
+        write_plot(&lineage, &rows).unwrap();
+        let svg = std::fs::read_to_string(&lineage).unwrap();
+        assert_whole_svg(&svg);
+        for label in ["CHAIR_i", "Cover", "iteration"] {
+            assert!(svg.contains(label), "{label} missing from {svg}");
+        }
+        assert_eq!(svg.matches("<circle").count(), 2 * 3, "two metrics of three measured checkpoints: {svg}");
+        assert_eq!(svg.matches("fill=\"none\" stroke=\"#C0392B\"").count(), 1, "the rejected CHAIR_i is hollow: {svg}");
+        assert_eq!(svg.matches("fill=\"none\" stroke=\"#2471A3\"").count(), 1, "the rejected Cover is hollow: {svg}");
+
+        let best_of = dir.join("best_of.svg");
+        let points = [(1, 0.30, 0.50), (2, 0.25, 0.52), (4, 0.20, 0.55), (8, 0.18, 0.56)];
+        write_best_of_plot(&best_of, &points, 0.7).unwrap();
+        let svg = std::fs::read_to_string(&best_of).unwrap();
+        assert_whole_svg(&svg);
+        for label in ["CHAIR_i", "Cover", "N (best of N samples at temperature 0.7, by the implicit reward)"] {
+            assert!(svg.contains(label), "{label} missing from {svg}");
+        }
+        let xs = circle_xs(&svg);
+        assert_eq!(xs.len(), 2 * points.len(), "{svg}");
+        let steps: Vec<f64> = xs[..points.len()].windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(steps[0] > 100.0, "N spreads over the axis: {xs:?}");
+        assert!(
+            steps.iter().all(|s| (s - steps[0]).abs() <= 1.0),
+            "doubling N moves as far each time (log2 axis): {xs:?}"
+        );
+
+        write_plot(&lineage, &[]).unwrap();
+        write_best_of_plot(&best_of, &[], 0.7).unwrap();
+        for empty in [&lineage, &best_of] {
+            let svg = std::fs::read_to_string(empty).unwrap();
+            assert_whole_svg(&svg);
+            assert_eq!(svg.matches("<circle").count(), 0, "{svg}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -3,6 +3,7 @@
 //! and its lineage), `GET /healthz` and `GET /metrics` (Prometheus text). Each request takes the served
 //! generation once, at its start, and finishes on it: a hot-swap never changes weights under a request.
 
+use crate::batcher::{Batcher, JobError, JobEvent};
 use crate::serve::Daemon;
 use crate::store;
 use crate::worker::{Priority, PRIORITIES};
@@ -11,10 +12,11 @@ use actix_web::http::StatusCode;
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer, ResponseError};
 use anyhow::{Context, Result};
 use base64::Engine as _;
-use engine::generate::{generate, FinishReason, GenerateRequest};
+use engine::batch::Emitted;
+use engine::generate::{FinishReason, GenerateRequest};
 use engine::sampling::SamplingParams;
-use engine::tokenizer::{LLAVA_15_TEMPLATE, TEXT_TEMPLATE};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use engine::tokenizer::{Role, Turn};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -75,6 +77,17 @@ struct ChatRequest {
     seed: Option<u64>,
     best_of: Option<usize>,
     stream: Option<bool>,
+    stream_options: Option<StreamOptions>,
+    logprobs: Option<bool>,
+    top_logprobs: Option<usize>,
+    /// vLLM's extension for benchmarks: answers run to their max tokens, past end-of-sequence tokens.
+    ignore_eos: Option<bool>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StreamOptions {
+    include_usage: Option<bool>,
 }
 
 /// `stop`: one string or a list of them.
@@ -92,7 +105,7 @@ const MAX_STOP_BYTES: usize = 256;
 #[derive(serde::Deserialize)]
 struct Message {
     role: String,
-    content: Content,
+    content: Option<Content>,
 }
 
 #[derive(serde::Deserialize)]
@@ -118,8 +131,19 @@ struct ImageUrl {
 
 /// The request reduced to what the model takes.
 struct Parsed {
+    /// The conversation, ending with a user turn.
+    turns: Vec<Turn>,
+    /// The last user turn's text (what joins the prompt pool).
     text: String,
     image: Option<Vec<u8>>,
+    /// An http(s) image URL on an allowed host, fetched after parsing (`image` is then None until fetched).
+    image_url: Option<String>,
+    /// Answer as server-sent events; with the usage in a last chunk.
+    stream: bool,
+    include_usage: bool,
+    /// Some(k): each token's log-probability and the k most likely alternatives.
+    logprobs: Option<usize>,
+    ignore_eos: bool,
     n: usize,
     best_of: Option<usize>,
     /// `params.max_new_tokens` is `max_tokens` when the client gave it, else the server's default (which the
@@ -143,7 +167,7 @@ const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30
 
 fn decode_data_url(url: &str) -> Result<Vec<u8>, ApiError> {
     let Some(rest) = url.strip_prefix("data:") else {
-        return Err(ApiError::bad("image_url.url must be a data URL (data:image/png;base64,... or data:image/jpeg;base64,...); rlaifd does not fetch URLs"));
+        return Err(ApiError::bad("image_url.url must be a data URL (data:image/png;base64,...), or an http(s) URL on a host of server.image_url_hosts"));
     };
     let Some((meta, data)) = rest.split_once(',') else {
         return Err(ApiError::bad("image_url.url: a data URL needs a comma before its data"));
@@ -152,14 +176,69 @@ fn decode_data_url(url: &str) -> Result<Vec<u8>, ApiError> {
         return Err(ApiError::bad("image_url.url: the data URL must be base64-encoded (data:image/png;base64,...)"));
     }
     let mime = meta.trim_end_matches(";base64");
-    if !matches!(mime, "image/png" | "image/jpeg" | "image/jpg") {
+    if !matches!(mime, "image/png" | "image/jpeg" | "image/jpg" | "image/webp" | "image/gif" | "image/bmp") {
         return Err(ApiError::bad(format!(
-            "image_url.url: media type {mime:?} is not supported (image/png or image/jpeg)"
+            "image_url.url: media type {mime:?} is not supported (image/png, image/jpeg, image/webp, image/gif or image/bmp)"
         )));
     }
     base64::engine::general_purpose::STANDARD
         .decode(data.trim())
         .map_err(|e| ApiError::bad(format!("image_url.url: invalid base64 data: {e}")))
+}
+
+/// An http(s) image URL is taken only when its host is in `server.image_url_hosts` (empty by default: none).
+fn check_image_url(url: &str, cfg: &crate::config::ServerConfig) -> Result<(), ApiError> {
+    if cfg.image_url_hosts.is_empty() {
+        return Err(ApiError::bad(
+            "image_url.url: this server does not fetch image URLs (server.image_url_hosts is empty); send the image as a data URL (data:image/png;base64,...)",
+        ));
+    }
+    let uri: ureq::http::Uri =
+        url.parse().map_err(|e| ApiError::bad(format!("image_url.url is not a valid URL: {e}")))?;
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err(ApiError::bad("image_url.url: URLs with credentials (user@host) are not fetched"));
+    }
+    let host = uri.host().unwrap_or("");
+    if !cfg.image_url_hosts.iter().any(|h| h.eq_ignore_ascii_case(host)) {
+        return Err(ApiError::bad(format!(
+            "image_url.url: the host {host:?} is not in server.image_url_hosts; send the image as a data URL or from an allowed host"
+        )));
+    }
+    Ok(())
+}
+
+/// Fetches an allowed image URL off the async threads: no redirects, at most `max_bytes`, within `timeout_s`
+/// (connecting included). Errors are 400s naming the URL's host and the limit.
+async fn fetch_image(url: String, max_bytes: u64, timeout_s: f64) -> Result<Vec<u8>, ApiError> {
+    let host = url.parse::<ureq::http::Uri>().ok().and_then(|u| u.host().map(str::to_string)).unwrap_or_default();
+    let what = format!("fetching the image from {host}");
+    let r = web::block(move || -> Result<Vec<u8>, String> {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(std::time::Duration::from_secs_f64(timeout_s)))
+            .max_redirects(0)
+            .max_redirects_will_error(false)
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let mut resp = agent.get(&url).call().map_err(|e| match e {
+            ureq::Error::Timeout(_) => format!("no answer within {timeout_s} s (server.image_url_timeout_s)"),
+            other => other.to_string(),
+        })?;
+        let status = resp.status();
+        if status != 200 {
+            return Err(format!("the server answered HTTP {status} (redirects are not followed)"));
+        }
+        resp.body_mut().with_config().limit(max_bytes).read_to_vec().map_err(|e| match e {
+            ureq::Error::BodyExceedsLimit(_) => {
+                format!("the image is larger than {max_bytes} bytes (server.image_url_max_bytes)")
+            }
+            ureq::Error::Timeout(_) => format!("not received within {timeout_s} s (server.image_url_timeout_s)"),
+            other => other.to_string(),
+        })
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("{what}: {e}")))?;
+    r.map_err(|e| ApiError::bad(format!("image_url.url: {what}: {e}")))
 }
 
 /// Validates a chat request body against the server's limits (what `POST /v1/chat/completions` does before any
@@ -171,46 +250,92 @@ pub fn validate_chat_request(body: &[u8], cfg: &crate::config::ServerConfig) -> 
 fn parse(body: &[u8], cfg: &crate::config::ServerConfig) -> Result<Parsed, ApiError> {
     let req: ChatRequest = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad(format!("the body is not a valid chat request: {e}")))?;
-    if req.stream == Some(true) {
-        return Err(ApiError::bad("stream: true is not supported; omit it for one JSON response"));
+    let stream = req.stream == Some(true);
+    if req.stream_options.is_some() && !stream {
+        return Err(ApiError::bad("stream_options is only allowed with stream: true"));
     }
-    let mut text = String::new();
-    let mut image = None;
-    let mut users = 0;
-    for (i, m) in req.messages.iter().enumerate() {
-        match m.role.as_str() {
-            "system" | "developer" | "user" => {}
-            "assistant" | "tool" => return Err(ApiError::bad(format!("messages[{i}]: multi-turn conversations are not supported; send one user message (and an optional system message)"))),
-            other => return Err(ApiError::bad(format!("messages[{i}].role {other:?}: expected system, developer or user"))),
+    let include_usage = req.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false);
+    let logprobs = match (req.logprobs, req.top_logprobs) {
+        (Some(true), k) => Some(k.unwrap_or(0)),
+        (_, Some(_)) => return Err(ApiError::bad("top_logprobs needs logprobs: true")),
+        _ => None,
+    };
+    if let Some(k) = logprobs {
+        if k > engine::batch::MAX_TOP_LOGPROBS {
+            return Err(ApiError::bad(format!(
+                "top_logprobs must be between 0 and {}, got {k}",
+                engine::batch::MAX_TOP_LOGPROBS
+            )));
         }
-        users += usize::from(m.role == "user");
-        let parts: Vec<&Part> = match &m.content {
-            Content::Text(t) => {
-                push_text(&mut text, t);
-                Vec::new()
+    }
+    if req.best_of.is_some() && (stream || logprobs.is_some()) {
+        return Err(ApiError::bad(
+            "best_of cannot be combined with stream or logprobs (the answers are ranked after they are all written)",
+        ));
+    }
+    if req.messages.is_empty() {
+        return Err(ApiError::bad("messages: the conversation is empty; send at least one user message"));
+    }
+    let mut turns: Vec<Turn> = Vec::with_capacity(req.messages.len());
+    let mut image = None;
+    let mut image_url = None;
+    for (i, m) in req.messages.iter().enumerate() {
+        let role = match m.role.as_str() {
+            "system" | "developer" => Role::System,
+            "user" => Role::User,
+            "assistant" => Role::Assistant,
+            "tool" | "function" => {
+                return Err(ApiError::bad(format!(
+                    "messages[{i}]: {} messages are not supported (rlaifd does not call tools)",
+                    m.role
+                )))
             }
-            Content::Parts(p) => p.iter().collect(),
+            other => {
+                return Err(ApiError::bad(format!(
+                    "messages[{i}].role {other:?}: expected system, developer, user or assistant"
+                )))
+            }
         };
-        for p in parts {
-            match p {
-                Part::Text { text: t } => push_text(&mut text, t),
-                Part::ImageUrl { image_url } => {
-                    if m.role != "user" {
-                        return Err(ApiError::bad(format!("messages[{i}]: images go in the user message")));
+        let mut turn = Turn { role, text: String::new(), image: false };
+        match &m.content {
+            None => return Err(ApiError::bad(format!("messages[{i}]: content is missing"))),
+            Some(Content::Text(t)) => push_text(&mut turn.text, t),
+            Some(Content::Parts(parts)) => {
+                for p in parts {
+                    match p {
+                        Part::Text { text: t } => push_text(&mut turn.text, t),
+                        Part::ImageUrl { image_url: image_url_part } => {
+                            if role != Role::User {
+                                return Err(ApiError::bad(format!(
+                                    "messages[{i}]: images go in user messages, not in {} ones",
+                                    m.role
+                                )));
+                            }
+                            if image.is_some() || image_url.is_some() {
+                                return Err(ApiError::bad("only one image per request is supported"));
+                            }
+                            let url = &image_url_part.url;
+                            if url.starts_with("http://") || url.starts_with("https://") {
+                                check_image_url(url, cfg)?;
+                                image_url = Some(url.clone());
+                            } else {
+                                image = Some(decode_data_url(url)?);
+                            }
+                            turn.image = true;
+                        }
                     }
-                    if image.is_some() {
-                        return Err(ApiError::bad("only one image per request is supported"));
-                    }
-                    image = Some(decode_data_url(&image_url.url)?);
                 }
             }
         }
+        turns.push(turn);
     }
-    if users != 1 {
-        return Err(ApiError::bad(format!("messages: expected exactly one user message, got {users}")));
-    }
-    if text.trim().is_empty() {
-        return Err(ApiError::bad("messages: the user message has no text"));
+    let last = turns.last().map(|t| (t.role, t.text.clone()));
+    let text = match last {
+        Some((Role::User, t)) => t,
+        _ => return Err(ApiError::bad("messages: the last message must be from the user (the model answers it)")),
+    };
+    if turns.iter().all(|t| t.text.trim().is_empty()) {
+        return Err(ApiError::bad("messages: the conversation has no text"));
     }
     let n = req.n.unwrap_or(1);
     if n == 0 || n > cfg.max_n {
@@ -259,7 +384,22 @@ fn parse(body: &[u8], cfg: &crate::config::ServerConfig) -> Result<Parsed, ApiEr
         .next_u64()
             >> 1
     });
-    Ok(Parsed { text, image, n, best_of: req.best_of, params, max_tokens_given: given.is_some(), seed, stop })
+    Ok(Parsed {
+        turns,
+        text,
+        image,
+        image_url,
+        stream,
+        include_usage,
+        logprobs,
+        ignore_eos: req.ignore_eos == Some(true),
+        n,
+        best_of: req.best_of,
+        params,
+        max_tokens_given: given.is_some(),
+        seed,
+        stop,
+    })
 }
 
 fn push_text(acc: &mut String, t: &str) {
@@ -293,22 +433,23 @@ fn check_token(req: &HttpRequest, token: &crate::config::Secret) -> Result<(), A
     }
 }
 
-/// One chat request in flight (`server.max_pending`); the count drops when it is dropped.
-struct InFlight<'a>(&'a AtomicUsize);
+/// One chat request in flight (`server.max_pending`); the count drops when it is dropped (for a streamed answer,
+/// when its stream ends).
+struct InFlight(Arc<Daemon>);
 
-impl<'a> InFlight<'a> {
-    fn admit(count: &'a AtomicUsize, max: usize) -> Option<InFlight<'a>> {
-        if count.fetch_add(1, Ordering::SeqCst) >= max {
-            count.fetch_sub(1, Ordering::SeqCst);
+impl InFlight {
+    fn admit(d: &Arc<Daemon>, max: usize) -> Option<InFlight> {
+        if d.chat_in_flight.fetch_add(1, Ordering::SeqCst) >= max {
+            d.chat_in_flight.fetch_sub(1, Ordering::SeqCst);
             return None;
         }
-        Some(InFlight(count))
+        Some(InFlight(d.clone()))
     }
 }
 
-impl Drop for InFlight<'_> {
+impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        self.0.chat_in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -324,10 +465,16 @@ struct Planned {
 fn plan(p: &Parsed, e: &crate::rlaif::Engine, max_image_side: u32) -> Result<Planned, ApiError> {
     let ctx = e.model.context_len();
     let max_bytes = ctx.saturating_mul(MAX_PROMPT_BYTES_PER_TOKEN);
-    if p.text.len() > max_bytes {
+    let bytes: usize = p.turns.iter().map(|t| t.text.len()).sum();
+    if bytes > max_bytes {
         return Err(ApiError::bad(format!(
-            "the prompt is {} bytes, more than the model's context of {ctx} tokens can hold (at most {max_bytes} bytes); shorten it",
-            p.text.len()
+            "the conversation is {bytes} bytes, more than the model's context of {ctx} tokens can hold (at most {max_bytes} bytes); shorten it"
+        )));
+    }
+    if p.logprobs.is_some() && e.model.backend().spec() != engine::backend::DeviceSpec::Cpu {
+        return Err(ApiError::bad(format!(
+            "logprobs are not available on {} yet (only on the CPU backend); omit logprobs",
+            e.model.device()
         )));
     }
     if let Some(bytes) = &p.image {
@@ -339,11 +486,10 @@ fn plan(p: &Parsed, e: &crate::rlaif::Engine, max_image_side: u32) -> Result<Pla
             )));
         }
     }
-    let template = if p.image.is_some() { LLAVA_15_TEMPLATE } else { TEXT_TEMPLATE };
     let ids = e
         .tok
-        .encode_chat(template, &p.text)
-        .map_err(|e| ApiError::bad(format!("the prompt cannot be tokenized: {e}")))?;
+        .encode_conversation(&p.turns)
+        .map_err(|e| ApiError::bad(format!("the conversation cannot be rendered or tokenized: {e}")))?;
     let positions = e.model.prompt_positions(&ids);
     let asked = p.params.max_new_tokens;
     let max_new_tokens = if p.max_tokens_given {
@@ -415,7 +561,7 @@ async fn chat(req: HttpRequest, payload: web::Payload, d: web::Data<Arc<Daemon>>
         ));
     }
     // Before the body is read: requests in flight hold at most max_pending bodies.
-    let Some(_in_flight) = InFlight::admit(&d.chat_in_flight, server_cfg.max_pending) else {
+    let Some(in_flight) = InFlight::admit(&d, server_cfg.max_pending) else {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
@@ -441,116 +587,452 @@ async fn chat(req: HttpRequest, payload: web::Payload, d: web::Data<Arc<Daemon>>
             ))
         }
     };
-    let p = parse(&body, server_cfg)?;
+    let mut p = parse(&body, server_cfg)?;
     drop(body);
+    if let Some(url) = p.image_url.take() {
+        p.image = Some(fetch_image(url, server_cfg.image_url_max_bytes, server_cfg.image_url_timeout_s).await?);
+    }
     let (max_side, beta, timeout_s) = (server_cfg.max_image_side, cfg.loop_.beta, server_cfg.request_timeout_s);
     // The least-loaded engine takes the request (one per device of `model.devices`).
     let eng = d.least_loaded();
-    let _counted = eng.busy();
+    let counted = eng.busy();
     let planned = plan(&p, &eng, max_side)?;
     let serving = d.serving();
-    let (ee, s) = (eng.clone(), serving.clone());
-    let image = p.image.clone();
-    let (n, best_of, seed, stop) = (p.n, p.best_of, p.seed, p.stop.clone());
     let params = SamplingParams { max_new_tokens: planned.max_new_tokens, ..p.params.clone() };
-    let ids = planned.ids;
     let budget = std::time::Duration::from_secs_f64(timeout_s).saturating_sub(arrived.elapsed());
+    let prompt_tokens = eng.model.prompt_positions(&planned.ids);
     let t0 = Instant::now();
-    let out = eng
-        .worker
-        .run_within(Priority::Serve, Some(budget), move |_| {
-            crate::failpoint::stall("engine_stall");
-            let e = &ee;
-            let pixels = match &image {
-                Some(bytes) => {
-                    let img = engine::image::decode_rgb8_within(bytes, "request image", max_side)
-                        .map_err(|e| anyhow::anyhow!(ApiErrorKind::Bad(e.to_string())))?;
-                    Some(
-                        engine::image::preprocess(&img, &e.ip)
-                            .map_err(|e| anyhow::anyhow!(ApiErrorKind::Bad(e.to_string())))?,
-                    )
-                }
-                None => None,
-            };
-            let count = best_of.unwrap_or(n);
-            let seeds: Vec<u64> = (0..count as u64).map(|i| seed.wrapping_add(i)).collect();
-            let req = GenerateRequest { ids: &ids, pixels: pixels.as_ref(), seeds: &seeds, params, stop_ids: vec![] };
-            let (answers, rewards) = match best_of {
-                Some(_) => {
-                    let b = engine::feedback::reward::best_of_n(
-                        &e.model,
-                        s.adapter.as_deref(),
-                        s.reference.as_deref(),
-                        &req,
-                        beta,
-                    )?;
-                    let mut order: Vec<usize> = (0..b.answers.len()).collect();
-                    order.sort_by(|&x, &y| b.rewards[y].total_cmp(&b.rewards[x]).then(x.cmp(&y)));
-                    order.truncate(n);
-                    (
-                        order.iter().map(|&i| b.answers[i].clone()).collect::<Vec<_>>(),
-                        Some(order.iter().map(|&i| b.rewards[i]).collect::<Vec<f64>>()),
-                    )
-                }
-                None => (generate(&e.model, &req, s.adapter.as_deref())?, None),
-            };
-            // Stop strings: each answer ends before the first one it contains. Sampling is the same token by token
-            // whatever comes later, so cutting the finished answer gives what stopping there would have given.
-            let mut texts = Vec::with_capacity(answers.len());
-            let mut ends = Vec::with_capacity(answers.len());
-            for a in &answers {
-                let text = e.tok.decode(&a.tokens)?;
-                match cut_at_stop(&text, &stop) {
-                    Some(cut) => {
-                        // The tokens it took to write the stop string (usage counts them).
-                        let used = (1..=a.tokens.len())
-                            .find(|&k| e.tok.decode(&a.tokens[..k]).map(|t| t.len() >= cut.1).unwrap_or(false))
-                            .unwrap_or(a.tokens.len());
-                        texts.push(text[..cut.0].to_string());
-                        ends.push((true, used));
+    let head = Head {
+        id: format!("chatcmpl-{}-{}", serving.generation, p.seed),
+        created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|t| t.as_secs()).unwrap_or(0),
+        model: format!("rlaifd-checkpoint-{}", serving.checkpoint.id),
+    };
+    if let Some(best_of) = p.best_of {
+        // Best-of-N ranks whole answers by the implicit reward: one engine task, not batched.
+        let (ee, s, image, ids) = (eng.clone(), serving.clone(), p.image.clone(), planned.ids.clone());
+        let (n, seed) = (p.n, p.seed);
+        let stop_ids = if p.ignore_eos { vec![u32::MAX] } else { Vec::new() };
+        let out = eng
+            .worker
+            .run_within(Priority::Serve, Some(budget), move |_| {
+                crate::failpoint::stall("engine_stall");
+                let e = &ee;
+                let pixels = match &image {
+                    Some(bytes) => {
+                        let img = engine::image::decode_rgb8_within(bytes, "request image", max_side)
+                            .map_err(|e| anyhow::anyhow!(ApiErrorKind::Bad(e.to_string())))?;
+                        Some(
+                            engine::image::preprocess(&img, &e.ip)
+                                .map_err(|e| anyhow::anyhow!(ApiErrorKind::Bad(e.to_string())))?,
+                        )
                     }
-                    None => {
-                        texts.push(text);
-                        ends.push((a.finish == FinishReason::Stop, a.tokens.len()));
-                    }
-                }
+                    None => None,
+                };
+                let seeds: Vec<u64> = (0..best_of as u64).map(|i| seed.wrapping_add(i)).collect();
+                let req = GenerateRequest { ids: &ids, pixels: pixels.as_ref(), seeds: &seeds, params, stop_ids };
+                let b = engine::feedback::reward::best_of_n(
+                    &e.model,
+                    s.adapter.as_deref(),
+                    s.reference.as_deref(),
+                    &req,
+                    beta,
+                )?;
+                let mut order: Vec<usize> = (0..b.answers.len()).collect();
+                order.sort_by(|&x, &y| b.rewards[y].total_cmp(&b.rewards[x]).then(x.cmp(&y)));
+                order.truncate(n);
+                Ok(order.iter().map(|&i| (b.answers[i].clone(), b.rewards[i])).collect::<Vec<_>>())
+            })
+            .await;
+        let ranked = out.map_err(|e| engine_failure(e, timeout_s))?;
+        let mut asm = Assembler::new(&eng, ranked.len(), p.stop.clone(), None, None);
+        for (i, (a, _)) in ranked.iter().enumerate() {
+            for (k, &t) in a.tokens.iter().enumerate() {
+                let last = k + 1 == a.tokens.len();
+                let finish = (last && a.finish == FinishReason::Length).then_some(FinishReason::Length);
+                asm.feed(Emitted { request: 0, answer: i, token: Some(t), logprob: None, finish });
             }
-            Ok((
-                e.model.prompt_positions(&ids),
-                ends,
-                texts,
-                rewards,
-                answers.iter().map(|a| a.seed).collect::<Vec<_>>(),
-            ))
-        })
-        .await;
-    let (prompt_tokens, ends, texts, rewards, seeds) = out.map_err(|e| engine_failure(e, timeout_s))?;
-    let completion: usize = ends.iter().map(|e| e.1).sum();
-    let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|t| t.as_secs()).unwrap_or(0);
-    let choices: Vec<serde_json::Value> = texts
-        .iter()
-        .zip(&ends)
-        .enumerate()
-        .map(|(i, (t, (stopped, _)))| {
-            serde_json::json!({ "index": i, "message": { "role": "assistant", "content": t },
-                "finish_reason": if *stopped { "stop" } else { "length" } })
-        })
-        .collect();
+            if a.finish == FinishReason::Stop || a.tokens.is_empty() {
+                asm.feed(Emitted { request: 0, answer: i, token: None, logprob: None, finish: Some(a.finish) });
+            }
+        }
+        let rewards: Vec<f64> = ranked.iter().map(|r| r.1).collect();
+        let seeds: Vec<u64> = ranked.iter().map(|r| r.0.seed).collect();
+        if server_cfg.join_prompt_pool {
+            if let Some(bytes) = &p.image {
+                join_pool(&d, bytes, &p.text).await;
+            }
+        }
+        let extra = serde_json::json!({ "checkpoint": serving.checkpoint.id, "generation": serving.generation,
+            "seed": p.seed, "seeds": seeds, "rewards": rewards, "engine_s": t0.elapsed().as_secs_f64() });
+        return Ok(HttpResponse::Ok().json(asm.completion(&head, prompt_tokens, extra)));
+    }
+    // Continuous batching: the request joins its engine's batch and hears its tokens as they come.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let stopped = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seeds: Vec<u64> = (0..p.n as u64).map(|i| p.seed.wrapping_add(i)).collect();
+    let job = crate::batcher::Job {
+        ids: planned.ids,
+        image: p.image.clone(),
+        max_image_side: max_side,
+        seeds: seeds.clone(),
+        params,
+        logprobs: p.logprobs,
+        // No token ends an answer: an id outside every vocabulary stands in for the stop tokens.
+        stop_ids: if p.ignore_eos { vec![u32::MAX] } else { Vec::new() },
+        serving: serving.clone(),
+        deadline: (Instant::now() + budget, std::time::Duration::from_secs_f64(timeout_s)),
+        events: tx,
+        stopped: stopped.clone(),
+    };
+    Batcher::submit(&eng, job, server_cfg.max_batch);
+    let mut asm = Assembler::new(&eng, p.n, p.stop.clone(), p.logprobs, Some(stopped));
+    // The first event decides the status: a request refused on the engine thread (a bad image) is a 400, not a
+    // stream that fails.
+    let first = rx.recv().await;
+    let first = match first {
+        Some(JobEvent::Failed(e)) => return Err(job_failure(e, timeout_s)),
+        Some(JobEvent::Token(t)) => t,
+        None => return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "the engine dropped the request")),
+    };
     if server_cfg.join_prompt_pool {
         if let Some(bytes) = &p.image {
             join_pool(&d, bytes, &p.text).await;
         }
     }
-    Ok(HttpResponse::Ok().json(serde_json::json!({
-        "id": format!("chatcmpl-{}-{}", serving.generation, seed),
-        "object": "chat.completion",
-        "created": created,
-        "model": format!("rlaifd-checkpoint-{}", serving.checkpoint.id),
-        "choices": choices,
-        "usage": { "prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion },
-        "rlaifd": { "checkpoint": serving.checkpoint.id, "generation": serving.generation, "seed": seed,
-                    "seeds": seeds, "rewards": rewards, "engine_s": t0.elapsed().as_secs_f64() },
-    })))
+    let extra = move |asm: &Assembler| {
+        serde_json::json!({ "checkpoint": serving.checkpoint.id, "generation": serving.generation, "seed": p.seed,
+            "seeds": seeds, "rewards": serde_json::Value::Null, "engine_s": t0.elapsed().as_secs_f64(),
+            "answers_done": asm.finished() })
+    };
+    if !p.stream {
+        asm.feed(first);
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                JobEvent::Token(t) => {
+                    asm.feed(t);
+                }
+                JobEvent::Failed(e) => return Err(job_failure(e, timeout_s)),
+            }
+        }
+        let x = extra(&asm);
+        return Ok(HttpResponse::Ok().json(asm.completion(&head, prompt_tokens, x)));
+    }
+    // Server-sent events in OpenAI's chunk format; the guards live as long as the stream.
+    let include_usage = p.include_usage;
+    let mut state = Some(SseState {
+        rx,
+        asm,
+        head,
+        first: Some(first),
+        prompt_tokens,
+        include_usage,
+        sent_role: false,
+        timeout_s,
+        _guards: (in_flight, counted),
+    });
+    let body = futures_util::stream::poll_fn(move |cx| {
+        let Some(st) = state.as_mut() else { return std::task::Poll::Ready(None) };
+        match st.poll_chunk(cx) {
+            std::task::Poll::Ready(Some(bytes)) => {
+                std::task::Poll::Ready(Some(Ok::<_, std::convert::Infallible>(bytes)))
+            }
+            std::task::Poll::Ready(None) => {
+                state = None;
+                std::task::Poll::Ready(None)
+            }
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    });
+    Ok(HttpResponse::Ok()
+        .content_type("text/event-stream")
+        .insert_header(("cache-control", "no-cache"))
+        .streaming(body))
+}
+
+/// Where a streamed answer stands: the events still to come, what is assembled, and the guards that keep the
+/// request counted until the stream ends.
+struct SseState {
+    rx: tokio::sync::mpsc::UnboundedReceiver<JobEvent>,
+    asm: Assembler,
+    head: Head,
+    first: Option<Emitted>,
+    prompt_tokens: usize,
+    include_usage: bool,
+    sent_role: bool,
+    timeout_s: f64,
+    _guards: (InFlight, crate::rlaif::InFlight),
+}
+
+impl SseState {
+    /// The next bytes of the stream: the role chunk, one chunk per batch of events, the usage chunk, [DONE].
+    fn poll_chunk(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<web::Bytes>> {
+        use std::task::Poll;
+        if !self.sent_role {
+            self.sent_role = true;
+            let choices: Vec<serde_json::Value> = (0..self.asm.choices.len())
+                .map(|i| serde_json::json!({ "index": i, "delta": { "role": "assistant", "content": "" }, "logprobs": null, "finish_reason": null }))
+                .collect();
+            return Poll::Ready(Some(self.chunk(choices, None)));
+        }
+        if self.rx.is_closed() && self.first.is_none() && self.asm.choices.is_empty() {
+            return Poll::Ready(None);
+        }
+        let mut events = Vec::new();
+        if let Some(f) = self.first.take() {
+            events.push(f);
+        }
+        let mut ended = false;
+        loop {
+            match self.rx.poll_recv(cx) {
+                Poll::Ready(Some(JobEvent::Token(t))) => events.push(t),
+                Poll::Ready(Some(JobEvent::Failed(e))) => {
+                    let err = job_failure(e, self.timeout_s);
+                    let body = serde_json::json!({ "error": { "message": err.message, "type": "server_error", "code": err.status.as_u16() } });
+                    self.asm.choices.clear();
+                    self.rx.close();
+                    return Poll::Ready(Some(web::Bytes::from(format!("data: {body}\n\ndata: [DONE]\n\n"))));
+                }
+                Poll::Ready(None) => {
+                    ended = true;
+                    break;
+                }
+                Poll::Pending => break,
+            }
+            if events.len() >= 64 {
+                break;
+            }
+        }
+        if events.is_empty() && !ended {
+            return Poll::Pending;
+        }
+        let mut out = String::new();
+        let mut deltas: Vec<serde_json::Value> = Vec::new();
+        for e in events {
+            let i = e.answer;
+            if let Some(d) = self.asm.feed(e) {
+                let mut delta = serde_json::Map::new();
+                if !d.text.is_empty() {
+                    delta.insert("content".into(), d.text.into());
+                }
+                let logprobs = if self.asm.logprobs.is_some() {
+                    serde_json::json!({ "content": d.logprobs })
+                } else {
+                    serde_json::Value::Null
+                };
+                if delta.is_empty() && d.finish.is_none() && d.logprobs.is_empty() {
+                    continue;
+                }
+                deltas.push(
+                    serde_json::json!({ "index": i, "delta": delta, "logprobs": logprobs, "finish_reason": d.finish }),
+                );
+            }
+        }
+        if !deltas.is_empty() {
+            out.push_str(&self.chunk_text(deltas, None));
+        }
+        if ended {
+            if self.include_usage {
+                out.push_str(&self.chunk_text(Vec::new(), Some(self.asm.usage(self.prompt_tokens))));
+            }
+            out.push_str("data: [DONE]\n\n");
+            self.asm.choices.clear();
+        }
+        if out.is_empty() {
+            // Nothing to say yet (a held-back stop-string prefix): wait for more.
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        Poll::Ready(Some(web::Bytes::from(out)))
+    }
+
+    fn chunk_text(&self, choices: Vec<serde_json::Value>, usage: Option<serde_json::Value>) -> String {
+        let mut c = serde_json::json!({ "id": self.head.id, "object": "chat.completion.chunk", "created": self.head.created,
+            "model": self.head.model, "choices": choices });
+        if self.include_usage {
+            c["usage"] = usage.unwrap_or(serde_json::Value::Null);
+        }
+        format!("data: {c}\n\n")
+    }
+
+    fn chunk(&self, choices: Vec<serde_json::Value>, usage: Option<serde_json::Value>) -> web::Bytes {
+        web::Bytes::from(self.chunk_text(choices, usage))
+    }
+}
+
+/// The identity every chunk and the completion carry.
+struct Head {
+    id: String,
+    created: u64,
+    model: String,
+}
+
+/// One answer as it is written: its tokens, the text handed out so far, its log-probabilities, how it ended.
+#[derive(Default)]
+struct Choice {
+    tokens: Vec<u32>,
+    /// The decoded text of every token so far.
+    full: String,
+    /// What has been handed out (a prefix of `full`, short of a possible stop-string start).
+    text: String,
+    logprobs: Vec<serde_json::Value>,
+    finish: Option<&'static str>,
+}
+
+/// What one event adds to an answer: text, log-probability entries, and its end.
+struct Delta {
+    text: String,
+    logprobs: Vec<serde_json::Value>,
+    finish: Option<&'static str>,
+}
+
+/// Turns the engine's token events into OpenAI choices: incremental decoding (text is handed out only when it is
+/// whole UTF-8 and cannot be the start of a stop string), stop strings (the answer ends before the first one;
+/// the batch is told to drop it), log-probability entries. The streamed deltas and the non-streamed message are
+/// both what this writes, so they are the same text.
+struct Assembler {
+    eng: Arc<crate::rlaif::Engine>,
+    choices: Vec<Choice>,
+    stop: Vec<String>,
+    logprobs: Option<usize>,
+    stopped: Option<Arc<std::sync::Mutex<Vec<usize>>>>,
+}
+
+impl Assembler {
+    fn new(
+        eng: &Arc<crate::rlaif::Engine>,
+        n: usize,
+        stop: Vec<String>,
+        logprobs: Option<usize>,
+        stopped: Option<Arc<std::sync::Mutex<Vec<usize>>>>,
+    ) -> Assembler {
+        Assembler { eng: eng.clone(), choices: (0..n).map(|_| Choice::default()).collect(), stop, logprobs, stopped }
+    }
+
+    fn finished(&self) -> usize {
+        self.choices.iter().filter(|c| c.finish.is_some()).count()
+    }
+
+    fn token_text(&self, id: u32) -> String {
+        self.eng.tok.decode(&[id]).unwrap_or_default()
+    }
+
+    fn entry(&self, text: &str, logprob: f32, top: Vec<serde_json::Value>) -> serde_json::Value {
+        serde_json::json!({ "token": text, "logprob": logprob, "bytes": text.as_bytes(), "top_logprobs": top })
+    }
+
+    /// Adds one event; None when its answer had already ended (events after a stop string).
+    fn feed(&mut self, e: Emitted) -> Option<Delta> {
+        let i = e.answer;
+        if self.choices.get(i).is_none_or(|c| c.finish.is_some()) {
+            return None;
+        }
+        let mut d = Delta { text: String::new(), logprobs: Vec::new(), finish: None };
+        if let Some(t) = e.token {
+            let full = {
+                let c = &mut self.choices[i];
+                c.tokens.push(t);
+                self.eng.tok.decode(&c.tokens).unwrap_or_default()
+            };
+            let prev = std::mem::replace(&mut self.choices[i].full, full.clone());
+            if let Some(lp) = &e.logprob {
+                let piece = match full.strip_prefix(prev.as_str()) {
+                    Some(p) => p.to_string(),
+                    None => self.token_text(t),
+                };
+                let top = lp
+                    .top
+                    .iter()
+                    .map(|&(id, l)| {
+                        let s = self.token_text(id);
+                        serde_json::json!({ "token": s, "logprob": l, "bytes": s.as_bytes() })
+                    })
+                    .collect();
+                d.logprobs.push(self.entry(&piece, lp.logprob, top));
+            }
+            let c = &mut self.choices[i];
+            if let Some((cut, _)) = cut_at_stop(&full, &self.stop) {
+                let end = &full[..cut];
+                d.text = end.strip_prefix(c.text.as_str()).unwrap_or("").to_string();
+                c.text = end.to_string();
+                c.finish = Some("stop");
+                d.finish = c.finish;
+                if let Some(s) = &self.stopped {
+                    if let Ok(mut s) = s.lock() {
+                        s.push(i);
+                    }
+                }
+            } else if !full.ends_with('\u{FFFD}') {
+                let safe = full.len() - held_back(&full, &self.stop);
+                if let (Some(new), true) = (full.get(c.text.len()..safe), full.starts_with(c.text.as_str())) {
+                    d.text = new.to_string();
+                    c.text = full[..safe].to_string();
+                }
+            }
+            c.logprobs.extend(d.logprobs.iter().cloned());
+        }
+        if let Some(f) = e.finish {
+            let c = &mut self.choices[i];
+            if c.finish.is_none() {
+                if let Some(rest) = c.full.strip_prefix(c.text.as_str()) {
+                    d.text.push_str(rest);
+                    c.text = c.full.clone();
+                }
+                c.finish = Some(if f == FinishReason::Stop { "stop" } else { "length" });
+                d.finish = c.finish;
+            }
+        }
+        Some(d)
+    }
+
+    fn usage(&self, prompt_tokens: usize) -> serde_json::Value {
+        let completion: usize = self.choices.iter().map(|c| c.tokens.len()).sum();
+        serde_json::json!({ "prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion })
+    }
+
+    /// The non-streamed response.
+    fn completion(&self, head: &Head, prompt_tokens: usize, extra: serde_json::Value) -> serde_json::Value {
+        let choices: Vec<serde_json::Value> = self
+            .choices
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let logprobs = if self.logprobs.is_some() {
+                    serde_json::json!({ "content": c.logprobs })
+                } else {
+                    serde_json::Value::Null
+                };
+                serde_json::json!({ "index": i, "message": { "role": "assistant", "content": c.text },
+                    "logprobs": logprobs, "finish_reason": c.finish.unwrap_or("length") })
+            })
+            .collect();
+        serde_json::json!({ "id": head.id, "object": "chat.completion", "created": head.created, "model": head.model,
+            "choices": choices, "usage": self.usage(prompt_tokens), "rlaifd": extra })
+    }
+}
+
+/// How many bytes at the end of `text` could be the start of a stop string (held back until it is known).
+fn held_back(text: &str, stop: &[String]) -> usize {
+    let mut keep = 0;
+    for s in stop {
+        for (k, _) in s.char_indices().skip(1) {
+            if k > keep && text.ends_with(&s[..k]) {
+                keep = k;
+            }
+        }
+    }
+    keep
+}
+
+/// A job's failure as the client sees it.
+fn job_failure(e: JobError, timeout_s: f64) -> ApiError {
+    match e {
+        JobError::Bad(m) => ApiError::bad(m),
+        JobError::Timeout(why) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{why} (server.request_timeout_s = {timeout_s}); retry with a smaller max_tokens or n, or later"),
+        ),
+        JobError::Engine(m) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, m),
+    }
 }
 
 /// Where `text` ends for the earliest stop string it contains: (the answer's length, the end of that stop string).
@@ -653,6 +1135,11 @@ async fn metrics(req: HttpRequest, d: web::Data<Arc<Daemon>>) -> Result<HttpResp
         m.chat_in_flight.with_label_values(&labels).set(e.chat_load() as i64);
         let c = m.chat_requests.with_label_values(&labels);
         c.inc_by(e.chats_total().saturating_sub(c.get()));
+        let (steps, answers) = e.batcher.steps();
+        let c = m.batch_steps.with_label_values(&labels);
+        c.inc_by(steps.saturating_sub(c.get()));
+        let c = m.batch_answer_steps.with_label_values(&labels);
+        c.inc_by(answers.saturating_sub(c.get()));
     }
     m.jobs.reset();
     for (k, s, n) in store::jobs_by_kind_and_status(&d.pool, false).await.unwrap_or_default() {

@@ -2,6 +2,7 @@
 //! schema and store, and the RLAIF-V loop's stages on top of the engine.
 
 pub mod actors;
+pub mod batcher;
 pub mod bench;
 pub mod config;
 pub mod control;

@@ -43,6 +43,8 @@ pub struct Metrics {
     pub queue_depth: prometheus::IntGaugeVec,
     pub chat_in_flight: prometheus::IntGaugeVec,
     pub chat_requests: prometheus::IntCounterVec,
+    pub batch_steps: prometheus::IntCounterVec,
+    pub batch_answer_steps: prometheus::IntCounterVec,
     pub jobs: prometheus::IntGaugeVec,
     pub iteration: prometheus::IntGauge,
     pub pairs: prometheus::IntCounter,
@@ -113,6 +115,25 @@ impl Default for Metrics {
                 r,
                 IntCounterVec::new(
                     opts("rlaifd_engine_chat_requests_total", "Chat requests each device's engine took."),
+                    &["engine", "device"],
+                )
+                .expect("metric"),
+            ),
+            batch_steps: reg(
+                r,
+                IntCounterVec::new(
+                    opts("rlaifd_batch_steps_total", "Decode steps of each engine's continuous batch."),
+                    &["engine", "device"],
+                )
+                .expect("metric"),
+            ),
+            batch_answer_steps: reg(
+                r,
+                IntCounterVec::new(
+                    opts(
+                        "rlaifd_batch_answer_steps_total",
+                        "Answers advanced by those steps (divided by the steps: the mean batch).",
+                    ),
                     &["engine", "device"],
                 )
                 .expect("metric"),

@@ -145,12 +145,23 @@ pub struct Slice<'a> {
 impl Slice<'_> {
     /// Runs every queued task strictly more urgent than the current one, on this thread, then returns.
     pub fn yield_to_urgent(&self) {
+        self.run_queued(|p| p < self.prio);
+    }
+
+    /// Runs every queued task at least as urgent as the current one (a task that runs as long as work keeps
+    /// coming, like the serving batch, lets its peers in between its steps: a hot-swap's adapter load, a best-of-N
+    /// request), then returns.
+    pub fn yield_to_peers(&self) {
+        self.run_queued(|p| p <= self.prio);
+    }
+
+    fn run_queued(&self, runs: impl Fn(Priority) -> bool) {
         self.inner.answer_heartbeat();
         loop {
             let next = {
                 let Ok(mut q) = self.inner.queue.lock() else { return };
                 match q.0.peek() {
-                    Some(e) if e.prio < self.prio => q.0.pop(),
+                    Some(e) if runs(e.prio) => q.0.pop(),
                     _ => None,
                 }
             };

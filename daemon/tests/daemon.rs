@@ -103,10 +103,14 @@ async fn daemon_serves_http_and_obeys_every_control_command() {
         ("POST", "application/json", json!({ "messages": [{ "role": "user", "content": [{ "type": "image_url", "image_url": { "url": "http://example.com/a.png" } }, { "type": "text", "text": "hi" }] }] }).to_string().into_bytes(), 400, "data URL"),
         ("POST", "application/json", chat_body(&img, "Describe.", json!({ "n": 100 })), 400, "max_n"),
         ("POST", "application/json", chat_body(&img, "Describe.", json!({ "max_tokens": 100000 })), 400, "max_tokens"),
-        ("POST", "application/json", chat_body(&img, "Describe.", json!({ "stream": true })), 400, "stream"),
+        ("POST", "application/json", chat_body(&img, "Describe.", json!({ "stream": true, "best_of": 2 })), 400, "best_of cannot be combined with stream"),
+        ("POST", "application/json", chat_body(&img, "Describe.", json!({ "stream_options": { "include_usage": true } })), 400, "only allowed with stream"),
+        ("POST", "application/json", chat_body(&img, "Describe.", json!({ "logprobs": true, "top_logprobs": 21 })), 400, "top_logprobs must be between 0 and 20"),
+        ("POST", "application/json", chat_body(&img, "Describe.", json!({ "top_logprobs": 2 })), 400, "needs logprobs"),
         ("POST", "application/json", chat_body(&img, "Describe.", json!({ "temperature": -1 })), 400, "temperature"),
-        ("POST", "application/json", json!({ "messages": [{ "role": "user", "content": "a" }, { "role": "assistant", "content": "b" }, { "role": "user", "content": "c" }] }).to_string().into_bytes(), 400, "multi-turn"),
-        ("POST", "application/json", json!({ "messages": [] }).to_string().into_bytes(), 400, "exactly one user message"),
+        ("POST", "application/json", json!({ "messages": [{ "role": "user", "content": "a" }, { "role": "assistant", "content": "b" }] }).to_string().into_bytes(), 400, "last message must be from the user"),
+        ("POST", "application/json", json!({ "messages": [{ "role": "tool", "content": "a" }, { "role": "user", "content": "b" }] }).to_string().into_bytes(), 400, "tool messages are not supported"),
+        ("POST", "application/json", json!({ "messages": [] }).to_string().into_bytes(), 400, "the conversation is empty"),
         ("POST", "application/json", json!({ "messages": [{ "role": "user", "content": "'; DROP TABLE prompts; --" }], "max_tokens": 4 }).to_string().into_bytes(), 200, ""),
     ];
     for (method, ct, body, want, needle) in bad {
@@ -604,4 +608,163 @@ async fn stop_strings_max_completion_tokens_developer_role_and_model_retrieval()
     drop(d);
     db.drop_db().await;
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A streaming client that goes away mid-answer: its answers leave the batch at the next step (the engine stops
+/// spending steps on them), the daemon keeps serving, and the request no longer counts as in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streaming_client_that_disconnects_is_dropped_from_the_batch() {
+    let db = common::fresh("streamgone").await;
+    let dir = std::env::temp_dir().join(format!("rlaifd-streamgone-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let d = Daemon::start(&dir, &db.url, "max_tokens = 512");
+    let img = shapes_png(&dir, "5");
+    let answer_steps = || -> f64 {
+        let (_, text) = d.http("GET", "/metrics", "text/plain", b"");
+        text.lines()
+            .filter(|l| l.starts_with("rlaifd_batch_answer_steps_total"))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum()
+    };
+    // 8 answers of 200 tokens each (the bundled model's context is 256), past every end-of-sequence token: 8 x 199
+    // answer steps if nobody left.
+    let body = chat_body(
+        &img,
+        "Describe the image.",
+        json!({ "stream": true, "n": 8, "max_tokens": 200, "ignore_eos": true, "seed": 3 }),
+    );
+    let mut s = std::net::TcpStream::connect(&d.addr).unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(&body).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("\"content\":\"") {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "the stream ended early: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&got).to_string();
+    assert!(text.starts_with("HTTP/1.1 200") && text.contains("text/event-stream"), "{text}");
+    assert!(text.contains("data: {") && text.contains("chat.completion.chunk"), "{text}");
+    drop(s);
+    // The batch notices at its next step; wait until the engine is idle.
+    let t0 = Instant::now();
+    let mut last = answer_steps();
+    loop {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = answer_steps();
+        if now == last {
+            break;
+        }
+        last = now;
+        assert!(t0.elapsed() < Duration::from_secs(60), "the engine kept decoding for a client that left");
+    }
+    assert!(last < 8.0 * 199.0 * 0.9, "{last} answer steps: the abandoned answers ran (nearly) to the end");
+    let (_, health) = d.http("GET", "/healthz", "application/json", b"");
+    let h: Value = serde_json::from_str(&health).unwrap();
+    assert_eq!(h["devices"][0]["in_flight"], 0, "{health}");
+    // Still serving, streamed and not.
+    let (st, text) = d.http(
+        "POST",
+        "/v1/chat/completions",
+        "application/json",
+        &chat_body(&img, "Describe.", json!({ "max_tokens": 8 })),
+    );
+    assert_eq!(st, 200, "{text}");
+    let (st, text) = d.http(
+        "POST",
+        "/v1/chat/completions",
+        "application/json",
+        &chat_body(&img, "Describe.", json!({ "max_tokens": 8, "stream": true })),
+    );
+    assert_eq!(st, 200, "{text}");
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    drop(d);
+    db.drop_db().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Image URLs over http(s), opt-in: with `server.image_url_hosts` naming a host, an image fetched from it gives the
+/// answer its data URL gives; other hosts, redirects, images over `image_url_max_bytes` and servers slower than
+/// `image_url_timeout_s` get 400s naming the reason, and the daemon goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_urls_are_fetched_only_from_allowed_hosts_within_their_limits() {
+    let db = common::fresh("imageurl").await;
+    let dir = std::env::temp_dir().join(format!("rlaifd-imageurl-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let img = shapes_png(&dir, "9");
+    // A small image server: /ok.png, /big.png (past the limit), /slow.png (past the timeout), /moved (a redirect).
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let served = img.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut c) = conn else { continue };
+            let served = served.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                let n = c.read(&mut buf).unwrap_or(0);
+                let req = String::from_utf8_lossy(&buf[..n]).to_string();
+                let path = req.split_whitespace().nth(1).unwrap_or("").to_string();
+                let (status, extra, body): (&str, &str, Vec<u8>) = match path.as_str() {
+                    "/ok.png" => ("200 OK", "", served),
+                    "/big.png" => ("200 OK", "", vec![7u8; 200_000]),
+                    "/slow.png" => {
+                        std::thread::sleep(Duration::from_secs(4));
+                        ("200 OK", "", served)
+                    }
+                    "/moved" => ("302 Found", "Location: /ok.png\r\n", Vec::new()),
+                    _ => ("404 Not Found", "", Vec::new()),
+                };
+                let head = format!(
+                    "HTTP/1.1 {status}\r\nContent-Type: image/png\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = c.write_all(head.as_bytes());
+                let _ = c.write_all(&body);
+            });
+        }
+    });
+    let d = Daemon::start(
+        &dir,
+        &db.url,
+        "image_url_hosts = [\"127.0.0.1\"]\nimage_url_max_bytes = 65536\nimage_url_timeout_s = 1.0",
+    );
+    let ask = |url: &str| -> (u16, Value) {
+        let body = json!({ "messages": [{ "role": "user", "content": [
+            { "type": "image_url", "image_url": { "url": url } }, { "type": "text", "text": "Describe the image." }] }],
+            "seed": 4, "temperature": 0.7, "max_tokens": 16 });
+        let (st, text) = d.http("POST", "/v1/chat/completions", "application/json", body.to_string().as_bytes());
+        (st, serde_json::from_str(&text).unwrap_or(Value::Null))
+    };
+    let (st, by_url) = ask(&format!("http://127.0.0.1:{port}/ok.png"));
+    assert_eq!(st, 200, "{by_url}");
+    let (st, by_data) = ask(&format!("data:image/png;base64,{}", common::daemon::b64(&img)));
+    assert_eq!(st, 200, "{by_data}");
+    assert_eq!(by_url["choices"][0]["message"]["content"], by_data["choices"][0]["message"]["content"]);
+    for (url, needle) in [
+        (format!("http://localhost:{port}/ok.png"), "\"localhost\" is not in server.image_url_hosts"),
+        (format!("http://127.0.0.1:{port}/big.png"), "larger than 65536 bytes (server.image_url_max_bytes)"),
+        (format!("http://127.0.0.1:{port}/slow.png"), "server.image_url_timeout_s"),
+        (format!("http://127.0.0.1:{port}/moved"), "HTTP 302"),
+        (format!("http://127.0.0.1:{port}/missing.png"), "HTTP 404"),
+        (format!("http://user:pw@127.0.0.1:{port}/ok.png"), "credentials"),
+        ("ftp://127.0.0.1/ok.png".to_string(), "data URL"),
+    ] {
+        let t0 = Instant::now();
+        let (st, v) = ask(&url);
+        assert_eq!(st, 400, "{url}: {v}");
+        let msg = v["error"]["message"].as_str().unwrap_or("");
+        assert!(msg.contains(needle), "{url}: {msg}");
+        assert!(!msg.contains("pw@"), "{msg}");
+        assert!(t0.elapsed() < Duration::from_secs(3), "{url} took {:?}", t0.elapsed());
+    }
+    assert_eq!(ask(&format!("http://127.0.0.1:{port}/ok.png")).0, 200, "still serving");
+    drop(d);
+    db.drop_db().await;
+    let _ = std::fs::remove_dir_all(&dir);
 }

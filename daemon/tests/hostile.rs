@@ -284,7 +284,7 @@ async fn import_prompts_reads_only_bounded_regular_files_inside_their_folder() {
         "{\"image\": \"img/text.png\", \"question\": \"What is in the picture?\"}\n",
     )
     .unwrap();
-    refused(&pdir.join("text.jsonl"), "not start with a PNG or JPEG signature");
+    refused(&pdir.join("text.jsonl"), "not start with a PNG, JPEG, WebP, GIF or BMP signature");
     // An image over server.max_image_side (256), refused from its header.
     std::fs::write(pdir.join("img/big.png"), png(300, 300)).unwrap();
     std::fs::write(

@@ -8,6 +8,7 @@
 
 pub mod adapter;
 pub mod backend;
+pub mod batch;
 pub mod clip;
 pub mod config;
 pub mod cuda;

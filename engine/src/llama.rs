@@ -268,10 +268,26 @@ impl Llama {
         suffixes: &mut [&mut KvCache],
         adapter: Option<&Adapter>,
     ) {
+        let prefixes = vec![prefix; suffixes.len()];
+        self.decode_step_multi(x, &prefixes, suffixes, adapter);
+    }
+
+    /// `decode_step` for rows that continue different prompts: row r attends to `prefixes[r]` and
+    /// `suffixes[r]` (continuous batching puts the answers of several requests in one step). Each row's math is
+    /// the same whatever the other rows are (the matmuls keep one accumulation order per row), so an answer does
+    /// not depend on what it was batched with.
+    pub fn decode_step_multi(
+        &self,
+        x: &mut [f32],
+        prefixes: &[&KvCache],
+        suffixes: &mut [&mut KvCache],
+        adapter: Option<&Adapter>,
+    ) {
         let rows = suffixes.len();
+        assert_eq!(prefixes.len(), rows, "decode_step_multi: one prefix per row");
         let cfg = &self.cfg;
         let (heads, kvh, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
-        let positions: Vec<usize> = suffixes.iter().map(|s| prefix.position(prefix.len + s.len)).collect();
+        let positions: Vec<usize> = suffixes.iter().zip(prefixes).map(|(s, p)| p.position(p.len + s.len)).collect();
         let scale = (hd as f32).powf(-0.5);
         let width = kvh * hd;
         self.forward_layers(x, rows, &positions, adapter, |li, q, k, v, out| {
@@ -279,11 +295,12 @@ impl Llama {
                 s.k[li].extend_from_slice(&k[r * width..(r + 1) * width]);
                 s.v[li].extend_from_slice(&v[r * width..(r + 1) * width]);
             }
-            let pre = KvSegment { k: &prefix.k[li], v: &prefix.v[li], len: prefix.len };
             let sufs: Vec<KvSegment> =
                 suffixes.iter().map(|s| KvSegment { k: &s.k[li], v: &s.v[li], len: s.k[li].len() / width }).collect();
             attend_rows(out, q, heads, kvh, hd, scale, cfg.window(li), |r| {
-                (vec![pre, sufs[r]], prefix.len + sufs[r].len)
+                let p = prefixes[r];
+                let pre = KvSegment { k: &p.k[li], v: &p.v[li], len: p.len };
+                (vec![pre, sufs[r]], p.len + sufs[r].len)
             });
         });
         for s in suffixes.iter_mut() {

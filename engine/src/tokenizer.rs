@@ -105,17 +105,28 @@ impl ChatTemplate {
 
     /// One user turn (`prompt`, after the image when `image`) and the assistant's opening.
     fn render(&self, prompt: &str, image: bool) -> Result<String> {
-        let content = if self.multimodal {
-            let mut parts = Vec::new();
-            if image {
-                parts.push(serde_json::json!({"type": "image"}));
-            }
-            parts.push(serde_json::json!({"type": "text", "text": prompt}));
-            serde_json::Value::Array(parts)
-        } else {
-            serde_json::Value::from(prompt)
-        };
-        let messages = serde_json::json!([{"role": "user", "content": content}]);
+        self.render_turns(&[Turn { role: Role::User, text: prompt.to_string(), image }])
+    }
+
+    /// A conversation and the assistant's opening. A multimodal model's turns are lists of parts (the image
+    /// first), a text model's strings; the developer role is rendered as "system", the role templates know.
+    fn render_turns(&self, turns: &[Turn]) -> Result<String> {
+        let messages: Vec<serde_json::Value> = turns
+            .iter()
+            .map(|t| {
+                let content = if self.multimodal {
+                    let mut parts = Vec::new();
+                    if t.image {
+                        parts.push(serde_json::json!({"type": "image"}));
+                    }
+                    parts.push(serde_json::json!({"type": "text", "text": t.text}));
+                    serde_json::Value::Array(parts)
+                } else {
+                    serde_json::Value::from(t.text.as_str())
+                };
+                serde_json::json!({"role": t.role.template_name(), "content": content})
+            })
+            .collect();
         let tmpl = self.env.get_template("chat").map_err(|e| EngineError::config(&self.source, e.to_string()))?;
         tmpl.render(minijinja::context! {
             messages => minijinja::Value::from_serialize(&messages),
@@ -125,6 +136,33 @@ impl ChatTemplate {
         })
         .map_err(|e| EngineError::config(&self.source, format!("rendering the chat template failed: {e}")))
     }
+}
+
+/// Who says a turn of a conversation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+impl Role {
+    fn template_name(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        }
+    }
+}
+
+/// One turn of a conversation (`TextTokenizer::encode_conversation`); `image`: the request's image goes at the
+/// start of this (user) turn.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Turn {
+    pub role: Role,
+    pub text: String,
+    pub image: bool,
 }
 
 /// LLaVA-1.5's conversation format; `{prompt}` is replaced by the user's text.
@@ -165,6 +203,45 @@ impl TextTokenizer {
     pub fn encode_chat(&self, fallback: &str, prompt: &str) -> Result<Vec<u32>> {
         let t = self.chat_text(fallback, prompt)?;
         self.encode(&t.text, t.special)
+    }
+
+    /// The ids of a conversation ending with a user turn, followed by the assistant's opening: the model's chat
+    /// template when it has one, else LLaVA-1.5's conversation format (`SYSTEM USER: <image>\nQ ASSISTANT: A</s>USER:
+    /// Q2 ASSISTANT:`, the image in the turn that holds it). One user turn alone gives what `encode_chat` gives.
+    pub fn encode_conversation(&self, turns: &[Turn]) -> Result<Vec<u32>> {
+        match turns.last() {
+            Some(t) if t.role == Role::User => {}
+            _ => return Err(EngineError::Input("a conversation must end with a user turn".into())),
+        }
+        match &self.chat {
+            Some(c) => self.encode(&c.render_turns(turns)?, false),
+            None => {
+                let mut s = String::new();
+                for t in turns {
+                    match t.role {
+                        Role::System => {
+                            s.push_str(&t.text);
+                            s.push(' ');
+                        }
+                        Role::User => {
+                            s.push_str("USER: ");
+                            if t.image {
+                                s.push_str("<image>\n");
+                            }
+                            s.push_str(&t.text);
+                            s.push(' ');
+                        }
+                        Role::Assistant => {
+                            s.push_str("ASSISTANT: ");
+                            s.push_str(&t.text);
+                            s.push_str("</s>");
+                        }
+                    }
+                }
+                s.push_str("ASSISTANT:");
+                self.encode(&s, true)
+            }
+        }
     }
 
     /// The text `encode_chat` encodes, whether to add the tokenizer's special tokens to it, and what goes between

@@ -105,3 +105,36 @@ fn chat_templates_render_as_transformers_apply_chat_template() {
         std::fs::remove_dir_all(&dir).ok();
     }
 }
+
+#[test]
+fn a_conversation_renders_every_turn_with_the_template_or_the_llava_format() {
+    use engine::tokenizer::{Role, Turn};
+    let turn = |role, text: &str, image| Turn { role, text: text.to_string(), image };
+    let convo = [
+        turn(Role::System, "Be brief.", false),
+        turn(Role::User, "What is here?", false),
+        turn(Role::Assistant, "A circle.", false),
+        turn(Role::User, "And its colour?", true),
+    ];
+    let cfg = serde_json::json!({"chat_template": QWEN_STYLE, "bos_token": {"content": "<s>"}, "eos_token": "</s>"});
+    let dir = model_dir("convo", &[("tokenizer_config.json", cfg.to_string())]);
+    let tok = TextTokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
+    let want = "<s><|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is here?<|im_end|>\n\
+<|im_start|>assistant\nA circle.<|im_end|>\n<|im_start|>user\n<image>And its colour?<|im_end|>\n<|im_start|>assistant\n";
+    assert_eq!(tok.encode_conversation(&convo).unwrap(), tok.encode(want, false).unwrap());
+    // One user turn is what encode_chat gives.
+    let one = [turn(Role::User, "a red circle", true)];
+    assert_eq!(tok.encode_conversation(&one).unwrap(), tok.encode_chat(LLAVA_15_TEMPLATE, "a red circle").unwrap());
+    // Without a template: LLaVA-1.5's v1 conversation format.
+    let plain = model_dir("convo-plain", &[]);
+    let tok = TextTokenizer::from_file(&plain.join("tokenizer.json")).unwrap();
+    let want = "Be brief. USER: What is here? ASSISTANT: A circle.</s>USER: <image>\nAnd its colour? ASSISTANT:";
+    assert_eq!(tok.encode_conversation(&convo).unwrap(), tok.encode(want, true).unwrap());
+    let one = [turn(Role::User, "a red circle", false)];
+    assert_eq!(tok.encode_conversation(&one).unwrap(), tok.encode_chat(TEXT_TEMPLATE, "a red circle").unwrap());
+    // A conversation must end with the user.
+    let e = tok.encode_conversation(&convo[..3]).unwrap_err().to_string();
+    assert!(e.contains("must end with a user turn"), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
+    std::fs::remove_dir_all(&plain).ok();
+}

@@ -44,7 +44,7 @@ impl ModelArgs {
 pub struct LogprobsArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Image file (PNG or JPEG); required when the ids hold the image token.
+    /// Image file (PNG, JPEG, WebP, GIF or BMP); required when the ids hold the image token.
     #[arg(long)]
     image: Option<PathBuf>,
     /// Comma-separated token ids, the image token exactly once.

@@ -18,6 +18,7 @@ pub use iteration::{advance_sampling, run_iteration, start_iteration, IterationO
 pub use label::run_label_job;
 pub use model::{
     adapter_sha256, check_stored, dir_files, fetch_checkpoint, is_shapes_tokenizer, write_dir_atomically, Engine,
+    InFlight,
 };
 pub use sample::run_sample_job;
 pub use train::{run_training, train_job, Diverged, TrainLease};

@@ -37,6 +37,8 @@ pub struct Engine {
     device: engine::backend::DeviceSpec,
     in_flight: std::sync::atomic::AtomicUsize,
     chats: std::sync::atomic::AtomicU64,
+    /// Chat requests waiting for or decoding in this engine's continuous batch.
+    pub batcher: crate::batcher::Batcher,
 }
 
 /// A chat request counted on an engine (`Engine::busy`).
@@ -101,6 +103,7 @@ impl Engine {
                 device: on,
                 in_flight: std::sync::atomic::AtomicUsize::new(0),
                 chats: std::sync::atomic::AtomicU64::new(0),
+                batcher: Default::default(),
             },
             chosen,
         ))

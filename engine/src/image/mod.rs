@@ -4,7 +4,7 @@
 //!
 //! Pipeline ([`load_rgb8`] / [`decode_rgb8`] then [`preprocess`]):
 //!
-//! 1. decode PNG / JPEG (with decompression-bomb limits) and convert to 8-bit RGB exactly like
+//! 1. decode PNG / JPEG / WebP / GIF (first frame) / BMP (with decompression-bomb limits) and convert to 8-bit RGB exactly like
 //!    PIL's `Image.convert("RGB")`: alpha is dropped (not composited), grey is replicated,
 //!    16-bit RGB(A) / grey+alpha keep the high byte, 16-bit grey saturates at 255 (PIL's `I;16`
 //!    conversion clips rather than scales);
@@ -84,8 +84,8 @@ pub enum ImageError {
     #[error("cannot read image file {path}: {cause}; check that the path exists and is readable")]
     Read { path: PathBuf, cause: std::io::Error },
 
-    /// The bytes are not a PNG or JPEG (or a format this build cannot decode).
-    #[error("image {what} is not a supported image: {detail}; only PNG and JPEG are supported, convert the image to one of those")]
+    /// The bytes are not a PNG, JPEG, WebP, GIF or BMP (or a format this build cannot decode).
+    #[error("image {what} is not a supported image: {detail}; PNG, JPEG, WebP, GIF and BMP are supported, convert the image to one of those")]
     UnsupportedFormat { what: String, detail: String },
 
     /// The decoder rejected the data (corrupt, truncated, or an unsupported variant of the format).
