@@ -6,6 +6,7 @@ use crate::rlaif::LoopConfig;
 use crate::store;
 use anyhow::{Context, Result};
 use engine::shapes::{Scene, WorldConfig, CAPTION_PROMPTS};
+use plotters::chart::SeriesLabelPosition;
 use plotters::prelude::{
     BindKeyPoints, ChartBuilder, Circle, Color, IntoDrawingArea, IntoLogRange, LineSeries, PathElement, RGBColor,
     SVGBackend, BLACK, WHITE,
@@ -375,6 +376,8 @@ fn paper_comparison(base: Option<&serde_json::Value>, promoted: Option<&serde_js
 
 /// Width and height of both plots, in pixels.
 const PLOT_SIZE: (u32, u32) = (640, 360);
+/// Family and size of every label: plotters' size 15 is written as font-size 12 (px) in the SVG.
+const PLOT_FONT: (&str, u32) = ("sans-serif", 15);
 /// The metrics both plots draw: key in a checkpoint's metrics, label, colour.
 const PLOT_METRICS: [(&str, &str, RGBColor); 2] =
     [("chair_i", "CHAIR_i", RGBColor(0xc0, 0x39, 0x2b)), ("cover", "Cover", RGBColor(0x24, 0x71, 0xa3))];
@@ -411,9 +414,11 @@ pub fn write_plot(path: &Path, rows: &[store::CheckpointRow]) -> Result<()> {
         chart
             .configure_mesh()
             .disable_mesh()
+            .label_style(PLOT_FONT)
+            .axis_desc_style(PLOT_FONT)
             .x_labels((max_iteration as usize + 1).min(11))
-            .y_labels(5)
-            .y_label_formatter(&|v| format!("{v:.2}"))
+            .y_labels(6)
+            .y_label_formatter(&|v| format!("{v:.1}"))
             .x_desc("iteration")
             .draw()?;
         for (key, label, color) in PLOT_METRICS {
@@ -428,7 +433,13 @@ pub fn write_plot(path: &Path, rows: &[store::CheckpointRow]) -> Result<()> {
                 Some(Circle::new((r.iteration, checkpoint_metric(r, key)?), 4, style))
             }))?;
         }
-        chart.configure_series_labels().background_style(WHITE).border_style(BLACK).draw()?;
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .label_font(PLOT_FONT)
+            .background_style(WHITE)
+            .border_style(BLACK)
+            .draw()?;
         root.present()?;
     }
     write_svg(path, &svg)
@@ -456,8 +467,10 @@ pub fn write_best_of_plot(path: &Path, points: &[(usize, f64, f64)], temperature
         chart
             .configure_mesh()
             .disable_mesh()
-            .y_labels(5)
-            .y_label_formatter(&|v| format!("{v:.2}"))
+            .label_style(PLOT_FONT)
+            .axis_desc_style(PLOT_FONT)
+            .y_labels(6)
+            .y_label_formatter(&|v| format!("{v:.1}"))
             .x_desc(format!("N (best of N samples at temperature {temperature}, by the implicit reward)"))
             .draw()?;
         for (pick, (_, label, color)) in PLOT_METRICS.into_iter().enumerate() {
@@ -468,7 +481,13 @@ pub fn write_best_of_plot(path: &Path, points: &[(usize, f64, f64)], temperature
                 .legend(legend_line(color));
             chart.draw_series(points.iter().map(|p| Circle::new(value(p), 4, color.filled())))?;
         }
-        chart.configure_series_labels().background_style(WHITE).border_style(BLACK).draw()?;
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .label_font(PLOT_FONT)
+            .background_style(WHITE)
+            .border_style(BLACK)
+            .draw()?;
         root.present()?;
     }
     write_svg(path, &svg)
@@ -524,6 +543,7 @@ mod tests {
         let lineage = dir.join("hallucination.svg");
         write_plot(&lineage, &rows).unwrap();
         let svg = std::fs::read_to_string(&lineage).unwrap();
+        std::fs::write("/tmp/lineage_dbg.svg", &svg).unwrap(); // DEBUG
         assert_whole_svg(&svg);
         for label in ["CHAIR_i", "Cover", "iteration"] {
             assert!(svg.contains(label), "{label} missing from {svg}");
@@ -536,6 +556,7 @@ mod tests {
         let points = [(1, 0.30, 0.50), (2, 0.25, 0.52), (4, 0.20, 0.55), (8, 0.18, 0.56)];
         write_best_of_plot(&best_of, &points, 0.7).unwrap();
         let svg = std::fs::read_to_string(&best_of).unwrap();
+        std::fs::write("/tmp/bestof_dbg.svg", &svg).unwrap(); // DEBUG
         assert_whole_svg(&svg);
         for label in ["CHAIR_i", "Cover", "N (best of N samples at temperature 0.7, by the implicit reward)"] {
             assert!(svg.contains(label), "{label} missing from {svg}");
