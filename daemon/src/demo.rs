@@ -543,7 +543,6 @@ mod tests {
         let lineage = dir.join("hallucination.svg");
         write_plot(&lineage, &rows).unwrap();
         let svg = std::fs::read_to_string(&lineage).unwrap();
-        std::fs::write("/tmp/lineage_dbg.svg", &svg).unwrap(); // DEBUG
         assert_whole_svg(&svg);
         for label in ["CHAIR_i", "Cover", "iteration"] {
             assert!(svg.contains(label), "{label} missing from {svg}");
@@ -556,7 +555,6 @@ mod tests {
         let points = [(1, 0.30, 0.50), (2, 0.25, 0.52), (4, 0.20, 0.55), (8, 0.18, 0.56)];
         write_best_of_plot(&best_of, &points, 0.7).unwrap();
         let svg = std::fs::read_to_string(&best_of).unwrap();
-        std::fs::write("/tmp/bestof_dbg.svg", &svg).unwrap(); // DEBUG
         assert_whole_svg(&svg);
         for label in ["CHAIR_i", "Cover", "N (best of N samples at temperature 0.7, by the implicit reward)"] {
             assert!(svg.contains(label), "{label} missing from {svg}");
