@@ -177,11 +177,7 @@ fn run_batches(eng: &Engine, slice: &crate::worker::Slice) -> anyhow::Result<()>
                 let _ = job.events.send(JobEvent::Failed(timeout(job.deadline.1)));
                 continue;
             }
-            if on_cpu {
-                admit(eng, &mut batch, &mut live, job);
-            } else {
-                run_whole(eng, job);
-            }
+            admit(eng, on_cpu.then_some(&mut batch), &mut live, job);
         }
         if batch.is_empty() {
             continue;
@@ -237,25 +233,41 @@ fn timeout(budget: Duration) -> JobError {
     JobError::Timeout(format!("the request ran past its time budget of {:.1} s", budget.as_secs_f64()))
 }
 
-/// Decodes the job's image and joins it to the batch, or tells its handler why not.
-fn admit(eng: &Engine, batch: &mut CpuBatch, live: &mut HashMap<u64, Live>, job: Job) {
+/// Decodes the job's image and joins it to the batch, or on an engine that does not batch generates it whole and
+/// sends its tokens at the end; or tells its handler why not.
+fn admit(eng: &Engine, batch: Option<&mut CpuBatch>, live: &mut HashMap<u64, Live>, job: Job) {
     crate::failpoint::stall("engine_stall");
-    let pixels = match prepare_image(eng, &job) {
+    let pixels = match job.image.as_deref().map(|b| prepare_image(eng, b, job.max_image_side)).transpose() {
         Ok(p) => p,
         Err(e) => {
-            let _ = job.events.send(JobEvent::Failed(e));
+            let _ = job.events.send(JobEvent::Failed(JobError::Bad(e)));
             return;
         }
     };
-    let req = BatchRequest {
+    let request = GenerateRequest {
         ids: &job.ids,
         pixels: pixels.as_ref(),
         seeds: &job.seeds,
         params: job.params.clone(),
         stop_ids: job.stop_ids.clone(),
-        logprobs: job.logprobs,
     };
-    match batch.admit(&eng.model, &req, job.serving.adapter.as_deref()) {
+    let adapter = job.serving.adapter.as_deref();
+    let Some(batch) = batch else {
+        match engine::generate::generate(&eng.model, &request, adapter) {
+            Ok(answers) => {
+                for (i, a) in answers.iter().enumerate() {
+                    for e in answer_events(i, a) {
+                        let _ = job.events.send(JobEvent::Token(e));
+                    }
+                }
+            }
+            Err(e) => {
+                let _ = job.events.send(JobEvent::Failed(engine_error(e)));
+            }
+        }
+        return;
+    };
+    match batch.admit(&eng.model, &BatchRequest { request, logprobs: job.logprobs }, adapter) {
         Ok((id, events)) => {
             let done = vec![false; job.seeds.len()];
             let mut l = Live { events: job.events, deadline: job.deadline, stopped: job.stopped, done };
@@ -272,49 +284,30 @@ fn admit(eng: &Engine, batch: &mut CpuBatch, live: &mut HashMap<u64, Live>, job:
     }
 }
 
-/// A job on an engine that does not batch: generated whole, its tokens sent at the end.
-fn run_whole(eng: &Engine, job: Job) {
-    crate::failpoint::stall("engine_stall");
-    let pixels = match prepare_image(eng, &job) {
-        Ok(p) => p,
-        Err(e) => {
-            let _ = job.events.send(JobEvent::Failed(e));
-            return;
-        }
-    };
-    let req = GenerateRequest {
-        ids: &job.ids,
-        pixels: pixels.as_ref(),
-        seeds: &job.seeds,
-        params: job.params.clone(),
-        stop_ids: job.stop_ids.clone(),
-    };
-    match engine::generate::generate(&eng.model, &req, job.serving.adapter.as_deref()) {
-        Ok(answers) => {
-            for (i, a) in answers.iter().enumerate() {
-                let n = a.tokens.len();
-                for (k, &t) in a.tokens.iter().enumerate() {
-                    let finish = (k + 1 == n && a.finish == FinishReason::Length).then_some(FinishReason::Length);
-                    let e = Emitted { request: 0, answer: i, token: Some(t), logprob: None, finish };
-                    let _ = job.events.send(JobEvent::Token(e));
-                }
-                if a.finish == FinishReason::Stop || n == 0 {
-                    let e = Emitted { request: 0, answer: i, token: None, logprob: None, finish: Some(a.finish) };
-                    let _ = job.events.send(JobEvent::Token(e));
-                }
-            }
-        }
-        Err(e) => {
-            let _ = job.events.send(JobEvent::Failed(engine_error(e)));
-        }
+/// A finished answer as the events a batch would have sent for it: one per token, the last carrying the end (a
+/// stop token, or an empty answer, gets an event of its own).
+pub fn answer_events(index: usize, a: &engine::generate::Answer) -> Vec<Emitted> {
+    let n = a.tokens.len();
+    let mut out: Vec<Emitted> = a
+        .tokens
+        .iter()
+        .enumerate()
+        .map(|(k, &t)| {
+            let finish = (k + 1 == n && a.finish == FinishReason::Length).then_some(FinishReason::Length);
+            Emitted { request: 0, answer: index, token: Some(t), logprob: None, finish }
+        })
+        .collect();
+    if a.finish == FinishReason::Stop || n == 0 {
+        out.push(Emitted { request: 0, answer: index, token: None, logprob: None, finish: Some(a.finish) });
     }
+    out
 }
 
-fn prepare_image(eng: &Engine, job: &Job) -> Result<Option<engine::image::PixelValues>, JobError> {
-    let Some(bytes) = &job.image else { return Ok(None) };
-    let img = engine::image::decode_rgb8_within(bytes, "request image", job.max_image_side)
-        .map_err(|e| JobError::Bad(e.to_string()))?;
-    engine::image::preprocess(&img, &eng.ip).map(Some).map_err(|e| JobError::Bad(e.to_string()))
+/// A request's encoded image, decoded within `max_side` and preprocessed for the engine's model (on the engine
+/// thread). Err: what is wrong with the image (the client's error).
+pub fn prepare_image(eng: &Engine, bytes: &[u8], max_side: u32) -> Result<engine::image::PixelValues, String> {
+    let img = engine::image::decode_rgb8_within(bytes, "request image", max_side).map_err(|e| e.to_string())?;
+    engine::image::preprocess(&img, &eng.ip).map_err(|e| e.to_string())
 }
 
 fn engine_error(e: engine::EngineError) -> JobError {

@@ -143,7 +143,8 @@ struct Parsed {
     include_usage: bool,
     /// Some(k): each token's log-probability and the k most likely alternatives.
     logprobs: Option<usize>,
-    ignore_eos: bool,
+    /// Tokens that end an answer (empty: the model's eos ids).
+    stop_ids: Vec<u32>,
     n: usize,
     best_of: Option<usize>,
     /// `params.max_new_tokens` is `max_tokens` when the client gave it, else the server's default (which the
@@ -392,7 +393,8 @@ fn parse(body: &[u8], cfg: &crate::config::ServerConfig) -> Result<Parsed, ApiEr
         stream,
         include_usage,
         logprobs,
-        ignore_eos: req.ignore_eos == Some(true),
+        // ignore_eos: no token ends an answer (an id outside every vocabulary stands in for the stop tokens).
+        stop_ids: if req.ignore_eos == Some(true) { vec![u32::MAX] } else { Vec::new() },
         n,
         best_of: req.best_of,
         params,
@@ -609,25 +611,19 @@ async fn chat(req: HttpRequest, payload: web::Payload, d: web::Data<Arc<Daemon>>
     };
     if let Some(best_of) = p.best_of {
         // Best-of-N ranks whole answers by the implicit reward: one engine task, not batched.
-        let (ee, s, image, ids) = (eng.clone(), serving.clone(), p.image.clone(), planned.ids.clone());
+        let (ee, s, image, ids, stop_ids) =
+            (eng.clone(), serving.clone(), p.image.clone(), planned.ids.clone(), p.stop_ids.clone());
         let (n, seed) = (p.n, p.seed);
-        let stop_ids = if p.ignore_eos { vec![u32::MAX] } else { Vec::new() };
         let out = eng
             .worker
             .run_within(Priority::Serve, Some(budget), move |_| {
                 crate::failpoint::stall("engine_stall");
                 let e = &ee;
-                let pixels = match &image {
-                    Some(bytes) => {
-                        let img = engine::image::decode_rgb8_within(bytes, "request image", max_side)
-                            .map_err(|e| anyhow::anyhow!(ApiErrorKind::Bad(e.to_string())))?;
-                        Some(
-                            engine::image::preprocess(&img, &e.ip)
-                                .map_err(|e| anyhow::anyhow!(ApiErrorKind::Bad(e.to_string())))?,
-                        )
-                    }
-                    None => None,
-                };
+                let pixels = image
+                    .as_deref()
+                    .map(|b| crate::batcher::prepare_image(e, b, max_side))
+                    .transpose()
+                    .map_err(|m| anyhow::anyhow!(ApiErrorKind::Bad(m)))?;
                 let seeds: Vec<u64> = (0..best_of as u64).map(|i| seed.wrapping_add(i)).collect();
                 let req = GenerateRequest { ids: &ids, pixels: pixels.as_ref(), seeds: &seeds, params, stop_ids };
                 let b = engine::feedback::reward::best_of_n(
@@ -646,13 +642,8 @@ async fn chat(req: HttpRequest, payload: web::Payload, d: web::Data<Arc<Daemon>>
         let ranked = out.map_err(|e| engine_failure(e, timeout_s))?;
         let mut asm = Assembler::new(&eng, ranked.len(), p.stop.clone(), None, None);
         for (i, (a, _)) in ranked.iter().enumerate() {
-            for (k, &t) in a.tokens.iter().enumerate() {
-                let last = k + 1 == a.tokens.len();
-                let finish = (last && a.finish == FinishReason::Length).then_some(FinishReason::Length);
-                asm.feed(Emitted { request: 0, answer: i, token: Some(t), logprob: None, finish });
-            }
-            if a.finish == FinishReason::Stop || a.tokens.is_empty() {
-                asm.feed(Emitted { request: 0, answer: i, token: None, logprob: None, finish: Some(a.finish) });
+            for e in crate::batcher::answer_events(i, a) {
+                asm.feed(e);
             }
         }
         let rewards: Vec<f64> = ranked.iter().map(|r| r.1).collect();
@@ -677,8 +668,7 @@ async fn chat(req: HttpRequest, payload: web::Payload, d: web::Data<Arc<Daemon>>
         seeds: seeds.clone(),
         params,
         logprobs: p.logprobs,
-        // No token ends an answer: an id outside every vocabulary stands in for the stop tokens.
-        stop_ids: if p.ignore_eos { vec![u32::MAX] } else { Vec::new() },
+        stop_ids: p.stop_ids.clone(),
         serving: serving.clone(),
         deadline: (Instant::now() + budget, std::time::Duration::from_secs_f64(timeout_s)),
         events: tx,
@@ -870,10 +860,15 @@ struct Head {
 #[derive(Default)]
 struct Choice {
     tokens: Vec<u32>,
-    /// The decoded text of every token so far.
+    /// The answer's text so far (decoded a few tokens at a time; cut at a stop string when one appears).
     full: String,
-    /// What has been handed out (a prefix of `full`, short of a possible stop-string start).
-    text: String,
+    /// Bytes of `full` handed out (short of a possible stop-string start).
+    sent: usize,
+    /// Incremental decoding: tokens from `prefix_off` are decoded with and without those from `read_off`, and the
+    /// difference is the new text (a token's leading space and a character split across tokens come out right
+    /// without decoding the whole answer again).
+    prefix_off: usize,
+    read_off: usize,
     logprobs: Vec<serde_json::Value>,
     finish: Option<&'static str>,
 }
@@ -928,17 +923,22 @@ impl Assembler {
         }
         let mut d = Delta { text: String::new(), logprobs: Vec::new(), finish: None };
         if let Some(t) = e.token {
-            let full = {
-                let c = &mut self.choices[i];
-                c.tokens.push(t);
-                self.eng.tok.decode(&c.tokens).unwrap_or_default()
+            let tok = &self.eng.tok;
+            let c = &mut self.choices[i];
+            c.tokens.push(t);
+            let before = tok.decode(&c.tokens[c.prefix_off..c.read_off]).unwrap_or_default();
+            let now = tok.decode(&c.tokens[c.prefix_off..]).unwrap_or_default();
+            // Held while the new tokens end inside a character.
+            let piece = match now.strip_prefix(before.as_str()) {
+                Some(p) if !p.is_empty() && !p.ends_with('\u{FFFD}') => {
+                    (c.prefix_off, c.read_off) = (c.read_off, c.tokens.len());
+                    c.full.push_str(p);
+                    p.to_string()
+                }
+                _ => String::new(),
             };
-            let prev = std::mem::replace(&mut self.choices[i].full, full.clone());
             if let Some(lp) = &e.logprob {
-                let piece = match full.strip_prefix(prev.as_str()) {
-                    Some(p) => p.to_string(),
-                    None => self.token_text(t),
-                };
+                let piece = if piece.is_empty() { self.token_text(t) } else { piece };
                 let top = lp
                     .top
                     .iter()
@@ -950,10 +950,10 @@ impl Assembler {
                 d.logprobs.push(self.entry(&piece, lp.logprob, top));
             }
             let c = &mut self.choices[i];
-            if let Some((cut, _)) = cut_at_stop(&full, &self.stop) {
-                let end = &full[..cut];
-                d.text = end.strip_prefix(c.text.as_str()).unwrap_or("").to_string();
-                c.text = end.to_string();
+            if let Some((cut, _)) = cut_at_stop(&c.full, &self.stop) {
+                c.full.truncate(cut);
+                d.text = c.full.get(c.sent..).unwrap_or("").to_string();
+                c.sent = c.full.len();
                 c.finish = Some("stop");
                 d.finish = c.finish;
                 if let Some(s) = &self.stopped {
@@ -961,22 +961,27 @@ impl Assembler {
                         s.push(i);
                     }
                 }
-            } else if !full.ends_with('\u{FFFD}') {
-                let safe = full.len() - held_back(&full, &self.stop);
-                if let (Some(new), true) = (full.get(c.text.len()..safe), full.starts_with(c.text.as_str())) {
-                    d.text = new.to_string();
-                    c.text = full[..safe].to_string();
+            } else {
+                let safe = c.full.len() - held_back(&c.full, &self.stop);
+                if safe > c.sent {
+                    d.text = c.full[c.sent..safe].to_string();
+                    c.sent = safe;
                 }
             }
             c.logprobs.extend(d.logprobs.iter().cloned());
         }
         if let Some(f) = e.finish {
+            let tok = &self.eng.tok;
             let c = &mut self.choices[i];
             if c.finish.is_none() {
-                if let Some(rest) = c.full.strip_prefix(c.text.as_str()) {
-                    d.text.push_str(rest);
-                    c.text = c.full.clone();
+                // Whatever is still held: the end of a character that never completed, a stop-string start.
+                let before = tok.decode(&c.tokens[c.prefix_off..c.read_off]).unwrap_or_default();
+                let now = tok.decode(&c.tokens[c.prefix_off..]).unwrap_or_default();
+                if let Some(rest) = now.strip_prefix(before.as_str()) {
+                    c.full.push_str(rest);
                 }
+                d.text.push_str(&c.full[c.sent..]);
+                c.sent = c.full.len();
                 c.finish = Some(if f == FinishReason::Stop { "stop" } else { "length" });
                 d.finish = c.finish;
             }
@@ -1001,7 +1006,7 @@ impl Assembler {
                 } else {
                     serde_json::Value::Null
                 };
-                serde_json::json!({ "index": i, "message": { "role": "assistant", "content": c.text },
+                serde_json::json!({ "index": i, "message": { "role": "assistant", "content": &c.full[..c.sent] },
                     "logprobs": logprobs, "finish_reason": c.finish.unwrap_or("length") })
             })
             .collect();

@@ -11,8 +11,7 @@
 
 use crate::adapter::Adapter;
 use crate::error::{EngineError, Result};
-use crate::generate::FinishReason;
-use crate::image::PixelValues;
+use crate::generate::{FinishReason, GenerateRequest};
 use crate::limits::RequestShape;
 use crate::llama::KvCache;
 use crate::llava::Model;
@@ -22,16 +21,9 @@ use crate::sampling::{sample, sorted_desc, SamplingParams};
 /// The most alternatives `top_logprobs` may ask for per token (OpenAI's limit).
 pub const MAX_TOP_LOGPROBS: usize = 20;
 
-/// What `admit` takes: like `generate::GenerateRequest`, plus whether to report log-probabilities.
+/// What `admit` takes: a `generate::GenerateRequest`, and whether to report log-probabilities.
 pub struct BatchRequest<'a> {
-    /// Prompt ids with the image token once (if there is an image).
-    pub ids: &'a [u32],
-    pub pixels: Option<&'a PixelValues>,
-    /// One answer per seed.
-    pub seeds: &'a [u64],
-    pub params: SamplingParams,
-    /// Tokens that end an answer; the model's eos ids when empty.
-    pub stop_ids: Vec<u32>,
+    pub request: GenerateRequest<'a>,
     /// Some(k): report each sampled token's log-probability and the k most likely tokens' (k <= 20).
     pub logprobs: Option<usize>,
 }
@@ -118,11 +110,12 @@ impl CpuBatch {
         req: &BatchRequest,
         adapter: Option<&Adapter>,
     ) -> Result<(u64, Vec<Emitted>)> {
+        let (logprobs, req) = (req.logprobs, &req.request);
         req.params.validate().map_err(EngineError::Input)?;
         if req.seeds.is_empty() {
             return Err(EngineError::Input("a request needs at least one seed (one per answer)".into()));
         }
-        if let Some(k) = req.logprobs {
+        if let Some(k) = logprobs {
             if k > MAX_TOP_LOGPROBS {
                 return Err(EngineError::Input(format!("top_logprobs must be at most {MAX_TOP_LOGPROBS}, got {k}")));
             }
@@ -143,7 +136,7 @@ impl CpuBatch {
         let (prefix, first) = model.prefill(req.ids, feats.as_ref(), adapter)?;
         let id = self.next_id;
         self.next_id += 1;
-        let mut r = Request { id, prefix, params, stop, logprobs: req.logprobs, answers: Vec::new() };
+        let mut r = Request { id, prefix, params, stop, logprobs, answers: Vec::new() };
         let mut events = Vec::new();
         for (index, &seed) in req.seeds.iter().enumerate() {
             let mut a = Answer {

@@ -105,14 +105,14 @@ fn requests_joining_a_running_batch_get_what_generate_gives_them_alone() {
         loop {
             while admitted < cases.len() && cases[admitted].joins_at <= batch.steps() {
                 let c = &cases[admitted];
-                let req = BatchRequest {
+                let request = GenerateRequest {
                     ids: &c.ids,
                     pixels: c.pixels.as_ref(),
                     seeds: &c.seeds,
                     params: c.params.clone(),
                     stop_ids: vec![],
-                    logprobs: Some(3),
                 };
+                let req = BatchRequest { request, logprobs: Some(3) };
                 let (id, events) = batch.admit(&model, &req, None).unwrap();
                 ids_of.insert(id, admitted);
                 record(events, &ids_of);
@@ -166,17 +166,14 @@ fn cancelled_requests_and_answers_leave_the_batch_and_the_rest_go_on() {
     let model = Model::load(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../assets/shapes-base")).unwrap();
     let params = SamplingParams { temperature: 0.7, max_new_tokens: 9, ..Default::default() };
     let ids: Vec<u32> = (10..21).filter(|&t| Some(t) != model.image_token_id()).take(10).collect();
-    let req = |seeds: &'static [u64]| BatchRequest {
-        ids: &[],
-        pixels: None,
-        seeds,
-        params: params.clone(),
-        stop_ids: vec![u32::MAX],
-        logprobs: None,
-    };
+    // No stop token: every answer runs to max_new_tokens.
+    fn request<'a>(ids: &'a [u32], seeds: &'a [u64], p: &SamplingParams, logprobs: Option<usize>) -> BatchRequest<'a> {
+        let request = GenerateRequest { ids, pixels: None, seeds, params: p.clone(), stop_ids: vec![u32::MAX] };
+        BatchRequest { request, logprobs }
+    }
     let mut batch = CpuBatch::new();
-    let (a, _) = batch.admit(&model, &BatchRequest { ids: &ids, ..req(&[1, 2]) }, None).unwrap();
-    let (b, _) = batch.admit(&model, &BatchRequest { ids: &ids, ..req(&[3]) }, None).unwrap();
+    let (a, _) = batch.admit(&model, &request(&ids, &[1, 2], &params, None), None).unwrap();
+    let (b, _) = batch.admit(&model, &request(&ids, &[3], &params, None), None).unwrap();
     assert_eq!((batch.len(), batch.active_answers()), (2, 3));
     batch.step(&model, None).unwrap();
     batch.cancel_answer(a, 0);
@@ -193,11 +190,10 @@ fn cancelled_requests_and_answers_leave_the_batch_and_the_rest_go_on() {
     // 9 tokens: the first at admission, one in the step before the cancellations, 7 after.
     assert_eq!(n, 7);
     // A bad request changes nothing.
-    let bad = BatchRequest { ids: &ids, logprobs: Some(21), ..req(&[1]) };
-    let e = batch.admit(&model, &bad, None).unwrap_err().to_string();
+    let e = batch.admit(&model, &request(&ids, &[1], &params, Some(21)), None).unwrap_err().to_string();
     assert!(e.contains("top_logprobs must be at most 20"), "{e}");
     let long = vec![ids[0]; model.context_len()];
-    let e = batch.admit(&model, &BatchRequest { ids: &long, ..req(&[1]) }, None).unwrap_err().to_string();
+    let e = batch.admit(&model, &request(&long, &[1], &params, None), None).unwrap_err().to_string();
     assert!(e.contains("context"), "{e}");
     assert!(batch.is_empty());
 }
