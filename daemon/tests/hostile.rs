@@ -487,7 +487,41 @@ async fn a_fresh_probe_finds_nothing_that_kills_hangs_or_leaks() {
     let nested = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
     let many_messages = json!({ "messages": (0..60_000).map(|_| json!({ "role": "system", "content": "be brief" })).chain([json!({ "role": "user", "content": "hi" })]).collect::<Vec<_>>() }).to_string();
     let image_tokens = "<image> ".repeat(2000);
+    // Issue 31's inputs: conversations, logprobs, stream options, image URLs, the new image formats.
+    let long_conversation = json!({ "messages": (0..30_000).map(|i| json!({ "role": if i % 2 == 0 { "user" } else { "assistant" }, "content": "more" })).chain([json!({ "role": "user", "content": "hi" })]).collect::<Vec<_>>() }).to_string();
+    let gif_bomb = std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../engine/tests/fixtures/image_formats/gif_huge_65535x65535.gif"),
+    )
+    .unwrap();
+    let url_image = json!({ "messages": [{ "role": "user", "content": [{ "type": "image_url", "image_url": { "url": "http://169.254.169.254/latest/meta-data/" } }, { "type": "text", "text": "hi" }] }] }).to_string();
     let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
+        ("30001 conversation turns", long_conversation.into_bytes(), 400, "context of 256 tokens"),
+        (
+            "top_logprobs = 1e30",
+            chat("hi", None, json!({ "logprobs": true, "top_logprobs": 1e30 })),
+            400,
+            "not a valid chat request",
+        ),
+        (
+            "top_logprobs = 1000",
+            chat("hi", None, json!({ "logprobs": true, "top_logprobs": 1000 })),
+            400,
+            "top_logprobs",
+        ),
+        (
+            "stream_options with an unknown key",
+            chat("hi", None, json!({ "stream": true, "stream_options": { "x": 1 } })),
+            400,
+            "not a valid chat request",
+        ),
+        (
+            "an image URL to a metadata service, URLs off",
+            url_image.into_bytes(),
+            400,
+            "server.image_url_hosts is empty",
+        ),
+        ("a GIF declaring 65535 x 65535", chat("hi", Some(("image/gif", &gif_bomb)), json!({})), 400, "65535x65535"),
+        ("stop: 1000 strings", chat("hi", None, json!({ "stop": vec!["x"; 1000] })), 400, "stop"),
         ("JSON nested 100000 deep", nested.into_bytes(), 400, "not a valid chat request"),
         ("60000 system messages", many_messages.into_bytes(), 400, "context of 256 tokens"),
         ("the image token typed 2000 times", chat(&image_tokens, None, json!({ "max_tokens": 4 })), 400, "context"),
