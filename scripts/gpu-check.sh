@@ -10,20 +10,21 @@
 #      5e-2, same greedy tokens, n sequences decoding against a shared prefix, graph replay = direct launches);
 #      cuda_train: GPU LoRA DPO (loss, log-probs, every LoRA gradient) against the CPU backend, and a short GPU DPO
 #      run; cuda_backend: the daemon's CUDA backend on the bundled ShapesWorld model (image prompts, LoRA on the
-#      device: greedy tokens, answer log-probs, sampling, the CPU fallback), the GPU image path (vision tower +
+#      device: greedy tokens, answer log-probs, sampling, the CPU fallback, continuous batching), the GPU image path (vision tower +
 #      projector) on every fixture, labeler verdicts, and GPU DPO on ShapesWorld pairs with images against the CPU
 #      trainer, paused, saved and resumed on the GPU or the CPU; cuda_parallel: data-parallel DPO on two GPUs against
 #      one (skipped on a one-GPU host); train_cli: `rlaifd train-dpo --device cuda`, paused and resumed on either
 #      device, and `--device cuda:0,cuda:1`. Needs the fixtures and assets/: run from a checkout.
 #   4. rlaifd generate --device cuda on generated ShapesWorld images (the CLI end to end), and --device cpu beside it.
 #   5. rlaifd bench-gpu: prefill (640 tokens), batch-1 decode and n=10 sampling of a random-weight LLaVA-1.5-7B-
-#      shaped decoder, copy bandwidth and roofline, a per-op breakdown; rlaifd bench-gpu-train: DPO and SFT steps
+#      shaped decoder, copy bandwidth and roofline, a per-op breakdown; rlaifd bench-gpu-batch: CLIENTS (32)
+#      requests in one continuous batch against one at a time (answer tokens/s); rlaifd bench-gpu-train: DPO and SFT steps
 #      with LoRA r=64 on every linear layer, 700-token sequences; then the peers on the same GPU (if torch is there):
 #      benches/gpu_peer.py (transformers fp16) and benches/gpu_peer_dpo.py (PyTorch + peft, fp16 autocast).
 #      SHAPE=qwen7b runs stage 5 on Qwen2-VL-7B's decoder instead (q/k/v biases, multimodal RoPE, GQA 28/4).
 #
 # A rehearsal without a GPU (checks this script, its arguments and the binaries, not the GPU):
-#   CUEMU=1 SHAPE=tiny PROMPT=70 DECODE=4 SEQ=80 ANSWER=10 RANK=8 REPS=1 LIMIT_SCALE=10 OUT=/tmp/rehearsal scripts/gpu-check.sh
+#   CUEMU=1 SHAPE=tiny PROMPT=70 DECODE=4 SEQ=80 ANSWER=10 RANK=8 REPS=1 CLIENTS=4 LIMIT_SCALE=10 OUT=/tmp/rehearsal scripts/gpu-check.sh
 # runs every stage on cuemu (tools/cuemu, built by tools/cuemu/build.sh) with a tiny benchmark shape.
 # RLAIFD_CUDA_MMA_ATTENTION=0 runs everything with the scalar attention kernels instead of the tensor-core ones (for
 # when those fail on the hardware: the binaries cannot be rebuilt on the GPU host). The script sets it itself for
@@ -131,6 +132,8 @@ if part bench; then
 mma_check
 stage "bench-gpu (rlaifd)" bench.log 300 "$bins/rlaifd" bench-gpu --shape "$SHAPE" --prompt "$PROMPT" --decode "$DECODE" --reps "${REPS:-3}" --n 10
 grep -E "decoder, batch 1|argmax on the device|without graph replay|batch-1 projection|one launch|then add|attn_decode" "$OUT/bench.log" | tail -n 30
+stage "bench-gpu-batch (rlaifd: continuous batching against one request at a time)" bench.log 300 "$bins/rlaifd" bench-gpu-batch --shape "$SHAPE" --prompt "$PROMPT" --decode "$DECODE" --clients "${CLIENTS:-32}" --reps "${REPS:-3}"
+grep -E "continuous batch" "$OUT/bench.log" | tail -n 2
 stage "bench-gpu-train (rlaifd)" bench.log 300 "$bins/rlaifd" bench-gpu-train --shape "$SHAPE" --seq "$SEQ" --answer "$ANSWER" --rank "$RANK" --reps "${REPS:-5}" --warmup 2
 grep -E "DPO step|image path" "$OUT/bench.log" | tail -n 4
 fi

@@ -1,19 +1,20 @@
 //! Continuous batching of chat requests on one engine. A request becomes a [`Job`] in the engine's queue; one
 //! serve-priority task on the engine thread runs while any job is queued or decoding: between decode steps it
-//! admits queued jobs (image decoded, prompt prefilled, first tokens sampled: `engine::batch::CpuBatch::admit`)
+//! admits queued jobs (image decoded, prompt prefilled, first tokens sampled: `engine::batch::Batch::admit`)
 //! up to `server.max_batch` answers, runs one step for every unfinished answer of every job, and sends each
 //! job's tokens to its handler as they come. A job whose client went away (its receiver dropped) or whose time
 //! ran out leaves at the next step; an answer its handler ended on a stop string leaves too.
 //!
 //! Every job in a batch runs on the adapter it arrived with: after a hot-swap, jobs of the new generation wait
-//! until the old generation's jobs have finished (a swap never changes weights under a request). On a CUDA
-//! engine each job runs whole with `generate` (the GPU decoder does not batch across requests yet) and its
-//! tokens are sent when it ends.
+//! until the old generation's jobs have finished (a swap never changes weights under a request). The batch is
+//! made on the engine's device for its generation's adapter (`engine::batch::Batch::new`: on a CUDA engine its
+//! rows' caches are allocated then, and kept while jobs of the same generation follow). A job with more answers
+//! than a GPU batch has rows runs whole with `generate`, its tokens sent when it ends.
 
 use crate::rlaif::Engine;
 use crate::serve::Serving;
 use crate::worker::Priority;
-use engine::batch::{BatchRequest, CpuBatch, Emitted};
+use engine::batch::{Batch, BatchRequest, Emitted};
 use engine::generate::{FinishReason, GenerateRequest};
 use engine::sampling::SamplingParams;
 use std::collections::{HashMap, VecDeque};
@@ -139,32 +140,52 @@ impl Batcher {
 
 /// The batch task: runs until no job is queued or decoding.
 fn run_batches(eng: &Engine, slice: &crate::worker::Slice) -> anyhow::Result<()> {
-    let on_cpu = eng.model.backend().spec() == engine::backend::DeviceSpec::Cpu;
-    let mut batch = CpuBatch::new();
+    // The batch and the generation it was made for; made again when an empty batch meets another generation.
+    let mut current: Option<(Batch, Arc<Serving>)> = None;
     let mut live: HashMap<u64, Live> = HashMap::new();
-    let mut serving: Option<Arc<Serving>> = None;
     loop {
-        // Admit what fits: jobs of the batch's generation (any, when the batch is empty), in arrival order.
-        let admitted: Vec<Job> = {
+        // An empty batch: stop when nothing is queued, else make sure the batch is for the next job's generation.
+        let (next, max_batch) = {
             let Ok(mut s) = eng.batcher.state.lock() else { anyhow::bail!("the batch queue is poisoned") };
-            if batch.is_empty() {
-                serving = None;
-                if s.queue.is_empty() {
-                    s.running = false;
-                    return Ok(());
+            let empty = current.as_ref().is_none_or(|(b, _)| b.is_empty());
+            if empty && s.queue.is_empty() {
+                s.running = false;
+                return Ok(());
+            }
+            (if empty { s.queue.front().map(|j| j.serving.clone()) } else { None }, s.max_batch)
+        };
+        if let Some(sv) = next {
+            if current.as_ref().is_none_or(|(_, cur)| cur.generation != sv.generation) {
+                current = None;
+                match Batch::new(&eng.model, sv.adapter.clone(), max_batch) {
+                    Ok(b) => current = Some((b, sv)),
+                    Err(e) => {
+                        // No batch for this generation (the device is out of memory, say): its first job fails.
+                        let job = eng.batcher.state.lock().ok().and_then(|mut s| s.queue.pop_front());
+                        if let Some(j) = job {
+                            let _ = j.events.send(JobEvent::Failed(engine_error(e)));
+                        }
+                        continue;
+                    }
                 }
             }
+        }
+        let Some((batch, serving)) = current.as_mut() else { continue };
+        // Admit what fits: jobs of the batch's generation, in arrival order.
+        let admitted: Vec<Job> = {
+            let Ok(mut s) = eng.batcher.state.lock() else { anyhow::bail!("the batch queue is poisoned") };
             let mut take = Vec::new();
-            let mut room = s.max_batch.saturating_sub(batch.active_answers());
+            let limit = batch.capacity().map_or(s.max_batch, |c| c.min(s.max_batch));
+            let mut room = limit.saturating_sub(batch.active_answers());
             while let Some(j) = s.queue.front() {
-                let same = serving.as_ref().is_none_or(|sv| sv.generation == j.serving.generation);
                 // An empty batch takes a job larger than the room (n <= server.max_n) rather than never.
-                if !same || (j.seeds.len() > room && !(batch.is_empty() && take.is_empty())) {
+                if serving.generation != j.serving.generation
+                    || (j.seeds.len() > room && !(batch.is_empty() && take.is_empty()))
+                {
                     break;
                 }
                 let Some(j) = s.queue.pop_front() else { break };
                 room = room.saturating_sub(j.seeds.len());
-                serving.get_or_insert_with(|| j.serving.clone());
                 take.push(j);
             }
             take
@@ -177,28 +198,27 @@ fn run_batches(eng: &Engine, slice: &crate::worker::Slice) -> anyhow::Result<()>
                 let _ = job.events.send(JobEvent::Failed(timeout(job.deadline.1)));
                 continue;
             }
-            admit(eng, on_cpu.then_some(&mut batch), &mut live, job);
+            admit(eng, batch, &mut live, job);
         }
         if batch.is_empty() {
             continue;
         }
         // Other serve-priority tasks (a hot-swap's adapter load, a best-of-N request) run between steps.
         slice.yield_to_peers();
-        let adapter = serving.as_ref().and_then(|s| s.adapter.clone());
         let rows = batch.active_answers() as u64;
-        match batch.step(&eng.model, adapter.as_deref()) {
+        match batch.step(&eng.model) {
             Ok(events) => {
                 eng.batcher.steps.fetch_add(1, Ordering::Relaxed);
                 eng.batcher.answer_steps.fetch_add(rows, Ordering::Relaxed);
                 dispatch(&mut live, events)
             }
             Err(e) => {
-                // The step failed for every job in it.
+                // The step failed for every job in it; the next job gets a new batch.
                 let msg = format!("{e:#}");
                 for (_, l) in live.drain() {
                     let _ = l.events.send(JobEvent::Failed(JobError::Engine(msg.clone())));
                 }
-                batch = CpuBatch::new();
+                current = None;
                 continue;
             }
         }
@@ -233,9 +253,9 @@ fn timeout(budget: Duration) -> JobError {
     JobError::Timeout(format!("the request ran past its time budget of {:.1} s", budget.as_secs_f64()))
 }
 
-/// Decodes the job's image and joins it to the batch, or on an engine that does not batch generates it whole and
-/// sends its tokens at the end; or tells its handler why not.
-fn admit(eng: &Engine, batch: Option<&mut CpuBatch>, live: &mut HashMap<u64, Live>, job: Job) {
+/// Decodes the job's image and joins it to the batch, or (more answers than a GPU batch has rows) generates it
+/// whole and sends its tokens at the end; or tells its handler why not.
+fn admit(eng: &Engine, batch: &mut Batch, live: &mut HashMap<u64, Live>, job: Job) {
     crate::failpoint::stall("engine_stall");
     let pixels = match job.image.as_deref().map(|b| prepare_image(eng, b, job.max_image_side)).transpose() {
         Ok(p) => p,
@@ -251,8 +271,18 @@ fn admit(eng: &Engine, batch: Option<&mut CpuBatch>, live: &mut HashMap<u64, Liv
         params: job.params.clone(),
         stop_ids: job.stop_ids.clone(),
     };
-    let adapter = job.serving.adapter.as_deref();
-    let Some(batch) = batch else {
+    if batch.capacity().is_some_and(|c| job.seeds.len() > c) {
+        if job.logprobs.is_some() {
+            let why = format!(
+                "logprobs with n = {} on {}: its batch holds {} answers; ask for fewer answers",
+                job.seeds.len(),
+                batch.device(),
+                batch.capacity().unwrap_or(0)
+            );
+            let _ = job.events.send(JobEvent::Failed(JobError::Bad(why)));
+            return;
+        }
+        let adapter = job.serving.adapter.as_deref();
         match engine::generate::generate(&eng.model, &request, adapter) {
             Ok(answers) => {
                 for (i, a) in answers.iter().enumerate() {
@@ -266,8 +296,8 @@ fn admit(eng: &Engine, batch: Option<&mut CpuBatch>, live: &mut HashMap<u64, Liv
             }
         }
         return;
-    };
-    match batch.admit(&eng.model, &BatchRequest { request, logprobs: job.logprobs }, adapter) {
+    }
+    match batch.admit(&eng.model, &BatchRequest { request, logprobs: job.logprobs }) {
         Ok((id, events)) => {
             let done = vec![false; job.seeds.len()];
             let mut l = Live { events: job.events, deadline: job.deadline, stopped: job.stopped, done };

@@ -473,12 +473,6 @@ fn plan(p: &Parsed, e: &crate::rlaif::Engine, max_image_side: u32) -> Result<Pla
             "the conversation is {bytes} bytes, more than the model's context of {ctx} tokens can hold (at most {max_bytes} bytes); shorten it"
         )));
     }
-    if p.logprobs.is_some() && e.model.backend().spec() != engine::backend::DeviceSpec::Cpu {
-        return Err(ApiError::bad(format!(
-            "logprobs are not available on {} yet (only on the CPU backend); omit logprobs",
-            e.model.device()
-        )));
-    }
     if let Some(bytes) = &p.image {
         let (w, h) =
             engine::image::header_dimensions(bytes, "request image").map_err(|e| ApiError::bad(e.to_string()))?;

@@ -95,6 +95,23 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         n: usize,
     },
+    /// GPU continuous batching against one request at a time: `--clients` distinct prompts on a random-weight
+    /// decoder (LLaVA-1.5-7B's language model by default), greedy, answer tokens per second of each way; see
+    /// scripts/gpu-check.sh.
+    BenchGpuBatch {
+        /// llava7b, qwen7b, tiny or qwen-tiny (as bench-gpu).
+        #[arg(long, default_value = "llava7b")]
+        shape: String,
+        #[arg(long, default_value_t = 640)]
+        prompt: usize,
+        #[arg(long, default_value_t = 128)]
+        decode: usize,
+        /// Concurrent requests (one answer each).
+        #[arg(long, default_value_t = 32)]
+        clients: usize,
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+    },
     /// GPU training speed: DPO (one pair per step) and SFT steps of a LoRA adapter on every linear layer of a
     /// random-weight LLaMA decoder (LLaVA-1.5-7B's language model by default), with peak device memory; see
     /// scripts/gpu-check.sh and benches/gpu_peer_dpo.py.
@@ -159,6 +176,9 @@ fn main() {
         Command::Serve(a) => rlaifd::serve::run(a),
         Command::Kernels { arch } => gpu::cmd_kernels(&arch),
         Command::BenchGpu { shape, prompt, decode, reps, n } => gpu::cmd_bench_gpu(&shape, prompt, decode, reps, n),
+        Command::BenchGpuBatch { shape, prompt, decode, clients, reps } => {
+            gpu::cmd_bench_gpu_batch(&shape, prompt, decode, clients, reps)
+        }
         Command::BenchGpuTrain { shape, seq, answer, rank, reps, warmup } => {
             gpu::cmd_bench_gpu_train(&shape, seq, answer, rank, reps, warmup)
         }

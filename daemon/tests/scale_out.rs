@@ -371,7 +371,8 @@ async fn one_daemon_drives_two_engines_and_spreads_jobs_and_requests_over_them()
 }
 
 /// `model.devices = "all"` on a host with two GPUs: an engine per device, sample and label jobs on both, training
-/// data-parallel over both (the run's config records 2 devices), the candidate gated and served, chat answered.
+/// data-parallel over both (the run's config records 2 devices), the candidate gated and served, chat answered,
+/// also by three concurrent requests sharing the GPU's decode steps (with log-probabilities).
 /// Runs on cuemu under `scripts/emu-check` (CUEMU_DEVICES=2); elsewhere without two GPUs it prints why and passes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_daemon_on_two_gpus_trains_data_parallel_on_the_gpu() {
@@ -425,6 +426,36 @@ async fn a_daemon_on_two_gpus_trains_data_parallel_on_the_gpu() {
     let body = common::daemon::chat_request("Describe the image.", None, json!({ "max_tokens": 4 }));
     let (status, answer) = d.http("POST", "/v1/chat/completions", "application/json", &body);
     assert_eq!(status, 200, "{answer}");
+    // Continuous batching on the GPU: greedy requests with log-probabilities, three at once, give the texts
+    // they give one at a time, with a log-probability per token.
+    let asks = ["Describe the image.", "What shapes are there?", "Name a colour."];
+    let ask = |q: &str| -> Value {
+        let body = common::daemon::chat_request(
+            q,
+            None,
+            json!({ "max_tokens": 6, "temperature": 0, "logprobs": true, "top_logprobs": 2 }),
+        );
+        let (status, answer) = d.http("POST", "/v1/chat/completions", "application/json", &body);
+        assert_eq!(status, 200, "{answer}");
+        serde_json::from_str(&answer).unwrap()
+    };
+    let alone: Vec<Value> = asks.iter().map(|q| ask(q)).collect();
+    let together: Vec<Value> = std::thread::scope(|s| {
+        let hs: Vec<_> = asks.iter().map(|q| s.spawn(|| ask(q))).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (a, t) in alone.iter().zip(&together) {
+        let text = |v: &Value| v["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+        println!("GPU batch: alone {:?}, together {:?}", text(a), text(t));
+        assert_eq!(text(a), text(t), "{a} vs {t}");
+        let lps = t["choices"][0]["logprobs"]["content"].as_array().unwrap();
+        assert_eq!(lps.len() as u64, t["usage"]["completion_tokens"].as_u64().unwrap(), "{t}");
+        assert!(
+            lps.iter()
+                .all(|l| l["logprob"].as_f64().unwrap() <= 0.0 && l["top_logprobs"].as_array().unwrap().len() == 2),
+            "{t}"
+        );
+    }
     drop(d);
     db.drop_db().await;
     let _ = std::fs::remove_dir_all(&root);

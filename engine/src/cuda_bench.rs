@@ -636,3 +636,100 @@ pub fn bench_train(
         skipped_steps: lora.scaler.skipped,
     })
 }
+
+/// What `bench_batching` measured: `clients` requests of `prompt` tokens, `decode` greedy tokens each.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct BatchBenchReport {
+    pub device: String,
+    pub clients: usize,
+    pub prompt_tokens: usize,
+    pub decode_tokens: usize,
+    /// One request after another, each prefilled and decoded at batch 1 (`DecodeSession`, graph replay, the
+    /// logits row copied to the host each step): answer tokens per second over the whole run, prefills included.
+    pub sequential_tokens_per_s: Vec<f64>,
+    /// All requests in one continuous batch (`GpuRows`): each prefilled into its slot, then every slot stepped
+    /// together (graph replay, every row's logits copied to the host each step): the same measure.
+    pub batched_tokens_per_s: Vec<f64>,
+    /// Milliseconds per batched decode step (all clients), per repetition: the median step.
+    pub batched_step_ms: Vec<f64>,
+}
+
+/// Continuous batching against one request at a time on a random-weight decoder of `cfg`'s shape: `clients`
+/// distinct prompts of `prompt` tokens, `decode` greedy tokens each (picked on the host from the copied logits, as
+/// the server samples), `reps` times after one warm-up.
+pub fn bench_batching(
+    gpu: &Gpu,
+    cfg: &LlamaConfig,
+    prompt: usize,
+    decode: usize,
+    clients: usize,
+    reps: usize,
+) -> Result<BatchBenchReport> {
+    let positions = prompt + decode + 1;
+    let model = GpuLlama::random(gpu, cfg, positions, 1)?;
+    let sync = || gpu.stream.synchronize().map_err(derr);
+    let vocab = cfg.vocab_size;
+    let prompts: Vec<Vec<u32>> =
+        (0..clients).map(|c| (0..prompt).map(|i| (1 + (i + 31 * c) * 7919 % (vocab - 1)) as u32).collect()).collect();
+    let sequential = || -> Result<f64> {
+        sync()?;
+        let t = std::time::Instant::now();
+        for ids in &prompts {
+            let (mut sess, mut logits) = model.start_decode(gpu, ids, 1, decode)?;
+            for _ in 1..decode {
+                let tok = crate::sampling::argmax(&logits);
+                logits = model.decode_step(gpu, &mut sess, &[tok])?;
+            }
+        }
+        sync()?;
+        Ok((clients * decode) as f64 / t.elapsed().as_secs_f64())
+    };
+    let mut rows = model.new_rows(gpu, clients, positions, None)?;
+    let mut batched = || -> Result<(f64, f64)> {
+        sync()?;
+        let t = std::time::Instant::now();
+        let mut next = Vec::with_capacity(clients);
+        for (slot, ids) in prompts.iter().enumerate() {
+            rows.release(slot);
+            let (cache, shift, last) = model.rows_prefill(gpu, Input::Ids(ids), None)?;
+            model.rows_fill(gpu, &mut rows, slot, &cache, shift)?;
+            next.push((slot, crate::sampling::argmax(&last)));
+        }
+        let mut steps = Vec::with_capacity(decode);
+        for _ in 1..decode {
+            let s = std::time::Instant::now();
+            let logits = model.rows_step(gpu, &mut rows, &next, None)?;
+            for (n, row) in next.iter_mut().zip(logits.chunks(vocab)) {
+                n.1 = crate::sampling::argmax(row);
+            }
+            steps.push(s.elapsed().as_secs_f64() * 1e3);
+        }
+        sync()?;
+        let tps = (clients * decode) as f64 / t.elapsed().as_secs_f64();
+        steps.sort_by(f64::total_cmp);
+        Ok((tps, steps.get(steps.len() / 2).copied().unwrap_or(0.0)))
+    };
+    let (mut seq, mut bat, mut step_ms) = (Vec::new(), Vec::new(), Vec::new());
+    for rep in 0..reps.max(1) + 1 {
+        let s = sequential()?;
+        let (b, ms) = batched()?;
+        // The first repetition warms up (module loading, allocator, cuBLASLt heuristics, graph capture).
+        if rep > 0 {
+            seq.push(s);
+            bat.push(b);
+            step_ms.push(ms);
+        }
+    }
+    if let Some(e) = &rows.graph_error {
+        eprintln!("bench: {e}");
+    }
+    Ok(BatchBenchReport {
+        device: gpu.name.clone(),
+        clients,
+        prompt_tokens: prompt,
+        decode_tokens: decode,
+        sequential_tokens_per_s: seq,
+        batched_tokens_per_s: bat,
+        batched_step_ms: step_ms,
+    })
+}

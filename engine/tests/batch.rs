@@ -1,9 +1,9 @@
-//! Continuous batching (`engine::batch::CpuBatch`): requests that join a running batch at different steps, with
+//! Continuous batching (`engine::batch::Batch`): requests that join a running batch at different steps, with
 //! different prompts (one with an image), sampling settings and numbers of answers, each get exactly the tokens
 //! `generate` gives them alone; the reported log-probabilities agree with `Model::answer_logp` (an independent
 //! full forward over prompt and answer) and the top alternatives are the most likely tokens in order.
 
-use engine::batch::{BatchRequest, CpuBatch, Emitted};
+use engine::batch::{Batch, BatchRequest, Emitted};
 use engine::generate::{generate, FinishReason, GenerateRequest};
 use engine::sampling::SamplingParams;
 use engine::Model;
@@ -77,7 +77,7 @@ fn requests_joining_a_running_batch_get_what_generate_gives_them_alone() {
             cases.len(),
             cases.iter().filter(|c| c.pixels.is_some()).count()
         );
-        let mut batch = CpuBatch::new();
+        let mut batch = Batch::new(&model, None, 64).unwrap();
         let mut ids_of: BTreeMap<u64, usize> = BTreeMap::new();
         let mut got: BTreeMap<(usize, usize), Written> = BTreeMap::new();
         let mut record = |events: Vec<Emitted>, ids_of: &BTreeMap<u64, usize>| {
@@ -113,7 +113,7 @@ fn requests_joining_a_running_batch_get_what_generate_gives_them_alone() {
                     stop_ids: vec![],
                 };
                 let req = BatchRequest { request, logprobs: Some(3) };
-                let (id, events) = batch.admit(&model, &req, None).unwrap();
+                let (id, events) = batch.admit(&model, &req).unwrap();
                 ids_of.insert(id, admitted);
                 record(events, &ids_of);
                 admitted += 1;
@@ -122,7 +122,7 @@ fn requests_joining_a_running_batch_get_what_generate_gives_them_alone() {
             if batch.is_empty() && admitted == cases.len() {
                 break;
             }
-            let events = batch.step(&model, None).unwrap();
+            let events = batch.step(&model).unwrap();
             record(events, &ids_of);
         }
         assert!(peak >= 3, "{}: at most {peak} requests were ever in the batch together", dir.display());
@@ -171,18 +171,18 @@ fn cancelled_requests_and_answers_leave_the_batch_and_the_rest_go_on() {
         let request = GenerateRequest { ids, pixels: None, seeds, params: p.clone(), stop_ids: vec![u32::MAX] };
         BatchRequest { request, logprobs }
     }
-    let mut batch = CpuBatch::new();
-    let (a, _) = batch.admit(&model, &request(&ids, &[1, 2], &params, None), None).unwrap();
-    let (b, _) = batch.admit(&model, &request(&ids, &[3], &params, None), None).unwrap();
+    let mut batch = Batch::new(&model, None, 64).unwrap();
+    let (a, _) = batch.admit(&model, &request(&ids, &[1, 2], &params, None)).unwrap();
+    let (b, _) = batch.admit(&model, &request(&ids, &[3], &params, None)).unwrap();
     assert_eq!((batch.len(), batch.active_answers()), (2, 3));
-    batch.step(&model, None).unwrap();
+    batch.step(&model).unwrap();
     batch.cancel_answer(a, 0);
     assert_eq!(batch.active_answers(), 2);
     batch.cancel(b);
     assert_eq!((batch.len(), batch.active_answers()), (1, 1));
     let mut n = 0;
     while !batch.is_empty() {
-        for e in batch.step(&model, None).unwrap() {
+        for e in batch.step(&model).unwrap() {
             assert_eq!((e.request, e.answer), (a, 1));
             n += 1;
         }
@@ -190,10 +190,10 @@ fn cancelled_requests_and_answers_leave_the_batch_and_the_rest_go_on() {
     // 9 tokens: the first at admission, one in the step before the cancellations, 7 after.
     assert_eq!(n, 7);
     // A bad request changes nothing.
-    let e = batch.admit(&model, &request(&ids, &[1], &params, Some(21)), None).unwrap_err().to_string();
+    let e = batch.admit(&model, &request(&ids, &[1], &params, Some(21))).unwrap_err().to_string();
     assert!(e.contains("top_logprobs must be at most 20"), "{e}");
     let long = vec![ids[0]; model.context_len()];
-    let e = batch.admit(&model, &request(&long, &[1], &params, None), None).unwrap_err().to_string();
+    let e = batch.admit(&model, &request(&long, &[1], &params, None)).unwrap_err().to_string();
     assert!(e.contains("context"), "{e}");
     assert!(batch.is_empty());
 }

@@ -740,3 +740,133 @@ fn qwen_decoders_on_the_gpu_match_the_cpu_backend() {
     }
     println!("qwen fixtures: worst per-token |log-prob difference| {worst:.2e}");
 }
+
+/// Continuous batching on the GPU (`engine::batch::Batch` on `cuda_llama::GpuRows`): requests with images and
+/// without, under a LoRA adapter, join a batch of 4 rows as rows free up (so later answers reuse the slots of
+/// finished ones, and an idle slot sits below a busy one), each with its own sampling settings. Greedy answers are
+/// the CPU backend's token for token; every reported log-probability sum is the CPU's `answer_logp` within 5e-2
+/// per token; sampled answers come out the same when the batch runs again; a request for more answers than the
+/// rows hold is refused and changes nothing.
+/// A request of the batching test: prompt, image (an index), seeds, settings.
+type Case<'a> = (&'a [u32], Option<usize>, Vec<u64>, SamplingParams);
+/// An answer as the batch wrote it: tokens, summed log-probability, how it ended.
+type Written = (Vec<u32>, f64, Option<FinishReason>);
+
+#[test]
+fn requests_joining_a_gpu_batch_get_the_cpu_backends_answers() {
+    use engine::batch::{Batch, BatchRequest};
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+    let Some((cpu, dev, tok)) = both("shapes-base") else { return };
+    let wc = WorldConfig::default();
+    let ip = cpu.image_processor.clone().unwrap();
+    let lora = Arc::new(adapter(&cpu, LoraSpec::default().target_modules, 4, 0.05));
+    let ids = tok.encode(&apply_template(LLAVA_15_TEMPLATE, "Describe the image."), true).unwrap();
+    let text = tok.encode(&apply_template(LLAVA_15_TEMPLATE, "Name a shape."), true).unwrap();
+    let text: Vec<u32> = text.into_iter().filter(|&t| Some(t) != cpu.image_token_id()).collect();
+    let pixels: Vec<_> = (0..3u64)
+        .map(|s| engine::image::preprocess(&Scene::generate(&wc, 20 + s).render(&wc, 20 + s), &ip).unwrap())
+        .collect();
+    let greedy = |n| SamplingParams { temperature: 0.0, max_new_tokens: n, ..Default::default() };
+    let sampled = SamplingParams { temperature: 0.8, top_k: 20, max_new_tokens: 16, ..Default::default() };
+    // (prompt, image, seeds, settings), admitted in order whenever the batch has rows free for them.
+    let cases: Vec<Case> = vec![
+        (&ids, Some(0), vec![0], greedy(6)),
+        (&ids, Some(1), vec![0], greedy(24)),
+        (&text, None, vec![0], greedy(12)),
+        (&ids, Some(2), vec![7, 8], sampled.clone()),
+        (&ids, Some(0), vec![9], sampled.clone()),
+        (&text, None, vec![0], greedy(20)),
+    ];
+    let run = || {
+        let mut batch = Batch::new(&dev, Some(lora.clone()), 4).unwrap();
+        assert!(batch.device().starts_with("cuda"), "{}", batch.device());
+        assert_eq!(batch.capacity(), Some(4));
+        let mut got: BTreeMap<(usize, usize), Written> = BTreeMap::new();
+        let mut case_of = BTreeMap::new();
+        let (mut next, mut peak, mut steps) = (0, 0, 0);
+        loop {
+            while next < cases.len() && batch.active_answers() + cases[next].2.len() <= 4 {
+                let (p, img, seeds, params) = &cases[next];
+                let request = GenerateRequest {
+                    ids: p,
+                    pixels: img.map(|i| &pixels[i]),
+                    seeds,
+                    params: params.clone(),
+                    stop_ids: vec![],
+                };
+                let (id, events) = batch.admit(&dev, &BatchRequest { request, logprobs: Some(2) }).unwrap();
+                case_of.insert(id, next);
+                for e in events {
+                    let g = got.entry((next, e.answer)).or_default();
+                    g.0.extend(e.token);
+                    g.1 += e.logprob.map_or(0.0, |l| l.logprob as f64);
+                    g.2 = g.2.or(e.finish);
+                }
+                next += 1;
+            }
+            peak = peak.max(batch.active_answers());
+            if batch.is_empty() {
+                assert_eq!(next, cases.len(), "the batch emptied with requests left");
+                break;
+            }
+            if steps == 3 {
+                // More answers than rows: refused, and the batch goes on as it was.
+                let seeds = [1u64, 2, 3, 4, 5];
+                let request =
+                    GenerateRequest { ids: &text, pixels: None, seeds: &seeds, params: greedy(4), stop_ids: vec![] };
+                let before = batch.active_answers();
+                let e = batch.admit(&dev, &BatchRequest { request, logprobs: None }).unwrap_err().to_string();
+                assert!(e.contains("room for"), "{e}");
+                assert_eq!(batch.active_answers(), before);
+            }
+            for e in batch.step(&dev).unwrap() {
+                let g = got.entry((case_of[&e.request], e.answer)).or_default();
+                assert!(g.2.is_none(), "an event after the answer finished");
+                g.0.extend(e.token);
+                g.1 += e.logprob.map_or(0.0, |l| l.logprob as f64);
+                g.2 = g.2.or(e.finish);
+            }
+            steps += 1;
+        }
+        assert_eq!(peak, 4, "the batch never filled its rows");
+        got
+    };
+    let got = run();
+    let mut worst = 0.0f64;
+    for (i, (p, img, seeds, params)) in cases.iter().enumerate() {
+        let px = img.map(|i| &pixels[i]);
+        let feats = px.map(|x| cpu.image_features(x, Some(&*lora)).unwrap());
+        for (j, _) in seeds.iter().enumerate() {
+            let (tokens, lp, finish) = &got[&(i, j)];
+            let finish = finish.expect("every answer finished");
+            if params.temperature == 0.0 {
+                let req = GenerateRequest { ids: p, pixels: px, seeds: &[0], params: params.clone(), stop_ids: vec![] };
+                let want = generate(&cpu, &req, Some(&*lora)).unwrap().remove(0);
+                println!(
+                    "batch case {i}: GPU {:?} CPU {:?}",
+                    tok.decode(tokens).unwrap(),
+                    tok.decode(&want.tokens).unwrap()
+                );
+                assert_eq!((tokens, finish), (&want.tokens, want.finish), "case {i}: greedy answers differ");
+            } else {
+                assert!(
+                    finish == FinishReason::Stop || tokens.len() == params.max_new_tokens,
+                    "case {i}.{j}: {finish:?}"
+                );
+            }
+            if tokens.is_empty() {
+                continue;
+            }
+            let reference = cpu.answer_logp(p, tokens, feats.as_ref(), Some(&*lora)).unwrap();
+            let d = (lp - reference).abs() / tokens.len() as f64;
+            worst = worst.max(d);
+            assert!(
+                d <= 5e-2,
+                "case {i}.{j}: summed logprobs {lp} on the GPU batch, answer_logp {reference} on the CPU"
+            );
+        }
+    }
+    println!("batch: worst per-token |log-prob difference| against the CPU {worst:.2e}");
+    assert_eq!(run(), got, "the same requests in the same order gave other answers");
+}

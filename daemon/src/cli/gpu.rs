@@ -26,6 +26,28 @@ pub fn cmd_kernels(archs: &[String]) -> Result<()> {
     Ok(())
 }
 
+pub fn cmd_bench_gpu_batch(shape: &str, prompt: usize, decode: usize, clients: usize, reps: usize) -> Result<()> {
+    if !(1..=1024).contains(&clients) || reps == 0 || decode < 2 || prompt == 0 {
+        bail!("bench-gpu-batch: --clients must be 1..=1024, --decode at least 2, --reps and --prompt at least 1");
+    }
+    let cfg = bench_shape(shape)?;
+    let gpu = match engine::cuda::Gpu::open(0)? {
+        Ok(g) => g,
+        Err(why) => bail!("no GPU: {why}"),
+    };
+    let r = engine::cuda_bench::bench_batching(&gpu, &cfg, prompt, decode, clients, reps)?;
+    let (seq, bat) = (median(&r.sequential_tokens_per_s), median(&r.batched_tokens_per_s));
+    println!(
+        "{}: {shape} decoder, {clients} requests of {prompt} prompt tokens, {decode} greedy tokens each: one at a time {seq:.1} tokens/s, continuous batch {bat:.1} tokens/s ({:.2}x; batched step {:.2} ms; medians of {})",
+        r.device,
+        bat / seq,
+        median(&r.batched_step_ms),
+        r.sequential_tokens_per_s.len()
+    );
+    println!("{}", serde_json::to_string(&r)?);
+    Ok(())
+}
+
 pub fn cmd_bench_gpu(shape: &str, prompt: usize, decode: usize, reps: usize, n: usize) -> Result<()> {
     if n == 0 || n > 16 || reps == 0 || decode == 0 || prompt == 0 {
         bail!("bench-gpu: --n must be 1..=16 and --reps, --decode, --prompt at least 1");

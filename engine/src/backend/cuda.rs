@@ -23,7 +23,8 @@ const ADAPTER_SLOTS: usize = 4;
 pub struct CudaBackend {
     ordinal: usize,
     label: String,
-    state: Mutex<CudaState>,
+    /// Shared with the batch rows made on this device (`batch_rows`).
+    state: Arc<Mutex<CudaState>>,
 }
 
 struct CudaState {
@@ -139,7 +140,7 @@ impl CudaBackend {
         Ok(CudaBackend {
             ordinal,
             label,
-            state: Mutex::new(CudaState {
+            state: Arc::new(Mutex::new(CudaState {
                 gpu,
                 llama,
                 vision,
@@ -147,14 +148,88 @@ impl CudaBackend {
                 refused: Vec::new(),
                 vision_adapters: Vec::new(),
                 vision_refused: Vec::new(),
-            }),
+            })),
         })
     }
 
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, CudaState>> {
-        self.state
-            .lock()
-            .map_err(|_| EngineError::Input("the CUDA backend's state is poisoned (an earlier call panicked)".into()))
+        lock_state(&self.state)
+    }
+}
+
+fn lock_state(state: &Mutex<CudaState>) -> Result<std::sync::MutexGuard<'_, CudaState>> {
+    state
+        .lock()
+        .map_err(|_| EngineError::Input("the CUDA backend's state is poisoned (an earlier call panicked)".into()))
+}
+
+/// The most of the device's free memory a batch's caches take when they are made.
+const BATCH_MEMORY_SHARE: f64 = 0.5;
+
+/// A continuous batch's rows on the device (`crate::batch::BatchRows`): `GpuRows` slots, one per answer, under
+/// one adapter.
+struct CudaRows {
+    state: Arc<Mutex<CudaState>>,
+    rows: crate::cuda_llama::GpuRows,
+    adapter: Option<Arc<Adapter>>,
+    lora: Option<Arc<GpuLora>>,
+    label: String,
+}
+
+impl crate::batch::BatchRows for CudaRows {
+    fn capacity(&self) -> Option<usize> {
+        Some(self.rows.slots())
+    }
+
+    fn positions(&self) -> Option<usize> {
+        Some(self.rows.capacity())
+    }
+
+    fn device(&self) -> String {
+        self.label.clone()
+    }
+
+    fn admit(&mut self, model: &Model, req: &GenerateRequest, n: usize) -> Result<(Vec<usize>, Vec<f32>)> {
+        let free: Vec<usize> = (0..self.rows.slots()).filter(|&s| self.rows.filled(s) == 0).take(n).collect();
+        if free.len() < n {
+            return Err(EngineError::Input(format!(
+                "the batch on {} has {} free rows, the request asks for {n}",
+                self.label,
+                free.len()
+            )));
+        }
+        let mut guard = lock_state(&self.state)?;
+        let st = &mut *guard;
+        let adapter = self.adapter.as_deref();
+        let feats = match req.pixels {
+            Some(p) => Some(st.features(model, p, adapter)?),
+            None => None,
+        };
+        let feats = feats.map(|rows| ImageFeatures { rows, grid: req.pixels.and_then(|p| model.feature_grid(p)) });
+        let input = decoder_input(model, req.ids, feats.as_ref())?;
+        let input = match &input {
+            Some(x) => x.input(),
+            None => Input::Ids(req.ids),
+        };
+        let (prompt, shift, first) = st.llama.rows_prefill(&st.gpu, input, self.lora.as_deref())?;
+        for (i, &slot) in free.iter().enumerate() {
+            if let Err(e) = st.llama.rows_fill(&st.gpu, &mut self.rows, slot, &prompt, shift) {
+                for &s in &free[..i] {
+                    self.rows.release(s);
+                }
+                return Err(e);
+            }
+        }
+        Ok((free, first))
+    }
+
+    fn step(&mut self, _model: &Model, feed: &[(usize, u32)]) -> Result<Vec<f32>> {
+        let guard = lock_state(&self.state)?;
+        guard.llama.rows_step(&guard.gpu, &mut self.rows, feed, self.lora.as_deref())
+    }
+
+    fn release(&mut self, row: usize) {
+        self.rows.release(row);
     }
 }
 
@@ -313,6 +388,31 @@ impl Backend for CudaBackend {
         // The prefill time includes the image path.
         stats.prefill_s += before;
         Ok((answers, stats))
+    }
+
+    /// Slots of the device's batch cache, each the context long: as many as `max_answers` asks, or as
+    /// `BATCH_MEMORY_SHARE` of the device's free memory holds (at least one). An adapter the GPU decoder cannot
+    /// apply keeps the batch on the CPU, as `generate` does.
+    fn batch_rows(
+        &self,
+        model: &Model,
+        adapter: Option<Arc<Adapter>>,
+        max_answers: usize,
+    ) -> Result<Box<dyn crate::batch::BatchRows>> {
+        let mut guard = self.lock()?;
+        let st = &mut *guard;
+        let LoraOn::Gpu(lora) = st.lora(adapter.as_deref())? else {
+            return Ok(Box::new(crate::batch::CpuRows::new(adapter)));
+        };
+        let positions = st.llama.max_positions.min(model.context_len()).max(2);
+        let per_slot = crate::cuda_llama::kv_bytes_per_position(&st.llama.cfg) * positions as u64
+            + 2 * model.llm.cfg.vocab_size as u64;
+        let (free, _) = st.gpu.ctx.mem_get_info().map_err(crate::cuda::derr)?;
+        let fit = ((free as f64 * BATCH_MEMORY_SHARE) as u64 / per_slot.max(1)) as usize;
+        let slots = max_answers.clamp(1, 1024).min(fit.max(1));
+        let rows = st.llama.new_rows(&st.gpu, slots, positions, lora.as_deref())?;
+        drop(guard);
+        Ok(Box::new(CudaRows { state: self.state.clone(), rows, adapter, lora, label: self.label.clone() }))
     }
 
     fn answer_logp(

@@ -10,6 +10,8 @@
 //! `cuda_lora::GpuLora::for_inference`). The vision tower and projector run on the device too
 //! (`cuda_clip::GpuVision`, with an adapter's LoRA and replaced linear layers there: `cuda_clip::GpuVisionAdapter`);
 //! the features are spliced into the prompt's embedding rows on the host and uploaded (`cuda_llama::Input::Embeds`).
+//! Continuous batching (`crate::batch::Batch`) asks the backend for its rows (`Backend::batch_rows`): the CPU's
+//! KV caches, or a GPU's batch cache of one slot per answer (`cuda_llama::GpuRows`).
 //! Sampling is on the host, as on the CPU backend (`crate::sampling`: the same function and the same per-answer
 //! RNG streams). What the GPU decoder cannot apply (an adapter with LoRA on the lm_head, or whole decoder
 //! parameters) runs on the CPU backend, with a warning logged once per adapter.
@@ -112,6 +114,17 @@ pub trait Backend: Send + Sync {
             out.extend(answers);
         }
         Ok(out)
+    }
+    /// The rows of a continuous batch (`crate::batch::Batch`) under `adapter`, for up to `max_answers` answers at
+    /// once. This default keeps them on the CPU (`crate::batch::CpuRows`); the CUDA backend allocates them on its
+    /// device, or keeps them on the CPU where the GPU decoder cannot apply the adapter.
+    fn batch_rows(
+        &self,
+        _model: &Model,
+        adapter: Option<Arc<Adapter>>,
+        _max_answers: usize,
+    ) -> Result<Box<dyn crate::batch::BatchRows>> {
+        Ok(Box::new(crate::batch::CpuRows::new(adapter)))
     }
     /// `Model::answer_logp` on this backend.
     fn answer_logp(

@@ -66,7 +66,7 @@ impl DecodeSession {
 }
 
 impl GpuLlama {
-    fn new_suffix_cache(&self, gpu: &Gpu, bsz: usize, capacity: usize) -> Result<GpuSuffixCache> {
+    pub(super) fn new_suffix_cache(&self, gpu: &Gpu, bsz: usize, capacity: usize) -> Result<GpuSuffixCache> {
         let w = self.cfg.num_key_value_heads * self.cfg.head_dim;
         let mut k = Vec::new();
         let mut v = Vec::new();

@@ -17,10 +17,12 @@
 //! (`GpuLlama::tune_decode`). Loading (`load.rs`) uploads the weights. `engine/tests/cuda_llama.rs` checks all of
 //! it against the CPU backend, and the fused path against the unfused one.
 
+mod batch;
 mod decode;
 mod load;
 mod plan;
 
+pub use batch::{kv_bytes_per_position, GpuRows};
 pub use decode::{DecodeSession, GpuSuffixCache};
 pub use load::{from_model, load_dir};
 pub(crate) use plan::proj_add_rmsnorm_m1;
