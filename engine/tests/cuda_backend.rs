@@ -690,17 +690,48 @@ fn qwen_decoders_on_the_gpu_match_the_cpu_backend() {
     let ids = tok.encode_chat(LLAVA_15_TEMPLATE, "Describe the image.").unwrap();
     let wc = WorldConfig::default();
     let ip = cpu.image_processor.clone().unwrap();
+    let params = SamplingParams { temperature: 0.0, max_new_tokens: 16, ..Default::default() };
+    let mut scenes = Vec::new();
     for seed in 0..3u64 {
         let scene = Scene::generate(&wc, seed);
         let pixels = engine::image::preprocess(&scene.render(&wc, seed), &ip).unwrap();
-        let params = SamplingParams { temperature: 0.0, max_new_tokens: 16, ..Default::default() };
-        let req = GenerateRequest { ids: &ids, pixels: Some(&pixels), seeds: &[0, 1], params, stop_ids: vec![] };
+        let req = GenerateRequest {
+            ids: &ids,
+            pixels: Some(&pixels),
+            seeds: &[0, 1],
+            params: params.clone(),
+            stop_ids: vec![],
+        };
         let want = generate(&cpu, &req, None).unwrap();
         let got = generate(&dev, &req, None).unwrap();
         println!("qwen scene {seed}: CPU {:?} GPU {:?}", want[0].tokens, got[0].tokens);
         for (w, g) in want.iter().zip(&got) {
             assert_eq!((&g.tokens, g.finish), (&w.tokens, w.finish), "scene {seed}: greedy answers differ");
         }
+        scenes.push((pixels, want[0].tokens.clone()));
+    }
+    // The three requests in one continuous batch on the GPU, joining a step apart: the text after each image
+    // decodes at its own shifted multimodal RoPE positions, and the greedy answers stay the CPU's.
+    let mut batch = engine::batch::Batch::new(&dev, None, 8).unwrap();
+    let mut got: Vec<Vec<u32>> = vec![Vec::new(); scenes.len()];
+    let mut of = std::collections::HashMap::new();
+    for (i, (pixels, _)) in scenes.iter().enumerate() {
+        let request =
+            GenerateRequest { ids: &ids, pixels: Some(pixels), seeds: &[0], params: params.clone(), stop_ids: vec![] };
+        let (id, events) = batch.admit(&dev, &engine::batch::BatchRequest { request, logprobs: None }).unwrap();
+        of.insert(id, i);
+        got[i].extend(events.iter().filter_map(|e| e.token));
+        for e in batch.step(&dev).unwrap() {
+            got[of[&e.request]].extend(e.token);
+        }
+    }
+    while !batch.is_empty() {
+        for e in batch.step(&dev).unwrap() {
+            got[of[&e.request]].extend(e.token);
+        }
+    }
+    for (i, (g, (_, want))) in got.iter().zip(&scenes).enumerate() {
+        assert_eq!(g, want, "qwen scene {i}: the GPU batch's greedy answer differs from the CPU's");
     }
     let mut dirs: Vec<_> = std::fs::read_dir(&fixtures)
         .unwrap()
@@ -741,7 +772,8 @@ fn qwen_decoders_on_the_gpu_match_the_cpu_backend() {
     println!("qwen fixtures: worst per-token |log-prob difference| {worst:.2e}");
 }
 
-/// Continuous batching on the GPU (`engine::batch::Batch` on `cuda_llama::GpuRows`): requests with images and
+/// Continuous batching on the GPU (`engine::batch::Batch` on `cuda_llama::GpuRows`; Qwen2.5-VL's shifted positions
+/// in `qwen_decoders_on_the_gpu_match_the_cpu_backend`): requests with images and
 /// without, under a LoRA adapter, join a batch of 4 rows as rows free up (so later answers reuse the slots of
 /// finished ones, and an idle slot sits below a busy one), each with its own sampling settings. Greedy answers are
 /// the CPU backend's token for token; every reported log-probability sum is the CPU's `answer_logp` within 5e-2

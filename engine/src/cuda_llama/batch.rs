@@ -54,8 +54,8 @@ impl GpuRows {
 
     /// Marks `slot` free (its cache is overwritten by the next fill).
     pub fn release(&mut self, slot: usize) {
-        if let Some(f) = self.filled.get_mut(slot) {
-            *f = 0;
+        if let (Some(f), Some(s)) = (self.filled.get_mut(slot), self.shift.get_mut(slot)) {
+            (*f, *s) = (0, 0);
         }
     }
 }
@@ -177,8 +177,9 @@ impl GpuLlama {
             fed[slot] = true;
         }
         let Some(n) = feed.iter().map(|&(s, _)| s + 1).max() else { return Ok(Vec::new()) };
-        // Row r is slot r. An idle row feeds token 0 at its next free position (a free slot at 0), which the slot's
-        // next fill or step overwrites; a full idle slot cannot be below a fed one here (it ends its answer).
+        // Row r is slot r. An idle row feeds token 0 at its next free position (a free slot at position 0, with no
+        // shift), which the slot's next fill or step overwrites; a full idle slot cannot be below a fed one here
+        // (it ends its answer).
         let mut ids = vec![0u32; n];
         let mut pos = vec![0i32; n];
         let mut lens = vec![1i32; n];
@@ -186,7 +187,7 @@ impl GpuLlama {
             if f >= cap {
                 return Err(err(format!("batch rows: slot {r} is full ({cap} positions) but still in the batch")));
             }
-            let p = f as isize + shift;
+            let p = if f == 0 { 0 } else { f as isize + shift };
             if p < 0 || p as usize >= self.max_positions {
                 return Err(err(format!("batch rows: RoPE position {p} of slot {r} is outside the table")));
             }
