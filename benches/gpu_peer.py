@@ -2,11 +2,12 @@
 """The side-by-side peer for `rlaifd bench-gpu`: transformers on the same GPU, fp16, a random-weight LLaMA decoder of
 LLaVA-1.5-7B's language-model shape (--shape qwen7b: Qwen2-VL-7B's; tiny, qwen-tiny: small ones). Measures prefill latency for --prompt tokens, greedy decode
 tokens/s at batch 1 (generate with a fixed number of new tokens), and sampling throughput with
-num_return_sequences=10, and LLaVA-1.5's image path (CLIP ViT-L/14-336 and the projector, random weights, the
+num_return_sequences=10, with --clients N also N distinct prompts of --prompt tokens decoded greedily in one
+batched generate (static batching, the prefill included: the peer of `rlaifd bench-gpu-batch`), and LLaVA-1.5's image path (CLIP ViT-L/14-336 and the projector, random weights, the
 features read from the second-to-last layer as transformers' LLaVA does). Medians of --reps runs after a warm-up.
 Prints one JSON line.
 Usage (GPU host with torch and transformers): python3 benches/gpu_peer.py [--shape llava7b] [--prompt 640]
-[--decode 128] [--reps 3]"""
+[--decode 128] [--reps 3] [--clients 32]"""
 import argparse, json, statistics, time
 
 import torch
@@ -71,6 +72,7 @@ def main():
     ap.add_argument("--decode", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--clients", type=int, default=0)
     a = ap.parse_args()
     cfg = llama_config(a.shape)
     dtype = torch.float16 if a.device == "cuda" else torch.float32
@@ -84,7 +86,10 @@ def main():
         if a.device == "cuda":
             torch.cuda.synchronize()
 
-    prefill, decode, sample10 = [], [], []
+    # --clients distinct prompts of the same length (no padding), as bench-gpu-batch builds them.
+    many = torch.tensor([[1 + ((i + 31 * c) * 7919) % 32063 for i in range(a.prompt)] for c in range(a.clients)],
+                        device=dev) if a.clients else None
+    prefill, decode, sample10, batched = [], [], [], []
     with torch.inference_mode():
         for rep in range(a.reps + 1):
             sync()
@@ -101,7 +106,13 @@ def main():
                            num_return_sequences=10, pad_token_id=0)
             sync()
             g10 = time.perf_counter() - t
+            if many is not None:
+                t = time.perf_counter()
+                model.generate(many, max_new_tokens=a.decode, min_new_tokens=a.decode, do_sample=False, pad_token_id=0)
+                sync()
+                batched.append(a.clients * a.decode / (time.perf_counter() - t))
             if rep == 0:
+                batched = batched[1:]
                 continue  # warm-up
             prefill.append(pf * 1e3)
             decode.append(a.decode / max(gen - pf, 1e-9))
@@ -113,6 +124,7 @@ def main():
                       "device": name, "shape": a.shape, "prompt_tokens": a.prompt, "decode_tokens": a.decode,
                       "prefill_ms": statistics.median(prefill), "decode_tokens_per_s": statistics.median(decode),
                       "n10_sampling_tokens_per_s": statistics.median(sample10), "image_path_ms": image_ms,
+                      "clients": a.clients, "batched_tokens_per_s": statistics.median(batched) if batched else None,
                       "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if a.device == "cuda" else None}))
 
 

@@ -140,7 +140,7 @@ fi
 if ! part peer; then
   :
 elif [ -n "$py" ] && "$py" -c "import torch, transformers" 2>/dev/null; then
-  stage "bench peer (transformers)" peer.log 300 env PYTHONUNBUFFERED=1 "$py" benches/gpu_peer.py --shape "$SHAPE" --prompt "$PROMPT" --decode "$DECODE" --reps "${REPS:-3}"
+  stage "bench peer (transformers)" peer.log 300 env PYTHONUNBUFFERED=1 "$py" benches/gpu_peer.py --shape "$SHAPE" --prompt "$PROMPT" --decode "$DECODE" --reps "${REPS:-3}" --clients "${CLIENTS:-32}"
   tail -n 1 "$OUT/peer.log"
   if "$py" -c "import peft" 2>/dev/null; then
     stage "bench peer (PyTorch + peft DPO/SFT)" peer.log 300 env PYTHONUNBUFFERED=1 "$py" benches/gpu_peer_dpo.py --shape "$SHAPE" --seq "$SEQ" --answer "$ANSWER" --rank "$RANK" --reps "${REPS:-5}" --warmup 2
