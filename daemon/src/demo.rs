@@ -393,6 +393,20 @@ fn legend_line(color: RGBColor) -> impl Fn((i32, i32)) -> PathElement<(i32, i32)
 }
 
 /// Writes an SVG drawn into a string, so that a failure to write names the file.
+/// The series' legend, boxed in the upper right corner, as both plots draw it.
+fn draw_legend<'a, 'b: 'a, CT: plotters::coord::CoordTranslate>(
+    chart: &mut plotters::chart::ChartContext<'a, SVGBackend<'b>, CT>,
+) -> Result<()> {
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .label_font(PLOT_FONT)
+        .background_style(WHITE)
+        .border_style(BLACK)
+        .draw()?;
+    Ok(())
+}
+
 fn write_svg(path: &Path, svg: &str) -> Result<()> {
     std::fs::write(path, svg).with_context(|| format!("cannot write the plot {}", path.display()))
 }
@@ -433,13 +447,7 @@ pub fn write_plot(path: &Path, rows: &[store::CheckpointRow]) -> Result<()> {
                 Some(Circle::new((r.iteration, checkpoint_metric(r, key)?), 4, style))
             }))?;
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .label_font(PLOT_FONT)
-            .background_style(WHITE)
-            .border_style(BLACK)
-            .draw()?;
+        draw_legend(&mut chart)?;
         root.present()?;
     }
     write_svg(path, &svg)
@@ -481,13 +489,7 @@ pub fn write_best_of_plot(path: &Path, points: &[(usize, f64, f64)], temperature
                 .legend(legend_line(color));
             chart.draw_series(points.iter().map(|p| Circle::new(value(p), 4, color.filled())))?;
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .label_font(PLOT_FONT)
-            .background_style(WHITE)
-            .border_style(BLACK)
-            .draw()?;
+        draw_legend(&mut chart)?;
         root.present()?;
     }
     write_svg(path, &svg)

@@ -200,17 +200,8 @@ impl crate::batch::BatchRows for CudaRows {
         }
         let mut guard = lock_state(&self.state)?;
         let st = &mut *guard;
-        let adapter = self.adapter.as_deref();
-        let feats = match req.pixels {
-            Some(p) => Some(st.features(model, p, adapter)?),
-            None => None,
-        };
-        let feats = feats.map(|rows| ImageFeatures { rows, grid: req.pixels.and_then(|p| model.feature_grid(p)) });
-        let input = decoder_input(model, req.ids, feats.as_ref())?;
-        let input = match &input {
-            Some(x) => x.input(),
-            None => Input::Ids(req.ids),
-        };
+        let rows = st.prompt_rows(model, req, self.adapter.as_deref())?;
+        let input = rows.as_ref().map_or(Input::Ids(req.ids), HostInput::input);
         let (prompt, shift, first) = st.llama.rows_prefill(&st.gpu, input, self.lora.as_deref())?;
         for (i, &slot) in free.iter().enumerate() {
             if let Err(e) = st.llama.rows_fill(&st.gpu, &mut self.rows, slot, &prompt, shift) {
@@ -260,6 +251,22 @@ impl CudaState {
     ) -> Result<Vec<f32>> {
         let on = self.vision_adapter(adapter)?;
         self.features_on(model, pixels, adapter, &on)
+    }
+
+    /// The decoder input of `req`'s prompt under `adapter`: None for text (its ids go in as they are), else the
+    /// host rows with the image's features in place (`decoder_input`).
+    fn prompt_rows(
+        &mut self,
+        model: &Model,
+        req: &GenerateRequest,
+        adapter: Option<&Adapter>,
+    ) -> Result<Option<HostInput>> {
+        let feats = match req.pixels {
+            Some(p) => Some(self.features(model, p, adapter)?),
+            None => None,
+        };
+        let feats = feats.map(|rows| ImageFeatures { rows, grid: req.pixels.and_then(|p| model.feature_grid(p)) });
+        decoder_input(model, req.ids, feats.as_ref())
     }
 
     /// `features` with the adapter's image path already placed (`vision_adapter`).
@@ -372,16 +379,8 @@ impl Backend for CudaBackend {
         };
         let cfg = &model.llm.cfg;
         let stop: Vec<u32> = if req.stop_ids.is_empty() { cfg.eos_token_ids.clone() } else { req.stop_ids.clone() };
-        let feats = match req.pixels {
-            Some(p) => Some(st.features(model, p, adapter)?),
-            None => None,
-        };
-        let feats = feats.map(|rows| ImageFeatures { rows, grid: req.pixels.and_then(|p| model.feature_grid(p)) });
-        let rows = decoder_input(model, req.ids, feats.as_ref())?;
-        let input = match &rows {
-            Some(x) => x.input(),
-            None => Input::Ids(req.ids),
-        };
+        let rows = st.prompt_rows(model, req, adapter)?;
+        let input = rows.as_ref().map_or(Input::Ids(req.ids), HostInput::input);
         let before = t0.elapsed().as_secs_f64();
         let (answers, mut stats) =
             st.llama.sample_answers(&st.gpu, input, req.ids, req.seeds, &req.params, &stop, lora.as_deref())?;

@@ -243,10 +243,10 @@ impl GpuLlama {
         }
         let h = s.clone_dtoh(&rows.scratch.logits.slice(..n * vocab)).map_err(derr)?;
         let mut out = vec![0.0f32; feed.len() * vocab];
+        // The slice conversion (several values per instruction), as `Gpu::download_f16` widens.
+        use half::slice::HalfFloatSliceExt;
         for (o, &(slot, _)) in out.chunks_mut(vocab).zip(feed) {
-            for (d, x) in o.iter_mut().zip(&h[slot * vocab..(slot + 1) * vocab]) {
-                *d = x.to_f32();
-            }
+            h[slot * vocab..(slot + 1) * vocab].convert_to_f32_slice(o);
         }
         Ok(out)
     }
