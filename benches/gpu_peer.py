@@ -14,15 +14,17 @@ import torch
 from transformers import (CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, Qwen2Config,
                           Qwen2ForCausalLM)
 
-SHAPES = ["llava7b", "tiny", "qwen7b", "qwen-tiny"]
+SHAPES = ["llava7b", "tiny", "qwen7b", "qwen-tiny", "llama1b"]
 
 
 def llama_config(shape):
     """LLaVA-1.5-7B's language model, Qwen2-VL-7B's (a Qwen2 decoder: q/k/v biases, GQA 28/4; its multimodal RoPE
-    costs what 1-D RoPE costs on text), or a tiny decoder of either kind, as rlaifd's bench-gpu builds it."""
+    costs what 1-D RoPE costs on text), a 1.1B LLaMA (full-parameter training), or a tiny decoder of either kind,
+    as rlaifd's bench-gpu builds it."""
     hidden, inter, layers, heads, kv, vocab = {
         "llava7b": (4096, 11008, 32, 32, 32, 32064), "tiny": (256, 688, 4, 8, 8, 32064),
-        "qwen7b": (3584, 18944, 28, 28, 4, 152064), "qwen-tiny": (256, 688, 4, 8, 2, 32064)}[shape]
+        "qwen7b": (3584, 18944, 28, 28, 4, 152064), "qwen-tiny": (256, 688, 4, 8, 2, 32064),
+        "llama1b": (2048, 5632, 22, 32, 4, 32064)}[shape]
     if shape.startswith("qwen"):
         return Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                            num_attention_heads=heads, num_key_value_heads=kv, rms_norm_eps=1e-6, rope_theta=1e6,

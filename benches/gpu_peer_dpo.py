@@ -5,6 +5,9 @@ linear layer of the decoder (fp32 adapter weights), fp16 autocast with a GradSca
 One DPO step = one pair: chosen and rejected sequences of --seq tokens (the 576 image positions are text tokens
 here, as in our benchmark), answers of --answer tokens, reference log-probs precomputed (constants). Also one SFT
 step on one sequence. Medians of --reps steps after --warmup. Prints one JSON line.
+--full-parameter: the peer of `rlaifd bench-gpu-train --full-parameter` instead: no LoRA, every linear layer of
+the decoder and the head trained whole as PyTorch's mixed precision does it (fp32 weights, fp16 autocast, a
+GradScaler, AdamW; embeddings and norms frozen), DPO steps only.
 Usage (GPU host with torch, transformers and peft): python3 benches/gpu_peer_dpo.py [--shape llava7b] [--seq 700]"""
 import argparse, json, statistics, time
 
@@ -23,18 +26,26 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--full-parameter", action="store_true")
     a = ap.parse_args()
     cfg = llama_config(a.shape)
     dev = torch.device(a.device)
     cuda = a.device == "cuda"
     torch.manual_seed(0)
-    with dev:
-        model = causal_lm(cfg).to(torch.float16 if cuda else torch.float32)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    model = get_peft_model(model, LoraConfig(r=a.rank, lora_alpha=2 * a.rank, lora_dropout=0.0, target_modules=targets))
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
+    if a.full_parameter:
+        # fp32 master weights under fp16 autocast; the linear layers (biases included) and the head train.
+        with dev:
+            model = causal_lm(cfg).float()
+        for name, p in model.named_parameters():
+            p.requires_grad = any(f".{t}." in name for t in targets) or name.startswith("lm_head.")
+    else:
+        with dev:
+            model = causal_lm(cfg).to(torch.float16 if cuda else torch.float32)
+        model = get_peft_model(model, LoraConfig(r=a.rank, lora_alpha=2 * a.rank, lora_dropout=0.0, target_modules=targets))
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
     scaler = torch.amp.GradScaler(enabled=cuda)
@@ -83,7 +94,7 @@ def main():
         if rep >= a.warmup:
             dpo.append(time.perf_counter() - t)
     peak = torch.cuda.max_memory_allocated() / 1e9 if cuda else None
-    for rep in range(a.warmup + a.reps):
+    for rep in range(0 if a.full_parameter else a.warmup + a.reps):
         sync()
         t = time.perf_counter()
         sft_step()
@@ -95,7 +106,8 @@ def main():
     print(json.dumps({"peer": f"torch {torch.__version__} + transformers {transformers.__version__} + peft {peft.__version__}",
                       "device": name, "shape": a.shape, "seq": a.seq, "answer": a.answer, "rank": a.rank,
                       "dpo_step_ms": statistics.median(dpo) * 1e3, "dpo_pairs_per_s": 1.0 / statistics.median(dpo),
-                      "dpo_peak_memory_gb": peak, "sft_tokens_per_s": a.seq / statistics.median(sft),
+                      "full_parameter": a.full_parameter, "dpo_peak_memory_gb": peak,
+                      "sft_tokens_per_s": a.seq / statistics.median(sft) if sft else None,
                       "trainable_params": sum(p.numel() for p in params)}))
 
 

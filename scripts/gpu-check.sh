@@ -22,6 +22,8 @@
 #      with LoRA r=64 on every linear layer, 700-token sequences; then the peers on the same GPU (if torch is there):
 #      benches/gpu_peer.py (transformers fp16) and benches/gpu_peer_dpo.py (PyTorch + peft, fp16 autocast).
 #      SHAPE=qwen7b runs stage 5 on Qwen2-VL-7B's decoder instead (q/k/v biases, multimodal RoPE, GQA 28/4).
+#      Full-parameter DPO (rlaifd bench-gpu-train --full-parameter and its PyTorch peer) runs on FULL_SHAPE: a
+#      1.1B decoder (llama1b) by default, since a 7B one needs about 125 GiB for it; the tiny shape of a tiny run.
 #
 # A rehearsal without a GPU (checks this script, its arguments and the binaries, not the GPU):
 #   CUEMU=1 SHAPE=tiny PROMPT=70 DECODE=4 SEQ=80 ANSWER=10 RANK=8 REPS=1 CLIENTS=4 LIMIT_SCALE=10 OUT=/tmp/rehearsal scripts/gpu-check.sh
@@ -39,6 +41,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-check-out}
 SHAPE=${SHAPE:-llava7b} PROMPT=${PROMPT:-640} DECODE=${DECODE:-128} SEQ=${SEQ:-700} ANSWER=${ANSWER:-60} RANK=${RANK:-64} REPS=${REPS:-}
+case "$SHAPE" in tiny | qwen-tiny) FULL_SHAPE=${FULL_SHAPE:-$SHAPE} ;; *) FULL_SHAPE=${FULL_SHAPE:-llama1b} ;; esac
 LIMIT_SCALE=${LIMIT_SCALE:-1}
 mkdir -p "$OUT"
 # $OUT receives logs only, 8 files at most (env, parity, llama, backend, generate, bench, peer, sanitize, and the
@@ -136,6 +139,9 @@ stage "bench-gpu-batch (rlaifd: continuous batching against one request at a tim
 grep -E "continuous batch" "$OUT/bench.log" | tail -n 2
 stage "bench-gpu-train (rlaifd)" bench.log 300 "$bins/rlaifd" bench-gpu-train --shape "$SHAPE" --seq "$SEQ" --answer "$ANSWER" --rank "$RANK" --reps "${REPS:-5}" --warmup 2
 grep -E "DPO step|image path" "$OUT/bench.log" | tail -n 4
+# Full-parameter DPO: a 7B decoder does not fit it (about 125 GiB), so a 1.1B one (or the tiny shape of a quick run).
+stage "bench-gpu-train --full-parameter (rlaifd)" bench.log 300 "$bins/rlaifd" bench-gpu-train --full-parameter --shape "$FULL_SHAPE" --seq "$SEQ" --answer "$ANSWER" --reps "${REPS:-5}" --warmup 2
+grep -E "full-parameter DPO" "$OUT/bench.log" | tail -n 1
 fi
 if ! part peer; then
   :
@@ -144,6 +150,8 @@ elif [ -n "$py" ] && "$py" -c "import torch, transformers" 2>/dev/null; then
   tail -n 1 "$OUT/peer.log"
   if "$py" -c "import peft" 2>/dev/null; then
     stage "bench peer (PyTorch + peft DPO/SFT)" peer.log 300 env PYTHONUNBUFFERED=1 "$py" benches/gpu_peer_dpo.py --shape "$SHAPE" --seq "$SEQ" --answer "$ANSWER" --rank "$RANK" --reps "${REPS:-5}" --warmup 2
+    tail -n 1 "$OUT/peer.log"
+    stage "bench peer (PyTorch full-parameter DPO)" peer.log 300 env PYTHONUNBUFFERED=1 "$py" benches/gpu_peer_dpo.py --full-parameter --shape "$FULL_SHAPE" --seq "$SEQ" --answer "$ANSWER" --reps "${REPS:-5}" --warmup 2
     tail -n 1 "$OUT/peer.log"
   fi
 else

@@ -116,9 +116,13 @@ enum Command {
     /// random-weight LLaMA decoder (LLaVA-1.5-7B's language model by default), with peak device memory; see
     /// scripts/gpu-check.sh and benches/gpu_peer_dpo.py.
     BenchGpuTrain {
-        /// llava7b, qwen7b, tiny or qwen-tiny (as bench-gpu).
+        /// llava7b, qwen7b, llama1b, tiny or qwen-tiny (as bench-gpu).
         #[arg(long, default_value = "llava7b")]
         shape: String,
+        /// Time full-parameter DPO (every linear layer and the head trained whole) instead of LoRA; a 7B decoder
+        /// needs about 125 GiB for it, so take --shape llama1b or a tiny one.
+        #[arg(long)]
+        full_parameter: bool,
         /// Tokens per sequence (LLaVA-1.5: 576 image positions + prompt + answer).
         #[arg(long, default_value_t = 700)]
         seq: usize,
@@ -179,7 +183,10 @@ fn main() {
         Command::BenchGpuBatch { shape, prompt, decode, clients, reps } => {
             gpu::cmd_bench_gpu_batch(&shape, prompt, decode, clients, reps)
         }
-        Command::BenchGpuTrain { shape, seq, answer, rank, reps, warmup } => {
+        Command::BenchGpuTrain { shape, full_parameter: true, seq, answer, reps, warmup, .. } => {
+            gpu::cmd_bench_gpu_train_full(&shape, seq, answer, reps, warmup)
+        }
+        Command::BenchGpuTrain { shape, seq, answer, rank, reps, warmup, .. } => {
             gpu::cmd_bench_gpu_train(&shape, seq, answer, rank, reps, warmup)
         }
         Command::Ctl(a) => rlaifd::control::ctl(a),

@@ -525,6 +525,7 @@ pub fn bench_image_path(
         |_, _, sl| Ok((vec![0.0; rank * sl.n_in], vec![0.0; sl.n_out * rank])),
         image,
         Vec::new(),
+        Vec::new(),
     )?;
     // The random tower's layers are unnamed: name them as the slots.
     let mut v = v;
@@ -558,6 +559,54 @@ pub fn bench_image_path(
     Ok(out)
 }
 
+/// The training benchmarks' AdamW.
+const BENCH_ADAMW: AdamW = AdamW { lr: 1e-5, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
+
+/// A random-weight decoder of a benchmark's shape and one DPO pair for it: a prompt and two answers of fixed
+/// pseudo-random tokens.
+struct DpoBench {
+    model: GpuLlama,
+    prompt: Vec<u32>,
+    chosen: Vec<u32>,
+    rejected: Vec<u32>,
+}
+
+impl DpoBench {
+    /// Sequences of `seq` tokens with answers of `answer` tokens.
+    fn new(gpu: &Gpu, cfg: &LlamaConfig, seq: usize, answer: usize) -> Result<DpoBench> {
+        if answer == 0 || answer >= seq {
+            return Err(err(format!("answer length {answer} must be between 1 and the sequence length {seq} - 1")));
+        }
+        let v = cfg.vocab_size as u64;
+        let tok = |i: usize, k: u64| (1 + (i as u64 * 7919 + k * 104_729) % (v - 1)) as u32;
+        Ok(DpoBench {
+            model: GpuLlama::random(gpu, cfg, seq + 1, 1)?,
+            prompt: (0..seq - answer).map(|i| tok(i, 0)).collect(),
+            chosen: (0..answer).map(|i| tok(i, 1)).collect(),
+            rejected: (0..answer).map(|i| tok(i, 2)).collect(),
+        })
+    }
+
+    /// `reps` timed DPO steps of `lora` after `warmup` (ms each), and the peak memory over all of them (GB).
+    fn time_steps(&self, gpu: &Gpu, lora: &mut GpuLora, reps: usize, warmup: usize) -> Result<(Vec<f64>, f64)> {
+        let dpo = DpoConfig { beta: 0.1, ..Default::default() };
+        let sync = || gpu.stream.synchronize().map_err(derr);
+        gpu.reset_peak_memory()?;
+        let mut ms = Vec::new();
+        for rep in 0..warmup + reps {
+            sync()?;
+            let t = std::time::Instant::now();
+            let (p, c, r) = (&self.prompt, &self.chosen, &self.rejected);
+            lora.dpo_step(gpu, &self.model, p, c, r, (-150.0, -160.0), &dpo, Some((&BENCH_ADAMW, 1.0)))?;
+            sync()?;
+            if rep >= warmup {
+                ms.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        Ok((ms, gpu.peak_memory()? as f64 / 1e9))
+    }
+}
+
 /// Times `reps` DPO steps (after `warmup`) and as many SFT steps of a rank-`rank` adapter on every linear layer of
 /// a random-weight decoder of `cfg`'s shape, sequences of `seq` tokens with answers of `answer` tokens.
 pub fn bench_train(
@@ -569,40 +618,17 @@ pub fn bench_train(
     reps: usize,
     warmup: usize,
 ) -> Result<TrainBenchReport> {
-    if answer == 0 || answer >= seq {
-        return Err(err(format!("answer length {answer} must be between 1 and the sequence length {seq} - 1")));
-    }
-    let model = GpuLlama::random(gpu, cfg, seq + 1, 1)?;
+    let b = DpoBench::new(gpu, cfg, seq, answer)?;
     let mut lora = GpuLora::random(gpu, cfg, rank, 2.0 * rank as f32, 2)?;
-    let v = cfg.vocab_size as u64;
-    let tok = |i: usize, k: u64| (1 + (i as u64 * 7919 + k * 104_729) % (v - 1)) as u32;
-    let prompt: Vec<u32> = (0..seq - answer).map(|i| tok(i, 0)).collect();
-    let chosen: Vec<u32> = (0..answer).map(|i| tok(i, 1)).collect();
-    let rejected: Vec<u32> = (0..answer).map(|i| tok(i, 2)).collect();
-    let opt = AdamW { lr: 1e-5, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
-    let dpo = DpoConfig { beta: 0.1, ..Default::default() };
+    let (model, prompt, chosen, opt) = (&b.model, &b.prompt, &b.chosen, BENCH_ADAMW);
     let sync = || gpu.stream.synchronize().map_err(derr);
-    // `reps` timed DPO steps after `warmup` (ms each), and the peak memory over all of them (GB).
-    let dpo_steps = |lora: &mut GpuLora| -> Result<(Vec<f64>, f64)> {
-        gpu.reset_peak_memory()?;
-        let mut ms = Vec::new();
-        for rep in 0..warmup + reps {
-            sync()?;
-            let t = std::time::Instant::now();
-            lora.dpo_step(gpu, &model, &prompt, &chosen, &rejected, (-150.0, -160.0), &dpo, Some((&opt, 1.0)))?;
-            sync()?;
-            if rep >= warmup {
-                ms.push(t.elapsed().as_secs_f64() * 1e3);
-            }
-        }
-        Ok((ms, gpu.peak_memory()? as f64 / 1e9))
-    };
+    let dpo_steps = |lora: &mut GpuLora| b.time_steps(gpu, lora, reps, warmup);
     let (dpo_ms, peak) = dpo_steps(&mut lora)?;
     let mut sft = Vec::new();
     for rep in 0..warmup + reps {
         sync()?;
         let t = std::time::Instant::now();
-        lora.sft_step(gpu, &model, &prompt, &chosen, Some((&opt, 1.0)))?;
+        lora.sft_step(gpu, model, prompt, chosen, Some((&opt, 1.0)))?;
         sync()?;
         if rep >= warmup {
             sft.push(seq as f64 / t.elapsed().as_secs_f64());
@@ -731,5 +757,70 @@ pub fn bench_batching(
         sequential_tokens_per_s: seq,
         batched_tokens_per_s: bat,
         batched_step_ms: step_ms,
+    })
+}
+
+/// What `bench_train_full` measured.
+#[derive(Clone, Debug)]
+pub struct FullTrainBenchReport {
+    pub device: String,
+    pub seq: usize,
+    pub answer: usize,
+    /// Values trained whole: every projection of every layer (Qwen2's q/k/v biases too) and the head.
+    pub trainable_params: usize,
+    pub dpo_step_ms: Vec<f64>,
+    pub dpo_peak_memory_gb: f64,
+    pub skipped_steps: u64,
+}
+
+/// Times `reps` full-parameter DPO steps (after `warmup`) of a random-weight decoder of `cfg`'s shape: every linear
+/// layer of the decoder and the head trained whole (fp32 masters, gradients and AdamW moments, fp16 copies the
+/// passes read), sequences of `seq` tokens with answers of `answer` tokens, the prompt shared by both answers.
+pub fn bench_train_full(
+    gpu: &Gpu,
+    cfg: &LlamaConfig,
+    seq: usize,
+    answer: usize,
+    reps: usize,
+    warmup: usize,
+) -> Result<FullTrainBenchReport> {
+    let b = DpoBench::new(gpu, cfg, seq, answer)?;
+    // Whole weights uniform with standard deviation 0.02 (as `GpuLlama::random`'s), biases 0.
+    let mut rng = crate::rng::SplitMix64::new(3);
+    let w = 0.02 * 3f64.sqrt();
+    let mut whole = Vec::new();
+    for l in 0..cfg.num_hidden_layers {
+        for (j, p) in PROJECTIONS.iter().enumerate() {
+            let (n_in, n_out) = projection_shape(cfg, j);
+            let v = (0..n_in * n_out).map(|_| ((rng.next_f64() * 2.0 - 1.0) * w) as f32).collect();
+            whole.push((format!("language_model.layers.{l}.{p}.weight"), v));
+            if cfg.qkv_bias && fused_group(j) == 0 {
+                whole.push((format!("language_model.layers.{l}.{p}.bias"), vec![0.0; n_out]));
+            }
+        }
+    }
+    let head = (0..cfg.vocab_size * cfg.hidden_size).map(|_| ((rng.next_f64() * 2.0 - 1.0) * w) as f32).collect();
+    whole.push(("lm_head.weight".to_string(), head));
+    let mut gl = GpuLora::build_with(
+        gpu,
+        cfg,
+        1,
+        0.0,
+        true,
+        |_, _| false,
+        |_, _, _| Err(err("no LoRA in a full-parameter run")),
+        Vec::new(),
+        Vec::new(),
+        whole,
+    )?;
+    let (ms, peak) = b.time_steps(gpu, &mut gl, reps, warmup)?;
+    Ok(FullTrainBenchReport {
+        device: gpu.name.clone(),
+        seq,
+        answer,
+        trainable_params: gl.param_count(),
+        dpo_step_ms: ms,
+        dpo_peak_memory_gb: peak,
+        skipped_steps: gl.scaler.skipped,
     })
 }

@@ -2,7 +2,9 @@
 //! buffers with their optimizer state (`GpuLora`), built from an `Adapter` and written back to one, and the LoRA
 //! product of one projection (`lora_fwd`: y += s (x A^T) B^T, with dropout drawn as the CPU trainer draws it). The
 //! decoder (`cuda_llama`) applies it at inference; the trainer (`cuda_train`) adds the backward passes and the
-//! optimizer step. Neither of those is imported here.
+//! optimizer step. Neither of those is imported here. A full-parameter adapter (peft `modules_to_save` of the
+//! language model) puts the decoder's whole weights in the same buffers, fused as the decoder fuses them
+//! (`FUSED`, `whole_at`): the trainer's passes then read those fp16 copies in place of the base's weights.
 
 use crate::adapter::Adapter;
 use crate::config::LlamaConfig;
@@ -35,6 +37,89 @@ pub(crate) const G: usize = 4;
 pub(crate) const U: usize = 5;
 
 pub(crate) const D: usize = 6;
+
+/// The GPU decoder's fused matrices (`cuda_llama::Layer`), each the projections of `PROJECTIONS` it stacks, in
+/// row order: q/k/v, o, gate/up, down.
+pub(crate) const FUSED: [&[usize]; 4] = [&[Q, K, V], &[O], &[G, U], &[D]];
+
+/// The fused matrix of projection `j` (an index into `FUSED`).
+pub(crate) fn fused_group(j: usize) -> usize {
+    match j {
+        Q | K | V => 0,
+        O => 1,
+        G | U => 2,
+        _ => 3,
+    }
+}
+
+/// A whole decoder parameter of a full-parameter adapter (peft `modules_to_save` of the language model), by its
+/// canonical name: a projection's weight, Qwen2's q/k/v bias, or the head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum WholeAt {
+    Weight { layer: usize, j: usize },
+    Bias { layer: usize, j: usize },
+    Head,
+}
+
+/// Where the GPU trainer keeps the decoder parameter `name` (canonical: `language_model.layers.3.mlp.up_proj.weight`,
+/// `lm_head.weight`), or why it cannot train it whole: it trains the weights of the seven projections, Qwen2's
+/// q/k/v biases and the head; the embeddings and norms stay frozen.
+pub(crate) fn whole_at(cfg: &LlamaConfig, name: &str) -> Result<WholeAt> {
+    if name == "lm_head.weight" {
+        return Ok(WholeAt::Head);
+    }
+    let refuse = || {
+        err(format!(
+            "the adapter trains {name} whole (modules_to_save); the GPU trainer trains whole the decoder's projection \
+             weights, Qwen2's q/k/v biases and the head only"
+        ))
+    };
+    let rest = name.strip_prefix("language_model.layers.").ok_or_else(refuse)?;
+    let (layer, rest) = rest.split_once('.').ok_or_else(refuse)?;
+    let layer: usize = layer.parse().map_err(|_| refuse())?;
+    let (module, what) = rest.rsplit_once('.').ok_or_else(refuse)?;
+    let j = PROJECTIONS.iter().position(|p| *p == module).ok_or_else(refuse)?;
+    if layer >= cfg.num_hidden_layers {
+        return Err(refuse());
+    }
+    match what {
+        "weight" => Ok(WholeAt::Weight { layer, j }),
+        "bias" if cfg.qkv_bias && fused_group(j) == 0 => Ok(WholeAt::Bias { layer, j }),
+        _ => Err(refuse()),
+    }
+}
+
+/// Checks that the GPU trainer can train `adapter`'s whole decoder parameters: each one known (`whole_at`), and the
+/// projections the GPU decoder fuses into one matrix (q/k/v, gate/up) trained whole together or not at all.
+/// Returns how many values they hold. Needs no GPU.
+pub fn whole_decoder_values(cfg: &LlamaConfig, adapter: &Adapter) -> Result<usize> {
+    let mut seen = std::collections::HashSet::new();
+    let mut n = 0;
+    for (name, p) in adapter.saved_params().filter(|(n, _)| !crate::cuda_clip::in_image_path(n)) {
+        seen.insert(whole_at(cfg, name)?);
+        n += p.values.len();
+    }
+    for layer in 0..cfg.num_hidden_layers {
+        for js in FUSED {
+            for bias in [false, true] {
+                let at = |j: usize| if bias { WholeAt::Bias { layer, j } } else { WholeAt::Weight { layer, j } };
+                let have = js.iter().filter(|&&j| seen.contains(&at(j))).count();
+                if have > 0 && have < js.len() {
+                    let names: Vec<&str> = js.iter().map(|&j| PROJECTIONS[j]).collect();
+                    return Err(err(format!(
+                        "layer {layer}: the GPU decoder fuses {} into one matrix, so the GPU trainer trains their {} whole together or not at all; the adapter trains {have} of them",
+                        names.join(", "),
+                        if bias { "biases" } else { "weights" }
+                    )));
+                }
+            }
+        }
+    }
+    Ok(n)
+}
+
+/// The initial loss scale of a run that trains decoder weights whole.
+pub(crate) const WHOLE_INITIAL_SCALE: f32 = 1024.0;
 
 /// (in, out) features of projection `j`.
 pub(crate) fn projection_shape(cfg: &LlamaConfig, j: usize) -> (usize, usize) {
@@ -91,6 +176,18 @@ pub struct GpuLora {
     pub(crate) dec_total: usize,
     /// One image backward pass's fp16 gradients of those modules (`image` offsets minus `dec_total`).
     pub(crate) g16_img: CudaSlice<f16>,
+    /// Full-parameter training: the decoder's matrices this copy trains whole, per layer and fused matrix (`FUSED`),
+    /// each at its offset in the flat buffers ([out, in] row-major, stacked as the base's); Qwen2's q/k/v biases
+    /// per layer; the head. The passes read their fp16 copies in place of the base's weights. They sit in the
+    /// decoder's part of the buffers, after the LoRA factors, the biases last (`whole_bias`: no weight decay).
+    pub(crate) whole_layers: Vec<[Option<usize>; 4]>,
+    pub(crate) whole_qkv_bias: Vec<Option<usize>>,
+    pub(crate) whole_head: Option<usize>,
+    /// Each whole parameter by canonical name, for writing back and for the optimizer state.
+    pub(crate) whole: Vec<ImageParam>,
+    /// The whole parameters' part of the buffers, and their biases' part (the end of it).
+    pub(crate) whole_range: std::ops::Range<usize>,
+    pub(crate) whole_bias: std::ops::Range<usize>,
     /// Optimizer steps taken (skipped overflow steps excluded).
     pub steps: u32,
     pub scaler: LossScaler,
@@ -319,6 +416,12 @@ pub fn inference_rank(cfg: &LlamaConfig, adapter: &Adapter) -> Result<(usize, f3
     {
         return Err(err(format!("the adapter replaces {p} (modules_to_save); the GPU decoder applies LoRA only")));
     }
+    decoder_lora_rank(cfg, adapter)?.ok_or_else(|| err("the adapter has no LoRA module in the decoder"))
+}
+
+/// The one rank and scale of an adapter's LoRA modules in the decoder (None: it has none), or why the GPU decoder
+/// cannot apply them; its whole parameters are not looked at.
+pub fn decoder_lora_rank(cfg: &LlamaConfig, adapter: &Adapter) -> Result<Option<(usize, f32)>> {
     let mut rank: Option<(usize, f32, String)> = None;
     for (name, m) in adapter.modules() {
         if name.starts_with("vision_tower.") || name.starts_with("multi_modal_projector.") {
@@ -337,7 +440,7 @@ pub fn inference_rank(cfg: &LlamaConfig, adapter: &Adapter) -> Result<(usize, f3
             Some(_) => {}
         }
     }
-    rank.map(|(r, s, _)| (r, s)).ok_or_else(|| err("the adapter has no LoRA module in the decoder"))
+    Ok(rank.map(|(r, s, _)| (r, s)))
 }
 
 impl GpuLora {
@@ -348,13 +451,14 @@ impl GpuLora {
         scale: f32,
         values: impl FnMut(usize, usize, Slot) -> Result<(Vec<f32>, Vec<f32>)>,
     ) -> Result<GpuLora> {
-        Self::build_with(gpu, cfg, r, scale, true, |_, _| true, values, Vec::new(), Vec::new())
+        Self::build_with(gpu, cfg, r, scale, true, |_, _| true, values, Vec::new(), Vec::new(), Vec::new())
     }
 
     /// The flat buffers for rank `r`: projection (l, j) has LoRA where `present(l, j)`, its initial factors (A, B)
     /// from `values`.
     /// `image`: LoRA modules of the image path trained beside them (after the decoder's in the buffers);
-    /// `params`: (canonical name, values) of image-path linear layers' weights and biases trained in full.
+    /// `params`: (canonical name, values) of image-path linear layers' weights and biases trained in full;
+    /// `whole`: the same of the decoder's parameters trained in full (`whole_at` names them).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn build_with(
         gpu: &Gpu,
@@ -366,6 +470,7 @@ impl GpuLora {
         mut values: impl FnMut(usize, usize, Slot) -> Result<(Vec<f32>, Vec<f32>)>,
         image: Vec<ImageInit>,
         mut params: Vec<(String, Vec<f32>)>,
+        whole: Vec<(String, Vec<f32>)>,
     ) -> Result<GpuLora> {
         if r == 0 {
             return Err(err("LoRA rank must be at least 1"));
@@ -384,9 +489,76 @@ impl GpuLora {
             }
             slots.push(layer);
         }
-        if total == 0 {
+        if total == 0 && whole.is_empty() {
             return Err(err("the adapter has no LoRA module in the decoder"));
         }
+        // The decoder's whole parameters: each fused matrix's projections stacked as the base's, then the head,
+        // then the biases.
+        let whole_start = total;
+        let any_whole = !whole.is_empty();
+        let mut by_place = std::collections::HashMap::new();
+        for (name, v) in whole {
+            by_place.insert(whole_at(cfg, &name)?, (name, v));
+        }
+        let mut whole_values: Vec<(usize, Vec<f32>)> = Vec::new();
+        let mut whole_params = Vec::new();
+        let mut place = |at: WholeAt, len: usize, total: &mut usize| -> Result<Option<usize>> {
+            let Some((name, v)) = by_place.remove(&at) else { return Ok(None) };
+            if v.len() != len {
+                return Err(err(format!("{name}: {} values, the decoder's layer has {len}", v.len())));
+            }
+            let (layer, weight) = match name.rsplit_once('.') {
+                Some((l, w)) => (l.to_string(), w == "weight"),
+                None => (name.clone(), true),
+            };
+            whole_params.push(ImageParam { name, layer, weight, at: *total, len });
+            whole_values.push((*total, v));
+            *total += len;
+            Ok(Some(*total - len))
+        };
+        let mut whole_layers = Vec::new();
+        let mut whole_qkv_bias = Vec::new();
+        let mut whole_head = None;
+        if any_whole {
+            for layer in 0..cfg.num_hidden_layers {
+                let mut groups = [None; 4];
+                for (g, js) in FUSED.iter().enumerate() {
+                    for (k, &j) in js.iter().enumerate() {
+                        let (n_in, n_out) = projection_shape(cfg, j);
+                        let at = place(WholeAt::Weight { layer, j }, n_in * n_out, &mut total)?;
+                        match (k, at) {
+                            (0, Some(at)) => groups[g] = Some(at),
+                            (0, None) => break,
+                            (_, Some(_)) => {}
+                            (_, None) => {
+                                return Err(err(format!(
+                                    "layer {layer}: {} is not trained whole beside the projections fused with it",
+                                    PROJECTIONS[j]
+                                )))
+                            }
+                        }
+                    }
+                }
+                whole_layers.push(groups);
+            }
+            whole_head = place(WholeAt::Head, cfg.vocab_size * cfg.hidden_size, &mut total)?;
+        }
+        let bias_start = total;
+        if any_whole {
+            for layer in 0..cfg.num_hidden_layers {
+                let mut first = None;
+                for &j in FUSED[0] {
+                    let at = place(WholeAt::Bias { layer, j }, projection_shape(cfg, j).1, &mut total)?;
+                    first = first.or(at);
+                }
+                whole_qkv_bias.push(first);
+            }
+        }
+        if let Some((name, _)) = by_place.values().next() {
+            return Err(err(format!("{name} is not trained whole beside the projections fused with it")));
+        }
+        let whole_range = whole_start..total;
+        let whole_bias = bias_start..total;
         let dec_total = total;
         let mut image_slots = Vec::with_capacity(image.len());
         for m in &image {
@@ -443,6 +615,9 @@ impl GpuLora {
         for (pp, (_, v)) in image_params.iter().zip(&params) {
             host[pp.at..pp.at + pp.len].copy_from_slice(v);
         }
+        for (at, v) in &whole_values {
+            host[*at..*at + v.len()].copy_from_slice(v);
+        }
         for (l, layer) in slots.iter().enumerate() {
             for (j, sl) in layer.iter().enumerate().filter(|(_, sl)| sl.present) {
                 let (a, b) = values(l, j, *sl)?;
@@ -489,8 +664,17 @@ impl GpuLora {
             image_params,
             no_decay,
             dec_total,
+            whole_layers,
+            whole_qkv_bias,
+            whole_head,
+            whole: whole_params,
+            whole_range,
+            whole_bias,
             steps: 0,
-            scaler: LossScaler::new(65536.0, 2000),
+            // Whole weights' gradients (dW = dy^T x, summed over every row) are far larger than LoRA's: a
+            // full-parameter run starting at 65536 skips its first steps on overflow until the scale halves down to
+            // about this (the tests' fixtures overflow at 32768).
+            scaler: LossScaler::new(if any_whole { WHOLE_INITIAL_SCALE } else { 65536.0 }, 2000),
             trainable,
             recompute: false,
             share_prompt: true,
@@ -521,9 +705,9 @@ impl GpuLora {
 
     /// The decoder modules of a PEFT adapter for inference (`cuda_llama` forward passes), as `from_adapter` takes
     /// them but without gradient or optimizer buffers. Err (with the reason) for what the GPU decoder cannot
-    /// apply: LoRA on the lm_head or the embeddings, ranks or scales that differ, or whole decoder parameters the
-    /// adapter replaces (`modules_to_save`). Modules of the vision tower and the projector are ignored here (the
-    /// image path applies them).
+    /// apply: LoRA on the lm_head or the embeddings, ranks or scales that differ. Whole decoder parameters the
+    /// adapter replaces (`modules_to_save`) are left to a copy of the decoder (`GpuLlama::with_whole`), and modules
+    /// of the vision tower and the projector to the image path.
     pub fn for_inference(gpu: &Gpu, cfg: &LlamaConfig, adapter: &Adapter) -> Result<GpuLora> {
         Self::from_adapter_with(gpu, cfg, adapter, false)
     }
@@ -534,7 +718,27 @@ impl GpuLora {
         adapter: &Adapter,
         trainable: bool,
     ) -> Result<GpuLora> {
-        let (r, scale) = inference_rank(cfg, adapter)?;
+        // Inference applies LoRA only; training also takes whole decoder parameters (full-parameter training), with
+        // or without LoRA beside them.
+        let (r, scale) = match trainable {
+            // Whole decoder parameters are the decoder copy's (`GpuLlama::with_whole`), not this upload's.
+            false => {
+                decoder_lora_rank(cfg, adapter)?.ok_or_else(|| err("the adapter has no LoRA module in the decoder"))?
+            }
+            true => match decoder_lora_rank(cfg, adapter)? {
+                Some(rs) => rs,
+                None if adapter.saved_params().any(|(n, _)| !crate::cuda_clip::in_image_path(n)) => (1, 0.0),
+                None => return Err(err("the adapter has no LoRA module in the decoder")),
+            },
+        };
+        let whole = match trainable {
+            true => adapter
+                .saved_params()
+                .filter(|(n, _)| !crate::cuda_clip::in_image_path(n))
+                .map(|(n, p)| (n.to_string(), p.values.clone()))
+                .collect(),
+            false => Vec::new(),
+        };
         let module = |l: usize, j: usize| adapter.module(&format!("language_model.layers.{l}.{}", PROJECTIONS[j]));
         // Training takes the image path's LoRA modules too (`GpuLora::image_forward`); inference leaves them to the
         // image path's own upload (`cuda_clip::GpuVisionAdapter`).
@@ -574,6 +778,7 @@ impl GpuLora {
             },
             image,
             params,
+            whole,
         )
     }
 
@@ -685,7 +890,7 @@ impl GpuLora {
             m.a.copy_from_slice(&all[sl.a..sl.a + sl.r * sl.n_in]);
             m.b.copy_from_slice(&all[sl.b..sl.b + sl.n_out * sl.r]);
         }
-        for pp in &self.image_params {
+        for pp in self.image_params.iter().chain(&self.whole) {
             let (_, p) = adapter
                 .saved_params_mut()
                 .find(|(n, _)| *n == pp.name)
@@ -756,7 +961,7 @@ impl GpuLora {
             out.push((sl.name.clone(), m.keys.0.clone(), sl.a..sl.a + sl.r * sl.n_in));
             out.push((sl.name.clone(), m.keys.1.clone(), sl.b..sl.b + sl.n_out * sl.r));
         }
-        for pp in &self.image_params {
+        for pp in self.image_params.iter().chain(&self.whole) {
             let (_, p) = adapter
                 .saved_params()
                 .find(|(n, _)| *n == pp.name)

@@ -129,14 +129,32 @@ fn the_gpu_trainer_takes_the_loops_adapters_and_leaves_the_rest_to_the_cpu() {
         )
         .unwrap();
     assert_eq!(gpu_trainable(cfg, &projector), None);
-    // A decoder parameter trained in full, no decoder LoRA at all: the CPU, with why.
+    // Full-parameter training (every linear layer of the language model, the head and the projector whole): the
+    // GPU; the head whole beside LoRA too.
+    let full = model.create_adapter(&model.full_parameter_spec(), 1).unwrap();
+    assert!(full.module_names().is_empty());
+    assert_eq!(gpu_trainable(cfg, &full), None);
     let saved = model
         .create_adapter(
             &LoraSpec { modules_to_save: vec!["lm_head".into()], ..spec(LoraSpec::default().target_modules, 0.0) },
             1,
         )
         .unwrap();
-    assert!(gpu_trainable(cfg, &saved).unwrap().contains("modules_to_save"), "{:?}", gpu_trainable(cfg, &saved));
+    assert_eq!(gpu_trainable(cfg, &saved), None);
+    // Qwen2.5-VL's full-parameter adapter (its decoder with q/k/v biases, and its head): the GPU.
+    let qwen = Model::load(&shapes().join("../../tests/fixtures/qwen_vl/qwen25_native_f32_gqa/model")).unwrap();
+    let q_full = qwen.create_adapter(&qwen.full_parameter_spec(), 1).unwrap();
+    assert!(q_full.saved_params().any(|(n, _)| n.ends_with("q_proj.bias")));
+    assert_eq!(gpu_trainable(&qwen.llm.cfg, &q_full), None);
+    // q_proj whole without k_proj and v_proj, which the GPU decoder fuses with it: the CPU, with why.
+    let q_only = model
+        .create_adapter(
+            &LoraSpec { modules_to_save: vec!["q_proj".into()], ..spec(TargetModules::Names(Vec::new()), 0.0) },
+            1,
+        )
+        .unwrap();
+    let why = gpu_trainable(cfg, &q_only).unwrap_or_default();
+    assert!(why.contains("fuses") && why.contains("q_proj"), "{why:?}");
     let none = model.create_adapter(&spec(TargetModules::Regex(r".*vision_tower.*q_proj".into()), 0.0), 1).unwrap();
     assert!(
         gpu_trainable(cfg, &none).unwrap().contains("no LoRA module in the decoder"),

@@ -189,7 +189,7 @@ type Run = (Vec<engine::train::trainer::StepLog>, Adapter, bool);
 
 /// DPO with LoRA on every decoder projection over `pairs`.
 fn train(model: &Model, pairs: &[Pair]) -> Run {
-    train_paused(model, model, pairs, None, lora_spec(LoraSpec::default().target_modules), 0.0)
+    train_paused(model, model, pairs, None, lora_spec(LoraSpec::default().target_modules), (2e-3, 0.0))
 }
 
 /// LoRA of rank 8 on `targets`.
@@ -197,7 +197,7 @@ fn lora_spec(targets: TargetModules) -> LoraSpec {
     LoraSpec { r: 8, lora_alpha: 16.0, target_modules: targets, ..LoraSpec::default() }
 }
 
-/// `train` of the adapter `spec` makes (AdamW's weight decay `decay`), paused after `pause` steps on `first`: the
+/// `train` of the adapter `spec` makes (AdamW's learning rate and weight decay `(lr, decay)`), paused after `pause` steps on `first`: the
 /// adapter and the optimizer state (moments, step, loss scale) saved to disk as `rlaifd train-dpo` saves them,
 /// loaded back, and the run finished on `second`.
 fn train_paused(
@@ -206,7 +206,7 @@ fn train_paused(
     pairs: &[Pair],
     pause: Option<usize>,
     spec: LoraSpec,
-    decay: f64,
+    (lr, decay): (f64, f64),
 ) -> Run {
     use engine::train::{
         dpo::TokenPair,
@@ -229,7 +229,7 @@ fn train_paused(
     let mut adapter = first.create_adapter(&spec, 17).unwrap();
     let cfg = TrainConfig { dpo: Default::default(), epochs: 4, batch_size: 4, seed: 5 };
     let total = engine::train::trainer::steps_per_epoch(tp.len(), cfg.batch_size) * cfg.epochs;
-    let ocfg = AdamWConfig { lr: 2e-3, total_steps: total, weight_decay: decay, ..Default::default() };
+    let ocfg = AdamWConfig { lr, total_steps: total, weight_decay: decay, ..Default::default() };
     let mut opt = AdamW::new(ocfg.clone());
     let mut logs = Vec::new();
     if let Some(k) = pause {
@@ -317,8 +317,8 @@ fn gpu_dpo_of_a_q_and_v_adapter_tracks_the_cpu_trainer() {
     // The decoder's q_proj and v_proj (peft's names alone would also pick the vision tower's q_proj and v_proj).
     let pairs = &pairs[..4];
     let qv = || TargetModules::Regex(r".*language_model.*\.(q_proj|v_proj)".into());
-    let (want, a_cpu, _) = train_paused(&cpu, &cpu, pairs, None, lora_spec(qv()), 0.0);
-    let (got, a_gpu, on_gpu) = train_paused(&dev, &dev, pairs, None, lora_spec(qv()), 0.0);
+    let (want, a_cpu, _) = train_paused(&cpu, &cpu, pairs, None, lora_spec(qv()), (2e-3, 0.0));
+    let (got, a_gpu, on_gpu) = train_paused(&dev, &dev, pairs, None, lora_spec(qv()), (2e-3, 0.0));
     assert!(on_gpu, "the q+v adapter trained on the CPU");
     for (w, g) in want.iter().zip(&got) {
         println!(
@@ -349,7 +349,8 @@ fn gpu_dpo_of_a_q_and_v_adapter_tracks_the_cpu_trainer() {
 /// GPU trainer, each image's features computed under the current LoRA on the device and the gradient carried
 /// back from the decoder's image rows: it follows the CPU trainer, and the image path's factors move as the CPU's
 /// do. So does the projector trained in full (`--train-projector`) beside LoRA, with weight decay on its weights
-/// and none on its biases as on the CPU.
+/// and none on its biases as on the CPU, and full-parameter training (every linear layer of the decoder, the head
+/// and the projector whole).
 #[test]
 fn gpu_dpo_trains_the_image_path_as_the_cpu_trainer() {
     let Some((cpu, dev, tok)) = both("shapes-base") else { return };
@@ -360,9 +361,16 @@ fn gpu_dpo_trains_the_image_path_as_the_cpu_trainer() {
         modules_to_save: vec!["multi_modal_projector".into()],
         ..lora_spec(TargetModules::Regex(r".*(q_proj|v_proj)".into()))
     };
-    for (what, spec, decay) in [("image-path LoRA", lora, 0.0), ("projector in full", projector, 0.1)] {
-        let (want, a_cpu, _) = train_paused(&cpu, &cpu, &pairs, None, spec.clone(), decay);
-        let (got, a_gpu, on_gpu) = train_paused(&dev, &dev, &pairs, None, spec.clone(), decay);
+    // Full-parameter DPO (RLAIF-V's 7B recipe, `loop.tuning = "full"`): the decoder's linear layers, the head and
+    // the projector whole, no LoRA.
+    let full = cpu.full_parameter_spec();
+    for (what, spec, lr, decay) in [
+        ("image-path LoRA", lora, 2e-3, 0.0),
+        ("projector in full", projector, 2e-3, 0.1),
+        ("full-parameter", full, 1e-4, 0.1),
+    ] {
+        let (want, a_cpu, _) = train_paused(&cpu, &cpu, &pairs, None, spec.clone(), (lr, decay));
+        let (got, a_gpu, on_gpu) = train_paused(&dev, &dev, &pairs, None, spec.clone(), (lr, decay));
         assert!(on_gpu, "{what}: trained on the CPU");
         for (w, g) in want.iter().zip(&got) {
             println!(
@@ -404,7 +412,7 @@ fn gpu_dpo_trains_the_image_path_as_the_cpu_trainer() {
         }
         assert!(!want_f.is_empty(), "{what}: nothing of the image path trained");
         let (moved, off) = (rel_l2(&want_f, &start), rel_l2(&got_f, &want_f));
-        println!("{what}: the CPU run moved the image path's values by rel L2 {moved:.2e}; the GPU run ends {off:.2e} from it");
+        println!("{what}: the CPU run moved the trained values (image path, whole weights) by rel L2 {moved:.2e}; the GPU run ends {off:.2e} from it");
         assert!(moved > 1e-3, "{what}: the image path barely trained ({moved:.2e})");
         assert!(
             off <= 0.1 * moved,
@@ -523,7 +531,7 @@ fn a_gpu_dpo_run_paused_and_saved_resumes_on_the_gpu_or_the_cpu_where_it_stopped
     // 8 steps in one go on the GPU, against 3 steps, a save and a reload, then 5 more on the GPU.
     let (straight, a_straight, _) = train(&dev, &pairs);
     let (paused, a_paused, _) =
-        train_paused(&dev, &dev, &pairs, Some(3), lora_spec(LoraSpec::default().target_modules), 0.0);
+        train_paused(&dev, &dev, &pairs, Some(3), lora_spec(LoraSpec::default().target_modules), (2e-3, 0.0));
     assert_eq!(paused.len(), straight.len());
     for (s, p) in straight.iter().zip(&paused) {
         println!(
@@ -546,7 +554,7 @@ fn a_gpu_dpo_run_paused_and_saved_resumes_on_the_gpu_or_the_cpu_where_it_stopped
     // ends where a whole CPU run ends (within the devices' difference: fp16 vs f32).
     let (want, a_cpu, _) = train(&cpu, &pairs);
     let (crossed, a_crossed, _) =
-        train_paused(&dev, &cpu, &pairs, Some(3), lora_spec(LoraSpec::default().target_modules), 0.0);
+        train_paused(&dev, &cpu, &pairs, Some(3), lora_spec(LoraSpec::default().target_modules), (2e-3, 0.0));
     for (w, c) in want.iter().zip(&crossed) {
         println!("step {}: loss CPU {:.4}, GPU then CPU {:.4}", w.step, w.loss, c.loss);
         assert!(
@@ -901,4 +909,56 @@ fn requests_joining_a_gpu_batch_get_the_cpu_backends_answers() {
     }
     println!("batch: worst per-token |log-prob difference| against the CPU {worst:.2e}");
     assert_eq!(run(), got, "the same requests in the same order gave other answers");
+}
+
+/// A full-parameter checkpoint (`loop.tuning = "full"`: every linear layer of the decoder, the head and the projector
+/// whole) is served on the device from a copy of the decoder holding its weights: its greedy answers are the CPU
+/// backend's and its answer log-probs within fp16 rounding of the CPU's (not bit-equal, as a CPU fallback's would
+/// be), a continuous batch under it runs on the device, and the base decoder beside it is unchanged.
+#[test]
+fn a_full_parameter_checkpoint_is_served_on_the_gpu_as_on_the_cpu() {
+    let Some((cpu, dev, tok)) = both("shapes-base") else { return };
+    let wc = WorldConfig::default();
+    let ip = cpu.image_processor.clone().unwrap();
+    let mut full = cpu.create_adapter(&cpu.full_parameter_spec(), 3).unwrap();
+    assert!(full.module_names().is_empty());
+    // Every whole weight moved off the base's, so serving the base's weights by mistake cannot pass.
+    let mut rng = engine::rng::SplitMix64::new(12);
+    for (_, p) in full.saved_params_mut() {
+        p.values.iter_mut().for_each(|v| *v += ((rng.next_f64() * 2.0 - 1.0) * 0.03) as f32);
+    }
+    let full = std::sync::Arc::new(full);
+    let ids = tok.encode(&apply_template(LLAVA_15_TEMPLATE, "Describe the image."), true).unwrap();
+    let params = SamplingParams { temperature: 0.0, max_new_tokens: 24, ..Default::default() };
+    let (mut moved, mut worst) = (0.0f64, 0.0f64);
+    for seed in 0..3u64 {
+        let scene = Scene::generate(&wc, seed);
+        let pixels = engine::image::preprocess(&scene.render(&wc, seed), &ip).unwrap();
+        let req =
+            GenerateRequest { ids: &ids, pixels: Some(&pixels), seeds: &[0], params: params.clone(), stop_ids: vec![] };
+        let want = generate(&cpu, &req, Some(&*full)).unwrap().remove(0);
+        let got = generate(&dev, &req, Some(&*full)).unwrap().remove(0);
+        println!(
+            "scene {seed}: CPU {:?} GPU {:?}",
+            tok.decode(&want.tokens).unwrap(),
+            tok.decode(&got.tokens).unwrap()
+        );
+        assert_eq!((&got.tokens, got.finish), (&want.tokens, want.finish), "scene {seed}: greedy answers differ");
+        let feats = cpu.image_features(&pixels, Some(&*full)).unwrap();
+        let n = want.tokens.len().max(1) as f64;
+        let lw = cpu.answer_logp(&ids, &want.tokens, Some(&feats), Some(&*full)).unwrap();
+        let lg = dev.answer_logp(&ids, &want.tokens, Some(&feats), Some(&*full)).unwrap();
+        let base = cpu.answer_logp(&ids, &want.tokens, Some(&feats), None).unwrap();
+        let base_dev = dev.answer_logp(&ids, &want.tokens, Some(&feats), None).unwrap();
+        moved = moved.max((lw - base).abs() / n);
+        worst = worst.max((lg - lw).abs() / n);
+        assert!(lg != lw, "scene {seed}: the GPU's log-prob is the CPU's to the bit (a CPU fallback)");
+        assert!((lg - lw).abs() / n <= 5e-2, "scene {seed}: answer log-prob {lg} on the GPU, {lw} on the CPU");
+        assert!((base_dev - base).abs() / n <= 5e-2, "scene {seed}: the base decoder changed: {base_dev} vs {base}");
+    }
+    println!("full-parameter checkpoint: per-token log-prob moved {moved:.3} from the base; GPU vs CPU {worst:.2e}");
+    // The base's weights served by mistake would be `moved` off.
+    assert!(moved > 0.02 && worst <= 0.1 * moved, "log-probs moved {moved} from the base, GPU vs CPU {worst}");
+    let batch = engine::batch::Batch::new(&dev, Some(full.clone()), 4).unwrap();
+    assert!(!batch.device().contains("cpu"), "the batch under the checkpoint runs on {}", batch.device());
 }

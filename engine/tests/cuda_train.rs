@@ -3,7 +3,7 @@
 //! while dynamic loss scaling skips the steps that overflow; activation recomputation changing nothing but memory,
 //! and a pair's prompt run once for both answers giving the gradients of two whole sequences; the tensor-core
 //! attention kernels giving the scalar kernels' loss and gradients; LoRA dropout drawing the CPU trainer's masks; an
-//! adapter on a subset of the projections training only its own modules.
+//! adapter on a subset of the projections training only its own modules; full-parameter DPO (whole weights).
 //! Prints why and passes where no GPU exists.
 
 use engine::cuda::{AdamW, Gpu, LossScaler};
@@ -258,7 +258,7 @@ fn check_image_path_pair(
         let (mut pn, mut pd) = (0.0f64, 0.0f64);
         for (name, _) in adapter.saved_params() {
             let want = grads.param(name).unwrap_or_else(|| panic!("CPU grads have no {name}"));
-            let got = lora.image_param_grad(gpu, name).unwrap();
+            let got = lora.param_grad(gpu, name).unwrap();
             assert_eq!(got.len(), want.len(), "{name}");
             for (g, w) in got.iter().zip(want) {
                 pn += (*g as f64 / 1024.0 - *w as f64).powi(2);
@@ -706,4 +706,107 @@ fn llava_next_tiles_train_their_image_path_on_the_gpu_as_the_cpu_backend() {
         assert!(total <= 2e-2 && worst.0 <= 5e-2, "{case}: decoder LoRA gradients rel L2 {total}, worst {worst:?}");
         assert!(img_total <= 2e-2 && worst_img.0 <= 5e-2, "{case}: image-path gradients {img_total}, {worst_img:?}");
     }
+}
+
+/// Full-parameter DPO (`Model::full_parameter_spec`: every linear layer of the language model and the head trained
+/// whole, RLAIF-V's 7B recipe) on the GPU trainer: a pair's loss and the gradient of every whole weight (the fused
+/// q/k/v and gate/up matrices, o, down, the head where it is not tied, Qwen2's q/k/v biases) as the CPU backend
+/// computes them, with the prompt shared and not; then optimizer steps lower the loss, the trained weights go back
+/// into the adapter, and the CPU backend gives the GPU's loss under them (the GPU passes read the trained weights,
+/// not the base's, which stay as they were).
+#[test]
+fn full_parameter_dpo_on_the_gpu_matches_the_cpu_backend() {
+    use engine::adapter::LoraSpec;
+    let Some(gpu) = gpu() else { return };
+    let (mut heads, mut biases) = (0, 0);
+    for case in ["llava/l15_4x_f32_gqa_tied_lora", "qwen_vl/qwen25_native_f32_gqa"] {
+        let dir: PathBuf = gpu_common::root().join("tests/fixtures").join(case);
+        let cpu = Model::load(&dir.join("model")).unwrap();
+        let dev = engine::cuda_llama::load_dir(&gpu, &dir.join("model"), 256).unwrap();
+        // The decoder and the head whole (the projector's whole weights are covered by the image-path test).
+        let spec =
+            LoraSpec { modules_to_save: vec!["language_model".into(), "lm_head".into()], ..cpu.full_parameter_spec() };
+        let mut adapter = cpu.create_adapter(&spec, 3).unwrap();
+        assert!(adapter.module_names().is_empty(), "{case}: full-parameter training has no LoRA");
+        let names: Vec<String> = adapter.saved_params().map(|(n, _)| n.to_string()).collect();
+        let per_layer = 7 + if dev.cfg.qkv_bias { 3 } else { 0 };
+        let head = names.iter().any(|n| n == "lm_head.weight");
+        assert_eq!(names.len(), per_layer * dev.cfg.num_hidden_layers + head as usize, "{case}: {names:?}");
+        heads += head as usize;
+        biases += dev.cfg.qkv_bias as usize;
+        assert_eq!(engine::cuda_train::gpu_trainable(&dev.cfg, &adapter), None, "{case}");
+        let (prompt, chosen, rejected) = random_pair(&cpu, 33);
+        let pair = TokenPair { pixels: None, prompt_ids: &prompt, chosen_ids: &chosen, rejected_ids: &rejected };
+        let refs = reference_logps(&cpu, None, &pair).unwrap();
+        let cfg = DpoConfig { beta: 0.5, ..Default::default() };
+        // The reference is the base; move the policy off it first so the loss's gradient is not symmetric.
+        let mut lora = GpuLora::from_adapter(&gpu, &dev.cfg, &adapter).unwrap();
+        lora.scaler = LossScaler::new(1024.0, 1000);
+        let opt = AdamW { lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 };
+        let first = lora.dpo_step(&gpu, &dev, &prompt, &chosen, &rejected, refs, &cfg, Some((&opt, 1.0))).unwrap();
+        assert!(first.grad_norm.is_some(), "{case}: the first step overflowed");
+        lora.write_back(&gpu, &mut adapter).unwrap();
+        let mut grads = Grads::zeros_like(&adapter);
+        let (cpu_loss, _) = pair_forward_backward(&cpu, &adapter, &pair, refs, &cfg, 1.0, &mut grads, None).unwrap();
+        for share in [true, false] {
+            let mut lora = GpuLora::from_adapter(&gpu, &dev.cfg, &adapter).unwrap();
+            lora.share_prompt = share;
+            lora.scaler = LossScaler::new(1024.0, 1000);
+            let (loss, _) = lora.pair_gradients(&gpu, &dev, &cpu, None, &pair, None, refs, &cfg, 1.0, None).unwrap();
+            let (mut num, mut den, mut worst) = (0.0f64, 0.0f64, (0.0f64, String::new()));
+            for name in &names {
+                let want = grads.param(name).unwrap_or_else(|| panic!("CPU grads have no {name}"));
+                let got = lora.param_grad(&gpu, name).unwrap();
+                assert_eq!(got.len(), want.len(), "{name}");
+                let (mut n1, mut d1) = (0.0f64, 0.0f64);
+                for (g, w) in got.iter().zip(want) {
+                    let g = *g as f64 / 1024.0;
+                    assert!(g.is_finite(), "{case} {name}: non-finite gradient");
+                    n1 += (g - *w as f64).powi(2);
+                    d1 += (*w as f64).powi(2);
+                }
+                assert!(d1 > 0.0, "{case} {name}: no gradient on the CPU");
+                num += n1;
+                den += d1;
+                if (n1 / d1).sqrt() > worst.0 {
+                    worst = ((n1 / d1).sqrt(), name.clone());
+                }
+            }
+            let total = (num / den).sqrt();
+            println!(
+                "{case} full-parameter (shared prompt {share}): loss CPU {cpu_loss:.5} GPU {loss:.5}; {} whole tensors, gradients rel L2 {total:.2e}, worst {} {:.2e}",
+                names.len(),
+                worst.1,
+                worst.0
+            );
+            assert!((loss - cpu_loss).abs() <= 1e-2, "{case}: DPO loss GPU {loss} vs CPU {cpu_loss}");
+            assert!(total <= 2e-2 && worst.0 <= 5e-2, "{case}: whole-weight gradients rel L2 {total}, worst {worst:?}");
+        }
+        // Optimizer steps: the loss falls; the weights written back give the CPU the GPU's loss.
+        let before: Vec<Vec<f32>> = adapter.saved_params().map(|(_, p)| p.values.clone()).collect();
+        let mut losses = Vec::new();
+        for _ in 0..3 {
+            let r = lora.dpo_step(&gpu, &dev, &prompt, &chosen, &rejected, refs, &cfg, Some((&opt, 1.0))).unwrap();
+            assert!(r.grad_norm.is_some(), "{case}: a step overflowed");
+            losses.push(r.loss);
+        }
+        assert!(losses[2] < losses[0], "{case}: the loss did not fall: {losses:?}");
+        let now = lora.dpo_step(&gpu, &dev, &prompt, &chosen, &rejected, refs, &cfg, None).unwrap();
+        lora.write_back(&gpu, &mut adapter).unwrap();
+        for ((name, p), b) in adapter.saved_params().zip(&before) {
+            assert!(&p.values != b, "{case} {name}: not trained");
+        }
+        let mut grads = Grads::zeros_like(&adapter);
+        let (cpu_now, _) = pair_forward_backward(&cpu, &adapter, &pair, refs, &cfg, 1.0, &mut grads, None).unwrap();
+        println!("{case}: losses {losses:?}, then GPU {:.5} CPU {cpu_now:.5} under the trained weights", now.loss);
+        assert!((now.loss - cpu_now).abs() <= 1e-2, "{case}: after training GPU {} vs CPU {cpu_now}", now.loss);
+        // The base on the device is untouched: a fresh copy of the untrained adapter gives the first loss again.
+        let fresh = cpu.create_adapter(&spec, 3).unwrap();
+        let mut again = GpuLora::from_adapter(&gpu, &dev.cfg, &fresh).unwrap();
+        let (l0, _) = again.pair_gradients(&gpu, &dev, &cpu, None, &pair, None, refs, &cfg, 1.0, None).unwrap();
+        let mut grads = Grads::zeros_like(&fresh);
+        let (cpu0, _) = pair_forward_backward(&cpu, &fresh, &pair, refs, &cfg, 1.0, &mut grads, None).unwrap();
+        assert!((l0 - cpu0).abs() <= 1e-2, "{case}: the base changed: loss {l0} under its own weights, CPU {cpu0}");
+    }
+    assert!(heads > 0 && biases > 0, "the cases cover an untied head ({heads}) and q/k/v biases ({biases})");
 }

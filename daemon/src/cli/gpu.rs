@@ -118,14 +118,17 @@ fn median(v: &[f64]) -> f64 {
 }
 
 /// The decoder shapes the GPU benchmarks run: LLaVA-1.5-7B's language model, Qwen2-VL-7B's (q/k/v biases, multimodal
-/// RoPE, GQA 28/4, a 152k vocabulary), or a tiny one of either kind for a quick check.
+/// RoPE, GQA 28/4, a 152k vocabulary), a 1.1B LLaMA (full-parameter training), or a tiny one of either kind for a
+/// quick check.
 fn bench_shape(shape: &str) -> Result<engine::config::LlamaConfig> {
     let (hidden, inter, layers, heads, kv_heads, vocab) = match shape {
         "llava7b" => (4096, 11008, 32, 32, 32, 32064),
         "tiny" => (256, 688, 4, 8, 8, 32064),
         "qwen7b" => (3584, 18944, 28, 28, 4, 152064),
         "qwen-tiny" => (256, 688, 4, 8, 2, 32064),
-        other => bail!("--shape {other}: expected llava7b, qwen7b, tiny or qwen-tiny"),
+        // A 1.1B decoder (TinyLlama's shape, LLaVA's vocabulary): full-parameter training fits one GPU.
+        "llama1b" => (2048, 5632, 22, 32, 4, 32064),
+        other => bail!("--shape {other}: expected llava7b, qwen7b, llama1b, tiny or qwen-tiny"),
     };
     let qwen = shape.starts_with("qwen");
     let head_dim = hidden / heads;
@@ -153,6 +156,36 @@ fn bench_shape(shape: &str) -> Result<engine::config::LlamaConfig> {
         bos_token_id: Some(1),
         eos_token_ids: vec![2],
     })
+}
+
+/// `rlaifd bench-gpu-train --full-parameter`: full-parameter DPO steps (`cuda_bench::bench_train_full`).
+pub fn cmd_bench_gpu_train_full(shape: &str, seq: usize, answer: usize, reps: usize, warmup: usize) -> Result<()> {
+    if reps == 0 || answer == 0 || answer >= seq {
+        bail!("bench-gpu-train: --reps must be at least 1 and --answer between 1 and --seq - 1");
+    }
+    let cfg = bench_shape(shape)?;
+    let gpu = match engine::cuda::Gpu::open(0)? {
+        Ok(g) => g,
+        Err(why) => bail!("no GPU: {why}"),
+    };
+    let r = engine::cuda_bench::bench_train_full(&gpu, &cfg, seq, answer, reps, warmup)?;
+    let ms = median(&r.dpo_step_ms);
+    println!(
+        "{}: {shape} decoder, full-parameter DPO ({} values trained whole: every linear layer and the head), sequences of {seq} tokens: DPO step {ms:.1} ms ({:.2} pairs/s, median of {}), peak memory {:.1} GB; {} overflow steps skipped",
+        r.device,
+        r.trainable_params,
+        1e3 / ms,
+        r.dpo_step_ms.len(),
+        r.dpo_peak_memory_gb,
+        r.skipped_steps
+    );
+    println!(
+        "{}",
+        serde_json::json!({"device": r.device, "shape": shape, "seq": seq, "answer": answer, "full_parameter": true,
+            "trainable_params": r.trainable_params, "dpo_step_ms": ms, "dpo_pairs_per_s": 1e3 / ms,
+            "dpo_peak_memory_gb": r.dpo_peak_memory_gb, "skipped_steps": r.skipped_steps})
+    );
+    Ok(())
 }
 
 pub fn cmd_bench_gpu_train(

@@ -34,7 +34,7 @@ struct CudaState {
     /// kernels cannot run: the CPU computes the features then.
     vision: Option<crate::cuda_clip::GpuVision>,
     /// Uploaded adapters, most recently used last: (fingerprint, adapter).
-    adapters: Vec<(u64, Arc<GpuLora>)>,
+    adapters: Vec<(u64, OnGpu)>,
     /// Fingerprints of adapters found unsupported (warned about once; they run on the CPU).
     refused: Vec<u64>,
     /// The same for adapters' image-path changes (`cuda_clip::GpuVisionAdapter`), by `fingerprint(_, IMAGE_PATH)`.
@@ -51,7 +51,7 @@ enum VisionOn {
 }
 
 /// The module-name prefixes of the decoder (`fingerprint`; the image path's are `cuda_clip::IMAGE_PATH`).
-const DECODER: &[&str] = &["language_model."];
+const DECODER: &[&str] = &["language_model.", "lm_head."];
 use crate::cuda_clip::IMAGE_PATH;
 
 /// The entry under `key` of a most-recently-used-last cache, moved to the back; None when absent.
@@ -166,13 +166,20 @@ fn lock_state(state: &Mutex<CudaState>) -> Result<std::sync::MutexGuard<'_, Cuda
 /// The most of the device's free memory a batch's caches take when they are made.
 const BATCH_MEMORY_SHARE: f64 = 0.5;
 
+/// Device bytes per value a full-parameter run trains whole: the fp32 master, gradient and two AdamW moments, the
+/// fp16 copy the passes read and one pass's fp16 gradient (`GpuLora`).
+const WHOLE_BYTES_PER_VALUE: u64 = 4 + 4 + 4 + 4 + 2 + 2;
+
+/// The share of the free device memory a full-parameter run's whole parameters may take.
+const WHOLE_MEMORY_SHARE: f64 = 0.8;
+
 /// A continuous batch's rows on the device (`crate::batch::BatchRows`): `GpuRows` slots, one per answer, under
 /// one adapter.
 struct CudaRows {
     state: Arc<Mutex<CudaState>>,
     rows: crate::cuda_llama::GpuRows,
     adapter: Option<Arc<Adapter>>,
-    lora: Option<Arc<GpuLora>>,
+    on: OnGpu,
     label: String,
 }
 
@@ -202,9 +209,10 @@ impl crate::batch::BatchRows for CudaRows {
         let st = &mut *guard;
         let rows = st.prompt_rows(model, req, self.adapter.as_deref())?;
         let input = rows.as_ref().map_or(Input::Ids(req.ids), HostInput::input);
-        let (prompt, shift, first) = st.llama.rows_prefill(&st.gpu, input, self.lora.as_deref())?;
+        let llama = self.on.llama(&st.llama);
+        let (prompt, shift, first) = llama.rows_prefill(&st.gpu, input, self.on.lora.as_deref())?;
         for (i, &slot) in free.iter().enumerate() {
-            if let Err(e) = st.llama.rows_fill(&st.gpu, &mut self.rows, slot, &prompt, shift) {
+            if let Err(e) = llama.rows_fill(&st.gpu, &mut self.rows, slot, &prompt, shift) {
                 for &s in &free[..i] {
                     self.rows.release(s);
                 }
@@ -216,7 +224,7 @@ impl crate::batch::BatchRows for CudaRows {
 
     fn step(&mut self, _model: &Model, feed: &[(usize, u32)]) -> Result<Vec<f32>> {
         let guard = lock_state(&self.state)?;
-        guard.llama.rows_step(&guard.gpu, &mut self.rows, feed, self.lora.as_deref())
+        self.on.llama(&guard.llama).rows_step(&guard.gpu, &mut self.rows, feed, self.on.lora.as_deref())
     }
 
     fn release(&mut self, row: usize) {
@@ -226,11 +234,44 @@ impl crate::batch::BatchRows for CudaRows {
 
 /// Where an adapter's decoder runs (`CudaState::lora`).
 enum LoraOn {
-    /// On the device, with these factors (None: no adapter).
-    Gpu(Option<Arc<GpuLora>>),
+    /// On the device.
+    Gpu(OnGpu),
     /// On the CPU backend.
     Cpu,
 }
+
+/// An adapter's decoder on the device: a copy of the decoder holding the whole parameters a full-parameter
+/// checkpoint replaces (`GpuLlama::with_whole`; None: the base's), and its LoRA factors (None: none).
+#[derive(Clone, Default)]
+struct OnGpu {
+    decoder: Option<Arc<GpuLlama>>,
+    lora: Option<Arc<GpuLora>>,
+}
+
+impl OnGpu {
+    /// The decoder to run: the adapter's copy, or `base`.
+    fn llama<'a>(&'a self, base: &'a GpuLlama) -> &'a GpuLlama {
+        self.decoder.as_deref().unwrap_or(base)
+    }
+}
+
+/// Why `need` bytes do not fit in `share` of the device's free memory (`why(need GiB, free GiB)`), or None.
+fn over_free_share(
+    gpu: &crate::cuda::Gpu,
+    need: f64,
+    share: f64,
+    why: impl FnOnce(f64, f64) -> String,
+) -> Option<String> {
+    let free = match gpu.ctx.mem_get_info() {
+        Ok((free, _)) => free as f64,
+        Err(e) => return Some(format!("the device's free memory is unknown ({e})")),
+    };
+    let gib = |b: f64| b / (1u64 << 30) as f64;
+    (need > free * share).then(|| why(gib(need), gib(free)))
+}
+
+/// The share of the free device memory a full-parameter checkpoint's copy of the decoder may take for serving.
+const WHOLE_COPY_SHARE: f64 = 0.5;
 
 /// Whether `adapter` changes the image path (LoRA on the vision tower or projector, or replaced parameters there).
 fn touches_image_path(adapter: Option<&Adapter>) -> bool {
@@ -320,26 +361,61 @@ impl CudaState {
     /// `ADAPTER_SLOTS`), or on the CPU when the GPU decoder cannot apply it (said once on stderr). A device error
     /// (out of memory, say) is an error, not a reason to fall back.
     fn lora(&mut self, adapter: Option<&Adapter>) -> Result<LoraOn> {
-        let Some(a) = adapter else { return Ok(LoraOn::Gpu(None)) };
+        let Some(a) = adapter else { return Ok(LoraOn::Gpu(OnGpu::default())) };
         // An adapter that changes only the image path leaves the decoder as it is: the GPU decoder without LoRA.
         let outside = |n: &str| !crate::cuda_clip::in_image_path(n);
-        if !a.module_names().into_iter().any(outside) && !a.saved_params().any(|(n, _)| outside(n)) {
-            return Ok(LoraOn::Gpu(None));
+        let lora = a.module_names().into_iter().any(outside);
+        let whole = a.saved_params().any(|(n, _)| outside(n));
+        if !lora && !whole {
+            return Ok(LoraOn::Gpu(OnGpu::default()));
         }
         let key = fingerprint(a, DECODER);
         if self.refused.contains(&key) {
             return Ok(LoraOn::Cpu);
         }
         if let Some(l) = cache_get(&mut self.adapters, key) {
-            return Ok(LoraOn::Gpu(Some(l)));
+            return Ok(LoraOn::Gpu(l));
         }
-        if let Err(e) = crate::cuda_train::inference_rank(&self.llama.cfg, a) {
+        let cfg = &self.llama.cfg;
+        // A full-parameter checkpoint runs on a copy of the decoder holding its whole parameters (LoRA beside them
+        // as usual), when the copy fits.
+        let why = match whole {
+            false => crate::cuda_train::inference_rank(cfg, a).err().map(|e| e.to_string()),
+            true => crate::cuda_train::whole_decoder_values(cfg, a)
+                .and_then(|_| crate::cuda_train::decoder_lora_rank(cfg, a))
+                .err()
+                .map(|e| e.to_string())
+                .or_else(|| self.whole_copy_fits()),
+        };
+        if let Some(e) = why {
             tracing::warn!("adapter {} runs on the CPU: {e}", a.path.display());
             self.refused.push(key);
             return Ok(LoraOn::Cpu);
         }
-        let l = Arc::new(GpuLora::for_inference(&self.gpu, &self.llama.cfg, a)?);
-        Ok(LoraOn::Gpu(Some(cache_put(&mut self.adapters, key, l))))
+        let lora = match lora {
+            true => Some(Arc::new(GpuLora::for_inference(&self.gpu, cfg, a)?)),
+            false => None,
+        };
+        let decoder = match whole {
+            true => {
+                // One copy of the decoder at a time: an older checkpoint's is dropped (a batch still running on it
+                // keeps it until it ends).
+                self.adapters.retain(|(_, on)| on.decoder.is_none());
+                Some(Arc::new(self.llama.with_whole(&self.gpu, a)?))
+            }
+            false => None,
+        };
+        Ok(LoraOn::Gpu(cache_put(&mut self.adapters, key, OnGpu { decoder, lora })))
+    }
+
+    /// Why a copy of the decoder for a full-parameter checkpoint does not fit the device (None: it does).
+    fn whole_copy_fits(&self) -> Option<String> {
+        // The matrices, and the embeddings `weight_bytes` leaves out.
+        let cfg = &self.llama.cfg;
+        let need = (self.llama.weight_bytes() + 2 * (cfg.vocab_size * cfg.hidden_size) as u64) as f64;
+        over_free_share(&self.gpu, need, WHOLE_COPY_SHARE, |need, free| {
+            format!("a full-parameter checkpoint is served from a copy of the decoder ({need:.1} GiB) and {free:.1} GiB of device memory is free")
+        })
     }
 }
 
@@ -373,7 +449,7 @@ impl Backend for CudaBackend {
         let t0 = std::time::Instant::now();
         let mut guard = self.lock()?;
         let st = &mut *guard;
-        let LoraOn::Gpu(lora) = st.lora(adapter)? else {
+        let LoraOn::Gpu(on) = st.lora(adapter)? else {
             drop(guard);
             return CpuBackend.generate(model, req, adapter);
         };
@@ -382,8 +458,15 @@ impl Backend for CudaBackend {
         let rows = st.prompt_rows(model, req, adapter)?;
         let input = rows.as_ref().map_or(Input::Ids(req.ids), HostInput::input);
         let before = t0.elapsed().as_secs_f64();
-        let (answers, mut stats) =
-            st.llama.sample_answers(&st.gpu, input, req.ids, req.seeds, &req.params, &stop, lora.as_deref())?;
+        let (answers, mut stats) = on.llama(&st.llama).sample_answers(
+            &st.gpu,
+            input,
+            req.ids,
+            req.seeds,
+            &req.params,
+            &stop,
+            on.lora.as_deref(),
+        )?;
         // The prefill time includes the image path.
         stats.prefill_s += before;
         Ok((answers, stats))
@@ -400,7 +483,7 @@ impl Backend for CudaBackend {
     ) -> Result<Box<dyn crate::batch::BatchRows>> {
         let mut guard = self.lock()?;
         let st = &mut *guard;
-        let LoraOn::Gpu(lora) = st.lora(adapter.as_deref())? else {
+        let LoraOn::Gpu(on) = st.lora(adapter.as_deref())? else {
             return Ok(Box::new(crate::batch::CpuRows::new(adapter)));
         };
         let positions = st.llama.max_positions.min(model.context_len()).max(2);
@@ -409,9 +492,9 @@ impl Backend for CudaBackend {
         let (free, _) = st.gpu.ctx.mem_get_info().map_err(crate::cuda::derr)?;
         let fit = ((free as f64 * BATCH_MEMORY_SHARE) as u64 / per_slot.max(1)) as usize;
         let slots = max_answers.clamp(1, 1024).min(fit.max(1));
-        let rows = st.llama.new_rows(&st.gpu, slots, positions, lora.as_deref())?;
+        let rows = on.llama(&st.llama).new_rows(&st.gpu, slots, positions, on.lora.as_deref())?;
         drop(guard);
-        Ok(Box::new(CudaRows { state: self.state.clone(), rows, adapter, lora, label: self.label.clone() }))
+        Ok(Box::new(CudaRows { state: self.state.clone(), rows, adapter, on, label: self.label.clone() }))
     }
 
     fn answer_logp(
@@ -437,7 +520,7 @@ impl Backend for CudaBackend {
         }
         let mut guard = self.lock()?;
         let st = &mut *guard;
-        let LoraOn::Gpu(lora) = st.lora(adapter)? else {
+        let LoraOn::Gpu(on) = st.lora(adapter)? else {
             drop(guard);
             return CpuBackend.answer_logp(model, prompt, answer, feats, adapter);
         };
@@ -446,8 +529,9 @@ impl Backend for CudaBackend {
         let total = x.rows.len() / c;
         // The answer is text after the prompt: its ids sit on consecutive rows, each predicted by the row before.
         let from = id_rows[prompt.len()] - 1;
-        let mut cache = st.llama.new_cache(&st.gpu, total)?;
-        let logits = st.llama.forward_input(&st.gpu, x.input(), &mut cache, Some(from), lora.as_deref())?;
+        let llama = on.llama(&st.llama);
+        let mut cache = llama.new_cache(&st.gpu, total)?;
+        let logits = llama.forward_input(&st.gpu, x.input(), &mut cache, Some(from), on.lora.as_deref())?;
         let mut sum = 0.0f64;
         for (i, &tok) in answer.iter().enumerate() {
             let row = &logits[i * v..(i + 1) * v];
@@ -479,17 +563,18 @@ impl Backend for CudaBackend {
         let rows = HostInput { rows, placed: model.rope_positions(prefix, feats) };
         let mut guard = self.lock()?;
         let st = &mut *guard;
-        let LoraOn::Gpu(lora) = st.lora(adapter)? else {
+        let LoraOn::Gpu(on) = st.lora(adapter)? else {
             drop(guard);
             return CpuBackend.branch_logits(model, prefix, continuations, feats, adapter);
         };
+        let (llama, lora) = (on.llama(&st.llama), on.lora.as_deref());
         let n = continuations.len();
         let longest = continuations.iter().map(|c| c.len()).max().unwrap_or(1);
-        let (mut sess, _) = st.llama.start_decode_input(&st.gpu, rows.input(), n, longest, lora.as_deref())?;
+        let (mut sess, _) = llama.start_decode_input(&st.gpu, rows.input(), n, longest, lora)?;
         let mut out = vec![Vec::new(); n];
         for t in 0..longest {
             let feed: Vec<u32> = continuations.iter().map(|c| c[t.min(c.len() - 1)]).collect();
-            let logits = st.llama.decode_step_lora(&st.gpu, &mut sess, &feed, lora.as_deref())?;
+            let logits = llama.decode_step_lora(&st.gpu, &mut sess, &feed, lora)?;
             for (b, c) in continuations.iter().enumerate() {
                 if c.len() == t + 1 {
                     out[b] = logits[b * vocab..(b + 1) * vocab].to_vec();
@@ -611,14 +696,30 @@ impl Backend for CudaBackend {
 impl CudaBackend {
     /// Why the GPU trainer cannot train `adapter` (None: it can).
     fn why_not_trainable(st: &CudaState, adapter: &Adapter) -> Option<String> {
-        crate::cuda_train::gpu_trainable(&st.llama.cfg, adapter).or_else(|| {
-            match (&st.vision, touches_image_path(Some(adapter))) {
+        crate::cuda_train::gpu_trainable(&st.llama.cfg, adapter).or_else(|| Self::whole_fits(st, adapter)).or_else(
+            || match (&st.vision, touches_image_path(Some(adapter))) {
                 (_, false) => None,
                 (None, true) => {
                     Some("the adapter has LoRA on the image path, which runs on the CPU for this model".to_string())
                 }
                 (Some(v), true) => crate::cuda_clip::GpuVisionAdapter::unsupported(v, adapter),
-            }
+            },
+        )
+    }
+
+    /// Why full-parameter training of `adapter` does not fit the device (None: it does, or the adapter trains LoRA
+    /// only): its whole decoder parameters need `WHOLE_BYTES_PER_VALUE` bytes each beside the model, and at most
+    /// `WHOLE_MEMORY_SHARE` of the free memory goes to them (the rest to the passes' activations).
+    fn whole_fits(st: &CudaState, adapter: &Adapter) -> Option<String> {
+        let n = crate::cuda_train::whole_decoder_values(&st.llama.cfg, adapter).ok()?;
+        if n == 0 {
+            return None;
+        }
+        let need = n as f64 * WHOLE_BYTES_PER_VALUE as f64;
+        over_free_share(&st.gpu, need, WHOLE_MEMORY_SHARE, |need, free| {
+            format!(
+                "full-parameter training of {n} decoder values needs {need:.1} GiB of device memory (fp32 masters, gradients and AdamW moments, fp16 copies) and {free:.1} GiB is free; train LoRA (loop.tuning = \"lora\") or use a device with more memory"
+            )
         })
     }
 

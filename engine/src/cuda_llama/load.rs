@@ -167,3 +167,77 @@ fn load_from(
     let lm_head = if text.tie_word_embeddings { None } else { Some(layout.lm_head.as_str()) };
     GpuLlama::load(gpu, ws, &layout.text, lm_head, text, max_positions)
 }
+
+impl GpuLlama {
+    /// A copy of this decoder with the whole decoder parameters a full-parameter adapter replaces (peft
+    /// `modules_to_save`, named as `cuda_lora::whole_at` names them) in place of the base's: fused as the base's, in
+    /// fp16, the decode plan carried over (the shapes are the same). It serves such a checkpoint on the device; the
+    /// adapter's LoRA modules, if any, are applied beside it as usual. Takes as much device memory as the base.
+    pub fn with_whole(&self, gpu: &Gpu, adapter: &crate::adapter::Adapter) -> Result<GpuLlama> {
+        use crate::cuda_lora::{fused_group, projection_shape, whole_at, WholeAt, FUSED};
+        let cfg = &self.cfg;
+        let copy = |b: &CudaSlice<f16>| b.try_clone().map_err(derr);
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for l in &self.layers {
+            layers.push(Layer {
+                input_norm: copy(&l.input_norm)?,
+                qkv: copy(&l.qkv)?,
+                qkv_bias: l.qkv_bias.as_ref().map(copy).transpose()?,
+                o: copy(&l.o)?,
+                post_norm: copy(&l.post_norm)?,
+                gate_up: copy(&l.gate_up)?,
+                down: copy(&l.down)?,
+            });
+        }
+        let mut lm_head = self.lm_head.as_ref().map(copy).transpose()?;
+        // A projection's rows start after those of the projections fused before it.
+        let rows_before = |j: usize| -> usize {
+            FUSED[fused_group(j)].iter().take_while(|&&k| k != j).map(|&k| projection_shape(cfg, k).1).sum()
+        };
+        for (name, p) in adapter.saved_params().filter(|(n, _)| !crate::cuda_clip::in_image_path(n)) {
+            let (buf, off) = match whole_at(cfg, name)? {
+                WholeAt::Head => {
+                    // A tied head becomes the adapter's own.
+                    if lm_head.is_none() {
+                        lm_head = Some(copy(&self.embed)?);
+                    }
+                    (lm_head.as_mut().ok_or_else(|| err("no head"))?, 0)
+                }
+                WholeAt::Weight { layer, j } => {
+                    let l = &mut layers[layer];
+                    let buf = match fused_group(j) {
+                        0 => &mut l.qkv,
+                        1 => &mut l.o,
+                        2 => &mut l.gate_up,
+                        _ => &mut l.down,
+                    };
+                    (buf, rows_before(j) * projection_shape(cfg, j).0)
+                }
+                WholeAt::Bias { layer, j } => {
+                    let buf = layers[layer]
+                        .qkv_bias
+                        .as_mut()
+                        .ok_or_else(|| err(format!("{name}: the model's decoder has no q/k/v biases")))?;
+                    (buf, rows_before(j))
+                }
+            };
+            if off + p.values.len() > buf.len() {
+                return Err(err(format!("{name}: {} values do not fit the decoder's layer", p.values.len())));
+            }
+            let up = gpu.upload_f16(&p.values)?;
+            gpu.stream.memcpy_dtod(&up, &mut buf.slice_mut(off..off + p.values.len())).map_err(derr)?;
+        }
+        Ok(GpuLlama {
+            cfg: cfg.clone(),
+            embed: copy(&self.embed)?,
+            layers,
+            norm: copy(&self.norm)?,
+            lm_head,
+            cos: self.cos.try_clone().map_err(derr)?,
+            sin: self.sin.try_clone().map_err(derr)?,
+            max_positions: self.max_positions,
+            gemv_tuning: self.gemv_tuning.clone(),
+            plan: self.plan.clone(),
+        })
+    }
+}

@@ -69,7 +69,95 @@ pub(super) struct SeqTape {
     pub(super) drop: Option<u64>,
 }
 
+/// y = x W^T for `m` rows of `k` features into `n` (the base's `linear_device`, with the weight as a view).
+fn lin(
+    gpu: &Gpu,
+    x: &CudaSlice<f16>,
+    w: &CudaView<f16>,
+    y: &mut CudaSlice<f16>,
+    m: usize,
+    k: usize,
+    n: usize,
+) -> Result<()> {
+    gpu.gemm(&x.slice(..), k, false, w, k, true, &mut y.slice_mut(..), n, m, n, k, 1.0, 0.0)
+}
+
 impl GpuLora {
+    /// The fp16 weight of layer `li`'s fused matrix `g` (`FUSED`: q/k/v, o, gate/up, down) the passes read: this
+    /// copy's when it trains the matrix whole (full-parameter training), else the base's.
+    pub(super) fn weight<'a>(&'a self, model: &'a GpuLlama, li: usize, g: usize) -> CudaView<'a, f16> {
+        let l = &model.layers[li];
+        let base = [&l.qkv, &l.o, &l.gate_up, &l.down][g];
+        match self.whole_layers.get(li).and_then(|w| w[g]) {
+            Some(at) => self.p16.slice(at..at + base.len()),
+            None => base.slice(..),
+        }
+    }
+
+    /// Layer `li`'s q/k/v biases (Qwen2): this copy's when it trains them, else the base's (None: the model has none).
+    fn qkv_bias<'a>(&'a self, model: &'a GpuLlama, li: usize) -> Option<CudaView<'a, f16>> {
+        let base = model.layers[li].qkv_bias.as_ref()?;
+        Some(match self.whole_qkv_bias.get(li).copied().flatten() {
+            Some(at) => self.p16.slice(at..at + base.len()),
+            None => base.slice(..),
+        })
+    }
+
+    /// The head's weight the passes read: this copy's when it trains the head whole, else the base's.
+    pub(super) fn head<'a>(&'a self, model: &'a GpuLlama) -> CudaView<'a, f16> {
+        let base = model.head();
+        match self.whole_head {
+            Some(at) => self.p16.slice(at..at + base.len()),
+            None => base.slice(..),
+        }
+    }
+
+    /// The head's weight the passes read (`head`) and, when this copy trains it whole, the pass's gradient of it.
+    fn head_and_grad<'a>(&'a mut self, model: &'a GpuLlama) -> (CudaView<'a, f16>, Option<CudaViewMut<'a, f16>>) {
+        let base = model.head();
+        match self.whole_head {
+            Some(at) => (self.p16.slice(at..at + base.len()), Some(self.g16.slice_mut(at..at + base.len()))),
+            None => (base.slice(..), None),
+        }
+    }
+
+    /// Zeroes one backward pass's gradients of the whole decoder parameters (each chunk of the pass then adds its
+    /// share).
+    fn zero_whole_grads(&mut self, gpu: &Gpu) -> Result<()> {
+        if self.whole_range.is_empty() {
+            return Ok(());
+        }
+        gpu.stream.memset_zeros(&mut self.g16.slice_mut(self.whole_range.clone())).map_err(derr)
+    }
+
+    /// Adds dW = dy^T x (`rows` rows; dy of `n_out` columns, x of `n_in`) into the pass's gradient of layer `li`'s
+    /// fused matrix `g`, when this copy trains it whole.
+    #[allow(clippy::too_many_arguments)]
+    fn whole_grad(
+        &mut self,
+        gpu: &Gpu,
+        li: usize,
+        g: usize,
+        dy: &CudaSlice<f16>,
+        x: &CudaSlice<f16>,
+        rows: usize,
+        n_out: usize,
+        n_in: usize,
+    ) -> Result<()> {
+        let Some(at) = self.whole_layers.get(li).and_then(|w| w[g]) else { return Ok(()) };
+        let dw = &mut self.g16.slice_mut(at..at + n_out * n_in);
+        gpu.gemm(&dy.slice(..), n_out, true, &x.slice(..), n_in, false, dw, n_in, n_out, n_in, rows, 1.0, 1.0)
+    }
+
+    /// Adds the column sums of `dqkv` into the pass's gradient of layer `li`'s q/k/v biases, when this copy trains
+    /// them.
+    fn whole_bias_grad(&mut self, gpu: &Gpu, li: usize, dqkv: &CudaSlice<f16>, rows: usize, n: usize) -> Result<()> {
+        let Some(at) = self.whole_qkv_bias.get(li).copied().flatten() else { return Ok(()) };
+        let ones = gpu.upload_f16(&vec![1.0f32; rows])?;
+        let db = &mut self.g16.slice_mut(at..at + n);
+        gpu.gemm(&ones.slice(..), rows, false, &dqkv.slice(..), n, false, db, n, 1, n, rows, 1.0, 1.0)
+    }
+
     /// Backward of `lora_fwd`: given dy (columns dy_off.. of rows ldy apart), writes dA and dB into `g16` (added
     /// with `acc`) and adds the LoRA path's input gradient into dx; with the forward's dropout seed, through the
     /// same masks. Nothing for a projection without LoRA.
@@ -160,7 +248,7 @@ impl GpuLora {
         }
         let mut hf = a(rows * c)?;
         gpu.rmsnorm_dev(&mut hf, &x, &model.norm, rows, eps)?;
-        let (labels, lse, logp_sum) = head_forward(gpu, model, &hf, answer_start - 1, answer)?;
+        let (labels, lse, logp_sum) = head_forward(gpu, model, &self.head(model), &hf, answer_start - 1, answer)?;
         Ok(SeqTape { rows, answer_start, layers, inputs, pos: dpos, x_final: x, hf, labels, lse, logp_sum, drop })
     }
 
@@ -278,7 +366,7 @@ impl GpuLora {
         if rows > 1 {
             s.memcpy_dtod(&chunk.hf.slice(..(rows - 1) * c), &mut pred.slice_mut(c..)).map_err(derr)?;
         }
-        let (labels, lse, logp_sum) = head_forward(gpu, model, &pred, 0, answer)?;
+        let (labels, lse, logp_sum) = head_forward(gpu, model, &self.head(model), &pred, 0, answer)?;
         Ok(AnswerTape { chunk, pred, labels, lse, logp_sum })
     }
 
@@ -303,10 +391,12 @@ impl GpuLora {
         let p = prompt.rows;
         let mut dlast = a(c)?;
         let mut dxs = Vec::with_capacity(2);
+        self.zero_whole_grads(gpu)?;
+        let (head, mut dhead) = self.head_and_grad(model);
         for (at, dlogp) in answers {
             let rows = at.chunk.rows;
             let mut dpred = a(rows * c)?;
-            head_backward(gpu, model, &at.pred, 0, &at.labels, &at.lse, dlogp, &mut dpred)?;
+            head_backward(gpu, model, &head, dhead.as_mut(), &at.pred, 0, &at.labels, &at.lse, dlogp, &mut dpred)?;
             // Row 0 predicted from the prompt's last row; row i > 0 from answer row i - 1 (the last answer row
             // predicts nothing).
             let mut first = a(c)?;
@@ -433,9 +523,9 @@ impl GpuLora {
         let mut h1 = a(rows * c)?;
         gpu.rmsnorm_dev(&mut h1, x, &l.input_norm, rows, eps)?;
         let mut qkv = a(rows * nqkv)?;
-        gpu.linear_device(&h1, &l.qkv, &mut qkv, rows, c, nqkv)?;
-        if let Some(b) = &l.qkv_bias {
-            crate::cuda_clip::bias_add(gpu, &mut qkv, &b.slice(..), rows, nqkv)?;
+        lin(gpu, &h1, &self.weight(model, li, 0), &mut qkv, rows, c, nqkv)?;
+        if let Some(b) = self.qkv_bias(model, li) {
+            crate::cuda_clip::bias_add(gpu, &mut qkv, &b, rows, nqkv)?;
         }
         let mut t = Vec::with_capacity(7);
         for j in 0..7 {
@@ -459,19 +549,19 @@ impl GpuLora {
             }
         }
         let mut tmp = a(rows * c)?;
-        gpu.linear_device(&att, &l.o, &mut tmp, rows, h * hd, c)?;
+        lin(gpu, &att, &self.weight(model, li, 1), &mut tmp, rows, h * hd, c)?;
         self.lora_fwd(gpu, li, O, &att, t[O].as_mut(), &mut tmp, 0, c, rows, drop)?;
         gpu.residual_add_dev(x, &tmp, rows * c)?;
         let x_mid = x.try_clone().map_err(derr)?;
         let mut h2 = a(rows * c)?;
         gpu.rmsnorm_dev(&mut h2, x, &l.post_norm, rows, eps)?;
         let mut gu = a(rows * 2 * inter)?;
-        gpu.linear_device(&h2, &l.gate_up, &mut gu, rows, c, 2 * inter)?;
+        lin(gpu, &h2, &self.weight(model, li, 2), &mut gu, rows, c, 2 * inter)?;
         self.lora_fwd(gpu, li, G, &h2, t[G].as_mut(), &mut gu, 0, 2 * inter, rows, drop)?;
         self.lora_fwd(gpu, li, U, &h2, t[U].as_mut(), &mut gu, inter, 2 * inter, rows, drop)?;
         let mut act = a(rows * inter)?;
         gpu.swiglu_fused_dev(&mut act, &gu, rows, inter)?;
-        gpu.linear_device(&act, &l.down, &mut tmp, rows, inter, c)?;
+        lin(gpu, &act, &self.weight(model, li, 3), &mut tmp, rows, inter, c)?;
         self.lora_fwd(gpu, li, D, &act, t[D].as_mut(), &mut tmp, 0, c, rows, drop)?;
         gpu.residual_add_dev(x, &tmp, rows * c)?;
         Ok(LayerTape { x_in, h1, qkv, att, lse, x_mid, h2, gu, act, t, drop })
@@ -496,7 +586,10 @@ impl GpuLora {
         // The head, one block of answer rows at a time: recompute the logits, turn them into their gradient in
         // place, and multiply back into the hidden rows.
         let mut dhf = a(rows * c)?;
-        head_backward(gpu, model, &tape.hf, tape.answer_start - 1, &tape.labels, &tape.lse, dlogp, &mut dhf)?;
+        self.zero_whole_grads(gpu)?;
+        let (head, mut dhead) = self.head_and_grad(model);
+        let first = tape.answer_start - 1;
+        head_backward(gpu, model, &head, dhead.as_mut(), &tape.hf, first, &tape.labels, &tape.lse, dlogp, &mut dhf)?;
         let mut dx = a(rows * c)?;
         gpu.rmsnorm_bwd_dev(&mut dx, None, &dhf, &tape.x_final, &model.norm, rows, eps)?;
         drop(dhf);
@@ -553,11 +646,12 @@ impl GpuLora {
         let mut dh = a(rows * c)?;
         // MLP: x_out = x_mid + down(swiglu(gate_up(rmsnorm(x_mid)))).
         let mut dact = a(rows * inter)?;
+        self.whole_grad(gpu, li, 3, dx, &lt.act, rows, c, inter)?;
         gpu.gemm(
             &dx.slice(..),
             c,
             false,
-            &l.down.slice(..),
+            &self.weight(model, li, 3),
             inter,
             false,
             &mut dact.slice_mut(..),
@@ -572,11 +666,12 @@ impl GpuLora {
         let mut dgu = a(rows * 2 * inter)?;
         swiglu_bwd(gpu, &mut dgu, &dact, &lt.gu, rows, inter)?;
         drop(dact);
+        self.whole_grad(gpu, li, 2, &dgu, &lt.h2, rows, 2 * inter, c)?;
         gpu.gemm(
             &dgu.slice(..),
             2 * inter,
             false,
-            &l.gate_up.slice(..),
+            &self.weight(model, li, 2),
             c,
             false,
             &mut dh.slice_mut(..),
@@ -594,11 +689,12 @@ impl GpuLora {
         gpu.residual_add_dev(dx, &tmp, rows * c)?;
         // Attention: x_mid = x_in + o(attention(rope(qkv(rmsnorm(x_in))))).
         let mut datt = a(rows * h * hd)?;
+        self.whole_grad(gpu, li, 1, dx, &lt.att, rows, c, h * hd)?;
         gpu.gemm(
             &dx.slice(..),
             c,
             false,
-            &l.o.slice(..),
+            &self.weight(model, li, 1),
             h * hd,
             false,
             &mut datt.slice_mut(..),
@@ -640,11 +736,13 @@ impl GpuLora {
             gpu.residual_add_dev(&mut dqkv, e, rows * nqkv)?;
         }
         rope_bwd(gpu, model, &mut dqkv, pos, rows)?;
+        self.whole_grad(gpu, li, 0, &dqkv, &lt.h1, rows, nqkv, c)?;
+        self.whole_bias_grad(gpu, li, &dqkv, rows, nqkv)?;
         gpu.gemm(
             &dqkv.slice(..),
             nqkv,
             false,
-            &l.qkv.slice(..),
+            &self.weight(model, li, 0),
             c,
             false,
             &mut dh.slice_mut(..),

@@ -17,17 +17,24 @@
 //! projector and the tower's layers down to the lowest one with LoRA (`image_backward`: layer norms, unmasked
 //! attention, activations). Those parameters sit after the decoder's in the same flat buffers, so loss scaling,
 //! clipping and AdamW treat them as one (biases without weight decay, as on the CPU).
+//!
+//! Full-parameter training (`LoraSpec::full_parameter`, RLAIF-V's 7B recipe) trains the decoder's projections, Qwen2's
+//! q/k/v biases and the head whole: their fp32 masters and fp16 copies sit in the decoder's part of the flat buffers,
+//! the passes read those copies instead of the base's weights (`GpuLora::weight`, `GpuLora::head`), and the backward
+//! pass adds dW = dy^T x of each fused matrix (and the head's, one block of logits at a time) into the pass's fp16
+//! gradients. The base decoder on the device is never written. `engine/tests/cuda_train.rs` checks every whole
+//! gradient against the CPU backend, `engine/tests/cuda_backend.rs` a whole run through `train_dpo`.
 
 use crate::adapter::Adapter;
 use crate::config::LlamaConfig;
 use crate::cuda::{derr, err, to_i32, AdamW, AttnRows, Gpu};
 use crate::cuda_llama::{GpuLlama, HostInput, Input};
 use crate::cuda_lora::*;
-pub use crate::cuda_lora::{inference_rank, GpuLora, PROJECTIONS};
+pub use crate::cuda_lora::{decoder_lora_rank, inference_rank, whole_decoder_values, GpuLora, PROJECTIONS};
 use crate::error::Result;
 use crate::train::dpo::{pair_loss, DpoConfig, PairLogps};
 use crate::train::schedule::{Schedule, StepDone, StepRunner};
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 use half::f16;
 
 mod decoder;
@@ -54,11 +61,14 @@ pub struct StepReport {
 
 /// Why `train_dpo_gpu` and `train_sft_gpu` cannot train `adapter` (the caller then trains on the CPU), or None.
 pub fn gpu_trainable(cfg: &LlamaConfig, adapter: &Adapter) -> Option<String> {
-    if let Some((name, _)) = adapter.saved_params().find(|(n, _)| !crate::cuda_clip::in_image_path(n)) {
-        return Some(format!("the adapter trains the whole parameter {name} (modules_to_save; the GPU trainer trains whole weights and biases of the image path's linear layers only)"));
-    }
-    if let Err(e) = inference_rank(cfg, adapter) {
-        return Some(e.to_string());
+    let whole = match whole_decoder_values(cfg, adapter) {
+        Ok(n) => n,
+        Err(e) => return Some(e.to_string()),
+    };
+    match decoder_lora_rank(cfg, adapter) {
+        Err(e) => return Some(e.to_string()),
+        Ok(None) if whole == 0 => return Some("the adapter has no LoRA module in the decoder".into()),
+        Ok(_) => {}
     }
     if let Some((name, _)) = adapter
         .modules()
@@ -291,15 +301,17 @@ impl GpuLora {
         }
     }
 
-    /// The accumulated (loss-scaled) gradient of the image-path parameter `name` (canonical, e.g.
-    /// `multi_modal_projector.linear_1.weight`) this copy trains in full.
-    pub fn image_param_grad(&self, gpu: &Gpu, name: &str) -> Result<Vec<f32>> {
+    /// The accumulated (loss-scaled) gradient of the parameter `name` (canonical, e.g.
+    /// `multi_modal_projector.linear_1.weight`, `language_model.layers.0.mlp.up_proj.weight`) this copy trains in
+    /// full.
+    pub fn param_grad(&self, gpu: &Gpu, name: &str) -> Result<Vec<f32>> {
         self.check_trainable()?;
         let pp = self
             .image_params
             .iter()
+            .chain(&self.whole)
             .find(|p| p.name == name)
-            .ok_or_else(|| err(format!("no image-path parameter {name} trained in full")))?;
+            .ok_or_else(|| err(format!("no parameter {name} trained in full")))?;
         let all = gpu.stream.clone_dtoh(&self.g32).map_err(derr)?;
         Ok(all[pp.at..pp.at + pp.len].to_vec())
     }

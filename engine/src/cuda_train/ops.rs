@@ -15,10 +15,12 @@ pub(super) fn check_labels(cfg: &LlamaConfig, answer: &[u32]) -> Result<()> {
 
 /// The log-probs of `answer` under the head: rows `first..` of the final-norm output `hf` each predict the next
 /// answer token, one block of rows at a time (the softmax over the vocabulary never exists for more rows). Returns
-/// the labels and each row's log-sum-exp on the device (for `head_backward`) and the summed log-prob.
+/// the labels and each row's log-sum-exp on the device (for `head_backward`) and the summed log-prob. `head` is the
+/// head's weight (vocab, hidden): the base's, or the one a full-parameter run trains.
 pub(super) fn head_forward(
     gpu: &Gpu,
     model: &GpuLlama,
+    head: &CudaView<f16>,
     hf: &CudaSlice<f16>,
     first: usize,
     answer: &[u32],
@@ -37,7 +39,7 @@ pub(super) fn head_forward(
             &hf.slice((first + b0) * c..),
             c,
             false,
-            &model.head().slice(..),
+            head,
             c,
             true,
             &mut logits.slice_mut(..),
@@ -60,11 +62,14 @@ pub(super) fn head_forward(
 
 /// Backward of `head_forward` for a loss whose derivative with respect to each token's log-prob is `dlogp`: the
 /// logits recomputed a block at a time, turned into their gradient in place, and multiplied back into rows
-/// `first..` of `dhf` (assigned).
+/// `first..` of `dhf` (assigned); with `dhead`, the gradient of the head's weight `head` is added into it (a
+/// full-parameter run: dW = dlogits^T hf).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn head_backward(
     gpu: &Gpu,
     model: &GpuLlama,
+    head: &CudaView<f16>,
+    mut dhead: Option<&mut CudaViewMut<f16>>,
     hf: &CudaSlice<f16>,
     first: usize,
     labels: &CudaSlice<i32>,
@@ -81,21 +86,7 @@ pub(super) fn head_backward(
     for b0 in (0..n).step_by(LOGIT_BLOCK) {
         let nb = LOGIT_BLOCK.min(n - b0);
         let row = (first + b0) * c;
-        gpu.gemm(
-            &hf.slice(row..),
-            c,
-            false,
-            &model.head().slice(..),
-            c,
-            true,
-            &mut logits.slice_mut(..),
-            vocab,
-            nb,
-            vocab,
-            c,
-            1.0,
-            0.0,
-        )?;
+        gpu.gemm(&hf.slice(row..), c, false, head, c, true, &mut logits.slice_mut(..), vocab, nb, vocab, c, 1.0, 0.0)?;
         let (lo, yo, wo) = (gpu.dptr(lse, b0), gpu.dptr(labels, b0), gpu.dptr(&dl, b0));
         let mut b = s.launch_builder(gpu.f("logprob_bwd_f16")?);
         b.arg(&mut logits).arg(&lo).arg(&yo).arg(&wo).arg(&v32);
@@ -105,7 +96,7 @@ pub(super) fn head_backward(
             &logits.slice(..),
             vocab,
             false,
-            &model.head().slice(..),
+            head,
             c,
             false,
             &mut dhf.slice_mut(row..),
@@ -116,6 +107,9 @@ pub(super) fn head_backward(
             1.0,
             0.0,
         )?;
+        if let Some(dw) = dhead.as_mut() {
+            gpu.gemm(&logits.slice(..), vocab, true, &hf.slice(row..), c, false, dw, c, vocab, c, nb, 1.0, 1.0)?;
+        }
     }
     Ok(())
 }

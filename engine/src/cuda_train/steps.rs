@@ -18,30 +18,23 @@ impl GpuLora {
             Some((norm, factor)) => {
                 self.steps += 1;
                 let (nd, total) = (self.no_decay, self.p32.len());
-                gpu.adamw_range(
-                    &mut self.p32,
-                    &mut self.m,
-                    &mut self.v,
-                    &mut self.g32,
-                    Some(&mut self.p16),
-                    0..nd,
-                    opt,
-                    self.steps,
-                    factor,
-                )?;
-                // Biases trained in full: no weight decay (the CPU trainer's AdamW decays matrices only).
+                // Biases trained in full (the decoder's, then the image path's): no weight decay (the CPU
+                // trainer's AdamW decays matrices only).
                 let plain = AdamW { weight_decay: 0.0, ..*opt };
-                gpu.adamw_range(
-                    &mut self.p32,
-                    &mut self.m,
-                    &mut self.v,
-                    &mut self.g32,
-                    Some(&mut self.p16),
-                    nd..total,
-                    &plain,
-                    self.steps,
-                    factor,
-                )?;
+                let wb = self.whole_bias.clone();
+                for (range, cfg) in [(0..wb.start, opt), (wb.clone(), &plain), (wb.end..nd, opt), (nd..total, &plain)] {
+                    gpu.adamw_range(
+                        &mut self.p32,
+                        &mut self.m,
+                        &mut self.v,
+                        &mut self.g32,
+                        Some(&mut self.p16),
+                        range,
+                        cfg,
+                        self.steps,
+                        factor,
+                    )?;
+                }
                 Ok(Some(norm))
             }
         }
