@@ -188,6 +188,8 @@ pub struct GpuLora {
     /// The whole parameters' part of the buffers, and their biases' part (the end of it).
     pub(crate) whole_range: std::ops::Range<usize>,
     pub(crate) whole_bias: std::ops::Range<usize>,
+    /// A row of ones for the biases' gradients (`column_sums`), kept between passes.
+    pub(crate) ones: Option<CudaSlice<f16>>,
     /// Optimizer steps taken (skipped overflow steps excluded).
     pub steps: u32,
     pub scaler: LossScaler,
@@ -247,6 +249,25 @@ pub(crate) struct Geom {
     pub(crate) n_out: usize,
     pub(crate) r: usize,
     pub(crate) scale: f32,
+}
+
+/// out[..n] = beta out + the column sums of `dy` (rows, n): a bias's gradient, as a GEMM with a row of ones. The
+/// ones stay in `ones` (grown when a pass has more rows), so a pass does not upload them per layer.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn column_sums(
+    gpu: &Gpu,
+    ones: &mut Option<CudaSlice<f16>>,
+    dy: &CudaSlice<f16>,
+    rows: usize,
+    n: usize,
+    out: &mut cudarc::driver::CudaViewMut<f16>,
+    beta: f32,
+) -> Result<()> {
+    if ones.as_ref().is_none_or(|o| o.len() < rows) {
+        *ones = Some(gpu.upload_f16(&vec![1.0f32; rows])?);
+    }
+    let o = ones.as_ref().ok_or_else(|| err("no row of ones"))?;
+    gpu.gemm(&o.slice(..rows), rows, false, &dy.slice(..), n, false, out, n, 1, n, rows, 1.0, beta)
 }
 
 /// `x` (n values) after LoRA dropout with `mask` = (seed, probability); None without dropout.
@@ -670,6 +691,7 @@ impl GpuLora {
             whole: whole_params,
             whole_range,
             whole_bias,
+            ones: None,
             steps: 0,
             // Whole weights' gradients (dW = dy^T x, summed over every row) are far larger than LoRA's: a
             // full-parameter run starting at 65536 skips its first steps on overflow until the scale halves down to

@@ -300,10 +300,23 @@ impl Gpu {
         k: usize,
         n: usize,
     ) -> Result<()> {
+        self.linear_view(x, &w.slice(..), y, m, k, n)
+    }
+
+    /// `linear_device` with the weight a view (part of a larger buffer: a trained copy's weights).
+    pub fn linear_view(
+        &self,
+        x: &CudaSlice<f16>,
+        w: &cudarc::driver::CudaView<f16>,
+        y: &mut CudaSlice<f16>,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()> {
         if x.len() < m * k || w.len() < n * k || y.len() < m * n {
             return Err(err(format!("linear: buffers too small for m {m}, k {k}, n {n}")));
         }
-        self.gemm(&x.slice(..), k, false, &w.slice(..), k, true, &mut y.slice_mut(..), n, m, n, k, 1.0, 0.0)
+        self.gemm(&x.slice(..), k, false, w, k, true, &mut y.slice_mut(..), n, m, n, k, 1.0, 0.0)
     }
 
     /// A linear layer on device buffers. One row (a batch-1 decode step: bandwidth-bound) goes through the GEMV

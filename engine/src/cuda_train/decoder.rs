@@ -69,19 +69,6 @@ pub(super) struct SeqTape {
     pub(super) drop: Option<u64>,
 }
 
-/// y = x W^T for `m` rows of `k` features into `n` (the base's `linear_device`, with the weight as a view).
-fn lin(
-    gpu: &Gpu,
-    x: &CudaSlice<f16>,
-    w: &CudaView<f16>,
-    y: &mut CudaSlice<f16>,
-    m: usize,
-    k: usize,
-    n: usize,
-) -> Result<()> {
-    gpu.gemm(&x.slice(..), k, false, w, k, true, &mut y.slice_mut(..), n, m, n, k, 1.0, 0.0)
-}
-
 impl GpuLora {
     /// The fp16 weight of layer `li`'s fused matrix `g` (`FUSED`: q/k/v, o, gate/up, down) the passes read: this
     /// copy's when it trains the matrix whole (full-parameter training), else the base's.
@@ -153,9 +140,7 @@ impl GpuLora {
     /// them.
     fn whole_bias_grad(&mut self, gpu: &Gpu, li: usize, dqkv: &CudaSlice<f16>, rows: usize, n: usize) -> Result<()> {
         let Some(at) = self.whole_qkv_bias.get(li).copied().flatten() else { return Ok(()) };
-        let ones = gpu.upload_f16(&vec![1.0f32; rows])?;
-        let db = &mut self.g16.slice_mut(at..at + n);
-        gpu.gemm(&ones.slice(..), rows, false, &dqkv.slice(..), n, false, db, n, 1, n, rows, 1.0, 1.0)
+        column_sums(gpu, &mut self.ones, dqkv, rows, n, &mut self.g16.slice_mut(at..at + n), 1.0)
     }
 
     /// Backward of `lora_fwd`: given dy (columns dy_off.. of rows ldy apart), writes dA and dB into `g16` (added
@@ -523,7 +508,7 @@ impl GpuLora {
         let mut h1 = a(rows * c)?;
         gpu.rmsnorm_dev(&mut h1, x, &l.input_norm, rows, eps)?;
         let mut qkv = a(rows * nqkv)?;
-        lin(gpu, &h1, &self.weight(model, li, 0), &mut qkv, rows, c, nqkv)?;
+        gpu.linear_view(&h1, &self.weight(model, li, 0), &mut qkv, rows, c, nqkv)?;
         if let Some(b) = self.qkv_bias(model, li) {
             crate::cuda_clip::bias_add(gpu, &mut qkv, &b, rows, nqkv)?;
         }
@@ -549,19 +534,19 @@ impl GpuLora {
             }
         }
         let mut tmp = a(rows * c)?;
-        lin(gpu, &att, &self.weight(model, li, 1), &mut tmp, rows, h * hd, c)?;
+        gpu.linear_view(&att, &self.weight(model, li, 1), &mut tmp, rows, h * hd, c)?;
         self.lora_fwd(gpu, li, O, &att, t[O].as_mut(), &mut tmp, 0, c, rows, drop)?;
         gpu.residual_add_dev(x, &tmp, rows * c)?;
         let x_mid = x.try_clone().map_err(derr)?;
         let mut h2 = a(rows * c)?;
         gpu.rmsnorm_dev(&mut h2, x, &l.post_norm, rows, eps)?;
         let mut gu = a(rows * 2 * inter)?;
-        lin(gpu, &h2, &self.weight(model, li, 2), &mut gu, rows, c, 2 * inter)?;
+        gpu.linear_view(&h2, &self.weight(model, li, 2), &mut gu, rows, c, 2 * inter)?;
         self.lora_fwd(gpu, li, G, &h2, t[G].as_mut(), &mut gu, 0, 2 * inter, rows, drop)?;
         self.lora_fwd(gpu, li, U, &h2, t[U].as_mut(), &mut gu, inter, 2 * inter, rows, drop)?;
         let mut act = a(rows * inter)?;
         gpu.swiglu_fused_dev(&mut act, &gu, rows, inter)?;
-        lin(gpu, &act, &self.weight(model, li, 3), &mut tmp, rows, inter, c)?;
+        gpu.linear_view(&act, &self.weight(model, li, 3), &mut tmp, rows, inter, c)?;
         self.lora_fwd(gpu, li, D, &act, t[D].as_mut(), &mut tmp, 0, c, rows, drop)?;
         gpu.residual_add_dev(x, &tmp, rows * c)?;
         Ok(LayerTape { x_in, h1, qkv, att, lse, x_mid, h2, gu, act, t, drop })

@@ -175,22 +175,8 @@ impl GpuLora {
             )?;
         }
         if let Some(pp) = self.image_param(&lin.name, false).cloned() {
-            let ones = gpu.upload_f16(&vec![1.0f32; rows])?;
-            gpu.gemm(
-                &ones.slice(..),
-                rows,
-                false,
-                &dy.slice(..),
-                lin.n_out,
-                false,
-                &mut self.g16_img.slice_mut(pp.at - base..pp.at - base + pp.len),
-                lin.n_out,
-                1,
-                lin.n_out,
-                rows,
-                1.0,
-                0.0,
-            )?;
+            let db = &mut self.g16_img.slice_mut(pp.at - base..pp.at - base + pp.len);
+            column_sums(gpu, &mut self.ones, dy, rows, lin.n_out, db, 0.0)?;
         }
         let Some(sl) = self.image_slot(&lin.name).cloned() else { return Ok(()) };
         let t = t.ok_or_else(|| err(format!("no saved x A^T of {}", lin.name)))?;
